@@ -1,0 +1,34 @@
+"""efedge: run GGUF Mixture-of-Experts models when the experts do not fit in memory.
+
+    import efedge
+    with efedge.load() as m:          # the embedded demo model
+        print(m.generate("def fib(n):", max_tokens=64))
+"""
+
+from efedge.api import Model, load
+from efedge.errors import (
+    CacheBudgetError,
+    ContextLengthError,
+    EfedgeError,
+    ModelFormatError,
+    SamplingError,
+    TemplateError,
+    TransferError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheBudgetError",
+    "ContextLengthError",
+    "EfedgeError",
+    "Model",
+    "ModelFormatError",
+    "SamplingError",
+    "TemplateError",
+    "TransferError",
+    "UnsupportedModelError",
+    "__version__",
+    "load",
+]

@@ -1,0 +1,3 @@
+from efedge.cli import main
+
+raise SystemExit(main())

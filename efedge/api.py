@@ -1,0 +1,228 @@
+"""The public Model: load a GGUF file, score, generate, stream and chat.
+
+Thread safety: one Model runs one request at a time. Calls from several threads are
+serialised by a lock (the second waits); `cancel()` may be called from any thread and
+stops the generation in progress at the next token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from efedge import demo
+from efedge.config import ModelConfig, config_from_gguf
+from efedge.errors import ContextLengthError, EfedgeError, UnsupportedModelError
+from efedge.experts.stats import Counters
+from efedge.experts.store import ResidentExperts
+from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
+from efedge.gguf_file import GGUFFile
+from efedge.model import Transformer
+from efedge.sampling import Sampler, SamplingParams
+from efedge.tokenizer import Tokenizer
+
+log = logging.getLogger("efedge")
+DEFAULT_CTX = 4096
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                 "repeat_last_n", "seed")
+
+
+class Model:
+    """A loaded GGUF model. Prefer `efedge.load(...)`; use as a context manager or call
+    `close()` to release the mapping."""
+
+    def __init__(self, path: str | Path | None = None, *, device: str = "cpu",
+                 cache: int | str | None = None, policy: str = "expertflow",
+                 threads: int | None = None, n_ctx: int | None = None,
+                 link: str | None = None, chat_template: str | None = None,
+                 progress: Callable[[float, str], None] | None = None):
+        if device != "cpu":
+            raise UnsupportedModelError(f"device {device!r} is not available in this build "
+                                        "(supported: 'cpu')")
+        if cache is not None or link is not None:
+            raise EfedgeError("expert streaming (cache= / link=) is not available yet: "
+                              "load with cache=None to keep every expert resident")
+        if threads is not None:
+            import numba
+
+            if not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self.path = Path(path) if path is not None else demo.demo_model_path()
+        self.policy = policy
+        self._progress = progress or (lambda frac, msg: None)
+        self._progress(0.0, f"mapping {self.path.name}")
+        self._gf = GGUFFile(self.path)
+        try:
+            self.config: ModelConfig = config_from_gguf(self._gf)
+            self.tokenizer = Tokenizer.from_metadata(self._gf.metadata)
+            self._progress(0.3, "reading weights")
+            self._tf = Transformer(self._gf, self.config)
+            self.counters = Counters()
+            self._experts = (ResidentExperts(self._tf.store, self.counters)
+                             if self.config.is_moe else None)
+            ctx = n_ctx if n_ctx is not None else min(self.config.n_ctx_train, DEFAULT_CTX)
+            if not isinstance(ctx, int) or ctx < 1:
+                raise ContextLengthError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+            self.n_ctx = ctx
+            self._session = Session(self._forward, self._tf.new_kv_cache(ctx), self.counters)
+            self._chat_template_name = chat_template
+            self._template = None
+        except BaseException:
+            self._gf.close()
+            raise
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self._closed = False
+        self._progress(1.0, "ready")
+
+    # -- internals ----------------------------------------------------------------------
+    def _forward(self, tokens, pos, kv, all_logits=True):
+        return self._tf.forward(tokens, pos, kv, self._experts, all_logits=all_logits)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EfedgeError("this model has been closed")
+
+    # -- public API ---------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(ids), n_vocab] for a fresh sequence starting at position 0."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("logits() needs at least one token id")
+        with self._lock:
+            self._check_open()
+            kv = self._tf.new_kv_cache(len(ids))
+            self._session.reset()
+            return self._forward(ids, 0, kv, all_logits=True)
+
+    def _params(self, kw: dict[str, Any]) -> SamplingParams:
+        unknown = set(kw) - set(SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+        p = SamplingParams(**kw)
+        p.validate()
+        return p
+
+    def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool = True,
+                    parse_special: bool = False) -> list[int]:
+        ids = (self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+               if isinstance(prompt, str) else [int(i) for i in prompt])
+        if not ids:
+            raise ValueError("the prompt is empty (and the model adds no BOS token)")
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds "
+                                     f"{self.n_ctx} (raise n_ctx / -c, or shorten it)")
+        return ids
+
+    def _stream_ids(self, ids: list[int], max_tokens: int, stop, sampling: dict,
+                    result: GenerationResult) -> Iterator[str]:
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        sampler = Sampler(self._params(sampling))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        with self._lock:
+            self._check_open()
+            self._cancel.clear()
+            decoder = self.tokenizer.stream_decoder()
+            filt = StopStringFilter(stops)
+            for tok in generate_tokens(self._session, ids, sampler, max_tokens=max_tokens,
+                                       eog=self.tokenizer.eog_ids, cancel=self._cancel,
+                                       result=result):
+                text = filt.push(decoder.push(tok))
+                if text:
+                    yield text
+                if filt.stopped:
+                    result.finish_reason = "stop"
+                    return
+            tail = filt.push(decoder.flush())
+            tail += filt.flush()
+            if tail:
+                yield tail
+
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
+               **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated (never half a UTF-8 character)."""
+        ids = self._prompt_ids(prompt)
+        return self._stream_ids(ids, max_tokens, stop, sampling, GenerationResult([], ""))
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
+                 **sampling) -> str:
+        """Generated text (without the prompt)."""
+        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling))
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        from efedge.chat_template import ChatTemplate, get_template
+
+        if self._template is None:
+            if self._chat_template_name is not None:
+                self._template = get_template(self._chat_template_name)
+            else:
+                self._template = (ChatTemplate.from_metadata(self._gf.metadata)
+                                  or get_template("chatml"))
+        text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
+        # the template writes BOS itself when the model wants one: never add a second
+        return self.tokenize(text, add_special=False, parse_special=True)
+
+    def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
+             stop=None, **sampling) -> str | Iterator[str]:
+        """Reply to a conversation ([{"role": ..., "content": ...}, ...])."""
+        ids = self._prompt_ids(self.chat_prompt(messages))
+        it = self._stream_ids(ids, max_tokens, stop, sampling, GenerationResult([], ""))
+        return it if stream else "".join(it)
+
+    def cancel(self) -> None:
+        """Stop the generation in progress (safe to call from any thread)."""
+        self._cancel.set()
+
+    def stats(self) -> dict:
+        return self.counters.as_dict()
+
+    def reset_stats(self) -> None:
+        self.counters.reset()
+
+    def close(self) -> None:
+        """Release the mapping. Safe to call twice."""
+        if getattr(self, "_closed", True):
+            return
+        self._cancel.set()
+        with self._lock:
+            self._closed = True
+            if self._experts is not None:
+                self._experts.close()
+            self._tf = None
+            self._session = None
+            self._gf.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<efedge.Model {self.path.name}: {c.arch}, {c.n_layer} layers, "
+                f"{c.n_expert} experts ({c.n_expert_used} active)>")
+
+
+def load(path: str | Path | None = None, **kwargs) -> Model:
+    """Load a GGUF model (None → the embedded demo model). See Model for the keywords."""
+    return Model(path, **kwargs)

@@ -1,0 +1,292 @@
+"""Chat templates: the jinja source in a GGUF's `tokenizer.chat_template`, rendered safely.
+
+The environment copies Hugging Face transformers' `_compile_jinja_template` (the
+reference every GGUF template is written against): an immutable sandbox with
+trim_blocks / lstrip_blocks and loop controls, `raise_exception`, `strftime_now`, a
+non-ASCII-preserving `tojson`, and a pass-through `{% generation %}` tag.
+
+Templates come from untrusted files (CVE-2024-34359 was code execution through an
+unsandboxed GGUF template), so the sandbox is stricter than jinja's default: touching
+an unsafe attribute (`__class__`, `__globals__`, …) raises instead of rendering as
+empty, and `*` / `**` refuse results large enough to exhaust memory.
+
+    tpl = ChatTemplate.from_metadata(gguf.metadata) or get_template("chatml")
+    prompt = tpl.render([{"role": "user", "content": "Hi"}])
+    # tokenize `prompt` with parse_special=True and add_special=False: templates emit
+    # bos_token themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from efedge.errors import TemplateError
+
+__all__ = ["ChatTemplate", "FALLBACK_TEMPLATES", "get_template"]
+
+_HINT = ("a built-in template can be chosen instead: chat_template=\"chatml\" in Python, "
+         "--chat-template chatml on the command line (built-ins: {names})")
+
+_MAX_SEQ = 10_000_000  # longest str/list that `*` may build (elements)
+_MAX_POW_BITS = 1 << 20  # largest integer `**` may build (bits)
+
+
+# -- the environment ----------------------------------------------------------------------
+class _GenerationTag(Extension):
+    """`{% generation %}…{% endgeneration %}` (assistant-mask markers): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # jinja returns an Undefined that prints as "" — we stop the render instead.
+        raise SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (isinstance(seq, str | list | tuple) and isinstance(n, int)
+                        and len(seq) * n > _MAX_SEQ):
+                    raise SecurityError(f"`*` would build a sequence of {len(seq) * n} items")
+        elif (operator == "**" and isinstance(left, int) and isinstance(right, int)
+              and right > 0 and abs(left) > 1 and left.bit_length() * right > _MAX_POW_BITS):
+            raise SecurityError(f"`**` would build an integer of ~{left.bit_length() * right} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # jinja's own tojson escapes <, >, & and ' for HTML; templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+def _make_env() -> _Sandbox:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
+                   extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+_ENV = _make_env()
+
+
+# -- built-in templates ---------------------------------------------------------------
+# Each renders content given as a string, None, or a list of {"type": "text"} parts.
+_TEXT_MACRO = (
+    "{%- macro text(m) -%}"
+    "{%- if m.content is string -%}{{ m.content }}"
+    "{%- elif m.content is iterable -%}{%- for part in m.content -%}{{ part.text }}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+FALLBACK_TEMPLATES: dict[str, str] = {
+    # ChatML (Qwen, Yi, OLMoE-instruct, …): llama.cpp's "chatml"
+    "chatml": _TEXT_MACRO + (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message.role + '\\n' + text(message) + '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+    # Llama 2 / Mistral-instruct style [INST] turns with an optional <<SYS>> block
+    "llama-2": _TEXT_MACRO + (
+        "{%- if messages and messages[0].role == 'system' -%}"
+        "{%- set system = text(messages[0]) -%}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if (message.role == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/...') }}"
+        "{%- endif -%}"
+        "{%- set body = text(message) | trim -%}"
+        "{%- if loop.first and system is not none -%}"
+        "{%- set body = '<<SYS>>\\n' + (system | trim) + '\\n<</SYS>>\\n\\n' + body -%}"
+        "{%- endif -%}"
+        "{%- if message.role == 'user' -%}{{ bos_token + '[INST] ' + body + ' [/INST]' }}"
+        "{%- else -%}{{ ' ' + body + ' ' + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    # Llama 3 / 3.1 header format
+    "llama-3": _TEXT_MACRO + (
+        "{{ bos_token }}"
+        "{%- for message in messages -%}"
+        "{{ '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n'"
+        " + (text(message) | trim) + '<|eot_id|>' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+    ),
+}
+
+_ALIASES = {"llama2": "llama-2", "llama3": "llama-3", "chat-ml": "chatml"}
+
+
+def _hint() -> str:
+    return _HINT.format(names=", ".join(FALLBACK_TEMPLATES))
+
+
+# -- messages -----------------------------------------------------------------------------
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list | tuple):
+        raise TemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TemplateError(f"messages[{i}] must be a dict, got {type(m).__name__}")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise TemplateError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list | tuple):
+            raise TemplateError(
+                f"messages[{i}]['content'] must be a string, None or a list of text parts, "
+                f"got {type(content).__name__}")
+        for j, part in enumerate(content):
+            if (not isinstance(part, Mapping) or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)):
+                raise TemplateError(
+                    f"messages[{i}]['content'][{j}] must be {{'type': 'text', 'text': str}} "
+                    f"(only text is supported), got {part!r}")
+
+
+# -- the template -------------------------------------------------------------------------
+class ChatTemplate:
+    """A compiled, sandboxed chat template.
+
+    `source` is jinja text (HF / GGUF conventions); `bos_token` / `eos_token` are the
+    texts the template sees as `bos_token` / `eos_token`. Raises TemplateError when the
+    source does not compile.
+    """
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "",
+                 name: str | None = None):
+        if not isinstance(source, str):
+            raise TemplateError(f"chat template source must be a string, got "
+                                f"{type(source).__name__}")
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.name = name
+        try:
+            self._template = _ENV.from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(
+                f"chat template{self._label()} failed to compile: {exc.message} "
+                f"(template line {exc.lineno}); {_hint()}") from exc
+        except Exception as exc:  # anything else the compiler throws
+            raise TemplateError(f"chat template{self._label()} failed to compile: "
+                                f"{type(exc).__name__}: {exc}; {_hint()}") from exc
+
+    def _label(self) -> str:
+        return f" {self.name!r}" if self.name else ""
+
+    def __repr__(self) -> str:
+        return f"ChatTemplate(name={self.name!r}, {len(self.source)} chars)"
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any],
+                      tokenizer_pieces: Callable[[int], str] | None = None,
+                      *, name: str | None = None) -> ChatTemplate | None:
+        """The template stored in GGUF metadata, or None when the file has none.
+
+        Reads `tokenizer.chat_template` (or `tokenizer.chat_template.{name}`, e.g.
+        name="tool_use"). The bos/eos texts are `tokenizer.ggml.tokens[id]` for
+        `tokenizer.ggml.bos_token_id` / `eos_token_id`, else `tokenizer_pieces(id)`.
+        """
+        key = "tokenizer.chat_template" + (f".{name}" if name else "")
+        source = meta.get(key)
+        if isinstance(source, bytes | bytearray):
+            source = bytes(source).decode("utf-8", errors="replace")
+        if source is None or (isinstance(source, str) and not source.strip()):
+            return None
+        if not isinstance(source, str):
+            raise TemplateError(f"metadata key {key!r} must be a string, got "
+                                f"{type(source).__name__}; {_hint()}")
+        tokens = meta.get("tokenizer.ggml.tokens")
+
+        def piece(id_key: str) -> str:
+            tid = meta.get(id_key)
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                return ""
+            if isinstance(tokens, list | tuple) and tid < len(tokens):
+                return str(tokens[tid])
+            if tokenizer_pieces is not None:
+                try:
+                    return str(tokenizer_pieces(tid))
+                except Exception:  # a bad id in the file: render without it
+                    return ""
+            return ""
+
+        return cls(source, bos_token=piece("tokenizer.ggml.bos_token_id"),
+                   eos_token=piece("tokenizer.ggml.eos_token_id"), name=name or "gguf")
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None, **kwargs: Any) -> str:
+        """The prompt text for `messages` (HF `apply_chat_template(tokenize=False)`).
+
+        Extra keyword arguments (documents, enable_thinking, …) become template
+        variables. Raises TemplateError for malformed messages or a failed render.
+        """
+        _check_messages(messages)
+        if tools is not None and not isinstance(tools, list | tuple):
+            raise TemplateError(f"tools must be a list or None, got {type(tools).__name__}")
+        ctx: dict[str, Any] = {"messages": messages, "tools": tools, "documents": None,
+                               "add_generation_prompt": add_generation_prompt,
+                               "bos_token": self.bos_token, "eos_token": self.eos_token}
+        ctx.update(kwargs)
+        where = f"chat template{self._label()}"
+        try:
+            return self._template.render(**ctx)
+        except TemplateError as exc:  # raise_exception() inside the template
+            raise TemplateError(f"{where} raised an error: {exc}; {_hint()}") from exc
+        except SecurityError as exc:
+            raise TemplateError(f"{where} was stopped by the sandbox: {exc}; {_hint()}") from exc
+        except Exception as exc:
+            raise TemplateError(f"{where} failed to render: {type(exc).__name__}: {exc}; "
+                                f"{_hint()}") from exc
+
+
+def get_template(name_or_source: str, *, bos_token: str = "",
+                 eos_token: str = "") -> ChatTemplate:
+    """A built-in template by name ("chatml", "llama-2", "llama-3"; also "llama2",
+    "llama3"), or a ChatTemplate compiled from jinja source."""
+    if not isinstance(name_or_source, str):
+        raise TemplateError(f"chat template must be a name or jinja source, got "
+                            f"{type(name_or_source).__name__}")
+    key = name_or_source.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key in FALLBACK_TEMPLATES:
+        return ChatTemplate(FALLBACK_TEMPLATES[key], bos_token=bos_token,
+                            eos_token=eos_token, name=key)
+    if "{{" in name_or_source or "{%" in name_or_source:
+        return ChatTemplate(name_or_source, bos_token=bos_token, eos_token=eos_token)
+    raise TemplateError(f"unknown chat template {name_or_source!r}; built-in templates: "
+                        f"{', '.join(FALLBACK_TEMPLATES)} (or pass jinja source)")

@@ -1,0 +1,86 @@
+"""`efedge inspect MODEL [--json]`: what the file holds and how much of it is experts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from efedge.config import config_from_gguf
+from efedge.gguf_file import GGUFFile
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="describe a GGUF model file",
+                       description="Architecture, layers, experts and their byte sizes.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF model file (default: the embedded demo model)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=main)
+
+
+def describe(path) -> dict:
+    gf = GGUFFile(path)
+    try:
+        cfg = config_from_gguf(gf)
+        types = Counter(t.qtype_name for t in gf.tensors.values())
+        tensor_bytes = sum(t.nbytes for t in gf.tensors.values())
+        layers = []
+        expert_bytes = 0
+        for il in range(cfg.n_layer):
+            if not cfg.is_moe:
+                break
+            parts = {p: gf.tensor(f"blk.{il}.ffn_{p}_exps.weight") for p in ("gate", "up", "down")}
+            per_expert = sum(t.nbytes // cfg.n_expert for t in parts.values())
+            expert_bytes += per_expert * cfg.n_expert
+            layers.append({"layer": il, "experts": cfg.n_expert, "bytes_per_expert": per_expert,
+                           "quant_types": {p: t.qtype_name for p, t in parts.items()}})
+        return {
+            "path": str(gf.path), "architecture": cfg.arch, "name": gf.get("general.name"),
+            "file_bytes": gf.file_size, "tensor_bytes": tensor_bytes, "n_tensors": len(gf.tensors),
+            "layers": cfg.n_layer, "embedding_length": cfg.n_embd, "heads": cfg.n_head,
+            "kv_heads": cfg.n_head_kv, "head_dim": cfg.head_dim, "vocab": cfg.n_vocab,
+            "context_length": cfg.n_ctx_train, "experts": cfg.n_expert,
+            "experts_used": cfg.n_expert_used, "expert_ffn": cfg.n_ff_exp,
+            "shared_expert_ffn": cfg.n_ff_shexp, "expert_bytes": expert_bytes,
+            "expert_share": expert_bytes / gf.file_size if gf.file_size else 0.0,
+            "non_expert_bytes": tensor_bytes - expert_bytes,
+            "active_expert_bytes_per_token": sum(
+                lay["bytes_per_expert"] * cfg.n_expert_used for lay in layers),
+            "quant_types": dict(types.most_common()), "expert_layers": layers,
+        }
+    finally:
+        gf.close()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(args: argparse.Namespace) -> int:
+    from efedge.demo import demo_model_path
+
+    info = describe(args.model or demo_model_path())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model          {info['path']}")
+    print(f"architecture   {info['architecture']}  ({info['name'] or 'unnamed'})")
+    print(f"layers         {info['layers']}  width {info['embedding_length']}  heads "
+          f"{info['heads']} (kv {info['kv_heads']}, dim {info['head_dim']})  vocab {info['vocab']}")
+    print(f"context        {info['context_length']}")
+    if info["experts"]:
+        print(f"experts        {info['experts']} per layer, {info['experts_used']} active, "
+              f"ffn {info['expert_ffn']}" +
+              (f", shared ffn {info['shared_expert_ffn']}" if info["shared_expert_ffn"] else ""))
+        print(f"expert bytes   {_mib(info['expert_bytes'])} = {info['expert_share']:.1%} of "
+              f"the file; {_mib(info['active_expert_bytes_per_token'])} active per token")
+        sizes = Counter((lay["bytes_per_expert"], tuple(lay["quant_types"].values()))
+                        for lay in info["expert_layers"])
+        for (nb, qts), n in sizes.items():
+            print(f"  {n:>3} layers  {nb / 2**10:.1f} KiB per expert  (gate/up/down "
+                  f"{'/'.join(qts)})")
+    print(f"file           {_mib(info['file_bytes'])}, {info['n_tensors']} tensors, "
+          f"non-expert {_mib(info['non_expert_bytes'])}")
+    print("quant types    " + ", ".join(f"{k}×{v}" for k, v in info["quant_types"].items()))
+    return 0

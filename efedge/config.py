@@ -1,0 +1,157 @@
+"""ModelConfig: the hyper-parameters of a GGUF model, read from its "{arch}.*" keys and
+checked against the tensor shapes before anything is computed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from efedge import archs
+from efedge.archs import ArchSpec
+from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.gguf_file import GGUFFile
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    spec: ArchSpec
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # key / query head size
+    v_head_dim: int
+    n_vocab: int
+    n_ctx_train: int
+    rope_base: float
+    rope_dim: int
+    norm_eps: float
+    n_ff: int  # dense FFN width (0 when every layer is MoE)
+    n_expert: int  # 0 for dense models
+    n_expert_used: int
+    n_ff_exp: int
+    n_ff_shexp: int
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+
+def _int(gf: GGUFFile, key: str, default: int | None = None) -> int:
+    val = gf.get(key, default)
+    if val is None:
+        raise ModelFormatError(f"{gf.path}: required metadata key {key!r} is missing")
+    if isinstance(val, list):
+        # Some files store per-layer arrays (e.g. head_count_kv); we need one value.
+        if not val or len(set(val)) != 1:
+            raise UnsupportedModelError(f"metadata key {key!r}: per-layer values {val[:8]} "
+                                        "are not supported")
+        val = val[0]
+    if not isinstance(val, int | float) or isinstance(val, bool) or int(val) != val or val < 0:
+        raise ModelFormatError(f"{gf.path}: metadata key {key!r} has invalid value {val!r}")
+    return int(val)
+
+
+def _float(gf: GGUFFile, key: str, default: float) -> float:
+    val = gf.get(key, default)
+    if not isinstance(val, int | float) or isinstance(val, bool) or not val == val:
+        raise ModelFormatError(f"{gf.path}: metadata key {key!r} has invalid value {val!r}")
+    return float(val)
+
+
+def _check_shape(gf: GGUFFile, name: str, want: tuple[int, ...]) -> None:
+    ref = gf.tensor(name)
+    if ref.shape != want:
+        raise ModelFormatError(f"tensor {name!r}: shape {ref.shape} does not match the "
+                               f"metadata (expected {want})")
+
+
+def config_from_gguf(gf: GGUFFile) -> ModelConfig:
+    arch = gf.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelFormatError(f"{gf.path}: metadata key 'general.architecture' is missing")
+    spec = archs.get(arch)
+    k = f"{arch}."
+    n_layer = _int(gf, k + "block_count")
+    n_embd = _int(gf, k + "embedding_length")
+    n_head = _int(gf, k + "attention.head_count")
+    n_head_kv = _int(gf, k + "attention.head_count_kv", n_head)
+    if n_layer == 0 or n_embd == 0 or n_head == 0 or n_head_kv == 0 or n_head % n_head_kv:
+        raise ModelFormatError(f"{gf.path}: inconsistent sizes: layers {n_layer}, width "
+                               f"{n_embd}, heads {n_head}, kv heads {n_head_kv}")
+    head_dim = _int(gf, k + "attention.key_length", n_embd // n_head)
+    v_head_dim = _int(gf, k + "attention.value_length", head_dim)
+    rope_dim = _int(gf, k + "rope.dimension_count", head_dim)
+    if head_dim == 0 or rope_dim > head_dim or rope_dim % 2:
+        raise ModelFormatError(f"{gf.path}: invalid head size {head_dim} / rope dims {rope_dim}")
+    n_expert = _int(gf, k + "expert_count", 0)
+    if spec.moe and n_expert == 0:
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_count'!r} is missing")
+    if n_expert and not (spec.moe or spec.moe_optional):
+        raise UnsupportedModelError(f"architecture {arch!r} does not take experts")
+    n_expert_used = _int(gf, k + "expert_used_count", 0) if n_expert else 0
+    if n_expert and not 0 < n_expert_used <= n_expert:
+        raise ModelFormatError(f"{gf.path}: expert_used_count {n_expert_used} is not in "
+                               f"1..{n_expert}")
+    n_ff = _int(gf, k + "feed_forward_length", 0)
+    n_ff_exp = _int(gf, k + "expert_feed_forward_length", n_ff) if n_expert else 0
+    n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp) \
+        if spec.shared_expert else 0
+    emb = gf.tensor("token_embd.weight")
+    if len(emb.shape) != 2 or emb.shape[0] != n_embd:
+        raise ModelFormatError(f"tensor 'token_embd.weight': shape {emb.shape} does not match "
+                               f"embedding_length {n_embd}")
+    n_vocab = emb.shape[1]
+    cfg = ModelConfig(
+        arch=arch, spec=spec, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+        n_head_kv=n_head_kv, head_dim=head_dim, v_head_dim=v_head_dim, n_vocab=n_vocab,
+        n_ctx_train=_int(gf, k + "context_length", 2048),
+        rope_base=_float(gf, k + "rope.freq_base", 10000.0), rope_dim=rope_dim,
+        norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
+        n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
+        n_ff_shexp=n_ff_shexp,
+    )
+    _validate_shapes(gf, cfg)
+    return cfg
+
+
+def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
+    """Every tensor the forward pass touches must have the shape the metadata implies."""
+    d, q_out, kv_out = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    _check_shape(gf, "output_norm.weight", (d,))
+    if "output.weight" in gf.tensors:
+        _check_shape(gf, "output.weight", (d, c.n_vocab))
+    for i in range(c.n_layer):
+        b = f"blk.{i}."
+        _check_shape(gf, b + "attn_norm.weight", (d,))
+        _check_shape(gf, b + "attn_q.weight", (d, q_out))
+        _check_shape(gf, b + "attn_k.weight", (d, kv_out))
+        _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
+        _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
+        _check_shape(gf, b + "ffn_norm.weight", (d,))
+        if c.spec.attn_bias:
+            _check_shape(gf, b + "attn_q.bias", (q_out,))
+            _check_shape(gf, b + "attn_k.bias", (kv_out,))
+            _check_shape(gf, b + "attn_v.bias", (c.n_head_kv * c.v_head_dim,))
+        if c.spec.qk_norm == "head":
+            _check_shape(gf, b + "attn_q_norm.weight", (c.head_dim,))
+            _check_shape(gf, b + "attn_k_norm.weight", (c.head_dim,))
+        elif c.spec.qk_norm == "full":
+            _check_shape(gf, b + "attn_q_norm.weight", (q_out,))
+            _check_shape(gf, b + "attn_k_norm.weight", (kv_out,))
+        if c.is_moe:
+            e, f = c.n_expert, c.n_ff_exp
+            _check_shape(gf, b + "ffn_gate_inp.weight", (d, e))
+            _check_shape(gf, b + "ffn_gate_exps.weight", (d, f, e))
+            _check_shape(gf, b + "ffn_up_exps.weight", (d, f, e))
+            _check_shape(gf, b + "ffn_down_exps.weight", (f, d, e))
+            if c.spec.shared_expert:
+                s = c.n_ff_shexp
+                _check_shape(gf, b + "ffn_gate_inp_shexp.weight", (d,))
+                _check_shape(gf, b + "ffn_gate_shexp.weight", (d, s))
+                _check_shape(gf, b + "ffn_up_shexp.weight", (d, s))
+                _check_shape(gf, b + "ffn_down_shexp.weight", (s, d))
+        else:
+            _check_shape(gf, b + "ffn_gate.weight", (d, c.n_ff))
+            _check_shape(gf, b + "ffn_up.weight", (d, c.n_ff))
+            _check_shape(gf, b + "ffn_down.weight", (c.n_ff, d))

@@ -1,0 +1,86 @@
+"""ExpertStore: (layer, expert) → the byte slices of its gate / up / down matrices inside
+the memory-mapped GGUF file. Nothing is copied; this is the unit the expert cache moves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from efedge.gguf_file import GGUFFile
+
+PARTS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Quantized matrices of one expert: uint8 views [rows, row_bytes] plus their types."""
+
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    gate_qtype: int
+    up_qtype: int
+    down_qtype: int
+
+
+class ExpertStore:
+    """Addresses every expert of every MoE layer in the mapped file."""
+
+    def __init__(self, gf: GGUFFile, n_layer: int, n_expert: int):
+        self.gf = gf
+        self.n_layer = n_layer
+        self.n_expert = n_expert
+        # [layer][part] → stacked raw view [E, rows, row_bytes] and its qtype
+        self._raw: list[dict[str, np.ndarray]] = []
+        self._qtype: list[dict[str, int]] = []
+        # [layer, expert, part] → (file offset, nbytes): what a transfer reads
+        self.offsets = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
+        self.nbytes = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
+        for il in range(n_layer):
+            raw, qt = {}, {}
+            for ip, part in enumerate(PARTS):
+                name = f"blk.{il}.ffn_{part}_exps.weight"
+                raw[part] = gf.raw(name)
+                qt[part] = gf.tensor(name).qtype
+                for s in gf.expert_slices(name):
+                    self.offsets[il, s.expert, ip] = s.offset
+                    self.nbytes[il, s.expert, ip] = s.nbytes
+            self._raw.append(raw)
+            self._qtype.append(qt)
+
+    def qtypes(self, layer: int) -> tuple[int, int, int]:
+        q = self._qtype[layer]
+        return q["gate"], q["up"], q["down"]
+
+    def expert_bytes(self, layer: int, expert: int = 0) -> int:
+        return int(self.nbytes[layer, expert].sum())
+
+    def total_bytes(self) -> int:
+        return int(self.nbytes.sum())
+
+    def mapped(self, layer: int, expert: int) -> ExpertWeights:
+        """Zero-copy views straight into the mapped file."""
+        r, (qg, qu, qd) = self._raw[layer], self.qtypes(layer)
+        return ExpertWeights(r["gate"][expert], r["up"][expert], r["down"][expert], qg, qu, qd)
+
+
+class ResidentExperts:
+    """The expert source when everything is resident (cache=None): computed straight from
+    the mapping with zero copies; every request is a hit and nothing ever stalls."""
+
+    def __init__(self, store: ExpertStore, counters):
+        self.store = store
+        self.counters = counters
+        counters.cache_bytes = store.total_bytes()
+        counters.cache_slots = store.n_layer * store.n_expert
+
+    def acquire(self, layer: int, experts: np.ndarray):
+        """Yield (expert, ExpertWeights) for each requested expert, ready ones first."""
+        self.counters.expert_requests += len(experts)
+        self.counters.hits += len(experts)
+        for e in experts:
+            yield int(e), self.store.mapped(layer, int(e))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,126 @@
+"""Token generation: prefill the prompt as one batch, then decode token by token with the
+KV cache, sampling each next token; stop on end-of-generation tokens, stop strings,
+max_tokens, the end of the context, or a cancel request from another thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from efedge.experts.stats import Counters
+from efedge.kv_cache import KVCache
+from efedge.sampling import Sampler
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOG token or stop string), "length", "cancelled"
+
+
+class Session:
+    """A model plus its KV cache, reusing the cached prefix of the previous prompt (so a
+    chat turn only prefills what is new)."""
+
+    def __init__(self, forward: Callable[..., np.ndarray], kv: KVCache, counters: Counters):
+        self._forward = forward
+        self.kv = kv
+        self.counters = counters
+        self.tokens: list[int] = []  # what the KV cache holds, in order
+
+    def reset(self) -> None:
+        self.tokens = []
+        self.kv.clear()
+
+    def _run(self, tokens: Sequence[int], pos: int, all_logits: bool) -> np.ndarray:
+        t0 = time.perf_counter()
+        stall0 = self.counters.stall_s
+        logits = self._forward(tokens, pos, self.kv, all_logits=all_logits)
+        dt = time.perf_counter() - t0
+        self.counters.wall_s += dt
+        self.counters.compute_s += dt - (self.counters.stall_s - stall0)
+        self.tokens = self.tokens[:pos] + list(tokens)
+        return logits
+
+    def prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Evaluate the prompt, reusing the longest cached prefix; logits of its last token."""
+        n = 0
+        limit = min(len(self.tokens), len(prompt) - 1)  # always evaluate ≥ 1 token
+        while n < limit and self.tokens[n] == prompt[n]:
+            n += 1
+        self.kv.truncate(n)
+        self.tokens = self.tokens[:n]
+        self.kv.check_room(n, len(prompt) - n)
+        logits = self._run(prompt[n:], n, all_logits=False)
+        self.counters.tokens_prompt += len(prompt) - n
+        return logits[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        logits = self._run([token], len(self.tokens), all_logits=False)
+        self.counters.tokens_generated += 1
+        return logits[-1]
+
+
+def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *,
+                    max_tokens: int, eog: frozenset[int],
+                    cancel: threading.Event | None = None,
+                    result: GenerationResult | None = None) -> Iterator[int]:
+    """Yield generated token ids. An EOG token ends generation and is not yielded.
+    `result` (if given) receives the tokens and the finish reason."""
+    result = result if result is not None else GenerationResult([], "length")
+    history = list(prompt)
+    logits = session.prefill(prompt)
+    n_ctx = session.kv.n_ctx
+    for _ in range(max_tokens):
+        if cancel is not None and cancel.is_set():
+            result.finish_reason = "cancelled"
+            return
+        tok = sampler(logits, history)
+        if tok in eog:
+            result.finish_reason = "stop"
+            return
+        history.append(tok)
+        result.tokens.append(tok)
+        yield tok
+        if len(session.tokens) >= n_ctx:
+            result.finish_reason = "length"
+            return
+        logits = session.decode(tok)
+    result.finish_reason = "length"
+
+
+class StopStringFilter:
+    """Holds back text that might be the start of a stop string; reports when one appears."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.buf += text
+        for s in self.stops:
+            i = self.buf.find(s)
+            if i >= 0:
+                self.stopped = True
+                out, self.buf = self.buf[:i], ""
+                return out
+        # keep the longest tail that is a prefix of some stop string
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return "" if self.stopped else out

@@ -1,0 +1,185 @@
+"""Quantized GGUF kernels: dequantize, matvec and matmul straight from the raw blocks.
+
+Weights arrive as uint8 rows of GGUF blocks (zero-copy views of the mmap'd file, usually
+read-only). Everything is validated here, in Python, before any numba kernel runs:
+numba does not bounds-check.
+
+    dequantize(raw [..., row_bytes], qtype)  -> float32 [..., row_len]
+    matvec(w [rows, row_bytes], qtype, x [row_len])     -> float32 [rows]
+    matmul(w [rows, row_bytes], qtype, x [T, row_len])  -> float32 [T, rows]
+
+Dequantization is bit-identical to ``gguf.quants.dequantize``. matvec uses a fused
+decode-and-dot kernel for F32, F16, Q4_0, Q8_0, Q4_K and Q6_K, and a row buffer
+(decode one row, then dot) for the other types. matmul decodes each weight row once per
+call and reuses it for all T tokens; for a few tokens it runs the fused matvec per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from efedge.errors import UnsupportedModelError
+
+from . import generic as _mm
+from . import quant_k as _k
+from . import quant_legacy as _lg
+
+__all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "block_size"]
+
+_Q = GGMLQuantizationType
+
+SUPPORTED_QTYPES: frozenset[int] = frozenset(int(t) for t in (
+    _Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,
+    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K, _Q.IQ4_NL, _Q.IQ4_XS,
+))
+
+# qtype -> (fused matvec kernel, dtype the raw row bytes are viewed as for it)
+_FUSED_MATVEC = {
+    int(_Q.F32): (_lg.matvec_f32, np.float32),
+    int(_Q.F16): (_lg.matvec_f16, np.uint16),
+    int(_Q.Q4_0): (_lg.matvec_q4_0, np.uint8),
+    int(_Q.Q8_0): (_lg.matvec_q8_0, np.uint8),
+    int(_Q.Q4_K): (_k.matvec_q4_k, np.uint8),
+    int(_Q.Q6_K): (_k.matvec_q6_k, np.uint8),
+}
+
+# matmul with at most this many tokens runs the fused matvec once per token: reading the
+# quantized rows T times is cheaper than decoding them to float32 once.
+_FUSED_MAX_TOKENS = 2
+_TILE_BYTES = 64 * 1024  # float32 bytes of decoded weights one matmul task keeps hot
+
+
+def _type_name(qtype: int) -> str:
+    try:
+        return GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"#{qtype}"
+
+
+def check_qtype(qtype: int, what: str) -> None:
+    """Raise UnsupportedModelError naming the quant type if efedge has no kernel for it."""
+    if int(qtype) not in SUPPORTED_QTYPES:
+        names = ", ".join(sorted(_type_name(t) for t in SUPPORTED_QTYPES))
+        raise UnsupportedModelError(
+            f"{what}: quant type {_type_name(qtype)} is not supported "
+            f"(efedge runs {names}); requantize the model to one of these")
+
+
+def block_size(qtype: int) -> tuple[int, int]:
+    """(elements, bytes) of one block of ``qtype``."""
+    check_qtype(qtype, "block_size")
+    return GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    # One view flavour for the kernels: plain ndarray, read-only. numba compiles separate
+    # specialisations for writable and read-only arrays; this way only one is ever built.
+    v = a.view(np.ndarray)
+    v.flags.writeable = False
+    return v
+
+
+def _check_raw(raw: np.ndarray, qtype: int, what: str) -> tuple[int, int]:
+    """Validate raw quant rows; return (row_len, row_bytes)."""
+    check_qtype(qtype, what)
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+        raise ValueError(f"{what}: raw weights must be a uint8 array, got "
+                         f"{getattr(raw, 'dtype', type(raw).__name__)}")
+    if raw.ndim < 1 or not raw.flags.c_contiguous:
+        raise ValueError(f"{what}: raw weights must be a C-contiguous array of rows, "
+                         f"got shape {raw.shape}")
+    elems, nbytes = block_size(qtype)
+    row_bytes = raw.shape[-1]
+    if row_bytes % nbytes != 0:
+        raise ValueError(f"{what}: row of {row_bytes} bytes is not a whole number of "
+                         f"{_type_name(qtype)} blocks ({nbytes} bytes each)")
+    return row_bytes // nbytes * elems, row_bytes
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"{what}: out must be a writable C-contiguous float32 array of shape "
+                         f"{shape}, got {getattr(out, 'dtype', None)} {getattr(out, 'shape', None)}")
+    return out
+
+
+def dequantize(raw: np.ndarray, qtype: int) -> np.ndarray:
+    """Decode raw GGUF rows uint8 [..., row_bytes] into float32 [..., row_len].
+
+    Bit-identical to ``gguf.quants.dequantize``; always returns a new array.
+    """
+    row_len, row_bytes = _check_raw(raw, qtype, "dequantize")
+    lead = raw.shape[:-1]
+    out = np.empty((*lead, row_len), np.float32)
+    if out.size:
+        _mm.dequantize_rows(int(qtype), _readonly(raw.reshape(-1, row_bytes)),
+                            out.reshape(-1, row_len))
+    return out
+
+
+def _check_weights(w: np.ndarray, qtype: int, what: str) -> tuple[int, int]:
+    row_len, _ = _check_raw(w, qtype, what)
+    if w.ndim != 2:
+        raise ValueError(f"{what}: weights must be 2-D [rows, row_bytes], got shape {w.shape}")
+    return row_len, w.shape[0]
+
+
+def _as_f32(x: np.ndarray, ndim: int, row_len: int, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != ndim or x.shape[-1] != row_len:
+        want = "[row_len]" if ndim == 1 else "[T, row_len]"
+        raise ValueError(f"{what}: x must have shape {want} with row_len={row_len}, "
+                         f"got {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{what}: x must be floating point, got {x.dtype}")
+    return _readonly(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _matvec(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
+    # w, x already validated and read-only
+    fused = _FUSED_MATVEC.get(qtype)
+    if fused is None:
+        _mm.matvec_generic(qtype, w, x, out)
+    else:
+        kernel, view = fused
+        kernel(w if view is np.uint8 else w.view(view), x, out)
+
+
+def matvec(w: np.ndarray, qtype: int, x: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """out[rows] = dequantize(w) @ x, for raw rows w: uint8 [rows, row_bytes]."""
+    row_len, rows = _check_weights(w, qtype, "matvec")
+    x = _as_f32(x, 1, row_len, "matvec")
+    out = _check_out(out, (rows,), "matvec")
+    if rows:
+        _matvec(_readonly(w), int(qtype), x, out)
+    return out
+
+
+def _tile_rows(rows: int, row_len: int) -> int:
+    tile = max(4, _TILE_BYTES // (4 * max(row_len, 1)) // 4 * 4)
+    return min(tile, max(4, -(-rows // 4) * 4))
+
+
+def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """out[T, rows] = x @ dequantize(w).T, for raw rows w and x: float32 [T, row_len]."""
+    row_len, rows = _check_weights(w, qtype, "matmul")
+    x = _as_f32(x, 2, row_len, "matmul")
+    n_tok = x.shape[0]
+    out = _check_out(out, (n_tok, rows), "matmul")
+    if rows == 0 or n_tok == 0:
+        return out
+    qtype = int(qtype)
+    w = _readonly(w)
+    if n_tok <= _FUSED_MAX_TOKENS and qtype in _FUSED_MATVEC:
+        for t in range(n_tok):
+            _matvec(w, qtype, x[t], out[t])
+    elif n_tok == 1:
+        _mm.matvec_generic(qtype, w, x[0], out[0])
+    else:
+        _mm.matmul_tiled(qtype, w, x, out, _tile_rows(rows, row_len))
+    return out

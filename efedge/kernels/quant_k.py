@@ -1,0 +1,222 @@
+"""The 256-element super-block quants: Q2_K Q3_K Q4_K Q5_K Q6_K and IQ4_XS.
+
+Same contract as ``quant_legacy``: ``deq_*(src, dst)`` decodes one row bit-identically to
+``gguf.quants.dequantize`` (gguf-py's float32 operation order), ``matvec_*(w, x, out)``
+are the fused paths (Q4_K, Q6_K). Offsets below are bytes inside one super-block.
+
+Q2_K (84):  scales[16] @0 (lo nibble scale, hi nibble min), qs[64] @16, d @80, dmin @82
+Q3_K (110): hmask[32] @0, qs[64] @32, scales[12] @96 (16 x 6 bit, minus 32), d @108
+Q4_K (144): d @0, dmin @2, scales[12] @4 (8 scales + 8 mins, 6 bit), qs[128] @16
+Q5_K (176): d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48
+Q6_K (210): ql[128] @0, qh[64] @128, scales[16] int8 @192, d @208
+IQ4_XS (136): d @0, scales_h u16 @2, scales_l[4] @4, qs[128] @8 (indices into IQ4_KV)
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._fp import FAST, f16_to_f32
+from .quant_legacy import IQ4_KV
+
+# ---------------------------------------------------------------- Q2_K
+
+
+@njit(cache=True, nogil=True)
+def deq_q2_k(src, dst):
+    for b in range(src.shape[0] // 84):
+        o = b * 84
+        d = f16_to_f32(src[o + 80], src[o + 81])
+        dmin = f16_to_f32(src[o + 82], src[o + 83])
+        for i in range(16):  # sub-block of 16: half h, shift s, bytes l0..l0+15 of qs
+            sc = src[o + i]
+            dl = d * np.float32(sc & 15)
+            ml = dmin * np.float32(sc >> 4)
+            h = i // 8
+            s = 2 * ((i // 2) % 4)
+            q0 = o + 16 + h * 32 + (i % 2) * 16
+            e = b * 256 + i * 16
+            for l in range(16):
+                dst[e + l] = dl * np.float32((src[q0 + l] >> s) & 3) - ml
+
+
+# ---------------------------------------------------------------- Q3_K
+
+
+@njit(cache=True, nogil=True)
+def _q3_scale(src, o, i):
+    """Signed 6-bit scale ``i`` (0..15) of the Q3_K scales at ``src[o:o+12]``."""
+    lo = (src[o + i % 8] >> (4 * (i // 8))) & 15
+    hi = (src[o + 8 + i % 4] >> (2 * (i // 4))) & 3
+    return np.int32(lo | (hi << 4)) - 32
+
+
+@njit(cache=True, nogil=True)
+def deq_q3_k(src, dst):
+    for b in range(src.shape[0] // 110):
+        o = b * 110
+        d = f16_to_f32(src[o + 108], src[o + 109])
+        for i in range(16):
+            dl = d * np.float32(_q3_scale(src, o + 96, i))
+            e0 = i * 16
+            for l in range(16):
+                e = e0 + l  # element inside the super-block
+                ql = (src[o + 32 + (e // 128) * 32 + e % 32] >> (2 * ((e // 32) % 4))) & 3
+                hbit = (src[o + e % 32] >> (e // 32)) & 1
+                q = np.int32(ql) - (np.int32(hbit ^ 1) << 2)  # offset 4 when the bit is 0
+                dst[b * 256 + e] = dl * np.float32(q)
+
+
+# ---------------------------------------------------------------- Q4_K and Q5_K
+
+
+@njit(cache=True, nogil=True)
+def k_scale_min(src, o, j):
+    """(scale, min) of sub-block ``j`` (0..7) from the 12 packed bytes at ``src[o:]``."""
+    if j < 4:
+        return src[o + j] & 63, src[o + 4 + j] & 63
+    sc = (src[o + 4 + j] & 15) | ((src[o + j - 4] >> 2) & 0x30)
+    m = (src[o + 4 + j] >> 4) | ((src[o + j] >> 2) & 0x30)
+    return sc, m
+
+
+@njit(cache=True, nogil=True)
+def deq_q4_k(src, dst):
+    for b in range(src.shape[0] // 144):
+        o = b * 144
+        d = f16_to_f32(src[o], src[o + 1])
+        dmin = f16_to_f32(src[o + 2], src[o + 3])
+        for j in range(8):  # sub-block j: nibble j % 2 of the 32 bytes of group j // 2
+            sc, m = k_scale_min(src, o + 4, j)
+            dl = d * np.float32(sc)
+            ml = dmin * np.float32(m)
+            q0 = o + 16 + (j // 2) * 32
+            s = 4 * (j % 2)
+            e = b * 256 + j * 32
+            for l in range(32):
+                dst[e + l] = dl * np.float32((src[q0 + l] >> s) & 15) - ml
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _dot_q4_k(row, x):
+    acc = 0.0
+    for b in range(row.shape[0] // 144):
+        o = b * 144
+        d = f16_to_f32(row[o], row[o + 1])
+        dmin = f16_to_f32(row[o + 2], row[o + 3])
+        for g in range(4):  # 32 bytes -> sub-blocks 2g (low nibbles) and 2g+1 (high)
+            q0 = o + 16 + g * 32
+            e = b * 256 + g * 64
+            s_lo = np.float32(0.0)
+            s_hi = np.float32(0.0)
+            x_lo = np.float32(0.0)
+            x_hi = np.float32(0.0)
+            for l in range(32):
+                q = np.int32(row[q0 + l])
+                xl = x[e + l]
+                xh = x[e + 32 + l]
+                s_lo += np.float32(q & 15) * xl
+                s_hi += np.float32(q >> 4) * xh
+                x_lo += xl
+                x_hi += xh
+            sc0, m0 = k_scale_min(row, o + 4, 2 * g)
+            sc1, m1 = k_scale_min(row, o + 4, 2 * g + 1)
+            acc += (d * np.float32(sc0)) * s_lo - (dmin * np.float32(m0)) * x_lo
+            acc += (d * np.float32(sc1)) * s_hi - (dmin * np.float32(m1)) * x_hi
+    return acc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matvec_q4_k(w, x, out):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q4_k(w[r], x)
+
+
+@njit(cache=True, nogil=True)
+def deq_q5_k(src, dst):
+    for b in range(src.shape[0] // 176):
+        o = b * 176
+        d = f16_to_f32(src[o], src[o + 1])
+        dmin = f16_to_f32(src[o + 2], src[o + 3])
+        for j in range(8):  # as Q4_K, plus bit j of qh[l] as the 5th bit
+            sc, m = k_scale_min(src, o + 4, j)
+            dl = d * np.float32(sc)
+            ml = dmin * np.float32(m)
+            q0 = o + 48 + (j // 2) * 32
+            s = 4 * (j % 2)
+            e = b * 256 + j * 32
+            for l in range(32):
+                q = ((src[q0 + l] >> s) & 15) | (((src[o + 16 + l] >> j) & 1) << 4)
+                dst[e + l] = dl * np.float32(q) - ml
+
+
+# ---------------------------------------------------------------- Q6_K
+
+
+@njit(cache=True, nogil=True)
+def deq_q6_k(src, dst):
+    for b in range(src.shape[0] // 210):
+        o = b * 210
+        d = f16_to_f32(src[o + 208], src[o + 209])
+        for h in range(2):  # two halves of 128 elements
+            for c in range(4):  # element group c*32 .. c*32+31 within the half
+                qlo = o + h * 64 + (c % 2) * 32  # low nibble (c < 2) or high (c >= 2)
+                qho = o + 128 + h * 32
+                for half in range(2):
+                    i = h * 8 + c * 2 + half  # sub-block of 16
+                    dl = d * np.float32(np.int8(src[o + 192 + i]))
+                    e = b * 256 + h * 128 + c * 32 + half * 16
+                    for l in range(half * 16, half * 16 + 16):
+                        q = ((src[qlo + l] >> (4 * (c // 2))) & 15) | (
+                            ((src[qho + l] >> (2 * c)) & 3) << 4)
+                        dst[e + l - half * 16] = dl * np.float32(np.int32(q) - 32)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _dot_q6_k(row, x):
+    acc = 0.0
+    for b in range(row.shape[0] // 210):
+        o = b * 210
+        d = f16_to_f32(row[o + 208], row[o + 209])
+        for h in range(2):
+            for c in range(4):
+                qlo = o + h * 64 + (c % 2) * 32
+                qho = o + 128 + h * 32
+                sl = 4 * (c // 2)
+                sh = 2 * c
+                e = b * 256 + h * 128 + c * 32
+                for half in range(2):
+                    s = np.float32(0.0)
+                    for l in range(half * 16, half * 16 + 16):
+                        q = ((np.int32(row[qlo + l]) >> sl) & 15) | (
+                            ((np.int32(row[qho + l]) >> sh) & 3) << 4)
+                        s += np.float32(q - 32) * x[e + l]
+                    sc = np.float32(np.int8(row[o + 192 + h * 8 + c * 2 + half]))
+                    acc += (d * sc) * s
+    return acc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matvec_q6_k(w, x, out):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q6_k(w[r], x)
+
+
+# ---------------------------------------------------------------- IQ4_XS
+
+
+@njit(cache=True, nogil=True)
+def deq_iq4_xs(src, dst):
+    for b in range(src.shape[0] // 136):
+        o = b * 136
+        d = f16_to_f32(src[o], src[o + 1])
+        sh = np.int64(src[o + 2]) | (np.int64(src[o + 3]) << 8)
+        for j in range(8):
+            lo = (src[o + 4 + j // 2] >> (4 * (j % 2))) & 15
+            hi = (sh >> (2 * j)) & 3
+            dl = d * np.float32(np.int32(lo | (hi << 4)) - 32)
+            q0 = o + 8 + j * 16
+            e = b * 256 + j * 32
+            for l in range(16):
+                q = src[q0 + l]
+                dst[e + l] = dl * IQ4_KV[q & 15]
+                dst[e + 16 + l] = dl * IQ4_KV[q >> 4]

@@ -1,0 +1,214 @@
+"""Token sampling: llama.cpp's default sampler chain, in numpy.
+
+The chain, in llama.cpp's default order (common/common.h `samplers`, and
+llama-cpp-python's `_init_sampler`):
+
+    repetition penalty → top-k → top-p → min-p → temperature → draw
+
+temperature == 0 is greedy: argmax of the penalised logits (first index on ties).
+
+Note that llama.cpp applies the temperature *last*: top-p and min-p decide which
+tokens survive from the distribution at temperature 1, and the temperature only
+reshapes the probabilities among the survivors. We do the same, so that a seed-free
+comparison with llama.cpp (same parameters → same candidate set, same probabilities)
+holds. `Sampler.distribution` exposes that final set and its probabilities.
+
+Speed: for n_vocab ~ 152k the only O(n_vocab) steps are a NaN check, an
+argpartition (top-k) or a threshold mask (min-p), and one exp over the candidates;
+only the min-p survivors are ever sorted.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from efedge.errors import SamplingError
+
+__all__ = ["SamplingParams", "Sampler"]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_real(name: str, v: object, ok: bool, allowed: str) -> None:
+    if not _is_real(v) or not math.isfinite(float(v)) or not ok:
+        raise SamplingError(f"{name} must be {allowed}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; names and defaults match llama.cpp / llama-cpp-python."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise SamplingError naming the first out-of-range parameter and its range."""
+        t, p, mp, rp = self.temperature, self.top_p, self.min_p, self.repeat_penalty
+        _check_real("temperature", t, _is_real(t) and t >= 0,
+                    "a finite number >= 0 (0 = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check_real("top_p", p, _is_real(p) and 0 < p <= 1, "a number in (0, 1] (1 = off)")
+        _check_real("min_p", mp, _is_real(mp) and 0 <= mp <= 1, "a number in [0, 1] (0 = off)")
+        _check_real("repeat_penalty", rp, _is_real(rp) and rp > 0,
+                    "a finite number > 0 (1 = off)")
+        n = self.repeat_last_n
+        if not _is_int(n) or n < -1:
+            raise SamplingError(
+                f"repeat_last_n must be an integer >= -1 (-1 = whole context, 0 = off), "
+                f"got {n!r}")
+        s = self.seed
+        if s is not None and (not _is_int(s) or s < 0):
+            raise SamplingError(f"seed must be None (random) or an integer >= 0, got {s!r}")
+
+
+def _top_mass(cand: np.ndarray, vals: np.ndarray, w: np.ndarray,
+              target: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The largest-logit entries (all ties included) whose weight reaches `target`.
+
+    Keeps a superset of the top-p prefix without sorting the whole vocabulary:
+    grow k until the top k carry enough mass (usually a few hundred tokens).
+    """
+    k = 1024
+    while k < cand.size:
+        thr = vals[np.argpartition(vals, cand.size - k)[cand.size - k:]].min()
+        sel = vals >= thr  # a mask keeps candidates in ascending-id order
+        if w[sel].sum() >= target:
+            return cand[sel], vals[sel], w[sel]
+        k *= 4
+    return cand, vals, w
+
+
+class Sampler:
+    """Picks the next token from a logits row; owns its random generator.
+
+    The generator is seeded from `params.seed` (None → fresh OS entropy), so a
+    Sampler with a fixed seed given the same logits and history yields the same
+    token sequence on every run.
+    """
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    # -- the chain ------------------------------------------------------------------
+    def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """Logits after the repetition penalty (a copy when anything changes)."""
+        p = self.params
+        n_last = p.repeat_last_n
+        if p.repeat_penalty == 1.0 or n_last == 0 or len(history) == 0:
+            return logits
+        hist = np.asarray(history, dtype=np.int64).reshape(-1)
+        ids = np.unique(hist if n_last == -1 else hist[-n_last:])
+        if ids.size and (ids[0] < 0 or ids[-1] >= logits.shape[0]):
+            raise SamplingError(
+                f"history holds token id {int(ids[0] if ids[0] < 0 else ids[-1])} outside "
+                f"the vocabulary [0, {logits.shape[0]})")
+        out = logits.copy()
+        vals = out[ids]
+        # llama.cpp: a positive logit is divided, a non-positive one multiplied.
+        out[ids] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        return out
+
+    def distribution(self, logits: np.ndarray,
+                     history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens that survive the chain and their probabilities.
+
+        Returns (ids int64, probs float64), most likely first (ties: lower id first);
+        probs sum to 1. Greedy (temperature 0) returns the argmax alone. `logits` is
+        not modified.
+        """
+        return self._chain(logits, history, ordered=True)
+
+    def _chain(self, logits: np.ndarray, history: Sequence[int],
+               ordered: bool) -> tuple[np.ndarray, np.ndarray]:
+        # ordered=False lets pure sampling (top-p off) skip the sort: ids come back
+        # in ascending order, which is just as deterministic for the draw.
+        x = np.asarray(logits)
+        if x.ndim != 1 or x.shape[0] == 0:
+            raise SamplingError(f"logits must be a non-empty 1-D array, got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32)
+        nan = np.isnan(x)
+        if nan.any():
+            bad = np.flatnonzero(nan)
+            raise SamplingError(
+                f"logits contain NaN ({bad.size} of {x.shape[0]}, first at token id "
+                f"{int(bad[0])}); the model produced invalid values")
+        x = self._penalised(x, history)
+        p = self.params
+        n = x.shape[0]
+
+        posinf = np.isposinf(x)
+        if posinf.any():
+            # +inf dominates everything finite: share the mass among those tokens.
+            ids = np.flatnonzero(posinf)
+            if p.temperature == 0:
+                ids = ids[:1]
+            return ids.astype(np.int64), np.full(ids.size, 1.0 / ids.size)
+
+        top = int(np.argmax(x))
+        x_max = float(x[top])
+        if x_max == -math.inf:
+            raise SamplingError("every logit is -inf: no token can be sampled")
+        if p.temperature == 0:
+            return np.array([top], dtype=np.int64), np.ones(1)
+
+        # top-k: argpartition keeps exactly k (boundary ties resolved by argpartition).
+        if 0 < p.top_k < n:
+            cand = np.sort(np.argpartition(x, n - p.top_k)[n - p.top_k:])
+            cand = cand[x[cand] > -math.inf]
+        else:
+            cand = np.flatnonzero(x > -math.inf)
+        vals = x[cand].astype(np.float64) - x_max  # <= 0, max exactly 0
+
+        # top-p and min-p each keep a prefix of the candidates sorted by logit, and
+        # neither changes the other's cut (top-p's probabilities are taken over all
+        # top-k survivors; min-p's threshold depends only on the max). So the result
+        # is the shorter prefix, and only min-p's survivors need sorting.
+        w = np.exp(vals)
+        z = float(w.sum())
+        if p.min_p > 0:
+            keep = vals >= math.log(p.min_p)  # p >= min_p * p_max, in logit space
+            cand, vals, w = cand[keep], vals[keep], w[keep]
+        if p.top_p < 1:
+            cand, vals, w = _top_mass(cand, vals, w, p.top_p * z)
+        if p.top_p < 1 or ordered:
+            order = np.argsort(-vals, kind="stable")  # cand ascending → ties: lower id first
+            cand, vals, w = cand[order], vals[order], w[order]
+        if p.top_p < 1:
+            cum = np.cumsum(w)
+            # smallest prefix whose mass reaches top_p (llama.cpp: cum_sum >= p), >= 1
+            cut = int(np.searchsorted(cum, p.top_p * z, side="left")) + 1
+            cand, vals = cand[:cut], vals[:cut]
+
+        # temperature last, as llama.cpp does; then renormalise over the survivors
+        probs = np.exp(vals / p.temperature)
+        probs /= probs.sum()
+        return cand.astype(np.int64), probs
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """Sample one token id from `logits` [n_vocab] given the tokens so far."""
+        ids, probs = self._chain(logits, history, ordered=False)
+        if ids.size == 1:
+            return int(ids[0])
+        cdf = np.cumsum(probs)
+        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(i, ids.size - 1)])

@@ -1,0 +1,509 @@
+"""The GGUF tokenizer: llama.cpp's byte-level BPE ("gpt2") and SentencePiece ("llama").
+
+Token ids equal llama.cpp's (src/llama-vocab.cpp) for the same file:
+
+* special tokens are split out first, longest text first; control/unknown ones only
+  when ``parse_special`` (like ``llama_tokenize(..., parse_special)``), user-defined always;
+* BPE: the pre-tokenizer regexes named by ``tokenizer.ggml.pre``, GPT-2 byte → unicode
+  mapping, then the lowest-rank merge first (ties: leftmost), ``ignore_merges`` for Llama-3;
+* SPM: spaces → "▁", a space prefix on the first fragment and after every special token,
+  the highest-score bigram first (ties: leftmost), ``<0xXX>`` byte fallback.
+
+Encoding is pure Python; BPE results are cached per pre-token word.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import regex
+
+from efedge.errors import ModelFormatError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+# llama.cpp token attributes (LLAMA_TOKEN_ATTR_*) and the GGUF token types mapping onto them.
+UNKNOWN, UNUSED, NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 2, 4, 8, 16, 32
+_TYPE_ATTR = {1: NORMAL, 2: UNKNOWN, 3: CONTROL, 4: USER_DEFINED, 5: UNUSED, 6: BYTE}
+_SPECIAL = CONTROL | UNKNOWN  # rendered / parsed only on request
+
+# --- BPE pre-tokenizers (names → regex lists exactly as llama.cpp applies them) -----------
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# Cased-letter ranges of DeepSeek's tokenizer.json, written as escapes so that no editor
+# or Unicode normalisation can change a code point.
+_DEEPSEEK_LLM = (
+    r"[\r\n]",
+    r"\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-"
+    r"\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1"
+    r"\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-"
+    r"\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15"
+    r"\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
+    r"\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb"
+    r"\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d"
+    r"\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183"
+    r"\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    r"\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-"
+    r"\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb"
+    r"\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
+    r"\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+\Z",  # llama.cpp's "\s+$": end of the fragment only
+    r"[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    r"\p{N}+",
+)
+_PRE_REGEXES: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt2": (_GPT2,),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "starcoder": (r"\p{N}", _GPT2),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
+    "deepseek-llm": _DEEPSEEK_LLM,
+    "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_LLM[4], r"\p{N}"),
+}
+# tokenizer.ggml.pre → (regex family, ignore_merges, add_bos default)
+_PRE_NAMES: dict[str, tuple[str, bool, bool]] = {"default": ("default", False, False)}
+for _names, _fam, _ign, _bos in (
+    ("gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert "
+     "olmo mpt jais trillion granite-docling exaone4 jina-v1-en jina-v2-code roberta-bpe",
+     "gpt2", False, False),
+    ("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
+     "llama3", True, True),
+    ("dbrx smaug-bpe glm4 chatglm-bpe", "llama3", False, False),
+    ("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open grok-2",
+     "qwen2", False, False),
+    ("starcoder refact command-r smollm codeshell exaone minerva-7b mellum2",
+     "starcoder", False, False),
+    ("falcon", "falcon", False, False),
+    ("deepseek-llm", "deepseek-llm", False, False),
+    ("deepseek-coder", "deepseek-coder", False, False),
+):
+    for _n in _names.split():
+        _PRE_NAMES[_n] = (_fam, _ign, _bos)
+
+# Token texts llama.cpp treats as end-of-generation (and forces to control type).
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+              "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
+              "<end_of_utterance>")
+_EOG_TEXTS = frozenset(_EOT_TEXTS + (
+    "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "</s>", "<|eom_id|>", "[EOS]",
+    "<eos>", "<turn|>", "<|tool_response>", "[e~["))
+_FIM_EOG_TEXTS = (("tokenizer.ggml.fim_pad_token_id", ("<|fim_pad|>", "<fim-pad>", "<fim_pad>",
+                                                      "<PAD>", "[PAD]")),
+                  ("tokenizer.ggml.fim_rep_token_id", ("<|fim_repo|>", "<|repo_name|>",
+                                                      "<fim-repo>", "<REPO>", "<reponame>")),
+                  ("tokenizer.ggml.fim_sep_token_id", ("<|file_sep|>",)))
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte → printable character table (index = byte value)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, n = [""] * 256, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+_B2U = _bytes_to_unicode()
+_U2B = {c: b for b, c in enumerate(_B2U)}
+_LATIN1_TO_B2U = str.maketrans({chr(b): c for b, c in enumerate(_B2U)})
+
+
+def _get(meta: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    """meta[key] checked against `kinds` (bool is never accepted as an int)."""
+    if key not in meta:
+        return default
+    v = meta[key]
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        want = "/".join(k.__name__ for k in kinds)
+        raise ModelFormatError(f"tokenizer metadata key {key!r}: expected {want}, "
+                               f"got {type(v).__name__}")
+    return v
+
+
+def _get_list(meta: dict, key: str, kind: type | tuple[type, ...], n_min: int) -> list | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)):
+        raise ModelFormatError(f"tokenizer metadata key {key!r}: expected an array, "
+                               f"got {type(v).__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if len(v) < n_min or any(isinstance(x, bool) or not isinstance(x, kinds) for x in v):
+        raise ModelFormatError(f"tokenizer metadata key {key!r}: expected at least {n_min} "
+                               f"values of type {'/'.join(k.__name__ for k in kinds)}")
+    return list(v)
+
+
+class Tokenizer:
+    """Encode/decode with a GGUF file's vocabulary exactly as llama.cpp does."""
+
+    def __init__(self, meta: dict) -> None:
+        model = _get(meta, "tokenizer.ggml.model", (str,))
+        if model is None:
+            raise ModelFormatError("tokenizer metadata key 'tokenizer.ggml.model' is missing")
+        if model not in ("gpt2", "llama"):
+            raise UnsupportedModelError(f"tokenizer model {model!r} (tokenizer.ggml.model) is "
+                                        "not supported; efedge reads 'gpt2' and 'llama'")
+        self.model = model
+        tokens = _get_list(meta, "tokenizer.ggml.tokens", str, 1)
+        if tokens is None:
+            raise ModelFormatError("tokenizer metadata key 'tokenizer.ggml.tokens' is missing")
+        n = self.n_vocab = len(tokens)
+        self.tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        self.token_to_id: dict[str, int] = {}
+        for i, t in enumerate(self.tokens):
+            if self.token_to_id.setdefault(t, i) != i:
+                raise ModelFormatError(f"tokenizer metadata key 'tokenizer.ggml.tokens': "
+                                       f"duplicate token {t!r}")
+        types = _get_list(meta, "tokenizer.ggml.token_type", int, n)
+        self.attrs = [_TYPE_ATTR.get(t, 0) for t in types[:n]] if types else [NORMAL] * n
+        scores = _get_list(meta, "tokenizer.ggml.scores", (int, float), n)
+        self.scores = [float(s) for s in scores[:n]] if scores else [0.0] * n
+
+        spm = model == "llama"
+        if spm:
+            self.pre, self.ignore_merges, add_bos = "", False, True
+            defaults = {"bos": 1, "eos": 2, "unk": 0}
+        else:
+            pre = _get(meta, "tokenizer.ggml.pre", (str,), "default")
+            if pre not in _PRE_NAMES:
+                raise UnsupportedModelError(
+                    f"BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported")
+            family, self.ignore_merges, add_bos = _PRE_NAMES[pre]
+            self.pre = pre
+            self._split_res = [regex.compile(p) for p in _PRE_REGEXES[family]]
+            defaults = {"bos": 11, "eos": 11} if pre not in ("glm4", "chatglm-bpe") else {}
+            merges = _get_list(meta, "tokenizer.ggml.merges", str, 0)
+            if merges is None:
+                raise ModelFormatError("tokenizer metadata key 'tokenizer.ggml.merges' is "
+                                       "missing (required for tokenizer model 'gpt2')")
+            self.ranks: dict[tuple[str, str], int] = {}
+            for r, m in enumerate(merges):
+                i = m.find(" ", 1)
+                pair = (m[:i], m[i + 1:]) if i >= 0 else ("", "")
+                self.ranks.setdefault(pair, r)
+        self.add_space_prefix = spm and bool(
+            _get(meta, "tokenizer.ggml.add_space_prefix", (bool, int), True))
+
+        ids: dict[str, int | None] = {}
+        for name in ("bos", "eos", "eot", "eom", "unk", "sep", "pad"):
+            tid = defaults.get(name)
+            tid = tid if tid is not None and tid < n else None
+            new = _get(meta, f"tokenizer.ggml.{name}_token_id", (int,))
+            if new is not None:
+                if 0 <= new < n:
+                    tid = new
+                else:
+                    log.warning("tokenizer.ggml.%s_token_id = %d is out of range, ignored",
+                                name, new)
+            ids[name] = tid
+        self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
+        self.add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", (bool, int), add_bos))
+        self.add_eos = bool(_get(meta, "tokenizer.ggml.add_eos_token", (bool, int), False))
+        for flag, tid, what in ((self.add_bos, self.bos_id, "bos"),
+                                (self.add_eos, self.eos_id, "eos")):
+            if flag and tid is None:
+                raise ModelFormatError(f"tokenizer metadata key 'tokenizer.ggml.add_{what}_token'"
+                                       f" is true but 'tokenizer.ggml.{what}_token_id' is not set")
+        self._init_eog(meta, ids)
+        # Special tokens split out before tokenizing, longest text first (as llama.cpp).
+        special = [i for i in range(n) if self.attrs[i] & (CONTROL | USER_DEFINED | UNKNOWN)]
+        special.sort(key=lambda i: -len(self.tokens[i].encode("utf-8")))
+        self._special = [(self.tokens[i], i, bool(self.attrs[i] & _SPECIAL)) for i in special]
+        self._pieces = [self._make_piece(i) for i in range(n)]
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> Tokenizer:
+        """Build from GGUF metadata (key → Python value, as GGUFFile.metadata gives it)."""
+        return cls(meta)
+
+    def _init_eog(self, meta: dict, ids: dict[str, int | None]) -> None:
+        eot, eom = ids["eot"], ids["eom"]
+        eog: set[int] = set()
+        found = {key: _get(meta, key, (int,)) for key, _ in _FIM_EOG_TEXTS}
+        for i, t in enumerate(self.tokens):
+            forced = False
+            if eot is None and t in _EOT_TEXTS:
+                eot, forced = i, True
+            if eom is None and t == "<|eom_id|>":
+                eom, forced = i, True
+            for key, texts in _FIM_EOG_TEXTS:
+                if found[key] is None and t in texts:
+                    found[key], forced = i, True
+            if t in _EOG_TEXTS:
+                eog.add(i)
+                forced = True
+            if forced:
+                self.attrs[i] |= CONTROL
+            if t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+                self.attrs[i] = USER_DEFINED  # gpt-oss: always rendered
+        eog.update(v for v in found.values() if v is not None and 0 <= v < self.n_vocab)
+        eog.update(v for v in (self.eos_id, eot, eom) if v is not None)
+        by_text = {self.tokens[i]: i for i in eog}
+        # o200k_harmony / solar-open: "<|end|>" ends a message, not the generation
+        has_call = "<|call|>" in by_text or "<|calls|>" in by_text
+        if "<|end|>" in by_text and has_call and ("<|return|>" in by_text
+                                                  or "<|flush|>" in by_text):
+            eog.discard(by_text["<|end|>"])
+            self.attrs[by_text["<|end|>"]] = USER_DEFINED
+        if "<|tool_response>" in by_text and "</s>" in by_text:  # gemma4
+            eog.discard(by_text["</s>"])
+            self.attrs[by_text["</s>"]] = NORMAL
+        self.eot_id, self.eom_id = eot, eom
+        self.eog_ids: frozenset[int] = frozenset(eog)
+
+    # ---- encoding ------------------------------------------------------------------------
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`; BOS (and EOS) added per the vocab when `add_special`."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes str, not {type(text).__name__}")
+        out: list[int] = []
+        if add_special and self.add_bos:
+            out.append(self.bos_id)  # type: ignore[arg-type]
+        prev_special = True  # SPM: a space prefix on the first fragment and after specials
+        for frag in self._partition(text, parse_special):
+            if isinstance(frag, int):
+                out.append(frag)
+                prev_special = True
+            elif self.model == "llama":
+                if self.add_space_prefix and prev_special:
+                    frag = " " + frag
+                self._spm(frag.replace(" ", "▁"), out)
+                prev_special = False
+            else:
+                self._bpe_fragment(frag, out)
+        if add_special and self.add_eos:
+            out.append(self.eos_id)  # type: ignore[arg-type]
+        return out
+
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        frags: list[str | int] = [text] if text else []
+        for tok_text, tid, needs_parse in self._special:
+            if needs_parse and not parse_special or tok_text not in text:
+                continue
+            new: list[str | int] = []
+            for f in frags:
+                if isinstance(f, int) or tok_text not in f:
+                    new.append(f)
+                    continue
+                parts = f.split(tok_text)
+                for k, p in enumerate(parts):
+                    if k:
+                        new.append(tid)
+                    if p:
+                        new.append(p)
+            frags = new
+        return frags
+
+    def _bpe_fragment(self, text: str, out: list[int]) -> None:
+        words = [text]
+        for rx in self._split_res:
+            nxt: list[str] = []
+            for w in words:
+                pos = 0
+                for m in rx.finditer(w):
+                    if m.start() > pos:
+                        nxt.append(w[pos:m.start()])
+                    if m.end() > m.start():
+                        nxt.append(m.group())
+                    pos = m.end()
+                if pos < len(w):
+                    nxt.append(w[pos:])
+            words = nxt
+        cache = self._cache
+        for w in words:
+            ids = cache.get(w)
+            if ids is None:
+                if len(cache) > 100_000:
+                    cache.clear()
+                ids = cache[w] = self._bpe_word(w.encode("utf-8").decode("latin-1")
+                                                .translate(_LATIN1_TO_B2U))
+            out.extend(ids)
+
+    def _bpe_word(self, word: str) -> list[int]:
+        vocab = self.token_to_id
+        if self.ignore_merges and word in vocab:
+            return [vocab[word]]
+        sym = list(word)  # symbol texts; "" once merged into its left neighbour
+        nxt = list(range(1, len(sym))) + [-1]
+        prv = list(range(-1, len(sym) - 1))
+        ranks = self.ranks
+        heap: list[tuple[int, int, int, str]] = []
+
+        def push(left: int, right: int) -> None:
+            if left >= 0 and right >= 0:
+                r = ranks.get((sym[left], sym[right]))
+                if r is not None:
+                    heapq.heappush(heap, (r, left, right, sym[left] + sym[right]))
+
+        for i in range(len(sym) - 1):
+            push(i, i + 1)
+        while heap:
+            _, left, right, text = heapq.heappop(heap)
+            if not sym[left] or not sym[right] or sym[left] + sym[right] != text:
+                continue  # stale
+            sym[left], sym[right] = text, ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            push(prv[left], left)
+            push(left, nxt[left])
+        out: list[int] = []
+        for s in sym:
+            if not s:
+                continue
+            tid = vocab.get(s)
+            if tid is not None:
+                out.append(tid)
+                continue
+            for b in s.encode("utf-8"):  # llama.cpp: look each byte up as a 1-byte string
+                tid = vocab.get(chr(b)) if b < 0x80 else None
+                if tid is not None:
+                    out.append(tid)
+        return out
+
+    def _spm(self, text: str, out: list[int]) -> None:
+        vocab, scores = self.token_to_id, self.scores
+        sym = list(text)
+        n = len(sym)
+        nxt = list(range(1, n)) + [-1] if n else []
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int]] = []
+
+        def push(left: int, right: int) -> None:
+            if left >= 0 and right >= 0:
+                tid = vocab.get(sym[left] + sym[right])
+                if tid is not None:
+                    heapq.heappush(heap, (-scores[tid], left, right,
+                                          len(sym[left]) + len(sym[right])))
+
+        for i in range(n - 1):
+            push(i, i + 1)
+        while heap:
+            _, left, right, size = heapq.heappop(heap)
+            if not sym[left] or not sym[right] or len(sym[left]) + len(sym[right]) != size:
+                continue
+            sym[left], sym[right] = sym[left] + sym[right], ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            push(prv[left], left)
+            push(left, nxt[left])
+        for s in sym:
+            if not s:
+                continue
+            tid = vocab.get(s)
+            if tid is not None:
+                out.append(tid)
+                continue
+            for b in s.encode("utf-8"):  # byte fallback
+                tid = vocab.get(f"<0x{b:02X}>")
+                if tid is None:
+                    tid = vocab.get(chr(b)) if b < 0x80 else None
+                if tid is None:
+                    tid = self.unk_id
+                if tid is not None:
+                    out.append(tid)
+
+    # ---- decoding ------------------------------------------------------------------------
+    def _make_piece(self, tok: int) -> bytes:
+        attr, text = self.attrs[tok], self.tokens[tok]
+        if attr & (_SPECIAL | USER_DEFINED):
+            return text.encode("utf-8")
+        if attr & NORMAL:
+            if self.model == "llama":
+                return text.replace("▁", " ").encode("utf-8")
+            try:
+                return bytes(_U2B[c] for c in text)
+            except KeyError:  # a character outside GPT-2's byte table
+                return b"".join(bytes([_U2B[c]]) if c in _U2B else
+                                b"[UNK_BYTE_0x" + c.encode("utf-8").hex().encode() +
+                                text.encode("utf-8") + b"]" for c in text)
+        if attr & BYTE:
+            return bytes([int(text[3:5], 16)])
+        return b""
+
+    def _check(self, tok: int) -> int:
+        tok = int(tok)
+        if not 0 <= tok < self.n_vocab:
+            raise ValueError(f"token id {tok} is out of range [0, {self.n_vocab})")
+        return tok
+
+    def token_bytes(self, tok: int) -> bytes:
+        """The bytes token `tok` stands for (special tokens as their text)."""
+        return self._pieces[self._check(tok)]
+
+    def piece(self, tok: int) -> str:
+        """The token's vocabulary string as stored in the file (e.g. "Ġthe", "▁the")."""
+        return self.tokens[self._check(tok)]
+
+    def is_special(self, tok: int) -> bool:
+        return bool(self.attrs[self._check(tok)] & _SPECIAL)
+
+    def _iter_bytes(self, ids: Iterable[int], skip_special: bool) -> Iterator[bytes]:
+        first = True
+        for tok in ids:
+            tok = self._check(tok)
+            if first and tok == self.bos_id and self.add_space_prefix:
+                if not skip_special:
+                    yield self._pieces[tok]
+                continue  # the space to strip is on the token after BOS
+            b = b"" if skip_special and self.attrs[tok] & _SPECIAL else self._pieces[tok]
+            if first and self.add_space_prefix and b[:1] == b" ":
+                b = b[1:]  # SPM: drop the space prefix encode() added
+            first = False
+            yield b
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids`; control/unknown tokens as their text unless `skip_special`.
+
+        With a SentencePiece vocab the leading space that encode() prefixed is removed.
+        Invalid UTF-8 becomes U+FFFD.
+        """
+        return b"".join(self._iter_bytes(ids, skip_special)).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        """An incremental decoder for generated tokens (see StreamDecoder)."""
+        return StreamDecoder(self, skip_special)
+
+
+class StreamDecoder:
+    """Feed token ids one at a time; get text that never ends inside a UTF-8 character."""
+
+    def __init__(self, tok: Tokenizer, skip_special: bool = False) -> None:
+        self._tok, self._skip = tok, skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._started = False
+
+    def push(self, tok: int) -> str:
+        t = self._tok
+        tok = t._check(tok)
+        if t.attrs[tok] & _SPECIAL and self._skip:
+            b = b""
+        else:
+            b = t._pieces[tok]
+        if not self._started and t.add_space_prefix:
+            if tok == t.bos_id:
+                return self._utf8.decode(b"" if self._skip else b)
+            b = b[1:] if b[:1] == b" " else b
+        self._started = True
+        return self._utf8.decode(b)
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)

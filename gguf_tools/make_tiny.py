@@ -1,0 +1,323 @@
+"""Random-weight GGUF checkpoints for every architecture efedge runs, loadable by llama.cpp.
+
+    python -m gguf_tools.make_tiny --arch qwen3moe --quant Q4_K_M --out x.gguf [--preset test]
+
+Tensor and key names are the GGUF ones (``blk.{i}.ffn_gate_exps.weight``,
+``"{arch}.expert_count"``). Shapes below are written in ggml order (fastest dimension
+first, as llama.cpp and ``gguf.GGUFReader`` report them); numpy arrays are the reverse.
+
+Weights are drawn per tensor from ``default_rng([seed, crc32(name)])``, so a tensor does
+not change when another one is added or resized, and the F32, F16 and quantized files of
+one seed hold the same weights (up to rounding). Scales are chosen so that the model is
+"decisive": logits have std ≈ 2, and router logits std ≈ 3 so top-k routing is not a
+near tie that quantization noise would flip at every token.
+
+F32/F16 are written here, tensor by tensor (the 1.6 GB bench preset needs well under
+1 GB of RAM); other types go through llama.cpp's quantizer (``gguf_tools.quantize``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from gguf_tools.vocab import add_vocab
+
+# Model families: general.architecture, and which optional parts each one has.
+#   qk_norm: "head" = one [head_dim] norm shared by all heads (qwen3*),
+#            "full" = over the whole q / k projection width (olmoe).
+ARCHS: dict[str, dict] = {
+    "llama":    dict(gguf_arch="llama", moe=False, bias=False, qk_norm=None, shared=False),
+    "mixtral":  dict(gguf_arch="llama", moe=True, bias=False, qk_norm=None, shared=False),
+    "qwen2":    dict(gguf_arch="qwen2", moe=False, bias=True, qk_norm=None, shared=False),
+    "qwen2moe": dict(gguf_arch="qwen2moe", moe=True, bias=True, qk_norm=None, shared=True),
+    "qwen3":    dict(gguf_arch="qwen3", moe=False, bias=False, qk_norm="head", shared=False),
+    "qwen3moe": dict(gguf_arch="qwen3moe", moe=True, bias=False, qk_norm="head", shared=False),
+    "olmoe":    dict(gguf_arch="olmoe", moe=True, bias=False, qk_norm="full", shared=False),
+}
+
+# head_dim None = n_embd // n_head. Sizes are multiples of 256 so K-quants apply everywhere.
+PRESETS: dict[str, dict] = {
+    # tests: small but wide enough for K-quants
+    "test": dict(n_embd=256, n_layer=3, n_head=4, n_head_kv=2, head_dim=None, n_expert=16,
+                 n_expert_used=4, n_ff_exp=256, n_ff_shexp=256, n_ff=512, n_vocab=512,
+                 n_ctx=512),
+    # quick demos: ~61 MB at F16 for qwen3moe
+    "small": dict(n_embd=512, n_layer=8, n_head=8, n_head_kv=2, head_dim=None, n_expert=8,
+                  n_expert_used=2, n_ff_exp=256, n_ff_shexp=512, n_ff=1024, n_vocab=512,
+                  n_ctx=2048),
+    # the project's speed reference: qwen3moe-shaped, ~480 MB at Q4_0, 1.6 GB at F16
+    "bench": dict(n_embd=1024, n_layer=16, n_head=16, n_head_kv=4, head_dim=None, n_expert=32,
+                  n_expert_used=4, n_ff_exp=512, n_ff_shexp=1024, n_ff=2048, n_vocab=512,
+                  n_ctx=4096),
+}
+_EXTRA_DEFAULTS = dict(rope_base=10000.0, norm_eps=None, vocab_kind="bpe", vocab_pre="gpt-2",
+                       tied=False)
+# Source files for the quantizer are F32 up to this size, F16 beyond (bench preset).
+_F32_SOURCE_MAX = 1 << 30
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # ggml order (ne0 first)
+    init: str  # "proj" (std = scale / sqrt(fan_in)), "output", "embd", "norm" (1 ± noise), "bias"
+    scale: float = 1.0
+    keep_f32: bool = False  # 1-D tensors and the router stay F32, as convert_hf_to_gguf does
+
+    @property
+    def np_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+
+def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
+    """The hyper-parameters for ``arch`` at ``preset`` with ``overrides`` applied."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[preset], **_EXTRA_DEFAULTS)
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    a = ARCHS[arch]
+    if cfg["head_dim"] is None:
+        cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
+    if cfg["norm_eps"] is None:
+        cfg["norm_eps"] = 1e-6 if arch.startswith("qwen") else 1e-5
+    if a["qk_norm"] == "full":
+        # llama.cpp checks olmoe's attn_k_norm against n_embd: no GQA, no odd head size.
+        if "n_head_kv" in overrides and overrides["n_head_kv"] not in (None, cfg["n_head"]):
+            raise ValueError("olmoe needs n_head_kv == n_head (llama.cpp checks attn_k_norm "
+                             "against n_embd)")
+        cfg["n_head_kv"] = cfg["n_head"]
+        if cfg["n_head"] * cfg["head_dim"] != cfg["n_embd"]:
+            raise ValueError("olmoe needs n_head * head_dim == n_embd")
+    if cfg["n_head"] % cfg["n_head_kv"]:
+        raise ValueError(f"n_head {cfg['n_head']} is not a multiple of n_head_kv "
+                         f"{cfg['n_head_kv']}")
+    if a["moe"] and not 0 < cfg["n_expert_used"] <= cfg["n_expert"]:
+        raise ValueError(f"n_expert_used {cfg['n_expert_used']} not in 1..{cfg['n_expert']}")
+    cfg["arch"] = arch
+    return cfg
+
+
+def tensor_plan(cfg: dict, n_vocab: int) -> list[TensorSpec]:
+    """Every tensor of the model, in file order."""
+    a = ARCHS[cfg["arch"]]
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    T = TensorSpec
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += [
+            T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+            T(b + "attn_q.weight", (d, q_out), "proj"),
+            T(b + "attn_k.weight", (d, kv_out), "proj"),
+            T(b + "attn_v.weight", (d, kv_out), "proj"),
+        ]
+        if a["bias"]:
+            out += [T(b + "attn_q.bias", (q_out,), "bias", keep_f32=True),
+                    T(b + "attn_k.bias", (kv_out,), "bias", keep_f32=True),
+                    T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True)]
+        if a["qk_norm"]:
+            qn, kn = (hd, hd) if a["qk_norm"] == "head" else (q_out, kv_out)
+            out += [T(b + "attn_q_norm.weight", (qn,), "norm", keep_f32=True),
+                    T(b + "attn_k_norm.weight", (kn,), "norm", keep_f32=True)]
+        out += [T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+        if a["moe"]:
+            e, f = cfg["n_expert"], cfg["n_ff_exp"]
+            out += [
+                # router: larger std so top-k is decisive
+                T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=3.0, keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
+            ]
+            if a["shared"]:
+                s = cfg["n_ff_shexp"]
+                out += [
+                    T(b + "ffn_gate_inp_shexp.weight", (d,), "proj", keep_f32=True),
+                    T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+                    T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+                    T(b + "ffn_down_shexp.weight", (s, d), "proj"),
+                ]
+        else:
+            f = cfg["n_ff"]
+            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
+                    T(b + "ffn_up.weight", (d, f), "proj"),
+                    T(b + "ffn_down.weight", (f, d), "proj")]
+    out.append(T("output_norm.weight", (d,), "norm", keep_f32=True))
+    if not cfg["tied"]:
+        # logits std ≈ 2 with a unit-RMS final hidden state
+        out.append(T("output.weight", (d, n_vocab), "output", scale=2.0))
+    return out
+
+
+def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+    shape = spec.np_shape
+    if spec.init == "norm":
+        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    if spec.init == "bias":
+        return 0.2 * rng.standard_normal(shape, dtype=np.float32)
+    if spec.init == "embd":
+        # small next to what the blocks add, so the logits depend on the context (and on
+        # which experts ran), not mostly on the current token
+        return 0.3 * rng.standard_normal(shape, dtype=np.float32)
+    fan_in = spec.shape[0]  # ggml ne0 is the input (row) dimension
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32(spec.scale / np.sqrt(fan_in))
+    if spec.init == "output":
+        # Log-normal row norms give the logits a heavier upper tail, as token frequencies
+        # do in a trained model: the top-2 gap is ~2x wider than for Gaussian logits, so
+        # argmax comparisons against llama.cpp rarely sit on a near tie.
+        rows = np.exp(0.3 * rng.standard_normal((shape[0], 1))) / np.exp(0.09)
+        w *= rows.astype(np.float32)
+    return w
+
+
+def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int:
+    a, arch = ARCHS[cfg["arch"]], ARCHS[cfg["arch"]]["gguf_arch"]
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
+                    else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_context_length(cfg["n_ctx"])
+    w.add_embedding_length(cfg["n_embd"])
+    w.add_block_count(cfg["n_layer"])
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    hd = cfg["head_dim"]
+    if hd != cfg["n_embd"] // cfg["n_head"] or arch in ("qwen3", "qwen3moe"):
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(float(cfg["rope_base"]))
+    w.add_layer_norm_rms_eps(float(cfg["norm_eps"]))
+    if a["moe"]:
+        w.add_expert_count(cfg["n_expert"])
+        w.add_expert_used_count(cfg["n_expert_used"])
+        if arch in ("qwen2moe", "qwen3moe"):
+            # like the real files: feed_forward_length is the (unused) dense width,
+            # the experts' width has its own key
+            w.add_feed_forward_length(cfg["n_ff"])
+            w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+        else:  # llama (Mixtral) and olmoe size their experts by feed_forward_length
+            w.add_feed_forward_length(cfg["n_ff_exp"])
+        if a["shared"]:
+            w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
+    else:
+        w.add_feed_forward_length(cfg["n_ff"])
+    return add_vocab(w, kind=cfg["vocab_kind"], n_vocab=cfg["n_vocab"], pre=cfg["vocab_pre"])
+
+
+def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str) -> None:
+    """Write an F32 or F16 file, generating each tensor just before it is written."""
+    np_dtype = np.float32 if dtype == "F32" else np.float16
+    w = gguf.GGUFWriter(path, ARCHS[cfg["arch"]]["gguf_arch"])
+    n_vocab = _write_metadata(w, cfg, dtype, name)
+    plan = tensor_plan(cfg, n_vocab)
+    dtypes = [np.dtype(np.float32 if t.keep_f32 else np_dtype) for t in plan]
+    for t, dt in zip(plan, dtypes, strict=True):
+        w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+    try:
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t, dt in zip(plan, dtypes, strict=True):
+            w.write_tensor_data(_generate(t, seed).astype(dt, copy=False))
+    finally:
+        w.close()
+
+
+def _float_nbytes(cfg: dict, itemsize: int) -> int:
+    return sum(int(np.prod(t.shape)) * (4 if t.keep_f32 else itemsize)
+               for t in tensor_plan(cfg, cfg["n_vocab"]))
+
+
+def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
+               preset: str = "test", seed: int = 0, nthread: int = 2, **overrides) -> Path:
+    """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
+
+    ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe. ``quant``: F32 and
+    F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
+    quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
+    (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,
+    n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied.
+    The file appears atomically (written under a temporary name, then renamed).
+    """
+    path = Path(path)
+    cfg = resolve_config(arch, preset, **overrides)
+    quant = quant.upper()
+    name = f"efedge-tiny-{arch}-{preset}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    src = path.with_name(f".{path.name}.{os.getpid()}.src")
+    try:
+        if quant in ("F32", "F16"):
+            _write_float(tmp, cfg, quant, seed, name)
+        else:
+            from gguf_tools.quantize import quantize
+
+            src_type = "F32" if _float_nbytes(cfg, 4) <= _F32_SOURCE_MAX else "F16"
+            _write_float(src, cfg, src_type, seed, name)
+            quantize(src, tmp, quant, nthread=nthread)
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, src):
+            p.unlink(missing_ok=True)
+    return path
+
+
+def default_model_path() -> Path:
+    root = os.environ.get("EFEDGE_CACHE") or Path.home() / ".cache" / "efedge"
+    return Path(root) / "tiny-qwen3moe-f16.gguf"
+
+
+def ensure_default_model() -> Path:
+    """The placeholder default model (qwen3moe, "small" preset, F16), written once.
+
+    Lives in ``$EFEDGE_CACHE`` (a directory) or ``~/.cache/efedge``. Needs no llama.cpp.
+    """
+    path = default_model_path()
+    if not path.is_file():
+        write_tiny(path, "qwen3moe", "F16", preset="small", seed=0)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gguf_tools.make_tiny",
+                                 description="Write a random-weight GGUF model")
+    ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    ap.add_argument("--quant", default="F32", help="F32, F16 or a llama.cpp type (Q4_K_M, …)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="quantizer threads")
+    for flag, key in (("--layers", "n_layer"), ("--experts", "n_expert"),
+                      ("--experts-used", "n_expert_used"), ("--embd", "n_embd"),
+                      ("--heads", "n_head"), ("--kv-heads", "n_head_kv"),
+                      ("--head-dim", "head_dim"), ("--ff", "n_ff"), ("--ff-exp", "n_ff_exp"),
+                      ("--ff-shexp", "n_ff_shexp"), ("--vocab", "n_vocab"), ("--ctx", "n_ctx")):
+        ap.add_argument(flag, dest=key, type=int, default=None)
+    ap.add_argument("--vocab-kind", dest="vocab_kind", choices=("bpe", "spm"), default=None)
+    ap.add_argument("--tied", action="store_true", default=None, help="no output.weight")
+    args = vars(ap.parse_args(argv))
+    keys = ("arch", "quant", "out", "preset", "seed", "threads")
+    arch, quant, out, preset, seed, threads = (args.pop(k) for k in keys)
+    path = write_tiny(out, arch, quant, preset=preset, seed=seed, nthread=threads, **args)
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

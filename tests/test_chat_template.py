@@ -1,0 +1,249 @@
+"""efedge.chat_template: sandboxed HF-compatible rendering of GGUF chat templates."""
+
+import pytest
+
+from efedge.chat_template import FALLBACK_TEMPLATES, ChatTemplate, get_template
+from efedge.errors import EfedgeError, TemplateError
+
+CONVO = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+]
+
+# Qwen2.5 / Qwen3-style: tools block, tool calls, tool responses, a reversed scan with
+# {% break %}, {% continue %} over the system message, and enable_thinking.
+QWEN_STYLE = """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" + (tool | tojson) }}
+    {%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_user = (messages | length) - 1 - loop.index0 %}
+        {%- break %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == 'system' %}
+        {%- continue %}
+    {%- endif %}
+    {%- if message.role == 'user' %}
+        {{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if message.content %}
+            {{- message.content }}
+        {%- endif %}
+        {%- for call in message.tool_calls | default([]) %}
+            {{- '<tool_call>\\n' + ({'name': call.function.name,
+                                      'arguments': call.function.arguments} | tojson)
+                + '\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {{- '<|im_start|>user\\n<tool_response>\\n' + message.content
+            + '\\n</tool_response><|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and not enable_thinking %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}
+{{- '' if ns.last_user >= 0 else raise_exception('no user message') }}
+"""
+
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+# -- rendering ------------------------------------------------------------------------------
+def test_chatml_exact():
+    out = get_template("chatml").render(CONVO)
+    assert out == (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert not get_template("chatml").render(CONVO, add_generation_prompt=False).endswith(
+        "<|im_start|>assistant\n")
+
+
+def test_chatml_content_parts_and_none():
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                         {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None}]
+    assert get_template("ChatML").render(msgs, add_generation_prompt=False) == (
+        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+
+
+def test_qwen_style_tools_loop_controls_and_kwargs():
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Météo",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18°C"},
+    ]
+    tpl = ChatTemplate(QWEN_STYLE)
+    out = tpl.render(msgs, tools=tools, enable_thinking=False)
+    assert out == (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\n"
+        '{"type": "function", "function": {"name": "get_weather", "description": "Météo", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}'
+        "\n</tools><|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n18°C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # without tools: plain system turn, and no empty-think block unless asked
+    out = tpl.render(msgs[:2])
+    assert out == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                   "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_llama3_style_with_bos_from_metadata():
+    tokens = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "a"]
+    meta = {"tokenizer.chat_template": LLAMA3_STYLE, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    tpl = ChatTemplate.from_metadata(meta)
+    assert tpl.bos_token == "<|begin_of_text|>" and tpl.eos_token == "<|end_of_text|>"
+    out = tpl.render(CONVO[:2])
+    expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                "You are helpful.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert out == expected
+    # the built-in llama-3 template gives the same text for plain string content
+    assert get_template("llama3", bos_token="<|begin_of_text|>").render(CONVO[:2]) == expected
+
+
+def test_from_metadata_without_template_and_with_piece_lookup():
+    assert ChatTemplate.from_metadata({"tokenizer.ggml.tokens": ["a"]}) is None
+    assert ChatTemplate.from_metadata({"tokenizer.chat_template": "  "}) is None
+    meta = {"tokenizer.chat_template": "{{ bos_token }}|{{ eos_token }}",
+            "tokenizer.ggml.bos_token_id": 5, "tokenizer.ggml.eos_token_id": 6}
+    tpl = ChatTemplate.from_metadata(meta, lambda i: f"<t{i}>")
+    assert tpl.render([]) == "<t5>|<t6>"
+    assert ChatTemplate.from_metadata(meta).render([]) == "|"
+    named = {"tokenizer.chat_template.tool_use": "TOOLS"}
+    assert ChatTemplate.from_metadata(named) is None
+    assert ChatTemplate.from_metadata(named, name="tool_use").render([]) == "TOOLS"
+
+
+def test_llama2_builtin():
+    out = get_template("llama-2", bos_token="<s>", eos_token="</s>").render(CONVO)
+    assert out == ("<s>[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\nHi [/INST] Hello! </s>"
+                   "<s>[INST] 2+2? [/INST]")
+    with pytest.raises(TemplateError, match="alternate"):
+        get_template("llama2").render([{"role": "assistant", "content": "x"}])
+
+
+def test_builtin_names():
+    assert {"chatml", "llama-2", "llama-3"} <= set(FALLBACK_TEMPLATES)
+    for name in FALLBACK_TEMPLATES:
+        assert get_template(name).render(CONVO)
+    with pytest.raises(TemplateError, match="unknown chat template 'vicuna-9'"):
+        get_template("vicuna-9")
+    assert get_template("{{ messages | length }}").render(CONVO) == "4"
+
+
+def test_helpers_generation_tag_and_strftime():
+    src = ("{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}"
+           "{% endfor %}|{{ strftime_now('%Y') | length }}|{{ documents is none }}")
+    assert ChatTemplate(src).render(CONVO[:2]) == "[You are helpful.][Hi]|4|True"
+
+
+def test_tojson_keeps_non_ascii_and_takes_kwargs():
+    tpl = ChatTemplate("{{ messages[0].content | tojson }}")
+    assert tpl.render([{"role": "user", "content": "café 🤖 <b>&"}]) == '"café 🤖 <b>&"'
+    tpl = ChatTemplate("{{ {'b': 'é', 'a': [1, 2]} | tojson(indent=2, sort_keys=True) }}"
+                       "{{ {'x': 1} | tojson(separators=(',', ':')) }}")
+    assert tpl.render([]) == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": "é"\n}{"x":1}'
+
+
+# -- failures -------------------------------------------------------------------------------
+def test_raise_exception_becomes_template_error():
+    tpl = ChatTemplate("{% if messages[0].role != 'user' %}"
+                       "{{ raise_exception('First message must be from the user') }}{% endif %}")
+    with pytest.raises(TemplateError, match="First message must be from the user") as err:
+        tpl.render(CONVO)
+    assert "chatml" in str(err.value)
+    assert isinstance(err.value, EfedgeError)
+
+
+@pytest.mark.parametrize("payload", [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.system('touch {marker}') }}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ raise_exception.__globals__ }}",
+    "{{ messages.__class__ }}",
+    "{{ '{0.__class__.__base__}'.format(1) }}",
+    "{{ messages[0].update({'role': 'x'}) }}",
+    "{{ 'a' * 100000000 }}",
+    "{{ 2 ** 100000000 }}",
+])
+def test_sandbox_escape_raises(payload, tmp_path):
+    marker = tmp_path / "pwned"
+    tpl = ChatTemplate(payload.replace("{marker}", str(marker)))
+    with pytest.raises(TemplateError, match="chat template"):
+        tpl.render([{"role": "user", "content": "x"}])
+    assert not marker.exists()
+
+
+def test_compile_error_names_fallback():
+    with pytest.raises(TemplateError) as err:
+        ChatTemplate("{% for m in messages %}{{ m.content }")
+    msg = str(err.value)
+    assert "failed to compile" in msg and "chatml" in msg and "--chat-template" in msg
+
+
+def test_render_error_names_fallback():
+    tpl = ChatTemplate("{{ messages[0].content + 1 }}")
+    with pytest.raises(TemplateError, match="failed to render") as err:
+        tpl.render([{"role": "user", "content": "x"}])
+    assert 'chat_template="chatml"' in str(err.value)
+
+
+@pytest.mark.parametrize("messages", [
+    "hello",
+    {"role": "user", "content": "x"},
+    [("user", "x")],
+    [{"content": "x"}],
+    [{"role": 3, "content": "x"}],
+    [{"role": "", "content": "x"}],
+    [{"role": "user", "content": 42}],
+    [{"role": "user", "content": {"type": "text", "text": "x"}}],
+    [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": 1}]}],
+    [{"role": "user", "content": ["x"]}],
+])
+def test_bad_messages_raise(messages):
+    with pytest.raises(TemplateError, match="messages"):
+        get_template("chatml").render(messages)

@@ -1,0 +1,157 @@
+"""GGUF reading: tensor references, per-expert slices, and named errors on bad files."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+import efedge
+from efedge.config import config_from_gguf
+from efedge.gguf_file import GGUFFile
+
+
+@pytest.fixture(scope="module")
+def moe_path(tiny_gguf):
+    return tiny_gguf("qwen3moe", "Q4_K_M")
+
+
+def test_tensor_refs_match_gguf_reader(moe_path):
+    gf = GGUFFile(moe_path)
+    reader = gguf.GGUFReader(moe_path)
+    assert len(gf.tensors) == len(reader.tensors)
+    for t in reader.tensors:
+        ref = gf.tensors[t.name]
+        assert ref.qtype == int(t.tensor_type)
+        assert ref.shape == tuple(int(d) for d in t.shape)
+        assert ref.offset == t.data_offset and ref.nbytes == t.n_bytes
+        assert np.array_equal(gf.raw(t.name).reshape(-1), np.asarray(t.data).reshape(-1))
+    gf.close()
+
+
+def test_expert_slices_are_the_per_expert_bytes(moe_path):
+    gf = GGUFFile(moe_path)
+    cfg = config_from_gguf(gf)
+    name = "blk.1.ffn_down_exps.weight"
+    stacked = gf.raw(name)  # [E, rows, row_bytes]
+    slices = gf.expert_slices(name)
+    assert len(slices) == cfg.n_expert
+    with open(moe_path, "rb") as fh:
+        for s in slices:
+            fh.seek(s.offset)
+            assert fh.read(s.nbytes) == stacked[s.expert].tobytes()
+            assert (s.rows, s.row_len) == (cfg.n_embd, cfg.n_ff_exp)
+    gf.close()
+
+
+def _copy(src, dst_dir, name="m.gguf"):
+    dst = dst_dir / name
+    shutil.copy(src, dst)
+    return dst
+
+
+def test_truncated_file_names_the_tensor(moe_path, tmp_path):
+    data = open(moe_path, "rb").read()
+    path = tmp_path / "trunc.gguf"
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(efedge.ModelFormatError, match="tensor .* past the end"):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 10, 23, 100, 2000])
+def test_truncated_header_is_a_format_error(moe_path, tmp_path, cut):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(open(moe_path, "rb").read()[:cut])
+    with pytest.raises(efedge.ModelFormatError):
+        efedge.load(path)
+
+
+def test_bad_magic_and_version(moe_path, tmp_path):
+    path = _copy(moe_path, tmp_path)
+    with open(path, "r+b") as fh:
+        fh.write(b"GGUX")
+    with pytest.raises(efedge.ModelFormatError, match="magic"):
+        efedge.load(path)
+    path = _copy(moe_path, tmp_path, "v.gguf")
+    with open(path, "r+b") as fh:
+        fh.seek(4)
+        fh.write(struct.pack("<I", 99))
+    with pytest.raises(efedge.ModelFormatError, match="version 99"):
+        efedge.load(path)
+
+
+def test_absurd_counts_are_refused_before_parsing(moe_path, tmp_path):
+    path = _copy(moe_path, tmp_path)
+    with open(path, "r+b") as fh:
+        fh.seek(8)
+        fh.write(struct.pack("<Q", 2**62))
+    with pytest.raises(efedge.ModelFormatError, match="tensors"):
+        efedge.load(path)
+
+
+def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None):
+    """Copy a GGUF file through GGUFWriter with one change."""
+    r = gguf.GGUFReader(src)
+    old_arch = r.get_field("general.architecture").contents()
+    w = gguf.GGUFWriter(dst, arch or old_arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key == drop_key:
+            continue
+        if set_key and key == set_key[0]:
+            continue
+        val = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, val)
+        else:
+            w.add_key_value(key, val, vtype)
+    if set_key:
+        w.add_uint32(set_key[0], set_key[1])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_unknown_architecture_is_named(tiny_gguf, tmp_path):
+    src = tiny_gguf("qwen3moe", "F32")
+    path = _rewrite(src, tmp_path / "arch.gguf", arch="mamba9")
+    with pytest.raises(efedge.UnsupportedModelError, match="mamba9"):
+        efedge.load(path)
+
+
+def test_missing_key_is_named(tiny_gguf, tmp_path):
+    src = tiny_gguf("qwen3moe", "F32")
+    path = _rewrite(src, tmp_path / "key.gguf", drop_key="qwen3moe.expert_count")
+    with pytest.raises(efedge.ModelFormatError, match="qwen3moe.expert_count"):
+        efedge.load(path)
+
+
+def test_shape_mismatch_is_named(tiny_gguf, tmp_path):
+    src = tiny_gguf("qwen3moe", "F32")
+    path = _rewrite(src, tmp_path / "shape.gguf", set_key=("qwen3moe.embedding_length", 512))
+    with pytest.raises(efedge.ModelFormatError, match="tensor"):
+        efedge.load(path)
+
+
+def test_inspect_reports_expert_bytes(moe_path):
+    from efedge.cli.inspect import describe
+
+    info = describe(moe_path)
+    assert info["architecture"] == "qwen3moe"
+    assert info["experts"] == 16 and info["experts_used"] == 4
+    gf = GGUFFile(moe_path)
+    want = sum(gf.tensor(f"blk.{i}.ffn_{p}_exps.weight").nbytes
+               for i in range(info["layers"]) for p in ("gate", "up", "down"))
+    gf.close()
+    assert info["expert_bytes"] == want
+    assert 0 < info["expert_share"] < 1
+    qts = {q for lay in info["expert_layers"] for q in lay["quant_types"].values()}
+    assert qts <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}

@@ -1,0 +1,206 @@
+"""gguf_tools.make_tiny / gguf_tools.quantize: the files parse, carry the keys and tensors
+llama.cpp needs, and llama.cpp runs them with well-spread logits."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import gguf
+import numpy as np
+import pytest
+
+from gguf_tools import make_tiny
+from gguf_tools.make_tiny import ARCHS, write_tiny
+
+ALL_ARCHS = list(ARCHS)
+D, L, E, K, F_EXP, F, HD = 256, 3, 16, 4, 256, 512, 64  # the "test" preset
+
+
+def _reader(path) -> tuple[gguf.GGUFReader, dict, dict]:
+    r = gguf.GGUFReader(path)
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    tensors = {t.name: t for t in r.tensors}
+    return r, kv, tensors
+
+
+def _shape(t) -> tuple[int, ...]:
+    return tuple(int(x) for x in t.shape)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
+    _, kv, ts = _reader(tiny_gguf(arch, "F32"))
+    a = ARCHS[arch]["gguf_arch"]
+    assert kv["general.architecture"] == a
+    n_vocab = len(kv["tokenizer.ggml.tokens"])
+    assert kv["tokenizer.ggml.model"] == "gpt2" and n_vocab >= 259
+    n_kv = D // HD if arch == "olmoe" else 2
+    assert kv[f"{a}.embedding_length"] == D and kv[f"{a}.block_count"] == L
+    assert kv[f"{a}.attention.head_count"] == 4 and kv[f"{a}.attention.head_count_kv"] == n_kv
+    assert _shape(ts["token_embd.weight"]) == (D, n_vocab)
+    assert _shape(ts["output.weight"]) == (D, n_vocab)
+    assert _shape(ts["output_norm.weight"]) == (D,)
+    moe = ARCHS[arch]["moe"]
+    for i in range(L):
+        b = f"blk.{i}."
+        assert _shape(ts[b + "attn_q.weight"]) == (D, 4 * HD)
+        assert _shape(ts[b + "attn_k.weight"]) == (D, n_kv * HD)
+        assert _shape(ts[b + "attn_output.weight"]) == (4 * HD, D)
+        assert (b + "attn_q.bias" in ts) == arch.startswith("qwen2")
+        if moe:
+            assert kv[f"{a}.expert_count"] == E and kv[f"{a}.expert_used_count"] == K
+            assert _shape(ts[b + "ffn_gate_inp.weight"]) == (D, E)
+            assert _shape(ts[b + "ffn_gate_exps.weight"]) == (D, F_EXP, E)
+            assert _shape(ts[b + "ffn_up_exps.weight"]) == (D, F_EXP, E)
+            assert _shape(ts[b + "ffn_down_exps.weight"]) == (F_EXP, D, E)
+            assert b + "ffn_gate.weight" not in ts
+        else:
+            assert f"{a}.expert_count" not in kv
+            assert _shape(ts[b + "ffn_down.weight"]) == (F, D)
+    if arch == "qwen2moe":
+        assert kv["qwen2moe.expert_feed_forward_length"] == F_EXP
+        assert kv["qwen2moe.expert_shared_feed_forward_length"] == 256
+        assert _shape(ts["blk.0.ffn_gate_inp_shexp.weight"]) == (D,)
+        assert _shape(ts["blk.0.ffn_down_shexp.weight"]) == (256, D)
+        assert _shape(ts["blk.0.attn_k.bias"]) == (2 * HD,)
+    if arch in ("qwen3", "qwen3moe"):
+        assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
+        assert _shape(ts["blk.0.attn_k_norm.weight"]) == (HD,)
+        assert kv[f"{a}.attention.key_length"] == HD
+    if arch == "qwen3moe":
+        assert kv["qwen3moe.expert_feed_forward_length"] == F_EXP
+    if arch == "olmoe":
+        assert _shape(ts["blk.0.attn_q_norm.weight"]) == (D,)
+        assert _shape(ts["blk.0.attn_k_norm.weight"]) == (D,)
+    if arch in ("mixtral", "olmoe"):
+        assert kv[f"{a}.feed_forward_length"] == F_EXP
+
+
+def test_f16_holds_the_f32_weights_rounded(tiny_gguf):
+    _, _, t32 = _reader(tiny_gguf("qwen2moe", "F32"))
+    _, _, t16 = _reader(tiny_gguf("qwen2moe", "F16"))
+    w = t16["blk.1.ffn_up_exps.weight"]
+    assert w.tensor_type == gguf.GGMLQuantizationType.F16
+    np.testing.assert_array_equal(
+        w.data, t32["blk.1.ffn_up_exps.weight"].data.astype(np.float16))
+    # 1-D tensors and the router stay F32, as convert_hf_to_gguf writes them
+    for name in ("blk.1.ffn_gate_inp.weight", "blk.1.ffn_norm.weight", "blk.1.attn_q.bias"):
+        assert t16[name].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_seed_and_overrides(tmp_path):
+    a = write_tiny(tmp_path / "a.gguf", "qwen3moe", seed=1, n_layer=1, n_expert=8,
+                   n_expert_used=2)
+    b = write_tiny(tmp_path / "b.gguf", "qwen3moe", seed=1, n_layer=2, n_expert=8,
+                   n_expert_used=2)
+    c = write_tiny(tmp_path / "c.gguf", "qwen3moe", seed=2, n_layer=1, n_expert=8,
+                   n_expert_used=2)
+    _, kv, ta = _reader(a)
+    _, _, tb = _reader(b)
+    _, _, tc = _reader(c)
+    assert kv["qwen3moe.block_count"] == 1 and kv["qwen3moe.expert_used_count"] == 2
+    assert _shape(ta["blk.0.ffn_down_exps.weight"]) == (F_EXP, D, 8)
+    name = "blk.0.attn_q.weight"
+    np.testing.assert_array_equal(ta[name].data, tb[name].data)  # per-tensor streams
+    assert not np.array_equal(ta[name].data, tc[name].data)
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown arch"):
+        write_tiny(tmp_path / "x.gguf", "gpt9")
+    with pytest.raises(ValueError, match="unknown preset"):
+        write_tiny(tmp_path / "x.gguf", "llama", preset="huge")
+    with pytest.raises(TypeError, match="n_layers"):
+        write_tiny(tmp_path / "x.gguf", "llama", n_layers=2)
+    with pytest.raises(ValueError, match="n_head_kv == n_head"):
+        write_tiny(tmp_path / "x.gguf", "olmoe", n_head_kv=2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_preset_sizes():
+    def n_params(preset):
+        cfg = make_tiny.resolve_config("qwen3moe", preset)
+        return sum(int(np.prod(t.shape)) for t in make_tiny.tensor_plan(cfg, cfg["n_vocab"]))
+
+    assert 20e6 < n_params("small") < 40e6  # ~60 MB at F16
+    assert 0.8e9 < n_params("bench") < 0.9e9  # ~480 MB at Q4_0
+
+
+def test_ensure_default_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFEDGE_CACHE", str(tmp_path))
+    path = make_tiny.ensure_default_model()
+    assert path == tmp_path / "tiny-qwen3moe-f16.gguf" and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert make_tiny.ensure_default_model().stat().st_mtime_ns == mtime  # written once
+    _, kv, _ = _reader(path)
+    assert kv["general.architecture"] == "qwen3moe"
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli.gguf"
+    assert make_tiny.main(["--arch", "mixtral", "--out", str(out), "--layers", "1",
+                           "--experts", "4", "--experts-used", "2", "--seed", "3"]) == 0
+    assert str(out) in capsys.readouterr().out
+    _, kv, _ = _reader(out)
+    assert kv["llama.expert_count"] == 4 and kv["llama.block_count"] == 1
+
+
+# --- llama.cpp ---------------------------------------------------------------------------
+
+
+@pytest.mark.requires_llama_cpp
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_llama_cpp_runs_it(tiny_gguf, arch):
+    from llama_ref import llama_logits
+
+    ids = np.random.default_rng(0).integers(0, 512, 16).tolist()
+    logits = llama_logits(tiny_gguf(arch, "F32"), ids)
+    assert logits.shape == (16, 512) and logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+    assert logits.std(axis=-1).min() >= 0.5
+    assert len(set(logits.argmax(-1).tolist())) >= 8  # not one token everywhere
+
+
+@pytest.mark.requires_llama_cpp
+@pytest.mark.parametrize("quant, want", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("IQ4_NL", {"IQ4_NL"})])
+def test_llama_cpp_quantizer(tiny_gguf, quant, want):
+    from llama_ref import llama_logits
+
+    path = tiny_gguf("qwen3moe", quant)
+    r, kv, ts = _reader(path)
+    types = Counter(t.tensor_type.name for t in r.tensors)
+    assert want <= set(types), types
+    assert kv["general.file_type"] == getattr(gguf.LlamaFileType, f"MOSTLY_{quant}")
+    assert ts["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"  # never quantized
+    ids = list(range(10, 26))
+    ref = llama_logits(tiny_gguf("qwen3moe", "F32"), ids)
+    got = llama_logits(path, ids)
+    cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.min() > 0.9, cos
+
+
+@pytest.mark.requires_llama_cpp
+def test_quantize_errors(tiny_gguf, tmp_path):
+    from gguf_tools.quantize import known_types, quantize
+
+    assert {"Q4_K_M", "IQ4_NL", "Q8_0", "F16"} <= set(known_types())
+    with pytest.raises(ValueError, match="unknown quantization type 'Q4_K_X'"):
+        quantize(tiny_gguf("qwen3moe", "F32"), tmp_path / "x.gguf", "Q4_K_X")
+    with pytest.raises(FileNotFoundError):
+        quantize(tmp_path / "missing.gguf", tmp_path / "x.gguf", "Q8_0")
+
+
+@pytest.mark.requires_llama_cpp
+def test_greedy_continuation_and_tokenizer(tiny_gguf):
+    from llama_ref import llama_detokenize, llama_greedy, llama_logits, llama_tokenize
+
+    path = tiny_gguf("mixtral", "F32")
+    prompt = [5, 99, 300, 42]
+    out = llama_greedy(path, prompt, 6)
+    assert len(out) == 6 and all(0 <= t < 512 for t in out)
+    assert llama_greedy(path, prompt, 6) == out  # fresh sequence each call
+    # the greedy tokens are the argmax of the full-sequence logits
+    logits = llama_logits(path, prompt + out[:-1])
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == out
+    ids = llama_tokenize(path, "hello world")
+    assert ids and llama_detokenize(path, ids) == b"hello world"
