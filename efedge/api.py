@@ -40,13 +40,11 @@ class Model:
                  cache: int | str | None = None, policy: str = "expertflow",
                  threads: int | None = None, n_ctx: int | None = None,
                  link: str | None = None, chat_template: str | None = None,
-                 progress: Callable[[float, str], None] | None = None):
+                 progress: Callable[[float, str], None] | None = None,
+                 transfer_workers: int = 2):
         if device != "cpu":
             raise UnsupportedModelError(f"device {device!r} is not available in this build "
                                         "(supported: 'cpu')")
-        if cache is not None or link is not None:
-            raise EfedgeError("expert streaming (cache= / link=) is not available yet: "
-                              "load with cache=None to keep every expert resident")
         if threads is not None:
             import numba
 
@@ -55,6 +53,7 @@ class Model:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         self.path = Path(path) if path is not None else demo.demo_model_path()
         self.policy = policy
+        self.link = None
         self._progress = progress or (lambda frac, msg: None)
         self._progress(0.0, f"mapping {self.path.name}")
         self._gf = GGUFFile(self.path)
@@ -64,8 +63,7 @@ class Model:
             self._progress(0.3, "reading weights")
             self._tf = Transformer(self._gf, self.config)
             self.counters = Counters()
-            self._experts = (ResidentExperts(self._tf.store, self.counters)
-                             if self.config.is_moe else None)
+            self._experts = self._expert_source(cache, policy, link, transfer_workers)
             ctx = n_ctx if n_ctx is not None else min(self.config.n_ctx_train, DEFAULT_CTX)
             if not isinstance(ctx, int) or ctx < 1:
                 raise ContextLengthError(f"n_ctx must be a positive integer, got {n_ctx!r}")
@@ -82,6 +80,34 @@ class Model:
         self._progress(1.0, "ready")
 
     # -- internals ----------------------------------------------------------------------
+    def _expert_source(self, cache, policy, link, workers):
+        """Resident experts (cache=None) or the streaming cache within a byte budget."""
+        if not self.config.is_moe:
+            if cache is not None or link is not None:
+                log.info("dense model: cache= and link= have no effect")
+            return None
+        store = self._tf.store
+        if cache is None:
+            if link is not None:
+                raise EfedgeError("link= emulates expert transfers and needs an expert cache "
+                                  "(cache=...)")
+            return ResidentExperts(store, self.counters)
+        from efedge.experts.cache import ExpertCache, parse_budget
+        from efedge.experts.scheduler import make_policy
+        from efedge.experts.streaming import StreamingExperts
+        from efedge.experts.transfer import TransferEngine, parse_link
+
+        budget = parse_budget(cache, store.total_bytes())
+        pol = make_policy(policy)
+        link_obj = parse_link(link)
+        ecache = ExpertCache(store, budget, self.config.n_expert_used)
+        store.drop_page_cache()  # experts reach compute only through the slots now
+        engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
+        source = StreamingExperts(store, ecache, engine, pol, self.counters)
+        self._tf.on_route = source.on_route
+        self.link = link_obj
+        return source
+
     def _forward(self, tokens, pos, kv, all_logits=True):
         return self._tf.forward(tokens, pos, kv, self._experts, all_logits=all_logits)
 

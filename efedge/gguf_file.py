@@ -8,6 +8,7 @@ named, never handed on.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -66,6 +67,20 @@ class ExpertSlice:
     nbytes: int
 
 
+class _HeaderReader(GGUFReader):
+    """gguf-py's parser for the header, metadata and tensor infos; tensor data views are
+    built by GGUFFile after validation, so a bad tensor is reported by name instead of
+    failing inside numpy."""
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        self.tensor_infos: list[tuple[str, int, tuple[int, ...], int]] = []
+        for field in fields:
+            _len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+            name = bytes(name_data).decode("utf-8")
+            self.tensor_infos.append((name, int(raw_dtype[0]), tuple(int(d) for d in dims),
+                                      int(start_offs + int(offset_tensor[0]))))
+
+
 def _value(field: Any) -> Any:
     """Python value of a ReaderField (scalars unwrapped, arrays as lists)."""
     types = field.types
@@ -121,7 +136,7 @@ class GGUFFile:
         self.path = Path(path)
         self.file_size = _precheck(self.path)
         try:
-            reader = GGUFReader(self.path, "r")
+            reader = _HeaderReader(self.path, "r")
         except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError,
                 TypeError, struct.error) as exc:
             raise ModelFormatError(f"{self.path}: malformed GGUF ({exc})") from exc
@@ -139,20 +154,20 @@ class GGUFFile:
             except (IndexError, ValueError) as exc:
                 raise ModelFormatError(f"{self.path}: metadata key {key!r} is malformed") from exc
         self.tensors: dict[str, TensorRef] = {}
-        for t in reader.tensors:
-            self.tensors[t.name] = self._validate_tensor(t)
+        for name, qtype, shape, offset in reader.tensor_infos:
+            if name in self.tensors:
+                raise ModelFormatError(f"{self.path}: tensor {name!r} appears twice")
+            self.tensors[name] = self._validate_tensor(name, qtype, shape, offset)
         self._check_overlaps()
         del reader
 
     # -- validation -------------------------------------------------------------------
-    def _validate_tensor(self, t: Any) -> TensorRef:
-        name = t.name
-        qtype = int(t.tensor_type)
+    def _validate_tensor(self, name: str, qtype: int, shape: tuple[int, ...],
+                         offset: int) -> TensorRef:
         try:
             qt = GGMLQuantizationType(qtype)
         except ValueError as exc:
             raise UnsupportedModelError(f"tensor {name!r}: unknown ggml type {qtype}") from exc
-        shape = tuple(int(d) for d in t.shape)
         if not shape or any(d <= 0 for d in shape):
             raise ModelFormatError(f"tensor {name!r}: invalid shape {shape}")
         block, type_size = GGML_QUANT_SIZES[qt]
@@ -160,9 +175,8 @@ class GGUFFile:
             raise ModelFormatError(
                 f"tensor {name!r}: row length {shape[0]} is not a multiple of the "
                 f"{qt.name} block size {block}")
-        n_el = int(np.prod(shape, dtype=np.int64))
+        n_el = math.prod(shape)  # Python ints: a forged shape cannot overflow
         nbytes = n_el // block * type_size
-        offset = int(t.data_offset)
         rel = offset - self.data_offset
         if rel < 0 or rel % self.alignment:
             raise ModelFormatError(f"tensor {name!r}: data offset {rel} is not aligned to "

@@ -60,6 +60,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarr
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores, dtype=np.float32)
     p /= p.sum(axis=-1, keepdims=True)
+    p = p.astype(np.float16).astype(np.float32)  # ggml multiplies F16 V by F16 weights
     out = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [Hkv, group, T, dv]
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(t, h * dv), dtype=np.float32)
 

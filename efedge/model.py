@@ -19,6 +19,7 @@ from efedge import kernels, layers
 from efedge.config import ModelConfig
 from efedge.experts.store import ExpertStore, ExpertWeights
 from efedge.gguf_file import GGUFFile
+from efedge.kernels.activations import round_activations
 from efedge.kv_cache import KVCache
 
 
@@ -31,8 +32,8 @@ class QMatrix:
     name: str
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x [T, K] → [T, rows]."""
-        return kernels.matmul(self.raw, self.qtype, x)
+        """x [T, K] → [T, rows], activations rounded as llama.cpp rounds them."""
+        return kernels.matmul(self.raw, self.qtype, round_activations(x, self.qtype))
 
 
 def _qmatrix(gf: GGUFFile, name: str) -> QMatrix:
@@ -88,9 +89,12 @@ def swiglu(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix) -> np.ndarr
 
 def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """One routed expert on the tokens sent to it: x [t, D] → [t, D]."""
-    g = kernels.matmul(w.gate, w.gate_qtype, x)
-    u = kernels.matmul(w.up, w.up_qtype, x)
-    return kernels.matmul(w.down, w.down_qtype, layers.silu(g) * u)
+    xg = round_activations(x, w.gate_qtype)
+    xu = xg if w.up_qtype == w.gate_qtype else round_activations(x, w.up_qtype)
+    g = kernels.matmul(w.gate, w.gate_qtype, xg)
+    u = kernels.matmul(w.up, w.up_qtype, xu)
+    a = round_activations(layers.silu(g) * u, w.down_qtype)
+    return kernels.matmul(w.down, w.down_qtype, a)
 
 
 class Transformer:

@@ -118,6 +118,10 @@ def _bytes_to_unicode() -> list[str]:
 _B2U = _bytes_to_unicode()
 _U2B = {c: b for b, c in enumerate(_B2U)}
 _LATIN1_TO_B2U = str.maketrans({chr(b): c for b, c in enumerate(_B2U)})
+# mapped char → its byte as a latin-1 char; other chars below 256 → U+FFFF so that the
+# latin-1 encode fails and the exact (slow) path handles them
+_U2LATIN1 = str.maketrans({**{chr(x): "\uffff" for x in range(256)},
+                           **{c: chr(b) for b, c in enumerate(_B2U)}})
 
 
 def _get(meta: dict, key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -142,14 +146,19 @@ def _get_list(meta: dict, key: str, kind: type | tuple[type, ...], n_min: int) -
         raise ModelFormatError(f"tokenizer metadata key {key!r}: expected an array, "
                                f"got {type(v).__name__}")
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if len(v) < n_min or any(isinstance(x, bool) or not isinstance(x, kinds) for x in v):
+    if len(v) < n_min or not set(map(type, v)) <= set(kinds):  # exact types: no bools
         raise ModelFormatError(f"tokenizer metadata key {key!r}: expected at least {n_min} "
                                f"values of type {'/'.join(k.__name__ for k in kinds)}")
     return list(v)
 
 
 class Tokenizer:
-    """Encode/decode with a GGUF file's vocabulary exactly as llama.cpp does."""
+    """Encode/decode with a GGUF file's vocabulary exactly as llama.cpp does.
+
+    Attributes: ``n_vocab``; ``bos_id``/``eos_id``/``eot_id``/``eom_id``/``unk_id`` (None
+    when absent); ``add_bos``/``add_eos`` (what ``add_special`` adds); ``eog_ids`` (tokens
+    that end generation); ``tokens`` (vocabulary strings); ``token_to_id``; ``pre``.
+    """
 
     def __init__(self, meta: dict) -> None:
         model = _get(meta, "tokenizer.ggml.model", (str,))
@@ -164,11 +173,11 @@ class Tokenizer:
             raise ModelFormatError("tokenizer metadata key 'tokenizer.ggml.tokens' is missing")
         n = self.n_vocab = len(tokens)
         self.tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        self.token_to_id: dict[str, int] = {}
-        for i, t in enumerate(self.tokens):
-            if self.token_to_id.setdefault(t, i) != i:
-                raise ModelFormatError(f"tokenizer metadata key 'tokenizer.ggml.tokens': "
-                                       f"duplicate token {t!r}")
+        self.token_to_id: dict[str, int] = dict(zip(self.tokens, range(n), strict=True))
+        if len(self.token_to_id) != n:
+            dup = next(t for i, t in enumerate(self.tokens) if self.token_to_id[t] != i)
+            raise ModelFormatError(f"tokenizer metadata key 'tokenizer.ggml.tokens': "
+                                   f"duplicate token {dup!r}")
         types = _get_list(meta, "tokenizer.ggml.token_type", int, n)
         self.attrs = [_TYPE_ATTR.get(t, 0) for t in types[:n]] if types else [NORMAL] * n
         scores = _get_list(meta, "tokenizer.ggml.scores", (int, float), n)
@@ -212,6 +221,7 @@ class Tokenizer:
                                 name, new)
             ids[name] = tid
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
+        self.special_ids = ids  # bos, eos, eot, eom, unk, sep, pad as read from the file
         self.add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", (bool, int), add_bos))
         self.add_eos = bool(_get(meta, "tokenizer.ggml.add_eos_token", (bool, int), False))
         for flag, tid, what in ((self.add_bos, self.bos_id, "bos"),
@@ -236,22 +246,28 @@ class Tokenizer:
         eot, eom = ids["eot"], ids["eom"]
         eog: set[int] = set()
         found = {key: _get(meta, key, (int,)) for key, _ in _FIM_EOG_TEXTS}
-        for i, t in enumerate(self.tokens):
-            forced = False
-            if eot is None and t in _EOT_TEXTS:
-                eot, forced = i, True
-            if eom is None and t == "<|eom_id|>":
-                eom, forced = i, True
-            for key, texts in _FIM_EOG_TEXTS:
-                if found[key] is None and t in texts:
-                    found[key], forced = i, True
-            if t in _EOG_TEXTS:
-                eog.add(i)
-                forced = True
-            if forced:
-                self.attrs[i] |= CONTROL
-            if t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
-                self.attrs[i] = USER_DEFINED  # gpt-oss: always rendered
+        vocab = self.token_to_id
+
+        def first(texts: Iterable[str]) -> int | None:  # llama.cpp: any match; we: lowest id
+            hits = [vocab[t] for t in texts if t in vocab]
+            if hits:
+                self.attrs[min(hits)] |= CONTROL  # control-looking text: forced to control
+            return min(hits) if hits else None
+
+        if eot is None:
+            eot = first(_EOT_TEXTS)
+        if eom is None:
+            eom = first(("<|eom_id|>",))
+        for key, texts in _FIM_EOG_TEXTS:
+            if found[key] is None:
+                found[key] = first(texts)
+        for t in _EOG_TEXTS:
+            if t in vocab:
+                eog.add(vocab[t])
+                self.attrs[vocab[t]] |= CONTROL
+        for t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+            if t in vocab:
+                self.attrs[vocab[t]] = USER_DEFINED  # gpt-oss: always rendered
         eog.update(v for v in found.values() if v is not None and 0 <= v < self.n_vocab)
         eog.update(v for v in (self.eos_id, eot, eom) if v is not None)
         by_text = {self.tokens[i]: i for i in eog}
@@ -429,8 +445,8 @@ class Tokenizer:
             if self.model == "llama":
                 return text.replace("▁", " ").encode("utf-8")
             try:
-                return bytes(_U2B[c] for c in text)
-            except KeyError:  # a character outside GPT-2's byte table
+                return text.translate(_U2LATIN1).encode("latin-1")
+            except UnicodeEncodeError:  # a character outside GPT-2's byte table
                 return b"".join(bytes([_U2B[c]]) if c in _U2B else
                                 b"[UNK_BYTE_0x" + c.encode("utf-8").hex().encode() +
                                 text.encode("utf-8") + b"]" for c in text)

@@ -9,8 +9,12 @@ first, as llama.cpp and ``gguf.GGUFReader`` report them); numpy arrays are the r
 Weights are drawn per tensor from ``default_rng([seed, crc32(name)])``, so a tensor does
 not change when another one is added or resized, and the F32, F16 and quantized files of
 one seed hold the same weights (up to rounding). Scales are chosen so that the model is
-"decisive": logits have std ≈ 2, and router logits std ≈ 3 so top-k routing is not a
-near tie that quantization noise would flip at every token.
+"decisive": logits have std ≈ 2 with a heavy-ish upper tail (fewer near ties at the
+argmax), router logits have std ≈ 3 so top-k routing is rarely a near tie, and attention
+scores have std ≈ 1.5 so attention is not a uniform running mean. About half of the
+logits' spread comes from the context, the rest from the current token. Sharper
+settings make the context matter more but make the random model chaotic: 8-bit noise
+(llama.cpp quantizes activations) then flips routing and argmax far more often.
 
 F32/F16 are written here, tensor by tensor (the 1.6 GB bench preset needs well under
 1 GB of RAM); other types go through llama.cpp's quantizer (``gguf_tools.quantize``).
@@ -59,6 +63,10 @@ PRESETS: dict[str, dict] = {
 }
 _EXTRA_DEFAULTS = dict(rope_base=10000.0, norm_eps=None, vocab_kind="bpe", vocab_pre="gpt-2",
                        tied=False)
+# Scales of the random weights (see the module docstring).
+EMBD_STD = 1.0
+QK_GAIN = 1.25  # q and k both scaled: scores have std ≈ QK_GAIN²
+ROUTER_GAIN = 3.0  # router logits std
 # Source files for the quantizer are F32 up to this size, F16 beyond (bench preset).
 _F32_SOURCE_MAX = 1 << 30
 
@@ -120,8 +128,8 @@ def tensor_plan(cfg: dict, n_vocab: int) -> list[TensorSpec]:
         b = f"blk.{i}."
         out += [
             T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
-            T(b + "attn_q.weight", (d, q_out), "proj"),
-            T(b + "attn_k.weight", (d, kv_out), "proj"),
+            T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+            T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
             T(b + "attn_v.weight", (d, kv_out), "proj"),
         ]
         if a["bias"]:
@@ -130,15 +138,15 @@ def tensor_plan(cfg: dict, n_vocab: int) -> list[TensorSpec]:
                     T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True)]
         if a["qk_norm"]:
             qn, kn = (hd, hd) if a["qk_norm"] == "head" else (q_out, kv_out)
-            out += [T(b + "attn_q_norm.weight", (qn,), "norm", keep_f32=True),
-                    T(b + "attn_k_norm.weight", (kn,), "norm", keep_f32=True)]
+            out += [T(b + "attn_q_norm.weight", (qn,), "norm", QK_GAIN, keep_f32=True),
+                    T(b + "attn_k_norm.weight", (kn,), "norm", QK_GAIN, keep_f32=True)]
         out += [T(b + "attn_output.weight", (q_out, d), "proj"),
                 T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
         if a["moe"]:
             e, f = cfg["n_expert"], cfg["n_ff_exp"]
             out += [
                 # router: larger std so top-k is decisive
-                T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=3.0, keep_f32=True),
+                T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
                 T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
                 T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
                 T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
@@ -167,13 +175,11 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
     shape = spec.np_shape
     if spec.init == "norm":
-        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        return spec.scale * (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
     if spec.init == "bias":
         return 0.2 * rng.standard_normal(shape, dtype=np.float32)
     if spec.init == "embd":
-        # small next to what the blocks add, so the logits depend on the context (and on
-        # which experts ran), not mostly on the current token
-        return 0.3 * rng.standard_normal(shape, dtype=np.float32)
+        return EMBD_STD * rng.standard_normal(shape, dtype=np.float32)
     fan_in = spec.shape[0]  # ggml ne0 is the input (row) dimension
     w = rng.standard_normal(shape, dtype=np.float32)
     w *= np.float32(spec.scale / np.sqrt(fan_in))

@@ -145,7 +145,7 @@ def _train_bpe(
 
     merges: list[tuple[str, str]] = []
     while len(merges) < n_merges and pair_counts:
-        # max count; ties broken by the smallest pair (negate via sorted order trick)
+        # the most frequent pair; ties go to the smallest pair, so the result is deterministic
         best_count = max(pair_counts.values())
         if best_count <= 0:
             break

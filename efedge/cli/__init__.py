@@ -10,7 +10,7 @@ import sys
 from efedge import __version__
 from efedge.errors import EfedgeError
 
-SUBCOMMANDS = ("run", "inspect")
+SUBCOMMANDS = ("run", "inspect", "chat", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import efedge
+from efedge.errors import EfedgeError
 
 
 def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
@@ -44,12 +47,52 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
                 seed=seed)
 
 
-def load_model(args: argparse.Namespace) -> efedge.Model:
+def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="NAME_OR_FILE",
+                   help="override the GGUF's chat template: a built-in name (chatml, llama-2, "
+                        "llama-3) or a file holding jinja source")
+
+
+def chat_template_source(value: str | None) -> str | None:
+    """--chat-template: a built-in name stays a name; an existing file becomes its text."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EfedgeError(f"cannot read chat template file {value!r}: {exc}") from exc
+    return value
+
+
+def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
+    """efedge.load() with the common flags; `kwargs` go to efedge.load as well."""
     path = args.model_flag or args.model
+    if getattr(args, "chat_template", None) is not None:
+        kwargs.setdefault("chat_template", chat_template_source(args.chat_template))
     return efedge.load(path, device=args.device, cache=args.cache, policy=args.policy,
-                       threads=args.threads, n_ctx=args.ctx_size, link=args.link)
+                       threads=args.threads, n_ctx=args.ctx_size, link=args.link, **kwargs)
 
 
 def format_stats(stats: dict) -> str:
     return "\n".join(f"  {k:<16} {v:.4f}" if isinstance(v, float) else f"  {k:<16} {v}"
                      for k, v in stats.items())
+
+
+def progress_bar(desc: str = "loading"):
+    """A load-progress callback drawing a tqdm bar on a terminal's stderr; None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", leave=False, file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(frac: float, msg: str) -> None:
+        bar.n = int(max(0.0, min(1.0, frac)) * 100)
+        bar.set_postfix_str(msg, refresh=True)
+        if frac >= 1.0:
+            bar.close()
+
+    return update

@@ -3,6 +3,7 @@ the memory-mapped GGUF file. Nothing is copied; this is the unit the expert cach
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,10 @@ class ExpertStore:
             self._raw.append(raw)
             self._qtype.append(qt)
 
+    def part_shape(self, layer: int, part: str) -> tuple[int, int]:
+        """(rows, row_bytes) of one expert's gate / up / down matrix."""
+        return self._raw[layer][part].shape[1:]
+
     def qtypes(self, layer: int) -> tuple[int, int, int]:
         q = self._qtype[layer]
         return q["gate"], q["up"], q["down"]
@@ -58,6 +63,21 @@ class ExpertStore:
 
     def total_bytes(self) -> int:
         return int(self.nbytes.sum())
+
+    def drop_page_cache(self) -> None:
+        """Ask the kernel to drop the file's expert pages from the page cache: with an
+        expert cache, the slots are the only place experts should occupy memory."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        fd = os.open(self.gf.path, os.O_RDONLY)
+        try:
+            for il in range(self.n_layer):
+                for ip in range(3):
+                    start = int(self.offsets[il, 0, ip])
+                    end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def mapped(self, layer: int, expert: int) -> ExpertWeights:
         """Zero-copy views straight into the mapped file."""

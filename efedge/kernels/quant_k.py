@@ -15,7 +15,7 @@ IQ4_XS (136): d @0, scales_h u16 @2, scales_l[4] @4, qs[128] @8 (indices into IQ
 import numpy as np
 from numba import njit, prange
 
-from ._fp import FAST, f16_to_f32
+from ._fp import FAST, f16_to_f32, small_f32
 from .quant_legacy import IQ4_KV
 
 # ---------------------------------------------------------------- Q2_K
@@ -96,39 +96,63 @@ def deq_q4_k(src, dst):
                 dst[e + l] = dl * np.float32((src[q0 + l] >> s) & 15) - ml
 
 
+# The fused dots follow quant_legacy: float32 lanes in ``acc`` with the sub-block scales
+# folded in per lane, no horizontal sums inside the row.
+ROWS_PER_TASK = 8
+
+
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _dot_q4_k(row, x):
-    acc = 0.0
+def _dot_q4_k(row, x, xsum, acc):
+    """xsum[i] = sum(x[32 i : 32 i + 32]): the mins need only the sub-block sums of x."""
+    acc[:] = 0.0
+    mins = 0.0
     for b in range(row.shape[0] // 144):
         o = b * 144
         d = f16_to_f32(row[o], row[o + 1])
         dmin = f16_to_f32(row[o + 2], row[o + 3])
-        for g in range(4):  # 32 bytes -> sub-blocks 2g (low nibbles) and 2g+1 (high)
-            q0 = o + 16 + g * 32
-            e = b * 256 + g * 64
-            s_lo = np.float32(0.0)
-            s_hi = np.float32(0.0)
-            x_lo = np.float32(0.0)
-            x_hi = np.float32(0.0)
-            for l in range(32):
-                q = np.int32(row[q0 + l])
-                xl = x[e + l]
-                xh = x[e + 32 + l]
-                s_lo += np.float32(q & 15) * xl
-                s_hi += np.float32(q >> 4) * xh
-                x_lo += xl
-                x_hi += xh
+        for g in range(0, 4, 2):  # groups g, g+1 of 32 bytes = sub-blocks 2g .. 2g+3
             sc0, m0 = k_scale_min(row, o + 4, 2 * g)
             sc1, m1 = k_scale_min(row, o + 4, 2 * g + 1)
-            acc += (d * np.float32(sc0)) * s_lo - (dmin * np.float32(m0)) * x_lo
-            acc += (d * np.float32(sc1)) * s_hi - (dmin * np.float32(m1)) * x_hi
-    return acc
+            sc2, m2 = k_scale_min(row, o + 4, 2 * g + 2)
+            sc3, m3 = k_scale_min(row, o + 4, 2 * g + 3)
+            d0 = d * np.float32(sc0)
+            d1 = d * np.float32(sc1)
+            d2 = d * np.float32(sc2)
+            d3 = d * np.float32(sc3)
+            q = o + 16 + g * 32
+            e = b * 256 + g * 64
+            for l in range(32):
+                qa = row[q + l]
+                qb = row[q + 32 + l]
+                acc[l] += (d0 * (small_f32(qa & 15, 0) * x[e + l])
+                           + d1 * (small_f32(qa >> 4, 0) * x[e + 32 + l]))
+                acc[32 + l] += (d2 * (small_f32(qb & 15, 0) * x[e + 64 + l])
+                                + d3 * (small_f32(qb >> 4, 0) * x[e + 96 + l]))
+            s = e // 32
+            mins += dmin * (np.float32(m0) * xsum[s] + np.float32(m1) * xsum[s + 1]
+                            + np.float32(m2) * xsum[s + 2] + np.float32(m3) * xsum[s + 3])
+    return acc.sum() - mins
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def block_sums(x, out):
+    """out[i] = sum of x[32 i : 32 i + 32]."""
+    for i in range(out.shape[0]):
+        s = np.float32(0.0)
+        for j in range(32):
+            s += x[32 * i + j]
+        out[i] = s
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q4_k(w, x, out):
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q4_k(w[r], x)
+    rows = w.shape[0]
+    xsum = np.empty(x.shape[0] // 32, np.float32)
+    block_sums(x, xsum)
+    for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        acc = np.empty(64, np.float32)
+        for r in range(c * ROWS_PER_TASK, min(rows, (c + 1) * ROWS_PER_TASK)):
+            out[r] = _dot_q4_k(w[r], x, xsum, acc)
 
 
 @njit(cache=True, nogil=True)
@@ -172,33 +196,40 @@ def deq_q6_k(src, dst):
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _dot_q6_k(row, x):
-    acc = 0.0
+def _dot_q6_k(row, x, acc):
+    acc[:] = 0.0
     for b in range(row.shape[0] // 210):
         o = b * 210
         d = f16_to_f32(row[o + 208], row[o + 209])
-        for h in range(2):
-            for c in range(4):
-                qlo = o + h * 64 + (c % 2) * 32
-                qho = o + 128 + h * 32
-                sl = 4 * (c // 2)
-                sh = 2 * c
-                e = b * 256 + h * 128 + c * 32
-                for half in range(2):
-                    s = np.float32(0.0)
-                    for l in range(half * 16, half * 16 + 16):
-                        q = ((np.int32(row[qlo + l]) >> sl) & 15) | (
-                            ((np.int32(row[qho + l]) >> sh) & 3) << 4)
-                        s += np.float32(q - 32) * x[e + l]
-                    sc = np.float32(np.int8(row[o + 192 + h * 8 + c * 2 + half]))
-                    acc += (d * sc) * s
-    return acc
+        for h in range(2):  # 128 elements: ql[64], qh[32], scales[8]
+            ql = o + h * 64
+            qh = o + 128 + h * 32
+            sc = o + 192 + h * 8
+            e = b * 256 + h * 128
+            for half in range(2):  # bytes l < 16 and l >= 16 use different scales
+                d0 = d * np.float32(np.int8(row[sc + half]))
+                d1 = d * np.float32(np.int8(row[sc + 2 + half]))
+                d2 = d * np.float32(np.int8(row[sc + 4 + half]))
+                d3 = d * np.float32(np.int8(row[sc + 6 + half]))
+                for l in range(half * 16, half * 16 + 16):
+                    a = row[ql + l]
+                    c = row[ql + 32 + l]
+                    hb = row[qh + l]
+                    acc[l] += (d0 * (small_f32((a & 15) | ((hb & 3) << 4), 32) * x[e + l])
+                               + d1 * (small_f32((c & 15) | ((hb & 12) << 2), 32) * x[e + 32 + l])
+                               + d2 * (small_f32((a >> 4) | (hb & 48), 32) * x[e + 64 + l])
+                               + d3 * (small_f32((c >> 4) | ((hb >> 2) & 48), 32)
+                                       * x[e + 96 + l]))
+    return acc.sum()
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q6_k(w, x, out):
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q6_k(w[r], x)
+    rows = w.shape[0]
+    for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        acc = np.empty(32, np.float32)
+        for r in range(c * ROWS_PER_TASK, min(rows, (c + 1) * ROWS_PER_TASK)):
+            out[r] = _dot_q6_k(w[r], x, acc)
 
 
 # ---------------------------------------------------------------- IQ4_XS

@@ -6,6 +6,14 @@ operation order of gguf-py's ``quants.py``, so the result is bit-identical to
 is dotted with ``x`` block by block, without materialising the dequantized matrix.
 The callers in ``efedge.kernels`` validate shapes first; nothing here bounds-checks.
 
+Two LLVM habits shape the loops (see tests/test_kernels.py for the numbers they buy):
+* In ``deq_*`` the per-block element count is read from the array shapes (``half`` = 16)
+  instead of written as a constant. A constant inner trip count gets the loop fully
+  unrolled and then left scalar (src and dst might alias); a runtime count goes to the
+  loop vectorizer, which checks aliasing once and runs 16 lanes at a time.
+* The fused dots accumulate into float32 lanes in ``acc`` rather than one scalar per
+  block; a scalar reduction lets LLVM vectorise across blocks with gathers instead.
+
 Block layouts (bytes): Q4_0 = d f16, qs[16] (low nibbles are elements 0-15, high 16-31).
 Q4_1 = d, m, qs[16]. Q5_0 = d, qh u32 (bit j = 5th bit of element j), qs[16].
 Q5_1 = d, m, qh, qs[16]. Q8_0 = d, qs[32] int8. IQ4_NL = d, qs[16] indices into IQ4_KV.
@@ -14,7 +22,7 @@ Q5_1 = d, m, qh, qs[16]. Q8_0 = d, qs[32] int8. IQ4_NL = d, qs[16] indices into 
 import numpy as np
 from numba import njit, prange
 
-from ._fp import FAST, bits_to_f32, f16_to_f32, f32_from_bytes
+from ._fp import FAST, bits_to_f32, f16_to_f32, f32_from_bytes, half_to_f32, small_f32
 
 IQ4_KV = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                   dtype=np.float32)
@@ -32,7 +40,7 @@ def deq_f32(src, dst):
 @njit(cache=True, nogil=True)
 def deq_f16(src, dst):
     for i in range(dst.shape[0]):
-        dst[i] = f16_to_f32(src[2 * i], src[2 * i + 1])
+        dst[i] = half_to_f32((np.int64(src[2 * i + 1]) << 8) | np.int64(src[2 * i]))
 
 
 @njit(cache=True, nogil=True)
@@ -54,24 +62,13 @@ def matvec_f32(w, x, out):
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
 def matvec_f16(w, x, out):
-    """w: uint16 [rows, n] (the raw bytes viewed as uint16). Decodes 256 halves at a time."""
+    """w: uint16 [rows, n] (the raw bytes viewed as uint16)."""
     n = x.shape[0]
-    rows = w.shape[0]
-    chunk = 16
-    for c in prange((rows + chunk - 1) // chunk):
-        buf = np.empty(256, np.float32)
-        for r in range(c * chunk, min(rows, (c + 1) * chunk)):
-            acc = 0.0
-            for i0 in range(0, n, 256):
-                m = min(256, n - i0)
-                for i in range(m):
-                    h = np.int64(w[r, i0 + i])
-                    buf[i] = f16_to_f32(h & 0xFF, h >> 8)
-                s = np.float32(0.0)
-                for i in range(m):
-                    s += buf[i] * x[i0 + i]
-                acc += s
-            out[r] = acc
+    for r in prange(w.shape[0]):
+        s = np.float32(0.0)
+        for i in range(n):
+            s += half_to_f32(np.int64(w[r, i])) * x[i]
+        out[r] = s
 
 
 # ---------------------------------------------------------------- Q4_0 (18 bytes)
@@ -79,34 +76,60 @@ def matvec_f16(w, x, out):
 
 @njit(cache=True, nogil=True)
 def deq_q4_0(src, dst):
-    for b in range(src.shape[0] // 18):
+    nb = src.shape[0] // 18
+    half = dst.shape[0] // max(nb, 1) // 2  # 16, as a runtime trip count (module docstring)
+    for b in range(nb):
         o = b * 18
         e = b * 32
         d = f16_to_f32(src[o], src[o + 1])
-        for j in range(16):
+        for j in range(half):
             q = src[o + 2 + j]
-            dst[e + j] = d * np.float32(np.int32(q & 15) - 8)
-            dst[e + 16 + j] = d * np.float32(np.int32(q >> 4) - 8)
+            dst[e + j] = d * small_f32(q & 15, 8)
+            dst[e + 16 + j] = d * small_f32(q >> 4, 8)
+
+
+# The fused dots keep 32 float32 lanes per block in ``acc`` and fold the block scale in
+# per lane, so there is no horizontal sum per block; two blocks go to two halves of
+# ``acc`` per step so the load-add-store chains of consecutive blocks overlap.
+ROWS_PER_TASK = 8  # rows one prange iteration handles (one ``acc`` scratch each)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _dot_q4_0(row, x):
-    acc = 0.0
-    for b in range(row.shape[0] // 18):
+def _dot_q4_0(row, x, acc):
+    acc[:] = 0.0
+    nb = row.shape[0] // 18
+    b = 0
+    while b + 2 <= nb:
         o = b * 18
         e = b * 32
-        s = np.float32(0.0)
+        d0 = f16_to_f32(row[o], row[o + 1])
+        d1 = f16_to_f32(row[o + 18], row[o + 19])
         for j in range(16):
-            q = np.int32(row[o + 2 + j])
-            s += np.float32((q & 15) - 8) * x[e + j] + np.float32((q >> 4) - 8) * x[e + 16 + j]
-        acc += f16_to_f32(row[o], row[o + 1]) * s
-    return acc
+            q0 = row[o + 2 + j]
+            q1 = row[o + 20 + j]
+            acc[j] += d0 * (small_f32(q0 & 15, 8) * x[e + j]
+                            + small_f32(q0 >> 4, 8) * x[e + 16 + j])
+            acc[16 + j] += d1 * (small_f32(q1 & 15, 8) * x[e + 32 + j]
+                                 + small_f32(q1 >> 4, 8) * x[e + 48 + j])
+        b += 2
+    if b < nb:  # odd block count
+        o = b * 18
+        e = b * 32
+        d0 = f16_to_f32(row[o], row[o + 1])
+        for j in range(16):
+            q0 = row[o + 2 + j]
+            acc[j] += d0 * (small_f32(q0 & 15, 8) * x[e + j]
+                            + small_f32(q0 >> 4, 8) * x[e + 16 + j])
+    return acc.sum()
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q4_0(w, x, out):
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q4_0(w[r], x)
+    rows = w.shape[0]
+    for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        acc = np.empty(32, np.float32)
+        for r in range(c * ROWS_PER_TASK, min(rows, (c + 1) * ROWS_PER_TASK)):
+            out[r] = _dot_q4_0(w[r], x, acc)
 
 
 # ---------------------------------------------------------------- Q4_1 (20 bytes)
@@ -114,15 +137,17 @@ def matvec_q4_0(w, x, out):
 
 @njit(cache=True, nogil=True)
 def deq_q4_1(src, dst):
-    for b in range(src.shape[0] // 20):
+    nb = src.shape[0] // 20
+    half = dst.shape[0] // max(nb, 1) // 2
+    for b in range(nb):
         o = b * 20
         e = b * 32
         d = f16_to_f32(src[o], src[o + 1])
         m = f16_to_f32(src[o + 2], src[o + 3])
-        for j in range(16):
+        for j in range(half):
             q = src[o + 4 + j]
-            dst[e + j] = d * np.float32(q & 15) + m
-            dst[e + 16 + j] = d * np.float32(q >> 4) + m
+            dst[e + j] = d * small_f32(q & 15, 0) + m
+            dst[e + 16 + j] = d * small_f32(q >> 4, 0) + m
 
 
 # ---------------------------------------------------------------- Q5_0 (22 bytes), Q5_1 (24)
@@ -137,33 +162,37 @@ def _qh32(src, o):
 
 @njit(cache=True, nogil=True)
 def deq_q5_0(src, dst):
-    for b in range(src.shape[0] // 22):
+    nb = src.shape[0] // 22
+    half = dst.shape[0] // max(nb, 1) // 2
+    for b in range(nb):
         o = b * 22
         e = b * 32
         d = f16_to_f32(src[o], src[o + 1])
         qh = _qh32(src, o + 2)
-        for j in range(16):
+        for j in range(half):
             q = src[o + 6 + j]
             lo = (q & 15) | (((qh >> j) & 1) << 4)
             hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            dst[e + j] = d * np.float32(np.int32(lo) - 16)
-            dst[e + 16 + j] = d * np.float32(np.int32(hi) - 16)
+            dst[e + j] = d * small_f32(lo, 16)
+            dst[e + 16 + j] = d * small_f32(hi, 16)
 
 
 @njit(cache=True, nogil=True)
 def deq_q5_1(src, dst):
-    for b in range(src.shape[0] // 24):
+    nb = src.shape[0] // 24
+    half = dst.shape[0] // max(nb, 1) // 2
+    for b in range(nb):
         o = b * 24
         e = b * 32
         d = f16_to_f32(src[o], src[o + 1])
         m = f16_to_f32(src[o + 2], src[o + 3])
         qh = _qh32(src, o + 4)
-        for j in range(16):
+        for j in range(half):
             q = src[o + 8 + j]
             lo = (q & 15) | (((qh >> j) & 1) << 4)
             hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            dst[e + j] = d * np.float32(lo) + m
-            dst[e + 16 + j] = d * np.float32(hi) + m
+            dst[e + j] = d * small_f32(lo, 0) + m
+            dst[e + 16 + j] = d * small_f32(hi, 0) + m
 
 
 # ---------------------------------------------------------------- Q8_0 (34 bytes)
@@ -171,31 +200,46 @@ def deq_q5_1(src, dst):
 
 @njit(cache=True, nogil=True)
 def deq_q8_0(src, dst):
-    for b in range(src.shape[0] // 34):
+    nb = src.shape[0] // 34
+    n = dst.shape[0] // max(nb, 1)
+    for b in range(nb):
         o = b * 34
         e = b * 32
         d = f16_to_f32(src[o], src[o + 1])
-        for j in range(32):
+        for j in range(n):
             dst[e + j] = np.float32(np.int8(src[o + 2 + j])) * d
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _dot_q8_0(row, x):
-    acc = 0.0
-    for b in range(row.shape[0] // 34):
+def _dot_q8_0(row, x, acc):
+    acc[:] = 0.0
+    nb = row.shape[0] // 34
+    b = 0
+    while b + 2 <= nb:
         o = b * 34
         e = b * 32
-        s = np.float32(0.0)
+        d0 = f16_to_f32(row[o], row[o + 1])
+        d1 = f16_to_f32(row[o + 34], row[o + 35])
         for j in range(32):
-            s += np.float32(np.int8(row[o + 2 + j])) * x[e + j]
-        acc += f16_to_f32(row[o], row[o + 1]) * s
-    return acc
+            acc[j] += d0 * (np.float32(np.int8(row[o + 2 + j])) * x[e + j])
+            acc[32 + j] += d1 * (np.float32(np.int8(row[o + 36 + j])) * x[e + 32 + j])
+        b += 2
+    if b < nb:
+        o = b * 34
+        e = b * 32
+        d0 = f16_to_f32(row[o], row[o + 1])
+        for j in range(32):
+            acc[j] += d0 * (np.float32(np.int8(row[o + 2 + j])) * x[e + j])
+    return acc.sum()
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q8_0(w, x, out):
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q8_0(w[r], x)
+    rows = w.shape[0]
+    for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        acc = np.empty(64, np.float32)
+        for r in range(c * ROWS_PER_TASK, min(rows, (c + 1) * ROWS_PER_TASK)):
+            out[r] = _dot_q8_0(w[r], x, acc)
 
 
 # ---------------------------------------------------------------- IQ4_NL (18 bytes)
@@ -203,11 +247,13 @@ def matvec_q8_0(w, x, out):
 
 @njit(cache=True, nogil=True)
 def deq_iq4_nl(src, dst):
-    for b in range(src.shape[0] // 18):
+    nb = src.shape[0] // 18
+    half = dst.shape[0] // max(nb, 1) // 2
+    for b in range(nb):
         o = b * 18
         e = b * 32
         d = f16_to_f32(src[o], src[o + 1])
-        for j in range(16):
+        for j in range(half):
             q = src[o + 2 + j]
             dst[e + j] = d * IQ4_KV[q & 15]
             dst[e + 16 + j] = d * IQ4_KV[q >> 4]

@@ -1,0 +1,362 @@
+"""`efedge chat [MODEL]`: an interactive chat REPL in ollama's / llama-cli's style.
+
+Replies stream token by token; after each one a line on stderr gives prompt and
+generation speed, the expert-cache hit rate and the stall time per token. Ctrl-C stops
+the reply in progress (what was written so far stays in the conversation); a second
+Ctrl-C, or Ctrl-D at the prompt, exits. Input is read line by line, so a pipe can drive
+it: `printf 'Hi\\n/bye\\n' | efedge chat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from typing import TextIO
+
+import efedge
+from efedge.cli.common import (
+    add_chat_template_arg,
+    add_model_args,
+    add_sampling_args,
+    format_stats,
+    load_model,
+    progress_bar,
+    sampling_kwargs,
+)
+from efedge.errors import ContextLengthError, EfedgeError, TemplateError
+from efedge.sampling import SamplingParams
+
+HELP = """\
+Commands:
+  /set                 show the settings
+  /set temp X          temperature (0 = greedy); also top_k, top_p, min_p,
+                       repeat_penalty, repeat_last_n, seed (-1 = random),
+                       max_tokens (-1 = until the context is full)
+  /set system TEXT     replace the system prompt (clears the conversation)
+  /regen               write the last reply again
+  /clear               forget the conversation (keeps the system prompt)
+  /stats               every counter of the model, and how full the context is
+  /help, /?            this help
+  /bye, /exit          leave (Ctrl-D too)
+Start a message with \"\"\" to write several lines; end it with \"\"\".
+Ctrl-C stops a reply; Ctrl-C again exits."""
+
+# /set NAME → (sampling key or "max_tokens", type)
+_SETTINGS: dict[str, tuple[str, type]] = {
+    "temp": ("temperature", float), "temperature": ("temperature", float),
+    "top_k": ("top_k", int), "top_p": ("top_p", float), "min_p": ("min_p", float),
+    "repeat_penalty": ("repeat_penalty", float), "repeat_last_n": ("repeat_last_n", int),
+    "seed": ("seed", int),
+    "max_tokens": ("max_tokens", int), "num_predict": ("max_tokens", int),
+    "n_predict": ("max_tokens", int),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Interactive chat using the model's chat template. "
+                                   "Type /help inside for the commands.")
+    add_model_args(p)
+    p.add_argument("-sys", "--system-prompt", default=None, metavar="TEXT",
+                   help="system prompt")
+    add_chat_template_arg(p)
+    p.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
+                   help="most tokens per reply (default -1: until end of turn or a full "
+                        "context)")
+    add_sampling_args(p, temp=0.8)
+    p.set_defaults(func=main)
+
+
+class ChatREPL:
+    """The conversation and its settings; `run()` is the read-reply loop."""
+
+    def __init__(self, m: efedge.Model, *, system: str | None = None,
+                 sampling: dict | None = None, max_tokens: int = -1,
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr):
+        self.m = m
+        self.system = system
+        self.sampling = dict(sampling or {})
+        self.max_tokens = max_tokens
+        self.out, self.err = out, err
+        self.messages: list[dict] = []
+        self.clear()
+
+    # -- output ---------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.out.flush()
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    # -- the conversation -----------------------------------------------------------------
+    def clear(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _first_turn(self) -> int:
+        return 1 if self.system else 0
+
+    def _reserve(self) -> int:
+        """Tokens kept free for the reply when deciding what fits."""
+        n_ctx = self.m.n_ctx
+        want = self.max_tokens if self.max_tokens > 0 else n_ctx // 4
+        return max(1, min(want, n_ctx // 2))
+
+    def fit_context(self) -> int | None:
+        """Drop the oldest turns (never the system prompt or the new message) until the
+        prompt plus room for a reply fits; the prompt's length, or None if even the new
+        message alone cannot fit (it is then removed)."""
+        n_ctx, reserve, dropped = self.m.n_ctx, self._reserve(), 0
+        while True:
+            n = len(self.m.chat_prompt(self.messages))
+            first = self._first_turn()
+            if n + reserve <= n_ctx or len(self.messages) - first <= 1:
+                break
+            del self.messages[first]  # one turn: a user message and the replies after it
+            while len(self.messages) - first > 1 and self.messages[first]["role"] != "user":
+                del self.messages[first]
+            dropped += 1
+        if dropped:
+            self.note(f"[the conversation outgrew the {n_ctx}-token context: dropped the "
+                      f"oldest {dropped} turn{'s' * (dropped != 1)}]")
+        if n >= n_ctx:
+            self.messages.pop()
+            self.note(f"[this message is {n} tokens with the template; the context holds "
+                      f"{n_ctx}: shorten it, or restart with a larger -c]")
+            return None
+        return n
+
+    def reply(self) -> bool:
+        """Generate the assistant's answer to the conversation; False if interrupted."""
+        try:
+            n_prompt_total = self.fit_context()
+        except TemplateError as exc:
+            self.messages.pop()
+            self.note(f"[{exc}]")
+            return True
+        if n_prompt_total is None:
+            return True
+        m = self.m
+        max_tokens = self.max_tokens if self.max_tokens >= 0 else m.n_ctx
+        s0 = m.stats()
+        t0 = time.perf_counter()
+        t_first = None
+        pieces: list[str] = []
+        interrupted = False
+
+        def on_sigint(signum, frame) -> None:
+            nonlocal interrupted
+            if interrupted:  # second Ctrl-C: leave
+                raise KeyboardInterrupt
+            interrupted = True
+            m.cancel()
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+        try:
+            for piece in m.chat(self.messages, stream=True, max_tokens=max_tokens,
+                                **self.sampling):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except ContextLengthError as exc:
+            self.messages.pop()
+            self.note(f"[{exc}]")
+            return True
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, old)
+        t_end = time.perf_counter()
+        self.out.write("\n")
+        self.out.flush()
+        text = "".join(pieces)
+        self.messages.append({"role": "assistant", "content": text})
+        s1 = m.stats()
+        if interrupted:
+            self.note("[interrupted]")
+        n_gen = s1["tokens_generated"] - s0["tokens_generated"]
+        if n_prompt_total + n_gen >= m.n_ctx:
+            self.note("[the context is full: the reply was cut; older turns will be "
+                      "dropped next time]")
+        self.note(summary_line(s0, s1, t0, t_first, t_end))
+        return not interrupted
+
+    # -- commands -------------------------------------------------------------------------
+    def command(self, line: str) -> int | None:
+        """Run a /command; an exit code when the REPL should end, else None."""
+        parts = line.split(None, 1)
+        cmd, rest = parts[0].lower(), (parts[1].strip() if len(parts) > 1 else "")
+        if cmd in ("/bye", "/exit", "/quit"):
+            return 0
+        if cmd in ("/help", "/?"):
+            self.say(HELP)
+        elif cmd == "/clear":
+            self.clear()
+            self.say("Cleared the conversation.")
+        elif cmd == "/regen":
+            while len(self.messages) > self._first_turn() and \
+                    self.messages[-1]["role"] == "assistant":
+                self.messages.pop()
+            if len(self.messages) > self._first_turn() and self.messages[-1]["role"] == "user":
+                self.reply()
+            else:
+                self.say("Nothing to regenerate yet.")
+        elif cmd == "/set":
+            self.set(rest)
+        elif cmd == "/stats":
+            n = len(self.m.chat_prompt(self.messages)) if self.messages else 0
+            self.say(format_stats(self.m.stats()))
+            self.say(f"  {'context':<16} {n} / {self.m.n_ctx} tokens, "
+                     f"{len(self.messages)} messages")
+        else:
+            self.say(f"Unknown command {cmd!r}. Type /help for help.")
+        return None
+
+    def settings(self) -> str:
+        s = dict(self.sampling, max_tokens=self.max_tokens)
+        if s.get("seed") is None:
+            s["seed"] = "random"
+        text = " ".join(f"{k}={v}" for k, v in s.items())
+        return text + (f"\nsystem: {self.system}" if self.system else "")
+
+    def set(self, rest: str) -> None:
+        args = rest.split(None, 1)
+        if args and args[0].lower() == "parameter":  # ollama's spelling
+            args = args[1].split(None, 1) if len(args) > 1 else []
+        if not args:
+            self.say(self.settings())
+            return
+        name = args[0].lower().replace("-", "_")
+        value = args[1].strip() if len(args) > 1 else ""
+        if name == "system":
+            self.system = value or None
+            self.clear()
+            self.say("Set the system prompt and cleared the conversation.")
+            return
+        if name not in _SETTINGS:
+            self.say(f"Unknown setting {name!r}; one of: system, {', '.join(_SETTINGS)}")
+            return
+        key, kind = _SETTINGS[name]
+        try:
+            v = kind(value)
+        except ValueError:
+            if key == "seed" and value.lower() in ("random", "none"):
+                v = -1
+            else:
+                self.say(f"/set {name} needs {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}")
+                return
+        if key == "max_tokens":
+            if v < -1:
+                self.say("max_tokens must be -1 (until the context is full) or >= 0")
+                return
+            self.max_tokens = v
+        else:
+            if key == "seed" and v < 0:
+                v = None
+            new = dict(self.sampling, **{key: v})
+            try:
+                SamplingParams(**new).validate()
+            except EfedgeError as exc:
+                self.say(str(exc))
+                return
+            self.sampling = new
+        self.say(f"Set {key} to {'random' if v is None else v}.")
+
+    # -- the loop -------------------------------------------------------------------------
+    def read_message(self) -> str:
+        """One message: a line, or several between triple quotes. EOFError at the end."""
+        line = input(">>> ")
+        stripped = line.strip()
+        if not stripped.startswith('"""'):
+            return line
+        body = stripped[3:]
+        if body.endswith('"""'):
+            return body[:-3]
+        lines = [body] if body else []
+        while True:
+            more = input("... ")
+            if more.rstrip().endswith('"""'):
+                lines.append(more.rstrip()[:-3])
+                return "\n".join(lines)
+            lines.append(more)
+
+    def run(self) -> int:
+        last_was_interrupt = False
+        while True:
+            try:
+                text = self.read_message()
+            except EOFError:
+                self.out.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                if last_was_interrupt:
+                    return 130
+                last_was_interrupt = True
+                self.note("(Ctrl-C again or Ctrl-D or /bye to exit)")
+                continue
+            last_was_interrupt = False
+            if not text.strip():
+                continue
+            try:
+                if text.lstrip().startswith("/") and "\n" not in text:
+                    code = self.command(text.strip())
+                    if code is not None:
+                        return code
+                    continue
+                self.messages.append({"role": "user", "content": text})
+                last_was_interrupt = not self.reply()
+            except KeyboardInterrupt:  # the second Ctrl-C during a reply
+                self.out.write("\n")
+                return 130
+
+
+def _rate(n: int, dt: float | None) -> str:
+    return f"{n / dt:.1f} t/s" if dt and dt > 0 and n > 0 else "- t/s"
+
+
+def summary_line(s0: dict, s1: dict, t0: float, t_first: float | None, t_end: float) -> str:
+    """`[ prompt … t/s | generation … t/s | experts …% hit | stall … ms/token ]`.
+
+    Timed here: prompt = start → first text, generation = first text → end. Token counts,
+    expert hits and stall come from the model's counters (only newly evaluated prompt
+    tokens count: the cached prefix of the conversation is reused)."""
+    d = {k: s1[k] - s0[k] for k in ("tokens_prompt", "tokens_generated", "hits",
+                                    "expert_requests", "stall_s")}
+    t_first = t_first if t_first is not None else t_end
+    n_p, n_g = d["tokens_prompt"], d["tokens_generated"]
+    hit = (f"{100.0 * d['hits'] / d['expert_requests']:.1f}% hit" if d["expert_requests"]
+           else "n/a")
+    stall = d["stall_s"] * 1e3 / max(n_g, 1)
+    return (f"[ prompt: {n_p} tokens, {_rate(n_p, t_first - t0)} | generation: {n_g} tokens, "
+            f"{_rate(n_g, t_end - t_first)} | experts: {hit} | stall: {stall:.2f} ms/token ]")
+
+
+def main(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    with load_model(args, progress=progress_bar()) as m:
+        sampling = sampling_kwargs(args)
+        SamplingParams(**sampling).validate()
+        repl = ChatREPL(m, system=args.system_prompt, sampling=sampling,
+                        max_tokens=args.n_predict)
+        m.chat_prompt([{"role": "user", "content": "hi"}])  # a broken template fails now
+        c = m.config
+        experts = f", {c.n_expert} experts ({c.n_expert_used} active)" if c.is_moe else ""
+        repl.note(f"efedge chat: {m.path.name} ({c.arch}{experts}), context {m.n_ctx} "
+                  f"tokens. /help for commands, /bye to exit.")
+        code = repl.run()
+        if args.stats:
+            repl.note(format_stats(m.stats()))
+        return code

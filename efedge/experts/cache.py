@@ -1,0 +1,164 @@
+"""ExpertCache: a byte budget of fixed expert slots, and the tables that say which expert
+sits where. Tables are numpy arrays (readable from numba); every change happens under
+one lock (`cache.cond`), so a slot is never handed out twice.
+
+Slots come in size classes: a Q4_K_M file mixes Q4_K and Q6_K experts, so layers differ
+in bytes per expert. Each class has its own pool [n_slots, slot_bytes]; a layer's experts
+always use its class. Slot states: EMPTY → LOADING (a worker is copying into it) →
+READY. A pinned slot is in use by the compute thread (or wanted by the current layer)
+and is never evicted.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+
+from efedge.errors import CacheBudgetError
+from efedge.experts.store import ExpertStore, ExpertWeights
+
+EMPTY, LOADING, READY = 0, 1, 2
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
+          "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_budget(spec: int | float | str, expert_bytes: int) -> int:
+    """Bytes from 123456, "512MiB", "1.5GB" or "25%" (of all expert bytes)."""
+    if isinstance(spec, bool):
+        raise CacheBudgetError(f"invalid cache budget {spec!r}")
+    if isinstance(spec, int | float):
+        if spec <= 0:
+            raise CacheBudgetError(f"cache budget must be positive, got {spec!r}")
+        return int(spec)
+    text = str(spec).strip().lower().replace(" ", "")
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise CacheBudgetError(f"invalid cache budget {spec!r}") from None
+        if not 0 < pct <= 100:
+            raise CacheBudgetError(f"cache budget {spec!r} must be within (0%, 100%]")
+        return int(expert_bytes * pct / 100)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+    if not m or m.group(2) not in _UNITS:
+        raise CacheBudgetError(f"invalid cache budget {spec!r} (use bytes, 512MiB, 2GB or 25%)")
+    val = float(m.group(1)) * _UNITS[m.group(2)]
+    if val <= 0:
+        raise CacheBudgetError(f"cache budget must be positive, got {spec!r}")
+    return int(val)
+
+
+class ExpertCache:
+    """Fixed slots within `budget` bytes, sized per class, at least `n_active` per class."""
+
+    def __init__(self, store: ExpertStore, budget: int, n_active: int):
+        self.store = store
+        n_layer, n_expert = store.n_layer, store.n_expert
+        layer_bytes = [store.expert_bytes(il) for il in range(n_layer)]
+        sizes = sorted(set(layer_bytes))
+        self.layer_class = np.array([sizes.index(b) for b in layer_bytes], dtype=np.int32)
+        class_experts = np.array([(self.layer_class == c).sum() * n_expert
+                                  for c in range(len(sizes))], dtype=np.int64)
+        minimum = n_active * sum(sizes)
+        if budget < minimum:
+            raise CacheBudgetError(
+                f"cache budget {budget / 2**20:.1f} MiB cannot hold one layer's {n_active} "
+                f"active experts per size class: the minimum is {minimum} bytes "
+                f"({minimum / 2**20:.1f} MiB)")
+        # n_active slots per class first; the rest of the budget in proportion to each
+        # class's share of all expert bytes; never more slots than the class has experts.
+        slots = np.full(len(sizes), n_active, dtype=np.int64)
+        spare = budget - minimum
+        share = class_experts * np.array(sizes) / float(np.dot(class_experts, sizes))
+        for c, b in enumerate(sizes):
+            slots[c] += int(spare * share[c]) // b
+        slots = np.minimum(slots, class_experts)
+        if budget >= int(np.dot(class_experts, sizes)):
+            slots = class_experts.copy()  # everything fits: no rounding losses
+        self.class_bytes = np.array(sizes, dtype=np.int64)
+        self.class_slots = slots
+        self.pools = [np.zeros((int(n), b), dtype=np.uint8) for n, b in zip(slots, sizes,
+                                                                             strict=True)]
+        # global slot ids: class c owns [first[c], first[c] + slots[c])
+        self.class_first = np.concatenate([[0], np.cumsum(slots)[:-1]]).astype(np.int64)
+        n_slots = int(slots.sum())
+        self.n_slots = n_slots
+        self.slot_class = np.repeat(np.arange(len(sizes)), slots).astype(np.int32)
+        self.slot_owner = np.full(n_slots, -1, dtype=np.int64)  # layer * E + expert
+        self.slot_state = np.zeros(n_slots, dtype=np.int8)
+        self.slot_pins = np.zeros(n_slots, dtype=np.int32)
+        self.slot_last_use = np.zeros(n_slots, dtype=np.int64)
+        self.slot_uses = np.zeros(n_slots, dtype=np.int64)
+        self.slot_prefetched = np.zeros(n_slots, dtype=np.bool_)  # loaded ahead, not yet used
+        self.where = np.full((n_layer, n_expert), -1, dtype=np.int64)
+        self.tick = 0
+        self.cond = threading.Condition()
+        # the byte offsets of gate / up / down inside a slot of each layer
+        self.part_bounds = np.zeros((n_layer, 4), dtype=np.int64)
+        for il in range(n_layer):
+            self.part_bounds[il, 1:] = np.cumsum(store.nbytes[il, 0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(p.nbytes for p in self.pools))
+
+    # -- all methods below are called with self.cond held -------------------------------
+    def free_or_victim(self, layer: int, victim_policy) -> int:
+        """A slot of this layer's class to load into: an empty one, else the victim the
+        policy picks among unpinned READY slots. -1 when every slot is busy."""
+        c = int(self.layer_class[layer])
+        lo, hi = int(self.class_first[c]), int(self.class_first[c] + self.class_slots[c])
+        state = self.slot_state[lo:hi]
+        empty = np.flatnonzero((state == EMPTY) & (self.slot_pins[lo:hi] == 0))
+        if empty.size:
+            return lo + int(empty[0])
+        candidates = lo + np.flatnonzero((state == READY) & (self.slot_pins[lo:hi] == 0))
+        if candidates.size == 0:
+            return -1
+        return int(victim_policy(self, candidates))
+
+    def assign(self, slot: int, layer: int, expert: int) -> int:
+        """Give `slot` to (layer, expert), evicting its owner. Returns the evicted key or -1
+        and whether the evicted expert had been prefetched and never used."""
+        old = int(self.slot_owner[slot])
+        if old >= 0:
+            self.where[old // self.store.n_expert, old % self.store.n_expert] = -1
+        self.slot_owner[slot] = layer * self.store.n_expert + expert
+        self.slot_state[slot] = LOADING
+        self.slot_uses[slot] = 0
+        self.where[layer, expert] = slot
+        return old
+
+    def release(self, slot: int) -> None:
+        """Forget a slot's expert (a cancelled or failed load)."""
+        old = int(self.slot_owner[slot])
+        if old >= 0:
+            self.where[old // self.store.n_expert, old % self.store.n_expert] = -1
+        self.slot_owner[slot] = -1
+        self.slot_state[slot] = EMPTY
+        self.slot_prefetched[slot] = False
+
+    def touch(self, slot: int) -> None:
+        self.tick += 1
+        self.slot_last_use[slot] = self.tick
+        self.slot_uses[slot] += 1
+
+    # -- views ----------------------------------------------------------------------------
+    def slot_buffer(self, slot: int) -> np.ndarray:
+        c = int(self.slot_class[slot])
+        return self.pools[c][slot - int(self.class_first[c])]
+
+    def weights(self, slot: int, layer: int) -> ExpertWeights:
+        """Views of gate / up / down inside the slot, shaped like the file's rows."""
+        buf = self.slot_buffer(slot)
+        b = self.part_bounds[layer]
+        qg, qu, qd = self.store.qtypes(layer)
+        mats = []
+        for i, part in enumerate(("gate", "up", "down")):
+            rows, row_bytes = self.store.part_shape(layer, part)
+            m = buf[b[i]:b[i + 1]].reshape(rows, row_bytes)
+            m.flags.writeable = False  # same kernel specialisation as the read-only mapping
+            mats.append(m)
+        return ExpertWeights(mats[0], mats[1], mats[2], qg, qu, qd)

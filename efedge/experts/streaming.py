@@ -1,0 +1,183 @@
+"""StreamingExperts: the expert source the model uses when a cache budget is set.
+
+`acquire(layer, experts)` yields the experts a layer needs, ready ones first, while the
+missing ones load (as mixtral-offloading's cache does): the compute thread waits only when
+nothing it needs is ready. Loads are issued only as far as slots allow, so a prompt that
+selects more distinct experts than the cache holds is processed expert by expert (load,
+apply to its tokens, release) instead of failing. Every microsecond spent waiting is
+stall_s; each request is a hit (ready), late (prefetched, still in flight) or miss.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from efedge.errors import TransferError
+from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
+from efedge.experts.stats import Counters
+from efedge.experts.store import ExpertStore
+from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine
+
+WAIT_TIMEOUT_S = 60.0  # a load that makes no progress for this long is an error, not a hang
+
+
+class StreamingExperts:
+    def __init__(self, store: ExpertStore, cache: ExpertCache, engine: TransferEngine,
+                 policy, counters: Counters):
+        self.store, self.cache, self.engine = store, cache, engine
+        self.policy, self.counters = policy, counters
+        self.cond = cache.cond
+        counters.cache_bytes = cache.nbytes
+        counters.cache_slots = cache.n_slots
+        policy.attach(self)
+
+    # -- prefetch (called by policies, from the compute thread) --------------------------
+    def prefetch(self, layer: int, experts) -> int:
+        """Queue loads of experts not resident or loading; returns how many were issued.
+        Never evicts a pinned slot nor a slot of an expert still to be used."""
+        issued = 0
+        with self.cond:
+            for e in experts:
+                e = int(e)
+                if self.cache.where[layer, e] >= 0:
+                    continue
+                slot = self.cache.free_or_victim(layer, self.policy.victim)
+                if slot < 0:
+                    break
+                self._evict_accounting(slot)
+                self.cache.assign(slot, layer, e)
+                self.cache.slot_prefetched[slot] = True
+                self.engine.submit(layer, e, slot, PREFETCH)
+                issued += 1
+            self.counters.prefetch_issued += issued
+        return issued
+
+    def _evict_accounting(self, slot: int) -> None:
+        if self.cache.slot_owner[slot] >= 0 and self.cache.slot_prefetched[slot]:
+            self.counters.prefetch_wasted += 1
+        self.cache.slot_prefetched[slot] = False
+
+    # -- the compute thread's view --------------------------------------------------------
+    def acquire(self, layer: int, experts: np.ndarray):
+        """Yield (expert, ExpertWeights) for every requested expert, ready ones first. The
+        slot stays pinned until the caller asks for the next one."""
+        cache, c = self.cache, self.counters
+        wanted = [int(e) for e in experts]
+        pending: list[int] = []  # not resident, no slot yet
+        held: dict[int, int] = {}  # expert → the slot pinned for it
+        with self.cond:
+            c.expert_requests += len(wanted)
+            for e in wanted:
+                s = int(cache.where[layer, e])
+                if s < 0:
+                    c.misses += 1
+                    pending.append(e)
+                    continue
+                if cache.slot_state[s] == READY:
+                    c.hits += 1
+                else:
+                    c.late += 1
+                    job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
+                    if job is not None:
+                        self.engine.promote(job)
+                if cache.slot_prefetched[s]:
+                    c.prefetch_used += 1
+                    cache.slot_prefetched[s] = False
+                cache.slot_pins[s] += 1  # wanted: not evictable until used
+                held[e] = s
+            self.policy.on_request(layer, wanted)
+            self._issue(layer, pending, held)
+        remaining = set(wanted)
+        try:
+            while remaining:
+                with self.cond:
+                    e, s = self._next_ready(layer, remaining, pending, held)
+                try:
+                    yield e, cache.weights(s, layer)
+                finally:
+                    with self.cond:
+                        cache.touch(s)
+                        cache.slot_pins[s] -= 1
+                        del held[e]
+                        remaining.discard(e)
+                        self._issue(layer, pending, held)
+                        self.cond.notify_all()
+        finally:
+            # an abandoned or failed layer call must not leave slots pinned
+            with self.cond:
+                for s in held.values():
+                    cache.slot_pins[s] -= 1
+                self.cond.notify_all()
+
+    def _issue(self, layer: int, pending: list[int], held: dict[int, int]) -> None:
+        """Demand-load pending experts while slots are available (cond held)."""
+        while pending:
+            slot = self.cache.free_or_victim(layer, self.policy.victim)
+            if slot < 0:
+                return
+            e = pending.pop(0)
+            self._evict_accounting(slot)
+            self.cache.assign(slot, layer, e)
+            self.cache.slot_pins[slot] += 1
+            held[e] = slot
+            self.engine.submit(layer, e, slot, DEMAND)
+
+    def _next_ready(self, layer: int, remaining: set[int], pending: list[int],
+                    held: dict[int, int]):
+        """A remaining expert whose slot is READY; waits (stall) when there is none."""
+        cache = self.cache
+        t0 = None
+        while True:
+            for e in remaining:
+                s = held.get(e, -1)
+                if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
+                    if t0 is not None:
+                        self.counters.stall_s += time.perf_counter() - t0
+                    return e, s
+            for e in remaining:
+                s = held.get(e, -1)
+                if s >= 0 and cache.where[layer, e] != s:
+                    # its load failed and the slot was released: retry on this thread
+                    cache.slot_pins[s] -= 1
+                    del held[e]
+                    t_sync = time.perf_counter()
+                    held[e] = self._load_sync(layer, e)
+                    self.counters.stall_s += time.perf_counter() - t_sync
+            if t0 is None:
+                t0 = time.perf_counter()
+            if not self.cond.wait(timeout=1.0):
+                waited = time.perf_counter() - t0
+                if waited > WAIT_TIMEOUT_S:
+                    raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
+                                        f"no progress for {waited:.0f} s")
+
+    def _load_sync(self, layer: int, e: int) -> int:
+        """Load one expert on the compute thread (after the workers failed); returns its
+        pinned slot or raises TransferError naming the expert."""
+        slot = self.cache.free_or_victim(layer, self.policy.victim)
+        if slot < 0:
+            raise TransferError(f"no free slot to reload expert {e} of layer {layer}")
+        self._evict_accounting(slot)
+        self.cache.assign(slot, layer, e)
+        self.cache.slot_pins[slot] += 1
+        try:
+            self.counters.bytes_loaded += self.engine.load_now(layer, e, slot)
+        except OSError as exc:
+            self.cache.slot_pins[slot] -= 1
+            self.cache.release(slot)
+            raise TransferError(f"cannot read expert {e} of layer {layer} from the model "
+                                f"file: {exc}") from exc
+        self.cache.slot_state[slot] = READY
+        return slot
+
+    def on_route(self, layer: int, h: np.ndarray, ids: np.ndarray) -> None:
+        self.policy.on_route(layer, h, ids)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# Re-exported for callers that inspect slot states
+__all__ = ["StreamingExperts", "EMPTY", "LOADING", "READY"]

@@ -1,0 +1,233 @@
+"""TransferEngine: worker threads that copy experts from the model file into cache slots.
+
+* A priority queue: demand loads (the layer is waiting) overtake prefetches; a queued
+  prefetch that became stale can be cancelled.
+* Reads use pread into the slot, then posix_fadvise(DONTNEED) on the file range, so the
+  page cache does not quietly keep every expert beside the slots (the budget is honest).
+* An online bandwidth meter (EWMA of bytes/s and of per-request latency).
+* Link emulation: `link="8GB/s"`, `"pcie4x4"`, `"nvme"` … a shared token bucket makes
+  transfers as slow as that link, so laptop-GPU and SSD conditions can be reproduced on
+  any machine. Output that depends on it says "emulated".
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from efedge.errors import EfedgeError
+from efedge.experts.cache import LOADING, READY, ExpertCache
+from efedge.experts.stats import Counters
+from efedge.experts.store import ExpertStore
+
+log = logging.getLogger("efedge.transfer")
+
+DEMAND, PREFETCH = 0, 1
+# Sustained host→device or disk→RAM rates users see, bytes/s (DESIGN/peers.md sources):
+# PCIe payload rates after protocol overhead; NVMe / SATA sequential reads.
+NAMED_LINKS = {
+    "pcie3x4": (3.2e9, 10e-6), "pcie3x8": (6.5e9, 10e-6), "pcie3x16": (12.5e9, 10e-6),
+    "pcie4x4": (6.5e9, 10e-6), "pcie4x8": (13e9, 10e-6), "pcie4x16": (25e9, 10e-6),
+    "pcie5x16": (50e9, 10e-6), "thunderbolt": (2.8e9, 20e-6), "usb4": (3.0e9, 20e-6),
+    "nvme": (3.5e9, 80e-6), "nvme4": (7.0e9, 60e-6), "sata": (0.5e9, 100e-6),
+}
+RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    bytes_per_s: float
+    latency_s: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.name} (emulated, {self.bytes_per_s / 1e9:.2f} GB/s)"
+
+
+def parse_link(spec: str | Link | None) -> Link | None:
+    """None, a Link, a name from NAMED_LINKS, or a rate like "8GB/s", "500MB/s"."""
+    if spec is None or isinstance(spec, Link):
+        return spec
+    text = str(spec).strip().lower()
+    if text in NAMED_LINKS:
+        rate, lat = NAMED_LINKS[text]
+        return Link(text, rate, lat)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(k|m|g|ki|mi|gi)?b(?:/s|ps)", text)
+    if not m:
+        raise EfedgeError(f"unknown link {spec!r}: use a rate like 8GB/s or 500MB/s, or one "
+                          f"of {', '.join(NAMED_LINKS)}")
+    mult = {None: 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    rate = float(m.group(1)) * mult[m.group(2)]
+    if rate <= 0:
+        raise EfedgeError(f"link rate must be positive, got {spec!r}")
+    return Link(str(spec), rate, 0.0)
+
+
+@dataclass(order=True)
+class Job:
+    priority: int
+    seq: int
+    layer: int = field(compare=False)
+    expert: int = field(compare=False)
+    slot: int = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+    started: bool = field(default=False, compare=False)
+    error: BaseException | None = field(default=None, compare=False)
+
+
+class TransferEngine:
+    """Copies (layer, expert) into its assigned slot on background threads. All queue and
+    slot-state changes happen under `cache.cond`."""
+
+    def __init__(self, path: str | os.PathLike, store: ExpertStore, cache: ExpertCache,
+                 counters: Counters, link: Link | None = None, workers: int = 2,
+                 read_fn=None):
+        self.store, self.cache, self.counters, self.link = store, cache, counters, link
+        self.cond = cache.cond
+        self._fd = os.open(path, os.O_RDONLY)
+        self._queue: list[Job] = []
+        self._seq = itertools.count()
+        self._closing = False
+        self._link_lock = threading.Lock()
+        self._link_free_at = 0.0
+        self.bandwidth_ewma = 0.0  # bytes/s
+        self.latency_ewma = 0.0  # s per request
+        self.jobs_by_key: dict[int, Job] = {}
+        self.workers_replaced = 0
+        self._read = read_fn or self._pread  # tests inject faults here
+        self._threads = [self._spawn(i) for i in range(max(1, workers))]
+
+    def _spawn(self, i: int) -> threading.Thread:
+        t = threading.Thread(target=self._worker, name=f"efedge-transfer-{i}", daemon=True)
+        t.start()
+        return t
+
+    # -- called with cond held ------------------------------------------------------------
+    def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
+        job = Job(priority, next(self._seq), layer, expert, slot)
+        heapq.heappush(self._queue, job)
+        self.jobs_by_key[layer * self.store.n_expert + expert] = job
+        self.cond.notify_all()
+        return job
+
+    def promote(self, job: Job) -> None:
+        """A queued prefetch is now needed by the compute thread: make it a demand load."""
+        if not job.started and job.priority != DEMAND:
+            job.cancelled = True
+            new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
+            heapq.heappush(self._queue, new)
+            self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
+            self.cond.notify_all()
+
+    def cancel(self, job: Job) -> bool:
+        """Drop a queued (not yet started) load and free its slot."""
+        if job.started or job.cancelled:
+            return False
+        job.cancelled = True
+        self.cache.release(job.slot)
+        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
+        return True
+
+    def queued(self) -> int:
+        return sum(1 for j in self._queue if not j.cancelled)
+
+    # -- workers --------------------------------------------------------------------------
+    def _pread(self, buf, offset: int) -> None:
+        view = memoryview(buf)
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"unexpected end of file at byte {offset + done}")
+            done += n
+
+    def _copy(self, job: Job) -> int:
+        buf = self.cache.slot_buffer(job.slot)
+        bounds = self.cache.part_bounds[job.layer]
+        total = 0
+        for ip in range(3):
+            off = int(self.store.offsets[job.layer, job.expert, ip])
+            n = int(self.store.nbytes[job.layer, job.expert, ip])
+            self._read(buf[bounds[ip]:bounds[ip] + n], off)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
+            total += n
+        return total
+
+    def load_now(self, layer: int, expert: int, slot: int) -> int:
+        """Synchronous load on the calling thread (the fallback after failed retries)."""
+        job = Job(DEMAND, -1, layer, expert, slot, started=True)
+        nbytes = self._copy(job)
+        self._emulate_link(nbytes, time.perf_counter())
+        return nbytes
+
+    def _emulate_link(self, nbytes: int, started: float) -> None:
+        if self.link is None:
+            return
+        with self._link_lock:
+            begin = max(started, self._link_free_at)
+            self._link_free_at = begin + self.link.latency_s + nbytes / self.link.bytes_per_s
+            until = self._link_free_at
+        delay = until - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _worker(self) -> None:
+        while True:
+            with self.cond:
+                while not self._closing and not self._queue:
+                    self.cond.wait()
+                if self._closing:
+                    return
+                job = heapq.heappop(self._queue)
+                if job.cancelled:
+                    continue
+                job.started = True
+            t0 = time.perf_counter()
+            err: BaseException | None = None
+            nbytes = 0
+            for attempt in range(RETRIES):
+                try:
+                    nbytes = self._copy(job)
+                    err = None
+                    break
+                except OSError as exc:  # disk errors: retry, then report to the waiter
+                    err = exc
+                    log.warning("load of expert %d/%d failed (attempt %d): %s",
+                                job.layer, job.expert, attempt + 1, exc)
+            if err is None:
+                self._emulate_link(nbytes, t0)
+            dt = time.perf_counter() - t0
+            with self.cond:
+                key = job.layer * self.store.n_expert + job.expert
+                if self.jobs_by_key.get(key) is job:
+                    del self.jobs_by_key[key]
+                if err is not None:
+                    job.error = err
+                    if self.cache.slot_state[job.slot] == LOADING:
+                        self.cache.release(job.slot)
+                else:
+                    self.cache.slot_state[job.slot] = READY
+                    self.counters.bytes_loaded += nbytes
+                    bw = nbytes / max(dt, 1e-9)
+                    a = 0.2 if self.bandwidth_ewma else 1.0
+                    self.bandwidth_ewma += a * (bw - self.bandwidth_ewma)
+                    self.latency_ewma += a * (dt - self.latency_ewma)
+                    self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self._closing = True
+            self.cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,281 @@
+"""efedge.tokenizer against llama.cpp (llama-cpp-python, vocab_only) on the same tiny files."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import pytest
+
+from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.gguf_file import GGUFFile
+from efedge.tokenizer import Tokenizer
+from gguf_tools.vocab import BPE_CONTROL, add_vocab, bpe_vocab, spm_vocab, training_text
+from tests._vocab_fixtures import write_vocab_model
+
+CODE = (
+    'def fib(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n'
+    "    if n < 2:\n\t\treturn n  # tabs\n    return fib(n - 1) + fib(n - 2)\n\n\n"
+)
+MIXED = CODE + (
+    "café naïve Straße — 🤖👍🏽 日本語のテキスト 中文 한국어\n"
+    "12345 3.14159 1000000   multiple   spaces\t\ttabs \n\n \r\n end  "
+    "I'm we'll they've DON'T it's $x+=1; a|b ~c^d `f` ¡g! «i» \u00a0\u3000x\u200dy "
+)
+SPECIAL = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<s>x</s><unk> <|endoftext|>"
+TEXTS = (MIXED, SPECIAL, MIXED + SPECIAL, " leading space", "", "a", "\n\n", "  ")
+
+# name → (kind, tokenizer.ggml.pre, add_bos_token written or None for llama.cpp's default)
+FILES = {
+    "bpe-gpt2": ("bpe", "gpt-2", False),
+    "bpe-llama3": ("bpe", "llama-bpe", None),
+    "bpe-qwen2": ("bpe", "qwen2", None),
+    "bpe-default": ("bpe", None, True),
+    "bpe-deepseek": ("bpe", "deepseek-llm", None),
+    "spm": ("spm", None, None),
+    "spm-nobos": ("spm", None, False),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vocab")
+    return {name: write_vocab_model(d / f"{name}.gguf", kind=k, pre=pre, add_bos=bos)
+            for name, (k, pre, bos) in FILES.items()}
+
+
+def _tok(path) -> Tokenizer:
+    return Tokenizer.from_metadata(GGUFFile(path).metadata)
+
+
+def _llama(path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_ids_match_llama_cpp(files, name):
+    tok, llm = _tok(files[name]), _llama(files[name])
+    for text in TEXTS:
+        for add_special in (True, False):
+            for parse_special in (True, False):
+                ref = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
+                got = tok.encode(text, add_special=add_special, parse_special=parse_special)
+                assert got == ref, (name, text[:40], add_special, parse_special)
+
+
+@pytest.mark.parametrize("name", ["bpe-gpt2", "bpe-llama3", "spm"])
+def test_fuzz_matches_llama_cpp(files, name):
+    import random
+
+    tok, llm = _tok(files[name]), _llama(files[name])
+    pool = list("abcXYZ019 \n\t\r'\".,;:!?()<>|$+=-_#~^`") + list("éüßñΩ日本한🤖🏽²½")
+    pool += ["\u00a0", "\u3000", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "'s", "'LL",
+             "    ", "\n\n"]
+    src = training_text()
+    rng = random.Random(1)
+    for i in range(300):
+        if i % 3 == 0:
+            at = rng.randrange(len(src) - 400)
+            text = src[at:at + rng.randrange(400)]
+        else:
+            text = "".join(rng.choice(pool) for _ in range(rng.randrange(1, 30)))
+        ps = rng.random() < 0.5
+        assert tok.encode(text, True, ps) == llm.tokenize(text.encode(), True, ps), text
+
+
+@pytest.mark.parametrize("name", ["bpe-gpt2", "bpe-llama3", "bpe-qwen2", "spm", "spm-nobos"])
+def test_bos_eog_and_pieces_match_llama_cpp(files, name):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok, llm = _tok(files[name]), _llama(files[name])
+    vocab = llm._model.vocab
+    assert tok.n_vocab == llama_cpp.llama_vocab_n_tokens(vocab)
+    assert tok.add_bos == bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    assert tok.bos_id == llama_cpp.llama_vocab_bos(vocab)
+    assert tok.eos_id == llama_cpp.llama_vocab_eos(vocab)
+    assert (tok.encode("hi")[:1] == [tok.bos_id]) == tok.add_bos
+    eog = {t for t in range(tok.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    assert tok.eog_ids == eog
+    buf = (ctypes.c_char * 256)()
+    for t in range(tok.n_vocab):
+        n = llama_cpp.llama_token_to_piece(vocab, t, buf, 256, 0, True)
+        assert tok.token_bytes(t) == bytes(buf[:n]), t
+        n = llama_cpp.llama_token_to_piece(vocab, t, buf, 256, 0, False)
+        assert (b"" if tok.is_special(t) else tok.token_bytes(t)) == bytes(buf[:n]), t
+
+
+def test_expected_defaults(files):
+    assert _tok(files["bpe-gpt2"]).add_bos is False
+    assert _tok(files["bpe-llama3"]).add_bos is True  # llama-bpe defaults to BOS
+    assert _tok(files["bpe-qwen2"]).add_bos is False
+    assert _tok(files["spm"]).add_bos is True
+    assert _tok(files["spm-nobos"]).add_bos is False
+    tok = _tok(files["bpe-gpt2"])
+    ids = {tok.token_to_id[t] for t in BPE_CONTROL}
+    assert {tok.token_to_id["<|im_end|>"], tok.token_to_id["<|endoftext|>"]} <= tok.eog_ids
+    assert tok.encode(SPECIAL, add_special=False, parse_special=True)[0] in ids
+    assert not ids & set(tok.encode(SPECIAL, add_special=False, parse_special=False))
+
+
+def test_user_defined_tokens_match_llama_cpp(tmp_path):
+    path = write_vocab_model(tmp_path / "ud.gguf", "bpe", "qwen2", add_bos=False,
+                             extra_tokens=[("<tool_call>", 4), ("<|custom|>", 3),
+                                           ("<|custom|>x", 4)])
+    tok, llm = _tok(path), _llama(path)
+    text = "a<tool_call>{x}</tool_call> <|custom|>x <|custom|> b<tool_call>"
+    for ps in (True, False):
+        assert tok.encode(text, False, ps) == llm.tokenize(text.encode(), False, ps)
+    # user-defined tokens are split out even without parse_special
+    assert tok.token_to_id["<tool_call>"] in tok.encode(text, False, False)
+    assert tok.decode(tok.encode(text, False, True)) == text
+
+
+def test_eog_detection_matches_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    extra = [("<|eot_id|>", 3), ("<|eom_id|>", 3), ("<|end|>", 3), ("<|return|>", 3),
+             ("<|call|>", 3), ("<|fim_pad|>", 1), ("<|channel|>", 3), ("<end_of_turn>", 4)]
+    path = write_vocab_model(tmp_path / "eog.gguf", "bpe", "llama-bpe", add_bos=True,
+                             extra_tokens=extra)
+    tok, llm = _tok(path), _llama(path)
+    vocab = llm._model.vocab
+    assert tok.eog_ids == {t for t in range(tok.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    assert tok.token_to_id["<|end|>"] not in tok.eog_ids  # gpt-oss: <|end|> is not EOG
+    text = "".join(t for t, _ in extra) + " x<|im_end|>"
+    for ps in (True, False):
+        assert tok.encode(text, True, ps) == llm.tokenize(text.encode(), True, ps)
+    ids = tok.encode(text, False, True)
+    assert tok.decode(ids, skip_special=True) == llm.detokenize(ids).decode()
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_decode_round_trips(files, name):
+    tok = _tok(files[name])
+    for text in (MIXED, " leading", "x", ""):
+        assert tok.decode(tok.encode(text, add_special=False)) == text
+        assert tok.decode(tok.encode(text), skip_special=True) == text
+    if name.startswith("bpe"):
+        ids = tok.encode(SPECIAL, add_special=False, parse_special=True)
+        assert tok.decode(ids) == SPECIAL
+        assert "<|im_end|>" not in tok.decode(ids, skip_special=True)
+
+
+@pytest.mark.parametrize("name", ["bpe-gpt2", "bpe-qwen2", "spm"])
+def test_decode_matches_llama_cpp_detokenize(files, name):
+    tok, llm = _tok(files[name]), _llama(files[name])
+    for text in (MIXED, SPECIAL):
+        ids = tok.encode(text, add_special=True, parse_special=True)
+        ref = llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+        assert tok.decode(ids, skip_special=True) == ref
+        if name.startswith("bpe"):
+            ref = llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+            assert tok.decode(ids) == ref
+
+
+@pytest.mark.parametrize("name", ["bpe-gpt2", "spm"])
+def test_stream_decoder_never_splits_a_character(files, name):
+    tok = _tok(files[name])
+    text = "ok 🤖👍🏽 日本 café"
+    ids = tok.encode(text, add_special=True)
+    dec = tok.stream_decoder(skip_special=True)
+    parts = [dec.push(t) for t in ids] + [dec.flush()]
+    assert "".join(parts) == text
+    assert all("\ufffd" not in p for p in parts)
+    # byte by byte through byte tokens: nothing comes out until the character is whole
+    byte_tok = ({b: tok.token_to_id[f"<0x{b:02X}>"] for b in range(256)} if name == "spm"
+                else {b: tok.token_to_id[bytes_to_unicode_char(b)] for b in range(256)})
+    dec = tok.stream_decoder()
+    for ch in "🤖👍🏽é":
+        raw = ch.encode()
+        outs = [dec.push(byte_tok[b]) for b in raw]
+        assert outs[:-1] == [""] * (len(raw) - 1)
+        assert outs[-1] == ch
+    assert dec.flush() == ""
+    dec = tok.stream_decoder()
+    assert dec.push(byte_tok[0xF0]) == "" and dec.flush() == "\ufffd"
+
+
+def bytes_to_unicode_char(b: int) -> str:
+    from gguf_tools.vocab import bytes_to_unicode
+
+    return bytes_to_unicode()[b]
+
+
+def test_piece_and_token_bytes(files):
+    tok = _tok(files["bpe-gpt2"])
+    t = tok.token_to_id["Ġthe"]
+    assert tok.piece(t) == "Ġthe" and tok.token_bytes(t) == b" the"
+    spm = _tok(files["spm"])
+    t = spm.token_to_id["▁the"]
+    assert spm.piece(t) == "▁the" and spm.token_bytes(t) == b" the"
+    assert spm.token_bytes(spm.token_to_id["<0x0A>"]) == b"\n"
+    with pytest.raises(ValueError):
+        tok.token_bytes(tok.n_vocab)
+
+
+def test_encode_is_fast(files):
+    text = training_text()[40_000:48_000]
+    for name in ("bpe-gpt2", "bpe-llama3", "spm"):
+        tok = _tok(files[name])
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        assert len(ids) > 2000
+        assert time.perf_counter() - t0 < 0.5, name
+
+
+def _meta(**over):
+    v = bpe_vocab(300)
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": list(v.tokens), "tokenizer.ggml.token_type": v.token_types,
+            "tokenizer.ggml.merges": list(v.merges), "tokenizer.ggml.bos_token_id": v.bos_id,
+            "tokenizer.ggml.eos_token_id": v.eos_id}
+    for k, val in over.items():
+        key = "tokenizer.ggml." + k
+        if val is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = val
+    return meta
+
+
+@pytest.mark.parametrize("over, err, key", [
+    ({"model": None}, ModelFormatError, "tokenizer.ggml.model"),
+    ({"model": 3}, ModelFormatError, "tokenizer.ggml.model"),
+    ({"model": "t5"}, UnsupportedModelError, "'t5'"),
+    ({"pre": "no-such-pre"}, UnsupportedModelError, "no-such-pre"),
+    ({"tokens": None}, ModelFormatError, "tokenizer.ggml.tokens"),
+    ({"tokens": "abc"}, ModelFormatError, "tokenizer.ggml.tokens"),
+    ({"tokens": ["a", "a"]}, ModelFormatError, "tokenizer.ggml.tokens"),
+    ({"token_type": [1, 2]}, ModelFormatError, "tokenizer.ggml.token_type"),
+    ({"merges": None}, ModelFormatError, "tokenizer.ggml.merges"),
+    ({"merges": [1, 2]}, ModelFormatError, "tokenizer.ggml.merges"),
+    ({"scores": ["x"] * 300}, ModelFormatError, "tokenizer.ggml.scores"),
+    ({"bos_token_id": "1"}, ModelFormatError, "tokenizer.ggml.bos_token_id"),
+    ({"add_bos_token": "yes"}, ModelFormatError, "tokenizer.ggml.add_bos_token"),
+    ({"add_bos_token": True, "pre": "glm4", "bos_token_id": None}, ModelFormatError,
+     "tokenizer.ggml.bos_token_id"),
+])
+def test_bad_metadata_is_refused_with_the_key(over, err, key):
+    with pytest.raises(err, match=key.replace(".", r"\.").replace("'", "'")):
+        Tokenizer.from_metadata(_meta(**over))
+
+
+def test_valid_minimal_metadata():
+    tok = Tokenizer.from_metadata(_meta(pre=None, bos_token_id=None, eos_token_id=None))
+    assert tok.pre == "default" and not tok.add_bos
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def test_vocab_fixtures_are_deterministic_and_sized():
+    import gguf
+
+    b = bpe_vocab(512)
+    assert len(b.tokens) == 512 and len(set(b.tokens)) == 512
+    assert b.tokens[-3:] == list(BPE_CONTROL)
+    s = spm_vocab(512)
+    assert len(s.tokens) == 512 and len(set(s.tokens)) == 512
+    assert s.tokens[:3] == ["<unk>", "<s>", "</s>"] and s.tokens[3] == "<0x00>"
+    assert bpe_vocab.__wrapped__(512) == b  # same result when trained again
+    w = gguf.GGUFWriter(None, "llama")
+    assert add_vocab(w, "bpe", 400) == 400
+    with pytest.raises(ValueError):
+        add_vocab(gguf.GGUFWriter(None, "llama"), "wordpiece")
