@@ -103,7 +103,9 @@ class Model:
         ecache = ExpertCache(store, budget, self.config.n_expert_used)
         store.drop_page_cache()  # experts reach compute only through the slots now
         engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
-        source = StreamingExperts(store, ecache, engine, pol, self.counters)
+        source = StreamingExperts(store, ecache, engine, pol, self.counters,
+                                  routers=[b.ffn_gate_inp for b in self._tf.blocks],
+                                  n_active=self.config.n_expert_used)
         self._tf.on_route = source.on_route
         self.link = link_obj
         return source

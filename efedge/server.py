@@ -163,6 +163,9 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
         if c is not None and not isinstance(c, str | list):
             raise APIError(400, f"messages[{i}].content must be a string or an array of "
                                 "text parts", "invalid_type", param=f"messages[{i}].content")
+    # OpenAI's newer "developer" role is what chat templates call "system"
+    messages = [dict(msg, role="system") if msg["role"] == "developer" else msg
+                for msg in messages]
     if body.get("tools"):
         raise APIError(400, "tools are not supported", "unsupported", param="tools")
     fmt = _field(body, "response_format", dict, {"type": "text"})

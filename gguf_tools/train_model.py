@@ -127,14 +127,13 @@ class Block(nn.Module):
             # zero-fill a full-size gradient for every expert.
             w_gu = self.ffn_gate_up_exps.to(n.dtype).unbind(0)
             w_down = self.ffn_down_exps.to(n.dtype).unbind(0)
+            # split, not slicing, for the same reason on the activations.
             outs = []
-            start = 0
-            for e, c in enumerate(counts):
-                if c == 0:
+            for e, xe in enumerate(xs.split(counts)):
+                if xe.shape[0] == 0:
                     continue
-                g, u = (xs[start:start + c] @ w_gu[e].t()).chunk(2, dim=-1)
+                g, u = (xe @ w_gu[e].t()).chunk(2, dim=-1)
                 outs.append((F.silu(g) * u) @ w_down[e].t())
-                start += c
         out = torch.cat(outs) * w.reshape(-1)[order, None].to(n.dtype)
         y = torch.zeros_like(n).index_add_(0, tok, out)
         return y, probs, idx

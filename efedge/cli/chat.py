@@ -110,11 +110,17 @@ class ChatREPL:
     def fit_context(self) -> int | None:
         """Drop the oldest turns (never the system prompt or the new message) until the
         prompt plus room for a reply fits; the prompt's length, or None if even the new
-        message alone cannot fit (it is then removed)."""
+        message alone cannot fit (it is then removed, and the history kept)."""
         n_ctx, reserve, dropped = self.m.n_ctx, self._reserve(), 0
+        first = self._first_turn()
+        alone = len(self.m.chat_prompt(self.messages[:first] + self.messages[-1:]))
+        if alone >= n_ctx:
+            self.messages.pop()
+            self.note(f"[this message is {alone} tokens with the template; the context holds "
+                      f"{n_ctx}: shorten it, or restart with a larger -c]")
+            return None
         while True:
             n = len(self.m.chat_prompt(self.messages))
-            first = self._first_turn()
             if n + reserve <= n_ctx or len(self.messages) - first <= 1:
                 break
             del self.messages[first]  # one turn: a user message and the replies after it
@@ -124,11 +130,6 @@ class ChatREPL:
         if dropped:
             self.note(f"[the conversation outgrew the {n_ctx}-token context: dropped the "
                       f"oldest {dropped} turn{'s' * (dropped != 1)}]")
-        if n >= n_ctx:
-            self.messages.pop()
-            self.note(f"[this message is {n} tokens with the template; the context holds "
-                      f"{n_ctx}: shorten it, or restart with a larger -c]")
-            return None
         return n
 
     def reply(self) -> bool:

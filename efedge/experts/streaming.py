@@ -25,13 +25,20 @@ WAIT_TIMEOUT_S = 60.0  # a load that makes no progress for this long is an error
 
 class StreamingExperts:
     def __init__(self, store: ExpertStore, cache: ExpertCache, engine: TransferEngine,
-                 policy, counters: Counters):
+                 policy, counters: Counters, routers=None, n_active: int | None = None):
         self.store, self.cache, self.engine = store, cache, engine
         self.policy, self.counters = policy, counters
+        # per layer, a callable hidden [T, D] → router logits [T, E] (pre-gating predictors)
+        self.routers = routers
+        self.n_active = n_active
         self.cond = cache.cond
         counters.cache_bytes = cache.nbytes
         counters.cache_slots = cache.n_slots
         policy.attach(self)
+
+    def now(self) -> float:
+        """The clock policies measure with (the simulator substitutes a virtual one)."""
+        return time.perf_counter()
 
     # -- prefetch (called by policies, from the compute thread) --------------------------
     def prefetch(self, layer: int, experts) -> int:

@@ -91,6 +91,10 @@ class TransferEngine:
         self.store, self.cache, self.counters, self.link = store, cache, counters, link
         self.cond = cache.cond
         self._fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            # no readahead: it would pull neighbouring experts into the page cache
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self._queue: list[Job] = []
         self._seq = itertools.count()
         self._closing = False
@@ -156,7 +160,10 @@ class TransferEngine:
             n = int(self.store.nbytes[job.layer, job.expert, ip])
             self._read(buf[bounds[ip]:bounds[ip] + n], off)
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
+                # whole pages, so the pages an expert shares with its neighbours go too
+                lo = off - off % self._page
+                os.posix_fadvise(self._fd, lo, off + n - lo + self._page - 1,
+                                 os.POSIX_FADV_DONTNEED)
             total += n
         return total
 

@@ -47,7 +47,7 @@ _FUSED_MATVEC = {
 # matmul with at most this many tokens runs the fused matvec once per token: reading the
 # quantized rows T times is cheaper than decoding them to float32 once.
 _FUSED_MAX_TOKENS = 2
-_TILE_BYTES = 64 * 1024  # float32 bytes of decoded weights one matmul task keeps hot
+_TILE_BYTES = 256 * 1024  # float32 bytes of decoded weights one matmul task keeps in L2
 
 
 def _type_name(qtype: int) -> str:

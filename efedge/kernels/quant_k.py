@@ -23,20 +23,26 @@ from .quant_legacy import IQ4_KV
 
 @njit(cache=True, nogil=True)
 def deq_q2_k(src, dst):
-    for b in range(src.shape[0] // 84):
+    nb = src.shape[0] // 84
+    n32 = dst.shape[0] // max(nb, 1) // 8  # 32, a runtime trip count (see quant_legacy)
+    for b in range(nb):
         o = b * 84
         d = f16_to_f32(src[o + 80], src[o + 81])
         dmin = f16_to_f32(src[o + 82], src[o + 83])
-        for i in range(16):  # sub-block of 16: half h, shift s, bytes l0..l0+15 of qs
-            sc = src[o + i]
-            dl = d * np.float32(sc & 15)
-            ml = dmin * np.float32(sc >> 4)
-            h = i // 8
-            s = 2 * ((i // 2) % 4)
-            q0 = o + 16 + h * 32 + (i % 2) * 16
-            e = b * 256 + i * 16
-            for l in range(16):
-                dst[e + l] = dl * np.float32((src[q0 + l] >> s) & 3) - ml
+        for p in range(8):  # 32 elements = bits 2s..2s+1 of qs[32 h ..], sub-blocks 2p, 2p+1
+            sa = src[o + 2 * p]
+            sb = src[o + 2 * p + 1]
+            dla = d * np.float32(sa & 15)
+            dlb = d * np.float32(sb & 15)
+            mla = dmin * np.float32(sa >> 4)
+            mlb = dmin * np.float32(sb >> 4)
+            q0 = o + 16 + (p // 4) * 32
+            s = 2 * (p % 4)
+            e = b * 256 + p * 32
+            for l in range(n32):
+                dl = dla if l < 16 else dlb
+                ml = mla if l < 16 else mlb
+                dst[e + l] = dl * small_f32((src[q0 + l] >> s) & 3, 0) - ml
 
 
 # ---------------------------------------------------------------- Q3_K
@@ -52,18 +58,22 @@ def _q3_scale(src, o, i):
 
 @njit(cache=True, nogil=True)
 def deq_q3_k(src, dst):
-    for b in range(src.shape[0] // 110):
+    nb = src.shape[0] // 110
+    n32 = dst.shape[0] // max(nb, 1) // 8
+    for b in range(nb):
         o = b * 110
         d = f16_to_f32(src[o + 108], src[o + 109])
-        for i in range(16):
-            dl = d * np.float32(_q3_scale(src, o + 96, i))
-            e0 = i * 16
-            for l in range(16):
-                e = e0 + l  # element inside the super-block
-                ql = (src[o + 32 + (e // 128) * 32 + e % 32] >> (2 * ((e // 32) % 4))) & 3
-                hbit = (src[o + e % 32] >> (e // 32)) & 1
-                q = np.int32(ql) - (np.int32(hbit ^ 1) << 2)  # offset 4 when the bit is 0
-                dst[b * 256 + e] = dl * np.float32(q)
+        for p in range(8):  # elements 32 p .. 32 p + 31 = sub-blocks 2p, 2p+1
+            dla = d * np.float32(_q3_scale(src, o + 96, 2 * p))
+            dlb = d * np.float32(_q3_scale(src, o + 96, 2 * p + 1))
+            q0 = o + 32 + (p // 4) * 32  # low 2 bits: bits 2s..2s+1 of qs[32 (p // 4) + l]
+            s = 2 * (p % 4)
+            e = b * 256 + p * 32
+            for l in range(n32):
+                dl = dla if l < 16 else dlb
+                # high bit: bit p of hmask[l]; the offset is 4 when that bit is 0
+                q = ((src[q0 + l] >> s) & 3) + 4 * ((src[o + l] >> p) & 1)
+                dst[e + l] = dl * small_f32(q, 4)
 
 
 # ---------------------------------------------------------------- Q4_K and Q5_K
@@ -81,7 +91,9 @@ def k_scale_min(src, o, j):
 
 @njit(cache=True, nogil=True)
 def deq_q4_k(src, dst):
-    for b in range(src.shape[0] // 144):
+    nb = src.shape[0] // 144
+    n32 = dst.shape[0] // max(nb, 1) // 8
+    for b in range(nb):
         o = b * 144
         d = f16_to_f32(src[o], src[o + 1])
         dmin = f16_to_f32(src[o + 2], src[o + 3])
@@ -92,8 +104,8 @@ def deq_q4_k(src, dst):
             q0 = o + 16 + (j // 2) * 32
             s = 4 * (j % 2)
             e = b * 256 + j * 32
-            for l in range(32):
-                dst[e + l] = dl * np.float32((src[q0 + l] >> s) & 15) - ml
+            for l in range(n32):
+                dst[e + l] = dl * small_f32((src[q0 + l] >> s) & 15, 0) - ml
 
 
 # The fused dots follow quant_legacy: float32 lanes in ``acc`` with the sub-block scales
@@ -157,7 +169,9 @@ def matvec_q4_k(w, x, out):
 
 @njit(cache=True, nogil=True)
 def deq_q5_k(src, dst):
-    for b in range(src.shape[0] // 176):
+    nb = src.shape[0] // 176
+    n32 = dst.shape[0] // max(nb, 1) // 8
+    for b in range(nb):
         o = b * 176
         d = f16_to_f32(src[o], src[o + 1])
         dmin = f16_to_f32(src[o + 2], src[o + 3])
@@ -168,9 +182,9 @@ def deq_q5_k(src, dst):
             q0 = o + 48 + (j // 2) * 32
             s = 4 * (j % 2)
             e = b * 256 + j * 32
-            for l in range(32):
+            for l in range(n32):
                 q = ((src[q0 + l] >> s) & 15) | (((src[o + 16 + l] >> j) & 1) << 4)
-                dst[e + l] = dl * np.float32(q) - ml
+                dst[e + l] = dl * small_f32(q, 0) - ml
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -178,21 +192,24 @@ def deq_q5_k(src, dst):
 
 @njit(cache=True, nogil=True)
 def deq_q6_k(src, dst):
-    for b in range(src.shape[0] // 210):
+    nb = src.shape[0] // 210
+    n32 = dst.shape[0] // max(nb, 1) // 8
+    for b in range(nb):
         o = b * 210
         d = f16_to_f32(src[o + 208], src[o + 209])
         for h in range(2):  # two halves of 128 elements
-            for c in range(4):  # element group c*32 .. c*32+31 within the half
-                qlo = o + h * 64 + (c % 2) * 32  # low nibble (c < 2) or high (c >= 2)
-                qho = o + 128 + h * 32
-                for half in range(2):
-                    i = h * 8 + c * 2 + half  # sub-block of 16
-                    dl = d * np.float32(np.int8(src[o + 192 + i]))
-                    e = b * 256 + h * 128 + c * 32 + half * 16
-                    for l in range(half * 16, half * 16 + 16):
-                        q = ((src[qlo + l] >> (4 * (c // 2))) & 15) | (
-                            ((src[qho + l] >> (2 * c)) & 3) << 4)
-                        dst[e + l - half * 16] = dl * np.float32(np.int32(q) - 32)
+            qh = o + 128 + h * 32
+            for c in range(4):  # elements c*32 .. c*32+31 of the half
+                ql = o + h * 64 + (c % 2) * 32  # low nibble (c < 2) or high (c >= 2)
+                sl = 4 * (c // 2)
+                i = o + 192 + h * 8 + c * 2  # int8 scales of sub-blocks i, i+1
+                dla = d * np.float32(np.int8(src[i]))
+                dlb = d * np.float32(np.int8(src[i + 1]))
+                e = b * 256 + h * 128 + c * 32
+                for l in range(n32):
+                    dl = dla if l < 16 else dlb
+                    q = ((src[ql + l] >> sl) & 15) | (((src[qh + l] >> (2 * c)) & 3) << 4)
+                    dst[e + l] = dl * small_f32(q, 32)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)

@@ -1,0 +1,219 @@
+"""The embedding API (DESIGN.md's public contract) on a tiny random qwen3moe model:
+generate / stream / chat, determinism, stop strings, cancel from another thread,
+concurrent callers, close(), errors, and the desktop example's worker logic."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import efedge
+from efedge import api
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_gguf) -> Path:
+    return tiny_gguf("qwen3moe", "F32")
+
+
+@pytest.fixture(scope="module")
+def m(path):
+    with efedge.load(path) as model:
+        yield model
+
+
+def test_greedy_is_deterministic_and_stream_matches_generate(m):
+    a = m.generate("The quick brown fox", max_tokens=8, **GREEDY)
+    b = m.generate("The quick brown fox", max_tokens=8, **GREEDY)
+    pieces = list(m.stream("The quick brown fox", max_tokens=8, **GREEDY))
+    assert a and a == b == "".join(pieces)
+
+
+def test_seed_reproducibility(m):
+    kw = dict(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = m.generate("Once upon", seed=1234, **kw)
+    b = m.generate("Once upon", seed=1234, **kw)
+    assert a == b
+    others = {m.generate("Once upon", seed=s, **kw) for s in (1, 2, 3)}
+    assert len(others | {a}) > 1, "different seeds should not all give the same text"
+
+
+def test_stop_string_cuts_output(m):
+    full = m.generate("hello", max_tokens=10, **GREEDY)
+    assert len(full) >= 4
+    stop = full[2:4]
+    expected = full[:full.find(stop)]
+    assert m.generate("hello", max_tokens=10, stop=[stop], **GREEDY) == expected
+    assert "".join(m.stream("hello", max_tokens=10, stop=stop, **GREEDY)) == expected
+
+
+def test_max_tokens(m):
+    assert m.generate("hello", max_tokens=0, **GREEDY) == ""
+    m.reset_stats()
+    m.generate("hello", max_tokens=3, **GREEDY)
+    assert m.stats()["tokens_generated"] <= 3
+    n3 = len(m.generate("hello", max_tokens=3, **GREEDY))
+    n6 = len(m.generate("hello", max_tokens=6, **GREEDY))
+    assert n3 <= n6
+
+
+def test_chat_stream_and_text_agree(m):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = m.chat(msgs, max_tokens=6, **GREEDY)
+    assert isinstance(text, str)
+    assert "".join(m.chat(msgs, stream=True, max_tokens=6, **GREEDY)) == text
+    ids = m.chat_prompt(msgs)
+    assert m.detokenize(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert ids.count(m.tokenize("<|im_start|>", add_special=False, parse_special=True)[0]) == 3
+
+
+def test_cancel_from_another_thread(m):
+    got: list[str] = []
+    first = threading.Event()
+    m.reset_stats()
+
+    def worker() -> None:
+        for piece in m.stream("a long story", max_tokens=100_000, temperature=1.0, seed=0,
+                              min_p=0.0):
+            got.append(piece)
+            first.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert first.wait(60), "no output at all"
+    t0 = time.perf_counter()
+    m.cancel()
+    t.join(timeout=10)
+    assert not t.is_alive(), "cancel() did not stop the generation"
+    assert time.perf_counter() - t0 < 5
+    assert m.stats()["tokens_generated"] < m.n_ctx - 20
+    # the model is usable afterwards, and the old cancel does not leak into the next call
+    assert m.generate("hello", max_tokens=4, **GREEDY) == m.generate("hello", max_tokens=4,
+                                                                       **GREEDY)
+    assert m.generate("hello", max_tokens=4, **GREEDY) != ""
+
+
+def test_two_threads_generate_concurrently(m):
+    prompts = ["first prompt", "second, different prompt"]
+    want = [m.generate(p, max_tokens=6, **GREEDY) for p in prompts]
+    out: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            out[i] = m.generate(prompts[i], max_tokens=6, **GREEDY)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert [out.get(0), out.get(1)] == want
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(top_k=-2), dict(min_p=2.0), dict(seed=-5),
+                                 dict(temperature=float("nan"))])
+def test_bad_sampling_values(m, bad):
+    with pytest.raises(efedge.SamplingError):
+        m.generate("hi", max_tokens=2, **bad)
+    with pytest.raises(efedge.SamplingError):
+        list(m.stream("hi", max_tokens=2, **bad))
+
+
+def test_prompt_longer_than_context(m):
+    with pytest.raises(efedge.ContextLengthError):
+        m.generate([1] * (m.n_ctx + 10), max_tokens=2)
+    long_text = "word " * (m.n_ctx * 2)
+    with pytest.raises(efedge.ContextLengthError):
+        m.chat([{"role": "user", "content": long_text}], max_tokens=2)
+    assert m.generate("hello", max_tokens=2, **GREEDY) is not None  # still usable
+
+
+def test_stream_never_yields_partial_utf8(m, monkeypatch):
+    """Multi-byte characters split over byte tokens come out whole, in order."""
+    text = "héllo wörld 世界 🙂 ok"
+    ids = m.tokenize(text, add_special=False)
+    assert len(ids) > len(text.encode("utf-8")) // 4  # the tiny vocab splits these
+    real = api.generate_tokens
+
+    def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None):
+        # run the real prefill path for one token, then replay the fixed ids
+        for _ in real(session, prompt, sampler, max_tokens=0, eog=eog, cancel=cancel,
+                      result=result):
+            pass
+        yield from ids[:max_tokens]
+
+    monkeypatch.setattr(api, "generate_tokens", fake)
+    pieces = list(m.stream("x", max_tokens=len(ids), **GREEDY))
+    assert "".join(pieces) == text
+    for p in pieces:
+        assert "\ufffd" not in p
+        p.encode("utf-8")  # no lone surrogates
+
+
+def test_real_stream_pieces_are_valid_text(m):
+    pieces = list(m.stream("abc", max_tokens=24, temperature=1.0, seed=7, min_p=0.0))
+    for p in pieces:
+        p.encode("utf-8")
+    assert "".join(pieces) == m.generate("abc", max_tokens=24, temperature=1.0, seed=7,
+                                         min_p=0.0)
+
+
+def test_close_then_use_and_context_manager(path):
+    progress: list[float] = []
+    with efedge.load(path, progress=lambda f, msg: progress.append(f)) as m2:
+        assert m2.generate("hi", max_tokens=2, **GREEDY) is not None
+    assert progress and progress[0] == 0.0 and progress[-1] == 1.0
+    for call in (lambda: m2.generate("hi", max_tokens=2), lambda: m2.logits([1, 2]),
+                 lambda: m2.chat([{"role": "user", "content": "hi"}], max_tokens=2)):
+        with pytest.raises(efedge.EfedgeError):
+            call()
+    m2.close()  # twice is fine
+
+
+# -- examples/desktop_chat.py: its worker and Stop logic, without a display ---------------
+def _desktop_module():
+    spec = importlib.util.spec_from_file_location("desktop_chat",
+                                                  ROOT / "examples" / "desktop_chat.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # must not need a display: Tk is only created in main()
+    return mod
+
+
+def test_desktop_example_worker_and_stop(m):
+    mod = _desktop_module()
+    s = mod.ChatSession(m, system="Be brief.", temperature=0.0, max_tokens=4)
+    s.send("Hi")
+    assert s.wait(60)
+    events = []
+    while not s.events.empty():
+        events.append(s.events.get())
+    assert events[-1][0] == "done" and not events[-1][1]["cancelled"]
+    assert "".join(e[1] for e in events if e[0] == "piece") == events[-1][1]["text"]
+    assert [x["role"] for x in s.messages] == ["system", "user", "assistant"]
+
+    # a long reply, stopped as a Stop button would
+    s.sampling.update(max_tokens=100_000, temperature=1.0, min_p=0.0)
+    s.send("Tell me everything")
+    kind, _ = s.events.get(timeout=60)
+    assert kind == "piece"
+    with pytest.raises(RuntimeError):
+        s.send("not while busy")
+    s.stop()
+    assert s.wait(10), "Stop did not end the reply"
+    last = None
+    while not s.events.empty():
+        last = s.events.get()
+    assert last[0] == "done" and last[1]["cancelled"]
+    assert len(s.messages) == 5 and s.messages[-1]["role"] == "assistant"

@@ -1,0 +1,294 @@
+"""The OpenAI-compatible server: every endpoint, streaming and not, the 4xx cases,
+concurrent clients, a client that disconnects mid-stream, the official `openai` client
+(when installed), and `efedge serve` itself."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import efedge
+from efedge.server import make_server
+
+ROOT = Path(__file__).resolve().parent.parent
+HI = [{"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_gguf) -> Path:
+    return tiny_gguf("qwen3moe", "F32")
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    with efedge.load(model_path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = make_server(model, "127.0.0.1", 0, max_body=64 * 1024)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    t.join(timeout=10)
+
+
+def call(srv, path: str, body=None, *, raw: bytes | None = None, method: str | None = None):
+    """(status, parsed JSON or text) for one request."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(srv.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, ctype, text = r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, ctype, text = e.code, e.headers["Content-Type"], e.read().decode()
+    return status, (json.loads(text) if ctype.startswith("application/json") else text)
+
+
+def events(text: str) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded except the final [DONE]."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def assert_error(status: int, body, want_status: int, code: str | None = None) -> None:
+    assert status == want_status, body
+    err = body["error"]
+    assert set(err) >= {"message", "type", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+
+
+# -- the endpoints -------------------------------------------------------------------------
+def test_health_and_models(server):
+    status, body = call(server, "/health")
+    assert status == 200 and body["status"] == "ok"
+    status, body = call(server, "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    (card,) = body["data"]
+    assert card["id"] == server.model_id and card["object"] == "model"
+    status, body = call(server, f"/v1/models/{server.model_id}")
+    assert status == 200 and body["id"] == server.model_id
+
+
+def test_chat_completion(server, model):
+    req = {"model": server.model_id, "messages": HI, "max_tokens": 5, "temperature": 0}
+    status, body = call(server, "/v1/chat/completions", req)
+    assert status == 200, body
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == model.chat(HI, max_tokens=5, temperature=0.0)
+    assert choice["finish_reason"] in ("length", "stop")
+    u = body["usage"]
+    assert u["prompt_tokens"] == len(model.chat_prompt(HI))
+    assert 0 < u["completion_tokens"] <= 5
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_chat_completion_stream(server):
+    req = {"messages": HI, "max_tokens": 5, "temperature": 0}
+    _, whole = call(server, "/v1/chat/completions", req)
+    status, text = call(server, "/v1/chat/completions",
+                        dict(req, stream=True, stream_options={"include_usage": True}))
+    assert status == 200
+    evs = events(text)
+    assert evs[-1] == "[DONE]"
+    chunks = evs[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = "".join(c["choices"][0]["delta"].get("content", "")
+                      for c in chunks if c["choices"])
+    assert content == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_completion_and_stream_and_stop(server, model):
+    req = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    status, body = call(server, "/v1/completions", req)
+    assert status == 200 and body["object"] == "text_completion"
+    text = body["choices"][0]["text"]
+    assert text == model.generate("Once upon a time", max_tokens=6, temperature=0.0)
+    assert body["usage"]["prompt_tokens"] == len(model.tokenize("Once upon a time"))
+    status, sse = call(server, "/v1/completions", dict(req, stream=True))
+    evs = events(sse)
+    assert evs[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in evs[:-1]) == text
+    assert evs[-2]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+    _, echoed = call(server, "/v1/completions", dict(req, echo=True))
+    assert echoed["choices"][0]["text"] == "Once upon a time" + text
+    if len(text) >= 3:
+        stop = text[1:3]
+        _, cut = call(server, "/v1/completions", dict(req, stop=[stop]))
+        assert cut["choices"][0]["text"] == text[:text.find(stop)]
+        assert cut["choices"][0]["finish_reason"] == "stop"
+    _, toks = call(server, "/v1/completions", dict(req, prompt=model.tokenize("Once upon")))
+    assert toks["usage"]["prompt_tokens"] == len(model.tokenize("Once upon"))
+
+
+# -- errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/chat/completions", {"messages": HI, "temperature": "hot"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": "5"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": True}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": HI, "stream": "yes"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": HI, "stop": 5}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"model": "x"}, 400, "missing_field"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "missing_field"),
+    ("/v1/completions", {"prompt": 12}, 400, "invalid_type"),
+    ("/v1/completions", [1, 2], 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": HI, "temperature": -1}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "top_p": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_k": -3}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -7}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "unsupported"),
+    ("/v1/chat/completions", {"messages": HI, "model": "gpt-4o"}, 404, "model_not_found"),
+    ("/v1/nope", {"x": 1}, 404, "unknown_url"),
+])
+def test_bad_requests(server, path, body, status, code):
+    got, resp = call(server, path, body)
+    assert_error(got, resp, status, code)
+
+
+def test_bad_json_big_body_routes_and_context(server, model):
+    assert_error(*call(server, "/v1/chat/completions", raw=b'{"messages": [}'), 400,
+                 "invalid_json")
+    assert_error(*call(server, "/v1/completions", raw=b"\xff\xfe"), 400, "invalid_json")
+    big = json.dumps({"prompt": "x" * (server.max_body + 10)}).encode()
+    assert_error(*call(server, "/v1/completions", raw=big), 413, "body_too_large")
+    assert_error(*call(server, "/nowhere"), 404, "unknown_url")
+    assert_error(*call(server, "/v1/chat/completions"), 405, "method_not_allowed")
+    too_long = [{"role": "user", "content": "word " * (model.n_ctx * 2)}]
+    assert_error(*call(server, "/v1/chat/completions", {"messages": too_long}), 400,
+                 "context_length_exceeded")
+    # streaming requests report the same errors as a plain 4xx, before any event
+    assert_error(*call(server, "/v1/completions",
+                       {"prompt": [1] * (model.n_ctx + 1), "stream": True}), 400,
+                 "context_length_exceeded")
+    # no Content-Length → 411; an error keeps a keep-alive connection usable
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 411 and json.loads(r.read())["error"]["code"] == "length_required"
+    conn.close()
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request("POST", "/v1/unknown", body=b'{"a": 1}')
+    r = conn.getresponse()
+    assert r.status == 404
+    r.read()
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"prompt": "hi", "max_tokens": 2, "temperature": 0}).encode())
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["object"] == "text_completion"
+    conn.close()
+
+
+# -- concurrency and disconnects --------------------------------------------------------------
+def test_concurrent_clients(server, model):
+    prompts = [f"prompt number {i}" for i in range(4)]
+    want = [model.generate(p, max_tokens=4, temperature=0.0) for p in prompts]
+    got: dict[int, str] = {}
+
+    def client(i: int) -> None:
+        status, body = call(server, "/v1/completions",
+                            {"prompt": prompts[i], "max_tokens": 4, "temperature": 0})
+        assert status == 200, body
+        got[i] = body["choices"][0]["text"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [got.get(i) for i in range(4)] == want
+
+
+def test_client_disconnect_cancels_generation(server, model):
+    host, port = server.server_address[:2]
+    body = json.dumps({"prompt": "A long story", "max_tokens": 100_000, "stream": True,
+                       "temperature": 1.0, "min_p": 0.0}).encode()
+    model.reset_stats()
+    s = socket.create_connection((host, port), timeout=60)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while got.count(b"data: ") < 2:
+        chunk = s.recv(4096)
+        assert chunk, "the server closed the stream"
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200")
+    s.close()
+    t0 = time.monotonic()
+    status, resp = call(server, "/v1/completions", {"prompt": "next", "max_tokens": 2})
+    assert status == 200, resp
+    assert time.monotonic() - t0 < 20, "the abandoned generation was not cancelled"
+    assert model.stats()["tokens_generated"] < model.n_ctx - 50
+    assert call(server, "/health")[0] == 200
+
+
+def test_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [server.model_id]
+    r = client.chat.completions.create(model=server.model_id, messages=HI, max_tokens=4,
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens > 0
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=server.model_id, messages=HI, max_tokens=4, temperature=0, stream=True)
+        if c.choices]
+    assert "".join(parts) == r.choices[0].message.content
+    c = client.completions.create(model=server.model_id, prompt="Hello", max_tokens=3)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.prompt_tokens > 0
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=HI)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model_id, messages=HI, temperature=-1)
+
+
+# -- the command ------------------------------------------------------------------------------
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX")
+def test_efedge_serve_command(model_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    p = subprocess.Popen([sys.executable, "-m", "efedge", "serve", str(model_path), "--port",
+                          "0", "--alias", "tiny"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stderr.readline()
+        match = re.search(r"http://[\d.]+:\d+", line)
+        assert match, line
+        with urllib.request.urlopen(match.group(0) + "/v1/models", timeout=60) as r:
+            assert json.loads(r.read())["data"][0]["id"] == "tiny"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
