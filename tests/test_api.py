@@ -5,6 +5,10 @@ concurrent callers, close(), errors, and the desktop example's worker logic."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -182,6 +186,16 @@ def test_close_then_use_and_context_manager(path):
     m2.close()  # twice is fine
 
 
+def test_chat_template_override_and_sandbox(path):
+    with efedge.load(path, chat_template="llama-2") as m2:
+        text = m2.detokenize(m2.chat_prompt([{"role": "user", "content": "Hi"}]))
+        assert "[INST] Hi [/INST]" in text
+    evil = "{{ cycler.__init__.__globals__.os.system('echo pwned') }}"
+    with efedge.load(path, chat_template=evil) as m3:
+        with pytest.raises(efedge.TemplateError):
+            m3.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+
+
 # -- examples/desktop_chat.py: its worker and Stop logic, without a display ---------------
 def _desktop_module():
     spec = importlib.util.spec_from_file_location("desktop_chat",
@@ -217,3 +231,74 @@ def test_desktop_example_worker_and_stop(m):
         last = s.events.get()
     assert last[0] == "done" and last[1]["cancelled"]
     assert len(s.messages) == 5 and s.messages[-1]["role"] == "assistant"
+
+
+# The window itself, driven by a script inside its own Tk loop: type, Send, Stop, close.
+_GUI_DRIVER = r"""
+import sys, tkinter as tk
+sys.path.insert(0, sys.argv[2])
+import desktop_chat
+
+real_mainloop, seen = tk.Tk.mainloop, []
+
+def driven(root, n=0):
+    w = {}
+    def walk(parent):
+        for c in parent.winfo_children():
+            w.setdefault(type(c).__name__ + (c.cget("text") if isinstance(c, tk.Button)
+                                             else ""), c)
+            walk(c)
+    walk(root)
+    send, stop, entry, text = w["ButtonSend"], w["ButtonStop"], w["Entry"], w["ScrolledText"]
+    state = {"step": 0, "ticks": 0}
+    def tick():
+        state["ticks"] += 1
+        content = text.get("1.0", "end")
+        if state["ticks"] > 3000:
+            return root.destroy()
+        if state["step"] == 0 and str(send.cget("state")) == "normal":
+            entry.insert(0, "Hello"); send.invoke(); state["step"] = 1
+        elif state["step"] == 1 and len(content.split("Model: ", 1)[-1].strip()) > 3:
+            stop.invoke(); state["step"] = 2
+        elif state["step"] == 2 and "[stopped]" in content and str(send.cget("state")) == "normal":
+            seen.append("stopped")
+            return root.tk.call(root.protocol("WM_DELETE_WINDOW"))  # the close button
+        root.after(20, tick)
+    root.after(20, tick)
+    real_mainloop(root, n)
+
+tk.Tk.mainloop = driven
+desktop_chat.main([sys.argv[1]])
+sys.exit(0 if seen == ["stopped"] else 1)
+"""
+
+
+def test_desktop_example_window(path, tmp_path):
+    """Runs only where a display exists or Xvfb is installed."""
+    pytest.importorskip("tkinter")
+    env = dict(os.environ)
+    xvfb = None
+    if not env.get("DISPLAY"):
+        if shutil.which("Xvfb") is None:
+            pytest.skip("no display and no Xvfb")
+        r, w = os.pipe()  # Xvfb picks a free display and writes its number here
+        xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "800x600x24"],
+                                pass_fds=(w,), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            number = fh.readline().strip()
+        if not number:
+            xvfb.kill()
+            pytest.skip("Xvfb did not start")
+        env["DISPLAY"] = f":{number}"
+    try:
+        script = tmp_path / "drive_gui.py"
+        script.write_text(_GUI_DRIVER)
+        p = subprocess.run([sys.executable, str(script), str(path), str(ROOT / "examples")],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+    finally:
+        if xvfb is not None:
+            xvfb.terminate()
+            xvfb.wait(10)

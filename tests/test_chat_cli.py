@@ -100,6 +100,16 @@ def test_context_overflow_drops_oldest_turns(model):
     assert len(SUMMARY.findall(p.stderr)) == len(short) + 1
 
 
+def test_chat_template_flag(tmp_path):
+    from efedge.cli.common import chat_template_source
+
+    f = tmp_path / "t.jinja"
+    f.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert chat_template_source(str(f)) == f.read_text(encoding="utf-8")
+    assert chat_template_source("chatml") == "chatml"
+    assert chat_template_source(None) is None
+
+
 class _Reader:
     """Collects a pipe's text on a thread so the test can wait for a pattern."""
 

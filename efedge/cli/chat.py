@@ -82,6 +82,7 @@ class ChatREPL:
         self.max_tokens = max_tokens
         self.out, self.err = out, err
         self.messages: list[dict] = []
+        self.interrupted = False  # the last /regen was stopped by Ctrl-C
         self.clear()
 
     # -- output ---------------------------------------------------------------------------
@@ -133,61 +134,66 @@ class ChatREPL:
         return n
 
     def reply(self) -> bool:
-        """Generate the assistant's answer to the conversation; False if interrupted."""
+        """Write the assistant's answer to the conversation; False if Ctrl-C stopped it."""
+        flag = threading.Event()  # set by the first Ctrl-C
+
+        def on_sigint(signum, frame) -> None:
+            if flag.is_set():  # second Ctrl-C: leave
+                raise KeyboardInterrupt
+            flag.set()
+            self.m.cancel()
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+        try:
+            self._generate(flag)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, old)
+        return not flag.is_set()
+
+    def _generate(self, interrupted: threading.Event) -> None:
         try:
             n_prompt_total = self.fit_context()
         except TemplateError as exc:
             self.messages.pop()
             self.note(f"[{exc}]")
-            return True
+            return
         if n_prompt_total is None:
-            return True
+            return
         m = self.m
         max_tokens = self.max_tokens if self.max_tokens >= 0 else m.n_ctx
         s0 = m.stats()
         t0 = time.perf_counter()
         t_first = None
         pieces: list[str] = []
-        interrupted = False
-
-        def on_sigint(signum, frame) -> None:
-            nonlocal interrupted
-            if interrupted:  # second Ctrl-C: leave
-                raise KeyboardInterrupt
-            interrupted = True
-            m.cancel()
-
-        main_thread = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
         try:
-            for piece in m.chat(self.messages, stream=True, max_tokens=max_tokens,
-                                **self.sampling):
-                if t_first is None:
-                    t_first = time.perf_counter()
-                pieces.append(piece)
-                self.out.write(piece)
-                self.out.flush()
+            if not interrupted.is_set():
+                for piece in m.chat(self.messages, stream=True, max_tokens=max_tokens,
+                                    **self.sampling):
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    pieces.append(piece)
+                    self.out.write(piece)
+                    self.out.flush()
+                    if interrupted.is_set():  # also when Ctrl-C came before the start
+                        break
         except ContextLengthError as exc:
             self.messages.pop()
             self.note(f"[{exc}]")
-            return True
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, old)
+            return
         t_end = time.perf_counter()
         self.out.write("\n")
         self.out.flush()
-        text = "".join(pieces)
-        self.messages.append({"role": "assistant", "content": text})
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
         s1 = m.stats()
-        if interrupted:
+        if interrupted.is_set():
             self.note("[interrupted]")
         n_gen = s1["tokens_generated"] - s0["tokens_generated"]
         if n_prompt_total + n_gen >= m.n_ctx:
             self.note("[the context is full: the reply was cut; older turns will be "
                       "dropped next time]")
         self.note(summary_line(s0, s1, t0, t_first, t_end))
-        return not interrupted
 
     # -- commands -------------------------------------------------------------------------
     def command(self, line: str) -> int | None:
@@ -206,7 +212,7 @@ class ChatREPL:
                     self.messages[-1]["role"] == "assistant":
                 self.messages.pop()
             if len(self.messages) > self._first_turn() and self.messages[-1]["role"] == "user":
-                self.reply()
+                self.interrupted = not self.reply()
             else:
                 self.say("Nothing to regenerate yet.")
         elif cmd == "/set":
@@ -309,9 +315,11 @@ class ChatREPL:
                 continue
             try:
                 if text.lstrip().startswith("/") and "\n" not in text:
+                    self.interrupted = False
                     code = self.command(text.strip())
                     if code is not None:
                         return code
+                    last_was_interrupt = self.interrupted
                     continue
                 self.messages.append({"role": "user", "content": text})
                 last_was_interrupt = not self.reply()

@@ -53,8 +53,9 @@ def parse_budget(spec: int | float | str, expert_bytes: int) -> int:
 class ExpertCache:
     """Fixed slots within `budget` bytes, sized per class, at least `n_active` per class."""
 
-    def __init__(self, store: ExpertStore, budget: int, n_active: int):
+    def __init__(self, store: ExpertStore, budget: int, n_active: int, allocate: bool = True):
         self.store = store
+        self.virtual = not allocate  # the simulator keeps the tables but moves no bytes
         n_layer, n_expert = store.n_layer, store.n_expert
         layer_bytes = [store.expert_bytes(il) for il in range(n_layer)]
         sizes = sorted(set(layer_bytes))
@@ -79,8 +80,8 @@ class ExpertCache:
             slots = class_experts.copy()  # everything fits: no rounding losses
         self.class_bytes = np.array(sizes, dtype=np.int64)
         self.class_slots = slots
-        self.pools = [np.zeros((int(n), b), dtype=np.uint8) for n, b in zip(slots, sizes,
-                                                                             strict=True)]
+        self.pools = [np.zeros((int(n), b if allocate else 0), dtype=np.uint8)
+                      for n, b in zip(slots, sizes, strict=True)]
         # global slot ids: class c owns [first[c], first[c] + slots[c])
         self.class_first = np.concatenate([[0], np.cumsum(slots)[:-1]]).astype(np.int64)
         n_slots = int(slots.sum())
@@ -102,7 +103,7 @@ class ExpertCache:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(p.nbytes for p in self.pools))
+        return int(np.dot(self.class_slots, self.class_bytes))
 
     # -- all methods below are called with self.cond held -------------------------------
     def free_or_victim(self, layer: int, victim_policy) -> int:
@@ -152,6 +153,8 @@ class ExpertCache:
 
     def weights(self, slot: int, layer: int) -> ExpertWeights:
         """Views of gate / up / down inside the slot, shaped like the file's rows."""
+        if self.virtual:
+            return None
         buf = self.slot_buffer(slot)
         b = self.part_bounds[layer]
         qg, qu, qd = self.store.qtypes(layer)

@@ -1,0 +1,122 @@
+"""`efedge simulate TRACE --hw PROFILE --model-profile PROFILE --cache … --policy …`:
+estimate stall and tokens/s on hardware we do not have, from a routing trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from efedge.errors import EfedgeError
+
+
+def add_parser(sub) -> None:
+    from efedge.profiles import HARDWARE, MODELS
+
+    p = sub.add_parser("simulate", help="replay a routing trace on a hardware profile",
+                       description="Replay a trace through the runtime's cache and policies on "
+                                   "a virtual clock. Hardware: " + ", ".join(HARDWARE) +
+                                   ". Models: " + ", ".join(MODELS) + ".")
+    p.add_argument("trace", help="trace .npz from `efedge trace`")
+    p.add_argument("--hw", default="rtx4060-laptop", help="hardware profile")
+    p.add_argument("--model-profile", default=None,
+                   help="model profile (default: the traced model's own sizes)")
+    p.add_argument("--cache", nargs="+", default=["25%"], help="budgets (bytes, MiB, %%)")
+    p.add_argument("--policy", nargs="+", default=["ondemand"], help="policies to compare")
+    p.add_argument("--link", default=None, help="override the link rate, e.g. 8GB/s")
+    p.add_argument("--layer-ms", type=float, default=None,
+                   help="override compute per layer (ms) — e.g. measured on this machine")
+    p.add_argument("--expert-ms", type=float, default=None,
+                   help="override compute per expert per token (ms)")
+    p.add_argument("--warmup", type=int, default=16, help="tokens before counting")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, help="write stall vs cache size per policy (PNG)")
+    p.set_defaults(func=main)
+
+
+def build_setup(meta, args, budget):
+    from efedge.experts.transfer import parse_link
+    from efedge.profiles import ModelProfile, get_hardware, get_model
+    from efedge.simulate import setup_from_profiles
+
+    try:
+        hw = get_hardware(args.hw)
+        if args.model_profile:
+            mp = get_model(args.model_profile)
+        else:
+            per = meta["bytes_per_expert"]
+            mp = ModelProfile(meta["model"], meta["n_layer"], meta["n_expert"], meta["top_k"],
+                              sum(per) / len(per), 4 * meta["n_embd"] ** 2 * 2.0, "trace")
+    except ValueError as exc:
+        raise EfedgeError(str(exc)) from None
+    setup = setup_from_profiles(meta, hw, mp, budget)
+    if args.link:
+        link = parse_link(args.link)
+        setup.link_bytes_per_s, setup.link_latency_s = link.bytes_per_s, link.latency_s
+    if args.layer_ms is not None:
+        setup.layer_compute_s = args.layer_ms / 1e3
+    if args.expert_ms is not None:
+        setup.expert_compute_s = args.expert_ms / 1e3
+    return setup
+
+
+def main(args: argparse.Namespace) -> int:
+    from efedge.simulate import simulate
+    from efedge.trace import load_trace
+
+    try:
+        arrays, meta = load_trace(args.trace)
+    except (OSError, ValueError) as exc:
+        raise EfedgeError(f"cannot read trace {args.trace}: {exc}") from None
+    rows = []
+    for budget in args.cache:
+        for policy in args.policy:
+            setup = build_setup(meta, args, budget)
+            r = simulate(arrays, meta, setup, policy, warmup=args.warmup,
+                         max_tokens=args.max_tokens)
+            r["cache"] = budget
+            rows.append(r)
+    base = {r["cache"]: r["stall_s"] for r in rows if r["policy"] in ("ondemand", "lru")}
+    for r in rows:
+        b = base.get(r["cache"])
+        r["stall_vs_ondemand"] = (r["stall_s"] / b) if b else None
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(f"trace {args.trace}: {meta['n_tokens']} tokens, {meta['n_layer']} layers × "
+              f"{meta['n_expert']} experts, top-{meta['top_k']}   setup: {rows[0]['setup']}"
+              f"   link {rows[0]['bandwidth_gbps']:.2f} GB/s (simulated)")
+        print("| cache | policy | tok/s | stall ms/token | vs ondemand | hit rate | "
+              "MB moved/token |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            rel = f"{r['stall_vs_ondemand']:.3f}" if r["stall_vs_ondemand"] is not None else "-"
+            print(f"| {r['cache']} | {r['policy']} | {r['tokens_per_s']:.1f} | "
+                  f"{r['stall_ms_per_token']:.2f} | {rel} | {r['hit_rate']:.1%} | "
+                  f"{r['bytes_loaded'] / r['tokens_generated'] / 1e6:.1f} |")
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EfedgeError("--plot needs matplotlib (pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = [(r["cache_bytes"] / 2**20, r["stall_ms_per_token"]) for r in rows
+               if r["policy"] == policy]
+        ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=policy)
+    ax.set_xlabel("expert cache (MiB)")
+    ax.set_ylabel("stall per token (ms)")
+    ax.set_title(rows[0]["setup"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,145 @@
+"""Virtual-time doubles of the transfer engine and the streaming source, for the
+trace-driven simulator. Only the clock and the copies are virtual: the cache tables,
+the policies, prefetch, eviction, hit/late/miss accounting and the ready-first acquire
+loop are the live runtime's own code (StreamingExperts is subclassed, not rewritten).
+
+The link is one serial channel: queued jobs start in priority order (demand before
+prefetch, then submission order) as soon as the link is free, and finish after
+latency + bytes / bandwidth.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from efedge.errors import TransferError
+from efedge.experts.cache import LOADING, READY
+from efedge.experts.streaming import StreamingExperts
+from efedge.experts.transfer import DEMAND, Job
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+class VirtualTransferEngine:
+    """Same interface as TransferEngine (submit / promote / cancel / jobs_by_key /
+    bandwidth_ewma / latency_ewma / load_now / close), driven by a VirtualClock."""
+
+    def __init__(self, store, cache, counters, clock: VirtualClock, bytes_per_s: float,
+                 latency_s: float = 0.0, bytes_per_expert=None):
+        self.store, self.cache, self.counters, self.clock = store, cache, counters, clock
+        self.bw, self.lat = float(bytes_per_s), float(latency_s)
+        # bytes moved per expert of each layer (the profile's, not the traced model's)
+        self.bytes_per_expert = bytes_per_expert or [store.expert_bytes(i)
+                                                     for i in range(store.n_layer)]
+        self._queue: list[Job] = []
+        self._seq = itertools.count()
+        self.jobs_by_key: dict[int, Job] = {}
+        self._busy_until = 0.0
+        self._current: Job | None = None
+        self.bandwidth_ewma = self.bw  # the simulator's meter reads the profile's link
+        self.latency_ewma = self.lat + self.bytes_per_expert[0] / self.bw
+        self.workers_replaced = 0
+
+    def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
+        job = Job(priority, next(self._seq), layer, expert, slot)
+        heapq.heappush(self._queue, job)
+        self.jobs_by_key[layer * self.store.n_expert + expert] = job
+        self._pump()
+        return job
+
+    def promote(self, job: Job) -> None:
+        if not job.started and job.priority != DEMAND:
+            job.cancelled = True
+            new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
+            heapq.heappush(self._queue, new)
+            self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
+
+    def cancel(self, job: Job) -> bool:
+        if job.started or job.cancelled:
+            return False
+        job.cancelled = True
+        self.cache.release(job.slot)
+        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
+        return True
+
+    def queued(self) -> int:
+        return sum(1 for j in self._queue if not j.cancelled)
+
+    def _pump(self) -> None:
+        """Complete every job that has finished by now and start the next ones."""
+        now = self.clock.t
+        while True:
+            if self._current is not None:
+                if self._busy_until > now:
+                    return
+                self._finish(self._current)
+                self._current = None
+            job = None
+            while self._queue:
+                cand = heapq.heappop(self._queue)
+                if not cand.cancelled:
+                    job = cand
+                    break
+            if job is None:
+                return
+            job.started = True
+            start = max(self._busy_until, now) if self._busy_until <= now else self._busy_until
+            nbytes = self.bytes_per_expert[job.layer]
+            self._busy_until = start + self.lat + nbytes / self.bw
+            self._current = job
+
+    def _finish(self, job: Job) -> None:
+        key = job.layer * self.store.n_expert + job.expert
+        if self.jobs_by_key.get(key) is job:
+            del self.jobs_by_key[key]
+        if self.cache.slot_state[job.slot] == LOADING:
+            self.cache.slot_state[job.slot] = READY
+        self.counters.bytes_loaded += self.bytes_per_expert[job.layer]
+
+    def next_event(self) -> float | None:
+        return self._busy_until if self._current is not None else None
+
+    def advance_to(self, t: float) -> None:
+        self.clock.t = max(self.clock.t, t)
+        self._pump()
+
+    def load_now(self, layer: int, expert: int, slot: int) -> int:
+        raise OSError("virtual transfers cannot fail")
+
+    def close(self) -> None:
+        pass
+
+
+class SimulatedExperts(StreamingExperts):
+    """StreamingExperts on a virtual clock: waiting advances the clock to the next
+    completed transfer instead of blocking a thread; compute is charged by the caller."""
+
+    def __init__(self, *args, clock: VirtualClock, expert_compute_s: float = 0.0, **kw):
+        self.clock = clock
+        self.expert_compute_s = expert_compute_s
+        super().__init__(*args, **kw)
+
+    def now(self) -> float:
+        return self.clock.t
+
+    def _next_ready(self, layer, remaining, pending, held):
+        cache = self.cache
+        self.engine.advance_to(self.clock.t)
+        while True:
+            for e in sorted(remaining):
+                s = held.get(e, -1)
+                if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
+                    return e, s
+            nxt = self.engine.next_event()
+            if nxt is None:
+                raise TransferError(f"simulator: experts {sorted(remaining)} of layer {layer} "
+                                    "are wanted but nothing is loading")
+            self.counters.stall_s += max(0.0, nxt - self.clock.t)
+            self.engine.advance_to(nxt)

@@ -1,0 +1,144 @@
+"""Trace-driven simulation: replay recorded routing through the live runtime's cache,
+policies and acquire loop on a virtual clock, with compute and transfer times from
+hardware / model profiles (or measured on this machine).
+
+Routing (which experts, in which order, with what pre-gating scores) comes from the
+trace; sizes and times come from the setup. When the profile's model has more layers
+than the traced one, per-token figures are scaled by n_layer(profile) / n_layer(trace):
+the traced layers stand in for the profile's layers at the same per-layer conditions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from efedge.experts.cache import ExpertCache, parse_budget
+from efedge.experts.scheduler import make_policy
+from efedge.experts.stats import Counters
+from efedge.experts.virtual import SimulatedExperts, VirtualClock, VirtualTransferEngine
+from efedge.profiles import HardwareProfile, ModelProfile
+
+
+class TraceStore:
+    """The ExpertStore interface the cache needs, without a model file."""
+
+    def __init__(self, n_layer: int, n_expert: int, bytes_per_expert: list[float]):
+        self.n_layer, self.n_expert = n_layer, n_expert
+        per = np.asarray([int(b) for b in bytes_per_expert], dtype=np.int64)
+        self.nbytes = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
+        thirds = np.stack([per // 3, per // 3, per - 2 * (per // 3)], axis=1)
+        self.nbytes[:] = thirds[:, None, :]
+        self.offsets = np.zeros_like(self.nbytes)
+
+    def expert_bytes(self, layer: int, expert: int = 0) -> int:
+        return int(self.nbytes[layer, expert].sum())
+
+    def total_bytes(self) -> int:
+        return int(self.nbytes.sum())
+
+    def qtypes(self, layer: int):
+        return (0, 0, 0)
+
+    def part_shape(self, layer: int, part: str):
+        return (0, 0)
+
+
+class TraceHidden(np.ndarray):
+    """A stand-in hidden state [1, 1] that tells trace routers which (token, layer) it is."""
+
+    at: tuple[int, int] = (0, 0)
+
+
+class TraceRouter:
+    """Router of layer j for the simulator: returns the pre-gating logits recorded in the
+    trace for (token t, layer l, distance j - l); zeros (no information) beyond them."""
+
+    def __init__(self, pregate: np.ndarray | None, j: int, n_expert: int):
+        self.pregate, self.j, self.n_expert = pregate, j, n_expert
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        t, l = getattr(h, "at", (0, 0))
+        d = self.j - l
+        if self.pregate is not None and 1 <= d <= self.pregate.shape[2]:
+            row = self.pregate[t, l, d - 1].astype(np.float32)
+            if np.isfinite(row).all():
+                return row[None, :]
+        return np.zeros((1, self.n_expert), dtype=np.float32)
+
+
+@dataclass
+class SimSetup:
+    bytes_per_expert: list[float]  # per traced layer
+    layer_compute_s: float  # attention, router, norms of one layer (one token)
+    expert_compute_s: float  # one expert's FFN on one token
+    link_bytes_per_s: float
+    link_latency_s: float
+    budget: str | int | float
+    layer_scale: float = 1.0  # profile layers / traced layers
+    label: str = ""
+
+
+def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
+                        budget) -> SimSetup:
+    L = meta["n_layer"]
+    t_expert = model.bytes_per_expert / hw.mem_bytes_per_s + 3 * hw.kernel_overhead_s
+    t_layer = model.non_expert_bytes_per_layer / hw.mem_bytes_per_s + 8 * hw.kernel_overhead_s
+    return SimSetup([model.bytes_per_expert] * L, t_layer, t_expert, hw.link_bytes_per_s,
+                    hw.link_latency_s, budget, model.n_layer / L,
+                    f"{model.name} on {hw.name}")
+
+
+def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
+             warmup: int = 16, max_tokens: int | None = None) -> dict:
+    """Replay the trace; return DESIGN.md counters (per token scaled to the profile) plus
+    tokens_per_s and stall_ms_per_token."""
+    experts = arrays["experts"].astype(np.int64)
+    pregate = arrays.get("pregate")
+    T, L, K = experts.shape
+    if max_tokens is not None:
+        T = min(T, warmup + max_tokens)
+    n_expert = int(meta["n_expert"])
+    store = TraceStore(L, n_expert, setup.bytes_per_expert)
+    budget = parse_budget(setup.budget, store.total_bytes())
+    counters = Counters()
+    clock = VirtualClock()
+    cache = ExpertCache(store, budget, K, allocate=False)
+    engine = VirtualTransferEngine(store, cache, counters, clock, setup.link_bytes_per_s,
+                                   setup.link_latency_s,
+                                   bytes_per_expert=[store.expert_bytes(i) for i in range(L)])
+    routers = [TraceRouter(pregate, j, n_expert) for j in range(L)]
+    source = SimulatedExperts(store, cache, engine, make_policy(policy), counters,
+                              routers=routers, n_active=K, clock=clock,
+                              expert_compute_s=setup.expert_compute_s)
+    hidden = np.zeros((1, 1), dtype=np.float32).view(TraceHidden)
+    t_start = 0.0
+    for t in range(T):
+        if t == warmup:
+            counters.reset()
+            t_start = clock.t
+        for layer in range(L):
+            clock.advance(setup.layer_compute_s)
+            engine.advance_to(clock.t)
+            ids = experts[t, layer]
+            hidden.at = (t, layer)
+            source.on_route(layer, hidden, ids[None, :])
+            for _e, _w in source.acquire(layer, np.unique(ids)):
+                clock.advance(setup.expert_compute_s)
+                engine.advance_to(clock.t)
+    n = max(T - warmup, 1)
+    wall = (clock.t - t_start) * setup.layer_scale
+    s = counters.as_dict()
+    s["stall_s"] *= setup.layer_scale
+    s["bytes_loaded"] = int(s["bytes_loaded"] * setup.layer_scale)
+    for k in ("expert_requests", "hits", "misses", "late", "prefetch_issued",
+              "prefetch_used", "prefetch_wasted"):
+        s[k] = int(round(s[k] * setup.layer_scale))
+    s.update(tokens_generated=n, wall_s=wall, compute_s=wall - s["stall_s"],
+             tokens_per_s=n / wall if wall else 0.0,
+             stall_ms_per_token=1e3 * s["stall_s"] / n,
+             hit_rate=counters.hits / max(counters.expert_requests, 1),
+             cache_bytes=int(cache.nbytes * 1), cache_slots=int(cache.n_slots),
+             bandwidth_gbps=setup.link_bytes_per_s / 1e9, setup=setup.label, policy=policy)
+    return s

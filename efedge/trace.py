@@ -1,0 +1,136 @@
+"""Routing traces: run text through a model and record, per token and MoE layer, the
+selected experts, their router probabilities, and what a predictor needs — the pre-gating
+scores (the routers of the next layers applied to this layer's normalised hidden state)
+and, optionally, a float16 sketch of the hidden state itself.
+
+Trace file (.npz):
+  experts   int16   [T, L, K]   selected experts, strongest first
+  probs     float16 [T, L, K]   their routing weights (after renormalisation if any)
+  pregate   float16 [T, L, H, E] router logits of layer l+d (d = 1..H) applied to h_l
+                                 (NaN where l+d is past the last layer)
+  hidden    float16 [T, L, S]   optional: random projection of h_l to S dims
+  tokens    int32   [T]
+  meta      json string: model name, arch, layers, experts, top-k, bytes per expert per
+            layer, n_embd, file, text source, horizon H
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from efedge import layers
+
+PREGATE_HORIZON = 4
+
+
+class TraceRecorder:
+    """Installed as the model's on_route hook; collects one row per token per layer."""
+
+    def __init__(self, tf, horizon: int = PREGATE_HORIZON, sketch_dim: int = 0, seed: int = 0):
+        self.tf = tf
+        c = tf.cfg
+        self.n_layer, self.n_expert, self.k = c.n_layer, c.n_expert, c.n_expert_used
+        self.horizon = horizon
+        self.rows: list[dict] = []  # per forward call: layer → arrays
+        self._cur: dict[int, tuple] = {}
+        self.proj = None
+        if sketch_dim:
+            rng = np.random.default_rng(seed)
+            self.proj = (rng.standard_normal((c.n_embd, sketch_dim)) /
+                         np.sqrt(sketch_dim)).astype(np.float32)
+
+    def __call__(self, layer: int, h: np.ndarray, ids: np.ndarray) -> None:
+        blk = self.tf.blocks[layer]
+        probs = layers.softmax(blk.ffn_gate_inp(h))
+        w = np.take_along_axis(probs, ids, axis=-1)
+        if self.tf.cfg.spec.norm_topk:
+            w = w / w.sum(axis=-1, keepdims=True)
+        pre = np.full((h.shape[0], self.horizon, self.n_expert), np.nan, dtype=np.float32)
+        for d in range(1, self.horizon + 1):
+            if layer + d < self.n_layer:
+                pre[:, d - 1] = self.tf.blocks[layer + d].ffn_gate_inp(h)
+        sketch = h @ self.proj if self.proj is not None else None
+        self._cur[layer] = (ids.copy(), w, pre, sketch)
+        if layer == self.n_layer - 1:
+            self.rows.append(self._cur)
+            self._cur = {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        L = self.n_layer
+        ex = np.concatenate([np.stack([r[il][0] for il in range(L)], axis=1)
+                             for r in self.rows]).astype(np.int16)
+        pr = np.concatenate([np.stack([r[il][1] for il in range(L)], axis=1)
+                             for r in self.rows]).astype(np.float16)
+        pg = np.concatenate([np.stack([r[il][2] for il in range(L)], axis=1)
+                             for r in self.rows]).astype(np.float16)
+        out = {"experts": ex, "probs": pr, "pregate": pg}
+        if self.proj is not None:
+            out["hidden"] = np.concatenate([np.stack([r[il][3] for il in range(L)], axis=1)
+                                            for r in self.rows]).astype(np.float16)
+        return out
+
+
+def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int = 128,
+                 horizon: int = PREGATE_HORIZON, sketch_dim: int = 0) -> dict:
+    """Run `text` through `model` (an efedge.Model) in causal chunks; return trace arrays
+    plus metadata. The context restarts when it is full."""
+    tf = model._tf
+    if not tf.cfg.is_moe:
+        raise ValueError("tracing needs a mixture-of-experts model")
+    ids = model.tokenize(text, add_special=True)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    rec = TraceRecorder(tf, horizon=horizon, sketch_dim=sketch_dim)
+    old = tf.on_route
+    tf.on_route = rec if old is None else _chain(old, rec)
+    try:
+        kv = tf.new_kv_cache(model.n_ctx)
+        pos = 0
+        for start in range(0, len(ids), chunk):
+            piece = ids[start:start + chunk]
+            if pos + len(piece) > kv.n_ctx:
+                kv.clear()
+                pos = 0
+            tf.forward(piece, pos, kv, model._experts, all_logits=False)
+            pos += len(piece)
+    finally:
+        tf.on_route = old
+    arrays = rec.arrays()
+    store = tf.store
+    meta = {
+        "model": str(model.path.name), "arch": tf.cfg.arch, "n_layer": tf.cfg.n_layer,
+        "n_expert": tf.cfg.n_expert, "top_k": tf.cfg.n_expert_used, "n_embd": tf.cfg.n_embd,
+        "bytes_per_expert": [store.expert_bytes(i) for i in range(store.n_layer)],
+        "horizon": horizon, "n_tokens": int(arrays["experts"].shape[0]),
+    }
+    arrays["tokens"] = np.asarray(ids, dtype=np.int32)
+    arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def _chain(a, b):
+    def both(layer, h, ids):
+        a(layer, h, ids)
+        b(layer, h, ids)
+    return both
+
+
+def save_trace(path: str | Path, arrays: dict, source: str = "") -> None:
+    meta = json.loads(str(arrays["meta"]))
+    meta["source"] = source
+    arrays = dict(arrays, meta=np.array(json.dumps(meta)))
+    np.savez_compressed(path, **arrays)
+
+
+def load_trace(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays and metadata of a trace file; ValueError naming what is missing."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key in ("experts", "probs", "meta"):
+        if key not in arrays:
+            raise ValueError(f"{path}: not an efedge trace (missing {key!r})")
+    meta = json.loads(str(arrays.pop("meta")))
+    return arrays, meta
