@@ -249,7 +249,7 @@ class ModelWorker:
                 self._current = job
             try:
                 self._run(job)
-            except (EfedgeError, ValueError, TypeError) as exc:
+            except (APIError, EfedgeError, ValueError, TypeError) as exc:
                 job.events.put(("error", exc))
             except Exception as exc:  # keep serving whatever one request did
                 log.exception("request failed")
@@ -266,12 +266,18 @@ class ModelWorker:
             ids = m.tokenize(req.prompt)
         else:
             ids = list(req.prompt)
+            bad = [t for t in ids if not 0 <= t < m.n_vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
+                                    f"[0, {m.n_vocab})", "invalid_value", param="prompt")
         n_prompt = len(ids)
         if n_prompt >= m.n_ctx:
             raise ContextLengthError(f"the prompt has {n_prompt} tokens; the context holds "
                                      f"{m.n_ctx}")
         room = m.n_ctx - n_prompt
         max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
+        if job.cancelled.is_set():
+            return
         before = m.stats()["tokens_generated"]
         started = False
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, **req.sampling)

@@ -122,7 +122,7 @@ def build_corpus(max_bytes: int = DEFAULT_MAX_BYTES, root: Path | None = None) -
     return docs
 
 
-def heldout_sample(max_chars: int = 2400, root: Path | None = None) -> str:
+def heldout_sample(max_chars: int = 1700, root: Path | None = None) -> str:
     """A fixed piece of held-out source text: the start of the first held-out source files
     (in path order) that are at least ``max_chars`` long, cut at a line end."""
     for doc in _source_documents(stdlib_root() if root is None else Path(root)):

@@ -16,8 +16,6 @@ unless ``--fresh``), ``log.csv`` and ``results.json``. Needs the extra ``train``
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import shlex
@@ -208,8 +206,8 @@ def train(args, work: Path, train_ids: np.ndarray, eval_ids: np.ndarray) -> MoEL
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
         opt.step()
         state["step"] = step = step + 1
-        run_ce += float(ce)
-        run_aux += float(aux)
+        run_ce += float(ce.detach())
+        run_aux += float(aux.detach())
         run_n += 1
         if step % args.eval_every == 0 or step == 1:
             ev = heldout_loss(model, eval_ids)

@@ -110,24 +110,29 @@ def evaluate(model: MoELM, ids: np.ndarray, byte_len: np.ndarray, *, batch: int 
     }
 
 
-def llama_bits_per_byte(path, text: str, eot_id: int) -> tuple[float, int]:
-    """Bits per byte of ``text`` under llama.cpp, predicting every token after a leading
-    <|endoftext|> (the document separator). Returns (bpb, number of text tokens)."""
+def llama_bits_per_byte(path, text: str, eot_id: int, n_ctx: int) -> tuple[float, int]:
+    """Bits per byte of ``text`` under llama.cpp: <|endoftext|> (the document separator)
+    then the text's tokens, in windows of ``n_ctx`` + 1 tokens like ``evaluate``; every
+    token of the text is predicted once. Returns (bpb, number of text tokens)."""
     from llama_cpp import Llama
 
     llm = Llama(str(path), vocab_only=True, verbose=False)
     ids = [eot_id] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     llm.close()
-    llm = Llama(str(path), logits_all=True, n_ctx=len(ids), n_batch=len(ids), n_threads=2,
+    llm = Llama(str(path), logits_all=True, n_ctx=n_ctx + 1, n_batch=n_ctx + 1, n_threads=2,
                 verbose=False)
+    nats = 0.0
     try:
-        llm.eval(ids)
-        scores = np.array(llm.scores[:len(ids)], dtype=np.float64)
+        for s in range(0, len(ids) - 1, n_ctx):
+            win = ids[s:s + n_ctx + 1]
+            llm.reset()
+            llm.eval(win)
+            sc = np.array(llm.scores[:len(win) - 1], dtype=np.float64)
+            m = sc.max(-1, keepdims=True)
+            logp = sc - m - np.log(np.exp(sc - m).sum(-1, keepdims=True))
+            nats -= logp[np.arange(len(win) - 1), win[1:]].sum()
     finally:
         llm.close()
-    m = scores.max(-1, keepdims=True)
-    logp = scores - m - np.log(np.exp(scores - m).sum(-1, keepdims=True))
-    nats = -logp[np.arange(len(ids) - 1), ids[1:]].sum()
     return float(nats / math.log(2) / len(text.encode("utf-8"))), len(ids) - 1
 
 

@@ -167,6 +167,8 @@ def test_completion_and_stream_and_stop(server, model):
     ("/v1/chat/completions", {"messages": HI, "top_p": 0}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "top_k": -3}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -7}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "invalid_type"),
     ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "unsupported"),
     ("/v1/chat/completions", {"messages": HI, "model": "gpt-4o"}, 404, "model_not_found"),
     ("/v1/nope", {"x": 1}, 404, "unknown_url"),

@@ -1,0 +1,148 @@
+"""Does the simulator agree with the live runtime? Same model, same tokens, same policy,
+same cache budget and emulated link; compute times measured on this machine.
+
+    python benchmarks/simulate_vs_live.py [MODEL] --cache 25% --link 1GB/s --policy ondemand
+
+1. Measure compute per layer and per expert with every expert resident.
+2. Record the routing trace of the text (efedge trace).
+3. Live: decode the text token by token (teacher forcing) with the cache and the emulated
+   link; count stall and hits after a warm-up.
+4. Simulate the trace with the measured times and the same link and budget.
+Prints both and the relative differences (target: within 15% on stall per token and on
+hit rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+import efedge
+import efedge.model as model_mod
+from efedge.demo import demo_model_path
+from efedge.experts.transfer import parse_link
+from efedge.simulate import SimSetup, simulate
+from efedge.trace import record_trace
+
+
+def heldout_text(n_chars: int = 6000) -> str:
+    try:
+        from gguf_tools.corpus import heldout_text as held
+        return held()[:n_chars]
+    except Exception:  # noqa: BLE001 — any stdlib text will do when the corpus tool is absent
+        import inspect
+        import json as js
+
+        return inspect.getsource(js)[:n_chars]
+
+
+def measure_compute(path, ids, threads=None) -> tuple[float, float]:
+    """(seconds per layer without experts, seconds per expert per token), decode."""
+    spent = [0.0, 0]
+    orig = model_mod.expert_ffn
+
+    def timed(x, w):
+        t0 = time.perf_counter()
+        out = orig(x, w)
+        spent[0] += time.perf_counter() - t0
+        spent[1] += 1
+        return out
+
+    with efedge.load(path, threads=threads) as m:
+        s = m._session
+        s.reset()
+        s.prefill(ids[:4])
+        for tok in ids[4:12]:  # warm-up
+            s.decode(tok)
+        model_mod.expert_ffn = timed
+        try:
+            t0 = time.perf_counter()
+            n = 0
+            for tok in ids[12:60]:
+                s.decode(tok)
+                n += 1
+            total = time.perf_counter() - t0
+        finally:
+            model_mod.expert_ffn = orig
+        n_layer = m.config.n_layer
+    t_expert = spent[0] / max(spent[1], 1)
+    t_layer = (total - spent[0]) / (n * n_layer)
+    return t_layer, t_expert
+
+
+def live_run(path, ids, cache, link, policy, warmup, threads=None) -> dict:
+    with efedge.load(path, cache=cache, link=link, policy=policy, threads=threads) as m:
+        s = m._session
+        s.reset()
+        s.prefill(ids[:1])
+        for i, tok in enumerate(ids[1:]):
+            if i + 1 == warmup:
+                m.reset_stats()
+            s.decode(tok)
+        st = m.stats()
+    n = len(ids) - warmup
+    return {"stall_ms_per_token": 1e3 * st["stall_s"] / n,
+            "hit_rate": st["hits"] / max(st["expert_requests"], 1),
+            "tokens_per_s": n / st["wall_s"], "stats": st}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("--cache", default="25%")
+    ap.add_argument("--link", default="1GB/s")
+    ap.add_argument("--policy", default="ondemand")
+    ap.add_argument("--tokens", type=int, default=160)
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    path = args.model or demo_model_path()
+    with efedge.load(path) as m:
+        ids = m.tokenize(heldout_text())[: args.tokens]
+        arrays = record_trace(m, m.detokenize(ids), chunk=1, max_tokens=len(ids))
+        meta = {"n_layer": m.config.n_layer, "n_expert": m.config.n_expert,
+                "top_k": m.config.n_expert_used,
+                "bytes_per_expert": [m._tf.store.expert_bytes(i)
+                                     for i in range(m.config.n_layer)]}
+        ids = arrays["tokens"].tolist()
+    t_layer, t_expert = measure_compute(path, ids, args.threads)
+    link = parse_link(args.link)
+    live = live_run(path, ids, args.cache, args.link, args.policy, args.warmup, args.threads)
+    setup = SimSetup(meta["bytes_per_expert"], t_layer, t_expert, link.bytes_per_s,
+                     link.latency_s, args.cache, 1.0, "this machine (measured)")
+    sim = simulate(arrays, meta, setup, args.policy, warmup=args.warmup)
+    out = {
+        "model": str(path), "cache": args.cache, "link": args.link, "policy": args.policy,
+        "tokens": len(ids), "layer_ms": 1e3 * t_layer, "expert_ms": 1e3 * t_expert,
+        "live": {k: live[k] for k in ("stall_ms_per_token", "hit_rate", "tokens_per_s")},
+        "sim": {k: sim[k] for k in ("stall_ms_per_token", "hit_rate", "tokens_per_s")},
+    }
+    for k in ("stall_ms_per_token", "hit_rate"):
+        a, b = out["live"][k], out["sim"][k]
+        out[f"rel_diff_{k}"] = abs(a - b) / max(abs(a), 1e-12)
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"model {path}, cache {args.cache}, link {args.link} (emulated), policy "
+          f"{args.policy}, {len(ids)} tokens teacher-forced, warm-up {args.warmup}")
+    print(f"measured compute: {out['layer_ms']:.3f} ms per layer + {out['expert_ms']:.3f} ms "
+          "per expert")
+    print("|  | stall ms/token | hit rate | tok/s |\n|---|---|---|---|")
+    for name in ("live", "sim"):
+        r = out[name]
+        print(f"| {name} | {r['stall_ms_per_token']:.3f} | {r['hit_rate']:.1%} | "
+              f"{r['tokens_per_s']:.1f} |")
+    print(f"relative difference: stall {out['rel_diff_stall_ms_per_token']:.1%}, hit rate "
+          f"{out['rel_diff_hit_rate']:.1%}")
+    _ = np  # numpy is used by the trace arrays
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,428 @@
+"""The hybrid expert predictor: which experts will layers l+1 … l+H ask for?
+
+Three sources of evidence, each a distribution over the E experts of a future layer m:
+
+* **pre-gating** — the router of layer m applied to the current (ffn-normalised) hidden
+  state. The residual stream changes slowly, so this is sharp a layer or two ahead; it
+  only exists within the current token (the next token's hidden state is not known).
+* **transitions** — how often expert j ran at layer l+d after expert i ran at layer l,
+  counted online with exponential decay (optionally seeded from a routing trace). This is
+  the model's own routing structure; it also crosses token boundaries.
+* **temporal locality** — what the previous tokens chose at layer m (a decayed frequency).
+
+They are mixed with weights per (target layer, distance) that adapt online by
+exponentiated gradient on the log-likelihood of what the router then actually chose
+(the "feedback"). The mixture ranks the experts; the rank is turned into a *calibrated*
+probability of use by a per (target layer, distance, rank) hit rate, learned from the
+same feedback, so the scheduler can weigh a prefetch's expected saving against its cost.
+For a batch (prefill) the per-token probabilities are combined into the probability that
+*any* token of the batch needs the expert: 1 - Π_t (1 - p_t).
+
+Layers are a cyclic stream: step = pass · L + layer, a pass being one forward call. A
+prediction at distance d from layer l targets layer (l + d) mod L, in the next pass when
+l + d ≥ L. All hot loops are numba kernels over arrays; the class holds the state.
+Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max distance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+PREGATE, TRANSITION, TEMPORAL = 0, 1, 2
+N_COMP = 3
+# params vector (float64), indices
+_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL = range(8)
+
+
+@njit(cache=True, nogil=True)
+def _learn_pairs(trans, rowsum, src, dst, di, w):
+    """Count (i at the source layer) → (j at distance di+1) for one token's top-k sets."""
+    k = src.shape[0]
+    for a in range(k):
+        i = src[a]
+        if i < 0:
+            continue
+        for b in range(dst.shape[0]):
+            trans[di, i, dst[b]] += w
+        rowsum[di, i] += w * dst.shape[0]
+
+
+@njit(cache=True, nogil=True)
+def _seed_kernel(trans, rowsum, experts, weight):
+    """Transition counts from a whole trace [N, L, K] (token-major layer stream)."""
+    n, n_layer, _ = experts.shape
+    dm = trans.shape[1]
+    for t in range(n):
+        for s in range(n_layer):
+            for d in range(1, dm + 1):
+                tt = t + (s + d) // n_layer
+                m = (s + d) % n_layer
+                if tt >= n:
+                    continue
+                _learn_pairs(trans[s], rowsum[s], experts[t, s], experts[tt, m], d - 1, weight)
+
+
+@njit(cache=True, nogil=True)
+def _rescale(trans, rowsum, params):
+    inv = 1.0 / params[_P_INC]
+    for idx in np.ndindex(trans.shape):
+        trans[idx] *= inv
+    for idx in np.ndindex(rowsum.shape):
+        rowsum[idx] *= inv
+    params[_P_INC] = 1.0
+
+
+@njit(cache=True, nogil=True)
+def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weights, prec,
+              prec_n, recall, params):
+    """The router of `layer` chose `ids` (one token): score every stored prediction that
+    targeted this step, update the fusion weights and the rank calibration."""
+    dm = weights.shape[1]
+    e_n = prec.shape[2]
+    k = ids.shape[0]
+    ring = ring_made.shape[0]
+    eps, eta, floor = params[_P_EPS], params[_P_ETA], params[_P_WFLOOR]
+    chosen = np.zeros(e_n, dtype=np.bool_)
+    for a in range(k):
+        chosen[ids[a]] = True
+    r = step % ring
+    for d in range(1, dm + 1):
+        if ring_made[r, d - 1] != step - d:
+            continue
+        ring_made[r, d - 1] = -1
+        q = ring_q[r, d - 1]
+        av = ring_avail[r, d - 1]
+        w = weights[layer, d - 1]
+        wsum = 0.0
+        for c in range(N_COMP):
+            if av[c]:
+                wsum += w[c]
+        if wsum > 0.0:
+            # exponentiated gradient on log f(chosen): g_c = mean_a q_c(a) / f(a)
+            g = np.zeros(N_COMP)
+            for a in range(k):
+                e = ids[a]
+                f = 0.0
+                for c in range(N_COMP):
+                    if av[c]:
+                        f += w[c] / wsum * q[c, e]
+                f = (1.0 - eps) * f + eps / e_n
+                for c in range(N_COMP):
+                    if av[c]:
+                        g[c] += q[c, e] / f / k
+            tot = 0.0
+            for c in range(N_COMP):
+                if av[c]:
+                    w[c] *= np.exp(eta * (g[c] - 1.0))
+                    tot += w[c]
+            for c in range(N_COMP):
+                if av[c]:
+                    w[c] = max(w[c] / tot * wsum, floor)
+        # calibration: hit rate of each rank at (layer, distance)
+        n = prec_n[layer, d - 1]
+        rate = max(params[_P_CAL], 1.0 / (n + 2.0))
+        pr = prec[layer, d - 1]
+        hits = 0
+        for e in range(e_n):
+            rk = ring_rank[r, d - 1, e]
+            hit = 1.0 if chosen[e] else 0.0
+            pr[rk] += rate * (hit - pr[rk])
+            if chosen[e] and rk < k:
+                hits += 1
+        prec_n[layer, d - 1] = n + 1
+        rr = max(params[_P_RECALL], 1.0 / (recall[d - 1, 1] + 1.0))
+        recall[d - 1, 0] += rr * (hits / k - recall[d - 1, 0])
+        recall[d - 1, 1] += 1.0
+
+
+@njit(cache=True, nogil=True)
+def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
+           p_next, params):
+    """Transition counts ending at this layer, temporal frequency, token history."""
+    t_n, k = ids.shape
+    n_layer = cur_ids.shape[0]
+    dm = trans.shape[1]
+    e_n = recent.shape[1]
+    ring = last_hist.shape[0]
+    for t in range(t_n):
+        for a in range(k):
+            cur_ids[layer, t, a] = ids[t, a]
+    # lazy decay: newer counts weigh more instead of shrinking every old count
+    params[_P_INC] *= params[_P_DECAY] ** (-t_n / n_layer)
+    w = params[_P_INC]
+    for d in range(1, dm + 1):
+        s = layer - d
+        if s >= 0:  # same pass: token-aligned pairs
+            for t in range(t_n):
+                _learn_pairs(trans[s], rowsum[s], cur_ids[s, t], ids[t], d - 1, w)
+        else:  # an earlier pass: its last token → this pass's first token
+            back = (-s + n_layer - 1) // n_layer
+            src_pass = pass_no - back
+            slot = src_pass % ring
+            if src_pass >= 0 and hist_pass[slot] == src_pass:
+                sl = s + back * n_layer
+                _learn_pairs(trans[sl], rowsum[sl], last_hist[slot, sl], ids[0], d - 1, w)
+    if params[_P_INC] > 1e20:
+        _rescale(trans, rowsum, params)
+    slot = pass_no % ring
+    hist_pass[slot] = pass_no
+    for a in range(k):
+        last_hist[slot, layer, a] = ids[t_n - 1, a]
+    # temporal locality: decayed share of the pass's tokens that used each expert
+    rate = params[_P_RECENT]
+    freq = np.zeros(e_n)
+    for t in range(t_n):
+        for a in range(k):
+            freq[ids[t, a]] += 1.0 / t_n
+    keep = (1.0 - rate) ** t_n
+    for e in range(e_n):
+        recent[layer, e] = keep * recent[layer, e] + (1.0 - keep) * min(freq[e], 1.0)
+        p_next[layer, e] = recent[layer, e]  # until a prediction for the next pass comes
+
+
+@njit(cache=True, nogil=True)
+def _softmax(x):
+    out = np.empty(x.shape[0])
+    mx = -np.inf
+    for i in range(x.shape[0]):
+        mx = max(mx, x[i])
+    tot = 0.0
+    for i in range(x.shape[0]):
+        out[i] = np.exp(x[i] - mx)
+        tot += out[i]
+    for i in range(x.shape[0]):
+        out[i] /= tot
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _pregate_row(row):
+    """Router logits → probabilities; None-like (all zero) when the row carries no
+    information (NaN from a trace beyond its horizon, or a constant row)."""
+    lo, hi = np.inf, -np.inf
+    for i in range(row.shape[0]):
+        v = row[i]
+        if not np.isfinite(v):
+            return np.zeros(row.shape[0]), False
+        lo, hi = min(lo, v), max(hi, v)
+    if hi - lo <= 0.0:
+        return np.zeros(row.shape[0]), False
+    return _softmax(row.astype(np.float64)), True
+
+
+@njit(cache=True, nogil=True)
+def _predict(layer, step, n_pred, ids, h, W, has_w, pg, recent, trans, rowsum, weights,
+             prec, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, params):
+    """Calibrated probabilities of use for distances 1..n_pred (into p_use / order)."""
+    t_n, k = ids.shape
+    n_layer = recent.shape[0]
+    e_n = recent.shape[1]
+    ring = ring_made.shape[0]
+    eps = params[_P_EPS]
+    for d in range(n_pred, 0, -1):  # nearest last, so p_next keeps the nearest view
+        m = (layer + d) % n_layer
+        same = layer + d < n_layer
+        t0 = 0 if same else t_n - 1  # across a pass only the last token carries on
+        single = same and t_n == 1 or not same
+        rsum = 0.0
+        for e in range(e_n):
+            rsum += recent[m, e]
+        pu = np.zeros(e_n)
+        # calibrated p by rank, made non-increasing (running min from the top rank)
+        pm = np.empty(e_n)
+        lo = 1.0
+        for rk in range(e_n):
+            lo = min(lo, prec[m, d - 1, rk])
+            pm[rk] = lo
+        for t in range(t0, t_n):
+            q = np.zeros((N_COMP, e_n))
+            av = np.zeros(N_COMP, dtype=np.bool_)
+            if same and has_w:
+                q[PREGATE] = _softmax(np.dot(W[m], h[t]).astype(np.float64))
+                av[PREGATE] = True
+            elif same and pg.shape[1] >= d:
+                q[PREGATE], av[PREGATE] = _pregate_row(pg[t, d - 1])
+            cnt = 0
+            for a in range(k):
+                i = ids[t, a]
+                rs = rowsum[layer, d - 1, i]
+                if rs > 0.0:
+                    for e in range(e_n):
+                        q[TRANSITION, e] += trans[layer, d - 1, i, e] / rs
+                    cnt += 1
+            if cnt > 0:
+                for e in range(e_n):
+                    q[TRANSITION, e] /= cnt
+                av[TRANSITION] = True
+            if rsum > 0.0:
+                for e in range(e_n):
+                    q[TEMPORAL, e] = recent[m, e] / rsum
+                av[TEMPORAL] = True
+            w = weights[m, d - 1]
+            wsum = 0.0
+            for c in range(N_COMP):
+                if av[c]:
+                    wsum += w[c]
+            f = np.full(e_n, eps / e_n)
+            if wsum > 0.0:
+                for c in range(N_COMP):
+                    if av[c]:
+                        f += (1.0 - eps) * w[c] / wsum * q[c]
+            ordt = np.argsort(-f)
+            for rk in range(e_n):
+                e = ordt[rk]
+                pu[e] = 1.0 - (1.0 - pu[e]) * (1.0 - pm[rk])
+            if single:
+                r = (step + d) % ring
+                for c in range(N_COMP):
+                    ring_avail[r, d - 1, c] = av[c]
+                    for e in range(e_n):
+                        ring_q[r, d - 1, c, e] = q[c, e]
+                for rk in range(e_n):
+                    ring_rank[r, d - 1, ordt[rk]] = rk
+                ring_made[r, d - 1] = step
+        ordu = np.argsort(-pu)
+        for e in range(e_n):
+            p_use[d - 1, e] = pu[e]
+            order[d - 1, e] = ordu[e]
+            p_next[m, e] = pu[e]
+
+
+@njit(cache=True, nogil=True)
+def _step(layer, step, pass_no, n_pred, feedback, ids, h, W, has_w, pg, cur_ids, last_hist,
+          hist_pass, trans, rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
+          ring_rank, ring_made, p_use, order, p_next, params):
+    if feedback:
+        _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
+                  prec_n, recall, params)
+    _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent, p_next,
+           params)
+    if n_pred > 0:
+        _predict(layer, step, n_pred, ids, h, W, has_w, pg, recent, trans, rowsum, weights,
+                 prec, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, params)
+
+
+class HybridPredictor:
+    """Online state of the hybrid predictor; `step()` once per routed MoE layer.
+
+    After `step(layer, ids, …, n_pred=n)`, `p_use[d-1]` holds, for the layer d steps ahead,
+    each expert's calibrated probability of being used (by any token of the pass) and
+    `order[d-1]` the experts by that probability, for d = 1..n. `p_next[m, e]` is the
+    latest such estimate for the next use of layer m (the eviction score reads it).
+    """
+
+    def __init__(self, n_layer: int, n_expert: int, n_active: int, max_distance: int = 8,
+                 decay: float = 0.998, recent_rate: float = 0.3, eta: float = 0.3,
+                 calibration_rate: float = 0.05, eps: float = 0.01,
+                 weight_floor: float = 0.02, adapt: bool = True):
+        L, E, K, dm = n_layer, n_expert, n_active, max(1, int(max_distance))
+        self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
+        self.adapt = adapt
+        self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
+                                weight_floor, 0.1], dtype=np.float64)
+        self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
+        self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
+        self.recent = np.zeros((L, E), dtype=np.float32)
+        # fusion weights per (target layer, distance): pre-gating leads near, the
+        # model's statistics further out (priors; feedback moves them)
+        self.weights = np.empty((L, dm, N_COMP), dtype=np.float64)
+        for d in range(1, dm + 1):
+            pg = 0.7 / d
+            self.weights[:, d - 1] = (pg, (1 - pg) * 0.6, (1 - pg) * 0.4)
+        # calibration prior: the top-K ranks are used half the time, the rest rarely
+        self.prec = np.full((L, dm, E), 0.5 * K / E, dtype=np.float64)
+        self.prec[:, :, :K] = 0.5
+        self.prec_n = np.zeros((L, dm), dtype=np.int64)
+        self.recall = np.zeros((dm, 2), dtype=np.float64)  # EWMA recall@K per distance, n
+        ring = dm + 1  # stored predictions, keyed by target step mod ring
+        self.ring_q = np.zeros((ring, dm, N_COMP, E), dtype=np.float32)
+        self.ring_avail = np.zeros((ring, dm, N_COMP), dtype=np.bool_)
+        self.ring_rank = np.zeros((ring, dm, E), dtype=np.int32)
+        self.ring_made = np.full((ring, dm), -1, dtype=np.int64)
+        passes = (dm + L - 1) // L + 1
+        self.last_hist = np.full((passes, L, K), -1, dtype=np.int32)
+        self.hist_pass = np.full(passes, -1, dtype=np.int64)
+        self.cur_ids = np.zeros((L, 1, K), dtype=np.int32)
+        self.p_use = np.zeros((dm, E), dtype=np.float32)
+        self.order = np.zeros((dm, E), dtype=np.int32)
+        self.p_next = np.zeros((L, E), dtype=np.float32)
+        self.W = np.zeros((0, 0, 0), dtype=np.float32)  # router weights [L, E, D] if known
+        self.pass_no = -1
+        self.step_no = -1
+        self._last_layer = L
+        self._pass_tokens = 1
+        self._no_h = np.zeros((1, 1), dtype=np.float32)
+        self._no_pg = np.zeros((1, 0, E), dtype=np.float32)
+
+    # -- inputs ---------------------------------------------------------------------------
+    def set_router_weights(self, W: np.ndarray) -> None:
+        """Routers as dense matrices [L, E, D] (router logits = W[m] @ h)."""
+        W = np.ascontiguousarray(W, dtype=np.float32)
+        if W.shape[:2] != (self.n_layer, self.n_expert):
+            raise ValueError(f"router weights must be [{self.n_layer}, {self.n_expert}, D], "
+                             f"got {list(W.shape)}")
+        self.W = W
+
+    def seed(self, experts, weight: float = 1.0) -> None:
+        """Transition counts from a routing trace: an array [n_tokens, n_layer, K] of
+        expert ids, or a path to a .npz holding one under "experts"."""
+        if isinstance(experts, str | bytes) or hasattr(experts, "__fspath__"):
+            with np.load(experts) as z:
+                experts = z["experts"]
+        ex = np.ascontiguousarray(experts, dtype=np.int32)
+        if ex.ndim != 3 or ex.shape[1] != self.n_layer or ex.size == 0:
+            raise ValueError(f"a trace must be [n_tokens, {self.n_layer}, K], got "
+                             f"{list(ex.shape)}")
+        if ex.min() < 0 or ex.max() >= self.n_expert:
+            raise ValueError("trace expert ids are outside 0..n_expert-1")
+        _seed_kernel(self.trans, self.rowsum, ex, float(weight) * self.params[_P_INC])
+        if self.params[_P_INC] > 1e20:
+            _rescale(self.trans, self.rowsum, self.params)
+
+    # -- the per-layer step -----------------------------------------------------------------
+    def step(self, layer: int, ids: np.ndarray, hidden: np.ndarray | None = None,
+             pregate: np.ndarray | None = None, n_pred: int | None = None) -> int:
+        """Learn from `ids` [T, K] chosen at `layer`, then predict n_pred layers ahead from
+        the hidden state [T, D] (with router weights set) or pre-gating logits
+        [T, n, E] for layers layer+1..layer+n (NaN rows: unknown). Returns the step."""
+        L = self.n_layer
+        ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, self.n_active)
+        t_n = ids.shape[0]
+        if layer <= self._last_layer:
+            self.pass_no += 1
+            self._pass_tokens = t_n
+        self._last_layer = layer
+        step = self.pass_no * L + layer
+        self.step_no = step
+        if t_n > self.cur_ids.shape[1]:
+            grown = np.zeros((L, t_n, self.n_active), dtype=np.int32)
+            grown[:, :self.cur_ids.shape[1]] = self.cur_ids
+            self.cur_ids = grown
+        n = self.max_distance if n_pred is None else max(0, min(int(n_pred), self.max_distance))
+        has_w = hidden is not None and self.W.shape[0] == L and hidden.ndim == 2 and \
+            hidden.shape[1] == self.W.shape[2]
+        h = np.ascontiguousarray(hidden, dtype=np.float32) if has_w else self._no_h
+        pg = self._no_pg
+        if not has_w and pregate is not None:
+            pg = np.ascontiguousarray(pregate, dtype=np.float32).reshape(t_n, -1,
+                                                                         self.n_expert)
+        feedback = self.adapt and t_n == 1
+        _step(layer, step, self.pass_no, n, feedback, ids, h, self.W, has_w, pg, self.cur_ids,
+              self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
+              self.weights, self.prec, self.prec_n, self.recall, self.ring_q, self.ring_avail,
+              self.ring_rank, self.ring_made, self.p_use, self.order, self.p_next, self.params)
+        return step
+
+    # -- reporting ---------------------------------------------------------------------------
+    def recall_at_k(self) -> np.ndarray:
+        """Recall of the top-K predictions per distance 1..Dm (NaN where never scored)."""
+        r = self.recall[:, 0].copy()
+        r[self.recall[:, 1] == 0] = np.nan
+        return r
+
+    def mean_weights(self) -> np.ndarray:
+        """Fusion weights per distance, averaged over layers [Dm, 3] (pre-gating,
+        transitions, temporal), each row normalised."""
+        w = self.weights.mean(axis=0)
+        return w / w.sum(axis=1, keepdims=True)
