@@ -75,7 +75,9 @@ class Model:
             self._gf.close()
             raise
         self._lock = threading.RLock()
-        self._cancel = threading.Event()
+        self._cancel_lock = threading.Lock()
+        self._active_cancels: set[threading.Event] = set()
+        self.last_result: GenerationResult | None = None
         self._closed = False
         self._progress(1.0, "ready")
 
@@ -160,35 +162,58 @@ class Model:
         return ids
 
     def _stream_ids(self, ids: list[int], max_tokens: int, stop, sampling: dict,
-                    result: GenerationResult) -> Iterator[str]:
-        if not isinstance(max_tokens, int) or max_tokens < 0:
+                    result: GenerationResult | None,
+                    cancel: threading.Event | None) -> Iterator[str]:
+        """Validate now (errors surface at call time, not at the first next()), then
+        return the generator. The cancel event is registered now too, so a cancel()
+        between the call and the first token is not lost."""
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         sampler = Sampler(self._params(sampling))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        with self._lock:
-            self._check_open()
-            self._cancel.clear()
-            decoder = self.tokenizer.stream_decoder()
-            filt = StopStringFilter(stops)
-            for tok in generate_tokens(self._session, ids, sampler, max_tokens=max_tokens,
-                                       eog=self.tokenizer.eog_ids, cancel=self._cancel,
-                                       result=result):
-                text = filt.push(decoder.push(tok))
-                if text:
-                    yield text
-                if filt.stopped:
-                    result.finish_reason = "stop"
-                    return
-            tail = filt.push(decoder.flush())
-            tail += filt.flush()
-            if tail:
-                yield tail
+        if not all(isinstance(s_, str) for s_ in stops):
+            raise TypeError("stop must be a string or a list of strings")
+        self._check_open()
+        result = result if result is not None else GenerationResult([], "length")
+        ev = cancel if cancel is not None else threading.Event()
+        with self._cancel_lock:
+            self._active_cancels.add(ev)
+        return self._generate_text(ids, max_tokens, stops, sampler, result, ev)
+
+    def _generate_text(self, ids, max_tokens, stops, sampler, result, ev) -> Iterator[str]:
+        try:
+            with self._lock:
+                self._check_open()
+                self.last_result = result
+                decoder = self.tokenizer.stream_decoder()
+                filt = StopStringFilter(stops)
+                for tok in generate_tokens(self._session, ids, sampler, max_tokens=max_tokens,
+                                           eog=self.tokenizer.eog_ids, cancel=ev,
+                                           result=result):
+                    text = filt.push(decoder.push(tok))
+                    if text:
+                        yield text
+                    if filt.stopped:
+                        result.finish_reason = "stop"
+                        return
+                tail = filt.push(decoder.flush())
+                tail += filt.flush()
+                if tail:
+                    yield tail
+        finally:
+            with self._cancel_lock:
+                self._active_cancels.discard(ev)
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
-               **sampling) -> Iterator[str]:
-        """Yield text pieces as they are generated (never half a UTF-8 character)."""
+               result: GenerationResult | None = None,
+               cancel: threading.Event | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated (never half a UTF-8 character).
+
+        `result` (a GenerationResult) receives the token ids and the finish reason
+        ("stop", "length" or "cancelled"); `cancel` is an Event that stops this call
+        only (Model.cancel() stops every call in progress)."""
         ids = self._prompt_ids(prompt)
-        return self._stream_ids(ids, max_tokens, stop, sampling, GenerationResult([], ""))
+        return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel)
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                  **sampling) -> str:
@@ -199,26 +224,30 @@ class Model:
         """Token ids of a conversation rendered with the model's chat template."""
         from efedge.chat_template import ChatTemplate, get_template
 
-        if self._template is None:
-            if self._chat_template_name is not None:
-                self._template = get_template(self._chat_template_name)
-            else:
-                self._template = (ChatTemplate.from_metadata(self._gf.metadata)
-                                  or get_template("chatml"))
+        with self._lock:
+            if self._template is None:
+                if self._chat_template_name is not None:
+                    self._template = get_template(self._chat_template_name)
+                else:
+                    self._template = (ChatTemplate.from_metadata(self._gf.metadata)
+                                      or get_template("chatml"))
         text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
         # the template writes BOS itself when the model wants one: never add a second
         return self.tokenize(text, add_special=False, parse_special=True)
 
     def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
-             stop=None, **sampling) -> str | Iterator[str]:
+             stop=None, result: GenerationResult | None = None,
+             cancel: threading.Event | None = None, **sampling) -> str | Iterator[str]:
         """Reply to a conversation ([{"role": ..., "content": ...}, ...])."""
         ids = self._prompt_ids(self.chat_prompt(messages))
-        it = self._stream_ids(ids, max_tokens, stop, sampling, GenerationResult([], ""))
+        it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel)
         return it if stream else "".join(it)
 
     def cancel(self) -> None:
-        """Stop the generation in progress (safe to call from any thread)."""
-        self._cancel.set()
+        """Stop every generation in progress or already requested (safe from any thread)."""
+        with self._cancel_lock:
+            for ev in self._active_cancels:
+                ev.set()
 
     def stats(self) -> dict:
         return self.counters.as_dict()
@@ -230,7 +259,7 @@ class Model:
         """Release the mapping. Safe to call twice."""
         if getattr(self, "_closed", True):
             return
-        self._cancel.set()
+        self.cancel()
         with self._lock:
             self._closed = True
             if self._experts is not None:

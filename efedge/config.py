@@ -3,6 +3,7 @@ checked against the tensor shapes before anything is computed."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from efedge import archs
@@ -52,9 +53,19 @@ def _int(gf: GGUFFile, key: str, default: int | None = None) -> int:
     return int(val)
 
 
-def _float(gf: GGUFFile, key: str, default: float) -> float:
+def _positive(gf: GGUFFile, key: str, default: int | None = None) -> int:
+    val = _int(gf, key, default)
+    if val == 0:
+        raise ModelFormatError(f"{gf.path}: metadata key {key!r} must be at least 1, got 0")
+    return val
+
+
+def _float(gf: GGUFFile, key: str, default: float, minimum: float = 0.0) -> float:
+    """A finite number >= minimum (NaN, infinities and negatives would only surface as
+    NaN logits much later)."""
     val = gf.get(key, default)
-    if not isinstance(val, int | float) or isinstance(val, bool) or not val == val:
+    if (not isinstance(val, int | float) or isinstance(val, bool) or not math.isfinite(val)
+            or val < minimum):
         raise ModelFormatError(f"{gf.path}: metadata key {key!r} has invalid value {val!r}")
     return float(val)
 
@@ -72,18 +83,22 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise ModelFormatError(f"{gf.path}: metadata key 'general.architecture' is missing")
     spec = archs.get(arch)
     k = f"{arch}."
-    n_layer = _int(gf, k + "block_count")
-    n_embd = _int(gf, k + "embedding_length")
-    n_head = _int(gf, k + "attention.head_count")
-    n_head_kv = _int(gf, k + "attention.head_count_kv", n_head)
-    if n_layer == 0 or n_embd == 0 or n_head == 0 or n_head_kv == 0 or n_head % n_head_kv:
-        raise ModelFormatError(f"{gf.path}: inconsistent sizes: layers {n_layer}, width "
-                               f"{n_embd}, heads {n_head}, kv heads {n_head_kv}")
+    n_layer = _positive(gf, k + "block_count")
+    n_embd = _positive(gf, k + "embedding_length")
+    n_head = _positive(gf, k + "attention.head_count")
+    n_head_kv = _positive(gf, k + "attention.head_count_kv", n_head)
+    if n_head % n_head_kv:
+        raise ModelFormatError(f"{gf.path}: metadata keys {k + 'attention.head_count'!r} "
+                               f"({n_head}) and {k + 'attention.head_count_kv'!r} "
+                               f"({n_head_kv}): heads must be a multiple of kv heads")
     head_dim = _int(gf, k + "attention.key_length", n_embd // n_head)
     v_head_dim = _int(gf, k + "attention.value_length", head_dim)
     rope_dim = _int(gf, k + "rope.dimension_count", head_dim)
     if head_dim == 0 or rope_dim > head_dim or rope_dim % 2:
-        raise ModelFormatError(f"{gf.path}: invalid head size {head_dim} / rope dims {rope_dim}")
+        raise ModelFormatError(f"{gf.path}: metadata keys {k + 'attention.key_length'!r} "
+                               f"({head_dim}) and {k + 'rope.dimension_count'!r} ({rope_dim}): "
+                               "the head size must be positive and the rope dims even and "
+                               "no larger")
     n_expert = _int(gf, k + "expert_count", 0)
     if spec.moe and n_expert == 0:
         raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_count'!r} is missing")
@@ -91,8 +106,9 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise UnsupportedModelError(f"architecture {arch!r} does not take experts")
     n_expert_used = _int(gf, k + "expert_used_count", 0) if n_expert else 0
     if n_expert and not 0 < n_expert_used <= n_expert:
-        raise ModelFormatError(f"{gf.path}: expert_used_count {n_expert_used} is not in "
-                               f"1..{n_expert}")
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_used_count'!r} "
+                               f"({n_expert_used}) is not in 1..{k + 'expert_count'!r} "
+                               f"({n_expert})")
     n_ff = _int(gf, k + "feed_forward_length", 0)
     n_ff_exp = _int(gf, k + "expert_feed_forward_length", n_ff) if n_expert else 0
     n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp) \
@@ -102,11 +118,17 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise ModelFormatError(f"tensor 'token_embd.weight': shape {emb.shape} does not match "
                                f"embedding_length {n_embd}")
     n_vocab = emb.shape[1]
+    tokens = gf.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != n_vocab:
+        # as llama.cpp: the embedding has one row per vocabulary entry, else generated ids
+        # would have no text (or text would have no row)
+        raise ModelFormatError(f"tensor 'token_embd.weight': {n_vocab} rows do not match "
+                               f"the {len(tokens)} entries of 'tokenizer.ggml.tokens'")
     cfg = ModelConfig(
         arch=arch, spec=spec, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         n_head_kv=n_head_kv, head_dim=head_dim, v_head_dim=v_head_dim, n_vocab=n_vocab,
-        n_ctx_train=_int(gf, k + "context_length", 2048),
-        rope_base=_float(gf, k + "rope.freq_base", 10000.0), rope_dim=rope_dim,
+        n_ctx_train=_positive(gf, k + "context_length", 2048),
+        rope_base=_float(gf, k + "rope.freq_base", 10000.0, minimum=1e-30), rope_dim=rope_dim,
         norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
         n_ff_shexp=n_ff_shexp,

@@ -55,12 +55,16 @@ class Session:
         self.kv.truncate(n)
         self.tokens = self.tokens[:n]
         self.kv.check_room(n, len(prompt) - n)
+        t0 = time.perf_counter()
         logits = self._run(prompt[n:], n, all_logits=False)
+        self.counters.prompt_s += time.perf_counter() - t0
         self.counters.tokens_prompt += len(prompt) - n
         return logits[-1]
 
     def decode(self, token: int) -> np.ndarray:
+        t0 = time.perf_counter()
         logits = self._run([token], len(self.tokens), all_logits=False)
+        self.counters.decode_s += time.perf_counter() - t0
         self.counters.tokens_generated += 1
         return logits[-1]
 

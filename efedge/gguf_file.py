@@ -13,10 +13,11 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderField
 
 from efedge.errors import ModelFormatError, UnsupportedModelError
 
@@ -27,6 +28,7 @@ SUPPORTED_VERSIONS = (2, 3)
 _MIN_KV_BYTES = 13
 _MIN_TENSOR_INFO_BYTES = 32
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+GGML_MAX_DIMS = 4
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,109 @@ class ExpertSlice:
 
 
 class _HeaderReader(GGUFReader):
-    """gguf-py's parser for the header, metadata and tensor infos; tensor data views are
-    built by GGUFFile after validation, so a bad tensor is reported by name instead of
-    failing inside numpy."""
+    """gguf-py's parser, made strict for files from strangers.
+
+    gguf-py clips a read that runs past the end of the file and carries on, and reads an
+    array one numpy view per element: a forged length is then an IndexError far from its
+    cause, or a loop of billions of elements (a hang, then MemoryError). Here every read
+    must lie inside the file, a declared array length must fit in the bytes that remain,
+    scalar arrays are one view, names must be UTF-8 and types known — each refused as a
+    ModelFormatError naming the key or tensor and the byte offset. Tensor data views are
+    built by GGUFFile after validation, so a bad tensor is reported by name too."""
+
+    _where = "header"
+
+    def _fail(self, msg: str, offset: int) -> NoReturn:
+        raise ModelFormatError(f"{self._where} (at byte {offset}): {msg}")
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None):
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > self.data.size:
+            self._fail(f"needs bytes up to {end} but the file ends at {self.data.size} "
+                       "(truncated, or a forged length or count)", offset)
+        return super()._get(offset, dtype, count, override_order)
+
+    def _utf8(self, raw: np.ndarray, offset: int, what: str) -> str:
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(f"{what} is not valid UTF-8: {bytes(raw)[:48]!r}", offset)
+
+    def _vtype(self, raw: Any, offset: int) -> GGUFValueType:
+        try:
+            return GGUFValueType(int(raw))
+        except ValueError:
+            self._fail(f"unknown value type {int(raw)}", offset)
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        for i in range(int(count)):
+            start = offs
+            self._where = f"metadata key #{i}"
+            klen, kdata = self._get_str(offs)
+            key = self._utf8(kdata, offs + 8, "the key name")
+            self._where = f"metadata key {key!r}"
+            if key in self.fields:
+                self._fail("the key appears twice", start)
+            offs += 8 + int(kdata.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += 4
+            size, parts, idxs, types = self._get_field_parts(offs, raw_type[0])
+            self.fields[key] = ReaderField(start, key, [klen, kdata, raw_type, *parts],
+                                           [j + 3 for j in idxs], types)
+            offs += size
+        return offs
+
+    def _get_field_parts(self, orig_offs: int, raw_type: Any):
+        gtype = self._vtype(raw_type, orig_offs - 4)
+        if gtype != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)  # scalar / string
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype = self._vtype(raw_itype[0], orig_offs)
+        if itype == GGUFValueType.ARRAY:
+            self._fail("nested arrays are not supported", orig_offs)
+        n, offs = int(alen[0]), orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(itype)
+        min_size = 8 if nptype is None else np.dtype(nptype).itemsize  # 8: a string length
+        if n * min_size > self.data.size - offs:
+            self._fail(f"array declares {n} {itype.name} elements but only "
+                       f"{self.data.size - offs} bytes remain in the file", orig_offs + 4)
+        types = [GGUFValueType.ARRAY, itype]
+        if nptype is not None:  # one view for the whole array
+            arr = self._get(offs, nptype, n)
+            return 12 + int(arr.nbytes), [raw_itype, alen, arr], [2] if n else [], types
+        parts: list[np.ndarray] = [raw_itype, alen]
+        idxs: list[int] = []
+        for _ in range(n):
+            slen = self._get(offs, np.uint64)
+            sdata = self._get(offs + 8, np.uint8, int(slen[0]))
+            parts += [slen, sdata]
+            idxs.append(len(parts) - 1)
+            offs += 8 + int(sdata.nbytes)
+        return offs - orig_offs, parts, idxs, types
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[Any]]:
+        fields = []
+        for i in range(int(count)):
+            start = offs
+            self._where = f"tensor info #{i}"
+            name_len, name_data = self._get_str(offs)
+            name = self._utf8(name_data, offs + 8, "the tensor name")
+            self._where = f"tensor {name!r}"
+            offs += 8 + int(name_data.nbytes)
+            n_dims = self._get(offs, np.uint32)
+            if not 1 <= int(n_dims[0]) <= GGML_MAX_DIMS:
+                self._fail(f"{int(n_dims[0])} dimensions (GGUF allows 1 to {GGML_MAX_DIMS})",
+                           offs)
+            dims = self._get(offs + 4, np.uint64, int(n_dims[0]))
+            offs += 4 + int(dims.nbytes)
+            raw_dtype = self._get(offs, np.uint32)
+            offset_tensor = self._get(offs + 4, np.uint64)
+            offs += 12
+            fields.append(ReaderField(start, name, [name_len, name_data, n_dims, dims,
+                                                    raw_dtype, offset_tensor], [1, 3, 4, 5]))
+        self._where = "the tensor data"
+        return offs, fields
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         self.tensor_infos: list[tuple[str, int, tuple[int, ...], int]] = []
@@ -137,6 +239,8 @@ class GGUFFile:
         self.file_size = _precheck(self.path)
         try:
             reader = _HeaderReader(self.path, "r")
+        except ModelFormatError as exc:
+            raise ModelFormatError(f"{self.path}: {exc}") from None
         except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError,
                 TypeError, struct.error) as exc:
             raise ModelFormatError(f"{self.path}: malformed GGUF ({exc})") from exc

@@ -68,17 +68,19 @@ def test_counters_and_bytes_add_up(tiny_gguf):
 def test_slow_link_stalls_in_proportion(tiny_gguf):
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     stalls = {}
-    for link in (None, "200MB/s"):
+    for link in (None, "10MB/s"):
         with efedge.load(path, cache="30%", policy="ondemand", link=link) as m:
-            m.generate(_ids(8), max_tokens=8, temperature=0)
+            m.generate(_ids(4), max_tokens=4, temperature=0)
             s = m.stats()
             stalls[link] = s["stall_s"]
             if link:
                 # the emulated link serialises every byte: the run cannot be shorter than
                 # the bytes over the link rate (prefill included)
-                assert s["wall_s"] >= 0.9 * s["bytes_loaded"] / 200e6
-                assert 0.05 < s["bandwidth_gbps"] < 0.3
-    assert stalls["200MB/s"] > 3 * stalls[None]
+                assert s["wall_s"] >= 0.9 * s["bytes_loaded"] / 10e6
+                # without prefetch only the experts of the same layer can hide a load
+                assert s["stall_s"] >= 0.5 * s["bytes_loaded"] / 10e6
+                assert 0.004 < s["bandwidth_gbps"] < 0.011
+    assert stalls["10MB/s"] > 3 * stalls[None]
 
 
 def test_budget_parsing_and_minimum(tiny_gguf):

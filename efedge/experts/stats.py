@@ -25,6 +25,9 @@ class Counters:
     cache_bytes: int = 0
     cache_slots: int = 0
     substitutions: int = 0
+    # beyond DESIGN.md's list: time split by phase, for prompt / generation t/s
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -41,9 +41,12 @@ class StreamingExperts:
         return time.perf_counter()
 
     # -- prefetch (called by policies, from the compute thread) --------------------------
-    def prefetch(self, layer: int, experts) -> int:
+    def prefetch(self, layer: int, experts, priority: int | None = None) -> int:
         """Queue loads of experts not resident or loading; returns how many were issued.
-        Never evicts a pinned slot nor a slot of an expert still to be used."""
+        Never evicts a pinned slot nor a slot of an expert still to be used. `priority`
+        (> DEMAND; lower first) orders prefetches, e.g. by the step they are needed at;
+        the policy's victim() may refuse to evict (-1), which ends the call."""
+        prio = PREFETCH if priority is None else max(PREFETCH, int(priority))
         issued = 0
         with self.cond:
             for e in experts:
@@ -56,10 +59,21 @@ class StreamingExperts:
                 self._evict_accounting(slot)
                 self.cache.assign(slot, layer, e)
                 self.cache.slot_prefetched[slot] = True
-                self.engine.submit(layer, e, slot, PREFETCH)
+                self.engine.submit(layer, e, slot, prio)
                 issued += 1
             self.counters.prefetch_issued += issued
         return issued
+
+    def cancel_prefetch(self, layer: int, experts) -> int:
+        """Drop queued, not yet started prefetches of these experts (their slots are freed);
+        returns how many were dropped. Loads already under way or demanded are kept."""
+        n = 0
+        with self.cond:
+            for e in experts:
+                job = self.engine.jobs_by_key.get(layer * self.store.n_expert + int(e))
+                if job is not None and job.priority != DEMAND and self.engine.cancel(job):
+                    n += 1
+        return n
 
     def _evict_accounting(self, slot: int) -> None:
         if self.cache.slot_owner[slot] >= 0 and self.cache.slot_prefetched[slot]:
@@ -179,8 +193,9 @@ class StreamingExperts:
         self.cache.slot_state[slot] = READY
         return slot
 
-    def on_route(self, layer: int, h: np.ndarray, ids: np.ndarray) -> None:
-        self.policy.on_route(layer, h, ids)
+    def on_route(self, layer: int, h: np.ndarray, ids: np.ndarray, **kw) -> None:
+        """The model routed `layer` (kw, e.g. pregate=, go to the policy)."""
+        self.policy.on_route(layer, h, ids, **kw)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,0 +1,175 @@
+"""The horizon controller and the eviction / prefetch-selection kernels of ExpertFlow.
+
+The model (docs/scheduler.md has the derivation):
+
+* c   = compute time of one layer (measured: time between routed layers minus stall)
+* τ   = transfer time of one expert = bytes per expert / measured bandwidth
+* n   = experts that must be loaded per layer (measured: demand misses + prefetches)
+* ρ   = min(1, n·τ / c), how busy the link is
+
+A load issued d layers ahead has d·c of compute to hide behind, and the n loads of a
+layer queue behind each other, so the look-ahead that hides them is
+
+    H_need = ceil((latency + (n - 1)·τ) / c)          (clamped to 1 … max_horizon)
+
+A prefetch that turns out unused costs link time that a needed load could have used
+(in proportion to ρ) and the slot it took; one that is used saves a stall of about τ.
+With p the calibrated probability that the expert is used, prefetching pays when
+p·τ > (1 - p)·ρ·τ, i.e. p > p_min = ρ / (1 + ρ) (never below p_floor). The slot cost is
+handled by the eviction rule: a prefetch may only evict an expert whose value
+(probability of use / distance to its next use) is lower than its own. The horizon
+actually used is the furthest distance that still has a candidate above p_min — where
+predictions become too uncertain to pay, looking further stops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from efedge.experts.cache import EMPTY, LOADING, READY
+
+
+class HorizonController:
+    """Chooses the look-ahead and the probability threshold from runtime measurements.
+    Time comes from the caller (the source's clock), never from the wall clock here."""
+
+    def __init__(self, max_horizon: int = 8, min_horizon: int = 1, alpha: float = 0.3,
+                 p_floor: float = 0.05):
+        self.max_horizon, self.min_horizon = int(max_horizon), int(min_horizon)
+        self.alpha, self.p_floor = alpha, p_floor
+        self.compute_s: dict[bool, float] = {}  # per layer, keyed by "batched pass"
+        self.loads = 0.0  # expert loads per layer (EWMA)
+        self._last: tuple[float, float] | None = None  # (now, stall_s) at the last layer
+        self._batched = False
+        self.h_need = 1
+        self.p_min = p_floor
+        self.rho = 0.0
+
+    def observe(self, now: float, stall_s: float, loads: float, batch: int = 1) -> None:
+        """Once per routed layer: the time and cumulative stall now, and how many experts
+        were loaded since the previous layer. `batch`: tokens in this pass."""
+        a = self.alpha
+        if self._last is not None:
+            dt = (now - self._last[0]) - max(0.0, stall_s - self._last[1])
+            prev = self.compute_s.get(self._batched)
+            # a pause between requests is not compute: ignore wild outliers
+            if dt > 0 and (prev is None or dt < 20 * prev + 0.05):
+                self.compute_s[self._batched] = dt if prev is None else prev + a * (dt - prev)
+        self._last = (now, stall_s)
+        self._batched = batch > 1
+        self.loads += a * (max(0.0, loads) - self.loads)
+
+    def plan(self, bytes_per_expert: float, bandwidth: float, latency: float) -> int:
+        """Update h_need, p_min and rho for the next layers; returns h_need."""
+        c = self.compute_s.get(self._batched)
+        if c is None:
+            c = self.compute_s.get(not self._batched)
+        if not c or c <= 0:
+            self.h_need, self.p_min, self.rho = self.min_horizon, self.p_floor, 0.0
+            return self.h_need
+        tau = bytes_per_expert / bandwidth if bandwidth > 0 else latency
+        first = max(tau, latency)
+        n = max(1.0, self.loads)
+        self.rho = min(1.0, n * tau / c)
+        self.p_min = max(self.p_floor, self.rho / (1.0 + self.rho))
+        need = math.ceil((first + (n - 1.0) * tau) / c - 1e-9)
+        self.h_need = int(min(self.max_horizon, max(self.min_horizon, need)))
+        return self.h_need
+
+
+@njit(cache=True, nogil=True)
+def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_class,
+                    slot_state, slot_class, slot_pins, class_slots, max_per_layer):
+    """Candidates (target layer, expert, probability, distance) for distances 1..n_dist with
+    p ≥ p_min that are not resident or loading, best first per distance, within a
+    per-class budget that keeps room for the current layer's own missing experts.
+    Returns (n, layers, experts, probs, dists, horizon) where horizon is the furthest
+    distance with any expert above p_min (resident or not)."""
+    n_layer, e_n = where.shape
+    budget = np.zeros(class_slots.shape[0], dtype=np.int64)
+    for s in range(slot_state.shape[0]):
+        if slot_pins[s] == 0 and (slot_state[s] == READY or slot_state[s] == EMPTY):
+            budget[slot_class[s]] += 1
+    c_cur = layer_class[layer]
+    for e in range(e_n):
+        if needed[e] and where[layer, e] < 0:
+            budget[c_cur] -= 1
+    cap = n_dist * e_n
+    out_m = np.empty(cap, dtype=np.int64)
+    out_e = np.empty(cap, dtype=np.int64)
+    out_p = np.empty(cap, dtype=np.float64)
+    out_d = np.empty(cap, dtype=np.int64)
+    n = 0
+    horizon = 0
+    for d in range(1, n_dist + 1):
+        m = (layer + d) % n_layer
+        c = layer_class[m]
+        taken = 0
+        for r in range(e_n):
+            e = order[d - 1, r]
+            p = p_use[d - 1, e]
+            if p < p_min or taken >= max_per_layer:
+                break
+            horizon = d
+            taken += 1
+            if where[m, e] >= 0 or (m == layer and needed[e]) or budget[c] <= 0:
+                continue
+            budget[c] -= 1
+            out_m[n], out_e[n], out_p[n], out_d[n] = m, e, p, d
+            n += 1
+    return n, out_m, out_e, out_p, out_d, horizon
+
+
+@njit(cache=True, nogil=True)
+def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, needed, tick0,
+                 n_expert, limit):
+    """The candidate slot with the lowest value = P(use) / distance to its layer's next
+    use; ties: least recently, then least often used. Experts the current layer still
+    needs are never chosen while any other candidate exists. -1 when the lowest value is
+    not below `limit` (a prefetch never evicts what is worth more than it brings)."""
+    n_layer = p_next.shape[0]
+    best, best_v, best_lu, best_u = -1, np.inf, 0, 0
+    for i in range(cands.shape[0]):
+        s = cands[i]
+        owner = slot_owner[s]
+        m, e = owner // n_expert, owner % n_expert
+        if m == cur and needed[e] and slot_last_use[s] <= tick0:
+            v = np.inf  # still to be used by the layer being computed
+        else:
+            dist = (m - cur) % n_layer
+            if dist == 0:
+                dist = n_layer
+            v = p_next[m, e] / dist
+        lu, u = slot_last_use[s], slot_uses[s]
+        if best < 0 or v < best_v or (v == best_v and (lu < best_lu or
+                                                       (lu == best_lu and u < best_u))):
+            best, best_v, best_lu, best_u = s, v, lu, u
+    if best_v >= limit:
+        return -1
+    return best
+
+
+@njit(cache=True, nogil=True)
+def lru_victim(cands, slot_owner, slot_last_use, slot_prefetched, cur, needed, tick0,
+               n_expert, tick):
+    """LRU for the baseline prefetchers: a prefetched, not yet used expert counts as
+    just used, and the current layer's still-needed experts go last."""
+    best, best_k = -1, np.inf
+    for i in range(cands.shape[0]):
+        s = cands[i]
+        owner = slot_owner[s]
+        m, e = owner // n_expert, owner % n_expert
+        k = float(slot_last_use[s])
+        if slot_prefetched[s]:
+            k = float(tick) + 0.5
+        if m == cur and needed[e] and slot_last_use[s] <= tick0:
+            k = float(tick) + 1.0
+        if k < best_k:
+            best, best_k = s, k
+    return best
+
+
+__all__ = ["HorizonController", "select_prefetch", "value_victim", "lru_victim", "LOADING"]
