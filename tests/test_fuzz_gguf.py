@@ -313,10 +313,16 @@ def make_cases(data: bytes, n: int, seed: str) -> list[dict]:
     for i in range(n):
         cat = cats[i % len(cats)]
         rng = random.Random(f"{seed}/{i}")
-        detail, ops = CATEGORIES[cat](rng, lay, data)
-        cases.append({"id": i, "cat": cat, "detail": detail,
-                      "ops": [[o[0], o[1], o[2].hex() if len(o) > 2 else None] for o in ops]})
+        for _ in range(50):  # redraw the rare mutation that changes nothing
+            detail, ops = CATEGORIES[cat](rng, lay, data)
+            if apply_ops(data, _encode(ops)) != data:
+                break
+        cases.append({"id": i, "cat": cat, "detail": detail, "ops": _encode(ops)})
     return cases
+
+
+def _encode(ops: list[tuple]) -> list[list]:
+    return [[o[0], o[1], o[2].hex() if len(o) > 2 else None] for o in ops]
 
 
 def apply_ops(base: bytes, ops: list) -> bytes:
