@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -171,6 +172,12 @@ class _HeaderReader(GGUFReader):
             offs += 12
             fields.append(ReaderField(start, name, [name_len, name_data, n_dims, dims,
                                                     raw_dtype, offset_tensor], [1, 3, 4, 5]))
+        align = self.fields.get("general.alignment")
+        if align is not None:  # gguf-py checks it too, without naming the key
+            self._where = "metadata key 'general.alignment'"
+            value = int(align.parts[-1][0]) if align.types == [GGUFValueType.UINT32] else 0
+            if value <= 0 or value & (value - 1):
+                self._fail("must be a UINT32 power of two", align.offset)
         self._where = "the tensor data"
         return offs, fields
 
@@ -331,11 +338,16 @@ class GGUFFile:
                 for e in range(n_expert)]
 
     def close(self) -> None:
+        """Drop the mapping: unmapped now when no view of it is left, else by the last
+        view to die (or the garbage collector, for views inside reference cycles). Never
+        unmap under a live view: numpy keeps no buffer export on the mmap, so mmap.close()
+        would succeed and the next read through that view would be a segfault."""
         mm = getattr(self, "_mmap", None)
-        if mm is not None and getattr(mm, "_mmap", None) is not None:
-            try:
-                mm._mmap.close()
-            except (BufferError, ValueError):
-                # Views still alive elsewhere keep the mapping; it closes with them.
-                pass
         self._mmap = None
+        raw = getattr(mm, "_mmap", None)
+        del mm
+        if raw is None or raw.closed:
+            return
+        # refs: `raw` here and getrefcount's argument; anything more is a live view
+        if sys.getrefcount(raw) <= 2:
+            raw.close()

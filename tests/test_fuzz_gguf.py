@@ -162,8 +162,10 @@ def _int_spot(rng: random.Random, spots: list[Spot]) -> tuple[Spot, tuple]:
 
 def _truncate(region: str):
     def make(rng, lay, data):
-        lo, hi = {"header": (0, 24), "kv": (24, lay.kv_end), "tensor_info": (lay.kv_end, lay.ti_end),
-                  "padding": (lay.ti_end, lay.data_offset), "data": (lay.data_offset, lay.size)}[region]
+        lo, hi = {"header": (0, 24), "kv": (24, lay.kv_end),
+                  "tensor_info": (lay.kv_end, lay.ti_end),
+                  "padding": (lay.ti_end, lay.data_offset),
+                  "data": (lay.data_offset, lay.size)}[region]
         cut = rng.randrange(lo, hi) if hi > lo else lo
         return f"cut at {cut}", [("truncate", cut)]
     return make

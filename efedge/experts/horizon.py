@@ -4,19 +4,23 @@ The model (docs/scheduler.md has the derivation):
 
 * c   = compute time of one layer (measured: time between routed layers minus stall)
 * τ   = transfer time of one expert = bytes per expert / measured bandwidth
-* n   = experts that must be loaded per layer (measured: demand misses + prefetches)
-* ρ   = min(1, n·τ / c), how busy the link is
+* n   = experts each layer needs that were not resident (measured: demand misses plus
+        requests served by a prefetch — what on-demand loading would have had to load)
+* ρ   = n·τ / c, the link time a layer's loads need per unit of compute (> 1: the link,
+        not the compute, is the bottleneck)
 
 A load issued d layers ahead has d·c of compute to hide behind, and the n loads of a
 layer queue behind each other, so the look-ahead that hides them is
 
     H_need = ceil((latency + (n - 1)·τ) / c)          (clamped to 1 … max_horizon)
 
-A prefetch that turns out unused costs link time that a needed load could have used
-(in proportion to ρ) and the slot it took; one that is used saves a stall of about τ.
-With p the calibrated probability that the expert is used, prefetching pays when
-p·τ > (1 - p)·ρ·τ, i.e. p > p_min = ρ / (1 + ρ) (never below p_floor). The slot cost is
-handled by the eviction rule: a prefetch may only evict an expert whose value
+Which candidates are worth it: prefetching every needed expert with precision P moves
+n·τ / P of link time per layer instead of n·τ, all of it overlapped with compute, so the
+stall per layer goes from about n·τ (on demand) to max(0, n·τ/P - c). That is a gain
+exactly when P > ρ / (1 + ρ). Applied per candidate with p its calibrated probability of
+use: prefetch when p > p_min = ρ / (1 + ρ) (never below p_floor). An idle link (ρ → 0)
+takes anything plausible; a saturated one (ρ ≫ 1) only near-certain experts. The slot a
+prefetch takes is handled by the eviction rule: it may only evict an expert whose value
 (probability of use / distance to its next use) is lower than its own. The horizon
 actually used is the furthest distance that still has a candidate above p_min — where
 predictions become too uncertain to pay, looking further stops.
@@ -41,7 +45,7 @@ class HorizonController:
         self.max_horizon, self.min_horizon = int(max_horizon), int(min_horizon)
         self.alpha, self.p_floor = alpha, p_floor
         self.compute_s: dict[bool, float] = {}  # per layer, keyed by "batched pass"
-        self.loads = 0.0  # expert loads per layer (EWMA)
+        self.loads = 0.0  # needed, non-resident experts per layer (EWMA)
         self._last: tuple[float, float] | None = None  # (now, stall_s) at the last layer
         self._batched = False
         self.h_need = 1
@@ -49,8 +53,8 @@ class HorizonController:
         self.rho = 0.0
 
     def observe(self, now: float, stall_s: float, loads: float, batch: int = 1) -> None:
-        """Once per routed layer: the time and cumulative stall now, and how many experts
-        were loaded since the previous layer. `batch`: tokens in this pass."""
+        """Once per routed layer: the time and cumulative stall now, and how many needed
+        experts were not resident since the previous layer. `batch`: tokens in the pass."""
         a = self.alpha
         if self._last is not None:
             dt = (now - self._last[0]) - max(0.0, stall_s - self._last[1])
@@ -73,7 +77,7 @@ class HorizonController:
         tau = bytes_per_expert / bandwidth if bandwidth > 0 else latency
         first = max(tau, latency)
         n = max(1.0, self.loads)
-        self.rho = min(1.0, n * tau / c)
+        self.rho = min(100.0, n * tau / c)
         self.p_min = max(self.p_floor, self.rho / (1.0 + self.rho))
         need = math.ceil((first + (n - 1.0) * tau) / c - 1e-9)
         self.h_need = int(min(self.max_horizon, max(self.min_horizon, need)))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from efedge.errors import EfedgeError
+from efedge.experts.cache import EMPTY, READY
 from efedge.experts.horizon import HorizonController, lru_victim, select_prefetch, value_victim
 from efedge.experts.predictor import HybridPredictor
 
@@ -110,6 +111,28 @@ class Policy:
                 out[:, d - 1] = np.asarray(routers[layer + d](hidden), dtype=np.float32)
         return out
 
+    def _room(self) -> np.ndarray:
+        """Per size class, how many slots prefetches may take now: empty or evictable ones,
+        less those the current layer's not yet resident experts will need."""
+        cache = self.source.cache
+        with cache.cond:
+            free = (cache.slot_pins == 0) & ((cache.slot_state == READY) |
+                                             (cache.slot_state == EMPTY))
+            room = np.bincount(cache.slot_class[free], minlength=len(cache.class_slots))
+            if self.cur_layer >= 0:
+                missing = int((cache.where[self.cur_layer, self.needed] < 0).sum())
+                room[cache.layer_class[self.cur_layer]] -= missing
+        return room
+
+    def _prefetch_within(self, room: np.ndarray, layer: int, experts, priority: int) -> int:
+        """Prefetch at most the room left in the layer's size class (updates room)."""
+        c = int(self.source.cache.layer_class[layer])
+        take = list(experts)[:max(0, int(room[c]))]
+        if not take:
+            return 0
+        room[c] -= len(take)
+        return self._prefetch(layer, take, priority)
+
     def _prefetch(self, layer: int, experts, priority: int) -> int:
         try:
             return self.source.prefetch(layer, experts, priority=priority)
@@ -184,7 +207,7 @@ class NextLayer(Policy):
                 best = logits.max(axis=0)
                 want = np.unique(top)
                 want = want[np.argsort(-best[want], kind="stable")]
-                self._prefetch(nxt, want, priority=self._step + 2)
+                self._prefetch_within(self._room(), nxt, want, priority=self._step + 2)
                 self._record_horizon(1.0)
             else:
                 self._record_horizon(0.0)
@@ -243,13 +266,14 @@ class FixedHorizon(_Predictive):
         self._predict(layer, hidden, ids, pregate, self.horizon)
         pred, cache = self.predictor, self.source.cache
         n_tok = np.asarray(ids).reshape(-1, self.n_active).shape[0]
+        room = self._room()
         for d in range(1, self.horizon + 1):
             m = (layer + d) % self.n_layer
             # one token: its top-k; a batch: as many as it is expected to need
             k = self.n_active if n_tok == 1 else int(round(float(pred.p_use[d - 1].sum())))
             want = [int(e) for e in pred.order[d - 1, :max(k, 1)] if cache.where[m, e] < 0]
             if want:
-                self._prefetch(m, want, priority=self._step + d + 1)
+                self._prefetch_within(room, m, want, priority=self._step + d + 1)
         self._record_horizon(float(self.horizon))
         self.overhead_s += self.source.now() - t0
 
@@ -286,7 +310,7 @@ class ExpertFlow(_Predictive):
         self._note_route(layer, ids)
         ids2 = np.asarray(ids).reshape(-1, self.n_active)
         self._drop_stale()
-        loads = c.prefetch_issued + c.misses
+        loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
         ctl = self.controller

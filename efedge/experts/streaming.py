@@ -151,6 +151,8 @@ class StreamingExperts:
         cache = self.cache
         t0 = None
         while True:
+            if pending:  # slots may have come free (e.g. prefetches completed) since
+                self._issue(layer, pending, held)
             for e in remaining:
                 s = held.get(e, -1)
                 if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:

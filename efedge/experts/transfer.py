@@ -108,7 +108,8 @@ class TransferEngine:
         self._threads = [self._spawn(i) for i in range(max(1, workers))]
 
     def _spawn(self, i: int) -> threading.Thread:
-        t = threading.Thread(target=self._worker, name=f"efedge-transfer-{i}", daemon=True)
+        t = threading.Thread(target=self._worker, args=(i,), name=f"efedge-transfer-{i}",
+                             daemon=True)
         t.start()
         return t
 
@@ -185,55 +186,83 @@ class TransferEngine:
         if delay > 0:
             time.sleep(delay)
 
-    def _worker(self) -> None:
-        while True:
-            with self.cond:
-                while not self._closing and not self._queue:
-                    self.cond.wait()
-                if self._closing:
-                    return
-                job = heapq.heappop(self._queue)
-                if job.cancelled:
-                    continue
-                job.started = True
-            t0 = time.perf_counter()
-            err: BaseException | None = None
-            nbytes = 0
-            for attempt in range(RETRIES):
-                try:
-                    nbytes = self._copy(job)
-                    err = None
-                    break
-                except OSError as exc:  # disk errors: retry, then report to the waiter
-                    err = exc
-                    log.warning("load of expert %d/%d failed (attempt %d): %s",
-                                job.layer, job.expert, attempt + 1, exc)
-            if err is None:
-                self._emulate_link(nbytes, t0)
-            dt = time.perf_counter() - t0
-            with self.cond:
+    def _worker(self, i: int) -> None:
+        job: Job | None = None
+        try:
+            while True:
+                with self.cond:
+                    while not self._closing and not self._queue:
+                        self.cond.wait()
+                    if self._closing:
+                        return
+                    job = heapq.heappop(self._queue)
+                    if job.cancelled:
+                        continue
+                    job.started = True
+                self._run(job)
+                job = None
+        except BaseException as exc:  # a bug, not a disk error: never lose the job
+            self._worker_died(i, job, exc)
+
+    def _worker_died(self, i: int, job: Job | None, exc: BaseException) -> None:
+        """Fail the job the dead worker held (its waiter then loads it synchronously) and
+        start a replacement thread, so the pool never shrinks."""
+        log.error("transfer worker %d died: %r", i, exc, exc_info=exc)
+        with self.cond:
+            if job is not None:
+                job.error = exc
                 key = job.layer * self.store.n_expert + job.expert
                 if self.jobs_by_key.get(key) is job:
                     del self.jobs_by_key[key]
-                if err is not None:
-                    job.error = err
-                    if self.cache.slot_state[job.slot] == LOADING:
-                        self.cache.release(job.slot)
-                else:
-                    self.cache.slot_state[job.slot] = READY
-                    self.counters.bytes_loaded += nbytes
-                    bw = nbytes / max(dt, 1e-9)
-                    a = 0.2 if self.bandwidth_ewma else 1.0
-                    self.bandwidth_ewma += a * (bw - self.bandwidth_ewma)
-                    self.latency_ewma += a * (dt - self.latency_ewma)
-                    self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
-                self.cond.notify_all()
+                if (self.cache.slot_state[job.slot] == LOADING
+                        and self.cache.slot_owner[job.slot] == key):
+                    self.cache.release(job.slot)
+            if not self._closing:
+                self._threads[i] = self._spawn(i)
+                self.workers_replaced += 1
+            self.cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        """Copy one job's expert (retrying disk errors) and publish the result."""
+        t0 = time.perf_counter()
+        err: BaseException | None = None
+        nbytes = 0
+        for attempt in range(RETRIES):
+            try:
+                nbytes = self._copy(job)
+                err = None
+                break
+            except OSError as exc:  # disk errors: retry, then report to the waiter
+                err = exc
+                log.warning("load of expert %d/%d failed (attempt %d): %s",
+                            job.layer, job.expert, attempt + 1, exc)
+        if err is None:
+            self._emulate_link(nbytes, t0)
+        dt = time.perf_counter() - t0
+        with self.cond:
+            key = job.layer * self.store.n_expert + job.expert
+            if self.jobs_by_key.get(key) is job:
+                del self.jobs_by_key[key]
+            if err is not None:
+                job.error = err
+                if self.cache.slot_state[job.slot] == LOADING:
+                    self.cache.release(job.slot)
+            else:
+                self.cache.slot_state[job.slot] = READY
+                self.counters.bytes_loaded += nbytes
+                bw = nbytes / max(dt, 1e-9)
+                a = 0.2 if self.bandwidth_ewma else 1.0
+                self.bandwidth_ewma += a * (bw - self.bandwidth_ewma)
+                self.latency_ewma += a * (dt - self.latency_ewma)
+                self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
+            self.cond.notify_all()
 
     def close(self) -> None:
         with self.cond:
-            self._closing = True
+            self._closing = True  # from here on no worker is replaced
             self.cond.notify_all()
-        for t in self._threads:
+            threads = list(self._threads)
+        for t in threads:
             t.join(timeout=5)
         if self._fd >= 0:
             os.close(self._fd)

@@ -16,6 +16,7 @@ call and reuses it for all T tokens; for a few tokens it runs the fused matvec p
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -102,8 +103,9 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.
         return np.empty(shape, np.float32)
     if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
             or not out.flags.c_contiguous or not out.flags.writeable):
+        got = f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}"
         raise ValueError(f"{what}: out must be a writable C-contiguous float32 array of shape "
-                         f"{shape}, got {getattr(out, 'dtype', None)} {getattr(out, 'shape', None)}")
+                         f"{shape}, got {got}")
     return out
 
 
@@ -161,8 +163,11 @@ def matvec(w: np.ndarray, qtype: int, x: np.ndarray,
 
 
 def _tile_rows(rows: int, row_len: int) -> int:
-    tile = max(4, _TILE_BYTES // (4 * max(row_len, 1)) // 4 * 4)
-    return min(tile, max(4, -(-rows // 4) * 4))
+    """Rows per matmul task: a multiple of 4 whose float32 copy fits _TILE_BYTES, and
+    small enough that every thread gets at least two tasks."""
+    by_cache = _TILE_BYTES // (4 * max(row_len, 1))
+    by_threads = -(-rows // (2 * numba.get_num_threads()))
+    return max(4, -(-min(by_cache, by_threads) // 4) * 4)
 
 
 def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

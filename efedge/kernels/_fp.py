@@ -93,19 +93,6 @@ def f16_to_f32(lo, hi):
     return -v if sign else v
 
 
-@njit(cache=True, nogil=True)
-def bf16_to_f32(lo, hi):
-    """bfloat16 (little-endian bytes) to float32: the top half of the float32 bits."""
-    return bits_to_f32((np.int64(hi) << 24) | (np.int64(lo) << 16))
-
-
-@njit(cache=True, nogil=True)
-def f32_from_bytes(src, o):
-    """The little-endian float32 stored at ``src[o:o+4]``."""
-    b = (np.int64(src[o + 3]) << 24) | (np.int64(src[o + 2]) << 16)
-    return bits_to_f32(b | (np.int64(src[o + 1]) << 8) | np.int64(src[o]))
-
-
 @njit(cache=True, nogil=True, fastmath=FAST)
 def dot(a, b):
     """float32 dot product of two equal-length 1-D arrays (vectorised by LLVM)."""

@@ -29,7 +29,8 @@ def deq_q2_k(src, dst):
         o = b * 84
         d = f16_to_f32(src[o + 80], src[o + 81])
         dmin = f16_to_f32(src[o + 82], src[o + 83])
-        for p in range(8):  # 32 elements = bits 2s..2s+1 of qs[32 h ..], sub-blocks 2p, 2p+1
+        for p in range(8):  # elements 32p .. 32p+31 = sub-blocks 2p, 2p+1: bits 2s, 2s+1
+            # (s = p % 4) of the bytes qs[32 (p // 4) + l]
             sa = src[o + 2 * p]
             sb = src[o + 2 * p + 1]
             dla = d * np.float32(sa & 15)
