@@ -28,172 +28,19 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import ContextLengthError, EfedgeError, SamplingError, TemplateError
-from efedge.sampling import SamplingParams
+from efedge.server_requests import APIError, GenRequest, parse_chat, parse_completion
 
 log = logging.getLogger("efedge.server")
 MAX_BODY = 1 << 20  # bytes
 MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
 FINGERPRINT = f"efedge-{__version__}"
 
-
-# -- requests ---------------------------------------------------------------------------
-class APIError(Exception):
-    """An HTTP error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, code: str, *, param: str | None = None,
-                 type_: str = "invalid_request_error", close: bool = False):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.type, self.close = type_, close
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-@dataclass
-class GenRequest:
-    model: str | None
-    messages: list[dict] | None  # chat
-    prompt: str | list[int] | None  # completions
-    max_tokens: int | None  # None: until end of turn or a full context
-    sampling: dict
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-    echo: bool
-
-
-_MISSING = object()
-_KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
-          list: "an array", dict: "an object"}
-
-
-def _field(body: dict, name: str, kind: type, default: Any = None) -> Any:
-    """body[name] checked against `kind` (int also accepted for float; never bool for a
-    number); `default` when absent or null."""
-    v = body.get(name, _MISSING)
-    if v is _MISSING or v is None:
-        return default
-    ok = isinstance(v, kind) and not (kind in (int, float) and isinstance(v, bool))
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        ok, v = True, float(v)
-    if not ok:
-        what = _KINDS.get(kind, "of another type")
-        raise APIError(400, f"{name!r} must be {what}, got {type(v).__name__} "
-                            f"{json.dumps(v)[:60]}", "invalid_type", param=name)
-    return v
-
-
-def _common(body: Any, defaults: dict, max_default: int | None,
-            *max_names: str) -> dict:
-    if not isinstance(body, dict):
-        raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}",
-                       "invalid_type")
-    kw: dict[str, Any] = {"model": _field(body, "model", str)}
-    max_tokens = max_default
-    for name in max_names:  # the first one present wins
-        if body.get(name) is not None:
-            max_tokens = _field(body, name, int)
-            if max_tokens < -1:
-                raise APIError(400, f"{name!r} must be >= 0 (or -1: until the context is "
-                                    f"full), got {max_tokens}", "invalid_value", param=name)
-            max_tokens = None if max_tokens == -1 else max_tokens
-            break
-    kw["max_tokens"] = max_tokens
-    sampling = dict(defaults)
-    for name, key, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
-                            ("top_k", "top_k", int), ("min_p", "min_p", float),
-                            ("repeat_penalty", "repeat_penalty", float),
-                            ("repeat_last_n", "repeat_last_n", int), ("seed", "seed", int)):
-        v = _field(body, name, kind)
-        if v is not None:
-            sampling[key] = v
-    if sampling.get("seed") is not None and sampling["seed"] < 0:
-        sampling["seed"] = None  # llama.cpp: -1 = random
-    try:
-        SamplingParams(**sampling).validate()
-    except SamplingError as exc:
-        raise APIError(400, str(exc), "invalid_value") from None
-    kw["sampling"] = sampling
-    # accepted, type-checked and ignored: efedge's sampler has no such penalties
-    for name in ("presence_penalty", "frequency_penalty"):
-        _field(body, name, float)
-    n = _field(body, "n", int, 1)
-    if n != 1:
-        raise APIError(400, f"only n=1 is supported, got {n}", "unsupported", param="n")
-    if _field(body, "logprobs", (bool, int)) not in (None, False, 0):
-        raise APIError(400, "logprobs are not supported", "unsupported", param="logprobs")
-    stop = body.get("stop")
-    if stop is None:
-        kw["stop"] = []
-    elif isinstance(stop, str):
-        kw["stop"] = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        kw["stop"] = list(stop)
-    else:
-        raise APIError(400, "'stop' must be a string or an array of strings", "invalid_type",
-                       param="stop")
-    kw["stream"] = _field(body, "stream", bool, False)
-    opts = _field(body, "stream_options", dict, {})
-    kw["include_usage"] = bool(_field(opts, "include_usage", bool, False))
-    return kw
-
-
-def parse_chat(body: Any, defaults: dict) -> GenRequest:
-    kw = _common(body, defaults, None, "max_completion_tokens", "max_tokens")
-    messages = body.get("messages")
-    if messages is None:
-        raise APIError(400, "'messages' is required", "missing_field", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty array", "invalid_type",
-                       param="messages")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise APIError(400, f"messages[{i}] must be an object with a string 'role'",
-                           "invalid_type", param=f"messages[{i}]")
-        c = msg.get("content")
-        if c is not None and not isinstance(c, str | list):
-            raise APIError(400, f"messages[{i}].content must be a string or an array of "
-                                "text parts", "invalid_type", param=f"messages[{i}].content")
-    # OpenAI's newer "developer" role is what chat templates call "system"
-    messages = [dict(msg, role="system") if msg["role"] == "developer" else msg
-                for msg in messages]
-    if body.get("tools"):
-        raise APIError(400, "tools are not supported", "unsupported", param="tools")
-    fmt = _field(body, "response_format", dict, {"type": "text"})
-    if fmt.get("type", "text") != "text":
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
-                       "unsupported", param="response_format")
-    return GenRequest(messages=messages, prompt=None, echo=False, **kw)
-
-
-def parse_completion(body: Any, defaults: dict) -> GenRequest:
-    kw = _common(body, defaults, 16, "max_tokens")  # OpenAI's default for completions
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise APIError(400, "'prompt' is required", "missing_field", param="prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list):
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool)
-                                 for t in prompt):
-            raise APIError(400, "'prompt' must be a string or an array of token ids "
-                                "(batches are not supported)", "invalid_type", param="prompt")
-    elif not isinstance(prompt, str):
-        raise APIError(400, "'prompt' must be a string or an array of token ids",
-                       "invalid_type", param="prompt")
-    if body.get("suffix"):
-        raise APIError(400, "'suffix' is not supported", "unsupported", param="suffix")
-    echo = _field(body, "echo", bool, False)
-    return GenRequest(messages=None, prompt=prompt, echo=echo, **kw)
 
 
 # -- the worker ---------------------------------------------------------------------------
