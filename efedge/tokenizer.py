@@ -23,7 +23,7 @@ from typing import Any
 import regex
 
 from efedge.errors import ModelFormatError, UnsupportedModelError
-from efedge.tokenizer_tables import (  # noqa: F401
+from efedge.tokenizer_tables import (
     _EOG_TEXTS,
     _EOT_TEXTS,
     _FIM_EOG_TEXTS,
