@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-mb", type=float, default=40.0, help="auto: largest F16 file")
     g.add_argument("--eval-tokens", type=int, default=0, help="cap held-out tokens (0: all)")
     args = ap.parse_args(argv)
-    if not args.steps and not args.minutes:
+    if not args.steps and not args.minutes and not args.export_only:
         ap.error("give --steps and/or --minutes")
     return args
 
@@ -151,7 +151,8 @@ def make_optimizer(model: MoELM, args) -> torch.optim.AdamW:
                              lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def train(args, work: Path, train_ids: np.ndarray, eval_ids: np.ndarray) -> MoELM:
+def train(args, work: Path, train_ids: np.ndarray, eval_ids: np.ndarray,
+          command: str) -> MoELM:
     from gguf_tools.train_eval import heldout_loss
 
     torch.manual_seed(args.seed)
@@ -160,7 +161,7 @@ def train(args, work: Path, train_ids: np.ndarray, eval_ids: np.ndarray) -> MoEL
     opt = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(args.seed)
     ckpt_path = work / "ckpt.pt"
-    state = {"step": 0, "elapsed": 0.0, "log": [], "done": False}
+    state = {"step": 0, "elapsed": 0.0, "log": [], "done": False, "command": command}
     if ckpt_path.exists() and not args.fresh:
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["model_args"] != a.to_dict():
@@ -245,7 +246,9 @@ def load_trained(args, work: Path) -> tuple[MoELM, dict]:
     model = MoELM(ModelArgs(**ck["model_args"]))
     model.load_state_dict(ck["model"])
     model.eval()
-    return model, ck["state"]
+    state = dict(ck["state"])
+    state["train_args"] = ck["args"]  # the options the weights were trained with
+    return model, state
 
 
 # ---------------------------------------------------------------- main
@@ -261,11 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     if tok.get_vocab_size() != args.vocab:
         args.vocab = tok.get_vocab_size()
     if not args.export_only:
-        train(args, work, train_ids, eval_ids)
+        train(args, work, train_ids, eval_ids, command)
     model, state = load_trained(args, work)
 
     from gguf_tools.train_report import finish
-    finish(args, work, model, state, tok, eval_ids, command)
+    # The card and the file record the command that trained the weights, also when this
+    # run only re-exports them.
+    finish(args, work, model, state, tok, train_ids, eval_ids, state.get("command", command))
 
 
 if __name__ == "__main__":

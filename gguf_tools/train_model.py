@@ -104,11 +104,18 @@ class Block(nn.Module):
         w, idx = probs.topk(self.a.n_expert_used, dim=-1)
         return probs, w / w.sum(-1, keepdim=True), idx
 
-    def moe(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """n [N, D] normalised tokens → (output [N, D], probs [N, E], experts [N, K])."""
+    def moe(self, n: torch.Tensor, force: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n [N, D] normalised tokens → (output [N, D], probs [N, E], experts [N, K]).
+        ``force`` [N, K]: use these experts instead of the top-K (to replay another
+        implementation's routing); their weights are still this router's, renormalised."""
         N, D = n.shape
         K = self.a.n_expert_used
         probs, w, idx = self.route(n)
+        if force is not None:
+            idx = force.to(idx.device, torch.int64)
+            w = probs.gather(1, idx)
+            w = w / w.sum(-1, keepdim=True)
         # Sort the N*K assignments by expert so that each expert runs one dense matmul
         # over exactly the tokens routed to it.
         flat = idx.reshape(-1)
@@ -138,12 +145,12 @@ class Block(nn.Module):
         y = torch.zeros_like(n).index_add_(0, tok, out)
         return y, probs, idx
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, force=None):
         a = self.a
         x = x + self.attention(rms_norm(x, self.attn_norm, a.norm_eps), cos, sin)
         B, T, D = x.shape
         n = rms_norm(x, self.ffn_norm, a.norm_eps).reshape(B * T, D)
-        y, probs, idx = self.moe(n)
+        y, probs, idx = self.moe(n, force)
         return x + y.view(B, T, D), probs, idx
 
 
@@ -171,15 +178,16 @@ class MoELM(nn.Module):
             elif name.endswith("ffn_gate_up_exps"):
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, ids: torch.Tensor, *, keep_hidden: bool = False):
-        """ids [B, T] → (logits [B, T, V], routing: list per layer of (probs, experts),
-        hidden: list of the residual stream entering each layer, if ``keep_hidden``)."""
+    def forward(self, ids: torch.Tensor, *, keep_hidden: bool = False, force=None):
+        """ids [B, T] → (logits [B, T, V], routing: list per layer of (probs [B*T, E],
+        experts [B*T, K]), hidden: the residual stream entering each layer, if
+        ``keep_hidden``). ``force``: per layer [B*T, K] experts to use (see ``Block.moe``)."""
         x = self.token_embd(ids)
         routing, hidden = [], []
-        for blk in self.blk:
+        for li, blk in enumerate(self.blk):
             if keep_hidden:
                 hidden.append(x)
-            x, probs, idx = blk(x, self.cos, self.sin)
+            x, probs, idx = blk(x, self.cos, self.sin, None if force is None else force[li])
             routing.append((probs, idx))
         logits = self.output(rms_norm(x, self.output_norm, self.a.norm_eps))
         return logits, routing, hidden
