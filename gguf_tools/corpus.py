@@ -132,11 +132,31 @@ def heldout_sample(max_chars: int = 1700, root: Path | None = None) -> str:
     raise RuntimeError("no held-out source file is long enough")
 
 
+def heldout_text(max_chars: int = 20000, root: Path | None = None) -> str:
+    """Held-out source files (in path order) joined by blank lines, up to ``max_chars``:
+    the text traces and policy benchmarks run on (the model never trained on it)."""
+    parts: list[str] = []
+    total = 0
+    for doc in _source_documents(stdlib_root() if root is None else Path(root)):
+        if doc.split != "eval":
+            continue
+        parts.append(doc.text)
+        total += len(doc.text) + 2
+        if total >= max_chars:
+            break
+    return "\n\n".join(parts)[:max_chars]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     ap.add_argument("--list", choices=("train", "eval"), help="print the document names")
+    ap.add_argument("--heldout", type=int, metavar="CHARS",
+                    help="print CHARS characters of held-out text (for efedge trace)")
     args = ap.parse_args(argv)
+    if args.heldout:
+        print(heldout_text(args.heldout), end="")
+        return
     docs = build_corpus(args.max_bytes)
     if args.list:
         for d in docs:
