@@ -189,6 +189,7 @@ def train(args, work: Path, train_ids: np.ndarray, eval_ids: np.ndarray,
     last_ckpt = time.time()
     run_ce = run_aux = 0.0
     run_n = 0
+    lr, gnorm = 0.0, float("nan")  # for the last log row if no step is left to run
     while not state["done"]:
         step = state["step"]
         elapsed = time.time() - t_start

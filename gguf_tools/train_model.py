@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPED_MM = False  # F.grouped_mm for bf16 training (CPU support depends on torch)
-
 
 @dataclass
 class ModelArgs:
@@ -109,7 +107,6 @@ class Block(nn.Module):
         """n [N, D] normalised tokens → (output [N, D], probs [N, E], experts [N, K]).
         ``force`` [N, K]: use these experts instead of the top-K (to replay another
         implementation's routing); their weights are still this router's, renormalised."""
-        N, D = n.shape
         K = self.a.n_expert_used
         probs, w, idx = self.route(n)
         if force is not None:
@@ -123,25 +120,17 @@ class Block(nn.Module):
         tok = order // K
         counts = torch.bincount(flat, minlength=self.a.n_expert).tolist()
         xs = n.index_select(0, tok)
-        if GROUPED_MM and n.dtype == torch.bfloat16:
-            offs = torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0, dtype=torch.int32)
-            gu = F.grouped_mm(xs, self.ffn_gate_up_exps.to(n.dtype).transpose(1, 2), offs=offs)
-            g, u = gu.chunk(2, dim=-1)
-            down = self.ffn_down_exps.to(n.dtype).transpose(1, 2)
-            outs = [F.grouped_mm(F.silu(g) * u, down, offs=offs)]
-        else:
-            # unbind, not indexing: its backward is one stack, where W[e] would
-            # zero-fill a full-size gradient for every expert.
-            w_gu = self.ffn_gate_up_exps.to(n.dtype).unbind(0)
-            w_down = self.ffn_down_exps.to(n.dtype).unbind(0)
-            # split, not slicing, for the same reason on the activations.
-            outs = []
-            for e, xe in enumerate(xs.split(counts)):
-                if xe.shape[0] == 0:
-                    continue
-                g, u = (xe @ w_gu[e].t()).chunk(2, dim=-1)
-                outs.append((F.silu(g) * u) @ w_down[e].t())
-        out = torch.cat(outs) * w.reshape(-1)[order, None].to(n.dtype)
+        # unbind, not indexing: its backward is one stack, where W[e] would zero-fill a
+        # full-size gradient for every expert; split, not slicing, likewise for xs.
+        w_gu = self.ffn_gate_up_exps.unbind(0)
+        w_down = self.ffn_down_exps.unbind(0)
+        outs = []
+        for e, xe in enumerate(xs.split(counts)):
+            if xe.shape[0] == 0:
+                continue
+            g, u = (xe @ w_gu[e].t()).chunk(2, dim=-1)
+            outs.append((F.silu(g) * u) @ w_down[e].t())
+        out = torch.cat(outs) * w.reshape(-1)[order, None].to(n.dtype)  # [N*K, D]
         y = torch.zeros_like(n).index_add_(0, tok, out)
         return y, probs, idx
 
