@@ -41,10 +41,14 @@ class Model:
                  threads: int | None = None, n_ctx: int | None = None,
                  link: str | None = None, chat_template: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
-                 transfer_workers: int = 2):
-        if device != "cpu":
+                 transfer_workers: int = 2, vram: int | str | None = None,
+                 hybrid: str = "auto"):
+        cuda = isinstance(device, str) and (device == "cuda" or device.startswith("cuda:"))
+        if device != "cpu" and not cuda:
             raise UnsupportedModelError(f"device {device!r} is not available in this build "
-                                        "(supported: 'cpu')")
+                                        "(supported: 'cpu', 'cuda', 'cuda:N')")
+        if vram is not None and not cuda:
+            raise EfedgeError("vram= is the device memory budget of device='cuda'")
         if threads is not None:
             import numba
 
@@ -61,17 +65,30 @@ class Model:
             self.config: ModelConfig = config_from_gguf(self._gf)
             self.tokenizer = Tokenizer.from_metadata(self._gf.metadata)
             self._progress(0.3, "reading weights")
-            self._tf = Transformer(self._gf, self.config)
             self.counters = Counters()
-            self._experts = self._expert_source(cache, policy, link, transfer_workers)
             ctx = n_ctx if n_ctx is not None else min(self.config.n_ctx_train, DEFAULT_CTX)
-            if not isinstance(ctx, int) or ctx < 1:
+            if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1:
                 raise ContextLengthError(f"n_ctx must be a positive integer, got {n_ctx!r}")
             self.n_ctx = ctx
+            self._experts = None
+            if cuda:
+                from efedge.gpu import load_cuda_model
+
+                self._tf = load_cuda_model(self._gf, config=self.config, device=device,
+                                           cache=cache, policy=policy, link=link, vram=vram,
+                                           n_ctx=ctx, counters=self.counters,
+                                           workers=transfer_workers, hybrid=hybrid)
+                self.link = self._tf.link  # the device model owns its expert cache
+            else:
+                self._tf = Transformer(self._gf, self.config)
+                self._experts = self._expert_source(cache, policy, link, transfer_workers)
             self._session = Session(self._forward, self._tf.new_kv_cache(ctx), self.counters)
             self._chat_template_name = chat_template
             self._template = None
         except BaseException:
+            for part in (getattr(self, "_experts", None), getattr(self, "_tf", None)):
+                if part is not None and hasattr(part, "close"):
+                    part.close()
             self._gf.close()
             raise
         self._lock = threading.RLock()
@@ -250,7 +267,11 @@ class Model:
                 ev.set()
 
     def stats(self) -> dict:
-        return self.counters.as_dict()
+        out = self.counters.as_dict()
+        extra = getattr(self._tf, "extra_stats", None)
+        if extra is not None:  # device="cuda": memory, hybrid misses, link
+            out["device"] = extra()
+        return out
 
     def reset_stats(self) -> None:
         self.counters.reset()
@@ -264,6 +285,8 @@ class Model:
             self._closed = True
             if self._experts is not None:
                 self._experts.close()
+            if hasattr(self._tf, "close"):
+                self._tf.close()  # device="cuda": stops the copy workers, frees VRAM
             self._tf = None
             self._session = None
             self._gf.close()

@@ -1,0 +1,301 @@
+"""efedge on a GPU: `load_cuda_model(...)` plans device memory, uploads the non-expert
+weights, builds the VRAM expert cache and returns a CudaModel with the surface
+efedge.api.Model uses (forward, new_kv_cache, counters, close).
+
+    from efedge.gpu import load_cuda_model
+    m = load_cuda_model("model.gguf", cache="30%", policy="expertflow",
+                        vram="8GB", link="pcie4x8")          # an emulated 8 GB laptop
+    kv = m.new_kv_cache(512)
+    logits = m.forward(ids, 0, kv, all_logits=False)
+
+torch is imported only when a model is loaded: `import efedge.gpu` works without it.
+Modules: kernels (torch dequant / matmul), model (forward), cache (VRAM slots, copy
+streams, events), hybrid (misses computed on the CPU), emulate (VRAM budget, link).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from efedge.errors import CacheBudgetError, UnsupportedModelError
+
+log = logging.getLogger("efedge.gpu")
+__all__ = ["load_cuda_model", "CudaModel", "cuda_available"]
+
+FREE_MARGIN = 256 << 20  # left free on a real (not emulated) GPU for the allocator's slack
+SCRATCH_BYTES = 256 << 20  # decoded experts of one batch (at least one expert)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _bytes(spec, what: str) -> int:
+    from efedge.experts.cache import parse_budget
+
+    if isinstance(spec, str) and spec.strip().endswith("%"):
+        raise CacheBudgetError(f"{what}={spec!r}: give bytes or a size like 8GB, not a share")
+    return parse_budget(spec, 0)
+
+
+class CudaModel:
+    """A GGUF model on a torch device. Use `load_cuda_model`; call `close()` to free the
+    device memory and stop the transfer workers."""
+
+    def __init__(self, gf, config, *, cache, policy, link, vram, reserve, n_ctx, device,
+                 workers, hybrid, dense, counters, ubatch, scratch_bytes, policy_kwargs,
+                 own_file):
+        import torch
+
+        from efedge.experts.cache import parse_budget
+        from efedge.experts.stats import Counters
+        from efedge.gpu import kernels as tk
+        from efedge.gpu.emulate import LAPTOP_RESERVE, VramBudget
+        from efedge.gpu.model import ATTN_BYTES, CHUNK_BYTES, GpuKVCache, GpuMatrix, GpuTransformer
+        from efedge.model import Transformer
+
+        self._gf, self._own_file = gf, own_file
+        self.config = cfg = config
+        self.counters = counters if counters is not None else Counters()
+        self.device = dev = torch.device(device)
+        self.source, self.hybrid, self.link, self._tf = None, None, None, None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedModelError(
+                f"device={device!r} needs an NVIDIA GPU and a CUDA build of torch; torch "
+                f"{torch.__version__} sees no GPU (use device='cpu')")
+        if dev.type not in ("cuda", "cpu"):
+            raise UnsupportedModelError(f"device {device!r}: efedge.gpu runs 'cuda' (and "
+                                        "torch's 'cpu' device for tests)")
+        for name, ref in gf.tensors.items():
+            if name != "token_embd.weight" or "output.weight" not in gf.tensors:
+                tk.block_size(ref.qtype)  # UnsupportedModelError names the type
+        host = Transformer(gf, cfg)
+        self.host = host
+
+        # -- the budget --------------------------------------------------------------------
+        emulated = vram is not None
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            total = (_bytes(vram, "vram") if emulated else free - FREE_MARGIN)
+            if total > free:
+                raise CacheBudgetError(f"vram={vram!r} is more than the {free / 2**30:.2f} GiB "
+                                       f"free on {torch.cuda.get_device_name(dev)}")
+            torch.cuda.reset_peak_memory_stats(dev)
+            self._alloc0 = torch.cuda.memory_allocated(dev)
+        else:
+            total = _bytes(vram, "vram") if emulated else math.inf
+        res = int(reserve) if reserve is not None else (LAPTOP_RESERVE if emulated else 0)
+        self.budget = budget = VramBudget(total, res, emulated)
+
+        # -- non-expert weights: dense float32 when small (see efedge/gpu/model.py) ---------
+        mats = [host.output] + [getattr(b, n) for b in host.blocks for n in
+                                ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp",
+                                 "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                                 "ffn_gate", "ffn_up", "ffn_down") if hasattr(b, n)]
+        extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
+        if dense == "auto":
+            allowance = 0.25 * (total - res)
+            dense_names, used = set(), 0
+            for m in sorted(mats, key=lambda m: extra[m.name]):
+                if used + extra[m.name] <= allowance:
+                    dense_names.add(m.name)
+                    used += extra[m.name]
+        elif dense in (True, False):
+            dense_names = {m.name for m in mats} if dense else set()
+        else:
+            raise ValueError(f"dense must be 'auto', True or False, got {dense!r}")
+        w_bytes = sum(extra[m.name] if m.name in dense_names and extra[m.name]
+                      else m.raw.nbytes for m in mats)
+        budget.take("weights", w_bytes)
+        self.n_ctx = int(n_ctx) if n_ctx is not None else min(cfg.n_ctx_train, 4096)
+        budget.take("kv_cache", GpuKVCache.bytes_for(cfg.n_layer, self.n_ctx, cfg.n_head_kv,
+                                                     cfg.head_dim, cfg.v_head_dim))
+        max_batch, expert_scratch = 1, 0
+        store = host.store
+        if cfg.is_moe:
+            per = max(4 * 3 * cfg.n_ff_exp * cfg.n_embd + store.expert_bytes(il)
+                      for il in range(cfg.n_layer))
+            max_batch = max(1, min(cfg.n_expert, int(scratch_bytes) // per))
+            expert_scratch = max_batch * per
+        act = 4 * ubatch * (8 * cfg.n_embd + 4 * max(cfg.n_ff, cfg.n_ff_exp, cfg.n_ff_shexp)
+                            + cfg.n_expert_used * cfg.n_embd)
+        budget.take("scratch", expert_scratch + CHUNK_BYTES + ATTN_BYTES + act)
+
+        # -- the expert cache, then the weights on the device --------------------------------
+        try:  # from here on threads and device memory exist: release them on any failure
+            resident = False
+            if cfg.is_moe:
+                all_bytes = store.total_bytes()
+                if cache is None:
+                    want = min(all_bytes, int(min(budget.remaining, 2**62)))
+                else:
+                    want = parse_budget(cache, all_bytes)
+                    if want > budget.remaining:
+                        raise CacheBudgetError(
+                            f"cache={cache!r} ({want / 2**20:.0f} MiB) does not fit: "
+                            f"{max(budget.remaining, 0) / 2**20:.0f} MiB of device memory are "
+                            f"left after weights, KV cache and scratch")
+                resident = self._build_cache(store, min(want, all_bytes), policy, link,
+                                             workers, hybrid, policy_kwargs or {})
+            elif cache is not None or link is not None:
+                log.info("dense model: cache= and link= have no effect")
+            self._tf = GpuTransformer(host, dev, dense_names, self.source, self.hybrid,
+                                      max_batch=max_batch, ubatch=ubatch, resident=resident)
+        except BaseException:
+            self.close()
+            raise
+        self.max_batch, self.resident = max_batch, resident
+
+    def _build_cache(self, store, want, policy, link, workers, hybrid, policy_kwargs) -> bool:
+        from efedge.experts.scheduler import make_policy
+        from efedge.experts.transfer import parse_link
+        from efedge.gpu.cache import (
+            DeviceBackend,
+            GpuExpertCache,
+            GpuStreamingExperts,
+            GpuTransferEngine,
+        )
+        from efedge.gpu.emulate import LinkEmulator
+        from efedge.gpu.hybrid import HybridMisses
+
+        cfg = self.config
+        backend = DeviceBackend(self.device)
+        ecache = GpuExpertCache(store, want, cfg.n_expert_used, backend)
+        self.budget.take("expert_cache", ecache.nbytes)
+        link_obj = parse_link(link)
+        self.link = link_obj
+        resident = ecache.n_slots >= store.n_layer * store.n_expert
+        pol = make_policy("ondemand" if resident else policy, **policy_kwargs)
+        if not resident and hybrid != "off":
+            self.hybrid = HybridMisses(store, hybrid)
+            if hybrid == "auto":
+                self.hybrid.calibrate()
+        emulator = LinkEmulator(link_obj) if link_obj is not None else None
+        engine = GpuTransferEngine(self._gf.path, store, ecache, self.counters, backend,
+                                   emulator, workers)
+        try:
+            self.source = GpuStreamingExperts(store, ecache, engine, pol, self.counters,
+                                              routers=[b.ffn_gate_inp for b in self.host.blocks],
+                                              n_active=cfg.n_expert_used, hybrid=self.hybrid)
+        except BaseException:
+            engine.close()
+            raise
+        if resident:
+            self.source.preload_all()
+            self.counters.bytes_loaded = 0  # loading is not streaming
+        return resident
+
+    # -- what efedge.api.Model calls ---------------------------------------------------------
+    def forward(self, tokens, pos: int, kv, experts=None, all_logits: bool = True):
+        return self._tf.forward(tokens, pos, kv, all_logits=all_logits)
+
+    def new_kv_cache(self, n_ctx: int):
+        if n_ctx > self.n_ctx:
+            raise CacheBudgetError(f"a KV cache of {n_ctx} tokens is larger than the "
+                                   f"{self.n_ctx} planned at load (pass n_ctx=)")
+        return self._tf.new_kv_cache(n_ctx)
+
+    def generate_greedy(self, prompt: list[int], max_tokens: int,
+                        n_ctx: int | None = None) -> list[int]:
+        """Greedy continuation of `prompt` through efedge.generate (prefill, then decode
+        token by token), with Counters filled as efedge.api.Model fills them."""
+        from efedge.generate import Session, generate_tokens
+        from efedge.sampling import Sampler, SamplingParams
+
+        ctx = n_ctx or min(self.n_ctx, len(prompt) + max_tokens)
+        session = Session(self.forward, self.new_kv_cache(ctx), self.counters)
+        sampler = Sampler(SamplingParams(temperature=0.0))
+        return list(generate_tokens(session, list(prompt), sampler, max_tokens=max_tokens,
+                                    eog=frozenset()))
+
+    @property
+    def store(self):
+        return self.host.store
+
+    def extra_stats(self) -> dict:
+        """Device figures beyond Counters: memory, batches, hybrid misses, link."""
+        import torch
+
+        out = {"device": str(self.device), "max_batch": self.max_batch,
+               "resident": self.resident, "vram": self.budget.report(),
+               "weight_bytes_on_device": self._tf.weight_bytes() if self._tf else 0,
+               "link": str(self.link) if self.link else None,
+               "hybrid_wait_s": self._tf.hybrid_wait_s if self._tf else 0.0}
+        if self.device.type == "cuda":
+            out["device_name"] = torch.cuda.get_device_name(self.device)
+            out["vram_peak_allocated_bytes"] = (torch.cuda.max_memory_allocated(self.device)
+                                                - self._alloc0)
+        if self.source is not None:
+            out["copy_worker_s"] = self.source.engine.copy_s
+            out["policy_overhead_s"] = self.source.policy.overhead_s
+            out["policy"] = self.source.policy.name
+        if self.hybrid is not None:
+            out.update(self.hybrid.stats())
+        return out
+
+    def close(self) -> None:
+        """Stop the workers, free the device memory, unmap the file if we mapped it."""
+        if self.source is not None:
+            self.source.close()
+            self.source.cache.dev_pools = []
+            self.source = None
+        if self._tf is not None:
+            self._tf.close()
+            self._tf = None
+        if self._own_file and self._gf is not None:
+            self._gf.close()
+        self._gf = None
+
+    def __enter__(self) -> CudaModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=None,
+                    vram=None, reserve: int | None = None, n_ctx: int | None = None,
+                    device: str = "cuda", workers: int = 2, hybrid: str = "auto",
+                    dense="auto", counters=None, ubatch: int = 512,
+                    scratch_bytes: int = SCRATCH_BYTES, policy_kwargs: dict | None = None,
+                    config=None) -> CudaModel:
+    """Load a GGUF model onto a GPU.
+
+    path: a file, an open efedge.gguf_file.GGUFFile (not closed by the model), or None for
+    the demo model. cache: expert cache bytes / "512MiB" / "25%" of expert bytes; None =
+    every expert if they fit, else all the memory left. vram: a budget like "8GB" (laptop
+    emulation; `reserve` bytes of it, default 512 MiB, stand for driver and display) or
+    None = the GPU's free memory. link: an emulated host→device link ("pcie4x8",
+    "12.5GB/s", a Link). hybrid: "auto" (misses computed on the CPU when that is faster,
+    measured), "off", or "always" (every miss on the CPU; for tests). dense: non-expert
+    weights as float32 ("auto": when small), or kept quantized. device: "cuda", "cuda:1",
+    or "cpu" (torch's CPU device: the same code, for tests)."""
+    from efedge.config import config_from_gguf
+    from efedge.gguf_file import GGUFFile
+
+    own = not isinstance(path, GGUFFile)
+    if own:
+        if path is None:
+            from efedge.demo import demo_model_path
+
+            path = demo_model_path()
+        gf = GGUFFile(Path(path))
+    else:
+        gf = path
+    try:
+        cfg = config if config is not None else config_from_gguf(gf)
+        return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
+                         reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
+                         hybrid=hybrid, dense=dense, counters=counters, ubatch=ubatch,
+                         scratch_bytes=scratch_bytes, policy_kwargs=policy_kwargs,
+                         own_file=own)
+    except BaseException:
+        if own:
+            gf.close()
+        raise

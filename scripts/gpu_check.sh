@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# GPU check for the GPU expert cache (issue 9). Run from the repository root on a machine
+# with an NVIDIA GPU, after installing efedge without dependencies and the gguf wheel:
+#
+#     pip install gguf-*.whl && pip install -e . --no-deps
+#     OUT=/path/to/results bash scripts/gpu_check.sh
+#
+# Needs torch with CUDA, numpy, numba, jinja2, regex, tqdm, gguf. Installs nothing and
+# reaches no network. Finishes in under 6 minutes (a global deadline caps every stage).
+# Writes $OUT/gpu_check.txt (summary), $OUT/gpu_check.json (all figures) and one log per
+# stage. Stages:
+#   1. env      torch / CUDA / GPU / package versions
+#   2. pytest   tests/test_gpu.py: the CUDA tests (bit-exact dequant on the GPU, forward
+#               parity with the CPU path on generated models, streaming under pressure,
+#               budget and pinned staging) and the CPU-device tests
+#   3. parity   the demo model (or a generated 64-expert qwen3moe): cosine ≥ 0.999 and the
+#               same greedy tokens as the CPU path, resident / ondemand / expertflow+hybrid
+#   4. bench    the emulated 8 GB laptop (RTX 4060 Laptop, PCIe 4.0 x8) on the same model:
+#               ondemand and expertflow, hybrid misses off and auto, plus all resident
+#   5. bench16  if time is left: a generated 1.6 GB qwen3moe ("bench" preset, F16, 3.1 MB
+#               experts ≈ Qwen3-30B-A3B's) with the real pcie4x8 rate, 35% cache, 8 GB
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.txt"
+: > "$LOG"
+T0=$(date +%s)
+DEADLINE=$((T0 + 340))
+PY="${PYTHON:-python}"
+DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu: a dry run of this script on torch's CPU device
+NGEN="${NGEN:-64}"
+MODELS="${MODELS:-/tmp/efedge-gpu-models}"  # generated models: kept out of $OUT (1.6 GB)
+export PYTHONUNBUFFERED=1
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# stage NAME TIMEOUT CMD... : run with min(TIMEOUT, time left), log to $OUT/NAME.log
+stage() {
+    local name=$1 want=$2
+    shift 2
+    local left=$((DEADLINE - $(date +%s)))
+    local t=$((want < left ? want : left))
+    if [ "$t" -lt 20 ]; then
+        say "== $name: skipped (only ${left}s left before the deadline)"
+        return 0
+    fi
+    say "== $name (timeout ${t}s): $*"
+    local s
+    s=$(date +%s)
+    timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 45 "$OUT/$name.log" | tee -a "$LOG"
+    say "-- $name: exit $rc after $(($(date +%s) - s))s$([ $rc -ge 124 ] && echo ' (TIMED OUT)')"
+    echo "$name $rc" >> "$OUT/stages.txt"
+}
+
+: > "$OUT/stages.txt"
+say "efedge GPU check, $(date -u +%FT%TZ), OUT=$OUT"
+nvidia-smi -L 2>&1 | tee -a "$LOG" || true
+
+stage env 60 "$PY" - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0])
+for mod in ("torch", "numpy", "numba", "gguf", "efedge"):
+    try:
+        m = importlib.import_module(mod)
+        print(mod, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
+    except Exception as e:
+        print(mod, "MISSING:", type(e).__name__, e)
+import torch
+print("cuda available", torch.cuda.is_available(), "torch cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    free, total = torch.cuda.mem_get_info()
+    print("gpu", torch.cuda.get_device_name(0), f"free {free/2**30:.1f} / {total/2**30:.1f} GiB")
+    print("tf32 matmul default", torch.backends.cuda.matmul.allow_tf32)
+import efedge.gpu, efedge.experts.scheduler as s
+print("policies", sorted(s.POLICIES))
+EOF
+
+if ! "$PY" -c "import gguf, torch, efedge; assert '$DEVICE' == 'cpu' or torch.cuda.is_available()" \
+        2>/dev/null; then
+    say "ABORT: needs gguf, efedge and a CUDA build of torch that sees a GPU (see env.log)"
+    exit 2
+fi
+
+stage pytest 170 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+
+stage parity 100 "$PY" benchmarks/gpu_bench.py --device "$DEVICE" --parity -n 32 \
+    --workdir "$MODELS" \
+    --json "$OUT/parity.json" --text "$OUT/parity.txt"
+
+stage bench 130 "$PY" benchmarks/gpu_bench.py --device "$DEVICE" --bench --vs-cpu -n "$NGEN" \
+    --workdir "$MODELS" \
+    --json "$OUT/bench.json" --text "$OUT/bench.txt"
+
+if [ $(($(date +%s) + 90)) -lt "$DEADLINE" ]; then
+    stage bench16 $((DEADLINE - $(date +%s) - 5)) "$PY" - "$OUT" "$DEVICE" "$MODELS" <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from gguf_tools.make_tiny import write_tiny
+out, device, models = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+p = models / "qwen3moe-bench-F16.gguf"
+if not p.exists():
+    p.parent.mkdir(parents=True, exist_ok=True)
+    write_tiny(p, "qwen3moe", "F16", preset="bench")
+sys.argv = ["gpu_bench", str(p), "--device", device, "--bench", "-n", "32", "--cache", "35%",
+            "--link", "pcie4x8", "--prompt-tokens", "64", "--json", str(out / "bench16.json"),
+            "--text", str(out / "bench16.txt")]
+import runpy
+runpy.run_path("benchmarks/gpu_bench.py", run_name="__main__")
+EOF
+else
+    say "== bench16: skipped (not enough time left)"
+fi
+
+"$PY" - "$OUT" <<'EOF' | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+res = {"stages": dict(l.split() for l in (out / "stages.txt").read_text().splitlines() if l)}
+for name in ("parity", "bench", "bench16"):
+    f = out / f"{name}.json"
+    if f.exists():
+        res[name] = json.loads(f.read_text())
+keys = ("decode_tok_s", "prefill_tok_s", "stall_s", "decode_stall_ms_per_token",
+        "stall_vs_ondemand", "decode_stall_vs_ondemand", "decode_hit_rate",
+        "hybrid_cpu_experts", "vram_peak_allocated_bytes")
+summary = {"parity": [{k: r[k] for k in ("config", "cos_min", "frac_cos_ge_0999",
+                                         "greedy_equal", "ok")}
+                      for r in res.get("parity", {}).get("parity", {}).get("runs", [])],
+           "parity_ok": res.get("parity", {}).get("parity", {}).get("ok")}
+for name in ("bench", "bench16"):
+    rows = res.get(name, {}).get("bench", {}).get("rows", [])
+    summary[name] = {r["config"]: {k: r.get(k) for k in keys} for r in rows}
+    if "vs_cpu" in res.get(name, {}):
+        summary[name]["efedge CPU path"] = res[name]["vs_cpu"]
+res["summary"] = summary
+(out / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str))
+print("SUMMARY", json.dumps(res["summary"], indent=1, default=str))
+EOF
+say "total $(($(date +%s) - T0))s"

@@ -1,0 +1,549 @@
+"""efedge.gpu: torch kernels, the device forward pass, the VRAM cache's streams and events,
+hybrid misses, laptop emulation.
+
+Everything except the tests marked `cuda` runs on torch's CPU device (the same code; copies
+are synchronous there, and tests substitute backends whose events complete late or that
+record the order of copies and waits). `@pytest.mark.cuda` tests need an NVIDIA GPU and
+skip cleanly without one; scripts/gpu_check.sh runs them on a lent GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+import efedge  # noqa: E402
+from efedge.config import config_from_gguf  # noqa: E402
+from efedge.errors import CacheBudgetError, UnsupportedModelError  # noqa: E402
+from efedge.experts.scheduler import make_policy  # noqa: E402
+from efedge.experts.stats import Counters  # noqa: E402
+from efedge.experts.store import ExpertStore  # noqa: E402
+from efedge.experts.transfer import Link  # noqa: E402
+from efedge.gguf_file import GGUFFile  # noqa: E402
+from efedge.gpu import kernels as tk  # noqa: E402
+from efedge.gpu import load_cuda_model  # noqa: E402
+from efedge.gpu.cache import (  # noqa: E402
+    DeviceBackend,
+    GpuExpertCache,
+    GpuStreamingExperts,
+    GpuTransferEngine,
+)
+from efedge.gpu.emulate import DelayedEvent, LinkEmulator, laptop_setup  # noqa: E402
+from efedge.gpu.hybrid import HybridMisses  # noqa: E402
+from efedge.kernels.activations import round_activations  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA,
+                                reason="needs an NVIDIA GPU with a CUDA build of torch")
+ALL_QTYPES = sorted(Q(t).name for t in tk.SUPPORTED_QTYPES)
+# byte offsets of the float16 scales in each block: set to sane values in random blocks
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
+              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+              "IQ4_NL": [0], "IQ4_XS": [0]}
+
+
+def random_rows(name: str, rows: int = 6, row_len: int = 512, seed: int = 0) -> np.ndarray:
+    """Random GGUF rows of type `name`: every bit pattern of the payload, finite scales."""
+    rng = np.random.default_rng(seed)
+    qt = Q[name]
+    el, nb = gguf.GGML_QUANT_SIZES[qt]
+    nblk = row_len // el
+    if name == "F32":
+        return rng.standard_normal((rows, nblk)).astype(np.float32).view(np.uint8)
+    if name == "F16":
+        return rng.standard_normal((rows, nblk)).astype(np.float16).view(np.uint8)
+    if name == "BF16":
+        bits = rng.standard_normal((rows, nblk)).astype(np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    raw = rng.integers(0, 256, size=(rows, nblk * nb), dtype=np.uint8)
+    blocks = raw.reshape(-1, nb)
+    for off in F16_FIELDS[name]:
+        d = (rng.standard_normal((blocks.shape[0], 1)) * 0.05).astype(np.float16)
+        blocks[:, off:off + 2] = d.view(np.uint8)
+    return raw
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _ids(n: int = 20, seed: int = 7, vocab: int = 500) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL_QTYPES)
+def test_dequantize_bit_exact_vs_gguf(name):
+    raw = random_rows(name)
+    ref = gguf.quants.dequantize(raw, Q[name])
+    assert _bits_equal(tk.dequantize(torch.from_numpy(raw), int(Q[name])).numpy(), ref)
+    # a non-contiguous, oddly offset slice (as a slot part is) decodes the same
+    wide = np.zeros((raw.shape[0], raw.shape[1] + 3), dtype=np.uint8)
+    wide[:, 3:] = raw
+    part = torch.from_numpy(wide)[:, 3:]
+    assert _bits_equal(tk.dequantize(part, int(Q[name])).numpy(), ref)
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K",
+                                  "IQ4_NL", "IQ4_XS"])
+def test_round_activations_bit_exact(name):
+    x = (np.random.default_rng(3).standard_normal((5, 512)) * 3).astype(np.float32)
+    x[1, :7] = 0.0
+    x[2] = 0.0  # an all-zero row: scale 0
+    got = tk.round_activations(torch.from_numpy(x), int(Q[name])).numpy()
+    assert _bits_equal(got, round_activations(x, Q[name]))
+
+
+def test_matmul_chunked_matches_whole_and_numba():
+    from efedge import kernels
+
+    raw = random_rows("Q4_K", rows=40)
+    x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    rt = torch.from_numpy(raw)
+    whole = tk.matmul(torch.from_numpy(x), rt, int(Q.Q4_K))
+    chunked = tk.matmul(torch.from_numpy(x), rt, int(Q.Q4_K), chunk_bytes=7 * 512 * 4)
+    torch.testing.assert_close(whole, chunked, rtol=1e-6, atol=1e-4)  # BLAS blocking differs
+    ref = kernels.matmul(raw, int(Q.Q4_K), x)
+    np.testing.assert_allclose(whole.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_qtype_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="no decoder for TQ1_0"):
+        tk.dequantize(torch.zeros((1, 54), dtype=torch.uint8), int(Q.TQ1_0))
+
+
+def test_quantized_file_tensors_bit_exact(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "Q4_K_M")  # skipped without llama.cpp's quantizer
+    gf = GGUFFile(path)
+    try:
+        seen = set()
+        for name, ref in gf.tensors.items():
+            if ref.qtype in seen or ref.qtype == int(Q.F32):
+                continue
+            seen.add(ref.qtype)
+            raw = np.array(gf.raw(name))
+            want = gguf.quants.dequantize(raw, Q(ref.qtype))
+            got = tk.dequantize(torch.from_numpy(raw), ref.qtype).numpy()
+            assert _bits_equal(got, want), name
+        assert {int(Q.Q4_K), int(Q.Q6_K)} <= seen
+    finally:
+        gf.close()
+
+
+# -- the forward pass on torch's CPU device vs the CPU path ----------------------------------
+
+CONFIGS = [dict(),  # every expert resident
+           dict(cache="35%", policy="ondemand", hybrid="off"),
+           dict(cache="35%", policy="expertflow", hybrid="always", dense=False, ubatch=7)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe", "llama"])
+def test_forward_matches_cpu_path(tiny_gguf, arch):
+    path = tiny_gguf(arch, "F32")
+    ids = _ids()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    for kw in CONFIGS[:1] if arch == "llama" else CONFIGS:
+        with load_cuda_model(path, device="cpu", n_ctx=64, **kw) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            assert _cos(out, ref).min() >= 0.99999, kw
+            assert (out.argmax(-1) == ref.argmax(-1)).all(), kw
+            last = g.forward(ids, 0, g.new_kv_cache(64), all_logits=False)
+            assert last.shape == (1, out.shape[1]) and _cos(last[0], out[-1]) >= 0.99999
+            s = g.counters
+            if g.config.is_moe:
+                assert s.hits + s.late + s.misses == s.expert_requests > 0
+            if kw.get("hybrid") == "always":
+                assert g.extra_stats()["hybrid_cpu_experts"] > 0
+
+
+def test_greedy_tokens_match_cpu_path(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F32")
+    prompt = _ids(6, seed=11)
+    with efedge.load(path) as m:
+        from efedge.generate import GenerationResult
+
+        res = GenerationResult([], "length")
+        "".join(m.stream(prompt, max_tokens=10, temperature=0, result=res))
+    with load_cuda_model(path, device="cpu", cache="35%", policy="expertflow",
+                         hybrid="off") as g:
+        assert g.generate_greedy(prompt, len(res.tokens)) == res.tokens
+        c = g.counters
+        assert c.tokens_prompt == len(prompt) and c.tokens_generated >= len(res.tokens) - 1
+
+
+def test_quantized_forward_close_to_cpu_path(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = _ids()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    with load_cuda_model(path, device="cpu", cache="50%", policy="ondemand", dense=False,
+                         hybrid="off") as g:
+        out = g.forward(ids, 0, g.new_kv_cache(32))
+    cos = _cos(out, ref)
+    # 8-bit activation rounding turns last-bit differences of the sums into the odd flipped
+    # routing choice on a random-weight model; most positions agree to 1e-4
+    assert np.median(cos) >= 0.9999 and cos.min() >= 0.99
+
+
+# -- memory planning -----------------------------------------------------------------------
+
+def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    with pytest.raises(CacheBudgetError, match="weights"):
+        load_cuda_model(path, device="cpu", vram=1 << 20)
+    with pytest.raises(CacheBudgetError, match="does not fit"):
+        load_cuda_model(path, device="cpu", vram="256MiB", reserve=0, cache="1GiB")
+    with pytest.raises(CacheBudgetError, match="not a share"):
+        load_cuda_model(path, device="cpu", vram="50%")
+    with load_cuda_model(path, device="cpu", vram="256MiB", reserve=0, n_ctx=32) as g:
+        rep = g.extra_stats()["vram"]
+        assert rep["emulated"] and g.budget.used <= rep["budget_bytes"] == 256 << 20
+        assert rep["expert_cache_bytes"] > 0 and rep["weights_bytes"] > 0
+        with pytest.raises(CacheBudgetError, match="planned"):
+            g.new_kv_cache(64)
+
+
+def test_devices_are_checked(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    with pytest.raises(UnsupportedModelError, match="mps"):
+        load_cuda_model(path, device="mps")
+    if not HAS_CUDA:
+        with pytest.raises(UnsupportedModelError, match="no GPU"):
+            load_cuda_model(path, device="cuda")
+    before = threading.active_count()
+    with pytest.raises(efedge.EfedgeError, match="unknown cache policy"):
+        load_cuda_model(path, device="cpu", cache="30%", policy="nonsense")
+    assert threading.active_count() == before  # no transfer worker left behind
+
+
+def test_laptop_setup_scales_share_and_link():
+    s = laptop_setup("rtx4060-laptop", "qwen3-30b-a3b", 100e3)
+    assert 0.2 < s["share"] < 0.5
+    per = s["link"].latency_s + 100e3 / s["link"].bytes_per_s  # one of our experts
+    assert per == pytest.approx(10e-6 + 2.85e6 / 12.5e9, rel=1e-6)
+
+
+# -- streams, events, ordering (instrumented backends on the CPU device) ---------------------
+
+class RecordingBackend(DeviceBackend):
+    """CPU backend that names its events and logs copies and stream waits in order."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.log: list[tuple] = []
+        self._n = 0
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+
+    def new_stream(self):
+        with self._lock:
+            self._n += 1
+            return f"copy-stream-{self._n}"
+
+    @contextlib.contextmanager
+    def use_stream(self, stream):
+        self._tls.stream = stream
+        try:
+            yield
+        finally:
+            self._tls.stream = None
+
+    def record(self, stream=None):
+        ev = super().record(stream)
+        ev = type("Ev", (), {"query": ev.query, "synchronize": ev.synchronize})()
+        ev.torch_event = ("event", id(ev))
+        with self._lock:
+            self.log.append(("record", stream, ev.torch_event))
+        return ev
+
+    def wait(self, event, stream=None):
+        with self._lock:
+            self.log.append(("wait", stream, event.torch_event))
+
+    def copy(self, dst, src):
+        with self._lock:
+            self.log.append(("copy", dst.data_ptr(), getattr(self._tls, "stream", None)))
+        super().copy(dst, src)
+
+
+def _parts(path, budget, backend, link=None, policy="ondemand", hybrid=None):
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+    cache = GpuExpertCache(store, budget, cfg.n_expert_used, backend)
+    counters = Counters()
+    em = LinkEmulator(link) if link is not None else None
+    engine = GpuTransferEngine(path, store, cache, counters, backend, em, workers=2)
+    src = GpuStreamingExperts(store, cache, engine, make_policy(policy), counters,
+                              n_active=cfg.n_expert_used, hybrid=hybrid)
+    return gf, store, cache, src
+
+
+def _drain(src, layer, experts, **kw):
+    got = []
+    for batch in src.acquire_batches(layer, np.asarray(experts), **kw):
+        got.append(([e for e, _ in batch], time.perf_counter()))
+    return got
+
+
+def test_copy_into_a_slot_waits_for_its_last_reader(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    be = RecordingBackend()
+    gf = GGUFFile(path)
+    per = ExpertStore(gf, 3, 16).expert_bytes(0)
+    gf.close()
+    gf, store, cache, src = _parts(path, 4 * per, be)  # 4 slots: every layer evicts all
+    try:
+        _drain(src, 0, [0, 1, 2, 3])
+        reader = {s: cache.last_use[s].torch_event for s in range(cache.n_slots)}
+        first_round = len(be.log)
+        _drain(src, 1, [4, 5, 6, 7])
+        ptr_slot = {cache.slot_tensor(s).data_ptr(): s for s in range(cache.n_slots)}
+        later = be.log[first_round:]
+        copies = [i for i, e in enumerate(later) if e[0] == "copy"]
+        assert len(copies) == 4
+        for i in copies:
+            slot, stream = ptr_slot[later[i][1]], later[i][2]
+            assert stream is not None and stream.startswith("copy-stream")
+            # that copy stream waited for the slot's last reader before the copy
+            assert ("wait", stream, reader[slot]) in later[:i], slot
+            # and recorded the copy's completion event after it
+            assert any(e[0] == "record" and e[1] == stream for e in later[i:])
+        # the compute stream (None) never waits for a copy
+        assert not any(e[0] == "wait" and e[1] is None for e in be.log)
+    finally:
+        src.close()
+        gf.close()
+
+
+def test_ready_experts_first_while_copies_are_in_flight(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    gf0 = GGUFFile(path)
+    per = ExpertStore(gf0, 3, 16).expert_bytes(0)
+    gf0.close()
+    link = Link("slow", per / 0.05, 0.0)  # 50 ms per expert
+    gf, store, cache, src = _parts(path, 8 * per, DeviceBackend("cpu"), link=link)
+    try:
+        _drain(src, 0, [0, 1])  # resident now (~100 ms)
+        c = src.counters
+        c.reset()
+        t0 = time.perf_counter()
+        got = _drain(src, 0, [0, 1, 2, 3])
+        assert sorted(got[0][0]) == [0, 1] and got[0][1] - t0 < 0.03  # no wait for 2 and 3
+        assert sorted(e for b, _ in got for e in b) == [0, 1, 2, 3]
+        assert got[-1][1] - t0 >= 0.09  # the two copies took the link's time
+        assert (c.hits, c.misses, c.late) == (2, 2, 0)
+        assert c.stall_s >= 0.05 and c.bytes_loaded == 2 * per
+        # a prefetch still in flight when asked for is "late", and used
+        assert src.prefetch(1, [9]) == 1
+        got = _drain(src, 1, [9])
+        assert c.late == 1 and c.prefetch_used == 1
+        assert cache.slot_state[cache.where[1, 9]] == 2  # READY
+    finally:
+        src.close()
+        gf.close()
+
+
+def test_per_expert_acquire_gives_slot_views(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    gf = GGUFFile(path)
+    per = ExpertStore(gf, 3, 16).expert_bytes(0)
+    gf.close()
+    gf, store, cache, src = _parts(path, 6 * per, DeviceBackend("cpu"))
+    try:
+        got = dict(src.acquire(2, np.array([3, 7])))
+        assert sorted(got) == [3, 7]
+        gate, up, down = got[7]
+        want = store.mapped(2, 7)
+        assert np.array_equal(gate.numpy(), want.gate) and np.array_equal(down.numpy(), want.down)
+        assert not cache.slot_pins.any()  # nothing left pinned
+    finally:
+        src.close()
+        gf.close()
+
+
+def test_delayed_event_and_link_emulator():
+    em = LinkEmulator(Link("l", 1e6, 0.001))
+    t0 = time.perf_counter()
+    ev = em.delay(DeviceBackend("cpu").record(), 20_000, t0)  # 1 ms + 20 ms
+    assert not ev.query()
+    ev.synchronize()
+    assert time.perf_counter() - t0 >= 0.02 and ev.query()
+    # a second transfer queues behind the first on the shared link
+    ready = em.reserve(20_000, t0)
+    assert ready == pytest.approx(t0 + 0.042, abs=1e-6)
+    assert isinstance(ev, DelayedEvent) and em.busy_s == pytest.approx(0.042)
+
+
+class _FakeEngine:
+    def __init__(self, bw, lat, backlog=0):
+        self.bandwidth_ewma, self.latency_ewma, self._b = bw, lat, backlog
+
+    def demand_backlog_bytes(self):
+        return self._b
+
+
+def test_hybrid_decision_from_measured_speeds(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    gf = GGUFFile(path)
+    store = ExpertStore(gf, 3, 16)
+    nb = store.expert_bytes(0)
+    try:
+        h = HybridMisses(store, "auto", max_tokens=2)
+        assert h.plan(0, [1, 2], {}, _FakeEngine(0.0, 0.0)) == []  # nothing measured yet
+        assert h.unmeasured == 2
+        h.s_per_byte = 1e-10  # CPU: 1 token of one expert = nb · 1e-10 s
+        cpu1 = nb * 1e-10
+        slow = _FakeEngine(nb / (3 * cpu1), 3 * cpu1)  # a copy takes 3× the CPU time
+        # list scheduling on both resources: the 3rd would wait as long on the CPU as on
+        # the link, so it is copied; the 4th is sooner on the CPU than behind that copy
+        assert h.plan(0, [1, 2, 3, 4], {}, slow) == [1, 2, 4]
+        assert h.plan(0, [5], {5: 3}, slow) == []  # more tokens than max_tokens
+        fast = _FakeEngine(nb / (0.5 * cpu1), 0.5 * cpu1)
+        assert h.plan(0, [6, 7], {}, fast) == []
+        busy = _FakeEngine(nb / (0.5 * cpu1), 0.5 * cpu1, backlog=10 * nb)
+        assert h.plan(0, [8], {}, busy) == [8]  # the link is backed up: the CPU is sooner
+        st = h.stats()
+        assert st["hybrid_cpu_experts"] == 4 and st["hybrid_copies_kept"] == 6
+        # measured: calibrate and run update the CPU speed
+        h.calibrate(0, repeats=1)
+        assert h.s_per_byte > 0
+        y = h.run(0, 1, np.ones((1, 256), dtype=np.float32))
+        assert y.shape == (1, 256) and h.cpu_tokens == 1
+        with pytest.raises(ValueError, match="hybrid mode"):
+            HybridMisses(store, "sometimes")
+    finally:
+        gf.close()
+
+
+def test_hybrid_auto_counts_and_keeps_parity(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    ids = _ids(6)
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    with load_cuda_model(path, device="cpu", cache="30%", policy="ondemand", hybrid="auto",
+                         link=Link("slow", 20e6, 1e-4), n_ctx=32) as g:
+        out = g.forward(ids, 0, g.new_kv_cache(32))
+        toks = g.generate_greedy(ids, 6)
+        st = g.extra_stats()
+    assert _cos(out, ref).min() >= 0.99999
+    assert len(toks) == 6
+    # decode misses over a 20 MB/s link are far slower than the CPU: some went there
+    assert st["hybrid_cpu_experts"] > 0 and st["hybrid_cpu_tokens"] > 0
+    assert st["hybrid_cpu_experts"] + st["hybrid_copies_kept"] >= 1
+
+
+# -- CUDA ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL_QTYPES)
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_dequantize_bit_exact(name):
+    raw = random_rows(name, rows=64, row_len=1024, seed=5)
+    ref = gguf.quants.dequantize(raw, Q[name])
+    got = tk.dequantize(torch.from_numpy(raw).cuda(), int(Q[name])).cpu().numpy()
+    assert _bits_equal(got, ref)
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL"])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_round_activations_bit_exact(name):
+    x = (np.random.default_rng(4).standard_normal((7, 1024)) * 2).astype(np.float32)
+    got = tk.round_activations(torch.from_numpy(x).cuda(), int(Q[name])).cpu().numpy()
+    assert _bits_equal(got, round_activations(x, Q[name]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe", "mixtral"])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_forward_matches_cpu_path(tiny_gguf, arch):
+    path = tiny_gguf(arch, "F16")
+    ids = _ids(24)
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    prompt = ids[:5]
+    with efedge.load(path) as m:
+        from efedge.generate import GenerationResult
+
+        res = GenerationResult([], "length")
+        "".join(m.stream(prompt, max_tokens=8, temperature=0, result=res))
+    for kw in CONFIGS + [dict(cache="35%", policy="expertflow", link="2GB/s", hybrid="auto")]:
+        with load_cuda_model(path, device="cuda", n_ctx=64, **kw) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            assert _cos(out, ref).min() >= 0.9999, kw
+            assert (out.argmax(-1) == ref.argmax(-1)).all(), kw
+            assert g.generate_greedy(prompt, len(res.tokens)) == res.tokens, kw
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_tf32_setting_does_not_leak_into_the_forward(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    ids = _ids(16)
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with load_cuda_model(path, device="cuda", n_ctx=32) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(32))
+        assert torch.backends.cuda.matmul.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert _cos(out, ref).min() >= 0.9999
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_streaming_under_pressure_equals_resident(tiny_gguf):
+    """The smallest cache (every layer evicts) over an emulated link, many tokens: a copy
+    that overwrote a slot the GPU was still reading would show here."""
+    path = tiny_gguf("qwen3moe", "F16")
+    ids = _ids(40, seed=3)
+    with load_cuda_model(path, device="cuda", n_ctx=64) as g:
+        ref = g.forward(ids, 0, g.new_kv_cache(64))
+    gf = GGUFFile(path)
+    per = ExpertStore(gf, 3, 16).expert_bytes(0)
+    gf.close()
+    for kw in [dict(policy="ondemand"), dict(policy="expertflow", link="4GB/s")]:
+        with load_cuda_model(path, device="cuda", n_ctx=64, cache=4 * per, hybrid="off",
+                             **kw) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            dec = [g.forward([t], i, kv) for kv in [g.new_kv_cache(64)] for i, t in
+                   enumerate(ids)]
+            st = g.extra_stats()
+        assert _cos(out, ref).min() >= 0.99999, kw
+        assert _cos(np.concatenate(dec), ref).min() >= 0.99999, kw
+        assert st["max_batch"] >= 1 and g.counters.bytes_loaded > 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_budget_is_honoured_and_staging_is_pinned(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "F16")
+    with load_cuda_model(path, device="cuda", vram="700MiB", cache="40%", n_ctx=128,
+                         policy="ondemand", hybrid="off") as g:
+        g.generate_greedy(_ids(16), 16)
+        st = g.extra_stats()
+        assert g.source.engine._resources().staging.is_pinned()  # this thread's staging
+    assert st["vram_peak_allocated_bytes"] <= 700 * 2**20 - st["vram"]["reserve_bytes"]
+    assert st["vram"]["emulated"]
+
+
+def test_cuda_marker_is_registered(pytestconfig):
+    assert any(m.startswith("cuda") for m in pytestconfig.getini("markers"))
