@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -121,6 +122,86 @@ def auto_links(path, prompt_ids, n_tokens, threads=None) -> tuple[list[str], dic
     return [f"{rate / 1e6:.1f}MB/s", f"{rate / 4e6:.1f}MB/s"], info
 
 
+@contextmanager
+def cache_aware_routing(slack: float):
+    """For measurement only: every token goes through the batched layer path (whose
+    router probabilities are at hand) with `cache_aware_route` applied before the experts
+    are requested — what the proposed `routing="cache-aware"` option of model.py does.
+    slack 0 is exact routing on the same path (the reference for the quality figures)."""
+    from efedge import layers
+    from efedge import model as M
+    from efedge.experts.scheduler import cache_aware_route
+
+    orig_moe, orig_decode = M.Transformer._moe, M.Transformer._decode
+
+    def _moe(self, blk, il, h, experts):
+        c = self.cfg
+        ids, w, probs = layers.route(blk.ffn_gate_inp(h), c.n_expert_used, c.spec.norm_topk)
+        cache = getattr(experts, "cache", None)
+        if slack > 0 and cache is not None:
+            ids, n_sub = cache_aware_route(ids, probs, cache.where[il] >= 0, slack)
+            if n_sub:
+                w = np.take_along_axis(probs, ids, axis=1).astype(np.float32)
+                if c.spec.norm_topk:
+                    w = w / w.sum(axis=1, keepdims=True)
+                experts.counters.substitutions += n_sub
+        if self.on_route is not None:
+            self.on_route(il, h, ids)
+        slots = np.zeros((h.shape[0], c.n_expert_used, c.n_embd), dtype=np.float32)
+        for e, ew in experts.acquire(il, np.unique(ids)):
+            tok, kk = np.nonzero(ids == e)
+            slots[tok, kk] = M.expert_ffn(np.ascontiguousarray(h[tok]), ew) * w[tok, kk, None]
+        out = slots[:, 0].copy()
+        for kk in range(1, c.n_expert_used):
+            out += slots[:, kk]
+        return out
+
+    def _decode(self, token, pos, kv, experts):
+        x = self.embed(np.array([token]))
+        for il, blk in enumerate(self.blocks):
+            x = x + self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
+            x = x + self._moe(blk, il, self._norm(x, blk.ffn_norm), experts)
+        kv.n_past = pos + 1
+        return self.output(self._norm(np.ascontiguousarray(x), self.output_norm))
+
+    M.Transformer._moe, M.Transformer._decode = _moe, _decode
+    try:
+        yield
+    finally:
+        M.Transformer._moe, M.Transformer._decode = orig_moe, orig_decode
+
+
+def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> list[dict]:
+    """Cache-aware routing's cost and gain: per slack, held-out perplexity of the decoded
+    tokens, top-1 agreement with exact routing, substitutions and stall per token."""
+    rows, ref_top = [], None
+    split = len(prompt_ids) - n_tokens
+    for slack in [0.0, *[s for s in slacks if s > 0]]:
+        with cache_aware_routing(slack), efedge.load(path, cache=cache, policy=policy,
+                                                      link=link) as m:
+            _decode_run(m, prompt_ids[:8], 4)
+            sess = m._session
+            sess.reset()
+            logits = sess.prefill(prompt_ids[:split])
+            m.reset_stats()
+            nll, top = [], []
+            for tok in prompt_ids[split:]:
+                z = logits.astype(np.float64)  # the prediction of tok
+                nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[tok])
+                top.append(int(np.argmax(z)))
+                logits = sess.decode(tok)
+            s = m.stats()
+        n = max(s["tokens_generated"], 1)
+        if ref_top is None:
+            ref_top = top
+        rows.append({"slack": slack, "perplexity": float(np.exp(np.mean(nll))),
+                     "top1_agreement": float(np.mean(np.array(top) == np.array(ref_top))),
+                     "substitutions_per_token": s["substitutions"] / n,
+                     "stall_ms_per_token": 1e3 * s["stall_s"] / n,
+                     "hit_rate": s["hits"] / max(s["expert_requests"], 1)})
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("| cache | link | policy | tok/s | stall ms/token | stall % of ondemand | hit rate "
             "| prefetch precision | MB/token | mean horizon | policy cost % |")
@@ -159,6 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (one batch)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--routing-slack", nargs="*", type=float, default=None,
+                    help="also measure cache-aware routing at these slacks (expertflow, "
+                         "first cache and link)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     path = args.model or demo_model_path()
@@ -173,9 +257,13 @@ def main(argv=None) -> int:
             runs = [compare_policies(path, args.policies, cache, link, ids, args.n_tokens,
                                      threads=args.threads) for _ in range(args.repeats)]
             all_rows += _median_rows(runs)
+    quality = []
+    if args.routing_slack:
+        quality = routing_quality(path, args.routing_slack, args.cache[0], links[0],
+                                  "expertflow", ids, args.n_tokens)
     if args.json:
-        json.dump({"model": str(path), "links": links, "auto": info, "rows": all_rows},
-                  sys.stdout, indent=2, default=str)
+        json.dump({"model": str(path), "links": links, "auto": info, "rows": all_rows,
+                   "routing": quality}, sys.stdout, indent=2, default=str)
         print()
         return 0
     print(f"model: {path}   text: held-out, {args.prompt} prompt + {args.n_tokens} decoded "
@@ -184,6 +272,15 @@ def main(argv=None) -> int:
         print(f"resident decode here: {info['decode_ms_per_token']:.2f} ms/token, "
               f"{info['layer_ms']:.3f} ms/layer; {info['expert_kib']:.1f} KiB per expert")
     print(format_table(all_rows))
+    if quality:
+        print(f"\ncache-aware routing (expertflow, cache {args.cache[0]}, link {links[0]}):")
+        print("| slack | held-out perplexity | top-1 agreement | substitutions/token "
+              "| stall ms/token | hit rate |")
+        print("|---|---|---|---|---|---|")
+        for q in quality:
+            print(f"| {q['slack']:g} | {q['perplexity']:.3f} | {q['top1_agreement']:.1%} | "
+                  f"{q['substitutions_per_token']:.2f} | {q['stall_ms_per_token']:.3f} | "
+                  f"{q['hit_rate']:.1%} |")
     stalls = [r["stall_ms_per_token"] for r in all_rows if r["policy"] == "expertflow"]
     if stalls:
         print(f"expertflow stall, median over settings: {statistics.median(stalls):.3f} "

@@ -214,13 +214,13 @@ def _value(field: Any) -> Any:
 def _precheck(path: Path) -> int:
     """Check magic, version and declared counts from the raw header; return file size."""
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as fh:  # a directory, a missing or unreadable file all fail here
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(24)
     except OSError as exc:
         raise ModelFormatError(f"{path}: cannot open model file ({exc.strerror})") from exc
     if size < 24:
         raise ModelFormatError(f"{path}: file too short for a GGUF header ({size} bytes)")
-    with open(path, "rb") as fh:
-        head = fh.read(24)
     if head[:4] != GGUF_MAGIC:
         raise ModelFormatError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
     (version,) = struct.unpack_from("<I", head, 4)

@@ -16,11 +16,20 @@ class KVCache:
 
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int,
                  v_head_dim: int | None = None, dtype=np.float16):
-        if n_ctx <= 0:
-            raise ContextLengthError(f"context size must be positive, got {n_ctx}")
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx <= 0:
+            raise ContextLengthError(f"context size must be a positive integer, got {n_ctx!r}")
         self.n_ctx = n_ctx
-        self.k = np.zeros((n_layer, n_ctx, n_head_kv, head_dim), dtype=dtype)
-        self.v = np.zeros((n_layer, n_ctx, n_head_kv, v_head_dim or head_dim), dtype=dtype)
+        k_shape = (n_layer, n_ctx, n_head_kv, head_dim)
+        v_shape = (n_layer, n_ctx, n_head_kv, v_head_dim or head_dim)
+        try:
+            self.k = np.zeros(k_shape, dtype=dtype)
+            self.v = np.zeros(v_shape, dtype=dtype)
+        except MemoryError:  # an n_ctx far beyond this machine: say so, in its terms
+            need = (np.prod(k_shape, dtype=float) + np.prod(v_shape, dtype=float)) \
+                * np.dtype(dtype).itemsize
+            raise ContextLengthError(
+                f"a KV cache for a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB, "
+                "more than this machine can allocate (lower n_ctx / -c)") from None
         self.n_past = 0
 
     @property

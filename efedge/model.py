@@ -7,20 +7,50 @@ Routed experts come from an expert source (resident mapping or the expert cache)
 streaming never changes the arithmetic: each expert's output lands in its own
 (token, k) slot and the slots are summed in a fixed order, whatever order experts
 arrive in, so logits are bitwise identical for any cache budget.
+
+Two paths, the same arithmetic (products as llama.cpp computes them: activations
+rounded to 8 bits, integer dots where the weight type has a kernel):
+
+* one token (decode): ``kernels.decode`` runs each half of a layer as one parallel
+  region — attention + router, then the experts (all K at once when resident, one call
+  per expert as the expert cache hands them out);
+* T tokens (prefill): batched products (``kernels.qmatmul``) and ``kernels.prefill``
+  for norms, rope and causal attention.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from efedge import kernels, layers
 from efedge.config import ModelConfig
-from efedge.experts.store import ExpertStore, ExpertWeights
+from efedge.experts.store import ExpertStore, ExpertWeights, ResidentExperts
 from efedge.gguf_file import GGUFFile
-from efedge.kernels.activations import round_activations
+from efedge.kernels import decode as dk
+from efedge.kernels import prefill as pk
+from efedge.kernels.activations import act_scheme
 from efedge.kv_cache import KVCache
+
+_EMPTY = np.zeros(0, np.float32)
+_EMPTY_RAW = np.zeros((0, 1), np.uint8)
+_ONE_ID = np.zeros(1, np.int32)
+_QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL}
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    # one kernel specialisation for every weight: plain read-only ndarray views
+    v = a.view(np.ndarray)
+    v.flags.writeable = False
+    return v
+
+
+def _scheme(raw: np.ndarray, qtype: int) -> int:
+    elems, nbytes = kernels.block_size(qtype)
+    return act_scheme(qtype, raw.shape[-1] // nbytes * elems)
 
 
 @dataclass
@@ -31,9 +61,14 @@ class QMatrix:
     qtype: int
     name: str
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x [T, K] → [T, rows], activations rounded as llama.cpp rounds them."""
-        return kernels.matmul(self.raw, self.qtype, round_activations(x, self.qtype))
+    def __post_init__(self):
+        self.raw = _readonly(self.raw)
+        self.scheme = _scheme(self.raw, self.qtype)
+
+    def __call__(self, x: np.ndarray, acts: dict | None = None) -> np.ndarray:
+        """x [T, K] → [T, rows], activations rounded as llama.cpp rounds them (acts: see
+        kernels.qmatmul)."""
+        return kernels.qmatmul(self.raw, self.qtype, x, acts)
 
 
 def _qmatrix(gf: GGUFFile, name: str) -> QMatrix:
@@ -46,6 +81,18 @@ def _vector(gf: GGUFFile, name: str) -> np.ndarray:
     ref = gf.tensor(name)
     kernels.check_qtype(ref.qtype, f"tensor {name!r}")
     return kernels.dequantize(np.ascontiguousarray(gf.raw(name)), ref.qtype).reshape(-1)
+
+
+class _FFN:
+    """gate / up / down of one FFN (dense, shared expert, or a layer's stacked experts)
+    as decode_ffn takes them: read-only [E, rows, row_bytes], quant types, schemes."""
+
+    def __init__(self, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                 qtypes: tuple[int, int, int]):
+        mats = [_readonly(m if m.ndim == 3 else m[None]) for m in (gate, up, down)]
+        self.gate, self.up, self.down = mats
+        self.qt = np.array(qtypes, np.int64)
+        self.sc = np.array([_scheme(m, q) for m, q in zip(mats, qtypes, strict=True)], np.int64)
 
 
 class Block:
@@ -66,35 +113,106 @@ class Block:
         if spec.qk_norm != "none":
             self.q_norm = _vector(gf, b + "attn_q_norm.weight")
             self.k_norm = _vector(gf, b + "attn_k_norm.weight")
+        self.shared = None
         if cfg.is_moe:
             self.ffn_gate_inp = _qmatrix(gf, b + "ffn_gate_inp.weight")
-            for part in ("gate", "up", "down"):
-                kernels.check_qtype(gf.tensor(b + f"ffn_{part}_exps.weight").qtype,
-                                    f"tensor {b}ffn_{part}_exps.weight")
+            parts = [f"{b}ffn_{p}_exps.weight" for p in ("gate", "up", "down")]
+            for name in parts:
+                kernels.check_qtype(gf.tensor(name).qtype, f"tensor {name}")
+            self.experts = _FFN(*(gf.raw(n) for n in parts),
+                                tuple(gf.tensor(n).qtype for n in parts))
             if spec.shared_expert:
                 self.ffn_gate_inp_shexp = _vector(gf, b + "ffn_gate_inp_shexp.weight")
                 self.ffn_gate_shexp = _qmatrix(gf, b + "ffn_gate_shexp.weight")
                 self.ffn_up_shexp = _qmatrix(gf, b + "ffn_up_shexp.weight")
                 self.ffn_down_shexp = _qmatrix(gf, b + "ffn_down_shexp.weight")
+                m = (self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp)
+                self.shared = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
         else:
             self.ffn_gate = _qmatrix(gf, b + "ffn_gate.weight")
             self.ffn_up = _qmatrix(gf, b + "ffn_up.weight")
             self.ffn_down = _qmatrix(gf, b + "ffn_down.weight")
+            m = (self.ffn_gate, self.ffn_up, self.ffn_down)
+            self.dense = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
+        # decode_attn's per-layer arguments, built once
+        mats = [self.attn_q, self.attn_k, self.attn_v, self.attn_output]
+        if cfg.is_moe:
+            mats.append(self.ffn_gate_inp)
+        router = self.ffn_gate_inp.raw if cfg.is_moe else _EMPTY_RAW
+        qt = np.array([m.qtype for m in mats] + [0] * (5 - len(mats)), np.int64)
+        sc = np.array([m.scheme for m in mats] + [0] * (5 - len(mats)), np.int64)
+        bq, bk, bv = self.bias if self.bias is not None else (_EMPTY, _EMPTY, _EMPTY)
+        qn, kn = (self.q_norm, self.k_norm) if self.q_norm is not None else (_EMPTY, _EMPTY)
+        self.decode_args = (self.attn_norm, self.ffn_norm, np.float32(cfg.norm_eps),
+                            self.attn_q.raw, self.attn_k.raw, self.attn_v.raw,
+                            self.attn_output.raw, router, qt, sc, bq, bk, bv, qn, kn,
+                            _QK_MODE[spec.qk_norm])
 
 
 def swiglu(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix) -> np.ndarray:
     """down(silu(gate·x) * (up·x)) for a dense FFN or a shared expert."""
-    return down(layers.silu(gate(x)) * up(x))
+    acts: dict = {}
+    g, u = gate(x, acts), up(x, acts)
+    a = np.empty_like(g)
+    pk.silu_mul_rows(g, u, a)
+    return down(a)
+
+
+def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarray,
+                  qt: np.ndarray | None = None, sc: np.ndarray | None = None) -> None:
+    """out [1, D] = one expert on one token h [D], times its routing weight.
+
+    decode_ffn's rows and rounding with K = 1, on this thread alone: the expert cache
+    hands experts out one at a time, and waking the other threads for each of them cost
+    more than they brought (decode is bound by memory bandwidth; measured 436 against
+    363 µs per layer of 4 experts). qt / sc: the experts' quant types and rounding
+    schemes when the caller has them (they are per layer)."""
+    if qt is None:
+        f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
+        gate, up, down, qt, sc = f.gate, f.up, f.down, f.qt, f.sc
+    else:
+        gate, up, down = w.gate[None], w.up[None], w.down[None]
+    dk.decode_ffn_serial(h, _ONE_ID, np.array([weight], np.float32), gate, up, down, qt, sc,
+                         out)
 
 
 def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """One routed expert on the tokens sent to it: x [t, D] → [t, D]."""
-    xg = round_activations(x, w.gate_qtype)
-    xu = xg if w.up_qtype == w.gate_qtype else round_activations(x, w.up_qtype)
-    g = kernels.matmul(w.gate, w.gate_qtype, xg)
-    u = kernels.matmul(w.up, w.up_qtype, xu)
-    a = round_activations(layers.silu(g) * u, w.down_qtype)
-    return kernels.matmul(w.down, w.down_qtype, a)
+    if x.shape[0] == 1:
+        out = np.empty((1, w.down.shape[0]), np.float32)
+        _expert_token(np.ascontiguousarray(x[0], dtype=np.float32), w, 1.0, out)
+        return out
+    acts: dict = {}
+    g = kernels.qmatmul(w.gate, w.gate_qtype, x, acts)
+    u = kernels.qmatmul(w.up, w.up_qtype, x, acts)
+    a = np.empty_like(g)
+    pk.silu_mul_rows(g, u, a)
+    return kernels.qmatmul(w.down, w.down_qtype, a)
+
+
+class _StandInExperts:
+    """An expert source of zero-filled experts with the real shapes and quant types
+    (read-only, like the mapping and the cache slots), for the warm-up."""
+
+    def __init__(self, store: ExpertStore):
+        self.store = store
+        self._parts: dict[tuple, np.ndarray] = {}
+
+    def parts(self, layer: int) -> tuple[np.ndarray, ...]:
+        out = []
+        for part in ("gate", "up", "down"):
+            shape = tuple(self.store.part_shape(layer, part))
+            if shape not in self._parts:
+                a = np.zeros(shape, np.uint8)
+                a.flags.writeable = False
+                self._parts[shape] = a
+            out.append(self._parts[shape])
+        return tuple(out)
+
+    def acquire(self, layer: int, experts):
+        g, u, d = self.parts(layer)
+        for e in experts:
+            yield int(e), ExpertWeights(g, u, d, *self.store.qtypes(layer))
 
 
 class Transformer:
@@ -112,6 +230,32 @@ class Transformer:
         # Hook for the expert runtime: called with (layer, normalised hidden [T, D], ids)
         # before the layer's experts are requested, so a predictor can look ahead.
         self.on_route = None
+        self._rope: tuple[np.ndarray, np.ndarray] | None = None  # cos / sin by position
+        self.warmup_s = self.warmup()
+
+    def warmup(self) -> float:
+        """Bring every kernel the forward pass uses up now (numba compiles it on a first
+        run, later loads it from its cache), so that the first token does not pay for
+        it: a 2-token prefill and one decode step on a scratch KV cache. Experts are
+        zero-filled stand-ins of the right shapes and types: reading the real ones
+        would pull expert pages into memory that an expert cache budget must bound.
+        Returns the seconds it took."""
+        t0 = time.perf_counter()
+        kv = self.new_kv_cache(4)
+        experts = _StandInExperts(self.store) if self.store is not None else None
+        on_route, self.on_route = self.on_route, None
+        try:
+            self.forward([0, 0], 0, kv, experts, all_logits=False)
+            self.forward([0], 2, kv, experts)
+            if self.store is not None:  # the all-experts decode kernel (resident experts)
+                f = _FFN(*experts.parts(0), self.store.qtypes(0))
+                d = self.cfg.n_embd
+                dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
+                              f.gate, f.up, f.down, f.qt, f.sc,
+                              np.empty((1, d), np.float32), numba.get_num_threads())
+        finally:
+            self.on_route = on_route
+        return time.perf_counter() - t0
 
     def new_kv_cache(self, n_ctx: int) -> KVCache:
         c = self.cfg
@@ -122,27 +266,36 @@ class Transformer:
         rows = np.ascontiguousarray(self.token_embd.raw[tokens])
         return kernels.dequantize(rows, self.token_embd.qtype).astype(np.float32)
 
-    def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache,
-                   rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def _rope_rows(self, pos: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos / sin [t, rope_dim/2] of positions pos..pos+t, from a table grown in
+        powers of two (the same values as layers.rope_tables)."""
+        c = self.cfg
+        if self._rope is None or self._rope[0].shape[0] < pos + t:
+            n = 1 << max(8, (pos + t - 1).bit_length())
+            self._rope = layers.rope_tables(np.arange(n), c.rope_dim, c.rope_base)
+        return self._rope[0][pos:pos + t], self._rope[1][pos:pos + t]
+
+    def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache) -> np.ndarray:
         c = self.cfg
         t = h.shape[0]
-        q, k, v = blk.attn_q(h), blk.attn_k(h), blk.attn_v(h)
+        acts: dict = {}
+        q, k, v = blk.attn_q(h, acts), blk.attn_k(h, acts), blk.attn_v(h, acts)
         if blk.bias is not None:
             q, k, v = q + blk.bias[0], k + blk.bias[1], v + blk.bias[2]
-        if c.spec.qk_norm == "full":
-            q = layers.rms_norm(q, blk.q_norm, c.norm_eps)
-            k = layers.rms_norm(k, blk.k_norm, c.norm_eps)
-        q = q.reshape(t, c.n_head, c.head_dim)
-        k = k.reshape(t, c.n_head_kv, c.head_dim)
-        v = v.reshape(t, c.n_head_kv, c.v_head_dim)
-        if c.spec.qk_norm == "head":
-            q = layers.rms_norm(q, blk.q_norm, c.norm_eps)
-            k = layers.rms_norm(k, blk.k_norm, c.norm_eps)
-        q = layers.apply_rope(q, *rope, c.spec.rope_style)
-        k = layers.apply_rope(k, *rope, c.spec.rope_style)
-        kv.store(il, pos, k, v)
-        keys, values = kv.view(il, pos + t)
-        return blk.attn_output(layers.attention(q, keys, values, pos))
+        cos, sin = self._rope_rows(pos, t)
+        _, _, eps, *_, qn, kn, qk_mode = blk.decode_args
+        qh = np.empty((t, c.n_head, c.head_dim), np.float32)
+        kc, vc = kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il]
+        pk.prefill_qk(q, k, v, qn, kn, qk_mode, eps, cos, sin, c.spec.rope_style == "neox",
+                      c.n_head, c.n_head_kv, c.head_dim, c.v_head_dim, kc, vc, pos, qh)
+        if c.v_head_dim % 32 == 0:
+            att = np.empty((t, c.n_head * c.v_head_dim), np.float32)
+            pk.prefill_attend(qh, kc, vc, pos, c.n_head_kv, c.v_head_dim,
+                              np.float32(1.0 / np.sqrt(c.head_dim)), att)
+        else:  # value heads the vector kernels do not cover: the numpy reference
+            keys, values = kv.view(il, pos + t)
+            att = layers.attention(qh, keys, values, pos)
+        return blk.attn_output(att)
 
     def _moe(self, blk: Block, il: int, h: np.ndarray, experts) -> np.ndarray:
         # T tokens, E experts, K active, D width
@@ -164,6 +317,61 @@ class Transformer:
             out += shared * scale[:, None].astype(np.float32)
         return out
 
+    def _norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        out = np.empty_like(x)
+        pk.rms_norm_rows(x, w, np.float32(self.cfg.norm_eps), out)
+        return out
+
+    # -- one token: two parallel regions per layer ------------------------------------------
+    def _decode(self, token: int, pos: int, kv: KVCache, experts) -> np.ndarray:
+        c = self.cfg
+        cos, sin = self._rope_rows(pos, 1)
+        kc_all, vc_all = kv.k.view(np.uint16), kv.v.view(np.uint16)
+        geom = (cos[0], sin[0], c.spec.rope_style == "neox", c.n_head, c.n_head_kv,
+                c.head_dim, c.v_head_dim, np.float32(1.0 / np.sqrt(c.head_dim)))
+        k_used = c.n_expert_used if c.is_moe else 1
+        x = self.embed(np.array([token]))[0]
+        x2 = np.empty_like(x)
+        h = np.empty_like(x)
+        ids = np.zeros(k_used, np.int32)
+        w = np.ones(k_used, np.float32)
+        y = np.empty((k_used + 1, c.n_embd), np.float32)  # expert slots (+ shared expert)
+        # every request to resident experts is a hit: count them as acquire() would,
+        # without building K ExpertWeights views per layer
+        resident = isinstance(experts, ResidentExperts)
+        counters = experts.counters if resident else None
+        nt = numba.get_num_threads()
+        for il, blk in enumerate(self.blocks):
+            dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos, k_used,
+                           c.spec.norm_topk, x2, h, ids, w, nt)
+            if not c.is_moe:
+                f = blk.dense
+                dk.decode_ffn(h, _ONE_ID, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                dk.ffn_sum(x2, y, 1, x)
+                continue
+            if self.on_route is not None:
+                self.on_route(il, h[None], ids[None])
+            n = k_used
+            if resident and blk.shared is None:
+                counters.expert_requests += k_used
+                counters.hits += k_used
+                f = blk.experts
+                dk.decode_ffn(h, ids, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+            else:
+                f = blk.experts  # quant types and schemes: the same for every expert
+                for e, ew in experts.acquire(il, np.unique(ids)):
+                    k = int(np.flatnonzero(ids == e)[0])
+                    _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
+                if blk.shared is not None:
+                    f = blk.shared
+                    scale = 1.0 / (1.0 + np.exp(-(h[None] @ blk.ffn_gate_inp_shexp)))
+                    dk.decode_ffn(h, _ONE_ID, scale.astype(np.float32), f.gate, f.up, f.down,
+                                  f.qt, f.sc, y[n:n + 1], nt)
+                    n += 1
+            dk.ffn_sum(x2, y, n, x)
+        kv.n_past = pos + 1
+        return self.output(self._norm(x[None], self.output_norm))
+
     # -- forward ------------------------------------------------------------------------
     def forward(self, tokens, pos: int, kv: KVCache, experts=None,
                 all_logits: bool = True) -> np.ndarray:
@@ -178,12 +386,12 @@ class Transformer:
             bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
         kv.check_room(pos, t)
-        rope = layers.rope_tables(np.arange(pos, pos + t), c.rope_dim, c.rope_base)
+        if t == 1:
+            return self._decode(int(tokens[0]), pos, kv, experts)
         x = self.embed(tokens)
         for il, blk in enumerate(self.blocks):
-            h = layers.rms_norm(x, blk.attn_norm, c.norm_eps)
-            x = x + self._attention(blk, il, h, pos, kv, rope)
-            h = layers.rms_norm(x, blk.ffn_norm, c.norm_eps)
+            x = x + self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
+            h = self._norm(x, blk.ffn_norm)
             if c.is_moe:
                 x = x + self._moe(blk, il, h, experts)
             else:
@@ -191,5 +399,4 @@ class Transformer:
         kv.n_past = pos + t
         if not all_logits:
             x = x[-1:]
-        x = layers.rms_norm(x, self.output_norm, c.norm_eps)
-        return self.output(np.ascontiguousarray(x, dtype=np.float32))
+        return self.output(self._norm(np.ascontiguousarray(x), self.output_norm))

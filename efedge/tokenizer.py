@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import logging
+import numbers
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -391,6 +392,8 @@ class Tokenizer:
         return b""
 
     def _check(self, tok: int) -> int:
+        if not isinstance(tok, numbers.Integral) or isinstance(tok, bool):
+            raise TypeError(f"token id must be an integer, got {type(tok).__name__} {tok!r}")
         tok = int(tok)
         if not 0 <= tok < self.n_vocab:
             raise ValueError(f"token id {tok} is out of range [0, {self.n_vocab})")

@@ -198,3 +198,227 @@ def test_empty_and_float64_x():
     np.testing.assert_allclose(matvec(w, int(Q.Q8_0), x),
                                matvec(w, int(Q.Q8_0), x.astype(np.float32)))
     assert matmul(w, int(Q.Q8_0), np.zeros((0, 64), np.float32)).shape == (0, 3)
+
+
+# -- integer products on 8-bit activations (what the model computes) ----------------------
+
+from efedge.kernels import INT_QTYPES, qmatmul  # noqa: E402
+from efedge.kernels.activations import (  # noqa: E402
+    ACT_Q8_0,
+    act_scheme,
+    quantize_activations,
+    round_activations,
+)
+
+
+def _round_q8_0_ref(x):
+    # the numpy definition the numba rounding must reproduce bit for bit
+    t, k = x.shape
+    xb = x.reshape(t, k // 32, 32)
+    d = np.abs(xb).max(axis=-1) / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.round(xb * inv[..., None])
+    d16 = d.astype(np.float16).astype(np.float32)
+    return (q * d16[..., None]).astype(np.float32).reshape(t, k)
+
+
+def _round_q8_k_ref(x):
+    t, k = x.shape
+    xb = x.reshape(t, k // 256, 256)
+    idx = np.abs(xb).argmax(axis=-1)
+    mx = np.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0.0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(np.round(xb * iscale[..., None]), 127)
+    return (q * d[..., None]).astype(np.float32).reshape(t, k)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3])
+def test_round_activations_bit_exact(scale):
+    x = (np.random.default_rng(3).standard_normal((9, 512)) * scale).astype(np.float32)
+    x[1, :256] = 0
+    x[2, 7] = -np.abs(x[2]).max() * 2  # a negative extreme sets the Q8_K scale
+    assert same_bits(round_activations(x, int(Q.Q4_0)), _round_q8_0_ref(x))
+    assert same_bits(round_activations(x, int(Q.Q4_K)), _round_q8_k_ref(x))
+    assert same_bits(round_activations(x, int(Q.F16)), x.astype(np.float16).astype(np.float32))
+    # the 8-bit form the integer kernels read holds exactly those values (up to the sign
+    # of zero: integers have none)
+    for qt, ref, group in ((Q.Q8_0, _round_q8_0_ref, 32), (Q.Q6_K, _round_q8_k_ref, 256)):
+        scheme = act_scheme(int(qt), 512)
+        xq, xd, _ = quantize_activations(x, scheme)
+        scales = xd[:, ::8] if scheme == ACT_Q8_0 else xd
+        got = xq.astype(np.float32) * np.repeat(scales, group, axis=1)
+        assert np.array_equal(got, ref(x))
+
+
+@pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda t: t.name)
+def test_qmatmul_is_the_rounded_product(qt):
+    """qmatmul = round_activations(x) @ dequantize(w).T; for the integer types the 1-
+    and 4-token kernels agree bit for bit, so any token count gives the same rows."""
+    rng = np.random.default_rng(300 + int(qt))
+    blocks = 3 if GGML_QUANT_SIZES[qt][0] == 256 else 9
+    raw = readonly(make_raw(qt, 21, blocks, rng))
+    w64 = gq.dequantize(raw, qt).astype(np.float64)
+    x = rng.standard_normal((9, w64.shape[1])).astype(np.float32)
+    got = qmatmul(raw, int(qt), x)
+    check_close(got, w64, round_activations(x, int(qt)).astype(np.float64))
+    if int(qt) in INT_QTYPES:
+        for t in (1, 4, 5):
+            assert same_bits(qmatmul(raw, int(qt), x[:t]), got[:t])
+    acts: dict = {}
+    assert same_bits(qmatmul(raw, int(qt), x, acts), got)
+    assert same_bits(qmatmul(raw, int(qt), x, acts), got)  # reused 8-bit activations
+
+
+def test_half_conversions_and_exp():
+    from numba import njit
+
+    from efedge.kernels._fp import bits_to_f32, f32_to_f16
+    from efedge.kernels.nn import exp_f32
+
+    @njit
+    def to_half(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = f32_to_f16(bits_to_f32(bits[i]))
+
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32),
+                           np.arange(0x33000000, 0x48000000, 0x3FF, dtype=np.uint32)])
+    out = np.empty(bits.shape[0], np.int64)
+    to_half(bits.astype(np.int64), out)
+    f = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        ref = f.astype(np.float16).view(np.uint16).astype(np.int64)
+    nan = np.isnan(f)
+    assert np.array_equal(out[~nan], ref[~nan])
+    assert np.all((out[nan] & 0x7C00) == 0x7C00) and np.all(out[nan] & 0x3FF)
+
+    @njit
+    def exps(x, o):
+        for i in range(x.shape[0]):
+            o[i] = exp_f32(x[i])
+
+    x = np.linspace(-87, 88.7, 400_001).astype(np.float32)
+    o = np.empty_like(x)
+    exps(x, o)
+    ref64 = np.exp(x.astype(np.float64))
+    assert (np.abs(o - ref64) / np.spacing(ref64.astype(np.float32))).max() < 1.5  # ulp
+
+
+def test_stage_sync_any_thread_mapping():
+    """The claim / finish / wait stages give every item exactly once and order the
+    stages, with the threads numba has and with one."""
+    import numba
+    from numba import njit, prange
+
+    from efedge.kernels._sync import claim, finish, wait_stage
+
+    @njit(nogil=True)
+    def worker(ctr, a, b, n):
+        while True:
+            i = claim(ctr, 0)
+            if i >= n:
+                break
+            a[i] += i * 2.0
+            finish(ctr, 0)
+        wait_stage(ctr, 0, n)
+        while True:
+            i = claim(ctr, 1)
+            if i >= n:
+                break
+            b[i] = a[n - 1 - i] + 1
+            finish(ctr, 1)
+        wait_stage(ctr, 1, n)
+
+    @njit(parallel=True, nogil=True)
+    def run(a, b, n, nt):
+        ctr = np.zeros(4, np.int64)
+        for _t in prange(nt):
+            worker(ctr, a, b, n)
+
+    n = 20_000
+    for nt in (1, 2, 2 * numba.get_num_threads() + 1):
+        a, b = np.zeros(n), np.zeros(n)
+        run(a, b, n, nt)
+        assert np.array_equal(b, np.arange(n)[::-1] * 2.0 + 1)
+
+
+@pytest.mark.parametrize("qts", [(Q.Q4_0, Q.Q4_0, Q.Q4_0), (Q.Q4_K, Q.Q4_K, Q.Q6_K),
+                                 (Q.Q8_0, Q.Q8_0, Q.IQ4_NL), (Q.F16, Q.F16, Q.F32)],
+                         ids=lambda q: "-".join(t.name for t in q))
+def test_decode_ffn_all_experts_equals_one_at_a_time(qts):
+    """The resident path (all K experts in one call) and the expert-cache path (one call
+    per expert) give the same bits, and both are the rounded SwiGLU."""
+    import numba
+
+    from efedge.kernels.decode import decode_ffn, ffn_sum
+
+    rng = np.random.default_rng(11)
+    d, f, e = 256, 512, 6
+    per = GGML_QUANT_SIZES[qts[0]][0]
+    gate = np.stack([make_raw(qts[0], f, d // per, rng) for _ in range(e)])
+    up = np.stack([make_raw(qts[1], f, d // per, rng) for _ in range(e)])
+    down = np.stack([make_raw(qts[2], d, f // GGML_QUANT_SIZES[qts[2]][0], rng)
+                     for _ in range(e)])
+    gate, up, down = readonly(gate), readonly(up), readonly(down)
+    qt = np.array([int(q) for q in qts], np.int64)
+    sc = np.array([act_scheme(int(qts[0]), d), act_scheme(int(qts[1]), d),
+                   act_scheme(int(qts[2]), f)], np.int64)
+    h = rng.standard_normal(d).astype(np.float32)
+    ids = np.array([4, 1, 3], np.int32)
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    nt = numba.get_num_threads()
+    y_all = np.empty((3, d), np.float32)
+    decode_ffn(h, ids, w, gate, up, down, qt, sc, y_all, nt)
+    y_one = np.empty((3, d), np.float32)
+    for k in (2, 0, 1):  # any arrival order
+        decode_ffn(h, np.zeros(1, np.int32), w[k:k + 1], gate[ids[k]][None], up[ids[k]][None],
+                   down[ids[k]][None], qt, sc, y_one[k:k + 1], nt)
+    assert same_bits(y_all, y_one)
+    x = rng.standard_normal(d).astype(np.float32)
+    out = np.empty(d, np.float32)
+    ffn_sum(x, y_all, 3, out)
+    assert same_bits(out, x + ((y_all[0] + y_all[1]) + y_all[2]))
+    for k, ex in enumerate(ids):  # against dequantized weights in float64
+        g = qmatmul(gate[ex], int(qts[0]), h[None])[0].astype(np.float64)
+        u = qmatmul(up[ex], int(qts[1]), h[None])[0].astype(np.float64)
+        a = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+        ref = qmatmul(down[ex], int(qts[2]), a[None])[0] * w[k]
+        assert np.abs(y_all[k] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_prefill_attention_matches_numpy_reference():
+    from efedge import layers
+    from efedge.kernels.prefill import prefill_attend, prefill_qk
+
+    rng = np.random.default_rng(5)
+    t, pos, h, hkv, d = 23, 6, 8, 2, 64  # several key blocks and value passes
+    n_ctx = 40
+    kc = np.zeros((n_ctx, hkv, d), np.uint16)
+    vc = np.zeros((n_ctx, hkv, d), np.uint16)
+    old_k = rng.standard_normal((pos, hkv, d)).astype(np.float16)
+    old_v = rng.standard_normal((pos, hkv, d)).astype(np.float16)
+    kc[:pos], vc[:pos] = old_k.view(np.uint16), old_v.view(np.uint16)
+    q = rng.standard_normal((t, h * d)).astype(np.float32)
+    k = rng.standard_normal((t, hkv * d)).astype(np.float32)
+    v = rng.standard_normal((t, hkv * d)).astype(np.float32)
+    cos, sin = layers.rope_tables(np.arange(pos, pos + t), d, 10000.0)
+    qh = np.empty((t, h, d), np.float32)
+    empty = np.zeros(0, np.float32)
+    prefill_qk(q, k, v, empty, empty, 0, np.float32(1e-6), cos, sin, True, h, hkv, d, d,
+               kc, vc, pos, qh)
+    out = np.empty((t, h * d), np.float32)
+    prefill_attend(qh, kc, vc, pos, hkv, d, np.float32(1 / np.sqrt(d)), out)
+    qr = layers.apply_rope(q.reshape(t, h, d), cos, sin, "neox")
+    kr = layers.apply_rope(k.reshape(t, hkv, d), cos, sin, "neox")
+    keys = np.concatenate([old_k, kr.astype(np.float16)])
+    vals = np.concatenate([old_v, v.reshape(t, hkv, d).astype(np.float16)])
+    assert np.array_equal(kc[:pos + t].view(np.float16), keys)
+    assert np.array_equal(vc[:pos + t].view(np.float16), vals)
+    ref = layers.attention(qr, keys, vals, pos)
+    # the softmax weights are rounded to float16 (as ggml does): a weight whose float32
+    # value differs in the last bit may round the other way
+    err = np.abs(out - ref)
+    assert err.max() <= 1e-3 * np.abs(ref).max() and err.mean() <= 1e-5 * np.abs(ref).max()

@@ -10,7 +10,7 @@ import sys
 from efedge import __version__
 from efedge.errors import EfedgeError
 
-SUBCOMMANDS = ("run", "inspect", "chat", "serve", "trace", "simulate")
+SUBCOMMANDS = ("run", "inspect", "chat", "serve", "trace", "simulate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ and is never evicted.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 
@@ -29,8 +30,9 @@ def parse_budget(spec: int | float | str, expert_bytes: int) -> int:
     if isinstance(spec, bool):
         raise CacheBudgetError(f"invalid cache budget {spec!r}")
     if isinstance(spec, int | float):
-        if spec <= 0:
-            raise CacheBudgetError(f"cache budget must be positive, got {spec!r}")
+        if not math.isfinite(spec) or spec <= 0:
+            raise CacheBudgetError(f"cache budget must be a positive number of bytes, "
+                                   f"got {spec!r}")
         return int(spec)
     text = str(spec).strip().lower().replace(" ", "")
     if text.endswith("%"):
@@ -45,8 +47,8 @@ def parse_budget(spec: int | float | str, expert_bytes: int) -> int:
     if not m or m.group(2) not in _UNITS:
         raise CacheBudgetError(f"invalid cache budget {spec!r} (use bytes, 512MiB, 2GB or 25%)")
     val = float(m.group(1)) * _UNITS[m.group(2)]
-    if val <= 0:
-        raise CacheBudgetError(f"cache budget must be positive, got {spec!r}")
+    if not math.isfinite(val) or val <= 0:
+        raise CacheBudgetError(f"cache budget must be a positive, finite size, got {spec!r}")
     return int(val)
 
 

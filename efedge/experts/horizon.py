@@ -21,9 +21,10 @@ exactly when P > ρ / (1 + ρ). Applied per candidate with p its calibrated prob
 use: prefetch when p > p_min = ρ / (1 + ρ) (never below p_floor). An idle link (ρ → 0)
 takes anything plausible; a saturated one (ρ ≫ 1) only near-certain experts. The slot a
 prefetch takes is handled by the eviction rule: it may only evict an expert whose value
-(probability of use / distance to its next use) is lower than its own. The horizon
-actually used is the furthest distance that still has a candidate above p_min — where
-predictions become too uncertain to pay, looking further stops.
+(use_value: the inverse of the expected number of layers until its next use) is lower
+than its own. The horizon actually used is the furthest distance that still has a
+candidate above p_min — where predictions become too uncertain to pay, looking further
+stops.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ import numpy as np
 from numba import njit
 
 from efedge.experts.cache import EMPTY, LOADING, READY
+
+# The kernels below run for microseconds on the compute thread, with the cache lock held
+# by the caller or not needed: they keep the GIL (no nogil), which also means no transfer
+# thread changes the cache tables while they read them.
 
 
 class HorizonController:
@@ -84,7 +89,40 @@ class HorizonController:
         return self.h_need
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
+def use_value(p, dist, n_layer):
+    """How soon an expert is expected to be used, as a rate: 1 / E[layers until its next
+    use], when it is used at its layer's next occurrence (dist layers away) with
+    probability p and, failing that, about once every n_layer / p layers (geometric)."""
+    if p <= 0.0:
+        return 0.0
+    return p / (p * dist + n_layer * (1.0 - p))
+
+
+@njit(cache=True)
+def route_prologue(needed, ids, due, step, layer):
+    """The layer being computed needs `ids` (any shape): set the `needed` mask. Queued
+    prefetches that were due by this step (due[m, e] ≤ step) are forgotten; those whose
+    layer came without needing them are returned as keys m * E + e (to cancel)."""
+    n_layer, e_n = due.shape
+    needed[:] = False
+    flat = ids.ravel()
+    for i in range(flat.shape[0]):
+        needed[flat[i]] = True
+    out = np.empty(n_layer * e_n, dtype=np.int64)
+    n = 0
+    for m in range(n_layer):
+        for e in range(e_n):
+            d = due[m, e]
+            if d >= 0 and d <= step:
+                due[m, e] = -1
+                if not (m == layer and needed[e]):
+                    out[n] = m * e_n + e
+                    n += 1
+    return out[:n]
+
+
+@njit(cache=True)
 def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_class,
                     slot_state, slot_class, slot_pins, class_slots, max_per_layer):
     """Candidates (target layer, expert, probability, distance) for distances 1..n_dist with
@@ -127,11 +165,12 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
     return n, out_m, out_e, out_p, out_d, horizon
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, needed, tick0,
                  n_expert, limit):
-    """The candidate slot with the lowest value = P(use) / distance to its layer's next
-    use; ties: least recently, then least often used. Experts the current layer still
+    """The candidate slot with the lowest value (use_value of its predicted probability of
+    use and the distance to its layer's next turn); ties: least recently, then least often
+    used. Experts the current layer still
     needs are never chosen while any other candidate exists. -1 when the lowest value is
     not below `limit` (a prefetch never evicts what is worth more than it brings)."""
     n_layer = p_next.shape[0]
@@ -146,29 +185,28 @@ def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, neede
             dist = (m - cur) % n_layer
             if dist == 0:
                 dist = n_layer
-            v = p_next[m, e] / dist
+            v = use_value(min(p_next[m, e], 1.0), dist, n_layer)
         lu, u = slot_last_use[s], slot_uses[s]
         if best < 0 or v < best_v or (v == best_v and (lu < best_lu or
                                                        (lu == best_lu and u < best_u))):
             best, best_v, best_lu, best_u = s, v, lu, u
-    if best_v >= limit:
+    if limit < np.inf and best_v >= limit:
         return -1
     return best
 
 
-@njit(cache=True, nogil=True)
-def lru_victim(cands, slot_owner, slot_last_use, slot_prefetched, cur, needed, tick0,
-               n_expert, tick):
-    """LRU for the baseline prefetchers: a prefetched, not yet used expert counts as
-    just used, and the current layer's still-needed experts go last."""
+@njit(cache=True)
+def lru_victim(cands, slot_owner, slot_last_use, fetched_at, cur, needed, tick0, n_expert,
+               tick):
+    """LRU for the baseline prefetchers: a prefetched expert counts as used when it was
+    fetched (it enters at the most recent end, as in mixtral-offloading), and the current
+    layer's still-needed experts go last."""
     best, best_k = -1, np.inf
     for i in range(cands.shape[0]):
         s = cands[i]
         owner = slot_owner[s]
         m, e = owner // n_expert, owner % n_expert
-        k = float(slot_last_use[s])
-        if slot_prefetched[s]:
-            k = float(tick) + 0.5
+        k = float(max(slot_last_use[s], fetched_at[s]))
         if m == cur and needed[e] and slot_last_use[s] <= tick0:
             k = float(tick) + 1.0
         if k < best_k:
@@ -176,4 +214,5 @@ def lru_victim(cands, slot_owner, slot_last_use, slot_prefetched, cur, needed, t
     return best
 
 
-__all__ = ["HorizonController", "select_prefetch", "value_victim", "lru_victim", "LOADING"]
+__all__ = ["HorizonController", "route_prologue", "select_prefetch", "use_value",
+           "value_victim", "lru_victim", "LOADING"]

@@ -8,7 +8,8 @@ Three sources of evidence, each a distribution over the E experts of a future la
 * **transitions** — how often expert j ran at layer l+d after expert i ran at layer l,
   counted online with exponential decay (optionally seeded from a routing trace). This is
   the model's own routing structure; it also crosses token boundaries.
-* **temporal locality** — what the previous tokens chose at layer m (a decayed frequency).
+* **temporal locality** — what the previous tokens chose at layer m: a fast-decaying
+  frequency (the last few tokens) and a slow one (the expert's popularity).
 
 They are mixed with weights per (target layer, distance) that adapt online by
 exponentiated gradient on the log-likelihood of what the router then actually chose
@@ -20,7 +21,10 @@ For a batch (prefill) the per-token probabilities are combined into the probabil
 
 Layers are a cyclic stream: step = pass · L + layer, a pass being one forward call. A
 prediction at distance d from layer l targets layer (l + d) mod L, in the next pass when
-l + d ≥ L. All hot loops are numba kernels over arrays; the class holds the state.
+l + d ≥ L. All hot loops are numba kernels over arrays; the class holds the state. The per-layer
+kernels take microseconds and run on the compute thread, so they keep the GIL
+(`nogil=False`): releasing and re-taking it around each call let the transfer threads in
+and tripled the measured cost of eviction calls on a loaded 2-core machine.
 Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max distance.
 """
 
@@ -29,13 +33,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-PREGATE, TRANSITION, TEMPORAL = 0, 1, 2
-N_COMP = 3
+PREGATE, TRANSITION, TEMPORAL, POPULAR = 0, 1, 2, 3
+N_COMP = 4
 # params vector (float64), indices
-_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL = range(8)
+_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP = range(9)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _learn_pairs(trans, rowsum, src, dst, di, w):
     """Count (i at the source layer) → (j at distance di+1) for one token's top-k sets."""
     k = src.shape[0]
@@ -63,7 +67,7 @@ def _seed_kernel(trans, rowsum, experts, weight):
                 _learn_pairs(trans[s], rowsum[s], experts[t, s], experts[tt, m], d - 1, weight)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _rescale(trans, rowsum, params):
     inv = 1.0 / params[_P_INC]
     for idx in np.ndindex(trans.shape):
@@ -73,7 +77,7 @@ def _rescale(trans, rowsum, params):
     params[_P_INC] = 1.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weights, prec,
               prec_n, recall, params):
     """The router of `layer` chose `ids` (one token): score every stored prediction that
@@ -136,14 +140,14 @@ def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weight
         recall[d - 1, 1] += 1.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
            p_next, params):
     """Transition counts ending at this layer, temporal frequency, token history."""
     t_n, k = ids.shape
     n_layer = cur_ids.shape[0]
     dm = trans.shape[1]
-    e_n = recent.shape[1]
+    e_n = recent.shape[2]
     ring = last_hist.shape[0]
     for t in range(t_n):
         for a in range(k):
@@ -169,19 +173,21 @@ def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, re
     hist_pass[slot] = pass_no
     for a in range(k):
         last_hist[slot, layer, a] = ids[t_n - 1, a]
-    # temporal locality: decayed share of the pass's tokens that used each expert
-    rate = params[_P_RECENT]
+    # temporal locality: decayed share of the pass's tokens that used each expert, fast
+    # (recent[0]) and slow (recent[1], popularity)
     freq = np.zeros(e_n)
     for t in range(t_n):
         for a in range(k):
             freq[ids[t, a]] += 1.0 / t_n
-    keep = (1.0 - rate) ** t_n
+    for j in range(2):
+        keep = (1.0 - params[_P_RECENT if j == 0 else _P_POP]) ** t_n
+        for e in range(e_n):
+            recent[j, layer, e] = keep * recent[j, layer, e] + (1.0 - keep) * min(freq[e], 1.0)
     for e in range(e_n):
-        recent[layer, e] = keep * recent[layer, e] + (1.0 - keep) * min(freq[e], 1.0)
-        p_next[layer, e] = recent[layer, e]  # until a prediction for the next pass comes
+        p_next[layer, e] = recent[0, layer, e]  # until a prediction for the next pass comes
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _softmax(x):
     out = np.empty(x.shape[0])
     mx = -np.inf
@@ -196,7 +202,20 @@ def _softmax(x):
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, fastmath=True)
+def _router_logits(wq, scale, x):
+    """int8 router rows [E, D] with per-row scales, times x [D] → float64 logits [E]."""
+    e_n, d_n = wq.shape
+    out = np.empty(e_n)
+    for e in range(e_n):
+        acc = np.float32(0.0)
+        for j in range(d_n):
+            acc += np.float32(wq[e, j]) * x[j]
+        out[e] = acc * scale[e]
+    return out
+
+
+@njit(cache=True)
 def _pregate_row(row):
     """Router logits → probabilities; None-like (all zero) when the row carries no
     information (NaN from a trace beyond its horizon, or a constant row)."""
@@ -211,54 +230,104 @@ def _pregate_row(row):
     return _softmax(row.astype(np.float64)), True
 
 
-@njit(cache=True, nogil=True)
-def _predict(layer, step, n_pred, ids, h, W, has_w, pg, recent, trans, rowsum, weights,
-             prec, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, params):
+@njit(cache=True)
+def _isotonic_decreasing(y):
+    """The non-increasing sequence closest to y (pool adjacent violators)."""
+    n = y.shape[0]
+    val = np.empty(n)
+    cnt = np.empty(n, dtype=np.int64)
+    top = 0
+    for i in range(n):
+        val[top], cnt[top] = y[i], 1
+        top += 1
+        while top > 1 and val[top - 2] < val[top - 1]:
+            c = cnt[top - 2] + cnt[top - 1]
+            val[top - 2] = (val[top - 2] * cnt[top - 2] + val[top - 1] * cnt[top - 1]) / c
+            cnt[top - 2] = c
+            top -= 1
+    out = np.empty(n)
+    i = 0
+    for b in range(top):
+        for _ in range(cnt[b]):
+            out[i] = val[b]
+            i += 1
+    return out
+
+
+@njit(cache=True)
+def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
+             last_hist, hist_pass, recent, trans, rowsum, weights, prec, ring_q, ring_avail,
+             ring_rank, ring_made, p_use, order, p_next, params):
     """Calibrated probabilities of use for distances 1..n_pred (into p_use / order)."""
     t_n, k = ids.shape
-    n_layer = recent.shape[0]
-    e_n = recent.shape[1]
+    dm = trans.shape[1]
+    n_layer = recent.shape[1]
+    e_n = recent.shape[2]
     ring = ring_made.shape[0]
     eps = params[_P_EPS]
-    for d in range(n_pred, 0, -1):  # nearest last, so p_next keeps the nearest view
+    # distances n_pred..1 (nearest last, so p_next keeps the nearest view), and before
+    # them `extra` if it lies beyond: one more layer to value for eviction
+    n_d = n_pred + (1 if extra > n_pred else 0)
+    dists = np.empty(n_d, dtype=np.int64)
+    for i in range(n_pred):
+        dists[n_d - 1 - i] = i + 1
+    if n_d > n_pred:
+        dists[0] = extra
+    for d in dists:
         m = (layer + d) % n_layer
         same = layer + d < n_layer
         t0 = 0 if same else t_n - 1  # across a pass only the last token carries on
         single = same and t_n == 1 or not same
-        rsum = 0.0
-        for e in range(e_n):
-            rsum += recent[m, e]
+        rsum = np.zeros(2)
+        for j in range(2):
+            for e in range(e_n):
+                rsum[j] += recent[j, m, e]
         pu = np.zeros(e_n)
-        # calibrated p by rank, made non-increasing (running min from the top rank)
-        pm = np.empty(e_n)
-        lo = 1.0
-        for rk in range(e_n):
-            lo = min(lo, prec[m, d - 1, rk])
-            pm[rk] = lo
+        fs = np.zeros(e_n)  # summed mixture scores: break ties between equal calibrations
+        pm = _isotonic_decreasing(prec[m, d - 1])  # calibrated p by rank
         for t in range(t0, t_n):
             q = np.zeros((N_COMP, e_n))
             av = np.zeros(N_COMP, dtype=np.bool_)
             if same and has_w:
-                q[PREGATE] = _softmax(np.dot(W[m], h[t]).astype(np.float64))
+                q[PREGATE] = _softmax(_router_logits(W[m], Ws[m], h[t]))
                 av[PREGATE] = True
             elif same and pg.shape[1] >= d:
                 q[PREGATE], av[PREGATE] = _pregate_row(pg[t, d - 1])
+            # transitions from the last n_src routed layers (this one and the ones before,
+            # across the pass boundary), each at its own distance to the target
             cnt = 0
-            for a in range(k):
-                i = ids[t, a]
-                rs = rowsum[layer, d - 1, i]
-                if rs > 0.0:
-                    for e in range(e_n):
-                        q[TRANSITION, e] += trans[layer, d - 1, i, e] / rs
-                    cnt += 1
+            for j in range(n_src):
+                dd = d + j
+                if dd > dm:
+                    break
+                sl = layer - j
+                if sl >= 0:
+                    src = cur_ids[sl, t]
+                else:
+                    back = (-sl + n_layer - 1) // n_layer
+                    slot = (pass_no - back) % hist_pass.shape[0]
+                    if t > 0 or pass_no - back < 0 or hist_pass[slot] != pass_no - back:
+                        break
+                    sl += back * n_layer
+                    src = last_hist[slot, sl]
+                for a in range(k):
+                    i = src[a]
+                    rs = rowsum[sl, dd - 1, i]
+                    if rs > 0.0:
+                        inv = 1.0 / rs
+                        row = trans[sl, dd - 1, i]
+                        for e in range(e_n):
+                            q[TRANSITION, e] += row[e] * inv
+                        cnt += 1
             if cnt > 0:
                 for e in range(e_n):
                     q[TRANSITION, e] /= cnt
                 av[TRANSITION] = True
-            if rsum > 0.0:
-                for e in range(e_n):
-                    q[TEMPORAL, e] = recent[m, e] / rsum
-                av[TEMPORAL] = True
+            for j in range(2):
+                if rsum[j] > 0.0:
+                    for e in range(e_n):
+                        q[TEMPORAL + j, e] = recent[j, m, e] / rsum[j]
+                    av[TEMPORAL + j] = True
             w = weights[m, d - 1]
             wsum = 0.0
             for c in range(N_COMP):
@@ -268,11 +337,23 @@ def _predict(layer, step, n_pred, ids, h, W, has_w, pg, recent, trans, rowsum, w
             if wsum > 0.0:
                 for c in range(N_COMP):
                     if av[c]:
-                        f += (1.0 - eps) * w[c] / wsum * q[c]
+                        wc = (1.0 - eps) * w[c] / wsum
+                        for e in range(e_n):
+                            f[e] += wc * q[c, e]
             ordt = np.argsort(-f)
-            for rk in range(e_n):
-                e = ordt[rk]
-                pu[e] = 1.0 - (1.0 - pu[e]) * (1.0 - pm[rk])
+            fs += f / (t_n - t0)
+            rk = 0
+            while rk < e_n:  # experts with equal scores share their ranks' mean calibration
+                r2 = rk + 1
+                while r2 < e_n and f[ordt[r2]] >= f[ordt[rk]] - 1e-12:
+                    r2 += 1
+                p = 0.0
+                for j in range(rk, r2):
+                    p += pm[j] / (r2 - rk)
+                for j in range(rk, r2):
+                    e = ordt[j]
+                    pu[e] = 1.0 - (1.0 - pu[e]) * (1.0 - p)
+                rk = r2
             if single:
                 r = (step + d) % ring
                 for c in range(N_COMP):
@@ -282,25 +363,29 @@ def _predict(layer, step, n_pred, ids, h, W, has_w, pg, recent, trans, rowsum, w
                 for rk in range(e_n):
                     ring_rank[r, d - 1, ordt[rk]] = rk
                 ring_made[r, d - 1] = step
-        ordu = np.argsort(-pu)
+        if t_n - t0 == 1:
+            ordu = ordt  # one token: the calibration keeps the mixture's order
+        else:
+            ordu = np.argsort(-(pu + 1e-7 * fs))
         for e in range(e_n):
             p_use[d - 1, e] = pu[e]
             order[d - 1, e] = ordu[e]
-            p_next[m, e] = pu[e]
+            p_next[m, e] = pu[e] + 1e-4 * fs[e]  # the mixture orders equal calibrations
 
 
-@njit(cache=True, nogil=True)
-def _step(layer, step, pass_no, n_pred, feedback, ids, h, W, has_w, pg, cur_ids, last_hist,
-          hist_pass, trans, rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
-          ring_rank, ring_made, p_use, order, p_next, params):
+@njit(cache=True)
+def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
+          cur_ids, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n, recall,
+          ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, params):
     if feedback:
         _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
                   prec_n, recall, params)
     _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent, p_next,
            params)
-    if n_pred > 0:
-        _predict(layer, step, n_pred, ids, h, W, has_w, pg, recent, trans, rowsum, weights,
-                 prec, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, params)
+    if n_pred > 0 or extra > 0:
+        _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
+                 last_hist, hist_pass, recent, trans, rowsum, weights, prec, ring_q,
+                 ring_avail, ring_rank, ring_made, p_use, order, p_next, params)
 
 
 class HybridPredictor:
@@ -315,21 +400,23 @@ class HybridPredictor:
     def __init__(self, n_layer: int, n_expert: int, n_active: int, max_distance: int = 8,
                  decay: float = 0.998, recent_rate: float = 0.3, eta: float = 0.3,
                  calibration_rate: float = 0.05, eps: float = 0.01,
-                 weight_floor: float = 0.02, adapt: bool = True):
+                 weight_floor: float = 0.02, popularity_rate: float = 0.02,
+                 n_sources: int = 2, adapt: bool = True):
         L, E, K, dm = n_layer, n_expert, n_active, max(1, int(max_distance))
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
+        self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
-                                weight_floor, 0.1], dtype=np.float64)
+                                weight_floor, 0.1, popularity_rate], dtype=np.float64)
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
-        self.recent = np.zeros((L, E), dtype=np.float32)
+        self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency
         # fusion weights per (target layer, distance): pre-gating leads near, the
         # model's statistics further out (priors; feedback moves them)
         self.weights = np.empty((L, dm, N_COMP), dtype=np.float64)
         for d in range(1, dm + 1):
             pg = 0.7 / d
-            self.weights[:, d - 1] = (pg, (1 - pg) * 0.6, (1 - pg) * 0.4)
+            self.weights[:, d - 1] = (pg, (1 - pg) * 0.5, (1 - pg) * 0.3, (1 - pg) * 0.2)
         # calibration prior: the top-K ranks are used half the time, the rest rarely
         self.prec = np.full((L, dm, E), 0.5 * K / E, dtype=np.float64)
         self.prec[:, :, :K] = 0.5
@@ -347,7 +434,10 @@ class HybridPredictor:
         self.p_use = np.zeros((dm, E), dtype=np.float32)
         self.order = np.zeros((dm, E), dtype=np.int32)
         self.p_next = np.zeros((L, E), dtype=np.float32)
-        self.W = np.zeros((0, 0, 0), dtype=np.float32)  # router weights [L, E, D] if known
+        # router weights [L, E, D] if known, as int8 with a scale per row [L, E]: four
+        # times less memory to stream per prediction (the decode has just flushed caches)
+        self.W = np.zeros((0, 0, 0), dtype=np.int8)
+        self.W_scale = np.zeros((0, 0), dtype=np.float32)
         self.pass_no = -1
         self.step_no = -1
         self._last_layer = L
@@ -358,11 +448,14 @@ class HybridPredictor:
     # -- inputs ---------------------------------------------------------------------------
     def set_router_weights(self, W: np.ndarray) -> None:
         """Routers as dense matrices [L, E, D] (router logits = W[m] @ h)."""
-        W = np.ascontiguousarray(W, dtype=np.float32)
-        if W.shape[:2] != (self.n_layer, self.n_expert):
+        W = np.asarray(W, dtype=np.float32)
+        if W.ndim != 3 or W.shape[:2] != (self.n_layer, self.n_expert):
             raise ValueError(f"router weights must be [{self.n_layer}, {self.n_expert}, D], "
                              f"got {list(W.shape)}")
-        self.W = W
+        scale = np.abs(W).max(axis=2) / 127.0
+        scale[scale == 0] = 1.0
+        self.W = np.ascontiguousarray(np.round(W / scale[:, :, None]), dtype=np.int8)
+        self.W_scale = np.ascontiguousarray(scale, dtype=np.float32)
 
     def seed(self, experts, weight: float = 1.0) -> None:
         """Transition counts from a routing trace: an array [n_tokens, n_layer, K] of
@@ -382,10 +475,13 @@ class HybridPredictor:
 
     # -- the per-layer step -----------------------------------------------------------------
     def step(self, layer: int, ids: np.ndarray, hidden: np.ndarray | None = None,
-             pregate: np.ndarray | None = None, n_pred: int | None = None) -> int:
+             pregate: np.ndarray | None = None, n_pred: int | None = None,
+             also: int = 0) -> int:
         """Learn from `ids` [T, K] chosen at `layer`, then predict n_pred layers ahead from
         the hidden state [T, D] (with router weights set) or pre-gating logits
-        [T, n, E] for layers layer+1..layer+n (NaN rows: unknown). Returns the step."""
+        [T, n, E] for layers layer+1..layer+n (NaN rows: unknown); `also`: one more
+        distance to predict (its p_next only, e.g. this layer's next turn). Returns the
+        step."""
         L = self.n_layer
         ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, self.n_active)
         t_n = ids.shape[0]
@@ -408,10 +504,12 @@ class HybridPredictor:
             pg = np.ascontiguousarray(pregate, dtype=np.float32).reshape(t_n, -1,
                                                                          self.n_expert)
         feedback = self.adapt and t_n == 1
-        _step(layer, step, self.pass_no, n, feedback, ids, h, self.W, has_w, pg, self.cur_ids,
-              self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
-              self.weights, self.prec, self.prec_n, self.recall, self.ring_q, self.ring_avail,
-              self.ring_rank, self.ring_made, self.p_use, self.order, self.p_next, self.params)
+        also = int(also) if 0 < int(also) <= self.max_distance else 0
+        _step(layer, step, self.pass_no, n, also, self.n_sources, feedback, ids, h, self.W,
+              self.W_scale, has_w, pg, self.cur_ids, self.last_hist, self.hist_pass, self.trans,
+              self.rowsum, self.recent, self.weights, self.prec, self.prec_n, self.recall,
+              self.ring_q, self.ring_avail, self.ring_rank, self.ring_made, self.p_use,
+              self.order, self.p_next, self.params)
         return step
 
     # -- reporting ---------------------------------------------------------------------------
@@ -422,7 +520,7 @@ class HybridPredictor:
         return r
 
     def mean_weights(self) -> np.ndarray:
-        """Fusion weights per distance, averaged over layers [Dm, 3] (pre-gating,
-        transitions, temporal), each row normalised."""
+        """Fusion weights per distance, averaged over layers [Dm, 4] (pre-gating,
+        transitions, recent, popular), each row normalised."""
         w = self.weights.mean(axis=0)
         return w / w.sum(axis=1, keepdims=True)

@@ -30,7 +30,14 @@ import numpy as np
 
 from efedge.errors import EfedgeError
 from efedge.experts.cache import EMPTY, READY
-from efedge.experts.horizon import HorizonController, lru_victim, select_prefetch, value_victim
+from efedge.experts.horizon import (
+    HorizonController,
+    lru_victim,
+    route_prologue,
+    select_prefetch,
+    use_value,
+    value_victim,
+)
 from efedge.experts.predictor import HybridPredictor
 
 
@@ -50,6 +57,9 @@ class Policy:
         self._h_sum, self._h_n, self._h_written = 0.0, 0, 0.0
         self._step = -1
         self._last_layer = self.n_layer
+        self.fetched_at = np.zeros(0, dtype=np.int64)  # per slot: cache tick when prefetched
+        # per (layer, expert): the step a queued prefetch was fetched for (-1: none)
+        self._due = np.full((self.n_layer, self.n_expert), -1, dtype=np.int64)
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         raise NotImplementedError
@@ -62,16 +72,16 @@ class Policy:
         pass
 
     # -- helpers for prefetching policies ---------------------------------------------------
-    def _note_route(self, layer: int, ids: np.ndarray) -> None:
-        """Remember the layer being computed and the experts it still needs."""
+    def _note_route(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """Remember the layer being computed and the experts it still needs; returns the
+        keys (m * E + e) of queued prefetches that came due without being needed."""
         if layer <= self._last_layer:
             self._step = (self._step // self.n_layer + 1) * self.n_layer
         self._step = self._step - self._step % self.n_layer + layer
         self._last_layer = layer
         self.cur_layer = layer
-        self.needed[:] = False
-        self.needed[np.asarray(ids).reshape(-1)] = True
-        self.tick0 = int(self.source.cache.tick)
+        self.tick0 = self.source.cache.tick
+        return route_prologue(self.needed, np.asarray(ids), self._due, self._step, layer)
 
     def _record_horizon(self, h: float) -> None:
         c = self.source.counters
@@ -82,8 +92,10 @@ class Policy:
         self._h_written = c.horizon_mean = self._h_sum / self._h_n
 
     def _lru_victim(self, cache, candidates: np.ndarray) -> int:
+        if self.fetched_at.shape[0] != cache.n_slots:
+            self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
         return int(lru_victim(candidates, cache.slot_owner, cache.slot_last_use,
-                              cache.slot_prefetched, self.cur_layer, self.needed, self.tick0,
+                              self.fetched_at, self.cur_layer, self.needed, self.tick0,
                               self.n_expert, cache.tick))
 
     def _routers_dense(self, width: int) -> np.ndarray | None:
@@ -135,9 +147,16 @@ class Policy:
 
     def _prefetch(self, layer: int, experts, priority: int) -> int:
         try:
-            return self.source.prefetch(layer, experts, priority=priority)
+            n = self.source.prefetch(layer, experts, priority=priority)
         except TypeError:  # a source without priorities
-            return self.source.prefetch(layer, experts)
+            n = self.source.prefetch(layer, experts)
+        if n:  # remember when each was fetched (the LRU clock of the baselines)
+            cache = self.source.cache
+            if self.fetched_at.shape[0] != cache.n_slots:
+                self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
+            slots = cache.where[layer, np.asarray(list(experts), dtype=np.int64)]
+            self.fetched_at[slots[slots >= 0]] = cache.tick
+        return n
 
 
 class OnDemandLRU(Policy):
@@ -234,7 +253,7 @@ class _Predictive(Policy):
             self.predictor.seed(self.trace)
         self._dense_checked = False
 
-    def _predict(self, layer, hidden, ids, pregate, n_pred: int) -> None:
+    def _predict(self, layer, hidden, ids, pregate, n_pred: int, also: int = 0) -> None:
         pred = self.predictor
         if hidden is not None and not self._dense_checked and np.ndim(hidden) == 2:
             W = self._routers_dense(hidden.shape[1])
@@ -244,7 +263,7 @@ class _Predictive(Policy):
         h = hidden if pred.W.shape[0] else None
         if h is None and pregate is None:
             pregate = self._pregate_logits(layer, hidden, n_pred)
-        pred.step(layer, ids, hidden=h, pregate=pregate, n_pred=n_pred)
+        pred.step(layer, ids, hidden=h, pregate=pregate, n_pred=n_pred, also=also)
 
 
 class FixedHorizon(_Predictive):
@@ -284,8 +303,10 @@ class ExpertFlow(_Predictive):
 
     name = "expertflow"
 
-    def __init__(self, max_horizon: int = 8, p_floor: float = 0.05, **kw):
+    def __init__(self, max_horizon: int = 8, p_floor: float = 0.05, explore: int = 1,
+                 value_all: bool = False, **kw):
         super().__init__(**kw)
+        self.explore, self.value_all = int(explore), bool(value_all)
         self.max_distance = max(1, int(max_horizon))
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
         self._evict_limit = np.inf
@@ -294,9 +315,9 @@ class ExpertFlow(_Predictive):
         super().attach(source)
         self._seen = None
         self.horizon = 1
-        self._inflight: dict[int, int] = {}  # layer * E + expert → step it was fetched for
         self.cancelled = 0
-        self._class_bytes = [source.store.expert_bytes(i) for i in range(self.n_layer)]
+        self._mean_bytes = float(np.mean([source.store.expert_bytes(i)
+                                          for i in range(self.n_layer)]))
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         return int(value_victim(candidates, cache.slot_owner, cache.slot_last_use,
@@ -307,24 +328,31 @@ class ExpertFlow(_Predictive):
         src = self.source
         t0 = src.now()
         c = src.counters
-        self._note_route(layer, ids)
+        stale = self._note_route(layer, ids)
         ids2 = np.asarray(ids).reshape(-1, self.n_active)
-        self._drop_stale()
+        if stale.size:
+            self._cancel(stale)
         loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
         ctl = self.controller
         ctl.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
         eng = src.engine
-        h_need = ctl.plan(float(np.mean(self._class_bytes)), float(eng.bandwidth_ewma),
-                          float(eng.latency_ewma))
-        self._predict(layer, hidden, ids2, pregate, h_need)
+        h_need = ctl.plan(self._mean_bytes, float(eng.bandwidth_ewma), float(eng.latency_ewma))
+        # predict as far as the controller looks, and this layer's next turn (eviction
+        # values read p_next; the layers in between were valued on earlier steps)
+        if self.value_all:
+            self._predict(layer, hidden, ids2, pregate,
+                          max(h_need + self.explore, min(self.max_distance, self.n_layer)))
+        else:
+            self._predict(layer, hidden, ids2, pregate,
+                          min(h_need + self.explore, self.max_distance), also=self.n_layer)
         pred, cache = self.predictor, src.cache
-        with cache.cond:
-            n, ms, es, ps, ds, horizon = select_prefetch(
-                layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
-                cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
-                cache.class_slots, self.n_expert)
+        # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile)
+        n, ms, es, ps, ds, horizon = select_prefetch(
+            layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
+            cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
+            cache.class_slots, self.n_expert)
         self.horizon = max(1, int(horizon))
         i = 0
         while i < n:  # one prefetch call per target layer, nearest first
@@ -332,37 +360,27 @@ class ExpertFlow(_Predictive):
             while j < n and ms[j] == ms[i]:
                 j += 1
             # evict only experts worth less than the least valuable one brought in
-            self._evict_limit = float(ps[j - 1]) / float(ds[i])
+            self._evict_limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
             m, due = int(ms[i]), self._step + int(ds[i])
             try:
-                self._prefetch(m, es[i:j].tolist(), priority=due + 1)
+                src.prefetch(m, es[i:j], priority=due + 1)
             finally:
                 self._evict_limit = np.inf
-            for e in es[i:j].tolist():
-                if cache.where[m, e] >= 0:
-                    self._inflight[m * self.n_expert + e] = due
+            got = es[i:j][cache.where[m, es[i:j]] >= 0]
+            self._due[m, got] = due
             i = j
         self._record_horizon(float(self.horizon))
         self.overhead_s += src.now() - t0
 
-
-    def _drop_stale(self) -> None:
-        """Cancel queued prefetches whose layer has come without needing them: they would
-        keep their early priority and hold the link ahead of useful loads."""
-        if not self._inflight:
-            return
-        stale: dict[int, list[int]] = {}
-        for key, due in list(self._inflight.items()):
-            if due > self._step:
-                continue
-            del self._inflight[key]
-            m, e = divmod(key, self.n_expert)
-            if not (m == self.cur_layer and self.needed[e]):
-                stale.setdefault(m, []).append(e)
+    def _cancel(self, keys: np.ndarray) -> None:
+        """Cancel queued prefetches whose layer came without needing them: they would keep
+        their early priority and hold the link ahead of useful loads."""
         cancel = getattr(self.source, "cancel_prefetch", None)
-        if cancel is not None:
-            for m, es in stale.items():
-                self.cancelled += cancel(m, es)
+        if cancel is None:
+            return
+        lay = keys // self.n_expert
+        for m in np.unique(lay):
+            self.cancelled += cancel(int(m), keys[lay == m] % self.n_expert)
 
 
 POLICIES: dict[str, type[Policy]] = {"ondemand": OnDemandLRU, "lru": OnDemandLRU, "lfu": LFU,

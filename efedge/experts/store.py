@@ -3,6 +3,7 @@ the memory-mapped GGUF file. Nothing is copied; this is the unit the expert cach
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -65,17 +66,30 @@ class ExpertStore:
         return int(self.nbytes.sum())
 
     def drop_page_cache(self) -> None:
-        """Ask the kernel to drop the file's expert pages from the page cache: with an
-        expert cache, the slots are the only place experts should occupy memory."""
+        """Drop the file's expert pages from this process's mapping and from the page
+        cache: with an expert cache, the slots are the only place experts should occupy
+        memory. (Pages a process still maps survive fadvise, so the mapping goes first —
+        e.g. the pages the load-time kernel warm-up touched.)"""
+        page = mmap.PAGESIZE
+        spans = []
+        for il in range(self.n_layer):
+            for ip in range(3):
+                start = int(self.offsets[il, 0, ip])
+                end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])
+                spans.append((start - start % page, end))
+        mm = getattr(getattr(self.gf, "_mmap", None), "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            for start, end in spans:
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                except (OSError, ValueError):
+                    pass
         if not hasattr(os, "posix_fadvise"):
             return
         fd = os.open(self.gf.path, os.O_RDONLY)
         try:
-            for il in range(self.n_layer):
-                for ip in range(3):
-                    start = int(self.offsets[il, 0, ip])
-                    end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            for start, end in spans:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 

@@ -8,6 +8,9 @@
 * Link emulation: `link="8GB/s"`, `"pcie4x4"`, `"nvme"` … a shared token bucket makes
   transfers as slow as that link, so laptop-GPU and SSD conditions can be reproduced on
   any machine. Output that depends on it says "emulated".
+* Faults: a disk error (OSError) is retried RETRIES times, then the job fails and its
+  waiter loads the expert synchronously. A worker that dies of anything else fails the
+  job it held the same way and is replaced (`workers_replaced` counts them).
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ class TransferEngine:
                         return
                     job = heapq.heappop(self._queue)
                     if job.cancelled:
+                        job = None
                         continue
                     job.started = True
                 self._run(job)

@@ -7,6 +7,8 @@ numba does not bounds-check.
     dequantize(raw [..., row_bytes], qtype)  -> float32 [..., row_len]
     matvec(w [rows, row_bytes], qtype, x [row_len])     -> float32 [rows]
     matmul(w [rows, row_bytes], qtype, x [T, row_len])  -> float32 [T, rows]
+    qmatmul(w, qtype, x [T, row_len]) -> float32 [T, rows]: x rounded as llama.cpp rounds
+        activations for qtype (activations.round_activations) — the model's product
 
 Dequantization is bit-identical to ``gguf.quants.dequantize``. matvec uses a fused
 decode-and-dot kernel for F32, F16, Q4_0, Q8_0, Q4_K and Q6_K, and a row buffer
@@ -15,6 +17,8 @@ call and reuses it for all T tokens; for a few tokens it runs the fused matvec p
 """
 
 from __future__ import annotations
+
+import os
 
 import numba
 import numpy as np
@@ -26,9 +30,18 @@ from . import generic as _mm
 from . import quant_k as _k
 from . import quant_legacy as _lg
 
-__all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "block_size"]
+__all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "qmatmul",
+           "block_size"]
 
 _Q = GGMLQuantizationType
+
+# numba's OpenMP threads sleep between parallel regions instead of spinning. A decode
+# step opens ~30 regions; on a machine with fewer free cores than threads (a laptop
+# under load, a shared CI box) a spinning team keeps the one thread that has work off
+# its core, and a region measured 10-30 ms instead of ~0.15 ms. Waking a sleeping
+# thread costs a few µs. libgomp reads this when it loads, at numba's first parallel
+# call (not at import); an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SUPPORTED_QTYPES: frozenset[int] = frozenset(int(t) for t in (
     _Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,
@@ -188,3 +201,57 @@ def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = No
     else:
         _mm.matmul_tiled(qtype, w, x, out, _tile_rows(rows, row_len))
     return out
+
+
+INT_QTYPES: frozenset[int] = frozenset(int(t) for t in (_Q.Q4_0, _Q.Q8_0, _Q.Q4_K, _Q.Q6_K))
+
+
+def _int_tile(rows: int) -> int:
+    return max(4, min(64, -(-rows // (4 * numba.get_num_threads()))))
+
+
+def qmatmul(w: np.ndarray, qtype: int, x: np.ndarray, acts: dict | None = None,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """out[T, rows] = round_activations(x, qtype) @ dequantize(w).T (up to float
+    summation order): the product as llama.cpp computes it.
+
+    ``acts``: an optional dict shared by products of the same x; the 8-bit activations
+    are made once per rounding scheme and reused (q / k / v, gate / up)."""
+    from .activations import act_scheme, quantize_activations, round_activations
+    from .prefill import matmul_q8
+
+    row_len, rows = _check_weights(w, qtype, "qmatmul")
+    x = _as_f32(x, 2, row_len, "qmatmul")
+    n_tok = x.shape[0]
+    out = _check_out(out, (n_tok, rows), "qmatmul")
+    if rows == 0 or n_tok == 0:
+        return out
+    qtype = int(qtype)
+    if qtype not in INT_QTYPES:
+        return matmul(w, qtype, round_activations(x, qtype), out=out)
+    scheme = act_scheme(qtype, row_len)
+    q8 = None if acts is None else acts.get(scheme)
+    if q8 is None:
+        q8 = quantize_activations(x, scheme)
+        if acts is not None:
+            acts[scheme] = q8
+    matmul_q8(qtype, _readonly(w), *q8, out, _int_tile(rows))
+    return out
+
+
+def compile_stats() -> tuple[int, int]:
+    """(compiled, loaded from cache): numba specialisations of efedge's kernels so far
+    in this process — how a warm-up came by its kernels."""
+    import sys
+
+    compiled = cached = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("efedge.kernels") or mod is None:
+            continue
+        for obj in vars(mod).values():
+            st = getattr(obj, "stats", None)
+            if st is None or not hasattr(st, "cache_misses") or obj.__module__ != name:
+                continue
+            compiled += sum(st.cache_misses.values())
+            cached += sum(st.cache_hits.values())
+    return compiled, cached

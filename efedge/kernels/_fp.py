@@ -100,3 +100,37 @@ def dot(a, b):
     for i in range(a.shape[0]):
         s += a[i] * b[i]
     return s
+
+
+_F16_MAX_AS_F32 = (127 + 16) << 23  # bits of 65536.0: from here on the half is inf
+_F32_INF = 255 << 23
+_DENORM_MAGIC = ((127 - 15) + (23 - 10) + 1) << 23  # bits of 0.5
+
+
+@njit(cache=True, nogil=True)
+def f32_to_f16(f):
+    """float32 → IEEE half bits (an int), round to nearest even, as numpy's astype and
+    the F16C instruction do (NaN becomes a quiet NaN; overflow becomes inf).
+
+    After F. Giesen's float_to_half_fast3_rtne: subnormal halves are rounded by one float
+    add against a magic constant, normal ones by integer arithmetic on the bits.
+    """
+    u = np.int64(f32_to_bits(np.float32(f)))
+    sign = u & 0x80000000
+    u ^= sign
+    if u >= _F16_MAX_AS_F32:
+        o = 0x7E00 if u > _F32_INF else 0x7C00
+    elif u < (113 << 23):  # the half is subnormal or zero
+        s = bits_to_f32(u) + bits_to_f32(_DENORM_MAGIC)
+        o = np.int64(f32_to_bits(s)) - _DENORM_MAGIC
+    else:
+        mant_odd = (u >> 13) & 1
+        u += ((15 - 127) << 23) + 0xFFF + mant_odd
+        o = u >> 13
+    return o | (sign >> 16)
+
+
+@njit(cache=True, nogil=True)
+def round_f16(f):
+    """float32 f rounded to the nearest half, as a float32."""
+    return half_to_f32(f32_to_f16(f))

@@ -1,0 +1,328 @@
+"""`efedge bench [MODEL]`: prompt-processing and generation speed, after llama-bench.
+
+    efedge bench model.gguf -p 512 -n 128 -r 5 -t 2 --vs-llama-cpp
+
+Every flag takes several values (``-p 128,512 -t 1,2 --cache 25%,100% --policy
+ondemand,expertflow``); each combination is one row per test. ``ppN`` processes an
+N-token prompt from an empty context (one batch, only the last logits); ``tgN``
+generates N tokens one at a time from an empty context, as llama-bench does. Each test
+runs once to warm up, then ``-r`` times; t/s is the mean ± sample standard deviation of
+the repetitions.
+
+``--vs-llama-cpp`` runs llama-cpp-python on the same file with the same thread count in
+the same process, alternating with efedge repetition by repetition (so both see the
+same machine load), and prints the ratio efedge / llama.cpp per test.
+
+The table has llama-bench's columns plus ours: the expert cache budget, its policy, the
+emulated link, stall time per token and the expert-cache hit rate. ``--json`` prints a
+JSON array with llama-bench's field names (model_type, model_size, model_n_params,
+n_threads, n_prompt, n_gen, avg_ns, stddev_ns, avg_ts, stddev_ts, samples_ns, samples_ts
+…) and ours. Start-up is reported too: mapping the file, then bringing the numba kernels
+up (compiled on a first run, loaded from numba's cache later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from efedge import __version__
+from efedge.errors import EfedgeError
+
+# llama.cpp's names for general.file_type (llama_model_ftype_name)
+FTYPES = {0: "all F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+          10: "Q2_K - Medium", 11: "Q3_K - Small", 12: "Q3_K - Medium", 13: "Q3_K - Large",
+          14: "Q4_K - Small", 15: "Q4_K - Medium", 16: "Q5_K - Small", 17: "Q5_K - Medium",
+          18: "Q6_K", 21: "Q2_K - Small", 25: "IQ4_NL - 4.5 bpw", 30: "IQ4_XS - 4.25 bpw",
+          32: "BF16"}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return vals
+
+
+def _strs(text: str) -> list[str | None]:
+    return [None if v.strip().lower() in ("", "none", "-") else v.strip()
+            for v in str(text).split(",")]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)",
+                       description=__doc__.split("\n\n")[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF model file (default: the embedded demo model)")
+    p.add_argument("-m", "--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("-p", "--n-prompt", type=_ints, default=[512],
+                   help="prompt lengths (default 512; 0 skips the pp test)")
+    p.add_argument("-n", "--n-gen", type=_ints, default=[128],
+                   help="tokens to generate (default 128; 0 skips the tg test)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions (default 5)")
+    p.add_argument("-t", "--threads", type=_ints, default=None,
+                   help="compute threads (default: numba's default)")
+    p.add_argument("--cache", type=_strs, default=[None],
+                   help="expert cache budgets (default: all experts resident)")
+    p.add_argument("--policy", type=_strs, default=["expertflow"], help="cache policies")
+    p.add_argument("--link", type=_strs, default=[None], help="emulated links, e.g. 8GB/s")
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="run llama-cpp-python side by side and print the ratio per test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p.set_defaults(func=main)
+
+
+# -- measurement ----------------------------------------------------------------------------
+
+def _time(fn: Callable[[], None]) -> int:
+    t0 = time.perf_counter_ns()
+    fn()
+    return time.perf_counter_ns() - t0
+
+
+class _Efedge:
+    """efedge through its Session (the API's prefill / decode path)."""
+
+    def __init__(self, path, threads, cache, policy, link, n_ctx):
+        import efedge
+        from efedge.kernels import compile_stats
+
+        before = compile_stats()
+        t0 = time.perf_counter()
+        self.model = efedge.load(path, threads=threads, cache=cache, policy=policy, link=link,
+                                 n_ctx=n_ctx)
+        self.load_s = time.perf_counter() - t0  # includes the kernel warm-up
+        self.warmup_s = self.model._tf.warmup_s
+        after = compile_stats()
+        self.kernels_compiled = after[0] - before[0]
+        self.kernels_cached = after[1] - before[1]
+        self.session = self.model._session
+
+    def pp(self, toks):
+        self.session.reset()
+        self.session.prefill(toks)
+
+    def tg(self, toks):
+        s = self.session
+        s.reset()
+        for t in toks:
+            s.decode(t)
+
+    def close(self):
+        self.model.close()
+
+
+class _Llama:
+    """llama.cpp through llama-cpp-python, the same file and thread count."""
+
+    def __init__(self, path, threads, n_ctx, n_batch):
+        try:
+            from llama_cpp import Llama
+        except Exception as exc:  # ImportError, or OSError from a broken shared library
+            raise EfedgeError(f"--vs-llama-cpp needs llama-cpp-python ({exc})") from exc
+        t0 = time.perf_counter()
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+        self.load_s = time.perf_counter() - t0
+
+    def pp(self, toks):
+        self.llm.reset()
+        self.llm.eval(toks)
+
+    def tg(self, toks):
+        self.llm.reset()
+        for t in toks:
+            self.llm.eval([t])
+
+    def close(self):
+        self.llm.close()
+
+
+def _stats(samples_ns: list[int], n_tok: int) -> dict:
+    ts = [n_tok * 1e9 / ns for ns in samples_ns]
+    return {"avg_ns": int(statistics.fmean(samples_ns)),
+            "stddev_ns": int(statistics.stdev(samples_ns)) if len(samples_ns) > 1 else 0,
+            "avg_ts": statistics.fmean(ts),
+            "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+            "samples_ns": samples_ns, "samples_ts": ts}
+
+
+def _model_info(path) -> dict:
+    from efedge.gguf_file import GGUFFile
+
+    gf = GGUFFile(path)
+    try:
+        n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in gf.tensors.values())
+        size = sum(t.nbytes for t in gf.tensors.values())
+        ft = gf.get("general.file_type")
+        ftype = FTYPES.get(ft, f"ftype {ft}" if ft is not None else "?")
+        arch = gf.get("general.architecture", "?")
+        label = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+        return {"model_filename": str(path), "model_type": f"{arch} {label} {ftype}",
+                "model_size": size, "model_n_params": n_params}
+    finally:
+        gf.close()
+
+
+def _run_config(path, info, threads, cache, policy, link, args, tests, rows, llamas) -> None:
+    n_ctx = max(max(n for _, n in tests), 1) + 8
+    eng = _Efedge(path, threads, cache, policy, link, n_ctx)
+    nt = numba.get_num_threads()  # as efedge.load set it
+    rng = np.random.default_rng(args.seed)
+    ref = None
+    if args.vs_llama_cpp:
+        key = nt
+        if key not in llamas:
+            n_batch = max([n for kind, n in tests if kind == "pp"] + [32])
+            llamas[key] = _Llama(path, nt, n_ctx, n_batch)
+        ref = llamas[key]
+    vocab = eng.model.n_vocab
+    try:
+        for kind, n in tests:
+            toks = rng.integers(0, vocab, n).tolist()
+            ours_run = partial(getattr(eng, kind), toks)
+            ref_run = partial(getattr(ref, kind), toks) if ref is not None else None
+            ours_run()  # warm-up, not timed
+            if ref_run is not None:
+                ref_run()
+            eng.model.reset_stats()
+            ours, theirs = [], []
+            for _ in range(args.repetitions):
+                ours.append(_time(ours_run))
+                if ref_run is not None:
+                    theirs.append(_time(ref_run))
+            s = eng.model.stats()
+            n_total = n * args.repetitions
+            row = {**info, "backends": "CPU", "engine": "efedge", "efedge_version": __version__,
+                   "cpu_info": platform.processor() or platform.machine(), "n_threads": nt,
+                   "n_prompt": n if kind == "pp" else 0, "n_gen": n if kind == "tg" else 0,
+                   "n_depth": 0, "type_k": "f16", "type_v": "f16",
+                   "test": f"{kind}{n}", "test_time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                    time.gmtime()),
+                   "cache": cache, "policy": policy if cache else None, "link": link,
+                   "stall_ms_per_token": 1e3 * s["stall_s"] / max(n_total, 1),
+                   "hit_rate": s["hits"] / s["expert_requests"] if s["expert_requests"] else None,
+                   "load_s": eng.load_s, "warmup_s": eng.warmup_s,
+                   "kernels_compiled": eng.kernels_compiled,
+                   "kernels_cached": eng.kernels_cached, **_stats(ours, n)}
+            if ref is not None:
+                ll = {**row, "engine": "llama.cpp", "backends": "llama.cpp (llama-cpp-python)",
+                      "cache": None, "policy": None, "link": None, "stall_ms_per_token": None,
+                      "hit_rate": None, "load_s": ref.load_s, "warmup_s": None,
+                      "kernels_compiled": None,
+                      "kernels_cached": None, **_stats(theirs, n)}
+                row["vs_llama_cpp"] = row["avg_ts"] / ll["avg_ts"]
+                # per repetition, side by side: robust to load that drifts between pairs
+                row["vs_llama_cpp_paired"] = statistics.median(
+                    b / a for a, b in zip(ours, theirs, strict=True))
+                rows.append(row)
+                rows.append(ll)
+            else:
+                rows.append(row)
+    finally:
+        eng.close()
+
+
+# -- output -------------------------------------------------------------------------------
+
+def _fmt_size(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def table(rows: list[dict]) -> str:
+    heads = ["model", "size", "params", "backend", "threads", "test", "t/s", "cache", "policy",
+             "link", "stall ms/token", "hit rate"]
+    ratio = any("vs_llama_cpp" in r for r in rows)
+    if ratio:
+        heads.append("vs llama.cpp")
+    right = {"size", "params", "threads", "test", "t/s", "stall ms/token", "hit rate",
+             "vs llama.cpp"}
+    lines = []
+    for r in rows:
+        ours = r["engine"] == "efedge"
+        cells = [r["model_type"], _fmt_size(r["model_size"]), _fmt_params(r["model_n_params"]),
+                 "CPU" if ours else "llama.cpp", str(r["n_threads"]), r["test"],
+                 f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
+                 (r["cache"] or "all") if ours else "-", r["policy"] or "-", r["link"] or "-",
+                 f"{r['stall_ms_per_token']:.3f}" if ours else "-",
+                 f"{r['hit_rate']:.3f}" if r.get("hit_rate") is not None else "-"]
+        if ratio:
+            cells.append(f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else "")
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(heads)]
+    out = ["| " + " | ".join(h.ljust(w) if h not in right else h.rjust(w)
+                             for h, w in zip(heads, widths, strict=True)) + " |",
+           "| " + " | ".join(("-" * (w - 1) + ":") if h in right else "-" * w
+                             for h, w in zip(heads, widths, strict=True)) + " |"]
+    for cells in lines:
+        out.append("| " + " | ".join(c.rjust(w) if h in right else c.ljust(w)
+                                     for c, h, w in zip(cells, heads, widths, strict=True)) + " |")
+    return "\n".join(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    from efedge import demo
+
+    path = Path(args.model_flag or args.model or demo.demo_model_path())
+    if args.repetitions < 1:
+        raise EfedgeError("-r must be at least 1")
+    tests = [("pp", n) for n in args.n_prompt if n > 0] + [("tg", n) for n in args.n_gen if n > 0]
+    if not tests:
+        raise EfedgeError("nothing to run: every -p and -n value is 0")
+    info = _model_info(path)
+    rows: list[dict] = []
+    llamas: dict = {}
+    try:
+        for threads in args.threads or [None]:
+            for cache in args.cache:
+                for policy in (args.policy if cache else [args.policy[0]]):
+                    for link in args.link:
+                        _run_config(path, info, threads, cache, policy, link, args, tests, rows,
+                                    llamas)
+    finally:
+        for ll in llamas.values():
+            ll.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(table(rows))
+    seen = set()
+    for r in rows:
+        if r["engine"] != "efedge":
+            continue
+        key = (r["n_threads"], r["cache"], r["policy"], r["link"])
+        if key not in seen:
+            seen.add(key)
+            how = (f"{r['kernels_compiled']} kernels compiled (first run)"
+                   if r["kernels_compiled"] else f"{r['kernels_cached']} kernels from cache")
+            print(f"\nstart-up ({r['n_threads']} threads, cache {r['cache'] or 'all'}): load "
+                  f"{r['load_s']:.2f} s = map + metadata "
+                  f"{r['load_s'] - r['warmup_s']:.2f} s + kernel warm-up {r['warmup_s']:.2f} s "
+                  f"({how})", file=sys.stderr)
+    for r in rows:
+        if "vs_llama_cpp" in r:
+            print(f"{r['test']} t={r['n_threads']} cache={r['cache'] or 'all'}: "
+                  f"efedge / llama.cpp = "
+                  f"{r['vs_llama_cpp']:.2f} (median of paired repetitions "
+                  f"{r['vs_llama_cpp_paired']:.2f})")
+    return 0

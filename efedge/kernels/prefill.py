@@ -1,0 +1,228 @@
+"""Kernels for a batch of T tokens (prompt processing): products with 8-bit activations,
+RMS norm, qk-norm + rope + KV store, and causal attention over the float16 KV cache.
+
+``matmul_q8`` is the batched twin of ``rowdot.dot_rows``: one weight row against 4
+tokens per kernel call (a block is unpacked once for 4 tokens); row tiles are spread
+over threads. It gives the same bits as the one-token path, row by row.
+
+Attention converts the layer's cached keys / values to float32 once (keys transposed to
+[d, S], so that one query's scores are a vector over keys), then works through blocks of
+4 queries of one head (``simd_attn``); each query's softmax covers its causal prefix.
+Value widths that are not a multiple of 32 are not supported here (the model checks).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from . import generic as g
+from . import simd
+from ._fp import FAST, dot, half_to_f32, round_f16
+from .nn import exp_f32, rms_norm_into, rope_into, silu_mul, store_f16, sum_squares
+from .simd_attn import NQ, attn_scores_q4, attn_values_q4
+
+NT = simd.NT_PREFILL
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _tile_int(qt, w, r0, r1, xq, xd, xs, out, o):
+    """out[t, r] for rows r0..r1-1 and every token, integer kernels (qt has one).
+
+    One loop nest per type: a type test inside the loop measured a third slower."""
+    n_tok = xq.shape[0]
+    t4 = n_tok // NT * NT
+    if qt == g.Q4_0:
+        for t in range(0, t4, NT):
+            for r in range(r0, r1):
+                simd.dot_q4_0_1x4(w, r, xq[t], xd[t], xs[t], o)
+                _put4(out, t, r, o)
+        for t in range(t4, n_tok):
+            for r in range(r0, r1):
+                simd.dot_q4_0_1x1(w, r, xq[t], xd[t], xs[t], o)
+                out[t, r] = o[0]
+    elif qt == g.Q4_K:
+        for t in range(0, t4, NT):
+            for r in range(r0, r1):
+                simd.dot_q4_k_1x4(w, r, xq[t], xd[t], xs[t], o)
+                _put4(out, t, r, o)
+        for t in range(t4, n_tok):
+            for r in range(r0, r1):
+                simd.dot_q4_k_1x1(w, r, xq[t], xd[t], xs[t], o)
+                out[t, r] = o[0]
+    elif qt == g.Q6_K:
+        for t in range(0, t4, NT):
+            for r in range(r0, r1):
+                simd.dot_q6_k_1x4(w, r, xq[t], xd[t], xs[t], o)
+                _put4(out, t, r, o)
+        for t in range(t4, n_tok):
+            for r in range(r0, r1):
+                simd.dot_q6_k_1x1(w, r, xq[t], xd[t], xs[t], o)
+                out[t, r] = o[0]
+    else:
+        for t in range(0, t4, NT):
+            for r in range(r0, r1):
+                simd.dot_q8_0_1x4(w, r, xq[t], xd[t], xs[t], o)
+                _put4(out, t, r, o)
+        for t in range(t4, n_tok):
+            for r in range(r0, r1):
+                simd.dot_q8_0_1x1(w, r, xq[t], xd[t], xs[t], o)
+                out[t, r] = o[0]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _put4(out, t, r, o):
+    out[t, r] = o[0]
+    out[t + 1, r] = o[1]
+    out[t + 2, r] = o[2]
+    out[t + 3, r] = o[3]
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def matmul_q8(qt, w, xq, xd, xs, out, tile):
+    """out[T, rows] = x · dequant(w).T for Q4_0 / Q8_0 / Q4_K / Q6_K rows and activations
+    quantized for them (activations.quantize_activations); rows in tiles of ``tile``."""
+    rows = w.shape[0]
+    n_tiles = (rows + tile - 1) // tile
+    for c in prange(n_tiles):
+        o = np.empty(NT, np.float32)
+        r0 = c * tile
+        _tile_int(qt, w, r0, min(rows, r0 + tile), xq, xd, xs, out, o)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def rms_norm_rows(x, w, eps, out):
+    for t in prange(x.shape[0]):
+        rms_norm_into(x[t], w, eps, out[t])
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def silu_mul_rows(gt, up, out):
+    """out = silu(gt) · up, [T, F] (the same SiLU as the decode kernels)."""
+    for t in prange(gt.shape[0]):
+        for i in range(gt.shape[1]):
+            out[t, i] = silu_mul(gt[t, i], up[t, i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _full_scale(x, eps):
+    ms = np.float32(np.float64(sum_squares(x)) / x.shape[0])
+    return np.float32(1.0) / np.sqrt(ms + eps)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_head_kv,
+               head_dim, v_dim, kc, vc, pos, qh):
+    """Per token t (position pos + t): qk-norm and rope of q [T, H·d] and k [T, Hkv·d]; k
+    and v [T, Hkv·dv] stored as float16 bits in kc / vc [n_ctx, Hkv, d] at row pos + t;
+    qh [T, H, d] = the rotated queries rounded to float16 (as ggml rounds them).
+    qk_mode: 0 none, 1 per head, 2 over the whole projection (decode.QK_*)."""
+    for t in prange(q.shape[0]):
+        qs = ks = np.float32(1.0)
+        if qk_mode == 2:
+            qs = _full_scale(q[t], eps)
+            ks = _full_scale(k[t], eps)
+        kh = np.empty(head_dim, np.float32)
+        for gi in range(n_head_kv):
+            k0 = gi * head_dim
+            for j in range(head_dim):
+                kh[j] = k[t, k0 + j]
+            if qk_mode == 1:
+                rms_norm_into(kh, k_norm, eps, kh)
+            elif qk_mode == 2:
+                for j in range(head_dim):
+                    kh[j] = (kh[j] * ks) * k_norm[k0 + j]
+            rope_into(kh, cos[t], sin[t], neox)
+            store_f16(kh, kc[pos + t, gi])
+            store_f16(v[t, gi * v_dim:(gi + 1) * v_dim], vc[pos + t, gi])
+        for hq in range(n_head):
+            q0 = hq * head_dim
+            qv = qh[t, hq]
+            for j in range(head_dim):
+                qv[j] = q[t, q0 + j]
+            if qk_mode == 1:
+                rms_norm_into(qv, q_norm, eps, qv)
+            elif qk_mode == 2:
+                for j in range(head_dim):
+                    qv[j] = (qv[j] * qs) * q_norm[q0 + j]
+            rope_into(qv, cos[t], sin[t], neox)
+            for j in range(head_dim):
+                qv[j] = round_f16(qv[j])
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _kv_to_f32(kc, vc, n_keys, kt, vf):
+    """kt [Hkv, d, S8] (keys transposed, zero past n_keys), vf [Hkv, S8, dv] from the
+    float16 cache."""
+    for gi in prange(kc.shape[1]):
+        for j in range(kt.shape[1]):
+            for s in range(n_keys, kt.shape[2]):
+                kt[gi, j, s] = 0.0
+        for s in range(n_keys):
+            for j in range(kt.shape[1]):
+                kt[gi, j, s] = half_to_f32(np.int64(kc[s, gi, j]))
+            for j in range(vf.shape[2]):
+                vf[gi, s, j] = half_to_f32(np.int64(vc[s, gi, j]))
+        for s in range(n_keys, vf.shape[1]):
+            for j in range(vf.shape[2]):
+                vf[gi, s, j] = 0.0
+
+
+@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
+def _softmax_f16(scores, n_valid, n_all):
+    """scores[:n_valid] → softmax weights rounded to f16 (ggml multiplies F16 V by F16
+    weights); scores[n_valid:n_all] → 0 (keys after this query)."""
+    mx = np.float32(-np.inf)
+    for s in range(n_valid):
+        mx = max(mx, scores[s])
+    tot = np.float32(0.0)
+    for s in range(n_valid):
+        e = exp_f32(scores[s] - mx)
+        scores[s] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for s in range(n_valid):
+        scores[s] = round_f16(scores[s] * inv)
+    for s in range(n_valid, n_all):
+        scores[s] = 0.0
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def prefill_attend(qh, kc, vc, pos, n_head_kv, v_dim, scale, out):
+    """Causal attention of T queries qh [T, H, d] at positions pos..pos+T-1 over the
+    cache rows 0..pos+T-1 (kc / vc uint16 [n_ctx, Hkv, d]); out [T, H·dv].
+
+    Queries go 4 at a time (simd_attn): the block's scores are computed up to its last
+    query's keys, each query then takes a softmax over its own causal prefix."""
+    n_tok, n_head, d = qh.shape
+    n_keys = pos + n_tok
+    s8 = (n_keys + 7) // 8 * 8
+    kt = np.empty((n_head_kv, d, s8), np.float32)
+    vf = np.empty((n_head_kv, s8, v_dim), np.float32)
+    _kv_to_f32(kc, vc, n_keys, kt, vf)
+    group = n_head // n_head_kv
+    n_blk = (n_tok + NQ - 1) // NQ
+    for i in prange(n_head * n_blk):
+        hq = i // n_blk
+        t0 = (i % n_blk) * NQ
+        gi = hq // group
+        q4 = np.zeros((NQ, d), np.float32)
+        for r in range(min(NQ, n_tok - t0)):
+            q4[r] = qh[t0 + r, hq]
+        nk = min(pos + t0 + NQ, n_keys)  # keys the block's last query sees
+        n8 = (nk + 7) // 8
+        sc = np.empty((NQ, n8 * 8), np.float32)
+        attn_scores_q4(kt[gi], s8, n8, q4, d, d, scale, sc, n8 * 8)
+        for r in range(NQ):
+            _softmax_f16(sc[r], min(pos + t0 + r + 1, nk), n8 * 8)
+        o4 = np.zeros((NQ, v_dim), np.float32)
+        attn_values_q4(sc, n8 * 8, nk, vf[gi], v_dim, o4, v_dim)
+        for r in range(min(NQ, n_tok - t0)):
+            out[t0 + r, hq * v_dim:(hq + 1) * v_dim] = o4[r]
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def matmul_f32(w, x, out):
+    """out[T, rows] = x · w.T for an F32 matrix given as its raw bytes [rows, 4·n]."""
+    for r in prange(w.shape[0]):
+        row = w[r].view(np.float32)
+        for t in range(x.shape[0]):
+            out[t, r] = dot(row, x[t])

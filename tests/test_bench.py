@@ -1,0 +1,80 @@
+"""`efedge bench`: the llama-bench style table and JSON on a tiny model (no timing
+assertions: the numbers depend on the machine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import requires_llama_cpp
+
+from efedge.cli import main
+
+LLAMA_BENCH_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params",
+                      "backends", "n_threads", "n_prompt", "n_gen", "test_time", "avg_ns",
+                      "stddev_ns", "avg_ts", "stddev_ts", "samples_ns", "samples_ts")
+
+
+def _run(capsys, *argv) -> str:
+    assert main(["bench", *map(str, argv)]) == 0
+    return capsys.readouterr().out
+
+
+def test_table(tiny_gguf, capsys):
+    out = _run(capsys, tiny_gguf("qwen3moe", "F32"), "-p", 8, "-n", 4, "-r", 1)
+    lines = out.strip().splitlines()
+    heads = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert heads == ["model", "size", "params", "backend", "threads", "test", "t/s", "cache",
+                     "policy", "link", "stall ms/token", "hit rate"]
+    assert set(lines[1].replace("|", "").replace(" ", "")) <= {"-", ":"}
+    body = lines[2:]
+    assert len(body) == 2
+    assert "pp8" in body[0] and "tg4" in body[1]
+    assert all(" ± " in row and "| CPU " in row for row in body)
+
+
+def test_json_fields_and_several_values(tiny_gguf, capsys):
+    out = _run(capsys, tiny_gguf("qwen3moe", "F32"), "-p", "4,8", "-n", 4, "-r", 2,
+               "-t", "1,2", "--json")
+    rows = json.loads(out)
+    assert len(rows) == 2 * 3  # threads × (pp4, pp8, tg4)
+    for r in rows:
+        for f in LLAMA_BENCH_FIELDS:
+            assert f in r, f
+        assert len(r["samples_ns"]) == len(r["samples_ts"]) == 2
+        assert r["avg_ts"] > 0 and r["model_size"] > 0 and r["model_n_params"] > 0
+        assert (r["n_prompt"] > 0) != (r["n_gen"] > 0)
+        assert r["hit_rate"] == 1.0 and r["stall_ms_per_token"] == 0.0
+        assert r["load_s"] >= r["warmup_s"] >= 0
+    assert sorted({r["n_threads"] for r in rows}) == [1, 2]
+    assert sorted({r["test"] for r in rows}) == ["pp4", "pp8", "tg4"]
+
+
+def test_cache_and_policies(tiny_gguf, capsys):
+    path = tiny_gguf("qwen3moe", "F32")
+    out = _run(capsys, path, "-p", 0, "-n", 4, "-r", 1, "--cache", "50%",
+               "--policy", "ondemand,lru", "--json")
+    rows = json.loads(out)
+    assert [r["policy"] for r in rows] == ["ondemand", "lru"]
+    for r in rows:
+        assert r["cache"] == "50%" and r["test"] == "tg4"
+        assert 0.0 <= r["hit_rate"] <= 1.0 and r["stall_ms_per_token"] >= 0.0
+
+
+def test_nothing_to_run(tiny_gguf, capsys):
+    assert main(["bench", str(tiny_gguf("qwen3moe", "F32")), "-p", "0", "-n", "0"]) == 1
+    assert "nothing to run" in capsys.readouterr().err
+
+
+@requires_llama_cpp
+def test_vs_llama_cpp(tiny_gguf, capsys):
+    out = _run(capsys, tiny_gguf("qwen3moe", "Q4_K_M"), "-p", 8, "-n", 4, "-r", 1,
+               "--vs-llama-cpp", "--json")
+    rows = json.loads(out)
+    assert [r["engine"] for r in rows] == ["efedge", "llama.cpp"] * 2
+    for ours, ref in zip(rows[::2], rows[1::2], strict=True):
+        assert ours["test"] == ref["test"] and ours["n_threads"] == ref["n_threads"]
+        assert ours["vs_llama_cpp"] == pytest.approx(ours["avg_ts"] / ref["avg_ts"])
+    out = _run(capsys, tiny_gguf("qwen3moe", "Q4_K_M"), "-p", 8, "-n", 0, "-r", 1,
+               "--vs-llama-cpp")
+    assert "| llama.cpp" in out and "efedge / llama.cpp" in out

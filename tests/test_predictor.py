@@ -1,0 +1,154 @@
+"""The hybrid predictor: each source of evidence on hand-built routers and transition
+tables with known answers, fusion weights that follow the informative source, calibrated
+probabilities, batch unions, trace seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from efedge.experts.predictor import PREGATE, TEMPORAL, TRANSITION, HybridPredictor
+
+L, E, K, D = 3, 8, 2, 8
+
+
+def _only(pred: HybridPredictor, comp: int) -> HybridPredictor:
+    """Fix the fusion weights to a single source (no adaptation)."""
+    pred.adapt = False
+    pred.weights[:] = 0.0
+    pred.weights[:, :, comp] = 1.0
+    return pred
+
+
+def _eye_routers() -> np.ndarray:
+    """Router of layer m scores expert e by h[(e + m) % D]: a one-hot hidden state on
+    dimension j selects expert (j - m) % E at layer m."""
+    W = np.zeros((L, E, D), dtype=np.float32)
+    for m in range(L):
+        for e in range(E):
+            W[m, e, (e + m) % D] = 4.0
+    return W
+
+
+def test_pregating_picks_the_future_routers_choice():
+    pred = _only(HybridPredictor(L, E, K, max_distance=2), PREGATE)
+    pred.set_router_weights(_eye_routers())
+    h = np.zeros((1, D), dtype=np.float32)
+    h[0, 5], h[0, 6] = 1.0, 0.8
+    pred.step(0, np.array([[0, 1]]), hidden=h, n_pred=2)
+    # layer 1: dims 5, 6 → experts 4, 5 (in that order); layer 2: experts 3, 4
+    assert pred.order[0, :2].tolist() == [4, 5]
+    assert pred.order[1, :2].tolist() == [3, 4]
+    # calibrated probability follows the rank (prior: top-K ranks 0.5, the rest lower)
+    assert pred.p_use[0, 4] == pytest.approx(0.5) and pred.p_use[0, 0] < 0.5
+
+
+def test_pregating_from_trace_logits_and_unknown_rows():
+    pred = _only(HybridPredictor(L, E, K, max_distance=2), PREGATE)
+    pg = np.full((1, 2, E), np.nan, dtype=np.float32)
+    pg[0, 0] = np.arange(E)  # layer 1: expert 7 best, then 6
+    pred.step(0, np.array([[0, 1]]), pregate=pg, n_pred=2)
+    assert pred.order[0, :2].tolist() == [7, 6]
+    # distance 2 has no information (NaN): all experts equally likely
+    assert np.allclose(pred.p_use[1], pred.p_use[1, 0])
+
+
+def test_transitions_from_a_seeded_table_cross_the_token_boundary():
+    # every token: layer 0 uses {a, a+1}, layer 1 {a+2, a+3}, layer 2 {a+4, a+5}, and the
+    # next token starts at a+1: the chain is deterministic at every distance
+    n = 200
+    ex = np.zeros((n, L, K), dtype=np.int64)
+    for t in range(n):
+        for m in range(L):
+            ex[t, m] = [(t + 2 * m) % E, (t + 2 * m + 1) % E]
+    pred = _only(HybridPredictor(L, E, K, max_distance=4), TRANSITION)
+    pred.seed(ex)
+    pred.step(0, np.array([[3, 4]]), n_pred=4)
+    assert set(pred.order[0, :2].tolist()) == {5, 6}   # layer 1, same token
+    assert set(pred.order[1, :2].tolist()) == {7, 0}   # layer 2
+    assert set(pred.order[2, :2].tolist()) == {4, 5}   # layer 0 of the next token (a+1)
+    assert set(pred.order[3, :2].tolist()) == {6, 7}   # layer 1 of the next token
+    # the same table learned online instead of seeded; the next token (60) starts at a = 4,
+    # and the previous token's layers (sources across the pass boundary) agree
+    live = _only(HybridPredictor(L, E, K, max_distance=4), TRANSITION)
+    for t in range(60):
+        for m in range(L):
+            live.step(m, ex[t, m][None], n_pred=0)
+    live.step(0, ex[60, 0][None], n_pred=4)
+    expect = [{6, 7}, {0, 1}, {5, 6}, {7, 0}]
+    assert [set(live.order[d, :2].tolist()) for d in range(4)] == expect
+
+
+def test_temporal_locality_repeats_the_recent_choice():
+    pred = _only(HybridPredictor(L, E, K, max_distance=3), TEMPORAL)
+    for _ in range(5):
+        for m in range(L):
+            pred.step(m, np.array([[m, 7 - m]]), n_pred=0)
+    pred.step(2, np.array([[2, 5]]), n_pred=3)
+    for d in range(1, 4):
+        m = (2 + d) % L
+        assert set(pred.order[d - 1, :2].tolist()) == {m, 7 - m}
+
+
+def test_fusion_weights_follow_the_informative_source():
+    rng = np.random.default_rng(0)
+    W = _eye_routers()
+    pred = HybridPredictor(L, E, K, max_distance=1, eta=0.5)
+    pred.set_router_weights(W)
+    hot = rng.choice(E, K, replace=False)
+    for _ in range(150):
+        # pre-gating is exact; transitions and history are noise (random each token)
+        for m in range(L):
+            ids = rng.choice(E, K, replace=False)[None] if m == 0 else hot[None]
+            nxt = rng.choice(E, K, replace=False)
+            h = np.zeros((1, D), dtype=np.float32)
+            if m + 1 < L:
+                h[0, (nxt[0] + m + 1) % D], h[0, (nxt[1] + m + 1) % D] = 1.0, 0.9
+            hot = nxt
+            pred.step(m, ids, hidden=h, n_pred=1)
+    w = pred.weights[1:, 0] / pred.weights[1:, 0].sum(axis=1, keepdims=True)
+    assert (w[:, PREGATE] > 0.8).all(), w
+    # recall@K pools target layers: 1 and 2 are exact, layer 0 (next token) is chance
+    assert pred.recall_at_k()[0] > (2 + K / E) / 3 - 0.05
+    # calibration learned that the top-K ranks at distance 1 are (almost) always used
+    assert pred.prec[1, 0, :K].min() > 0.9 and pred.prec[1, 0, K:].max() < 0.1
+
+
+def test_batch_prediction_is_the_union_over_tokens():
+    pred = _only(HybridPredictor(L, E, K, max_distance=1), PREGATE)
+    pred.set_router_weights(_eye_routers())
+    h = np.zeros((2, D), dtype=np.float32)
+    h[0, 1], h[0, 2] = 1.0, 0.9  # token 0 → layer 1 experts 0, 1
+    h[1, 5], h[1, 6] = 1.0, 0.9  # token 1 → layer 1 experts 4, 5
+    pred.step(0, np.array([[0, 1], [2, 3]]), hidden=h, n_pred=1)
+    assert set(pred.order[0, :4].tolist()) == {0, 1, 4, 5}
+    hi, lo = pred.prec[1, 0, 0], pred.prec[1, 0, K]  # calibration of a top / other rank
+    union = 1 - (1 - hi) * (1 - lo)  # used by one token, or by the other
+    assert pred.p_use[0, 0] == pytest.approx(union) and pred.p_use[0, 4] == pytest.approx(union)
+    # the expected number of distinct experts the batch needs exceeds one token's
+    single = _only(HybridPredictor(L, E, K, max_distance=1), PREGATE)
+    single.set_router_weights(_eye_routers())
+    single.step(0, np.array([[0, 1]]), hidden=h[:1], n_pred=1)
+    assert pred.p_use[0].sum() > 1.5 * single.p_use[0].sum()
+
+
+def test_seed_validation_and_npz(tmp_path):
+    pred = HybridPredictor(L, E, K, max_distance=2)
+    with pytest.raises(ValueError):
+        pred.seed(np.zeros((5, L + 1, K), dtype=np.int64))
+    with pytest.raises(ValueError):
+        pred.seed(np.full((5, L, K), E, dtype=np.int64))
+    ex = np.random.default_rng(1).integers(0, E, (20, L, K))
+    np.savez(tmp_path / "t.npz", experts=ex.astype(np.int16))
+    pred.seed(tmp_path / "t.npz")
+    assert pred.rowsum.sum() > 0
+
+
+def test_decay_rescaling_keeps_ratios():
+    pred = HybridPredictor(L, E, K, max_distance=1, decay=0.5)  # fast decay: rescales often
+    for t in range(300):
+        for m in range(L):
+            pred.step(m, np.array([[t % 2, 2 + t % 2]]), n_pred=0)
+    assert np.isfinite(pred.trans).all() and pred.params[0] <= 1e20
+    row = pred.trans[0, 0, 1] / pred.rowsum[0, 0, 1]  # 1 at layer 0 → layer 1 has {1, 3}
+    assert row[[1, 3]].sum() == pytest.approx(1.0, rel=1e-3)

@@ -1,0 +1,278 @@
+"""The ExpertFlow scheduler: horizon controller on synthetic numbers, eviction order,
+policy registry, cache-aware routing, exactness of every policy, and live runs on a tiny
+model with an emulated slow link (expertflow stalls less than on-demand loading; the
+horizon follows a change of link)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import efedge
+from efedge.experts.cache import READY, ExpertCache
+from efedge.experts.horizon import HorizonController
+from efedge.experts.scheduler import (
+    POLICIES,
+    ExpertFlow,
+    FixedHorizon,
+    NextLayer,
+    cache_aware_route,
+    make_policy,
+)
+from efedge.experts.stats import Counters
+from efedge.experts.transfer import Link
+
+POLICY_NAMES = ["ondemand", "lfu", "next-layer", "fixed:1", "fixed:3", "expertflow"]
+
+
+# -- the horizon controller ---------------------------------------------------------------
+def _steady(ctl: HorizonController, compute_s: float, loads: float, n: int = 40) -> None:
+    t = 0.0
+    for _ in range(n):
+        ctl.observe(t, 0.0, loads)
+        t += compute_s
+
+
+@pytest.mark.parametrize("compute_ms, loads, bw, lat_ms, h, p_min", [
+    (1.0, 1, 1e9, 1.0, 1, 0.5),      # one 1 ms load per 1 ms layer: next layer suffices
+    (1.0, 2, 1e9, 1.0, 2, 2 / 3),    # two loads queue: the second needs two layers
+    (1.0, 2, 2.5e8, 4.0, 8, 8 / 9),  # 4 ms per expert: as far as allowed, strict threshold
+    (10.0, 2, 1e9, 1.0, 1, 0.1 / 0.6 * 0.5 / 0.5 * 1.0),  # compute hides it all
+    (1.0, 0.01, 1e9, 1.0, 1, 0.5),   # (almost) nothing to load: still one layer ahead
+])
+def test_controller_horizon_from_bandwidth_and_compute(compute_ms, loads, bw, lat_ms, h,
+                                                       p_min):
+    ctl = HorizonController(max_horizon=8, p_floor=0.05)
+    _steady(ctl, compute_ms / 1e3, loads)
+    assert ctl.plan(1e6, bw, lat_ms / 1e3) == h
+    n = max(1.0, ctl.loads)
+    rho = n * (1e6 / bw) / (compute_ms / 1e3)
+    assert ctl.rho == pytest.approx(rho, rel=0.02)
+    assert ctl.p_min == pytest.approx(max(0.05, rho / (1 + rho)), rel=0.02)
+    del p_min  # documented in the table above; derived exactly here
+
+
+def test_controller_follows_a_link_change_and_ignores_pauses():
+    ctl = HorizonController(max_horizon=8)
+    _steady(ctl, 1e-3, 1)
+    assert ctl.plan(1e6, 1e9, 1e-3) == 1
+    assert ctl.plan(1e6, 2.5e8, 4e-3) == 4  # the next plan after the link slowed
+    # a long pause between requests is not compute time
+    t = ctl._last[0]
+    ctl.observe(t + 30.0, 0.0, 1)
+    assert ctl.compute_s[False] == pytest.approx(1e-3, rel=0.05)
+    # compute that gets 5x slower: the horizon shrinks within a few layers
+    for i in range(1, 12):
+        ctl.observe(t + 30.0 + 5e-3 * i, 0.0, 1)
+    assert ctl.plan(1e6, 2.5e8, 4e-3) == 1
+
+
+def test_controller_keeps_batched_and_single_token_compute_apart():
+    ctl = HorizonController()
+    t = 0.0
+    for _ in range(10):  # a prefill pass: 50 ms per layer
+        ctl.observe(t, 0.0, 16, batch=64)
+        t += 0.05
+    for _ in range(3):  # decode: 1 ms per layer, known after the first interval
+        ctl.observe(t, 0.0, 1, batch=1)
+        t += 1e-3
+    assert ctl.compute_s[True] == pytest.approx(0.05)
+    assert ctl.compute_s[False] == pytest.approx(1e-3)
+
+
+# -- eviction order -----------------------------------------------------------------------
+class _Store:
+    def __init__(self, n_layer=4, n_expert=8, nbytes=96):
+        self.n_layer, self.n_expert = n_layer, n_expert
+        self.nbytes = np.full((n_layer, n_expert, 3), nbytes // 3, dtype=np.int64)
+        self.offsets = np.zeros_like(self.nbytes)
+
+    def expert_bytes(self, layer, expert=0):
+        return int(self.nbytes[layer, expert].sum())
+
+
+class _Engine:
+    bandwidth_ewma = 1e9
+    latency_ewma = 1e-3
+
+
+class _Source:
+    """The interface policies use, with prefetches recorded instead of loaded."""
+
+    def __init__(self, policy, n_slots=8):
+        self.store = _Store()
+        self.cache = ExpertCache(self.store, n_slots * self.store.expert_bytes(0), 2)
+        self.counters, self.engine = Counters(), _Engine()
+        self.routers, self.n_active, self.t = None, 2, 0.0
+        self.prefetched = []
+        self.policy = policy
+        policy.attach(self)
+
+    def now(self):
+        return self.t
+
+    def prefetch(self, layer, experts, priority=None):
+        self.prefetched.append((layer, list(experts), priority))
+        return len(experts)
+
+    def fill(self, owners):
+        """Make slot i hold (layer, expert) = owners[i], READY, used in that order."""
+        for s, (layer, e) in enumerate(owners):
+            self.cache.assign(s, layer, e)
+            self.cache.slot_state[s] = READY
+            self.cache.touch(s)
+
+
+def test_eviction_prefers_the_lowest_predicted_use_per_distance():
+    pol = ExpertFlow()
+    src = _Source(pol)
+    src.fill([(1, 0), (2, 1), (3, 2), (0, 3), (0, 4), (1, 5), (2, 6), (3, 7)])
+    pol._note_route(0, np.array([[3, 5]]))  # computing layer 0, which needs experts 3 and 5
+    p = pol.predictor.p_next
+    p[:] = 0.0
+    p[1, 0], p[2, 1], p[3, 2] = 0.9, 0.9, 0.9
+    p[0, 4], p[1, 5], p[2, 6], p[3, 7] = 0.8, 0.05, 0.2, 0.6
+    # value = p / (p·dist + L·(1 - p)), L = 4, dist = layers until the layer's next turn:
+    # (1,0) .69  (2,1) .41  (3,2) .29  (0,4) .20 (dist 4)  (1,5) .013  (2,6) .056  (3,7) .18
+    cands = np.arange(8)
+    order = []
+    with src.cache.cond:
+        while cands.size:
+            v = pol.victim(src.cache, cands)
+            order.append(v)
+            cands = cands[cands != v]
+    # the current layer's still-needed expert 3 goes last
+    assert order == [5, 6, 7, 4, 2, 1, 0, 3]
+    # a prefetch bringing value 0.03 may evict (1,5) (0.013) but not (2,6) (0.056)
+    pol._evict_limit = 0.03
+    with src.cache.cond:
+        assert pol.victim(src.cache, np.array([5, 6])) == 5
+        assert pol.victim(src.cache, np.array([6, 2])) == -1
+    pol._evict_limit = np.inf
+    # once the current layer has used expert 3 it is an ordinary candidate again
+    src.cache.touch(3)
+    with src.cache.cond:
+        assert pol.victim(src.cache, np.array([3, 0])) == 3
+        # equal values: the least recently used goes first
+        p[1, 5] = p[2, 6] = 0.0
+        src.cache.touch(5)
+        assert pol.victim(src.cache, np.array([5, 6])) == 6
+
+
+def test_baseline_lru_counts_a_prefetch_as_a_use_and_keeps_current_needs():
+    pol = NextLayer()
+    src = _Source(pol)
+    src.fill([(1, 0), (2, 1), (3, 2), (0, 3)])
+    pol._note_route(0, np.array([[3, 6]]))
+    with src.cache.cond:
+        assert pol.victim(src.cache, np.array([0, 1, 2, 3])) == 0  # plain LRU
+    pol.fetched_at = np.zeros(src.cache.n_slots, dtype=np.int64)
+    pol.fetched_at[0] = src.cache.tick  # slot 0 was just prefetched: most recent
+    with src.cache.cond:
+        assert pol.victim(src.cache, np.array([0, 1, 2, 3])) == 1
+        # expert 3 of layer 0 is still to be used by the layer being computed
+        assert pol.victim(src.cache, np.array([0, 3])) == 0
+
+
+def test_expertflow_prefetches_by_deadline_within_the_room():
+    """A perfectly repeating routing pattern is learned; prefetches go nearest layer
+    first with the step they are needed at as priority, never more than the free room."""
+    pol = ExpertFlow()
+    src = _Source(pol, n_slots=16)
+    for _ in range(30):
+        for m in range(4):
+            src.t += 1e-3
+            pol.on_route(m, None, np.array([[m, m + 4]]))
+    assert pol.predictor.recall_at_k()[0] > 0.95
+    assert src.prefetched
+    for _layer, experts, prio in src.prefetched:
+        assert prio > 0 and 0 < len(experts) <= src.cache.n_slots
+    # the priority is the step the expert is needed at: layer (prio - 1) mod 4
+    assert all((prio - 1) % 4 == layer for layer, _e, prio in src.prefetched)
+
+
+# -- registry and routing -----------------------------------------------------------------
+def test_make_policy_names():
+    assert isinstance(make_policy("expertflow"), ExpertFlow)
+    assert isinstance(make_policy("next-layer"), NextLayer)
+    f = make_policy("FIXED:3")
+    assert isinstance(f, FixedHorizon) and f.horizon == 3 and f.name == "fixed:3"
+    assert {"ondemand", "lru", "lfu", "next-layer", "expertflow"} <= set(POLICIES)
+    for bad in ("fixed:0", "fixed:x", "nope"):
+        with pytest.raises(efedge.EfedgeError):
+            make_policy(bad)
+
+
+def test_cache_aware_route_substitutes_within_slack():
+    probs = np.array([[0.40, 0.30, 0.12, 0.10, 0.08],
+                      [0.50, 0.20, 0.15, 0.10, 0.05]])
+    ids = np.array([[0, 1], [0, 1]])
+    resident = np.array([True, False, True, False, True])
+    same, n = cache_aware_route(ids, probs, resident, 0.0)
+    assert n == 0 and np.array_equal(same, ids)
+    # token 0: expert 1 (0.30) missing, best resident spare 2 (0.12): needs slack ≥ 0.18
+    out, n = cache_aware_route(ids, probs, resident, 0.1)
+    assert n == 1 and out[0].tolist() == [0, 1] and out[1].tolist() == [0, 2]
+    out, n = cache_aware_route(ids, probs, resident, 0.2)
+    assert n == 2 and out.tolist() == [[0, 2], [0, 2]]
+    # never a duplicate expert for one token, ordered by probability
+    out, n = cache_aware_route(np.array([[1, 3]]), probs[:1], resident, 1.0)
+    assert n == 2 and out.tolist() == [[0, 2]]
+
+
+# -- live runs on a tiny model --------------------------------------------------------------
+def _ids(n=24, seed=1, vocab=500):
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+def test_every_policy_gives_the_resident_logits(tiny_gguf, arch):
+    path = tiny_gguf(arch, "Q4_K_M")
+    ids = _ids()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+        greedy = m.generate(ids[:6], max_tokens=10, temperature=0)
+    for policy in POLICY_NAMES:
+        with efedge.load(path, cache="30%", policy=policy, link="2GB/s") as m:
+            assert np.array_equal(m.logits(ids), ref), policy
+            assert m.generate(ids[:6], max_tokens=10, temperature=0) == greedy, policy
+            s = m.stats()
+            assert s["hits"] + s["late"] + s["misses"] == s["expert_requests"] > 0
+            if policy in ("ondemand", "lfu"):
+                assert s["prefetch_issued"] == 0 and s["horizon_mean"] == 0
+            else:
+                assert s["prefetch_issued"] > 0 and s["horizon_mean"] > 0
+
+
+def _decode_stall(m, ids, n_decode) -> float:
+    sess = m._session
+    sess.reset()
+    sess.prefill(ids[:4])
+    m.reset_stats()
+    for tok in ids[4:4 + n_decode]:
+        sess.decode(tok)
+    return m.stats()["stall_s"]
+
+
+def test_expertflow_stalls_less_than_ondemand_on_a_slow_link(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "Q4_K_M", preset="small")
+    ids = _ids(40)
+    stall = {}
+    for policy in ("ondemand", "expertflow"):
+        with efedge.load(path, cache="50%", policy=policy, link="50MB/s") as m:
+            _decode_stall(m, ids, 4)  # warm-up (compilation)
+            stall[policy] = _decode_stall(m, ids, 32)
+    assert stall["expertflow"] < 0.8 * stall["ondemand"], stall
+
+
+def test_horizon_follows_a_link_change(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "Q4_K_M", preset="small")
+    ids = _ids(40)
+    with efedge.load(path, cache="30%", policy="expertflow", link="2GB/s") as m:
+        _decode_stall(m, ids, 12)
+        fast = m.stats()["horizon_mean"]
+        m._experts.engine.link = Link("slow", 20e6)
+        _decode_stall(m, ids, 12)
+        slow = m.stats()["horizon_mean"]
+        assert m._experts.policy.controller.h_need > 1
+    assert slow > fast + 0.5, (fast, slow)

@@ -1,0 +1,253 @@
+"""Hostile and careless input through the public API: every mistake is an error that
+names what is wrong (the parameter, the number, the key, the tensor, the template), never
+a crash, a numpy exception or silent nonsense. (The server's input: test_server.py.)"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+import efedge
+
+TINY = dict(n_layer=2, n_expert=4, n_expert_used=2)
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def path(tiny_gguf):
+    return tiny_gguf("qwen3moe", "F16", **TINY)
+
+
+@pytest.fixture(scope="module")
+def m(path):
+    with efedge.load(path, n_ctx=32) as model:
+        yield model
+
+
+# -- context ----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [32, 40, 1000])
+def test_prompt_longer_than_the_context_names_both_numbers(m, n):
+    ids = list(range(1, n + 1))
+    for call in (lambda: m.generate(ids, max_tokens=1), lambda: m.stream(ids)):
+        with pytest.raises(efedge.ContextLengthError, match=rf"\b{n}\b.*\b32\b"):
+            call()  # stream() raises at the call, not at the first next()
+
+
+def test_long_text_and_chat_prompts_are_context_errors(m):
+    with pytest.raises(efedge.ContextLengthError, match=r"\b32\b"):
+        m.generate("word " * 200, max_tokens=1)
+    with pytest.raises(efedge.ContextLengthError, match=r"\b32\b"):
+        m.chat([{"role": "user", "content": "word " * 200}], max_tokens=1)
+
+
+def test_generation_stops_at_the_end_of_the_context(m):
+    from efedge.generate import GenerationResult
+
+    res = GenerationResult([], "")
+    text = "".join(m.stream(list(range(1, 31)), max_tokens=50, temperature=0, result=res))
+    assert isinstance(text, str)
+    # 30 + 2 tokens fill the KV cache; the token sampled from the last logits needs no room
+    assert res.finish_reason in ("length", "stop") and len(res.tokens) <= 32 - 30 + 1
+
+
+@pytest.mark.parametrize("n_ctx", [0, -1, 1.5, "4096", True])
+def test_invalid_n_ctx_is_named(path, n_ctx):
+    with pytest.raises(efedge.ContextLengthError, match="n_ctx|context size"):
+        efedge.load(path, n_ctx=n_ctx)
+
+
+def test_a_context_no_machine_can_hold_is_a_context_error(path):
+    with pytest.raises(efedge.ContextLengthError, match=r"1099511627776 tokens.*GiB"):
+        efedge.load(path, n_ctx=2**40)
+
+
+# -- sampling and other arguments -------------------------------------------------------
+BAD_SAMPLING = [
+    ("temperature", -1), ("temperature", math.nan), ("temperature", math.inf),
+    ("temperature", "hot"), ("temperature", None), ("top_k", -1), ("top_k", 1.5),
+    ("top_k", True), ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan), ("min_p", -0.1),
+    ("min_p", 2), ("repeat_penalty", 0), ("repeat_penalty", -1), ("repeat_penalty", math.inf),
+    ("repeat_last_n", -2), ("repeat_last_n", 1.5), ("seed", -1), ("seed", 1.5), ("seed", "x"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_SAMPLING)
+def test_invalid_sampling_values_name_the_parameter(m, name, value):
+    for call in (lambda: m.generate("hi", max_tokens=1, **{name: value}),
+                 lambda: m.stream("hi", **{name: value}),
+                 lambda: m.chat(MSGS, max_tokens=1, **{name: value})):
+        with pytest.raises(efedge.SamplingError, match=name) as info:
+            call()
+        assert isinstance(info.value, ValueError)  # catchable as either
+
+
+def test_other_bad_arguments_are_named(m, path):
+    cases = [
+        (lambda: m.generate("hi", tmperature=0.5), TypeError, "tmperature"),
+        (lambda: m.generate("hi", max_tokens=-1), ValueError, "max_tokens"),
+        (lambda: m.generate("hi", max_tokens="5"), ValueError, "max_tokens"),
+        (lambda: m.generate("hi", stop=[1]), TypeError, "stop"),
+        (lambda: efedge.load(path, cache="lots"), efedge.CacheBudgetError, "lots"),
+        (lambda: efedge.load(path, cache=math.nan), efedge.CacheBudgetError, "nan"),
+        (lambda: efedge.load(path, cache=math.inf), efedge.CacheBudgetError, "inf"),
+        (lambda: efedge.load(path, cache="1" + "0" * 400 + "MiB"), efedge.CacheBudgetError,
+         "finite"),
+        (lambda: efedge.load(path, cache=1), efedge.CacheBudgetError, "minimum"),
+        (lambda: efedge.load(path, cache="50%", policy="psychic"), efedge.EfedgeError,
+         "psychic"),
+        (lambda: efedge.load(path, cache="50%", link="warp"), efedge.EfedgeError, "warp"),
+        (lambda: efedge.load(path, device="tpu"), efedge.UnsupportedModelError, "tpu"),
+        (lambda: efedge.load(path, threads=0), ValueError, "threads"),
+        (lambda: efedge.load(path.parent), efedge.ModelFormatError, "cannot open"),
+        (lambda: efedge.load(path.parent / "missing.gguf"), efedge.ModelFormatError,
+         "cannot open"),
+    ]
+    for call, exc, word in cases:
+        with pytest.raises(exc, match=word):
+            call()
+
+
+# -- unknown architecture, tokenizer and quant types ------------------------------------
+def _string_value_offset(src, key: str) -> int:
+    field = gguf.GGUFReader(src).fields[key]
+    return field.offset + 8 + len(key.encode()) + 4 + 8
+
+
+def _patched(src, dst, patches: list[tuple[int, bytes]]):
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as fh:
+        for off, data in patches:
+            fh.seek(off)
+            fh.write(data)
+    return dst
+
+
+def _type_offset(src, tensor: str) -> int:
+    for t in gguf.GGUFReader(src).tensors:
+        if t.name == tensor:
+            return t.field.offset + 8 + len(tensor.encode()) + 4 + 8 * len(t.shape)
+    raise KeyError(tensor)
+
+
+def test_unknown_architecture_is_named(path, tmp_path):
+    off = _string_value_offset(path, "general.architecture")
+    bad = _patched(path, tmp_path / "arch.gguf", [(off, b"qwen9moe")])
+    with pytest.raises(efedge.UnsupportedModelError, match="qwen9moe"):
+        efedge.load(bad)
+
+
+def test_unknown_tokenizer_is_named(path, tmp_path):
+    off = _string_value_offset(path, "tokenizer.ggml.model")
+    bad = _patched(path, tmp_path / "tok.gguf", [(off, b"gpt3")])
+    with pytest.raises(efedge.UnsupportedModelError, match="gpt3.*tokenizer.ggml.model"):
+        efedge.load(bad)
+
+
+@pytest.mark.parametrize(("base", "tensor", "qtype", "words"), [
+    ("Q4_K_M", "blk.0.attn_q.weight", 16, ["IQ2_XXS", "blk.0.attn_q.weight"]),
+    ("Q4_K_M", "blk.1.ffn_up_exps.weight", 16, ["IQ2_XXS", "blk.1.ffn_up_exps.weight"]),
+    ("F16", "blk.0.attn_norm.weight", 26, ["I32", "blk.0.attn_norm.weight"]),
+    ("F16", "output.weight", 200, ["200", "output.weight"]),
+])
+def test_unsupported_quant_type_is_named(tiny_gguf, tmp_path, base, tensor, qtype, words):
+    src = tiny_gguf("qwen3moe", base, **TINY)
+    bad = _patched(src, tmp_path / "q.gguf", [(_type_offset(src, tensor), struct.pack("<I",
+                                                                                     qtype))])
+    with pytest.raises(efedge.UnsupportedModelError) as info:
+        efedge.load(bad, cache="100%")
+    for w in words:
+        assert w in str(info.value)
+
+
+# -- chat templates ---------------------------------------------------------------------
+@pytest.mark.parametrize("template", [
+    "{{ raise_exception('roles must alternate') }}",  # the template refuses
+    "{% for %}",  # does not compile
+    "{{ messages[5].content }}",  # index out of range
+    "{{ foo.bar.baz }}",  # undefined
+    "{{ ''.__class__.__mro__ }}",  # sandbox
+])
+def test_a_failing_template_is_a_template_error_with_the_fallback(path, template):
+    with efedge.load(path, chat_template=template) as bad:
+        with pytest.raises(efedge.TemplateError, match='chat_template="chatml"'):
+            bad.chat(MSGS, max_tokens=1)
+    with efedge.load(path, chat_template="chatml") as good:  # the fallback it offers works
+        assert isinstance(good.chat(MSGS, max_tokens=2, temperature=0), str)
+
+
+def test_a_broken_template_in_the_file_offers_the_fallback(path, tmp_path):
+    off = _string_value_offset(path, "tokenizer.chat_template")
+    bad = _patched(path, tmp_path / "tmpl.gguf", [(off, b"{% for %}")])
+    with efedge.load(bad) as model:
+        with pytest.raises(efedge.TemplateError, match='chat_template="chatml"'):
+            model.chat(MSGS, max_tokens=1)
+    with efedge.load(bad, chat_template="chatml") as model:
+        assert isinstance(model.chat(MSGS, max_tokens=2, temperature=0), str)
+
+
+def test_unknown_template_name_lists_the_builtins(path):
+    with efedge.load(path, chat_template="nosuch") as model:
+        with pytest.raises(efedge.TemplateError, match="nosuch.*chatml"):
+            model.chat(MSGS)
+
+
+@pytest.mark.parametrize(("messages", "word"), [
+    ("hello", "messages"), ([1], r"messages\[0\]"), ([{"role": 1, "content": "x"}], "role"),
+    ([{"role": "user", "content": 5}], "content"), (None, "messages"),
+])
+def test_malformed_messages_are_named(m, messages, word):
+    with pytest.raises(efedge.TemplateError, match=word):
+        m.chat(messages, max_tokens=1)
+
+
+# -- token ids and prompts --------------------------------------------------------------
+def test_token_ids_out_of_range_are_named(m):
+    v = m.n_vocab
+    for call, bad in [(lambda: m.logits([1, -1]), -1), (lambda: m.logits([v]), v),
+                      (lambda: m.generate([1, v + 5], max_tokens=1), v + 5),
+                      (lambda: m.detokenize([v]), v)]:
+        with pytest.raises(ValueError, match=rf"token id {bad}\b.*({v}|{v - 1})"):
+            call()
+    for bad in ("a", 1.5, None):
+        with pytest.raises(TypeError, match="token id"):
+            m.detokenize([bad])
+
+
+def test_empty_prompts_are_refused(m):
+    for call in (lambda: m.generate(""), lambda: m.generate([]), lambda: m.stream(""),
+                 lambda: m.logits([])):
+        with pytest.raises(ValueError, match="empty|at least one"):
+            call()
+
+
+def test_valid_prompt_types_work(m):
+    ids = [1, 2, 3]
+    want = m.generate(ids, max_tokens=3, temperature=0)
+    assert m.generate(tuple(ids), max_tokens=3, temperature=0) == want
+    assert m.generate(np.array(ids), max_tokens=3, temperature=0) == want
+    assert isinstance(m.generate("hi", max_tokens=3, temperature=0), str)
+    with pytest.raises(TypeError, match="str"):
+        m.tokenize(None)
+
+
+@pytest.mark.xfail(strict=True, reason="api.Model._prompt_ids iterates any non-str prompt and "
+                   "int()s its items: bytes become token ids silently, None/123 give "
+                   "'object is not iterable', a dict a ValueError about int()")
+@pytest.mark.parametrize("prompt", [b"hi", bytearray(b"hi"), None, 123, 3.5, {"a": 1},
+                                    object()])
+def test_non_string_prompts_are_type_errors_naming_the_prompt(m, prompt):
+    with pytest.raises(TypeError, match="prompt"):
+        m.generate(prompt, max_tokens=1)
+
+
+@pytest.mark.xfail(strict=True, reason="api.Model.logits / _prompt_ids int() every id: 1.7, "
+                   "'12' and True are accepted silently, 2**70 leaks numpy's OverflowError")
+@pytest.mark.parametrize("ids", [[1.7], ["12"], [True], [2**70], [[1, 2]]])
+def test_token_ids_must_be_integers(m, ids):
+    with pytest.raises((TypeError, ValueError), match="token id"):
+        m.logits(ids)
