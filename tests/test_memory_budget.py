@@ -89,6 +89,9 @@ def big_model(tmp_path_factory):
     return big, warm
 
 
+# slow suite: it passes on its own, but failed once inside a full run on a machine loaded
+# by three concurrent test runs (page-cache state is machine-wide); under investigation.
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_budget_bounds_page_cache_and_rss(big_model):
     big, warm = big_model
