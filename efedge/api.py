@@ -150,7 +150,7 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab] for a fresh sequence starting at position 0."""
-        ids = [int(i) for i in ids]
+        ids = self._token_ids(ids)
         if not ids:
             raise ValueError("logits() needs at least one token id")
         with self._lock:
@@ -158,6 +158,21 @@ class Model:
             kv = self._tf.new_kv_cache(len(ids))
             self._session.reset()
             return self._forward(ids, 0, kv, all_logits=True)
+
+    def _token_ids(self, ids, check_range: bool = True) -> list[int]:
+        """Validated token ids: integers inside the vocabulary, named when not."""
+        if not isinstance(ids, list | tuple | np.ndarray):
+            raise TypeError(f"token ids must be a list of integers, got {type(ids).__name__}")
+        out = []
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int | np.integer):
+                raise TypeError(f"token id {i!r} is not an integer")
+            i = int(i)
+            if check_range and not 0 <= i < self.config.n_vocab:
+                raise ValueError(f"token id {i} is outside the vocabulary "
+                                 f"(0..{self.config.n_vocab - 1})")
+            out.append(i)
+        return out
 
     def _params(self, kw: dict[str, Any]) -> SamplingParams:
         unknown = set(kw) - set(SAMPLING_KEYS)
@@ -169,14 +184,19 @@ class Model:
 
     def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool = True,
                     parse_special: bool = False) -> list[int]:
-        ids = (self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
-               if isinstance(prompt, str) else [int(i) for i in prompt])
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
+        elif isinstance(prompt, list | tuple | np.ndarray):
+            ids = self._token_ids(prompt, check_range=False)  # the context check first
+        else:
+            raise TypeError(f"prompt must be a string or a list of token ids, got "
+                            f"{type(prompt).__name__}")
         if not ids:
             raise ValueError("the prompt is empty (and the model adds no BOS token)")
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds "
                                      f"{self.n_ctx} (raise n_ctx / -c, or shorten it)")
-        return ids
+        return self._token_ids(ids)
 
     def _stream_ids(self, ids: list[int], max_tokens: int, stop, sampling: dict,
                     result: GenerationResult | None,

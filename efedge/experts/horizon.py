@@ -46,7 +46,7 @@ class HorizonController:
     Time comes from the caller (the source's clock), never from the wall clock here."""
 
     def __init__(self, max_horizon: int = 8, min_horizon: int = 1, alpha: float = 0.3,
-                 p_floor: float = 0.05):
+                 p_floor: float = 0.2):
         self.max_horizon, self.min_horizon = int(max_horizon), int(min_horizon)
         self.alpha, self.p_floor = alpha, p_floor
         self.compute_s: dict[bool, float] = {}  # per layer, keyed by "batched pass"

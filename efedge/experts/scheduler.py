@@ -10,18 +10,15 @@ A policy is a small object with four hooks, all called on the compute thread:
   prefetch here. `pregate` [T, n, E]: router logits of layers layer+1..layer+n on this
   hidden state, for sources without router weights (the trace simulator).
 
-Policies only talk to the source through `prefetch`, `cache`, `store`, `routers`,
-`n_active`, `engine.bandwidth_ewma / latency_ewma`, `counters` and `now()`, so the
-simulator runs this same code on a virtual clock.
+Policies only talk to the source through `prefetch(layer, experts, priority=)`,
+`cancel_prefetch`, `cache`, `store`, `routers`, `n_active`, `engine.bandwidth_ewma /
+latency_ewma`, `counters` and `now()`, so the simulator runs this same code on a virtual
+clock.
 
-* `ondemand` (alias `lru`): load on miss, LRU (llama.cpp --moe-cache-mib behaviour).
-* `lfu`: load on miss, evict the least frequently requested.
-* `next-layer`: mixtral-offloading — the next layer's router on the current hidden state,
-  prefetch its top-k; LRU.
-* `fixed:H`: the hybrid predictor's top-k for each of the next H layers; LRU (a fixed
-  step, as ProMoE / HOBBIT).
-* `expertflow`: the hybrid predictor with the adaptive horizon controller and
-  prediction-aware eviction (docs/scheduler.md).
+Here: the base class, `ondemand` (alias `lru`: load on miss, LRU — llama.cpp's
+--moe-cache-mib behaviour), `lfu`, the registry and cache-aware routing. In
+efedge/experts/policies.py: `next-layer` (mixtral-offloading), `fixed:H` (a fixed
+look-ahead step) and `expertflow` (docs/scheduler.md).
 """
 
 from __future__ import annotations
@@ -30,15 +27,7 @@ import numpy as np
 
 from efedge.errors import EfedgeError
 from efedge.experts.cache import EMPTY, READY
-from efedge.experts.horizon import (
-    HorizonController,
-    lru_victim,
-    route_prologue,
-    select_prefetch,
-    use_value,
-    value_victim,
-)
-from efedge.experts.predictor import HybridPredictor
+from efedge.experts.horizon import lru_victim, route_prologue
 
 
 class Policy:
@@ -189,203 +178,9 @@ class LFU(Policy):
         return int(candidates[order[0]])
 
 
-class NextLayer(Policy):
-    """mixtral-offloading: apply the next layer's router to the current hidden state and
-    prefetch its top-k experts (the union over the batch's tokens); LRU eviction."""
-
-    name = "next-layer"
-    prefetches = True
-
-    def attach(self, source) -> None:
-        super().attach(source)
-        self.W: np.ndarray | None = None
-        self._dense_checked = False
-
-    def victim(self, cache, candidates: np.ndarray) -> int:
-        return self._lru_victim(cache, candidates)
-
-    def on_route(self, layer, hidden, ids, pregate=None) -> None:
-        t0 = self.source.now()
-        self._note_route(layer, ids)
-        nxt = layer + 1
-        if nxt < self.n_layer:
-            logits = None
-            if hidden is not None and not self._dense_checked and hidden.ndim == 2:
-                self.W = self._routers_dense(hidden.shape[1])
-                self._dense_checked = True
-            if self.W is not None:
-                logits = np.asarray(hidden, dtype=np.float32) @ self.W[nxt].T
-            elif pregate is not None and pregate.shape[1] >= 1:
-                logits = np.asarray(pregate[:, 0], dtype=np.float32)
-            else:
-                pg = self._pregate_logits(layer, hidden, 1)
-                logits = None if pg is None else pg[:, 0]
-            if logits is not None and np.isfinite(logits).all():
-                k = self.n_active
-                top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-                best = logits.max(axis=0)
-                want = np.unique(top)
-                want = want[np.argsort(-best[want], kind="stable")]
-                self._prefetch_within(self._room(), nxt, want, priority=self._step + 2)
-                self._record_horizon(1.0)
-            else:
-                self._record_horizon(0.0)
-        else:
-            self._record_horizon(0.0)
-        self.overhead_s += self.source.now() - t0
-
-
-class _Predictive(Policy):
-    """Shared by fixed:H and expertflow: the hybrid predictor fed once per layer."""
-
-    prefetches = True
-    max_distance = 8
-
-    def __init__(self, trace=None, **predictor_kw):
-        self.trace = trace
-        self.predictor_kw = predictor_kw
-
-    def attach(self, source) -> None:
-        super().attach(source)
-        self.predictor = HybridPredictor(self.n_layer, self.n_expert, self.n_active,
-                                         max_distance=self.max_distance, **self.predictor_kw)
-        if self.trace is not None:
-            self.predictor.seed(self.trace)
-        self._dense_checked = False
-
-    def _predict(self, layer, hidden, ids, pregate, n_pred: int, also: int = 0) -> None:
-        pred = self.predictor
-        if hidden is not None and not self._dense_checked and np.ndim(hidden) == 2:
-            W = self._routers_dense(hidden.shape[1])
-            if W is not None:
-                pred.set_router_weights(W)
-            self._dense_checked = True
-        h = hidden if pred.W.shape[0] else None
-        if h is None and pregate is None:
-            pregate = self._pregate_logits(layer, hidden, n_pred)
-        pred.step(layer, ids, hidden=h, pregate=pregate, n_pred=n_pred, also=also)
-
-
-class FixedHorizon(_Predictive):
-    """The hybrid predictor's top-k for each of the next H layers, every layer (a fixed
-    look-ahead step, as ProMoE / HOBBIT), LRU eviction."""
-
-    def __init__(self, horizon: int = 2, **kw):
-        super().__init__(**kw)
-        self.horizon = max(1, int(horizon))
-        self.max_distance = self.horizon
-        self.name = f"fixed:{self.horizon}"
-
-    def victim(self, cache, candidates: np.ndarray) -> int:
-        return self._lru_victim(cache, candidates)
-
-    def on_route(self, layer, hidden, ids, pregate=None) -> None:
-        t0 = self.source.now()
-        self._note_route(layer, ids)
-        self._predict(layer, hidden, ids, pregate, self.horizon)
-        pred, cache = self.predictor, self.source.cache
-        n_tok = np.asarray(ids).reshape(-1, self.n_active).shape[0]
-        room = self._room()
-        for d in range(1, self.horizon + 1):
-            m = (layer + d) % self.n_layer
-            # one token: its top-k; a batch: as many as it is expected to need
-            k = self.n_active if n_tok == 1 else int(round(float(pred.p_use[d - 1].sum())))
-            want = [int(e) for e in pred.order[d - 1, :max(k, 1)] if cache.where[m, e] < 0]
-            if want:
-                self._prefetch_within(room, m, want, priority=self._step + d + 1)
-        self._record_horizon(float(self.horizon))
-        self.overhead_s += self.source.now() - t0
-
-
-class ExpertFlow(_Predictive):
-    """Adaptive look-ahead from bandwidth, expert bytes, compute per layer and measured
-    prediction accuracy; prediction-aware eviction (docs/scheduler.md)."""
-
-    name = "expertflow"
-
-    def __init__(self, max_horizon: int = 8, p_floor: float = 0.05, explore: int = 1,
-                 value_all: bool = False, **kw):
-        super().__init__(**kw)
-        self.explore, self.value_all = int(explore), bool(value_all)
-        self.max_distance = max(1, int(max_horizon))
-        self.controller = HorizonController(self.max_distance, p_floor=p_floor)
-        self._evict_limit = np.inf
-
-    def attach(self, source) -> None:
-        super().attach(source)
-        self._seen = None
-        self.horizon = 1
-        self.cancelled = 0
-        self._mean_bytes = float(np.mean([source.store.expert_bytes(i)
-                                          for i in range(self.n_layer)]))
-
-    def victim(self, cache, candidates: np.ndarray) -> int:
-        return int(value_victim(candidates, cache.slot_owner, cache.slot_last_use,
-                                cache.slot_uses, self.predictor.p_next, self.cur_layer,
-                                self.needed, self.tick0, self.n_expert, self._evict_limit))
-
-    def on_route(self, layer, hidden, ids, pregate=None) -> None:
-        src = self.source
-        t0 = src.now()
-        c = src.counters
-        stale = self._note_route(layer, ids)
-        ids2 = np.asarray(ids).reshape(-1, self.n_active)
-        if stale.size:
-            self._cancel(stale)
-        loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
-        delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
-        self._seen = loads
-        ctl = self.controller
-        ctl.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
-        eng = src.engine
-        h_need = ctl.plan(self._mean_bytes, float(eng.bandwidth_ewma), float(eng.latency_ewma))
-        # predict as far as the controller looks, and this layer's next turn (eviction
-        # values read p_next; the layers in between were valued on earlier steps)
-        if self.value_all:
-            self._predict(layer, hidden, ids2, pregate,
-                          max(h_need + self.explore, min(self.max_distance, self.n_layer)))
-        else:
-            self._predict(layer, hidden, ids2, pregate,
-                          min(h_need + self.explore, self.max_distance), also=self.n_layer)
-        pred, cache = self.predictor, src.cache
-        # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile)
-        n, ms, es, ps, ds, horizon = select_prefetch(
-            layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
-            cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
-            cache.class_slots, self.n_expert)
-        self.horizon = max(1, int(horizon))
-        i = 0
-        while i < n:  # one prefetch call per target layer, nearest first
-            j = i
-            while j < n and ms[j] == ms[i]:
-                j += 1
-            # evict only experts worth less than the least valuable one brought in
-            self._evict_limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
-            m, due = int(ms[i]), self._step + int(ds[i])
-            try:
-                src.prefetch(m, es[i:j], priority=due + 1)
-            finally:
-                self._evict_limit = np.inf
-            got = es[i:j][cache.where[m, es[i:j]] >= 0]
-            self._due[m, got] = due
-            i = j
-        self._record_horizon(float(self.horizon))
-        self.overhead_s += src.now() - t0
-
-    def _cancel(self, keys: np.ndarray) -> None:
-        """Cancel queued prefetches whose layer came without needing them: they would keep
-        their early priority and hold the link ahead of useful loads."""
-        cancel = getattr(self.source, "cancel_prefetch", None)
-        if cancel is None:
-            return
-        lay = keys // self.n_expert
-        for m in np.unique(lay):
-            self.cancelled += cancel(int(m), keys[lay == m] % self.n_expert)
-
-
-POLICIES: dict[str, type[Policy]] = {"ondemand": OnDemandLRU, "lru": OnDemandLRU, "lfu": LFU,
-                                     "next-layer": NextLayer, "expertflow": ExpertFlow,
-                                     "fixed": FixedHorizon}
+# efedge/experts/policies.py adds next-layer, fixed (fixed:H) and expertflow when imported
+# (at the end of this module)
+POLICIES: dict[str, type[Policy]] = {"ondemand": OnDemandLRU, "lru": OnDemandLRU, "lfu": LFU}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
@@ -400,7 +195,7 @@ def make_policy(name: str, **kwargs) -> Policy:
             horizon = 0
         if horizon < 1:
             raise EfedgeError(f"bad policy {name!r}: use fixed:H with a look-ahead H ≥ 1")
-        return FixedHorizon(horizon, **kwargs)
+        return POLICIES["fixed"](horizon, **kwargs)
     cls = POLICIES.get(key)
     if cls is None:
         raise EfedgeError(f"unknown cache policy {name!r} (available: "
@@ -440,3 +235,38 @@ def cache_aware_route(ids: np.ndarray, probs: np.ndarray, resident: np.ndarray,
                 n_sub += 1
         ids[t] = row[np.argsort(-probs[t, row], kind="stable")]
     return ids, n_sub
+
+
+def cache_aware_reroute(source, layer: int, ids: np.ndarray, w: np.ndarray,
+                        probs: np.ndarray, slack: float,
+                        renormalise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The model-side hook of cache-aware routing: `cache_aware_route` against what the
+    source's cache holds (resident or on its way) for `layer`, then the expert weights
+    recomputed from the router probabilities (renormalised over the top-k when the
+    architecture does). ids [T, K], w [T, K], probs [T, E]. Counts substitutions. A source
+    without a cache (everything resident) is returned unchanged."""
+    cache = getattr(source, "cache", None)
+    if cache is None or slack <= 0:
+        return ids, w
+    new, n_sub = cache_aware_route(ids, probs, cache.where[layer] >= 0, slack)
+    if n_sub == 0:
+        return ids, w
+    nw = np.take_along_axis(np.asarray(probs), new, axis=1).astype(np.float32)
+    if renormalise:
+        nw /= nw.sum(axis=1, keepdims=True)
+    source.counters.substitutions += n_sub
+    return new.astype(ids.dtype), nw
+
+
+from efedge.experts import policies as _policies  # noqa: E402  (registers its policies)
+
+
+def __getattr__(name: str):
+    """ExpertFlow, FixedHorizon and NextLayer are importable from here as well."""
+    if name in ("ExpertFlow", "FixedHorizon", "NextLayer"):
+        return getattr(_policies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["POLICIES", "Policy", "OnDemandLRU", "LFU", "make_policy", "cache_aware_route",
+           "cache_aware_reroute"]

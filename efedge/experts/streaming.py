@@ -135,6 +135,19 @@ class StreamingExperts:
     def _issue(self, layer: int, pending: list[int], held: dict[int, int]) -> None:
         """Demand-load pending experts while slots are available (cond held)."""
         while pending:
+            e = pending[0]
+            s = int(self.cache.where[layer, e])
+            if s >= 0:  # a prefetch took it on since the request: wait for that load
+                pending.pop(0)
+                self.cache.slot_pins[s] += 1
+                held[e] = s
+                job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
+                if job is not None:
+                    self.engine.promote(job)
+                if self.cache.slot_prefetched[s]:
+                    self.counters.prefetch_used += 1
+                    self.cache.slot_prefetched[s] = False
+                continue
             slot = self.cache.free_or_victim(layer, self.policy.victim)
             if slot < 0:
                 return
