@@ -7,6 +7,7 @@ stops the generation in progress at the next token.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -307,8 +308,12 @@ class Model:
                 self._experts.close()
             if hasattr(self._tf, "close"):
                 self._tf.close()  # device="cuda": stops the copy workers, frees VRAM
+            # drop every holder of views into the mapping (the expert store, the policy's
+            # reference cycle), so the mapping really closes now, not at collection
             self._tf = None
             self._session = None
+            self._experts = None
+            gc.collect()
             self._gf.close()
 
     def __enter__(self) -> Model:

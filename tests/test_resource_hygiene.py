@@ -79,10 +79,6 @@ def test_close_is_idempotent_and_joins_the_workers(path):
         m.logits(PROMPT)
 
 
-@pytest.mark.xfail(strict=True, reason="Model.close() keeps self._experts, whose ExpertStore "
-                   "holds views of the mapping (and StreamingExperts sits in a reference "
-                   "cycle with its policy), so GGUFFile.close() cannot unmap until the model "
-                   "object is collected")
 @pytest.mark.parametrize("cache", [None, "50%"])
 def test_close_unmaps_the_file_at_once(path, cache):
     fds = _fds()
