@@ -84,30 +84,12 @@ class StreamingExperts:
     def acquire(self, layer: int, experts: np.ndarray):
         """Yield (expert, ExpertWeights) for every requested expert, ready ones first. The
         slot stays pinned until the caller asks for the next one."""
-        cache, c = self.cache, self.counters
+        cache = self.cache
         wanted = [int(e) for e in experts]
         pending: list[int] = []  # not resident, no slot yet
         held: dict[int, int] = {}  # expert → the slot pinned for it
         with self.cond:
-            c.expert_requests += len(wanted)
-            for e in wanted:
-                s = int(cache.where[layer, e])
-                if s < 0:
-                    c.misses += 1
-                    pending.append(e)
-                    continue
-                if cache.slot_state[s] == READY:
-                    c.hits += 1
-                else:
-                    c.late += 1
-                    job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
-                    if job is not None:
-                        self.engine.promote(job)
-                if cache.slot_prefetched[s]:
-                    c.prefetch_used += 1
-                    cache.slot_prefetched[s] = False
-                cache.slot_pins[s] += 1  # wanted: not evictable until used
-                held[e] = s
+            self._classify(layer, wanted, pending, held)
             self.policy.on_request(layer, wanted)
             self._issue(layer, pending, held)
         remaining = set(wanted)
@@ -131,6 +113,32 @@ class StreamingExperts:
                 for s in held.values():
                     cache.slot_pins[s] -= 1
                 self.cond.notify_all()
+
+    def _classify(self, layer: int, wanted: list[int], pending: list[int],
+                  held: dict[int, int]) -> None:
+        """Count each wanted expert as hit / late / miss (cond held); pin the resident and
+        in-flight ones (not evictable until used), promote queued prefetches to demand
+        loads, and list the missing ones in `pending`."""
+        cache, c = self.cache, self.counters
+        c.expert_requests += len(wanted)
+        for e in wanted:
+            s = int(cache.where[layer, e])
+            if s < 0:
+                c.misses += 1
+                pending.append(e)
+                continue
+            if cache.slot_state[s] == READY:
+                c.hits += 1
+            else:
+                c.late += 1
+                job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
+                if job is not None:
+                    self.engine.promote(job)
+            if cache.slot_prefetched[s]:
+                c.prefetch_used += 1
+                cache.slot_prefetched[s] = False
+            cache.slot_pins[s] += 1
+            held[e] = s
 
     def _issue(self, layer: int, pending: list[int], held: dict[int, int]) -> None:
         """Demand-load pending experts while slots are available (cond held)."""

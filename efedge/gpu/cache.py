@@ -243,31 +243,13 @@ class GpuStreamingExperts(StreamingExperts):
         With a hybrid policy and `cpu_submit`, misses that would take longer to copy than
         to compute on the CPU are not loaded: `cpu_submit(expert)` is called for each at
         once (the caller runs them beside the GPU work) and they are not yielded."""
-        cache, c = self.cache, self.counters
+        cache = self.cache
         wanted = [int(e) for e in experts]
         pending: list[int] = []
         held: dict[int, int] = {}
         on_cpu: list[int] = []
         with self.cond:
-            c.expert_requests += len(wanted)
-            for e in wanted:
-                s = int(cache.where[layer, e])
-                if s < 0:
-                    c.misses += 1
-                    pending.append(e)
-                    continue
-                if cache.slot_state[s] == READY:
-                    c.hits += 1
-                else:
-                    c.late += 1
-                    job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
-                    if job is not None:
-                        self.engine.promote(job)
-                if cache.slot_prefetched[s]:
-                    c.prefetch_used += 1
-                    cache.slot_prefetched[s] = False
-                cache.slot_pins[s] += 1
-                held[e] = s
+            self._classify(layer, wanted, pending, held)
             self.policy.on_request(layer, wanted)
             if self.hybrid is not None and cpu_submit is not None and pending:
                 on_cpu = self.hybrid.plan(layer, pending, tokens or {}, self.engine)
