@@ -226,9 +226,6 @@ def test_late_prefetch_that_fails_is_loaded_synchronously(path, min_budget):
     gf.close()
 
 
-@pytest.mark.xfail(strict=True, reason="streaming._next_ready waits on the condition (up to "
-                   "1 s) after a synchronous reload instead of re-checking the slot it just "
-                   "loaded: every failed worker load costs ~1 s of stall")
 def test_a_synchronous_reload_does_not_idle(path, min_budget):
     gf, source, counters, file_bytes = _components(path, min_budget)
     Faults(source.engine, lambda key, part, on_worker: OSError(5, "EIO") if on_worker else None)
@@ -243,9 +240,6 @@ def test_a_synchronous_reload_does_not_idle(path, min_budget):
     assert dt < 0.5, f"one synchronous reload took {dt:.2f} s"
 
 
-@pytest.mark.xfail(strict=True, reason="streaming._load_sync cleans up only on OSError: any "
-                   "other exception during a synchronous load (KeyboardInterrupt, a bug) "
-                   "leaves its slot pinned and LOADING with no job behind it, for good")
 def test_an_interrupted_synchronous_load_leaves_no_stuck_slot(path, min_budget, monkeypatch):
     monkeypatch.setattr(streaming, "WAIT_TIMEOUT_S", 0.5)
     gf, source, counters, file_bytes = _components(path, min_budget)

@@ -180,6 +180,7 @@ class StreamingExperts:
                     if t0 is not None:
                         self.counters.stall_s += time.perf_counter() - t0
                     return e, s
+            reloaded = False
             for e in remaining:
                 s = held.get(e, -1)
                 if s >= 0 and cache.where[layer, e] != s:
@@ -189,6 +190,9 @@ class StreamingExperts:
                     t_sync = time.perf_counter()
                     held[e] = self._load_sync(layer, e)
                     self.counters.stall_s += time.perf_counter() - t_sync
+                    reloaded = True
+            if reloaded:
+                continue  # the reloaded expert is ready now: no need to wait
             if t0 is None:
                 t0 = time.perf_counter()
             if not self.cond.wait(timeout=1.0):
@@ -208,11 +212,15 @@ class StreamingExperts:
         self.cache.slot_pins[slot] += 1
         try:
             self.counters.bytes_loaded += self.engine.load_now(layer, e, slot)
-        except OSError as exc:
+        except BaseException as exc:
+            # whatever stopped the load (a disk error, Ctrl-C, a bug), leave no slot
+            # pinned and LOADING behind
             self.cache.slot_pins[slot] -= 1
             self.cache.release(slot)
-            raise TransferError(f"cannot read expert {e} of layer {layer} from the model "
-                                f"file: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise TransferError(f"cannot read expert {e} of layer {layer} from the "
+                                    f"model file: {exc}") from exc
+            raise
         self.cache.slot_state[slot] = READY
         return slot
 
