@@ -106,6 +106,37 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
     return rows
 
 
+def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dict:
+    """What expertflow's own work costs during decode, with the cache under pressure but
+    no emulated link (loads at memory speed, so little stall): the share of decode wall
+    time spent in on_route (predictor, controller, selection and issuing prefetches) and
+    in the predictor's step alone."""
+    spent = {"step": 0.0, "calls": 0}
+    with efedge.load(path, cache=cache, policy="expertflow", threads=threads) as m:
+        pol = m._experts.policy
+        _decode_run(m, prompt_ids, n_tokens)  # warm-up: compile, fill the cache
+        step = pol.predictor.step
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return step(*a, **kw)
+            finally:
+                spent["step"] += time.perf_counter() - t
+                spent["calls"] += 1
+
+        pol.predictor.step = timed
+        s, _, ovh = _decode_run(m, prompt_ids, n_tokens)
+        n_layer = m.config.n_layer
+    n = max(s["tokens_generated"], 1)
+    wall = max(s["wall_s"], 1e-9)
+    return {"decode_ms_per_token": 1e3 * wall / n,
+            "on_route_us_per_layer": 1e6 * ovh / (n * n_layer),
+            "predictor_us_per_layer": 1e6 * spent["step"] / max(spent["calls"], 1),
+            "on_route_pct": 100 * ovh / wall,
+            "predictor_pct": 100 * spent["step"] / wall}
+
+
 def auto_links(path, prompt_ids, n_tokens, threads=None) -> tuple[list[str], dict]:
     """The issue's two links from a resident run here: loading one expert takes about one
     layer's decode compute, and 4× slower."""
@@ -243,11 +274,27 @@ def main(argv=None) -> int:
     ap.add_argument("--routing-slack", nargs="*", type=float, default=None,
                     help="also measure cache-aware routing at these slacks (expertflow, "
                          "first cache and link)")
+    ap.add_argument("--cost", action="store_true",
+                    help="only measure expertflow's own cost during decode (50%% cache, "
+                         "no emulated link)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     path = args.model or demo_model_path()
     with efedge.load(path) as m:
         ids = heldout_ids(m, args.prompt + args.n_tokens)
+    if args.cost:
+        runs = [scheduler_cost(path, ids, args.n_tokens, args.threads)
+                for _ in range(max(1, args.repeats))]
+        if args.json:
+            json.dump(runs, sys.stdout, indent=2)
+            print()
+            return 0
+        for c in runs:
+            print(f"decode {c['decode_ms_per_token']:.2f} ms/token: expertflow on_route "
+                  f"{c['on_route_us_per_layer']:.1f} us/layer = {c['on_route_pct']:.2f}% of "
+                  f"decode, of which the predictor {c['predictor_us_per_layer']:.1f} us/layer "
+                  f"= {c['predictor_pct']:.2f}%")
+        return 0
     links, info = args.links, {}
     if links == ["auto"]:
         links, info = auto_links(path, ids, args.n_tokens, args.threads)

@@ -127,9 +127,10 @@ class ExpertFlow(_Predictive):
     name = "expertflow"
 
     def __init__(self, max_horizon: int = 8, p_floor: float = 0.2, explore: int = 1,
-                 value_all: bool = False, **kw):
+                 value_all: bool = False, value_next: bool = True, **kw):
         super().__init__(**kw)
         self.explore, self.value_all = int(explore), bool(value_all)
+        self.value_next = bool(value_next)
         self.max_distance = max(1, int(max_horizon))
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
         self._evict_limit = np.inf
@@ -141,6 +142,11 @@ class ExpertFlow(_Predictive):
         self.cancelled = 0
         self._mean_bytes = float(np.mean([source.store.expert_bytes(i)
                                           for i in range(self.n_layer)]))
+        cache = source.cache
+        per_class = np.bincount(cache.layer_class, minlength=len(cache.class_slots))
+        # a budget that holds every expert: once all are in, there is nothing to decide
+        self._all_fit = bool((cache.class_slots >= per_class * self.n_expert).all())
+        self._all_in = False
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         return int(value_victim(candidates, cache.slot_owner, cache.slot_last_use,
@@ -152,6 +158,10 @@ class ExpertFlow(_Predictive):
         t0 = src.now()
         c = src.counters
         stale = self._note_route(layer, ids)
+        if self._all_fit and (self._all_in or bool((src.cache.where >= 0).all())):
+            self._all_in = True
+            self._record_horizon(0.0)
+            return
         ids2 = np.asarray(ids).reshape(-1, self.n_active)
         if stale.size:
             self._cancel(stale)
@@ -169,7 +179,8 @@ class ExpertFlow(_Predictive):
                           max(h_need + self.explore, min(self.max_distance, self.n_layer)))
         else:
             self._predict(layer, hidden, ids2, pregate,
-                          min(h_need + self.explore, self.max_distance), also=self.n_layer)
+                          min(h_need + self.explore, self.max_distance),
+                          also=self.n_layer if self.value_next else 0)
         pred, cache = self.predictor, src.cache
         # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile)
         n, ms, es, ps, ds, horizon = select_prefetch(

@@ -401,7 +401,7 @@ class HybridPredictor:
                  decay: float = 0.998, recent_rate: float = 0.3, eta: float = 0.3,
                  calibration_rate: float = 0.05, eps: float = 0.01,
                  weight_floor: float = 0.02, popularity_rate: float = 0.02,
-                 n_sources: int = 2, adapt: bool = True):
+                 n_sources: int = 1, adapt: bool = True):
         L, E, K, dm = n_layer, n_expert, n_active, max(1, int(max_distance))
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
