@@ -133,6 +133,8 @@ class SimulatedExperts(StreamingExperts):
         cache = self.cache
         self.engine.advance_to(self.clock.t)
         while True:
+            if pending:  # a slot may have come free: issue the waiting demand loads
+                self._issue(layer, pending, held)
             for e in sorted(remaining):
                 s = held.get(e, -1)
                 if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
