@@ -10,8 +10,10 @@ runs once to warm up, then ``-r`` times; t/s is the mean ± sample standard devi
 the repetitions.
 
 ``--vs-llama-cpp`` runs llama-cpp-python on the same file with the same thread count in
-the same process, alternating with efedge repetition by repetition (so both see the
-same machine load), and prints the ratio efedge / llama.cpp per test.
+the same run, alternating with efedge repetition by repetition (so both see the same
+machine load), and prints the ratio efedge / llama.cpp per test. llama.cpp runs in a
+child process with the environment as the user left it (efedge's OpenMP setting would
+otherwise apply to it too).
 
 The table has llama-bench's columns plus ours: the expert cache budget, its policy, the
 emulated link, stall time per token and the expert-cache hit rate. ``--json`` prints a
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -128,30 +132,82 @@ class _Efedge:
         self.model.close()
 
 
+# The llama.cpp side runs in a child process: it must see the process environment as the
+# user left it. efedge sets OMP_WAIT_POLICY=PASSIVE for its own threads (kernels module);
+# llama.cpp's ggml uses the same libgomp, and with that setting its decode measured 4×
+# slower. Commands go over stdin ("pp"/"tg" + token ids as JSON), timings come back in ns,
+# measured in the child around the call.
+_LLAMA_WORKER = r"""
+import json, sys, time
+try:
+    from llama_cpp import Llama
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    sys.exit(0)
+path, threads, n_ctx, n_batch = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+            n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+print(json.dumps({"load_s": time.perf_counter() - t0}), flush=True)
+for line in sys.stdin:
+    kind, toks = json.loads(line)
+    if kind == "quit":
+        break
+    t0 = time.perf_counter_ns()
+    llm.reset()
+    if kind == "pp":
+        llm.eval(toks)
+    else:
+        for t in toks:
+            llm.eval([t])
+    print(json.dumps({"ns": time.perf_counter_ns() - t0}), flush=True)
+llm.close()
+"""
+
+
 class _Llama:
-    """llama.cpp through llama-cpp-python, the same file and thread count."""
+    """llama.cpp through llama-cpp-python, the same file and thread count, in a child
+    process that efedge's thread settings do not reach."""
 
     def __init__(self, path, threads, n_ctx, n_batch):
-        try:
-            from llama_cpp import Llama
-        except Exception as exc:  # ImportError, or OSError from a broken shared library
-            raise EfedgeError(f"--vs-llama-cpp needs llama-cpp-python ({exc})") from exc
-        t0 = time.perf_counter()
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=n_batch, n_ubatch=n_batch, verbose=False)
-        self.load_s = time.perf_counter() - t0
+        from efedge.kernels import INJECTED_ENV
+
+        env = {k: v for k, v in os.environ.items() if INJECTED_ENV.get(k) != v}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LLAMA_WORKER, json.dumps([str(path), threads, n_ctx,
+                                                                n_batch])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        reply = self._read()
+        if "error" in reply:
+            self.close()
+            raise EfedgeError(f"--vs-llama-cpp needs llama-cpp-python ({reply['error']})")
+        self.load_s = reply["load_s"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EfedgeError(f"the llama.cpp process ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def _run(self, kind: str, toks) -> int:
+        self.proc.stdin.write(json.dumps([kind, [int(t) for t in toks]]) + "\n")
+        self.proc.stdin.flush()
+        return int(self._read()["ns"])
 
     def pp(self, toks):
-        self.llm.reset()
-        self.llm.eval(toks)
+        return self._run("pp", toks)
 
     def tg(self, toks):
-        self.llm.reset()
-        for t in toks:
-            self.llm.eval([t])
+        return self._run("tg", toks)
 
     def close(self):
-        self.llm.close()
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps(["quit", []]) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                self.proc.kill()
 
 
 def _stats(samples_ns: list[int], n_tok: int) -> dict:
@@ -206,7 +262,7 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
             for _ in range(args.repetitions):
                 ours.append(_time(ours_run))
                 if ref_run is not None:
-                    theirs.append(_time(ref_run))
+                    theirs.append(ref_run())  # timed in the llama.cpp process
             s = eng.model.stats()
             n_total = n * args.repetitions
             row = {**info, "backends": "CPU", "engine": "efedge", "efedge_version": __version__,

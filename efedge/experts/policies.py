@@ -133,7 +133,6 @@ class ExpertFlow(_Predictive):
         self.value_next = bool(value_next)
         self.max_distance = max(1, int(max_horizon))
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
-        self._evict_limit = np.inf
 
     def attach(self, source) -> None:
         super().attach(source)
@@ -189,19 +188,13 @@ class ExpertFlow(_Predictive):
             cache.class_slots, self.n_expert)
         self.horizon = max(1, int(horizon))
         i = 0
-        while i < n:  # one prefetch call per target layer, nearest first
+        while i < n:  # one prefetch per target layer, nearest first, needed-at priority
             j = i
             while j < n and ms[j] == ms[i]:
                 j += 1
             # evict only experts worth less than the least valuable one brought in
-            self._evict_limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
-            m, due = int(ms[i]), self._step + int(ds[i])
-            try:
-                src.prefetch(m, es[i:j], priority=due + 1)
-            finally:
-                self._evict_limit = np.inf
-            got = es[i:j][cache.where[m, es[i:j]] >= 0]
-            self._due[m, got] = due
+            limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
+            self._prefetch(int(ms[i]), es[i:j], self._step + int(ds[i]) + 1, limit)
             i = j
         self._record_horizon(float(self.horizon))
         self.overhead_s += src.now() - t0

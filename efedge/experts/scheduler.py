@@ -1,11 +1,13 @@
 """Cache policies: which slot to evict, and what to load ahead of need.
 
-A policy is a small object with four hooks, all called on the compute thread:
+A policy is a small object with these hooks, all called on the compute thread:
 
 * `attach(source)` — once, with the StreamingExperts it drives (for `source.prefetch`).
 * `victim(cache, candidates) -> slot` — choose among unpinned READY slots (cond held);
   -1 refuses (only ever during the policy's own prefetch).
 * `on_request(layer, experts)` — the layer asked for these experts (cond held).
+* `on_demand_issued(layer)` — its missing experts are queued (cond held): prefetches
+  planned in on_route are issued here, behind them.
 * `on_route(layer, hidden, ids, pregate=None)` — a layer has routed; a predictor may
   prefetch here. `pregate` [T, n, E]: router logits of layers layer+1..layer+n on this
   hidden state, for sources without router weights (the trace simulator).
@@ -49,12 +51,23 @@ class Policy:
         self.fetched_at = np.zeros(0, dtype=np.int64)  # per slot: cache tick when prefetched
         # per (layer, expert): the step a queued prefetch was fetched for (-1: none)
         self._due = np.full((self.n_layer, self.n_expert), -1, dtype=np.int64)
+        self._plan: list[tuple] = []  # prefetches decided in on_route, issued after demand
+        self._evict_limit = np.inf  # while issuing a prefetch: evict only what is worth less
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         raise NotImplementedError
 
     def on_request(self, layer: int, experts: list[int]) -> None:
         pass
+
+    def on_demand_issued(self, layer: int) -> None:
+        """The layer's own missing experts are queued (cond held): now issue the
+        prefetches planned at on_route, so that none of them starts on the link ahead of
+        a load the layer is about to wait for."""
+        if self._plan:
+            t0 = self.source.now()
+            self._flush_plan()
+            self.overhead_s += self.source.now() - t0
 
     def on_route(self, layer: int, hidden: np.ndarray, ids: np.ndarray,
                  pregate: np.ndarray | None = None) -> None:
@@ -64,6 +77,8 @@ class Policy:
     def _note_route(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Remember the layer being computed and the experts it still needs; returns the
         keys (m * E + e) of queued prefetches that came due without being needed."""
+        if self._plan:  # a source that never called on_demand_issued: issue late
+            self._flush_plan()
         if layer <= self._last_layer:
             self._step = (self._step // self.n_layer + 1) * self.n_layer
         self._step = self._step - self._step % self.n_layer + layer
@@ -134,18 +149,34 @@ class Policy:
         room[c] -= len(take)
         return self._prefetch(layer, take, priority)
 
-    def _prefetch(self, layer: int, experts, priority: int) -> int:
-        try:
-            n = self.source.prefetch(layer, experts, priority=priority)
-        except TypeError:  # a source without priorities
-            n = self.source.prefetch(layer, experts)
-        if n:  # remember when each was fetched (the LRU clock of the baselines)
-            cache = self.source.cache
+    def _prefetch(self, layer: int, experts, priority: int, limit: float = np.inf) -> int:
+        """Plan a prefetch (issued by on_demand_issued, right after the current layer's
+        demand loads); `limit`: evict only experts valued below it. Returns how many."""
+        experts = np.asarray(experts, dtype=np.int64).reshape(-1)
+        if experts.size:
+            self._plan.append((int(layer), experts, int(priority), float(limit)))
+        return int(experts.size)
+
+    def _flush_plan(self) -> None:
+        src, cache = self.source, self.source.cache
+        plan, self._plan = self._plan, []
+        for layer, experts, priority, limit in plan:
+            self._evict_limit = limit
+            try:
+                n = src.prefetch(layer, experts, priority=priority)
+            except TypeError:  # a source without priorities
+                n = src.prefetch(layer, experts)
+            finally:
+                self._evict_limit = np.inf
+            if not n:
+                continue
+            slots = cache.where[layer, experts]
+            got = slots >= 0
+            self._due[layer, experts[got]] = priority - 1  # the step it is needed at
+            # when each was fetched: the LRU clock of the baselines
             if self.fetched_at.shape[0] != cache.n_slots:
                 self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
-            slots = cache.where[layer, np.asarray(list(experts), dtype=np.int64)]
-            self.fetched_at[slots[slots >= 0]] = cache.tick
-        return n
+            self.fetched_at[slots[got]] = cache.tick
 
 
 class OnDemandLRU(Policy):

@@ -92,6 +92,9 @@ class StreamingExperts:
             self._classify(layer, wanted, pending, held)
             self.policy.on_request(layer, wanted)
             self._issue(layer, pending, held)
+            issued = getattr(self.policy, "on_demand_issued", None)
+            if issued is not None:  # prefetches go behind this layer's own loads
+                issued(layer)
         remaining = set(wanted)
         try:
             while remaining:
