@@ -347,15 +347,11 @@ _LEAKED = re.compile(r"index \d+ is out of bounds|axis \d|buffer is too small|co
                      r"unpack requires|cannot reshape|object has no attribute")
 
 
-# Bugs in code this suite does not own, each pinned by a strict xfail test below: cases
-# that hit them are counted as "known" rather than failing the fuzz run. When the owner
-# fixes one, its xfail test passes (strict: the run fails) and its entry goes.
-KNOWN_BUGS = {
-    # test_extreme_weights_raise_only_efedge_errors
-    "kernels: a parallel numba kernel raises on non-finite values":
-        re.compile(r"SystemError: CPUDispatcher\(<function \w+ at 0x[0-9a-f]+>\) returned a "
-                   r"result with an exception set|ZeroDivisionError"),
-}
+# Bugs in code this suite does not own, each pinned by a strict xfail test: cases that hit
+# them are counted as "known" rather than failing the fuzz run; the entry goes when the
+# owner's fix lands (its xfail test then passes, and strict makes that visible). Empty now:
+# the decode kernels' SystemError on non-finite activations is fixed.
+KNOWN_BUGS: dict[str, re.Pattern] = {}
 
 
 def known_bug(status: str, text: str) -> str | None:
@@ -563,14 +559,11 @@ def test_infinite_activations_are_rounded_not_raised():
         assert round_activations(x, qt).shape == x.shape
 
 
-@pytest.mark.xfail(strict=True, reason="the fused decode kernels (kernels/decode.py decode_attn, "
-                   "decode_ffn) raise inside numba parallel regions — ZeroDivisionError under "
-                   "numba's python error model — when a valid file's extreme weights make "
-                   "activations inf, NaN or huge; logits() / load() then leak SystemError")
 def test_extreme_weights_raise_only_efedge_errors(bases, tmp_path):
     """A file can be perfectly well-formed and still hold weights that overflow float32
     (a norm of 1e30, an infinity): the runtime may return NaN logits or refuse with an
-    EfedgeError, but nothing else may escape."""
+    EfedgeError, but nothing else may escape. (Regression: the fused decode kernels once
+    raised ZeroDivisionError inside numba parallel regions, seen as SystemError.)"""
     import gguf
 
     import efedge

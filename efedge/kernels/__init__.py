@@ -29,19 +29,27 @@ from efedge.errors import UnsupportedModelError
 from . import generic as _mm
 from . import quant_k as _k
 from . import quant_legacy as _lg
+from ._cache import refresh_stale_cache
+
+refresh_stale_cache(_mm.dequantize_rows)
 
 __all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "qmatmul",
            "block_size"]
 
 _Q = GGMLQuantizationType
 
-# numba's OpenMP threads sleep between parallel regions instead of spinning. A decode
-# step opens ~30 regions; on a machine with fewer free cores than threads (a laptop
-# under load, a shared CI box) a spinning team keeps the one thread that has work off
-# its core, and a region measured 10-30 ms instead of ~0.15 ms. Waking a sleeping
-# thread costs a few µs. libgomp reads this when it loads, at numba's first parallel
-# call (not at import); an explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long numba's OpenMP threads spin after a parallel region before they sleep. A
+# decode step opens ~30 regions a few µs to tens of µs apart. libgomp's default spin
+# (300 000 rounds, milliseconds) is fine on idle cores but on a machine with fewer free
+# cores than threads the spinning threads keep the one with work off its core: regions
+# measured 10-30 ms instead of ~0.15 ms at load 4 on 2 cores. Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) costs a wake-up per region: decode ~25% slower at load 2.
+# A short spin keeps back-to-back regions hot and gives the core away soon after.
+# libgomp reads this when it loads, at numba's first parallel call (not at import);
+# an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+INJECTED_ENV: dict[str, str] = {}  # what efedge set in os.environ (bench --vs-llama-cpp)
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    INJECTED_ENV["GOMP_SPINCOUNT"] = os.environ["GOMP_SPINCOUNT"] = "5000"
 
 SUPPORTED_QTYPES: frozenset[int] = frozenset(int(t) for t in (
     _Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,

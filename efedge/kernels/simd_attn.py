@@ -17,13 +17,12 @@ kt's rows hold at least 8·n8 keys (padded to a multiple of 8); v rows are dv fl
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _Fn
+from ._ir import _Fn, data_ptr, link
 
 NQ = 4  # queries per call
 
@@ -127,11 +126,6 @@ def _ir_text() -> str:
     return _TEXT
 
 
-def _ptr(context, builder, aryty, val):
-    arr = context.make_array(aryty)(context, builder, val)
-    return builder.bitcast(arr.data, ir.IntType(8).as_pointer())
-
-
 def _i64(context, builder, ty, val):
     return context.cast(builder, val, ty, types.int64)
 
@@ -143,19 +137,19 @@ def attn_scores_q4(typingctx, kt, ldk, n8, q, d, ldq, scale, out, ldo):
     sig = types.void(kt, ldk, n8, q, d, ldq, scale, out, ldo)
 
     def codegen(context, builder, sig, args):
-        context.active_code_library.add_llvm_module(llvm.parse_assembly(_ir_text()))
+        link(context, _ir_text())
         i64, p8, f32 = ir.IntType(64), ir.IntType(8).as_pointer(), ir.FloatType()
         fnty = ir.FunctionType(ir.VoidType(), [p8, i64, i64, p8, i64, i64, f32, p8, i64])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "efedge_attn_scores_q4")
         a = sig.args
         sc = context.cast(builder, args[6], a[6], types.float32)
-        builder.call(fn, [_ptr(context, builder, a[0], args[0]),
+        builder.call(fn, [data_ptr(context, builder, a[0], args[0]),
                           _i64(context, builder, a[1], args[1]),
                           _i64(context, builder, a[2], args[2]),
-                          _ptr(context, builder, a[3], args[3]),
+                          data_ptr(context, builder, a[3], args[3]),
                           _i64(context, builder, a[4], args[4]),
                           _i64(context, builder, a[5], args[5]), sc,
-                          _ptr(context, builder, a[7], args[7]),
+                          data_ptr(context, builder, a[7], args[7]),
                           _i64(context, builder, a[8], args[8])])
         return context.get_dummy_value()
 
@@ -169,17 +163,17 @@ def attn_values_q4(typingctx, p, ldp, n_keys, v, dv, out, ldo):
     sig = types.void(p, ldp, n_keys, v, dv, out, ldo)
 
     def codegen(context, builder, sig, args):
-        context.active_code_library.add_llvm_module(llvm.parse_assembly(_ir_text()))
+        link(context, _ir_text())
         i64, p8 = ir.IntType(64), ir.IntType(8).as_pointer()
         fnty = ir.FunctionType(ir.VoidType(), [p8, i64, i64, p8, i64, p8, i64])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "efedge_attn_values_q4")
         a = sig.args
-        builder.call(fn, [_ptr(context, builder, a[0], args[0]),
+        builder.call(fn, [data_ptr(context, builder, a[0], args[0]),
                           _i64(context, builder, a[1], args[1]),
                           _i64(context, builder, a[2], args[2]),
-                          _ptr(context, builder, a[3], args[3]),
+                          data_ptr(context, builder, a[3], args[3]),
                           _i64(context, builder, a[4], args[4]),
-                          _ptr(context, builder, a[5], args[5]),
+                          data_ptr(context, builder, a[5], args[5]),
                           _i64(context, builder, a[6], args[6])])
         return context.get_dummy_value()
 

@@ -1,0 +1,140 @@
+"""Text LLVM IR for the vector kernels (``simd``, ``simd_attn``): a small SSA emitter, the
+host's vector features, and the hook that links a kernel module into the numba function
+that calls it.
+
+Kernels are written as IR text, parsed by llvmlite, and added to the calling function's
+code library (``link``): numba then optimises, caches and inlines them like its own code.
+Their symbols are weak_odr, so several numba functions may each carry a copy.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+
+try:
+    _FEATS = llvm.get_host_cpu_features()
+except RuntimeError:  # pragma: no cover - unknown host
+    _FEATS = {}
+
+
+def _has(*names: str) -> bool:
+    return all(_FEATS.get(n, False) for n in names)
+
+
+VNNI = _has("avx512vnni", "avx512vl") or _has("avxvnni")
+F16C = _has("f16c")
+_VNNI_FN = ("llvm.x86.avx512.vpdpbusd.256" if _has("avx512vnni", "avx512vl")
+            else "llvm.x86.avx2.vpdpbusd.256" if _has("avxvnni") else None)
+
+
+def _seq(n: int, start: int = 0, step: int = 1) -> str:
+    return "<" + ", ".join(f"i32 {start + i * step}" for i in range(n)) + ">"
+
+
+def _splat(ty: str, n: int, v) -> str:
+    return "<" + ", ".join(f"{ty} {v}" for _ in range(n)) + ">"
+
+
+class _Fn:
+    """A tiny SSA text emitter: ``v(expr)`` appends ``%vN = expr`` and returns ``%vN``."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.n = 0
+
+    def v(self, expr: str) -> str:
+        name = f"%v{self.n}"
+        self.n += 1
+        self.lines.append(f"  {name} = {expr}")
+        return name
+
+    def raw(self, line: str) -> None:
+        self.lines.append(line)
+
+    # -- helpers ------------------------------------------------------------------------
+    def gep(self, base: str, off: str, ty: str = "i8") -> str:
+        return self.v(f"getelementptr inbounds {ty}, ptr {base}, i64 {off}")
+
+    def load(self, ty: str, ptr: str, align: int = 1) -> str:
+        return self.v(f"load {ty}, ptr {ptr}, align {align}")
+
+    def h2f(self, ptr: str) -> str:
+        """float32 of the fp16 at ptr (exact)."""
+        if F16C:
+            return self.v(f"extractelement <8 x float> {self.h2f_splat(ptr)}, i32 0")
+        h = self.load("i16", ptr)
+        x = self.v(f"zext i16 {h} to i32")
+        m = self.v(f"and i32 {x}, 32767")
+        mag = self.v(f"shl i32 {m}, 13")
+        f0 = self.v(f"bitcast i32 {mag} to float")
+        f1 = self.v(f"fmul float {f0}, 0x46F0000000000000")  # × 2^112
+        big = self.v(f"fcmp oge float {f1}, 65536.0")
+        ni = self.v(f"or i32 {mag}, 2139095040")
+        nf = self.v(f"bitcast i32 {ni} to float")
+        f2 = self.v(f"select i1 {big}, float {nf}, float {f1}")
+        sg = self.v(f"and i32 {x}, 32768")
+        s = self.v(f"shl i32 {sg}, 16")
+        b2 = self.v(f"bitcast float {f2} to i32")
+        b3 = self.v(f"or i32 {b2}, {s}")
+        return self.v(f"bitcast i32 {b3} to float")
+
+    def h2f_splat(self, ptr: str) -> str:
+        """<8 x float>: the fp16 at ptr in every lane.
+
+        With F16C a broadcast load and vcvtph2ps. (A scalar fpext, or an insert into a
+        zero vector, becomes vpinsrw into a register LLVM knows to have zero upper lanes
+        — often a scalar accumulator — which chains every block to the previous one.)"""
+        if not F16C:
+            return self.splat_f(self.h2f(ptr))
+        h = self.load("i16", ptr)
+        v0 = self.v(f"insertelement <8 x i16> poison, i16 {h}, i32 0")
+        v = self.v(f"shufflevector <8 x i16> {v0}, <8 x i16> poison, <8 x i32> zeroinitializer")
+        hv = self.v(f"bitcast <8 x i16> {v} to <8 x half>")
+        return self.v(f"fpext <8 x half> {hv} to <8 x float>")
+
+    def dot32(self, w: str, x: str) -> str:
+        """<8 x i32>: lane i = sum of w[4i+j] (u8) * x[4i+j] (s8), j < 4."""
+        if _VNNI_FN:
+            wi = self.v(f"bitcast <32 x i8> {w} to <8 x i32>")
+            xi = self.v(f"bitcast <32 x i8> {x} to <8 x i32>")
+            return self.v(f"call <8 x i32> @{_VNNI_FN}(<8 x i32> zeroinitializer, "
+                          f"<8 x i32> {wi}, <8 x i32> {xi})")
+        wz = self.v(f"zext <32 x i8> {w} to <32 x i16>")
+        xs = self.v(f"sext <32 x i8> {x} to <32 x i16>")
+        p = self.v(f"mul <32 x i16> {wz}, {xs}")
+        pe = self.v(f"shufflevector <32 x i16> {p}, <32 x i16> poison, <16 x i32> {_seq(16, 0, 2)}")
+        po = self.v(f"shufflevector <32 x i16> {p}, <32 x i16> poison, <16 x i32> {_seq(16, 1, 2)}")
+        pe32 = self.v(f"sext <16 x i16> {pe} to <16 x i32>")
+        po32 = self.v(f"sext <16 x i16> {po} to <16 x i32>")
+        s16 = self.v(f"add <16 x i32> {pe32}, {po32}")
+        se = self.v(f"shufflevector <16 x i32> {s16}, <16 x i32> poison, <8 x i32> {_seq(8, 0, 2)}")
+        so = self.v(f"shufflevector <16 x i32> {s16}, <16 x i32> poison, <8 x i32> {_seq(8, 1, 2)}")
+        return self.v(f"add <8 x i32> {se}, {so}")
+
+    def splat_f(self, s: str) -> str:
+        a = self.v(f"insertelement <8 x float> poison, float {s}, i32 0")
+        return self.v(f"shufflevector <8 x float> {a}, <8 x float> poison, <8 x i32> "
+                      "zeroinitializer")
+
+    def splat_i(self, s: str) -> str:
+        a = self.v(f"insertelement <8 x i32> poison, i32 {s}, i32 0")
+        return self.v(f"shufflevector <8 x i32> {a}, <8 x i32> poison, <8 x i32> "
+                      "zeroinitializer")
+
+    def fma(self, a: str, b: str, c: str) -> str:
+        return self.v(f"call <8 x float> @llvm.fma.v8f32(<8 x float> {a}, <8 x float> {b}, "
+                      f"<8 x float> {c})")
+
+
+
+
+def link(context, text: str) -> None:
+    """Add the IR module ``text`` to the numba function being lowered."""
+    context.active_code_library.add_llvm_module(llvm.parse_assembly(text))
+
+
+def data_ptr(context, builder, aryty, val):
+    """An i8* to the data of a numba array argument."""
+    arr = context.make_array(aryty)(context, builder, val)
+    return builder.bitcast(arr.data, ir.IntType(8).as_pointer())
