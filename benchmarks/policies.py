@@ -21,89 +21,19 @@ import json
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
 import efedge
 from efedge.demo import demo_model_path
-
-COLUMNS = ("policy", "tokens_per_s", "stall_ms_per_token", "stall_vs_ondemand", "hit_rate",
-           "prefetch_precision", "mb_per_token", "horizon_mean")
-
-
-def heldout_ids(model, n: int) -> list[int]:
-    """At least n token ids of held-out text (the corpus split the demo model never saw)."""
-    from gguf_tools.corpus import heldout_sample
-
-    chars = 4 * n + 400
-    while True:
-        try:
-            text = heldout_sample(max_chars=chars)
-        except RuntimeError:
-            text = None
-        if text is None:
-            raise RuntimeError(f"no held-out document gives {n} tokens")
-        ids = model.tokenize(text)
-        if len(ids) >= n:
-            return ids[:n]
-        chars *= 2
-
-
-def _decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
-    """Prefill prompt_ids[:-n] … feed the rest one token at a time; returns the decode
-    counters, the prefill stall and the policy's own time during decode."""
-    sess = m._session
-    sess.reset()
-    m.reset_stats()
-    split = len(prompt_ids) - n_tokens
-    sess.prefill(prompt_ids[:split])
-    prefill_stall = m.stats()["stall_s"]
-    m.reset_stats()
-    pol = getattr(m._experts, "policy", None)
-    ovh0 = getattr(pol, "overhead_s", 0.0)
-    for tok in prompt_ids[split:]:
-        sess.decode(tok)
-    ovh = getattr(pol, "overhead_s", 0.0) - ovh0
-    return m.stats(), prefill_stall, ovh
-
-
-def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
-                     warmup: bool = True) -> list[dict]:
-    """One live run per policy on the same model, budget, emulated link and tokens: the
-    first len(prompt_ids) - n_tokens ids are the prompt (one batch), the last n_tokens are
-    decoded one by one. Returns one dict per policy with the table's columns (see
-    COLUMNS) plus the raw counters under "stats"."""
-    prompt_ids = [int(i) for i in prompt_ids]
-    if not 0 < n_tokens < len(prompt_ids):
-        raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
-    rows = []
-    for policy in policies:
-        with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads) as m:
-            if warmup:  # compile the kernels, so that no run pays for it
-                _decode_run(m, prompt_ids[:8], 4)
-            t0 = time.perf_counter()
-            s, prefill_stall, ovh = _decode_run(m, prompt_ids, n_tokens)
-            wall = time.perf_counter() - t0
-        n = max(s["tokens_generated"], 1)
-        issued = s["prefetch_issued"]
-        rows.append({
-            "policy": policy, "cache": cache, "link": str(link),
-            "tokens_per_s": n / max(s["wall_s"], 1e-9),
-            "stall_ms_per_token": 1e3 * s["stall_s"] / n,
-            "stall_vs_ondemand": None,
-            "hit_rate": s["hits"] / max(s["expert_requests"], 1),
-            "prefetch_precision": (s["prefetch_used"] / issued) if issued else None,
-            "mb_per_token": s["bytes_loaded"] / n / 1e6,
-            "horizon_mean": s["horizon_mean"],
-            "policy_overhead_pct": 100.0 * ovh / max(s["wall_s"], 1e-9),
-            "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
-        })
-    base = [r["stall_ms_per_token"] for r in rows if r["policy"] in ("ondemand", "lru")]
-    if base and base[0] > 0:
-        for r in rows:
-            r["stall_vs_ondemand"] = r["stall_ms_per_token"] / base[0]
-    return rows
+from efedge.policy_compare import (
+    auto_links,
+    compare_policies,
+    decode_run,
+    format_table,
+    heldout_ids,
+    median_rows,
+)
 
 
 def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dict:
@@ -114,7 +44,7 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dic
     spent = {"step": 0.0, "calls": 0}
     with efedge.load(path, cache=cache, policy="expertflow", threads=threads) as m:
         pol = m._experts.policy
-        _decode_run(m, prompt_ids, n_tokens)  # warm-up: compile, fill the cache
+        decode_run(m, prompt_ids, n_tokens)  # warm-up: compile, fill the cache
         step = pol.predictor.step
 
         def timed(*a, **kw):
@@ -126,7 +56,7 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dic
                 spent["calls"] += 1
 
         pol.predictor.step = timed
-        s, _, ovh = _decode_run(m, prompt_ids, n_tokens)
+        s, _, ovh = decode_run(m, prompt_ids, n_tokens)
         n_layer = m.config.n_layer
     n = max(s["tokens_generated"], 1)
     wall = max(s["wall_s"], 1e-9)
@@ -137,80 +67,16 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dic
             "predictor_pct": 100 * spent["step"] / wall}
 
 
-def auto_links(path, prompt_ids, n_tokens, threads=None) -> tuple[list[str], dict]:
-    """The issue's two links from a resident run here: loading one expert takes about one
-    layer's decode compute, and 4× slower."""
-    with efedge.load(path, threads=threads) as m:
-        _decode_run(m, prompt_ids[:8], 4)
-        s, _, _ = _decode_run(m, prompt_ids, n_tokens)
-        store = m._tf.store
-        n_layer = m.config.n_layer
-        per_expert = float(np.mean([store.expert_bytes(i) for i in range(n_layer)]))
-    layer_s = s["wall_s"] / max(s["tokens_generated"], 1) / n_layer
-    rate = per_expert / layer_s
-    info = {"layer_ms": 1e3 * layer_s, "expert_kib": per_expert / 1024,
-            "decode_ms_per_token": 1e3 * layer_s * n_layer}
-    return [f"{rate / 1e6:.1f}MB/s", f"{rate / 4e6:.1f}MB/s"], info
-
-
-@contextmanager
-def cache_aware_routing(slack: float):
-    """For measurement only: every token goes through the batched layer path (whose
-    router probabilities are at hand) with `cache_aware_route` applied before the experts
-    are requested — what the proposed `routing="cache-aware"` option of model.py does.
-    slack 0 is exact routing on the same path (the reference for the quality figures)."""
-    from efedge import layers
-    from efedge import model as M
-    from efedge.experts.scheduler import cache_aware_route
-
-    orig_moe, orig_decode = M.Transformer._moe, M.Transformer._decode
-
-    def _moe(self, blk, il, h, experts):
-        c = self.cfg
-        ids, w, probs = layers.route(blk.ffn_gate_inp(h), c.n_expert_used, c.spec.norm_topk)
-        cache = getattr(experts, "cache", None)
-        if slack > 0 and cache is not None:
-            ids, n_sub = cache_aware_route(ids, probs, cache.where[il] >= 0, slack)
-            if n_sub:
-                w = np.take_along_axis(probs, ids, axis=1).astype(np.float32)
-                if c.spec.norm_topk:
-                    w = w / w.sum(axis=1, keepdims=True)
-                experts.counters.substitutions += n_sub
-        if self.on_route is not None:
-            self.on_route(il, h, ids)
-        slots = np.zeros((h.shape[0], c.n_expert_used, c.n_embd), dtype=np.float32)
-        for e, ew in experts.acquire(il, np.unique(ids)):
-            tok, kk = np.nonzero(ids == e)
-            slots[tok, kk] = M.expert_ffn(np.ascontiguousarray(h[tok]), ew) * w[tok, kk, None]
-        out = slots[:, 0].copy()
-        for kk in range(1, c.n_expert_used):
-            out += slots[:, kk]
-        return out
-
-    def _decode(self, token, pos, kv, experts):
-        x = self.embed(np.array([token]))
-        for il, blk in enumerate(self.blocks):
-            x = x + self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
-            x = x + self._moe(blk, il, self._norm(x, blk.ffn_norm), experts)
-        kv.n_past = pos + 1
-        return self.output(self._norm(np.ascontiguousarray(x), self.output_norm))
-
-    M.Transformer._moe, M.Transformer._decode = _moe, _decode
-    try:
-        yield
-    finally:
-        M.Transformer._moe, M.Transformer._decode = orig_moe, orig_decode
-
-
 def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> list[dict]:
     """Cache-aware routing's cost and gain: per slack, held-out perplexity of the decoded
     tokens, top-1 agreement with exact routing, substitutions and stall per token."""
     rows, ref_top = [], None
     split = len(prompt_ids) - n_tokens
     for slack in [0.0, *[s for s in slacks if s > 0]]:
-        with cache_aware_routing(slack), efedge.load(path, cache=cache, policy=policy,
-                                                      link=link) as m:
-            _decode_run(m, prompt_ids[:8], 4)
+        routing = "cache-aware" if slack > 0 else "exact"
+        with efedge.load(path, cache=cache, policy=policy, link=link, routing=routing,
+                         routing_slack=slack if slack > 0 else 0.05) as m:
+            decode_run(m, prompt_ids[:8], 4)
             sess = m._session
             sess.reset()
             logits = sess.prefill(prompt_ids[:split])
@@ -231,32 +97,6 @@ def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> 
                      "stall_ms_per_token": 1e3 * s["stall_s"] / n,
                      "hit_rate": s["hits"] / max(s["expert_requests"], 1)})
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    head = ("| cache | link | policy | tok/s | stall ms/token | stall % of ondemand | hit rate "
-            "| prefetch precision | MB/token | mean horizon | policy cost % |")
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        rel = "-" if r["stall_vs_ondemand"] is None else f"{100 * r['stall_vs_ondemand']:.1f}%"
-        prec = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.1%}"
-        lines.append(f"| {r['cache']} | {r['link']} | {r['policy']} | {r['tokens_per_s']:.1f} "
-                     f"| {r['stall_ms_per_token']:.3f} | {rel} | {r['hit_rate']:.1%} | {prec} "
-                     f"| {r['mb_per_token']:.2f} | {r['horizon_mean']:.2f} "
-                     f"| {r['policy_overhead_pct']:.2f} |")
-    return "\n".join(lines)
-
-
-def _median_rows(runs: list[list[dict]]) -> list[dict]:
-    """Per policy, the run with the median stall (repeats smooth out a shared machine)."""
-    out = []
-    for i in range(len(runs[0])):
-        group = sorted((r[i] for r in runs), key=lambda r: r["stall_ms_per_token"])
-        out.append(group[len(group) // 2])
-    base = [r["stall_ms_per_token"] for r in out if r["policy"] in ("ondemand", "lru")]
-    for r in out:
-        r["stall_vs_ondemand"] = (r["stall_ms_per_token"] / base[0]) if base and base[0] else None
-    return out
 
 
 def main(argv=None) -> int:
@@ -303,7 +143,7 @@ def main(argv=None) -> int:
         for cache in args.cache:
             runs = [compare_policies(path, args.policies, cache, link, ids, args.n_tokens,
                                      threads=args.threads) for _ in range(args.repeats)]
-            all_rows += _median_rows(runs)
+            all_rows += median_rows(runs)
     quality = []
     if args.routing_slack:
         quality = routing_quality(path, args.routing_slack, args.cache[0], links[0],

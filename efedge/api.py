@@ -33,6 +33,27 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                  "repeat_last_n", "seed")
 
 
+ROUTINGS = ("exact", "cache-aware")
+
+
+def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
+    """The slack the forward pass uses: 0 for exact routing (outputs identical to
+    llama.cpp), `slack` (a router probability, 0 < slack < 1) for cache-aware routing."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    if routing == "exact":
+        return 0.0
+    if isinstance(slack, bool) or not isinstance(slack, int | float) or not 0 < slack < 1:
+        raise ValueError(f"routing_slack must be a router probability in (0, 1), "
+                         f"got {slack!r}")
+    if cuda:
+        raise UnsupportedModelError("routing='cache-aware' is implemented for device='cpu' "
+                                    "only")
+    if cache is None:
+        log.info("routing='cache-aware' has no effect without an expert cache (cache=...)")
+    return float(slack)
+
+
 class Model:
     """A loaded GGUF model. Prefer `efedge.load(...)`; use as a context manager or call
     `close()` to release the mapping."""
@@ -43,7 +64,8 @@ class Model:
                  link: str | None = None, chat_template: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
                  transfer_workers: int = 2, vram: int | str | None = None,
-                 hybrid: str = "auto"):
+                 hybrid: str = "auto", routing: str = "exact",
+                 routing_slack: float = 0.05):
         cuda = isinstance(device, str) and (device == "cuda" or device.startswith("cuda:"))
         if device != "cpu" and not cuda:
             raise UnsupportedModelError(f"device {device!r} is not available in this build "
@@ -56,8 +78,10 @@ class Model:
             if not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads must be a positive integer, got {threads!r}")
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        slack = _routing_slack(routing, routing_slack, cache, cuda)
         self.path = Path(path) if path is not None else demo.demo_model_path()
         self.policy = policy
+        self.routing = routing
         self.link = None
         self._progress = progress or (lambda frac, msg: None)
         self._progress(0.0, f"mapping {self.path.name}")
@@ -83,6 +107,7 @@ class Model:
             else:
                 self._tf = Transformer(self._gf, self.config)
                 self._experts = self._expert_source(cache, policy, link, transfer_workers)
+                self._tf.routing_slack = slack
             self._session = Session(self._forward, self._tf.new_kv_cache(ctx), self.counters)
             self._chat_template_name = chat_template
             self._template = None

@@ -31,11 +31,45 @@ class ModelConfig:
     n_expert: int  # 0 for dense models
     n_expert_used: int
     n_ff_exp: int
-    n_ff_shexp: int
+    n_ff_shexp: int  # 0: no shared expert
+    # granite multipliers (1.0 = none); kq_scale multiplies attention scores
+    embd_scale: float = 1.0
+    residual_scale: float = 1.0
+    kq_scale: float = 0.0  # 0: 1/sqrt(head_dim)
+    logit_scale: float = 1.0  # logits are divided by it
+    # deepseek2: dense leading layers, latent attention ranks, per-head sizes after
+    # decompression (0: not MLA), routing from the metadata
+    n_dense_lead: int = 0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    k_head_dim_mla: int = 0
+    v_head_dim_mla: int = 0
+    gating: str = "softmax"  # "softmax" | "sigmoid" | "softmax_weight" (top-k, then softmax)
+    expert_weights_norm: bool = False
+    expert_weights_scale: float = 0.0  # 0: none
+    n_expert_groups: int = 0
+    n_group_used: int = 0
+    # gpt-oss: layers il with il % swa_pattern < swa_pattern - 1 see the last sliding_window
+    sliding_window: int = 0
+    swa_pattern: int = 0
 
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
+
+    @property
+    def has_shared(self) -> bool:
+        return self.n_ff_shexp > 0
+
+    def is_moe_layer(self, il: int) -> bool:
+        return self.is_moe and il >= self.n_dense_lead
+
+    def is_swa_layer(self, il: int) -> bool:
+        return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
+
+    @property
+    def attn_scale(self) -> float:
+        return self.kq_scale or 1.0 / math.sqrt(self.head_dim)
 
 
 def _int(gf: GGUFFile, key: str, default: int | None = None) -> int:
@@ -111,8 +145,13 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
                                f"({n_expert})")
     n_ff = _int(gf, k + "feed_forward_length", 0)
     n_ff_exp = _int(gf, k + "expert_feed_forward_length", n_ff) if n_expert else 0
-    n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp) \
-        if spec.shared_expert else 0
+    n_ff_shexp = 0
+    if spec.shared_expert:
+        n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
+    elif spec.shared_optional and n_expert:
+        n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", 0)
+        # deepseek2 counts shared experts of the routed experts' width instead
+        n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
     emb = gf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[0] != n_embd:
         raise ModelFormatError(f"tensor 'token_embd.weight': shape {emb.shape} does not match "
@@ -131,10 +170,58 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         rope_base=_float(gf, k + "rope.freq_base", 10000.0, minimum=1e-30), rope_dim=rope_dim,
         norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
-        n_ff_shexp=n_ff_shexp,
+        n_ff_shexp=n_ff_shexp, **_scales(gf, spec, k), **_extras(gf, spec, k, n_layer),
     )
     _validate_shapes(gf, cfg)
     return cfg
+
+
+def _scales(gf: GGUFFile, spec: ArchSpec, k: str) -> dict:
+    """Granite's multipliers; llama.cpp requires logit_scale, the others default to none."""
+    if not spec.scales:
+        return {}
+    if gf.get(k + "logit_scale") is None:
+        raise ModelFormatError(f"{gf.path}: required metadata key {k + 'logit_scale'!r} "
+                               "is missing")
+    tiny = 1e-30
+    return dict(embd_scale=_float(gf, k + "embedding_scale", 1.0) or 1.0,
+                residual_scale=_float(gf, k + "residual_scale", 1.0, 0.0) or 1.0,
+                kq_scale=_float(gf, k + "attention.scale", 0.0),
+                logit_scale=_float(gf, k + "logit_scale", 1.0, tiny))
+
+
+_GATING = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}  # llama_expert_gating_func_type
+
+
+def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
+    """deepseek2's and gpt-oss's keys (see the ModelConfig fields)."""
+    out: dict = {}
+    if spec.dense_lead:
+        out["n_dense_lead"] = _int(gf, k + "leading_dense_block_count", 0)
+        if out["n_dense_lead"] > n_layer:
+            raise ModelFormatError(f"{gf.path}: metadata key "
+                                   f"{k + 'leading_dense_block_count'!r} exceeds the layers")
+    if spec.attention == "mla":
+        out["q_lora_rank"] = _int(gf, k + "attention.q_lora_rank", 0)
+        out["kv_lora_rank"] = _positive(gf, k + "attention.kv_lora_rank")
+        out["k_head_dim_mla"] = _int(gf, k + "attention.key_length_mla", 0)
+        out["v_head_dim_mla"] = _int(gf, k + "attention.value_length_mla", 0)
+    if spec.routing == "deepseek":
+        code = _int(gf, k + "expert_gating_func", 1)
+        if code not in _GATING:
+            raise UnsupportedModelError(f"metadata key {k + 'expert_gating_func'!r}: gating "
+                                        f"function {code} is not supported")
+        out["gating"] = _GATING[code]
+        out["expert_weights_norm"] = bool(gf.get(k + "expert_weights_norm", False))
+        out["expert_weights_scale"] = _float(gf, k + "expert_weights_scale", 0.0)
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
+    elif spec.routing == "topk_softmax":
+        out["gating"] = "softmax_weight"
+    if spec.attention == "sinks":
+        out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
+        out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
+    return out
 
 
 def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
@@ -146,11 +233,14 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
     for i in range(c.n_layer):
         b = f"blk.{i}."
         _check_shape(gf, b + "attn_norm.weight", (d,))
+        _check_shape(gf, b + c.spec.ffn_norm + ".weight", (d,))
+        _validate_ffn(gf, c, i)
+        if c.spec.attention != "standard":
+            continue  # mla.py / sinks.py check their own tensors
         _check_shape(gf, b + "attn_q.weight", (d, q_out))
         _check_shape(gf, b + "attn_k.weight", (d, kv_out))
         _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
         _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
-        _check_shape(gf, b + "ffn_norm.weight", (d,))
         if c.spec.attn_bias:
             _check_shape(gf, b + "attn_q.bias", (q_out,))
             _check_shape(gf, b + "attn_k.bias", (kv_out,))
@@ -161,19 +251,28 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         elif c.spec.qk_norm == "full":
             _check_shape(gf, b + "attn_q_norm.weight", (q_out,))
             _check_shape(gf, b + "attn_k_norm.weight", (kv_out,))
-        if c.is_moe:
-            e, f = c.n_expert, c.n_ff_exp
-            _check_shape(gf, b + "ffn_gate_inp.weight", (d, e))
-            _check_shape(gf, b + "ffn_gate_exps.weight", (d, f, e))
-            _check_shape(gf, b + "ffn_up_exps.weight", (d, f, e))
-            _check_shape(gf, b + "ffn_down_exps.weight", (f, d, e))
-            if c.spec.shared_expert:
-                s = c.n_ff_shexp
+
+
+def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
+    d, b = c.n_embd, f"blk.{i}."
+    if c.is_moe_layer(i):
+        e, f = c.n_expert, c.n_ff_exp
+        _check_shape(gf, b + "ffn_gate_inp.weight", (d, e))
+        _check_shape(gf, b + "ffn_gate_exps.weight", (d, f, e))
+        _check_shape(gf, b + "ffn_up_exps.weight", (d, f, e))
+        _check_shape(gf, b + "ffn_down_exps.weight", (f, d, e))
+        if c.spec.expert_bias:
+            _check_shape(gf, b + "ffn_gate_inp.bias", (e,))
+            for p, n in (("gate", f), ("up", f), ("down", d)):
+                _check_shape(gf, b + f"ffn_{p}_exps.bias", (n, e))
+        if c.has_shared:
+            s = c.n_ff_shexp
+            if c.spec.shared_gate:
                 _check_shape(gf, b + "ffn_gate_inp_shexp.weight", (d,))
-                _check_shape(gf, b + "ffn_gate_shexp.weight", (d, s))
-                _check_shape(gf, b + "ffn_up_shexp.weight", (d, s))
-                _check_shape(gf, b + "ffn_down_shexp.weight", (s, d))
-        else:
-            _check_shape(gf, b + "ffn_gate.weight", (d, c.n_ff))
-            _check_shape(gf, b + "ffn_up.weight", (d, c.n_ff))
-            _check_shape(gf, b + "ffn_down.weight", (c.n_ff, d))
+            _check_shape(gf, b + "ffn_gate_shexp.weight", (d, s))
+            _check_shape(gf, b + "ffn_up_shexp.weight", (d, s))
+            _check_shape(gf, b + "ffn_down_shexp.weight", (s, d))
+    else:
+        _check_shape(gf, b + "ffn_gate.weight", (d, c.n_ff))
+        _check_shape(gf, b + "ffn_up.weight", (d, c.n_ff))
+        _check_shape(gf, b + "ffn_down.weight", (c.n_ff, d))

@@ -38,9 +38,11 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> n
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int,
+              scale: float | None = None) -> np.ndarray:
     """Causal attention. q [T, H, d] at positions pos..pos+T; k, v [S, Hkv, d] with
-    S = pos + T (float16 from the KV cache). Returns [T, H·dv].
+    S = pos + T (float16 from the KV cache). Returns [T, H·dv]. scale: of the scores
+    (default 1/√d).
 
     q is rounded to float16 as ggml does before its F16 K·Q product, so scores carry the
     same rounding as llama.cpp's."""
@@ -50,7 +52,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarr
     t, h, d = q.shape
     s, hkv, dv = v.shape
     group = h // hkv
-    scale = np.float32(1.0 / np.sqrt(d))
+    scale = np.float32(1.0 / np.sqrt(d) if scale is None else scale)
     # [Hkv, group, T, d] @ [Hkv, d, S] → [Hkv, group, T, S]
     qg = q.reshape(t, hkv, group, d).transpose(1, 2, 0, 3)
     scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None]) * scale
@@ -83,4 +85,44 @@ def route(router_logits: np.ndarray, k: int, renormalise: bool) -> tuple[np.ndar
     w = np.take_along_axis(probs, ids, axis=-1)
     if renormalise:
         w = w / w.sum(axis=-1, keepdims=True)
+    return ids, w.astype(np.float32), probs
+
+
+def route_ext(logits: np.ndarray, k: int, gating: str, sel_bias: np.ndarray | None = None,
+              n_groups: int = 0, n_group_used: int = 0, norm: bool = False,
+              scale: float = 0.0) -> tuple[np.ndarray, ...]:
+    """llama.cpp's general MoE routing (build_moe_ffn), for deepseek2 and gpt-oss.
+
+    gating: "softmax" / "sigmoid" turn logits [T, E] into probs; "softmax_weight" keeps
+    the logits and takes the softmax of the k selected ones. sel_bias (DeepSeek-V3) is
+    added for the selection only; with n_groups > 1 only the n_group_used groups whose two
+    best scores sum highest compete. norm renormalises the k weights to sum 1 (the sum
+    clamped at 2^-14 as llama.cpp does), scale (if not 0) multiplies them. Returns (ids,
+    weights, probs) as route() does; ties break towards the lower id."""
+    x = logits.astype(np.float32)
+    if gating == "softmax":
+        probs = softmax(x)
+    elif gating == "sigmoid":
+        probs = (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32)
+    else:
+        probs = x
+    sel = probs + sel_bias if sel_bias is not None else probs
+    t, e = sel.shape
+    if n_groups > 1:
+        g = sel.reshape(t, n_groups, e // n_groups)
+        best2 = np.sort(g, axis=-1)[..., -2:]
+        score = best2[..., 1] + best2[..., 0]
+        keep = np.argsort(-score, axis=-1, kind="stable")[:, :n_group_used]
+        masked = np.full_like(g, -np.inf)
+        rows = np.arange(t)[:, None]
+        masked[rows, keep] = g[rows, keep]
+        sel = masked.reshape(t, e)
+    ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    w = np.take_along_axis(probs, ids, axis=-1)
+    if gating == "softmax_weight":
+        w = softmax(w)
+    if norm:
+        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+    if scale:
+        w = w * np.float32(scale)
     return ids, w.astype(np.float32), probs

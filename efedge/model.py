@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from efedge import kernels, layers
 from efedge.config import ModelConfig
+from efedge.experts.scheduler import cache_aware_reroute
 from efedge.experts.store import ExpertStore, ExpertWeights, ResidentExperts
 from efedge.gguf_file import GGUFFile
 from efedge.kernels import decode as dk
@@ -101,11 +103,45 @@ class Block:
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, il: int):
         b, spec = f"blk.{il}.", cfg.spec
         self.attn_norm = _vector(gf, b + "attn_norm.weight")
+        self.ffn_norm = _vector(gf, b + spec.ffn_norm + ".weight")
+        # attention the fused kernels do not cover (deepseek2's MLA, gpt-oss's sinks):
+        # an object called as custom_attn(transformer, il, hn, pos, kv) → [T, D]
+        self.custom_attn = None
+        if spec.attention == "mla":
+            from efedge.mla import MLAAttention
+
+            self.custom_attn = MLAAttention(gf, cfg, il)
+        elif spec.attention == "sinks":
+            from efedge.oss import SinkAttention
+
+            self.custom_attn = SinkAttention(gf, cfg, il)
+        else:
+            self._standard_attention(gf, cfg, b)
+        self.moe = cfg.is_moe_layer(il)  # False for dense models and leading dense layers
+        self.shared = None
+        self.exp_bias = None  # gpt-oss: (gate [E, F], up [E, F], down [E, D]) biases
+        self.router_bias = None
+        if self.moe:
+            self._moe_ffn(gf, cfg, b)
+        else:
+            self.ffn_gate = _qmatrix(gf, b + "ffn_gate.weight")
+            self.ffn_up = _qmatrix(gf, b + "ffn_up.weight")
+            self.ffn_down = _qmatrix(gf, b + "ffn_down.weight")
+            m = (self.ffn_gate, self.ffn_up, self.ffn_down)
+            self.dense = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
+            if cfg.is_moe:  # a leading dense layer: a router of zeros stands in for the
+                # expert runtime's per-layer router lists; it is never asked to route
+                z = np.zeros((cfg.n_expert, 4 * cfg.n_embd), np.uint8)
+                self.ffn_gate_inp = QMatrix(z, int(GGMLQuantizationType.F32), "(dense layer)")
+        if self.custom_attn is None:
+            self._decode_args(cfg)
+
+    def _standard_attention(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
+        spec = cfg.spec
         self.attn_q = _qmatrix(gf, b + "attn_q.weight")
         self.attn_k = _qmatrix(gf, b + "attn_k.weight")
         self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
-        self.ffn_norm = _vector(gf, b + "ffn_norm.weight")
         self.bias = None
         if spec.attn_bias:
             self.bias = tuple(_vector(gf, b + f"attn_{p}.bias") for p in "qkv")
@@ -113,32 +149,39 @@ class Block:
         if spec.qk_norm != "none":
             self.q_norm = _vector(gf, b + "attn_q_norm.weight")
             self.k_norm = _vector(gf, b + "attn_k_norm.weight")
-        self.shared = None
-        if cfg.is_moe:
-            self.ffn_gate_inp = _qmatrix(gf, b + "ffn_gate_inp.weight")
-            parts = [f"{b}ffn_{p}_exps.weight" for p in ("gate", "up", "down")]
-            for name in parts:
-                kernels.check_qtype(gf.tensor(name).qtype, f"tensor {name}")
-            self.experts = _FFN(*(gf.raw(n) for n in parts),
-                                tuple(gf.tensor(n).qtype for n in parts))
-            if spec.shared_expert:
+
+    def _moe_ffn(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
+        spec = cfg.spec
+        self.ffn_gate_inp = _qmatrix(gf, b + "ffn_gate_inp.weight")
+        parts = [f"{b}ffn_{p}_exps.weight" for p in ("gate", "up", "down")]
+        for name in parts:
+            kernels.check_qtype(gf.tensor(name).qtype, f"tensor {name}")
+        self.experts = _FFN(*(gf.raw(n) for n in parts),
+                            tuple(gf.tensor(n).qtype for n in parts))
+        if spec.expert_bias:  # small: resident beside the router, never cache traffic
+            self.router_bias = _vector(gf, b + "ffn_gate_inp.bias")
+            self.exp_bias = tuple(
+                _vector(gf, f"{b}ffn_{p}_exps.bias").reshape(cfg.n_expert, -1)
+                for p in ("gate", "up", "down"))
+        self.exp_probs_b = None  # DeepSeek-V3's selection bias
+        if b + "exp_probs_b.bias" in gf.tensors:
+            self.exp_probs_b = _vector(gf, b + "exp_probs_b.bias")
+        if cfg.has_shared:
+            self.ffn_gate_inp_shexp = None  # ungated (granitemoe, deepseek2)
+            if spec.shared_gate:
                 self.ffn_gate_inp_shexp = _vector(gf, b + "ffn_gate_inp_shexp.weight")
-                self.ffn_gate_shexp = _qmatrix(gf, b + "ffn_gate_shexp.weight")
-                self.ffn_up_shexp = _qmatrix(gf, b + "ffn_up_shexp.weight")
-                self.ffn_down_shexp = _qmatrix(gf, b + "ffn_down_shexp.weight")
-                m = (self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp)
-                self.shared = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
-        else:
-            self.ffn_gate = _qmatrix(gf, b + "ffn_gate.weight")
-            self.ffn_up = _qmatrix(gf, b + "ffn_up.weight")
-            self.ffn_down = _qmatrix(gf, b + "ffn_down.weight")
-            m = (self.ffn_gate, self.ffn_up, self.ffn_down)
-            self.dense = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
-        # decode_attn's per-layer arguments, built once
+            self.ffn_gate_shexp = _qmatrix(gf, b + "ffn_gate_shexp.weight")
+            self.ffn_up_shexp = _qmatrix(gf, b + "ffn_up_shexp.weight")
+            self.ffn_down_shexp = _qmatrix(gf, b + "ffn_down_shexp.weight")
+            m = (self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp)
+            self.shared = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
+
+    def _decode_args(self, cfg: ModelConfig) -> None:
+        """decode_attn's per-layer arguments, built once."""
         mats = [self.attn_q, self.attn_k, self.attn_v, self.attn_output]
-        if cfg.is_moe:
+        if self.moe:
             mats.append(self.ffn_gate_inp)
-        router = self.ffn_gate_inp.raw if cfg.is_moe else _EMPTY_RAW
+        router = self.ffn_gate_inp.raw if self.moe else _EMPTY_RAW
         qt = np.array([m.qtype for m in mats] + [0] * (5 - len(mats)), np.int64)
         sc = np.array([m.scheme for m in mats] + [0] * (5 - len(mats)), np.int64)
         bq, bk, bv = self.bias if self.bias is not None else (_EMPTY, _EMPTY, _EMPTY)
@@ -146,7 +189,7 @@ class Block:
         self.decode_args = (self.attn_norm, self.ffn_norm, np.float32(cfg.norm_eps),
                             self.attn_q.raw, self.attn_k.raw, self.attn_v.raw,
                             self.attn_output.raw, router, qt, sc, bq, bk, bv, qn, kn,
-                            _QK_MODE[spec.qk_norm])
+                            _QK_MODE[cfg.spec.qk_norm])
 
 
 def swiglu(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix) -> np.ndarray:
@@ -190,6 +233,24 @@ def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     return kernels.qmatmul(w.down, w.down_qtype, a)
 
 
+def _ffn_sum(x: np.ndarray, y: np.ndarray, n: int, scale: np.float32, out: np.ndarray) -> None:
+    """out = x + the n slots of y summed in order (times granite's residual_scale)."""
+    if scale == 1:
+        dk.ffn_sum(x, y, n, out)
+    else:
+        dk.ffn_sum_scaled(x, y, n, scale, out)
+
+
+def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
+    """Routed expert e of this layer on its tokens x [t, D] (with gpt-oss's biases and
+    clamped SwiGLU where the layer has them)."""
+    if blk.exp_bias is None:
+        return expert_ffn(x, w)
+    from efedge.oss import oai_expert_ffn
+
+    return oai_expert_ffn(x, w, *(b[e] for b in blk.exp_bias))
+
+
 class _StandInExperts:
     """An expert source of zero-filled experts with the real shapes and quant types
     (read-only, like the mapping and the cache slots), for the warm-up."""
@@ -230,6 +291,10 @@ class Transformer:
         # Hook for the expert runtime: called with (layer, normalised hidden [T, D], ids)
         # before the layer's experts are requested, so a predictor can look ahead.
         self.on_route = None
+        # Cache-aware routing (opt-in, changes outputs): a selected expert that is not
+        # resident is swapped for a resident one whose router probability is within this
+        # much of it. 0 = exact routing, identical to llama.cpp.
+        self.routing_slack = 0.0
         self._rope: tuple[np.ndarray, np.ndarray] | None = None  # cos / sin by position
         self.warmup_s = self.warmup()
 
@@ -248,7 +313,8 @@ class Transformer:
             self.forward([0, 0], 0, kv, experts, all_logits=False)
             self.forward([0], 2, kv, experts)
             if self.store is not None:  # the all-experts decode kernel (resident experts)
-                f = _FFN(*experts.parts(0), self.store.qtypes(0))
+                il = self.store.moe_layers[0]
+                f = _FFN(*experts.parts(il), self.store.qtypes(il))
                 d = self.cfg.n_embd
                 dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
                               f.gate, f.up, f.down, f.qt, f.sc,
@@ -264,7 +330,18 @@ class Transformer:
     # -- pieces -------------------------------------------------------------------------
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(self.token_embd.raw[tokens])
-        return kernels.dequantize(rows, self.token_embd.qtype).astype(np.float32)
+        x = kernels.dequantize(rows, self.token_embd.qtype).astype(np.float32)
+        if self.cfg.embd_scale != 1.0:  # granite
+            x *= np.float32(self.cfg.embd_scale)
+        return x
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """The output head on the last hidden states x [T, D] (granite divides by
+        logit_scale)."""
+        out = self.output(self._norm(np.ascontiguousarray(x), self.output_norm))
+        if self.cfg.logit_scale != 1.0:
+            out *= np.float32(1.0 / self.cfg.logit_scale)
+        return out
 
     def _rope_rows(self, pos: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         """cos / sin [t, rope_dim/2] of positions pos..pos+t, from a table grown in
@@ -276,6 +353,8 @@ class Transformer:
         return self._rope[0][pos:pos + t], self._rope[1][pos:pos + t]
 
     def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache) -> np.ndarray:
+        if blk.custom_attn is not None:  # deepseek2 MLA, gpt-oss sinks
+            return blk.custom_attn(self, il, h, pos, kv)
         c = self.cfg
         t = h.shape[0]
         acts: dict = {}
@@ -291,31 +370,49 @@ class Transformer:
         if c.v_head_dim % 32 == 0:
             att = np.empty((t, c.n_head * c.v_head_dim), np.float32)
             pk.prefill_attend(qh, kc, vc, pos, c.n_head_kv, c.v_head_dim,
-                              np.float32(1.0 / np.sqrt(c.head_dim)), att)
+                              np.float32(c.attn_scale), att)
         else:  # value heads the vector kernels do not cover: the numpy reference
             keys, values = kv.view(il, pos + t)
-            att = layers.attention(qh, keys, values, pos)
+            att = layers.attention(qh, keys, values, pos, scale=c.attn_scale)
         return blk.attn_output(att)
 
     def _moe(self, blk: Block, il: int, h: np.ndarray, experts) -> np.ndarray:
         # T tokens, E experts, K active, D width
         c = self.cfg
         t = h.shape[0]
-        ids, w, _ = layers.route(blk.ffn_gate_inp(h), c.n_expert_used, c.spec.norm_topk)
-        if self.on_route is not None:
+        ids, w, probs = self._route(blk, h)
+        if self.routing_slack > 0 and c.spec.routing == "softmax":
+            ids, w = cache_aware_reroute(experts, il, ids, w, probs, self.routing_slack,
+                                         c.spec.norm_topk)
+        if self.on_route is not None:  # the experts this layer will really use
             self.on_route(il, h, ids)
         slots = np.zeros((t, c.n_expert_used, c.n_embd), dtype=np.float32)  # [T, K, D]
         for e, ew in experts.acquire(il, np.unique(ids)):
             tok, kk = np.nonzero(ids == e)
-            slots[tok, kk] = expert_ffn(np.ascontiguousarray(h[tok]), ew) * w[tok, kk, None]
+            slots[tok, kk] = _expert(blk, e, np.ascontiguousarray(h[tok]), ew) * w[tok, kk, None]
         out = slots[:, 0].copy()
         for kk in range(1, c.n_expert_used):  # fixed summation order → bitwise stable
             out += slots[:, kk]
-        if c.spec.shared_expert:
+        if blk.shared is not None:
             shared = swiglu(h, blk.ffn_gate_shexp, blk.ffn_up_shexp, blk.ffn_down_shexp)
-            scale = 1.0 / (1.0 + np.exp(-(h @ blk.ffn_gate_inp_shexp)))
-            out += shared * scale[:, None].astype(np.float32)
+            if blk.ffn_gate_inp_shexp is None:  # ungated
+                out += shared
+            else:
+                scale = 1.0 / (1.0 + np.exp(-(h @ blk.ffn_gate_inp_shexp)))
+                out += shared * scale[:, None].astype(np.float32)
         return out
+
+    def _route(self, blk: Block, h: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(ids [T, K], weights [T, K], probs [T, E]) of a MoE layer's router."""
+        c = self.cfg
+        logits = blk.ffn_gate_inp(h)
+        if c.spec.routing == "softmax":
+            return layers.route(logits, c.n_expert_used, c.spec.norm_topk)
+        if blk.router_bias is not None:
+            logits = logits + blk.router_bias
+        return layers.route_ext(logits, c.n_expert_used, c.gating, blk.exp_probs_b,
+                                c.n_expert_groups, c.n_group_used, c.expert_weights_norm,
+                                c.expert_weights_scale)
 
     def _norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty_like(x)
@@ -328,7 +425,9 @@ class Transformer:
         cos, sin = self._rope_rows(pos, 1)
         kc_all, vc_all = kv.k.view(np.uint16), kv.v.view(np.uint16)
         geom = (cos[0], sin[0], c.spec.rope_style == "neox", c.n_head, c.n_head_kv,
-                c.head_dim, c.v_head_dim, np.float32(1.0 / np.sqrt(c.head_dim)))
+                c.head_dim, c.v_head_dim, np.float32(c.attn_scale),
+                np.float32(c.residual_scale))
+        rs = np.float32(c.residual_scale)
         k_used = c.n_expert_used if c.is_moe else 1
         x = self.embed(np.array([token]))[0]
         x2 = np.empty_like(x)
@@ -347,8 +446,14 @@ class Transformer:
             if not c.is_moe:
                 f = blk.dense
                 dk.decode_ffn(h, _ONE_ID, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
-                dk.ffn_sum(x2, y, 1, x)
+                _ffn_sum(x2, y, 1, rs, x)
                 continue
+            if self.routing_slack > 0 and not resident:
+                _, _, probs = layers.route(blk.ffn_gate_inp(h[None]), k_used,
+                                           c.spec.norm_topk)
+                new, nw = cache_aware_reroute(experts, il, ids[None], w[None], probs,
+                                              self.routing_slack, c.spec.norm_topk)
+                ids, w = new[0].astype(np.int32), nw[0].astype(np.float32)
             if self.on_route is not None:
                 self.on_route(il, h[None], ids[None])
             n = k_used
@@ -364,13 +469,15 @@ class Transformer:
                     _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
                 if blk.shared is not None:
                     f = blk.shared
-                    scale = 1.0 / (1.0 + np.exp(-(h[None] @ blk.ffn_gate_inp_shexp)))
+                    scale = np.ones(1, np.float32)  # ungated (granitemoe, deepseek2)
+                    if blk.ffn_gate_inp_shexp is not None:
+                        scale = 1.0 / (1.0 + np.exp(-(h[None] @ blk.ffn_gate_inp_shexp)))
                     dk.decode_ffn(h, _ONE_ID, scale.astype(np.float32), f.gate, f.up, f.down,
                                   f.qt, f.sc, y[n:n + 1], nt)
                     n += 1
-            dk.ffn_sum(x2, y, n, x)
+            _ffn_sum(x2, y, n, rs, x)
         kv.n_past = pos + 1
-        return self.output(self._norm(x[None], self.output_norm))
+        return self._logits(x[None])
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, tokens, pos: int, kv: KVCache, experts=None,
@@ -386,17 +493,20 @@ class Transformer:
             bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
         kv.check_room(pos, t)
-        if t == 1:
+        if t == 1 and c.spec.fused_decode:
             return self._decode(int(tokens[0]), pos, kv, experts)
         x = self.embed(tokens)
+        rs = np.float32(c.residual_scale)  # granite; 1 elsewhere
         for il, blk in enumerate(self.blocks):
-            x = x + self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
+            a = self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
+            x = x + (a * rs if rs != 1 else a)
             h = self._norm(x, blk.ffn_norm)
-            if c.is_moe:
-                x = x + self._moe(blk, il, h, experts)
+            if blk.moe:
+                f = self._moe(blk, il, h, experts)
             else:
-                x = x + swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
+                f = swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
+            x = x + (f * rs if rs != 1 else f)
         kv.n_past = pos + t
         if not all_logits:
             x = x[-1:]
-        return self.output(self._norm(np.ascontiguousarray(x), self.output_norm))
+        return self._logits(x)

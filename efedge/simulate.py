@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from efedge.experts.bound import min_loads, stall_bound
 from efedge.experts.cache import ExpertCache, parse_budget
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
@@ -142,3 +143,27 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
              cache_bytes=int(cache.nbytes * 1), cache_slots=int(cache.n_slots),
              bandwidth_gbps=setup.link_bytes_per_s / 1e9, setup=setup.label, policy=policy)
     return s
+
+
+def lower_bound(arrays: dict, meta: dict, setup: SimSetup, *, warmup: int = 16,
+                max_tokens: int | None = None) -> dict:
+    """What no policy can beat on this trace and setup (efedge/experts/bound.py): the hit
+    rate of Belady's MIN and the stall its loads force, per token, scaled like
+    `simulate`'s figures."""
+    experts = arrays["experts"].astype(np.int64)
+    T, L, K = experts.shape
+    if max_tokens is not None:
+        T = min(T, warmup + max_tokens)
+    experts = experts[:T]
+    n_expert = int(meta["n_expert"])
+    store = TraceStore(L, n_expert, setup.bytes_per_expert)
+    cache = ExpertCache(store, parse_budget(setup.budget, store.total_bytes()), K,
+                        allocate=False)
+    loads = min_loads(experts, cache.layer_class, cache.class_slots, n_expert, warmup)
+    n = max(T - warmup, 1)
+    unique = sum(np.unique(experts[t, l]).size for t in range(warmup, T) for l in range(L))
+    compute = n * L * setup.layer_compute_s + unique * setup.expert_compute_s
+    stall = stall_bound(loads, [store.expert_bytes(i) for i in range(L)],
+                        setup.link_bytes_per_s, setup.link_latency_s, cache.n_slots, compute)
+    return {"min_hit_rate": 1.0 - float(loads.sum()) / max(unique, 1),
+            "stall_bound_ms_per_token": 1e3 * stall * setup.layer_scale / n}

@@ -32,7 +32,10 @@ class TraceRecorder:
     def __init__(self, tf, horizon: int = PREGATE_HORIZON, sketch_dim: int = 0, seed: int = 0):
         self.tf = tf
         c = tf.cfg
-        self.n_layer, self.n_expert, self.k = c.n_layer, c.n_expert, c.n_expert_used
+        # traced layers are the MoE layers (deepseek2's leading dense layers route nothing)
+        self.moe_layers = [il for il, b in enumerate(tf.blocks) if b.moe]
+        self._index = {il: i for i, il in enumerate(self.moe_layers)}
+        self.n_layer, self.n_expert, self.k = len(self.moe_layers), c.n_expert, c.n_expert_used
         self.horizon = horizon
         self.rows: list[dict] = []  # per forward call: layer → arrays
         self._cur: dict[int, tuple] = {}
@@ -43,18 +46,24 @@ class TraceRecorder:
                          np.sqrt(sketch_dim)).astype(np.float32)
 
     def __call__(self, layer: int, h: np.ndarray, ids: np.ndarray) -> None:
-        blk = self.tf.blocks[layer]
-        probs = layers.softmax(blk.ffn_gate_inp(h))
+        blk, c = self.tf.blocks[layer], self.tf.cfg
+        if c.spec.routing == "softmax":
+            probs = layers.softmax(blk.ffn_gate_inp(h))
+        else:  # the arch's own gating scores (sigmoid, or softmax of the raw logits)
+            probs = self.tf._route(blk, h)[2]
+            if c.gating == "softmax_weight":
+                probs = layers.softmax(probs)
         w = np.take_along_axis(probs, ids, axis=-1)
-        if self.tf.cfg.spec.norm_topk:
+        if c.spec.norm_topk or c.expert_weights_norm:
             w = w / w.sum(axis=-1, keepdims=True)
+        li = self._index[layer]
         pre = np.full((h.shape[0], self.horizon, self.n_expert), np.nan, dtype=np.float32)
         for d in range(1, self.horizon + 1):
-            if layer + d < self.n_layer:
-                pre[:, d - 1] = self.tf.blocks[layer + d].ffn_gate_inp(h)
+            if li + d < self.n_layer:
+                pre[:, d - 1] = self.tf.blocks[self.moe_layers[li + d]].ffn_gate_inp(h)
         sketch = h @ self.proj if self.proj is not None else None
-        self._cur[layer] = (ids.copy(), w, pre, sketch)
-        if layer == self.n_layer - 1:
+        self._cur[li] = (ids.copy(), w, pre, sketch)
+        if li == self.n_layer - 1:
             self.rows.append(self._cur)
             self._cur = {}
 
@@ -101,9 +110,9 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
     arrays = rec.arrays()
     store = tf.store
     meta = {
-        "model": str(model.path.name), "arch": tf.cfg.arch, "n_layer": tf.cfg.n_layer,
+        "model": str(model.path.name), "arch": tf.cfg.arch, "n_layer": rec.n_layer,
         "n_expert": tf.cfg.n_expert, "top_k": tf.cfg.n_expert_used, "n_embd": tf.cfg.n_embd,
-        "bytes_per_expert": [store.expert_bytes(i) for i in range(store.n_layer)],
+        "bytes_per_expert": [store.expert_bytes(i) for i in rec.moe_layers],
         "horizon": horizon, "n_tokens": int(arrays["experts"].shape[0]),
     }
     arrays["tokens"] = np.asarray(ids, dtype=np.int32)

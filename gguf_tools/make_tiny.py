@@ -44,7 +44,26 @@ ARCHS: dict[str, dict] = {
     "qwen3":    dict(gguf_arch="qwen3", moe=False, bias=False, qk_norm="head", shared=False),
     "qwen3moe": dict(gguf_arch="qwen3moe", moe=True, bias=False, qk_norm="head", shared=False),
     "olmoe":    dict(gguf_arch="olmoe", moe=True, bias=False, qk_norm="full", shared=False),
+    # granite multipliers (GRANITE_SCALES); the -shared variant has an ungated shared expert
+    "granitemoe": dict(gguf_arch="granitemoe", moe=True, bias=False, qk_norm=None,
+                       shared=False),
+    "granitemoeshared": dict(gguf_arch="granitemoe", moe=True, bias=False, qk_norm=None,
+                             shared=True, shared_gate=False),
 }
+# Layouts written by gguf_tools.tiny_archs ("plan"): deepseek2 as DeepSeek-V2 (softmax
+# routing; with a q lora: llama.cpp 0.3.36 takes the lora-less V2-Lite form only at 26 or
+# 27 layers), -v3 as DeepSeek-V3 (sigmoid routing with a selection bias and expert
+# groups, weights renormalised), -legacy with the unsplit attn_kv_b of older conversions.
+for _name, _kw in (("deepseek2", dict(q_lora=True, mla=True, v3=False)),
+                   ("deepseek2-v3", dict(q_lora=True, mla=True, v3=True)),
+                   ("deepseek2-legacy", dict(q_lora=True, mla=False, v3=False))):
+    ARCHS[_name] = dict(gguf_arch="deepseek2", moe=True, bias=False, qk_norm=None,
+                        shared=True, plan="deepseek2", **_kw)
+ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, shared=False,
+                       plan="gptoss")
+# embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
+# of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
+GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
 
 # head_dim None = n_embd // n_head. Sizes are multiples of 256 so K-quants apply everywhere.
 PRESETS: dict[str, dict] = {
@@ -120,6 +139,10 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
 def tensor_plan(cfg: dict, n_vocab: int) -> list[TensorSpec]:
     """Every tensor of the model, in file order."""
     a = ARCHS[cfg["arch"]]
+    if "plan" in a:
+        from gguf_tools import tiny_archs
+
+        return getattr(tiny_archs, a["plan"] + "_plan")(cfg, n_vocab, a)
     d, hd = cfg["n_embd"], cfg["head_dim"]
     q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
     T = TensorSpec
@@ -153,8 +176,9 @@ def tensor_plan(cfg: dict, n_vocab: int) -> list[TensorSpec]:
             ]
             if a["shared"]:
                 s = cfg["n_ff_shexp"]
+                if a.get("shared_gate", True):
+                    out.append(T(b + "ffn_gate_inp_shexp.weight", (d,), "proj", keep_f32=True))
                 out += [
-                    T(b + "ffn_gate_inp_shexp.weight", (d,), "proj", keep_f32=True),
                     T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
                     T(b + "ffn_up_shexp.weight", (d, s), "proj"),
                     T(b + "ffn_down_shexp.weight", (s, d), "proj"),
@@ -200,6 +224,14 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int
     w.add_context_length(cfg["n_ctx"])
     w.add_embedding_length(cfg["n_embd"])
     w.add_block_count(cfg["n_layer"])
+    if "plan" in a:
+        from gguf_tools import tiny_archs
+
+        w.add_rope_freq_base(float(cfg["rope_base"]))
+        w.add_layer_norm_rms_eps(float(cfg["norm_eps"]))
+        getattr(tiny_archs, a["plan"] + "_metadata")(w, cfg, a)
+        return add_vocab(w, kind=cfg["vocab_kind"], n_vocab=cfg["n_vocab"],
+                         pre=cfg["vocab_pre"])
     w.add_head_count(cfg["n_head"])
     w.add_head_count_kv(cfg["n_head_kv"])
     hd = cfg["head_dim"]
@@ -221,6 +253,12 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int
             w.add_feed_forward_length(cfg["n_ff_exp"])
         if a["shared"]:
             w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
+        if arch == "granitemoe":
+            emb, res, att, logit = GRANITE_SCALES
+            w.add_embedding_scale(emb)
+            w.add_residual_scale(res)
+            w.add_attention_scale(att)
+            w.add_logit_scale(logit)
     else:
         w.add_feed_forward_length(cfg["n_ff"])
     return add_vocab(w, kind=cfg["vocab_kind"], n_vocab=cfg["n_vocab"], pre=cfg["vocab_pre"])
@@ -254,7 +292,8 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
                preset: str = "test", seed: int = 0, nthread: int = 2, **overrides) -> Path:
     """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
 
-    ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe. ``quant``: F32 and
+    ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe, granitemoe,
+    granitemoeshared. ``quant``: F32 and
     F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
     quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
     (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,

@@ -78,3 +78,30 @@ def test_vs_llama_cpp(tiny_gguf, capsys):
     out = _run(capsys, tiny_gguf("qwen3moe", "Q4_K_M"), "-p", 8, "-n", 0, "-r", 1,
                "--vs-llama-cpp")
     assert "| llama.cpp" in out and "efedge / llama.cpp" in out
+
+
+def test_policies_table_side_by_side(tiny_gguf, capsys):
+    """`bench --policies`: one row per policy and budget on the same held-out tokens; the
+    prefetching policy issues prefetches, the on-demand baseline is its own 100%."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    out = _run(capsys, path, "--policies", "ondemand,expertflow", "--cache", "30%,60%",
+               "--link", "500MB/s", "-p", 8, "-n", 12, "--json")
+    doc = json.loads(out)
+    rows = doc["rows"]
+    assert [(r["cache"], r["policy"]) for r in rows] == [
+        ("30%", "ondemand"), ("30%", "expertflow"), ("60%", "ondemand"), ("60%", "expertflow")]
+    for r in rows:
+        assert r["link"] == "500MB/s" and 0 <= r["hit_rate"] <= 1 and r["tokens_per_s"] > 0
+        if r["policy"] == "ondemand":
+            assert r["prefetch_precision"] is None and r["horizon_mean"] == 0
+            assert r["stall_vs_ondemand"] in (None, 1.0)
+        else:
+            assert r["horizon_mean"] > 0
+    table = _run(capsys, path, "--policies", "ondemand,next-layer", "--cache", "30%",
+                 "--link", "500MB/s", "-p", 8, "-n", 6)
+    assert "| 30% | 500MB/s | next-layer |" in table and "stall % of ondemand" in table
+
+
+def test_policies_rejects_unknown_names(tiny_gguf, capsys):
+    assert main(["bench", str(tiny_gguf("qwen3moe")), "--policies", "ondemand,nope"]) != 0
+    assert "unknown cache policy 'nope'" in capsys.readouterr().err

@@ -422,3 +422,39 @@ def test_prefill_attention_matches_numpy_reference():
     # value differs in the last bit may round the other way
     err = np.abs(out - ref)
     assert err.max() <= 1e-3 * np.abs(ref).max() and err.mean() <= 1e-5 * np.abs(ref).max()
+
+
+def test_every_kernel_states_its_fastmath_flags():
+    """numba gives a callee that leaves fastmath unset its first caller's flags and caches
+    that build: a helper first reached from a FAST kernel computed with reassociation
+    everywhere after (order-dependent results). Every kernel must say."""
+    import re
+    from pathlib import Path
+
+    import efedge
+
+    root = Path(efedge.__file__).parent
+    loose = [f"{f.relative_to(root)}: {d}" for f in root.rglob("*.py")
+             for d in re.findall(r"@(?:numba\.)?n?jit\b(?:\([^)]*\))?", f.read_text())
+             if "fastmath" not in d]
+    assert not loose, loose
+
+
+def test_exp_is_exact_after_a_fast_caller():
+    """exp_f32 reached first from a fastmath caller keeps its own (strict) arithmetic."""
+    from numba import njit
+
+    from efedge.kernels._fp import FAST
+    from efedge.kernels.nn import exp_f32
+
+    @njit(fastmath=FAST)
+    def fast_caller(x, o):
+        for i in range(x.shape[0]):
+            o[i] = exp_f32(x[i])
+
+    x = np.linspace(-87, 88.7, 4001).astype(np.float32)
+    o = np.empty_like(x)
+    fast_caller(x, o)
+    ref64 = np.exp(x.astype(np.float64))
+    assert np.isfinite(o).all()
+    assert (np.abs(o - ref64) / np.spacing(ref64.astype(np.float32))).max() < 1.5

@@ -295,3 +295,41 @@ def test_horizon_follows_a_link_change(tiny_gguf):
         slow = m.stats()["horizon_mean"]
         assert m._experts.policy.controller.h_need >= 4
     assert slow > fast + 1.0, (fast, slow)
+
+
+def test_cache_aware_routing_end_to_end(tiny_gguf):
+    """routing="cache-aware" through the API, on both forward paths (batched prefill and
+    the fused single-token decode): substitutions are counted, the hit rate rises, and the
+    experts really computed are the rerouted ones (so the logits differ from exact)."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = _ids(16)
+    runs = {}
+    for routing in ("exact", "cache-aware"):
+        with efedge.load(path, cache="30%", policy="ondemand", routing=routing,
+                         routing_slack=0.5) as m:
+            sess = m._session
+            sess.prefill(ids[:4])  # fills the cache
+            m.reset_stats()
+            sess.prefill(ids[:8])  # prefix reuse: a 4-token batch against a warm cache
+            prefill_subs = m.stats()["substitutions"]
+            logits = [sess.decode(t) for t in ids[8:]]
+            s = m.stats()
+            runs[routing] = (prefill_subs, s, np.concatenate(logits))
+    _, exact, exact_logits = runs["exact"]
+    prefill_subs, aware, aware_logits = runs["cache-aware"]
+    assert exact["substitutions"] == 0
+    assert prefill_subs > 0 and aware["substitutions"] > prefill_subs  # both paths reroute
+    assert aware["hits"] / aware["expert_requests"] > exact["hits"] / exact["expert_requests"]
+    assert not np.array_equal(aware_logits, exact_logits)
+
+
+def test_cache_aware_routing_rejects_bad_settings(tiny_gguf):
+    path = tiny_gguf("qwen3moe")
+    for kw in (dict(routing="nearest"), dict(routing="cache-aware", routing_slack=0),
+               dict(routing="cache-aware", routing_slack=1.5),
+               dict(routing="cache-aware", routing_slack="0.1")):
+        with pytest.raises(ValueError, match="routing"):
+            efedge.load(path, cache="50%", **kw)
+    # exact routing ignores the slack; cache-aware without a cache computes exactly
+    with efedge.load(path) as ref, efedge.load(path, routing="cache-aware") as m:
+        assert np.array_equal(m.logits(_ids(8)), ref.logits(_ids(8)))

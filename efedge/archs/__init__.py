@@ -24,6 +24,27 @@ class ArchSpec:
     norm_topk: bool = True  # renormalise the top-k routing weights to sum 1
     # Dense archs whose metadata can still declare experts (llama → Mixtral-style)
     moe_optional: bool = False
+    # the shared expert's output is scaled by sigmoid(ffn_gate_inp_shexp · x) (qwen2moe);
+    # False: added as it is (granitemoe, deepseek2)
+    shared_gate: bool = True
+    # a shared expert exists when "{arch}.expert_shared_feed_forward_length" is set
+    shared_optional: bool = False
+    # granite multipliers: embedding_scale, residual_scale, attention.scale, logit_scale
+    scales: bool = False
+    # the fused one-token kernels (kernels.decode) fit this arch; False: decode runs the
+    # T-token path with T = 1
+    fused_decode: bool = True
+    # "standard" (q / k / v projections), "mla" (deepseek2 multi-head latent attention),
+    # "sinks" (gpt-oss: biases, a learned sink logit per head, sliding-window layers)
+    attention: str = "standard"
+    # "softmax": softmax over all experts, top-k (norm_topk renormalises); "deepseek":
+    # gating function, selection bias, expert groups, weights norm and scale from the
+    # metadata; "topk_softmax": top-k router logits, then softmax over those k (gpt-oss)
+    routing: str = "softmax"
+    dense_lead: bool = False  # the first "{arch}.leading_dense_block_count" layers are dense
+    expert_bias: bool = False  # biases on the router and on each expert's gate / up / down
+    expert_act: str = "silu"  # "silu": silu(gate)·up; "swiglu_oai": gpt-oss clamped SwiGLU
+    ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
 
 
 def available() -> list[str]:

@@ -78,13 +78,20 @@ def add_parser(sub) -> None:
                    help="prompt lengths (default 512; 0 skips the pp test)")
     p.add_argument("-n", "--n-gen", type=_ints, default=[128],
                    help="tokens to generate (default 128; 0 skips the tg test)")
-    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions (default 5)")
+    p.add_argument("-r", "--repetitions", type=int, default=None,
+                   help="repetitions (default 5; with --policies 1)")
     p.add_argument("-t", "--threads", type=_ints, default=None,
                    help="compute threads (default: numba's default)")
     p.add_argument("--cache", type=_strs, default=[None],
                    help="expert cache budgets (default: all experts resident)")
     p.add_argument("--policy", type=_strs, default=["expertflow"], help="cache policies")
     p.add_argument("--link", type=_strs, default=[None], help="emulated links, e.g. 8GB/s")
+    p.add_argument("--policies", type=_strs, default=None, metavar="P1,P2,…",
+                   help="compare cache policies instead (e.g. ondemand,next-layer,fixed:2,"
+                        "expertflow): one live run each on the same held-out text, budget "
+                        "(--cache, default 50%%) and emulated link (--link; 'auto' = one "
+                        "expert loads in one layer's compute); -p prompt tokens (default 32), "
+                        "-n decoded tokens (default 64), -r runs (median)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="run llama-cpp-python side by side and print the ratio per test")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
@@ -340,8 +347,11 @@ def main(args: argparse.Namespace) -> int:
     from efedge import demo
 
     path = Path(args.model_flag or args.model or demo.demo_model_path())
-    if args.repetitions < 1:
+    if args.repetitions is not None and args.repetitions < 1:
         raise EfedgeError("-r must be at least 1")
+    if args.policies is not None:
+        return _compare_policies(path, args)
+    args.repetitions = args.repetitions or 5
     tests = [("pp", n) for n in args.n_prompt if n > 0] + [("tg", n) for n in args.n_gen if n > 0]
     if not tests:
         raise EfedgeError("nothing to run: every -p and -n value is 0")
@@ -381,4 +391,59 @@ def main(args: argparse.Namespace) -> int:
                   f"efedge / llama.cpp = "
                   f"{r['vs_llama_cpp']:.2f} (median of paired repetitions "
                   f"{r['vs_llama_cpp_paired']:.2f})")
+    return 0
+
+
+def _compare_policies(path: Path, args: argparse.Namespace) -> int:
+    """`bench --policies`: the scheduler comparison table (efedge/policy_compare.py)."""
+    import efedge
+    from efedge.policy_compare import (
+        auto_links,
+        compare_policies,
+        format_table,
+        heldout_ids,
+        median_rows,
+    )
+
+    policies = [p for p in args.policies if p]
+    if not policies:
+        raise EfedgeError("--policies needs at least one policy name")
+    from efedge.experts.scheduler import make_policy
+
+    for name in policies:
+        make_policy(name)  # an unknown name fails here, before any run
+    # -p / -n keep llama-bench's defaults (512 / 128) unless given: here the defaults are
+    # a shorter held-out passage, 32 prompt + 64 decoded tokens
+    n_prompt = args.n_prompt[0] if args.n_prompt != [512] else 32
+    n_gen = args.n_gen[0] if args.n_gen != [128] else 64
+    if n_prompt < 1 or n_gen < 1:
+        raise EfedgeError("--policies needs -p ≥ 1 prompt token and -n ≥ 1 decoded token")
+    caches = [c for c in args.cache if c] or ["50%"]
+    threads = (args.threads or [None])[0]
+    runs = args.repetitions or 1
+    with efedge.load(path, threads=threads) as m:
+        if not m.config.is_moe:
+            raise EfedgeError(f"{path.name} has no routed experts: nothing to compare")
+        ids = heldout_ids(m, n_prompt + n_gen)
+    links, info = [lk for lk in args.link if lk], {}
+    if not links or links == ["auto"]:
+        links, info = auto_links(path, ids, n_gen, threads)
+        links = links[:1]
+    rows = []
+    for link in links:
+        for cache in caches:
+            rows += median_rows([compare_policies(path, policies, cache, link, ids, n_gen,
+                                                  threads=threads) for _ in range(runs)])
+    if args.json:
+        for r in rows:
+            r.pop("stats", None)
+        print(json.dumps({"model": str(path), "n_prompt": n_prompt, "n_gen": n_gen,
+                          "auto_link": info, "rows": rows}, indent=2, default=str))
+        return 0
+    print(f"model: {path.name}   held-out text: {n_prompt} prompt + {n_gen} decoded tokens "
+          f"(teacher-forced)   links emulated; {runs} run(s) per setting, median")
+    if info:
+        print(f"auto link: one {info['expert_kib']:.1f} KiB expert loads in one layer's "
+              f"resident decode compute ({info['layer_ms']:.3f} ms)")
+    print(format_table(rows))
     return 0

@@ -26,6 +26,12 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
                         "(default: all experts resident)")
     p.add_argument("--policy", default="expertflow", help="expert cache policy")
     p.add_argument("--link", default=None, help="emulated link, e.g. 8GB/s, pcie4x4, nvme")
+    p.add_argument("--routing", default="exact", choices=("exact", "cache-aware"),
+                   help="exact (default: outputs identical to llama.cpp) or cache-aware: a "
+                        "missing expert is replaced by a resident one whose router "
+                        "probability is within --routing-slack (changes outputs)")
+    p.add_argument("--routing-slack", type=float, default=0.05,
+                   help="router-probability slack of --routing cache-aware (default 0.05)")
     p.add_argument("--stats", action="store_true", help="print every counter on stderr")
 
 
@@ -72,7 +78,9 @@ def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
     if getattr(args, "chat_template", None) is not None:
         kwargs.setdefault("chat_template", chat_template_source(args.chat_template))
     return efedge.load(path, device=args.device, cache=args.cache, policy=args.policy,
-                       threads=args.threads, n_ctx=args.ctx_size, link=args.link, **kwargs)
+                       threads=args.threads, n_ctx=args.ctx_size, link=args.link,
+                       routing=getattr(args, "routing", "exact"),
+                       routing_slack=getattr(args, "routing_slack", 0.05), **kwargs)
 
 
 def format_stats(stats: dict) -> str:

@@ -60,8 +60,10 @@ class ExpertCache:
         self.virtual = not allocate  # the simulator keeps the tables but moves no bytes
         n_layer, n_expert = store.n_layer, store.n_expert
         layer_bytes = [store.expert_bytes(il) for il in range(n_layer)]
-        sizes = sorted(set(layer_bytes))
-        self.layer_class = np.array([sizes.index(b) for b in layer_bytes], dtype=np.int32)
+        # dense layers (0 bytes, deepseek2's leading layers) have no class: -1
+        sizes = sorted(set(layer_bytes) - {0})
+        self.layer_class = np.array([sizes.index(b) if b else -1 for b in layer_bytes],
+                                    dtype=np.int32)
         class_experts = np.array([(self.layer_class == c).sum() * n_expert
                                   for c in range(len(sizes))], dtype=np.int64)
         minimum = n_active * sum(sizes)

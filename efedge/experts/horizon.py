@@ -89,7 +89,7 @@ class HorizonController:
         return self.h_need
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def use_value(p, dist, n_layer):
     """How soon an expert is expected to be used, as a rate: 1 / E[layers until its next
     use], when it is used at its layer's next occurrence (dist layers away) with
@@ -99,7 +99,7 @@ def use_value(p, dist, n_layer):
     return p / (p * dist + n_layer * (1.0 - p))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def route_prologue(needed, ids, due, step, layer):
     """The layer being computed needs `ids` (any shape): set the `needed` mask. Queued
     prefetches that were due by this step (due[m, e] ≤ step) are forgotten; those whose
@@ -122,7 +122,7 @@ def route_prologue(needed, ids, due, step, layer):
     return out[:n]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_class,
                     slot_state, slot_class, slot_pins, class_slots, max_per_layer):
     """Candidates (target layer, expert, probability, distance) for distances 1..n_dist with
@@ -149,6 +149,8 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
     for d in range(1, n_dist + 1):
         m = (layer + d) % n_layer
         c = layer_class[m]
+        if c < 0:
+            continue  # a dense layer (deepseek2's leading layers): no experts to load
         taken = 0
         for r in range(e_n):
             e = order[d - 1, r]
@@ -165,7 +167,7 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
     return n, out_m, out_e, out_p, out_d, horizon
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, needed, tick0,
                  n_expert, limit):
     """The candidate slot with the lowest value (use_value of its predicted probability of
@@ -195,7 +197,7 @@ def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, neede
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def lru_victim(cands, slot_owner, slot_last_use, fetched_at, cur, needed, tick0, n_expert,
                tick):
     """LRU for the baseline prefetchers: a prefetched expert counts as used when it was

@@ -142,7 +142,8 @@ class ExpertFlow(_Predictive):
         self._mean_bytes = float(np.mean([source.store.expert_bytes(i)
                                           for i in range(self.n_layer)]))
         cache = source.cache
-        per_class = np.bincount(cache.layer_class, minlength=len(cache.class_slots))
+        per_class = np.bincount(cache.layer_class[cache.layer_class >= 0],  # not dense layers
+                                minlength=len(cache.class_slots))
         # a budget that holds every expert: once all are in, there is nothing to decide
         self._all_fit = bool((cache.class_slots >= per_class * self.n_expert).all())
         self._all_in = False

@@ -39,7 +39,7 @@ N_COMP = 4
 _P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP = range(9)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _learn_pairs(trans, rowsum, src, dst, di, w):
     """Count (i at the source layer) → (j at distance di+1) for one token's top-k sets."""
     k = src.shape[0]
@@ -52,7 +52,7 @@ def _learn_pairs(trans, rowsum, src, dst, di, w):
         rowsum[di, i] += w * dst.shape[0]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def _seed_kernel(trans, rowsum, experts, weight):
     """Transition counts from a whole trace [N, L, K] (token-major layer stream)."""
     n, n_layer, _ = experts.shape
@@ -67,7 +67,7 @@ def _seed_kernel(trans, rowsum, experts, weight):
                 _learn_pairs(trans[s], rowsum[s], experts[t, s], experts[tt, m], d - 1, weight)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _rescale(trans, rowsum, params):
     inv = 1.0 / params[_P_INC]
     for idx in np.ndindex(trans.shape):
@@ -77,7 +77,7 @@ def _rescale(trans, rowsum, params):
     params[_P_INC] = 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weights, prec,
               prec_n, recall, params):
     """The router of `layer` chose `ids` (one token): score every stored prediction that
@@ -140,7 +140,7 @@ def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weight
         recall[d - 1, 1] += 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
            p_next, params):
     """Transition counts ending at this layer, temporal frequency, token history."""
@@ -187,7 +187,7 @@ def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, re
         p_next[layer, e] = recent[0, layer, e]  # until a prediction for the next pass comes
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _softmax(x):
     out = np.empty(x.shape[0])
     mx = -np.inf
@@ -215,7 +215,7 @@ def _router_logits(wq, scale, x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _pregate_row(row):
     """Router logits → probabilities; None-like (all zero) when the row carries no
     information (NaN from a trace beyond its horizon, or a constant row)."""
@@ -230,7 +230,7 @@ def _pregate_row(row):
     return _softmax(row.astype(np.float64)), True
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _isotonic_decreasing(y):
     """The non-increasing sequence closest to y (pool adjacent violators)."""
     n = y.shape[0]
@@ -254,7 +254,7 @@ def _isotonic_decreasing(y):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
              last_hist, hist_pass, recent, trans, rowsum, weights, prec, ring_q, ring_avail,
              ring_rank, ring_made, p_use, order, p_next, params):
@@ -373,7 +373,7 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
             p_next[m, e] = pu[e] + 1e-4 * fs[e]  # the mixture orders equal calibrations
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
           cur_ids, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n, recall,
           ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, params):

@@ -27,7 +27,12 @@ class ExpertWeights:
 
 
 class ExpertStore:
-    """Addresses every expert of every MoE layer in the mapped file."""
+    """Addresses every expert of every MoE layer in the mapped file.
+
+    Layers without routed experts (deepseek2's leading dense layers) keep their index
+    with zero bytes: the cache never gives them a slot and nothing is ever loaded for
+    them. Shared experts and expert biases are not here: they stay resident in the model
+    (model.Block), so they are never cache traffic."""
 
     def __init__(self, gf: GGUFFile, n_layer: int, n_expert: int):
         self.gf = gf
@@ -39,8 +44,14 @@ class ExpertStore:
         # [layer, expert, part] → (file offset, nbytes): what a transfer reads
         self.offsets = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
         self.nbytes = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
+        self.moe_layers: list[int] = []  # the layers with routed experts
         for il in range(n_layer):
             raw, qt = {}, {}
+            self._raw.append(raw)
+            self._qtype.append(qt)
+            if f"blk.{il}.ffn_gate_exps.weight" not in gf.tensors:
+                continue  # a dense layer
+            self.moe_layers.append(il)
             for ip, part in enumerate(PARTS):
                 name = f"blk.{il}.ffn_{part}_exps.weight"
                 raw[part] = gf.raw(name)
@@ -48,8 +59,9 @@ class ExpertStore:
                 for s in gf.expert_slices(name):
                     self.offsets[il, s.expert, ip] = s.offset
                     self.nbytes[il, s.expert, ip] = s.nbytes
-            self._raw.append(raw)
-            self._qtype.append(qt)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self._raw[layer])
 
     def part_shape(self, layer: int, part: str) -> tuple[int, int]:
         """(rows, row_bytes) of one expert's gate / up / down matrix."""
@@ -72,7 +84,7 @@ class ExpertStore:
         e.g. the pages the load-time kernel warm-up touched.)"""
         page = mmap.PAGESIZE
         spans = []
-        for il in range(self.n_layer):
+        for il in self.moe_layers:
             for ip in range(3):
                 start = int(self.offsets[il, 0, ip])
                 end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])

@@ -46,6 +46,8 @@ class StreamingExperts:
         Never evicts a pinned slot nor a slot of an expert still to be used. `priority`
         (> DEMAND; lower first) orders prefetches, e.g. by the step they are needed at;
         the policy's victim() may refuse to evict (-1), which ends the call."""
+        if self.cache.layer_class[layer] < 0:
+            return 0  # a dense layer: nothing to load
         prio = PREFETCH if priority is None else max(PREFETCH, int(priority))
         issued = 0
         with self.cond:

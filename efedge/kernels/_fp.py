@@ -13,6 +13,10 @@ from numba.extending import intrinsic
 # Fast-math flags for the dot products only: reassociation lets LLVM vectorise the float
 # reductions. No nnan/ninf, so NaN and inf still propagate. Dequantizers never use them.
 FAST = {"reassoc", "contract", "nsz"}
+# Every kernel states fastmath explicitly, False where it is not FAST: numba compiles a
+# callee that leaves it unset with its first caller's flags and caches that build under
+# the same signature, so exp_f32 first reached from a FAST kernel became reassociated
+# for the whole process and for later runs (inf near 88.7, 3 ulp near -87).
 
 _TWO_M24 = np.float32(2.0**-24)
 _TWO_112 = np.float32(2.0**112)
@@ -52,7 +56,7 @@ def f32_to_bits(typingctx, f):
 _MAGIC = np.float32(2.0**23)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def small_f32(v, offset):
     """float32(v - offset) for an int 0 <= v < 2**23, as an OR and a subtract.
 
@@ -62,7 +66,7 @@ def small_f32(v, offset):
     return bits_to_f32(np.uint32(v) | np.uint32(0x4B000000)) - (_MAGIC + np.float32(offset))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def half_to_f32(h):
     """IEEE half with bits ``h`` (an int) to float32, exactly, branch-free so it vectorises.
 
@@ -76,7 +80,7 @@ def half_to_f32(h):
     return bits_to_f32(f32_to_bits(f) | ((h & 0x8000) << 16))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def f16_to_f32(lo, hi):
     """IEEE half stored as little-endian bytes ``lo``, ``hi`` to float32, exactly.
 
@@ -107,7 +111,7 @@ _F32_INF = 255 << 23
 _DENORM_MAGIC = ((127 - 15) + (23 - 10) + 1) << 23  # bits of 0.5
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def f32_to_f16(f):
     """float32 → IEEE half bits (an int), round to nearest even, as numpy's astype and
     the F16C instruction do (NaN becomes a quiet NaN; overflow becomes inf).
@@ -130,7 +134,7 @@ def f32_to_f16(f):
     return o | (sign >> 16)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def round_f16(f):
     """float32 f rounded to the nearest half, as a float32."""
     return half_to_f32(f32_to_f16(f))

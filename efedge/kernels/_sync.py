@@ -98,17 +98,17 @@ def sched_yield(typingctx):
 SPINS = 2000  # ~50 µs of pause before a waiting thread starts yielding its core
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def claim(counters, stage):
     return atomic_add(counters, 2 * stage, 1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def finish(counters, stage):
     atomic_add(counters, 2 * stage + 1, 1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def wait_stage(counters, stage, n_items):
     spins = 0
     while atomic_load(counters, 2 * stage + 1) < n_items:

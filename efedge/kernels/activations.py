@@ -24,7 +24,8 @@ from ._fp import bits_to_f32, f32_to_bits, round_f16
 # rounding schemes
 ACT_NONE, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_K = 0, 1, 2, 3, 4
 
-_Q8_0 = {Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_1}  # Q8_1 rounds as Q8_0 does
+# Q8_1 rounds as Q8_0 does; MXFP4's vec_dot_type is Q8_0 too
+_Q8_0 = {Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_1, Q.MXFP4}
 _Q8_K = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS}
 
 
@@ -48,7 +49,7 @@ _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _round_q8_0(x, out):
     # blocks of 32: d = amax / 127 stored as fp16, q = round(x / d) (ties to even, as the
     # AVX path rounds)
@@ -64,7 +65,7 @@ def _round_q8_0(x, out):
             out[e + j] = np.float32(np.rint(x[e + j] * inv)) * d16
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _round_q8_k(x, out):
     # blocks of 256: the signed value of largest magnitude sets iscale = -127 / max;
     # q = nearest(iscale · x) capped at 127; d = 1 / iscale kept as float32
@@ -83,7 +84,7 @@ def _round_q8_k(x, out):
             out[e + j] = min(np.float32(np.rint(x[e + j] * iscale)), _F127) * d
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def round_row(scheme, x, out):
     """out = x rounded by ``scheme`` (x, out: float32 [n]; may be the same array)."""
     n = x.shape[0]
@@ -103,7 +104,7 @@ def round_row(scheme, x, out):
             out[i] = x[i]
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def round_rows(scheme, x, out):
     for t in prange(x.shape[0]):
         round_row(scheme, x[t], out[t])
@@ -132,7 +133,7 @@ def q8_shapes(scheme: int, n: int) -> tuple[int, int]:
     return n // 256, n // 16
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def quantize_row_q8_0(x, xq, xd, xs):
     """x [n] → int8 xq; xd [n/4]: each block's fp16 scale (as float) 8 times; xs [n/32]
     (int32 array): the float32 bits of scale · sum(block of xq). The values _round_q8_0
@@ -156,7 +157,7 @@ def quantize_row_q8_0(x, xq, xd, xs):
         xsf[b] = d16 * np.float32(s)  # exact: 11-bit scale × 13-bit sum
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def quantize_row_q8_k(x, xq, xd, xs):
     """x [n] → int8 xq, scale xd [n/256], sums xs [n/16]; xq · xd = _round_q8_k(x)."""
     for b in range(x.shape[0] // 256):
@@ -179,7 +180,7 @@ def quantize_row_q8_k(x, xq, xd, xs):
             xs[16 * b + g] = s
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def quantize_row(scheme, x, xq, xd, xs):
     if scheme == ACT_Q8_0:
         quantize_row_q8_0(x, xq, xd, xs)
@@ -187,7 +188,7 @@ def quantize_row(scheme, x, xq, xd, xs):
         quantize_row_q8_k(x, xq, xd, xs)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def quantize_rows(scheme, x, xq, xd, xs):
     for t in prange(x.shape[0]):
         quantize_row(scheme, x[t], xq[t], xd[t], xs[t])

@@ -44,7 +44,7 @@ IQ, IK, IV, IO, IR = 0, 1, 2, 3, 4
 QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _rows(w, qt, n, pack, buf, tmp, bias, out, r0, r1):
     dot_rows(qt, w, r0, r1, n, pack, buf, tmp)
     for r in range(r0, r1):
@@ -54,22 +54,22 @@ def _rows(w, qt, n, pack, buf, tmp, bias, out, r0, r1):
         out[r] = v
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _chunks(n):
     return (n + CH - 1) // CH
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _full_scale(x, eps):
     """rsqrt(mean(x²) + eps), as rms_norm_into computes it."""
     ms = np.float32(np.float64(sum_squares(x)) / x.shape[0])
     return np.float32(1.0) / np.sqrt(ms + eps)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
                  bq, bk, bv, q_norm, k_norm, qk_mode, cos, sin, neox,
-                 n_head, n_head_kv, head_dim, v_dim, kq_scale, kc, vc, pos,
+                 n_head, n_head_kv, head_dim, v_dim, kq_scale, res_scale, kc, vc, pos,
                  q, kk, vv, att, o, logits, x_out, h_out):
     d_model = x.shape[0]
     n_att = n_head * v_dim
@@ -164,7 +164,7 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
     # publishes the residual and the normalised hidden state
     xn = np.empty(d_model, np.float32)
     for i in range(d_model):
-        xn[i] = x[i] + o[i]
+        xn[i] = x[i] + o[i] * res_scale  # res_scale: granite's residual_scale, else 1
     hh = np.empty(d_model, np.float32)
     rms_norm_into(xn, ffn_norm, eps, hh)
     cr = _chunks(wr.shape[0]) if wr.shape[0] > 0 else 0
@@ -187,14 +187,14 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
     wait_stage(ctr, 3, n3)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def decode_attn(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
                 bq, bk, bv, q_norm, k_norm, qk_mode, cos, sin, neox,
-                n_head, n_head_kv, head_dim, v_dim, kq_scale, kc, vc, pos,
+                n_head, n_head_kv, head_dim, v_dim, kq_scale, res_scale, kc, vc, pos,
                 n_used, renorm, x_out, h_out, ids, w, nt):
     """The attention half of one layer for one token at position ``pos``.
 
-    x [D] residual in; x_out = x + attention; h_out = ffn_norm(x_out). wr: router rows
+    x [D] residual in; x_out = x + res_scale · attention; h_out = ffn_norm(x_out). wr: router rows
     (0 rows for a dense layer), then ids / w [n_used] = its top-k. qt / sc: quant types
     and rounding schemes of q, k, v, output, router. kc / vc: this layer's KV cache as
     uint16 [n_ctx, n_head_kv, d]; row ``pos`` is written. Optional biases and norms are
@@ -210,13 +210,13 @@ def decode_attn(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
     for _t in prange(nt):
         _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
                      bq, bk, bv, q_norm, k_norm, qk_mode, cos, sin, neox,
-                     n_head, n_head_kv, head_dim, v_dim, kq_scale, kc, vc, pos,
+                     n_head, n_head_kv, head_dim, v_dim, kq_scale, res_scale, kc, vc, pos,
                      q, kk, vv, att, o, logits, x_out, h_out)
     if wr.shape[0] > 0:
         softmax_topk(logits, n_used, renorm, ids, w)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y):
     k_used = ids.shape[0]
     d_model = h.shape[0]
@@ -275,7 +275,7 @@ def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
     wait_stage(ctr, 2, n2)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def decode_ffn(h, ids, wts, gate, up, down, qt, sc, y, nt):
     """y[k] = down_e(round(silu(gate_e·h) · up_e·h)) · wts[k] for e = ids[k].
 
@@ -295,7 +295,7 @@ def decode_ffn(h, ids, wts, gate, up, down, qt, sc, y, nt):
         _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def decode_ffn_serial(h, ids, wts, gate, up, down, qt, sc, y):
     """decode_ffn on the calling thread alone (the same rows, so the same bits): for one
     expert at a time, where waking the other threads costs more than they bring."""
@@ -310,7 +310,7 @@ def decode_ffn_serial(h, ids, wts, gate, up, down, qt, sc, y):
     _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def ffn_sum(x, y, n, out):
     """out = x + (y[0] + y[1] + … + y[n-1]), summed in slot order."""
     for r in range(x.shape[0]):
@@ -318,3 +318,13 @@ def ffn_sum(x, y, n, out):
         for k in range(1, n):
             s += y[k, r]
         out[r] = x[r] + s
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def ffn_sum_scaled(x, y, n, scale, out):
+    """out = x + (y[0] + … + y[n-1]) · scale: ffn_sum with granite's residual_scale."""
+    for r in range(x.shape[0]):
+        s = y[0, r]
+        for k in range(1, n):
+            s += y[k, r]
+        out[r] = x[r] + s * scale

@@ -16,12 +16,12 @@ from ._fp import FAST, dot
 F32, F16, BF16 = int(Q.F32), int(Q.F16), int(Q.BF16)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = int(Q.Q4_0), int(Q.Q4_1), int(Q.Q5_0), int(Q.Q5_1), int(Q.Q8_0)
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(Q.Q2_K), int(Q.Q3_K), int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)
-IQ4_NL, IQ4_XS = int(Q.IQ4_NL), int(Q.IQ4_XS)
+IQ4_NL, IQ4_XS, MXFP4 = int(Q.IQ4_NL), int(Q.IQ4_XS), int(Q.MXFP4)
 
 ROWS_PER_TASK = 16  # rows one prange iteration of matvec_generic handles (one buffer each)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_row(qt, src, dst):
     """Decode one row of raw blocks ``src`` (uint8) of quant type ``qt`` into ``dst``."""
     if qt == Q4_0:
@@ -42,6 +42,8 @@ def deq_row(qt, src, dst):
         k.deq_iq4_xs(src, dst)
     elif qt == IQ4_NL:
         lg.deq_iq4_nl(src, dst)
+    elif qt == MXFP4:
+        lg.deq_mxfp4(src, dst)
     elif qt == Q4_1:
         lg.deq_q4_1(src, dst)
     elif qt == Q5_0:
@@ -56,14 +58,14 @@ def deq_row(qt, src, dst):
         lg.deq_bf16(src, dst)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def dequantize_rows(qt, raw, out):
     """raw: uint8 [rows, row_bytes] -> out: float32 [rows, row_len]."""
     for r in prange(raw.shape[0]):
         deq_row(qt, raw[r], out[r])
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def matvec_generic(qt, w, x, out):
     """out[r] = dot(dequant(w[r]), x), through one row buffer per task."""
     rows = w.shape[0]
@@ -131,7 +133,7 @@ def _gemm_4x1(buf, i, x, t, out, r0):
     out[t, c], out[t, c + 1], out[t, c + 2], out[t, c + 3] = a0, a1, a2, a3
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def _gemm_tile(buf, nr, x, out, r0):
     """out[t, r0 + i] = dot(buf[i], x[t]) for rows i < nr and every token t.
 
@@ -152,7 +154,7 @@ def _gemm_tile(buf, nr, x, out, r0):
             out[tt, r0 + i] = dot(buf[i], x[tt])
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def matmul_tiled(qt, w, x, out, tile):
     """out[T, rows] = x[T, n] @ dequant(w)[rows, n].T, each weight row decoded once.
 

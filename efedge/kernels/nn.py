@@ -18,7 +18,7 @@ _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def sum_squares(x):
     """sum(x²) in float32 over 8 fixed lanes (vectorises without reassociation)."""
     n = x.shape[0]
@@ -41,7 +41,7 @@ def sum_squares(x):
     return s
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def rms_norm_into(x, w, eps, out):
     """out = x * rsqrt(mean(x²) + eps) * w (x, out may be the same array)."""
     ms = np.float32(np.float64(sum_squares(x)) / x.shape[0])
@@ -50,7 +50,7 @@ def rms_norm_into(x, w, eps, out):
         out[i] = (x[i] * scale) * w[i]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def rope_into(x, cos, sin, neox):
     """Rotate one head x [hd] in place; only the first 2·len(cos) dims rotate."""
     half = cos.shape[0]
@@ -68,7 +68,7 @@ def rope_into(x, cos, sin, neox):
             x[2 * i + 1] = a * sin[i] + b * cos[i]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def store_f16(x, dst):
     """dst (uint16 bits) = x rounded to float16."""
     for i in range(x.shape[0]):
@@ -110,7 +110,7 @@ _EXP_C = (np.float32(1.0 / 5040), np.float32(1.0 / 720), np.float32(1.0 / 120),
           np.float32(1.0 / 24), np.float32(1.0 / 6), np.float32(0.5))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def exp_f32(x):
     """e**x in float32 within 1.2 ulp, in plain arithmetic so that loops over it vectorise
     (libm's expf is a call per element). x is clamped to [-87.3, 88.7]: no subnormal
@@ -125,20 +125,20 @@ def exp_f32(x):
     return (p * bits_to_f32((k1 + 127) << 23)) * bits_to_f32((ki - k1 + 127) << 23)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def silu_mul(g, u):
     """silu(g) · u as layers.silu does it: g / (1 + exp(-g)) · u."""
     return (g / (_ONE + exp_f32(-g))) * u
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def silu_mul_into(g, u, out):
     """out = silu(g) · u elementwise (a loop the compiler vectorises)."""
     for i in range(out.shape[0]):
         out[i] = silu_mul(g[i], u[i])
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def softmax_topk(logits, k, renorm, ids, w):
     """Softmax over all experts, then the k largest (ties → lower id), weights optionally
     renormalised to sum 1. ids [k] int32, w [k] float32 are filled."""

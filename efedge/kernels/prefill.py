@@ -14,87 +14,134 @@ Value widths that are not a multiple of 32 are not supported here (the model che
 import numpy as np
 from numba import njit, prange
 
+from . import gemm as gm
 from . import generic as g
-from . import simd
 from ._fp import FAST, dot, half_to_f32, round_f16
 from .nn import exp_f32, rms_norm_into, rope_into, silu_mul, store_f16, sum_squares
 from .simd_attn import NQ, attn_scores_q4, attn_values_q4
 
-NT = simd.NT_PREFILL
+GNT = gm.NT
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _tile_int(qt, w, r0, r1, xq, xd, xs, out, o):
-    """out[t, r] for rows r0..r1-1 and every token, integer kernels (qt has one).
-
-    One loop nest per type: a type test inside the loop measured a third slower."""
-    n_tok = xq.shape[0]
-    t4 = n_tok // NT * NT
-    if qt == g.Q4_0:
-        for t in range(0, t4, NT):
-            for r in range(r0, r1):
-                simd.dot_q4_0_1x4(w, r, xq[t], xd[t], xs[t], o)
-                _put4(out, t, r, o)
-        for t in range(t4, n_tok):
-            for r in range(r0, r1):
-                simd.dot_q4_0_1x1(w, r, xq[t], xd[t], xs[t], o)
-                out[t, r] = o[0]
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def gemm_acts(qt, xq, xd, xs):
+    """(xdb, xsum) of the tiled product (gemm) from 8-bit activations made for qt:
+    the scale of each activation block and the sum of xq over each sub-block."""
+    n_tok, n = xq.shape
+    if qt == g.Q4_0 or qt == g.Q8_0:
+        xdb = np.empty((n_tok, n // 32), np.float32)
+        xsum = np.empty((n_tok, n // 32), np.int32)
+        for t in range(n_tok):
+            for b in range(n // 32):
+                xdb[t, b] = xd[t, 8 * b]
+                s = 0
+                for j in range(32 * b, 32 * b + 32):
+                    s += xq[t, j]
+                xsum[t, b] = s
     elif qt == g.Q4_K:
-        for t in range(0, t4, NT):
-            for r in range(r0, r1):
-                simd.dot_q4_k_1x4(w, r, xq[t], xd[t], xs[t], o)
-                _put4(out, t, r, o)
-        for t in range(t4, n_tok):
-            for r in range(r0, r1):
-                simd.dot_q4_k_1x1(w, r, xq[t], xd[t], xs[t], o)
-                out[t, r] = o[0]
-    elif qt == g.Q6_K:
-        for t in range(0, t4, NT):
-            for r in range(r0, r1):
-                simd.dot_q6_k_1x4(w, r, xq[t], xd[t], xs[t], o)
-                _put4(out, t, r, o)
-        for t in range(t4, n_tok):
-            for r in range(r0, r1):
-                simd.dot_q6_k_1x1(w, r, xq[t], xd[t], xs[t], o)
-                out[t, r] = o[0]
+        xdb = np.ascontiguousarray(xd[:, :n // 256])
+        xsum = np.empty((n_tok, n // 32), np.int32)
+        for t in range(n_tok):
+            for j in range(n // 32):
+                xsum[t, j] = xs[t, 2 * j] + xs[t, 2 * j + 1]
     else:
-        for t in range(0, t4, NT):
-            for r in range(r0, r1):
-                simd.dot_q8_0_1x4(w, r, xq[t], xd[t], xs[t], o)
-                _put4(out, t, r, o)
-        for t in range(t4, n_tok):
-            for r in range(r0, r1):
-                simd.dot_q8_0_1x1(w, r, xq[t], xd[t], xs[t], o)
-                out[t, r] = o[0]
+        xdb = np.ascontiguousarray(xd[:, :n // 256])
+        xsum = np.ascontiguousarray(xs[:, :n // 16])
+    return xdb, xsum
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _put4(out, t, r, o):
-    out[t, r] = o[0]
-    out[t + 1, r] = o[1]
-    out[t + 2, r] = o[2]
-    out[t + 3, r] = o[3]
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _unpack(qt, w, r, wt, ws, wm):
+    if qt == g.Q4_0:
+        gm.unpack_q4_0(w, r, wt, ws, wm)
+    elif qt == g.Q4_K:
+        gm.unpack_q4_k(w, r, wt, ws, wm)
+    elif qt == g.Q6_K:
+        gm.unpack_q6_k(w, r, wt, ws, wm)
+    else:
+        gm.unpack_q8_0(w, r, wt, ws, wm)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _gemm(qt, nt, wt, ws, wm, nb, xq, xdb, xsum, out, ldo):
+    """out[t, 0:8] for tokens 0 .. nt-1 (nt = 1 or gemm.NT) of the views given."""
+    a, b, c = xq.shape[1], xdb.shape[1], xsum.shape[1]
+    if qt == g.Q4_0:
+        if nt == GNT:
+            gm.gemm_q4_0_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q4_0_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.Q4_K:
+        if nt == GNT:
+            gm.gemm_q4_k_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q4_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.Q6_K:
+        if nt == GNT:
+            gm.gemm_q6_k_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q6_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    else:
+        if nt == GNT:
+            gm.gemm_q8_0_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q8_0_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
+    """out[:, r0:r1] for every token: tiles of 8 rows unpacked once (gemm), then GNT
+    tokens per step. r0 is a multiple of 8; a last tile of fewer rows is padded."""
+    rows = w.shape[0]
+    n_tok, n = xq.shape
+    nb = xdb.shape[1]
+    wt = np.empty(8 * n, np.uint8)
+    ws = np.empty(n // 16 * 8, np.float32)
+    wm = np.empty(n // 16 * 8, np.float32)
+    tmp = np.empty((GNT, 8), np.float32)
+    t4 = n_tok // GNT * GNT
+    for r in range(r0, r1, 8):
+        m = min(8, rows - r)
+        if m == 8:
+            _unpack(qt, w, r, wt, ws, wm)
+        else:
+            pad = np.zeros((8, w.shape[1]), np.uint8)
+            pad[:m] = w[r:rows]
+            _unpack(qt, pad, 0, wt, ws, wm)
+        for t in range(0, n_tok):
+            if t % GNT != 0 and t < t4:
+                continue
+            nt = GNT if t < t4 else 1
+            if m == 8:
+                _gemm(qt, nt, wt, ws, wm, nb, xq[t:], xdb[t:], xsum[t:], out[t:, r:], rows)
+            else:
+                _gemm(qt, nt, wt, ws, wm, nb, xq[t:], xdb[t:], xsum[t:], tmp, 8)
+                for i in range(nt):
+                    for j in range(m):
+                        out[t + i, r + j] = tmp[i, j]
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def matmul_q8(qt, w, xq, xd, xs, out, tile):
     """out[T, rows] = x · dequant(w).T for Q4_0 / Q8_0 / Q4_K / Q6_K rows and activations
-    quantized for them (activations.quantize_activations); rows in tiles of ``tile``."""
+    quantized for them (activations.quantize_activations): the tiled product of
+    ``gemm``, rows in tasks of ``tile`` (rounded up to a multiple of 8)."""
     rows = w.shape[0]
+    xdb, xsum = gemm_acts(qt, xq, xd, xs)
+    tile = max(8, (tile + 7) // 8 * 8)
     n_tiles = (rows + tile - 1) // tile
     for c in prange(n_tiles):
-        o = np.empty(NT, np.float32)
         r0 = c * tile
-        _tile_int(qt, w, r0, min(rows, r0 + tile), xq, xd, xs, out, o)
+        gemm_rows(qt, w, r0, min(rows, r0 + tile), xq, xdb, xsum, out)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def rms_norm_rows(x, w, eps, out):
     for t in prange(x.shape[0]):
         rms_norm_into(x[t], w, eps, out[t])
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def silu_mul_rows(gt, up, out):
     """out = silu(gt) · up, [T, F] (the same SiLU as the decode kernels)."""
     for t in prange(gt.shape[0]):
@@ -102,13 +149,13 @@ def silu_mul_rows(gt, up, out):
             out[t, i] = silu_mul(gt[t, i], up[t, i])
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _full_scale(x, eps):
     ms = np.float32(np.float64(sum_squares(x)) / x.shape[0])
     return np.float32(1.0) / np.sqrt(ms + eps)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_head_kv,
                head_dim, v_dim, kc, vc, pos, qh):
     """Per token t (position pos + t): qk-norm and rope of q [T, H·d] and k [T, Hkv·d]; k
@@ -148,7 +195,7 @@ def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_
                 qv[j] = round_f16(qv[j])
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def _kv_to_f32(kc, vc, n_keys, kt, vf):
     """kt [Hkv, d, S8] (keys transposed, zero past n_keys), vf [Hkv, S8, dv] from the
     float16 cache."""
@@ -185,7 +232,7 @@ def _softmax_f16(scores, n_valid, n_all):
         scores[s] = 0.0
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def prefill_attend(qh, kc, vc, pos, n_head_kv, v_dim, scale, out):
     """Causal attention of T queries qh [T, H, d] at positions pos..pos+T-1 over the
     cache rows 0..pos+T-1 (kc / vc uint16 [n_ctx, Hkv, d]); out [T, H·dv].
@@ -219,7 +266,7 @@ def prefill_attend(qh, kc, vc, pos, n_head_kv, v_dim, scale, out):
             out[t0 + r, hq * v_dim:(hq + 1) * v_dim] = o4[r]
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def matmul_f32(w, x, out):
     """out[T, rows] = x · w.T for an F32 matrix given as its raw bytes [rows, 4·n]."""
     for r in prange(w.shape[0]):

@@ -21,7 +21,7 @@ from .quant_legacy import IQ4_KV
 # ---------------------------------------------------------------- Q2_K
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q2_k(src, dst):
     nb = src.shape[0] // 84
     n32 = dst.shape[0] // max(nb, 1) // 8  # 32, a runtime trip count (see quant_legacy)
@@ -49,7 +49,7 @@ def deq_q2_k(src, dst):
 # ---------------------------------------------------------------- Q3_K
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def _q3_scale(src, o, i):
     """Signed 6-bit scale ``i`` (0..15) of the Q3_K scales at ``src[o:o+12]``."""
     lo = (src[o + i % 8] >> (4 * (i // 8))) & 15
@@ -57,7 +57,7 @@ def _q3_scale(src, o, i):
     return np.int32(lo | (hi << 4)) - 32
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q3_k(src, dst):
     nb = src.shape[0] // 110
     n32 = dst.shape[0] // max(nb, 1) // 8
@@ -80,7 +80,7 @@ def deq_q3_k(src, dst):
 # ---------------------------------------------------------------- Q4_K and Q5_K
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def k_scale_min(src, o, j):
     """(scale, min) of sub-block ``j`` (0..7) from the 12 packed bytes at ``src[o:]``."""
     if j < 4:
@@ -90,7 +90,7 @@ def k_scale_min(src, o, j):
     return sc, m
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q4_k(src, dst):
     nb = src.shape[0] // 144
     n32 = dst.shape[0] // max(nb, 1) // 8
@@ -157,7 +157,7 @@ def block_sums(x, out):
         out[i] = s
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def matvec_q4_k(w, x, out):
     rows = w.shape[0]
     xsum = np.empty(x.shape[0] // 32, np.float32)
@@ -168,7 +168,7 @@ def matvec_q4_k(w, x, out):
             out[r] = _dot_q4_k(w[r], x, xsum, acc)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q5_k(src, dst):
     nb = src.shape[0] // 176
     n32 = dst.shape[0] // max(nb, 1) // 8
@@ -191,7 +191,7 @@ def deq_q5_k(src, dst):
 # ---------------------------------------------------------------- Q6_K
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q6_k(src, dst):
     nb = src.shape[0] // 210
     n32 = dst.shape[0] // max(nb, 1) // 8
@@ -241,7 +241,7 @@ def _dot_q6_k(row, x, acc):
     return acc.sum()
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def matvec_q6_k(w, x, out):
     rows = w.shape[0]
     for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
@@ -253,7 +253,7 @@ def matvec_q6_k(w, x, out):
 # ---------------------------------------------------------------- IQ4_XS
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_iq4_xs(src, dst):
     for b in range(src.shape[0] // 136):
         o = b * 136

@@ -31,21 +31,21 @@ IQ4_KV = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 
 # ---------------------------------------------------------------- plain float rows
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_f32(src, dst):
     v = src.view(np.float32)
     for i in range(dst.shape[0]):
         dst[i] = v[i]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_f16(src, dst):
     v = src.view(np.uint16)
     for i in range(dst.shape[0]):
         dst[i] = half_to_f32(np.int64(v[i]))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_bf16(src, dst):
     v = src.view(np.uint16)
     for i in range(dst.shape[0]):
@@ -77,7 +77,7 @@ def matvec_f16(w, x, out):
 # ---------------------------------------------------------------- Q4_0 (18 bytes)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q4_0(src, dst):
     nb = src.shape[0] // 18
     half = dst.shape[0] // max(nb, 1) // 2  # 16, as a runtime trip count (module docstring)
@@ -126,7 +126,7 @@ def _dot_q4_0(row, x, acc):
     return acc.sum()
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def matvec_q4_0(w, x, out):
     rows = w.shape[0]
     for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
@@ -138,7 +138,7 @@ def matvec_q4_0(w, x, out):
 # ---------------------------------------------------------------- Q4_1 (20 bytes)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q4_1(src, dst):
     nb = src.shape[0] // 20
     half = dst.shape[0] // max(nb, 1) // 2
@@ -156,14 +156,14 @@ def deq_q4_1(src, dst):
 # ---------------------------------------------------------------- Q5_0 (22 bytes), Q5_1 (24)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def _qh32(src, o):
     """The 32 fifth bits of a Q5 block (little-endian uint32 at ``src[o:o+4]``)."""
     return ((np.int64(src[o + 3]) << 24) | (np.int64(src[o + 2]) << 16)
             | (np.int64(src[o + 1]) << 8) | np.int64(src[o]))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q5_0(src, dst):
     nb = src.shape[0] // 22
     half = dst.shape[0] // max(nb, 1) // 2
@@ -180,7 +180,7 @@ def deq_q5_0(src, dst):
             dst[e + 16 + j] = d * small_f32(hi, 16)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q5_1(src, dst):
     nb = src.shape[0] // 24
     half = dst.shape[0] // max(nb, 1) // 2
@@ -201,7 +201,7 @@ def deq_q5_1(src, dst):
 # ---------------------------------------------------------------- Q8_0 (34 bytes)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_q8_0(src, dst):
     nb = src.shape[0] // 34
     n = dst.shape[0] // max(nb, 1)
@@ -236,7 +236,7 @@ def _dot_q8_0(row, x, acc):
     return acc.sum()
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=False)
 def matvec_q8_0(w, x, out):
     rows = w.shape[0]
     for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
@@ -248,7 +248,7 @@ def matvec_q8_0(w, x, out):
 # ---------------------------------------------------------------- IQ4_NL (18 bytes)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def deq_iq4_nl(src, dst):
     for b in range(src.shape[0] // 18):  # constant trip count: the table lookups
         o = b * 18                         # vectorise worse than they unroll
@@ -258,3 +258,23 @@ def deq_iq4_nl(src, dst):
             q = src[o + 2 + j]
             dst[e + j] = d * IQ4_KV[q & 15]
             dst[e + 16 + j] = d * IQ4_KV[q >> 4]
+
+
+# MXFP4 (gpt-oss experts): 32 e2m1 values (doubled: the table below) and one E8M0
+# exponent per block; the scale is 2^(e-128), ggml_e8m0_to_fp32_half, as a table.
+MXFP4_KV = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+_E = np.arange(256, dtype=np.uint32)
+E8M0_HALF = np.where(_E < 2, np.uint32(0x00200000) << _E,
+                     (_E - np.uint32(1)) << np.uint32(23)).astype(np.uint32).view(np.float32)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def deq_mxfp4(src, dst):
+    for b in range(src.shape[0] // 17):
+        o = b * 17
+        e = b * 32
+        d = E8M0_HALF[src[o]]
+        for j in range(16):
+            q = src[o + 1 + j]
+            dst[e + j] = d * MXFP4_KV[q & 15]
+            dst[e + 16 + j] = d * MXFP4_KV[q >> 4]

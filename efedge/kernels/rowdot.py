@@ -24,7 +24,7 @@ from ._fp import dot
 from .activations import quantize_row, round_row
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def has_int(qt):
     """Whether rows of qt go through the integer kernels."""
     return qt == g.Q4_0 or qt == g.Q8_0 or qt == g.Q4_K or qt == g.Q6_K
@@ -36,14 +36,14 @@ def new_pack(n: int) -> tuple:
             np.empty(n // 16 + 1, np.int32))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def pack_of(n):
     """new_pack inside numba."""
     return (np.empty(n, np.float32), np.empty(n, np.int8), np.empty(n // 4 + 8, np.float32),
             np.empty(n // 16 + 1, np.int32))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def prep(scheme, qt, x, pack):
     """Fill ``pack`` with x [n] as rows of qt need it (scheme: act_scheme(qt, n))."""
     xf, xq, xd, xs = pack
@@ -54,7 +54,7 @@ def prep(scheme, qt, x, pack):
         round_row(scheme, x, xf[:n])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)
 def dot_rows(qt, w, r0, r1, n, pack, buf, out):
     """out[i] = dot(dequantize(w[r0 + i]), x) for r0 <= r0 + i < r1 (rows of quant type qt,
     n activations in ``pack``); buf: n floats of scratch.

@@ -1,0 +1,156 @@
+"""deepseek2 multi-head latent attention (MLA), as llama.cpp computes it.
+
+Each token is compressed to a latent c = RMSNorm(W_kv_a · x)[:kv_lora] (kv_lora wide)
+plus one rotary key k_pe = rope(W_kv_a · x)[kv_lora:] shared by all heads. Queries come
+from W_q · x (DeepSeek-V2-Lite) or W_q_b · RMSNorm(W_q_a · x) (the q lora); each head's
+query splits into q_nope and a rotary part q_pe (rope on that part only, adjacent pairs).
+
+Two GGUF layouts:
+
+* split (``attn_k_b`` / ``attn_v_b``, current converters; head_count_kv = 1): the
+  cache holds [c, k_pe] as one key head and c as the value; each head's q_nope is
+  absorbed into latent space (W_k_b,h · q_nope), attention runs over the latent, and
+  W_v_b,h decompresses each head's result before attn_output — llama.cpp's MLA cache.
+* legacy (``attn_kv_b``): c is decompressed to per-head k_nope and v, the cache holds
+  per-head keys [k_nope, k_pe] and values, plain multi-head attention.
+
+Scores are scaled by 1/√(nope + rope) in both. Shapes: T tokens, H heads, D width,
+L kv_lora, R rope dims, N nope dims, V value dims.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from efedge import kernels, layers
+from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.kernels import prefill as pk
+
+
+class MLAAttention:
+    """One layer's latent attention: weights named as the GGUF tensors."""
+
+    def __init__(self, gf, cfg, il: int):
+        from efedge.model import _qmatrix, _vector
+
+        b, c = f"blk.{il}.", cfg
+        h, d, r, lora = c.n_head, c.n_embd, c.rope_dim, c.kv_lora_rank
+        self.split = b + "attn_k_b.weight" in gf.tensors
+        if self.split:
+            if not (c.k_head_dim_mla and c.v_head_dim_mla):
+                raise ModelFormatError(f"{gf.path}: {b}attn_k_b.weight needs the metadata "
+                                       "keys attention.key_length_mla / value_length_mla")
+            nope, v = c.k_head_dim_mla - r, c.v_head_dim_mla
+            if c.n_head_kv != 1 or c.head_dim != lora + r or c.v_head_dim != lora:
+                raise ModelFormatError(
+                    f"{gf.path}: MLA cache of {c.n_head_kv} kv heads of {c.head_dim} / "
+                    f"{c.v_head_dim}; expected 1 of kv_lora_rank + rope ({lora + r}) / "
+                    f"kv_lora_rank ({lora})")
+        else:
+            nope, v = c.head_dim - r, c.v_head_dim
+            if c.n_head_kv != h:
+                raise UnsupportedModelError(f"{gf.path}: deepseek2 without attn_k_b needs "
+                                            f"head_count_kv == head_count")
+        if nope <= 0:
+            raise ModelFormatError(f"{gf.path}: deepseek2 heads have no non-rotary part "
+                                   f"(key size {nope + r}, rope {r})")
+        self.h, self.nope, self.r, self.v, self.lora = h, nope, r, v, lora
+        self.eps = np.float32(c.norm_eps)
+        self.scale = np.float32(1.0 / np.sqrt(nope + r))
+        qk = h * (nope + r)
+        self.attn_q = self.attn_q_a = None
+        if b + "attn_q.weight" in gf.tensors:  # V2-Lite: no q lora
+            self.attn_q = self._mat(gf, _qmatrix, b + "attn_q.weight", (d, qk))
+        else:
+            ql = c.q_lora_rank
+            if ql <= 0:
+                raise ModelFormatError(f"{gf.path}: {b}attn_q_a.weight needs the metadata "
+                                       "key attention.q_lora_rank")
+            self.attn_q_a = self._mat(gf, _qmatrix, b + "attn_q_a.weight", (d, ql))
+            self.attn_q_a_norm = self._vec(gf, _vector, b + "attn_q_a_norm.weight", (ql,))
+            self.attn_q_b = self._mat(gf, _qmatrix, b + "attn_q_b.weight", (ql, qk))
+        self.attn_kv_a_mqa = self._mat(gf, _qmatrix, b + "attn_kv_a_mqa.weight", (d, lora + r))
+        self.attn_kv_a_norm = self._vec(gf, _vector, b + "attn_kv_a_norm.weight", (lora,))
+        if self.split:
+            self.k_b = self._heads(gf, b + "attn_k_b.weight", (nope, lora, h))
+            self.v_b = self._heads(gf, b + "attn_v_b.weight", (lora, v, h))
+        else:
+            self.attn_kv_b = self._mat(gf, _qmatrix, b + "attn_kv_b.weight",
+                                       (lora, h * (nope + v)))
+        self.attn_output = self._mat(gf, _qmatrix, b + "attn_output.weight", (h * v, d))
+        if v % 32:  # prefill_attend's value width
+            raise UnsupportedModelError(f"{gf.path}: deepseek2 value heads of {v} (not a "
+                                        "multiple of 32) are not supported")
+
+    @staticmethod
+    def _check(gf, name: str, shape: tuple[int, ...]) -> None:
+        got = gf.tensor(name).shape
+        if got != shape:
+            raise ModelFormatError(f"tensor {name!r}: shape {got} does not match the "
+                                   f"metadata (expected {shape})")
+
+    def _mat(self, gf, make, name, shape):
+        self._check(gf, name, shape)
+        return make(gf, name)
+
+    def _vec(self, gf, make, name, shape):
+        self._check(gf, name, shape)
+        return make(gf, name)
+
+    def _heads(self, gf, name: str, shape: tuple[int, ...]):
+        """A per-head stack [H, rows, row_bytes] of raw rows and its quant type."""
+        self._check(gf, name, shape)
+        ref = gf.tensor(name)
+        kernels.check_qtype(ref.qtype, f"tensor {name!r}")
+        raw = gf.raw(name)
+        raw = raw.view(np.ndarray)
+        raw.flags.writeable = False
+        return raw, ref.qtype
+
+    @staticmethod
+    def _per_head(mats, x: np.ndarray) -> np.ndarray:
+        """x [T, H, K] → [T, H, rows]: head h through its own matrix (ggml's batched
+        mul_mat over heads)."""
+        raw, qt = mats
+        out = np.empty((x.shape[0], x.shape[1], raw.shape[1]), np.float32)
+        for hh in range(x.shape[1]):
+            out[:, hh] = kernels.qmatmul(raw[hh], qt, np.ascontiguousarray(x[:, hh]))
+        return out
+
+    def __call__(self, tf, il: int, hn: np.ndarray, pos: int, kv) -> np.ndarray:
+        """The attention output [T, D] of normalised hidden states hn [T, D] at positions
+        pos..pos+T; writes this layer's cache rows."""
+        t, h, nope, r = hn.shape[0], self.h, self.nope, self.r
+        acts: dict = {}
+        if self.attn_q is not None:
+            q = self.attn_q(hn, acts)
+        else:
+            q = self.attn_q_b(tf._norm(self.attn_q_a(hn, acts), self.attn_q_a_norm))
+        q = q.reshape(t, h, nope + r)
+        ckv = self.attn_kv_a_mqa(hn, acts)  # [T, L + R]
+        cos, sin = tf._rope_rows(pos, t)
+        q_pe = layers.apply_rope(q[:, :, nope:], cos, sin, "normal")
+        k_pe = layers.apply_rope(ckv[:, None, self.lora:], cos, sin, "normal")[:, 0]
+        latent = tf._norm(np.ascontiguousarray(ckv[:, :self.lora]), self.attn_kv_a_norm)
+        end = pos + t
+        if self.split:
+            q_lat = self._per_head(self.k_b, q[:, :, :nope])  # [T, H, L]
+            qh = np.concatenate([q_lat, q_pe], axis=-1)
+            kv.k[il, pos:end, 0] = np.concatenate([latent, k_pe], axis=-1)
+            kv.v[il, pos:end, 0] = latent
+            n_kv, v_dim = 1, self.lora
+        else:
+            kvb = self.attn_kv_b(latent).reshape(t, h, nope + self.v)
+            qh = np.concatenate([q[:, :, :nope], q_pe], axis=-1)
+            kv.k[il, pos:end] = np.concatenate(
+                [kvb[:, :, :nope], np.broadcast_to(k_pe[:, None], (t, h, r))], axis=-1)
+            kv.v[il, pos:end] = kvb[:, :, nope:]
+            n_kv, v_dim = h, self.v
+        # ggml rounds q to f16 for its F16 K·Q product
+        qh = np.ascontiguousarray(qh.astype(np.float16).astype(np.float32))
+        att = np.empty((t, h * v_dim), np.float32)
+        pk.prefill_attend(qh, kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il], pos, n_kv,
+                          v_dim, self.scale, att)
+        if self.split:
+            att = self._per_head(self.v_b, att.reshape(t, h, self.lora)).reshape(t, -1)
+        return self.attn_output(att)

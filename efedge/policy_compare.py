@@ -1,0 +1,136 @@
+"""Cache policies side by side, live: the same model, text, cache budget and emulated
+link for each policy, one table (`efedge bench --policies`, benchmarks/policies.py).
+
+The text is held-out prose (gguf_tools/corpus.py: documentation that ships with Python,
+the split the demo model never saw): the first tokens are prefilled as one batch, the
+rest are fed one at a time exactly as generation would (teacher forcing, so every policy
+sees the same real routing rather than whatever a greedy loop degenerates into). Figures
+are for the decode part; prefill stall is a separate field.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import efedge
+
+COLUMNS = ("policy", "tokens_per_s", "stall_ms_per_token", "stall_vs_ondemand", "hit_rate",
+           "prefetch_precision", "mb_per_token", "horizon_mean")
+
+
+def heldout_ids(model, n: int) -> list[int]:
+    """At least n token ids of held-out text (the corpus split the demo model never saw)."""
+    from gguf_tools.corpus import heldout_sample
+
+    chars = 4 * n + 400
+    while True:
+        try:
+            text = heldout_sample(max_chars=chars)
+        except RuntimeError:
+            text = None
+        if text is None:
+            raise RuntimeError(f"no held-out document gives {n} tokens")
+        ids = model.tokenize(text)
+        if len(ids) >= n:
+            return ids[:n]
+        chars *= 2
+
+
+def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
+    """Prefill prompt_ids[:-n] … feed the rest one token at a time; returns the decode
+    counters, the prefill stall and the policy's own time during decode."""
+    sess = m._session
+    sess.reset()
+    m.reset_stats()
+    split = len(prompt_ids) - n_tokens
+    sess.prefill(prompt_ids[:split])
+    prefill_stall = m.stats()["stall_s"]
+    m.reset_stats()
+    pol = getattr(m._experts, "policy", None)
+    ovh0 = getattr(pol, "overhead_s", 0.0)
+    for tok in prompt_ids[split:]:
+        sess.decode(tok)
+    ovh = getattr(pol, "overhead_s", 0.0) - ovh0
+    return m.stats(), prefill_stall, ovh
+
+
+def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
+                     warmup: bool = True) -> list[dict]:
+    """One live run per policy on the same model, budget, emulated link and tokens: the
+    first len(prompt_ids) - n_tokens ids are the prompt (one batch), the last n_tokens are
+    decoded one by one. Returns one dict per policy with the table's columns (see
+    COLUMNS) plus the raw counters under "stats"."""
+    prompt_ids = [int(i) for i in prompt_ids]
+    if not 0 < n_tokens < len(prompt_ids):
+        raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
+    rows = []
+    for policy in policies:
+        with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads) as m:
+            if warmup:  # compile the kernels, so that no run pays for it
+                decode_run(m, prompt_ids[:8], 4)
+            t0 = time.perf_counter()
+            s, prefill_stall, ovh = decode_run(m, prompt_ids, n_tokens)
+            wall = time.perf_counter() - t0
+        n = max(s["tokens_generated"], 1)
+        issued = s["prefetch_issued"]
+        rows.append({
+            "policy": policy, "cache": cache, "link": str(link),
+            "tokens_per_s": n / max(s["wall_s"], 1e-9),
+            "stall_ms_per_token": 1e3 * s["stall_s"] / n,
+            "stall_vs_ondemand": None,
+            "hit_rate": s["hits"] / max(s["expert_requests"], 1),
+            "prefetch_precision": (s["prefetch_used"] / issued) if issued else None,
+            "mb_per_token": s["bytes_loaded"] / n / 1e6,
+            "horizon_mean": s["horizon_mean"],
+            "policy_overhead_pct": 100.0 * ovh / max(s["wall_s"], 1e-9),
+            "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
+        })
+    base = [r["stall_ms_per_token"] for r in rows if r["policy"] in ("ondemand", "lru")]
+    if base and base[0] > 0:
+        for r in rows:
+            r["stall_vs_ondemand"] = r["stall_ms_per_token"] / base[0]
+    return rows
+
+
+def auto_links(path, prompt_ids, n_tokens, threads=None) -> tuple[list[str], dict]:
+    """The issue's two links from a resident run here: loading one expert takes about one
+    layer's decode compute, and 4× slower."""
+    with efedge.load(path, threads=threads) as m:
+        decode_run(m, prompt_ids[:8], 4)
+        s, _, _ = decode_run(m, prompt_ids, n_tokens)
+        store = m._tf.store
+        n_layer = m.config.n_layer
+        per_expert = float(np.mean([store.expert_bytes(i) for i in range(n_layer)]))
+    layer_s = s["wall_s"] / max(s["tokens_generated"], 1) / n_layer
+    rate = per_expert / layer_s
+    info = {"layer_ms": 1e3 * layer_s, "expert_kib": per_expert / 1024,
+            "decode_ms_per_token": 1e3 * layer_s * n_layer}
+    return [f"{rate / 1e6:.1f}MB/s", f"{rate / 4e6:.1f}MB/s"], info
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per policy, the run with the median stall (repeats smooth out a shared machine)."""
+    out = []
+    for i in range(len(runs[0])):
+        group = sorted((r[i] for r in runs), key=lambda r: r["stall_ms_per_token"])
+        out.append(group[len(group) // 2])
+    base = [r["stall_ms_per_token"] for r in out if r["policy"] in ("ondemand", "lru")]
+    for r in out:
+        r["stall_vs_ondemand"] = (r["stall_ms_per_token"] / base[0]) if base and base[0] else None
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| cache | link | policy | tok/s | stall ms/token | stall % of ondemand | hit rate "
+            "| prefetch precision | MB/token | mean horizon | policy cost % |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        rel = "-" if r["stall_vs_ondemand"] is None else f"{100 * r['stall_vs_ondemand']:.1f}%"
+        prec = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.1%}"
+        lines.append(f"| {r['cache']} | {r['link']} | {r['policy']} | {r['tokens_per_s']:.1f} "
+                     f"| {r['stall_ms_per_token']:.3f} | {rel} | {r['hit_rate']:.1%} | {prec} "
+                     f"| {r['mb_per_token']:.2f} | {r['horizon_mean']:.2f} "
+                     f"| {r['policy_overhead_pct']:.2f} |")
+    return "\n".join(lines)

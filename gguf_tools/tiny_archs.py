@@ -1,0 +1,152 @@
+"""Tensor plans and metadata of the random tiny models whose layout is not Llama-shaped:
+deepseek2 (multi-head latent attention, dense leading layers, shared experts) and gpt-oss
+(attention biases and sinks, sliding-window layers, expert biases). make_tiny calls these
+for the architectures whose ``ARCHS`` entry has ``plan`` set; names, keys and shapes are
+the ones llama.cpp reads (shapes in ggml order, as in make_tiny).
+"""
+
+from __future__ import annotations
+
+import gguf
+
+from gguf_tools.make_tiny import QK_GAIN, ROUTER_GAIN, TensorSpec
+
+# deepseek2 test sizes (the "test" preset's width, heads and experts; these are the MLA
+# ranks and per-head sizes). kv_lora is a multiple of 32 (value heads of the vector
+# attention kernels); real DeepSeek-V2-Lite: kv_lora 512, nope 128, rope 64, v 128.
+DS_DIMS = dict(q_lora=128, kv_lora=64, nope=64, rope=32, v=64, dense_lead=1, n_shared=1,
+               weights_scale=2.0, n_group=4, group_used=2)
+# gpt-oss: sliding window of the even layers (real: 128) and the SwiGLU limits llama.cpp
+# hard-codes (alpha 1.702, limit 7)
+OSS_WINDOW = 8
+
+
+def deepseek2_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T, x = TensorSpec, DS_DIMS
+    d, h = cfg["n_embd"], cfg["n_head"]
+    qk = x["nope"] + x["rope"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out.append(T(b + "attn_norm.weight", (d,), "norm", keep_f32=True))
+        if a["q_lora"]:
+            out += [T(b + "attn_q_a.weight", (d, x["q_lora"]), "proj"),
+                    T(b + "attn_q_a_norm.weight", (x["q_lora"],), "norm", keep_f32=True),
+                    T(b + "attn_q_b.weight", (x["q_lora"], h * qk), "proj", scale=QK_GAIN)]
+        else:
+            out.append(T(b + "attn_q.weight", (d, h * qk), "proj", scale=QK_GAIN))
+        out += [T(b + "attn_kv_a_mqa.weight", (d, x["kv_lora"] + x["rope"]), "proj",
+                  scale=QK_GAIN),
+                T(b + "attn_kv_a_norm.weight", (x["kv_lora"],), "norm", keep_f32=True)]
+        if a["mla"]:
+            out += [T(b + "attn_k_b.weight", (x["nope"], x["kv_lora"], h), "proj"),
+                    T(b + "attn_v_b.weight", (x["kv_lora"], x["v"], h), "proj")]
+        else:
+            out.append(T(b + "attn_kv_b.weight", (x["kv_lora"], h * (x["nope"] + x["v"])),
+                         "proj"))
+        out += [T(b + "attn_output.weight", (h * x["v"], d), "proj"),
+                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+        if i < x["dense_lead"]:
+            f = cfg["n_ff"]
+            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
+                    T(b + "ffn_up.weight", (d, f), "proj"),
+                    T(b + "ffn_down.weight", (f, d), "proj")]
+            continue
+        e, f, s = cfg["n_expert"], cfg["n_ff_exp"], cfg["n_ff_exp"] * x["n_shared"]
+        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
+                T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+                T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+                T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+        if a["v3"]:  # selection bias (DeepSeek-V3): a small nudge to the sigmoid scores
+            out.append(T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True))
+    return out + _head(cfg, n_vocab)
+
+
+def _head(cfg: dict, n_vocab: int) -> list[TensorSpec]:
+    d = cfg["n_embd"]
+    out = [TensorSpec("output_norm.weight", (d,), "norm", keep_f32=True)]
+    if not cfg["tied"]:
+        out.append(TensorSpec("output.weight", (d, n_vocab), "output", scale=2.0))
+    return out
+
+
+def deepseek2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    x = DS_DIMS
+    w.add_head_count(cfg["n_head"])
+    if a["mla"]:  # the cache holds the latent: one kv head of kv_lora + rope
+        w.add_head_count_kv(1)
+        w.add_key_length(x["kv_lora"] + x["rope"])
+        w.add_value_length(x["kv_lora"])
+        w.add_key_length_mla(x["nope"] + x["rope"])
+        w.add_value_length_mla(x["v"])
+    else:
+        w.add_head_count_kv(cfg["n_head"])
+        w.add_key_length(x["nope"] + x["rope"])
+        w.add_value_length(x["v"])
+    w.add_rope_dimension_count(x["rope"])
+    if a["q_lora"]:
+        w.add_q_lora_rank(x["q_lora"])
+    w.add_kv_lora_rank(x["kv_lora"])
+    w.add_leading_dense_block_count(x["dense_lead"])
+    w.add_feed_forward_length(cfg["n_ff"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_expert_shared_count(x["n_shared"])
+    w.add_expert_weights_scale(x["weights_scale"])
+    if a["v3"]:  # DeepSeek-V3 routing: sigmoid scores, groups, weights renormalised
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(x["n_group"])
+        w.add_expert_group_used_count(x["group_used"])
+    else:
+        w.add_expert_weights_norm(False)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+
+
+def gptoss_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T = TensorSpec
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    e, f = cfg["n_expert"], cfg["n_ff_exp"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+                T(b + "attn_q.bias", (q_out,), "bias", keep_f32=True),
+                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+                T(b + "attn_k.bias", (kv_out,), "bias", keep_f32=True),
+                T(b + "attn_v.weight", (d, kv_out), "proj"),
+                T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True),
+                T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "attn_output.bias", (d,), "bias", keep_f32=True),
+                # sink logits ≈ 2: they take a visible share of each head's attention
+                T(b + "attn_sinks.weight", (cfg["n_head"],), "norm", 2.0, keep_f32=True),
+                T(b + "post_attention_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                T(b + "ffn_gate_inp.bias", (e,), "bias", keep_f32=True),
+                # gate / up pre-activations of std ≈ 4: the ±7 clamp of the SwiGLU bites
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj", scale=4.0),
+                T(b + "ffn_gate_exps.bias", (f, e), "bias", keep_f32=True),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj", scale=4.0),
+                T(b + "ffn_up_exps.bias", (f, e), "bias", keep_f32=True),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj", scale=0.25),
+                T(b + "ffn_down_exps.bias", (d, e), "bias", keep_f32=True)]
+    return out + _head(cfg, n_vocab)
+
+
+def gptoss_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_sliding_window(OSS_WINDOW)
