@@ -25,7 +25,7 @@ def test_textbook_sequence():
 
 def _brute_force(requests, cap):
     """Fewest loads by trying every eviction choice (tiny inputs only)."""
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i, resident):
         if i == len(requests):
             return 0
