@@ -196,6 +196,12 @@ _GATING = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}  # llama_expert_gati
 def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
     """deepseek2's and gpt-oss's keys (see the ModelConfig fields)."""
     out: dict = {}
+    scaling = gf.get(k + "rope.scaling.type", "none")
+    if spec.attention != "standard" and scaling not in ("none", None):
+        # DeepSeek-V2(-Lite) and gpt-oss ship YaRN: computing without it would give
+        # wrong logits quietly
+        raise UnsupportedModelError(f"metadata key {k + 'rope.scaling.type'!r}: rope scaling "
+                                    f"{scaling!r} is not supported yet for {spec.name!r}")
     if spec.dense_lead:
         out["n_dense_lead"] = _int(gf, k + "leading_dense_block_count", 0)
         if out["n_dense_lead"] > n_layer:

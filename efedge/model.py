@@ -33,6 +33,7 @@ from efedge.experts.scheduler import cache_aware_reroute
 from efedge.experts.store import ExpertStore, ExpertWeights, ResidentExperts
 from efedge.gguf_file import GGUFFile
 from efedge.kernels import decode as dk
+from efedge.kernels import moe
 from efedge.kernels import prefill as pk
 from efedge.kernels.activations import act_scheme
 from efedge.kv_cache import KVCache
@@ -219,8 +220,49 @@ def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarra
                          out)
 
 
+def _int_ffn(f: _FFN) -> bool:
+    """Whether gate, up and down all have integer kernels (kernels.moe covers them)."""
+    return all(int(q) in kernels.INT_QTYPES for q in f.qt)
+
+
+def _moe_tile(f: _FFN) -> int:
+    """Rows per work item of kernels.moe.moe_ffn: a multiple of 8, at most 64, and at
+    least two items per thread for one expert's gate and up."""
+    rows = f.gate.shape[1]
+    return max(8, min(64, rows // (numba.get_num_threads() * 2)) // 8 * 8)
+
+
+def _fused_experts(f: _FFN, x: np.ndarray, ids: np.ndarray, w: np.ndarray,
+                   slots: np.ndarray) -> None:
+    """slots[t, k] = w[t, k] · expert ids[t, k] on x[t] (kernels.moe: one call for every
+    expert of the layer, the same bits as one call per expert)."""
+    moe.moe_ffn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64),
+                np.ascontiguousarray(w, np.float32), f.gate, f.up, f.down, f.qt, f.sc,
+                slots, _moe_tile(f))
+
+
+def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, experts,
+                  slots: np.ndarray) -> bool:
+    """All routed experts of a prefill layer in one call when they are resident (counted
+    as ResidentExperts.acquire counts them); False where the expert loop must run."""
+    if (not isinstance(experts, ResidentExperts) or blk.exp_bias is not None
+            or not _int_ffn(blk.experts)):
+        return False
+    n = len(np.unique(ids))
+    experts.counters.expert_requests += n
+    experts.counters.hits += n
+    _fused_experts(blk.experts, h, ids, w, slots)
+    return True
+
+
 def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """One routed expert on the tokens sent to it: x [t, D] → [t, D]."""
+    f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
+    if _int_ffn(f):  # the resident prefill path's arithmetic (_resident_moe)
+        t = x.shape[0]
+        slots = np.empty((t, 1, f.down.shape[1]), np.float32)
+        _fused_experts(f, x, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32), slots)
+        return slots[:, 0]
     if x.shape[0] == 1:
         out = np.empty((1, w.down.shape[0]), np.float32)
         _expert_token(np.ascontiguousarray(x[0], dtype=np.float32), w, 1.0, out)
@@ -387,9 +429,11 @@ class Transformer:
         if self.on_route is not None:  # the experts this layer will really use
             self.on_route(il, h, ids)
         slots = np.zeros((t, c.n_expert_used, c.n_embd), dtype=np.float32)  # [T, K, D]
-        for e, ew in experts.acquire(il, np.unique(ids)):
-            tok, kk = np.nonzero(ids == e)
-            slots[tok, kk] = _expert(blk, e, np.ascontiguousarray(h[tok]), ew) * w[tok, kk, None]
+        if not _resident_moe(blk, h, ids, w, experts, slots):
+            for e, ew in experts.acquire(il, np.unique(ids)):
+                tok, kk = np.nonzero(ids == e)
+                slots[tok, kk] = (_expert(blk, e, np.ascontiguousarray(h[tok]), ew)
+                                  * w[tok, kk, None])
         out = slots[:, 0].copy()
         for kk in range(1, c.n_expert_used):  # fixed summation order → bitwise stable
             out += slots[:, kk]

@@ -82,6 +82,11 @@ MODELS: dict[str, ModelProfile] = {p.name: p for p in [
     ModelProfile("gpt-oss-20b", 24, 32, 4, 13.2e6, 12e6,
                  "peers.md §4: 2880/2880, 32 experts top-4, 24 layers; ~13.2 MB per expert "
                  "in MXFP4; attention 2880×(4096+2·512)+4096×2880"),
+    ModelProfile("granite-3.1-3b-a800m", 32, 40, 8, 1.45e6, 4e6,
+                 "ibm-granite/granite-3.1-3b-a800m config.json: 1536/512, 40 experts top-8, "
+                 "32 layers, 24 heads (8 kv) of 64; 3·1536·512 per expert at ~4.8 bpw ≈ 1.4 "
+                 "MB (Q6_K down halves in Q4_K_M ≈ 1.45 MB); attention 1536×(1536+2·512+1536) "
+                 "at ~4.8 bpw + an F32 router"),
 ]}
 
 

@@ -11,8 +11,9 @@ from efedge.kernels import SUPPORTED_QTYPES, check_qtype, dequantize, matmul, ma
 Q = GGMLQuantizationType
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
-             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
-QUANTIZABLE = {Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}  # gguf.quants.quantize works
+             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4]
+# gguf.quants.quantize works
+QUANTIZABLE = {Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4}
 # byte offsets of the fp16 scale fields in one block of the types built from random bytes
 SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
                 Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
@@ -458,3 +459,15 @@ def test_exp_is_exact_after_a_fast_caller():
     ref64 = np.exp(x.astype(np.float64))
     assert np.isfinite(o).all()
     assert (np.abs(o - ref64) / np.spacing(ref64.astype(np.float32))).max() < 1.5
+
+
+def test_mxfp4_every_exponent_bit_exact():
+    """MXFP4 (gpt-oss experts): all 256 E8M0 exponents, including the ones below 2 that
+    ggml_e8m0_to_fp32_half shifts by hand and 255 (inf / nan), and every nibble."""
+    raw = np.zeros((256, 17), np.uint8)
+    raw[:, 0] = np.arange(256)
+    raw[:, 1:] = (np.arange(16, dtype=np.uint8) * 17)[None]  # nibbles 0..15, low and high
+    got = dequantize(readonly(raw), int(Q.MXFP4))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = gq.dequantize(raw, Q.MXFP4)
+    assert same_bits(got, ref)

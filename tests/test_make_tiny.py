@@ -13,6 +13,8 @@ from gguf_tools import make_tiny
 from gguf_tools.make_tiny import ARCHS, write_tiny
 
 ALL_ARCHS = list(ARCHS)
+# Llama-shaped layouts (q / k / v, one FFN per layer); tiny_archs writes the others
+STD_ARCHS = [a for a in ARCHS if "plan" not in ARCHS[a]]
 D, L, E, K, F_EXP, F, HD = 256, 3, 16, 4, 256, 512, 64  # the "test" preset
 
 
@@ -27,7 +29,7 @@ def _shape(t) -> tuple[int, ...]:
     return tuple(int(x) for x in t.shape)
 
 
-@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("arch", STD_ARCHS)
 def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
     _, kv, ts = _reader(tiny_gguf(arch, "F32"))
     a = ARCHS[arch]["gguf_arch"]
@@ -74,6 +76,29 @@ def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
         assert _shape(ts["blk.0.attn_k_norm.weight"]) == (D,)
     if arch in ("mixtral", "olmoe"):
         assert kv[f"{a}.feed_forward_length"] == F_EXP
+
+
+def test_deepseek2_and_gpt_oss_layouts(tiny_gguf):
+    from gguf_tools.tiny_archs import DS_DIMS, OSS_WINDOW
+
+    x = DS_DIMS
+    _, kv, ts = _reader(tiny_gguf("deepseek2", "F32"))
+    assert kv["deepseek2.leading_dense_block_count"] == x["dense_lead"] == 1
+    assert kv["deepseek2.attention.head_count_kv"] == 1  # the MLA cache: one latent head
+    assert kv["deepseek2.attention.key_length"] == x["kv_lora"] + x["rope"]
+    assert kv["deepseek2.attention.key_length_mla"] == x["nope"] + x["rope"]
+    assert _shape(ts["blk.1.attn_k_b.weight"]) == (x["nope"], x["kv_lora"], 4)
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F)  # dense first layer
+    assert "blk.0.ffn_gate_exps.weight" not in ts
+    assert _shape(ts["blk.1.ffn_up_shexp.weight"]) == (D, F_EXP * x["n_shared"])
+    _, kv, ts = _reader(tiny_gguf("deepseek2-v3", "F32"))
+    assert kv["deepseek2.expert_gating_func"] == 2 and kv["deepseek2.expert_group_count"] == 4
+    assert _shape(ts["blk.1.exp_probs_b.bias"]) == (E,)
+    _, kv, ts = _reader(tiny_gguf("gpt-oss", "F32"))
+    assert kv["gpt-oss.attention.sliding_window"] == OSS_WINDOW
+    assert _shape(ts["blk.0.attn_sinks.weight"]) == (4,)
+    assert _shape(ts["blk.0.ffn_down_exps.bias"]) == (D, E)
+    assert _shape(ts["blk.0.post_attention_norm.weight"]) == (D,)
 
 
 def test_f16_holds_the_f32_weights_rounded(tiny_gguf):

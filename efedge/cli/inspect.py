@@ -28,8 +28,8 @@ def describe(path) -> dict:
         layers = []
         expert_bytes = 0
         for il in range(cfg.n_layer):
-            if not cfg.is_moe:
-                break
+            if not cfg.is_moe_layer(il):
+                continue  # dense models, deepseek2's leading dense layers
             parts = {p: gf.tensor(f"blk.{il}.ffn_{p}_exps.weight") for p in ("gate", "up", "down")}
             per_expert = sum(t.nbytes // cfg.n_expert for t in parts.values())
             expert_bytes += per_expert * cfg.n_expert
@@ -48,9 +48,36 @@ def describe(path) -> dict:
             "active_expert_bytes_per_token": sum(
                 lay["bytes_per_expert"] * cfg.n_expert_used for lay in layers),
             "quant_types": dict(types.most_common()), "expert_layers": layers,
+            "dense_layers": [il for il in range(cfg.n_layer) if not cfg.is_moe_layer(il)]
+            if cfg.is_moe else [],
+            "features": _features(cfg),
         }
     finally:
         gf.close()
+
+
+def _features(c) -> dict:
+    """The architecture's quirks that change the arithmetic (issue 10's archs)."""
+    out: dict = {"attention": c.spec.attention, "rope": c.spec.rope_style}
+    if c.spec.scales:
+        out.update(embedding_scale=c.embd_scale, residual_scale=c.residual_scale,
+                   attention_scale=c.attn_scale, logit_scale=c.logit_scale)
+    if c.spec.attention == "mla":
+        out.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+                   rope_dims=c.rope_dim)
+    if c.sliding_window:
+        out.update(sliding_window=c.sliding_window, swa_layers="every other (even) layer")
+    if c.is_moe:
+        out["routing"] = c.gating if c.spec.routing != "softmax" else "softmax"
+        if c.expert_weights_scale:
+            out["expert_weights_scale"] = c.expert_weights_scale
+        if c.n_expert_groups > 1:
+            out["expert_groups"] = f"{c.n_group_used} of {c.n_expert_groups}"
+        if c.spec.expert_bias:
+            out["expert_biases"] = True
+        if c.spec.expert_act != "silu":
+            out["expert_activation"] = c.spec.expert_act
+    return out
 
 
 def _mib(n: int) -> str:
@@ -69,6 +96,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"layers         {info['layers']}  width {info['embedding_length']}  heads "
           f"{info['heads']} (kv {info['kv_heads']}, dim {info['head_dim']})  vocab {info['vocab']}")
     print(f"context        {info['context_length']}")
+    feats = {k: v for k, v in info["features"].items()
+             if (k, v) not in (("attention", "standard"), ("routing", "softmax"))}
+    if feats:
+        print("features       " + ", ".join(f"{k} {v}" for k, v in feats.items()))
+    if info["dense_layers"]:
+        print(f"dense layers   {info['dense_layers']} (no routed experts)")
     if info["experts"]:
         print(f"experts        {info['experts']} per layer, {info['experts_used']} active, "
               f"ffn {info['expert_ffn']}" +

@@ -290,6 +290,14 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
         gf = path
     try:
         cfg = config if config is not None else config_from_gguf(gf)
+        s = cfg.spec
+        if (s.attention != "standard" or s.routing != "softmax" or s.scales
+                or cfg.has_shared and not s.shared_gate):
+            from efedge.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "
+                                        "yet (its attention, routing or multipliers); use "
+                                        "device='cpu'")
         return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
                          hybrid=hybrid, dense=dense, counters=counters, ubatch=ubatch,

@@ -12,41 +12,67 @@ Value widths that are not a multiple of 32 are not supported here (the model che
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import gemm as gm
 from . import generic as g
 from ._fp import FAST, dot, half_to_f32, round_f16
+from ._ir import F16C
 from .nn import exp_f32, rms_norm_into, rope_into, silu_mul, store_f16, sum_squares
 from .simd_attn import NQ, attn_scores_q4, attn_values_q4
+
+if F16C:
+    @intrinsic
+    def _round_half(typingctx, x):
+        """float32 x rounded to the nearest half (vcvtps2ph / vcvtph2ps: loops over it
+        vectorise); the same value as _fp.round_f16."""
+        if not isinstance(x, types.Float) or x.bitwidth != 32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(x), codegen
+else:  # pragma: no cover - hosts without F16C: the portable bit arithmetic
+    _round_half = round_f16
 
 GNT = gm.NT
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def gemm_acts(qt, xq, xd, xs):
-    """(xdb, xsum) of the tiled product (gemm) from 8-bit activations made for qt:
-    the scale of each activation block and the sum of xq over each sub-block."""
-    n_tok, n = xq.shape
+def gemm_acts_row(qt, xq, xd, xs, xdb, xsum):
+    """One token's activations for the tiled product (gemm) from its 8-bit activations
+    made for qt (xq, xd, xs): xdb = the scale of each activation block, xsum = the sum of
+    xq over each sub-block (arrays may be longer than needed)."""
+    n = xq.shape[0]
     if qt == g.Q4_0 or qt == g.Q8_0:
-        xdb = np.empty((n_tok, n // 32), np.float32)
-        xsum = np.empty((n_tok, n // 32), np.int32)
-        for t in range(n_tok):
-            for b in range(n // 32):
-                xdb[t, b] = xd[t, 8 * b]
-                s = 0
-                for j in range(32 * b, 32 * b + 32):
-                    s += xq[t, j]
-                xsum[t, b] = s
-    elif qt == g.Q4_K:
-        xdb = np.ascontiguousarray(xd[:, :n // 256])
-        xsum = np.empty((n_tok, n // 32), np.int32)
-        for t in range(n_tok):
-            for j in range(n // 32):
-                xsum[t, j] = xs[t, 2 * j] + xs[t, 2 * j + 1]
+        for b in range(n // 32):
+            xdb[b] = xd[8 * b]
+            s = 0
+            for j in range(32 * b, 32 * b + 32):
+                s += xq[j]
+            xsum[b] = s
     else:
-        xdb = np.ascontiguousarray(xd[:, :n // 256])
-        xsum = np.ascontiguousarray(xs[:, :n // 16])
+        for b in range(n // 256):
+            xdb[b] = xd[b]
+        if qt == g.Q4_K:
+            for j in range(n // 32):
+                xsum[j] = xs[2 * j] + xs[2 * j + 1]
+        else:
+            for j in range(n // 16):
+                xsum[j] = xs[j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def gemm_acts(qt, xq, xd, xs):
+    """gemm_acts_row for every token: (xdb [T, n/32], xsum [T, n/16])."""
+    n_tok, n = xq.shape
+    xdb = np.empty((n_tok, n // 32), np.float32)
+    xsum = np.empty((n_tok, n // 16), np.int32)
+    for t in range(n_tok):
+        gemm_acts_row(qt, xq[t], xd[t], xs[t], xdb[t], xsum[t])
     return xdb, xsum
 
 
@@ -94,7 +120,7 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
     tokens per step. r0 is a multiple of 8; a last tile of fewer rows is padded."""
     rows = w.shape[0]
     n_tok, n = xq.shape
-    nb = xdb.shape[1]
+    nb = n // 32 if qt == g.Q4_0 or qt == g.Q8_0 else n // 256
     wt = np.empty(8 * n, np.uint8)
     ws = np.empty(n // 16 * 8, np.float32)
     wm = np.empty(n // 16 * 8, np.float32)
@@ -192,7 +218,7 @@ def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_
                     qv[j] = (qv[j] * qs) * q_norm[q0 + j]
             rope_into(qv, cos[t], sin[t], neox)
             for j in range(head_dim):
-                qv[j] = round_f16(qv[j])
+                qv[j] = _round_half(qv[j])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
@@ -227,7 +253,7 @@ def _softmax_f16(scores, n_valid, n_all):
         tot += e
     inv = np.float32(1.0) / tot
     for s in range(n_valid):
-        scores[s] = round_f16(scores[s] * inv)
+        scores[s] = _round_half(scores[s] * inv)
     for s in range(n_valid, n_all):
         scores[s] = 0.0
 
