@@ -89,3 +89,39 @@ def test_simulate_cli_profiles_and_json(trace, capsys):
     assert len(rows) == 4 and {r["policy"] for r in rows} == {"ondemand", "lfu"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert cli_main(["simulate", str(trace[0]), "--hw", "nope"]) == 1
+
+
+def test_virtual_link_keeps_busy_between_clock_steps():
+    """Queued copies run back to back on the virtual link: each starts when the previous
+    one ends (or when it was queued, if later), not when the simulator next looks. (The
+    simulator once started a queued copy only at the next clock step: one expert per
+    layer's compute, which made prefetching look useless on fast links.)"""
+    from efedge.experts.cache import READY, ExpertCache
+    from efedge.experts.stats import Counters
+    from efedge.experts.transfer import DEMAND, PREFETCH
+    from efedge.experts.virtual import VirtualClock, VirtualTransferEngine
+    from efedge.simulate import TraceStore
+
+    store = TraceStore(1, 8, [1e6])
+    cache = ExpertCache(store, 8 * 10**6, 2, allocate=False)
+    clock, counters = VirtualClock(), Counters()
+    eng = VirtualTransferEngine(store, cache, counters, clock, 1e9)  # 1 ms per expert
+    def load(e, priority):
+        cache.assign(e, 0, e)  # slot e holds expert e
+        eng.submit(0, e, e, priority)
+
+    for e in range(4):
+        load(e, PREFETCH)
+    clock.advance(2.5e-3)  # queued later, while the link is still busy: demand goes first
+    load(4, DEMAND)
+    eng.advance_to(10e-3)  # one look after all five should be done
+    assert all(cache.slot_state[s] == READY for s in range(5))
+    assert counters.bytes_loaded == 5 * 10**6
+    assert eng.next_event() is None or eng.next_event() <= 10e-3
+    # order: e0 0-1 ms, e1 1-2, e2 2-3 (e4 was not queued yet at 2 ms), then the demand
+    # load e4 3-4 before the prefetch e3 4-5: the link ends at 5 ms
+    assert eng._busy_until == pytest.approx(5e-3)
+    # a copy queued on an idle link starts when it is queued
+    clock.advance(20e-3 - clock.t)
+    load(5, PREFETCH)
+    assert eng.next_event() == pytest.approx(21e-3)

@@ -40,6 +40,7 @@ class VirtualTransferEngine:
                                                      for i in range(store.n_layer)]
         self._queue: list[Job] = []
         self._seq = itertools.count()
+        self._t_sub: dict[int, float] = {}  # job seq -> when it was queued
         self.jobs_by_key: dict[int, Job] = {}
         self._busy_until = 0.0
         self._current: Job | None = None
@@ -49,6 +50,7 @@ class VirtualTransferEngine:
 
     def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
         job = Job(priority, next(self._seq), layer, expert, slot)
+        self._t_sub[job.seq] = self.clock.t
         heapq.heappush(self._queue, job)
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
         self._pump()
@@ -58,6 +60,7 @@ class VirtualTransferEngine:
         if not job.started and job.priority != DEMAND:
             job.cancelled = True
             new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
+            self._t_sub[new.seq] = self._t_sub.get(job.seq, self.clock.t)  # queued since
             heapq.heappush(self._queue, new)
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
 
@@ -73,27 +76,45 @@ class VirtualTransferEngine:
         return sum(1 for j in self._queue if not j.cancelled)
 
     def _pump(self) -> None:
-        """Complete every job that has finished by now and start the next ones."""
+        """Complete every job that has finished by now and start the next ones, each at
+        the moment the link came free (not at the moment the simulator looks: the clock
+        moves in steps of a layer's compute, and a link idle between a finished copy and
+        the next step would move one expert per layer)."""
         now = self.clock.t
         while True:
+            free_at = now
             if self._current is not None:
                 if self._busy_until > now:
                     return
                 self._finish(self._current)
                 self._current = None
-            job = None
-            while self._queue:
-                cand = heapq.heappop(self._queue)
-                if not cand.cancelled:
-                    job = cand
-                    break
+                free_at = self._busy_until
+            job = self._next_job(free_at)
             if job is None:
                 return
             job.started = True
-            start = max(self._busy_until, now) if self._busy_until <= now else self._busy_until
+            start = max(free_at, self._t_sub.pop(job.seq, free_at))
             nbytes = self.bytes_per_expert[job.layer]
             self._busy_until = start + self.lat + nbytes / self.bw
             self._current = job
+
+    def _next_job(self, free_at: float) -> Job | None:
+        """The job the link starts when it comes free at `free_at`: the most urgent of
+        those queued by then (demand before prefetch, then submission order); if none
+        was, the first queued after (the link idled until it came)."""
+        live = [j for j in self._queue if not j.cancelled]
+        if not live:
+            self._queue.clear()
+            return None
+        ready = [j for j in live if self._t_sub.get(j.seq, free_at) <= free_at]
+        job = min(ready) if ready else min(live, key=lambda j: (self._t_sub[j.seq], j))
+        live.remove(job)
+        for j in self._queue:
+            if j.cancelled:
+                self._t_sub.pop(j.seq, None)
+        self._queue = live
+        heapq.heapify(self._queue)
+        return job
 
     def _finish(self, job: Job) -> None:
         key = job.layer * self.store.n_expert + job.expert
