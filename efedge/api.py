@@ -88,6 +88,13 @@ class Model:
         self._gf = GGUFFile(self.path)
         try:
             self.config: ModelConfig = config_from_gguf(self._gf)
+            if slack > 0 and self.config.spec.routing != "softmax":
+                # deepseek2's groups / selection bias / sigmoid weights and gpt-oss's
+                # softmax over the k chosen logits have no "router probability" to swap by
+                raise UnsupportedModelError(
+                    f"routing='cache-aware' is not supported for architecture "
+                    f"{self.config.arch!r} (its routing is {self.config.spec.routing!r}); "
+                    "use routing='exact'")
             self.tokenizer = Tokenizer.from_metadata(self._gf.metadata)
             self._progress(0.3, "reading weights")
             self.counters = Counters()

@@ -3,13 +3,15 @@ checked against the tensor shapes before anything is computed."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from efedge import archs
+from efedge import archs, rope
 from efedge.archs import ArchSpec
 from efedge.errors import ModelFormatError, UnsupportedModelError
 from efedge.gguf_file import GGUFFile
+from efedge.rope import RopeScaling
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class ModelConfig:
     # gpt-oss: layers il with il % swa_pattern < swa_pattern - 1 see the last sliding_window
     sliding_window: int = 0
     swa_pattern: int = 0
+    # linear / YaRN rope scaling (efedge/rope.py); gpt-oss's sliding-window layers may
+    # have their own base (rope.freq_base_swa) and scale: (base, scaling), None = the same
+    rope_scaling: RopeScaling = RopeScaling()
+    rope_swa: tuple[float, RopeScaling] | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -70,6 +76,12 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         return self.kq_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def rope_of(self, il: int) -> tuple[float, RopeScaling]:
+        """(base, scaling) of layer il's rope."""
+        if self.rope_swa is not None and self.is_swa_layer(il):
+            return self.rope_swa
+        return self.rope_base, self.rope_scaling
 
 
 def _int(gf: GGUFFile, key: str, default: int | None = None) -> int:
@@ -163,14 +175,16 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         # would have no text (or text would have no row)
         raise ModelFormatError(f"tensor 'token_embd.weight': {n_vocab} rows do not match "
                                f"the {len(tokens)} entries of 'tokenizer.ggml.tokens'")
+    n_ctx_train = _positive(gf, k + "context_length", 2048)
+    rope_base = _float(gf, k + "rope.freq_base", 10000.0, minimum=1e-30)
     cfg = ModelConfig(
         arch=arch, spec=spec, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         n_head_kv=n_head_kv, head_dim=head_dim, v_head_dim=v_head_dim, n_vocab=n_vocab,
-        n_ctx_train=_positive(gf, k + "context_length", 2048),
-        rope_base=_float(gf, k + "rope.freq_base", 10000.0, minimum=1e-30), rope_dim=rope_dim,
+        n_ctx_train=n_ctx_train, rope_base=rope_base, rope_dim=rope_dim,
         norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
         n_ff_shexp=n_ff_shexp, **_scales(gf, spec, k), **_extras(gf, spec, k, n_layer),
+        **_rope(gf, spec, k, n_ctx_train, rope_base),
     )
     _validate_shapes(gf, cfg)
     return cfg
@@ -193,15 +207,26 @@ def _scales(gf: GGUFFile, spec: ArchSpec, k: str) -> dict:
 _GATING = {1: "softmax", 2: "sigmoid", 3: "softmax_weight"}  # llama_expert_gating_func_type
 
 
+def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -> dict:
+    """Rope scaling as llama.cpp applies it to every architecture here (efedge/rope.py)."""
+    arch = k[:-1]
+    scaling = rope.scaling_from_gguf(gf, arch, n_ctx_train)
+    out: dict = {"rope_scaling": scaling}
+    if spec.attention == "sinks":  # gpt-oss: the sliding-window layers' own base / scale
+        base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
+        swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
+        if (base_swa, swa) != (base, scaling):
+            out["rope_swa"] = (base_swa, swa)
+    return out
+
+
 def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
     """deepseek2's and gpt-oss's keys (see the ModelConfig fields)."""
     out: dict = {}
-    scaling = gf.get(k + "rope.scaling.type", "none")
-    if spec.attention != "standard" and scaling not in ("none", None):
-        # DeepSeek-V2(-Lite) and gpt-oss ship YaRN: computing without it would give
-        # wrong logits quietly
-        raise UnsupportedModelError(f"metadata key {k + 'rope.scaling.type'!r}: rope scaling "
-                                    f"{scaling!r} is not supported yet for {spec.name!r}")
+    if spec.attention == "mla" and _float(gf, k + "attention.temperature_scale", 0.0):
+        # Mistral-Large-3 style query temperature: not computed here
+        raise UnsupportedModelError(f"metadata key {k + 'attention.temperature_scale'!r}: "
+                                    "attention temperature scaling is not supported")
     if spec.dense_lead:
         out["n_dense_lead"] = _int(gf, k + "leading_dense_block_count", 0)
         if out["n_dense_lead"] > n_layer:

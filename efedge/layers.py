@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from efedge import rope
+
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x [..., D] * rsqrt(mean(x²) + eps) * w — as ggml_rms_norm then mul."""
@@ -12,11 +14,11 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x * (1.0 / np.sqrt(ms + np.float32(eps)))).astype(np.float32) * w
 
 
-def rope_tables(positions: np.ndarray, rope_dim: int, base: float) -> tuple[np.ndarray, ...]:
-    """cos / sin [T, rope_dim/2] for the given positions (theta_i = pos · base^(-2i/dim))."""
-    inv = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
-    ang = positions.astype(np.float64)[:, None] * inv[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+def rope_tables(positions: np.ndarray, rope_dim: int, base: float, scaling=None,
+                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """cos / sin [T, rope_dim/2] for the given positions (theta_i = pos · base^(-2i/dim)),
+    with linear / YaRN scaling (scaling: a rope.RopeScaling) folded in."""
+    return rope.tables(positions, rope_dim, base, scaling, freq_factors)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:

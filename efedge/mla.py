@@ -14,7 +14,8 @@ Two GGUF layouts:
 * legacy (``attn_kv_b``): c is decompressed to per-head k_nope and v, the cache holds
   per-head keys [k_nope, k_pe] and values, plain multi-head attention.
 
-Scores are scaled by 1/√(nope + rope) in both. Shapes: T tokens, H heads, D width,
+Scores are scaled by 1/√(nope + rope) in both (times mscale² under YaRN: efedge/rope.py,
+the rope tables carry the rest). Shapes: T tokens, H heads, D width,
 L kv_lora, R rope dims, N nope dims, V value dims.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge import kernels, layers
+from efedge import kernels, layers, rope
 from efedge.errors import ModelFormatError, UnsupportedModelError
 from efedge.kernels import prefill as pk
 
@@ -56,7 +57,8 @@ class MLAAttention:
                                    f"(key size {nope + r}, rope {r})")
         self.h, self.nope, self.r, self.v, self.lora = h, nope, r, v, lora
         self.eps = np.float32(c.norm_eps)
-        self.scale = np.float32(1.0 / np.sqrt(nope + r))
+        # 1/√(nope + rope), times mscale² under YaRN (llm_build_deepseek2)
+        self.scale = np.float32(rope.mla_kq_scale(c.rope_scaling, nope + r))
         qk = h * (nope + r)
         self.attn_q = self.attn_q_a = None
         if b + "attn_q.weight" in gf.tensors:  # V2-Lite: no q lora
@@ -128,7 +130,7 @@ class MLAAttention:
             q = self.attn_q_b(tf._norm(self.attn_q_a(hn, acts), self.attn_q_a_norm))
         q = q.reshape(t, h, nope + r)
         ckv = self.attn_kv_a_mqa(hn, acts)  # [T, L + R]
-        cos, sin = tf._rope_rows(pos, t)
+        cos, sin = tf._rope_rows(pos, t, il)
         q_pe = layers.apply_rope(q[:, :, nope:], cos, sin, "normal")
         k_pe = layers.apply_rope(ckv[:, None, self.lora:], cos, sin, "normal")[:, 0]
         latent = tf._norm(np.ascontiguousarray(ckv[:, :self.lora]), self.attn_kv_a_norm)

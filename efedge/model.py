@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from efedge import kernels, layers
+from efedge import kernels, layers, rope
 from efedge.config import ModelConfig
 from efedge.experts.scheduler import cache_aware_reroute
 from efedge.experts.store import ExpertStore, ExpertWeights, ResidentExperts
@@ -236,9 +236,9 @@ def _fused_experts(f: _FFN, x: np.ndarray, ids: np.ndarray, w: np.ndarray,
                    slots: np.ndarray) -> None:
     """slots[t, k] = w[t, k] · expert ids[t, k] on x[t] (kernels.moe: one call for every
     expert of the layer, the same bits as one call per expert)."""
-    moe.moe_ffn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64),
-                np.ascontiguousarray(w, np.float32), f.gate, f.up, f.down, f.qt, f.sc,
-                slots, _moe_tile(f))
+    kernels.dynamic(moe.moe_ffn, np.ascontiguousarray(x, np.float32),
+                    np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(w, np.float32),
+                    f.gate, f.up, f.down, f.qt, f.sc, slots, _moe_tile(f))
 
 
 def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, experts,
@@ -337,7 +337,10 @@ class Transformer:
         # resident is swapped for a resident one whose router probability is within this
         # much of it. 0 = exact routing, identical to llama.cpp.
         self.routing_slack = 0.0
-        self._rope: tuple[np.ndarray, np.ndarray] | None = None  # cos / sin by position
+        # cos / sin by position, per rope (gpt-oss's sliding-window layers may differ)
+        self._rope: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+        # llama-3 style per-pair frequency divisors (llama, granitemoe) or None
+        self.rope_freqs = rope.freq_factors(gf, cfg, _vector)
         self.warmup_s = self.warmup()
 
     def warmup(self) -> float:
@@ -385,14 +388,19 @@ class Transformer:
             out *= np.float32(1.0 / self.cfg.logit_scale)
         return out
 
-    def _rope_rows(self, pos: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos / sin [t, rope_dim/2] of positions pos..pos+t, from a table grown in
-        powers of two (the same values as layers.rope_tables)."""
+    def _rope_rows(self, pos: int, t: int, il: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """cos / sin [t, rope_dim/2] of positions pos..pos+t for layer il (rope scaling
+        folded in), from a table grown in powers of two (the same values as
+        layers.rope_tables)."""
         c = self.cfg
-        if self._rope is None or self._rope[0].shape[0] < pos + t:
+        swa = c.rope_swa is not None and c.is_swa_layer(il)
+        tab = self._rope.get(swa)
+        if tab is None or tab[0].shape[0] < pos + t:
             n = 1 << max(8, (pos + t - 1).bit_length())
-            self._rope = layers.rope_tables(np.arange(n), c.rope_dim, c.rope_base)
-        return self._rope[0][pos:pos + t], self._rope[1][pos:pos + t]
+            base, scaling = c.rope_of(il)
+            tab = self._rope[swa] = layers.rope_tables(np.arange(n), c.rope_dim, base, scaling,
+                                                       self.rope_freqs)
+        return tab[0][pos:pos + t], tab[1][pos:pos + t]
 
     def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache) -> np.ndarray:
         if blk.custom_attn is not None:  # deepseek2 MLA, gpt-oss sinks
@@ -411,8 +419,8 @@ class Transformer:
                       c.n_head, c.n_head_kv, c.head_dim, c.v_head_dim, kc, vc, pos, qh)
         if c.v_head_dim % 32 == 0:
             att = np.empty((t, c.n_head * c.v_head_dim), np.float32)
-            pk.prefill_attend(qh, kc, vc, pos, c.n_head_kv, c.v_head_dim,
-                              np.float32(c.attn_scale), att)
+            kernels.dynamic(pk.prefill_attend, qh, kc, vc, pos, c.n_head_kv, c.v_head_dim,
+                            np.float32(c.attn_scale), att)
         else:  # value heads the vector kernels do not cover: the numpy reference
             keys, values = kv.view(il, pos + t)
             att = layers.attention(qh, keys, values, pos, scale=c.attn_scale)

@@ -62,7 +62,7 @@ class SinkAttention:
         q = self.attn_q(hn, acts) + self.attn_q_b
         k = self.attn_k(hn, acts) + self.attn_k_b
         v = self.attn_v(hn, acts) + self.attn_v_b
-        cos, sin = tf._rope_rows(pos, t)
+        cos, sin = tf._rope_rows(pos, t, il)  # YaRN folded in; SWA layers' own base
         qh = np.empty((t, c.n_head, c.head_dim), np.float32)
         kc, vc = kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il]
         # rope (neox), the KV store and q rounded to f16, as for the other archs

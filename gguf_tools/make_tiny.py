@@ -81,7 +81,16 @@ PRESETS: dict[str, dict] = {
                   n_ctx=4096),
 }
 _EXTRA_DEFAULTS = dict(rope_base=10000.0, norm_eps=None, vocab_kind="bpe", vocab_pre="gpt-2",
-                       tied=False)
+                       tied=False, rope_scaling=None, rope_base_swa=None)
+# rope_scaling variants: "yarn" as gpt-oss / DeepSeek-V2 ship it (factor 32, the original
+# context = the preset's, so YaRN's ramp falls mid-way through the rope dims; deepseek2
+# adds mscale_all_dim 0.707 as yarn_log_multiplier 0.0707), "linear" with an attn_factor,
+# "llama3": a rope_freqs.weight of per-pair divisors 1 … 8 (llama / mixtral / granitemoe).
+# rope_base_swa: gpt-oss's rope.freq_base_swa (the sliding-window layers' base).
+ROPE_SCALINGS = ("yarn", "linear", "llama3")
+YARN_FACTOR = 32.0
+DS_YARN_LOG_MUL = 0.0707
+LINEAR_FACTOR, LINEAR_ATTN_FACTOR = 4.0, 1.1
 # Scales of the random weights (see the module docstring).
 EMBD_STD = 1.0
 QK_GAIN = 1.25  # q and k both scaled: scores have std ≈ QK_GAIN²
@@ -115,6 +124,12 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     a = ARCHS[arch]
+    if cfg["rope_scaling"] not in (None, *ROPE_SCALINGS):
+        raise ValueError(f"unknown rope_scaling {cfg['rope_scaling']!r}; known: "
+                         f"{', '.join(ROPE_SCALINGS)}")
+    if cfg["rope_scaling"] == "llama3" and a["gguf_arch"] not in ("llama", "granitemoe"):
+        raise ValueError("rope_scaling 'llama3' (rope_freqs.weight) is read by llama.cpp "
+                         "for llama and granitemoe only")
     if cfg["head_dim"] is None:
         cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
     if cfg["norm_eps"] is None:
@@ -192,12 +207,16 @@ def tensor_plan(cfg: dict, n_vocab: int) -> list[TensorSpec]:
     if not cfg["tied"]:
         # logits std ≈ 2 with a unit-RMS final hidden state
         out.append(T("output.weight", (d, n_vocab), "output", scale=2.0))
+    if cfg["rope_scaling"] == "llama3":
+        out.append(T("rope_freqs.weight", (hd // 2,), "rope_freqs", keep_f32=True))
     return out
 
 
 def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
     shape = spec.np_shape
+    if spec.init == "rope_freqs":  # llama-3's shape: 1 for high frequencies … 8 for low
+        return np.clip(np.linspace(-1.0, 9.0, shape[0]), 1.0, 8.0).astype(np.float32)
     if spec.init == "norm":
         return spec.scale * (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
     if spec.init == "bias":
@@ -229,6 +248,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int
 
         w.add_rope_freq_base(float(cfg["rope_base"]))
         w.add_layer_norm_rms_eps(float(cfg["norm_eps"]))
+        _write_rope_scaling(w, cfg, arch)
         getattr(tiny_archs, a["plan"] + "_metadata")(w, cfg, a)
         return add_vocab(w, kind=cfg["vocab_kind"], n_vocab=cfg["n_vocab"],
                          pre=cfg["vocab_pre"])
@@ -241,6 +261,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(float(cfg["rope_base"]))
     w.add_layer_norm_rms_eps(float(cfg["norm_eps"]))
+    _write_rope_scaling(w, cfg, arch)
     if a["moe"]:
         w.add_expert_count(cfg["n_expert"])
         w.add_expert_used_count(cfg["n_expert_used"])
@@ -262,6 +283,23 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int
     else:
         w.add_feed_forward_length(cfg["n_ff"])
     return add_vocab(w, kind=cfg["vocab_kind"], n_vocab=cfg["n_vocab"], pre=cfg["vocab_pre"])
+
+
+def _write_rope_scaling(w: gguf.GGUFWriter, cfg: dict, arch: str) -> None:
+    """The rope scaling keys of cfg["rope_scaling"] (see ROPE_SCALINGS)."""
+    kind = cfg["rope_scaling"]
+    if kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(YARN_FACTOR)
+        w.add_rope_scaling_orig_ctx_len(cfg["n_ctx"])
+        if arch == "deepseek2":
+            w.add_rope_scaling_yarn_log_mul(DS_YARN_LOG_MUL)
+    elif kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(LINEAR_FACTOR)
+        w.add_rope_scaling_attn_factors(LINEAR_ATTN_FACTOR)
+    if cfg["rope_base_swa"] is not None:
+        w.add_rope_freq_base_swa(float(cfg["rope_base_swa"]))
 
 
 def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str) -> None:
@@ -297,7 +335,8 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
     quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
     (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,
-    n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied.
+    n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied,
+    rope_scaling ("yarn", "linear", "llama3": see ROPE_SCALINGS), rope_base_swa.
     The file appears atomically (written under a temporary name, then renamed).
     """
     path = Path(path)
@@ -356,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, dest=key, type=int, default=None)
     ap.add_argument("--vocab-kind", dest="vocab_kind", choices=("bpe", "spm"), default=None)
     ap.add_argument("--tied", action="store_true", default=None, help="no output.weight")
+    ap.add_argument("--rope-scaling", dest="rope_scaling", choices=ROPE_SCALINGS, default=None)
     args = vars(ap.parse_args(argv))
     keys = ("arch", "quant", "out", "preset", "seed", "threads")
     arch, quant, out, preset, seed, threads = (args.pop(k) for k in keys)

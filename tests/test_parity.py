@@ -138,22 +138,61 @@ def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     assert stats["bytes_loaded"] > 0 and stats["bytes_loaded"] % per_expert == 0
 
 
-def test_new_arch_yarn_files_are_refused(tmp_path, monkeypatch):
-    """Real DeepSeek-V2 / gpt-oss files use YaRN rope scaling, which efedge does not
-    compute yet: loading one says so instead of giving wrong logits."""
+# -- rope scaling (llama.cpp applies it to every architecture) ---------------------------
+# YaRN as DeepSeek-V2(-Lite) (with yarn_log_multiplier: scores scaled by mscale²), gpt-oss
+# (cos / sin scaled by mscale; here also its own rope base on the sliding-window layers)
+# and qwen3moe files carry it; linear scaling with an attn_factor; llama-3's
+# rope_freqs.weight. The tiny files put YaRN's ramp mid-way through the rope dims.
+ROPE_CASES = [("deepseek2", dict(rope_scaling="yarn")),
+              ("gpt-oss", dict(rope_scaling="yarn", rope_base_swa=5000.0)),
+              ("qwen3moe", dict(rope_scaling="yarn")),
+              ("mixtral", dict(rope_scaling="linear")),
+              ("mixtral", dict(rope_scaling="llama3"))]
+
+
+def _case_id(case) -> str:
+    return f"{case[0]}-{case[1]['rope_scaling']}"
+
+
+@pytest.mark.parametrize("arch, kw", ROPE_CASES, ids=[_case_id(c) for c in ROPE_CASES])
+def test_rope_scaling_logits_match_llama_cpp(tiny_gguf, arch, kw):
+    ours, ref = _compare(tiny_gguf(arch, "F32", n_layer=2, **kw))
+    rel = np.abs(ours - ref).max() / ref.std()
+    assert rel <= 2e-2, f"max|Δ|/std = {rel:.3g}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("arch, kw", ROPE_CASES[:3], ids=[_case_id(c) for c in ROPE_CASES[:3]])
+def test_rope_scaling_greedy_matches_llama_cpp(tiny_gguf, arch, kw):
+    path = tiny_gguf(arch, "F32", n_layer=2, **kw)
+    with efedge.load(path) as m:
+        prompt = _tokens(m.n_vocab, 8, seed=3)
+        ours = _greedy_ids(m, prompt, 32)
+    assert ours == llama_ref.llama_greedy(path, prompt, 32)
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path, monkeypatch):
+    """A rope scaling type efedge does not compute (longrope) is named, not ignored."""
     import gguf
 
-    from gguf_tools import tiny_archs
-    from gguf_tools.make_tiny import write_tiny
+    from gguf_tools import make_tiny
 
-    plain = tiny_archs.gptoss_metadata
+    plain = make_tiny._write_rope_scaling
 
-    def with_yarn(w, cfg, a):
-        plain(w, cfg, a)
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(32.0)
+    def longrope(w, cfg, arch):
+        plain(w, cfg, arch)
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
 
-    monkeypatch.setattr(tiny_archs, "gptoss_metadata", with_yarn)
-    path = write_tiny(tmp_path / "yarn.gguf", "gpt-oss", "F32", n_layer=1)
-    with pytest.raises(efedge.UnsupportedModelError, match="rope.scaling.type.*yarn"):
+    monkeypatch.setattr(make_tiny, "_write_rope_scaling", longrope)
+    path = make_tiny.write_tiny(tmp_path / "longrope.gguf", "gpt-oss", "F32", n_layer=1)
+    with pytest.raises(efedge.UnsupportedModelError, match="rope.scaling.type.*longrope"):
         efedge.load(path)
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch):
+    """Cache-aware routing swaps experts by router probability: deepseek2's and gpt-oss's
+    routing has no such single probability, so asking for it is refused by name."""
+    path = tiny_gguf(arch, "F32")
+    with pytest.raises(efedge.UnsupportedModelError, match="cache-aware.*" + arch):
+        efedge.load(path, cache="30%", routing="cache-aware")

@@ -45,6 +45,8 @@ class ArchSpec:
     expert_bias: bool = False  # biases on the router and on each expert's gate / up / down
     expert_act: str = "silu"  # "silu": silu(gate)·up; "swiglu_oai": gpt-oss clamped SwiGLU
     ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
+    # llama.cpp divides rope frequencies by the optional rope_freqs.weight (llama-3 files)
+    rope_freqs: bool = False
 
 
 def available() -> list[str]:

@@ -3,7 +3,9 @@
 adjacent pairs), the first ``leading_dense_block_count`` layers dense, an ungated shared
 expert of ``expert_shared_count`` × the routed width, and routing from the metadata:
 softmax or sigmoid gating, DeepSeek-V3's selection bias (``exp_probs_b``), expert groups,
-optional renormalisation and ``expert_weights_scale``. Decode runs the T-token path."""
+optional renormalisation and ``expert_weights_scale``. YaRN (DeepSeek-V2 / V2-Lite) also
+scales the attention scores by mscale² from ``rope.scaling.yarn_log_multiplier``
+(efedge/rope.py). Decode runs the T-token path."""
 
 from efedge.archs import ArchSpec
 

@@ -2,7 +2,9 @@
 logit per head and sliding-window attention on every other layer (efedge/oss.py), neox
 rope; routing takes the top-k router logits (the router has a bias) and a softmax over
 those k; experts have biases and a clamped SwiGLU (alpha 1.702, limit 7), usually in
-MXFP4. The FFN's norm is post_attention_norm. Decode runs the T-token path."""
+MXFP4. The FFN's norm is post_attention_norm. Real files use YaRN rope scaling (factor 32,
+cos / sin × mscale: efedge/rope.py); ``rope.freq_base_swa``, when set, is the
+sliding-window layers' rope base. Decode runs the T-token path."""
 
 from efedge.archs import ArchSpec
 

@@ -8,4 +8,5 @@ ungated."""
 from efedge.archs import ArchSpec
 
 SPEC = ArchSpec(name="granitemoe", rope_style="normal", moe=True, norm_topk=True,
-                shared_gate=False, shared_optional=True, scales=True)
+                shared_gate=False, shared_optional=True, scales=True,
+                rope_freqs=True)

@@ -6,4 +6,5 @@ top-k softmax weights.
 
 from efedge.archs import ArchSpec
 
-SPEC = ArchSpec(name="llama", rope_style="normal", moe=False, moe_optional=True, norm_topk=True)
+SPEC = ArchSpec(name="llama", rope_style="normal", moe=False, moe_optional=True, norm_topk=True,
+                rope_freqs=True)

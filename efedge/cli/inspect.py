@@ -67,6 +67,10 @@ def _features(c) -> dict:
                    rope_dims=c.rope_dim)
     if c.sliding_window:
         out.update(sliding_window=c.sliding_window, swa_layers="every other (even) layer")
+    r = c.rope_scaling
+    if r.kind != "none" and r.freq_scale != 1.0:
+        out["rope_scaling"] = f"{r.kind} x{1.0 / r.freq_scale:g}" + (
+            f" (original context {r.n_ctx_orig})" if r.kind == "yarn" else "")
     if c.is_moe:
         out["routing"] = c.gating if c.spec.routing != "softmax" else "softmax"
         if c.expert_weights_scale:

@@ -342,7 +342,8 @@ class GpuTransformer:
     def _forward_ubatch(self, tokens: np.ndarray, pos: int, kv, all_logits) -> np.ndarray | None:
         c = self.cfg
         t = tokens.shape[0]
-        cos, sin = layers.rope_tables(np.arange(pos, pos + t), c.rope_dim, c.rope_base)
+        cos, sin = layers.rope_tables(np.arange(pos, pos + t), c.rope_dim, c.rope_base,
+                                      c.rope_scaling, self.host.rope_freqs)
         rope = (self.up(cos), self.up(sin))
         x = self.up(self.host.embed(tokens))
         for il, blk in enumerate(self.blocks):

@@ -16,6 +16,9 @@ Every row is the same product ``prefill.matmul_q8`` computes for that expert on 
 tokens (the tiled product's result does not depend on which tokens share a call), so
 this gives the same bits as one call per expert, which is how the expert cache runs.
 Weights: gate / up / down [E, rows, row_bytes] of Q4_0, Q8_0, Q4_K or Q6_K.
+
+Run it through ``kernels.dynamic`` (work handed out in small chunks, not one equal
+share per thread: see there).
 """
 
 import numpy as np

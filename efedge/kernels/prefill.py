@@ -90,26 +90,42 @@ def _unpack(qt, w, r, wt, ws, wm):
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _gemm(qt, nt, wt, ws, wm, nb, xq, xdb, xsum, out, ldo):
-    """out[t, 0:8] for tokens 0 .. nt-1 (nt = 1 or gemm.NT) of the views given."""
+    """out[t, 0:8] for tokens 0 .. nt-1 (nt in gemm.TOKEN_STEPS) of the views given."""
     a, b, c = xq.shape[1], xdb.shape[1], xsum.shape[1]
     if qt == g.Q4_0:
-        if nt == GNT:
-            gm.gemm_q4_0_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        if nt == 8:
+            gm.gemm_q4_0_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q4_0_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q4_0_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
         else:
             gm.gemm_q4_0_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
     elif qt == g.Q4_K:
-        if nt == GNT:
-            gm.gemm_q4_k_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        if nt == 8:
+            gm.gemm_q4_k_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q4_k_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q4_k_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
         else:
             gm.gemm_q4_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
     elif qt == g.Q6_K:
-        if nt == GNT:
-            gm.gemm_q6_k_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        if nt == 8:
+            gm.gemm_q6_k_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q6_k_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q6_k_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
         else:
             gm.gemm_q6_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
     else:
-        if nt == GNT:
-            gm.gemm_q8_0_nt(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        if nt == 8:
+            gm.gemm_q8_0_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q8_0_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q8_0_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
         else:
             gm.gemm_q8_0_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
 
@@ -125,7 +141,6 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
     ws = np.empty(n // 16 * 8, np.float32)
     wm = np.empty(n // 16 * 8, np.float32)
     tmp = np.empty((GNT, 8), np.float32)
-    t4 = n_tok // GNT * GNT
     for r in range(r0, r1, 8):
         m = min(8, rows - r)
         if m == 8:
@@ -134,10 +149,10 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
             pad = np.zeros((8, w.shape[1]), np.uint8)
             pad[:m] = w[r:rows]
             _unpack(qt, pad, 0, wt, ws, wm)
-        for t in range(0, n_tok):
-            if t % GNT != 0 and t < t4:
-                continue
-            nt = GNT if t < t4 else 1
+        t = 0
+        while t < n_tok:
+            left = n_tok - t
+            nt = GNT if left >= GNT else 4 if left >= 4 else 2 if left >= 2 else 1
             if m == 8:
                 _gemm(qt, nt, wt, ws, wm, nb, xq[t:], xdb[t:], xsum[t:], out[t:, r:], rows)
             else:
@@ -145,6 +160,7 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
                 for i in range(nt):
                     for j in range(m):
                         out[t + i, r + j] = tmp[i, j]
+            t += nt
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
