@@ -283,6 +283,19 @@ def _ffn_sum(x: np.ndarray, y: np.ndarray, n: int, scale: np.float32, out: np.nd
         dk.ffn_sum_scaled(x, y, n, scale, out)
 
 
+def _none(*_args) -> None:
+    return None
+
+
+def _strided_stand_in(m: np.ndarray) -> np.ndarray:
+    """A read-only [2, rows, row_bytes] view with a slot pool's strides (not contiguous
+    across experts), so that the warm-up builds decode_ffn for StreamingExperts.ready_pool."""
+    slot = m[0].size + 8
+    buf = np.zeros(2 * slot, np.uint8)
+    return np.lib.stride_tricks.as_strided(buf, (2, *m.shape[1:]), (slot, m.shape[2], 1),
+                                           writeable=False)
+
+
 def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """Routed expert e of this layer on its tokens x [t, D] (with gpt-oss's biases and
     clamped SwiGLU where the layer has them)."""
@@ -364,6 +377,11 @@ class Transformer:
                 dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
                               f.gate, f.up, f.down, f.qt, f.sc,
                               np.empty((1, d), np.float32), numba.get_num_threads())
+                # and over an expert cache's slot pool (strided views: ready_pool)
+                pool = [_strided_stand_in(m) for m in (f.gate, f.up, f.down)]
+                dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
+                              *pool, f.qt, f.sc, np.empty((1, d), np.float32),
+                              numba.get_num_threads())
         finally:
             self.on_route = on_route
         return time.perf_counter() - t0
@@ -516,9 +534,14 @@ class Transformer:
                 dk.decode_ffn(h, ids, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
             else:
                 f = blk.experts  # quant types and schemes: the same for every expert
-                for e, ew in experts.acquire(il, np.unique(ids)):
-                    k = int(np.flatnonzero(ids == e)[0])
-                    _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
+                # all K already in the cache: one call over the slot pool, as resident
+                ready = None if resident else getattr(experts, "ready_pool", _none)(il, ids)
+                if ready is not None:
+                    dk.decode_ffn(h, ready[0], w, *ready[1], f.qt, f.sc, y, nt)
+                else:
+                    for e, ew in experts.acquire(il, np.unique(ids)):
+                        k = int(np.flatnonzero(ids == e)[0])
+                        _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
                 if blk.shared is not None:
                     f = blk.shared
                     scale = np.ones(1, np.float32)  # ungated (granitemoe, deepseek2)

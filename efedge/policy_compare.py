@@ -1,7 +1,7 @@
 """Cache policies side by side, live: the same model, text, cache budget and emulated
 link for each policy, one table (`efedge bench --policies`, benchmarks/policies.py).
 
-The text is held-out prose (gguf_tools/corpus.py: documentation that ships with Python,
+The text is held-out prose (efedge/corpus.py: documentation that ships with Python,
 the split the demo model never saw): the first tokens are prefilled as one batch, the
 rest are fed one at a time exactly as generation would (teacher forcing, so every policy
 sees the same real routing rather than whatever a greedy loop degenerates into). Figures
@@ -22,7 +22,7 @@ COLUMNS = ("policy", "tokens_per_s", "stall_ms_per_token", "stall_vs_ondemand", 
 
 def heldout_ids(model, n: int) -> list[int]:
     """At least n token ids of held-out text (the corpus split the demo model never saw)."""
-    from gguf_tools.corpus import heldout_sample
+    from efedge.corpus import heldout_sample
 
     chars = 4 * n + 400
     while True:

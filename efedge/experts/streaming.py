@@ -83,6 +83,61 @@ class StreamingExperts:
         self.cache.slot_prefetched[slot] = False
 
     # -- the compute thread's view --------------------------------------------------------
+    def ready_pool(self, layer: int, ids: np.ndarray):
+        """One token's K experts when every one is resident and complete (the usual case
+        with a large cache): the request is accounted as acquire() accounts it (hits,
+        prefetch_used, the policy's on_request / on_demand_issued, LRU touches in
+        acquire's order), and the result is (the slot of each id within the layer's pool,
+        int32 [K]; (gate, up, down) read-only views [slots, rows, row_bytes] over the
+        pool), so that all K run in one kernel call (decode_ffn: the same bits as one
+        expert at a time). None, with nothing changed, when any is missing or loading:
+        then acquire() is the way. The slots need no pin afterwards: only this thread
+        evicts (prefetches are issued from the compute thread)."""
+        cache = self.cache
+        c = int(cache.layer_class[layer])
+        if c < 0 or cache.virtual:
+            return None
+        with self.cond:
+            s = cache.where[layer, ids]
+            if (s < 0).any() or (cache.slot_state[s] != READY).any():
+                return None
+            wanted = [int(e) for e in np.unique(ids)]
+            cnt = self.counters
+            cnt.expert_requests += len(wanted)
+            cnt.hits += len(wanted)
+            pre = cache.slot_prefetched[s]
+            if pre.any():
+                cnt.prefetch_used += int(pre.sum())
+                cache.slot_prefetched[s] = False
+            cache.slot_pins[s] += 1  # as acquire pins them: the plan flushed below must
+            try:  # not evict one of them
+                self.policy.on_request(layer, wanted)
+                issued = getattr(self.policy, "on_demand_issued", None)
+                if issued is not None:
+                    issued(layer)
+            finally:
+                cache.slot_pins[s] -= 1
+            for e in set(wanted):  # the order acquire yields (and touches) them in
+                cache.touch(int(cache.where[layer, e]))
+        views = self._pool_views.get(layer) if hasattr(self, "_pool_views") else None
+        if views is None:
+            views = self._pool_views_of(layer, c)
+        return (s - cache.class_first[c]).astype(np.int32), views
+
+    def _pool_views_of(self, layer: int, c: int) -> tuple[np.ndarray, ...]:
+        if not hasattr(self, "_pool_views"):
+            self._pool_views: dict[int, tuple[np.ndarray, ...]] = {}
+        pool, b = self.cache.pools[c], self.cache.part_bounds[layer]
+        views = []
+        for i, part in enumerate(("gate", "up", "down")):
+            rows, row_bytes = self.store.part_shape(layer, part)
+            v = np.lib.stride_tricks.as_strided(
+                pool[:, b[i]:], (pool.shape[0], rows, row_bytes), (pool.strides[0], row_bytes, 1),
+                writeable=False)
+            views.append(v)
+        self._pool_views[layer] = tuple(views)
+        return self._pool_views[layer]
+
     def acquire(self, layer: int, experts: np.ndarray):
         """Yield (expert, ExpertWeights) for every requested expert, ready ones first. The
         slot stays pinned until the caller asks for the next one."""
