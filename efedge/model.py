@@ -8,14 +8,16 @@ streaming never changes the arithmetic: each expert's output lands in its own
 (token, k) slot and the slots are summed in a fixed order, whatever order experts
 arrive in, so logits are bitwise identical for any cache budget.
 
-Two paths, the same arithmetic (products as llama.cpp computes them: activations
-rounded to 8 bits, integer dots where the weight type has a kernel):
+Two paths, the same rounding (products as llama.cpp computes them: activations rounded
+to 8 bits, integer dots where the weight type has a kernel; the paths sum in different
+orders, so they agree to float rounding):
 
 * one token (decode): ``kernels.decode`` runs each half of a layer as one parallel
   region — attention + router, then the experts (all K at once when resident, one call
   per expert as the expert cache hands them out);
-* T tokens (prefill): batched products (``kernels.qmatmul``) and ``kernels.prefill``
-  for norms, rope and causal attention.
+* T tokens (prefill): tiled products (``kernels.qmatmul`` → ``kernels.gemm``), all routed
+  experts of a layer in one call (``kernels.moe``; the expert cache runs the same kernel
+  per expert) and ``kernels.prefill`` for norms, rope and causal attention.
 """
 
 from __future__ import annotations
@@ -220,9 +222,9 @@ def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarra
                          out)
 
 
-def _int_ffn(f: _FFN) -> bool:
-    """Whether gate, up and down all have integer kernels (kernels.moe covers them)."""
-    return all(int(q) in kernels.INT_QTYPES for q in f.qt)
+def _fused_ok(f: _FFN) -> bool:
+    """Whether kernels.moe covers gate, up and down (every type generic.deq_row decodes)."""
+    return all(int(q) in kernels.SUPPORTED_QTYPES for q in f.qt)
 
 
 def _moe_tile(f: _FFN) -> int:
@@ -246,7 +248,7 @@ def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, exp
     """All routed experts of a prefill layer in one call when they are resident (counted
     as ResidentExperts.acquire counts them); False where the expert loop must run."""
     if (not isinstance(experts, ResidentExperts) or blk.exp_bias is not None
-            or not _int_ffn(blk.experts)):
+            or not _fused_ok(blk.experts)):
         return False
     n = len(np.unique(ids))
     experts.counters.expert_requests += n
@@ -258,7 +260,7 @@ def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, exp
 def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """One routed expert on the tokens sent to it: x [t, D] → [t, D]."""
     f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
-    if _int_ffn(f):  # the resident prefill path's arithmetic (_resident_moe)
+    if _fused_ok(f):  # the resident prefill path's arithmetic (_resident_moe)
         t = x.shape[0]
         slots = np.empty((t, 1, f.down.shape[1]), np.float32)
         _fused_experts(f, x, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32), slots)

@@ -88,13 +88,11 @@ def reference(path):
     """Resident logits, greedy text and the (layer, experts) each layer call asked for."""
     routes: list[tuple[int, list[int]]] = []
     with efedge.load(path) as m:
-        acquire = m._experts.acquire
+        # the model's routing hook: resident experts are computed without acquire()
+        def recording(layer, hidden, ids):
+            routes.append((int(layer), [int(e) for e in np.unique(ids)]))
 
-        def recording(layer, experts):
-            routes.append((int(layer), [int(e) for e in experts]))
-            return acquire(layer, experts)
-
-        m._experts.acquire = recording
+        m._tf.on_route = recording
         logits = m.logits(IDS)
         greedy = m.generate(PROMPT, max_tokens=8, temperature=0)
     return logits, greedy, routes

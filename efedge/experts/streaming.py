@@ -97,32 +97,41 @@ class StreamingExperts:
         c = int(cache.layer_class[layer])
         if c < 0 or cache.virtual:
             return None
+        # plain Python over the K ids: numpy calls on 4 elements cost more than the work
+        where, state, pins = cache.where[layer], cache.slot_state, cache.slot_pins
         with self.cond:
-            s = cache.where[layer, ids]
-            if (s < 0).any() or (cache.slot_state[s] != READY).any():
-                return None
-            wanted = [int(e) for e in np.unique(ids)]
+            slot_of = {}
+            slots = []
+            for e in ids.tolist():
+                s = int(where[e])
+                if s < 0 or state[s] != READY:
+                    return None
+                slot_of[e] = s
+                slots.append(s)
+            wanted = sorted(slot_of)
             cnt = self.counters
             cnt.expert_requests += len(wanted)
             cnt.hits += len(wanted)
-            pre = cache.slot_prefetched[s]
-            if pre.any():
-                cnt.prefetch_used += int(pre.sum())
-                cache.slot_prefetched[s] = False
-            cache.slot_pins[s] += 1  # as acquire pins them: the plan flushed below must
-            try:  # not evict one of them
+            for s in slot_of.values():
+                if cache.slot_prefetched[s]:
+                    cnt.prefetch_used += 1
+                    cache.slot_prefetched[s] = False
+                pins[s] += 1  # as acquire pins them: a plan flushed below must not evict
+            try:
                 self.policy.on_request(layer, wanted)
                 issued = getattr(self.policy, "on_demand_issued", None)
                 if issued is not None:
                     issued(layer)
             finally:
-                cache.slot_pins[s] -= 1
+                for s in slot_of.values():
+                    pins[s] -= 1
             for e in set(wanted):  # the order acquire yields (and touches) them in
-                cache.touch(int(cache.where[layer, e]))
-        views = self._pool_views.get(layer) if hasattr(self, "_pool_views") else None
+                cache.touch(slot_of[e])
+        views = getattr(self, "_pool_views", {}).get(layer)
         if views is None:
             views = self._pool_views_of(layer, c)
-        return (s - cache.class_first[c]).astype(np.int32), views
+        first = int(cache.class_first[c])
+        return np.array([s - first for s in slots], np.int32), views
 
     def _pool_views_of(self, layer: int, c: int) -> tuple[np.ndarray, ...]:
         if not hasattr(self, "_pool_views"):

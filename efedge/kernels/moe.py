@@ -15,7 +15,9 @@ the products of a small expert. Here the whole layer is 5 regions:
 Every row is the same product ``prefill.matmul_q8`` computes for that expert on those
 tokens (the tiled product's result does not depend on which tokens share a call), so
 this gives the same bits as one call per expert, which is how the expert cache runs.
-Weights: gate / up / down [E, rows, row_bytes] of Q4_0, Q8_0, Q4_K or Q6_K.
+Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, Q4_K
+and Q6_K through the tiled integer product, the others (F16, Q5_K …) through float
+activations rounded as llama.cpp rounds them and ``generic``'s tile product.
 
 Run it through ``kernels.dynamic`` (work handed out in small chunks, not one equal
 share per thread: see there).
@@ -24,23 +26,55 @@ share per thread: see there).
 import numpy as np
 from numba import njit, prange
 
-from .activations import quantize_row
+from .activations import quantize_row, round_row
+from .generic import _gemm_tile, deq_row
 from .nn import silu_mul
 from .prefill import gemm_acts_row, gemm_rows
+from .rowdot import has_int
 
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _quantize_rows(qt, scheme, x, xq, xd, xs, xdb, xsum):
-    for t in prange(x.shape[0]):
-        quantize_row(scheme, x[t], xq[t], xd[t], xs[t])
-        gemm_acts_row(qt, xq[t], xd[t], xs[t], xdb[t], xsum[t])
+# Activations of one matrix input, per row (token or slot): (xq int8, xdb float32, xsum
+# int32) for the integer types, xf (rounded float32) for the others; the unused arrays
+# have no columns.
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def _acts(n_tok, n):
-    return (np.empty((n_tok, n), np.int8), np.empty((n_tok, n // 4 + 8), np.float32),
-            np.empty((n_tok, n // 16 + 1), np.int32), np.empty((n_tok, n // 32), np.float32),
-            np.empty((n_tok, n // 16), np.int32))
+def _acts(qt, n_rows, n):
+    if has_int(qt):
+        return (np.empty((n_rows, n), np.int8), np.empty((n_rows, n // 32), np.float32),
+                np.empty((n_rows, n // 16), np.int32), np.empty((n_rows, 0), np.float32))
+    return (np.empty((n_rows, 0), np.int8), np.empty((n_rows, 0), np.float32),
+            np.empty((n_rows, 0), np.int32), np.empty((n_rows, n), np.float32))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _prep_row(qt, scheme, x, xq, xdb, xsum, xf):
+    """One row's activations for weights of qt (scratch for the 8-bit scales inside)."""
+    if has_int(qt):
+        n = x.shape[0]
+        xd = np.empty(n // 4 + 8, np.float32)
+        xs = np.empty(n // 16 + 1, np.int32)
+        quantize_row(scheme, x, xq, xd, xs)
+        gemm_acts_row(qt, xq, xd, xs, xdb, xsum)
+    else:
+        round_row(scheme, x, xf)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _rows(qt, w, r0, r1, xq, xdb, xsum, xf, out):
+    """out[:, r0:r1] of this expert's tokens."""
+    if has_int(qt):
+        gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out)
+    else:
+        buf = np.empty((r1 - r0, xf.shape[1]), np.float32)
+        for i in range(r1 - r0):
+            deq_row(qt, w[r0 + i], buf[i])
+        _gemm_tile(buf, r1 - r0, xf, out, r0)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
+def _prep_rows(qt, scheme, x, xq, xdb, xsum, xf):
+    for t in prange(x.shape[0]):
+        _prep_row(qt, scheme, x[t], xq[t], xdb[t], xsum[t], xf[t])
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -71,8 +105,19 @@ def _gather(order, k_used, src, dst):
         dst[i] = src[order[i] // k_used]
 
 
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _gather_acts(order, k_used, acts, n):
+    out = (np.empty((n, acts[0].shape[1]), np.int8), np.empty((n, acts[1].shape[1]), np.float32),
+           np.empty((n, acts[2].shape[1]), np.int32), np.empty((n, acts[3].shape[1]), np.float32))
+    _gather(order, k_used, acts[0], out[0])
+    _gather(order, k_used, acts[1], out[1])
+    _gather(order, k_used, acts[2], out[2])
+    _gather(order, k_used, acts[3], out[3])
+    return out
+
+
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _up_gate(qt_g, qt_u, gate, up, off, ie, ir, tile, gq, gd, gs, uq, ud, us, g_out, u_out):
+def _up_gate(qt_g, qt_u, gate, up, off, ie, ir, tile, ga, ua, g_out, u_out):
     n_items = ie.shape[0]
     rows = gate.shape[1]
     for j in prange(2 * n_items):
@@ -82,29 +127,30 @@ def _up_gate(qt_g, qt_u, gate, up, off, ie, ir, tile, gq, gd, gs, uq, ud, us, g_
         r0 = ir[i]
         r1 = min(rows, r0 + tile)
         if j < n_items:
-            gemm_rows(qt_g, gate[e], r0, r1, gq[a:b], gd[a:b], gs[a:b], g_out[a:b])
+            _rows(qt_g, gate[e], r0, r1, ga[0][a:b], ga[1][a:b], ga[2][a:b], ga[3][a:b],
+                  g_out[a:b])
         else:
-            gemm_rows(qt_u, up[e], r0, r1, uq[a:b], ud[a:b], us[a:b], u_out[a:b])
+            _rows(qt_u, up[e], r0, r1, ua[0][a:b], ua[1][a:b], ua[2][a:b], ua[3][a:b],
+                  u_out[a:b])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _swiglu_quantize(qt, scheme, g_in, u_in, act, aq, ad, as_, adb, asum):
+def _swiglu_prep(qt, scheme, g_in, u_in, act, aa):
     for i in prange(g_in.shape[0]):
         for j in range(g_in.shape[1]):
             act[i, j] = silu_mul(g_in[i, j], u_in[i, j])
-        quantize_row(scheme, act[i], aq[i], ad[i], as_[i])
-        gemm_acts_row(qt, aq[i], ad[i], as_[i], adb[i], asum[i])
+        _prep_row(qt, scheme, act[i], aa[0][i], aa[1][i], aa[2][i], aa[3][i])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _down(qt, down, off, ie, ir, tile, aq, adb, asum, y):
+def _down(qt, down, off, ie, ir, tile, aa, y):
     rows = down.shape[1]
     for i in prange(ie.shape[0]):
         e = ie[i]
         a, b = off[e], off[e + 1]
         r0 = ir[i]
-        gemm_rows(qt, down[e], r0, min(rows, r0 + tile), aq[a:b], adb[a:b], asum[a:b],
-                  y[a:b])
+        _rows(qt, down[e], r0, min(rows, r0 + tile), aa[0][a:b], aa[1][a:b], aa[2][a:b],
+              aa[3][a:b], y[a:b])
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
@@ -148,31 +194,25 @@ def moe_ffn(x, ids, wts, gate, up, down, qt, sc, slots, tile):
                 fill[e] += 1
     ie, ir = _items(off, f, tile)
     # 1. activations of x for gate (and up, when its type differs), in expert order
-    xq, xd, xs, xdb, xsum = _acts(n_tok, d)
-    _quantize_rows(qt[0], sc[0], x, xq, xd, xs, xdb, xsum)
-    gq, gd, gs = np.empty((n, d), np.int8), np.empty((n, d // 32), np.float32), \
-        np.empty((n, d // 16), np.int32)
-    _gather(order, k_used, xq, gq)
-    _gather(order, k_used, xdb, gd)
-    _gather(order, k_used, xsum, gs)
-    uq, ud, us = gq, gd, gs
+    xa = _acts(qt[0], n_tok, d)
+    _prep_rows(qt[0], sc[0], x, *xa)
+    ga = _gather_acts(order, k_used, xa, n)
+    ua = ga
     if qt[1] != qt[0] or sc[1] != sc[0]:
-        _quantize_rows(qt[1], sc[1], x, xq, xd, xs, xdb, xsum)
-        uq, ud, us = np.empty_like(gq), np.empty_like(gd), np.empty_like(gs)
-        _gather(order, k_used, xq, uq)
-        _gather(order, k_used, xdb, ud)
-        _gather(order, k_used, xsum, us)
+        xa = _acts(qt[1], n_tok, d)
+        _prep_rows(qt[1], sc[1], x, *xa)
+        ua = _gather_acts(order, k_used, xa, n)
     # 2. gate and up
     g_out = np.empty((n, f), np.float32)
     u_out = np.empty((n, f), np.float32)
-    _up_gate(qt[0], qt[1], gate, up, off, ie, ir, tile, gq, gd, gs, uq, ud, us, g_out, u_out)
-    # 3. SiLU(gate) · up, quantized for down
+    _up_gate(qt[0], qt[1], gate, up, off, ie, ir, tile, ga, ua, g_out, u_out)
+    # 3. SiLU(gate) · up, made ready for down
     act = np.empty((n, f), np.float32)
-    aq, ad, as_, adb, asum = _acts(n, f)
-    _swiglu_quantize(qt[2], sc[2], g_out, u_out, act, aq, ad, as_, adb, asum)
+    aa = _acts(qt[2], n, f)
+    _swiglu_prep(qt[2], sc[2], g_out, u_out, act, aa)
     # 4. down
     ie, ir = _items(off, down.shape[1], tile)
     y = np.empty((n, down.shape[1]), np.float32)
-    _down(qt[2], down, off, ie, ir, tile, aq, adb, asum, y)
+    _down(qt[2], down, off, ie, ir, tile, aa, y)
     # 5. weighted, into the slots
     _scatter(order, k_used, wts, y, slots)

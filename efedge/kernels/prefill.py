@@ -1,9 +1,10 @@
 """Kernels for a batch of T tokens (prompt processing): products with 8-bit activations,
 RMS norm, qk-norm + rope + KV store, and causal attention over the float16 KV cache.
 
-``matmul_q8`` is the batched twin of ``rowdot.dot_rows``: one weight row against 4
-tokens per kernel call (a block is unpacked once for 4 tokens); row tiles are spread
-over threads. It gives the same bits as the one-token path, row by row.
+``matmul_q8`` is the tiled product of ``gemm`` (8 rows unpacked once, then 8 tokens per
+step, one vector lane per row); tasks of row tiles are spread over threads. A row's
+result does not depend on how many tokens share the call; it agrees with the one-token
+decode kernels (``rowdot``) to float rounding, not bit for bit (another summation order).
 
 Attention converts the layer's cached keys / values to float32 once (keys transposed to
 [d, S], so that one query's scores are a vector over keys), then works through blocks of

@@ -1,6 +1,6 @@
 """One row of raw quantized blocks dotted with activations rounded as llama.cpp rounds
-them, for any quant type: the unit of work of the fused layer kernels (``decode``) and of
-``matmul_q8``.
+them, for any quant type: the unit of work of the fused one-token layer kernels
+(``decode``). Prompt processing uses the tiled product (``gemm``) instead.
 
 Activations travel as a *pack*, made once per input vector by ``prep`` for the weight
 type it meets:
@@ -11,12 +11,15 @@ type it meets:
                             float buffer and dotted (F32 rows are dotted in place)
 
 A row's result depends only on the row and the pack, never on which thread computes it
-or how rows are grouped; the 1- and 4-token integer kernels give the same bits, so a
-product is the same in decode and prefill, for a resident or a streamed expert.
+or how rows are grouped, so a decode product is the same for a resident or a streamed
+expert.
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import generic as g
 from . import simd
@@ -54,6 +57,38 @@ def prep(scheme, qt, x, pack):
         round_row(scheme, x, xf[:n])
 
 
+@intrinsic
+def prefetch_row(typingctx, w, r):
+    """Ask for row r of the 2-D uint8 array w (every 64-byte line of it) to be brought
+    into the cache (llvm.prefetch: a hint, no fault past the end)."""
+    if not (isinstance(w, types.Array) and w.ndim == 2 and isinstance(r, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        i64, p8 = ir.IntType(64), ir.IntType(8).as_pointer()
+        rows = builder.extract_value(arr.shape, 0)
+        row_bytes = builder.extract_value(arr.shape, 1)
+        stride = builder.extract_value(arr.strides, 0)
+        rv = context.cast(builder, args[1], sig.args[1], types.int64)
+        fnty = ir.FunctionType(ir.VoidType(), [p8, ir.IntType(32), ir.IntType(32),
+                                               ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        with builder.if_then(builder.icmp_signed("<", rv, rows)):
+            base = builder.gep(builder.bitcast(arr.data, p8), [builder.mul(rv, stride)])
+            with cgutils.for_range_slice(builder, ir.Constant(i64, 0), row_bytes,
+                                         ir.Constant(i64, 64)) as (off, _):
+                builder.call(fn, [builder.gep(base, [off]), ir.Constant(ir.IntType(32), 0),
+                                  ir.Constant(ir.IntType(32), 3),
+                                  ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return types.void(w, r), codegen
+
+
+PREFETCH_AHEAD = 2  # rows (4 measured no better)
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def dot_rows(qt, w, r0, r1, n, pack, buf, out):
     """out[i] = dot(dequantize(w[r0 + i]), x) for r0 <= r0 + i < r1 (rows of quant type qt,
@@ -64,15 +99,19 @@ def dot_rows(qt, w, r0, r1, n, pack, buf, out):
     xf, xq, xd, xs = pack
     if qt == g.Q4_0:
         for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
             simd.dot_q4_0_1x1(w, r, xq, xd, xs, out[r - r0:])
     elif qt == g.Q4_K:
         for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
             simd.dot_q4_k_1x1(w, r, xq, xd, xs, out[r - r0:])
     elif qt == g.Q6_K:
         for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
             simd.dot_q6_k_1x1(w, r, xq, xd, xs, out[r - r0:])
     elif qt == g.Q8_0:
         for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
             simd.dot_q8_0_1x1(w, r, xq, xd, xs, out[r - r0:])
     elif qt == g.F32:
         for r in range(r0, r1):

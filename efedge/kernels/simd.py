@@ -20,7 +20,7 @@ scales ``xd`` (float32) and block sums ``xs`` (int32 array) —
 integer dot equals dequant(w) · round_activations(x) up to float summation order.
 
 Every kernel computes NR rows × NT tokens at once; NR = 1 (see SHAPES), NT = 1 for
-decode and 4 for prefill (a weight block is unpacked once for 4 tokens).
+decode (the 4-token shape is kept for experiments: prefill uses ``gemm``'s tiled product).
 
 Row layouts: see quant_legacy / quant_k. Offsets of the weight nibbles are chosen so that
 element i of a block meets x[i]: Q4_0 low nibbles are elements 0-15, high 16-31.
