@@ -1,5 +1,7 @@
 """efedge.kernels against gguf-py: bit-exact dequantization, products vs float64 matmul."""
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -471,3 +473,38 @@ def test_mxfp4_every_exponent_bit_exact():
     with np.errstate(over="ignore", invalid="ignore"):
         ref = gq.dequantize(raw, Q.MXFP4)
     assert same_bits(got, ref)
+
+
+@pytest.mark.slow  # compiles every kernel twice more in a fresh cache: minutes
+def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
+    """Kernels built as for a CPU without VNNI and F16C (most AMD and pre-Ice-Lake Intel
+    laptops) give bitwise the same logits: the integer dot products and the half
+    conversions are exact on every path."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np, efedge\n"
+        "from efedge.kernels import _ir\n"
+        "assert (_ir._VNNI_FN is None) == (sys.argv[1] == 'off')\n"
+        "out = []\n"
+        "for p in sys.argv[3:]:\n"
+        "    with efedge.load(p) as m:\n"
+        "        out.append(np.concatenate([m.logits(list(range(5, 29))), m.logits([7])]))\n"
+        "np.save(sys.argv[2], np.concatenate(out))\n")
+    files = [str(tiny_gguf("qwen3moe", "Q4_K_M")), str(tiny_gguf("qwen2moe", "Q4_0"))]
+    results = {}
+    for mode in ("off", "host"):
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{mode}"))
+        if mode == "off":
+            env["EFEDGE_CPU_FEATURES"] = "-avx512vnni,-avxvnni,-f16c"
+        else:
+            env.pop("EFEDGE_CPU_FEATURES", None)
+        out = tmp_path / f"{mode}.npy"
+        proc = subprocess.run([sys.executable, "-c", script, mode, str(out), *files], env=env,
+                              capture_output=True, text=True, timeout=1500)
+        if mode == "host" and proc.returncode != 0 and "AssertionError" in proc.stderr:
+            pytest.skip("this CPU has no VNNI: the portable path is the host path")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = np.load(out)
+    assert np.array_equal(results["off"], results["host"])

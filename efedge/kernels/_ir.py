@@ -9,13 +9,20 @@ Their symbols are weak_odr, so several numba functions may each carry a copy.
 
 from __future__ import annotations
 
+import os
+
 import llvmlite.binding as llvm
 from llvmlite import ir
 
 try:
-    _FEATS = llvm.get_host_cpu_features()
+    _FEATS = dict(llvm.get_host_cpu_features())
 except RuntimeError:  # pragma: no cover - unknown host
     _FEATS = {}
+# EFEDGE_CPU_FEATURES="-avx512vnni,-avxvnni,-f16c" builds the kernels as for a CPU without
+# those features (the portable paths, tested on machines that have them). Use it with a
+# NUMBA_CACHE_DIR of its own: numba's cache does not know about this switch.
+for _name in filter(None, os.environ.get("EFEDGE_CPU_FEATURES", "").split(",")):
+    _FEATS[_name.strip().lstrip("+-")] = not _name.strip().startswith("-")
 
 
 def _has(*names: str) -> bool:
