@@ -79,6 +79,7 @@ class SimSetup:
     budget: str | int | float
     layer_scale: float = 1.0  # profile layers / traced layers
     label: str = ""
+    wake_s: float = 0.0  # a blocked compute thread resumes this long after its load lands
 
 
 def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
@@ -112,7 +113,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     routers = [TraceRouter(pregate, j, n_expert) for j in range(L)]
     source = SimulatedExperts(store, cache, engine, make_policy(policy), counters,
                               routers=routers, n_active=K, clock=clock,
-                              expert_compute_s=setup.expert_compute_s)
+                              expert_compute_s=setup.expert_compute_s,
+                              wake_s=setup.wake_s)
     hidden = np.zeros((1, 1), dtype=np.float32).view(TraceHidden)
     t_start = 0.0
     for t in range(T):

@@ -125,3 +125,19 @@ def test_virtual_link_keeps_busy_between_clock_steps():
     clock.advance(20e-3 - clock.t)
     load(5, PREFETCH)
     assert eng.next_event() == pytest.approx(21e-3)
+
+
+def test_simulator_charges_a_wake_up_per_blocked_wait(trace):
+    """wake_s: a compute thread that blocked on a load resumes that long after it lands.
+    Each layer with a miss pays it at least once (its last wait) and at most once per
+    miss (earlier wake-ups overlap with the link's next copy)."""
+    import dataclasses
+
+    arrays, meta = load_trace(trace[0])
+    base = _setup(meta, "30%", link=1e9, layer_s=0, expert_s=0)
+    r0 = simulate(arrays, meta, base, "ondemand", warmup=0)
+    w = 1e-5
+    r1 = simulate(arrays, meta, dataclasses.replace(base, wake_s=w), "ondemand", warmup=0)
+    assert r1["misses"] == r0["misses"] > 0
+    extra = r1["stall_s"] - r0["stall_s"]
+    assert w <= extra <= r0["misses"] * w * (1 + 1e-9)

@@ -142,9 +142,13 @@ class SimulatedExperts(StreamingExperts):
     """StreamingExperts on a virtual clock: waiting advances the clock to the next
     completed transfer instead of blocking a thread; compute is charged by the caller."""
 
-    def __init__(self, *args, clock: VirtualClock, expert_compute_s: float = 0.0, **kw):
+    def __init__(self, *args, clock: VirtualClock, expert_compute_s: float = 0.0,
+                 wake_s: float = 0.0, **kw):
         self.clock = clock
         self.expert_compute_s = expert_compute_s
+        # a compute thread blocked on a load resumes this long after the load lands (a
+        # condition-variable wake-up and the GIL on a CPU; an event sync on a GPU)
+        self.wake_s = float(wake_s)
         super().__init__(*args, **kw)
 
     def now(self) -> float:
@@ -153,12 +157,16 @@ class SimulatedExperts(StreamingExperts):
     def _next_ready(self, layer, remaining, pending, held):
         cache = self.cache
         self.engine.advance_to(self.clock.t)
+        waited = False
         while True:
             if pending:  # a slot may have come free: issue the waiting demand loads
                 self._issue(layer, pending, held)
             for e in sorted(remaining):
                 s = held.get(e, -1)
                 if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
+                    if waited and self.wake_s > 0:
+                        self.counters.stall_s += self.wake_s
+                        self.engine.advance_to(self.clock.t + self.wake_s)
                     return e, s
             nxt = self.engine.next_event()
             if nxt is None:
@@ -166,3 +174,4 @@ class SimulatedExperts(StreamingExperts):
                                     "are wanted but nothing is loading")
             self.counters.stall_s += max(0.0, nxt - self.clock.t)
             self.engine.advance_to(nxt)
+            waited = True
