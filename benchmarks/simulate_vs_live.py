@@ -92,10 +92,12 @@ def measure_wake(n: int = 300) -> float:
         for _ in range(n):
             time.sleep(0.0003)
             with cond:
+                while box["t"] is not None:  # the last one not taken yet: never overwrite
+                    cond.wait()
                 box["t"] = time.perf_counter()
-                cond.notify()
+                cond.notify_all()
 
-    th = threading.Thread(target=worker)
+    th = threading.Thread(target=worker, daemon=True)
     th.start()
     for _ in range(n):
         with cond:
@@ -103,6 +105,7 @@ def measure_wake(n: int = 300) -> float:
                 cond.wait()
             lat.append(time.perf_counter() - box["t"])
             box["t"] = None
+            cond.notify_all()
     th.join()
     return statistics.median(lat)
 
