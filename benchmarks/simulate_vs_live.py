@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import efedge
-import efedge.model as model_mod
+import efedge.model as model_mod  # its _decode calls _expert_token by this name
 from efedge.demo import demo_model_path
 from efedge.experts.transfer import parse_link
 from efedge.simulate import SimSetup, simulate

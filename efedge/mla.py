@@ -32,7 +32,7 @@ class MLAAttention:
     """One layer's latent attention: weights named as the GGUF tensors."""
 
     def __init__(self, gf, cfg, il: int):
-        from efedge.model import _qmatrix, _vector
+        from efedge.weights import _qmatrix, _vector
 
         b, c = f"blk.{il}.", cfg
         h, d, r, lora = c.n_head, c.n_embd, c.rope_dim, c.kv_lora_rank

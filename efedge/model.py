@@ -23,7 +23,6 @@ orders, so they agree to float rounding):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -32,72 +31,26 @@ from gguf import GGMLQuantizationType
 from efedge import kernels, layers, rope
 from efedge.config import ModelConfig
 from efedge.experts.scheduler import cache_aware_reroute
-from efedge.experts.store import ExpertStore, ExpertWeights, ResidentExperts
+from efedge.experts.store import ExpertStore, ResidentExperts
+from efedge.ffn import (
+    _ONE_ID,
+    _expert,
+    _expert_token,
+    _ffn_sum,
+    _resident_moe,
+    _StandInExperts,
+    _strided_stand_in,
+    swiglu,
+)
 from efedge.gguf_file import GGUFFile
 from efedge.kernels import decode as dk
-from efedge.kernels import moe
 from efedge.kernels import prefill as pk
-from efedge.kernels.activations import act_scheme
 from efedge.kv_cache import KVCache
+from efedge.weights import _FFN, QMatrix, _qmatrix, _vector
 
 _EMPTY = np.zeros(0, np.float32)
 _EMPTY_RAW = np.zeros((0, 1), np.uint8)
-_ONE_ID = np.zeros(1, np.int32)
 _QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL}
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    # one kernel specialisation for every weight: plain read-only ndarray views
-    v = a.view(np.ndarray)
-    v.flags.writeable = False
-    return v
-
-
-def _scheme(raw: np.ndarray, qtype: int) -> int:
-    elems, nbytes = kernels.block_size(qtype)
-    return act_scheme(qtype, raw.shape[-1] // nbytes * elems)
-
-
-@dataclass
-class QMatrix:
-    """A quantized matrix: uint8 view [rows, row_bytes] of the file and its ggml type."""
-
-    raw: np.ndarray
-    qtype: int
-    name: str
-
-    def __post_init__(self):
-        self.raw = _readonly(self.raw)
-        self.scheme = _scheme(self.raw, self.qtype)
-
-    def __call__(self, x: np.ndarray, acts: dict | None = None) -> np.ndarray:
-        """x [T, K] → [T, rows], activations rounded as llama.cpp rounds them (acts: see
-        kernels.qmatmul)."""
-        return kernels.qmatmul(self.raw, self.qtype, x, acts)
-
-
-def _qmatrix(gf: GGUFFile, name: str) -> QMatrix:
-    ref = gf.tensor(name)
-    kernels.check_qtype(ref.qtype, f"tensor {name!r}")
-    return QMatrix(gf.raw(name), ref.qtype, name)
-
-
-def _vector(gf: GGUFFile, name: str) -> np.ndarray:
-    ref = gf.tensor(name)
-    kernels.check_qtype(ref.qtype, f"tensor {name!r}")
-    return kernels.dequantize(np.ascontiguousarray(gf.raw(name)), ref.qtype).reshape(-1)
-
-
-class _FFN:
-    """gate / up / down of one FFN (dense, shared expert, or a layer's stacked experts)
-    as decode_ffn takes them: read-only [E, rows, row_bytes], quant types, schemes."""
-
-    def __init__(self, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
-                 qtypes: tuple[int, int, int]):
-        mats = [_readonly(m if m.ndim == 3 else m[None]) for m in (gate, up, down)]
-        self.gate, self.up, self.down = mats
-        self.qt = np.array(qtypes, np.int64)
-        self.sc = np.array([_scheme(m, q) for m, q in zip(mats, qtypes, strict=True)], np.int64)
 
 
 class Block:
@@ -195,142 +148,8 @@ class Block:
                             _QK_MODE[cfg.spec.qk_norm])
 
 
-def swiglu(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix) -> np.ndarray:
-    """down(silu(gate·x) * (up·x)) for a dense FFN or a shared expert."""
-    acts: dict = {}
-    g, u = gate(x, acts), up(x, acts)
-    a = np.empty_like(g)
-    pk.silu_mul_rows(g, u, a)
-    return down(a)
-
-
-def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarray,
-                  qt: np.ndarray | None = None, sc: np.ndarray | None = None) -> None:
-    """out [1, D] = one expert on one token h [D], times its routing weight.
-
-    decode_ffn's rows and rounding with K = 1, on this thread alone: the expert cache
-    hands experts out one at a time, and waking the other threads for each of them cost
-    more than they brought (decode is bound by memory bandwidth; measured 436 against
-    363 µs per layer of 4 experts). qt / sc: the experts' quant types and rounding
-    schemes when the caller has them (they are per layer)."""
-    if qt is None:
-        f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
-        gate, up, down, qt, sc = f.gate, f.up, f.down, f.qt, f.sc
-    else:
-        gate, up, down = w.gate[None], w.up[None], w.down[None]
-    dk.decode_ffn_serial(h, _ONE_ID, np.array([weight], np.float32), gate, up, down, qt, sc,
-                         out)
-
-
-def _fused_ok(f: _FFN) -> bool:
-    """Whether kernels.moe covers gate, up and down (every type generic.deq_row decodes)."""
-    return all(int(q) in kernels.SUPPORTED_QTYPES for q in f.qt)
-
-
-def _moe_tile(f: _FFN) -> int:
-    """Rows per work item of kernels.moe.moe_ffn: a multiple of 8, at most 64, and at
-    least two items per thread for one expert's gate and up."""
-    rows = f.gate.shape[1]
-    return max(8, min(64, rows // (numba.get_num_threads() * 2)) // 8 * 8)
-
-
-def _fused_experts(f: _FFN, x: np.ndarray, ids: np.ndarray, w: np.ndarray,
-                   slots: np.ndarray) -> None:
-    """slots[t, k] = w[t, k] · expert ids[t, k] on x[t] (kernels.moe: one call for every
-    expert of the layer, the same bits as one call per expert)."""
-    kernels.dynamic(moe.moe_ffn, np.ascontiguousarray(x, np.float32),
-                    np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(w, np.float32),
-                    f.gate, f.up, f.down, f.qt, f.sc, slots, _moe_tile(f))
-
-
-def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, experts,
-                  slots: np.ndarray) -> bool:
-    """All routed experts of a prefill layer in one call when they are resident (counted
-    as ResidentExperts.acquire counts them); False where the expert loop must run."""
-    if (not isinstance(experts, ResidentExperts) or blk.exp_bias is not None
-            or not _fused_ok(blk.experts)):
-        return False
-    n = len(np.unique(ids))
-    experts.counters.expert_requests += n
-    experts.counters.hits += n
-    _fused_experts(blk.experts, h, ids, w, slots)
-    return True
-
-
-def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
-    """One routed expert on the tokens sent to it: x [t, D] → [t, D]."""
-    f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
-    if _fused_ok(f):  # the resident prefill path's arithmetic (_resident_moe)
-        t = x.shape[0]
-        slots = np.empty((t, 1, f.down.shape[1]), np.float32)
-        _fused_experts(f, x, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32), slots)
-        return slots[:, 0]
-    if x.shape[0] == 1:
-        out = np.empty((1, w.down.shape[0]), np.float32)
-        _expert_token(np.ascontiguousarray(x[0], dtype=np.float32), w, 1.0, out)
-        return out
-    acts: dict = {}
-    g = kernels.qmatmul(w.gate, w.gate_qtype, x, acts)
-    u = kernels.qmatmul(w.up, w.up_qtype, x, acts)
-    a = np.empty_like(g)
-    pk.silu_mul_rows(g, u, a)
-    return kernels.qmatmul(w.down, w.down_qtype, a)
-
-
-def _ffn_sum(x: np.ndarray, y: np.ndarray, n: int, scale: np.float32, out: np.ndarray) -> None:
-    """out = x + the n slots of y summed in order (times granite's residual_scale)."""
-    if scale == 1:
-        dk.ffn_sum(x, y, n, out)
-    else:
-        dk.ffn_sum_scaled(x, y, n, scale, out)
-
-
 def _none(*_args) -> None:
     return None
-
-
-def _strided_stand_in(m: np.ndarray) -> np.ndarray:
-    """A read-only [2, rows, row_bytes] view with a slot pool's strides (not contiguous
-    across experts), so that the warm-up builds decode_ffn for StreamingExperts.ready_pool."""
-    slot = m[0].size + 8
-    buf = np.zeros(2 * slot, np.uint8)
-    return np.lib.stride_tricks.as_strided(buf, (2, *m.shape[1:]), (slot, m.shape[2], 1),
-                                           writeable=False)
-
-
-def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
-    """Routed expert e of this layer on its tokens x [t, D] (with gpt-oss's biases and
-    clamped SwiGLU where the layer has them)."""
-    if blk.exp_bias is None:
-        return expert_ffn(x, w)
-    from efedge.oss import oai_expert_ffn
-
-    return oai_expert_ffn(x, w, *(b[e] for b in blk.exp_bias))
-
-
-class _StandInExperts:
-    """An expert source of zero-filled experts with the real shapes and quant types
-    (read-only, like the mapping and the cache slots), for the warm-up."""
-
-    def __init__(self, store: ExpertStore):
-        self.store = store
-        self._parts: dict[tuple, np.ndarray] = {}
-
-    def parts(self, layer: int) -> tuple[np.ndarray, ...]:
-        out = []
-        for part in ("gate", "up", "down"):
-            shape = tuple(self.store.part_shape(layer, part))
-            if shape not in self._parts:
-                a = np.zeros(shape, np.uint8)
-                a.flags.writeable = False
-                self._parts[shape] = a
-            out.append(self._parts[shape])
-        return tuple(out)
-
-    def acquire(self, layer: int, experts):
-        g, u, d = self.parts(layer)
-        for e in experts:
-            yield int(e), ExpertWeights(g, u, d, *self.store.qtypes(layer))
 
 
 class Transformer:

@@ -28,7 +28,7 @@ class SinkAttention:
     """One gpt-oss attention layer: weights named as the GGUF tensors."""
 
     def __init__(self, gf, cfg, il: int):
-        from efedge.model import _qmatrix, _vector
+        from efedge.weights import _qmatrix, _vector
 
         b, c = f"blk.{il}.", cfg
         d, hd = c.n_embd, c.head_dim

@@ -16,7 +16,7 @@ of every CPU expert. A miss goes to the CPU when t_cpu < t_copy (greedy list sch
 over the two resources, in the order the misses are listed), and only for experts with at
 most `max_tokens` tokens (prefill batches belong on the GPU). Each decision is counted.
 
-The CPU computes exactly what the CPU path computes (efedge.model.expert_ffn with the
+The CPU computes exactly what the CPU path computes (efedge.ffn.expert_ffn with the
 numba kernels), so the output stays within the GPU/CPU parity tolerance.
 """
 
@@ -48,7 +48,7 @@ class HybridMisses:
     # -- measurement -----------------------------------------------------------------------
     def calibrate(self, layer: int = 0, repeats: int = 3) -> float:
         """Time one expert of `layer` on one token (the first call compiles the kernels)."""
-        from efedge.model import expert_ffn
+        from efedge.ffn import expert_ffn
 
         w = self.store.mapped(layer, 0)
         x = np.random.default_rng(0).standard_normal((1, self._width(layer))).astype(np.float32)
@@ -69,7 +69,7 @@ class HybridMisses:
 
     def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """expert_ffn on the CPU (numba, nogil) for x [t, D]; measured."""
-        from efedge.model import expert_ffn
+        from efedge.ffn import expert_ffn
 
         t0 = time.perf_counter()
         y = expert_ffn(np.ascontiguousarray(x, dtype=np.float32), self.store.mapped(layer, expert))
