@@ -112,15 +112,6 @@ def _ffn_sum(x: np.ndarray, y: np.ndarray, n: int, scale: np.float32, out: np.nd
         dk.ffn_sum_scaled(x, y, n, scale, out)
 
 
-def _strided_stand_in(m: np.ndarray) -> np.ndarray:
-    """A read-only [2, rows, row_bytes] view with a slot pool's strides (not contiguous
-    across experts), so that the warm-up builds decode_ffn for StreamingExperts.ready_pool."""
-    slot = m[0].size + 8
-    buf = np.zeros(2 * slot, np.uint8)
-    return np.lib.stride_tricks.as_strided(buf, (2, *m.shape[1:]), (slot, m.shape[2], 1),
-                                           writeable=False)
-
-
 def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """Routed expert e of this layer on its tokens x [t, D] (with gpt-oss's biases and
     clamped SwiGLU where the layer has them)."""

@@ -39,7 +39,6 @@ from efedge.ffn import (
     _ffn_sum,
     _resident_moe,
     _StandInExperts,
-    _strided_stand_in,
     swiglu,
 )
 from efedge.gguf_file import GGUFFile
@@ -198,11 +197,6 @@ class Transformer:
                 dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
                               f.gate, f.up, f.down, f.qt, f.sc,
                               np.empty((1, d), np.float32), numba.get_num_threads())
-                # and over an expert cache's slot pool (strided views: ready_pool)
-                pool = [_strided_stand_in(m) for m in (f.gate, f.up, f.down)]
-                dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
-                              *pool, f.qt, f.sc, np.empty((1, d), np.float32),
-                              numba.get_num_threads())
         finally:
             self.on_route = on_route
         return time.perf_counter() - t0

@@ -136,13 +136,12 @@ class StreamingExperts:
     def _pool_views_of(self, layer: int, c: int) -> tuple[np.ndarray, ...]:
         if not hasattr(self, "_pool_views"):
             self._pool_views: dict[int, tuple[np.ndarray, ...]] = {}
-        pool, b = self.cache.pools[c], self.cache.part_bounds[layer]
         views = []
         for i, part in enumerate(("gate", "up", "down")):
             rows, row_bytes = self.store.part_shape(layer, part)
-            v = np.lib.stride_tricks.as_strided(
-                pool[:, b[i]:], (pool.shape[0], rows, row_bytes), (pool.strides[0], row_bytes, 1),
-                writeable=False)
+            pool = self.cache.pools[c][i]
+            v = pool.reshape(pool.shape[0], rows, row_bytes).view()  # C-contiguous
+            v.flags.writeable = False
             views.append(v)
         self._pool_views[layer] = tuple(views)
         return self._pool_views[layer]

@@ -156,13 +156,12 @@ class TransferEngine:
             done += n
 
     def _copy(self, job: Job) -> int:
-        buf = self.cache.slot_buffer(job.slot)
-        bounds = self.cache.part_bounds[job.layer]
+        parts = self.cache.slot_parts(job.slot)
         total = 0
         for ip in range(3):
             off = int(self.store.offsets[job.layer, job.expert, ip])
             n = int(self.store.nbytes[job.layer, job.expert, ip])
-            self._read(buf[bounds[ip]:bounds[ip] + n], off)
+            self._read(parts[ip][:n], off)
             if hasattr(os, "posix_fadvise"):
                 # whole pages, so the pages an expert shares with its neighbours go too
                 lo = off - off % self._page
