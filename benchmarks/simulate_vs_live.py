@@ -23,6 +23,7 @@ import numpy as np
 
 import efedge
 import efedge.model as model_mod  # its _decode calls _expert_token by this name
+from efedge import corpus
 from efedge.demo import demo_model_path
 from efedge.experts.transfer import parse_link
 from efedge.simulate import SimSetup, simulate
@@ -30,14 +31,8 @@ from efedge.trace import record_trace
 
 
 def heldout_text(n_chars: int = 6000) -> str:
-    try:
-        from gguf_tools.corpus import heldout_text as held
-        return held()[:n_chars]
-    except Exception:  # noqa: BLE001 — any stdlib text will do when the corpus tool is absent
-        import inspect
-        import json as js
-
-        return inspect.getsource(js)[:n_chars]
+    """Held-out text of the demo model's corpus (the split it never saw)."""
+    return corpus.heldout_text()[:n_chars]
 
 
 def measure_compute(path, ids, threads=None) -> tuple[float, float]:

@@ -10,7 +10,6 @@ latency + bytes / bandwidth.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 
 from efedge.errors import TransferError
@@ -38,9 +37,8 @@ class VirtualTransferEngine:
         # bytes moved per expert of each layer (the profile's, not the traced model's)
         self.bytes_per_expert = bytes_per_expert or [store.expert_bytes(i)
                                                      for i in range(store.n_layer)]
-        self._queue: list[Job] = []
+        self._queue: list[tuple[float, Job]] = []  # (when it was queued, job); a few
         self._seq = itertools.count()
-        self._t_sub: dict[int, float] = {}  # job seq -> when it was queued
         self.jobs_by_key: dict[int, Job] = {}
         self._busy_until = 0.0
         self._current: Job | None = None
@@ -50,8 +48,7 @@ class VirtualTransferEngine:
 
     def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
         job = Job(priority, next(self._seq), layer, expert, slot)
-        self._t_sub[job.seq] = self.clock.t
-        heapq.heappush(self._queue, job)
+        self._queue.append((self.clock.t, job))
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
         self._pump()
         return job
@@ -60,8 +57,8 @@ class VirtualTransferEngine:
         if not job.started and job.priority != DEMAND:
             job.cancelled = True
             new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
-            self._t_sub[new.seq] = self._t_sub.get(job.seq, self.clock.t)  # queued since
-            heapq.heappush(self._queue, new)
+            since = next((t for t, j in self._queue if j is job), self.clock.t)
+            self._queue.append((since, new))  # queued since the prefetch was
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
 
     def cancel(self, job: Job) -> bool:
@@ -73,7 +70,7 @@ class VirtualTransferEngine:
         return True
 
     def queued(self) -> int:
-        return sum(1 for j in self._queue if not j.cancelled)
+        return sum(1 for _, j in self._queue if not j.cancelled)
 
     def _pump(self) -> None:
         """Complete every job that has finished by now and start the next ones, each at
@@ -89,32 +86,27 @@ class VirtualTransferEngine:
                 self._finish(self._current)
                 self._current = None
                 free_at = self._busy_until
-            job = self._next_job(free_at)
-            if job is None:
+            nxt = self._next_job(free_at)
+            if nxt is None:
                 return
+            queued_at, job = nxt
             job.started = True
-            start = max(free_at, self._t_sub.pop(job.seq, free_at))
+            start = max(free_at, queued_at)
             nbytes = self.bytes_per_expert[job.layer]
             self._busy_until = start + self.lat + nbytes / self.bw
             self._current = job
 
-    def _next_job(self, free_at: float) -> Job | None:
-        """The job the link starts when it comes free at `free_at`: the most urgent of
-        those queued by then (demand before prefetch, then submission order); if none
-        was, the first queued after (the link idled until it came)."""
-        live = [j for j in self._queue if not j.cancelled]
-        if not live:
-            self._queue.clear()
+    def _next_job(self, free_at: float) -> tuple[float, Job] | None:
+        """(when it was queued, the job) the link starts when it comes free at `free_at`:
+        the most urgent of those queued by then (demand before prefetch, then submission
+        order); if none was, the first queued after (the link idled until it came)."""
+        self._queue = [e for e in self._queue if not e[1].cancelled]
+        if not self._queue:
             return None
-        ready = [j for j in live if self._t_sub.get(j.seq, free_at) <= free_at]
-        job = min(ready) if ready else min(live, key=lambda j: (self._t_sub[j.seq], j))
-        live.remove(job)
-        for j in self._queue:
-            if j.cancelled:
-                self._t_sub.pop(j.seq, None)
-        self._queue = live
-        heapq.heapify(self._queue)
-        return job
+        ready = [e for e in self._queue if e[0] <= free_at]
+        pick = min(ready, key=lambda e: e[1]) if ready else min(self._queue)
+        self._queue = [e for e in self._queue if e[1] is not pick[1]]
+        return pick
 
     def _finish(self, job: Job) -> None:
         key = job.layer * self.store.n_expert + job.expert
