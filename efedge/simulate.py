@@ -92,6 +92,14 @@ def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
                     f"{model.name} on {hw.name}")
 
 
+def _trace_cache(n_layer: int, n_expert: int, k: int, setup: SimSetup):
+    """The traced model's expert sizes (the profile's bytes) and the cache tables the
+    setup's budget gives them (no bytes allocated)."""
+    store = TraceStore(n_layer, n_expert, setup.bytes_per_expert)
+    budget = parse_budget(setup.budget, store.total_bytes())
+    return store, ExpertCache(store, budget, k, allocate=False)
+
+
 def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
              warmup: int = 16, max_tokens: int | None = None) -> dict:
     """Replay the trace; return DESIGN.md counters (per token scaled to the profile) plus
@@ -102,11 +110,9 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     if max_tokens is not None:
         T = min(T, warmup + max_tokens)
     n_expert = int(meta["n_expert"])
-    store = TraceStore(L, n_expert, setup.bytes_per_expert)
-    budget = parse_budget(setup.budget, store.total_bytes())
+    store, cache = _trace_cache(L, n_expert, K, setup)
     counters = Counters()
     clock = VirtualClock()
-    cache = ExpertCache(store, budget, K, allocate=False)
     engine = VirtualTransferEngine(store, cache, counters, clock, setup.link_bytes_per_s,
                                    setup.link_latency_s,
                                    bytes_per_expert=[store.expert_bytes(i) for i in range(L)])
@@ -158,9 +164,7 @@ def lower_bound(arrays: dict, meta: dict, setup: SimSetup, *, warmup: int = 16,
         T = min(T, warmup + max_tokens)
     experts = experts[:T]
     n_expert = int(meta["n_expert"])
-    store = TraceStore(L, n_expert, setup.bytes_per_expert)
-    cache = ExpertCache(store, parse_budget(setup.budget, store.total_bytes()), K,
-                        allocate=False)
+    store, cache = _trace_cache(L, n_expert, K, setup)
     loads = min_loads(experts, cache.layer_class, cache.class_slots, n_expert, warmup)
     n = max(T - warmup, 1)
     unique = sum(np.unique(experts[t, l]).size for t in range(warmup, T) for l in range(L))

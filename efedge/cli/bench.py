@@ -74,10 +74,12 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF model file (default: the embedded demo model)")
     p.add_argument("-m", "--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
-    p.add_argument("-p", "--n-prompt", type=_ints, default=[512],
-                   help="prompt lengths (default 512; 0 skips the pp test)")
-    p.add_argument("-n", "--n-gen", type=_ints, default=[128],
-                   help="tokens to generate (default 128; 0 skips the tg test)")
+    p.add_argument("-p", "--n-prompt", type=_ints, default=None,
+                   help="prompt lengths (default 512, with --policies 32; 0 skips the pp "
+                        "test)")
+    p.add_argument("-n", "--n-gen", type=_ints, default=None,
+                   help="tokens to generate (default 128, with --policies 64; 0 skips the "
+                        "tg test)")
     p.add_argument("-r", "--repetitions", type=int, default=None,
                    help="repetitions (default 5; with --policies 1)")
     p.add_argument("-t", "--threads", type=_ints, default=None,
@@ -352,6 +354,7 @@ def main(args: argparse.Namespace) -> int:
     if args.policies is not None:
         return _compare_policies(path, args)
     args.repetitions = args.repetitions or 5
+    args.n_prompt, args.n_gen = args.n_prompt or [512], args.n_gen or [128]
     tests = [("pp", n) for n in args.n_prompt if n > 0] + [("tg", n) for n in args.n_gen if n > 0]
     if not tests:
         raise EfedgeError("nothing to run: every -p and -n value is 0")
@@ -412,10 +415,9 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
 
     for name in policies:
         make_policy(name)  # an unknown name fails here, before any run
-    # -p / -n keep llama-bench's defaults (512 / 128) unless given: here the defaults are
-    # a shorter held-out passage, 32 prompt + 64 decoded tokens
-    n_prompt = args.n_prompt[0] if args.n_prompt != [512] else 32
-    n_gen = args.n_gen[0] if args.n_gen != [128] else 64
+    # unless given, a shorter held-out passage than llama-bench's 512 / 128
+    n_prompt = (args.n_prompt or [32])[0]
+    n_gen = (args.n_gen or [64])[0]
     if n_prompt < 1 or n_gen < 1:
         raise EfedgeError("--policies needs -p ≥ 1 prompt token and -n ≥ 1 decoded token")
     caches = [c for c in args.cache if c] or ["50%"]
