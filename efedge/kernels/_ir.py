@@ -145,3 +145,18 @@ def data_ptr(context, builder, aryty, val):
     """An i8* to the data of a numba array argument."""
     arr = context.make_array(aryty)(context, builder, val)
     return builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+
+
+def row_base(context, builder, aryty, val, r0ty, r0, block_bytes: int):
+    """For a raw 2-D uint8 matrix argument (rows of quant blocks, any row stride): an i8*
+    to row r0, the row stride in bytes and the number of blocks per row (i64 values)."""
+    from numba import types
+
+    i64 = ir.IntType(64)
+    arr = context.make_array(aryty)(context, builder, val)
+    row_bytes = builder.extract_value(arr.shape, 1)
+    stride = builder.extract_value(arr.strides, 0)
+    r = context.cast(builder, r0, r0ty, types.int64)
+    base = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()),
+                       [builder.mul(r, stride)])
+    return base, stride, builder.udiv(row_bytes, ir.Constant(i64, block_bytes))

@@ -37,7 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._ir import _VNNI_FN, _Fn, _splat, data_ptr, link
+from ._ir import _VNNI_FN, _Fn, _splat, data_ptr, link, row_base
 
 L = 8  # rows per tile: one lane each
 NT = 8  # tokens per step (4 measured 5% slower)
@@ -334,12 +334,8 @@ def _make_unpack(name: str):
             link(context, _ir_text())
             fnty = ir.FunctionType(ir.VoidType(), [_P8, _I64, _I64, _P8, _P8, _P8])
             fn = cgutils.get_or_insert_function(builder.module, fnty, sym)
-            warr = context.make_array(sig.args[0])(context, builder, args[0])
-            row_bytes = builder.extract_value(warr.shape, 1)
-            stride = builder.extract_value(warr.strides, 0)
-            r0v = context.cast(builder, args[1], sig.args[1], types.int64)
-            base = builder.gep(builder.bitcast(warr.data, _P8), [builder.mul(r0v, stride)])
-            nb = builder.udiv(row_bytes, ir.Constant(_I64, bb))
+            base, stride, nb = row_base(context, builder, sig.args[0], args[0], sig.args[1],
+                                        args[1], bb)
             ptrs = [data_ptr(context, builder, sig.args[i], args[i]) for i in (2, 3, 4)]
             builder.call(fn, [base, stride, nb, *ptrs])
             return context.get_dummy_value()

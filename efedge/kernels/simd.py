@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._ir import _VNNI_FN, _Fn, _seq, _splat, data_ptr, link
+from ._ir import _VNNI_FN, _Fn, _seq, _splat, data_ptr, link, row_base
 
 _DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
@@ -303,12 +303,8 @@ def _make_intrinsic(name: str, nr: int, nt: int):
             i64, p8 = ir.IntType(64), ir.IntType(8).as_pointer()
             fnty = ir.FunctionType(ir.VoidType(), [p8, i64, i64, p8, p8, p8, i64, p8])
             fn = cgutils.get_or_insert_function(builder.module, fnty, sym)
-            warr = context.make_array(sig.args[0])(context, builder, args[0])
-            row_bytes = builder.extract_value(warr.shape, 1)
-            stride = builder.extract_value(warr.strides, 0)
-            r0v = context.cast(builder, args[1], sig.args[1], types.int64)
-            base = builder.gep(builder.bitcast(warr.data, p8), [builder.mul(r0v, stride)])
-            nb = builder.udiv(row_bytes, ir.Constant(i64, bb))
+            base, stride, nb = row_base(context, builder, sig.args[0], args[0], sig.args[1],
+                                        args[1], bb)
             n = builder.mul(nb, ir.Constant(i64, elems))
             ptrs = [data_ptr(context, builder, sig.args[i], args[i]) for i in (2, 3, 4, 5)]
             builder.call(fn, [base, stride, nb, ptrs[0], ptrs[1], ptrs[2], n, ptrs[3]])
