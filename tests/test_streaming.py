@@ -79,7 +79,7 @@ def test_slow_link_stalls_in_proportion(tiny_gguf):
                 assert s["wall_s"] >= 0.9 * s["bytes_loaded"] / 10e6
                 # without prefetch only the experts of the same layer can hide a load
                 assert s["stall_s"] >= 0.5 * s["bytes_loaded"] / 10e6
-                assert 0.004 < s["bandwidth_gbps"] < 0.011
+                assert 0.008 < s["bandwidth_gbps"] < 0.0115  # the link, not one request
     assert stalls["10MB/s"] > 3 * stalls[None]
 
 

@@ -4,7 +4,11 @@
   prefetch that became stale can be cancelled.
 * Reads use pread into the slot, then posix_fadvise(DONTNEED) on the file range, so the
   page cache does not quietly keep every expert beside the slots (the budget is honest).
-* An online bandwidth meter (EWMA of bytes/s and of per-request latency).
+* An online meter of the link, not of one request: bytes over the time at least one copy
+  was under way (ratio of two EWMAs), and each request's service time (from when the link
+  started on it: its own start, or the previous completion if it queued behind one). A
+  per-request bytes/duration would count the wait behind the other worker's copy and halve
+  the rate whenever both are busy (the simulator reads the link's real rate).
 * Link emulation: `link="8GB/s"`, `"pcie4x4"`, `"nvme"` … a shared token bucket makes
   transfers as slow as that link, so laptop-GPU and SSD conditions can be reproduced on
   any machine. Output that depends on it says "emulated".
@@ -81,6 +85,7 @@ class Job:
     slot: int = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
     started: bool = field(default=False, compare=False)
+    metered: bool = field(default=False, compare=False)  # counted in the link's in-flight
     error: BaseException | None = field(default=None, compare=False)
 
 
@@ -103,8 +108,11 @@ class TransferEngine:
         self._closing = False
         self._link_lock = threading.Lock()
         self._link_free_at = 0.0
-        self.bandwidth_ewma = 0.0  # bytes/s
-        self.latency_ewma = 0.0  # s per request
+        self.bandwidth_ewma = 0.0  # bytes/s while the link is busy
+        self.latency_ewma = 0.0  # s: one request's service time
+        self._in_flight = 0  # copies under way (cond held to change)
+        self._busy_mark = 0.0  # when the current busy period began or last completion
+        self._ewma_bytes = self._ewma_busy = 0.0
         self.jobs_by_key: dict[int, Job] = {}
         self.workers_replaced = 0
         self._read = read_fn or self._pread  # tests inject faults here
@@ -202,10 +210,37 @@ class TransferEngine:
                         job = None
                         continue
                     job.started = True
+                    self._meter_start(job)
                 self._run(job)
                 job = None
         except BaseException as exc:  # a bug, not a disk error: never lose the job
             self._worker_died(i, job, exc)
+
+    # -- the link meter (cond held) ---------------------------------------------------------
+    def _meter_start(self, job: Job) -> None:
+        if self._in_flight == 0:
+            self._busy_mark = time.perf_counter()
+        self._in_flight += 1
+        job.metered = True
+
+    def _meter_end(self, job: Job, nbytes: int) -> None:
+        """One copy finished (nbytes 0: it failed): the busy time since the last mark
+        carried these bytes."""
+        if not job.metered:
+            return
+        job.metered = False
+        self._in_flight -= 1
+        now = time.perf_counter()
+        busy, self._busy_mark = now - self._busy_mark, now
+        if nbytes <= 0:
+            return
+        a = 0.2 if self._ewma_busy else 1.0
+        self._ewma_bytes += a * (nbytes - self._ewma_bytes)
+        self._ewma_busy += a * (busy - self._ewma_busy)
+        self.latency_ewma += a * (busy - self.latency_ewma)
+        if self._ewma_busy > 0:
+            self.bandwidth_ewma = self._ewma_bytes / self._ewma_busy
+            self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
 
     def _worker_died(self, i: int, job: Job | None, exc: BaseException) -> None:
         """Fail the job the dead worker held (its waiter then loads it synchronously) and
@@ -213,6 +248,7 @@ class TransferEngine:
         log.error("transfer worker %d died: %r", i, exc, exc_info=exc)
         with self.cond:
             if job is not None:
+                self._meter_end(job, 0)
                 job.error = exc
                 key = job.layer * self.store.n_expert + job.expert
                 if self.jobs_by_key.get(key) is job:
@@ -241,8 +277,8 @@ class TransferEngine:
                             job.layer, job.expert, attempt + 1, exc)
         if err is None:
             self._emulate_link(nbytes, t0)
-        dt = time.perf_counter() - t0
         with self.cond:
+            self._meter_end(job, 0 if err is not None else nbytes)
             key = job.layer * self.store.n_expert + job.expert
             if self.jobs_by_key.get(key) is job:
                 del self.jobs_by_key[key]
@@ -253,11 +289,6 @@ class TransferEngine:
             else:
                 self.cache.slot_state[job.slot] = READY
                 self.counters.bytes_loaded += nbytes
-                bw = nbytes / max(dt, 1e-9)
-                a = 0.2 if self.bandwidth_ewma else 1.0
-                self.bandwidth_ewma += a * (bw - self.bandwidth_ewma)
-                self.latency_ewma += a * (dt - self.latency_ewma)
-                self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
             self.cond.notify_all()
 
     def close(self) -> None:
