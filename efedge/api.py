@@ -159,6 +159,7 @@ class Model:
                                   routers=[b.ffn_gate_inp for b in self._tf.blocks],
                                   n_active=self.config.n_expert_used)
         self._tf.on_route = source.on_route
+        self._tf.on_pass = source.on_pass
         self.link = link_obj
         return source
 

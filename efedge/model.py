@@ -166,6 +166,8 @@ class Transformer:
         # Hook for the expert runtime: called with (layer, normalised hidden [T, D], ids)
         # before the layer's experts are requested, so a predictor can look ahead.
         self.on_route = None
+        # and with the token ids [T] before the first layer of every forward pass
+        self.on_pass = None
         # Cache-aware routing (opt-in, changes outputs): a selected expert that is not
         # resident is swapped for a resident one whose router probability is within this
         # much of it. 0 = exact routing, identical to llama.cpp.
@@ -187,6 +189,7 @@ class Transformer:
         kv = self.new_kv_cache(4)
         experts = _StandInExperts(self.store) if self.store is not None else None
         on_route, self.on_route = self.on_route, None
+        on_pass, self.on_pass = self.on_pass, None
         try:
             self.forward([0, 0], 0, kv, experts, all_logits=False)
             self.forward([0], 2, kv, experts)
@@ -198,7 +201,7 @@ class Transformer:
                               f.gate, f.up, f.down, f.qt, f.sc,
                               np.empty((1, d), np.float32), numba.get_num_threads())
         finally:
-            self.on_route = on_route
+            self.on_route, self.on_pass = on_route, on_pass
         return time.perf_counter() - t0
 
     def new_kv_cache(self, n_ctx: int) -> KVCache:
@@ -383,6 +386,8 @@ class Transformer:
             bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
         kv.check_room(pos, t)
+        if self.on_pass is not None:
+            self.on_pass(tokens)
         if t == 1 and c.spec.fused_decode:
             return self._decode(int(tokens[0]), pos, kv, experts)
         x = self.embed(tokens)

@@ -122,11 +122,14 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
                               expert_compute_s=setup.expert_compute_s,
                               wake_s=setup.wake_s)
     hidden = np.zeros((1, 1), dtype=np.float32).view(TraceHidden)
+    tokens = arrays.get("tokens")
     t_start = 0.0
     for t in range(T):
         if t == warmup:
             counters.reset()
             t_start = clock.t
+        if tokens is not None:  # as the model does before a pass's first layer
+            source.on_pass(tokens[t:t + 1])
         for layer in range(L):
             clock.advance(setup.layer_compute_s)
             engine.advance_to(clock.t)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from efedge.experts.predictor import PREGATE, TEMPORAL, TRANSITION, HybridPredictor
+from efedge.experts.predictor import PREGATE, TEMPORAL, TOKEN, TRANSITION, HybridPredictor
 
 L, E, K, D = 3, 8, 2, 8
 
@@ -106,7 +106,8 @@ def test_fusion_weights_follow_the_informative_source():
                 h[0, (nxt[0] + m + 1) % D], h[0, (nxt[1] + m + 1) % D] = 1.0, 0.9
             hot = nxt
             pred.step(m, ids, hidden=h, n_pred=1)
-    w = pred.weights[1:, 0] / pred.weights[1:, 0].sum(axis=1, keepdims=True)
+    # among the sources that were available (no begin_pass: no token memory)
+    w = pred.weights[1:, 0, :TOKEN] / pred.weights[1:, 0, :TOKEN].sum(axis=1, keepdims=True)
     assert (w[:, PREGATE] > 0.8).all(), w
     # recall@K pools target layers: 1 and 2 are exact, layer 0 (next token) is chance
     assert pred.recall_at_k()[0] > (2 + K / E) / 3 - 0.05
@@ -152,3 +153,51 @@ def test_decay_rescaling_keeps_ratios():
     assert np.isfinite(pred.trans).all() and pred.params[0] <= 1e20
     row = pred.trans[0, 0, 1] / pred.rowsum[0, 0, 1]  # 1 at layer 0 → layer 1 has {1, 3}
     assert row[[1, 3]].sum() == pytest.approx(1.0, rel=1e-3)
+
+
+def _token_pass(pred: HybridPredictor, token: int, per_layer: dict) -> None:
+    pred.begin_pass([token])
+    for m in range(L):
+        pred.step(m, np.array([per_layer[m]]), n_pred=0)
+
+
+def test_token_memory_predicts_a_seen_tokens_experts_before_its_pass():
+    pred = _only(HybridPredictor(L, E, K, max_distance=3), TOKEN)
+    five = {0: [1, 2], 1: [3, 4], 2: [5, 6]}
+    seven = {0: [0, 7], 1: [0, 1], 2: [2, 3]}
+    _token_pass(pred, 5, five)
+    _token_pass(pred, 7, seven)
+    # token 5 again: before layer 0 runs, its last choices at layers 0, 1, 2
+    pred.begin_pass([5])
+    pred.predict_pass_start(3)
+    for d in range(1, 4):
+        assert set(pred.order[d - 1, :K].tolist()) == set(five[d - 1]), d
+        assert pred.p_next[d - 1, five[d - 1]].min() > pred.p_next[d - 1].mean()
+    # and from a routed layer, for the layers after it in the same pass
+    pred.step(0, np.array([five[0]]), n_pred=2)
+    assert set(pred.order[0, :K].tolist()) == set(five[1])
+    assert set(pred.order[1, :K].tolist()) == set(five[2])
+
+
+def test_token_memory_weighs_the_latest_occurrence_and_resets_on_collision():
+    pred = _only(HybridPredictor(L, E, K, max_distance=1), TOKEN)
+    first = {0: [1, 2], 1: [3, 4], 2: [5, 6]}
+    latest = {0: [2, 7], 1: [0, 4], 2: [5, 1]}
+    _token_pass(pred, 9, first)
+    _token_pass(pred, 9, latest)
+    pred.begin_pass([9])
+    pred.predict_pass_start(1)
+    # both occurrences chose 2 at layer 0; the latest adds 7, ahead of the older 1
+    assert pred.order[0, :3].tolist() == [2, 7, 1]
+    # another token in the same bucket takes it over: nothing of token 9 is kept
+    other = 9 + pred.tok_tags.shape[0]
+    _token_pass(pred, other, {0: [3, 4], 1: [5, 6], 2: [0, 1]})
+    pred.begin_pass([9])
+    assert not pred.tok_hist[9 % pred.tok_tags.shape[0]].any()
+    for m in range(L):  # (the pass begun above)
+        pred.step(m, np.array([[0, 1]]), n_pred=0)
+    # a pass begun without begin_pass learns nothing into the token table
+    before = pred.tok_hist.copy()
+    for m in range(L):
+        pred.step(m, np.array([[2, 3]]), n_pred=0)
+    assert (pred.tok_hist == before).all()

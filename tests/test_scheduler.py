@@ -333,3 +333,27 @@ def test_cache_aware_routing_rejects_bad_settings(tiny_gguf):
     # exact routing ignores the slack; cache-aware without a cache computes exactly
     with efedge.load(path) as ref, efedge.load(path, routing="cache-aware") as m:
         assert np.array_equal(m.logits(_ids(8)), ref.logits(_ids(8)))
+
+
+def test_every_forward_pass_reaches_the_policy_with_its_tokens(tiny_gguf):
+    """The model announces each pass's tokens before its first layer: expertflow's token
+    memory then holds them, and a pass-start prediction is issued from it."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M", preset="small")
+    ids = [7, 100] * 10
+    with efedge.load(path, cache="30%", policy="expertflow", link="2GB/s") as m:
+        pol = m._experts.policy
+        seen, orig = [], pol.on_pass
+        pol.on_pass = lambda toks: (seen.append(np.asarray(toks).tolist()), orig(toks))
+        sess = m._session
+        sess.reset()
+        sess.prefill(ids[:4])
+        for tok in ids[4:]:
+            sess.decode(tok)
+        assert seen[0] == ids[:4] and [s for s in seen[1:]] == [[t] for t in ids[4:]]
+        pred = pol.predictor
+        assert pred.pass_no == len(seen) - 1  # one pass per forward call, no more
+        for tok in (7, 100):
+            b = tok % pred.tok_tags.shape[0]
+            assert pred.tok_tags[b] == tok and pred.tok_hist[b].any()
+        # the alternating pattern is learned: token memory leads the fusion weights
+        assert pred.mean_weights()[0, 4] > 0.2, pred.mean_weights()[0]

@@ -141,3 +141,19 @@ def test_simulator_charges_a_wake_up_per_blocked_wait(trace):
     assert r1["misses"] == r0["misses"] > 0
     extra = r1["stall_s"] - r0["stall_s"]
     assert w <= extra <= r0["misses"] * w * (1 + 1e-9)
+
+
+def test_simulator_announces_each_tokens_pass_to_the_policy(trace):
+    """The replay gives the policy each token before its first layer, as the model does
+    (token memory); a trace without tokens still replays, without it."""
+    arrays, meta = load_trace(trace[0])
+    setup = _setup(meta, "30%", link=8e9)  # a link that keeps up: prediction decides
+    with_tokens = simulate(arrays, meta, setup, "expertflow", warmup=4)
+    without = simulate({k: v for k, v in arrays.items() if k != "tokens"}, meta, setup,
+                       "expertflow", warmup=4)
+    for r in (with_tokens, without):
+        assert r["hits"] + r["late"] + r["misses"] == r["expert_requests"]
+    # the repeated text is remembered token by token: more of it is found in time
+    # (measured: stall 0.03 against 0.08 ms per token, hits 2047 against 1626)
+    assert with_tokens["hits"] > 1.1 * without["hits"], (with_tokens, without)
+    assert with_tokens["stall_s"] < 0.7 * without["stall_s"], (with_tokens, without)

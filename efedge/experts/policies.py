@@ -88,6 +88,10 @@ class _Predictive(Policy):
             pregate = self._pregate_logits(layer, hidden, n_pred)
         pred.step(layer, ids, hidden=h, pregate=pregate, n_pred=n_pred, also=also)
 
+    def on_pass(self, tokens) -> None:
+        """The pass's tokens: the predictor's token memory serves its layers."""
+        self.predictor.begin_pass(tokens)
+
 
 class FixedHorizon(_Predictive):
     """The hybrid predictor's top-k for each of the next H layers, every layer (a fixed
@@ -127,8 +131,10 @@ class ExpertFlow(_Predictive):
     name = "expertflow"
 
     def __init__(self, max_horizon: int = 8, p_floor: float = 0.2, explore: int = 1,
-                 value_all: bool = False, value_next: bool = True, **kw):
+                 value_all: bool = False, value_next: bool = True, pass_start: bool = True,
+                 **kw):
         super().__init__(**kw)
+        self.pass_start = bool(pass_start)
         self.explore, self.value_all = int(explore), bool(value_all)
         self.value_next = bool(value_next)
         self.max_distance = max(1, int(max_horizon))
@@ -199,13 +205,19 @@ class ExpertFlow(_Predictive):
             self._predict(layer, hidden, ids2, pregate,
                           min(h_need + self.explore, self.max_distance),
                           also=self.n_layer if self.value_next else 0)
-        pred, cache = self.predictor, src.cache
+        self.horizon = self._plan_prefetches(layer, h_need)
+        self._record_horizon(float(self.horizon))
+        self.overhead_s += src.now() - t0
+
+    def _plan_prefetches(self, layer: int, h_need: int) -> int:
+        """Plan the predicted experts above p_min within h_need layers after `layer`;
+        returns the horizon used (at least 1)."""
+        pred, cache, ctl = self.predictor, self.source.cache, self.controller
         # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile)
         n, ms, es, ps, ds, horizon = select_prefetch(
             layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
             cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
             cache.class_slots, self.n_expert)
-        self.horizon = max(1, int(horizon))
         i = 0
         while i < n:  # one prefetch per target layer, nearest first, needed-at priority
             j = i
@@ -215,7 +227,29 @@ class ExpertFlow(_Predictive):
             limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
             self._prefetch(int(ms[i]), es[i:j], self._step + int(ds[i]) + 1, limit)
             i = j
-        self._record_horizon(float(self.horizon))
+        return max(1, int(horizon))
+
+    def on_pass(self, tokens) -> None:
+        """Before the pass's first layer: its tokens are known, so the token memory can
+        name the experts of its first layers (the prediction made at the previous pass's
+        last layer could not). Re-plan from there — the same step in the layer stream —
+        and issue at once: no demand load is queued yet."""
+        src = self.source
+        t0 = src.now()
+        super().on_pass(tokens)
+        if self._all_fit or not self.pass_start:
+            return
+        if self._plan:
+            self._flush_plan()
+        ctl, eng, L = self.controller, src.engine, self.n_layer
+        h_need = ctl.plan(self._mean_bytes, float(eng.bandwidth_ewma), float(eng.latency_ewma))
+        # every layer of the pass it can reach: the eviction values (p_next) of all of them
+        # learn what this token needs, the prefetches stay within h_need
+        self.predictor.predict_pass_start(min(self.max_distance, L))
+        self.needed[:] = False  # the last layer is done: nothing of it is still to be used
+        self.cur_layer = L - 1
+        self._plan_prefetches(L - 1, min(h_need, L))
+        self._flush_plan()
         self.overhead_s += src.now() - t0
 
     def _cancel(self, keys: np.ndarray) -> None:

@@ -73,6 +73,9 @@ class Policy:
                  pregate: np.ndarray | None = None) -> None:
         pass
 
+    def on_pass(self, tokens: np.ndarray) -> None:
+        """A forward pass over `tokens` is about to start (before its first layer)."""
+
     # -- helpers for prefetching policies ---------------------------------------------------
     def _note_route(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Remember the layer being computed and the experts it still needs; returns the

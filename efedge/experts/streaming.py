@@ -292,6 +292,10 @@ class StreamingExperts:
         self.cache.slot_state[slot] = READY
         return slot
 
+    def on_pass(self, tokens) -> None:
+        """A forward pass over `tokens` starts (before its first layer)."""
+        self.policy.on_pass(np.asarray(tokens, dtype=np.int64).reshape(-1))
+
     def on_route(self, layer: int, h: np.ndarray, ids: np.ndarray, **kw) -> None:
         """The model routed `layer` (kw, e.g. pregate=, go to the policy)."""
         self.policy.on_route(layer, h, ids, **kw)

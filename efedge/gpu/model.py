@@ -346,6 +346,8 @@ class GpuTransformer:
                                       c.rope_scaling, self.host.rope_freqs)
         rope = (self.up(cos), self.up(sin))
         x = self.up(self.host.embed(tokens))
+        if c.is_moe and not self.resident:
+            self.source.on_pass(tokens)
         for il, blk in enumerate(self.blocks):
             h = rms_norm(x, blk.attn_norm, c.norm_eps)
             x = x + self._attention(blk, il, h, pos, kv, rope)
