@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 import efedge
-import efedge.model as model_mod  # its _decode calls _expert_token by this name
+import efedge.ffn as ffn_mod  # stream_experts_token calls _pool_experts by this name
 from efedge import corpus
 from efedge.demo import demo_model_path
 from efedge.experts.transfer import parse_link
@@ -38,30 +38,31 @@ def heldout_text(n_chars: int = 6000) -> str:
 
 @contextlib.contextmanager
 def timed_expert_calls():
-    """Time every model._expert_token call (one expert on one token, the streaming path);
-    yields [seconds, calls], which the caller may zero."""
+    """Time the streaming path's expert kernels (efedge.ffn._pool_experts: one batch of
+    ready experts on one token); yields [seconds, experts], which the caller may zero."""
     spent = [0.0, 0]
-    orig = model_mod._expert_token
+    orig = ffn_mod._pool_experts
 
-    def timed(*a, **kw):
+    def timed(h, batch, *a, **kw):
         t0 = time.perf_counter()
-        out = orig(*a, **kw)
+        out = orig(h, batch, *a, **kw)
         spent[0] += time.perf_counter() - t0
-        spent[1] += 1
+        spent[1] += len(batch)
         return out
 
-    model_mod._expert_token = timed
+    ffn_mod._pool_experts = timed
     try:
         yield spent
     finally:
-        model_mod._expert_token = orig
+        ffn_mod._pool_experts = orig
 
 
 def measure_compute(path, ids, threads=None) -> tuple[float, float]:
     """(seconds per layer without experts, seconds per expert per token), decode, on the
     path the live runs take: a cache (here holding every expert, so nothing is ever
-    loaded) computes expert by expert (model._expert_token), where the resident path
-    runs a layer's experts in one fused call."""
+    loaded after the first touches); batches of ready experts are timed
+    (ffn._pool_experts), layers whose experts were all resident (one fused call) count
+    as layer time."""
     with efedge.load(path, threads=threads, cache="100%", policy="ondemand") as m:
         s = m._session
         s.reset()

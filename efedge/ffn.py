@@ -49,6 +49,43 @@ def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarra
                          out)
 
 
+def stream_experts_token(experts, layer: int, h: np.ndarray, ids: np.ndarray, w: np.ndarray,
+                         f: _FFN, y: np.ndarray, nt: int) -> None:
+    """y[k] = expert ids[k] on one token h [D] times w[k], for an expert cache: the
+    experts come as they are ready (acquire_batches), and each batch runs in one kernel
+    call over the slot pool — decode_ffn over several (threads woken once), its serial
+    twin for one (waking threads costs more than one small expert brings). The same
+    rows and rounding as resident decode, so the same bits in any grouping. A source
+    without batches or pool views goes one expert at a time (_expert_token)."""
+    pool = getattr(experts, "pool_slots", _none)(layer)
+    if pool is None or not hasattr(experts, "acquire_batches"):
+        for e, ew in experts.acquire(layer, np.unique(ids)):
+            k = int(np.flatnonzero(ids == e)[0])
+            _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
+        return
+    views, first = pool
+    k_of = {int(e): k for k, e in enumerate(ids.tolist())}  # top-k ids are distinct
+    for batch in experts.acquire_batches(layer, np.unique(ids)):
+        _pool_experts(h, batch, k_of, first, w, views, f, y, nt)
+
+
+def _pool_experts(h, batch, k_of, first, w, views, f: _FFN, y, nt) -> None:
+    """One batch [(expert, slot)] of stream_experts_token: its experts' rows of y."""
+    ks = [k_of[e] for e, _s in batch]
+    slots = np.array([s - first for _e, s in batch], np.int32)
+    if len(ks) == 1:
+        k = ks[0]
+        dk.decode_ffn_serial(h, slots, w[k:k + 1], *views, f.qt, f.sc, y[k:k + 1])
+        return
+    out = np.empty((len(ks), y.shape[1]), np.float32)
+    dk.decode_ffn(h, slots, w[ks], *views, f.qt, f.sc, out, nt)
+    y[ks] = out
+
+
+def _none(*_args) -> None:
+    return None
+
+
 def _fused_ok(f: _FFN) -> bool:
     """Whether kernels.moe covers gate, up and down (every type generic.deq_row decodes)."""
     return all(int(q) in kernels.SUPPORTED_QTYPES for q in f.qt)

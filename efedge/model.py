@@ -35,10 +35,11 @@ from efedge.experts.store import ExpertStore, ResidentExperts
 from efedge.ffn import (
     _ONE_ID,
     _expert,
-    _expert_token,
     _ffn_sum,
+    _none,
     _resident_moe,
     _StandInExperts,
+    stream_experts_token,
     swiglu,
 )
 from efedge.gguf_file import GGUFFile
@@ -145,10 +146,6 @@ class Block:
                             self.attn_q.raw, self.attn_k.raw, self.attn_v.raw,
                             self.attn_output.raw, router, qt, sc, bq, bk, bv, qn, kn,
                             _QK_MODE[cfg.spec.qk_norm])
-
-
-def _none(*_args) -> None:
-    return None
 
 
 class Transformer:
@@ -357,9 +354,7 @@ class Transformer:
                 if ready is not None:
                     dk.decode_ffn(h, ready[0], w, *ready[1], f.qt, f.sc, y, nt)
                 else:
-                    for e, ew in experts.acquire(il, np.unique(ids)):
-                        k = int(np.flatnonzero(ids == e)[0])
-                        _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
+                    stream_experts_token(experts, il, h, ids, w, f, y, nt)
                 if blk.shared is not None:
                     f = blk.shared
                     scale = np.ones(1, np.float32)  # ungated (granitemoe, deepseek2)

@@ -125,13 +125,22 @@ class StreamingExperts:
             finally:
                 for s in slot_of.values():
                     pins[s] -= 1
-            for e in set(wanted):  # the order acquire yields (and touches) them in
+            for e in wanted:  # the order acquire yields (and touches) them in: by id
                 cache.touch(slot_of[e])
+        views, first = self.pool_slots(layer)
+        return np.array([s - first for s in slots], np.int32), views
+
+    def pool_slots(self, layer: int):
+        """((gate, up, down) read-only views [slots, rows, row_bytes] over the pool of
+        the layer's size class, the first slot number of that class), or None for a
+        dense layer or a cache without bytes: slot s is row s - first of the views."""
+        c = int(self.cache.layer_class[layer])
+        if c < 0 or self.cache.virtual:
+            return None
         views = getattr(self, "_pool_views", {}).get(layer)
         if views is None:
             views = self._pool_views_of(layer, c)
-        first = int(cache.class_first[c])
-        return np.array([s - first for s in slots], np.int32), views
+        return views, int(self.cache.class_first[c])
 
     def _pool_views_of(self, layer: int, c: int) -> tuple[np.ndarray, ...]:
         if not hasattr(self, "_pool_views"):
@@ -149,6 +158,21 @@ class StreamingExperts:
     def acquire(self, layer: int, experts: np.ndarray):
         """Yield (expert, ExpertWeights) for every requested expert, ready ones first. The
         slot stays pinned until the caller asks for the next one."""
+        batches = self.acquire_batches(layer, experts, max_batch=1)
+        try:
+            for batch in batches:
+                e, s = batch[0]
+                yield e, self.cache.weights(s, layer)
+        finally:
+            batches.close()
+
+    def acquire_batches(self, layer: int, experts, *, max_batch: int | None = None, **kw):
+        """Yield lists [(expert, slot)] of READY experts — every one ready at the time, at
+        most `max_batch` — until all requested experts are served: the compute thread
+        waits only when none is ready. Slots stay pinned until the caller asks for the
+        next list (then `_batch_done`). Demand loads are queued before the policy's
+        planned prefetches (on_demand_issued). `kw`: for subclasses (the GPU's hybrid
+        misses)."""
         cache = self.cache
         wanted = [int(e) for e in experts]
         pending: list[int] = []  # not resident, no slot yet
@@ -156,23 +180,28 @@ class StreamingExperts:
         with self.cond:
             self._classify(layer, wanted, pending, held)
             self.policy.on_request(layer, wanted)
+            skip = self._before_issue(layer, pending, **kw)
             self._issue(layer, pending, held)
             issued = getattr(self.policy, "on_demand_issued", None)
             if issued is not None:  # prefetches go behind this layer's own loads
                 issued(layer)
-        remaining = set(wanted)
+        self._after_issue(skip, **kw)
+        remaining = set(wanted) - set(skip)
+        limit = max_batch or len(wanted) or 1
         try:
             while remaining:
                 with self.cond:
-                    e, s = self._next_ready(layer, remaining, pending, held)
+                    batch = self._ready_batch(layer, remaining, pending, held, limit)
                 try:
-                    yield e, cache.weights(s, layer)
+                    yield batch
                 finally:
+                    self._batch_done(batch)
                     with self.cond:
-                        cache.touch(s)
-                        cache.slot_pins[s] -= 1
-                        del held[e]
-                        remaining.discard(e)
+                        for e, s in batch:
+                            cache.touch(s)
+                            cache.slot_pins[s] -= 1
+                            del held[e]
+                            remaining.discard(e)
                         self._issue(layer, pending, held)
                         self.cond.notify_all()
         finally:
@@ -181,6 +210,17 @@ class StreamingExperts:
                 for s in held.values():
                     cache.slot_pins[s] -= 1
                 self.cond.notify_all()
+
+    # hooks for subclasses (efedge.gpu.cache: hybrid misses, stream events)
+    def _before_issue(self, layer: int, pending: list[int], **kw) -> list[int]:
+        """(cond held) experts taken out of `pending` to be served elsewhere; none here."""
+        return []
+
+    def _after_issue(self, skip: list[int], **kw) -> None:
+        """(cond released) start serving the experts _before_issue took out."""
+
+    def _batch_done(self, batch: list[tuple[int, int]]) -> None:
+        """The caller is done with a batch's slots (before they are unpinned)."""
 
     def _classify(self, layer: int, wanted: list[int], pending: list[int],
                   held: dict[int, int]) -> None:
@@ -234,22 +274,29 @@ class StreamingExperts:
             held[e] = slot
             self.engine.submit(layer, e, slot, DEMAND)
 
-    def _next_ready(self, layer: int, remaining: set[int], pending: list[int],
-                    held: dict[int, int]):
-        """A remaining expert whose slot is READY; waits (stall) when there is none."""
+    def _ready_batch(self, layer: int, remaining: set[int], pending: list[int],
+                     held: dict[int, int], limit: int) -> list[tuple[int, int]]:
+        """Remaining experts whose slots are READY (at most `limit`, lowest ids first);
+        waits (stall) while there is none. A load that failed on a worker is retried on
+        this thread (cond held)."""
         cache = self.cache
         t0 = None
         while True:
             if pending:  # slots may have come free (e.g. prefetches completed) since
                 self._issue(layer, pending, held)
-            for e in remaining:
+            ready = []
+            for e in sorted(remaining):
                 s = held.get(e, -1)
                 if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
-                    if t0 is not None:
-                        self.counters.stall_s += time.perf_counter() - t0
-                    return e, s
+                    ready.append((e, s))
+                    if len(ready) >= limit:
+                        break
+            if ready:
+                if t0 is not None:
+                    self.counters.stall_s += time.perf_counter() - t0
+                return ready
             reloaded = False
-            for e in remaining:
+            for e in sorted(remaining):
                 s = held.get(e, -1)
                 if s >= 0 and cache.where[layer, e] != s:
                     # its load failed and the slot was released: retry on this thread

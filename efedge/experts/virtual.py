@@ -146,20 +146,25 @@ class SimulatedExperts(StreamingExperts):
     def now(self) -> float:
         return self.clock.t
 
-    def _next_ready(self, layer, remaining, pending, held):
+    def _ready_batch(self, layer, remaining, pending, held, limit):
         cache = self.cache
         self.engine.advance_to(self.clock.t)
         waited = False
         while True:
             if pending:  # a slot may have come free: issue the waiting demand loads
                 self._issue(layer, pending, held)
+            ready = []
             for e in sorted(remaining):
                 s = held.get(e, -1)
                 if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
-                    if waited and self.wake_s > 0:
-                        self.counters.stall_s += self.wake_s
-                        self.engine.advance_to(self.clock.t + self.wake_s)
-                    return e, s
+                    ready.append((e, s))
+                    if len(ready) >= limit:
+                        break
+            if ready:
+                if waited and self.wake_s > 0:
+                    self.counters.stall_s += self.wake_s
+                    self.engine.advance_to(self.clock.t + self.wake_s)
+                return ready
             nxt = self.engine.next_event()
             if nxt is None:
                 raise TransferError(f"simulator: experts {sorted(remaining)} of layer {layer} "

@@ -228,95 +228,28 @@ class GpuStreamingExperts(StreamingExperts):
         self.backend = cache.backend
         self.hybrid = hybrid
 
-    def acquire(self, layer: int, experts: np.ndarray):
-        """One expert at a time, as efedge.model expects: (expert, (gate, up, down))."""
-        for batch in self.acquire_batches(layer, experts, max_batch=1):
-            e, s = batch[0]
-            yield e, self.cache.weights(s, layer)
+    # hooks of StreamingExperts.acquire_batches (which gives the GPU its batches too)
+    def _before_issue(self, layer: int, pending: list[int], *, tokens=None, cpu_submit=None,
+                      **kw) -> list[int]:
+        """Hybrid misses: with a hybrid policy and `cpu_submit`, misses that would take
+        longer to copy than to compute on the CPU are not loaded (cond held); they are
+        returned, taken out of `pending`, and never yielded."""
+        if self.hybrid is None or cpu_submit is None or not pending:
+            return []
+        on_cpu = self.hybrid.plan(layer, pending, tokens or {}, self.engine)
+        pending[:] = [e for e in pending if e not in on_cpu]
+        return on_cpu
 
-    def acquire_batches(self, layer: int, experts, *, tokens: dict[int, int] | None = None,
-                        max_batch: int | None = None, cpu_submit=None):
-        """Yield lists [(expert, slot)] of READY experts — every one ready at the time, at
-        most `max_batch` — until all are served. Slots stay pinned until the caller asks
-        for the next batch; then the compute stream's event is recorded as their last use.
-
-        With a hybrid policy and `cpu_submit`, misses that would take longer to copy than
-        to compute on the CPU are not loaded: `cpu_submit(expert)` is called for each at
-        once (the caller runs them beside the GPU work) and they are not yielded."""
-        cache = self.cache
-        wanted = [int(e) for e in experts]
-        pending: list[int] = []
-        held: dict[int, int] = {}
-        on_cpu: list[int] = []
-        with self.cond:
-            self._classify(layer, wanted, pending, held)
-            self.policy.on_request(layer, wanted)
-            if self.hybrid is not None and cpu_submit is not None and pending:
-                on_cpu = self.hybrid.plan(layer, pending, tokens or {}, self.engine)
-                pending = [e for e in pending if e not in on_cpu]
-            self._issue(layer, pending, held)
-        for e in on_cpu:
+    def _after_issue(self, skip: list[int], *, cpu_submit=None, **kw) -> None:
+        for e in skip:  # the caller runs them on the CPU beside the GPU work
             cpu_submit(e)
-        remaining = set(wanted) - set(on_cpu)
-        limit = max_batch or len(wanted) or 1
-        try:
-            while remaining:
-                with self.cond:
-                    batch = self._ready_batch(layer, remaining, pending, held, limit)
-                try:
-                    yield batch
-                finally:
-                    event = self.backend.record()
-                    with self.cond:
-                        for e, s in batch:
-                            cache.last_use[s] = event
-                            cache.touch(s)
-                            cache.slot_pins[s] -= 1
-                            del held[e]
-                            remaining.discard(e)
-                        self._issue(layer, pending, held)
-                        self.cond.notify_all()
-        finally:
-            with self.cond:
-                for s in held.values():
-                    cache.slot_pins[s] -= 1
-                self.cond.notify_all()
 
-    def _ready_batch(self, layer: int, remaining: set[int], pending: list[int],
-                     held: dict[int, int], limit: int) -> list[tuple[int, int]]:
-        """Every remaining expert whose slot is READY (≤ limit); waits (stall) when none
-        is. Loads that failed on a worker are retried on this thread (cond held)."""
-        cache = self.cache
-        t0 = None
-        while True:
-            if pending:
-                self._issue(layer, pending, held)
-            ready = []
-            for e in sorted(remaining):
-                s = held.get(e, -1)
-                if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
-                    ready.append((e, s))
-                    if len(ready) >= limit:
-                        break
-            if ready:
-                if t0 is not None:
-                    self.counters.stall_s += time.perf_counter() - t0
-                return ready
-            for e in sorted(remaining):
-                s = held.get(e, -1)
-                if s >= 0 and cache.where[layer, e] != s:
-                    cache.slot_pins[s] -= 1
-                    del held[e]
-                    t_sync = time.perf_counter()
-                    held[e] = self._load_sync(layer, e)
-                    self.counters.stall_s += time.perf_counter() - t_sync
-            if t0 is None:
-                t0 = time.perf_counter()
-            if not self.cond.wait(timeout=1.0):
-                waited = time.perf_counter() - t0
-                if waited > WAIT_TIMEOUT_S:
-                    raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
-                                        f"no progress for {waited:.0f} s")
+    def _batch_done(self, batch: list[tuple[int, int]]) -> None:
+        """The compute stream's event becomes the slots' last use: a copy into one of
+        them waits for it."""
+        event = self.backend.record()
+        for _e, s in batch:
+            self.cache.last_use[s] = event
 
     def preload_all(self) -> None:
         """Load every expert (the cache holds them all): no stall ever after."""
