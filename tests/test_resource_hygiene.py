@@ -150,7 +150,7 @@ def test_interrupt_inside_the_forward_pass(path, reference, cache, where):
     (the expert cache's acquire is then suspended with slots pinned)."""
     with _load(path, cache) as m:
         tf, src = m._tf, m._experts
-        hook, acquire = tf.on_route, src.acquire
+        hook, batches = tf.on_route, getattr(src, "acquire_batches", None)
         calls = [0]
         nth = 2 * TINY["n_layer"] + 2  # prefill, decode 1, then layer 1 of decode 2
 
@@ -161,21 +161,23 @@ def test_interrupt_inside_the_forward_pass(path, reference, cache, where):
             if hook is not None:
                 hook(layer, *a, **kw)
 
-        def in_acquire(layer, experts):
+        def in_batches(layer, experts, **kw):
             calls[0] += 1
-            for i, item in enumerate(acquire(layer, experts)):
-                if calls[0] == nth and i == 1:
+            for item in batches(layer, experts, **kw):
+                yield item  # resumed when the consumer is done with the batch:
+                if calls[0] == nth:  # Ctrl-C lands with its slots still pinned
                     raise KeyboardInterrupt
-                yield item
 
         if where == "route":
             tf.on_route = on_route
         else:
-            src.acquire = in_acquire
+            src.acquire_batches = in_batches
         with pytest.raises(KeyboardInterrupt):
             m.generate(PROMPT, max_tokens=N_GEN, temperature=0)
         assert calls[0] == nth
-        tf.on_route, src.acquire = hook, acquire
+        tf.on_route = hook
+        if batches is not None:
+            src.acquire_batches = batches
         _assert_whole(m, reference)
 
 

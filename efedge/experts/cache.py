@@ -124,7 +124,11 @@ class ExpertCache:
         self.slot_prefetched = np.zeros(n_slots, dtype=np.bool_)  # loaded ahead, not yet used
         self.where = np.full((n_layer, n_expert), -1, dtype=np.int64)
         self.tick = 0
-        self.cond = threading.Condition()
+        # one lock; the compute thread waits on `cond` (a slot became READY), transfer
+        # workers on their own condition of the same lock (a job was queued), so neither
+        # kind of event wakes the other kind of thread for nothing
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         # the byte offsets of gate / up / down inside a slot of each layer
         self.part_bounds = np.zeros((n_layer, 4), dtype=np.int64)
         for il in range(n_layer):

@@ -97,7 +97,8 @@ class TransferEngine:
                  counters: Counters, link: Link | None = None, workers: int = 2,
                  read_fn=None):
         self.store, self.cache, self.counters, self.link = store, cache, counters, link
-        self.cond = cache.cond
+        self.cond = cache.cond  # READY and failed loads: the compute thread waits on it
+        self.work = threading.Condition(cache.lock)  # queued jobs: the workers wait on it
         self._fd = os.open(path, os.O_RDONLY)
         if hasattr(os, "posix_fadvise"):
             # no readahead: it would pull neighbouring experts into the page cache
@@ -129,7 +130,7 @@ class TransferEngine:
         job = Job(priority, next(self._seq), layer, expert, slot)
         heapq.heappush(self._queue, job)
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
-        self.cond.notify_all()
+        self.work.notify()  # one worker per job
         return job
 
     def promote(self, job: Job) -> None:
@@ -139,7 +140,7 @@ class TransferEngine:
             new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
             heapq.heappush(self._queue, new)
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
-            self.cond.notify_all()
+            self.work.notify()
 
     def cancel(self, job: Job) -> bool:
         """Drop a queued (not yet started) load and free its slot."""
@@ -202,7 +203,7 @@ class TransferEngine:
             while True:
                 with self.cond:
                     while not self._closing and not self._queue:
-                        self.cond.wait()
+                        self.work.wait()
                     if self._closing:
                         return
                     job = heapq.heappop(self._queue)
@@ -295,6 +296,7 @@ class TransferEngine:
         with self.cond:
             self._closing = True  # from here on no worker is replaced
             self.cond.notify_all()
+            self.work.notify_all()
             threads = list(self._threads)
         for t in threads:
             t.join(timeout=5)
