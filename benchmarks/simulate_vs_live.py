@@ -165,26 +165,13 @@ def _live_run(path, ids, cache, link, policy, warmup, threads) -> dict:
             "expert_s": spent[0] / max(spent[1], 1), "expert_calls": spent[1]}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", nargs="?", default=None)
-    ap.add_argument("--cache", default="25%")
-    ap.add_argument("--link", default="1GB/s")
-    ap.add_argument("--policy", default="ondemand")
-    ap.add_argument("--tokens", type=int, default=160)
-    ap.add_argument("--warmup", type=int, default=16)
-    ap.add_argument("-t", "--threads", type=int, default=None)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    path = args.model or demo_model_path()
-    with efedge.load(path) as m:
-        ids = m.tokenize(heldout_text())[: args.tokens]
-        arrays = record_trace(m, m.detokenize(ids), chunk=1, max_tokens=len(ids))
-        meta = {"n_layer": m.config.n_layer, "n_expert": m.config.n_expert,
-                "top_k": m.config.n_expert_used,
-                "bytes_per_expert": [m._tf.store.expert_bytes(i)
-                                     for i in range(m.config.n_layer)]}
-        ids = arrays["tokens"].tolist()
+COLUMNS = ("live", "sim", "sim_achieved", "sim_matched")
+KEYS = ("stall_ms_per_token", "hit_rate", "tokens_per_s")
+
+
+def compare_once(path, ids, arrays, meta, args) -> dict:
+    """One live run and its three simulations (measured compute; + achieved link and
+    wake-up; + the live run's own compute)."""
     t_layer, t_expert = measure_compute(path, ids, args.threads)
     link = parse_link(args.link)
     live = live_run(path, ids, args.cache, args.link, args.policy, args.warmup, args.threads)
@@ -203,38 +190,72 @@ def main(argv=None) -> int:
     # own bookkeeping (on the compute thread, so transfers hide behind it too) is in it
     n_dec = len(ids) - args.warmup
     k = meta["top_k"]
-    # experts computed one at a time (streaming path) were timed in the live run; those
-    # of fused all-resident layers are in the layer figure, as in measure_compute
+    # experts computed in batches (streaming path) were timed in the live run; those of
+    # fused all-resident layers are in the layer figure, as in measure_compute
     t_expert_live = live["expert_s"] if live["expert_calls"] else t_expert
     per_layer = live["stats"]["compute_s"] / max(n_dec * meta["n_layer"], 1)
     t_layer_live = max(per_layer - k * t_expert_live, 0.0)
     setup3 = SimSetup(meta["bytes_per_expert"], t_layer_live, t_expert_live, achieved, 0.0,
                       args.cache, 1.0, "this machine (the live run's compute and link)", wake)
     sim3 = simulate(arrays, meta, setup3, args.policy, warmup=args.warmup)
-    out = {
-        "model": str(path), "cache": args.cache, "link": args.link, "policy": args.policy,
-        "tokens": len(ids), "layer_ms": 1e3 * t_layer, "expert_ms": 1e3 * t_expert,
-        "live": {k: live[k] for k in ("stall_ms_per_token", "hit_rate", "tokens_per_s")},
-        "sim": {k: sim[k] for k in ("stall_ms_per_token", "hit_rate", "tokens_per_s")},
-        "sim_achieved": {k: sim2[k] for k in ("stall_ms_per_token", "hit_rate",
-                                              "tokens_per_s")},
-        "sim_matched": {k: sim3[k] for k in ("stall_ms_per_token", "hit_rate",
-                                             "tokens_per_s")},
-        "layer_ms_live": 1e3 * t_layer_live, "expert_ms_live": 1e3 * t_expert_live,
-        "achieved_link_mb_s": achieved / 1e6, "copy_ms": 1e3 * live["copy_s"],
-        "wake_us": 1e6 * wake,
-    }
+    out = {"layer_ms": 1e3 * t_layer, "expert_ms": 1e3 * t_expert,
+           "layer_ms_live": 1e3 * t_layer_live, "expert_ms_live": 1e3 * t_expert_live,
+           "achieved_link_mb_s": achieved / 1e6, "copy_ms": 1e3 * live["copy_s"],
+           "wake_us": 1e6 * wake}
+    for name, r in zip(COLUMNS, (live, sim, sim2, sim3), strict=True):
+        out[name] = {key: r[key] for key in KEYS}
+    return out
+
+
+def _rel_diffs(out: dict) -> None:
     for name, suffix in (("sim", ""), ("sim_achieved", "_achieved"),
                          ("sim_matched", "_matched")):
-        for k in ("stall_ms_per_token", "hit_rate"):
-            a, b = out["live"][k], out[name][k]
-            out[f"rel_diff_{k}{suffix}"] = abs(a - b) / max(abs(a), 1e-12)
+        for key in ("stall_ms_per_token", "hit_rate"):
+            a, b = out["live"][key], out[name][key]
+            out[f"rel_diff_{key}{suffix}"] = abs(a - b) / max(abs(a), 1e-12)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("--cache", default="25%")
+    ap.add_argument("--link", default="1GB/s")
+    ap.add_argument("--policy", default="ondemand")
+    ap.add_argument("--tokens", type=int, default=160)
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="live runs (each with its simulations); the table gives medians")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    path = args.model or demo_model_path()
+    with efedge.load(path) as m:
+        ids = m.tokenize(heldout_text())[: args.tokens]
+        arrays = record_trace(m, m.detokenize(ids), chunk=1, max_tokens=len(ids))
+        meta = {"n_layer": m.config.n_layer, "n_expert": m.config.n_expert,
+                "top_k": m.config.n_expert_used,
+                "bytes_per_expert": [m._tf.store.expert_bytes(i)
+                                     for i in range(m.config.n_layer)]}
+        ids = arrays["tokens"].tolist()
+    runs = [compare_once(path, ids, arrays, meta, args) for _ in range(max(1, args.repeats))]
+    # medians over the runs, column by column (each run's own simulations beside it)
+    out = {key: float(np.median([r[key] for r in runs])) for key in runs[0]
+           if not isinstance(runs[0][key], dict)}
+    for name in COLUMNS:
+        out[name] = {key: float(np.median([r[name][key] for r in runs])) for key in KEYS}
+    out.update({"model": str(path), "cache": args.cache, "link": args.link,
+                "policy": args.policy, "tokens": len(ids), "repeats": len(runs)})
+    _rel_diffs(out)
+    for r in runs:
+        _rel_diffs(r)
+    out["runs"] = runs
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
     print(f"model {path}, cache {args.cache}, link {args.link} (emulated), policy "
-          f"{args.policy}, {len(ids)} tokens teacher-forced, warm-up {args.warmup}")
+          f"{args.policy}, {len(ids)} tokens teacher-forced, warm-up {args.warmup}, "
+          f"{len(runs)} run(s), medians")
     print(f"measured compute: {out['layer_ms']:.3f} ms per layer + {out['expert_ms']:.3f} ms "
           f"per expert; in the live run {out['layer_ms_live']:.3f} + "
           f"{out['expert_ms_live']:.3f} (sim_matched)")
@@ -242,17 +263,20 @@ def main(argv=None) -> int:
           f"emulated link) = {out['achieved_link_mb_s']:.0f} MB/s achieved; a blocked thread "
           f"wakes {out['wake_us']:.0f} µs after its load (sim_achieved models both)")
     print("|  | stall ms/token | hit rate | tok/s |\n|---|---|---|---|")
-    for name in ("live", "sim", "sim_achieved", "sim_matched"):
+    for name in COLUMNS:
         r = out[name]
         print(f"| {name} | {r['stall_ms_per_token']:.3f} | {r['hit_rate']:.1%} | "
               f"{r['tokens_per_s']:.1f} |")
-    print(f"relative difference: stall {out['rel_diff_stall_ms_per_token']:.1%}, hit rate "
-          f"{out['rel_diff_hit_rate']:.1%} (at the emulated link); stall "
-          f"{out['rel_diff_stall_ms_per_token_achieved']:.1%}, hit rate "
-          f"{out['rel_diff_hit_rate_achieved']:.1%} (at the achieved link, with wake-ups); "
-          f"stall {out['rel_diff_stall_ms_per_token_matched']:.1%}, hit rate "
-          f"{out['rel_diff_hit_rate_matched']:.1%} (with the live run's own compute)")
-    _ = np  # numpy is used by the trace arrays
+    for name, suffix, what in (("sim", "", "at the emulated link"),
+                               ("sim_achieved", "_achieved",
+                                "at the achieved link, with wake-ups"),
+                               ("sim_matched", "_matched", "with the live run's own compute")):
+        st = [r[f"rel_diff_stall_ms_per_token{suffix}"] for r in runs]
+        hr = [r[f"rel_diff_hit_rate{suffix}"] for r in runs]
+        print(f"{name} vs live ({what}): medians differ by stall "
+              f"{out[f'rel_diff_stall_ms_per_token{suffix}']:.1%}, hit rate "
+              f"{out[f'rel_diff_hit_rate{suffix}']:.1%}; single runs {min(st):.0%}–"
+              f"{max(st):.0%} and {min(hr):.0%}–{max(hr):.0%}")
     return 0
 
 

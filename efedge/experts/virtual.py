@@ -146,6 +146,9 @@ class SimulatedExperts(StreamingExperts):
     def now(self) -> float:
         return self.clock.t
 
+    def yield_to_workers(self, landing: bool = False) -> None:
+        pass  # virtual transfers start when queued and land on the clock
+
     def _ready_batch(self, layer, remaining, pending, held, limit):
         cache = self.cache
         self.engine.advance_to(self.clock.t)
