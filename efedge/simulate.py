@@ -10,6 +10,7 @@ the traced layers stand in for the profile's layers at the same per-layer condit
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,10 @@ class SimSetup:
     layer_scale: float = 1.0  # profile layers / traced layers
     label: str = ""
     wake_s: float = 0.0  # a blocked compute thread resumes this long after its load lands
+    # real seconds the policy's own hooks take here, charged to the virtual clock × this:
+    # 1 where the scheduler runs on the device that computes (a CPU), 0 where its work
+    # overlaps the device's (a GPU running queued kernels)
+    policy_time: float = 0.0
 
 
 def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
@@ -100,6 +105,18 @@ def _trace_cache(n_layer: int, n_expert: int, k: int, setup: SimSetup):
     return store, ExpertCache(store, budget, k, allocate=False)
 
 
+def _charged(fn, clock: VirtualClock, engine, setup: SimSetup):
+    """fn, with the real time it takes added to the virtual clock (× setup.policy_time)."""
+    def call(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            clock.advance((time.perf_counter() - t0) * setup.policy_time)
+            engine.advance_to(clock.t)
+    return call
+
+
 def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
              warmup: int = 16, max_tokens: int | None = None) -> dict:
     """Replay the trace; return DESIGN.md counters (per token scaled to the profile) plus
@@ -117,7 +134,10 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
                                    setup.link_latency_s,
                                    bytes_per_expert=[store.expert_bytes(i) for i in range(L)])
     routers = [TraceRouter(pregate, j, n_expert) for j in range(L)]
-    source = SimulatedExperts(store, cache, engine, make_policy(policy), counters,
+    pol = make_policy(policy)
+    if setup.policy_time > 0:  # the flush of planned prefetches runs inside acquire
+        pol.on_demand_issued = _charged(pol.on_demand_issued, clock, engine, setup)
+    source = SimulatedExperts(store, cache, engine, pol, counters,
                               routers=routers, n_active=K, clock=clock,
                               expert_compute_s=setup.expert_compute_s,
                               wake_s=setup.wake_s)
@@ -128,14 +148,18 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
         if t == warmup:
             counters.reset()
             t_start = clock.t
+        on_pass, on_route = source.on_pass, source.on_route
+        if setup.policy_time > 0:
+            on_pass = _charged(on_pass, clock, engine, setup)
+            on_route = _charged(on_route, clock, engine, setup)
         if tokens is not None:  # as the model does before a pass's first layer
-            source.on_pass(tokens[t:t + 1])
+            on_pass(tokens[t:t + 1])
         for layer in range(L):
             clock.advance(setup.layer_compute_s)
             engine.advance_to(clock.t)
             ids = experts[t, layer]
             hidden.at = (t, layer)
-            source.on_route(layer, hidden, ids[None, :])
+            on_route(layer, hidden, ids[None, :])
             for _e, _w in source.acquire(layer, np.unique(ids)):
                 clock.advance(setup.expert_compute_s)
                 engine.advance_to(clock.t)

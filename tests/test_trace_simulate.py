@@ -157,3 +157,15 @@ def test_simulator_announces_each_tokens_pass_to_the_policy(trace):
     # (measured: stall 0.03 against 0.08 ms per token, hits 2047 against 1626)
     assert with_tokens["hits"] > 1.1 * without["hits"], (with_tokens, without)
     assert with_tokens["stall_s"] < 0.7 * without["stall_s"], (with_tokens, without)
+
+
+def test_simulator_can_charge_the_policys_own_time(trace):
+    """policy_time > 0: what the policy's hooks take here runs on the virtual clock (a
+    CPU, where the scheduler shares the cores); 0 leaves it out (a GPU)."""
+    arrays, meta = load_trace(trace[0])
+    free = simulate(arrays, meta, _setup(meta, "30%"), "expertflow", warmup=4)
+    setup = _setup(meta, "30%")
+    setup.policy_time = 50.0  # as if the host were 50x slower: clearly visible
+    charged = simulate(arrays, meta, setup, "expertflow", warmup=4)
+    assert charged["wall_s"] > free["wall_s"] * 1.05, (charged["wall_s"], free["wall_s"])
+    assert charged["expert_requests"] == free["expert_requests"]

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
                    help="override compute per layer (ms) — e.g. measured on this machine")
     p.add_argument("--expert-ms", type=float, default=None,
                    help="override compute per expert per token (ms)")
+    p.add_argument("--policy-time", type=float, default=0.0,
+                   help="charge the policy's own run time here to the virtual clock, × this "
+                        "(1: the scheduler shares the computing cores, as on a CPU; default "
+                        "0: it overlaps the device's compute, as on a GPU)")
     p.add_argument("--warmup", type=int, default=16, help="tokens before counting")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--json", action="store_true")
@@ -58,6 +62,9 @@ def build_setup(meta, args, budget):
         setup.layer_compute_s = args.layer_ms / 1e3
     if args.expert_ms is not None:
         setup.expert_compute_s = args.expert_ms / 1e3
+    if not args.policy_time >= 0:
+        raise EfedgeError(f"--policy-time must be ≥ 0, got {args.policy_time}")
+    setup.policy_time = float(args.policy_time)
     return setup
 
 
