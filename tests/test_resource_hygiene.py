@@ -181,6 +181,30 @@ def test_interrupt_inside_the_forward_pass(path, reference, cache, where):
         _assert_whole(m, reference)
 
 
+def test_interrupt_while_handing_the_gil_to_workers(path, reference):
+    """The compute thread sleeps 0 s to let transfer workers start or land copies (a
+    place where Python delivers Ctrl-C), some of those times with a layer's slots
+    pinned: an interrupt at each of them leaves nothing pinned."""
+    with _load(path, "60%") as m:
+        src = m._experts
+        orig = src.yield_to_workers
+        for nth in range(1, 10):
+            calls = [0]
+
+            def interrupted(*a, nth=nth, calls=calls, **kw):
+                calls[0] += 1
+                if calls[0] == nth:
+                    raise KeyboardInterrupt
+                return orig(*a, **kw)
+
+            src.yield_to_workers = interrupted
+            with pytest.raises(KeyboardInterrupt):
+                m.generate(PROMPT, max_tokens=N_GEN, temperature=0)
+            src.yield_to_workers = orig
+            assert (src.cache.slot_pins == 0).all(), nth
+        _assert_whole(m, reference)
+
+
 @pytest.mark.parametrize("cache", [None, "60%"])
 def test_cancel_from_another_thread(path, reference, cache):
     from efedge.generate import GenerationResult

@@ -19,7 +19,7 @@ import pytest
 import efedge
 from efedge.config import config_from_gguf
 from efedge.experts import streaming
-from efedge.experts.cache import READY, ExpertCache
+from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
@@ -258,6 +258,30 @@ def test_an_interrupted_synchronous_load_leaves_no_stuck_slot(path, min_budget, 
                 pass
         assert (source.cache.slot_pins == 0).all()
         assert [e for e, _ in source.acquire(1, np.array([3]))] == [3]
+    finally:
+        source.close()
+        gf.close()
+
+
+def test_a_slot_left_loading_without_a_copy_is_recovered(path, min_budget):
+    """Ctrl-C between giving a slot to an expert and queuing its copy leaves the slot
+    LOADING with no job: a request for that expert queues the copy after a second
+    without progress, and an orphan nobody waits for is freed for others."""
+    gf, source, counters, file_bytes = _components(path, 2 * min_budget)
+    cache = source.cache
+    try:
+        with source.cond:  # two orphans of layer 1: expert 3 (wanted below), expert 5
+            orphans = {}
+            for e in (3, 5):
+                slot = cache.free_or_victim(1, source.policy.victim)
+                cache.assign(slot, 1, e)
+                orphans[e] = slot
+        got = [(e, bytes(cache.slot_buffer(cache.where[1, e]))) for e, _ in
+               source.acquire(1, np.array([3]))]
+        assert got == [(3, file_bytes(1, 3))]
+        with source.cond:
+            assert cache.slot_state[orphans[5]] != LOADING and cache.where[1, 5] < 0
+        assert (cache.slot_pins == 0).all()
     finally:
         source.close()
         gf.close()

@@ -196,16 +196,16 @@ class StreamingExperts:
             self.policy.on_request(layer, wanted)
             skip = self._before_issue(layer, pending, **kw)
             self._issue(layer, pending, held)
-        self.yield_to_workers()  # the demand loads start now
-        issued = getattr(self.policy, "on_demand_issued", None)
-        if issued is not None:  # prefetches go behind this layer's own loads
-            with self.cond:
-                issued(layer)
-        self._after_issue(skip, **kw)
-        self.yield_to_workers()
-        remaining = set(wanted) - set(skip)
-        limit = max_batch or len(wanted) or 1
-        try:
+        try:  # from here on the slots in `held` are pinned: the finally unpins them
+            self.yield_to_workers()  # the demand loads start now
+            issued = getattr(self.policy, "on_demand_issued", None)
+            if issued is not None:  # prefetches go behind this layer's own loads
+                with self.cond:
+                    issued(layer)
+            self._after_issue(skip, **kw)
+            self.yield_to_workers()
+            remaining = set(wanted) - set(skip)
+            limit = max_batch or len(wanted) or 1
             while remaining:
                 with self.cond:
                     batch = self._ready_batch(layer, remaining, pending, held, limit)
@@ -332,6 +332,23 @@ class StreamingExperts:
                 if waited > WAIT_TIMEOUT_S:
                     raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
                                         f"no progress for {waited:.0f} s")
+                self._reap_orphans(layer, held)
+
+    def _reap_orphans(self, layer: int, held: dict[int, int]) -> None:
+        """(cond held; after a second without progress) Slots left LOADING with no job:
+        an interrupt (Ctrl-C lands between bytecodes) between giving a slot to an expert
+        and queuing its copy. A held one gets its copy queued; an unpinned one is freed,
+        so neither blocks the cache for good."""
+        cache, eng, n_e = self.cache, self.engine, self.store.n_expert
+        for s in np.flatnonzero(cache.slot_state == LOADING):
+            owner = int(cache.slot_owner[s])
+            if owner < 0 or owner in eng.jobs_by_key:
+                continue
+            m, e = divmod(owner, n_e)
+            if m == layer and held.get(e, -1) == s:
+                eng.submit(m, e, int(s), DEMAND)
+            elif cache.slot_pins[s] == 0:
+                cache.release(int(s))
 
     def _load_sync(self, layer: int, e: int) -> int:
         """Load one expert on the compute thread (after the workers failed); returns its
