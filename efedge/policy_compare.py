@@ -57,7 +57,7 @@ def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
 
 
 def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
-                     warmup: bool = True) -> list[dict]:
+                     warmup: bool = True, device: str = "cpu", vram=None) -> list[dict]:
     """One live run per policy on the same model, budget, emulated link and tokens: the
     first len(prompt_ids) - n_tokens ids are the prompt (one batch), the last n_tokens are
     decoded one by one. Returns one dict per policy with the table's columns (see
@@ -67,7 +67,8 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
         raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
     rows = []
     for policy in policies:
-        with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads) as m:
+        with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads,
+                         device=device, vram=vram) as m:
             if warmup:  # compile the kernels, so that no run pays for it
                 decode_run(m, prompt_ids[:8], 4)
             t0 = time.perf_counter()

@@ -105,3 +105,45 @@ def test_policies_table_side_by_side(tiny_gguf, capsys):
 def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf("qwen3moe")), "--policies", "ondemand,nope"]) != 0
     assert "unknown cache policy 'nope'" in capsys.readouterr().err
+
+
+def _torch_cpu_as_cuda(monkeypatch):
+    """device="cuda" served by the GPU model on torch's CPU device: the same code but
+    the kernels, so the bench's device path runs on a machine without a GPU."""
+    pytest.importorskip("torch")
+    import efedge.gpu as gpu
+
+    real = gpu.load_cuda_model
+    monkeypatch.setattr(gpu, "load_cuda_model",
+                        lambda *a, **kw: real(*a, **{**kw, "device": "cpu"}))
+
+
+def test_device_rows_report_the_backend_and_device_memory(tiny_gguf, capsys, monkeypatch):
+    _torch_cpu_as_cuda(monkeypatch)
+    path = tiny_gguf("qwen3moe", "F32")
+    rows = json.loads(_run(capsys, path, "-p", 8, "-n", 4, "-r", 1, "--device", "cuda",
+                           "--cache", "50%", "--json"))
+    assert [r["test"] for r in rows] == ["pp8", "tg4"]
+    for r in rows:
+        assert r["backends"] == "CUDA" and r["vram_used_bytes"] > 0
+        assert r["cache"] == "50%" and 0.0 <= r["hit_rate"] <= 1.0
+    table = _run(capsys, path, "-p", 0, "-n", 4, "-r", 1, "--device", "cuda")
+    heads = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert heads[-1] == "VRAM" and "| CUDA " in table
+    doc = json.loads(_run(capsys, path, "--policies", "ondemand,expertflow", "--cache", "50%",
+                          "--link", "500MB/s", "-p", 8, "-n", 6, "--device", "cuda",
+                          "--json"))
+    assert [r["policy"] for r in doc["rows"]] == ["ondemand", "expertflow"]
+
+
+def test_device_errors_are_named(tiny_gguf, capsys):
+    path = str(tiny_gguf("qwen3moe", "F32"))
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["bench", path, "-p", "4", "-n", "0", "-r", "1", "--device", "cuda"]) == 1
+        assert "needs an NVIDIA GPU" in capsys.readouterr().err
+    assert main(["bench", path, "-p", "4", "-n", "0", "-r", "1", "--vram", "1GB"]) == 1
+    assert "device='cuda'" in capsys.readouterr().err
+    assert main(["bench", path, "--policies", "ondemand", "--device", "cuda"]) == 1
+    assert "explicit --link" in capsys.readouterr().err

@@ -94,8 +94,15 @@ def add_parser(sub) -> None:
                         "(--cache, default 50%%) and emulated link (--link; 'auto' = one "
                         "expert loads in one layer's compute); -p prompt tokens (default 32), "
                         "-n decoded tokens (default 64), -r runs (median)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), or cuda / cuda:N: non-expert weights and the expert "
+                        "cache in VRAM (the table adds the device memory used)")
+    p.add_argument("--vram", default=None,
+                   help="device memory budget with --device cuda, e.g. 8GB (an emulated "
+                        "laptop GPU on a larger one)")
     p.add_argument("--vs-llama-cpp", action="store_true",
-                   help="run llama-cpp-python side by side and print the ratio per test")
+                   help="run llama-cpp-python side by side and print the ratio per test "
+                        "(with --device cuda: every layer offloaded, if its build can)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=main)
@@ -112,16 +119,16 @@ def _time(fn: Callable[[], None]) -> int:
 class _Efedge:
     """efedge through its Session (the API's prefill / decode path)."""
 
-    def __init__(self, path, threads, cache, policy, link, n_ctx):
+    def __init__(self, path, threads, cache, policy, link, n_ctx, device="cpu", vram=None):
         import efedge
         from efedge.kernels import compile_stats
 
         before = compile_stats()
         t0 = time.perf_counter()
         self.model = efedge.load(path, threads=threads, cache=cache, policy=policy, link=link,
-                                 n_ctx=n_ctx)
+                                 n_ctx=n_ctx, device=device, vram=vram)
         self.load_s = time.perf_counter() - t0  # includes the kernel warm-up
-        self.warmup_s = self.model._tf.warmup_s
+        self.warmup_s = getattr(self.model._tf, "warmup_s", 0.0)  # the CPU model's
         after = compile_stats()
         self.kernels_compiled = after[0] - before[0]
         self.kernels_cached = after[1] - before[1]
@@ -153,11 +160,17 @@ try:
 except Exception as exc:
     print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
     sys.exit(0)
-path, threads, n_ctx, n_batch = json.loads(sys.argv[1])
+path, threads, n_ctx, n_batch, n_gpu_layers = json.loads(sys.argv[1])
+try:
+    from llama_cpp import llama_supports_gpu_offload
+    offload = bool(llama_supports_gpu_offload())
+except Exception:
+    offload = False
 t0 = time.perf_counter()
 llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-            n_batch=n_batch, n_ubatch=n_batch, verbose=False)
-print(json.dumps({"load_s": time.perf_counter() - t0}), flush=True)
+            n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, verbose=False)
+print(json.dumps({"load_s": time.perf_counter() - t0,
+                  "gpu": offload and n_gpu_layers != 0}), flush=True)
 for line in sys.stdin:
     kind, toks = json.loads(line)
     if kind == "quit":
@@ -178,19 +191,21 @@ class _Llama:
     """llama.cpp through llama-cpp-python, the same file and thread count, in a child
     process that efedge's thread settings do not reach."""
 
-    def __init__(self, path, threads, n_ctx, n_batch):
+    def __init__(self, path, threads, n_ctx, n_batch, n_gpu_layers=0):
         from efedge.kernels import INJECTED_ENV
 
         env = {k: v for k, v in os.environ.items() if INJECTED_ENV.get(k) != v}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _LLAMA_WORKER, json.dumps([str(path), threads, n_ctx,
-                                                                n_batch])],
+                                                                n_batch, n_gpu_layers])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         reply = self._read()
         if "error" in reply:
             self.close()
             raise EfedgeError(f"--vs-llama-cpp needs llama-cpp-python ({reply['error']})")
         self.load_s = reply["load_s"]
+        # what llama.cpp really ran on: a CPU-only build ignores n_gpu_layers
+        self.backend = "llama.cpp GPU (all layers)" if reply.get("gpu") else "llama.cpp CPU"
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -247,7 +262,8 @@ def _model_info(path) -> dict:
 
 def _run_config(path, info, threads, cache, policy, link, args, tests, rows, llamas) -> None:
     n_ctx = max(max(n for _, n in tests), 1) + 8
-    eng = _Efedge(path, threads, cache, policy, link, n_ctx)
+    device = getattr(args, "device", "cpu") or "cpu"
+    eng = _Efedge(path, threads, cache, policy, link, n_ctx, device, getattr(args, "vram", None))
     nt = numba.get_num_threads()  # as efedge.load set it
     rng = np.random.default_rng(args.seed)
     ref = None
@@ -255,7 +271,7 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
         key = nt
         if key not in llamas:
             n_batch = max([n for kind, n in tests if kind == "pp"] + [32])
-            llamas[key] = _Llama(path, nt, n_ctx, n_batch)
+            llamas[key] = _Llama(path, nt, n_ctx, n_batch, -1 if device != "cpu" else 0)
         ref = llamas[key]
     vocab = eng.model.n_vocab
     try:
@@ -274,7 +290,10 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
                     theirs.append(ref_run())  # timed in the llama.cpp process
             s = eng.model.stats()
             n_total = n * args.repetitions
-            row = {**info, "backends": "CPU", "engine": "efedge", "efedge_version": __version__,
+            dev = s.get("device") or {}  # device="cuda": memory, link, hybrid misses
+            row = {**info, "backends": "CUDA" if device != "cpu" else "CPU", "engine": "efedge",
+                   "device": dev.get("device_name") or device,
+                   "vram_used_bytes": _vram_used(dev), "efedge_version": __version__,
                    "cpu_info": platform.processor() or platform.machine(), "n_threads": nt,
                    "n_prompt": n if kind == "pp" else 0, "n_gen": n if kind == "tg" else 0,
                    "n_depth": 0, "type_k": "f16", "type_v": "f16",
@@ -287,8 +306,9 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
                    "kernels_compiled": eng.kernels_compiled,
                    "kernels_cached": eng.kernels_cached, **_stats(ours, n)}
             if ref is not None:
-                ll = {**row, "engine": "llama.cpp", "backends": "llama.cpp (llama-cpp-python)",
-                      "cache": None, "policy": None, "link": None, "stall_ms_per_token": None,
+                ll = {**row, "engine": "llama.cpp", "backends": ref.backend,
+                      "vram_used_bytes": None, "cache": None, "policy": None, "link": None,
+                      "stall_ms_per_token": None,
                       "hit_rate": None, "load_s": ref.load_s, "warmup_s": None,
                       "kernels_compiled": None,
                       "kernels_cached": None, **_stats(theirs, n)}
@@ -306,6 +326,20 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
 
 # -- output -------------------------------------------------------------------------------
 
+def _vram_used(dev: dict) -> int | None:
+    """Device memory efedge holds: the peak it allocated on a GPU, else (torch's CPU
+    device, tests) what its budget accounts for; None on the CPU path."""
+    if not dev:
+        return None
+    peak = dev.get("vram_peak_allocated_bytes")
+    if peak is not None:
+        return int(peak)
+    parts = dev.get("vram") or {}
+    return int(sum(v for k, v in parts.items()
+                   if k.endswith("_bytes") and k not in ("budget_bytes", "reserve_bytes")
+                   and isinstance(v, int | float)))
+
+
 def _fmt_size(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
 
@@ -317,20 +351,26 @@ def _fmt_params(n: int) -> str:
 def table(rows: list[dict]) -> str:
     heads = ["model", "size", "params", "backend", "threads", "test", "t/s", "cache", "policy",
              "link", "stall ms/token", "hit rate"]
+    vram = any(r.get("vram_used_bytes") is not None for r in rows)
+    if vram:
+        heads.append("VRAM")
     ratio = any("vs_llama_cpp" in r for r in rows)
     if ratio:
         heads.append("vs llama.cpp")
     right = {"size", "params", "threads", "test", "t/s", "stall ms/token", "hit rate",
-             "vs llama.cpp"}
+             "VRAM", "vs llama.cpp"}
     lines = []
     for r in rows:
         ours = r["engine"] == "efedge"
         cells = [r["model_type"], _fmt_size(r["model_size"]), _fmt_params(r["model_n_params"]),
-                 "CPU" if ours else "llama.cpp", str(r["n_threads"]), r["test"],
+                 r["backends"], str(r["n_threads"]), r["test"],
                  f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
                  (r["cache"] or "all") if ours else "-", r["policy"] or "-", r["link"] or "-",
                  f"{r['stall_ms_per_token']:.3f}" if ours else "-",
                  f"{r['hit_rate']:.3f}" if r.get("hit_rate") is not None else "-"]
+        if vram:
+            v = r.get("vram_used_bytes")
+            cells.append(_fmt_size(v) if v is not None else "-")
         if ratio:
             cells.append(f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else "")
         lines.append(cells)
@@ -428,6 +468,10 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
             raise EfedgeError(f"{path.name} has no routed experts: nothing to compare")
         ids = heldout_ids(m, n_prompt + n_gen)
     links, info = [lk for lk in args.link if lk], {}
+    device = getattr(args, "device", "cpu") or "cpu"
+    if (not links or links == ["auto"]) and device != "cpu":
+        raise EfedgeError("--policies with --device cuda needs an explicit --link (the auto "
+                          "link is measured from the CPU's layer compute)")
     if not links or links == ["auto"]:
         links, info = auto_links(path, ids, n_gen, threads)
         links = links[:1]
@@ -435,7 +479,9 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     for link in links:
         for cache in caches:
             rows += median_rows([compare_policies(path, policies, cache, link, ids, n_gen,
-                                                  threads=threads) for _ in range(runs)])
+                                                  threads=threads, device=device,
+                                                  vram=getattr(args, "vram", None))
+                                 for _ in range(runs)])
     if args.json:
         for r in rows:
             r.pop("stats", None)
