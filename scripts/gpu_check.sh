@@ -6,13 +6,14 @@
 #     OUT=/path/to/results bash scripts/gpu_check.sh
 #
 # Needs torch with CUDA, numpy, numba, jinja2, regex, tqdm, gguf. Installs nothing and
-# reaches no network. Finishes in under 6 minutes (a global deadline caps every stage).
+# reaches no network. Finishes in under 8 minutes (a global deadline caps every stage).
 # Writes $OUT/gpu_check.txt (summary), $OUT/gpu_check.json (all figures) and one log per
 # stage. Stages:
 #   1. env      torch / CUDA / GPU / package versions
-#   2. pytest   tests/test_gpu.py: the CUDA tests (bit-exact dequant on the GPU, forward
-#               parity with the CPU path on generated models, streaming under pressure,
-#               budget and pinned staging) and the CPU-device tests
+#   2. pytest   tests/test_gpu.py -m cuda: the CUDA tests (bit-exact dequant on the GPU,
+#               forward parity with the CPU path on generated models, streaming under
+#               pressure, budget and pinned staging). The CPU-device tests of that file run
+#               in CI; here they only cost numba compile time (the stage once hit its cap).
 #   3. parity   the demo model (or a generated 64-expert qwen3moe): cosine ≥ 0.999 and the
 #               same greedy tokens as the CPU path, resident / ondemand / expertflow+hybrid
 #   4. bench    the emulated 8 GB laptop (RTX 4060 Laptop, PCIe 4.0 x8) on the same model:
@@ -27,7 +28,7 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.txt"
 : > "$LOG"
 T0=$(date +%s)
-DEADLINE=$((T0 + 340))
+DEADLINE=$((T0 + 450))
 PY="${PYTHON:-python}"
 DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu: a dry run of this script on torch's CPU device
 NGEN="${NGEN:-64}"
@@ -85,7 +86,7 @@ if ! "$PY" -c "import gguf, torch, efedge; assert '$DEVICE' == 'cpu' or torch.cu
     exit 2
 fi
 
-stage pytest 170 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+stage pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_gpu.py
 
 stage parity 100 "$PY" benchmarks/gpu_bench.py --device "$DEVICE" --parity -n 32 \
     --workdir "$MODELS" \
