@@ -1,0 +1,384 @@
+"""The numba kernels of the hybrid predictor (efedge/experts/predictor.py holds the state
+and describes the method). One call of `_step` per routed layer does the feedback, the
+learning and the predictions; `_predict` alone serves the start of a pass (layer -1).
+Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max distance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+PREGATE, TRANSITION, TEMPORAL, POPULAR, TOKEN = 0, 1, 2, 3, 4
+N_COMP = 5
+# params vector (float64), indices
+_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP = range(9)
+
+
+@njit(cache=True, fastmath=False)
+def _learn_pairs(trans, rowsum, src, dst, di, w):
+    """Count (i at the source layer) → (j at distance di+1) for one token's top-k sets."""
+    k = src.shape[0]
+    for a in range(k):
+        i = src[a]
+        if i < 0:
+            continue
+        for b in range(dst.shape[0]):
+            trans[di, i, dst[b]] += w
+        rowsum[di, i] += w * dst.shape[0]
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _seed_kernel(trans, rowsum, experts, weight):
+    """Transition counts from a whole trace [N, L, K] (token-major layer stream)."""
+    n, n_layer, _ = experts.shape
+    dm = trans.shape[1]
+    for t in range(n):
+        for s in range(n_layer):
+            for d in range(1, dm + 1):
+                tt = t + (s + d) // n_layer
+                m = (s + d) % n_layer
+                if tt >= n:
+                    continue
+                _learn_pairs(trans[s], rowsum[s], experts[t, s], experts[tt, m], d - 1, weight)
+
+
+@njit(cache=True, fastmath=False)
+def _rescale(trans, rowsum, params):
+    inv = 1.0 / params[_P_INC]
+    for idx in np.ndindex(trans.shape):
+        trans[idx] *= inv
+    for idx in np.ndindex(rowsum.shape):
+        rowsum[idx] *= inv
+    params[_P_INC] = 1.0
+
+
+@njit(cache=True, fastmath=False)
+def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weights, prec,
+              prec_n, recall, params):
+    """The router of `layer` chose `ids` (one token): score every stored prediction that
+    targeted this step, update the fusion weights and the rank calibration."""
+    dm = weights.shape[1]
+    e_n = prec.shape[2]
+    k = ids.shape[0]
+    ring = ring_made.shape[0]
+    eps, eta, floor = params[_P_EPS], params[_P_ETA], params[_P_WFLOOR]
+    chosen = np.zeros(e_n, dtype=np.bool_)
+    for a in range(k):
+        chosen[ids[a]] = True
+    r = step % ring
+    for d in range(1, dm + 1):
+        if ring_made[r, d - 1] != step - d:
+            continue
+        ring_made[r, d - 1] = -1
+        q = ring_q[r, d - 1]
+        av = ring_avail[r, d - 1]
+        w = weights[layer, d - 1]
+        wsum = 0.0
+        for c in range(N_COMP):
+            if av[c]:
+                wsum += w[c]
+        if wsum > 0.0:
+            # exponentiated gradient on log f(chosen): g_c = mean_a q_c(a) / f(a)
+            g = np.zeros(N_COMP)
+            for a in range(k):
+                e = ids[a]
+                f = 0.0
+                for c in range(N_COMP):
+                    if av[c]:
+                        f += w[c] / wsum * q[c, e]
+                f = (1.0 - eps) * f + eps / e_n
+                for c in range(N_COMP):
+                    if av[c]:
+                        g[c] += q[c, e] / f / k
+            tot = 0.0
+            for c in range(N_COMP):
+                if av[c]:
+                    w[c] *= np.exp(eta * (g[c] - 1.0))
+                    tot += w[c]
+            for c in range(N_COMP):
+                if av[c]:
+                    w[c] = max(w[c] / tot * wsum, floor)
+        # calibration: hit rate of each rank at (layer, distance)
+        n = prec_n[layer, d - 1]
+        rate = max(params[_P_CAL], 1.0 / (n + 2.0))
+        pr = prec[layer, d - 1]
+        hits = 0
+        for e in range(e_n):
+            rk = ring_rank[r, d - 1, e]
+            hit = 1.0 if chosen[e] else 0.0
+            pr[rk] += rate * (hit - pr[rk])
+            if chosen[e] and rk < k:
+                hits += 1
+        prec_n[layer, d - 1] = n + 1
+        rr = max(params[_P_RECALL], 1.0 / (recall[d - 1, 1] + 1.0))
+        recall[d - 1, 0] += rr * (hits / k - recall[d - 1, 0])
+        recall[d - 1, 1] += 1.0
+
+
+@njit(cache=True, fastmath=False)
+def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
+           p_next, tok_hist, cur_tok, params):
+    """Transition counts ending at this layer, temporal frequency, token history, token
+    memory."""
+    t_n, k = ids.shape
+    n_layer = cur_ids.shape[0]
+    dm = trans.shape[1]
+    e_n = recent.shape[2]
+    ring = last_hist.shape[0]
+    for t in range(t_n):
+        for a in range(k):
+            cur_ids[layer, t, a] = ids[t, a]
+        b = cur_tok[t]
+        if b >= 0:  # shift in this occurrence: bit 7 = chosen now, bit 6 = the time before…
+            row = tok_hist[b, layer]
+            for e in range(e_n):
+                row[e] = row[e] >> 1
+            for a in range(k):
+                row[ids[t, a]] = row[ids[t, a]] | 128
+    # lazy decay: newer counts weigh more instead of shrinking every old count
+    params[_P_INC] *= params[_P_DECAY] ** (-t_n / n_layer)
+    w = params[_P_INC]
+    for d in range(1, dm + 1):
+        s = layer - d
+        if s >= 0:  # same pass: token-aligned pairs
+            for t in range(t_n):
+                _learn_pairs(trans[s], rowsum[s], cur_ids[s, t], ids[t], d - 1, w)
+        else:  # an earlier pass: its last token → this pass's first token
+            back = (-s + n_layer - 1) // n_layer
+            src_pass = pass_no - back
+            slot = src_pass % ring
+            if src_pass >= 0 and hist_pass[slot] == src_pass:
+                sl = s + back * n_layer
+                _learn_pairs(trans[sl], rowsum[sl], last_hist[slot, sl], ids[0], d - 1, w)
+    if params[_P_INC] > 1e20:
+        _rescale(trans, rowsum, params)
+    slot = pass_no % ring
+    hist_pass[slot] = pass_no
+    for a in range(k):
+        last_hist[slot, layer, a] = ids[t_n - 1, a]
+    # temporal locality: decayed share of the pass's tokens that used each expert, fast
+    # (recent[0]) and slow (recent[1], popularity)
+    freq = np.zeros(e_n)
+    for t in range(t_n):
+        for a in range(k):
+            freq[ids[t, a]] += 1.0 / t_n
+    for j in range(2):
+        keep = (1.0 - params[_P_RECENT if j == 0 else _P_POP]) ** t_n
+        for e in range(e_n):
+            recent[j, layer, e] = keep * recent[j, layer, e] + (1.0 - keep) * min(freq[e], 1.0)
+    for e in range(e_n):
+        p_next[layer, e] = recent[0, layer, e]  # until a prediction for the next pass comes
+
+
+@njit(cache=True, fastmath=False)
+def _softmax(x):
+    out = np.empty(x.shape[0])
+    mx = -np.inf
+    for i in range(x.shape[0]):
+        mx = max(mx, x[i])
+    tot = 0.0
+    for i in range(x.shape[0]):
+        out[i] = np.exp(x[i] - mx)
+        tot += out[i]
+    for i in range(x.shape[0]):
+        out[i] /= tot
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def _router_logits(wq, scale, x):
+    """int8 router rows [E, D] with per-row scales, times x [D] → float64 logits [E]."""
+    e_n, d_n = wq.shape
+    out = np.empty(e_n)
+    for e in range(e_n):
+        acc = np.float32(0.0)
+        for j in range(d_n):
+            acc += np.float32(wq[e, j]) * x[j]
+        out[e] = acc * scale[e]
+    return out
+
+
+@njit(cache=True, fastmath=False)
+def _pregate_row(row):
+    """Router logits → probabilities; None-like (all zero) when the row carries no
+    information (NaN from a trace beyond its horizon, or a constant row)."""
+    lo, hi = np.inf, -np.inf
+    for i in range(row.shape[0]):
+        v = row[i]
+        if not np.isfinite(v):
+            return np.zeros(row.shape[0]), False
+        lo, hi = min(lo, v), max(hi, v)
+    if hi - lo <= 0.0:
+        return np.zeros(row.shape[0]), False
+    return _softmax(row.astype(np.float64)), True
+
+
+@njit(cache=True, fastmath=False)
+def _isotonic_decreasing(y):
+    """The non-increasing sequence closest to y (pool adjacent violators)."""
+    n = y.shape[0]
+    val = np.empty(n)
+    cnt = np.empty(n, dtype=np.int64)
+    top = 0
+    for i in range(n):
+        val[top], cnt[top] = y[i], 1
+        top += 1
+        while top > 1 and val[top - 2] < val[top - 1]:
+            c = cnt[top - 2] + cnt[top - 1]
+            val[top - 2] = (val[top - 2] * cnt[top - 2] + val[top - 1] * cnt[top - 1]) / c
+            cnt[top - 2] = c
+            top -= 1
+    out = np.empty(n)
+    i = 0
+    for b in range(top):
+        for _ in range(cnt[b]):
+            out[i] = val[b]
+            i += 1
+    return out
+
+
+@njit(cache=True, fastmath=False)
+def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
+             last_hist, hist_pass, recent, trans, rowsum, weights, prec, ring_q, ring_avail,
+             ring_rank, ring_made, p_use, order, p_next, tok_hist, cur_tok, params):
+    """Calibrated probabilities of use for distances 1..n_pred (into p_use / order).
+    layer -1: the start of a pass, before its first layer (targets d - 1, this pass)."""
+    t_n, k = ids.shape
+    dm = trans.shape[1]
+    n_layer = recent.shape[1]
+    e_n = recent.shape[2]
+    ring = ring_made.shape[0]
+    eps = params[_P_EPS]
+    # distances n_pred..1 (nearest last, so p_next keeps the nearest view), and before
+    # them `extra` if it lies beyond: one more layer to value for eviction
+    n_d = n_pred + (1 if extra > n_pred else 0)
+    dists = np.empty(n_d, dtype=np.int64)
+    for i in range(n_pred):
+        dists[n_d - 1 - i] = i + 1
+    if n_d > n_pred:
+        dists[0] = extra
+    for d in dists:
+        m = (layer + d) % n_layer
+        same = layer + d < n_layer
+        t0 = 0 if same else t_n - 1  # across a pass only the last token carries on
+        single = same and t_n == 1 or not same
+        rsum = np.zeros(2)
+        for j in range(2):
+            for e in range(e_n):
+                rsum[j] += recent[j, m, e]
+        pu = np.zeros(e_n)
+        fs = np.zeros(e_n)  # summed mixture scores: break ties between equal calibrations
+        pm = _isotonic_decreasing(prec[m, d - 1])  # calibrated p by rank
+        for t in range(t0, t_n):
+            q = np.zeros((N_COMP, e_n))
+            av = np.zeros(N_COMP, dtype=np.bool_)
+            if same and has_w:
+                q[PREGATE] = _softmax(_router_logits(W[m], Ws[m], h[t]))
+                av[PREGATE] = True
+            elif same and pg.shape[1] >= d:
+                q[PREGATE], av[PREGATE] = _pregate_row(pg[t, d - 1])
+            if same and cur_tok[t] >= 0:  # this token's own past choices at layer m
+                row = tok_hist[cur_tok[t], m]
+                tot = 0.0
+                for e in range(e_n):
+                    tot += row[e]
+                if tot > 0.0:
+                    for e in range(e_n):
+                        q[TOKEN, e] = row[e] / tot
+                    av[TOKEN] = True
+            # transitions from the last n_src routed layers (this one and the ones before,
+            # across the pass boundary), each at its own distance to the target
+            cnt = 0
+            for j in range(n_src):
+                dd = d + j
+                if dd > dm:
+                    break
+                sl = layer - j
+                if sl >= 0:
+                    src = cur_ids[sl, t]
+                else:
+                    back = (-sl + n_layer - 1) // n_layer
+                    slot = (pass_no - back) % hist_pass.shape[0]
+                    if t > 0 or pass_no - back < 0 or hist_pass[slot] != pass_no - back:
+                        break
+                    sl += back * n_layer
+                    src = last_hist[slot, sl]
+                for a in range(k):
+                    i = src[a]
+                    rs = rowsum[sl, dd - 1, i]
+                    if rs > 0.0:
+                        inv = 1.0 / rs
+                        row = trans[sl, dd - 1, i]
+                        for e in range(e_n):
+                            q[TRANSITION, e] += row[e] * inv
+                        cnt += 1
+            if cnt > 0:
+                for e in range(e_n):
+                    q[TRANSITION, e] /= cnt
+                av[TRANSITION] = True
+            for j in range(2):
+                if rsum[j] > 0.0:
+                    for e in range(e_n):
+                        q[TEMPORAL + j, e] = recent[j, m, e] / rsum[j]
+                    av[TEMPORAL + j] = True
+            w = weights[m, d - 1]
+            wsum = 0.0
+            for c in range(N_COMP):
+                if av[c]:
+                    wsum += w[c]
+            f = np.full(e_n, eps / e_n)
+            if wsum > 0.0:
+                for c in range(N_COMP):
+                    if av[c]:
+                        wc = (1.0 - eps) * w[c] / wsum
+                        for e in range(e_n):
+                            f[e] += wc * q[c, e]
+            ordt = np.argsort(-f)
+            fs += f / (t_n - t0)
+            rk = 0
+            while rk < e_n:  # experts with equal scores share their ranks' mean calibration
+                r2 = rk + 1
+                while r2 < e_n and f[ordt[r2]] >= f[ordt[rk]] - 1e-12:
+                    r2 += 1
+                p = 0.0
+                for j in range(rk, r2):
+                    p += pm[j] / (r2 - rk)
+                for j in range(rk, r2):
+                    e = ordt[j]
+                    pu[e] = 1.0 - (1.0 - pu[e]) * (1.0 - p)
+                rk = r2
+            if single and step >= 0:
+                r = (step + d) % ring
+                for c in range(N_COMP):
+                    ring_avail[r, d - 1, c] = av[c]
+                    for e in range(e_n):
+                        ring_q[r, d - 1, c, e] = q[c, e]
+                for rk in range(e_n):
+                    ring_rank[r, d - 1, ordt[rk]] = rk
+                ring_made[r, d - 1] = step
+        if t_n - t0 == 1:
+            ordu = ordt  # one token: the calibration keeps the mixture's order
+        else:
+            ordu = np.argsort(-(pu + 1e-7 * fs))
+        for e in range(e_n):
+            p_use[d - 1, e] = pu[e]
+            order[d - 1, e] = ordu[e]
+            p_next[m, e] = pu[e] + 1e-4 * fs[e]  # the mixture orders equal calibrations
+
+
+@njit(cache=True, fastmath=False)
+def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
+          cur_ids, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n, recall,
+          ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist, cur_tok,
+          params):
+    if feedback:
+        _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
+                  prec_n, recall, params)
+    _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent, p_next,
+           tok_hist, cur_tok, params)
+    if n_pred > 0 or extra > 0:
+        _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
+                 last_hist, hist_pass, recent, trans, rowsum, weights, prec, ring_q,
+                 ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist, cur_tok,
+                 params)
