@@ -36,35 +36,43 @@ def _compare(path):
     return ours, ref
 
 
-@pytest.mark.parametrize("quant", FLOAT_QUANTS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_float_logits_match_llama_cpp(tiny_gguf, arch, quant):
-    ours, ref = _compare(tiny_gguf(arch, quant))
+def _assert_float_match(path) -> None:
+    ours, ref = _compare(path)
     rel = np.abs(ours - ref).max() / ref.std()
     assert rel <= 2e-2, f"max|Δ|/std = {rel:.3g}"
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_quantized_logits_match_llama_cpp(tiny_gguf, arch, quant):
-    ours, ref = _compare(tiny_gguf(arch, quant))
+def _assert_quantized_match(path) -> None:
+    ours, ref = _compare(path)
     cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
     agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
     assert cos.min() >= 0.995, f"min cosine {cos.min():.5f}"
     assert agree >= 0.9, f"argmax agreement {agree:.2f}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
-    path = tiny_gguf(arch, "F32")
+def _assert_greedy_match(path) -> None:
     with efedge.load(path) as m:
         prompt = _tokens(m.n_vocab, 8, seed=3)
-        ours = []
-        for piece_tok in _greedy_ids(m, prompt, 32):
-            ours.append(piece_tok)
-    ref = llama_ref.llama_greedy(path, prompt, 32)
-    assert ours == ref
+        ours = _greedy_ids(m, prompt, 32)
+    assert ours == llama_ref.llama_greedy(path, prompt, 32)
+
+
+@pytest.mark.parametrize("quant", FLOAT_QUANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_logits_match_llama_cpp(tiny_gguf, arch, quant):
+    _assert_float_match(tiny_gguf(arch, quant))
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_logits_match_llama_cpp(tiny_gguf, arch, quant):
+    _assert_quantized_match(tiny_gguf(arch, quant))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
+    _assert_greedy_match(tiny_gguf(arch, "F32"))
 
 
 def _greedy_ids(m: efedge.Model, prompt: list[int], n: int) -> list[int]:
@@ -94,28 +102,17 @@ NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXF
 
 @pytest.mark.parametrize("arch, quant", NEW_FLOAT)
 def test_new_arch_float_logits_match_llama_cpp(tiny_gguf, arch, quant):
-    ours, ref = _compare(tiny_gguf(arch, quant))
-    rel = np.abs(ours - ref).max() / ref.std()
-    assert rel <= 2e-2, f"max|Δ|/std = {rel:.3g}"
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    _assert_float_match(tiny_gguf(arch, quant))
 
 
 @pytest.mark.parametrize("arch, quant", NEW_QUANT)
 def test_new_arch_quantized_logits_match_llama_cpp(tiny_gguf, arch, quant):
-    ours, ref = _compare(tiny_gguf(arch, quant))
-    cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
-    agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    assert cos.min() >= 0.995, f"min cosine {cos.min():.5f}"
-    assert agree >= 0.9, f"argmax agreement {agree:.2f}"
+    _assert_quantized_match(tiny_gguf(arch, quant))
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_new_arch_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
-    path = tiny_gguf(arch, "F32")
-    with efedge.load(path) as m:
-        prompt = _tokens(m.n_vocab, 8, seed=3)
-        ours = _greedy_ids(m, prompt, 32)
-    assert ours == llama_ref.llama_greedy(path, prompt, 32)
+    _assert_greedy_match(tiny_gguf(arch, "F32"))
 
 
 @pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
@@ -156,19 +153,12 @@ def _case_id(case) -> str:
 
 @pytest.mark.parametrize("arch, kw", ROPE_CASES, ids=[_case_id(c) for c in ROPE_CASES])
 def test_rope_scaling_logits_match_llama_cpp(tiny_gguf, arch, kw):
-    ours, ref = _compare(tiny_gguf(arch, "F32", n_layer=2, **kw))
-    rel = np.abs(ours - ref).max() / ref.std()
-    assert rel <= 2e-2, f"max|Δ|/std = {rel:.3g}"
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    _assert_float_match(tiny_gguf(arch, "F32", n_layer=2, **kw))
 
 
 @pytest.mark.parametrize("arch, kw", ROPE_CASES[:3], ids=[_case_id(c) for c in ROPE_CASES[:3]])
 def test_rope_scaling_greedy_matches_llama_cpp(tiny_gguf, arch, kw):
-    path = tiny_gguf(arch, "F32", n_layer=2, **kw)
-    with efedge.load(path) as m:
-        prompt = _tokens(m.n_vocab, 8, seed=3)
-        ours = _greedy_ids(m, prompt, 32)
-    assert ours == llama_ref.llama_greedy(path, prompt, 32)
+    _assert_greedy_match(tiny_gguf(arch, "F32", n_layer=2, **kw))
 
 
 def test_unsupported_rope_scaling_is_refused(tmp_path, monkeypatch):
