@@ -59,6 +59,21 @@ class _Fn:
     def raw(self, line: str) -> None:
         self.lines.append(line)
 
+    def block_loop(self) -> int:
+        """Close the entry block and open the loop over blocks %b = 0 .. %nb-1; returns
+        where the loop's other phis go (the caller inserts them once it knows them)."""
+        self.raw("  br label %loop")
+        self.raw("loop:")
+        self.raw("  %b = phi i64 [0, %entry], [%bn, %loop]")
+        return len(self.lines)
+
+    def end_block_loop(self) -> None:
+        """Next block, or on to %exit after block %nb-1."""
+        self.raw("  %bn = add i64 %b, 1")
+        self.raw("  %c = icmp ult i64 %bn, %nb")
+        self.raw("  br i1 %c, label %loop, label %exit")
+        self.raw("exit:")
+
     # -- helpers ------------------------------------------------------------------------
     def gep(self, base: str, off: str, ty: str = "i8") -> str:
         return self.v(f"getelementptr inbounds {ty}, ptr {base}, i64 {off}")

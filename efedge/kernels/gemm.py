@@ -204,9 +204,7 @@ def _unpack_fn(name: str) -> str:
     for r in range(L):
         f.raw(f"  %ro{r} = mul i64 %rs, {r}")
         f.raw(f"  %base{r} = getelementptr inbounds i8, ptr %row, i64 %ro{r}")
-    f.raw("  br label %loop")
-    f.raw("loop:")
-    f.raw("  %b = phi i64 [0, %entry], [%bn, %loop]")
+    f.block_loop()
     off = f.v(f"mul i64 %b, {bb}")
     f.raw(f"  %wto = mul i64 %b, {8 * el}")
     f.raw("  %wtb = getelementptr inbounds i8, ptr %wt, i64 %wto")
@@ -214,10 +212,7 @@ def _unpack_fn(name: str) -> str:
     f.raw("  %wsb = getelementptr inbounds float, ptr %ws, i64 %wso")
     f.raw("  %wmb = getelementptr inbounds float, ptr %wm, i64 %wso")
     _UNPACK[name](f, _rows_at(f, off))
-    f.raw("  %bn = add i64 %b, 1")
-    f.raw("  %c = icmp ult i64 %bn, %nb")
-    f.raw("  br i1 %c, label %loop, label %exit")
-    f.raw("exit:")
+    f.end_block_loop()
     f.raw("  ret void")
     head = (f"define weak_odr void @efedge_unpack_{name}(ptr %row, i64 %rs, i64 %nb, ptr %wt, "
             "ptr %ws, ptr %wm) nounwind {")
@@ -243,10 +238,7 @@ def _gemm_fn(name: str, nt: int) -> str:
     nsub = el // sub
     f = _Fn()
     f.raw("entry:")
-    f.raw("  br label %loop")
-    f.raw("loop:")
-    f.raw("  %b = phi i64 [0, %entry], [%bn, %loop]")
-    phis_at = len(f.lines)
+    phis_at = f.block_loop()
     xq_t = [f.gep("%xq", f.v(f"mul i64 %ldq, {t}")) for t in range(nt)]
     xs_t = [f.gep("%xs", f.v(f"mul i64 %lds, {t}"), "i32") for t in range(nt)]
     e0 = f.v(f"mul i64 %b, {el}")
@@ -284,10 +276,7 @@ def _gemm_fn(name: str, nt: int) -> str:
     f.lines[phis_at:phis_at] = [
         f"  %acc{t} = phi <8 x float> [zeroinitializer, %entry], [{new[t]}, %loop]"
         for t in range(nt)]
-    f.raw("  %bn = add i64 %b, 1")
-    f.raw("  %c = icmp ult i64 %bn, %nb")
-    f.raw("  br i1 %c, label %loop, label %exit")
-    f.raw("exit:")
+    f.end_block_loop()
     for t in range(nt):
         o = f.gep("%out", f.v(f"mul i64 %ldo, {t}"), "float")
         f.raw(f"  store <8 x float> {new[t]}, ptr {o}, align 4")

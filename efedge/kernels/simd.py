@@ -55,10 +55,7 @@ def _kernel(name: str, nr: int, nt: int, block_bytes: int, elems: int, xd_per: i
     so grouping never changes a result. out[r·NT + t] = sum(acc) + corr."""
     f = _Fn()
     f.raw("entry:")
-    f.raw("  br label %loop")
-    f.raw("loop:")
-    f.raw("  %b = phi i64 [0, %entry], [%bn, %loop]")
-    phis_at = len(f.lines)
+    phis_at = f.block_loop()
     off = f.v(f"mul i64 %b, {block_bytes}")
     be = f.v(f"mul i64 %b, {elems}")
     xs_ptrs = []
@@ -88,10 +85,7 @@ def _kernel(name: str, nr: int, nt: int, block_bytes: int, elems: int, xd_per: i
         phis.append(f"  {cor} = phi float [0.0, %entry], [{cor}b, %loop]")
         phis.append(f"  {cor}b = phi float [0.0, %entry], [{cn}, %loop]")
     f.lines[phis_at:phis_at] = phis
-    f.raw("  %bn = add i64 %b, 1")
-    f.raw("  %c = icmp ult i64 %bn, %nb")
-    f.raw("  br i1 %c, label %loop, label %exit")
-    f.raw("exit:")
+    f.end_block_loop()
     for i, ((acc, cor), (an, cn)) in enumerate(zip(names, new, strict=True)):
         a = f.v(f"fadd <8 x float> {acc}b, {an}")
         r = f.v("call reassoc float @llvm.vector.reduce.fadd.v8f32(float -0.0, "
