@@ -143,15 +143,15 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
                               wake_s=setup.wake_s)
     hidden = np.zeros((1, 1), dtype=np.float32).view(TraceHidden)
     tokens = arrays.get("tokens")
+    on_pass, on_route = source.on_pass, source.on_route
+    if setup.policy_time > 0:
+        on_pass = _charged(on_pass, clock, engine, setup)
+        on_route = _charged(on_route, clock, engine, setup)
     t_start = 0.0
     for t in range(T):
         if t == warmup:
             counters.reset()
             t_start = clock.t
-        on_pass, on_route = source.on_pass, source.on_route
-        if setup.policy_time > 0:
-            on_pass = _charged(on_pass, clock, engine, setup)
-            on_route = _charged(on_route, clock, engine, setup)
         if tokens is not None:  # as the model does before a pass's first layer
             on_pass(tokens[t:t + 1])
         for layer in range(L):

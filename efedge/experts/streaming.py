@@ -32,6 +32,7 @@ class StreamingExperts:
         self.routers = routers
         self.n_active = n_active
         self.cond = cache.cond
+        self._submitted_seen = 0  # engine.submitted when this thread last yielded
         counters.cache_bytes = cache.nbytes
         counters.cache_slots = cache.n_slots
         policy.attach(self)
@@ -91,7 +92,7 @@ class StreamingExperts:
         had landed were counted late. Sleeping 0 s hands the GIL over; a worker gives it
         back as soon as it is in a file read or the link's wait."""
         n = self.engine.submitted
-        if n != getattr(self, "_submitted_seen", 0) or (landing and self.engine.busy()):
+        if n != self._submitted_seen or (landing and self.engine.busy()):
             self._submitted_seen = n
             time.sleep(0)
 
@@ -301,13 +302,7 @@ class StreamingExperts:
         while True:
             if pending:  # slots may have come free (e.g. prefetches completed) since
                 self._issue(layer, pending, held)
-            ready = []
-            for e in sorted(remaining):
-                s = held.get(e, -1)
-                if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
-                    ready.append((e, s))
-                    if len(ready) >= limit:
-                        break
+            ready = self._ready_now(layer, remaining, held, limit)
             if ready:
                 if t0 is not None:
                     self.counters.stall_s += time.perf_counter() - t0
@@ -333,6 +328,19 @@ class StreamingExperts:
                     raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
                                         f"no progress for {waited:.0f} s")
                 self._reap_orphans(layer, held)
+
+    def _ready_now(self, layer: int, remaining: set[int], held: dict[int, int],
+                   limit: int) -> list[tuple[int, int]]:
+        """(cond held) Remaining experts whose held slot is READY and still theirs, lowest
+        ids first, at most `limit`."""
+        cache, ready = self.cache, []
+        for e in sorted(remaining):
+            s = held.get(e, -1)
+            if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
+                ready.append((e, s))
+                if len(ready) >= limit:
+                    break
+        return ready
 
     def _reap_orphans(self, layer: int, held: dict[int, int]) -> None:
         """(cond held; after a second without progress) Slots left LOADING with no job:

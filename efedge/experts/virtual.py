@@ -150,19 +150,12 @@ class SimulatedExperts(StreamingExperts):
         pass  # virtual transfers start when queued and land on the clock
 
     def _ready_batch(self, layer, remaining, pending, held, limit):
-        cache = self.cache
         self.engine.advance_to(self.clock.t)
         waited = False
         while True:
             if pending:  # a slot may have come free: issue the waiting demand loads
                 self._issue(layer, pending, held)
-            ready = []
-            for e in sorted(remaining):
-                s = held.get(e, -1)
-                if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
-                    ready.append((e, s))
-                    if len(ready) >= limit:
-                        break
+            ready = self._ready_now(layer, remaining, held, limit)
             if ready:
                 if waited and self.wake_s > 0:
                     self.counters.stall_s += self.wake_s
