@@ -192,10 +192,8 @@ class ExpertFlow(_Predictive):
         loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
-        ctl = self.controller
-        ctl.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
-        eng = src.engine
-        h_need = ctl.plan(self._mean_bytes, float(eng.bandwidth_ewma), float(eng.latency_ewma))
+        self.controller.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
+        h_need = self._h_need()
         # predict as far as the controller looks, and this layer's next turn (eviction
         # values read p_next; the layers in between were valued on earlier steps)
         if self.value_all:
@@ -208,6 +206,12 @@ class ExpertFlow(_Predictive):
         self.horizon = self._plan_prefetches(layer, h_need)
         self._record_horizon(float(self.horizon))
         self.overhead_s += src.now() - t0
+
+    def _h_need(self) -> int:
+        """The look-ahead the controller wants from the measured link and compute."""
+        eng = self.source.engine
+        return self.controller.plan(self._mean_bytes, float(eng.bandwidth_ewma),
+                                    float(eng.latency_ewma))
 
     def _plan_prefetches(self, layer: int, h_need: int) -> int:
         """Plan the predicted experts above p_min within h_need layers after `layer`;
@@ -241,8 +245,8 @@ class ExpertFlow(_Predictive):
             return
         if self._plan:
             self._flush_plan()
-        ctl, eng, L = self.controller, src.engine, self.n_layer
-        h_need = ctl.plan(self._mean_bytes, float(eng.bandwidth_ewma), float(eng.latency_ewma))
+        L = self.n_layer
+        h_need = self._h_need()
         # as far as on_route would predict (predicting all L layers for their eviction
         # values cost 20 µs more per token and changed no simulated figure)
         self.predictor.predict_pass_start(min(h_need + self.explore, self.max_distance, L))
