@@ -151,6 +151,13 @@ class HybridPredictor:
         if self.params[_P_INC] > 1e20:
             _rescale(self.trans, self.rowsum, self.params)
 
+    def _fit_tokens(self, t_n: int) -> None:
+        """Room for t_n tokens per layer in cur_ids (a longer pass than any before)."""
+        if t_n > self.cur_ids.shape[1]:
+            grown = np.zeros((self.n_layer, t_n, self.n_active), dtype=np.int32)
+            grown[:, :self.cur_ids.shape[1]] = self.cur_ids
+            self.cur_ids = grown
+
     # -- the start of a pass (the tokens are known before any layer runs) ----------------
     def begin_pass(self, tokens) -> None:
         """A forward pass over `tokens` begins: token memory can serve its layers. Without
@@ -178,10 +185,7 @@ class HybridPredictor:
         if n == 0:
             return
         t_n = self.cur_tok.shape[0]
-        if t_n > self.cur_ids.shape[1]:
-            grown = np.zeros((self.n_layer, t_n, self.n_active), dtype=np.int32)
-            grown[:, :self.cur_ids.shape[1]] = self.cur_ids
-            self.cur_ids = grown
+        self._fit_tokens(t_n)
         ids = np.zeros((t_n, self.n_active), dtype=np.int32)  # only its shape is read
         pg = np.zeros((t_n, 0, self.n_expert), dtype=np.float32)
         _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources, ids,
@@ -211,10 +215,7 @@ class HybridPredictor:
         self._last_layer = layer
         step = self.pass_no * L + layer
         self.step_no = step
-        if t_n > self.cur_ids.shape[1]:
-            grown = np.zeros((L, t_n, self.n_active), dtype=np.int32)
-            grown[:, :self.cur_ids.shape[1]] = self.cur_ids
-            self.cur_ids = grown
+        self._fit_tokens(t_n)
         n = self.max_distance if n_pred is None else max(0, min(int(n_pred), self.max_distance))
         has_w = hidden is not None and self.W.shape[0] == L and hidden.ndim == 2 and \
             hidden.shape[1] == self.W.shape[2]
