@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from efedge.experts.predictor import PREGATE, TEMPORAL, TOKEN, TRANSITION, HybridPredictor
+from efedge.experts.predictor_kernels import _rank_desc
 
 L, E, K, D = 3, 8, 2, 8
 
@@ -201,3 +202,32 @@ def test_token_memory_weighs_the_latest_occurrence_and_resets_on_collision():
     for m in range(L):
         pred.step(m, np.array([[2, 3]]), n_pred=0)
     assert (pred.tok_hist == before).all()
+
+
+def test_rank_helper_orders_by_decreasing_score_with_ties_in_index_order():
+    x = np.array([0.1, 0.5, 0.1, 0.9, 0.5, 0.0])
+    assert _rank_desc(x).tolist() == [3, 1, 4, 0, 2, 5]
+    assert _rank_desc(np.zeros(4)).tolist() == [0, 1, 2, 3]
+    y = np.random.default_rng(3).random(64)
+    assert _rank_desc(y).tolist() == np.argsort(-y, kind="stable").tolist()
+
+
+def test_transitions_are_learned_only_as_far_as_predictions_reach():
+    """Counts at a distance no prediction reads are cache lines the layer kernels have
+    evicted: they stop being learned once predictions stay near, and resume at once
+    when a prediction reaches that far again."""
+    pred = HybridPredictor(L, E, K, max_distance=6)
+    ids = [np.array([[t % E, (t + 3) % E]]) for t in range(3)]
+
+    def run(tokens: int, n_pred: int) -> np.ndarray:
+        before = pred.rowsum.sum(axis=(0, 2)).copy()  # per distance
+        for t in range(tokens):
+            for m in range(L):
+                pred.step(m, ids[(t + m) % 3], n_pred=n_pred)
+        return pred.rowsum.sum(axis=(0, 2)) > before
+
+    assert run(4, 1).all()  # at first every distance is learned
+    run(60, 1)  # predictions reach 1: after a few passes, distances 1..1+margin only
+    grew = run(4, 1)
+    assert grew[:3].all() and not grew[3:].any()
+    assert run(1, 5)[:6].all()  # a prediction 5 ahead: learned as far again at once

@@ -190,6 +190,31 @@ def test_expertflow_prefetches_by_deadline_within_the_room():
     assert all((prio - 1) % 4 == layer for layer, _e, prio in src.prefetched)
 
 
+def _distances_past_horizon(pol: ExpertFlow, tokens: int) -> list[int]:
+    """Run `tokens` passes of a repeating pattern; per step, how many distances past the
+    controller's horizon the predictor was asked for."""
+    src = _Source(pol, n_slots=16)
+    asked, step = [], pol.predictor.step
+
+    def record(*a, **kw):
+        asked.append(kw["n_pred"] - pol._h_need())
+        return step(*a, **kw)
+
+    pol.predictor.step = record
+    for _ in range(tokens):
+        for m in range(4):
+            src.t += 1e-3
+            pol.on_route(m, None, np.array([[m, m + 4]]))
+    return asked
+
+
+def test_expertflow_explores_past_its_horizon_on_every_other_step():
+    """The distance past the horizon (for its calibration, never prefetched) is predicted
+    on every explore_every-th step; the horizon itself on every step."""
+    assert _distances_past_horizon(ExpertFlow(), 6) == [1, 0] * 12
+    assert _distances_past_horizon(ExpertFlow(explore_every=1), 2) == [1] * 8
+
+
 # -- registry and routing -----------------------------------------------------------------
 def test_make_policy_names():
     assert isinstance(make_policy("expertflow"), ExpertFlow)

@@ -131,11 +131,15 @@ class ExpertFlow(_Predictive):
     name = "expertflow"
 
     def __init__(self, max_horizon: int = 8, p_floor: float = 0.2, explore: int = 1,
-                 value_all: bool = False, value_next: bool = True, pass_start: bool = True,
-                 **kw):
+                 explore_every: int = 2, value_all: bool = False, value_next: bool = False,
+                 pass_start: bool = True, **kw):
         super().__init__(**kw)
         self.pass_start = bool(pass_start)
         self.explore, self.value_all = int(explore), bool(value_all)
+        # the distances past the horizon are predicted (for their calibration and eviction
+        # values) on every explore_every-th step only: each predicted distance costs ~10 µs
+        # with the caches as the layer kernels leave them, and these are not prefetched
+        self.explore_every = max(1, int(explore_every))
         self.value_next = bool(value_next)
         self.max_distance = max(1, int(max_horizon))
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
@@ -200,8 +204,9 @@ class ExpertFlow(_Predictive):
             self._predict(layer, hidden, ids2, pregate,
                           max(h_need + self.explore, min(self.max_distance, self.n_layer)))
         else:
+            explore = self.explore if self._step % self.explore_every == 0 else 0
             self._predict(layer, hidden, ids2, pregate,
-                          min(h_need + self.explore, self.max_distance),
+                          min(h_need + explore, self.max_distance),
                           also=self.n_layer if self.value_next else 0)
         self.horizon = self._plan_prefetches(layer, h_need)
         self._record_horizon(float(self.horizon))

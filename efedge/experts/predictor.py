@@ -39,10 +39,13 @@ Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max dis
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_INC,
+    _P_REACH,
     N_COMP,
     POPULAR,
     PREGATE,
@@ -56,6 +59,8 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
 )
 
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
+LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach
+REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
 
 class HybridPredictor:
@@ -77,7 +82,9 @@ class HybridPredictor:
         self.adapt = adapt
         self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
-                                weight_floor, 0.1, popularity_rate], dtype=np.float64)
+                                weight_floor, 0.1, popularity_rate, dm], dtype=np.float64)
+        # how far predictions have reached lately: transitions are learned only that far
+        # (+ LEARN_MARGIN); it shrinks by one distance per REACH_FADE passes
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
         self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency
@@ -113,6 +120,7 @@ class HybridPredictor:
         self.pass_no = -1
         self.step_no = -1
         self._last_layer = L
+        self._reach = float(dm)
         self._pass_tokens = 1
         self._no_h = np.zeros((1, 1), dtype=np.float32)
         self._no_pg = np.zeros((1, 0, E), dtype=np.float32)
@@ -122,6 +130,12 @@ class HybridPredictor:
         self.tok_tags = np.full(n_buckets, -1, dtype=np.int64)
         self.tok_hist = np.zeros((n_buckets, L, E), dtype=np.uint8)
         self.cur_tok = np.full(1, -1, dtype=np.int64)  # the pass's tokens' buckets (-1: none)
+        # the kernels' persistent state, in their argument order: one tuple to splat per
+        # call instead of 19 attribute lookups (these arrays are only ever changed in place)
+        self._state = (self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
+                       self.weights, self.prec, self.prec_n, self.recall, self.ring_q,
+                       self.ring_avail, self.ring_rank, self.ring_made, self.p_use, self.order,
+                       self.p_next, self.tok_hist, self.params)
 
     # -- inputs ---------------------------------------------------------------------------
     def set_router_weights(self, W: np.ndarray) -> None:
@@ -186,13 +200,12 @@ class HybridPredictor:
             return
         t_n = self.cur_tok.shape[0]
         self._fit_tokens(t_n)
+        self._reach = max(self._reach, float(n))
         ids = np.zeros((t_n, self.n_active), dtype=np.int32)  # only its shape is read
         pg = np.zeros((t_n, 0, self.n_expert), dtype=np.float32)
         _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources, ids,
-                 self._no_h, self.W, self.W_scale, False, pg, self.cur_ids, self.last_hist,
-                 self.hist_pass, self.recent, self.trans, self.rowsum, self.weights, self.prec,
-                 self.ring_q, self.ring_avail, self.ring_rank, self.ring_made, self.p_use,
-                 self.order, self.p_next, self.tok_hist, self.cur_tok, self.params)
+                 self._no_h, self.W, self.W_scale, False, pg, self.cur_ids, self.cur_tok,
+                 *self._state)
 
     # -- the per-layer step -----------------------------------------------------------------
     def step(self, layer: int, ids: np.ndarray, hidden: np.ndarray | None = None,
@@ -204,7 +217,9 @@ class HybridPredictor:
         distance to predict (its p_next only, e.g. this layer's next turn). Returns the
         step."""
         L = self.n_layer
-        ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, self.n_active)
+        if type(ids) is not np.ndarray or ids.dtype != np.int32 or ids.ndim != 2 or \
+                not ids.flags.c_contiguous:
+            ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, self.n_active)
         t_n = ids.shape[0]
         if layer <= self._last_layer:  # a pass begun without begin_pass: no token memory
             self.pass_no += 1
@@ -215,22 +230,27 @@ class HybridPredictor:
         self._last_layer = layer
         step = self.pass_no * L + layer
         self.step_no = step
-        self._fit_tokens(t_n)
+        if t_n > self.cur_ids.shape[1]:
+            self._fit_tokens(t_n)
         n = self.max_distance if n_pred is None else max(0, min(int(n_pred), self.max_distance))
-        has_w = hidden is not None and self.W.shape[0] == L and hidden.ndim == 2 and \
-            hidden.shape[1] == self.W.shape[2]
-        h = np.ascontiguousarray(hidden, dtype=np.float32) if has_w else self._no_h
+        W = self.W
+        has_w = hidden is not None and W.shape[0] == L and hidden.ndim == 2 and \
+            hidden.shape[1] == W.shape[2]
         pg = self._no_pg
-        if not has_w and pregate is not None:
-            pg = np.ascontiguousarray(pregate, dtype=np.float32).reshape(t_n, -1,
-                                                                         self.n_expert)
+        if has_w:
+            h = hidden if hidden.dtype == np.float32 and hidden.flags.c_contiguous else \
+                np.ascontiguousarray(hidden, dtype=np.float32)
+        else:
+            h = self._no_h
+            if pregate is not None:
+                pg = np.ascontiguousarray(pregate, dtype=np.float32).reshape(t_n, -1,
+                                                                             self.n_expert)
         feedback = self.adapt and t_n == 1
         also = int(also) if 0 < int(also) <= self.max_distance else 0
-        _step(layer, step, self.pass_no, n, also, self.n_sources, feedback, ids, h, self.W,
-              self.W_scale, has_w, pg, self.cur_ids, self.last_hist, self.hist_pass, self.trans,
-              self.rowsum, self.recent, self.weights, self.prec, self.prec_n, self.recall,
-              self.ring_q, self.ring_avail, self.ring_rank, self.ring_made, self.p_use,
-              self.order, self.p_next, self.tok_hist, self.cur_tok, self.params)
+        self._reach = max(float(max(n, also)), self._reach - 1.0 / (REACH_FADE * L))
+        self.params[_P_REACH] = min(self.max_distance, math.ceil(self._reach) + LEARN_MARGIN)
+        _step(layer, step, self.pass_no, n, also, self.n_sources, feedback, ids, h, W,
+              self.W_scale, has_w, pg, self.cur_ids, self.cur_tok, *self._state)
         return step
 
     # -- reporting ---------------------------------------------------------------------------
