@@ -18,7 +18,8 @@
 #               same greedy tokens as the CPU path, resident / ondemand / expertflow+hybrid
 #   4. bench    the emulated 8 GB laptop (RTX 4060 Laptop, PCIe 4.0 x8) on the same model:
 #               ondemand and expertflow, hybrid misses off and auto, plus all resident
-#   5. llamacpp `efedge bench --device cuda --vs-llama-cpp` on the demo model (35% cache)
+#   5. llamacpp `efedge bench --device cuda --vs-llama-cpp` on the demo model (35% cache),
+#      llamacpu  and the same with llama.cpp's experts on the CPU (--llama-cpu-moe)
 #   6. bench16  if time is left: a generated 1.6 GB qwen3moe ("bench" preset, F16, 3.1 MB
 #               experts ≈ Qwen3-30B-A3B's) with the real pcie4x8 rate, 35% cache, 8 GB
 set -u
@@ -100,6 +101,9 @@ stage bench 130 "$PY" benchmarks/gpu_bench.py --device "$DEVICE" --bench --vs-cp
 # its build can; the row's backend says what it ran on; exits at once without llama_cpp)
 stage llamacpp 70 "$PY" -m efedge bench --device "$DEVICE" -p 64 -n 32 -r 2 --cache 35% \
     --vs-llama-cpp --json
+# and against llama.cpp's experts-on-CPU configuration (--cpu-moe), the one the issue names
+stage llamacpu 60 "$PY" -m efedge bench --device "$DEVICE" -p 64 -n 32 -r 2 --cache 35% \
+    --vs-llama-cpp --llama-cpu-moe --json
 
 if [ $(($(date +%s) + 90)) -lt "$DEADLINE" ]; then
     stage bench16 $((DEADLINE - $(date +%s) - 5)) "$PY" - "$OUT" "$DEVICE" "$MODELS" <<'EOF'

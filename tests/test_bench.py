@@ -80,6 +80,25 @@ def test_vs_llama_cpp(tiny_gguf, capsys):
     assert "| llama.cpp" in out and "efedge / llama.cpp" in out
 
 
+@requires_llama_cpp
+def test_llama_cpu_moe_moves_every_expert_tensor_to_the_cpu(tiny_gguf, capsys):
+    """--llama-cpu-moe: llama.cpp's loader reports each expert tensor (gate, up, down of
+    every MoE layer) placed on the CPU; a CPU-only build labels the row plainly."""
+    from efedge.gguf_file import GGUFFile
+
+    path = tiny_gguf("qwen3moe", "F32")
+    gf = GGUFFile(path)
+    n_exps = sum(1 for t in gf.tensors if "_exps" in t)
+    gf.close()
+    out = _run(capsys, path, "-p", 8, "-n", 0, "-r", 1, "--vs-llama-cpp", "--llama-cpu-moe",
+               "--json")
+    ours, ref = json.loads(out)
+    assert ref["engine"] == "llama.cpp" and ref["experts_on_cpu"] == n_exps > 0
+    assert ref["backends"] in ("llama.cpp CPU", "llama.cpp GPU, experts on CPU (--cpu-moe)")
+    assert main(["bench", str(path), "-p", "8", "-n", "0", "--llama-cpu-moe"]) == 1
+    assert "add --vs-llama-cpp" in capsys.readouterr().err
+
+
 def test_policies_table_side_by_side(tiny_gguf, capsys):
     """`bench --policies`: one row per policy and budget on the same held-out tokens; the
     prefetching policy issues prefetches, the on-demand baseline is its own 100%."""

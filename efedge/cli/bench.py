@@ -102,6 +102,11 @@ def add_parser(sub) -> None:
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="run llama-cpp-python side by side and print the ratio per test "
                         "(with --device cuda: every layer offloaded, if its build can)")
+    p.add_argument("--llama-cpu-moe", action="store_true",
+                   help="with --vs-llama-cpp: llama.cpp keeps every expert tensor in host "
+                        "memory and computes it on the CPU, the rest offloaded (its "
+                        "--cpu-moe; the configuration llama.cpp users run when the experts "
+                        "do not fit in VRAM)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=main)
@@ -184,7 +189,8 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
         key = nt
         if key not in llamas:
             n_batch = max([n for kind, n in tests if kind == "pp"] + [32])
-            llamas[key] = _Llama(path, nt, n_ctx, n_batch, -1 if device != "cpu" else 0)
+            llamas[key] = _Llama(path, nt, n_ctx, n_batch, -1 if device != "cpu" else 0,
+                                 cpu_moe=getattr(args, "llama_cpu_moe", False))
         ref = llamas[key]
     vocab = eng.model.n_vocab
     try:
@@ -220,6 +226,7 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
                    "kernels_cached": eng.kernels_cached, **_stats(ours, n)}
             if ref is not None:
                 ll = {**row, "engine": "llama.cpp", "backends": ref.backend,
+                      "experts_on_cpu": ref.experts_on_cpu,
                       "vram_used_bytes": None, "cache": None, "policy": None, "link": None,
                       "stall_ms_per_token": None,
                       "hit_rate": None, "load_s": ref.load_s, "warmup_s": None,
@@ -311,6 +318,8 @@ def main(args: argparse.Namespace) -> int:
     tests = [("pp", n) for n in args.n_prompt if n > 0] + [("tg", n) for n in args.n_gen if n > 0]
     if not tests:
         raise EfedgeError("nothing to run: every -p and -n value is 0")
+    if getattr(args, "llama_cpu_moe", False) and not args.vs_llama_cpp:
+        raise EfedgeError("--llama-cpu-moe sets up the llama.cpp side: add --vs-llama-cpp")
     info = _model_info(path)
     rows: list[dict] = []
     llamas: dict = {}

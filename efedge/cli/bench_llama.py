@@ -22,17 +22,51 @@ try:
 except Exception as exc:
     print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
     sys.exit(0)
-path, threads, n_ctx, n_batch, n_gpu_layers = json.loads(sys.argv[1])
+path, threads, n_ctx, n_batch, n_gpu_layers, cpu_moe = json.loads(sys.argv[1])
 try:
     from llama_cpp import llama_supports_gpu_offload
     offload = bool(llama_supports_gpu_offload())
 except Exception:
     offload = False
+overridden = []
+if cpu_moe:
+    # llama.cpp's --cpu-moe: expert tensors in host memory, computed on the CPU. The
+    # high-level API has no tensor overrides: set the model parameters' NULL-terminated
+    # pattern -> buffer type list, and count the loader's "buffer type overridden" lines.
+    import ctypes
+    import llama_cpp.llama_cpp as lc
+
+    class _Override(ctypes.Structure):
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    try:
+        lc._lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+        cpu = lc._lib.ggml_backend_cpu_buffer_type()
+    except AttributeError as exc:
+        print(json.dumps({"error": f"no CPU buffer type in this build ({exc})"}), flush=True)
+        sys.exit(0)
+    overrides = (_Override * 2)(_Override(rb"\.ffn_(up|down|gate)_exps", cpu),
+                                _Override(None, None))
+    default_params = lc.llama_model_default_params
+
+    def _params():
+        p = default_params()
+        p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
+        return p
+
+    lc.llama_model_default_params = _params
+
+    @lc.llama_log_callback
+    def _log(level, text, user):
+        if b"buffer type overridden" in text:
+            overridden.append(text)
+
+    lc.llama_log_set(_log, ctypes.c_void_p(0))
 t0 = time.perf_counter()
 llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
             n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, verbose=False)
-print(json.dumps({"load_s": time.perf_counter() - t0,
-                  "gpu": offload and n_gpu_layers != 0}), flush=True)
+print(json.dumps({"load_s": time.perf_counter() - t0, "gpu": offload and n_gpu_layers != 0,
+                  "experts_on_cpu": len(overridden)}), flush=True)
 for line in sys.stdin:
     kind, toks = json.loads(line)
     if kind == "quit":
@@ -53,21 +87,32 @@ class _Llama:
     """llama.cpp through llama-cpp-python, the same file and thread count, in a child
     process that efedge's thread settings do not reach."""
 
-    def __init__(self, path, threads, n_ctx, n_batch, n_gpu_layers=0):
+    def __init__(self, path, threads, n_ctx, n_batch, n_gpu_layers=0, cpu_moe=False):
         from efedge.kernels import INJECTED_ENV
 
         env = {k: v for k, v in os.environ.items() if INJECTED_ENV.get(k) != v}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LLAMA_WORKER, json.dumps([str(path), threads, n_ctx,
-                                                                n_batch, n_gpu_layers])],
+            [sys.executable, "-c", _LLAMA_WORKER,
+             json.dumps([str(path), threads, n_ctx, n_batch, n_gpu_layers, bool(cpu_moe)])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         reply = self._read()
         if "error" in reply:
             self.close()
             raise EfedgeError(f"--vs-llama-cpp needs llama-cpp-python ({reply['error']})")
         self.load_s = reply["load_s"]
+        # expert tensors llama.cpp's loader placed on the CPU (--llama-cpu-moe)
+        self.experts_on_cpu = int(reply.get("experts_on_cpu", 0))
+        if cpu_moe and self.experts_on_cpu == 0:
+            self.close()
+            raise EfedgeError("--llama-cpu-moe: the installed llama-cpp-python did not apply "
+                              "the tensor override (no expert tensor was moved to the CPU)")
         # what llama.cpp really ran on: a CPU-only build ignores n_gpu_layers
-        self.backend = "llama.cpp GPU (all layers)" if reply.get("gpu") else "llama.cpp CPU"
+        if not reply.get("gpu"):
+            self.backend = "llama.cpp CPU"
+        elif cpu_moe:
+            self.backend = "llama.cpp GPU, experts on CPU (--cpu-moe)"
+        else:
+            self.backend = "llama.cpp GPU (all layers)"
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
