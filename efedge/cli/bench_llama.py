@@ -20,7 +20,8 @@ import json, sys, time
 try:
     from llama_cpp import Llama
 except Exception as exc:
-    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    print(json.dumps({"error": f"--vs-llama-cpp needs llama-cpp-python "
+                               f"({type(exc).__name__}: {exc})"}), flush=True)
     sys.exit(0)
 path, threads, n_ctx, n_batch, n_gpu_layers, cpu_moe = json.loads(sys.argv[1])
 try:
@@ -30,38 +31,39 @@ except Exception:
     offload = False
 overridden = []
 if cpu_moe:
-    # llama.cpp's --cpu-moe: expert tensors in host memory, computed on the CPU. The
-    # high-level API has no tensor overrides: set the model parameters' NULL-terminated
-    # pattern -> buffer type list, and count the loader's "buffer type overridden" lines.
-    import ctypes
-    import llama_cpp.llama_cpp as lc
-
-    class _Override(ctypes.Structure):
-        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
     try:
+        # llama.cpp's --cpu-moe: expert tensors in host memory, computed on the CPU. The
+        # high-level API has no tensor overrides: set the model parameters' NULL-terminated
+        # pattern -> buffer type list, and count the loader's "buffer type overridden" lines.
+        import ctypes
+        import llama_cpp.llama_cpp as lc
+
+        class _Override(ctypes.Structure):
+            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
         lc._lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
         cpu = lc._lib.ggml_backend_cpu_buffer_type()
-    except AttributeError as exc:
-        print(json.dumps({"error": f"no CPU buffer type in this build ({exc})"}), flush=True)
+        overrides = (_Override * 2)(_Override(rb"\.ffn_(up|down|gate)_exps", cpu),
+                                    _Override(None, None))
+        default_params = lc.llama_model_default_params
+
+        def _params():
+            p = default_params()
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
+            return p
+
+        lc.llama_model_default_params = _params
+
+        @lc.llama_log_callback
+        def _log(level, text, user):
+            if b"buffer type overridden" in text:
+                overridden.append(text)
+
+        lc.llama_log_set(_log, ctypes.c_void_p(0))
+    except Exception as exc:  # a llama-cpp-python whose low-level API differs
+        print(json.dumps({"error": f"--llama-cpu-moe: this llama-cpp-python cannot set tensor "
+                                   f"overrides ({type(exc).__name__}: {exc})"}), flush=True)
         sys.exit(0)
-    overrides = (_Override * 2)(_Override(rb"\.ffn_(up|down|gate)_exps", cpu),
-                                _Override(None, None))
-    default_params = lc.llama_model_default_params
-
-    def _params():
-        p = default_params()
-        p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
-        return p
-
-    lc.llama_model_default_params = _params
-
-    @lc.llama_log_callback
-    def _log(level, text, user):
-        if b"buffer type overridden" in text:
-            overridden.append(text)
-
-    lc.llama_log_set(_log, ctypes.c_void_p(0))
 t0 = time.perf_counter()
 llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
             n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, verbose=False)
@@ -98,7 +100,7 @@ class _Llama:
         reply = self._read()
         if "error" in reply:
             self.close()
-            raise EfedgeError(f"--vs-llama-cpp needs llama-cpp-python ({reply['error']})")
+            raise EfedgeError(reply["error"])
         self.load_s = reply["load_s"]
         # expert tensors llama.cpp's loader placed on the CPU (--llama-cpu-moe)
         self.experts_on_cpu = int(reply.get("experts_on_cpu", 0))
