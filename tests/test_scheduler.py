@@ -10,7 +10,7 @@ import pytest
 
 import efedge
 from efedge.experts.cache import READY, ExpertCache
-from efedge.experts.horizon import HorizonController
+from efedge.experts.horizon import HorizonController, victim_p_limit
 from efedge.experts.scheduler import (
     POLICIES,
     ExpertFlow,
@@ -148,6 +148,13 @@ def test_eviction_prefers_the_lowest_predicted_use_per_distance():
         assert pol.victim(src.cache, np.array([5, 6])) == 5
         assert pol.victim(src.cache, np.array([6, 2])) == -1
     pol._evict_limit = np.inf
+    # on an over-subscribed link it may also evict only experts less likely to be used
+    # than the saving covers: (1,5) has p 0.05, (2,6) 0.2
+    pol._evict_p_limit = 0.1
+    with src.cache.cond:
+        assert pol.victim(src.cache, np.array([5, 6])) == 5
+        assert pol.victim(src.cache, np.array([6, 2])) == -1
+    pol._evict_p_limit = np.inf
     # once the current layer has used expert 3 it is an ordinary candidate again
     src.cache.touch(3)
     with src.cache.cond:
@@ -156,6 +163,23 @@ def test_eviction_prefers_the_lowest_predicted_use_per_distance():
         p[1, 5] = p[2, 6] = 0.0
         src.cache.touch(5)
         assert pol.victim(src.cache, np.array([5, 6])) == 6
+
+
+@pytest.mark.parametrize("p, rho, limit", [
+    (0.9, 0.5, np.inf),  # the link keeps up: victims come back ahead of need
+    (0.9, 1.0, np.inf),
+    (0.9, 2.0, 0.7),  # p·(1+ρ) − ρ = 0.7 over ρ − 1 = 1
+    (0.9, 4.0, 0.5 / 3.0),
+    (0.8, 4.0, 0.0),  # p = ρ/(1+ρ): the p_min rule's edge, nothing may be evicted
+    (0.5, 9.0, -4.0 / 8.0),  # below p_min: no eviction pays
+])
+def test_victim_limit_from_the_link_load(p, rho, limit):
+    """A prefetch on an over-subscribed link pays only if its saving covers reloading its
+    victim: p/ρ > 1 − p + p_v·(1 − 1/ρ)."""
+    assert victim_p_limit(p, rho) == pytest.approx(limit)
+    if 1 < rho and 0 <= limit <= 1:
+        # at that victim probability gain and cost balance
+        assert p / rho == pytest.approx(1 - p + limit * (1 - 1 / rho))
 
 
 def test_baseline_lru_counts_a_prefetch_as_a_use_and_keeps_current_needs():

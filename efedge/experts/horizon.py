@@ -22,9 +22,9 @@ use: prefetch when p > p_min = ρ / (1 + ρ) (never below p_floor). An idle link
 takes anything plausible; a saturated one (ρ ≫ 1) only near-certain experts. The slot a
 prefetch takes is handled by the eviction rule: it may only evict an expert whose value
 (use_value: the inverse of the expected number of layers until its next use) is lower
-than its own. The horizon actually used is the furthest distance that still has a
-candidate above p_min — where predictions become too uncertain to pay, looking further
-stops.
+than its own, and, once ρ > 1, one whose reload its saving covers (victim_p_limit).
+The horizon actually used is the furthest distance that still has a candidate above
+p_min — where predictions become too uncertain to pay, looking further stops.
 """
 
 from __future__ import annotations
@@ -169,32 +169,51 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
 
 @njit(cache=True, fastmath=False)
 def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, needed, tick0,
-                 n_expert, limit):
+                 n_expert, limit, p_limit=np.inf):
     """The candidate slot with the lowest value (use_value of its predicted probability of
     use and the distance to its layer's next turn); ties: least recently, then least often
     used. Experts the current layer still
     needs are never chosen while any other candidate exists. -1 when the lowest value is
-    not below `limit` (a prefetch never evicts what is worth more than it brings)."""
+    not below `limit` (a prefetch never evicts what is worth more than it brings), or when
+    the victim's probability of use at its next turn is not below `p_limit` (a prefetch
+    whose expected saving does not cover reloading it: victim_p_limit)."""
     n_layer = p_next.shape[0]
-    best, best_v, best_lu, best_u = -1, np.inf, 0, 0
+    best, best_v, best_lu, best_u, best_p = -1, np.inf, 0, 0, 1.0
     for i in range(cands.shape[0]):
         s = cands[i]
         owner = slot_owner[s]
         m, e = owner // n_expert, owner % n_expert
+        p = min(p_next[m, e], 1.0)
         if m == cur and needed[e] and slot_last_use[s] <= tick0:
-            v = np.inf  # still to be used by the layer being computed
+            v, p = np.inf, 1.0  # still to be used by the layer being computed
         else:
             dist = (m - cur) % n_layer
             if dist == 0:
                 dist = n_layer
-            v = use_value(min(p_next[m, e], 1.0), dist, n_layer)
+            v = use_value(p, dist, n_layer)
         lu, u = slot_last_use[s], slot_uses[s]
         if best < 0 or v < best_v or (v == best_v and (lu < best_lu or
                                                        (lu == best_lu and u < best_u))):
-            best, best_v, best_lu, best_u = s, v, lu, u
+            best, best_v, best_lu, best_u, best_p = s, v, lu, u, p
     if limit < np.inf and best_v >= limit:
         return -1
+    if best_p >= p_limit:
+        return -1
     return best
+
+
+def victim_p_limit(p: float, rho: float) -> float:
+    """The most likely victim a prefetch of probability p may evict, given the link's
+    load rho. Per layer the link has c of compute to hide n·τ of loads behind: a right
+    prefetch hides τ/ρ of stall (at most τ), a wrong one costs (1 − p)·τ of link time, and
+    reloading its victim (probability p_v of being needed at its next turn) costs stall
+    only where the link is over-subscribed, a share 1 − 1/ρ of it (below ρ = 1 the idle
+    link brings the victim back ahead of need). So with ρ > 1 it pays when
+    p/ρ > 1 − p + p_v·(1 − 1/ρ), i.e. p_v < (p·(1 + ρ) − ρ) / (ρ − 1); no limit at ρ ≤ 1
+    (there the p_min rule alone decides)."""
+    if rho <= 1.0:
+        return np.inf
+    return (p * (1.0 + rho) - rho) / (rho - 1.0)
 
 
 @njit(cache=True, fastmath=False)
@@ -217,4 +236,4 @@ def lru_victim(cands, slot_owner, slot_last_use, fetched_at, cur, needed, tick0,
 
 
 __all__ = ["HorizonController", "route_prologue", "select_prefetch", "use_value",
-           "value_victim", "lru_victim", "LOADING"]
+           "value_victim", "victim_p_limit", "lru_victim", "LOADING"]

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge.experts.horizon import HorizonController, select_prefetch, use_value, value_victim
+from efedge.experts.horizon import (
+    HorizonController,
+    select_prefetch,
+    use_value,
+    value_victim,
+    victim_p_limit,
+)
 from efedge.experts.predictor import HybridPredictor
 from efedge.experts.scheduler import POLICIES, Policy
 
@@ -132,8 +138,9 @@ class ExpertFlow(_Predictive):
 
     def __init__(self, max_horizon: int = 8, p_floor: float = 0.2, explore: int = 1,
                  explore_every: int = 2, value_all: bool = False, value_next: bool = False,
-                 pass_start: bool = True, **kw):
+                 pass_start: bool = True, victim_aware: bool = True, **kw):
         super().__init__(**kw)
+        self.victim_aware = bool(victim_aware)
         self.pass_start = bool(pass_start)
         self.explore, self.value_all = int(explore), bool(value_all)
         # the distances past the horizon are predicted (for their calibration and eviction
@@ -161,7 +168,8 @@ class ExpertFlow(_Predictive):
     def victim(self, cache, candidates: np.ndarray) -> int:
         return int(value_victim(candidates, cache.slot_owner, cache.slot_last_use,
                                 cache.slot_uses, self.predictor.p_next, self.cur_layer,
-                                self.needed, self.tick0, self.n_expert, self._evict_limit))
+                                self.needed, self.tick0, self.n_expert, self._evict_limit,
+                                self._evict_p_limit))
 
     def _load_rest(self, layer: int) -> None:
         """A budget that holds every expert: plan loads of all experts not resident or
@@ -234,7 +242,8 @@ class ExpertFlow(_Predictive):
                 j += 1
             # evict only experts worth less than the least valuable one brought in
             limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
-            self._prefetch(int(ms[i]), es[i:j], self._step + int(ds[i]) + 1, limit)
+            p_limit = victim_p_limit(float(ps[j - 1]), ctl.rho) if self.victim_aware else np.inf
+            self._prefetch(int(ms[i]), es[i:j], self._step + int(ds[i]) + 1, limit, p_limit)
             i = j
         return max(1, int(horizon))
 

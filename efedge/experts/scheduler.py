@@ -53,6 +53,7 @@ class Policy:
         self._due = np.full((self.n_layer, self.n_expert), -1, dtype=np.int64)
         self._plan: list[tuple] = []  # prefetches decided in on_route, issued after demand
         self._evict_limit = np.inf  # while issuing a prefetch: evict only what is worth less
+        self._evict_p_limit = np.inf  # … and only victims less likely to be used than this
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         raise NotImplementedError
@@ -152,25 +153,28 @@ class Policy:
         room[c] -= len(take)
         return self._prefetch(layer, take, priority)
 
-    def _prefetch(self, layer: int, experts, priority: int, limit: float = np.inf) -> int:
+    def _prefetch(self, layer: int, experts, priority: int, limit: float = np.inf,
+                  p_limit: float = np.inf) -> int:
         """Plan a prefetch (issued by on_demand_issued, right after the current layer's
-        demand loads); `limit`: evict only experts valued below it. Returns how many."""
+        demand loads); `limit`: evict only experts valued below it, `p_limit`: and less
+        likely to be used than it. Returns how many."""
         experts = np.asarray(experts, dtype=np.int64).reshape(-1)
         if experts.size:
-            self._plan.append((int(layer), experts, int(priority), float(limit)))
+            self._plan.append((int(layer), experts, int(priority), float(limit),
+                               float(p_limit)))
         return int(experts.size)
 
     def _flush_plan(self) -> None:
         src, cache = self.source, self.source.cache
         plan, self._plan = self._plan, []
-        for layer, experts, priority, limit in plan:
-            self._evict_limit = limit
+        for layer, experts, priority, limit, p_limit in plan:
+            self._evict_limit, self._evict_p_limit = limit, p_limit
             try:
                 n = src.prefetch(layer, experts, priority=priority)
             except TypeError:  # a source without priorities
                 n = src.prefetch(layer, experts)
             finally:
-                self._evict_limit = np.inf
+                self._evict_limit = self._evict_p_limit = np.inf
             if not n:
                 continue
             slots = cache.where[layer, experts]
