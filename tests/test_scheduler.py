@@ -308,6 +308,23 @@ def test_every_policy_gives_the_resident_logits(tiny_gguf, arch):
                 assert s["prefetch_issued"] > 0 and s["horizon_mean"] > 0
 
 
+def test_a_tuned_policy_instance_serves_one_model(tiny_gguf):
+    """policy= also takes a Policy instance with its own knobs (Python API); it keeps the
+    resident logits, and one instance cannot drive two models' caches."""
+    path = tiny_gguf("qwen3moe", "F32")
+    ids = _ids()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    pol = ExpertFlow(p_floor=0.5, explore_every=1, victim_aware=False)
+    with efedge.load(path, cache="30%", policy=pol, link="2GB/s") as m:
+        assert np.array_equal(m.logits(ids), ref)
+        assert pol.source is m._experts and m.stats()["prefetch_issued"] > 0
+    with pytest.raises(efedge.EfedgeError, match="already serves a model"):
+        efedge.load(path, cache="30%", policy=pol)
+    with pytest.raises(efedge.EfedgeError, match="constructor"):
+        make_policy(ExpertFlow(), p_floor=0.3)
+
+
 def _decode_stall(m, ids, n_decode) -> float:
     sess = m._session
     sess.reset()

@@ -221,9 +221,19 @@ class LFU(Policy):
 POLICIES: dict[str, type[Policy]] = {"ondemand": OnDemandLRU, "lru": OnDemandLRU, "lfu": LFU}
 
 
-def make_policy(name: str, **kwargs) -> Policy:
+def make_policy(name, **kwargs) -> Policy:
     """A policy by name: ondemand | lru | lfu | next-layer | fixed:H | expertflow.
-    Keyword arguments go to the policy (e.g. expertflow's trace= to seed its predictor)."""
+    Keyword arguments go to the policy (e.g. expertflow's trace= to seed its predictor).
+    A Policy instance not yet serving a model is used as it is (tuned knobs from the
+    Python API: `efedge.load(path, cache="25%", policy=ExpertFlow(p_floor=0.3))`)."""
+    if isinstance(name, Policy):
+        if kwargs:
+            raise EfedgeError("policy options go to the policy's constructor, not with an "
+                              "instance")
+        if getattr(name, "source", None) is not None:
+            raise EfedgeError(f"this {name.name!r} policy instance already serves a model: "
+                              "give each model its own")
+        return name
     key = str(name).strip().lower()
     if key.startswith("fixed"):
         _, _, h = key.partition(":")
