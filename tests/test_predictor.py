@@ -231,3 +231,11 @@ def test_transitions_are_learned_only_as_far_as_predictions_reach():
     grew = run(4, 1)
     assert grew[:3].all() and not grew[3:].any()
     assert run(1, 5)[:6].all()  # a prediction 5 ahead: learned as far again at once
+
+
+def test_ids_of_the_wrong_width_are_refused_before_any_kernel():
+    pred = HybridPredictor(L, E, K)
+    with pytest.raises(ValueError):
+        pred.step(0, np.zeros((1, K + 1), dtype=np.int32))
+    pred.step(0, np.arange(K, dtype=np.int64))  # a flat int64 row is taken as one token
+    assert pred.cur_ids[0, 0].tolist() == list(range(K))

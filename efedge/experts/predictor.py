@@ -81,10 +81,10 @@ class HybridPredictor:
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
         self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
+        # the last entry (_P_REACH): the distances transitions are learned for, how far
+        # predictions reached lately + LEARN_MARGIN (step() sets it)
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
                                 weight_floor, 0.1, popularity_rate, dm], dtype=np.float64)
-        # how far predictions have reached lately: transitions are learned only that far
-        # (+ LEARN_MARGIN); it shrinks by one distance per REACH_FADE passes
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
         self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency
@@ -120,7 +120,7 @@ class HybridPredictor:
         self.pass_no = -1
         self.step_no = -1
         self._last_layer = L
-        self._reach = float(dm)
+        self._reach = float(dm)  # shrinks by one distance per REACH_FADE passes
         self._pass_tokens = 1
         self._no_h = np.zeros((1, 1), dtype=np.float32)
         self._no_pg = np.zeros((1, 0, E), dtype=np.float32)
@@ -218,7 +218,8 @@ class HybridPredictor:
         step."""
         L = self.n_layer
         if type(ids) is not np.ndarray or ids.dtype != np.int32 or ids.ndim != 2 or \
-                not ids.flags.c_contiguous:
+                ids.shape[1] != self.n_active or not ids.flags.c_contiguous:
+            # (the kernels index by these shapes unchecked: a wrong width must fail here)
             ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, self.n_active)
         t_n = ids.shape[0]
         if layer <= self._last_layer:  # a pass begun without begin_pass: no token memory
