@@ -232,10 +232,15 @@ def _distances_past_horizon(pol: ExpertFlow, tokens: int) -> list[int]:
     return asked
 
 
-def test_expertflow_explores_past_its_horizon_on_every_other_step():
+def test_expertflow_explores_past_its_horizon_every_other_pass_of_each_layer():
     """The distance past the horizon (for its calibration, never prefetched) is predicted
-    on every explore_every-th step; the horizon itself on every step."""
-    assert _distances_past_horizon(ExpertFlow(), 6) == [1, 0] * 12
+    on every explore_every-th pass of each layer, every layer in turn (4 layers here: a
+    step-parity rule would leave layers 1 and 3 never exploring); the horizon itself on
+    every step."""
+    asked = _distances_past_horizon(ExpertFlow(), 6)
+    assert asked == [1, 0, 1, 0, 0, 1, 0, 1] * 3
+    per_layer = np.array(asked).reshape(6, 4)
+    assert (per_layer.sum(axis=0) == 3).all()  # each layer: every other pass
     assert _distances_past_horizon(ExpertFlow(explore_every=1), 2) == [1] * 8
 
 

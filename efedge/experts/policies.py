@@ -144,7 +144,7 @@ class ExpertFlow(_Predictive):
         self.pass_start = bool(pass_start)
         self.explore, self.value_all = int(explore), bool(value_all)
         # the distances past the horizon are predicted (for their calibration and eviction
-        # values) on every explore_every-th step only: each predicted distance costs ~10 µs
+        # values) on every explore_every-th pass of each layer: each distance costs ~10 µs
         # with the caches as the layer kernels leave them, and these are not prefetched
         self.explore_every = max(1, int(explore_every))
         self.value_next = bool(value_next)
@@ -212,7 +212,10 @@ class ExpertFlow(_Predictive):
             self._predict(layer, hidden, ids2, pregate,
                           max(h_need + self.explore, min(self.max_distance, self.n_layer)))
         else:
-            explore = self.explore if self._step % self.explore_every == 0 else 0
+            # every layer in turn: by pass + layer, so that with an even number of layers
+            # the same layers do not always explore and the others never
+            turn = self._step // self.n_layer + layer
+            explore = self.explore if turn % self.explore_every == 0 else 0
             self._predict(layer, hidden, ids2, pregate,
                           min(h_need + explore, self.max_distance),
                           also=self.n_layer if self.value_next else 0)
