@@ -6,9 +6,10 @@
 #     OUT=/path/to/results bash scripts/gpu_check.sh
 #
 # Needs torch with CUDA, numpy, numba, jinja2, regex, tqdm, gguf. Installs nothing and
-# reaches no network. The llama.cpp stages need llama-cpp-python (+ diskcache): carry
-# their wheels beside gguf's (a CPU build gives "llama.cpp CPU" rows; llama.cpp's own GPU
-# offload, and so --llama-cpu-moe's meaning, needs a CUDA build of it). Finishes in under 8 minutes (a global deadline caps every stage).
+# reaches no network. The llama.cpp stages need llama-cpp-python (+ diskcache); without
+# it they end at once with a named error. A CPU build of it (24 MB: with the 42 MB tree it
+# only just fits the device's 64 MiB carry) gives "llama.cpp CPU" rows; llama.cpp's own
+# GPU offload, and so --llama-cpu-moe's meaning, needs a CUDA build of it. Finishes in under 8 minutes (a global deadline caps every stage).
 # Writes $OUT/gpu_check.txt (summary), $OUT/gpu_check.json (all figures) and one log per
 # stage. Stages:
 #   1. env      torch / CUDA / GPU / package versions
