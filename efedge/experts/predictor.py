@@ -231,8 +231,7 @@ class HybridPredictor:
         self._last_layer = layer
         step = self.pass_no * L + layer
         self.step_no = step
-        if t_n > self.cur_ids.shape[1]:
-            self._fit_tokens(t_n)
+        self._fit_tokens(t_n)
         n = self.max_distance if n_pred is None else max(0, min(int(n_pred), self.max_distance))
         W = self.W
         has_w = hidden is not None and W.shape[0] == L and hidden.ndim == 2 and \
