@@ -3,7 +3,8 @@
 * A priority queue: demand loads (the layer is waiting) overtake prefetches; a queued
   prefetch that became stale can be cancelled.
 * Reads use pread into the slot, then posix_fadvise(DONTNEED) on the file range, so the
-  page cache does not quietly keep every expert beside the slots (the budget is honest).
+  page cache does not quietly keep every expert beside the slots (the budget is honest);
+  all six calls of an expert in one numba kernel that holds no GIL (file_read.py).
 * An online meter of the link, not of one request: bytes over the time at least one copy
   was under way (ratio of two EWMAs), and each request's service time (from when the link
   started on it: its own start, or the previous completion if it queued behind one). A
@@ -30,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from efedge.errors import EfedgeError
+from efedge.experts import file_read
 from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
@@ -135,6 +137,8 @@ class TransferEngine:
         self.jobs_by_key: dict[int, Job] = {}
         self.workers_replaced = 0
         self._read = read_fn or self._pread  # tests inject faults here
+        # the whole expert in one GIL-free kernel call where libc allows (file_read.py)
+        self._read_whole = file_read.available()
         self._threads = [self._spawn(i) for i in range(max(1, workers))]
 
     def _spawn(self, i: int) -> threading.Thread:
@@ -187,8 +191,19 @@ class TransferEngine:
                 raise OSError(f"unexpected end of file at byte {offset + done}")
             done += n
 
+    def _kernel_reads(self) -> bool:
+        """Whether copies read through file_read's kernel: where libc allows, and unless
+        a read function was injected (tests inject faults through `_read`)."""
+        return self._read_whole and getattr(self._read, "__func__", None) is \
+            TransferEngine._pread
+
     def _copy(self, job: Job) -> int:
         parts = self.cache.slot_parts(job.slot)
+        if self._kernel_reads() and file_read.read_expert(
+                self._fd, parts, self.store.offsets[job.layer, job.expert],
+                self.store.nbytes[job.layer, job.expert], self._page):
+            return int(self.store.nbytes[job.layer, job.expert].sum())
+        # one part at a time in Python where the kernel cannot, or to name its error
         total = 0
         for ip in range(3):
             off = int(self.store.offsets[job.layer, job.expert, ip])

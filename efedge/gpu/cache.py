@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from efedge.errors import TransferError
+from efedge.experts import file_read
 from efedge.experts.cache import READY, ExpertCache
 from efedge.experts.store import ExpertStore
 from efedge.experts.streaming import WAIT_TIMEOUT_S, StreamingExperts
@@ -183,12 +184,16 @@ class GpuTransferEngine(TransferEngine):
         t0 = time.perf_counter()
         tl = self._resources()
         bounds = self.cache.part_bounds[job.layer]
-        total = 0
-        for ip in range(3):
-            off = int(self.store.offsets[job.layer, job.expert, ip])
-            n = int(self.store.nbytes[job.layer, job.expert, ip])
-            self._read(tl.np[bounds[ip]:bounds[ip] + n], off)
-            total += n
+        nbytes = self.store.nbytes[job.layer, job.expert]
+        total = int(nbytes.sum())
+        if not (self._kernel_reads() and file_read.read_expert(
+                self._fd, [tl.np[bounds[ip]:bounds[ip + 1]] for ip in range(3)],
+                self.store.offsets[job.layer, job.expert], nbytes, self._page,
+                drop_pages=False)):  # the page cache is the host tier here
+            for ip in range(3):  # in Python where the kernel cannot, or to name its error
+                off = int(self.store.offsets[job.layer, job.expert, ip])
+                n = int(nbytes[ip])
+                self._read(tl.np[bounds[ip]:bounds[ip] + n], off)
         dst = self.cache.slot_tensor(job.slot)
         last = self.cache.last_use[job.slot]
         with self.backend.use_stream(tl.stream):

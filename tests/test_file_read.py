@@ -1,0 +1,132 @@
+"""file_read: an expert's three parts read by one GIL-free kernel (pread + fadvise).
+
+The bytes must be the file's, every bound is checked before the kernel writes through a
+raw pointer, a short file is reported (the engine then reads in Python, which names the
+error), and the transfer engine really reads through the kernel."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import efedge
+from efedge.experts import file_read
+from efedge.experts.store import ExpertStore
+from efedge.experts.transfer import TransferEngine
+from efedge.gguf_file import GGUFFile
+
+pytestmark = pytest.mark.skipif(not file_read.available(),
+                                reason="no pread / posix_fadvise in this libc")
+
+
+@pytest.fixture(scope="module")
+def path(tiny_gguf):
+    return tiny_gguf("qwen3moe", "Q4_K_M")
+
+
+def _buffers(nbytes, extra=0):
+    return [np.full(int(n) + extra, 0xAB, dtype=np.uint8) for n in nbytes]
+
+
+def test_every_expert_part_is_the_files_bytes(path):
+    gf = GGUFFile(path)
+    store = ExpertStore(gf, gf.get("qwen3moe.block_count"), gf.get("qwen3moe.expert_count"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for il in range(store.n_layer):
+            for e in range(store.n_expert):
+                offs, ns = store.offsets[il, e], store.nbytes[il, e]
+                parts = _buffers(ns, extra=7)
+                for drop in (True, False):
+                    assert file_read.read_expert(fd, parts, offs, ns, 4096, drop_pages=drop)
+                    for ip in range(3):
+                        want = os.pread(fd, int(ns[ip]), int(offs[ip]))
+                        assert bytes(parts[ip][:ns[ip]]) == want
+                        assert (parts[ip][ns[ip]:] == 0xAB).all()  # nothing past the part
+    finally:
+        os.close(fd)
+        gf.close()
+
+
+def test_bounds_are_checked_before_any_byte_is_written(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ns = np.array([64, 64, 64], dtype=np.int64)
+        offs = np.array([0, 128, 256], dtype=np.int64)
+        for bad_part, parts in enumerate([_buffers([63, 64, 64]), _buffers([64, 63, 64]),
+                                          _buffers([64, 64, 63])]):
+            with pytest.raises(ValueError, match=f"part {bad_part}"):
+                file_read.read_expert(fd, parts, offs, ns, 4096)
+            assert all((p == 0xAB).all() for p in parts)
+        with pytest.raises(ValueError, match="part 1"):
+            file_read.read_expert(fd, _buffers(ns), np.array([0, -1, 0], np.int64), ns, 4096)
+        with pytest.raises(ValueError, match="3 offsets"):
+            file_read.read_expert(fd, _buffers(ns), offs[:2], ns[:2], 4096)
+        strided = np.zeros(256, dtype=np.uint8)[::2]
+        with pytest.raises(TypeError):
+            file_read.read_expert(fd, [strided] + _buffers(ns)[1:], offs, ns, 4096)
+        ro = _buffers(ns)
+        ro[2].flags.writeable = False
+        with pytest.raises(TypeError):
+            file_read.read_expert(fd, ro, offs, ns, 4096)
+        with pytest.raises(TypeError):
+            file_read.read_expert(fd, [p.view(np.int8) for p in _buffers(ns)], offs, ns, 4096)
+    finally:
+        os.close(fd)
+
+
+def test_a_part_past_the_end_of_the_file_is_reported(path):
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ns = np.array([16, 16, 16], dtype=np.int64)
+        assert not file_read.read_expert(fd, _buffers(ns), np.array([0, size - 8, 0], np.int64),
+                                         ns, 4096)
+    finally:
+        os.close(fd)
+    # the engine then reads that expert in Python, which names the error
+    gf = GGUFFile(path)
+    store = ExpertStore(gf, gf.get("qwen3moe.block_count"), gf.get("qwen3moe.expert_count"))
+    store.offsets[0, 0, 2] = size - 8
+    engine = TransferEngine.__new__(TransferEngine)  # only _copy's inputs
+    engine.store = store
+    engine._fd = os.open(path, os.O_RDONLY)
+    engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
+
+    class Slots:
+        @staticmethod
+        def slot_parts(slot):
+            return _buffers(store.nbytes[0, 0])
+
+    engine.cache = Slots()
+    try:
+        assert engine._kernel_reads()
+        with pytest.raises(OSError, match="unexpected end of file"):
+            engine._copy(type("J", (), {"slot": 0, "layer": 0, "expert": 0})())
+    finally:
+        os.close(engine._fd)
+        gf.close()
+
+
+def test_the_engine_reads_through_the_kernel(path, monkeypatch):
+    """Streaming with a small cache gives the resident logits, and the engine's Python
+    read (kept for injected faults and for naming errors) is never called."""
+    ids = np.random.default_rng(3).integers(0, 500, 12).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    calls = []
+    original = TransferEngine._pread
+
+    def python_read(self, buf, offset):
+        calls.append(offset)
+        return original(self, buf, offset)
+
+    monkeypatch.setattr(TransferEngine, "_pread", python_read)
+    with efedge.load(path, cache="30%", policy="expertflow") as m:
+        assert m._experts.engine._kernel_reads()
+        got = m.logits(ids)
+        assert m.stats()["bytes_loaded"] > 0
+    np.testing.assert_array_equal(got, want)
+    assert calls == []
