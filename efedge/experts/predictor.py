@@ -39,13 +39,12 @@ Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max dis
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_INC,
     _P_REACH,
+    _P_REACHF,
     N_COMP,
     POPULAR,
     PREGATE,
@@ -58,9 +57,8 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     _step,
 )
 
+_INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
-LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach
-REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
 
 class HybridPredictor:
@@ -81,10 +79,10 @@ class HybridPredictor:
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
         self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
-        # the last entry (_P_REACH): the distances transitions are learned for, how far
-        # predictions reached lately + LEARN_MARGIN (step() sets it)
+        # the last entries: the distances transitions are learned for (_P_REACH: how far
+        # predictions reached lately, _P_REACHF, + LEARN_MARGIN; the step kernel sets both)
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
-                                weight_floor, 0.1, popularity_rate, dm], dtype=np.float64)
+                                weight_floor, 0.1, popularity_rate, dm, dm], dtype=np.float64)
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
         self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency
@@ -117,10 +115,10 @@ class HybridPredictor:
         # times less memory to stream per prediction (the decode has just flushed caches)
         self.W = np.zeros((0, 0, 0), dtype=np.int8)
         self.W_scale = np.zeros((0, 0), dtype=np.float32)
+        self._w_width = -1  # no router weights: pre-gating logits come from the caller
         self.pass_no = -1
         self.step_no = -1
         self._last_layer = L
-        self._reach = float(dm)  # shrinks by one distance per REACH_FADE passes
         self._pass_tokens = 1
         self._no_h = np.zeros((1, 1), dtype=np.float32)
         self._no_pg = np.zeros((1, 0, E), dtype=np.float32)
@@ -148,6 +146,7 @@ class HybridPredictor:
         scale[scale == 0] = 1.0
         self.W = np.ascontiguousarray(np.round(W / scale[:, :, None]), dtype=np.int8)
         self.W_scale = np.ascontiguousarray(scale, dtype=np.float32)
+        self._w_width = self.W.shape[2]  # a hidden state this wide is pre-gated
 
     def seed(self, experts, weight: float = 1.0) -> None:
         """Transition counts from a routing trace: an array [n_tokens, n_layer, K] of
@@ -200,7 +199,7 @@ class HybridPredictor:
             return
         t_n = self.cur_tok.shape[0]
         self._fit_tokens(t_n)
-        self._reach = max(self._reach, float(n))
+        self.params[_P_REACHF] = max(self.params[_P_REACHF], float(n))
         ids = np.zeros((t_n, self.n_active), dtype=np.int32)  # only its shape is read
         pg = np.zeros((t_n, 0, self.n_expert), dtype=np.float32)
         _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources, ids,
@@ -216,8 +215,12 @@ class HybridPredictor:
         [T, n, E] for layers layer+1..layer+n (NaN rows: unknown); `also`: one more
         distance to predict (its p_next only, e.g. this layer's next turn). Returns the
         step."""
-        L = self.n_layer
-        if type(ids) is not np.ndarray or ids.dtype != np.int32 or ids.ndim != 2 or \
+        # Runs once per layer right after the layer kernels have flushed the CPU caches:
+        # every attribute and numpy call here costs a cache miss or several (measured:
+        # this wrapper took 13 µs of a 48 µs step), hence identity checks of dtypes and
+        # the reach bookkeeping left to the kernel.
+        dm = self.max_distance
+        if type(ids) is not np.ndarray or ids.dtype is not _INT32 or ids.ndim != 2 or \
                 ids.shape[1] != self.n_active or not ids.flags.c_contiguous:
             # (the kernels index by these shapes unchecked: a wrong width must fail here)
             ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1, self.n_active)
@@ -226,31 +229,28 @@ class HybridPredictor:
             self.pass_no += 1
             self._pass_tokens = t_n
             self.cur_tok = np.full(t_n, -1, dtype=np.int64)
-        if self.cur_tok.shape[0] != t_n:
+        elif self.cur_tok.shape[0] != t_n:
             self.cur_tok = np.full(t_n, -1, dtype=np.int64)
         self._last_layer = layer
-        step = self.pass_no * L + layer
+        step = self.pass_no * self.n_layer + layer
         self.step_no = step
         self._fit_tokens(t_n)
-        n = self.max_distance if n_pred is None else max(0, min(int(n_pred), self.max_distance))
-        W = self.W
-        has_w = hidden is not None and W.shape[0] == L and hidden.ndim == 2 and \
-            hidden.shape[1] == W.shape[2]
+        n = dm if n_pred is None else max(0, min(int(n_pred), dm))
+        also = also if 0 < also <= dm else 0
         pg = self._no_pg
-        if has_w:
-            h = hidden if hidden.dtype == np.float32 and hidden.flags.c_contiguous else \
+        if hidden is not None and hidden.ndim == 2 and hidden.shape[1] == self._w_width:
+            has_w = True
+            h = hidden if hidden.dtype is _FLOAT32 and hidden.flags.c_contiguous else \
                 np.ascontiguousarray(hidden, dtype=np.float32)
         else:
+            has_w = False
             h = self._no_h
             if pregate is not None:
                 pg = np.ascontiguousarray(pregate, dtype=np.float32).reshape(t_n, -1,
                                                                              self.n_expert)
-        feedback = self.adapt and t_n == 1
-        also = int(also) if 0 < int(also) <= self.max_distance else 0
-        self._reach = max(float(max(n, also)), self._reach - 1.0 / (REACH_FADE * L))
-        self.params[_P_REACH] = min(self.max_distance, math.ceil(self._reach) + LEARN_MARGIN)
-        _step(layer, step, self.pass_no, n, also, self.n_sources, feedback, ids, h, W,
-              self.W_scale, has_w, pg, self.cur_ids, self.cur_tok, *self._state)
+        _step(layer, step, self.pass_no, n, also, self.n_sources, self.adapt and t_n == 1,
+              ids, h, self.W, self.W_scale, has_w, pg, self.cur_ids, self.cur_tok,
+              *self._state)
         return step
 
     # -- reporting ---------------------------------------------------------------------------

@@ -13,7 +13,9 @@ PREGATE, TRANSITION, TEMPORAL, POPULAR, TOKEN = 0, 1, 2, 3, 4
 N_COMP = 5
 # params vector (float64), indices
 (_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP,
- _P_REACH) = range(10)
+ _P_REACH, _P_REACHF) = range(11)
+LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach
+REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
 
 @njit(cache=True, fastmath=False)
@@ -405,6 +407,12 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
     """One routed layer: score the predictions that targeted it (feedback), learn from
     its choice, predict. The arguments from last_hist on are the predictor's persistent
     state, in the order of HybridPredictor._state."""
+    # how far predictions reached lately (it fades by one distance per REACH_FADE passes):
+    # transitions are learned that far, plus a margin
+    fade = 1.0 / (REACH_FADE * p_next.shape[0])
+    reach = max(float(max(n_pred, extra)), params[_P_REACHF] - fade)
+    params[_P_REACHF] = reach
+    params[_P_REACH] = min(trans.shape[1], np.ceil(reach) + LEARN_MARGIN)
     if feedback:
         _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
                   prec_n, recall, params)
