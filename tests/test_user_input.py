@@ -5,6 +5,7 @@ a crash, a numpy exception or silent nonsense. (The server's input: test_server.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import struct
 
@@ -246,3 +247,92 @@ def test_non_string_prompts_are_type_errors_naming_the_prompt(m, prompt):
 def test_token_ids_must_be_integers(m, ids):
     with pytest.raises((TypeError, ValueError), match="token id"):
         m.logits(ids)
+
+
+# -- the command line -------------------------------------------------------------------
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `efedge ARGV` run in this process (argparse's
+    refusals exit with status 2)."""
+    from efedge.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_input")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / "empty.txt").write_text("")
+    return {"missing": d / "missing.txt", "latin1": d / "latin1.txt", "dir": d,
+            "empty": d / "empty.txt"}
+
+
+BAD_CLI = [  # (arguments after the model, what stderr must name)
+    (["-p", "x", "-t", "0"], r"threads.*positive integer, got 0"),
+    (["-p", "x", "-t", "two"], r"threads.*'two'"),
+    (["-p", "x", "--routing", "cache-aware", "--routing-slack", "2"], r"routing-slack.*\(0, 1\)"),
+    (["-p", "x", "--routing-slack", "nan"], r"routing-slack"),
+    (["-p", ""], r"prompt is empty.*no BOS token"),
+    ([], r"prompt is empty.*-p TEXT"),
+    (["-f", "{empty}"], r"prompt file '.*empty.txt' is empty"),
+    (["-p", "x", "-n", "-2"], r"n-predict.*-1.*got -2"),
+    (["-f", "{missing}"], r"cannot read prompt file '.*missing.txt': No such file"),
+    (["-f", "{latin1}"], r"latin1.txt': not UTF-8 text \(byte 0xe9 at offset 3\)"),
+    (["-f", "{dir}"], r"cannot read prompt file .*: Is a directory"),
+]
+
+
+@pytest.mark.parametrize(("argv", "word"), BAD_CLI)
+def test_bad_run_arguments_are_one_line_errors(path, files, capsys, argv, word):
+    rc, _, err = _cli(["run", path, *(a.format(**files) for a in argv)], capsys)
+    assert rc != 0 and "Traceback" not in err, err
+    assert re.search(word, err), err
+
+
+def test_bench_refuses_zero_threads(path, capsys):
+    rc, _, err = _cli(["bench", path, "-t", "0", "-p", "16", "-n", "8"], capsys)
+    assert rc == 2 and "Traceback" not in err and re.search(r"threads.*≥ 1", err), err
+
+
+def test_run_n_minus_one_generates_until_the_end_or_a_full_context(path, capsys):
+    """-n -1, as in llama.cpp and `efedge chat`: no limit but the end of text and the
+    context (here longer than the default 128 tokens)."""
+    from efedge.generate import GenerationResult
+
+    n_ctx = 160
+    with efedge.load(path, n_ctx=n_ctx) as model:
+        res = GenerationResult([], "")
+        want = "".join(model.stream("hi", max_tokens=n_ctx, temperature=0, result=res))
+    assert res.finish_reason == "stop" or len(res.tokens) > 128, res
+    rc, out, err = _cli(["run", path, "-p", "hi", "-n", "-1", "-c", n_ctx, "--temp", "0"],
+                        capsys)
+    assert rc == 0, err
+    assert out == want + "\n"
+
+
+def test_an_unexpected_os_error_is_one_line_and_bugs_stay_visible(path, capsys, monkeypatch):
+    """The last-resort net in `efedge`'s main: an OSError the command did not wrap is
+    one line (the traceback with -v); any other exception is a bug and propagates."""
+    import efedge.cli.inspect as inspect_cli
+
+    def denied(_path):
+        raise PermissionError(13, "Permission denied", str(_path))
+
+    monkeypatch.setattr(inspect_cli, "describe", denied)
+    rc, _, err = _cli(["inspect", path], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("efedge: error: ") and "Permission denied" in err, err
+    rc, _, err = _cli(["-v", "inspect", path], capsys)
+    assert rc == 1 and "Traceback" in err and "PermissionError" in err, err
+
+    def bug(_path):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(inspect_cli, "describe", bug)
+    with pytest.raises(AttributeError, match="a bug"):
+        _cli(["inspect", path], capsys)

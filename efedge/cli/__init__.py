@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from efedge import __version__
 from efedge.errors import EfedgeError
@@ -43,3 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # last resort for a file or device the commands do not wrap themselves (a full
+        # disk, a permission): one line, like EfedgeError; the traceback with -v. Other
+        # exceptions are bugs and stay visible.
+        if args.verbose:
+            traceback.print_exc()
+        print(f"efedge: error: {exc}", file=sys.stderr)
+        return 1

@@ -50,15 +50,21 @@ FTYPES = {0: "all F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
           32: "BF16"}
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, low: int = 0) -> list[int]:
     try:
         vals = [int(v) for v in str(text).split(",") if v.strip() != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
             from None
-    if not vals or any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    if not vals or any(v < low for v in vals):
+        what = "non-negative" if low == 0 else f"≥ {low}"
+        raise argparse.ArgumentTypeError(f"expected integers {what}, got {text!r}")
     return vals
+
+
+def _positive_ints(text: str) -> list[int]:
+    """-t: 0 threads is not "none", and efedge.load refuses it."""
+    return _ints(text, 1)
 
 
 def _strs(text: str) -> list[str | None]:
@@ -81,7 +87,7 @@ def add_parser(sub) -> None:
                         "tg test)")
     p.add_argument("-r", "--repetitions", type=int, default=None,
                    help="repetitions (default 5; with --policies 1)")
-    p.add_argument("-t", "--threads", type=_ints, default=None,
+    p.add_argument("-t", "--threads", type=_positive_ints, default=None,
                    help="compute threads (default: numba's default)")
     p.add_argument("--cache", type=_strs, default=[None],
                    help="expert cache budgets (default: all experts resident)")

@@ -3,11 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import efedge
 from efedge.errors import EfedgeError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a count that cannot be zero: threads, tokens)."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    return _bounded_int(text, 0, "a non-negative integer")
+
+
+def _bounded_int(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a duration, a rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text!r}") \
+            from None
+    if not 0 < value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text}")
+    return value
+
+
+def read_text_file(path: str, what: str, errors: str = "strict") -> str:
+    """A text file's contents (UTF-8), or an EfedgeError naming the file and the reason in
+    one line: missing, a directory, unreadable, not UTF-8 (with errors="strict")."""
+    try:
+        with open(path, encoding="utf-8", errors=errors) as fh:
+            return fh.read()
+    except UnicodeDecodeError as exc:
+        raise EfedgeError(f"cannot read {what} {path!r}: not UTF-8 text (byte "
+                          f"0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise EfedgeError(f"cannot read {what} {path!r}: {os_reason(exc)}") from None
+
+
+def os_reason(exc: OSError) -> str:
+    """The reason part of an OSError ("No such file or directory"), without the errno and
+    file name that str(exc) repeats."""
+    return exc.strerror or str(exc)
 
 
 def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
@@ -17,7 +80,7 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     else:
         p.add_argument("model", help="GGUF model file")
     p.add_argument("-m", "--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
-    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads")
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="compute threads")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
     p.add_argument("--device", default="cpu", help="cpu (default)")
@@ -30,7 +93,7 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
                    help="exact (default: outputs identical to llama.cpp) or cache-aware: a "
                         "missing expert is replaced by a resident one whose router "
                         "probability is within --routing-slack (changes outputs)")
-    p.add_argument("--routing-slack", type=float, default=0.05,
+    p.add_argument("--routing-slack", type=probability, default=0.05,
                    help="router-probability slack of --routing cache-aware (default 0.05)")
     p.add_argument("--stats", action="store_true", help="print every counter on stderr")
 
@@ -65,10 +128,7 @@ def chat_template_source(value: str | None) -> str | None:
         return None
     path = Path(value).expanduser()
     if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EfedgeError(f"cannot read chat template file {value!r}: {exc}") from exc
+        return read_text_file(str(path), "chat template file")
     return value
 
 

@@ -11,8 +11,22 @@ from efedge.cli.common import (
     add_sampling_args,
     format_stats,
     load_model,
+    read_text_file,
     sampling_kwargs,
 )
+from efedge.errors import EfedgeError
+
+
+def n_predict(text: str) -> int:
+    """-n: a token count ≥ 0, or -1 for "until end of turn or the context is full"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"expected -1 (until the end or a full context) or a "
+                                         f"count ≥ 0, got {value}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -22,7 +36,9 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", default=None, help="prompt text")
     src.add_argument("-f", "--file", default=None, help="read the prompt from a file")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("-n", "--n-predict", type=n_predict, default=128,
+                   help="tokens to generate (default 128; -1: until end of text or a full "
+                        "context)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the output")
     add_sampling_args(p)
@@ -30,17 +46,27 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.file is not None:
-        with open(args.file, encoding="utf-8") as fh:
-            prompt = fh.read()
+    if args.file is not None:  # read before loading: a wrong path fails at once
+        prompt = read_text_file(args.file, "prompt file")
     else:
         prompt = args.prompt if args.prompt is not None else ""
     t0 = time.perf_counter()
     with load_model(args) as m:
         load_s = time.perf_counter() - t0
+        # an empty prompt is valid where the model adds a BOS token (generation starts from
+        # it); without one there is nothing to condition on, and the API's ValueError would
+        # surface as a traceback
+        if not prompt and not m.tokenize(prompt):
+            src = f"prompt file {args.file!r} is empty" if args.file is not None else \
+                "the prompt is empty"
+            raise EfedgeError(f"{src} and {m.path.name} adds no BOS token: give a prompt "
+                              f"with -p TEXT or -f FILE")
+        # -1, as in llama.cpp and `efedge chat`: until end of text or a full context
+        # (generation stops by itself when the context fills)
+        max_tokens = m.n_ctx if args.n_predict < 0 else args.n_predict
         if args.echo:
             sys.stdout.write(prompt)
-        for piece in m.stream(prompt, max_tokens=args.n_predict, stop=args.stop,
+        for piece in m.stream(prompt, max_tokens=max_tokens, stop=args.stop,
                               **sampling_kwargs(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
