@@ -10,17 +10,25 @@ the traced layers stand in for the profile's layers at the same per-layer condit
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from efedge.errors import EfedgeError
 from efedge.experts.bound import min_loads, stall_bound
 from efedge.experts.cache import ExpertCache, parse_budget
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
 from efedge.experts.virtual import SimulatedExperts, VirtualClock, VirtualTransferEngine
 from efedge.profiles import HardwareProfile, ModelProfile
+
+
+class SimulationError(EfedgeError, ValueError):
+    """The trace and the settings leave nothing meaningful to measure: a trace no longer
+    than the warm-up, a negative time, a non-positive link rate."""
 
 
 class TraceStore:
@@ -97,6 +105,39 @@ def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
                     f"{model.name} on {hw.name}")
 
 
+def _measured_tokens(T: int, warmup, max_tokens) -> int:
+    """The trace length to replay (warm-up plus measured tokens), or a SimulationError
+    naming the trace length and the warm-up / limit when no token would be measured.
+    (Counters reset at the first measured token: with none, the table would report the
+    warm-up's cold misses as per-token figures of one token.)"""
+    if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
+        raise SimulationError(f"warmup must be an integer ≥ 0 (tokens before counting), got "
+                              f"{warmup!r}")
+    if max_tokens is not None:
+        if (not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool)
+                or max_tokens < 1):
+            raise SimulationError(f"max_tokens must be an integer ≥ 1 (tokens measured after "
+                                  f"the warm-up), got {max_tokens!r}")
+        T = min(T, warmup + max_tokens)
+    if T <= warmup:
+        raise SimulationError(f"the trace has {T} tokens and the warm-up takes {warmup}: no "
+                              f"token is left to measure (record a longer trace, or lower "
+                              f"the warm-up)")
+    return T
+
+
+def _check_setup(setup: SimSetup) -> None:
+    """Negative times run the virtual clock backwards (negative tokens/s)."""
+    for name in ("layer_compute_s", "expert_compute_s", "link_latency_s", "wake_s",
+                 "policy_time"):
+        v = getattr(setup, name)
+        if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+            raise SimulationError(f"{name} must be a finite number ≥ 0, got {v!r}")
+    v = setup.link_bytes_per_s
+    if not (isinstance(v, numbers.Real) and v > 0):  # inf: an instant link, allowed
+        raise SimulationError(f"link_bytes_per_s must be > 0, got {v!r}")
+
+
 def _trace_cache(n_layer: int, n_expert: int, k: int, setup: SimSetup):
     """The traced model's expert sizes (the profile's bytes) and the cache tables the
     setup's budget gives them (no bytes allocated)."""
@@ -124,8 +165,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     experts = arrays["experts"].astype(np.int64)
     pregate = arrays.get("pregate")
     T, L, K = experts.shape
-    if max_tokens is not None:
-        T = min(T, warmup + max_tokens)
+    T = _measured_tokens(T, warmup, max_tokens)
+    _check_setup(setup)
     n_expert = int(meta["n_expert"])
     store, cache = _trace_cache(L, n_expert, K, setup)
     counters = Counters()
@@ -163,7 +204,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
             for _e, _w in source.acquire(layer, np.unique(ids)):
                 clock.advance(setup.expert_compute_s)
                 engine.advance_to(clock.t)
-    n = max(T - warmup, 1)
+    n = T - warmup
     wall = (clock.t - t_start) * setup.layer_scale
     s = counters.as_dict()
     s["stall_s"] *= setup.layer_scale
@@ -187,13 +228,13 @@ def lower_bound(arrays: dict, meta: dict, setup: SimSetup, *, warmup: int = 16,
     `simulate`'s figures."""
     experts = arrays["experts"].astype(np.int64)
     T, L, K = experts.shape
-    if max_tokens is not None:
-        T = min(T, warmup + max_tokens)
+    T = _measured_tokens(T, warmup, max_tokens)
+    _check_setup(setup)
     experts = experts[:T]
     n_expert = int(meta["n_expert"])
     store, cache = _trace_cache(L, n_expert, K, setup)
     loads = min_loads(experts, cache.layer_class, cache.class_slots, n_expert, warmup)
-    n = max(T - warmup, 1)
+    n = T - warmup
     unique = sum(np.unique(experts[t, l]).size for t in range(warmup, T) for l in range(L))
     compute = n * L * setup.layer_compute_s + unique * setup.expert_compute_s
     stall = stall_bound(loads, [store.expert_bytes(i) for i in range(L)],

@@ -17,13 +17,20 @@ Trace file (.npz):
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from efedge import layers
+from efedge.errors import EfedgeError, UnsupportedModelError
 
 PREGATE_HORIZON = 4
+
+
+class TraceError(EfedgeError, ValueError):
+    """Nothing to trace (an empty text, a bad argument), or a file that is not a usable
+    trace. A ValueError too, as these were before they had a class of their own."""
 
 
 class TraceRecorder:
@@ -88,10 +95,20 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
     plus metadata. The context restarts when it is full."""
     tf = model._tf
     if not tf.cfg.is_moe:
-        raise ValueError("tracing needs a mixture-of-experts model")
+        raise UnsupportedModelError(f"{model.path.name} is a dense {tf.cfg.arch} model with no "
+                                    f"routed experts: tracing needs a mixture-of-experts model")
+    for name, value, low in (("max_tokens", max_tokens, 1), ("horizon", horizon, 0),
+                             ("sketch_dim", sketch_dim, 0), ("chunk", chunk, 1)):
+        # ids[:-3] would silently drop the last tokens; a negative horizon or sketch
+        # fails deep in numpy
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < low):
+            raise TraceError(f"{name} must be an integer ≥ {low}, got {value!r}")
     ids = model.tokenize(text, add_special=True)
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    if not ids:  # no rows to stack (and the model adds no BOS token)
+        raise TraceError("the text to trace is empty: no tokens to run through the model")
     rec = TraceRecorder(tf, horizon=horizon, sketch_dim=sketch_dim)
     old = tf.on_route
     tf.on_route = rec if old is None else _chain(old, rec)
@@ -135,11 +152,33 @@ def save_trace(path: str | Path, arrays: dict, source: str = "") -> None:
 
 
 def load_trace(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Arrays and metadata of a trace file; ValueError naming what is missing."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    """Arrays and metadata of a trace file; TraceError (a ValueError) naming what is wrong
+    with its contents; OSError when it cannot be read."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy: one array, not a trace
+            raise TraceError(f"{path}: not an efedge trace (a single array, not an .npz)")
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except TraceError:
+        raise
+    except ValueError:  # numpy's own message would suggest unpickling it
+        raise TraceError(f"{path}: not an efedge trace (not a numpy .npz file)") from None
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise TraceError(f"{path}: not an efedge trace (a damaged .npz: {exc})") from None
     for key in ("experts", "probs", "meta"):
         if key not in arrays:
-            raise ValueError(f"{path}: not an efedge trace (missing {key!r})")
-    meta = json.loads(str(arrays.pop("meta")))
+            raise TraceError(f"{path}: not an efedge trace (missing {key!r})")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except ValueError as exc:
+        raise TraceError(f"{path}: the trace's metadata is not JSON ({exc})") from None
+    missing = [k for k in ("model", "n_layer", "n_expert", "top_k", "n_embd", "bytes_per_expert",
+                           "n_tokens")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise TraceError(f"{path}: the trace's metadata lacks {', '.join(missing)}")
+    if arrays["experts"].ndim != 3 or arrays["experts"].shape[0] == 0:
+        raise TraceError(f"{path}: experts must be [tokens ≥ 1, layers, top-k], got shape "
+                         f"{arrays['experts'].shape}")
     return arrays, meta

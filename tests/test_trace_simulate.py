@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +170,96 @@ def test_simulator_can_charge_the_policys_own_time(trace):
     charged = simulate(arrays, meta, setup, "expertflow", warmup=4)
     assert charged["wall_s"] > free["wall_s"] * 1.05, (charged["wall_s"], free["wall_s"])
     assert charged["expert_requests"] == free["expert_requests"]
+
+
+# -- bad input: one-line errors, never a traceback or a meaningless table -----------------
+def _cli(argv, capsys) -> tuple[int, str]:
+    """Exit status and stderr of `efedge ARGV` (argparse's refusals exit with status 2)."""
+    try:
+        rc = cli_main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_gguf, tmp_path_factory, trace):
+    d = tmp_path_factory.mktemp("bad_input")
+    (d / "text.txt").write_text(TEXT)
+    (d / "empty.txt").write_text("")
+    (d / "not_a_trace.npz").write_text("hello")
+    with efedge.load(tiny_gguf("qwen3moe", "F16")) as m:
+        # 8 tokens: shorter than simulate's default warm-up of 16
+        save_trace(d / "t8.npz", record_trace(m, TEXT, max_tokens=8), source="fib")
+    return {"moe": tiny_gguf("qwen3moe", "F16"), "dense": tiny_gguf("qwen3", "F16"),
+            "text": d / "text.txt", "empty": d / "empty.txt", "missing": d / "missing.txt",
+            "out": d / "out.npz", "nodir": d / "nodir" / "out.npz", "trace": trace[0],
+            "t8": d / "t8.npz", "not_trace": d / "not_a_trace.npz"}
+
+
+BAD_TRACE_CLI = [
+    (["{moe}", "--text", "{empty}", "-o", "{out}"], r"empty.txt' is empty"),
+    (["{moe}", "--text", "{text}", "-o", "{out}", "--max-tokens", "0"], r"max-tokens.*got 0"),
+    (["{moe}", "--text", "{text}", "-o", "{out}", "--max-tokens", "-3"], r"max-tokens.*got -3"),
+    (["{moe}", "--text", "{text}", "-o", "{out}", "--horizon", "-1"], r"horizon.*got -1"),
+    (["{moe}", "--text", "{text}", "-o", "{out}", "--sketch", "-1"], r"sketch.*got -1"),
+    (["{dense}", "--text", "{text}", "-o", "{out}"], r"qwen3.*no routed experts"),
+    (["{moe}", "--text", "{missing}", "-o", "{out}"], r"missing.txt': No such file"),
+    (["{moe}", "--text", "{text}", "-o", "{nodir}"], r"nodir/out.npz'.*does not exist"),
+]
+BAD_SIMULATE_CLI = [
+    (["{t8}"], r"8 tokens.*warm-up takes 16"),
+    (["{trace}", "--warmup", "1000"], r"warm-up takes 1000"),
+    (["{trace}", "--max-tokens", "0"], r"max-tokens.*got 0"),
+    (["{trace}", "--warmup", "-1"], r"warmup.*got -1"),
+    (["{trace}", "--layer-ms", "-1"], r"layer-ms.*got -1"),
+    (["{trace}", "--expert-ms", "0"], r"expert-ms.*got 0"),
+    (["{trace}", "--layer-ms", "inf"], r"layer-ms"),
+    (["{missing}"], r"cannot read trace '.*missing.txt': No such file"),
+    (["{not_trace}"], r"not_a_trace.npz: not an efedge trace"),
+]
+
+
+@pytest.mark.parametrize(("argv", "word"), [(["trace", *a], w) for a, w in BAD_TRACE_CLI] +
+                         [(["simulate", *a], w) for a, w in BAD_SIMULATE_CLI])
+def test_bad_trace_and_simulate_input_is_a_one_line_error(inputs, capsys, argv, word):
+    rc, err = _cli([a.format(**inputs) for a in argv], capsys)
+    assert rc != 0 and "Traceback" not in err, err
+    assert re.search(word, err), err
+    assert not inputs["out"].exists()
+
+
+def test_trace_refuses_nothing_to_trace(inputs):
+    from efedge.trace import TraceError
+
+    with efedge.load(inputs["moe"]) as m:
+        with pytest.raises(TraceError, match="empty"):
+            record_trace(m, "")
+        with pytest.raises(TraceError, match="max_tokens"):
+            record_trace(m, TEXT, max_tokens=-3)  # not: all but the last 3 tokens
+    with efedge.load(inputs["dense"]) as m:
+        with pytest.raises(efedge.UnsupportedModelError, match="mixture-of-experts"):
+            record_trace(m, TEXT)
+
+
+def test_simulate_refuses_a_trace_no_longer_than_the_warm_up(trace):
+    """With T ≤ warm-up the counters were never reset and the cold start was reported as
+    one token's figures (94.6 tok/s instead of ~760, a 100 % bound hit rate)."""
+    from efedge.simulate import SimulationError, lower_bound
+
+    arrays, meta = load_trace(trace[0])
+    T = arrays["experts"].shape[0]
+    setup = _setup(meta, "30%")
+    for fn in (lambda **kw: simulate(arrays, meta, setup, "ondemand", **kw),
+               lambda **kw: lower_bound(arrays, meta, setup, **kw)):
+        with pytest.raises(SimulationError, match=rf"\b{T} tokens.*\b{T}\b"):
+            fn(warmup=T)
+        with pytest.raises(SimulationError, match="max_tokens"):
+            fn(warmup=4, max_tokens=0)
+        with pytest.raises(SimulationError, match="warmup"):
+            fn(warmup=-1)
+    with pytest.raises(SimulationError, match="layer_compute_s"):
+        simulate(arrays, meta, _setup(meta, "30%", layer_s=-1e-3), "ondemand", warmup=4)
+    # one token left after the warm-up is enough
+    r = simulate(arrays, meta, setup, "ondemand", warmup=T - 1)
+    assert r["tokens_generated"] == 1 and r["tokens_per_s"] > 0

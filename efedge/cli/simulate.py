@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from efedge.cli.common import non_negative_int, os_reason, positive_float, positive_int
 from efedge.errors import EfedgeError
 
 
@@ -24,16 +25,18 @@ def add_parser(sub) -> None:
     p.add_argument("--cache", nargs="+", default=["25%"], help="budgets (bytes, MiB, %%)")
     p.add_argument("--policy", nargs="+", default=["ondemand"], help="policies to compare")
     p.add_argument("--link", default=None, help="override the link rate, e.g. 8GB/s")
-    p.add_argument("--layer-ms", type=float, default=None,
+    p.add_argument("--layer-ms", type=positive_float, default=None,
                    help="override compute per layer (ms) — e.g. measured on this machine")
-    p.add_argument("--expert-ms", type=float, default=None,
+    p.add_argument("--expert-ms", type=positive_float, default=None,
                    help="override compute per expert per token (ms)")
     p.add_argument("--policy-time", type=float, default=0.0,
                    help="charge the policy's own run time here to the virtual clock, × this "
                         "(1: the scheduler shares the computing cores, as on a CPU; default "
                         "0: it overlaps the device's compute, as on a GPU)")
-    p.add_argument("--warmup", type=int, default=16, help="tokens before counting")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--warmup", type=non_negative_int, default=16,
+                   help="tokens before counting (default 16; the trace must be longer)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="tokens to measure after the warm-up (default: the rest of the trace)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write stall vs cache size per policy (PNG)")
     p.set_defaults(func=main)
@@ -73,9 +76,9 @@ def main(args: argparse.Namespace) -> int:
     from efedge.trace import load_trace
 
     try:
-        arrays, meta = load_trace(args.trace)
-    except (OSError, ValueError) as exc:
-        raise EfedgeError(f"cannot read trace {args.trace}: {exc}") from None
+        arrays, meta = load_trace(args.trace)  # a TraceError names the file itself
+    except OSError as exc:
+        raise EfedgeError(f"cannot read trace {args.trace!r}: {os_reason(exc)}") from None
     rows = []
     for budget in args.cache:
         setup = build_setup(meta, args, budget)
@@ -133,4 +136,9 @@ def _plot(rows, path) -> None:
     ax.set_title(rows[0]["setup"])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise EfedgeError(f"cannot write plot {path!r}: {os_reason(exc)}") from None
+    finally:
+        plt.close(fig)

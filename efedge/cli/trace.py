@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from efedge.cli.common import add_model_args, load_model
+from efedge.cli.common import (
+    add_model_args,
+    load_model,
+    non_negative_int,
+    os_reason,
+    positive_int,
+    read_text_file,
+)
+from efedge.errors import EfedgeError
 
 
 def add_parser(sub) -> None:
@@ -15,9 +24,11 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--text", required=True, help="text file to run through the model")
     p.add_argument("-o", "--output", required=True, help="output .npz")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
-    p.add_argument("--horizon", type=int, default=4, help="pre-gating distances to record")
-    p.add_argument("--sketch", type=int, default=0,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="stop after this many tokens")
+    p.add_argument("--horizon", type=non_negative_int, default=4,
+                   help="pre-gating distances to record")
+    p.add_argument("--sketch", type=non_negative_int, default=0,
                    help="also store an N-dim random projection of each hidden state")
     p.set_defaults(func=main)
 
@@ -25,12 +36,22 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from efedge.trace import record_trace, save_trace
 
-    with open(args.text, encoding="utf-8", errors="replace") as fh:
-        text = fh.read()
+    # undecodable bytes become U+FFFD: a trace of slightly damaged text is still a trace
+    text = read_text_file(args.text, "text file", errors="replace")
+    if not text:
+        raise EfedgeError(f"text file {args.text!r} is empty: nothing to trace")
+    # the model run can take long: a directory that is not there fails before it
+    out_dir = Path(args.output).parent
+    if not out_dir.is_dir():
+        raise EfedgeError(f"cannot write trace {args.output!r}: directory {str(out_dir)!r} "
+                          f"does not exist")
     with load_model(args) as m:
         arrays = record_trace(m, text, max_tokens=args.max_tokens, horizon=args.horizon,
                               sketch_dim=args.sketch)
-    save_trace(args.output, arrays, source=str(args.text))
+    try:
+        save_trace(args.output, arrays, source=str(args.text))
+    except OSError as exc:
+        raise EfedgeError(f"cannot write trace {args.output!r}: {os_reason(exc)}") from None
     t, n_layer, k = arrays["experts"].shape
     print(f"traced {t} tokens × {n_layer} layers (top-{k}) → {args.output}", file=sys.stderr)
     return 0
