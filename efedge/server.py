@@ -9,8 +9,16 @@ Every request is queued to one worker thread that owns the model, so requests ru
 a time in arrival order while the HTTP threads wait (the Model serialises calls anyway).
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 4xx for
 malformed JSON, wrong types, missing fields, bodies over `max_body`, unknown models and
-routes, bad sampling values and prompts longer than the context. A client that goes away
-during a request cancels its generation; the server keeps serving.
+routes, bad sampling values and prompts longer than the context; 405 with an `Allow`
+header for a method a route does not take (PUT, DELETE, PATCH, OPTIONS … included: the
+server sends no CORS headers, so OPTIONS is no preflight answer either); 500
+`chat_template_error` on the chat route when the model's chat template cannot render even
+a one-message conversation (a server-side mistake, logged at start). A client that goes
+away during a request, streaming or not, cancels its generation within `PEER_CHECK_S`;
+the server keeps serving. Shutting down (`server_close`) stops the generation in progress:
+its response ends with `finish_reason: "cancelled"` (as does any generation cut short),
+and requests still waiting get 503 `server_shutting_down`. `echo: true` on a completion
+prepends the prompt, detokenized when it was given as token ids.
 
     import efedge
     from efedge.server import make_server
@@ -28,27 +36,40 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import ContextLengthError, EfedgeError, SamplingError, TemplateError
+from efedge.generate import GenerationResult
 from efedge.server_requests import APIError, GenRequest, parse_chat, parse_completion
 
 log = logging.getLogger("efedge.server")
 MAX_BODY = 1 << 20  # bytes
 MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
 FINGERPRINT = f"efedge-{__version__}"
+PEER_CHECK_S = 0.2  # how often a handler waiting on the model looks whether its client left
+CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writing
+TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template renders it
 
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", "server_shutting_down",
+                    type_="server_error")
 
 
 # -- the worker ---------------------------------------------------------------------------
 class _Job:
     def __init__(self, req: GenRequest):
         self.req = req
-        self.events: queue.Queue = queue.Queue()  # ("start", n_prompt) ("text", s) ("done", …)
+        # ("start", n_prompt, echo_text) ("text", s) ("done", usage, finish) ("error", exc)
+        self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        self.finish: str | None = None  # the finish reason, once the generation has ended
 
 
 class ModelWorker:
@@ -59,16 +80,21 @@ class ModelWorker:
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._current: _Job | None = None
         self._lock = threading.Lock()
+        self._stopping = False
+        self.n_cancelled = 0  # generations cut short (client gone, shutdown)
         self._thread = threading.Thread(target=self._loop, name="efedge-model", daemon=True)
         self._thread.start()
 
     def submit(self, req: GenRequest) -> _Job:
         job = _Job(req)
-        try:
-            self._q.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, f"{self._q.qsize()} requests are already waiting; try again "
-                                "later", "server_busy", type_="server_error") from None
+        with self._lock:  # under the lock: nothing is queued once stop() has drained
+            if self._stopping:
+                raise _shutting_down()
+            try:
+                self._q.put_nowait(job)
+            except queue.Full:
+                raise APIError(503, f"{self._q.qsize()} requests are already waiting; try "
+                                    "again later", "server_busy", type_="server_error") from None
         return job
 
     def waiting(self) -> int:
@@ -81,15 +107,28 @@ class ModelWorker:
                 self.model.cancel()
 
     def stop(self) -> None:
+        """Cancel the generation in progress (it ends with finish_reason "cancelled"),
+        answer the waiting requests 503 instead of running them, and end the thread."""
         with self._lock:
+            self._stopping = True
             if self._current is not None:
                 self._current.cancelled.set()
                 self.model.cancel()
+        while True:  # a full queue would block the put(None) below
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.events.put(("error", _shutting_down()))
         self._q.put(None)
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while (job := self._q.get()) is not None:
+            if self._stopping:
+                job.events.put(("error", _shutting_down()))
+                continue
             if job.cancelled.is_set():
                 continue
             with self._lock:
@@ -123,15 +162,23 @@ class ModelWorker:
                                      f"{m.n_ctx}")
         room = m.n_ctx - n_prompt
         max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
+        echo = ""
+        if req.echo:  # the prompt as given, or the text of its token ids
+            echo = req.prompt if isinstance(req.prompt, str) else m.detokenize(ids)
         if job.cancelled.is_set():
-            return
-        before = m.stats()["tokens_generated"]
+            if self._stopping:  # the client still waits for an answer
+                raise _shutting_down()
+            return  # the client is gone: nobody reads the events
         started = False
-        it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, **req.sampling)
+        # the model fills in how the generation really ended ("stop", "length" or
+        # "cancelled"); it keeps "cancelled" when we stop reading early (below)
+        result = GenerationResult([], "cancelled")
+        it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
+                      **req.sampling)
         try:
             for piece in it:
                 if not started:
-                    job.events.put(("start", n_prompt))
+                    job.events.put(("start", n_prompt, echo))
                     started = True
                 if job.cancelled.is_set():
                     break
@@ -139,11 +186,12 @@ class ModelWorker:
         finally:
             it.close()
         if not started:
-            job.events.put(("start", n_prompt))
-        n_gen = m.stats()["tokens_generated"] - before
-        finish = "length" if n_gen >= max_tokens or n_prompt + n_gen >= m.n_ctx else "stop"
+            job.events.put(("start", n_prompt, echo))
+        n_gen, job.finish = len(result.tokens), result.finish_reason
+        if job.finish == "cancelled":
+            self.n_cancelled += 1
         job.events.put(("done", {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                                 "total_tokens": n_prompt + n_gen}, finish))
+                                 "total_tokens": n_prompt + n_gen}, job.finish))
 
 
 def _error_of(exc: BaseException) -> APIError:
@@ -162,6 +210,16 @@ def _error_of(exc: BaseException) -> APIError:
 
 
 _GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models")
+_POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions")
+
+
+def _allowed(path: str) -> str | None:
+    """The methods a known route takes (an `Allow` header's value); None for other paths."""
+    if path in _POST_ROUTES:
+        return "POST"
+    if path in _GET_ROUTES or path.startswith("/v1/models/"):
+        return "GET, HEAD"
+    return None
 
 
 class _ClientGone(Exception):
@@ -173,16 +231,20 @@ class Handler(BaseHTTPRequestHandler):
     server_version = f"efedge/{__version__}"
     timeout = 120  # seconds a connection may sit idle or trickle a body
     server: EfedgeServer
+    _peer_check_at = 0.0  # time.monotonic() of the next look at whether the client left
 
     # -- plumbing -------------------------------------------------------------------------
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
         log.info("%s %s", self.address_string(), format % args)
 
-    def _send_json(self, status: int, obj: Any, close: bool = False) -> None:
+    def _send_json(self, status: int, obj: Any, close: bool = False,
+                   headers: dict[str, str] | None = None) -> None:
         body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -191,7 +253,38 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_error(self, err: APIError) -> None:
-        self._send_json(err.status, err.body(), close=err.close)
+        self._send_json(err.status, err.body(), close=err.close, headers=err.headers)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """The standard library's own error answers in OpenAI's JSON shape, not its HTML
+        page: an unknown method (its 501) becomes our 405, and a malformed request line or
+        oversized headers keep their status."""
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command \
+                and not hasattr(self, "do_" + self.command):
+            self._method_not_allowed()
+            return
+        self.log_error("code %d, message %s", code, message)
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._send_error(APIError(code, message or phrase,
+                                  phrase.lower().replace(" ", "_").replace("-", "_"),
+                                  close=True))  # the request may not have been read whole
+
+    def _method_not_allowed(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        allow = _allowed(path) or "GET, HEAD, POST"
+        close = False
+        try:
+            if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
+                self._read_body()  # keep the connection in step
+        except APIError as err:
+            close = err.close
+        self._send_error(APIError(405, f"{self.command} is not allowed on {path or '/'}; it "
+                                       f"takes {allow}", "method_not_allowed",
+                                  headers={"Allow": allow}, close=close))
 
     def _peer_closed(self) -> bool:
         try:
@@ -201,13 +294,21 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _next_event(self, job: _Job) -> tuple:
+        """The worker's next event for `job`. Every PEER_CHECK_S of wall time, whether or
+        not events keep arriving, look whether the client hung up, and if so cancel the job
+        and raise _ClientGone: a look only when the queue is quiet would never come while
+        tokens flow, and a non-streaming request writes nothing that could fail first."""
         while True:
-            try:
-                return job.events.get(timeout=0.2)
-            except queue.Empty:
+            now = time.monotonic()
+            if now >= self._peer_check_at:
+                self._peer_check_at = now + PEER_CHECK_S
                 if self._peer_closed():
                     self.server.worker.cancel(job)
-                    raise _ClientGone from None
+                    raise _ClientGone
+            try:
+                return job.events.get(timeout=self._peer_check_at - now)
+            except queue.Empty:
+                pass
 
     def _read_body(self) -> bytes:
         """The request body; over `max_body` it is read and dropped (so the client still
@@ -258,9 +359,9 @@ class Handler(BaseHTTPRequestHandler):
             elif path.startswith("/v1/models/"):
                 s.check_model(path[len("/v1/models/"):])
                 self._send_json(200, s.model_card())
-            elif path in ("/v1/completions", "/v1/chat/completions", "/completions",
-                          "/chat/completions"):
-                raise APIError(405, f"{path} takes POST", "method_not_allowed")
+            elif path in _POST_ROUTES:
+                raise APIError(405, f"{path} takes POST", "method_not_allowed",
+                               headers={"Allow": "POST"})
             else:
                 raise APIError(404, f"unknown route GET {path or '/'}", "unknown_url")
         except APIError as err:
@@ -275,21 +376,27 @@ class Handler(BaseHTTPRequestHandler):
             if not chat and path not in ("/v1/completions", "/completions"):
                 if self.headers.get("Content-Length"):
                     self._read_body()  # keep the connection in step
-                if path in _GET_ROUTES:
-                    raise APIError(405, f"{path} takes GET", "method_not_allowed")
+                if (allow := _allowed(path)) is not None:
+                    raise APIError(405, f"{path} takes GET", "method_not_allowed",
+                                   headers={"Allow": allow})
                 raise APIError(404, f"unknown route POST {path or '/'}", "unknown_url")
             body = self._read_json()
             req = (parse_chat if chat else parse_completion)(body, self.server.defaults)
             self.server.check_model(req.model)
+            if chat and self.server.template_error is not None:
+                raise APIError(500, f"the server's chat template is broken: "
+                                    f"{self.server.template_error}", "chat_template_error",
+                               type_="server_error")
             job = self.server.worker.submit(req)
         except APIError as err:
             self._send_error(err)
             return
         try:
-            if req.stream:
-                self._stream(job, chat)
-            else:
-                self._complete(job, chat)
+            with self.server.in_flight():
+                if req.stream:
+                    self._stream(job, chat)
+                else:
+                    self._complete(job, chat)
         except (_ClientGone, BrokenPipeError, ConnectionResetError):
             self.server.worker.cancel(job)
             self.close_connection = True
@@ -302,7 +409,9 @@ class Handler(BaseHTTPRequestHandler):
             if ev[0] == "error":
                 self._send_error(_error_of(ev[1]))
                 return
-            if ev[0] == "text":
+            if ev[0] == "start":
+                parts.append(ev[2])  # the echoed prompt, or ""
+            elif ev[0] == "text":
                 parts.append(ev[1])
             elif ev[0] == "done":
                 break
@@ -313,8 +422,6 @@ class Handler(BaseHTTPRequestHandler):
             resp["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
                                 "logprobs": None, "finish_reason": finish}]
         else:
-            if job.req.echo and isinstance(job.req.prompt, str):
-                text = job.req.prompt + text
             resp["choices"] = [{"index": 0, "text": text, "logprobs": None,
                                 "finish_reason": finish}]
         resp["usage"] = usage
@@ -354,8 +461,8 @@ class Handler(BaseHTTPRequestHandler):
 
         if chat:
             self._event(chunk(None, None, first=True))
-        elif job.req.echo and isinstance(job.req.prompt, str):
-            self._event(chunk(job.req.prompt, None))
+        elif ev[2]:  # echo: the prompt's text comes first
+            self._event(chunk(ev[2], None))
         while True:
             ev = self._next_event(job)
             if ev[0] == "text":
@@ -386,6 +493,17 @@ class EfedgeServer(ThreadingHTTPServer):
         self.max_body = max_body
         self.defaults = dict(defaults or {})  # sampling defaults for fields a request omits
         self.created = int(time.time())
+        # a template that fails on a one-message conversation is the server's mistake: chat
+        # requests get a 500 naming it, not a 400 that blames the client's messages
+        self.template_error: str | None = None
+        try:
+            model.chat_prompt(TEMPLATE_PROBE)
+        except TemplateError as exc:
+            self.template_error = str(exc)
+            log.warning("the chat template is broken; /v1/chat/completions will answer 500 "
+                        "(completions still work): %s", exc)
+        self._busy = 0  # requests between submit and their response's end
+        self._idle = threading.Condition()
         self.worker = ModelWorker(model, max_queue)
 
     @property
@@ -414,12 +532,35 @@ class EfedgeServer(ThreadingHTTPServer):
                 "created": int(time.time()), "model": self.model_id,
                 "system_fingerprint": FINGERPRINT}
 
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a request from its submit to the end of its response (see server_close)."""
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
     def server_close(self) -> None:
+        """Stop listening, stop the worker (the generation in progress ends "cancelled",
+        waiting requests get 503), then give those responses up to CLOSE_WAIT_S to be
+        written: the handler threads are daemons, and a process that exits right after
+        this would cut them off mid-stream."""
         super().server_close()
-        self.worker.stop()
+        worker = getattr(self, "worker", None)  # HTTPServer.__init__ calls server_close
+        if worker is None:  # when bind fails, before any of ours exists
+            return
+        worker.stop()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout=CLOSE_WAIT_S)
 
 
 def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080,
                 **kwargs: Any) -> EfedgeServer:
-    """A bound, not yet serving server (port 0 picks a free port: see `.url`)."""
+    """A bound, not yet serving server (port 0 picks a free port: see `.url`). An address
+    that cannot be bound raises what the socket raised: OSError (in use, not this
+    machine's, an unknown host: socket.gaierror) or OverflowError (a port over 65535)."""
     return EfedgeServer(model, host, port, **kwargs)

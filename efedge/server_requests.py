@@ -15,10 +15,12 @@ class APIError(Exception):
     """An HTTP error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, code: str, *, param: str | None = None,
-                 type_: str = "invalid_request_error", close: bool = False):
+                 type_: str = "invalid_request_error", close: bool = False,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type, self.close = type_, close
+        self.headers = dict(headers or {})  # extra response headers (a 405's Allow)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible server: every endpoint, streaming and not, the 4xx cases,
-concurrent clients, a client that disconnects mid-stream, the official `openai` client
-(when installed), and `efedge serve` itself."""
+"""The OpenAI-compatible server: every endpoint, streaming and not, the 4xx/405 cases,
+concurrent clients, a client that disconnects (streaming or not), shutdown mid-stream, a
+broken chat template, the official `openai` client (when installed), and `efedge serve`
+itself (including its refusals: a taken port, a bad host or port, a bogus template)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 
 import efedge
 from efedge.server import make_server
+from efedge.server_requests import APIError
 
 ROOT = Path(__file__).resolve().parent.parent
 HI = [{"role": "user", "content": "Hi there"}]
@@ -256,6 +258,142 @@ def test_client_disconnect_cancels_generation(server, model):
     assert call(server, "/health")[0] == 200
 
 
+def _send_raw(srv, body: dict, path: str = "/v1/completions") -> socket.socket:
+    """A socket that has sent one POST of `body` (read its answer with recv)."""
+    host, port = srv.server_address[:2]
+    data = json.dumps(body).encode()
+    s = socket.create_connection((host, port), timeout=60)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def test_client_disconnect_cancels_non_streaming(server, model):
+    # greedy on the tiny model runs to the end of the context (no end-of-generation token),
+    # so only a cancel can stop it early; tokens arrive far faster than the handler's
+    # peer check interval, which must run regardless
+    before = server.worker.n_cancelled
+    model.reset_stats()
+    s = _send_raw(server, {"prompt": "A long story", "max_tokens": 100_000,
+                           "temperature": 0})
+    deadline = time.monotonic() + 60
+    while model.stats()["tokens_generated"] == 0:  # generating: nothing comes back yet
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.005)
+    s.close()
+    # the worker finishes the first job before it starts this one
+    status, resp = call(server, "/v1/completions", {"prompt": "next", "max_tokens": 2})
+    assert status == 200, resp
+    assert server.worker.n_cancelled == before + 1, "the abandoned generation ran to its end"
+    assert model.stats()["tokens_generated"] < model.n_ctx - 50
+
+
+def test_shutdown_ends_a_stream_cancelled(model):
+    srv = make_server(model, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        s = _send_raw(srv, {"prompt": "A long story", "max_tokens": 100_000,
+                            "temperature": 0, "stream": True})
+        got = b""
+        while got.count(b"data: ") < 2:
+            chunk = s.recv(4096)
+            assert chunk, "the server closed the stream"
+            got += chunk
+    finally:
+        srv.shutdown()
+        srv.server_close()  # what Ctrl-C does in `efedge serve`
+        t.join(timeout=10)
+    with pytest.raises(APIError) as info:  # nothing new is queued once stopped
+        srv.worker.submit(None)
+    assert info.value.status == 503 and info.value.code == "server_shutting_down"
+    while chunk := s.recv(65536):
+        got += chunk
+    s.close()
+    evs = events(got.split(b"\r\n\r\n", 1)[1].decode())
+    assert evs[-1] == "[DONE]"
+    assert evs[-2]["choices"][0]["finish_reason"] == "cancelled"
+    assert all(e["choices"][0]["finish_reason"] is None for e in evs[:-2])
+    assert srv.worker.n_cancelled == 1
+
+
+def test_other_methods_get_json_405(server):
+    host, port = server.server_address[:2]
+    for method, path, allow in [("PUT", "/v1/completions", "POST"),
+                                ("DELETE", "/v1/models", "GET, HEAD"),
+                                ("PATCH", "/health", "GET, HEAD"),
+                                ("OPTIONS", "/v1/chat/completions", "POST"),
+                                ("BREW", "/nowhere", "GET, HEAD, POST")]:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request(method, path, body=b'{"a": 1}')
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert_error(r.status, body, 405, "method_not_allowed")
+        assert r.headers["Allow"] == allow and r.headers["Content-Type"].startswith(
+            "application/json")
+        # the body was read: the keep-alive connection still serves
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+        conn.close()
+    status, body = call(server, "/v1/completions")  # GET on a POST route
+    assert_error(status, body, 405, "method_not_allowed")
+    # the standard library's own errors are JSON too
+    s = socket.create_connection((host, port), timeout=60)
+    s.sendall(b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n")  # too many
+    raw = b""
+    while chunk := s.recv(4096):
+        raw += chunk
+    s.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431") and b"application/json" in head
+    assert json.loads(payload)["error"]["message"]
+
+
+def test_echo_token_id_prompt(server, model):
+    ids = model.tokenize("Once upon")
+    req = {"prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True}
+    _, plain = call(server, "/v1/completions", dict(req, echo=False))
+    _, echoed = call(server, "/v1/completions", req)
+    prompt_text = model.detokenize(ids)
+    assert prompt_text and echoed["choices"][0]["text"] == prompt_text + \
+        plain["choices"][0]["text"]
+    _, sse = call(server, "/v1/completions", dict(req, stream=True))
+    evs = events(sse)
+    assert evs[0]["choices"][0]["text"] == prompt_text
+    assert "".join(e["choices"][0]["text"] for e in evs[:-1]) == echoed["choices"][0]["text"]
+
+
+def test_broken_chat_template_is_the_servers_error(model_path):
+    with efedge.load(model_path, chat_template="bogus") as m:
+        srv = make_server(m, "127.0.0.1", 0)
+        t = threading.Thread(target=srv.serve_forever, daemon=True)
+        t.start()
+        try:
+            assert "bogus" in srv.template_error
+            status, body = call(srv, "/v1/chat/completions", {"messages": HI, "max_tokens": 2})
+            assert_error(status, body, 500, "chat_template_error")
+            assert body["error"]["type"] == "server_error" and "bogus" in body["error"]["message"]
+            status, body = call(srv, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            assert status == 200, body  # completions need no template
+        finally:
+            srv.shutdown()
+            srv.server_close()
+            t.join(timeout=10)
+
+
+def test_make_server_on_a_taken_port(model):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(OSError) as info:  # not AttributeError from server_close
+            make_server(model, "127.0.0.1", taken.getsockname()[1])
+        assert not isinstance(info.value, AttributeError)
+    finally:
+        taken.close()
+
+
 def test_openai_client(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
@@ -294,3 +432,33 @@ def test_efedge_serve_command(model_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "efedge", "serve", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_efedge_serve_refuses_bad_addresses_and_templates(model_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        r = _serve(str(model_path), "--port", str(port))
+    finally:
+        taken.close()
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"efedge: error: cannot listen on 127.0.0.1:{port}: the "
+                                "address is already in use (another server?); choose another "
+                                "--port, or --port 0 for any free one"), r.stderr
+    r = _serve(str(model_path), "--host", "256.1.1.1", "--port", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("efedge: error: cannot listen on 256.1.1.1:0: "), r.stderr
+    r = _serve(str(model_path), "--port", "99999")
+    assert r.returncode == 2 and "expected a port number 0-65535, got 99999" in r.stderr
+    r = _serve(str(model_path), "--port", "0", "--chat-template", "bogus")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "unknown chat template 'bogus'" in r.stderr and "efedge serve:" not in r.stderr

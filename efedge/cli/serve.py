@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 
 from efedge.cli.common import (
@@ -13,7 +15,20 @@ from efedge.cli.common import (
     progress_bar,
     sampling_kwargs,
 )
+from efedge.errors import EfedgeError
 from efedge.sampling import SamplingParams
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") \
+            from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -26,20 +41,59 @@ def add_parser(sub) -> None:
     add_chat_template_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on "
                    "(default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free)")
+    p.add_argument("--port", type=port_number, default=8080,
+                   help="port (default 8080; 0 = any free)")
     p.add_argument("-a", "--alias", default=None,
                    help="the model id clients use (default: the file name without .gguf)")
     add_sampling_args(p)
     p.set_defaults(func=main)
 
 
+def bind_error(host: str, port: int, exc: Exception) -> EfedgeError:
+    """One line naming the address and why it cannot be listened on."""
+    if isinstance(exc, socket.gaierror):
+        reason = (f"{exc.strerror or exc}: --host takes this machine's IPv4 address or host "
+                  "name (127.0.0.1, 0.0.0.0 for every interface, localhost)")
+    elif isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        reason = ("the address is already in use (another server?); choose another --port, "
+                  "or --port 0 for any free one")
+    elif isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        reason = f"{exc.strerror}: {host} is not an address of this machine"
+    elif isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        reason = f"{exc.strerror} (ports below 1024 need privileges)"
+    else:
+        reason = getattr(exc, "strerror", None) or str(exc)
+    return EfedgeError(f"cannot listen on {host}:{port}: {reason}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind and release the address now, so a taken port or a bad host is reported before
+    a model is loaded, not after (the server binds again: a race only costs the wait)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the server's family
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        s.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        raise bind_error(host, port, exc) from None
+    finally:
+        s.close()
+
+
 def main(args: argparse.Namespace) -> int:
-    from efedge.server import make_server
+    from efedge.server import TEMPLATE_PROBE, make_server
 
     defaults = sampling_kwargs(args)
     SamplingParams(**defaults).validate()
+    check_address(args.host, args.port)
     with load_model(args, progress=progress_bar()) as m:
-        srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults)
+        if args.chat_template is not None:
+            # a --chat-template that cannot render fails now (TemplateError names it), not
+            # as a 400 on every chat request that would blame the client
+            m.chat_prompt(TEMPLATE_PROBE)
+        try:
+            srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults)
+        except (OSError, OverflowError) as exc:
+            raise bind_error(args.host, args.port, exc) from None
         try:
             print(f"efedge serve: {srv.model_id} on {srv.url}/v1 (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
