@@ -16,6 +16,7 @@ from efedge.errors import (
     TransferError,
     UnsupportedModelError,
 )
+from efedge.generate import GenerationResult
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "CacheBudgetError",
     "ContextLengthError",
     "EfedgeError",
+    "GenerationResult",
     "Model",
     "ModelFormatError",
     "SamplingError",

@@ -124,7 +124,14 @@ class Model:
                     part.close()
             self._gf.close()
             raise
+        # _lock guards short sections; a generation does not hold it across its yields
+        # (a generator abandoned mid-way would keep it, owned by a thread that may be
+        # gone, and its finalizer — run by the garbage collector in any thread — could not
+        # release it). It owns the model through _owner instead: any thread can free that.
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # _owner became None
+        self._owner: threading.Thread | None = None  # the thread whose generation runs
+        self._owned_by: object | None = None  # … and that generation's token
         self._cancel_lock = threading.Lock()
         self._active_cancels: set[threading.Event] = set()
         self.last_result: GenerationResult | None = None
@@ -170,6 +177,29 @@ class Model:
         if self._closed:
             raise EfedgeError("this model has been closed")
 
+    def _wait_idle(self, what: str) -> None:
+        """With the lock held: wait until no generation owns the session. Another
+        thread's generation is waited for; this thread's own, paused mid-way (its
+        iterator not finished), is an error — the call would reset the session under
+        it and both outputs would be wrong."""
+        while self._owner is not None:
+            if self._owner is threading.current_thread():
+                raise EfedgeError(f"{what}: a generation on this Model is still in progress "
+                                  "in this thread (its iterator is not finished): exhaust or "
+                                  "close it first, or use one Model per concurrent generation")
+            if not self._owner.is_alive():  # abandoned by a thread that has ended
+                self._owner = self._owned_by = None
+                break
+            self._idle.wait(0.5)
+            self._check_open()
+
+    def _release(self, token) -> None:
+        """A generation ends (also from a garbage-collector finalizer, in any thread)."""
+        with self._lock:
+            if self._owned_by is token:
+                self._owner = self._owned_by = None
+                self._idle.notify_all()
+
     # -- public API ---------------------------------------------------------------------
     @property
     def n_vocab(self) -> int:
@@ -187,8 +217,12 @@ class Model:
         ids = self._token_ids(ids)
         if not ids:
             raise ValueError("logits() needs at least one token id")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
+                                     "(raise n_ctx, or pass fewer)")
         with self._lock:
             self._check_open()
+            self._wait_idle("logits()")
             kv = self._tf.new_kv_cache(len(ids))
             self._session.reset()
             return self._forward(ids, 0, kv, all_logits=True)
@@ -255,15 +289,25 @@ class Model:
         try:
             with self._lock:
                 self._check_open()
+                self._wait_idle("generate()/stream()/chat()")
+                self._owner = threading.current_thread()
+                self._owned_by = token = object()  # this generation's claim
+                session = self._session
+            try:
                 self.last_result = result
                 decoder = self.tokenizer.stream_decoder()
                 filt = StopStringFilter(stops)
-                for tok in generate_tokens(self._session, ids, sampler, max_tokens=max_tokens,
+                for tok in generate_tokens(session, ids, sampler, max_tokens=max_tokens,
                                            eog=self.tokenizer.eog_ids, cancel=ev,
                                            result=result):
                     text = filt.push(decoder.push(tok))
                     if text:
                         yield text
+                        if self._closed or self._owned_by is not token:
+                            # closed while paused here (the model is gone), or resumed
+                            # after the thread that ran it ended and another took over
+                            result.finish_reason = "cancelled"
+                            return
                     if filt.stopped:
                         result.finish_reason = "stop"
                         return
@@ -271,6 +315,8 @@ class Model:
                 tail += filt.flush()
                 if tail:
                     yield tail
+            finally:
+                self._release(token)
         finally:
             with self._cancel_lock:
                 self._active_cancels.discard(ev)
@@ -336,6 +382,11 @@ class Model:
             return
         self.cancel()
         with self._lock:
+            # a generation of another thread stops at its next token (cancelled above);
+            # this thread's own, paused, ends when resumed (it sees _closed)
+            while self._owner is not None and self._owner is not threading.current_thread() \
+                    and self._owner.is_alive():
+                self._idle.wait(0.5)
             self._closed = True
             if self._experts is not None:
                 self._experts.close()

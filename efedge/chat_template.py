@@ -177,6 +177,18 @@ def _check_messages(messages: Any) -> None:
                     f"(only text is supported), got {part!r}")
 
 
+def _flatten_content(message: Mapping) -> dict:
+    """The message with its content as one string: text parts joined by newlines, None
+    as "" (for templates that only take strings)."""
+    out = dict(message)
+    content = out.get("content")
+    if content is None:
+        out["content"] = ""
+    elif not isinstance(content, str):
+        out["content"] = "\n".join(part["text"] for part in content)
+    return out
+
+
 # -- the template -------------------------------------------------------------------------
 class ChatTemplate:
     """A compiled, sandboxed chat template.
@@ -204,6 +216,25 @@ class ChatTemplate:
         except Exception as exc:  # anything else the compiler throws
             raise TemplateError(f"chat template{self._label()} failed to compile: "
                                 f"{type(exc).__name__}: {exc}; {_hint()}") from exc
+
+    def takes_text_parts(self) -> bool:
+        """Whether the template renders content given as a list of text parts (probed
+        once with a marker text). Many model templates only take a string: they fail on
+        a list, or print its repr. For those, render() joins the parts' texts with
+        newlines and passes None as "", as llama.cpp does for such templates; OpenAI
+        clients send either form."""
+        if getattr(self, "_takes_parts", None) is None:
+            marker = "efedge-probe-7f3a"
+            probe = [{"role": "user", "content": [{"type": "text", "text": marker}]}]
+            try:
+                out = self._template.render(messages=probe, tools=None, documents=None,
+                                            add_generation_prompt=True,
+                                            bos_token=self.bos_token,
+                                            eos_token=self.eos_token)
+                self._takes_parts = marker in out and "'text'" not in out
+            except Exception:  # a template that cannot take a list at all
+                self._takes_parts = False
+        return self._takes_parts
 
     def _label(self) -> str:
         return f" {self.name!r}" if self.name else ""
@@ -256,6 +287,9 @@ class ChatTemplate:
         variables. Raises TemplateError for malformed messages or a failed render.
         """
         _check_messages(messages)
+        if not self.takes_text_parts() and any(
+                not isinstance(m.get("content"), str) for m in messages):
+            messages = [_flatten_content(m) for m in messages]
         if tools is not None and not isinstance(tools, list | tuple):
             raise TemplateError(f"tools must be a list or None, got {type(tools).__name__}")
         ctx: dict[str, Any] = {"messages": messages, "tools": tools, "documents": None,

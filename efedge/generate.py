@@ -90,7 +90,7 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
         history.append(tok)
         result.tokens.append(tok)
         yield tok
-        if len(session.tokens) >= n_ctx:
+        if len(history) >= n_ctx:  # prompt + output fill the context (llama.cpp's limit)
             result.finish_reason = "length"
             return
         logits = session.decode(tok)

@@ -144,6 +144,71 @@ def test_prompt_longer_than_context(m):
     assert m.generate("hello", max_tokens=2, **GREEDY) is not None  # still usable
 
 
+def test_generation_fills_the_context_and_no_more(path):
+    """Prompt + output never exceed n_ctx (llama.cpp's limit); the run ends "length"."""
+    with efedge.load(path, n_ctx=16) as small:
+        ids = small.tokenize("The quick brown fox")
+        res = efedge.GenerationResult([], "")
+        list(small.stream(ids, max_tokens=100, result=res, temperature=1.0, seed=3,
+                          top_k=0, top_p=1.0, min_p=0.0))
+        if res.finish_reason == "length":  # (an EOG token may end it sooner)
+            assert len(ids) + len(res.tokens) == 16
+        assert len(ids) + len(res.tokens) <= 16
+        with pytest.raises(efedge.ContextLengthError):
+            small.logits(list(range(17)))
+        assert small.logits(list(range(16))).shape == (16, small.n_vocab)
+
+
+def test_a_second_generation_in_the_same_thread_is_refused(m):
+    """The model's lock is re-entrant: a call made while this thread's generator is
+    paused would reset the session under it. It is refused, and the paused generation
+    goes on exactly as if alone."""
+    alone = m.generate("The quick brown fox", max_tokens=8, **GREEDY)
+    it = m.stream("The quick brown fox", max_tokens=8, **GREEDY)
+    first = next(it)
+    for call in (lambda: m.generate("other", max_tokens=2),
+                 lambda: m.logits([1, 2, 3]),
+                 lambda: m.chat([{"role": "user", "content": "hi"}], max_tokens=2)):
+        with pytest.raises(efedge.EfedgeError, match="still in progress"):
+            call()
+    assert first + "".join(it) == alone
+    assert m.generate("The quick brown fox", max_tokens=8, **GREEDY) == alone  # usable again
+
+
+def test_a_generation_abandoned_by_an_ended_thread_does_not_block_the_model(path):
+    """A thread that stops iterating mid-way and ends (its generator kept alive
+    elsewhere, never finished) must not leave the model owned: the next generation and
+    close() go ahead, and the abandoned iterator, if resumed, ends as cancelled."""
+    kept, res = [], efedge.GenerationResult([], "")
+    with efedge.load(path) as model:
+        def abandon():
+            it = model.stream("The quick brown fox", max_tokens=50, result=res, **GREEDY)
+            next(it)
+            kept.append(it)
+
+        t = threading.Thread(target=abandon)
+        t.start()
+        t.join(60)
+        out = []
+        worker = threading.Thread(target=lambda: out.append(
+            model.generate("hello", max_tokens=3, **GREEDY)))
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the model stayed owned by the abandoned generation"
+        assert out and out[0] == model.generate("hello", max_tokens=3, **GREEDY)
+        assert list(kept[0]) == [] and res.finish_reason == "cancelled"
+
+
+def test_closing_the_model_under_a_paused_generation_ends_it(path):
+    with efedge.load(path) as model:
+        res = efedge.GenerationResult([], "")
+        it = model.stream("The quick brown fox", max_tokens=8, result=res, **GREEDY)
+        next(it)
+        model.close()
+        assert list(it) == []
+        assert res.finish_reason == "cancelled"
+
+
 def test_stream_never_yields_partial_utf8(m, monkeypatch):
     """Multi-byte characters split over byte tokens come out whole, in order."""
     text = "héllo wörld 世界 🙂 ok"
@@ -256,13 +321,16 @@ def driven(root, n=0):
         content = text.get("1.0", "end")
         if state["ticks"] > 3000:
             return root.destroy()
-        if state["step"] == 0 and str(send.cget("state")) == "normal":
+        idle = str(send.cget("state")) == "normal"
+        if state["step"] == 0 and idle:
             entry.insert(0, "Hello"); send.invoke(); state["step"] = 1
-        elif state["step"] == 1 and len(content.split("Model: ", 1)[-1].strip()) > 3:
+        elif state["step"] == 1 and len(content.rsplit("Model: ", 1)[-1].strip()) > 3:
             stop.invoke(); state["step"] = 2
-        elif state["step"] == 2 and "[stopped]" in content and str(send.cget("state")) == "normal":
+        elif state["step"] == 2 and "[stopped]" in content and idle:
             seen.append("stopped")
             return root.tk.call(root.protocol("WM_DELETE_WINDOW"))  # the close button
+        elif state["step"] in (1, 2) and idle and "[stopped]" not in content:
+            state["step"] = 0  # the sampled reply ended (end of turn) before Stop: again
         root.after(20, tick)
     root.after(20, tick)
     real_mainloop(root, n)

@@ -247,3 +247,22 @@ def test_render_error_names_fallback():
 def test_bad_messages_raise(messages):
     with pytest.raises(TemplateError, match="messages"):
         get_template("chatml").render(messages)
+
+
+def test_text_parts_and_none_reach_templates_that_take_only_strings():
+    """OpenAI clients send content as a list of text parts; a model template that only
+    takes strings gets them joined by newlines (None as ""), as llama.cpp passes them;
+    a template that iterates the parts keeps them as they are."""
+    concat = ChatTemplate("{% for m in messages %}[{{ m['role'] }}]{{ '' + m['content'] }}"
+                          "{% endfor %}")
+    printing = ChatTemplate("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
+                            "{% endfor %}")
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                         {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None}]
+    for tpl in (concat, printing):
+        assert not tpl.takes_text_parts()
+        assert tpl.render(msgs) == "[user]a\nb[assistant]"
+    assert msgs[0]["content"][0] == {"type": "text", "text": "a"}  # the caller's list kept
+    assert get_template("chatml").takes_text_parts()
+    assert "user\nab<|im_end|>" in get_template("chatml").render(msgs)
