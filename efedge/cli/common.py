@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
-    p.add_argument("--device", default="cpu", help="cpu (default)")
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N")
     p.add_argument("--cache", default=None,
                    help="expert cache budget: bytes, 512MiB, 25%% of expert bytes "
                         "(default: all experts resident)")
