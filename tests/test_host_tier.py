@@ -441,3 +441,23 @@ def test_cli_flags_reach_the_loader_and_are_checked(tiny_gguf, capsys):
     assert "host_cache=" in capsys.readouterr().err
     assert main(["bench", path, "-p", "4", "-n", "0", "-r", "1", "--disk-link", "nvme"]) == 1
     assert "disk_link=" in capsys.readouterr().err
+
+
+# -- CUDA (skipped without a GPU; scripts/gpu_check.sh runs `-m cuda`) -------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs an NVIDIA GPU with a CUDA build of torch")
+def test_cuda_host_tier_is_pinned_and_keeps_parity(q4km):
+    ids = _ids()
+    with load_cuda_model(q4km, device="cuda", n_ctx=64, scratch_bytes=1) as g:
+        ref = _run(g, ids)
+    for policy in ("ondemand", "expertflow"):
+        with load_cuda_model(q4km, device="cuda", n_ctx=64, cache="30%", host_cache="60%",
+                             policy=policy, hybrid="off", scratch_bytes=1,
+                             link="4GB/s", disk_link="2GB/s") as g:
+            assert all(p.is_pinned() for p in g.host_tier.pools)
+            out = _run(g, ids)
+            c = g.counters
+        assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), policy
+        assert c.host_hits + c.host_misses > 0 and c.disk_bytes > 0
