@@ -65,13 +65,21 @@ class Model:
                  progress: Callable[[float, str], None] | None = None,
                  transfer_workers: int = 2, vram: int | str | None = None,
                  hybrid: str = "auto", routing: str = "exact",
-                 routing_slack: float = 0.05):
+                 routing_slack: float = 0.05, host_cache: int | str | None = None,
+                 disk_link: str | None = None):
         cuda = isinstance(device, str) and (device == "cuda" or device.startswith("cuda:"))
         if device != "cpu" and not cuda:
             raise UnsupportedModelError(f"device {device!r} is not available in this build "
                                         "(supported: 'cpu', 'cuda', 'cuda:N')")
         if vram is not None and not cuda:
             raise EfedgeError("vram= is the device memory budget of device='cuda'")
+        if host_cache is not None and not cuda:
+            raise EfedgeError("host_cache= is a second expert-cache level in pinned host memory "
+                              "for device='cuda' (on the CPU the expert cache itself is in "
+                              "host memory: use cache=)")
+        if disk_link is not None and not cuda:
+            raise EfedgeError("disk_link= emulates the disk behind host_cache= of "
+                              "device='cuda' (on the CPU, link= emulates the disk)")
         if threads is not None:
             import numba
 
@@ -109,7 +117,8 @@ class Model:
                 self._tf = load_cuda_model(self._gf, config=self.config, device=device,
                                            cache=cache, policy=policy, link=link, vram=vram,
                                            n_ctx=ctx, counters=self.counters,
-                                           workers=transfer_workers, hybrid=hybrid)
+                                           workers=transfer_workers, hybrid=hybrid,
+                                           host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
                 self._tf = Transformer(self._gf, self.config)

@@ -57,18 +57,21 @@ def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
 
 
 def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
-                     warmup: bool = True, device: str = "cpu", vram=None) -> list[dict]:
+                     warmup: bool = True, device: str = "cpu", vram=None, host_cache=None,
+                     disk_link=None) -> list[dict]:
     """One live run per policy on the same model, budget, emulated link and tokens: the
     first len(prompt_ids) - n_tokens ids are the prompt (one batch), the last n_tokens are
     decoded one by one. Returns one dict per policy with the table's columns (see
-    COLUMNS) plus the raw counters under "stats"."""
+    COLUMNS) plus the raw counters under "stats"; with a host tier (device="cuda",
+    host_cache=) also "host_hit_rate": of the copies into VRAM, the share found there."""
     prompt_ids = [int(i) for i in prompt_ids]
     if not 0 < n_tokens < len(prompt_ids):
         raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
     rows = []
     for policy in policies:
         with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads,
-                         device=device, vram=vram) as m:
+                         device=device, vram=vram, host_cache=host_cache,
+                         disk_link=disk_link) as m:
             if warmup:  # compile the kernels, so that no run pays for it
                 decode_run(m, prompt_ids[:8], 4)
             t0 = time.perf_counter()
@@ -88,6 +91,9 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             "policy_overhead_pct": 100.0 * ovh / max(s["wall_s"], 1e-9),
             "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
         })
+        if host_cache is not None:
+            copies = s["host_hits"] + s["host_misses"]
+            rows[-1]["host_hit_rate"] = s["host_hits"] / copies if copies else None
     base = [r["stall_ms_per_token"] for r in rows if r["policy"] in ("ondemand", "lru")]
     if base and base[0] > 0:
         for r in rows:
@@ -124,14 +130,20 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    host = any("host_hit_rate" in r for r in rows)  # a host tier was set (device="cuda")
     head = ("| cache | link | policy | tok/s | stall ms/token | stall % of ondemand | hit rate "
-            "| prefetch precision | MB/token | mean horizon | policy cost % |")
-    lines = [head, "|" + "---|" * 11]
+            "| prefetch precision | MB/token | mean horizon | policy cost % |"
+            + (" host hit rate |" if host else ""))
+    lines = [head, "|" + "---|" * (12 if host else 11)]
     for r in rows:
         rel = "-" if r["stall_vs_ondemand"] is None else f"{100 * r['stall_vs_ondemand']:.1f}%"
         prec = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.1%}"
-        lines.append(f"| {r['cache']} | {r['link']} | {r['policy']} | {r['tokens_per_s']:.1f} "
-                     f"| {r['stall_ms_per_token']:.3f} | {rel} | {r['hit_rate']:.1%} | {prec} "
-                     f"| {r['mb_per_token']:.2f} | {r['horizon_mean']:.2f} "
-                     f"| {r['policy_overhead_pct']:.2f} |")
+        line = (f"| {r['cache']} | {r['link']} | {r['policy']} | {r['tokens_per_s']:.1f} "
+                f"| {r['stall_ms_per_token']:.3f} | {rel} | {r['hit_rate']:.1%} | {prec} "
+                f"| {r['mb_per_token']:.2f} | {r['horizon_mean']:.2f} "
+                f"| {r['policy_overhead_pct']:.2f} |")
+        if host:
+            h = r.get("host_hit_rate")
+            line += f" {h:.1%} |" if h is not None else " - |"
+        lines.append(line)
     return "\n".join(lines)

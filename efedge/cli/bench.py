@@ -105,6 +105,12 @@ def add_parser(sub) -> None:
     p.add_argument("--vram", default=None,
                    help="device memory budget with --device cuda, e.g. 8GB (an emulated "
                         "laptop GPU on a larger one)")
+    p.add_argument("--host-cache", default=None, metavar="SIZE",
+                   help="with --device cuda: a second expert-cache level in pinned host "
+                        "memory, e.g. 4GB or 50%% of expert bytes (the table adds its hit "
+                        "rate)")
+    p.add_argument("--disk-link", default=None, metavar="RATE",
+                   help="with --host-cache: emulated disk for file → host reads, e.g. nvme")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="run llama-cpp-python side by side and print the ratio per test "
                         "(with --device cuda: every layer offloaded, if its build can)")
@@ -129,14 +135,16 @@ def _time(fn: Callable[[], None]) -> int:
 class _Efedge:
     """efedge through its Session (the API's prefill / decode path)."""
 
-    def __init__(self, path, threads, cache, policy, link, n_ctx, device="cpu", vram=None):
+    def __init__(self, path, threads, cache, policy, link, n_ctx, device="cpu", vram=None,
+                 host_cache=None, disk_link=None):
         import efedge
         from efedge.kernels import compile_stats
 
         before = compile_stats()
         t0 = time.perf_counter()
         self.model = efedge.load(path, threads=threads, cache=cache, policy=policy, link=link,
-                                 n_ctx=n_ctx, device=device, vram=vram)
+                                 n_ctx=n_ctx, device=device, vram=vram, host_cache=host_cache,
+                                 disk_link=disk_link)
         self.load_s = time.perf_counter() - t0  # includes the kernel warm-up
         self.warmup_s = getattr(self.model._tf, "warmup_s", 0.0)  # the CPU model's
         after = compile_stats()
@@ -187,7 +195,8 @@ def _model_info(path) -> dict:
 def _run_config(path, info, threads, cache, policy, link, args, tests, rows, llamas) -> None:
     n_ctx = max(max(n for _, n in tests), 1) + 8
     device = getattr(args, "device", "cpu") or "cpu"
-    eng = _Efedge(path, threads, cache, policy, link, n_ctx, device, getattr(args, "vram", None))
+    eng = _Efedge(path, threads, cache, policy, link, n_ctx, device, getattr(args, "vram", None),
+                  getattr(args, "host_cache", None), getattr(args, "disk_link", None))
     nt = numba.get_num_threads()  # as efedge.load set it
     rng = np.random.default_rng(args.seed)
     ref = None
@@ -227,6 +236,7 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
                    "cache": cache, "policy": policy if cache else None, "link": link,
                    "stall_ms_per_token": 1e3 * s["stall_s"] / max(n_total, 1),
                    "hit_rate": s["hits"] / s["expert_requests"] if s["expert_requests"] else None,
+                   **_host_fields(s, dev),
                    "load_s": eng.load_s, "warmup_s": eng.warmup_s,
                    "kernels_compiled": eng.kernels_compiled,
                    "kernels_cached": eng.kernels_cached, **_stats(ours, n)}
@@ -238,6 +248,8 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
                       "hit_rate": None, "load_s": ref.load_s, "warmup_s": None,
                       "kernels_compiled": None,
                       "kernels_cached": None, **_stats(theirs, n)}
+                for k in HOST_FIELDS:  # efedge's host tier, not llama.cpp's
+                    ll.pop(k, None)
                 row["vs_llama_cpp"] = row["avg_ts"] / ll["avg_ts"]
                 # per repetition, side by side: robust to load that drifts between pairs
                 row["vs_llama_cpp_paired"] = statistics.median(
@@ -251,6 +263,20 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
 
 
 # -- output -------------------------------------------------------------------------------
+
+HOST_FIELDS = ("host_cache_bytes", "disk_link", "host_hit_rate", "host_staged", "disk_bytes")
+
+
+def _host_fields(s: dict, dev: dict) -> dict:
+    """The host tier's figures for a row: none without one (the CPU path's rows and JSON
+    stay as they were)."""
+    if not dev.get("host_cache_bytes"):
+        return {}
+    copies = s["host_hits"] + s["host_misses"]
+    return {"host_cache_bytes": dev["host_cache_bytes"], "disk_link": dev.get("disk_link"),
+            "host_hit_rate": s["host_hits"] / copies if copies else None,
+            "host_staged": s["host_staged"], "disk_bytes": s["disk_bytes"]}
+
 
 def _vram_used(dev: dict) -> int | None:
     """Device memory efedge holds: the peak it allocated on a GPU, else (torch's CPU
@@ -280,11 +306,14 @@ def table(rows: list[dict]) -> str:
     vram = any(r.get("vram_used_bytes") is not None for r in rows)
     if vram:
         heads.append("VRAM")
+    host = any("host_hit_rate" in r for r in rows)
+    if host:  # of the copies into VRAM, the share found in the pinned host tier
+        heads.append("host hit rate")
     ratio = any("vs_llama_cpp" in r for r in rows)
     if ratio:
         heads.append("vs llama.cpp")
     right = {"size", "params", "threads", "test", "t/s", "stall ms/token", "hit rate",
-             "VRAM", "vs llama.cpp"}
+             "VRAM", "host hit rate", "vs llama.cpp"}
     lines = []
     for r in rows:
         ours = r["engine"] == "efedge"
@@ -297,6 +326,9 @@ def table(rows: list[dict]) -> str:
         if vram:
             v = r.get("vram_used_bytes")
             cells.append(_fmt_size(v) if v is not None else "-")
+        if host:
+            h = r.get("host_hit_rate")
+            cells.append(f"{h:.3f}" if h is not None else "-")
         if ratio:
             cells.append(f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else "")
         lines.append(cells)
@@ -408,7 +440,9 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
         for cache in caches:
             rows += median_rows([compare_policies(path, policies, cache, link, ids, n_gen,
                                                   threads=threads, device=device,
-                                                  vram=getattr(args, "vram", None))
+                                                  vram=getattr(args, "vram", None),
+                                                  host_cache=getattr(args, "host_cache", None),
+                                                  disk_link=getattr(args, "disk_link", None))
                                  for _ in range(runs)])
     if args.json:
         for r in rows:

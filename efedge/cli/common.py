@@ -83,12 +83,13 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     p.add_argument("-t", "--threads", type=positive_int, default=None, help="compute threads")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
-    p.add_argument("--device", default="cpu", help="cpu (default)")
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N")
     p.add_argument("--cache", default=None,
                    help="expert cache budget: bytes, 512MiB, 25%% of expert bytes "
                         "(default: all experts resident)")
     p.add_argument("--policy", default="expertflow", help="expert cache policy")
     p.add_argument("--link", default=None, help="emulated link, e.g. 8GB/s, pcie4x4, nvme")
+    add_host_tier_args(p)
     p.add_argument("--routing", default="exact", choices=("exact", "cache-aware"),
                    help="exact (default: outputs identical to llama.cpp) or cache-aware: a "
                         "missing expert is replaced by a resident one whose router "
@@ -96,6 +97,17 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     p.add_argument("--routing-slack", type=probability, default=0.05,
                    help="router-probability slack of --routing cache-aware (default 0.05)")
     p.add_argument("--stats", action="store_true", help="print every counter on stderr")
+
+
+def add_host_tier_args(p: argparse.ArgumentParser) -> None:
+    """--host-cache / --disk-link: the pinned host level of --device cuda's expert cache."""
+    p.add_argument("--host-cache", default=None, metavar="SIZE",
+                   help="with --device cuda and --cache: a second expert-cache level in "
+                        "pinned host memory between the file and VRAM, e.g. 4GB or 50%% of "
+                        "expert bytes (for model files larger than host RAM)")
+    p.add_argument("--disk-link", default=None, metavar="RATE",
+                   help="with --host-cache: emulated disk for file → host reads, e.g. nvme, "
+                        "sata, 2GB/s")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temp: float = 0.8) -> None:
@@ -140,7 +152,9 @@ def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
     return efedge.load(path, device=args.device, cache=args.cache, policy=args.policy,
                        threads=args.threads, n_ctx=args.ctx_size, link=args.link,
                        routing=getattr(args, "routing", "exact"),
-                       routing_slack=getattr(args, "routing_slack", 0.05), **kwargs)
+                       routing_slack=getattr(args, "routing_slack", 0.05),
+                       host_cache=getattr(args, "host_cache", None),
+                       disk_link=getattr(args, "disk_link", None), **kwargs)
 
 
 def format_stats(stats: dict) -> str:

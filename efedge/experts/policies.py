@@ -138,8 +138,14 @@ class ExpertFlow(_Predictive):
 
     def __init__(self, max_horizon: int = 8, p_floor: float = 0.2, explore: int = 1,
                  explore_every: int = 2, value_all: bool = False, value_next: bool = False,
-                 pass_start: bool = True, victim_aware: bool = True, **kw):
+                 pass_start: bool = True, victim_aware: bool = True, stage_lead: int = 2,
+                 stage_floor: float | None = None, **kw):
         super().__init__(**kw)
+        # a source with a host tier (device="cuda", host_cache=): the layer stage_lead
+        # beyond the VRAM horizon gets its likeliest experts staged disk → host, those
+        # with p_next ≥ stage_floor (default p_floor)
+        self.stage_lead = max(1, int(stage_lead))
+        self.stage_floor = float(p_floor if stage_floor is None else stage_floor)
         self.victim_aware = bool(victim_aware)
         self.pass_start = bool(pass_start)
         self.explore, self.value_all = int(explore), bool(value_all)
@@ -164,6 +170,18 @@ class ExpertFlow(_Predictive):
         # a budget that holds every expert: once all are in, there is nothing to decide
         self._all_fit = bool((cache.class_slots >= per_class * self.n_expert).all())
         self._all_in = False
+        self._stage_plan: list[tuple] = []
+        host = getattr(source, "host_tier", None)
+        self._stager = getattr(source, "stage", None) if host is not None else None
+        if self._stager is not None:
+            # per layer, how many to stage: the host slots of its size class shared by
+            # the layers of that class (more would evict what the same pass staged)
+            lc = cache.layer_class
+            n_of_class = np.bincount(lc[lc >= 0], minlength=len(cache.class_slots))
+            self._stage_k = np.array(
+                [0 if lc[m] < 0 else min(self.n_expert, max(
+                    self.n_active, -(-host.class_slots(m) // int(n_of_class[lc[m]]))))
+                 for m in range(self.n_layer)], dtype=np.int64)
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         return int(value_victim(candidates, cache.slot_owner, cache.slot_last_use,
@@ -220,8 +238,43 @@ class ExpertFlow(_Predictive):
                           min(h_need + explore, self.max_distance),
                           also=self.n_layer if self.value_next else 0)
         self.horizon = self._plan_prefetches(layer, h_need)
+        if self._stager is not None:
+            self._plan_stage(layer, self.horizon)
         self._record_horizon(float(self.horizon))
         self.overhead_s += src.now() - t0
+
+    def _plan_stage(self, layer: int, horizon: int) -> None:
+        """Plan the host tier's staging (issued with the prefetches, behind this layer's
+        demand loads): the layer `stage_lead` beyond the VRAM horizon — so each layer is
+        staged about once a pass, that far ahead — its likeliest experts by p_next (the
+        predictor's latest estimate for that layer's next turn) above stage_floor, at
+        most _stage_k. A few numpy calls on one row of E values."""
+        d = min(horizon + self.stage_lead, self.n_layer)
+        if d <= horizon:
+            return  # VRAM prefetches already reach a whole turn ahead
+        m = (layer + d) % self.n_layer
+        k = int(self._stage_k[m])
+        if k <= 0:
+            return
+        p = self.predictor.p_next[m]
+        top = np.argpartition(p, p.size - k)[p.size - k:]
+        top = top[p[top] >= self.stage_floor]
+        if top.size:
+            top = top[np.argsort(-p[top], kind="stable")]
+            self._stage_plan.append((m, top, p[top].astype(np.float64), self._step + d + 1))
+
+    def on_demand_issued(self, layer: int) -> None:
+        """As Policy's, and staging planned without any VRAM prefetch is issued too."""
+        if self._plan or self._stage_plan:
+            t0 = self.source.now()
+            self._flush_plan()
+            self.overhead_s += self.source.now() - t0
+
+    def _flush_plan(self) -> None:
+        super()._flush_plan()
+        plan, self._stage_plan = getattr(self, "_stage_plan", []), []
+        for m, experts, values, priority in plan:
+            self._stager(m, experts, priority=priority, values=values)
 
     def _h_need(self) -> int:
         """The look-ahead the controller wants from the measured link and compute."""

@@ -28,6 +28,13 @@ class Counters:
     # beyond DESIGN.md's list: time split by phase, for prompt / generation t/s
     prompt_s: float = 0.0
     decode_s: float = 0.0
+    # the pinned host tier of device="cuda" (efedge/gpu/host_tier.py); 0 without one.
+    # Each copy into VRAM is a host hit (from a host slot) or a host miss (read from the
+    # file into a host slot first): host_hits + host_misses = copies into VRAM.
+    host_hits: int = 0
+    host_misses: int = 0
+    host_staged: int = 0  # disk → host loads made ahead of need by the predictions
+    disk_bytes: int = 0  # bytes read from the model file into host slots
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ import logging
 import math
 from pathlib import Path
 
-from efedge.errors import CacheBudgetError, UnsupportedModelError
+from efedge.errors import CacheBudgetError, EfedgeError, UnsupportedModelError
 
 log = logging.getLogger("efedge.gpu")
 __all__ = ["load_cuda_model", "CudaModel", "cuda_available"]
@@ -50,7 +50,7 @@ class CudaModel:
 
     def __init__(self, gf, config, *, cache, policy, link, vram, reserve, n_ctx, device,
                  workers, hybrid, dense, counters, ubatch, scratch_bytes, policy_kwargs,
-                 own_file):
+                 own_file, host_cache=None, disk_link=None):
         import torch
 
         from efedge.experts.cache import parse_budget
@@ -65,6 +65,7 @@ class CudaModel:
         self.counters = counters if counters is not None else Counters()
         self.device = dev = torch.device(device)
         self.source, self.hybrid, self.link, self._tf = None, None, None, None
+        self.host_tier = None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UnsupportedModelError(
                 f"device={device!r} needs an NVIDIA GPU and a CUDA build of torch; torch "
@@ -128,6 +129,13 @@ class CudaModel:
         budget.take("scratch", expert_scratch + CHUNK_BYTES + ATTN_BYTES + act)
 
         # -- the expert cache, then the weights on the device --------------------------------
+        if host_cache is not None and (not cfg.is_moe or cache is None):
+            raise EfedgeError("host_cache= is a second expert-cache level behind the VRAM "
+                              "cache: it needs a model with experts and cache=... (without "
+                              "cache= every expert is resident in VRAM)")
+        if disk_link is not None and host_cache is None:
+            raise EfedgeError("disk_link= emulates reads from the disk into the host cache: "
+                              "it needs host_cache=...")
         try:  # from here on threads and device memory exist: release them on any failure
             resident = False
             if cfg.is_moe:
@@ -142,7 +150,8 @@ class CudaModel:
                             f"{max(budget.remaining, 0) / 2**20:.0f} MiB of device memory are "
                             f"left after weights, KV cache and scratch")
                 resident = self._build_cache(store, min(want, all_bytes), policy, link,
-                                             workers, hybrid, policy_kwargs or {})
+                                             workers, hybrid, policy_kwargs or {},
+                                             host_cache, disk_link)
             elif cache is not None or link is not None:
                 log.info("dense model: cache= and link= have no effect")
             self._tf = GpuTransformer(host, dev, dense_names, self.source, self.hybrid,
@@ -152,7 +161,9 @@ class CudaModel:
             raise
         self.max_batch, self.resident = max_batch, resident
 
-    def _build_cache(self, store, want, policy, link, workers, hybrid, policy_kwargs) -> bool:
+    def _build_cache(self, store, want, policy, link, workers, hybrid, policy_kwargs,
+                     host_cache=None, disk_link=None) -> bool:
+        from efedge.experts.cache import parse_budget
         from efedge.experts.scheduler import make_policy
         from efedge.experts.transfer import parse_link
         from efedge.gpu.cache import (
@@ -162,15 +173,37 @@ class CudaModel:
             GpuTransferEngine,
         )
         from efedge.gpu.emulate import LinkEmulator
+        from efedge.gpu.host_tier import HostTier
         from efedge.gpu.hybrid import HybridMisses
 
         cfg = self.config
         backend = DeviceBackend(self.device)
+        link_obj = parse_link(link)
+        # both checked before any memory is taken, and named
+        try:
+            disk_obj = parse_link(disk_link)
+        except EfedgeError as exc:
+            raise EfedgeError(f"disk_link={disk_link!r}: {exc}") from None
+        host_bytes = None
+        if host_cache is not None:
+            try:
+                host_bytes = min(parse_budget(host_cache, store.total_bytes()),
+                                 store.total_bytes())
+            except CacheBudgetError as exc:
+                raise CacheBudgetError(f"host_cache={host_cache!r}: {exc}") from None
         ecache = GpuExpertCache(store, want, cfg.n_expert_used, backend)
         self.budget.take("expert_cache", ecache.nbytes)
-        link_obj = parse_link(link)
         self.link = link_obj
         resident = ecache.n_slots >= store.n_layer * store.n_expert
+        if host_bytes is not None and not resident:
+            # host memory, outside the VRAM budget; pinned on CUDA
+            try:
+                self.host_tier = HostTier(store, host_bytes, cfg.n_expert_used, backend,
+                                          disk_obj)
+            except CacheBudgetError as exc:
+                raise CacheBudgetError(f"host_cache={host_cache!r}: {exc}") from None
+        elif host_cache is not None:
+            log.info("host_cache= has no effect: every expert is resident in VRAM")
         pol = make_policy("ondemand" if resident else policy, **policy_kwargs)
         if not resident and hybrid != "off":
             self.hybrid = HybridMisses(store, hybrid)
@@ -178,7 +211,7 @@ class CudaModel:
                 self.hybrid.calibrate()
         emulator = LinkEmulator(link_obj) if link_obj is not None else None
         engine = GpuTransferEngine(self._gf.path, store, ecache, self.counters, backend,
-                                   emulator, workers)
+                                   emulator, workers, host_tier=self.host_tier)
         try:
             self.source = GpuStreamingExperts(store, ecache, engine, pol, self.counters,
                                               routers=[b.ffn_gate_inp for b in self.host.blocks],
@@ -237,6 +270,12 @@ class CudaModel:
             out["policy"] = self.source.policy.name
         if self.hybrid is not None:
             out.update(self.hybrid.stats())
+        if self.host_tier is not None:
+            out.update(self.host_tier.stats())
+            eng = self.source.engine if self.source is not None else None
+            if eng is not None:
+                out["host_stage_issued"] = eng.stage_issued
+                out["host_stage_cancelled"] = eng.stage_cancelled
         return out
 
     def close(self) -> None:
@@ -245,6 +284,9 @@ class CudaModel:
             self.source.close()
             self.source.cache.dev_pools = []
             self.source = None
+        if self.host_tier is not None:
+            self.host_tier.pools = self.host_tier._np_pools = []  # free the pinned memory
+
         if self._tf is not None:
             self._tf.close()
             self._tf = None
@@ -264,7 +306,7 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
                     device: str = "cuda", workers: int = 2, hybrid: str = "auto",
                     dense="auto", counters=None, ubatch: int = 512,
                     scratch_bytes: int = SCRATCH_BYTES, policy_kwargs: dict | None = None,
-                    config=None) -> CudaModel:
+                    config=None, host_cache=None, disk_link=None) -> CudaModel:
     """Load a GGUF model onto a GPU.
 
     path: a file, an open efedge.gguf_file.GGUFFile (not closed by the model), or None for
@@ -275,7 +317,11 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     "12.5GB/s", a Link). hybrid: "auto" (misses computed on the CPU when that is faster,
     measured), "off", or "always" (every miss on the CPU; for tests). dense: non-expert
     weights as float32 ("auto": when small), or kept quantized. device: "cuda", "cuda:1",
-    or "cpu" (torch's CPU device: the same code, for tests)."""
+    or "cpu" (torch's CPU device: the same code, for tests). host_cache: a second
+    expert-cache level in pinned host memory between the file and VRAM (bytes / "4GB" /
+    "50%" of expert bytes; needs cache=), filled on VRAM misses and by expertflow's
+    predictions further ahead (efedge/gpu/host_tier.py). disk_link: an emulated disk for
+    file → host reads ("nvme", "2GB/s"; needs host_cache=)."""
     from efedge.config import config_from_gguf
     from efedge.gguf_file import GGUFFile
 
@@ -302,7 +348,7 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
                          hybrid=hybrid, dense=dense, counters=counters, ubatch=ubatch,
                          scratch_bytes=scratch_bytes, policy_kwargs=policy_kwargs,
-                         own_file=own)
+                         own_file=own, host_cache=host_cache, disk_link=disk_link)
     except BaseException:
         if own:
             gf.close()

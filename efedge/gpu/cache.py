@@ -21,17 +21,29 @@ DeviceBackend hides streams and events so the same code runs on torch's CPU devi
 where copies are synchronous and every event is complete (tests substitute backends
 whose events complete late, to exercise the ordering).
 
-Not implemented: a second cache level in pinned host memory for files larger than host
-RAM. Experts are read from the mapped file, i.e. from the page cache when the file fits
-in RAM and from the disk when it does not; ExpertFlow's two-level design would put a
-pinned host pool, filled by the same predictions with a longer horizon, between the two.
+A second cache level in pinned host memory (`host_cache=`, efedge/gpu/host_tier.py) for
+files larger than host RAM: without it the OS page cache is the host tier and thrashes
+when the file does not fit, so every VRAM miss reads the disk. With it, a VRAM copy
+takes its expert from a READY host slot (a host hit: no file read, no staging copy; the
+slot stays pinned until the copy's event has completed), or reads the file into a host
+slot first (a host miss; the pages are dropped, the host slot is the only copy) and
+copies from there; a worker that wants an expert another worker is reading waits for
+that read. Staging jobs (disk → host only) come from the same predictions as the VRAM
+prefetches, further ahead (`GpuStreamingExperts.stage`, called by expertflow), and queue
+behind every VRAM job (STAGE_PRIORITY); a staging job claims its host slot only when a
+worker starts it. Counters: host_hits, host_misses, host_staged, disk_bytes
+(bytes_loaded stays the bytes moved into VRAM). docs/gpu.md describes both levels.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
+import os
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,9 +53,30 @@ from efedge.experts import file_read
 from efedge.experts.cache import READY, ExpertCache
 from efedge.experts.store import ExpertStore
 from efedge.experts.streaming import WAIT_TIMEOUT_S, StreamingExperts
-from efedge.experts.transfer import DEMAND, TransferEngine
+from efedge.experts.transfer import DEMAND, RETRIES, Job, TransferEngine
+from efedge.gpu.host_tier import HostTier
 
+log = logging.getLogger("efedge.gpu")
 PARTS = ("gate", "up", "down")
+# staging loads (disk → host only) queue behind every VRAM job: VRAM priorities are
+# DEMAND, PREFETCH or the step a prefetch is needed at, far below this
+STAGE_PRIORITY = 1 << 48
+
+
+@dataclass(eq=False)
+class StageJob(Job):
+    """A disk → host load from the predictions (`slot` unused: the host slot is claimed
+    when a worker starts it, so a queued one holds nothing). Ordered with VRAM jobs in
+    one heap by (priority, seq); dataclass ordering would refuse to compare the two
+    classes, hence the explicit comparisons (Job < StageJob reaches __gt__)."""
+
+    value: float = field(default=0.0, compare=False)  # its predicted probability of use
+
+    def __lt__(self, other: Job) -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+    def __gt__(self, other: Job) -> bool:
+        return (self.priority, self.seq) > (other.priority, other.seq)
 
 
 # -- streams and events ------------------------------------------------------------------
@@ -162,8 +195,13 @@ class GpuTransferEngine(TransferEngine):
     the emulated link would."""
 
     def __init__(self, path, store: ExpertStore, cache: GpuExpertCache, counters,
-                 backend: DeviceBackend, emulator=None, workers: int = 2, read_fn=None):
+                 backend: DeviceBackend, emulator=None, workers: int = 2, read_fn=None,
+                 host_tier: HostTier | None = None):
         self.backend, self.emulator = backend, emulator
+        self.host = host_tier
+        self._stage_jobs: dict[int, StageJob] = {}  # queued staging loads by layer * E + e
+        self._stage_queued = 0
+        self.stage_issued = self.stage_cancelled = 0
         self._tls = threading.local()
         self._max_bytes = int(np.max(cache.class_bytes))
         self.copy_s = 0.0  # worker time from job start to the copy's (emulated) completion
@@ -172,41 +210,173 @@ class GpuTransferEngine(TransferEngine):
         self.link = emulator.link if emulator is not None else None
 
     def _resources(self):
-        """This thread's pinned staging buffer and copy stream (made on first use)."""
+        """This thread's copy stream and (without a host tier) pinned staging buffer, made
+        on first use."""
         tl = self._tls
-        if getattr(tl, "staging", None) is None:
+        if getattr(tl, "stream", None) is None:
+            tl.stream = self.backend.new_stream()
+        if self.host is None and getattr(tl, "staging", None) is None:
             tl.staging = self.backend.host_buffer(self._max_bytes)
             tl.np = tl.staging.numpy()
-            tl.stream = self.backend.new_stream()
         return tl
+
+    def _read_expert(self, parts: list[np.ndarray], layer: int, expert: int,
+                     drop_pages: bool) -> int:
+        """Read the expert's gate, up and down from the file into `parts`; with
+        `drop_pages`, drop the file's pages they came from (the host tier holds the only
+        copy then). Returns the bytes read."""
+        nbytes = self.store.nbytes[layer, expert]
+        if self._kernel_reads() and file_read.read_expert(
+                self._fd, parts, self.store.offsets[layer, expert], nbytes, self._page,
+                drop_pages=drop_pages):
+            return int(nbytes.sum())
+        for ip in range(3):  # in Python where the kernel cannot, or to name its error
+            off = int(self.store.offsets[layer, expert, ip])
+            n = int(nbytes[ip])
+            self._read(parts[ip][:n], off)
+            if drop_pages and hasattr(os, "posix_fadvise"):
+                lo = off - off % self._page  # whole pages, as the kernel drops them
+                os.posix_fadvise(self._fd, lo, off + n - lo + self._page - 1,
+                                 os.POSIX_FADV_DONTNEED)
+        return int(nbytes.sum())
+
+    def _fill_host(self, slot: int, layer: int, expert: int) -> int:
+        """Read an expert from the file into its (LOADING) host slot, as fast as the
+        emulated disk link allows, and publish it READY. A failed read frees the slot
+        (its waiters then read it themselves) and raises."""
+        t0 = time.perf_counter()
+        try:
+            n = self._read_expert(self.host.slot_parts(slot, layer), layer, expert,
+                                  drop_pages=True)
+            self.host.wait_disk(n, t0)
+        except BaseException:
+            self.host.release(slot)
+            raise
+        self.host.mark_ready(slot)
+        with self._stat_lock:
+            self.counters.disk_bytes += n
+        return n
 
     def _copy(self, job) -> int:
         t0 = time.perf_counter()
         tl = self._resources()
-        bounds = self.cache.part_bounds[job.layer]
-        nbytes = self.store.nbytes[job.layer, job.expert]
-        total = int(nbytes.sum())
-        if not (self._kernel_reads() and file_read.read_expert(
-                self._fd, [tl.np[bounds[ip]:bounds[ip + 1]] for ip in range(3)],
-                self.store.offsets[job.layer, job.expert], nbytes, self._page,
-                drop_pages=False)):  # the page cache is the host tier here
-            for ip in range(3):  # in Python where the kernel cannot, or to name its error
-                off = int(self.store.offsets[job.layer, job.expert, ip])
-                n = int(nbytes[ip])
-                self._read(tl.np[bounds[ip]:bounds[ip] + n], off)
-        dst = self.cache.slot_tensor(job.slot)
-        last = self.cache.last_use[job.slot]
-        with self.backend.use_stream(tl.stream):
-            if last is not None:
-                self.backend.wait(last, tl.stream)  # the GPU has finished reading the slot
-            self.backend.copy(dst[:total], tl.staging[:total])
-            event = self.backend.record(tl.stream)
-        if self.emulator is not None:
-            event = self.emulator.delay(event, total, t0)
-        event.synchronize()  # this worker waits, never the compute thread; staging reusable
+        total = self.store.expert_bytes(job.layer, job.expert)
+        hslot = -1
+        if self.host is None:  # the page cache is the host tier: keep its pages
+            bounds = self.cache.part_bounds[job.layer]
+            self._read_expert([tl.np[bounds[ip]:bounds[ip + 1]] for ip in range(3)],
+                              job.layer, job.expert, drop_pages=False)
+            src = tl.staging
+        else:
+            hslot, hit = self.host.acquire(job.layer, job.expert)  # pinned
+        try:
+            if hslot >= 0:
+                if not hit:
+                    self._fill_host(hslot, job.layer, job.expert)
+                src = self.host.slot_tensor(hslot)
+            dst = self.cache.slot_tensor(job.slot)
+            last = self.cache.last_use[job.slot]
+            with self.backend.use_stream(tl.stream):
+                if last is not None:
+                    self.backend.wait(last, tl.stream)  # the GPU has finished reading the slot
+                self.backend.copy(dst[:total], src[:total])
+                event = self.backend.record(tl.stream)
+            if self.emulator is not None:
+                event = self.emulator.delay(event, total, t0)
+            # this worker waits, never the compute thread; the staging buffer or host slot
+            # may be reused (or evicted) once the copy has completed
+            event.synchronize()
+        finally:
+            if hslot >= 0:
+                self.host.unpin(hslot)
         with self._stat_lock:
             self.copy_s += time.perf_counter() - t0
+            if hslot >= 0:  # counted once the expert is in VRAM (a failed try is not)
+                if hit:
+                    self.counters.host_hits += 1
+                else:
+                    self.counters.host_misses += 1
         return total
+
+    # -- staging: disk → host only, behind every VRAM job ----------------------------------
+    def stage(self, layer: int, experts: np.ndarray, values: np.ndarray, priority: int,
+              vram_where: np.ndarray) -> int:
+        """(cond held) Queue disk → host loads of these experts (with their predicted
+        probabilities `values`) unless resident in VRAM, held by the host tier or already
+        queued; the layer's queued staging loads not asked for again are dropped (newer
+        predictions replace them). Returns how many were queued."""
+        n_e = self.store.n_expert
+        keep = set()
+        issued = 0
+        room = self.host.class_slots(layer) - self._stage_queued
+        for e, v in zip(experts.tolist(), values.tolist(), strict=True):
+            key = layer * n_e + e
+            job = self._stage_jobs.get(key)
+            if job is not None:
+                keep.add(key)
+                continue
+            if vram_where[layer, e] >= 0 or self.host.contains(layer, e) or room <= 0:
+                continue
+            job = StageJob(STAGE_PRIORITY + max(0, int(priority)), next(self._seq), layer, e,
+                           -1, value=float(v))
+            heapq.heappush(self._queue, job)
+            self._stage_jobs[key] = job
+            self._stage_queued += 1
+            keep.add(key)
+            issued += 1
+            room -= 1
+            self.work.notify()
+        for key, job in list(self._stage_jobs.items()):
+            if key // n_e == layer and key not in keep and not job.started:
+                job.cancelled = True
+                del self._stage_jobs[key]
+                self._stage_queued -= 1
+                self.stage_cancelled += 1
+        self.stage_issued += issued
+        return issued
+
+    def _stage_done(self, job) -> None:
+        """(cond held) The staging job left the queue (run, failed or died)."""
+        key = job.layer * self.store.n_expert + job.expert
+        if self._stage_jobs.get(key) is job:
+            del self._stage_jobs[key]
+            self._stage_queued -= 1
+
+    def _run_stage(self, job) -> None:
+        """Read a staged expert into a host slot, if it is not there yet and some slot
+        holds an expert less likely to be needed (disk errors: retried, then dropped; a
+        staging load is only a hint)."""
+        for attempt in range(RETRIES):
+            try:
+                slot = self.host.claim(job.layer, job.expert, job.value)
+                if slot >= 0:
+                    self._fill_host(slot, job.layer, job.expert)
+                    with self._stat_lock:
+                        self.counters.host_staged += 1
+                break
+            except OSError as exc:
+                log.warning("staging expert %d/%d failed (attempt %d): %s",
+                            job.layer, job.expert, attempt + 1, exc)
+        with self.cond:
+            self._stage_done(job)
+            self.cond.notify_all()
+
+    def _run(self, job) -> None:
+        if isinstance(job, StageJob):
+            self._run_stage(job)
+        else:
+            super()._run(job)
+
+    def _meter_start(self, job) -> None:
+        if not isinstance(job, StageJob):  # the meter measures the link into VRAM
+            super()._meter_start(job)
+
+    def _worker_died(self, i: int, job, exc: BaseException) -> None:
+        if isinstance(job, StageJob):
+            with self.cond:
+                self._stage_done(job)
+            job = None  # its host slot, if claimed, was released by _fill_host
+        super()._worker_died(i, job, exc)
 
     def _emulate_link(self, nbytes: int, started: float) -> None:
         pass  # the emulated link delays the copy's event instead (see _copy)
@@ -228,10 +398,34 @@ class GpuStreamingExperts(StreamingExperts):
 
     def __init__(self, store, cache: GpuExpertCache, engine: GpuTransferEngine, policy,
                  counters, routers=None, n_active=None, hybrid=None):
+        self.host_tier = engine.host  # None: no second level (the page cache serves);
+        # set before the policy attaches (in super().__init__): it looks for it
         super().__init__(store, cache, engine, policy, counters, routers=routers,
                          n_active=n_active)
         self.backend = cache.backend
         self.hybrid = hybrid
+        if self.host_tier is not None:
+            # host eviction reads what VRAM holds and, if the policy predicts, p_next
+            self.host_tier.watch(cache.where, getattr(policy, "predictor", None))
+
+    def stage(self, layer: int, experts, priority: int | None = None, values=None) -> int:
+        """Queue disk → host loads (no VRAM slot) of experts predicted for `layer`, behind
+        every VRAM job; `values`: their predicted probabilities of use (a staging load
+        evicts only host experts less likely to be needed). Queued staging loads of the
+        layer not named again are dropped. Returns how many were queued (0 without a host
+        tier or for a dense layer)."""
+        if self.host_tier is None or self.cache.layer_class[layer] < 0:
+            return 0
+        experts = np.asarray(experts, dtype=np.int64).reshape(-1)
+        values = (np.ones(experts.shape, dtype=np.float64) if values is None
+                  else np.asarray(values, dtype=np.float64).reshape(-1))
+        if values.shape != experts.shape:
+            raise ValueError(f"stage: {experts.size} experts but {values.size} values")
+        if experts.size and (experts.min() < 0 or experts.max() >= self.store.n_expert):
+            raise ValueError(f"stage: expert ids must be in 0..{self.store.n_expert - 1}")
+        with self.cond:
+            return self.engine.stage(layer, experts, values, 0 if priority is None
+                                     else int(priority), self.cache.where)
 
     # hooks of StreamingExperts.acquire_batches (which gives the GPU its batches too)
     def _before_issue(self, layer: int, pending: list[int], *, tokens=None, cpu_submit=None,
