@@ -7,6 +7,7 @@
 
 from efedge.api import Model, load
 from efedge.errors import (
+    ArgumentError,
     CacheBudgetError,
     ContextLengthError,
     EfedgeError,
@@ -21,6 +22,7 @@ from efedge.generate import GenerationResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "CacheBudgetError",
     "ContextLengthError",
     "EfedgeError",

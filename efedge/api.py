@@ -18,7 +18,7 @@ import numpy as np
 
 from efedge import demo
 from efedge.config import ModelConfig, config_from_gguf
-from efedge.errors import ContextLengthError, EfedgeError, UnsupportedModelError
+from efedge.errors import ArgumentError, ContextLengthError, EfedgeError, UnsupportedModelError
 from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
@@ -40,11 +40,11 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     """The slack the forward pass uses: 0 for exact routing (outputs identical to
     llama.cpp), `slack` (a router probability, 0 < slack < 1) for cache-aware routing."""
     if routing not in ROUTINGS:
-        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        raise ArgumentError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
     if routing == "exact":
         return 0.0
     if isinstance(slack, bool) or not isinstance(slack, int | float) or not 0 < slack < 1:
-        raise ValueError(f"routing_slack must be a router probability in (0, 1), "
+        raise ArgumentError(f"routing_slack must be a router probability in (0, 1), "
                          f"got {slack!r}")
     if cuda:
         raise UnsupportedModelError("routing='cache-aware' is implemented for device='cpu' "
@@ -84,7 +84,7 @@ class Model:
             import numba
 
             if not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive integer, got {threads!r}")
+                raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         slack = _routing_slack(routing, routing_slack, cache, cuda)
         self.path = Path(path) if path is not None else demo.demo_model_path()
@@ -225,7 +225,7 @@ class Model:
         """float32 [len(ids), n_vocab] for a fresh sequence starting at position 0."""
         ids = self._token_ids(ids)
         if not ids:
-            raise ValueError("logits() needs at least one token id")
+            raise ArgumentError("logits() needs at least one token id")
         if len(ids) > self.n_ctx:
             raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
                                      "(raise n_ctx, or pass fewer)")
@@ -246,7 +246,7 @@ class Model:
                 raise TypeError(f"token id {i!r} is not an integer")
             i = int(i)
             if check_range and not 0 <= i < self.config.n_vocab:
-                raise ValueError(f"token id {i} is outside the vocabulary "
+                raise ArgumentError(f"token id {i} is outside the vocabulary "
                                  f"(0..{self.config.n_vocab - 1})")
             out.append(i)
         return out
@@ -269,7 +269,7 @@ class Model:
             raise TypeError(f"prompt must be a string or a list of token ids, got "
                             f"{type(prompt).__name__}")
         if not ids:
-            raise ValueError("the prompt is empty (and the model adds no BOS token)")
+            raise ArgumentError("the prompt is empty (and the model adds no BOS token)")
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds "
                                      f"{self.n_ctx} (raise n_ctx / -c, or shorten it)")
@@ -282,7 +282,7 @@ class Model:
         return the generator. The cancel event is registered now too, so a cancel()
         between the call and the first token is not lost."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+            raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         sampler = Sampler(self._params(sampling))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s_, str) for s_ in stops):

@@ -25,6 +25,11 @@ class SamplingError(EfedgeError, ValueError):
     """A sampling parameter is out of range."""
 
 
+class ArgumentError(EfedgeError, ValueError):
+    """An argument of the Python API is out of range or empty (also a ValueError, so
+    code that caught ValueError keeps working)."""
+
+
 class TransferError(EfedgeError):
     """An expert could not be loaded from the model file."""
 

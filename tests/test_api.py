@@ -370,3 +370,17 @@ def test_desktop_example_window(path, tmp_path):
         if xvfb is not None:
             xvfb.terminate()
             xvfb.wait(10)
+
+
+def test_bad_api_arguments_are_named_efedge_errors(m, path):
+    """Out-of-range API arguments are ArgumentError: an EfedgeError (the CLI and apps
+    catch those) that is still a ValueError."""
+    for call in (lambda: m.logits([]), lambda: m.logits([m.n_vocab]),
+                 lambda: m.generate("hello", max_tokens=-1), lambda: m.generate([])):
+        with pytest.raises(efedge.ArgumentError) as info:
+            call()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, efedge.EfedgeError)
+    for kw in ({"threads": 0}, {"routing": "nearest"},
+               {"routing": "cache-aware", "routing_slack": 2.0, "cache": "50%"}):
+        with pytest.raises(efedge.ArgumentError):
+            efedge.load(path, **kw)
