@@ -313,6 +313,8 @@ def test_run_n_minus_one_generates_until_the_end_or_a_full_context(path, capsys)
                         capsys)
     assert rc == 0, err
     assert out == want + "\n"
+    # the summary counts the tokens generated (not the decode steps) and why it ended
+    assert f"generated {len(res.tokens)} tokens ({res.finish_reason})" in err, err
 
 
 def test_an_unexpected_os_error_is_one_line_and_bugs_stay_visible(path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ from efedge.cli.common import (
     sampling_kwargs,
 )
 from efedge.errors import EfedgeError
+from efedge.generate import GenerationResult
 
 
 def n_predict(text: str) -> int:
@@ -66,15 +67,17 @@ def main(args: argparse.Namespace) -> int:
         max_tokens = m.n_ctx if args.n_predict < 0 else args.n_predict
         if args.echo:
             sys.stdout.write(prompt)
-        for piece in m.stream(prompt, max_tokens=max_tokens, stop=args.stop,
+        result = GenerationResult([], "")
+        for piece in m.stream(prompt, max_tokens=max_tokens, stop=args.stop, result=result,
                               **sampling_kwargs(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         s = m.stats()
+        # the tokens generated, not the decode steps (the last token is never decoded)
         print(f"[ load {load_s:.2f} s | prompt {s['tokens_prompt']} tokens | generated "
-              f"{s['tokens_generated']} tokens in {s['wall_s']:.2f} s | stall "
-              f"{s['stall_s'] * 1e3:.1f} ms ]", file=sys.stderr)
+              f"{len(result.tokens)} tokens ({result.finish_reason}) in {s['wall_s']:.2f} s "
+              f"| stall {s['stall_s'] * 1e3:.1f} ms ]", file=sys.stderr)
         if args.stats:
             print(format_stats(s), file=sys.stderr)
     return 0
