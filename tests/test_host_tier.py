@@ -298,6 +298,39 @@ def test_staging_queues_behind_every_vram_load(tiny_gguf):
         _close(gf, reads, src)
 
 
+def test_staging_never_takes_the_last_free_worker(tiny_gguf):
+    """A staging load (a disk read for a hint) may hold at most workers - 1 workers, so a
+    demand load arriving meanwhile always finds one."""
+    path = tiny_gguf("qwen3moe", "F16")
+    gf, store, host, reads, src = _parts(path, vram_experts=4, host_experts=8, workers=2)
+    eng = src.engine
+    try:
+        reads.gate.clear()  # every read blocks until the gate opens
+        assert src.stage(1, [3, 4, 5], priority=0) == 3
+        for _ in range(400):
+            if eng._stage_running:
+                break
+            threading.Event().wait(0.005)
+        threading.Event().wait(0.05)  # time for the other worker to (wrongly) take one
+        with src.cond:
+            assert eng._stage_running == 1 and eng._stage_queued == 3
+            src.cache.assign(0, 0, 1)
+            job = eng.submit(0, 1, 0, 0)  # a demand load
+        for _ in range(400):
+            if job.started:
+                break
+            threading.Event().wait(0.005)
+        assert job.started, "the demand load found no free worker"
+        reads.gate.set()
+        with src.cond:
+            while eng._stage_queued:
+                src.cond.wait(1)
+        assert eng._stage_running == 0 and src.counters.host_staged == 3
+    finally:
+        reads.gate.set()
+        _close(gf, reads, src)
+
+
 def test_expertflow_stages_beyond_its_vram_horizon(tiny_gguf):
     path = tiny_gguf("qwen3moe", "F16")
     # a host tier of one layer's active experts: the predicted ones are seldom in it

@@ -244,7 +244,8 @@ class TransferEngine:
         try:
             while True:
                 with self.cond:
-                    while not self._closing and not self._queue:
+                    while not self._closing and (not self._queue or
+                                                 not self._may_start(self._queue[0])):
                         self.work.wait()
                     if self._closing:
                         return
@@ -258,6 +259,12 @@ class TransferEngine:
                 job = None
         except BaseException as exc:  # a bug, not a disk error: never lose the job
             self._worker_died(i, job, exc)
+
+    def _may_start(self, job: Job) -> bool:
+        """(cond held) Whether a worker may take the job at the head of the queue now
+        (a subclass may hold some kinds of job back; waiting workers are woken through
+        `work`)."""
+        return True
 
     # -- the link meter (cond held) ---------------------------------------------------------
     def _meter_start(self, job: Job) -> None:

@@ -201,6 +201,7 @@ class GpuTransferEngine(TransferEngine):
         self.host = host_tier
         self._stage_jobs: dict[int, StageJob] = {}  # queued staging loads by layer * E + e
         self._stage_queued = 0
+        self._stage_running = 0  # staging loads under way: at most workers - 1 (below)
         self.stage_issued = self.stage_cancelled = 0
         self._tls = threading.local()
         self._max_bytes = int(np.max(cache.class_bytes))
@@ -363,18 +364,34 @@ class GpuTransferEngine(TransferEngine):
 
     def _run(self, job) -> None:
         if isinstance(job, StageJob):
-            self._run_stage(job)
+            try:
+                self._run_stage(job)
+            finally:
+                with self.cond:
+                    self._stage_running -= 1
+                    self.work.notify()  # a staging load held back may start now
         else:
             super()._run(job)
 
+    def _may_start(self, job) -> bool:
+        """Staging loads take at most workers - 1 workers at a time: a disk read for a
+        hint must never leave a demand load (which may arrive any moment) without a
+        worker. (Staging jobs queue behind every VRAM job, so one held back at the head
+        means no VRAM job is waiting.)"""
+        if job.cancelled or not isinstance(job, StageJob):
+            return True
+        return self._stage_running < max(1, len(self._threads) - 1)
+
     def _meter_start(self, job) -> None:
-        if not isinstance(job, StageJob):  # the meter measures the link into VRAM
+        if isinstance(job, StageJob):
+            self._stage_running += 1  # (cond held: a worker has just taken it)
+        else:  # the meter measures the link into VRAM
             super()._meter_start(job)
 
     def _worker_died(self, i: int, job, exc: BaseException) -> None:
         if isinstance(job, StageJob):
             with self.cond:
-                self._stage_done(job)
+                self._stage_done(job)  # (_run's finally has counted it as ended)
             job = None  # its host slot, if claimed, was released by _fill_host
         super()._worker_died(i, job, exc)
 
