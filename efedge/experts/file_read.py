@@ -57,8 +57,11 @@ _I64 = types.Array(types.int64, 1, "C", readonly=True)
 
 # one signature, compiled at import (from numba's cache after the first run): a buffer of
 # another dtype or layout, or a read-only one, is a TypeError before any byte is written
-@njit(types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64, types.int64, types.intc),
-      nogil=True, cache=True)
+_SIGNATURE = types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64, types.int64,
+                         types.intc)
+
+
+@njit(_SIGNATURE, nogil=True, cache=True, fastmath=False)
 def _read_parts(fd, gate, up, down, offsets, nbytes, page, advice):
     """Read part i (nbytes[i] bytes at file offset offsets[i]) into the start of the i-th
     buffer, then (advice ≥ 0) give the pages it spans that advice. Returns 0; -(i+1) when
