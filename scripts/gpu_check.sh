@@ -13,7 +13,7 @@
 # Writes $OUT/gpu_check.txt (summary), $OUT/gpu_check.json (all figures) and one log per
 # stage. Stages:
 #   1. env      torch / CUDA / GPU / package versions
-#   2. pytest   tests/test_gpu.py -m cuda: the CUDA tests (bit-exact dequant on the GPU,
+#   2. pytest   tests/test_gpu.py, test_host_tier.py -m cuda: the CUDA tests (bit-exact dequant on the GPU,
 #               forward parity with the CPU path on generated models, streaming under
 #               pressure, budget and pinned staging). The CPU-device tests of that file run
 #               in CI; here they only cost numba compile time (the stage once hit its cap).
@@ -23,6 +23,7 @@
 #               ondemand and expertflow, hybrid misses off and auto, plus all resident
 #   5. llamacpp `efedge bench --device cuda --vs-llama-cpp` on the demo model (35% cache),
 #      llamacpu  and the same with llama.cpp's experts on the CPU (--llama-cpu-moe)
+#      hosttier  the pinned host level under the VRAM cache (emulated pcie4x8 and nvme)
 #   6. bench16  if time is left: a generated 1.6 GB qwen3moe ("bench" preset, F16, 3.1 MB
 #               experts ≈ Qwen3-30B-A3B's) with the real pcie4x8 rate, 35% cache, 8 GB
 set -u
@@ -90,7 +91,8 @@ if ! "$PY" -c "import gguf, torch, efedge; assert '$DEVICE' == 'cpu' or torch.cu
     exit 2
 fi
 
-stage pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_gpu.py
+stage pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_gpu.py \
+    tests/test_host_tier.py
 
 stage parity 100 "$PY" benchmarks/gpu_bench.py --device "$DEVICE" --parity -n 32 \
     --workdir "$MODELS" \
@@ -107,6 +109,12 @@ stage llamacpp 70 "$PY" -m efedge bench --device "$DEVICE" -p 64 -n 32 -r 2 --ca
 # and against llama.cpp's experts-on-CPU configuration (--cpu-moe), the one the issue names
 stage llamacpu 60 "$PY" -m efedge bench --device "$DEVICE" -p 64 -n 32 -r 2 --cache 35% \
     --vs-llama-cpp --llama-cpu-moe --json
+# the two cache levels: 25% in VRAM over an emulated laptop link, 50% in pinned host memory
+# over an emulated NVMe disk (the host hit rate column; figures never measured on a GPU yet)
+if [ "$DEVICE" != cpu ]; then  # (efedge's CPU path has no second level: refused there)
+    stage hosttier 45 "$PY" -m efedge bench --device "$DEVICE" -p 64 -n 32 -r 2 \
+        --cache 25% --link pcie4x8 --host-cache 50% --disk-link nvme --policy expertflow --json
+fi
 
 if [ $(($(date +%s) + 90)) -lt "$DEADLINE" ]; then
     stage bench16 $((DEADLINE - $(date +%s) - 5)) "$PY" - "$OUT" "$DEVICE" "$MODELS" <<'EOF'
