@@ -197,25 +197,27 @@ class TransferEngine:
         return self._read_whole and getattr(self._read, "__func__", None) is \
             TransferEngine._pread
 
-    def _copy(self, job: Job) -> int:
-        parts = self.cache.slot_parts(job.slot)
+    def _read_expert(self, parts, layer: int, expert: int, drop_pages: bool = True) -> int:
+        """Read the expert's gate, up and down from the file into `parts`; with
+        `drop_pages`, drop the file's pages they came from (whole pages, so those an
+        expert shares with its neighbours go too). Returns the bytes read."""
+        nbytes = self.store.nbytes[layer, expert]
         if self._kernel_reads() and file_read.read_expert(
-                self._fd, parts, self.store.offsets[job.layer, job.expert],
-                self.store.nbytes[job.layer, job.expert], self._page):
-            return int(self.store.nbytes[job.layer, job.expert].sum())
-        # one part at a time in Python where the kernel cannot, or to name its error
-        total = 0
-        for ip in range(3):
-            off = int(self.store.offsets[job.layer, job.expert, ip])
-            n = int(self.store.nbytes[job.layer, job.expert, ip])
+                self._fd, parts, self.store.offsets[layer, expert], nbytes, self._page,
+                drop_pages=drop_pages):
+            return int(nbytes.sum())
+        for ip in range(3):  # in Python where the kernel cannot, or to name its error
+            off = int(self.store.offsets[layer, expert, ip])
+            n = int(nbytes[ip])
             self._read(parts[ip][:n], off)
-            if hasattr(os, "posix_fadvise"):
-                # whole pages, so the pages an expert shares with its neighbours go too
+            if drop_pages and hasattr(os, "posix_fadvise"):
                 lo = off - off % self._page
                 os.posix_fadvise(self._fd, lo, off + n - lo + self._page - 1,
                                  os.POSIX_FADV_DONTNEED)
-            total += n
-        return total
+        return int(nbytes.sum())
+
+    def _copy(self, job: Job) -> int:
+        return self._read_expert(self.cache.slot_parts(job.slot), job.layer, job.expert)
 
     def load_now(self, layer: int, expert: int, slot: int) -> int:
         """Synchronous load on the calling thread (the fallback after failed retries)."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import threading
 import time
 from contextlib import nullcontext
@@ -49,7 +48,6 @@ import numpy as np
 import torch
 
 from efedge.errors import TransferError
-from efedge.experts import file_read
 from efedge.experts.cache import READY, ExpertCache
 from efedge.experts.store import ExpertStore
 from efedge.experts.streaming import WAIT_TIMEOUT_S, StreamingExperts
@@ -220,26 +218,6 @@ class GpuTransferEngine(TransferEngine):
             tl.staging = self.backend.host_buffer(self._max_bytes)
             tl.np = tl.staging.numpy()
         return tl
-
-    def _read_expert(self, parts: list[np.ndarray], layer: int, expert: int,
-                     drop_pages: bool) -> int:
-        """Read the expert's gate, up and down from the file into `parts`; with
-        `drop_pages`, drop the file's pages they came from (the host tier holds the only
-        copy then). Returns the bytes read."""
-        nbytes = self.store.nbytes[layer, expert]
-        if self._kernel_reads() and file_read.read_expert(
-                self._fd, parts, self.store.offsets[layer, expert], nbytes, self._page,
-                drop_pages=drop_pages):
-            return int(nbytes.sum())
-        for ip in range(3):  # in Python where the kernel cannot, or to name its error
-            off = int(self.store.offsets[layer, expert, ip])
-            n = int(nbytes[ip])
-            self._read(parts[ip][:n], off)
-            if drop_pages and hasattr(os, "posix_fadvise"):
-                lo = off - off % self._page  # whole pages, as the kernel drops them
-                os.posix_fadvise(self._fd, lo, off + n - lo + self._page - 1,
-                                 os.POSIX_FADV_DONTNEED)
-        return int(nbytes.sum())
 
     def _fill_host(self, slot: int, layer: int, expert: int) -> int:
         """Read an expert from the file into its (LOADING) host slot, as fast as the
