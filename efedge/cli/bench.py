@@ -40,6 +40,7 @@ import numpy as np
 
 from efedge import __version__
 from efedge.cli.bench_llama import _Llama
+from efedge.cli.common import add_host_tier_args
 from efedge.errors import EfedgeError
 
 # llama.cpp's names for general.file_type (llama_model_ftype_name)
@@ -105,12 +106,7 @@ def add_parser(sub) -> None:
     p.add_argument("--vram", default=None,
                    help="device memory budget with --device cuda, e.g. 8GB (an emulated "
                         "laptop GPU on a larger one)")
-    p.add_argument("--host-cache", default=None, metavar="SIZE",
-                   help="with --device cuda: a second expert-cache level in pinned host "
-                        "memory, e.g. 4GB or 50%% of expert bytes (the table adds its hit "
-                        "rate)")
-    p.add_argument("--disk-link", default=None, metavar="RATE",
-                   help="with --host-cache: emulated disk for file → host reads, e.g. nvme")
+    add_host_tier_args(p)  # (the table then adds the host hit rate)
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="run llama-cpp-python side by side and print the ratio per test "
                         "(with --device cuda: every layer offloaded, if its build can)")

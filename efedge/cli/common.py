@@ -11,47 +11,41 @@ import efedge
 from efedge.errors import EfedgeError
 
 
+def checked_number(text: str, convert, accept, what: str, what_value: str | None = None,
+                   show_text: bool = False):
+    """argparse type helper: `convert(text)` (int, float), accepted by `accept(value)`.
+    Errors say "expected {what}, got …" (what_value instead, if given, when the number
+    parses but is out of range; the text as typed with show_text, else the value)."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not accept(value):  # (NaN fails every comparison, so every float check refuses it)
+        raise argparse.ArgumentTypeError(f"expected {what_value or what}, got "
+                                         f"{text if show_text else value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer ≥ 1 (a count that cannot be zero: threads, tokens)."""
-    return _bounded_int(text, 1, "a positive integer")
+    return checked_number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer ≥ 0."""
-    return _bounded_int(text, 0, "a non-negative integer")
-
-
-def _bounded_int(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-    return value
+    return checked_number(text, int, lambda v: v >= 0, "a non-negative integer")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a duration, a rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
-    return value
+    return checked_number(text, float, lambda v: math.isfinite(v) and v > 0,
+                          "a positive number", "a finite positive number", show_text=True)
 
 
 def probability(text: str) -> float:
     """argparse type: a probability strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text!r}") \
-            from None
-    if not 0 < value < 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {text}")
-    return value
+    return checked_number(text, float, lambda v: 0 < v < 1, "a probability in (0, 1)",
+                          show_text=True)
 
 
 def read_text_file(path: str, what: str, errors: str = "strict") -> str:

@@ -9,6 +9,7 @@ import time
 from efedge.cli.common import (
     add_model_args,
     add_sampling_args,
+    checked_number,
     format_stats,
     load_model,
     read_text_file,
@@ -20,14 +21,8 @@ from efedge.generate import GenerationResult
 
 def n_predict(text: str) -> int:
     """-n: a token count ≥ 0, or -1 for "until end of turn or the context is full"."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"expected -1 (until the end or a full context) or a "
-                                         f"count ≥ 0, got {value}")
-    return value
+    return checked_number(text, int, lambda v: v >= -1, "an integer",
+                          "-1 (until the end or a full context) or a count ≥ 0")
 
 
 def add_parser(sub) -> None:

@@ -11,6 +11,7 @@ from efedge.cli.common import (
     add_chat_template_arg,
     add_model_args,
     add_sampling_args,
+    checked_number,
     load_model,
     progress_bar,
     sampling_kwargs,
@@ -21,14 +22,7 @@ from efedge.sampling import SamplingParams
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 0-65535 (0: any free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") \
-            from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
-    return value
+    return checked_number(text, int, lambda v: 0 <= v <= 65535, "a port number 0-65535")
 
 
 def add_parser(sub) -> None:
