@@ -56,6 +56,12 @@ def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
     return m.stats(), prefill_stall, ovh
 
 
+def host_hit_rate(stats: dict) -> float | None:
+    """Of the copies into VRAM, the share the pinned host tier held (None: no copy)."""
+    copies = stats["host_hits"] + stats["host_misses"]
+    return stats["host_hits"] / copies if copies else None
+
+
 def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
                      warmup: bool = True, device: str = "cpu", vram=None, host_cache=None,
                      disk_link=None) -> list[dict]:
@@ -92,8 +98,7 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
         })
         if host_cache is not None:
-            copies = s["host_hits"] + s["host_misses"]
-            rows[-1]["host_hit_rate"] = s["host_hits"] / copies if copies else None
+            rows[-1]["host_hit_rate"] = host_hit_rate(s)
     base = [r["stall_ms_per_token"] for r in rows if r["policy"] in ("ondemand", "lru")]
     if base and base[0] > 0:
         for r in rows:

@@ -268,9 +268,10 @@ def _host_fields(s: dict, dev: dict) -> dict:
     stay as they were)."""
     if not dev.get("host_cache_bytes"):
         return {}
-    copies = s["host_hits"] + s["host_misses"]
+    from efedge.policy_compare import host_hit_rate
+
     return {"host_cache_bytes": dev["host_cache_bytes"], "disk_link": dev.get("disk_link"),
-            "host_hit_rate": s["host_hits"] / copies if copies else None,
+            "host_hit_rate": host_hit_rate(s),
             "host_staged": s["host_staged"], "disk_bytes": s["disk_bytes"]}
 
 
