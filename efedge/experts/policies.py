@@ -272,7 +272,7 @@ class ExpertFlow(_Predictive):
 
     def _flush_plan(self) -> None:
         super()._flush_plan()
-        plan, self._stage_plan = getattr(self, "_stage_plan", []), []
+        plan, self._stage_plan = self._stage_plan, []
         for m, experts, values, priority in plan:
             self._stager(m, experts, priority=priority, values=values)
 

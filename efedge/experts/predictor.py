@@ -43,7 +43,6 @@ import numpy as np
 
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_INC,
-    _P_REACH,
     _P_REACHF,
     N_COMP,
     POPULAR,
@@ -79,10 +78,10 @@ class HybridPredictor:
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
         self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
-        # the last entries: the distances transitions are learned for (_P_REACH: how far
-        # predictions reached lately, _P_REACHF, + LEARN_MARGIN; the step kernel sets both)
+        # the last entry (_P_REACHF): how far predictions reached lately; transitions are
+        # learned that far + LEARN_MARGIN (the step kernel keeps it)
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
-                                weight_floor, 0.1, popularity_rate, dm, dm], dtype=np.float64)
+                                weight_floor, 0.1, popularity_rate, dm], dtype=np.float64)
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
         self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency

@@ -13,7 +13,7 @@ PREGATE, TRANSITION, TEMPORAL, POPULAR, TOKEN = 0, 1, 2, 3, 4
 N_COMP = 5
 # params vector (float64), indices
 (_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP,
- _P_REACH, _P_REACHF) = range(11)
+ _P_REACHF) = range(10)
 LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach
 REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
@@ -122,8 +122,9 @@ def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weight
 @njit(cache=True, fastmath=False)
 def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
            p_next, tok_hist, cur_tok, params):
-    """Transition counts ending at this layer (distances 1..params[_P_REACH]), temporal
-    frequency, token history, token memory."""
+    """Transition counts ending at this layer (distances 1 up to how far predictions
+    reached lately, params[_P_REACHF], + LEARN_MARGIN), temporal frequency, token
+    history, token memory."""
     t_n, k = ids.shape
     n_layer = cur_ids.shape[0]
     dm = trans.shape[1]
@@ -144,7 +145,8 @@ def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, re
     w = params[_P_INC]
     # only the distances predictions reach now (and a margin): each distance's counts
     # are cache lines the layer kernels have evicted since the last step
-    for d in range(1, max(1, min(dm, int(params[_P_REACH]))) + 1):
+    n_learn = max(1, min(dm, int(np.ceil(params[_P_REACHF])) + LEARN_MARGIN))
+    for d in range(1, n_learn + 1):
         s = layer - d
         if s >= 0:  # same pass: token-aligned pairs
             for t in range(t_n):
@@ -408,11 +410,9 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
     its choice, predict. The arguments from last_hist on are the predictor's persistent
     state, in the order of HybridPredictor._state."""
     # how far predictions reached lately (it fades by one distance per REACH_FADE passes):
-    # transitions are learned that far, plus a margin
+    # _learn learns transitions that far, plus a margin
     fade = 1.0 / (REACH_FADE * p_next.shape[0])
-    reach = max(float(max(n_pred, extra)), params[_P_REACHF] - fade)
-    params[_P_REACHF] = reach
-    params[_P_REACH] = min(trans.shape[1], np.ceil(reach) + LEARN_MARGIN)
+    params[_P_REACHF] = max(float(max(n_pred, extra)), params[_P_REACHF] - fade)
     if feedback:
         _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
                   prec_n, recall, params)
