@@ -74,20 +74,22 @@ def check_address(host: str, port: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from efedge.server import TEMPLATE_PROBE, make_server
+    from efedge.server import make_server
 
     defaults = sampling_kwargs(args)
     SamplingParams(**defaults).validate()
     check_address(args.host, args.port)
     with load_model(args, progress=progress_bar()) as m:
-        if args.chat_template is not None:
-            # a --chat-template that cannot render fails now (TemplateError names it), not
-            # as a 400 on every chat request that would blame the client
-            m.chat_prompt(TEMPLATE_PROBE)
         try:
             srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults)
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
+        if args.chat_template is not None and srv.template_error is not None:
+            # the server tried the template: a --chat-template that cannot render is the
+            # user's to fix now, not a 500 on every chat request (a broken one in the
+            # GGUF only costs the chat route)
+            srv.server_close()
+            raise EfedgeError(srv.template_error)
         try:
             print(f"efedge serve: {srv.model_id} on {srv.url}/v1 (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
