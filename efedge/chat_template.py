@@ -207,6 +207,7 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
+        self._takes_parts: bool | None = None  # probed on first need (takes_text_parts)
         try:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
@@ -223,7 +224,7 @@ class ChatTemplate:
         a list, or print its repr. For those, render() joins the parts' texts with
         newlines and passes None as "", as llama.cpp does for such templates; OpenAI
         clients send either form."""
-        if getattr(self, "_takes_parts", None) is None:
+        if self._takes_parts is None:
             marker = "efedge-probe-7f3a"
             probe = [{"role": "user", "content": [{"type": "text", "text": marker}]}]
             try:
