@@ -109,12 +109,14 @@ class StopStringFilter:
         if not self.stops:
             return text
         self.buf += text
-        for s in self.stops:
-            i = self.buf.find(s)
-            if i >= 0:
-                self.stopped = True
-                out, self.buf = self.buf[:i], ""
-                return out
+        # the earliest stop string in the text wins, whatever its place in the list: one
+        # piece may hold two (".\n\n" with stops ["\n\n", "."]), and cutting at the later
+        # one would put the earlier stop string in the output
+        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self.buf = self.buf[:min(found)], ""
+            return out
         # keep the longest tail that is a prefix of some stop string
         keep = 0
         for s in self.stops:

@@ -58,6 +58,19 @@ def test_stop_string_cuts_output(m):
     assert "".join(m.stream("hello", max_tokens=10, stop=stop, **GREEDY)) == expected
 
 
+def test_the_earliest_stop_string_wins_whatever_its_place_in_the_list():
+    """One text piece may complete two stop strings (a token ".\n\n" with stops
+    ["\n\n", "."]): the output ends before the first one in the text, never holding a
+    stop string."""
+    from efedge.generate import StopStringFilter
+
+    f = StopStringFilter(["\n\n", "."])
+    out = f.push("Hello") + f.push(".\n\n")
+    assert f.stopped and out + f.flush() == "Hello"
+    f = StopStringFilter(["b", "ab"])  # the earlier one completes from a held-back tail
+    assert f.push("xa") + f.push("b") == "x" and f.stopped
+
+
 def test_max_tokens(m):
     assert m.generate("hello", max_tokens=0, **GREEDY) == ""
     m.reset_stats()
