@@ -186,3 +186,39 @@ def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch)
     path = tiny_gguf(arch, "F32")
     with pytest.raises(efedge.UnsupportedModelError, match="cache-aware.*" + arch):
         efedge.load(path, cache="30%", routing="cache-aware")
+
+
+# -- prompts at an offset, and long prompts ----------------------------------------------
+# A chat turn prefills only what is new: T > 1 tokens at a position > 0 (the cached prefix
+# reused), through every attention kind (fused, deepseek2's MLA, gpt-oss's sinks with the
+# sliding window crossed). The last logits equal llama.cpp's for the whole sequence.
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss"])
+def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
+    path = tiny_gguf(arch, "F32")
+    ids = _tokens(512, 40, seed=9)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        s = m._session
+        s.reset()
+        got = {n: s.prefill(ids[:n]) for n in (5, 17, 40, 12, 33)}  # grow, shrink, regrow
+    for n, row in got.items():
+        rel = np.abs(row - ref[n - 1]).max() / ref.std()
+        assert rel <= 2e-2 and row.argmax() == ref[n - 1].argmax(), f"n={n}: {rel:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe"])
+def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
+    """1000 tokens (past every tile of 8, 256 and llama.cpp's batch of 512), then greedy
+    decode. A random model has a few near-tied routings in 1000 positions (a gap of 1e-5
+    between the k-th and k+1-th router logit), where 1e-6 of rounding picks another expert:
+    those rows may differ, no more than 1% of them."""
+    path = tiny_gguf(arch, "F32", n_ctx=2048)
+    ids = _tokens(512, 1000, seed=11)
+    ref = llama_ref.llama_logits(path, ids, n_ctx=1100)
+    with efedge.load(path, n_ctx=1100) as m:
+        ours = m.logits(ids)
+        greedy = _greedy_ids(m, ids[:513], 12)
+    rel = np.abs(ours - ref).max(-1) / ref.std()
+    assert (rel > 2e-2).mean() <= 0.01, f"rows off: {np.flatnonzero(rel > 2e-2)}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    assert greedy == llama_ref.llama_greedy(path, ids[:513], 12, n_ctx=1100)
