@@ -11,7 +11,7 @@ from efedge.errors import ModelFormatError, UnsupportedModelError
 from efedge.gguf_file import GGUFFile
 from efedge.tokenizer import Tokenizer
 from gguf_tools.vocab import BPE_CONTROL, add_vocab, bpe_vocab, spm_vocab, training_text
-from tests._vocab_fixtures import write_vocab_model
+from tests._vocab_fixtures import pair_vocab, write_vocab_model
 
 CODE = (
     'def fib(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n'
@@ -145,6 +145,49 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
         assert tok.encode(text, True, ps) == llm.tokenize(text.encode(), True, ps)
     ids = tok.encode(text, False, True)
     assert tok.decode(ids, skip_special=True) == llm.detokenize(ids).decode()
+
+
+# One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables.
+PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
+                "deepseek-llm", "deepseek-coder")
+SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
+              + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
+              + ["\u00a0", "\u1680", "\u2000", "\u2003", "\u200a", "\u2028", "\u202f",
+                 "\u205f", "\u3000", "\x85", "\x0b", "\x1f", "12345", "    "])
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    v = pair_vocab("".join(SPLIT_POOL))
+    return {pre: write_vocab_model(d / f"{pre}.gguf", "bpe", pre, add_bos=False, bpe=v)
+            for pre in PRE_FAMILIES}
+
+
+@pytest.mark.parametrize("pre", PRE_FAMILIES)
+def test_pre_tokenizer_splits_match_llama_cpp(pair_files, pre):
+    """Every pre-tokenizer family on a vocab whose ids show each word boundary: random
+    mixes of scripts, digits, punctuation, contractions and (non-ASCII) whitespace."""
+    import random
+
+    tok, llm = _tok(pair_files[pre]), _llama(pair_files[pre])
+    rng = random.Random(pre)
+    for _ in range(250):
+        text = "".join(rng.choice(SPLIT_POOL) for _ in range(rng.randrange(1, 24)))
+        assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
+            ascii(text)
+
+
+@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder"])
+def test_deepseek_ranges_leave_out_unicode_whitespace(pair_files, pre):
+    """llama.cpp matches DeepSeek's explicit ranges (fullwidth punctuation from U+3000,
+    CJK from U+0800) on text whose non-ASCII whitespace became U+000B, so U+3000, U+2000,
+    U+205F, … never join the characters around them."""
+    tok, llm = _tok(pair_files[pre]), _llama(pair_files[pre])
+    for text in ("    \u3000", "a  \u3000 b", "→\u3000→", "×\u2000\u202f어", '"\u0301\u205f|',
+                 "日\u3000本", "。\u3000。", "①\u2028②"):
+        assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
+            ascii(text)
 
 
 @pytest.mark.parametrize("name", list(FILES))
