@@ -416,8 +416,11 @@ class Tokenizer:
             tok = self._check(tok)
             if first and tok == self.bos_id and self.add_space_prefix:
                 if not skip_special:
+                    # a rendered BOS keeps the space after it ("<s> hello"), as llama.cpp
+                    # (llama_detokenize), llama-cpp-python and HF render it
+                    first = False
                     yield self._pieces[tok]
-                continue  # the space to strip is on the token after BOS
+                continue  # a hidden BOS: the space to strip is on the token after it
             b = b"" if skip_special and self.attrs[tok] & _SPECIAL else self._pieces[tok]
             if first and self.add_space_prefix and b[:1] == b" ":
                 b = b[1:]  # SPM: drop the space prefix encode() added

@@ -214,6 +214,32 @@ def test_decode_matches_llama_cpp_detokenize(files, name):
             assert tok.decode(ids) == ref
 
 
+@pytest.mark.parametrize("name", ["spm", "spm-nobos"])
+def test_spm_leading_space_matches_llama_cpp(files, name):
+    """SentencePiece: the space encode() prefixed is dropped, except after a BOS that is
+    rendered as text ("<s> hello", as llama_detokenize and llama-cpp-python give it)."""
+    import llama_cpp
+
+    tok, llm = _tok(files[name]), _llama(files[name])
+    hello = tok.encode("hello", add_special=False)
+    bos, eos = tok.bos_id, tok.eos_id
+    buf = ctypes.create_string_buffer(256)
+
+    def detokenize(ids, special):
+        arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+        n = llama_cpp.llama_detokenize(llm._model.vocab, arr, len(ids), buf, 256, False, special)
+        return buf.raw[:n].decode()
+
+    for ids in ([bos, *hello], hello, [eos, *hello], [bos, bos, *hello], [bos], []):
+        assert tok.decode(ids) == detokenize(ids, True)
+        # hidden specials: after a leading BOS the space goes (llama-cpp-python's and HF's
+        # rule; llama_detokenize keeps it), elsewhere as llama_detokenize
+        ref = llm.detokenize(ids).decode() if ids[:1] == [bos] else detokenize(ids, False)
+        assert tok.decode(ids, skip_special=True) == ref
+    assert tok.decode([bos, *hello]) == "<s> hello"
+    assert tok.decode([bos, *hello], skip_special=True) == tok.decode(hello) == "hello"
+
+
 @pytest.mark.parametrize("name", ["bpe-gpt2", "spm"])
 def test_stream_decoder_never_splits_a_character(files, name):
     tok = _tok(files[name])
