@@ -441,12 +441,16 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Feed token ids one at a time; get text that never ends inside a UTF-8 character."""
+    """Feed token ids one at a time; get text that never ends inside a UTF-8 character.
+
+    The pieces are llama.cpp's token_to_piece (as its server and CLI stream them): the
+    tokens continue a prompt, so a SentencePiece token keeps its leading space ("▁Paris"
+    → " Paris"); only decode() drops the space encode() put at the start of a text.
+    """
 
     def __init__(self, tok: Tokenizer, skip_special: bool = False) -> None:
         self._tok, self._skip = tok, skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False
 
     def push(self, tok: int) -> str:
         t = self._tok
@@ -455,11 +459,6 @@ class StreamDecoder:
             b = b""
         else:
             b = t._pieces[tok]
-        if not self._started and t.add_space_prefix:
-            if tok == t.bos_id:
-                return self._utf8.decode(b"" if self._skip else b)
-            b = b[1:] if b[:1] == b" " else b
-        self._started = True
         return self._utf8.decode(b)
 
     def flush(self) -> str:
