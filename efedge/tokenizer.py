@@ -388,7 +388,12 @@ class Tokenizer:
                                 b"[UNK_BYTE_0x" + c.encode("utf-8").hex().encode() +
                                 text.encode("utf-8") + b"]" for c in text)
         if attr & BYTE:
-            return bytes([int(text[3:5], 16)])
+            try:  # "<0xXX>"; llama.cpp refuses the file otherwise, so do we (not a bare ValueError)
+                return bytes([int(text[3:5], 16)])
+            except ValueError:
+                raise ModelFormatError(
+                    f"tokenizer metadata key 'tokenizer.ggml.token_type': token {tok} "
+                    f"({text!r}) has the byte type but is not <0xXX>") from None
         return b""
 
     def _check(self, tok: int) -> int:

@@ -338,6 +338,7 @@ def _meta(**over):
     ({"tokens": "abc"}, ModelFormatError, "tokenizer.ggml.tokens"),
     ({"tokens": ["a", "a"]}, ModelFormatError, "tokenizer.ggml.tokens"),
     ({"token_type": [1, 2]}, ModelFormatError, "tokenizer.ggml.token_type"),
+    ({"token_type": [6] + [1] * 296 + [3] * 3}, ModelFormatError, "tokenizer.ggml.token_type"),
     ({"merges": None}, ModelFormatError, "tokenizer.ggml.merges"),
     ({"merges": [1, 2]}, ModelFormatError, "tokenizer.ggml.merges"),
     ({"scores": ["x"] * 300}, ModelFormatError, "tokenizer.ggml.scores"),
