@@ -52,6 +52,7 @@ def _bytes_to_unicode() -> list[str]:
     return out
 
 
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
 _B2U = _bytes_to_unicode()
 _U2B = {c: b for b, c in enumerate(_B2U)}
 _LATIN1_TO_B2U = str.maketrans({chr(b): c for b, c in enumerate(_B2U)})
@@ -225,6 +226,12 @@ class Tokenizer:
         """Token ids of `text`; BOS (and EOS) added per the vocab when `add_special`."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes str, not {type(text).__name__}")
+        # a lone surrogate (JSON's "\ud800" gives one) has no UTF-8: name where it is,
+        # not the offset in whichever fragment UnicodeEncodeError would report
+        bad = None if text.isascii() else _SURROGATE.search(text)
+        if bad:
+            raise ValueError(f"text has a lone surrogate {bad.group()!r} at index {bad.start()}"
+                             " (not valid Unicode)")
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self.bos_id)  # type: ignore[arg-type]

@@ -352,6 +352,14 @@ def test_bad_metadata_is_refused_with_the_key(over, err, key):
         Tokenizer.from_metadata(_meta(**over))
 
 
+@pytest.mark.parametrize("name", ["bpe-gpt2", "spm"])
+def test_lone_surrogate_is_named(files, name):
+    """str can hold a lone surrogate (json.loads('"\\ud800"') makes one); UTF-8 cannot."""
+    tok = _tok(files[name])
+    with pytest.raises(ValueError, match=r"lone surrogate '\\udc00' at index 7"):
+        tok.encode("hello, \udc00 world")
+
+
 def test_valid_minimal_metadata():
     tok = Tokenizer.from_metadata(_meta(pre=None, bos_token_id=None, eos_token_id=None))
     assert tok.pre == "default" and not tok.add_bos
