@@ -427,7 +427,7 @@ class Tokenizer:
         for tok in ids:
             tok = self._check(tok)
             if first and tok == self.bos_id and self.add_space_prefix:
-                if not skip_special:
+                if not (skip_special and self.attrs[tok] & _SPECIAL):  # a normal BOS shows
                     # a rendered BOS keeps the space after it ("<s> hello"), as llama.cpp
                     # (llama_detokenize), llama-cpp-python and HF render it
                     first = False

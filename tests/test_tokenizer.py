@@ -240,6 +240,18 @@ def test_spm_leading_space_matches_llama_cpp(files, name):
     assert tok.decode([bos, *hello], skip_special=True) == tok.decode(hello) == "hello"
 
 
+def test_spm_bos_without_token_types_is_text():
+    """No tokenizer.ggml.token_type: every token is normal, BOS too, so llama.cpp renders
+    "<s>" even with special tokens hidden (and keeps the space after it)."""
+    s = spm_vocab(512)
+    tok = Tokenizer.from_metadata({"tokenizer.ggml.model": "llama",
+                                   "tokenizer.ggml.tokens": list(s.tokens),
+                                   "tokenizer.ggml.scores": list(s.scores)})
+    ids = tok.encode("hello")
+    assert ids[0] == tok.bos_id == 1 and not tok.is_special(1)
+    assert tok.decode(ids, skip_special=True) == tok.decode(ids) == "<s> hello"
+
+
 @pytest.mark.parametrize("name", ["bpe-gpt2", "spm"])
 def test_stream_decoder_never_splits_a_character(files, name):
     tok = _tok(files[name])
