@@ -10,6 +10,11 @@ _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
 _LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# o200k (gpt-4o, gpt-oss). llama.cpp's regex engine has no \p{Lu}/\p{Ll}: it reads "upper
+# then lower" as "letters but a-z, then letters but A-Z", so non-ASCII letters have no case.
+_GPT4O_WORD = r"[^\r\n\p{L}\p{N}]?(?:(?=\p{L})[^a-z])%s(?:(?=\p{L})[^A-Z])%s" + _CONTRACTIONS + "?"
+_GPT4O = (_GPT4O_WORD % ("*", "+") + "|" + _GPT4O_WORD % ("+", "*")
+          + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Cased-letter ranges of DeepSeek's tokenizer.json, written as escapes so that no editor
 # or Unicode normalisation can change a code point.
 # llama.cpp matches regexes without \p{..} on text whose non-ASCII whitespace has been
@@ -43,6 +48,10 @@ _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
     "deepseek-llm": _DEEPSEEK_LLM,
     "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_LLM[4], r"\p{N}"),
+    "gpt-4o": (_GPT4O,),
+    "deepseek-v3": (r"\p{N}{1,3}", r"[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                    r"[!-/:-@\[-`{-~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
 # tokenizer.ggml.pre → (regex family, ignore_merges, add_bos default)
 _PRE_NAMES: dict[str, tuple[str, bool, bool]] = {"default": ("default", False, False)}
@@ -60,6 +69,8 @@ for _names, _fam, _ign, _bos in (
     ("falcon", "falcon", False, False),
     ("deepseek-llm", "deepseek-llm", False, False),
     ("deepseek-coder", "deepseek-coder", False, False),
+    ("gpt-4o", "gpt-4o", False, False),
+    ("deepseek-v3", "deepseek-v3", False, False),
 ):
     for _n in _names.split():
         _PRE_NAMES[_n] = (_fam, _ign, _bos)

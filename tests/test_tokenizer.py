@@ -149,9 +149,10 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
 
 # One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables.
 PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
-                "deepseek-llm", "deepseek-coder")
+                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3")
 SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
               + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
+              + ["Hello", "WORLD", "iPhone", "ÀÉé", "ΓΔγ", "ǅ", "'Re", "/"]
               + ["\u00a0", "\u1680", "\u2000", "\u2003", "\u200a", "\u2028", "\u202f",
                  "\u205f", "\u3000", "\x85", "\x0b", "\x1f", "12345", "    "])
 
@@ -188,6 +189,17 @@ def test_deepseek_ranges_leave_out_unicode_whitespace(pair_files, pre):
                  "日\u3000本", "。\u3000。", "①\u2028②"):
         assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
             ascii(text)
+
+
+def test_gpt_oss_and_deepseek_v3_pre_tokenizers_load(tmp_path):
+    """Real gpt-oss files name the o200k pre-tokenizer "gpt-4o" and DeepSeek-V3 / R1 files
+    "deepseek-v3": both architectures are supported, so are their tokenizers."""
+    for pre in ("gpt-4o", "deepseek-v3"):  # their splits: test_pre_tokenizer_splits_…
+        path = write_vocab_model(tmp_path / f"{pre}.gguf", "bpe", pre, add_bos=None)
+        tok, llm = _tok(path), _llama(path)
+        assert tok.pre == pre and not tok.add_bos
+        assert tok.encode(MIXED) == llm.tokenize(MIXED.encode(), True, False)
+        assert tok.decode(tok.encode(MIXED)) == MIXED
 
 
 @pytest.mark.parametrize("name", list(FILES))
