@@ -99,12 +99,14 @@ _ENV = _make_env()
 
 
 # -- built-in templates ---------------------------------------------------------------
-# Each renders content given as a string, None, or a list of {"type": "text"} parts.
+# Each renders content given as a string, None, or a list of {"type": "text"} parts,
+# joined by newlines as llama.cpp joins them for its built-in templates (and as render()
+# joins them for model templates that only take strings).
 _TEXT_MACRO = (
     "{%- macro text(m) -%}"
     "{%- if m.content is string -%}{{ m.content }}"
-    "{%- elif m.content is iterable -%}{%- for part in m.content -%}{{ part.text }}"
-    "{%- endfor -%}{%- endif -%}"
+    "{%- elif m.content is iterable -%}{{ m.content | map(attribute='text') | join('\\n') }}"
+    "{%- endif -%}"
     "{%- endmacro -%}"
 )
 

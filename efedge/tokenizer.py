@@ -52,6 +52,7 @@ def _bytes_to_unicode() -> list[str]:
     return out
 
 
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
 _B2U = _bytes_to_unicode()
 _U2B = {c: b for b, c in enumerate(_B2U)}
 _LATIN1_TO_B2U = str.maketrans({chr(b): c for b, c in enumerate(_B2U)})
@@ -225,6 +226,12 @@ class Tokenizer:
         """Token ids of `text`; BOS (and EOS) added per the vocab when `add_special`."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes str, not {type(text).__name__}")
+        # a lone surrogate (JSON's "\ud800" gives one) has no UTF-8: name where it is,
+        # not the offset in whichever fragment UnicodeEncodeError would report
+        bad = None if text.isascii() else _SURROGATE.search(text)
+        if bad:
+            raise ValueError(f"text has a lone surrogate {bad.group()!r} at index {bad.start()}"
+                             " (not valid Unicode)")
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self.bos_id)  # type: ignore[arg-type]
@@ -388,7 +395,12 @@ class Tokenizer:
                                 b"[UNK_BYTE_0x" + c.encode("utf-8").hex().encode() +
                                 text.encode("utf-8") + b"]" for c in text)
         if attr & BYTE:
-            return bytes([int(text[3:5], 16)])
+            try:  # "<0xXX>"; llama.cpp refuses the file otherwise, so do we (not a bare ValueError)
+                return bytes([int(text[3:5], 16)])
+            except ValueError:
+                raise ModelFormatError(
+                    f"tokenizer metadata key 'tokenizer.ggml.token_type': token {tok} "
+                    f"({text!r}) has the byte type but is not <0xXX>") from None
         return b""
 
     def _check(self, tok: int) -> int:
@@ -415,9 +427,12 @@ class Tokenizer:
         for tok in ids:
             tok = self._check(tok)
             if first and tok == self.bos_id and self.add_space_prefix:
-                if not skip_special:
+                if not (skip_special and self.attrs[tok] & _SPECIAL):  # a normal BOS shows
+                    # a rendered BOS keeps the space after it ("<s> hello"), as llama.cpp
+                    # (llama_detokenize), llama-cpp-python and HF render it
+                    first = False
                     yield self._pieces[tok]
-                continue  # the space to strip is on the token after BOS
+                continue  # a hidden BOS: the space to strip is on the token after it
             b = b"" if skip_special and self.attrs[tok] & _SPECIAL else self._pieces[tok]
             if first and self.add_space_prefix and b[:1] == b" ":
                 b = b[1:]  # SPM: drop the space prefix encode() added
@@ -438,12 +453,16 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Feed token ids one at a time; get text that never ends inside a UTF-8 character."""
+    """Feed token ids one at a time; get text that never ends inside a UTF-8 character.
+
+    The pieces are llama.cpp's token_to_piece (as its server and CLI stream them): the
+    tokens continue a prompt, so a SentencePiece token keeps its leading space ("▁Paris"
+    → " Paris"); only decode() drops the space encode() put at the start of a text.
+    """
 
     def __init__(self, tok: Tokenizer, skip_special: bool = False) -> None:
         self._tok, self._skip = tok, skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False
 
     def push(self, tok: int) -> str:
         t = self._tok
@@ -452,11 +471,6 @@ class StreamDecoder:
             b = b""
         else:
             b = t._pieces[tok]
-        if not self._started and t.add_space_prefix:
-            if tok == t.bos_id:
-                return self._utf8.decode(b"" if self._skip else b)
-            b = b[1:] if b[:1] == b" " else b
-        self._started = True
         return self._utf8.decode(b)
 
     def flush(self) -> str:

@@ -10,8 +10,16 @@ _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
 _LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# o200k (gpt-4o, gpt-oss). llama.cpp's regex engine has no \p{Lu}/\p{Ll}: it reads "upper
+# then lower" as "letters but a-z, then letters but A-Z", so non-ASCII letters have no case.
+_GPT4O_WORD = r"[^\r\n\p{L}\p{N}]?(?:(?=\p{L})[^a-z])%s(?:(?=\p{L})[^A-Z])%s" + _CONTRACTIONS + "?"
+_GPT4O = (_GPT4O_WORD % ("*", "+") + "|" + _GPT4O_WORD % ("+", "*")
+          + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Cased-letter ranges of DeepSeek's tokenizer.json, written as escapes so that no editor
 # or Unicode normalisation can change a code point.
+# llama.cpp matches regexes without \p{..} on text whose non-ASCII whitespace has been
+# replaced by U+000B, so U+3000, U+2000-U+200A, U+205F, … never match the explicit ranges
+# below that contain them: "--\s" (regex's V1 set difference) takes them out.
 _DEEPSEEK_LLM = (
     r"[\r\n]",
     r"\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-"
@@ -26,9 +34,9 @@ _DEEPSEEK_LLM = (
     r"\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-"
     r"\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb"
     r"\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
-    r"\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"(?V1)\s?[[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]--\s]+",
     r"\s+\Z",  # llama.cpp's "\s+$": end of the fragment only
-    r"[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    r"(?V1)[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]--\s]+",
     r"\p{N}+",
 )
 _PRE_REGEXES: dict[str, tuple[str, ...]] = {
@@ -40,6 +48,10 @@ _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
     "deepseek-llm": _DEEPSEEK_LLM,
     "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_LLM[4], r"\p{N}"),
+    "gpt-4o": (_GPT4O,),
+    "deepseek-v3": (r"\p{N}{1,3}", r"[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                    r"[!-/:-@\[-`{-~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
 # tokenizer.ggml.pre → (regex family, ignore_merges, add_bos default)
 _PRE_NAMES: dict[str, tuple[str, bool, bool]] = {"default": ("default", False, False)}
@@ -57,6 +69,8 @@ for _names, _fam, _ign, _bos in (
     ("falcon", "falcon", False, False),
     ("deepseek-llm", "deepseek-llm", False, False),
     ("deepseek-coder", "deepseek-coder", False, False),
+    ("gpt-4o", "gpt-4o", False, False),
+    ("deepseek-v3", "deepseek-v3", False, False),
 ):
     for _n in _names.split():
         _PRE_NAMES[_n] = (_fam, _ign, _bos)

@@ -11,17 +11,18 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from gguf_tools.vocab import BPE_CONTROL, CHATML_TEMPLATE, bpe_vocab
+from gguf_tools.vocab import BPE_CONTROL, CHATML_TEMPLATE, BPEVocab, bpe_vocab
 
 
 def write_vocab_model(path: Path, kind: str = "bpe", pre: str | None = "gpt-2",
                       n_vocab: int = 512, add_bos: bool | None = None,
-                      extra_tokens: list[tuple[str, int]] | None = None) -> Path:
+                      extra_tokens: list[tuple[str, int]] | None = None,
+                      bpe: BPEVocab | None = None) -> Path:
     """Write a tiny llama model with a "bpe" or "spm" vocab.
 
     add_bos None leaves `tokenizer.ggml.add_bos_token` out (llama.cpp's defaults apply);
     extra_tokens (text, token type) are appended to a BPE vocab (e.g. user-defined ones);
-    pre None leaves `tokenizer.ggml.pre` out.
+    pre None leaves `tokenizer.ggml.pre` out; bpe replaces the trained BPE vocab.
     """
     from gguf_tools.vocab import add_vocab
 
@@ -35,8 +36,8 @@ def write_vocab_model(path: Path, kind: str = "bpe", pre: str | None = "gpt-2",
     w.add_head_count_kv(n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(d // n_head)
-    if kind == "bpe" and (extra_tokens or add_bos is None or pre is None):
-        v = bpe_vocab(n_vocab)
+    if kind == "bpe" and (extra_tokens or add_bos is None or pre is None or bpe):
+        v = bpe or bpe_vocab(n_vocab)
         tokens, types = list(v.tokens), list(v.token_types)
         for text, ttype in extra_tokens or []:
             tokens.append(text)
@@ -89,3 +90,22 @@ def write_vocab_model(path: Path, kind: str = "bpe", pre: str | None = "gpt-2",
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def pair_vocab(text: str) -> BPEVocab:
+    """A byte-level BPE vocab in which every pair of the bytes of `text` merges (ranks in
+    a fixed shuffled order). Word boundaries show in its ids, so a pre-tokenizer that
+    splits a text differently gives different ids (a vocab trained on text hides most
+    of that: it has few merges across the characters tests probe)."""
+    import random
+
+    from gguf_tools.vocab import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    syms = [b2u[b] for b in sorted(set(text.encode("utf-8")))]
+    pairs = [(a, b) for a in syms for b in syms]
+    random.Random(0).shuffle(pairs)
+    tokens = [b2u[b] for b in range(256)] + [a + b for a, b in pairs] + list(BPE_CONTROL)
+    n = len(tokens) - len(BPE_CONTROL)
+    return BPEVocab(tokens=tokens, token_types=[1] * n + [3] * len(BPE_CONTROL),
+                    merges=[f"{a} {b}" for a, b in pairs], bos_id=n, eos_id=n + 2, pad_id=n)

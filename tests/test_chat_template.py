@@ -93,7 +93,7 @@ def test_chatml_content_parts_and_none():
                                          {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": None}]
     assert get_template("ChatML").render(msgs, add_generation_prompt=False) == (
-        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+        "<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
 
 
 def test_qwen_style_tools_loop_controls_and_kwargs():
@@ -265,4 +265,8 @@ def test_text_parts_and_none_reach_templates_that_take_only_strings():
         assert tpl.render(msgs) == "[user]a\nb[assistant]"
     assert msgs[0]["content"][0] == {"type": "text", "text": "a"}  # the caller's list kept
     assert get_template("chatml").takes_text_parts()
-    assert "user\nab<|im_end|>" in get_template("chatml").render(msgs)
+    assert "user\na\nb<|im_end|>" in get_template("chatml").render(msgs)
+    # the built-ins join parts as the model templates get them (llama.cpp: by newlines)
+    for name in FALLBACK_TEMPLATES:
+        as_str = [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": ""}]
+        assert get_template(name).render(msgs) == get_template(name).render(as_str), name

@@ -11,7 +11,7 @@ from efedge.errors import ModelFormatError, UnsupportedModelError
 from efedge.gguf_file import GGUFFile
 from efedge.tokenizer import Tokenizer
 from gguf_tools.vocab import BPE_CONTROL, add_vocab, bpe_vocab, spm_vocab, training_text
-from tests._vocab_fixtures import write_vocab_model
+from tests._vocab_fixtures import pair_vocab, write_vocab_model
 
 CODE = (
     'def fib(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n'
@@ -147,6 +147,61 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
     assert tok.decode(ids, skip_special=True) == llm.detokenize(ids).decode()
 
 
+# One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables.
+PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
+                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3")
+SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
+              + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
+              + ["Hello", "WORLD", "iPhone", "ÀÉé", "ΓΔγ", "ǅ", "'Re", "/"]
+              + ["\u00a0", "\u1680", "\u2000", "\u2003", "\u200a", "\u2028", "\u202f",
+                 "\u205f", "\u3000", "\x85", "\x0b", "\x1f", "12345", "    "])
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    v = pair_vocab("".join(SPLIT_POOL))
+    return {pre: write_vocab_model(d / f"{pre}.gguf", "bpe", pre, add_bos=False, bpe=v)
+            for pre in PRE_FAMILIES}
+
+
+@pytest.mark.parametrize("pre", PRE_FAMILIES)
+def test_pre_tokenizer_splits_match_llama_cpp(pair_files, pre):
+    """Every pre-tokenizer family on a vocab whose ids show each word boundary: random
+    mixes of scripts, digits, punctuation, contractions and (non-ASCII) whitespace."""
+    import random
+
+    tok, llm = _tok(pair_files[pre]), _llama(pair_files[pre])
+    rng = random.Random(pre)
+    for _ in range(250):
+        text = "".join(rng.choice(SPLIT_POOL) for _ in range(rng.randrange(1, 24)))
+        assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
+            ascii(text)
+
+
+@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder"])
+def test_deepseek_ranges_leave_out_unicode_whitespace(pair_files, pre):
+    """llama.cpp matches DeepSeek's explicit ranges (fullwidth punctuation from U+3000,
+    CJK from U+0800) on text whose non-ASCII whitespace became U+000B, so U+3000, U+2000,
+    U+205F, … never join the characters around them."""
+    tok, llm = _tok(pair_files[pre]), _llama(pair_files[pre])
+    for text in ("    \u3000", "a  \u3000 b", "→\u3000→", "×\u2000\u202f어", '"\u0301\u205f|',
+                 "日\u3000本", "。\u3000。", "①\u2028②"):
+        assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
+            ascii(text)
+
+
+def test_gpt_oss_and_deepseek_v3_pre_tokenizers_load(tmp_path):
+    """Real gpt-oss files name the o200k pre-tokenizer "gpt-4o" and DeepSeek-V3 / R1 files
+    "deepseek-v3": both architectures are supported, so are their tokenizers."""
+    for pre in ("gpt-4o", "deepseek-v3"):  # their splits: test_pre_tokenizer_splits_…
+        path = write_vocab_model(tmp_path / f"{pre}.gguf", "bpe", pre, add_bos=None)
+        tok, llm = _tok(path), _llama(path)
+        assert tok.pre == pre and not tok.add_bos
+        assert tok.encode(MIXED) == llm.tokenize(MIXED.encode(), True, False)
+        assert tok.decode(tok.encode(MIXED)) == MIXED
+
+
 @pytest.mark.parametrize("name", list(FILES))
 def test_decode_round_trips(files, name):
     tok = _tok(files[name])
@@ -171,6 +226,44 @@ def test_decode_matches_llama_cpp_detokenize(files, name):
             assert tok.decode(ids) == ref
 
 
+@pytest.mark.parametrize("name", ["spm", "spm-nobos"])
+def test_spm_leading_space_matches_llama_cpp(files, name):
+    """SentencePiece: the space encode() prefixed is dropped, except after a BOS that is
+    rendered as text ("<s> hello", as llama_detokenize and llama-cpp-python give it)."""
+    import llama_cpp
+
+    tok, llm = _tok(files[name]), _llama(files[name])
+    hello = tok.encode("hello", add_special=False)
+    bos, eos = tok.bos_id, tok.eos_id
+    buf = ctypes.create_string_buffer(256)
+
+    def detokenize(ids, special):
+        arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+        n = llama_cpp.llama_detokenize(llm._model.vocab, arr, len(ids), buf, 256, False, special)
+        return buf.raw[:n].decode()
+
+    for ids in ([bos, *hello], hello, [eos, *hello], [bos, bos, *hello], [bos], []):
+        assert tok.decode(ids) == detokenize(ids, True)
+        # hidden specials: after a leading BOS the space goes (llama-cpp-python's and HF's
+        # rule; llama_detokenize keeps it), elsewhere as llama_detokenize
+        ref = llm.detokenize(ids).decode() if ids[:1] == [bos] else detokenize(ids, False)
+        assert tok.decode(ids, skip_special=True) == ref
+    assert tok.decode([bos, *hello]) == "<s> hello"
+    assert tok.decode([bos, *hello], skip_special=True) == tok.decode(hello) == "hello"
+
+
+def test_spm_bos_without_token_types_is_text():
+    """No tokenizer.ggml.token_type: every token is normal, BOS too, so llama.cpp renders
+    "<s>" even with special tokens hidden (and keeps the space after it)."""
+    s = spm_vocab(512)
+    tok = Tokenizer.from_metadata({"tokenizer.ggml.model": "llama",
+                                   "tokenizer.ggml.tokens": list(s.tokens),
+                                   "tokenizer.ggml.scores": list(s.scores)})
+    ids = tok.encode("hello")
+    assert ids[0] == tok.bos_id == 1 and not tok.is_special(1)
+    assert tok.decode(ids, skip_special=True) == tok.decode(ids) == "<s> hello"
+
+
 @pytest.mark.parametrize("name", ["bpe-gpt2", "spm"])
 def test_stream_decoder_never_splits_a_character(files, name):
     tok = _tok(files[name])
@@ -178,7 +271,8 @@ def test_stream_decoder_never_splits_a_character(files, name):
     ids = tok.encode(text, add_special=True)
     dec = tok.stream_decoder(skip_special=True)
     parts = [dec.push(t) for t in ids] + [dec.flush()]
-    assert "".join(parts) == text
+    # pieces continue a prompt: SPM's space prefix stays (test_stream_keeps_spm_space)
+    assert "".join(parts) == (" " + text if name == "spm" else text)
     assert all("\ufffd" not in p for p in parts)
     # byte by byte through byte tokens: nothing comes out until the character is whole
     byte_tok = ({b: tok.token_to_id[f"<0x{b:02X}>"] for b in range(256)} if name == "spm"
@@ -192,6 +286,28 @@ def test_stream_decoder_never_splits_a_character(files, name):
     assert dec.flush() == ""
     dec = tok.stream_decoder()
     assert dec.push(byte_tok[0xF0]) == "" and dec.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("name", ["spm", "spm-nobos", "bpe-gpt2"])
+def test_stream_keeps_spm_space(files, name):
+    """Generated tokens continue the prompt: the first one keeps its leading space, as
+    llama.cpp streams it ("The capital is" + " Paris", not "Paris")."""
+    import llama_cpp
+
+    tok, llm = _tok(files[name]), _llama(files[name])
+    ids = tok.encode("the capital is the city", add_special=False)
+    buf = ctypes.create_string_buffer(256)
+    for skip in (True, False):
+        for start in range(len(ids)):
+            dec = tok.stream_decoder(skip_special=skip)
+            got = "".join(dec.push(t) for t in ids[start:]) + dec.flush()
+            ref = b""
+            for t in ids[start:]:
+                n = llama_cpp.llama_token_to_piece(llm._model.vocab, t, buf, 256, 0, not skip)
+                ref += buf.raw[:n]
+            assert got == ref.decode(), (start, skip)
+    the = tok.token_to_id["▁the" if name.startswith("spm") else "Ġthe"]
+    assert tok.stream_decoder().push(the) == " the"
 
 
 def bytes_to_unicode_char(b: int) -> str:
@@ -246,6 +362,7 @@ def _meta(**over):
     ({"tokens": "abc"}, ModelFormatError, "tokenizer.ggml.tokens"),
     ({"tokens": ["a", "a"]}, ModelFormatError, "tokenizer.ggml.tokens"),
     ({"token_type": [1, 2]}, ModelFormatError, "tokenizer.ggml.token_type"),
+    ({"token_type": [6] + [1] * 296 + [3] * 3}, ModelFormatError, "tokenizer.ggml.token_type"),
     ({"merges": None}, ModelFormatError, "tokenizer.ggml.merges"),
     ({"merges": [1, 2]}, ModelFormatError, "tokenizer.ggml.merges"),
     ({"scores": ["x"] * 300}, ModelFormatError, "tokenizer.ggml.scores"),
@@ -257,6 +374,14 @@ def _meta(**over):
 def test_bad_metadata_is_refused_with_the_key(over, err, key):
     with pytest.raises(err, match=key.replace(".", r"\.").replace("'", "'")):
         Tokenizer.from_metadata(_meta(**over))
+
+
+@pytest.mark.parametrize("name", ["bpe-gpt2", "spm"])
+def test_lone_surrogate_is_named(files, name):
+    """str can hold a lone surrogate (json.loads('"\\ud800"') makes one); UTF-8 cannot."""
+    tok = _tok(files[name])
+    with pytest.raises(ValueError, match=r"lone surrogate '\\udc00' at index 7"):
+        tok.encode("hello, \udc00 world")
 
 
 def test_valid_minimal_metadata():
