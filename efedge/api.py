@@ -350,16 +350,32 @@ class Model:
         """Token ids of a conversation rendered with the model's chat template."""
         from efedge.chat_template import ChatTemplate, get_template
 
+        tok = self.tokenizer
         with self._lock:
             if self._template is None:
                 if self._chat_template_name is not None:
-                    self._template = get_template(self._chat_template_name)
+                    # a built-in or given template writes the model's own BOS / EOS text
+                    self._template = get_template(self._chat_template_name,
+                                                  bos_token=self._token_text(tok.bos_id),
+                                                  eos_token=self._token_text(tok.eos_id))
                 else:
                     self._template = (ChatTemplate.from_metadata(self._gf.metadata)
                                       or get_template("chatml"))
-        text = self._template.render(messages, add_generation_prompt=add_generation_prompt)
-        # the template writes BOS itself when the model wants one: never add a second
-        return self.tokenize(text, add_special=False, parse_special=True)
+        tpl = self._template
+        text = tpl.render(messages, add_generation_prompt=add_generation_prompt)
+        # as llama.cpp: a BOS the template writes first (an EOS it writes last) is dropped
+        # where the vocab adds one, and then the vocab's are added, so the prompt starts
+        # with exactly one BOS whether the template writes it or not (never two)
+        if tok.add_bos and tpl.bos_token and text.startswith(tpl.bos_token):
+            text = text[len(tpl.bos_token):]
+        if tok.add_eos and tpl.eos_token and text.endswith(tpl.eos_token):
+            text = text[:-len(tpl.eos_token)]
+        return self.tokenize(text, add_special=True, parse_special=True)
+
+    def _token_text(self, tid: int | None) -> str:
+        """A special token's text as the vocab stores it, as templates from the file get
+        it ("" when the vocab has none)."""
+        return "" if tid is None else self.tokenizer.piece(tid)
 
     def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
              stop=None, result: GenerationResult | None = None,

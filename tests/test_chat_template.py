@@ -270,3 +270,30 @@ def test_text_parts_and_none_reach_templates_that_take_only_strings():
     for name in FALLBACK_TEMPLATES:
         as_str = [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": ""}]
         assert get_template(name).render(msgs) == get_template(name).render(as_str), name
+
+
+# -- the prompt's BOS, as llama.cpp makes it ----------------------------------------------
+# llama.cpp drops a BOS the template writes first where the vocab adds one, then tokenizes
+# with the vocab's specials: exactly one BOS whether the template writes it or not.
+@pytest.mark.parametrize("template", [None, "llama-2", "chatml"])
+def test_a_chat_prompt_starts_with_exactly_one_bos(tiny_gguf, template):
+    import efedge
+
+    path = tiny_gguf("qwen3moe", "F32", vocab_kind="spm")  # add_bos; its template writes BOS
+    with efedge.load(path, chat_template=template) as m:
+        tok = m.tokenizer
+        assert tok.add_bos and tok.bos_id is not None
+        ids = m.chat_prompt([{"role": "user", "content": "hello"}])
+        assert ids[0] == tok.bos_id and tok.bos_id not in ids[1:], ids[:8]
+
+
+def test_a_chat_prompt_keeps_the_templates_bos_where_the_vocab_adds_none(tiny_gguf):
+    import efedge
+
+    path = tiny_gguf("qwen3moe", "F32")  # BPE: add_bos false
+    src = "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    with efedge.load(path, chat_template=src) as m:
+        tok = m.tokenizer
+        assert not tok.add_bos and tok.bos_id is not None
+        ids = m.chat_prompt([{"role": "user", "content": "hello"}])
+        assert ids[0] == tok.bos_id and tok.bos_id not in ids[1:]
