@@ -8,17 +8,21 @@ non-ASCII-preserving `tojson`, and a pass-through `{% generation %}` tag.
 Templates come from untrusted files (CVE-2024-34359 was code execution through an
 unsandboxed GGUF template), so the sandbox is stricter than jinja's default: touching
 an unsafe attribute (`__class__`, `__globals__`, …) raises instead of rendering as
-empty, and `*` / `**` refuse results large enough to exhaust memory.
+empty; `*` / `**`, the padding string methods (`ljust(N)`, …) and `%` / `format`
+widths refuse results large enough to exhaust memory; and all `range()` calls of one
+render together may yield at most a million items, so nested loops cannot hang a server.
 
     tpl = ChatTemplate.from_metadata(gguf.metadata) or get_template("chatml")
     prompt = tpl.render([{"role": "user", "content": "Hi"}])
-    # tokenize `prompt` with parse_special=True and add_special=False: templates emit
-    # bos_token themselves.
+    # Model.chat_prompt tokenizes it as llama.cpp does: a BOS the template writes first is
+    # dropped where the vocab adds one, then the vocab's specials are added.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
 
 from efedge.errors import TemplateError
 
@@ -37,6 +41,11 @@ _HINT = ("a built-in template can be chosen instead: chat_template=\"chatml\" in
 
 _MAX_SEQ = 10_000_000  # longest str/list that `*` may build (elements)
 _MAX_POW_BITS = 1 << 20  # largest integer `**` may build (bits)
+_MAX_RANGE_ITEMS = 1_000_000  # items all range() calls of one render may yield together
+# a width or precision of 10^7 or more: in a %-format, in a str.format field
+_PCT_WIDE = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(?:\d{8,}|\d*\.\d{8,})")
+_FMT_WIDE = re.compile(r"\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
+_budget = threading.local()  # range items left to the render running on this thread
 
 
 # -- the environment ----------------------------------------------------------------------
@@ -52,7 +61,7 @@ class _GenerationTag(Extension):
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # jinja returns an Undefined that prints as "" — we stop the render instead.
@@ -68,7 +77,43 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         elif (operator == "**" and isinstance(left, int) and isinstance(right, int)
               and right > 0 and abs(left) > 1 and left.bit_length() * right > _MAX_POW_BITS):
             raise SecurityError(f"`**` would build an integer of ~{left.bit_length() * right} bits")
+        if operator == "%" and isinstance(left, str) and _PCT_WIDE.search(left):
+            raise SecurityError("`%` with a width of 10 million or more")
         return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        # str methods whose result grows with an argument ('a'.ljust(N), center, zfill,
+        # expandtabs)
+        if isinstance(getattr(__obj, "__self__", None), str) and any(
+                isinstance(a, int) and a > _MAX_SEQ for a in (*args, *kwargs.values())):
+            raise SecurityError(f"str.{getattr(__obj, '__name__', '?')} would build a "
+                                "string of over 10 million characters")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        # '{:>N}'.format(x): jinja hands format methods out wrapped, so the width is
+        # checked here, where the method is looked up
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and _FMT_WIDE.search(owner):
+            raise SecurityError("str.format with a width of 10 million or more")
+        return super().wrap_str_format(value)
+
+
+def _range(*args: int) -> range:
+    """range() with jinja's per-call limit and a budget shared by the whole render."""
+    r = safe_range(*args)
+    left = getattr(_budget, "left", _MAX_RANGE_ITEMS) - len(r)
+    if left < 0:
+        raise SecurityError(f"the template's loops would run over {_MAX_RANGE_ITEMS} "
+                            "range() items in one render")
+    _budget.left = left
+    return r
+
+
+def _render_bounded(template: jinja2.Template, ctx: dict) -> str:
+    """template.render(**ctx) with a fresh range() budget."""
+    _budget.left = _MAX_RANGE_ITEMS
+    return template.render(**ctx)
 
 
 def _raise_exception(message: str) -> None:
@@ -92,6 +137,7 @@ def _make_env() -> _Sandbox:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = _range
     return env
 
 
@@ -230,10 +276,9 @@ class ChatTemplate:
             marker = "efedge-probe-7f3a"
             probe = [{"role": "user", "content": [{"type": "text", "text": marker}]}]
             try:
-                out = self._template.render(messages=probe, tools=None, documents=None,
-                                            add_generation_prompt=True,
-                                            bos_token=self.bos_token,
-                                            eos_token=self.eos_token)
+                out = _render_bounded(self._template, dict(
+                    messages=probe, tools=None, documents=None, add_generation_prompt=True,
+                    bos_token=self.bos_token, eos_token=self.eos_token))
                 self._takes_parts = marker in out and "'text'" not in out
             except Exception:  # a template that cannot take a list at all
                 self._takes_parts = False
@@ -301,7 +346,7 @@ class ChatTemplate:
         ctx.update(kwargs)
         where = f"chat template{self._label()}"
         try:
-            return self._template.render(**ctx)
+            return _render_bounded(self._template, ctx)
         except TemplateError as exc:  # raise_exception() inside the template
             raise TemplateError(f"{where} raised an error: {exc}; {_hint()}") from exc
         except SecurityError as exc:

@@ -217,6 +217,37 @@ def test_sandbox_escape_raises(payload, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("payload", [
+    # nested loops a server would run for hours: the render's range() budget stops them
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{% for i in range(20) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    # strings that exhaust memory in one call
+    "{{ 'a'.ljust(100000000) }}",
+    "{{ 'a'.center(20000000) }}",
+    "{{ '%100000000s' % 'x' }}",
+    "{{ '%.100000000f' % 1.5 }}",
+    "{{ '{:>100000000}'.format('x') }}",
+])
+def test_work_and_memory_a_template_may_take_are_bounded(payload):
+    import time
+
+    tpl = ChatTemplate(payload)
+    t0 = time.monotonic()
+    with pytest.raises(TemplateError, match="stopped by the sandbox"):
+        tpl.render([{"role": "user", "content": "x"}])
+    assert time.monotonic() - t0 < 30  # a hang guard, not a speed target
+
+
+def test_the_bounds_leave_ordinary_templates_alone():
+    src = ("{% for i in range(3) %}{{ i }}{% endfor %}|{% for m in messages %}"
+           "{{ '%-6s' % m.role }}{{ '{:>3}'.format(loop.index) }}{{ m.content.ljust(3) }}"
+           "{% endfor %}|{{ 'call 123456789 %s' % 1 }}")
+    tpl = ChatTemplate(src)
+    for _ in range(3):  # the range() budget is per render, not per template
+        out = tpl.render([{"role": "user", "content": "x"}] * 400)
+    assert out.startswith("012|user    1x  ") and out.endswith("|call 123456789 1")
+
+
 def test_compile_error_names_fallback():
     with pytest.raises(TemplateError) as err:
         ChatTemplate("{% for m in messages %}{{ m.content }")
