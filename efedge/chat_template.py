@@ -20,6 +20,7 @@ render together may yield at most a million items, so nested loops cannot hang a
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
 
@@ -60,8 +62,83 @@ class _GenerationTag(Extension):
         return nodes.Scope(body).set_lineno(lineno)
 
 
+def _sized(value: Any) -> Any:
+    """value, unless it is a str or sequence longer than _MAX_SEQ (SecurityError). Checked
+    after each operation that can only double what it was given (`~`, `+`, most filters
+    and str methods): every input was checked, so nothing grows past twice the bound."""
+    if isinstance(value, str | list | tuple) and len(value) > _MAX_SEQ:
+        raise SecurityError(f"the template built a {type(value).__name__} of {len(value)} "
+                            f"items (at most {_MAX_SEQ})")
+    return value
+
+
+def _joined_len(items: Any, sep: str) -> int:
+    return sum(len(x) if isinstance(x, str) else 8 for x in items) + len(sep) * len(items)
+
+
+def _precheck(name: str, value: Any, args: tuple, kwargs: dict,
+              method: bool) -> tuple[Any, tuple]:
+    """Refuse the operations whose result can outgrow their inputs many times over (join,
+    replace, centring and indenting, printf widths) before they allocate. `value`: the
+    str a method belongs to, or a filter's input. Returns (value, args) with a one-shot
+    iterable to be joined made a list (it is read twice)."""
+    if name == "join":
+        if method:  # sep.join(items)
+            if args and not isinstance(args[0], str | list | tuple):
+                args = (list(args[0]), *args[1:])
+            items, sep = (args[0] if args else ()), value
+        else:  # items|join(sep)
+            if not isinstance(value, str | list | tuple):
+                value = list(value)
+            items, sep = value, str(args[0] if args else kwargs.get("d", ""))
+        if _joined_len(items, sep) > _MAX_SEQ:
+            raise SecurityError(f"join would build a string of over {_MAX_SEQ} characters")
+    elif name == "replace" and isinstance(value, str) and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        if len(new) > len(old):
+            n = value.count(old) if old else len(value) + 1
+            if len(value) + n * (len(new) - len(old)) > _MAX_SEQ:
+                raise SecurityError(f"replace would build a string of over {_MAX_SEQ} "
+                                    "characters")
+    elif name in ("center", "indent"):
+        width = args[0] if args else kwargs.get("width", 0)
+        lines = value.count("\n") + 1 if name == "indent" and isinstance(value, str) else 1
+        if isinstance(width, int) and width * lines > _MAX_SEQ:
+            raise SecurityError(f"{name} would build a string of over {_MAX_SEQ} characters")
+    elif name == "format" and not method and isinstance(value, str) and \
+            _PCT_WIDE.search(value):
+        raise SecurityError("format with a width of 10 million or more")
+    return value, args
+
+
+def _checked_filter(name: str, f: Callable) -> Callable:
+    """A filter with _precheck before it and _sized after it (jinja's pass_* markers are
+    kept: wraps copies the function's attributes)."""
+    lead = 0 if getattr(f, "jinja_pass_arg", None) is None else 1  # context / env first
+
+    @functools.wraps(f)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > lead:
+            value, rest = _precheck(name, args[lead], args[lead + 1:], kwargs, False)
+            args = (*args[:lead], value, *rest)
+        return _sized(f(*args, **kwargs))
+
+    return checked
+
+
+class _CheckedConcat(CodeGenerator):
+    """`a ~ b` compiled as environment.checked(a ~ b): jinja has no hook for it."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Any) -> None:
+        self.write("environment.checked(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _CheckedConcat
+    checked = staticmethod(_sized)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # jinja returns an Undefined that prints as "" — we stop the render instead.
@@ -79,16 +156,18 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             raise SecurityError(f"`**` would build an integer of ~{left.bit_length() * right} bits")
         if operator == "%" and isinstance(left, str) and _PCT_WIDE.search(left):
             raise SecurityError("`%` with a width of 10 million or more")
-        return super().call_binop(context, operator, left, right)
+        return _sized(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        # str methods whose result grows with an argument ('a'.ljust(N), center, zfill,
-        # expandtabs)
-        if isinstance(getattr(__obj, "__self__", None), str) and any(
-                isinstance(a, int) and a > _MAX_SEQ for a in (*args, *kwargs.values())):
-            raise SecurityError(f"str.{getattr(__obj, '__name__', '?')} would build a "
-                                "string of over 10 million characters")
-        return super().call(__context, __obj, *args, **kwargs)
+        # str methods whose result grows with an argument ('a'.ljust(N), 'x'.join(big),
+        # replace) are refused before they run; every result is checked after
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            if any(isinstance(a, int) and a > _MAX_SEQ for a in (*args, *kwargs.values())):
+                raise SecurityError(f"str.{getattr(__obj, '__name__', '?')} would build a "
+                                    "string of over 10 million characters")
+            _, args = _precheck(getattr(__obj, "__name__", ""), owner, args, kwargs, True)
+        return _sized(super().call(__context, __obj, *args, **kwargs))
 
     def wrap_str_format(self, value: Any) -> Any:
         # '{:>N}'.format(x): jinja hands format methods out wrapped, so the width is
@@ -138,6 +217,7 @@ def _make_env() -> _Sandbox:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _range
+    env.filters = {name: _checked_filter(name, f) for name, f in env.filters.items()}
     return env
 
 

@@ -227,6 +227,18 @@ def test_sandbox_escape_raises(payload, tmp_path):
     "{{ '%100000000s' % 'x' }}",
     "{{ '%.100000000f' % 1.5 }}",
     "{{ '{:>100000000}'.format('x') }}",
+    "{{ '%100000000s'|format('x') }}",
+    "{{ 'a'|center(100000000) }}",
+    # doubling, joining and replacing past the bound, step by step
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}",
+    "{% set s = 'x' * 9000000 %}{{ ([s] * 9000000)|join }}",
+    "{% set s = 'x' * 9000000 %}{{ ','.join([s] * 9000000) }}",
+    "{% set s = 'x' * 9000000 %}{{ s|replace('x', 'xxxx') }}",
+    "{% set s = 'x' * 9000000 %}{{ s.replace('x', 'xxxx') }}",
+    "{% set s = '\\n' * 9000000 %}{{ s|indent(100) }}",
 ])
 def test_work_and_memory_a_template_may_take_are_bounded(payload):
     import time
@@ -241,11 +253,12 @@ def test_work_and_memory_a_template_may_take_are_bounded(payload):
 def test_the_bounds_leave_ordinary_templates_alone():
     src = ("{% for i in range(3) %}{{ i }}{% endfor %}|{% for m in messages %}"
            "{{ '%-6s' % m.role }}{{ '{:>3}'.format(loop.index) }}{{ m.content.ljust(3) }}"
-           "{% endfor %}|{{ 'call 123456789 %s' % 1 }}")
+           "{% endfor %}|{{ 'call 123456789 %s' % 1 }}|{{ ['a', 'b']|join(', ') }}"
+           "{{ '-'.join(['x', 'y']) }}{{ 'aXb'|replace('X', 'yy') }}{{ 1 + 2 }}")
     tpl = ChatTemplate(src)
     for _ in range(3):  # the range() budget is per render, not per template
         out = tpl.render([{"role": "user", "content": "x"}] * 400)
-    assert out.startswith("012|user    1x  ") and out.endswith("|call 123456789 1")
+    assert out.startswith("012|user    1x  ") and out.endswith("|call 123456789 1|a, bx-yayyb3")
 
 
 def test_compile_error_names_fallback():
