@@ -8,9 +8,11 @@ non-ASCII-preserving `tojson`, and a pass-through `{% generation %}` tag.
 Templates come from untrusted files (CVE-2024-34359 was code execution through an
 unsandboxed GGUF template), so the sandbox is stricter than jinja's default: touching
 an unsafe attribute (`__class__`, `__globals__`, …) raises instead of rendering as
-empty; `*` / `**`, the padding string methods (`ljust(N)`, …) and `%` / `format`
-widths refuse results large enough to exhaust memory; and all `range()` calls of one
-render together may yield at most a million items, so nested loops cannot hang a server.
+empty; no string or list a template builds may pass 10 million items (operations that
+multiply — `*`, `ljust(N)`, widths in `%` / `format`, `join`, `replace` — are refused
+before they allocate, the rest, `~` and `+` included, are checked after each step); `**`
+is bounded too; and all `range()` calls of one render together may yield at most a
+million items, so nested loops cannot hang a server.
 
     tpl = ChatTemplate.from_metadata(gguf.metadata) or get_template("chatml")
     prompt = tpl.render([{"role": "user", "content": "Hi"}])
