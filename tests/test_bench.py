@@ -61,6 +61,19 @@ def test_cache_and_policies(tiny_gguf, capsys):
         assert 0.0 <= r["hit_rate"] <= 1.0 and r["stall_ms_per_token"] >= 0.0
 
 
+def test_resident_row_beside_cached_rows_on_an_emulated_link(tiny_gguf, capsys):
+    """--cache none,50% --link RATE: the resident baseline takes no link (link= needs a
+    cache) and comes out as one row, as it does for several --policy values; it used to
+    end the whole run with "link= ... needs an expert cache"."""
+    path = tiny_gguf("qwen3moe", "F32")
+    out = _run(capsys, path, "-p", 0, "-n", 4, "-r", 1, "--cache", "none,50%",
+               "--policy", "ondemand,lfu", "--link", "8GB/s,4GB/s", "--json")
+    rows = json.loads(out)
+    assert [(r["cache"], r["policy"], r["link"]) for r in rows] == [
+        (None, None, None), ("50%", "ondemand", "8GB/s"), ("50%", "ondemand", "4GB/s"),
+        ("50%", "lfu", "8GB/s"), ("50%", "lfu", "4GB/s")]
+
+
 def test_nothing_to_run(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf("qwen3moe", "F32")), "-p", "0", "-n", "0"]) == 1
     assert "nothing to run" in capsys.readouterr().err

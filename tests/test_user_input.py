@@ -317,6 +317,18 @@ def test_run_n_minus_one_generates_until_the_end_or_a_full_context(path, capsys)
     assert f"generated {len(res.tokens)} tokens ({res.finish_reason})" in err, err
 
 
+def test_verbose_adds_the_traceback_to_an_efedge_error(path, capsys):
+    """README: a bad input is one line, `efedge -v …` adds the traceback — for the
+    errors efedge raises on purpose too (it used to print only the line)."""
+    argv = ["run", path, "-p", "x", "--cache", "1KiB"]
+    rc, _, err = _cli(argv, capsys)
+    assert rc == 1 and "Traceback" not in err and "CacheBudgetError" not in err, err
+    assert err.startswith("efedge: error: cache budget"), err
+    rc, _, err = _cli(["-v", *argv], capsys)
+    assert rc == 1 and "Traceback" in err and "CacheBudgetError" in err, err
+    assert err.rstrip().splitlines()[-1].startswith("efedge: error: cache budget"), err
+
+
 def test_an_unexpected_os_error_is_one_line_and_bugs_stay_visible(path, capsys, monkeypatch):
     """The last-resort net in `efedge`'s main: an OSError the command did not wrap is
     one line (the traceback with -v); any other exception is a bug and propagates."""

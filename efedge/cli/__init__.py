@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EfedgeError as exc:
+        if args.verbose:  # -v: where it was raised, for a report
+            traceback.print_exc()
         print(f"efedge: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

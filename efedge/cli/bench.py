@@ -361,8 +361,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         for threads in args.threads or [None]:
             for cache in args.cache:
+                # all experts resident: no policy and no link (link= needs a cache), one
+                # row however many --policy / --link values the cached rows take
                 for policy in (args.policy if cache else [args.policy[0]]):
-                    for link in args.link:
+                    for link in (args.link if cache else [None]):
                         _run_config(path, info, threads, cache, policy, link, args, tests, rows,
                                     llamas)
     finally:
