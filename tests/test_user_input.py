@@ -350,3 +350,21 @@ def test_an_unexpected_os_error_is_one_line_and_bugs_stay_visible(path, capsys, 
     monkeypatch.setattr(inspect_cli, "describe", bug)
     with pytest.raises(AttributeError, match="a bug"):
         _cli(["inspect", path], capsys)
+
+
+@pytest.mark.parametrize("flag", ["-p", "-f"])
+def test_run_reads_the_prompt_from_standard_input(path, capsys, monkeypatch, flag):
+    """`-p -` (mlx-lm's spelling) and `-f -` read the prompt from stdin: the same output as
+    the prompt given on the command line; bad or empty input is one named line."""
+    import io
+
+    text = "hello wor"
+    args = ["run", path, "-n", 4, "--temp", 0, "--echo"]
+    rc, want, _ = _cli([*args, "-p", text], capsys)
+    assert rc == 0
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    rc, got, _ = _cli([*args, flag, "-"], capsys)
+    assert rc == 0 and got == want and got.startswith(text)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ab\xffc")))
+    rc, _, err = _cli([*args, flag, "-"], capsys)
+    assert rc == 1 and "standard input: not UTF-8" in err and "0xff at offset 2" in err

@@ -30,8 +30,10 @@ def add_parser(sub) -> None:
                        description="Generate a continuation of a prompt.")
     add_model_args(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("-p", "--prompt", default=None, help="prompt text")
-    src.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    src.add_argument("-p", "--prompt", default=None,
+                     help="prompt text; - reads it from standard input")
+    src.add_argument("-f", "--file", default=None,
+                     help="read the prompt from a file (- : standard input)")
     p.add_argument("-n", "--n-predict", type=n_predict, default=128,
                    help="tokens to generate (default 128; -1: until end of text or a full "
                         "context)")
@@ -41,8 +43,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
+def _read_stdin() -> str:
+    """The prompt piped in (`-p -` as mlx-lm reads it, `-f -`), as UTF-8."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else \
+        sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EfedgeError(f"cannot read the prompt from standard input: not UTF-8 text "
+                          f"(byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.file is not None:  # read before loading: a wrong path fails at once
+    if args.prompt == "-" or args.file == "-":
+        prompt = _read_stdin()
+    elif args.file is not None:  # read before loading: a wrong path fails at once
         prompt = read_text_file(args.file, "prompt file")
     else:
         prompt = args.prompt if args.prompt is not None else ""
@@ -53,8 +68,9 @@ def main(args: argparse.Namespace) -> int:
         # it); without one there is nothing to condition on, and the API's ValueError would
         # surface as a traceback
         if not prompt and not m.tokenize(prompt):
-            src = f"prompt file {args.file!r} is empty" if args.file is not None else \
-                "the prompt is empty"
+            src = ("the prompt from standard input is empty" if "-" in (args.prompt, args.file)
+                   else f"prompt file {args.file!r} is empty" if args.file is not None
+                   else "the prompt is empty")
             raise EfedgeError(f"{src} and {m.path.name} adds no BOS token: give a prompt "
                               f"with -p TEXT or -f FILE")
         # -1, as in llama.cpp and `efedge chat`: until end of text or a full context
