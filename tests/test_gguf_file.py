@@ -155,3 +155,34 @@ def test_inspect_reports_expert_bytes(moe_path):
     assert 0 < info["expert_share"] < 1
     qts = {q for lay in info["expert_layers"] for q in lay["quant_types"].values()}
     assert qts <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
+
+
+def test_a_split_gguf_shard_is_refused_with_the_merge_command(tiny_gguf, tmp_path):
+    """llama.cpp's gguf-split format (the shards of large models): every shard names its
+    place; efedge says what the file is and how to merge it, instead of a missing tensor."""
+    src = tiny_gguf("qwen3moe", "F32")
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(tmp_path / "big.gguf", "qwen3moe", split_max_tensors=12)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        val, vtype = field.contents(), field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, val)
+        else:
+            w.add_key_value(key, val, vtype)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shards = sorted(tmp_path.glob("big-*-of-*.gguf"))
+    assert len(shards) > 1, list(tmp_path.iterdir())
+    with pytest.raises(efedge.UnsupportedModelError,
+                       match=rf"shard 1 of {len(shards)} of a split GGUF.*llama-gguf-split "
+                             rf"--merge {shards[0].name}"):
+        efedge.load(shards[0])
+    with pytest.raises(efedge.UnsupportedModelError, match=f"shard 2 of {len(shards)}"):
+        efedge.load(shards[1])
