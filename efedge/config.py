@@ -123,22 +123,7 @@ def _check_shape(gf: GGUFFile, name: str, want: tuple[int, ...]) -> None:
                                f"metadata (expected {want})")
 
 
-def _refuse_split(gf: GGUFFile) -> None:
-    """A shard of a split GGUF (llama.cpp's gguf-split: split.count > 1) holds only some of
-    the tensors: say so before any tensor is found missing. Reading shards in place is not
-    built; merged, the file runs as any other."""
-    count = gf.get("split.count")
-    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
-        no = gf.get("split.no")
-        which = f"shard {no + 1} of {count}" if isinstance(no, int) else f"one of {count} shards"
-        raise UnsupportedModelError(
-            f"{gf.path} is {which} of a split GGUF, which efedge does not read shard by "
-            f"shard yet: merge the shards into one file first (llama.cpp: llama-gguf-split "
-            f"--merge {gf.path.name} merged.gguf) and load that")
-
-
 def config_from_gguf(gf: GGUFFile) -> ModelConfig:
-    _refuse_split(gf)
     arch = gf.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{gf.path}: metadata key 'general.architecture' is missing")

@@ -1,4 +1,9 @@
-"""GGUF file → metadata dict + validated tensor references over one read-only mapping.
+"""GGUF file → metadata dict + validated tensor references over read-only mappings.
+
+A split GGUF (llama.cpp's gguf-split: `PREFIX-00001-of-0000N.gguf` …, `split.count` = N)
+is opened from its first shard, which holds the metadata; the other shards are found
+beside it by name, validated the same way, and their tensors join the first's, each
+remembering its shard (a tensor never spans two).
 
 Parsing goes through gguf-py's GGUFReader (memory-mapped, zero copy). Everything it
 returns is validated here before any kernel sees a byte: numba does not bounds-check, so
@@ -8,8 +13,10 @@ named, never handed on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -39,8 +46,9 @@ class TensorRef:
     name: str
     qtype: int
     shape: tuple[int, ...]  # ggml order: shape[0] is the contiguous row length
-    offset: int  # absolute byte offset in the file
+    offset: int  # absolute byte offset in its file (shard)
     nbytes: int
+    shard: int = 0  # which file of a split GGUF holds it (GGUFFile.paths)
 
     @property
     def qtype_name(self) -> str:
@@ -66,8 +74,9 @@ class ExpertSlice:
     qtype: int
     rows: int
     row_len: int  # elements per row
-    offset: int  # absolute byte offset in the file
+    offset: int  # absolute byte offset in its file (shard)
     nbytes: int
+    shard: int = 0
 
 
 class _HeaderReader(GGUFReader):
@@ -240,15 +249,26 @@ def _precheck(path: Path) -> int:
     return size
 
 
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's shard names
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class GGUFFile:
-    """A validated, memory-mapped GGUF file.
+    """A validated, memory-mapped GGUF file (or split GGUF, opened from its first shard).
 
     `metadata` maps every key to a Python value; `tensors` maps names to TensorRef;
-    `raw(name)` returns a zero-copy uint8 view [rows, row_bytes] of a tensor.
+    `raw(name)` returns a zero-copy uint8 view [rows, row_bytes] of a tensor. `paths`
+    lists the files (one, or the shards in order; TensorRef.shard indexes it) and
+    `file_size` is their total size.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, _shard: bool = False):
         self.path = Path(path)
+        self.paths = [self.path]
+        self._shards: list[GGUFFile] = []  # the split GGUF's other shards
         self.file_size = _precheck(self.path)
         try:
             reader = _HeaderReader(self.path, "r")
@@ -277,6 +297,49 @@ class GGUFFile:
             self.tensors[name] = self._validate_tensor(name, qtype, shape, offset)
         self._check_overlaps()
         del reader
+        count = _count(self.metadata.get("split.count"))
+        if not _shard and count is not None and count > 1:
+            try:
+                self._open_shards(count)
+            except BaseException:
+                self.close()
+                raise
+
+    def _open_shards(self, count: int) -> None:
+        """Open shards 2..count beside this one (the first) and take their tensors."""
+        no = _count(self.metadata.get("split.no"))
+        m = _SPLIT_NAME.match(self.path.name)
+        first = f"{m.group(1)}-00001-of-{count:05d}.gguf" if m else "its first shard"
+        if no != 0:
+            which = f"shard {no + 1}" if no is not None else "a shard"
+            raise ModelFormatError(f"{self.path} is {which} of {count} of a split GGUF: load "
+                                   f"the first one, {first} (the others are found beside it)")
+        if m is None or int(m.group(3)) != count:
+            raise ModelFormatError(
+                f"{self.path}: the first of {count} split GGUF shards, but not named "
+                f"PREFIX-00001-of-{count:05d}.gguf, so the others cannot be found (keep "
+                f"llama.cpp's gguf-split names)")
+        for i in range(1, count):
+            p = self.path.with_name(f"{m.group(1)}-{i + 1:05d}-of-{count:05d}.gguf")
+            if not p.exists():
+                raise ModelFormatError(f"{self.path}: shard {i + 1} of {count} of this split "
+                                       f"GGUF is missing ({p.name} is not beside it)")
+            sh = GGUFFile(p, _shard=True)
+            self._shards.append(sh)  # closed with this file, whatever happens next
+            self.paths.append(p)
+            if _count(sh.metadata.get("split.no")) != i or \
+                    _count(sh.metadata.get("split.count")) != count:
+                raise ModelFormatError(f"{p}: not shard {i + 1} of {count} (its split.no / "
+                                       f"split.count say otherwise)")
+            for name, ref in sh.tensors.items():
+                if name in self.tensors:
+                    raise ModelFormatError(f"tensor {name!r} appears in two shards ({p.name})")
+                self.tensors[name] = dataclasses.replace(ref, shard=i)
+        declared = _count(self.metadata.get("split.tensors.count"))
+        if declared is not None and declared != len(self.tensors):
+            raise ModelFormatError(f"{self.path}: split.tensors.count is {declared}, the "
+                                   f"{count} shards hold {len(self.tensors)} tensors")
+        self.file_size = sum(sh.file_size for sh in self._shards) + self.file_size
 
     # -- validation -------------------------------------------------------------------
     def _validate_tensor(self, name: str, qtype: int, shape: tuple[int, ...],
@@ -328,7 +391,8 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """Zero-copy uint8 view of a tensor, shaped [rows, row_bytes] (or [.., rows, bytes])."""
         ref = self.tensor(name)
-        buf = self._mmap[ref.offset: ref.offset + ref.nbytes]
+        mm = self._mmap if ref.shard == 0 else self._shards[ref.shard - 1]._mmap
+        buf = mm[ref.offset: ref.offset + ref.nbytes]
         dims = tuple(reversed(ref.shape[1:])) + (ref.row_bytes,)
         return buf.reshape(dims)
 
@@ -340,14 +404,17 @@ class GGUFFile:
         row_len, rows, n_expert = ref.shape
         per = ref.nbytes // n_expert
         layer = int(name.split(".")[1])
-        return [ExpertSlice(name, layer, e, ref.qtype, rows, row_len, ref.offset + e * per, per)
-                for e in range(n_expert)]
+        return [ExpertSlice(name, layer, e, ref.qtype, rows, row_len, ref.offset + e * per, per,
+                            ref.shard) for e in range(n_expert)]
 
     def close(self) -> None:
         """Drop the mapping: unmapped now when no view of it is left, else by the last
         view to die (or the garbage collector, for views inside reference cycles). Never
         unmap under a live view: numpy keeps no buffer export on the mmap, so mmap.close()
-        would succeed and the next read through that view would be a segfault."""
+        would succeed and the next read through that view would be a segfault. A split
+        GGUF's shards go the same way."""
+        for sh in getattr(self, "_shards", ()):
+            sh.close()
         mm = getattr(self, "_mmap", None)
         self._mmap = None
         raw = getattr(mm, "_mmap", None)

@@ -93,6 +93,7 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     engine = TransferEngine.__new__(TransferEngine)  # only _copy's inputs
     engine.store = store
     engine._fd = os.open(path, os.O_RDONLY)
+    engine._fds = [engine._fd]
     engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
 
     class Slots:

@@ -157,12 +157,11 @@ def test_inspect_reports_expert_bytes(moe_path):
     assert qts <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
 
 
-def test_a_split_gguf_shard_is_refused_with_the_merge_command(tiny_gguf, tmp_path):
-    """llama.cpp's gguf-split format (the shards of large models): every shard names its
-    place; efedge says what the file is and how to merge it, instead of a missing tensor."""
-    src = tiny_gguf("qwen3moe", "F32")
+def _split(src, out_dir, max_tensors: int = 12) -> list:
+    """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
     r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(tmp_path / "big.gguf", "qwen3moe", split_max_tensors=12)
+    w = gguf.GGUFWriter(out_dir / "big.gguf", r.get_field("general.architecture").contents(),
+                        split_max_tensors=max_tensors)
     for key, field in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -178,11 +177,51 @@ def test_a_split_gguf_shard_is_refused_with_the_merge_command(tiny_gguf, tmp_pat
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    shards = sorted(tmp_path.glob("big-*-of-*.gguf"))
-    assert len(shards) > 1, list(tmp_path.iterdir())
-    with pytest.raises(efedge.UnsupportedModelError,
-                       match=rf"shard 1 of {len(shards)} of a split GGUF.*llama-gguf-split "
-                             rf"--merge {shards[0].name}"):
-        efedge.load(shards[0])
-    with pytest.raises(efedge.UnsupportedModelError, match=f"shard 2 of {len(shards)}"):
+    return sorted(out_dir.glob("big-*-of-*.gguf"))
+
+
+def test_a_split_gguf_runs_from_its_first_shard(tiny_gguf, tmp_path):
+    """llama.cpp's gguf-split shards (how large models ship): loaded from the first, the
+    others found beside it; logits bit-identical to the single file's, resident and
+    streamed (with a layer's gate, up and down in different shards), and llama.cpp's on
+    the same shards."""
+    from llama_ref import llama_logits
+
+    src = tiny_gguf("qwen3moe", "F32")
+    shards = _split(src, tmp_path)
+    assert len(shards) > 2
+    ids = list(range(5, 40))
+    with efedge.load(src) as m:
+        ref = m.logits(ids)
+    for kw in ({}, {"cache": "30%", "policy": "expertflow"},
+               {"cache": "30%", "policy": "ondemand", "link": "200MB/s"}):
+        with efedge.load(shards[0], **kw) as m:
+            assert np.array_equal(m.logits(ids), ref), kw
+            store = m._experts.store
+            assert store.paths == shards
+            # parts of one layer in two shards: the reads take each from its own file
+            assert any(len(set(row)) > 1 for row in store.shard.tolist()), store.shard
+    gf = GGUFFile(shards[0])
+    assert gf.paths == shards and gf.file_size == sum(p.stat().st_size for p in shards)
+    gf.close()
+    from efedge.cli.inspect import describe
+
+    assert describe(shards[0])["files"] == [str(p) for p in shards]
+    lref = llama_logits(shards[0], ids)
+    assert np.abs(ref - lref).max() / lref.std() < 2e-2
+
+
+def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
+    shards = _split(tiny_gguf("qwen3moe", "F32"), tmp_path)
+    n = len(shards)
+    with pytest.raises(efedge.ModelFormatError,
+                       match=rf"shard 2 of {n} of a split GGUF: load the first one, "
+                             rf"big-00001-of-{n:05d}.gguf"):
         efedge.load(shards[1])
+    shutil.copy(shards[0], tmp_path / "renamed.gguf")
+    with pytest.raises(efedge.ModelFormatError, match="cannot be found"):
+        efedge.load(tmp_path / "renamed.gguf")
+    shards[-1].unlink()
+    with pytest.raises(efedge.ModelFormatError,
+                       match=rf"shard {n} of {n} .* is missing \({shards[-1].name}"):
+        efedge.load(shards[0])

@@ -36,7 +36,8 @@ def describe(path) -> dict:
             layers.append({"layer": il, "experts": cfg.n_expert, "bytes_per_expert": per_expert,
                            "quant_types": {p: t.qtype_name for p, t in parts.items()}})
         return {
-            "path": str(gf.path), "architecture": cfg.arch, "name": gf.get("general.name"),
+            "path": str(gf.path), "files": [str(p) for p in gf.paths],
+            "architecture": cfg.arch, "name": gf.get("general.name"),
             "file_bytes": gf.file_size, "tensor_bytes": tensor_bytes, "n_tensors": len(gf.tensors),
             "layers": cfg.n_layer, "embedding_length": cfg.n_embd, "heads": cfg.n_head,
             "kv_heads": cfg.n_head_kv, "head_dim": cfg.head_dim, "vocab": cfg.n_vocab,
@@ -96,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"model          {info['path']}")
+    if len(info["files"]) > 1:
+        print(f"files          {len(info['files'])} shards of a split GGUF, "
+              f"{_mib(info['file_bytes'])} in all")
     print(f"architecture   {info['architecture']}  ({info['name'] or 'unnamed'})")
     print(f"layers         {info['layers']}  width {info['embedding_length']}  heads "
           f"{info['heads']} (kv {info['kv_heads']}, dim {info['head_dim']})  vocab {info['vocab']}")

@@ -44,6 +44,10 @@ class ExpertStore:
         # [layer, expert, part] → (file offset, nbytes): what a transfer reads
         self.offsets = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
         self.nbytes = np.zeros((n_layer, n_expert, 3), dtype=np.int64)
+        # [layer, part] → which file of gf.paths holds it (a split GGUF may put a layer's
+        # gate, up and down in different shards; a stacked tensor never spans two)
+        self.paths = list(gf.paths)
+        self.shard = np.zeros((n_layer, 3), dtype=np.int64)
         self.moe_layers: list[int] = []  # the layers with routed experts
         for il in range(n_layer):
             raw, qt = {}, {}
@@ -56,6 +60,7 @@ class ExpertStore:
                 name = f"blk.{il}.ffn_{part}_exps.weight"
                 raw[part] = gf.raw(name)
                 qt[part] = gf.tensor(name).qtype
+                self.shard[il, ip] = gf.tensor(name).shard
                 for s in gf.expert_slices(name):
                     self.offsets[il, s.expert, ip] = s.offset
                     self.nbytes[il, s.expert, ip] = s.nbytes
@@ -83,27 +88,32 @@ class ExpertStore:
         memory. (Pages a process still maps survive fadvise, so the mapping goes first —
         e.g. the pages the load-time kernel warm-up touched.)"""
         page = mmap.PAGESIZE
-        spans = []
+        spans: list[list[tuple[int, int]]] = [[] for _ in self.paths]  # per file
         for il in self.moe_layers:
             for ip in range(3):
                 start = int(self.offsets[il, 0, ip])
                 end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])
-                spans.append((start - start % page, end))
-        mm = getattr(getattr(self.gf, "_mmap", None), "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            for start, end in spans:
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-                except (OSError, ValueError):
-                    pass
+                spans[int(self.shard[il, ip])].append((start - start % page, end))
+        files = [self.gf] + list(getattr(self.gf, "_shards", ()))
+        for f, file_spans in zip(files, spans, strict=False):
+            mm = getattr(getattr(f, "_mmap", None), "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                for start, end in file_spans:
+                    try:
+                        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                    except (OSError, ValueError):
+                        pass
         if not hasattr(os, "posix_fadvise"):
             return
-        fd = os.open(self.gf.path, os.O_RDONLY)
-        try:
-            for start, end in spans:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        for path, file_spans in zip(self.paths, spans, strict=True):
+            if not file_spans:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for start, end in file_spans:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def mapped(self, layer: int, expert: int) -> ExpertWeights:
         """Zero-copy views straight into the mapped file."""

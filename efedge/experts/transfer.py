@@ -117,10 +117,23 @@ class TransferEngine:
         self.store, self.cache, self.counters, self.link = store, cache, counters, link
         self.cond = cache.cond  # READY and failed loads: the compute thread waits on it
         self.work = threading.Condition(cache.lock)  # queued jobs: the workers wait on it
-        self._fd = os.open(path, os.O_RDONLY)
+        # one descriptor per file: a split GGUF's shards (store.paths; store.shard says
+        # which holds each layer's part), else the one file
+        shards = list(getattr(store, "paths", None) or [])
+        paths = shards if len(shards) > 1 else [path]
+        self._fds: list[int] = []
+        try:
+            for p in paths:
+                self._fds.append(os.open(p, os.O_RDONLY))
+        except OSError:
+            for fd in self._fds:
+                os.close(fd)
+            raise
+        self._fd = self._fds[0]
         if hasattr(os, "posix_fadvise"):
             # no readahead: it would pull neighbouring experts into the page cache
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for fd in self._fds:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self._queue: list[Job] = []
         self._seq = itertools.count()
@@ -182,11 +195,12 @@ class TransferEngine:
         return sum(1 for j in self._queue if not j.cancelled)
 
     # -- workers --------------------------------------------------------------------------
-    def _pread(self, buf, offset: int) -> None:
+    def _pread(self, buf, offset: int, fd: int | None = None) -> None:
         view = memoryview(buf)
         done = 0
+        fd = self._fd if fd is None else fd
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise OSError(f"unexpected end of file at byte {offset + done}")
             done += n
@@ -202,17 +216,26 @@ class TransferEngine:
         `drop_pages`, drop the file's pages they came from (whole pages, so those an
         expert shares with its neighbours go too). Returns the bytes read."""
         nbytes = self.store.nbytes[layer, expert]
-        if self._kernel_reads() and file_read.read_expert(
-                self._fd, parts, self.store.offsets[layer, expert], nbytes, self._page,
+        fds = self._fds
+        if len(fds) == 1:
+            pfd = (fds[0],) * 3
+        else:  # a split GGUF: each part from its shard
+            shard = self.store.shard[layer]
+            pfd = (fds[shard[0]], fds[shard[1]], fds[shard[2]])
+        if pfd[0] == pfd[1] == pfd[2] and self._kernel_reads() and file_read.read_expert(
+                pfd[0], parts, self.store.offsets[layer, expert], nbytes, self._page,
                 drop_pages=drop_pages):
             return int(nbytes.sum())
         for ip in range(3):  # in Python where the kernel cannot, or to name its error
             off = int(self.store.offsets[layer, expert, ip])
             n = int(nbytes[ip])
-            self._read(parts[ip][:n], off)
+            if pfd[ip] == self._fd:
+                self._read(parts[ip][:n], off)  # (tests inject faults here: the first file)
+            else:
+                self._pread(parts[ip][:n], off, pfd[ip])
             if drop_pages and hasattr(os, "posix_fadvise"):
                 lo = off - off % self._page
-                os.posix_fadvise(self._fd, lo, off + n - lo + self._page - 1,
+                os.posix_fadvise(pfd[ip], lo, off + n - lo + self._page - 1,
                                  os.POSIX_FADV_DONTNEED)
         return int(nbytes.sum())
 
@@ -352,5 +375,7 @@ class TransferEngine:
         for t in threads:
             t.join(timeout=5)
         if self._fd >= 0:
-            os.close(self._fd)
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
             self._fd = -1
