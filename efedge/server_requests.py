@@ -43,6 +43,8 @@ class GenRequest:
 _MISSING = object()
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
              "repeat_penalty": float, "repeat_last_n": int, "seed": int}
+_OPENAI_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
+                  "frequency_penalty": (-2, 2)}
 _KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
           list: "an array", dict: "an object"}
 
@@ -84,12 +86,16 @@ def _common(body: Any, defaults: dict, max_default: int | None,
         v = _field(body, name, _SAMPLING[name])
         if v is not None:
             sampling[name] = v
-    # OpenAI's ranges where they are narrower than the sampler's (a request's values only:
-    # the server's own defaults may be anything the sampler takes)
-    t = body.get("temperature")
-    if t is not None and t > 2:
-        raise APIError(400, f"temperature must be in [0, 2], got {t}", "invalid_value",
-                       param="temperature")
+    # accepted, range-checked and ignored: efedge's sampler has no such penalties
+    for name in ("presence_penalty", "frequency_penalty"):
+        _field(body, name, float)
+    # OpenAI's ranges, checked on a request's values only (the server's own defaults may be
+    # anything the sampler takes)
+    for name, (lo, hi) in _OPENAI_RANGES.items():
+        v = body.get(name)
+        if v is not None and not lo <= v <= hi:
+            raise APIError(400, f"{name} must be in [{lo}, {hi}], got {v}", "invalid_value",
+                           param=name)
     if body.get("top_p") == 0:  # OpenAI takes 0: a nucleus of the most probable token alone
         sampling.update(temperature=0.0, top_p=1.0)
     if sampling.get("seed") is not None and sampling["seed"] < 0:
@@ -101,12 +107,6 @@ def _common(body: Any, defaults: dict, max_default: int | None,
         raise APIError(400, str(exc), "invalid_value",
                        param=name if name in _SAMPLING else None) from None
     kw["sampling"] = sampling
-    # accepted, range-checked and ignored: efedge's sampler has no such penalties
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = _field(body, name, float)
-        if v is not None and not -2 <= v <= 2:
-            raise APIError(400, f"{name} must be in [-2, 2], got {v}", "invalid_value",
-                           param=name)
     n = _field(body, "n", int, 1)
     if n != 1:
         raise APIError(400, f"only n=1 is supported, got {n}", "unsupported", param="n")

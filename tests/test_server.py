@@ -200,11 +200,16 @@ def test_openai_ranges_and_error_params(server, model):
     status, body = call(server, "/v1/chat/completions", dict(greedy, temperature=2))
     assert status == 200, body
     for field, value in [("temperature", 2.01), ("temperature", -1), ("top_p", -0.1),
-                         ("top_k", -1), ("frequency_penalty", -2.5), ("logprobs", True),
+                         ("top_p", 1.01), ("top_k", -1), ("frequency_penalty", -2.5),
+                         ("logprobs", True),
                          ("tool_choice", {"type": "function", "function": {"name": "f"}})]:
         status, body = call(server, "/v1/chat/completions", dict(greedy, **{field: value}))
         assert_error(status, body, 400)
         assert body["error"]["param"] == field, body
+    status, body = call(server, "/v1/chat/completions", raw=b'{"messages": [{"role": "user", '
+                        b'"content": "Hi"}], "temperature": NaN}')  # Python's json reads NaN
+    assert_error(status, body, 400)
+    assert body["error"]["param"] == "temperature", body
     for field, value in [("logprobs", 0), ("best_of", 3)]:
         status, body = call(server, "/v1/completions", {"prompt": "x", field: value})
         assert_error(status, body, 400, "unsupported")
