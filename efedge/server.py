@@ -158,8 +158,9 @@ class ModelWorker:
                                     f"[0, {m.n_vocab})", "invalid_value", param="prompt")
         n_prompt = len(ids)
         if n_prompt >= m.n_ctx:
-            raise ContextLengthError(f"the prompt has {n_prompt} tokens; the context holds "
-                                     f"{m.n_ctx}")
+            raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds "
+                                f"{m.n_ctx}", "context_length_exceeded",
+                           param="prompt" if req.messages is None else "messages")
         room = m.n_ctx - n_prompt
         max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
         echo = ""
@@ -341,6 +342,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         raw = self._read_body()
+        if not raw.strip():
+            raise APIError(400, "the request body is empty; send a JSON object",
+                           "invalid_json")
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -41,6 +41,10 @@ class GenRequest:
 
 
 _MISSING = object()
+_SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+             "repeat_penalty": float, "repeat_last_n": int, "seed": int}
+_OPENAI_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
+                  "frequency_penalty": (-2, 2)}
 _KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
           list: "an array", dict: "an object"}
 
@@ -78,28 +82,36 @@ def _common(body: Any, defaults: dict, max_default: int | None,
             break
     kw["max_tokens"] = max_tokens
     sampling = dict(defaults)
-    for name, key, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
-                            ("top_k", "top_k", int), ("min_p", "min_p", float),
-                            ("repeat_penalty", "repeat_penalty", float),
-                            ("repeat_last_n", "repeat_last_n", int), ("seed", "seed", int)):
-        v = _field(body, name, kind)
+    for name in _SAMPLING:
+        v = _field(body, name, _SAMPLING[name])
         if v is not None:
-            sampling[key] = v
+            sampling[name] = v
+    # accepted, range-checked and ignored: efedge's sampler has no such penalties
+    for name in ("presence_penalty", "frequency_penalty"):
+        _field(body, name, float)
+    # OpenAI's ranges, checked on a request's values only (the server's own defaults may be
+    # anything the sampler takes)
+    for name, (lo, hi) in _OPENAI_RANGES.items():
+        v = body.get(name)
+        if v is not None and not lo <= v <= hi:
+            raise APIError(400, f"{name} must be in [{lo}, {hi}], got {v}", "invalid_value",
+                           param=name)
+    if body.get("top_p") == 0:  # OpenAI takes 0: a nucleus of the most probable token alone
+        sampling.update(temperature=0.0, top_p=1.0)
     if sampling.get("seed") is not None and sampling["seed"] < 0:
         sampling["seed"] = None  # llama.cpp: -1 = random
     try:
         SamplingParams(**sampling).validate()
     except SamplingError as exc:
-        raise APIError(400, str(exc), "invalid_value") from None
+        name = str(exc).split(" ", 1)[0]  # its message starts with the parameter's name
+        raise APIError(400, str(exc), "invalid_value",
+                       param=name if name in _SAMPLING else None) from None
     kw["sampling"] = sampling
-    # accepted, type-checked and ignored: efedge's sampler has no such penalties
-    for name in ("presence_penalty", "frequency_penalty"):
-        _field(body, name, float)
     n = _field(body, "n", int, 1)
     if n != 1:
         raise APIError(400, f"only n=1 is supported, got {n}", "unsupported", param="n")
-    if _field(body, "logprobs", (bool, int)) not in (None, False, 0):
-        raise APIError(400, "logprobs are not supported", "unsupported", param="logprobs")
+    if _field(body, "logit_bias", dict):
+        raise APIError(400, "logit_bias is not supported", "unsupported", param="logit_bias")
     stop = body.get("stop")
     if stop is None:
         kw["stop"] = []
@@ -135,8 +147,19 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
     # OpenAI's newer "developer" role is what chat templates call "system"
     messages = [dict(msg, role="system") if msg["role"] == "developer" else msg
                 for msg in messages]
-    if body.get("tools"):
-        raise APIError(400, "tools are not supported", "unsupported", param="tools")
+    if _field(body, "logprobs", (bool, int)):
+        raise APIError(400, "logprobs are not supported", "unsupported", param="logprobs")
+    if _field(body, "top_logprobs", int):
+        raise APIError(400, "top_logprobs are not supported", "unsupported",
+                       param="top_logprobs")
+    for name in ("tools", "functions"):  # "functions": the deprecated form of tools
+        if body.get(name):
+            raise APIError(400, f"{name} are not supported", "unsupported", param=name)
+    # without tools the model can only answer in text: "none" and "auto" mean just that
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none", "auto"):
+            raise APIError(400, f"{name} {json.dumps(body[name])[:60]} needs tools, which are "
+                                "not supported", "unsupported", param=name)
     fmt = _field(body, "response_format", dict, {"type": "text"})
     if fmt.get("type", "text") != "text":
         raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
@@ -161,5 +184,11 @@ def parse_completion(body: Any, defaults: dict) -> GenRequest:
                        "invalid_type", param="prompt")
     if body.get("suffix"):
         raise APIError(400, "'suffix' is not supported", "unsupported", param="suffix")
+    # an integer asks for log probabilities, 0 too (those of the chosen tokens)
+    if (logprobs := _field(body, "logprobs", (bool, int))) is not None \
+            and logprobs is not False:
+        raise APIError(400, "logprobs are not supported", "unsupported", param="logprobs")
+    if _field(body, "best_of", int, 1) != 1:
+        raise APIError(400, "only best_of=1 is supported", "unsupported", param="best_of")
     echo = _field(body, "echo", bool, False)
     return GenRequest(messages=None, prompt=prompt, echo=echo, **kw)

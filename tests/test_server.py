@@ -166,7 +166,16 @@ def test_completion_and_stream_and_stop(server, model):
     ("/v1/completions", {"prompt": 12}, 400, "invalid_type"),
     ("/v1/completions", [1, 2], 400, "invalid_type"),
     ("/v1/chat/completions", {"messages": HI, "temperature": -1}, 400, "invalid_value"),
-    ("/v1/chat/completions", {"messages": HI, "top_p": 0}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "top_p": 1.5}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "temperature": 2.5}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "presence_penalty": 3}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "logit_bias": {"5": -100}}, 400, "unsupported"),
+    ("/v1/chat/completions", {"messages": HI, "tool_choice": "required"}, 400, "unsupported"),
+    ("/v1/chat/completions", {"messages": HI, "functions": [{"name": "f"}]}, 400,
+     "unsupported"),
+    ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, 400, "unsupported"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 0}, 400, "unsupported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "unsupported"),
     ("/v1/completions", {"prompt": "x", "top_k": -3}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -7}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "invalid_value"),
@@ -178,6 +187,48 @@ def test_completion_and_stream_and_stop(server, model):
 def test_bad_requests(server, path, body, status, code):
     got, resp = call(server, path, body)
     assert_error(got, resp, status, code)
+
+
+def test_openai_ranges_and_error_params(server, model):
+    """OpenAI's ranges (temperature 0-2, top_p 0-1 with 0 allowed) and a `param` naming the
+    field in every 400 about one."""
+    greedy = {"messages": HI, "max_tokens": 3, "temperature": 0}
+    _, want = call(server, "/v1/chat/completions", greedy)
+    status, body = call(server, "/v1/chat/completions", dict(greedy, temperature=0.7, top_p=0))
+    assert status == 200, body  # a nucleus of one token: greedy
+    assert body["choices"][0]["message"] == want["choices"][0]["message"]
+    status, body = call(server, "/v1/chat/completions", dict(greedy, temperature=2))
+    assert status == 200, body
+    for field, value in [("temperature", 2.01), ("temperature", -1), ("top_p", -0.1),
+                         ("top_p", 1.01), ("top_k", -1), ("frequency_penalty", -2.5),
+                         ("logprobs", True),
+                         ("tool_choice", {"type": "function", "function": {"name": "f"}})]:
+        status, body = call(server, "/v1/chat/completions", dict(greedy, **{field: value}))
+        assert_error(status, body, 400)
+        assert body["error"]["param"] == field, body
+    status, body = call(server, "/v1/chat/completions", raw=b'{"messages": [{"role": "user", '
+                        b'"content": "Hi"}], "temperature": NaN}')  # Python's json reads NaN
+    assert_error(status, body, 400)
+    assert body["error"]["param"] == "temperature", body
+    for field, value in [("logprobs", 0), ("best_of", 3)]:
+        status, body = call(server, "/v1/completions", {"prompt": "x", field: value})
+        assert_error(status, body, 400, "unsupported")
+        assert body["error"]["param"] == field, body
+    # "none" / "auto" tool choices, empty tools and logprobs false ask for nothing extra
+    status, body = call(server, "/v1/chat/completions", dict(
+        greedy, tools=[], tool_choice="none", function_call="auto", logprobs=False,
+        top_logprobs=0, logit_bias={}, presence_penalty=0.5))
+    assert status == 200 and body["choices"][0]["message"] == want["choices"][0]["message"]
+    too_long = [{"role": "user", "content": "word " * (model.n_ctx * 2)}]
+    status, body = call(server, "/v1/chat/completions", {"messages": too_long})
+    assert_error(status, body, 400, "context_length_exceeded")
+    assert body["error"]["param"] == "messages"
+    status, body = call(server, "/v1/completions", {"prompt": [1] * model.n_ctx})
+    assert_error(status, body, 400, "context_length_exceeded")
+    assert body["error"]["param"] == "prompt"
+    status, body = call(server, "/v1/completions", raw=b"")
+    assert_error(status, body, 400, "invalid_json")
+    assert "empty" in body["error"]["message"]
 
 
 def test_bad_json_big_body_routes_and_context(server, model):
