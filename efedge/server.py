@@ -490,7 +490,8 @@ class EfedgeServer(ThreadingHTTPServer):
 
     def __init__(self, model: Model, host: str = "127.0.0.1", port: int = 8080, *,
                  model_id: str | None = None, max_body: int = MAX_BODY,
-                 max_queue: int = MAX_QUEUE, defaults: dict | None = None):
+                 max_queue: int = MAX_QUEUE, defaults: dict | None = None,
+                 strict_template: bool = False):
         super().__init__((host, port), Handler)
         self.model = model
         self.model_id = model_id or model.path.stem
@@ -503,6 +504,9 @@ class EfedgeServer(ThreadingHTTPServer):
         try:
             model.chat_prompt(TEMPLATE_PROBE)
         except TemplateError as exc:
+            if strict_template:  # a template the user chose: theirs to fix, before serving
+                self.server_close()
+                raise
             self.template_error = str(exc)
             log.warning("the chat template is broken; /v1/chat/completions will answer 500 "
                         "(completions still work): %s", exc)

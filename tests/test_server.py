@@ -513,3 +513,6 @@ def test_efedge_serve_refuses_bad_addresses_and_templates(model_path):
     r = _serve(str(model_path), "--port", "0", "--chat-template", "bogus")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "unknown chat template 'bogus'" in r.stderr and "efedge serve:" not in r.stderr
+    # one line: no warning that chat requests will get a 500, as if it would still serve
+    assert r.stderr.strip().splitlines() == [line for line in r.stderr.strip().splitlines()
+                                             if line.startswith("efedge: error:")], r.stderr

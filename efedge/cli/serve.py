@@ -81,15 +81,13 @@ def main(args: argparse.Namespace) -> int:
     check_address(args.host, args.port)
     with load_model(args, progress=progress_bar()) as m:
         try:
-            srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults)
+            # a --chat-template that cannot render is the user's to fix now (a TemplateError,
+            # one line), not a 500 on every chat request; a broken one in the GGUF only
+            # costs the chat route (a warning)
+            srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults,
+                              strict_template=args.chat_template is not None)
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
-        if args.chat_template is not None and srv.template_error is not None:
-            # the server tried the template: a --chat-template that cannot render is the
-            # user's to fix now, not a 500 on every chat request (a broken one in the
-            # GGUF only costs the chat route)
-            srv.server_close()
-            raise EfedgeError(srv.template_error)
         try:
             print(f"efedge serve: {srv.model_id} on {srv.url}/v1 (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
