@@ -30,7 +30,7 @@ from efedge.tokenizer import Tokenizer
 log = logging.getLogger("efedge")
 DEFAULT_CTX = 4096
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                 "repeat_last_n", "seed")
+                 "repeat_last_n", "seed", "frequency_penalty", "presence_penalty")
 
 
 ROUTINGS = ("exact", "cache-aware")

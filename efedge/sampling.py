@@ -56,6 +56,10 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    # llama.cpp's --frequency-penalty / --presence-penalty (OpenAI's fields): subtracted
+    # from the logit of each token seen in the last repeat_last_n, per occurrence / once
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def validate(self) -> None:
         """Raise SamplingError naming the first out-of-range parameter and its range."""
@@ -68,6 +72,9 @@ class SamplingParams:
         _check_real("min_p", mp, _is_real(mp) and 0 <= mp <= 1, "a number in [0, 1] (0 = off)")
         _check_real("repeat_penalty", rp, _is_real(rp) and rp > 0,
                     "a finite number > 0 (1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            _check_real(name, v, True, "a finite number (0 = off)")
         n = self.repeat_last_n
         if not _is_int(n) or n < -1:
             raise SamplingError(
@@ -110,21 +117,24 @@ class Sampler:
 
     # -- the chain ------------------------------------------------------------------
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """Logits after the repetition penalty (a copy when anything changes)."""
+        """Logits after the repetition penalties (a copy when anything changes)."""
         p = self.params
         n_last = p.repeat_last_n
-        if p.repeat_penalty == 1.0 or n_last == 0 or len(history) == 0:
+        if (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0
+                and p.presence_penalty == 0.0) or n_last == 0 or len(history) == 0:
             return logits
         hist = np.asarray(history, dtype=np.int64).reshape(-1)
-        ids = np.unique(hist if n_last == -1 else hist[-n_last:])
+        ids, counts = np.unique(hist if n_last == -1 else hist[-n_last:], return_counts=True)
         if ids.size and (ids[0] < 0 or ids[-1] >= logits.shape[0]):
             raise SamplingError(
                 f"history holds token id {int(ids[0] if ids[0] < 0 else ids[-1])} outside "
                 f"the vocabulary [0, {logits.shape[0]})")
         out = logits.copy()
         vals = out[ids]
-        # llama.cpp: a positive logit is divided, a non-positive one multiplied.
-        out[ids] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        # llama.cpp: a positive logit is divided, a non-positive one multiplied; then the
+        # frequency penalty per occurrence and the presence penalty once are subtracted
+        vals = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        out[ids] = vals - (counts * p.frequency_penalty + p.presence_penalty)
         return out
 
     def distribution(self, logits: np.ndarray,

@@ -42,7 +42,8 @@ class GenRequest:
 
 _MISSING = object()
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
-             "repeat_penalty": float, "repeat_last_n": int, "seed": int}
+             "repeat_penalty": float, "repeat_last_n": int, "seed": int,
+             "frequency_penalty": float, "presence_penalty": float}
 _OPENAI_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
                   "frequency_penalty": (-2, 2)}
 _KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
@@ -86,9 +87,6 @@ def _common(body: Any, defaults: dict, max_default: int | None,
         v = _field(body, name, _SAMPLING[name])
         if v is not None:
             sampling[name] = v
-    # accepted, range-checked and ignored: efedge's sampler has no such penalties
-    for name in ("presence_penalty", "frequency_penalty"):
-        _field(body, name, float)
     # OpenAI's ranges, checked on a request's values only (the server's own defaults may be
     # anything the sampler takes)
     for name, (lo, hi) in _OPENAI_RANGES.items():

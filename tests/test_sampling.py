@@ -187,6 +187,26 @@ def test_repeat_last_n_window():
     assert Sampler(SamplingParams(repeat_last_n=0, **greedy))(x, [0]) == 0  # off
 
 
+def test_frequency_and_presence_penalties_llama_cpp_style():
+    """llama.cpp's penalties sampler: over the window, the repeat penalty first, then
+    count · frequency_penalty + presence_penalty subtracted (OpenAI's definition too)."""
+    logits, hist = [2.0, 1.0, -1.0, 0.5], [0, 2, 0, 0]  # token 0 three times, token 2 once
+    d = dist(logits, hist, temperature=1.0, frequency_penalty=0.5, presence_penalty=0.25,
+             **PLAIN)
+    exp = softmax([2.0 - 1.75, 1.0, -1.0 - 0.75, 0.5])
+    assert [d[i] for i in range(4)] == pytest.approx(exp.tolist(), rel=1e-5)
+    d = dist(logits, hist, temperature=1.0, repeat_penalty=2.0, frequency_penalty=0.5,
+             presence_penalty=0.25, **PLAIN)
+    exp = softmax([1.0 - 1.75, 1.0, -2.0 - 0.75, 0.5])
+    assert [d[i] for i in range(4)] == pytest.approx(exp.tolist(), rel=1e-5)
+    # a negative penalty favours what was said; the window limits what counts
+    x = np.array([1.0, 1.2, 0.0], np.float32)
+    assert Sampler(SamplingParams(temperature=0, presence_penalty=-0.5))(x, [0]) == 0
+    assert Sampler(SamplingParams(temperature=0, frequency_penalty=0.1))(x, [1, 1, 1]) == 0
+    assert Sampler(SamplingParams(temperature=0, frequency_penalty=0.1,
+                                  repeat_last_n=1))(x, [1, 1, 0]) == 1
+
+
 def test_history_out_of_vocab_raises():
     with pytest.raises(SamplingError, match="outside the vocabulary"):
         Sampler(SamplingParams(repeat_penalty=1.1))(np.zeros(4, np.float32), [7])
@@ -235,6 +255,8 @@ def test_bad_logits_shape_raises():
     ("repeat_penalty", float("nan")), ("repeat_penalty", "1.1"),
     ("repeat_last_n", -2), ("repeat_last_n", 64.0), ("repeat_last_n", False),
     ("seed", -1), ("seed", 1.5), ("seed", True), ("seed", "42"), ("seed", float("nan")),
+    ("frequency_penalty", float("nan")), ("frequency_penalty", "1"),
+    ("presence_penalty", float("inf")), ("presence_penalty", None),
 ])
 def test_invalid_parameter_raises_naming_it(name, value):
     params = SamplingParams(**{name: value})

@@ -217,8 +217,14 @@ def test_openai_ranges_and_error_params(server, model):
     # "none" / "auto" tool choices, empty tools and logprobs false ask for nothing extra
     status, body = call(server, "/v1/chat/completions", dict(
         greedy, tools=[], tool_choice="none", function_call="auto", logprobs=False,
-        top_logprobs=0, logit_bias={}, presence_penalty=0.5))
+        top_logprobs=0, logit_bias={}))
     assert status == 200 and body["choices"][0]["message"] == want["choices"][0]["message"]
+    # presence / frequency penalties are applied, as the API applies them
+    pen = dict(frequency_penalty=1.5, presence_penalty=0.5)
+    status, body = call(server, "/v1/chat/completions", dict(greedy, **pen))
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == model.chat(
+        greedy["messages"], max_tokens=greedy["max_tokens"], temperature=0, **pen)
     too_long = [{"role": "user", "content": "word " * (model.n_ctx * 2)}]
     status, body = call(server, "/v1/chat/completions", {"messages": too_long})
     assert_error(status, body, 400, "context_length_exceeded")

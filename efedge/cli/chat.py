@@ -33,7 +33,8 @@ HELP = """\
 Commands:
   /set                 show the settings
   /set temp X          temperature (0 = greedy); also top_k, top_p, min_p,
-                       repeat_penalty, repeat_last_n, seed (-1 = random),
+                       repeat_penalty, repeat_last_n, frequency_penalty,
+                       presence_penalty, seed (-1 = random),
                        max_tokens (-1 = until the context is full)
   /set system TEXT     replace the system prompt (clears the conversation)
   /regen               write the last reply again
@@ -49,6 +50,8 @@ _SETTINGS: dict[str, tuple[str, type]] = {
     "temp": ("temperature", float), "temperature": ("temperature", float),
     "top_k": ("top_k", int), "top_p": ("top_p", float), "min_p": ("min_p", float),
     "repeat_penalty": ("repeat_penalty", float), "repeat_last_n": ("repeat_last_n", int),
+    "frequency_penalty": ("frequency_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
     "seed": ("seed", int),
     "max_tokens": ("max_tokens", int), "num_predict": ("max_tokens", int),
     "n_predict": ("max_tokens", int),

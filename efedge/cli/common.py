@@ -112,6 +112,10 @@ def add_sampling_args(p: argparse.ArgumentParser, temp: float = 0.8) -> None:
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per occurrence in the last --repeat-last-n (0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted once for a token in the last --repeat-last-n (0 = off)")
     p.add_argument("-s", "--seed", type=int, default=None, help="RNG seed (default: random)")
 
 
@@ -119,7 +123,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     seed = args.seed if args.seed is None or args.seed >= 0 else None  # -1 = random
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-                seed=seed)
+                frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty, seed=seed)
 
 
 def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
