@@ -1,0 +1,51 @@
+"""Longevity: what an app that embeds a model for hours does to it — Ctrl-C at any
+moment, streams built and never read, models dropped without close() — leaves nothing
+behind that accumulates (pinned slots, registered cancel events, worker threads, file
+descriptors) and leaves the model giving the uninterrupted results."""
+
+from __future__ import annotations
+
+import pytest
+
+import efedge
+
+TINY = dict(n_layer=2, n_expert=4, n_expert_used=2)
+PROMPT = [5, 17, 42, 99, 7]
+N_GEN = 8
+
+
+@pytest.fixture(scope="module")
+def path(tiny_gguf):
+    return tiny_gguf("qwen3moe", "F32", **TINY)
+
+
+@pytest.fixture(scope="module")
+def greedy(path):
+    with efedge.load(path) as m:
+        return m.generate(PROMPT, max_tokens=N_GEN, temperature=0)
+
+
+@pytest.mark.parametrize("policy", ["expertflow", "ondemand"])
+def test_ctrl_c_in_the_policy_leaves_no_slot_pinned(path, greedy, policy):
+    """Ctrl-C landing in the policy's on_request (Python code run for every layer call
+    with the cache lock held) came after the layer's resident experts were pinned, and
+    before acquire's try: the pins stayed, and once every slot was pinned the next
+    generation waited 60 s and failed (TransferError)."""
+    with efedge.load(path, cache="60%", policy=policy) as m:
+        src = m._experts
+        orig = src.policy.on_request
+        for nth in range(1, 10):
+            calls = [0]
+
+            def on_request(*a, nth=nth, calls=calls, **kw):
+                calls[0] += 1
+                if calls[0] == nth:
+                    raise KeyboardInterrupt
+                return orig(*a, **kw)
+
+            src.policy.on_request = on_request
+            with pytest.raises(KeyboardInterrupt):
+                m.generate(PROMPT, max_tokens=N_GEN, temperature=0)
+            src.policy.on_request = orig
+            assert (src.cache.slot_pins == 0).all(), (nth, src.cache.slot_pins)
+        assert m.generate(PROMPT, max_tokens=N_GEN, temperature=0) == greedy
