@@ -5,6 +5,7 @@ descriptors) and leaves the model giving the uninterrupted results."""
 
 from __future__ import annotations
 
+import numba
 import pytest
 
 import efedge
@@ -49,3 +50,27 @@ def test_ctrl_c_in_the_policy_leaves_no_slot_pinned(path, greedy, policy):
             src.policy.on_request = orig
             assert (src.cache.slot_pins == 0).all(), (nth, src.cache.slot_pins)
         assert m.generate(PROMPT, max_tokens=N_GEN, temperature=0) == greedy
+
+
+def test_ctrl_c_as_the_chunk_size_is_set_restores_it(path, monkeypatch):
+    """kernels.dynamic sets numba's chunk size to 1 around a prefill kernel. Ctrl-C
+    landing right after set_parallel_chunksize's C call (its result not yet returned)
+    left it at 1, and every later decode kernel handed out its work in chunks of one."""
+    from efedge import kernels
+
+    real = numba.set_parallel_chunksize
+    state = {"armed": True}
+
+    def set_then_interrupt(n):
+        prev = real(n)
+        if state["armed"] and n == 1:
+            state["armed"] = False
+            raise KeyboardInterrupt  # as a real signal does, after the C call
+        return prev
+
+    before = numba.get_parallel_chunksize()
+    monkeypatch.setattr(numba, "set_parallel_chunksize", set_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        kernels.dynamic(lambda: None)
+    assert not state["armed"]
+    assert numba.get_parallel_chunksize() == before
