@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,13 @@ class Model:
         ev = cancel if cancel is not None else threading.Event()
         with self._cancel_lock:
             self._active_cancels.add(ev)
-        return self._generate_text(ids, max_tokens, stops, sampler, result, ev)
+        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev)
+        # a generator dropped before its first next() never runs its finally: forget its
+        # event when it is collected, or each such call stays registered for good (the
+        # set only grew in an app that builds streams it may not consume). set.discard is
+        # atomic, so the finalizer needs no lock wherever the collector runs it
+        weakref.finalize(gen, self._active_cancels.discard, ev)
+        return gen
 
     def _generate_text(self, ids, max_tokens, stops, sampler, result, ev) -> Iterator[str]:
         try:
@@ -372,7 +379,7 @@ class Model:
     def cancel(self) -> None:
         """Stop every generation in progress or already requested (safe from any thread)."""
         with self._cancel_lock:
-            for ev in self._active_cancels:
+            for ev in list(self._active_cancels):  # a finalizer may discard one meanwhile
                 ev.set()
 
     def stats(self) -> dict:

@@ -5,6 +5,8 @@ descriptors) and leaves the model giving the uninterrupted results."""
 
 from __future__ import annotations
 
+import gc
+
 import numba
 import pytest
 
@@ -74,3 +76,25 @@ def test_ctrl_c_as_the_chunk_size_is_set_restores_it(path, monkeypatch):
         kernels.dynamic(lambda: None)
     assert not state["armed"]
     assert numba.get_parallel_chunksize() == before
+
+
+def test_streams_never_read_are_forgotten(path):
+    """stream() registers its cancel event at call time (so a cancel() before the first
+    token is not lost); a stream dropped before its first next() never ran the finally
+    that unregisters it, so every such call stayed in the set for good."""
+    with efedge.load(path) as m:
+        for i in range(20):
+            it = m.stream(PROMPT, max_tokens=4)
+            if i % 2:
+                next(it)  # started, then dropped half-way: its finally forgets it
+            del it
+        chat = m.chat([{"role": "user", "content": "hi"}], stream=True, max_tokens=2)
+        del chat
+        gc.collect()
+        assert len(m._active_cancels) == 0
+        # a cancel() between the call and the first next() still stops that stream
+        res = efedge.GenerationResult([], "")
+        it = m.stream(PROMPT, max_tokens=4, result=res)
+        m.cancel()
+        assert list(it) == [] and res.finish_reason == "cancelled"
+        assert len(m._active_cancels) == 0
