@@ -146,6 +146,12 @@ class Model:
         self._active_cancels: set[threading.Event] = set()
         self.last_result: GenerationResult | None = None
         self._closed = False
+        # a Model dropped without close() stops its workers when it is collected: they
+        # hold the engine, and through it a file descriptor, the mapping and the cache's
+        # memory, for the life of the process (an app that reloads models leaked each).
+        # Not at exit: those threads are daemons, and the process frees it all anyway
+        self._finalizer = weakref.finalize(self, _close_parts, self._experts, self._tf)
+        self._finalizer.atexit = False
         self._progress(1.0, "ready")
 
     # -- internals ----------------------------------------------------------------------
@@ -404,10 +410,7 @@ class Model:
                     and self._owner.is_alive():
                 self._idle.wait(0.5)
             self._closed = True
-            if self._experts is not None:
-                self._experts.close()
-            if hasattr(self._tf, "close"):
-                self._tf.close()  # device="cuda": stops the copy workers, frees VRAM
+            self._finalizer()  # stops the transfer workers (device="cuda": frees VRAM)
             # drop every holder of views into the mapping (the expert store, the policy's
             # reference cycle), so the mapping really closes now, not at collection
             self._tf = None
@@ -426,6 +429,14 @@ class Model:
         c = self.config
         return (f"<efedge.Model {self.path.name}: {c.arch}, {c.n_layer} layers, "
                 f"{c.n_expert} experts ({c.n_expert_used} active)>")
+
+
+def _close_parts(experts, tf) -> None:
+    """Close a Model's expert source and (device="cuda") its device model, which stops
+    their worker threads: from close(), or when a Model dropped without it is collected."""
+    for part in (experts, tf):
+        if part is not None and hasattr(part, "close"):
+            part.close()
 
 
 def load(path: str | Path | None = None, **kwargs) -> Model:

@@ -6,8 +6,11 @@ descriptors) and leaves the model giving the uninterrupted results."""
 from __future__ import annotations
 
 import gc
+import os
+import threading
 
 import numba
+import numpy as np
 import pytest
 
 import efedge
@@ -98,3 +101,37 @@ def test_streams_never_read_are_forgotten(path):
         m.cancel()
         assert list(it) == [] and res.finish_reason == "cancelled"
         assert len(m._active_cancels) == 0
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _maps(p) -> int:
+    with open("/proc/self/maps") as fh:
+        return sum(1 for line in fh if line.rstrip().endswith(str(p)))
+
+
+def test_a_model_dropped_without_close_stops_its_workers(path):
+    """Without close(), the transfer workers (daemon threads) kept the engine alive for
+    the life of the process, and with it a file descriptor, the mapping and the
+    cache's memory: an app that loaded models again and again leaked all of it."""
+    m = efedge.load(path, cache="60%")  # warm
+    m.generate(PROMPT, max_tokens=2, temperature=0)
+    m.close()
+    del m
+    gc.collect()
+    threads, fds = threading.active_count(), _fds()
+    for policy in ("expertflow", "ondemand", "expertflow"):
+        m = efedge.load(path, cache="60%", policy=policy)
+        m.generate(PROMPT, max_tokens=2, temperature=0)
+        del m  # no close()
+        gc.collect()
+    gc.collect()  # the policy's reference cycle goes in the pass after the finalizer's
+    assert threading.active_count() == threads
+    assert _fds() == fds
+    assert _maps(path) == 0
+    # and close() after all still works on a live model (the finalizer runs once)
+    with efedge.load(path, cache="60%") as m:
+        assert np.isfinite(m.logits(PROMPT)).all()
+    assert threading.active_count() == threads
