@@ -142,6 +142,7 @@ class Model:
         self._idle = threading.Condition(self._lock)  # _owner became None
         self._owner: threading.Thread | None = None  # the thread whose generation runs
         self._owned_by: object | None = None  # … and that generation's token
+        self._paused_by: object | None = None  # the token of one paused at a yield
         self._cancel_lock = threading.Lock()
         self._active_cancels: set[threading.Event] = set()
         self.last_result: GenerationResult | None = None
@@ -324,7 +325,7 @@ class Model:
                                            result=result):
                     text = filt.push(decoder.push(tok))
                     if text:
-                        yield text
+                        yield from self._pause(token, text)
                         if self._closed or self._owned_by is not token:
                             # closed while paused here (the model is gone), or resumed
                             # after the thread that ran it ended and another took over
@@ -336,12 +337,28 @@ class Model:
                 tail = filt.push(decoder.flush())
                 tail += filt.flush()
                 if tail:
-                    yield tail
+                    yield from self._pause(token, tail)
             finally:
                 self._release(token)
         finally:
             with self._cancel_lock:
                 self._active_cancels.discard(ev)
+
+    def _pause(self, token, text: str) -> Iterator[str]:
+        """Yield one piece, marked as paused: close() from another thread then goes ahead
+        instead of waiting for a consumer that may never come back (a worker blocked on a
+        full queue the closing UI no longer reads hung close() for good). The mark goes
+        under the lock before the generation looks at _closed again, so either close()
+        waits for it or it sees the model closed and touches nothing."""
+        with self._lock:
+            self._paused_by = token
+            self._idle.notify_all()
+        try:
+            yield text
+        finally:
+            with self._lock:
+                if self._paused_by is token:
+                    self._paused_by = None
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                result: GenerationResult | None = None,
@@ -405,9 +422,10 @@ class Model:
         self.cancel()
         with self._lock:
             # a generation of another thread stops at its next token (cancelled above);
-            # this thread's own, paused, ends when resumed (it sees _closed)
+            # one paused at a yield (this thread's or another's) ends when resumed (it
+            # sees _closed)
             while self._owner is not None and self._owner is not threading.current_thread() \
-                    and self._owner.is_alive():
+                    and self._owner.is_alive() and self._paused_by is not self._owned_by:
                 self._idle.wait(0.5)
             self._closed = True
             self._finalizer()  # stops the transfer workers (device="cuda": frees VRAM)

@@ -135,3 +135,33 @@ def test_a_model_dropped_without_close_stops_its_workers(path):
     with efedge.load(path, cache="60%") as m:
         assert np.isfinite(m.logits(PROMPT)).all()
     assert threading.active_count() == threads
+
+
+def test_close_goes_ahead_while_another_thread_holds_a_paused_stream(path):
+    """A worker thread that streams into a bounded queue blocks when the UI stops
+    reading; the UI then closes the model. close() waited for that (live) thread's
+    generation to reach its next token, which never came: it hung for good. The paused
+    generation now ends as cancelled when resumed, touching nothing."""
+    import queue
+
+    m = efedge.load(path, cache="60%")
+    pieces: queue.Queue[str] = queue.Queue(maxsize=1)
+    res = efedge.GenerationResult([], "")
+    release = threading.Event()
+
+    def producer():
+        for piece in m.stream(PROMPT, max_tokens=50, result=res, temperature=1.0, seed=1,
+                              top_k=0, top_p=1.0, min_p=0.0):
+            pieces.put(piece)
+            release.wait(30)  # the consumer is gone: blocked here, mid-stream
+
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    pieces.get(timeout=30)
+    closer = threading.Thread(target=m.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() waited for a consumer that never came back"
+    release.set()
+    t.join(10)
+    assert not t.is_alive() and res.finish_reason == "cancelled"
