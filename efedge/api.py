@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,17 @@ class Model:
         self._idle = threading.Condition(self._lock)  # _owner became None
         self._owner: threading.Thread | None = None  # the thread whose generation runs
         self._owned_by: object | None = None  # … and that generation's token
+        self._paused_by: object | None = None  # the token of one paused at a yield
         self._cancel_lock = threading.Lock()
         self._active_cancels: set[threading.Event] = set()
         self.last_result: GenerationResult | None = None
         self._closed = False
+        # a Model dropped without close() stops its workers when it is collected: they
+        # hold the engine, and through it a file descriptor, the mapping and the cache's
+        # memory, for the life of the process (an app that reloads models leaked each).
+        # Not at exit: those threads are daemons, and the process frees it all anyway
+        self._finalizer = weakref.finalize(self, _close_parts, self._experts, self._tf)
+        self._finalizer.atexit = False
         self._progress(1.0, "ready")
 
     # -- internals ----------------------------------------------------------------------
@@ -292,7 +300,13 @@ class Model:
         ev = cancel if cancel is not None else threading.Event()
         with self._cancel_lock:
             self._active_cancels.add(ev)
-        return self._generate_text(ids, max_tokens, stops, sampler, result, ev)
+        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev)
+        # a generator dropped before its first next() never runs its finally: forget its
+        # event when it is collected, or each such call stays registered for good (the
+        # set only grew in an app that builds streams it may not consume). set.discard is
+        # atomic, so the finalizer needs no lock wherever the collector runs it
+        weakref.finalize(gen, self._active_cancels.discard, ev)
+        return gen
 
     def _generate_text(self, ids, max_tokens, stops, sampler, result, ev) -> Iterator[str]:
         try:
@@ -311,7 +325,7 @@ class Model:
                                            result=result):
                     text = filt.push(decoder.push(tok))
                     if text:
-                        yield text
+                        yield from self._pause(token, text)
                         if self._closed or self._owned_by is not token:
                             # closed while paused here (the model is gone), or resumed
                             # after the thread that ran it ended and another took over
@@ -323,12 +337,28 @@ class Model:
                 tail = filt.push(decoder.flush())
                 tail += filt.flush()
                 if tail:
-                    yield tail
+                    yield from self._pause(token, tail)
             finally:
                 self._release(token)
         finally:
             with self._cancel_lock:
                 self._active_cancels.discard(ev)
+
+    def _pause(self, token, text: str) -> Iterator[str]:
+        """Yield one piece, marked as paused: close() from another thread then goes ahead
+        instead of waiting for a consumer that may never come back (a worker blocked on a
+        full queue the closing UI no longer reads hung close() for good). The mark goes
+        under the lock before the generation looks at _closed again, so either close()
+        waits for it or it sees the model closed and touches nothing."""
+        with self._lock:
+            self._paused_by = token
+            self._idle.notify_all()
+        try:
+            yield text
+        finally:
+            with self._lock:
+                if self._paused_by is token:
+                    self._paused_by = None
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                result: GenerationResult | None = None,
@@ -388,7 +418,7 @@ class Model:
     def cancel(self) -> None:
         """Stop every generation in progress or already requested (safe from any thread)."""
         with self._cancel_lock:
-            for ev in self._active_cancels:
+            for ev in list(self._active_cancels):  # a finalizer may discard one meanwhile
                 ev.set()
 
     def stats(self) -> dict:
@@ -408,15 +438,13 @@ class Model:
         self.cancel()
         with self._lock:
             # a generation of another thread stops at its next token (cancelled above);
-            # this thread's own, paused, ends when resumed (it sees _closed)
+            # one paused at a yield (this thread's or another's) ends when resumed (it
+            # sees _closed)
             while self._owner is not None and self._owner is not threading.current_thread() \
-                    and self._owner.is_alive():
+                    and self._owner.is_alive() and self._paused_by is not self._owned_by:
                 self._idle.wait(0.5)
             self._closed = True
-            if self._experts is not None:
-                self._experts.close()
-            if hasattr(self._tf, "close"):
-                self._tf.close()  # device="cuda": stops the copy workers, frees VRAM
+            self._finalizer()  # stops the transfer workers (device="cuda": frees VRAM)
             # drop every holder of views into the mapping (the expert store, the policy's
             # reference cycle), so the mapping really closes now, not at collection
             self._tf = None
@@ -435,6 +463,14 @@ class Model:
         c = self.config
         return (f"<efedge.Model {self.path.name}: {c.arch}, {c.n_layer} layers, "
                 f"{c.n_expert} experts ({c.n_expert_used} active)>")
+
+
+def _close_parts(experts, tf) -> None:
+    """Close a Model's expert source and (device="cuda") its device model, which stops
+    their worker threads: from close(), or when a Model dropped without it is collected."""
+    for part in (experts, tf):
+        if part is not None and hasattr(part, "close"):
+            part.close()
 
 
 def load(path: str | Path | None = None, **kwargs) -> Model:

@@ -192,12 +192,14 @@ class StreamingExperts:
         pending: list[int] = []  # not resident, no slot yet
         held: dict[int, int] = {}  # expert → the slot pinned for it
         self.yield_to_workers(landing=True)
-        with self.cond:
-            self._classify(layer, wanted, pending, held)
-            self.policy.on_request(layer, wanted)
-            skip = self._before_issue(layer, pending, **kw)
-            self._issue(layer, pending, held)
-        try:  # from here on the slots in `held` are pinned: the finally unpins them
+        try:  # the slots in `held` are pinned as they are added: the finally unpins them
+            with self.cond:
+                # inside the try: Ctrl-C in the policy's on_request or victim choice lands
+                # after _classify pinned the resident experts (their pins were kept for good)
+                self._classify(layer, wanted, pending, held)
+                self.policy.on_request(layer, wanted)
+                skip = self._before_issue(layer, pending, **kw)
+                self._issue(layer, pending, held)
             self.yield_to_workers()  # the demand loads start now
             issued = getattr(self.policy, "on_demand_issued", None)
             if issued is not None:  # prefetches go behind this layer's own loads

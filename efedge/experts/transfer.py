@@ -373,7 +373,8 @@ class TransferEngine:
             self.work.notify_all()
             threads = list(self._threads)
         for t in threads:
-            t.join(timeout=5)
+            if t is not threading.current_thread():  # a Model's finalizer may run in one
+                t.join(timeout=5)
         if self._fd >= 0:
             for fd in self._fds:
                 os.close(fd)

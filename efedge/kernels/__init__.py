@@ -257,8 +257,11 @@ def dynamic(kernel, *args):
     shared cores: 535-594 → 667-723 t/s). Set from here because a jitted function
     that sets it cannot be cached; not for the decode kernels, whose stages want one
     iteration per thread."""
-    prev = numba.set_parallel_chunksize(1)
+    prev = numba.get_parallel_chunksize()
     try:
+        # set inside the try: Ctrl-C lands right after set_parallel_chunksize's C call
+        # (its result not yet returned), and every decode kernel ran in chunks of one after
+        numba.set_parallel_chunksize(1)
         return kernel(*args)
     finally:
         numba.set_parallel_chunksize(prev)
