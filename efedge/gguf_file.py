@@ -324,7 +324,12 @@ class GGUFFile:
             if not p.exists():
                 raise ModelFormatError(f"{self.path}: shard {i + 1} of {count} of this split "
                                        f"GGUF is missing ({p.name} is not beside it)")
-            sh = GGUFFile(p, _shard=True)
+            try:
+                sh = GGUFFile(p, _shard=True)
+            except ModelFormatError as exc:  # name the shard: the tensor alone does not
+                if str(p) in str(exc):
+                    raise
+                raise ModelFormatError(f"{p}: {exc}") from None
             self._shards.append(sh)  # closed with this file, whatever happens next
             self.paths.append(p)
             if _count(sh.metadata.get("split.no")) != i or \

@@ -225,3 +225,7 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
     with pytest.raises(efedge.ModelFormatError,
                        match=rf"shard {n} of {n} .* is missing \({shards[-1].name}"):
         efedge.load(shards[0])
+    with open(shards[1], "r+b") as fh:  # a truncated shard is named, with its tensor
+        fh.truncate(shards[1].stat().st_size - 100)
+    with pytest.raises(efedge.ModelFormatError, match=rf"{shards[1].name}: tensor .* past the end"):
+        efedge.load(shards[0])
