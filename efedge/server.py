@@ -10,8 +10,7 @@ a time in arrival order while the HTTP threads wait (the Model serialises calls 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 4xx for
 malformed JSON, wrong types, missing fields, bodies over `max_body`, unknown models and
 routes, bad sampling values and prompts longer than the context; 405 with an `Allow`
-header for a method a route does not take (PUT, DELETE, PATCH, OPTIONS … included: the
-server sends no CORS headers, so OPTIONS is no preflight answer either); 500
+header for a method a route does not take (PUT, DELETE, PATCH … included); 500
 `chat_template_error` on the chat route when the model's chat template cannot render even
 a one-message conversation (a server-side mistake, logged at start). A client that goes
 away during a request, streaming or not, cancels its generation within `PEER_CHECK_S`;
@@ -19,6 +18,11 @@ the server keeps serving. Shutting down (`server_close`) stops the generation in
 its response ends with `finish_reason: "cancelled"` (as does any generation cut short),
 and requests still waiting get 503 `server_shutting_down`. `echo: true` on a completion
 prepends the prompt, detokenized when it was given as token ids.
+
+CORS is opt-in (`allow_origins=["http://localhost:3000"]`, `["*"]` for any; `serve
+--allow-origin`): a browser page from an allowed origin gets `Access-Control-Allow-Origin`
+on every answer and a 204 to its preflight (OPTIONS); without it the server sends no CORS
+header and OPTIONS is a 405, so no web page can use the model through a visitor's browser.
 
     import efedge
     from efedge.server import make_server
@@ -36,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -237,6 +241,42 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing -------------------------------------------------------------------------
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
         log.info("%s %s", self.address_string(), format % args)
+
+    def _cors_origin(self) -> str | None:
+        """The value of Access-Control-Allow-Origin for this request: its Origin when the
+        server allows it ("*" when any is), else None (no CORS headers)."""
+        headers = getattr(self, "headers", None)  # None before a request line parsed
+        origin = headers.get("Origin") if headers is not None else None
+        allowed = self.server.allow_origins
+        if not origin or not allowed:
+            return None
+        if "*" in allowed:
+            return "*"
+        return origin if origin in allowed else None
+
+    def end_headers(self) -> None:
+        origin = self._cors_origin()
+        if origin is not None:  # every answer: JSON, SSE and errors alike
+            self.send_header("Access-Control-Allow-Origin", origin)
+            if origin != "*":
+                self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def do_OPTIONS(self) -> None:
+        """A CORS preflight from an allowed origin: 204 with the route's methods and the
+        headers asked for; anything else: 405, as for any method a route does not take."""
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if self._cors_origin() is None or not self.headers.get(
+                "Access-Control-Request-Method"):
+            self._method_not_allowed()
+            return
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", _allowed(path) or "GET, HEAD, POST")
+        self.send_header("Access-Control-Allow-Headers", self.headers.get(
+            "Access-Control-Request-Headers") or "Content-Type, Authorization")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_json(self, status: int, obj: Any, close: bool = False,
                    headers: dict[str, str] | None = None) -> None:
@@ -491,8 +531,9 @@ class EfedgeServer(ThreadingHTTPServer):
     def __init__(self, model: Model, host: str = "127.0.0.1", port: int = 8080, *,
                  model_id: str | None = None, max_body: int = MAX_BODY,
                  max_queue: int = MAX_QUEUE, defaults: dict | None = None,
-                 strict_template: bool = False):
+                 strict_template: bool = False, allow_origins: Sequence[str] = ()):
         super().__init__((host, port), Handler)
+        self.allow_origins = tuple(allow_origins)  # CORS (module docstring); () = none
         self.model = model
         self.model_id = model_id or model.path.stem
         self.max_body = max_body

@@ -522,3 +522,58 @@ def test_efedge_serve_refuses_bad_addresses_and_templates(model_path):
     # one line: no warning that chat requests will get a 500, as if it would still serve
     assert r.stderr.strip().splitlines() == [line for line in r.stderr.strip().splitlines()
                                              if line.startswith("efedge: error:")], r.stderr
+
+
+def test_cors_is_opt_in_per_origin(server, model):
+    """Without allow_origins no CORS header and no preflight (a web page cannot use the
+    model through a visitor's browser); with it, an allowed origin gets its preflight
+    answered and Access-Control-Allow-Origin on every answer, SSE and errors too."""
+    ui, other = "http://localhost:3000", "http://evil.example"
+
+    def ask(srv, method, path, headers, body=None):
+        host, port = srv.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r
+
+    pre = {"Origin": ui, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type, authorization"}
+    r = ask(server, "OPTIONS", "/v1/chat/completions", pre)
+    assert r.status == 405 and r.headers["Access-Control-Allow-Origin"] is None
+    r = ask(server, "GET", "/v1/models", {"Origin": ui})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] is None
+    srv = make_server(model, "127.0.0.1", 0, allow_origins=[ui])
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        r = ask(srv, "OPTIONS", "/v1/chat/completions", pre)
+        assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == ui
+        assert r.headers["Access-Control-Allow-Methods"] == "POST"
+        assert r.headers["Access-Control-Allow-Headers"] == "content-type, authorization"
+        r = ask(srv, "OPTIONS", "/v1/chat/completions", dict(pre, Origin=other))
+        assert r.status == 405 and r.headers["Access-Control-Allow-Origin"] is None
+        body = json.dumps({"messages": HI, "max_tokens": 2, "stream": True}).encode()
+        r = ask(srv, "POST", "/v1/chat/completions", {"Origin": ui}, body)
+        assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == ui
+        assert r.headers["Vary"] == "Origin"
+        r = ask(srv, "POST", "/v1/chat/completions", {"Origin": ui}, b"{")
+        assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == ui
+        r = ask(srv, "GET", "/v1/models", {"Origin": other})
+        assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
+    srv = make_server(model, "127.0.0.1", 0, allow_origins=["*"])
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        r = ask(srv, "GET", "/health", {"Origin": other})
+        assert r.headers["Access-Control-Allow-Origin"] == "*" and r.headers["Vary"] is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)

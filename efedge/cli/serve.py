@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
                    help="port (default 8080; 0 = any free)")
     p.add_argument("-a", "--alias", default=None,
                    help="the model id clients use (default: the file name without .gguf)")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) "
+                        "call the server from a browser (CORS); repeatable; default none")
     add_sampling_args(p)
     p.set_defaults(func=main)
 
@@ -85,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
             # one line), not a 500 on every chat request; a broken one in the GGUF only
             # costs the chat route (a warning)
             srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults,
-                              strict_template=args.chat_template is not None)
+                              strict_template=args.chat_template is not None,
+                              allow_origins=args.allow_origin or ())
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
         try:
