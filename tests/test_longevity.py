@@ -57,6 +57,36 @@ def test_ctrl_c_in_the_policy_leaves_no_slot_pinned(path, greedy, policy):
         assert m.generate(PROMPT, max_tokens=N_GEN, temperature=0) == greedy
 
 
+def test_ctrl_c_while_ready_pool_pins_leaves_no_slot_pinned(path, greedy):
+    """The all-resident fast path (ready_pool) pins its K slots one by one before the
+    policy runs: an interrupt between two pins kept the first."""
+    with efedge.load(path, cache="100%", policy="ondemand") as m:
+        src = m._experts
+        m.generate(PROMPT, max_tokens=N_GEN, temperature=0)  # every expert resident
+        real = src.cache.slot_prefetched
+
+        class InterruptSecond:  # slot_prefetched, raising at its second read
+            reads = 0
+
+            def __getitem__(self, s):
+                InterruptSecond.reads += 1
+                if InterruptSecond.reads == 2:
+                    raise KeyboardInterrupt
+                return real[s]
+
+            def __setitem__(self, s, v):
+                real[s] = v
+
+        src.cache.slot_prefetched = InterruptSecond()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                src.ready_pool(0, np.array([0, 1]))
+        finally:
+            src.cache.slot_prefetched = real
+        assert (src.cache.slot_pins == 0).all(), src.cache.slot_pins
+        assert m.generate(PROMPT, max_tokens=N_GEN, temperature=0) == greedy
+
+
 def test_ctrl_c_as_the_chunk_size_is_set_restores_it(path, monkeypatch):
     """kernels.dynamic sets numba's chunk size to 1 around a prefill kernel. Ctrl-C
     landing right after set_parallel_chunksize's C call (its result not yet returned)

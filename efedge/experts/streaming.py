@@ -126,18 +126,20 @@ class StreamingExperts:
             cnt = self.counters
             cnt.expert_requests += len(wanted)
             cnt.hits += len(wanted)
-            for s in slot_of.values():
-                if cache.slot_prefetched[s]:
-                    cnt.prefetch_used += 1
-                    cache.slot_prefetched[s] = False
-                pins[s] += 1  # as acquire pins them: a plan flushed below must not evict
+            pinned = []  # unpinned in finally, whatever interrupts (Ctrl-C) and where
             try:
+                for s in slot_of.values():
+                    if cache.slot_prefetched[s]:
+                        cnt.prefetch_used += 1
+                        cache.slot_prefetched[s] = False
+                    pins[s] += 1  # as acquire pins them: a plan flushed below must not evict
+                    pinned.append(s)
                 self.policy.on_request(layer, wanted)
                 issued = getattr(self.policy, "on_demand_issued", None)
                 if issued is not None:
                     issued(layer)
             finally:
-                for s in slot_of.values():
+                for s in pinned:
                     pins[s] -= 1
             for e in wanted:  # the order acquire yields (and touches) them in: by id
                 cache.touch(slot_of[e])
