@@ -10,6 +10,7 @@ skip cleanly without one; scripts/gpu_check.sh runs them on a lent GPU.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -228,6 +229,30 @@ def test_devices_are_checked(tiny_gguf):
     with pytest.raises(efedge.EfedgeError, match="unknown cache policy"):
         load_cuda_model(path, device="cpu", cache="30%", policy="nonsense")
     assert threading.active_count() == before  # no transfer worker left behind
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_close_unmaps_the_file_and_stops_every_thread(tiny_gguf):
+    """close() releases what it took at once, not when the model is collected: the
+    file's descriptors and mapping (the host weights and the policy ↔ source cycle held
+    views of it), the transfer workers and the hybrid pool. Twice is harmless."""
+    path = str(tiny_gguf("qwen3moe", "F32"))
+
+    def held() -> int:
+        fds = sum(os.path.realpath(f"/proc/self/fd/{f}") == os.path.realpath(path)
+                  for f in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{f}"))
+        with open("/proc/self/maps") as f:
+            return fds + sum(os.path.basename(path) in line for line in f)
+
+    threads = threading.active_count()
+    for kw in ({}, dict(cache="35%", policy="expertflow", hybrid="always")):
+        g = load_cuda_model(path, device="cpu", n_ctx=16, **kw)
+        g.forward([1, 2, 3], 0, g.new_kv_cache(16))
+        assert held() > 0
+        g.close()
+        g.close()
+        assert held() == 0, kw  # g is still referenced: nothing was left to the collector
+        assert threading.active_count() == threads, kw
 
 
 def test_laptop_setup_scales_share_and_link():

@@ -15,6 +15,7 @@ streams, events), hybrid (misses computed on the CPU), emulate (VRAM budget, lin
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from pathlib import Path
@@ -291,6 +292,12 @@ class CudaModel:
             self._tf.close()
             self._tf = None
         if self._own_file and self._gf is not None:
+            # GGUFFile.close unmaps only when no view of the mapping is left: drop every
+            # holder of views (the host weights, the expert store behind the hybrid
+            # misses and the host tier, the policy ↔ source cycle) first, or the file
+            # stays open and mapped until this object is collected (as efedge.api does)
+            self.host = self.hybrid = self.host_tier = None
+            gc.collect()
             self._gf.close()
         self._gf = None
 
