@@ -229,6 +229,13 @@ def test_devices_are_checked(tiny_gguf):
     with pytest.raises(efedge.EfedgeError, match="unknown cache policy"):
         load_cuda_model(path, device="cpu", cache="30%", policy="nonsense")
     assert threading.active_count() == before  # no transfer worker left behind
+    # a resident or dense model builds no hybrid scheduler: the mode is checked anyway
+    for kw in ({}, dict(cache="30%"), dict(cache="100%")):
+        with pytest.raises(efedge.errors.ArgumentError, match="hybrid mode .* got 'of'"):
+            load_cuda_model(path, device="cpu", hybrid="of", **kw)
+    with pytest.raises(efedge.errors.ArgumentError, match="hybrid mode"):
+        load_cuda_model(tiny_gguf("qwen3", "F32"), device="cpu", hybrid=None)
+    assert threading.active_count() == before
 
 
 def test_preload_retries_a_failed_expert_and_names_a_lasting_failure(tiny_gguf, monkeypatch):

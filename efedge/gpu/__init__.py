@@ -20,7 +20,12 @@ import logging
 import math
 from pathlib import Path
 
-from efedge.errors import CacheBudgetError, EfedgeError, UnsupportedModelError
+from efedge.errors import (
+    ArgumentError,
+    CacheBudgetError,
+    EfedgeError,
+    UnsupportedModelError,
+)
 
 log = logging.getLogger("efedge.gpu")
 __all__ = ["load_cuda_model", "CudaModel", "cuda_available"]
@@ -74,6 +79,11 @@ class CudaModel:
         if dev.type not in ("cuda", "cpu"):
             raise UnsupportedModelError(f"device {device!r}: efedge.gpu runs 'cuda' (and "
                                         "torch's 'cpu' device for tests)")
+        from efedge.gpu.hybrid import MODES
+
+        if hybrid not in MODES:  # checked here: a resident or dense model never builds one
+            raise ArgumentError(f"hybrid mode must be one of {', '.join(MODES)}, got "
+                                f"{hybrid!r}")
         for name, ref in gf.tensors.items():
             if name != "token_embd.weight" or "output.weight" not in gf.tensors:
                 tk.block_size(ref.qtype)  # UnsupportedModelError names the type
