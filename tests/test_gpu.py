@@ -276,7 +276,8 @@ def test_preload_retries_a_failed_expert_and_names_a_lasting_failure(tiny_gguf, 
 def test_close_unmaps_the_file_and_stops_every_thread(tiny_gguf):
     """close() releases what it took at once, not when the model is collected: the
     file's descriptors and mapping (the host weights and the policy ↔ source cycle held
-    views of it), the transfer workers and the hybrid pool. Twice is harmless."""
+    views of it), the transfer workers and the hybrid pool. Twice is harmless; a closed
+    model says so."""
     path = str(tiny_gguf("qwen3moe", "F32"))
 
     def held() -> int:
@@ -288,12 +289,17 @@ def test_close_unmaps_the_file_and_stops_every_thread(tiny_gguf):
     threads = threading.active_count()
     for kw in ({}, dict(cache="35%", policy="expertflow", hybrid="always")):
         g = load_cuda_model(path, device="cpu", n_ctx=16, **kw)
-        g.forward([1, 2, 3], 0, g.new_kv_cache(16))
+        kv = g.new_kv_cache(16)
+        g.forward([1, 2, 3], 0, kv)
         assert held() > 0
         g.close()
         g.close()
         assert held() == 0, kw  # g is still referenced: nothing was left to the collector
         assert threading.active_count() == threads, kw
+        with pytest.raises(efedge.EfedgeError, match="closed"):
+            g.forward([1], 0, kv)
+        with pytest.raises(efedge.EfedgeError, match="closed"):
+            g.new_kv_cache(4)
 
 
 def test_laptop_setup_scales_share_and_link():

@@ -236,10 +236,16 @@ class CudaModel:
         return resident
 
     # -- what efedge.api.Model calls ---------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._tf is None:  # (as efedge.api.Model says it, not an AttributeError)
+            raise EfedgeError("this model has been closed")
+
     def forward(self, tokens, pos: int, kv, experts=None, all_logits: bool = True):
+        self._check_open()
         return self._tf.forward(tokens, pos, kv, all_logits=all_logits)
 
     def new_kv_cache(self, n_ctx: int):
+        self._check_open()
         if n_ctx > self.n_ctx:
             raise CacheBudgetError(f"a KV cache of {n_ctx} tokens is larger than the "
                                    f"{self.n_ctx} planned at load (pass n_ctx=)")
