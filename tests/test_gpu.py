@@ -10,6 +10,7 @@ skip cleanly without one; scripts/gpu_check.sh runs them on a lent GPU.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -21,7 +22,7 @@ gguf = pytest.importorskip("gguf")
 
 import efedge  # noqa: E402
 from efedge.config import config_from_gguf  # noqa: E402
-from efedge.errors import CacheBudgetError, UnsupportedModelError  # noqa: E402
+from efedge.errors import CacheBudgetError, TransferError, UnsupportedModelError  # noqa: E402
 from efedge.experts.scheduler import make_policy  # noqa: E402
 from efedge.experts.stats import Counters  # noqa: E402
 from efedge.experts.store import ExpertStore  # noqa: E402
@@ -228,6 +229,77 @@ def test_devices_are_checked(tiny_gguf):
     with pytest.raises(efedge.EfedgeError, match="unknown cache policy"):
         load_cuda_model(path, device="cpu", cache="30%", policy="nonsense")
     assert threading.active_count() == before  # no transfer worker left behind
+    # a resident or dense model builds no hybrid scheduler: the mode is checked anyway
+    for kw in ({}, dict(cache="30%"), dict(cache="100%")):
+        with pytest.raises(efedge.errors.ArgumentError, match="hybrid mode .* got 'of'"):
+            load_cuda_model(path, device="cpu", hybrid="of", **kw)
+    with pytest.raises(efedge.errors.ArgumentError, match="hybrid mode"):
+        load_cuda_model(tiny_gguf("qwen3", "F32"), device="cpu", hybrid=None)
+    assert threading.active_count() == before
+
+
+def test_preload_retries_a_failed_expert_and_names_a_lasting_failure(tiny_gguf, monkeypatch):
+    """Every expert resident: a read that fails on the worker through all its retries is
+    tried once more on the loading thread, as a demand load would be (before, the load
+    failed with no expert named — or, when it was the last load to end, returned with
+    that expert missing from the "resident" cache); a lasting failure names the expert."""
+    from efedge.experts import transfer
+
+    path = tiny_gguf("qwen3moe", "F16")
+    ids = _ids(8)
+    with load_cuda_model(path, device="cpu", n_ctx=16) as g:
+        ref = g.forward(ids, 0, g.new_kv_cache(16))
+        target = int(g.store.offsets[1, 5, 0])  # expert 5 of layer 1: its gate's offset
+    monkeypatch.setattr(transfer.file_read, "available", lambda: False)  # reads by _pread
+    pread = transfer.TransferEngine._pread
+    failures = {"left": transfer.RETRIES}
+
+    def flaky(self, buf, offset, fd=None):
+        if offset == target and failures["left"] != 0:
+            failures["left"] -= 1
+            raise OSError(5, "injected EIO")
+        return pread(self, buf, offset, fd)
+
+    monkeypatch.setattr(transfer.TransferEngine, "_pread", flaky)
+    with load_cuda_model(path, device="cpu", n_ctx=16) as g:
+        assert failures["left"] == 0 and g.resident
+        assert np.array_equal(g.forward(ids, 0, g.new_kv_cache(16)), ref)
+        assert g.counters.misses == 0 and (g.source.cache.slot_pins == 0).all()
+    failures["left"] = -1  # for good
+    threads = threading.active_count()
+    with pytest.raises(TransferError, match="expert 5 of layer 1 .*injected EIO"):
+        load_cuda_model(path, device="cpu", n_ctx=16)
+    assert threading.active_count() == threads
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_close_unmaps_the_file_and_stops_every_thread(tiny_gguf):
+    """close() releases what it took at once, not when the model is collected: the
+    file's descriptors and mapping (the host weights and the policy ↔ source cycle held
+    views of it), the transfer workers and the hybrid pool. Twice is harmless; a closed
+    model says so."""
+    path = str(tiny_gguf("qwen3moe", "F32"))
+
+    def held() -> int:
+        fds = sum(os.path.realpath(f"/proc/self/fd/{f}") == os.path.realpath(path)
+                  for f in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{f}"))
+        with open("/proc/self/maps") as f:
+            return fds + sum(os.path.basename(path) in line for line in f)
+
+    threads = threading.active_count()
+    for kw in ({}, dict(cache="35%", policy="expertflow", hybrid="always")):
+        g = load_cuda_model(path, device="cpu", n_ctx=16, **kw)
+        kv = g.new_kv_cache(16)
+        g.forward([1, 2, 3], 0, kv)
+        assert held() > 0
+        g.close()
+        g.close()
+        assert held() == 0, kw  # g is still referenced: nothing was left to the collector
+        assert threading.active_count() == threads, kw
+        with pytest.raises(efedge.EfedgeError, match="closed"):
+            g.forward([1], 0, kv)
+        with pytest.raises(efedge.EfedgeError, match="closed"):
+            g.new_kv_cache(4)
 
 
 def test_laptop_setup_scales_share_and_link():

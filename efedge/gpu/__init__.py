@@ -15,11 +15,17 @@ streams, events), hybrid (misses computed on the CPU), emulate (VRAM budget, lin
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from pathlib import Path
 
-from efedge.errors import CacheBudgetError, EfedgeError, UnsupportedModelError
+from efedge.errors import (
+    ArgumentError,
+    CacheBudgetError,
+    EfedgeError,
+    UnsupportedModelError,
+)
 
 log = logging.getLogger("efedge.gpu")
 __all__ = ["load_cuda_model", "CudaModel", "cuda_available"]
@@ -73,6 +79,11 @@ class CudaModel:
         if dev.type not in ("cuda", "cpu"):
             raise UnsupportedModelError(f"device {device!r}: efedge.gpu runs 'cuda' (and "
                                         "torch's 'cpu' device for tests)")
+        from efedge.gpu.hybrid import MODES
+
+        if hybrid not in MODES:  # checked here: a resident or dense model never builds one
+            raise ArgumentError(f"hybrid mode must be one of {', '.join(MODES)}, got "
+                                f"{hybrid!r}")
         for name, ref in gf.tensors.items():
             if name != "token_embd.weight" or "output.weight" not in gf.tensors:
                 tk.block_size(ref.qtype)  # UnsupportedModelError names the type
@@ -225,10 +236,16 @@ class CudaModel:
         return resident
 
     # -- what efedge.api.Model calls ---------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._tf is None:  # (as efedge.api.Model says it, not an AttributeError)
+            raise EfedgeError("this model has been closed")
+
     def forward(self, tokens, pos: int, kv, experts=None, all_logits: bool = True):
+        self._check_open()
         return self._tf.forward(tokens, pos, kv, all_logits=all_logits)
 
     def new_kv_cache(self, n_ctx: int):
+        self._check_open()
         if n_ctx > self.n_ctx:
             raise CacheBudgetError(f"a KV cache of {n_ctx} tokens is larger than the "
                                    f"{self.n_ctx} planned at load (pass n_ctx=)")
@@ -291,6 +308,12 @@ class CudaModel:
             self._tf.close()
             self._tf = None
         if self._own_file and self._gf is not None:
+            # GGUFFile.close unmaps only when no view of the mapping is left: drop every
+            # holder of views (the host weights, the expert store behind the hybrid
+            # misses and the host tier, the policy ↔ source cycle) first, or the file
+            # stays open and mapped until this object is collected (as efedge.api does)
+            self.host = self.hybrid = self.host_tier = None
+            gc.collect()
             self._gf.close()
         self._gf = None
 

@@ -460,9 +460,16 @@ class GpuStreamingExperts(StreamingExperts):
                     self.engine.submit(il, e, slot, DEMAND)
         with self.cond:
             t0 = time.perf_counter()
-            while (self.cache.slot_state[self.cache.where[self.cache.where >= 0]] != READY).any():
-                if self.cache.where.min() < 0:  # a load failed and released its slot
-                    raise TransferError("preload_all: an expert failed to load")
+            while True:
+                # a load that failed on a worker (after its retries) released its slot:
+                # once more on this thread, as a demand load would be, so that a transient
+                # error does not fail the load and a lasting one is a TransferError naming
+                # the expert and the cause. Checked before the exit test: a failure of the
+                # last load would otherwise leave that expert out of the "resident" cache
+                for il, e in np.argwhere(self.cache.where < 0).tolist():
+                    self.cache.slot_pins[self._load_sync(il, e)] -= 1
+                if (self.cache.slot_state[self.cache.where] == READY).all():
+                    return
                 self.cond.wait(timeout=1.0)
                 if time.perf_counter() - t0 > WAIT_TIMEOUT_S * 10:
                     raise TransferError("preload_all: loads made no progress")
