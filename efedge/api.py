@@ -430,6 +430,9 @@ class Model:
 
     def reset_stats(self) -> None:
         self.counters.reset()
+        reset = getattr(self._tf, "reset_stats", None)
+        if reset is not None:  # device="cuda": its own figures (stats()["device"]) too
+            reset()
 
     def close(self) -> None:
         """Release the mapping. Safe to call twice."""

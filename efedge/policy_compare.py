@@ -48,7 +48,9 @@ def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
     sess.prefill(prompt_ids[:split])
     prefill_stall = m.stats()["stall_s"]
     m.reset_stats()
-    pol = getattr(m._experts, "policy", None)
+    # the CPU path's expert source, or the GPU path's (device="cuda")
+    pol = getattr(m._experts, "policy", None) or getattr(
+        getattr(m._tf, "source", None), "policy", None)
     ovh0 = getattr(pol, "overhead_s", 0.0)
     for tok in prompt_ids[split:]:
         sess.decode(tok)

@@ -619,3 +619,31 @@ def test_cuda_budget_is_honoured_and_staging_is_pinned(tiny_gguf):
 
 def test_cuda_marker_is_registered(pytestconfig):
     assert any(m.startswith("cuda") for m in pytestconfig.getini("markers"))
+
+
+def test_reset_stats_zeroes_the_device_figures_and_bench_sees_the_policy(tiny_gguf,
+                                                                         monkeypatch):
+    """Model.reset_stats() zeroes the device figures that count as well as Counters (the
+    hybrid decisions ran on from load: more CPU experts than misses after a reset); the
+    policy table reads the GPU path's policy time (it read the CPU path's, None there)."""
+    import efedge.gpu as gpu
+    from efedge.policy_compare import compare_policies
+
+    real = gpu.load_cuda_model
+    monkeypatch.setattr(gpu, "load_cuda_model",
+                        lambda *a, **kw: real(*a, **{**kw, "device": "cpu"}))
+    path = tiny_gguf("qwen3moe", "F32")
+    with efedge.load(path, device="cuda", cache="30%", policy="ondemand", hybrid="always",
+                     n_ctx=64) as m:
+        m.generate(list(range(5, 15)), max_tokens=4, temperature=0)
+        assert m.stats()["device"]["hybrid_cpu_experts"] > 0
+        m.reset_stats()
+        dev = m.stats()["device"]
+        assert dev["hybrid_cpu_experts"] == dev["hybrid_cpu_tokens"] == 0
+        assert dev["copy_worker_s"] == 0.0 and dev["hybrid_wait_s"] == 0.0
+        m.generate(list(range(20, 30)), max_tokens=4, temperature=0)
+        s = m.stats()
+        assert 0 < s["device"]["hybrid_cpu_experts"] <= s["misses"] + s["late"]
+    rows = compare_policies(path, ["expertflow"], "30%", Link("fast", 2e9, 0.0),
+                            list(range(5, 29)), 8, device="cuda")
+    assert rows[0]["policy_overhead_pct"] > 0

@@ -268,6 +268,22 @@ class CudaModel:
     def store(self):
         return self.host.store
 
+    def reset_stats(self) -> None:
+        """Zero the device figures that count (Model.reset_stats zeroes Counters and calls
+        this), so that after a reset hybrid_cpu_experts cannot exceed misses, nor the
+        staging counts run on from load: copy-worker time, hybrid decisions, staging,
+        the compute thread's waits for CPU experts. (policy_overhead_s is a running total,
+        as on the CPU path: read it as a difference.)"""
+        if self._tf is not None:
+            self._tf.hybrid_wait_s = 0.0
+        if self.source is not None:
+            eng = self.source.engine
+            eng.copy_s = 0.0
+            if hasattr(eng, "stage_issued"):
+                eng.stage_issued = eng.stage_cancelled = 0
+        if self.hybrid is not None:
+            self.hybrid.reset_counts()
+
     def extra_stats(self) -> dict:
         """Device figures beyond Counters: memory, batches, hybrid misses, link."""
         import torch

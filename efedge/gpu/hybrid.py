@@ -111,6 +111,11 @@ class HybridMisses:
         self.copies_kept += len(pending) - len(out)
         return out
 
+    def reset_counts(self) -> None:
+        """Zero the decisions counted so far (the measured CPU speed stays)."""
+        self.cpu_experts = self.copies_kept = self.cpu_tokens = self.unmeasured = 0
+        self.cpu_s = 0.0
+
     def stats(self) -> dict:
         return {"hybrid_mode": self.mode, "hybrid_cpu_experts": self.cpu_experts,
                 "hybrid_copies_kept": self.copies_kept, "hybrid_cpu_tokens": self.cpu_tokens,
