@@ -408,8 +408,12 @@ def test_arguments_are_checked_and_named(tiny_gguf):
         efedge.load(path, host_cache="1GB")
     with pytest.raises(EfedgeError, match="disk_link=.*device='cuda'"):
         efedge.load(path, cache="50%", disk_link="nvme")
-    with pytest.raises(EfedgeError, match="host_cache=.*cache="):
-        load_cuda_model(path, device="cpu", host_cache="50%")
+    with pytest.raises(EfedgeError, match="host_cache=.*needs a model with experts"):
+        load_cuda_model(tiny_gguf("qwen3", "F16"), device="cpu", host_cache="50%")
+    # without cache= the VRAM cache holds every expert here: the host level has nothing
+    # to do (it was refused, as if cache= were always needed)
+    with load_cuda_model(path, device="cpu", host_cache="50%", n_ctx=16) as g:
+        assert g.resident and "host_cache_bytes" not in g.extra_stats()
     with pytest.raises(EfedgeError, match="disk_link=.*host_cache"):
         load_cuda_model(path, device="cpu", cache="30%", disk_link="nvme")
     before = threading.active_count()

@@ -96,7 +96,7 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
 def add_host_tier_args(p: argparse.ArgumentParser) -> None:
     """--host-cache / --disk-link: the pinned host level of --device cuda's expert cache."""
     p.add_argument("--host-cache", default=None, metavar="SIZE",
-                   help="with --device cuda and --cache: a second expert-cache level in "
+                   help="with --device cuda: a second expert-cache level in "
                         "pinned host memory between the file and VRAM, e.g. 4GB or 50%% of "
                         "expert bytes (for model files larger than host RAM)")
     p.add_argument("--disk-link", default=None, metavar="RATE",

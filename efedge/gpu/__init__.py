@@ -140,10 +140,12 @@ class CudaModel:
         budget.take("scratch", expert_scratch + CHUNK_BYTES + ATTN_BYTES + act)
 
         # -- the expert cache, then the weights on the device --------------------------------
-        if host_cache is not None and (not cfg.is_moe or cache is None):
+        # without cache= the VRAM cache takes what the budget leaves: every expert when
+        # they fit (then the host level has nothing to do, and says so), else a cache
+        # that streams, which the host level serves as with an explicit cache=
+        if host_cache is not None and not cfg.is_moe:
             raise EfedgeError("host_cache= is a second expert-cache level behind the VRAM "
-                              "cache: it needs a model with experts and cache=... (without "
-                              "cache= every expert is resident in VRAM)")
+                              "cache: it needs a model with experts")
         if disk_link is not None and host_cache is None:
             raise EfedgeError("disk_link= emulates reads from the disk into the host cache: "
                               "it needs host_cache=...")
