@@ -354,9 +354,12 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         """The request body; over `max_body` it is read and dropped (so the client still
         gets the answer, not a reset) up to 16× the limit, then the connection closes."""
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise APIError(411, "chunked request bodies are not supported; send "
-                                "Content-Length", "length_required", close=True)
+        te = self.headers.get("Transfer-Encoding", "").strip().lower()
+        if te == "chunked":  # Go / Node clients that stream a body of unknown length
+            return self._read_chunked()
+        if te:
+            raise APIError(400, f"Transfer-Encoding {te!r} is not supported (chunked is)",
+                           "invalid_request", close=True)
         length = self.headers.get("Content-Length")
         if length is None:
             raise APIError(411, "a JSON body with a Content-Length header is required",
@@ -379,6 +382,38 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(413, f"the request body is {length} bytes; the limit is {limit}",
                            "body_too_large", close=not drain)
         return self.rfile.read(n)
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body (RFC 9112 §7.1), at most `max_body` bytes: over it, or malformed,
+        the connection closes after the error (the rest is not read)."""
+        limit, parts, total = self.server.max_body, [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            size_hex = line.split(b";", 1)[0].strip()
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError
+                size = int(size_hex, 16)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                raise APIError(400, f"bad chunk size line {line[:40]!r} in a chunked body",
+                               "invalid_request", close=True) from None
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise APIError(413, f"the chunked request body passes the limit of {limit} "
+                                    "bytes", "body_too_large", close=True)
+            data = self.rfile.read(size)
+            if len(data) != size or self.rfile.readline(3).strip():
+                raise APIError(400, "a chunk of the chunked body is cut short or not "
+                                    "followed by CRLF", "invalid_request", close=True)
+            parts.append(data)
+        for _ in range(64):  # trailer fields, up to the empty line
+            if self.rfile.readline(1026).strip() == b"":
+                break
+        return b"".join(parts)
 
     def _read_json(self) -> Any:
         raw = self._read_body()

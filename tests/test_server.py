@@ -604,3 +604,31 @@ def test_serve_passes_allow_origin_to_the_server(model_path, monkeypatch, capsys
     assert seen["allow_origins"] == ["http://localhost:3000", "*"]
     assert main(["serve", str(model_path), "--port", "0"]) == 0
     assert tuple(seen["allow_origins"]) == ()
+
+
+def test_chunked_request_bodies(server):
+    """A body sent chunked (Go / Node clients that stream it) is read like any other, up
+    to the body limit; a malformed or oversized one is a 4xx and the connection closes."""
+    host, port = server.server_address[:2]
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "temperature": 0}).encode()
+    _, want = call(server, "/v1/completions", json.loads(body))
+
+    def send(payload: bytes) -> tuple[int, dict]:
+        s = socket.create_connection((host, port), timeout=60)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + payload)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        out = r.status, json.loads(r.read())
+        s.close()
+        return out
+
+    a, b = body[:10], body[10:]
+    chunked = b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\n\r\n" % (len(a), a, len(b), b)
+    status, got = send(chunked)
+    assert status == 200 and got["choices"][0]["text"] == want["choices"][0]["text"]
+    status, got = send(b"zz\r\nabc\r\n0\r\n\r\n")
+    assert status == 400 and "chunk size" in got["error"]["message"]
+    big = b"x" * 40_000
+    status, got = send(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(big), big, len(big), big))
+    assert status == 413 and got["error"]["code"] == "body_too_large"  # limit 64 KiB
