@@ -204,8 +204,15 @@ def test_quantized_forward_close_to_cpu_path(tiny_gguf):
 
 def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
     path = tiny_gguf("qwen3moe", "F16")
-    with pytest.raises(CacheBudgetError, match="weights"):
+    with pytest.raises(CacheBudgetError, match="weights.*must all be on the device"):
         load_cuda_model(path, device="cpu", vram=1 << 20)
+    # each part's error says what shrinks it (the scratch: neither cache= nor n_ctx)
+    from efedge.gpu.emulate import VramBudget
+
+    for part, remedy in (("scratch", "does not depend on cache= or n_ctx"),
+                         ("kv_cache", "lower n_ctx"), ("expert_cache", "lower cache=")):
+        with pytest.raises(CacheBudgetError, match=f"{part} needs .*{remedy}"):
+            VramBudget(total=1 << 20).take(part, 2 << 20)
     with pytest.raises(CacheBudgetError, match="does not fit"):
         load_cuda_model(path, device="cpu", vram="256MiB", reserve=0, cache="1GiB")
     with pytest.raises(CacheBudgetError, match="not a share"):

@@ -82,6 +82,15 @@ class LinkEmulator:
         return DelayedEvent(event, self.reserve(nbytes, started))
 
 
+# what makes each part smaller (the weights and the scratch are fixed by the model and the
+# batch sizes: only a larger budget helps them)
+_REMEDY = {"kv_cache": "raise vram= or lower n_ctx",
+           "expert_cache": "raise vram= or lower cache=",
+           "scratch": "raise vram= (the scratch does not depend on cache= or n_ctx; a "
+                      "smaller ubatch= shrinks its activation part)",
+           "weights": "raise vram= (the non-expert weights must all be on the device)"}
+
+
 @dataclass
 class VramBudget:
     """Device bytes planned against a total: `take` what each part needs before
@@ -108,7 +117,7 @@ class VramBudget:
                 f"{name} needs {nbytes / 2**20:.1f} MiB of device memory but only "
                 f"{max(self.remaining, 0) / 2**20:.1f} MiB of the {self.total / 2**30:.2f} "
                 f"GiB budget is left (reserve {self.reserve / 2**20:.0f} MiB; {have or 'nothing'}"
-                f" taken so far); raise vram= or lower cache= / n_ctx")
+                f" taken so far); {_REMEDY.get(name, 'raise vram=')}")
         self.parts[name] = self.parts.get(name, 0) + nbytes
 
     def report(self) -> dict:
