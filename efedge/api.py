@@ -240,9 +240,10 @@ class Model:
         with self._lock:
             self._check_open()
             self._wait_idle("logits()")
-            kv = self._tf.new_kv_cache(len(ids))
+            # the session's own cache, emptied: a second one beside it cost memory per
+            # call, and on device="cuda" sat outside the VRAM the load planned
             self._session.reset()
-            return self._forward(ids, 0, kv, all_logits=True)
+            return self._forward(ids, 0, self._session.kv, all_logits=True)
 
     def _token_ids(self, ids, check_range: bool = True) -> list[int]:
         """Validated token ids: integers inside the vocabulary, named when not."""

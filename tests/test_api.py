@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import efedge
@@ -397,3 +398,18 @@ def test_bad_api_arguments_are_named_efedge_errors(m, path):
                {"routing": "cache-aware", "routing_slack": 2.0, "cache": "50%"}):
         with pytest.raises(efedge.ArgumentError):
             efedge.load(path, **kw)
+
+
+def test_logits_use_the_sessions_cache_and_leave_generation_exact(path, monkeypatch):
+    """logits() evaluates in the session's own KV cache (emptied), not a second one made
+    per call (on device="cuda" that one sat outside the VRAM the load planned); what
+    follows is as from a fresh model."""
+    with efedge.load(path) as fresh:
+        want_text = fresh.generate("Once upon", max_tokens=6, temperature=0)
+        want_logits = fresh.logits([5, 6, 7, 8])
+    with efedge.load(path) as m:
+        m.generate("Once upon a time there", max_tokens=3, temperature=0)
+        monkeypatch.setattr(m._tf, "new_kv_cache", lambda n: pytest.fail("a second KV cache"))
+        assert np.array_equal(m.logits([5, 6, 7, 8]), want_logits)
+        assert m.generate("Once upon", max_tokens=6, temperature=0) == want_text
+        assert np.array_equal(m.logits([5, 6, 7, 8]), want_logits)
