@@ -12,7 +12,8 @@ empty; no string or list a template builds may pass 10 million items (operations
 multiply — `*`, `ljust(N)`, widths in `%` / `format`, `join`, `replace` — are refused
 before they allocate, the rest, `~` and `+` included, are checked after each step); `**`
 is bounded too; and all `range()` calls of one render together may yield at most a
-million items, so nested loops cannot hang a server.
+million items, and it may make at most 200,000 calls, so neither nested loops nor
+recursive macros can hang a server.
 
     tpl = ChatTemplate.from_metadata(gguf.metadata) or get_template("chatml")
     prompt = tpl.render([{"role": "user", "content": "Hi"}])
@@ -46,6 +47,7 @@ _HINT = ("a built-in template can be chosen instead: chat_template=\"chatml\" in
 _MAX_SEQ = 10_000_000  # longest str/list that `*` may build (elements)
 _MAX_POW_BITS = 1 << 20  # largest integer `**` may build (bits)
 _MAX_RANGE_ITEMS = 1_000_000  # items all range() calls of one render may yield together
+_MAX_CALLS = 200_000  # calls (macros, methods, functions) one render may make
 # a width or precision of 10^7 or more: in a %-format, in a str.format field
 _PCT_WIDE = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(?:\d{8,}|\d*\.\d{8,})")
 _FMT_WIDE = re.compile(r"\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
@@ -163,6 +165,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         # str methods whose result grows with an argument ('a'.ljust(N), 'x'.join(big),
         # replace) are refused before they run; every result is checked after
+        left = getattr(_budget, "calls", _MAX_CALLS) - 1
+        if left < 0:  # a macro calling itself twice per level runs 2^depth calls
+            raise SecurityError(f"the template made over {_MAX_CALLS} calls in one render")
+        _budget.calls = left
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str):
             if any(isinstance(a, int) and a > _MAX_SEQ for a in (*args, *kwargs.values())):
@@ -192,8 +198,8 @@ def _range(*args: int) -> range:
 
 
 def _render_bounded(template: jinja2.Template, ctx: dict) -> str:
-    """template.render(**ctx) with a fresh range() budget."""
-    _budget.left = _MAX_RANGE_ITEMS
+    """template.render(**ctx) with a fresh range() and call budget."""
+    _budget.left, _budget.calls = _MAX_RANGE_ITEMS, _MAX_CALLS
     return template.render(**ctx)
 
 

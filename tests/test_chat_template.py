@@ -221,6 +221,9 @@ def test_sandbox_escape_raises(payload, tmp_path):
     # nested loops a server would run for hours: the render's range() budget stops them
     "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
     "{% for i in range(20) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    # a macro that calls itself twice per level: 2^40 calls (the call budget stops it)
+    "{% macro d(n) %}{% if n %}{{ d(n - 1) }}{{ d(n - 1) }}{% endif %}x{% endmacro %}"
+    "{{ d(40) }}",
     # strings that exhaust memory in one call
     "{{ 'a'.ljust(100000000) }}",
     "{{ 'a'.center(20000000) }}",
