@@ -8,11 +8,11 @@ non-ASCII-preserving `tojson`, and a pass-through `{% generation %}` tag.
 Templates come from untrusted files (CVE-2024-34359 was code execution through an
 unsandboxed GGUF template), so the sandbox is stricter than jinja's default: touching
 an unsafe attribute (`__class__`, `__globals__`, …) raises instead of rendering as
-empty; no string or list a template builds may pass 10 million items (operations that
-multiply — `*`, `ljust(N)`, widths in `%` / `format`, `join`, `replace` — are refused
-before they allocate, the rest, `~` and `+` included, are checked after each step); `**`
-is bounded too; and all `range()` calls of one render together may yield at most a
-million items, and it may make at most 200,000 calls, so neither nested loops nor
+empty; no string or list a template builds, nor its output, may pass 10 million items
+(operations that multiply — `*`, `ljust(N)`, widths in `%` / `format`, `join`, `replace`
+— are refused before they allocate, the rest, `~` and `+` included, are checked after
+each step); `**` is bounded too; and one render's `range()` calls together may yield at
+most a million items and it may make at most 200,000 calls, so neither nested loops nor
 recursive macros can hang a server.
 
     tpl = ChatTemplate.from_metadata(gguf.metadata) or get_template("chatml")
@@ -198,9 +198,17 @@ def _range(*args: int) -> range:
 
 
 def _render_bounded(template: jinja2.Template, ctx: dict) -> str:
-    """template.render(**ctx) with a fresh range() and call budget."""
+    """template.render(**ctx) with a fresh range() and call budget, its output at most
+    _MAX_SEQ characters (a loop printing a large string a million times would pass every
+    other bound)."""
     _budget.left, _budget.calls = _MAX_RANGE_ITEMS, _MAX_CALLS
-    return template.render(**ctx)
+    out, n = [], 0
+    for piece in template.generate(**ctx):
+        n += len(piece)
+        if n > _MAX_SEQ:
+            raise SecurityError(f"the template's output passed {_MAX_SEQ} characters")
+        out.append(piece)
+    return "".join(out)
 
 
 def _raise_exception(message: str) -> None:

@@ -242,6 +242,8 @@ def test_sandbox_escape_raises(payload, tmp_path):
     "{% set s = 'x' * 9000000 %}{{ s|replace('x', 'xxxx') }}",
     "{% set s = 'x' * 9000000 %}{{ s.replace('x', 'xxxx') }}",
     "{% set s = '\\n' * 9000000 %}{{ s|indent(100) }}",
+    # every step within the bounds, the output past them
+    "{% set s = 'x' * 9000000 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
 ])
 def test_work_and_memory_a_template_may_take_are_bounded(payload):
     import time
