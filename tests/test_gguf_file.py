@@ -92,11 +92,13 @@ def test_absurd_counts_are_refused_before_parsing(moe_path, tmp_path):
         efedge.load(path)
 
 
-def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None):
-    """Copy a GGUF file through GGUFWriter with one change."""
+def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
+             split_max_tensors=0):
+    """Copy a GGUF file through GGUFWriter with one change (split_max_tensors: written as
+    llama.cpp's gguf-split shards beside dst instead)."""
     r = gguf.GGUFReader(src)
     old_arch = r.get_field("general.architecture").contents()
-    w = gguf.GGUFWriter(dst, arch or old_arch)
+    w = gguf.GGUFWriter(dst, arch or old_arch, split_max_tensors=split_max_tensors)
     for key, field in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key == drop_key:
             continue
@@ -159,24 +161,7 @@ def test_inspect_reports_expert_bytes(moe_path):
 
 def _split(src, out_dir, max_tensors: int = 12) -> list:
     """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(out_dir / "big.gguf", r.get_field("general.architecture").contents(),
-                        split_max_tensors=max_tensors)
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        val, vtype = field.contents(), field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_array(key, val)
-        else:
-            w.add_key_value(key, val, vtype)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _rewrite(src, out_dir / "big.gguf", split_max_tensors=max_tensors)
     return sorted(out_dir.glob("big-*-of-*.gguf"))
 
 
