@@ -51,7 +51,7 @@ _MAX_CALLS = 200_000  # calls (macros, methods, functions) one render may make
 # a width or precision of 10^7 or more: in a %-format, in a str.format field
 _PCT_WIDE = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(?:\d{8,}|\d*\.\d{8,})")
 _FMT_WIDE = re.compile(r"\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
-_budget = threading.local()  # range items left to the render running on this thread
+_budget = threading.local()  # range items and calls left to the render on this thread
 
 
 # -- the environment ----------------------------------------------------------------------
@@ -109,10 +109,15 @@ def _precheck(name: str, value: Any, args: tuple, kwargs: dict,
         lines = value.count("\n") + 1 if name == "indent" and isinstance(value, str) else 1
         if isinstance(width, int) and width * lines > _MAX_SEQ:
             raise SecurityError(f"{name} would build a string of over {_MAX_SEQ} characters")
-    elif name == "format" and not method and isinstance(value, str) and \
-            _PCT_WIDE.search(value):
-        raise SecurityError("format with a width of 10 million or more")
+    elif name == "format" and not method and isinstance(value, str):
+        _check_pct_width(value, "format")  # the filter is value % args
     return value, args
+
+
+def _check_pct_width(fmt: str, what: str) -> None:
+    """A %-format with a width or precision of 10 million or more builds that much."""
+    if _PCT_WIDE.search(fmt):
+        raise SecurityError(f"{what} with a width of 10 million or more")
 
 
 def _checked_filter(name: str, f: Callable) -> Callable:
@@ -158,8 +163,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         elif (operator == "**" and isinstance(left, int) and isinstance(right, int)
               and right > 0 and abs(left) > 1 and left.bit_length() * right > _MAX_POW_BITS):
             raise SecurityError(f"`**` would build an integer of ~{left.bit_length() * right} bits")
-        if operator == "%" and isinstance(left, str) and _PCT_WIDE.search(left):
-            raise SecurityError("`%` with a width of 10 million or more")
+        if operator == "%" and isinstance(left, str):
+            _check_pct_width(left, "`%`")
         return _sized(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:

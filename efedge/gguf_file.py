@@ -396,10 +396,13 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """Zero-copy uint8 view of a tensor, shaped [rows, row_bytes] (or [.., rows, bytes])."""
         ref = self.tensor(name)
-        mm = self._mmap if ref.shard == 0 else self._shards[ref.shard - 1]._mmap
-        buf = mm[ref.offset: ref.offset + ref.nbytes]
+        buf = self.file(ref.shard)._mmap[ref.offset: ref.offset + ref.nbytes]
         dims = tuple(reversed(ref.shape[1:])) + (ref.row_bytes,)
         return buf.reshape(dims)
+
+    def file(self, shard: int) -> GGUFFile:
+        """The file of `paths[shard]` (this one for 0, a split GGUF's later shards)."""
+        return self if shard == 0 else self._shards[shard - 1]
 
     def expert_slices(self, name: str) -> list[ExpertSlice]:
         """Per-expert byte slices of a stacked expert tensor `blk.N.ffn_*_exps.weight`."""

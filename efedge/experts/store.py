@@ -94,9 +94,8 @@ class ExpertStore:
                 start = int(self.offsets[il, 0, ip])
                 end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])
                 spans[int(self.shard[il, ip])].append((start - start % page, end))
-        files = [self.gf] + list(getattr(self.gf, "_shards", ()))
-        for f, file_spans in zip(files, spans, strict=False):
-            mm = getattr(getattr(f, "_mmap", None), "_mmap", None)
+        for shard, file_spans in enumerate(spans):
+            mm = getattr(getattr(self.gf.file(shard), "_mmap", None), "_mmap", None)
             if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
                 for start, end in file_spans:
                     try:

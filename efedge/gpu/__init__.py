@@ -280,9 +280,7 @@ class CudaModel:
             self._tf.hybrid_wait_s = 0.0
         if self.source is not None:
             eng = self.source.engine
-            eng.copy_s = 0.0
-            if hasattr(eng, "stage_issued"):
-                eng.stage_issued = eng.stage_cancelled = 0
+            eng.copy_s = eng.stage_issued = eng.stage_cancelled = 0
         if self.hybrid is not None:
             self.hybrid.reset_counts()
 
