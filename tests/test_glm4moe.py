@@ -70,6 +70,18 @@ def test_mtp_layer_is_counted_out(tiny_gguf):
         assert m.stats()["expert_requests"] > 0
     with efedge.load(tiny_gguf("glm4moe-qknorm", "F32")) as m:
         assert [b.qk_norm for b in m._tf.blocks] == ["head"] * 3  # GLM-4.5: per head
+    # efedge inspect: three layers, the MTP block's bytes apart from the ones that run
+    from efedge.cli.inspect import describe
+    from efedge.gguf_file import GGUFFile
+
+    info = describe(path)
+    gf = GGUFFile(path)
+    mtp = sum(t.nbytes for t in gf.tensors.values() if t.name.startswith("blk.3."))
+    total = sum(t.nbytes for t in gf.tensors.values())
+    gf.close()
+    assert (info["layers"], info["mtp_layers"], info["mtp_bytes"]) == (3, 1, mtp) and mtp > 0
+    assert info["expert_bytes"] + info["non_expert_bytes"] + mtp == total
+    assert info["features"]["rope_dims"] == "32 of 64"
 
 
 # -- bad files ---------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_glm4moe_layout(tiny_gguf):
 
     _, kv, ts = _reader(tiny_gguf("glm4moe", "F32"))
     assert kv["glm4moe.block_count"] == L + 1 and kv["glm4moe.nextn_predict_layers"] == 1
-    assert kv["glm4moe.rope.dimension_count"] == HD // 2 and kv["glm4moe.key_length"] == HD
+    assert kv["glm4moe.rope.dimension_count"] == HD // 2  # partial rotary
+    assert kv["glm4moe.attention.key_length"] == HD
     assert kv["glm4moe.leading_dense_block_count"] == GLM_DIMS["dense_lead"] == 1
     assert kv["glm4moe.expert_gating_func"] == 2 and kv["glm4moe.expert_weights_norm"]
     assert kv["glm4moe.expert_shared_count"] == 1
