@@ -142,3 +142,10 @@ def test_unknown_gating_function_is_refused(tmp_path, monkeypatch):
     path = _glm_file(tmp_path, monkeypatch)
     with pytest.raises(efedge.UnsupportedModelError, match="expert_gating_func"):
         efedge.load(path)
+
+
+def test_cuda_is_refused_by_name(tiny_gguf):
+    """The GPU path routes by softmax only: glm4moe is refused there (before any GPU is
+    looked for), not run with the wrong routing."""
+    with pytest.raises(efedge.UnsupportedModelError, match="device='cuda'.*glm4moe"):
+        efedge.load(tiny_gguf("glm4moe", "F32"), device="cuda")
