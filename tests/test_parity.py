@@ -195,7 +195,7 @@ def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch)
 # A chat turn prefills only what is new: T > 1 tokens at a position > 0 (the cached prefix
 # reused), through every attention kind (fused, deepseek2's MLA, gpt-oss's sinks with the
 # sliding window crossed). The last logits equal llama.cpp's for the whole sequence.
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "glm4moe"])
 def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 40, seed=9)
@@ -209,7 +209,7 @@ def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
         assert rel <= 2e-2 and row.argmax() == ref[n - 1].argmax(), f"n={n}: {rel:.3g}"
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe", "glm4moe"])
 def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
     """1000 tokens (past every tile of 8, 256 and llama.cpp's batch of 512), then greedy
     decode. A random model has a few near-tied routings in 1000 positions (a gap of 1e-5
