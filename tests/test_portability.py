@@ -229,6 +229,8 @@ print(json.dumps(dict(ok=ok, switch=any("@SwitchToThread" in d for d in declared
 
 @pytest.fixture(scope="module")
 def demo():
+    """The demo model, loaded before a test sets sys.platform: numba starts its threads
+    at the first load, and importing multiprocessing as "win32" would fail on Linux."""
     with efedge.load(threads=2) as m:
         yield m
 
@@ -310,7 +312,7 @@ def _run_cli(monkeypatch, args, encoding="cp1252"):
 PROMPT = "π ≈ 3.14 — 中文\n"
 
 
-def test_cli_writes_utf8_to_a_windows_pipe(monkeypatch):
+def test_cli_writes_utf8_to_a_windows_pipe(monkeypatch, demo):
     """Windows gives a pipe the ANSI code page: echoing or generating a character cp1252
     lacks was a UnicodeEncodeError mid-run. There the CLI writes UTF-8."""
     monkeypatch.setattr(sys, "platform", "win32")
@@ -379,3 +381,21 @@ def test_cuda_without_torch_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     with pytest.raises(UnsupportedModelError, match=r"needs torch.*device='cpu'.*macOS"):
         efedge.load(device="cuda")
+
+
+def test_a_closed_pipe_on_windows_ends_quietly(monkeypatch, capsys, demo):
+    """Windows reports writing to a pipe whose reader left as EINVAL, not EPIPE: `efedge
+    run … | more` quit early ends with status 0 and no error, as on POSIX."""
+    from efedge import cli
+
+    class ClosedPipe(io.TextIOWrapper):
+        def write(self, s):
+            raise OSError(22, "Invalid argument")
+
+        def flush(self):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe(io.BytesIO(), encoding="utf-8"))
+    assert cli.main(["run", "-p", "def f(", "-n", "4", "--temp", "0", "-t", "2"]) == 0
+    assert "error" not in capsys.readouterr().err

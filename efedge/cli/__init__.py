@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import importlib
 import logging
 import os
@@ -51,6 +52,15 @@ def utf8_stdio() -> None:
             pass
 
 
+def _stdout_gone() -> bool:
+    """Whether writing to stdout fails now (its pipe closed)."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     utf8_stdio()
     parser = build_parser()
@@ -73,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as exc:
+        if sys.platform == "win32" and exc.errno == errno.EINVAL and _stdout_gone():
+            # Windows reports a pipe whose reader left (`efedge run … | more`, quit early)
+            # as EINVAL, not EPIPE: the same quiet end as BrokenPipeError above
+            return 0
         # last resort for a file or device the commands do not wrap themselves (a full
         # disk, a permission): one line, like EfedgeError; the traceback with -v. Other
         # exceptions are bugs and stay visible.
