@@ -399,3 +399,17 @@ def test_a_closed_pipe_on_windows_ends_quietly(monkeypatch, capsys, demo):
     monkeypatch.setattr(sys, "stdout", ClosedPipe(io.BytesIO(), encoding="utf-8"))
     assert cli.main(["run", "-p", "def f(", "-n", "4", "--temp", "0", "-t", "2"]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_a_prompt_piped_with_windows_line_ends_reads_as_from_a_file(monkeypatch, tmp_path,
+                                                                     demo):
+    """`type prompt.txt | efedge run -p -` on Windows pipes CR LF: the prompt is the same
+    as `-f prompt.txt` (universal newlines, as mlx-lm reads stdin), not one with CRs."""
+    crlf = b"def fib(n):\r\n    return n\r\n"
+    (tmp_path / "p.txt").write_bytes(crlf)
+    args = ["run", "-n", "3", "--echo", "--temp", "0", "-t", "2"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(crlf)))
+    piped = _run_cli(monkeypatch, [*args, "-p", "-"], encoding="utf-8")
+    from_file = _run_cli(monkeypatch, [*args, "-f", str(tmp_path / "p.txt")],
+                         encoding="utf-8")
+    assert piped == from_file and piped[1].startswith(b"def fib(n):\n    return n\n")
