@@ -133,6 +133,27 @@ print(json.dumps(res))
         assert np.array_equal(m.logits(m.tokenize(IDS_TEXT)), np.load(tmp_path / "ref.npy"))
 
 
+def test_a_python_without_preadv_reads_through_pread():
+    """A Python built without os.preadv (macOS before 11) still has os.pread: the engine
+    reads through it (a copy), with the same logits."""
+    out = _child(f"""
+import json, os
+del os.preadv
+import numpy as np
+import efedge
+from efedge.experts import file_read, transfer
+file_read._AVAILABLE = False  # the Python reads, as on macOS
+with efedge.load(threads=2) as m:
+    ids = m.tokenize({IDS_TEXT!r})
+    ref = m.logits(ids)
+with efedge.load(threads=2, cache="25%") as m:
+    same = bool(np.array_equal(m.logits(ids), ref))
+    loaded = m.stats()["bytes_loaded"]
+print(json.dumps(dict(via=transfer._preadv.__name__, same=same, loaded=loaded)))
+""")
+    assert out["via"] == "_preadv_copy" and out["same"] and out["loaded"] > 0
+
+
 def test_two_models_in_two_threads_take_turns_on_numba_workqueue():
     """numba's workqueue layer (pip's numba on a Mac without OpenMP) aborts the process
     when two threads run parallel kernels at once: two Models there take turns."""
