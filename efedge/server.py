@@ -64,15 +64,13 @@ TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template r
 
 def set_bind_options(sock: socket.socket) -> None:
     """What a listening socket needs before bind. POSIX: SO_REUSEADDR, so a restarted
-    server can bind while the last one's connections sit in TIME_WAIT. Windows: SO_REUSEADDR
-    means something else there — a second socket may bind a port another one is listening
-    on, and the two then share its connections (a second `efedge serve` on the same port
-    would start without a word); SO_EXCLUSIVEADDRUSE refuses that instead, and Windows binds
-    past TIME_WAIT without being asked."""
-    if sys.platform == "win32":
-        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-    else:
+    server can bind while the last one's connections sit in TIME_WAIT. Windows: nothing.
+    SO_REUSEADDR means something else there — a socket may bind a port another one is
+    listening on, and the two then share its connections (a second `efedge serve` on the
+    same port started without a word) — and a restart does not need it (asyncio sets it
+    on Unix only, for the same reason). SO_EXCLUSIVEADDRUSE is not set either: it would
+    also refuse our own restart while the last run's connections close."""
+    if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 

@@ -286,9 +286,10 @@ def test_macos_streams_exactly_with_reads_kept_out_of_the_page_cache(monkeypatch
         assert m.stats()["bytes_loaded"] > 0
 
 
-def test_the_server_binds_exclusively_on_windows(monkeypatch, demo):
-    """On Windows SO_REUSEADDR lets a second server bind a port another one listens on;
-    there the server asks for SO_EXCLUSIVEADDRUSE instead. Linux keeps SO_REUSEADDR."""
+def test_the_server_does_not_share_its_port_on_windows(monkeypatch, demo):
+    """On Windows SO_REUSEADDR lets a second server bind a port another one listens on:
+    the server (and the address probe before loading) leave it off there. Linux keeps
+    SO_REUSEADDR (restarts past TIME_WAIT)."""
     from efedge.cli.serve import check_address
     from efedge.server import make_server
 
