@@ -435,3 +435,33 @@ def test_a_prompt_piped_with_windows_line_ends_reads_as_from_a_file(monkeypatch,
     from_file = _run_cli(monkeypatch, [*args, "-f", str(tmp_path / "p.txt")],
                          encoding="utf-8")
     assert piped == from_file and piped[1].startswith(b"def fib(n):\n    return n\n")
+
+
+def test_a_split_gguf_streams_exactly_with_windows_reads(tiny_gguf, tmp_path):
+    """gguf-split shards under Windows' os module: each expert part read (seek + read,
+    one lock for all descriptors) from its own shard; logits equal to the single file."""
+    from test_gguf_file import _split
+
+    src = tiny_gguf("qwen3moe", "F32")
+    shards = _split(src, tmp_path)
+    assert len(shards) > 2
+    out = _child(_WINDOWS_OS + f"""
+import json
+import numpy as np
+import efedge
+from efedge.experts import transfer
+ids = list(range(5, 40))
+with efedge.load({str(src)!r}, threads=2) as m:
+    ref = m.logits(ids)
+res = dict(via=transfer._preadv.__name__)
+for policy in ("ondemand", "expertflow"):
+    with efedge.load({str(shards[0])!r}, threads=2, cache="30%", policy=policy) as m:
+        store = m._experts.store
+        res[policy] = dict(same=bool(np.array_equal(m.logits(ids), ref)),
+                           files=len(m._experts.engine._fds),
+                           mixed=any(len(set(r)) > 1 for r in store.shard.tolist()))
+print(json.dumps(res))
+""")
+    assert out["via"] == "_preadv_seek"
+    for policy in ("ondemand", "expertflow"):
+        assert out[policy] == {"same": True, "files": len(shards), "mixed": True}, policy
