@@ -44,6 +44,9 @@ class NextLayer(Policy):
                 self._dense_checked = True
             if self.W is not None:
                 logits = np.asarray(hidden, dtype=np.float32) @ self.W[nxt].T
+                sel = self._selection()  # ranked as the router will select
+                if sel is not None:
+                    logits = sel.apply(nxt, logits)
             elif pregate is not None and pregate.shape[1] >= 1:
                 logits = np.asarray(pregate[:, 0], dtype=np.float32)
             else:
@@ -87,7 +90,7 @@ class _Predictive(Policy):
         if hidden is not None and not self._dense_checked and np.ndim(hidden) == 2:
             W = self._routers_dense(hidden.shape[1])
             if W is not None:
-                pred.set_router_weights(W)
+                pred.set_router_weights(W, self._selection())
             self._dense_checked = True
         h = hidden if pred.W.shape[0] else None
         if h is None and pregate is None:
