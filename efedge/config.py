@@ -42,6 +42,8 @@ class ModelConfig:
     # deepseek2: dense leading layers, latent attention ranks, per-head sizes after
     # decompression (0: not MLA), routing from the metadata
     n_dense_lead: int = 0
+    # ernie4_5-moe: past the dense lead, experts every moe_layer_step-th layer
+    moe_layer_step: int = 1
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     k_head_dim_mla: int = 0
@@ -68,7 +70,8 @@ class ModelConfig:
         return self.n_ff_shexp > 0
 
     def is_moe_layer(self, il: int) -> bool:
-        return self.is_moe and il >= self.n_dense_lead
+        return (self.is_moe and il >= self.n_dense_lead
+                and (il + 1) % self.moe_layer_step == 0)
 
     def is_swa_layer(self, il: int) -> bool:
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
@@ -221,7 +224,7 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
 
 
 def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
-    """deepseek2's and gpt-oss's keys (see the ModelConfig fields)."""
+    """deepseek2's, gpt-oss's and ernie4_5-moe's keys (see the ModelConfig fields)."""
     out: dict = {}
     if spec.attention == "mla" and _float(gf, k + "attention.temperature_scale", 0.0):
         # Mistral-Large-3 style query temperature: not computed here
@@ -232,6 +235,8 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         if out["n_dense_lead"] > n_layer:
             raise ModelFormatError(f"{gf.path}: metadata key "
                                    f"{k + 'leading_dense_block_count'!r} exceeds the layers")
+    if spec.moe_step:
+        out["moe_layer_step"] = _positive(gf, k + "interleave_moe_layer_step")
     if spec.attention == "mla":
         out["q_lora_rank"] = _int(gf, k + "attention.q_lora_rank", 0)
         out["kv_lora_rank"] = _positive(gf, k + "attention.kv_lora_rank")
@@ -249,6 +254,8 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
+    elif spec.routing == "softmax_bias":  # llama.cpp reads no routing keys for these
+        out["expert_weights_norm"] = spec.norm_topk
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer

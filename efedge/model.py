@@ -319,6 +319,7 @@ class Transformer:
         h = np.empty_like(x)
         ids = np.zeros(k_used, np.int32)
         w = np.ones(k_used, np.float32)
+        one_w = np.ones(1, np.float32)  # a dense FFN's weight (w holds the last routing)
         y = np.empty((k_used + 1, c.n_embd), np.float32)  # expert slots (+ shared expert)
         # every request to resident experts is a hit: count them as acquire() would,
         # without building K ExpertWeights views per layer
@@ -328,11 +329,14 @@ class Transformer:
         for il, blk in enumerate(self.blocks):
             dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos, k_used,
                            c.spec.norm_topk, x2, h, ids, w, nt)
-            if not c.is_moe:
+            if not blk.moe:  # a dense model, or a dense layer of a MoE one (ernie4_5-moe)
                 f = blk.dense
-                dk.decode_ffn(h, _ONE_ID, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                dk.decode_ffn(h, _ONE_ID, one_w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
                 _ffn_sum(x2, y, 1, rs, x)
                 continue
+            if c.spec.routing != "softmax":  # the kernel's top-k knows no selection bias
+                rid, rw, _ = self._route(blk, h[None])
+                ids[:], w[:] = rid[0], rw[0]
             if self.routing_slack > 0 and not resident:
                 _, _, probs = layers.route(blk.ffn_gate_inp(h[None]), k_used,
                                            c.spec.norm_topk)

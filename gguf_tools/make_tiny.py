@@ -61,6 +61,14 @@ for _name, _kw in (("deepseek2", dict(q_lora=True, mla=True, v3=False)),
                         shared=True, plan="deepseek2", **_kw)
 ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, shared=False,
                        plan="gptoss")
+# ernie4_5-moe (tiny_archs.ERNIE_DIMS): as ERNIE-4.5-21B-A3B, and -interleave with dense
+# layers between the MoE ones (llama.cpp 0.3.36 cannot load that one: its loader gives
+# every layer past the dense lead experts, while its graph runs the interleave rule)
+ARCHS["ernie4_5-moe"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False, qk_norm=None,
+                            shared=True, plan="ernie", variant="ernie")
+ARCHS["ernie4_5-moe-interleave"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False,
+                                        qk_norm=None, shared=False, plan="ernie",
+                                        variant="interleave")
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
@@ -331,7 +339,7 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
 
     ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe, granitemoe,
-    granitemoeshared. ``quant``: F32 and
+    granitemoeshared, the ``plan`` layouts (deepseek2*, gpt-oss, ernie4_5-moe*). ``quant``: F32 and
     F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
     quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
     (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,

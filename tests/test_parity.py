@@ -94,10 +94,11 @@ def _greedy_ids(m: efedge.Model, prompt: list[int], n: int) -> list[int]:
 # experts with Q8_0 elsewhere, llama.cpp's MXFP4_MOE). The variants at F32 only: granite
 # with a shared expert, DeepSeek-V3-style routing (sigmoid, selection bias, groups) and the
 # legacy unsplit attn_kv_b layout.
-NEW_ARCHS = ["granitemoe", "deepseek2", "gpt-oss"]
+NEW_ARCHS = ["granitemoe", "deepseek2", "gpt-oss", "ernie4_5-moe"]
 NEW_FLOAT = [(a, q) for a in NEW_ARCHS for q in FLOAT_QUANTS] + [
     ("granitemoeshared", "F32"), ("deepseek2-v3", "F32"), ("deepseek2-legacy", "F32")]
-NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXFP4_MOE")]
+NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXFP4_MOE"),
+             ("ernie4_5-moe", "Q4_K_M")]
 
 
 @pytest.mark.parametrize("arch, quant", NEW_FLOAT)
@@ -115,11 +116,11 @@ def test_new_arch_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
     _assert_greedy_match(tiny_gguf(arch, "F32"))
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "ernie4_5-moe"])
 def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     """Through a small expert cache the logits are the resident ones bit for bit: the
-    dense leading layer and the shared experts (deepseek2) are never cache traffic, the
-    expert biases (gpt-oss) stay resident beside the router."""
+    dense leading layer and the shared experts (deepseek2, ernie4_5-moe) are never cache
+    traffic, the expert biases (gpt-oss) stay resident beside the router."""
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 24, seed=5)
     with efedge.load(path) as m:
@@ -130,9 +131,94 @@ def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     assert np.array_equal(got, want)
     dense = [il for il in range(m.config.n_layer) if not m.config.is_moe_layer(il)]
     assert all(store.expert_bytes(il) == 0 for il in dense)
-    assert dense == ([0] if arch == "deepseek2" else [])
+    assert dense == ([] if arch == "gpt-oss" else [0])
     per_expert = store.expert_bytes(store.moe_layers[0])  # one size: an F32 file
     assert stats["bytes_loaded"] > 0 and stats["bytes_loaded"] % per_expert == 0
+
+
+# -- ernie4_5-moe: dense lead, selection bias, ungated shared expert, interleaved layers ---
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_ernie_streamed_matches_llama_cpp(tiny_gguf, quant):
+    """Resident and through an expert cache of half the experts (expertflow), logits equal
+    llama.cpp's and each other bit for bit; greedy decode (the fused one-token path with
+    the selection bias applied after the kernel's router) gives llama.cpp's tokens."""
+    path = tiny_gguf("ernie4_5-moe", quant)
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    prompt = _tokens(512, 8, seed=3)
+    want_greedy = llama_ref.llama_greedy(path, prompt, 24)
+    got = {}
+    for cache in (None, "50%"):
+        with efedge.load(path, cache=cache) as m:
+            got[cache] = m.logits(ids)
+            assert _greedy_ids(m, prompt, 24) == want_greedy, cache
+            if cache:
+                s = m.stats()
+                assert s["misses"] > 0 and s["bytes_loaded"] > 0
+    assert np.array_equal(got[None], got["50%"])
+    ours = got[None]
+    if quant == "F16":
+        assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+        assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    else:
+        cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1)
+                                      * np.linalg.norm(ref, axis=-1))
+        assert cos.min() >= 0.995 and (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_ernie_selection_bias_decides(tiny_gguf):
+    """The tiny file's exp_probs_b changes which experts run: routing without it is off
+    from llama.cpp by far more than the tolerance (so the parity tests see the bias)."""
+    path = tiny_gguf("ernie4_5-moe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        assert all(b.exp_probs_b is not None for b in m._tf.blocks if b.moe)
+        for b in m._tf.blocks:
+            b.exp_probs_b = None
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "expertflow", "fixed:2", "next-layer"])
+def test_ernie_interleaved_dense_layers_stream_exactly(tiny_gguf, policy):
+    """interleave_moe_layer_step 2 over 5 layers: experts in layers 1 and 3, dense FFNs in
+    0, 2 and 4 (llama.cpp 0.3.36 cannot load this layout: tests/test_make_tiny.py). The
+    dense layers between MoE layers are no cache traffic, the policies' layer stream
+    skips them, and prefill and decode through the cache give the resident bits."""
+    path = tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5)
+    ids = _tokens(512, 24, seed=5)
+    prompt = _tokens(512, 6, seed=2)
+    with efedge.load(path) as m:
+        assert [m.config.is_moe_layer(i) for i in range(5)] == [False, True, False, True,
+                                                                False]
+        want = m.logits(ids)
+        want_greedy = _greedy_ids(m, prompt, 16)
+        s = m._session
+        s.reset()
+        s.prefill(ids[:23])
+        decoded = s.decode(ids[23])  # the fused one-token path against the T-token one
+    rel = np.abs(decoded.reshape(-1) - want[23]).max() / want.std()
+    assert rel <= 1e-3, rel
+    with efedge.load(path, cache="30%", policy=policy) as m:
+        src, targets = m._experts, []
+        plain = src.prefetch
+
+        def prefetch(layer, experts, *a, **kw):  # what the policy asks for, and where
+            targets.append(layer)
+            return plain(layer, experts, *a, **kw)
+
+        src.prefetch = prefetch
+        assert np.array_equal(m.logits(ids), want)
+        assert _greedy_ids(m, prompt, 16) == want_greedy
+        st, store = m.stats(), m._tf.store
+    assert store.moe_layers == [1, 3]
+    assert all(store.expert_bytes(il) == 0 for il in (0, 2, 4))
+    assert st["hits"] + st["late"] + st["misses"] == st["expert_requests"] > 0
+    assert st["bytes_loaded"] % store.expert_bytes(1) == 0
+    assert set(targets) <= {1, 3}  # the look-ahead steps over the dense layers
+    if policy == "expertflow":  # … and reaches the next MoE layer two layers on
+        assert st["prefetch_issued"] > 0 and st["prefetch_used"] > 0
 
 
 # -- rope scaling (llama.cpp applies it to every architecture) ---------------------------
@@ -179,7 +265,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, monkeypatch):
         efedge.load(path)
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "ernie4_5-moe"])
 def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch):
     """Cache-aware routing swaps experts by router probability: deepseek2's and gpt-oss's
     routing has no such single probability, so asking for it is refused by name."""
@@ -192,7 +278,7 @@ def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch)
 # A chat turn prefills only what is new: T > 1 tokens at a position > 0 (the cached prefix
 # reused), through every attention kind (fused, deepseek2's MLA, gpt-oss's sinks with the
 # sliding window crossed). The last logits equal llama.cpp's for the whole sequence.
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "ernie4_5-moe"])
 def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 40, seed=9)
