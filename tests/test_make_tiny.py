@@ -78,6 +78,13 @@ def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
         assert _shape(ts["blk.0.attn_k_norm.weight"]) == (D,)
     if arch in ("mixtral", "olmoe"):
         assert kv[f"{a}.feed_forward_length"] == F_EXP
+    if arch == "bailingmoe":  # shared experts counted in units of the experts' width
+        assert kv["bailingmoe.expert_feed_forward_length"] == F_EXP
+        assert kv["bailingmoe.expert_shared_count"] == 1
+        assert kv["bailingmoe.expert_weights_norm"] is True
+        assert kv["bailingmoe.expert_weights_scale"] == 2.0
+        assert _shape(ts["blk.2.ffn_gate_shexp.weight"]) == (D, F_EXP)
+        assert "blk.0.ffn_gate_inp_shexp.weight" not in ts  # ungated
 
 
 def test_deepseek2_and_gpt_oss_layouts(tiny_gguf):
