@@ -165,8 +165,9 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
     elif spec.shared_optional and n_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", 0)
-        # deepseek2 counts shared experts of the routed experts' width instead
-        n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
+        # deepseek2 and bailingmoe count shared experts of the routed experts' width instead
+        if spec.shared_by_count:
+            n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
     emb = gf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[0] != n_embd:
         raise ModelFormatError(f"tensor 'token_embd.weight': shape {emb.shape} does not match "
@@ -303,6 +304,13 @@ def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
             _check_shape(gf, b + "ffn_gate_inp.bias", (e,))
             for p, n in (("gate", f), ("up", f), ("down", d)):
                 _check_shape(gf, b + f"ffn_{p}_exps.bias", (n, e))
+        if not c.has_shared and b + "ffn_up_shexp.weight" in gf.tensors:
+            # a shared expert the metadata gives no width would be left out silently
+            keys = [f"{c.arch}.expert_shared_feed_forward_length"]
+            keys += [f"{c.arch}.expert_shared_count"] if c.spec.shared_by_count else []
+            raise ModelFormatError(
+                f"tensor {b + 'ffn_up_shexp.weight'!r}: the file has a shared expert but "
+                f"no width for it (metadata key {' or '.join(map(repr, keys))} is missing)")
         if c.has_shared:
             s = c.n_ff_shexp
             if c.spec.shared_gate:

@@ -161,6 +161,16 @@ def test_ernie_interleave_key_is_checked(tiny_gguf, tmp_path, change, match):
         efedge.load(path)
 
 
+@pytest.mark.parametrize("arch, key", [("bailingmoe", "expert_shared_count"),
+                                       ("ernie4_5-moe", "expert_shared_feed_forward_length")])
+def test_shared_expert_without_width_is_named(tiny_gguf, tmp_path, arch, key):
+    """Shared-expert tensors whose width key is missing are an error, not left out (which
+    would run a different model; llama.cpp refuses such files too)."""
+    path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "s.gguf", drop_key=f"{arch}.{key}")
+    with pytest.raises(efedge.ModelFormatError, match="shexp.*" + key):
+        efedge.load(path)
+
+
 def test_shape_mismatch_is_named(tiny_gguf, tmp_path):
     src = tiny_gguf("qwen3moe", "F32")
     path = _rewrite(src, tmp_path / "shape.gguf", set_key=("qwen3moe.embedding_length", 512))

@@ -29,6 +29,9 @@ class ArchSpec:
     shared_gate: bool = True
     # a shared expert exists when "{arch}.expert_shared_feed_forward_length" is set
     shared_optional: bool = False
+    # … or, without that key, "{arch}.expert_shared_count" × the experts' width (deepseek2,
+    # bailingmoe); False: llama.cpp reads the width key only (ernie4_5-moe)
+    shared_by_count: bool = True
     # granite multipliers: embedding_scale, residual_scale, attention.scale, logit_scale
     scales: bool = False
     # the fused one-token kernels (kernels.decode) fit this arch; False: decode runs the

@@ -2,7 +2,8 @@
 (adjacent-pair rope, no biases: llama.cpp ignores an ``attn_output.bias``), the first
 ``leading_dense_block_count`` layers dense and, past them, experts only every
 ``interleave_moe_layer_step``-th layer (the released files use 1: every layer); an
-ungated shared expert of ``expert_shared_feed_forward_length`` when that key is set.
+ungated shared expert of ``expert_shared_feed_forward_length`` when that key is set
+(llama.cpp does not read ``expert_shared_count`` for it).
 Routing is fixed by llama.cpp rather than read from the file: softmax over all experts,
 the top k chosen by probability + ``exp_probs_b`` (the e_score_correction_bias) where a
 layer has one, the weights the unbiased probabilities renormalised to sum 1."""
@@ -10,5 +11,6 @@ layer has one, the weights the unbiased probabilities renormalised to sum 1."""
 from efedge.archs import ArchSpec
 
 SPEC = ArchSpec(name="ernie4_5-moe", rope_style="normal", moe=True, norm_topk=True,
-                shared_gate=False, shared_optional=True, routing="softmax_bias",
+                shared_gate=False, shared_optional=True, shared_by_count=False,
+                routing="softmax_bias",
                 dense_lead=True, moe_step=True)
