@@ -167,8 +167,10 @@ class ExpertFlow(_Predictive):
         self._seen = None
         self.horizon = 1
         self.cancelled = 0
-        self._mean_bytes = float(np.mean([source.store.expert_bytes(i)
-                                          for i in range(self.n_layer)]))
+        # an expert's bytes on average over the layers that have experts (a dense layer's
+        # 0 would shrink τ, and with it the look-ahead, in proportion to the dense layers)
+        sizes = [b for b in map(source.store.expert_bytes, range(self.n_layer)) if b > 0]
+        self._mean_bytes = float(np.mean(sizes)) if sizes else 0.0
         cache = source.cache
         per_class = np.bincount(cache.layer_class[cache.layer_class >= 0],  # not dense layers
                                 minlength=len(cache.class_slots))
