@@ -205,6 +205,66 @@ def test_bailing_routing_weights_decide(tiny_gguf, change):
     assert np.abs(off - ref).max() / ref.std() > 0.1
 
 
+def _dense_as_moe(src, dst, layers: tuple[int, ...]) -> None:
+    """Rewrite an ernie4_5-moe-interleave file so that llama.cpp loads it: the dense FFNs
+    of `layers` become MoE layers whose experts are all that FFN (a zero router: uniform
+    probabilities; the k weights renormalised to 1, so the layer computes the FFN), the
+    interleave step 1 and the dense lead 1 (layer 0 stays dense)."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    arch = "ernie4_5-moe"
+    w = gguf.GGUFWriter(dst, arch)
+    step, lead = f"{arch}.interleave_moe_layer_step", f"{arch}.leading_dense_block_count"
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", step, lead):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, field.contents())
+        else:
+            w.add_key_value(key, field.contents(), field.types[0])
+    w.add_interleave_moe_layer_step(1)
+    w.add_leading_dense_block_count(1)
+    n_expert = r.get_field(f"{arch}.expert_count").contents()
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        il = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
+        part = t.name.split(".")[2] if il >= 0 else ""
+        if il in layers and part in ("ffn_gate", "ffn_up", "ffn_down"):
+            if part == "ffn_gate":
+                w.add_tensor(f"blk.{il}.ffn_gate_inp.weight",
+                             np.zeros((n_expert, data.shape[1]), np.float32))
+            w.add_tensor(f"blk.{il}.{part}_exps.weight",
+                         np.ascontiguousarray(np.broadcast_to(data, (n_expert, *data.shape))))
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_ernie_interleaved_matches_llama_cpp_through_an_equivalent_file(tiny_gguf, tmp_path):
+    """llama.cpp 0.3.36 cannot load dense layers between MoE ones, but it loads the same
+    model with those dense FFNs written as MoE layers whose experts all equal them: its
+    logits and greedy tokens on that file are the reference for efedge's interleaved
+    file (prefill and the fused decode of a dense layer inside a MoE model)."""
+    src = tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5, n_ff=256)  # n_ff = n_ff_exp
+    dst = tmp_path / "dense-as-moe.gguf"
+    _dense_as_moe(src, dst, (2, 4))
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(dst, ids)
+    prompt = _tokens(512, 8, seed=3)
+    with efedge.load(src) as m:
+        assert [m.config.is_moe_layer(i) for i in range(5)] == [False, True, False, True,
+                                                                False]
+        ours = m.logits(ids)
+        greedy = _greedy_ids(m, prompt, 24)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert greedy == llama_ref.llama_greedy(dst, prompt, 24)
+
+
 @pytest.mark.parametrize("policy", ["ondemand", "expertflow", "fixed:2", "next-layer"])
 def test_ernie_interleaved_dense_layers_stream_exactly(tiny_gguf, policy):
     """interleave_moe_layer_step 2 over 5 layers: experts in layers 1 and 3, dense FFNs in
