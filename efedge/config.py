@@ -280,10 +280,9 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         _check_shape(gf, b + "attn_k.weight", (d, kv_out))
         _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
         _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
-        if c.spec.attn_bias:
-            _check_shape(gf, b + "attn_q.bias", (q_out,))
-            _check_shape(gf, b + "attn_k.bias", (kv_out,))
-            _check_shape(gf, b + "attn_v.bias", (c.n_head_kv * c.v_head_dim,))
+        for p, n in (("q", q_out), ("k", kv_out), ("v", c.n_head_kv * c.v_head_dim)):
+            if c.spec.attn_bias or b + f"attn_{p}.bias" in gf.tensors:  # optional elsewhere
+                _check_shape(gf, b + f"attn_{p}.bias", (n,))
         if c.spec.qk_norm == "head":
             _check_shape(gf, b + "attn_q_norm.weight", (c.head_dim,))
             _check_shape(gf, b + "attn_k_norm.weight", (c.head_dim,))

@@ -99,8 +99,14 @@ class Block:
         self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         self.bias = None
-        if spec.attn_bias:
-            self.bias = tuple(_vector(gf, b + f"attn_{p}.bias") for p in "qkv")
+        # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
+        # them); one that is absent adds zeros here
+        names = [b + f"attn_{p}.bias" for p in "qkv"]
+        if spec.attn_bias or any(n in gf.tensors for n in names):
+            rows = (self.attn_q, self.attn_k, self.attn_v)
+            self.bias = tuple(_vector(gf, n) if n in gf.tensors or spec.attn_bias
+                              else np.zeros(m.raw.shape[0], np.float32)
+                              for n, m in zip(names, rows, strict=True))
         self.q_norm = self.k_norm = None
         if spec.qk_norm != "none":
             self.q_norm = _vector(gf, b + "attn_q_norm.weight")
