@@ -1,5 +1,6 @@
 """ernie4_5-moe (Baidu ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B): Llama-style attention
-(adjacent-pair rope, no biases: llama.cpp ignores an ``attn_output.bias``), the first
+(adjacent-pair rope; q / k / v biases only where a file has them, which the released ones
+do not; llama.cpp loads but never adds an ``attn_output.bias``, nor does efedge), the first
 ``leading_dense_block_count`` layers dense and, past them, experts only every
 ``interleave_moe_layer_step``-th layer (the released files use 1: every layer); an
 ungated shared expert of ``expert_shared_feed_forward_length`` when that key is set
