@@ -255,8 +255,11 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
-    elif spec.routing == "softmax_bias":  # llama.cpp reads no routing keys for these
+    elif spec.routing == "softmax_bias":  # llama.cpp reads no arch routing keys for these
         out["expert_weights_norm"] = spec.norm_topk
+        # … but expert groups, as for every arch (llama_model_base::load_hparams)
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer

@@ -205,8 +205,9 @@ def test_bailing_routing_weights_decide(tiny_gguf, change):
     assert np.abs(off - ref).max() / ref.std() > 0.1
 
 
-def _copy_with(src, dst, extra: dict) -> None:
-    """Copy a GGUF file, metadata and tensors, adding the float32 tensors in `extra`."""
+def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
+    """Copy a GGUF file, metadata and tensors, adding the float32 tensors in `extra` and
+    the uint32 metadata `keys`."""
     import gguf
 
     r = gguf.GGUFReader(src)
@@ -221,6 +222,8 @@ def _copy_with(src, dst, extra: dict) -> None:
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
                      raw_dtype=t.tensor_type)
+    for key, val in (keys or {}).items():
+        w.add_uint32(key, val)
     for name, data in extra.items():
         w.add_tensor(name, data.astype(np.float32))
     w.write_header_to_file()
@@ -247,6 +250,26 @@ def test_optional_attention_biases_match_llama_cpp(tiny_gguf, tmp_path, arch):
     assert np.abs(ref - plain).max() / ref.std() > 0.1  # the biases change the model
     prompt = _tokens(512, 8, seed=3)
     with efedge.load(path) as m:
+        ours = m.logits(ids)
+        greedy = _greedy_ids(m, prompt, 24)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert greedy == llama_ref.llama_greedy(path, prompt, 24)
+
+
+def test_ernie_expert_groups_match_llama_cpp(tiny_gguf, tmp_path):
+    """llama.cpp reads expert_group_count / expert_group_used_count for every arch and
+    then picks experts from the best groups only: an ernie4_5-moe file with 4 groups of 4
+    experts, 2 used, selection bias included, gives llama.cpp's logits and tokens."""
+    src, path = tiny_gguf("ernie4_5-moe", "F32"), tmp_path / "groups.gguf"
+    _copy_with(src, path, {}, {"ernie4_5-moe.expert_group_count": 4,
+                               "ernie4_5-moe.expert_group_used_count": 2})
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    assert np.abs(ref - llama_ref.llama_logits(src, ids)).max() / ref.std() > 0.1
+    prompt = _tokens(512, 8, seed=3)
+    with efedge.load(path) as m:
+        assert (m.config.n_expert_groups, m.config.n_group_used) == (4, 2)
         ours = m.logits(ids)
         greedy = _greedy_ids(m, prompt, 24)
     assert np.abs(ours - ref).max() / ref.std() <= 2e-2
