@@ -54,6 +54,18 @@ class Policy:
         self._plan: list[tuple] = []  # prefetches decided in on_route, issued after demand
         self._evict_limit = np.inf  # while issuing a prefetch: evict only what is worth less
         self._evict_p_limit = np.inf  # … and only victims less likely to be used than this
+        self._spans = _moe_spans(source)
+
+    def _span(self, layer: int, n: int) -> int:
+        """The layer distance from `layer` that takes in the next n MoE layers (cyclic:
+        the next pass follows the last layer). Look-ahead is counted in MoE layers, as the
+        horizon controller measures compute from one routed layer to the next, while the
+        predictor and the cache address layers by index: dense layers between them
+        (deepseek2's lead, ernie4_5-moe's interleaved ones) hold nothing to load. n when
+        every layer has experts."""
+        if self._spans is None or n <= 0:
+            return n
+        return int(self._spans[layer % self.n_layer, min(n, self._spans.shape[1] - 1)])
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         raise NotImplementedError
@@ -197,6 +209,22 @@ class Policy:
             if self.fetched_at.shape[0] != cache.n_slots:
                 self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
             self.fetched_at[slots[got]] = cache.tick
+
+
+def _moe_spans(source) -> np.ndarray | None:
+    """[layer, n] → the distance to the n-th MoE layer after `layer` (cyclic), or None
+    when every layer has experts (the distance is n)."""
+    cache = getattr(source, "cache", None)
+    lc = getattr(cache, "layer_class", None)
+    if lc is None or (np.asarray(lc) >= 0).all():
+        return None
+    moe = np.flatnonzero(np.asarray(lc) >= 0)
+    n_layer = len(lc)
+    out = np.zeros((n_layer, len(moe) + 1), dtype=np.int64)
+    for il in range(n_layer):
+        ahead = np.sort((moe - il - 1) % n_layer) + 1  # distances 1..n_layer, nearest first
+        out[il, 1:] = ahead
+    return out
 
 
 class OnDemandLRU(Policy):
