@@ -235,11 +235,17 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     return w
 
 
-def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int:
+def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
+                    blocks: tuple[str, str] | None = None) -> int:
     a, arch = ARCHS[cfg["arch"]], ARCHS[cfg["arch"]]["gguf_arch"]
     w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
-                    else gguf.LlamaFileType.MOSTLY_F16)
+    if blocks is not None:
+        from gguf_tools.random_quant import file_type
+
+        w.add_file_type(file_type(blocks))
+    else:
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
+                        else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(cfg["n_ctx"])
     w.add_embedding_length(cfg["n_embd"])
     w.add_block_count(cfg["n_layer"])
@@ -302,21 +308,40 @@ def _write_rope_scaling(w: gguf.GGUFWriter, cfg: dict, arch: str) -> None:
         w.add_rope_freq_base_swa(float(cfg["rope_base_swa"]))
 
 
-def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str) -> None:
-    """Write an F32 or F16 file, generating each tensor just before it is written."""
-    np_dtype = np.float32 if dtype == "F32" else np.float16
+def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str,
+                 blocks: tuple[str, str] | None = None) -> None:
+    """Write an F32 or F16 file, generating each tensor just before it is written;
+    ``blocks``: a random-block spec (gguf_tools.random_quant) for the matrices instead."""
+    from gguf_tools import random_quant as rq
+
     w = gguf.GGUFWriter(path, ARCHS[cfg["arch"]]["gguf_arch"])
-    n_vocab = _write_metadata(w, cfg, dtype, name)
+    n_vocab = _write_metadata(w, cfg, dtype, name, blocks)
     plan = tensor_plan(cfg, n_vocab)
-    dtypes = [np.dtype(np.float32 if t.keep_f32 else np_dtype) for t in plan]
-    for t, dt in zip(plan, dtypes, strict=True):
-        w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+    types = [("F32" if t.keep_f32 else dtype) if blocks is None else
+             rq.tensor_type(blocks, t.name, t.init, t.keep_f32, t.shape[0], len(t.shape))
+             for t in plan]
+    for t, ty in zip(plan, types, strict=True):
+        n = int(np.prod(t.shape))
+        if ty in ("F32", "F16"):
+            dt = np.dtype(np.float32 if ty == "F32" else np.float16)
+            w.add_tensor_info(t.name, t.np_shape, dt, n * dt.itemsize)
+        else:
+            el, nb = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ty]]
+            shape = (*t.np_shape[:-1], t.np_shape[-1] // el * nb)
+            w.add_tensor_info(t.name, shape, np.dtype(np.uint8), n // el * nb,
+                              raw_dtype=gguf.GGMLQuantizationType[ty])
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t, dt in zip(plan, dtypes, strict=True):
-            w.write_tensor_data(_generate(t, seed).astype(dt, copy=False))
+        for t, ty in zip(plan, types, strict=True):
+            if ty in ("F32", "F16"):
+                dt = np.float32 if ty == "F32" else np.float16
+                w.write_tensor_data(_generate(t, seed).astype(dt, copy=False))
+            else:
+                rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+                std = t.scale / np.sqrt(t.shape[0])
+                w.write_tensor_data(rq.random_blocks(ty, t.np_shape, std, rng))
     finally:
         w.close()
 
@@ -332,7 +357,9 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe, granitemoe,
     granitemoeshared. ``quant``: F32 and
-    F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
+    F16 are written directly, and so are the low-bit IQ1 / IQ2 / IQ3 / TQ types as random
+    valid blocks ("IQ2_XXS", or "IQ1_S/IQ3_S" for experts / other matrices: see
+    gguf_tools.random_quant); anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
     quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
     (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,
     n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied,
@@ -347,8 +374,12 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     src = path.with_name(f".{path.name}.{os.getpid()}.src")
     try:
+        from gguf_tools.random_quant import parse_spec
+
         if quant in ("F32", "F16"):
             _write_float(tmp, cfg, quant, seed, name)
+        elif (blocks := parse_spec(quant)) is not None:
+            _write_float(tmp, cfg, "F32", seed, name, blocks)
         else:
             from gguf_tools.quantize import quantize
 
@@ -382,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gguf_tools.make_tiny",
                                  description="Write a random-weight GGUF model")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    ap.add_argument("--quant", default="F32", help="F32, F16 or a llama.cpp type (Q4_K_M, …)")
+    ap.add_argument("--quant", default="F32",
+                    help="F32, F16, a llama.cpp type (Q4_K_M, …) or random IQ1 / IQ2 / IQ3 / "
+                         "TQ blocks (IQ2_XXS, IQ1_S/IQ3_S: experts / the rest)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
