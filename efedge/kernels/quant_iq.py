@@ -35,12 +35,18 @@ from ._fp import f16_to_f32
 
 
 def _grid(cls) -> np.ndarray:
-    """The lattice of a gguf-py quant class as int8 [points, width] (exact small ints)."""
+    """The lattice of a gguf-py quant class as float32 [points, width] (small ints)."""
     cls.init_grid()
     g = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
-    out = g.astype(np.int8)
-    assert np.array_equal(out.astype(np.float32), g), cls.__name__
-    return np.ascontiguousarray(out)
+    assert np.array_equal(np.rint(g), g), cls.__name__
+    return np.ascontiguousarray(g)
+
+
+def _sign_rows(bytes_: np.ndarray) -> np.ndarray:
+    """float32 [n, 8]: -1 where bit j of byte i is set, else +1. gguf-py multiplies by
+    these, so the decoders do too (no branch: the 8-element loops vectorise)."""
+    bits = (bytes_.astype(np.uint8)[:, None] >> np.arange(8, dtype=np.uint8)) & 1
+    return np.where(bits == 0, np.float32(1), np.float32(-1)).astype(np.float32)
 
 
 IQ2XXS_GRID = _grid(_gq.IQ2_XXS)  # [256, 8]  values 8, 25, 43
@@ -50,6 +56,8 @@ IQ3XXS_GRID = _grid(_gq.IQ3_XXS)  # [256, 4]  values 4 … 62
 IQ3S_GRID = _grid(_gq.IQ3_S)  # [512, 4]  values 1 … 15
 IQ1S_GRID = _grid(_gq.IQ1_S)  # [2048, 8] values -1, 0, 1 (IQ1_M shares it)
 KSIGNS = np.frombuffer(_gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()  # [128]
+KSIGN_ROWS = _sign_rows(KSIGNS)  # [128, 8]: a 7-bit sign index → the 8 signs
+BYTE_SIGN_ROWS = _sign_rows(np.arange(256))  # [256, 8]: a sign byte → the 8 signs
 
 _HALF = np.float32(0.5)
 _QUARTER = np.float32(0.25)
@@ -68,19 +76,18 @@ def _u32(src, o):
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _put8(dst, e, db, grid, g, signs):
-    """dst[e:e+8] = ±(db · grid[g]), the sign of element j from bit j of ``signs``."""
+def _put8(dst, e, db, grid, g, signs, s):
+    """dst[e:e+8] = (db · grid[g]) · signs[s] (signs: a table of ±1 rows)."""
     for j in range(8):
-        v = db * np.float32(grid[g, j])
-        dst[e + j] = -v if (signs >> j) & 1 else v
+        dst[e + j] = (db * grid[g, j]) * signs[s, j]
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _put4x2(dst, e, db, g0, g1, signs):
-    """dst[e:e+8] = ±(db · IQ3 grid points g0 then g1), signs as in _put8."""
-    for j in range(8):
-        v = db * np.float32(IQ3XXS_GRID[g0, j] if j < 4 else IQ3XXS_GRID[g1, j - 4])
-        dst[e + j] = -v if (signs >> j) & 1 else v
+def _put4x2(dst, e, db, grid, g0, g1, signs, s):
+    """dst[e:e+8] = (db · grid points g0 then g1 of a 4-wide lattice) · signs[s]."""
+    for j in range(4):
+        dst[e + j] = (db * grid[g0, j]) * signs[s, j]
+        dst[e + 4 + j] = (db * grid[g1, j]) * signs[s, 4 + j]
 
 
 # ---------------------------------------------------------------- IQ2_XXS, IQ2_XS, IQ2_S
@@ -97,7 +104,7 @@ def deq_iq2_xxs(src, dst):
             db = d * (_HALF + np.float32(aux >> 28)) * _QUARTER
             for l in range(4):
                 _put8(dst, b * 256 + 32 * ib + 8 * l, db, IQ2XXS_GRID, src[q + l],
-                      KSIGNS[(aux >> (7 * l)) & 127])
+                      KSIGN_ROWS, (aux >> (7 * l)) & 127)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -111,7 +118,7 @@ def deq_iq2_xs(src, dst):
             for h in range(2):
                 q = _u16(src, o + 2 + 2 * (2 * k + h))
                 _put8(dst, b * 256 + 16 * k + 8 * h, db, IQ2XS_GRID, q & 511,
-                      KSIGNS[q >> 9])
+                      KSIGN_ROWS, q >> 9)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -126,7 +133,7 @@ def deq_iq2_s(src, dst):
                 i = 2 * k + h  # group of 8 elements
                 g = np.int64(src[o + 2 + i]) | (((np.int64(src[o + 66 + i // 4])
                                                   >> (2 * (i % 4))) & 3) << 8)
-                _put8(dst, b * 256 + 8 * i, db, IQ2S_GRID, g, src[o + 34 + i])
+                _put8(dst, b * 256 + 8 * i, db, IQ2S_GRID, g, BYTE_SIGN_ROWS, src[o + 34 + i])
 
 
 # ---------------------------------------------------------------- IQ3_XXS, IQ3_S
@@ -142,8 +149,8 @@ def deq_iq3_xxs(src, dst):
             db = d * (_HALF + np.float32(aux >> 28)) * _HALF
             q = o + 2 + 8 * ib
             for l in range(4):
-                _put4x2(dst, b * 256 + 32 * ib + 8 * l, db, src[q + 2 * l],
-                        src[q + 2 * l + 1], KSIGNS[(aux >> (7 * l)) & 127])
+                _put4x2(dst, b * 256 + 32 * ib + 8 * l, db, IQ3XXS_GRID, src[q + 2 * l],
+                        src[q + 2 * l + 1], KSIGN_ROWS, (aux >> (7 * l)) & 127)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -156,15 +163,11 @@ def deq_iq3_s(src, dst):
             db = d * np.float32(1 + 2 * s)
             for l in range(4):
                 i = 4 * ib + l  # group of 8 elements: grid points 2i, 2i + 1
-                sg = src[o + 74 + i]
-                e = b * 256 + 8 * i
-                for h in range(2):
-                    p = 2 * i + h
-                    g = np.int64(src[o + 2 + p]) | (((np.int64(src[o + 66 + p // 8])
-                                                      >> (p % 8)) & 1) << 8)
-                    for j in range(4):
-                        v = db * np.float32(IQ3S_GRID[g, j])
-                        dst[e + 4 * h + j] = -v if (sg >> (4 * h + j)) & 1 else v
+                qh = np.int64(src[o + 66 + i // 4]) >> (2 * (i % 4))  # their 9th bits
+                g0 = np.int64(src[o + 2 + 2 * i]) | ((qh & 1) << 8)
+                g1 = np.int64(src[o + 3 + 2 * i]) | (((qh >> 1) & 1) << 8)
+                _put4x2(dst, b * 256 + 8 * i, db, IQ3S_GRID, g0, g1, BYTE_SIGN_ROWS,
+                        src[o + 74 + i])
 
 
 # ---------------------------------------------------------------- IQ1_S, IQ1_M
@@ -173,7 +176,7 @@ def deq_iq3_s(src, dst):
 @njit(cache=True, nogil=True, fastmath=False)
 def _put_iq1(dst, e, dl, g, delta):
     for j in range(8):
-        dst[e + j] = dl * (np.float32(IQ1S_GRID[g, j]) + delta)
+        dst[e + j] = dl * (IQ1S_GRID[g, j] + delta)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
