@@ -279,3 +279,24 @@ def test_low_bit_greedy_matches_llama_cpp(tiny_gguf, quant):
     top = np.sort(logits[-1])[::-1]
     assert top[0] - top[1] < 0.03 * logits.std(), (
         f"greedy tokens part at step {i} where llama.cpp's top-2 gap is {top[0] - top[1]:.3g}")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["output", "tied"])
+def test_low_bit_embeddings_match_llama_cpp(tmp_path, monkeypatch, tied):
+    """token_embd itself in a low-bit type (rows looked up by dequantizing them) and, with
+    no output.weight, the output head too."""
+    from gguf_tools import make_tiny, random_quant
+
+    plain = random_quant.tensor_type
+
+    def with_embd(spec, name, *args):
+        return spec[1] if name == "token_embd.weight" else plain(spec, name, *args)
+
+    monkeypatch.setattr(random_quant, "tensor_type", with_embd)
+    path = make_tiny.write_tiny(tmp_path / "embd.gguf", "qwen3moe", "IQ2_XS/IQ3_XXS",
+                                tied=tied)
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == "IQ3_XXS" and ("output.weight" in types) != tied
+    _assert_low_bit_match(path)
