@@ -321,27 +321,21 @@ def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str,
              rq.tensor_type(blocks, t.name, t.init, t.keep_f32, t.shape[0], len(t.shape))
              for t in plan]
     for t, ty in zip(plan, types, strict=True):
-        n = int(np.prod(t.shape))
         if ty in ("F32", "F16"):
             dt = np.dtype(np.float32 if ty == "F32" else np.float16)
-            w.add_tensor_info(t.name, t.np_shape, dt, n * dt.itemsize)
+            w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
         else:
-            el, nb = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ty]]
-            shape = (*t.np_shape[:-1], t.np_shape[-1] // el * nb)
-            w.add_tensor_info(t.name, shape, np.dtype(np.uint8), n // el * nb,
-                              raw_dtype=gguf.GGMLQuantizationType[ty])
+            rq.add_tensor_info(w, t.name, t.np_shape, ty)
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t, ty in zip(plan, types, strict=True):
-            if ty in ("F32", "F16"):
-                dt = np.float32 if ty == "F32" else np.float16
-                w.write_tensor_data(_generate(t, seed).astype(dt, copy=False))
-            else:
-                rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
-                std = t.scale / np.sqrt(t.shape[0])
-                w.write_tensor_data(rq.random_blocks(ty, t.np_shape, std, rng))
+            rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+            w.write_tensor_data(
+                _generate(t, seed).astype(np.float32 if ty == "F32" else np.float16, copy=False)
+                if ty in ("F32", "F16") else
+                rq.random_blocks(ty, t.np_shape, t.scale / np.sqrt(t.shape[0]), rng))
     finally:
         w.close()
 

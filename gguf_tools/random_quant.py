@@ -86,6 +86,15 @@ def random_blocks(qtype: str, np_shape: tuple[int, ...], std: float,
     return raw.reshape(*lead, n // el * nb)
 
 
+def add_tensor_info(w: gguf.GGUFWriter, name: str, np_shape: tuple[int, ...],
+                    qtype: str) -> None:
+    """Declare tensor ``name`` of np_shape (elements) as ``qtype`` blocks in writer w."""
+    qt = Q[qtype]
+    el, nb = gguf.GGML_QUANT_SIZES[qt]
+    shape = (*np_shape[:-1], np_shape[-1] // el * nb)
+    w.add_tensor_info(name, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=qt)
+
+
 def file_type(spec: tuple[str, str]) -> gguf.LlamaFileType:
     """general.file_type of a file made from spec: the experts' type names it (llama.cpp's
     IQ2_S file type is mostly IQ2_XS tensors; mostly IQ2_S tensors is its IQ2_M)."""
