@@ -351,14 +351,16 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe, granitemoe,
     granitemoeshared. ``quant``: F32 and
-    F16 are written directly, and so are the low-bit IQ1 / IQ2 / IQ3 / TQ types as random
-    valid blocks ("IQ2_XXS", or "IQ1_S/IQ3_S" for experts / other matrices: see
-    gguf_tools.random_quant); anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
+    F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
     quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
     (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,
     n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied,
     rope_scaling ("yarn", "linear", "llama3": see ROPE_SCALINGS), rope_base_swa.
     The file appears atomically (written under a temporary name, then renamed).
+
+    The low-bit types (IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S TQ1_0 TQ2_0) are
+    written directly as random valid blocks: ``quant`` "IQ2_XXS", or "IQ1_S/IQ3_S" for
+    the routed experts / the other matrices (see gguf_tools.random_quant).
     """
     path = Path(path)
     cfg = resolve_config(arch, preset, **overrides)
