@@ -34,6 +34,9 @@ class ModelConfig:
     n_expert_used: int
     n_ff_exp: int
     n_ff_shexp: int  # 0: no shared expert
+    # multi-token-prediction blocks stored after the n_layer the forward pass runs
+    # ("{arch}.nextn_predict_layers": block_count counts them, llama.cpp's pass skips them)
+    n_nextn: int = 0
     # granite multipliers (1.0 = none); kq_scale multiplies attention scores
     embd_scale: float = 1.0
     residual_scale: float = 1.0
@@ -129,7 +132,16 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise ModelFormatError(f"{gf.path}: metadata key 'general.architecture' is missing")
     spec = archs.get(arch)
     k = f"{arch}."
-    n_layer = _positive(gf, k + "block_count")
+    for key in spec.required_keys:
+        if gf.get(k + key) is None:
+            raise ModelFormatError(f"{gf.path}: required metadata key {k + key!r} is missing")
+    n_blocks = _positive(gf, k + "block_count")
+    n_nextn = _int(gf, k + "nextn_predict_layers", 0)
+    if n_nextn >= n_blocks:
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'nextn_predict_layers'!r} "
+                               f"({n_nextn}) leaves none of the {n_blocks} blocks of "
+                               f"{k + 'block_count'!r} to run (an MTP-only file?)")
+    n_layer = n_blocks - n_nextn
     n_embd = _positive(gf, k + "embedding_length")
     n_head = _positive(gf, k + "attention.head_count")
     n_head_kv = _positive(gf, k + "attention.head_count_kv", n_head)
@@ -183,7 +195,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         n_ctx_train=n_ctx_train, rope_base=rope_base, rope_dim=rope_dim,
         norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
-        n_ff_shexp=n_ff_shexp, **_scales(gf, spec, k), **_extras(gf, spec, k, n_layer),
+        n_ff_shexp=n_ff_shexp, n_nextn=n_nextn, **_scales(gf, spec, k),
+        **_extras(gf, spec, k, n_layer),
         **_rope(gf, spec, k, n_ctx_train, rope_base),
     )
     _validate_shapes(gf, cfg)
@@ -238,17 +251,22 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["k_head_dim_mla"] = _int(gf, k + "attention.key_length_mla", 0)
         out["v_head_dim_mla"] = _int(gf, k + "attention.value_length_mla", 0)
     if spec.routing == "deepseek":
-        code = _int(gf, k + "expert_gating_func", 1)
-        if code not in _GATING:
+        code = _int(gf, k + "expert_gating_func", 0)
+        if code and code not in _GATING:
             raise UnsupportedModelError(f"metadata key {k + 'expert_gating_func'!r}: gating "
                                         f"function {code} is not supported")
-        out["gating"] = _GATING[code]
+        out["gating"] = _GATING[code] if code else spec.default_gating
         out["expert_weights_norm"] = bool(gf.get(k + "expert_weights_norm", False))
         out["expert_weights_scale"] = _float(gf, k + "expert_weights_scale", 0.0)
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
+    sections = gf.get(k + "rope.dimension_sections", 0)
+    if any(sections if isinstance(sections, list) else [sections]):
+        # M-RoPE (vision variants, e.g. GLM-4.5V): llama.cpp rotates by sections
+        raise UnsupportedModelError(f"metadata key {k + 'rope.dimension_sections'!r}: "
+                                    "multi-section rope (M-RoPE) is not supported")
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
@@ -276,12 +294,26 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
             _check_shape(gf, b + "attn_q.bias", (q_out,))
             _check_shape(gf, b + "attn_k.bias", (kv_out,))
             _check_shape(gf, b + "attn_v.bias", (c.n_head_kv * c.v_head_dim,))
-        if c.spec.qk_norm == "head":
+        qk_norm = qk_norm_of(gf, c, i)
+        if qk_norm == "head":
             _check_shape(gf, b + "attn_q_norm.weight", (c.head_dim,))
             _check_shape(gf, b + "attn_k_norm.weight", (c.head_dim,))
-        elif c.spec.qk_norm == "full":
+        elif qk_norm == "full":
             _check_shape(gf, b + "attn_q_norm.weight", (q_out,))
             _check_shape(gf, b + "attn_k_norm.weight", (kv_out,))
+
+
+def qk_norm_of(gf: GGUFFile, c: ModelConfig, il: int) -> str:
+    """Layer il's qk norm: the spec's, or "none" where the spec lets it be absent and the
+    layer has neither tensor (one without the other is refused by name)."""
+    if not c.spec.qk_norm_optional:
+        return c.spec.qk_norm
+    q, k = (f"blk.{il}.attn_{p}_norm.weight" for p in "qk")
+    if (q in gf.tensors) != (k in gf.tensors):
+        missing, present = (k, q) if q in gf.tensors else (q, k)
+        raise ModelFormatError(f"{gf.path}: tensor {missing!r} is missing ({present!r} is "
+                               "present)")
+    return c.spec.qk_norm if q in gf.tensors else "none"
 
 
 def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
@@ -292,6 +324,8 @@ def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
         _check_shape(gf, b + "ffn_gate_exps.weight", (d, f, e))
         _check_shape(gf, b + "ffn_up_exps.weight", (d, f, e))
         _check_shape(gf, b + "ffn_down_exps.weight", (f, d, e))
+        if c.spec.sel_bias or b + "exp_probs_b.bias" in gf.tensors:
+            _check_shape(gf, b + "exp_probs_b.bias", (e,))
         if c.spec.expert_bias:
             _check_shape(gf, b + "ffn_gate_inp.bias", (e,))
             for p, n in (("gate", f), ("up", f), ("down", d)):

@@ -61,7 +61,10 @@ for _names, _fam, _ign, _bos in (
      "gpt2", False, False),
     ("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
      "llama3", True, True),
-    ("dbrx smaug-bpe glm4 chatglm-bpe", "llama3", False, False),
+    ("dbrx smaug-bpe chatglm-bpe", "llama3", False, False),
+    # GLM-4.5 / 4.6 files (glm4moe): llama.cpp's CHATGLM4 regex (llama-3's) with
+    # ignore_merges, and no BOS
+    ("glm4 glm5", "llama3", True, False),
     ("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open grok-2",
      "qwen2", False, False),
     ("starcoder refact command-r smollm codeshell exaone minerva-7b mellum2",

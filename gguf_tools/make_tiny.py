@@ -61,6 +61,12 @@ for _name, _kw in (("deepseek2", dict(q_lora=True, mla=True, v3=False)),
                         shared=True, plan="deepseek2", **_kw)
 ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, shared=False,
                        plan="gptoss")
+# glm4moe as GLM-4.5-Air (no qk norm) and, -qknorm, as GLM-4.5 (per-head q / k norm); both
+# with a dense first layer, a shared expert and one trailing MTP layer (nextn: block_count
+# counts it, the forward pass skips it)
+for _name, _qk in (("glm4moe", None), ("glm4moe-qknorm", "head")):
+    ARCHS[_name] = dict(gguf_arch="glm4moe", moe=True, bias=True, qk_norm=_qk, shared=True,
+                        shared_gate=False, plan="glm4moe", nextn=1)
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
@@ -248,7 +254,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
                         else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(cfg["n_ctx"])
     w.add_embedding_length(cfg["n_embd"])
-    w.add_block_count(cfg["n_layer"])
+    w.add_block_count(cfg["n_layer"] + a.get("nextn", 0))  # + MTP layers after the trunk
     if "plan" in a:
         from gguf_tools import tiny_archs
 
@@ -349,8 +355,8 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
                preset: str = "test", seed: int = 0, nthread: int = 2, **overrides) -> Path:
     """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
 
-    ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe, granitemoe,
-    granitemoeshared. ``quant``: F32 and
+    ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
+    granitemoe, granitemoeshared, deepseek2*, gpt-oss, glm4moe*). ``quant``: F32 and
     F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
     quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
     (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,

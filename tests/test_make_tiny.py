@@ -101,6 +101,35 @@ def test_deepseek2_and_gpt_oss_layouts(tiny_gguf):
     assert _shape(ts["blk.0.post_attention_norm.weight"]) == (D,)
 
 
+def test_glm4moe_layout(tiny_gguf):
+    """GLM-4.5-Air's layout: attention biases, half-turned rope, post_attention_norm, a dense
+    first block, sigmoid routing with a selection bias and a shared expert, and one MTP
+    block (with its nextn.* tensors) counted in block_count; -qknorm adds GLM-4.5's
+    per-head q / k norms."""
+    from gguf_tools.tiny_archs import GLM_DIMS
+
+    _, kv, ts = _reader(tiny_gguf("glm4moe", "F32"))
+    assert kv["glm4moe.block_count"] == L + 1 and kv["glm4moe.nextn_predict_layers"] == 1
+    assert kv["glm4moe.rope.dimension_count"] == HD // 2  # partial rotary
+    assert kv["glm4moe.attention.key_length"] == HD
+    assert kv["glm4moe.leading_dense_block_count"] == GLM_DIMS["dense_lead"] == 1
+    assert kv["glm4moe.expert_gating_func"] == 2 and kv["glm4moe.expert_weights_norm"]
+    assert kv["glm4moe.expert_shared_count"] == 1
+    assert kv["glm4moe.expert_feed_forward_length"] == F_EXP
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F) and "blk.0.ffn_gate_inp.weight" not in ts
+    assert _shape(ts["blk.1.exp_probs_b.bias"]) == (E,)
+    assert _shape(ts["blk.1.ffn_up_shexp.weight"]) == (D, F_EXP)
+    assert _shape(ts["blk.2.attn_k.bias"]) == (2 * HD,)
+    assert _shape(ts["blk.2.post_attention_norm.weight"]) == (D,)
+    assert "blk.2.ffn_norm.weight" not in ts and "blk.0.attn_q_norm.weight" not in ts
+    assert _shape(ts[f"blk.{L}.nextn.eh_proj.weight"]) == (2 * D, D)  # the MTP block
+    assert _shape(ts[f"blk.{L}.ffn_gate_exps.weight"]) == (D, F_EXP, E)
+    assert not any(".nextn." in n for n in ts if not n.startswith(f"blk.{L}."))
+    _, _, ts = _reader(tiny_gguf("glm4moe-qknorm", "F32"))
+    assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
+    assert _shape(ts["blk.0.attn_k_norm.weight"]) == (HD,)
+
+
 def test_f16_holds_the_f32_weights_rounded(tiny_gguf):
     _, _, t32 = _reader(tiny_gguf("qwen2moe", "F32"))
     _, _, t16 = _reader(tiny_gguf("qwen2moe", "F16"))

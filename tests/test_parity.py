@@ -89,15 +89,18 @@ def _greedy_ids(m: efedge.Model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-# -- issue 10: granitemoe, deepseek2, gpt-oss --------------------------------------------
+# -- issue 10: granitemoe, deepseek2, gpt-oss; glm4moe ------------------------------------
 # Each at F32 / F16 and at the quant type its real checkpoints use (Q4_K_M; gpt-oss: MXFP4
 # experts with Q8_0 elsewhere, llama.cpp's MXFP4_MOE). The variants at F32 only: granite
-# with a shared expert, DeepSeek-V3-style routing (sigmoid, selection bias, groups) and the
-# legacy unsplit attn_kv_b layout.
-NEW_ARCHS = ["granitemoe", "deepseek2", "gpt-oss"]
+# with a shared expert, DeepSeek-V3-style routing (sigmoid, selection bias, groups), the
+# legacy unsplit attn_kv_b layout and GLM-4.5's per-head qk norm (glm4moe is Air-shaped:
+# none). tests/test_glm4moe.py adds glm4moe through the expert cache.
+NEW_ARCHS = ["granitemoe", "deepseek2", "gpt-oss", "glm4moe"]
 NEW_FLOAT = [(a, q) for a in NEW_ARCHS for q in FLOAT_QUANTS] + [
-    ("granitemoeshared", "F32"), ("deepseek2-v3", "F32"), ("deepseek2-legacy", "F32")]
-NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXFP4_MOE")]
+    ("granitemoeshared", "F32"), ("deepseek2-v3", "F32"), ("deepseek2-legacy", "F32"),
+    ("glm4moe-qknorm", "F32")]
+NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXFP4_MOE"),
+             ("glm4moe", "Q4_K_M")]
 
 
 @pytest.mark.parametrize("arch, quant", NEW_FLOAT)
@@ -110,16 +113,16 @@ def test_new_arch_quantized_logits_match_llama_cpp(tiny_gguf, arch, quant):
     _assert_quantized_match(tiny_gguf(arch, quant))
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", NEW_ARCHS + ["glm4moe-qknorm"])
 def test_new_arch_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
     _assert_greedy_match(tiny_gguf(arch, "F32"))
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "glm4moe"])
 def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     """Through a small expert cache the logits are the resident ones bit for bit: the
-    dense leading layer and the shared experts (deepseek2) are never cache traffic, the
-    expert biases (gpt-oss) stay resident beside the router."""
+    dense leading layer and the shared experts (deepseek2, glm4moe) are never cache
+    traffic, the expert biases (gpt-oss) stay resident beside the router."""
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 24, seed=5)
     with efedge.load(path) as m:
@@ -130,7 +133,7 @@ def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     assert np.array_equal(got, want)
     dense = [il for il in range(m.config.n_layer) if not m.config.is_moe_layer(il)]
     assert all(store.expert_bytes(il) == 0 for il in dense)
-    assert dense == ([0] if arch == "deepseek2" else [])
+    assert dense == ([] if arch == "gpt-oss" else [0])
     per_expert = store.expert_bytes(store.moe_layers[0])  # one size: an F32 file
     assert stats["bytes_loaded"] > 0 and stats["bytes_loaded"] % per_expert == 0
 
@@ -179,7 +182,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, monkeypatch):
         efedge.load(path)
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "glm4moe"])
 def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch):
     """Cache-aware routing swaps experts by router probability: deepseek2's and gpt-oss's
     routing has no such single probability, so asking for it is refused by name."""
@@ -192,7 +195,7 @@ def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch)
 # A chat turn prefills only what is new: T > 1 tokens at a position > 0 (the cached prefix
 # reused), through every attention kind (fused, deepseek2's MLA, gpt-oss's sinks with the
 # sliding window crossed). The last logits equal llama.cpp's for the whole sequence.
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "glm4moe"])
 def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 40, seed=9)
@@ -206,7 +209,7 @@ def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
         assert rel <= 2e-2 and row.argmax() == ref[n - 1].argmax(), f"n={n}: {rel:.3g}"
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe", "glm4moe"])
 def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
     """1000 tokens (past every tile of 8, 256 and llama.cpp's batch of 512), then greedy
     decode. A random model has a few near-tied routings in 1000 positions (a gap of 1e-5

@@ -17,7 +17,7 @@ from efedge.experts.streaming import StreamingExperts
 from efedge.experts.transfer import TransferEngine, parse_link
 from efedge.gguf_file import GGUFFile
 
-MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe"]
+MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "glm4moe"]
 
 
 def _ids(n=24, seed=1, vocab=500):

@@ -191,6 +191,24 @@ def test_deepseek_ranges_leave_out_unicode_whitespace(pair_files, pre):
             ascii(text)
 
 
+@pytest.mark.parametrize("pre", ["glm4", "glm5", "chatglm-bpe"])
+def test_glm_pre_tokenizers_match_llama_cpp(tmp_path, pre):
+    """Real GLM-4.5 / 4.6 files (glm4moe) name their pre-tokenizer "glm4": llama.cpp splits
+    it as llama-3 does and takes a whole word that is a token as that token without
+    merging (ignore_merges), which "chatglm-bpe" does not. The vocab holds words the
+    merges cannot reach."""
+    path = write_vocab_model(tmp_path / f"{pre}.gguf", "bpe", pre, add_bos=None,
+                             extra_tokens=[("Ġzzqqxx", 1), ("worldly", 1)])
+    tok, llm = _tok(path), _llama(path)
+    word = tok.token_to_id["Ġzzqqxx"]
+    for text in (" zzqqxx", "hello zzqqxx worldly", MIXED):
+        for add_special in (True, False):
+            want = llm.tokenize(text.encode(), add_special, False)
+            assert tok.encode(text, add_special, False) == want, (pre, ascii(text))
+    assert (word in tok.encode(" zzqqxx", False, False)) == (pre != "chatglm-bpe")
+    assert not tok.add_bos
+
+
 def test_gpt_oss_and_deepseek_v3_pre_tokenizers_load(tmp_path):
     """Real gpt-oss files name the o200k pre-tokenizer "gpt-4o" and DeepSeek-V3 / R1 files
     "deepseek-v3": both architectures are supported, so are their tokenizers."""

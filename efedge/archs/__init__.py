@@ -47,6 +47,18 @@ class ArchSpec:
     ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
     # llama.cpp divides rope frequencies by the optional rope_freqs.weight (llama-3 files)
     rope_freqs: bool = False
+    # the qk-norm tensors may be absent (glm4moe: GLM-4.5 has them, GLM-4.5-Air does not);
+    # a layer without them has no qk norm
+    qk_norm_optional: bool = False
+    # routing="deepseek": the gating function when "{arch}.expert_gating_func" is absent
+    # or 0 (llama.cpp's per-arch default; glm4moe: "sigmoid")
+    default_gating: str = "softmax"
+    # every MoE layer must carry the selection bias exp_probs_b.bias (glm4moe); False:
+    # used when present (deepseek2)
+    sel_bias: bool = False
+    # "{arch}."-relative keys llama.cpp requires for this arch: a file without one is
+    # refused by name instead of run with a default
+    required_keys: tuple[str, ...] = ()
 
 
 def available() -> list[str]:
