@@ -236,7 +236,8 @@ def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
 LOW_BIT = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
            "TQ2_0", "IQ1_S/IQ3_S"]
 LOW_BIT_ARCHS = [("mixtral", "IQ2_XXS"), ("qwen2moe", "IQ1_M/IQ3_XXS"),
-                 ("deepseek2", "IQ2_S/IQ3_S"), ("gpt-oss", "IQ2_XXS"), ("olmoe", "TQ2_0/IQ2_XS")]
+                 ("deepseek2", "IQ2_S/IQ3_S"), ("gpt-oss", "IQ2_XXS"), ("olmoe", "TQ2_0/IQ2_XS"),
+                 ("glm4moe", "IQ1_M/IQ3_S")]
 
 
 def _assert_low_bit_match(path) -> None:
