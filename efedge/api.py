@@ -197,6 +197,7 @@ class Model:
             return ResidentExperts(store, self.counters)
         from efedge.experts.cache import ExpertCache, parse_budget
         from efedge.experts.scheduler import make_policy
+        from efedge.experts.selection import RouterSelection
         from efedge.experts.streaming import StreamingExperts
         from efedge.experts.transfer import TransferEngine, parse_link
 
@@ -208,7 +209,8 @@ class Model:
         engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
         source = StreamingExperts(store, ecache, engine, pol, self.counters,
                                   routers=[b.ffn_gate_inp for b in self._tf.blocks],
-                                  n_active=self.config.n_expert_used)
+                                  n_active=self.config.n_expert_used,
+                                  selection=RouterSelection.of_model(self._tf))
         self._tf.on_route = source.on_route
         self._tf.on_pass = source.on_pass
         self.link = link_obj

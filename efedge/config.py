@@ -45,6 +45,8 @@ class ModelConfig:
     # deepseek2: dense leading layers, latent attention ranks, per-head sizes after
     # decompression (0: not MLA), routing from the metadata
     n_dense_lead: int = 0
+    # ernie4_5-moe: past the dense lead, experts every moe_layer_step-th layer
+    moe_layer_step: int = 1
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     k_head_dim_mla: int = 0
@@ -71,7 +73,8 @@ class ModelConfig:
         return self.n_ff_shexp > 0
 
     def is_moe_layer(self, il: int) -> bool:
-        return self.is_moe and il >= self.n_dense_lead
+        return (self.is_moe and il >= self.n_dense_lead
+                and (il + 1) % self.moe_layer_step == 0)
 
     def is_swa_layer(self, il: int) -> bool:
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
@@ -174,8 +177,9 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
     elif spec.shared_optional and n_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", 0)
-        # deepseek2 counts shared experts of the routed experts' width instead
-        n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
+        # deepseek2 and bailingmoe count shared experts of the routed experts' width instead
+        if spec.shared_by_count:
+            n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
     emb = gf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[0] != n_embd:
         raise ModelFormatError(f"tensor 'token_embd.weight': shape {emb.shape} does not match "
@@ -234,7 +238,7 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
 
 
 def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
-    """deepseek2's and gpt-oss's keys (see the ModelConfig fields)."""
+    """deepseek2's, gpt-oss's and ernie4_5-moe's keys (see the ModelConfig fields)."""
     out: dict = {}
     if spec.attention == "mla" and _float(gf, k + "attention.temperature_scale", 0.0):
         # Mistral-Large-3 style query temperature: not computed here
@@ -245,6 +249,8 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         if out["n_dense_lead"] > n_layer:
             raise ModelFormatError(f"{gf.path}: metadata key "
                                    f"{k + 'leading_dense_block_count'!r} exceeds the layers")
+    if spec.moe_step:
+        out["moe_layer_step"] = _positive(gf, k + "interleave_moe_layer_step")
     if spec.attention == "mla":
         out["q_lora_rank"] = _int(gf, k + "attention.q_lora_rank", 0)
         out["kv_lora_rank"] = _positive(gf, k + "attention.kv_lora_rank")
@@ -262,6 +268,11 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
+    elif spec.routing == "softmax_bias":  # llama.cpp reads no arch routing keys for these
+        out["expert_weights_norm"] = spec.norm_topk
+        # … but expert groups, as for every arch (llama_model_base::load_hparams)
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     sections = gf.get(k + "rope.dimension_sections", 0)
     if any(sections if isinstance(sections, list) else [sections]):
         # M-RoPE (vision variants, e.g. GLM-4.5V): llama.cpp rotates by sections
@@ -290,10 +301,9 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         _check_shape(gf, b + "attn_k.weight", (d, kv_out))
         _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
         _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
-        if c.spec.attn_bias:
-            _check_shape(gf, b + "attn_q.bias", (q_out,))
-            _check_shape(gf, b + "attn_k.bias", (kv_out,))
-            _check_shape(gf, b + "attn_v.bias", (c.n_head_kv * c.v_head_dim,))
+        for p, n in (("q", q_out), ("k", kv_out), ("v", c.n_head_kv * c.v_head_dim)):
+            if c.spec.attn_bias or b + f"attn_{p}.bias" in gf.tensors:  # optional elsewhere
+                _check_shape(gf, b + f"attn_{p}.bias", (n,))
         qk_norm = qk_norm_of(gf, c, i)
         if qk_norm == "head":
             _check_shape(gf, b + "attn_q_norm.weight", (c.head_dim,))
@@ -330,6 +340,13 @@ def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
             _check_shape(gf, b + "ffn_gate_inp.bias", (e,))
             for p, n in (("gate", f), ("up", f), ("down", d)):
                 _check_shape(gf, b + f"ffn_{p}_exps.bias", (n, e))
+        if not c.has_shared and b + "ffn_up_shexp.weight" in gf.tensors:
+            # a shared expert the metadata gives no width would be left out silently
+            keys = [f"{c.arch}.expert_shared_feed_forward_length"]
+            keys += [f"{c.arch}.expert_shared_count"] if c.spec.shared_by_count else []
+            raise ModelFormatError(
+                f"tensor {b + 'ffn_up_shexp.weight'!r}: the file has a shared expert but "
+                f"no width for it (metadata key {' or '.join(map(repr, keys))} is missing)")
         if c.has_shared:
             s = c.n_ff_shexp
             if c.spec.shared_gate:

@@ -100,8 +100,14 @@ class Block:
         self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         self.bias = None
-        if spec.attn_bias:
-            self.bias = tuple(_vector(gf, b + f"attn_{p}.bias") for p in "qkv")
+        # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
+        # them); one that is absent adds zeros here
+        names = [b + f"attn_{p}.bias" for p in "qkv"]
+        if spec.attn_bias or any(n in gf.tensors for n in names):
+            rows = (self.attn_q, self.attn_k, self.attn_v)
+            self.bias = tuple(_vector(gf, n) if n in gf.tensors or spec.attn_bias
+                              else np.zeros(m.raw.shape[0], np.float32)
+                              for n, m in zip(names, rows, strict=True))
         self.q_norm = self.k_norm = None
         self.qk_norm = qk_norm_of(gf, cfg, il)  # the spec's, or "none" where it is optional
         if self.qk_norm != "none":
@@ -332,7 +338,8 @@ class Transformer:
         for il, blk in enumerate(self.blocks):
             dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos, k_used,
                            c.spec.norm_topk, x2, h, ids, w, nt)
-            if not blk.moe:  # a dense model, or a leading dense layer (glm4moe)
+            if not blk.moe:  # a dense model, or a dense layer of a MoE one (glm4moe's
+                # leading one, ernie4_5-moe's leading and interleaved ones)
                 f = blk.dense
                 dk.decode_ffn(h, _ONE_ID, _ONE_W, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
                 _ffn_sum(x2, y, 1, rs, x)

@@ -49,6 +49,10 @@ ARCHS: dict[str, dict] = {
                        shared=False),
     "granitemoeshared": dict(gguf_arch="granitemoe", moe=True, bias=False, qk_norm=None,
                              shared=True, shared_gate=False),
+    # Ling-lite / Ling-plus: every layer MoE, an ungated shared expert of
+    # expert_shared_count × the experts' width, routing weights per BAILING_ROUTING
+    "bailingmoe": dict(gguf_arch="bailingmoe", moe=True, bias=False, qk_norm=None,
+                       shared=True, shared_gate=False),
 }
 # Layouts written by gguf_tools.tiny_archs ("plan"): deepseek2 as DeepSeek-V2 (softmax
 # routing; with a q lora: llama.cpp 0.3.36 takes the lora-less V2-Lite form only at 26 or
@@ -67,9 +71,20 @@ ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, 
 for _name, _qk in (("glm4moe", None), ("glm4moe-qknorm", "head")):
     ARCHS[_name] = dict(gguf_arch="glm4moe", moe=True, bias=True, qk_norm=_qk, shared=True,
                         shared_gate=False, plan="glm4moe", nextn=1)
+# ernie4_5-moe (tiny_archs.ERNIE_DIMS): as ERNIE-4.5-21B-A3B, and -interleave with dense
+# layers between the MoE ones (llama.cpp 0.3.36 cannot load that one: its loader gives
+# every layer past the dense lead experts, while its graph runs the interleave rule)
+ARCHS["ernie4_5-moe"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False, qk_norm=None,
+                            shared=True, plan="ernie", variant="ernie")
+ARCHS["ernie4_5-moe-interleave"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False,
+                                        qk_norm=None, shared=False, plan="ernie",
+                                        variant="interleave")
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
+# bailingmoe's expert_weights_norm and expert_weights_scale: renormalised, then scaled
+# (the converter writes norm_topk_prob and a scale of 1; 2 here so the scale is exercised)
+BAILING_ROUTING = (True, 2.0)
 
 # head_dim None = n_embd // n_head. Sizes are multiples of 256 so K-quants apply everywhere.
 PRESETS: dict[str, dict] = {
@@ -153,6 +168,9 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
                          f"{cfg['n_head_kv']}")
     if a["moe"] and not 0 < cfg["n_expert_used"] <= cfg["n_expert"]:
         raise ValueError(f"n_expert_used {cfg['n_expert_used']} not in 1..{cfg['n_expert']}")
+    if arch == "bailingmoe" and (cfg["n_ff_shexp"] % cfg["n_ff_exp"] or not cfg["n_ff_shexp"]):
+        raise ValueError("bailingmoe counts shared experts of the experts' width: n_ff_shexp "
+                         f"{cfg['n_ff_shexp']} is not a multiple of n_ff_exp {cfg['n_ff_exp']}")
     cfg["arch"] = arch
     return cfg
 
@@ -277,14 +295,18 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
     if a["moe"]:
         w.add_expert_count(cfg["n_expert"])
         w.add_expert_used_count(cfg["n_expert_used"])
-        if arch in ("qwen2moe", "qwen3moe"):
+        if arch in ("qwen2moe", "qwen3moe", "bailingmoe"):
             # like the real files: feed_forward_length is the (unused) dense width,
             # the experts' width has its own key
             w.add_feed_forward_length(cfg["n_ff"])
             w.add_expert_feed_forward_length(cfg["n_ff_exp"])
         else:  # llama (Mixtral) and olmoe size their experts by feed_forward_length
             w.add_feed_forward_length(cfg["n_ff_exp"])
-        if a["shared"]:
+        if arch == "bailingmoe":  # a count of shared experts, and the routing weights
+            w.add_expert_shared_count(cfg["n_ff_shexp"] // cfg["n_ff_exp"])
+            w.add_expert_weights_norm(BAILING_ROUTING[0])
+            w.add_expert_weights_scale(BAILING_ROUTING[1])
+        elif a["shared"]:
             w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
         if arch == "granitemoe":
             emb, res, att, logit = GRANITE_SCALES
@@ -356,12 +378,13 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
-    granitemoe, granitemoeshared, deepseek2*, gpt-oss, glm4moe*). ``quant``: F32 and
-    F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
-    quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
-    (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,
-    n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied,
-    rope_scaling ("yarn", "linear", "llama3": see ROPE_SCALINGS), rope_base_swa.
+    granitemoe, granitemoeshared, bailingmoe, deepseek2*, gpt-oss, glm4moe*,
+    ernie4_5-moe*). ``quant``: F32 and F16 are written directly, anything else (Q8_0,
+    Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
+    ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
+    n_head_kv, head_dim, n_ff_exp, n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base,
+    norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see
+    ROPE_SCALINGS), rope_base_swa.
     The file appears atomically (written under a temporary name, then renamed).
 
     The low-bit types (IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S TQ1_0 TQ2_0) are

@@ -249,6 +249,14 @@ def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
             g.new_kv_cache(64)
 
 
+@pytest.mark.parametrize("arch", ["ernie4_5-moe", "bailingmoe"])
+def test_archs_the_gpu_path_lacks_are_refused_by_name(tiny_gguf, arch):
+    """Their routing (selection bias, scaled weights) and ungated shared experts are
+    CPU-only: the torch path says so, on any device, instead of computing another model."""
+    with pytest.raises(UnsupportedModelError, match=f"does not run architecture '{arch}'"):
+        load_cuda_model(tiny_gguf(arch, "F32"), device="cpu")
+
+
 def test_devices_are_checked(tiny_gguf):
     path = tiny_gguf("qwen3moe", "F16")
     with pytest.raises(UnsupportedModelError, match="mps"):

@@ -13,6 +13,8 @@ from gguf_tools import make_tiny
 from gguf_tools.make_tiny import ARCHS, write_tiny
 
 ALL_ARCHS = list(ARCHS)
+# layouts llama.cpp 0.3.36 loads (not ernie4_5-moe-interleave: see test_ernie_layouts)
+LLAMA_CPP_ARCHS = [a for a in ARCHS if a != "ernie4_5-moe-interleave"]
 # Llama-shaped layouts (q / k / v, one FFN per layer); tiny_archs writes the others
 STD_ARCHS = [a for a in ARCHS if "plan" not in ARCHS[a]]
 D, L, E, K, F_EXP, F, HD = 256, 3, 16, 4, 256, 512, 64  # the "test" preset
@@ -76,6 +78,13 @@ def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
         assert _shape(ts["blk.0.attn_k_norm.weight"]) == (D,)
     if arch in ("mixtral", "olmoe"):
         assert kv[f"{a}.feed_forward_length"] == F_EXP
+    if arch == "bailingmoe":  # shared experts counted in units of the experts' width
+        assert kv["bailingmoe.expert_feed_forward_length"] == F_EXP
+        assert kv["bailingmoe.expert_shared_count"] == 1
+        assert kv["bailingmoe.expert_weights_norm"] is True
+        assert kv["bailingmoe.expert_weights_scale"] == 2.0
+        assert _shape(ts["blk.2.ffn_gate_shexp.weight"]) == (D, F_EXP)
+        assert "blk.0.ffn_gate_inp_shexp.weight" not in ts  # ungated
 
 
 def test_deepseek2_and_gpt_oss_layouts(tiny_gguf):
@@ -128,6 +137,38 @@ def test_glm4moe_layout(tiny_gguf):
     _, _, ts = _reader(tiny_gguf("glm4moe-qknorm", "F32"))
     assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
     assert _shape(ts["blk.0.attn_k_norm.weight"]) == (HD,)
+def test_ernie_layouts(tiny_gguf):
+    _, kv, ts = _reader(tiny_gguf("ernie4_5-moe", "F32"))
+    assert kv["general.architecture"] == "ernie4_5-moe"
+    assert kv["ernie4_5-moe.leading_dense_block_count"] == 1
+    assert kv["ernie4_5-moe.interleave_moe_layer_step"] == 1
+    assert kv["ernie4_5-moe.expert_shared_feed_forward_length"] == 256
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F)  # dense first layer
+    assert "blk.0.ffn_gate_exps.weight" not in ts and "blk.0.exp_probs_b.bias" not in ts
+    for i in (1, 2):
+        assert _shape(ts[f"blk.{i}.ffn_gate_exps.weight"]) == (D, F_EXP, E)
+        assert _shape(ts[f"blk.{i}.exp_probs_b.bias"]) == (E,)
+        assert _shape(ts[f"blk.{i}.ffn_up_shexp.weight"]) == (D, 256)
+        assert f"blk.{i}.ffn_gate_inp_shexp.weight" not in ts  # ungated
+    _, kv, ts = _reader(tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5))
+    assert kv["ernie4_5-moe.interleave_moe_layer_step"] == 2
+    assert kv["ernie4_5-moe.leading_dense_block_count"] == 0
+    moe = [f"blk.{i}.ffn_gate_exps.weight" in ts for i in range(5)]
+    assert moe == [False, True, False, True, False]
+    assert all(f"blk.{i}.ffn_down.weight" in ts for i in (0, 2, 4))
+    assert not any(n.endswith(("_shexp.weight", "exp_probs_b.bias")) for n in ts)
+
+
+@pytest.mark.requires_llama_cpp
+def test_llama_cpp_cannot_load_interleaved_ernie(tiny_gguf):
+    """llama.cpp 0.3.36 gives every ernie4_5-moe layer past the dense lead expert
+    tensors when it loads (its graph then runs the interleave rule): a file with dense
+    layers between MoE ones is refused. When this fails, llama.cpp has learnt it: move the
+    interleaved file into the parity tests."""
+    from llama_ref import llama_logits
+
+    with pytest.raises(ValueError, match="Failed to load model"):
+        llama_logits(tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5), [1, 2, 3])
 
 
 def test_f16_holds_the_f32_weights_rounded(tiny_gguf):
@@ -203,7 +244,7 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.requires_llama_cpp
-@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("arch", LLAMA_CPP_ARCHS)
 def test_llama_cpp_runs_it(tiny_gguf, arch):
     from llama_ref import llama_logits
 

@@ -149,7 +149,7 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
 
 # One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables.
 PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
-                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3")
+                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3", "bailingmoe")
 SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
               + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
               + ["Hello", "WORLD", "iPhone", "ÀÉé", "ΓΔγ", "ǅ", "'Re", "/"]

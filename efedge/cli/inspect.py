@@ -55,7 +55,9 @@ def describe(path) -> dict:
             "quant_types": dict(types.most_common()), "expert_layers": layers,
             "dense_layers": [il for il in range(cfg.n_layer) if not cfg.is_moe_layer(il)]
             if cfg.is_moe else [],
-            "features": _features(cfg),
+            "features": _features(cfg) | ({"selection_bias": True} if any(
+                f"blk.{il}.exp_probs_b.bias" in gf.tensors for il in range(cfg.n_layer))
+                else {}),
         }
     finally:
         gf.close()
@@ -82,6 +84,8 @@ def _features(c) -> dict:
         out["routing"] = c.gating if c.spec.routing != "softmax" else "softmax"
         if c.expert_weights_norm:
             out["expert_weights_norm"] = True
+        if c.moe_layer_step > 1:  # ernie4_5-moe: experts every step-th layer
+            out["moe_layer_step"] = c.moe_layer_step
         if c.expert_weights_scale:
             out["expert_weights_scale"] = c.expert_weights_scale
         if c.n_expert_groups > 1:
