@@ -485,7 +485,8 @@ LOW_BIT = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "
            "TQ2_0", "IQ1_S/IQ3_S"]
 LOW_BIT_ARCHS = [("mixtral", "IQ2_XXS"), ("qwen2moe", "IQ1_M/IQ3_XXS"),
                  ("deepseek2", "IQ2_S/IQ3_S"), ("gpt-oss", "IQ2_XXS"), ("olmoe", "TQ2_0/IQ2_XS"),
-                 ("glm4moe", "IQ1_M/IQ3_S")]
+                 ("glm4moe", "IQ1_M/IQ3_S"), ("ernie4_5-moe", "IQ1_S/IQ2_S"),
+                 ("bailingmoe", "IQ2_XS/IQ3_XXS")]
 
 
 def _assert_low_bit_match(path) -> None:
