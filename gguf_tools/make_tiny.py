@@ -259,11 +259,17 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     return w
 
 
-def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int:
+def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
+                    blocks: tuple[str, str] | None = None) -> int:
     a, arch = ARCHS[cfg["arch"]], ARCHS[cfg["arch"]]["gguf_arch"]
     w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
-                    else gguf.LlamaFileType.MOSTLY_F16)
+    if blocks is not None:
+        from gguf_tools.random_quant import file_type
+
+        w.add_file_type(file_type(blocks))
+    else:
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
+                        else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(cfg["n_ctx"])
     w.add_embedding_length(cfg["n_embd"])
     w.add_block_count(cfg["n_layer"] + a.get("nextn", 0))  # + MTP layers after the trunk
@@ -330,21 +336,34 @@ def _write_rope_scaling(w: gguf.GGUFWriter, cfg: dict, arch: str) -> None:
         w.add_rope_freq_base_swa(float(cfg["rope_base_swa"]))
 
 
-def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str) -> None:
-    """Write an F32 or F16 file, generating each tensor just before it is written."""
-    np_dtype = np.float32 if dtype == "F32" else np.float16
+def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str,
+                 blocks: tuple[str, str] | None = None) -> None:
+    """Write an F32 or F16 file, generating each tensor just before it is written;
+    ``blocks``: a random-block spec (gguf_tools.random_quant) for the matrices instead."""
+    from gguf_tools import random_quant as rq
+
     w = gguf.GGUFWriter(path, ARCHS[cfg["arch"]]["gguf_arch"])
-    n_vocab = _write_metadata(w, cfg, dtype, name)
+    n_vocab = _write_metadata(w, cfg, dtype, name, blocks)
     plan = tensor_plan(cfg, n_vocab)
-    dtypes = [np.dtype(np.float32 if t.keep_f32 else np_dtype) for t in plan]
-    for t, dt in zip(plan, dtypes, strict=True):
-        w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+    types = [("F32" if t.keep_f32 else dtype) if blocks is None else
+             rq.tensor_type(blocks, t.name, t.init, t.keep_f32, t.shape[0], len(t.shape))
+             for t in plan]
+    for t, ty in zip(plan, types, strict=True):
+        if ty in ("F32", "F16"):
+            dt = np.dtype(np.float32 if ty == "F32" else np.float16)
+            w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+        else:
+            rq.add_tensor_info(w, t.name, t.np_shape, ty)
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t, dt in zip(plan, dtypes, strict=True):
-            w.write_tensor_data(_generate(t, seed).astype(dt, copy=False))
+        for t, ty in zip(plan, types, strict=True):
+            rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+            w.write_tensor_data(
+                _generate(t, seed).astype(np.float32 if ty == "F32" else np.float16, copy=False)
+                if ty in ("F32", "F16") else
+                rq.random_blocks(ty, t.np_shape, t.scale / np.sqrt(t.shape[0]), rng))
     finally:
         w.close()
 
@@ -367,6 +386,10 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see
     ROPE_SCALINGS), rope_base_swa.
     The file appears atomically (written under a temporary name, then renamed).
+
+    The low-bit types (IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S TQ1_0 TQ2_0) are
+    written directly as random valid blocks: ``quant`` "IQ2_XXS", or "IQ1_S/IQ3_S" for
+    the routed experts / the other matrices (see gguf_tools.random_quant).
     """
     path = Path(path)
     cfg = resolve_config(arch, preset, **overrides)
@@ -376,8 +399,12 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     src = path.with_name(f".{path.name}.{os.getpid()}.src")
     try:
+        from gguf_tools.random_quant import parse_spec
+
         if quant in ("F32", "F16"):
             _write_float(tmp, cfg, quant, seed, name)
+        elif (blocks := parse_spec(quant)) is not None:
+            _write_float(tmp, cfg, "F32", seed, name, blocks)
         else:
             from gguf_tools.quantize import quantize
 
@@ -411,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gguf_tools.make_tiny",
                                  description="Write a random-weight GGUF model")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    ap.add_argument("--quant", default="F32", help="F32, F16 or a llama.cpp type (Q4_K_M, …)")
+    ap.add_argument("--quant", default="F32",
+                    help="F32, F16, a llama.cpp type (Q4_K_M, …) or random IQ1 / IQ2 / IQ3 / "
+                         "TQ blocks (IQ2_XXS, IQ1_S/IQ3_S: experts / the rest)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)

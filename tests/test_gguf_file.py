@@ -194,6 +194,18 @@ def test_inspect_reports_expert_bytes(moe_path):
     assert qts <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
 
 
+def test_inspect_names_the_low_bit_types(tiny_gguf):
+    """efedge inspect on an IQ1_M-experts / IQ3_S-rest file: the types by name, the expert
+    bytes from their block sizes (56 and 110 bytes per 256 weights)."""
+    from efedge.cli.inspect import describe
+
+    info = describe(tiny_gguf("qwen3moe", "IQ1_M/IQ3_S"))
+    assert info["quant_types"].keys() == {"F32", "IQ1_M", "IQ3_S"}
+    assert all(set(lay["quant_types"].values()) == {"IQ1_M"} for lay in info["expert_layers"])
+    d, f, e = 256, 256, 16
+    assert info["expert_bytes"] == info["layers"] * 3 * e * (d * f // 256) * 56
+
+
 def _split(src, out_dir, max_tensors: int = 12) -> list:
     """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
     _rewrite(src, out_dir / "big.gguf", split_max_tensors=max_tensors)

@@ -299,3 +299,37 @@ def test_greedy_continuation_and_tokenizer(tiny_gguf):
     assert logits[len(prompt) - 1:].argmax(-1).tolist() == out
     ids = llama_tokenize(path, "hello world")
     assert ids and llama_detokenize(path, ids) == b"hello world"
+
+
+# -- random blocks of the low-bit types (llama.cpp's quantizer needs an imatrix for them) --
+@pytest.mark.parametrize("quant", ["IQ2_XXS", "IQ1_M/IQ3_S", "TQ2_0/F16"])
+def test_random_block_files(tiny_gguf, quant):
+    from gguf_tools.random_quant import RANDOM_TYPES, file_type, parse_spec
+
+    experts, other = parse_spec(quant)
+    r, kv, ts = _reader(tiny_gguf("qwen3moe", quant))
+    assert kv["general.file_type"] == file_type((experts, other))
+    for name, t in ts.items():
+        want = ("F32" if len(t.shape) < 2 or name == "token_embd.weight"
+                or "ffn_gate_inp" in name else experts if "_exps." in name else other)
+        assert t.tensor_type.name == want, name
+        if want in RANDOM_TYPES:  # valid blocks, finite, about the float model's spread
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            assert np.isfinite(w).all() and w.shape[-1] == int(t.shape[0])
+            fan_in = int(t.shape[0])
+            scale = 2.0 if name == "output.weight" else (
+                make_tiny.QK_GAIN if "attn_q." in name or "attn_k." in name else 1.0)
+            assert abs(w.std() / (scale / np.sqrt(fan_in)) - 1) < 0.1, name
+    # a tensor does not depend on the other side of the spec
+    _, _, ts2 = _reader(tiny_gguf("qwen3moe", experts))
+    key = "blk.1.ffn_down_exps.weight"
+    assert np.array_equal(ts[key].data, ts2[key].data)
+
+
+def test_random_block_spec_errors():
+    from gguf_tools.random_quant import parse_spec
+
+    assert parse_spec("Q4_K_M") is None and parse_spec("F16") is None
+    assert parse_spec("iq1_s") == ("IQ1_S", "IQ1_S")
+    with pytest.raises(ValueError, match="Q4_K"):
+        parse_spec("IQ1_S/Q4_K")

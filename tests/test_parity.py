@@ -473,3 +473,83 @@ def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
     assert (rel > 2e-2).mean() <= 0.01, f"rows off: {np.flatnonzero(rel > 2e-2)}"
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
     assert greedy == llama_ref.llama_greedy(path, ids[:513], 12, n_ctx=1100)
+
+
+# -- the low-bit IQ1 / IQ2 / IQ3 and ternary types ----------------------------------------
+# What users download for models larger than their memory (unsloth's dynamic quants of
+# DeepSeek, Qwen3-235B, GLM). llama.cpp's quantizer wants an importance matrix for most of
+# them, so these files hold random valid blocks (gguf_tools.random_quant): every matrix of
+# the type, or "experts/the rest". Same tolerance as the other quantized files; through a
+# half-size expert cache the logits are the resident ones bit for bit.
+LOW_BIT = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
+           "TQ2_0", "IQ1_S/IQ3_S"]
+LOW_BIT_ARCHS = [("mixtral", "IQ2_XXS"), ("qwen2moe", "IQ1_M/IQ3_XXS"),
+                 ("deepseek2", "IQ2_S/IQ3_S"), ("gpt-oss", "IQ2_XXS"), ("olmoe", "TQ2_0/IQ2_XS"),
+                 ("glm4moe", "IQ1_M/IQ3_S"), ("ernie4_5-moe", "IQ1_S/IQ2_S"),
+                 ("bailingmoe", "IQ2_XS/IQ3_XXS")]
+
+
+def _assert_low_bit_match(path) -> None:
+    _assert_quantized_match(path)
+    ids = _tokens(512, 24, seed=5)
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="50%", policy="expertflow") as m:
+        got = m.logits(ids)
+        stats = m.stats()
+    assert np.array_equal(got, want)
+    assert stats["bytes_loaded"] > 0 and stats["misses"] + stats["late"] > 0
+
+
+@pytest.mark.parametrize("quant", LOW_BIT)
+def test_low_bit_logits_match_llama_cpp(tiny_gguf, quant):
+    _assert_low_bit_match(tiny_gguf("qwen3moe", quant))
+
+
+@pytest.mark.parametrize("arch, quant", LOW_BIT_ARCHS)
+def test_low_bit_other_archs_match_llama_cpp(tiny_gguf, arch, quant):
+    _assert_low_bit_match(tiny_gguf(arch, quant))
+
+
+@pytest.mark.parametrize("quant", LOW_BIT)
+def test_low_bit_greedy_matches_llama_cpp(tiny_gguf, quant):
+    """32 greedy tokens equal llama.cpp's up to the first near tie. 8-bit activations turn
+    the last-bit differences of the float path (a few positions of a random model differ by
+    ~3e-5 even at F32) into the odd flipped rounding (K-quant files too: max|Δ|/std up to
+    ~0.05 at single positions), so over 32 steps a continuation can reach a step whose top
+    two logits llama.cpp itself separates by less than that; there either token is right
+    and the continuations part (IQ2_XXS and IQ1_S here: gaps of 0.5% and 1.8% of the
+    logits' std, at steps 6 and 8)."""
+    path = tiny_gguf("qwen3moe", quant)
+    with efedge.load(path) as m:
+        prompt = _tokens(m.n_vocab, 8, seed=3)
+        ours = _greedy_ids(m, prompt, 32)
+    ref = llama_ref.llama_greedy(path, prompt, 32)
+    if ours == ref:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b)
+    logits = llama_ref.llama_logits(path, prompt + ref[:i])
+    top = np.sort(logits[-1])[::-1]
+    assert top[0] - top[1] < 0.03 * logits.std(), (
+        f"greedy tokens part at step {i} where llama.cpp's top-2 gap is {top[0] - top[1]:.3g}")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["output", "tied"])
+def test_low_bit_embeddings_match_llama_cpp(tmp_path, monkeypatch, tied):
+    """token_embd itself in a low-bit type (rows looked up by dequantizing them) and, with
+    no output.weight, the output head too."""
+    from gguf_tools import make_tiny, random_quant
+
+    plain = random_quant.tensor_type
+
+    def with_embd(spec, name, *args):
+        return spec[1] if name == "token_embd.weight" else plain(spec, name, *args)
+
+    monkeypatch.setattr(random_quant, "tensor_type", with_embd)
+    path = make_tiny.write_tiny(tmp_path / "embd.gguf", "qwen3moe", "IQ2_XS/IQ3_XXS",
+                                tied=tied)
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == "IQ3_XXS" and ("output.weight" in types) != tied
+    _assert_low_bit_match(path)
