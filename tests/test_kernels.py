@@ -512,3 +512,71 @@ def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[mode] = np.load(out)
     assert np.array_equal(results["off"], results["host"])
+
+
+def _lut_raw(qt: Q, rows: int, blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random MXFP4 / IQ4_NL rows: every nibble, and for MXFP4 exponents from the two
+    subnormal ones (0, 1) to large ones."""
+    raw = rng.integers(0, 256, (rows, blocks, 17 if qt == Q.MXFP4 else 18), dtype=np.uint8)
+    if qt == Q.MXFP4:
+        raw[..., 0] = rng.choice(np.r_[0, 1, 2, 3, 100:140, 180, 200], (rows, blocks))
+    else:
+        scale = rng.uniform(-0.05, 0.05, (rows, blocks)).astype(np.float16)
+        raw[..., :2] = scale.view(np.uint8).reshape(rows, blocks, 2)
+    return raw.reshape(rows, -1)
+
+
+def _vec_dot_ref(raw: np.ndarray, qt: Q, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_{mxfp4,iq4_nl}_q8_0 as llama.cpp's generic C computes it: per block
+    sumf += (d_w · d_x) · Σ kvalue · xq, in float32, x quantized to Q8_0 first."""
+    from efedge.kernels.simd import KVALUES
+
+    rows, n = raw.shape[0], x.shape[0]
+    xq, xd, _ = quantize_activations(x[None], ACT_Q8_0)
+    kv = np.array(KVALUES["mxfp4" if qt == Q.MXFP4 else "iq4_nl"], np.int64)
+    bb = 17 if qt == Q.MXFP4 else 18
+    blk = raw.reshape(rows, n // 32, bb)
+    if qt == Q.MXFP4:
+        dw = gq.MXFP4.e8m0_to_fp32_half(blk[..., 0].astype(np.uint32))
+    else:
+        dw = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blk[..., bb - 16:]
+    idx = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0-15, 16-31
+    sumi = (kv[idx] * xq[0].reshape(1, -1, 32).astype(np.int64)).sum(-1)
+    dx = xd[0, ::8]  # Q8_0's 8 copies per block
+    out = np.zeros(rows, np.float32)
+    with np.errstate(over="ignore"):
+        for b in range(n // 32):
+            out += (dw[:, b] * dx[b]).astype(np.float32) * sumi[:, b].astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("qt", [Q.MXFP4, Q.IQ4_NL], ids=lambda t: t.name)
+def test_lut_integer_kernels_match_the_scalar_vec_dot(qt):
+    """MXFP4 / IQ4_NL (4-bit indices into a 16-entry table) through the integer kernels:
+    the decode row dot and the tiled prefill product give llama.cpp's scalar vec_dot (and
+    dequantize × rounded activations in float64) up to float summation order, and the
+    tiled product the same bits for any number of tokens per call."""
+    from efedge.kernels import rowdot
+
+    rng = np.random.default_rng(41 + int(qt))
+    rows, blocks = 37, 24
+    raw = readonly(_lut_raw(qt, rows, blocks, rng))
+    w64 = gq.dequantize(raw, qt).astype(np.float64)
+    x = rng.standard_normal((6, blocks * 32)).astype(np.float32)
+    xr = round_activations(x, int(qt)).astype(np.float64)
+    pre = qmatmul(raw, int(qt), x)
+    check_close(pre, w64, xr)
+    for t in (1, 2, 5):
+        assert same_bits(qmatmul(raw, int(qt), x[:t]), pre[:t])
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        pack = rowdot.new_pack(n)
+        rowdot.prep(ACT_Q8_0, int(qt), x[t], pack)
+        dec = np.empty(rows, np.float32)
+        rowdot.dot_rows(int(qt), raw, 0, rows, n, pack, np.empty(n, np.float32), dec)
+        check_close(dec[None], w64, xr[t:t + 1])
+        ref = _vec_dot_ref(raw, qt, x[t])
+        scale = np.abs(w64) @ np.abs(xr[t])
+        assert np.all(np.abs(dec - ref) <= 1e-5 * scale)  # per row
+        assert np.all(np.abs(pre[t] - ref) <= 1e-5 * scale)

@@ -15,9 +15,10 @@ the products of a small expert. Here the whole layer is 5 regions:
 Every row is the same product ``prefill.matmul_q8`` computes for that expert on those
 tokens (the tiled product's result does not depend on which tokens share a call), so
 this gives the same bits as one call per expert, which is how the expert cache runs.
-Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, Q4_K
-and Q6_K through the tiled integer product, the others (F16, Q5_K …) through float
-activations rounded as llama.cpp rounds them and ``generic``'s tile product.
+Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, Q4_K,
+Q6_K, MXFP4 and IQ4_NL through the tiled integer product, the others (F16, Q5_K …)
+through float activations rounded as llama.cpp rounds them and ``generic``'s tile
+product.
 
 Run it through ``kernels.dynamic`` (work handed out in small chunks, not one equal
 share per thread: see there).
