@@ -39,6 +39,7 @@ from efedge.ffn import (
     _none,
     _resident_moe,
     _StandInExperts,
+    experts_token,
     stream_experts_token,
     swiglu,
 )
@@ -194,9 +195,14 @@ class Transformer:
                 il = self.store.moe_layers[0]
                 f = _FFN(*experts.parts(il), self.store.qtypes(il))
                 d = self.cfg.n_embd
+                y, nt = np.empty((1, d), np.float32), numba.get_num_threads()
                 dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
-                              f.gate, f.up, f.down, f.qt, f.sc,
-                              np.empty((1, d), np.float32), numba.get_num_threads())
+                              f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                bias = self.blocks[il].exp_bias
+                if bias is not None:  # gpt-oss's
+                    dk.decode_ffn_oai(np.zeros(d, np.float32), _ONE_ID, _ONE_ID,
+                                      np.ones(1, np.float32), f.gate, f.up, f.down, f.qt, f.sc,
+                                      *bias, y, nt)
         finally:
             self.on_route, self.on_pass = on_route, on_pass
         return time.perf_counter() - t0
@@ -270,7 +276,11 @@ class Transformer:
         if self.on_route is not None:  # the experts this layer will really use
             self.on_route(il, h, ids)
         slots = np.zeros((t, c.n_expert_used, c.n_embd), dtype=np.float32)  # [T, K, D]
-        if not _resident_moe(blk, h, ids, w, experts, slots):
+        if t == 1 and blk.exp_bias is not None:  # gpt-oss decode: the one-token kernels
+            experts_token(experts, il, h[0], np.ascontiguousarray(ids[0], np.int32),
+                          np.ascontiguousarray(w[0], np.float32), blk.experts, slots[0],
+                          numba.get_num_threads(), blk.exp_bias)
+        elif not _resident_moe(blk, h, ids, w, experts, slots):
             for e, ew in experts.acquire(il, np.unique(ids)):
                 tok, kk = np.nonzero(ids == e)
                 slots[tok, kk] = (_expert(blk, e, np.ascontiguousarray(h[tok]), ew)

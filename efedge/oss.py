@@ -7,8 +7,10 @@ the weight and attends to nothing. Layers il with il % swa_pattern < swa_pattern
 (the even layers) see only the last ``sliding_window`` positions (the query's own
 included). The output projection has a bias too.
 
-Experts: g = gate·x + b_g, u = up·x + b_u, a = min(g, 7) · σ(1.702 · min(g, 7)) ·
-(clamp(u, −7, 7) + 1), out = down·a + b_d (ggml_swiglu_oai with llama.cpp's constants).
+Experts (kernels.moe.moe_ffn_oai for a batch of tokens, kernels.decode.decode_ffn_oai
+for one: all of a layer's routed experts in one call): g = gate·x + b_g, u = up·x + b_u,
+a = min(g, 7) · σ(1.702 · min(g, 7)) · (clamp(u, −7, 7) + 1), out = down·a + b_d
+(ggml_swiglu_oai with llama.cpp's constants, kernels.nn.swiglu_oai).
 Shapes: T tokens, H heads, Hkv kv heads, d head size, S keys.
 """
 
@@ -16,12 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge import kernels
 from efedge.errors import ModelFormatError
 from efedge.kernels import prefill as pk
-
-SWIGLU_ALPHA = np.float32(1.702)
-SWIGLU_LIMIT = np.float32(7.0)
 
 
 class SinkAttention:
@@ -100,21 +98,3 @@ def attention_sinks(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, sinks
     p = p.astype(np.float16).astype(np.float32)
     out = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [Hkv, group, T, dv]
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(t, h * dv), dtype=np.float32)
-
-
-def swiglu_oai(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """ggml_swiglu_oai(g, u, alpha=1.702, limit=7): the gated, clamped SwiGLU of gpt-oss."""
-    x = np.minimum(g, SWIGLU_LIMIT)
-    y = np.clip(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
-    return (x / (np.float32(1.0) + np.exp(SWIGLU_ALPHA * -x)) * (y + np.float32(1.0))) \
-        .astype(np.float32)
-
-
-def oai_expert_ffn(x: np.ndarray, w, b_gate: np.ndarray, b_up: np.ndarray,
-                   b_down: np.ndarray) -> np.ndarray:
-    """One gpt-oss expert on its tokens x [t, D] → [t, D] (w: store.ExpertWeights; the
-    biases are this expert's rows of the layer's resident bias tables)."""
-    acts: dict = {}
-    g = kernels.qmatmul(w.gate, w.gate_qtype, x, acts) + b_gate
-    u = kernels.qmatmul(w.up, w.up_qtype, x, acts) + b_up
-    return kernels.qmatmul(w.down, w.down_qtype, swiglu_oai(g, u)) + b_down

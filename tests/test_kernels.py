@@ -580,3 +580,78 @@ def test_lut_integer_kernels_match_the_scalar_vec_dot(qt):
         scale = np.abs(w64) @ np.abs(xr[t])
         assert np.all(np.abs(dec - ref) <= 1e-5 * scale)  # per row
         assert np.all(np.abs(pre[t] - ref) <= 1e-5 * scale)
+
+
+def _swiglu_oai_ref(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    x = np.minimum(g, 7.0)
+    y = np.clip(u, -7.0, 7.0)
+    return x / (1.0 + np.exp(1.702 * -x)) * (y + 1.0)
+
+
+def test_oai_experts_one_call_equals_one_at_a_time():
+    """gpt-oss's experts (biases, clamped SwiGLU; MXFP4 weights) in one call — the decode
+    kernel over all K, or over a slot pool whose slots are not the expert ids, and the
+    prefill kernel over all tokens — give the bits of one call per expert (the expert
+    cache's path), and both are the biased, clamped SwiGLU of the rounded products."""
+    import numba
+
+    from efedge.kernels import moe
+    from efedge.kernels.decode import decode_ffn_oai, decode_ffn_oai_serial
+
+    rng = np.random.default_rng(12)
+    d, f, e, k_used = 128, 96, 5, 3
+    qts = (Q.MXFP4, Q.MXFP4, Q.MXFP4)
+    gate = readonly(np.stack([_lut_raw(Q.MXFP4, f, d // 32, rng) for _ in range(e)]))
+    up = readonly(np.stack([_lut_raw(Q.MXFP4, f, d // 32, rng) for _ in range(e)]))
+    down = readonly(np.stack([_lut_raw(Q.MXFP4, d, f // 32, rng) for _ in range(e)]))
+    for a in (gate, up, down):  # moderate exponents: activations in the clamp's range
+        a.base[..., ::17] = rng.integers(121, 127, a.base[..., ::17].shape)
+    bg, bu = (rng.standard_normal((e, f)).astype(np.float32) for _ in range(2))
+    bd = rng.standard_normal((e, d)).astype(np.float32)
+    qt = np.array([int(q) for q in qts], np.int64)
+    sc = np.array([act_scheme(int(Q.MXFP4), d)] * 2 + [act_scheme(int(Q.MXFP4), f)], np.int64)
+    nt = numba.get_num_threads()
+    # decode: all K, a pool in another order, one at a time
+    h = rng.standard_normal(d).astype(np.float32)
+    ids = np.array([4, 0, 2], np.int32)
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    y_all = np.empty((k_used, d), np.float32)
+    decode_ffn_oai(h, ids, ids, w, gate, up, down, qt, sc, bg, bu, bd, y_all, nt)
+    perm = np.array([2, 4, 0, 1, 3])  # pool slot s holds expert perm[s]
+    slot = np.argsort(perm).astype(np.int32)
+    y_pool = np.empty((k_used, d), np.float32)
+    decode_ffn_oai(h, slot[ids], ids, w, gate[perm], up[perm], down[perm], qt, sc, bg, bu, bd,
+                   y_pool, nt)
+    assert same_bits(y_all, y_pool)
+    for k in (2, 0, 1):
+        one = np.empty((1, d), np.float32)
+        ex = ids[k]
+        decode_ffn_oai_serial(h, np.zeros(1, np.int32), ids[k:k + 1], w[k:k + 1],
+                              gate[ex][None], up[ex][None], down[ex][None], qt, sc,
+                              bg, bu, bd, one)
+        assert same_bits(one[0], y_all[k])
+        g = qmatmul(gate[ex], int(Q.MXFP4), h[None])[0].astype(np.float64) + bg[ex]
+        u = qmatmul(up[ex], int(Q.MXFP4), h[None])[0].astype(np.float64) + bu[ex]
+        a = _swiglu_oai_ref(g, u).astype(np.float32)
+        assert np.abs(a).max() > 1 and (np.abs(g) > 7).any()  # the clamp is exercised
+        ref = (qmatmul(down[ex], int(Q.MXFP4), a[None])[0] + bd[ex]) * w[k]
+        assert np.abs(y_all[k] - ref).max() <= 1e-4 * np.abs(ref).max()
+    # prefill: every expert of the layer in one call against one call per expert
+    t = 11
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    tid = np.stack([rng.permutation(e)[:k_used] for _ in range(t)]).astype(np.int64)
+    tw = rng.uniform(0.1, 1, (t, k_used)).astype(np.float32)
+    slots = np.zeros((t, k_used, d), np.float32)
+    moe.moe_ffn_oai(x, tid, tw, gate, up, down, qt, sc, bg, bu, bd, slots, 8)
+    for ex in range(e):
+        tok, kk = np.nonzero(tid == ex)
+        one = np.empty((len(tok), 1, d), np.float32)
+        moe.moe_ffn_oai(x[tok], np.zeros((len(tok), 1), np.int64), np.ones((len(tok), 1),
+                        np.float32), gate[ex:ex + 1], up[ex:ex + 1], down[ex:ex + 1], qt, sc,
+                        bg[ex:ex + 1], bu[ex:ex + 1], bd[ex:ex + 1], one, 8)
+        assert same_bits(slots[tok, kk], one[:, 0] * tw[tok, kk, None])
+        g = qmatmul(gate[ex], int(Q.MXFP4), x[tok]).astype(np.float64) + bg[ex]
+        u = qmatmul(up[ex], int(Q.MXFP4), x[tok]).astype(np.float64) + bu[ex]
+        a = _swiglu_oai_ref(g, u).astype(np.float32)
+        ref = qmatmul(down[ex], int(Q.MXFP4), a) + bd[ex]
+        assert np.abs(one[:, 0] - ref).max() <= 1e-4 * np.abs(ref).max()
