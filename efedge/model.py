@@ -336,8 +336,11 @@ class Transformer:
         counters = experts.counters if resident else None
         nt = numba.get_num_threads()
         for il, blk in enumerate(self.blocks):
-            dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos, k_used,
-                           c.spec.norm_topk, x2, h, ids, w, nt)
+            if blk.custom_attn is not None:  # gpt-oss's sinks (kernels.decode_oss)
+                blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
+            else:
+                dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
+                               k_used, c.spec.norm_topk, x2, h, ids, w, nt)
             if not c.is_moe:
                 f = blk.dense
                 dk.decode_ffn(h, _ONE_ID, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
@@ -352,7 +355,9 @@ class Transformer:
             if self.on_route is not None:
                 self.on_route(il, h[None], ids[None])
             n = k_used
-            if resident and blk.shared is None:
+            if blk.exp_bias is not None:  # gpt-oss
+                experts_token(experts, il, h, ids, w, blk.experts, y, nt, blk.exp_bias)
+            elif resident and blk.shared is None:
                 counters.expert_requests += k_used
                 counters.hits += k_used
                 f = blk.experts

@@ -11,6 +11,9 @@ Experts (kernels.moe.moe_ffn_oai for a batch of tokens, kernels.decode.decode_ff
 for one: all of a layer's routed experts in one call): g = gate·x + b_g, u = up·x + b_u,
 a = min(g, 7) · σ(1.702 · min(g, 7)) · (clamp(u, −7, 7) + 1), out = down·a + b_d
 (ggml_swiglu_oai with llama.cpp's constants, kernels.nn.swiglu_oai).
+
+One token (decode): ``SinkAttention.decode`` runs the attention half and the router as
+one parallel region (kernels.decode_oss), the experts go through decode_ffn_oai.
 Shapes: T tokens, H heads, Hkv kv heads, d head size, S keys.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from efedge.errors import ModelFormatError
+from efedge.kernels import decode_oss as dko
 from efedge.kernels import prefill as pk
 
 
@@ -52,6 +56,28 @@ class SinkAttention:
                                    f"expected one per head ({c.n_head})")
         self.window = c.sliding_window if c.is_swa_layer(il) else 0
         self.scale = np.float32(c.attn_scale)
+
+    def decode(self, tf, blk, il: int, x: np.ndarray, pos: int, kv, x_out: np.ndarray,
+               h_out: np.ndarray, ids: np.ndarray, w: np.ndarray, nt: int) -> None:
+        """One token at ``pos`` through the attention half of the layer and the router,
+        in one parallel region (kernels.decode_oss): x_out = x + attention, h_out = the
+        FFN input, ids / w = its experts and weights."""
+        args = getattr(self, "_decode_args", None)
+        if args is None:
+            mats = [self.attn_q, self.attn_k, self.attn_v, self.attn_output,
+                    blk.ffn_gate_inp]
+            args = self._decode_args = (
+                blk.attn_norm, blk.ffn_norm, np.float32(tf.cfg.norm_eps),
+                *(m.raw for m in mats), np.array([m.qtype for m in mats], np.int64),
+                np.array([m.scheme for m in mats], np.int64), self.attn_q_b, self.attn_k_b,
+                self.attn_v_b, self.attn_output_b, blk.router_bias,
+                self.attn_sinks.astype(np.float32), self.window)
+        c = tf.cfg
+        cos, sin = tf._rope_rows(pos, 1, il)
+        dko.decode_attn_sinks(x, *args, cos[0], sin[0], c.n_head, c.n_head_kv, c.head_dim,
+                              c.v_head_dim, self.scale, kv.k.view(np.uint16)[il],
+                              kv.v.view(np.uint16)[il], pos, ids.shape[0], x_out, h_out,
+                              ids, w, nt)
 
     def __call__(self, tf, il: int, hn: np.ndarray, pos: int, kv) -> np.ndarray:
         c = tf.cfg

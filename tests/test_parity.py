@@ -272,3 +272,24 @@ def _assert_greedy_until_tie(ours: list[int], steps: np.ndarray, ref: list[int])
             row = steps[i - 1]
             assert row[a] - row[b] <= 0.02 * row.std(), (i, a, b, float(row[a] - row[b]))
             return
+
+
+def test_gpt_oss_decode_steps_match_llama_cpp(tiny_gguf):
+    """gpt-oss's fused one-token step (sinks, the sliding window crossed, biases, router
+    top-k then softmax, the experts' kernel): every decode step's logits are llama.cpp's
+    for the same sequence."""
+    from gguf_tools.tiny_archs import OSS_WINDOW
+
+    path = tiny_gguf("gpt-oss", "F32")
+    ids = _tokens(512, OSS_WINDOW + 24, seed=13)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        s = m._session
+        s.reset()
+        rows = [np.asarray(s.prefill(ids[:4])).reshape(-1)]
+        rows += [np.asarray(s.decode(t)).reshape(-1) for t in ids[4:-1]]
+    got = np.stack(rows)
+    ref = ref[3:-1]  # the logits after ids[3] .. ids[-2]
+    rel = np.abs(got - ref).max(-1) / ref.std()
+    assert (rel <= 2e-2).all(), f"steps off: {np.flatnonzero(rel > 2e-2)} {rel.max():.3g}"
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
