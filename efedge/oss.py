@@ -24,6 +24,7 @@ import numpy as np
 from efedge.errors import ModelFormatError
 from efedge.kernels import decode_oss as dko
 from efedge.kernels import prefill as pk
+from efedge.kernels.prefill_oss import prefill_attend_sinks
 
 
 class SinkAttention:
@@ -93,17 +94,16 @@ class SinkAttention:
         pk.prefill_qk(q, k, v, np.zeros(0, np.float32), np.zeros(0, np.float32), 0,
                       np.float32(c.norm_eps), cos, sin, True, c.n_head, c.n_head_kv,
                       c.head_dim, c.v_head_dim, kc, vc, pos, qh)
-        keys, values = kv.view(il, pos + t)
-        att = attention_sinks(qh, keys, values, pos, self.attn_sinks, self.scale, self.window)
+        att = prefill_attend_sinks(qh, kc, vc, pos, self.attn_sinks, self.scale, self.window)
         return self.attn_output(att) + self.attn_output_b
 
 
 def attention_sinks(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, sinks: np.ndarray,
                     scale: float, window: int = 0) -> np.ndarray:
     """Causal attention with one sink logit per head (and a sliding window when window >
-    0). q [T, H, d] (rounded to f16) at positions pos..pos+T; k, v [S, Hkv, d] float16
-    with S = pos + T. Returns [T, H·dv]; weights rounded to f16 as ggml's F16 V product
-    takes them."""
+    0), in numpy: the reference of kernels.prefill_oss (the model's path). q [T, H, d]
+    (rounded to f16) at positions pos..pos+T; k, v [S, Hkv, d] float16 with S = pos + T.
+    Returns [T, H·dv]; weights rounded to f16 as ggml's F16 V product takes them."""
     k = k.astype(np.float32)
     v = v.astype(np.float32)
     t, h, d = q.shape

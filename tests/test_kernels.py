@@ -655,3 +655,23 @@ def test_oai_experts_one_call_equals_one_at_a_time():
         a = _swiglu_oai_ref(g, u).astype(np.float32)
         ref = qmatmul(down[ex], int(Q.MXFP4), a) + bd[ex]
         assert np.abs(one[:, 0] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("pos, window", [(0, 0), (5, 4), (3, 64)])
+def test_sink_attention_kernel_matches_numpy_reference(pos, window):
+    """gpt-oss's prefill attention kernel (sinks, sliding window, grouped heads, a cached
+    prefix) against oss.attention_sinks, the numpy reference."""
+    from efedge.kernels.prefill_oss import prefill_attend_sinks
+    from efedge.oss import attention_sinks
+
+    rng = np.random.default_rng(pos + window)
+    t, h, hkv, d = 9, 8, 2, 64
+    n_ctx = 32
+    q = rng.standard_normal((t, h, d)).astype(np.float16).astype(np.float32)
+    kc = rng.standard_normal((n_ctx, hkv, d)).astype(np.float16)
+    vc = rng.standard_normal((n_ctx, hkv, d)).astype(np.float16)
+    sinks = rng.standard_normal(h).astype(np.float32) * 2
+    got = prefill_attend_sinks(q, kc.view(np.uint16), vc.view(np.uint16), pos, sinks,
+                               np.float32(0.125), window)
+    ref = attention_sinks(q, kc[:pos + t], vc[:pos + t], pos, sinks, 0.125, window)
+    assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()
