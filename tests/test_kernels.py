@@ -482,7 +482,8 @@ def test_mxfp4_every_exponent_bit_exact():
 @pytest.mark.slow  # compiles every kernel twice more in a fresh cache: minutes
 def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
     """Kernels built as for a CPU without VNNI and F16C (most AMD and pre-Ice-Lake Intel
-    laptops) give bitwise the same logits: the integer dot products and the half
+    laptops) and without AVX2's byte shuffle (the MXFP4 / IQ4_NL table lookup) give
+    bitwise the same logits: the integer dot products, the lookups and the half
     conversions are exact on every path."""
     import subprocess
     import sys
@@ -496,12 +497,13 @@ def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
         "    with efedge.load(p) as m:\n"
         "        out.append(np.concatenate([m.logits(list(range(5, 29))), m.logits([7])]))\n"
         "np.save(sys.argv[2], np.concatenate(out))\n")
-    files = [str(tiny_gguf("qwen3moe", "Q4_K_M")), str(tiny_gguf("qwen2moe", "Q4_0"))]
+    files = [str(tiny_gguf("qwen3moe", "Q4_K_M")), str(tiny_gguf("qwen2moe", "Q4_0")),
+             str(tiny_gguf("gpt-oss", "MXFP4_MOE"))]
     results = {}
     for mode in ("off", "host"):
         env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{mode}"))
         if mode == "off":
-            env["EFEDGE_CPU_FEATURES"] = "-avx512vnni,-avxvnni,-f16c"
+            env["EFEDGE_CPU_FEATURES"] = "-avx512vnni,-avxvnni,-f16c,-avx2"
         else:
             env.pop("EFEDGE_CPU_FEATURES", None)
         out = tmp_path / f"{mode}.npy"
