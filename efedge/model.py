@@ -276,11 +276,7 @@ class Transformer:
         if self.on_route is not None:  # the experts this layer will really use
             self.on_route(il, h, ids)
         slots = np.zeros((t, c.n_expert_used, c.n_embd), dtype=np.float32)  # [T, K, D]
-        if t == 1 and blk.exp_bias is not None:  # gpt-oss decode: the one-token kernels
-            experts_token(experts, il, h[0], np.ascontiguousarray(ids[0], np.int32),
-                          np.ascontiguousarray(w[0], np.float32), blk.experts, slots[0],
-                          numba.get_num_threads(), blk.exp_bias)
-        elif not _resident_moe(blk, h, ids, w, experts, slots):
+        if not _resident_moe(blk, h, ids, w, experts, slots):
             for e, ew in experts.acquire(il, np.unique(ids)):
                 tok, kk = np.nonzero(ids == e)
                 slots[tok, kk] = (_expert(blk, e, np.ascontiguousarray(h[tok]), ew)
