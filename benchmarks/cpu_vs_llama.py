@@ -119,8 +119,8 @@ def main(argv=None) -> int:
           f"load average now {loadavg()}, {time.strftime('%Y-%m-%d %H:%M')}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        args.out.with_suffix(".md").write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        args.out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     return 0
 
 

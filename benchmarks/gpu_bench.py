@@ -331,9 +331,9 @@ def main(argv=None) -> int:
     text = text_report(res)
     print(text)
     if args.text:
-        Path(args.text).write_text(text + "\n")
+        Path(args.text).write_text(text + "\n", encoding="utf-8")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
     return 0 if res.get("parity", {}).get("ok", True) else 1
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,25 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
 
 
 ROUTINGS = ("exact", "cache-aware")
+
+# numba's workqueue threading layer — what pip's numba falls back to without OpenMP or
+# TBB, as on many Macs — aborts the whole process when parallel kernels run in two threads
+# at once ("Concurrent access has been detected"); OpenMP and TBB do not mind. Where
+# numba runs on it, every Model's compute (the load-time warm-up, each forward pass)
+# takes this lock, so two Models in two threads take turns instead of crashing. Elsewhere
+# it is never taken.
+_WORKQUEUE_LOCK = threading.RLock()
+
+
+def _compute_lock() -> threading.RLock | None:
+    """_WORKQUEUE_LOCK where numba's threading layer is workqueue, else None."""
+    import numba
+
+    numba.get_num_threads()  # loads the threading layer (numba picks it at first use)
+    try:
+        return _WORKQUEUE_LOCK if numba.threading_layer() == "workqueue" else None
+    except ValueError:  # no layer loaded after all: nothing known to serialise
+        return None
 
 
 def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
@@ -88,13 +108,16 @@ class Model:
                 raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         slack = _routing_slack(routing, routing_slack, cache, cuda)
-        self.path = Path(path) if path is not None else demo.demo_model_path()
+        # `~` expanded here: Windows shells pass it through, and API callers write it too
+        self.path = Path(path).expanduser() if path is not None else demo.demo_model_path()
         self.policy = policy
         self.routing = routing
         self.link = None
         self._progress = progress or (lambda frac, msg: None)
         self._progress(0.0, f"mapping {self.path.name}")
         self._gf = GGUFFile(self.path)
+        self._compute = _compute_lock()
+        computing = self._compute or nullcontext()
         try:
             self.config: ModelConfig = config_from_gguf(self._gf)
             if slack > 0 and self.config.spec.routing != "softmax":
@@ -115,17 +138,21 @@ class Model:
             if cuda:
                 from efedge.gpu import load_cuda_model
 
-                self._tf = load_cuda_model(self._gf, config=self.config, device=device,
-                                           cache=cache, policy=policy, link=link, vram=vram,
-                                           n_ctx=ctx, counters=self.counters,
-                                           workers=transfer_workers, hybrid=hybrid,
-                                           host_cache=host_cache, disk_link=disk_link)
+                with computing:
+                    self._tf = load_cuda_model(
+                        self._gf, config=self.config, device=device,
+                        cache=cache, policy=policy, link=link, vram=vram, n_ctx=ctx,
+                        counters=self.counters, workers=transfer_workers, hybrid=hybrid,
+                        host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
-                self._tf = Transformer(self._gf, self.config)
+                with computing:
+                    self._tf = Transformer(self._gf, self.config)
                 self._experts = self._expert_source(cache, policy, link, transfer_workers)
                 self._tf.routing_slack = slack
-            self._session = Session(self._forward, self._tf.new_kv_cache(ctx), self.counters)
+            self._session = Session(self._forward if self._compute is None
+                                    else self._forward_in_turn,
+                                    self._tf.new_kv_cache(ctx), self.counters)
             self._chat_template_name = chat_template
             self._template = None
         except BaseException:
@@ -170,6 +197,7 @@ class Model:
             return ResidentExperts(store, self.counters)
         from efedge.experts.cache import ExpertCache, parse_budget
         from efedge.experts.scheduler import make_policy
+        from efedge.experts.selection import RouterSelection
         from efedge.experts.streaming import StreamingExperts
         from efedge.experts.transfer import TransferEngine, parse_link
 
@@ -181,7 +209,8 @@ class Model:
         engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
         source = StreamingExperts(store, ecache, engine, pol, self.counters,
                                   routers=[b.ffn_gate_inp for b in self._tf.blocks],
-                                  n_active=self.config.n_expert_used)
+                                  n_active=self.config.n_expert_used,
+                                  selection=RouterSelection.of_model(self._tf))
         self._tf.on_route = source.on_route
         self._tf.on_pass = source.on_pass
         self.link = link_obj
@@ -189,6 +218,11 @@ class Model:
 
     def _forward(self, tokens, pos, kv, all_logits=True):
         return self._tf.forward(tokens, pos, kv, self._experts, all_logits=all_logits)
+
+    def _forward_in_turn(self, tokens, pos, kv, all_logits=True):
+        """_forward under _WORKQUEUE_LOCK (numba's workqueue layer: see there)."""
+        with self._compute:
+            return self._forward(tokens, pos, kv, all_logits=all_logits)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -243,7 +277,8 @@ class Model:
             # the session's own cache, emptied: a second one beside it cost memory per
             # call, and on device="cuda" sat outside the VRAM the load planned
             self._session.reset()
-            return self._forward(ids, 0, self._session.kv, all_logits=True)
+            fwd = self._forward if self._compute is None else self._forward_in_turn
+            return fwd(ids, 0, self._session.kv, all_logits=True)
 
     def _token_ids(self, ids, check_range: bool = True) -> list[int]:
         """Validated token ids: integers inside the vocabulary, named when not."""

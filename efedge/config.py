@@ -34,6 +34,9 @@ class ModelConfig:
     n_expert_used: int
     n_ff_exp: int
     n_ff_shexp: int  # 0: no shared expert
+    # multi-token-prediction blocks stored after the n_layer the forward pass runs
+    # ("{arch}.nextn_predict_layers": block_count counts them, llama.cpp's pass skips them)
+    n_nextn: int = 0
     # granite multipliers (1.0 = none); kq_scale multiplies attention scores
     embd_scale: float = 1.0
     residual_scale: float = 1.0
@@ -42,6 +45,8 @@ class ModelConfig:
     # deepseek2: dense leading layers, latent attention ranks, per-head sizes after
     # decompression (0: not MLA), routing from the metadata
     n_dense_lead: int = 0
+    # ernie4_5-moe: past the dense lead, experts every moe_layer_step-th layer
+    moe_layer_step: int = 1
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     k_head_dim_mla: int = 0
@@ -68,7 +73,8 @@ class ModelConfig:
         return self.n_ff_shexp > 0
 
     def is_moe_layer(self, il: int) -> bool:
-        return self.is_moe and il >= self.n_dense_lead
+        return (self.is_moe and il >= self.n_dense_lead
+                and (il + 1) % self.moe_layer_step == 0)
 
     def is_swa_layer(self, il: int) -> bool:
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
@@ -129,7 +135,16 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise ModelFormatError(f"{gf.path}: metadata key 'general.architecture' is missing")
     spec = archs.get(arch)
     k = f"{arch}."
-    n_layer = _positive(gf, k + "block_count")
+    for key in spec.required_keys:
+        if gf.get(k + key) is None:
+            raise ModelFormatError(f"{gf.path}: required metadata key {k + key!r} is missing")
+    n_blocks = _positive(gf, k + "block_count")
+    n_nextn = _int(gf, k + "nextn_predict_layers", 0)
+    if n_nextn >= n_blocks:
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'nextn_predict_layers'!r} "
+                               f"({n_nextn}) leaves none of the {n_blocks} blocks of "
+                               f"{k + 'block_count'!r} to run (an MTP-only file?)")
+    n_layer = n_blocks - n_nextn
     n_embd = _positive(gf, k + "embedding_length")
     n_head = _positive(gf, k + "attention.head_count")
     n_head_kv = _positive(gf, k + "attention.head_count_kv", n_head)
@@ -162,8 +177,9 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
     elif spec.shared_optional and n_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", 0)
-        # deepseek2 counts shared experts of the routed experts' width instead
-        n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
+        # deepseek2 and bailingmoe count shared experts of the routed experts' width instead
+        if spec.shared_by_count:
+            n_ff_shexp = n_ff_shexp or _int(gf, k + "expert_shared_count", 0) * n_ff_exp
     emb = gf.tensor("token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[0] != n_embd:
         raise ModelFormatError(f"tensor 'token_embd.weight': shape {emb.shape} does not match "
@@ -183,7 +199,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         n_ctx_train=n_ctx_train, rope_base=rope_base, rope_dim=rope_dim,
         norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
-        n_ff_shexp=n_ff_shexp, **_scales(gf, spec, k), **_extras(gf, spec, k, n_layer),
+        n_ff_shexp=n_ff_shexp, n_nextn=n_nextn, **_scales(gf, spec, k),
+        **_extras(gf, spec, k, n_layer),
         **_rope(gf, spec, k, n_ctx_train, rope_base),
     )
     _validate_shapes(gf, cfg)
@@ -221,7 +238,7 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
 
 
 def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
-    """deepseek2's and gpt-oss's keys (see the ModelConfig fields)."""
+    """deepseek2's, gpt-oss's and ernie4_5-moe's keys (see the ModelConfig fields)."""
     out: dict = {}
     if spec.attention == "mla" and _float(gf, k + "attention.temperature_scale", 0.0):
         # Mistral-Large-3 style query temperature: not computed here
@@ -232,23 +249,35 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         if out["n_dense_lead"] > n_layer:
             raise ModelFormatError(f"{gf.path}: metadata key "
                                    f"{k + 'leading_dense_block_count'!r} exceeds the layers")
+    if spec.moe_step:
+        out["moe_layer_step"] = _positive(gf, k + "interleave_moe_layer_step")
     if spec.attention == "mla":
         out["q_lora_rank"] = _int(gf, k + "attention.q_lora_rank", 0)
         out["kv_lora_rank"] = _positive(gf, k + "attention.kv_lora_rank")
         out["k_head_dim_mla"] = _int(gf, k + "attention.key_length_mla", 0)
         out["v_head_dim_mla"] = _int(gf, k + "attention.value_length_mla", 0)
     if spec.routing == "deepseek":
-        code = _int(gf, k + "expert_gating_func", 1)
-        if code not in _GATING:
+        code = _int(gf, k + "expert_gating_func", 0)
+        if code and code not in _GATING:
             raise UnsupportedModelError(f"metadata key {k + 'expert_gating_func'!r}: gating "
                                         f"function {code} is not supported")
-        out["gating"] = _GATING[code]
+        out["gating"] = _GATING[code] if code else spec.default_gating
         out["expert_weights_norm"] = bool(gf.get(k + "expert_weights_norm", False))
         out["expert_weights_scale"] = _float(gf, k + "expert_weights_scale", 0.0)
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
+    elif spec.routing == "softmax_bias":  # llama.cpp reads no arch routing keys for these
+        out["expert_weights_norm"] = spec.norm_topk
+        # … but expert groups, as for every arch (llama_model_base::load_hparams)
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
+    sections = gf.get(k + "rope.dimension_sections", 0)
+    if any(sections if isinstance(sections, list) else [sections]):
+        # M-RoPE (vision variants, e.g. GLM-4.5V): llama.cpp rotates by sections
+        raise UnsupportedModelError(f"metadata key {k + 'rope.dimension_sections'!r}: "
+                                    "multi-section rope (M-RoPE) is not supported")
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
@@ -272,16 +301,29 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         _check_shape(gf, b + "attn_k.weight", (d, kv_out))
         _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
         _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
-        if c.spec.attn_bias:
-            _check_shape(gf, b + "attn_q.bias", (q_out,))
-            _check_shape(gf, b + "attn_k.bias", (kv_out,))
-            _check_shape(gf, b + "attn_v.bias", (c.n_head_kv * c.v_head_dim,))
-        if c.spec.qk_norm == "head":
+        for p, n in (("q", q_out), ("k", kv_out), ("v", c.n_head_kv * c.v_head_dim)):
+            if c.spec.attn_bias or b + f"attn_{p}.bias" in gf.tensors:  # optional elsewhere
+                _check_shape(gf, b + f"attn_{p}.bias", (n,))
+        qk_norm = qk_norm_of(gf, c, i)
+        if qk_norm == "head":
             _check_shape(gf, b + "attn_q_norm.weight", (c.head_dim,))
             _check_shape(gf, b + "attn_k_norm.weight", (c.head_dim,))
-        elif c.spec.qk_norm == "full":
+        elif qk_norm == "full":
             _check_shape(gf, b + "attn_q_norm.weight", (q_out,))
             _check_shape(gf, b + "attn_k_norm.weight", (kv_out,))
+
+
+def qk_norm_of(gf: GGUFFile, c: ModelConfig, il: int) -> str:
+    """Layer il's qk norm: the spec's, or "none" where the spec lets it be absent and the
+    layer has neither tensor (one without the other is refused by name)."""
+    if not c.spec.qk_norm_optional:
+        return c.spec.qk_norm
+    q, k = (f"blk.{il}.attn_{p}_norm.weight" for p in "qk")
+    if (q in gf.tensors) != (k in gf.tensors):
+        missing, present = (k, q) if q in gf.tensors else (q, k)
+        raise ModelFormatError(f"{gf.path}: tensor {missing!r} is missing ({present!r} is "
+                               "present)")
+    return c.spec.qk_norm if q in gf.tensors else "none"
 
 
 def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
@@ -292,10 +334,19 @@ def _validate_ffn(gf: GGUFFile, c: ModelConfig, i: int) -> None:
         _check_shape(gf, b + "ffn_gate_exps.weight", (d, f, e))
         _check_shape(gf, b + "ffn_up_exps.weight", (d, f, e))
         _check_shape(gf, b + "ffn_down_exps.weight", (f, d, e))
+        if c.spec.sel_bias or b + "exp_probs_b.bias" in gf.tensors:
+            _check_shape(gf, b + "exp_probs_b.bias", (e,))
         if c.spec.expert_bias:
             _check_shape(gf, b + "ffn_gate_inp.bias", (e,))
             for p, n in (("gate", f), ("up", f), ("down", d)):
                 _check_shape(gf, b + f"ffn_{p}_exps.bias", (n, e))
+        if not c.has_shared and b + "ffn_up_shexp.weight" in gf.tensors:
+            # a shared expert the metadata gives no width would be left out silently
+            keys = [f"{c.arch}.expert_shared_feed_forward_length"]
+            keys += [f"{c.arch}.expert_shared_count"] if c.spec.shared_by_count else []
+            raise ModelFormatError(
+                f"tensor {b + 'ffn_up_shexp.weight'!r}: the file has a shared expert but "
+                f"no width for it (metadata key {' or '.join(map(repr, keys))} is missing)")
         if c.has_shared:
             s = c.n_ff_shexp
             if c.spec.shared_gate:

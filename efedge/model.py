@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from efedge import kernels, layers, rope
-from efedge.config import ModelConfig
+from efedge.config import ModelConfig, qk_norm_of
 from efedge.experts.scheduler import cache_aware_reroute
 from efedge.experts.store import ExpertStore, ResidentExperts
 from efedge.ffn import (
@@ -51,6 +51,7 @@ from efedge.weights import _FFN, QMatrix, _qmatrix, _vector
 
 _EMPTY = np.zeros(0, np.float32)
 _EMPTY_RAW = np.zeros((0, 1), np.uint8)
+_ONE_W = np.ones(1, np.float32)
 _QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL}
 
 
@@ -73,7 +74,7 @@ class Block:
 
             self.custom_attn = SinkAttention(gf, cfg, il)
         else:
-            self._standard_attention(gf, cfg, b)
+            self._standard_attention(gf, cfg, il)
         self.moe = cfg.is_moe_layer(il)  # False for dense models and leading dense layers
         self.shared = None
         self.exp_bias = None  # gpt-oss: (gate [E, F], up [E, F], down [E, D]) biases
@@ -93,17 +94,24 @@ class Block:
         if self.custom_attn is None:
             self._decode_args(cfg)
 
-    def _standard_attention(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
-        spec = cfg.spec
+    def _standard_attention(self, gf: GGUFFile, cfg: ModelConfig, il: int) -> None:
+        spec, b = cfg.spec, f"blk.{il}."
         self.attn_q = _qmatrix(gf, b + "attn_q.weight")
         self.attn_k = _qmatrix(gf, b + "attn_k.weight")
         self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         self.bias = None
-        if spec.attn_bias:
-            self.bias = tuple(_vector(gf, b + f"attn_{p}.bias") for p in "qkv")
+        # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
+        # them); one that is absent adds zeros here
+        names = [b + f"attn_{p}.bias" for p in "qkv"]
+        if spec.attn_bias or any(n in gf.tensors for n in names):
+            rows = (self.attn_q, self.attn_k, self.attn_v)
+            self.bias = tuple(_vector(gf, n) if n in gf.tensors or spec.attn_bias
+                              else np.zeros(m.raw.shape[0], np.float32)
+                              for n, m in zip(names, rows, strict=True))
         self.q_norm = self.k_norm = None
-        if spec.qk_norm != "none":
+        self.qk_norm = qk_norm_of(gf, cfg, il)  # the spec's, or "none" where it is optional
+        if self.qk_norm != "none":
             self.q_norm = _vector(gf, b + "attn_q_norm.weight")
             self.k_norm = _vector(gf, b + "attn_k_norm.weight")
 
@@ -136,9 +144,11 @@ class Block:
     def _decode_args(self, cfg: ModelConfig) -> None:
         """decode_attn's per-layer arguments, built once."""
         mats = [self.attn_q, self.attn_k, self.attn_v, self.attn_output]
-        if self.moe:
+        # the kernel routes by softmax top-k; other routings run after it (_decode)
+        routes = self.moe and cfg.spec.routing == "softmax"
+        if routes:
             mats.append(self.ffn_gate_inp)
-        router = self.ffn_gate_inp.raw if self.moe else _EMPTY_RAW
+        router = self.ffn_gate_inp.raw if routes else _EMPTY_RAW
         qt = np.array([m.qtype for m in mats] + [0] * (5 - len(mats)), np.int64)
         sc = np.array([m.scheme for m in mats] + [0] * (5 - len(mats)), np.int64)
         bq, bk, bv = self.bias if self.bias is not None else (_EMPTY, _EMPTY, _EMPTY)
@@ -146,7 +156,7 @@ class Block:
         self.decode_args = (self.attn_norm, self.ffn_norm, np.float32(cfg.norm_eps),
                             self.attn_q.raw, self.attn_k.raw, self.attn_v.raw,
                             self.attn_output.raw, router, qt, sc, bq, bk, bv, qn, kn,
-                            _QK_MODE[cfg.spec.qk_norm])
+                            _QK_MODE[self.qk_norm])
 
 
 class Transformer:
@@ -332,16 +342,21 @@ class Transformer:
         counters = experts.counters if resident else None
         nt = numba.get_num_threads()
         for il, blk in enumerate(self.blocks):
-            if blk.custom_attn is not None:  # gpt-oss's sinks (kernels.decode_oss)
+            if blk.custom_attn is not None:  # gpt-oss's sinks (kernels.decode_oss): routes too
                 blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
             else:
                 dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
                                k_used, c.spec.norm_topk, x2, h, ids, w, nt)
-            if not c.is_moe:
+            if not blk.moe:  # a dense model, or a dense layer of a MoE one (glm4moe's
+                # leading one, ernie4_5-moe's leading and interleaved ones)
                 f = blk.dense
-                dk.decode_ffn(h, _ONE_ID, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                dk.decode_ffn(h, _ONE_ID, _ONE_W, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
                 _ffn_sum(x2, y, 1, rs, x)
                 continue
+            if c.spec.routing != "softmax" and blk.custom_attn is None:  # decode_attn had
+                # no router: route here
+                r_ids, r_w, _ = self._route(blk, h[None])
+                ids[:], w[:] = r_ids[0], r_w[0]
             if self.routing_slack > 0 and not resident:
                 _, _, probs = layers.route(blk.ffn_gate_inp(h[None]), k_used,
                                            c.spec.norm_topk)

@@ -37,6 +37,7 @@ import logging
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -59,6 +60,18 @@ FINGERPRINT = f"efedge-{__version__}"
 PEER_CHECK_S = 0.2  # how often a handler waiting on the model looks whether its client left
 CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writing
 TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template renders it
+
+
+def set_bind_options(sock: socket.socket) -> None:
+    """What a listening socket needs before bind. POSIX: SO_REUSEADDR, so a restarted
+    server can bind while the last one's connections sit in TIME_WAIT. Windows: nothing.
+    SO_REUSEADDR means something else there — a socket may bind a port another one is
+    listening on, and the two then share its connections (a second `efedge serve` on the
+    same port started without a word) — and a restart does not need it (asyncio sets it
+    on Unix only, for the same reason). SO_EXCLUSIVEADDRUSE is not set either: it would
+    also refuse our own restart while the last run's connections close."""
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 def _shutting_down() -> APIError:
@@ -589,6 +602,12 @@ class EfedgeServer(ThreadingHTTPServer):
         self._busy = 0  # requests between submit and their response's end
         self._idle = threading.Condition()
         self.worker = ModelWorker(model, max_queue)
+
+    def server_bind(self) -> None:
+        # socketserver sets SO_REUSEADDR itself (allow_reuse_address): see set_bind_options
+        self.allow_reuse_address = False
+        set_bind_options(self.socket)
+        super().server_bind()
 
     @property
     def url(self) -> str:

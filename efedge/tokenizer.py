@@ -133,7 +133,8 @@ class Tokenizer:
             family, self.ignore_merges, add_bos = _PRE_NAMES[pre]
             self.pre = pre
             self._split_res = [regex.compile(p) for p in _PRE_REGEXES[family]]
-            defaults = {"bos": 11, "eos": 11} if pre not in ("glm4", "chatglm-bpe") else {}
+            glm = pre in ("glm4", "glm5", "chatglm-bpe")  # llama.cpp: no default BOS / EOS
+            defaults = {} if glm else {"bos": 11, "eos": 11}
             merges = _get_list(meta, "tokenizer.ggml.merges", str, 0)
             if merges is None:
                 raise ModelFormatError("tokenizer metadata key 'tokenizer.ggml.merges' is "

@@ -10,6 +10,10 @@ _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
 _LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# Ling (bailingmoe): single digits, and one newline after optional whitespace (llama.cpp's
+# greedy form of the tokenizer.json regex, which has possessive quantifiers)
+_BAILING = (r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
 # o200k (gpt-4o, gpt-oss). llama.cpp's regex engine has no \p{Lu}/\p{Ll}: it reads "upper
 # then lower" as "letters but a-z, then letters but A-Z", so non-ASCII letters have no case.
 _GPT4O_WORD = r"[^\r\n\p{L}\p{N}]?(?:(?=\p{L})[^a-z])%s(?:(?=\p{L})[^A-Z])%s" + _CONTRACTIONS + "?"
@@ -44,6 +48,7 @@ _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "gpt2": (_GPT2,),
     "llama3": (_LLAMA3,),
     "qwen2": (_QWEN2,),
+    "bailingmoe": (_BAILING,),
     "starcoder": (r"\p{N}", _GPT2),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
     "deepseek-llm": _DEEPSEEK_LLM,
@@ -61,7 +66,10 @@ for _names, _fam, _ign, _bos in (
      "gpt2", False, False),
     ("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
      "llama3", True, True),
-    ("dbrx smaug-bpe glm4 chatglm-bpe", "llama3", False, False),
+    ("dbrx smaug-bpe chatglm-bpe", "llama3", False, False),
+    # GLM-4.5 / 4.6 files (glm4moe): llama.cpp's CHATGLM4 regex (llama-3's) with
+    # ignore_merges, and no BOS
+    ("glm4 glm5", "llama3", True, False),
     ("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open grok-2",
      "qwen2", False, False),
     ("starcoder refact command-r smollm codeshell exaone minerva-7b mellum2",
@@ -71,6 +79,7 @@ for _names, _fam, _ign, _bos in (
     ("deepseek-coder", "deepseek-coder", False, False),
     ("gpt-4o", "gpt-4o", False, False),
     ("deepseek-v3", "deepseek-v3", False, False),
+    ("bailingmoe bailingmoe2 llada-moe", "bailingmoe", False, False),
 ):
     for _n in _names.split():
         _PRE_NAMES[_n] = (_fam, _ign, _bos)

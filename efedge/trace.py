@@ -6,8 +6,10 @@ and, optionally, a float16 sketch of the hidden state itself.
 Trace file (.npz):
   experts   int16   [T, L, K]   selected experts, strongest first
   probs     float16 [T, L, K]   their routing weights (after renormalisation if any)
-  pregate   float16 [T, L, H, E] router logits of layer l+d (d = 1..H) applied to h_l
-                                 (NaN where l+d is past the last layer)
+  pregate   float16 [T, L, H, E] router logits of layer l+d (d = 1..H) applied to h_l, as
+                                 selection logits (efedge/experts/selection.py: ranked
+                                 as that router selects; its plain logits for a softmax
+                                 router) (NaN where l+d is past the last layer)
   hidden    float16 [T, L, S]   optional: random projection of h_l to S dims
   tokens    int32   [T]
   meta      json string: model name, arch, layers, experts, top-k, bytes per expert per
@@ -24,6 +26,7 @@ import numpy as np
 
 from efedge import layers
 from efedge.errors import EfedgeError, UnsupportedModelError
+from efedge.experts.selection import RouterSelection
 
 PREGATE_HORIZON = 4
 
@@ -44,6 +47,7 @@ class TraceRecorder:
         self._index = {il: i for i, il in enumerate(self.moe_layers)}
         self.n_layer, self.n_expert, self.k = len(self.moe_layers), c.n_expert, c.n_expert_used
         self.horizon = horizon
+        self.selection = RouterSelection.of_model(tf)
         self.rows: list[dict] = []  # per forward call: layer → arrays
         self._cur: dict[int, tuple] = {}
         self.proj = None
@@ -67,7 +71,8 @@ class TraceRecorder:
         pre = np.full((h.shape[0], self.horizon, self.n_expert), np.nan, dtype=np.float32)
         for d in range(1, self.horizon + 1):
             if li + d < self.n_layer:
-                pre[:, d - 1] = self.tf.blocks[self.moe_layers[li + d]].ffn_gate_inp(h)
+                m = self.moe_layers[li + d]
+                pre[:, d - 1] = self.selection.apply(m, self.tf.blocks[m].ffn_gate_inp(h))
         sketch = h @ self.proj if self.proj is not None else None
         self._cur[li] = (ids.copy(), w, pre, sketch)
         if li == self.n_layer - 1:

@@ -49,6 +49,10 @@ ARCHS: dict[str, dict] = {
                        shared=False),
     "granitemoeshared": dict(gguf_arch="granitemoe", moe=True, bias=False, qk_norm=None,
                              shared=True, shared_gate=False),
+    # Ling-lite / Ling-plus: every layer MoE, an ungated shared expert of
+    # expert_shared_count × the experts' width, routing weights per BAILING_ROUTING
+    "bailingmoe": dict(gguf_arch="bailingmoe", moe=True, bias=False, qk_norm=None,
+                       shared=True, shared_gate=False),
 }
 # Layouts written by gguf_tools.tiny_archs ("plan"): deepseek2 as DeepSeek-V2 (softmax
 # routing; with a q lora: llama.cpp 0.3.36 takes the lora-less V2-Lite form only at 26 or
@@ -61,9 +65,26 @@ for _name, _kw in (("deepseek2", dict(q_lora=True, mla=True, v3=False)),
                         shared=True, plan="deepseek2", **_kw)
 ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, shared=False,
                        plan="gptoss")
+# glm4moe as GLM-4.5-Air (no qk norm) and, -qknorm, as GLM-4.5 (per-head q / k norm); both
+# with a dense first layer, a shared expert and one trailing MTP layer (nextn: block_count
+# counts it, the forward pass skips it)
+for _name, _qk in (("glm4moe", None), ("glm4moe-qknorm", "head")):
+    ARCHS[_name] = dict(gguf_arch="glm4moe", moe=True, bias=True, qk_norm=_qk, shared=True,
+                        shared_gate=False, plan="glm4moe", nextn=1)
+# ernie4_5-moe (tiny_archs.ERNIE_DIMS): as ERNIE-4.5-21B-A3B, and -interleave with dense
+# layers between the MoE ones (llama.cpp 0.3.36 cannot load that one: its loader gives
+# every layer past the dense lead experts, while its graph runs the interleave rule)
+ARCHS["ernie4_5-moe"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False, qk_norm=None,
+                            shared=True, plan="ernie", variant="ernie")
+ARCHS["ernie4_5-moe-interleave"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False,
+                                        qk_norm=None, shared=False, plan="ernie",
+                                        variant="interleave")
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
+# bailingmoe's expert_weights_norm and expert_weights_scale: renormalised, then scaled
+# (the converter writes norm_topk_prob and a scale of 1; 2 here so the scale is exercised)
+BAILING_ROUTING = (True, 2.0)
 
 # head_dim None = n_embd // n_head. Sizes are multiples of 256 so K-quants apply everywhere.
 PRESETS: dict[str, dict] = {
@@ -147,6 +168,9 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
                          f"{cfg['n_head_kv']}")
     if a["moe"] and not 0 < cfg["n_expert_used"] <= cfg["n_expert"]:
         raise ValueError(f"n_expert_used {cfg['n_expert_used']} not in 1..{cfg['n_expert']}")
+    if arch == "bailingmoe" and (cfg["n_ff_shexp"] % cfg["n_ff_exp"] or not cfg["n_ff_shexp"]):
+        raise ValueError("bailingmoe counts shared experts of the experts' width: n_ff_shexp "
+                         f"{cfg['n_ff_shexp']} is not a multiple of n_ff_exp {cfg['n_ff_exp']}")
     cfg["arch"] = arch
     return cfg
 
@@ -235,14 +259,20 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     return w
 
 
-def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int:
+def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
+                    blocks: tuple[str, str] | None = None) -> int:
     a, arch = ARCHS[cfg["arch"]], ARCHS[cfg["arch"]]["gguf_arch"]
     w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
-                    else gguf.LlamaFileType.MOSTLY_F16)
+    if blocks is not None:
+        from gguf_tools.random_quant import file_type
+
+        w.add_file_type(file_type(blocks))
+    else:
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32"
+                        else gguf.LlamaFileType.MOSTLY_F16)
     w.add_context_length(cfg["n_ctx"])
     w.add_embedding_length(cfg["n_embd"])
-    w.add_block_count(cfg["n_layer"])
+    w.add_block_count(cfg["n_layer"] + a.get("nextn", 0))  # + MTP layers after the trunk
     if "plan" in a:
         from gguf_tools import tiny_archs
 
@@ -265,14 +295,18 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str) -> int
     if a["moe"]:
         w.add_expert_count(cfg["n_expert"])
         w.add_expert_used_count(cfg["n_expert_used"])
-        if arch in ("qwen2moe", "qwen3moe"):
+        if arch in ("qwen2moe", "qwen3moe", "bailingmoe"):
             # like the real files: feed_forward_length is the (unused) dense width,
             # the experts' width has its own key
             w.add_feed_forward_length(cfg["n_ff"])
             w.add_expert_feed_forward_length(cfg["n_ff_exp"])
         else:  # llama (Mixtral) and olmoe size their experts by feed_forward_length
             w.add_feed_forward_length(cfg["n_ff_exp"])
-        if a["shared"]:
+        if arch == "bailingmoe":  # a count of shared experts, and the routing weights
+            w.add_expert_shared_count(cfg["n_ff_shexp"] // cfg["n_ff_exp"])
+            w.add_expert_weights_norm(BAILING_ROUTING[0])
+            w.add_expert_weights_scale(BAILING_ROUTING[1])
+        elif a["shared"]:
             w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
         if arch == "granitemoe":
             emb, res, att, logit = GRANITE_SCALES
@@ -302,21 +336,34 @@ def _write_rope_scaling(w: gguf.GGUFWriter, cfg: dict, arch: str) -> None:
         w.add_rope_freq_base_swa(float(cfg["rope_base_swa"]))
 
 
-def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str) -> None:
-    """Write an F32 or F16 file, generating each tensor just before it is written."""
-    np_dtype = np.float32 if dtype == "F32" else np.float16
+def _write_float(path: Path, cfg: dict, dtype: str, seed: int, name: str,
+                 blocks: tuple[str, str] | None = None) -> None:
+    """Write an F32 or F16 file, generating each tensor just before it is written;
+    ``blocks``: a random-block spec (gguf_tools.random_quant) for the matrices instead."""
+    from gguf_tools import random_quant as rq
+
     w = gguf.GGUFWriter(path, ARCHS[cfg["arch"]]["gguf_arch"])
-    n_vocab = _write_metadata(w, cfg, dtype, name)
+    n_vocab = _write_metadata(w, cfg, dtype, name, blocks)
     plan = tensor_plan(cfg, n_vocab)
-    dtypes = [np.dtype(np.float32 if t.keep_f32 else np_dtype) for t in plan]
-    for t, dt in zip(plan, dtypes, strict=True):
-        w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+    types = [("F32" if t.keep_f32 else dtype) if blocks is None else
+             rq.tensor_type(blocks, t.name, t.init, t.keep_f32, t.shape[0], len(t.shape))
+             for t in plan]
+    for t, ty in zip(plan, types, strict=True):
+        if ty in ("F32", "F16"):
+            dt = np.dtype(np.float32 if ty == "F32" else np.float16)
+            w.add_tensor_info(t.name, t.np_shape, dt, int(np.prod(t.shape)) * dt.itemsize)
+        else:
+            rq.add_tensor_info(w, t.name, t.np_shape, ty)
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t, dt in zip(plan, dtypes, strict=True):
-            w.write_tensor_data(_generate(t, seed).astype(dt, copy=False))
+        for t, ty in zip(plan, types, strict=True):
+            rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+            w.write_tensor_data(
+                _generate(t, seed).astype(np.float32 if ty == "F32" else np.float16, copy=False)
+                if ty in ("F32", "F16") else
+                rq.random_blocks(ty, t.np_shape, t.scale / np.sqrt(t.shape[0]), rng))
     finally:
         w.close()
 
@@ -330,14 +377,19 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
                preset: str = "test", seed: int = 0, nthread: int = 2, **overrides) -> Path:
     """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
 
-    ``arch``: llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe, granitemoe,
-    granitemoeshared. ``quant``: F32 and
-    F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
-    quantizer from an F32 source (F16 above 1 GiB). ``overrides``: any preset key
-    (n_layer, n_expert, n_expert_used, n_embd, n_head, n_head_kv, head_dim, n_ff_exp,
-    n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base, norm_eps, vocab_kind, vocab_pre, tied,
-    rope_scaling ("yarn", "linear", "llama3": see ROPE_SCALINGS), rope_base_swa.
+    ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
+    granitemoe, granitemoeshared, bailingmoe, deepseek2*, gpt-oss, glm4moe*,
+    ernie4_5-moe*). ``quant``: F32 and F16 are written directly, anything else (Q8_0,
+    Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
+    ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
+    n_head_kv, head_dim, n_ff_exp, n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base,
+    norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see
+    ROPE_SCALINGS), rope_base_swa.
     The file appears atomically (written under a temporary name, then renamed).
+
+    The low-bit types (IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S TQ1_0 TQ2_0) are
+    written directly as random valid blocks: ``quant`` "IQ2_XXS", or "IQ1_S/IQ3_S" for
+    the routed experts / the other matrices (see gguf_tools.random_quant).
     """
     path = Path(path)
     cfg = resolve_config(arch, preset, **overrides)
@@ -347,8 +399,12 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     src = path.with_name(f".{path.name}.{os.getpid()}.src")
     try:
+        from gguf_tools.random_quant import parse_spec
+
         if quant in ("F32", "F16"):
             _write_float(tmp, cfg, quant, seed, name)
+        elif (blocks := parse_spec(quant)) is not None:
+            _write_float(tmp, cfg, "F32", seed, name, blocks)
         else:
             from gguf_tools.quantize import quantize
 
@@ -382,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gguf_tools.make_tiny",
                                  description="Write a random-weight GGUF model")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    ap.add_argument("--quant", default="F32", help="F32, F16 or a llama.cpp type (Q4_K_M, …)")
+    ap.add_argument("--quant", default="F32",
+                    help="F32, F16, a llama.cpp type (Q4_K_M, …) or random IQ1 / IQ2 / IQ3 / "
+                         "TQ blocks (IQ2_XXS, IQ1_S/IQ3_S: experts / the rest)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)

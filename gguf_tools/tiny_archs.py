@@ -1,6 +1,9 @@
 """Tensor plans and metadata of the random tiny models whose layout is not Llama-shaped:
-deepseek2 (multi-head latent attention, dense leading layers, shared experts) and gpt-oss
-(attention biases and sinks, sliding-window layers, expert biases). make_tiny calls these
+deepseek2 (multi-head latent attention, dense leading layers, shared experts), gpt-oss
+(attention biases and sinks, sliding-window layers, expert biases), glm4moe (attention
+biases, partial rope, post-attention norm, sigmoid routing with a selection bias, shared
+expert, trailing MTP layers) and ernie4_5-moe (dense leading and interleaved layers,
+selection bias, ungated shared expert). make_tiny calls these
 for the architectures whose ``ARCHS`` entry has ``plan`` set; names, keys and shapes are
 the ones llama.cpp reads (shapes in ggml order, as in make_tiny).
 """
@@ -19,6 +22,15 @@ DS_DIMS = dict(q_lora=128, kv_lora=64, nope=64, rope=32, v=64, dense_lead=1, n_s
 # gpt-oss: sliding window of the even layers (real: 128) and the SwiGLU limits llama.cpp
 # hard-codes (alpha 1.702, limit 7)
 OSS_WINDOW = 8
+# glm4moe: GLM-4.5's layout at test size. Real GLM-4.5-Air: 1 dense layer, 1 shared expert,
+# routed_scaling_factor 1 (GLM-4.5: 2.5), weights renormalised, half of each head rotated,
+# 1 MTP layer.
+GLM_DIMS = dict(dense_lead=1, n_shared=1, weights_scale=2.5, rope_frac=0.5)
+# ernie4_5-moe: as ERNIE-4.5-21B-A3B (the first layer dense, then experts in every layer,
+# one shared expert, a selection bias); the -interleave variant puts a dense layer between
+# every two MoE layers (interleave step 2, no dense lead), without shared expert or bias
+ERNIE_DIMS = {"ernie": dict(dense_lead=1, step=1, bias=True),
+              "interleave": dict(dense_lead=0, step=2, bias=False)}
 
 
 def deepseek2_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
@@ -150,3 +162,127 @@ def gptoss_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     w.add_expert_count(cfg["n_expert"])
     w.add_expert_used_count(cfg["n_expert_used"])
     w.add_sliding_window(OSS_WINDOW)
+
+
+def glm4moe_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    """The trunk's n_layer blocks, then a["nextn"] MTP blocks: an MoE block plus the
+    nextn.* tensors (llama.cpp's MTP graph reads them; its normal pass skips the block)."""
+    T, x = TensorSpec, GLM_DIMS
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    e, f, s = cfg["n_expert"], cfg["n_ff_exp"], cfg["n_ff_exp"] * x["n_shared"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"] + a["nextn"]):
+        b = f"blk.{i}."
+        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+                T(b + "attn_q.bias", (q_out,), "bias", keep_f32=True),
+                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+                T(b + "attn_k.bias", (kv_out,), "bias", keep_f32=True),
+                T(b + "attn_v.weight", (d, kv_out), "proj"),
+                T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True)]
+        if a["qk_norm"]:
+            out += [T(b + "attn_q_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True),
+                    T(b + "attn_k_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True)]
+        out += [T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "post_attention_norm.weight", (d,), "norm", keep_f32=True)]
+        if i < x["dense_lead"]:
+            out += [T(b + "ffn_gate.weight", (d, cfg["n_ff"]), "proj"),
+                    T(b + "ffn_up.weight", (d, cfg["n_ff"]), "proj"),
+                    T(b + "ffn_down.weight", (cfg["n_ff"], d), "proj")]
+            continue
+        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                # the selection bias nudges the sigmoid scores (a real one is ~1e-2..1)
+                T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
+                T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+                T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+                T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+        if i >= cfg["n_layer"]:  # MTP: [embedding; hidden] → n_embd, its norms and head
+            out += [T(b + "nextn.eh_proj.weight", (2 * d, d), "proj"),
+                    T(b + "nextn.enorm.weight", (d,), "norm", keep_f32=True),
+                    T(b + "nextn.hnorm.weight", (d,), "norm", keep_f32=True),
+                    T(b + "nextn.embed_tokens.weight", (d, n_vocab), "embd"),
+                    T(b + "nextn.shared_head_head.weight", (d, n_vocab), "output", scale=2.0),
+                    T(b + "nextn.shared_head_norm.weight", (d,), "norm", keep_f32=True)]
+    return out + _head(cfg, n_vocab)
+
+
+def glm4moe_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    x, hd = GLM_DIMS, cfg["head_dim"]
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(int(hd * x["rope_frac"]))  # partial rotary
+    w.add_feed_forward_length(cfg["n_ff"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_expert_shared_count(x["n_shared"])
+    w.add_leading_dense_block_count(x["dense_lead"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(x["weights_scale"])
+    w.add_expert_weights_norm(True)
+    w.add_nextn_predict_layers(a["nextn"])
+
+
+def ernie_moe_layer(i: int, a: dict) -> bool:
+    """llama.cpp's rule (build_graph): past the dense lead, every step-th layer."""
+    x = ERNIE_DIMS[a["variant"]]
+    return i >= x["dense_lead"] and (i + 1) % x["step"] == 0
+
+
+def ernie_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T, x = TensorSpec, ERNIE_DIMS[a["variant"]]
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+                T(b + "attn_v.weight", (d, kv_out), "proj"),
+                T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+        if not ernie_moe_layer(i, a):
+            f = cfg["n_ff"]
+            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
+                    T(b + "ffn_up.weight", (d, f), "proj"),
+                    T(b + "ffn_down.weight", (f, d), "proj")]
+            continue
+        e, f = cfg["n_expert"], cfg["n_ff_exp"]
+        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj")]
+        if x["bias"]:  # std 0.2 against probabilities ≈ 1/E: it changes the choice
+            out.append(T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True))
+        if a["shared"]:
+            s = cfg["n_ff_shexp"]
+            out += [T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+                    T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+                    T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+    return out + _head(cfg, n_vocab)
+
+
+def ernie_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    x = ERNIE_DIMS[a["variant"]]
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_rope_dimension_count(cfg["head_dim"])  # llama.cpp asserts n_rot == head size
+    if cfg["head_dim"] != cfg["n_embd"] // cfg["n_head"]:
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    w.add_feed_forward_length(cfg["n_ff"])  # the dense layers
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_interleave_moe_layer_step(x["step"])
+    w.add_leading_dense_block_count(x["dense_lead"])
+    if a["shared"]:  # as the converter writes them: a count and the width
+        w.add_expert_shared_count(1)
+        w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])

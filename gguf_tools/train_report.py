@@ -65,7 +65,7 @@ def llama_checks(out: Path, f32: Path, model, tok, eval_ids: np.ndarray) -> dict
 
 
 def write_curve(path: Path, log: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["step", "tokens", "seconds", "lr", "train_loss", "heldout_loss", "aux_loss"])
         for r in log:
@@ -96,12 +96,12 @@ def finish(args, work: Path, model, state: dict, tok, train_ids: np.ndarray,
         res["heldout"] = evaluate(model, eval_ids, blen, max_tokens=args.eval_tokens)
         print("held-out:", json.dumps(res["heldout"], indent=1), flush=True)
     res["eval_seconds"] = time.time() - t0
-    (work / "results.json").write_text(json.dumps(res, indent=1))
+    (work / "results.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     write_curve(out.parent / (out.stem + "_loss_curve.csv" if out.stem != "demo"
                               else "loss_curve.csv"), state["log"])
     card = Path(args.card) if args.card else out.parent / (
         "MODEL_CARD.md" if out.stem == "demo" else out.stem + "_MODEL_CARD.md")
-    card.write_text(model_card(res))
+    card.write_text(model_card(res), encoding="utf-8")  # µ, ≈, …: not in cp1252
     print(f"wrote {card}", flush=True)
     return res
 

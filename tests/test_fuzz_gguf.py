@@ -587,5 +587,31 @@ def test_extreme_weights_raise_only_efedge_errors(bases, tmp_path):
     assert not leaks, "\n".join(leaks)
 
 
+@pytest.mark.parametrize("quant", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
+                                   "IQ1_M", "TQ1_0", "TQ2_0"])
+def test_truncated_low_bit_file_names_the_tensor(tiny_gguf, tmp_path, quant):
+    """The byte range of a tensor comes from its type's block size: a file cut one byte
+    short of its last low-bit tensor, or in the middle of an expert tensor, is refused
+    with the tensor's name before any kernel reads the missing bytes."""
+    import gguf
+
+    import efedge
+
+    src = tiny_gguf("qwen3moe", quant, **TINY)
+    data = src.read_bytes()
+    r = gguf.GGUFReader(src)
+    low = [t for t in r.tensors if t.tensor_type.name == quant]
+    el, nb = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]]
+    assert all(t.n_bytes == t.n_elements // el * nb for t in low)
+    last = max(low, key=lambda t: t.data_offset)
+    exps = next(t for t in low if t.name == "blk.1.ffn_up_exps.weight")
+    for t, cut in ((last, last.data_offset + last.n_bytes - 1),
+                   (exps, exps.data_offset + exps.n_bytes // 2)):
+        bad = tmp_path / "cut.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(efedge.ModelFormatError, match=re.escape(t.name)):
+            efedge.load(bad)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
     _child_main(sys.argv[2:])

@@ -136,6 +136,41 @@ def test_missing_key_is_named(tiny_gguf, tmp_path):
         efedge.load(path)
 
 
+def test_architecture_list_names_what_loads():
+    """The supported list names each general.architecture as files spell it (a module
+    name cannot hold the '.' / '-' of some), and each of them resolves."""
+    from efedge import archs
+
+    names = archs.available()
+    assert {"gpt-oss", "ernie4_5-moe", "qwen3moe"} <= set(names)
+    assert all(archs.get(n).name == n for n in names)
+    with pytest.raises(efedge.UnsupportedModelError, match="ernie4_5-moe"):
+        archs.get("ernie4-5-moe")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(drop_key="ernie4_5-moe.interleave_moe_layer_step"),
+     "required metadata key 'ernie4_5-moe.interleave_moe_layer_step' is missing"),
+    (dict(set_key=("ernie4_5-moe.interleave_moe_layer_step", 0)), "must be at least 1"),
+    # step 2: layer 2 would be dense, but the file gives it experts
+    (dict(set_key=("ernie4_5-moe.interleave_moe_layer_step", 2)), "blk.2.ffn_gate.weight"),
+])
+def test_ernie_interleave_key_is_checked(tiny_gguf, tmp_path, change, match):
+    path = _rewrite(tiny_gguf("ernie4_5-moe", "F32"), tmp_path / "e.gguf", **change)
+    with pytest.raises(efedge.ModelFormatError, match=match):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("arch, key", [("bailingmoe", "expert_shared_count"),
+                                       ("ernie4_5-moe", "expert_shared_feed_forward_length")])
+def test_shared_expert_without_width_is_named(tiny_gguf, tmp_path, arch, key):
+    """Shared-expert tensors whose width key is missing are an error, not left out (which
+    would run a different model; llama.cpp refuses such files too)."""
+    path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "s.gguf", drop_key=f"{arch}.{key}")
+    with pytest.raises(efedge.ModelFormatError, match="shexp.*" + key):
+        efedge.load(path)
+
+
 def test_shape_mismatch_is_named(tiny_gguf, tmp_path):
     src = tiny_gguf("qwen3moe", "F32")
     path = _rewrite(src, tmp_path / "shape.gguf", set_key=("qwen3moe.embedding_length", 512))
@@ -157,6 +192,18 @@ def test_inspect_reports_expert_bytes(moe_path):
     assert 0 < info["expert_share"] < 1
     qts = {q for lay in info["expert_layers"] for q in lay["quant_types"].values()}
     assert qts <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
+
+
+def test_inspect_names_the_low_bit_types(tiny_gguf):
+    """efedge inspect on an IQ1_M-experts / IQ3_S-rest file: the types by name, the expert
+    bytes from their block sizes (56 and 110 bytes per 256 weights)."""
+    from efedge.cli.inspect import describe
+
+    info = describe(tiny_gguf("qwen3moe", "IQ1_M/IQ3_S"))
+    assert info["quant_types"].keys() == {"F32", "IQ1_M", "IQ3_S"}
+    assert all(set(lay["quant_types"].values()) == {"IQ1_M"} for lay in info["expert_layers"])
+    d, f, e = 256, 256, 16
+    assert info["expert_bytes"] == info["layers"] * 3 * e * (d * f // 256) * 56
 
 
 def _split(src, out_dir, max_tensors: int = 12) -> list:

@@ -14,11 +14,17 @@ Q = GGMLQuantizationType
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
              Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4]
+# the low-bit lattice and ternary types: no integer kernel, Q8_K activations
+IQ_TYPES = [Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M,
+            Q.TQ1_0, Q.TQ2_0]
+ALL_TYPES += IQ_TYPES
 # gguf.quants.quantize works
 QUANTIZABLE = {Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.MXFP4}
 # byte offsets of the fp16 scale fields in one block of the types built from random bytes
 SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
-                Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
+                Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
+                Q.IQ2_XXS: (0,), Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ3_XXS: (0,),
+                Q.IQ3_S: (0,), Q.IQ1_S: (0,), Q.TQ1_0: (52,), Q.TQ2_0: (64,)}
 # (rows, blocks per row): one row, odd counts, rows not a multiple of 4 or 8
 SHAPES = [(1, 1), (3, 2), (13, 3), (37, 2)]
 
@@ -35,7 +41,13 @@ def make_raw(qt: Q, rows: int, blocks: int, rng: np.random.Generator) -> np.ndar
         w = rng.standard_normal((rows, n)).astype(np.float32)
         return np.ascontiguousarray(gq.quantize(w, qt).view(np.uint8).reshape(rows, -1))
     raw = rng.integers(0, 256, (rows, blocks, nbytes), dtype=np.uint8)
-    for off in SCALE_FIELDS[qt]:
+    if qt == Q.IQ1_M:  # the fp16 scale is the top nibbles of the four u16 at byte 48
+        d = rng.uniform(-0.05, 0.05, (rows, blocks)).astype(np.float16).view(np.uint16)
+        sc = raw[..., 48:56].copy().view(np.uint16)
+        for k in range(4):
+            sc[..., k] = (sc[..., k] & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12)
+        raw[..., 48:56] = sc.view(np.uint8)
+    for off in SCALE_FIELDS.get(qt, ()):
         scale = rng.uniform(-0.05, 0.05, (rows, blocks)).astype(np.float16)
         raw[..., off:off + 2] = scale.view(np.uint8).reshape(rows, blocks, 2)
     return raw.reshape(rows, -1)
@@ -80,7 +92,7 @@ def test_dequantize_bit_exact(qt):
     assert same_bits(dequantize(raw[4], int(qt)), gq.dequantize(raw[4:5], qt)[0])
 
 
-@pytest.mark.parametrize("qt", [Q.Q4_1, Q.Q5_1, Q.Q2_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS],
+@pytest.mark.parametrize("qt", [Q.Q4_1, Q.Q5_1, Q.Q2_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, *IQ_TYPES],
                          ids=lambda t: t.name)
 def test_dequantize_raw_bytes(qt):
     """Fully random bytes, scales included: inf and NaN scales decode as numpy does."""
@@ -153,13 +165,14 @@ def test_memmap_input(qt, tmp_path):
 
 
 def test_unsupported_type_named():
-    raw = np.zeros((2, GGML_QUANT_SIZES[Q.IQ2_XXS][1]), np.uint8)
-    with pytest.raises(UnsupportedModelError, match="blk.0.ffn_up.*IQ2_XXS"):
-        check_qtype(int(Q.IQ2_XXS), "blk.0.ffn_up")
-    for call in (lambda: dequantize(raw, int(Q.IQ2_XXS)),
-                 lambda: matvec(raw, int(Q.IQ2_XXS), np.zeros(256, np.float32)),
-                 lambda: matmul(raw, int(Q.IQ2_XXS), np.zeros((1, 256), np.float32))):
-        with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
+    raw = np.zeros((2, GGML_QUANT_SIZES[Q.NVFP4][1]), np.uint8)
+    with pytest.raises(UnsupportedModelError, match="blk.0.ffn_up.*NVFP4"):
+        check_qtype(int(Q.NVFP4), "blk.0.ffn_up")
+    n = GGML_QUANT_SIZES[Q.NVFP4][0]
+    for call in (lambda: dequantize(raw, int(Q.NVFP4)),
+                 lambda: matvec(raw, int(Q.NVFP4), np.zeros(n, np.float32)),
+                 lambda: matmul(raw, int(Q.NVFP4), np.zeros((1, n), np.float32))):
+        with pytest.raises(UnsupportedModelError, match="NVFP4"):
             call()
     with pytest.raises(UnsupportedModelError, match="9999"):
         check_qtype(9999, "w")
@@ -208,6 +221,7 @@ def test_empty_and_float64_x():
 from efedge.kernels import INT_QTYPES, qmatmul  # noqa: E402
 from efedge.kernels.activations import (  # noqa: E402
     ACT_Q8_0,
+    ACT_Q8_K,
     act_scheme,
     quantize_activations,
     round_activations,
@@ -273,6 +287,16 @@ def test_qmatmul_is_the_rounded_product(qt):
     acts: dict = {}
     assert same_bits(qmatmul(raw, int(qt), x, acts), got)
     assert same_bits(qmatmul(raw, int(qt), x, acts), got)  # reused 8-bit activations
+
+
+@pytest.mark.parametrize("qt", IQ_TYPES, ids=lambda t: t.name)
+def test_iq_activations_are_q8_k(qt):
+    """llama.cpp's vec_dot_type for every IQ1 / IQ2 / IQ3 and TQ type is Q8_K (ggml-cpu.c,
+    type_traits_cpu): activations are rounded in blocks of 256, never left as floats."""
+    assert act_scheme(int(qt), 512) == ACT_Q8_K
+    x = np.random.default_rng(4).standard_normal((2, 512)).astype(np.float32)
+    assert same_bits(round_activations(x, int(qt)), round_activations(x, int(Q.Q4_K)))
+    assert not same_bits(round_activations(x, int(qt)), x)
 
 
 def _exp_ulp_error(x: np.ndarray, o: np.ndarray) -> float:
@@ -354,7 +378,8 @@ def test_stage_sync_any_thread_mapping():
 
 
 @pytest.mark.parametrize("qts", [(Q.Q4_0, Q.Q4_0, Q.Q4_0), (Q.Q4_K, Q.Q4_K, Q.Q6_K),
-                                 (Q.Q8_0, Q.Q8_0, Q.IQ4_NL), (Q.F16, Q.F16, Q.F32)],
+                                 (Q.Q8_0, Q.Q8_0, Q.IQ4_NL), (Q.F16, Q.F16, Q.F32),
+                                 (Q.IQ2_XXS, Q.IQ3_S, Q.IQ1_M), (Q.IQ1_S, Q.IQ2_S, Q.TQ2_0)],
                          ids=lambda q: "-".join(t.name for t in q))
 def test_decode_ffn_all_experts_equals_one_at_a_time(qts):
     """The resident path (all K experts in one call) and the expert-cache path (one call

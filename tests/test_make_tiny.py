@@ -13,6 +13,8 @@ from gguf_tools import make_tiny
 from gguf_tools.make_tiny import ARCHS, write_tiny
 
 ALL_ARCHS = list(ARCHS)
+# layouts llama.cpp 0.3.36 loads (not ernie4_5-moe-interleave: see test_ernie_layouts)
+LLAMA_CPP_ARCHS = [a for a in ARCHS if a != "ernie4_5-moe-interleave"]
 # Llama-shaped layouts (q / k / v, one FFN per layer); tiny_archs writes the others
 STD_ARCHS = [a for a in ARCHS if "plan" not in ARCHS[a]]
 D, L, E, K, F_EXP, F, HD = 256, 3, 16, 4, 256, 512, 64  # the "test" preset
@@ -76,6 +78,13 @@ def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
         assert _shape(ts["blk.0.attn_k_norm.weight"]) == (D,)
     if arch in ("mixtral", "olmoe"):
         assert kv[f"{a}.feed_forward_length"] == F_EXP
+    if arch == "bailingmoe":  # shared experts counted in units of the experts' width
+        assert kv["bailingmoe.expert_feed_forward_length"] == F_EXP
+        assert kv["bailingmoe.expert_shared_count"] == 1
+        assert kv["bailingmoe.expert_weights_norm"] is True
+        assert kv["bailingmoe.expert_weights_scale"] == 2.0
+        assert _shape(ts["blk.2.ffn_gate_shexp.weight"]) == (D, F_EXP)
+        assert "blk.0.ffn_gate_inp_shexp.weight" not in ts  # ungated
 
 
 def test_deepseek2_and_gpt_oss_layouts(tiny_gguf):
@@ -99,6 +108,67 @@ def test_deepseek2_and_gpt_oss_layouts(tiny_gguf):
     assert _shape(ts["blk.0.attn_sinks.weight"]) == (4,)
     assert _shape(ts["blk.0.ffn_down_exps.bias"]) == (D, E)
     assert _shape(ts["blk.0.post_attention_norm.weight"]) == (D,)
+
+
+def test_glm4moe_layout(tiny_gguf):
+    """GLM-4.5-Air's layout: attention biases, half-turned rope, post_attention_norm, a dense
+    first block, sigmoid routing with a selection bias and a shared expert, and one MTP
+    block (with its nextn.* tensors) counted in block_count; -qknorm adds GLM-4.5's
+    per-head q / k norms."""
+    from gguf_tools.tiny_archs import GLM_DIMS
+
+    _, kv, ts = _reader(tiny_gguf("glm4moe", "F32"))
+    assert kv["glm4moe.block_count"] == L + 1 and kv["glm4moe.nextn_predict_layers"] == 1
+    assert kv["glm4moe.rope.dimension_count"] == HD // 2  # partial rotary
+    assert kv["glm4moe.attention.key_length"] == HD
+    assert kv["glm4moe.leading_dense_block_count"] == GLM_DIMS["dense_lead"] == 1
+    assert kv["glm4moe.expert_gating_func"] == 2 and kv["glm4moe.expert_weights_norm"]
+    assert kv["glm4moe.expert_shared_count"] == 1
+    assert kv["glm4moe.expert_feed_forward_length"] == F_EXP
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F) and "blk.0.ffn_gate_inp.weight" not in ts
+    assert _shape(ts["blk.1.exp_probs_b.bias"]) == (E,)
+    assert _shape(ts["blk.1.ffn_up_shexp.weight"]) == (D, F_EXP)
+    assert _shape(ts["blk.2.attn_k.bias"]) == (2 * HD,)
+    assert _shape(ts["blk.2.post_attention_norm.weight"]) == (D,)
+    assert "blk.2.ffn_norm.weight" not in ts and "blk.0.attn_q_norm.weight" not in ts
+    assert _shape(ts[f"blk.{L}.nextn.eh_proj.weight"]) == (2 * D, D)  # the MTP block
+    assert _shape(ts[f"blk.{L}.ffn_gate_exps.weight"]) == (D, F_EXP, E)
+    assert not any(".nextn." in n for n in ts if not n.startswith(f"blk.{L}."))
+    _, _, ts = _reader(tiny_gguf("glm4moe-qknorm", "F32"))
+    assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
+    assert _shape(ts["blk.0.attn_k_norm.weight"]) == (HD,)
+def test_ernie_layouts(tiny_gguf):
+    _, kv, ts = _reader(tiny_gguf("ernie4_5-moe", "F32"))
+    assert kv["general.architecture"] == "ernie4_5-moe"
+    assert kv["ernie4_5-moe.leading_dense_block_count"] == 1
+    assert kv["ernie4_5-moe.interleave_moe_layer_step"] == 1
+    assert kv["ernie4_5-moe.expert_shared_feed_forward_length"] == 256
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F)  # dense first layer
+    assert "blk.0.ffn_gate_exps.weight" not in ts and "blk.0.exp_probs_b.bias" not in ts
+    for i in (1, 2):
+        assert _shape(ts[f"blk.{i}.ffn_gate_exps.weight"]) == (D, F_EXP, E)
+        assert _shape(ts[f"blk.{i}.exp_probs_b.bias"]) == (E,)
+        assert _shape(ts[f"blk.{i}.ffn_up_shexp.weight"]) == (D, 256)
+        assert f"blk.{i}.ffn_gate_inp_shexp.weight" not in ts  # ungated
+    _, kv, ts = _reader(tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5))
+    assert kv["ernie4_5-moe.interleave_moe_layer_step"] == 2
+    assert kv["ernie4_5-moe.leading_dense_block_count"] == 0
+    moe = [f"blk.{i}.ffn_gate_exps.weight" in ts for i in range(5)]
+    assert moe == [False, True, False, True, False]
+    assert all(f"blk.{i}.ffn_down.weight" in ts for i in (0, 2, 4))
+    assert not any(n.endswith(("_shexp.weight", "exp_probs_b.bias")) for n in ts)
+
+
+@pytest.mark.requires_llama_cpp
+def test_llama_cpp_cannot_load_interleaved_ernie(tiny_gguf):
+    """llama.cpp 0.3.36 gives every ernie4_5-moe layer past the dense lead expert
+    tensors when it loads (its graph then runs the interleave rule): a file with dense
+    layers between MoE ones is refused. When this fails, llama.cpp has learnt it: move the
+    interleaved file into the parity tests."""
+    from llama_ref import llama_logits
+
+    with pytest.raises(ValueError, match="Failed to load model"):
+        llama_logits(tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5), [1, 2, 3])
 
 
 def test_f16_holds_the_f32_weights_rounded(tiny_gguf):
@@ -174,7 +244,7 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.requires_llama_cpp
-@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("arch", LLAMA_CPP_ARCHS)
 def test_llama_cpp_runs_it(tiny_gguf, arch):
     from llama_ref import llama_logits
 
@@ -229,3 +299,37 @@ def test_greedy_continuation_and_tokenizer(tiny_gguf):
     assert logits[len(prompt) - 1:].argmax(-1).tolist() == out
     ids = llama_tokenize(path, "hello world")
     assert ids and llama_detokenize(path, ids) == b"hello world"
+
+
+# -- random blocks of the low-bit types (llama.cpp's quantizer needs an imatrix for them) --
+@pytest.mark.parametrize("quant", ["IQ2_XXS", "IQ1_M/IQ3_S", "TQ2_0/F16"])
+def test_random_block_files(tiny_gguf, quant):
+    from gguf_tools.random_quant import RANDOM_TYPES, file_type, parse_spec
+
+    experts, other = parse_spec(quant)
+    r, kv, ts = _reader(tiny_gguf("qwen3moe", quant))
+    assert kv["general.file_type"] == file_type((experts, other))
+    for name, t in ts.items():
+        want = ("F32" if len(t.shape) < 2 or name == "token_embd.weight"
+                or "ffn_gate_inp" in name else experts if "_exps." in name else other)
+        assert t.tensor_type.name == want, name
+        if want in RANDOM_TYPES:  # valid blocks, finite, about the float model's spread
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            assert np.isfinite(w).all() and w.shape[-1] == int(t.shape[0])
+            fan_in = int(t.shape[0])
+            scale = 2.0 if name == "output.weight" else (
+                make_tiny.QK_GAIN if "attn_q." in name or "attn_k." in name else 1.0)
+            assert abs(w.std() / (scale / np.sqrt(fan_in)) - 1) < 0.1, name
+    # a tensor does not depend on the other side of the spec
+    _, _, ts2 = _reader(tiny_gguf("qwen3moe", experts))
+    key = "blk.1.ffn_down_exps.weight"
+    assert np.array_equal(ts[key].data, ts2[key].data)
+
+
+def test_random_block_spec_errors():
+    from gguf_tools.random_quant import parse_spec
+
+    assert parse_spec("Q4_K_M") is None and parse_spec("F16") is None
+    assert parse_spec("iq1_s") == ("IQ1_S", "IQ1_S")
+    with pytest.raises(ValueError, match="Q4_K"):
+        parse_spec("IQ1_S/Q4_K")

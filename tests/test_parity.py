@@ -89,15 +89,18 @@ def _greedy_ids(m: efedge.Model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-# -- issue 10: granitemoe, deepseek2, gpt-oss --------------------------------------------
+# -- issue 10: granitemoe, deepseek2, gpt-oss; glm4moe ------------------------------------
 # Each at F32 / F16 and at the quant type its real checkpoints use (Q4_K_M; gpt-oss: MXFP4
 # experts with Q8_0 elsewhere, llama.cpp's MXFP4_MOE). The variants at F32 only: granite
-# with a shared expert, DeepSeek-V3-style routing (sigmoid, selection bias, groups) and the
-# legacy unsplit attn_kv_b layout.
-NEW_ARCHS = ["granitemoe", "deepseek2", "gpt-oss"]
+# with a shared expert, DeepSeek-V3-style routing (sigmoid, selection bias, groups), the
+# legacy unsplit attn_kv_b layout and GLM-4.5's per-head qk norm (glm4moe is Air-shaped:
+# none). tests/test_glm4moe.py adds glm4moe through the expert cache.
+NEW_ARCHS = ["granitemoe", "deepseek2", "gpt-oss", "glm4moe", "ernie4_5-moe", "bailingmoe"]
 NEW_FLOAT = [(a, q) for a in NEW_ARCHS for q in FLOAT_QUANTS] + [
-    ("granitemoeshared", "F32"), ("deepseek2-v3", "F32"), ("deepseek2-legacy", "F32")]
-NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXFP4_MOE")]
+    ("granitemoeshared", "F32"), ("deepseek2-v3", "F32"), ("deepseek2-legacy", "F32"),
+    ("glm4moe-qknorm", "F32")]
+NEW_QUANT = [("granitemoe", "Q4_K_M"), ("deepseek2", "Q4_K_M"), ("gpt-oss", "MXFP4_MOE"),
+             ("glm4moe", "Q4_K_M"), ("ernie4_5-moe", "Q4_K_M"), ("bailingmoe", "Q4_K_M")]
 
 
 @pytest.mark.parametrize("arch, quant", NEW_FLOAT)
@@ -110,16 +113,18 @@ def test_new_arch_quantized_logits_match_llama_cpp(tiny_gguf, arch, quant):
     _assert_quantized_match(tiny_gguf(arch, quant))
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", NEW_ARCHS + ["glm4moe-qknorm"])
 def test_new_arch_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
     _assert_greedy_match(tiny_gguf(arch, "F32"))
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "glm4moe", "ernie4_5-moe",
+                                  "bailingmoe"])
 def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     """Through a small expert cache the logits are the resident ones bit for bit: the
-    dense leading layer and the shared experts (deepseek2) are never cache traffic, the
-    expert biases (gpt-oss) stay resident beside the router."""
+    dense leading layer and the shared experts (deepseek2, glm4moe, ernie4_5-moe,
+    bailingmoe) are never cache traffic, the expert biases (gpt-oss) stay resident beside
+    the router."""
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 24, seed=5)
     with efedge.load(path) as m:
@@ -130,9 +135,253 @@ def test_new_arch_expert_cache_is_exact(tiny_gguf, arch):
     assert np.array_equal(got, want)
     dense = [il for il in range(m.config.n_layer) if not m.config.is_moe_layer(il)]
     assert all(store.expert_bytes(il) == 0 for il in dense)
-    assert dense == ([0] if arch == "deepseek2" else [])
+    assert dense == ([0] if arch in ("deepseek2", "glm4moe", "ernie4_5-moe") else [])
     per_expert = store.expert_bytes(store.moe_layers[0])  # one size: an F32 file
     assert stats["bytes_loaded"] > 0 and stats["bytes_loaded"] % per_expert == 0
+
+
+# -- ernie4_5-moe (dense lead, selection bias, ungated shared expert, interleaved layers)
+# -- and bailingmoe (ungated shared experts, routing weights renormalised and scaled) ----
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+@pytest.mark.parametrize("arch", ["ernie4_5-moe", "bailingmoe"])
+def test_streamed_matches_llama_cpp(tiny_gguf, arch, quant):
+    """Resident and through an expert cache of half the experts (expertflow), logits equal
+    llama.cpp's (the tolerances above) and each other bit for bit; greedy decode (the
+    fused one-token path, the routing redone after the kernel's router) gives the same
+    tokens either way: llama.cpp's at F16; on the K-quant, where a near tie (a top-2 gap
+    of 0.02 against 0.1 of 8-bit rounding) may pick another token, llama.cpp's argmax on
+    the same tokens agrees at ≥ 90% of the steps, the quantized rule."""
+    path = tiny_gguf(arch, quant)
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    prompt = _tokens(512, 8, seed=3)
+    got, greedy = {}, {}
+    for cache in (None, "50%"):
+        with efedge.load(path, cache=cache) as m:
+            got[cache] = m.logits(ids)
+            greedy[cache] = _greedy_ids(m, prompt, 24)
+            if cache:
+                s = m.stats()
+                assert s["misses"] > 0 and s["bytes_loaded"] > 0
+    assert np.array_equal(got[None], got["50%"])
+    assert greedy[None] == greedy["50%"]
+    ours = got[None]
+    if quant == "F16":
+        assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+        assert (ours.argmax(-1) == ref.argmax(-1)).all()
+        assert greedy[None] == llama_ref.llama_greedy(path, prompt, 24)
+    else:
+        cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1)
+                                      * np.linalg.norm(ref, axis=-1))
+        assert cos.min() >= 0.995 and (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        steps = llama_ref.llama_logits(path, prompt + greedy[None])[len(prompt) - 1:-1]
+        assert (steps.argmax(-1) == np.array(greedy[None])).mean() >= 0.9
+
+
+def test_ernie_selection_bias_decides(tiny_gguf):
+    """The tiny file's exp_probs_b changes which experts run: routing without it is off
+    from llama.cpp by far more than the tolerance (so the parity tests see the bias)."""
+    path = tiny_gguf("ernie4_5-moe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        assert all(b.exp_probs_b is not None for b in m._tf.blocks if b.moe)
+        for b in m._tf.blocks:
+            b.exp_probs_b = None
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+@pytest.mark.parametrize("change", [dict(expert_weights_scale=0.0),
+                                    dict(expert_weights_norm=False)])
+def test_bailing_routing_weights_decide(tiny_gguf, change):
+    """The tiny bailingmoe file's weights norm and scale both show in the logits: either
+    one dropped is off from llama.cpp by far more than the tolerance."""
+    import dataclasses
+
+    path = tiny_gguf("bailingmoe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        assert m.config.expert_weights_norm and m.config.expert_weights_scale == 2.0
+        m._tf.cfg = dataclasses.replace(m._tf.cfg, **change)
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
+    """Copy a GGUF file, metadata and tensors, adding the float32 tensors in `extra` and
+    the uint32 metadata `keys`."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.get_field("general.architecture").contents())
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, field.contents())
+        else:
+            w.add_key_value(key, field.contents(), field.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
+                     raw_dtype=t.tensor_type)
+    for key, val in (keys or {}).items():
+        w.add_uint32(key, val)
+    for name, data in extra.items():
+        w.add_tensor(name, data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["ernie4_5-moe", "bailingmoe"])
+def test_optional_attention_biases_match_llama_cpp(tiny_gguf, tmp_path, arch):
+    """llama.cpp adds a q / k / v bias wherever a file has one, for every arch with
+    standard attention (create_tensor_qkv, build_qkv); efedge too, each on its own: here
+    q and k biases, no v bias. Prefill and greedy decode against llama.cpp."""
+    src = tiny_gguf(arch, "F32")
+    rng = np.random.default_rng(4)
+    extra = {}
+    for il in range(3):
+        extra[f"blk.{il}.attn_q.bias"] = 0.5 * rng.standard_normal(256)  # 4 heads × 64
+        extra[f"blk.{il}.attn_k.bias"] = 0.5 * rng.standard_normal(128)  # 2 kv heads × 64
+    path = tmp_path / "bias.gguf"
+    _copy_with(src, path, extra)
+    ids = _tokens(512)
+    ref, plain = llama_ref.llama_logits(path, ids), llama_ref.llama_logits(src, ids)
+    assert np.abs(ref - plain).max() / ref.std() > 0.1  # the biases change the model
+    prompt = _tokens(512, 8, seed=3)
+    with efedge.load(path) as m:
+        ours = m.logits(ids)
+        greedy = _greedy_ids(m, prompt, 24)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert greedy == llama_ref.llama_greedy(path, prompt, 24)
+
+
+def test_ernie_expert_groups_match_llama_cpp(tiny_gguf, tmp_path):
+    """llama.cpp reads expert_group_count / expert_group_used_count for every arch and
+    then picks experts from the best groups only: an ernie4_5-moe file with 4 groups of 4
+    experts, 2 used, selection bias included, gives llama.cpp's logits and tokens."""
+    src, path = tiny_gguf("ernie4_5-moe", "F32"), tmp_path / "groups.gguf"
+    _copy_with(src, path, {}, {"ernie4_5-moe.expert_group_count": 4,
+                               "ernie4_5-moe.expert_group_used_count": 2})
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    assert np.abs(ref - llama_ref.llama_logits(src, ids)).max() / ref.std() > 0.1
+    prompt = _tokens(512, 8, seed=3)
+    with efedge.load(path) as m:
+        assert (m.config.n_expert_groups, m.config.n_group_used) == (4, 2)
+        ours = m.logits(ids)
+        greedy = _greedy_ids(m, prompt, 24)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert greedy == llama_ref.llama_greedy(path, prompt, 24)
+
+
+def _dense_as_moe(src, dst, layers: tuple[int, ...]) -> None:
+    """Rewrite an ernie4_5-moe-interleave file so that llama.cpp loads it: the dense FFNs
+    of `layers` become MoE layers whose experts are all that FFN (a zero router: uniform
+    probabilities; the k weights renormalised to 1, so the layer computes the FFN), the
+    interleave step 1 and the dense lead 1 (layer 0 stays dense)."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    arch = "ernie4_5-moe"
+    w = gguf.GGUFWriter(dst, arch)
+    step, lead = f"{arch}.interleave_moe_layer_step", f"{arch}.leading_dense_block_count"
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", step, lead):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, field.contents())
+        else:
+            w.add_key_value(key, field.contents(), field.types[0])
+    w.add_interleave_moe_layer_step(1)
+    w.add_leading_dense_block_count(1)
+    n_expert = r.get_field(f"{arch}.expert_count").contents()
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        il = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
+        part = t.name.split(".")[2] if il >= 0 else ""
+        if il in layers and part in ("ffn_gate", "ffn_up", "ffn_down"):
+            if part == "ffn_gate":
+                w.add_tensor(f"blk.{il}.ffn_gate_inp.weight",
+                             np.zeros((n_expert, data.shape[1]), np.float32))
+            w.add_tensor(f"blk.{il}.{part}_exps.weight",
+                         np.ascontiguousarray(np.broadcast_to(data, (n_expert, *data.shape))))
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_ernie_interleaved_matches_llama_cpp_through_an_equivalent_file(tiny_gguf, tmp_path):
+    """llama.cpp 0.3.36 cannot load dense layers between MoE ones, but it loads the same
+    model with those dense FFNs written as MoE layers whose experts all equal them: its
+    logits and greedy tokens on that file are the reference for efedge's interleaved
+    file (prefill and the fused decode of a dense layer inside a MoE model)."""
+    src = tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5, n_ff=256)  # n_ff = n_ff_exp
+    dst = tmp_path / "dense-as-moe.gguf"
+    _dense_as_moe(src, dst, (2, 4))
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(dst, ids)
+    prompt = _tokens(512, 8, seed=3)
+    with efedge.load(src) as m:
+        assert [m.config.is_moe_layer(i) for i in range(5)] == [False, True, False, True,
+                                                                False]
+        ours = m.logits(ids)
+        greedy = _greedy_ids(m, prompt, 24)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert greedy == llama_ref.llama_greedy(dst, prompt, 24)
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "expertflow", "fixed:2", "next-layer"])
+def test_ernie_interleaved_dense_layers_stream_exactly(tiny_gguf, policy):
+    """interleave_moe_layer_step 2 over 5 layers: experts in layers 1 and 3, dense FFNs in
+    0, 2 and 4 (llama.cpp 0.3.36 cannot load this layout: tests/test_make_tiny.py). The
+    dense layers between MoE layers are no cache traffic, the policies' layer stream
+    skips them, and prefill and decode through the cache give the resident bits."""
+    path = tiny_gguf("ernie4_5-moe-interleave", "F32", n_layer=5)
+    ids = _tokens(512, 24, seed=5)
+    prompt = _tokens(512, 6, seed=2)
+    with efedge.load(path) as m:
+        assert [m.config.is_moe_layer(i) for i in range(5)] == [False, True, False, True,
+                                                                False]
+        want = m.logits(ids)
+        want_greedy = _greedy_ids(m, prompt, 16)
+        s = m._session
+        s.reset()
+        s.prefill(ids[:23])
+        decoded = s.decode(ids[23])  # the fused one-token path against the T-token one
+    rel = np.abs(decoded.reshape(-1) - want[23]).max() / want.std()
+    assert rel <= 1e-3, rel
+    with efedge.load(path, cache="30%", policy=policy) as m:
+        src, targets = m._experts, []
+        plain = src.prefetch
+
+        def prefetch(layer, experts, *a, **kw):  # what the policy asks for, and where
+            targets.append(layer)
+            return plain(layer, experts, *a, **kw)
+
+        src.prefetch = prefetch
+        if policy == "expertflow":  # τ from the layers that have experts, not a 0 mean
+            assert src.policy._mean_bytes == m._tf.store.expert_bytes(1)
+        assert np.array_equal(m.logits(ids), want)
+        assert _greedy_ids(m, prompt, 16) == want_greedy
+        st, store = m.stats(), m._tf.store
+    assert store.moe_layers == [1, 3]
+    assert all(store.expert_bytes(il) == 0 for il in (0, 2, 4))
+    assert st["hits"] + st["late"] + st["misses"] == st["expert_requests"] > 0
+    assert st["bytes_loaded"] % store.expert_bytes(1) == 0
+    assert set(targets) <= {1, 3}  # the look-ahead steps over the dense layers
+    if policy == "expertflow":  # … and reaches the next MoE layer two layers on
+        assert st["prefetch_issued"] > 0 and st["prefetch_used"] > 0
 
 
 # -- rope scaling (llama.cpp applies it to every architecture) ---------------------------
@@ -179,7 +428,8 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, monkeypatch):
         efedge.load(path)
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss", "glm4moe", "ernie4_5-moe",
+                                  "bailingmoe"])
 def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch):
     """Cache-aware routing swaps experts by router probability: deepseek2's and gpt-oss's
     routing has no such single probability, so asking for it is refused by name."""
@@ -192,7 +442,8 @@ def test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, arch)
 # A chat turn prefills only what is new: T > 1 tokens at a position > 0 (the cached prefix
 # reused), through every attention kind (fused, deepseek2's MLA, gpt-oss's sinks with the
 # sliding window crossed). The last logits equal llama.cpp's for the whole sequence.
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "glm4moe",
+                                  "ernie4_5-moe"])
 def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
     path = tiny_gguf(arch, "F32")
     ids = _tokens(512, 40, seed=9)
@@ -206,7 +457,7 @@ def test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, arch):
         assert rel <= 2e-2 and row.argmax() == ref[n - 1].argmax(), f"n={n}: {rel:.3g}"
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2", "gpt-oss", "granitemoe", "glm4moe"])
 def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
     """1000 tokens (past every tile of 8, 256 and llama.cpp's batch of 512), then greedy
     decode. A random model has a few near-tied routings in 1000 positions (a gap of 1e-5
@@ -222,6 +473,86 @@ def test_long_prompt_matches_llama_cpp(tiny_gguf, arch):
     assert (rel > 2e-2).mean() <= 0.01, f"rows off: {np.flatnonzero(rel > 2e-2)}"
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
     assert greedy == llama_ref.llama_greedy(path, ids[:513], 12, n_ctx=1100)
+
+
+# -- the low-bit IQ1 / IQ2 / IQ3 and ternary types ----------------------------------------
+# What users download for models larger than their memory (unsloth's dynamic quants of
+# DeepSeek, Qwen3-235B, GLM). llama.cpp's quantizer wants an importance matrix for most of
+# them, so these files hold random valid blocks (gguf_tools.random_quant): every matrix of
+# the type, or "experts/the rest". Same tolerance as the other quantized files; through a
+# half-size expert cache the logits are the resident ones bit for bit.
+LOW_BIT = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
+           "TQ2_0", "IQ1_S/IQ3_S"]
+LOW_BIT_ARCHS = [("mixtral", "IQ2_XXS"), ("qwen2moe", "IQ1_M/IQ3_XXS"),
+                 ("deepseek2", "IQ2_S/IQ3_S"), ("gpt-oss", "IQ2_XXS"), ("olmoe", "TQ2_0/IQ2_XS"),
+                 ("glm4moe", "IQ1_M/IQ3_S"), ("ernie4_5-moe", "IQ1_S/IQ2_S"),
+                 ("bailingmoe", "IQ2_XS/IQ3_XXS")]
+
+
+def _assert_low_bit_match(path) -> None:
+    _assert_quantized_match(path)
+    ids = _tokens(512, 24, seed=5)
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="50%", policy="expertflow") as m:
+        got = m.logits(ids)
+        stats = m.stats()
+    assert np.array_equal(got, want)
+    assert stats["bytes_loaded"] > 0 and stats["misses"] + stats["late"] > 0
+
+
+@pytest.mark.parametrize("quant", LOW_BIT)
+def test_low_bit_logits_match_llama_cpp(tiny_gguf, quant):
+    _assert_low_bit_match(tiny_gguf("qwen3moe", quant))
+
+
+@pytest.mark.parametrize("arch, quant", LOW_BIT_ARCHS)
+def test_low_bit_other_archs_match_llama_cpp(tiny_gguf, arch, quant):
+    _assert_low_bit_match(tiny_gguf(arch, quant))
+
+
+@pytest.mark.parametrize("quant", LOW_BIT)
+def test_low_bit_greedy_matches_llama_cpp(tiny_gguf, quant):
+    """32 greedy tokens equal llama.cpp's up to the first near tie. 8-bit activations turn
+    the last-bit differences of the float path (a few positions of a random model differ by
+    ~3e-5 even at F32) into the odd flipped rounding (K-quant files too: max|Δ|/std up to
+    ~0.05 at single positions), so over 32 steps a continuation can reach a step whose top
+    two logits llama.cpp itself separates by less than that; there either token is right
+    and the continuations part (IQ2_XXS and IQ1_S here: gaps of 0.5% and 1.8% of the
+    logits' std, at steps 6 and 8)."""
+    path = tiny_gguf("qwen3moe", quant)
+    with efedge.load(path) as m:
+        prompt = _tokens(m.n_vocab, 8, seed=3)
+        ours = _greedy_ids(m, prompt, 32)
+    ref = llama_ref.llama_greedy(path, prompt, 32)
+    if ours == ref:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b)
+    logits = llama_ref.llama_logits(path, prompt + ref[:i])
+    top = np.sort(logits[-1])[::-1]
+    assert top[0] - top[1] < 0.03 * logits.std(), (
+        f"greedy tokens part at step {i} where llama.cpp's top-2 gap is {top[0] - top[1]:.3g}")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["output", "tied"])
+def test_low_bit_embeddings_match_llama_cpp(tmp_path, monkeypatch, tied):
+    """token_embd itself in a low-bit type (rows looked up by dequantizing them) and, with
+    no output.weight, the output head too."""
+    from gguf_tools import make_tiny, random_quant
+
+    plain = random_quant.tensor_type
+
+    def with_embd(spec, name, *args):
+        return spec[1] if name == "token_embd.weight" else plain(spec, name, *args)
+
+    monkeypatch.setattr(random_quant, "tensor_type", with_embd)
+    path = make_tiny.write_tiny(tmp_path / "embd.gguf", "qwen3moe", "IQ2_XS/IQ3_XXS",
+                                tied=tied)
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == "IQ3_XXS" and ("output.weight" in types) != tied
+    _assert_low_bit_match(path)
 
 
 # -- gpt-oss's experts in one kernel call (moe_ffn_oai / decode_ffn_oai) -------------------

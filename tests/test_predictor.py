@@ -239,3 +239,107 @@ def test_ids_of_the_wrong_width_are_refused_before_any_kernel():
         pred.step(0, np.zeros((1, K + 1), dtype=np.int32))
     pred.step(0, np.arange(K, dtype=np.int64))  # a flat int64 row is taken as one token
     assert pred.cur_ids[0, 0].tolist() == list(range(K))
+
+
+# -- how routers select (efedge/experts/selection.py) ---------------------------------------
+
+def _selection(mode, rb, sb, groups=(0, 0)):
+    from efedge.experts.selection import RouterSelection
+
+    return RouterSelection(mode, rb[None].astype(np.float32), sb[None].astype(np.float32),
+                           *groups)
+
+
+@pytest.mark.parametrize("gating,groups,biased", [
+    ("sigmoid", (8, 4), True),  # DeepSeek-V3 / Kimi: selection bias within the best groups
+    ("sigmoid", (0, 0), True),  # GLM-4.5: selection bias, no groups
+    ("softmax", (8, 3), False),  # DeepSeek-V2: softmax within groups
+    ("softmax", (0, 0), True),
+    ("softmax_weight", (0, 0), True),  # gpt-oss: router bias, top-k of the logits
+])
+def test_selection_logits_rank_experts_as_the_router_selects(gating, groups, biased):
+    from efedge import layers
+    from efedge.experts import predictor_kernels as pk
+
+    rng = np.random.default_rng(3)
+    e, k, t = 64, 8, 40
+    logits = rng.normal(0.0, 1.5, (t, e)).astype(np.float32)
+    rb = (rng.normal(0.0, 1.0, e) if gating == "softmax_weight" else np.zeros(e))
+    sb = rng.normal(0.0, 0.6, e) if biased and gating != "softmax_weight" else np.zeros(e)
+    mode = {"sigmoid": pk.SEL_SIGMOID, "softmax": pk.SEL_SOFTMAX,
+            "softmax_weight": pk.SEL_BIAS}[gating]
+    sel = _selection(mode, rb, sb, groups)
+    z = sel.apply(0, logits)
+    ids = layers.route_ext((logits + rb).astype(np.float32), k, gating,
+                           sb.astype(np.float32) if sb.any() else None, *groups)[0]
+    mine = np.argsort(-z.astype(np.float64), axis=1, kind="stable")[:, :k]
+    assert (np.sort(mine, axis=1) == np.sort(ids, axis=1)).all()
+    # the raw logits alone would name other experts: the test can fail
+    raw = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    assert (np.sort(raw, axis=1) != np.sort(ids, axis=1)).any()
+
+
+def test_selection_logits_without_biases_are_the_logits():
+    from efedge import layers
+    from efedge.experts import predictor_kernels as pk
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0.0, 2.0, (5, 16)).astype(np.float32)
+    zero = np.zeros(16)
+    z = _selection(pk.SEL_SIGMOID, zero, zero).apply(0, logits)
+    assert np.allclose(z, logits, atol=1e-4)
+    z = _selection(pk.SEL_SOFTMAX, zero, zero).apply(0, logits)
+    assert np.allclose(layers.softmax(z), layers.softmax(logits), atol=1e-6)
+    assert (_selection(pk.SEL_NONE, zero, zero).apply(0, logits) == logits).all()
+
+
+def test_pregating_predicts_what_a_biased_router_selects():
+    """A sigmoid router with a selection bias (DeepSeek-V3's exp_probs_b): the logits
+    favour experts 4, 5 at layer 1, the bias makes the router take 0, 1 — pre-gating
+    with the router's selection rule predicts 0, 1; without it, 4, 5."""
+    from efedge.experts import predictor_kernels as pk
+    from efedge.experts.selection import RouterSelection
+
+    h = np.zeros((1, D), dtype=np.float32)
+    h[0, 5], h[0, 6] = 1.0, 0.8  # layer 1: logits 4.0 / 3.2 on experts 4 / 5
+    sb = np.zeros((L, E), dtype=np.float32)
+    sb[1, :2] = 0.5  # sigmoid(0) + 0.5 = 1.0 > sigmoid(4.0) ≈ 0.98
+    sel = RouterSelection(pk.SEL_SIGMOID, np.zeros((L, E), np.float32), sb)
+    for selection, want in ((sel, {0, 1}), (None, {4, 5})):
+        pred = _only(HybridPredictor(L, E, K, max_distance=1), PREGATE)
+        pred.set_router_weights(_eye_routers(), selection)
+        pred.step(0, np.array([[2, 3]]), hidden=h, n_pred=1)
+        assert set(pred.order[0, :2].tolist()) == want
+
+
+@pytest.mark.parametrize("arch", ["deepseek2-v3", "gpt-oss"])
+def test_a_models_selection_rule_reproduces_its_routers_choice(tiny_gguf, arch):
+    """On a real forward pass (sigmoid + selection bias + expert groups; router bias),
+    the rule the predictors get names exactly the experts each router chose — and it is
+    what expertflow's predictor carries."""
+    import efedge
+    from efedge.experts import predictor_kernels as pk
+    from efedge.experts.selection import RouterSelection
+
+    with efedge.load(tiny_gguf(arch, "F16"), cache="50%", policy="expertflow") as m:
+        tf = m._tf
+        sel = RouterSelection.of_model(tf)
+        assert sel.mode == (pk.SEL_SIGMOID if arch == "deepseek2-v3" else pk.SEL_BIAS)
+        seen = []
+        hook = tf.on_route
+
+        def record(layer, hidden, ids, *a, **kw):
+            seen.append((layer, np.array(hidden, dtype=np.float32), np.array(ids)))
+            return hook(layer, hidden, ids, *a, **kw)
+
+        tf.on_route = record
+        m.logits(list(range(3, 40)))
+        k = m.config.n_expert_used
+        assert seen
+        for layer, h, ids in seen:
+            z = sel.apply(layer, tf.blocks[layer].ffn_gate_inp(h))
+            mine = np.sort(np.argsort(-z.astype(np.float64), axis=1, kind="stable")[:, :k])
+            assert (mine == np.sort(ids, axis=1)).all()
+        pred = m._experts.policy.predictor
+        assert pred.params[pk._P_SELMODE] == sel.mode
+        assert (pred.sel_sb == sel.select_bias).all() and (pred.sel_rb == sel.router_bias).all()

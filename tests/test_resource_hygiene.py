@@ -102,7 +102,8 @@ def _with_type(src, dst, tensor: str, qtype: int):
 def test_failed_loads_leak_nothing(path, tmp_path):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(path.read_bytes()[:-4096])  # fails validating tensors
-    late = _with_type(path, tmp_path / "late.gguf", "blk.1.attn_v.weight", 16)  # in Transformer
+    late = _with_type(path, tmp_path / "late.gguf", "blk.1.attn_v.weight",
+                      int(gguf.GGMLQuantizationType.NVFP4))  # refused in Transformer
     cases = [(truncated, {}), (late, {}), (path, {"cache": 1}), (path, {"n_ctx": 2**40}),
              (path, {"cache": "50%", "policy": "nope"})]
     for p, kw in cases:  # warm

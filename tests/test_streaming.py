@@ -17,7 +17,10 @@ from efedge.experts.streaming import StreamingExperts
 from efedge.experts.transfer import TransferEngine, parse_link
 from efedge.gguf_file import GGUFFile
 
-MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe"]
+# ernie4_5-moe-interleave: a MoE layer between two dense ones (Q4_K_M through llama.cpp's
+# quantizer, which reads the layout without loading it)
+MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "glm4moe", "ernie4_5-moe",
+             "ernie4_5-moe-interleave", "bailingmoe"]
 
 
 def _ids(n=24, seed=1, vocab=500):

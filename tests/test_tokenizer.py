@@ -149,7 +149,7 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
 
 # One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables.
 PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
-                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3")
+                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3", "bailingmoe")
 SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
               + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
               + ["Hello", "WORLD", "iPhone", "ÀÉé", "ΓΔγ", "ǅ", "'Re", "/"]
@@ -189,6 +189,24 @@ def test_deepseek_ranges_leave_out_unicode_whitespace(pair_files, pre):
                  "日\u3000本", "。\u3000。", "①\u2028②"):
         assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
             ascii(text)
+
+
+@pytest.mark.parametrize("pre", ["glm4", "glm5", "chatglm-bpe"])
+def test_glm_pre_tokenizers_match_llama_cpp(tmp_path, pre):
+    """Real GLM-4.5 / 4.6 files (glm4moe) name their pre-tokenizer "glm4": llama.cpp splits
+    it as llama-3 does and takes a whole word that is a token as that token without
+    merging (ignore_merges), which "chatglm-bpe" does not. The vocab holds words the
+    merges cannot reach."""
+    path = write_vocab_model(tmp_path / f"{pre}.gguf", "bpe", pre, add_bos=None,
+                             extra_tokens=[("Ġzzqqxx", 1), ("worldly", 1)])
+    tok, llm = _tok(path), _llama(path)
+    word = tok.token_to_id["Ġzzqqxx"]
+    for text in (" zzqqxx", "hello zzqqxx worldly", MIXED):
+        for add_special in (True, False):
+            want = llm.tokenize(text.encode(), add_special, False)
+            assert tok.encode(text, add_special, False) == want, (pre, ascii(text))
+    assert (word in tok.encode(" zzqqxx", False, False)) == (pre != "chatglm-bpe")
+    assert not tok.add_bos
 
 
 def test_gpt_oss_and_deepseek_v3_pre_tokenizers_load(tmp_path):

@@ -150,8 +150,8 @@ def test_unknown_tokenizer_is_named(path, tmp_path):
 
 
 @pytest.mark.parametrize(("base", "tensor", "qtype", "words"), [
-    ("Q4_K_M", "blk.0.attn_q.weight", 16, ["IQ2_XXS", "blk.0.attn_q.weight"]),
-    ("Q4_K_M", "blk.1.ffn_up_exps.weight", 16, ["IQ2_XXS", "blk.1.ffn_up_exps.weight"]),
+    ("Q4_K_M", "blk.0.attn_q.weight", 40, ["NVFP4", "blk.0.attn_q.weight"]),
+    ("Q4_K_M", "blk.1.ffn_up_exps.weight", 40, ["NVFP4", "blk.1.ffn_up_exps.weight"]),
     ("F16", "blk.0.attn_norm.weight", 26, ["I32", "blk.0.attn_norm.weight"]),
     ("F16", "output.weight", 200, ["200", "output.weight"]),
 ])

@@ -29,6 +29,9 @@ class ArchSpec:
     shared_gate: bool = True
     # a shared expert exists when "{arch}.expert_shared_feed_forward_length" is set
     shared_optional: bool = False
+    # … or, without that key, "{arch}.expert_shared_count" × the experts' width (deepseek2,
+    # bailingmoe); False: llama.cpp reads the width key only (ernie4_5-moe)
+    shared_by_count: bool = True
     # granite multipliers: embedding_scale, residual_scale, attention.scale, logit_scale
     scales: bool = False
     # the fused one-token kernels (kernels.decode) fit this arch; False: decode runs the
@@ -39,27 +42,52 @@ class ArchSpec:
     attention: str = "standard"
     # "softmax": softmax over all experts, top-k (norm_topk renormalises); "deepseek":
     # gating function, selection bias, expert groups, weights norm and scale from the
-    # metadata; "topk_softmax": top-k router logits, then softmax over those k (gpt-oss)
+    # metadata; "topk_softmax": top-k router logits, then softmax over those k (gpt-oss);
+    # "softmax_bias": softmax over all experts, the top k chosen by probability + the
+    # layer's selection bias (exp_probs_b) where it has one, weights the unbiased
+    # probabilities (norm_topk renormalises; ernie4_5-moe, no routing keys read)
     routing: str = "softmax"
     dense_lead: bool = False  # the first "{arch}.leading_dense_block_count" layers are dense
+    # past the dense lead, only layers il with (il + 1) % "{arch}.interleave_moe_layer_step"
+    # == 0 have experts, the others a dense FFN (ernie4_5-moe; the key is required)
+    moe_step: bool = False
     expert_bias: bool = False  # biases on the router and on each expert's gate / up / down
     expert_act: str = "silu"  # "silu": silu(gate)·up; "swiglu_oai": gpt-oss clamped SwiGLU
     ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
     # llama.cpp divides rope frequencies by the optional rope_freqs.weight (llama-3 files)
     rope_freqs: bool = False
+    # the qk-norm tensors may be absent (glm4moe: GLM-4.5 has them, GLM-4.5-Air does not);
+    # a layer without them has no qk norm
+    qk_norm_optional: bool = False
+    # routing="deepseek": the gating function when "{arch}.expert_gating_func" is absent
+    # or 0 (llama.cpp's per-arch default; glm4moe: "sigmoid")
+    default_gating: str = "softmax"
+    # every MoE layer must carry the selection bias exp_probs_b.bias (glm4moe); False:
+    # used when present (deepseek2)
+    sel_bias: bool = False
+    # "{arch}."-relative keys llama.cpp requires for this arch: a file without one is
+    # refused by name instead of run with a default
+    required_keys: tuple[str, ...] = ()
+
+
+def _modules() -> list[str]:
+    import efedge.archs as pkg
+
+    return [m.name for m in pkgutil.iter_modules(pkg.__path__)]
 
 
 def available() -> list[str]:
-    import efedge.archs as pkg
-
-    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(pkg.__path__))
+    """The general.architecture values efedge runs (each module's SPEC.name: a module
+    name cannot hold every character of one, e.g. ernie4_5-moe)."""
+    return sorted(importlib.import_module(f"efedge.archs.{m}").SPEC.name for m in _modules())
 
 
 def get(arch: str) -> ArchSpec:
     """The spec of a general.architecture value; UnsupportedModelError names it if unknown."""
     module_name = arch.replace("-", "_")
-    known = {a.replace("-", "_") for a in available()}
-    if not module_name.isidentifier() or module_name not in known:
-        raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported (supported: {', '.join(available())})")
-    return importlib.import_module(f"efedge.archs.{module_name}").SPEC
+    if module_name.isidentifier() and module_name in _modules():
+        spec = importlib.import_module(f"efedge.archs.{module_name}").SPEC
+        if spec.name == arch:
+            return spec
+    raise UnsupportedModelError(
+        f"architecture {arch!r} is not supported (supported: {', '.join(available())})")

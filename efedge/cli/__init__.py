@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import errno
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -26,7 +29,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def utf8_stdio() -> None:
+    """Generated text may hold any character. Windows gives a pipe or a file the ANSI code
+    page (cp1252 …): the first character it lacks was a UnicodeEncodeError mid-generation,
+    and UTF-8 piped in (`efedge chat < msgs.txt`) was read as cp1252. There streams that
+    are not a console read and write UTF-8, as llama.cpp does (a console is UTF-16 to
+    Python already). Elsewhere a non-UTF-8 locale replaces what it cannot write instead of
+    failing. PYTHONIOENCODING, when set, is the user's choice and wins."""
+    if os.environ.get("PYTHONIOENCODING"):
+        return
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        enc = getattr(stream, "encoding", None)
+        try:
+            if enc is None or codecs.lookup(enc).name == "utf-8" \
+                    or not hasattr(stream, "reconfigure"):
+                continue
+            if sys.platform == "win32" and not stream.isatty():
+                stream.reconfigure(encoding="utf-8")
+            elif stream is not sys.stdin:
+                stream.reconfigure(errors="replace")
+        except (LookupError, ValueError, OSError):  # a closed or already-read stream
+            pass
+
+
+def _stdout_gone() -> bool:
+    """Whether writing to stdout fails now (its pipe closed)."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    utf8_stdio()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -47,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as exc:
+        if sys.platform == "win32" and exc.errno == errno.EINVAL and _stdout_gone():
+            # Windows reports a pipe whose reader left (`efedge run … | more`, quit early)
+            # as EINVAL, not EPIPE: the same quiet end as BrokenPipeError above
+            return 0
         # last resort for a file or device the commands do not wrap themselves (a full
         # disk, a permission): one line, like EfedgeError; the traceback with -v. Other
         # exceptions are bugs and stay visible.

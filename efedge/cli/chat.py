@@ -3,8 +3,8 @@
 Replies stream token by token; after each one a line on stderr gives prompt and
 generation speed, the expert-cache hit rate and the stall time per token. Ctrl-C stops
 the reply in progress (what was written so far stays in the conversation); a second
-Ctrl-C, or Ctrl-D at the prompt, exits. Input is read line by line, so a pipe can drive
-it: `printf 'Hi\\n/bye\\n' | efedge chat`.
+Ctrl-C, or end of input at the prompt (Ctrl-D; Ctrl-Z Enter on Windows), exits. Input is
+read line by line, so a pipe can drive it: `printf 'Hi\\n/bye\\n' | efedge chat`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,17 @@ Commands:
   /clear               forget the conversation (keeps the system prompt)
   /stats               every counter of the model, and how full the context is
   /help, /?            this help
-  /bye, /exit          leave (Ctrl-D too)
+  /bye, /exit          leave ({eof} too)
 Start a message with \"\"\" to write several lines; end it with \"\"\".
 Ctrl-C stops a reply; Ctrl-C again exits."""
+
+
+
+def eof_key() -> str:
+    """The keys that end input at the prompt: Windows' console reads Ctrl-D as a character
+    (^D, sent as a message) and ends input with Ctrl-Z then Enter."""
+    return "Ctrl-Z Enter" if sys.platform == "win32" else "Ctrl-D"
+
 
 # /set NAME → (sampling key or "max_tokens", type)
 _SETTINGS: dict[str, tuple[str, type]] = {
@@ -206,7 +214,7 @@ class ChatREPL:
         if cmd in ("/bye", "/exit", "/quit"):
             return 0
         if cmd in ("/help", "/?"):
-            self.say(HELP)
+            self.say(HELP.format(eof=eof_key()))
         elif cmd == "/clear":
             self.clear()
             self.say("Cleared the conversation.")
@@ -311,7 +319,7 @@ class ChatREPL:
                 if last_was_interrupt:
                     return 130
                 last_was_interrupt = True
-                self.note("(Ctrl-C again or Ctrl-D or /bye to exit)")
+                self.note(f"(Ctrl-C again or {eof_key()} or /bye to exit)")
                 continue
             last_was_interrupt = False
             if not text.strip():
@@ -357,7 +365,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
-            pass
+            pass  # Windows has none: its console edits lines and keeps history itself
     with load_model(args, progress=progress_bar()) as m:
         sampling = sampling_kwargs(args)
         SamplingParams(**sampling).validate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -50,13 +51,18 @@ def probability(text: str) -> float:
 
 def read_text_file(path: str, what: str, errors: str = "strict") -> str:
     """A text file's contents (UTF-8), or an EfedgeError naming the file and the reason in
-    one line: missing, a directory, unreadable, not UTF-8 (with errors="strict")."""
+    one line: missing, a directory, unreadable, not UTF-8 (with errors="strict"). `~` is
+    the home directory (Windows' cmd.exe and PowerShell leave it to the program)."""
+    path = os.path.expanduser(path)
     try:
         with open(path, encoding="utf-8", errors=errors) as fh:
             return fh.read()
     except UnicodeDecodeError as exc:
+        # Windows PowerShell 5's `>` and Out-File write UTF-16 with a byte-order mark
+        utf16 = exc.object[:2] in (b"\xff\xfe", b"\xfe\xff")
+        hint = ": it is UTF-16 (PowerShell's `>` writes it); save it as UTF-8" if utf16 else ""
         raise EfedgeError(f"cannot read {what} {path!r}: not UTF-8 text (byte "
-                          f"0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+                          f"0x{exc.object[exc.start]:02x} at offset {exc.start}){hint}") from None
     except OSError as exc:
         raise EfedgeError(f"cannot read {what} {path!r}: {os_reason(exc)}") from None
 

@@ -25,6 +25,9 @@ def describe(path) -> dict:
         cfg = config_from_gguf(gf)
         types = Counter(t.qtype_name for t in gf.tensors.values())
         tensor_bytes = sum(t.nbytes for t in gf.tensors.values())
+        # the MTP blocks after the trunk (glm4moe's nextn layers): in the file, never read
+        mtp = tuple(f"blk.{il}." for il in range(cfg.n_layer, cfg.n_layer + cfg.n_nextn))
+        mtp_bytes = sum(t.nbytes for t in gf.tensors.values() if t.name.startswith(mtp))
         layers = []
         expert_bytes = 0
         for il in range(cfg.n_layer):
@@ -45,13 +48,16 @@ def describe(path) -> dict:
             "experts_used": cfg.n_expert_used, "expert_ffn": cfg.n_ff_exp,
             "shared_expert_ffn": cfg.n_ff_shexp, "expert_bytes": expert_bytes,
             "expert_share": expert_bytes / gf.file_size if gf.file_size else 0.0,
-            "non_expert_bytes": tensor_bytes - expert_bytes,
+            "non_expert_bytes": tensor_bytes - expert_bytes - mtp_bytes,
+            "mtp_layers": cfg.n_nextn, "mtp_bytes": mtp_bytes,
             "active_expert_bytes_per_token": sum(
                 lay["bytes_per_expert"] * cfg.n_expert_used for lay in layers),
             "quant_types": dict(types.most_common()), "expert_layers": layers,
             "dense_layers": [il for il in range(cfg.n_layer) if not cfg.is_moe_layer(il)]
             if cfg.is_moe else [],
-            "features": _features(cfg),
+            "features": _features(cfg) | ({"selection_bias": True} if any(
+                f"blk.{il}.exp_probs_b.bias" in gf.tensors for il in range(cfg.n_layer))
+                else {}),
         }
     finally:
         gf.close()
@@ -63,6 +69,8 @@ def _features(c) -> dict:
     if c.spec.scales:
         out.update(embedding_scale=c.embd_scale, residual_scale=c.residual_scale,
                    attention_scale=c.attn_scale, logit_scale=c.logit_scale)
+    if c.spec.attention != "mla" and c.rope_dim < c.head_dim:  # glm4moe: half of each head
+        out["rope_dims"] = f"{c.rope_dim} of {c.head_dim}"
     if c.spec.attention == "mla":
         out.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
                    rope_dims=c.rope_dim)
@@ -74,6 +82,10 @@ def _features(c) -> dict:
             f" (original context {r.n_ctx_orig})" if r.kind == "yarn" else "")
     if c.is_moe:
         out["routing"] = c.gating if c.spec.routing != "softmax" else "softmax"
+        if c.expert_weights_norm:
+            out["expert_weights_norm"] = True
+        if c.moe_layer_step > 1:  # ernie4_5-moe: experts every step-th layer
+            out["moe_layer_step"] = c.moe_layer_step
         if c.expert_weights_scale:
             out["expert_weights_scale"] = c.expert_weights_scale
         if c.n_expert_groups > 1:
@@ -122,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {n:>3} layers  {nb / 2**10:.1f} KiB per expert  (gate/up/down "
                   f"{'/'.join(qts)})")
     print(f"file           {_mib(info['file_bytes'])}, {info['n_tensors']} tensors, "
-          f"non-expert {_mib(info['non_expert_bytes'])}")
+          f"non-expert {_mib(info['non_expert_bytes'])}" + (
+              f", {info['mtp_layers']} MTP layer(s) {_mib(info['mtp_bytes'])} (not run)"
+              if info["mtp_layers"] else ""))
     print("quant types    " + ", ".join(f"{k}×{v}" for k, v in info["quant_types"].items()))
     return 0

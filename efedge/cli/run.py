@@ -48,10 +48,13 @@ def _read_stdin() -> str:
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else \
         sys.stdin.read().encode("utf-8")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EfedgeError(f"cannot read the prompt from standard input: not UTF-8 text "
                           f"(byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    # line ends as `-f FILE` reads them (and mlx-lm's sys.stdin.read()): universal
+    # newlines, so a prompt piped from a Windows file (CR LF) gives the same tokens
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from efedge.cli.common import (
 from efedge.errors import EfedgeError
 from efedge.sampling import SamplingParams
 
+_WSAEACCES = 10013
+
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 0-65535 (0: any free one)."""
@@ -56,6 +58,12 @@ def bind_error(host: str, port: int, exc: Exception) -> EfedgeError:
                   "or --port 0 for any free one")
     elif isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
         reason = f"{exc.strerror}: {host} is not an address of this machine"
+    elif isinstance(exc, OSError) and getattr(exc, "winerror", None) == _WSAEACCES:
+        # Windows' answer for a port another program holds exclusively, or one in a range
+        # the system reserved (Hyper-V, WSL): not a privilege, as EACCES is on POSIX
+        reason = (f"{exc.strerror}: the port is held by another program or reserved by "
+                  "Windows (see `netsh interface ipv4 show excludedportrange protocol=tcp`); "
+                  "choose another --port, or --port 0 for any free one")
     elif isinstance(exc, OSError) and exc.errno == errno.EACCES:
         reason = f"{exc.strerror} (ports below 1024 need privileges)"
     else:
@@ -66,9 +74,11 @@ def bind_error(host: str, port: int, exc: Exception) -> EfedgeError:
 def check_address(host: str, port: int) -> None:
     """Bind and release the address now, so a taken port or a bad host is reported before
     a model is loaded, not after (the server binds again: a race only costs the wait)."""
+    from efedge.server import set_bind_options
+
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the server's family
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        set_bind_options(s)  # as the server does (they differ on Windows)
         s.bind((host, port))
     except (OSError, OverflowError) as exc:
         raise bind_error(host, port, exc) from None

@@ -8,8 +8,9 @@ the demo model (2 cores, 50% cache): the compute thread lost ~40 µs per layer t
 Here the reads and the page-cache hints are libc calls made from one numba kernel
 (`nogil`), so a copy costs the compute thread two short GIL hand-overs, not seven.
 
-Linux and other POSIX systems with `pread` and `posix_fadvise`; elsewhere
-`available()` is False and the engine keeps its Python reads.
+Linux and other POSIX systems with `pread` and `posix_fadvise`; elsewhere (macOS has
+no `posix_fadvise`, Windows neither call) `available()` is False, the kernel is not even
+compiled, and the engine keeps its Python reads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 
 import numpy as np
 from numba import njit, types
+
+from efedge.errors import EfedgeError
 
 POSIX_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 
@@ -32,7 +35,7 @@ def _libc_has_them() -> bool:
     try:
         libc = ctypes.CDLL(None)
         return hasattr(libc, "pread") and hasattr(libc, "posix_fadvise")
-    except OSError:
+    except (OSError, TypeError):  # TypeError: Windows' LoadLibrary takes no None
         return False
 
 
@@ -43,49 +46,53 @@ def available() -> bool:
     return _AVAILABLE
 
 
-# ssize_t pread(int fd, void *buf, size_t n, off_t offset);
-# int posix_fadvise(int fd, off_t offset, off_t len, int advice);
-_pread = types.ExternalFunction("pread", types.intp(types.intc, types.voidptr, types.uintp,
-                                                    types.int64))
-_fadvise = types.ExternalFunction("posix_fadvise", types.intc(types.intc, types.int64,
-                                                              types.int64, types.intc))
+# The kernel calls pread and posix_fadvise by symbol name, and numba links a name it
+# cannot find to address 0 without a word: compiled where they are missing (macOS has no
+# posix_fadvise, Windows neither), the first call would crash the process. So it is only
+# built where `available()` says libc has both.
+_read_parts = None
+if _AVAILABLE:
+    # ssize_t pread(int fd, void *buf, size_t n, off_t offset);
+    # int posix_fadvise(int fd, off_t offset, off_t len, int advice);
+    _pread = types.ExternalFunction("pread", types.intp(types.intc, types.voidptr,
+                                                        types.uintp, types.int64))
+    _fadvise = types.ExternalFunction("posix_fadvise", types.intc(types.intc, types.int64,
+                                                                  types.int64, types.intc))
 
+    _BYTES = types.Array(types.uint8, 1, "C")
+    _I64 = types.Array(types.int64, 1, "C", readonly=True)
 
-_BYTES = types.Array(types.uint8, 1, "C")
-_I64 = types.Array(types.int64, 1, "C", readonly=True)
+    # one signature, compiled at import (from numba's cache after the first run): a buffer
+    # of another dtype or layout, or a read-only one, is a TypeError before any byte is
+    # written
+    _SIGNATURE = types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64, types.int64,
+                             types.intc)
 
-
-# one signature, compiled at import (from numba's cache after the first run): a buffer of
-# another dtype or layout, or a read-only one, is a TypeError before any byte is written
-_SIGNATURE = types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64, types.int64,
-                         types.intc)
-
-
-@njit(_SIGNATURE, nogil=True, cache=True, fastmath=False)
-def _read_parts(fd, gate, up, down, offsets, nbytes, page, advice):
-    """Read part i (nbytes[i] bytes at file offset offsets[i]) into the start of the i-th
-    buffer, then (advice ≥ 0) give the pages it spans that advice. Returns 0; -(i+1) when
-    part i hit a read error or the end of the file; -(10+i) when part i does not fit its
-    buffer (nothing read)."""
-    if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or page < 1:
-        return -20
-    for i in range(3):  # the reads write through raw pointers: every bound first
-        dst = gate if i == 0 else (up if i == 1 else down)
-        if nbytes[i] < 0 or offsets[i] < 0 or nbytes[i] > dst.shape[0]:
-            return -(10 + i)
-    for i in range(3):
-        dst = gate if i == 0 else (up if i == 1 else down)
-        n, off = nbytes[i], offsets[i]
-        done = 0
-        while done < n:
-            got = _pread(fd, dst.ctypes.data + done, n - done, off + done)
-            if got <= 0:
-                return -(i + 1)
-            done += got
-        if advice >= 0:
-            lo = off - off % page  # whole pages: those shared with neighbours go too
-            _fadvise(fd, lo, off + n - lo + page - 1, advice)
-    return 0
+    @njit(_SIGNATURE, nogil=True, cache=True, fastmath=False)
+    def _read_parts(fd, gate, up, down, offsets, nbytes, page, advice):
+        """Read part i (nbytes[i] bytes at file offset offsets[i]) into the start of the i-th
+        buffer, then (advice ≥ 0) give the pages it spans that advice. Returns 0; -(i+1) when
+        part i hit a read error or the end of the file; -(10+i) when part i does not fit its
+        buffer (nothing read)."""
+        if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or page < 1:
+            return -20
+        for i in range(3):  # the reads write through raw pointers: every bound first
+            dst = gate if i == 0 else (up if i == 1 else down)
+            if nbytes[i] < 0 or offsets[i] < 0 or nbytes[i] > dst.shape[0]:
+                return -(10 + i)
+        for i in range(3):
+            dst = gate if i == 0 else (up if i == 1 else down)
+            n, off = nbytes[i], offsets[i]
+            done = 0
+            while done < n:
+                got = _pread(fd, dst.ctypes.data + done, n - done, off + done)
+                if got <= 0:
+                    return -(i + 1)
+                done += got
+            if advice >= 0:
+                lo = off - off % page  # whole pages: those shared with neighbours go too
+                _fadvise(fd, lo, off + n - lo + page - 1, advice)
+        return 0
 
 
 def read_expert(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray, page: int,
@@ -96,7 +103,12 @@ def read_expert(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray, page: i
     cache budget is the only copy. False when a read failed or the file ended early: the
     caller reads again its own way, which names the error. A part that does not fit its
     buffer is a ValueError (nothing is read); a buffer of another dtype or layout, or a
-    read-only one, a TypeError."""
+    read-only one, a TypeError. Where `available()` is False, an EfedgeError: the caller
+    reads in Python (TransferEngine does)."""
+    if _read_parts is None:
+        raise EfedgeError(f"file_read needs pread and posix_fadvise, which this platform "
+                          f"({sys.platform}) lacks: read the file with os reads instead "
+                          "(TransferEngine falls back to them by itself)")
     rc = _read_parts(fd, parts[0], parts[1], parts[2], offsets, nbytes, page,
                      POSIX_FADV_DONTNEED if drop_pages else -1)
     if rc <= -10:

@@ -36,7 +36,7 @@ class NextLayer(Policy):
     def on_route(self, layer, hidden, ids, pregate=None) -> None:
         t0 = self.source.now()
         self._note_route(layer, ids)
-        nxt = layer + 1
+        nxt = layer + self._span(layer, 1)  # the next layer with experts
         if nxt < self.n_layer:
             logits = None
             if hidden is not None and not self._dense_checked and hidden.ndim == 2:
@@ -44,6 +44,9 @@ class NextLayer(Policy):
                 self._dense_checked = True
             if self.W is not None:
                 logits = np.asarray(hidden, dtype=np.float32) @ self.W[nxt].T
+                sel = self._selection()  # ranked as the router will select
+                if sel is not None:
+                    logits = sel.apply(nxt, logits)
             elif pregate is not None and pregate.shape[1] >= 1:
                 logits = np.asarray(pregate[:, 0], dtype=np.float32)
             else:
@@ -76,8 +79,10 @@ class _Predictive(Policy):
 
     def attach(self, source) -> None:
         super().attach(source)
+        # distances are in layers: reaching max_distance MoE layers may take more
+        reach = max(self._span(il, self.max_distance) for il in range(self.n_layer))
         self.predictor = HybridPredictor(self.n_layer, self.n_expert, self.n_active,
-                                         max_distance=self.max_distance, **self.predictor_kw)
+                                         max_distance=reach, **self.predictor_kw)
         if self.trace is not None:
             self.predictor.seed(self.trace)
         self._dense_checked = False
@@ -87,7 +92,7 @@ class _Predictive(Policy):
         if hidden is not None and not self._dense_checked and np.ndim(hidden) == 2:
             W = self._routers_dense(hidden.shape[1])
             if W is not None:
-                pred.set_router_weights(W)
+                pred.set_router_weights(W, self._selection())
             self._dense_checked = True
         h = hidden if pred.W.shape[0] else None
         if h is None and pregate is None:
@@ -115,12 +120,15 @@ class FixedHorizon(_Predictive):
     def on_route(self, layer, hidden, ids, pregate=None) -> None:
         t0 = self.source.now()
         self._note_route(layer, ids)
-        self._predict(layer, hidden, ids, pregate, self.horizon)
+        reach = self._span(layer, self.horizon)  # the next H layers with experts
+        self._predict(layer, hidden, ids, pregate, reach)
         pred, cache = self.predictor, self.source.cache
         n_tok = np.asarray(ids).reshape(-1, self.n_active).shape[0]
         room = self._room()
-        for d in range(1, self.horizon + 1):
+        for d in range(1, reach + 1):
             m = (layer + d) % self.n_layer
+            if cache.layer_class[m] < 0:
+                continue  # a dense layer: nothing to load
             # one token: its top-k; a batch: as many as it is expected to need
             k = self.n_active if n_tok == 1 else int(round(float(pred.p_use[d - 1].sum())))
             want = [int(e) for e in pred.order[d - 1, :max(k, 1)] if cache.where[m, e] < 0]
@@ -162,8 +170,10 @@ class ExpertFlow(_Predictive):
         self._seen = None
         self.horizon = 1
         self.cancelled = 0
-        self._mean_bytes = float(np.mean([source.store.expert_bytes(i)
-                                          for i in range(self.n_layer)]))
+        # an expert's bytes on average over the layers that have experts (a dense layer's
+        # 0 would shrink τ, and with it the look-ahead, in proportion to the dense layers)
+        sizes = [b for b in map(source.store.expert_bytes, range(self.n_layer)) if b > 0]
+        self._mean_bytes = float(np.mean(sizes)) if sizes else 0.0
         cache = source.cache
         per_class = np.bincount(cache.layer_class[cache.layer_class >= 0],  # not dense layers
                                 minlength=len(cache.class_slots))
@@ -223,21 +233,21 @@ class ExpertFlow(_Predictive):
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
         self.controller.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
-        h_need = self._h_need()
+        h_need = self._h_need()  # in MoE layers; _span turns a count into a distance
         # predict as far as the controller looks, and this layer's next turn (eviction
         # values read p_next; the layers in between were valued on earlier steps)
         if self.value_all:
-            self._predict(layer, hidden, ids2, pregate,
-                          max(h_need + self.explore, min(self.max_distance, self.n_layer)))
+            self._predict(layer, hidden, ids2, pregate, self._span(layer, max(
+                h_need + self.explore, min(self.max_distance, self.n_layer))))
         else:
             # every layer in turn: by pass + layer, so that with an even number of layers
             # the same layers do not always explore and the others never
             turn = self._step // self.n_layer + layer
             explore = self.explore if turn % self.explore_every == 0 else 0
             self._predict(layer, hidden, ids2, pregate,
-                          min(h_need + explore, self.max_distance),
+                          self._span(layer, min(h_need + explore, self.max_distance)),
                           also=self.n_layer if self.value_next else 0)
-        self.horizon = self._plan_prefetches(layer, h_need)
+        self.horizon = self._plan_prefetches(layer, self._span(layer, h_need))
         if self._stager is not None:
             self._plan_stage(layer, self.horizon)
         self._record_horizon(float(self.horizon))
@@ -283,8 +293,8 @@ class ExpertFlow(_Predictive):
                                     float(eng.latency_ewma))
 
     def _plan_prefetches(self, layer: int, h_need: int) -> int:
-        """Plan the predicted experts above p_min within h_need layers after `layer`;
-        returns the horizon used (at least 1)."""
+        """Plan the predicted experts above p_min within h_need layers after `layer` (a
+        distance: dense layers count); returns the horizon used (at least 1)."""
         pred, cache, ctl = self.predictor, self.source.cache, self.controller
         # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile)
         n, ms, es, ps, ds, horizon = select_prefetch(
@@ -319,10 +329,11 @@ class ExpertFlow(_Predictive):
         h_need = self._h_need()
         # as far as on_route would predict (predicting all L layers for their eviction
         # values cost 20 µs more per token and changed no simulated figure)
-        self.predictor.predict_pass_start(min(h_need + self.explore, self.max_distance, L))
+        self.predictor.predict_pass_start(
+            self._span(L - 1, min(h_need + self.explore, self.max_distance, L)))
         self.needed[:] = False  # the last layer is done: nothing of it is still to be used
         self.cur_layer = L - 1
-        self._plan_prefetches(L - 1, min(h_need, L))
+        self._plan_prefetches(L - 1, self._span(L - 1, min(h_need, L)))
         self._flush_plan()
         self.overhead_s += src.now() - t0
 

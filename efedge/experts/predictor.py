@@ -43,10 +43,13 @@ import numpy as np
 
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_INC,
+    _P_NGUSED,
     _P_REACHF,
+    _P_SELMODE,
     N_COMP,
     POPULAR,
     PREGATE,
+    SEL_NONE,
     TEMPORAL,
     TOKEN,
     TRANSITION,
@@ -78,10 +81,12 @@ class HybridPredictor:
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
         self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
-        # the last entry (_P_REACHF): how far predictions reached lately; transitions are
-        # learned that far + LEARN_MARGIN (the step kernel keeps it)
+        # _P_REACHF: how far predictions reached lately; transitions are learned that far
+        # + LEARN_MARGIN (the step kernel keeps it); the last three: how the routers select
+        # (mode, expert groups, groups used: efedge/experts/selection.py)
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
-                                weight_floor, 0.1, popularity_rate, dm], dtype=np.float64)
+                                weight_floor, 0.1, popularity_rate, dm, SEL_NONE, 0, 0],
+                               dtype=np.float64)
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
         self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency
@@ -115,6 +120,9 @@ class HybridPredictor:
         self.W = np.zeros((0, 0, 0), dtype=np.int8)
         self.W_scale = np.zeros((0, 0), dtype=np.float32)
         self._w_width = -1  # no router weights: pre-gating logits come from the caller
+        # the routers' biases [L, E] (router bias, selection bias), as selection.py reads them
+        self.sel_rb = np.zeros((L, E), dtype=np.float32)
+        self.sel_sb = np.zeros((L, E), dtype=np.float32)
         self.pass_no = -1
         self.step_no = -1
         self._last_layer = L
@@ -132,11 +140,14 @@ class HybridPredictor:
         self._state = (self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
                        self.weights, self.prec, self.prec_n, self.recall, self.ring_q,
                        self.ring_avail, self.ring_rank, self.ring_made, self.p_use, self.order,
-                       self.p_next, self.tok_hist, self.params)
+                       self.p_next, self.tok_hist, self.params, self.sel_rb, self.sel_sb)
 
     # -- inputs ---------------------------------------------------------------------------
-    def set_router_weights(self, W: np.ndarray) -> None:
-        """Routers as dense matrices [L, E, D] (router logits = W[m] @ h)."""
+    def set_router_weights(self, W: np.ndarray, selection=None) -> None:
+        """Routers as dense matrices [L, E, D] (router logits = W[m] @ h); `selection`
+        (a selection.RouterSelection): how the routers turn logits into their choice —
+        biases, sigmoid gating, expert groups — so that pre-gating ranks experts as the
+        router will (None: by the logits, a plain softmax router)."""
         W = np.asarray(W, dtype=np.float32)
         if W.ndim != 3 or W.shape[:2] != (self.n_layer, self.n_expert):
             raise ValueError(f"router weights must be [{self.n_layer}, {self.n_expert}, D], "
@@ -146,6 +157,11 @@ class HybridPredictor:
         self.W = np.ascontiguousarray(np.round(W / scale[:, :, None]), dtype=np.int8)
         self.W_scale = np.ascontiguousarray(scale, dtype=np.float32)
         self._w_width = self.W.shape[2]  # a hidden state this wide is pre-gated
+        if selection is not None:
+            self.sel_rb[:] = selection.router_bias
+            self.sel_sb[:] = selection.select_bias
+            self.params[_P_SELMODE:_P_NGUSED + 1] = (selection.mode, selection.n_groups,
+                                                     selection.n_group_used)
 
     def seed(self, experts, weight: float = 1.0) -> None:
         """Transition counts from a routing trace: an array [n_tokens, n_layer, K] of

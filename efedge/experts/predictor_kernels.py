@@ -13,7 +13,9 @@ PREGATE, TRANSITION, TEMPORAL, POPULAR, TOKEN = 0, 1, 2, 3, 4
 N_COMP = 5
 # params vector (float64), indices
 (_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP,
- _P_REACHF) = range(10)
+ _P_REACHF, _P_SELMODE, _P_NGROUP, _P_NGUSED) = range(13)
+# how a router's logits become its selection order (efedge/experts/selection.py)
+SEL_NONE, SEL_BIAS, SEL_SOFTMAX, SEL_SIGMOID = 0, 1, 2, 3
 LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach
 REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
@@ -206,6 +208,85 @@ def _router_logits(wq, scale, x):
     return out
 
 
+_SEL_EDGE = 0.01  # biased gate scores map through logit / log inside [edge, 1 - edge] …
+_SEL_SLOPE = 4.0  # … and linearly beyond (logit's slope at 0.5): order kept, no infinity
+
+
+@njit(cache=True, fastmath=False)
+def _selection_logits(z, mode, rb, sb, n_groups, n_used):
+    """In place: router logits z [E] (float64) → logits ordered as the router selects.
+    SEL_NONE: as they are; SEL_BIAS: + router bias + selection bias (top-k of the
+    logits, gpt-oss); SEL_SOFTMAX / SEL_SIGMOID: s = gate(z + rb) + sb as llama.cpp
+    selects (DeepSeek-V3's selection bias). Without a selection bias the logits (+ rb)
+    order the gate's scores already and are kept: their softmax stays the predictor's
+    pre-gating distribution, as for a plain softmax router. With one, s is mapped back
+    to a logit scale (log s for softmax, logit s for sigmoid), monotone everywhere —
+    biased scores leave (0, 1). With expert groups (DeepSeek-V2 / V3), experts outside
+    the n_used groups whose two best s sum highest fall 30 below the lowest logit
+    (finite: a trace row with -inf reads as unknown)."""
+    e_n = z.shape[0]
+    if mode == SEL_NONE and not (n_groups > 1 and 0 < n_used < n_groups):
+        return
+    biased = False
+    for e in range(e_n):
+        z[e] += rb[e]
+        biased = biased or sb[e] != 0.0
+    s = np.empty(e_n)  # the gate's selection scores
+    if mode == SEL_SOFTMAX:
+        mx = -np.inf
+        for e in range(e_n):
+            mx = max(mx, z[e])
+        tot = 0.0
+        for e in range(e_n):
+            s[e] = np.exp(z[e] - mx)
+            tot += s[e]
+        for e in range(e_n):
+            s[e] = s[e] / tot + sb[e]
+    elif mode == SEL_SIGMOID:
+        for e in range(e_n):
+            s[e] = 1.0 / (1.0 + np.exp(-z[e])) + sb[e]
+    else:
+        for e in range(e_n):
+            s[e] = z[e] + sb[e]
+    if biased or mode == SEL_BIAS or mode == SEL_NONE:
+        lo, hi = _SEL_EDGE, 1.0 - _SEL_EDGE
+        for e in range(e_n):
+            v = s[e]
+            if mode == SEL_SOFTMAX:
+                z[e] = np.log(v) if v >= lo else np.log(lo) + _SEL_SLOPE * (v - lo) / lo
+            elif mode == SEL_SIGMOID:
+                w = min(max(v, lo), hi)
+                z[e] = np.log(w / (1.0 - w)) + _SEL_SLOPE * (v - w)
+            else:
+                z[e] = v
+    if n_groups > 1 and 0 < n_used < n_groups and e_n % n_groups == 0:
+        per = e_n // n_groups
+        score = np.empty(n_groups)
+        low = np.inf
+        for g in range(n_groups):
+            b1, b2 = -np.inf, -np.inf  # the group's two best selection scores
+            for e in range(g * per, (g + 1) * per):
+                low = min(low, z[e])
+                if s[e] > b1:
+                    b1, b2 = s[e], b1
+                elif s[e] > b2:
+                    b2 = s[e]
+            score[g] = b1 + b2
+        keep = _rank_desc(score)  # ties towards the lower group, as a stable argsort
+        for r in range(n_used, n_groups):
+            g = keep[r]
+            for e in range(g * per, (g + 1) * per):
+                z[e] = low - 30.0
+
+
+@njit(cache=True, fastmath=False)
+def _selection_rows(z, mode, rb, sb, n_groups, n_used):
+    """_selection_logits on each row of z [T, E] (selection.py's numpy entry; here, in
+    the file of the function it calls: numba's cache checks only the caller's file)."""
+    for t in range(z.shape[0]):
+        _selection_logits(z[t], mode, rb, sb, n_groups, n_used)
+
+
 @njit(cache=True, fastmath=False)
 def _pregate_row(row):
     """Router logits → probabilities; None-like (all zero) when the row carries no
@@ -275,7 +356,7 @@ def _isotonic_decreasing(y):
 def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
              cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
              recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
-             params):
+             params, sel_rb, sel_sb):
     """Calibrated probabilities of use for distances 1..n_pred (into p_use / order).
     layer -1: the start of a pass, before its first layer (targets d - 1, this pass)."""
     t_n, k = ids.shape
@@ -284,6 +365,8 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
     e_n = recent.shape[2]
     ring = ring_made.shape[0]
     eps = params[_P_EPS]
+    sel_mode = int(params[_P_SELMODE])
+    n_groups, n_used = int(params[_P_NGROUP]), int(params[_P_NGUSED])
     # distances n_pred..1 (nearest last, so p_next keeps the nearest view), and before
     # them `extra` if it lies beyond: one more layer to value for eviction
     n_d = n_pred + (1 if extra > n_pred else 0)
@@ -308,7 +391,9 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
             q = np.zeros((N_COMP, e_n))
             av = np.zeros(N_COMP, dtype=np.bool_)
             if same and has_w:
-                q[PREGATE] = _softmax(_router_logits(W[m], Ws[m], h[t]))
+                z = _router_logits(W[m], Ws[m], h[t])
+                _selection_logits(z, sel_mode, sel_rb[m], sel_sb[m], n_groups, n_used)
+                q[PREGATE] = _softmax(z)
                 av[PREGATE] = True
             elif same and pg.shape[1] >= d:
                 q[PREGATE], av[PREGATE] = _pregate_row(pg[t, d - 1])
@@ -405,7 +490,7 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
 def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
           cur_ids, cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
           recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
-          params):
+          params, sel_rb, sel_sb):
     """One routed layer: score the predictions that targeted it (feedback), learn from
     its choice, predict. The arguments from last_hist on are the predictor's persistent
     state, in the order of HybridPredictor._state."""
@@ -422,4 +507,4 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
         _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
                  cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
                  recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next,
-                 tok_hist, params)
+                 tok_hist, params, sel_rb, sel_sb)

@@ -13,9 +13,9 @@ A policy is a small object with these hooks, all called on the compute thread:
   hidden state, for sources without router weights (the trace simulator).
 
 Policies only talk to the source through `prefetch(layer, experts, priority=)`,
-`cancel_prefetch`, `cache`, `store`, `routers`, `n_active`, `engine.bandwidth_ewma /
-latency_ewma`, `counters` and `now()`, so the simulator runs this same code on a virtual
-clock.
+`cancel_prefetch`, `cache`, `store`, `routers` (and `selection`), `n_active`,
+`engine.bandwidth_ewma / latency_ewma`, `counters` and `now()`, so the simulator runs
+this same code on a virtual clock.
 
 Here: the base class, `ondemand` (alias `lru`: load on miss, LRU — llama.cpp's
 --moe-cache-mib behaviour), `lfu`, the registry and cache-aware routing. In
@@ -54,6 +54,18 @@ class Policy:
         self._plan: list[tuple] = []  # prefetches decided in on_route, issued after demand
         self._evict_limit = np.inf  # while issuing a prefetch: evict only what is worth less
         self._evict_p_limit = np.inf  # … and only victims less likely to be used than this
+        self._spans = _moe_spans(source)
+
+    def _span(self, layer: int, n: int) -> int:
+        """The layer distance from `layer` that takes in the next n MoE layers (cyclic:
+        the next pass follows the last layer). Look-ahead is counted in MoE layers, as the
+        horizon controller measures compute from one routed layer to the next, while the
+        predictor and the cache address layers by index: dense layers between them
+        (deepseek2's lead, ernie4_5-moe's interleaved ones) hold nothing to load. n when
+        every layer has experts."""
+        if self._spans is None or n <= 0:
+            return n
+        return int(self._spans[layer % self.n_layer, min(n, self._spans.shape[1] - 1)])
 
     def victim(self, cache, candidates: np.ndarray) -> int:
         raise NotImplementedError
@@ -108,27 +120,40 @@ class Policy:
 
     def _routers_dense(self, width: int) -> np.ndarray | None:
         """The routers as one float32 [L, E, D] array when they are plain matrices
-        (QMatrix: `raw` + `qtype`), else None (callables are used as they are)."""
+        (QMatrix: `raw` + `qtype`; a dense layer's None: zero rows, never prefetched
+        for), else None (callables are used as they are)."""
         routers = getattr(self.source, "routers", None)
-        if not routers or not all(hasattr(r, "raw") and hasattr(r, "qtype") for r in routers):
+        if not routers or not all(r is None or hasattr(r, "raw") and hasattr(r, "qtype")
+                                  for r in routers) or all(r is None for r in routers):
             return None
         from efedge import kernels
 
-        W = np.stack([kernels.dequantize(np.ascontiguousarray(r.raw), r.qtype)
-                      .reshape(self.n_expert, -1) for r in routers]).astype(np.float32)
-        return W if W.shape[2] == width else None
+        mats = [None if r is None else kernels.dequantize(np.ascontiguousarray(r.raw), r.qtype)
+                .reshape(self.n_expert, -1).astype(np.float32) for r in routers]
+        if any(m is not None and m.shape[1] != width for m in mats):
+            return None
+        zero = np.zeros((self.n_expert, width), dtype=np.float32)
+        return np.stack([zero if m is None else m for m in mats])
+
+    def _selection(self):
+        """How the source's routers select (selection.RouterSelection), or None."""
+        return getattr(self.source, "selection", None)
 
     def _pregate_logits(self, layer: int, hidden, n: int) -> np.ndarray | None:
-        """Router logits of layers layer+1..layer+n on `hidden` by calling the routers
-        (the generic path; NaN beyond the last layer)."""
+        """Selection logits (selection.py) of layers layer+1..layer+n on `hidden` by
+        calling the routers (the generic path; NaN beyond the last layer and for dense
+        layers)."""
         routers = getattr(self.source, "routers", None)
         if not routers or hidden is None or n <= 0:
             return None
+        sel = self._selection()
         t = hidden.shape[0]
         out = np.full((t, n, self.n_expert), np.nan, dtype=np.float32)
         for d in range(1, n + 1):
-            if layer + d < self.n_layer:
-                out[:, d - 1] = np.asarray(routers[layer + d](hidden), dtype=np.float32)
+            m = layer + d
+            if m < self.n_layer and routers[m] is not None:
+                logits = np.asarray(routers[m](hidden), dtype=np.float32)
+                out[:, d - 1] = logits if sel is None else sel.apply(m, logits)
         return out
 
     def _room(self) -> np.ndarray:
@@ -184,6 +209,22 @@ class Policy:
             if self.fetched_at.shape[0] != cache.n_slots:
                 self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
             self.fetched_at[slots[got]] = cache.tick
+
+
+def _moe_spans(source) -> np.ndarray | None:
+    """[layer, n] → the distance to the n-th MoE layer after `layer` (cyclic), or None
+    when every layer has experts (the distance is n)."""
+    cache = getattr(source, "cache", None)
+    lc = getattr(cache, "layer_class", None)
+    if lc is None or (np.asarray(lc) >= 0).all():
+        return None
+    moe = np.flatnonzero(np.asarray(lc) >= 0)
+    n_layer = len(lc)
+    out = np.zeros((n_layer, len(moe) + 1), dtype=np.int64)
+    for il in range(n_layer):
+        ahead = np.sort((moe - il - 1) % n_layer) + 1  # distances 1..n_layer, nearest first
+        out[il, 1:] = ahead
+    return out
 
 
 class OnDemandLRU(Policy):

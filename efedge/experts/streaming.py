@@ -25,11 +25,15 @@ WAIT_TIMEOUT_S = 60.0  # a load that makes no progress for this long is an error
 
 class StreamingExperts:
     def __init__(self, store: ExpertStore, cache: ExpertCache, engine: TransferEngine,
-                 policy, counters: Counters, routers=None, n_active: int | None = None):
+                 policy, counters: Counters, routers=None, n_active: int | None = None,
+                 selection=None):
         self.store, self.cache, self.engine = store, cache, engine
         self.policy, self.counters = policy, counters
-        # per layer, a callable hidden [T, D] → router logits [T, E] (pre-gating predictors)
+        # per layer, a callable hidden [T, D] → router logits [T, E] (pre-gating predictors;
+        # None for a dense layer), and how those logits become the router's choice
+        # (selection.RouterSelection; None: a plain softmax router, ranked by its logits)
         self.routers = routers
+        self.selection = selection
         self.n_active = n_active
         self.cond = cache.cond
         self._submitted_seen = 0  # engine.submitted when this thread last yielded

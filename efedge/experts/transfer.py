@@ -21,8 +21,10 @@
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 import logging
+import mmap
 import os
 import re
 import sys
@@ -49,6 +51,37 @@ NAMED_LINKS = {
 }
 RETRIES = 3
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
+# Windows opens a descriptor in text mode unless told: a read would turn CR LF into LF
+# and stop at the first 0x1A byte (Ctrl-Z), silently corrupting experts. 0 elsewhere.
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_F_NOCACHE = 48  # macOS <sys/fcntl.h>: reads on this descriptor bypass the page cache
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _preadv_seek(fd: int, buffers: list, offset: int) -> int:
+    """os.preadv where the os module has neither preadv nor pread (Windows): seek, then
+    read straight into the buffer. The workers share one descriptor (and its file
+    position), so the two steps hold a lock; a read is still one system call, into the
+    slot, with no copy."""
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        with io.FileIO(fd, "rb", closefd=False) as f:
+            return f.readinto(buffers[0]) or 0
+
+
+def _preadv_copy(fd: int, buffers: list, offset: int) -> int:
+    """os.preadv where only os.pread exists (a Python built without preadv, e.g. one for
+    macOS before 11): read, then copy into the buffer."""
+    data = os.pread(fd, len(buffers[0]), offset)
+    buffers[0][:len(data)] = data
+    return len(data)
+
+
+# the positional read the Python path uses: os.preadv on Linux (into the slot, no copy)
+_preadv = getattr(os, "preadv", None) or (_preadv_copy if hasattr(os, "pread")
+                                          else _preadv_seek)
 
 
 def _tight_timer_slack() -> None:
@@ -61,8 +94,24 @@ def _tight_timer_slack() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
-    except (OSError, AttributeError):
+    except Exception:  # noqa: BLE001 - best effort. It runs before the worker's own
+        # guard: anything escaping here (a libc ctypes cannot open by None raises
+        # TypeError, as Windows' LoadLibrary does) killed the worker unreplaced, and every
+        # load then waited out the 60 s no-progress limit
         pass
+
+
+def _no_page_cache(fds: list[int]) -> None:
+    """fcntl(F_NOCACHE, 1) on each descriptor (macOS); a failure only costs page cache."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for fd in fds:
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", _F_NOCACHE), 1)
+        except OSError as exc:
+            log.info("F_NOCACHE refused (%s): expert reads stay in the page cache", exc)
 
 
 @dataclass(frozen=True)
@@ -124,7 +173,7 @@ class TransferEngine:
         self._fds: list[int] = []
         try:
             for p in paths:
-                self._fds.append(os.open(p, os.O_RDONLY))
+                self._fds.append(os.open(p, os.O_RDONLY | _O_BINARY))
         except OSError:
             for fd in self._fds:
                 os.close(fd)
@@ -134,7 +183,12 @@ class TransferEngine:
             # no readahead: it would pull neighbouring experts into the page cache
             for fd in self._fds:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        elif sys.platform == "darwin":
+            # macOS has no posix_fadvise: F_NOCACHE keeps what these descriptors read out
+            # of the page cache instead (the budget stays what experts occupy; pages the
+            # mapping already holds are still served from memory)
+            _no_page_cache(self._fds)
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else mmap.PAGESIZE
         self._queue: list[Job] = []
         self._seq = itertools.count()
         self.submitted = 0  # jobs ever queued (the compute thread yields when it grows)
@@ -200,7 +254,7 @@ class TransferEngine:
         done = 0
         fd = self._fd if fd is None else fd
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = _preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise OSError(f"unexpected end of file at byte {offset + done}")
             done += n

@@ -42,6 +42,26 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _mac_hint() -> str:
+    import sys
+
+    return ("; macOS has no CUDA: on Apple silicon the CPU path's expert cache lives in the "
+            "unified memory" if sys.platform == "darwin" else "")
+
+
+def _import_torch(device):
+    """torch, or the UnsupportedModelError a user without it should see (the CLI turns it
+    into one line; a bare ImportError was a traceback) — e.g. on a Mac, where mlx users
+    have no torch and no CUDA."""
+    try:
+        import torch
+    except ImportError:
+        raise UnsupportedModelError(
+            f"device={device!r} needs torch with CUDA (pip install -e '.[gpu]' with your "
+            f"CUDA build of torch); use device='cpu'{_mac_hint()}") from None
+    return torch
+
+
 def _bytes(spec, what: str) -> int:
     from efedge.experts.cache import parse_budget
 
@@ -57,7 +77,7 @@ class CudaModel:
     def __init__(self, gf, config, *, cache, policy, link, vram, reserve, n_ctx, device,
                  workers, hybrid, dense, counters, ubatch, scratch_bytes, policy_kwargs,
                  own_file, host_cache=None, disk_link=None):
-        import torch
+        torch = _import_torch(device)
 
         from efedge.experts.cache import parse_budget
         from efedge.experts.stats import Counters
@@ -75,7 +95,7 @@ class CudaModel:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UnsupportedModelError(
                 f"device={device!r} needs an NVIDIA GPU and a CUDA build of torch; torch "
-                f"{torch.__version__} sees no GPU (use device='cpu')")
+                f"{torch.__version__} sees no GPU (use device='cpu'{_mac_hint()})")
         if dev.type not in ("cuda", "cpu"):
             raise UnsupportedModelError(f"device {device!r}: efedge.gpu runs 'cuda' (and "
                                         "torch's 'cpu' device for tests)")

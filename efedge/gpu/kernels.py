@@ -26,6 +26,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from efedge.errors import UnsupportedModelError
 
+from . import kernels_iq as _iq
+
 Q = GGMLQuantizationType
 QK_K = 256
 KVALUES_IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -234,6 +236,9 @@ _DECODERS = {
     int(Q.Q5_0): _q5_0, int(Q.Q5_1): _q5_1,
     int(Q.Q2_K): _q2_k, int(Q.Q3_K): _q3_k, int(Q.Q4_K): _q4_k, int(Q.Q5_K): _q5_k,
     int(Q.Q6_K): _q6_k, int(Q.IQ4_NL): _iq4_nl, int(Q.IQ4_XS): _iq4_xs,
+    int(Q.IQ2_XXS): _iq.iq2_xxs, int(Q.IQ2_XS): _iq.iq2_xs, int(Q.IQ2_S): _iq.iq2_s,
+    int(Q.IQ3_XXS): _iq.iq3_xxs, int(Q.IQ3_S): _iq.iq3_s, int(Q.IQ1_S): _iq.iq1_s,
+    int(Q.IQ1_M): _iq.iq1_m, int(Q.TQ1_0): _iq.tq1_0, int(Q.TQ2_0): _iq.tq2_0,
 }
 SUPPORTED_QTYPES: frozenset[int] = frozenset(_DECODERS)
 
@@ -297,7 +302,9 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int,
 # -- activation rounding (efedge/kernels/activations.py, op for op) ------------------------
 
 _Q8_0_ROUNDED = {int(t) for t in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_1)}
-_Q8_K_ROUNDED = {int(t) for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)}
+_Q8_K_ROUNDED = {int(t) for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
+                                  Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
+                                  Q.IQ1_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0)}
 
 
 def _round_q8_0(x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def refresh_stale_cache(dispatcher) -> bool:
     digest = sources_digest()
     stamp = cache_dir / STAMP
     try:
-        if stamp.read_text() == digest:
+        if stamp.read_text(encoding="utf-8") == digest:
             return False
     except OSError:
         pass
@@ -43,7 +43,7 @@ def refresh_stale_cache(dispatcher) -> bool:
         except OSError:  # another process got there first, or a read-only cache
             pass
     try:
-        stamp.write_text(digest)
+        stamp.write_text(digest, encoding="utf-8")
     except OSError:
         return False
     return True

@@ -22,14 +22,34 @@ item wrote) and ``wait_stage`` reads with acquire ordering, so results written b
 """
 
 import platform
+import sys
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _yield_symbol() -> str:
+    """The C function ``sched_yield`` calls: libc's ``sched_yield`` on Linux and macOS.
+    Windows has none, and numba links a call to a symbol it cannot find to address 0 (the
+    first thread that waited ~50 µs for a stage would crash the process); kernel32's
+    ``SwitchToThread`` does the same job there (the core goes to a ready thread, if any),
+    registered with LLVM by address since the JIT does not search kernel32 by name."""
+    if sys.platform != "win32":
+        return "sched_yield"
+    import ctypes
+
+    fn = ctypes.windll.kernel32.SwitchToThread
+    llvm.add_symbol("SwitchToThread", ctypes.cast(fn, ctypes.c_void_p).value)
+    return "SwitchToThread"
+
+
+_YIELD = _yield_symbol()
 
 
 def _item_pointer(context, builder, aryty, ary, idx):
@@ -85,11 +105,12 @@ def cpu_relax(typingctx):
 
 @intrinsic
 def sched_yield(typingctx):
-    """libc sched_yield(): give the core away (a peer thread may be waiting for it)."""
+    """libc sched_yield() (Windows: SwitchToThread): give the core away (a peer thread
+    may be waiting for it)."""
 
     def codegen(context, builder, sig, args):
-        fty = ir.FunctionType(ir.IntType(32), [])
-        builder.call(cgutils.get_or_insert_function(builder.module, fty, "sched_yield"), [])
+        fty = ir.FunctionType(ir.IntType(32), [])  # both return an int (BOOL on Windows)
+        builder.call(cgutils.get_or_insert_function(builder.module, fty, _YIELD), [])
         return context.get_dummy_value()
 
     return types.none(), codegen

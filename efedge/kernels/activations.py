@@ -2,7 +2,8 @@
 
 ggml multiplies a quantized weight by activations converted to the weight type's
 "vec_dot_type": Q8_0 blocks for the legacy 32-element quants and IQ4_NL, Q8_1 for Q4_1 /
-Q5_1, Q8_K blocks for the K-quants and IQ4_XS, F16 for F16 weights, BF16 for BF16. The
+Q5_1, Q8_K blocks for the K-quants, IQ4_XS, the IQ1 / IQ2 / IQ3 types and TQ1_0 / TQ2_0
+(ggml-cpu.c's type_traits_cpu), F16 for F16 weights, BF16 for BF16. The
 rounding moves logits by ~0.5% and, through near-tied routing, can flip which experts a
 token uses; rounding our activations the same way keeps efedge on llama.cpp's side of
 those ties. The functions return the rounded values as float32 (quantize, then
@@ -26,7 +27,8 @@ ACT_NONE, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_K = 0, 1, 2, 3, 4
 
 # Q8_1 rounds as Q8_0 does; MXFP4's vec_dot_type is Q8_0 too
 _Q8_0 = {Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_1, Q.MXFP4}
-_Q8_K = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS}
+_Q8_K = {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S,
+         Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0}
 
 
 def act_scheme(qtype: int, row_len: int) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
+from . import quant_iq as iq
 from . import quant_k as k
 from . import quant_legacy as lg
 from ._fp import FAST, dot
@@ -17,6 +18,9 @@ F32, F16, BF16 = int(Q.F32), int(Q.F16), int(Q.BF16)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = int(Q.Q4_0), int(Q.Q4_1), int(Q.Q5_0), int(Q.Q5_1), int(Q.Q8_0)
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(Q.Q2_K), int(Q.Q3_K), int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)
 IQ4_NL, IQ4_XS, MXFP4 = int(Q.IQ4_NL), int(Q.IQ4_XS), int(Q.MXFP4)
+IQ2_XXS, IQ2_XS, IQ2_S = int(Q.IQ2_XXS), int(Q.IQ2_XS), int(Q.IQ2_S)
+IQ3_XXS, IQ3_S, IQ1_S, IQ1_M = int(Q.IQ3_XXS), int(Q.IQ3_S), int(Q.IQ1_S), int(Q.IQ1_M)
+TQ1_0, TQ2_0 = int(Q.TQ1_0), int(Q.TQ2_0)
 
 ROWS_PER_TASK = 16  # rows one prange iteration of matvec_generic handles (one buffer each)
 
@@ -56,6 +60,24 @@ def deq_row(qt, src, dst):
         lg.deq_f16(src, dst)
     elif qt == BF16:
         lg.deq_bf16(src, dst)
+    elif qt == IQ2_XXS:
+        iq.deq_iq2_xxs(src, dst)
+    elif qt == IQ2_XS:
+        iq.deq_iq2_xs(src, dst)
+    elif qt == IQ2_S:
+        iq.deq_iq2_s(src, dst)
+    elif qt == IQ3_XXS:
+        iq.deq_iq3_xxs(src, dst)
+    elif qt == IQ3_S:
+        iq.deq_iq3_s(src, dst)
+    elif qt == IQ1_S:
+        iq.deq_iq1_s(src, dst)
+    elif qt == IQ1_M:
+        iq.deq_iq1_m(src, dst)
+    elif qt == TQ1_0:
+        iq.deq_tq1_0(src, dst)
+    elif qt == TQ2_0:
+        iq.deq_tq2_0(src, dst)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=False)
