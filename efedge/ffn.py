@@ -32,54 +32,91 @@ def swiglu(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix) -> np.ndarr
 
 
 def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarray,
-                  qt: np.ndarray | None = None, sc: np.ndarray | None = None) -> None:
+                  qt: np.ndarray | None = None, sc: np.ndarray | None = None,
+                  bias: tuple | None = None, e: int = 0) -> None:
     """out [1, D] = one expert on one token h [D], times its routing weight.
 
     decode_ffn's rows and rounding with K = 1, on this thread alone: the expert cache
     hands experts out one at a time, and waking the other threads for each of them cost
     more than they brought (decode is bound by memory bandwidth; measured 436 against
     363 µs per layer of 4 experts). qt / sc: the experts' quant types and rounding
-    schemes when the caller has them (they are per layer)."""
+    schemes when the caller has them (they are per layer). bias: gpt-oss's bias tables
+    of the layer, e: this expert's row in them."""
     if qt is None:
         f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
         gate, up, down, qt, sc = f.gate, f.up, f.down, f.qt, f.sc
     else:
         gate, up, down = w.gate[None], w.up[None], w.down[None]
-    dk.decode_ffn_serial(h, _ONE_ID, np.array([weight], np.float32), gate, up, down, qt, sc,
-                         out)
+    wt = np.array([weight], np.float32)
+    if bias is None:
+        dk.decode_ffn_serial(h, _ONE_ID, wt, gate, up, down, qt, sc, out)
+    else:
+        dk.decode_ffn_oai_serial(h, _ONE_ID, np.array([e], np.int32), wt, gate, up, down, qt,
+                                 sc, *bias, out)
 
 
 def stream_experts_token(experts, layer: int, h: np.ndarray, ids: np.ndarray, w: np.ndarray,
-                         f: _FFN, y: np.ndarray, nt: int) -> None:
+                         f: _FFN, y: np.ndarray, nt: int, bias: tuple | None = None) -> None:
     """y[k] = expert ids[k] on one token h [D] times w[k], for an expert cache: the
     experts come as they are ready (acquire_batches), and each batch runs in one kernel
     call over the slot pool — decode_ffn over several (threads woken once), its serial
     twin for one (waking threads costs more than one small expert brings). The same
     rows and rounding as resident decode, so the same bits in any grouping. A source
-    without batches or pool views goes one expert at a time (_expert_token)."""
+    without batches or pool views goes one expert at a time (_expert_token). bias:
+    gpt-oss's bias tables of the layer (decode_ffn_oai)."""
     pool = getattr(experts, "pool_slots", _none)(layer)
     if pool is None or not hasattr(experts, "acquire_batches"):
         for e, ew in experts.acquire(layer, np.unique(ids)):
             k = int(np.flatnonzero(ids == e)[0])
-            _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc)
+            _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc, bias, int(e))
         return
     views, first = pool
     k_of = {int(e): k for k, e in enumerate(ids.tolist())}  # top-k ids are distinct
     for batch in experts.acquire_batches(layer, np.unique(ids)):
-        _pool_experts(h, batch, k_of, first, w, views, f, y, nt)
+        _pool_experts(h, batch, k_of, first, w, views, f, y, nt, bias)
 
 
-def _pool_experts(h, batch, k_of, first, w, views, f: _FFN, y, nt) -> None:
+def _pool_experts(h, batch, k_of, first, w, views, f: _FFN, y, nt, bias=None) -> None:
     """One batch [(expert, slot)] of stream_experts_token: its experts' rows of y."""
     ks = [k_of[e] for e, _s in batch]
     slots = np.array([s - first for _e, s in batch], np.int32)
-    if len(ks) == 1:
-        k = ks[0]
-        dk.decode_ffn_serial(h, slots, w[k:k + 1], *views, f.qt, f.sc, y[k:k + 1])
-        return
-    out = np.empty((len(ks), y.shape[1]), np.float32)
-    dk.decode_ffn(h, slots, w[ks], *views, f.qt, f.sc, out, nt)
-    y[ks] = out
+    one = len(ks) == 1
+    out = y[ks[0]:ks[0] + 1] if one else np.empty((len(ks), y.shape[1]), np.float32)
+    if bias is not None:
+        bid = np.array([e for e, _s in batch], np.int32)
+        if one:
+            dk.decode_ffn_oai_serial(h, slots, bid, w[ks], *views, f.qt, f.sc, *bias, out)
+        else:
+            dk.decode_ffn_oai(h, slots, bid, w[ks], *views, f.qt, f.sc, *bias, out, nt)
+    elif one:
+        dk.decode_ffn_serial(h, slots, w[ks], *views, f.qt, f.sc, out)
+    else:
+        dk.decode_ffn(h, slots, w[ks], *views, f.qt, f.sc, out, nt)
+    if not one:
+        y[ks] = out
+
+
+def experts_token(experts, layer: int, h: np.ndarray, ids: np.ndarray, w: np.ndarray,
+                  f: _FFN, y: np.ndarray, nt: int, bias: tuple | None = None) -> None:
+    """y[k] = routed expert ids[k] on one token h [D] times w[k] (ids int32 [K], w float32
+    [K]): all K in one decode_ffn call when they are resident or already in the cache,
+    else as the cache hands them out (stream_experts_token). Every path computes the
+    same rows, so the same bits. bias: gpt-oss's bias tables (decode_ffn_oai)."""
+    if isinstance(experts, ResidentExperts):
+        # every request to resident experts is a hit: counted as acquire() would
+        experts.counters.expert_requests += len(ids)
+        experts.counters.hits += len(ids)
+        slots, (gate, up, down) = ids, (f.gate, f.up, f.down)
+    else:
+        ready = getattr(experts, "ready_pool", _none)(layer, ids)
+        if ready is None:
+            stream_experts_token(experts, layer, h, ids, w, f, y, nt, bias)
+            return
+        slots, (gate, up, down) = ready
+    if bias is None:
+        dk.decode_ffn(h, slots, w, gate, up, down, f.qt, f.sc, y, nt)
+    else:
+        dk.decode_ffn_oai(h, slots, ids, w, gate, up, down, f.qt, f.sc, *bias, y, nt)
 
 
 def _none(*_args) -> None:
@@ -99,25 +136,28 @@ def _moe_tile(f: _FFN) -> int:
 
 
 def _fused_experts(f: _FFN, x: np.ndarray, ids: np.ndarray, w: np.ndarray,
-                   slots: np.ndarray) -> None:
+                   slots: np.ndarray, bias: tuple | None = None) -> None:
     """slots[t, k] = w[t, k] · expert ids[t, k] on x[t] (kernels.moe: one call for every
-    expert of the layer, the same bits as one call per expert)."""
-    kernels.dynamic(moe.moe_ffn, np.ascontiguousarray(x, np.float32),
-                    np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(w, np.float32),
-                    f.gate, f.up, f.down, f.qt, f.sc, slots, _moe_tile(f))
+    expert of the layer, the same bits as one call per expert). bias: gpt-oss's bias
+    tables, rows by ids (moe_ffn_oai)."""
+    args = (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64),
+            np.ascontiguousarray(w, np.float32), f.gate, f.up, f.down, f.qt, f.sc)
+    if bias is None:
+        kernels.dynamic(moe.moe_ffn, *args, slots, _moe_tile(f))
+    else:
+        kernels.dynamic(moe.moe_ffn_oai, *args, *bias, slots, _moe_tile(f))
 
 
 def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, experts,
                   slots: np.ndarray) -> bool:
     """All routed experts of a prefill layer in one call when they are resident (counted
     as ResidentExperts.acquire counts them); False where the expert loop must run."""
-    if (not isinstance(experts, ResidentExperts) or blk.exp_bias is not None
-            or not _fused_ok(blk.experts)):
+    if not isinstance(experts, ResidentExperts) or not _fused_ok(blk.experts):
         return False
     n = len(np.unique(ids))
     experts.counters.expert_requests += n
     experts.counters.hits += n
-    _fused_experts(blk.experts, h, ids, w, slots)
+    _fused_experts(blk.experts, h, ids, w, slots, blk.exp_bias)
     return True
 
 
@@ -151,12 +191,16 @@ def _ffn_sum(x: np.ndarray, y: np.ndarray, n: int, scale: np.float32, out: np.nd
 
 def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     """Routed expert e of this layer on its tokens x [t, D] (with gpt-oss's biases and
-    clamped SwiGLU where the layer has them)."""
+    clamped SwiGLU where the layer has them: moe_ffn_oai on this expert and its bias
+    rows, the resident path's arithmetic)."""
     if blk.exp_bias is None:
         return expert_ffn(x, w)
-    from efedge.oss import oai_expert_ffn
-
-    return oai_expert_ffn(x, w, *(b[e] for b in blk.exp_bias))
+    f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
+    t = x.shape[0]
+    slots = np.empty((t, 1, f.down.shape[1]), np.float32)
+    _fused_experts(f, x, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32), slots,
+                   tuple(b[e:e + 1] for b in blk.exp_bias))
+    return slots[:, 0]
 
 
 class _StandInExperts:

@@ -39,6 +39,7 @@ from efedge.ffn import (
     _none,
     _resident_moe,
     _StandInExperts,
+    experts_token,
     stream_experts_token,
     swiglu,
 )
@@ -204,9 +205,14 @@ class Transformer:
                 il = self.store.moe_layers[0]
                 f = _FFN(*experts.parts(il), self.store.qtypes(il))
                 d = self.cfg.n_embd
+                y, nt = np.empty((1, d), np.float32), numba.get_num_threads()
                 dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
-                              f.gate, f.up, f.down, f.qt, f.sc,
-                              np.empty((1, d), np.float32), numba.get_num_threads())
+                              f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                bias = self.blocks[il].exp_bias
+                if bias is not None:  # gpt-oss's
+                    dk.decode_ffn_oai(np.zeros(d, np.float32), _ONE_ID, _ONE_ID,
+                                      np.ones(1, np.float32), f.gate, f.up, f.down, f.qt, f.sc,
+                                      *bias, y, nt)
         finally:
             self.on_route, self.on_pass = on_route, on_pass
         return time.perf_counter() - t0
@@ -336,15 +342,19 @@ class Transformer:
         counters = experts.counters if resident else None
         nt = numba.get_num_threads()
         for il, blk in enumerate(self.blocks):
-            dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos, k_used,
-                           c.spec.norm_topk, x2, h, ids, w, nt)
+            if blk.custom_attn is not None:  # gpt-oss's sinks (kernels.decode_oss): routes too
+                blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
+            else:
+                dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
+                               k_used, c.spec.norm_topk, x2, h, ids, w, nt)
             if not blk.moe:  # a dense model, or a dense layer of a MoE one (glm4moe's
                 # leading one, ernie4_5-moe's leading and interleaved ones)
                 f = blk.dense
                 dk.decode_ffn(h, _ONE_ID, _ONE_W, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
                 _ffn_sum(x2, y, 1, rs, x)
                 continue
-            if c.spec.routing != "softmax":  # decode_attn had no router: route here
+            if c.spec.routing != "softmax" and blk.custom_attn is None:  # decode_attn had
+                # no router: route here
                 r_ids, r_w, _ = self._route(blk, h[None])
                 ids[:], w[:] = r_ids[0], r_w[0]
             if self.routing_slack > 0 and not resident:
@@ -356,7 +366,9 @@ class Transformer:
             if self.on_route is not None:
                 self.on_route(il, h[None], ids[None])
             n = k_used
-            if resident and blk.shared is None:
+            if blk.exp_bias is not None:  # gpt-oss
+                experts_token(experts, il, h, ids, w, blk.experts, y, nt, blk.exp_bias)
+            elif resident and blk.shared is None:
                 counters.expert_requests += k_used
                 counters.hits += k_used
                 f = blk.experts

@@ -7,8 +7,13 @@ the weight and attends to nothing. Layers il with il % swa_pattern < swa_pattern
 (the even layers) see only the last ``sliding_window`` positions (the query's own
 included). The output projection has a bias too.
 
-Experts: g = gate·x + b_g, u = up·x + b_u, a = min(g, 7) · σ(1.702 · min(g, 7)) ·
-(clamp(u, −7, 7) + 1), out = down·a + b_d (ggml_swiglu_oai with llama.cpp's constants).
+Experts (kernels.moe.moe_ffn_oai for a batch of tokens, kernels.decode.decode_ffn_oai
+for one: all of a layer's routed experts in one call): g = gate·x + b_g, u = up·x + b_u,
+a = min(g, 7) · σ(1.702 · min(g, 7)) · (clamp(u, −7, 7) + 1), out = down·a + b_d
+(ggml_swiglu_oai with llama.cpp's constants, kernels.nn.swiglu_oai).
+
+One token (decode): ``SinkAttention.decode`` runs the attention half and the router as
+one parallel region (kernels.decode_oss), the experts go through decode_ffn_oai.
 Shapes: T tokens, H heads, Hkv kv heads, d head size, S keys.
 """
 
@@ -16,12 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge import kernels
 from efedge.errors import ModelFormatError
+from efedge.kernels import decode_oss as dko
 from efedge.kernels import prefill as pk
-
-SWIGLU_ALPHA = np.float32(1.702)
-SWIGLU_LIMIT = np.float32(7.0)
+from efedge.kernels.prefill_oss import prefill_attend_sinks
 
 
 class SinkAttention:
@@ -55,6 +58,28 @@ class SinkAttention:
         self.window = c.sliding_window if c.is_swa_layer(il) else 0
         self.scale = np.float32(c.attn_scale)
 
+    def decode(self, tf, blk, il: int, x: np.ndarray, pos: int, kv, x_out: np.ndarray,
+               h_out: np.ndarray, ids: np.ndarray, w: np.ndarray, nt: int) -> None:
+        """One token at ``pos`` through the attention half of the layer and the router,
+        in one parallel region (kernels.decode_oss): x_out = x + attention, h_out = the
+        FFN input, ids / w = its experts and weights."""
+        args = getattr(self, "_decode_args", None)
+        if args is None:
+            mats = [self.attn_q, self.attn_k, self.attn_v, self.attn_output,
+                    blk.ffn_gate_inp]
+            args = self._decode_args = (
+                blk.attn_norm, blk.ffn_norm, np.float32(tf.cfg.norm_eps),
+                *(m.raw for m in mats), np.array([m.qtype for m in mats], np.int64),
+                np.array([m.scheme for m in mats], np.int64), self.attn_q_b, self.attn_k_b,
+                self.attn_v_b, self.attn_output_b, blk.router_bias,
+                self.attn_sinks.astype(np.float32), self.window)
+        c = tf.cfg
+        cos, sin = tf._rope_rows(pos, 1, il)
+        dko.decode_attn_sinks(x, *args, cos[0], sin[0], c.n_head, c.n_head_kv, c.head_dim,
+                              c.v_head_dim, self.scale, kv.k.view(np.uint16)[il],
+                              kv.v.view(np.uint16)[il], pos, ids.shape[0], x_out, h_out,
+                              ids, w, nt)
+
     def __call__(self, tf, il: int, hn: np.ndarray, pos: int, kv) -> np.ndarray:
         c = tf.cfg
         t = hn.shape[0]
@@ -69,17 +94,16 @@ class SinkAttention:
         pk.prefill_qk(q, k, v, np.zeros(0, np.float32), np.zeros(0, np.float32), 0,
                       np.float32(c.norm_eps), cos, sin, True, c.n_head, c.n_head_kv,
                       c.head_dim, c.v_head_dim, kc, vc, pos, qh)
-        keys, values = kv.view(il, pos + t)
-        att = attention_sinks(qh, keys, values, pos, self.attn_sinks, self.scale, self.window)
+        att = prefill_attend_sinks(qh, kc, vc, pos, self.attn_sinks, self.scale, self.window)
         return self.attn_output(att) + self.attn_output_b
 
 
 def attention_sinks(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, sinks: np.ndarray,
                     scale: float, window: int = 0) -> np.ndarray:
     """Causal attention with one sink logit per head (and a sliding window when window >
-    0). q [T, H, d] (rounded to f16) at positions pos..pos+T; k, v [S, Hkv, d] float16
-    with S = pos + T. Returns [T, H·dv]; weights rounded to f16 as ggml's F16 V product
-    takes them."""
+    0), in numpy: the reference of kernels.prefill_oss (the model's path). q [T, H, d]
+    (rounded to f16) at positions pos..pos+T; k, v [S, Hkv, d] float16 with S = pos + T.
+    Returns [T, H·dv]; weights rounded to f16 as ggml's F16 V product takes them."""
     k = k.astype(np.float32)
     v = v.astype(np.float32)
     t, h, d = q.shape
@@ -100,21 +124,3 @@ def attention_sinks(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, sinks
     p = p.astype(np.float16).astype(np.float32)
     out = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [Hkv, group, T, dv]
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(t, h * dv), dtype=np.float32)
-
-
-def swiglu_oai(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """ggml_swiglu_oai(g, u, alpha=1.702, limit=7): the gated, clamped SwiGLU of gpt-oss."""
-    x = np.minimum(g, SWIGLU_LIMIT)
-    y = np.clip(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
-    return (x / (np.float32(1.0) + np.exp(SWIGLU_ALPHA * -x)) * (y + np.float32(1.0))) \
-        .astype(np.float32)
-
-
-def oai_expert_ffn(x: np.ndarray, w, b_gate: np.ndarray, b_up: np.ndarray,
-                   b_down: np.ndarray) -> np.ndarray:
-    """One gpt-oss expert on its tokens x [t, D] → [t, D] (w: store.ExpertWeights; the
-    biases are this expert's rows of the layer's resident bias tables)."""
-    acts: dict = {}
-    g = kernels.qmatmul(w.gate, w.gate_qtype, x, acts) + b_gate
-    u = kernels.qmatmul(w.up, w.up_qtype, x, acts) + b_up
-    return kernels.qmatmul(w.down, w.down_qtype, swiglu_oai(g, u)) + b_down

@@ -507,7 +507,8 @@ def test_mxfp4_every_exponent_bit_exact():
 @pytest.mark.slow  # compiles every kernel twice more in a fresh cache: minutes
 def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
     """Kernels built as for a CPU without VNNI and F16C (most AMD and pre-Ice-Lake Intel
-    laptops) give bitwise the same logits: the integer dot products and the half
+    laptops) and without AVX2's byte shuffle (the MXFP4 / IQ4_NL table lookup) give
+    bitwise the same logits: the integer dot products, the lookups and the half
     conversions are exact on every path."""
     import subprocess
     import sys
@@ -521,12 +522,13 @@ def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
         "    with efedge.load(p) as m:\n"
         "        out.append(np.concatenate([m.logits(list(range(5, 29))), m.logits([7])]))\n"
         "np.save(sys.argv[2], np.concatenate(out))\n")
-    files = [str(tiny_gguf("qwen3moe", "Q4_K_M")), str(tiny_gguf("qwen2moe", "Q4_0"))]
+    files = [str(tiny_gguf("qwen3moe", "Q4_K_M")), str(tiny_gguf("qwen2moe", "Q4_0")),
+             str(tiny_gguf("gpt-oss", "MXFP4_MOE"))]
     results = {}
     for mode in ("off", "host"):
         env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{mode}"))
         if mode == "off":
-            env["EFEDGE_CPU_FEATURES"] = "-avx512vnni,-avxvnni,-f16c"
+            env["EFEDGE_CPU_FEATURES"] = "-avx512vnni,-avxvnni,-f16c,-avx2"
         else:
             env.pop("EFEDGE_CPU_FEATURES", None)
         out = tmp_path / f"{mode}.npy"
@@ -537,3 +539,166 @@ def test_portable_paths_give_the_same_bits(tiny_gguf, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[mode] = np.load(out)
     assert np.array_equal(results["off"], results["host"])
+
+
+def _lut_raw(qt: Q, rows: int, blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random MXFP4 / IQ4_NL rows: every nibble, and for MXFP4 exponents from the two
+    subnormal ones (0, 1) to large ones."""
+    raw = rng.integers(0, 256, (rows, blocks, 17 if qt == Q.MXFP4 else 18), dtype=np.uint8)
+    if qt == Q.MXFP4:
+        raw[..., 0] = rng.choice(np.r_[0, 1, 2, 3, 100:140, 180, 200], (rows, blocks))
+    else:
+        scale = rng.uniform(-0.05, 0.05, (rows, blocks)).astype(np.float16)
+        raw[..., :2] = scale.view(np.uint8).reshape(rows, blocks, 2)
+    return raw.reshape(rows, -1)
+
+
+def _vec_dot_ref(raw: np.ndarray, qt: Q, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_{mxfp4,iq4_nl}_q8_0 as llama.cpp's generic C computes it: per block
+    sumf += (d_w · d_x) · Σ kvalue · xq, in float32, x quantized to Q8_0 first."""
+    from efedge.kernels.simd import KVALUES
+
+    rows, n = raw.shape[0], x.shape[0]
+    xq, xd, _ = quantize_activations(x[None], ACT_Q8_0)
+    kv = np.array(KVALUES["mxfp4" if qt == Q.MXFP4 else "iq4_nl"], np.int64)
+    bb = 17 if qt == Q.MXFP4 else 18
+    blk = raw.reshape(rows, n // 32, bb)
+    if qt == Q.MXFP4:
+        dw = gq.MXFP4.e8m0_to_fp32_half(blk[..., 0].astype(np.uint32))
+    else:
+        dw = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blk[..., bb - 16:]
+    idx = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0-15, 16-31
+    sumi = (kv[idx] * xq[0].reshape(1, -1, 32).astype(np.int64)).sum(-1)
+    dx = xd[0, ::8]  # Q8_0's 8 copies per block
+    out = np.zeros(rows, np.float32)
+    with np.errstate(over="ignore"):
+        for b in range(n // 32):
+            out += (dw[:, b] * dx[b]).astype(np.float32) * sumi[:, b].astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("qt", [Q.MXFP4, Q.IQ4_NL], ids=lambda t: t.name)
+def test_lut_integer_kernels_match_the_scalar_vec_dot(qt):
+    """MXFP4 / IQ4_NL (4-bit indices into a 16-entry table) through the integer kernels:
+    the decode row dot and the tiled prefill product give llama.cpp's scalar vec_dot (and
+    dequantize × rounded activations in float64) up to float summation order, and the
+    tiled product the same bits for any number of tokens per call."""
+    from efedge.kernels import rowdot
+
+    rng = np.random.default_rng(41 + int(qt))
+    rows, blocks = 37, 24
+    raw = readonly(_lut_raw(qt, rows, blocks, rng))
+    w64 = gq.dequantize(raw, qt).astype(np.float64)
+    x = rng.standard_normal((6, blocks * 32)).astype(np.float32)
+    xr = round_activations(x, int(qt)).astype(np.float64)
+    pre = qmatmul(raw, int(qt), x)
+    check_close(pre, w64, xr)
+    for t in (1, 2, 5):
+        assert same_bits(qmatmul(raw, int(qt), x[:t]), pre[:t])
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        pack = rowdot.new_pack(n)
+        rowdot.prep(ACT_Q8_0, int(qt), x[t], pack)
+        dec = np.empty(rows, np.float32)
+        rowdot.dot_rows(int(qt), raw, 0, rows, n, pack, np.empty(n, np.float32), dec)
+        check_close(dec[None], w64, xr[t:t + 1])
+        ref = _vec_dot_ref(raw, qt, x[t])
+        scale = np.abs(w64) @ np.abs(xr[t])
+        assert np.all(np.abs(dec - ref) <= 1e-5 * scale)  # per row
+        assert np.all(np.abs(pre[t] - ref) <= 1e-5 * scale)
+
+
+def _swiglu_oai_ref(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    x = np.minimum(g, 7.0)
+    y = np.clip(u, -7.0, 7.0)
+    return x / (1.0 + np.exp(1.702 * -x)) * (y + 1.0)
+
+
+def test_oai_experts_one_call_equals_one_at_a_time():
+    """gpt-oss's experts (biases, clamped SwiGLU; MXFP4 weights) in one call — the decode
+    kernel over all K, or over a slot pool whose slots are not the expert ids, and the
+    prefill kernel over all tokens — give the bits of one call per expert (the expert
+    cache's path), and both are the biased, clamped SwiGLU of the rounded products."""
+    import numba
+
+    from efedge.kernels import moe
+    from efedge.kernels.decode import decode_ffn_oai, decode_ffn_oai_serial
+
+    rng = np.random.default_rng(12)
+    d, f, e, k_used = 128, 96, 5, 3
+    qts = (Q.MXFP4, Q.MXFP4, Q.MXFP4)
+    gate = readonly(np.stack([_lut_raw(Q.MXFP4, f, d // 32, rng) for _ in range(e)]))
+    up = readonly(np.stack([_lut_raw(Q.MXFP4, f, d // 32, rng) for _ in range(e)]))
+    down = readonly(np.stack([_lut_raw(Q.MXFP4, d, f // 32, rng) for _ in range(e)]))
+    for a in (gate, up, down):  # moderate exponents: activations in the clamp's range
+        a.base[..., ::17] = rng.integers(121, 127, a.base[..., ::17].shape)
+    bg, bu = (rng.standard_normal((e, f)).astype(np.float32) for _ in range(2))
+    bd = rng.standard_normal((e, d)).astype(np.float32)
+    qt = np.array([int(q) for q in qts], np.int64)
+    sc = np.array([act_scheme(int(Q.MXFP4), d)] * 2 + [act_scheme(int(Q.MXFP4), f)], np.int64)
+    nt = numba.get_num_threads()
+    # decode: all K, a pool in another order, one at a time
+    h = rng.standard_normal(d).astype(np.float32)
+    ids = np.array([4, 0, 2], np.int32)
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    y_all = np.empty((k_used, d), np.float32)
+    decode_ffn_oai(h, ids, ids, w, gate, up, down, qt, sc, bg, bu, bd, y_all, nt)
+    perm = np.array([2, 4, 0, 1, 3])  # pool slot s holds expert perm[s]
+    slot = np.argsort(perm).astype(np.int32)
+    y_pool = np.empty((k_used, d), np.float32)
+    decode_ffn_oai(h, slot[ids], ids, w, gate[perm], up[perm], down[perm], qt, sc, bg, bu, bd,
+                   y_pool, nt)
+    assert same_bits(y_all, y_pool)
+    for k in (2, 0, 1):
+        one = np.empty((1, d), np.float32)
+        ex = ids[k]
+        decode_ffn_oai_serial(h, np.zeros(1, np.int32), ids[k:k + 1], w[k:k + 1],
+                              gate[ex][None], up[ex][None], down[ex][None], qt, sc,
+                              bg, bu, bd, one)
+        assert same_bits(one[0], y_all[k])
+        g = qmatmul(gate[ex], int(Q.MXFP4), h[None])[0].astype(np.float64) + bg[ex]
+        u = qmatmul(up[ex], int(Q.MXFP4), h[None])[0].astype(np.float64) + bu[ex]
+        a = _swiglu_oai_ref(g, u).astype(np.float32)
+        assert np.abs(a).max() > 1 and (np.abs(g) > 7).any()  # the clamp is exercised
+        ref = (qmatmul(down[ex], int(Q.MXFP4), a[None])[0] + bd[ex]) * w[k]
+        assert np.abs(y_all[k] - ref).max() <= 1e-4 * np.abs(ref).max()
+    # prefill: every expert of the layer in one call against one call per expert
+    t = 11
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    tid = np.stack([rng.permutation(e)[:k_used] for _ in range(t)]).astype(np.int64)
+    tw = rng.uniform(0.1, 1, (t, k_used)).astype(np.float32)
+    slots = np.zeros((t, k_used, d), np.float32)
+    moe.moe_ffn_oai(x, tid, tw, gate, up, down, qt, sc, bg, bu, bd, slots, 8)
+    for ex in range(e):
+        tok, kk = np.nonzero(tid == ex)
+        one = np.empty((len(tok), 1, d), np.float32)
+        moe.moe_ffn_oai(x[tok], np.zeros((len(tok), 1), np.int64), np.ones((len(tok), 1),
+                        np.float32), gate[ex:ex + 1], up[ex:ex + 1], down[ex:ex + 1], qt, sc,
+                        bg[ex:ex + 1], bu[ex:ex + 1], bd[ex:ex + 1], one, 8)
+        assert same_bits(slots[tok, kk], one[:, 0] * tw[tok, kk, None])
+        g = qmatmul(gate[ex], int(Q.MXFP4), x[tok]).astype(np.float64) + bg[ex]
+        u = qmatmul(up[ex], int(Q.MXFP4), x[tok]).astype(np.float64) + bu[ex]
+        a = _swiglu_oai_ref(g, u).astype(np.float32)
+        ref = qmatmul(down[ex], int(Q.MXFP4), a) + bd[ex]
+        assert np.abs(one[:, 0] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("pos, window", [(0, 0), (5, 4), (3, 64)])
+def test_sink_attention_kernel_matches_numpy_reference(pos, window):
+    """gpt-oss's prefill attention kernel (sinks, sliding window, grouped heads, a cached
+    prefix) against oss.attention_sinks, the numpy reference."""
+    from efedge.kernels.prefill_oss import prefill_attend_sinks
+    from efedge.oss import attention_sinks
+
+    rng = np.random.default_rng(pos + window)
+    t, h, hkv, d = 9, 8, 2, 64
+    n_ctx = 32
+    q = rng.standard_normal((t, h, d)).astype(np.float16).astype(np.float32)
+    kc = rng.standard_normal((n_ctx, hkv, d)).astype(np.float16)
+    vc = rng.standard_normal((n_ctx, hkv, d)).astype(np.float16)
+    sinks = rng.standard_normal(h).astype(np.float32) * 2
+    got = prefill_attend_sinks(q, kc.view(np.uint16), vc.view(np.uint16), pos, sinks,
+                               np.float32(0.125), window)
+    ref = attention_sinks(q, kc[:pos + t], vc[:pos + t], pos, sinks, 0.125, window)
+    assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()

@@ -213,7 +213,8 @@ def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = No
     return out
 
 
-INT_QTYPES: frozenset[int] = frozenset(int(t) for t in (_Q.Q4_0, _Q.Q8_0, _Q.Q4_K, _Q.Q6_K))
+INT_QTYPES: frozenset[int] = frozenset(int(t) for t in (_Q.Q4_0, _Q.Q8_0, _Q.Q4_K, _Q.Q6_K,
+                                                        _Q.MXFP4, _Q.IQ4_NL))
 
 
 def _int_tile(rows: int) -> int:

@@ -33,6 +33,9 @@ VNNI = _has("avx512vnni", "avx512vl") or _has("avxvnni")
 F16C = _has("f16c")
 _VNNI_FN = ("llvm.x86.avx512.vpdpbusd.256" if _has("avx512vnni", "avx512vl")
             else "llvm.x86.avx2.vpdpbusd.256" if _has("avxvnni") else None)
+# 16-entry byte tables (MXFP4, IQ4_NL) are looked up with vpshufb where there is AVX2
+_PSHUFB_FN = "llvm.x86.avx2.pshuf.b" if _has("avx2") else None
+LUT_DECL = (f"declare <32 x i8> @{_PSHUFB_FN}(<32 x i8>, <32 x i8>)\n" if _PSHUFB_FN else "")
 
 
 def _seq(n: int, start: int = 0, step: int = 1) -> str:
@@ -133,6 +136,39 @@ class _Fn:
         se = self.v(f"shufflevector <16 x i32> {s16}, <16 x i32> poison, <8 x i32> {_seq(8, 0, 2)}")
         so = self.v(f"shufflevector <16 x i32> {s16}, <16 x i32> poison, <8 x i32> {_seq(8, 1, 2)}")
         return self.v(f"add <8 x i32> {se}, {so}")
+
+    def lookup16(self, idx: str, table) -> str:
+        """<32 x i8>: table[idx[i]] for 32 indices 0..15 (table: 16 ints, -128..255).
+
+        One vpshufb with AVX2 (the table in both 128-bit halves); elsewhere a select per
+        table entry. Both give the table's bytes exactly."""
+        vals = [v - 256 if v > 127 else v for v in table]
+        if _PSHUFB_FN:
+            tab = "<" + ", ".join(f"i8 {v}" for v in vals + vals) + ">"
+            return self.v(f"call <32 x i8> @{_PSHUFB_FN}(<32 x i8> {tab}, <32 x i8> {idx})")
+        out = _splat("i8", 32, vals[0])
+        for i in range(1, 16):
+            m = self.v(f"icmp eq <32 x i8> {idx}, {_splat('i8', 32, i)}")
+            out = self.v(f"select <32 x i1> {m}, <32 x i8> {_splat('i8', 32, vals[i])}, "
+                         f"<32 x i8> {out}")
+        return out
+
+    def e8m0_half(self, e: str, n: int = 1) -> str:
+        """float (n = 1) or <n x float> of ggml_e8m0_to_fp32_half(e) for e: i32 / <n x i32>
+        holding the exponent byte: 2^(e - 128) built from its bits, the two smallest
+        exponents as the subnormals ggml writes for them."""
+        ty = "i32" if n == 1 else f"<{n} x i32>"
+        ft = "float" if n == 1 else f"<{n} x float>"
+
+        def c(v):
+            return str(v) if n == 1 else _splat("i32", n, v)
+
+        small = self.v(f"icmp ult {ty} {e}, {c(2)}")
+        sub = self.v(f"shl {ty} {c(0x00200000)}, {self.v(f'and {ty} {e}, {c(1)}')}")
+        norm = self.v(f"shl {ty} {self.v(f'sub {ty} {e}, {c(1)}')}, {c(23)}")
+        bt = "i1" if n == 1 else f"<{n} x i1>"
+        bits = self.v(f"select {bt} {small}, {ty} {sub}, {ty} {norm}")
+        return self.v(f"bitcast {ty} {bits} to {ft}")
 
     def splat_f(self, s: str) -> str:
         a = self.v(f"insertelement <8 x float> poison, float {s}, i32 0")

@@ -11,6 +11,7 @@ private buffers instead of being synchronised.
     decode_attn: norm → q, k, v → qk-norm, rope, KV store, attention → output projection
                  → residual → FFN norm → router logits → softmax / top-k
     decode_ffn:  gate and up rows of each expert → SiLU·up, rounded → down rows × weight
+                 (decode_ffn_oai: gpt-oss's biases and clamped SwiGLU)
     ffn_sum:     residual + the experts' outputs summed in slot order
 
 decode_ffn serves routed experts (all K at once when they are resident, or one at a time
@@ -33,6 +34,7 @@ from .nn import (
     softmax_topk,
     store_f16,
     sum_squares,
+    swiglu_oai,
 )
 from .rowdot import dot_rows, pack_of, prep
 
@@ -217,10 +219,14 @@ def decode_attn(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y):
+def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd, a, af, aq, ad,
+                as_, y):
+    # bg / bu / bd: gpt-oss's biases [E, F] / [E, F] / [E, D], rows bid[k] for slot k, and
+    # its clamped SwiGLU; no rows: the plain SwiGLU
     k_used = ids.shape[0]
     d_model = h.shape[0]
     n_ff = gate.shape[1]
+    oai = bg.shape[0] > 0
     buf = np.empty(max(d_model, n_ff), np.float32)
     tg = np.empty(CH, np.float32)
     tu = np.empty(CH, np.float32)
@@ -244,9 +250,14 @@ def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
         r1 = min(n_ff, r0 + CH)
         dot_rows(qt[0], gate[e], r0, r1, d_model, pg, buf, tg)
         dot_rows(qt[1], up[e], r0, r1, d_model, pu, buf, tu)
-        silu_mul_into(tg, tu, tz)
-        for r in range(r0, r1):
-            a[k, r] = tz[r - r0]
+        if oai:
+            b = bid[k]
+            for r in range(r0, r1):
+                a[k, r] = swiglu_oai(tg[r - r0] + bg[b, r], tu[r - r0] + bu[b, r])
+        else:
+            silu_mul_into(tg, tu, tz)
+            for r in range(r0, r1):
+                a[k, r] = tz[r - r0]
         finish(ctr, 0)
     wait_stage(ctr, 0, n0)
     # -- stage 1: round each expert's activation for the down rows
@@ -257,7 +268,7 @@ def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
         prep(sc[2], qt[2], a[k], (af[k], aq[k], ad[k], as_[k]))
         finish(ctr, 1)
     wait_stage(ctr, 1, k_used)
-    # -- stage 2: down rows × the routing weight
+    # -- stage 2: down rows (+ bias) × the routing weight
     cd = _chunks(d_model)
     n2 = k_used * cd
     while True:
@@ -269,10 +280,24 @@ def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
         r0 = (i % cd) * CH
         r1 = min(d_model, r0 + CH)
         dot_rows(qt[2], down[e], r0, r1, n_ff, (af[k], aq[k], ad[k], as_[k]), buf, tg)
-        for r in range(r0, r1):
-            y[k, r] = tg[r - r0] * wts[k]
+        if oai:
+            b = bid[k]
+            for r in range(r0, r1):
+                y[k, r] = (tg[r - r0] + bd[b, r]) * wts[k]
+        else:
+            for r in range(r0, r1):
+                y[k, r] = tg[r - r0] * wts[k]
         finish(ctr, 2)
     wait_stage(ctr, 2, n2)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _ffn_scratch(k_used, n_ff):
+    """The activations a [K, F] and each expert's activation pack (rowdot.pack_of), as
+    rows of 2-D arrays."""
+    return (np.empty((k_used, n_ff), np.float32), np.empty((k_used, n_ff), np.float32),
+            np.empty((k_used, n_ff), np.int8), np.empty((k_used, n_ff // 4 + 8), np.float32),
+            np.empty((k_used, n_ff // 16 + 1), np.int32))
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
@@ -282,32 +307,44 @@ def decode_ffn(h, ids, wts, gate, up, down, qt, sc, y, nt):
     h [D] (the FFN-normalised hidden state); gate / up [E, F, row_bytes], down
     [E, D, row_bytes] stacked raw experts (E = 1 for one expert or a dense FFN); qt / sc:
     quant types and rounding schemes of gate, up, down; y [K, D]."""
-    k_used = ids.shape[0]
-    n_ff = gate.shape[1]
     ctr = np.zeros(6, np.int64)
-    a = np.empty((k_used, n_ff), np.float32)
-    # each expert's activation pack (rowdot.pack_of), as rows of 2-D arrays
-    af = np.empty((k_used, n_ff), np.float32)
-    aq = np.empty((k_used, n_ff), np.int8)
-    ad = np.empty((k_used, n_ff // 4 + 8), np.float32)
-    as_ = np.empty((k_used, n_ff // 16 + 1), np.int32)
+    a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
+    nob = np.zeros((0, 0), np.float32)
     for _t in prange(nt):
-        _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
+        _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, ids, nob, nob, nob,
+                    a, af, aq, ad, as_, y)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def decode_ffn_serial(h, ids, wts, gate, up, down, qt, sc, y):
     """decode_ffn on the calling thread alone (the same rows, so the same bits): for one
     expert at a time, where waking the other threads costs more than they bring."""
-    k_used = ids.shape[0]
-    n_ff = gate.shape[1]
     ctr = np.zeros(6, np.int64)
-    a = np.empty((k_used, n_ff), np.float32)
-    af = np.empty((k_used, n_ff), np.float32)
-    aq = np.empty((k_used, n_ff), np.int8)
-    ad = np.empty((k_used, n_ff // 4 + 8), np.float32)
-    as_ = np.empty((k_used, n_ff // 16 + 1), np.int32)
-    _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, a, af, aq, ad, as_, y)
+    a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
+    nob = np.zeros((0, 0), np.float32)
+    _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, ids, nob, nob, nob,
+                a, af, aq, ad, as_, y)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
+def decode_ffn_oai(h, ids, bid, wts, gate, up, down, qt, sc, bg, bu, bd, y, nt):
+    """decode_ffn for gpt-oss's experts: y[k] = (down_e(round(swiglu_oai(gate_e·h + bg[b],
+    up_e·h + bu[b]))) + bd[b]) · wts[k] for e = ids[k], b = bid[k] (ids index the stacked
+    weights, a slot pool's too; bid the layer's bias tables [E, F] / [E, F] / [E, D])."""
+    ctr = np.zeros(6, np.int64)
+    a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
+    for _t in prange(nt):
+        _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd,
+                    a, af, aq, ad, as_, y)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def decode_ffn_oai_serial(h, ids, bid, wts, gate, up, down, qt, sc, bg, bu, bd, y):
+    """decode_ffn_oai on the calling thread alone (the same bits)."""
+    ctr = np.zeros(6, np.int64)
+    a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
+    _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd,
+                a, af, aq, ad, as_, y)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)

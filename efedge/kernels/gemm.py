@@ -14,9 +14,9 @@ load; here the weights stay in the mapped file and a tile is unpacked when it is
 Unpacked tile of 8 rows, n elements each (``tile_shapes``):
     wt  uint8 [n · 8]:    element e of row r at wt[8·(e - e % 4) + 4·r + e % 4], as an
                           unsigned value (Q4_0 nibble, Q8_0 byte + 128, Q4_K nibble,
-                          Q6_K 6-bit value)
+                          Q6_K 6-bit value, MXFP4 / IQ4_NL table entry + 12 / + 128)
     ws  float32 [n/S, 8]: scale of sub-block s of row r (S = 32 elements; Q6_K 16):
-                          Q4_0 / Q8_0 d, Q4_K d·sc, Q6_K d·sc
+                          Q4_0 / Q8_0 / IQ4_NL d, MXFP4 E8M0 / 2, Q4_K d·sc, Q6_K d·sc
     wm  float32 [n/S, 8]: Q4_K dmin·m (the sub-block's offset); unused otherwise
 Activations (``gemm_acts``): xq int8 [T, n]; xdb float32 [T, n/B]: the scale of each
 activation block of B elements (32 for Q8_0, 256 for Q8_K); xsum int32 [T, n/S]: Σ xq
@@ -24,10 +24,10 @@ over each sub-block. Per (row, token):
 
     acc = Σ_B  xdb · Σ_s∈B ( float(Σ_e w·xq − off·xsum_s) · ws_s  − wm_s · xsum_s )
 
-with off = 8 (Q4_0), 128 (Q8_0), 32 (Q6_K), 0 (Q4_K): the same operations in the same
-order whatever the number of tokens in a call, so a product does not depend on how
-tokens are batched. (The decode kernels sum in another order: prefill and decode agree
-to float rounding, not bit for bit.)
+with off = 8 (Q4_0), 128 (Q8_0, IQ4_NL), 12 (MXFP4), 32 (Q6_K), 0 (Q4_K): the same
+operations in the same order whatever the number of tokens in a call, so a product does
+not depend on how tokens are batched. (The decode kernels sum in another order: prefill
+and decode agree to float rounding, not bit for bit.)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._ir import _VNNI_FN, _Fn, _splat, data_ptr, link, row_base
+from ._ir import _VNNI_FN, LUT_DECL, _Fn, _splat, data_ptr, link, row_base
 
 L = 8  # rows per tile: one lane each
 NT = 8  # tokens per step (4 measured 5% slower)
@@ -49,11 +49,14 @@ _TYPES = {
     "q8_0": (34, 32, 32, 128),
     "q4_k": (144, 256, 32, 0),
     "q6_k": (210, 256, 16, 32),
+    "mxfp4": (17, 32, 32, 12),
+    "iq4_nl": (18, 32, 32, 128),
 }
 
 _DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
-""" + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN else "")
+""" + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN
+       else "") + LUT_DECL
 
 
 def tile_shapes(name: str, n: int) -> tuple[int, int]:
@@ -191,8 +194,35 @@ def _unpack_q6_k(f: _Fn, ps: list[str]) -> None:
             _store_group(f, _or(f, hi_b, _and(f, _shr(f, q[m], 2), 0x30303030)), e0 + 96)
 
 
+def _unpack_lut(f: _Fn, ps: list[str], name: str, scale: str, at: int) -> None:
+    """MXFP4 / IQ4_NL: the Q4_0 nibble layout (qs at byte ``at``), each nibble replaced
+    by its table entry + the table's offset (simd.unsigned_table)."""
+    from .simd import unsigned_table
+
+    _store_f(f, scale, "%wsb", 0)
+    table = unsigned_table(name)
+    v = _transpose(f, _load_dwords(f, ps, at, 4), 4)
+    for m in range(4):
+        for half, e in ((_and(f, v[m], 0x0F0F0F0F), 4 * m),
+                        (_and(f, _shr(f, v[m], 4), 0x0F0F0F0F), 16 + 4 * m)):
+            b = f.v(f"bitcast <8 x i32> {half} to <32 x i8>")
+            u = f.lookup16(b, table)
+            _store_group(f, f.v(f"bitcast <32 x i8> {u} to <8 x i32>"), e)
+
+
+def _unpack_mxfp4(f: _Fn, ps: list[str]) -> None:
+    e = []
+    for p in ps:
+        e.append(f.v(f"zext i8 {f.load('i8', p)} to i32"))
+    _unpack_lut(f, ps, "mxfp4", f.e8m0_half(_lanes_i32(f, e), L), 1)
+
+
+def _unpack_iq4_nl(f: _Fn, ps: list[str]) -> None:
+    _unpack_lut(f, ps, "iq4_nl", _lanes_f16(f, ps), 2)
+
+
 _UNPACK = {"q4_0": _unpack_q4_0, "q8_0": _unpack_q8_0, "q4_k": _unpack_q4_k,
-           "q6_k": _unpack_q6_k}
+           "q6_k": _unpack_q6_k, "mxfp4": _unpack_mxfp4, "iq4_nl": _unpack_iq4_nl}
 
 
 def _unpack_fn(name: str) -> str:
@@ -381,3 +411,11 @@ gemm_q4_k_8, gemm_q4_k_4, gemm_q4_k_2, gemm_q4_k_1 = (
     _make_gemm("q4_k", 8), _make_gemm("q4_k", 4), _make_gemm("q4_k", 2), _make_gemm("q4_k", 1))
 gemm_q6_k_8, gemm_q6_k_4, gemm_q6_k_2, gemm_q6_k_1 = (
     _make_gemm("q6_k", 8), _make_gemm("q6_k", 4), _make_gemm("q6_k", 2), _make_gemm("q6_k", 1))
+unpack_mxfp4 = _make_unpack("mxfp4")
+unpack_iq4_nl = _make_unpack("iq4_nl")
+gemm_mxfp4_8, gemm_mxfp4_4, gemm_mxfp4_2, gemm_mxfp4_1 = (
+    _make_gemm("mxfp4", 8), _make_gemm("mxfp4", 4), _make_gemm("mxfp4", 2),
+    _make_gemm("mxfp4", 1))
+gemm_iq4_nl_8, gemm_iq4_nl_4, gemm_iq4_nl_2, gemm_iq4_nl_1 = (
+    _make_gemm("iq4_nl", 8), _make_gemm("iq4_nl", 4), _make_gemm("iq4_nl", 2),
+    _make_gemm("iq4_nl", 1))

@@ -12,12 +12,16 @@ the products of a small expert. Here the whole layer is 5 regions:
     4. down: work items (expert, tile of rows)
     5. slots[t, k] = y · w[t, k]
 
+``moe_ffn_oai``: the same with gpt-oss's per-expert biases (gate and up added before
+its clamped SwiGLU in 3, down's added in 5, before the routing weight).
+
 Every row is the same product ``prefill.matmul_q8`` computes for that expert on those
 tokens (the tiled product's result does not depend on which tokens share a call), so
 this gives the same bits as one call per expert, which is how the expert cache runs.
-Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, Q4_K
-and Q6_K through the tiled integer product, the others (F16, Q5_K …) through float
-activations rounded as llama.cpp rounds them and ``generic``'s tile product.
+Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, Q4_K,
+Q6_K, MXFP4 and IQ4_NL through the tiled integer product, the others (F16, Q5_K …)
+through float activations rounded as llama.cpp rounds them and ``generic``'s tile
+product.
 
 Run it through ``kernels.dynamic`` (work handed out in small chunks, not one equal
 share per thread: see there).
@@ -28,7 +32,7 @@ from numba import njit, prange
 
 from .activations import quantize_row, round_row
 from .generic import _gemm_tile, deq_row
-from .nn import silu_mul
+from .nn import silu_mul, swiglu_oai
 from .prefill import gemm_acts_row, gemm_rows
 from .rowdot import has_int
 
@@ -135,10 +139,16 @@ def _up_gate(qt_g, qt_u, gate, up, off, ie, ir, tile, ga, ua, g_out, u_out):
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _swiglu_prep(qt, scheme, g_in, u_in, act, aa):
+def _swiglu_prep(qt, scheme, g_in, u_in, se, bg, bu, act, aa):
+    oai = bg.shape[0] > 0
     for i in prange(g_in.shape[0]):
-        for j in range(g_in.shape[1]):
-            act[i, j] = silu_mul(g_in[i, j], u_in[i, j])
+        if oai:  # gpt-oss: biases of the slot's expert, clamped SwiGLU
+            e = se[i]
+            for j in range(g_in.shape[1]):
+                act[i, j] = swiglu_oai(g_in[i, j] + bg[e, j], u_in[i, j] + bu[e, j])
+        else:
+            for j in range(g_in.shape[1]):
+                act[i, j] = silu_mul(g_in[i, j], u_in[i, j])
         _prep_row(qt, scheme, act[i], aa[0][i], aa[1][i], aa[2][i], aa[3][i])
 
 
@@ -154,13 +164,18 @@ def _down(qt, down, off, ie, ir, tile, aa, y):
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _scatter(order, k_used, wts, y, slots):
+def _scatter(order, k_used, wts, y, se, bd, slots):
     for i in prange(order.shape[0]):
         t = order[i] // k_used
         k = order[i] % k_used
         wk = wts[t, k]
-        for j in range(y.shape[1]):
-            slots[t, k, j] = y[i, j] * wk
+        if bd.shape[0] > 0:
+            e = se[i]
+            for j in range(y.shape[1]):
+                slots[t, k, j] = (y[i, j] + bd[e, j]) * wk
+        else:
+            for j in range(y.shape[1]):
+                slots[t, k, j] = y[i, j] * wk
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -169,6 +184,20 @@ def moe_ffn(x, ids, wts, gate, up, down, qt, sc, slots, tile):
     0 <= ids[t, k] < E (others are left alone). x [T, D] float32, ids / wts [T, K],
     gate / up / down [E, rows, row_bytes], qt / sc: their quant types and activation
     schemes, slots [T, K, D]; tile: rows per work item (a multiple of 8)."""
+    nob = np.zeros((0, 0), np.float32)
+    _moe_ffn(x, ids, wts, gate, up, down, qt, sc, nob, nob, nob, slots, tile)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def moe_ffn_oai(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile):
+    """moe_ffn for gpt-oss's experts: gate / up / down plus expert ids[t, k]'s rows of
+    the bias tables bg / bu [E, F], bd [E, D], and the clamped SwiGLU (nn.swiglu_oai):
+    slots[t, k] = (down(round(swiglu_oai(gate·x + bg, up·x + bu))) + bd) · wts[t, k]."""
+    _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile):
     n_tok, k_used = ids.shape
     n_exp, f = gate.shape[0], gate.shape[1]
     d = x.shape[1]
@@ -192,6 +221,9 @@ def moe_ffn(x, ids, wts, gate, up, down, qt, sc, slots, tile):
             if 0 <= e < n_exp:
                 order[fill[e]] = t * k_used + k
                 fill[e] += 1
+    se = np.empty(n, np.int64)  # each sorted slot's expert (its bias rows)
+    for e in range(n_exp):
+        se[off[e]:off[e + 1]] = e
     ie, ir = _items(off, f, tile)
     # 1. activations of x for gate (and up, when its type differs), in expert order
     xa = _acts(qt[0], n_tok, d)
@@ -206,13 +238,13 @@ def moe_ffn(x, ids, wts, gate, up, down, qt, sc, slots, tile):
     g_out = np.empty((n, f), np.float32)
     u_out = np.empty((n, f), np.float32)
     _up_gate(qt[0], qt[1], gate, up, off, ie, ir, tile, ga, ua, g_out, u_out)
-    # 3. SiLU(gate) · up, made ready for down
+    # 3. SiLU(gate) · up (gpt-oss: biased, clamped), made ready for down
     act = np.empty((n, f), np.float32)
     aa = _acts(qt[2], n, f)
-    _swiglu_prep(qt[2], sc[2], g_out, u_out, act, aa)
+    _swiglu_prep(qt[2], sc[2], g_out, u_out, se, bg, bu, act, aa)
     # 4. down
     ie, ir = _items(off, down.shape[1], tile)
     y = np.empty((n, down.shape[1]), np.float32)
     _down(qt[2], down, off, ie, ir, tile, aa, y)
     # 5. weighted, into the slots
-    _scatter(order, k_used, wts, y, slots)
+    _scatter(order, k_used, wts, y, se, bd, slots)

@@ -131,6 +131,19 @@ def silu_mul(g, u):
     return (g / (_ONE + exp_f32(-g))) * u
 
 
+_OAI_ALPHA = np.float32(1.702)
+_OAI_LIMIT = np.float32(7.0)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def swiglu_oai(g, u):
+    """ggml_swiglu_oai(g, u) with gpt-oss's alpha 1.702 and limit 7, as ggml-cpu's loop:
+    x = min(g, 7), y = clamp(u, -7, 7), x / (1 + exp(alpha · -x)) · (y + 1)."""
+    x = min(g, _OAI_LIMIT)
+    y = min(max(u, -_OAI_LIMIT), _OAI_LIMIT)
+    return (x / (_ONE + exp_f32(_OAI_ALPHA * -x))) * (y + _ONE)
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def silu_mul_into(g, u, out):
     """out = silu(g) · u elementwise (a loop the compiler vectorises)."""

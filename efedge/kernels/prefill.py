@@ -43,12 +43,18 @@ GNT = gm.NT
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _q8_0_acts(qt):
+    """Whether rows of qt meet Q8_0 activations (32-element blocks)."""
+    return qt == g.Q4_0 or qt == g.Q8_0 or qt == g.MXFP4 or qt == g.IQ4_NL
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def gemm_acts_row(qt, xq, xd, xs, xdb, xsum):
     """One token's activations for the tiled product (gemm) from its 8-bit activations
     made for qt (xq, xd, xs): xdb = the scale of each activation block, xsum = the sum of
     xq over each sub-block (arrays may be longer than needed)."""
     n = xq.shape[0]
-    if qt == g.Q4_0 or qt == g.Q8_0:
+    if _q8_0_acts(qt):
         for b in range(n // 32):
             xdb[b] = xd[8 * b]
             s = 0
@@ -85,6 +91,10 @@ def _unpack(qt, w, r, wt, ws, wm):
         gm.unpack_q4_k(w, r, wt, ws, wm)
     elif qt == g.Q6_K:
         gm.unpack_q6_k(w, r, wt, ws, wm)
+    elif qt == g.MXFP4:
+        gm.unpack_mxfp4(w, r, wt, ws, wm)
+    elif qt == g.IQ4_NL:
+        gm.unpack_iq4_nl(w, r, wt, ws, wm)
     else:
         gm.unpack_q8_0(w, r, wt, ws, wm)
 
@@ -120,6 +130,24 @@ def _gemm(qt, nt, wt, ws, wm, nb, xq, xdb, xsum, out, ldo):
             gm.gemm_q6_k_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
         else:
             gm.gemm_q6_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.MXFP4:
+        if nt == 8:
+            gm.gemm_mxfp4_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_mxfp4_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_mxfp4_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_mxfp4_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.IQ4_NL:
+        if nt == 8:
+            gm.gemm_iq4_nl_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_iq4_nl_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_iq4_nl_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_iq4_nl_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
     else:
         if nt == 8:
             gm.gemm_q8_0_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
@@ -137,7 +165,7 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
     tokens per step. r0 is a multiple of 8; a last tile of fewer rows is padded."""
     rows = w.shape[0]
     n_tok, n = xq.shape
-    nb = n // 32 if qt == g.Q4_0 or qt == g.Q8_0 else n // 256
+    nb = n // 32 if _q8_0_acts(qt) else n // 256
     wt = np.empty(8 * n, np.uint8)
     ws = np.empty(n // 16 * 8, np.float32)
     wm = np.empty(n // 16 * 8, np.float32)
@@ -166,8 +194,8 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def matmul_q8(qt, w, xq, xd, xs, out, tile):
-    """out[T, rows] = x · dequant(w).T for Q4_0 / Q8_0 / Q4_K / Q6_K rows and activations
-    quantized for them (activations.quantize_activations): the tiled product of
+    """out[T, rows] = x · dequant(w).T for Q4_0 / Q8_0 / Q4_K / Q6_K / MXFP4 / IQ4_NL rows
+    and activations quantized for them (activations.quantize_activations): the tiled product of
     ``gemm``, rows in tasks of ``tile`` (rounded up to a multiple of 8)."""
     rows = w.shape[0]
     xdb, xsum = gemm_acts(qt, xq, xd, xs)

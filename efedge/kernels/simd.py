@@ -11,8 +11,8 @@ target instruction; without it the same lanes come from portable vector IR (mult
 Activations (``activations.quantize_row``): int8 values ``xq [T, n]`` with their block
 scales ``xd`` (float32) and block sums ``xs`` (int32 array) —
 
-    Q8_0 (legacy quants): xd [T, n/4]: each 32-block's fp16 scale as float, 8 copies
-                          (one vector load per block); xs [T, n/32]: the float32 bits
+    Q8_0 (legacy quants,  xd [T, n/4]: each 32-block's fp16 scale as float, 8 copies
+    MXFP4, IQ4_NL)        (one vector load per block); xs [T, n/32]: the float32 bits
                           of scale · Σ xq (the offset correction, one FMA per block)
     Q8_K (K-quants):      xd [T, n/256] = 1/iscale; xs [T, n/16]: Σ xq per 16
 
@@ -33,12 +33,22 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._ir import _VNNI_FN, _Fn, _seq, _splat, data_ptr, link, row_base
+from ._ir import _VNNI_FN, LUT_DECL, _Fn, _seq, _splat, data_ptr, link, row_base
 
 _DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
-""" + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN else "")
+""" + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN
+       else "") + LUT_DECL
+
+# 4-bit indices into a table of 16 int8 values, 32 per block (ggml's kvalues_mxfp4: the
+# e2m1 values doubled, scaled by half the E8M0 power of two; kvalues_iq4nl with an fp16
+# scale). The tables go in shifted by OFFSET so that every entry is an unsigned byte.
+KVALUES = {
+    "mxfp4": (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12),
+    "iq4_nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+}
+OFFSET = {"mxfp4": 12, "iq4_nl": 128}
 
 # Every kernel: (ptr row, i64 row stride, i64 nblocks, ptr xq, ptr xd, ptr xs, i64 n,
 # ptr out) -> void; row r starts at row + r·stride, token t's activations at xq + t·n,
@@ -142,6 +152,32 @@ def _q8_0(f: _Fn, p: str, tok) -> list:
     qs = f.load("<32 x i8>", f.gep(p, "2"))
     w = f.v(f"xor <32 x i8> {qs}, {_splat('i8', 32, -128)}")
     return _legacy(f, dw, w, 128.0, tok)
+
+
+def _nibbles32(f: _Fn, qs: str) -> str:
+    """<32 x i8> of the 32 4-bit indices of a block, element order (low nibbles 0-15)."""
+    lo = f.v(f"and <16 x i8> {qs}, {_splat('i8', 16, 15)}")
+    hi = f.v(f"lshr <16 x i8> {qs}, {_splat('i8', 16, 4)}")
+    return f.v(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> {_seq(32)}")
+
+
+def unsigned_table(name: str) -> list[int]:
+    return [v + OFFSET[name] for v in KVALUES[name]]
+
+
+def _mxfp4(f: _Fn, p: str, tok) -> list:
+    # ggml_vec_dot_mxfp4_q8_0: E8M0_HALF(e) · d_x · Σ kvalue·x; the table shifted by 12
+    e = f.v(f"zext i8 {f.load('i8', p)} to i32")
+    dw = f.splat_f(f.e8m0_half(e))
+    w = f.lookup16(_nibbles32(f, f.load("<16 x i8>", f.gep(p, "1"))), unsigned_table("mxfp4"))
+    return _legacy(f, dw, w, float(OFFSET["mxfp4"]), tok)
+
+
+def _iq4_nl(f: _Fn, p: str, tok) -> list:
+    # ggml_vec_dot_iq4_nl_q8_0: d_w · d_x · Σ kvalue·x; the table shifted by 128
+    dw = f.h2f_splat(p)
+    w = f.lookup16(_nibbles32(f, f.load("<16 x i8>", f.gep(p, "2"))), unsigned_table("iq4_nl"))
+    return _legacy(f, dw, w, float(OFFSET["iq4_nl"]), tok)
 
 
 def _k_scales(f: _Fn, p: str) -> tuple[list[str], list[str]]:
@@ -254,6 +290,8 @@ _TYPES = {
     "q8_0": (34, 32, 4, 32, _q8_0),
     "q4_k": (144, 256, 256, 16, _q4_k),
     "q6_k": (210, 256, 256, 16, _q6_k),
+    "mxfp4": (17, 32, 4, 32, _mxfp4),
+    "iq4_nl": (18, 32, 4, 32, _iq4_nl),
 }
 # kernel shapes (rows, tokens): one row for one token (decode), one row for 4 tokens
 # (prefill). Several rows per call (one activation load for all) measure the same in
@@ -318,3 +356,5 @@ dot_q4_k_1x1 = _make_intrinsic("q4_k", 1, 1)
 dot_q4_k_1x4 = _make_intrinsic("q4_k", 1, 4)
 dot_q6_k_1x1 = _make_intrinsic("q6_k", 1, 1)
 dot_q6_k_1x4 = _make_intrinsic("q6_k", 1, 4)
+dot_mxfp4_1x1 = _make_intrinsic("mxfp4", 1, 1)
+dot_iq4_nl_1x1 = _make_intrinsic("iq4_nl", 1, 1)

@@ -1,0 +1,82 @@
+"""Paired A/B of decode speed between two efedge source trees (e.g. a worktree of an old
+commit and this one) on the same model: one warm process per tree, taking turns round by
+round (who goes first alternates), so that both see the same moments of a shared
+machine. Each round: the same prompt prefilled, then N greedy decode steps timed.
+
+    python benchmarks/ab_decode.py OLD_ROOT NEW_ROOT MODEL [-n 32] [-r 6] [-t 2]
+
+Prints each side's t/s per round and the median of the per-round ratios new / old.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _worker(model: str, n: int, threads: int) -> None:
+    import numpy as np
+
+    import efedge
+
+    with efedge.load(model, threads=threads) as m:
+        s = m._session
+        prompt = list(range(5, 37))
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "go":
+                break
+            s.reset()
+            tok = int(np.argmax(s.prefill(prompt)))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                tok = int(np.argmax(s.decode(tok)))
+            print(f"{n / (time.perf_counter() - t0):.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("model")
+    ap.add_argument("-n", type=int, default=32, help="decode steps per round")
+    ap.add_argument("-r", type=int, default=6, help="rounds")
+    ap.add_argument("-t", type=int, default=2, help="threads")
+    a = ap.parse_args()
+    procs = {}
+    for name, root in (("old", a.old), ("new", a.new)):
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", a.model,
+                              str(a.n), str(a.t)], cwd=root, env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"{name}: the worker did not start (PYTHONPATH={root})")
+        procs[name] = p
+    res: dict[str, list[float]] = {"old": [], "new": []}
+    for r in range(a.r):
+        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            p = procs[name]
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            res[name].append(float(p.stdout.readline()))
+    for p in procs.values():
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+        p.wait()
+    for name in ("old", "new"):
+        print(f"{name} t/s", [round(x, 2) for x in res[name]], "median",
+              round(statistics.median(res[name]), 2))
+    ratios = [b / a_ for a_, b in zip(res["old"], res["new"], strict=True)]
+    print("paired new/old per round", [round(x, 2) for x in ratios], "median",
+          round(statistics.median(ratios), 2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
