@@ -120,20 +120,15 @@ class Policy:
 
     def _routers_dense(self, width: int) -> np.ndarray | None:
         """The routers as one float32 [L, E, D] array when they are plain matrices
-        (QMatrix: `raw` + `qtype`; a dense layer's None: zero rows, never prefetched
-        for), else None (callables are used as they are)."""
+        (QMatrix: `raw` + `qtype`), else None (callables are used as they are)."""
         routers = getattr(self.source, "routers", None)
-        if not routers or not all(r is None or hasattr(r, "raw") and hasattr(r, "qtype")
-                                  for r in routers) or all(r is None for r in routers):
+        if not routers or not all(hasattr(r, "raw") and hasattr(r, "qtype") for r in routers):
             return None
         from efedge import kernels
 
-        mats = [None if r is None else kernels.dequantize(np.ascontiguousarray(r.raw), r.qtype)
-                .reshape(self.n_expert, -1).astype(np.float32) for r in routers]
-        if any(m is not None and m.shape[1] != width for m in mats):
-            return None
-        zero = np.zeros((self.n_expert, width), dtype=np.float32)
-        return np.stack([zero if m is None else m for m in mats])
+        W = np.stack([kernels.dequantize(np.ascontiguousarray(r.raw), r.qtype)
+                      .reshape(self.n_expert, -1) for r in routers]).astype(np.float32)
+        return W if W.shape[2] == width else None
 
     def _selection(self):
         """How the source's routers select (selection.RouterSelection), or None."""
@@ -141,8 +136,7 @@ class Policy:
 
     def _pregate_logits(self, layer: int, hidden, n: int) -> np.ndarray | None:
         """Selection logits (selection.py) of layers layer+1..layer+n on `hidden` by
-        calling the routers (the generic path; NaN beyond the last layer and for dense
-        layers)."""
+        calling the routers (the generic path; NaN beyond the last layer)."""
         routers = getattr(self.source, "routers", None)
         if not routers or hidden is None or n <= 0:
             return None
@@ -151,7 +145,7 @@ class Policy:
         out = np.full((t, n, self.n_expert), np.nan, dtype=np.float32)
         for d in range(1, n + 1):
             m = layer + d
-            if m < self.n_layer and routers[m] is not None:
+            if m < self.n_layer:
                 logits = np.asarray(routers[m](hidden), dtype=np.float32)
                 out[:, d - 1] = logits if sel is None else sel.apply(m, logits)
         return out

@@ -29,8 +29,8 @@ class StreamingExperts:
                  selection=None):
         self.store, self.cache, self.engine = store, cache, engine
         self.policy, self.counters = policy, counters
-        # per layer, a callable hidden [T, D] → router logits [T, E] (pre-gating predictors;
-        # None for a dense layer), and how those logits become the router's choice
+        # per layer, a callable hidden [T, D] → router logits [T, E] (pre-gating predictors),
+        # and how those logits become the router's choice
         # (selection.RouterSelection; None: a plain softmax router, ranked by its logits)
         self.routers = routers
         self.selection = selection

@@ -69,16 +69,11 @@ def _full_scale(x, eps):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
-                 bq, bk, bv, q_norm, k_norm, qk_mode, cos, sin, neox,
-                 n_head, n_head_kv, head_dim, v_dim, kq_scale, res_scale, kc, vc, pos,
-                 q, kk, vv, att, o, logits, x_out, h_out):
+def _qkv_stage(ctr, x, attn_norm, eps, wq, wk, wv, qt, sc, bq, bk, bv, buf, o1, q, kk, vv):
+    """Stage 0 of an attention half (decode_attn, decode_oss): the normalised input
+    rounded for q / k / v (private to the thread), then the q, k, v rows (+ biases) item
+    by item. Returns the thread's q pack, for reuse as a scratch pack."""
     d_model = x.shape[0]
-    n_att = n_head * v_dim
-    width = max(d_model, n_att)
-    buf = np.empty(width, np.float32)
-    o1 = np.empty(CH, np.float32)
-    # -- private: normalised input, rounded for q / k / v
     hn = np.empty(d_model, np.float32)
     rms_norm_into(x, attn_norm, eps, hn)
     pq = pack_of(d_model)
@@ -92,7 +87,6 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
         pv = pk if qt[IV] == qt[IK] else pack_of(d_model)
         if qt[IV] != qt[IK]:
             prep(sc[IV], qt[IV], hn, pv)
-    # -- stage 0: q, k, v rows
     cq, ck, cv = _chunks(wq.shape[0]), _chunks(wk.shape[0]), _chunks(wv.shape[0])
     n0 = cq + ck + cv
     while True:
@@ -110,6 +104,21 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
             _rows(wv, qt[IV], d_model, pv, buf, o1, bv, vv, r0, min(wv.shape[0], r0 + CH))
         finish(ctr, 0)
     wait_stage(ctr, 0, n0)
+    return pq
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
+                 bq, bk, bv, q_norm, k_norm, qk_mode, cos, sin, neox,
+                 n_head, n_head_kv, head_dim, v_dim, kq_scale, res_scale, kc, vc, pos,
+                 q, kk, vv, att, o, logits, x_out, h_out):
+    d_model = x.shape[0]
+    n_att = n_head * v_dim
+    width = max(d_model, n_att)
+    buf = np.empty(width, np.float32)
+    o1 = np.empty(CH, np.float32)
+    # -- stage 0: q, k, v rows (the input normalised and rounded per thread)
+    pq = _qkv_stage(ctr, x, attn_norm, eps, wq, wk, wv, qt, sc, bq, bk, bv, buf, o1, q, kk, vv)
     # -- stage 1: one KV head per item: k norm + rope, KV store, its query heads
     group = n_head // n_head_kv
     q_full = k_full = np.float32(1.0)

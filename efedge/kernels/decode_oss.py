@@ -19,8 +19,8 @@ from numba import njit, prange
 
 from ._fp import half_to_f32, round_f16
 from ._sync import claim, finish, wait_stage
-from .decode import CH, IK, IO, IQ, IR, IV, _chunks, _rows
-from .nn import exp_f32, rms_norm_into, rope_into, store_f16
+from .decode import CH, IO, IR, _chunks, _qkv_stage, _rows
+from .nn import exp_f32, rms_norm_into, rope_into, store_f16, topk_into
 from .rowdot import pack_of, prep
 
 _ZERO = np.float32(0.0)
@@ -63,36 +63,8 @@ def _worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc, bq, bk
     n_att = n_head * v_dim
     buf = np.empty(max(d_model, n_att), np.float32)
     o1 = np.empty(CH, np.float32)
-    hn = np.empty(d_model, np.float32)
-    rms_norm_into(x, attn_norm, eps, hn)
-    pq = pack_of(d_model)
-    prep(sc[IQ], qt[IQ], hn, pq)
-    pk = pq
-    if qt[IK] != qt[IQ]:
-        pk = pack_of(d_model)
-        prep(sc[IK], qt[IK], hn, pk)
-    pv = pq
-    if qt[IV] != qt[IQ]:
-        pv = pack_of(d_model)
-        prep(sc[IV], qt[IV], hn, pv)
-    # -- stage 0: q, k, v rows
-    cq, ck, cv = _chunks(wq.shape[0]), _chunks(wk.shape[0]), _chunks(wv.shape[0])
-    n0 = cq + ck + cv
-    while True:
-        i = claim(ctr, 0)
-        if i >= n0:
-            break
-        if i < cq:
-            r0 = i * CH
-            _rows(wq, qt[IQ], d_model, pq, buf, o1, bq, q, r0, min(wq.shape[0], r0 + CH))
-        elif i < cq + ck:
-            r0 = (i - cq) * CH
-            _rows(wk, qt[IK], d_model, pk, buf, o1, bk, kk, r0, min(wk.shape[0], r0 + CH))
-        else:
-            r0 = (i - cq - ck) * CH
-            _rows(wv, qt[IV], d_model, pv, buf, o1, bv, vv, r0, min(wv.shape[0], r0 + CH))
-        finish(ctr, 0)
-    wait_stage(ctr, 0, n0)
+    # -- stage 0: q, k, v rows (+ biases)
+    _qkv_stage(ctr, x, attn_norm, eps, wq, wk, wv, qt, sc, bq, bk, bv, buf, o1, q, kk, vv)
     # -- stage 1: one KV head per item
     group = n_head // n_head_kv
     k0 = max(0, pos + 1 - window) if window > 0 else 0
@@ -158,15 +130,7 @@ def _worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc, bq, bk
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def topk_softmax(logits, k, ids, w):
     """ids [k] = the k largest logits (ties → lower id), w [k] = softmax over those k."""
-    e = logits.shape[0]
-    taken = np.zeros(e, np.bool_)
-    for j in range(k):
-        best = -1
-        for i in range(e):
-            if not taken[i] and (best < 0 or logits[i] > logits[best]):
-                best = i
-        taken[best] = True
-        ids[j] = best
+    topk_into(logits, k, ids)
     mx = logits[ids[0]]
     tot = _ZERO
     for j in range(k):

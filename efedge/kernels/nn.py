@@ -152,6 +152,20 @@ def silu_mul_into(g, u, out):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def topk_into(x, k, ids):
+    """ids [k] = the indices of the k largest x, largest first (ties → lower index)."""
+    e = x.shape[0]
+    taken = np.zeros(e, np.bool_)
+    for j in range(k):
+        best = -1
+        for i in range(e):
+            if not taken[i] and (best < 0 or x[i] > x[best]):
+                best = i
+        taken[best] = True
+        ids[j] = best
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def softmax_topk(logits, k, renorm, ids, w):
     """Softmax over all experts, then the k largest (ties → lower id), weights optionally
     renormalised to sum 1. ids [k] int32, w [k] float32 are filled."""
@@ -166,15 +180,9 @@ def softmax_topk(logits, k, renorm, ids, w):
         tot += p[i]
     for i in range(e):
         p[i] = p[i] / tot
-    taken = np.zeros(e, np.bool_)
+    topk_into(p, k, ids)
     for j in range(k):
-        best = -1
-        for i in range(e):
-            if not taken[i] and (best < 0 or p[i] > p[best]):
-                best = i
-        taken[best] = True
-        ids[j] = best
-        w[j] = p[best]
+        w[j] = p[ids[j]]
     if renorm:
         s = _ZERO
         for j in range(k):
