@@ -129,7 +129,8 @@ class CudaModel:
         mats = [host.output] + [getattr(b, n) for b in host.blocks for n in
                                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp",
                                  "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
-                                 "ffn_gate", "ffn_up", "ffn_down") if hasattr(b, n)]
+                                 "ffn_gate", "ffn_up", "ffn_down")
+                                if hasattr(b, n) and (b.moe or n != "ffn_gate_inp")]
         extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
         if dense == "auto":
             allowance = 0.25 * (total - res)
@@ -241,7 +242,7 @@ class CudaModel:
         if not resident and hybrid != "off":
             self.hybrid = HybridMisses(store, hybrid)
             if hybrid == "auto":
-                self.hybrid.calibrate()
+                self.hybrid.calibrate(store.moe_layers[0])  # not a dense lead layer
         emulator = LinkEmulator(link_obj) if link_obj is not None else None
         engine = GpuTransferEngine(self._gf.path, store, ecache, self.counters, backend,
                                    emulator, workers, host_tier=self.host_tier)
@@ -396,12 +397,11 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     try:
         cfg = config if config is not None else config_from_gguf(gf)
         s = cfg.spec
-        if (s.attention != "standard" or s.routing != "softmax" or s.scales
-                or cfg.has_shared and not s.shared_gate):
+        if s.attention != "standard":
             from efedge.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "
-                                        "yet (its attention, routing or multipliers); use "
+                                        f"yet (its {s.attention!r} attention); use "
                                         "device='cpu'")
         return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
