@@ -201,6 +201,11 @@ def test_more_architectures_match_cpu_path(tiny_gguf, arch, kw):
             assert (out.argmax(-1) == ref.argmax(-1)).all(), conf
             if conf:
                 assert g.extra_stats()["hybrid_cpu_experts"] > 0
+                # pre-gating ranks as the routers select (the selection bias included)
+                sel = g.source.selection
+                for il, b in enumerate(g.host.blocks):
+                    if b.moe and b.exp_probs_b is not None:
+                        assert np.array_equal(sel.select_bias[il], b.exp_probs_b)
 
 
 def test_greedy_tokens_match_cpu_path(tiny_gguf):

@@ -199,6 +199,7 @@ class CudaModel:
                      host_cache=None, disk_link=None) -> bool:
         from efedge.experts.cache import parse_budget
         from efedge.experts.scheduler import make_policy
+        from efedge.experts.selection import RouterSelection
         from efedge.experts.transfer import parse_link
         from efedge.gpu.cache import (
             DeviceBackend,
@@ -249,7 +250,9 @@ class CudaModel:
         try:
             self.source = GpuStreamingExperts(store, ecache, engine, pol, self.counters,
                                               routers=[b.ffn_gate_inp for b in self.host.blocks],
-                                              n_active=cfg.n_expert_used, hybrid=self.hybrid)
+                                              n_active=cfg.n_expert_used, hybrid=self.hybrid,
+                                              # pre-gating ranks as the routers select
+                                              selection=RouterSelection.of_model(self.host))
         except BaseException:
             engine.close()
             raise
