@@ -26,6 +26,11 @@ import numpy as np
 from efedge import kernels, layers, rope
 from efedge.errors import ModelFormatError, UnsupportedModelError
 from efedge.kernels import prefill as pk
+from efedge.kernels.heads import heads_matmul
+
+# up to this many tokens the per-head products run as one kernel call over all heads
+# (decode); a longer batch makes each head's tiled product worth its own call
+HEADS_IN_ONE_CALL = 4
 
 
 class MLAAttention:
@@ -112,12 +117,28 @@ class MLAAttention:
     @staticmethod
     def _per_head(mats, x: np.ndarray) -> np.ndarray:
         """x [T, H, K] → [T, H, rows]: head h through its own matrix (ggml's batched
-        mul_mat over heads)."""
+        mul_mat over heads). A few tokens (decode): every head in one call; more: one
+        tiled product per head, each worth its call."""
         raw, qt = mats
+        if x.shape[0] <= HEADS_IN_ONE_CALL:
+            return heads_matmul(raw, qt, x)
         out = np.empty((x.shape[0], x.shape[1], raw.shape[1]), np.float32)
         for hh in range(x.shape[1]):
             out[:, hh] = kernels.qmatmul(raw[hh], qt, np.ascontiguousarray(x[:, hh]))
         return out
+
+    def decode(self, tf, blk, il: int, x: np.ndarray, pos: int, kv, x_out: np.ndarray,
+               h_out: np.ndarray, ids: np.ndarray, w: np.ndarray, nt: int) -> None:
+        """One token at ``pos``: the attention half of the layer (this class's T-token
+        code on one row: the same arithmetic as a batch), x_out = x + attention, h_out =
+        the FFN input and, in a MoE layer, ids / w = its experts and weights, so that the
+        model's fused one-token FFN kernels take over (model.Transformer._decode)."""
+        a = self(tf, il, tf._norm(x[None], blk.attn_norm), pos, kv)
+        np.add(x, a[0], out=x_out)
+        h_out[:] = tf._norm(x_out[None], blk.ffn_norm)[0]
+        if blk.moe:
+            r_ids, r_w, _ = tf._route(blk, h_out[None])
+            ids[:], w[:] = r_ids[0], r_w[0]
 
     def __call__(self, tf, il: int, hn: np.ndarray, pos: int, kv) -> np.ndarray:
         """The attention output [T, D] of normalised hidden states hn [T, D] at positions

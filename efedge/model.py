@@ -346,7 +346,7 @@ class Transformer:
         counters = experts.counters if resident else None
         nt = numba.get_num_threads()
         for il, blk in enumerate(self.blocks):
-            if blk.custom_attn is not None:  # gpt-oss's sinks (kernels.decode_oss): routes too
+            if blk.custom_attn is not None:  # gpt-oss's sinks, deepseek2's MLA: routes too
                 blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
             else:
                 dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
@@ -370,29 +370,28 @@ class Transformer:
             if self.on_route is not None:
                 self.on_route(il, h[None], ids[None])
             n = k_used
+            f = blk.experts  # quant types and schemes: the same for every expert
             if blk.exp_bias is not None:  # gpt-oss
-                experts_token(experts, il, h, ids, w, blk.experts, y, nt, blk.exp_bias)
-            elif resident and blk.shared is None:
+                experts_token(experts, il, h, ids, w, f, y, nt, blk.exp_bias)
+            elif resident:  # all K in one call
                 counters.expert_requests += k_used
                 counters.hits += k_used
-                f = blk.experts
                 dk.decode_ffn(h, ids, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
             else:
-                f = blk.experts  # quant types and schemes: the same for every expert
                 # all K already in the cache: one call over the slot pool, as resident
-                ready = None if resident else getattr(experts, "ready_pool", _none)(il, ids)
+                ready = getattr(experts, "ready_pool", _none)(il, ids)
                 if ready is not None:
                     dk.decode_ffn(h, ready[0], w, *ready[1], f.qt, f.sc, y, nt)
                 else:
                     stream_experts_token(experts, il, h, ids, w, f, y, nt)
-                if blk.shared is not None:
-                    f = blk.shared
-                    scale = np.ones(1, np.float32)  # ungated (granitemoe, deepseek2)
-                    if blk.ffn_gate_inp_shexp is not None:
-                        scale = 1.0 / (1.0 + np.exp(-(h[None] @ blk.ffn_gate_inp_shexp)))
-                    dk.decode_ffn(h, _ONE_ID, scale.astype(np.float32), f.gate, f.up, f.down,
-                                  f.qt, f.sc, y[n:n + 1], nt)
-                    n += 1
+            if blk.shared is not None:
+                f = blk.shared
+                scale = np.ones(1, np.float32)  # ungated (granitemoe, deepseek2, glm4moe, …)
+                if blk.ffn_gate_inp_shexp is not None:
+                    scale = 1.0 / (1.0 + np.exp(-(h[None] @ blk.ffn_gate_inp_shexp)))
+                dk.decode_ffn(h, _ONE_ID, scale.astype(np.float32), f.gate, f.up, f.down,
+                              f.qt, f.sc, y[n:n + 1], nt)
+                n += 1
             _ffn_sum(x2, y, n, rs, x)
         kv.n_past = pos + 1
         return self._logits(x[None])

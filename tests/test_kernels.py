@@ -702,3 +702,30 @@ def test_sink_attention_kernel_matches_numpy_reference(pos, window):
                                np.float32(0.125), window)
     ref = attention_sinks(q, kc[:pos + t], vc[:pos + t], pos, sinks, 0.125, window)
     assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qt", [Q.F32, Q.F16, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K],
+                         ids=lambda t: t.name)
+def test_heads_matmul_is_each_heads_rounded_product(qt):
+    """kernels.heads.heads_matmul (deepseek2's per-head k_b / v_b products in one call) =
+    each head's round_activations(x) @ dequantize(w).T; for the float-path types the
+    same bits as qmatmul head by head, since both decode the row and take the same dot."""
+    from efedge.kernels.heads import heads_matmul
+
+    rng = np.random.default_rng(400 + int(qt))
+    heads, rows = 3, 37  # rows not a multiple of the kernel's chunk of 32
+    blocks = 1 if GGML_QUANT_SIZES[qt][0] == 256 else 4
+    raw = np.stack([make_raw(qt, rows, blocks, rng) for _ in range(heads)])
+    k = blocks * GGML_QUANT_SIZES[qt][0]
+    x = rng.standard_normal((2, heads, k)).astype(np.float32)
+    got = heads_matmul(readonly(raw), int(qt), x)
+    assert got.shape == (2, heads, rows)
+    for hh in range(heads):
+        w64 = gq.dequantize(raw[hh], qt).astype(np.float64)
+        check_close(got[:, hh], w64, round_activations(x[:, hh], int(qt)).astype(np.float64))
+        if int(qt) == Q.Q5_0:
+            assert same_bits(got[:, hh], qmatmul(readonly(raw[hh]), int(qt), x[:, hh]))
+    with pytest.raises(ValueError, match=r"x must be \[T, 3, "):
+        heads_matmul(raw, int(qt), x[:, :2])
+    with pytest.raises(ValueError, match="raw must be"):
+        heads_matmul(raw[0], int(qt), x)

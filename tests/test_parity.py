@@ -605,13 +605,17 @@ def _assert_greedy_until_tie(ours: list[int], steps: np.ndarray, ref: list[int])
             return
 
 
-def test_gpt_oss_decode_steps_match_llama_cpp(tiny_gguf):
-    """gpt-oss's fused one-token step (sinks, the sliding window crossed, biases, router
-    top-k then softmax, the experts' kernel): every decode step's logits are llama.cpp's
+@pytest.mark.parametrize("arch", ["gpt-oss", "deepseek2", "deepseek2-legacy", "qwen2moe"])
+def test_one_token_decode_steps_match_llama_cpp(tiny_gguf, arch):
+    """The fused one-token step of the layouts whose decode differs most from prefill:
+    gpt-oss's (sinks, the sliding window crossed, biases, router top-k then softmax, the
+    experts' kernel), deepseek2's (latent attention on one row, then the K experts and the
+    shared expert in the fused kernels; split and legacy MLA caches), qwen2moe's gated
+    shared expert beside resident experts: every decode step's logits are llama.cpp's
     for the same sequence."""
     from gguf_tools.tiny_archs import OSS_WINDOW
 
-    path = tiny_gguf("gpt-oss", "F32")
+    path = tiny_gguf(arch, "F32")
     ids = _tokens(512, OSS_WINDOW + 24, seed=13)
     ref = llama_ref.llama_logits(path, ids)
     with efedge.load(path) as m:

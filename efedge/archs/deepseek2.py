@@ -5,10 +5,11 @@ expert of ``expert_shared_count`` × the routed width, and routing from the meta
 softmax or sigmoid gating, DeepSeek-V3's selection bias (``exp_probs_b``), expert groups,
 optional renormalisation and ``expert_weights_scale``. YaRN (DeepSeek-V2 / V2-Lite) also
 scales the attention scores by mscale² from ``rope.scaling.yarn_log_multiplier``
-(efedge/rope.py). Decode runs the T-token path."""
+(efedge/rope.py). Decode: the attention on one row through efedge/mla.py's code, the
+experts and the shared expert through the fused one-token kernels."""
 
 from efedge.archs import ArchSpec
 
 SPEC = ArchSpec(name="deepseek2", rope_style="normal", moe=True, norm_topk=False,
-                shared_gate=False, shared_optional=True, fused_decode=False,
+                shared_gate=False, shared_optional=True,
                 attention="mla", routing="deepseek", dense_lead=True)
