@@ -51,7 +51,7 @@ F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0,
               "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
               "IQ4_NL": [0], "IQ4_XS": [0], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0],
               "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0], "IQ1_M": [], "TQ1_0": [52],
-              "TQ2_0": [64]}
+              "TQ2_0": [64], "MXFP4": []}
 
 
 def random_rows(name: str, rows: int = 6, row_len: int = 512, seed: int = 0) -> np.ndarray:
@@ -78,6 +78,9 @@ def random_rows(name: str, rows: int = 6, row_len: int = 512, seed: int = 0) -> 
         for k in range(4):
             sc[:, k] = (sc[:, k] & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12)
         blocks[:, 48:56] = sc.view(np.uint8)
+    if name == "MXFP4":  # E8M0 exponents 0 and 1 (the subnormal branch) up to 2^12 · 6
+        blocks[:, 0] = rng.integers(0, 140, blocks.shape[0], dtype=np.uint8)
+        blocks[:3, 0] = (0, 1, 2)
     return raw
 
 
@@ -108,7 +111,7 @@ def test_dequantize_bit_exact_vs_gguf(name):
 
 
 @pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K",
-                                  "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "TQ1_0"])
+                                  "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "TQ1_0", "MXFP4"])
 def test_round_activations_bit_exact(name):
     x = (np.random.default_rng(3).standard_normal((5, 512)) * 3).astype(np.float32)
     x[1, :7] = 0.0
@@ -574,7 +577,7 @@ def test_cuda_dequantize_bit_exact(name):
     assert _bits_equal(got, ref)
 
 
-@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL"])
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "MXFP4"])
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_round_activations_bit_exact(name):
