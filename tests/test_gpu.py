@@ -228,6 +228,82 @@ def test_low_bit_forward_close_to_cpu_path(tiny_gguf, quant):
     assert np.median(cos) >= 0.9999 and cos.min() >= 0.99
 
 
+# -- gpt-oss: sink attention, sliding window, biased experts, MXFP4 ------------------------
+
+def _greedy_cpu(path, prompt: list[int], n: int) -> list[int]:
+    from efedge.generate import GenerationResult
+
+    with efedge.load(path) as m:
+        res = GenerationResult([], "length")
+        "".join(m.stream(prompt, max_tokens=n, temperature=0, result=res))
+    return res.tokens
+
+
+def _oss_prompt(n: int = 20) -> list[int]:
+    from gguf_tools.tiny_archs import OSS_WINDOW
+
+    assert n > OSS_WINDOW  # the sliding-window layers must drop keys
+    return _ids(n)
+
+
+OSS_CONFIGS = [dict(),  # every expert resident
+               dict(cache="35%", policy="expertflow", hybrid="off"),
+               # micro-batches of 7 start past the window: keys before it are skipped
+               dict(cache="40%", policy="expertflow", hybrid="always", dense=False, ubatch=7)]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(rope_scaling="yarn", rope_base_swa=5000.0, n_layer=2)],
+                         ids=["plain", "yarn-swa-base"])
+def test_gpt_oss_forward_matches_cpu_path(tiny_gguf, kw):
+    """gpt-oss on the torch path: q / k / v / output biases, sinks, the sliding window
+    (its own rope base and YaRN on those layers in the second file), the router bias and
+    the experts' biases and clamped SwiGLU, on the GPU and in hybrid CPU misses."""
+    path = tiny_gguf("gpt-oss", "F32", **kw)
+    ids = _oss_prompt()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    for cfg in OSS_CONFIGS if not kw else OSS_CONFIGS[:1]:
+        with load_cuda_model(path, device="cpu", n_ctx=64, **cfg) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            assert _cos(out, ref).min() >= 0.99999, cfg
+            assert (out.argmax(-1) == ref.argmax(-1)).all(), cfg
+            s = g.counters
+            assert s.hits + s.late + s.misses == s.expert_requests > 0
+            if cfg.get("cache"):
+                assert s.misses > 0
+            if cfg.get("hybrid") == "always":
+                assert g.extra_stats()["hybrid_cpu_experts"] > 0
+
+
+def test_gpt_oss_greedy_tokens_match_cpu_path(tiny_gguf):
+    path = tiny_gguf("gpt-oss", "F32")
+    prompt = _ids(6, seed=11)
+    want = _greedy_cpu(path, prompt, 10)  # 16 positions: past the window of 8
+    for hybrid in ("off", "always"):  # decode misses on the GPU, then on the CPU
+        with load_cuda_model(path, device="cpu", cache="40%", policy="expertflow",
+                             hybrid=hybrid, n_ctx=32) as g:
+            assert g.generate_greedy(prompt, len(want)) == want, hybrid
+
+
+def test_gpt_oss_mxfp4_close_to_cpu_path(tiny_gguf):
+    """gpt-oss as its checkpoints ship (MXFP4_MOE: MXFP4 experts, Q8_0 attention), the
+    experts streamed through half-size slots and decoded by the torch MXFP4 decoder."""
+    path = tiny_gguf("gpt-oss", "MXFP4_MOE")  # skipped without llama.cpp's quantizer
+    ids = _oss_prompt()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    with load_cuda_model(path, device="cpu", cache="50%", policy="ondemand", dense=False,
+                         hybrid="off", n_ctx=32) as g:
+        assert int(Q.MXFP4) in g.store.qtypes(0)
+        out = g.forward(ids, 0, g.new_kv_cache(32))
+        assert g.counters.misses > 0
+    cos = _cos(out, ref)
+    # as test_quantized_forward_close_to_cpu_path: 8-bit activation rounding turns
+    # last-bit differences into the odd flipped rounding; most positions agree to 1e-4
+    assert np.median(cos) >= 0.9999 and cos.min() >= 0.999
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
 # -- memory planning -----------------------------------------------------------------------
 
 def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
@@ -606,6 +682,30 @@ def test_cuda_forward_matches_cpu_path(tiny_gguf, arch):
             assert _cos(out, ref).min() >= 0.9999, kw
             assert (out.argmax(-1) == ref.argmax(-1)).all(), kw
             assert g.generate_greedy(prompt, len(res.tokens)) == res.tokens, kw
+
+
+@pytest.mark.parametrize("quant", ["F32", "MXFP4_MOE"])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_gpt_oss_matches_cpu_path(tiny_gguf, quant):
+    """test_gpt_oss_* on a real GPU: sinks, sliding window, biased experts, MXFP4."""
+    path = tiny_gguf("gpt-oss", quant)
+    ids = _oss_prompt(24)
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    prompt = ids[:5]
+    want = _greedy_cpu(path, prompt, 8) if quant == "F32" else None
+    for kw in OSS_CONFIGS + [dict(cache="35%", policy="expertflow", link="2GB/s",
+                                  hybrid="auto")]:
+        with load_cuda_model(path, device="cuda", n_ctx=64, **kw) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            cos = _cos(out, ref)
+            if quant == "F32":
+                assert cos.min() >= 0.9999, kw
+                assert (out.argmax(-1) == ref.argmax(-1)).all(), kw
+                assert g.generate_greedy(prompt, len(want)) == want, kw
+            else:
+                assert np.median(cos) >= 0.9999 and cos.min() >= 0.999, kw
 
 
 @pytest.mark.cuda

@@ -130,6 +130,8 @@ class CudaModel:
                                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp",
                                  "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
                                  "ffn_gate", "ffn_up", "ffn_down") if hasattr(b, n)]
+        mats += [getattr(b.custom_attn, n) for b in host.blocks if b.custom_attn is not None
+                 for n in ("attn_q", "attn_k", "attn_v", "attn_output")]  # gpt-oss's
         extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
         if dense == "auto":
             allowance = 0.25 * (total - res)
@@ -144,6 +146,8 @@ class CudaModel:
             raise ValueError(f"dense must be 'auto', True or False, got {dense!r}")
         w_bytes = sum(extra[m.name] if m.name in dense_names and extra[m.name]
                       else m.raw.nbytes for m in mats)
+        w_bytes += sum(x.nbytes for b in host.blocks if b.exp_bias is not None
+                       for x in b.exp_bias)  # gpt-oss's expert biases, on the device
         budget.take("weights", w_bytes)
         self.n_ctx = int(n_ctx) if n_ctx is not None else min(cfg.n_ctx_train, 4096)
         budget.take("kv_cache", GpuKVCache.bytes_for(cfg.n_layer, self.n_ctx, cfg.n_head_kv,
@@ -198,6 +202,7 @@ class CudaModel:
                      host_cache=None, disk_link=None) -> bool:
         from efedge.experts.cache import parse_budget
         from efedge.experts.scheduler import make_policy
+        from efedge.experts.selection import RouterSelection
         from efedge.experts.transfer import parse_link
         from efedge.gpu.cache import (
             DeviceBackend,
@@ -239,7 +244,8 @@ class CudaModel:
             log.info("host_cache= has no effect: every expert is resident in VRAM")
         pol = make_policy("ondemand" if resident else policy, **policy_kwargs)
         if not resident and hybrid != "off":
-            self.hybrid = HybridMisses(store, hybrid)
+            self.hybrid = HybridMisses(store, hybrid,
+                                       exp_bias=[b.exp_bias for b in self.host.blocks])
             if hybrid == "auto":
                 self.hybrid.calibrate()
         emulator = LinkEmulator(link_obj) if link_obj is not None else None
@@ -248,7 +254,8 @@ class CudaModel:
         try:
             self.source = GpuStreamingExperts(store, ecache, engine, pol, self.counters,
                                               routers=[b.ffn_gate_inp for b in self.host.blocks],
-                                              n_active=cfg.n_expert_used, hybrid=self.hybrid)
+                                              n_active=cfg.n_expert_used, hybrid=self.hybrid,
+                                              selection=RouterSelection.of_model(self.host))
         except BaseException:
             engine.close()
             raise
@@ -396,7 +403,8 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     try:
         cfg = config if config is not None else config_from_gguf(gf)
         s = cfg.spec
-        if (s.attention != "standard" or s.routing != "softmax" or s.scales
+        if (s.attention not in ("standard", "sinks")
+                or s.routing not in ("softmax", "topk_softmax") or s.scales
                 or cfg.has_shared and not s.shared_gate):
             from efedge.errors import UnsupportedModelError
 
