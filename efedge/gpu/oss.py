@@ -1,11 +1,12 @@
 """gpt-oss's attention on a torch device: efedge/oss.py's SinkAttention, op for op.
 
 q / k / v with biases, neox rope from the host's per-layer tables (the sliding-window
-layers may have their own base and YaRN: Transformer._rope_rows), the float16 KV cache,
-scores scaled by cfg.attn_scale, one learned sink logit per head that takes a share of
-each softmax and attends to nothing, and on the sliding-window layers only the last
-``window`` keys (the query's own included). The output projection has a bias too. The
-roundings are those of efedge.oss.attention_sinks (q and the softmax weights to f16).
+layers may have their own base and YaRN: Transformer._rope_rows, uploaded by
+GpuTransformer._forward_ubatch), the float16 KV cache, scores scaled by cfg.attn_scale,
+one learned sink logit per head that takes a share of each softmax and attends to
+nothing, and on the sliding-window layers only the last ``window`` keys (the query's own
+included). The output projection has a bias too. The roundings are those of
+efedge.oss.attention_sinks (q and the softmax weights to f16).
 Shapes: T tokens, H heads, Hkv kv heads, d head size, S keys.
 """
 
@@ -34,17 +35,17 @@ class GpuSinkAttention:
     def matrices(self) -> list[GpuMatrix]:
         return [getattr(self, n) for n in self.MATRICES]
 
-    def __call__(self, tf, il: int, h: torch.Tensor, pos: int, kv) -> torch.Tensor:
+    def __call__(self, tf, il: int, h: torch.Tensor, pos: int, kv, rope) -> torch.Tensor:
         """h [T, D] (the normed input) at positions pos..pos+T → [T, D]; writes the
-        layer's KV cache rows pos..pos+T. tf: the GpuTransformer."""
+        layer's KV cache rows pos..pos+T. tf: the GpuTransformer; rope: this layer's cos /
+        sin [T, rope_dim/2] on the device (the host's Transformer._rope_rows: YaRN folded
+        in, the sliding-window layers' own base)."""
         c = tf.cfg
         t = h.shape[0]
         q = (self.attn_q(h) + self.attn_q_b).reshape(t, c.n_head, c.head_dim)
         k = (self.attn_k(h) + self.attn_k_b).reshape(t, c.n_head_kv, c.head_dim)
         v = (self.attn_v(h) + self.attn_v_b).reshape(t, c.n_head_kv, c.v_head_dim)
-        cos, sin = tf.host._rope_rows(pos, t, il)  # YaRN folded in; SWA layers' own base
-        cos, sin = tf.up(cos), tf.up(sin)
-        q, k = apply_rope(q, cos, sin, "neox"), apply_rope(k, cos, sin, "neox")
+        q, k = apply_rope(q, *rope, "neox"), apply_rope(k, *rope, "neox")
         kv.store(il, pos, k.to(torch.float16), v.to(torch.float16))
         keys, values = kv.view(il, pos + t)
         att = attention_sinks(q, keys, values, pos, self.attn_sinks, self.scale, self.window)
