@@ -9,8 +9,9 @@ efedge.api.Model uses (forward, new_kv_cache, counters, close).
     logits = m.forward(ids, 0, kv, all_logits=False)
 
 torch is imported only when a model is loaded: `import efedge.gpu` works without it.
-Modules: kernels (torch dequant / matmul), model (forward), cache (VRAM slots, copy
-streams, events), hybrid (misses computed on the CPU), emulate (VRAM budget, link).
+Modules: kernels (torch dequant / matmul), model (forward), oss (gpt-oss's attention),
+cache (VRAM slots, copy streams, events), hybrid (misses computed on the CPU), emulate
+(VRAM budget, link).
 """
 
 from __future__ import annotations
