@@ -195,11 +195,18 @@ def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     rows, the resident path's arithmetic)."""
     if blk.exp_bias is None:
         return expert_ffn(x, w)
+    return expert_ffn_oai(x, w, tuple(b[e:e + 1] for b in blk.exp_bias))
+
+
+def expert_ffn_oai(x: np.ndarray, w: ExpertWeights, bias: tuple) -> np.ndarray:
+    """One gpt-oss expert on its tokens x [t, D] → [t, D]: bias = its rows of the layer's
+    bias tables (gate [1, F], up [1, F], down [1, D]); moe_ffn_oai, the resident path's
+    arithmetic."""
     f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
     t = x.shape[0]
     slots = np.empty((t, 1, f.down.shape[1]), np.float32)
     _fused_experts(f, x, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32), slots,
-                   tuple(b[e:e + 1] for b in blk.exp_bias))
+                   bias)
     return slots[:, 0]
 
 

@@ -51,7 +51,7 @@ F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0,
               "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
               "IQ4_NL": [0], "IQ4_XS": [0], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0],
               "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0], "IQ1_M": [], "TQ1_0": [52],
-              "TQ2_0": [64]}
+              "TQ2_0": [64], "MXFP4": []}
 
 
 def random_rows(name: str, rows: int = 6, row_len: int = 512, seed: int = 0) -> np.ndarray:
@@ -78,6 +78,9 @@ def random_rows(name: str, rows: int = 6, row_len: int = 512, seed: int = 0) -> 
         for k in range(4):
             sc[:, k] = (sc[:, k] & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12)
         blocks[:, 48:56] = sc.view(np.uint8)
+    if name == "MXFP4":  # E8M0 exponents 0 and 1 (the subnormal branch) up to 2^12 · 6
+        blocks[:, 0] = rng.integers(0, 140, blocks.shape[0], dtype=np.uint8)
+        blocks[:3, 0] = (0, 1, 2)
     return raw
 
 
@@ -108,7 +111,7 @@ def test_dequantize_bit_exact_vs_gguf(name):
 
 
 @pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K",
-                                  "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "TQ1_0"])
+                                  "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ1_M", "TQ1_0", "MXFP4"])
 def test_round_activations_bit_exact(name):
     x = (np.random.default_rng(3).standard_normal((5, 512)) * 3).astype(np.float32)
     x[1, :7] = 0.0
@@ -254,6 +257,82 @@ def test_low_bit_forward_close_to_cpu_path(tiny_gguf, quant):
     assert np.median(cos) >= 0.9999 and cos.min() >= 0.99
 
 
+# -- gpt-oss: sink attention, sliding window, biased experts, MXFP4 ------------------------
+
+def _greedy_cpu(path, prompt: list[int], n: int) -> list[int]:
+    from efedge.generate import GenerationResult
+
+    with efedge.load(path) as m:
+        res = GenerationResult([], "length")
+        "".join(m.stream(prompt, max_tokens=n, temperature=0, result=res))
+    return res.tokens
+
+
+def _oss_prompt(n: int = 20) -> list[int]:
+    from gguf_tools.tiny_archs import OSS_WINDOW
+
+    assert n > OSS_WINDOW  # the sliding-window layers must drop keys
+    return _ids(n)
+
+
+OSS_CONFIGS = [dict(),  # every expert resident
+               dict(cache="35%", policy="expertflow", hybrid="off"),
+               # micro-batches of 7 start past the window: keys before it are skipped
+               dict(cache="40%", policy="expertflow", hybrid="always", dense=False, ubatch=7)]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(rope_scaling="yarn", rope_base_swa=5000.0, n_layer=2)],
+                         ids=["plain", "yarn-swa-base"])
+def test_gpt_oss_forward_matches_cpu_path(tiny_gguf, kw):
+    """gpt-oss on the torch path: q / k / v / output biases, sinks, the sliding window
+    (its own rope base and YaRN on those layers in the second file), the router bias and
+    the experts' biases and clamped SwiGLU, on the GPU and in hybrid CPU misses."""
+    path = tiny_gguf("gpt-oss", "F32", **kw)
+    ids = _oss_prompt()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    for cfg in OSS_CONFIGS if not kw else OSS_CONFIGS[:1]:
+        with load_cuda_model(path, device="cpu", n_ctx=64, **cfg) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            assert _cos(out, ref).min() >= 0.99999, cfg
+            assert (out.argmax(-1) == ref.argmax(-1)).all(), cfg
+            s = g.counters
+            assert s.hits + s.late + s.misses == s.expert_requests > 0
+            if cfg.get("cache"):
+                assert s.misses > 0
+            if cfg.get("hybrid") == "always":
+                assert g.extra_stats()["hybrid_cpu_experts"] > 0
+
+
+def test_gpt_oss_greedy_tokens_match_cpu_path(tiny_gguf):
+    path = tiny_gguf("gpt-oss", "F32")
+    prompt = _ids(6, seed=11)
+    want = _greedy_cpu(path, prompt, 10)  # 16 positions: past the window of 8
+    for hybrid in ("off", "always"):  # decode misses on the GPU, then on the CPU
+        with load_cuda_model(path, device="cpu", cache="40%", policy="expertflow",
+                             hybrid=hybrid, n_ctx=32) as g:
+            assert g.generate_greedy(prompt, len(want)) == want, hybrid
+
+
+def test_gpt_oss_mxfp4_close_to_cpu_path(tiny_gguf):
+    """gpt-oss as its checkpoints ship (MXFP4_MOE: MXFP4 experts, Q8_0 attention), the
+    experts streamed through half-size slots and decoded by the torch MXFP4 decoder."""
+    path = tiny_gguf("gpt-oss", "MXFP4_MOE")  # skipped without llama.cpp's quantizer
+    ids = _oss_prompt()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    with load_cuda_model(path, device="cpu", cache="50%", policy="ondemand", dense=False,
+                         hybrid="off", n_ctx=32) as g:
+        assert int(Q.MXFP4) in g.store.qtypes(0)
+        out = g.forward(ids, 0, g.new_kv_cache(32))
+        assert g.counters.misses > 0
+    cos = _cos(out, ref)
+    # as test_quantized_forward_close_to_cpu_path: 8-bit activation rounding turns
+    # last-bit differences into the odd flipped rounding; most positions agree to 1e-4
+    assert np.median(cos) >= 0.9999 and cos.min() >= 0.999
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
 # -- memory planning -----------------------------------------------------------------------
 
 def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
@@ -279,11 +358,10 @@ def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
             g.new_kv_cache(64)
 
 
-@pytest.mark.parametrize("arch", ["deepseek2", "gpt-oss"])
+@pytest.mark.parametrize("arch", ["deepseek2"])
 def test_archs_the_gpu_path_lacks_are_refused_by_name(tiny_gguf, arch):
-    """Their attention (deepseek2's latent attention, gpt-oss's sinks and sliding window)
-    is CPU-only: the torch path says so, on any device, instead of computing another
-    model."""
+    """Their attention (deepseek2's multi-head latent attention) is CPU-only: the torch
+    path says so, on any device, instead of computing another model."""
     with pytest.raises(UnsupportedModelError, match=f"does not run architecture '{arch}'"):
         load_cuda_model(tiny_gguf(arch, "F32"), device="cpu")
 
@@ -604,7 +682,7 @@ def test_cuda_dequantize_bit_exact(name):
     assert _bits_equal(got, ref)
 
 
-@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL"])
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "MXFP4"])
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_round_activations_bit_exact(name):
@@ -634,6 +712,30 @@ def test_cuda_forward_matches_cpu_path(tiny_gguf, arch):
             assert _cos(out, ref).min() >= 0.9999, kw
             assert (out.argmax(-1) == ref.argmax(-1)).all(), kw
             assert g.generate_greedy(prompt, len(res.tokens)) == res.tokens, kw
+
+
+@pytest.mark.parametrize("quant", ["F32", "MXFP4_MOE"])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_gpt_oss_matches_cpu_path(tiny_gguf, quant):
+    """test_gpt_oss_* on a real GPU: sinks, sliding window, biased experts, MXFP4."""
+    path = tiny_gguf("gpt-oss", quant)
+    ids = _oss_prompt(24)
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    prompt = ids[:5]
+    want = _greedy_cpu(path, prompt, 8) if quant == "F32" else None
+    for kw in OSS_CONFIGS + [dict(cache="35%", policy="expertflow", link="2GB/s",
+                                  hybrid="auto")]:
+        with load_cuda_model(path, device="cuda", n_ctx=64, **kw) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            cos = _cos(out, ref)
+            if quant == "F32":
+                assert cos.min() >= 0.9999, kw
+                assert (out.argmax(-1) == ref.argmax(-1)).all(), kw
+                assert g.generate_greedy(prompt, len(want)) == want, kw
+            else:
+                assert np.median(cos) >= 0.9999 and cos.min() >= 0.999, kw
 
 
 @pytest.mark.cuda

@@ -9,8 +9,9 @@ efedge.api.Model uses (forward, new_kv_cache, counters, close).
     logits = m.forward(ids, 0, kv, all_logits=False)
 
 torch is imported only when a model is loaded: `import efedge.gpu` works without it.
-Modules: kernels (torch dequant / matmul), model (forward), cache (VRAM slots, copy
-streams, events), hybrid (misses computed on the CPU), emulate (VRAM budget, link).
+Modules: kernels (torch dequant / matmul), model (forward), oss (gpt-oss's attention),
+cache (VRAM slots, copy streams, events), hybrid (misses computed on the CPU), emulate
+(VRAM budget, link).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class CudaModel:
                                  "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
                                  "ffn_gate", "ffn_up", "ffn_down")
                                 if hasattr(b, n) and (b.moe or n != "ffn_gate_inp")]
+        mats += [getattr(b.custom_attn, n) for b in host.blocks if b.custom_attn is not None
+                 for n in ("attn_q", "attn_k", "attn_v", "attn_output")]  # gpt-oss's
         extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
         if dense == "auto":
             allowance = 0.25 * (total - res)
@@ -145,6 +148,8 @@ class CudaModel:
             raise ValueError(f"dense must be 'auto', True or False, got {dense!r}")
         w_bytes = sum(extra[m.name] if m.name in dense_names and extra[m.name]
                       else m.raw.nbytes for m in mats)
+        w_bytes += sum(x.nbytes for b in host.blocks if b.exp_bias is not None
+                       for x in b.exp_bias)  # gpt-oss's expert biases, on the device
         budget.take("weights", w_bytes)
         self.n_ctx = int(n_ctx) if n_ctx is not None else min(cfg.n_ctx_train, 4096)
         budget.take("kv_cache", GpuKVCache.bytes_for(cfg.n_layer, self.n_ctx, cfg.n_head_kv,
@@ -241,7 +246,8 @@ class CudaModel:
             log.info("host_cache= has no effect: every expert is resident in VRAM")
         pol = make_policy("ondemand" if resident else policy, **policy_kwargs)
         if not resident and hybrid != "off":
-            self.hybrid = HybridMisses(store, hybrid)
+            self.hybrid = HybridMisses(store, hybrid,
+                                       exp_bias=[b.exp_bias for b in self.host.blocks])
             if hybrid == "auto":
                 self.hybrid.calibrate(store.moe_layers[0])  # not a dense lead layer
         emulator = LinkEmulator(link_obj) if link_obj is not None else None
@@ -400,7 +406,7 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     try:
         cfg = config if config is not None else config_from_gguf(gf)
         s = cfg.spec
-        if s.attention != "standard":
+        if s.attention not in ("standard", "sinks"):  # sinks: gpt-oss (efedge/gpu/oss.py)
             from efedge.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "

@@ -17,7 +17,8 @@ over the two resources, in the order the misses are listed), and only for expert
 most `max_tokens` tokens (prefill batches belong on the GPU). Each decision is counted.
 
 The CPU computes exactly what the CPU path computes (efedge.ffn.expert_ffn with the
-numba kernels), so the output stays within the GPU/CPU parity tolerance.
+numba kernels; gpt-oss's experts with their biases and clamped SwiGLU, expert_ffn_oai),
+so the output stays within the GPU/CPU parity tolerance.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ MODES = ("off", "auto", "always")
 
 
 class HybridMisses:
-    def __init__(self, store: ExpertStore, mode: str = "auto", max_tokens: int = 2):
+    def __init__(self, store: ExpertStore, mode: str = "auto", max_tokens: int = 2,
+                 exp_bias: list | None = None):
         if mode not in MODES:
             raise ValueError(f"hybrid mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.store, self.mode, self.max_tokens = store, mode, int(max_tokens)
+        # per layer, gpt-oss's expert bias tables (gate, up, down) or None (model.Block)
+        self.exp_bias = exp_bias
         self.s_per_byte = 0.0  # CPU seconds per weight byte per token (EWMA)
         self._lock = threading.Lock()
         self.cpu_experts = 0  # decided for the CPU
@@ -69,10 +73,16 @@ class HybridMisses:
 
     def run(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """expert_ffn on the CPU (numba, nogil) for x [t, D]; measured."""
-        from efedge.ffn import expert_ffn
+        from efedge.ffn import expert_ffn, expert_ffn_oai
 
         t0 = time.perf_counter()
-        y = expert_ffn(np.ascontiguousarray(x, dtype=np.float32), self.store.mapped(layer, expert))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        w = self.store.mapped(layer, expert)
+        bias = self.exp_bias[layer] if self.exp_bias is not None else None
+        if bias is None:
+            y = expert_ffn(x, w)
+        else:  # gpt-oss: this expert's rows of the layer's bias tables
+            y = expert_ffn_oai(x, w, tuple(b[expert:expert + 1] for b in bias))
         dt = time.perf_counter() - t0
         per = dt / (self.store.expert_bytes(layer, expert) * max(1, x.shape[0]))
         with self._lock:

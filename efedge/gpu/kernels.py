@@ -31,6 +31,7 @@ from . import kernels_iq as _iq
 Q = GGMLQuantizationType
 QK_K = 256
 KVALUES_IQ4 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+KVALUES_MXFP4 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1, doubled
 
 __all__ = ["SUPPORTED_QTYPES", "dequantize", "matmul", "round_activations", "block_size"]
 
@@ -230,12 +231,23 @@ def _iq4_xs(b):
     return (dl * _kvalues(b.device)[q]).reshape(n, -1)
 
 
+def _mxfp4(b):
+    """gpt-oss's experts: an E8M0 exponent byte (as ggml_e8m0_to_fp32_half: half the
+    power of two, subnormal below exponent 2), then 16 bytes of e2m1 nibbles."""
+    n = b.shape[0]
+    e = b[:, 0:1].to(torch.int32)
+    bits = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23)
+    d = bits.view(torch.float32)
+    q = _nibbles(b[:, 1:], 16).reshape(n, -1).to(torch.int64)
+    return d * _const(KVALUES_MXFP4, torch.float32, b.device)[q]
+
+
 _DECODERS = {
     int(Q.F32): _f32, int(Q.F16): _f16_rows, int(Q.BF16): _bf16,
     int(Q.Q8_0): _q8_0, int(Q.Q4_0): _q4_0, int(Q.Q4_1): _q4_1,
     int(Q.Q5_0): _q5_0, int(Q.Q5_1): _q5_1,
     int(Q.Q2_K): _q2_k, int(Q.Q3_K): _q3_k, int(Q.Q4_K): _q4_k, int(Q.Q5_K): _q5_k,
-    int(Q.Q6_K): _q6_k, int(Q.IQ4_NL): _iq4_nl, int(Q.IQ4_XS): _iq4_xs,
+    int(Q.Q6_K): _q6_k, int(Q.IQ4_NL): _iq4_nl, int(Q.IQ4_XS): _iq4_xs, int(Q.MXFP4): _mxfp4,
     int(Q.IQ2_XXS): _iq.iq2_xxs, int(Q.IQ2_XS): _iq.iq2_xs, int(Q.IQ2_S): _iq.iq2_s,
     int(Q.IQ3_XXS): _iq.iq3_xxs, int(Q.IQ3_S): _iq.iq3_s, int(Q.IQ1_S): _iq.iq1_s,
     int(Q.IQ1_M): _iq.iq1_m, int(Q.TQ1_0): _iq.tq1_0, int(Q.TQ2_0): _iq.tq2_0,
@@ -301,7 +313,9 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int,
 
 # -- activation rounding (efedge/kernels/activations.py, op for op) ------------------------
 
-_Q8_0_ROUNDED = {int(t) for t in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_1)}
+# MXFP4's vec_dot_type is Q8_0 too
+_Q8_0_ROUNDED = {int(t) for t in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_1, Q.Q5_1,
+                                  Q.MXFP4)}
 _Q8_K_ROUNDED = {int(t) for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
                                   Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
                                   Q.IQ1_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0)}

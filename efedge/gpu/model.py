@@ -94,8 +94,20 @@ class GpuBlock:
         self.moe = hb.moe  # False in dense models and in a MoE model's dense layers
         self.qk_norm = getattr(hb, "qk_norm", "none")  # per layer where optional (glm4moe)
         self.attn_norm, self.ffn_norm = _vec(hb.attn_norm, device), _vec(hb.ffn_norm, device)
-        self.bias = None if hb.bias is None else tuple(_vec(b, device) for b in hb.bias)
-        self.q_norm, self.k_norm = _vec(hb.q_norm, device), _vec(hb.k_norm, device)
+        bias = getattr(hb, "bias", None)  # (a custom attention's block has none)
+        self.bias = None if bias is None else tuple(_vec(b, device) for b in bias)
+        self.q_norm = _vec(getattr(hb, "q_norm", None), device)
+        self.k_norm = _vec(getattr(hb, "k_norm", None), device)
+        # gpt-oss's sink attention (efedge/gpu/oss.py; load_cuda_model refuses other kinds)
+        self.attn = None
+        if hb.custom_attn is not None:
+            from efedge.gpu.oss import GpuSinkAttention
+
+            self.attn = GpuSinkAttention(hb.custom_attn, device, dense_names)
+        # gpt-oss: the experts' gate / up / down biases [E, F], [E, F], [E, D] (small:
+        # resident beside the router, never cache traffic, as on the CPU path)
+        self.exp_bias = None if hb.exp_bias is None else tuple(_vec(b, device)
+                                                               for b in hb.exp_bias)
         self.ffn_gate_inp_shexp = _vec(getattr(hb, "ffn_gate_inp_shexp", None), device)
         for name in self.MATRICES:
             # a dense layer's stand-in router of zeros (model.Block) is never asked to route
@@ -104,7 +116,8 @@ class GpuBlock:
                     GpuMatrix(qm.raw, qm.qtype, qm.name, device, qm.name in dense_names))
 
     def matrices(self) -> list[GpuMatrix]:
-        return [m for n in self.MATRICES if (m := getattr(self, n)) is not None]
+        own = [m for n in self.MATRICES if (m := getattr(self, n)) is not None]
+        return own + (self.attn.matrices() if self.attn is not None else [])
 
 
 class GpuKVCache(KVCache):
@@ -186,6 +199,14 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x / (1.0 + torch.exp(-x))
 
 
+def swiglu_oai(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU (alpha 1.702, limit 7) as kernels.nn.swiglu_oai:
+    x = min(g, 7), y = clamp(u, -7, 7), x / (1 + exp(1.702 · -x)) · (y + 1)."""
+    x = torch.clamp(g, max=7.0)
+    y = torch.clamp(u, min=-7.0, max=7.0)
+    return (x / (1.0 + torch.exp(-x * 1.702))) * (y + 1.0)
+
+
 def swiglu(x: torch.Tensor, gate: GpuMatrix, up: GpuMatrix, down: GpuMatrix) -> torch.Tensor:
     return down(silu(gate(x)) * up(x))
 
@@ -224,6 +245,8 @@ class GpuTransformer:
 
     # -- pieces ------------------------------------------------------------------------------
     def _attention(self, blk: GpuBlock, il: int, h, pos: int, kv, rope) -> torch.Tensor:
+        if blk.attn is not None:  # gpt-oss's sinks: its own biases, rope and window
+            return blk.attn(self, il, h, pos, kv, rope)
         c = self.cfg
         t = h.shape[0]
         q, k, v = blk.attn_q(h), blk.attn_k(h), blk.attn_v(h)
@@ -296,7 +319,9 @@ class GpuTransformer:
 
     def _experts(self, il: int, batch, hg, hu, ids: np.ndarray, w_dev, slots) -> None:
         """A batch of resident experts on their tokens: gather the slots, decode the
-        batch's gate / up / down at once, batched products, scatter into (token, k)."""
+        batch's gate / up / down at once, batched products, scatter into (token, k).
+        gpt-oss: each expert's biases and the clamped SwiGLU (efedge.kernels.moe's
+        moe_ffn_oai)."""
         cache = self.source.cache
         qg, qu, qd = self.source.store.qtypes(il)
         sel = [np.nonzero(ids == e) for e, _ in batch]
@@ -310,10 +335,19 @@ class GpuTransformer:
         ti, ki = self.up(tok_idx), self.up(k_idx)
         xg = hg[ti]  # [n, tmax, D]; hg has the dummy row too
         xu = xg if hu is hg else hu[ti]
-        a = silu(torch.bmm(xg, wg.transpose(1, 2))) * torch.bmm(xu, wu.transpose(1, 2))
+        g, u = torch.bmm(xg, wg.transpose(1, 2)), torch.bmm(xu, wu.transpose(1, 2))
+        bias = self.blocks[il].exp_bias
+        if bias is None:
+            a = silu(g) * u
+        else:
+            e_idx = self.up(np.array([e for e, _ in batch], dtype=np.int64))
+            a = swiglu_oai(g + bias[0][e_idx][:, None], u + bias[1][e_idx][:, None])
         f = a.shape[-1]
         a = tk.round_activations(a.reshape(n * tmax, f), qd).reshape(n, tmax, f)
-        slots[ti, ki] = torch.bmm(a, wd.transpose(1, 2)) * w_dev[ti, ki][..., None]
+        y = torch.bmm(a, wd.transpose(1, 2))
+        if bias is not None:
+            y = y + bias[2][e_idx][:, None]
+        slots[ti, ki] = y * w_dev[ti, ki][..., None]
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, kv: GpuKVCache, experts=None,
