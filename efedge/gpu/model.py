@@ -93,8 +93,10 @@ class GpuBlock:
     def __init__(self, host_block, device, dense_names: set[str]):
         hb = host_block
         self.attn_norm, self.ffn_norm = _vec(hb.attn_norm, device), _vec(hb.ffn_norm, device)
-        self.bias = None if hb.bias is None else tuple(_vec(b, device) for b in hb.bias)
-        self.q_norm, self.k_norm = _vec(hb.q_norm, device), _vec(hb.k_norm, device)
+        bias = getattr(hb, "bias", None)  # (a custom_attn block has no q / k / v)
+        self.bias = None if bias is None else tuple(_vec(b, device) for b in bias)
+        self.q_norm = _vec(getattr(hb, "q_norm", None), device)
+        self.k_norm = _vec(getattr(hb, "k_norm", None), device)
         self.ffn_gate_inp_shexp = _vec(getattr(hb, "ffn_gate_inp_shexp", None), device)
         for name in self.MATRICES:
             qm = getattr(hb, name, None)
@@ -148,14 +150,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
+              scale: float | None = None) -> torch.Tensor:
     """Causal GQA attention with the CPU path's float16 roundings. q [T, H, d] at positions
-    pos..pos+T, k / v [S, Hkv, d] float16. Queries go in chunks so the float32 scores stay
-    within ATTN_BYTES. Returns [T, H·dv]."""
+    pos..pos+T, k / v [S, Hkv, d] float16; scale: of the scores (default 1/√d). Queries go
+    in chunks so the float32 scores stay within ATTN_BYTES. Returns [T, H·dv]."""
     t, h, d = q.shape
     s, hkv, dv = v.shape
     g = h // hkv
-    scale = float(np.float32(1.0 / np.sqrt(d)))
+    scale = float(np.float32(1.0 / np.sqrt(d) if scale is None else scale))
     kt = k.to(torch.float32).permute(1, 2, 0)[:, None]  # [Hkv, 1, d, S]
     vv = v.to(torch.float32).permute(1, 0, 2)[:, None]  # [Hkv, 1, S, dv]
     q = q.to(torch.float16).to(torch.float32)
@@ -204,6 +207,13 @@ class GpuTransformer:
         self.output = GpuMatrix(out.raw, out.qtype, out.name, self.device,
                                 out.name in dense_names)
         self.blocks = [GpuBlock(b, self.device, dense_names) for b in host.blocks]
+        # deepseek2's latent attention (efedge/gpu/mla.py) where the host block has one
+        from efedge.gpu.mla import GpuMLA
+        from efedge.mla import MLAAttention
+
+        self.mla = [GpuMLA(b.custom_attn, il, self.device, dense_names)
+                    if isinstance(b.custom_attn, MLAAttention) else None
+                    for il, b in enumerate(host.blocks)]
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="efedge-hybrid")
                       if hybrid is not None and hybrid.mode != "off" else None)
         self.hybrid_wait_s = 0.0
@@ -212,7 +222,9 @@ class GpuTransformer:
         self.up = DeviceBackend(self.device).upload  # host array → device, no host wait
 
     def weight_bytes(self) -> int:
-        return self.output.nbytes + sum(m.nbytes for b in self.blocks for m in b.matrices())
+        mats = [m for b in self.blocks for m in b.matrices()]
+        mats += [m for a in self.mla if a is not None for m in a.matrices()]
+        return self.output.nbytes + sum(m.nbytes for m in mats)
 
     def new_kv_cache(self, n_ctx: int) -> GpuKVCache:
         c = self.cfg
@@ -220,6 +232,8 @@ class GpuTransformer:
 
     # -- pieces ------------------------------------------------------------------------------
     def _attention(self, blk: GpuBlock, il: int, h, pos: int, kv, rope) -> torch.Tensor:
+        if self.mla[il] is not None:
+            return self.mla[il](h, il, pos, kv, rope)
         c = self.cfg
         t = h.shape[0]
         q, k, v = blk.attn_q(h), blk.attn_k(h), blk.attn_v(h)
@@ -368,4 +382,4 @@ class GpuTransformer:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.blocks, self.output = [], None
+        self.blocks, self.mla, self.output = [], [], None
