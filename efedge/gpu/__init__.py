@@ -419,8 +419,11 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     try:
         cfg = config if config is not None else config_from_gguf(gf)
         s = cfg.spec
-        if (s.attention != "standard" or s.routing != "softmax" or s.scales
-                or cfg.has_shared and not s.shared_gate):
+        # deepseek2: latent attention (efedge/gpu/mla.py), its routing, dense leading
+        # layers and ungated shared expert
+        mla = s.attention == "mla"
+        if not mla and (s.attention != "standard" or s.routing != "softmax" or s.scales
+                        or cfg.has_shared and not s.shared_gate):
             from efedge.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "

@@ -256,7 +256,7 @@ class GpuTransformer:
         # T tokens, K active, D width
         c, src = self.cfg, self.source
         t, kk_n = h.shape[0], c.n_expert_used
-        ids, w, _ = layers.route(blk.ffn_gate_inp(h).cpu().numpy(), kk_n, c.spec.norm_topk)
+        ids, w, _ = self._route(il, blk.ffn_gate_inp(h).cpu().numpy())
         h_np = None
         if not self.resident:
             if src.policy.prefetches:
@@ -293,11 +293,26 @@ class GpuTransformer:
             slots[self.up(tok), self.up(kk)] = self.up(y * w[tok, kk, None])
         # one reduction over a fixed layout: the same sum whatever order experts came in
         out = slots[:t].sum(dim=1)
-        if c.spec.shared_expert:
+        if c.has_shared:  # (optional in some archs: deepseek2, granitemoe)
             shared = swiglu(h, blk.ffn_gate_shexp, blk.ffn_up_shexp, blk.ffn_down_shexp)
-            scale = 1.0 / (1.0 + torch.exp(-(h @ blk.ffn_gate_inp_shexp)))
-            out += shared * scale[:, None]
+            if blk.ffn_gate_inp_shexp is None:  # ungated (deepseek2)
+                out += shared
+            else:
+                scale = 1.0 / (1.0 + torch.exp(-(h @ blk.ffn_gate_inp_shexp)))
+                out += shared * scale[:, None]
         return out
+
+    def _route(self, il: int, logits: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Routing of the device's router logits on the host, as Transformer._route routes
+        (deepseek: gating function, selection bias, groups, weights norm / scale)."""
+        c, hb = self.cfg, self.host.blocks[il]
+        if c.spec.routing == "softmax":
+            return layers.route(logits, c.n_expert_used, c.spec.norm_topk)
+        if hb.router_bias is not None:
+            logits = logits + hb.router_bias
+        return layers.route_ext(logits, c.n_expert_used, c.gating, hb.exp_probs_b,
+                                c.n_expert_groups, c.n_group_used, c.expert_weights_norm,
+                                c.expert_weights_scale)
 
     def _experts(self, il: int, batch, hg, hu, ids: np.ndarray, w_dev, slots) -> None:
         """A batch of resident experts on their tokens: gather the slots, decode the
@@ -366,7 +381,7 @@ class GpuTransformer:
             h = rms_norm(x, blk.attn_norm, c.norm_eps)
             x = x + self._attention(blk, il, h, pos, kv, rope)
             h = rms_norm(x, blk.ffn_norm, c.norm_eps)
-            if c.is_moe:
+            if self.host.blocks[il].moe:  # not deepseek2's leading dense layers
                 x = x + self._moe(blk, il, h)
             else:
                 x = x + swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
