@@ -305,8 +305,12 @@ class Transformer:
 
     def _route(self, blk: Block, h: np.ndarray) -> tuple[np.ndarray, ...]:
         """(ids [T, K], weights [T, K], probs [T, E]) of a MoE layer's router."""
+        return self.route_logits(blk, blk.ffn_gate_inp(h))
+
+    def route_logits(self, blk: Block, logits: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(ids, weights, probs) from a MoE layer's router logits [T, E] by the
+        architecture's rule (the torch path routes its device logits here too)."""
         c = self.cfg
-        logits = blk.ffn_gate_inp(h)
         if c.spec.routing == "softmax":
             return layers.route(logits, c.n_expert_used, c.spec.norm_topk)
         if blk.router_bias is not None:

@@ -180,6 +180,34 @@ def test_forward_matches_cpu_path(tiny_gguf, arch):
                 assert g.extra_stats()["hybrid_cpu_experts"] > 0
 
 
+# every standard-attention MoE layout beyond the qwen / olmoe / mixtral family: granite's
+# four multipliers (and llama-3 rope divisors), ungated shared experts, glm4moe's sigmoid
+# routing with a selection bias, partial rope, optional qk norm and dense lead layer,
+# ernie4_5-moe's softmax + selection bias and interleaved dense layers, bailingmoe's
+# scaled weights: routed on the host by the CPU path's own rule
+@pytest.mark.parametrize("arch,kw", [
+    ("granitemoe", dict(rope_scaling="llama3")), ("granitemoeshared", {}),
+    ("glm4moe", {}), ("glm4moe-qknorm", {}), ("ernie4_5-moe", {}),
+    ("ernie4_5-moe-interleave", {}), ("bailingmoe", {})])
+def test_more_architectures_match_cpu_path(tiny_gguf, arch, kw):
+    path = tiny_gguf(arch, "F32", **kw)
+    ids = _ids()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    for conf in (CONFIGS[0], CONFIGS[-1]):
+        with load_cuda_model(path, device="cpu", n_ctx=64, **conf) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            assert _cos(out, ref).min() >= 0.99999, conf
+            assert (out.argmax(-1) == ref.argmax(-1)).all(), conf
+            if conf:
+                assert g.extra_stats()["hybrid_cpu_experts"] > 0
+                # pre-gating ranks as the routers select (the selection bias included)
+                sel = g.source.selection
+                for il, b in enumerate(g.host.blocks):
+                    if b.moe and b.exp_probs_b is not None:
+                        assert np.array_equal(sel.select_bias[il], b.exp_probs_b)
+
+
 def test_greedy_tokens_match_cpu_path(tiny_gguf):
     path = tiny_gguf("qwen3moe", "F32")
     prompt = _ids(6, seed=11)
@@ -195,8 +223,9 @@ def test_greedy_tokens_match_cpu_path(tiny_gguf):
         assert c.tokens_prompt == len(prompt) and c.tokens_generated >= len(res.tokens) - 1
 
 
-def test_quantized_forward_close_to_cpu_path(tiny_gguf):
-    path = tiny_gguf("qwen3moe", "Q4_K_M")
+@pytest.mark.parametrize("arch", ["qwen3moe", "glm4moe"])
+def test_quantized_forward_close_to_cpu_path(tiny_gguf, arch):
+    path = tiny_gguf(arch, "Q4_K_M")
     ids = _ids()
     with efedge.load(path) as m:
         ref = m.logits(ids)
@@ -250,10 +279,11 @@ def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
             g.new_kv_cache(64)
 
 
-@pytest.mark.parametrize("arch", ["ernie4_5-moe", "bailingmoe"])
+@pytest.mark.parametrize("arch", ["gpt-oss"])
 def test_archs_the_gpu_path_lacks_are_refused_by_name(tiny_gguf, arch):
-    """Their routing (selection bias, scaled weights) and ungated shared experts are
-    CPU-only: the torch path says so, on any device, instead of computing another model."""
+    """Their attention (gpt-oss's sinks and sliding window) is CPU-only: the torch path
+    says so, on any device, instead of computing another model. (deepseek2's latent
+    attention runs: tests/test_gpu_mla.py.)"""
     with pytest.raises(UnsupportedModelError, match=f"does not run architecture '{arch}'"):
         load_cuda_model(tiny_gguf(arch, "F32"), device="cpu")
 
@@ -583,7 +613,8 @@ def test_cuda_round_activations_bit_exact(name):
     assert _bits_equal(got, round_activations(x, Q[name]))
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe", "mixtral", "glm4moe-qknorm",
+                                  "granitemoeshared", "ernie4_5-moe-interleave"])
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_forward_matches_cpu_path(tiny_gguf, arch):

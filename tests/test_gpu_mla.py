@@ -147,11 +147,6 @@ def test_deepseek2_attention_temperature_is_refused_by_name(tmp_path, monkeypatc
         load_cuda_model(path, device="cpu")
 
 
-def test_sink_attention_is_still_refused(tiny_gguf):
-    with pytest.raises(UnsupportedModelError, match="does not run architecture 'gpt-oss'"):
-        load_cuda_model(tiny_gguf("gpt-oss", "F32"), device="cpu")
-
-
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("variant", ["deepseek2-v3", "deepseek2-legacy+yarn", "lite"])

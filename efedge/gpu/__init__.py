@@ -149,7 +149,8 @@ class CudaModel:
         mats = [host.output] + [getattr(b, n) for b in host.blocks for n in
                                 ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp",
                                  "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
-                                 "ffn_gate", "ffn_up", "ffn_down") if hasattr(b, n)]
+                                 "ffn_gate", "ffn_up", "ffn_down")
+                                if hasattr(b, n) and (b.moe or n != "ffn_gate_inp")]
         mats += _mla_matrices(host)
         extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
         if dense == "auto":
@@ -221,6 +222,7 @@ class CudaModel:
                      host_cache=None, disk_link=None) -> bool:
         from efedge.experts.cache import parse_budget
         from efedge.experts.scheduler import make_policy
+        from efedge.experts.selection import RouterSelection
         from efedge.experts.transfer import parse_link
         from efedge.gpu.cache import (
             DeviceBackend,
@@ -264,14 +266,16 @@ class CudaModel:
         if not resident and hybrid != "off":
             self.hybrid = HybridMisses(store, hybrid)
             if hybrid == "auto":
-                self.hybrid.calibrate()
+                self.hybrid.calibrate(store.moe_layers[0])  # not a dense lead layer
         emulator = LinkEmulator(link_obj) if link_obj is not None else None
         engine = GpuTransferEngine(self._gf.path, store, ecache, self.counters, backend,
                                    emulator, workers, host_tier=self.host_tier)
         try:
             self.source = GpuStreamingExperts(store, ecache, engine, pol, self.counters,
                                               routers=[b.ffn_gate_inp for b in self.host.blocks],
-                                              n_active=cfg.n_expert_used, hybrid=self.hybrid)
+                                              n_active=cfg.n_expert_used, hybrid=self.hybrid,
+                                              # pre-gating ranks as the routers select
+                                              selection=RouterSelection.of_model(self.host))
         except BaseException:
             engine.close()
             raise
@@ -419,15 +423,11 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     try:
         cfg = config if config is not None else config_from_gguf(gf)
         s = cfg.spec
-        # deepseek2: latent attention (efedge/gpu/mla.py), its routing, dense leading
-        # layers and ungated shared expert
-        mla = s.attention == "mla"
-        if not mla and (s.attention != "standard" or s.routing != "softmax" or s.scales
-                        or cfg.has_shared and not s.shared_gate):
+        if s.attention not in ("standard", "mla"):  # mla: efedge/gpu/mla.py
             from efedge.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "
-                                        "yet (its attention, routing or multipliers); use "
+                                        f"yet (its {s.attention!r} attention); use "
                                         "device='cpu'")
         return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,

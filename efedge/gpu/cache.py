@@ -392,11 +392,11 @@ class GpuStreamingExperts(StreamingExperts):
     inherited) with a batched acquire for the GPU and hybrid misses."""
 
     def __init__(self, store, cache: GpuExpertCache, engine: GpuTransferEngine, policy,
-                 counters, routers=None, n_active=None, hybrid=None):
+                 counters, routers=None, n_active=None, hybrid=None, selection=None):
         self.host_tier = engine.host  # None: no second level (the page cache serves);
         # set before the policy attaches (in super().__init__): it looks for it
         super().__init__(store, cache, engine, policy, counters, routers=routers,
-                         n_active=n_active)
+                         n_active=n_active, selection=selection)
         self.backend = cache.backend
         self.hybrid = hybrid
         if self.host_tier is not None:

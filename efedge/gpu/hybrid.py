@@ -46,13 +46,10 @@ class HybridMisses:
         self.unmeasured = 0  # misses decided before any bandwidth was measured (→ copy)
 
     # -- measurement -----------------------------------------------------------------------
-    def calibrate(self, layer: int | None = None, repeats: int = 3) -> float:
-        """Time one expert of `layer` (default: the first with experts; deepseek2's leading
-        layers are dense) on one token (the first call compiles the kernels)."""
+    def calibrate(self, layer: int = 0, repeats: int = 3) -> float:
+        """Time one expert of `layer` on one token (the first call compiles the kernels)."""
         from efedge.ffn import expert_ffn
 
-        if layer is None:
-            layer = self.store.moe_layers[0]
         w = self.store.mapped(layer, 0)
         x = np.random.default_rng(0).standard_normal((1, self._width(layer))).astype(np.float32)
         expert_ffn(x, w)

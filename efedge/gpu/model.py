@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from efedge import layers
 from efedge.gpu import kernels as tk
 from efedge.kv_cache import KVCache
 
@@ -91,7 +90,9 @@ class GpuBlock:
                 "ffn_up_shexp", "ffn_down_shexp", "ffn_gate", "ffn_up", "ffn_down")
 
     def __init__(self, host_block, device, dense_names: set[str]):
-        hb = host_block
+        hb = self.host = host_block  # routing (on the host) reads its biases
+        self.moe = hb.moe  # False in dense models and in a MoE model's dense layers
+        self.qk_norm = getattr(hb, "qk_norm", "none")  # per layer where optional (glm4moe)
         self.attn_norm, self.ffn_norm = _vec(hb.attn_norm, device), _vec(hb.ffn_norm, device)
         bias = getattr(hb, "bias", None)  # (a custom_attn block has no q / k / v)
         self.bias = None if bias is None else tuple(_vec(b, device) for b in bias)
@@ -99,7 +100,8 @@ class GpuBlock:
         self.k_norm = _vec(getattr(hb, "k_norm", None), device)
         self.ffn_gate_inp_shexp = _vec(getattr(hb, "ffn_gate_inp_shexp", None), device)
         for name in self.MATRICES:
-            qm = getattr(hb, name, None)
+            # a dense layer's stand-in router of zeros (model.Block) is never asked to route
+            qm = getattr(hb, name, None) if hb.moe or name != "ffn_gate_inp" else None
             setattr(self, name, None if qm is None else
                     GpuMatrix(qm.raw, qm.qtype, qm.name, device, qm.name in dense_names))
 
@@ -151,14 +153,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float) -> torch.Tensor:
     """Causal GQA attention with the CPU path's float16 roundings. q [T, H, d] at positions
-    pos..pos+T, k / v [S, Hkv, d] float16; scale: of the scores (default 1/√d). Queries go
-    in chunks so the float32 scores stay within ATTN_BYTES. Returns [T, H·dv]."""
+    pos..pos+T, k / v [S, Hkv, d] float16; scores × scale (1/√d, or granite's
+    attention.scale). Queries go in chunks so the float32 scores stay within ATTN_BYTES.
+    Returns [T, H·dv]."""
     t, h, d = q.shape
     s, hkv, dv = v.shape
     g = h // hkv
-    scale = float(np.float32(1.0 / np.sqrt(d) if scale is None else scale))
+    scale = float(np.float32(scale))
     kt = k.to(torch.float32).permute(1, 2, 0)[:, None]  # [Hkv, 1, d, S]
     vv = v.to(torch.float32).permute(1, 0, 2)[:, None]  # [Hkv, 1, S, dv]
     q = q.to(torch.float16).to(torch.float32)
@@ -239,24 +242,26 @@ class GpuTransformer:
         q, k, v = blk.attn_q(h), blk.attn_k(h), blk.attn_v(h)
         if blk.bias is not None:
             q, k, v = q + blk.bias[0], k + blk.bias[1], v + blk.bias[2]
-        if c.spec.qk_norm == "full":
+        if blk.qk_norm == "full":
             q, k = rms_norm(q, blk.q_norm, c.norm_eps), rms_norm(k, blk.k_norm, c.norm_eps)
         q = q.reshape(t, c.n_head, c.head_dim)
         k = k.reshape(t, c.n_head_kv, c.head_dim)
         v = v.reshape(t, c.n_head_kv, c.v_head_dim)
-        if c.spec.qk_norm == "head":
+        if blk.qk_norm == "head":
             q, k = rms_norm(q, blk.q_norm, c.norm_eps), rms_norm(k, blk.k_norm, c.norm_eps)
         q = apply_rope(q, *rope, c.spec.rope_style)
         k = apply_rope(k, *rope, c.spec.rope_style)
         kv.store(il, pos, k.to(torch.float16), v.to(torch.float16))
         keys, values = kv.view(il, pos + t)
-        return blk.attn_output(attention(q, keys, values, pos))
+        return blk.attn_output(attention(q, keys, values, pos, c.attn_scale))
 
     def _moe(self, blk: GpuBlock, il: int, h: torch.Tensor) -> torch.Tensor:
         # T tokens, K active, D width
         c, src = self.cfg, self.source
         t, kk_n = h.shape[0], c.n_expert_used
-        ids, w, _ = self._route(il, blk.ffn_gate_inp(h).cpu().numpy())
+        # the CPU path's routing rule on the device's logits (selection bias, groups,
+        # sigmoid gating, weight norm / scale: whatever the architecture has)
+        ids, w, _ = self.host.route_logits(blk.host, blk.ffn_gate_inp(h).cpu().numpy())
         h_np = None
         if not self.resident:
             if src.policy.prefetches:
@@ -293,26 +298,14 @@ class GpuTransformer:
             slots[self.up(tok), self.up(kk)] = self.up(y * w[tok, kk, None])
         # one reduction over a fixed layout: the same sum whatever order experts came in
         out = slots[:t].sum(dim=1)
-        if c.has_shared:  # (optional in some archs: deepseek2, granitemoe)
+        if blk.ffn_gate_shexp is not None:
             shared = swiglu(h, blk.ffn_gate_shexp, blk.ffn_up_shexp, blk.ffn_down_shexp)
-            if blk.ffn_gate_inp_shexp is None:  # ungated (deepseek2)
+            if blk.ffn_gate_inp_shexp is None:  # ungated (granitemoe, deepseek2, glm4moe, …)
                 out += shared
             else:
                 scale = 1.0 / (1.0 + torch.exp(-(h @ blk.ffn_gate_inp_shexp)))
                 out += shared * scale[:, None]
         return out
-
-    def _route(self, il: int, logits: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Routing of the device's router logits on the host, as Transformer._route routes
-        (deepseek: gating function, selection bias, groups, weights norm / scale)."""
-        c, hb = self.cfg, self.host.blocks[il]
-        if c.spec.routing == "softmax":
-            return layers.route(logits, c.n_expert_used, c.spec.norm_topk)
-        if hb.router_bias is not None:
-            logits = logits + hb.router_bias
-        return layers.route_ext(logits, c.n_expert_used, c.gating, hb.exp_probs_b,
-                                c.n_expert_groups, c.n_group_used, c.expert_weights_norm,
-                                c.expert_weights_scale)
 
     def _experts(self, il: int, batch, hg, hu, ids: np.ndarray, w_dev, slots) -> None:
         """A batch of resident experts on their tokens: gather the slots, decode the
@@ -371,27 +364,39 @@ class GpuTransformer:
     def _forward_ubatch(self, tokens: np.ndarray, pos: int, kv, all_logits) -> np.ndarray | None:
         c = self.cfg
         t = tokens.shape[0]
-        cos, sin = layers.rope_tables(np.arange(pos, pos + t), c.rope_dim, c.rope_base,
-                                      c.rope_scaling, self.host.rope_freqs)
-        rope = (self.up(cos), self.up(sin))
-        x = self.up(self.host.embed(tokens))
+        x = self.up(self.host.embed(tokens))  # granite's embedding_scale included
         if c.is_moe and not self.resident:
             self.source.on_pass(tokens)
+        rs = c.residual_scale  # granite; 1 elsewhere
+        ropes: dict = {}
         for il, blk in enumerate(self.blocks):
+            # the CPU path's tables (rope scaling, llama-3 frequency divisors and a layer's
+            # own base folded in), uploaded once per distinct table
+            swa = c.rope_swa is not None and c.is_swa_layer(il)  # gpt-oss's other base
+            rope = ropes.get(swa)
+            if rope is None:
+                cos, sin = self.host._rope_rows(pos, t, il)
+                rope = ropes[swa] = (self.up(np.ascontiguousarray(cos)),
+                                     self.up(np.ascontiguousarray(sin)))
             h = rms_norm(x, blk.attn_norm, c.norm_eps)
-            x = x + self._attention(blk, il, h, pos, kv, rope)
+            a = self._attention(blk, il, h, pos, kv, rope)
+            x = x + (a * rs if rs != 1 else a)
             h = rms_norm(x, blk.ffn_norm, c.norm_eps)
-            if self.host.blocks[il].moe:  # not deepseek2's leading dense layers
-                x = x + self._moe(blk, il, h)
-            else:
-                x = x + swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
+            if blk.moe:
+                f = self._moe(blk, il, h)
+            else:  # a dense model, or a MoE model's dense layer (leading, interleaved)
+                f = swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
+            x = x + (f * rs if rs != 1 else f)
         kv.n_past = pos + t
         if all_logits is None:
             return None
         if not all_logits:
             x = x[-1:]
         x = rms_norm(x, self.output_norm, c.norm_eps)
-        return self.output(x).cpu().numpy()
+        out = self.output(x)
+        if c.logit_scale != 1.0:  # granite divides the logits
+            out = out * float(np.float32(1.0 / c.logit_scale))
+        return out.cpu().numpy()
 
     def close(self) -> None:
         if self._pool is not None:
