@@ -40,11 +40,11 @@ def host_matrices(attn: MLAAttention, il: int) -> list[QMatrix]:
 
 
 def act_floats(cfg) -> int:
-    """float32 values per token the attention holds at its peak beyond the standard
-    attention's (q, its rotary part, the absorbed / decompressed heads, the result
-    before and after v_b): what the scratch plan adds per micro-batch token."""
+    """float32 values per token the latent attention holds at its peak (q and its rotary
+    part, the absorbed or decompressed heads and their float16-rounded copy, the result
+    before and after v_b), a bound on what the scratch plan adds per micro-batch token."""
     h, r, lora = cfg.n_head, cfg.rope_dim, cfg.kv_lora_rank
-    qk = (cfg.k_head_dim_mla or cfg.head_dim)  # nope + rope in both layouts
+    qk = cfg.k_head_dim_mla or cfg.head_dim  # nope + rope in both layouts
     v = cfg.v_head_dim_mla or cfg.v_head_dim
     wide = max(lora + r, qk + v)  # the split layout's latent heads, the legacy kv_b rows
     return h * (3 * qk + 4 * wide + v)
@@ -84,8 +84,8 @@ class GpuMLA:
         self.scale = float(attn.scale)  # 1/√(N + R), times mscale² under YaRN
         mats = {m.name: GpuMatrix(m.raw, m.qtype, m.name, device, m.name in dense_names)
                 for m in host_matrices(attn, il)}
-        by_attr = {n: getattr(attn, n, None) for n in MATRICES}
-        for n, qm in by_attr.items():
+        for n in MATRICES:
+            qm = getattr(attn, n, None)
             setattr(self, n, None if qm is None else mats[qm.name])
         self.k_b = mats.get(f"blk.{il}.attn_k_b.weight")
         self.v_b = mats.get(f"blk.{il}.attn_v_b.weight")
