@@ -13,7 +13,7 @@
 # Writes $OUT/gpu_check.txt (summary), $OUT/gpu_check.json (all figures) and one log per
 # stage. Stages:
 #   1. env      torch / CUDA / GPU / package versions
-#   2. pytest   tests/test_gpu.py, test_host_tier.py -m cuda: the CUDA tests (bit-exact dequant on the GPU,
+#   2. pytest   tests/test_gpu.py, test_gpu_mla.py, test_host_tier.py -m cuda: the CUDA tests (bit-exact dequant on the GPU,
 #               forward parity with the CPU path on generated models, streaming under
 #               pressure, budget and pinned staging). The CPU-device tests of that file run
 #               in CI; here they only cost numba compile time (the stage once hit its cap).
@@ -92,7 +92,7 @@ if ! "$PY" -c "import gguf, torch, efedge; assert '$DEVICE' == 'cpu' or torch.cu
 fi
 
 stage pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_gpu.py \
-    tests/test_host_tier.py
+    tests/test_gpu_mla.py tests/test_host_tier.py
 
 stage parity 100 "$PY" benchmarks/gpu_bench.py --device "$DEVICE" --parity -n 32 \
     --workdir "$MODELS" \

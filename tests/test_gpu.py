@@ -358,12 +358,22 @@ def test_vram_budget_refuses_what_does_not_fit(tiny_gguf):
             g.new_kv_cache(64)
 
 
-@pytest.mark.parametrize("arch", ["deepseek2"])
-def test_archs_the_gpu_path_lacks_are_refused_by_name(tiny_gguf, arch):
-    """Their attention (deepseek2's multi-head latent attention) is CPU-only: the torch
-    path says so, on any device, instead of computing another model."""
-    with pytest.raises(UnsupportedModelError, match=f"does not run architecture '{arch}'"):
-        load_cuda_model(tiny_gguf(arch, "F32"), device="cpu")
+def test_attention_the_gpu_path_lacks_is_refused_by_name(tiny_gguf):
+    """An attention kind the torch path has no code for (every architecture efedge runs
+    has one today: standard, deepseek2's latent attention, gpt-oss's sinks) is refused by
+    name, on any device, instead of computing another model."""
+    import dataclasses
+
+    path = tiny_gguf("qwen3moe", "F32")
+    gf = GGUFFile(path)
+    try:
+        cfg = config_from_gguf(gf)
+        cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, attention="other"))
+        with pytest.raises(UnsupportedModelError,
+                           match="does not run architecture 'qwen3moe' yet .*'other'"):
+            load_cuda_model(gf, device="cpu", config=cfg)
+    finally:
+        gf.close()
 
 
 def test_devices_are_checked(tiny_gguf):

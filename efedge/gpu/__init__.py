@@ -71,6 +71,26 @@ def _bytes(spec, what: str) -> int:
     return parse_budget(spec, 0)
 
 
+def _mla_matrices(host) -> list:
+    """deepseek2: each layer's latent-attention matrices (per-head stacks flattened), which
+    live in the host block's custom_attn rather than under the standard names."""
+    from efedge.gpu.mla import host_matrices
+    from efedge.mla import MLAAttention
+
+    return [m for il, b in enumerate(host.blocks) if isinstance(b.custom_attn, MLAAttention)
+            for m in host_matrices(b.custom_attn, il)]
+
+
+def _mla_scratch(cfg, ubatch: int, n_ctx: int) -> int:
+    """Bytes the latent attention holds beyond the standard attention's activations: its
+    wider per-token heads, and the float32 copy of one layer's cache the attention makes
+    (one latent head of L + R and L per position in the split layout)."""
+    from efedge.gpu.mla import act_floats
+
+    return 4 * (ubatch * act_floats(cfg)
+                + n_ctx * cfg.n_head_kv * (cfg.head_dim + cfg.v_head_dim))
+
+
 class CudaModel:
     """A GGUF model on a torch device. Use `load_cuda_model`; call `close()` to free the
     device memory and stop the transfer workers."""
@@ -86,6 +106,7 @@ class CudaModel:
         from efedge.gpu.emulate import LAPTOP_RESERVE, VramBudget
         from efedge.gpu.model import ATTN_BYTES, CHUNK_BYTES, GpuKVCache, GpuMatrix, GpuTransformer
         from efedge.model import Transformer
+        from efedge.oss import SinkAttention
 
         self._gf, self._own_file = gf, own_file
         self.config = cfg = config
@@ -132,8 +153,10 @@ class CudaModel:
                                  "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
                                  "ffn_gate", "ffn_up", "ffn_down")
                                 if hasattr(b, n) and (b.moe or n != "ffn_gate_inp")]
-        mats += [getattr(b.custom_attn, n) for b in host.blocks if b.custom_attn is not None
-                 for n in ("attn_q", "attn_k", "attn_v", "attn_output")]  # gpt-oss's
+        mats += [getattr(b.custom_attn, n) for b in host.blocks
+                 if isinstance(b.custom_attn, SinkAttention)  # gpt-oss's
+                 for n in ("attn_q", "attn_k", "attn_v", "attn_output")]
+        mats += _mla_matrices(host)  # deepseek2's
         extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
         if dense == "auto":
             allowance = 0.25 * (total - res)
@@ -163,6 +186,8 @@ class CudaModel:
             expert_scratch = max_batch * per
         act = 4 * ubatch * (8 * cfg.n_embd + 4 * max(cfg.n_ff, cfg.n_ff_exp, cfg.n_ff_shexp)
                             + cfg.n_expert_used * cfg.n_embd)
+        if cfg.spec.attention == "mla":
+            act += _mla_scratch(cfg, ubatch, self.n_ctx)
         budget.take("scratch", expert_scratch + CHUNK_BYTES + ATTN_BYTES + act)
 
         # -- the expert cache, then the weights on the device --------------------------------
@@ -406,7 +431,7 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
     try:
         cfg = config if config is not None else config_from_gguf(gf)
         s = cfg.spec
-        if s.attention not in ("standard", "sinks"):  # sinks: gpt-oss (efedge/gpu/oss.py)
+        if s.attention not in ("standard", "sinks", "mla"):  # efedge/gpu/oss.py, mla.py
             from efedge.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "

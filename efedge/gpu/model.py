@@ -98,9 +98,12 @@ class GpuBlock:
         self.bias = None if bias is None else tuple(_vec(b, device) for b in bias)
         self.q_norm = _vec(getattr(hb, "q_norm", None), device)
         self.k_norm = _vec(getattr(hb, "k_norm", None), device)
-        # gpt-oss's sink attention (efedge/gpu/oss.py; load_cuda_model refuses other kinds)
+        # gpt-oss's sink attention (efedge/gpu/oss.py); deepseek2's latent attention is
+        # GpuTransformer.mla's (efedge/gpu/mla.py)
         self.attn = None
-        if hb.custom_attn is not None:
+        from efedge.oss import SinkAttention
+
+        if isinstance(hb.custom_attn, SinkAttention):
             from efedge.gpu.oss import GpuSinkAttention
 
             self.attn = GpuSinkAttention(hb.custom_attn, device, dense_names)
@@ -229,6 +232,13 @@ class GpuTransformer:
         self.output = GpuMatrix(out.raw, out.qtype, out.name, self.device,
                                 out.name in dense_names)
         self.blocks = [GpuBlock(b, self.device, dense_names) for b in host.blocks]
+        # deepseek2's latent attention (efedge/gpu/mla.py) where the host block has one
+        from efedge.gpu.mla import GpuMLA
+        from efedge.mla import MLAAttention
+
+        self.mla = [GpuMLA(b.custom_attn, il, self.device, dense_names)
+                    if isinstance(b.custom_attn, MLAAttention) else None
+                    for il, b in enumerate(host.blocks)]
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="efedge-hybrid")
                       if hybrid is not None and hybrid.mode != "off" else None)
         self.hybrid_wait_s = 0.0
@@ -237,7 +247,9 @@ class GpuTransformer:
         self.up = DeviceBackend(self.device).upload  # host array → device, no host wait
 
     def weight_bytes(self) -> int:
-        return self.output.nbytes + sum(m.nbytes for b in self.blocks for m in b.matrices())
+        mats = [m for b in self.blocks for m in b.matrices()]
+        mats += [m for a in self.mla if a is not None for m in a.matrices()]
+        return self.output.nbytes + sum(m.nbytes for m in mats)
 
     def new_kv_cache(self, n_ctx: int) -> GpuKVCache:
         c = self.cfg
@@ -247,6 +259,8 @@ class GpuTransformer:
     def _attention(self, blk: GpuBlock, il: int, h, pos: int, kv, rope) -> torch.Tensor:
         if blk.attn is not None:  # gpt-oss's sinks: its own biases, rope and window
             return blk.attn(self, il, h, pos, kv, rope)
+        if self.mla[il] is not None:
+            return self.mla[il](h, il, pos, kv, rope)
         c = self.cfg
         t = h.shape[0]
         q, k, v = blk.attn_q(h), blk.attn_k(h), blk.attn_v(h)
@@ -423,4 +437,4 @@ class GpuTransformer:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.blocks, self.output = [], None
+        self.blocks, self.mla, self.output = [], [], None
