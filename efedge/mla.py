@@ -25,7 +25,9 @@ import numpy as np
 
 from efedge import kernels, layers, rope
 from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.kernels import decode_mla as dmla
 from efedge.kernels import prefill as pk
+from efedge.kernels.activations import act_scheme
 from efedge.kernels.heads import heads_matmul
 
 # up to this many tokens the per-head products run as one kernel call over all heads
@@ -61,6 +63,7 @@ class MLAAttention:
             raise ModelFormatError(f"{gf.path}: deepseek2 heads have no non-rotary part "
                                    f"(key size {nope + r}, rope {r})")
         self.h, self.nope, self.r, self.v, self.lora = h, nope, r, v, lora
+        self._decode_args = None  # decode_mla_attn's, built at the first decode step
         self.eps = np.float32(c.norm_eps)
         # 1/√(nope + rope), times mscale² under YaRN (llm_build_deepseek2)
         self.scale = np.float32(rope.mla_kq_scale(c.rope_scaling, nope + r))
@@ -127,15 +130,40 @@ class MLAAttention:
             out[:, hh] = kernels.qmatmul(raw[hh], qt, np.ascontiguousarray(x[:, hh]))
         return out
 
+    def _fused_args(self, blk, eps: float) -> tuple:
+        """decode_mla_attn's per-layer arguments (split layout), built once."""
+        none = np.zeros((0, 1), np.uint8)
+        lq = self.attn_q_a is not None
+        qa, qb = (self.attn_q_a, self.attn_q_b) if lq else (None, self.attn_q)
+        (kb, kbt), (vb, vbt) = self.k_b, self.v_b
+        qt = np.array([qa.qtype if lq else 0, qb.qtype, self.attn_kv_a_mqa.qtype, kbt, vbt,
+                       self.attn_output.qtype], np.int64)
+        sc = np.array([qa.scheme if lq else 0, qb.scheme, self.attn_kv_a_mqa.scheme,
+                       act_scheme(kbt, self.nope), act_scheme(vbt, self.lora),
+                       self.attn_output.scheme], np.int64)
+        qa_norm = self.attn_q_a_norm if lq else np.zeros(0, np.float32)
+        return (blk.attn_norm, blk.ffn_norm, np.float32(eps), qa.raw if lq else none,
+                qa_norm, qb.raw, self.attn_kv_a_mqa.raw, self.attn_kv_a_norm, kb, vb,
+                self.attn_output.raw, qt, sc, self.nope, self.lora)
+
     def decode(self, tf, blk, il: int, x: np.ndarray, pos: int, kv, x_out: np.ndarray,
                h_out: np.ndarray, ids: np.ndarray, w: np.ndarray, nt: int) -> None:
         """One token at ``pos``: the attention half of the layer (this class's T-token
         code on one row: the same arithmetic as a batch), x_out = x + attention, h_out =
         the FFN input and, in a MoE layer, ids / w = its experts and weights, so that the
         model's fused one-token FFN kernels take over (model.Transformer._decode)."""
-        a = self(tf, il, tf._norm(x[None], blk.attn_norm), pos, kv)
-        np.add(x, a[0], out=x_out)
-        h_out[:] = tf._norm(x_out[None], blk.ffn_norm)[0]
+        if self.split:  # one parallel region (kernels.decode_mla)
+            args = self._decode_args
+            if args is None:
+                args = self._decode_args = self._fused_args(blk, tf.cfg.norm_eps)
+            cos, sin = tf._rope_rows(pos, 1, il)
+            dmla.decode_mla_attn(x, *args, cos[0], sin[0], self.scale,
+                                 kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il], pos,
+                                 x_out, h_out, nt)
+        else:  # the legacy layout: the T-token code on one row
+            a = self(tf, il, tf._norm(x[None], blk.attn_norm), pos, kv)
+            np.add(x, a[0], out=x_out)
+            h_out[:] = tf._norm(x_out[None], blk.ffn_norm)[0]
         if blk.moe:
             r_ids, r_w, _ = tf._route(blk, h_out[None])
             ids[:], w[:] = r_ids[0], r_w[0]

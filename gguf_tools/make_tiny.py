@@ -60,7 +60,11 @@ ARCHS: dict[str, dict] = {
 # groups, weights renormalised), -legacy with the unsplit attn_kv_b of older conversions.
 for _name, _kw in (("deepseek2", dict(q_lora=True, mla=True, v3=False)),
                    ("deepseek2-v3", dict(q_lora=True, mla=True, v3=True)),
-                   ("deepseek2-legacy", dict(q_lora=True, mla=False, v3=False))):
+                   ("deepseek2-legacy", dict(q_lora=True, mla=False, v3=False)),
+                   # -lite as DeepSeek-V2-Lite (attn_q, no q lora): llama.cpp 0.3.36 loads
+                   # that form at 26 or 27 layers only, so tests compare it with efedge's
+                   # own paths
+                   ("deepseek2-lite", dict(q_lora=False, mla=True, v3=False))):
     ARCHS[_name] = dict(gguf_arch="deepseek2", moe=True, bias=False, qk_norm=None,
                         shared=True, plan="deepseek2", **_kw)
 ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, shared=False,
@@ -378,7 +382,7 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     """Write a random-weight ``arch`` model at ``preset`` size to ``path`` as ``quant``.
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
-    granitemoe, granitemoeshared, bailingmoe, deepseek2*, gpt-oss, glm4moe*,
+    granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
     ernie4_5-moe*). ``quant``: F32 and F16 are written directly, anything else (Q8_0,
     Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,

@@ -14,7 +14,8 @@ from gguf_tools.make_tiny import ARCHS, write_tiny
 
 ALL_ARCHS = list(ARCHS)
 # layouts llama.cpp 0.3.36 loads (not ernie4_5-moe-interleave: see test_ernie_layouts)
-LLAMA_CPP_ARCHS = [a for a in ARCHS if a != "ernie4_5-moe-interleave"]
+# llama.cpp 0.3.36 cannot load these (make_tiny.ARCHS says why)
+LLAMA_CPP_ARCHS = [a for a in ARCHS if a not in ("ernie4_5-moe-interleave", "deepseek2-lite")]
 # Llama-shaped layouts (q / k / v, one FFN per layer); tiny_archs writes the others
 STD_ARCHS = [a for a in ARCHS if "plan" not in ARCHS[a]]
 D, L, E, K, F_EXP, F, HD = 256, 3, 16, 4, 256, 512, 64  # the "test" preset
