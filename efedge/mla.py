@@ -148,10 +148,11 @@ class MLAAttention:
 
     def decode(self, tf, blk, il: int, x: np.ndarray, pos: int, kv, x_out: np.ndarray,
                h_out: np.ndarray, ids: np.ndarray, w: np.ndarray, nt: int) -> None:
-        """One token at ``pos``: the attention half of the layer (this class's T-token
-        code on one row: the same arithmetic as a batch), x_out = x + attention, h_out =
-        the FFN input and, in a MoE layer, ids / w = its experts and weights, so that the
-        model's fused one-token FFN kernels take over (model.Transformer._decode)."""
+        """One token at ``pos``: the attention half of the layer — one parallel region
+        (kernels.decode_mla) for the split layout, this class's T-token code on one row
+        for the legacy one — x_out = x + attention, h_out = the FFN input and, in a MoE
+        layer, ids / w = its experts and weights, so that the model's fused one-token FFN
+        kernels take over (model.Transformer._decode)."""
         if self.split:  # one parallel region (kernels.decode_mla)
             args = self._decode_args
             if args is None:
