@@ -25,6 +25,7 @@ import numpy as np
 
 from efedge import kernels, layers, rope
 from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.kernels import _readonly
 from efedge.kernels import decode_mla as dmla
 from efedge.kernels import prefill as pk
 from efedge.kernels.activations import act_scheme
@@ -131,40 +132,39 @@ class MLAAttention:
         return out
 
     def _fused_args(self, blk, eps: float) -> tuple:
-        """decode_mla_attn's per-layer arguments (split layout), built once."""
-        none = np.zeros((0, 1), np.uint8)
+        """decode_mla_attn's per-layer arguments, built once."""
+        none = _readonly(np.zeros((0, 1), np.uint8))
         lq = self.attn_q_a is not None
         qa, qb = (self.attn_q_a, self.attn_q_b) if lq else (None, self.attn_q)
-        (kb, kbt), (vb, vbt) = self.k_b, self.v_b
+        if self.split:
+            (kb, kbt), (vb, vbt) = self.k_b, self.v_b
+            kbs, vbs = act_scheme(kbt, self.nope), act_scheme(vbt, self.lora)
+        else:  # attn_kv_b's rows grouped by head: [H, nope + v, row_bytes]; no v_b
+            m = self.attn_kv_b
+            kb = _readonly(m.raw.reshape(self.h, self.nope + self.v, m.raw.shape[1]))
+            kbt, kbs = m.qtype, m.scheme
+            vb, vbt, vbs = _readonly(np.zeros((0, 1, 1), np.uint8)), 0, 0
         qt = np.array([qa.qtype if lq else 0, qb.qtype, self.attn_kv_a_mqa.qtype, kbt, vbt,
                        self.attn_output.qtype], np.int64)
-        sc = np.array([qa.scheme if lq else 0, qb.scheme, self.attn_kv_a_mqa.scheme,
-                       act_scheme(kbt, self.nope), act_scheme(vbt, self.lora),
-                       self.attn_output.scheme], np.int64)
+        sc = np.array([qa.scheme if lq else 0, qb.scheme, self.attn_kv_a_mqa.scheme, kbs,
+                       vbs, self.attn_output.scheme], np.int64)
         qa_norm = self.attn_q_a_norm if lq else np.zeros(0, np.float32)
         return (blk.attn_norm, blk.ffn_norm, np.float32(eps), qa.raw if lq else none,
                 qa_norm, qb.raw, self.attn_kv_a_mqa.raw, self.attn_kv_a_norm, kb, vb,
-                self.attn_output.raw, qt, sc, self.nope, self.lora)
+                self.attn_output.raw, qt, sc, self.nope, self.lora, self.v)
 
     def decode(self, tf, blk, il: int, x: np.ndarray, pos: int, kv, x_out: np.ndarray,
                h_out: np.ndarray, ids: np.ndarray, w: np.ndarray, nt: int) -> None:
-        """One token at ``pos``: the attention half of the layer — one parallel region
-        (kernels.decode_mla) for the split layout, this class's T-token code on one row
-        for the legacy one — x_out = x + attention, h_out = the FFN input and, in a MoE
-        layer, ids / w = its experts and weights, so that the model's fused one-token FFN
-        kernels take over (model.Transformer._decode)."""
-        if self.split:  # one parallel region (kernels.decode_mla)
-            args = self._decode_args
-            if args is None:
-                args = self._decode_args = self._fused_args(blk, tf.cfg.norm_eps)
-            cos, sin = tf._rope_rows(pos, 1, il)
-            dmla.decode_mla_attn(x, *args, cos[0], sin[0], self.scale,
-                                 kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il], pos,
-                                 x_out, h_out, nt)
-        else:  # the legacy layout: the T-token code on one row
-            a = self(tf, il, tf._norm(x[None], blk.attn_norm), pos, kv)
-            np.add(x, a[0], out=x_out)
-            h_out[:] = tf._norm(x_out[None], blk.ffn_norm)[0]
+        """One token at ``pos``: the attention half of the layer as one parallel region
+        (kernels.decode_mla, either layout), x_out = x + attention, h_out = the FFN input
+        and, in a MoE layer, ids / w = its experts and weights, so that the model's fused
+        one-token FFN kernels take over (model.Transformer._decode)."""
+        args = self._decode_args
+        if args is None:
+            args = self._decode_args = self._fused_args(blk, tf.cfg.norm_eps)
+        cos, sin = tf._rope_rows(pos, 1, il)
+        dmla.decode_mla_attn(x, *args, cos[0], sin[0], self.scale, kv.k.view(np.uint16)[il],
+                             kv.v.view(np.uint16)[il], pos, x_out, h_out, nt)
         if blk.moe:
             r_ids, r_w, _ = tf._route(blk, h_out[None])
             ids[:], w[:] = r_ids[0], r_w[0]

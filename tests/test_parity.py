@@ -611,10 +611,11 @@ def _assert_greedy_until_tie(ours: list[int], steps: np.ndarray, ref: list[int])
 
 
 @pytest.mark.parametrize("arch,quant", [("deepseek2-lite", "F32"), ("deepseek2-v3", "F32"),
-                                        ("deepseek2", "Q4_K_M")])
+                                        ("deepseek2-legacy", "F32"), ("deepseek2", "Q4_K_M")])
 def test_one_token_decode_steps_equal_the_batched_forward(tiny_gguf, arch, quant):
     """deepseek2's fused one-token latent attention (kernels.decode_mla: with and without
-    the q lora, V3 routing, quantized rows) against the T-token path on the same
+    the q lora, V3 routing, the legacy attn_kv_b layout, quantized rows) against the
+    T-token path on the same
     sequence: the logits after every decode step are the batched forward's rows up to
     float summation order, which the f16 rounding of attention weights can turn into a
     last-place step (~1e-3 of the spread at most, as the batched path decoding one token

@@ -6,8 +6,8 @@ softmax or sigmoid gating, DeepSeek-V3's selection bias (``exp_probs_b``), exper
 optional renormalisation and ``expert_weights_scale``. YaRN (DeepSeek-V2 / V2-Lite) also
 scales the attention scores by mscale² from ``rope.scaling.yarn_log_multiplier``
 (efedge/rope.py). Decode: the latent attention as one parallel region
-(kernels/decode_mla.py; the legacy attn_kv_b layout: efedge/mla.py's code on one row),
-the experts and the shared expert through the fused one-token kernels."""
+(kernels/decode_mla.py, split and legacy layouts), the experts and the shared expert
+through the fused one-token kernels."""
 
 from efedge.archs import ArchSpec
 
