@@ -219,16 +219,6 @@ class _Fn:
         hi = self.v(f"lshr <16 x i8> {qs}, {_splat('i8', 16, 4)}")
         return self.v(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> {_seq(32)}")
 
-    def halves_i(self, a: str, b: str) -> str:
-        """<8 x i32>: a in lanes 0-3, b in lanes 4-7 (the two 16-element sub-blocks of
-        32 elements, as dot32 lays them out)."""
-        v = "poison"
-        for lane in range(8):
-            v = self.v(f"insertelement <8 x i32> {v}, i32 {a if lane < 4 else b}, i32 {lane}")
-        return v
-
-
-
 
 def link(context, text: str) -> None:
     """Add the IR module ``text`` to the numba function being lowered."""

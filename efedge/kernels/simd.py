@@ -55,6 +55,7 @@ from ._ir import (
 _DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
+declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
 """ + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN
        else "") + LUT_DECL
 
