@@ -661,3 +661,36 @@ def test_one_token_decode_steps_match_llama_cpp(tiny_gguf, arch):
     rel = np.abs(got - ref).max(-1) / ref.std()
     assert (rel <= 2e-2).all(), f"steps off: {np.flatnonzero(rel > 2e-2)} {rel.max():.3g}"
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+# -- the K-quant mixes with integer kernels (Q5_K_M, Q3_K_M / Q3_K_L, Q2_K, IQ4_XS) -------
+# What users download for big MoEs on small machines. Each file holds its type in the
+# experts (checked: llama.cpp's quantizer falls back to other types for rows it cannot
+# split), and both the prefill product and the decode row kernels meet it.
+INT_MIXES = {"Q5_K_M": "Q5_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q2_K": "Q2_K",
+             "IQ4_XS": "IQ4_XS"}
+
+
+@pytest.mark.parametrize("quant", list(INT_MIXES))
+def test_k_mix_prefill_and_decode_match_llama_cpp(tiny_gguf, quant):
+    from efedge.gguf_file import GGUFFile
+
+    path = tiny_gguf("qwen3moe", quant)
+    f = GGUFFile(path)
+    try:
+        types = {t.qtype_name for n, t in f.tensors.items() if "_exps" in n}
+    finally:
+        f.close()
+    assert INT_MIXES[quant] in types, types
+    _assert_quantized_match(path)  # prefill
+    ids = _tokens(512, 24, seed=13)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        s = m._session
+        s.reset()
+        s.prefill(ids[:4])
+        ours = np.stack([s.decode(t) for t in ids[4:]])  # positions 4 .. 23
+    ref = ref[4:]
+    cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.995, f"decode: min cosine {cos.min():.5f}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -213,8 +213,10 @@ def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = No
     return out
 
 
-INT_QTYPES: frozenset[int] = frozenset(int(t) for t in (_Q.Q4_0, _Q.Q8_0, _Q.Q4_K, _Q.Q6_K,
-                                                        _Q.MXFP4, _Q.IQ4_NL))
+# the types with integer kernels (rowdot.has_int): decode, prefill and the MoE kernels
+INT_QTYPES: frozenset[int] = frozenset(int(t) for t in (
+    _Q.Q4_0, _Q.Q8_0, _Q.Q4_K, _Q.Q6_K, _Q.MXFP4, _Q.IQ4_NL, _Q.Q5_K, _Q.IQ4_XS, _Q.Q3_K,
+    _Q.Q2_K))
 
 
 def _int_tile(rows: int) -> int:

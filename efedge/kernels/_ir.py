@@ -37,6 +37,20 @@ _VNNI_FN = ("llvm.x86.avx512.vpdpbusd.256" if _has("avx512vnni", "avx512vl")
 _PSHUFB_FN = "llvm.x86.avx2.pshuf.b" if _has("avx2") else None
 LUT_DECL = (f"declare <32 x i8> @{_PSHUFB_FN}(<32 x i8>, <32 x i8>)\n" if _PSHUFB_FN else "")
 
+# 4-bit indices into a table of 16 int8 values, 32 per block (ggml's kvalues_mxfp4: the
+# e2m1 values doubled, scaled by half the E8M0 power of two; kvalues_iq4nl with an fp16
+# scale, IQ4_NL and IQ4_XS). The tables go in shifted by OFFSET so that every entry is an
+# unsigned byte.
+KVALUES = {
+    "mxfp4": (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12),
+    "iq4_nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+}
+OFFSET = {"mxfp4": 12, "iq4_nl": 128}
+
+
+def unsigned_table(name: str) -> list[int]:
+    return [v + OFFSET[name] for v in KVALUES[name]]
+
 
 def _seq(n: int, start: int = 0, step: int = 1) -> str:
     return "<" + ", ".join(f"i32 {start + i * step}" for i in range(n)) + ">"
@@ -184,7 +198,26 @@ class _Fn:
         return self.v(f"call <8 x float> @llvm.fma.v8f32(<8 x float> {a}, <8 x float> {b}, "
                       f"<8 x float> {c})")
 
+    def fma1(self, a: str, b: str, c: str) -> str:
+        return self.v(f"call float @llvm.fma.f32(float {a}, float {b}, float {c})")
 
+    def i2f(self, v: str) -> str:
+        return self.v(f"sitofp i32 {v} to float")
+
+    def i32_at(self, base: str, i: int) -> str:
+        """The i-th i32 of the array at base."""
+        return self.load("i32", self.gep(base, str(i), "i32"), 4)
+
+    def byte_at(self, base: str, i: int) -> str:
+        """The unsigned byte at base + i, as i32."""
+        return self.v(f"zext i8 {self.load('i8', self.gep(base, str(i)))} to i32")
+
+    def nibbles32(self, qs: str) -> str:
+        """<32 x i8> of the 32 4-bit indices in the <16 x i8> qs, element order: the low
+        nibbles are elements 0-15, the high ones 16-31 (Q4_0, IQ4_NL, IQ4_XS …)."""
+        lo = self.v(f"and <16 x i8> {qs}, {_splat('i8', 16, 15)}")
+        hi = self.v(f"lshr <16 x i8> {qs}, {_splat('i8', 16, 4)}")
+        return self.v(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> {_seq(32)}")
 
 
 def link(context, text: str) -> None:

@@ -11,35 +11,41 @@ the results come out as 8 adjacent floats of a token's output row, and the unpac
 is reused for every token (llama.cpp gets the same effect from repacking the weights at
 load; here the weights stay in the mapped file and a tile is unpacked when it is used).
 
-Unpacked tile of 8 rows, n elements each (``tile_shapes``):
+Unpacked tile of 8 rows, n elements each (``tile_shapes``; ``gemm_unpack`` makes it):
     wt  uint8 [n · 8]:    element e of row r at wt[8·(e - e % 4) + 4·r + e % 4], as an
-                          unsigned value (Q4_0 nibble, Q8_0 byte + 128, Q4_K nibble,
-                          Q6_K 6-bit value, MXFP4 / IQ4_NL table entry + 12 / + 128)
-    ws  float32 [n/S, 8]: scale of sub-block s of row r (S = 32 elements; Q6_K 16):
-                          Q4_0 / Q8_0 / IQ4_NL d, MXFP4 E8M0 / 2, Q4_K d·sc, Q6_K d·sc
-    wm  float32 [n/S, 8]: Q4_K dmin·m (the sub-block's offset); unused otherwise
+                          unsigned value (Q4_0 / Q4_K nibble, Q8_0 byte + 128, Q5_K 5-bit
+                          value, Q6_K 6-bit, Q3_K 3-bit, Q2_K 2-bit, MXFP4 / IQ4_NL /
+                          IQ4_XS table entry + 12 / + 128 / + 128)
+    ws  float32 [n/S, 8]: scale of sub-block s of row r (S = 32 elements; Q2_K, Q3_K,
+                          Q6_K 16): Q4_0 / Q8_0 / IQ4_NL d, MXFP4 E8M0 / 2, K-quants
+                          d·sc (Q3_K d·(sc - 32)), IQ4_XS d·(ls - 32)
+    wm  float32 [n/S, 8]: Q2_K / Q4_K / Q5_K dmin·m (the sub-block's offset); unused
+                          otherwise
 Activations (``gemm_acts``): xq int8 [T, n]; xdb float32 [T, n/B]: the scale of each
 activation block of B elements (32 for Q8_0, 256 for Q8_K); xsum int32 [T, n/S]: Σ xq
 over each sub-block. Per (row, token):
 
     acc = Σ_B  xdb · Σ_s∈B ( float(Σ_e w·xq − off·xsum_s) · ws_s  − wm_s · xsum_s )
 
-with off = 8 (Q4_0), 128 (Q8_0, IQ4_NL), 12 (MXFP4), 32 (Q6_K), 0 (Q4_K): the same
-operations in the same order whatever the number of tokens in a call, so a product does
-not depend on how tokens are batched. (The decode kernels sum in another order: prefill
-and decode agree to float rounding, not bit for bit.)
+with off = 8 (Q4_0), 128 (Q8_0, IQ4_NL, IQ4_XS), 12 (MXFP4), 32 (Q6_K), 4 (Q3_K),
+0 (Q2_K, Q4_K, Q5_K): the same operations in the same order whatever the number of
+tokens in a call, so a product does not depend on how tokens are batched. (The decode
+kernels sum in another order: prefill and decode agree to float rounding, not bit for
+bit.)
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._ir import _VNNI_FN, LUT_DECL, _Fn, _splat, data_ptr, link, row_base
+from ._ir import _VNNI_FN, LUT_DECL, _Fn, data_ptr, link, row_base
+from .gemm_unpack import L, unpack_fn
 
-L = 8  # rows per tile: one lane each
 NT = 8  # tokens per step (4 measured 5% slower)
 TOKEN_STEPS = (8, 4, 2, 1)  # a call's last tokens go 4, 2, 1 at a time
 
@@ -51,7 +57,12 @@ _TYPES = {
     "q6_k": (210, 256, 16, 32),
     "mxfp4": (17, 32, 32, 12),
     "iq4_nl": (18, 32, 32, 128),
+    "q5_k": (176, 256, 32, 0),
+    "iq4_xs": (136, 256, 32, 128),
+    "q3_k": (110, 256, 16, 4),
+    "q2_k": (84, 256, 16, 0),
 }
+MINS = ("q4_k", "q5_k", "q2_k")  # the types whose sub-blocks carry an offset (wm)
 
 _DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
@@ -63,190 +74,6 @@ def tile_shapes(name: str, n: int) -> tuple[int, int]:
     """(wt bytes, ws / wm floats) of an unpacked tile of rows of n elements."""
     sub = _TYPES[name][2]
     return 8 * n, n // sub * L
-
-
-# -- unpacking ------------------------------------------------------------------------------
-
-def _transpose(f: _Fn, rows: list[str], k: int) -> list[str]:
-    """rows: L vectors <k x i32> (one per weight row) → k vectors <L x i32>, vector m
-    holding dword m of every row."""
-    vecs, width = list(rows), k
-    while len(vecs) > 1:  # concatenate pairwise: one <L·k x i32>
-        nxt = []
-        for a, b in zip(vecs[0::2], vecs[1::2], strict=True):
-            idx = "<" + ", ".join(f"i32 {i}" for i in range(2 * width)) + ">"
-            nxt.append(f.v(f"shufflevector <{width} x i32> {a}, <{width} x i32> {b}, "
-                           f"<{2 * width} x i32> {idx}"))
-        vecs, width = nxt, 2 * width
-    out = []
-    for m in range(k):
-        idx = "<" + ", ".join(f"i32 {r * k + m}" for r in range(L)) + ">"
-        out.append(f.v(f"shufflevector <{width} x i32> {vecs[0]}, <{width} x i32> poison, "
-                       f"<{L} x i32> {idx}"))
-    return out
-
-
-def _lanes_f16(f: _Fn, ptrs: list[str]) -> str:
-    """<8 x float> of the fp16 values at ptrs (one per row)."""
-    v = "poison"
-    for r, p in enumerate(ptrs):
-        h = f.load("i16", p)
-        v = f.v(f"insertelement <8 x i16> {v}, i16 {h}, i32 {r}")
-    hv = f.v(f"bitcast <8 x i16> {v} to <8 x half>")
-    return f.v(f"fpext <8 x half> {hv} to <8 x float>")
-
-
-def _lanes_i32(f: _Fn, vals: list[str]) -> str:
-    v = "poison"
-    for r, x in enumerate(vals):
-        v = f.v(f"insertelement <8 x i32> {v}, i32 {x}, i32 {r}")
-    return v
-
-
-def _and(f: _Fn, v: str, mask: int) -> str:
-    return f.v(f"and <8 x i32> {v}, {_splat('i32', L, mask)}")
-
-
-def _shr(f: _Fn, v: str, k: int) -> str:
-    return f.v(f"lshr <8 x i32> {v}, {_splat('i32', L, k)}")
-
-
-def _shl(f: _Fn, v: str, k: int) -> str:
-    return f.v(f"shl <8 x i32> {v}, {_splat('i32', L, k)}")
-
-
-def _or(f: _Fn, a: str, b: str) -> str:
-    return f.v(f"or <8 x i32> {a}, {b}")
-
-
-def _store_group(f: _Fn, v: str, elem: int) -> None:
-    """Store the group vector of elements elem..elem+3 (of this block) into wt."""
-    f.raw(f"  store <8 x i32> {v}, ptr {f.gep('%wtb', str(8 * elem))}, align 1")
-
-
-def _store_f(f: _Fn, v: str, base: str, sub: int) -> None:
-    f.raw(f"  store <8 x float> {v}, ptr {f.gep(base, str(L * sub), 'float')}, align 4")
-
-
-def _rows_at(f: _Fn, off: str) -> list[str]:
-    return [f.gep(f"%base{r}", off) for r in range(L)]
-
-
-def _load_dwords(f: _Fn, ptrs: list[str], at: int, k: int) -> list[str]:
-    return [f.load(f"<{k} x i32>", f.gep(p, str(at))) for p in ptrs]
-
-
-def _unpack_q4_0(f: _Fn, ps: list[str]) -> None:
-    _store_f(f, _lanes_f16(f, ps), "%wsb", 0)
-    v = _transpose(f, _load_dwords(f, ps, 2, 4), 4)
-    for m in range(4):  # low nibbles: elements 4m.., high: 16 + 4m..
-        _store_group(f, _and(f, v[m], 0x0F0F0F0F), 4 * m)
-        _store_group(f, _and(f, _shr(f, v[m], 4), 0x0F0F0F0F), 16 + 4 * m)
-
-
-def _unpack_q8_0(f: _Fn, ps: list[str]) -> None:
-    _store_f(f, _lanes_f16(f, ps), "%wsb", 0)
-    v = _transpose(f, _load_dwords(f, ps, 2, 8), 8)
-    for m in range(8):
-        _store_group(f, f.v(f"xor <8 x i32> {v[m]}, {_splat('i32', L, 0x80808080 - 2**32)}"),
-                     4 * m)
-
-
-def _unpack_q4_k(f: _Fn, ps: list[str]) -> None:
-    from .simd import _k_scales
-
-    d = _lanes_f16(f, ps)
-    dmin = _lanes_f16(f, [f.gep(p, "2") for p in ps])
-    per_row = [_k_scales(f, p) for p in ps]  # (sc[8], mn[8]) per row
-    for j in range(8):
-        sc = f.v(f"sitofp <8 x i32> {_lanes_i32(f, [s[0][j] for s in per_row])} to <8 x float>")
-        mn = f.v(f"sitofp <8 x i32> {_lanes_i32(f, [s[1][j] for s in per_row])} to <8 x float>")
-        _store_f(f, f.v(f"fmul <8 x float> {d}, {sc}"), "%wsb", j)
-        _store_f(f, f.v(f"fmul <8 x float> {dmin}, {mn}"), "%wmb", j)
-    for g in range(4):  # 64 elements per 32 bytes: low nibbles 64g.., high 64g + 32..
-        v = _transpose(f, _load_dwords(f, ps, 16 + 32 * g, 8), 8)
-        for m in range(8):
-            _store_group(f, _and(f, v[m], 0x0F0F0F0F), 64 * g + 4 * m)
-            _store_group(f, _and(f, _shr(f, v[m], 4), 0x0F0F0F0F), 64 * g + 32 + 4 * m)
-
-
-def _unpack_q6_k(f: _Fn, ps: list[str]) -> None:
-    d = _lanes_f16(f, [f.gep(p, "208") for p in ps])
-    for s in range(16):
-        vals = []
-        for p in ps:
-            b = f.load("i8", f.gep(p, str(192 + s)))
-            vals.append(f.v(f"sext i8 {b} to i32"))
-        sc = f.v(f"sitofp <8 x i32> {_lanes_i32(f, vals)} to <8 x float>")
-        _store_f(f, f.v(f"fmul <8 x float> {d}, {sc}"), "%wsb", s)
-    for h in range(2):  # 128 elements: ql[64h ..], ql[64h + 32 ..], qh[32h ..]
-        a = _transpose(f, _load_dwords(f, ps, 64 * h, 8), 8)
-        b = _transpose(f, _load_dwords(f, ps, 64 * h + 32, 8), 8)
-        q = _transpose(f, _load_dwords(f, ps, 128 + 32 * h, 8), 8)
-        for m in range(8):
-            e0 = 128 * h + 4 * m
-            lo_a, lo_b = _and(f, a[m], 0x0F0F0F0F), _and(f, b[m], 0x0F0F0F0F)
-            hi_a, hi_b = _and(f, _shr(f, a[m], 4), 0x0F0F0F0F), _and(f, _shr(f, b[m], 4),
-                                                                     0x0F0F0F0F)
-            _store_group(f, _or(f, lo_a, _shl(f, _and(f, q[m], 0x03030303), 4)), e0)
-            _store_group(f, _or(f, lo_b, _shl(f, _and(f, q[m], 0x0C0C0C0C), 2)), e0 + 32)
-            _store_group(f, _or(f, hi_a, _and(f, q[m], 0x30303030)), e0 + 64)
-            _store_group(f, _or(f, hi_b, _and(f, _shr(f, q[m], 2), 0x30303030)), e0 + 96)
-
-
-def _unpack_lut(f: _Fn, ps: list[str], name: str, scale: str, at: int) -> None:
-    """MXFP4 / IQ4_NL: the Q4_0 nibble layout (qs at byte ``at``), each nibble replaced
-    by its table entry + the table's offset (simd.unsigned_table)."""
-    from .simd import unsigned_table
-
-    _store_f(f, scale, "%wsb", 0)
-    table = unsigned_table(name)
-    v = _transpose(f, _load_dwords(f, ps, at, 4), 4)
-    for m in range(4):
-        for half, e in ((_and(f, v[m], 0x0F0F0F0F), 4 * m),
-                        (_and(f, _shr(f, v[m], 4), 0x0F0F0F0F), 16 + 4 * m)):
-            b = f.v(f"bitcast <8 x i32> {half} to <32 x i8>")
-            u = f.lookup16(b, table)
-            _store_group(f, f.v(f"bitcast <32 x i8> {u} to <8 x i32>"), e)
-
-
-def _unpack_mxfp4(f: _Fn, ps: list[str]) -> None:
-    e = []
-    for p in ps:
-        e.append(f.v(f"zext i8 {f.load('i8', p)} to i32"))
-    _unpack_lut(f, ps, "mxfp4", f.e8m0_half(_lanes_i32(f, e), L), 1)
-
-
-def _unpack_iq4_nl(f: _Fn, ps: list[str]) -> None:
-    _unpack_lut(f, ps, "iq4_nl", _lanes_f16(f, ps), 2)
-
-
-_UNPACK = {"q4_0": _unpack_q4_0, "q8_0": _unpack_q8_0, "q4_k": _unpack_q4_k,
-           "q6_k": _unpack_q6_k, "mxfp4": _unpack_mxfp4, "iq4_nl": _unpack_iq4_nl}
-
-
-def _unpack_fn(name: str) -> str:
-    """void unpack(ptr row, i64 rs, i64 nb, ptr wt, ptr ws, ptr wm): 8 rows (row + r·rs)
-    of nb blocks each → the tile layout above."""
-    bb, el, sub, _ = _TYPES[name]
-    f = _Fn()
-    f.raw("entry:")
-    for r in range(L):
-        f.raw(f"  %ro{r} = mul i64 %rs, {r}")
-        f.raw(f"  %base{r} = getelementptr inbounds i8, ptr %row, i64 %ro{r}")
-    f.block_loop()
-    off = f.v(f"mul i64 %b, {bb}")
-    f.raw(f"  %wto = mul i64 %b, {8 * el}")
-    f.raw("  %wtb = getelementptr inbounds i8, ptr %wt, i64 %wto")
-    f.raw(f"  %wso = mul i64 %b, {el // sub * L}")
-    f.raw("  %wsb = getelementptr inbounds float, ptr %ws, i64 %wso")
-    f.raw("  %wmb = getelementptr inbounds float, ptr %wm, i64 %wso")
-    _UNPACK[name](f, _rows_at(f, off))
-    f.end_block_loop()
-    f.raw("  ret void")
-    head = (f"define weak_odr void @efedge_unpack_{name}(ptr %row, i64 %rs, i64 %nb, ptr %wt, "
-            "ptr %ws, ptr %wm) nounwind {")
-    return "\n".join([head, *f.lines, "}"])
 
 
 # -- the product ----------------------------------------------------------------------------
@@ -291,7 +118,7 @@ def _gemm_fn(name: str, nt: int) -> str:
                 isum[t] = _dpbusd(f, isum[t], w, f.splat_i(x))
         wsv = f.load("<8 x float>", f.gep("%ws", f.v(f"mul i64 {s}, {L}"), "float"), 4)
         wmv = (f.load("<8 x float>", f.gep("%wm", f.v(f"mul i64 {s}, {L}"), "float"), 4)
-               if name == "q4_k" else None)
+               if name in MINS else None)
         for t in range(nt):
             fi = f.v(f"sitofp <8 x i32> {isum[t]} to <8 x float>")
             accb[t] = f.fma(fi, wsv, accb[t])
@@ -317,19 +144,20 @@ def _gemm_fn(name: str, nt: int) -> str:
     return "\n".join([head, *f.lines, "}"])
 
 
-_TEXT = None
+@cache
+def _ir_text(name: str, nt: int) -> str:
+    """The module of one kernel: gemm_<name>_<nt>, or unpack_<name> for nt = 0. Each call
+    site links only the kernel it calls (one module of every kernel is 3.7 MB of IR,
+    parsed again at each of the ~50 call sites of a dispatching function)."""
+    if nt == 0:
+        return _DECLS + unpack_fn(name, *_TYPES[name][:3])
+    return _DECLS + _gemm_fn(name, nt)
 
 
-def _ir_text() -> str:
-    global _TEXT
-    if _TEXT is None:
-        parts = [_DECLS]
-        for name in _TYPES:
-            parts.append(_unpack_fn(name))
-            for nt in TOKEN_STEPS:
-                parts.append(_gemm_fn(name, nt))
-        _TEXT = "\n".join(parts)
-    return _TEXT
+def _ir_all() -> str:
+    """Every kernel in one module (for checks: it must parse and verify)."""
+    return _DECLS + "\n".join(_ir_text(n, t)[len(_DECLS):] for n in _TYPES
+                                for t in (0, *TOKEN_STEPS))
 
 
 # -- numba entry points ------------------------------------------------------------------
@@ -350,7 +178,7 @@ def _make_unpack(name: str):
         sig = types.void(w, r0, wt, ws, wm)
 
         def codegen(context, builder, sig, args):
-            link(context, _ir_text())
+            link(context, _ir_text(name, 0))
             fnty = ir.FunctionType(ir.VoidType(), [_P8, _I64, _I64, _P8, _P8, _P8])
             fn = cgutils.get_or_insert_function(builder.module, fnty, sym)
             base, stride, nb = row_base(context, builder, sig.args[0], args[0], sig.args[1],
@@ -380,7 +208,7 @@ def _make_gemm(name: str, nt: int):
         sig = types.void(wt, ws, wm, nb, xq, ldq, xd, ldd, xs, lds, out, ldo)
 
         def codegen(context, builder, sig, args):
-            link(context, _ir_text())
+            link(context, _ir_text(name, nt))
             fnty = ir.FunctionType(ir.VoidType(), [_P8, _P8, _P8, _I64, _P8, _I64, _P8, _I64,
                                                    _P8, _I64, _P8, _I64])
             fn = cgutils.get_or_insert_function(builder.module, fnty, sym)
@@ -419,3 +247,16 @@ gemm_mxfp4_8, gemm_mxfp4_4, gemm_mxfp4_2, gemm_mxfp4_1 = (
 gemm_iq4_nl_8, gemm_iq4_nl_4, gemm_iq4_nl_2, gemm_iq4_nl_1 = (
     _make_gemm("iq4_nl", 8), _make_gemm("iq4_nl", 4), _make_gemm("iq4_nl", 2),
     _make_gemm("iq4_nl", 1))
+unpack_q5_k = _make_unpack("q5_k")
+unpack_iq4_xs = _make_unpack("iq4_xs")
+unpack_q3_k = _make_unpack("q3_k")
+unpack_q2_k = _make_unpack("q2_k")
+gemm_q5_k_8, gemm_q5_k_4, gemm_q5_k_2, gemm_q5_k_1 = (
+    _make_gemm("q5_k", 8), _make_gemm("q5_k", 4), _make_gemm("q5_k", 2), _make_gemm("q5_k", 1))
+gemm_iq4_xs_8, gemm_iq4_xs_4, gemm_iq4_xs_2, gemm_iq4_xs_1 = (
+    _make_gemm("iq4_xs", 8), _make_gemm("iq4_xs", 4), _make_gemm("iq4_xs", 2),
+    _make_gemm("iq4_xs", 1))
+gemm_q3_k_8, gemm_q3_k_4, gemm_q3_k_2, gemm_q3_k_1 = (
+    _make_gemm("q3_k", 8), _make_gemm("q3_k", 4), _make_gemm("q3_k", 2), _make_gemm("q3_k", 1))
+gemm_q2_k_8, gemm_q2_k_4, gemm_q2_k_2, gemm_q2_k_1 = (
+    _make_gemm("q2_k", 8), _make_gemm("q2_k", 4), _make_gemm("q2_k", 2), _make_gemm("q2_k", 1))

@@ -18,10 +18,10 @@ its clamped SwiGLU in 3, down's added in 5, before the routing weight).
 Every row is the same product ``prefill.matmul_q8`` computes for that expert on those
 tokens (the tiled product's result does not depend on which tokens share a call), so
 this gives the same bits as one call per expert, which is how the expert cache runs.
-Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, Q4_K,
-Q6_K, MXFP4 and IQ4_NL through the tiled integer product, the others (F16, Q5_K …)
-through float activations rounded as llama.cpp rounds them and ``generic``'s tile
-product.
+Weights: gate / up / down [E, rows, row_bytes] of any supported type: Q4_0, Q8_0, MXFP4,
+IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS through the tiled integer product
+(``rowdot.has_int``), the others (F16, Q4_1, the IQ1 / IQ2 / IQ3 types …) through float
+activations rounded as llama.cpp rounds them and ``generic``'s tile product.
 
 Run it through ``kernels.dynamic`` (work handed out in small chunks, not one equal
 share per thread: see there).

@@ -64,7 +64,7 @@ def gemm_acts_row(qt, xq, xd, xs, xdb, xsum):
     else:
         for b in range(n // 256):
             xdb[b] = xd[b]
-        if qt == g.Q4_K:
+        if qt == g.Q4_K or qt == g.Q5_K or qt == g.IQ4_XS:  # sub-blocks of 32
             for j in range(n // 32):
                 xsum[j] = xs[2 * j] + xs[2 * j + 1]
         else:
@@ -95,6 +95,14 @@ def _unpack(qt, w, r, wt, ws, wm):
         gm.unpack_mxfp4(w, r, wt, ws, wm)
     elif qt == g.IQ4_NL:
         gm.unpack_iq4_nl(w, r, wt, ws, wm)
+    elif qt == g.Q5_K:
+        gm.unpack_q5_k(w, r, wt, ws, wm)
+    elif qt == g.IQ4_XS:
+        gm.unpack_iq4_xs(w, r, wt, ws, wm)
+    elif qt == g.Q3_K:
+        gm.unpack_q3_k(w, r, wt, ws, wm)
+    elif qt == g.Q2_K:
+        gm.unpack_q2_k(w, r, wt, ws, wm)
     else:
         gm.unpack_q8_0(w, r, wt, ws, wm)
 
@@ -148,6 +156,42 @@ def _gemm(qt, nt, wt, ws, wm, nb, xq, xdb, xsum, out, ldo):
             gm.gemm_iq4_nl_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
         else:
             gm.gemm_iq4_nl_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.Q5_K:
+        if nt == 8:
+            gm.gemm_q5_k_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q5_k_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q5_k_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q5_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.IQ4_XS:
+        if nt == 8:
+            gm.gemm_iq4_xs_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_iq4_xs_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_iq4_xs_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_iq4_xs_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.Q3_K:
+        if nt == 8:
+            gm.gemm_q3_k_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q3_k_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q3_k_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q3_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+    elif qt == g.Q2_K:
+        if nt == 8:
+            gm.gemm_q2_k_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 4:
+            gm.gemm_q2_k_4(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        elif nt == 2:
+            gm.gemm_q2_k_2(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
+        else:
+            gm.gemm_q2_k_1(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
     else:
         if nt == 8:
             gm.gemm_q8_0_8(wt, ws, wm, nb, xq, a, xdb, b, xsum, c, out, ldo)
@@ -194,7 +238,7 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def matmul_q8(qt, w, xq, xd, xs, out, tile):
-    """out[T, rows] = x · dequant(w).T for Q4_0 / Q8_0 / Q4_K / Q6_K / MXFP4 / IQ4_NL rows
+    """out[T, rows] = x · dequant(w).T for rows of the integer types (rowdot.has_int)
     and activations quantized for them (activations.quantize_activations): the tiled product of
     ``gemm``, rows in tasks of ``tile`` (rounded up to a multiple of 8)."""
     rows = w.shape[0]

@@ -6,8 +6,10 @@ Activations travel as a *pack*, made once per input vector by ``prep`` for the w
 type it meets:
 
     pack = (xf, xq, xd, xs)
-    Q4_0, Q8_0, Q4_K, Q6_K,
-    MXFP4, IQ4_NL:          xq / xd / xs = 8-bit activations, integer dots (``simd``)
+    Q4_0, Q8_0, MXFP4,
+    IQ4_NL, Q2_K, Q3_K,
+    Q4_K, Q5_K, Q6_K,
+    IQ4_XS:                 xq / xd / xs = 8-bit activations, integer dots (``simd``)
     every other type:       xf = rounded float activations; the row is decoded into a
                             float buffer and dotted (F32 rows are dotted in place)
 
@@ -32,7 +34,8 @@ from .activations import quantize_row, round_row
 def has_int(qt):
     """Whether rows of qt go through the integer kernels."""
     return (qt == g.Q4_0 or qt == g.Q8_0 or qt == g.Q4_K or qt == g.Q6_K or qt == g.MXFP4
-            or qt == g.IQ4_NL)
+            or qt == g.IQ4_NL or qt == g.Q5_K or qt == g.IQ4_XS or qt == g.Q3_K
+            or qt == g.Q2_K)
 
 
 def new_pack(n: int) -> tuple:
@@ -123,6 +126,22 @@ def dot_rows(qt, w, r0, r1, n, pack, buf, out):
         for r in range(r0, r1):
             prefetch_row(w, r + PREFETCH_AHEAD)
             simd.dot_iq4_nl_1x1(w, r, xq, xd, xs, out[r - r0:])
+    elif qt == g.Q5_K:
+        for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
+            simd.dot_q5_k_1x1(w, r, xq, xd, xs, out[r - r0:])
+    elif qt == g.IQ4_XS:
+        for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
+            simd.dot_iq4_xs_1x1(w, r, xq, xd, xs, out[r - r0:])
+    elif qt == g.Q3_K:
+        for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
+            simd.dot_q3_k_1x1(w, r, xq, xd, xs, out[r - r0:])
+    elif qt == g.Q2_K:
+        for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
+            simd.dot_q2_k_1x1(w, r, xq, xd, xs, out[r - r0:])
     elif qt == g.F32:
         for r in range(r0, r1):
             out[r - r0] = dot(w[r].view(np.float32), xf[:n])

@@ -14,7 +14,8 @@ scales ``xd`` (float32) and block sums ``xs`` (int32 array) —
     Q8_0 (legacy quants,  xd [T, n/4]: each 32-block's fp16 scale as float, 8 copies
     MXFP4, IQ4_NL)        (one vector load per block); xs [T, n/32]: the float32 bits
                           of scale · Σ xq (the offset correction, one FMA per block)
-    Q8_K (K-quants):      xd [T, n/256] = 1/iscale; xs [T, n/16]: Σ xq per 16
+    Q8_K (K-quants,       xd [T, n/256] = 1/iscale; xs [T, n/16]: Σ xq per 16
+    IQ4_XS)
 
 — exactly the values ``activations.round_activations`` rounds to (xq · scale), so an
 integer dot equals dequant(w) · round_activations(x) up to float summation order.
@@ -23,32 +24,40 @@ Every kernel computes NR rows × NT tokens at once; NR = 1 (see SHAPES), NT = 1 
 decode (the 4-token shape is kept for experiments: prefill uses ``gemm``'s tiled product).
 
 Row layouts: see quant_legacy / quant_k. Offsets of the weight nibbles are chosen so that
-element i of a block meets x[i]: Q4_0 low nibbles are elements 0-15, high 16-31.
+element i of a block meets x[i]: Q4_0 low nibbles are elements 0-15, high 16-31. The
+256-element super-block types (Q2_K … Q6_K, IQ4_XS) have their block bodies in
+``simd_k``; each kernel is linked on its own (``_ir_text``).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._ir import _VNNI_FN, LUT_DECL, _Fn, _seq, _splat, data_ptr, link, row_base
+from . import simd_k as k
+from ._ir import (
+    _VNNI_FN,
+    LUT_DECL,
+    OFFSET,
+    _Fn,
+    _seq,
+    _splat,
+    data_ptr,
+    link,
+    row_base,
+    unsigned_table,
+)
 
 _DECLS = """
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
+declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
 """ + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN
        else "") + LUT_DECL
-
-# 4-bit indices into a table of 16 int8 values, 32 per block (ggml's kvalues_mxfp4: the
-# e2m1 values doubled, scaled by half the E8M0 power of two; kvalues_iq4nl with an fp16
-# scale). The tables go in shifted by OFFSET so that every entry is an unsigned byte.
-KVALUES = {
-    "mxfp4": (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12),
-    "iq4_nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
-}
-OFFSET = {"mxfp4": 12, "iq4_nl": 128}
 
 # Every kernel: (ptr row, i64 row stride, i64 nblocks, ptr xq, ptr xd, ptr xs, i64 n,
 # ptr out) -> void; row r starts at row + r·stride, token t's activations at xq + t·n,
@@ -108,18 +117,6 @@ def _kernel(name: str, nr: int, nt: int, block_bytes: int, elems: int, xd_per: i
     return "\n".join([head, *f.lines, "}"])
 
 
-def _i2f(f: _Fn, v: str) -> str:
-    return f.v(f"sitofp i32 {v} to float")
-
-
-def _fma1(f: _Fn, a: str, b: str, c: str) -> str:
-    return f.v(f"call float @llvm.fma.f32(float {a}, float {b}, float {c})")
-
-
-def _i32_at(f: _Fn, base: str, i: int) -> str:
-    return f.load("i32", f.gep(base, str(i), "i32"), 4)
-
-
 def _legacy(f: _Fn, dwv: str, w: str, offset: float, tok) -> list:
     """The Q8_0-activation block step shared by Q4_0 and Q8_0: w holds the block as
     unsigned bytes equal to the weight + offset, so Σ w·x overcounts by offset·Σ x,
@@ -131,7 +128,7 @@ def _legacy(f: _Fn, dwv: str, w: str, offset: float, tok) -> list:
         s = f.dot32(w, f.load("<32 x i8>", xq))
         scv = f.v(f"fmul <8 x float> {dwv}, {f.load('<8 x float>', xd, 4)}")
         acc = f.fma(f.v(f"sitofp <8 x i32> {s} to <8 x float>"), scv, acc)
-        cor = _fma1(f, dwc, f.load("float", xs, 4), cor)
+        cor = f.fma1(dwc, f.load("float", xs, 4), cor)
         out.append((acc, cor))
     return out
 
@@ -154,144 +151,33 @@ def _q8_0(f: _Fn, p: str, tok) -> list:
     return _legacy(f, dw, w, 128.0, tok)
 
 
-def _nibbles32(f: _Fn, qs: str) -> str:
-    """<32 x i8> of the 32 4-bit indices of a block, element order (low nibbles 0-15)."""
-    lo = f.v(f"and <16 x i8> {qs}, {_splat('i8', 16, 15)}")
-    hi = f.v(f"lshr <16 x i8> {qs}, {_splat('i8', 16, 4)}")
-    return f.v(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, <32 x i32> {_seq(32)}")
-
-
-def unsigned_table(name: str) -> list[int]:
-    return [v + OFFSET[name] for v in KVALUES[name]]
-
-
 def _mxfp4(f: _Fn, p: str, tok) -> list:
     # ggml_vec_dot_mxfp4_q8_0: E8M0_HALF(e) · d_x · Σ kvalue·x; the table shifted by 12
     e = f.v(f"zext i8 {f.load('i8', p)} to i32")
     dw = f.splat_f(f.e8m0_half(e))
-    w = f.lookup16(_nibbles32(f, f.load("<16 x i8>", f.gep(p, "1"))), unsigned_table("mxfp4"))
+    w = f.lookup16(f.nibbles32(f.load("<16 x i8>", f.gep(p, "1"))), unsigned_table("mxfp4"))
     return _legacy(f, dw, w, float(OFFSET["mxfp4"]), tok)
 
 
 def _iq4_nl(f: _Fn, p: str, tok) -> list:
     # ggml_vec_dot_iq4_nl_q8_0: d_w · d_x · Σ kvalue·x; the table shifted by 128
     dw = f.h2f_splat(p)
-    w = f.lookup16(_nibbles32(f, f.load("<16 x i8>", f.gep(p, "2"))), unsigned_table("iq4_nl"))
+    w = f.lookup16(f.nibbles32(f.load("<16 x i8>", f.gep(p, "2"))), unsigned_table("iq4_nl"))
     return _legacy(f, dw, w, float(OFFSET["iq4_nl"]), tok)
-
-
-def _k_scales(f: _Fn, p: str) -> tuple[list[str], list[str]]:
-    """The 8 (scale, min) 6-bit pairs of a Q4_K / Q5_K super-block, as i32."""
-    b = []
-    for i in range(12):
-        byte = f.load("i8", f.gep(p, str(4 + i)))
-        b.append(f.v(f"zext i8 {byte} to i32"))
-    sc, mn = [], []
-    for j in range(8):
-        if j < 4:
-            sc.append(f.v(f"and i32 {b[j]}, 63"))
-            mn.append(f.v(f"and i32 {b[4 + j]}, 63"))
-        else:
-            lo = f.v(f"and i32 {b[4 + j]}, 15")
-            hi = f.v(f"and i32 {f.v(f'lshr i32 {b[j - 4]}, 2')}, 48")
-            sc.append(f.v(f"or i32 {lo}, {hi}"))
-            lo = f.v(f"lshr i32 {b[4 + j]}, 4")
-            hi = f.v(f"and i32 {f.v(f'lshr i32 {b[j]}, 2')}, 48")
-            mn.append(f.v(f"or i32 {lo}, {hi}"))
-    return sc, mn
-
-
-def _q4_k(f: _Fn, p: str, tok) -> list:
-    # per super-block: Σ_j d·sc_j·Σ(q x) − dmin·m_j·Σ x, times the activation scale;
-    # the sub-block sums stay integer (lanes × sc_j) until the end of the super-block
-    d = f.h2f(p)
-    dmin = f.h2f(f.gep(p, "2"))
-    sc, mn = _k_scales(f, p)
-    ws = []
-    for g in range(4):
-        q = f.load("<32 x i8>", f.gep(p, str(16 + 32 * g)))
-        ws.append(f.v(f"and <32 x i8> {q}, {_splat('i8', 32, 15)}"))
-        ws.append(f.v(f"lshr <32 x i8> {q}, {_splat('i8', 32, 4)}"))
-    scv = [f.splat_i(s) for s in sc]
-    out = []
-    for xq, xd, xs, acc, cor in tok:
-        iacc = "zeroinitializer"
-        msum = "0"
-        for j in range(8):
-            s = f.dot32(ws[j], f.load("<32 x i8>", f.gep(xq, str(32 * j))))
-            m = f.v(f"mul <8 x i32> {s}, {scv[j]}")
-            iacc = f.v(f"add <8 x i32> {iacc}, {m}")
-            bs = f.v(f"add i32 {_i32_at(f, xs, 2 * j)}, {_i32_at(f, xs, 2 * j + 1)}")
-            m = f.v(f"mul i32 {bs}, {mn[j]}")
-            msum = f.v(f"add i32 {msum}, {m}")
-        dx = f.load("float", xd, 4)
-        fi = f.v(f"sitofp <8 x i32> {iacc} to <8 x float>")
-        acc = f.fma(fi, f.splat_f(f.v(f"fmul float {d}, {dx}")), acc)
-        dm = f.v(f"fmul float {dmin}, {dx}")
-        cor = _fma1(f, f.v(f"fneg float {dm}"), _i2f(f, msum), cor)
-        out.append((acc, cor))
-    return out
-
-
-def _q6_k(f: _Fn, p: str, tok) -> list:
-    # 6-bit q = ql nibble | 2 qh bits, minus 32; int8 scales per 16 elements
-    d = f.h2f(f.gep(p, "208"))
-    scs = []
-    for i in range(16):
-        byte = f.load("i8", f.gep(p, str(192 + i)))
-        scs.append(f.v(f"sext i8 {byte} to i32"))
-    ws, svs = [], []
-    for h in range(2):
-        qa = f.load("<32 x i8>", f.gep(p, str(64 * h)))
-        qb = f.load("<32 x i8>", f.gep(p, str(64 * h + 32)))
-        qh = f.load("<32 x i8>", f.gep(p, str(128 + 32 * h)))
-
-        def band(v, m):
-            return f.v(f"and <32 x i8> {v}, {_splat('i8', 32, m)}")
-
-        def shl(v, k):
-            return f.v(f"shl <32 x i8> {v}, {_splat('i8', 32, k)}")
-
-        def shr(v, k):
-            return f.v(f"lshr <32 x i8> {v}, {_splat('i8', 32, k)}")
-
-        ws.append(f.v(f"or <32 x i8> {band(qa, 15)}, {shl(band(qh, 3), 4)}"))
-        ws.append(f.v(f"or <32 x i8> {band(qb, 15)}, {shl(band(qh, 12), 2)}"))
-        ws.append(f.v(f"or <32 x i8> {shr(qa, 4)}, {band(qh, 48)}"))
-        ws.append(f.v(f"or <32 x i8> {shr(qb, 4)}, {band(shr(qh, 2), 48)}"))
-        for c in range(4):  # lanes 0-3: elements 0-15 (scale c·2), lanes 4-7: 16-31
-            a, b = scs[8 * h + 2 * c], scs[8 * h + 2 * c + 1]
-            v = "poison"
-            for lane in range(8):
-                v = f.v(f"insertelement <8 x i32> {v}, i32 {a if lane < 4 else b}, i32 {lane}")
-            svs.append(v)
-    out = []
-    for xq, xd, xs, acc, cor in tok:
-        iacc = "zeroinitializer"
-        osum = "0"
-        for j in range(8):
-            s = f.dot32(ws[j], f.load("<32 x i8>", f.gep(xq, str(32 * j))))
-            m = f.v(f"mul <8 x i32> {s}, {svs[j]}")
-            iacc = f.v(f"add <8 x i32> {iacc}, {m}")
-        for g in range(16):  # elements 16 g .. 16 g + 15 carry scale g (see svs above)
-            m = f.v(f"mul i32 {_i32_at(f, xs, g)}, {scs[g]}")
-            osum = f.v(f"add i32 {osum}, {m}")
-        dd = f.v(f"fmul float {d}, {f.load('float', xd, 4)}")
-        fi = f.v(f"sitofp <8 x i32> {iacc} to <8 x float>")
-        acc = f.fma(fi, f.splat_f(dd), acc)
-        cor = _fma1(f, f.v(f"fmul float {dd}, -32.0"), _i2f(f, osum), cor)
-        out.append((acc, cor))
-    return out
 
 
 # name → (block bytes, elements, xd group, xs group, body)
 _TYPES = {
     "q4_0": (18, 32, 4, 32, _q4_0),  # xd: 8 copies of each block's scale (32 elems / 4)
     "q8_0": (34, 32, 4, 32, _q8_0),
-    "q4_k": (144, 256, 256, 16, _q4_k),
-    "q6_k": (210, 256, 256, 16, _q6_k),
+    "q4_k": (144, 256, 256, 16, k.q4_k),
+    "q6_k": (210, 256, 256, 16, k.q6_k),
     "mxfp4": (17, 32, 4, 32, _mxfp4),
     "iq4_nl": (18, 32, 4, 32, _iq4_nl),
+    "q5_k": (176, 256, 256, 16, k.q5_k),
+    "iq4_xs": (136, 256, 256, 16, k.iq4_xs),
+    "q3_k": (110, 256, 256, 16, k.q3_k),
+    "q2_k": (84, 256, 256, 16, k.q2_k),
 }
 # kernel shapes (rows, tokens): one row for one token (decode), one row for 4 tokens
 # (prefill). Several rows per call (one activation load for all) measure the same in
@@ -300,22 +186,20 @@ NT_PREFILL = 4
 SHAPES = ((1, 1), (1, NT_PREFILL))
 
 
-def _module_text() -> str:
-    parts = [_DECLS, "declare float @llvm.fma.f32(float, float, float)"]
-    for name, (bb, el, xdp, xsp, body) in _TYPES.items():
-        for nr, nt in SHAPES:
-            parts.append(_kernel(f"efedge_{name}_{nr}x{nt}", nr, nt, bb, el, xdp, xsp, body))
-    return "\n".join(parts)
+_HEAD = _DECLS + "declare float @llvm.fma.f32(float, float, float)\n"
 
 
-_TEXT = None
+@cache
+def _ir_text(name: str, nr: int, nt: int) -> str:
+    """The module of one kernel (each call site links only the kernel it calls)."""
+    bb, el, xdp, xsp, body = _TYPES[name]
+    return _HEAD + _kernel(f"efedge_{name}_{nr}x{nt}", nr, nt, bb, el, xdp, xsp, body)
 
 
-def _ir_text() -> str:
-    global _TEXT
-    if _TEXT is None:
-        _TEXT = _module_text()
-    return _TEXT
+def _ir_all() -> str:
+    """Every kernel in one module (for checks: it must parse and verify)."""
+    return _HEAD + "\n".join(_ir_text(n, nr, nt)[len(_HEAD):] for n in _TYPES
+                               for nr, nt in SHAPES)
 
 
 def _make_intrinsic(name: str, nr: int, nt: int):
@@ -331,7 +215,7 @@ def _make_intrinsic(name: str, nr: int, nt: int):
         sig = types.void(w, r0, xq, xd, xs, out)
 
         def codegen(context, builder, sig, args):
-            link(context, _ir_text())
+            link(context, _ir_text(name, nr, nt))
             i64, p8 = ir.IntType(64), ir.IntType(8).as_pointer()
             fnty = ir.FunctionType(ir.VoidType(), [p8, i64, i64, p8, p8, p8, i64, p8])
             fn = cgutils.get_or_insert_function(builder.module, fnty, sym)
@@ -358,3 +242,7 @@ dot_q6_k_1x1 = _make_intrinsic("q6_k", 1, 1)
 dot_q6_k_1x4 = _make_intrinsic("q6_k", 1, 4)
 dot_mxfp4_1x1 = _make_intrinsic("mxfp4", 1, 1)
 dot_iq4_nl_1x1 = _make_intrinsic("iq4_nl", 1, 1)
+dot_q5_k_1x1 = _make_intrinsic("q5_k", 1, 1)
+dot_iq4_xs_1x1 = _make_intrinsic("iq4_xs", 1, 1)
+dot_q3_k_1x1 = _make_intrinsic("q3_k", 1, 1)
+dot_q2_k_1x1 = _make_intrinsic("q2_k", 1, 1)
