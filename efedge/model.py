@@ -189,7 +189,8 @@ class Transformer:
     def warmup(self) -> float:
         """Bring every kernel the forward pass uses up now (numba compiles it on a first
         run, later loads it from its cache), so that the first token does not pay for
-        it: a 2-token prefill and one decode step on a scratch KV cache. Experts are
+        it: a 3-token prefill (past the per-token products that cover up to 2 tokens,
+        so the tiled ones come up too) and one decode step on a scratch KV cache. Experts are
         zero-filled stand-ins of the right shapes and types: reading the real ones
         would pull expert pages into memory that an expert cache budget must bound.
         Returns the seconds it took."""
@@ -199,8 +200,8 @@ class Transformer:
         on_route, self.on_route = self.on_route, None
         on_pass, self.on_pass = self.on_pass, None
         try:
-            self.forward([0, 0], 0, kv, experts, all_logits=False)
-            self.forward([0], 2, kv, experts)
+            self.forward([0, 0, 0], 0, kv, experts, all_logits=False)
+            self.forward([0], 3, kv, experts)
             if self.store is not None:  # the all-experts decode kernel (resident experts)
                 il = self.store.moe_layers[0]
                 f = _FFN(*experts.parts(il), self.store.qtypes(il))

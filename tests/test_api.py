@@ -413,3 +413,17 @@ def test_logits_use_the_sessions_cache_and_leave_generation_exact(path, monkeypa
         assert np.array_equal(m.logits([5, 6, 7, 8]), want_logits)
         assert m.generate("Once upon", max_tokens=6, temperature=0) == want_text
         assert np.array_equal(m.logits([5, 6, 7, 8]), want_logits)
+
+
+def test_generation_after_load_brings_up_no_further_kernel(tiny_gguf):
+    """Transformer.warmup brings up every kernel a short chat turn uses (prefill past the
+    per-token products, decode, the output head), so the first reply does not stop to
+    compile: after load, a 6-token prompt and 4 decoded tokens load or compile nothing
+    more (counted whether numba's cache had them or not)."""
+    from efedge.kernels import compile_stats
+
+    for quant in ("F16", "F32"):
+        with efedge.load(tiny_gguf("qwen3moe", quant)) as m:
+            before = sum(compile_stats())
+            m.generate(list(range(5, 11)), max_tokens=4, temperature=0)
+            assert sum(compile_stats()) == before, quant
