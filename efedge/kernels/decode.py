@@ -62,6 +62,21 @@ def _chunks(n):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def stage_rows(ctr, stage, w, qt, n, pack, buf, o1, bias, out):
+    """One stage: the rows of w (+ bias, when it has any) on pack, CH rows per item, into
+    out; returns when every item is done."""
+    c = _chunks(w.shape[0])
+    while True:
+        i = claim(ctr, stage)
+        if i >= c:
+            break
+        r0 = i * CH
+        _rows(w, qt, n, pack, buf, o1, bias, out, r0, min(w.shape[0], r0 + CH))
+        finish(ctr, stage)
+    wait_stage(ctr, stage, c)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _full_scale(x, eps):
     """rsqrt(mean(x²) + eps), as rms_norm_into computes it."""
     ms = np.float32(np.float64(sum_squares(x)) / x.shape[0])
@@ -162,15 +177,7 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
     # -- stage 2: output projection rows (input rounded privately)
     pa = pack_of(n_att)
     prep(sc[IO], qt[IO], att, pa)
-    co = _chunks(wo.shape[0])
-    while True:
-        i = claim(ctr, 2)
-        if i >= co:
-            break
-        r0 = i * CH
-        _rows(wo, qt[IO], n_att, pa, buf, o1, bq[:0], o, r0, min(wo.shape[0], r0 + CH))
-        finish(ctr, 2)
-    wait_stage(ctr, 2, co)
+    stage_rows(ctr, 2, wo, qt[IO], n_att, pa, buf, o1, bq[:0], o)
     # -- private: residual and FFN norm; stage 3: router rows, plus one item that
     # publishes the residual and the normalised hidden state
     xn = np.empty(d_model, np.float32)

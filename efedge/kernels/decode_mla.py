@@ -22,28 +22,13 @@ from numba import njit, prange
 
 from ._fp import round_f16
 from ._sync import claim, finish, wait_stage
-from .decode import CH, _chunks, _rows
+from .decode import CH, _chunks, _rows, stage_rows
 from .nn import attend_head, rms_norm_into, rope_into, store_f16
 from .rowdot import pack_of, prep
 
 # indices into decode_mla_attn's qtype / scheme arrays
 IQA, IQ, IKV, IKB, IVB, IO = 0, 1, 2, 3, 4, 5
 _NO_BIAS = np.zeros(0, np.float32)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def _matrix_rows(ctr, stage, w, qt, n, pack, buf, o1, out):
-    """One stage: the rows of w on pack, CH rows per item, into out."""
-    nb = out[:0]
-    c = _chunks(w.shape[0])
-    while True:
-        i = claim(ctr, stage)
-        if i >= c:
-            break
-        r0 = i * CH
-        _rows(w, qt, n, pack, buf, o1, nb, out, r0, min(w.shape[0], r0 + CH))
-        finish(ctr, stage)
-    wait_stage(ctr, stage, c)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -178,7 +163,7 @@ def _mla_worker(ctr, x, attn_norm, ffn_norm, eps, wqa, qa_norm, wq, wkv, kv_norm
         rms_norm_into(qa, qa_norm, eps, qan)
         p1 = pack_of(qa.shape[0])
         prep(sc[IQ], qt[IQ], qan, p1)
-        _matrix_rows(ctr, 1, wq, qt[IQ], qa.shape[0], p1, buf, o1, q)
+        stage_rows(ctr, 1, wq, qt[IQ], qa.shape[0], p1, buf, o1, _NO_BIAS, q)
     # -- stages 2 (and 3): the heads
     if wvb.shape[0] > 0:
         _split_heads(ctr, q, ckv, kv_norm, eps, wkb, wvb, qt, sc, nope, lora, v_dim, cos,
@@ -190,7 +175,7 @@ def _mla_worker(ctr, x, attn_norm, ffn_norm, eps, wqa, qa_norm, wq, wkv, kv_norm
     n_att = n_head * v_dim
     pa = pack_of(n_att)
     prep(sc[IO], qt[IO], att, pa)
-    _matrix_rows(ctr, 4, wo, qt[IO], n_att, pa, buf, o1, o)
+    stage_rows(ctr, 4, wo, qt[IO], n_att, pa, buf, o1, _NO_BIAS, o)
     if claim(ctr, 5) == 0:
         for j in range(d):
             x_out[j] = x[j] + o[j]

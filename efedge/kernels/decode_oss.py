@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from ._fp import half_to_f32, round_f16
 from ._sync import claim, finish, wait_stage
-from .decode import CH, IO, IR, _chunks, _qkv_stage, _rows
+from .decode import CH, IO, IR, _chunks, _qkv_stage, _rows, stage_rows
 from .nn import exp_f32, rms_norm_into, rope_into, store_f16, topk_into
 from .rowdot import pack_of, prep
 
@@ -93,15 +93,7 @@ def _worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc, bq, bk
     # -- stage 2: output projection rows
     pa = pack_of(n_att)
     prep(sc[IO], qt[IO], att, pa)
-    co = _chunks(wo.shape[0])
-    while True:
-        i = claim(ctr, 2)
-        if i >= co:
-            break
-        r0 = i * CH
-        _rows(wo, qt[IO], n_att, pa, buf, o1, bo, o, r0, min(wo.shape[0], r0 + CH))
-        finish(ctr, 2)
-    wait_stage(ctr, 2, co)
+    stage_rows(ctr, 2, wo, qt[IO], n_att, pa, buf, o1, bo, o)
     # -- private: residual and norm; stage 3: router rows + one item publishing x, h
     xn = np.empty(d_model, np.float32)
     for i in range(d_model):
