@@ -227,36 +227,28 @@ def _make_gemm(name: str, nt: int):
     return intrinsic(impl)
 
 
+def _make_gemms(name: str) -> tuple:
+    """The 8-, 4-, 2- and 1-token tiled products of one type, in that order."""
+    return tuple(_make_gemm(name, nt) for nt in (8, 4, 2, 1))
+
+
 unpack_q4_0 = _make_unpack("q4_0")
+gemm_q4_0_8, gemm_q4_0_4, gemm_q4_0_2, gemm_q4_0_1 = _make_gemms("q4_0")
 unpack_q8_0 = _make_unpack("q8_0")
+gemm_q8_0_8, gemm_q8_0_4, gemm_q8_0_2, gemm_q8_0_1 = _make_gemms("q8_0")
 unpack_q4_k = _make_unpack("q4_k")
+gemm_q4_k_8, gemm_q4_k_4, gemm_q4_k_2, gemm_q4_k_1 = _make_gemms("q4_k")
 unpack_q6_k = _make_unpack("q6_k")
-gemm_q4_0_8, gemm_q4_0_4, gemm_q4_0_2, gemm_q4_0_1 = (
-    _make_gemm("q4_0", 8), _make_gemm("q4_0", 4), _make_gemm("q4_0", 2), _make_gemm("q4_0", 1))
-gemm_q8_0_8, gemm_q8_0_4, gemm_q8_0_2, gemm_q8_0_1 = (
-    _make_gemm("q8_0", 8), _make_gemm("q8_0", 4), _make_gemm("q8_0", 2), _make_gemm("q8_0", 1))
-gemm_q4_k_8, gemm_q4_k_4, gemm_q4_k_2, gemm_q4_k_1 = (
-    _make_gemm("q4_k", 8), _make_gemm("q4_k", 4), _make_gemm("q4_k", 2), _make_gemm("q4_k", 1))
-gemm_q6_k_8, gemm_q6_k_4, gemm_q6_k_2, gemm_q6_k_1 = (
-    _make_gemm("q6_k", 8), _make_gemm("q6_k", 4), _make_gemm("q6_k", 2), _make_gemm("q6_k", 1))
+gemm_q6_k_8, gemm_q6_k_4, gemm_q6_k_2, gemm_q6_k_1 = _make_gemms("q6_k")
 unpack_mxfp4 = _make_unpack("mxfp4")
+gemm_mxfp4_8, gemm_mxfp4_4, gemm_mxfp4_2, gemm_mxfp4_1 = _make_gemms("mxfp4")
 unpack_iq4_nl = _make_unpack("iq4_nl")
-gemm_mxfp4_8, gemm_mxfp4_4, gemm_mxfp4_2, gemm_mxfp4_1 = (
-    _make_gemm("mxfp4", 8), _make_gemm("mxfp4", 4), _make_gemm("mxfp4", 2),
-    _make_gemm("mxfp4", 1))
-gemm_iq4_nl_8, gemm_iq4_nl_4, gemm_iq4_nl_2, gemm_iq4_nl_1 = (
-    _make_gemm("iq4_nl", 8), _make_gemm("iq4_nl", 4), _make_gemm("iq4_nl", 2),
-    _make_gemm("iq4_nl", 1))
+gemm_iq4_nl_8, gemm_iq4_nl_4, gemm_iq4_nl_2, gemm_iq4_nl_1 = _make_gemms("iq4_nl")
 unpack_q5_k = _make_unpack("q5_k")
+gemm_q5_k_8, gemm_q5_k_4, gemm_q5_k_2, gemm_q5_k_1 = _make_gemms("q5_k")
 unpack_iq4_xs = _make_unpack("iq4_xs")
+gemm_iq4_xs_8, gemm_iq4_xs_4, gemm_iq4_xs_2, gemm_iq4_xs_1 = _make_gemms("iq4_xs")
 unpack_q3_k = _make_unpack("q3_k")
+gemm_q3_k_8, gemm_q3_k_4, gemm_q3_k_2, gemm_q3_k_1 = _make_gemms("q3_k")
 unpack_q2_k = _make_unpack("q2_k")
-gemm_q5_k_8, gemm_q5_k_4, gemm_q5_k_2, gemm_q5_k_1 = (
-    _make_gemm("q5_k", 8), _make_gemm("q5_k", 4), _make_gemm("q5_k", 2), _make_gemm("q5_k", 1))
-gemm_iq4_xs_8, gemm_iq4_xs_4, gemm_iq4_xs_2, gemm_iq4_xs_1 = (
-    _make_gemm("iq4_xs", 8), _make_gemm("iq4_xs", 4), _make_gemm("iq4_xs", 2),
-    _make_gemm("iq4_xs", 1))
-gemm_q3_k_8, gemm_q3_k_4, gemm_q3_k_2, gemm_q3_k_1 = (
-    _make_gemm("q3_k", 8), _make_gemm("q3_k", 4), _make_gemm("q3_k", 2), _make_gemm("q3_k", 1))
-gemm_q2_k_8, gemm_q2_k_4, gemm_q2_k_2, gemm_q2_k_1 = (
-    _make_gemm("q2_k", 8), _make_gemm("q2_k", 4), _make_gemm("q2_k", 2), _make_gemm("q2_k", 1))
+gemm_q2_k_8, gemm_q2_k_4, gemm_q2_k_2, gemm_q2_k_1 = _make_gemms("q2_k")
