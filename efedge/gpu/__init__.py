@@ -71,14 +71,22 @@ def _bytes(spec, what: str) -> int:
     return parse_budget(spec, 0)
 
 
-def _mla_matrices(host) -> list:
-    """deepseek2: each layer's latent-attention matrices (per-head stacks flattened), which
-    live in the host block's custom_attn rather than under the standard names."""
+def _custom_attention_matrices(host) -> list:
+    """The matrices of the attentions that live in a host block's custom_attn rather than
+    under the standard names: deepseek2's latent attention (per-head stacks flattened) and
+    gpt-oss's sink attention."""
     from efedge.gpu.mla import host_matrices
+    from efedge.gpu.oss import GpuSinkAttention
     from efedge.mla import MLAAttention
+    from efedge.oss import SinkAttention
 
-    return [m for il, b in enumerate(host.blocks) if isinstance(b.custom_attn, MLAAttention)
-            for m in host_matrices(b.custom_attn, il)]
+    out = []
+    for il, b in enumerate(host.blocks):
+        if isinstance(b.custom_attn, MLAAttention):
+            out += host_matrices(b.custom_attn, il)
+        elif isinstance(b.custom_attn, SinkAttention):
+            out += [getattr(b.custom_attn, n) for n in GpuSinkAttention.MATRICES]
+    return out
 
 
 def _mla_scratch(cfg, ubatch: int, n_ctx: int) -> int:
@@ -106,7 +114,6 @@ class CudaModel:
         from efedge.gpu.emulate import LAPTOP_RESERVE, VramBudget
         from efedge.gpu.model import ATTN_BYTES, CHUNK_BYTES, GpuKVCache, GpuMatrix, GpuTransformer
         from efedge.model import Transformer
-        from efedge.oss import SinkAttention
 
         self._gf, self._own_file = gf, own_file
         self.config = cfg = config
@@ -153,10 +160,7 @@ class CudaModel:
                                  "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
                                  "ffn_gate", "ffn_up", "ffn_down")
                                 if hasattr(b, n) and (b.moe or n != "ffn_gate_inp")]
-        mats += [getattr(b.custom_attn, n) for b in host.blocks
-                 if isinstance(b.custom_attn, SinkAttention)  # gpt-oss's
-                 for n in ("attn_q", "attn_k", "attn_v", "attn_output")]
-        mats += _mla_matrices(host)  # deepseek2's
+        mats += _custom_attention_matrices(host)  # deepseek2's, gpt-oss's
         extra = {m.name: GpuMatrix.dense_extra(m.raw, m.qtype) for m in mats}
         if dense == "auto":
             allowance = 0.25 * (total - res)
