@@ -1,9 +1,10 @@
 """Paired A/B of decode speed between two efedge source trees (e.g. a worktree of an old
 commit and this one) on the same model: one warm process per tree, taking turns round by
 round (who goes first alternates), so that both see the same moments of a shared
-machine. Each round: the same prompt prefilled, then N greedy decode steps timed.
+machine. Each round: the same prompt prefilled, then N greedy decode steps timed; with
+``--prefill P``, a P-token prompt's prefill timed instead (t/s are prompt tokens).
 
-    python benchmarks/ab_decode.py OLD_ROOT NEW_ROOT MODEL [-n 32] [-r 6] [-t 2]
+    python benchmarks/ab_decode.py OLD_ROOT NEW_ROOT MODEL [-n 32] [-r 6] [-t 2] [--prefill P]
 
 Prints each side's t/s per round and the median of the per-round ratios new / old.
 """
@@ -18,7 +19,7 @@ import sys
 import time
 
 
-def _worker(model: str, n: int, threads: int) -> None:
+def _worker(model: str, n: int, threads: int, prefill: int) -> None:
     import numpy as np
 
     import efedge
@@ -31,6 +32,12 @@ def _worker(model: str, n: int, threads: int) -> None:
             if line.strip() != "go":
                 break
             s.reset()
+            if prefill:
+                long = [5 + i % 200 for i in range(prefill)]
+                t0 = time.perf_counter()
+                s.prefill(long)
+                print(f"{prefill / (time.perf_counter() - t0):.3f}", flush=True)
+                continue
             tok = int(np.argmax(s.prefill(prompt)))
             t0 = time.perf_counter()
             for _ in range(n):
@@ -46,12 +53,15 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=32, help="decode steps per round")
     ap.add_argument("-r", type=int, default=6, help="rounds")
     ap.add_argument("-t", type=int, default=2, help="threads")
+    ap.add_argument("--prefill", type=int, default=0, metavar="P",
+                    help="time the prefill of a P-token prompt instead of decode")
     a = ap.parse_args()
     procs = {}
     for name, root in (("old", a.old), ("new", a.new)):
         env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", a.model,
-                              str(a.n), str(a.t)], cwd=root, env=env, stdin=subprocess.PIPE,
+                              str(a.n), str(a.t), str(a.prefill)], cwd=root, env=env,
+                             stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         if p.stdout.readline().strip() != "ready":
             raise SystemExit(f"{name}: the worker did not start (PYTHONPATH={root})")
@@ -77,6 +87,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         main()

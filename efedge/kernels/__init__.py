@@ -30,8 +30,10 @@ from . import generic as _mm
 from . import quant_k as _k
 from . import quant_legacy as _lg
 from ._cache import refresh_stale_cache
+from ._malloc import keep_scratch_mapped
 
 refresh_stale_cache(_mm.dequantize_rows)
+from . import _callees  # noqa: E402,F401  (registers the shared dispatchers first)
 
 __all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "qmatmul",
            "block_size"]
@@ -50,6 +52,8 @@ _Q = GGMLQuantizationType
 INJECTED_ENV: dict[str, str] = {}  # what efedge set in os.environ (bench --vs-llama-cpp)
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     INJECTED_ENV["GOMP_SPINCOUNT"] = os.environ["GOMP_SPINCOUNT"] = "5000"
+
+MALLOC_TUNED = keep_scratch_mapped()  # _malloc: scratch stays mapped between calls
 
 SUPPORTED_QTYPES: frozenset[int] = frozenset(int(t) for t in (
     _Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,

@@ -24,6 +24,7 @@ llama.cpp rounds them (``activations``).
 import numpy as np
 from numba import njit, prange
 
+from ._calls import dot_rows
 from ._fp import round_f16
 from ._sync import claim, finish, wait_stage
 from .nn import (
@@ -36,7 +37,7 @@ from .nn import (
     sum_squares,
     swiglu_oai,
 )
-from .rowdot import dot_rows, pack_of, prep
+from .rowdot import pack_of, prep
 
 CH = 32  # matrix rows per work item
 

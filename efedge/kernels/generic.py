@@ -9,6 +9,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
+from . import _calls
 from . import quant_iq as iq
 from . import quant_k as k
 from . import quant_legacy as lg
@@ -84,7 +85,7 @@ def deq_row(qt, src, dst):
 def dequantize_rows(qt, raw, out):
     """raw: uint8 [rows, row_bytes] -> out: float32 [rows, row_len]."""
     for r in prange(raw.shape[0]):
-        deq_row(qt, raw[r], out[r])
+        _calls.deq_row(qt, raw[r], out[r])
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=False)
@@ -95,7 +96,7 @@ def matvec_generic(qt, w, x, out):
     for c in prange(n_tasks):
         buf = np.empty(x.shape[0], np.float32)
         for r in range(c * ROWS_PER_TASK, min(rows, (c + 1) * ROWS_PER_TASK)):
-            deq_row(qt, w[r], buf)
+            _calls.deq_row(qt, w[r], buf)
             out[r] = dot(buf, x)
 
 
@@ -191,5 +192,5 @@ def matmul_tiled(qt, w, x, out, tile):
         r0 = c * tile
         nr = min(rows, r0 + tile) - r0
         for i in range(nr):
-            deq_row(qt, w[r0 + i], buf[i])
+            _calls.deq_row(qt, w[r0 + i], buf[i])
         _gemm_tile(buf, nr, x, out, r0)

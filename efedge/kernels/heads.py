@@ -14,8 +14,9 @@ import numpy as np
 from numba import njit, prange
 
 from . import _check_raw, _readonly
+from ._calls import dot_rows
 from .activations import act_scheme
-from .rowdot import dot_rows, prep
+from .rowdot import prep
 
 CH = 32  # matrix rows per work item
 

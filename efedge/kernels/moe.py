@@ -30,10 +30,11 @@ share per thread: see there).
 import numpy as np
 from numba import njit, prange
 
+from ._calls import deq_row, gemm_rows
 from .activations import quantize_row, round_row
-from .generic import _gemm_tile, deq_row
+from .generic import _gemm_tile
 from .nn import silu_mul, swiglu_oai
-from .prefill import gemm_acts_row, gemm_rows
+from .prefill import gemm_acts_row
 from .rowdot import has_int
 
 # Activations of one matrix input, per row (token or slot): (xq int8, xdb float32, xsum

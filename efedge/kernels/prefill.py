@@ -17,6 +17,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from . import _calls
 from . import gemm as gm
 from . import generic as g
 from ._fp import FAST, dot, half_to_f32, round_f16
@@ -247,7 +248,7 @@ def matmul_q8(qt, w, xq, xd, xs, out, tile):
     n_tiles = (rows + tile - 1) // tile
     for c in prange(n_tiles):
         r0 = c * tile
-        gemm_rows(qt, w, r0, min(rows, r0 + tile), xq, xdb, xsum, out)
+        _calls.gemm_rows(qt, w, r0, min(rows, r0 + tile), xq, xdb, xsum, out)
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)

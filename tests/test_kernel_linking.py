@@ -1,0 +1,105 @@
+"""How the kernels are built: the shared type dispatchers are called by name, never
+linked into a kernel (efedge/kernels/_calls.py says why), and glibc keeps the kernels'
+scratch mapped between calls (_malloc.py)."""
+
+import dis
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from numba import njit
+from numba.core.dispatcher import Dispatcher
+from numba.core.errors import TypingError
+
+import efedge.kernels as kernels
+from efedge.kernels import _calls, generic, prefill, rowdot
+
+# each dispatcher, and the only functions allowed to link it: the dispatchers themselves
+# (dot_rows decodes the non-integer types with deq_row) and the C callbacks of _callees
+LADDERS = {rowdot.dot_rows: set(), prefill.gemm_rows: set(),
+           generic.deq_row: {"efedge.kernels.rowdot.dot_rows"}}
+
+
+def _kernel_functions():
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"efedge.kernels.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == mod.__name__:
+                yield obj
+
+
+def _referenced(fn):
+    """The globals fn's code loads, and the attributes it takes of global modules."""
+    g = fn.py_func.__globals__
+    module = None
+    for ins in dis.get_instructions(fn.py_func):
+        if ins.opname == "LOAD_GLOBAL":
+            obj = g.get(ins.argval)
+            yield obj
+            module = obj if isinstance(obj, type(np)) else None
+        elif ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and module is not None:
+            yield getattr(module, ins.argval, None)
+            module = None
+        else:
+            module = None
+
+
+def test_no_kernel_links_a_type_dispatcher():
+    found = []
+    for fn in _kernel_functions():
+        qual = f"{fn.py_func.__module__}.{fn.py_func.__qualname__}"
+        for obj in _referenced(fn):
+            if isinstance(obj, Dispatcher) and obj in LADDERS and qual not in LADDERS[obj]:
+                found.append(f"{qual} -> {obj.py_func.__qualname__}")
+    assert not found, ("call these through efedge.kernels._calls, not directly: "
+                       + ", ".join(sorted(set(found))))
+
+
+def test_the_checker_sees_a_direct_call():
+    # the test above must be able to fail: a kernel calling generic.deq_row directly
+    @njit
+    def bad(qt, src, dst):
+        generic.deq_row(qt, src, dst)
+
+    assert generic.deq_row in set(_referenced(bad))
+
+
+def test_called_by_name_gives_the_linked_result():
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 255, (4, 34), dtype=np.uint8)  # Q8_0: 2 bytes of scale + 32
+    raw[:, 1] = 0x3C  # scale 1.0 (f16 bits 0x3C00), finite
+    raw[:, 0] = 0
+    out = np.empty((4, 32), np.float32)
+    generic.dequantize_rows(generic.Q8_0, raw, out)
+    ref = np.empty(32, np.float32)
+    for r in range(4):
+        generic.deq_row(generic.Q8_0, raw[r], ref)
+        assert np.array_equal(out[r], ref)
+
+
+def test_a_strided_array_is_refused_when_the_caller_compiles():
+    @njit
+    def strided(qt, src, dst):
+        _calls.deq_row(qt, src[::2], dst)
+
+    with pytest.raises(TypingError, match="C-contiguous"):
+        strided(generic.Q8_0, np.zeros(68, np.uint8), np.zeros(32, np.float32))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_thresholds_are_set_unless_the_user_set_them():
+    code = "import efedge.kernels as k; print(k.MALLOC_TUNED)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    import platform
+
+    assert plain == str(platform.libc_ver()[0] == "glibc")
+    mine = subprocess.run([sys.executable, "-c", code],
+                          env=dict(env, MALLOC_TRIM_THRESHOLD_="1000000"),
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert mine == "False"
