@@ -222,7 +222,7 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
         else:
             pad = np.zeros((8, w.shape[1]), np.uint8)
             pad[:m] = w[r:rows]
-            _unpack(qt, pad, 0, wt, ws, wm)
+            _unpack(qt, pad, np.int64(0), wt, ws, wm)  # not a literal 0: one build
         t = 0
         while t < n_tok:
             left = n_tok - t
@@ -230,7 +230,9 @@ def gemm_rows(qt, w, r0, r1, xq, xdb, xsum, out):
             if m == 8:
                 _gemm(qt, nt, wt, ws, wm, nb, xq[t:], xdb[t:], xsum[t:], out[t:, r:], rows)
             else:
-                _gemm(qt, nt, wt, ws, wm, nb, xq[t:], xdb[t:], xsum[t:], tmp, 8)
+                # typed as the call above (any layout, int64 stride): one build of _gemm
+                _gemm(qt, nt, wt, ws, wm, nb, xq[t:], xdb[t:], xsum[t:], tmp[:, :],
+                      np.int64(8))
                 for i in range(nt):
                     for j in range(m):
                         out[t + i, r + j] = tmp[i, j]
