@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from efedge import demo
+from efedge import demo, kernels
 from efedge.config import ModelConfig, config_from_gguf
 from efedge.errors import ArgumentError, ContextLengthError, EfedgeError, UnsupportedModelError
 from efedge.experts.stats import Counters
@@ -135,10 +135,13 @@ class Model:
                 raise ContextLengthError(f"n_ctx must be a positive integer, got {n_ctx!r}")
             self.n_ctx = ctx
             self._experts = None
+            # the warm-up compiles the kernels on the first run after an install
+            notice = kernels.compile_notice(lambda: self._progress(
+                0.3, "compiling kernels for this CPU (first run only: 1-3 min)"))
             if cuda:
                 from efedge.gpu import load_cuda_model
 
-                with computing:
+                with computing, notice:
                     self._tf = load_cuda_model(
                         self._gf, config=self.config, device=device,
                         cache=cache, policy=policy, link=link, vram=vram, n_ctx=ctx,
@@ -146,7 +149,7 @@ class Model:
                         host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
-                with computing:
+                with computing, notice:
                     self._tf = Transformer(self._gf, self.config)
                 self._experts = self._expert_source(cache, policy, link, transfer_workers)
                 self._tf.routing_slack = slack

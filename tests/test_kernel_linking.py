@@ -103,3 +103,38 @@ def test_malloc_thresholds_are_set_unless_the_user_set_them():
                           env=dict(env, MALLOC_TRIM_THRESHOLD_="1000000"),
                           capture_output=True, text=True, check=True).stdout.strip()
     assert mine == "False"
+
+
+def test_compile_notice_reports_the_first_compile_once():
+    calls = []
+    done = njit(lambda x: x + 1)
+    done(1)
+    with kernels.compile_notice(lambda: calls.append("compiling")):
+        done(2)  # compiled before: no notice
+        assert calls == []
+        njit(lambda x: x * 2)(2)
+        njit(lambda x: x * 3)(2)
+    njit(lambda x: x - 1)(1)  # after the context: not reported
+    assert calls == ["compiling"]
+
+
+def test_load_tells_its_progress_display_when_it_compiles(monkeypatch):
+    import efedge
+    import efedge.api as api
+
+    real = api.Transformer
+
+    def compiling_transformer(*a, **kw):  # stands in for a first run's warm-up
+        njit(lambda x: x + 7)(1)
+        return real(*a, **kw)
+
+    efedge.load().close()  # compiles the demo's kernels if the cache is cold
+    seen = []
+    with efedge.load(progress=lambda frac, msg: seen.append(msg)):  # kernels cached
+        pass
+    assert not any("compiling" in m for m in seen)
+    monkeypatch.setattr(api, "Transformer", compiling_transformer)
+    seen.clear()
+    with efedge.load(progress=lambda frac, msg: seen.append(msg)):
+        pass
+    assert sum("compiling kernels" in m for m in seen) == 1

@@ -292,3 +292,23 @@ def compile_stats() -> tuple[int, int]:
             compiled += sum(st.cache_misses.values())
             cached += sum(st.cache_hits.values())
     return compiled, cached
+
+
+class _FirstCompile(numba.core.event.Listener):
+    def __init__(self, report) -> None:
+        self.report, self.seen = report, False
+
+    def on_start(self, event) -> None:
+        if not self.seen:
+            self.seen = True
+            self.report()
+
+    def on_end(self, event) -> None:
+        pass
+
+
+def compile_notice(report):
+    """A context in which ``report()`` is called once, when numba starts compiling
+    anything (in this thread or another): the load then takes minutes instead of a
+    second, once per install, and a progress display can say why."""
+    return numba.core.event.install_listener("numba:compile", _FirstCompile(report))
