@@ -227,8 +227,12 @@ class ExpertFlow(_Predictive):
         loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
-        self.controller.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
-        h_need = self._h_need()  # in MoE layers; _span turns a count into a distance
+        eng = src.engine
+        # the look-ahead the controller wants from the measured link and compute, in MoE
+        # layers (_span turns a count into a distance)
+        h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
+                                        ids2.shape[0], self._mean_bytes,
+                                        float(eng.bandwidth_ewma), float(eng.latency_ewma))
         # predict as far as the controller looks, and this layer's next turn (eviction
         # values read p_next; the layers in between were valued on earlier steps)
         if self.value_all:
