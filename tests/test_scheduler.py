@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import efedge
-from efedge.experts.cache import READY, ExpertCache
+from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.horizon import HorizonController, victim_p_limit
 from efedge.experts.scheduler import (
     POLICIES,
@@ -163,6 +163,65 @@ def test_eviction_prefers_the_lowest_predicted_use_per_distance():
         p[1, 5] = p[2, 6] = 0.0
         src.cache.touch(5)
         assert pol.victim(src.cache, np.array([5, 6])) == 6
+
+
+def test_a_plan_issued_in_one_kernel_call_decides_as_prefetch_per_group():
+    """issue.place_prefetches (ExpertFlow's plans on a StreamingExperts source) takes the
+    same slots, evicts the same experts and queues the same copies in the same order as
+    one prefetch() per group with ExpertFlow's victim(): the tables, counters, the
+    policy's due steps and the queued jobs agree (random caches, predictions, plans)."""
+    issued = evicted = 0
+    for seed in range(12):
+        one_call, per_group = _issue_plan(seed, True), _issue_plan(seed, False)
+        for x, y in zip(one_call, per_group, strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y)), (seed, x, y)
+        issued += one_call[6]
+        evicted += one_call[9]
+    assert issued > 20 and evicted > 5  # the cases placed into empty slots and evicted
+
+
+def _issue_plan(seed: int, batched: bool) -> tuple:
+    """A random cache, predictions and plan (the same for a seed); the state after
+    issuing the plan in one kernel call (batched) or through prefetch() per group."""
+    from efedge.experts.issue import PrefetchPlan
+    from efedge.experts.virtual import SimulatedExperts, VirtualClock, VirtualTransferEngine
+
+    store = _Store(n_layer=4, n_expert=8)
+    cache = ExpertCache(store, 12 * store.expert_bytes(0), 2)
+    counters, clock = Counters(), VirtualClock()
+    engine = VirtualTransferEngine(store, cache, counters, clock, 1e3)
+    engine._pump = lambda: None  # keep every copy queued: compare the queue itself
+    pol = ExpertFlow()
+    src = SimulatedExperts(store, cache, engine, pol, counters, n_active=2, clock=clock)
+    r = np.random.default_rng(seed)
+    owners = r.choice(32, size=int(r.integers(6, 13)), replace=False)  # some slots empty
+    for s, key in enumerate(owners):
+        cache.assign(s, int(key) // 8, int(key) % 8)
+        cache.slot_state[s] = READY if r.random() < 0.8 else LOADING
+        cache.slot_prefetched[s] = r.random() < 0.5
+        cache.touch(s)
+    cache.slot_pins[r.choice(12, size=2, replace=False)] = 1
+    pol._note_route(0, np.array([r.choice(8, size=2, replace=False)]))
+    pol.predictor.p_next[:] = r.random((4, 8))
+    groups = int(r.integers(1, 4))
+    sizes = r.integers(1, 6, size=groups)
+    ints = np.zeros((3, groups + 1), dtype=np.int64)  # start, layer, priority
+    ints[0, 1:] = np.cumsum(sizes)
+    ints[1, :groups] = r.choice(np.arange(1, 4), size=groups, replace=False)
+    ints[2, :groups] = r.integers(1, 9, size=groups)
+    floats = np.array([r.choice([np.inf, 0.05, 0.2], size=groups),  # limit, p_limit
+                       r.choice([np.inf, 0.5, 0.1], size=groups)])
+    experts = np.concatenate([r.choice(8, size=k, replace=False) for k in sizes])
+    if not batched:
+        src.prefetch_plan = None  # the policy falls back to prefetch() per group
+    pol._plan.append(PrefetchPlan(groups, ints, floats, experts.astype(np.int64)))
+    with cache.cond:
+        pol.on_demand_issued(0)
+    jobs = [(j.layer, j.expert, j.slot, j.priority) for _, j in engine._queue]
+    evicted = int((cache.slot_owner[:owners.size] != owners).sum())
+    return (cache.where.copy(), cache.slot_owner.copy(), cache.slot_state.copy(),
+            cache.slot_uses.copy(), cache.slot_prefetched.copy(), pol._due.copy(),
+            counters.prefetch_issued, counters.prefetch_wasted, jobs, evicted)
 
 
 @pytest.mark.parametrize("p, rho, limit", [

@@ -183,9 +183,9 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
     """Candidates (target layer, expert, probability, distance) for distances 1..n_dist with
     p ≥ p_min that are not resident or loading, best first per distance, within a
     per-class budget that keeps room for the current layer's own missing experts.
-    Returns (n, layers, experts, probs, dists, horizon, plan) where horizon is the
-    furthest distance with any expert above p_min (resident or not) and plan the
-    candidates as prefetches (PrefetchPlan's groups, see _plan_groups)."""
+    Returns (horizon, groups, ints, floats, experts): horizon is the furthest distance
+    with any expert above p_min (resident or not), the rest the candidates as prefetches
+    (issue.PrefetchPlan, built by _plan_groups; numpy arrays cost µs each to return)."""
     n_layer, e_n = where.shape
     budget = np.zeros(class_slots.shape[0], dtype=np.int64)
     for s in range(slot_state.shape[0]):
@@ -220,10 +220,9 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
             budget[c] -= 1
             out_m[n], out_e[n], out_p[n], out_d[n] = m, e, p, d
             n += 1
-    g_n, g_start, g_layer, g_prio, g_limit, g_plimit = _plan_groups(
-        n, out_m, out_p, out_d, step, n_layer, rho, victim_aware)
-    return (n, out_m, out_e, out_p, out_d, horizon,
-            (g_n, g_start, g_layer, g_prio, g_limit, g_plimit))
+    g_n, ints, floats = _plan_groups(n, out_m, out_p, out_d, step, n_layer, rho,
+                                     victim_aware)
+    return horizon, g_n, ints, floats, out_e[:n]
 
 
 @njit(cache=True, fastmath=False)
@@ -231,27 +230,25 @@ def _plan_groups(n, ms, ps, ds, step, n_layer, rho, victim_aware):
     """The candidates as prefetches: one per run of equal target layers (nearest first),
     needed at step + d, each evicting only experts worth less than the least valuable one
     it brings (use_value) and, on an over-subscribed link, less likely to be used than its
-    saving covers (victim_p_limit). Returns (groups, start [groups + 1], layer, priority,
-    limit, p_limit): group g is candidates start[g] … start[g + 1] - 1. (Computed here,
-    not per group in Python: after the layer kernels every Python call costs µs.)"""
-    g_start = np.empty(n + 1, dtype=np.int64)
-    g_layer = np.empty(n, dtype=np.int64)
-    g_prio = np.empty(n, dtype=np.int64)
-    g_limit = np.empty(n, dtype=np.float64)
-    g_plimit = np.empty(n, dtype=np.float64)
+    saving covers (victim_p_limit). Returns (groups, ints [3, groups + 1]: start, layer,
+    priority; floats [2, groups]: limit, p_limit): group g is candidates start[g] …
+    start[g + 1] - 1. (Here, not per group in Python: after the layer kernels every
+    Python call costs µs.)"""
+    ints = np.empty((3, n + 1), dtype=np.int64)
+    floats = np.empty((2, max(n, 1)), dtype=np.float64)
     g = 0
     i = 0
     while i < n:
         j = i
         while j < n and ms[j] == ms[i]:
             j += 1
-        g_start[g], g_layer[g], g_prio[g] = i, ms[i], step + ds[i] + 1
-        g_limit[g] = use_value(ps[j - 1], ds[i], n_layer)
-        g_plimit[g] = victim_p_limit(ps[j - 1], rho) if victim_aware else np.inf
+        ints[0, g], ints[1, g], ints[2, g] = i, ms[i], step + ds[i] + 1
+        floats[0, g] = use_value(ps[j - 1], ds[i], n_layer)
+        floats[1, g] = victim_p_limit(ps[j - 1], rho) if victim_aware else np.inf
         g += 1
         i = j
-    g_start[g] = n
-    return g, g_start, g_layer, g_prio, g_limit, g_plimit
+    ints[0, g] = n
+    return g, ints, floats
 
 
 @njit(cache=True, fastmath=False)

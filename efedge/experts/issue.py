@@ -29,33 +29,34 @@ class PrefetchPlan(NamedTuple):
     """Prefetches decided at a layer's route, issued behind its demand loads: group g
     brings experts[start[g]:start[g + 1]] of layer[g], needed at step prio[g] - 1,
     evicting only experts valued below limit[g] and less likely to be used than
-    p_limit[g] (horizon.select_prefetch builds it)."""
-    n: int
-    start: np.ndarray
-    layer: np.ndarray
-    prio: np.ndarray
-    limit: np.ndarray
-    p_limit: np.ndarray
+    p_limit[g] (horizon.select_prefetch builds it, packed in two arrays)."""
+    n: int  # groups
+    ints: np.ndarray  # int64 [3, ≥ n + 1]: start, layer, prio
+    floats: np.ndarray  # float64 [2, ≥ n]: limit, p_limit
     experts: np.ndarray
+
+    start = property(lambda self: self.ints[0])
+    layer = property(lambda self: self.ints[1])
+    prio = property(lambda self: self.ints[2])
+    limit = property(lambda self: self.floats[0])
+    p_limit = property(lambda self: self.floats[1])
 
 
 @njit(cache=True, fastmath=False)
-def place_prefetches(n_g, g_start, g_layer, g_prio, g_limit, g_plimit, experts, where,
-                     slot_owner, slot_state, slot_pins, slot_last_use, slot_uses,
-                     slot_prefetched, layer_class, class_first, class_slots, p_next, cur,
-                     needed, tick0, due, fetched_at, tick):
+def place_prefetches(n_g, ints, floats, experts, where, slot_owner, slot_state, slot_pins,
+                     slot_last_use, slot_uses, slot_prefetched, layer_class, class_first,
+                     class_slots, p_next, cur, needed, tick0, due, fetched_at, tick):
     """(cache lock held) Assign slots to a plan's prefetches as StreamingExperts.prefetch
     would, group by group, with ExpertFlow's value_victim; a group stops at its first
     expert that finds no slot (every slot busy, or no victim worth less). Updates the
     cache tables (ExpertCache.assign), `due` and `fetched_at` (Policy._flush_plan).
-    Returns (n, layers, experts, slots, priorities, wasted): the copies to queue, in
-    order, and how many evicted experts had been prefetched and never used."""
+    Returns (n, copies [4, n]: layer, expert, slot, priority of each copy to queue, in
+    order; how many evicted experts had been prefetched and never used)."""
+    g_start, g_layer, g_prio = ints[0], ints[1], ints[2]
+    g_limit, g_plimit = floats[0], floats[1]
     n_expert = where.shape[1]
     cap = g_start[n_g]
-    out_m = np.empty(cap, dtype=np.int64)
-    out_e = np.empty(cap, dtype=np.int64)
-    out_s = np.empty(cap, dtype=np.int64)
-    out_p = np.empty(cap, dtype=np.int64)
+    out = np.empty((4, cap), dtype=np.int64)  # one array: each returned costs µs
     cands = np.empty(slot_state.shape[0], dtype=np.int64)
     n = 0
     wasted = 0
@@ -96,8 +97,8 @@ def place_prefetches(n_g, g_start, g_layer, g_prio, g_limit, g_plimit, experts, 
             slot_uses[slot] = 0
             where[m, e] = slot
             slot_prefetched[slot] = True
-            out_m[n], out_e[n], out_s[n] = m, e, slot
-            out_p[n] = max(PREFETCH, g_prio[g])  # never ahead of a demand load
+            out[0, n], out[1, n], out[2, n] = m, e, slot
+            out[3, n] = max(PREFETCH, g_prio[g])  # never ahead of a demand load
             n += 1
             issued += 1
         if issued:
@@ -106,7 +107,7 @@ def place_prefetches(n_g, g_start, g_layer, g_prio, g_limit, g_plimit, experts, 
                 if s >= 0:
                     due[m, experts[i]] = g_prio[g] - 1  # the step it is needed at
                     fetched_at[s] = tick
-    return n, out_m[:n], out_e[:n], out_s[:n], out_p[:n], wasted
+    return n, out[:, :n], wasted
 
 
 __all__ = ["PrefetchPlan", "place_prefetches"]

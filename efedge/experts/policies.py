@@ -298,13 +298,13 @@ class ExpertFlow(_Predictive):
         # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile). One
         # prefetch per target layer, nearest first, needed-at priority, evicting only
         # experts worth less than the least valuable one it brings: the kernel groups them
-        n, _, es, _, _, horizon, groups = select_prefetch(
+        horizon, n, ints, floats, es = select_prefetch(
             layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
             cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
             cache.class_slots, self.n_expert, self._step, ctl.rho, self.victim_aware)
         if n:
-            self._plan.append(PrefetchPlan(*groups, es))
-        return max(1, int(horizon))
+            self._plan.append(PrefetchPlan(n, ints, floats, es))
+        return max(1, horizon)
 
     def _issue_entry(self, entry) -> None:
         """A PrefetchPlan in one kernel call where the source takes one (the CPU path,

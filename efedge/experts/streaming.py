@@ -80,20 +80,19 @@ class StreamingExperts:
         it (`due`, `fetched_at`: Policy._flush_plan). Returns how many were issued."""
         cache = self.cache
         with self.cond:
-            n, lay, exp, slots, prio, wasted = place_prefetches(
-                plan.n, plan.start, plan.layer, plan.prio, plan.limit, plan.p_limit,
-                plan.experts, cache.where, cache.slot_owner, cache.slot_state,
-                cache.slot_pins, cache.slot_last_use, cache.slot_uses, cache.slot_prefetched,
-                cache.layer_class, cache.class_first, cache.class_slots, p_next, cur, needed,
-                tick0, due, fetched_at, cache.tick)
+            n, copies, wasted = place_prefetches(
+                plan.n, plan.ints, plan.floats, plan.experts, cache.where, cache.slot_owner,
+                cache.slot_state, cache.slot_pins, cache.slot_last_use, cache.slot_uses,
+                cache.slot_prefetched, cache.layer_class, cache.class_first, cache.class_slots,
+                p_next, cur, needed, tick0, due, fetched_at, cache.tick)
             if n:
+                lay, exp, slots, prio = copies.tolist()
                 many = getattr(self.engine, "submit_many", None)
                 if many is not None:
-                    many(lay.tolist(), exp.tolist(), slots.tolist(), prio.tolist())
+                    many(lay, exp, slots, prio)
                 else:  # (the simulator's engine)
                     submit = self.engine.submit
-                    for m, e, s, p in zip(lay.tolist(), exp.tolist(), slots.tolist(),
-                                          prio.tolist(), strict=True):
+                    for m, e, s, p in zip(lay, exp, slots, prio, strict=True):
                         submit(m, e, s, p)
                 c = self.counters
                 c.prefetch_issued += n
