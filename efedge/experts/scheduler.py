@@ -13,9 +13,10 @@ A policy is a small object with these hooks, all called on the compute thread:
   hidden state, for sources without router weights (the trace simulator).
 
 Policies only talk to the source through `prefetch(layer, experts, priority=)`,
-`cancel_prefetch`, `cache`, `store`, `routers` (and `selection`), `n_active`,
-`engine.bandwidth_ewma / latency_ewma`, `counters` and `now()`, so the simulator runs
-this same code on a virtual clock.
+`cancel_prefetch` (where the source has them, ExpertFlow uses their batched forms
+`prefetch_plan` and `cancel_prefetch_keys`), `cache`, `store`, `routers` (and
+`selection`), `n_active`, `engine.bandwidth_ewma / latency_ewma`, `counters` and `now()`,
+so the simulator runs this same code on a virtual clock.
 
 Here: the base class, `ondemand` (alias `lru`: load on miss, LRU — llama.cpp's
 --moe-cache-mib behaviour), `lfu`, the registry and cache-aware routing. In
