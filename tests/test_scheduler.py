@@ -5,6 +5,8 @@ horizon follows a change of link)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,59 @@ def test_controller_keeps_batched_and_single_token_compute_apart():
         t += 1e-3
     assert ctl.compute_s[True] == pytest.approx(0.05)
     assert ctl.compute_s[False] == pytest.approx(1e-3)
+
+
+class _PythonController:
+    """The controller's arithmetic as it was in Python before it moved into kernels (the
+    reference for bit-identical decisions)."""
+
+    def __init__(self, max_horizon=8, min_horizon=1, alpha=0.3, p_floor=0.2):
+        self.max_h, self.min_h, self.alpha, self.p_floor = max_horizon, min_horizon, alpha, p_floor
+        self.compute_s, self.loads, self.last, self.batched = {}, 0.0, None, False
+
+    def observe(self, now, stall_s, loads, batch=1):
+        a = self.alpha
+        if self.last is not None:
+            dt = (now - self.last[0]) - max(0.0, stall_s - self.last[1])
+            prev = self.compute_s.get(self.batched)
+            if dt > 0 and (prev is None or dt < 20 * prev + 0.05):
+                self.compute_s[self.batched] = dt if prev is None else prev + a * (dt - prev)
+        self.last, self.batched = (now, stall_s), batch > 1
+        self.loads += a * (max(0.0, loads) - self.loads)
+
+    def plan(self, bytes_per_expert, bandwidth, latency):
+        c = self.compute_s.get(self.batched)
+        if c is None:
+            c = self.compute_s.get(not self.batched)
+        if not c or c <= 0:
+            return self.min_h, self.p_floor, 0.0
+        tau = bytes_per_expert / bandwidth if bandwidth > 0 else latency
+        n = max(1.0, self.loads)
+        rho = min(100.0, n * tau / c)
+        need = math.ceil((max(tau, latency) + (n - 1.0) * tau) / c - 1e-9)
+        return (int(min(self.max_h, max(self.min_h, need))),
+                max(self.p_floor, rho / (1.0 + rho)), rho)
+
+
+def test_controller_kernels_match_the_python_arithmetic_bit_for_bit():
+    """update() (one kernel call) gives exactly the h_need, p_min and rho of the Python
+    arithmetic it replaced, over random clocks, stalls, loads, batches and links (pauses
+    and idle links included): the decisions built on them cannot move."""
+    rng = np.random.default_rng(0)
+    ctl, ref = HorizonController(max_horizon=8, p_floor=0.2), _PythonController()
+    t = stall = 0.0
+    for i in range(3000):
+        t += float(rng.choice([rng.exponential(1e-3), rng.exponential(0.05), 30.0],
+                              p=[0.9, 0.08, 0.02]))
+        stall += float(rng.exponential(2e-4)) if rng.random() < 0.5 else 0.0
+        loads = float(rng.integers(0, 12))
+        batch = int(rng.choice([1, 1, 1, 32]))
+        bw = float(rng.choice([0.0, rng.uniform(1e7, 5e9)]))
+        lat = float(rng.uniform(0.0, 2e-3))
+        h = ctl.update(t, stall, loads, batch, 98304.0, bw, lat)
+        ref.observe(t, stall, loads, batch)
+        assert (h, ctl.p_min, ctl.rho) == ref.plan(98304.0, bw, lat), i
+        assert ctl.h_need == h and ctl.loads == ref.loads
 
 
 # -- eviction order -----------------------------------------------------------------------
