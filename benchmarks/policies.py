@@ -3,6 +3,8 @@ link, one live run per policy (issue: the ExpertFlow scheduler). Not a test — 
 
     python benchmarks/policies.py [MODEL] --cache 25% 50% --links auto \
         --policies ondemand next-layer fixed:1 fixed:2 fixed:4 expertflow -n 64
+    python benchmarks/policies.py --ab OLD_ROOT NEW_ROOT --cache 50% --links 286MB/s \
+        -n 128 --rounds 8          # paired: two source trees taking turns
 
 The text is the held-out split of the demo model's corpus (gguf_tools/corpus.py): the
 first --prompt tokens are prefilled as one batch, then the next -n tokens are fed one at a
@@ -100,6 +102,90 @@ def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> 
     return rows
 
 
+def _ab_worker(root_model: str, cache: str, link: str, n_tokens: int, prompt: int,
+               threads: int | None, policies: list[str]) -> None:
+    """One side of --ab: warm models (one per policy), a decode run per policy for every
+    "go" line on stdin, one JSON line of figures back."""
+    path = root_model or demo_model_path()
+    with efedge.load(path) as m:
+        ids = heldout_ids(m, prompt + n_tokens)
+    models = {p: efedge.load(path, cache=cache, policy=p, threads=threads,
+                             link=None if link == "none" else link) for p in policies}
+    for m in models.values():
+        decode_run(m, ids, n_tokens)  # compile, fill the cache
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        out = {}
+        for p, m in models.items():
+            sess, pol = m._session, m._experts.policy
+            sess.reset()
+            sess.prefill(ids[:prompt])
+            m.reset_stats()
+            ovh0, cpu0 = pol.overhead_s, time.thread_time()
+            for tok in ids[prompt:]:
+                sess.decode(tok)
+            # the compute thread's CPU time: its own work without the stall, and much
+            # less disturbed than wall time by other processes on a shared machine
+            cpu = time.thread_time() - cpu0
+            ovh, s = pol.overhead_s - ovh0, m.stats()
+            n = max(s["tokens_generated"], 1)
+            out[p] = {"tok/s": n / s["wall_s"], "stall ms/token": 1e3 * s["stall_s"] / n,
+                      "compute-thread CPU ms/token": 1e3 * cpu / n,
+                      "policy us/layer": 1e6 * ovh / (n * m.config.n_layer),
+                      "policy % of decode": 100 * ovh / s["wall_s"]}
+        print(json.dumps(out), flush=True)
+    for m in models.values():
+        m.close()
+
+
+def paired_ab(old: str, new: str, args) -> int:
+    """--ab OLD NEW: the same decode runs in two source trees (e.g. a worktree of an older
+    commit and this one), one warm process each, taking turns round by round (who goes
+    first alternates), so that both see the same moments of a shared machine. Prints
+    each figure's median per tree and the median of the per-round ratios new / old."""
+    import os
+    import subprocess
+
+    procs = {}
+    for name, root in (("old", old), ("new", new)):
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+        cmd = [sys.executable, os.path.abspath(__file__), "--ab-worker", args.model or "",
+               args.cache[0], args.links[0], str(args.n_tokens), str(args.prompt),
+               str(args.threads or 0), *args.policies]
+        p = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"{name}: the worker did not start (PYTHONPATH={root})")
+        procs[name] = p
+    res: dict[str, list[dict]] = {"old": [], "new": []}
+    for r in range(args.rounds):
+        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            procs[name].stdin.write("go\n")
+            procs[name].stdin.flush()
+            res[name].append(json.loads(procs[name].stdout.readline()))
+    for p in procs.values():
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+        p.wait()
+    print(f"paired A/B, {args.rounds} rounds: cache {args.cache[0]}, link {args.links[0]}, "
+          f"{args.prompt} prompt + {args.n_tokens} decoded tokens\nold: {old}\nnew: {new}")
+    print("| policy | figure | old (median) | new (median) | new / old (median of rounds) |")
+    print("|---|---|---|---|---|")
+    for pol in args.policies:
+        for key in res["old"][0][pol]:
+            a = [x[pol][key] for x in res["old"]]
+            b = [x[pol][key] for x in res["new"]]
+            ratios = [y / x for x, y in zip(a, b, strict=True) if x > 0]
+            if not ratios and not any(a + b):
+                continue  # (no policy work: ondemand)
+            ratio = f"{statistics.median(ratios):.3f}" if ratios else "–"
+            print(f"| {pol} | {key} | {statistics.median(a):.3f} | {statistics.median(b):.3f} "
+                  f"| {ratio} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=None)
@@ -118,8 +204,18 @@ def main(argv=None) -> int:
     ap.add_argument("--cost", action="store_true",
                     help="only measure expertflow's own cost during decode (50%% cache, "
                          "no emulated link)")
+    ap.add_argument("--ab", nargs=2, metavar=("OLD_ROOT", "NEW_ROOT"),
+                    help="paired A/B of two source trees: decode runs taking turns "
+                         "(first --cache and --links; --links none: no emulated link)")
+    ap.add_argument("--rounds", type=int, default=8, help="--ab: rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.ab:
+        if args.links == ["auto"]:
+            ap.error("--ab needs a link rate (or none)")
+        if args.policies == ap.get_default("policies"):
+            args.policies = ["ondemand", "expertflow"]
+        return paired_ab(*args.ab, args)
     path = args.model or demo_model_path()
     with efedge.load(path) as m:
         ids = heldout_ids(m, args.prompt + args.n_tokens)
@@ -177,4 +273,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if len(sys.argv) > 1 and sys.argv[1] == "--ab-worker":
+        model, cache, link, n, prompt, threads, *pols = sys.argv[2:]
+        _ab_worker(model, cache, link, int(n), int(prompt), int(threads) or None, pols)
+    else:
+        raise SystemExit(main())

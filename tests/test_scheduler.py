@@ -5,11 +5,13 @@ horizon follows a change of link)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 import efedge
-from efedge.experts.cache import READY, ExpertCache
+from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.horizon import HorizonController, victim_p_limit
 from efedge.experts.scheduler import (
     POLICIES,
@@ -77,6 +79,59 @@ def test_controller_keeps_batched_and_single_token_compute_apart():
         t += 1e-3
     assert ctl.compute_s[True] == pytest.approx(0.05)
     assert ctl.compute_s[False] == pytest.approx(1e-3)
+
+
+class _PythonController:
+    """The controller's arithmetic as it was in Python before it moved into kernels (the
+    reference for bit-identical decisions)."""
+
+    def __init__(self, max_horizon=8, min_horizon=1, alpha=0.3, p_floor=0.2):
+        self.max_h, self.min_h, self.alpha, self.p_floor = max_horizon, min_horizon, alpha, p_floor
+        self.compute_s, self.loads, self.last, self.batched = {}, 0.0, None, False
+
+    def observe(self, now, stall_s, loads, batch=1):
+        a = self.alpha
+        if self.last is not None:
+            dt = (now - self.last[0]) - max(0.0, stall_s - self.last[1])
+            prev = self.compute_s.get(self.batched)
+            if dt > 0 and (prev is None or dt < 20 * prev + 0.05):
+                self.compute_s[self.batched] = dt if prev is None else prev + a * (dt - prev)
+        self.last, self.batched = (now, stall_s), batch > 1
+        self.loads += a * (max(0.0, loads) - self.loads)
+
+    def plan(self, bytes_per_expert, bandwidth, latency):
+        c = self.compute_s.get(self.batched)
+        if c is None:
+            c = self.compute_s.get(not self.batched)
+        if not c or c <= 0:
+            return self.min_h, self.p_floor, 0.0
+        tau = bytes_per_expert / bandwidth if bandwidth > 0 else latency
+        n = max(1.0, self.loads)
+        rho = min(100.0, n * tau / c)
+        need = math.ceil((max(tau, latency) + (n - 1.0) * tau) / c - 1e-9)
+        return (int(min(self.max_h, max(self.min_h, need))),
+                max(self.p_floor, rho / (1.0 + rho)), rho)
+
+
+def test_controller_kernels_match_the_python_arithmetic_bit_for_bit():
+    """update() (one kernel call) gives exactly the h_need, p_min and rho of the Python
+    arithmetic it replaced, over random clocks, stalls, loads, batches and links (pauses
+    and idle links included): the decisions built on them cannot move."""
+    rng = np.random.default_rng(0)
+    ctl, ref = HorizonController(max_horizon=8, p_floor=0.2), _PythonController()
+    t = stall = 0.0
+    for i in range(3000):
+        t += float(rng.choice([rng.exponential(1e-3), rng.exponential(0.05), 30.0],
+                              p=[0.9, 0.08, 0.02]))
+        stall += float(rng.exponential(2e-4)) if rng.random() < 0.5 else 0.0
+        loads = float(rng.integers(0, 12))
+        batch = int(rng.choice([1, 1, 1, 32]))
+        bw = float(rng.choice([0.0, rng.uniform(1e7, 5e9)]))
+        lat = float(rng.uniform(0.0, 2e-3))
+        h = ctl.update(t, stall, loads, batch, 98304.0, bw, lat)
+        ref.observe(t, stall, loads, batch)
+        assert (h, ctl.p_min, ctl.rho) == ref.plan(98304.0, bw, lat), i
+        assert ctl.h_need == h and ctl.loads == ref.loads
 
 
 # -- eviction order -----------------------------------------------------------------------
@@ -163,6 +218,65 @@ def test_eviction_prefers_the_lowest_predicted_use_per_distance():
         p[1, 5] = p[2, 6] = 0.0
         src.cache.touch(5)
         assert pol.victim(src.cache, np.array([5, 6])) == 6
+
+
+def test_a_plan_issued_in_one_kernel_call_decides_as_prefetch_per_group():
+    """issue.place_prefetches (ExpertFlow's plans on a StreamingExperts source) takes the
+    same slots, evicts the same experts and queues the same copies in the same order as
+    one prefetch() per group with ExpertFlow's victim(): the tables, counters, the
+    policy's due steps and the queued jobs agree (random caches, predictions, plans)."""
+    issued = evicted = 0
+    for seed in range(12):
+        one_call, per_group = _issue_plan(seed, True), _issue_plan(seed, False)
+        for x, y in zip(one_call, per_group, strict=True):
+            assert np.array_equal(np.asarray(x), np.asarray(y)), (seed, x, y)
+        issued += one_call[6]
+        evicted += one_call[9]
+    assert issued > 20 and evicted > 5  # the cases placed into empty slots and evicted
+
+
+def _issue_plan(seed: int, batched: bool) -> tuple:
+    """A random cache, predictions and plan (the same for a seed); the state after
+    issuing the plan in one kernel call (batched) or through prefetch() per group."""
+    from efedge.experts.issue import PrefetchPlan
+    from efedge.experts.virtual import SimulatedExperts, VirtualClock, VirtualTransferEngine
+
+    store = _Store(n_layer=4, n_expert=8)
+    cache = ExpertCache(store, 12 * store.expert_bytes(0), 2)
+    counters, clock = Counters(), VirtualClock()
+    engine = VirtualTransferEngine(store, cache, counters, clock, 1e3)
+    engine._pump = lambda: None  # keep every copy queued: compare the queue itself
+    pol = ExpertFlow()
+    src = SimulatedExperts(store, cache, engine, pol, counters, n_active=2, clock=clock)
+    r = np.random.default_rng(seed)
+    owners = r.choice(32, size=int(r.integers(6, 13)), replace=False)  # some slots empty
+    for s, key in enumerate(owners):
+        cache.assign(s, int(key) // 8, int(key) % 8)
+        cache.slot_state[s] = READY if r.random() < 0.8 else LOADING
+        cache.slot_prefetched[s] = r.random() < 0.5
+        cache.touch(s)
+    cache.slot_pins[r.choice(12, size=2, replace=False)] = 1
+    pol._note_route(0, np.array([r.choice(8, size=2, replace=False)]))
+    pol.predictor.p_next[:] = r.random((4, 8))
+    groups = int(r.integers(1, 4))
+    sizes = r.integers(1, 6, size=groups)
+    ints = np.zeros((3, groups + 1), dtype=np.int64)  # start, layer, priority
+    ints[0, 1:] = np.cumsum(sizes)
+    ints[1, :groups] = r.choice(np.arange(1, 4), size=groups, replace=False)
+    ints[2, :groups] = r.integers(1, 9, size=groups)
+    floats = np.array([r.choice([np.inf, 0.05, 0.2], size=groups),  # limit, p_limit
+                       r.choice([np.inf, 0.5, 0.1], size=groups)])
+    experts = np.concatenate([r.choice(8, size=k, replace=False) for k in sizes])
+    if not batched:
+        src.prefetch_plan = None  # the policy falls back to prefetch() per group
+    pol._plan.append(PrefetchPlan(groups, ints, floats, experts.astype(np.int64)))
+    with cache.cond:
+        pol.on_demand_issued(0)
+    jobs = [(j.layer, j.expert, j.slot, j.priority) for _, j in engine._queue]
+    evicted = int((cache.slot_owner[:owners.size] != owners).sum())
+    return (cache.where.copy(), cache.slot_owner.copy(), cache.slot_state.copy(),
+            cache.slot_uses.copy(), cache.slot_prefetched.copy(), pol._due.copy(),
+            counters.prefetch_issued, counters.prefetch_wasted, jobs, evicted)
 
 
 @pytest.mark.parametrize("p, rho, limit", [

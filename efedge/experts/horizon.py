@@ -29,8 +29,6 @@ p_min — where predictions become too uncertain to pay, looking further stops.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 
@@ -41,52 +39,108 @@ from efedge.experts.cache import EMPTY, LOADING, READY
 # thread changes the cache tables while they read them.
 
 
+# the controller's state vector (float64): EWMA compute per layer for single tokens and
+# batches (and whether measured), loads per layer, the last layer's (time, stall), whether
+# the last pass was batched, the outputs, then the constants
+(_C_SINGLE, _C_BATCHED, _HAS_SINGLE, _HAS_BATCHED, _LOADS, _LAST_T, _LAST_STALL, _HAS_LAST,
+ _BATCHED, _H_NEED, _P_MIN, _RHO, _ALPHA, _P_FLOOR, _H_MIN, _H_MAX) = range(16)
+
+
 class HorizonController:
     """Chooses the look-ahead and the probability threshold from runtime measurements.
-    Time comes from the caller (the source's clock), never from the wall clock here."""
+    Time comes from the caller (the source's clock), never from the wall clock here.
+
+    The arithmetic is two small kernels over one state vector: called once per routed
+    layer, in Python it cost ~8 µs with the caches as the layer kernels leave them (a
+    dict, a tuple and a dozen attributes), one kernel call (`update`) about a third."""
 
     def __init__(self, max_horizon: int = 8, min_horizon: int = 1, alpha: float = 0.3,
                  p_floor: float = 0.2):
         self.max_horizon, self.min_horizon = int(max_horizon), int(min_horizon)
         self.alpha, self.p_floor = alpha, p_floor
-        self.compute_s: dict[bool, float] = {}  # per layer, keyed by "batched pass"
-        self.loads = 0.0  # needed, non-resident experts per layer (EWMA)
-        self._last: tuple[float, float] | None = None  # (now, stall_s) at the last layer
-        self._batched = False
-        self.h_need = 1
-        self.p_min = p_floor
-        self.rho = 0.0
+        self.state = np.zeros(16, dtype=np.float64)
+        self.state[[_H_NEED, _P_MIN, _ALPHA, _P_FLOOR, _H_MIN, _H_MAX]] = (
+            1, p_floor, alpha, p_floor, self.min_horizon, self.max_horizon)
 
     def observe(self, now: float, stall_s: float, loads: float, batch: int = 1) -> None:
         """Once per routed layer: the time and cumulative stall now, and how many needed
         experts were not resident since the previous layer. `batch`: tokens in the pass."""
-        a = self.alpha
-        if self._last is not None:
-            dt = (now - self._last[0]) - max(0.0, stall_s - self._last[1])
-            prev = self.compute_s.get(self._batched)
-            # a pause between requests is not compute: ignore wild outliers
-            if dt > 0 and (prev is None or dt < 20 * prev + 0.05):
-                self.compute_s[self._batched] = dt if prev is None else prev + a * (dt - prev)
-        self._last = (now, stall_s)
-        self._batched = batch > 1
-        self.loads += a * (max(0.0, loads) - self.loads)
+        _observe(self.state, float(now), float(stall_s), float(loads), int(batch))
 
     def plan(self, bytes_per_expert: float, bandwidth: float, latency: float) -> int:
         """Update h_need, p_min and rho for the next layers; returns h_need."""
-        c = self.compute_s.get(self._batched)
-        if c is None:
-            c = self.compute_s.get(not self._batched)
-        if not c or c <= 0:
-            self.h_need, self.p_min, self.rho = self.min_horizon, self.p_floor, 0.0
-            return self.h_need
-        tau = bytes_per_expert / bandwidth if bandwidth > 0 else latency
-        first = max(tau, latency)
-        n = max(1.0, self.loads)
-        self.rho = min(100.0, n * tau / c)
-        self.p_min = max(self.p_floor, self.rho / (1.0 + self.rho))
-        need = math.ceil((first + (n - 1.0) * tau) / c - 1e-9)
-        self.h_need = int(min(self.max_horizon, max(self.min_horizon, need)))
-        return self.h_need
+        return int(_plan(self.state, float(bytes_per_expert), float(bandwidth),
+                         float(latency)))
+
+    def update(self, now: float, stall_s: float, loads: float, batch: int,
+               bytes_per_expert: float, bandwidth: float, latency: float) -> int:
+        """observe() then plan() in one kernel call (floats and an int, as given)."""
+        return _update(self.state, now, stall_s, loads, batch, bytes_per_expert, bandwidth,
+                       latency)
+
+    # -- the state, read as attributes ----------------------------------------------------
+    h_need = property(lambda self: int(self.state[_H_NEED]))
+    p_min = property(lambda self: float(self.state[_P_MIN]))
+    rho = property(lambda self: float(self.state[_RHO]))
+    loads = property(lambda self: float(self.state[_LOADS]),
+                     doc="needed, non-resident experts per layer (EWMA)")
+
+    @property
+    def compute_s(self) -> dict[bool, float]:
+        """Compute per layer, keyed by "batched pass" (measured ones only)."""
+        st = self.state
+        return {b: float(st[_C_SINGLE + b]) for b in (False, True) if st[_HAS_SINGLE + b]}
+
+    @property
+    def _last(self) -> tuple[float, float] | None:
+        """(now, stall_s) at the last layer."""
+        st = self.state
+        return (float(st[_LAST_T]), float(st[_LAST_STALL])) if st[_HAS_LAST] else None
+
+
+@njit(cache=True, fastmath=False)
+def _observe(st, now, stall_s, loads, batch):
+    a = st[_ALPHA]
+    if st[_HAS_LAST] != 0.0:
+        dt = (now - st[_LAST_T]) - max(0.0, stall_s - st[_LAST_STALL])
+        b = int(st[_BATCHED])
+        has = st[_HAS_SINGLE + b] != 0.0
+        prev = st[_C_SINGLE + b]
+        # a pause between requests is not compute: ignore wild outliers
+        if dt > 0 and (not has or dt < 20 * prev + 0.05):
+            st[_C_SINGLE + b] = prev + a * (dt - prev) if has else dt
+            st[_HAS_SINGLE + b] = 1.0
+    st[_LAST_T], st[_LAST_STALL], st[_HAS_LAST] = now, stall_s, 1.0
+    st[_BATCHED] = 1.0 if batch > 1 else 0.0
+    st[_LOADS] += a * (max(0.0, loads) - st[_LOADS])
+
+
+@njit(cache=True, fastmath=False)
+def _plan(st, bytes_per_expert, bandwidth, latency):
+    b = int(st[_BATCHED])
+    c = 0.0  # this kind of pass's compute, else the other kind's, else none yet
+    if st[_HAS_SINGLE + b] != 0.0:
+        c = st[_C_SINGLE + b]
+    elif st[_HAS_SINGLE + 1 - b] != 0.0:
+        c = st[_C_SINGLE + 1 - b]
+    if c <= 0.0:
+        st[_H_NEED], st[_P_MIN], st[_RHO] = st[_H_MIN], st[_P_FLOOR], 0.0
+        return int(st[_H_MIN])
+    tau = bytes_per_expert / bandwidth if bandwidth > 0 else latency
+    first = max(tau, latency)
+    n = max(1.0, st[_LOADS])
+    rho = min(100.0, n * tau / c)
+    st[_RHO] = rho
+    st[_P_MIN] = max(st[_P_FLOOR], rho / (1.0 + rho))
+    need = np.ceil((first + (n - 1.0) * tau) / c - 1e-9)
+    st[_H_NEED] = min(st[_H_MAX], max(st[_H_MIN], need))
+    return int(st[_H_NEED])
+
+
+@njit(cache=True, fastmath=False)
+def _update(st, now, stall_s, loads, batch, bytes_per_expert, bandwidth, latency):
+    _observe(st, now, stall_s, loads, batch)
+    return _plan(st, bytes_per_expert, bandwidth, latency)
 
 
 @njit(cache=True, fastmath=False)
@@ -124,12 +178,14 @@ def route_prologue(needed, ids, due, step, layer):
 
 @njit(cache=True, fastmath=False)
 def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_class,
-                    slot_state, slot_class, slot_pins, class_slots, max_per_layer):
+                    slot_state, slot_class, slot_pins, class_slots, max_per_layer, step, rho,
+                    victim_aware):
     """Candidates (target layer, expert, probability, distance) for distances 1..n_dist with
     p ≥ p_min that are not resident or loading, best first per distance, within a
     per-class budget that keeps room for the current layer's own missing experts.
-    Returns (n, layers, experts, probs, dists, horizon) where horizon is the furthest
-    distance with any expert above p_min (resident or not)."""
+    Returns (horizon, groups, ints, floats, experts): horizon is the furthest distance
+    with any expert above p_min (resident or not), the rest the candidates as prefetches
+    (issue.PrefetchPlan, built by _plan_groups; numpy arrays cost µs each to return)."""
     n_layer, e_n = where.shape
     budget = np.zeros(class_slots.shape[0], dtype=np.int64)
     for s in range(slot_state.shape[0]):
@@ -164,7 +220,35 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
             budget[c] -= 1
             out_m[n], out_e[n], out_p[n], out_d[n] = m, e, p, d
             n += 1
-    return n, out_m, out_e, out_p, out_d, horizon
+    g_n, ints, floats = _plan_groups(n, out_m, out_p, out_d, step, n_layer, rho,
+                                     victim_aware)
+    return horizon, g_n, ints, floats, out_e[:n]
+
+
+@njit(cache=True, fastmath=False)
+def _plan_groups(n, ms, ps, ds, step, n_layer, rho, victim_aware):
+    """The candidates as prefetches: one per run of equal target layers (nearest first),
+    needed at step + d, each evicting only experts worth less than the least valuable one
+    it brings (use_value) and, on an over-subscribed link, less likely to be used than its
+    saving covers (victim_p_limit). Returns (groups, ints [3, groups + 1]: start, layer,
+    priority; floats [2, groups]: limit, p_limit): group g is candidates start[g] …
+    start[g + 1] - 1. (Here, not per group in Python: after the layer kernels every
+    Python call costs µs.)"""
+    ints = np.empty((3, n + 1), dtype=np.int64)
+    floats = np.empty((2, max(n, 1)), dtype=np.float64)
+    g = 0
+    i = 0
+    while i < n:
+        j = i
+        while j < n and ms[j] == ms[i]:
+            j += 1
+        ints[0, g], ints[1, g], ints[2, g] = i, ms[i], step + ds[i] + 1
+        floats[0, g] = use_value(ps[j - 1], ds[i], n_layer)
+        floats[1, g] = victim_p_limit(ps[j - 1], rho) if victim_aware else np.inf
+        g += 1
+        i = j
+    ints[0, g] = n
+    return g, ints, floats
 
 
 @njit(cache=True, fastmath=False)
@@ -202,6 +286,7 @@ def value_victim(cands, slot_owner, slot_last_use, slot_uses, p_next, cur, neede
     return best
 
 
+@njit(cache=True, fastmath=False)
 def victim_p_limit(p: float, rho: float) -> float:
     """The most likely victim a prefetch of probability p may evict, given the link's
     load rho. Per layer the link has c of compute to hide n·τ of loads behind: a right

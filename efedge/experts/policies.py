@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge.experts.horizon import (
-    HorizonController,
-    select_prefetch,
-    use_value,
-    value_victim,
-    victim_p_limit,
-)
+from efedge.experts.horizon import HorizonController, select_prefetch, value_victim
+from efedge.experts.issue import PrefetchPlan
 from efedge.experts.predictor import HybridPredictor
 from efedge.experts.scheduler import POLICIES, Policy
 
@@ -232,8 +227,12 @@ class ExpertFlow(_Predictive):
         loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
-        self.controller.observe(t0, c.stall_s, delta, batch=ids2.shape[0])
-        h_need = self._h_need()  # in MoE layers; _span turns a count into a distance
+        eng = src.engine
+        # the look-ahead the controller wants from the measured link and compute, in MoE
+        # layers (_span turns a count into a distance)
+        h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
+                                        ids2.shape[0], self._mean_bytes,
+                                        float(eng.bandwidth_ewma), float(eng.latency_ewma))
         # predict as far as the controller looks, and this layer's next turn (eviction
         # values read p_next; the layers in between were valued on earlier steps)
         if self.value_all:
@@ -296,22 +295,34 @@ class ExpertFlow(_Predictive):
         """Plan the predicted experts above p_min within h_need layers after `layer` (a
         distance: dense layers count); returns the horizon used (at least 1)."""
         pred, cache, ctl = self.predictor, self.source.cache, self.controller
-        # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile)
-        n, ms, es, ps, ds, horizon = select_prefetch(
+        # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile). One
+        # prefetch per target layer, nearest first, needed-at priority, evicting only
+        # experts worth less than the least valuable one it brings: the kernel groups them
+        horizon, n, ints, floats, es = select_prefetch(
             layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
             cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
-            cache.class_slots, self.n_expert)
-        i = 0
-        while i < n:  # one prefetch per target layer, nearest first, needed-at priority
-            j = i
-            while j < n and ms[j] == ms[i]:
-                j += 1
-            # evict only experts worth less than the least valuable one brought in
-            limit = use_value(float(ps[j - 1]), int(ds[i]), self.n_layer)
-            p_limit = victim_p_limit(float(ps[j - 1]), ctl.rho) if self.victim_aware else np.inf
-            self._prefetch(int(ms[i]), es[i:j], self._step + int(ds[i]) + 1, limit, p_limit)
-            i = j
-        return max(1, int(horizon))
+            cache.class_slots, self.n_expert, self._step, ctl.rho, self.victim_aware)
+        if n:
+            self._plan.append(PrefetchPlan(n, ints, floats, es))
+        return max(1, horizon)
+
+    def _issue_entry(self, entry) -> None:
+        """A PrefetchPlan in one kernel call where the source takes one (the CPU path,
+        the simulator, the GPU path), else group by group through prefetch()."""
+        if type(entry) is not PrefetchPlan:
+            return super()._issue_entry(entry)
+        src = self.source
+        batch = getattr(src, "prefetch_plan", None)
+        if batch is None:
+            for g in range(entry.n):
+                lo, hi = int(entry.start[g]), int(entry.start[g + 1])
+                super()._issue_entry((int(entry.layer[g]), entry.experts[lo:hi],
+                                      int(entry.prio[g]), float(entry.limit[g]),
+                                      float(entry.p_limit[g])))
+            return
+        self._fit_fetched_at(src.cache.n_slots)
+        batch(entry, self.predictor.p_next, self.cur_layer, self.needed, self.tick0,
+              self._due, self.fetched_at)
 
     def on_pass(self, tokens) -> None:
         """Before the pass's first layer: its tokens are known, so the token memory can
@@ -340,6 +351,10 @@ class ExpertFlow(_Predictive):
     def _cancel(self, keys: np.ndarray) -> None:
         """Cancel queued prefetches whose layer came without needing them: they would keep
         their early priority and hold the link ahead of useful loads."""
+        cancel_keys = getattr(self.source, "cancel_prefetch_keys", None)
+        if cancel_keys is not None:
+            self.cancelled += cancel_keys(keys)
+            return
         cancel = getattr(self.source, "cancel_prefetch", None)
         if cancel is None:
             return

@@ -135,6 +135,8 @@ class HybridPredictor:
         self.tok_tags = np.full(n_buckets, -1, dtype=np.int64)
         self.tok_hist = np.zeros((n_buckets, L, E), dtype=np.uint8)
         self.cur_tok = np.full(1, -1, dtype=np.int64)  # the pass's tokens' buckets (-1: none)
+        self._tok1 = np.full(1, -1, dtype=np.int64)  # cur_tok of a one-token pass
+        self._pass_args: tuple = (0, None, None)  # t_n, and predict_pass_start's dummies
         # the kernels' persistent state, in their argument order: one tuple to splat per
         # call instead of 19 attribute lookups (these arrays are only ever changed in place)
         self._state = (self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
@@ -193,12 +195,21 @@ class HybridPredictor:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size == 0:
             return
-        b = tokens % self.tok_tags.shape[0]
-        new = np.flatnonzero(self.tok_tags[b] != tokens)
-        if new.size:
-            self.tok_tags[b[new]] = tokens[new]
-            self.tok_hist[b[new]] = 0
-        self.cur_tok = np.ascontiguousarray(b)
+        if tokens.size == 1:  # decode: Python scalars, not five numpy calls (cold, ~2 µs each)
+            tok = int(tokens[0])
+            b1 = tok % self.tok_tags.shape[0]
+            if self.tok_tags[b1] != tok:
+                self.tok_tags[b1] = tok
+                self.tok_hist[b1] = 0
+            self._tok1[0] = b1  # (the kernels only read cur_tok during a call)
+            self.cur_tok = self._tok1
+        else:
+            b = tokens % self.tok_tags.shape[0]
+            new = np.flatnonzero(self.tok_tags[b] != tokens)
+            if new.size:
+                self.tok_tags[b[new]] = tokens[new]
+                self.tok_hist[b[new]] = 0
+            self.cur_tok = np.ascontiguousarray(b)
         self.pass_no += 1
         self._last_layer = -1  # the next step(0) is in this pass
         self._pass_tokens = int(tokens.size)
@@ -215,8 +226,10 @@ class HybridPredictor:
         t_n = self.cur_tok.shape[0]
         self._fit_tokens(t_n)
         self.params[_P_REACHF] = max(self.params[_P_REACHF], float(n))
-        ids = np.zeros((t_n, self.n_active), dtype=np.int32)  # only its shape is read
-        pg = np.zeros((t_n, 0, self.n_expert), dtype=np.float32)
+        if self._pass_args[0] != t_n:  # (kept: two allocations fewer per pass)
+            self._pass_args = (t_n, np.zeros((t_n, self.n_active), dtype=np.int32),
+                               np.zeros((t_n, 0, self.n_expert), dtype=np.float32))
+        _, ids, pg = self._pass_args  # only their shapes are read
         _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources, ids,
                  self._no_h, self.W, self.W_scale, False, pg, self.cur_ids, self.cur_tok,
                  *self._state)

@@ -13,9 +13,10 @@ A policy is a small object with these hooks, all called on the compute thread:
   hidden state, for sources without router weights (the trace simulator).
 
 Policies only talk to the source through `prefetch(layer, experts, priority=)`,
-`cancel_prefetch`, `cache`, `store`, `routers` (and `selection`), `n_active`,
-`engine.bandwidth_ewma / latency_ewma`, `counters` and `now()`, so the simulator runs
-this same code on a virtual clock.
+`cancel_prefetch` (where the source has them, ExpertFlow uses their batched forms
+`prefetch_plan` and `cancel_prefetch_keys`), `cache`, `store`, `routers` (and
+`selection`), `n_active`, `engine.bandwidth_ewma / latency_ewma`, `counters` and `now()`,
+so the simulator runs this same code on a virtual clock.
 
 Here: the base class, `ondemand` (alias `lru`: load on miss, LRU — llama.cpp's
 --moe-cache-mib behaviour), `lfu`, the registry and cache-aware routing. In
@@ -112,8 +113,7 @@ class Policy:
         self._h_written = c.horizon_mean = self._h_sum / self._h_n
 
     def _lru_victim(self, cache, candidates: np.ndarray) -> int:
-        if self.fetched_at.shape[0] != cache.n_slots:
-            self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
+        self._fit_fetched_at(cache.n_slots)
         return int(lru_victim(candidates, cache.slot_owner, cache.slot_last_use,
                               self.fetched_at, self.cur_layer, self.needed, self.tick0,
                               self.n_expert, cache.tick))
@@ -184,25 +184,33 @@ class Policy:
         return int(experts.size)
 
     def _flush_plan(self) -> None:
-        src, cache = self.source, self.source.cache
         plan, self._plan = self._plan, []
-        for layer, experts, priority, limit, p_limit in plan:
-            self._evict_limit, self._evict_p_limit = limit, p_limit
-            try:
-                n = src.prefetch(layer, experts, priority=priority)
-            except TypeError:  # a source without priorities
-                n = src.prefetch(layer, experts)
-            finally:
-                self._evict_limit = self._evict_p_limit = np.inf
-            if not n:
-                continue
-            slots = cache.where[layer, experts]
-            got = slots >= 0
-            self._due[layer, experts[got]] = priority - 1  # the step it is needed at
-            # when each was fetched: the LRU clock of the baselines
-            if self.fetched_at.shape[0] != cache.n_slots:
-                self.fetched_at = np.zeros(cache.n_slots, dtype=np.int64)
-            self.fetched_at[slots[got]] = cache.tick
+        for entry in plan:
+            self._issue_entry(entry)
+
+    def _issue_entry(self, entry) -> None:
+        """Issue one planned prefetch: (layer, experts, priority, limit, p_limit)."""
+        layer, experts, priority, limit, p_limit = entry
+        src, cache = self.source, self.source.cache
+        self._evict_limit, self._evict_p_limit = limit, p_limit
+        try:
+            n = src.prefetch(layer, experts, priority=priority)
+        except TypeError:  # a source without priorities
+            n = src.prefetch(layer, experts)
+        finally:
+            self._evict_limit = self._evict_p_limit = np.inf
+        if not n:
+            return
+        slots = cache.where[layer, experts]
+        got = slots >= 0
+        self._due[layer, experts[got]] = priority - 1  # the step it is needed at
+        # when each was fetched: the LRU clock of the baselines
+        self._fit_fetched_at(cache.n_slots)
+        self.fetched_at[slots[got]] = cache.tick
+
+    def _fit_fetched_at(self, n_slots: int) -> None:
+        if self.fetched_at.shape[0] != n_slots:
+            self.fetched_at = np.zeros(n_slots, dtype=np.int64)
 
 
 def _moe_spans(source) -> np.ndarray | None:

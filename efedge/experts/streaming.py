@@ -16,6 +16,7 @@ import numpy as np
 
 from efedge.errors import TransferError
 from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
+from efedge.experts.issue import place_prefetches
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
 from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine
@@ -71,6 +72,33 @@ class StreamingExperts:
             self.counters.prefetch_issued += issued
         return issued
 
+    def prefetch_plan(self, plan, p_next: np.ndarray, cur: int, needed: np.ndarray,
+                      tick0: int, due: np.ndarray, fetched_at: np.ndarray) -> int:
+        """A policy's whole plan (issue.PrefetchPlan) in one kernel call: what prefetch()
+        per group does with a policy whose victim() is horizon.value_victim on p_next (cur,
+        needed, tick0 as its victim() reads them), and the policy's own bookkeeping after
+        it (`due`, `fetched_at`: Policy._flush_plan). Returns how many were issued."""
+        cache = self.cache
+        with self.cond:
+            n, copies, wasted = place_prefetches(
+                plan.n, plan.ints, plan.floats, plan.experts, cache.where, cache.slot_owner,
+                cache.slot_state, cache.slot_pins, cache.slot_last_use, cache.slot_uses,
+                cache.slot_prefetched, cache.layer_class, cache.class_first, cache.class_slots,
+                p_next, cur, needed, tick0, due, fetched_at, cache.tick)
+            if n:
+                lay, exp, slots, prio = copies.tolist()
+                many = getattr(self.engine, "submit_many", None)
+                if many is not None:
+                    many(lay, exp, slots, prio)
+                else:  # (the simulator's engine)
+                    submit = self.engine.submit
+                    for m, e, s, p in zip(lay, exp, slots, prio, strict=True):
+                        submit(m, e, s, p)
+                c = self.counters
+                c.prefetch_issued += n
+                c.prefetch_wasted += wasted
+        return n
+
     def cancel_prefetch(self, layer: int, experts) -> int:
         """Drop queued, not yet started prefetches of these experts (their slots are freed);
         returns how many were dropped. Loads already under way or demanded are kept."""
@@ -79,6 +107,20 @@ class StreamingExperts:
             for e in experts:
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + int(e))
                 if job is not None and job.priority != DEMAND and self.engine.cancel(job):
+                    n += 1
+        return n
+
+    def cancel_prefetch_keys(self, keys: np.ndarray) -> int:
+        """cancel_prefetch for keys layer * E + expert of any layers, under one lock (a
+        policy's stale prefetches: a few numpy calls fewer per layer than grouping them
+        by layer first)."""
+        n = 0
+        eng = self.engine
+        jobs = eng.jobs_by_key
+        with self.cond:
+            for k in keys.tolist():
+                job = jobs.get(k)
+                if job is not None and job.priority != DEMAND and eng.cancel(job):
                     n += 1
         return n
 

@@ -223,6 +223,21 @@ class TransferEngine:
         self.work.notify()  # one worker per job
         return job
 
+    def submit_many(self, layers: list[int], experts: list[int], slots: list[int],
+                    priorities: list[int]) -> None:
+        """submit() for each, with one wake-up call for all (a plan's prefetches)."""
+        if type(self).submit is not TransferEngine.submit:  # a subclass's own submit rules
+            for job in zip(layers, experts, slots, priorities, strict=True):
+                self.submit(*job)
+            return
+        queue, by_key, n_e, seq = self._queue, self.jobs_by_key, self.store.n_expert, self._seq
+        for layer, expert, slot, prio in zip(layers, experts, slots, priorities, strict=True):
+            job = Job(prio, next(seq), layer, expert, slot)
+            heapq.heappush(queue, job)
+            by_key[layer * n_e + expert] = job
+        self.submitted += len(layers)
+        self.work.notify(len(layers))
+
     def promote(self, job: Job) -> None:
         """A queued prefetch is now needed by the compute thread: make it a demand load."""
         if not job.started and job.priority != DEMAND:
