@@ -773,3 +773,35 @@ def test_heads_matmul_is_each_heads_rounded_product(qt):
         heads_matmul(raw, int(qt), x[:, :2])
     with pytest.raises(ValueError, match="raw must be"):
         heads_matmul(raw[0], int(qt), x)
+
+
+def test_f16_rows_convert_every_bit_pattern_exactly():
+    # F16C converts 8 at a time; the odd length runs the one-by-one tail too. Signalling
+    # NaNs keep their quiet bit clear, as gguf-py's dequantize leaves them.
+    from efedge.kernels import quant_legacy
+
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    for h in (every, every[:65533]):
+        out = np.empty(h.shape[0], np.float32)
+        quant_legacy.deq_f16(h.view(np.uint8), out)
+        ref = gq.dequantize(h.view(np.uint8), GGMLQuantizationType.F16)
+        assert np.array_equal(out.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [256, 96, 40, 7])
+def test_f16_decode_rows_are_the_product_of_the_rounded_activations(n):
+    # rowdot's F16 rows (converted on the fly where the CPU has F16C), tails included
+    from efedge.kernels import generic, rowdot
+    from efedge.kernels.activations import act_scheme
+
+    rng = np.random.default_rng(n)
+    w = (rng.standard_normal((24, n)) * 0.2).astype(np.float16)
+    x = rng.standard_normal(n).astype(np.float32)
+    pack = rowdot.new_pack(n)
+    rowdot.prep(act_scheme(generic.F16, n), generic.F16, x, pack)
+    out = np.empty(24, np.float32)
+    rowdot.dot_rows(generic.F16, w.view(np.uint8), 0, 24, n, pack, np.empty(n, np.float32),
+                    out)
+    ref = w.astype(np.float64) @ pack[0][:n].astype(np.float64)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.array_equal(pack[0][:n], x.astype(np.float16).astype(np.float32))

@@ -11,7 +11,8 @@ type it meets:
     Q4_K, Q5_K, Q6_K,
     IQ4_XS:                 xq / xd / xs = 8-bit activations, integer dots (``simd``)
     every other type:       xf = rounded float activations; the row is decoded into a
-                            float buffer and dotted (F32 rows are dotted in place)
+                            float buffer and dotted (F32 rows are dotted in place, F16
+                            rows converted on the fly where the CPU has F16C: simd_f16)
 
 A row's result depends only on the row and the pack, never on which thread computes it
 or how rows are grouped, so a decode product is the same for a resident or a streamed
@@ -25,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import generic as g
-from . import simd
+from . import simd, simd_f16
 from ._fp import dot
 from .activations import quantize_row, round_row
 
@@ -142,6 +143,10 @@ def dot_rows(qt, w, r0, r1, n, pack, buf, out):
         for r in range(r0, r1):
             prefetch_row(w, r + PREFETCH_AHEAD)
             simd.dot_q2_k_1x1(w, r, xq, xd, xs, out[r - r0:])
+    elif qt == g.F16 and simd_f16.AVAILABLE:
+        for r in range(r0, r1):
+            prefetch_row(w, r + PREFETCH_AHEAD)
+            out[r - r0] = simd_f16.dot_f16_row(w, r, xf, n)
     elif qt == g.F32:
         for r in range(r0, r1):
             out[r - r0] = dot(w[r].view(np.float32), xf[:n])
