@@ -1,8 +1,9 @@
 """Paired A/B of decode speed between two efedge source trees (e.g. a worktree of an old
 commit and this one) on the same model: one warm process per tree, taking turns round by
-round (who goes first alternates), so that both see the same moments of a shared
-machine. Each round: the same prompt prefilled, then N greedy decode steps timed; with
-``--prefill P``, a P-token prompt's prefill timed instead (t/s are prompt tokens).
+round (who goes first alternates; benchmarks/paired.py), so that both see the same
+moments of a shared machine. Each round: the same prompt prefilled, then N greedy decode
+steps timed; with ``--prefill P``, a P-token prompt's prefill timed instead (t/s are
+prompt tokens).
 
     python benchmarks/ab_decode.py OLD_ROOT NEW_ROOT MODEL [-n 32] [-r 6] [-t 2] [--prefill P]
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from paired import take_turns
 
 
 def _worker(model: str, n: int, threads: int, prefill: int) -> None:
@@ -56,27 +58,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, metavar="P",
                     help="time the prefill of a P-token prompt instead of decode")
     a = ap.parse_args()
-    procs = {}
-    for name, root in (("old", a.old), ("new", a.new)):
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
-        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", a.model,
-                              str(a.n), str(a.t), str(a.prefill)], cwd=root, env=env,
-                             stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        if p.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{name}: the worker did not start (PYTHONPATH={root})")
-        procs[name] = p
-    res: dict[str, list[float]] = {"old": [], "new": []}
-    for r in range(a.r):
-        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-            p = procs[name]
-            p.stdin.write("go\n")
-            p.stdin.flush()
-            res[name].append(float(p.stdout.readline()))
-    for p in procs.values():
-        p.stdin.write("stop\n")
-        p.stdin.flush()
-        p.wait()
+    res = take_turns(a.old, a.new, [os.path.abspath(__file__), "--worker", a.model,
+                                    str(a.n), str(a.t), str(a.prefill)], a.r, float,
+                     quiet=True)
     for name in ("old", "new"):
         print(f"{name} t/s", [round(x, 2) for x in res[name]], "median",
               round(statistics.median(res[name]), 2))

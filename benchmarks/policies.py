@@ -146,29 +146,13 @@ def paired_ab(old: str, new: str, args) -> int:
     first alternates), so that both see the same moments of a shared machine. Prints
     each figure's median per tree and the median of the per-round ratios new / old."""
     import os
-    import subprocess
 
-    procs = {}
-    for name, root in (("old", old), ("new", new)):
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
-        cmd = [sys.executable, os.path.abspath(__file__), "--ab-worker", args.model or "",
-               args.cache[0], args.links[0], str(args.n_tokens), str(args.prompt),
-               str(args.threads or 0), *args.policies]
-        p = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-        if p.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{name}: the worker did not start (PYTHONPATH={root})")
-        procs[name] = p
-    res: dict[str, list[dict]] = {"old": [], "new": []}
-    for r in range(args.rounds):
-        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-            procs[name].stdin.write("go\n")
-            procs[name].stdin.flush()
-            res[name].append(json.loads(procs[name].stdout.readline()))
-    for p in procs.values():
-        p.stdin.write("stop\n")
-        p.stdin.flush()
-        p.wait()
+    from paired import take_turns
+
+    res = take_turns(old, new, [os.path.abspath(__file__), "--ab-worker", args.model or "",
+                                args.cache[0], args.links[0], str(args.n_tokens),
+                                str(args.prompt), str(args.threads or 0), *args.policies],
+                     args.rounds, json.loads)
     print(f"paired A/B, {args.rounds} rounds: cache {args.cache[0]}, link {args.links[0]}, "
           f"{args.prompt} prompt + {args.n_tokens} decoded tokens\nold: {old}\nnew: {new}")
     print("| policy | figure | old (median) | new (median) | new / old (median of rounds) |")
