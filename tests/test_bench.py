@@ -179,3 +179,55 @@ def test_device_errors_are_named(tiny_gguf, capsys):
     assert "device='cuda'" in capsys.readouterr().err
     assert main(["bench", path, "--policies", "ondemand", "--device", "cuda"]) == 1
     assert "explicit --link" in capsys.readouterr().err
+
+
+# A stand-in for the llama.cpp child: it dies by SIGSEGV at its first command unless
+# started with its plain CPU kernels (the last argument), as llama.cpp's AMX path does.
+_CRASHING_WORKER = r"""
+import json, os, signal, sys
+args = json.loads(sys.argv[1])
+plain = args[-1]
+print(json.dumps({"load_s": 0.0, "gpu": False, "args": args}), flush=True)
+for line in sys.stdin:
+    kind, toks = json.loads(line)
+    if kind == "quit":
+        break
+    if not plain:
+        os.kill(os.getpid(), signal.SIG%s)
+    print(json.dumps({"ns": 1000 + len(toks)}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="POSIX signals")
+def test_llama_crash_is_retried_once_with_plain_kernels(monkeypatch, capsys):
+    """A llama.cpp child killed by a crash signal (SIGSEGV in its AMX matmul) is started
+    again with its plain CPU kernels, and the call it died in is made again; the row
+    says which kernels ran."""
+    from efedge.cli import bench_llama
+
+    monkeypatch.setattr(bench_llama, "_LLAMA_WORKER", _CRASHING_WORKER % "SEGV")
+    ref = bench_llama._Llama("model.gguf", 2, 64, 32)
+    try:
+        assert not ref.plain and ref.backend == "llama.cpp CPU"
+        assert ref.pp([1, 2, 3]) == 1003
+        assert ref.plain and ref.backend == "llama.cpp CPU, plain CPU kernels"
+        assert ref.tg([1]) == 1001
+    finally:
+        ref.close()
+    assert "llama.cpp crashed (SIGSEGV)" in capsys.readouterr().err
+
+
+def test_llama_killed_otherwise_is_an_error_not_a_retry(monkeypatch):
+    """Only crash signals are retried: a child killed from outside (SIGKILL, e.g. the
+    OOM killer) is an error naming its exit code."""
+    from efedge.cli import bench_llama
+    from efedge.errors import EfedgeError
+
+    monkeypatch.setattr(bench_llama, "_LLAMA_WORKER", _CRASHING_WORKER % "KILL")
+    ref = bench_llama._Llama("model.gguf", 2, 64, 32)
+    try:
+        with pytest.raises(EfedgeError, match="llama.cpp process ended"):
+            ref.pp([1, 2, 3])
+        assert not ref.plain
+    finally:
+        ref.close()

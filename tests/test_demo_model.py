@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import gguf
+import llama_ref
 import numpy as np
 import pytest
 
@@ -36,8 +37,8 @@ def _field(r: gguf.GGUFReader, key: str):
 
 
 def _llama(**kw):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(str(DEMO), verbose=False, n_threads=2, **kw)
+    pytest.importorskip("llama_cpp")
+    return llama_ref.make_llama(DEMO, verbose=False, n_threads=2, **kw)
 
 
 def test_file_size():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,7 +24,20 @@ except Exception as exc:
     print(json.dumps({"error": f"--vs-llama-cpp needs llama-cpp-python "
                                f"({type(exc).__name__}: {exc})"}), flush=True)
     sys.exit(0)
-path, threads, n_ctx, n_batch, n_gpu_layers, cpu_moe = json.loads(sys.argv[1])
+path, threads, n_ctx, n_batch, n_gpu_layers, cpu_moe, plain = json.loads(sys.argv[1])
+if plain:
+    # ggml's plain CPU kernels: no "extra buffer types" (the weights repacked for AMX and
+    # other CPU-specific layouts); Llama() has no keyword for it
+    import llama_cpp.llama_cpp as lc
+    _plain_default = lc.llama_model_default_params
+
+    def _plain_params():
+        p = _plain_default()
+        if hasattr(p, "use_extra_bufts"):  # llama-cpp-python ≥ 0.3.10
+            p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = _plain_params
 try:
     from llama_cpp import llama_supports_gpu_offload
     offload = bool(llama_supports_gpu_offload())
@@ -85,19 +99,41 @@ llm.close()
 """
 
 
+# exit codes of a child killed by SIGSEGV, SIGBUS, SIGILL, SIGFPE or SIGABRT
+_CRASH_CODES = frozenset(-int(getattr(signal, n)) for n in
+                         ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
+                         if hasattr(signal, n))
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"exit code {code}"
+
+
 class _Llama:
     """llama.cpp through llama-cpp-python, the same file and thread count, in a child
     process that efedge's thread settings do not reach."""
 
     def __init__(self, path, threads, n_ctx, n_batch, n_gpu_layers=0, cpu_moe=False):
+        self._args = [str(path), threads, n_ctx, n_batch, n_gpu_layers, bool(cpu_moe)]
+        # plain: ggml's plain CPU kernels, without the weights repacked for the CPU (AMX
+        # and the like). Only after llama.cpp crashed with them: on a CPU with AMX,
+        # llama-cpp-python 0.3.36 dies with SIGSEGV in ggml_backend_amx_mul_mat on small
+        # MoE files (seen on the generated bench model); its plain kernels run them.
+        self.plain = False
+        self._start()
+
+    def _start(self) -> None:
         from efedge.kernels import INJECTED_ENV
 
         env = {k: v for k, v in os.environ.items() if INJECTED_ENV.get(k) != v}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LLAMA_WORKER,
-             json.dumps([str(path), threads, n_ctx, n_batch, n_gpu_layers, bool(cpu_moe)])],
+            [sys.executable, "-c", _LLAMA_WORKER, json.dumps(self._args + [self.plain])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         reply = self._read()
+        cpu_moe = self._args[5]
         if "error" in reply:
             self.close()
             raise EfedgeError(reply["error"])
@@ -115,6 +151,8 @@ class _Llama:
             self.backend = "llama.cpp GPU, experts on CPU (--cpu-moe)"
         else:
             self.backend = "llama.cpp GPU (all layers)"
+        if self.plain:
+            self.backend += ", plain CPU kernels"
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -123,6 +161,20 @@ class _Llama:
         return json.loads(line)
 
     def _run(self, kind: str, toks) -> int:
+        try:
+            return self._send(kind, toks)
+        except (EfedgeError, OSError):
+            code = self.proc.wait()
+            if self.plain or code not in _CRASH_CODES:
+                raise
+        # llama.cpp crashed (a signal): once more with its plain kernels, from a fresh load
+        print(f"llama.cpp crashed ({_signal_name(code)}); running it again without "
+              "repacked weights (its plain CPU kernels)", file=sys.stderr, flush=True)
+        self.plain = True
+        self._start()
+        return self._send(kind, toks)
+
+    def _send(self, kind: str, toks) -> int:
         self.proc.stdin.write(json.dumps([kind, [int(t) for t in toks]]) + "\n")
         self.proc.stdin.flush()
         return int(self._read()["ns"])

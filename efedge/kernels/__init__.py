@@ -29,6 +29,7 @@ from efedge.errors import UnsupportedModelError
 from . import generic as _mm
 from . import quant_k as _k
 from . import quant_legacy as _lg
+from . import simd_f16 as _simd_f16
 from ._cache import refresh_stale_cache
 from ._malloc import keep_scratch_mapped
 
@@ -71,6 +72,8 @@ _FUSED_MATVEC = {
     int(_Q.Q4_K): (_k.matvec_q4_k, np.uint8),
     int(_Q.Q6_K): (_k.matvec_q6_k, np.uint8),
 }
+if _simd_f16.AVAILABLE:  # F16 rows converted 8 at a time (F16C), not one half at a time
+    _FUSED_MATVEC[int(_Q.F16)] = (_lg.matvec_f16_rows, np.uint8)
 
 # matmul with at most this many tokens runs the fused matvec once per token: reading the
 # quantized rows T times is cheaper than decoding them to float32 once.
