@@ -805,3 +805,24 @@ def test_f16_decode_rows_are_the_product_of_the_rounded_activations(n):
     ref = w.astype(np.float64) @ pack[0][:n].astype(np.float64)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     assert np.array_equal(pack[0][:n], x.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [256, 100, 33, 8, 7, 1])
+def test_f16_output_head_matvec(n):
+    """The F16 matvec (an output head like the demo model's): 8 halves per conversion
+    where the CPU has F16C, the scalar kernel elsewhere; both are the float64 product
+    up to float32 rounding, and a row's result does not depend on the rows around it."""
+    from efedge import kernels
+    from efedge.kernels import quant_legacy, simd_f16
+
+    fused, _view = kernels._FUSED_MATVEC[int(Q.F16)]
+    want = quant_legacy.matvec_f16_rows if simd_f16.AVAILABLE else quant_legacy.matvec_f16
+    assert fused is want
+    rng = np.random.default_rng(n)
+    w = (rng.standard_normal((37, n)) * 0.2).astype(np.float16)
+    x = rng.standard_normal(n).astype(np.float32)
+    got = matvec(readonly(w.view(np.uint8)), int(Q.F16), x)
+    ref = w.astype(np.float64) @ x.astype(np.float64)
+    assert np.abs(got - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1e-30)
+    one = matvec(readonly(np.ascontiguousarray(w[5:6]).view(np.uint8)), int(Q.F16), x)
+    assert one[0] == got[5]
