@@ -138,3 +138,28 @@ def test_load_tells_its_progress_display_when_it_compiles(monkeypatch):
     with efedge.load(progress=lambda frac, msg: seen.append(msg)):
         pass
     assert sum("compiling kernels" in m for m in seen) == 1
+
+
+def test_import_time_compiles_are_logged_once(caplog):
+    """The shared dispatchers compile at import when numba's cache is cold; the listener
+    the package installs around that import logs one WARNING (shown even without any
+    logging set up: the CLI imports efedge before it configures logging)."""
+    import logging
+
+    import numba.core.event
+
+    from efedge.kernels._compile_log import COMPILE_MESSAGE, compile_announcer
+
+    log = logging.getLogger("efedge.kernels.test")
+    with caplog.at_level(logging.WARNING, logger="efedge.kernels.test"):
+        with numba.core.event.install_listener("numba:compile", compile_announcer(log)):
+            njit(lambda x: x + 11)(1)
+            njit(lambda x: x + 12)(1)
+    msgs = [r for r in caplog.records if r.name == "efedge.kernels.test"]
+    assert [r.getMessage() for r in msgs] == [COMPILE_MESSAGE]
+    assert msgs[0].levelno == logging.WARNING
+    import efedge.kernels as k
+
+    src = open(k.__file__, encoding="utf-8").read()
+    at = src.index("from . import _callees")
+    assert "compile_announcer" in src[max(0, at - 300):at]  # the import is inside it

@@ -18,6 +18,7 @@ call and reuses it for all T tokens; for a few tokens it runs the fused matvec p
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numba
@@ -31,10 +32,18 @@ from . import quant_k as _k
 from . import quant_legacy as _lg
 from . import simd_f16 as _simd_f16
 from ._cache import refresh_stale_cache
+from ._compile_log import FirstCompile as _FirstCompile
+from ._compile_log import compile_announcer as _compile_announcer
 from ._malloc import keep_scratch_mapped
 
 refresh_stale_cache(_mm.dequantize_rows)
-from . import _callees  # noqa: E402,F401  (registers the shared dispatchers first)
+# The shared dispatchers compile here, at import, when numba's cache has none for this
+# CPU (a fresh install, changed sources): ~25 s on 2 cores before anything else runs.
+# Said once through logging (WARNING: shown even where nobody configured logging, as the
+# CLI has not yet when it imports efedge), so a first `efedge run` does not look hung.
+with numba.core.event.install_listener(
+        "numba:compile", _compile_announcer(logging.getLogger("efedge.kernels"))):
+    from . import _callees  # noqa: E402,F401  (registers the shared dispatchers first)
 
 __all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "qmatmul",
            "block_size"]
@@ -295,19 +304,6 @@ def compile_stats() -> tuple[int, int]:
             compiled += sum(st.cache_misses.values())
             cached += sum(st.cache_hits.values())
     return compiled, cached
-
-
-class _FirstCompile(numba.core.event.Listener):
-    def __init__(self, report) -> None:
-        self.report, self.seen = report, False
-
-    def on_start(self, event) -> None:
-        if not self.seen:
-            self.seen = True
-            self.report()
-
-    def on_end(self, event) -> None:
-        pass
 
 
 def compile_notice(report):
