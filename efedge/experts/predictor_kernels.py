@@ -20,7 +20,7 @@ LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predi
 REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _learn_pairs(trans, rowsum, src, dst, di, w):
     """Count (i at the source layer) → (j at distance di+1) for one token's top-k sets."""
     k = src.shape[0]
@@ -33,7 +33,7 @@ def _learn_pairs(trans, rowsum, src, dst, di, w):
         rowsum[di, i] += w * dst.shape[0]
 
 
-@njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=False)
 def _seed_kernel(trans, rowsum, experts, weight):
     """Transition counts from a whole trace [N, L, K] (token-major layer stream)."""
     n, n_layer, _ = experts.shape
@@ -48,7 +48,7 @@ def _seed_kernel(trans, rowsum, experts, weight):
                 _learn_pairs(trans[s], rowsum[s], experts[t, s], experts[tt, m], d - 1, weight)
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _rescale(trans, rowsum, params):
     inv = 1.0 / params[_P_INC]
     for idx in np.ndindex(trans.shape):
@@ -58,7 +58,7 @@ def _rescale(trans, rowsum, params):
     params[_P_INC] = 1.0
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weights, prec,
               prec_n, recall, params):
     """The router of `layer` chose `ids` (one token): score every stored prediction that
@@ -121,7 +121,7 @@ def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weight
         recall[d - 1, 1] += 1.0
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
            p_next, tok_hist, cur_tok, params):
     """Transition counts ending at this layer (distances 1 up to how far predictions
@@ -180,7 +180,7 @@ def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, re
         p_next[layer, e] = recent[0, layer, e]  # until a prediction for the next pass comes
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _softmax(x):
     out = np.empty(x.shape[0])
     mx = -np.inf
@@ -195,7 +195,7 @@ def _softmax(x):
     return out
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=True)
 def _router_logits(wq, scale, x):
     """int8 router rows [E, D] with per-row scales, times x [D] → float64 logits [E]."""
     e_n, d_n = wq.shape
@@ -212,7 +212,7 @@ _SEL_EDGE = 0.01  # biased gate scores map through logit / log inside [edge, 1 -
 _SEL_SLOPE = 4.0  # … and linearly beyond (logit's slope at 0.5): order kept, no infinity
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _selection_logits(z, mode, rb, sb, n_groups, n_used):
     """In place: router logits z [E] (float64) → logits ordered as the router selects.
     SEL_NONE: as they are; SEL_BIAS: + router bias + selection bias (top-k of the
@@ -279,7 +279,7 @@ def _selection_logits(z, mode, rb, sb, n_groups, n_used):
                 z[e] = low - 30.0
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _selection_rows(z, mode, rb, sb, n_groups, n_used):
     """_selection_logits on each row of z [T, E] (selection.py's numpy entry; here, in
     the file of the function it calls: numba's cache checks only the caller's file)."""
@@ -287,7 +287,7 @@ def _selection_rows(z, mode, rb, sb, n_groups, n_used):
         _selection_logits(z[t], mode, rb, sb, n_groups, n_used)
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _pregate_row(row):
     """Router logits → probabilities; None-like (all zero) when the row carries no
     information (NaN from a trace beyond its horizon, or a constant row)."""
@@ -302,7 +302,7 @@ def _pregate_row(row):
     return _softmax(row.astype(np.float64)), True
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _rank_desc(x):
     """Indices of x by decreasing value, ties in index order. An insertion sort: E is
     small, most scores tie at the floor (those cost one comparison), and its few
@@ -320,7 +320,7 @@ def _rank_desc(x):
     return out
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _isotonic_decreasing(y):
     """The non-increasing sequence closest to y (pool adjacent violators). Returns y
     itself when it already is one (the usual case once calibrated: no allocation)."""
@@ -352,7 +352,7 @@ def _isotonic_decreasing(y):
     return out
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
              cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
              recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
@@ -486,7 +486,7 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
             p_next[m, e] = pu[e] + 1e-4 * fs[e]  # the mixture orders equal calibrations
 
 
-@njit(cache=True, fastmath=False, error_model="numpy")
+@njit(cache=True, fastmath=False)
 def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
           cur_ids, cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
           recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
