@@ -106,10 +106,11 @@ _CRASH_CODES = frozenset(-int(getattr(signal, n)) for n in
 
 
 def _signal_name(code: int) -> str:
+    """SIGSEGV for the exit code -11 of a child killed by that signal."""
     try:
         return signal.Signals(-code).name
     except ValueError:
-        return f"exit code {code}"
+        return f"signal {-code}"
 
 
 class _Llama:
@@ -157,7 +158,9 @@ class _Llama:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise EfedgeError(f"the llama.cpp process ended (exit code {self.proc.wait()})")
+            code = self.proc.wait()
+            how = f"killed by {_signal_name(code)}" if code < 0 else f"exit code {code}"
+            raise EfedgeError(f"the llama.cpp process ended ({how})")
         return json.loads(line)
 
     def _run(self, kind: str, toks) -> int:
