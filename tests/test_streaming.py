@@ -159,3 +159,35 @@ def test_stress_random_requests_tiny_budget(tiny_gguf):
     assert s.hits + s.late + s.misses == s.expert_requests
     source.close()
     gf.close()
+
+
+def test_yield_gil_lets_a_waiting_thread_run():
+    """yield_gil (the compute thread's hand-over to a woken transfer worker) releases the
+    GIL: with forced switches pushed out to a second, a thread that needs the GIL runs
+    only if it does."""
+    import sys
+    import threading
+
+    from efedge.gil_yield import yield_gil
+
+    go, ran = threading.Event(), threading.Event()
+
+    def worker():
+        go.wait()  # blocked without the GIL until the main thread says go …
+        ran.set()  # … then it needs the GIL back for this
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        t = threading.Thread(target=worker)
+        t.start()
+        go.set()
+        for _ in range(200_000):
+            if ran.is_set():
+                break
+            yield_gil()
+        ran_while_yielding = ran.is_set()  # (before join, which would release the GIL)
+        t.join(timeout=10)
+    finally:
+        sys.setswitchinterval(old)
+    assert ran_while_yielding

@@ -20,6 +20,7 @@ from efedge.experts.issue import place_prefetches
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
 from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine
+from efedge.gil_yield import yield_gil
 
 WAIT_TIMEOUT_S = 60.0  # a load that makes no progress for this long is an error, not a hang
 
@@ -135,12 +136,13 @@ class StreamingExperts:
         the slot READY before this thread looks). This thread would otherwise keep the GIL
         until its next kernel call, or for Python's 5 ms switch interval: measured, the
         first load of a layer started ~230 µs after it was queued, and prefetches that
-        had landed were counted late. Sleeping 0 s hands the GIL over; a worker gives it
-        back as soon as it is in a file read or the link's wait."""
+        had landed were counted late. A sched_yield hands the GIL over (efedge/gil_yield.py:
+        13 µs where sleeping 0 s cost 83); a worker gives it back as soon as it is in a
+        file read or the link's wait."""
         n = self.engine.submitted
         if n != self._submitted_seen or (landing and self.engine.busy()):
             self._submitted_seen = n
-            time.sleep(0)
+            yield_gil()
 
     # -- the compute thread's view --------------------------------------------------------
     def ready_pool(self, layer: int, ids: np.ndarray):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from efedge.errors import CacheBudgetError
 from efedge.experts.transfer import Link
+from efedge.gil_yield import yield_gil
 
 
 class DelayedEvent:
@@ -51,12 +52,13 @@ SPIN_S = 200e-6  # time.sleep overshoots by ~50–100 µs; the last stretch yiel
 def wait_until(t: float) -> None:
     """Sleep until perf_counter() ≥ t, to within a few µs (an expert on a laptop link
     takes ~240 µs, so sleep's overshoot alone would slow the emulated link by a third).
-    The final stretch calls sleep(0), which releases the GIL on every turn."""
+    The final stretch yields (efedge/gil_yield.py), releasing the GIL on every turn: a
+    sleep(0) there could itself overshoot by its timer slack."""
     delay = t - time.perf_counter()
     if delay > SPIN_S:
         time.sleep(delay - SPIN_S)
     while time.perf_counter() < t:
-        time.sleep(0)
+        yield_gil()
 
 
 class LinkEmulator:
