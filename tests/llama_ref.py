@@ -23,31 +23,17 @@ def _key(path: str | os.PathLike) -> str:
 
 
 def make_llama(path: str | os.PathLike, **kw):
-    """``llama_cpp.Llama(path, **kw)`` computing with ggml's plain CPU kernels: no "extra
-    buffer types", the weights repacked for AMX and other CPU-specific layouts. On a
-    CPU with AMX, llama-cpp-python 0.3.36 built there crashes the process on the tiny
-    test files with them (SIGSEGV in ggml_backend_amx_mul_mat for the quantized ones,
-    GGML_ASSERT(*cur_backend_id != -1) in the graph split for deepseek2 F16); the plain
-    kernels are the products efedge reproduces, and on a CPU without AMX (where the
-    tests passed before) they are what llama.cpp ran anyway for all but its Q4_0 /
-    IQ4_NL repacks. Llama() has no keyword for it, so the model parameters it starts
-    from are patched for the call."""
-    import llama_cpp.llama_cpp as lc
+    """``llama_cpp.Llama(path, **kw)`` computing with ggml's plain CPU kernels
+    (efedge/cli/llama_plain.py: llama.cpp's AMX path crashes on the tiny test files
+    where the CPU has AMX; the plain kernels are the products efedge reproduces, and on
+    a CPU without AMX, where the tests passed before, what llama.cpp ran anyway for all
+    but its Q4_0 / IQ4_NL repacks)."""
     from llama_cpp import Llama
 
-    default = lc.llama_model_default_params
+    from efedge.cli.llama_plain import plain_cpu_kernels
 
-    def params():
-        p = default()
-        if hasattr(p, "use_extra_bufts"):  # llama-cpp-python ≥ 0.3.10
-            p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = params
-    try:
+    with plain_cpu_kernels():
         return Llama(os.fspath(path), **kw)
-    finally:
-        lc.llama_model_default_params = default
 
 
 @lru_cache(maxsize=4)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+from efedge.cli import llama_plain
 from efedge.errors import EfedgeError
 
 # The llama.cpp side runs in a child process: it must see the process environment as the
@@ -17,7 +18,7 @@ from efedge.errors import EfedgeError
 # slower. Commands go over stdin ("pp"/"tg" + token ids as JSON), timings come back in ns,
 # measured in the child around the call.
 _LLAMA_WORKER = r"""
-import json, sys, time
+import contextlib, json, sys, time
 try:
     from llama_cpp import Llama
 except Exception as exc:
@@ -25,19 +26,13 @@ except Exception as exc:
                                f"({type(exc).__name__}: {exc})"}), flush=True)
     sys.exit(0)
 path, threads, n_ctx, n_batch, n_gpu_layers, cpu_moe, plain = json.loads(sys.argv[1])
-if plain:
-    # ggml's plain CPU kernels: no "extra buffer types" (the weights repacked for AMX and
-    # other CPU-specific layouts); Llama() has no keyword for it
-    import llama_cpp.llama_cpp as lc
-    _plain_default = lc.llama_model_default_params
-
-    def _plain_params():
-        p = _plain_default()
-        if hasattr(p, "use_extra_bufts"):  # llama-cpp-python ≥ 0.3.10
-            p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = _plain_params
+kernels = contextlib.nullcontext()
+if plain:  # the path of efedge/cli/llama_plain.py: loaded without importing efedge
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("efedge_llama_plain", plain)
+    llama_plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(llama_plain)
+    kernels = llama_plain.plain_cpu_kernels()
 try:
     from llama_cpp import llama_supports_gpu_offload
     offload = bool(llama_supports_gpu_offload())
@@ -79,8 +74,9 @@ if cpu_moe:
                                    f"overrides ({type(exc).__name__}: {exc})"}), flush=True)
         sys.exit(0)
 t0 = time.perf_counter()
-llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-            n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, verbose=False)
+with kernels:
+    llm = Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, verbose=False)
 print(json.dumps({"load_s": time.perf_counter() - t0, "gpu": offload and n_gpu_layers != 0,
                   "experts_on_cpu": len(overridden)}), flush=True)
 for line in sys.stdin:
@@ -118,11 +114,11 @@ class _Llama:
     process that efedge's thread settings do not reach."""
 
     def __init__(self, path, threads, n_ctx, n_batch, n_gpu_layers=0, cpu_moe=False):
-        self._args = [str(path), threads, n_ctx, n_batch, n_gpu_layers, bool(cpu_moe)]
-        # plain: ggml's plain CPU kernels, without the weights repacked for the CPU (AMX
-        # and the like). Only after llama.cpp crashed with them: on a CPU with AMX,
-        # llama-cpp-python 0.3.36 dies with SIGSEGV in ggml_backend_amx_mul_mat on small
-        # MoE files (seen on the generated bench model); its plain kernels run them.
+        self.cpu_moe = bool(cpu_moe)
+        self._args = [str(path), threads, n_ctx, n_batch, n_gpu_layers, self.cpu_moe]
+        # plain: ggml's plain CPU kernels (efedge/cli/llama_plain.py). Only after
+        # llama.cpp crashed with its repacked weights (AMX: seen on the generated bench
+        # model), so that elsewhere it runs at its best
         self.plain = False
         self._start()
 
@@ -131,24 +127,24 @@ class _Llama:
 
         env = {k: v for k, v in os.environ.items() if INJECTED_ENV.get(k) != v}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LLAMA_WORKER, json.dumps(self._args + [self.plain])],
+            [sys.executable, "-c", _LLAMA_WORKER,
+             json.dumps(self._args + [llama_plain.__file__ if self.plain else None])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         reply = self._read()
-        cpu_moe = self._args[5]
         if "error" in reply:
             self.close()
             raise EfedgeError(reply["error"])
         self.load_s = reply["load_s"]
         # expert tensors llama.cpp's loader placed on the CPU (--llama-cpu-moe)
         self.experts_on_cpu = int(reply.get("experts_on_cpu", 0))
-        if cpu_moe and self.experts_on_cpu == 0:
+        if self.cpu_moe and self.experts_on_cpu == 0:
             self.close()
             raise EfedgeError("--llama-cpu-moe: the installed llama-cpp-python did not apply "
                               "the tensor override (no expert tensor was moved to the CPU)")
         # what llama.cpp really ran on: a CPU-only build ignores n_gpu_layers
         if not reply.get("gpu"):
             self.backend = "llama.cpp CPU"
-        elif cpu_moe:
+        elif self.cpu_moe:
             self.backend = "llama.cpp GPU, experts on CPU (--cpu-moe)"
         else:
             self.backend = "llama.cpp GPU (all layers)"
