@@ -32,8 +32,8 @@ from . import quant_k as _k
 from . import quant_legacy as _lg
 from . import simd_f16 as _simd_f16
 from ._cache import refresh_stale_cache
-from ._compile_log import FirstCompile as _FirstCompile
-from ._compile_log import compile_announcer as _compile_announcer
+from ._compile_log import announce_compiles as _announce_compiles
+from ._compile_log import compile_notice  # noqa: F401  (api.load's progress notice)
 from ._malloc import keep_scratch_mapped
 
 refresh_stale_cache(_mm.dequantize_rows)
@@ -41,8 +41,7 @@ refresh_stale_cache(_mm.dequantize_rows)
 # CPU (a fresh install, changed sources): ~25 s on 2 cores before anything else runs.
 # Said once through logging (WARNING: shown even where nobody configured logging, as the
 # CLI has not yet when it imports efedge), so a first `efedge run` does not look hung.
-with numba.core.event.install_listener(
-        "numba:compile", _compile_announcer(logging.getLogger("efedge.kernels"))):
+with _announce_compiles(logging.getLogger("efedge.kernels")):
     from . import _callees  # noqa: E402,F401  (registers the shared dispatchers first)
 
 __all__ = ["SUPPORTED_QTYPES", "check_qtype", "dequantize", "matvec", "matmul", "qmatmul",
@@ -304,10 +303,3 @@ def compile_stats() -> tuple[int, int]:
             compiled += sum(st.cache_misses.values())
             cached += sum(st.cache_hits.values())
     return compiled, cached
-
-
-def compile_notice(report):
-    """A context in which ``report()`` is called once, when numba starts compiling
-    anything (in this thread or another): the load then takes minutes instead of a
-    second, once per install, and a progress display can say why."""
-    return numba.core.event.install_listener("numba:compile", _FirstCompile(report))

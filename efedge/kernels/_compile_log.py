@@ -26,6 +26,13 @@ class FirstCompile(numba.core.event.Listener):
         pass
 
 
-def compile_announcer(log: logging.Logger) -> FirstCompile:
-    """A listener that logs COMPILE_MESSAGE at WARNING on the first compilation."""
-    return FirstCompile(lambda: log.warning(COMPILE_MESSAGE))
+def compile_notice(report):
+    """A context in which ``report()`` is called once, when numba starts compiling
+    anything (in this thread or another): the load then takes minutes instead of a
+    second, once per install, and a progress display can say why."""
+    return numba.core.event.install_listener("numba:compile", FirstCompile(report))
+
+
+def announce_compiles(log: logging.Logger):
+    """compile_notice that logs COMPILE_MESSAGE at WARNING."""
+    return compile_notice(lambda: log.warning(COMPILE_MESSAGE))
