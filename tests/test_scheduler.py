@@ -320,6 +320,7 @@ def test_expertflow_prefetches_by_deadline_within_the_room():
         for m in range(4):
             src.t += 1e-3
             pol.on_route(m, None, np.array([[m, m + 4]]))
+            pol.on_demand_issued(m)
     assert pol.predictor.recall_at_k()[0] > 0.95
     assert src.prefetched
     for _layer, experts, prio in src.prefetched:
@@ -343,6 +344,7 @@ def _distances_past_horizon(pol: ExpertFlow, tokens: int) -> list[int]:
         for m in range(4):
             src.t += 1e-3
             pol.on_route(m, None, np.array([[m, m + 4]]))
+            pol.on_demand_issued(m)  # as a source does once the layer's loads are queued
     return asked
 
 

@@ -31,6 +31,10 @@ class NextLayer(Policy):
     def on_route(self, layer, hidden, ids, pregate=None) -> None:
         t0 = self.source.now()
         self._note_route(layer, ids)
+        self._defer(self._plan_next, layer, hidden, pregate)  # behind the demand loads
+        self.overhead_s += self.source.now() - t0
+
+    def _plan_next(self, layer, hidden, pregate) -> None:
         nxt = layer + self._span(layer, 1)  # the next layer with experts
         if nxt < self.n_layer:
             logits = None
@@ -59,7 +63,6 @@ class NextLayer(Policy):
                 self._record_horizon(0.0)
         else:
             self._record_horizon(0.0)
-        self.overhead_s += self.source.now() - t0
 
 
 class _Predictive(Policy):
@@ -115,6 +118,10 @@ class FixedHorizon(_Predictive):
     def on_route(self, layer, hidden, ids, pregate=None) -> None:
         t0 = self.source.now()
         self._note_route(layer, ids)
+        self._defer(self._plan_fixed, layer, hidden, ids, pregate)  # behind the demand loads
+        self.overhead_s += self.source.now() - t0
+
+    def _plan_fixed(self, layer, hidden, ids, pregate) -> None:
         reach = self._span(layer, self.horizon)  # the next H layers with experts
         self._predict(layer, hidden, ids, pregate, reach)
         pred, cache = self.predictor, self.source.cache
@@ -130,7 +137,6 @@ class FixedHorizon(_Predictive):
             if want:
                 self._prefetch_within(room, m, want, priority=self._step + d + 1)
         self._record_horizon(float(self.horizon))
-        self.overhead_s += self.source.now() - t0
 
 
 class ExpertFlow(_Predictive):
@@ -233,6 +239,11 @@ class ExpertFlow(_Predictive):
         h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
                                         ids2.shape[0], self._mean_bytes,
                                         float(eng.bandwidth_ewma), float(eng.latency_ewma))
+        # the predictor and the plan run once this layer's demand loads are on the link
+        self._defer(self._predict_and_plan, layer, hidden, ids2, pregate, h_need)
+        self.overhead_s += src.now() - t0
+
+    def _predict_and_plan(self, layer, hidden, ids2, pregate, h_need: int) -> None:
         # predict as far as the controller looks, and this layer's next turn (eviction
         # values read p_next; the layers in between were valued on earlier steps)
         if self.value_all:
@@ -250,7 +261,6 @@ class ExpertFlow(_Predictive):
         if self._stager is not None:
             self._plan_stage(layer, self.horizon)
         self._record_horizon(float(self.horizon))
-        self.overhead_s += src.now() - t0
 
     def _plan_stage(self, layer: int, horizon: int) -> None:
         """Plan the host tier's staging (issued with the prefetches, behind this layer's
@@ -274,9 +284,9 @@ class ExpertFlow(_Predictive):
 
     def on_demand_issued(self, layer: int) -> None:
         """As Policy's, and staging planned without any VRAM prefetch is issued too."""
-        if self._plan or self._stage_plan:
+        if self._deferred is not None or self._plan or self._stage_plan:
             t0 = self.source.now()
-            self._flush_plan()
+            self._catch_up()
             self.overhead_s += self.source.now() - t0
 
     def _flush_plan(self) -> None:
@@ -331,11 +341,11 @@ class ExpertFlow(_Predictive):
         and issue at once: no demand load is queued yet."""
         src = self.source
         t0 = src.now()
+        if self._deferred is not None or self._plan:  # (a source without on_demand_issued)
+            self._catch_up()
         super().on_pass(tokens)
         if self._all_fit or not self.pass_start:
             return
-        if self._plan:
-            self._flush_plan()
         L = self.n_layer
         h_need = self._h_need()
         # as far as on_route would predict (predicting all L layers for their eviction

@@ -6,11 +6,15 @@ A policy is a small object with these hooks, all called on the compute thread:
 * `victim(cache, candidates) -> slot` — choose among unpinned READY slots (cond held);
   -1 refuses (only ever during the policy's own prefetch).
 * `on_request(layer, experts)` — the layer asked for these experts (cond held).
-* `on_demand_issued(layer)` — its missing experts are queued (cond held): prefetches
-  planned in on_route are issued here, behind them.
-* `on_route(layer, hidden, ids, pregate=None)` — a layer has routed; a predictor may
-  prefetch here. `pregate` [T, n, E]: router logits of layers layer+1..layer+n on this
-  hidden state, for sources without router weights (the trace simulator).
+* `on_demand_issued(layer)` — its missing experts are queued (cond not held): the
+  prediction deferred from on_route runs here, while those loads are on the link, and
+  the prefetches it plans are issued behind them.
+* `on_route(layer, hidden, ids, pregate=None)` — a layer has routed, before its experts
+  are requested: a prefetching policy does the cheap part here (which experts the layer
+  needs, cancelling prefetches that came due unused, the horizon controller) and defers
+  its prediction to on_demand_issued, so that a demand load never waits for the
+  predictor. `pregate` [T, n, E]: router logits of layers layer+1..layer+n on this hidden
+  state, for sources without router weights (the trace simulator).
 
 Policies only talk to the source through `prefetch(layer, experts, priority=)`,
 `cancel_prefetch` (where the source has them, ExpertFlow uses their batched forms
@@ -53,6 +57,8 @@ class Policy:
         # per (layer, expert): the step a queued prefetch was fetched for (-1: none)
         self._due = np.full((self.n_layer, self.n_expert), -1, dtype=np.int64)
         self._plan: list[tuple] = []  # prefetches decided in on_route, issued after demand
+        # on_route's prediction, run by on_demand_issued: (function, *arguments) or None
+        self._deferred: tuple | None = None
         self._evict_limit = np.inf  # while issuing a prefetch: evict only what is worth less
         self._evict_p_limit = np.inf  # … and only victims less likely to be used than this
         self._spans = _moe_spans(source)
@@ -75,13 +81,25 @@ class Policy:
         pass
 
     def on_demand_issued(self, layer: int) -> None:
-        """The layer's own missing experts are queued (cond held): now issue the
-        prefetches planned at on_route, so that none of them starts on the link ahead of
-        a load the layer is about to wait for."""
-        if self._plan:
+        """The layer's own missing experts are queued: now run the prediction on_route
+        deferred (the loads are on the link meanwhile) and issue the prefetches it plans,
+        so that none of them starts on the link ahead of a load the layer is about to wait
+        for."""
+        if self._deferred is not None or self._plan:
             t0 = self.source.now()
-            self._flush_plan()
+            self._catch_up()
             self.overhead_s += self.source.now() - t0
+
+    def _defer(self, fn, *args) -> None:
+        """Leave fn(*args) — on_route's prediction and planning — to on_demand_issued."""
+        self._deferred = (fn, *args)
+
+    def _catch_up(self) -> None:
+        """Run the deferred prediction, then issue every planned prefetch."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred[0](*deferred[1:])
+        self._flush_plan()
 
     def on_route(self, layer: int, hidden: np.ndarray, ids: np.ndarray,
                  pregate: np.ndarray | None = None) -> None:
@@ -94,8 +112,8 @@ class Policy:
     def _note_route(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Remember the layer being computed and the experts it still needs; returns the
         keys (m * E + e) of queued prefetches that came due without being needed."""
-        if self._plan:  # a source that never called on_demand_issued: issue late
-            self._flush_plan()
+        if self._deferred is not None or self._plan:  # a source that never called
+            self._catch_up()  # on_demand_issued: predict and issue late
         if layer <= self._last_layer:
             self._step = (self._step // self.n_layer + 1) * self.n_layer
         self._step = self._step - self._step % self.n_layer + layer

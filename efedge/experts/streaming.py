@@ -161,36 +161,38 @@ class StreamingExperts:
             return None
         # plain Python over the K ids: numpy calls on 4 elements cost more than the work
         where, state, pins = cache.where[layer], cache.slot_state, cache.slot_pins
-        with self.cond:
-            slot_of = {}
-            slots = []
-            for e in ids.tolist():
-                s = int(where[e])
-                if s < 0 or state[s] != READY:
-                    return None
-                slot_of[e] = s
-                slots.append(s)
-            wanted = sorted(slot_of)
-            cnt = self.counters
-            cnt.expert_requests += len(wanted)
-            cnt.hits += len(wanted)
-            pinned = []  # unpinned in finally, whatever interrupts (Ctrl-C) and where
-            try:
+        pinned = []  # unpinned in finally, whatever interrupts (Ctrl-C) and where
+        try:
+            with self.cond:
+                slot_of = {}
+                slots = []
+                for e in ids.tolist():
+                    s = int(where[e])
+                    if s < 0 or state[s] != READY:
+                        return None
+                    slot_of[e] = s
+                    slots.append(s)
+                wanted = sorted(slot_of)
+                cnt = self.counters
+                cnt.expert_requests += len(wanted)
+                cnt.hits += len(wanted)
                 for s in slot_of.values():
                     if cache.slot_prefetched[s]:
                         cnt.prefetch_used += 1
                         cache.slot_prefetched[s] = False
-                    pins[s] += 1  # as acquire pins them: a plan flushed below must not evict
+                    pins[s] += 1  # as acquire pins them: a plan issued below must not evict
                     pinned.append(s)
                 self.policy.on_request(layer, wanted)
-                issued = getattr(self.policy, "on_demand_issued", None)
-                if issued is not None:
-                    issued(layer)
-            finally:
-                for s in pinned:
-                    pins[s] -= 1
-            for e in wanted:  # the order acquire yields (and touches) them in: by id
-                cache.touch(slot_of[e])
+            issued = getattr(self.policy, "on_demand_issued", None)
+            if issued is not None:  # not under cond: the policy predicts here (as acquire)
+                issued(layer)
+        finally:
+            if pinned:
+                with self.cond:
+                    for s in pinned:
+                        pins[s] -= 1
+        for e in wanted:  # the order acquire yields (and touches) them in: by id
+            cache.touch(slot_of[e])
         views, first = self.pool_slots(layer)
         return np.array([s - first for s in slots], np.int32), views
 
@@ -252,9 +254,8 @@ class StreamingExperts:
                 self._issue(layer, pending, held)
             self.yield_to_workers()  # the demand loads start now
             issued = getattr(self.policy, "on_demand_issued", None)
-            if issued is not None:  # prefetches go behind this layer's own loads
-                with self.cond:
-                    issued(layer)
+            if issued is not None:  # prefetches go behind this layer's own loads; not
+                issued(layer)  # under cond: the policy predicts here, beside the copies
             self._after_issue(skip, **kw)
             self.yield_to_workers()
             remaining = set(wanted) - set(skip)
