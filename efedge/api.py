@@ -208,7 +208,8 @@ class Model:
         pol = make_policy(policy)
         link_obj = parse_link(link)
         ecache = ExpertCache(store, budget, self.config.n_expert_used)
-        store.drop_page_cache()  # experts reach compute only through the slots now
+        if link_obj is None:  # experts reach compute only through the slots now; an
+            store.drop_page_cache()  # emulated link reads them from the page cache
         engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
         source = StreamingExperts(store, ecache, engine, pol, self.counters,
                                   routers=[b.ffn_gate_inp for b in self._tf.blocks],

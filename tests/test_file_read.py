@@ -95,6 +95,7 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     engine._fd = os.open(path, os.O_RDONLY)
     engine._fds = [engine._fd]
     engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
+    engine.drop_pages = True
 
     class Slots:
         @staticmethod

@@ -191,3 +191,71 @@ def test_yield_gil_lets_a_waiting_thread_run():
     finally:
         sys.setswitchinterval(old)
     assert ran_while_yielding
+
+
+@pytest.mark.parametrize("kernel_reads", [True, False])
+def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kernel_reads):
+    """Without a link every read expert's file pages are dropped (the budget is honest);
+    with an emulated link they stay, and the file's expert pages are not dropped at load:
+    reads that went to the disk each time would make every emulated link the disk's speed.
+    Both read paths: the GIL-free kernel and Python's pread + posix_fadvise."""
+    import os
+
+    from efedge.experts import file_read
+    from efedge.experts import transfer as transfer_mod
+
+    if kernel_reads and not file_read.available():
+        pytest.skip("no file_read kernel in this libc")
+    if not kernel_reads and not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise")
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    dropped = []
+    real_kernel, real_fadvise = file_read.read_expert, os.posix_fadvise
+
+    def kernel(*a, drop_pages=True, **kw):
+        dropped.append(drop_pages)
+        return real_kernel(*a, drop_pages=drop_pages, **kw)
+
+    def fadvise(fd, off, n, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append(True)
+        return real_fadvise(fd, off, n, advice)
+
+    monkeypatch.setattr(transfer_mod.file_read, "read_expert", kernel)
+    monkeypatch.setattr(transfer_mod.os, "posix_fadvise", fadvise)
+    store_drops = []
+    monkeypatch.setattr(ExpertStore, "drop_page_cache", lambda self: store_drops.append(1))
+    gf = GGUFFile(path)
+    from efedge.config import config_from_gguf
+
+    cfg = config_from_gguf(gf)
+    fd = os.open(path, os.O_RDONLY)
+
+    def py_read(buf, off):  # an injected reader: the engine reads in Python
+        buf[:] = np.frombuffer(os.pread(fd, len(buf), off), dtype=np.uint8)
+
+    for link, expect_drop in ((None, True), (parse_link("2GB/s"), False)):
+        dropped.clear()
+        store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+        cache = ExpertCache(store, _min_budget(path), cfg.n_expert_used)
+        engine = TransferEngine(path, store, cache, Counters(), link, workers=1,
+                                read_fn=None if kernel_reads else py_read)
+        try:
+            assert engine.drop_pages is expect_drop
+            assert engine._kernel_reads() is kernel_reads
+            slot = cache.free_or_victim(0, lambda c, cands: int(cands[0]))
+            cache.assign(slot, 0, 1)
+            engine.load_now(0, 1, slot)
+        finally:
+            engine.close()
+        if expect_drop:
+            assert dropped and all(dropped), dropped
+        else:  # the kernel was asked not to drop; Python made no DONTNEED call
+            assert not any(dropped) and (bool(dropped) or not kernel_reads), dropped
+    os.close(fd)
+    # the model: drops the file's expert pages at load only without a link
+    store_drops.clear()
+    efedge.load(path, cache="50%").close()
+    assert store_drops == [1]
+    efedge.load(path, cache="50%", link="2GB/s").close()
+    assert store_drops == [1]

@@ -4,7 +4,11 @@
   prefetch that became stale can be cancelled.
 * Reads use pread into the slot, then posix_fadvise(DONTNEED) on the file range, so the
   page cache does not quietly keep every expert beside the slots (the budget is honest);
-  all six calls of an expert in one numba kernel that holds no GIL (file_read.py).
+  all six calls of an expert in one numba kernel that holds no GIL (file_read.py). With
+  an emulated link the pages stay: the file then stands for the far tier the link leads
+  from (host RAM behind PCIe, an NVMe drive), and reads that went to this machine's own
+  disk each time would make every link the disk's speed (a virtual disk here read a 96
+  KiB expert in ~400 µs: slower than a 720 MB/s link's 137).
 * An online meter of the link, not of one request: bytes over the time at least one copy
   was under way (ratio of two EWMAs), and each request's service time (from when the link
   started on it: its own start, or the previous completion if it queued behind one). A
@@ -162,8 +166,11 @@ class TransferEngine:
 
     def __init__(self, path: str | os.PathLike, store: ExpertStore, cache: ExpertCache,
                  counters: Counters, link: Link | None = None, workers: int = 2,
-                 read_fn=None):
+                 read_fn=None, drop_pages: bool | None = None):
         self.store, self.cache, self.counters, self.link = store, cache, counters, link
+        # drop each expert's file pages after reading it (default: unless a link is
+        # emulated, whose rate the reads must not fall below: the module's docstring)
+        self.drop_pages = link is None if drop_pages is None else bool(drop_pages)
         self.cond = cache.cond  # READY and failed loads: the compute thread waits on it
         self.work = threading.Condition(cache.lock)  # queued jobs: the workers wait on it
         # one descriptor per file: a split GGUF's shards (store.paths; store.shard says
@@ -309,7 +316,8 @@ class TransferEngine:
         return int(nbytes.sum())
 
     def _copy(self, job: Job) -> int:
-        return self._read_expert(self.cache.slot_parts(job.slot), job.layer, job.expert)
+        return self._read_expert(self.cache.slot_parts(job.slot), job.layer, job.expert,
+                                 drop_pages=self.drop_pages)
 
     def load_now(self, layer: int, expert: int, slot: int) -> int:
         """Synchronous load on the calling thread (the fallback after failed retries)."""

@@ -225,8 +225,9 @@ class GpuTransferEngine(TransferEngine):
         (its waiters then read it themselves) and raises."""
         t0 = time.perf_counter()
         try:
+            # an emulated disk reads from the page cache (as TransferEngine's link)
             n = self._read_expert(self.host.slot_parts(slot, layer), layer, expert,
-                                  drop_pages=True)
+                                  drop_pages=self.host.disk is None)
             self.host.wait_disk(n, t0)
         except BaseException:
             self.host.release(slot)
