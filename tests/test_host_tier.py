@@ -402,6 +402,31 @@ def test_disk_link_slows_host_reads(tiny_gguf):
         _close(gf, reads, src)
 
 
+def test_host_reads_keep_the_pages_only_behind_an_emulated_disk(tiny_gguf):
+    """A host miss drops the expert's file pages (the host level is the only copy) unless
+    disk_link= emulates the disk: then the page cache stands for that disk, so the reads
+    take the emulated time rather than this machine's disk's."""
+    path = tiny_gguf("qwen3moe", "F16")
+    from efedge.experts.transfer import Link
+
+    for disk_link, expect in ((None, True), (Link("fast", 1e12, 0.0), False)):
+        gf, store, host, reads, src = _parts(path, vram_experts=4, host_experts=8,
+                                             disk_link=disk_link)
+        seen = []
+        real = src.engine._read_expert
+
+        def spy(parts, layer, expert, drop_pages=True, real=real, seen=seen):
+            seen.append(drop_pages)
+            return real(parts, layer, expert, drop_pages=drop_pages)
+
+        src.engine._read_expert = spy
+        try:
+            _drain(src, 0, [0, 1])
+            assert seen and all(d is expect for d in seen), (disk_link, seen)
+        finally:
+            _close(gf, reads, src)
+
+
 def test_arguments_are_checked_and_named(tiny_gguf):
     path = tiny_gguf("qwen3moe", "F16")
     with pytest.raises(EfedgeError, match="host_cache=.*device='cuda'"):
