@@ -71,6 +71,25 @@ def check_close(got: np.ndarray, w64: np.ndarray, x64: np.ndarray) -> None:
     assert np.all(err <= 1e-5 * scale.max() + 1e-30), float(err.max() / scale.max())
 
 
+@pytest.mark.parametrize("qt", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_K])
+def test_embedding_rows_are_the_dequantized_rows(qt):
+    """The token embedding's rows (model.embedding_rows: numpy for F32 / F16) equal
+    kernels.dequantize's, every fp16 bit pattern and random F32 bits (inf, NaN) included."""
+    from efedge.model import embedding_rows
+
+    rng = np.random.default_rng(3)
+    if qt == Q.F16:
+        raw = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.uint8).reshape(64, -1)
+    else:
+        raw = rng.integers(0, 256, (64, GGML_QUANT_SIZES[qt][1] * 4), np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        got, ref = embedding_rows(raw, int(qt)), dequantize(raw, int(qt))
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
+
+
 @pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda t: t.name)
 def test_supported(qt):
     assert int(qt) in SUPPORTED_QTYPES
