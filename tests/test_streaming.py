@@ -259,3 +259,26 @@ def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kern
     assert store_drops == [1]
     efedge.load(path, cache="50%", link="2GB/s").close()
     assert store_drops == [1]
+
+
+def test_expertflow_predicts_once_the_layers_demand_loads_are_queued(tiny_gguf):
+    """The predictor step and its plan run in on_demand_issued, after the layer's missing
+    experts got their slots and loads: a demand load never waits for the predictor."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    with efedge.load(path, cache="40%", policy="expertflow") as m:
+        src = m._experts
+        pol, cache = src.policy, src.cache
+        seen = []
+        real = pol.predictor.step
+
+        def spy(layer, ids, **kw):
+            if np.shape(ids)[0] == 1:  # decode (a prompt may want more than the cache holds)
+                need = np.flatnonzero(pol.needed)
+                seen.append((src.counters.misses,
+                             bool((cache.where[layer, need] >= 0).all())))
+            return real(layer, ids, **kw)
+
+        pol.predictor.step = spy
+        m.generate(_ids(8), max_tokens=24, temperature=0)
+    assert seen and all(ok for _, ok in seen), seen
+    assert seen[-1][0] > seen[0][0]  # layers did miss: there were demand loads to queue
