@@ -211,10 +211,14 @@ class Model:
         if link_obj is None:  # experts reach compute only through the slots now; an
             store.drop_page_cache()  # emulated link reads them from the page cache
         engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
-        source = StreamingExperts(store, ecache, engine, pol, self.counters,
-                                  routers=[b.ffn_gate_inp for b in self._tf.blocks],
-                                  n_active=self.config.n_expert_used,
-                                  selection=RouterSelection.of_model(self._tf))
+        try:  # (the policy's attach can refuse, e.g. a trace of another model)
+            source = StreamingExperts(store, ecache, engine, pol, self.counters,
+                                      routers=[b.ffn_gate_inp for b in self._tf.blocks],
+                                      n_active=self.config.n_expert_used,
+                                      selection=RouterSelection.of_model(self._tf))
+        except BaseException:
+            engine.close()  # its threads and file descriptors
+            raise
         self._tf.on_route = source.on_route
         self._tf.on_pass = source.on_pass
         self.link = link_obj

@@ -546,3 +546,60 @@ def test_every_forward_pass_reaches_the_policy_with_its_tokens(tiny_gguf):
             assert pred.tok_tags[b] == tok and pred.tok_hist[b].any()
         # the alternating pattern is learned: token memory leads the fusion weights
         assert pred.mean_weights()[0, 4] > 0.2, pred.mean_weights()[0]
+
+
+# -- seeding the predictor from a routing trace ----------------------------------------------
+
+def _transfer_threads() -> int:
+    import threading
+
+    return sum(t.name.startswith("efedge-transfer") for t in threading.enumerate())
+
+
+def test_policy_trace_seeds_the_predictor_and_bad_traces_are_named(tiny_gguf, tmp_path,
+                                                                     capsys):
+    """`--policy-trace` / trace=: a trace of this model seeds the transitions before any
+    token; a missing, unreadable, foreign-shaped or misplaced trace is one EfedgeError
+    naming it, and a refused model leaves no transfer thread behind."""
+    from efedge.cli import main
+    from efedge.config import config_from_gguf
+    from efedge.gguf_file import GGUFFile
+
+    path = str(tiny_gguf("qwen3moe", "Q4_K_M"))
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    gf.close()
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(cfg.n_expert, cfg.n_expert_used, replace=False)
+                              for _ in range(cfg.n_layer)]) for _ in range(40)])
+    good = tmp_path / "good.npz"
+    np.savez(good, experts=ids)
+    with efedge.load(path, cache="50%", policy=make_policy("expertflow", trace=str(good))) as m:
+        assert m._experts.policy.predictor.rowsum.sum() > 0  # seeded before any token
+    with efedge.load(path, cache="50%", policy="expertflow") as m:
+        assert m._experts.policy.predictor.rowsum.sum() == 0
+    assert main(["run", path, "-p", "hi", "-n", "2", "--temp", "0", "--cache", "50%",
+                 "--policy", "fixed:2", "--policy-trace", str(good)]) == 0
+    capsys.readouterr()
+
+    other = tmp_path / "other.npz"  # a trace of a model with one more layer
+    np.savez(other, experts=np.zeros((4, cfg.n_layer + 1, cfg.n_expert_used), np.int64))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a trace")
+    no_experts = tmp_path / "probs.npz"
+    np.savez(no_experts, probs=np.zeros((4, 2, 2)))
+    before = _transfer_threads()
+    for trace, words in [(tmp_path / "missing.npz", "missing.npz"),
+                         (text, "notes.txt"), (no_experts, "no 'experts' array"),
+                         (other, f"{cfg.n_layer + 1}")]:
+        with pytest.raises(efedge.EfedgeError, match="trace") as err:
+            efedge.load(path, cache="50%", policy=make_policy("expertflow", trace=str(trace)))
+        assert words in str(err.value)
+        assert main(["run", path, "-p", "hi", "-n", "1", "--cache", "50%",
+                     "--policy-trace", str(trace)]) == 1
+        assert words in capsys.readouterr().err
+    assert _transfer_threads() == before  # the refused models closed their engines
+    with pytest.raises(efedge.EfedgeError, match="ondemand"):
+        make_policy("ondemand", trace=str(good))
+    assert main(["run", path, "-p", "hi", "-n", "1", "--policy-trace", str(good)]) == 1
+    assert "--cache" in capsys.readouterr().err

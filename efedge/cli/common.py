@@ -88,6 +88,9 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
                    help="expert cache budget: bytes, 512MiB, 25%% of expert bytes "
                         "(default: all experts resident)")
     p.add_argument("--policy", default="expertflow", help="expert cache policy")
+    p.add_argument("--policy-trace", default=None, metavar="TRACE",
+                   help="seed the expert predictor (expertflow, fixed:H) with a routing "
+                        "trace of this model (.npz from efedge trace)")
     p.add_argument("--link", default=None, help="emulated link, e.g. 8GB/s, pcie4x4, nvme")
     add_host_tier_args(p)
     p.add_argument("--routing", default="exact", choices=("exact", "cache-aware"),
@@ -154,7 +157,15 @@ def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
     path = args.model_flag or args.model
     if getattr(args, "chat_template", None) is not None:
         kwargs.setdefault("chat_template", chat_template_source(args.chat_template))
-    return efedge.load(path, device=args.device, cache=args.cache, policy=args.policy,
+    policy = args.policy
+    if getattr(args, "policy_trace", None) is not None:
+        from efedge.experts.scheduler import make_policy
+
+        if args.cache is None:
+            raise EfedgeError("--policy-trace seeds the expert cache's predictor: it needs "
+                              "--cache")
+        policy = make_policy(policy, trace=str(Path(args.policy_trace).expanduser()))
+    return efedge.load(path, device=args.device, cache=args.cache, policy=policy,
                        threads=args.threads, n_ctx=args.ctx_size, link=args.link,
                        routing=getattr(args, "routing", "exact"),
                        routing_slack=getattr(args, "routing_slack", 0.05),

@@ -296,6 +296,10 @@ def make_policy(name, **kwargs) -> Policy:
                               "give each model its own")
         return name
     key = str(name).strip().lower()
+    if kwargs.get("trace") is not None and not (key.startswith("fixed") or
+                                                key == "expertflow"):
+        raise EfedgeError(f"a routing trace seeds the predictor of expertflow and fixed:H; "
+                          f"policy {name!r} has none")
     if key.startswith("fixed"):
         _, _, h = key.partition(":")
         try:
