@@ -55,7 +55,6 @@ _ONE_W = np.ones(1, np.float32)
 _QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL}
 
 
-
 # token embeddings stored as floats: the dtype to view their raw rows as (BF16 is not here:
 # numpy has no bfloat16)
 _FLOAT_ROWS = {int(GGMLQuantizationType.F32): np.float32,
@@ -71,6 +70,7 @@ def embedding_rows(rows: np.ndarray, qtype: int) -> np.ndarray:
     if view is not None:
         return rows.view(view).astype(np.float32)
     return kernels.dequantize(rows, qtype).astype(np.float32)
+
 
 class Block:
     """One transformer layer's weights; attribute names follow the GGUF tensor names."""

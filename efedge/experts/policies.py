@@ -10,7 +10,7 @@ import numpy as np
 from efedge.errors import EfedgeError
 from efedge.experts.horizon import HorizonController, select_prefetch, value_victim
 from efedge.experts.issue import PrefetchPlan
-from efedge.experts.predictor import HybridPredictor
+from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
 from efedge.experts.scheduler import POLICIES, Policy
 
 
@@ -66,33 +66,22 @@ class NextLayer(Policy):
             self._record_horizon(0.0)
 
 
-def _is_path(x) -> bool:
-    return isinstance(x, str | bytes) or hasattr(x, "__fspath__")
-
-
 def read_seed_trace(trace) -> np.ndarray:
     """The expert ids of a routing trace, int32 [n_tokens, n_layer, K]: an array, or a
     path to an .npz holding one under "experts" (what `efedge trace` writes). A file that
     cannot be read, or holds no such array, is an EfedgeError naming it."""
     name = trace
-    if _is_path(trace):
-        try:
-            with np.load(trace, allow_pickle=False) as z:
-                if "experts" not in getattr(z, "files", ()):
-                    raise EfedgeError(f"{trace!s} holds no 'experts' array: not a routing "
-                                      "trace (write one with efedge trace)")
-                trace = z["experts"]
-        except EfedgeError:
-            raise
-        except Exception as exc:  # OSError, a bad zip, a pickled or truncated file
-            raise EfedgeError(f"cannot read the routing trace {name!s}: {exc}") from None
+    try:
+        trace = trace_experts(trace)  # (only a file can fail here)
+    except Exception as exc:  # OSError, a bad zip, a pickled or truncated file, no ids
+        raise EfedgeError(f"cannot read the routing trace {name!s}: {exc}") from None
     try:
         ex = np.asarray(trace)
         ok = ex.ndim == 3 and ex.size > 0 and np.issubdtype(ex.dtype, np.integer)
     except Exception:  # noqa: BLE001 - anything that is not an array of ids
         ok = False
     if not ok or ex.min() < 0:
-        what = f"{name!s}" if _is_path(name) else "the array given"
+        what = f"{name!s}" if is_path(name) else "the array given"
         raise EfedgeError(f"a routing trace to seed the predictor with holds expert ids ≥ 0 "
                           f"shaped [n_tokens, n_layer, K]; {what} does not")
     return np.ascontiguousarray(ex, dtype=np.int32)
@@ -102,13 +91,14 @@ class _Predictive(Policy):
     """Shared by fixed:H and expertflow: the hybrid predictor fed once per layer."""
 
     prefetches = True
+    seeds_from_trace = True
     max_distance = 8
 
     def __init__(self, trace=None, **predictor_kw):
         # a routing trace to seed the transitions with: read and checked here, before a
         # model's transfer threads start, so a bad file is one clear error
         self.trace = None if trace is None else read_seed_trace(trace)
-        self._trace_name = None if trace is None or not _is_path(trace) else str(trace)
+        self._trace_name = None if trace is None or not is_path(trace) else str(trace)
         self.predictor_kw = predictor_kw
 
     def attach(self, source) -> None:
@@ -118,15 +108,13 @@ class _Predictive(Policy):
         self.predictor = HybridPredictor(self.n_layer, self.n_expert, self.n_active,
                                          max_distance=reach, **self.predictor_kw)
         if self.trace is not None:
-            if self.trace.shape[1] != self.n_layer or self.trace.max() >= self.n_expert:
+            try:
+                self.predictor.seed(self.trace)
+            except ValueError as exc:  # its shape or ids do not fit this model
                 raise EfedgeError(
-                    f"the routing trace {self._trace_name or '(an array)'} to seed the "
-                    f"predictor with "
-                    f"is [tokens {self.trace.shape[0]}, layers {self.trace.shape[1]}, K "
-                    f"{self.trace.shape[2]}] with expert ids up to {int(self.trace.max())}, "
-                    f"but this model has {self.n_layer} layers of {self.n_expert} experts: "
-                    "record it from this model (efedge trace)")
-            self.predictor.seed(self.trace)
+                    f"the routing trace {self._trace_name or '(an array)'} does not fit this "
+                    f"model ({self.n_layer} layers of {self.n_expert} experts): {exc}; "
+                    "record it from this model (efedge trace)") from None
         self._dense_checked = False
 
     def _predict(self, layer, hidden, ids, pregate, n_pred: int, also: int = 0) -> None:

@@ -63,6 +63,24 @@ _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by iden
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
 
 
+
+def is_path(x) -> bool:
+    """Whether a routing trace was given as a file name rather than an array."""
+    return isinstance(x, str | bytes) or hasattr(x, "__fspath__")
+
+
+def trace_experts(trace):
+    """The expert ids a routing trace holds: `trace` itself, or the "experts" array of the
+    .npz file it names (a ValueError when the file holds none; numpy's errors when it
+    cannot be read)."""
+    if not is_path(trace):
+        return trace
+    with np.load(trace, allow_pickle=False) as z:
+        if "experts" not in z.files:
+            raise ValueError("it holds no 'experts' array: not a routing trace (write one "
+                             "with efedge trace)")
+        return z["experts"]
+
 class HybridPredictor:
     """Online state of the hybrid predictor; `step()` once per routed MoE layer.
 
@@ -168,10 +186,7 @@ class HybridPredictor:
     def seed(self, experts, weight: float = 1.0) -> None:
         """Transition counts from a routing trace: an array [n_tokens, n_layer, K] of
         expert ids, or a path to a .npz holding one under "experts"."""
-        if isinstance(experts, str | bytes) or hasattr(experts, "__fspath__"):
-            with np.load(experts) as z:
-                experts = z["experts"]
-        ex = np.ascontiguousarray(experts, dtype=np.int32)
+        ex = np.ascontiguousarray(trace_experts(experts), dtype=np.int32)
         if ex.ndim != 3 or ex.shape[1] != self.n_layer or ex.size == 0:
             raise ValueError(f"a trace must be [n_tokens, {self.n_layer}, K], got "
                              f"{list(ex.shape)}")

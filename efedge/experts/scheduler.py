@@ -40,6 +40,7 @@ from efedge.experts.horizon import lru_victim, route_prologue
 class Policy:
     name = "base"
     prefetches = False
+    seeds_from_trace = False  # trace= seeds a predictor (expertflow, fixed:H)
 
     def attach(self, source) -> None:
         self.source = source
@@ -296,11 +297,15 @@ def make_policy(name, **kwargs) -> Policy:
                               "give each model its own")
         return name
     key = str(name).strip().lower()
-    if kwargs.get("trace") is not None and not (key.startswith("fixed") or
-                                                key == "expertflow"):
+    fixed = key.startswith("fixed")
+    cls = POLICIES["fixed"] if fixed else POLICIES.get(key)
+    if cls is None:
+        raise EfedgeError(f"unknown cache policy {name!r} (available: "
+                          f"{', '.join(sorted(POLICIES))}, fixed:H)")
+    if kwargs.get("trace") is not None and not cls.seeds_from_trace:
         raise EfedgeError(f"a routing trace seeds the predictor of expertflow and fixed:H; "
                           f"policy {name!r} has none")
-    if key.startswith("fixed"):
+    if fixed:
         _, _, h = key.partition(":")
         try:
             horizon = int(h) if h else 2
@@ -308,11 +313,7 @@ def make_policy(name, **kwargs) -> Policy:
             horizon = 0
         if horizon < 1:
             raise EfedgeError(f"bad policy {name!r}: use fixed:H with a look-ahead H ≥ 1")
-        return POLICIES["fixed"](horizon, **kwargs)
-    cls = POLICIES.get(key)
-    if cls is None:
-        raise EfedgeError(f"unknown cache policy {name!r} (available: "
-                          f"{', '.join(sorted(POLICIES))}, fixed:H)")
+        return cls(horizon, **kwargs)
     return cls(**kwargs)
 
 
