@@ -261,6 +261,36 @@ def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kern
     assert store_drops == [1]
 
 
+def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatch):
+    """Before the policy runs the prediction it deferred (kernels that keep the GIL), the
+    compute thread hands the GIL to the workers until the layer's first demand loads
+    have started: one sched_yield usually came before the woken worker waited for the
+    GIL, and the load started only after the prediction."""
+    from efedge.experts import streaming
+
+    monkeypatch.setattr(streaming, "HAND_OVER_S", 5.0)  # the mechanism, not the machine
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    with efedge.load(path, cache="40%", policy="expertflow", link="50MB/s") as m:
+        src = m._experts
+        pol, cache, eng = src.policy, src.cache, src.engine
+        seen = []
+        real = pol.predictor.step
+
+        def spy(layer, ids, **kw):
+            if np.shape(ids)[0] == 1:
+                jobs = [eng.jobs_by_key.get(layer * cache.where.shape[1] + int(e))
+                        for e in np.flatnonzero(pol.needed)]
+                demand = [j for j in jobs if j is not None and j.priority == 0]
+                if demand:  # of the loads still in flight, one per worker is under way
+                    started = sum(j.started for j in demand)
+                    seen.append(started >= min(len(demand), eng.n_workers))
+            return real(layer, ids, **kw)
+
+        pol.predictor.step = spy
+        m.generate(_ids(8), max_tokens=24, temperature=0)
+    assert len(seen) >= 3 and all(seen), seen
+
+
 def test_expertflow_predicts_once_the_layers_demand_loads_are_queued(tiny_gguf):
     """The predictor step and its plan run in on_demand_issued, after the layer's missing
     experts got their slots and loads: a demand load never waits for the predictor."""

@@ -314,12 +314,9 @@ class ExpertFlow(_Predictive):
             top = top[np.argsort(-p[top], kind="stable")]
             self._stage_plan.append((m, top, p[top].astype(np.float64), self._step + d + 1))
 
-    def on_demand_issued(self, layer: int) -> None:
-        """As Policy's, and staging planned without any VRAM prefetch is issued too."""
-        if self._deferred is not None or self._plan or self._stage_plan:
-            t0 = self.source.now()
-            self._catch_up()
-            self.overhead_s += self.source.now() - t0
+    def has_deferred_work(self) -> bool:
+        """As Policy's, and staging planned without any VRAM prefetch counts too."""
+        return self._deferred is not None or bool(self._plan) or bool(self._stage_plan)
 
     def _flush_plan(self) -> None:
         super()._flush_plan()
@@ -373,7 +370,7 @@ class ExpertFlow(_Predictive):
         and issue at once: no demand load is queued yet."""
         src = self.source
         t0 = src.now()
-        if self._deferred is not None or self._plan:  # (a source without on_demand_issued)
+        if self.has_deferred_work():  # (a source without on_demand_issued)
             self._catch_up()
         super().on_pass(tokens)
         if self._all_fit or not self.pass_start:

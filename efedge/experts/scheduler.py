@@ -81,12 +81,17 @@ class Policy:
     def on_request(self, layer: int, experts: list[int]) -> None:
         pass
 
+    def has_deferred_work(self) -> bool:
+        """Whether on_demand_issued has anything to do: a deferred prediction or planned
+        prefetches (the source hands its demand loads to the workers first, then)."""
+        return self._deferred is not None or bool(self._plan)
+
     def on_demand_issued(self, layer: int) -> None:
         """The layer's own missing experts are queued: now run the prediction on_route
         deferred (the loads are on the link meanwhile) and issue the prefetches it plans,
         so that none of them starts on the link ahead of a load the layer is about to wait
         for."""
-        if self._deferred is not None or self._plan:
+        if self.has_deferred_work():
             t0 = self.source.now()
             self._catch_up()
             self.overhead_s += self.source.now() - t0
@@ -113,8 +118,8 @@ class Policy:
     def _note_route(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Remember the layer being computed and the experts it still needs; returns the
         keys (m * E + e) of queued prefetches that came due without being needed."""
-        if self._deferred is not None or self._plan:  # a source that never called
-            self._catch_up()  # on_demand_issued: predict and issue late
+        if self.has_deferred_work():  # a source that never called on_demand_issued:
+            self._catch_up()  # predict and issue late
         if layer <= self._last_layer:
             self._step = (self._step // self.n_layer + 1) * self.n_layer
         self._step = self._step - self._step % self.n_layer + layer

@@ -23,6 +23,9 @@ from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine
 from efedge.gil_yield import yield_gil
 
 WAIT_TIMEOUT_S = 60.0  # a load that makes no progress for this long is an error, not a hang
+# How long the compute thread hands the GIL over, at most, for a layer's demand loads to
+# start before the policy's deferred prediction runs (StreamingExperts._start_demand_loads)
+HAND_OVER_S = 200e-6
 
 
 class StreamingExperts:
@@ -243,16 +246,17 @@ class StreamingExperts:
         wanted = [int(e) for e in experts]
         pending: list[int] = []  # not resident, no slot yet
         held: dict[int, int] = {}  # expert → the slot pinned for it
+        queued: list = []  # this layer's loads queued as demand loads (their jobs)
         self.yield_to_workers(landing=True)
         try:  # the slots in `held` are pinned as they are added: the finally unpins them
             with self.cond:
                 # inside the try: Ctrl-C in the policy's on_request or victim choice lands
                 # after _classify pinned the resident experts (their pins were kept for good)
-                self._classify(layer, wanted, pending, held)
+                self._classify(layer, wanted, pending, held, queued)
                 self.policy.on_request(layer, wanted)
                 skip = self._before_issue(layer, pending, **kw)
-                self._issue(layer, pending, held)
-            self.yield_to_workers()  # the demand loads start now
+                self._issue(layer, pending, held, queued)
+            self._start_demand_loads(queued)
             issued = getattr(self.policy, "on_demand_issued", None)
             if issued is not None:  # prefetches go behind this layer's own loads; not
                 issued(layer)  # under cond: the policy predicts here, beside the copies
@@ -294,10 +298,10 @@ class StreamingExperts:
         """The caller is done with a batch's slots (before they are unpinned)."""
 
     def _classify(self, layer: int, wanted: list[int], pending: list[int],
-                  held: dict[int, int]) -> None:
+                  held: dict[int, int], queued: list | None = None) -> None:
         """Count each wanted expert as hit / late / miss (cond held); pin the resident and
         in-flight ones (not evictable until used), promote queued prefetches to demand
-        loads, and list the missing ones in `pending`."""
+        loads (their jobs appended to `queued`), and list the missing ones in `pending`."""
         cache, c = self.cache, self.counters
         c.expert_requests += len(wanted)
         for e in wanted:
@@ -312,15 +316,19 @@ class StreamingExperts:
                 c.late += 1
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
-                    self.engine.promote(job)
+                    job = self.engine.promote(job)
+                    if queued is not None and not job.started:
+                        queued.append(job)
             if cache.slot_prefetched[s]:
                 c.prefetch_used += 1
                 cache.slot_prefetched[s] = False
             cache.slot_pins[s] += 1
             held[e] = s
 
-    def _issue(self, layer: int, pending: list[int], held: dict[int, int]) -> None:
-        """Demand-load pending experts while slots are available (cond held)."""
+    def _issue(self, layer: int, pending: list[int], held: dict[int, int],
+               queued: list | None = None) -> None:
+        """Demand-load pending experts while slots are available (cond held); their jobs
+        are appended to `queued`."""
         while pending:
             e = pending[0]
             s = int(self.cache.where[layer, e])
@@ -343,7 +351,31 @@ class StreamingExperts:
             self.cache.assign(slot, layer, e)
             self.cache.slot_pins[slot] += 1
             held[e] = slot
-            self.engine.submit(layer, e, slot, DEMAND)
+            job = self.engine.submit(layer, e, slot, DEMAND)
+            if queued is not None:
+                queued.append(job)
+
+    def _start_demand_loads(self, queued: list) -> None:
+        """The layer's demand loads are queued (cond released): let the workers start
+        them. When the policy is about to run the prediction it deferred (numba kernels
+        that keep the GIL for ~100 µs), hand the GIL over until the first loads — one per
+        worker — have started, at most HAND_OVER_S: a worker woken for a job needs the
+        GIL for a few lines before its copy, and one sched_yield often came before it was
+        waiting for it, so the load started only after the prediction (measured at 50% /
+        720 MB/s: ~100 µs after being queued). Otherwise (no deferred work: the compute
+        thread goes on to GIL-free kernels) one yield."""
+        pending_work = getattr(self.policy, "has_deferred_work", None)
+        if not queued or pending_work is None or not pending_work():
+            self.yield_to_workers()
+            return
+        first = queued[:getattr(self.engine, "n_workers", 1)]
+        self._submitted_seen = self.engine.submitted
+        deadline = time.perf_counter() + HAND_OVER_S
+        while True:
+            yield_gil()
+            if (all(j.started or j.cancelled for j in first)
+                    or time.perf_counter() > deadline):
+                return
 
     def _ready_batch(self, layer: int, remaining: set[int], pending: list[int],
                      held: dict[int, int], limit: int) -> list[tuple[int, int]]:

@@ -213,7 +213,8 @@ class TransferEngine:
         self._read = read_fn or self._pread  # tests inject faults here
         # the whole expert in one GIL-free kernel call where libc allows (file_read.py)
         self._read_whole = file_read.available()
-        self._threads = [self._spawn(i) for i in range(max(1, workers))]
+        self.n_workers = max(1, workers)
+        self._threads = [self._spawn(i) for i in range(self.n_workers)]
 
     def _spawn(self, i: int) -> threading.Thread:
         t = threading.Thread(target=self._worker, args=(i,), name=f"efedge-transfer-{i}",
@@ -245,14 +246,17 @@ class TransferEngine:
         self.submitted += len(layers)
         self.work.notify(len(layers))
 
-    def promote(self, job: Job) -> None:
-        """A queued prefetch is now needed by the compute thread: make it a demand load."""
+    def promote(self, job: Job) -> Job:
+        """A queued prefetch is now needed by the compute thread: make it a demand load.
+        Returns the job that will load it (a new one, or `job` if already under way)."""
         if not job.started and job.priority != DEMAND:
             job.cancelled = True
             new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
             heapq.heappush(self._queue, new)
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
             self.work.notify()
+            return new
+        return job
 
     def cancel(self, job: Job) -> bool:
         """Drop a queued (not yet started) load and free its slot."""

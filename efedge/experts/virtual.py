@@ -53,13 +53,15 @@ class VirtualTransferEngine:
         self._pump()
         return job
 
-    def promote(self, job: Job) -> None:
+    def promote(self, job: Job) -> Job:
         if not job.started and job.priority != DEMAND:
             job.cancelled = True
             new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
             since = next((t for t, j in self._queue if j is job), self.clock.t)
             self._queue.append((since, new))  # queued since the prefetch was
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
+            return new
+        return job
 
     def cancel(self, job: Job) -> bool:
         if job.started or job.cancelled:
@@ -148,6 +150,9 @@ class SimulatedExperts(StreamingExperts):
 
     def yield_to_workers(self, landing: bool = False) -> None:
         pass  # virtual transfers start when queued and land on the clock
+
+    def _start_demand_loads(self, queued: list) -> None:
+        pass  # (the same: no thread to hand over to)
 
     def _ready_batch(self, layer, remaining, pending, held, limit):
         self.engine.advance_to(self.clock.t)
