@@ -193,6 +193,56 @@ def test_yield_gil_lets_a_waiting_thread_run():
     assert ran_while_yielding
 
 
+def test_an_emulated_link_carries_copies_in_the_order_they_start(tiny_gguf):
+    """The link is booked when a worker takes the job, so a copy whose read comes back
+    late (no core or no GIL on a busy machine) keeps its place on the link: booked after
+    the read, a demand load went behind prefetches that started after it."""
+    import os
+    import time
+
+    from efedge.config import config_from_gguf
+    from efedge.experts.transfer import DEMAND, PREFETCH, Link
+
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+    cache = ExpertCache(store, _min_budget(path), cfg.n_expert_used)
+    # one expert per 0.2 s on the link; the first job's read takes 0.06 s
+    link = Link("test", store.expert_bytes(0) / 0.2)
+    slow_off = int(store.offsets[0, 1, 0])
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(buf, off):
+        if off == slow_off:
+            time.sleep(0.06)
+        buf[:] = np.frombuffer(os.pread(fd, len(buf), off), dtype=np.uint8)
+
+    done: dict[int, float] = {}
+    engine = TransferEngine(path, store, cache, Counters(), link, workers=2, read_fn=read)
+    real_run = engine._run
+
+    def run(job):
+        real_run(job)
+        done[job.expert] = time.perf_counter()
+
+    engine._run = run
+    try:
+        with engine.cond:  # both queued before either worker takes one: 1 goes first
+            for e, prio in ((1, DEMAND), (2, PREFETCH)):
+                slot = cache.free_or_victim(0, lambda c, cands: int(cands[0]))
+                cache.assign(slot, 0, e)
+                engine.submit(0, e, slot, prio)
+        t0 = time.perf_counter()
+        while len(done) < 2 and time.perf_counter() - t0 < 10:
+            time.sleep(0.01)
+    finally:
+        engine.close()
+        os.close(fd)
+    assert len(done) == 2
+    assert done[1] < done[2], done  # the first to start is delivered first
+
+
 @pytest.mark.parametrize("kernel_reads", [True, False])
 def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kernel_reads):
     """Without a link every read expert's file pages are dropped (the budget is honest);

@@ -374,8 +374,11 @@ class GpuTransferEngine(TransferEngine):
             job = None  # its host slot, if claimed, was released by _fill_host
         super()._worker_died(i, job, exc)
 
-    def _emulate_link(self, nbytes: int, started: float) -> None:
-        pass  # the emulated link delays the copy's event instead (see _copy)
+    def _book_link(self, nbytes: int, now: float) -> float:
+        return 0.0  # the emulated link delays the copy's event instead (see _copy)
+
+    def _emulate_link(self, nbytes: int, started: float, until: float = 0.0) -> None:
+        pass  # (the same)
 
     def demand_backlog_bytes(self) -> int:
         """Bytes of demand loads queued and not started (cond held)."""
