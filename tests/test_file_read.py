@@ -77,6 +77,28 @@ def test_bounds_are_checked_before_any_byte_is_written(path):
         os.close(fd)
 
 
+def test_a_read_lands_its_slot_once_every_byte_is_in(path):
+    """`land` = (table, slot, time): the kernel writes the time after the last part; not
+    when a part fails; a slot outside the table is refused before any read."""
+    gf = GGUFFile(path)
+    store = ExpertStore(gf, gf.get("qwen3moe.block_count"), gf.get("qwen3moe.expert_count"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offs, ns = store.offsets[1, 2], store.nbytes[1, 2]
+        table = np.full(4, np.inf)
+        assert file_read.read_expert(fd, _buffers(ns), offs, ns, 4096, land=(table, 2, 12.5))
+        assert table.tolist() == [np.inf, np.inf, 12.5, np.inf]
+        size = os.path.getsize(path)
+        bad = np.array([0, size - 8, 0], np.int64)
+        assert not file_read.read_expert(fd, _buffers(ns), bad, ns, 4096, land=(table, 1, 3.0))
+        assert table[1] == np.inf
+        with pytest.raises(ValueError, match="slot 4 is outside"):
+            file_read.read_expert(fd, _buffers(ns), offs, ns, 4096, land=(table, 4, 1.0))
+    finally:
+        os.close(fd)
+        gf.close()
+
+
 def test_a_part_past_the_end_of_the_file_is_reported(path):
     size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
@@ -98,6 +120,8 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     engine.drop_pages = True
 
     class Slots:
+        slot_land_at = np.full(1, np.inf)
+
         @staticmethod
         def slot_parts(slot):
             return _buffers(store.nbytes[0, 0])
@@ -106,7 +130,7 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     try:
         assert engine._kernel_reads()
         with pytest.raises(OSError, match="unexpected end of file"):
-            engine._copy(type("J", (), {"slot": 0, "layer": 0, "expert": 0})())
+            engine._copy(type("J", (), {"slot": 0, "layer": 0, "expert": 0, "link_until": 0.0})())
     finally:
         os.close(engine._fd)
         gf.close()

@@ -311,6 +311,57 @@ def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kern
     assert store_drops == [1]
 
 
+def test_a_landed_expert_is_taken_without_its_workers_word(tiny_gguf):
+    """Once a copy's bytes are in and the emulated link would have delivered them, the
+    compute thread takes the expert even while its worker waits (here: forever, in the
+    link's wait) to mark it READY; and that worker, when it does get there, does not mark
+    a slot READY that has since gone to another load."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    with efedge.load(path, cache="40%", policy="ondemand", link="2GB/s") as m:
+        src = m._experts
+        cache, eng, store = src.cache, src.engine, src.store
+        e = int(np.flatnonzero(cache.where[0] < 0)[0])  # not resident
+        release = threading.Event()
+        worker_back = []
+        real_emulate = eng._emulate_link
+
+        def held_back(nbytes, started, until=0.0):
+            release.wait(5)  # the worker does not say READY on its own
+            worker_back.append(True)
+            real_emulate(nbytes, started, until)
+
+        eng._emulate_link = held_back
+        try:
+            got = []
+            for batch in src.acquire_batches(0, [e]):
+                got += batch
+            (ge, slot), = got
+            assert not worker_back  # taken while its worker was still held back
+            assert ge == e and cache.where[0, e] == slot
+            assert cache.slot_state[slot] == READY  # marked by the compute thread
+            part = cache.slot_parts(slot)[0]
+            off, n = int(store.offsets[0, e, 0]), int(store.nbytes[0, e, 0])
+            with open(path, "rb") as f:
+                f.seek(off)
+                assert part[:n].tobytes() == f.read(n)
+            # the slot goes to another load before the old worker is back
+            other = int(np.flatnonzero(cache.where[0] < 0)[0])
+            with src.cond:
+                cache.assign(slot, 0, other)
+                eng._new_load(slot)
+        finally:
+            release.set()
+        key = 0 * store.n_expert + e
+        for _ in range(500):
+            if key not in eng.jobs_by_key:
+                break
+            threading.Event().wait(0.01)
+        assert key not in eng.jobs_by_key
+        with src.cond:
+            assert cache.slot_state[slot] == 1  # LOADING: the old copy left it alone
+            cache.release(slot)
+
+
 def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatch):
     """Before the policy runs the prediction it deferred (kernels that keep the GIL), the
     compute thread hands the GIL to the workers until the layer's first demand loads

@@ -122,6 +122,13 @@ class ExpertCache:
         self.slot_last_use = np.zeros(n_slots, dtype=np.int64)
         self.slot_uses = np.zeros(n_slots, dtype=np.int64)
         self.slot_prefetched = np.zeros(n_slots, dtype=np.bool_)  # loaded ahead, not yet used
+        # a LOADING slot's bytes are all in, and usable, from this perf_counter() time on
+        # (inf: not yet) — written by the copy's read kernel, so that the compute thread
+        # can take a landed expert without waiting for its worker to get the GIL and mark
+        # it READY (StreamingExperts._landed); and which load the slot is on (a copy
+        # marks READY only its own load)
+        self.slot_land_at = np.full(n_slots, np.inf, dtype=np.float64)
+        self.slot_gen = np.zeros(n_slots, dtype=np.int64)
         self.where = np.full((n_layer, n_expert), -1, dtype=np.int64)
         self.tick = 0
         # one lock; the compute thread waits on `cond` (a slot became READY), transfer

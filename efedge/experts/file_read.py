@@ -65,16 +65,20 @@ if _AVAILABLE:
     # one signature, compiled at import (from numba's cache after the first run): a buffer
     # of another dtype or layout, or a read-only one, is a TypeError before any byte is
     # written
+    _F64 = types.Array(types.float64, 1, "C")
     _SIGNATURE = types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64, types.int64,
-                             types.intc)
+                             types.intc, _F64, types.int64, types.float64)
 
     @njit(_SIGNATURE, nogil=True, cache=True, fastmath=False)
-    def _read_parts(fd, gate, up, down, offsets, nbytes, page, advice):
+    def _read_parts(fd, gate, up, down, offsets, nbytes, page, advice, land, slot, until):
         """Read part i (nbytes[i] bytes at file offset offsets[i]) into the start of the i-th
-        buffer, then (advice ≥ 0) give the pages it spans that advice. Returns 0; -(i+1) when
-        part i hit a read error or the end of the file; -(10+i) when part i does not fit its
-        buffer (nothing read)."""
+        buffer, then (advice ≥ 0) give the pages it spans that advice; once all are in,
+        land[slot] = until (slot < 0: nothing). Returns 0; -(i+1) when part i hit a read
+        error or the end of the file; -(10+i) when part i does not fit its buffer, -20 on
+        bad shapes or a slot outside `land` (nothing read)."""
         if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or page < 1:
+            return -20
+        if slot >= land.shape[0]:
             return -20
         for i in range(3):  # the reads write through raw pointers: every bound first
             dst = gate if i == 0 else (up if i == 1 else down)
@@ -92,15 +96,22 @@ if _AVAILABLE:
             if advice >= 0:
                 lo = off - off % page  # whole pages: those shared with neighbours go too
                 _fadvise(fd, lo, off + n - lo + page - 1, advice)
+        if slot >= 0:
+            land[slot] = until
         return 0
 
 
+_NO_LAND = np.zeros(0, dtype=np.float64)
+
+
 def read_expert(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray, page: int,
-                drop_pages: bool = True) -> bool:
+                drop_pages: bool = True, land: tuple | None = None) -> bool:
     """Read an expert's gate, up and down (file offsets / sizes: int64 [3]) into `parts`,
     three writable contiguous uint8 arrays at least that long; with `drop_pages`, drop the
     file's pages they came from from the page cache (POSIX_FADV_DONTNEED), so that the
-    cache budget is the only copy. False when a read failed or the file ended early: the
+    cache budget is the only copy. `land` = (array, slot, time): once every byte is in,
+    array[slot] = time, still without the GIL (ExpertCache.slot_land_at). False when a
+    read failed or the file ended early: the
     caller reads again its own way, which names the error. A part that does not fit its
     buffer is a ValueError (nothing is read); a buffer of another dtype or layout, or a
     read-only one, a TypeError. Where `available()` is False, an EfedgeError: the caller
@@ -109,8 +120,11 @@ def read_expert(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray, page: i
         raise EfedgeError(f"file_read needs pread and posix_fadvise, which this platform "
                           f"({sys.platform}) lacks: read the file with os reads instead "
                           "(TransferEngine falls back to them by itself)")
+    arr, slot, until = (_NO_LAND, -1, 0.0) if land is None else land
     rc = _read_parts(fd, parts[0], parts[1], parts[2], offsets, nbytes, page,
-                     POSIX_FADV_DONTNEED if drop_pages else -1)
+                     POSIX_FADV_DONTNEED if drop_pages else -1, arr, int(slot), float(until))
+    if rc == -20 and land is not None and not 0 <= int(slot) < arr.shape[0]:
+        raise ValueError(f"slot {slot} is outside the landing table ({arr.shape[0]} slots)")
     if rc <= -10:
         raise ValueError("an expert read needs 3 offsets and sizes, and each part a buffer "
                          f"at least as long at a non-negative offset (part {-rc - 10})"

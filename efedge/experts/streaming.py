@@ -171,7 +171,7 @@ class StreamingExperts:
                 slots = []
                 for e in ids.tolist():
                     s = int(where[e])
-                    if s < 0 or state[s] != READY:
+                    if s < 0 or (state[s] != READY and not self._landed(s)):
                         return None
                     slot_of[e] = s
                     slots.append(s)
@@ -310,7 +310,7 @@ class StreamingExperts:
                 c.misses += 1
                 pending.append(e)
                 continue
-            if cache.slot_state[s] == READY:
+            if cache.slot_state[s] == READY or self._landed(s):
                 c.hits += 1
             else:
                 c.late += 1
@@ -407,12 +407,35 @@ class StreamingExperts:
                 continue  # the reloaded expert is ready now: no need to wait
             if t0 is None:
                 t0 = time.perf_counter()
-            if not self.cond.wait(timeout=1.0):
+            timeout = self._until_landing(remaining, held)
+            if not self.cond.wait(timeout=timeout) and timeout >= 1.0:
                 waited = time.perf_counter() - t0
                 if waited > WAIT_TIMEOUT_S:
                     raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
                                         f"no progress for {waited:.0f} s")
                 self._reap_orphans(layer, held)
+
+    def _landed(self, s: int) -> bool:
+        """(cond held) Whether LOADING slot s has landed (its copy's kernel wrote the time
+        its bytes were in and the emulated link would have delivered them, and that time
+        has come): then it is READY now, marked here — its worker may still be waiting for
+        the GIL to say so."""
+        cache = self.cache
+        if cache.slot_state[s] == LOADING and cache.slot_land_at[s] <= time.perf_counter():
+            cache.slot_state[s] = READY
+            return True
+        return False
+
+    def _until_landing(self, remaining: set[int], held: dict[int, int]) -> float:
+        """(cond held) How long to wait for a worker's word: until the first of the awaited
+        copies lands, where one has its landing time (then this thread looks again without
+        being woken), else up to a second."""
+        land = self.cache.slot_land_at
+        first = min((land[s] for e in remaining if (s := held.get(e, -1)) >= 0),
+                    default=np.inf)
+        if first == np.inf:
+            return 1.0
+        return min(1.0, max(0.0, first - time.perf_counter()))
 
     def _ready_now(self, layer: int, remaining: set[int], held: dict[int, int],
                    limit: int) -> list[tuple[int, int]]:
@@ -421,7 +444,8 @@ class StreamingExperts:
         cache, ready = self.cache, []
         for e in sorted(remaining):
             s = held.get(e, -1)
-            if s >= 0 and cache.slot_state[s] == READY and cache.where[layer, e] == s:
+            if s >= 0 and cache.where[layer, e] == s and (cache.slot_state[s] == READY
+                                                          or self._landed(s)):
                 ready.append((e, s))
                 if len(ready) >= limit:
                     break

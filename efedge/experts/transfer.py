@@ -37,6 +37,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from efedge.errors import EfedgeError
 from efedge.experts import file_read
 from efedge.experts.cache import LOADING, READY, ExpertCache
@@ -159,6 +161,7 @@ class Job:
     started: bool = field(default=False, compare=False)
     metered: bool = field(default=False, compare=False)  # counted in the link's in-flight
     link_until: float = field(default=0.0, compare=False)  # the emulated link's delivery
+    gen: int = field(default=0, compare=False)  # its slot's load (ExpertCache.slot_gen)
     error: BaseException | None = field(default=None, compare=False)
 
 
@@ -226,7 +229,7 @@ class TransferEngine:
 
     # -- called with cond held ------------------------------------------------------------
     def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
-        job = Job(priority, next(self._seq), layer, expert, slot)
+        job = Job(priority, next(self._seq), layer, expert, slot, gen=self._new_load(slot))
         self.submitted += 1
         heapq.heappush(self._queue, job)
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
@@ -242,18 +245,29 @@ class TransferEngine:
             return
         queue, by_key, n_e, seq = self._queue, self.jobs_by_key, self.store.n_expert, self._seq
         for layer, expert, slot, prio in zip(layers, experts, slots, priorities, strict=True):
-            job = Job(prio, next(seq), layer, expert, slot)
+            job = Job(prio, next(seq), layer, expert, slot, gen=self._new_load(slot))
             heapq.heappush(queue, job)
             by_key[layer * n_e + expert] = job
         self.submitted += len(layers)
         self.work.notify(len(layers))
+
+    def _new_load(self, slot: int) -> int:
+        """(cond held) A load of `slot` is queued: it has not landed; returns its number."""
+        cache = self.cache
+        cache.slot_land_at[slot] = np.inf
+        cache.slot_gen[slot] += 1
+        return int(cache.slot_gen[slot])
+
+    def _own_load(self, job: Job) -> bool:
+        """(cond held) Whether the job's slot is still on the job's load."""
+        return int(self.cache.slot_gen[job.slot]) == job.gen
 
     def promote(self, job: Job) -> Job:
         """A queued prefetch is now needed by the compute thread: make it a demand load.
         Returns the job that will load it (a new one, or `job` if already under way)."""
         if not job.started and job.priority != DEMAND:
             job.cancelled = True
-            new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot)
+            new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot, gen=job.gen)
             heapq.heappush(self._queue, new)
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
             self.work.notify()
@@ -293,10 +307,13 @@ class TransferEngine:
         return self._read_whole and getattr(self._read, "__func__", None) is \
             TransferEngine._pread
 
-    def _read_expert(self, parts, layer: int, expert: int, drop_pages: bool = True) -> int:
+    def _read_expert(self, parts, layer: int, expert: int, drop_pages: bool = True,
+                     land: tuple | None = None) -> int:
         """Read the expert's gate, up and down from the file into `parts`; with
         `drop_pages`, drop the file's pages they came from (whole pages, so those an
-        expert shares with its neighbours go too). Returns the bytes read."""
+        expert shares with its neighbours go too); `land` = (array, slot, time): once
+        all is in, array[slot] = time (in the GIL-free kernel where it reads). Returns the
+        bytes read."""
         nbytes = self.store.nbytes[layer, expert]
         fds = self._fds
         if len(fds) == 1:
@@ -306,7 +323,7 @@ class TransferEngine:
             pfd = (fds[shard[0]], fds[shard[1]], fds[shard[2]])
         if pfd[0] == pfd[1] == pfd[2] and self._kernel_reads() and file_read.read_expert(
                 pfd[0], parts, self.store.offsets[layer, expert], nbytes, self._page,
-                drop_pages=drop_pages):
+                drop_pages=drop_pages, land=land):
             return int(nbytes.sum())
         for ip in range(3):  # in Python where the kernel cannot, or to name its error
             off = int(self.store.offsets[layer, expert, ip])
@@ -319,11 +336,17 @@ class TransferEngine:
                 lo = off - off % self._page
                 os.posix_fadvise(pfd[ip], lo, off + n - lo + self._page - 1,
                                  os.POSIX_FADV_DONTNEED)
+        if land is not None:
+            land[0][land[1]] = land[2]
         return int(nbytes.sum())
 
     def _copy(self, job: Job) -> int:
+        # the expert lands when its bytes are in and the emulated link (booked at the
+        # job's start) would have delivered them: from then on the compute thread may
+        # take it, whether or not this worker has the GIL back to mark it READY
         return self._read_expert(self.cache.slot_parts(job.slot), job.layer, job.expert,
-                                 drop_pages=self.drop_pages)
+                                 drop_pages=self.drop_pages,
+                                 land=(self.cache.slot_land_at, job.slot, job.link_until))
 
     def load_now(self, layer: int, expert: int, slot: int) -> int:
         """Synchronous load on the calling thread (the fallback after failed retries)."""
@@ -428,7 +451,7 @@ class TransferEngine:
                 if self.jobs_by_key.get(key) is job:
                     del self.jobs_by_key[key]
                 if (self.cache.slot_state[job.slot] == LOADING
-                        and self.cache.slot_owner[job.slot] == key):
+                        and self.cache.slot_owner[job.slot] == key and self._own_load(job)):
                     self.cache.release(job.slot)
             if not self._closing:
                 self._threads[i] = self._spawn(i)
@@ -458,10 +481,11 @@ class TransferEngine:
                 del self.jobs_by_key[key]
             if err is not None:
                 job.error = err
-                if self.cache.slot_state[job.slot] == LOADING:
+                if self.cache.slot_state[job.slot] == LOADING and self._own_load(job):
                     self.cache.release(job.slot)
             else:
-                self.cache.slot_state[job.slot] = READY
+                if self._own_load(job):  # (the compute thread may have taken the landed
+                    self.cache.slot_state[job.slot] = READY  # expert and moved on)
                 self.counters.bytes_loaded += nbytes
             self.cond.notify_all()
 
