@@ -371,11 +371,12 @@ class StreamingExperts:
         first = queued[:getattr(self.engine, "n_workers", 1)]
         self._submitted_seen = self.engine.submitted
         deadline = time.perf_counter() + HAND_OVER_S
-        while True:
-            yield_gil()
-            if (all(j.started or j.cancelled for j in first)
-                    or time.perf_counter() > deadline):
-                return
+        with self.cond:  # a worker notifies as it takes a demand load
+            while not all(j.started or j.cancelled for j in first):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
 
     def _ready_batch(self, layer: int, remaining: set[int], pending: list[int],
                      held: dict[int, int], limit: int) -> list[tuple[int, int]]:

@@ -399,6 +399,8 @@ class TransferEngine:
                         job = None
                         continue
                     job.started = True
+                    if job.priority == DEMAND:  # the compute thread may wait for it to
+                        self.cond.notify_all()  # start (StreamingExperts._start_demand_loads)
                     self._meter_start(job)
                     job.link_until = self._book_link(
                         self.store.expert_bytes(job.layer, job.expert), time.perf_counter())
