@@ -348,7 +348,7 @@ def test_a_landed_expert_is_taken_without_its_workers_word(tiny_gguf):
             other = int(np.flatnonzero(cache.where[0] < 0)[0])
             with src.cond:
                 cache.assign(slot, 0, other)
-                eng._new_load(slot)
+                cache.begin_load(slot)
         finally:
             release.set()
         key = 0 * store.n_expert + e

@@ -170,6 +170,21 @@ class ExpertCache:
         self.where[layer, expert] = slot
         return old
 
+    def begin_load(self, slot: int) -> int:
+        """(cond held) A load of `slot` starts being queued: it has not landed. Returns
+        the load's number (slot_gen), by which its copy later knows the slot is still
+        its own."""
+        self.slot_land_at[slot] = np.inf
+        self.slot_gen[slot] += 1
+        return int(self.slot_gen[slot])
+
+    def begin_loads(self, slots: list[int]) -> list[int]:
+        """begin_load for several distinct slots (three numpy calls, not three per slot)."""
+        idx = np.asarray(slots, dtype=np.int64)
+        self.slot_land_at[idx] = np.inf
+        self.slot_gen[idx] += 1
+        return self.slot_gen[idx].tolist()
+
     def release(self, slot: int) -> None:
         """Forget a slot's expert (a cancelled or failed load)."""
         old = int(self.slot_owner[slot])

@@ -476,6 +476,7 @@ class StreamingExperts:
             raise TransferError(f"no free slot to reload expert {e} of layer {layer}")
         self._evict_accounting(slot)
         self.cache.assign(slot, layer, e)
+        self.cache.begin_load(slot)  # a late copy of an earlier load leaves it alone
         self.cache.slot_pins[slot] += 1
         try:
             self.counters.bytes_loaded += self.engine.load_now(layer, e, slot)

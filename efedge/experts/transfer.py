@@ -37,8 +37,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from efedge.errors import EfedgeError
 from efedge.experts import file_read
 from efedge.experts.cache import LOADING, READY, ExpertCache
@@ -229,7 +227,8 @@ class TransferEngine:
 
     # -- called with cond held ------------------------------------------------------------
     def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
-        job = Job(priority, next(self._seq), layer, expert, slot, gen=self._new_load(slot))
+        job = Job(priority, next(self._seq), layer, expert, slot,
+                  gen=self.cache.begin_load(slot))
         self.submitted += 1
         heapq.heappush(self._queue, job)
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
@@ -244,19 +243,14 @@ class TransferEngine:
                 self.submit(*job)
             return
         queue, by_key, n_e, seq = self._queue, self.jobs_by_key, self.store.n_expert, self._seq
-        for layer, expert, slot, prio in zip(layers, experts, slots, priorities, strict=True):
-            job = Job(prio, next(seq), layer, expert, slot, gen=self._new_load(slot))
+        gens = self.cache.begin_loads(slots)
+        for layer, expert, slot, prio, gen in zip(layers, experts, slots, priorities, gens,
+                                                  strict=True):
+            job = Job(prio, next(seq), layer, expert, slot, gen=gen)
             heapq.heappush(queue, job)
             by_key[layer * n_e + expert] = job
         self.submitted += len(layers)
         self.work.notify(len(layers))
-
-    def _new_load(self, slot: int) -> int:
-        """(cond held) A load of `slot` is queued: it has not landed; returns its number."""
-        cache = self.cache
-        cache.slot_land_at[slot] = np.inf
-        cache.slot_gen[slot] += 1
-        return int(cache.slot_gen[slot])
 
     def _own_load(self, job: Job) -> bool:
         """(cond held) Whether the job's slot is still on the job's load."""
