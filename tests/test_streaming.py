@@ -4,11 +4,13 @@ up; a slow link stalls; the cache never hands a slot out twice under stress."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import efedge
+from efedge.errors import TransferError
 from efedge.experts.cache import READY, ExpertCache, parse_budget
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
@@ -311,6 +313,41 @@ def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kern
     assert store_drops == [1]
 
 
+def test_a_links_demand_loads_are_copied_by_the_compute_thread(tiny_gguf, monkeypatch):
+    """With an emulated link a demand load needs no worker: the compute thread reads it
+    (from the page cache) and it lands when the link would have delivered it — no job is
+    queued for on-demand loading, the logits are the resident ones, the link is metered.
+    A read that keeps failing is a TransferError naming the expert, its slot freed."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = _ids(12)
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="40%", policy="ondemand", link="1GB/s") as m:
+        eng = m._experts.engine
+        assert eng.copies_inline
+        assert np.array_equal(m.logits(ids), want)
+        s = m.stats()
+        assert s["misses"] > 0 and s["bytes_loaded"] > 0 and eng.submitted == 0
+        assert 0.5e9 < eng.bandwidth_ewma <= 1e9  # the booked link times
+        src, cache = m._experts, m._experts.cache
+        e = int(np.flatnonzero(cache.where[1] < 0)[0])
+        bad = int(src.store.offsets[1, e, 1])
+        real_read = eng._read
+
+        def failing(buf, off):
+            if off == bad:
+                raise OSError(5, "injected EIO")
+            real_read(buf, off)
+
+        monkeypatch.setattr(eng, "_read", failing)
+        with pytest.raises(TransferError, match=f"expert {e} of layer 1"):
+            for _ in src.acquire_batches(1, [e]):
+                pass
+        assert cache.where[1, e] < 0 and (cache.slot_pins == 0).all()
+        monkeypatch.setattr(eng, "_read", real_read)
+        assert np.array_equal(m.logits(ids), want)  # and the model goes on
+
+
 def test_a_landed_expert_is_taken_without_its_workers_word(tiny_gguf):
     """Once a copy's bytes are in and the emulated link would have delivered them, the
     compute thread takes the expert even while its worker waits (here: forever, in the
@@ -332,6 +369,12 @@ def test_a_landed_expert_is_taken_without_its_workers_word(tiny_gguf):
 
         eng._emulate_link = held_back
         try:
+            # a prefetch: a worker's copy (a demand load would be copied by this thread)
+            assert src.prefetch(0, [e]) == 1
+            deadline = time.perf_counter() + 5
+            while cache.slot_land_at[cache.where[0, e]] == np.inf:
+                assert time.perf_counter() < deadline, "the copy never landed"
+                time.sleep(0.001)
             got = []
             for batch in src.acquire_batches(0, [e]):
                 got += batch
@@ -371,7 +414,8 @@ def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatc
 
     monkeypatch.setattr(streaming, "HAND_OVER_S", 5.0)  # the mechanism, not the machine
     path = tiny_gguf("qwen3moe", "Q4_K_M")
-    with efedge.load(path, cache="40%", policy="expertflow", link="50MB/s") as m:
+    # no emulated link: a link's demand loads are copied by this thread (copy_inline)
+    with efedge.load(path, cache="40%", policy="expertflow") as m:
         src = m._experts
         pol, cache, eng = src.policy, src.cache, src.engine
         seen = []

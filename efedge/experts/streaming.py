@@ -41,6 +41,8 @@ class StreamingExperts:
         self.selection = selection
         self.n_active = n_active
         self.cond = cache.cond
+        # demand loads copied by this thread (an emulated link: TransferEngine.copy_inline)
+        self._inline = bool(getattr(engine, "copies_inline", False))
         self._submitted_seen = 0  # engine.submitted when this thread last yielded
         counters.cache_bytes = cache.nbytes
         counters.cache_slots = cache.n_slots
@@ -349,6 +351,11 @@ class StreamingExperts:
             e = pending.pop(0)
             self._evict_accounting(slot)
             self.cache.assign(slot, layer, e)
+            if self._inline:  # copied now, lands when the link would deliver it
+                self.engine.copy_inline(layer, e, slot)
+                self.cache.slot_pins[slot] += 1
+                held[e] = slot
+                continue
             self.cache.slot_pins[slot] += 1
             held[e] = slot
             job = self.engine.submit(layer, e, slot, DEMAND)
@@ -460,7 +467,8 @@ class StreamingExperts:
         cache, eng, n_e = self.cache, self.engine, self.store.n_expert
         for s in np.flatnonzero(cache.slot_state == LOADING):
             owner = int(cache.slot_owner[s])
-            if owner < 0 or owner in eng.jobs_by_key:
+            if owner < 0 or owner in eng.jobs_by_key or cache.slot_land_at[s] < np.inf:
+                # (a finite landing time: its bytes are in, copied without a job)
                 continue
             m, e = divmod(owner, n_e)
             if m == layer and held.get(e, -1) == s:
