@@ -44,19 +44,21 @@ class PrefetchPlan(NamedTuple):
 
 @njit(cache=True, fastmath=False)
 def place_prefetches(n_g, ints, floats, experts, where, slot_owner, slot_state, slot_pins,
-                     slot_last_use, slot_uses, slot_prefetched, layer_class, class_first,
-                     class_slots, p_next, cur, needed, tick0, due, fetched_at, tick):
+                     slot_last_use, slot_uses, slot_prefetched, slot_land_at, slot_gen,
+                     layer_class, class_first, class_slots, p_next, cur, needed, tick0, due,
+                     fetched_at, tick):
     """(cache lock held) Assign slots to a plan's prefetches as StreamingExperts.prefetch
     would, group by group, with ExpertFlow's value_victim; a group stops at its first
     expert that finds no slot (every slot busy, or no victim worth less). Updates the
-    cache tables (ExpertCache.assign), `due` and `fetched_at` (Policy._flush_plan).
-    Returns (n, copies [4, n]: layer, expert, slot, priority of each copy to queue, in
-    order; how many evicted experts had been prefetched and never used)."""
+    cache tables (ExpertCache.assign and begin_load), `due` and `fetched_at`
+    (Policy._flush_plan). Returns (n, copies [5, n]: layer, expert, slot, priority and
+    load number of each copy to queue, in order; how many evicted experts had been
+    prefetched and never used)."""
     g_start, g_layer, g_prio = ints[0], ints[1], ints[2]
     g_limit, g_plimit = floats[0], floats[1]
     n_expert = where.shape[1]
     cap = g_start[n_g]
-    out = np.empty((4, cap), dtype=np.int64)  # one array: each returned costs µs
+    out = np.empty((5, cap), dtype=np.int64)  # one array: each returned costs µs
     cands = np.empty(slot_state.shape[0], dtype=np.int64)
     n = 0
     wasted = 0
@@ -97,7 +99,9 @@ def place_prefetches(n_g, ints, floats, experts, where, slot_owner, slot_state, 
             slot_uses[slot] = 0
             where[m, e] = slot
             slot_prefetched[slot] = True
-            out[0, n], out[1, n], out[2, n] = m, e, slot
+            slot_land_at[slot] = np.inf  # ExpertCache.begin_load
+            slot_gen[slot] += 1
+            out[0, n], out[1, n], out[2, n], out[4, n] = m, e, slot, slot_gen[slot]
             out[3, n] = max(PREFETCH, g_prio[g])  # never ahead of a demand load
             n += 1
             issued += 1

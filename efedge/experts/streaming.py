@@ -89,13 +89,14 @@ class StreamingExperts:
             n, copies, wasted = place_prefetches(
                 plan.n, plan.ints, plan.floats, plan.experts, cache.where, cache.slot_owner,
                 cache.slot_state, cache.slot_pins, cache.slot_last_use, cache.slot_uses,
-                cache.slot_prefetched, cache.layer_class, cache.class_first, cache.class_slots,
-                p_next, cur, needed, tick0, due, fetched_at, cache.tick)
+                cache.slot_prefetched, cache.slot_land_at, cache.slot_gen, cache.layer_class,
+                cache.class_first, cache.class_slots, p_next, cur, needed, tick0, due,
+                fetched_at, cache.tick)
             if n:
-                lay, exp, slots, prio = copies.tolist()
+                lay, exp, slots, prio, gens = copies.tolist()
                 many = getattr(self.engine, "submit_many", None)
                 if many is not None:
-                    many(lay, exp, slots, prio)
+                    many(lay, exp, slots, prio, gens)
                 else:  # (the simulator's engine)
                     submit = self.engine.submit
                     for m, e, s, p in zip(lay, exp, slots, prio, strict=True):

@@ -236,14 +236,16 @@ class TransferEngine:
         return job
 
     def submit_many(self, layers: list[int], experts: list[int], slots: list[int],
-                    priorities: list[int]) -> None:
-        """submit() for each, waking one worker for all (a plan's prefetches)."""
+                    priorities: list[int], gens: list[int] | None = None) -> None:
+        """submit() for each, waking one worker for all (a plan's prefetches). `gens`: the
+        loads' numbers where the caller began them (issue.place_prefetches does)."""
         if type(self).submit is not TransferEngine.submit:  # a subclass's own submit rules
             for job in zip(layers, experts, slots, priorities, strict=True):
                 self.submit(*job)
             return
         queue, by_key, n_e, seq = self._queue, self.jobs_by_key, self.store.n_expert, self._seq
-        gens = self.cache.begin_loads(slots)
+        if gens is None:
+            gens = self.cache.begin_loads(slots)
         for layer, expert, slot, prio, gen in zip(layers, experts, slots, priorities, gens,
                                                   strict=True):
             job = Job(prio, next(seq), layer, expert, slot, gen=gen)
