@@ -150,19 +150,26 @@ def _live_run(path, ids, cache, link, policy, warmup, threads) -> dict:
     with efedge.load(path, cache=cache, link=link, policy=policy, threads=threads) as m, \
             timed_expert_calls() as spent:
         s = m._session
+        eng = m._experts.engine
         s.reset()
         s.prefill(ids[:1])
+        inline0 = (0, 0.0)
         for i, tok in enumerate(ids[1:]):
             if i + 1 == warmup:
                 m.reset_stats()
                 spent[:] = [0.0, 0]
+                inline0 = (eng.inline_copies, eng.inline_copy_s)
             s.decode(tok)
         st = m.stats()
+        # demand loads the compute thread copied itself (an emulated link): their time
+        n_inline = eng.inline_copies - inline0[0]
+        inline_s = eng.inline_copy_s - inline0[1]
     n = len(ids) - warmup
     return {"stall_ms_per_token": 1e3 * st["stall_s"] / n,
             "hit_rate": st["hits"] / max(st["expert_requests"], 1),
             "tokens_per_s": n / st["wall_s"], "stats": st,
-            "expert_s": spent[0] / max(spent[1], 1), "expert_calls": spent[1]}
+            "expert_s": spent[0] / max(spent[1], 1), "expert_calls": spent[1],
+            "demand_copy_s": inline_s / max(n_inline, 1), "inline_copy_s": inline_s}
 
 
 COLUMNS = ("live", "sim", "sim_achieved", "sim_matched")
@@ -177,9 +184,12 @@ def compare_once(path, ids, arrays, meta, args) -> dict:
     live = live_run(path, ids, args.cache, args.link, args.policy, args.warmup, args.threads)
     # the policy runs on the cores that compute: its own time counts as compute (charged
     # as it runs in the simulator; sim_matched has it in the live run's compute instead)
+    # the live engine copies demand loads on the compute thread: so does the simulator,
+    # for as long as they took live (their time is in the live run's compute)
+    copy_s = live["demand_copy_s"]
     setup = SimSetup(meta["bytes_per_expert"], t_layer, t_expert, link.bytes_per_s,
                      link.latency_s, args.cache, 1.0, "this machine (measured)",
-                     policy_time=1.0)
+                     policy_time=1.0, demand_copy_s=copy_s)
     sim = simulate(arrays, meta, setup, args.policy, warmup=args.warmup)
     # the same, on the link the live run really had: one copy took copy_s on average
     per = float(np.mean(meta["bytes_per_expert"]))
@@ -187,7 +197,7 @@ def compare_once(path, ids, arrays, meta, args) -> dict:
     wake = measure_wake()
     setup2 = SimSetup(meta["bytes_per_expert"], t_layer, t_expert, achieved, 0.0, args.cache,
                       1.0, "this machine (measured, achieved link, wake-up)", wake,
-                      policy_time=1.0)
+                      policy_time=1.0, demand_copy_s=copy_s)
     sim2 = simulate(arrays, meta, setup2, args.policy, warmup=args.warmup)
     # the same once more with the compute the live run itself had: on a shared machine the
     # separate measuring run can be 30% faster or slower than the live one, and the policy's
@@ -197,10 +207,13 @@ def compare_once(path, ids, arrays, meta, args) -> dict:
     # experts computed in batches (streaming path) were timed in the live run; those of
     # fused all-resident layers are in the layer figure, as in measure_compute
     t_expert_live = live["expert_s"] if live["expert_calls"] else t_expert
-    per_layer = live["stats"]["compute_s"] / max(n_dec * meta["n_layer"], 1)
+    # (less the demand copies, charged by the simulator after each route)
+    per_layer = ((live["stats"]["compute_s"] - live["inline_copy_s"])
+                 / max(n_dec * meta["n_layer"], 1))
     t_layer_live = max(per_layer - k * t_expert_live, 0.0)
     setup3 = SimSetup(meta["bytes_per_expert"], t_layer_live, t_expert_live, achieved, 0.0,
-                      args.cache, 1.0, "this machine (the live run's compute and link)", wake)
+                      args.cache, 1.0, "this machine (the live run's compute and link)", wake,
+                      demand_copy_s=copy_s)
     sim3 = simulate(arrays, meta, setup3, args.policy, warmup=args.warmup)
     out = {"layer_ms": 1e3 * t_layer, "expert_ms": 1e3 * t_expert,
            "layer_ms_live": 1e3 * t_layer_live, "expert_ms_live": 1e3 * t_expert_live,

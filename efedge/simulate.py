@@ -93,6 +93,9 @@ class SimSetup:
     # 1 where the scheduler runs on the device that computes (a CPU), 0 where its work
     # overlaps the device's (a GPU running queued kernels)
     policy_time: float = 0.0
+    # the compute thread's own time per demand load, where it copies them itself (the CPU
+    # engine with an emulated link: TransferEngine.copy_inline); 0: queued as a DMA copy
+    demand_copy_s: float = 0.0
 
 
 def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
@@ -129,7 +132,7 @@ def _measured_tokens(T: int, warmup, max_tokens) -> int:
 def _check_setup(setup: SimSetup) -> None:
     """Negative times run the virtual clock backwards (negative tokens/s)."""
     for name in ("layer_compute_s", "expert_compute_s", "link_latency_s", "wake_s",
-                 "policy_time"):
+                 "policy_time", "demand_copy_s"):
         v = getattr(setup, name)
         if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
             raise SimulationError(f"{name} must be a finite number ≥ 0, got {v!r}")
@@ -173,7 +176,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     clock = VirtualClock()
     engine = VirtualTransferEngine(store, cache, counters, clock, setup.link_bytes_per_s,
                                    setup.link_latency_s,
-                                   bytes_per_expert=[store.expert_bytes(i) for i in range(L)])
+                                   bytes_per_expert=[store.expert_bytes(i) for i in range(L)],
+                                   demand_copy_s=setup.demand_copy_s)
     routers = [TraceRouter(pregate, j, n_expert) for j in range(L)]
     pol = make_policy(policy)
     if setup.policy_time > 0:  # the flush of planned prefetches runs inside acquire

@@ -11,7 +11,7 @@ import pytest
 import efedge
 from efedge.cli import main as cli_main
 from efedge.profiles import HARDWARE, MODELS
-from efedge.simulate import SimSetup, simulate
+from efedge.simulate import SimSetup, SimulationError, simulate
 from efedge.trace import load_trace, record_trace, save_trace
 
 TEXT = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n" * 6
@@ -170,6 +170,25 @@ def test_simulator_can_charge_the_policys_own_time(trace):
     charged = simulate(arrays, meta, setup, "expertflow", warmup=4)
     assert charged["wall_s"] > free["wall_s"] * 1.05, (charged["wall_s"], free["wall_s"])
     assert charged["expert_requests"] == free["expert_requests"]
+
+
+def test_simulator_charges_the_compute_threads_demand_copies(trace):
+    """demand_copy_s > 0 (a CPU engine with an emulated link copies demand loads on the
+    compute thread): each demand load costs that much compute after its route while the
+    link runs, so the wall time grows by at most that per miss and the waiting shrinks;
+    the decisions stay the same. A negative time is refused."""
+    arrays, meta = load_trace(trace[0])
+    queued = simulate(arrays, meta, _setup(meta, "30%", link=2e8), "ondemand", warmup=4)
+    setup = _setup(meta, "30%", link=2e8)
+    setup.demand_copy_s = 1e-4
+    copied = simulate(arrays, meta, setup, "ondemand", warmup=4)
+    assert copied["misses"] == queued["misses"] > 0
+    assert copied["stall_s"] < queued["stall_s"]
+    extra = copied["wall_s"] - queued["wall_s"]  # (0 where the link is the bound)
+    assert -1e-9 <= extra <= copied["misses"] * 1e-4 + 1e-9, (extra, copied["misses"])
+    setup.demand_copy_s = -1.0
+    with pytest.raises(SimulationError, match="demand_copy_s"):
+        simulate(arrays, meta, setup, "ondemand", warmup=4)
 
 
 # -- bad input: one-line errors, never a traceback or a meaningless table -----------------

@@ -217,6 +217,7 @@ class TransferEngine:
         # the whole expert in one GIL-free kernel call where libc allows (file_read.py)
         self._read_whole = file_read.available()
         self.n_workers = max(1, workers)
+        self.inline_copies, self.inline_copy_s = 0, 0.0  # copy_inline's count and time
         self._threads = [self._spawn(i) for i in range(self.n_workers)]
 
     def _spawn(self, i: int) -> threading.Thread:
@@ -365,7 +366,8 @@ class TransferEngine:
         cache = self.cache
         cache.begin_load(slot)
         nbytes = self.store.expert_bytes(layer, expert)
-        until = self._book_link(nbytes, time.perf_counter())
+        t0 = time.perf_counter()
+        until = self._book_link(nbytes, t0)
         err: OSError | None = None
         for _attempt in range(RETRIES):
             try:
@@ -380,6 +382,8 @@ class TransferEngine:
                                 f"model file: {err}") from err
         self.counters.bytes_loaded += n
         self._meter_copy(n, self.link.latency_s + n / self.link.bytes_per_s)
+        self.inline_copies += 1  # (the simulator's demand_copy_s is measured from these)
+        self.inline_copy_s += time.perf_counter() - t0
         return n
 
     def load_now(self, layer: int, expert: int, slot: int) -> int:

@@ -31,8 +31,11 @@ class VirtualTransferEngine:
     bandwidth_ewma / latency_ewma / load_now / close), driven by a VirtualClock."""
 
     def __init__(self, store, cache, counters, clock: VirtualClock, bytes_per_s: float,
-                 latency_s: float = 0.0, bytes_per_expert=None):
+                 latency_s: float = 0.0, bytes_per_expert=None, demand_copy_s: float = 0.0):
         self.store, self.cache, self.counters, self.clock = store, cache, counters, clock
+        # the compute thread's own time per demand load it copies (TransferEngine.
+        # copy_inline, a CPU engine with an emulated link); 0: queued, as a DMA copy
+        self.demand_copy_s = float(demand_copy_s)
         self.bw, self.lat = float(bytes_per_s), float(latency_s)
         # bytes moved per expert of each layer (the profile's, not the traced model's)
         self.bytes_per_expert = bytes_per_expert or [store.expert_bytes(i)
@@ -52,6 +55,18 @@ class VirtualTransferEngine:
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
         self._pump()
         return job
+
+    @property
+    def copies_inline(self) -> bool:
+        return self.demand_copy_s > 0
+
+    def copy_inline(self, layer: int, expert: int, slot: int) -> int:
+        """As TransferEngine.copy_inline: the link starts on it now, and the compute
+        thread spends demand_copy_s copying (its clock moves; the link runs meanwhile)."""
+        self.submit(layer, expert, slot, DEMAND)
+        self.clock.advance(self.demand_copy_s)
+        self.advance_to(self.clock.t)
+        return int(self.bytes_per_expert[layer])
 
     def promote(self, job: Job) -> Job:
         if not job.started and job.priority != DEMAND:

@@ -374,6 +374,8 @@ class GpuTransferEngine(TransferEngine):
             job = None  # its host slot, if claimed, was released by _fill_host
         super()._worker_died(i, job, exc)
 
+    copies_inline = False  # every copy goes through a worker and the copy stream
+
     def _book_link(self, nbytes: int, now: float) -> float:
         return 0.0  # the emulated link delays the copy's event instead (see _copy)
 
