@@ -3,6 +3,7 @@ up; a slow link stalls; the cache never hands a slot out twice under stress."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -346,6 +347,37 @@ def test_a_links_demand_loads_are_copied_by_the_compute_thread(tiny_gguf, monkey
         assert cache.where[1, e] < 0 and (cache.slot_pins == 0).all()
         monkeypatch.setattr(eng, "_read", real_read)
         assert np.array_equal(m.logits(ids), want)  # and the model goes on
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl timer slack")
+def test_a_wait_for_a_landing_ends_on_time(tiny_gguf):
+    """The compute thread waits until a copy's landing time, not for a worker's word, so
+    its timed wait must end on time: its timer slack is made tight (Linux lets a normal
+    thread's timed waits run 50 µs late) — on that thread, once it waits for a landing."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    pr_get_timerslack = 30
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    seen = {}
+
+    def compute():
+        seen["before"] = libc.prctl(pr_get_timerslack, 0, 0, 0, 0)
+        with efedge.load(path, cache="40%", policy="ondemand", link="20MB/s") as m:
+            src, cache = m._experts, m._experts.cache
+            e = int(np.flatnonzero(cache.where[0] < 0)[0])
+            for _ in src.acquire_batches(0, [e]):
+                pass
+            seen["stall"] = m.stats()["stall_s"]
+        seen["after"] = libc.prctl(pr_get_timerslack, 0, 0, 0, 0)
+
+    t = threading.Thread(target=compute)
+    t.start()
+    t.join(30)
+    if seen["before"] <= 1000:
+        pytest.skip(f"new threads' timers run tight here already ({seen['before']} ns)")
+    assert seen["stall"] > 0  # it did wait for the landing
+    assert seen["after"] == 1000, seen
 
 
 def test_a_landed_expert_is_taken_without_its_workers_word(tiny_gguf):

@@ -10,6 +10,7 @@ stall_s; each request is a hit (ready), late (prefetched, still in flight) or mi
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -19,13 +20,14 @@ from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
 from efedge.experts.issue import place_prefetches
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
-from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine
+from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine, tight_timer_slack
 from efedge.gil_yield import yield_gil
 
 WAIT_TIMEOUT_S = 60.0  # a load that makes no progress for this long is an error, not a hang
 # How long the compute thread hands the GIL over, at most, for a layer's demand loads to
 # start before the policy's deferred prediction runs (StreamingExperts._start_demand_loads)
 HAND_OVER_S = 200e-6
+_THREAD = threading.local()  # per compute thread: whether its timer slack is tight
 
 
 class StreamingExperts:
@@ -369,12 +371,13 @@ class StreamingExperts:
     def _start_demand_loads(self, queued: list) -> None:
         """The layer's demand loads are queued (cond released): let the workers start
         them. When the policy is about to run the prediction it deferred (numba kernels
-        that keep the GIL for ~100 µs), hand the GIL over until the first loads — one per
-        worker — have started, at most HAND_OVER_S: a worker woken for a job needs the
-        GIL for a few lines before its copy, and one sched_yield often came before it was
-        waiting for it, so the load started only after the prediction (measured at 50% /
-        720 MB/s: ~100 µs after being queued). Otherwise (no deferred work: the compute
-        thread goes on to GIL-free kernels) one yield."""
+        that keep the GIL for ~100 µs), wait on the condition — GIL and core free — until
+        the first loads, one per worker, have started (a worker notifies as it takes a
+        demand load), at most HAND_OVER_S: a worker woken for a job needs the GIL for a
+        few lines before its copy, and one sched_yield often came before it was waiting
+        for it, so the load started only after the prediction (measured at 50% / 720 MB/s:
+        ~100 µs after being queued). Otherwise (no deferred work: the compute thread goes
+        on to GIL-free kernels) one yield."""
         pending_work = getattr(self.policy, "has_deferred_work", None)
         if not queued or pending_work is None or not pending_work():
             self.yield_to_workers()
@@ -420,6 +423,9 @@ class StreamingExperts:
             if t0 is None:
                 t0 = time.perf_counter()
             timeout = self._until_landing(remaining, held)
+            if timeout < 1.0 and not getattr(_THREAD, "tight", False):
+                _THREAD.tight = True  # a wait until a landing should end on time (Linux
+                tight_timer_slack()  # lets a normal thread's timed waits run 50 µs late)
             if not self.cond.wait(timeout=timeout) and timeout >= 1.0:
                 waited = time.perf_counter() - t0
                 if waited > WAIT_TIMEOUT_S:

@@ -89,7 +89,7 @@ _preadv = getattr(os, "preadv", None) or (_preadv_copy if hasattr(os, "pread")
                                           else _preadv_seek)
 
 
-def _tight_timer_slack() -> None:
+def tight_timer_slack() -> None:
     """Let this thread's sleeps end within microseconds of their deadline (Linux lets a
     normal thread's timers run 50 µs late, which made every emulated copy ~75 µs slow).
     Elsewhere, or if it fails, sleeps just stay as they are."""
@@ -423,7 +423,7 @@ class TransferEngine:
 
     def _worker(self, i: int) -> None:
         job: Job | None = None
-        _tight_timer_slack()
+        tight_timer_slack()
         try:
             while True:
                 with self.cond:
