@@ -349,6 +349,30 @@ def test_a_links_demand_loads_are_copied_by_the_compute_thread(tiny_gguf, monkey
         assert np.array_equal(m.logits(ids), want)  # and the model goes on
 
 
+def test_a_links_inline_copy_retries_a_transient_read_error(tiny_gguf, monkeypatch):
+    """The compute thread's own demand copy retries a failed read (as a worker does):
+    every expert's first read fails, and the logits are still the resident ones."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = _ids(10)
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="40%", policy="ondemand", link="1GB/s") as m:
+        eng = m._experts.engine
+        real_read = eng._read
+        gates = {int(o) for o in m._experts.store.offsets[:, :, 0].ravel()}
+        failed: set[int] = set()
+
+        def flaky(buf, off):  # each expert's first read of its gate fails, once
+            if off in gates and off not in failed:
+                failed.add(off)
+                raise OSError(5, "injected EIO")
+            real_read(buf, off)
+
+        monkeypatch.setattr(eng, "_read", flaky)
+        assert np.array_equal(m.logits(ids), want)
+        assert failed and eng.inline_copies > 0 and eng.submitted == 0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl timer slack")
 def test_a_wait_for_a_landing_ends_on_time(tiny_gguf):
     """The compute thread waits until a copy's landing time, not for a worker's word, so
