@@ -30,6 +30,12 @@ def _ids(n=24, seed=1, vocab=500):
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
+def _resident_logits(path, ids) -> np.ndarray:
+    """The logits with every expert resident: what any budget, policy or link must give."""
+    with efedge.load(path) as m:
+        return m.logits(ids)
+
+
 def _min_budget(path) -> int:
     gf = GGUFFile(path)
     from efedge.config import config_from_gguf
@@ -321,8 +327,7 @@ def test_a_links_demand_loads_are_copied_by_the_compute_thread(tiny_gguf, monkey
     A read that keeps failing is a TransferError naming the expert, its slot freed."""
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     ids = _ids(12)
-    with efedge.load(path) as m:
-        want = m.logits(ids)
+    want = _resident_logits(path, ids)
     with efedge.load(path, cache="40%", policy="ondemand", link="1GB/s") as m:
         eng = m._experts.engine
         assert eng.copies_inline
@@ -354,8 +359,7 @@ def test_a_links_inline_copy_retries_a_transient_read_error(tiny_gguf, monkeypat
     every expert's first read fails, and the logits are still the resident ones."""
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     ids = _ids(10)
-    with efedge.load(path) as m:
-        want = m.logits(ids)
+    want = _resident_logits(path, ids)
     with efedge.load(path, cache="40%", policy="ondemand", link="1GB/s") as m:
         eng = m._experts.engine
         real_read = eng._read

@@ -178,13 +178,6 @@ class ExpertCache:
         self.slot_gen[slot] += 1
         return int(self.slot_gen[slot])
 
-    def begin_loads(self, slots: list[int]) -> list[int]:
-        """begin_load for several distinct slots (three numpy calls, not three per slot)."""
-        idx = np.asarray(slots, dtype=np.int64)
-        self.slot_land_at[idx] = np.inf
-        self.slot_gen[idx] += 1
-        return self.slot_gen[idx].tolist()
-
     def release(self, slot: int) -> None:
         """Forget a slot's expert (a cancelled or failed load)."""
         old = int(self.slot_owner[slot])

@@ -246,7 +246,7 @@ class TransferEngine:
             return
         queue, by_key, n_e, seq = self._queue, self.jobs_by_key, self.store.n_expert, self._seq
         if gens is None:
-            gens = self.cache.begin_loads(slots)
+            gens = [self.cache.begin_load(s) for s in slots]
         for layer, expert, slot, prio, gen in zip(layers, experts, slots, priorities, gens,
                                                   strict=True):
             job = Job(prio, next(seq), layer, expert, slot, gen=gen)
@@ -368,15 +368,10 @@ class TransferEngine:
         nbytes = self.store.expert_bytes(layer, expert)
         t0 = time.perf_counter()
         until = self._book_link(nbytes, t0)
-        err: OSError | None = None
-        for _attempt in range(RETRIES):
-            try:
-                n = self._read_expert(cache.slot_parts(slot), layer, expert, drop_pages=False,
-                                      land=(cache.slot_land_at, slot, until))
-                break
-            except OSError as exc:
-                err = exc
-        else:
+        n, err = self._retrying(lambda: self._read_expert(
+            cache.slot_parts(slot), layer, expert, drop_pages=False,
+            land=(cache.slot_land_at, slot, until)), layer, expert)
+        if err is not None:
             cache.release(slot)
             raise TransferError(f"cannot read expert {expert} of layer {layer} from the "
                                 f"model file: {err}") from err
@@ -504,20 +499,24 @@ class TransferEngine:
                 self.workers_replaced += 1
             self.cond.notify_all()
 
+    @staticmethod
+    def _retrying(read, layer: int, expert: int) -> tuple[int, OSError | None]:
+        """read() up to RETRIES times while it raises OSError (a disk error): (bytes read,
+        None), or (0, the last error) for the caller to report."""
+        err: OSError | None = None
+        for attempt in range(RETRIES):
+            try:
+                return read(), None
+            except OSError as exc:
+                err = exc
+                log.warning("load of expert %d/%d failed (attempt %d): %s",
+                            layer, expert, attempt + 1, exc)
+        return 0, err
+
     def _run(self, job: Job) -> None:
         """Copy one job's expert (retrying disk errors) and publish the result."""
         t0 = time.perf_counter()
-        err: BaseException | None = None
-        nbytes = 0
-        for attempt in range(RETRIES):
-            try:
-                nbytes = self._copy(job)
-                err = None
-                break
-            except OSError as exc:  # disk errors: retry, then report to the waiter
-                err = exc
-                log.warning("load of expert %d/%d failed (attempt %d): %s",
-                            job.layer, job.expert, attempt + 1, exc)
+        nbytes, err = self._retrying(lambda: self._copy(job), job.layer, job.expert)
         if err is None:
             self._emulate_link(nbytes, t0, job.link_until)
         with self.cond:
