@@ -43,31 +43,37 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dic
     no emulated link (loads at the disk's own speed, as the page cache keeps no copy of
     an expert: ~250 µs per 96 KiB expert on this machine's disk): the share of decode wall
     time spent in on_route (predictor, controller, selection and issuing prefetches) and
-    in the predictor's step alone."""
-    spent = {"step": 0.0, "calls": 0}
+    in the predictor alone — its step at every layer and its prediction at each pass's
+    start (before the first layer, from the token memory)."""
+    spent = {"step": 0.0, "calls": 0, "pass_start": 0.0}
     with efedge.load(path, cache=cache, policy="expertflow", threads=threads) as m:
         pol = m._experts.policy
         decode_run(m, prompt_ids, n_tokens)  # warm-up: compile, fill the cache
-        step = pol.predictor.step
+        pred = pol.predictor
 
-        def timed(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return step(*a, **kw)
-            finally:
-                spent["step"] += time.perf_counter() - t
-                spent["calls"] += 1
+        def timed(fn, key, count):
+            def run(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    spent[key] += time.perf_counter() - t
+                    spent["calls"] += count
+            return run
 
-        pol.predictor.step = timed
+        pred.step = timed(pred.step, "step", 1)
+        pred.predict_pass_start = timed(pred.predict_pass_start, "pass_start", 0)
         s, _, ovh = decode_run(m, prompt_ids, n_tokens)
         n_layer = m.config.n_layer
     n = max(s["tokens_generated"], 1)
     wall = max(s["wall_s"], 1e-9)
+    predictor = spent["step"] + spent["pass_start"]
     return {"decode_ms_per_token": 1e3 * wall / n,
             "on_route_us_per_layer": 1e6 * ovh / (n * n_layer),
             "predictor_us_per_layer": 1e6 * spent["step"] / max(spent["calls"], 1),
+            "pass_start_us_per_token": 1e6 * spent["pass_start"] / n,
             "on_route_pct": 100 * ovh / wall,
-            "predictor_pct": 100 * spent["step"] / wall}
+            "predictor_pct": 100 * predictor / wall}
 
 
 def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> list[dict]:
@@ -214,6 +220,7 @@ def main(argv=None) -> int:
             print(f"decode {c['decode_ms_per_token']:.2f} ms/token: expertflow on_route "
                   f"{c['on_route_us_per_layer']:.1f} us/layer = {c['on_route_pct']:.2f}% of "
                   f"decode, of which the predictor {c['predictor_us_per_layer']:.1f} us/layer "
+                  f"+ {c['pass_start_us_per_token']:.1f} us/token at the pass start "
                   f"= {c['predictor_pct']:.2f}%")
         return 0
     links, info = args.links, {}
