@@ -4,6 +4,7 @@ expertflow's predictions behind VRAM loads, argument errors."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -19,7 +20,7 @@ from efedge.experts.cache import LOADING, READY  # noqa: E402
 from efedge.experts.scheduler import make_policy  # noqa: E402
 from efedge.experts.stats import Counters  # noqa: E402
 from efedge.experts.store import ExpertStore  # noqa: E402
-from efedge.experts.transfer import PREFETCH, Job  # noqa: E402
+from efedge.experts.transfer import PREFETCH, RETRIES, Job  # noqa: E402
 from efedge.gguf_file import GGUFFile  # noqa: E402
 from efedge.gpu import load_cuda_model  # noqa: E402
 from efedge.gpu.cache import (  # noqa: E402
@@ -93,9 +94,14 @@ class CountingRead:
         self.lock = threading.Lock()
         self.gate = threading.Event()
         self.gate.set()
+        self.fail = 0  # this many next reads raise a disk error
 
     def __call__(self, buf, offset: int) -> None:
         self.gate.wait(10)
+        with self.lock:
+            if self.fail > 0:
+                self.fail -= 1
+                raise OSError(errno.EIO, "Input/output error (injected)")
         view = memoryview(buf)
         n = os.preadv(self.fd, [view], offset)
         assert n == len(view)
@@ -295,6 +301,37 @@ def test_staging_queues_behind_every_vram_load(tiny_gguf):
         reads.gate.set()
     finally:
         reads.gate.set()
+        _close(gf, reads, src)
+
+
+def test_a_failed_staging_read_is_retried_then_dropped(tiny_gguf, caplog):
+    """A staging load is a hint: a disk error is retried as any load's, and one that
+    persists drops the load, frees its host slot and leaves the tier working."""
+    path = tiny_gguf("qwen3moe", "F16")
+    gf, store, host, reads, src = _parts(path, vram_experts=4, host_experts=8)
+    eng, c = src.engine, src.counters
+
+    def settle():
+        with src.cond:
+            while eng._stage_queued:
+                src.cond.wait(1)
+
+    try:
+        reads.fail = 1  # one transient error: the second attempt stages it
+        assert src.stage(1, [3], priority=0) == 1
+        settle()
+        assert c.host_staged == 1 and host.contains(1, 3) and reads.fail == 0
+        reads.fail = RETRIES  # every attempt fails: dropped
+        assert src.stage(1, [4], priority=0) == 1
+        settle()
+        assert c.host_staged == 1 and not host.contains(1, 4) and reads.fail == 0
+        t = host.tables
+        assert t.where[1, 4] < 0 and not (t.slot_state == LOADING).any()
+        assert sum("expert 1/4 failed" in r.getMessage() for r in caplog.records) == RETRIES
+        assert src.stage(1, [4], priority=0) == 1  # the disk is back: staged now
+        settle()
+        assert c.host_staged == 2 and host.contains(1, 4)
+    finally:
         _close(gf, reads, src)
 
 

@@ -51,7 +51,7 @@ from efedge.errors import TransferError
 from efedge.experts.cache import READY, ExpertCache
 from efedge.experts.store import ExpertStore
 from efedge.experts.streaming import WAIT_TIMEOUT_S, StreamingExperts
-from efedge.experts.transfer import DEMAND, RETRIES, Job, TransferEngine
+from efedge.experts.transfer import DEMAND, Job, TransferEngine
 from efedge.gpu.host_tier import HostTier
 
 log = logging.getLogger("efedge.gpu")
@@ -324,19 +324,16 @@ class GpuTransferEngine(TransferEngine):
 
     def _run_stage(self, job) -> None:
         """Read a staged expert into a host slot, if it is not there yet and some slot
-        holds an expert less likely to be needed (disk errors: retried, then dropped; a
-        staging load is only a hint)."""
-        for attempt in range(RETRIES):
-            try:
-                slot = self.host.claim(job.layer, job.expert, job.value)
-                if slot >= 0:
-                    self._fill_host(slot, job.layer, job.expert)
-                    with self._stat_lock:
-                        self.counters.host_staged += 1
-                break
-            except OSError as exc:
-                log.warning("staging expert %d/%d failed (attempt %d): %s",
-                            job.layer, job.expert, attempt + 1, exc)
+        holds an expert less likely to be needed (disk errors: retried as any load, then
+        dropped; a staging load is only a hint)."""
+        def stage() -> int:
+            slot = self.host.claim(job.layer, job.expert, job.value)
+            return self._fill_host(slot, job.layer, job.expert) if slot >= 0 else 0
+
+        n, _ = self._retrying(stage, job.layer, job.expert)
+        if n:
+            with self._stat_lock:
+                self.counters.host_staged += 1
         with self.cond:
             self._stage_done(job)
             self.cond.notify_all()
