@@ -183,7 +183,10 @@ def main(argv=None) -> int:
                     default=["ondemand", "next-layer", "fixed:1", "fixed:2", "fixed:4",
                              "expertflow"])
     ap.add_argument("--cache", nargs="+", default=["25%", "50%"])
-    ap.add_argument("--links", nargs="+", default=["auto"])
+    ap.add_argument("--links", nargs="+", default=["auto"],
+                    help="emulated link rates (e.g. 720MB/s), 'auto' (two links from the "
+                         "measured compute) or 'none' (no emulated link: the file's own "
+                         "speed)")
     ap.add_argument("-n", "--n-tokens", type=int, default=64, help="decoded tokens")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (one batch)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (median)")
@@ -229,12 +232,14 @@ def main(argv=None) -> int:
     all_rows = []
     for link in links:
         for cache in args.cache:
-            runs = [compare_policies(path, args.policies, cache, link, ids, args.n_tokens,
+            runs = [compare_policies(path, args.policies, cache,
+                                     None if link == "none" else link, ids, args.n_tokens,
                                      threads=args.threads) for _ in range(args.repeats)]
             all_rows += median_rows(runs)
     quality = []
     if args.routing_slack:
-        quality = routing_quality(path, args.routing_slack, args.cache[0], links[0],
+        quality = routing_quality(path, args.routing_slack, args.cache[0],
+                                  None if links[0] == "none" else links[0],
                                   "expertflow", ids, args.n_tokens)
     if args.json:
         json.dump({"model": str(path), "links": links, "auto": info, "rows": all_rows,

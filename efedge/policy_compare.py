@@ -88,7 +88,7 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
         n = max(s["tokens_generated"], 1)
         issued = s["prefetch_issued"]
         rows.append({
-            "policy": policy, "cache": cache, "link": str(link),
+            "policy": policy, "cache": cache, "link": "none" if link is None else str(link),
             "tokens_per_s": n / max(s["wall_s"], 1e-9),
             "stall_ms_per_token": 1e3 * s["stall_s"] / n,
             "stall_vs_ondemand": None,
