@@ -57,6 +57,13 @@ def _compute_lock() -> threading.RLock | None:
         return None
 
 
+def _check_workers(workers) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ArgumentError(f"transfer_workers must be a positive integer (or None: "
+                            f"chosen for the link), got {workers!r}")
+
+
 def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     """The slack the forward pass uses: 0 for exact routing (outputs identical to
     llama.cpp), `slack` (a router probability, 0 < slack < 1) for cache-aware routing."""
@@ -84,7 +91,7 @@ class Model:
                  threads: int | None = None, n_ctx: int | None = None,
                  link: str | None = None, chat_template: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
-                 transfer_workers: int = 2, vram: int | str | None = None,
+                 transfer_workers: int | None = None, vram: int | str | None = None,
                  hybrid: str = "auto", routing: str = "exact",
                  routing_slack: float = 0.05, host_cache: int | str | None = None,
                  disk_link: str | None = None):
@@ -108,6 +115,7 @@ class Model:
                 raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         slack = _routing_slack(routing, routing_slack, cache, cuda)
+        _check_workers(transfer_workers)
         # `~` expanded here: Windows shells pass it through, and API callers write it too
         self.path = Path(path).expanduser() if path is not None else demo.demo_model_path()
         self.policy = policy
@@ -139,13 +147,16 @@ class Model:
             notice = kernels.compile_notice(lambda: self._progress(
                 0.3, "compiling kernels for this CPU (first run only: 1-3 min)"))
             if cuda:
+                from efedge.experts.transfer import LINK_WORKERS
                 from efedge.gpu import load_cuda_model
 
                 with computing, notice:
                     self._tf = load_cuda_model(
                         self._gf, config=self.config, device=device,
                         cache=cache, policy=policy, link=link, vram=vram, n_ctx=ctx,
-                        counters=self.counters, workers=transfer_workers, hybrid=hybrid,
+                        counters=self.counters,
+                        workers=LINK_WORKERS if transfer_workers is None else transfer_workers,
+                        hybrid=hybrid,
                         host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:

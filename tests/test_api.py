@@ -395,9 +395,25 @@ def test_bad_api_arguments_are_named_efedge_errors(m, path):
             call()
         assert isinstance(info.value, ValueError) and isinstance(info.value, efedge.EfedgeError)
     for kw in ({"threads": 0}, {"routing": "nearest"},
-               {"routing": "cache-aware", "routing_slack": 2.0, "cache": "50%"}):
+               {"routing": "cache-aware", "routing_slack": 2.0, "cache": "50%"},
+               {"transfer_workers": 0, "cache": "50%"},
+               {"transfer_workers": 2.0, "cache": "50%"}):
         with pytest.raises(efedge.ArgumentError):
             efedge.load(path, **kw)
+
+
+def test_transfer_workers_follow_the_link_unless_given(path):
+    """Reading the file itself, loads overlap in the drive's queue: FILE_WORKERS; through
+    an emulated (serial) link, LINK_WORKERS; an explicit count wins."""
+    from efedge.experts.transfer import FILE_WORKERS, LINK_WORKERS
+
+    assert FILE_WORKERS > LINK_WORKERS
+    for kw, want in (({}, FILE_WORKERS), ({"link": "720MB/s"}, LINK_WORKERS),
+                     ({"transfer_workers": 3}, 3),
+                     ({"link": "720MB/s", "transfer_workers": 1}, 1)):
+        with efedge.load(path, cache="50%", **kw) as mm:
+            eng = mm._experts.engine
+            assert eng.n_workers == want and len(eng._threads) == want
 
 
 def test_logits_use_the_sessions_cache_and_leave_generation_exact(path, monkeypatch):

@@ -55,6 +55,14 @@ NAMED_LINKS = {
     "nvme": (3.5e9, 80e-6), "nvme4": (7.0e9, 60e-6), "sata": (0.5e9, 100e-6),
 }
 RETRIES = 3
+# Transfer workers per engine unless the caller says (efedge.load(transfer_workers=)).
+# Through an emulated link the copies share one serial link and more workers only
+# contend for the cores (4 were worse on the 2-core test VM). Reading the file itself,
+# a miss waits on the drive's latency, and reads overlap in its queue: on that VM (a
+# 96 KiB expert in 250-500 µs), 4 workers instead of 2 cut the stall of expertflow to
+# 0.3-0.6x and of on-demand loading to 0.5-0.6x (2026-11-29, docs/scheduler.md §6).
+LINK_WORKERS = 2
+FILE_WORKERS = 4
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
 # Windows opens a descriptor in text mode unless told: a read would turn CR LF into LF
 # and stop at the first 0x1A byte (Ctrl-Z), silently corrupting experts. 0 elsewhere.
@@ -163,12 +171,21 @@ class Job:
     error: BaseException | None = field(default=None, compare=False)
 
 
+def default_workers(link: Link | None) -> int:
+    """How many transfer workers an engine gets by default: FILE_WORKERS when the copies
+    are reads of the file itself, LINK_WORKERS through an emulated link — and where
+    reads cannot overlap (Windows: seek + read under one lock)."""
+    if link is None and _preadv is not _preadv_seek:
+        return FILE_WORKERS
+    return LINK_WORKERS
+
+
 class TransferEngine:
     """Copies (layer, expert) into its assigned slot on background threads. All queue and
     slot-state changes happen under `cache.cond`."""
 
     def __init__(self, path: str | os.PathLike, store: ExpertStore, cache: ExpertCache,
-                 counters: Counters, link: Link | None = None, workers: int = 2,
+                 counters: Counters, link: Link | None = None, workers: int | None = None,
                  read_fn=None, drop_pages: bool | None = None):
         self.store, self.cache, self.counters, self.link = store, cache, counters, link
         # drop each expert's file pages after reading it (default: unless a link is
@@ -216,7 +233,7 @@ class TransferEngine:
         self._read = read_fn or self._pread  # tests inject faults here
         # the whole expert in one GIL-free kernel call where libc allows (file_read.py)
         self._read_whole = file_read.available()
-        self.n_workers = max(1, workers)
+        self.n_workers = max(1, default_workers(link) if workers is None else workers)
         self.inline_copies, self.inline_copy_s = 0, 0.0  # copy_inline's count and time
         self._threads = [self._spawn(i) for i in range(self.n_workers)]
 
