@@ -155,7 +155,10 @@ def paired_ab(old: str, new: str, args) -> int:
 
     from paired import take_turns
 
-    res = take_turns(old, new, [os.path.abspath(__file__), "--ab-worker", args.model or "",
+    # both trees read one file (each tree's own copy of the demo model lies elsewhere on
+    # the disk: with no emulated link the reads go to the drive)
+    model = os.path.abspath(args.model) if args.model else str(demo_model_path())
+    res = take_turns(old, new, [os.path.abspath(__file__), "--ab-worker", model,
                                 args.cache[0], args.links[0], str(args.n_tokens),
                                 str(args.prompt), str(args.threads or 0), *args.policies],
                      args.rounds, json.loads)

@@ -60,7 +60,7 @@ RETRIES = 3
 # contend for the cores (4 were worse on the 2-core test VM). Reading the file itself,
 # a miss waits on the drive's latency, and reads overlap in its queue: on that VM (a
 # 96 KiB expert in 250-500 µs), 4 workers instead of 2 cut the stall of expertflow to
-# 0.3-0.6x and of on-demand loading to 0.5-0.6x (2026-11-29, docs/scheduler.md §6).
+# 0.3x and of on-demand loading to 0.4-0.75x (2026-11-29, docs/scheduler.md §6).
 LINK_WORKERS = 2
 FILE_WORKERS = 4
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
