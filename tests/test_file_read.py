@@ -117,7 +117,7 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     engine._fd = os.open(path, os.O_RDONLY)
     engine._fds = [engine._fd]
     engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
-    engine.drop_pages = True
+    engine.drop_pages, engine._sweep_spans, engine._drops = True, None, 0
 
     class Slots:
         slot_land_at = np.full(1, np.inf)

@@ -3,6 +3,7 @@ up; a slow link stalls; the cache never hands a slot out twice under stress."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -517,3 +518,37 @@ def test_expertflow_predicts_once_the_layers_demand_loads_are_queued(tiny_gguf):
         m.generate(_ids(8), max_tokens=24, temperature=0)
     assert seen and all(ok for _, ok in seen), seen
     assert seen[-1][0] > seen[0][0]  # layers did miss: there were demand loads to queue
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_reads_that_drop_pages_sweep_every_expert_page_now_and_then(tiny_gguf, monkeypatch):
+    """A read's own drop leaves the page-cache folios it shares with a neighbour: every
+    SWEEP_EVERY dropping reads, one fadvise per expert tensor of the file drops them
+    (tests/test_memory_budget.py measures what is left). Reads through an emulated link
+    keep their pages (the link reads from the page cache): no sweep there."""
+    from efedge.experts import transfer as transfer_mod
+
+    path = tiny_gguf("qwen3moe", "Q8_0")
+    monkeypatch.setattr(transfer_mod, "SWEEP_EVERY", 3)
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            advised.append((offset, offset + length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    for link, want_sweeps in ((None, True), ("2GB/s", False)):
+        advised.clear()
+        with efedge.load(path, cache="30%", policy="ondemand", link=link) as m:
+            spans = {s for per_file in m._experts.store.expert_spans() for s in per_file}
+            eng = m._experts.engine
+            advised.clear()  # (the load's own drop)
+            m.generate(_ids(), max_tokens=6, temperature=0)
+            reads = m.counters.bytes_loaded // m._experts.store.expert_bytes(0)
+        sweeps = sum(1 for a in advised if a in spans) // len(spans)
+        if want_sweeps:
+            assert reads >= 3 and sweeps == (reads - eng._drops) // 3 > 0
+        else:
+            assert sweeps == 0 and eng._sweep_spans is None

@@ -82,11 +82,9 @@ class ExpertStore:
     def total_bytes(self) -> int:
         return int(self.nbytes.sum())
 
-    def drop_page_cache(self) -> None:
-        """Drop the file's expert pages from this process's mapping and from the page
-        cache: with an expert cache, the slots are the only place experts should occupy
-        memory. (Pages a process still maps survive fadvise, so the mapping goes first —
-        e.g. the pages the load-time kernel warm-up touched.)"""
+    def expert_spans(self) -> list[list[tuple[int, int]]]:
+        """Per file of the model (one, or a split GGUF's shards), the byte ranges its
+        routed layers' expert tensors occupy: (start rounded down to a page, end)."""
         page = mmap.PAGESIZE
         spans: list[list[tuple[int, int]]] = [[] for _ in self.paths]  # per file
         for il in self.moe_layers:
@@ -94,6 +92,14 @@ class ExpertStore:
                 start = int(self.offsets[il, 0, ip])
                 end = int(self.offsets[il, -1, ip] + self.nbytes[il, -1, ip])
                 spans[int(self.shard[il, ip])].append((start - start % page, end))
+        return spans
+
+    def drop_page_cache(self) -> None:
+        """Drop the file's expert pages from this process's mapping and from the page
+        cache: with an expert cache, the slots are the only place experts should occupy
+        memory. (Pages a process still maps survive fadvise, so the mapping goes first —
+        e.g. the pages the load-time kernel warm-up touched.)"""
+        spans = self.expert_spans()
         for shard, file_spans in enumerate(spans):
             mm = getattr(getattr(self.gf.file(shard), "_mmap", None), "_mmap", None)
             if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
