@@ -38,6 +38,11 @@ from efedge.policy_compare import (
 )
 
 
+def _link(spec: str) -> str | None:
+    """A --links value as efedge.load's link=: 'none' is no emulated link."""
+    return None if spec == "none" else spec
+
+
 def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dict:
     """What expertflow's own work costs during decode, with the cache under pressure but
     no emulated link (loads at the disk's own speed, as the page cache keeps no copy of
@@ -116,7 +121,7 @@ def _ab_worker(root_model: str, cache: str, link: str, n_tokens: int, prompt: in
     with efedge.load(path) as m:
         ids = heldout_ids(m, prompt + n_tokens)
     models = {p: efedge.load(path, cache=cache, policy=p, threads=threads,
-                             link=None if link == "none" else link) for p in policies}
+                             link=_link(link)) for p in policies}
     for m in models.values():
         decode_run(m, ids, n_tokens)  # compile, fill the cache
     print("ready", flush=True)
@@ -236,13 +241,13 @@ def main(argv=None) -> int:
     for link in links:
         for cache in args.cache:
             runs = [compare_policies(path, args.policies, cache,
-                                     None if link == "none" else link, ids, args.n_tokens,
+                                     _link(link), ids, args.n_tokens,
                                      threads=args.threads) for _ in range(args.repeats)]
             all_rows += median_rows(runs)
     quality = []
     if args.routing_slack:
         quality = routing_quality(path, args.routing_slack, args.cache[0],
-                                  None if links[0] == "none" else links[0],
+                                  _link(links[0]),
                                   "expertflow", ids, args.n_tokens)
     if args.json:
         json.dump({"model": str(path), "links": links, "auto": info, "rows": all_rows,

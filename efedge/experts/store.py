@@ -26,6 +26,13 @@ class ExpertWeights:
     down_qtype: int
 
 
+def drop_spans(fd: int, spans) -> None:
+    """Drop the page-cache pages of each (start, end) byte range of the file open as fd
+    (POSIX_FADV_DONTNEED; where os has posix_fadvise)."""
+    for start, end in spans:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+
 class ExpertStore:
     """Addresses every expert of every MoE layer in the mapped file.
 
@@ -115,8 +122,7 @@ class ExpertStore:
                 continue
             fd = os.open(path, os.O_RDONLY)
             try:
-                for start, end in file_spans:
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                drop_spans(fd, file_spans)
             finally:
                 os.close(fd)
 

@@ -41,7 +41,7 @@ from efedge.errors import EfedgeError, TransferError
 from efedge.experts import file_read
 from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.stats import Counters
-from efedge.experts.store import ExpertStore
+from efedge.experts.store import ExpertStore, drop_spans
 
 log = logging.getLogger("efedge.transfer")
 
@@ -376,14 +376,11 @@ class TransferEngine:
     def _sweep_pages(self) -> None:
         """Drop every expert page of the file from the page cache (SWEEP_EVERY says why):
         one fadvise per routed layer's gate, up and down tensors."""
-        fds = self._fds
-        for shard, spans in enumerate(self._sweep_spans):
-            fd = fds[shard] if len(fds) > 1 else fds[0]
-            for start, end in spans:
-                try:
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-                except OSError:  # a hint: the next sweep tries again
-                    pass
+        for fd, spans in zip(self._fds, self._sweep_spans, strict=True):  # (one per file)
+            try:
+                drop_spans(fd, spans)
+            except OSError:  # a hint: the next sweep tries again
+                pass
 
     def _copy(self, job: Job) -> int:
         # the expert lands when its bytes are in and the emulated link (booked at the
