@@ -54,13 +54,16 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("-n", type=int, default=32, help="decode steps per round")
     ap.add_argument("-r", type=int, default=6, help="rounds")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="fresh pairs of processes the rounds are spread over "
+                         "(benchmarks/paired.py)")
     ap.add_argument("-t", type=int, default=2, help="threads")
     ap.add_argument("--prefill", type=int, default=0, metavar="P",
                     help="time the prefill of a P-token prompt instead of decode")
     a = ap.parse_args()
     res = take_turns(a.old, a.new, [os.path.abspath(__file__), "--worker", a.model,
                                     str(a.n), str(a.t), str(a.prefill)], a.r, float,
-                     quiet=True)
+                     quiet=True, pairs=a.pairs)
     for name in ("old", "new"):
         print(f"{name} t/s", [round(x, 2) for x in res[name]], "median",
               round(statistics.median(res[name]), 2))

@@ -43,17 +43,22 @@ def _link(spec: str) -> str | None:
     return None if spec == "none" else spec
 
 
-def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%") -> dict:
-    """What expertflow's own work costs during decode, with the cache under pressure but
-    no emulated link (loads at the disk's own speed, as the page cache keeps no copy of
-    an expert: ~250 µs per 96 KiB expert on this machine's disk): the share of decode wall
-    time spent in on_route (predictor, controller, selection and issuing prefetches) and
-    in the predictor alone — its step at every layer and its prediction at each pass's
-    start (before the first layer, from the token memory)."""
+def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=None,
+                   warm_ids=None) -> dict:
+    """What expertflow's own work costs during decode, with the cache under pressure
+    (default: no emulated link, loads at the disk's own speed, as the page cache keeps no
+    copy of an expert: ~250 µs per 96 KiB expert on this machine's disk): the share of
+    decode wall time spent in on_route (predictor, controller, selection and issuing
+    prefetches) and in the predictor alone — its step at every layer and its prediction at
+    each pass's start (before the first layer, from the token memory). `warm_ids`: the
+    text of the warm-up (compiling, filling the cache); other text than the measured one,
+    or the token memory would have learned the measured text's routing by heart."""
     spent = {"step": 0.0, "calls": 0, "pass_start": 0.0}
-    with efedge.load(path, cache=cache, policy="expertflow", threads=threads) as m:
+    with efedge.load(path, cache=cache, policy="expertflow", threads=threads,
+                     link=link) as m:
         pol = m._experts.policy
-        decode_run(m, prompt_ids, n_tokens)  # warm-up: compile, fill the cache
+        warm = prompt_ids if warm_ids is None else warm_ids
+        decode_run(m, warm, min(n_tokens, len(warm) - 1))
         pred = pol.predictor
 
         def timed(fn, key, count):
@@ -166,8 +171,9 @@ def paired_ab(old: str, new: str, args) -> int:
     res = take_turns(old, new, [os.path.abspath(__file__), "--ab-worker", model,
                                 args.cache[0], args.links[0], str(args.n_tokens),
                                 str(args.prompt), str(args.threads or 0), *args.policies],
-                     args.rounds, json.loads)
-    print(f"paired A/B, {args.rounds} rounds: cache {args.cache[0]}, link {args.links[0]}, "
+                     args.rounds, json.loads, pairs=args.pairs)
+    print(f"paired A/B, {args.rounds} rounds over {min(args.pairs, args.rounds)} pairs of "
+          f"processes: cache {args.cache[0]}, link {args.links[0]}, "
           f"{args.prompt} prompt + {args.n_tokens} decoded tokens\nold: {old}\nnew: {new}")
     print("| policy | figure | old (median) | new (median) | new / old (median of rounds) |")
     print("|---|---|---|---|---|")
@@ -203,12 +209,15 @@ def main(argv=None) -> int:
                     help="also measure cache-aware routing at these slacks (expertflow, "
                          "first cache and link)")
     ap.add_argument("--cost", action="store_true",
-                    help="only measure expertflow's own cost during decode (50%% cache, "
-                         "no emulated link)")
+                    help="only measure expertflow's own cost during decode (default 50%% "
+                         "cache, no emulated link; else the first --cache and --links)")
     ap.add_argument("--ab", nargs=2, metavar=("OLD_ROOT", "NEW_ROOT"),
                     help="paired A/B of two source trees: decode runs taking turns "
                          "(first --cache and --links; --links none: no emulated link)")
     ap.add_argument("--rounds", type=int, default=8, help="--ab: rounds")
+    ap.add_argument("--pairs", type=int, default=4,
+                    help="--ab: fresh pairs of processes the rounds are spread over (a "
+                         "process keeps a speed of its own: benchmarks/paired.py)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.ab:
@@ -218,21 +227,30 @@ def main(argv=None) -> int:
             args.policies = ["ondemand", "expertflow"]
         return paired_ab(*args.ab, args)
     path = args.model or demo_model_path()
+    n_text = args.prompt + args.n_tokens
     with efedge.load(path) as m:
-        ids = heldout_ids(m, args.prompt + args.n_tokens)
+        ids = heldout_ids(m, 2 * n_text if args.cost else n_text)
     if args.cost:
-        runs = [scheduler_cost(path, ids, args.n_tokens, args.threads)
-                for _ in range(max(1, args.repeats))]
+        # the text after the measured one warms each run up (see scheduler_cost)
+        ids, warm_ids = ids[:n_text], ids[n_text:]
+        cache = args.cache[0] if args.cache != ap.get_default("cache") else "50%"
+        link = None if args.links == ["auto"] else _link(args.links[0])
+        runs = [scheduler_cost(path, ids, args.n_tokens, args.threads, cache, link,
+                               warm_ids) for _ in range(max(1, args.repeats))]
         if args.json:
             json.dump(runs, sys.stdout, indent=2)
             print()
             return 0
+        print(f"cache {cache}, link {link or 'none'}, {args.n_tokens} decoded tokens")
         for c in runs:
             print(f"decode {c['decode_ms_per_token']:.2f} ms/token: expertflow on_route "
                   f"{c['on_route_us_per_layer']:.1f} us/layer = {c['on_route_pct']:.2f}% of "
                   f"decode, of which the predictor {c['predictor_us_per_layer']:.1f} us/layer "
                   f"+ {c['pass_start_us_per_token']:.1f} us/token at the pass start "
                   f"= {c['predictor_pct']:.2f}%")
+        pct = [c["predictor_pct"] for c in runs]
+        print(f"predictor: median {statistics.median(pct):.2f}% of decode "
+              f"({min(pct):.2f}–{max(pct):.2f}%, {len(pct)} runs)")
         return 0
     links, info = args.links, {}
     if links == ["auto"]:
