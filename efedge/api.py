@@ -57,6 +57,15 @@ def _compute_lock() -> threading.RLock | None:
         return None
 
 
+def _check_policy(policy) -> None:
+    """A policy name that names none is an error even where no expert cache will use it
+    (cache=None, a dense model): `--policy expertflw` must not pass unnoticed."""
+    from efedge.experts.scheduler import Policy, policy_class
+
+    if not isinstance(policy, Policy):
+        policy_class(policy)
+
+
 def _check_workers(workers) -> None:
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                 or workers < 1):
@@ -116,6 +125,7 @@ class Model:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         slack = _routing_slack(routing, routing_slack, cache, cuda)
         _check_workers(transfer_workers)
+        _check_policy(policy)
         # `~` expanded here: Windows shells pass it through, and API callers write it too
         self.path = Path(path).expanduser() if path is not None else demo.demo_model_path()
         self.policy = policy

@@ -400,6 +400,13 @@ def test_bad_api_arguments_are_named_efedge_errors(m, path):
                {"transfer_workers": 2.0, "cache": "50%"}):
         with pytest.raises(efedge.ArgumentError):
             efedge.load(path, **kw)
+    # a policy name is checked even where no expert cache would use it (no cache= here):
+    # a typo must not pass unnoticed
+    for name, what in (("expertflw", "unknown cache policy 'expertflw'"),
+                       ("fixed:0", "bad policy 'fixed:0'")):
+        for kw in ({}, {"cache": "50%"}):
+            with pytest.raises(efedge.ArgumentError, match=what):
+                efedge.load(path, policy=name, **kw)
 
 
 def test_transfer_workers_follow_the_link_unless_given(path):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge.errors import EfedgeError
+from efedge.errors import ArgumentError, EfedgeError
 from efedge.experts.cache import EMPTY, READY
 from efedge.experts.horizon import lru_victim, route_prologue
 
@@ -301,25 +301,33 @@ def make_policy(name, **kwargs) -> Policy:
             raise EfedgeError(f"this {name.name!r} policy instance already serves a model: "
                               "give each model its own")
         return name
+    cls, horizon = policy_class(name)
+    if kwargs.get("trace") is not None and not cls.seeds_from_trace:
+        raise EfedgeError(f"a routing trace seeds the predictor of expertflow and fixed:H; "
+                          f"policy {name!r} has none")
+    return cls(**kwargs) if horizon is None else cls(horizon, **kwargs)
+
+
+def policy_class(name: str) -> tuple[type[Policy], int | None]:
+    """The policy class a name selects, and fixed:H's look-ahead (None for the others);
+    an unknown name or a bad H is an ArgumentError (an EfedgeError) naming it. efedge.load
+    checks a name this way even where no expert cache will use it: a typo is never silent."""
     key = str(name).strip().lower()
     fixed = key.startswith("fixed")
     cls = POLICIES["fixed"] if fixed else POLICIES.get(key)
     if cls is None:
-        raise EfedgeError(f"unknown cache policy {name!r} (available: "
+        raise ArgumentError(f"unknown cache policy {name!r} (available: "
                           f"{', '.join(sorted(POLICIES))}, fixed:H)")
-    if kwargs.get("trace") is not None and not cls.seeds_from_trace:
-        raise EfedgeError(f"a routing trace seeds the predictor of expertflow and fixed:H; "
-                          f"policy {name!r} has none")
-    if fixed:
-        _, _, h = key.partition(":")
-        try:
-            horizon = int(h) if h else 2
-        except ValueError:
-            horizon = 0
-        if horizon < 1:
-            raise EfedgeError(f"bad policy {name!r}: use fixed:H with a look-ahead H ≥ 1")
-        return cls(horizon, **kwargs)
-    return cls(**kwargs)
+    if not fixed:
+        return cls, None
+    _, _, h = key.partition(":")
+    try:
+        horizon = int(h) if h else 2
+    except ValueError:
+        horizon = 0
+    if horizon < 1:
+        raise ArgumentError(f"bad policy {name!r}: use fixed:H with a look-ahead H ≥ 1")
+    return cls, horizon
 
 
 def cache_aware_route(ids: np.ndarray, probs: np.ndarray, resident: np.ndarray,
