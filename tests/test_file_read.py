@@ -7,6 +7,7 @@ error), and the transfer engine really reads through the kernel."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -112,27 +113,38 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     gf = GGUFFile(path)
     store = ExpertStore(gf, gf.get("qwen3moe.block_count"), gf.get("qwen3moe.expert_count"))
     store.offsets[0, 0, 2] = size - 8
-    engine = TransferEngine.__new__(TransferEngine)  # only _copy's inputs
-    engine.store = store
-    engine._fd = os.open(path, os.O_RDONLY)
-    engine._fds = [engine._fd]
-    engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
-    engine.drop_pages, engine._sweep_spans, engine._drops = True, None, 0
-
-    class Slots:
-        slot_land_at = np.full(1, np.inf)
-
-        @staticmethod
-        def slot_parts(slot):
-            return _buffers(store.nbytes[0, 0])
-
-    engine.cache = Slots()
+    direct = file_read.direct_open(path)
     try:
-        assert engine._kernel_reads()
-        with pytest.raises(OSError, match="unexpected end of file"):
-            engine._copy(type("J", (), {"slot": 0, "layer": 0, "expert": 0, "link_until": 0.0})())
+        # through the page cache, and (where the file system allows) first directly: the
+        # direct read comes back short, and the buffered one then names the error
+        for direct_fds in ([None] if direct is None else [None, [direct]]):
+            engine = TransferEngine.__new__(TransferEngine)  # only _copy's inputs
+            engine.store = store
+            engine._fd = os.open(path, os.O_RDONLY)
+            engine._fds = [engine._fd]
+            engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
+            engine.drop_pages, engine._sweep_spans, engine._drops = True, None, 0
+            engine._direct_fds, engine._bounce = direct_fds, threading.local()
+            engine._bounce_size = file_read.bounce_bytes(int(store.nbytes.max()))
+
+            class Slots:
+                slot_land_at = np.full(1, np.inf)
+
+                @staticmethod
+                def slot_parts(slot):
+                    return _buffers(store.nbytes[0, 0])
+
+            engine.cache = Slots()
+            try:
+                assert engine._kernel_reads()
+                with pytest.raises(OSError, match="unexpected end of file"):
+                    engine._copy(type("J", (), {"slot": 0, "layer": 0, "expert": 0,
+                                                "link_until": 0.0})())
+            finally:
+                os.close(engine._fd)
     finally:
-        os.close(engine._fd)
+        if direct is not None:
+            os.close(direct)
         gf.close()
 
 
@@ -156,3 +168,70 @@ def test_the_engine_reads_through_the_kernel(path, monkeypatch):
         assert m.stats()["bytes_loaded"] > 0
     np.testing.assert_array_equal(got, want)
     assert calls == []
+
+
+def _direct_or_skip(path) -> int:
+    fd = file_read.direct_open(path)
+    if fd is None:
+        pytest.skip("this file system (or platform) takes no O_DIRECT reads")
+    return fd
+
+
+def test_direct_reads_give_the_files_bytes_at_any_offset(path):
+    """Reads around the page cache: whole blocks into an aligned bounce buffer, then the
+    part's bytes into its buffer — any offset and length, up to the file's last byte."""
+    fd = _direct_or_skip(path)
+    data = open(path, "rb").read()
+    rng = np.random.default_rng(7)
+    try:
+        for t in range(60):
+            ns = rng.integers(0, 9000, 3).astype(np.int64)
+            offs = rng.integers(0, len(data) - 9000, 3).astype(np.int64)
+            if t == 0:
+                offs[2] = len(data) - ns[2]  # a part that ends with the file
+            if t == 1:
+                ns[1], offs[1] = 0, 4096  # an empty part
+            parts = _buffers(ns, extra=5)
+            bounce = file_read.aligned_buffer(file_read.bounce_bytes(int(ns.max())))
+            table = np.full(2, np.inf)
+            assert file_read.read_expert_direct(fd, parts, offs, ns, bounce,
+                                                land=(table, 1, 3.5))
+            for i in range(3):
+                assert parts[i][:ns[i]].tobytes() == data[offs[i]:offs[i] + ns[i]]
+                assert (parts[i][ns[i]:] == 0xAB).all()  # nothing written past the part
+            assert table[1] == 3.5 and table[0] == np.inf
+        # past the end of the file: short, so False (the engine reads it another way)
+        ns = np.array([16, 16, 16], np.int64)
+        assert not file_read.read_expert_direct(fd, _buffers(ns), np.array(
+            [0, len(data) - 8, 0], np.int64), ns, file_read.aligned_buffer(8192))
+        # a bounce buffer too small or misaligned: nothing read, a named error
+        with pytest.raises(ValueError, match="bounce buffer"):
+            file_read.read_expert_direct(fd, _buffers(ns), np.array([0, 4095, 0], np.int64),
+                                         ns, file_read.aligned_buffer(4096))
+        with pytest.raises(ValueError, match="aligned"):
+            file_read.read_expert_direct(fd, _buffers(ns), np.zeros(3, np.int64), ns,
+                                         file_read.aligned_buffer(8192 + 1)[1:])
+    finally:
+        os.close(fd)
+
+
+def test_without_a_link_the_engine_reads_around_the_page_cache(path, monkeypatch):
+    """No emulated link: experts are read with O_DIRECT where the file system allows
+    (nothing enters the page cache, nothing is dropped), else through the page cache with
+    each read dropped (a file system without O_DIRECT, stood for by direct_open refusing);
+    both give the resident logits."""
+    ids = np.random.default_rng(5).integers(0, 500, 10).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    can_direct = file_read.direct_open(path) is not None
+    real_open = file_read.direct_open
+    for direct in sorted({False, can_direct}):
+        monkeypatch.setattr(file_read, "direct_open", real_open if direct else lambda p: None)
+        with efedge.load(path, cache="30%", policy="ondemand") as m:
+            eng = m._experts.engine
+            assert eng.reads_direct is direct and eng.drop_pages
+            np.testing.assert_array_equal(m.logits(ids), want)
+            reads = m.stats()["bytes_loaded"] // m._experts.store.expert_bytes(0)
+            assert reads > 0
+            # dropping reads are counted towards the next sweep; a direct one is not one
+            assert (eng._drops == 0) if direct else (0 < eng._drops or reads >= 32)

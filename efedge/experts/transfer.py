@@ -2,9 +2,10 @@
 
 * A priority queue: demand loads (the layer is waiting) overtake prefetches; a queued
   prefetch that became stale can be cancelled.
-* Reads use pread into the slot, then posix_fadvise(DONTNEED) on the file range, so the
-  page cache does not quietly keep every expert beside the slots (the budget is honest);
-  all six calls of an expert in one numba kernel that holds no GIL (file_read.py). With
+* Reads go around the page cache (O_DIRECT, where the file system takes it), else use
+  pread into the slot, then posix_fadvise(DONTNEED) on the file range, so the page cache
+  does not quietly keep every expert beside the slots (the budget is honest); all calls
+  of an expert in one numba kernel that holds no GIL (file_read.py). With
   an emulated link the pages stay: the file then stands for the far tier the link leads
   from (host RAM behind PCIe, an NVMe drive), and reads that went to this machine's own
   disk each time would make every link the disk's speed (a virtual disk here read a 96
@@ -63,7 +64,8 @@ RETRIES = 3
 # 0.3x and of on-demand loading to 0.4-0.75x (2026-11-29, docs/scheduler.md §6).
 LINK_WORKERS = 2
 FILE_WORKERS = 4
-# Reads that drop their pages (no emulated link) between two sweeps of every expert page
+# Reads that drop their pages (no emulated link, and no O_DIRECT on the file system: a
+# direct read leaves nothing in the page cache) between two sweeps of every expert page
 # of the file. A read's own drop (POSIX_FADV_DONTNEED on the pages it spans) leaves some
 # behind: the page cache holds a file in folios larger than a page, and a folio that
 # straddles two experts is dropped only by a range that covers all of it. Measured with
@@ -244,9 +246,53 @@ class TransferEngine:
         self._read = read_fn or self._pread  # tests inject faults here
         # the whole expert in one GIL-free kernel call where libc allows (file_read.py)
         self._read_whole = file_read.available()
+        # Dropping reads go around the page cache where the system allows (O_DIRECT, one
+        # descriptor per file): nothing to drop after each read, and no sweeps. A read's
+        # own drop (fadvise) left pages shared with neighbours behind, and the sweeps that
+        # catch those cost stall (SWEEP_EVERY); on the test VM a direct read of 96 KiB
+        # also took 113-123 µs against 133-140 for a buffered read and its drop.
+        # (tests that inject read faults read their own way)
+        self._direct_fds: list[int] | None = None
+        if self.drop_pages and read_fn is None:
+            self._direct_fds = self._open_direct(paths)
+        self._bounce = threading.local()  # each thread's aligned buffer for direct reads
+        self._bounce_size = file_read.bounce_bytes(int(store.nbytes.max(initial=0)))
         self.n_workers = max(1, default_workers(link) if workers is None else workers)
         self.inline_copies, self.inline_copy_s = 0, 0.0  # copy_inline's count and time
         self._threads = [self._spawn(i) for i in range(self.n_workers)]
+
+    @staticmethod
+    def _open_direct(paths) -> list[int] | None:
+        """A direct-read descriptor per file (file_read.direct_open), or None if any file
+        cannot have one (then every read goes through the page cache, and is dropped)."""
+        fds: list[int] = []
+        for p in paths:
+            fd = file_read.direct_open(p)
+            if fd is None:
+                for f in fds:
+                    os.close(f)
+                return None
+            fds.append(fd)
+        return fds
+
+    @property
+    def reads_direct(self) -> bool:
+        """Whether the engine reads experts around the page cache (O_DIRECT)."""
+        return self._direct_fds is not None
+
+    def _read_direct(self, parts, layer: int, expert: int, land: tuple | None) -> bool:
+        """One expert read with O_DIRECT into `parts` (all three parts in one file), through
+        this thread's bounce buffer; False when that is not possible or a read came back
+        short or failed (the caller then reads through the page cache and drops it)."""
+        shard = self.store.shard[layer] if len(self._direct_fds) > 1 else (0, 0, 0)
+        if not shard[0] == shard[1] == shard[2]:
+            return False
+        bounce = getattr(self._bounce, "buf", None)
+        if bounce is None:
+            bounce = self._bounce.buf = file_read.aligned_buffer(self._bounce_size)
+        return file_read.read_expert_direct(
+            self._direct_fds[int(shard[0])], parts, self.store.offsets[layer, expert],
+            self.store.nbytes[layer, expert], bounce, land)
 
     def _spawn(self, i: int) -> threading.Thread:
         t = threading.Thread(target=self._worker, args=(i,), name=f"efedge-transfer-{i}",
@@ -349,6 +395,9 @@ class TransferEngine:
         else:  # a split GGUF: each part from its shard
             shard = self.store.shard[layer]
             pfd = (fds[shard[0]], fds[shard[1]], fds[shard[2]])
+        if drop_pages and self._direct_fds is not None and self._kernel_reads() and \
+                self._read_direct(parts, layer, expert, land):
+            return int(nbytes.sum())
         if drop_pages and self._sweep_spans is not None:
             self._drops += 1
             if self._drops >= SWEEP_EVERY:
@@ -586,7 +635,8 @@ class TransferEngine:
             if t is not threading.current_thread():  # a Model's finalizer may run in one
                 t.join(timeout=5)
         if self._fd >= 0:
-            for fd in self._fds:
+            for fd in self._fds + (self._direct_fds or []):
                 os.close(fd)
             self._fds = []
+            self._direct_fds = None
             self._fd = -1
