@@ -564,3 +564,62 @@ def test_reads_that_drop_pages_sweep_every_expert_page_now_and_then(tiny_gguf, m
         else:
             assert reads >= 3 and sweeps == 0 and eng._drops == 0
             assert link is None or eng._sweep_spans is None
+
+
+def test_the_engine_meters_how_long_one_read_of_the_file_takes(tiny_gguf):
+    """Reads overlapping in a drive's queue complete closer together than any one of them
+    takes: the engine meters each worker read's own time (read_tail_s: a slow one), and
+    expertflow's look-ahead plans with whichever of that and the link meter is longer."""
+    from efedge.config import config_from_gguf
+    from efedge.experts.policies import _latency
+
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    fd = os.open(path, os.O_RDONLY)
+    delay = 0.004
+
+    def slow_read(buf, off):  # a drive that takes `delay` per read
+        time.sleep(delay)
+        buf[:] = np.frombuffer(os.pread(fd, len(buf), off), dtype=np.uint8)
+
+    store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+    cache = ExpertCache(store, _min_budget(path), cfg.n_expert_used)
+    engine = TransferEngine(path, store, cache, Counters(), None, workers=4, read_fn=slow_read)
+    try:
+        assert engine.read_tail_s == 0.0  # nothing read yet
+        jobs = []
+        with engine.cond:
+            for e in range(4):  # four reads at once, one per worker
+                slot = cache.free_or_victim(0, lambda c, cands: int(cands[0]))
+                cache.assign(slot, 0, e)
+                jobs.append(engine.submit(0, e, slot, 1))
+            deadline = time.perf_counter() + 10
+            while not all(cache.slot_state[j.slot] == READY for j in jobs):
+                assert time.perf_counter() < deadline
+                engine.cond.wait(0.05)
+        # the parts are read one after the other, each after `delay`
+        assert engine.read_s_ewma >= 3 * delay and engine.read_tail_s >= engine.read_s_ewma
+        assert _latency(engine) == max(engine.latency_ewma, engine.read_tail_s)
+    finally:
+        engine.close()
+        os.close(fd)
+
+    class LinkOnly:  # (the simulator's engine: a link meter, no reads of its own)
+        latency_ewma = 2e-4
+
+    assert _latency(LinkOnly()) == 2e-4
+
+
+def test_slow_reads_of_the_file_lengthen_expertflows_look_ahead(tiny_gguf, monkeypatch):
+    """With reads that take far longer than a layer's compute, expertflow looks as far
+    ahead as it may, though the link meter alone would not say so."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    horizons = {}
+    for tail in (0.0, 0.5):
+        monkeypatch.setattr(TransferEngine, "read_tail_s", property(lambda self, t=tail: t))
+        with efedge.load(path, cache="50%", policy="expertflow") as m:
+            m.generate(_ids(), max_tokens=8, temperature=0)
+            ctl = m._experts.policy.controller
+            horizons[tail] = (ctl.h_need, ctl.max_horizon)
+    assert horizons[0.5][0] == horizons[0.5][1] > horizons[0.0][0]

@@ -10,7 +10,9 @@ The model (docs/scheduler.md has the derivation):
         not the compute, is the bottleneck)
 
 A load issued d layers ahead has d·c of compute to hide behind, and the n loads of a
-layer queue behind each other, so the look-ahead that hides them is
+layer queue behind each other, so the look-ahead that hides them is (latency: the time
+to the first load's landing, policies._latency — the link meter's service time, or a
+slow read of the file where reads overlap in a drive's queue)
 
     H_need = ceil((latency + (n - 1)·τ) / c)          (clamped to 1 … max_horizon)
 

@@ -87,6 +87,14 @@ def read_seed_trace(trace) -> np.ndarray:
     return np.ascontiguousarray(ex, dtype=np.int32)
 
 
+def _latency(engine) -> float:
+    """The horizon controller's time for a load's first bytes to land: the link meter's
+    service time, or a slow read of the file where that is longer (reads overlapping in a
+    drive's queue: TransferEngine.read_tail_s; engines without it, e.g. the simulator's
+    link, have only the meter)."""
+    return max(float(engine.latency_ewma), float(getattr(engine, "read_tail_s", 0.0)))
+
+
 class _Predictive(Policy):
     """Shared by fixed:H and expertflow: the hybrid predictor fed once per layer."""
 
@@ -270,7 +278,7 @@ class ExpertFlow(_Predictive):
         # layers (_span turns a count into a distance)
         h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
                                         ids2.shape[0], self._mean_bytes,
-                                        float(eng.bandwidth_ewma), float(eng.latency_ewma))
+                                        float(eng.bandwidth_ewma), _latency(eng))
         # the predictor and the plan run once this layer's demand loads are on the link
         self._defer(self._predict_and_plan, layer, hidden, ids2, pregate, h_need)
         self.overhead_s += src.now() - t0
@@ -328,7 +336,7 @@ class ExpertFlow(_Predictive):
         """The look-ahead the controller wants from the measured link and compute."""
         eng = self.source.engine
         return self.controller.plan(self._mean_bytes, float(eng.bandwidth_ewma),
-                                    float(eng.latency_ewma))
+                                    _latency(eng))
 
     def _plan_prefetches(self, layer: int, h_need: int) -> int:
         """Plan the predicted experts above p_min within h_need layers after `layer` (a
