@@ -192,7 +192,9 @@ def test_direct_reads_give_the_files_bytes_at_any_offset(path):
             if t == 1:
                 ns[1], offs[1] = 0, 4096  # an empty part
             parts = _buffers(ns, extra=5)
-            bounce = file_read.aligned_buffer(file_read.bounce_bytes(int(ns.max())))
+            # one read per part, or chunks of one or two blocks
+            size = (file_read.bounce_bytes(int(ns.max())), 4096, 8192)[t % 3]
+            bounce = file_read.aligned_buffer(size)
             table = np.full(2, np.inf)
             assert file_read.read_expert_direct(fd, parts, offs, ns, bounce,
                                                 land=(table, 1, 3.5))
@@ -204,13 +206,12 @@ def test_direct_reads_give_the_files_bytes_at_any_offset(path):
         ns = np.array([16, 16, 16], np.int64)
         assert not file_read.read_expert_direct(fd, _buffers(ns), np.array(
             [0, len(data) - 8, 0], np.int64), ns, file_read.aligned_buffer(8192))
-        # a bounce buffer too small or misaligned: nothing read, a named error
-        with pytest.raises(ValueError, match="bounce buffer"):
-            file_read.read_expert_direct(fd, _buffers(ns), np.array([0, 4095, 0], np.int64),
-                                         ns, file_read.aligned_buffer(4096))
-        with pytest.raises(ValueError, match="aligned"):
-            file_read.read_expert_direct(fd, _buffers(ns), np.zeros(3, np.int64), ns,
-                                         file_read.aligned_buffer(8192 + 1)[1:])
+        # a bounce buffer misaligned, or not whole blocks long: nothing read, a named error
+        for bad in (file_read.aligned_buffer(8192 + 1)[1:], file_read.aligned_buffer(6000)):
+            with pytest.raises(ValueError, match="multiples of 4096"):
+                file_read.read_expert_direct(fd, _buffers(ns), np.zeros(3, np.int64), ns, bad)
+        assert file_read.bounce_bytes(10) == 8192
+        assert file_read.bounce_bytes(1 << 30) == file_read.DIRECT_CHUNK
     finally:
         os.close(fd)
 

@@ -115,7 +115,8 @@ if _AVAILABLE:
     # left there to drop. A direct read must start at a multiple of the device's block
     # size, ask for whole blocks and land in memory aligned alike; experts lie at any
     # offset in a GGUF, so each part is read in whole blocks into an aligned bounce
-    # buffer and copied from there into its slot
+    # buffer, a chunk at a time, and copied from there into its slot (one copy of every
+    # byte, as a read through the page cache makes too)
     _SIGNATURE_DIRECT = types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64,
                                     _BYTES, types.int64, _F64, types.int64, types.float64)
 
@@ -123,38 +124,45 @@ if _AVAILABLE:
     def _read_parts_direct(fd, gate, up, down, offsets, nbytes, bounce, align, land, slot,
                            until):
         """As _read_parts on a descriptor opened with O_DIRECT: part i through `bounce`
-        (its address a multiple of `align`, at least as long as any part's span in whole
-        blocks). Returns 0; -(i+1) when part i's read failed, ended early or came back
-        short of a block boundary (the caller reads it another way); -(10+i) when part i
-        does not fit its buffer or the bounce buffer; -20 on bad shapes, a slot outside
-        `land` or a misaligned bounce buffer (nothing read)."""
+        (its address and length multiples of `align`), a bounce-full at a time. Returns 0;
+        -(i+1) when part i's read failed, ended early or came back short of a block
+        boundary (the caller reads it another way); -(10+i) when part i does not fit its
+        buffer; -20 on bad shapes, a slot outside `land` or a misaligned bounce buffer
+        (nothing read)."""
         if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or align < 1:
             return -20
-        if slot >= land.shape[0] or bounce.ctypes.data % align != 0:
+        size = bounce.shape[0]
+        if slot >= land.shape[0] or bounce.ctypes.data % align != 0 or size < align \
+                or size % align != 0:
             return -20
         for i in range(3):  # the reads write through raw pointers: every bound first
             dst = gate if i == 0 else (up if i == 1 else down)
-            n, off = nbytes[i], offsets[i]
-            if n < 0 or off < 0 or n > dst.shape[0]:
-                return -(10 + i)
-            span = (off % align + n + align - 1) // align * align
-            if span > bounce.shape[0]:
+            if nbytes[i] < 0 or offsets[i] < 0 or nbytes[i] > dst.shape[0]:
                 return -(10 + i)
         for i in range(3):
             dst = gate if i == 0 else (up if i == 1 else down)
             n, off = nbytes[i], offsets[i]
-            skip = off % align
-            want = skip + n  # bytes needed from the block boundary below the part
-            span = (want + align - 1) // align * align
-            done = 0
-            while done < want:
-                got = _pread(fd, bounce.ctypes.data + done, span - done, off - skip + done)
-                if got <= 0:
-                    return -(i + 1)
-                done += got
-                if done < want and done % align != 0:
-                    return -(i + 1)  # a short read mid-file: the next one would be unaligned
-            dst[:n] = bounce[skip:skip + n]
+            if n == 0:
+                continue
+            pos = off - off % align  # the file position of the next chunk: a block's start
+            end = off + n
+            written = 0
+            while pos < end:
+                want = min(size, end - pos)  # bytes needed from pos on (≤ one bounce-full)
+                span = (want + align - 1) // align * align
+                done = 0
+                while done < want:
+                    got = _pread(fd, bounce.ctypes.data + done, span - done, pos + done)
+                    if got <= 0:
+                        return -(i + 1)
+                    done += got
+                    if done < want and done % align != 0:
+                        return -(i + 1)  # short mid-file: the next read would be unaligned
+                head = off - pos if pos < off else 0  # bytes before the part (first chunk)
+                cnt = want - head
+                dst[written:written + cnt] = bounce[head:head + cnt]
+                written += cnt
+                pos += want
         if slot >= 0:
             land[slot] = until
         return 0
@@ -163,6 +171,10 @@ if _AVAILABLE:
 _NO_LAND = np.zeros(0, dtype=np.float64)
 # O_DIRECT alignment: a multiple of any device's logical block size (512 or 4096 bytes)
 DIRECT_ALIGN = 4096
+# The largest bounce buffer a thread keeps for direct reads: a part larger than this is
+# read a bounce-full at a time (a Mixtral-size expert's gate is ~30 MB; each transfer
+# worker keeps its own buffer, outside the cache budget)
+DIRECT_CHUNK = 4 << 20
 
 
 def direct_open(path) -> int | None:
@@ -199,9 +211,10 @@ def read_expert_direct(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray,
                        bounce: np.ndarray, land: tuple | None = None,
                        align: int = DIRECT_ALIGN) -> bool:
     """read_expert on a descriptor from direct_open, through `bounce` (aligned_buffer,
-    at least each part's span in whole blocks: bounce_bytes). Nothing reaches the page
-    cache, so there is nothing to drop. False when a read failed or came back short: the
-    caller reads again its own way (through the page cache), which names any error."""
+    whole blocks long: bounce_bytes; a part longer than it is read a bounce-full at a
+    time). Nothing reaches the page cache, so there is nothing to drop. False when a read
+    failed or came back short: the caller reads again its own way (through the page
+    cache), which names any error."""
     if _read_parts_direct is None:
         raise EfedgeError(f"direct reads need pread and Linux's O_DIRECT, which this "
                           f"platform ({sys.platform}) lacks")
@@ -212,16 +225,17 @@ def read_expert_direct(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray,
         raise ValueError(f"slot {slot} is outside the landing table ({arr.shape[0]} slots)")
     if rc == -20:
         raise ValueError(f"a direct read needs 3 offsets and sizes and a bounce buffer "
-                         f"aligned to {align} bytes")
+                         f"whose address and length are multiples of {align} bytes")
     if rc <= -10:
-        raise ValueError(f"part {-rc - 10} of an expert read does not fit its buffer or the "
-                         f"bounce buffer ({bounce.shape[0]} bytes)")
+        raise ValueError(f"part {-rc - 10} of an expert read does not fit its buffer")
     return rc == 0
 
 
-def bounce_bytes(max_part: int, align: int = DIRECT_ALIGN) -> int:
-    """The bounce buffer a part of up to max_part bytes needs at any offset."""
-    return (int(max_part) + 2 * align - 1) // align * align
+def bounce_bytes(max_part: int, align: int = DIRECT_ALIGN, cap: int = DIRECT_CHUNK) -> int:
+    """The bounce buffer for parts of up to max_part bytes: one read each at any offset,
+    up to `cap` (larger parts are read in chunks)."""
+    whole = (int(max_part) + 2 * align - 1) // align * align
+    return max(align, min(whole, cap // align * align))
 
 
 def read_expert(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray, page: int,
