@@ -125,6 +125,7 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
             engine._page, engine._read_whole, engine._read = 4096, True, engine._pread
             engine.drop_pages, engine._sweep_spans, engine._drops = True, None, 0
             engine._direct_fds, engine._bounce = direct_fds, threading.local()
+            engine._direct_off, engine._direct_failures = None, 0
             engine._bounce_size = file_read.bounce_bytes(int(store.nbytes.max()))
 
             class Slots:
@@ -236,3 +237,32 @@ def test_without_a_link_the_engine_reads_around_the_page_cache(path, monkeypatch
             assert reads > 0
             # dropping reads are counted towards the next sweep; a direct one is not one
             assert (eng._drops == 0) if direct else (0 < eng._drops or reads >= 32)
+
+
+def test_direct_reads_that_keep_failing_give_way_to_the_page_cache(path, monkeypatch):
+    """A file system that takes the open probe but fails direct reads: each failed read
+    is read again through the page cache (exact logits), and after DIRECT_FAILURES of
+    them the engine reads only that way."""
+    from efedge.experts import transfer
+
+    if file_read.direct_open(path) is None:
+        pytest.skip("this file system (or platform) takes no O_DIRECT reads")
+    ids = np.random.default_rng(6).integers(0, 500, 10).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        return False
+
+    monkeypatch.setattr(file_read, "read_expert_direct", failing)
+    with efedge.load(path, cache="30%", policy="ondemand") as m:
+        eng = m._experts.engine
+        assert eng.reads_direct
+        np.testing.assert_array_equal(m.logits(ids), want)
+        loads = m.stats()["bytes_loaded"] // m._experts.store.expert_bytes(0)
+        assert loads > transfer.DIRECT_FAILURES
+        assert not eng.reads_direct and eng._direct_failures >= transfer.DIRECT_FAILURES
+        # (workers racing past the switch may each try once more)
+        assert len(calls) < transfer.DIRECT_FAILURES + eng.n_workers

@@ -233,6 +233,9 @@ def test_a_split_gguf_runs_from_its_first_shard(tiny_gguf, tmp_path):
             assert store.paths == shards
             # parts of one layer in two shards: the reads take each from its own file
             assert any(len(set(row)) > 1 for row in store.shard.tolist()), store.shard
+            eng = getattr(m._experts, "engine", None)  # (none when resident)
+            if eng is not None and eng.reads_direct:  # … directly too, none failing
+                assert eng._direct_failures == 0 and m.stats()["bytes_loaded"] > 0
     gf = GGUFFile(shards[0])
     assert gf.paths == shards and gf.file_size == sum(p.stat().st_size for p in shards)
     gf.close()

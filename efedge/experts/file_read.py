@@ -192,8 +192,9 @@ def direct_open(path) -> int | None:
         return None
     one = np.ones(3, dtype=np.int64)  # the file's first three bytes, read as it will be
     parts = [np.empty(1, dtype=np.uint8) for _ in range(3)]
-    if not read_expert_direct(fd, parts, np.arange(3, dtype=np.int64), one,
-                              aligned_buffer(DIRECT_ALIGN)):
+    if _read_parts_direct(fd, parts[0], parts[1], parts[2], np.arange(3, dtype=np.int64),
+                          one, aligned_buffer(DIRECT_ALIGN), DIRECT_ALIGN, _NO_LAND, -1,
+                          0.0) != 0:
         os.close(fd)
         return None
     return fd

@@ -38,6 +38,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from efedge.errors import EfedgeError, TransferError
 from efedge.experts import file_read
 from efedge.experts.cache import LOADING, READY, ExpertCache
@@ -73,6 +75,8 @@ FILE_WORKERS = 4
 # MB with 4 (tests/test_memory_budget.py allows one layer, 48 MB), all of it dropped by
 # one fadvise over the experts' spans afterwards.
 SWEEP_EVERY = 32
+# Failed direct reads (O_DIRECT) after which an engine reads through the page cache only
+DIRECT_FAILURES = 8
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
 # Windows opens a descriptor in text mode unless told: a read would turn CR LF into LF
 # and stop at the first 0x1A byte (Ctrl-Z), silently corrupting experts. 0 elsewhere.
@@ -259,6 +263,8 @@ class TransferEngine:
         # also took 113-123 µs against 133-140 for a buffered read and its drop.
         # (tests that inject read faults read their own way)
         self._direct_fds: list[int] | None = None
+        self._direct_off: list[int] | None = None  # (given up on: closed by close())
+        self._direct_failures = 0
         if self.drop_pages and read_fn is None:
             self._direct_fds = self._open_direct(paths)
         self._bounce = threading.local()  # each thread's aligned buffer for direct reads
@@ -286,19 +292,39 @@ class TransferEngine:
         """Whether the engine reads experts around the page cache (O_DIRECT)."""
         return self._direct_fds is not None
 
-    def _read_direct(self, parts, layer: int, expert: int, land: tuple | None) -> bool:
-        """One expert read with O_DIRECT into `parts` (all three parts in one file), through
-        this thread's bounce buffer; False when that is not possible or a read came back
-        short or failed (the caller then reads through the page cache and drops it)."""
-        shard = self.store.shard[layer] if len(self._direct_fds) > 1 else (0, 0, 0)
-        if not shard[0] == shard[1] == shard[2]:
-            return False
+    def _read_direct(self, fds: list[int], parts, layer: int, expert: int,
+                     land: tuple | None) -> bool:
+        """One expert read with O_DIRECT (`fds`: the direct descriptors, one per file) into
+        `parts`, through this thread's bounce buffer; False when a read came back short or
+        failed (the caller then reads through the page cache and drops it)."""
         bounce = getattr(self._bounce, "buf", None)
         if bounce is None:
             bounce = self._bounce.buf = file_read.aligned_buffer(self._bounce_size)
-        return file_read.read_expert_direct(
-            self._direct_fds[int(shard[0])], parts, self.store.offsets[layer, expert],
-            self.store.nbytes[layer, expert], bounce, land)
+        offsets, nbytes = self.store.offsets[layer, expert], self.store.nbytes[layer, expert]
+        shard = self.store.shard[layer] if len(fds) > 1 else (0, 0, 0)
+        if shard[0] == shard[1] == shard[2]:
+            return file_read.read_expert_direct(fds[int(shard[0])], parts, offsets, nbytes,
+                                                bounce, land)
+        for ip in range(3):  # a split file's expert across shards: each part from its own
+            only = np.zeros(3, dtype=np.int64)
+            only[ip] = nbytes[ip]
+            if not file_read.read_expert_direct(fds[int(shard[ip])], parts, offsets, only,
+                                                bounce, land if ip == 2 else None):
+                return False
+        return True
+
+    def _direct_failed(self) -> None:
+        """A direct read failed (the read through the page cache follows, and names a real
+        disk error). A file system that took the probe but fails direct reads would make
+        every load read twice: after DIRECT_FAILURES of them, read through the page cache
+        for good. (Descriptors stay open until close(): a worker may be using one.)"""
+        self._direct_failures += 1  # (workers race here: the count is a hint)
+        if self._direct_failures >= DIRECT_FAILURES and self._direct_fds is not None:
+            log.info("direct reads of %s failed %d times: reading through the page cache",
+                     self.store.paths[0] if getattr(self.store, "paths", None) else "the file",
+                     DIRECT_FAILURES)
+            self._direct_off = self._direct_fds
+            self._direct_fds = None
 
     def _spawn(self, i: int) -> threading.Thread:
         t = threading.Thread(target=self._worker, args=(i,), name=f"efedge-transfer-{i}",
@@ -401,9 +427,11 @@ class TransferEngine:
         else:  # a split GGUF: each part from its shard
             shard = self.store.shard[layer]
             pfd = (fds[shard[0]], fds[shard[1]], fds[shard[2]])
-        if drop_pages and self._direct_fds is not None and self._kernel_reads() and \
-                self._read_direct(parts, layer, expert, land):
-            return int(nbytes.sum())
+        direct = self._direct_fds  # (read once: _direct_failed may drop it meanwhile)
+        if drop_pages and direct is not None and self._kernel_reads():
+            if self._read_direct(direct, parts, layer, expert, land):
+                return int(nbytes.sum())
+            self._direct_failed()
         if drop_pages and self._sweep_spans is not None:
             self._drops += 1
             if self._drops >= SWEEP_EVERY:
@@ -660,8 +688,8 @@ class TransferEngine:
             if t is not threading.current_thread():  # a Model's finalizer may run in one
                 t.join(timeout=5)
         if self._fd >= 0:
-            for fd in self._fds + (self._direct_fds or []):
+            for fd in self._fds + (self._direct_fds or []) + (self._direct_off or []):
                 os.close(fd)
             self._fds = []
-            self._direct_fds = None
+            self._direct_fds = self._direct_off = None
             self._fd = -1
