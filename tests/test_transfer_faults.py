@@ -127,6 +127,7 @@ def test_transient_read_errors_are_retried_by_the_worker(path, min_budget, refer
         return None
 
     m, engine = _load(path, min_budget)
+    m._experts._takes_loads = False  # (the workers' retries: every load on a worker)
     with m:
         faults = Faults(engine, first_read_fails)
         assert np.array_equal(m.logits(IDS), ref)
@@ -382,6 +383,7 @@ def test_a_stall_longer_than_the_timeout_is_an_error_not_a_hang(path, min_budget
         return release if key == stuck and on_worker else None
 
     m, engine = _load(path, min_budget)
+    m._experts._takes_loads = False  # (else this thread may read it first, not stuck)
     try:
         Faults(engine, rule)
         t0 = time.monotonic()
@@ -454,3 +456,42 @@ def test_slots_stay_consistent_after_faults(path, min_budget):
         assert cache.slot_buffer(int(s))[:n].tobytes() == file_bytes(il, e)
     assert counters.hits + counters.late + counters.misses == counters.expert_requests
     gf.close()
+
+
+def test_a_demand_load_no_worker_has_started_is_read_by_the_waiting_thread(
+        path, min_budget, reference):
+    """Reading the file itself, a layer's thread with nothing left to compute reads a
+    demand load that no worker has started (the workers busy, or still waking) instead of
+    waiting for one: exact logits, fewer waits; a read it takes that fails is retried
+    there, then left to the usual reload. Through an emulated link demand loads are
+    copied by that thread at once anyway: nothing to take."""
+    ref, greedy, _ = reference
+
+    def slow_workers(key, part, on_worker):
+        return 0.02 if on_worker else None  # every worker read takes 20 ms
+
+    m, engine = _load(path, min_budget, workers=1)
+    with m:
+        faults = Faults(engine, slow_workers)
+        assert np.array_equal(m.logits(IDS), ref)
+        assert m._experts.loads_taken > 0 and faults.calls[("read", "compute")] > 0
+        _check_clean(m)
+    failed: Counter = Counter()
+
+    def compute_fails_once(key, part, on_worker):
+        if on_worker:
+            return 0.02
+        if failed[key] == 0:
+            failed[key] += 1
+            return OSError(5, "injected EIO")
+        return None
+
+    m, engine = _load(path, min_budget, workers=1)
+    with m:
+        faults = Faults(engine, compute_fails_once)
+        assert m.generate(PROMPT, max_tokens=8, temperature=0) == greedy
+        assert m._experts.loads_taken > 0 and faults.calls[("OSError", "compute")] > 0
+        _check_clean(m)
+    with efedge.load(path, cache=min_budget, link="2GB/s") as m:
+        assert np.array_equal(m.logits(IDS), ref)
+        assert m._experts.loads_taken == 0

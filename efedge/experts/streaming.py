@@ -45,6 +45,11 @@ class StreamingExperts:
         self.cond = cache.cond
         # demand loads copied by this thread (an emulated link: TransferEngine.copy_inline)
         self._inline = bool(getattr(engine, "copies_inline", False))
+        # a demand load still queued when this thread has nothing left to compute is read
+        # by this thread (_take_queued_load): reading the file itself, no emulated link,
+        # the CPU engine (the GPU's copies and the simulator's clock work otherwise)
+        self._takes_loads = type(engine) is TransferEngine and engine.link is None
+        self.loads_taken = 0
         self._submitted_seen = 0  # engine.submitted when this thread last yielded
         counters.cache_bytes = cache.nbytes
         counters.cache_slots = cache.n_slots
@@ -422,6 +427,8 @@ class StreamingExperts:
                 continue  # the reloaded expert is ready now: no need to wait
             if t0 is None:
                 t0 = time.perf_counter()
+            if self._takes_loads and self._take_queued_load(layer, remaining, held):
+                continue  # read on this thread meanwhile (stall): one may be ready now
             timeout = self._until_landing(remaining, held)
             if timeout < 1.0 and not getattr(_THREAD, "tight", False):
                 _THREAD.tight = True  # a wait until a landing should end on time (Linux
@@ -432,6 +439,39 @@ class StreamingExperts:
                     raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
                                         f"no progress for {waited:.0f} s")
                 self._reap_orphans(layer, held)
+
+    def _take_queued_load(self, layer: int, remaining: set[int], held: dict[int, int]) -> bool:
+        """(cond held) Nothing of the layer is ready: read one of its demand loads that no
+        worker has started yet on this thread, which would only wait (on the test VM,
+        reading the drive, a demand load waited for a worker — busy with other loads, or
+        still waking — a median 150–400 µs before its read began). The job is cancelled
+        so that no worker takes it; the cache lock is released for the read. A read that
+        fails frees the slot: the caller then loads it as after a failed copy, naming the
+        error, and so does an interrupt (Ctrl-C) during the read, before it goes on up:
+        no slot is left LOADING without a load behind it. Returns whether it read one."""
+        eng, cache, n_e = self.engine, self.cache, self.store.n_expert
+        for e in sorted(remaining):
+            s = held.get(e, -1)
+            key = layer * n_e + e
+            job = eng.jobs_by_key.get(key)
+            if s < 0 or job is None or job.started or job.cancelled or job.slot != s:
+                continue
+            job.cancelled = True
+            del eng.jobs_by_key[key]
+            self.loads_taken += 1
+            self.cond.release()
+            ok = False
+            try:
+                ok = eng.read_now(job)
+            finally:
+                self.cond.acquire()
+                if cache.slot_state[s] == LOADING and eng._own_load(job):
+                    if ok:
+                        cache.slot_state[s] = READY
+                    else:
+                        cache.release(s)
+            return True
+        return False
 
     def _landed(self, s: int) -> bool:
         """(cond held) Whether LOADING slot s has landed (its copy's kernel wrote the time

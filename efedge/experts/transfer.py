@@ -506,6 +506,21 @@ class TransferEngine:
         self.inline_copy_s += time.perf_counter() - t0
         return n
 
+    def read_now(self, job: Job) -> bool:
+        """(cond released; its slot LOADING for it, the job taken off the queue: cancelled)
+        A queued demand load read on the calling thread, which waits for it anyway
+        (StreamingExperts._take_queued_load), as a worker would copy it. Returns False when
+        the read failed RETRIES times (logged; the caller reloads it the usual way, which
+        names the error)."""
+        t0 = time.perf_counter()
+        n, err = self._retrying(lambda: self._copy(job), job.layer, job.expert)
+        if err is not None:
+            return False
+        with self.cond:
+            self._meter_read(time.perf_counter() - t0)
+            self.counters.bytes_loaded += n
+        return True
+
     def load_now(self, layer: int, expert: int, slot: int) -> int:
         """Synchronous load on the calling thread (the fallback after failed retries)."""
         job = Job(DEMAND, -1, layer, expert, slot, started=True)
