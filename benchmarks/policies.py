@@ -258,9 +258,11 @@ def main(argv=None) -> int:
     all_rows = []
     for link in links:
         for cache in args.cache:
+            # every other repeat runs the policies last to first (compare_policies)
             runs = [compare_policies(path, args.policies, cache,
                                      _link(link), ids, args.n_tokens,
-                                     threads=args.threads) for _ in range(args.repeats)]
+                                     threads=args.threads, reverse=r % 2 == 1)
+                    for r in range(args.repeats)]
             all_rows += median_rows(runs)
     quality = []
     if args.routing_slack:

@@ -66,17 +66,20 @@ def host_hit_rate(stats: dict) -> float | None:
 
 def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
                      warmup: bool = True, device: str = "cpu", vram=None, host_cache=None,
-                     disk_link=None) -> list[dict]:
+                     disk_link=None, reverse: bool = False) -> list[dict]:
     """One live run per policy on the same model, budget, emulated link and tokens: the
     first len(prompt_ids) - n_tokens ids are the prompt (one batch), the last n_tokens are
     decoded one by one. Returns one dict per policy with the table's columns (see
     COLUMNS) plus the raw counters under "stats"; with a host tier (device="cuda",
-    host_cache=) also "host_hit_rate": of the copies into VRAM, the share found there."""
+    host_cache=) also "host_hit_rate": of the copies into VRAM, the share found there.
+    `reverse`: run the policies last to first (rows still in `policies` order): repeats
+    that alternate it give each policy early and late minutes of a machine whose speed
+    drifts (reading the drive, by tens of per cent over one table)."""
     prompt_ids = [int(i) for i in prompt_ids]
     if not 0 < n_tokens < len(prompt_ids):
         raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
     rows = []
-    for policy in policies:
+    for policy in (list(policies)[::-1] if reverse else policies):
         with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads,
                          device=device, vram=vram, host_cache=host_cache,
                          disk_link=disk_link) as m:
@@ -101,6 +104,8 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
         })
         if host_cache is not None:
             rows[-1]["host_hit_rate"] = host_hit_rate(s)
+    if reverse:
+        rows.reverse()
     base = [r["stall_ms_per_token"] for r in rows if r["policy"] in ("ondemand", "lru")]
     if base and base[0] > 0:
         for r in rows:

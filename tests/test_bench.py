@@ -134,6 +134,33 @@ def test_policies_table_side_by_side(tiny_gguf, capsys):
     assert "| 30% | 500MB/s | next-layer |" in table and "stall % of ondemand" in table
 
 
+def test_policy_comparisons_alternate_the_order_the_policies_run_in(tiny_gguf, monkeypatch):
+    """compare_policies(reverse=True) runs the policies last to first (repeats alternate
+    it, so that no policy always gets the late minutes of a drifting machine) and still
+    returns its rows in the order asked for."""
+    import efedge
+    from efedge import policy_compare
+
+    path = tiny_gguf("qwen3moe")
+    ran = []
+    real = efedge.load
+
+    def load(*a, **kw):
+        ran.append(kw.get("policy"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(efedge, "load", load)
+    ids = list(range(5, 20))
+    names = ["ondemand", "next-layer", "expertflow"]
+    for reverse in (False, True):
+        ran.clear()
+        rows = policy_compare.compare_policies(path, names, "40%", None, ids, 4,
+                                               reverse=reverse)
+        assert [r["policy"] for r in rows] == names
+        assert ran == (names[::-1] if reverse else names)
+        assert rows[0]["stall_vs_ondemand"] in (None, 1.0)
+
+
 def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf("qwen3moe")), "--policies", "ondemand,nope"]) != 0
     assert "unknown cache policy 'nope'" in capsys.readouterr().err

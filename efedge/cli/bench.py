@@ -445,8 +445,9 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
                                                   threads=threads, device=device,
                                                   vram=getattr(args, "vram", None),
                                                   host_cache=getattr(args, "host_cache", None),
-                                                  disk_link=getattr(args, "disk_link", None))
-                                 for _ in range(runs)])
+                                                  disk_link=getattr(args, "disk_link", None),
+                                                  reverse=r % 2 == 1)
+                                 for r in range(runs)])
     if args.json:
         for r in rows:
             r.pop("stats", None)
