@@ -79,6 +79,22 @@ if _AVAILABLE:
     _SIGNATURE = types.int64(types.intc, _BYTES, _BYTES, _BYTES, _I64, _I64, types.int64,
                              types.intc, _F64, types.int64, types.float64)
 
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _part(gate, up, down, i):
+        """Part i's buffer: gate, up or down."""
+        return gate if i == 0 else (up if i == 1 else down)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _misfit(gate, up, down, offsets, nbytes):
+        """-(10+i) for the first part i that does not fit its buffer, or lies at a
+        negative offset; else 0. The reads write through raw pointers: every bound is
+        checked before the first of them."""
+        for i in range(3):
+            if nbytes[i] < 0 or offsets[i] < 0 or \
+                    nbytes[i] > _part(gate, up, down, i).shape[0]:
+                return -(10 + i)
+        return 0
+
     @njit(_SIGNATURE, nogil=True, cache=True, fastmath=False)
     def _read_parts(fd, gate, up, down, offsets, nbytes, page, advice, land, slot, until):
         """Read part i (nbytes[i] bytes at file offset offsets[i]) into the start of the i-th
@@ -90,12 +106,11 @@ if _AVAILABLE:
             return -20
         if slot >= land.shape[0]:
             return -20
-        for i in range(3):  # the reads write through raw pointers: every bound first
-            dst = gate if i == 0 else (up if i == 1 else down)
-            if nbytes[i] < 0 or offsets[i] < 0 or nbytes[i] > dst.shape[0]:
-                return -(10 + i)
+        bad = _misfit(gate, up, down, offsets, nbytes)
+        if bad:
+            return bad
         for i in range(3):
-            dst = gate if i == 0 else (up if i == 1 else down)
+            dst = _part(gate, up, down, i)
             n, off = nbytes[i], offsets[i]
             done = 0
             while done < n:
@@ -135,12 +150,11 @@ if _AVAILABLE:
         if slot >= land.shape[0] or bounce.ctypes.data % align != 0 or size < align \
                 or size % align != 0:
             return -20
-        for i in range(3):  # the reads write through raw pointers: every bound first
-            dst = gate if i == 0 else (up if i == 1 else down)
-            if nbytes[i] < 0 or offsets[i] < 0 or nbytes[i] > dst.shape[0]:
-                return -(10 + i)
+        bad = _misfit(gate, up, down, offsets, nbytes)
+        if bad:
+            return bad
         for i in range(3):
-            dst = gate if i == 0 else (up if i == 1 else down)
+            dst = _part(gate, up, down, i)
             n, off = nbytes[i], offsets[i]
             if n == 0:
                 continue
@@ -169,6 +183,19 @@ if _AVAILABLE:
 
 
 _NO_LAND = np.zeros(0, dtype=np.float64)
+
+
+def _landing(land: tuple | None) -> tuple:
+    """A read's `land` argument as the kernels take it: (array, slot, time); none: an
+    empty table and slot -1."""
+    return (_NO_LAND, -1, 0.0) if land is None else land
+
+
+def _check_slot(rc: int, land: tuple | None) -> None:
+    """A kernel's -20 that came from a slot outside the landing table, named."""
+    if rc == -20 and land is not None and not 0 <= int(land[1]) < land[0].shape[0]:
+        raise ValueError(f"slot {land[1]} is outside the landing table "
+                         f"({land[0].shape[0]} slots)")
 # O_DIRECT alignment: a multiple of any device's logical block size (512 or 4096 bytes)
 DIRECT_ALIGN = 4096
 # The largest bounce buffer a thread keeps for direct reads: a part larger than this is
@@ -219,11 +246,10 @@ def read_expert_direct(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray,
     if _read_parts_direct is None:
         raise EfedgeError(f"direct reads need pread and Linux's O_DIRECT, which this "
                           f"platform ({sys.platform}) lacks")
-    arr, slot, until = (_NO_LAND, -1, 0.0) if land is None else land
+    arr, slot, until = _landing(land)
     rc = _read_parts_direct(fd, parts[0], parts[1], parts[2], offsets, nbytes, bounce,
                             int(align), arr, int(slot), float(until))
-    if rc == -20 and land is not None and not 0 <= int(slot) < arr.shape[0]:
-        raise ValueError(f"slot {slot} is outside the landing table ({arr.shape[0]} slots)")
+    _check_slot(rc, land)
     if rc == -20:
         raise ValueError(f"a direct read needs 3 offsets and sizes and a bounce buffer "
                          f"whose address and length are multiples of {align} bytes")
@@ -255,11 +281,10 @@ def read_expert(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray, page: i
         raise EfedgeError(f"file_read needs pread and posix_fadvise, which this platform "
                           f"({sys.platform}) lacks: read the file with os reads instead "
                           "(TransferEngine falls back to them by itself)")
-    arr, slot, until = (_NO_LAND, -1, 0.0) if land is None else land
+    arr, slot, until = _landing(land)
     rc = _read_parts(fd, parts[0], parts[1], parts[2], offsets, nbytes, page,
                      POSIX_FADV_DONTNEED if drop_pages else -1, arr, int(slot), float(until))
-    if rc == -20 and land is not None and not 0 <= int(slot) < arr.shape[0]:
-        raise ValueError(f"slot {slot} is outside the landing table ({arr.shape[0]} slots)")
+    _check_slot(rc, land)
     if rc <= -10:
         raise ValueError("an expert read needs 3 offsets and sizes, and each part a buffer "
                          f"at least as long at a non-negative offset (part {-rc - 10})"
