@@ -26,7 +26,7 @@ import efedge
 import efedge.ffn as ffn_mod  # stream_experts_token calls _pool_experts by this name
 from efedge import corpus
 from efedge.demo import demo_model_path
-from efedge.experts.transfer import parse_link
+from efedge.experts.link import parse_link
 from efedge.simulate import SimSetup, simulate
 from efedge.trace import record_trace
 

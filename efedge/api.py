@@ -220,10 +220,11 @@ class Model:
                                   "(cache=...)")
             return ResidentExperts(store, self.counters)
         from efedge.experts.cache import ExpertCache, parse_budget
+        from efedge.experts.link import parse_link
         from efedge.experts.scheduler import make_policy
         from efedge.experts.selection import RouterSelection
         from efedge.experts.streaming import StreamingExperts
-        from efedge.experts.transfer import TransferEngine, parse_link
+        from efedge.experts.transfer import TransferEngine
 
         budget = parse_budget(cache, store.total_bytes())
         pol = make_policy(policy)

@@ -243,7 +243,7 @@ def test_direct_reads_that_keep_failing_give_way_to_the_page_cache(path, monkeyp
     """A file system that takes the open probe but fails direct reads: each failed read
     is read again through the page cache (exact logits), and after DIRECT_FAILURES of
     them the engine reads only that way."""
-    from efedge.experts import transfer
+    from efedge.experts import engine_reads
 
     if file_read.direct_open(path) is None:
         pytest.skip("this file system (or platform) takes no O_DIRECT reads")
@@ -262,7 +262,7 @@ def test_direct_reads_that_keep_failing_give_way_to_the_page_cache(path, monkeyp
         assert eng.reads_direct
         np.testing.assert_array_equal(m.logits(ids), want)
         loads = m.stats()["bytes_loaded"] // m._experts.store.expert_bytes(0)
-        assert loads > transfer.DIRECT_FAILURES
-        assert not eng.reads_direct and eng._direct_failures >= transfer.DIRECT_FAILURES
+        assert loads > engine_reads.DIRECT_FAILURES
+        assert not eng.reads_direct and eng._direct_failures >= engine_reads.DIRECT_FAILURES
         # (workers racing past the switch may each try once more)
-        assert len(calls) < transfer.DIRECT_FAILURES + eng.n_workers
+        assert len(calls) < engine_reads.DIRECT_FAILURES + eng.n_workers

@@ -24,10 +24,10 @@ gguf = pytest.importorskip("gguf")
 import efedge  # noqa: E402
 from efedge.config import config_from_gguf  # noqa: E402
 from efedge.errors import CacheBudgetError, TransferError, UnsupportedModelError  # noqa: E402
+from efedge.experts.link import Link  # noqa: E402
 from efedge.experts.scheduler import make_policy  # noqa: E402
 from efedge.experts.stats import Counters  # noqa: E402
 from efedge.experts.store import ExpertStore  # noqa: E402
-from efedge.experts.transfer import Link  # noqa: E402
 from efedge.gguf_file import GGUFFile  # noqa: E402
 from efedge.gpu import kernels as tk  # noqa: E402
 from efedge.gpu import load_cuda_model  # noqa: E402
@@ -406,14 +406,14 @@ def test_preload_retries_a_failed_expert_and_names_a_lasting_failure(tiny_gguf, 
     tried once more on the loading thread, as a demand load would be (before, the load
     failed with no expert named — or, when it was the last load to end, returned with
     that expert missing from the "resident" cache); a lasting failure names the expert."""
-    from efedge.experts import transfer
+    from efedge.experts import file_read, transfer
 
     path = tiny_gguf("qwen3moe", "F16")
     ids = _ids(8)
     with load_cuda_model(path, device="cpu", n_ctx=16) as g:
         ref = g.forward(ids, 0, g.new_kv_cache(16))
         target = int(g.store.offsets[1, 5, 0])  # expert 5 of layer 1: its gate's offset
-    monkeypatch.setattr(transfer.file_read, "available", lambda: False)  # reads by _pread
+    monkeypatch.setattr(file_read, "available", lambda: False)  # reads by _pread
     pread = transfer.TransferEngine._pread
     failures = {"left": transfer.RETRIES}
 

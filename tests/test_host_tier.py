@@ -415,7 +415,7 @@ def test_source_without_host_tier_has_nothing_to_stage(tiny_gguf):
 
 def test_disk_link_slows_host_reads(tiny_gguf):
     path = tiny_gguf("qwen3moe", "F16")
-    from efedge.experts.transfer import Link
+    from efedge.experts.link import Link
 
     gf0 = GGUFFile(path)
     per = ExpertStore(gf0, 3, 16).expert_bytes(0)
@@ -444,7 +444,7 @@ def test_host_reads_keep_the_pages_only_behind_an_emulated_disk(tiny_gguf):
     disk_link= emulates the disk: then the page cache stands for that disk, so the reads
     take the emulated time rather than this machine's disk's."""
     path = tiny_gguf("qwen3moe", "F16")
-    from efedge.experts.transfer import Link
+    from efedge.experts.link import Link
 
     for disk_link, expect in ((None, True), (Link("fast", 1e12, 0.0), False)):
         gf, store, host, reads, src = _parts(path, vram_experts=4, host_experts=8,

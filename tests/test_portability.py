@@ -141,7 +141,7 @@ import json, os
 del os.preadv
 import numpy as np
 import efedge
-from efedge.experts import file_read, transfer
+from efedge.experts import engine_reads, file_read
 file_read._AVAILABLE = False  # the Python reads, as on macOS
 with efedge.load(threads=2) as m:
     ids = m.tokenize({IDS_TEXT!r})
@@ -149,7 +149,7 @@ with efedge.load(threads=2) as m:
 with efedge.load(threads=2, cache="25%") as m:
     same = bool(np.array_equal(m.logits(ids), ref))
     loaded = m.stats()["bytes_loaded"]
-print(json.dumps(dict(via=transfer._preadv.__name__, same=same, loaded=loaded)))
+print(json.dumps(dict(via=engine_reads._preadv.__name__, same=same, loaded=loaded)))
 """)
     assert out["via"] == "_preadv_copy" and out["same"] and out["loaded"] > 0
 
@@ -449,11 +449,11 @@ def test_a_split_gguf_streams_exactly_with_windows_reads(tiny_gguf, tmp_path):
 import json
 import numpy as np
 import efedge
-from efedge.experts import transfer
+from efedge.experts import engine_reads
 ids = list(range(5, 40))
 with efedge.load({str(src)!r}, threads=2) as m:
     ref = m.logits(ids)
-res = dict(via=transfer._preadv.__name__)
+res = dict(via=engine_reads._preadv.__name__)
 for policy in ("ondemand", "expertflow"):
     with efedge.load({str(shards[0])!r}, threads=2, cache="30%", policy=policy) as m:
         store = m._experts.store

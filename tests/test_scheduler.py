@@ -13,6 +13,7 @@ import pytest
 import efedge
 from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.horizon import HorizonController, victim_p_limit
+from efedge.experts.link import Link
 from efedge.experts.scheduler import (
     POLICIES,
     ExpertFlow,
@@ -23,7 +24,6 @@ from efedge.experts.scheduler import (
     make_policy,
 )
 from efedge.experts.stats import Counters
-from efedge.experts.transfer import Link
 
 POLICY_NAMES = ["ondemand", "lfu", "next-layer", "fixed:1", "fixed:3", "expertflow"]
 

@@ -14,11 +14,12 @@ import pytest
 import efedge
 from efedge.errors import TransferError
 from efedge.experts.cache import READY, ExpertCache, parse_budget
+from efedge.experts.link import parse_link
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
 from efedge.experts.streaming import StreamingExperts
-from efedge.experts.transfer import TransferEngine, parse_link
+from efedge.experts.transfer import TransferEngine
 from efedge.gguf_file import GGUFFile
 
 # ernie4_5-moe-interleave: a MoE layer between two dense ones (Q4_K_M through llama.cpp's
@@ -211,7 +212,8 @@ def test_an_emulated_link_carries_copies_in_the_order_they_start(tiny_gguf):
     import time
 
     from efedge.config import config_from_gguf
-    from efedge.experts.transfer import DEMAND, PREFETCH, Link
+    from efedge.experts.link import Link
+    from efedge.experts.transfer import DEMAND, PREFETCH
 
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     gf = GGUFFile(path)
@@ -262,7 +264,6 @@ def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kern
     import os
 
     from efedge.experts import file_read
-    from efedge.experts import transfer as transfer_mod
 
     if kernel_reads and not file_read.available():
         pytest.skip("no file_read kernel in this libc")
@@ -281,8 +282,8 @@ def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kern
             dropped.append(True)
         return real_fadvise(fd, off, n, advice)
 
-    monkeypatch.setattr(transfer_mod.file_read, "read_expert", kernel)
-    monkeypatch.setattr(transfer_mod.os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(file_read, "read_expert", kernel)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
     store_drops = []
     monkeypatch.setattr(ExpertStore, "drop_page_cache", lambda self: store_drops.append(1))
     gf = GGUFFile(path)
@@ -474,9 +475,9 @@ def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatc
     compute thread hands the GIL to the workers until the layer's first demand loads
     have started: one sched_yield usually came before the woken worker waited for the
     GIL, and the load started only after the prediction."""
-    from efedge.experts import streaming
+    from efedge.experts import demand_wait
 
-    monkeypatch.setattr(streaming, "HAND_OVER_S", 5.0)  # the mechanism, not the machine
+    monkeypatch.setattr(demand_wait, "HAND_OVER_S", 5.0)  # the mechanism, not the machine
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     # no emulated link: a link's demand loads are copied by this thread (copy_inline)
     with efedge.load(path, cache="40%", policy="expertflow") as m:
@@ -529,10 +530,10 @@ def test_reads_that_drop_pages_sweep_every_expert_page_now_and_then(tiny_gguf, m
     SWEEP_EVERY dropping reads, one fadvise per expert tensor of the file drops them
     (tests/test_memory_budget.py measures what is left). Reads through an emulated link
     keep their pages (the link reads from the page cache): no sweep there."""
-    from efedge.experts import transfer as transfer_mod
+    from efedge.experts import engine_reads, file_read
 
     path = tiny_gguf("qwen3moe", "Q8_0")
-    monkeypatch.setattr(transfer_mod, "SWEEP_EVERY", 3)
+    monkeypatch.setattr(engine_reads, "SWEEP_EVERY", 3)
     advised: list[tuple[int, int]] = []
     real = os.posix_fadvise
 
@@ -542,13 +543,13 @@ def test_reads_that_drop_pages_sweep_every_expert_page_now_and_then(tiny_gguf, m
         return real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
-    direct_open = transfer_mod.file_read.direct_open
+    direct_open = file_read.direct_open
     can_direct = direct_open(path) is not None  # (this file system takes O_DIRECT)
     # the page cache read and dropped (direct reads refused), read around it where the
     # file system allows (nothing dropped, nothing to sweep), an emulated link
     for link, direct, want_sweeps in ((None, False, True), (None, can_direct, not can_direct),
                                       ("2GB/s", can_direct, False)):
-        monkeypatch.setattr(transfer_mod.file_read, "direct_open",
+        monkeypatch.setattr(file_read, "direct_open",
                             direct_open if direct else lambda p: None)
         advised.clear()
         with efedge.load(path, cache="30%", policy="ondemand", link=link) as m:

@@ -18,7 +18,7 @@ import pytest
 
 import efedge
 from efedge.config import config_from_gguf
-from efedge.experts import streaming
+from efedge.experts import demand_wait
 from efedge.experts.cache import LOADING, READY, ExpertCache
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
@@ -240,7 +240,7 @@ def test_a_synchronous_reload_does_not_idle(path, min_budget):
 
 
 def test_an_interrupted_synchronous_load_leaves_no_stuck_slot(path, min_budget, monkeypatch):
-    monkeypatch.setattr(streaming, "WAIT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(demand_wait, "WAIT_TIMEOUT_S", 0.5)
     gf, source, counters, file_bytes = _components(path, min_budget)
     interrupt = [True]
 
@@ -374,7 +374,7 @@ def test_stalls_stall_but_do_not_change_logits(path, min_budget, reference):
 def test_a_stall_longer_than_the_timeout_is_an_error_not_a_hang(path, min_budget, reference,
                                                                 monkeypatch):
     ref, _, routes = reference
-    monkeypatch.setattr(streaming, "WAIT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(demand_wait, "WAIT_TIMEOUT_S", 0.5)
     layer, experts = routes[0]
     stuck = layer * N_EXPERT + experts[0]
     release = threading.Event()

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 
 def build_setup(meta, args, budget):
-    from efedge.experts.transfer import parse_link
+    from efedge.experts.link import parse_link
     from efedge.profiles import ModelProfile, get_hardware, get_model
     from efedge.simulate import setup_from_profiles
 

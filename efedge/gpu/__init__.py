@@ -232,9 +232,9 @@ class CudaModel:
     def _build_cache(self, store, want, policy, link, workers, hybrid, policy_kwargs,
                      host_cache=None, disk_link=None) -> bool:
         from efedge.experts.cache import parse_budget
+        from efedge.experts.link import parse_link
         from efedge.experts.scheduler import make_policy
         from efedge.experts.selection import RouterSelection
-        from efedge.experts.transfer import parse_link
         from efedge.gpu.cache import (
             DeviceBackend,
             GpuExpertCache,

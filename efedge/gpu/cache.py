@@ -49,8 +49,9 @@ import torch
 
 from efedge.errors import TransferError
 from efedge.experts.cache import READY, ExpertCache
+from efedge.experts.demand_wait import WAIT_TIMEOUT_S
 from efedge.experts.store import ExpertStore
-from efedge.experts.streaming import WAIT_TIMEOUT_S, StreamingExperts
+from efedge.experts.streaming import StreamingExperts
 from efedge.experts.transfer import DEMAND, Job, TransferEngine
 from efedge.gpu.host_tier import HostTier
 

@@ -5,7 +5,7 @@
   pool — is planned against the budget before it is allocated (VramBudget), so a run on a
   141 GB H200 holds exactly what an 8 GB laptop would. `reserve` stands for what the
   laptop's driver, display and CUDA context take outside our tensors.
-* **Link** (`link="pcie4x8"`, `"12.5GB/s"`, …, parsed by efedge.experts.transfer.parse_link):
+* **Link** (`link="pcie4x8"`, `"12.5GB/s"`, …, parsed by efedge.experts.link.parse_link):
   a copy's completion event is *delayed* — it reports complete no earlier than a shared
   token bucket at the link's rate allows (DelayedEvent). The real copy still runs at the
   real speed; only the moment the runtime may use the expert moves, so compute, stalls,
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from efedge.errors import CacheBudgetError
-from efedge.experts.transfer import Link
+from efedge.experts.link import Link
 from efedge.gil_yield import yield_gil
 
 

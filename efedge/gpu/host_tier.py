@@ -38,8 +38,8 @@ from numba import njit
 
 from efedge.errors import TransferError
 from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
+from efedge.experts.demand_wait import WAIT_TIMEOUT_S
 from efedge.experts.store import ExpertStore
-from efedge.experts.streaming import WAIT_TIMEOUT_S
 from efedge.gpu.emulate import LinkEmulator, wait_until
 
 __all__ = ["HostTier", "EMPTY", "LOADING", "READY"]

@@ -1,0 +1,181 @@
+"""The link experts cross on their way into the cache: its emulation and its meter.
+
+* Link emulation: `link="8GB/s"`, `"pcie4x4"`, `"nvme"` … a shared token bucket makes
+  transfers as slow as that link, so laptop-GPU and SSD conditions can be reproduced on
+  any machine. A copy books its link time when a worker takes it, so the link carries
+  copies in the order they start. Output that depends on it says "emulated".
+* An online meter of the link, not of one request: bytes over the time at least one copy
+  was under way (ratio of two EWMAs), and each request's service time (from when the link
+  started on it: its own start, or the previous completion if it queued behind one). A
+  per-request bytes/duration would count the wait behind the other worker's copy and halve
+  the rate whenever both are busy (the simulator reads the link's real rate). Beside it,
+  how long one read of the file takes (`read_tail_s`): reads overlapping in a drive's
+  queue complete closer together than any one of them takes.
+
+`LinkTiming` holds both for TransferEngine (efedge/experts/transfer.py), which calls
+them with its condition held where a method says so.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from efedge.errors import EfedgeError
+
+# Sustained host→device or disk→RAM rates users see, bytes/s (DESIGN/peers.md sources):
+# PCIe payload rates after protocol overhead; NVMe / SATA sequential reads.
+NAMED_LINKS = {
+    "pcie3x4": (3.2e9, 10e-6), "pcie3x8": (6.5e9, 10e-6), "pcie3x16": (12.5e9, 10e-6),
+    "pcie4x4": (6.5e9, 10e-6), "pcie4x8": (13e9, 10e-6), "pcie4x16": (25e9, 10e-6),
+    "pcie5x16": (50e9, 10e-6), "thunderbolt": (2.8e9, 20e-6), "usb4": (3.0e9, 20e-6),
+    "nvme": (3.5e9, 80e-6), "nvme4": (7.0e9, 60e-6), "sata": (0.5e9, 100e-6),
+}
+_PR_SET_TIMERSLACK = 29  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    bytes_per_s: float
+    latency_s: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.name} (emulated, {self.bytes_per_s / 1e9:.2f} GB/s)"
+
+
+def parse_link(spec: str | Link | None) -> Link | None:
+    """None, a Link, a name from NAMED_LINKS, or a rate like "8GB/s", "500MB/s"."""
+    if spec is None or isinstance(spec, Link):
+        return spec
+    text = str(spec).strip().lower()
+    if text in NAMED_LINKS:
+        rate, lat = NAMED_LINKS[text]
+        return Link(text, rate, lat)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(k|m|g|ki|mi|gi)?b(?:/s|ps)", text)
+    if not m:
+        raise EfedgeError(f"unknown link {spec!r}: use a rate like 8GB/s or 500MB/s, or one "
+                          f"of {', '.join(NAMED_LINKS)}")
+    mult = {None: 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    rate = float(m.group(1)) * mult[m.group(2)]
+    if rate <= 0:
+        raise EfedgeError(f"link rate must be positive, got {spec!r}")
+    return Link(str(spec), rate, 0.0)
+
+
+def tight_timer_slack() -> None:
+    """Let this thread's sleeps end within microseconds of their deadline (Linux lets a
+    normal thread's timers run 50 µs late, which made every emulated copy ~75 µs slow).
+    Elsewhere, or if it fails, sleeps just stay as they are."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - best effort. It runs before the worker's own
+        # guard: anything escaping here (a libc ctypes cannot open by None raises
+        # TypeError, as Windows' LoadLibrary does) killed the worker unreplaced, and every
+        # load then waited out the 60 s no-progress limit
+        pass
+
+
+class LinkTiming:
+    """The emulated link's clock and the meter of the real or emulated one, for a
+    transfer engine with `link` (a Link or None) and `counters` (bandwidth_gbps)."""
+
+    link: Link | None
+
+    def _init_link_timing(self) -> None:
+        self._link_lock = threading.Lock()
+        self._link_free_at = 0.0
+        self._oversleep = 0.0  # EWMA of how late a sleep ends: the emulated link wakes early
+        self.bandwidth_ewma = 0.0  # bytes/s while the link is busy
+        self.latency_ewma = 0.0  # s: one request's service time
+        self._in_flight = 0  # copies under way (cond held to change)
+        self._busy_mark = 0.0  # when the current busy period began or last completion
+        self._ewma_bytes = self._ewma_busy = 0.0
+        # how long a worker's read of one expert takes (mean and mean absolute deviation,
+        # EWMA): with several reads overlapping in a drive's queue, the link meter above
+        # sees completions closer together than any one read takes (measured on the test
+        # VM, reading the drive: 250-350 µs between completions, reads of 640 µs median,
+        # p90 1 ms), and the look-ahead planned from it left prefetches landing late
+        self.read_s_ewma = self.read_dev_ewma = 0.0
+
+    # -- the emulated link --------------------------------------------------------------
+    def _book_link(self, nbytes: int, now: float) -> float:
+        """When the emulated link delivers a copy of nbytes that starts now (0: no link).
+        Booked as a worker takes the job, so the link carries copies in the order they
+        start, as a copy engine does: booked after the read instead, a demand load whose
+        worker came back from its read late (no core, or no GIL, on a busy machine) went
+        behind prefetches that started after it (measured: 500-900 µs for one 137 µs
+        copy while the other worker moved five)."""
+        if self.link is None:
+            return 0.0
+        with self._link_lock:
+            begin = max(now, self._link_free_at)
+            self._link_free_at = begin + self.link.latency_s + nbytes / self.link.bytes_per_s
+            return self._link_free_at
+
+    def _emulate_link(self, nbytes: int, started: float, until: float = 0.0) -> None:
+        """Hold the copy until the link would have delivered it: at `until` where it was
+        booked at its start, else booked now for a copy that started at `started`."""
+        if self.link is None:
+            return
+        if until <= 0.0:
+            until = self._book_link(nbytes, started)
+        t0 = time.perf_counter()
+        delay = until - t0 - self._oversleep
+        if delay > 0:  # the copy ends at `until` on average, not a timer's slack later
+            time.sleep(delay)
+            late = time.perf_counter() - t0 - delay
+            self._oversleep += 0.1 * (min(late, 1e-3) - self._oversleep)
+
+    # -- the meter (cond held) ----------------------------------------------------------
+    def _meter_start(self, job) -> None:
+        if self._in_flight == 0:
+            self._busy_mark = time.perf_counter()
+        self._in_flight += 1
+        job.metered = True
+
+    def _meter_end(self, job, nbytes: int) -> None:
+        """One copy finished (nbytes 0: it failed): the busy time since the last mark
+        carried these bytes."""
+        if not job.metered:
+            return
+        job.metered = False
+        self._in_flight -= 1
+        now = time.perf_counter()
+        busy, self._busy_mark = now - self._busy_mark, now
+        if nbytes <= 0:
+            return
+        self._meter_copy(nbytes, busy)
+
+    @property
+    def read_tail_s(self) -> float:
+        """A slow read of one expert by a worker: the mean read time plus two mean
+        deviations (0 before any read). Through an emulated link the reads come from the
+        page cache, far below the link's own time."""
+        return self.read_s_ewma + 2.0 * self.read_dev_ewma
+
+    def _meter_read(self, seconds: float) -> None:
+        """(cond held) One worker read took `seconds`."""
+        if self.read_s_ewma == 0.0:
+            self.read_s_ewma = seconds
+            return
+        a = 0.1
+        self.read_dev_ewma += a * (abs(seconds - self.read_s_ewma) - self.read_dev_ewma)
+        self.read_s_ewma += a * (seconds - self.read_s_ewma)
+
+    def _meter_copy(self, nbytes: int, busy: float) -> None:
+        """(cond held) nbytes carried in `busy` seconds of link time."""
+        a = 0.2 if self._ewma_busy else 1.0
+        self._ewma_bytes += a * (nbytes - self._ewma_bytes)
+        self._ewma_busy += a * (busy - self._ewma_busy)
+        self.latency_ewma += a * (busy - self.latency_ewma)
+        if self._ewma_busy > 0:
+            self.bandwidth_ewma = self._ewma_bytes / self._ewma_busy
+            self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
