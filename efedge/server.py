@@ -50,12 +50,12 @@ from typing import Any
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import ContextLengthError, EfedgeError, SamplingError, TemplateError
-from efedge.generate import GenerationResult
-from efedge.server_requests import APIError, GenRequest, parse_chat, parse_completion
+from efedge.server_body import read_body, read_json
+from efedge.server_requests import APIError, parse_chat, parse_completion
+from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
 
 log = logging.getLogger("efedge.server")
 MAX_BODY = 1 << 20  # bytes
-MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
 FINGERPRINT = f"efedge-{__version__}"
 PEER_CHECK_S = 0.2  # how often a handler waiting on the model looks whether its client left
 CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writing
@@ -72,144 +72,6 @@ def set_bind_options(sock: socket.socket) -> None:
     also refuse our own restart while the last run's connections close."""
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-
-def _shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down", "server_shutting_down",
-                    type_="server_error")
-
-
-# -- the worker ---------------------------------------------------------------------------
-class _Job:
-    def __init__(self, req: GenRequest):
-        self.req = req
-        # ("start", n_prompt, echo_text) ("text", s) ("done", usage, finish) ("error", exc)
-        self.events: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
-        self.finish: str | None = None  # the finish reason, once the generation has ended
-
-
-class ModelWorker:
-    """One thread that runs every generation on the model, in arrival order."""
-
-    def __init__(self, model: Model, max_queue: int = MAX_QUEUE):
-        self.model = model
-        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._current: _Job | None = None
-        self._lock = threading.Lock()
-        self._stopping = False
-        self.n_cancelled = 0  # generations cut short (client gone, shutdown)
-        self._thread = threading.Thread(target=self._loop, name="efedge-model", daemon=True)
-        self._thread.start()
-
-    def submit(self, req: GenRequest) -> _Job:
-        job = _Job(req)
-        with self._lock:  # under the lock: nothing is queued once stop() has drained
-            if self._stopping:
-                raise _shutting_down()
-            try:
-                self._q.put_nowait(job)
-            except queue.Full:
-                raise APIError(503, f"{self._q.qsize()} requests are already waiting; try "
-                                    "again later", "server_busy", type_="server_error") from None
-        return job
-
-    def waiting(self) -> int:
-        return self._q.qsize()
-
-    def cancel(self, job: _Job) -> None:
-        job.cancelled.set()
-        with self._lock:
-            if self._current is job:
-                self.model.cancel()
-
-    def stop(self) -> None:
-        """Cancel the generation in progress (it ends with finish_reason "cancelled"),
-        answer the waiting requests 503 instead of running them, and end the thread."""
-        with self._lock:
-            self._stopping = True
-            if self._current is not None:
-                self._current.cancelled.set()
-                self.model.cancel()
-        while True:  # a full queue would block the put(None) below
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.events.put(("error", _shutting_down()))
-        self._q.put(None)
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while (job := self._q.get()) is not None:
-            if self._stopping:
-                job.events.put(("error", _shutting_down()))
-                continue
-            if job.cancelled.is_set():
-                continue
-            with self._lock:
-                self._current = job
-            try:
-                self._run(job)
-            except (APIError, EfedgeError, ValueError, TypeError) as exc:
-                job.events.put(("error", exc))
-            except Exception as exc:  # keep serving whatever one request did
-                log.exception("request failed")
-                job.events.put(("error", exc))
-            finally:
-                with self._lock:
-                    self._current = None
-
-    def _run(self, job: _Job) -> None:
-        m, req = self.model, job.req
-        if req.messages is not None:
-            ids = m.chat_prompt(req.messages)
-        elif isinstance(req.prompt, str):
-            ids = m.tokenize(req.prompt)
-        else:
-            ids = list(req.prompt)
-            bad = [t for t in ids if not 0 <= t < m.n_vocab]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
-                                    f"[0, {m.n_vocab})", "invalid_value", param="prompt")
-        n_prompt = len(ids)
-        if n_prompt >= m.n_ctx:
-            raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds "
-                                f"{m.n_ctx}", "context_length_exceeded",
-                           param="prompt" if req.messages is None else "messages")
-        room = m.n_ctx - n_prompt
-        max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
-        echo = ""
-        if req.echo:  # the prompt as given, or the text of its token ids
-            echo = req.prompt if isinstance(req.prompt, str) else m.detokenize(ids)
-        if job.cancelled.is_set():
-            if self._stopping:  # the client still waits for an answer
-                raise _shutting_down()
-            return  # the client is gone: nobody reads the events
-        started = False
-        # the model fills in how the generation really ended ("stop", "length" or
-        # "cancelled"); it keeps "cancelled" when we stop reading early (below)
-        result = GenerationResult([], "cancelled")
-        it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
-                      **req.sampling)
-        try:
-            for piece in it:
-                if not started:
-                    job.events.put(("start", n_prompt, echo))
-                    started = True
-                if job.cancelled.is_set():
-                    break
-                job.events.put(("text", piece))
-        finally:
-            it.close()
-        if not started:
-            job.events.put(("start", n_prompt, echo))
-        n_gen, job.finish = len(result.tokens), result.finish_reason
-        if job.finish == "cancelled":
-            self.n_cancelled += 1
-        job.events.put(("done", {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                                 "total_tokens": n_prompt + n_gen}, job.finish))
 
 
 def _error_of(exc: BaseException) -> APIError:
@@ -347,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _next_event(self, job: _Job) -> tuple:
+    def _next_event(self, job: Job) -> tuple:
         """The worker's next event for `job`. Every PEER_CHECK_S of wall time, whether or
         not events keep arriving, look whether the client hung up, and if so cancel the job
         and raise _ClientGone: a look only when the queue is quiet would never come while
@@ -365,78 +227,10 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     def _read_body(self) -> bytes:
-        """The request body; over `max_body` it is read and dropped (so the client still
-        gets the answer, not a reset) up to 16× the limit, then the connection closes."""
-        te = self.headers.get("Transfer-Encoding", "").strip().lower()
-        if te == "chunked":  # Go / Node clients that stream a body of unknown length
-            return self._read_chunked()
-        if te:
-            raise APIError(400, f"Transfer-Encoding {te!r} is not supported (chunked is)",
-                           "invalid_request", close=True)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise APIError(411, "a JSON body with a Content-Length header is required",
-                           "length_required", close=True)
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise APIError(400, f"bad Content-Length {length!r}", "invalid_request",
-                           close=True) from None
-        limit = self.server.max_body
-        if n > limit:
-            drain = n <= 16 * limit
-            while drain and n > 0:
-                got = self.rfile.read(min(n, 1 << 16))
-                if not got:
-                    break
-                n -= len(got)
-            raise APIError(413, f"the request body is {length} bytes; the limit is {limit}",
-                           "body_too_large", close=not drain)
-        return self.rfile.read(n)
-
-    def _read_chunked(self) -> bytes:
-        """A chunked body (RFC 9112 §7.1), at most `max_body` bytes: over it, or malformed,
-        the connection closes after the error (the rest is not read)."""
-        limit, parts, total = self.server.max_body, [], 0
-        while True:
-            line = self.rfile.readline(1026)
-            size_hex = line.split(b";", 1)[0].strip()
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError
-                size = int(size_hex, 16)
-                if size < 0:
-                    raise ValueError
-            except ValueError:
-                raise APIError(400, f"bad chunk size line {line[:40]!r} in a chunked body",
-                               "invalid_request", close=True) from None
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise APIError(413, f"the chunked request body passes the limit of {limit} "
-                                    "bytes", "body_too_large", close=True)
-            data = self.rfile.read(size)
-            if len(data) != size or self.rfile.readline(3).strip():
-                raise APIError(400, "a chunk of the chunked body is cut short or not "
-                                    "followed by CRLF", "invalid_request", close=True)
-            parts.append(data)
-        for _ in range(64):  # trailer fields, up to the empty line
-            if self.rfile.readline(1026).strip() == b"":
-                break
-        return b"".join(parts)
+        return read_body(self.rfile, self.headers, self.server.max_body)
 
     def _read_json(self) -> Any:
-        raw = self._read_body()
-        if not raw.strip():
-            raise APIError(400, "the request body is empty; send a JSON object",
-                           "invalid_json")
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_json") from None
+        return read_json(self.rfile, self.headers, self.server.max_body)
 
     # -- routes ---------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -494,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             log.info("client went away: generation cancelled")
 
-    def _complete(self, job: _Job, chat: bool) -> None:
+    def _complete(self, job: Job, chat: bool) -> None:
         parts: list[str] = []
         while True:
             ev = self._next_event(job)
@@ -524,7 +318,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
 
-    def _stream(self, job: _Job, chat: bool) -> None:
+    def _stream(self, job: Job, chat: bool) -> None:
         ev = self._next_event(job)  # the first event decides between 200 and an error
         if ev[0] == "error":
             self._send_error(_error_of(ev[1]))

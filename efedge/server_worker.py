@@ -1,0 +1,159 @@
+"""The server's model thread: every generation runs on one thread that owns the model,
+in arrival order, while the HTTP threads wait for its events (efedge/server.py).
+
+A request is a `Job`: the worker puts ("start", n_prompt, echo_text), ("text", piece)
+…, then ("done", usage, finish_reason) or ("error", exception) on its queue. A job whose
+client left is skipped, or its generation cancelled; `stop()` cancels the generation in
+progress and answers every waiting request 503 `server_shutting_down`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from efedge.api import Model
+from efedge.errors import EfedgeError
+from efedge.generate import GenerationResult
+from efedge.server_requests import APIError, GenRequest
+
+log = logging.getLogger("efedge.server")
+MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", "server_shutting_down",
+                    type_="server_error")
+
+
+class Job:
+    def __init__(self, req: GenRequest):
+        self.req = req
+        # ("start", n_prompt, echo_text) ("text", s) ("done", usage, finish) ("error", exc)
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.finish: str | None = None  # the finish reason, once the generation has ended
+
+
+class ModelWorker:
+    """One thread that runs every generation on the model, in arrival order."""
+
+    def __init__(self, model: Model, max_queue: int = MAX_QUEUE):
+        self.model = model
+        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._current: Job | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.n_cancelled = 0  # generations cut short (client gone, shutdown)
+        self._thread = threading.Thread(target=self._loop, name="efedge-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> Job:
+        job = Job(req)
+        with self._lock:  # under the lock: nothing is queued once stop() has drained
+            if self._stopping:
+                raise _shutting_down()
+            try:
+                self._q.put_nowait(job)
+            except queue.Full:
+                raise APIError(503, f"{self._q.qsize()} requests are already waiting; try "
+                                    "again later", "server_busy", type_="server_error") from None
+        return job
+
+    def waiting(self) -> int:
+        return self._q.qsize()
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        with self._lock:
+            if self._current is job:
+                self.model.cancel()
+
+    def stop(self) -> None:
+        """Cancel the generation in progress (it ends with finish_reason "cancelled"),
+        answer the waiting requests 503 instead of running them, and end the thread."""
+        with self._lock:
+            self._stopping = True
+            if self._current is not None:
+                self._current.cancelled.set()
+                self.model.cancel()
+        while True:  # a full queue would block the put(None) below
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.events.put(("error", _shutting_down()))
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while (job := self._q.get()) is not None:
+            if self._stopping:
+                job.events.put(("error", _shutting_down()))
+                continue
+            if job.cancelled.is_set():
+                continue
+            with self._lock:
+                self._current = job
+            try:
+                self._run(job)
+            except (APIError, EfedgeError, ValueError, TypeError) as exc:
+                job.events.put(("error", exc))
+            except Exception as exc:  # keep serving whatever one request did
+                log.exception("request failed")
+                job.events.put(("error", exc))
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _run(self, job: Job) -> None:
+        m, req = self.model, job.req
+        if req.messages is not None:
+            ids = m.chat_prompt(req.messages)
+        elif isinstance(req.prompt, str):
+            ids = m.tokenize(req.prompt)
+        else:
+            ids = list(req.prompt)
+            bad = [t for t in ids if not 0 <= t < m.n_vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
+                                    f"[0, {m.n_vocab})", "invalid_value", param="prompt")
+        n_prompt = len(ids)
+        if n_prompt >= m.n_ctx:
+            raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds "
+                                f"{m.n_ctx}", "context_length_exceeded",
+                           param="prompt" if req.messages is None else "messages")
+        room = m.n_ctx - n_prompt
+        max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
+        echo = ""
+        if req.echo:  # the prompt as given, or the text of its token ids
+            echo = req.prompt if isinstance(req.prompt, str) else m.detokenize(ids)
+        if job.cancelled.is_set():
+            if self._stopping:  # the client still waits for an answer
+                raise _shutting_down()
+            return  # the client is gone: nobody reads the events
+        started = False
+        # the model fills in how the generation really ended ("stop", "length" or
+        # "cancelled"); it keeps "cancelled" when we stop reading early (below)
+        result = GenerationResult([], "cancelled")
+        it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
+                      **req.sampling)
+        try:
+            for piece in it:
+                if not started:
+                    job.events.put(("start", n_prompt, echo))
+                    started = True
+                if job.cancelled.is_set():
+                    break
+                job.events.put(("text", piece))
+        finally:
+            it.close()
+        if not started:
+            job.events.put(("start", n_prompt, echo))
+        n_gen, job.finish = len(result.tokens), result.finish_reason
+        if job.finish == "cancelled":
+            self.n_cancelled += 1
+        job.events.put(("done", {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+                                 "total_tokens": n_prompt + n_gen}, job.finish))
