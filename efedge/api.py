@@ -221,10 +221,10 @@ class Model:
             return ResidentExperts(store, self.counters)
         from efedge.experts.cache import ExpertCache, parse_budget
         from efedge.experts.link import parse_link
+        from efedge.experts.native_engine import make_engine
         from efedge.experts.scheduler import make_policy
         from efedge.experts.selection import RouterSelection
         from efedge.experts.streaming import StreamingExperts
-        from efedge.experts.transfer import TransferEngine
 
         budget = parse_budget(cache, store.total_bytes())
         pol = make_policy(policy)
@@ -232,7 +232,7 @@ class Model:
         ecache = ExpertCache(store, budget, self.config.n_expert_used)
         if link_obj is None:  # experts reach compute only through the slots now; an
             store.drop_page_cache()  # emulated link reads them from the page cache
-        engine = TransferEngine(self.path, store, ecache, self.counters, link_obj, workers)
+        engine = make_engine(self.path, store, ecache, self.counters, link_obj, workers)
         try:  # (the policy's attach can refuse, e.g. a trace of another model)
             source = StreamingExperts(store, ecache, engine, pol, self.counters,
                                       routers=[b.ffn_gate_inp for b in self._tf.blocks],
@@ -488,6 +488,9 @@ class Model:
                 ev.set()
 
     def stats(self) -> dict:
+        reap = getattr(self._experts, "reap", None)
+        if reap is not None:  # copies native workers finished: their bytes counted
+            reap()
         out = self.counters.as_dict()
         extra = getattr(self._tf, "extra_stats", None)
         if extra is not None:  # device="cuda": memory, hybrid misses, link

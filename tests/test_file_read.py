@@ -242,8 +242,11 @@ def test_without_a_link_the_engine_reads_around_the_page_cache(path, monkeypatch
 def test_direct_reads_that_keep_failing_give_way_to_the_page_cache(path, monkeypatch):
     """A file system that takes the open probe but fails direct reads: each failed read
     is read again through the page cache (exact logits), and after DIRECT_FAILURES of
-    them the engine reads only that way."""
+    them the engine reads only that way. (Python workers, whose reads go through the
+    wrapper patched here; native workers: tests/test_native_workers.py.)"""
     from efedge.experts import engine_reads
+
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "0")
 
     if file_read.direct_open(path) is None:
         pytest.skip("this file system (or platform) takes no O_DIRECT reads")

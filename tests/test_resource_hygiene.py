@@ -67,14 +67,25 @@ def test_open_close_100_times_leaks_nothing(path):
     assert _usage(path) == before
 
 
-def test_close_is_idempotent_and_joins_the_workers(path):
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_close_is_idempotent_and_joins_the_workers(path, native, monkeypatch):
+    """Python transfer workers and native ones (threads Python does not count) alike."""
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", native)
+    gc.collect()  # (what earlier tests left: their threads)
     threads = threading.active_count()
     m = efedge.load(path, cache="50%", transfer_workers=3)
-    assert threading.active_count() == threads + 3
-    m.logits(PROMPT)
+    try:
+        pool = getattr(m._experts.engine, "pool", None)  # (kept: not the engine, whose
+        # descriptors go with the model's)
+        if native == "0" or pool is None:  # (no native workers on this system)
+            assert pool is None and threading.active_count() == threads + 3
+        else:
+            assert pool.n_threads == 3 and threading.active_count() == threads
+        m.logits(PROMPT)
+    finally:
+        m.close()
     m.close()
-    m.close()
-    assert threading.active_count() == threads
+    assert threading.active_count() == threads and (pool is None or pool.n_threads == 0)
     with pytest.raises(efedge.EfedgeError, match="closed"):
         m.logits(PROMPT)
 

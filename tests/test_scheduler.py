@@ -483,7 +483,10 @@ def test_horizon_follows_a_link_change(tiny_gguf):
         _decode_stall(m, ids, 12)
         slow = m.stats()["horizon_mean"]
         assert m._experts.policy.controller.h_need >= 4
-    assert slow > fast + 1.0, (fast, slow)
+    # horizon_mean counts the whole run, the fast half too: +0.5 over it is a slow half
+    # that looked ~1 layer further (measured 1.0-1.9 → 1.95-2.96 over both halves on the
+    # 2-core VM, whose load moves the fast half's figure)
+    assert slow > fast + 0.5, (fast, slow)
 
 
 def test_cache_aware_routing_end_to_end(tiny_gguf):

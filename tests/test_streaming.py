@@ -474,9 +474,11 @@ def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatc
     """Before the policy runs the prediction it deferred (kernels that keep the GIL), the
     compute thread hands the GIL to the workers until the layer's first demand loads
     have started: one sched_yield usually came before the woken worker waited for the
-    GIL, and the load started only after the prediction."""
+    GIL, and the load started only after the prediction. (Python workers: native ones
+    need neither the GIL nor this thread to start.)"""
     from efedge.experts import demand_wait
 
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "0")
     monkeypatch.setattr(demand_wait, "HAND_OVER_S", 5.0)  # the mechanism, not the machine
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     # no emulated link: a link's demand loads are copied by this thread (copy_inline)

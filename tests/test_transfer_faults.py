@@ -67,6 +67,13 @@ class Faults:
         self.read(buf, offset)
 
 
+@pytest.fixture(autouse=True)
+def python_workers(monkeypatch):
+    """These faults are injected into the Python workers' reads (engine._read); native
+    workers read without Python: their faults are in tests/test_native_workers.py."""
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "0")
+
+
 @pytest.fixture(scope="module")
 def path(tiny_gguf):
     return tiny_gguf("qwen3moe", "Q4_K_M")

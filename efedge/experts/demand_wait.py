@@ -41,6 +41,8 @@ class DemandWaits:
         for it, so the load started only after the prediction (measured at 50% / 720 MB/s:
         ~100 µs after being queued). Otherwise (no deferred work: the compute thread goes
         on to GIL-free kernels) one yield."""
+        if getattr(self.engine, "gil_free", False):
+            return  # native workers need neither the GIL nor a core from this thread
         pending_work = getattr(self.policy, "has_deferred_work", None)
         if not queued or pending_work is None or not pending_work():
             self.yield_to_workers()
@@ -49,7 +51,7 @@ class DemandWaits:
         self._submitted_seen = self.engine.submitted
         deadline = time.perf_counter() + HAND_OVER_S
         with self.cond:  # a worker notifies as it takes a demand load
-            while not all(j.started or j.cancelled for j in first):
+            while not all(self.engine.started(j) or j.cancelled for j in first):
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     return
@@ -60,9 +62,11 @@ class DemandWaits:
         """Remaining experts whose slots are READY (at most `limit`, lowest ids first);
         waits (stall) while there is none. A load that failed on a worker is retried on
         this thread (cond held)."""
-        cache = self.cache
+        cache, eng = self.cache, self.engine
         t0 = None
         while True:
+            mark = eng.progress_mark()  # (before looking: a copy done after it wakes the
+            eng.reap()  # wait below at once)
             if pending:  # slots may have come free (e.g. prefetches completed) since
                 self._issue(layer, pending, held)
             ready = self._ready_now(layer, remaining, held, limit)
@@ -91,7 +95,7 @@ class DemandWaits:
             if timeout < 1.0 and not getattr(_THREAD, "tight", False):
                 _THREAD.tight = True  # a wait until a landing should end on time (Linux
                 tight_timer_slack()  # lets a normal thread's timed waits run 50 µs late)
-            if not self.cond.wait(timeout=timeout) and timeout >= 1.0:
+            if not eng.wait_progress(mark, timeout) and timeout >= 1.0:
                 waited = time.perf_counter() - t0
                 if waited > WAIT_TIMEOUT_S:
                     raise TransferError(f"experts {sorted(remaining)} of layer {layer} made "
@@ -110,12 +114,9 @@ class DemandWaits:
         eng, cache, n_e = self.engine, self.cache, self.store.n_expert
         for e in sorted(remaining):
             s = held.get(e, -1)
-            key = layer * n_e + e
-            job = eng.jobs_by_key.get(key)
-            if s < 0 or job is None or job.started or job.cancelled or job.slot != s:
+            job = eng.jobs_by_key.get(layer * n_e + e)
+            if s < 0 or job is None or job.slot != s or not eng.take_queued(job):
                 continue
-            job.cancelled = True
-            del eng.jobs_by_key[key]
             self.loads_taken += 1
             self.cond.release()
             ok = False

@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, types
 
 from efedge.errors import EfedgeError
+from efedge.kernels.atomics import store
 
 POSIX_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 
@@ -122,7 +123,7 @@ if _AVAILABLE:
                 lo = off - off % page  # whole pages: those shared with neighbours go too
                 _fadvise(fd, lo, off + n - lo + page - 1, advice)
         if slot >= 0:
-            land[slot] = until
+            store(land, slot, until)  # after every byte: no copy moves past it
         return 0
 
 
@@ -178,7 +179,7 @@ if _AVAILABLE:
                 written += cnt
                 pos += want
         if slot >= 0:
-            land[slot] = until
+            store(land, slot, until)  # after every byte: no copy moves past it
         return 0
 
 

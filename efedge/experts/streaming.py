@@ -17,6 +17,7 @@ import numpy as np
 from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
 from efedge.experts.demand_wait import DemandWaits
 from efedge.experts.issue import place_prefetches
+from efedge.experts.native_engine import NativeTransferEngine
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
 from efedge.experts.transfer import DEMAND, PREFETCH, TransferEngine
@@ -41,7 +42,8 @@ class StreamingExperts(DemandWaits):
         # a demand load still queued when this thread has nothing left to compute is read
         # by this thread (_take_queued_load): reading the file itself, no emulated link,
         # the CPU engine (the GPU's copies and the simulator's clock work otherwise)
-        self._takes_loads = type(engine) is TransferEngine and engine.link is None
+        self._takes_loads = type(engine) in (TransferEngine, NativeTransferEngine) and \
+            engine.link is None
         self.loads_taken = 0
         self._submitted_seen = 0  # engine.submitted when this thread last yielded
         counters.cache_bytes = cache.nbytes
@@ -145,6 +147,8 @@ class StreamingExperts(DemandWaits):
         had landed were counted late. A sched_yield hands the GIL over (efedge/gil_yield.py:
         13 µs where sleeping 0 s cost 83); a worker gives it back as soon as it is in a
         file read or the link's wait."""
+        if self.engine.gil_free:
+            return
         n = self.engine.submitted
         if n != self._submitted_seen or (landing and self.engine.busy()):
             self._submitted_seen = n
@@ -365,6 +369,14 @@ class StreamingExperts(DemandWaits):
             job = self.engine.submit(layer, e, slot, DEMAND)
             if queued is not None:
                 queued.append(job)
+
+    def reap(self) -> None:
+        """Finish the bookkeeping of copies the engine's workers are done with (native
+        workers leave it to this thread): `stats()` then counts their bytes."""
+        reap = getattr(self.engine, "reap", None)  # (the simulator's engine has none)
+        if reap is not None:
+            with self.cond:
+                reap()
 
     def on_pass(self, tokens) -> None:
         """A forward pass over `tokens` starts (before its first layer)."""

@@ -69,6 +69,8 @@ class TransferEngine(FileReads, LinkTiming):
     """Copies (layer, expert) into its assigned slot on background threads. All queue and
     slot-state changes happen under `cache.cond`."""
 
+    gil_free = False  # its workers are Python threads (native_engine.py: they are not)
+
     def __init__(self, path: str | os.PathLike, store: ExpertStore, cache: ExpertCache,
                  counters: Counters, link: Link | None = None, workers: int | None = None,
                  read_fn=None, drop_pages: bool | None = None):
@@ -86,7 +88,8 @@ class TransferEngine(FileReads, LinkTiming):
         self._closing = False
         self.jobs_by_key: dict[int, Job] = {}
         self.workers_replaced = 0
-        self.n_workers = max(1, default_workers(link) if workers is None else workers)
+        self.n_workers = max(0 if self.gil_free else 1,
+                             default_workers(link) if workers is None else workers)
         self.inline_copies, self.inline_copy_s = 0, 0.0  # copy_inline's count and time
         self._threads = [self._spawn(i) for i in range(self.n_workers)]
 
@@ -152,6 +155,32 @@ class TransferEngine(FileReads, LinkTiming):
         self.cache.release(job.slot)
         self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
         return True
+
+    def take_queued(self, job: Job) -> bool:
+        """(cond held) Take a queued load off the queue for the calling thread to read it
+        (read_now); False when a worker has started it or it was cancelled."""
+        if job.started or job.cancelled:
+            return False
+        job.cancelled = True
+        del self.jobs_by_key[job.layer * self.store.n_expert + job.expert]
+        return True
+
+    def started(self, job: Job) -> bool:
+        """(cond held) Whether a worker has begun the job."""
+        return job.started
+
+    def reap(self) -> None:
+        """(cond held) Finish the bookkeeping of copies done (the Python workers do their
+        own: nothing here)."""
+
+    def progress_mark(self) -> int:
+        """(cond held) A mark for wait_progress."""
+        return 0
+
+    def wait_progress(self, mark: int, timeout: float) -> bool:
+        """(cond held) Wait for a worker's word (a copy done or failed) since `mark`, up
+        to timeout seconds; False when the time ran out."""
+        return self.cond.wait(timeout)
 
     def busy(self) -> bool:
         """Whether any copy is under way (read without the lock: a hint)."""

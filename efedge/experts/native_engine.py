@@ -1,0 +1,253 @@
+"""NativeTransferEngine: the TransferEngine whose copies are made by native threads
+(native_workers.py), for reading the model file itself with O_DIRECT on Linux
+(EFEDGE_NATIVE_WORKERS=1; make_engine says why it is not the default yet).
+
+The queue lives in the workers' job table instead of a Python heap; everything else —
+slots, the meters, failed reads, cancelling, promoting a prefetch to a demand load, the
+compute thread reading a queued demand load itself — keeps TransferEngine's meaning.
+What the Python workers did after a copy (the slot READY, `bytes_loaded`, the meters,
+forgetting the job) the compute thread does when it next looks (`reap`, cache lock
+held): the expert itself is usable as soon as it lands (the kernel writes its landing
+time, as before). Where a read fails natively, the slot is freed and the layer reloads it
+through the Python path, which retries and names the error; after DIRECT_FAILURES of
+them the engine goes back to Python workers reading through the page cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from efedge.experts import native_workers as nw
+from efedge.experts.cache import LOADING, READY
+from efedge.experts.transfer import DEMAND, FILE_WORKERS, Job, TransferEngine
+
+log = logging.getLogger("efedge.transfer")
+
+
+def make_engine(path, store, cache, counters, link=None, workers=None) -> TransferEngine:
+    """The transfer engine for a cache: Python workers, or with EFEDGE_NATIVE_WORKERS=1
+    native ones where they can read the file (no emulated link, Linux, O_DIRECT on its file
+    system). Opt-in: they decode 1.1–1.3× faster from the drive on the test VM, but
+    expertflow's stall there rose (docs/scheduler.md §6), the scheduler's figure of merit."""
+    if link is None and nw.available() and os.environ.get("EFEDGE_NATIVE_WORKERS") == "1":
+        try:
+            return NativeTransferEngine(path, store, cache, counters, workers)
+        except RuntimeError as exc:  # no O_DIRECT there, or no thread could start
+            log.info("native transfer workers unavailable (%s): Python workers read", exc)
+    return TransferEngine(path, store, cache, counters, link, workers)
+
+
+class NativeTransferEngine(TransferEngine):
+    """TransferEngine with native workers (no emulated link; direct reads)."""
+
+    gil_free = True  # no worker needs the GIL: nothing to hand it over to
+
+    def __init__(self, path, store, cache, counters, workers: int | None = None):
+        # (no Python worker: _spawn is not called while n_workers is 0)
+        super().__init__(path, store, cache, counters, link=None, workers=0)
+        if self._direct_fds is None:
+            self.close()
+            raise RuntimeError("native workers read with O_DIRECT, which this file refused")
+        self.n_workers = FILE_WORKERS if workers is None else max(1, int(workers))
+        # where each slot's gate, up and down start, and each layer's three descriptors:
+        # a job row is filled from these in one kernel call
+        self._slot_dst = np.array([[p.ctypes.data for p in cache.slot_parts(s)]
+                                   for s in range(cache.n_slots)], np.int64).reshape(-1, 3)
+        self._layer_fds = self._descriptors(store, cache)
+        # at most one job per slot is ever outstanding, plus rows finished but not reaped
+        self.pool = nw.NativeWorkers(self.n_workers, cache.n_slots + 2 * self.n_workers + 8,
+                                     cache.slot_land_at, self._bounce_size)
+        self._row_job: dict[int, Job] = {}
+        self._last_end = 0  # ns: the latest completion the meter has seen
+
+    def _descriptors(self, store, cache) -> np.ndarray:
+        """int64 [L, 3]: the direct descriptor of each layer's gate, up and down. The
+        native reads write through raw addresses, so every expert's parts are checked
+        here, once, to fit the slots of its layer's size class."""
+        fds = self._direct_fds
+        out = np.full((store.n_layer, 3), -1, np.int64)
+        for layer in range(store.n_layer):
+            c = int(cache.layer_class[layer])
+            if c < 0:
+                continue  # a dense layer: nothing to read
+            slot = int(cache.class_first[c])
+            room = [p.shape[0] for p in cache.slot_parts(slot)]
+            need = store.nbytes[layer].max(axis=0)
+            if any(int(need[i]) > room[i] for i in range(3)):
+                raise ValueError(f"layer {layer}'s experts do not fit the slots of their "
+                                 f"size class ({need.tolist()} > {room} bytes)")
+            shard = store.shard[layer] if len(fds) > 1 else (0, 0, 0)
+            out[layer] = [fds[int(shard[i])] for i in range(3)]
+        return out
+
+    def _spawn(self, i: int):
+        if getattr(self, "pool", None) is not None:  # back to Python workers (_fall_back)
+            return super()._spawn(i)
+        raise AssertionError("a native engine starts no Python worker")
+
+    @property
+    def native(self) -> bool:
+        """Whether copies still go to the native workers (not after _fall_back)."""
+        return self._direct_fds is not None
+
+    # -- called with cond held ------------------------------------------------------------
+    def submit(self, layer: int, expert: int, slot: int, priority: int,
+               gen: int | None = None) -> Job:
+        if not self.native:
+            return super().submit(layer, expert, slot, priority)
+        if gen is None:
+            gen = self.cache.begin_load(slot)
+        # (after begin_load: a finished copy of the slot's previous expert, reaped here,
+        # must not mark the slot READY for the expert just assigned to it)
+        self.reap()
+        job = self._queue_job(layer, expert, slot, priority, gen)
+        self.pool.publish()
+        return job
+
+    def _queue_job(self, layer: int, expert: int, slot: int, priority: int, gen: int) -> Job:
+        """A job row filled and QUEUED (publish() lets the workers know)."""
+        job = Job(priority, next(self._seq), layer, expert, slot, gen=gen)
+        r = self.pool.free.pop()
+        st = self.store
+        self.pool.queue(r, self._layer_fds[layer], self._slot_dst[slot],
+                        st.offsets[layer, expert], st.nbytes[layer, expert], priority,
+                        job.seq, slot)
+        job.row = r
+        self._row_job[r] = job
+        self.jobs_by_key[layer * st.n_expert + expert] = job
+        self.submitted += 1
+        return job
+
+    def submit_many(self, layers, experts, slots, priorities, gens=None) -> None:
+        """submit() for each (a plan's prefetches), one wake-up for all."""
+        if not self.native:
+            return super().submit_many(layers, experts, slots, priorities, gens)
+        if gens is None:
+            gens = [self.cache.begin_load(s) for s in slots]
+        self.reap()  # (after every load was begun: see submit)
+        for m, e, s, p, g in zip(layers, experts, slots, priorities, gens, strict=True):
+            self._queue_job(m, e, s, p, g)
+        self.pool.publish()
+
+    def promote(self, job: Job) -> Job:
+        r = getattr(job, "row", None)
+        if r is None:
+            return super().promote(job)
+        if job.priority != DEMAND and self.pool.jobs[r, nw.F_STATE] == nw.QUEUED:
+            self.pool.jobs[r, nw.F_PRIO] = DEMAND  # (a worker may take it either way)
+            job.priority = DEMAND
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        r = getattr(job, "row", None)
+        if r is None:
+            return super().cancel(job)
+        if job.cancelled or not self.pool.claim(r, nw.QUEUED, nw.CANCELLED):
+            return False
+        job.cancelled = True
+        self.cache.release(job.slot)
+        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
+        self._free(r)
+        return True
+
+    def take_queued(self, job: Job) -> bool:
+        """The compute thread takes a queued demand load to read it itself (read_now)."""
+        r = getattr(job, "row", None)
+        if r is None:
+            return super().take_queued(job)
+        if job.cancelled or not self.pool.claim(r, nw.QUEUED, nw.CANCELLED):
+            return False
+        job.cancelled = True
+        del self.jobs_by_key[job.layer * self.store.n_expert + job.expert]
+        self._free(r)
+        return True
+
+    def started(self, job: Job) -> bool:
+        r = getattr(job, "row", None)
+        if r is None or job.cancelled:
+            return super().started(job)
+        return job.started or self.pool.jobs[r, nw.F_STATE] != nw.QUEUED
+
+    def _free(self, r: int) -> None:
+        self.pool.jobs[r, nw.F_STATE] = nw.FREE
+        self._row_job.pop(r, None)
+        self.pool.free.append(r)
+
+    def busy(self) -> bool:
+        return bool(self._row_job) or super().busy()
+
+    def queued(self) -> int:
+        jobs = self.pool.jobs
+        return sum(1 for r in self._row_job if jobs[r, nw.F_STATE] == nw.QUEUED) + \
+            super().queued()
+
+    def reap(self) -> None:
+        """(cond held) What the workers finished: the slot READY (if still this load's),
+        bytes_loaded, the meters; a failed read frees its slot (its layer reloads it)."""
+        if not self._row_job:
+            return
+        done = self.pool.finished(np.fromiter(self._row_job, np.int64, len(self._row_job)))
+        if done.size == 0:
+            return
+        jobs, n_e = self.pool.jobs, self.store.n_expert
+        for r in done[np.argsort(jobs[done, nw.F_T1], kind="stable")].tolist():
+            job = self._row_job[r]
+            job.started = True
+            key = job.layer * n_e + job.expert
+            if self.jobs_by_key.get(key) is job:
+                del self.jobs_by_key[key]
+            t0, t1 = int(jobs[r, nw.F_T0]), int(jobs[r, nw.F_T1])
+            if jobs[r, nw.F_STATE] == nw.DONE:
+                nbytes = int(jobs[r, nw.F_N0:nw.F_N2 + 1].sum())
+                if self._own_load(job):
+                    self.cache.slot_state[job.slot] = READY
+                self.counters.bytes_loaded += nbytes
+                self._meter_read((t1 - t0) * 1e-9)
+                # the link's busy time: from this read's start, or the last completion if
+                # it was already under way then
+                self._meter_copy(nbytes, max(1, t1 - max(t0, self._last_end)) * 1e-9)
+                self._last_end = max(self._last_end, t1)
+            else:
+                job.error = OSError(f"direct read of expert {job.expert} of layer "
+                                    f"{job.layer} failed ({int(jobs[r, nw.F_RC])})")
+                if self.cache.slot_state[job.slot] == LOADING and self._own_load(job):
+                    self.cache.release(job.slot)
+                self._direct_failed()
+            self._free(r)
+        if not self.native:
+            self._fall_back()
+        self.cond.notify_all()
+
+    def _fall_back(self) -> None:
+        """(cond held) Direct reads kept failing: Python workers from here on (they read
+        through the page cache). Rows still queued are read by the native workers."""
+        if not self._threads or all(not t.is_alive() for t in self._threads):
+            self.n_workers = max(1, self.n_workers)
+            self._threads = [self._spawn(i) for i in range(self.n_workers)]
+
+    def progress_mark(self) -> int:
+        return self.pool.done_mark()
+
+    def wait_progress(self, mark: int, timeout: float) -> bool:
+        """(cond held) Wait until a copy finishes after `mark` (progress_mark), up to
+        timeout seconds, with the cache lock released; then reap. False when none did."""
+        if not self.native and self._threads:  # (Python workers since _fall_back)
+            woken = self.cond.wait(timeout)
+            self.reap()
+            return woken or self.pool.done_mark() != mark
+        self.cond.release()
+        try:
+            self.pool.wait_done(mark, timeout)
+        finally:
+            self.cond.acquire()
+        self.reap()
+        return self.pool.done_mark() != mark
+
+    def close(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()  # joined before the slots and descriptors go
+        super().close()

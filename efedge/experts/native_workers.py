@@ -1,0 +1,300 @@
+"""Transfer workers that never take the GIL: native threads running a numba loop.
+
+Why: a Python transfer worker holds the GIL for ~75 µs of bookkeeping around every copy
+on the test VM (taking the job, the meter, publishing it READY), and the compute thread
+— whose layers are Python between kernels — waits for that time: measured on the demo
+model at a 50% cache, ~90 µs of the compute thread's time per copy
+(docs/scheduler.md §6). These threads are started with `pthread_create` on a numba
+`cfunc`, take jobs from a table in shared memory and read each expert with the same
+O_DIRECT kernel as the Python workers (file_read.py); the compute thread sees a copy
+land through the landing time the kernel writes, as before.
+
+The job table: one int64 row per job (the F_* columns). A row goes FREE → QUEUED (the
+compute thread, which fills it) → RUNNING (a worker, or the compute thread taking a
+queued demand load itself, by compare-and-swap: one of them wins) → DONE / FAILED (the
+worker) → FREE (the compute thread, once it has read the result); a QUEUED row can also
+be CANCELLED by compare-and-swap. A worker takes the queued row with the lowest
+(priority, sequence), so demand loads go first as in the Python queue. Sleeping and
+waking are futexes on two 32-bit words: GEN, bumped by the compute thread for every
+batch of new jobs, and DONE, bumped by a worker for every finished one.
+
+Linux only (futex, pthread, O_DIRECT); `available()` says whether this process can.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import sys
+import threading
+import weakref
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+
+from efedge.experts import file_read
+from efedge.kernels.atomics import add32 as _add32
+from efedge.kernels.atomics import as_ptr as _ptr
+from efedge.kernels.atomics import cas as _cas
+from efedge.kernels.atomics import load as _load
+from efedge.kernels.atomics import store as _store
+
+FREE, QUEUED, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4, 5
+# the columns of a job row
+(F_STATE, F_PRIO, F_SEQ, F_SLOT, F_FD0, F_FD1, F_FD2, F_DST0, F_DST1, F_DST2, F_OFF0,
+ F_OFF1, F_OFF2, F_N0, F_N1, F_N2, F_RC, F_T0, F_T1) = range(19)
+N_FIELDS = 19
+# the control words (int32): STOP and PAUSE are read by the workers; GEN and DONE are the
+# futex words; SLEEP counts the workers waiting on GEN (a publish with none asleep makes
+# no system call)
+C_STOP, C_PAUSE, C_GEN, C_DONE, C_SLEEP = 0, 1, 2, 3, 4
+# how long a worker sleeps at most without being woken (a lost wake-up would cost this,
+# not a hang)
+_NAP_NS = 10_000_000
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
+_FUTEX_WAIT, _FUTEX_WAKE = 128, 129  # FUTEX_*_PRIVATE: no other process shares the words
+_CTX = 8  # the int64 words of a worker's context
+
+
+def _machine() -> str:
+    import platform
+
+    return platform.machine().lower()
+
+
+def _libc_ready() -> bool:
+    if not (sys.platform.startswith("linux") and file_read.available()
+            and file_read._read_parts_direct is not None and _machine() in _SYS_FUTEX):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return False
+    return all(hasattr(libc, f) for f in ("syscall", "pthread_create", "pthread_join",
+                                          "clock_gettime"))
+
+
+_AVAILABLE = _libc_ready()
+
+
+def available() -> bool:
+    """Whether native transfer workers can run in this process (Linux with futexes,
+    pthreads and file_read's direct-read kernel)."""
+    return _AVAILABLE and sys.platform.startswith("linux") and file_read.available()
+
+
+if _AVAILABLE:
+    _syscall = types.ExternalFunction("syscall", types.int64(
+        types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
+        types.int64))
+    _clock_gettime = types.ExternalFunction("clock_gettime",
+                                            types.intc(types.intc, types.voidptr))
+    _NR_FUTEX = _SYS_FUTEX[_machine()]
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _now_ns(ts):
+        _clock_gettime(1, ts.ctypes.data)  # CLOCK_MONOTONIC, time.perf_counter's clock
+        return ts[0] * 1_000_000_000 + ts[1]
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _read_row(row, bounce, land):
+        """The row's expert read into its slot's parts (0, or the kernel's failure)."""
+        g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
+        u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
+        d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
+        offs, ns = row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3]
+        if row[F_FD0] == row[F_FD1] == row[F_FD2]:
+            return file_read._read_parts_direct(np.intc(row[F_FD0]), g, u, d, offs, ns,
+                                                bounce, file_read.DIRECT_ALIGN, land,
+                                                row[F_SLOT], 0.0)
+        only = np.zeros(3, np.int64)  # a split file: each part from its own shard
+        for i in range(3):
+            only[:] = 0
+            only[i] = ns[i]
+            rc = file_read._read_parts_direct(np.intc(row[F_FD0 + i]), g, u, d, offs, only,
+                                              bounce, file_read.DIRECT_ALIGN, land,
+                                              row[F_SLOT] if i == 2 else -1, 0.0)
+            if rc != 0:
+                return rc
+        return 0
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _worker(ctx):
+        """A worker's loop: ctx = (table address, rows, control address, landing table
+        address, its length, bounce buffer address, its length)."""
+        jobs = carray(_ptr(ctx[0]), (ctx[1], N_FIELDS), np.int64)
+        ctl = carray(_ptr(ctx[2]), (8,), np.int32)
+        land = carray(_ptr(ctx[3]), (ctx[4],), np.float64)
+        bounce = carray(_ptr(ctx[5]), (ctx[6],), np.uint8)
+        ts = np.zeros(2, np.int64)
+        nap = np.array([0, _NAP_NS], np.int64)  # a timespec
+        n = ctx[1]
+        while _load(ctl, C_STOP) == 0:
+            gen = _load(ctl, C_GEN)
+            best, bp, bs = -1, 0, 0
+            if _load(ctl, C_PAUSE) == 0:
+                for j in range(n):
+                    if _load(jobs[j], F_STATE) == QUEUED:
+                        p, s = jobs[j, F_PRIO], jobs[j, F_SEQ]
+                        if best < 0 or p < bp or (p == bp and s < bs):
+                            best, bp, bs = j, p, s
+            if best < 0:  # nothing queued: sleep until GEN moves (at once if it has)
+                _add32(ctl, C_SLEEP, 1)
+                _syscall(_NR_FUTEX, ctx[2] + 4 * C_GEN, _FUTEX_WAIT, gen, nap.ctypes.data,
+                         0, 0)
+                _add32(ctl, C_SLEEP, -1)
+                continue
+            row = jobs[best]
+            if _cas(row, F_STATE, QUEUED, RUNNING) != QUEUED:
+                continue  # another worker, or the compute thread, took it
+            row[F_T0] = _now_ns(ts)
+            rc = _read_row(row, bounce, land)
+            row[F_RC] = rc
+            row[F_T1] = _now_ns(ts)
+            _store(row, F_STATE, DONE if rc == 0 else FAILED)
+            _add32(ctl, C_DONE, 1)
+            _syscall(_NR_FUTEX, ctx[2] + 4 * C_DONE, _FUTEX_WAKE, 2147483647, 0, 0, 0)
+        return 0
+
+    @cfunc(types.voidptr(types.voidptr), nogil=True, cache=True)
+    def _thread_main(arg):
+        _worker(carray(arg, (_CTX,), np.int64))
+        return arg
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot):
+        """Fill row r (part i: descriptor fds[i], destination address dst[i], file offset
+        offs[i], ns[i] bytes) and make it QUEUED, last."""
+        row = jobs[r]
+        for i in range(3):
+            row[F_FD0 + i] = fds[i]
+            row[F_DST0 + i] = dst[i]
+            row[F_OFF0 + i] = offs[i]
+            row[F_N0 + i] = ns[i]
+        row[F_PRIO] = prio
+        row[F_SEQ] = seq
+        row[F_SLOT] = slot
+        row[F_RC] = 0
+        _store(row, F_STATE, QUEUED)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _bump(ctl):
+        """GEN += 1 (a full barrier), then how many workers sleep on it."""
+        _add32(ctl, C_GEN, 1)
+        return _load(ctl, C_SLEEP)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _claim(jobs, j, old, new):
+        return _cas(jobs[j], F_STATE, old, new) == old
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _finished(jobs, rows):
+        """Which of `rows` are DONE or FAILED (one call instead of a Python loop)."""
+        out = np.empty(rows.shape[0], np.int64)
+        k = 0
+        for r in rows:
+            s = _load(jobs[r], F_STATE)
+            if s == DONE or s == FAILED:
+                out[k] = r
+                k += 1
+        return out[:k]
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Join every pool's threads before the interpreter frees the memory they write."""
+    for pool in list(_LIVE):
+        pool.close()
+
+
+class NativeWorkers:
+    """`n` native threads reading the rows of a job table of `rows` rows into slots, and
+    writing `land[slot] = 0` (landed) once an expert is in."""
+
+    def __init__(self, n: int, rows: int, land: np.ndarray, bounce_bytes: int):
+        if not _AVAILABLE:
+            raise RuntimeError("native transfer workers need Linux (futex, pthreads)")
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+        self._libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p]
+        self._libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+        self.jobs = np.zeros((rows, N_FIELDS), np.int64)
+        self.ctl = np.zeros(8, np.int32)
+        self.land = land  # (kept alive with the pool: the threads write into it)
+        self._bounces = [file_read.aligned_buffer(bounce_bytes) for _ in range(n)]
+        self._ctx = [np.array([self.jobs.ctypes.data, rows, self.ctl.ctypes.data,
+                               land.ctypes.data, land.shape[0], b.ctypes.data, b.shape[0], 0],
+                              np.int64) for b in self._bounces]
+        self.free = list(range(rows - 1, -1, -1))
+        self._threads: list[int] = []
+        self._lock = threading.Lock()
+        for ctx in self._ctx:
+            tid = ctypes.c_ulong()
+            if self._libc.pthread_create(ctypes.byref(tid), None, _thread_main.address,
+                                         ctx.ctypes.data) != 0:
+                self.close()
+                raise RuntimeError("pthread_create failed for a transfer worker")
+            self._threads.append(tid.value)
+        _LIVE.add(self)
+
+    @property
+    def n_threads(self) -> int:
+        return len(self._threads)
+
+    def _futex(self, word: int, op: int, val: int, timeout=None) -> None:
+        # every argument a full register's worth: syscall() is variadic (ctypes would pass
+        # a bare int as a C int)
+        self._libc.syscall(ctypes.c_long(_NR_FUTEX),
+                           ctypes.c_void_p(self.ctl.ctypes.data + 4 * word), ctypes.c_long(op),
+                           ctypes.c_long(int(val)), timeout, None, None)
+
+    def queue(self, row: int, fds, dst, offs, ns, prio: int, seq: int, slot: int) -> None:
+        """Fill a free row and make it QUEUED (publish() then wakes a worker)."""
+        _queue_row(self.jobs, row, fds, dst, offs, ns, prio, seq, slot)
+
+    def publish(self) -> None:
+        """(one producer) Rows made QUEUED since the last call are there: wake a worker if
+        one sleeps (a busy one finds them when it looks again)."""
+        if _bump(self.ctl) > 0:
+            self._futex(C_GEN, _FUTEX_WAKE, 1)
+
+    def pause(self, paused: bool) -> None:
+        """Hold the workers off the table (tests: to queue several rows at once)."""
+        self.ctl[C_PAUSE] = 1 if paused else 0
+        if not paused:
+            self.ctl[C_GEN] += 1
+            self._futex(C_GEN, _FUTEX_WAKE, 1 << 30)
+
+    def claim(self, row: int, old: int, new: int) -> bool:
+        """Move the row from state old to new if no thread moved it first."""
+        return bool(_claim(self.jobs, row, old, new))
+
+    def finished(self, rows: np.ndarray) -> np.ndarray:
+        return _finished(self.jobs, rows)
+
+    def done_mark(self) -> int:
+        return int(self.ctl[C_DONE])
+
+    def wait_done(self, mark: int, timeout: float) -> None:
+        """Sleep (GIL released) until a job finishes after done_mark() said `mark`, or
+        `timeout` seconds pass."""
+        t = max(0.0, float(timeout))
+        ts = (ctypes.c_long * 2)(int(t), int((t - int(t)) * 1e9))
+        self._futex(C_DONE, _FUTEX_WAIT, mark, ts)
+
+    def close(self) -> None:
+        """Stop the threads and join them (a read under way ends first)."""
+        with self._lock:
+            if not self._threads:
+                return
+            self.ctl[C_STOP] = 1
+            self.ctl[C_GEN] += 1
+            self._futex(C_GEN, _FUTEX_WAKE, 1 << 30)
+            for t in self._threads:
+                self._libc.pthread_join(t, None)
+            self._threads = []
+        _LIVE.discard(self)

@@ -1,0 +1,242 @@
+"""Native transfer workers (efedge/experts/native_workers.py, native_engine.py): the job
+table's states and order, reads equal to the file's bytes, exact logits through the
+engine, and what happens when its reads fail."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import efedge
+from efedge.config import config_from_gguf
+from efedge.experts import file_read
+from efedge.experts import native_workers as nw
+from efedge.experts.store import ExpertStore
+from efedge.gguf_file import GGUFFile
+
+pytestmark = pytest.mark.skipif(not nw.available(),
+                                reason="native workers need Linux (futex, pthreads)")
+
+
+@pytest.fixture(autouse=True)
+def native(monkeypatch):
+    """Native workers are opt-in (EFEDGE_NATIVE_WORKERS=1)."""
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "1")
+
+
+@pytest.fixture(scope="module")
+def path(tiny_gguf):
+    p = tiny_gguf("qwen3moe", "Q4_K_M")
+    if file_read.direct_open(p) is None:
+        pytest.skip("this file system takes no O_DIRECT reads")
+    return p
+
+
+@pytest.fixture(scope="module")
+def store(path):
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    yield ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+    gf.close()
+
+
+def _queue(pool, fd, store, row, slot, layer, expert, prio, seq, bufs):
+    """Fill row `row` for (layer, expert) into bufs[slot] and mark it QUEUED."""
+    r = pool.jobs[row]
+    r[:] = 0
+    for i in range(3):
+        r[nw.F_FD0 + i] = fd
+        r[nw.F_DST0 + i] = bufs[slot][i].ctypes.data
+        r[nw.F_OFF0 + i] = store.offsets[layer, expert, i]
+        r[nw.F_N0 + i] = store.nbytes[layer, expert, i]
+    r[nw.F_PRIO], r[nw.F_SEQ], r[nw.F_SLOT] = prio, seq, slot
+    r[nw.F_STATE] = nw.QUEUED
+
+
+def _wait_all(pool, rows, timeout=10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        mark = pool.done_mark()
+        if all(pool.jobs[r, nw.F_STATE] in (nw.DONE, nw.FAILED) for r in rows):
+            return
+        pool.wait_done(mark, 0.05)
+    raise AssertionError("the native workers did not finish their rows")
+
+
+def _buffers(store, n):
+    big = int(store.nbytes.max())
+    return [[np.zeros(big, np.uint8) for _ in range(3)] for _ in range(n)]
+
+
+def test_rows_are_read_as_the_file_holds_them_demand_first(path, store):
+    """One worker, rows queued while it is held off: it takes them by (priority,
+    sequence), each expert's three parts land as the file has them, and the landing time
+    is written once all of an expert is in."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    fd = file_read.direct_open(path)
+    land = np.full(8, np.inf)
+    pool = nw.NativeWorkers(1, 8, land, file_read.bounce_bytes(int(store.nbytes.max())))
+    try:
+        bufs = _buffers(store, 8)
+        pool.pause(True)
+        want = [(0, 1, 1), (1, 2, 1), (2, 3, 0), (0, 0, 1)]  # (layer, expert, priority)
+        for row, (layer, expert, prio) in enumerate(want):
+            _queue(pool, fd, store, row, row, layer, expert, prio, seq=row, bufs=bufs)
+        pool.publish()
+        assert all(pool.jobs[r, nw.F_STATE] == nw.QUEUED for r in range(4))
+        pool.pause(False)
+        _wait_all(pool, range(4))
+        starts = [int(pool.jobs[r, nw.F_T0]) for r in range(4)]
+        assert starts[2] < starts[0] < starts[1] < starts[3]  # demand (0) first, then by seq
+        for row, (layer, expert, _p) in enumerate(want):
+            assert pool.jobs[row, nw.F_STATE] == nw.DONE and pool.jobs[row, nw.F_RC] == 0
+            for i in range(3):
+                o, n = int(store.offsets[layer, expert, i]), int(store.nbytes[layer, expert, i])
+                assert np.array_equal(bufs[row][i][:n], raw[o:o + n])
+            assert land[row] == 0.0
+        assert pool.done_mark() == 4
+    finally:
+        pool.close()
+        os.close(fd)
+    assert pool.n_threads == 0
+
+
+def test_a_queued_row_is_taken_once(path, store):
+    """Cancelling and claiming are compare-and-swap: of two takers one wins; a cancelled
+    row is never read; close() joins threads whose table still has queued rows."""
+    fd = file_read.direct_open(path)
+    land = np.full(4, np.inf)
+    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
+    try:
+        bufs = _buffers(store, 4)
+        pool.pause(True)
+        for row in range(3):
+            _queue(pool, fd, store, row, row, 0, row, 1, row, bufs)
+        pool.publish()
+        assert pool.claim(0, nw.QUEUED, nw.CANCELLED)
+        assert not pool.claim(0, nw.QUEUED, nw.CANCELLED)
+        assert not pool.claim(0, nw.QUEUED, nw.RUNNING)
+        assert pool.claim(1, nw.QUEUED, nw.RUNNING)  # (the compute thread takes it)
+        pool.pause(False)
+        _wait_all(pool, [2])
+        assert pool.jobs[0, nw.F_STATE] == nw.CANCELLED and land[0] == np.inf
+        assert pool.jobs[1, nw.F_STATE] == nw.RUNNING and land[1] == np.inf
+        pool.pause(True)
+        _queue(pool, fd, store, 3, 3, 1, 1, 1, 3, bufs)
+        pool.publish()
+    finally:
+        pool.close()  # (row 3 still queued: the threads end anyway)
+        os.close(fd)
+    assert pool.jobs[3, nw.F_STATE] == nw.QUEUED and pool.n_threads == 0
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "expertflow"])
+def test_native_engine_gives_the_resident_logits(path, policy):
+    """Reading the file itself, the engine's workers are native threads, and any budget
+    gives the resident logits and greedy text; stats() counts the bytes they read."""
+    ids = np.random.default_rng(3).integers(0, 500, 40).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+        greedy = m.generate(ids[:6], max_tokens=10, temperature=0)
+    for budget in ("25%", "60%"):
+        with efedge.load(path, cache=budget, policy=policy) as m:
+            eng = m._experts.engine
+            assert eng.gil_free and eng.native and eng.pool.n_threads == eng.n_workers
+            np.testing.assert_array_equal(m.logits(ids), want)
+            assert m.generate(ids[:6], max_tokens=10, temperature=0) == greedy
+            s = m.stats()
+            assert s["bytes_loaded"] > 0 and s["hits"] + s["late"] + s["misses"] == \
+                s["expert_requests"]
+            with m._experts.cond:
+                assert not eng.jobs_by_key or all(not j.cancelled
+                                                  for j in eng.jobs_by_key.values())
+        assert eng.pool.n_threads == 0  # joined by close()
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_python_workers_unless_asked(path, monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv("EFEDGE_NATIVE_WORKERS")
+    else:
+        monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", setting)
+    with efedge.load(path, cache="30%") as m:
+        assert not m._experts.engine.gil_free and m._experts.engine._threads
+
+
+def test_native_reads_that_fail_are_read_again_and_then_given_up(path, monkeypatch):
+    """Native reads that fail (here: the direct descriptor reads another, empty file)
+    free their slots and are loaded again through the Python path (exact logits); after
+    DIRECT_FAILURES of them the engine reads with Python workers through the page cache."""
+    from efedge.experts import engine_reads
+
+    ids = np.random.default_rng(5).integers(0, 500, 12).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="30%", policy="ondemand") as m:
+        eng = m._experts.engine
+        assert eng.native
+        with m._experts.cond:  # (the engine closes the empty file's descriptor)
+            real, eng._direct_fds = eng._direct_fds, [os.open(os.devnull, os.O_RDONLY)]
+            eng._layer_fds[eng._layer_fds >= 0] = eng._direct_fds[0]
+        np.testing.assert_array_equal(m.logits(ids), want)
+        assert eng._direct_failures >= engine_reads.DIRECT_FAILURES
+        assert not eng.native and not eng.reads_direct
+        assert any(t.is_alive() for t in eng._threads)  # Python workers took over
+        np.testing.assert_array_equal(m.logits(ids), want)
+    for fd in real:
+        os.close(fd)
+
+
+def test_a_model_closed_while_loads_are_queued(path):
+    """close() while native workers still read: they are joined before the slots go."""
+    ids = np.random.default_rng(9).integers(0, 500, 30).tolist()
+    done = threading.Event()
+    with efedge.load(path, cache="25%", policy="expertflow") as m:
+        m.logits(ids)
+        eng = m._experts.engine
+        with m._experts.cond:  # queue every expert of layer 0 that is not in
+            for e in range(m._experts.store.n_expert):
+                if m._experts.cache.where[0, e] < 0:
+                    slot = m._experts.cache.free_or_victim(0, m._experts.policy.victim)
+                    if slot < 0:
+                        break
+                    m._experts.cache.assign(slot, 0, e)
+                    eng.submit(0, e, slot, 1)
+        done.set()
+    assert done.is_set() and eng.pool.n_threads == 0
+
+
+def test_a_finished_copy_does_not_make_the_slots_next_expert_ready(path):
+    """The compute thread reaps finished copies when it next submits one. A copy of the
+    expert a slot held before (landed, used, evicted, not yet reaped) must not mark the
+    slot READY for the expert it was just given (it was: logits went wrong now and then
+    at the smallest budgets)."""
+    import time
+
+    from efedge.experts.cache import LOADING, READY
+
+    with efedge.load(path, cache="30%", policy="ondemand") as m:
+        src = m._experts
+        eng, cache = src.engine, src.cache
+        with src.cond:
+            s = cache.free_or_victim(0, src.policy.victim)
+            cache.assign(s, 0, 1)
+            job = eng.submit(0, 1, s, 0)
+        end = time.monotonic() + 10
+        while eng.pool.jobs[job.row, nw.F_STATE] != nw.DONE and time.monotonic() < end:
+            time.sleep(0.001)
+        assert eng.pool.jobs[job.row, nw.F_STATE] == nw.DONE
+        eng.pool.pause(True)  # (expert 2's copy stays queued)
+        try:
+            with src.cond:
+                cache.slot_state[s] = READY  # it landed and was used, then evicted:
+                cache.assign(s, 0, 2)
+                eng.submit(0, 2, s, 0)
+                assert cache.slot_state[s] == LOADING and eng._row_job.get(job.row) is not job
+        finally:
+            eng.pool.pause(False)
