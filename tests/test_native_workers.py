@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -44,16 +45,25 @@ def store(path):
 
 
 def _queue(pool, fd, store, row, slot, layer, expert, prio, seq, bufs):
-    """Fill row `row` for (layer, expert) into bufs[slot] and mark it QUEUED."""
-    r = pool.jobs[row]
-    r[:] = 0
-    for i in range(3):
-        r[nw.F_FD0 + i] = fd
-        r[nw.F_DST0 + i] = bufs[slot][i].ctypes.data
-        r[nw.F_OFF0 + i] = store.offsets[layer, expert, i]
-        r[nw.F_N0 + i] = store.nbytes[layer, expert, i]
-    r[nw.F_PRIO], r[nw.F_SEQ], r[nw.F_SLOT] = prio, seq, slot
-    r[nw.F_STATE] = nw.QUEUED
+    """Queue row `row`: (layer, expert) into bufs[slot] (the engine's own call)."""
+    pool.queue(row, np.full(3, fd, np.int64),
+               np.array([b.ctypes.data for b in bufs[slot]], np.int64),
+               store.offsets[layer, expert], store.nbytes[layer, expert], prio, seq, slot)
+
+
+@contextmanager
+def _pool(path, store, workers: int, rows: int):
+    """(pool, direct descriptor, landing table) for `rows` rows; closed (threads
+    joined) and the descriptor with it on the way out."""
+    fd = file_read.direct_open(path)
+    land = np.full(rows, np.inf)
+    pool = nw.NativeWorkers(workers, rows, land,
+                            file_read.bounce_bytes(int(store.nbytes.max())))
+    try:
+        yield pool, fd, land
+    finally:
+        pool.close()
+        os.close(fd)
 
 
 def _wait_all(pool, rows, timeout=10.0):
@@ -78,10 +88,7 @@ def test_rows_are_read_as_the_file_holds_them_demand_first(path, store):
     sequence), each expert's three parts land as the file has them, and the landing time
     is written once all of an expert is in."""
     raw = np.fromfile(path, dtype=np.uint8)
-    fd = file_read.direct_open(path)
-    land = np.full(8, np.inf)
-    pool = nw.NativeWorkers(1, 8, land, file_read.bounce_bytes(int(store.nbytes.max())))
-    try:
+    with _pool(path, store, 1, 8) as (pool, fd, land):
         bufs = _buffers(store, 8)
         pool.pause(True)
         want = [(0, 1, 1), (1, 2, 1), (2, 3, 0), (0, 0, 1)]  # (layer, expert, priority)
@@ -100,20 +107,14 @@ def test_rows_are_read_as_the_file_holds_them_demand_first(path, store):
                 assert np.array_equal(bufs[row][i][:n], raw[o:o + n])
             assert land[row] == 0.0
         assert pool.done_mark() == 4
-    finally:
-        pool.close()
-        os.close(fd)
     assert pool.n_threads == 0
 
 
 def test_a_queued_row_is_taken_once(path, store):
     """Cancelling and claiming are compare-and-swap: of two takers one wins; a cancelled
     row is never read; close() joins threads whose table still has queued rows."""
-    fd = file_read.direct_open(path)
-    land = np.full(4, np.inf)
-    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
-    try:
-        bufs = _buffers(store, 4)
+    with _pool(path, store, 2, 4) as (pool, fd, land):  # (closed with row 3 queued: the
+        bufs = _buffers(store, 4)  # threads end anyway)
         pool.pause(True)
         for row in range(3):
             _queue(pool, fd, store, row, row, 0, row, 1, row, bufs)
@@ -129,9 +130,6 @@ def test_a_queued_row_is_taken_once(path, store):
         pool.pause(True)
         _queue(pool, fd, store, 3, 3, 1, 1, 1, 3, bufs)
         pool.publish()
-    finally:
-        pool.close()  # (row 3 still queued: the threads end anyway)
-        os.close(fd)
     assert pool.jobs[3, nw.F_STATE] == nw.QUEUED and pool.n_threads == 0
 
 

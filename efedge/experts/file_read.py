@@ -86,10 +86,13 @@ if _AVAILABLE:
         return gate if i == 0 else (up if i == 1 else down)
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _misfit(gate, up, down, offsets, nbytes):
-        """-(10+i) for the first part i that does not fit its buffer, or lies at a
-        negative offset; else 0. The reads write through raw pointers: every bound is
-        checked before the first of them."""
+    def _misfit(gate, up, down, offsets, nbytes, land, slot):
+        """-20 when offsets / nbytes are not three long or the slot lies outside `land`;
+        -(10+i) for the first part i that does not fit its buffer, or lies at a negative
+        offset; else 0. The reads write through raw pointers: every bound is checked
+        before the first of them."""
+        if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or slot >= land.shape[0]:
+            return -20
         for i in range(3):
             if nbytes[i] < 0 or offsets[i] < 0 or \
                     nbytes[i] > _part(gate, up, down, i).shape[0]:
@@ -103,11 +106,9 @@ if _AVAILABLE:
         land[slot] = until (slot < 0: nothing). Returns 0; -(i+1) when part i hit a read
         error or the end of the file; -(10+i) when part i does not fit its buffer, -20 on
         bad shapes or a slot outside `land` (nothing read)."""
-        if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or page < 1:
+        if page < 1:
             return -20
-        if slot >= land.shape[0]:
-            return -20
-        bad = _misfit(gate, up, down, offsets, nbytes)
+        bad = _misfit(gate, up, down, offsets, nbytes, land, slot)
         if bad:
             return bad
         for i in range(3):
@@ -145,13 +146,10 @@ if _AVAILABLE:
         boundary (the caller reads it another way); -(10+i) when part i does not fit its
         buffer; -20 on bad shapes, a slot outside `land` or a misaligned bounce buffer
         (nothing read)."""
-        if offsets.shape[0] != 3 or nbytes.shape[0] != 3 or align < 1:
-            return -20
         size = bounce.shape[0]
-        if slot >= land.shape[0] or bounce.ctypes.data % align != 0 or size < align \
-                or size % align != 0:
+        if align < 1 or bounce.ctypes.data % align != 0 or size < align or size % align != 0:
             return -20
-        bad = _misfit(gate, up, down, offsets, nbytes)
+        bad = _misfit(gate, up, down, offsets, nbytes, land, slot)
         if bad:
             return bad
         for i in range(3):

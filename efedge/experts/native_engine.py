@@ -141,27 +141,16 @@ class NativeTransferEngine(TransferEngine):
             job.priority = DEMAND
         return job
 
-    def cancel(self, job: Job) -> bool:
-        r = getattr(job, "row", None)
-        if r is None:
-            return super().cancel(job)
-        if job.cancelled or not self.pool.claim(r, nw.QUEUED, nw.CANCELLED):
-            return False
-        job.cancelled = True
-        self.cache.release(job.slot)
-        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
-        self._free(r)
-        return True
-
     def take_queued(self, job: Job) -> bool:
-        """The compute thread takes a queued demand load to read it itself (read_now)."""
+        """A queued row taken from the workers by compare-and-swap (cancel() then frees
+        the slot; read_now reads it on the calling thread)."""
         r = getattr(job, "row", None)
         if r is None:
             return super().take_queued(job)
         if job.cancelled or not self.pool.claim(r, nw.QUEUED, nw.CANCELLED):
             return False
         job.cancelled = True
-        del self.jobs_by_key[job.layer * self.store.n_expert + job.expert]
+        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
         self._free(r)
         return True
 

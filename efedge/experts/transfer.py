@@ -149,20 +149,19 @@ class TransferEngine(FileReads, LinkTiming):
 
     def cancel(self, job: Job) -> bool:
         """Drop a queued (not yet started) load and free its slot."""
-        if job.started or job.cancelled:
+        if not self.take_queued(job):
             return False
-        job.cancelled = True
         self.cache.release(job.slot)
-        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
         return True
 
     def take_queued(self, job: Job) -> bool:
-        """(cond held) Take a queued load off the queue for the calling thread to read it
-        (read_now); False when a worker has started it or it was cancelled."""
+        """(cond held) Take a queued load off the queue, for the calling thread to read it
+        (read_now) or for cancel(); False when a worker has started it or it was
+        cancelled."""
         if job.started or job.cancelled:
             return False
         job.cancelled = True
-        del self.jobs_by_key[job.layer * self.store.n_expert + job.expert]
+        self.jobs_by_key.pop(job.layer * self.store.n_expert + job.expert, None)
         return True
 
     def started(self, job: Job) -> bool:
