@@ -49,7 +49,12 @@ class Session:
     def prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Evaluate the prompt, reusing the longest cached prefix; logits of its last token."""
         n = 0
-        limit = min(len(self.tokens), len(prompt) - 1)  # always evaluate ≥ 1 token
+        # evaluate at least two tokens (one when the prompt has one): a batch of two or
+        # more goes through the batched kernels, whose result for a token does not depend
+        # on the batch, so the logits equal those of the whole prompt evaluated afresh;
+        # one token alone takes the decode kernels, which sum in another order (~1e-4
+        # apart: enough to flip a greedy choice at a near-tie when a prompt is repeated)
+        limit = min(len(self.tokens), len(prompt) - 2 if len(prompt) > 1 else 0)
         while n < limit and self.tokens[n] == prompt[n]:
             n += 1
         self.kv.truncate(n)

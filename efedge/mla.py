@@ -31,9 +31,11 @@ from efedge.kernels import prefill as pk
 from efedge.kernels.activations import act_scheme
 from efedge.kernels.heads import heads_matmul
 
-# up to this many tokens the per-head products run as one kernel call over all heads
-# (decode); a longer batch makes each head's tiled product worth its own call
-HEADS_IN_ONE_CALL = 4
+# one token's per-head products run as one kernel call over all heads (the decode
+# kernels' arithmetic); a batch goes head by head through the tiled product, whose
+# result for a token does not depend on the batch (until 2026-11-30 up to 4 tokens took
+# the one call, so a prompt's last tokens came out ~1e-6 off their rows in a longer batch)
+HEADS_IN_ONE_CALL = 1
 
 
 class MLAAttention:
@@ -121,8 +123,8 @@ class MLAAttention:
     @staticmethod
     def _per_head(mats, x: np.ndarray) -> np.ndarray:
         """x [T, H, K] → [T, H, rows]: head h through its own matrix (ggml's batched
-        mul_mat over heads). A few tokens (decode): every head in one call; more: one
-        tiled product per head, each worth its call."""
+        mul_mat over heads). One token: every head in one call; more: one tiled product
+        per head."""
         raw, qt = mats
         if x.shape[0] <= HEADS_IN_ONE_CALL:
             return heads_matmul(raw, qt, x)

@@ -206,8 +206,8 @@ class Transformer:
     def warmup(self) -> float:
         """Bring every kernel the forward pass uses up now (numba compiles it on a first
         run, later loads it from its cache), so that the first token does not pay for
-        it: a 3-token prefill (past the per-token products that cover up to 2 tokens,
-        so the tiled ones come up too) and one decode step on a scratch KV cache. Experts are
+        it: a 3-token prefill (the tiled products) and one decode step on a scratch KV
+        cache. Experts are
         zero-filled stand-ins of the right shapes and types: reading the real ones
         would pull expert pages into memory that an expert cache budget must bound.
         Returns the seconds it took."""
@@ -317,7 +317,7 @@ class Transformer:
             if blk.ffn_gate_inp_shexp is None:  # ungated
                 out += shared
             else:
-                scale = 1.0 / (1.0 + np.exp(-(h @ blk.ffn_gate_inp_shexp)))
+                scale = 1.0 / (1.0 + np.exp(-pk.row_dots(h, blk.ffn_gate_inp_shexp)))
                 out += shared * scale[:, None].astype(np.float32)
         return out
 

@@ -771,8 +771,9 @@ def test_sink_attention_kernel_matches_numpy_reference(pos, window):
                          ids=lambda t: t.name)
 def test_heads_matmul_is_each_heads_rounded_product(qt):
     """kernels.heads.heads_matmul (deepseek2's per-head k_b / v_b products in one call) =
-    each head's round_activations(x) @ dequantize(w).T; for the float-path types the
-    same bits as qmatmul head by head, since both decode the row and take the same dot."""
+    each head's round_activations(x) @ dequantize(w).T; for the float-path types and one
+    token (deepseek2's decode) the same bits as qmatmul head by head, since both decode
+    the row and take the same dot (two tokens or more go through the tiled product)."""
     from efedge.kernels.heads import heads_matmul
 
     rng = np.random.default_rng(400 + int(qt))
@@ -787,7 +788,8 @@ def test_heads_matmul_is_each_heads_rounded_product(qt):
         w64 = gq.dequantize(raw[hh], qt).astype(np.float64)
         check_close(got[:, hh], w64, round_activations(x[:, hh], int(qt)).astype(np.float64))
         if int(qt) == Q.Q5_0:
-            assert same_bits(got[:, hh], qmatmul(readonly(raw[hh]), int(qt), x[:, hh]))
+            one = heads_matmul(readonly(raw), int(qt), x[:1])
+            assert same_bits(one[:, hh], qmatmul(readonly(raw[hh]), int(qt), x[:1, hh]))
     with pytest.raises(ValueError, match=r"x must be \[T, 3, "):
         heads_matmul(raw, int(qt), x[:, :2])
     with pytest.raises(ValueError, match="raw must be"):

@@ -83,9 +83,12 @@ _FUSED_MATVEC = {
 if _simd_f16.AVAILABLE:  # F16 rows converted 8 at a time (F16C), not one half at a time
     _FUSED_MATVEC[int(_Q.F16)] = (_lg.matvec_f16_rows, np.uint8)
 
-# matmul with at most this many tokens runs the fused matvec once per token: reading the
-# quantized rows T times is cheaper than decoding them to float32 once.
-_FUSED_MAX_TOKENS = 2
+# matmul of one token runs the fused matvec: reading the quantized rows once is cheaper
+# than decoding them to float32 first. Two tokens or more go through the tiled product,
+# whose result for a token does not depend on how many share the call (two tokens were
+# two matvecs until 2026-11-30: a prompt's last two tokens then came out ~1e-6 off their
+# rows in a longer batch, and a reused prompt prefix changed greedy text at near-ties).
+_FUSED_MAX_TOKENS = 1
 _TILE_BYTES = 256 * 1024  # float32 bytes of decoded weights one matmul task keeps in L2
 
 

@@ -161,20 +161,48 @@ def _gemm_tile(buf, nr, x, out, r0):
     """out[t, r0 + i] = dot(buf[i], x[t]) for rows i < nr and every token t.
 
     Register tiles of 4 rows x 4 tokens; the tile's rows stay in L2 while x streams.
+    Every (row, token) pair goes through the same 4 x 4 kernel, the last rows and tokens
+    padded with zeros, so its value does not depend on how many rows or tokens share
+    the call (a prompt's logits do not depend on how it was split into batches).
     """
-    n_tok = x.shape[0]
+    n_tok, n = x.shape
     nr4 = nr // 4 * 4
     t = 0
     while t + 4 <= n_tok:
         for i in range(0, nr4, 4):
             _gemm_4x4(buf, i, x, t, out, r0)
         t += 4
-    for tt in range(t, n_tok):
+    rem_t = n_tok - t
+    rem_r = nr - nr4
+    if rem_t == 0 and rem_r == 0:
+        return
+    xp = np.zeros((4, n), np.float32)
+    op = np.empty((4, 4), np.float32)
+    if rem_r:  # the last rows, padded, against every full group of 4 tokens
+        bp = np.zeros((4, n), np.float32)
+        for i in range(rem_r):
+            bp[i] = buf[nr4 + i]
+        for t4 in range(0, t, 4):
+            for a in range(4):
+                xp[a] = x[t4 + a]
+            _gemm_4x4(bp, 0, xp, 0, op, 0)
+            for a in range(4):
+                for i in range(rem_r):
+                    out[t4 + a, r0 + nr4 + i] = op[a, i]
+    if rem_t:
+        xp[:] = 0.0
+        for a in range(rem_t):
+            xp[a] = x[t + a]
         for i in range(0, nr4, 4):
-            _gemm_4x1(buf, i, x, tt, out, r0)
-    for i in range(nr4, nr):  # leftover rows
-        for tt in range(n_tok):
-            out[tt, r0 + i] = dot(buf[i], x[tt])
+            _gemm_4x4(buf, i, xp, 0, op, -i)
+            for a in range(rem_t):
+                for b in range(4):
+                    out[t + a, r0 + i + b] = op[a, b]
+        if rem_r:
+            _gemm_4x4(bp, 0, xp, 0, op, 0)
+            for a in range(rem_t):
+                for i in range(rem_r):
+                    out[t + a, r0 + nr4 + i] = op[a, i]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=False)

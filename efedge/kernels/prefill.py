@@ -253,6 +253,16 @@ def matmul_q8(qt, w, xq, xd, xs, out, tile):
         _calls.gemm_rows(qt, w, r0, min(rows, r0 + tile), xq, xdb, xsum, out)
 
 
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def row_dots(x, v):
+    """[T] = x [T, n] · v [n], every row by the same dot: its value does not depend on T
+    (numpy's product of a matrix and a vector may block the rows differently by T)."""
+    out = np.empty(x.shape[0], np.float32)
+    for t in range(x.shape[0]):
+        out[t] = dot(x[t], v)
+    return out
+
+
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
 def rms_norm_rows(x, w, eps, out):
     for t in prange(x.shape[0]):
