@@ -54,7 +54,7 @@ class Session:
         # on the batch, so the logits equal those of the whole prompt evaluated afresh;
         # one token alone takes the decode kernels, which sum in another order (~1e-4
         # apart: enough to flip a greedy choice at a near-tie when a prompt is repeated)
-        limit = min(len(self.tokens), len(prompt) - 2 if len(prompt) > 1 else 0)
+        limit = min(len(self.tokens), max(len(prompt) - 2, 0))
         while n < limit and self.tokens[n] == prompt[n]:
             n += 1
         self.kv.truncate(n)

@@ -207,10 +207,9 @@ class Transformer:
         """Bring every kernel the forward pass uses up now (numba compiles it on a first
         run, later loads it from its cache), so that the first token does not pay for
         it: a 3-token prefill (the tiled products) and one decode step on a scratch KV
-        cache. Experts are
-        zero-filled stand-ins of the right shapes and types: reading the real ones
-        would pull expert pages into memory that an expert cache budget must bound.
-        Returns the seconds it took."""
+        cache. Experts are zero-filled stand-ins of the right shapes and types: reading
+        the real ones would pull expert pages into memory that an expert cache budget
+        must bound. Returns the seconds it took."""
         t0 = time.perf_counter()
         kv = self.new_kv_cache(4)
         experts = _StandInExperts(self.store) if self.store is not None else None

@@ -142,20 +142,6 @@ def _gemm_4x4(buf, i, x, t, out, r0):
     out[t + 3, c], out[t + 3, c + 1], out[t + 3, c + 2], out[t + 3, c + 3] = a30, a31, a32, a33
 
 
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _gemm_4x1(buf, i, x, t, out, r0):
-    """out[t, r0+i : r0+i+4] from rows buf[i:i+4] and token x[t]."""
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    for j in range(x.shape[1]):
-        xv = x[t, j]
-        a0 += buf[i, j] * xv
-        a1 += buf[i + 1, j] * xv
-        a2 += buf[i + 2, j] * xv
-        a3 += buf[i + 3, j] * xv
-    c = r0 + i
-    out[t, c], out[t, c + 1], out[t, c + 2], out[t, c + 3] = a0, a1, a2, a3
-
-
 @njit(cache=True, nogil=True, fastmath=False)
 def _gemm_tile(buf, nr, x, out, r0):
     """out[t, r0 + i] = dot(buf[i], x[t]) for rows i < nr and every token t.
@@ -166,43 +152,32 @@ def _gemm_tile(buf, nr, x, out, r0):
     the call (a prompt's logits do not depend on how it was split into batches).
     """
     n_tok, n = x.shape
-    nr4 = nr // 4 * 4
-    t = 0
-    while t + 4 <= n_tok:
+    nr4, nt4 = nr // 4 * 4, n_tok // 4 * 4
+    for t in range(0, nt4, 4):
         for i in range(0, nr4, 4):
             _gemm_4x4(buf, i, x, t, out, r0)
-        t += 4
-    rem_t = n_tok - t
-    rem_r = nr - nr4
-    if rem_t == 0 and rem_r == 0:
+    if nt4 == n_tok and nr4 == nr:
         return
+    # the blocks at the edges: their tokens (xp) and rows (bp) padded with zeros, into op
     xp = np.zeros((4, n), np.float32)
+    bp = np.zeros((4, n), np.float32)
     op = np.empty((4, 4), np.float32)
-    if rem_r:  # the last rows, padded, against every full group of 4 tokens
-        bp = np.zeros((4, n), np.float32)
-        for i in range(rem_r):
-            bp[i] = buf[nr4 + i]
-        for t4 in range(0, t, 4):
-            for a in range(4):
-                xp[a] = x[t4 + a]
-            _gemm_4x4(bp, 0, xp, 0, op, 0)
-            for a in range(4):
-                for i in range(rem_r):
-                    out[t4 + a, r0 + nr4 + i] = op[a, i]
-    if rem_t:
-        xp[:] = 0.0
-        for a in range(rem_t):
-            xp[a] = x[t + a]
-        for i in range(0, nr4, 4):
-            _gemm_4x4(buf, i, xp, 0, op, -i)
-            for a in range(rem_t):
-                for b in range(4):
-                    out[t + a, r0 + i + b] = op[a, b]
-        if rem_r:
-            _gemm_4x4(bp, 0, xp, 0, op, 0)
-            for a in range(rem_t):
-                for i in range(rem_r):
-                    out[t + a, r0 + nr4 + i] = op[a, i]
+    for i in range(nr - nr4):
+        bp[i] = buf[nr4 + i]
+    for t in range(0, n_tok, 4):
+        nt = min(4, n_tok - t)
+        first = 0 if nt < 4 else nr4  # a full group of tokens: only its last rows are left
+        if first >= nr:
+            continue
+        xp[:nt] = x[t:t + nt]
+        xp[nt:] = 0.0
+        for i in range(first, nr, 4):
+            ni = min(4, nr - i)
+            if ni == 4:  # (r0 = -i: the block's columns land in op's 0..3)
+                _gemm_4x4(buf, i, xp, 0, op, -i)
+            else:
+                _gemm_4x4(bp, 0, xp, 0, op, 0)
+            out[t:t + nt, r0 + i:r0 + i + ni] = op[:nt, :ni]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=False)
