@@ -122,7 +122,10 @@ class FileReads:
         self.drop_pages = drop_pages
         self._sweep_spans = store.expert_spans() if drop_pages and hasattr(
             os, "posix_fadvise") else None
-        self._drops = 0  # dropping reads since the last sweep (a hint: read unlocked)
+        self._drops = 0  # dropping reads since the last sweep
+        # (counted under a lock: workers counting at once could both reach SWEEP_EVERY and
+        # both sweep, or lose a count)
+        self._drops_lock = threading.Lock()
         # one descriptor per file: a split GGUF's shards (store.paths; store.shard says
         # which holds each layer's part), else the one file
         shards = list(getattr(store, "paths", None) or [])
@@ -246,9 +249,12 @@ class FileReads:
                 return int(nbytes.sum())
             self._direct_failed()
         if drop_pages and self._sweep_spans is not None:
-            self._drops += 1
-            if self._drops >= SWEEP_EVERY:
-                self._drops = 0
+            with self._drops_lock:
+                self._drops += 1
+                sweep = self._drops >= SWEEP_EVERY
+                if sweep:
+                    self._drops = 0
+            if sweep:
                 self._sweep_pages()
         if pfd[0] == pfd[1] == pfd[2] and self._kernel_reads() and file_read.read_expert(
                 pfd[0], parts, self.store.offsets[layer, expert], nbytes, self._page,
