@@ -25,12 +25,14 @@ from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
 from efedge.gguf_file import GGUFFile
+from efedge.logprobs import TokenLogprob, check_top, sequence_logprobs
 from efedge.model import Transformer
 from efedge.sampling import Sampler, SamplingParams
 from efedge.tokenizer import Tokenizer
 
 log = logging.getLogger("efedge")
 DEFAULT_CTX = 4096
+PROMPT_CHUNK = 256  # prompt_logprobs: tokens per forward call (logits memory: × n_vocab)
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                  "repeat_last_n", "seed", "frequency_penalty", "presence_penalty")
 
@@ -310,6 +312,40 @@ class Model:
             fwd = self._forward if self._compute is None else self._forward_in_turn
             return fwd(ids, 0, self._session.kv, all_logits=True)
 
+    def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0) -> list[TokenLogprob]:
+        """Each token's log probability after the tokens before it, for a fresh sequence
+        from position 0: len(ids) - 1 entries (the first token has none), each with its
+        top_n alternatives (0–20). The logits are taken PROMPT_CHUNK tokens at a time,
+        so memory does not grow with len(ids) × n_vocab; the cache keeps the sequence,
+        and a generation from the same ids reuses it."""
+        top_n = check_top(top_n, "top_n")
+        ids = self._token_ids(ids)
+        if not ids:
+            raise ArgumentError("prompt_logprobs() needs at least one token id")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
+                                     "(raise n_ctx, or pass fewer)")
+        out: list[TokenLogprob] = []
+        with self._lock:
+            self._check_open()
+            self._wait_idle("prompt_logprobs()")
+            session = self._session
+            session.reset()
+            fwd = self._forward if self._compute is None else self._forward_in_turn
+            start = 0
+            while start < len(ids):
+                # (a batch's rows do not depend on its size: the same bits as the whole
+                # sequence at once. A last chunk of one token takes the decode kernels,
+                # but its row, the last token's, predicts nothing asked for here)
+                end = min(start + PROMPT_CHUNK, len(ids))
+                logits = fwd(ids[start:end], start, session.kv, all_logits=True)
+                # row i predicts token start + i + 1; the chunk's last row, the next
+                # chunk's first token
+                out += sequence_logprobs(logits, ids[start:end + 1], top_n)
+                session.tokens = ids[:end]
+                start = end
+        return out
+
     def _token_ids(self, ids, check_range: bool = True) -> list[int]:
         """Validated token ids: integers inside the vocabulary, named when not."""
         if not isinstance(ids, list | tuple | np.ndarray):
@@ -351,13 +387,14 @@ class Model:
 
     def _stream_ids(self, ids: list[int], max_tokens: int, stop, sampling: dict,
                     result: GenerationResult | None,
-                    cancel: threading.Event | None) -> Iterator[str]:
+                    cancel: threading.Event | None, logprobs=None) -> Iterator[str]:
         """Validate now (errors surface at call time, not at the first next()), then
         return the generator. The cancel event is registered now too, so a cancel()
         between the call and the first token is not lost."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         sampler = Sampler(self._params(sampling))
+        logprobs = check_top(logprobs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s_, str) for s_ in stops):
             raise TypeError("stop must be a string or a list of strings")
@@ -366,7 +403,7 @@ class Model:
         ev = cancel if cancel is not None else threading.Event()
         with self._cancel_lock:
             self._active_cancels.add(ev)
-        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev)
+        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev, logprobs)
         # a generator dropped before its first next() never runs its finally: forget its
         # event when it is collected, or each such call stays registered for good (the
         # set only grew in an app that builds streams it may not consume). set.discard is
@@ -374,7 +411,8 @@ class Model:
         weakref.finalize(gen, self._active_cancels.discard, ev)
         return gen
 
-    def _generate_text(self, ids, max_tokens, stops, sampler, result, ev) -> Iterator[str]:
+    def _generate_text(self, ids, max_tokens, stops, sampler, result, ev,
+                       logprobs=None) -> Iterator[str]:
         try:
             with self._lock:
                 self._check_open()
@@ -382,14 +420,21 @@ class Model:
                 self._owner = threading.current_thread()
                 self._owned_by = token = object()  # this generation's claim
                 session = self._session
+            sent = 0  # characters handed to the caller
+            filt = StopStringFilter(stops)
             try:
                 self.last_result = result
                 decoder = self.tokenizer.stream_decoder()
-                filt = StopStringFilter(stops)
+                made = 0  # characters the decoder made: where the next token's text starts
                 for tok in generate_tokens(session, ids, sampler, max_tokens=max_tokens,
                                            eog=self.tokenizer.eog_ids, cancel=ev,
-                                           result=result):
-                    text = filt.push(decoder.push(tok))
+                                           result=result, logprobs=logprobs):
+                    piece = decoder.push(tok)
+                    if logprobs is not None:
+                        result.logprobs[-1].offset = made
+                    made += len(piece)
+                    text = filt.push(piece)
+                    sent += len(text)
                     if text:
                         yield from self._pause(token, text)
                         if self._closed or self._owned_by is not token:
@@ -402,9 +447,15 @@ class Model:
                         return
                 tail = filt.push(decoder.flush())
                 tail += filt.flush()
+                sent += len(tail)
                 if tail:
                     yield from self._pause(token, tail)
             finally:
+                if result.logprobs is not None and (filt.stopped or
+                                                    result.finish_reason == "cancelled"):
+                    # only the tokens whose text was handed out: not those of the stop
+                    # string, nor those whose text a cancel left unsent
+                    result.logprobs = [e for e in result.logprobs if e.offset < sent]
                 self._release(token)
         finally:
             with self._cancel_lock:
@@ -428,19 +479,25 @@ class Model:
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                result: GenerationResult | None = None,
-               cancel: threading.Event | None = None, **sampling) -> Iterator[str]:
+               cancel: threading.Event | None = None, logprobs: int | None = None,
+               **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (never half a UTF-8 character).
 
         `result` (a GenerationResult) receives the token ids and the finish reason
-        ("stop", "length" or "cancelled"); `cancel` is an Event that stops this call
-        only (Model.cancel() stops every call in progress)."""
+        ("stop", "length" or "cancelled"), and with `logprobs=N` (0–20) each generated
+        token's log probability under the model (log-softmax of its logits, before any
+        sampling setting) with its N most probable alternatives (efedge.logprobs); `cancel`
+        is an Event that stops this call only (Model.cancel() stops every call in
+        progress)."""
         ids = self._prompt_ids(prompt)
-        return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel)
+        return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs)
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
+                 result: GenerationResult | None = None, logprobs: int | None = None,
                  **sampling) -> str:
-        """Generated text (without the prompt)."""
-        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling))
+        """Generated text (without the prompt); `result` and `logprobs` as for stream()."""
+        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, result=result,
+                                   logprobs=logprobs, **sampling))
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
@@ -475,10 +532,12 @@ class Model:
 
     def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
              stop=None, result: GenerationResult | None = None,
-             cancel: threading.Event | None = None, **sampling) -> str | Iterator[str]:
-        """Reply to a conversation ([{"role": ..., "content": ...}, ...])."""
+             cancel: threading.Event | None = None, logprobs: int | None = None,
+             **sampling) -> str | Iterator[str]:
+        """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result` and
+        `logprobs` as for stream()."""
         ids = self._prompt_ids(self.chat_prompt(messages))
-        it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel)
+        it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs)
         return it if stream else "".join(it)
 
     def cancel(self) -> None:

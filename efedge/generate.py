@@ -13,6 +13,7 @@ import numpy as np
 
 from efedge.experts.stats import Counters
 from efedge.kv_cache import KVCache
+from efedge.logprobs import TokenLogprob, token_logprob
 from efedge.sampling import Sampler
 
 
@@ -20,6 +21,9 @@ from efedge.sampling import Sampler
 class GenerationResult:
     tokens: list[int]
     finish_reason: str  # "stop" (EOG token or stop string), "length", "cancelled"
+    # with logprobs=N: one entry per generated token whose text the caller received
+    # (tokens of a stop string that cut the text are left out), else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Session:
@@ -77,10 +81,14 @@ class Session:
 def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *,
                     max_tokens: int, eog: frozenset[int],
                     cancel: threading.Event | None = None,
-                    result: GenerationResult | None = None) -> Iterator[int]:
+                    result: GenerationResult | None = None,
+                    logprobs: int | None = None) -> Iterator[int]:
     """Yield generated token ids. An EOG token ends generation and is not yielded.
-    `result` (if given) receives the tokens and the finish reason."""
+    `result` (if given) receives the tokens and the finish reason; with `logprobs` (the
+    number of alternatives, 0 for none) also each yielded token's log probability,
+    appended before the token is yielded."""
     result = result if result is not None else GenerationResult([], "length")
+    result.logprobs = [] if logprobs is not None else None
     history = list(prompt)
     logits = session.prefill(prompt)
     n_ctx = session.kv.n_ctx
@@ -94,6 +102,8 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
             return
         history.append(tok)
         result.tokens.append(tok)
+        if logprobs is not None:  # (the sampler does not change the logits it is given)
+            result.logprobs.append(token_logprob(logits, tok, logprobs))
         yield tok
         if len(history) >= n_ctx:  # prompt + output fill the context (llama.cpp's limit)
             result.finish_reason = "length"

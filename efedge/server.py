@@ -51,6 +51,7 @@ from efedge import __version__
 from efedge.api import Model
 from efedge.errors import ContextLengthError, EfedgeError, SamplingError, TemplateError
 from efedge.server_body import read_body, read_json
+from efedge.server_logprobs import as_chat, as_completion
 from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
 
@@ -290,6 +291,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, job: Job, chat: bool) -> None:
         parts: list[str] = []
+        recs: list[dict] = []
         while True:
             ev = self._next_event(job)
             if ev[0] == "error":
@@ -297,18 +299,22 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if ev[0] == "start":
                 parts.append(ev[2])  # the echoed prompt, or ""
+                recs += ev[3] or []
             elif ev[0] == "text":
                 parts.append(ev[1])
+                recs += ev[2] or []
             elif ev[0] == "done":
+                recs += ev[3] or []
                 break
-        _, usage, finish = ev
+        _, usage, finish, _ = ev
         text = "".join(parts)
+        lp = _logprobs(recs, chat) if job.req.logprobs is not None else None
         resp = self.server.envelope(chat, stream=False)
         if chat:
             resp["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish}]
+                                "logprobs": lp, "finish_reason": finish}]
         else:
-            resp["choices"] = [{"index": 0, "text": text, "logprobs": None,
+            resp["choices"] = [{"index": 0, "text": text, "logprobs": lp,
                                 "finish_reason": finish}]
         resp["usage"] = usage
         self._send_json(200, resp)
@@ -332,13 +338,16 @@ class Handler(BaseHTTPRequestHandler):
         base = self.server.envelope(chat, stream=True)
         usage_wanted = job.req.include_usage
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(delta: str | None, finish: str | None, first: bool = False,
+                  recs: list[dict] | None = None) -> dict:
+            # a chunk's logprobs: its tokens' (null when the request asked for none)
+            lp = None if recs is None else _logprobs(recs, chat)
             if chat:
                 d = {"role": "assistant", "content": ""} if first else (
                     {} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None,
+                choice = {"index": 0, "text": delta or "", "logprobs": lp,
                           "finish_reason": finish}
             out = dict(base, choices=[choice])
             if usage_wanted:
@@ -347,22 +356,26 @@ class Handler(BaseHTTPRequestHandler):
 
         if chat:
             self._event(chunk(None, None, first=True))
-        elif ev[2]:  # echo: the prompt's text comes first
-            self._event(chunk(ev[2], None))
+        elif ev[2] or ev[3]:  # echo: the prompt's text (and logprobs) come first
+            self._event(chunk(ev[2], None, recs=ev[3]))
         while True:
             ev = self._next_event(job)
             if ev[0] == "text":
-                self._event(chunk(ev[1], None))
+                self._event(chunk(ev[1], None, recs=ev[2]))
             elif ev[0] == "error":
                 self._event(_error_of(ev[1]).body())
                 return
             elif ev[0] == "done":
                 break
-        _, usage, finish = ev
-        self._event(chunk(None, finish))
+        _, usage, finish, rest = ev
+        self._event(chunk(None, finish, recs=rest))
         if usage_wanted:
             self._event(dict(base, choices=[], usage=usage))
         self._event("[DONE]")
+
+
+def _logprobs(recs: list[dict], chat: bool) -> dict:
+    return as_chat(recs) if chat else as_completion(recs)
 
 
 class EfedgeServer(ThreadingHTTPServer):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from efedge.errors import SamplingError
+from efedge.logprobs import MAX_TOP_LOGPROBS
 from efedge.sampling import SamplingParams
 
 
@@ -38,6 +39,7 @@ class GenRequest:
     stream: bool
     include_usage: bool
     echo: bool
+    logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: off
 
 
 _MISSING = object()
@@ -145,10 +147,10 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
     # OpenAI's newer "developer" role is what chat templates call "system"
     messages = [dict(msg, role="system") if msg["role"] == "developer" else msg
                 for msg in messages]
-    if _field(body, "logprobs", (bool, int)):
-        raise APIError(400, "logprobs are not supported", "unsupported", param="logprobs")
-    if _field(body, "top_logprobs", int):
-        raise APIError(400, "top_logprobs are not supported", "unsupported",
+    want = _field(body, "logprobs", bool, False)
+    top = _top_count(body, "top_logprobs")
+    if top and not want:  # as OpenAI: alternatives come with the tokens' own logprobs
+        raise APIError(400, "top_logprobs needs \"logprobs\": true", "invalid_value",
                        param="top_logprobs")
     for name in ("tools", "functions"):  # "functions": the deprecated form of tools
         if body.get(name):
@@ -162,7 +164,8 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
     if fmt.get("type", "text") != "text":
         raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
                        "unsupported", param="response_format")
-    return GenRequest(messages=messages, prompt=None, echo=False, **kw)
+    return GenRequest(messages=messages, prompt=None, echo=False,
+                      logprobs=(top or 0) if want else None, **kw)
 
 
 def parse_completion(body: Any, defaults: dict) -> GenRequest:
@@ -182,11 +185,19 @@ def parse_completion(body: Any, defaults: dict) -> GenRequest:
                        "invalid_type", param="prompt")
     if body.get("suffix"):
         raise APIError(400, "'suffix' is not supported", "unsupported", param="suffix")
-    # an integer asks for log probabilities, 0 too (those of the chosen tokens)
-    if (logprobs := _field(body, "logprobs", (bool, int))) is not None \
-            and logprobs is not False:
-        raise APIError(400, "logprobs are not supported", "unsupported", param="logprobs")
+    # an integer asks for log probabilities, 0 too (those of the chosen tokens alone)
+    logprobs = None if body.get("logprobs") is False else _top_count(body, "logprobs")
     if _field(body, "best_of", int, 1) != 1:
         raise APIError(400, "only best_of=1 is supported", "unsupported", param="best_of")
     echo = _field(body, "echo", bool, False)
-    return GenRequest(messages=None, prompt=prompt, echo=echo, **kw)
+    return GenRequest(messages=None, prompt=prompt, echo=echo, logprobs=logprobs, **kw)
+
+
+def _top_count(body: dict, name: str) -> int | None:
+    """How many alternatives per token a logprobs field asks for: 0–MAX_TOP_LOGPROBS
+    (OpenAI allows 5 for completions and 20 for chat; llama.cpp more: we take 20 on both)."""
+    n = _field(body, name, int)
+    if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {n}",
+                       "invalid_value", param=name)
+    return n

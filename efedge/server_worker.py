@@ -1,8 +1,12 @@
 """The server's model thread: every generation runs on one thread that owns the model,
 in arrival order, while the HTTP threads wait for its events (efedge/server.py).
 
-A request is a `Job`: the worker puts ("start", n_prompt, echo_text), ("text", piece)
-…, then ("done", usage, finish_reason) or ("error", exception) on its queue. A job whose
+A request is a `Job`: the worker puts ("start", n_prompt, echo_text, prompt_logprobs),
+("text", piece, logprobs) …, then ("done", usage, finish_reason, logprobs) or ("error",
+exception) on its queue. The logprobs are efedge.server_logprobs records (None when the
+request asked for none): the echoed prompt's tokens, then those generated tokens whose
+text has been sent (a token's record goes with the piece its text starts in; what is
+left, with "done"). A job whose
 client left is skipped, or its generation cancelled; `stop()` cancels the generation in
 progress and answers every waiting request 503 `server_shutting_down`.
 """
@@ -16,6 +20,7 @@ import threading
 from efedge.api import Model
 from efedge.errors import EfedgeError
 from efedge.generate import GenerationResult
+from efedge.server_logprobs import prompt_records, records
 from efedge.server_requests import APIError, GenRequest
 
 log = logging.getLogger("efedge.server")
@@ -30,7 +35,8 @@ def _shutting_down() -> APIError:
 class Job:
     def __init__(self, req: GenRequest):
         self.req = req
-        # ("start", n_prompt, echo_text) ("text", s) ("done", usage, finish) ("error", exc)
+        # ("start", n_prompt, echo_text, recs) ("text", s, recs) ("done", usage, finish,
+        # recs) ("error", exc): see the module docstring
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
@@ -134,26 +140,47 @@ class ModelWorker:
             if self._stopping:  # the client still waits for an answer
                 raise _shutting_down()
             return  # the client is gone: nobody reads the events
+        lp, tok = req.logprobs, m.tokenizer
+        prompt_recs = None
+        if req.echo and lp is not None:  # the prompt's own log probabilities first (its
+            # evaluation stays in the cache: the generation below reuses it)
+            prompt_recs = prompt_records(tok, ids, m.prompt_logprobs(ids, lp),
+                                         skip_special=isinstance(req.prompt, str))
         started = False
         # the model fills in how the generation really ended ("stop", "length" or
         # "cancelled"); it keeps "cancelled" when we stop reading early (below)
         result = GenerationResult([], "cancelled")
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
-                      **req.sampling)
+                      logprobs=lp, **req.sampling)
+        sent = released = 0  # characters sent; generated tokens whose records went
+
+        def release() -> list[dict] | None:
+            """The records of the tokens whose text starts in what has been sent."""
+            nonlocal released
+            if lp is None:
+                return None
+            entries, first = result.logprobs, released
+            while released < len(entries) and entries[released].offset < sent:
+                released += 1
+            return records(tok, entries[first:released], len(echo))
+
         try:
             for piece in it:
                 if not started:
-                    job.events.put(("start", n_prompt, echo))
+                    job.events.put(("start", n_prompt, echo, prompt_recs))
                     started = True
                 if job.cancelled.is_set():
                     break
-                job.events.put(("text", piece))
+                sent += len(piece)
+                job.events.put(("text", piece, release()))
         finally:
             it.close()
         if not started:
-            job.events.put(("start", n_prompt, echo))
+            job.events.put(("start", n_prompt, echo, prompt_recs))
         n_gen, job.finish = len(result.tokens), result.finish_reason
         if job.finish == "cancelled":
             self.n_cancelled += 1
+        # what is left: the model has dropped the records of a stop string's tokens
+        rest = None if lp is None else records(tok, result.logprobs[released:], len(echo))
         job.events.put(("done", {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                                 "total_tokens": n_prompt + n_gen}, job.finish))
+                                 "total_tokens": n_prompt + n_gen}, job.finish, rest))

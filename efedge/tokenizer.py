@@ -448,6 +448,16 @@ class Tokenizer:
         """
         return b"".join(self._iter_bytes(ids, skip_special)).decode("utf-8", errors="replace")
 
+    def token_offsets(self, ids: Iterable[int], skip_special: bool = False) -> list[int]:
+        """Where each token's text starts in decode(ids, skip_special), in characters (a
+        token inside a UTF-8 character starts where that character does)."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out, made = [], 0
+        for b in self._iter_bytes(ids, skip_special):
+            out.append(made)
+            made += len(utf8.decode(b))
+        return out
+
     def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
         """An incremental decoder for generated tokens (see StreamDecoder)."""
         return StreamDecoder(self, skip_special)

@@ -230,10 +230,11 @@ def test_stream_never_yields_partial_utf8(m, monkeypatch):
     assert len(ids) > len(text.encode("utf-8")) // 4  # the tiny vocab splits these
     real = api.generate_tokens
 
-    def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None):
+    def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
+             logprobs=None):
         # run the real prefill path for one token, then replay the fixed ids
         for _ in real(session, prompt, sampler, max_tokens=0, eog=eog, cancel=cancel,
-                      result=result):
+                      result=result, logprobs=logprobs):
             pass
         yield from ids[:max_tokens]
 

@@ -173,8 +173,11 @@ def test_completion_and_stream_and_stop(server, model):
     ("/v1/chat/completions", {"messages": HI, "tool_choice": "required"}, 400, "unsupported"),
     ("/v1/chat/completions", {"messages": HI, "functions": [{"name": "f"}]}, 400,
      "unsupported"),
-    ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, 400, "unsupported"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 0}, 400, "unsupported"),
+    ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400,
+     "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "invalid_type"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "unsupported"),
     ("/v1/completions", {"prompt": "x", "top_k": -3}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -7}, 400, "invalid_value"),
@@ -201,7 +204,7 @@ def test_openai_ranges_and_error_params(server, model):
     assert status == 200, body
     for field, value in [("temperature", 2.01), ("temperature", -1), ("top_p", -0.1),
                          ("top_p", 1.01), ("top_k", -1), ("frequency_penalty", -2.5),
-                         ("logprobs", True),
+                         ("logprobs", 1), ("top_logprobs", -1),
                          ("tool_choice", {"type": "function", "function": {"name": "f"}})]:
         status, body = call(server, "/v1/chat/completions", dict(greedy, **{field: value}))
         assert_error(status, body, 400)
@@ -210,10 +213,12 @@ def test_openai_ranges_and_error_params(server, model):
                         b'"content": "Hi"}], "temperature": NaN}')  # Python's json reads NaN
     assert_error(status, body, 400)
     assert body["error"]["param"] == "temperature", body
-    for field, value in [("logprobs", 0), ("best_of", 3)]:
-        status, body = call(server, "/v1/completions", {"prompt": "x", field: value})
-        assert_error(status, body, 400, "unsupported")
-        assert body["error"]["param"] == field, body
+    status, body = call(server, "/v1/completions", {"prompt": "x", "best_of": 3})
+    assert_error(status, body, 400, "unsupported")
+    assert body["error"]["param"] == "best_of", body
+    status, body = call(server, "/v1/completions", {"prompt": "x", "logprobs": -1})
+    assert_error(status, body, 400, "invalid_value")
+    assert body["error"]["param"] == "logprobs", body
     # "none" / "auto" tool choices, empty tools and logprobs false ask for nothing extra
     status, body = call(server, "/v1/chat/completions", dict(
         greedy, tools=[], tool_choice="none", function_call="auto", logprobs=False,
