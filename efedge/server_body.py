@@ -88,3 +88,5 @@ def read_json(rfile, headers, limit: int) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:  # "[[[[…" a few thousand deep fits in any body limit
+        raise APIError(400, "the body's JSON is nested too deeply", "invalid_json") from None

@@ -246,6 +246,10 @@ def test_bad_json_big_body_routes_and_context(server, model):
     assert_error(*call(server, "/v1/chat/completions", raw=b'{"messages": [}'), 400,
                  "invalid_json")
     assert_error(*call(server, "/v1/completions", raw=b"\xff\xfe"), 400, "invalid_json")
+    # nesting deeper than the JSON parser's recursion limit, well within max_body: a 400
+    # (it was a RecursionError that closed the connection without any answer)
+    for deep in (b"[" * 5_000, b'{"prompt": ' + b'{"a": ' * 5_000):
+        assert_error(*call(server, "/v1/completions", raw=deep), 400, "invalid_json")
     big = json.dumps({"prompt": "x" * (server.max_body + 10)}).encode()
     assert_error(*call(server, "/v1/completions", raw=big), 413, "body_too_large")
     assert_error(*call(server, "/nowhere"), 404, "unknown_url")
