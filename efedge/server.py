@@ -284,7 +284,10 @@ class Handler(BaseHTTPRequestHandler):
                     self._stream(job, chat)
                 else:
                     self._complete(job, chat)
-        except (_ClientGone, BrokenPipeError, ConnectionResetError):
+        except (_ClientGone, OSError):
+            # OSError: a reset or broken pipe, and also the TimeoutError of a write to a
+            # client that stopped reading (Handler.timeout), which the standard library's
+            # handler would swallow with the job still generating for nobody
             self.server.worker.cancel(job)
             self.close_connection = True
             log.info("client went away: generation cancelled")

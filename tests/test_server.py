@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import efedge
-from efedge.server import make_server
+from efedge.server import Handler, make_server
 from efedge.server_requests import APIError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,6 +352,42 @@ def test_client_disconnect_cancels_non_streaming(server, model):
     assert status == 200, resp
     assert server.worker.n_cancelled == before + 1, "the abandoned generation ran to its end"
     assert model.stats()["tokens_generated"] < model.n_ctx - 50
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="accepted sockets inheriting the "
+                    "listener's SO_SNDBUF (no autotuning) is what fills the buffers")
+def test_a_client_that_stops_reading_cancels_its_stream(model, monkeypatch):
+    # a client that stays connected but stops reading (a suspended laptop, a frozen UI):
+    # once the send buffers are full the handler's write times out (Handler.timeout) with
+    # TimeoutError, which is neither a reset nor a broken pipe. The generation must be
+    # cancelled then, not left running to the end of the context for nobody
+    monkeypatch.setattr(Handler, "timeout", 0.5)
+    srv = make_server(model, "127.0.0.1", 0)
+    # small buffers both ends (accepted sockets inherit the listener's SO_SNDBUF, and a
+    # set size turns off Linux's autotuning), so a few events fill them
+    srv.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    model.reset_stats()
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect(srv.server_address[:2])
+        data = json.dumps({"prompt": "A long story", "max_tokens": 100_000, "stream": True,
+                           "temperature": 0}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                  + str(len(data)).encode() + b"\r\n\r\n" + data)
+        deadline = time.monotonic() + 60  # never read: wait for the worker to be free
+        while srv.worker._current is not None or model.stats()["tokens_generated"] == 0:
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            time.sleep(0.05)
+        assert srv.worker.n_cancelled == 1, "the unread generation ran to its end"
+        assert model.stats()["tokens_generated"] < model.n_ctx - 50
+    finally:
+        s.close()
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
 
 
 def test_shutdown_ends_a_stream_cancelled(model):
