@@ -107,6 +107,19 @@ class _ClientGone(Exception):
     pass
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has data, an end of stream or an error waiting (never blocks).
+    poll() where there is one: select() takes no descriptor numbered FD_SETSIZE (1024) or
+    above (ValueError), which a server with many connections, or one embedded in an app
+    with many files open, accepts. Windows has no poll(), and its select() takes any
+    socket."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"efedge/{__version__}"
@@ -205,9 +218,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _peer_closed(self) -> bool:
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            return _readable(self.connection) and \
+                self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
             return True
 
     def _next_event(self, job: Job) -> tuple:
