@@ -20,7 +20,13 @@ import numpy as np
 
 from efedge import demo, kernels
 from efedge.config import ModelConfig, config_from_gguf
-from efedge.errors import ArgumentError, ContextLengthError, EfedgeError, UnsupportedModelError
+from efedge.errors import (
+    ArgumentError,
+    ContextLengthError,
+    EfedgeError,
+    ModelClosedError,
+    UnsupportedModelError,
+)
 from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
@@ -258,7 +264,7 @@ class Model:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise EfedgeError("this model has been closed")
+            raise ModelClosedError("this model has been closed")
 
     def _wait_idle(self, what: str) -> None:
         """With the lock held: wait until no generation owns the session. Another
@@ -391,8 +397,10 @@ class Model:
         """Validate now (errors surface at call time, not at the first next()), then
         return the generator. The cancel event is registered now too, so a cancel()
         between the call and the first token is not lost."""
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        if not isinstance(max_tokens, int | np.integer) or isinstance(max_tokens, bool) \
+                or max_tokens < 0:
             raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        max_tokens = int(max_tokens)
         sampler = Sampler(self._params(sampling))
         logprobs = check_top(logprobs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -536,6 +544,8 @@ class Model:
              **sampling) -> str | Iterator[str]:
         """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result` and
         `logprobs` as for stream()."""
+        if isinstance(messages, list | tuple) and not messages:
+            raise ArgumentError("messages is empty: a conversation needs at least one message")
         ids = self._prompt_ids(self.chat_prompt(messages))
         it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs)
         return it if stream else "".join(it)

@@ -34,5 +34,10 @@ class TransferError(EfedgeError):
     """An expert could not be loaded from the model file."""
 
 
+class ModelClosedError(EfedgeError):
+    """The Model was closed (close() or the end of its with-block) before or during the
+    call."""
+
+
 class TemplateError(EfedgeError):
     """The chat template failed to render."""

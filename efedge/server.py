@@ -49,7 +49,16 @@ from typing import Any
 
 from efedge import __version__
 from efedge.api import Model
-from efedge.errors import ContextLengthError, EfedgeError, SamplingError, TemplateError
+from efedge.errors import (
+    CacheBudgetError,
+    ContextLengthError,
+    EfedgeError,
+    ModelClosedError,
+    ModelFormatError,
+    SamplingError,
+    TemplateError,
+    TransferError,
+)
 from efedge.server_body import read_body, read_json
 from efedge.server_logprobs import as_chat, as_completion
 from efedge.server_requests import APIError, parse_chat, parse_completion
@@ -84,6 +93,11 @@ def _error_of(exc: BaseException) -> APIError:
         return APIError(400, str(exc), "invalid_value")
     if isinstance(exc, TemplateError):
         return APIError(400, str(exc), "invalid_messages")
+    if isinstance(exc, ModelClosedError):  # an embedding app closed the model under us
+        return APIError(503, str(exc), "model_unavailable", type_="server_error")
+    if isinstance(exc, TransferError | CacheBudgetError | ModelFormatError):
+        # the model file or the machine failed this request, not the client
+        return APIError(500, str(exc), "model_error", type_="server_error")
     if isinstance(exc, EfedgeError | ValueError | TypeError):
         return APIError(400, str(exc), "invalid_request")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error",

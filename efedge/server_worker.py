@@ -127,6 +127,9 @@ class ModelWorker:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
                                     f"[0, {m.n_vocab})", "invalid_value", param="prompt")
         n_prompt = len(ids)
+        if not n_prompt:  # "" where the vocab adds no BOS: nothing to continue
+            raise APIError(400, "the prompt is empty (and the model adds no BOS token)",
+                           "invalid_value", param="prompt")
         if n_prompt >= m.n_ctx:
             raise APIError(400, f"the prompt has {n_prompt} tokens; the context holds "
                                 f"{m.n_ctx}", "context_length_exceeded",

@@ -80,6 +80,18 @@ def test_max_tokens(m):
     n3 = len(m.generate("hello", max_tokens=3, **GREEDY))
     n6 = len(m.generate("hello", max_tokens=6, **GREEDY))
     assert n3 <= n6
+    # a numpy integer (a count computed with numpy) is an integer too
+    assert len(m.generate("hello", max_tokens=np.int64(3), **GREEDY)) == n3
+    for bad in (-1, 2.0, True, np.float32(3)):
+        with pytest.raises(efedge.ArgumentError, match="max_tokens"):
+            m.generate("hello", max_tokens=bad)
+
+
+def test_chat_needs_a_message(m):
+    """An empty conversation is refused (as the server refuses empty messages), not
+    answered from a bare generation prompt."""
+    with pytest.raises(efedge.ArgumentError, match="messages is empty"):
+        m.chat([])
 
 
 def test_chat_stream_and_text_agree(m):

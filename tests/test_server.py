@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import efedge
+from efedge import server as server_mod
 from efedge.server import Handler, make_server
 from efedge.server_requests import APIError
 
@@ -240,6 +241,10 @@ def test_openai_ranges_and_error_params(server, model):
     status, body = call(server, "/v1/completions", raw=b"")
     assert_error(status, body, 400, "invalid_json")
     assert "empty" in body["error"]["message"]
+    if not model.tokenize(""):  # a vocab without BOS: an empty prompt is nothing to continue
+        status, body = call(server, "/v1/completions", {"prompt": ""})
+        assert_error(status, body, 400, "invalid_value")
+        assert body["error"]["param"] == "prompt"
 
 
 def test_bad_json_big_body_routes_and_context(server, model):
@@ -512,6 +517,33 @@ def test_broken_chat_template_is_the_servers_error(model_path):
             t.join(timeout=10)
 
 
+def test_a_closed_model_or_a_failed_load_is_the_servers_error(model_path):
+    """An app that closes the model under its running server: 503, not a 400 that blames
+    the request. An expert the file could not give, a cache too small: 500."""
+    m = efedge.load(model_path)
+    srv = make_server(m, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        status, _ = call(srv, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200
+        m.close()
+        for path, body in [("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": HI, "stream": True})]:
+            status, resp = call(srv, path, body)
+            assert_error(status, resp, 503, "model_unavailable")
+            assert resp["error"]["type"] == "server_error" and "closed" in \
+                resp["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
+    for exc in (efedge.TransferError("expert 3 of layer 1: read failed"),
+                efedge.CacheBudgetError("too small")):
+        err = server_mod._error_of(exc)
+        assert (err.status, err.type) == (500, "server_error"), exc
+
+
 def test_make_server_on_a_taken_port(model):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -544,8 +576,10 @@ def test_openai_client(server):
 
 
 # -- the command ------------------------------------------------------------------------------
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX")
-def test_efedge_serve_command(model_path):
+@pytest.mark.skipif(sys.platform == "win32", reason="signals to a child need POSIX")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_efedge_serve_command(model_path, sig):
+    """Ctrl-C and SIGTERM (docker stop, systemd) alike: a clean shutdown, exit status 0."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     p = subprocess.Popen([sys.executable, "-m", "efedge", "serve", str(model_path), "--port",
@@ -556,7 +590,7 @@ def test_efedge_serve_command(model_path):
         assert match, line
         with urllib.request.urlopen(match.group(0) + "/v1/models", timeout=60) as r:
             assert json.loads(r.read())["data"][0]["id"] == "tiny"
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         assert p.wait(timeout=20) == 0
     finally:
         if p.poll() is None:

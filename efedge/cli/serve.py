@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import socket
 import sys
+import threading
 
 from efedge.cli.common import (
     add_chat_template_arg,
@@ -102,6 +104,11 @@ def main(args: argparse.Namespace) -> int:
                               allow_origins=args.allow_origin or ())
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
+        # SIGTERM (docker stop, systemd, kill) shuts down as Ctrl-C does: the generation in
+        # progress ends "cancelled" with its stream closed properly, waiting requests get
+        # 503, exit status 0 — not a process killed mid-response
+        on_main = threading.current_thread() is threading.main_thread()  # (signals: only there)
+        old_term = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
         try:
             print(f"efedge serve: {srv.model_id} on {srv.url}/v1 (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
@@ -110,4 +117,11 @@ def main(args: argparse.Namespace) -> int:
             print("", file=sys.stderr)
         finally:
             srv.server_close()
+            if on_main:
+                signal.signal(signal.SIGTERM, old_term if old_term is not None else
+                              signal.SIG_DFL)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
