@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 
 from efedge.api import Model
 from efedge.errors import EfedgeError
@@ -47,9 +48,11 @@ class ModelWorker:
 
     def __init__(self, model: Model, max_queue: int = MAX_QUEUE):
         self.model = model
-        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue
+        self._jobs: deque[Job | None] = deque()  # waiting, in arrival order; None: stop
         self._current: Job | None = None
         self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)
         self._stopping = False
         self.n_cancelled = 0  # generations cut short (client gone, shutdown)
         self._thread = threading.Thread(target=self._loop, name="efedge-model", daemon=True)
@@ -60,15 +63,21 @@ class ModelWorker:
         with self._lock:  # under the lock: nothing is queued once stop() has drained
             if self._stopping:
                 raise _shutting_down()
-            try:
-                self._q.put_nowait(job)
-            except queue.Full:
-                raise APIError(503, f"{self._q.qsize()} requests are already waiting; try "
-                                    "again later", "server_busy", type_="server_error") from None
+            if len(self._jobs) >= self._max_queue:
+                # requests whose clients left while they waited hold no place in the line
+                # (a burst of them would otherwise answer new ones 503)
+                self._jobs = deque(j for j in self._jobs if not j.cancelled.is_set())
+                if len(self._jobs) >= self._max_queue:
+                    raise APIError(503, f"{len(self._jobs)} requests are already waiting; "
+                                        "try again later", "server_busy", type_="server_error")
+            self._jobs.append(job)
+            self._queued.notify()
         return job
 
     def waiting(self) -> int:
-        return self._q.qsize()
+        """Requests waiting for the model (not those whose clients have left)."""
+        with self._lock:
+            return sum(1 for j in self._jobs if j is not None and not j.cancelled.is_set())
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
@@ -84,25 +93,28 @@ class ModelWorker:
             if self._current is not None:
                 self._current.cancelled.set()
                 self.model.cancel()
-        while True:  # a full queue would block the put(None) below
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.events.put(("error", _shutting_down()))
-        self._q.put(None)
+            for job in self._jobs:
+                if job is not None:
+                    job.events.put(("error", _shutting_down()))
+            self._jobs.clear()
+            self._jobs.append(None)
+            self._queued.notify()
         self._thread.join(timeout=10)
 
+    def _next_job(self) -> Job | None:
+        """The next request to run (None: stop), waiting for one; a request whose client
+        has left is skipped."""
+        with self._lock:
+            while True:
+                while not self._jobs:
+                    self._queued.wait()
+                job = self._jobs.popleft()
+                if job is None or not job.cancelled.is_set():
+                    self._current = job
+                    return job
+
     def _loop(self) -> None:
-        while (job := self._q.get()) is not None:
-            if self._stopping:
-                job.events.put(("error", _shutting_down()))
-                continue
-            if job.cancelled.is_set():
-                continue
-            with self._lock:
-                self._current = job
+        while (job := self._next_job()) is not None:
             try:
                 self._run(job)
             except (APIError, EfedgeError, ValueError, TypeError) as exc:

@@ -423,6 +423,47 @@ def test_a_client_that_stops_reading_cancels_its_stream(model_path, monkeypatch)
         model.close()
 
 
+def test_requests_whose_clients_left_free_their_place_in_line(model, monkeypatch):
+    """A full line answers 503 server_busy, but requests whose clients left while they
+    waited do not count: a burst of abandoned requests must not lock new ones out."""
+    from efedge.server_requests import parse_completion
+    from efedge.server_worker import ModelWorker
+
+    release = threading.Event()
+    ran: list = []
+
+    def run(self, job):  # the model "busy" until released; records what it ran
+        ran.append(job)
+        release.wait(30)
+        job.events.put(("done", {}, "stop", None))
+
+    monkeypatch.setattr(ModelWorker, "_run", run)
+    worker = ModelWorker(model, max_queue=2)
+    try:
+        req = parse_completion({"prompt": "hi", "max_tokens": 1}, {})
+        busy = worker.submit(req)
+        deadline = time.monotonic() + 10
+        while not ran:  # the first one is running: the line is empty
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        left = [worker.submit(req), worker.submit(req)]
+        with pytest.raises(APIError) as exc:
+            worker.submit(req)
+        assert (exc.value.status, exc.value.code) == (503, "server_busy")
+        for job in left:  # their clients hang up (the HTTP side cancels them)
+            worker.cancel(job)
+        assert worker.waiting() == 0
+        kept = worker.submit(req)  # 503 before: the two abandoned ones filled the line
+        assert worker.waiting() == 1
+        release.set()
+        assert kept.events.get(timeout=30)[0] == "done"
+        assert busy.events.get(timeout=30)[0] == "done"
+        assert ran == [busy, kept]  # the abandoned ones never ran
+    finally:
+        release.set()
+        worker.stop()
+
+
 def test_shutdown_ends_a_stream_cancelled(model):
     srv = make_server(model, "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
