@@ -14,7 +14,7 @@ import traceback
 from efedge import __version__
 from efedge.errors import EfedgeError
 
-SUBCOMMANDS = ("run", "inspect", "chat", "serve", "trace", "simulate", "bench")
+SUBCOMMANDS = ("run", "inspect", "chat", "serve", "perplexity", "trace", "simulate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
