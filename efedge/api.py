@@ -31,6 +31,7 @@ from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
 from efedge.gguf_file import GGUFFile
+from efedge.json_mode import JsonConstraint, check_format
 from efedge.logprobs import TokenLogprob, check_top, sequence_logprobs
 from efedge.model import Transformer
 from efedge.sampling import Sampler, SamplingParams
@@ -404,7 +405,8 @@ class Model:
 
     def _stream_ids(self, ids: list[int], max_tokens: int, stop, sampling: dict,
                     result: GenerationResult | None,
-                    cancel: threading.Event | None, logprobs=None) -> Iterator[str]:
+                    cancel: threading.Event | None, logprobs=None,
+                    format=None) -> Iterator[str]:  # noqa: A002 (ollama's name)
         """Validate now (errors surface at call time, not at the first next()), then
         return the generator. The cancel event is registered now too, so a cancel()
         between the call and the first token is not lost."""
@@ -414,6 +416,7 @@ class Model:
         max_tokens = int(max_tokens)
         sampler = Sampler(self._params(sampling))
         logprobs = check_top(logprobs)
+        constraint = JsonConstraint(self.tokenizer) if check_format(format) == "json" else None
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s_, str) for s_ in stops):
             raise TypeError("stop must be a string or a list of strings")
@@ -422,7 +425,8 @@ class Model:
         ev = cancel if cancel is not None else threading.Event()
         with self._cancel_lock:
             self._active_cancels.add(ev)
-        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev, logprobs)
+        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev, logprobs,
+                                  constraint)
         # a generator dropped before its first next() never runs its finally: forget its
         # event when it is collected, or each such call stays registered for good (the
         # set only grew in an app that builds streams it may not consume). set.discard is
@@ -431,7 +435,7 @@ class Model:
         return gen
 
     def _generate_text(self, ids, max_tokens, stops, sampler, result, ev,
-                       logprobs=None) -> Iterator[str]:
+                       logprobs=None, constraint=None) -> Iterator[str]:
         try:
             with self._lock:
                 self._check_open()
@@ -447,7 +451,8 @@ class Model:
                 made = 0  # characters the decoder made: where the next token's text starts
                 for tok in generate_tokens(session, ids, sampler, max_tokens=max_tokens,
                                            eog=self.tokenizer.eog_ids, cancel=ev,
-                                           result=result, logprobs=logprobs):
+                                           result=result, logprobs=logprobs,
+                                           constraint=constraint):
                     piece = decoder.push(tok)
                     if logprobs is not None:
                         result.logprobs[-1].offset = made
@@ -499,7 +504,7 @@ class Model:
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                result: GenerationResult | None = None,
                cancel: threading.Event | None = None, logprobs: int | None = None,
-               **sampling) -> Iterator[str]:
+               format: str | None = None, **sampling) -> Iterator[str]:  # noqa: A002
         """Yield text pieces as they are generated (never half a UTF-8 character).
 
         `result` (a GenerationResult) receives the token ids and the finish reason
@@ -507,16 +512,19 @@ class Model:
         token's log probability under the model (log-softmax of its logits, before any
         sampling setting) with its N most probable alternatives (efedge.logprobs); `cancel`
         is an Event that stops this call only (Model.cancel() stops every call in
-        progress)."""
+        progress). `format="json"`: the output is one JSON object (efedge.json_mode); it
+        ends as the object closes, unless max_tokens or a stop string cut it first."""
         ids = self._prompt_ids(prompt)
-        return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs)
+        return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
+                                format)
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                  result: GenerationResult | None = None, logprobs: int | None = None,
-                 **sampling) -> str:
-        """Generated text (without the prompt); `result` and `logprobs` as for stream()."""
+                 format: str | None = None, **sampling) -> str:  # noqa: A002
+        """Generated text (without the prompt); `result`, `logprobs` and `format` as for
+        stream()."""
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, result=result,
-                                   logprobs=logprobs, **sampling))
+                                   logprobs=logprobs, format=format, **sampling))
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
@@ -552,13 +560,14 @@ class Model:
     def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
              stop=None, result: GenerationResult | None = None,
              cancel: threading.Event | None = None, logprobs: int | None = None,
-             **sampling) -> str | Iterator[str]:
-        """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result` and
-        `logprobs` as for stream()."""
+             format: str | None = None, **sampling) -> str | Iterator[str]:  # noqa: A002
+        """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result`,
+        `logprobs` and `format` as for stream()."""
         if isinstance(messages, list | tuple) and not messages:
             raise ArgumentError("messages is empty: a conversation needs at least one message")
         ids = self._prompt_ids(self.chat_prompt(messages))
-        it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs)
+        it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
+                              format)
         return it if stream else "".join(it)
 
     def cancel(self) -> None:

@@ -82,11 +82,12 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
                     max_tokens: int, eog: frozenset[int],
                     cancel: threading.Event | None = None,
                     result: GenerationResult | None = None,
-                    logprobs: int | None = None) -> Iterator[int]:
+                    logprobs: int | None = None, constraint=None) -> Iterator[int]:
     """Yield generated token ids. An EOG token ends generation and is not yielded.
     `result` (if given) receives the tokens and the finish reason; with `logprobs` (the
     number of alternatives, 0 for none) also each yielded token's log probability,
-    appended before the token is yielded."""
+    appended before the token is yielded. `constraint` (e.g. json_mode.JsonConstraint):
+    only tokens it allows are drawn, and generation stops ("stop") once it is done."""
     result = result if result is not None else GenerationResult([], "length")
     result.logprobs = [] if logprobs is not None else None
     history = list(prompt)
@@ -96,7 +97,8 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
         if cancel is not None and cancel.is_set():
             result.finish_reason = "cancelled"
             return
-        tok = sampler(logits, history)
+        tok = sampler(logits, history) if constraint is None else \
+            sampler.sample_where(logits, history, constraint.allows)
         if tok in eog:
             result.finish_reason = "stop"
             return
@@ -104,7 +106,12 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
         result.tokens.append(tok)
         if logprobs is not None:  # (the sampler does not change the logits it is given)
             result.logprobs.append(token_logprob(logits, tok, logprobs))
+        if constraint is not None:
+            constraint.accept(tok)
         yield tok
+        if constraint is not None and constraint.done:
+            result.finish_reason = "stop"
+            return
         if len(history) >= n_ctx:  # prompt + output fill the context (llama.cpp's limit)
             result.finish_reason = "length"
             return

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,6 +213,35 @@ class Sampler:
         probs = np.exp(vals / p.temperature)
         probs /= probs.sum()
         return cand.astype(np.int64), probs
+
+    def sample_where(self, logits: np.ndarray, history: Sequence[int],
+                     ok: Callable[[int], bool]) -> int:
+        """A token for which ok(token) holds, drawn from the chain's distribution
+        restricted to such tokens: draw as __call__ does and keep the token if it is
+        allowed, else draw again among the allowed survivors of the chain (together that
+        is exactly the restricted distribution, and one check when the model's choice is
+        allowed anyway, as in llama.cpp's grammar sampling). When no survivor is allowed
+        (greedy, a narrow top-k), the most probable allowed token of the whole vocabulary
+        after the penalties; a SamplingError when no token is allowed at all."""
+        tok = self(logits, history)
+        if ok(tok):
+            return tok
+        ids, probs = self._chain(logits, history, ordered=True)
+        keep = np.fromiter((ok(int(t)) for t in ids), dtype=bool, count=ids.size)
+        if keep.any():
+            ids, probs = ids[keep], probs[keep]
+            if ids.size == 1 or self.params.temperature == 0:
+                return int(ids[0])
+            cdf = np.cumsum(probs)
+            i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+            return int(ids[min(i, ids.size - 1)])
+        x = self._penalised(np.asarray(logits), history)
+        for t in np.argsort(-x, kind="stable"):
+            if x[t] == -math.inf or np.isnan(x[t]):
+                break
+            if ok(int(t)):
+                return int(t)
+        raise SamplingError("no token of the vocabulary can continue the constrained output")
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """Sample one token id from `logits` [n_vocab] given the tokens so far."""

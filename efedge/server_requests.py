@@ -40,6 +40,7 @@ class GenRequest:
     include_usage: bool
     echo: bool
     logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: off
+    format: str | None = None  # "json": response_format json_object (efedge.json_mode)
 
 
 _MISSING = object()
@@ -160,12 +161,8 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
         if body.get(name) not in (None, "none", "auto"):
             raise APIError(400, f"{name} {json.dumps(body[name])[:60]} needs tools, which are "
                                 "not supported", "unsupported", param=name)
-    fmt = _field(body, "response_format", dict, {"type": "text"})
-    if fmt.get("type", "text") != "text":
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
-                       "unsupported", param="response_format")
     return GenRequest(messages=messages, prompt=None, echo=False,
-                      logprobs=(top or 0) if want else None, **kw)
+                      logprobs=(top or 0) if want else None, format=_format(body), **kw)
 
 
 def parse_completion(body: Any, defaults: dict) -> GenRequest:
@@ -190,7 +187,25 @@ def parse_completion(body: Any, defaults: dict) -> GenRequest:
     if _field(body, "best_of", int, 1) != 1:
         raise APIError(400, "only best_of=1 is supported", "unsupported", param="best_of")
     echo = _field(body, "echo", bool, False)
-    return GenRequest(messages=None, prompt=prompt, echo=echo, logprobs=logprobs, **kw)
+    return GenRequest(messages=None, prompt=prompt, echo=echo, logprobs=logprobs,
+                      format=_format(body), **kw)
+
+
+def _format(body: dict) -> str | None:
+    """response_format: text (None) or json_object ("json": JSON mode); a JSON schema is
+    refused rather than answered with unconstrained JSON."""
+    fmt = _field(body, "response_format", dict, {"type": "text"})
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        raise APIError(400, "response_format json_schema is not supported; json_object "
+                            "gives a JSON object without a schema", "unsupported",
+                       param="response_format")
+    raise APIError(400, f"response_format type must be \"text\" or \"json_object\", got "
+                        f"{json.dumps(kind)[:60]}", "invalid_value", param="response_format")
 
 
 def _top_count(body: dict, name: str) -> int | None:

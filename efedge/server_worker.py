@@ -166,7 +166,7 @@ class ModelWorker:
         # "cancelled"); it keeps "cancelled" when we stop reading early (below)
         result = GenerationResult([], "cancelled")
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
-                      logprobs=lp, **req.sampling)
+                      logprobs=lp, format=req.format, **req.sampling)
         sent = released = 0  # characters sent; generated tokens whose records went
 
         def release() -> list[dict] | None:

@@ -243,10 +243,10 @@ def test_stream_never_yields_partial_utf8(m, monkeypatch):
     real = api.generate_tokens
 
     def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
-             logprobs=None):
+             logprobs=None, constraint=None):
         # run the real prefill path for one token, then replay the fixed ids
         for _ in real(session, prompt, sampler, max_tokens=0, eog=eog, cancel=cancel,
-                      result=result, logprobs=logprobs):
+                      result=result, logprobs=logprobs, constraint=constraint):
             pass
         yield from ids[:max_tokens]
 

@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
                         "context)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the output")
+    p.add_argument("--format", choices=("json",), default=None,
+                   help="json: the output is one JSON object (JSON mode)")
     add_sampling_args(p)
     p.set_defaults(func=main)
 
@@ -83,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.write(prompt)
         result = GenerationResult([], "")
         for piece in m.stream(prompt, max_tokens=max_tokens, stop=args.stop, result=result,
-                              **sampling_kwargs(args)):
+                              format=args.format, **sampling_kwargs(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

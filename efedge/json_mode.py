@@ -1,0 +1,259 @@
+"""JSON mode (`format="json"`, the server's `response_format: {"type": "json_object"}`):
+generation that can only write one JSON object.
+
+`JsonPrefix` follows the bytes generated so far with a pushdown automaton of RFC 8259's
+grammar (strings with their escapes, numbers, true / false / null, nested objects and
+arrays; the top level an object, as OpenAI's JSON mode gives, starting with its "{") and
+says whether a token's bytes may come next. The sampler asks it only about the token it
+drew, and about the others only when that one does not fit
+(efedge.sampling.Sampler.sample_where), so a step costs one check when the model writes
+JSON anyway. Generation ends as the object closes.
+
+Bytes of 0x80 and up are taken inside strings without checking their UTF-8 (a token may
+end inside a character; the text decoder turns a broken sequence into U+FFFD, which is
+still a valid string character). Runs of whitespace between tokens are capped at
+MAX_WHITESPACE bytes, or a model could pad forever without breaking the grammar.
+"""
+
+from __future__ import annotations
+
+MAX_WHITESPACE = 20
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+_LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+
+# modes: what the next byte may be
+(TOP, VALUE, ARRAY_FIRST, OBJ_FIRST, OBJ_KEY, COLON, AFTER_VALUE, STRING, ESCAPE, HEX,
+ LITERAL, N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP, DONE) = range(20)
+_NUMBER_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))  # a number may stop here
+
+
+class JsonPrefix:
+    """The state after a valid prefix of one JSON object."""
+
+    __slots__ = ("stack", "mode", "key", "rest", "hex_left", "ws")
+
+    def __init__(self) -> None:
+        self.stack: list[int] = []  # open containers: ord("{") / ord("[")
+        self.mode = TOP
+        self.key = False  # the string being read is an object key
+        self.rest = b""  # LITERAL: the bytes still due
+        self.hex_left = 0  # HEX: the \uXXXX digits still due
+        self.ws = 0  # whitespace bytes in a row
+
+    @property
+    def done(self) -> bool:
+        """The object is complete: nothing more may be written."""
+        return self.mode == DONE
+
+    def copy(self) -> JsonPrefix:
+        c = JsonPrefix.__new__(JsonPrefix)
+        c.stack, c.mode, c.key, c.rest, c.hex_left, c.ws = list(self.stack), self.mode, \
+            self.key, self.rest, self.hex_left, self.ws
+        return c
+
+    def allows(self, data: bytes) -> bool:
+        """Whether `data` may come next (the state is not changed)."""
+        return bool(data) and self.copy().feed(data)
+
+    def feed(self, data: bytes) -> bool:
+        """Advance over `data`; False (and the state is then undefined) if it breaks the
+        grammar."""
+        for b in data:
+            if not self._byte(b):
+                return False
+        return True
+
+    # -- the automaton ----------------------------------------------------------------------
+    def _space(self, b: int) -> bool | None:
+        """Whitespace between tokens: True taken, False refused (too long a run), None: b
+        is not whitespace."""
+        if b not in _WS:
+            self.ws = 0
+            return None
+        self.ws += 1
+        return self.ws <= MAX_WHITESPACE
+
+    def _open(self, b: int) -> None:
+        self.stack.append(b)
+        self.mode = OBJ_FIRST if b == ord("{") else ARRAY_FIRST
+
+    def _value(self, b: int) -> bool:
+        """The first byte of a value."""
+        if b in (ord("{"), ord("[")):
+            self._open(b)
+        elif b == ord('"'):
+            self.mode, self.key = STRING, False
+        elif b == ord("-"):
+            self.mode = N_MINUS
+        elif b == ord("0"):
+            self.mode = N_ZERO
+        elif b in _DIGITS:
+            self.mode = N_INT
+        elif b in _LITERALS:
+            self.mode, self.rest = LITERAL, _LITERALS[b]
+        else:
+            return False
+        return True
+
+    def _end_value(self) -> None:
+        self.mode = AFTER_VALUE if self.stack else DONE
+
+    def _byte(self, b: int) -> bool:
+        m = self.mode
+        if m == STRING:
+            if b == ord('"'):
+                if self.key:
+                    self.mode = COLON
+                else:
+                    self._end_value()
+            elif b == ord("\\"):
+                self.mode = ESCAPE
+            elif b < 0x20:  # control characters must be escaped
+                return False
+            return True
+        if m == ESCAPE:
+            if b == ord("u"):
+                self.mode, self.hex_left = HEX, 4
+                return True
+            if b in _ESCAPES:
+                self.mode = STRING
+                return True
+            return False
+        if m == HEX:
+            if b not in _HEX:
+                return False
+            self.hex_left -= 1
+            if self.hex_left == 0:
+                self.mode = STRING
+            return True
+        if m == LITERAL:
+            if b != self.rest[0]:
+                return False
+            self.rest = self.rest[1:]
+            if not self.rest:
+                self._end_value()
+            return True
+        if m >= N_MINUS and m <= N_EXP:
+            if self._number(b):
+                return True
+            if m not in _NUMBER_ENDS:
+                return False
+            self._end_value()  # the number ended before b: b belongs to what follows
+            return self._byte(b)
+        if m == DONE:
+            return False
+        if m == TOP:  # the output starts with its "{" (no padding before it)
+            if b != ord("{"):
+                return False
+            self._open(b)
+            return True
+        ws = self._space(b)
+        if ws is not None:
+            return ws
+        if m == VALUE:
+            return self._value(b)
+        if m == ARRAY_FIRST:
+            if b == ord("]"):
+                self.stack.pop()
+                self._end_value()
+                return True
+            return self._value(b)
+        if m in (OBJ_FIRST, OBJ_KEY):
+            if b == ord('"'):
+                self.mode, self.key = STRING, True
+                return True
+            if m == OBJ_FIRST and b == ord("}"):
+                self.stack.pop()
+                self._end_value()
+                return True
+            return False
+        if m == COLON:
+            if b != ord(":"):
+                return False
+            self.mode = VALUE
+            return True
+        if m == AFTER_VALUE:
+            top = self.stack[-1]
+            if b == ord(","):
+                self.mode = OBJ_KEY if top == ord("{") else VALUE
+                return True
+            if (b == ord("}") and top == ord("{")) or (b == ord("]") and top == ord("[")):
+                self.stack.pop()
+                self._end_value()
+                return True
+            return False
+        return False
+
+    def _number(self, b: int) -> bool:
+        """A byte inside a number (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?); False if b does not
+        continue it."""
+        m, digit = self.mode, b in _DIGITS
+        if m == N_MINUS:
+            if b == ord("0"):
+                self.mode = N_ZERO
+            elif digit:
+                self.mode = N_INT
+            else:
+                return False
+        elif m in (N_ZERO, N_INT):
+            if digit and m == N_INT:
+                pass
+            elif b == ord("."):
+                self.mode = N_DOT
+            elif b in (ord("e"), ord("E")):
+                self.mode = N_E
+            else:
+                return False
+        elif m in (N_DOT, N_FRAC):
+            if digit:
+                self.mode = N_FRAC
+            elif m == N_FRAC and b in (ord("e"), ord("E")):
+                self.mode = N_E
+            else:
+                return False
+        elif m in (N_E, N_ESIGN):
+            if digit:
+                self.mode = N_EXP
+            elif m == N_E and b in (ord("+"), ord("-")):
+                self.mode = N_ESIGN
+            else:
+                return False
+        elif m == N_EXP:
+            return digit
+        return True
+
+
+class JsonConstraint:
+    """The constraint generate_tokens applies in JSON mode: which token ids may come next
+    (never a special token: an end-of-generation token would cut the object short, and the
+    object's end ends the generation), following the tokens accepted so far."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self.state = JsonPrefix()
+
+    def allows(self, tid: int) -> bool:
+        return not self._tok.is_special(tid) and self.state.allows(self._tok.token_bytes(tid))
+
+    def accept(self, tid: int) -> None:
+        if not self.state.feed(self._tok.token_bytes(tid)):
+            raise ValueError(f"token {tid} does not continue the JSON output")
+
+    @property
+    def done(self) -> bool:
+        return self.state.done
+
+
+def check_format(value) -> str | None:
+    """A `format` argument: None (free text) or "json"; anything else a clear error."""
+    if value is None or value == "json":
+        return value
+    from efedge.errors import ArgumentError
+
+    if isinstance(value, dict):
+        raise ArgumentError("format: JSON schemas are not supported; format=\"json\" gives "
+                            "any JSON object")
+    raise ArgumentError(f"format must be None or \"json\", got {value!r}")

@@ -1,0 +1,193 @@
+"""JSON mode: the grammar automaton (efedge/json_mode.py) against Python's json module,
+the restricted draw (Sampler.sample_where), and format="json" end to end — the API, the
+server's response_format and `efedge run --format json`."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import efedge
+from efedge.cli import main as cli_main
+from efedge.errors import ArgumentError, SamplingError
+from efedge.generate import GenerationResult
+from efedge.json_mode import MAX_WHITESPACE, JsonPrefix
+from efedge.sampling import Sampler, SamplingParams
+from efedge.server import make_server
+
+
+def accepts(text: str) -> tuple[bool, bool]:
+    """(a valid prefix, a complete object)."""
+    p = JsonPrefix()
+    ok = p.feed(text.encode("utf-8"))
+    return ok, ok and p.done
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    r = rng.random()
+    if depth > 3 or r < 0.3:
+        return rng.choice([0, 7, -12, 2.5, -0.125, 3e-7, 1e300, True, False, None, "",
+                           "plain", 'quote " and \\ slash', "tab\t nl\n ctl\x01", "é 日本 😀"])
+    if r < 0.65:
+        return {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+    return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+
+
+def test_every_prefix_of_a_json_object_is_accepted_and_only_the_whole_is_done():
+    rng = random.Random(0)
+    for _ in range(300):
+        text = json.dumps({"v": _random_value(rng)}, ensure_ascii=rng.random() < 0.5,
+                          indent=rng.choice([None, 1, 2]))
+        assert accepts(text) == (True, True), text
+        for i in range(len(text)):
+            assert accepts(text[:i]) == (True, False), (text, i)
+
+
+@pytest.mark.parametrize("text", [
+    '[1]', '"x"', '1', ' {}', '{a:1}', '{"a":01}', '{"a":1.}', '{"a":.5}', '{"a":+1}',
+    '{"a":tru}', '{"a":1,}', '{"a" 1}', '{"a":"\x01"}', '{"a":"\\x"}', '{"a":"\\u12g4"}',
+    '{}x', '{} ', '{"a":[1,]}', '{,}', '{"a":1}}', '{"a":1 2}', '{"a":-}', '{"a":1e}',
+    '{"a":NaN}', '{"a":Infinity}', "{'a':1}", '{"a":[}', '{"a":{]}'])
+def test_what_is_not_a_json_object_is_refused(text):
+    """Not JSON, not an object (JSON mode writes one), padding around it, or what Python's
+    json reads beyond the standard (NaN, Infinity)."""
+    assert accepts(text) != (True, True)
+
+
+def test_mutated_objects_agree_with_json_loads():
+    """Random one-character mutations of valid objects: complete exactly when Python's
+    json reads a dict from them (leading whitespace and NaN aside, which JSON mode does not
+    write)."""
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(4000):
+        text = json.dumps({"v": _random_value(rng)}, indent=rng.choice([None, 1]))
+        i = rng.randrange(len(text))
+        m = text[:i] + rng.choice('{}[],:"0123456789.eE+-tfnrul \\ax\n') + text[i + 1:]
+        if m[:1].isspace():
+            continue
+        try:
+            want = isinstance(json.loads(m), dict)
+        except json.JSONDecodeError:
+            want = False
+        assert accepts(m)[1] == want, m
+        checked += 1
+    assert checked > 3000
+
+
+def test_whitespace_runs_are_capped():
+    assert accepts('{' + " " * MAX_WHITESPACE + '"a":1}') == (True, True)
+    assert accepts('{' + " " * (MAX_WHITESPACE + 1)) == (False, False)
+    assert accepts('{"a": "' + " " * 100 + '"}') == (True, True)  # inside a string: text
+
+
+def test_sample_where_draws_from_the_restricted_distribution():
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1], dtype=np.float32))
+    allowed = {1, 3}
+    greedy = Sampler(SamplingParams(temperature=0))
+    assert greedy.sample_where(logits, [], allowed.__contains__) == 1
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5))
+    draws = [s.sample_where(logits, [], allowed.__contains__) for _ in range(4000)]
+    assert set(draws) == allowed
+    assert np.mean(np.array(draws) == 1) == pytest.approx(0.75, abs=0.03)  # 0.3 / 0.4
+    # nothing the chain keeps is allowed (top-k 1): the most probable allowed token
+    narrow = Sampler(SamplingParams(temperature=1.0, top_k=1, seed=1))
+    assert narrow.sample_where(logits, [], {2, 3}.__contains__) == 2
+    with pytest.raises(SamplingError, match="no token"):
+        greedy.sample_where(logits, [], lambda t: False)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    with efedge.load() as m:
+        yield m
+
+
+PROMPTS = ["A JSON record of a user:", "Give me a JSON object describing a cat:", "{", "x = "]
+
+
+def test_json_mode_writes_one_object(demo):
+    """Greedy and sampled: a finished output is one JSON object, ending as it closes; one cut
+    by max_tokens is a valid beginning of one."""
+    finished = 0
+    for prompt in PROMPTS:
+        for kw in ({"temperature": 0}, {"temperature": 0.9, "seed": 3},
+                   {"temperature": 1.2, "top_k": 0, "min_p": 0.0, "seed": 11}):
+            r = GenerationResult([], "")
+            text = demo.generate(prompt, max_tokens=160, format="json", result=r, **kw)
+            if r.finish_reason == "stop":
+                assert isinstance(json.loads(text), dict), text
+                assert text.startswith("{") and text.endswith("}")
+                finished += 1
+            else:
+                assert r.finish_reason == "length" and len(r.tokens) == 160
+                assert accepts(text)[0], text
+    assert finished >= 4
+    streamed = "".join(demo.stream(PROMPTS[0], max_tokens=160, temperature=0, format="json"))
+    assert streamed == demo.generate(PROMPTS[0], max_tokens=160, temperature=0,
+                                     format="json")
+    reply = demo.chat([{"role": "user", "content": "a cat as JSON"}], max_tokens=160,
+                      temperature=0, format="json")
+    assert reply.startswith("{")
+
+
+def test_bad_format_values_are_refused(demo):
+    with pytest.raises(ArgumentError, match="schemas are not supported"):
+        demo.generate("x", max_tokens=1, format={"type": "object"})
+    for bad in ("JSON", "yaml", 1):
+        with pytest.raises(ArgumentError, match="format"):
+            demo.generate("x", max_tokens=1, format=bad)
+
+
+def test_response_format_json_object_on_the_server(demo):
+    srv = make_server(demo, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+
+    def post(path, body):
+        req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        fmt = {"type": "json_object"}
+        status, body = post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "a cat as JSON"}], "max_tokens": 160,
+            "temperature": 0, "response_format": fmt})
+        assert status == 200
+        content = body["choices"][0]["message"]["content"]
+        assert content == demo.chat([{"role": "user", "content": "a cat as JSON"}],
+                                    max_tokens=160, temperature=0, format="json")
+        status, body = post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 160,
+                                                "temperature": 0, "response_format": fmt})
+        assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+        assert isinstance(json.loads(body["choices"][0]["text"]), dict)
+        status, body = post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+        assert status == 400 and body["error"]["code"] == "unsupported"
+        assert body["error"]["param"] == "response_format"
+        status, body = post("/v1/completions", {"prompt": "x", "response_format": {
+            "type": "xml"}})
+        assert status == 400 and body["error"]["code"] == "invalid_value"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
+
+
+def test_run_format_json(capsys):
+    assert cli_main(["run", "-p", PROMPTS[0], "-n", "160", "--temp", "0", "--format",
+                     "json"]) == 0
+    out = capsys.readouterr().out
+    assert isinstance(json.loads(out), dict)
