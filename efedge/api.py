@@ -113,7 +113,11 @@ class Model:
                  hybrid: str = "auto", routing: str = "exact",
                  routing_slack: float = 0.05, host_cache: int | str | None = None,
                  disk_link: str | None = None):
-        cuda = isinstance(device, str) and (device == "cuda" or device.startswith("cuda:"))
+        # "cuda:N" with N an index: anything else after "cuda:" ("cuda:x", "cuda:-1")
+        # reached torch.device, whose RuntimeError was a traceback instead of this error
+        cuda = isinstance(device, str) and (
+            device == "cuda" or (device.startswith("cuda:") and device[5:].isascii()
+                                 and device[5:].isdigit()))
         if device != "cpu" and not cuda:
             raise UnsupportedModelError(f"device {device!r} is not available in this build "
                                         "(supported: 'cpu', 'cuda', 'cuda:N')")

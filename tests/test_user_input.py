@@ -103,6 +103,9 @@ def test_other_bad_arguments_are_named(m, path):
          "psychic"),
         (lambda: efedge.load(path, cache="50%", link="warp"), efedge.EfedgeError, "warp"),
         (lambda: efedge.load(path, device="tpu"), efedge.UnsupportedModelError, "tpu"),
+        # "cuda:" and then not an index reached torch.device: a RuntimeError traceback
+        (lambda: efedge.load(path, device="cuda:x"), efedge.UnsupportedModelError, "cuda:x"),
+        (lambda: efedge.load(path, device="cuda:-1"), efedge.UnsupportedModelError, "cuda:-1"),
         (lambda: efedge.load(path, threads=0), ValueError, "threads"),
         (lambda: efedge.load(path.parent), efedge.ModelFormatError, "cannot open"),
         (lambda: efedge.load(path.parent / "missing.gguf"), efedge.ModelFormatError,
