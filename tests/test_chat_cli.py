@@ -169,3 +169,16 @@ def test_ctrl_c_stops_reply_then_second_exits(model):
             p.kill()
             p.wait()
     assert len(SUMMARY.findall(err.text)) == 1
+
+
+@pytest.mark.parametrize("n", ["-2", "-5"])
+def test_n_predict_below_minus_one_is_refused(model, capsys, n):
+    """`chat -n` takes what `/set max_tokens` and `run -n` take: -1 (until the end of the
+    turn or a full context) or a count ≥ 0. Any negative number used to mean -1 silently."""
+    from efedge.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["chat", str(model), "-n", n])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert re.search(rf"n-predict.*-1.*got {n}", err), err

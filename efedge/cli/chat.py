@@ -23,6 +23,7 @@ from efedge.cli.common import (
     add_sampling_args,
     format_stats,
     load_model,
+    n_predict,
     progress_bar,
     sampling_kwargs,
 )
@@ -74,7 +75,8 @@ def add_parser(sub) -> None:
     p.add_argument("-sys", "--system-prompt", default=None, metavar="TEXT",
                    help="system prompt")
     add_chat_template_arg(p)
-    p.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
+    # -2 and below were taken for -1 silently (`/set max_tokens -2` is refused)
+    p.add_argument("-n", "--n-predict", type=n_predict, default=-1, metavar="N",
                    help="most tokens per reply (default -1: until end of turn or a full "
                         "context)")
     add_sampling_args(p, temp=0.8)

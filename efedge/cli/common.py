@@ -37,6 +37,13 @@ def non_negative_int(text: str) -> int:
     return checked_number(text, int, lambda v: v >= 0, "a non-negative integer")
 
 
+def n_predict(text: str) -> int:
+    """-n of run and chat: a token count ≥ 0, or -1 for "until end of turn or the context
+    is full" (what `/set max_tokens` takes too)."""
+    return checked_number(text, int, lambda v: v >= -1, "an integer",
+                          "-1 (until the end or a full context) or a count ≥ 0")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a duration, a rate)."""
     return checked_number(text, float, lambda v: math.isfinite(v) and v > 0,

@@ -9,20 +9,14 @@ import time
 from efedge.cli.common import (
     add_model_args,
     add_sampling_args,
-    checked_number,
     format_stats,
     load_model,
+    n_predict,
     read_text_file,
     sampling_kwargs,
 )
 from efedge.errors import EfedgeError
 from efedge.generate import GenerationResult
-
-
-def n_predict(text: str) -> int:
-    """-n: a token count ≥ 0, or -1 for "until end of turn or the context is full"."""
-    return checked_number(text, int, lambda v: v >= -1, "an integer",
-                          "-1 (until the end or a full context) or a count ≥ 0")
 
 
 def add_parser(sub) -> None:
