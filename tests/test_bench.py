@@ -166,6 +166,17 @@ def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert "unknown cache policy 'nope'" in capsys.readouterr().err
 
 
+def test_negative_seed_is_a_flag_error(tiny_gguf, capsys):
+    """--seed seeds the random token ids: numpy refuses a negative one, which was a
+    ValueError traceback after the model had loaded."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(tiny_gguf("qwen3moe", "F32")), "-p", "8", "-n", "4", "-r", "1",
+              "--seed", "-1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "--seed: expected a non-negative integer, got -1" in err, err
+
+
 def _torch_cpu_as_cuda(monkeypatch):
     """device="cuda" served by the GPU model on torch's CPU device: the same code but
     the kernels, so the bench's device path runs on a machine without a GPU."""

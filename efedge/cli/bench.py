@@ -40,7 +40,7 @@ import numpy as np
 
 from efedge import __version__
 from efedge.cli.bench_llama import _Llama
-from efedge.cli.common import add_host_tier_args
+from efedge.cli.common import add_host_tier_args, non_negative_int
 from efedge.errors import EfedgeError
 
 # llama.cpp's names for general.file_type (llama_model_ftype_name)
@@ -119,7 +119,9 @@ def add_parser(sub) -> None:
                         "memory and computes it on the CPU, the rest offloaded (its "
                         "--cpu-moe; the configuration llama.cpp users run when the experts "
                         "do not fit in VRAM)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    # numpy's generator takes no negative seed (that was a ValueError traceback)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the random token ids (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=main)
 
