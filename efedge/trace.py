@@ -153,7 +153,10 @@ def save_trace(path: str | Path, arrays: dict, source: str = "") -> None:
     meta = json.loads(str(arrays["meta"]))
     meta["source"] = source
     arrays = dict(arrays, meta=np.array(json.dumps(meta)))
-    np.savez_compressed(path, **arrays)
+    # through a file object: given a name, numpy appends ".npz" when it lacks one, and
+    # the file written was not the one named (`efedge trace … -o routing` → routing.npz)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def load_trace(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:

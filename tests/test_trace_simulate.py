@@ -213,7 +213,7 @@ def inputs(tiny_gguf, tmp_path_factory, trace):
     return {"moe": tiny_gguf("qwen3moe", "F16"), "dense": tiny_gguf("qwen3", "F16"),
             "text": d / "text.txt", "empty": d / "empty.txt", "missing": d / "missing.txt",
             "out": d / "out.npz", "nodir": d / "nodir" / "out.npz", "trace": trace[0],
-            "t8": d / "t8.npz", "not_trace": d / "not_a_trace.npz"}
+            "t8": d / "t8.npz", "not_trace": d / "not_a_trace.npz", "dir": d}
 
 
 BAD_TRACE_CLI = [
@@ -225,6 +225,8 @@ BAD_TRACE_CLI = [
     (["{dense}", "--text", "{text}", "-o", "{out}"], r"qwen3.*no routed experts"),
     (["{moe}", "--text", "{missing}", "-o", "{out}"], r"missing.txt': No such file"),
     (["{moe}", "--text", "{text}", "-o", "{nodir}"], r"nodir/out.npz'.*does not exist"),
+    # a directory was "traced … → DIR", the trace silently written to DIR.npz beside it
+    (["{moe}", "--text", "{text}", "-o", "{dir}"], r"cannot write trace '.*': .*directory"),
 ]
 BAD_SIMULATE_CLI = [
     (["{t8}"], r"8 tokens.*warm-up takes 16"),
@@ -246,6 +248,20 @@ def test_bad_trace_and_simulate_input_is_a_one_line_error(inputs, capsys, argv, 
     assert rc != 0 and "Traceback" not in err, err
     assert re.search(word, err), err
     assert not inputs["out"].exists()
+
+
+def test_trace_writes_the_file_it_names(inputs, capsys, tmp_path):
+    """-o without the .npz suffix: numpy appended one, so the file the summary named (and
+    the user passes to simulate next) did not exist."""
+    out = tmp_path / "routing"
+    rc, err = _cli(["trace", inputs["moe"], "--text", inputs["text"], "-o", out,
+                    "--max-tokens", 24], capsys)
+    assert rc == 0, err
+    assert f"→ {out}" in err and out.is_file() and not out.with_suffix(".npz").exists()
+    arrays, meta = load_trace(out)
+    assert arrays["experts"].shape[0] == meta["n_tokens"] == 24
+    rc, err = _cli(["simulate", out, "--warmup", 4], capsys)
+    assert rc == 0, err
 
 
 def test_trace_refuses_nothing_to_trace(inputs):

@@ -40,11 +40,15 @@ def main(args: argparse.Namespace) -> int:
     text = read_text_file(args.text, "text file", errors="replace")
     if not text:
         raise EfedgeError(f"text file {args.text!r} is empty: nothing to trace")
-    # the model run can take long: a directory that is not there fails before it
+    # the model run can take long: a directory that is not there, or an output that is a
+    # directory, fails before it
     out_dir = Path(args.output).parent
     if not out_dir.is_dir():
         raise EfedgeError(f"cannot write trace {args.output!r}: directory {str(out_dir)!r} "
                           f"does not exist")
+    if Path(args.output).is_dir():
+        raise EfedgeError(f"cannot write trace {args.output!r}: it is a directory (name the "
+                          f".npz file to write)")
     with load_model(args) as m:
         arrays = record_trace(m, text, max_tokens=args.max_tokens, horizon=args.horizon,
                               sketch_dim=args.sketch)
