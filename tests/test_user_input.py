@@ -371,3 +371,23 @@ def test_run_reads_the_prompt_from_standard_input(path, capsys, monkeypatch, fla
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ab\xffc")))
     rc, _, err = _cli([*args, flag, "-"], capsys)
     assert rc == 1 and "standard input: not UTF-8" in err and "0xff at offset 2" in err
+
+
+def test_every_command_expands_a_tilde_in_its_paths(path, capsys, monkeypatch, tmp_path):
+    """README: "`~` in a model or file path is expanded by efedge" (cmd.exe and PowerShell
+    leave it to the program, a quoted path in any shell too). run did (efedge.load);
+    inspect, bench, trace -o and simulate's TRACE looked for a folder named "~"."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USERPROFILE", str(home))  # Windows' expanduser
+    shutil.copy(path, home / "m.gguf")
+    (home / "text.txt").write_text("def fib(n):\n    return n\n" * 4)
+    rc, out, err = _cli(["inspect", "~/m.gguf"], capsys)
+    assert rc == 0 and "qwen3moe" in out, err
+    rc, out, err = _cli(["bench", "~/m.gguf", "-p", 4, "-n", 2, "-r", 1], capsys)
+    assert rc == 0 and "pp4" in out, err
+    rc, _, err = _cli(["trace", "~/m.gguf", "--text", "~/text.txt", "-o", "~/t.npz"], capsys)
+    assert rc == 0 and (home / "t.npz").is_file(), err
+    rc, out, err = _cli(["simulate", "~/t.npz", "--warmup", 2], capsys)
+    assert rc == 0 and "| ondemand |" in out, err

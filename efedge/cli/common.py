@@ -56,6 +56,12 @@ def probability(text: str) -> float:
                           show_text=True)
 
 
+def user_path(text: str) -> Path:
+    """A path as the user typed it, `~` the home directory: README promises it for every
+    path (cmd.exe and PowerShell leave it to the program, as does a quoted path)."""
+    return Path(text).expanduser()
+
+
 def read_text_file(path: str, what: str, errors: str = "strict") -> str:
     """A text file's contents (UTF-8), or an EfedgeError naming the file and the reason in
     one line: missing, a directory, unreadable, not UTF-8 (with errors="strict"). `~` is

@@ -6,6 +6,7 @@ import argparse
 import json
 from collections import Counter
 
+from efedge.cli.common import user_path
 from efedge.config import config_from_gguf
 from efedge.gguf_file import GGUFFile
 
@@ -104,7 +105,7 @@ def _mib(n: int) -> str:
 def main(args: argparse.Namespace) -> int:
     from efedge.demo import demo_model_path
 
-    info = describe(args.model or demo_model_path())
+    info = describe(user_path(args.model) if args.model else demo_model_path())
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -7,7 +7,13 @@ import argparse
 import json
 import sys
 
-from efedge.cli.common import non_negative_int, os_reason, positive_float, positive_int
+from efedge.cli.common import (
+    non_negative_int,
+    os_reason,
+    positive_float,
+    positive_int,
+    user_path,
+)
 from efedge.errors import EfedgeError
 
 
@@ -76,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
     from efedge.trace import load_trace
 
     try:
-        arrays, meta = load_trace(args.trace)  # a TraceError names the file itself
+        # a TraceError names the file itself
+        arrays, meta = load_trace(user_path(args.trace))
     except OSError as exc:
         raise EfedgeError(f"cannot read trace {args.trace!r}: {os_reason(exc)}") from None
     rows = []
@@ -114,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
         print("bound: no policy stalls less or loads fewer experts on this trace (Belady's "
               "MIN loads on a serial link, all compute overlapped)")
     if args.plot:
-        _plot(rows, args.plot)
+        _plot(rows, str(user_path(args.plot)))
     return 0
 
 

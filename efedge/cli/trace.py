@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from efedge.cli.common import (
     add_model_args,
@@ -13,6 +12,7 @@ from efedge.cli.common import (
     os_reason,
     positive_int,
     read_text_file,
+    user_path,
 )
 from efedge.errors import EfedgeError
 
@@ -42,18 +42,19 @@ def main(args: argparse.Namespace) -> int:
         raise EfedgeError(f"text file {args.text!r} is empty: nothing to trace")
     # the model run can take long: a directory that is not there, or an output that is a
     # directory, fails before it
-    out_dir = Path(args.output).parent
+    output = user_path(args.output)
+    out_dir = output.parent
     if not out_dir.is_dir():
         raise EfedgeError(f"cannot write trace {args.output!r}: directory {str(out_dir)!r} "
                           f"does not exist")
-    if Path(args.output).is_dir():
+    if output.is_dir():
         raise EfedgeError(f"cannot write trace {args.output!r}: it is a directory (name the "
                           f".npz file to write)")
     with load_model(args) as m:
         arrays = record_trace(m, text, max_tokens=args.max_tokens, horizon=args.horizon,
                               sketch_dim=args.sketch)
     try:
-        save_trace(args.output, arrays, source=str(args.text))
+        save_trace(output, arrays, source=str(args.text))
     except OSError as exc:
         raise EfedgeError(f"cannot write trace {args.output!r}: {os_reason(exc)}") from None
     t, n_layer, k = arrays["experts"].shape
