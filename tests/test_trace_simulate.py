@@ -264,6 +264,23 @@ def test_trace_writes_the_file_it_names(inputs, capsys, tmp_path):
     assert rc == 0, err
 
 
+def test_simulate_plot_without_matplotlib_fails_before_the_run(inputs, capsys, monkeypatch,
+                                                                 tmp_path):
+    """--plot needs matplotlib (not installed with efedge): that was found out after every
+    budget and policy had been simulated and the table printed, then status 1."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    try:
+        rc = cli_main(["simulate", str(inputs["trace"]), "--warmup", "4", "--plot",
+                       str(tmp_path / "p.png")])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc == 1 and "--plot needs matplotlib" in err, err
+    assert out == "", out
+
+
 def test_trace_refuses_nothing_to_trace(inputs):
     from efedge.trace import TraceError
 

@@ -81,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
     from efedge.simulate import lower_bound, simulate
     from efedge.trace import load_trace
 
+    if args.plot:  # before the simulation, not after it and its table
+        _pyplot()
     try:
         # a TraceError names the file itself
         arrays, meta = load_trace(user_path(args.trace))
@@ -125,7 +127,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(rows, path) -> None:
+def _pyplot():
+    """matplotlib.pyplot drawing to files, or an EfedgeError: it is not installed with
+    efedge."""
     try:
         import matplotlib
 
@@ -133,6 +137,11 @@ def _plot(rows, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise EfedgeError("--plot needs matplotlib (pip install matplotlib)") from None
+    return plt
+
+
+def _plot(rows, path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         pts = [(r["cache_bytes"] / 2**20, r["stall_ms_per_token"]) for r in rows
