@@ -182,3 +182,35 @@ def test_n_predict_below_minus_one_is_refused(model, capsys, n):
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert re.search(rf"n-predict.*-1.*got {n}", err), err
+
+
+@pytest.mark.parametrize("ioencoding", ["utf-8", None])
+def test_input_that_is_not_utf8_is_refused_and_the_chat_goes_on(model, ioencoding):
+    """A line with a byte that is not UTF-8 (a Latin-1 file piped in, a terminal in
+    another encoding) was a traceback that ended the chat: a UnicodeDecodeError with
+    PYTHONIOENCODING=utf-8, the tokenizer's "lone surrogate" ValueError with the locale's
+    surrogateescape. The line is now refused with a note naming the byte."""
+    env = _env()
+    if ioencoding is None:
+        del env["PYTHONIOENCODING"]
+        env.update(LC_ALL="C.UTF-8", LANG="C.UTF-8")
+    script = b'caf\xe9\n"""\nline \xff two\n"""\n/set max_tokens 3\nhello\n/stats\n/bye\n'
+    p = subprocess.run(_chat(str(model), "--temp", "0"), input=script, capture_output=True,
+                       timeout=120, env=env)
+    out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "not UTF-8 text (byte 0xe9 at offset 3)" in err, err
+    assert "not UTF-8 text (byte 0xff at offset 5)" in err, err  # in the second line
+    assert "Set max_tokens to 3." in out
+    assert len(SUMMARY.findall(err)) == 1, err  # only "hello" was answered
+    assert "2 messages" in out  # the refused lines are not in the conversation
+
+
+def test_a_system_prompt_that_is_not_utf8_is_a_one_line_error(model, capsys):
+    from efedge.cli import main
+
+    # what Python makes of the argument byte 0xe9 (surrogateescape)
+    rc = main(["chat", str(model), "-sys", "caf\udce9"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "system prompt is not UTF-8 text (byte 0xe9 at offset 3)" in err, err

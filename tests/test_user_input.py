@@ -287,6 +287,9 @@ BAD_CLI = [  # (arguments after the model, what stderr must name)
     (["-f", "{missing}"], r"cannot read prompt file '.*missing.txt': No such file"),
     (["-f", "{latin1}"], r"latin1.txt': not UTF-8 text \(byte 0xe9 at offset 3\)"),
     (["-f", "{dir}"], r"cannot read prompt file .*: Is a directory"),
+    # a byte that is not UTF-8 in the argument (Python's surrogateescape): it reached the
+    # tokenizer, whose "lone surrogate" ValueError was a traceback
+    (["-p", "caf\udce9"], r"the prompt is not UTF-8 text \(byte 0xe9 at offset 3\)"),
 ]
 
 

@@ -24,6 +24,7 @@ from efedge.cli.common import (
     format_stats,
     load_model,
     n_predict,
+    not_utf8,
     progress_bar,
     sampling_kwargs,
 )
@@ -324,6 +325,10 @@ class ChatREPL:
                 self.note(f"(Ctrl-C again or {eof_key()} or /bye to exit)")
                 continue
             last_was_interrupt = False
+            bad = not_utf8(text, "the message")
+            if bad:  # the tokenizer would refuse it with a traceback
+                self.note(f"[{bad}: ignored]")
+                continue
             if not text.strip():
                 continue
             try:
@@ -363,6 +368,16 @@ def summary_line(s0: dict, s1: dict, t0: float, t_first: float | None, t_end: fl
 
 
 def main(args: argparse.Namespace) -> int:
+    bad = args.system_prompt and not_utf8(args.system_prompt, "the system prompt")
+    if bad:
+        raise EfedgeError(bad)
+    try:
+        # a byte that is not UTF-8 in a line read (a Latin-1 file piped in) arrives escaped
+        # and is refused with a note (ChatREPL.run), whatever PYTHONIOENCODING says: strict
+        # decoding ended the chat with a UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):  # not a text stream, or already read
+        pass
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())

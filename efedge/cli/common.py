@@ -56,6 +56,22 @@ def probability(text: str) -> float:
                           show_text=True)
 
 
+def not_utf8(text: str, what: str) -> str | None:
+    """None for valid Unicode; else "{what} is not UTF-8 text (byte 0x.. at offset N)".
+    Python hands bytes that are not UTF-8 in an argument (and, on POSIX, standard input)
+    over as lone surrogates U+DC80..U+DCFF (surrogateescape), which the tokenizer refuses
+    with a ValueError: a traceback, had the commands not asked first."""
+    offset = 0
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # the byte code - 0xDC00, escaped
+            return f"{what} is not UTF-8 text (byte 0x{code - 0xDC00:02x} at offset {offset})"
+        if 0xD800 <= code <= 0xDFFF:
+            return f"{what} is not valid Unicode (lone surrogate U+{code:04X} at offset {offset})"
+        offset += len(ch.encode("utf-8"))
+    return None
+
+
 def user_path(text: str) -> Path:
     """A path as the user typed it, `~` the home directory: README promises it for every
     path (cmd.exe and PowerShell leave it to the program, as does a quoted path)."""

@@ -12,6 +12,7 @@ from efedge.cli.common import (
     format_stats,
     load_model,
     n_predict,
+    not_utf8,
     read_text_file,
     sampling_kwargs,
 )
@@ -60,6 +61,9 @@ def main(args: argparse.Namespace) -> int:
         prompt = read_text_file(args.file, "prompt file")
     else:
         prompt = args.prompt if args.prompt is not None else ""
+        bad = not_utf8(prompt, "the prompt")
+        if bad:
+            raise EfedgeError(bad)
     t0 = time.perf_counter()
     with load_model(args) as m:
         load_s = time.perf_counter() - t0
