@@ -73,7 +73,14 @@ def read_seed_trace(trace) -> np.ndarray:
     name = trace
     try:
         trace = trace_experts(trace)  # (only a file can fail here)
-    except Exception as exc:  # OSError, a bad zip, a pickled or truncated file, no ids
+    except OSError as exc:  # the reason; str(exc) repeats the errno and the path
+        raise EfedgeError(f"cannot read the routing trace {name!s}: "
+                          f"{exc.strerror or exc}") from None
+    except ValueError as exc:
+        # np.load's word for a file that is no .npz advises unpickling it (a text file)
+        reason = "not a numpy .npz file" if "pickle" in str(exc) else exc
+        raise EfedgeError(f"cannot read the routing trace {name!s}: {reason}") from None
+    except Exception as exc:  # a bad zip, a truncated file
         raise EfedgeError(f"cannot read the routing trace {name!s}: {exc}") from None
     try:
         ex = np.asarray(trace)
