@@ -108,6 +108,16 @@ def test_chat_template_flag(tmp_path):
     assert chat_template_source(str(f)) == f.read_text(encoding="utf-8")
     assert chat_template_source("chatml") == "chatml"
     assert chat_template_source(None) is None
+    # an empty file was "unknown chat template ''", a folder "unknown chat template
+    # 'DIR'": both said a name was wrong where a file was
+    from efedge.errors import EfedgeError
+
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("")
+    with pytest.raises(EfedgeError, match=r"chat template file '.*empty.jinja' is empty"):
+        chat_template_source(str(empty))
+    with pytest.raises(EfedgeError, match=r"cannot read chat template file .*: Is a directory"):
+        chat_template_source(str(tmp_path))
 
 
 class _Reader:

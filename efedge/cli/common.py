@@ -176,9 +176,14 @@ def chat_template_source(value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(value).expanduser()
-    if path.is_file():
-        return read_text_file(str(path), "chat template file")
-    return value
+    if not path.exists():
+        return value
+    # a folder is refused by the read as such; an empty file would otherwise be taken for
+    # the template name '' ("unknown chat template ''")
+    text = read_text_file(str(path), "chat template file")
+    if not text.strip():
+        raise EfedgeError(f"chat template file {str(path)!r} is empty")
+    return text
 
 
 def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
