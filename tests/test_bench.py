@@ -166,6 +166,19 @@ def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert "unknown cache policy 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("extra", "word"), [
+    (["-p", "8,16"], "-p"), (["-n", "4,8"], "-n"), (["-t", "1,2"], "-t"),
+    (["--vs-llama-cpp"], "--vs-llama-cpp")])
+def test_policies_refuses_what_it_would_ignore(tiny_gguf, capsys, extra, word):
+    """--policies runs one held-out passage with one thread count: a second -p, -n or -t
+    value, or --vs-llama-cpp, was dropped without a word."""
+    rc = main(["bench", str(tiny_gguf("qwen3moe", "F32")), "--policies", "ondemand",
+               "--link", "1GB/s", "-r", "1", *extra])
+    err = capsys.readouterr().err
+    assert rc == 1 and (f"--policies takes no {word}" in err
+                        or f"--policies takes one {word} value" in err), err
+
+
 def test_negative_seed_is_a_flag_error(tiny_gguf, capsys):
     """--seed seeds the random token ids: numpy refuses a negative one, which was a
     ValueError traceback after the model had loaded."""

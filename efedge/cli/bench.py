@@ -417,6 +417,14 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     policies = [p for p in args.policies if p]
     if not policies:
         raise EfedgeError("--policies needs at least one policy name")
+    # one held-out passage, one thread count: further values were dropped without a word
+    for flag, values in (("-p", args.n_prompt), ("-n", args.n_gen), ("-t", args.threads)):
+        if values is not None and len(values) > 1:
+            raise EfedgeError(f"--policies takes one {flag} value, got "
+                              f"{','.join(map(str, values))}")
+    if args.vs_llama_cpp or getattr(args, "llama_cpu_moe", False):
+        raise EfedgeError("--policies takes no --vs-llama-cpp (llama.cpp has no expert cache "
+                          "policy to compare): run the two apart")
     from efedge.experts.scheduler import make_policy
 
     for name in policies:
