@@ -224,3 +224,14 @@ def test_a_system_prompt_that_is_not_utf8_is_a_one_line_error(model, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "system prompt is not UTF-8 text (byte 0xe9 at offset 3)" in err, err
+
+
+def test_end_of_input_inside_a_multiline_message_says_it_was_not_sent(model):
+    """A piped script that ends before its closing \"\"\" lost the message without a
+    word (the chat ended as at any end of input)."""
+    p = subprocess.run(_chat(str(model), "--temp", "0", "-n", "2"),
+                       input='"""\nhello\nthere\n', capture_output=True, text=True,
+                       timeout=120, env=_env(), encoding="utf-8")
+    assert p.returncode == 0, p.stderr
+    assert 'end of input inside a """ message: it was not sent' in p.stderr, p.stderr
+    assert not SUMMARY.search(p.stderr)

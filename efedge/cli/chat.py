@@ -303,7 +303,11 @@ class ChatREPL:
             return body[:-3]
         lines = [body] if body else []
         while True:
-            more = input("... ")
+            try:
+                more = input("... ")
+            except EOFError:  # a piped script without its closing quotes, or Ctrl-D
+                self.note('[end of input inside a """ message: it was not sent]')
+                raise
             if more.rstrip().endswith('"""'):
                 lines.append(more.rstrip()[:-3])
                 return "\n".join(lines)
