@@ -394,3 +394,14 @@ def test_every_command_expands_a_tilde_in_its_paths(path, capsys, monkeypatch, t
     assert rc == 0 and (home / "t.npz").is_file(), err
     rc, out, err = _cli(["simulate", "~/t.npz", "--warmup", 2], capsys)
     assert rc == 0 and "| ondemand |" in out, err
+
+
+def test_a_gpu_index_the_machine_lacks_is_named(path, monkeypatch):
+    """device="cuda:N" past the last GPU passed every check and failed in torch's first
+    allocation ("CUDA error: invalid device ordinal", a traceback). Here a machine with
+    one GPU is what torch reports; the refusal comes before anything is allocated."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(efedge.UnsupportedModelError, match=r"cuda:3.*1 GPU.*cuda:0"):
+        efedge.load(path, device="cuda:3")

@@ -128,6 +128,12 @@ class CudaModel:
         if dev.type not in ("cuda", "cpu"):
             raise UnsupportedModelError(f"device {device!r}: efedge.gpu runs 'cuda' (and "
                                         "torch's 'cpu' device for tests)")
+        if dev.type == "cuda" and dev.index is not None:
+            n_gpu = torch.cuda.device_count()
+            if dev.index >= n_gpu:  # else torch's first allocation: "invalid device ordinal"
+                raise UnsupportedModelError(
+                    f"device={device!r}: this machine has {n_gpu} GPU{'s' * (n_gpu != 1)} "
+                    f"(cuda:0 to cuda:{n_gpu - 1})")
         from efedge.gpu.hybrid import MODES
 
         if hybrid not in MODES:  # checked here: a resident or dense model never builds one
