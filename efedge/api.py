@@ -96,7 +96,8 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
         raise UnsupportedModelError("routing='cache-aware' is implemented for device='cpu' "
                                     "only")
     if cache is None:
-        log.info("routing='cache-aware' has no effect without an expert cache (cache=...)")
+        log.warning("routing='cache-aware' has no effect without an expert cache (cache=...): "
+                    "every expert is resident")
     return float(slack)
 
 
@@ -164,6 +165,9 @@ class Model:
             ctx = n_ctx if n_ctx is not None else min(self.config.n_ctx_train, DEFAULT_CTX)
             if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1:
                 raise ContextLengthError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+            if ctx > self.config.n_ctx_train > 0:  # allowed (llama.cpp too), but say so
+                log.warning("n_ctx %d is larger than the %d tokens the model was trained on: "
+                            "quality falls beyond them", ctx, self.config.n_ctx_train)
             self.n_ctx = ctx
             self._experts = None
             # the warm-up compiles the kernels on the first run after an install

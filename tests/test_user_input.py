@@ -4,16 +4,23 @@ a crash, a numpy exception or silent nonsense. (The server's input: test_server.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
 import efedge
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(n_layer=2, n_expert=4, n_expert_used=2)
 MSGS = [{"role": "user", "content": "hi"}]
@@ -405,3 +412,33 @@ def test_a_gpu_index_the_machine_lacks_is_named(path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(efedge.UnsupportedModelError, match=r"cuda:3.*1 GPU.*cuda:0"):
         efedge.load(path, device="cuda:3")
+
+
+# -- command-line edges ------------------------------------------------------------------------
+def test_verbose_flag_before_or_after_the_command():
+    """`efedge run … -v` as llama.cpp and mlx-lm users type it, and `efedge -v run …`."""
+    from efedge.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["run", "-p", "x", "-v"]).verbose is True
+    assert p.parse_args(["-v", "run", "-p", "x"]).verbose is True
+    assert p.parse_args(["run", "-p", "x"]).verbose is False
+    assert p.parse_args(["simulate", "t.npz", "--verbose"]).verbose is True
+
+
+def test_a_context_past_training_and_routing_without_a_cache_are_warned(path, caplog):
+    with caplog.at_level(logging.WARNING, logger="efedge"):
+        efedge.load(path, n_ctx=1024).close()
+        efedge.load(path).close()
+        assert caplog.text.count("larger than the 512 tokens") == 1
+        efedge.load(path, routing="cache-aware").close()
+    assert "no effect without an expert cache" in caplog.text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a closed descriptor through sh")
+def test_a_closed_stdout_is_not_a_traceback(path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    r = subprocess.run(["sh", "-c", f'"{sys.executable}" -m efedge run "{path}" -p hi -n 1 '
+                        ">&-"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"efedge.cli.{name}").add_parser(sub)
+    for p in sub.choices.values():
+        # also after the command (`efedge run … -v`, as llama.cpp and mlx-lm take it);
+        # SUPPRESS: absent there, it leaves a -v given before the command as it is
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log what efedge does")
     return parser
 
 
@@ -62,6 +67,9 @@ def _stdout_gone() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:  # closed by the caller (`>&-`): write to nowhere,
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # not a traceback
     utf8_stdio()
     parser = build_parser()
     args = parser.parse_args(argv)
