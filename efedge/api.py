@@ -31,7 +31,7 @@ from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
 from efedge.gguf_file import GGUFFile
-from efedge.json_mode import JsonConstraint, check_format
+from efedge.json_mode import constraint_for
 from efedge.logprobs import TokenLogprob, check_top, sequence_logprobs
 from efedge.model import Transformer
 from efedge.sampling import Sampler, SamplingParams
@@ -424,7 +424,7 @@ class Model:
         max_tokens = int(max_tokens)
         sampler = Sampler(self._params(sampling))
         logprobs = check_top(logprobs)
-        constraint = JsonConstraint(self.tokenizer) if check_format(format) == "json" else None
+        constraint = constraint_for(format, self.tokenizer)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s_, str) for s_ in stops):
             raise TypeError("stop must be a string or a list of strings")
@@ -512,7 +512,7 @@ class Model:
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                result: GenerationResult | None = None,
                cancel: threading.Event | None = None, logprobs: int | None = None,
-               format: str | None = None, **sampling) -> Iterator[str]:  # noqa: A002
+               format: str | dict | None = None, **sampling) -> Iterator[str]:  # noqa: A002
         """Yield text pieces as they are generated (never half a UTF-8 character).
 
         `result` (a GenerationResult) receives the token ids and the finish reason
@@ -520,15 +520,17 @@ class Model:
         token's log probability under the model (log-softmax of its logits, before any
         sampling setting) with its N most probable alternatives (efedge.logprobs); `cancel`
         is an Event that stops this call only (Model.cancel() stops every call in
-        progress). `format="json"`: the output is one JSON object (efedge.json_mode); it
-        ends as the object closes, unless max_tokens or a stop string cut it first."""
+        progress). `format="json"`: the output is one JSON object (efedge.json_mode); a
+        dict: a JSON schema, the output one instance of it (efedge.json_schema says which
+        keywords are taken). Either ends as the value closes, unless max_tokens or a stop
+        string cut it first."""
         ids = self._prompt_ids(prompt)
         return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
                                 format)
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
                  result: GenerationResult | None = None, logprobs: int | None = None,
-                 format: str | None = None, **sampling) -> str:  # noqa: A002
+                 format: str | dict | None = None, **sampling) -> str:  # noqa: A002
         """Generated text (without the prompt); `result`, `logprobs` and `format` as for
         stream()."""
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, result=result,
@@ -568,7 +570,7 @@ class Model:
     def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
              stop=None, result: GenerationResult | None = None,
              cancel: threading.Event | None = None, logprobs: int | None = None,
-             format: str | None = None, **sampling) -> str | Iterator[str]:  # noqa: A002
+             format: str | dict | None = None, **sampling) -> str | Iterator[str]:  # noqa: A002
         """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result`,
         `logprobs` and `format` as for stream()."""
         if isinstance(messages, list | tuple) and not messages:

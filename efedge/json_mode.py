@@ -1,5 +1,6 @@
 """JSON mode (`format="json"`, the server's `response_format: {"type": "json_object"}`):
-generation that can only write one JSON object.
+generation that can only write one JSON object. (A JSON schema as the format:
+efedge.json_schema; `constraint_for` below picks the constraint for either.)
 
 `JsonPrefix` follows the bytes generated so far with a pushdown automaton of RFC 8259's
 grammar (strings with their escapes, numbers, true / false / null, nested objects and
@@ -247,13 +248,29 @@ class JsonConstraint:
         return self.state.done
 
 
-def check_format(value) -> str | None:
-    """A `format` argument: None (free text) or "json"; anything else a clear error."""
-    if value is None or value == "json":
-        return value
+def check_format(value) -> str | dict | None:
+    """A `format` argument: None (free text), "json" (JSON mode) or a JSON schema (a dict,
+    compiled now so an unsupported keyword is an error at call time); anything else a
+    clear error."""
     from efedge.errors import ArgumentError
 
+    if value is None or value == "json":
+        return value
     if isinstance(value, dict):
-        raise ArgumentError("format: JSON schemas are not supported; format=\"json\" gives "
-                            "any JSON object")
-    raise ArgumentError(f"format must be None or \"json\", got {value!r}")
+        from efedge.json_schema import compile_schema
+
+        compile_schema(value)
+        return value
+    raise ArgumentError(f"format must be None, \"json\" or a JSON schema (a dict), got "
+                        f"{value!r}")
+
+
+def constraint_for(value, tokenizer):
+    """The constraint generate_tokens applies for a `format` argument (None: none)."""
+    if check_format(value) is None:
+        return None
+    if value == "json":
+        return JsonConstraint(tokenizer)
+    from efedge.json_schema import SchemaConstraint, compile_schema
+
+    return SchemaConstraint(compile_schema(value), tokenizer)

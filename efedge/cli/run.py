@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -18,6 +19,7 @@ from efedge.cli.common import (
 )
 from efedge.errors import EfedgeError
 from efedge.generate import GenerationResult
+from efedge.json_mode import check_format
 
 
 def add_parser(sub) -> None:
@@ -34,8 +36,9 @@ def add_parser(sub) -> None:
                         "context)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the output")
-    p.add_argument("--format", choices=("json",), default=None,
-                   help="json: the output is one JSON object (JSON mode)")
+    p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
+                   help="json: the output is one JSON object (JSON mode); a file: a JSON "
+                        "schema the output follows")
     add_sampling_args(p)
     p.set_defaults(func=main)
 
@@ -54,7 +57,24 @@ def _read_stdin() -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def output_format(value: str | None) -> str | dict | None:
+    """--format: "json", or a JSON schema file read now (before the model loads), so a
+    missing file, one that is not JSON or a keyword efedge does not take fails at once."""
+    if value is None or value == "json":
+        return value
+    text = read_text_file(value, "JSON schema file")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EfedgeError(f"JSON schema file {value!r} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise EfedgeError(f"JSON schema file {value!r} must hold a JSON object (a schema)")
+    check_format(schema)
+    return schema
+
+
 def main(args: argparse.Namespace) -> int:
+    fmt = output_format(args.format)
     if args.prompt == "-" or args.file == "-":
         prompt = _read_stdin()
     elif args.file is not None:  # read before loading: a wrong path fails at once
@@ -83,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.write(prompt)
         result = GenerationResult([], "")
         for piece in m.stream(prompt, max_tokens=max_tokens, stop=args.stop, result=result,
-                              format=args.format, **sampling_kwargs(args)):
+                              format=fmt, **sampling_kwargs(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
