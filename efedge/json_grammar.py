@@ -66,10 +66,14 @@ class JsonGrammar(Grammar):
         return self._once(("star", tuple(elems)), make)
 
     def _upto(self, elems: list, n: int) -> int:
-        """0 to n times, as a chain of n optional rules."""
-        def make():
-            return self.rule([], [*elems] + ([self._upto(elems, n - 1)] if n > 1 else []))
-        return self._once(("upto", tuple(elems), n), make)
+        """0 to n times, as a chain of n optional rules (made from the shortest up, so a
+        long chain needs no deep recursion)."""
+        key = tuple(elems)
+        shorter: list = []
+        for k in range(1, n + 1):
+            shorter = [self._once(("upto", key, k),
+                                  lambda tail=shorter: self.rule([], [*elems, *tail]))]
+        return shorter[0]
 
     # -- pieces -------------------------------------------------------------------------
     def ws(self) -> int:

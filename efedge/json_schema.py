@@ -262,9 +262,8 @@ class _Compiler:
 def _compiled(text: str) -> Compiled:
     root = json.loads(text)
     c = _Compiler(root)
-    start = c.schema(root, "#")
     try:
-        return c.g.compile(start)
+        return c.g.compile(c.schema(root, "#"))
     except GrammarError:
         raise ArgumentError("format: JSON schema: a $ref reaches itself without writing "
                             "anything in between (left recursion)") from None
@@ -282,6 +281,8 @@ def compile_schema(schema) -> Compiled:
         text = json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ArgumentError(f"format: the JSON schema is not JSON: {exc}") from None
+    except RecursionError:
+        raise ArgumentError("format: JSON schema nests too deeply") from None
     return _compiled(text)
 
 
