@@ -5,7 +5,8 @@
         print(m.generate("def fib(n):", max_tokens=64))
 """
 
-from efedge.api import Model, load
+import importlib
+
 from efedge.errors import (
     ArgumentError,
     CacheBudgetError,
@@ -18,9 +19,33 @@ from efedge.errors import (
     TransferError,
     UnsupportedModelError,
 )
-from efedge.generate import GenerationResult
 
 __version__ = "0.1.0"
+
+# Imported when first used: the model code brings numba and the kernels (~0.8 s), which
+# `efedge --help`, a mistyped flag or an early Ctrl-C (a traceback from inside the import,
+# before the command line could catch it) should not wait for
+_LAZY = {"Model": "efedge.api", "load": "efedge.api", "GenerationResult": "efedge.generate"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    else:  # a submodule not imported yet (efedge.api, efedge.sampling …)
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ArgumentError",

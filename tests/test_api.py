@@ -466,3 +466,22 @@ def test_generation_after_load_brings_up_no_further_kernel(tiny_gguf):
             before = sum(compile_stats())
             m.generate(list(range(5, 11)), max_tokens=4, temperature=0)
             assert sum(compile_stats()) == before, quant
+
+
+def test_importing_efedge_leaves_the_model_code_for_first_use():
+    """`import efedge` (and with it the command line's parser: `efedge --help`, an early
+    Ctrl-C) does not load numba and the kernels; efedge.load / Model / GenerationResult
+    and submodules such as efedge.api come on first use, and a wrong name is still an
+    AttributeError."""
+    code = ("import sys, efedge\n"
+            "assert 'efedge.api' not in sys.modules and 'numba' not in sys.modules\n"
+            "assert efedge.load is efedge.api.load and efedge.Model is efedge.api.Model\n"
+            "assert efedge.GenerationResult.__module__ == 'efedge.generate'\n"
+            "try:\n    efedge.no_such_name\nexcept AttributeError:\n    pass\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr

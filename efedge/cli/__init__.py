@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(sys, name) is None:  # closed by the caller (`>&-`): write to nowhere,
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # not a traceback
     utf8_stdio()
-    parser = build_parser()
+    try:
+        parser = build_parser()  # (imports the subcommands: numba, a few tenths of a second)
+    except KeyboardInterrupt:  # Ctrl-C right after the command was typed: no traceback
+        print("", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
