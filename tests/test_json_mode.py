@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
+from _http import post_json, running_server
 
 import efedge
 from efedge.cli import main as cli_main
@@ -19,7 +17,6 @@ from efedge.errors import ArgumentError, SamplingError
 from efedge.generate import GenerationResult
 from efedge.json_mode import MAX_WHITESPACE, JsonPrefix
 from efedge.sampling import Sampler, SamplingParams
-from efedge.server import make_server
 
 
 def accepts(text: str) -> tuple[bool, bool]:
@@ -145,44 +142,27 @@ def test_bad_format_values_are_refused(demo):
 
 
 def test_response_format_json_object_on_the_server(demo):
-    srv = make_server(demo, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-
-    def post(path, body):
-        req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    try:
+    with running_server(demo) as srv:
         fmt = {"type": "json_object"}
-        status, body = post("/v1/chat/completions", {
+        status, body = post_json(srv, "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "a cat as JSON"}], "max_tokens": 160,
             "temperature": 0, "response_format": fmt})
         assert status == 200
         content = body["choices"][0]["message"]["content"]
         assert content == demo.chat([{"role": "user", "content": "a cat as JSON"}],
                                     max_tokens=160, temperature=0, format="json")
-        status, body = post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 160,
+        status, body = post_json(srv, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 160,
                                                 "temperature": 0, "response_format": fmt})
         assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
         assert isinstance(json.loads(body["choices"][0]["text"]), dict)
-        status, body = post("/v1/chat/completions", {
+        status, body = post_json(srv, "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
         assert status == 400 and body["error"]["code"] == "invalid_value"  # no schema
         assert body["error"]["param"] == "response_format"
-        status, body = post("/v1/completions", {"prompt": "x", "response_format": {
+        status, body = post_json(srv, "/v1/completions", {"prompt": "x", "response_format": {
             "type": "xml"}})
         assert status == 400 and body["error"]["code"] == "invalid_value"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=10)
 
 
 def test_run_format_json(capsys):

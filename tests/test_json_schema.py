@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
+from _http import post_json, running_server
 
 import efedge
 from efedge.cli import main as cli_main
@@ -20,7 +18,6 @@ from efedge.generate import GenerationResult
 from efedge.grammar import Matcher
 from efedge.json_grammar import MAX_DIGITS
 from efedge.json_schema import compile_schema
-from efedge.server import make_server
 from tests._schema_oracle import dump, instance, oracle
 
 ANY = {}
@@ -250,26 +247,13 @@ def test_the_api_refuses_bad_formats(demo):
 
 
 def test_response_format_json_schema_on_the_server(demo):
-    srv = make_server(demo, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-
-    def post(path, body):
-        req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
     def fmt(schema):
         return {"type": "json_schema",
                 "json_schema": {"name": "x", "schema": schema, "strict": True}}
 
     messages = [{"role": "user", "content": "a color as JSON"}]
-    try:
-        status, body = post("/v1/chat/completions", {
+    with running_server(demo) as srv:
+        status, body = post_json(srv, "/v1/chat/completions", {
             "messages": messages, "max_tokens": 160, "temperature": 0,
             "response_format": fmt(COLOR)})
         assert status == 200
@@ -277,7 +261,7 @@ def test_response_format_json_schema_on_the_server(demo):
         assert content == demo.chat(messages, max_tokens=160, temperature=0, format=COLOR)
         assert oracle(content, COLOR)
         # llama.cpp's server's form: the schema beside the type
-        status, body = post("/v1/completions", {
+        status, body = post_json(srv, "/v1/completions", {
             "prompt": "{", "max_tokens": 160, "temperature": 0.8, "seed": 2,
             "response_format": {"type": "json_schema", "schema": COLOR}})
         assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
@@ -286,18 +270,14 @@ def test_response_format_json_schema_on_the_server(demo):
                 ({"type": "string", "pattern": "x"}, "unsupported", "keyword 'pattern'"),
                 ({"type": "array", "minItems": 2, "maxItems": 1}, "invalid_value",
                  "maxItems 1 is below minItems 2")]:
-            status, body = post("/v1/chat/completions", {"messages": messages,
+            status, body = post_json(srv, "/v1/chat/completions", {"messages": messages,
                                                          "response_format": fmt(schema)})
             assert status == 400 and body["error"]["code"] == code
             assert body["error"]["param"] == "response_format" and words in \
                 body["error"]["message"]
-        status, body = post("/v1/completions", {"prompt": "x", "response_format": {
+        status, body = post_json(srv, "/v1/completions", {"prompt": "x", "response_format": {
             "type": "json_schema", "json_schema": {"name": "no schema"}}})
         assert status == 400 and body["error"]["code"] == "invalid_value"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=10)
 
 
 def test_run_format_schema_file(tmp_path, capsys):

@@ -6,11 +6,10 @@ llama.cpp's."""
 from __future__ import annotations
 
 import json
-import threading
-import urllib.request
 
 import numpy as np
 import pytest
+from _http import post, running_server, sse_chunks
 from conftest import requires_llama_cpp
 
 import efedge
@@ -18,7 +17,6 @@ from efedge import api
 from efedge.errors import ArgumentError
 from efedge.generate import GenerationResult
 from efedge.logprobs import sequence_logprobs
-from efedge.server import make_server
 
 PROMPT = "The quick brown fox jumps over"
 TOL = 1e-3  # decode's kernels against the batched ones (whole-sequence logits)
@@ -176,25 +174,8 @@ def test_logprobs_match_llama_cpp(model, model_path):
 # -- the server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(model):
-    srv = make_server(model, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join(timeout=10)
-
-
-def _post(srv, path, body) -> tuple[int, str]:
-    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return resp.status, resp.read().decode()
-
-
-def _chunks(text: str) -> list[dict]:
-    return [json.loads(b[len("data: "):]) for b in text.split("\n\n")
-            if b.strip() and b != "data: [DONE]"]
+    with running_server(model) as srv:
+        yield srv
 
 
 def test_completions_logprobs_with_echo(server, model):
@@ -202,7 +183,7 @@ def test_completions_logprobs_with_echo(server, model):
     token), top_logprobs (text → logprob), text_offset into the returned text; the prompt's
     entries are prompt_logprobs', the generated ones generate()'s."""
     body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True}
-    status, text = _post(server, "/v1/completions", body)
+    status, text = post(server, "/v1/completions", body)
     assert status == 200
     choice = json.loads(text)["choices"][0]
     lp = choice["logprobs"]
@@ -221,19 +202,19 @@ def test_completions_logprobs_with_echo(server, model):
     assert offs == sorted(offs) and offs[len(ids)] == len(PROMPT)
     assert [o - len(PROMPT) for o in offs[len(ids):]] == [e.offset for e in r.logprobs]
     # streamed: the same records, spread over the chunks
-    status, text = _post(server, "/v1/completions", dict(body, stream=True))
-    chunks = _chunks(text)
+    status, text = post(server, "/v1/completions", dict(body, stream=True))
+    chunks = sse_chunks(text)
     streamed = {k: sum((c["choices"][0]["logprobs"][k] for c in chunks), [])
                 for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
     assert streamed == lp
     # without echo: only the generated tokens; logprobs 0: no alternatives
-    status, text = _post(server, "/v1/completions", dict(body, echo=False, logprobs=0))
+    status, text = post(server, "/v1/completions", dict(body, echo=False, logprobs=0))
     lp0 = json.loads(text)["choices"][0]["logprobs"]
     assert lp0["token_logprobs"] == pytest.approx([e.logprob for e in r.logprobs], abs=1e-6)
     assert lp0["top_logprobs"] == [{}] * len(r.tokens)
     assert lp0["text_offset"][0] == 0
     # not asked for: null
-    status, text = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    status, text = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     assert json.loads(text)["choices"][0]["logprobs"] is None
 
 
@@ -243,7 +224,7 @@ def test_chat_logprobs_and_stop(server, model):
     msgs = [{"role": "user", "content": "Tell me about the fox"}]
     body = {"messages": msgs, "max_tokens": 8, "temperature": 0, "logprobs": True,
             "top_logprobs": 3}
-    status, text = _post(server, "/v1/chat/completions", body)
+    status, text = post(server, "/v1/chat/completions", body)
     choice = json.loads(text)["choices"][0]
     content = choice["logprobs"]["content"]
     r = GenerationResult([], "")
@@ -255,14 +236,14 @@ def test_chat_logprobs_and_stop(server, model):
         assert bytes(c["bytes"]) == model.tokenizer.token_bytes(e.token)
         assert [bytes(t["bytes"]) for t in c["top_logprobs"]] == \
             [model.tokenizer.token_bytes(t) for t, _ in e.top]
-    status, text = _post(server, "/v1/chat/completions", dict(body, stream=True))
-    chunks = _chunks(text)
+    status, text = post(server, "/v1/chat/completions", dict(body, stream=True))
+    chunks = sse_chunks(text)
     streamed = sum((c["choices"][0]["logprobs"]["content"] for c in chunks
                     if c["choices"] and c["choices"][0]["logprobs"] is not None), [])
     assert streamed == content
     # a stop string: its tokens have no entries
     stop = reply[len(reply) // 2:len(reply) // 2 + 2]
-    status, text = _post(server, "/v1/chat/completions", dict(body, stop=[stop]))
+    status, text = post(server, "/v1/chat/completions", dict(body, stop=[stop]))
     choice = json.loads(text)["choices"][0]
     cut = choice["message"]["content"]
     assert cut == reply[:reply.index(stop)] and choice["finish_reason"] == "stop"

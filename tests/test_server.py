@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _http import running_server
 
 import efedge
 from efedge import server as server_mod
@@ -43,13 +44,8 @@ def model(model_path):
 
 @pytest.fixture(scope="module")
 def server(model):
-    srv = make_server(model, "127.0.0.1", 0, max_body=64 * 1024)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join(timeout=10)
+    with running_server(model, max_body=64 * 1024) as srv:
+        yield srv
 
 
 def call(srv, path: str, body=None, *, raw: bytes | None = None, method: str | None = None):
