@@ -442,3 +442,18 @@ def test_a_closed_stdout_is_not_a_traceback(path):
     r = subprocess.run(["sh", "-c", f'"{sys.executable}" -m efedge run "{path}" -p hi -n 1 '
                         ">&-"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_model_given_twice_is_an_error_and_inspect_takes_m(path, capsys):
+    from efedge.cli import main as cli_main
+
+    other = str(path) + ".other.gguf"
+    assert cli_main(["run", str(path), "-m", other, "-p", "hi", "-n", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "two models given" in err and other in err
+    assert cli_main(["run", str(path), "-m", str(path), "-p", "hi", "-n", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["inspect", "-m", str(path), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["path"] == str(path)

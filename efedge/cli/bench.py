@@ -40,7 +40,7 @@ import numpy as np
 
 from efedge import __version__
 from efedge.cli.bench_llama import _Llama
-from efedge.cli.common import add_host_tier_args, non_negative_int, user_path
+from efedge.cli.common import add_host_tier_args, model_arg, non_negative_int, user_path
 from efedge.errors import EfedgeError
 
 # llama.cpp's names for general.file_type (llama_model_ftype_name)
@@ -349,7 +349,7 @@ def table(rows: list[dict]) -> str:
 def main(args: argparse.Namespace) -> int:
     from efedge import demo
 
-    model = args.model_flag or args.model
+    model = model_arg(args)
     path = user_path(model) if model else demo.demo_model_path()
     if args.repetitions is not None and args.repetitions < 1:
         raise EfedgeError("-r must be at least 1")

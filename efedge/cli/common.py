@@ -186,9 +186,18 @@ def chat_template_source(value: str | None) -> str | None:
     return text
 
 
+def model_arg(args: argparse.Namespace) -> str | None:
+    """The model file given as MODEL or as -m MODEL (llama.cpp's spelling); both at once
+    naming two files is an error rather than one of them silently winning."""
+    flag, pos = getattr(args, "model_flag", None), args.model
+    if flag is not None and pos is not None and flag != pos:
+        raise EfedgeError(f"two models given: {pos!r} and -m {flag!r}; give one")
+    return flag if flag is not None else pos
+
+
 def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
     """efedge.load() with the common flags; `kwargs` go to efedge.load as well."""
-    path = args.model_flag or args.model
+    path = model_arg(args)
     if getattr(args, "chat_template", None) is not None:
         kwargs.setdefault("chat_template", chat_template_source(args.chat_template))
     policy = args.policy

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections import Counter
 
-from efedge.cli.common import user_path
+from efedge.cli.common import model_arg, user_path
 from efedge.config import config_from_gguf
 from efedge.gguf_file import GGUFFile
 
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
                        description="Architecture, layers, experts and their byte sizes.")
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF model file (default: the embedded demo model)")
+    p.add_argument("-m", "--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=main)
 
@@ -105,7 +106,8 @@ def _mib(n: int) -> str:
 def main(args: argparse.Namespace) -> int:
     from efedge.demo import demo_model_path
 
-    info = describe(user_path(args.model) if args.model else demo_model_path())
+    model = model_arg(args)
+    info = describe(user_path(model) if model else demo_model_path())
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
