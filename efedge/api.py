@@ -36,6 +36,14 @@ from efedge.logprobs import TokenLogprob, check_top, sequence_logprobs
 from efedge.model import Transformer
 from efedge.sampling import Sampler, SamplingParams
 from efedge.tokenizer import Tokenizer
+from efedge.tool_calls import (
+    check_template,
+    check_tools,
+    forced_call_grammar,
+    parse_tool_calls,
+    render_messages,
+    resolve_choice,
+)
 
 log = logging.getLogger("efedge")
 DEFAULT_CTX = 4096
@@ -196,6 +204,7 @@ class Model:
                                     self._tf.new_kv_cache(ctx), self.counters)
             self._chat_template_name = chat_template
             self._template = None
+            self._tool_template = None  # the GGUF's tool_use variant (chat_template())
         except BaseException:
             for part in (getattr(self, "_experts", None), getattr(self, "_tf", None)):
                 if part is not None and hasattr(part, "close"):
@@ -536,8 +545,10 @@ class Model:
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, result=result,
                                    logprobs=logprobs, format=format, **sampling))
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    def chat_template(self, tools: bool = False):
+        """The ChatTemplate chat_prompt renders with: the one given at load
+        (chat_template=), else the GGUF's — for a prompt with tools its
+        `tokenizer.chat_template.tool_use` variant where the file has one — else chatml."""
         from efedge.chat_template import ChatTemplate, get_template
 
         tok = self.tokenizer
@@ -551,8 +562,24 @@ class Model:
                 else:
                     self._template = (ChatTemplate.from_metadata(self._gf.metadata)
                                       or get_template("chatml"))
-        tpl = self._template
-        text = tpl.render(messages, add_generation_prompt=add_generation_prompt)
+            if not tools or self._chat_template_name is not None:
+                return self._template
+            if self._tool_template is None:
+                self._tool_template = ChatTemplate.from_metadata(
+                    self._gf.metadata, name="tool_use") or self._template
+            return self._tool_template
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template; `tools`
+        (OpenAI's list) are rendered by the template. Assistant messages may carry
+        `tool_calls` (arguments a JSON string or an object) and `role: "tool"` messages
+        their results (efedge.tool_calls.render_messages)."""
+        tools = check_tools(tools)
+        tok = self.tokenizer
+        tpl = self.chat_template(tools=tools is not None)
+        text = tpl.render(render_messages(messages),
+                          add_generation_prompt=add_generation_prompt, tools=tools)
         # as llama.cpp: a BOS the template writes first (an EOS it writes last) is dropped
         # where the vocab adds one, and then the vocab's are added, so the prompt starts
         # with exactly one BOS whether the template writes it or not (never two)
@@ -570,14 +597,37 @@ class Model:
     def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
              stop=None, result: GenerationResult | None = None,
              cancel: threading.Event | None = None, logprobs: int | None = None,
-             format: str | dict | None = None, **sampling) -> str | Iterator[str]:  # noqa: A002
+             format: str | dict | None = None, tools: list[dict] | None = None,  # noqa: A002
+             tool_choice: str | dict = "auto", **sampling) -> str | Iterator[str]:
         """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result`,
-        `logprobs` and `format` as for stream()."""
+        `logprobs` and `format` as for stream().
+
+        `tools` (OpenAI's [{"type": "function", "function": {"name", "description",
+        "parameters"}}]) are rendered by a chat template in the Hermes <tool_call> format
+        (efedge.tool_calls; another template is an UnsupportedModelError). The reply is
+        still text; `result.tool_calls` receives the calls parsed from it
+        (efedge.tool_calls.parse_tool_calls). `tool_choice`: "auto" (the model decides),
+        "none" (no tools rendered), "required" (exactly one call of an offered tool) or
+        {"type": "function", "function": {"name": N}} (one call of N), the last two by
+        constraining the output to the call's grammar, its arguments an instance of the
+        tool's parameters schema."""
         if isinstance(messages, list | tuple) and not messages:
             raise ArgumentError("messages is empty: a conversation needs at least one message")
-        ids = self._prompt_ids(self.chat_prompt(messages))
+        tools = check_tools(tools)
+        mode, names = resolve_choice(tool_choice, tools)
+        shown = tools if mode != "none" else None
+        if shown is not None:
+            check_template(self.chat_template(tools=True))
+        if mode == "forced":
+            if format is not None:
+                raise ArgumentError("format= cannot be combined with a forced tool_choice")
+            format = forced_call_grammar(tools, names)  # noqa: A001
+        ids = self._prompt_ids(self.chat_prompt(messages, tools=shown))
+        result = result if result is not None else GenerationResult([], "length")
         it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
                               format)
+        if shown is not None:
+            it = _parsing_calls(it, result, shown)
         return it if stream else "".join(it)
 
     def cancel(self) -> None:
@@ -634,6 +684,19 @@ class Model:
         c = self.config
         return (f"<efedge.Model {self.path.name}: {c.arch}, {c.n_layer} layers, "
                 f"{c.n_expert} experts ({c.n_expert_used} active)>")
+
+
+def _parsing_calls(it: Iterator[str], result: GenerationResult,
+                   tools: list[dict]) -> Iterator[str]:
+    """The pieces of `it`; once it ends, result.tool_calls holds the calls of the reply."""
+    parts = []
+    try:
+        for piece in it:
+            parts.append(piece)
+            yield piece
+    finally:
+        it.close()
+    result.tool_calls = parse_tool_calls("".join(parts), tools)[1]
 
 
 def _close_parts(experts, tf) -> None:

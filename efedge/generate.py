@@ -24,6 +24,9 @@ class GenerationResult:
     # with logprobs=N: one entry per generated token whose text the caller received
     # (tokens of a stop string that cut the text are left out), else None
     logprobs: list[TokenLogprob] | None = None
+    # Model.chat with tools: the calls parsed from the reply (efedge.tool_calls), [] for
+    # none; None when no tools were offered
+    tool_calls: list[dict] | None = None
 
 
 class Session:

@@ -249,12 +249,14 @@ class JsonConstraint:
 
 
 def check_format(value) -> str | dict | None:
-    """A `format` argument: None (free text), "json" (JSON mode) or a JSON schema (a dict,
-    compiled now so an unsupported keyword is an error at call time); anything else a
+    """A `format` argument: None (free text), "json" (JSON mode), a JSON schema (a dict,
+    compiled now so an unsupported keyword is an error at call time) or a compiled grammar
+    (efedge.grammar.Compiled: a forced tool call, efedge.tool_calls); anything else a
     clear error."""
     from efedge.errors import ArgumentError
+    from efedge.grammar import Compiled
 
-    if value is None or value == "json":
+    if value is None or value == "json" or isinstance(value, Compiled):
         return value
     if isinstance(value, dict):
         from efedge.json_schema import compile_schema
@@ -267,10 +269,13 @@ def check_format(value) -> str | dict | None:
 
 def constraint_for(value, tokenizer):
     """The constraint generate_tokens applies for a `format` argument (None: none)."""
+    from efedge.grammar import Compiled
+
     if check_format(value) is None:
         return None
-    if value == "json":
+    if isinstance(value, str):
         return JsonConstraint(tokenizer)
     from efedge.json_schema import SchemaConstraint, compile_schema
 
-    return SchemaConstraint(compile_schema(value), tokenizer)
+    grammar = value if isinstance(value, Compiled) else compile_schema(value)
+    return SchemaConstraint(grammar, tokenizer)

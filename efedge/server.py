@@ -58,11 +58,13 @@ from efedge.errors import (
     SamplingError,
     TemplateError,
     TransferError,
+    UnsupportedModelError,
 )
 from efedge.server_body import read_body, read_json
 from efedge.server_logprobs import as_chat, as_completion
 from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
+from efedge.tool_calls import check_template
 
 log = logging.getLogger("efedge.server")
 MAX_BODY = 1 << 20  # bytes
@@ -301,6 +303,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(500, f"the server's chat template is broken: "
                                     f"{self.server.template_error}", "chat_template_error",
                                type_="server_error")
+            if chat and req.tools is not None and self.server.tools_error is not None:
+                raise APIError(400, self.server.tools_error, "unsupported", param="tools")
             job = self.server.worker.submit(req)
         except APIError as err:
             self._send_error(err)
@@ -336,13 +340,16 @@ class Handler(BaseHTTPRequestHandler):
             elif ev[0] == "done":
                 recs += ev[3] or []
                 break
-        _, usage, finish, _ = ev
+        _, usage, finish, _, calls = ev
         text = "".join(parts)
         lp = _logprobs(recs, chat) if job.req.logprobs is not None else None
         resp = self.server.envelope(chat, stream=False)
         if chat:
-            resp["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
-                                "logprobs": lp, "finish_reason": finish}]
+            message = {"role": "assistant", "content": text}
+            if calls:  # as OpenAI: no text beside the calls is null content
+                message.update(content=text.strip() or None, tool_calls=calls)
+            resp["choices"] = [{"index": 0, "message": message, "logprobs": lp,
+                                "finish_reason": finish}]
         else:
             resp["choices"] = [{"index": 0, "text": text, "logprobs": lp,
                                 "finish_reason": finish}]
@@ -369,12 +376,12 @@ class Handler(BaseHTTPRequestHandler):
         usage_wanted = job.req.include_usage
 
         def chunk(delta: str | None, finish: str | None, first: bool = False,
-                  recs: list[dict] | None = None) -> dict:
+                  recs: list[dict] | None = None, d: dict | None = None) -> dict:
             # a chunk's logprobs: its tokens' (null when the request asked for none)
             lp = None if recs is None else _logprobs(recs, chat)
             if chat:
-                d = {"role": "assistant", "content": ""} if first else (
-                    {} if delta is None else {"content": delta})
+                d = d if d is not None else {"role": "assistant", "content": ""} if first \
+                    else ({} if delta is None else {"content": delta})
                 choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": lp,
@@ -397,7 +404,10 @@ class Handler(BaseHTTPRequestHandler):
                 return
             elif ev[0] == "done":
                 break
-        _, usage, finish, rest = ev
+        _, usage, finish, rest, calls = ev
+        for i, call in enumerate(calls or ()):  # each call whole, in one chunk (llama.cpp
+            # sends the arguments in pieces; clients join them either way)
+            self._event(chunk(None, None, d={"tool_calls": [dict(call, index=i)]}))
         self._event(chunk(None, finish, recs=rest))
         if usage_wanted:
             self._event(dict(base, choices=[], usage=usage))
@@ -436,6 +446,12 @@ class EfedgeServer(ThreadingHTTPServer):
             self.template_error = str(exc)
             log.warning("the chat template is broken; /v1/chat/completions will answer 500 "
                         "(completions still work): %s", exc)
+        # tools need a template in a format efedge reads (efedge.tool_calls): why not, or None
+        self.tools_error: str | None = None
+        try:
+            check_template(model.chat_template(tools=True))
+        except (UnsupportedModelError, TemplateError) as exc:
+            self.tools_error = str(exc)
         self._busy = 0  # requests between submit and their response's end
         self._idle = threading.Condition()
         self.worker = ModelWorker(model, max_queue)

@@ -11,6 +11,7 @@ from efedge.errors import ArgumentError, SamplingError
 from efedge.json_mode import check_format
 from efedge.logprobs import MAX_TOP_LOGPROBS
 from efedge.sampling import SamplingParams
+from efedge.tool_calls import check_tools, forced_call_grammar, resolve_choice
 
 
 class APIError(Exception):
@@ -41,8 +42,13 @@ class GenRequest:
     include_usage: bool
     echo: bool
     logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: off
-    # "json": response_format json_object (efedge.json_mode); a dict: json_schema's schema
-    format: str | dict | None = None
+    # "json": response_format json_object (efedge.json_mode); a dict: json_schema's schema;
+    # a compiled grammar: a forced tool call (efedge.tool_calls.forced_call_grammar)
+    format: Any = None
+    # chat with tools (not tool_choice "none"): rendered into the prompt, calls parsed
+    # from the reply (efedge.tool_calls); parallel_tool_calls false keeps the first call
+    tools: list[dict] | None = None
+    parallel_tool_calls: bool = True
 
 
 _MISSING = object()
@@ -155,16 +161,52 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
     if top and not want:  # as OpenAI: alternatives come with the tokens' own logprobs
         raise APIError(400, "top_logprobs needs \"logprobs\": true", "invalid_value",
                        param="top_logprobs")
-    for name in ("tools", "functions"):  # "functions": the deprecated form of tools
-        if body.get(name):
-            raise APIError(400, f"{name} are not supported", "unsupported", param=name)
-    # without tools the model can only answer in text: "none" and "auto" mean just that
-    for name in ("tool_choice", "function_call"):
-        if body.get(name) not in (None, "none", "auto"):
-            raise APIError(400, f"{name} {json.dumps(body[name])[:60]} needs tools, which are "
-                                "not supported", "unsupported", param=name)
+    tools, choice = _tools(body)
+    fmt = _format(body)
+    try:
+        mode, names = resolve_choice(choice, tools)
+    except ArgumentError as exc:
+        raise APIError(400, str(exc), "invalid_value", param="tool_choice") from None
+    if mode == "forced":
+        if fmt is not None:
+            raise APIError(400, "response_format cannot be combined with a tool_choice "
+                                "that forces a call", "unsupported", param="tool_choice")
+        try:  # the call's grammar: a parameters schema it cannot follow is refused now
+            fmt = forced_call_grammar(tools, names)
+        except ArgumentError as exc:
+            raise APIError(400, str(exc), "unsupported" if "not supported" in str(exc)
+                           else "invalid_value", param="tools") from None
     return GenRequest(messages=messages, prompt=None, echo=False,
-                      logprobs=(top or 0) if want else None, format=_format(body), **kw)
+                      logprobs=(top or 0) if want else None, format=fmt,
+                      tools=tools if mode != "none" else None,
+                      parallel_tool_calls=_field(body, "parallel_tool_calls", bool, True),
+                      **kw)
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, Any]:
+    """(tools, tool_choice): OpenAI's tools, or the deprecated functions / function_call
+    mapped to them; the tools checked (efedge.tool_calls.check_tools), the choice as given."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    param = "tools"
+    if body.get("functions") is not None:
+        if tools is not None:
+            raise APIError(400, "give tools or functions (deprecated), not both",
+                           "invalid_value", param="functions")
+        funcs, param = body["functions"], "functions"
+        if not isinstance(funcs, list):
+            raise APIError(400, "'functions' must be an array", "invalid_type",
+                           param="functions")
+        tools = [{"type": "function", "function": f} for f in funcs]
+    if choice is None and body.get("function_call") is not None:
+        fc = body["function_call"]  # "none", "auto" or {"name": N}
+        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+    try:
+        return check_tools(tools), choice
+    except ArgumentError as exc:
+        msg = str(exc)
+        if param == "functions":  # name the entry as the client wrote it
+            msg = msg.replace("tools[", "functions[").replace("].function", "]")
+        raise APIError(400, msg, "invalid_value", param=param) from None
 
 
 def parse_completion(body: Any, defaults: dict) -> GenRequest:

@@ -2,8 +2,11 @@
 in arrival order, while the HTTP threads wait for its events (efedge/server.py).
 
 A request is a `Job`: the worker puts ("start", n_prompt, echo_text, prompt_logprobs),
-("text", piece, logprobs) …, then ("done", usage, finish_reason, logprobs) or ("error",
-exception) on its queue. The logprobs are efedge.server_logprobs records (None when the
+("text", piece, logprobs) …, then ("done", usage, finish_reason, logprobs, tool_calls) or
+("error", exception) on its queue. With tools, the text is the reply's content
+(efedge.tool_calls.CallStream holds back a <tool_call> block from its start), tool_calls
+the calls parsed from it (None without tools) and the finish reason "tool_calls" when
+there are some. The logprobs are efedge.server_logprobs records (None when the
 request asked for none): the echoed prompt's tokens, then those generated tokens whose
 text has been sent (a token's record goes with the piece its text starts in; what is
 left, with "done"). A job whose
@@ -23,6 +26,7 @@ from efedge.errors import EfedgeError
 from efedge.generate import GenerationResult
 from efedge.server_logprobs import prompt_records, records
 from efedge.server_requests import APIError, GenRequest
+from efedge.tool_calls import CallStream
 
 log = logging.getLogger("efedge.server")
 MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
@@ -37,7 +41,7 @@ class Job:
     def __init__(self, req: GenRequest):
         self.req = req
         # ("start", n_prompt, echo_text, recs) ("text", s, recs) ("done", usage, finish,
-        # recs) ("error", exc): see the module docstring
+        # recs, tool_calls) ("error", exc): see the module docstring
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
@@ -129,7 +133,7 @@ class ModelWorker:
     def _run(self, job: Job) -> None:
         m, req = self.model, job.req
         if req.messages is not None:
-            ids = m.chat_prompt(req.messages)
+            ids = m.chat_prompt(req.messages, tools=req.tools)
         elif isinstance(req.prompt, str):
             ids = m.tokenize(req.prompt)
         else:
@@ -168,6 +172,7 @@ class ModelWorker:
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
                       logprobs=lp, format=req.format, **req.sampling)
         sent = released = 0  # characters sent; generated tokens whose records went
+        calls = CallStream(req.tools) if req.tools is not None else None
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""
@@ -186,6 +191,10 @@ class ModelWorker:
                     started = True
                 if job.cancelled.is_set():
                     break
+                if calls is not None:
+                    piece = calls.push(piece)
+                    if not piece:
+                        continue
                 sent += len(piece)
                 job.events.put(("text", piece, release()))
         finally:
@@ -195,7 +204,16 @@ class ModelWorker:
         n_gen, job.finish = len(result.tokens), result.finish_reason
         if job.finish == "cancelled":
             self.n_cancelled += 1
+        found = None
+        if calls is not None:
+            tail, found = calls.finish()
+            found = found[:1] if not req.parallel_tool_calls else found
+            if tail:
+                job.events.put(("text", tail, None))  # its tokens' records go with "done"
+            if found and job.finish == "stop":  # as llama.cpp: "length" stays "length"
+                job.finish = "tool_calls"
         # what is left: the model has dropped the records of a stop string's tokens
         rest = None if lp is None else records(tok, result.logprobs[released:], len(echo))
         job.events.put(("done", {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                                 "total_tokens": n_prompt + n_gen}, job.finish, rest))
+                                 "total_tokens": n_prompt + n_gen}, job.finish, rest,
+                        found))

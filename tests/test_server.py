@@ -167,7 +167,8 @@ def test_completion_and_stream_and_stop(server, model):
     ("/v1/chat/completions", {"messages": HI, "temperature": 2.5}, 400, "invalid_value"),
     ("/v1/chat/completions", {"messages": HI, "presence_penalty": 3}, 400, "invalid_value"),
     ("/v1/chat/completions", {"messages": HI, "logit_bias": {"5": -100}}, 400, "unsupported"),
-    ("/v1/chat/completions", {"messages": HI, "tool_choice": "required"}, 400, "unsupported"),
+    ("/v1/chat/completions", {"messages": HI, "tool_choice": "required"}, 400, "invalid_value"),
+    # tools on a template without the <tool_call> format (the tiny file has none: chatml)
     ("/v1/chat/completions", {"messages": HI, "functions": [{"name": "f"}]}, 400,
      "unsupported"),
     ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, 400, "invalid_value"),
@@ -431,7 +432,7 @@ def test_requests_whose_clients_left_free_their_place_in_line(model, monkeypatch
     def run(self, job):  # the model "busy" until released; records what it ran
         ran.append(job)
         release.wait(30)
-        job.events.put(("done", {}, "stop", None))
+        job.events.put(("done", {}, "stop", None, None))
 
     monkeypatch.setattr(ModelWorker, "_run", run)
     worker = ModelWorker(model, max_queue=2)
