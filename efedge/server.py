@@ -17,7 +17,10 @@ away during a request, streaming or not, cancels its generation within `PEER_CHE
 the server keeps serving. Shutting down (`server_close`) stops the generation in progress:
 its response ends with `finish_reason: "cancelled"` (as does any generation cut short),
 and requests still waiting get 503 `server_shutting_down`. `echo: true` on a completion
-prepends the prompt, detokenized when it was given as token ids.
+prepends the prompt, detokenized when it was given as token ids. Chat takes OpenAI's
+`tools` / `tool_choice` for templates in the Hermes <tool_call> format (efedge.tool_calls):
+`message.tool_calls` with `finish_reason: "tool_calls"`; streamed, the content first and
+then one chunk per call.
 
 CORS is opt-in (`allow_origins=["http://localhost:3000"]`, `["*"]` for any; `serve
 --allow-origin`): a browser page from an allowed origin gets `Access-Control-Allow-Origin`

@@ -449,6 +449,21 @@ def test_server_forced_call_on_the_real_model(server):
                       if t["function"]["name"] == c["function"]["name"])
         args = json.loads(c["function"]["arguments"], object_pairs_hook=_pairs)
         assert args == {} if params is None else valid(args, params, params)
+    # streamed: no content, the same call in one chunk; logprobs of every token (the text
+    # was held back, so they all come with the finish chunk)
+    status, text = call(server, CHAT, {"messages": ASK, "tools": TOOLS, "max_tokens": 400,
+                                       "tool_choice": choice, "temperature": 0,
+                                       "stream": True, "logprobs": True,
+                                       "stream_options": {"include_usage": True}})
+    assert status == 200
+    chunks = events(text)[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert not "".join(d.get("content") or "" for d in deltas)
+    (streamed,) = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert streamed[0]["function"] == c["function"] and streamed[0]["index"] == 0
+    finish = chunks[-2]["choices"][0]
+    assert finish["finish_reason"] == "tool_calls"
+    assert len(finish["logprobs"]["content"]) == chunks[-1]["usage"]["completion_tokens"]
 
 
 @pytest.mark.parametrize("extra,param,code,msg", [
