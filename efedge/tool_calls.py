@@ -139,8 +139,14 @@ def _render_call(call, where: str) -> dict:
 
 # -- reading a reply ---------------------------------------------------------------------
 def _in_think(text: str, i: int) -> bool:
-    """Position i lies inside a <think> block (opened before i and not closed)."""
-    return text.rfind("<think>", 0, i) > text.rfind("</think>", 0, i)
+    """Position i lies inside a <think> block: opened before i and not closed, or — no tag
+    before i — closed after it with none opened in between (a template that ends its
+    prompt with "<think>", as Qwen3's thinking models do: the reply starts inside it)."""
+    opened, closed = text.rfind("<think>", 0, i), text.rfind("</think>", 0, i)
+    if opened >= 0 or closed >= 0:
+        return opened > closed
+    close_after, open_after = text.find("</think>", i), text.find("<think>", i)
+    return close_after >= 0 and (open_after < 0 or close_after < open_after)
 
 
 def _blocks(text: str) -> Iterator[tuple[int, int, str]]:

@@ -138,6 +138,11 @@ def test_think_blocks_stay_and_calls_inside_them_are_thoughts():
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
     # an unclosed think block: nothing in it is a call
     assert parse_tool_calls("<think>" + block("now", {}), TOOLS)[1] == []
+    # the template opened the think block (the reply starts inside it, "</think>" only):
+    # a call in the reasoning is a thought, the one after it a call
+    text = "maybe " + block("now", {}) + "\n</think>\n\n" + block("now", {})
+    content, calls = parse_tool_calls(text, TOOLS)
+    assert len(calls) == 1 and content == text[:text.index("</think>") + 8]
     # without calls the text is the content exactly as generated, whitespace included
     assert parse_tool_calls("  hi \n", TOOLS) == ("  hi \n", [])
 
@@ -524,3 +529,17 @@ def test_openai_client_reads_tool_calls(server, hermes, monkeypatch):
         for tc in chunk.choices[0].delta.tool_calls or ():
             names[tc.index] = tc.function.name
     assert names == {0: "get_weather", 1: "now"}
+
+
+def test_call_stream_with_reasoning_the_template_opened():
+    """The reply starts inside a <think> the prompt opened: a block in the reasoning cannot
+    be told from a call until "</think>" comes, so the stream holds it back; at the end the
+    content (the reasoning, that block included) and the one real call are the parser's."""
+    text = "maybe " + block("now", {}) + "\n</think>\n\n" + block("now", {})
+    want_content, want_calls = parse_tool_calls(text, TOOLS)
+    assert len(want_calls) == 1
+    s = CallStream(TOOLS)
+    out = "".join(s.push(c) for c in text)
+    tail, calls = s.finish()
+    assert out + tail == want_content
+    assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
