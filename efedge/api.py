@@ -1,4 +1,7 @@
-"""The public Model: load a GGUF file, score, generate, stream and chat.
+"""The public Model: load a GGUF file, score, generate, stream and chat. Here: loading,
+the expert source, the locking every call shares, tokenizing, stats and close(); the rest
+in mixins — generation (efedge/api_generation.py), scoring (efedge/api_scoring.py) and
+chat (efedge/api_chat.py).
 
 Thread safety: one Model runs one request at a time. Calls from several threads are
 serialised by a lock (the second waits); `cancel()` may be called from any thread and
@@ -11,14 +14,14 @@ import gc
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from efedge import demo, kernels
+from efedge.api_chat import ChatMixin
+from efedge.api_generation import GenerationMixin
+from efedge.api_scoring import ScoringMixin
 from efedge.config import ModelConfig, config_from_gguf
 from efedge.errors import (
     ArgumentError,
@@ -29,29 +32,13 @@ from efedge.errors import (
 )
 from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
-from efedge.generate import GenerationResult, Session, StopStringFilter, generate_tokens
+from efedge.generate import GenerationResult, Session
 from efedge.gguf_file import GGUFFile
-from efedge.json_mode import constraint_for
-from efedge.logprobs import TokenLogprob, check_top, sequence_logprobs
 from efedge.model import Transformer
-from efedge.sampling import Sampler, SamplingParams
 from efedge.tokenizer import Tokenizer
-from efedge.tool_calls import (
-    check_template,
-    check_tools,
-    forced_call_grammar,
-    parse_tool_calls,
-    render_messages,
-    resolve_choice,
-)
 
 log = logging.getLogger("efedge")
 DEFAULT_CTX = 4096
-PROMPT_CHUNK = 256  # prompt_logprobs: tokens per forward call (logits memory: × n_vocab)
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                 "repeat_last_n", "seed", "frequency_penalty", "presence_penalty")
-
-
 ROUTINGS = ("exact", "cache-aware")
 
 # numba's workqueue threading layer — what pip's numba falls back to without OpenMP or
@@ -109,7 +96,7 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     return float(slack)
 
 
-class Model:
+class Model(GenerationMixin, ScoringMixin, ChatMixin):
     """A loaded GGUF model. Prefer `efedge.load(...)`; use as a context manager or call
     `close()` to release the mapping."""
 
@@ -319,317 +306,6 @@ class Model:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 [len(ids), n_vocab] for a fresh sequence starting at position 0."""
-        ids = self._token_ids(ids)
-        if not ids:
-            raise ArgumentError("logits() needs at least one token id")
-        if len(ids) > self.n_ctx:
-            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
-                                     "(raise n_ctx, or pass fewer)")
-        with self._lock:
-            self._check_open()
-            self._wait_idle("logits()")
-            # the session's own cache, emptied: a second one beside it cost memory per
-            # call, and on device="cuda" sat outside the VRAM the load planned
-            self._session.reset()
-            fwd = self._forward if self._compute is None else self._forward_in_turn
-            return fwd(ids, 0, self._session.kv, all_logits=True)
-
-    def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0, *,
-                        first: int = 0) -> list[TokenLogprob]:
-        """Each token's log probability after the tokens before it, for a fresh sequence
-        from position 0: len(ids) - 1 entries (the first token has none), each with its
-        top_n alternatives (0–20); with `first`, only those of ids[first + 1:] (the
-        tokens before are context: their logits are not computed where a whole batch of
-        them can skip the output head). The logits are taken PROMPT_CHUNK tokens at a
-        time, so memory does not grow with len(ids) × n_vocab; the cache keeps the
-        sequence, and a generation from the same ids reuses it."""
-        top_n = check_top(top_n, "top_n")
-        ids = self._token_ids(ids)
-        if not ids:
-            raise ArgumentError("prompt_logprobs() needs at least one token id")
-        if isinstance(first, bool) or not isinstance(first, int) or \
-                not 0 <= first < len(ids):
-            raise ArgumentError(f"first must be an integer in [0, {len(ids) - 1}], got "
-                                f"{first!r}")
-        if len(ids) > self.n_ctx:
-            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
-                                     "(raise n_ctx, or pass fewer)")
-        out: list[TokenLogprob] = []
-        with self._lock:
-            self._check_open()
-            self._wait_idle("prompt_logprobs()")
-            session = self._session
-            session.reset()
-            fwd = self._forward if self._compute is None else self._forward_in_turn
-            start = 0
-            while start < len(ids):
-                # (a batch's rows do not depend on its size: the same bits as the whole
-                # sequence at once. A last chunk of one token takes the decode kernels,
-                # but its row, the last token's, predicts nothing asked for here)
-                end = min(start + PROMPT_CHUNK, len(ids))
-                if end <= first:  # context only: the last row's logits, which are cheap
-                    fwd(ids[start:end], start, session.kv, all_logits=False)
-                else:
-                    logits = fwd(ids[start:end], start, session.kv, all_logits=True)
-                    # row r predicts token r + 1 (the chunk's last row, the next chunk's
-                    # first token): rows from `first` on
-                    lo = max(first, start)
-                    out += sequence_logprobs(logits[lo - start:], ids[lo:end + 1], top_n)
-                session.tokens = ids[:end]
-                start = end
-        return out
-
-    def _token_ids(self, ids, check_range: bool = True) -> list[int]:
-        """Validated token ids: integers inside the vocabulary, named when not."""
-        if not isinstance(ids, list | tuple | np.ndarray):
-            raise TypeError(f"token ids must be a list of integers, got {type(ids).__name__}")
-        out = []
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int | np.integer):
-                raise TypeError(f"token id {i!r} is not an integer")
-            i = int(i)
-            if check_range and not 0 <= i < self.config.n_vocab:
-                raise ArgumentError(f"token id {i} is outside the vocabulary "
-                                 f"(0..{self.config.n_vocab - 1})")
-            out.append(i)
-        return out
-
-    def _params(self, kw: dict[str, Any]) -> SamplingParams:
-        unknown = set(kw) - set(SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
-        p = SamplingParams(**kw)
-        p.validate()
-        return p
-
-    def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool = True,
-                    parse_special: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenize(prompt, add_special=add_special, parse_special=parse_special)
-        elif isinstance(prompt, list | tuple | np.ndarray):
-            ids = self._token_ids(prompt, check_range=False)  # the context check first
-        else:
-            raise TypeError(f"prompt must be a string or a list of token ids, got "
-                            f"{type(prompt).__name__}")
-        if not ids:
-            raise ArgumentError("the prompt is empty (and the model adds no BOS token)")
-        if len(ids) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds "
-                                     f"{self.n_ctx} (raise n_ctx / -c, or shorten it)")
-        return self._token_ids(ids)
-
-    def _stream_ids(self, ids: list[int], max_tokens: int, stop, sampling: dict,
-                    result: GenerationResult | None,
-                    cancel: threading.Event | None, logprobs=None,
-                    format=None) -> Iterator[str]:  # noqa: A002 (ollama's name)
-        """Validate now (errors surface at call time, not at the first next()), then
-        return the generator. The cancel event is registered now too, so a cancel()
-        between the call and the first token is not lost."""
-        if not isinstance(max_tokens, int | np.integer) or isinstance(max_tokens, bool) \
-                or max_tokens < 0:
-            raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-        max_tokens = int(max_tokens)
-        sampler = Sampler(self._params(sampling))
-        logprobs = check_top(logprobs)
-        constraint = constraint_for(format, self.tokenizer)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s_, str) for s_ in stops):
-            raise TypeError("stop must be a string or a list of strings")
-        self._check_open()
-        result = result if result is not None else GenerationResult([], "length")
-        ev = cancel if cancel is not None else threading.Event()
-        with self._cancel_lock:
-            self._active_cancels.add(ev)
-        gen = self._generate_text(ids, max_tokens, stops, sampler, result, ev, logprobs,
-                                  constraint)
-        # a generator dropped before its first next() never runs its finally: forget its
-        # event when it is collected, or each such call stays registered for good (the
-        # set only grew in an app that builds streams it may not consume). set.discard is
-        # atomic, so the finalizer needs no lock wherever the collector runs it
-        weakref.finalize(gen, self._active_cancels.discard, ev)
-        return gen
-
-    def _generate_text(self, ids, max_tokens, stops, sampler, result, ev,
-                       logprobs=None, constraint=None) -> Iterator[str]:
-        try:
-            with self._lock:
-                self._check_open()
-                self._wait_idle("generate()/stream()/chat()")
-                self._owner = threading.current_thread()
-                self._owned_by = token = object()  # this generation's claim
-                session = self._session
-            sent = 0  # characters handed to the caller
-            filt = StopStringFilter(stops)
-            try:
-                self.last_result = result
-                decoder = self.tokenizer.stream_decoder()
-                made = 0  # characters the decoder made: where the next token's text starts
-                for tok in generate_tokens(session, ids, sampler, max_tokens=max_tokens,
-                                           eog=self.tokenizer.eog_ids, cancel=ev,
-                                           result=result, logprobs=logprobs,
-                                           constraint=constraint):
-                    piece = decoder.push(tok)
-                    if logprobs is not None:
-                        result.logprobs[-1].offset = made
-                    made += len(piece)
-                    text = filt.push(piece)
-                    sent += len(text)
-                    if text:
-                        yield from self._pause(token, text)
-                        if self._closed or self._owned_by is not token:
-                            # closed while paused here (the model is gone), or resumed
-                            # after the thread that ran it ended and another took over
-                            result.finish_reason = "cancelled"
-                            return
-                    if filt.stopped:
-                        result.finish_reason = "stop"
-                        return
-                tail = filt.push(decoder.flush())
-                tail += filt.flush()
-                sent += len(tail)
-                if tail:
-                    yield from self._pause(token, tail)
-            finally:
-                if result.logprobs is not None and (filt.stopped or
-                                                    result.finish_reason == "cancelled"):
-                    # only the tokens whose text was handed out: not those of the stop
-                    # string, nor those whose text a cancel left unsent
-                    result.logprobs = [e for e in result.logprobs if e.offset < sent]
-                self._release(token)
-        finally:
-            with self._cancel_lock:
-                self._active_cancels.discard(ev)
-
-    def _pause(self, token, text: str) -> Iterator[str]:
-        """Yield one piece, marked as paused: close() from another thread then goes ahead
-        instead of waiting for a consumer that may never come back (a worker blocked on a
-        full queue the closing UI no longer reads hung close() for good). The mark goes
-        under the lock before the generation looks at _closed again, so either close()
-        waits for it or it sees the model closed and touches nothing."""
-        with self._lock:
-            self._paused_by = token
-            self._idle.notify_all()
-        try:
-            yield text
-        finally:
-            with self._lock:
-                if self._paused_by is token:
-                    self._paused_by = None
-
-    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
-               result: GenerationResult | None = None,
-               cancel: threading.Event | None = None, logprobs: int | None = None,
-               format: str | dict | None = None, **sampling) -> Iterator[str]:  # noqa: A002
-        """Yield text pieces as they are generated (never half a UTF-8 character).
-
-        `result` (a GenerationResult) receives the token ids and the finish reason
-        ("stop", "length" or "cancelled"), and with `logprobs=N` (0–20) each generated
-        token's log probability under the model (log-softmax of its logits, before any
-        sampling setting) with its N most probable alternatives (efedge.logprobs); `cancel`
-        is an Event that stops this call only (Model.cancel() stops every call in
-        progress). `format="json"`: the output is one JSON object (efedge.json_mode); a
-        dict: a JSON schema, the output one instance of it (efedge.json_schema says which
-        keywords are taken). Either ends as the value closes, unless max_tokens or a stop
-        string cut it first."""
-        ids = self._prompt_ids(prompt)
-        return self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
-                                format)
-
-    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128, stop=None,
-                 result: GenerationResult | None = None, logprobs: int | None = None,
-                 format: str | dict | None = None, **sampling) -> str:  # noqa: A002
-        """Generated text (without the prompt); `result`, `logprobs` and `format` as for
-        stream()."""
-        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, result=result,
-                                   logprobs=logprobs, format=format, **sampling))
-
-    def chat_template(self, tools: bool = False):
-        """The ChatTemplate chat_prompt renders with: the one given at load
-        (chat_template=), else the GGUF's — for a prompt with tools its
-        `tokenizer.chat_template.tool_use` variant where the file has one — else chatml."""
-        from efedge.chat_template import ChatTemplate, get_template
-
-        tok = self.tokenizer
-        with self._lock:
-            if self._template is None:
-                if self._chat_template_name is not None:
-                    # a built-in or given template writes the model's own BOS / EOS text
-                    self._template = get_template(self._chat_template_name,
-                                                  bos_token=self._token_text(tok.bos_id),
-                                                  eos_token=self._token_text(tok.eos_id))
-                else:
-                    self._template = (ChatTemplate.from_metadata(self._gf.metadata)
-                                      or get_template("chatml"))
-            if not tools or self._chat_template_name is not None:
-                return self._template
-            if self._tool_template is None:
-                self._tool_template = ChatTemplate.from_metadata(
-                    self._gf.metadata, name="tool_use") or self._template
-            return self._tool_template
-
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template; `tools`
-        (OpenAI's list) are rendered by the template. Assistant messages may carry
-        `tool_calls` (arguments a JSON string or an object) and `role: "tool"` messages
-        their results (efedge.tool_calls.render_messages)."""
-        tools = check_tools(tools)
-        tok = self.tokenizer
-        tpl = self.chat_template(tools=tools is not None)
-        text = tpl.render(render_messages(messages),
-                          add_generation_prompt=add_generation_prompt, tools=tools)
-        # as llama.cpp: a BOS the template writes first (an EOS it writes last) is dropped
-        # where the vocab adds one, and then the vocab's are added, so the prompt starts
-        # with exactly one BOS whether the template writes it or not (never two)
-        if tok.add_bos and tpl.bos_token and text.startswith(tpl.bos_token):
-            text = text[len(tpl.bos_token):]
-        if tok.add_eos and tpl.eos_token and text.endswith(tpl.eos_token):
-            text = text[:-len(tpl.eos_token)]
-        return self.tokenize(text, add_special=True, parse_special=True)
-
-    def _token_text(self, tid: int | None) -> str:
-        """A special token's text as the vocab stores it, as templates from the file get
-        it ("" when the vocab has none)."""
-        return "" if tid is None else self.tokenizer.piece(tid)
-
-    def chat(self, messages: list[dict], *, stream: bool = False, max_tokens: int = 512,
-             stop=None, result: GenerationResult | None = None,
-             cancel: threading.Event | None = None, logprobs: int | None = None,
-             format: str | dict | None = None, tools: list[dict] | None = None,  # noqa: A002
-             tool_choice: str | dict = "auto", **sampling) -> str | Iterator[str]:
-        """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result`,
-        `logprobs` and `format` as for stream().
-
-        `tools` (OpenAI's [{"type": "function", "function": {"name", "description",
-        "parameters"}}]) are rendered by a chat template in the Hermes <tool_call> format
-        (efedge.tool_calls; another template is an UnsupportedModelError). The reply is
-        still text; `result.tool_calls` receives the calls parsed from it
-        (efedge.tool_calls.parse_tool_calls). `tool_choice`: "auto" (the model decides),
-        "none" (no tools rendered), "required" (exactly one call of an offered tool) or
-        {"type": "function", "function": {"name": N}} (one call of N), the last two by
-        constraining the output to the call's grammar, its arguments an instance of the
-        tool's parameters schema."""
-        if isinstance(messages, list | tuple) and not messages:
-            raise ArgumentError("messages is empty: a conversation needs at least one message")
-        tools = check_tools(tools)
-        mode, names = resolve_choice(tool_choice, tools)
-        shown = tools if mode != "none" else None
-        if shown is not None:
-            check_template(self.chat_template(tools=True))
-        if mode == "forced":
-            if format is not None:
-                raise ArgumentError("format= cannot be combined with a forced tool_choice")
-            format = forced_call_grammar(tools, names)  # noqa: A001
-        ids = self._prompt_ids(self.chat_prompt(messages, tools=shown))
-        result = result if result is not None else GenerationResult([], "length")
-        it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
-                              format)
-        if shown is not None:
-            it = _parsing_calls(it, result, shown)
-        return it if stream else "".join(it)
-
     def cancel(self) -> None:
         """Stop every generation in progress or already requested (safe from any thread)."""
         with self._cancel_lock:
@@ -684,19 +360,6 @@ class Model:
         c = self.config
         return (f"<efedge.Model {self.path.name}: {c.arch}, {c.n_layer} layers, "
                 f"{c.n_expert} experts ({c.n_expert_used} active)>")
-
-
-def _parsing_calls(it: Iterator[str], result: GenerationResult,
-                   tools: list[dict]) -> Iterator[str]:
-    """The pieces of `it`; once it ends, result.tool_calls holds the calls of the reply."""
-    parts = []
-    try:
-        for piece in it:
-            parts.append(piece)
-            yield piece
-    finally:
-        it.close()
-    result.tool_calls = parse_tool_calls("".join(parts), tools)[1]
 
 
 def _close_parts(experts, tf) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import efedge
-from efedge import api
+from efedge import api_generation
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0.0)
@@ -240,7 +240,7 @@ def test_stream_never_yields_partial_utf8(m, monkeypatch):
     text = "héllo wörld 世界 🙂 ok"
     ids = m.tokenize(text, add_special=False)
     assert len(ids) > len(text.encode("utf-8")) // 4  # the tiny vocab splits these
-    real = api.generate_tokens
+    real = api_generation.generate_tokens
 
     def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
              logprobs=None, constraint=None):
@@ -250,7 +250,7 @@ def test_stream_never_yields_partial_utf8(m, monkeypatch):
             pass
         yield from ids[:max_tokens]
 
-    monkeypatch.setattr(api, "generate_tokens", fake)
+    monkeypatch.setattr(api_generation, "generate_tokens", fake)
     pieces = list(m.stream("x", max_tokens=len(ids), **GREEDY))
     assert "".join(pieces) == text
     for p in pieces:

@@ -13,7 +13,7 @@ from _http import post, running_server, sse_chunks
 from conftest import requires_llama_cpp
 
 import efedge
-from efedge import api
+from efedge import api_scoring
 from efedge.errors import ArgumentError
 from efedge.generate import GenerationResult
 from efedge.logprobs import sequence_logprobs
@@ -145,10 +145,10 @@ def test_prompt_logprobs_in_chunks_equal_the_whole_prompt(model, monkeypatch):
         assert e.logprob == pytest.approx(ref[i, ids[i + 1]], abs=1e-9)
         assert [t for t, _ in e.top] == list(np.argsort(-ref[i], kind="stable")[:2])
     for chunk in (len(ids) - 1, 7, 5, 4, 2):
-        monkeypatch.setattr(api, "PROMPT_CHUNK", chunk)
+        monkeypatch.setattr(api_scoring, "PROMPT_CHUNK", chunk)
         assert model.prompt_logprobs(ids, 2) == whole, chunk  # the same logits, bit for bit
     text, _ = _generate(model, prompt=ids, n=6)
-    monkeypatch.setattr(api, "PROMPT_CHUNK", 256)
+    monkeypatch.setattr(api_scoring, "PROMPT_CHUNK", 256)
     model.logits([1])  # a fresh cache
     assert _generate(model, prompt=ids, n=6)[0] == text
     assert model.prompt_logprobs(ids[:1]) == []

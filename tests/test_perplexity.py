@@ -13,7 +13,7 @@ import pytest
 from conftest import requires_llama_cpp
 
 import efedge
-from efedge import api
+from efedge import api_scoring
 from efedge.cli import main as cli_main
 from efedge.corpus import heldout_text
 from efedge.errors import ArgumentError
@@ -63,7 +63,7 @@ def test_perplexity_is_llama_perplexitys_figure(model_path, text, monkeypatch):
         assert (r.n_ctx, r.n_chunks, r.n_tokens) == (N_CTX, 3, len(ids))
         assert r.n_scored == 3 * (N_CTX - 1 - N_CTX // 2) and len(r.running) == 3
         assert r.running[-1] == r.ppl and 0 < r.ppl_err < r.ppl
-        monkeypatch.setattr(api, "PROMPT_CHUNK", 5)  # 24 = 5+5+5+5+4; first = 12
+        monkeypatch.setattr(api_scoring, "PROMPT_CHUNK", 5)  # 24 = 5+5+5+5+4; first = 12
         assert perplexity(m, ids, n_chunks=3).ppl == r.ppl  # token ids as they are
         full = perplexity(m, text)
         assert full.n_chunks == len(ids) // N_CTX
@@ -74,7 +74,7 @@ def test_prompt_logprobs_from_first_are_the_tail_of_all(model_path, monkeypatch)
         ids = m.tokenize("the cat sat on the mat and then the dog came in too")
         whole = m.prompt_logprobs(ids, 2)
         for chunk in (256, 4, 3):
-            monkeypatch.setattr(api, "PROMPT_CHUNK", chunk)
+            monkeypatch.setattr(api_scoring, "PROMPT_CHUNK", chunk)
             for first in (0, 1, 5, len(ids) - 2, len(ids) - 1):
                 assert m.prompt_logprobs(ids, 2, first=first) == whole[first:], (chunk, first)
         for bad in (-1, len(ids), 1.0, True):

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import efedge
-from efedge import api
+from efedge import api_generation
 from efedge.errors import ArgumentError, UnsupportedModelError
 from efedge.generate import GenerationResult
 from efedge.server import make_server
@@ -290,7 +290,7 @@ def scripted(monkeypatch, m, text: str) -> None:
     """Make every generation on `m` write `text` (after the real prefill), then stop."""
     ids = m.tokenize(text, add_special=False)
     assert m.detokenize(ids) == text
-    real = api.generate_tokens
+    real = api_generation.generate_tokens
 
     def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
              logprobs=None, constraint=None):
@@ -302,7 +302,7 @@ def scripted(monkeypatch, m, text: str) -> None:
             yield tok
         result.finish_reason = "stop" if max_tokens >= len(ids) else "length"
 
-    monkeypatch.setattr(api, "generate_tokens", fake)
+    monkeypatch.setattr(api_generation, "generate_tokens", fake)
 
 
 REPLY = "Checking.\n" + block("get_weather", {"city": "Paris", "unit": "C"}) + "\n" + \
