@@ -52,19 +52,9 @@ from typing import Any
 
 from efedge import __version__
 from efedge.api import Model
-from efedge.errors import (
-    CacheBudgetError,
-    ContextLengthError,
-    EfedgeError,
-    ModelClosedError,
-    ModelFormatError,
-    SamplingError,
-    TemplateError,
-    TransferError,
-    UnsupportedModelError,
-)
+from efedge.errors import TemplateError, UnsupportedModelError
 from efedge.server_body import read_body, read_json
-from efedge.server_logprobs import as_chat, as_completion
+from efedge.server_replies import ReplyMixin
 from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
 from efedge.tool_calls import check_template
@@ -87,26 +77,6 @@ def set_bind_options(sock: socket.socket) -> None:
     also refuse our own restart while the last run's connections close."""
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-
-def _error_of(exc: BaseException) -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), "context_length_exceeded")
-    if isinstance(exc, SamplingError):
-        return APIError(400, str(exc), "invalid_value")
-    if isinstance(exc, TemplateError):
-        return APIError(400, str(exc), "invalid_messages")
-    if isinstance(exc, ModelClosedError):  # an embedding app closed the model under us
-        return APIError(503, str(exc), "model_unavailable", type_="server_error")
-    if isinstance(exc, TransferError | CacheBudgetError | ModelFormatError):
-        # the model file or the machine failed this request, not the client
-        return APIError(500, str(exc), "model_error", type_="server_error")
-    if isinstance(exc, EfedgeError | ValueError | TypeError):
-        return APIError(400, str(exc), "invalid_request")
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error",
-                    type_="server_error")
 
 
 _GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models")
@@ -139,7 +109,7 @@ def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(ReplyMixin, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"efedge/{__version__}"
     timeout = 120  # seconds a connection may sit idle or trickle a body
@@ -325,101 +295,6 @@ class Handler(BaseHTTPRequestHandler):
             self.server.worker.cancel(job)
             self.close_connection = True
             log.info("client went away: generation cancelled")
-
-    def _complete(self, job: Job, chat: bool) -> None:
-        parts: list[str] = []
-        recs: list[dict] = []
-        while True:
-            ev = self._next_event(job)
-            if ev[0] == "error":
-                self._send_error(_error_of(ev[1]))
-                return
-            if ev[0] == "start":
-                parts.append(ev[2])  # the echoed prompt, or ""
-                recs += ev[3] or []
-            elif ev[0] == "text":
-                parts.append(ev[1])
-                recs += ev[2] or []
-            elif ev[0] == "done":
-                recs += ev[3] or []
-                break
-        _, usage, finish, _, calls = ev
-        text = "".join(parts)
-        lp = _logprobs(recs, chat) if job.req.logprobs is not None else None
-        resp = self.server.envelope(chat, stream=False)
-        if chat:
-            message = {"role": "assistant", "content": text}
-            if calls:  # as OpenAI: no text beside the calls is null content
-                message.update(content=text.strip() or None, tool_calls=calls)
-            resp["choices"] = [{"index": 0, "message": message, "logprobs": lp,
-                                "finish_reason": finish}]
-        else:
-            resp["choices"] = [{"index": 0, "text": text, "logprobs": lp,
-                                "finish_reason": finish}]
-        resp["usage"] = usage
-        self._send_json(200, resp)
-
-    def _event(self, obj: Any) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
-
-    def _stream(self, job: Job, chat: bool) -> None:
-        ev = self._next_event(job)  # the first event decides between 200 and an error
-        if ev[0] == "error":
-            self._send_error(_error_of(ev[1]))
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.close_connection = True
-        self.end_headers()
-        base = self.server.envelope(chat, stream=True)
-        usage_wanted = job.req.include_usage
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False,
-                  recs: list[dict] | None = None, d: dict | None = None) -> dict:
-            # a chunk's logprobs: its tokens' (null when the request asked for none)
-            lp = None if recs is None else _logprobs(recs, chat)
-            if chat:
-                d = d if d is not None else {"role": "assistant", "content": ""} if first \
-                    else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": lp,
-                          "finish_reason": finish}
-            out = dict(base, choices=[choice])
-            if usage_wanted:
-                out["usage"] = None
-            return out
-
-        if chat:
-            self._event(chunk(None, None, first=True))
-        elif ev[2] or ev[3]:  # echo: the prompt's text (and logprobs) come first
-            self._event(chunk(ev[2], None, recs=ev[3]))
-        while True:
-            ev = self._next_event(job)
-            if ev[0] == "text":
-                self._event(chunk(ev[1], None, recs=ev[2]))
-            elif ev[0] == "error":
-                self._event(_error_of(ev[1]).body())
-                return
-            elif ev[0] == "done":
-                break
-        _, usage, finish, rest, calls = ev
-        for i, call in enumerate(calls or ()):  # each call whole, in one chunk (llama.cpp
-            # sends the arguments in pieces; clients join them either way)
-            self._event(chunk(None, None, d={"tool_calls": [dict(call, index=i)]}))
-        self._event(chunk(None, finish, recs=rest))
-        if usage_wanted:
-            self._event(dict(base, choices=[], usage=usage))
-        self._event("[DONE]")
-
-
-def _logprobs(recs: list[dict], chat: bool) -> dict:
-    return as_chat(recs) if chat else as_completion(recs)
-
 
 class EfedgeServer(ThreadingHTTPServer):
     """ThreadingHTTPServer around one Model; see the module docstring."""

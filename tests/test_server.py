@@ -23,7 +23,7 @@ import pytest
 from _http import running_server
 
 import efedge
-from efedge import server as server_mod
+from efedge import server_replies
 from efedge.server import Handler, make_server
 from efedge.server_requests import APIError
 
@@ -578,7 +578,7 @@ def test_a_closed_model_or_a_failed_load_is_the_servers_error(model_path):
         t.join(timeout=10)
     for exc in (efedge.TransferError("expert 3 of layer 1: read failed"),
                 efedge.CacheBudgetError("too small")):
-        err = server_mod._error_of(exc)
+        err = server_replies._error_of(exc)
         assert (err.status, err.type) == (500, "server_error"), exc
 
 
