@@ -56,6 +56,7 @@ from efedge.errors import TemplateError, UnsupportedModelError
 from efedge.server_body import read_body, read_json
 from efedge.server_replies import ReplyMixin
 from efedge.server_requests import APIError, parse_chat, parse_completion
+from efedge.server_tokens import ROUTES as TOKEN_ROUTES
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
 from efedge.tool_calls import check_template
 
@@ -80,7 +81,8 @@ def set_bind_options(sock: socket.socket) -> None:
 
 
 _GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models")
-_POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions")
+_POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions",
+                "/tokenize", "/detokenize")
 
 
 def _allowed(path: str) -> str | None:
@@ -262,6 +264,10 @@ class Handler(ReplyMixin, BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         chat = path in ("/v1/chat/completions", "/chat/completions")
         try:
+            if path in TOKEN_ROUTES:  # the tokenizer alone: answered here, not queued
+                self._send_json(200, TOKEN_ROUTES[path](self.server.model,
+                                                        self._read_json()))
+                return
             if not chat and path not in ("/v1/completions", "/completions"):
                 if self.headers.get("Content-Length"):
                     self._read_body()  # keep the connection in step

@@ -777,3 +777,42 @@ def test_chunked_request_bodies(server):
     big = b"x" * 40_000
     status, got = send(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(big), big, len(big), big))
     assert status == 413 and got["error"]["code"] == "body_too_large"  # limit 64 KiB
+
+
+def test_tokenize_and_detokenize_routes(server, model):
+    """llama.cpp's POST /tokenize and /detokenize: the model's own tokenizer (add_special
+    false and parse_special true by default, as there), pieces as text or, for part of a
+    character, as bytes; bad bodies are 400s naming the field; GET is a 405."""
+    from _http import post_json
+
+    text = "Hello world <|im_end|> é😀"
+    status, body = post_json(server, "/tokenize", {"content": text})
+    assert status == 200
+    assert body["tokens"] == model.tokenize(text, add_special=False, parse_special=True)
+    status, body = post_json(server, "/tokenize", {"content": text, "add_special": True,
+                                                   "parse_special": False})
+    assert body["tokens"] == model.tokenize(text, add_special=True, parse_special=False)
+    status, body = post_json(server, "/tokenize", {"content": text, "with_pieces": True})
+    pieces = body["tokens"]
+    assert [p["id"] for p in pieces] == model.tokenize(text, add_special=False,
+                                                       parse_special=True)
+    joined = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else
+                      bytes(p["piece"]) for p in pieces)
+    assert joined.decode("utf-8") == text
+    ids = model.tokenize(text, add_special=False, parse_special=True)
+    status, body = post_json(server, "/detokenize", {"tokens": ids})
+    assert (status, body) == (200, {"content": model.detokenize(ids)})
+    for path, bad, code, param in [
+            ("/tokenize", {}, "missing_field", "content"),
+            ("/tokenize", {"content": 5}, "invalid_type", "content"),
+            ("/tokenize", {"content": "x", "with_pieces": "yes"}, "invalid_type",
+             "with_pieces"),
+            ("/detokenize", {"tokens": "1 2"}, "invalid_type", "tokens"),
+            ("/detokenize", {"tokens": [1, True]}, "invalid_type", "tokens"),
+            ("/detokenize", {"tokens": [model.n_vocab]}, "invalid_value", "tokens"),
+            ("/detokenize", [1, 2], "invalid_type", None)]:
+        status, body = post_json(server, path, bad)
+        assert status == 400 and body["error"]["code"] == code, (path, bad, body)
+        assert body["error"]["param"] == param, (path, bad, body)
+    status, body = call(server, "/tokenize")
+    assert_error(status, body, 405)
