@@ -4,8 +4,8 @@ literals, any value, object keys outside a set of names.
 
 What these rules write is a subset of RFC 8259 chosen so a model cannot run on forever
 inside one piece and so every output reads back as what the schema asked for:
-* whitespace runs between tokens are at most MAX_WHITESPACE bytes, as in JSON mode, and
-  there is none before or after the top-level value;
+* whitespace between tokens is one space, or a newline and at most MAX_INDENT spaces or
+  tabs, as in JSON mode, and there is none before or after the top-level value;
 * numbers have at most MAX_DIGITS digits before the point, after it and in the
   exponent; integers are written without a fraction or exponent;
 * strings are well-formed UTF-8 (checked byte by byte: a token may end inside a
@@ -16,7 +16,7 @@ inside one piece and so every output reads back as what the schema asked for:
 from __future__ import annotations
 
 from efedge.grammar import Grammar
-from efedge.json_mode import MAX_WHITESPACE
+from efedge.json_mode import MAX_INDENT
 
 MAX_DIGITS = 20
 _CONT = range(0x80, 0xC0)
@@ -77,9 +77,11 @@ class JsonGrammar(Grammar):
 
     # -- pieces -------------------------------------------------------------------------
     def ws(self) -> int:
-        """A run of 0 to MAX_WHITESPACE whitespace bytes."""
-        return self._once("ws", lambda: self._upto([self.byteset(b" \t\n\r")],
-                                                   MAX_WHITESPACE))
+        """Whitespace between tokens: none, one space, or a newline and 0 to MAX_INDENT
+        spaces or tabs."""
+        return self._once("ws", lambda: self.rule(
+            [], self.literal(b" "),
+            [*self.literal(b"\n"), self._upto([self.byteset(b" \t")], MAX_INDENT)]))
 
     def _char(self, escapes: bool, surrogates: bool) -> int:
         """One character of a string's contents."""

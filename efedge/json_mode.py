@@ -12,13 +12,15 @@ JSON anyway. Generation ends as the object closes.
 
 Bytes of 0x80 and up are taken inside strings without checking their UTF-8 (a token may
 end inside a character; the text decoder turns a broken sequence into U+FFFD, which is
-still a valid string character). Runs of whitespace between tokens are capped at
-MAX_WHITESPACE bytes, or a model could pad forever without breaking the grammar.
+still a valid string character). Whitespace between tokens is one space, or a newline and
+at most MAX_INDENT spaces or tabs — the form llama.cpp's JSON grammar allows — or a
+model could pad forever (a small model, greedy, wrote twenty newlines between every two
+tokens under a plain byte cap).
 """
 
 from __future__ import annotations
 
-MAX_WHITESPACE = 20
+MAX_INDENT = 20  # whitespace between tokens: "", " ", or "\n" and at most this many " \t"
 _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -42,7 +44,7 @@ class JsonPrefix:
         self.key = False  # the string being read is an object key
         self.rest = b""  # LITERAL: the bytes still due
         self.hex_left = 0  # HEX: the \uXXXX digits still due
-        self.ws = 0  # whitespace bytes in a row
+        self.ws = 0  # where in a whitespace run (_space)
 
     @property
     def done(self) -> bool:
@@ -69,13 +71,20 @@ class JsonPrefix:
 
     # -- the automaton ----------------------------------------------------------------------
     def _space(self, b: int) -> bool | None:
-        """Whitespace between tokens: True taken, False refused (too long a run), None: b
-        is not whitespace."""
+        """Whitespace between tokens: True taken, False refused, None: b is not
+        whitespace. A run is one space, or a newline and up to MAX_INDENT spaces or tabs
+        (llama.cpp's JSON grammar writes it so): `ws` 0 before a run, -1 after its
+        space, 1 + the indentation after its newline."""
         if b not in _WS:
             self.ws = 0
             return None
-        self.ws += 1
-        return self.ws <= MAX_WHITESPACE
+        if self.ws == 0 and b in (ord(" "), ord("\n")):
+            self.ws = -1 if b == ord(" ") else 1
+            return True
+        if self.ws > 0 and b in (ord(" "), ord("\t")) and self.ws <= MAX_INDENT:
+            self.ws += 1
+            return True
+        return False
 
     def _open(self, b: int) -> None:
         self.stack.append(b)

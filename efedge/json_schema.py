@@ -18,7 +18,9 @@ oneOf's "exactly one" is not enforced), `$ref` to `#`, `#/$defs/NAME` or
 Objects are written with their properties in the schema's order, the required ones always
 and the optional ones when the model chooses; keys the schema does not name
 (additionalProperties not false) only after those, written without escapes and never one
-of the named keys, so no key is written twice.
+of the named keys, so no named key is written twice. Such other keys may repeat among
+themselves: a grammar cannot remember which it wrote (llama.cpp's schema grammars allow the
+same), and JSON readers keep the last value.
 """
 
 from __future__ import annotations

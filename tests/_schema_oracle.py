@@ -10,9 +10,6 @@ import random
 
 # -- a validator of the subset, as the grammar writes it -------------------------------------
 def _pairs(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate key")
     return Obj(pairs)
 
 
@@ -21,6 +18,7 @@ class Obj(dict):
 
     def __init__(self, pairs):
         super().__init__(pairs)
+        self.pairs = list(pairs)  # duplicates included (a dict keeps the last)
         self.order = [k for k, _ in pairs]
 
 
@@ -93,14 +91,16 @@ def _valid_typed(v, t, s, root) -> bool:
     names = list(props)
     listed = [names.index(k) for k in v.order if k in props]
     n_listed = len(listed)
-    if listed != sorted(listed) or any(k not in props for k in v.order[:n_listed]):
-        return False  # the listed ones first, in the schema's order
-    others = v.order[n_listed:]
-    if others and (extra is False or not all(_escape_free(k) for k in others)):
+    if listed != sorted(set(listed)) or any(k not in props for k in v.order[:n_listed]):
+        return False  # the listed ones first, each once, in the schema's order
+    # other keys may repeat: a grammar cannot remember which of them it wrote (llama.cpp's
+    # schema grammars are the same); every value is checked
+    others = v.pairs[n_listed:]
+    if others and (extra is False or not all(_escape_free(k) for k, _ in others)):
         return False
     return all(k in v for k in s.get("required", [])) and \
         all(valid(v[k], props[k], root) for k in v.order[:n_listed]) and \
-        all(valid(v[k], extra, root) for k in others)
+        all(valid(x, extra, root) for _, x in others)
 
 
 # -- instances, written with random whitespace ------------------------------------------------
@@ -166,7 +166,7 @@ def _any(rng, depth):
 
 
 def dump(v, rng: random.Random, ascii_: bool) -> str:
-    ws = lambda: rng.choice(["", "", " ", "\n  ", "\t", "\r\n      "])  # noqa: E731
+    ws = lambda: rng.choice(["", "", " ", "\n  ", "\n\t", "\n"])  # noqa: E731
     if isinstance(v, Lit):
         return json.dumps(v.value, ensure_ascii=False, separators=(",", ":"))
     if isinstance(v, dict):
@@ -178,9 +178,40 @@ def dump(v, rng: random.Random, ascii_: bool) -> str:
     return json.dumps(v, ensure_ascii=ascii_)
 
 
+def ws_ok(text: str, max_indent: int = 20) -> bool:
+    """Whether every run of whitespace outside strings is one the grammars write: one
+    space, or a newline and at most max_indent spaces or tabs."""
+    i, n, in_str = 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+            i += 1
+            continue
+        if c == '"':
+            in_str = True
+            i += 1
+            continue
+        if c in " \t\r\n":
+            j = i
+            while j < n and text[j] in " \t\r\n":
+                j += 1
+            run = text[i:j]
+            if not (run == " " or (run[0] == "\n" and len(run) <= 1 + max_indent
+                                   and all(ch in " \t" for ch in run[1:]))):
+                return False
+            i = j
+            continue
+        i += 1
+    return True
+
+
 def oracle(text: str, s) -> bool:
-    if text != text.strip(" \t\r\n"):
-        return False  # no whitespace around the value
+    if text != text.strip(" \t\r\n") or not ws_ok(text):
+        return False  # no whitespace around the value, and only the runs written inside
     try:
         v = json.loads(text, object_pairs_hook=_pairs)
     except ValueError:

@@ -141,8 +141,11 @@ def test_chosen_cases(name, good, bad):
 
 def test_limits_on_whitespace_and_digits():
     s = SCHEMAS["open"]
-    assert feed(s, b'{' + b" " * 20 + b'"ok":true}').done
-    assert feed(s, b'{' + b" " * 21) is None
+    assert feed(s, b'{\n' + b" " * 20 + b'"ok":\n\ttrue}').done  # a newline, indentation
+    assert feed(s, b'{\n' + b" " * 21) is None
+    for pad in (b"  ", b"\n\n", b"\t", b"\r\n", b" \n"):  # one space, or a newline first
+        assert feed(s, b'{' + pad + b'"ok":true}') is None, pad
+    assert feed(s, b'{ "ok": true}').done
     short = feed({"type": "integer"}, b"9" * (MAX_DIGITS - 1))
     assert short.accepting and not short.done  # may end (an end-of-text token) or go on
     assert feed({"type": "integer"}, b"9" * MAX_DIGITS).done
@@ -293,3 +296,23 @@ def test_run_format_schema_file(tmp_path, capsys):
     path.write_text("{not json")
     assert cli_main(["run", "-p", "{", "--format", str(path)]) == 1
     assert "is not JSON" in capsys.readouterr().err
+
+
+def test_the_structured_output_example_runs():
+    """examples/structured_output.py on the demo model: a schema answer that parses, a
+    forced tool call, a log-likelihood (the README points users at it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, str(root / "examples" / "structured_output.py")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("answer: {") and "(cut)" not in lines[0], r.stdout
+    assert any(line.startswith("tool call: get_weather {'city': ") for line in lines)
+    assert lines[-1].startswith("log-likelihood of a sentence: -")
