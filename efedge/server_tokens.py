@@ -23,8 +23,15 @@ def tokenize(model, body: Any) -> dict:
     content = _field(body, "content", str)
     if content is None:
         raise APIError(400, "'content' is required", "missing_field", param="content")
-    ids = model.tokenize(content, add_special=_field(body, "add_special", bool, False),
-                         parse_special=_field(body, "parse_special", bool, True))
+    add_special = _field(body, "add_special", bool, False)
+    parse_special = _field(body, "parse_special", bool, True)
+    try:
+        ids = model.tokenize(content, add_special=add_special, parse_special=parse_special)
+    except ValueError as exc:
+        # text with no UTF-8 (JSON's "\\ud800" decodes to a lone surrogate): the client's
+        # to fix, and the handler answers APIErrors only (anything else dropped the
+        # connection without a response)
+        raise APIError(400, str(exc), "invalid_value", param="content") from None
     if not _field(body, "with_pieces", bool, False):
         return {"tokens": ids}
     out = []

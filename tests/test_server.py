@@ -816,3 +816,16 @@ def test_tokenize_and_detokenize_routes(server, model):
         assert body["error"]["param"] == param, (path, bad, body)
     status, body = call(server, "/tokenize")
     assert_error(status, body, 405)
+
+
+def test_tokenize_text_the_tokenizer_refuses_is_a_400(server):
+    """JSON's "\\ud800" decodes to a lone surrogate, which has no UTF-8: the tokenizer's
+    ValueError is a 400 naming `content`, as on the generation routes, not a connection
+    closed without an answer (the handler thread died on the exception)."""
+    for content in ("a\\ud800b", "\\udfff"):
+        status, body = call(server, "/tokenize",
+                            raw=b'{"content": "%s", "with_pieces": true}' % content.encode())
+        assert_error(status, body, 400, "invalid_value")
+        assert body["error"]["param"] == "content" and "surrogate" in body["error"]["message"]
+    status, body = call(server, "/health")  # still serving
+    assert status == 200
