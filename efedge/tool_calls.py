@@ -181,10 +181,16 @@ def _call(body: str, names: set[str]) -> dict | None:
             return None
     if not isinstance(args, dict):
         return None
+    text = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate: the model wrote half of a \uD83D\uDE00 pair, which JSON reads
+        # (and a string schema's grammar lets through) but which has no UTF-8, so no answer
+        # holding it could be sent. Escaped, the arguments are still the model's JSON
+        text = json.dumps(args, separators=(",", ":"))
     return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": obj["name"],
-                         "arguments": json.dumps(args, ensure_ascii=False,
-                                                 separators=(",", ":"))}}
+            "function": {"name": obj["name"], "arguments": text}}
 
 
 def parse_tool_calls(text: str, tools) -> tuple[str | None, list[dict]]:

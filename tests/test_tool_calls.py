@@ -543,3 +543,32 @@ def test_call_stream_with_reasoning_the_template_opened():
     tail, calls = s.finish()
     assert out + tail == want_content
     assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
+
+
+def test_arguments_with_a_lone_surrogate_escape_are_sent(server, hermes, monkeypatch):
+    """A model may write "\\ud83d" (half of a pair) in a call's arguments, and the forced
+    call's grammar lets it (a string without length limits takes any \\u escape): JSON
+    reads it as a lone surrogate, which has no UTF-8. The arguments stay the JSON the model
+    wrote, escaped, so the answer can be sent — not a connection dropped without one (the
+    UnicodeEncodeError killed the handler) — streamed or not."""
+    reply = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a\\ud83d\\u00e9", ' \
+        '"unit": "C"}}\n</tool_call>'
+    scripted(monkeypatch, hermes, reply)
+    _, calls = parse_tool_calls(reply, TOOLS)
+    args = calls[0]["function"]["arguments"]
+    args.encode("utf-8")  # sendable
+    assert json.loads(args) == {"city": "a\ud83d\u00e9", "unit": "C"}
+    status, body = call(server, CHAT, {"messages": ASK, "tools": TOOLS, "max_tokens": 300})
+    assert status == 200, body
+    (got,) = body["choices"][0]["message"]["tool_calls"]
+    assert json.loads(got["function"]["arguments"]) == {"city": "a\ud83d\u00e9", "unit": "C"}
+    status, text = call(server, CHAT, {"messages": ASK, "tools": TOOLS, "max_tokens": 300,
+                                       "stream": True})
+    assert status == 200
+    deltas = [c["choices"][0]["delta"] for c in events(text)
+              if isinstance(c, dict) and c["choices"]]
+    (got,) = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert json.loads(got["function"]["arguments"])["city"] == "a\ud83d\u00e9"
+    # a pair is one character: written as it is
+    _, calls = parse_tool_calls(reply.replace("\\u00e9", "\\ude00"), TOOLS)
+    assert calls[0]["function"]["arguments"] == '{"city":"a😀","unit":"C"}'
