@@ -6,8 +6,9 @@ What these rules write is a subset of RFC 8259 chosen so a model cannot run on f
 inside one piece and so every output reads back as what the schema asked for:
 * whitespace between tokens is one space, or a newline and at most MAX_INDENT spaces or
   tabs, as in JSON mode, and there is none before or after the top-level value;
-* numbers have at most MAX_DIGITS digits before the point, after it and in the
-  exponent; integers are written without a fraction or exponent;
+* numbers have at most MAX_DIGITS digits before the point and after it and
+  MAX_EXP_DIGITS in the exponent (so they read back finite); integers are written without
+  a fraction or exponent;
 * strings are well-formed UTF-8 (checked byte by byte: a token may end inside a
   character); with a length limit, characters are counted as Python and JSON Schema count
   them (code points), so a \\uD8xx-\\uDFxx escape, half of a pair, is not written there.
@@ -16,9 +17,8 @@ inside one piece and so every output reads back as what the schema asked for:
 from __future__ import annotations
 
 from efedge.grammar import Grammar
-from efedge.json_mode import MAX_INDENT
+from efedge.json_mode import MAX_DIGITS, MAX_EXP_DIGITS, MAX_INDENT
 
-MAX_DIGITS = 20
 _CONT = range(0x80, 0xC0)
 # well-formed UTF-8 of two to four bytes (RFC 3629 §4): lead bytes, then the tail's ranges
 _UTF8 = [(range(0xC2, 0xE0), [_CONT]),
@@ -122,7 +122,7 @@ class JsonGrammar(Grammar):
             frac = self.rule([], [*self.literal(b"."), *self.repeat([digit], 1, MAX_DIGITS)])
             exp = self.rule([], [self.byteset(b"eE"), self.rule([], self.literal(b"+"),
                                                                  self.literal(b"-")),
-                                 *self.repeat([digit], 1, MAX_DIGITS)])
+                                 *self.repeat([digit], 1, MAX_EXP_DIGITS)])
             return self.rule([self.integer(), frac, exp])
         return self._once("number", make)
 

@@ -21,6 +21,9 @@ tokens under a plain byte cap).
 from __future__ import annotations
 
 MAX_INDENT = 20  # whitespace between tokens: "", " ", or "\n" and at most this many " \t"
+# digits of a number before the point and after it, and in its exponent: bounded so a
+# model cannot write digits forever, and every number reads back finite (at most 1e119)
+MAX_DIGITS, MAX_EXP_DIGITS = 20, 2
 _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -36,7 +39,7 @@ _NUMBER_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))  # a number may stop he
 class JsonPrefix:
     """The state after a valid prefix of one JSON object."""
 
-    __slots__ = ("stack", "mode", "key", "rest", "hex_left", "ws")
+    __slots__ = ("stack", "mode", "key", "rest", "hex_left", "ws", "digits")
 
     def __init__(self) -> None:
         self.stack: list[int] = []  # open containers: ord("{") / ord("[")
@@ -45,6 +48,7 @@ class JsonPrefix:
         self.rest = b""  # LITERAL: the bytes still due
         self.hex_left = 0  # HEX: the \uXXXX digits still due
         self.ws = 0  # where in a whitespace run (_space)
+        self.digits = 0  # digits of the number part being read (_number)
 
     @property
     def done(self) -> bool:
@@ -53,8 +57,8 @@ class JsonPrefix:
 
     def copy(self) -> JsonPrefix:
         c = JsonPrefix.__new__(JsonPrefix)
-        c.stack, c.mode, c.key, c.rest, c.hex_left, c.ws = list(self.stack), self.mode, \
-            self.key, self.rest, self.hex_left, self.ws
+        c.stack, c.mode, c.key, c.rest, c.hex_left, c.ws, c.digits = list(self.stack), \
+            self.mode, self.key, self.rest, self.hex_left, self.ws, self.digits
         return c
 
     def allows(self, data: bytes) -> bool:
@@ -98,10 +102,8 @@ class JsonPrefix:
             self.mode, self.key = STRING, False
         elif b == ord("-"):
             self.mode = N_MINUS
-        elif b == ord("0"):
-            self.mode = N_ZERO
         elif b in _DIGITS:
-            self.mode = N_INT
+            self.mode, self.digits = (N_ZERO if b == ord("0") else N_INT), 1
         elif b in _LITERALS:
             self.mode, self.rest = LITERAL, _LITERALS[b]
         else:
@@ -202,37 +204,32 @@ class JsonPrefix:
         continue it."""
         m, digit = self.mode, b in _DIGITS
         if m == N_MINUS:
-            if b == ord("0"):
-                self.mode = N_ZERO
-            elif digit:
-                self.mode = N_INT
-            else:
+            if not digit:
                 return False
+            self.mode, self.digits = (N_ZERO if b == ord("0") else N_INT), 1
         elif m in (N_ZERO, N_INT):
-            if digit and m == N_INT:
-                pass
+            if digit and m == N_INT and self.digits < MAX_DIGITS:
+                self.digits += 1
             elif b == ord("."):
-                self.mode = N_DOT
+                self.mode, self.digits = N_DOT, 0
             elif b in (ord("e"), ord("E")):
-                self.mode = N_E
+                self.mode, self.digits = N_E, 0
             else:
                 return False
         elif m in (N_DOT, N_FRAC):
-            if digit:
-                self.mode = N_FRAC
+            if digit and self.digits < MAX_DIGITS:
+                self.mode, self.digits = N_FRAC, self.digits + 1
             elif m == N_FRAC and b in (ord("e"), ord("E")):
-                self.mode = N_E
+                self.mode, self.digits = N_E, 0
             else:
                 return False
-        elif m in (N_E, N_ESIGN):
-            if digit:
-                self.mode = N_EXP
+        elif m in (N_E, N_ESIGN, N_EXP):
+            if digit and self.digits < MAX_EXP_DIGITS:
+                self.mode, self.digits = N_EXP, self.digits + 1
             elif m == N_E and b in (ord("+"), ord("-")):
                 self.mode = N_ESIGN
             else:
                 return False
-        elif m == N_EXP:
-            return digit
         return True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 
 # -- a validator of the subset, as the grammar writes it -------------------------------------
@@ -209,8 +210,27 @@ def ws_ok(text: str, max_indent: int = 20) -> bool:
     return True
 
 
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE][+-]?([0-9]+))?")
+
+
+def numbers_ok(text: str, max_digits: int = 20, max_exp: int = 2) -> bool:
+    """Whether every number outside strings has at most max_digits digits before the point
+    and after it and max_exp in its exponent, as the grammars write them."""
+    for part in re.split(r'"(?:[^"\\]|\\.)*"', text):  # the text between strings
+        for m in _NUMBER.finditer(part):
+            whole, frac, exp = m.group(1), m.group(2) or "", m.group(3) or ""
+            if len(whole) > max_digits or len(frac) > max_digits or len(exp) > max_exp:
+                return False
+    return True
+
+
+def form_ok(text: str) -> bool:
+    """Whitespace and numbers as the grammars write them (ws_ok, numbers_ok)."""
+    return ws_ok(text) and numbers_ok(text)
+
+
 def oracle(text: str, s) -> bool:
-    if text != text.strip(" \t\r\n") or not ws_ok(text):
+    if text != text.strip(" \t\r\n") or not form_ok(text):
         return False  # no whitespace around the value, and only the runs written inside
     try:
         v = json.loads(text, object_pairs_hook=_pairs)

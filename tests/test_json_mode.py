@@ -10,13 +10,13 @@ import random
 import numpy as np
 import pytest
 from _http import post_json, running_server
-from _schema_oracle import ws_ok
+from _schema_oracle import form_ok
 
 import efedge
 from efedge.cli import main as cli_main
 from efedge.errors import ArgumentError, SamplingError
 from efedge.generate import GenerationResult
-from efedge.json_mode import MAX_INDENT, JsonPrefix
+from efedge.json_mode import MAX_DIGITS, MAX_EXP_DIGITS, MAX_INDENT, JsonPrefix
 from efedge.sampling import Sampler, SamplingParams
 
 
@@ -30,7 +30,7 @@ def accepts(text: str) -> tuple[bool, bool]:
 def _random_value(rng: random.Random, depth: int = 0):
     r = rng.random()
     if depth > 3 or r < 0.3:
-        return rng.choice([0, 7, -12, 2.5, -0.125, 3e-7, 1e300, True, False, None, "",
+        return rng.choice([0, 7, -12, 2.5, -0.125, 3e-7, 1e99, True, False, None, "",
                            "plain", 'quote " and \\ slash', "tab\t nl\n ctl\x01", "é 日本 😀"])
     if r < 0.65:
         return {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
@@ -71,12 +71,23 @@ def test_mutated_objects_agree_with_json_loads():
         if m[:1].isspace():
             continue
         try:
-            want = isinstance(json.loads(m), dict) and ws_ok(m)
+            want = isinstance(json.loads(m), dict) and form_ok(m)
         except json.JSONDecodeError:
             want = False
         assert accepts(m)[1] == want, m
         checked += 1
     assert checked > 3000
+
+
+def test_numbers_have_bounded_digits_and_read_back_finite():
+    """At most MAX_DIGITS digits before and after the point and MAX_EXP_DIGITS in the
+    exponent: a model cannot write digits forever, and no number reads back as inf."""
+    assert accepts('{"a": ' + "9" * MAX_DIGITS + "." + "9" * MAX_DIGITS + "e-99}") == \
+        (True, True)
+    for bad in ("9" * (MAX_DIGITS + 1), "0." + "1" * (MAX_DIGITS + 1), "1e100", "1E+" + "9" * 3):
+        assert not accepts('{"a": ' + bad + "}")[0], bad
+    big = json.loads('{"a": ' + "9" * MAX_DIGITS + "e+" + "9" * MAX_EXP_DIGITS + "}")["a"]
+    assert big != float("inf")
 
 
 def test_whitespace_between_tokens_is_one_space_or_a_newline_and_indentation():

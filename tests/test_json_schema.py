@@ -18,7 +18,7 @@ from efedge.generate import GenerationResult
 from efedge.grammar import Matcher
 from efedge.json_grammar import MAX_DIGITS
 from efedge.json_schema import compile_schema
-from tests._schema_oracle import dump, instance, oracle
+from tests._schema_oracle import dump, instance, numbers_ok, oracle
 
 ANY = {}
 SCHEMAS = {
@@ -87,8 +87,10 @@ def test_every_prefix_of_an_instance_is_accepted_and_complete_only_when_valid(na
             assert m.accepting == want, (text, i)
             assert m.feed(bytes([b])), (text, i, data[:i + 1])
         assert m.accepting, text
-        # done unless a number could go on (an integer 0 cannot: no leading zeros)
-        goes_on = text[-1].isdigit() and not (name == "union" and text.lstrip("-") == "0")
+        # done unless a number could go on (an integer 0 cannot: no leading zeros; nor one
+        # whose last part has all the digits it may)
+        goes_on = text[-1].isdigit() and numbers_ok(text + "1") and \
+            not (name == "union" and text.lstrip("-") == "0")
         assert m.done == (not goes_on), text
 
 
@@ -150,6 +152,10 @@ def test_limits_on_whitespace_and_digits():
     assert short.accepting and not short.done  # may end (an end-of-text token) or go on
     assert feed({"type": "integer"}, b"9" * MAX_DIGITS).done
     assert feed({"type": "integer"}, b"9" * (MAX_DIGITS + 1)) is None
+    # an exponent of two digits at most: every number reads back finite (1e100 would not
+    # after 20 digits; 1e309 is inf)
+    assert feed({"type": "number"}, b"-1.5e+99").done
+    assert feed({"type": "number"}, b"1e100") is None
     assert feed({"type": "string"}, b'"' + b" " * 300 + b'"').done  # text, not padding
 
 
