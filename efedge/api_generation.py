@@ -83,7 +83,12 @@ class GenerationMixin:
         if not all(isinstance(s_, str) for s_ in stops):
             raise TypeError("stop must be a string or a list of strings")
         self._check_open()
-        result = result if result is not None else GenerationResult([], "length")
+        if result is None:
+            result = GenerationResult([], "length")
+        else:  # one result object reused for call after call reports this call only (its
+            # finish reason is the caller's starting value: the server starts "cancelled")
+            del result.tokens[:]
+            result.logprobs = result.tool_calls = None
         ev = cancel if cancel is not None else threading.Event()
         with self._cancel_lock:
             self._active_cancels.add(ev)

@@ -485,3 +485,18 @@ def test_importing_efedge_leaves_the_model_code_for_first_use():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_reused_result_reports_the_last_call_only(m):
+    """One GenerationResult passed to call after call (an app keeping one around) holds
+    the last call's tokens, logprobs and tool calls, not an accumulation of them."""
+    from efedge.generate import GenerationResult
+
+    r = GenerationResult([], "")
+    m.generate("hello", max_tokens=3, result=r, logprobs=1, **GREEDY)
+    first = list(r.tokens)
+    m.generate("hello", max_tokens=2, result=r, **GREEDY)
+    assert r.tokens == first[:2] and r.logprobs is None
+    r.tool_calls = [{"stale": True}]
+    m.chat([{"role": "user", "content": "hi"}], max_tokens=2, result=r, **GREEDY)
+    assert r.tool_calls is None and len(r.tokens) <= 2
