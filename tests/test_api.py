@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripted import script_tokens
 
 import efedge
-from efedge import api_generation
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0.0)
@@ -240,17 +240,7 @@ def test_stream_never_yields_partial_utf8(m, monkeypatch):
     text = "héllo wörld 世界 🙂 ok"
     ids = m.tokenize(text, add_special=False)
     assert len(ids) > len(text.encode("utf-8")) // 4  # the tiny vocab splits these
-    real = api_generation.generate_tokens
-
-    def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
-             logprobs=None, constraint=None):
-        # run the real prefill path for one token, then replay the fixed ids
-        for _ in real(session, prompt, sampler, max_tokens=0, eog=eog, cancel=cancel,
-                      result=result, logprobs=logprobs, constraint=constraint):
-            pass
-        yield from ids[:max_tokens]
-
-    monkeypatch.setattr(api_generation, "generate_tokens", fake)
+    script_tokens(monkeypatch, ids)  # the real prefill path, then these fixed ids
     pieces = list(m.stream("x", max_tokens=len(ids), **GREEDY))
     assert "".join(pieces) == text
     for p in pieces:

@@ -10,9 +10,9 @@ import re
 import threading
 
 import pytest
+from _scripted import script_tokens
 
 import efedge
-from efedge import api_generation
 from efedge.errors import ArgumentError, UnsupportedModelError
 from efedge.generate import GenerationResult
 from efedge.server import make_server
@@ -290,19 +290,7 @@ def scripted(monkeypatch, m, text: str) -> None:
     """Make every generation on `m` write `text` (after the real prefill), then stop."""
     ids = m.tokenize(text, add_special=False)
     assert m.detokenize(ids) == text
-    real = api_generation.generate_tokens
-
-    def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
-             logprobs=None, constraint=None):
-        for _ in real(session, prompt, sampler, max_tokens=0, eog=eog, cancel=cancel,
-                      result=result, logprobs=logprobs, constraint=constraint):
-            pass
-        for tok in ids[:max_tokens]:
-            result.tokens.append(tok)
-            yield tok
-        result.finish_reason = "stop" if max_tokens >= len(ids) else "length"
-
-    monkeypatch.setattr(api_generation, "generate_tokens", fake)
+    script_tokens(monkeypatch, ids)
 
 
 REPLY = "Checking.\n" + block("get_weather", {"city": "Paris", "unit": "C"}) + "\n" + \

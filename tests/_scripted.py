@@ -1,0 +1,27 @@
+"""A model whose generations write fixed token ids (after the real prefill): for tests of
+what is done with the text — UTF-8 pieces, tool-call parsing — that a random tiny model
+would never write."""
+
+from __future__ import annotations
+
+from efedge import api_generation
+
+
+def script_tokens(monkeypatch, ids: list[int]) -> None:
+    """Every generation from now on (for the test's duration) prefills its prompt as usual,
+    then yields `ids` (at most max_tokens of them) and stops."""
+    real = api_generation.generate_tokens
+
+    def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
+             logprobs=None, constraint=None):
+        for _ in real(session, prompt, sampler, max_tokens=0, eog=eog, cancel=cancel,
+                      result=result, logprobs=logprobs, constraint=constraint):
+            pass
+        for tok in ids[:max_tokens]:
+            if result is not None:
+                result.tokens.append(tok)
+            yield tok
+        if result is not None:
+            result.finish_reason = "stop" if max_tokens >= len(ids) else "length"
+
+    monkeypatch.setattr(api_generation, "generate_tokens", fake)
