@@ -89,7 +89,7 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
     """Yield generated token ids. An EOG token ends generation and is not yielded.
     `result` (if given) receives the tokens and the finish reason; with `logprobs` (the
     number of alternatives, 0 for none) also each yielded token's log probability,
-    appended before the token is yielded. `constraint` (e.g. json_mode.JsonConstraint):
+    appended before the token is yielded. `constraint` (json_schema.SchemaConstraint):
     only tokens it allows are drawn, and generation stops ("stop") once it is done."""
     result = result if result is not None else GenerationResult([], "length")
     result.logprobs = [] if logprobs is not None else None

@@ -17,7 +17,11 @@ inside one piece and so every output reads back as what the schema asked for:
 from __future__ import annotations
 
 from efedge.grammar import Grammar
-from efedge.json_mode import MAX_DIGITS, MAX_EXP_DIGITS, MAX_INDENT
+
+MAX_INDENT = 20  # whitespace between tokens: "", " ", or "\n" and at most this many " \t"
+# digits of a number before the point and after it, and in its exponent: bounded so a
+# model cannot write digits forever, and every number reads back finite (at most 1e119)
+MAX_DIGITS, MAX_EXP_DIGITS = 20, 2
 
 _CONT = range(0x80, 0xC0)
 # well-formed UTF-8 of two to four bytes (RFC 3629 §4): lead bytes, then the tail's ranges
@@ -144,20 +148,27 @@ class JsonGrammar(Grammar):
         """Any JSON value."""
         if "value" in self._made:
             return self._made["value"]
-        v = self._made["value"] = self.rule()
-        ws, s = self.ws(), self.string()
-        lit = self.literal
-        member = [s, ws, *lit(b":"), ws, v, ws]
-        obj = self.rule([*lit(b"{"), ws, *lit(b"}")],
-                        [*lit(b"{"), ws, *member, self._star([*lit(b","), ws, *member]),
-                         *lit(b"}")])
+        v = self._made["value"] = self.rule()  # (made before its parts: they nest it)
+        ws, lit = self.ws(), self.literal
         arr = self.rule([*lit(b"["), ws, *lit(b"]")],
                         [*lit(b"["), ws, v, ws, self._star([*lit(b","), ws, v, ws]),
                          *lit(b"]")])
-        for alt in ([obj], [arr], [s], [self.number()], lit(b"true"), lit(b"false"),
-                    lit(b"null")):
+        for alt in ([self.any_object()], [arr], [self.string()], [self.number()],
+                    lit(b"true"), lit(b"false"), lit(b"null")):
             self.add(v, alt)
         return v
+
+    def any_object(self) -> int:
+        """Any JSON object (JSON mode's output; an object inside any value)."""
+        if "object" in self._made:
+            return self._made["object"]
+        obj = self._made["object"] = self.rule()  # (made before its parts: they nest it)
+        ws, lit = self.ws(), self.literal
+        member = [self.string(), ws, *lit(b":"), ws, self.value(), ws]
+        self.add(obj, [*lit(b"{"), ws, *lit(b"}")])
+        self.add(obj, [*lit(b"{"), ws, *member, self._star([*lit(b","), ws, *member]),
+                       *lit(b"}")])
+        return obj
 
     def key_not_in(self, names: list[str]) -> int:
         """An object key (with its quotes) that is none of `names`: written without escapes,

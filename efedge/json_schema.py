@@ -3,9 +3,9 @@
 instance of a JSON schema.
 
 The schema is compiled into a byte grammar (efedge.grammar, with JSON's pieces from
-efedge.json_grammar), and `SchemaConstraint` checks each drawn token against it as
-JsonConstraint does in JSON mode: the sampler asks about the token it drew and about the
-others only when that one does not fit (efedge.sampling.Sampler.sample_where).
+efedge.json_grammar), and `SchemaConstraint` checks each drawn token against it (JSON
+mode's grammar too): the sampler asks about the token it drew and about the others only
+when that one does not fit (efedge.sampling.Sampler.sample_where).
 
 The subset of JSON Schema taken (anything else is an ArgumentError naming the keyword,
 never ignored): `type` (a name or a list of names), `properties`, `required`,

@@ -1,4 +1,4 @@
-"""JSON mode: the grammar automaton (efedge/json_mode.py) against Python's json module,
+"""JSON mode: the grammar of one object (efedge/json_mode.py) against Python's json module,
 the restricted draw (Sampler.sample_where), and format="json" end to end — the API, the
 server's response_format and `efedge run --format json`."""
 
@@ -16,15 +16,18 @@ import efedge
 from efedge.cli import main as cli_main
 from efedge.errors import ArgumentError, SamplingError
 from efedge.generate import GenerationResult
-from efedge.json_mode import MAX_DIGITS, MAX_EXP_DIGITS, MAX_INDENT, JsonPrefix
+from efedge.grammar import Matcher
+from efedge.json_grammar import MAX_DIGITS, MAX_EXP_DIGITS, MAX_INDENT
+from efedge.json_mode import json_object_grammar
 from efedge.sampling import Sampler, SamplingParams
 
 
 def accepts(text: str) -> tuple[bool, bool]:
     """(a valid prefix, a complete object)."""
-    p = JsonPrefix()
-    ok = p.feed(text.encode("utf-8"))
-    return ok, ok and p.done
+    m = Matcher(json_object_grammar())
+    data = text.encode("utf-8")
+    ok = not data or m.feed(data)
+    return ok, ok and m.done
 
 
 def _random_value(rng: random.Random, depth: int = 0):
