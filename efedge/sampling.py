@@ -229,12 +229,7 @@ class Sampler:
         ids, probs = self._chain(logits, history, ordered=True)
         keep = np.fromiter((ok(int(t)) for t in ids), dtype=bool, count=ids.size)
         if keep.any():
-            ids, probs = ids[keep], probs[keep]
-            if ids.size == 1 or self.params.temperature == 0:
-                return int(ids[0])
-            cdf = np.cumsum(probs)
-            i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-            return int(ids[min(i, ids.size - 1)])
+            return self._draw(ids[keep], probs[keep])
         x = self._penalised(np.asarray(logits), history)
         for t in np.argsort(-x, kind="stable"):
             if x[t] == -math.inf or np.isnan(x[t]):
@@ -245,7 +240,10 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """Sample one token id from `logits` [n_vocab] given the tokens so far."""
-        ids, probs = self._chain(logits, history, ordered=False)
+        return self._draw(*self._chain(logits, history, ordered=False))
+
+    def _draw(self, ids: np.ndarray, probs: np.ndarray) -> int:
+        """One of `ids`, drawn by `probs` (which need not sum to 1)."""
         if ids.size == 1:
             return int(ids[0])
         cdf = np.cumsum(probs)
