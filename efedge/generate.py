@@ -122,6 +122,13 @@ def generate_tokens(session: Session, prompt: Sequence[int], sampler: Sampler, *
     result.finish_reason = "length"
 
 
+def prefix_tail(text: str, s: str) -> int:
+    """The length of the longest tail of `text` that is a proper prefix of `s`: what to
+    hold back in case `s` is starting."""
+    return next((n for n in range(min(len(s) - 1, len(text)), 0, -1)
+                 if text.endswith(s[:n])), 0)
+
+
 class StopStringFilter:
     """Holds back text that might be the start of a stop string; reports when one appears."""
 
@@ -143,12 +150,7 @@ class StopStringFilter:
             out, self.buf = self.buf[:min(found)], ""
             return out
         # keep the longest tail that is a prefix of some stop string
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
+        keep = max(prefix_tail(self.buf, s) for s in self.stops)
         out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
         return out
 

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 
 from efedge.errors import ArgumentError, TemplateError, UnsupportedModelError
+from efedge.generate import prefix_tail
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FORMATS = ("Hermes <tool_call> blocks (Qwen2.5, Qwen3, Hermes 2/3)")
@@ -241,9 +242,7 @@ class CallStream:
             cut = len(full[:i].rstrip())
         else:
             # keep back the longest tail that may begin a block, and whitespace before it
-            keep = next((n for n in range(min(len(OPEN) - 1, len(full)), 0, -1)
-                         if full.endswith(OPEN[:n])), 0)
-            cut = len(full[:len(full) - keep].rstrip())
+            cut = len(full[:len(full) - prefix_tail(full, OPEN)].rstrip())
         cut = max(cut, len(self.sent))
         out, self.held = full[len(self.sent):cut], full[cut:]
         self.sent += out
