@@ -6,6 +6,7 @@ and the server's echoed prompt logprobs read.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -18,20 +19,9 @@ PROMPT_CHUNK = 256  # prompt_logprobs: tokens per forward call (logits memory: Ã
 class ScoringMixin:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab] for a fresh sequence starting at position 0."""
-        ids = self._token_ids(ids)
-        if not ids:
-            raise ArgumentError("logits() needs at least one token id")
-        if len(ids) > self.n_ctx:
-            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
-                                     "(raise n_ctx, or pass fewer)")
-        with self._lock:
-            self._check_open()
-            self._wait_idle("logits()")
-            # the session's own cache, emptied: a second one beside it cost memory per
-            # call, and on device="cuda" sat outside the VRAM the load planned
-            self._session.reset()
-            fwd = self._forward if self._compute is None else self._forward_in_turn
-            return fwd(ids, 0, self._session.kv, all_logits=True)
+        ids = self._sequence_ids(ids, "logits()")
+        with self._fresh_sequence("logits()") as (session, fwd):
+            return fwd(ids, 0, session.kv, all_logits=True)
 
     def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0, *,
                         first: int = 0) -> list[TokenLogprob]:
@@ -43,23 +33,13 @@ class ScoringMixin:
         time, so memory does not grow with len(ids) Ã— n_vocab; the cache keeps the
         sequence, and a generation from the same ids reuses it."""
         top_n = check_top(top_n, "top_n")
-        ids = self._token_ids(ids)
-        if not ids:
-            raise ArgumentError("prompt_logprobs() needs at least one token id")
+        ids = self._sequence_ids(ids, "prompt_logprobs()")
         if isinstance(first, bool) or not isinstance(first, int) or \
                 not 0 <= first < len(ids):
             raise ArgumentError(f"first must be an integer in [0, {len(ids) - 1}], got "
                                 f"{first!r}")
-        if len(ids) > self.n_ctx:
-            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
-                                     "(raise n_ctx, or pass fewer)")
         out: list[TokenLogprob] = []
-        with self._lock:
-            self._check_open()
-            self._wait_idle("prompt_logprobs()")
-            session = self._session
-            session.reset()
-            fwd = self._forward if self._compute is None else self._forward_in_turn
+        with self._fresh_sequence("prompt_logprobs()") as (session, fwd):
             start = 0
             while start < len(ids):
                 # (a batch's rows do not depend on its size: the same bits as the whole
@@ -77,3 +57,25 @@ class ScoringMixin:
                 session.tokens = ids[:end]
                 start = end
         return out
+
+    def _sequence_ids(self, ids, what: str) -> list[int]:
+        """A sequence to score: valid token ids, at least one, no more than the context."""
+        ids = self._token_ids(ids)
+        if not ids:
+            raise ArgumentError(f"{what} needs at least one token id")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(ids)} token ids; the context holds {self.n_ctx} "
+                                     "(raise n_ctx, or pass fewer)")
+        return ids
+
+    @contextmanager
+    def _fresh_sequence(self, what: str):
+        """Under the model's lock, once no generation holds it: (the session, emptied, and
+        the forward that fills it). The session's own cache: a second one beside it cost
+        memory per call, and on device="cuda" sat outside the VRAM the load planned."""
+        with self._lock:
+            self._check_open()
+            self._wait_idle(what)
+            self._session.reset()
+            yield self._session, (self._forward if self._compute is None
+                                  else self._forward_in_turn)
