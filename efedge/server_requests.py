@@ -77,11 +77,17 @@ def _field(body: dict, name: str, kind: type, default: Any = None) -> Any:
     return v
 
 
-def _common(body: Any, defaults: dict, max_default: int | None,
-            *max_names: str) -> dict:
+def object_body(body: Any) -> dict:
+    """The parsed body, which every route takes as a JSON object."""
     if not isinstance(body, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}",
                        "invalid_type")
+    return body
+
+
+def _common(body: Any, defaults: dict, max_default: int | None,
+            *max_names: str) -> dict:
+    body = object_body(body)
     kw: dict[str, Any] = {"model": _field(body, "model", str)}
     max_tokens = max_default
     for name in max_names:  # the first one present wins

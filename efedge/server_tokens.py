@@ -8,18 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from efedge.server_requests import APIError, _field
-
-
-def _body(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}",
-                       "invalid_type")
-    return body
+from efedge.server_requests import APIError, _field, object_body
 
 
 def tokenize(model, body: Any) -> dict:
-    body = _body(body)
+    body = object_body(body)
     content = _field(body, "content", str)
     if content is None:
         raise APIError(400, "'content' is required", "missing_field", param="content")
@@ -46,7 +39,7 @@ def tokenize(model, body: Any) -> dict:
 
 
 def detokenize(model, body: Any) -> dict:
-    body = _body(body)
+    body = object_body(body)
     tokens = _field(body, "tokens", list, [])
     for i, t in enumerate(tokens):
         if isinstance(t, bool) or not isinstance(t, int):
