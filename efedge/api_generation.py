@@ -19,10 +19,11 @@ from efedge.errors import ArgumentError, ContextLengthError
 from efedge.generate import GenerationResult, StopStringFilter, generate_tokens
 from efedge.json_mode import constraint_for
 from efedge.logprobs import check_top
-from efedge.sampling import Sampler, SamplingParams
+from efedge.sampling import Sampler, SamplingParams, check_logit_bias
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                 "repeat_last_n", "seed", "frequency_penalty", "presence_penalty")
+                 "repeat_last_n", "seed", "frequency_penalty", "presence_penalty",
+                 "logit_bias")
 
 
 class GenerationMixin:
@@ -47,6 +48,7 @@ class GenerationMixin:
             raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
         p = SamplingParams(**kw)
         p.validate()
+        check_logit_bias(p.logit_bias, self.config.n_vocab)
         return p
 
     def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool = True,

@@ -3,7 +3,7 @@
 The chain, in llama.cpp's default order (common/common.h `samplers`, and
 llama-cpp-python's `_init_sampler`):
 
-    repetition penalty → top-k → top-p → min-p → temperature → draw
+    logit bias → repetition penalty → top-k → top-p → min-p → temperature → draw
 
 temperature == 0 is greedy: argmax of the penalised logits (first index on ties).
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +60,9 @@ class SamplingParams:
     # from the logit of each token seen in the last repeat_last_n, per occurrence / once
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # llama.cpp's --logit-bias / OpenAI's logit_bias: {token id: added to its logit} before
+    # everything else; -inf bans the token
+    logit_bias: Mapping[int, float] | None = None
 
     def validate(self) -> None:
         """Raise SamplingError naming the first out-of-range parameter and its range."""
@@ -83,6 +86,25 @@ class SamplingParams:
         s = self.seed
         if s is not None and (not _is_int(s) or s < 0):
             raise SamplingError(f"seed must be None (random) or an integer >= 0, got {s!r}")
+        check_logit_bias(self.logit_bias)
+
+
+def check_logit_bias(bias: object, n_vocab: int | None = None) -> None:
+    """A logit_bias is None or {token id >= 0 (< n_vocab when given): a finite number or
+    -inf}; SamplingError naming the first bad entry."""
+    if bias is None:
+        return
+    if not isinstance(bias, Mapping):
+        raise SamplingError(f"logit_bias must be a mapping of token id to bias, got "
+                            f"{type(bias).__name__}")
+    for tok, b in bias.items():
+        if not _is_int(tok) or tok < 0 or (n_vocab is not None and tok >= n_vocab):
+            where = f" (0..{n_vocab - 1})" if n_vocab is not None else ""
+            raise SamplingError(f"logit_bias: token id {tok!r} is not a token of the "
+                                f"vocabulary{where}")
+        if not _is_real(b) or math.isnan(float(b)) or float(b) == math.inf:
+            raise SamplingError(f"logit_bias: the bias of token {tok} must be a finite "
+                                f"number or -inf (banned), got {b!r}")
 
 
 def _top_mass(cand: np.ndarray, vals: np.ndarray, w: np.ndarray,
@@ -114,10 +136,26 @@ class Sampler:
         params.validate()
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        bias = params.logit_bias or {}
+        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self._bias = np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
 
     # -- the chain ------------------------------------------------------------------
+    def _biased(self, logits: np.ndarray) -> np.ndarray:
+        """Logits plus the logit bias (a copy when there is one)."""
+        if not self._bias_ids.size:
+            return logits
+        if self._bias_ids.max() >= logits.shape[0]:
+            raise SamplingError(f"logit_bias: token id {int(self._bias_ids.max())} is outside "
+                                f"the vocabulary [0, {logits.shape[0]})")
+        out = np.array(logits, dtype=np.result_type(logits.dtype, np.float32))
+        out[self._bias_ids] += self._bias.astype(out.dtype)
+        return out
+
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """Logits after the repetition penalties (a copy when anything changes)."""
+        """Logits after the logit bias and the repetition penalties (a copy when anything
+        changes)."""
+        logits = self._biased(logits)
         p = self.params
         n_last = p.repeat_last_n
         if (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0

@@ -29,8 +29,9 @@ def _error_of(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), "context_length_exceeded")
-    if isinstance(exc, SamplingError):
-        return APIError(400, str(exc), "invalid_value")
+    if isinstance(exc, SamplingError):  # (a logit_bias id past the vocabulary: named)
+        param = "logit_bias" if str(exc).startswith("logit_bias") else None
+        return APIError(400, str(exc), "invalid_value", param=param)
     if isinstance(exc, TemplateError):
         return APIError(400, str(exc), "invalid_messages")
     if isinstance(exc, ModelClosedError):  # an embedding app closed the model under us

@@ -4,6 +4,7 @@ becomes an APIError with the HTTP status and OpenAI error type to answer with.""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,8 +126,9 @@ def _common(body: Any, defaults: dict, max_default: int | None,
     n = _field(body, "n", int, 1)
     if n != 1:
         raise APIError(400, f"only n=1 is supported, got {n}", "unsupported", param="n")
-    if _field(body, "logit_bias", dict):
-        raise APIError(400, "logit_bias is not supported", "unsupported", param="logit_bias")
+    bias = _logit_bias(body)
+    if bias is not None:
+        sampling["logit_bias"] = bias
     stop = body.get("stop")
     if stop is None:
         kw["stop"] = []
@@ -141,6 +143,40 @@ def _common(body: Any, defaults: dict, max_default: int | None,
     opts = _field(body, "stream_options", dict, {})
     kw["include_usage"] = bool(_field(opts, "include_usage", bool, False))
     return kw
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """logit_bias in OpenAI's form ({"token id": bias}, biases in [-100, 100]) or
+    llama.cpp's ([[token id, bias or false], …]; false bans the token): {id: bias}. The
+    ids' range is checked against the vocabulary when the request runs."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    elif isinstance(raw, list) and all(isinstance(e, list) and len(e) == 2 for e in raw):
+        pairs = [(k, v) for k, v in raw]
+    else:
+        raise APIError(400, "'logit_bias' must be an object of token id to bias, or an "
+                            "array of [token id, bias] pairs", "invalid_type", param="logit_bias")
+    out: dict[int, float] = {}
+    for key, val in pairs:
+        tok = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            tok = int(key)
+        if tok is None or tok < 0:
+            raise APIError(400, f"logit_bias: {json.dumps(key)[:40]} is not a token id (give "
+                                "ids; POST /tokenize gives a text's ids)", "invalid_value",
+                           param="logit_bias")
+        if val is False:
+            out[tok] = -math.inf
+            continue
+        if isinstance(val, bool) or not isinstance(val, int | float) or not -100 <= val <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {tok} must be a number in "
+                                f"[-100, 100] (or false: banned), got {json.dumps(val)[:40]}",
+                           "invalid_value", param="logit_bias")
+        out[tok] = float(val)
+    return out
 
 
 def parse_chat(body: Any, defaults: dict) -> GenRequest:

@@ -29,7 +29,7 @@ from efedge.cli.common import (
     sampling_kwargs,
 )
 from efedge.errors import ContextLengthError, EfedgeError, TemplateError
-from efedge.sampling import SamplingParams
+from efedge.sampling import SamplingParams, check_logit_bias
 
 HELP = """\
 Commands:
@@ -390,6 +390,7 @@ def main(args: argparse.Namespace) -> int:
     with load_model(args, progress=progress_bar()) as m:
         sampling = sampling_kwargs(args)
         SamplingParams(**sampling).validate()
+        check_logit_bias(sampling.get("logit_bias"), m.config.n_vocab)  # -l ids
         repl = ChatREPL(m, system=args.system_prompt, sampling=sampling,
                         max_tokens=args.n_predict)
         m.chat_prompt([{"role": "user", "content": "hi"}])  # a broken template fails now

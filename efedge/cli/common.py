@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -155,14 +156,34 @@ def add_sampling_args(p: argparse.ArgumentParser, temp: float = 0.8) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtracted once for a token in the last --repeat-last-n (0 = off)")
     p.add_argument("-s", "--seed", type=int, default=None, help="RNG seed (default: random)")
+    p.add_argument("-l", "--logit-bias", type=logit_bias_arg, action="append", default=None,
+                   metavar="TOKEN_ID(+/-)BIAS",
+                   help="add BIAS to the token's logit, e.g. 15043+1, 15043-0.5; 15043-inf "
+                        "bans it (repeatable)")
+
+
+_LOGIT_BIAS = re.compile(r"(\d+)([+-])(inf|\d+(?:\.\d*)?|\.\d+)")
+
+
+def logit_bias_arg(text: str) -> tuple[int, float]:
+    """-l TOKEN_ID(+/-)BIAS (llama.cpp's form): (id, bias); -inf bans, +inf is refused."""
+    m = _LOGIT_BIAS.fullmatch(text.strip())
+    if m is None or m.group(2) + m.group(3) == "+inf":
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)")
+    bias = float(m.group(3))
+    return int(m.group(1)), -bias if m.group(2) == "-" else bias
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     seed = args.seed if args.seed is None or args.seed >= 0 else None  # -1 = random
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-                frequency_penalty=args.frequency_penalty,
-                presence_penalty=args.presence_penalty, seed=seed)
+    kw = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+              frequency_penalty=args.frequency_penalty,
+              presence_penalty=args.presence_penalty, seed=seed)
+    if getattr(args, "logit_bias", None):
+        kw["logit_bias"] = dict(args.logit_bias)  # a token given twice: the last one
+    return kw
 
 
 def add_chat_template_arg(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from efedge.cli.common import (
     sampling_kwargs,
 )
 from efedge.errors import EfedgeError
-from efedge.sampling import SamplingParams
+from efedge.sampling import SamplingParams, check_logit_bias
 
 _WSAEACCES = 10013
 
@@ -95,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     SamplingParams(**defaults).validate()
     check_address(args.host, args.port)
     with load_model(args, progress=progress_bar()) as m:
+        check_logit_bias(defaults.get("logit_bias"), m.config.n_vocab)  # -l ids
         try:
             # a --chat-template that cannot render is the user's to fix now (a TemplateError,
             # one line), not a 500 on every chat request; a broken one in the GGUF only
