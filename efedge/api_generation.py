@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from efedge.errors import ArgumentError, ContextLengthError
+from efedge.fim import infill_ids
 from efedge.generate import GenerationResult, StopStringFilter, generate_tokens
 from efedge.json_mode import constraint_for
 from efedge.logprobs import check_top
@@ -196,3 +197,26 @@ class GenerationMixin:
         stream()."""
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, result=result,
                                    logprobs=logprobs, format=format, **sampling))
+
+    def infill_prompt(self, prefix: str, suffix: str = "", *, prompt: str = "",
+                      extra=None, max_tokens: int = 0) -> list[int]:
+        """The token ids of a fill-in-the-middle request, as llama.cpp's /infill builds them
+        (efedge.fim: the markers of the model's vocab, the prefix / suffix / extra files
+        cut to fit); UnsupportedModelError for a model without FIM tokens."""
+        return infill_ids(self.tokenizer, prefix, suffix, prompt=prompt, extra=extra,
+                          n_ctx=self.n_ctx, n_predict=max_tokens)
+
+    def infill(self, prefix: str, suffix: str = "", *, prompt: str = "", extra=None,
+               max_tokens: int = 128, stream: bool = False, stop=None,
+               result: GenerationResult | None = None, cancel: threading.Event | None = None,
+               logprobs: int | None = None, **sampling) -> str | Iterator[str]:
+        """The code between `prefix` and `suffix` (the middle a code model trained for
+        fill-in-the-middle writes, until its end-of-generation token); `prompt` is the
+        start of the middle already typed, `extra` other files as context ([{"text",
+        "filename"}], llama.cpp's input_extra). The text, or with stream=True an iterator
+        of pieces; the other arguments as for stream()."""
+        ids = self.infill_prompt(prefix, suffix, prompt=prompt, extra=extra,
+                                 max_tokens=max_tokens)
+        pieces = self.stream(ids, max_tokens=max_tokens, stop=stop, result=result,
+                             cancel=cancel, logprobs=logprobs, **sampling)
+        return pieces if stream else "".join(pieces)

@@ -4,6 +4,8 @@
     GET  /v1/models               the one loaded model
     POST /v1/completions          prompt → text          (stream: server-sent events)
     POST /v1/chat/completions     messages → reply       (stream: server-sent events)
+    POST /completion, /infill     llama.cpp's own shapes (efedge.server_native)
+    POST /tokenize, /detokenize   llama.cpp's tokenizer routes (efedge.server_tokens)
 
 Every request is queued to one worker thread that owns the model, so requests run one at
 a time in arrival order while the HTTP threads wait (the Model serialises calls anyway).
@@ -38,9 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import select
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -53,7 +53,9 @@ from typing import Any
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import TemplateError, UnsupportedModelError
-from efedge.server_body import read_body, read_json
+from efedge.server_body import read_body, read_json, readable, set_bind_options
+from efedge.server_native import ROUTES as NATIVE_ROUTES
+from efedge.server_native import NativeReplyMixin, parse_native
 from efedge.server_replies import ReplyMixin
 from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_tokens import ROUTES as TOKEN_ROUTES
@@ -68,21 +70,9 @@ CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writ
 TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template renders it
 
 
-def set_bind_options(sock: socket.socket) -> None:
-    """What a listening socket needs before bind. POSIX: SO_REUSEADDR, so a restarted
-    server can bind while the last one's connections sit in TIME_WAIT. Windows: nothing.
-    SO_REUSEADDR means something else there — a socket may bind a port another one is
-    listening on, and the two then share its connections (a second `efedge serve` on the
-    same port started without a word) — and a restart does not need it (asyncio sets it
-    on Unix only, for the same reason). SO_EXCLUSIVEADDRUSE is not set either: it would
-    also refuse our own restart while the last run's connections close."""
-    if sys.platform != "win32":
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-
 _GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models")
 _POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions",
-                "/tokenize", "/detokenize")
+                "/tokenize", "/detokenize", *NATIVE_ROUTES)
 
 
 def _allowed(path: str) -> str | None:
@@ -98,20 +88,7 @@ class _ClientGone(Exception):
     pass
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Whether `sock` has data, an end of stream or an error waiting (never blocks).
-    poll() where there is one: select() takes no descriptor numbered FD_SETSIZE (1024) or
-    above (ValueError), which a server with many connections, or one embedded in an app
-    with many files open, accepts. Windows has no poll(), and its select() takes any
-    socket."""
-    if hasattr(select, "poll"):
-        p = select.poll()
-        p.register(sock, select.POLLIN)
-        return bool(p.poll(0))
-    return bool(select.select([sock], [], [], 0)[0])
-
-
-class Handler(ReplyMixin, BaseHTTPRequestHandler):
+class Handler(ReplyMixin, NativeReplyMixin, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"efedge/{__version__}"
     timeout = 120  # seconds a connection may sit idle or trickle a body
@@ -209,7 +186,7 @@ class Handler(ReplyMixin, BaseHTTPRequestHandler):
 
     def _peer_closed(self) -> bool:
         try:
-            return _readable(self.connection) and \
+            return readable(self.connection) and \
                 self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
@@ -268,7 +245,8 @@ class Handler(ReplyMixin, BaseHTTPRequestHandler):
                 self._send_json(200, TOKEN_ROUTES[path](self.server.model,
                                                         self._read_json()))
                 return
-            if not chat and path not in ("/v1/completions", "/completions"):
+            native = path in NATIVE_ROUTES  # llama.cpp's /completion, /infill
+            if not chat and not native and path not in ("/v1/completions", "/completions"):
                 if self.headers.get("Content-Length"):
                     self._read_body()  # keep the connection in step
                 if (allow := _allowed(path)) is not None:
@@ -276,7 +254,8 @@ class Handler(ReplyMixin, BaseHTTPRequestHandler):
                                    headers={"Allow": allow})
                 raise APIError(404, f"unknown route POST {path or '/'}", "unknown_url")
             body = self._read_json()
-            req = (parse_chat if chat else parse_completion)(body, self.server.defaults)
+            req = parse_native(path, body, self.server.defaults) if native else \
+                (parse_chat if chat else parse_completion)(body, self.server.defaults)
             self.server.check_model(req.model)
             if chat and self.server.template_error is not None:
                 raise APIError(500, f"the server's chat template is broken: "
@@ -284,13 +263,15 @@ class Handler(ReplyMixin, BaseHTTPRequestHandler):
                                type_="server_error")
             if chat and req.tools is not None and self.server.tools_error is not None:
                 raise APIError(400, self.server.tools_error, "unsupported", param="tools")
-            job = self.server.worker.submit(req)
+            t0, job = time.monotonic(), self.server.worker.submit(req)
         except APIError as err:
             self._send_error(err)
             return
         try:
             with self.server.in_flight():
-                if req.stream:
+                if native:
+                    self._native(job, t0)
+                elif req.stream:
                     self._stream(job, chat)
                 else:
                     self._complete(job, chat)

@@ -1,4 +1,5 @@
-"""Reading an HTTP request's body for the server (efedge/server.py): Content-Length or
+"""Reading an HTTP request's body for the server (efedge/server.py), and the sockets' two
+helpers (bind options, whether a client has data or has left): Content-Length or
 chunked transfer encoding, a size limit, and JSON — every failure an APIError with the
 status and code OpenAI clients expect, and `close=True` where the rest of the body was not
 read (the connection cannot carry another request).
@@ -7,6 +8,9 @@ read (the connection cannot carry another request).
 from __future__ import annotations
 
 import json
+import select
+import socket
+import sys
 from typing import Any
 
 from efedge.server_requests import APIError
@@ -90,3 +94,28 @@ def read_json(rfile, headers, limit: int) -> Any:
         raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_json") from None
     except RecursionError:  # "[[[[…" a few thousand deep fits in any body limit
         raise APIError(400, "the body's JSON is nested too deeply", "invalid_json") from None
+
+
+def set_bind_options(sock: socket.socket) -> None:
+    """What a listening socket needs before bind. POSIX: SO_REUSEADDR, so a restarted
+    server can bind while the last one's connections sit in TIME_WAIT. Windows: nothing.
+    SO_REUSEADDR means something else there — a socket may bind a port another one is
+    listening on, and the two then share its connections (a second `efedge serve` on the
+    same port started without a word) — and a restart does not need it (asyncio sets it
+    on Unix only, for the same reason). SO_EXCLUSIVEADDRUSE is not set either: it would
+    also refuse our own restart while the last run's connections close."""
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether `sock` has data, an end of stream or an error waiting (never blocks).
+    poll() where there is one: select() takes no descriptor numbered FD_SETSIZE (1024) or
+    above (ValueError), which a server with many connections, or one embedded in an app
+    with many files open, accepts. Windows has no poll(), and its select() takes any
+    socket."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])

@@ -91,17 +91,21 @@ class ReplyMixin:
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
 
-    def _stream(self, job: Job, chat: bool) -> None:
-        ev = self._next_event(job)  # the first event decides between 200 and an error
-        if ev[0] == "error":
-            self._send_error(_error_of(ev[1]))
-            return
+    def _begin_events(self) -> None:
+        """A 200 whose body is server-sent events, ended by closing the connection."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
+
+    def _stream(self, job: Job, chat: bool) -> None:
+        ev = self._next_event(job)  # the first event decides between 200 and an error
+        if ev[0] == "error":
+            self._send_error(_error_of(ev[1]))
+            return
+        self._begin_events()
         base = self.server.envelope(chat, stream=True)
         usage_wanted = job.req.include_usage
 

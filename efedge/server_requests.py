@@ -50,6 +50,11 @@ class GenRequest:
     # from the reply (efedge.tool_calls); parallel_tool_calls false keeps the first call
     tools: list[dict] | None = None
     parallel_tool_calls: bool = True
+    # fill in the middle (efedge.fim): {"prefix", "suffix", "prompt", "extra"}, built into
+    # the prompt by the worker (a completion's `suffix`, llama.cpp's /infill)
+    infill: dict | None = None
+    native: bool = False  # llama.cpp's /completion or /infill: answered in its shape
+    return_tokens: bool = False  # (native) the generated ids in the answer
 
 
 _MISSING = object()
@@ -266,15 +271,20 @@ def parse_completion(body: Any, defaults: dict) -> GenRequest:
     elif not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string or an array of token ids",
                        "invalid_type", param="prompt")
-    if body.get("suffix"):
-        raise APIError(400, "'suffix' is not supported", "unsupported", param="suffix")
+    suffix = _field(body, "suffix", str)
+    infill = None
+    if suffix:  # OpenAI's insertion: the prompt before the gap, the suffix after it
+        if not isinstance(prompt, str):
+            raise APIError(400, "with a 'suffix' the prompt must be a string (the text "
+                                "before the gap)", "invalid_type", param="prompt")
+        infill = {"prefix": prompt, "suffix": suffix, "prompt": "", "extra": []}
     # an integer asks for log probabilities, 0 too (those of the chosen tokens alone)
     logprobs = None if body.get("logprobs") is False else _top_count(body, "logprobs")
     if _field(body, "best_of", int, 1) != 1:
         raise APIError(400, "only best_of=1 is supported", "unsupported", param="best_of")
     echo = _field(body, "echo", bool, False)
     return GenRequest(messages=None, prompt=prompt, echo=echo, logprobs=logprobs,
-                      format=_format(body), **kw)
+                      format=_format(body), infill=infill, **kw)
 
 
 def _format(body: dict) -> str | dict | None:

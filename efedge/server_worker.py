@@ -22,7 +22,7 @@ import threading
 from collections import deque
 
 from efedge.api import Model
-from efedge.errors import EfedgeError
+from efedge.errors import EfedgeError, UnsupportedModelError
 from efedge.generate import GenerationResult
 from efedge.server_logprobs import prompt_records, records
 from efedge.server_requests import APIError, GenRequest
@@ -45,6 +45,8 @@ class Job:
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
+        self.tokens: list[int] = []  # the generated ids, once it has ended
+        self.stopping_word: str | None = None  # the stop string that ended it, if one did
 
 
 class ModelWorker:
@@ -134,6 +136,12 @@ class ModelWorker:
         m, req = self.model, job.req
         if req.messages is not None:
             ids = m.chat_prompt(req.messages, tools=req.tools)
+        elif req.infill is not None:
+            try:
+                ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)
+            except UnsupportedModelError as exc:
+                raise APIError(400, str(exc), "unsupported", param="input_prefix"
+                               if req.native else "suffix") from None
         elif isinstance(req.prompt, str):
             ids = m.tokenize(req.prompt)
         else:
@@ -202,6 +210,12 @@ class ModelWorker:
         if not started:
             job.events.put(("start", n_prompt, echo, prompt_recs))
         n_gen, job.finish = len(result.tokens), result.finish_reason
+        job.tokens = list(result.tokens)
+        if job.finish == "stop" and req.stop and not (
+                result.tokens and result.tokens[-1] in tok.eog_ids):
+            full = m.detokenize(result.tokens)  # the stop string is in the ids' text
+            hits = [(full.find(s), s) for s in req.stop if s and s in full]
+            job.stopping_word = min(hits)[1] if hits else None
         if job.finish == "cancelled":
             self.n_cancelled += 1
         found = None

@@ -28,6 +28,7 @@ from efedge.tokenizer_tables import (
     _EOG_TEXTS,
     _EOT_TEXTS,
     _FIM_EOG_TEXTS,
+    _FIM_TEXTS,
     _PRE_NAMES,
     _PRE_REGEXES,
 )
@@ -193,6 +194,15 @@ class Tokenizer:
                 self.attrs[min(hits)] |= CONTROL  # control-looking text: forced to control
             return min(hits) if hits else None
 
+        # fill-in-the-middle markers (efedge.fim): the file's ids, else found by their text
+        self.fim_ids: dict[str, int | None] = {}
+        for name, texts in _FIM_TEXTS:
+            tid = _get(meta, f"tokenizer.ggml.fim_{name}_token_id", (int,))
+            if tid is None:
+                legacy = {"pre": "prefix", "suf": "suffix", "mid": "middle"}[name]
+                tid = _get(meta, f"tokenizer.ggml.{legacy}_token_id", (int,))
+            self.fim_ids[name] = tid if tid is not None and 0 <= tid < self.n_vocab \
+                else first(texts)
         if eot is None:
             eot = first(_EOT_TEXTS)
         if eom is None:
@@ -208,6 +218,11 @@ class Tokenizer:
             if t in vocab:
                 self.attrs[vocab[t]] = USER_DEFINED  # gpt-oss: always rendered
         eog.update(v for v in found.values() if v is not None and 0 <= v < self.n_vocab)
+        for key, name in (("tokenizer.ggml.fim_pad_token_id", "pad"),
+                          ("tokenizer.ggml.fim_rep_token_id", "rep"),
+                          ("tokenizer.ggml.fim_sep_token_id", "sep")):
+            v = found[key]
+            self.fim_ids[name] = v if v is not None and 0 <= v < self.n_vocab else None
         eog.update(v for v in (self.eos_id, eot, eom) if v is not None)
         by_text = {self.tokens[i]: i for i in eog}
         # o200k_harmony / solar-open: "<|end|>" ends a message, not the generation

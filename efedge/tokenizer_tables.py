@@ -91,6 +91,14 @@ _EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
 _EOG_TEXTS = frozenset(_EOT_TEXTS + (
     "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "</s>", "<|eom_id|>", "[EOS]",
     "<eos>", "<turn|>", "<|tool_response>", "[e~["))
+# the fill-in-the-middle markers llama.cpp finds by their text when the file names none
+# (tokenizer.ggml.fim_{pre,suf,mid}_token_id; older files: prefix / suffix / middle_token_id)
+_FIM_TEXTS = (("pre", ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>",
+                       "<PRE>", "▁<PRE>", "<|code_prefix|>")),
+              ("suf", ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>",
+                       "<SUF>", "▁<SUF>", "<|code_suffix|>")),
+              ("mid", ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>",
+                       "<MID>", "▁<MID>", "<|code_middle|>")))
 _FIM_EOG_TEXTS = (("tokenizer.ggml.fim_pad_token_id", ("<|fim_pad|>", "<fim-pad>", "<fim_pad>",
                                                       "<PAD>", "[PAD]")),
                   ("tokenizer.ggml.fim_rep_token_id", ("<|fim_repo|>", "<|repo_name|>",

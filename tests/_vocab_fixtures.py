@@ -17,12 +17,14 @@ from gguf_tools.vocab import BPE_CONTROL, CHATML_TEMPLATE, BPEVocab, bpe_vocab
 def write_vocab_model(path: Path, kind: str = "bpe", pre: str | None = "gpt-2",
                       n_vocab: int = 512, add_bos: bool | None = None,
                       extra_tokens: list[tuple[str, int]] | None = None,
-                      bpe: BPEVocab | None = None) -> Path:
+                      bpe: BPEVocab | None = None,
+                      extra_ids: dict[str, int] | None = None) -> Path:
     """Write a tiny llama model with a "bpe" or "spm" vocab.
 
     add_bos None leaves `tokenizer.ggml.add_bos_token` out (llama.cpp's defaults apply);
     extra_tokens (text, token type) are appended to a BPE vocab (e.g. user-defined ones);
-    pre None leaves `tokenizer.ggml.pre` out; bpe replaces the trained BPE vocab.
+    pre None leaves `tokenizer.ggml.pre` out; bpe replaces the trained BPE vocab;
+    extra_ids are more uint32 keys (e.g. tokenizer.ggml.fim_pre_token_id).
     """
     from gguf_tools.vocab import add_vocab
 
@@ -70,6 +72,8 @@ def write_vocab_model(path: Path, kind: str = "bpe", pre: str | None = "gpt-2",
     else:
         nv = add_vocab(w, kind=kind, n_vocab=n_vocab, pre=pre or "gpt-2", add_bos=add_bos)
 
+    for key, value in (extra_ids or {}).items():
+        w.add_uint32(key, value)
     rng = np.random.default_rng(0)
 
     def t(name: str, *shape: int) -> None:

@@ -76,7 +76,7 @@ def bind_error(host: str, port: int, exc: Exception) -> EfedgeError:
 def check_address(host: str, port: int) -> None:
     """Bind and release the address now, so a taken port or a bad host is reported before
     a model is loaded, not after (the server binds again: a race only costs the wait)."""
-    from efedge.server import set_bind_options
+    from efedge.server_body import set_bind_options
 
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the server's family
     try:

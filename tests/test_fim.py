@@ -1,0 +1,196 @@
+"""Fill-in-the-middle: the markers found as llama.cpp finds them (ids equal to its
+llama_vocab_fim_* on the same files), the prompt laid out and cut as llama.cpp's /infill
+lays it out, greedy infilling equal to llama.cpp's on those ids, and the server's
+/infill, /completion (llama-server's shapes) and OpenAI `suffix`."""
+
+from __future__ import annotations
+
+import pytest
+from _http import post, post_json, running_server, sse_chunks
+from _vocab_fixtures import write_vocab_model
+
+import efedge
+from efedge.errors import UnsupportedModelError
+from efedge.fim import infill_ids
+from efedge.generate import GenerationResult
+
+# Qwen2.5-Coder's markers; the suffix one typed NORMAL in the file, which llama.cpp (and
+# efedge) turn into a control token because of its text
+QWEN_FIM = [("<|fim_prefix|>", 3), ("<|fim_suffix|>", 1), ("<|fim_middle|>", 3),
+            ("<|fim_pad|>", 3), ("<|repo_name|>", 3), ("<|file_sep|>", 3)]
+NAMES = ("pre", "suf", "mid", "pad", "rep", "sep")
+PREFIX, SUFFIX = "def area(r):\n    return ", "\n\nprint(area(2))\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fim")
+    return {
+        "qwen": write_vocab_model(d / "qwen.gguf", extra_tokens=QWEN_FIM),
+        # DeepSeek-Coder's markers, no file separator (extra chunks get the snippet line)
+        "deepseek": write_vocab_model(d / "ds.gguf", extra_tokens=[
+            ("<｜fim▁begin｜>", 3), ("<｜fim▁hole｜>", 3), ("<｜fim▁end｜>", 3)]),
+        # ids from the keys, on tokens whose text says nothing; older files' key names
+        "keys": write_vocab_model(d / "keys.gguf", extra_tokens=[
+            ("<a>", 3), ("<b>", 3), ("<c>", 3), ("<d>", 3)], extra_ids={
+            "tokenizer.ggml.fim_pre_token_id": 513, "tokenizer.ggml.fim_suf_token_id": 512,
+            "tokenizer.ggml.fim_mid_token_id": 515, "tokenizer.ggml.fim_sep_token_id": 514}),
+        "legacy": write_vocab_model(d / "legacy.gguf", extra_tokens=[
+            ("<a>", 3), ("<b>", 3), ("<c>", 3)], extra_ids={
+            "tokenizer.ggml.prefix_token_id": 514, "tokenizer.ggml.suffix_token_id": 513,
+            "tokenizer.ggml.middle_token_id": 512}),
+        "none": write_vocab_model(d / "none.gguf"),
+    }
+
+
+def _llama_fim(path) -> dict:
+    import llama_cpp
+    import llama_ref
+
+    vocab = llama_cpp.llama_model_get_vocab(llama_ref.make_llama(
+        path, vocab_only=True, verbose=False).model)
+    out = {}
+    for n in NAMES:
+        v = getattr(llama_cpp, f"llama_vocab_fim_{n}")(vocab)
+        out[n] = None if v < 0 else int(v)
+    return out
+
+
+@pytest.mark.requires_llama_cpp
+@pytest.mark.parametrize("name", ["qwen", "deepseek", "keys", "legacy", "none"])
+def test_markers_equal_llama_cpp(files, name):
+    with efedge.load(files[name]) as m:
+        assert m.tokenizer.fim_ids == _llama_fim(files[name])
+        if name == "none":
+            with pytest.raises(UnsupportedModelError, match="fill-in-the-middle"):
+                m.infill_prompt(PREFIX, SUFFIX)
+
+
+@pytest.mark.requires_llama_cpp
+def test_a_marker_typed_normal_tokenizes_as_llama_cpp(files):
+    """<|fim_suffix|> is NORMAL in the file: llama.cpp makes it a control token, so it is
+    parsed as one token only with parse_special and rendered only on request."""
+    import llama_ref
+
+    text = "x<|fim_suffix|>y"
+    with efedge.load(files["qwen"]) as m:
+        ref = llama_ref.make_llama(files["qwen"], vocab_only=True, verbose=False)
+        for special in (False, True):
+            assert m.tokenize(text, add_special=False, parse_special=special) == \
+                ref.tokenize(text.encode(), add_bos=False, special=special)
+
+
+def test_layout_with_repo_markers_and_extra_files(files):
+    with efedge.load(files["qwen"], n_ctx=4096) as m:
+        ids = m.infill_prompt(PREFIX, SUFFIX, prompt="3.14", max_tokens=16, extra=[
+            {"filename": "util.py", "text": "PI = 3.14\n"}, {"text": "x = 1\n"}])
+        f = m.tokenizer.fim_ids
+
+        def enc(s):
+            return m.tokenize(s, add_special=False)
+        want = ([f["rep"], *enc("myproject\n"), f["sep"], *enc("util.py\n"), *enc("PI = 3.14\n"),
+                 f["sep"], *enc("tmp\n"), *enc("x = 1\n"), f["sep"], *enc("filename\n"),
+                 f["pre"], *enc(PREFIX), *enc("3.14"), f["suf"], *enc(SUFFIX), f["mid"]])
+        assert ids == want
+
+
+def test_layout_without_a_file_separator_and_with_bos(files):
+    with efedge.load(files["deepseek"], n_ctx=4096) as m:
+        m.tokenizer.add_bos = True  # as a vocab that adds BOS (llama.cpp puts it here)
+        f = m.tokenizer.fim_ids
+        ids = m.infill_prompt(PREFIX, SUFFIX, extra=[{"filename": "a.py", "text": "y = 2\n"}])
+        enc = m.tokenizer.encode
+        want = (enc("\n\n--- snippet ---\n\n", False) + enc("y = 2\n", False)
+                + [m.tokenizer.bos_id, f["pre"], *enc(PREFIX, False), f["suf"],
+                   *enc(SUFFIX, False), f["mid"]])
+        assert ids == want
+
+
+def test_parts_are_cut_as_llama_cpp_cuts_them(files):
+    with efedge.load(files["qwen"], n_ctx=4096) as m:
+        tok, f = m.tokenizer, m.tokenizer.fim_ids
+        pre, suf = tok.encode("a b c d e f g h i j k l m n o p " * 3, False), \
+            tok.encode("q r s t u v w x y z " * 3, False)
+        prompt = tok.encode("zz", False)
+        extra_ids = [f["rep"], *tok.encode("myproject\n", False), f["sep"],
+                     *tok.encode("filename\n", False)]
+        ids = infill_ids(tok, tok.decode(pre), tok.decode(suf), prompt="zz", n_ctx=40,
+                         n_predict=2, n_batch=32)
+        # prefix: its last 3·32/4 = 24 tokens; suffix: its first 32/4 − 2 − len(prompt);
+        # extra: its last 40 − 32 − 2·2 = 4 tokens
+        n_suf = 8 - 2 - len(prompt)
+        assert ids == (extra_ids[-4:] + [f["pre"], *pre[-24:], *prompt, f["suf"],
+                                         *suf[:n_suf], f["mid"]])
+        # a context smaller than a batch and the answer: the batch shrinks to fit
+        small = infill_ids(tok, tok.decode(pre), tok.decode(suf), n_ctx=64, n_predict=16)
+        assert len(small) + 16 <= 64 and small[-1] == f["mid"]
+
+
+@pytest.mark.requires_llama_cpp
+def test_greedy_infill_matches_llama_cpp(files):
+    import llama_ref
+
+    with efedge.load(files["qwen"]) as m:
+        ids = m.infill_prompt(PREFIX, SUFFIX, max_tokens=12)
+        r = GenerationResult([], "")
+        text = m.infill(PREFIX, SUFFIX, max_tokens=12, temperature=0, result=r)
+        assert r.tokens and text == m.detokenize(r.tokens)
+        assert r.tokens == llama_ref.llama_greedy(files["qwen"], ids, len(r.tokens))
+        pieces = m.infill(PREFIX, SUFFIX, max_tokens=12, temperature=0, stream=True)
+        assert "".join(pieces) == text
+
+
+def test_server_routes(files):
+    with efedge.load(files["qwen"], n_ctx=1024) as m:
+        greedy = dict(temperature=0, max_tokens=6)
+        want = m.infill(PREFIX, SUFFIX, **greedy)
+        with running_server(m) as srv:
+            body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6,
+                    "temperature": 0, "cache_prompt": True, "samplers": ["top_k", "infill"]}
+            status, got = post_json(srv, "/infill", body)
+            assert status == 200, got
+            assert got["content"] == want and got["stop"] is True
+            assert got["stop_type"] == "limit" and got["tokens_predicted"] == 6
+            assert got["tokens_evaluated"] == len(m.infill_prompt(PREFIX, SUFFIX, max_tokens=6))
+            assert got["generation_settings"]["n_predict"] == 6
+            status, text = post(srv, "/infill", dict(body, stream=True))
+            chunks = sse_chunks(text)
+            assert status == 200 and "[DONE]" not in text
+            assert all(c["stop"] is False for c in chunks[:-1]) and chunks[-1]["stop"] is True
+            assert "".join(c["content"] for c in chunks) == want
+            # OpenAI's insertion: the prompt before the gap, the suffix after it
+            status, got = post_json(srv, "/v1/completions", {
+                "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 6, "temperature": 0})
+            assert status == 200 and got["choices"][0]["text"] == want, got
+            # llama.cpp's /completion, a stop string named as the one that ended it
+            plain = m.generate("def f(x):", max_tokens=8, temperature=0)
+            word = plain[2:4]
+            status, got = post_json(srv, "/completion", {
+                "prompt": "def f(x):", "n_predict": 8, "temperature": 0, "stop": [word],
+                "return_tokens": True, "logit_bias": [[5, False]]})
+            assert status == 200, got
+            assert got["content"] == m.generate("def f(x):", max_tokens=8, temperature=0,
+                                                stop=[word], logit_bias={5: float("-inf")})
+            assert got["stop_type"] == "word" and got["stopping_word"] == word, got
+            assert got["tokens"] and all(isinstance(t, int) for t in got["tokens"])
+            assert got["generation_settings"]["logit_bias"] == [[5, False]]
+            for path, bad, param in [
+                    ("/infill", {"input_prefix": 5}, "input_prefix"),
+                    ("/infill", {"input_prefix": "x", "input_extra": [{"text": 1}]},
+                     "input_extra"),
+                    ("/completion", {"prompt": "x", "n_probs": 3}, "n_probs"),
+                    ("/completion", {"n_predict": 3}, "prompt"),
+                    ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "prompt")]:
+                status, got = post_json(srv, path, bad)
+                assert status == 400 and got["error"]["param"] == param, (path, got)
+            assert post(srv, "/infill", [1, 2])[0] == 400  # not an object
+
+
+def test_server_without_markers_refuses_infill(files):
+    with efedge.load(files["none"]) as m, running_server(m) as srv:
+        for path, body, param in [("/infill", {"input_prefix": "a"}, "input_prefix"),
+                                  ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix")]:
+            status, got = post_json(srv, path, body)
+            assert status == 400 and got["error"]["code"] == "unsupported", got
+            assert got["error"]["param"] == param and "fill-in-the-middle" in \
+                got["error"]["message"]
