@@ -5,6 +5,7 @@
     POST /v1/completions          prompt → text          (stream: server-sent events)
     POST /v1/chat/completions     messages → reply       (stream: server-sent events)
     POST /completion, /infill     llama.cpp's own shapes (efedge.server_native)
+    /api/…                        Ollama's API (efedge.server_ollama)
     POST /tokenize, /detokenize   llama.cpp's tokenizer routes (efedge.server_tokens)
 
 Every request is queued to one worker thread that owns the model, so requests run one at
@@ -56,6 +57,10 @@ from efedge.errors import TemplateError, UnsupportedModelError
 from efedge.server_body import read_body, read_json, readable, set_bind_options
 from efedge.server_native import ROUTES as NATIVE_ROUTES
 from efedge.server_native import NativeReplyMixin, parse_native
+from efedge.server_ollama import GET_ROUTES as OLLAMA_GET
+from efedge.server_ollama import POST_ROUTES as OLLAMA_POST
+from efedge.server_ollama import ROUTES as OLLAMA_ROUTES
+from efedge.server_ollama import OllamaMixin
 from efedge.server_replies import ReplyMixin
 from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_tokens import ROUTES as TOKEN_ROUTES
@@ -70,9 +75,9 @@ CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writ
 TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template renders it
 
 
-_GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models")
+_GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models", *OLLAMA_GET)
 _POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions",
-                "/tokenize", "/detokenize", *NATIVE_ROUTES)
+                "/tokenize", "/detokenize", *NATIVE_ROUTES, *OLLAMA_POST)
 
 
 def _allowed(path: str) -> str | None:
@@ -88,7 +93,7 @@ class _ClientGone(Exception):
     pass
 
 
-class Handler(ReplyMixin, NativeReplyMixin, BaseHTTPRequestHandler):
+class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"efedge/{__version__}"
     timeout = 120  # seconds a connection may sit idle or trickle a body
@@ -218,6 +223,9 @@ class Handler(ReplyMixin, NativeReplyMixin, BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         s = self.server
+        if path in OLLAMA_ROUTES:
+            self._ollama(path)
+            return
         try:
             if path in ("/health", "/v1/health"):
                 self._send_json(200, {"status": "ok", "model": s.model_id,
@@ -240,6 +248,9 @@ class Handler(ReplyMixin, NativeReplyMixin, BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         chat = path in ("/v1/chat/completions", "/chat/completions")
+        if path in OLLAMA_ROUTES:
+            self._ollama(path)
+            return
         try:
             if path in TOKEN_ROUTES:  # the tokenizer alone: answered here, not queued
                 self._send_json(200, TOKEN_ROUTES[path](self.server.model,

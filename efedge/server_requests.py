@@ -55,6 +55,7 @@ class GenRequest:
     infill: dict | None = None
     native: bool = False  # llama.cpp's /completion or /infill: answered in its shape
     return_tokens: bool = False  # (native) the generated ids in the answer
+    ollama: str | None = None  # Ollama's route (/api/generate, /api/chat): its shapes
 
 
 _MISSING = object()

@@ -46,6 +46,7 @@ class Job:
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
         self.tokens: list[int] = []  # the generated ids, once it has ended
+        self.prompt_ids: list[int] = []  # the prompt's ids, once it has run
         self.stopping_word: str | None = None  # the stop string that ended it, if one did
 
 
@@ -150,7 +151,7 @@ class ModelWorker:
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
                                     f"[0, {m.n_vocab})", "invalid_value", param="prompt")
-        n_prompt = len(ids)
+        n_prompt, job.prompt_ids = len(ids), list(ids)
         if not n_prompt:  # "" where the vocab adds no BOS: nothing to continue
             raise APIError(400, "the prompt is empty (and the model adds no BOS token)",
                            "invalid_value", param="prompt")

@@ -560,3 +560,27 @@ def test_arguments_with_a_lone_surrogate_escape_are_sent(server, hermes, monkeyp
     # a pair is one character: written as it is
     _, calls = parse_tool_calls(reply.replace("\\u00e9", "\\ude00"), TOOLS)
     assert calls[0]["function"]["arguments"] == '{"city":"a😀","unit":"C"}'
+
+
+def test_ollama_chat_answers_tool_calls_with_object_arguments(server, hermes, monkeypatch):
+    """Ollama's /api/chat: the same calls, their arguments as objects (Ollama's shape),
+    streamed or not; a tool's result goes back as a role "tool" message."""
+    from tests._http import post
+
+    scripted(monkeypatch, hermes, REPLY)
+    body = {"model": server.model_id, "messages": ASK, "tools": TOOLS, "stream": False}
+    status, got = call(server, "/api/chat", body)
+    assert status == 200, got
+    assert got["message"]["content"] == "Checking." and got["done_reason"] == "stop"
+    assert got["message"]["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}},
+        {"function": {"name": "now", "arguments": {}}}]
+    status, text = post(server, "/api/chat", dict(body, stream=True))
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert status == 200 and lines[-1]["done"] is True
+    assert lines[-1]["message"]["tool_calls"] == got["message"]["tool_calls"]
+    assert "".join(x["message"]["content"] for x in lines) == "Checking."
+    turn = ASK + [{"role": "assistant", "content": "", "tool_calls": got["message"][
+        "tool_calls"][:1]}, {"role": "tool", "content": "18 C", "tool_name": "get_weather"}]
+    status, got = call(server, "/api/chat", dict(body, messages=turn))
+    assert status == 200, got

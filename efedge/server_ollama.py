@@ -1,0 +1,309 @@
+"""Ollama's API, for the apps written against a local Ollama (Open WebUI, Continue, Zed,
+editor and note-taking plugins, the `ollama` Python / JS clients):
+
+    GET  /api/version, /api/tags, /api/ps     the server, its one model
+    POST /api/show                           the model's details, template, capabilities
+    POST /api/generate                       prompt → response (raw, or through the chat
+                                             template with `system`; `suffix`: fill in
+                                             the middle; `context` continues a reply)
+    POST /api/chat                           messages → message (tools, format)
+
+Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
+(application/x-ndjson), `"done": false` for each piece, then the totals with
+`"done": true`, `done_reason` ("stop" / "length"), counts and durations in nanoseconds
+(wall times seen by the server). `options` take Ollama's names for llama.cpp's sampling
+settings (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+presence_penalty, frequency_penalty, seed, num_predict, stop); `num_ctx`, `keep_alive`,
+`think` and the other runner knobs change nothing (the context is `efedge serve -c`'s,
+the model stays loaded). `images` are refused: efedge runs text models. Errors are
+Ollama's `{"error": "…"}` with the HTTP status of the OpenAI routes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import time
+from typing import Any
+
+from gguf import LlamaFileType
+
+from efedge.json_mode import check_format
+from efedge.server_replies import _error_of
+from efedge.server_requests import (
+    APIError,
+    GenRequest,
+    object_body,
+    parse_chat,
+    parse_completion,
+)
+
+GET_ROUTES = ("/api/version", "/api/tags", "/api/ps")
+POST_ROUTES = ("/api/generate", "/api/chat", "/api/show")
+ROUTES = GET_ROUTES + POST_ROUTES
+# the Ollama API release whose request and response shapes these routes follow (clients
+# check it before using newer fields)
+OLLAMA_API_VERSION = "0.12.0"
+_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+            "min_p": "min_p", "repeat_penalty": "repeat_penalty",
+            "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _flat(body: dict) -> dict:
+    """An Ollama body as the OpenAI routes' fields: `options` mapped by name,
+    `num_predict` (-1: until the end, -2: until the context is full) as max_tokens."""
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise APIError(400, "'options' must be an object", "invalid_type", param="options")
+    flat: dict[str, Any] = {name: opts[key] for key, name in _OPTIONS.items() if key in opts}
+    n = opts.get("num_predict")
+    if n is not None and not (isinstance(n, int) and n in (-1, -2)):
+        flat["max_tokens"] = n
+    stream = body.get("stream", True)
+    flat["stream"] = stream if stream is not None else True
+    if "model" in body:
+        flat["model"] = body["model"]
+    return flat
+
+
+def _format(body: dict) -> Any:
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        return None
+    if not isinstance(fmt, str | dict):
+        raise APIError(400, "'format' must be \"json\" or a JSON schema", "invalid_type",
+                       param="format")
+    try:
+        check_format(fmt)  # "json" or a schema; a schema keyword efedge lacks: named
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), "unsupported" if "not supported" in str(exc)
+                       else "invalid_value", param="format") from None
+    return fmt
+
+
+def _no_images(obj: dict, where: str) -> None:
+    if obj.get("images"):
+        raise APIError(400, f"{where}: images are not supported (efedge runs text models)",
+                       "unsupported", param="images")
+
+
+def parse_ollama(path: str, body: Any, defaults: dict, model) -> GenRequest:
+    """A /api/generate or /api/chat body as a GenRequest (`ollama` set)."""
+    body = object_body(body)
+    _no_images(body, "the request")
+    flat = _flat(body)
+    if path == "/api/chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            raise APIError(400, "'messages' must be an array", "invalid_type",
+                           param="messages")
+        for i, msg in enumerate(msgs):
+            if isinstance(msg, dict):
+                _no_images(msg, f"messages[{i}]")
+        req = parse_chat(dict(flat, messages=msgs, tools=body.get("tools")), defaults)
+    else:
+        prompt = body.get("prompt", "")
+        system = body.get("system")
+        if not isinstance(prompt, str) or not isinstance(system, str | None):
+            raise APIError(400, "'prompt' and 'system' must be strings", "invalid_type",
+                           param="prompt")
+        suffix = body.get("suffix") or ""
+        context = body.get("context")
+        if body.get("raw") or suffix or context:
+            req = parse_completion(dict(flat, prompt=prompt, suffix=suffix), defaults)
+            req.max_tokens = flat.get("max_tokens")  # (not OpenAI's 16: until the end)
+            if context and not suffix:
+                if not isinstance(context, list) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in context):
+                    raise APIError(400, "'context' must be the array of token ids a reply "
+                                        "gave", "invalid_type", param="context")
+                req.prompt = list(context) + model.tokenize(prompt, add_special=False)
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            req = parse_chat(dict(flat, messages=msgs), defaults)
+    req.format = _format(body) if req.format is None else req.format
+    req.ollama = path
+    return req
+
+
+def _name(model: Any) -> Any:
+    """A model name as Ollama clients send it: "name:latest" is "name"."""
+    return model[:-len(":latest")] if isinstance(model, str) and model.endswith(":latest") \
+        else model
+
+
+def _loads_only(path: str, body: dict) -> bool:
+    """A request with nothing to generate: Ollama's "load the model" call."""
+    if path == "/api/chat":
+        return body.get("messages") in (None, [])
+    return not body.get("prompt") and not body.get("suffix") and not body.get("context")
+
+
+def model_details(model) -> dict:
+    gf, c = model._gf, model.config
+    n_params = sum(int(_elements(t.shape)) for t in gf.tensors.values())
+    ft = gf.get("general.file_type")
+    try:
+        quant = LlamaFileType(ft).name.removeprefix("MOSTLY_") if ft is not None else ""
+    except ValueError:
+        quant = str(ft)
+    size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+    return {"parent_model": "", "format": "gguf", "family": c.arch, "families": [c.arch],
+            "parameter_size": size, "quantization_level": quant}
+
+
+def _elements(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def model_entry(server) -> dict:
+    m = server.model
+    st = m.path.stat()
+    # a digest of the file's identity (hashing gigabytes per listing would take minutes)
+    digest = hashlib.sha256(f"{m.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    name = server.model_id if ":" in server.model_id else server.model_id + ":latest"
+    return {"name": name, "model": name,
+            "modified_at": datetime.datetime.fromtimestamp(st.st_mtime, datetime.UTC)
+            .isoformat().replace("+00:00", "Z"),
+            "size": int(m._gf.file_size), "digest": digest.hexdigest(),
+            "details": model_details(m)}
+
+
+class OllamaMixin:
+    """Ollama's routes for Handler (its server, _send_json, _read_json, _next_event)."""
+
+    def _ollama_error(self, err: APIError) -> None:
+        self._send_json(err.status, {"error": err.message}, close=err.close,
+                        headers=err.headers)
+
+    def _ollama(self, path: str) -> None:
+        s = self.server
+        try:
+            if self.command in ("GET", "HEAD"):
+                if path not in GET_ROUTES:
+                    raise APIError(405, f"{path} takes POST", "method_not_allowed",
+                                   headers={"Allow": "POST"})
+                if path == "/api/version":
+                    self._send_json(200, {"version": OLLAMA_API_VERSION})
+                else:
+                    entry = model_entry(s)
+                    if path == "/api/ps":
+                        entry.update(size_vram=0, expires_at="0001-01-01T00:00:00Z")
+                    self._send_json(200, {"models": [entry]})
+                return
+            if path not in POST_ROUTES:
+                raise APIError(405, f"{path} takes GET", "method_not_allowed",
+                               headers={"Allow": "GET, HEAD"})
+            body = object_body(self._read_json())
+            if path == "/api/show":
+                self._ollama_show(body)
+                return
+            if _loads_only(path, body):  # Ollama's way to load a model: nothing to run
+                s.check_model(_name(body.get("model")))
+                done = {"message": {"role": "assistant", "content": ""}} \
+                    if path == "/api/chat" else {"response": ""}
+                self._send_json(200, {"model": s.model_id, "created_at": _now(), **done,
+                                      "done": True, "done_reason": "load"})
+                return
+            req = parse_ollama(path, body, s.defaults, s.model)
+            s.check_model(_name(req.model))
+            if req.messages is not None and s.template_error is not None:
+                raise APIError(500, f"the server's chat template is broken: "
+                                    f"{s.template_error}", "chat_template_error")
+            if req.tools is not None and s.tools_error is not None:
+                raise APIError(400, s.tools_error, "unsupported", param="tools")
+            t0, job = time.monotonic(), s.worker.submit(req)
+        except APIError as err:
+            self._ollama_error(err)
+            return
+        with s.in_flight():
+            self._ollama_reply(job, t0)
+
+    def _ollama_show(self, body: dict) -> None:
+        name = body.get("model", body.get("name"))
+        self.server.check_model(_name(name) if isinstance(name, str) else None)
+        m = self.server.model
+        caps = ["completion"]
+        if self.server.tools_error is None:
+            caps.append("tools")
+        if all(m.tokenizer.fim_ids.get(k) is not None for k in ("pre", "suf", "mid")):
+            caps.append("insert")
+        info = {k: v for k, v in m._gf.metadata.items()
+                if k.startswith(("general.", f"{m.config.arch}."))
+                and not isinstance(v, list | bytes)}
+        try:
+            template = m.chat_template().source
+        except Exception:  # noqa: BLE001 (a broken template: shown as missing)
+            template = ""
+        self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
+                              "template": template, "details": model_details(m),
+                              "model_info": info, "capabilities": caps,
+                              "modified_at": model_entry(self.server)["modified_at"]})
+
+    def _ollama_reply(self, job, t0: float) -> None:
+        req = job.req
+        chat = req.ollama == "/api/chat"
+        base = {"model": self.server.model_id}
+        ev = self._next_event(job)
+        if ev[0] == "error":
+            self._ollama_error(_error_of(ev[1]))
+            return
+        if req.stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Connection", "close")
+            self.close_connection = True
+            self.end_headers()
+
+        def piece(text: str) -> dict:
+            body = {"message": {"role": "assistant", "content": text}} if chat \
+                else {"response": text}
+            return dict(base, created_at=_now(), **body, done=False)
+
+        parts: list[str] = []
+        t_first = None
+        while ev[0] != "done":
+            if ev[0] == "error":
+                self._line({"error": _error_of(ev[1]).message})
+                return
+            if ev[0] == "text":
+                t_first = t_first or time.monotonic()
+                parts.append(ev[1])
+                if req.stream:
+                    self._line(piece(ev[1]))
+            ev = self._next_event(job)
+        _, usage, finish, _, calls = ev
+        now = time.monotonic()
+        t_first = t_first or now
+        final = piece("" if req.stream else "".join(parts))
+        if calls:  # Ollama's calls carry their arguments as objects
+            final["message"]["tool_calls"] = [
+                {"function": {"name": c["function"]["name"],
+                              "arguments": json.loads(c["function"]["arguments"])}}
+                for c in calls]
+        final.update(done=True, done_reason="length" if finish == "length" else "stop",
+                     total_duration=int(1e9 * (now - t0)), load_duration=0,
+                     prompt_eval_count=usage["prompt_tokens"],
+                     prompt_eval_duration=int(1e9 * (t_first - t0)),
+                     eval_count=usage["completion_tokens"],
+                     eval_duration=int(1e9 * (now - t_first)))
+        if not chat:  # the ids to continue from (Ollama's `context`)
+            final["context"] = job.prompt_ids + job.tokens
+        if req.stream:
+            self._line(final)
+        else:
+            self._send_json(200, final)
+
+    def _line(self, obj: dict) -> None:
+        self.wfile.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+        self.wfile.flush()

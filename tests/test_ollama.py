@@ -1,0 +1,155 @@
+"""Ollama's API (efedge/server_ollama.py): the listing routes' shapes, /api/generate
+(raw, through the chat template, continued from `context`, fill in the middle with
+`suffix`), /api/chat, streaming as JSON lines, the load-only call, and refusals in
+Ollama's {"error": …} shape. Outputs equal the Python API's for the same settings."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from _http import post, post_json, running_server
+from _vocab_fixtures import write_vocab_model
+
+import efedge
+from efedge.generate import GenerationResult
+
+GREEDY = {"temperature": 0, "num_predict": 6}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    with efedge.load(tiny_gguf("qwen3moe", "F32"), n_ctx=512) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def srv(model):
+    with running_server(model, model_id="tiny") as s:
+        yield s
+
+
+def lines(text: str) -> list[dict]:
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+def test_listing_routes(srv, model):
+    version = json.loads(urllib.request.urlopen(srv.url + "/api/version").read())
+    assert version["version"].count(".") == 2
+    for route in ("/api/tags", "/api/ps"):
+        (entry,) = json.loads(urllib.request.urlopen(srv.url + route).read())["models"]
+        assert entry["name"] == entry["model"] == "tiny:latest"
+        assert entry["size"] == model.path.stat().st_size and len(entry["digest"]) == 64
+        assert entry["details"]["format"] == "gguf"
+        assert entry["details"]["family"] == "qwen3moe"
+        assert entry["details"]["quantization_level"] in ("ALL_F32", "F32")
+    status, show = post_json(srv, "/api/show", {"model": "tiny:latest"})
+    assert status == 200, show
+    assert show["capabilities"] == ["completion"]  # chatml: no tool format, no FIM tokens
+    assert show["model_info"]["general.architecture"] == "qwen3moe"
+    assert show["template"] == model.chat_template().source
+    status, err = post_json(srv, "/api/show", {"model": "other"})
+    assert status == 404 and "other" in err["error"]
+
+
+def test_generate_raw_streamed_and_not(srv, model):
+    want_r = GenerationResult([], "")
+    want = model.generate("hello there", max_tokens=6, temperature=0, result=want_r)
+    body = {"model": "tiny", "prompt": "hello there", "raw": True, "options": GREEDY}
+    status, text = post(srv, "/api/generate", body)  # streaming is Ollama's default
+    got = lines(text)
+    assert status == 200 and all(not x["done"] for x in got[:-1]) and got[-1]["done"]
+    assert "".join(x["response"] for x in got) == want
+    final = got[-1]
+    assert final["done_reason"] == "length" and final["eval_count"] == 6
+    assert final["prompt_eval_count"] == len(model.tokenize("hello there"))
+    assert final["context"] == model.tokenize("hello there") + want_r.tokens
+    assert final["total_duration"] >= final["eval_duration"] > 0
+    status, one = post_json(srv, "/api/generate", dict(body, stream=False))
+    assert status == 200 and one["response"] == want and one["done"] is True
+    # continued from the returned context: its ids, then the new text's (no BOS)
+    status, more = post_json(srv, "/api/generate", {
+        "model": "tiny", "prompt": " and", "context": final["context"], "stream": False,
+        "options": GREEDY})
+    ids = final["context"] + model.tokenize(" and", add_special=False)
+    assert status == 200 and more["response"] == model.generate(ids, max_tokens=6,
+                                                                temperature=0)
+
+
+def test_generate_through_the_template_and_chat(srv, model):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    want = model.chat(msgs, max_tokens=6, temperature=0)
+    status, got = post_json(srv, "/api/generate", {
+        "model": "tiny", "prompt": "hi", "system": "Be brief.", "stream": False,
+        "options": GREEDY})
+    assert status == 200 and got["response"] == want, got
+    status, text = post(srv, "/api/chat", {"model": "tiny", "messages": msgs,
+                                           "options": GREEDY})
+    got = lines(text)
+    assert status == 200 and "".join(x["message"]["content"] for x in got) == want
+    assert got[-1]["done"] and got[-1]["message"]["role"] == "assistant"
+    # options map onto the sampler; format "json" is JSON mode; stop strings
+    opts = dict(GREEDY, num_predict=12, repeat_penalty=1.3, stop=["\n\n"])
+    status, got = post_json(srv, "/api/chat", {"model": "tiny", "messages": msgs,
+                                               "options": opts, "stream": False,
+                                               "format": "json"})
+    assert status == 200
+    assert got["message"]["content"] == model.chat(msgs, max_tokens=12, temperature=0,
+                                                   repeat_penalty=1.3, stop=["\n\n"],
+                                                   format="json")
+
+
+def test_load_only_calls(srv):
+    for route, body in [("/api/generate", {"model": "tiny"}),
+                        ("/api/chat", {"model": "tiny:latest", "messages": []})]:
+        status, got = post_json(srv, route, body)
+        assert status == 200 and got["done"] is True and got["done_reason"] == "load", got
+
+
+@pytest.mark.parametrize("route, body, status, words", [
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404,
+     "nope"),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x",
+                                                   "images": ["aGk="]}]}, 400, "images"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "images": ["aGk="]}, 400, "images"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "suffix": "y"}, 400,
+     "fill-in-the-middle"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "context": ["a"]}, 400, "context"),
+    ("/api/generate", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "options": {"temperature": -1}}, 400, "temperature"),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "format": {"type": "string", "pattern": "a+"}}, 400, "pattern"),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tool_call"),
+    ("/api/chat", {"model": "tiny", "messages": "x"}, 400, "messages"),
+])
+def test_refusals_in_ollamas_shape(srv, route, body, status, words):
+    got_status, got = post_json(srv, route, body)
+    assert got_status == status and set(got) == {"error"}, got
+    assert words in got["error"]
+
+
+def test_methods(srv):
+    req = urllib.request.Request(srv.url + "/api/tags", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req)
+    assert exc.value.code == 405 and exc.value.headers["Allow"] == "GET, HEAD"
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(srv.url + "/api/chat")
+    assert exc.value.code == 405 and exc.value.headers["Allow"] == "POST"
+
+
+def test_generate_with_a_suffix_fills_in_the_middle(tmp_path):
+    path = write_vocab_model(tmp_path / "fim.gguf", extra_tokens=[
+        ("<|fim_prefix|>", 3), ("<|fim_suffix|>", 3), ("<|fim_middle|>", 3)])
+    with efedge.load(path) as m, running_server(m, model_id="coder") as s:
+        want = m.infill("def f(x):\n    return ", "\n", max_tokens=6, temperature=0)
+        status, got = post_json(s, "/api/generate", {
+            "model": "coder", "prompt": "def f(x):\n    return ", "suffix": "\n",
+            "stream": False, "options": GREEDY})
+        assert status == 200 and got["response"] == want, got
+        status, show = post_json(s, "/api/show", {"model": "coder"})
+        assert "insert" in show["capabilities"]
