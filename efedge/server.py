@@ -278,14 +278,16 @@ class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler)
         except APIError as err:
             self._send_error(err)
             return
+        if native:
+            self._answer(job, self._native, job, t0)
+        else:
+            self._answer(job, self._stream if req.stream else self._complete, job, chat)
+
+    def _answer(self, job: Job, reply, *args) -> None:
+        """reply(*args) writes the job's response; a client gone meanwhile cancels it."""
         try:
             with self.server.in_flight():
-                if native:
-                    self._native(job, t0)
-                elif req.stream:
-                    self._stream(job, chat)
-                else:
-                    self._complete(job, chat)
+                reply(*args)
         except (_ClientGone, OSError):
             # OSError: a reset or broken pipe, and also the TimeoutError of a write to a
             # client that stopped reading (Handler.timeout), which the standard library's

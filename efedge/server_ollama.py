@@ -226,8 +226,7 @@ class OllamaMixin:
         except APIError as err:
             self._ollama_error(err)
             return
-        with s.in_flight():
-            self._ollama_reply(job, t0)
+        self._answer(job, self._ollama_reply, job, t0)  # (Handler's: a client gone cancels)
 
     def _ollama_show(self, body: dict) -> None:
         name = body.get("model", body.get("name"))

@@ -384,6 +384,28 @@ def test_client_disconnect_cancels_non_streaming(server, model):
     assert model.stats()["tokens_generated"] < model.n_ctx - 50
 
 
+@pytest.mark.parametrize("path, body, marker", [
+    ("/api/generate", {"prompt": "A long story", "raw": True,
+                       "options": {"num_predict": 100_000, "temperature": 1.0, "min_p": 0.0}},
+     b'"done": false'),
+    ("/completion", {"prompt": "A long story", "n_predict": 100_000, "stream": True,
+                     "temperature": 1.0, "min_p": 0.0}, b"data: ")])
+def test_client_disconnect_cancels_on_llama_cpp_and_ollama_routes(server, model, path, body,
+                                                                  marker):
+    before = server.worker.n_cancelled
+    s = _send_raw(server, body, path)
+    got = b""
+    while got.count(marker) < 2:
+        chunk = s.recv(4096)
+        assert chunk, "the server closed the stream"
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200")
+    s.close()
+    status, resp = call(server, "/v1/completions", {"prompt": "next", "max_tokens": 2})
+    assert status == 200, resp
+    assert server.worker.n_cancelled == before + 1, "the abandoned generation ran to its end"
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="accepted sockets inheriting the "
                     "listener's SO_SNDBUF (no autotuning) is what fills the buffers")
 def test_a_client_that_stops_reading_cancels_its_stream(model_path, monkeypatch):
