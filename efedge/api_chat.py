@@ -46,16 +46,20 @@ class ChatMixin:
             return self._tool_template
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template; `tools`
         (OpenAI's list) are rendered by the template. Assistant messages may carry
         `tool_calls` (arguments a JSON string or an object) and `role: "tool"` messages
-        their results (efedge.tool_calls.render_messages)."""
+        their results (efedge.tool_calls.render_messages). `template_kwargs` become
+        template variables (`{"enable_thinking": False}` for Qwen3's templates; llama.cpp's
+        chat_template_kwargs)."""
         tools = check_tools(tools)
         tok = self.tokenizer
         tpl = self.chat_template(tools=tools is not None)
         text = tpl.render(render_messages(messages),
-                          add_generation_prompt=add_generation_prompt, tools=tools)
+                          add_generation_prompt=add_generation_prompt, tools=tools,
+                          **check_template_kwargs(template_kwargs))
         # as llama.cpp: a BOS the template writes first (an EOS it writes last) is dropped
         # where the vocab adds one, and then the vocab's are added, so the prompt starts
         # with exactly one BOS whether the template writes it or not (never two)
@@ -74,7 +78,8 @@ class ChatMixin:
              stop=None, result: GenerationResult | None = None,
              cancel: threading.Event | None = None, logprobs: int | None = None,
              format: str | dict | None = None, tools: list[dict] | None = None,  # noqa: A002
-             tool_choice: str | dict = "auto", **sampling) -> str | Iterator[str]:
+             tool_choice: str | dict = "auto", template_kwargs: dict | None = None,
+             **sampling) -> str | Iterator[str]:
         """Reply to a conversation ([{"role": ..., "content": ...}, ...]); `result`,
         `logprobs` and `format` as for stream().
 
@@ -86,7 +91,9 @@ class ChatMixin:
         "none" (no tools rendered), "required" (exactly one call of an offered tool) or
         {"type": "function", "function": {"name": N}} (one call of N), the last two by
         constraining the output to the call's grammar, its arguments an instance of the
-        tool's parameters schema."""
+        tool's parameters schema. `template_kwargs` as for chat_prompt(). A thinking
+        model's reasoning stays in the text: efedge.reasoning.split_reasoning separates
+        it."""
         if isinstance(messages, list | tuple) and not messages:
             raise ArgumentError("messages is empty: a conversation needs at least one message")
         tools = check_tools(tools)
@@ -98,13 +105,32 @@ class ChatMixin:
             if format is not None:
                 raise ArgumentError("format= cannot be combined with a forced tool_choice")
             format = forced_call_grammar(tools, names)  # noqa: A001
-        ids = self._prompt_ids(self.chat_prompt(messages, tools=shown))
+        ids = self._prompt_ids(self.chat_prompt(messages, tools=shown,
+                                                template_kwargs=template_kwargs))
         result = result if result is not None else GenerationResult([], "length")
         it = self._stream_ids(ids, max_tokens, stop, sampling, result, cancel, logprobs,
                               format)
         if shown is not None:
             it = _parsing_calls(it, result, shown)
         return it if stream else "".join(it)
+
+
+# the variables a chat template gets from efedge itself, which template_kwargs may not set
+_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                       "bos_token", "eos_token"})
+
+
+def check_template_kwargs(kw: dict | None) -> dict:
+    """template_kwargs: None or {name: value} with names that are not efedge's own."""
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise ArgumentError("template_kwargs must be a dict of variable name to value")
+    taken = sorted(_RESERVED & kw.keys())
+    if taken:
+        raise ArgumentError(f"template_kwargs cannot set {', '.join(taken)}: efedge passes "
+                            "those itself")
+    return kw
 
 
 def _parsing_calls(it: Iterator[str], result: GenerationResult,

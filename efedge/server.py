@@ -57,12 +57,11 @@ from efedge.errors import TemplateError, UnsupportedModelError
 from efedge.server_body import read_body, read_json, readable, set_bind_options
 from efedge.server_native import ROUTES as NATIVE_ROUTES
 from efedge.server_native import NativeReplyMixin, parse_native
-from efedge.server_ollama import GET_ROUTES as OLLAMA_GET
-from efedge.server_ollama import POST_ROUTES as OLLAMA_POST
 from efedge.server_ollama import ROUTES as OLLAMA_ROUTES
 from efedge.server_ollama import OllamaMixin
 from efedge.server_replies import ReplyMixin
 from efedge.server_requests import APIError, parse_chat, parse_completion
+from efedge.server_routes import POST_ROUTES, CorsMixin, allowed_methods
 from efedge.server_tokens import ROUTES as TOKEN_ROUTES
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
 from efedge.tool_calls import check_template
@@ -75,25 +74,12 @@ CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writ
 TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template renders it
 
 
-_GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models", *OLLAMA_GET)
-_POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions",
-                "/tokenize", "/detokenize", *NATIVE_ROUTES, *OLLAMA_POST)
-
-
-def _allowed(path: str) -> str | None:
-    """The methods a known route takes (an `Allow` header's value); None for other paths."""
-    if path in _POST_ROUTES:
-        return "POST"
-    if path in _GET_ROUTES or path.startswith("/v1/models/"):
-        return "GET, HEAD"
-    return None
-
-
 class _ClientGone(Exception):
     pass
 
 
-class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler):
+class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
+              BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"efedge/{__version__}"
     timeout = 120  # seconds a connection may sit idle or trickle a body
@@ -103,42 +89,6 @@ class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler)
     # -- plumbing -------------------------------------------------------------------------
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
         log.info("%s %s", self.address_string(), format % args)
-
-    def _cors_origin(self) -> str | None:
-        """The value of Access-Control-Allow-Origin for this request: its Origin when the
-        server allows it ("*" when any is), else None (no CORS headers)."""
-        headers = getattr(self, "headers", None)  # None before a request line parsed
-        origin = headers.get("Origin") if headers is not None else None
-        allowed = self.server.allow_origins
-        if not origin or not allowed:
-            return None
-        if "*" in allowed:
-            return "*"
-        return origin if origin in allowed else None
-
-    def end_headers(self) -> None:
-        origin = self._cors_origin()
-        if origin is not None:  # every answer: JSON, SSE and errors alike
-            self.send_header("Access-Control-Allow-Origin", origin)
-            if origin != "*":
-                self.send_header("Vary", "Origin")
-        super().end_headers()
-
-    def do_OPTIONS(self) -> None:
-        """A CORS preflight from an allowed origin: 204 with the route's methods and the
-        headers asked for; anything else: 405, as for any method a route does not take."""
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if self._cors_origin() is None or not self.headers.get(
-                "Access-Control-Request-Method"):
-            self._method_not_allowed()
-            return
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", _allowed(path) or "GET, HEAD, POST")
-        self.send_header("Access-Control-Allow-Headers", self.headers.get(
-            "Access-Control-Request-Headers") or "Content-Type, Authorization")
-        self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
     def _send_json(self, status: int, obj: Any, close: bool = False,
                    headers: dict[str, str] | None = None) -> None:
@@ -178,7 +128,7 @@ class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler)
 
     def _method_not_allowed(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
-        allow = _allowed(path) or "GET, HEAD, POST"
+        allow = allowed_methods(path) or "GET, HEAD, POST"
         close = False
         try:
             if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
@@ -235,7 +185,7 @@ class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler)
             elif path.startswith("/v1/models/"):
                 s.check_model(path[len("/v1/models/"):])
                 self._send_json(200, s.model_card())
-            elif path in _POST_ROUTES:
+            elif path in POST_ROUTES:
                 raise APIError(405, f"{path} takes POST", "method_not_allowed",
                                headers={"Allow": "POST"})
             else:
@@ -260,21 +210,16 @@ class Handler(ReplyMixin, NativeReplyMixin, OllamaMixin, BaseHTTPRequestHandler)
             if not chat and not native and path not in ("/v1/completions", "/completions"):
                 if self.headers.get("Content-Length"):
                     self._read_body()  # keep the connection in step
-                if (allow := _allowed(path)) is not None:
+                if (allow := allowed_methods(path)) is not None:
                     raise APIError(405, f"{path} takes GET", "method_not_allowed",
                                    headers={"Allow": allow})
                 raise APIError(404, f"unknown route POST {path or '/'}", "unknown_url")
-            body = self._read_json()
-            req = parse_native(path, body, self.server.defaults) if native else \
-                (parse_chat if chat else parse_completion)(body, self.server.defaults)
-            self.server.check_model(req.model)
-            if chat and self.server.template_error is not None:
-                raise APIError(500, f"the server's chat template is broken: "
-                                    f"{self.server.template_error}", "chat_template_error",
-                               type_="server_error")
-            if chat and req.tools is not None and self.server.tools_error is not None:
-                raise APIError(400, self.server.tools_error, "unsupported", param="tools")
-            t0, job = time.monotonic(), self.server.worker.submit(req)
+            body, s = self._read_json(), self.server
+            req = parse_native(path, body, s.defaults) if native else \
+                parse_chat(body, s.defaults, s.reasoning_format, s.template_kwargs) if chat \
+                else parse_completion(body, s.defaults)
+            s.check_request(req)
+            t0, job = time.monotonic(), s.worker.submit(req)
         except APIError as err:
             self._send_error(err)
             return
@@ -304,13 +249,16 @@ class EfedgeServer(ThreadingHTTPServer):
     def __init__(self, model: Model, host: str = "127.0.0.1", port: int = 8080, *,
                  model_id: str | None = None, max_body: int = MAX_BODY,
                  max_queue: int = MAX_QUEUE, defaults: dict | None = None,
-                 strict_template: bool = False, allow_origins: Sequence[str] = ()):
+                 strict_template: bool = False, allow_origins: Sequence[str] = (),
+                 reasoning_format: str = "auto", template_kwargs: dict | None = None):
         super().__init__((host, port), Handler)
         self.allow_origins = tuple(allow_origins)  # CORS (module docstring); () = none
         self.model = model
         self.model_id = model_id or model.path.stem
         self.max_body = max_body
         self.defaults = dict(defaults or {})  # sampling defaults for fields a request omits
+        # chat requests' defaults for reasoning_format and chat_template_kwargs
+        self.reasoning_format, self.template_kwargs = reasoning_format, template_kwargs
         self.created = int(time.time())
         # a template that fails on a one-message conversation is the server's mistake: chat
         # requests get a 500 naming it, not a 400 that blames the client's messages
@@ -350,6 +298,17 @@ class EfedgeServer(ThreadingHTTPServer):
             return
         raise APIError(404, f"the model {name!r} does not exist; this server has "
                             f"{self.model_id!r}", "model_not_found", param="model")
+
+    def check_request(self, req) -> None:
+        """The model it names is this one; a chat needs a template that renders (a 500:
+        the server's fault) and, with tools, one in a format efedge reads."""
+        self.check_model(req.model)
+        if req.messages is not None and self.template_error is not None:
+            raise APIError(500, f"the server's chat template is broken: "
+                                f"{self.template_error}", "chat_template_error",
+                           type_="server_error")
+        if req.tools is not None and self.tools_error is not None:
+            raise APIError(400, self.tools_error, "unsupported", param="tools")
 
     def model_card(self) -> dict:
         c = self.model.config

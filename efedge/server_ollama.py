@@ -93,8 +93,10 @@ def _no_images(obj: dict, where: str) -> None:
                        "unsupported", param="images")
 
 
-def parse_ollama(path: str, body: Any, defaults: dict, model) -> GenRequest:
-    """A /api/generate or /api/chat body as a GenRequest (`ollama` set)."""
+def parse_ollama(path: str, body: Any, defaults: dict, model,
+                 template_kwargs: dict | None = None) -> GenRequest:
+    """A /api/generate or /api/chat body as a GenRequest (`ollama` set);
+    `template_kwargs`: the server's chat_template_kwargs."""
     body = object_body(body)
     _no_images(body, "the request")
     flat = _flat(body)
@@ -106,7 +108,8 @@ def parse_ollama(path: str, body: Any, defaults: dict, model) -> GenRequest:
         for i, msg in enumerate(msgs):
             if isinstance(msg, dict):
                 _no_images(msg, f"messages[{i}]")
-        req = parse_chat(dict(flat, messages=msgs, tools=body.get("tools")), defaults)
+        req = parse_chat(dict(flat, messages=msgs, tools=body.get("tools")), defaults,
+                         kwargs=template_kwargs)
     else:
         prompt = body.get("prompt", "")
         system = body.get("system")
@@ -127,9 +130,17 @@ def parse_ollama(path: str, body: Any, defaults: dict, model) -> GenRequest:
         else:
             msgs = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
-            req = parse_chat(dict(flat, messages=msgs), defaults)
+            req = parse_chat(dict(flat, messages=msgs), defaults, kwargs=template_kwargs)
     req.format = _format(body) if req.format is None else req.format
     req.ollama = path
+    think = body.get("think")
+    if think is not None and not isinstance(think, bool | str):
+        raise APIError(400, "'think' must be true or false", "invalid_type", param="think")
+    # think true: the reasoning apart (`thinking`); false: the template asked not to think
+    # (Qwen3's enable_thinking); unset: the reply as the model writes it
+    req.reasoning = bool(think) and req.messages is not None
+    if think is False and req.messages is not None:
+        req.template_kwargs = dict(req.template_kwargs or {}, enable_thinking=False)
     return req
 
 
@@ -215,13 +226,9 @@ class OllamaMixin:
                 self._send_json(200, {"model": s.model_id, "created_at": _now(), **done,
                                       "done": True, "done_reason": "load"})
                 return
-            req = parse_ollama(path, body, s.defaults, s.model)
-            s.check_model(_name(req.model))
-            if req.messages is not None and s.template_error is not None:
-                raise APIError(500, f"the server's chat template is broken: "
-                                    f"{s.template_error}", "chat_template_error")
-            if req.tools is not None and s.tools_error is not None:
-                raise APIError(400, s.tools_error, "unsupported", param="tools")
+            req = parse_ollama(path, body, s.defaults, s.model, s.template_kwargs)
+            req.model = _name(req.model)
+            s.check_request(req)
             t0, job = time.monotonic(), s.worker.submit(req)
         except APIError as err:
             self._ollama_error(err)
@@ -264,27 +271,30 @@ class OllamaMixin:
             self.close_connection = True
             self.end_headers()
 
-        def piece(text: str) -> dict:
+        def piece(text: str, thinking: str = "") -> dict:
             body = {"message": {"role": "assistant", "content": text}} if chat \
                 else {"response": text}
+            if thinking:  # Ollama's field for a thinking model's reasoning
+                (body["message"] if chat else body)["thinking"] = thinking
             return dict(base, created_at=_now(), **body, done=False)
 
         parts: list[str] = []
+        thought: list[str] = []
         t_first = None
         while ev[0] != "done":
             if ev[0] == "error":
                 self._line({"error": _error_of(ev[1]).message})
                 return
-            if ev[0] == "text":
+            if ev[0] in ("text", "reasoning"):
                 t_first = t_first or time.monotonic()
-                parts.append(ev[1])
+                (parts if ev[0] == "text" else thought).append(ev[1])
                 if req.stream:
-                    self._line(piece(ev[1]))
+                    self._line(piece(ev[1]) if ev[0] == "text" else piece("", ev[1]))
             ev = self._next_event(job)
         _, usage, finish, _, calls = ev
         now = time.monotonic()
         t_first = t_first or now
-        final = piece("" if req.stream else "".join(parts))
+        final = piece("") if req.stream else piece("".join(parts), "".join(thought))
         if calls:  # Ollama's calls carry their arguments as objects
             final["message"]["tool_calls"] = [
                 {"function": {"name": c["function"]["name"],

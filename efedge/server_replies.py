@@ -55,13 +55,16 @@ class ReplyMixin:
 
     def _complete(self, job: Job, chat: bool) -> None:
         parts: list[str] = []
+        thought: list[str] = []  # a thinking model's reasoning (efedge.reasoning)
         recs: list[dict] = []
         while True:
             ev = self._next_event(job)
             if ev[0] == "error":
                 self._send_error(_error_of(ev[1]))
                 return
-            if ev[0] == "start":
+            if ev[0] == "reasoning":
+                thought.append(ev[1])
+            elif ev[0] == "start":
                 parts.append(ev[2])  # the echoed prompt, or ""
                 recs += ev[3] or []
             elif ev[0] == "text":
@@ -78,6 +81,8 @@ class ReplyMixin:
             message = {"role": "assistant", "content": text}
             if calls:  # as OpenAI: no text beside the calls is null content
                 message.update(content=text.strip() or None, tool_calls=calls)
+            if thought:  # llama-server's field for it
+                message["reasoning_content"] = "".join(thought)
             resp["choices"] = [{"index": 0, "message": message, "logprobs": lp,
                                 "finish_reason": finish}]
         else:
@@ -133,6 +138,8 @@ class ReplyMixin:
             ev = self._next_event(job)
             if ev[0] == "text":
                 self._event(chunk(ev[1], None, recs=ev[2]))
+            elif ev[0] == "reasoning":
+                self._event(chunk(None, None, d={"reasoning_content": ev[1]}))
             elif ev[0] == "error":
                 self._event(_error_of(ev[1]).body())
                 return

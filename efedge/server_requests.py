@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from efedge.api_chat import check_template_kwargs
 from efedge.errors import ArgumentError, SamplingError
 from efedge.json_mode import check_format
 from efedge.logprobs import MAX_TOP_LOGPROBS
@@ -56,6 +57,10 @@ class GenRequest:
     native: bool = False  # llama.cpp's /completion or /infill: answered in its shape
     return_tokens: bool = False  # (native) the generated ids in the answer
     ollama: str | None = None  # Ollama's route (/api/generate, /api/chat): its shapes
+    # chat: a thinking model's <think> part apart from the answer (efedge.reasoning):
+    # reasoning_content / Ollama's thinking
+    reasoning: bool = False
+    template_kwargs: dict | None = None  # chat_template_kwargs: template variables
 
 
 _MISSING = object()
@@ -185,7 +190,13 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-def parse_chat(body: Any, defaults: dict) -> GenRequest:
+REASONING_FORMATS = ("auto", "deepseek", "none")  # llama-server's --reasoning-format
+
+
+def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
+               kwargs: dict | None = None) -> GenRequest:
+    """`reasoning` and `kwargs`: the server's defaults for reasoning_format and
+    chat_template_kwargs (`efedge serve --reasoning-format / --chat-template-kwargs`)."""
     kw = _common(body, defaults, None, "max_completion_tokens", "max_tokens")
     messages = body.get("messages")
     if messages is None:
@@ -224,11 +235,21 @@ def parse_chat(body: Any, defaults: dict) -> GenRequest:
         except ArgumentError as exc:
             raise APIError(400, str(exc), "unsupported" if "not supported" in str(exc)
                            else "invalid_value", param="tools") from None
+    reasoning = _field(body, "reasoning_format", str, reasoning)
+    if reasoning not in REASONING_FORMATS:
+        raise APIError(400, f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, "
+                            f"got {reasoning!r}", "invalid_value", param="reasoning_format")
+    kwargs = _field(body, "chat_template_kwargs", dict, kwargs)
+    try:
+        check_template_kwargs(kwargs)
+    except ArgumentError as exc:
+        raise APIError(400, str(exc).replace("template_kwargs", "chat_template_kwargs"),
+                       "invalid_value", param="chat_template_kwargs") from None
     return GenRequest(messages=messages, prompt=None, echo=False,
                       logprobs=(top or 0) if want else None, format=fmt,
                       tools=tools if mode != "none" else None,
                       parallel_tool_calls=_field(body, "parallel_tool_calls", bool, True),
-                      **kw)
+                      reasoning=reasoning != "none", template_kwargs=kwargs, **kw)
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, Any]:

@@ -24,6 +24,7 @@ from collections import deque
 from efedge.api import Model
 from efedge.errors import EfedgeError, UnsupportedModelError
 from efedge.generate import GenerationResult
+from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking
 from efedge.server_logprobs import prompt_records, records
 from efedge.server_requests import APIError, GenRequest
 from efedge.tool_calls import CallStream
@@ -136,7 +137,8 @@ class ModelWorker:
     def _run(self, job: Job) -> None:
         m, req = self.model, job.req
         if req.messages is not None:
-            ids = m.chat_prompt(req.messages, tools=req.tools)
+            ids = m.chat_prompt(req.messages, tools=req.tools,
+                                template_kwargs=req.template_kwargs)
         elif req.infill is not None:
             try:
                 ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)
@@ -182,6 +184,9 @@ class ModelWorker:
                       logprobs=lp, format=req.format, **req.sampling)
         sent = released = 0  # characters sent; generated tokens whose records went
         calls = CallStream(req.tools) if req.tools is not None else None
+        # a thinking model's reasoning goes apart ("reasoning" events), the rest on
+        splitter = ReasoningSplitter(prompt_opens_thinking(m.detokenize(ids[-8:]))) \
+            if req.reasoning else None
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""
@@ -193,6 +198,20 @@ class ModelWorker:
                 released += 1
             return records(tok, entries[first:released], len(echo))
 
+        def emit(parts: list[tuple[str, str]]) -> None:
+            nonlocal sent
+            for kind, piece in parts:
+                if kind == "reasoning":
+                    sent += len(piece)
+                    job.events.put(("reasoning", piece))
+                    continue
+                if calls is not None:
+                    piece = calls.push(piece)
+                    if not piece:
+                        continue
+                sent += len(piece)
+                job.events.put(("text", piece, release()))
+
         try:
             for piece in it:
                 if not started:
@@ -200,16 +219,13 @@ class ModelWorker:
                     started = True
                 if job.cancelled.is_set():
                     break
-                if calls is not None:
-                    piece = calls.push(piece)
-                    if not piece:
-                        continue
-                sent += len(piece)
-                job.events.put(("text", piece, release()))
+                emit(splitter.push(piece) if splitter is not None else [("content", piece)])
         finally:
             it.close()
         if not started:
             job.events.put(("start", n_prompt, echo, prompt_recs))
+        if splitter is not None:
+            emit(splitter.finish())
         n_gen, job.finish = len(result.tokens), result.finish_reason
         job.tokens = list(result.tokens)
         if job.finish == "stop" and req.stop and not (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import signal
 import socket
 import sys
@@ -46,8 +47,26 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) "
                         "call the server from a browser (CORS); repeatable; default none")
+    # (efedge.server_requests.REASONING_FORMATS; not imported here: --help stays fast)
+    p.add_argument("--reasoning-format", choices=("auto", "deepseek", "none"), default="auto",
+                   help="a thinking model's <think> part: auto / deepseek put it in "
+                        "message.reasoning_content (default), none leaves it in the content")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="variables for the chat template, e.g. '{\"enable_thinking\": false}' "
+                        "(a request's chat_template_kwargs replaces them)")
     add_sampling_args(p)
     p.set_defaults(func=main)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enable_thinking\": "
+                                         "false}'")
+    return value
 
 
 def bind_error(host: str, port: int, exc: Exception) -> EfedgeError:
@@ -89,6 +108,7 @@ def check_address(host: str, port: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from efedge.api_chat import check_template_kwargs
     from efedge.server import make_server
 
     defaults = sampling_kwargs(args)
@@ -100,9 +120,12 @@ def main(args: argparse.Namespace) -> int:
             # a --chat-template that cannot render is the user's to fix now (a TemplateError,
             # one line), not a 500 on every chat request; a broken one in the GGUF only
             # costs the chat route (a warning)
+            check_template_kwargs(args.chat_template_kwargs)
             srv = make_server(m, args.host, args.port, model_id=args.alias, defaults=defaults,
                               strict_template=args.chat_template is not None,
-                              allow_origins=args.allow_origin or ())
+                              allow_origins=args.allow_origin or (),
+                              reasoning_format=args.reasoning_format,
+                              template_kwargs=args.chat_template_kwargs)
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
         # SIGTERM (docker stop, systemd, kill) shuts down as Ctrl-C does: the generation in

@@ -1,0 +1,173 @@
+"""A thinking model's reasoning apart from its answer (efedge.reasoning): the splitter on
+every way of cutting a reply into pieces, the server's reasoning_content (OpenAI routes,
+streamed and not; reasoning_format none; the server's --reasoning-format default),
+Ollama's `think`, and chat_template_kwargs reaching the template."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _http import post, post_json, running_server, sse_chunks
+from _scripted import script_tokens
+
+import efedge
+from efedge.errors import ArgumentError
+from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking, split_reasoning
+
+CASES = [  # (reply, template opened <think>, reasoning, answer)
+    ("<think>\nLet me see.\n</think>\n\nHello.", False, "Let me see.", "Hello."),
+    ("  <think>a b</think>c", False, "a b", "c"),
+    ("Let me see.\n</think>\n\nHello.", True, "Let me see.", "Hello."),
+    ("Hello, no thoughts.", False, None, "Hello, no thoughts."),
+    ("<thead> is a tag", False, None, "<thead> is a tag"),
+    ("<think>cut short, still thin", False, "cut short, still thin", ""),
+    ("thinking </thi", True, "thinking </thi", ""),
+    ("<think></think>Answer", False, "", "Answer"),
+    ("</think>\n\nAnswer </think>", True, "", "Answer </think>"),
+    ("one\n\n two</think>x", True, "one\n\n two", "x"),
+]
+
+
+@pytest.mark.parametrize("text, opened, reasoning, answer", CASES)
+def test_split_whole_and_in_every_two_and_three_pieces(text, opened, reasoning, answer):
+    assert split_reasoning(text, opened) == (reasoning, answer)
+    cuts = [(i,) for i in range(len(text) + 1)] + [
+        (i, j) for i in range(0, len(text) + 1, 3) for j in range(i, len(text) + 1, 2)]
+    for cut in cuts:
+        bounds = [0, *cut, len(text)]
+        sp = ReasoningSplitter(opened)
+        parts = []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            parts += sp.push(text[a:b])
+        parts += sp.finish()
+        got_r = "".join(t for k, t in parts if k == "reasoning")
+        got_a = "".join(t for k, t in parts if k == "content")
+        assert (got_r, got_a) == (reasoning or "", answer), cut
+        assert all(t for _, t in parts)  # no empty pieces given out
+
+
+def test_prompt_opens_thinking():
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n")
+
+
+# a Qwen3-like template: the generation prompt opens <think> unless enable_thinking is
+# false, then it writes an empty one; it also shows a variable a client may set
+QWEN3ISH = """{%- for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% if style is defined %}[{{ style }}]{% endif %}
+{%- if enable_thinking is defined and not enable_thinking %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif %}{% endif %}"""
+HI = [{"role": "user", "content": "hi"}]
+REPLY = "Let me think about it.\n</think>\n\nHello there."
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    with efedge.load(tiny_gguf("qwen3moe", "F32"), chat_template=QWEN3ISH) as m:
+        yield m
+
+
+def _script(monkeypatch, m, text):
+    ids = m.tokenize(text, add_special=False)
+    assert m.detokenize(ids) == text
+    script_tokens(monkeypatch, ids)
+
+
+def test_template_kwargs_in_the_api(model):
+    text = model.detokenize(model.chat_prompt(HI, template_kwargs={"style": "brief",
+                                                                   "enable_thinking": False}))
+    assert "[brief]" in text and text.endswith("<think>\n\n</think>\n\n")
+    assert model.detokenize(model.chat_prompt(HI)).endswith("<think>\n")
+    for bad in ({"messages": []}, {"bos_token": "x"}, ["style"], {1: 2}):
+        with pytest.raises(ArgumentError, match="template_kwargs"):
+            model.chat_prompt(HI, template_kwargs=bad)
+
+
+def test_openai_chat_gives_reasoning_content(model, monkeypatch):
+    _script(monkeypatch, model, REPLY)
+    with running_server(model) as srv:
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI})
+        assert status == 200, got
+        msg = got["choices"][0]["message"]
+        assert msg["reasoning_content"] == "Let me think about it."
+        assert msg["content"] == "Hello there."
+        status, text = post(srv, "/v1/chat/completions", {"messages": HI, "stream": True})
+        deltas = [c["choices"][0]["delta"] for c in sse_chunks(text) if c["choices"]]
+        thought = "".join(d.get("reasoning_content", "") for d in deltas)
+        said = "".join(d.get("content") or "" for d in deltas)
+        assert (thought, said) == ("Let me think about it.", "Hello there.")
+        first = next(i for i, d in enumerate(deltas) if d.get("content"))
+        assert all("reasoning_content" not in d for d in deltas[first:])
+        # reasoning_format none: the reply as written
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
+                                                              "reasoning_format": "none"})
+        assert got["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+        # chat_template_kwargs: no <think> opened, so nothing is reasoning
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "chat_template_kwargs": {"enable_thinking": False}})
+        assert got["choices"][0]["message"]["content"] == REPLY
+        assert got["usage"]["prompt_tokens"] == len(model.chat_prompt(
+            HI, template_kwargs={"enable_thinking": False}))
+        for bad, param in [({"reasoning_format": "x"}, "reasoning_format"),
+                           ({"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs"),
+                           ({"chat_template_kwargs": 3}, "chat_template_kwargs")]:
+            status, got = post_json(srv, "/v1/chat/completions", dict(bad, messages=HI))
+            assert status == 400 and got["error"]["param"] == param, got
+    with running_server(model, reasoning_format="none",
+                        template_kwargs={"style": "terse"}) as srv:
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI})
+        assert got["choices"][0]["message"]["content"] == REPLY
+        assert got["usage"]["prompt_tokens"] == len(model.chat_prompt(
+            HI, template_kwargs={"style": "terse"}))
+
+
+def test_tool_calls_come_from_the_answer_only(model, monkeypatch):
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    call = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    _script(monkeypatch, model, "maybe " + call + "\n</think>\n\n" + call)
+    with running_server(model) as srv:
+        srv.tools_error = None  # (the test template renders no tools: the parsing is tested)
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI, "tools": tools})
+        assert status == 200, got
+        msg = got["choices"][0]["message"]
+        assert msg["reasoning_content"] == "maybe " + call
+        assert [c["function"]["name"] for c in msg["tool_calls"]] == ["now"]
+
+
+def test_ollama_think(model, monkeypatch):
+    _script(monkeypatch, model, REPLY)
+    with running_server(model) as srv:
+        base = {"model": srv.model_id, "messages": HI, "stream": False}
+        status, got = post_json(srv, "/api/chat", dict(base, think=True))
+        assert status == 200, got
+        assert got["message"]["thinking"] == "Let me think about it."
+        assert got["message"]["content"] == "Hello there."
+        status, text = post(srv, "/api/chat", dict(base, think=True, stream=True))
+        lines = [json.loads(x) for x in text.splitlines()]
+        assert "".join(x["message"].get("thinking", "") for x in lines) == \
+            "Let me think about it."
+        assert "".join(x["message"]["content"] for x in lines) == "Hello there."
+        status, got = post_json(srv, "/api/chat", base)  # unset: as written
+        assert got["message"]["content"] == REPLY and "thinking" not in got["message"]
+        status, got = post_json(srv, "/api/chat", dict(base, think=False))
+        assert got["message"]["content"] == REPLY
+        assert got["prompt_eval_count"] == len(model.chat_prompt(
+            HI, template_kwargs={"enable_thinking": False}))
+
+
+def test_serve_refuses_bad_template_kwargs(model):
+    for value in ("{", "[1]"):
+        r = subprocess.run([sys.executable, "-m", "efedge", "serve", str(model.path),
+                            "--chat-template-kwargs", value], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "--chat-template-kwargs" in r.stderr
