@@ -22,6 +22,7 @@ from efedge import demo, kernels
 from efedge.api_chat import ChatMixin
 from efedge.api_generation import GenerationMixin
 from efedge.api_scoring import ScoringMixin
+from efedge.api_state import StateMixin
 from efedge.config import ModelConfig, config_from_gguf
 from efedge.errors import (
     ArgumentError,
@@ -96,7 +97,7 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     return float(slack)
 
 
-class Model(GenerationMixin, ScoringMixin, ChatMixin):
+class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
     """A loaded GGUF model. Prefer `efedge.load(...)`; use as a context manager or call
     `close()` to release the mapping."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -39,8 +40,27 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
                    help="json: the output is one JSON object (JSON mode); a file: a JSON "
                         "schema the output follows")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="reuse the prompt's evaluation saved in FILE (when it starts with "
+                        "the same tokens), and save it there afterwards")
+    p.add_argument("--prompt-cache-all", action="store_true",
+                   help="with --prompt-cache: save the generated tokens too")
+    p.add_argument("--prompt-cache-ro", action="store_true",
+                   help="with --prompt-cache: read FILE, never write it")
     add_sampling_args(p)
     p.set_defaults(func=main)
+
+
+def _load_prompt_cache(m, path: str | None, ids: list[int]) -> None:
+    """--prompt-cache: restore FILE if it exists, and say how much of it the prompt
+    reuses (llama.cpp's llama-cli says the same)."""
+    if path is None or not os.path.exists(os.path.expanduser(path)):
+        return
+    cached = m.load_state(path)
+    same = next((i for i, (a, b) in enumerate(zip(cached, ids, strict=False)) if a != b),
+                min(len(cached), len(ids)))
+    print(f"efedge: prompt cache {path}: {same} of the prompt's {len(ids)} tokens reused",
+          file=sys.stderr)
 
 
 def _read_stdin() -> str:
@@ -74,6 +94,8 @@ def output_format(value: str | None) -> str | dict | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if (args.prompt_cache_all or args.prompt_cache_ro) and args.prompt_cache is None:
+        raise EfedgeError("--prompt-cache-all and --prompt-cache-ro go with --prompt-cache FILE")
     fmt = output_format(args.format)
     if args.prompt == "-" or args.file == "-":
         prompt = _read_stdin()
@@ -99,14 +121,19 @@ def main(args: argparse.Namespace) -> int:
         # -1, as in llama.cpp and `efedge chat`: until end of text or a full context
         # (generation stops by itself when the context fills)
         max_tokens = m.n_ctx if args.n_predict < 0 else args.n_predict
+        ids = m.tokenize(prompt)
+        _load_prompt_cache(m, args.prompt_cache, ids)
         if args.echo:
             sys.stdout.write(prompt)
         result = GenerationResult([], "")
-        for piece in m.stream(prompt, max_tokens=max_tokens, stop=args.stop, result=result,
+        for piece in m.stream(ids, max_tokens=max_tokens, stop=args.stop, result=result,
                               format=fmt, **sampling_kwargs(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if args.prompt_cache is not None and not args.prompt_cache_ro:
+            # the prompt alone (its last token is evaluated again anyway), or all of it
+            m.save_state(args.prompt_cache, None if args.prompt_cache_all else len(ids))
         s = m.stats()
         # the tokens generated, not the decode steps (the last token is never decoded)
         print(f"[ load {load_s:.2f} s | prompt {s['tokens_prompt']} tokens | generated "
