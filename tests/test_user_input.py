@@ -457,3 +457,19 @@ def test_the_model_given_twice_is_an_error_and_inspect_takes_m(path, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["path"] == str(path)
+
+
+def test_run_single_turn_through_the_chat_template(path, capsys):
+    """run --chat (-st, llama-cli's single turn; mlx_lm.generate's default) takes the
+    prompt as a user turn after an optional -sys turn; --max-tokens is mlx-lm's -n."""
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    with efedge.load(path, n_ctx=128) as model:
+        want = model.chat(turns, max_tokens=6, temperature=0)
+        plain = model.generate("hi", max_tokens=6, temperature=0)
+    rc, out, err = _cli(["run", path, "-p", "hi", "-st", "-sys", "Be brief.", "--max-tokens",
+                         6, "-c", 128, "--temp", "0"], capsys)
+    assert rc == 0 and out == want + "\n", err
+    assert want != plain
+    for argv, word in [(["-sys", "x"], "--chat"), (["--chat", "--echo"], "--echo")]:
+        rc, _, err = _cli(["run", path, "-p", "hi", *argv], capsys)
+        assert rc == 1 and word in err and "Traceback" not in err, err

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                      help="prompt text; - reads it from standard input")
     src.add_argument("-f", "--file", default=None,
                      help="read the prompt from a file (- : standard input)")
-    p.add_argument("-n", "--n-predict", type=n_predict, default=128,
+    p.add_argument("-n", "--n-predict", "--max-tokens", type=n_predict, default=128,
                    help="tokens to generate (default 128; -1: until end of text or a full "
                         "context)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
@@ -40,7 +40,12 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default=None, metavar="json|SCHEMA.json",
                    help="json: the output is one JSON object (JSON mode); a file: a JSON "
                         "schema the output follows")
-    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+    p.add_argument("-st", "--single-turn", "--chat", dest="chat", action="store_true",
+                   help="the prompt is one user turn through the chat template (as "
+                        "llama-cli -st and mlx_lm.generate); the reply is printed")
+    p.add_argument("-sys", "--system-prompt", default=None, metavar="TEXT",
+                   help="with --chat: a system turn first")
+    p.add_argument("--prompt-cache", "--prompt-cache-file", default=None, metavar="FILE",
                    help="reuse the prompt's evaluation saved in FILE (when it starts with "
                         "the same tokens), and save it there afterwards")
     p.add_argument("--prompt-cache-all", action="store_true",
@@ -96,6 +101,12 @@ def output_format(value: str | None) -> str | dict | None:
 def main(args: argparse.Namespace) -> int:
     if (args.prompt_cache_all or args.prompt_cache_ro) and args.prompt_cache is None:
         raise EfedgeError("--prompt-cache-all and --prompt-cache-ro go with --prompt-cache FILE")
+    if args.system_prompt is not None and not args.chat:
+        raise EfedgeError("-sys / --system-prompt goes with --chat (-st): a plain prompt is "
+                          "continued as it is")
+    if args.chat and args.echo:
+        raise EfedgeError("--echo prints a plain prompt; with --chat the prompt is a turn of "
+                          "the template")
     fmt = output_format(args.format)
     if args.prompt == "-" or args.file == "-":
         prompt = _read_stdin()
@@ -121,7 +132,12 @@ def main(args: argparse.Namespace) -> int:
         # -1, as in llama.cpp and `efedge chat`: until end of text or a full context
         # (generation stops by itself when the context fills)
         max_tokens = m.n_ctx if args.n_predict < 0 else args.n_predict
-        ids = m.tokenize(prompt)
+        if args.chat:
+            turns = [{"role": "system", "content": args.system_prompt}] \
+                if args.system_prompt is not None else []
+            ids = m.chat_prompt(turns + [{"role": "user", "content": prompt}])
+        else:
+            ids = m.tokenize(prompt)
         _load_prompt_cache(m, args.prompt_cache, ids)
         if args.echo:
             sys.stdout.write(prompt)
