@@ -152,6 +152,11 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise ModelFormatError(f"{gf.path}: metadata keys {k + 'attention.head_count'!r} "
                                f"({n_head}) and {k + 'attention.head_count_kv'!r} "
                                f"({n_head_kv}): heads must be a multiple of kv heads")
+    if spec.mha_only and n_head_kv != n_head:
+        raise ModelFormatError(f"{gf.path}: metadata keys {k + 'attention.head_count_kv'!r} "
+                               f"({n_head_kv}) and {k + 'attention.head_count'!r} ({n_head}) "
+                               f"differ: llama.cpp's {arch} loader sizes attn_k / attn_v by "
+                               "head_count and cannot load such a file")
     head_dim = _int(gf, k + "attention.key_length", n_embd // n_head)
     v_head_dim = _int(gf, k + "attention.value_length", head_dim)
     rope_dim = _int(gf, k + "rope.dimension_count", head_dim)
@@ -171,7 +176,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
                                f"({n_expert_used}) is not in 1..{k + 'expert_count'!r} "
                                f"({n_expert})")
     n_ff = _int(gf, k + "feed_forward_length", 0)
-    n_ff_exp = _int(gf, k + "expert_feed_forward_length", n_ff) if n_expert else 0
+    n_ff_exp = _int(gf, k + spec.expert_width, n_ff) if n_expert else 0
     n_ff_shexp = 0
     if spec.shared_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
@@ -305,7 +310,7 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
             if c.spec.attn_bias or b + f"attn_{p}.bias" in gf.tensors:  # optional elsewhere
                 _check_shape(gf, b + f"attn_{p}.bias", (n,))
         qk_norm = qk_norm_of(gf, c, i)
-        if qk_norm == "head":
+        if qk_norm in ("head", "head_post"):
             _check_shape(gf, b + "attn_q_norm.weight", (c.head_dim,))
             _check_shape(gf, b + "attn_k_norm.weight", (c.head_dim,))
         elif qk_norm == "full":

@@ -52,7 +52,8 @@ from efedge.weights import _FFN, QMatrix, _qmatrix, _vector
 _EMPTY = np.zeros(0, np.float32)
 _EMPTY_RAW = np.zeros((0, 1), np.uint8)
 _ONE_W = np.ones(1, np.float32)
-_QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL}
+_QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL,
+            "head_post": dk.QK_HEAD_POST}
 
 
 # token embeddings stored as floats: the dtype to view their raw rows as (BF16 is not here:

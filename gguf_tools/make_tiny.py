@@ -83,6 +83,12 @@ ARCHS["ernie4_5-moe"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False, qk_
 ARCHS["ernie4_5-moe-interleave"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias=False,
                                         qk_norm=None, shared=False, plan="ernie",
                                         variant="interleave")
+# dots1 (dots.llm1) and hunyuan-moe (Hunyuan-A13B): tiny_archs.DOTS_DIMS, hunyuan_plan
+# (dots1: llama.cpp 0.3.36 sizes attn_k / attn_v by head_count, so no GQA: mha)
+ARCHS["dots1"] = dict(gguf_arch="dots1", moe=True, bias=False, qk_norm="head", shared=True,
+                      shared_gate=False, plan="dots1", mha=True)
+ARCHS["hunyuan-moe"] = dict(gguf_arch="hunyuan-moe", moe=True, bias=False, qk_norm="head",
+                            shared=True, shared_gate=False, plan="hunyuan")
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
@@ -167,6 +173,11 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
         cfg["n_head_kv"] = cfg["n_head"]
         if cfg["n_head"] * cfg["head_dim"] != cfg["n_embd"]:
             raise ValueError("olmoe needs n_head * head_dim == n_embd")
+    if a.get("mha"):
+        if "n_head_kv" in overrides and overrides["n_head_kv"] not in (None, cfg["n_head"]):
+            raise ValueError(f"{arch} needs n_head_kv == n_head (llama.cpp sizes attn_k / "
+                             "attn_v by head_count)")
+        cfg["n_head_kv"] = cfg["n_head"]
     if cfg["n_head"] % cfg["n_head_kv"]:
         raise ValueError(f"n_head {cfg['n_head']} is not a multiple of n_head_kv "
                          f"{cfg['n_head_kv']}")

@@ -2,8 +2,10 @@
 deepseek2 (multi-head latent attention, dense leading layers, shared experts), gpt-oss
 (attention biases and sinks, sliding-window layers, expert biases), glm4moe (attention
 biases, partial rope, post-attention norm, sigmoid routing with a selection bias, shared
-expert, trailing MTP layers) and ernie4_5-moe (dense leading and interleaved layers,
-selection bias, ungated shared expert). make_tiny calls these
+expert, trailing MTP layers), ernie4_5-moe (dense leading and interleaved layers,
+selection bias, ungated shared expert), dots1 (dense leading layer, qk norm, sigmoid
+routing with a selection bias, shared experts) and hunyuan-moe (qk norm after rope,
+ungated shared expert of its own width). make_tiny calls these
 for the architectures whose ``ARCHS`` entry has ``plan`` set; names, keys and shapes are
 the ones llama.cpp reads (shapes in ggml order, as in make_tiny).
 """
@@ -286,3 +288,107 @@ def ernie_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     if a["shared"]:  # as the converter writes them: a count and the width
         w.add_expert_shared_count(1)
         w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
+
+
+# dots1 (rednote dots.llm1) at test size: as the released files, one dense leading layer,
+# per-head q / k norm before rope, sigmoid routing with a selection bias, the k weights
+# renormalised and scaled (routed_scaling_factor; real: 2.5), and 2 shared experts of the
+# routed width (real: 2 × 1408, 128 experts, top 6)
+DOTS_DIMS = dict(dense_lead=1, n_shared=2, weights_scale=2.5)
+# hunyuan-moe (Hunyuan-A13B) at test size: every layer MoE, the q / k norm after rope,
+# softmax top-k renormalised, an ungated shared expert of
+# expert_shared_feed_forward_length (here twice the routed width, so the two widths
+# differ). Rope as the converter writes it: HF's NTK alpha already folded into the base
+# (base · alpha^(d/(d-2))), scaling type "none", factor 1.
+
+
+def _attention(b: str, cfg: dict, qk_norm: bool) -> list[TensorSpec]:
+    """A standard attention block without biases: norm, q / k / v / output, and the
+    per-head q / k norm where the arch has one."""
+    T, d, hd = TensorSpec, cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    out = [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+           T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+           T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+           T(b + "attn_v.weight", (d, kv_out), "proj")]
+    if qk_norm:
+        out += [T(b + "attn_q_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True),
+                T(b + "attn_k_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True)]
+    return out + [T(b + "attn_output.weight", (q_out, d), "proj"),
+                  T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+
+
+def _moe_ffn(b: str, cfg: dict, n_ff_shexp: int, sel_bias: bool) -> list[TensorSpec]:
+    """Router, routed experts, an optional selection bias and an ungated shared expert."""
+    T, d, e, f = TensorSpec, cfg["n_embd"], cfg["n_expert"], cfg["n_ff_exp"]
+    out = [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+           T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+           T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+           T(b + "ffn_down_exps.weight", (f, d, e), "proj")]
+    if sel_bias:
+        out.append(T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True))
+    s = n_ff_shexp
+    return out + [T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+                  T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+                  T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+
+
+def dots1_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T, x, d = TensorSpec, DOTS_DIMS, cfg["n_embd"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += _attention(b, cfg, qk_norm=True)
+        if i < x["dense_lead"]:
+            f = cfg["n_ff"]
+            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
+                    T(b + "ffn_up.weight", (d, f), "proj"),
+                    T(b + "ffn_down.weight", (f, d), "proj")]
+        else:
+            out += _moe_ffn(b, cfg, cfg["n_ff_exp"] * x["n_shared"], sel_bias=True)
+    return out + _head(cfg, n_vocab)
+
+
+def _common_metadata(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """Heads, head size (llama.cpp asserts n_rot == head size for these archs) and the
+    expert counts."""
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+
+
+def dots1_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    x = DOTS_DIMS
+    _common_metadata(w, cfg)
+    w.add_feed_forward_length(cfg["n_ff"])  # the dense leading layer
+    w.add_leading_dense_block_count(x["dense_lead"])
+    w.add_expert_shared_count(x["n_shared"])
+    w.add_expert_weights_scale(x["weights_scale"])
+    w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+def hunyuan_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    out = [TensorSpec("token_embd.weight", (cfg["n_embd"], n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += _attention(b, cfg, qk_norm=True)
+        out += _moe_ffn(b, cfg, 2 * cfg["n_ff_exp"], sel_bias=False)
+    return out + _head(cfg, n_vocab)
+
+
+def hunyuan_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    _common_metadata(w, cfg)
+    # the experts' width is feed_forward_length in llama.cpp's loader; the released file
+    # has all three widths equal (3072), the tiny one a wider shared expert
+    w.add_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_shared_feed_forward_length(2 * cfg["n_ff_exp"])
+    w.add_expert_shared_count(1)
+    if cfg["rope_scaling"] is None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        w.add_rope_scaling_factor(1.0)

@@ -162,7 +162,12 @@ def test_streamed_matches_llama_cpp(tiny_gguf, arch, quant):
     tokens either way: llama.cpp's at F16; on the K-quant, where a near tie (a top-2 gap
     of 0.02 against 0.1 of 8-bit rounding) may pick another token, llama.cpp's argmax on
     the same tokens agrees at ≥ 90% of the steps, the quantized rule."""
-    path = tiny_gguf(arch, quant)
+    _assert_streamed_match(tiny_gguf(arch, quant), quant)
+
+
+def _assert_streamed_match(path, quant: str) -> None:
+    """test_streamed_matches_llama_cpp's checks on one file (F32 and F16: the float
+    tolerances, other types the quantized rule)."""
     ids = _tokens(512)
     ref = llama_ref.llama_logits(path, ids)
     prompt = _tokens(512, 8, seed=3)
@@ -177,7 +182,7 @@ def test_streamed_matches_llama_cpp(tiny_gguf, arch, quant):
     assert np.array_equal(got[None], got["50%"])
     assert greedy[None] == greedy["50%"]
     ours = got[None]
-    if quant == "F16":
+    if quant in ("F32", "F16"):
         assert np.abs(ours - ref).max() / ref.std() <= 2e-2
         assert (ours.argmax(-1) == ref.argmax(-1)).all()
         assert greedy[None] == llama_ref.llama_greedy(path, prompt, 24)
@@ -222,13 +227,13 @@ def test_bailing_routing_weights_decide(tiny_gguf, change):
 
 def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
     """Copy a GGUF file, metadata and tensors, adding the float32 tensors in `extra` and
-    the uint32 metadata `keys`."""
+    the metadata `keys` (uint32, float32 for a float; replacing a key the file has)."""
     import gguf
 
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, r.get_field("general.architecture").contents())
     for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in (keys or {}):
             continue
         if field.types[0] == gguf.GGUFValueType.ARRAY:
             w.add_array(key, field.contents())
@@ -238,7 +243,7 @@ def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
                      raw_dtype=t.tensor_type)
     for key, val in (keys or {}).items():
-        w.add_uint32(key, val)
+        (w.add_float32 if isinstance(val, float) else w.add_uint32)(key, val)
     for name, data in extra.items():
         w.add_tensor(name, data.astype(np.float32))
     w.write_header_to_file()
@@ -707,3 +712,111 @@ def test_k_mix_prefill_and_decode_match_llama_cpp(tiny_gguf, quant):
     cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() >= 0.995, f"decode: min cosine {cos.min():.5f}"
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+# -- dots1 (dots.llm1) and hunyuan-moe (Hunyuan-A13B) -----------------------------------
+# dots1: dense first layer, per-head qk norm before rope, sigmoid routing with a selection
+# bias, weights renormalised and scaled by 2.5, two shared experts. hunyuan-moe: the qk
+# norm after rope, softmax top-k renormalised, an ungated shared expert of its own width.
+# The dots1 files are seed 3: seed 0's hold a near tie of the sigmoid selection scores in
+# these prompts (a gap of 3e-4 between the 4th and 5th expert), which the last bits of the
+# F16 sums decide either way — a property of that random model, not of the arithmetic.
+DH_KW = {"dots1": dict(seed=3), "hunyuan-moe": {}}
+
+
+@pytest.mark.parametrize("quant", ["F32", "F16", "Q4_K_M"])
+@pytest.mark.parametrize("arch", list(DH_KW))
+def test_dots_hunyuan_resident_and_streamed_match_llama_cpp(tiny_gguf, arch, quant):
+    """Logits and greedy tokens against llama.cpp, resident and through an expert cache of
+    half the experts (bitwise the resident logits): _assert_streamed_match."""
+    _assert_streamed_match(tiny_gguf(arch, quant, **DH_KW[arch]), quant)
+
+
+@pytest.mark.parametrize("part", ["gating", "selection_bias", "weights_norm",
+                                  "weights_scale"])
+def test_dots1_routing_parts_decide(tiny_gguf, part):
+    """Each part of the tiny dots1 file's routing shows in the logits: computed without it
+    (softmax instead of sigmoid, no exp_probs_b, no renormalising, no 2.5 scale) they are
+    off from llama.cpp by far more than the tolerance."""
+    import dataclasses
+
+    path = tiny_gguf("dots1", "F32", **DH_KW["dots1"])
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        c = m.config
+        assert (c.gating, c.expert_weights_norm, c.expert_weights_scale) == ("sigmoid", True,
+                                                                               2.5)
+        assert c.n_dense_lead == 1 and c.n_ff_shexp == 2 * c.n_ff_exp
+        change = {"gating": dict(gating="softmax"), "weights_norm": dict(
+            expert_weights_norm=False), "weights_scale": dict(expert_weights_scale=0.0)}
+        if part == "selection_bias":
+            assert all(b.exp_probs_b is not None for b in m._tf.blocks if b.moe)
+            for b in m._tf.blocks:
+                b.exp_probs_b = None
+        else:
+            m._tf.cfg = dataclasses.replace(c, **change[part])
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+def test_hunyuan_qk_norm_after_rope_decides(tiny_gguf, monkeypatch):
+    """The tiny hunyuan-moe file's q / k norm sits after rope: the same weights with the
+    norm before rope (Qwen3's place) are off from llama.cpp by far more than the
+    tolerance, prefill and decode."""
+    import dataclasses
+
+    from efedge.archs import hunyuan_moe
+
+    path = tiny_gguf("hunyuan-moe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    monkeypatch.setattr(hunyuan_moe, "SPEC", dataclasses.replace(hunyuan_moe.SPEC,
+                                                                 qk_norm="head"))
+    with efedge.load(path) as m:
+        off = m.logits(ids)
+        s = m._session
+        s.reset()
+        s.prefill(ids[:4])
+        step = np.asarray(s.decode(ids[4])).reshape(-1)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+    assert np.abs(step - ref[4]).max() / ref.std() > 0.1
+
+
+@pytest.mark.parametrize("key, value", [("rope.scaling.alpha", 1000.0),
+                                        ("expert_weights_scale", 2.0),
+                                        ("expert_feed_forward_length", 512)])
+def test_hunyuan_keys_llama_cpp_ignores(tiny_gguf, tmp_path, key, value):
+    """Keys a hunyuan-moe file may carry that llama.cpp 0.3.36 reads but does not apply to
+    this arch: the NTK alpha (the converter already folded it into rope.freq_base; only
+    hunyuan-dense / -vl rescale the base by it), a weights scale (its routing reads no
+    keys) and the experts' width key (it sizes them by feed_forward_length). Its logits
+    with the key are the plain file's, and efedge's are bit for bit its own."""
+    src, path = tiny_gguf("hunyuan-moe", "F32"), tmp_path / "with.gguf"
+    _copy_with(src, path, {}, {f"hunyuan-moe.{key}": value})
+    ids = _tokens(512)
+    assert np.array_equal(llama_ref.llama_logits(path, ids), llama_ref.llama_logits(src, ids))
+    with efedge.load(src) as m:
+        want = m.logits(ids)
+    with efedge.load(path) as m:
+        assert m.config.n_ff_exp == 256
+        assert np.array_equal(m.logits(ids), want)
+
+
+def test_dots_hunyuan_cache_aware_routing(tiny_gguf):
+    """dots1 routes by sigmoid scores with a selection bias (no single router probability
+    to swap by): cache-aware routing is refused by name. hunyuan-moe routes by softmax
+    top-k: its fused one-token steps reroute to cached experts."""
+    with pytest.raises(efedge.UnsupportedModelError, match="cache-aware.*dots1"):
+        efedge.load(tiny_gguf("dots1", "F32", **DH_KW["dots1"]), cache="30%",
+                    routing="cache-aware")
+    ids = _tokens(512, 12, seed=5)
+    steps = {}
+    for routing in ("exact", "cache-aware"):
+        with efedge.load(tiny_gguf("hunyuan-moe", "F32"), cache="30%", policy="ondemand",
+                         routing=routing, routing_slack=0.5) as m:
+            s = m._session
+            s.prefill(ids[:4])
+            steps[routing] = np.concatenate([s.decode(t) for t in ids[4:]])
+            assert (m.stats()["substitutions"] > 0) == (routing == "cache-aware")
+    assert not np.array_equal(steps["exact"], steps["cache-aware"])

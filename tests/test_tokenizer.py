@@ -147,9 +147,10 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
     assert tok.decode(ids, skip_special=True) == llm.detokenize(ids).decode()
 
 
-# One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables.
+# One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables (and "hunyuan",
+# Hunyuan-A13B's: llama.cpp gives it a pre type of its own, split as qwen2).
 PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
-                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3", "bailingmoe")
+                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3", "bailingmoe", "hunyuan")
 SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
               + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
               + ["Hello", "WORLD", "iPhone", "ÀÉé", "ΓΔγ", "ǅ", "'Re", "/"]

@@ -19,6 +19,7 @@ class ArchSpec:
     rope_style: str  # "normal": adjacent pairs rotate (llama); "neox": the two halves rotate
     moe: bool  # has routed experts (dense archs: False)
     qk_norm: str = "none"  # "none" | "head" (RMS over each head) | "full" (RMS over all of q / k)
+    # … | "head_post": RMS over each head after rope instead of before it (hunyuan-moe)
     attn_bias: bool = False  # q/k/v projections carry biases (qwen2 family)
     shared_expert: bool = False  # a dense expert beside the routed ones, gated by sigmoid
     norm_topk: bool = True  # renormalise the top-k routing weights to sum 1
@@ -59,6 +60,12 @@ class ArchSpec:
     # the qk-norm tensors may be absent (glm4moe: GLM-4.5 has them, GLM-4.5-Air does not);
     # a layer without them has no qk norm
     qk_norm_optional: bool = False
+    # the "{arch}."-relative key of the routed experts' width (hunyuan-moe: llama.cpp sizes
+    # them by feed_forward_length, though it requires expert_feed_forward_length too)
+    expert_width: str = "expert_feed_forward_length"
+    # llama.cpp sizes attn_k / attn_v by head_count (dots1): a file with fewer kv heads is
+    # one it cannot load, refused by name
+    mha_only: bool = False
     # routing="deepseek": the gating function when "{arch}.expert_gating_func" is absent
     # or 0 (llama.cpp's per-arch default; glm4moe: "sigmoid")
     default_gating: str = "softmax"

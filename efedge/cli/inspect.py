@@ -71,6 +71,8 @@ def _features(c) -> dict:
     if c.spec.scales:
         out.update(embedding_scale=c.embd_scale, residual_scale=c.residual_scale,
                    attention_scale=c.attn_scale, logit_scale=c.logit_scale)
+    if c.spec.qk_norm == "head_post":  # hunyuan-moe
+        out["qk_norm"] = "per head, after rope"
     if c.spec.attention != "mla" and c.rope_dim < c.head_dim:  # glm4moe: half of each head
         out["rope_dims"] = f"{c.rope_dim} of {c.head_dim}"
     if c.spec.attention == "mla":

@@ -275,6 +275,8 @@ class GpuTransformer:
             q, k = rms_norm(q, blk.q_norm, c.norm_eps), rms_norm(k, blk.k_norm, c.norm_eps)
         q = apply_rope(q, *rope, c.spec.rope_style)
         k = apply_rope(k, *rope, c.spec.rope_style)
+        if blk.qk_norm == "head_post":  # hunyuan-moe: after rope
+            q, k = rms_norm(q, blk.q_norm, c.norm_eps), rms_norm(k, blk.k_norm, c.norm_eps)
         kv.store(il, pos, k.to(torch.float16), v.to(torch.float16))
         keys, values = kv.view(il, pos + t)
         return blk.attn_output(attention(q, keys, values, pos, c.attn_scale))

@@ -43,8 +43,8 @@ CH = 32  # matrix rows per work item
 
 # indices into the qtype / scheme arrays of decode_attn
 IQ, IK, IV, IO, IR = 0, 1, 2, 3, 4
-# qk_mode
-QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
+# qk_mode (QK_HEAD_POST: per head, after rope — hunyuan-moe)
+QK_NONE, QK_HEAD, QK_FULL, QK_HEAD_POST = 0, 1, 2, 3
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -157,6 +157,8 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
             for j in range(head_dim):
                 kh[j] = (kh[j] * k_full) * k_norm[k0 + j]
         rope_into(kh, cos, sin, neox)
+        if qk_mode == QK_HEAD_POST:
+            rms_norm_into(kh, k_norm, eps, kh)
         store_f16(kh, kc[pos, g])
         store_f16(vv[g * v_dim:(g + 1) * v_dim], vc[pos, g])
         for hq in range(g * group, (g + 1) * group):
@@ -169,6 +171,8 @@ def _attn_worker(ctr, x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
                 for j in range(head_dim):
                     qh[j] = (qh[j] * q_full) * q_norm[q0 + j]
             rope_into(qh, cos, sin, neox)
+            if qk_mode == QK_HEAD_POST:
+                rms_norm_into(qh, q_norm, eps, qh)
             for j in range(head_dim):
                 qh[j] = round_f16(qh[j])  # ggml rounds q to f16 for its F16 K·Q product
             attend_head(qh, kc, vc, g, pos + 1, kq_scale, scores,

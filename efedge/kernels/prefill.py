@@ -289,7 +289,8 @@ def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_
     """Per token t (position pos + t): qk-norm and rope of q [T, H·d] and k [T, Hkv·d]; k
     and v [T, Hkv·dv] stored as float16 bits in kc / vc [n_ctx, Hkv, d] at row pos + t;
     qh [T, H, d] = the rotated queries rounded to float16 (as ggml rounds them).
-    qk_mode: 0 none, 1 per head, 2 over the whole projection (decode.QK_*)."""
+    qk_mode: 0 none, 1 per head, 2 over the whole projection, 3 per head after rope
+    (decode.QK_*)."""
     for t in prange(q.shape[0]):
         qs = ks = np.float32(1.0)
         if qk_mode == 2:
@@ -306,6 +307,8 @@ def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_
                 for j in range(head_dim):
                     kh[j] = (kh[j] * ks) * k_norm[k0 + j]
             rope_into(kh, cos[t], sin[t], neox)
+            if qk_mode == 3:
+                rms_norm_into(kh, k_norm, eps, kh)
             store_f16(kh, kc[pos + t, gi])
             store_f16(v[t, gi * v_dim:(gi + 1) * v_dim], vc[pos + t, gi])
         for hq in range(n_head):
@@ -319,6 +322,8 @@ def prefill_qk(q, k, v, q_norm, k_norm, qk_mode, eps, cos, sin, neox, n_head, n_
                 for j in range(head_dim):
                     qv[j] = (qv[j] * qs) * q_norm[q0 + j]
             rope_into(qv, cos[t], sin[t], neox)
+            if qk_mode == 3:
+                rms_norm_into(qv, q_norm, eps, qv)
             for j in range(head_dim):
                 qv[j] = _round_half(qv[j])
 
