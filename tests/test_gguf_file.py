@@ -171,6 +171,33 @@ def test_shared_expert_without_width_is_named(tiny_gguf, tmp_path, arch, key):
         efedge.load(path)
 
 
+# dots1 / hunyuan-moe: the keys llama.cpp requires (dots1's gating function too: llama.cpp
+# reads it as optional, then aborts building the graph without it)
+DH_REQUIRED = [("dots1", k) for k in (
+    "attention.layer_norm_rms_epsilon", "leading_dense_block_count",
+    "expert_feed_forward_length", "expert_shared_count", "expert_gating_func")] + [
+    ("hunyuan-moe", k) for k in ("attention.layer_norm_rms_epsilon", "feed_forward_length",
+                                 "expert_feed_forward_length")]
+
+
+@pytest.mark.parametrize("arch, key", DH_REQUIRED)
+def test_dots_hunyuan_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
+    path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "k.gguf", drop_key=f"{arch}.{key}")
+    with pytest.raises(efedge.ModelFormatError,
+                       match=f"required metadata key '{arch}.{key}' is missing"):
+        efedge.load(path)
+
+
+def test_dots1_with_fewer_kv_heads_is_named(tiny_gguf, tmp_path):
+    """llama.cpp sizes dots1's attn_k / attn_v by head_count: a file declaring fewer kv
+    heads is one it cannot load (efedge could compute it, with no reference to hold it
+    to), refused naming both keys."""
+    path = _rewrite(tiny_gguf("dots1", "F32"), tmp_path / "kv.gguf",
+                    set_key=("dots1.attention.head_count_kv", 2))
+    with pytest.raises(efedge.ModelFormatError, match="head_count_kv.*head_count"):
+        efedge.load(path)
+
+
 def test_shape_mismatch_is_named(tiny_gguf, tmp_path):
     src = tiny_gguf("qwen3moe", "F32")
     path = _rewrite(src, tmp_path / "shape.gguf", set_key=("qwen3moe.embedding_length", 512))

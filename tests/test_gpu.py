@@ -187,11 +187,13 @@ def test_forward_matches_cpu_path(tiny_gguf, arch):
 # four multipliers (and llama-3 rope divisors), ungated shared experts, glm4moe's sigmoid
 # routing with a selection bias, partial rope, optional qk norm and dense lead layer,
 # ernie4_5-moe's softmax + selection bias and interleaved dense layers, bailingmoe's
-# scaled weights: routed on the host by the CPU path's own rule
+# scaled weights, dots1's sigmoid routing with shared experts by count and hunyuan-moe's
+# q / k norm after rope: routed on the host by the CPU path's own rule
 @pytest.mark.parametrize("arch,kw", [
     ("granitemoe", dict(rope_scaling="llama3")), ("granitemoeshared", {}),
     ("glm4moe", {}), ("glm4moe-qknorm", {}), ("ernie4_5-moe", {}),
-    ("ernie4_5-moe-interleave", {}), ("bailingmoe", {})])
+    ("ernie4_5-moe-interleave", {}), ("bailingmoe", {}), ("dots1", {}),
+    ("hunyuan-moe", {})])
 def test_more_architectures_match_cpu_path(tiny_gguf, arch, kw):
     path = tiny_gguf(arch, "F32", **kw)
     ids = _ids()
@@ -707,7 +709,8 @@ def test_cuda_round_activations_bit_exact(name):
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe", "mixtral", "glm4moe-qknorm",
-                                  "granitemoeshared", "ernie4_5-moe-interleave"])
+                                  "granitemoeshared", "ernie4_5-moe-interleave", "dots1",
+                                  "hunyuan-moe"])
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_forward_matches_cpu_path(tiny_gguf, arch):

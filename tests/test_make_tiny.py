@@ -160,6 +160,61 @@ def test_ernie_layouts(tiny_gguf):
     assert not any(n.endswith(("_shexp.weight", "exp_probs_b.bias")) for n in ts)
 
 
+def test_dots_hunyuan_layouts(tiny_gguf):
+    """dots1 as dots.llm1 (multi-head, a dense first block, per-head q / k norms,
+    sigmoid routing with a selection bias, weights renormalised and scaled, 2 shared
+    experts of the routed width); hunyuan-moe as Hunyuan-A13B (experts in every block,
+    per-head q / k norms, an ungated shared expert of its own width, the experts' width in
+    feed_forward_length, rope scaling "none" as the converter writes it)."""
+    from gguf_tools.tiny_archs import DOTS_DIMS
+
+    x = DOTS_DIMS
+    _, kv, ts = _reader(tiny_gguf("dots1", "F32"))
+    assert kv["dots1.attention.head_count_kv"] == kv["dots1.attention.head_count"] == 4
+    assert kv["dots1.leading_dense_block_count"] == x["dense_lead"] == 1
+    assert kv["dots1.expert_gating_func"] == 2 and kv["dots1.expert_weights_norm"]
+    assert kv["dots1.expert_weights_scale"] == x["weights_scale"] == 2.5
+    assert kv["dots1.expert_shared_count"] == x["n_shared"] == 2
+    assert kv["dots1.expert_feed_forward_length"] == F_EXP
+    assert kv["dots1.rope.dimension_count"] == kv["dots1.attention.key_length"] == HD
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F) and "blk.0.ffn_gate_inp.weight" not in ts
+    assert _shape(ts["blk.0.attn_k.weight"]) == (D, 4 * HD)
+    assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
+    for i in (1, 2):
+        assert _shape(ts[f"blk.{i}.exp_probs_b.bias"]) == (E,)
+        assert _shape(ts[f"blk.{i}.ffn_up_shexp.weight"]) == (D, 2 * F_EXP)
+        assert f"blk.{i}.ffn_gate_inp_shexp.weight" not in ts  # ungated
+    _, kv, ts = _reader(tiny_gguf("hunyuan-moe", "F32"))
+    assert kv["hunyuan-moe.feed_forward_length"] == F_EXP  # the experts' width
+    assert kv["hunyuan-moe.expert_feed_forward_length"] == F_EXP
+    assert kv["hunyuan-moe.expert_shared_feed_forward_length"] == 2 * F_EXP
+    assert kv["hunyuan-moe.rope.scaling.type"] == "none"
+    assert kv["hunyuan-moe.attention.head_count_kv"] == 2
+    for i in range(L):
+        assert _shape(ts[f"blk.{i}.ffn_gate_exps.weight"]) == (D, F_EXP, E)
+        assert _shape(ts[f"blk.{i}.ffn_down_shexp.weight"]) == (2 * F_EXP, D)
+        assert _shape(ts[f"blk.{i}.attn_k_norm.weight"]) == (HD,)
+        assert f"blk.{i}.ffn_gate_inp_shexp.weight" not in ts
+        assert f"blk.{i}.exp_probs_b.bias" not in ts
+    with pytest.raises(ValueError, match="n_head_kv == n_head"):
+        make_tiny.resolve_config("dots1", n_head_kv=2)
+
+
+@pytest.mark.requires_llama_cpp
+def test_llama_cpp_cannot_load_dots1_with_fewer_kv_heads(tiny_gguf, tmp_path):
+    """llama.cpp 0.3.36 sizes dots1's attn_k / attn_v by head_count: a GQA file fails to
+    load (tests/test_gguf_file.py: efedge refuses it by name). When this fails, llama.cpp
+    has learnt GQA for dots1: drop ArchSpec.mha_only for it."""
+    from llama_ref import llama_logits
+
+    cfg = make_tiny.resolve_config("dots1")
+    cfg["n_head_kv"] = 2
+    path = tmp_path / "gqa.gguf"
+    make_tiny._write_float(path, cfg, "F32", 0, "gqa")
+    with pytest.raises(ValueError, match="Failed to load model"):
+        llama_logits(path, [1, 2, 3])
+
+
 @pytest.mark.requires_llama_cpp
 def test_llama_cpp_cannot_load_interleaved_ernie(tiny_gguf):
     """llama.cpp 0.3.36 gives every ernie4_5-moe layer past the dense lead expert

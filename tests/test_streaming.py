@@ -25,7 +25,7 @@ from efedge.gguf_file import GGUFFile
 # ernie4_5-moe-interleave: a MoE layer between two dense ones (Q4_K_M through llama.cpp's
 # quantizer, which reads the layout without loading it)
 MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "glm4moe", "ernie4_5-moe",
-             "ernie4_5-moe-interleave", "bailingmoe"]
+             "ernie4_5-moe-interleave", "bailingmoe", "dots1", "hunyuan-moe"]
 
 
 def _ids(n=24, seed=1, vocab=500):
