@@ -233,6 +233,17 @@ def test_inspect_names_the_low_bit_types(tiny_gguf):
     assert info["expert_bytes"] == info["layers"] * 3 * e * (d * f // 256) * 56
 
 
+def test_inspect_names_the_dots_hunyuan_quirks(tiny_gguf):
+    from efedge.cli.inspect import describe
+
+    f = describe(tiny_gguf("dots1", "F32"))["features"]
+    assert f["routing"] == "sigmoid" and f["selection_bias"] and f["expert_weights_norm"]
+    assert f["expert_weights_scale"] == 2.5 and "qk_norm" not in f
+    info = describe(tiny_gguf("hunyuan-moe", "F32"))
+    assert info["dense_layers"] == [] and info["features"]["routing"] == "softmax"
+    assert info["features"]["qk_norm"] == "per head, after rope"
+
+
 def _split(src, out_dir, max_tensors: int = 12) -> list:
     """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
     _rewrite(src, out_dir / "big.gguf", split_max_tensors=max_tensors)
