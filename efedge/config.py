@@ -266,6 +266,9 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         if code and code not in _GATING:
             raise UnsupportedModelError(f"metadata key {k + 'expert_gating_func'!r}: gating "
                                         f"function {code} is not supported")
+        if not code and not spec.default_gating:
+            raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_gating_func'!r} is "
+                                   f"0 (none): {spec.name} has no default gating function")
         out["gating"] = _GATING[code] if code else spec.default_gating
         out["expert_weights_norm"] = bool(gf.get(k + "expert_weights_norm", False))
         out["expert_weights_scale"] = _float(gf, k + "expert_weights_scale", 0.0)

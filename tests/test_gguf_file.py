@@ -188,6 +188,15 @@ def test_dots_hunyuan_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
         efedge.load(path)
 
 
+def test_dots1_without_a_gating_function_is_named(tiny_gguf, tmp_path):
+    """expert_gating_func 0 (none) is what a file without the key gives llama.cpp, which
+    then aborts building the graph: refused by name."""
+    path = _rewrite(tiny_gguf("dots1", "F32"), tmp_path / "g.gguf",
+                    set_key=("dots1.expert_gating_func", 0))
+    with pytest.raises(efedge.ModelFormatError, match="'dots1.expert_gating_func' is 0"):
+        efedge.load(path)
+
+
 def test_dots1_with_fewer_kv_heads_is_named(tiny_gguf, tmp_path):
     """llama.cpp sizes dots1's attn_k / attn_v by head_count: a file declaring fewer kv
     heads is one it cannot load (efedge could compute it, with no reference to hold it

@@ -67,7 +67,8 @@ class ArchSpec:
     # one it cannot load, refused by name
     mha_only: bool = False
     # routing="deepseek": the gating function when "{arch}.expert_gating_func" is absent
-    # or 0 (llama.cpp's per-arch default; glm4moe: "sigmoid")
+    # or 0 (llama.cpp's per-arch default; glm4moe: "sigmoid"; "": none, such a file is
+    # refused — dots1, whose graph llama.cpp aborts without one)
     default_gating: str = "softmax"
     # every MoE layer must carry the selection bias exp_probs_b.bias (glm4moe); False:
     # used when present (deepseek2)
