@@ -783,17 +783,17 @@ def test_hunyuan_qk_norm_after_rope_decides(tiny_gguf, monkeypatch):
     assert np.abs(step - ref[4]).max() / ref.std() > 0.1
 
 
-@pytest.mark.parametrize("key, value", [("rope.scaling.alpha", 1000.0),
-                                        ("expert_weights_scale", 2.0),
-                                        ("expert_feed_forward_length", 512)])
-def test_hunyuan_keys_llama_cpp_ignores(tiny_gguf, tmp_path, key, value):
+def test_hunyuan_keys_llama_cpp_ignores(tiny_gguf, tmp_path):
     """Keys a hunyuan-moe file may carry that llama.cpp 0.3.36 reads but does not apply to
     this arch: the NTK alpha (the converter already folded it into rope.freq_base; only
     hunyuan-dense / -vl rescale the base by it), a weights scale (its routing reads no
-    keys) and the experts' width key (it sizes them by feed_forward_length). Its logits
-    with the key are the plain file's, and efedge's are bit for bit its own."""
+    keys) and an experts' width key unlike the experts (it sizes them by
+    feed_forward_length). Its logits with the keys are the plain file's, and efedge's are
+    bit for bit its own."""
     src, path = tiny_gguf("hunyuan-moe", "F32"), tmp_path / "with.gguf"
-    _copy_with(src, path, {}, {f"hunyuan-moe.{key}": value})
+    _copy_with(src, path, {}, {"hunyuan-moe.rope.scaling.alpha": 1000.0,
+                               "hunyuan-moe.expert_weights_scale": 2.0,
+                               "hunyuan-moe.expert_feed_forward_length": 512})
     ids = _tokens(512)
     assert np.array_equal(llama_ref.llama_logits(path, ids), llama_ref.llama_logits(src, ids))
     with efedge.load(src) as m:
