@@ -63,6 +63,14 @@ class ModelConfig:
     # have their own base (rope.freq_base_swa) and scale: (base, scaling), None = the same
     rope_scaling: RopeScaling = RopeScaling()
     rope_swa: tuple[float, RopeScaling] | None = None
+    # llama4 (iRoPE): layers il with (il + 1) % nope_step == 0 have no rope and multiply
+    # their queries by attn_temperature(pos); swa_chunked: the swa layers attend only to
+    # their query's sliding_window-sized chunk; kq_norm: the rope layers take an unweighted
+    # per-head RMS norm of q and k
+    nope_step: int = 0
+    attn_temp: tuple[int, float, float] = (0, 0.0, 0.0)  # floor scale, scale, offset
+    swa_chunked: bool = False
+    kq_norm: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -78,6 +86,15 @@ class ModelConfig:
 
     def is_swa_layer(self, il: int) -> bool:
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
+
+    def is_nope_layer(self, il: int) -> bool:
+        return self.nope_step > 0 and (il + 1) % self.nope_step == 0
+
+    def chunk_start(self, il: int, pos: int) -> int:
+        """The first position a query at pos sees in layer il (0 but in chunked layers)."""
+        if self.swa_chunked and self.is_swa_layer(il):
+            return pos // self.sliding_window * self.sliding_window
+        return 0
 
     @property
     def attn_scale(self) -> float:
@@ -268,6 +285,10 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
+    elif spec.routing == "sigmoid":  # llama4: fixed by llama.cpp, no routing keys read
+        out["gating"] = "sigmoid"
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "softmax_bias":  # llama.cpp reads no arch routing keys for these
         out["expert_weights_norm"] = spec.norm_topk
         # … but expert groups, as for every arch (llama_model_base::load_hparams)
@@ -281,7 +302,36 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
+    if spec.irope:
+        out.update(_irope(gf, k, n_layer))
     return out
+
+
+# llama4's attention as llama.cpp fixes it (the file's window size is not read): chunks of
+# 8192 on 3 of every 4 layers, no rope on every 4th layer, whose queries are scaled by
+# log(floor((pos + 1) / 8192) + 1) · 0.1 + 1
+LLAMA4_CHUNK, LLAMA4_SWA_PATTERN, LLAMA4_NOPE_STEP = 8192, 4, 4
+LLAMA4_TEMP = (8192, 0.1, 1.0)  # floor scale, scale, position offset
+
+
+def _irope(gf: GGUFFile, k: str, n_layer: int) -> dict:
+    """llama4's chunked / NoPE layout and its kq-norm rule (llama_model_llama4)."""
+    for key in ("attention.sliding_window_pattern", "attention.temperature_scale",
+                "attention.temperature_length", "attention.rope_pattern"):
+        if gf.get(k + key) is not None:  # real files have none: llama.cpp's fixed values
+            raise UnsupportedModelError(f"metadata key {k + key!r}: not supported for "
+                                        f"{k[:-1]!r} (efedge runs llama.cpp's fixed layout)")
+    # llama.cpp names the 128-expert model (Maverick) by its expert count and gives it no
+    # kq norm; every other count has it
+    out: dict = {"kq_norm": _int(gf, k + "expert_count", 0) != 128}
+    if gf.get(k + "attention.sliding_window") is not None and \
+            _int(gf, k + "attention.sliding_window") == 0:
+        # no chunking; llama.cpp's no-rope step becomes n_layer (its last layer has no
+        # rope) and it has no temperature there
+        out.update(nope_step=n_layer)
+        return out
+    return dict(out, sliding_window=LLAMA4_CHUNK, swa_pattern=LLAMA4_SWA_PATTERN,
+                swa_chunked=True, nope_step=LLAMA4_NOPE_STEP, attn_temp=LLAMA4_TEMP)
 
 
 def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
