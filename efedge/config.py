@@ -246,7 +246,8 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
     arch = k[:-1]
     scaling = rope.scaling_from_gguf(gf, arch, n_ctx_train)
     out: dict = {"rope_scaling": scaling}
-    if spec.attention == "sinks":  # gpt-oss: the sliding-window layers' own base / scale
+    # gpt-oss, llama4: the sliding-window (chunked) layers' own base / scale
+    if spec.attention == "sinks" or spec.irope:
         base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
         swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
         if (base_swa, swa) != (base, scaling):
@@ -303,7 +304,7 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
     if spec.irope:
-        out.update(_irope(gf, k, n_layer))
+        out.update(_irope(gf, k))
     return out
 
 
@@ -314,7 +315,7 @@ LLAMA4_CHUNK, LLAMA4_SWA_PATTERN, LLAMA4_NOPE_STEP = 8192, 4, 4
 LLAMA4_TEMP = (8192, 0.1, 1.0)  # floor scale, scale, position offset
 
 
-def _irope(gf: GGUFFile, k: str, n_layer: int) -> dict:
+def _irope(gf: GGUFFile, k: str) -> dict:
     """llama4's chunked / NoPE layout and its kq-norm rule (llama_model_llama4)."""
     for key in ("attention.sliding_window_pattern", "attention.temperature_scale",
                 "attention.temperature_length", "attention.rope_pattern"):
@@ -323,15 +324,21 @@ def _irope(gf: GGUFFile, k: str, n_layer: int) -> dict:
                                         f"{k[:-1]!r} (efedge runs llama.cpp's fixed layout)")
     # llama.cpp names the 128-expert model (Maverick) by its expert count and gives it no
     # kq norm; every other count has it
-    out: dict = {"kq_norm": _int(gf, k + "expert_count", 0) != 128}
-    if gf.get(k + "attention.sliding_window") is not None and \
-            _int(gf, k + "attention.sliding_window") == 0:
-        # no chunking; llama.cpp's no-rope step becomes n_layer (its last layer has no
-        # rope) and it has no temperature there
-        out.update(nope_step=n_layer)
-        return out
-    return dict(out, sliding_window=LLAMA4_CHUNK, swa_pattern=LLAMA4_SWA_PATTERN,
-                swa_chunked=True, nope_step=LLAMA4_NOPE_STEP, attn_temp=LLAMA4_TEMP)
+    window = gf.get(k + "attention.sliding_window")
+    if window is not None and _int(gf, k + "attention.sliding_window") == 0:
+        # llama.cpp 0.3.36 turns chunking off, makes the last layer a NoPE layer without
+        # a temperature, then aborts in its first batch (GGML_ASSERT(f_attn_temp_scale !=
+        # 0)): there is no reference to match
+        raise UnsupportedModelError(f"metadata key {k + 'attention.sliding_window'!r} = 0 "
+                                    f"(no chunked attention) is not supported for "
+                                    f"{k[:-1]!r}: llama.cpp cannot run such files either")
+    head, rot = gf.get(k + "attention.key_length"), gf.get(k + "rope.dimension_count")
+    if rot is not None and head is not None and rot != head:  # llama.cpp asserts it
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'rope.dimension_count'!r} "
+                               f"({rot}) must equal the head size ({head}) for {k[:-1]!r}")
+    return {"kq_norm": _int(gf, k + "expert_count", 0) != 128,
+            "sliding_window": LLAMA4_CHUNK, "swa_pattern": LLAMA4_SWA_PATTERN,
+            "swa_chunked": True, "nope_step": LLAMA4_NOPE_STEP, "attn_temp": LLAMA4_TEMP}
 
 
 def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
