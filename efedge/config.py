@@ -317,9 +317,11 @@ LLAMA4_TEMP = (8192, 0.1, 1.0)  # floor scale, scale, position offset
 
 def _irope(gf: GGUFFile, k: str) -> dict:
     """llama4's chunked / NoPE layout and its kq-norm rule (llama_model_llama4)."""
-    for key in ("attention.sliding_window_pattern", "attention.temperature_scale",
-                "attention.temperature_length", "attention.rope_pattern"):
-        if gf.get(k + key) is not None:  # real files have none: llama.cpp's fixed values
+    # llama.cpp 0.3.36 reads a swa pattern of the file's own for llama4 (real files have
+    # none; not run here), and ignores attention.temperature_scale / _length (checked
+    # past 8192 positions): so does efedge
+    for key in ("attention.sliding_window_pattern", "attention.rope_pattern"):
+        if gf.get(k + key) is not None:
             raise UnsupportedModelError(f"metadata key {k + key!r}: not supported for "
                                         f"{k[:-1]!r} (efedge runs llama.cpp's fixed layout)")
     # llama.cpp names the 128-expert model (Maverick) by its expert count and gives it no

@@ -288,6 +288,9 @@ def ernie_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
         w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
 
 
+LLAMA4_ROUTER_GAIN = 1.0
+
+
 def llama4_moe_layer(i: int, a: dict) -> bool:
     """llama.cpp's rule (llama_model_llama4): experts every interleave step-th layer."""
     return (i + 1) % a["step"] == 0
@@ -312,9 +315,11 @@ def llama4_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
                     T(b + "ffn_up.weight", (d, cfg["n_ff"]), "proj"),
                     T(b + "ffn_down.weight", (cfg["n_ff"], d), "proj")]
             continue
-        # gate / up pre-activations of std ≈ 2 on the unweighted input: silu bends, so
-        # weighting the input and weighting the output differ
-        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+        # router logits of std 1 (sigmoid weights ≈ 0.6-0.9, not ≈ 1) and gate / up
+        # pre-activations of std ≈ 2: silu bends, so weighting the input and weighting the
+        # output differ
+        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=LLAMA4_ROUTER_GAIN,
+                  keep_f32=True),
                 T(b + "ffn_gate_exps.weight", (d, f, e), "proj", scale=2.0),
                 T(b + "ffn_up_exps.weight", (d, f, e), "proj", scale=2.0),
                 T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
