@@ -19,6 +19,7 @@ import dataclasses
 import llama_ref  # tests/ is on sys.path under pytest; it imports llama_cpp lazily
 import numpy as np
 import pytest
+from test_gguf_file import _rewrite
 
 import efedge
 from efedge import layers
@@ -184,6 +185,17 @@ def test_streamed_quantized_matches_llama_cpp(tiny_gguf, arch, monkeypatch):
 
 
 @pytest.mark.requires_llama_cpp
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_any_budget_gives_bitwise_identical_logits(tiny_gguf, arch):
+    """test_streaming's check (the smallest budget on demand, 30% lfu, 100% lru: the
+    resident logits and greedy text) on the llama4 files."""
+    from test_streaming import test_any_budget_gives_bitwise_identical_logits as check
+
+    check(tiny_gguf, arch)
+
+
+@pytest.mark.requires_llama_cpp
 def test_rope_base_of_chunked_layers_matches_llama_cpp(tiny_gguf):
     """rope.freq_base_swa: llama.cpp rotates the chunked layers with it."""
     from test_parity import _assert_float_match
@@ -243,36 +255,12 @@ def test_past_one_chunk_matches_llama_cpp(tmp_path):
 
 
 # -- refusals ------------------------------------------------------------------------------
-def _rewrite(src, dst, drop: str | None = None, add: dict | None = None) -> None:
-    """Copy a GGUF file without the metadata key ``drop`` and with ``add`` (uint32)."""
-    import gguf
-
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, r.get_field("general.architecture").contents())
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", drop):
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_array(key, field.contents())
-        else:
-            w.add_key_value(key, field.contents(), field.types[0])
-    for key, val in (add or {}).items():
-        w.add_uint32(key, val)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("key", ["llama4.expert_feed_forward_length",
                                  "llama4.interleave_moe_layer_step",
                                  "llama4.attention.layer_norm_rms_epsilon"])
 def test_missing_required_key_is_refused_by_name(tiny_gguf, tmp_path, key):
     path = tmp_path / "missing.gguf"
-    _rewrite(tiny_gguf("llama4", "F32"), path, drop=key)
+    _rewrite(tiny_gguf("llama4", "F32"), path, drop_key=key)
     with pytest.raises(ModelFormatError, match=key.replace(".", r"\.")):
         efedge.load(path)
 
@@ -283,7 +271,7 @@ def test_unmatched_layouts_are_refused(tiny_gguf, tmp_path, key):
     """sliding_window 0 (llama.cpp 0.3.36 aborts on it) and a swa pattern of the file's
     own are refused by name."""
     path = tmp_path / "layout.gguf"
-    _rewrite(tiny_gguf("llama4", "F32"), path, add={key: 0 if key.endswith("window") else 2})
+    _rewrite(tiny_gguf("llama4", "F32"), path, set_key=(key, 0 if key.endswith("window") else 2))
     with pytest.raises(UnsupportedModelError, match=key.replace(".", r"\.")):
         efedge.load(path)
 
@@ -292,7 +280,8 @@ def test_temperature_keys_are_ignored_as_llama_cpp_does(tiny_gguf, tmp_path):
     """llama.cpp 0.3.36 keeps its fixed temperature for llama4 whatever
     attention.temperature_length says (its logits past 8192 positions do not move)."""
     path = tmp_path / "temp.gguf"
-    _rewrite(tiny_gguf("llama4", "F32"), path, add={"llama4.attention.temperature_length": 4})
+    _rewrite(tiny_gguf("llama4", "F32"), path,
+             set_key=("llama4.attention.temperature_length", 4))
     with efedge.load(path) as m:
         assert m.config.attn_temp == LLAMA4_TEMP
 
