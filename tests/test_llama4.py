@@ -164,17 +164,11 @@ def test_streamed_quantized_matches_llama_cpp(tiny_gguf, arch, monkeypatch):
     ones, greedy tokens the resident ones, and llama.cpp's logits (up to near-tied
     routing, _assert_quantized_match_but_ties); the dense layers of the Maverick file are
     never cache traffic."""
-    from test_parity import _greedy_ids
+    from test_parity import resident_and_streamed
 
     path = tiny_gguf(arch, "Q4_K_M")
-    ids = _tokens(32)
-    with efedge.load(path) as m:
-        resident = m.logits(ids)
-        greedy = _greedy_ids(m, ids[:8], 16)
-    with efedge.load(path, cache="50%") as m:
-        streamed = m.logits(ids)
-        greedy_streamed = _greedy_ids(m, ids[:8], 16)
-        s, store = m.stats(), m._tf.store
+    (resident, greedy), (streamed, greedy_streamed), s, store = resident_and_streamed(
+        path, _tokens(32), 16)
     assert np.array_equal(streamed, resident)
     assert greedy_streamed == greedy
     assert s["misses"] > 0 and s["bytes_loaded"] > 0
