@@ -105,6 +105,20 @@ def test_nope_layer_temperature_starts_at_its_floor(tiny_gguf):
     assert np.abs(steps - hot[2:20]).max() <= 1e-2 * hot.std()
 
 
+def test_batches_split_anywhere_give_the_whole_prompts_logits(tiny_gguf, monkeypatch):
+    """test_batch_invariance's splits with chunks of 8 and the temperature floor at 8:
+    batches that cross chunk and temperature boundaries give the whole prompt's logits
+    bit for bit."""
+    from test_batch_invariance import _check_splits
+
+    import efedge.api
+
+    real = efedge.api.config_from_gguf
+    monkeypatch.setattr(efedge.api, "config_from_gguf", lambda gf: dataclasses.replace(
+        real(gf), sliding_window=8, attn_temp=(8, 0.5, 1.0)))
+    _check_splits(tiny_gguf("llama4", "F32"))
+
+
 # -- llama.cpp parity ----------------------------------------------------------------------
 @pytest.mark.requires_llama_cpp
 @pytest.mark.parametrize("arch", ARCHS)
