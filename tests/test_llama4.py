@@ -217,11 +217,15 @@ def test_rope_base_of_chunked_layers_matches_llama_cpp(tiny_gguf):
 @pytest.mark.parametrize("n_expert, kq_norm", [(16, True), (128, False), (8, True)])
 def test_kq_norm_follows_llama_cpp_expert_count_rule(tiny_gguf, n_expert, kq_norm):
     """llama.cpp names the model by its expert count: 128 (Maverick) has no kq norm, every
-    other count has it (its parity: the two files above)."""
+    other count has it (its parity: the two files above). efedge inspect shows it."""
+    from efedge.cli.inspect import describe
+
     path = tiny_gguf("llama4", "F32", n_expert=n_expert, n_layer=1)
     with efedge.load(path) as m:
         assert m.config.kq_norm is kq_norm
         assert (m._tf.blocks[0].qk_norm == "head") is kq_norm
+    feats = describe(path)["features"]
+    assert feats["kq_norm"] is kq_norm and feats["attention_chunk"] == 8192
 
 
 @pytest.mark.requires_llama_cpp
