@@ -90,12 +90,6 @@ class ModelConfig:
     def is_nope_layer(self, il: int) -> bool:
         return self.nope_step > 0 and (il + 1) % self.nope_step == 0
 
-    def chunk_start(self, il: int, pos: int) -> int:
-        """The first position a query at pos sees in layer il (0 but in chunked layers)."""
-        if self.swa_chunked and self.is_swa_layer(il):
-            return pos // self.sliding_window * self.sliding_window
-        return 0
-
     @property
     def attn_scale(self) -> float:
         return self.kq_scale or 1.0 / math.sqrt(self.head_dim)
@@ -324,8 +318,6 @@ def _irope(gf: GGUFFile, k: str) -> dict:
         if gf.get(k + key) is not None:
             raise UnsupportedModelError(f"metadata key {k + key!r}: not supported for "
                                         f"{k[:-1]!r} (efedge runs llama.cpp's fixed layout)")
-    # llama.cpp names the 128-expert model (Maverick) by its expert count and gives it no
-    # kq norm; every other count has it
     window = gf.get(k + "attention.sliding_window")
     if window is not None and _int(gf, k + "attention.sliding_window") == 0:
         # llama.cpp 0.3.36 turns chunking off, makes the last layer a NoPE layer without
@@ -338,6 +330,8 @@ def _irope(gf: GGUFFile, k: str) -> dict:
     if rot is not None and head is not None and rot != head:  # llama.cpp asserts it
         raise ModelFormatError(f"{gf.path}: metadata key {k + 'rope.dimension_count'!r} "
                                f"({rot}) must equal the head size ({head}) for {k[:-1]!r}")
+    # llama.cpp names the 128-expert model (Maverick) by its expert count and gives it no
+    # kq norm; every other count has it
     return {"kq_norm": _int(gf, k + "expert_count", 0) != 128,
             "sliding_window": LLAMA4_CHUNK, "swa_pattern": LLAMA4_SWA_PATTERN,
             "swa_chunked": True, "nope_step": LLAMA4_NOPE_STEP, "attn_temp": LLAMA4_TEMP}

@@ -4,10 +4,11 @@ llama.cpp's iRoPE layout — every ``no_rope_layer_step``-th layer (4, fixed by 
 has no rope and multiplies its queries by a temperature growing with the position, the
 layers of the swa pattern (3 of every 4) attend only within their 8192-token chunk, and
 the rope layers take an unweighted per-head RMS norm of q and k unless the model has 128
-experts (llama.cpp's rule for Maverick). ``attention.sliding_window`` 0 turns chunking
-off. Experts every ``interleave_moe_layer_step``-th layer (Scout 1, Maverick 2), the others
-a dense FFN; sigmoid routing without renormalisation, the routing weight applied to the
-expert's input, and an ungated shared expert of the experts' width."""
+experts (llama.cpp's rule for Maverick); the file's window size is not read, and a window
+of 0 (no chunks) is refused: llama.cpp aborts on it. Experts every
+``interleave_moe_layer_step``-th layer (Scout 1, Maverick 2), the others a dense FFN;
+sigmoid routing without renormalisation, the routing weight applied to the expert's
+input, and an ungated shared expert of the experts' width."""
 
 from efedge.archs import ArchSpec
 
