@@ -64,12 +64,14 @@ def _small_layout(m, **kw):
     return m
 
 
-def test_chunked_layers_see_only_their_chunk(tiny_gguf):
+@pytest.mark.parametrize("kw", [{}, {"head_dim": 16}], ids=["kernel", "numpy"])
+def test_chunked_layers_see_only_their_chunk(tiny_gguf, kw):
     """Every layer chunked (chunks of 8, no NoPE layer): a position's logits depend on its
     own chunk only, whatever came before it — through the batched path (runs cut at the
-    chunk boundaries) and one token at a time (the decode kernel given the cache from the
-    chunk start); with chunking off the earlier chunks change them."""
-    path = tiny_gguf("llama4", "F32")
+    chunk boundaries; value heads of 16 take the numpy attention) and one token at a time
+    (the decode kernel given the cache from the chunk start); with chunking off the
+    earlier chunks change them."""
+    path = tiny_gguf("llama4", "F32", **kw)
     a, b = _tokens(24, seed=1), _tokens(24, seed=2)
     b[16:] = a[16:]  # the third chunk holds the same tokens
     with efedge.load(path) as m:
