@@ -63,6 +63,14 @@ class ModelConfig:
     # have their own base (rope.freq_base_swa) and scale: (base, scaling), None = the same
     rope_scaling: RopeScaling = RopeScaling()
     rope_swa: tuple[float, RopeScaling] | None = None
+    # llama4 (iRoPE): layers il with (il + 1) % nope_step == 0 have no rope and multiply
+    # their queries by attn_temperature(pos); swa_chunked: the swa layers attend only to
+    # their query's sliding_window-sized chunk; kq_norm: the rope layers take an unweighted
+    # per-head RMS norm of q and k
+    nope_step: int = 0
+    attn_temp: tuple[int, float, float] = (0, 0.0, 0.0)  # floor scale, scale, offset
+    swa_chunked: bool = False
+    kq_norm: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -78,6 +86,9 @@ class ModelConfig:
 
     def is_swa_layer(self, il: int) -> bool:
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
+
+    def is_nope_layer(self, il: int) -> bool:
+        return self.nope_step > 0 and (il + 1) % self.nope_step == 0
 
     @property
     def attn_scale(self) -> float:
@@ -234,7 +245,8 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
     arch = k[:-1]
     scaling = rope.scaling_from_gguf(gf, arch, n_ctx_train)
     out: dict = {"rope_scaling": scaling}
-    if spec.attention == "sinks":  # gpt-oss: the sliding-window layers' own base / scale
+    # gpt-oss, llama4: the sliding-window (chunked) layers' own base / scale
+    if spec.attention == "sinks" or spec.irope:
         base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
         swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
         if (base_swa, swa) != (base, scaling):
@@ -276,6 +288,10 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "topk_softmax":
         out["gating"] = "softmax_weight"
+    elif spec.routing == "sigmoid":  # llama4: fixed by llama.cpp, no routing keys read
+        out["gating"] = "sigmoid"
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     elif spec.routing == "softmax_bias":  # llama.cpp reads no arch routing keys for these
         out["expert_weights_norm"] = spec.norm_topk
         # … but expert groups, as for every arch (llama_model_base::load_hparams)
@@ -289,7 +305,44 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
+    if spec.irope:
+        out.update(_irope(gf, k))
     return out
+
+
+# llama4's attention as llama.cpp fixes it (the file's window size is not read): chunks of
+# 8192 on 3 of every 4 layers, no rope on every 4th layer, whose queries are scaled by
+# log(floor((pos + 1) / 8192) + 1) · 0.1 + 1
+LLAMA4_CHUNK, LLAMA4_SWA_PATTERN, LLAMA4_NOPE_STEP = 8192, 4, 4
+LLAMA4_TEMP = (8192, 0.1, 1.0)  # floor scale, scale, position offset
+
+
+def _irope(gf: GGUFFile, k: str) -> dict:
+    """llama4's chunked / NoPE layout and its kq-norm rule (llama_model_llama4)."""
+    # llama.cpp 0.3.36 reads a swa pattern of the file's own for llama4 (real files have
+    # none; not run here), and ignores attention.temperature_scale / _length (checked
+    # past 8192 positions): so does efedge
+    for key in ("attention.sliding_window_pattern", "attention.rope_pattern"):
+        if gf.get(k + key) is not None:
+            raise UnsupportedModelError(f"metadata key {k + key!r}: not supported for "
+                                        f"{k[:-1]!r} (efedge runs llama.cpp's fixed layout)")
+    window = gf.get(k + "attention.sliding_window")
+    if window is not None and _int(gf, k + "attention.sliding_window") == 0:
+        # llama.cpp 0.3.36 turns chunking off, makes the last layer a NoPE layer without
+        # a temperature, then aborts in its first batch (GGML_ASSERT(f_attn_temp_scale !=
+        # 0)): there is no reference to match
+        raise UnsupportedModelError(f"metadata key {k + 'attention.sliding_window'!r} = 0 "
+                                    f"(no chunked attention) is not supported for "
+                                    f"{k[:-1]!r}: llama.cpp cannot run such files either")
+    head, rot = gf.get(k + "attention.key_length"), gf.get(k + "rope.dimension_count")
+    if rot is not None and head is not None and rot != head:  # llama.cpp asserts it
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'rope.dimension_count'!r} "
+                               f"({rot}) must equal the head size ({head}) for {k[:-1]!r}")
+    # llama.cpp names the 128-expert model (Maverick) by its expert count and gives it no
+    # kq norm; every other count has it
+    return {"kq_norm": _int(gf, k + "expert_count", 0) != 128,
+            "sliding_window": LLAMA4_CHUNK, "swa_pattern": LLAMA4_SWA_PATTERN,
+            "swa_chunked": True, "nope_step": LLAMA4_NOPE_STEP, "attn_temp": LLAMA4_TEMP}
 
 
 def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:

@@ -149,14 +149,22 @@ def _fused_experts(f: _FFN, x: np.ndarray, ids: np.ndarray, w: np.ndarray,
 
 
 def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, experts,
-                  slots: np.ndarray) -> bool:
+                  slots: np.ndarray, before: bool = False) -> bool:
     """All routed experts of a prefill layer in one call when they are resident (counted
-    as ResidentExperts.acquire counts them); False where the expert loop must run."""
+    as ResidentExperts.acquire counts them); False where the expert loop must run.
+    before (llama4): the weights scale each expert's input instead of its output, so
+    every (token, slot) is a row of its own with weight 1."""
     if not isinstance(experts, ResidentExperts) or not _fused_ok(blk.experts):
         return False
     n = len(np.unique(ids))
     experts.counters.expert_requests += n
     experts.counters.hits += n
+    if before:
+        t, k = ids.shape
+        x = (h[:, None, :] * w[:, :, None]).reshape(t * k, -1)
+        _fused_experts(blk.experts, x, ids.reshape(t * k, 1), np.ones((t * k, 1), np.float32),
+                       slots.reshape(t * k, 1, -1), blk.exp_bias)
+        return True
     _fused_experts(blk.experts, h, ids, w, slots, blk.exp_bias)
     return True
 

@@ -69,6 +69,33 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int,
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(t, h * dv), dtype=np.float32)
 
 
+def attn_temperature(positions: np.ndarray, temp: tuple[int, float, float]) -> np.ndarray:
+    """llama4's query scale on its NoPE layers (llm_graph_input_attn_temp), float32 per
+    position: log(floor((pos + offset) / floor_scale) + 1) · scale + 1; 1 below the first
+    floor_scale positions. temp = (floor_scale, scale, offset); floor_scale 0: none."""
+    floor_scale, scale, offset = temp
+    pos = np.asarray(positions, np.float32)
+    if not floor_scale:
+        return np.ones(pos.shape, np.float32)
+    steps = np.floor((pos + np.float32(offset)) / np.float32(floor_scale)).astype(np.float64)
+    return (np.log(steps + 1.0) * np.float32(scale) + 1.0).astype(np.float32)
+
+
+def attention_runs(pos: int, t: int, chunk: int, temp: tuple[int, float, float],
+                   nope: bool) -> list[tuple[int, int, int, float]]:
+    """The queries at positions pos..pos+t of a layer as runs (first row, end row, first
+    key, temperature) that attend alike. chunk > 0 (llama4's chunked layers, llama.cpp's
+    LLAMA_SWA_TYPE_CHUNKED): a query at p sees only keys p // chunk · chunk .. p; nope
+    (llama4's NoPE layers): its scores are scaled by attn_temperature(p, temp)."""
+    p = np.arange(pos, pos + t)
+    first = p // chunk * chunk if chunk else np.zeros(t, np.int64)
+    scale = attn_temperature(p, temp) if nope else np.ones(t, np.float32)
+    cut = np.flatnonzero((first[1:] != first[:-1]) | (scale[1:] != scale[:-1])) + 1
+    bounds = [0, *cut.tolist(), t]
+    return [(a, b, int(first[a]), float(scale[a]))
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 

@@ -132,6 +132,11 @@ class Block:
         if self.qk_norm != "none":
             self.q_norm = _vector(gf, b + "attn_q_norm.weight")
             self.k_norm = _vector(gf, b + "attn_k_norm.weight")
+        if cfg.kq_norm and not cfg.is_nope_layer(il):
+            # llama4's rope layers: an unweighted RMS norm of each q / k head after rope;
+            # rope rotates every pair of the head, so normed before rope it is the same
+            self.qk_norm = "head"
+            self.q_norm = self.k_norm = np.ones(cfg.head_dim, np.float32)
 
     def _moe_ffn(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
         spec = cfg.spec
@@ -260,6 +265,9 @@ class Transformer:
         folded in), from a table grown in powers of two (the same values as
         layers.rope_tables)."""
         c = self.cfg
+        if c.is_nope_layer(il):  # llama4's NoPE layers: the identity rotation
+            z = np.zeros((t, c.rope_dim // 2), np.float32)
+            return z + np.float32(1.0), z
         swa = c.rope_swa is not None and c.is_swa_layer(il)
         tab = self._rope.get(swa)
         if tab is None or tab[0].shape[0] < pos + t:
@@ -278,20 +286,35 @@ class Transformer:
         q, k, v = blk.attn_q(h, acts), blk.attn_k(h, acts), blk.attn_v(h, acts)
         if blk.bias is not None:
             q, k, v = q + blk.bias[0], k + blk.bias[1], v + blk.bias[2]
-        cos, sin = self._rope_rows(pos, t)
+        cos, sin = self._rope_rows(pos, t, il)
         _, _, eps, *_, qn, kn, qk_mode = blk.decode_args
         qh = np.empty((t, c.n_head, c.head_dim), np.float32)
         kc, vc = kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il]
         pk.prefill_qk(q, k, v, qn, kn, qk_mode, eps, cos, sin, c.spec.rope_style == "neox",
                       c.n_head, c.n_head_kv, c.head_dim, c.v_head_dim, kc, vc, pos, qh)
+        runs = self._attention_runs(il, pos, t)
         if c.v_head_dim % 32 == 0:
             att = np.empty((t, c.n_head * c.v_head_dim), np.float32)
-            kernels.dynamic(pk.prefill_attend, qh, kc, vc, pos, c.n_head_kv, c.v_head_dim,
-                            np.float32(c.attn_scale), att)
+            for a, b, k0, temp in runs:  # (one run but in llama4's chunked / NoPE layers)
+                kernels.dynamic(pk.prefill_attend, qh[a:b], kc[k0:], vc[k0:], pos + a - k0,
+                                c.n_head_kv, c.v_head_dim, np.float32(c.attn_scale * temp),
+                                att[a:b])
         else:  # value heads the vector kernels do not cover: the numpy reference
             keys, values = kv.view(il, pos + t)
-            att = layers.attention(qh, keys, values, pos, scale=c.attn_scale)
+            att = np.concatenate([
+                layers.attention(qh[a:b], keys[k0:pos + b], values[k0:pos + b], pos + a - k0,
+                                 scale=c.attn_scale * temp) for a, b, k0, temp in runs])
         return blk.attn_output(att)
+
+    def _attention_runs(self, il: int, pos: int, t: int) -> list[tuple[int, int, int, float]]:
+        """Runs of queries (rows a..b, first key, score temperature) of layer il: one
+        run of all t from key 0 but in llama4's chunked and NoPE layers. The temperature
+        multiplies the score scale, as scaling the query does (llama.cpp)."""
+        c = self.cfg
+        if not c.spec.irope:
+            return [(0, t, 0, 1.0)]
+        chunk = c.sliding_window if c.swa_chunked and c.is_swa_layer(il) else 0
+        return layers.attention_runs(pos, t, chunk, c.attn_temp, c.is_nope_layer(il))
 
     def _moe(self, blk: Block, il: int, h: np.ndarray, experts) -> np.ndarray:
         # T tokens, E experts, K active, D width
@@ -304,11 +327,16 @@ class Transformer:
         if self.on_route is not None:  # the experts this layer will really use
             self.on_route(il, h, ids)
         slots = np.zeros((t, c.n_expert_used, c.n_embd), dtype=np.float32)  # [T, K, D]
-        if not _resident_moe(blk, h, ids, w, experts, slots):
+        before = c.spec.weight_before_ffn  # llama4: the weight scales the expert's input
+        if not _resident_moe(blk, h, ids, w, experts, slots, before):
             for e, ew in experts.acquire(il, np.unique(ids)):
                 tok, kk = np.nonzero(ids == e)
-                slots[tok, kk] = (_expert(blk, e, np.ascontiguousarray(h[tok]), ew)
-                                  * w[tok, kk, None])
+                if before:
+                    xe = np.ascontiguousarray(h[tok] * w[tok, kk, None])
+                    slots[tok, kk] = _expert(blk, e, xe, ew)
+                else:
+                    slots[tok, kk] = (_expert(blk, e, np.ascontiguousarray(h[tok]), ew)
+                                      * w[tok, kk, None])
         out = slots[:, 0].copy()
         for kk in range(1, c.n_expert_used):  # fixed summation order → bitwise stable
             out += slots[:, kk]
@@ -366,6 +394,10 @@ class Transformer:
         for il, blk in enumerate(self.blocks):
             if blk.custom_attn is not None:  # gpt-oss's sinks, deepseek2's MLA: routes too
                 blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
+            elif c.spec.irope:  # llama4: the layer's rope, chunk and temperature
+                g, k0 = self._irope_geom(il, pos, geom)
+                dk.decode_attn(x, *blk.decode_args, *g, kc_all[il][k0:], vc_all[il][k0:],
+                               pos - k0, k_used, c.spec.norm_topk, x2, h, ids, w, nt)
             else:
                 dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
                                k_used, c.spec.norm_topk, x2, h, ids, w, nt)
@@ -389,7 +421,11 @@ class Transformer:
                 self.on_route(il, h[None], ids[None])
             n = k_used
             f = blk.experts  # quant types and schemes: the same for every expert
-            if blk.exp_bias is not None:  # gpt-oss
+            if c.spec.weight_before_ffn:  # llama4: each expert on its own weighted input
+                for kk in range(k_used):
+                    experts_token(experts, il, h * w[kk], ids[kk:kk + 1], _ONE_W, f,
+                                  y[kk:kk + 1], nt)
+            elif blk.exp_bias is not None:  # gpt-oss
                 experts_token(experts, il, h, ids, w, f, y, nt, blk.exp_bias)
             elif resident:  # all K in one call
                 counters.expert_requests += k_used
@@ -413,6 +449,15 @@ class Transformer:
             _ffn_sum(x2, y, n, rs, x)
         kv.n_past = pos + 1
         return self._logits(x[None])
+
+    def _irope_geom(self, il: int, pos: int, geom: tuple) -> tuple[tuple, int]:
+        """decode_attn's geometry for llama4's layer il at pos, and the first key the
+        query sees (the kernel is given the cache from there, positions counted from it:
+        rope comes from the cos / sin rows, not from the position)."""
+        ((_, _, k0, temp),) = self._attention_runs(il, pos, 1)
+        cos, sin = self._rope_rows(pos, 1, il)
+        c = self.cfg
+        return (cos[0], sin[0], *geom[2:7], np.float32(c.attn_scale * temp), geom[8]), k0
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, tokens, pos: int, kv: KVCache, experts=None,

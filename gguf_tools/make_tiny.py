@@ -89,6 +89,18 @@ ARCHS["dots1"] = dict(gguf_arch="dots1", moe=True, bias=False, qk_norm="head", s
                       shared_gate=False, plan="dots1", mha=True)
 ARCHS["hunyuan-moe"] = dict(gguf_arch="hunyuan-moe", moe=True, bias=False, qk_norm="head",
                             shared=True, shared_gate=False, plan="hunyuan")
+# llama4 as Scout (16 experts, so llama.cpp gives it kq norm; experts in every layer, one
+# used, rope_freqs) and -maverick as Maverick (128 experts, so no kq norm; experts every
+# other layer; two used here, so that each expert's own weighted input is exercised).
+# Both have 4 layers: 3 chunked rope layers and a NoPE one. "defaults" override the preset.
+ARCHS["llama4"] = dict(gguf_arch="llama4", moe=True, bias=False, qk_norm=None, shared=True,
+                       plan="llama4", step=1, window=None,
+                       defaults=dict(n_layer=4, n_expert=16, n_expert_used=1,
+                                     rope_scaling="llama3"))
+ARCHS["llama4-maverick"] = dict(gguf_arch="llama4", moe=True, bias=False, qk_norm=None,
+                                shared=True, plan="llama4", step=2, window=None,
+                                defaults=dict(n_layer=4, n_expert=128, n_expert_used=2,
+                                              n_ff_exp=64))
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
@@ -153,14 +165,16 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
     a = ARCHS[arch]
+    cfg.update(a.get("defaults", {}))  # the arch's own sizes (llama4's layers and experts)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["rope_scaling"] not in (None, *ROPE_SCALINGS):
         raise ValueError(f"unknown rope_scaling {cfg['rope_scaling']!r}; known: "
                          f"{', '.join(ROPE_SCALINGS)}")
-    if cfg["rope_scaling"] == "llama3" and a["gguf_arch"] not in ("llama", "granitemoe"):
+    if cfg["rope_scaling"] == "llama3" and a["gguf_arch"] not in ("llama", "granitemoe",
+                                                                  "llama4"):
         raise ValueError("rope_scaling 'llama3' (rope_freqs.weight) is read by llama.cpp "
-                         "for llama and granitemoe only")
+                         "for llama, granitemoe and llama4 only")
     if cfg["head_dim"] is None:
         cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
     if cfg["norm_eps"] is None:
@@ -394,8 +408,9 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
-    ernie4_5-moe*). ``quant``: F32 and F16 are written directly, anything else (Q8_0,
-    Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
+    ernie4_5-moe*, llama4, llama4-maverick). ``quant``: F32 and F16 are written directly,
+    anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source
+    (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
     n_head_kv, head_dim, n_ff_exp, n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base,
     norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see

@@ -237,24 +237,48 @@ def ernie_moe_layer(i: int, a: dict) -> bool:
     return i >= x["dense_lead"] and (i + 1) % x["step"] == 0
 
 
+def _llama_block(cfg: dict, b: str, moe: bool) -> list[TensorSpec]:
+    """A Llama-layout block's attention and norms, and its dense FFN unless moe (the
+    layers of ernie4_5-moe and llama4)."""
+    T, d, hd = TensorSpec, cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    out = [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+           T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+           T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+           T(b + "attn_v.weight", (d, kv_out), "proj"),
+           T(b + "attn_output.weight", (q_out, d), "proj"),
+           T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+    if not moe:
+        f = cfg["n_ff"]
+        out += [T(b + "ffn_gate.weight", (d, f), "proj"),
+                T(b + "ffn_up.weight", (d, f), "proj"),
+                T(b + "ffn_down.weight", (f, d), "proj")]
+    return out
+
+
+def _interleaved_metadata(w: gguf.GGUFWriter, cfg: dict, step: int) -> None:
+    """Heads, widths, experts and the interleave step (ernie4_5-moe, llama4)."""
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_rope_dimension_count(cfg["head_dim"])  # llama.cpp asserts n_rot == head size
+    if cfg["head_dim"] != cfg["n_embd"] // cfg["n_head"]:
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    w.add_feed_forward_length(cfg["n_ff"])  # the dense layers
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_interleave_moe_layer_step(step)
+
+
 def ernie_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
     T, x = TensorSpec, ERNIE_DIMS[a["variant"]]
-    d, hd = cfg["n_embd"], cfg["head_dim"]
-    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    d = cfg["n_embd"]
     out = [T("token_embd.weight", (d, n_vocab), "embd")]
     for i in range(cfg["n_layer"]):
         b = f"blk.{i}."
-        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
-                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
-                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
-                T(b + "attn_v.weight", (d, kv_out), "proj"),
-                T(b + "attn_output.weight", (q_out, d), "proj"),
-                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+        out += _llama_block(cfg, b, ernie_moe_layer(i, a))
         if not ernie_moe_layer(i, a):
-            f = cfg["n_ff"]
-            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
-                    T(b + "ffn_up.weight", (d, f), "proj"),
-                    T(b + "ffn_down.weight", (f, d), "proj")]
             continue
         e, f = cfg["n_expert"], cfg["n_ff_exp"]
         out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
@@ -273,17 +297,7 @@ def ernie_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
 
 def ernie_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     x = ERNIE_DIMS[a["variant"]]
-    w.add_head_count(cfg["n_head"])
-    w.add_head_count_kv(cfg["n_head_kv"])
-    w.add_rope_dimension_count(cfg["head_dim"])  # llama.cpp asserts n_rot == head size
-    if cfg["head_dim"] != cfg["n_embd"] // cfg["n_head"]:
-        w.add_key_length(cfg["head_dim"])
-        w.add_value_length(cfg["head_dim"])
-    w.add_feed_forward_length(cfg["n_ff"])  # the dense layers
-    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
-    w.add_expert_count(cfg["n_expert"])
-    w.add_expert_used_count(cfg["n_expert_used"])
-    w.add_interleave_moe_layer_step(x["step"])
+    _interleaved_metadata(w, cfg, x["step"])
     w.add_leading_dense_block_count(x["dense_lead"])
     if a["shared"]:  # as the converter writes them: a count and the width
         w.add_expert_shared_count(1)
@@ -392,3 +406,44 @@ def hunyuan_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     if cfg["rope_scaling"] is None:
         w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
         w.add_rope_scaling_factor(1.0)
+
+
+LLAMA4_ROUTER_GAIN = 1.0
+
+
+def llama4_moe_layer(i: int, a: dict) -> bool:
+    """llama.cpp's rule (llama_model_llama4): experts every interleave step-th layer."""
+    return (i + 1) % a["step"] == 0
+
+
+def llama4_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T = TensorSpec
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    e, f = cfg["n_expert"], cfg["n_ff_exp"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += _llama_block(cfg, b, llama4_moe_layer(i, a))
+        if not llama4_moe_layer(i, a):
+            continue
+        # router logits of std 1 (sigmoid weights ≈ 0.6-0.9, not ≈ 1) and gate / up
+        # pre-activations of std ≈ 2: silu bends, so weighting the input and weighting the
+        # output differ
+        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=LLAMA4_ROUTER_GAIN,
+                  keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj", scale=2.0),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj", scale=2.0),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
+                T(b + "ffn_gate_shexp.weight", (d, f), "proj"),
+                T(b + "ffn_up_shexp.weight", (d, f), "proj"),
+                T(b + "ffn_down_shexp.weight", (f, d), "proj")]
+    out += _head(cfg, n_vocab)
+    if cfg["rope_scaling"] == "llama3":
+        out.append(T("rope_freqs.weight", (hd // 2,), "rope_freqs", keep_f32=True))
+    return out
+
+
+def llama4_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    _interleaved_metadata(w, cfg, a["step"])
+    if a["window"] is not None:  # llama.cpp reads 0 only (no chunks); else 8192
+        w.add_sliding_window(a["window"])

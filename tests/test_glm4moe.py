@@ -29,17 +29,12 @@ def test_streamed_experts_match_llama_cpp(tiny_gguf, quant, monkeypatch):
     ones bit for bit and llama.cpp's (F16: max|Δ|/std ≤ 2e-2, the same argmax; Q4_K_M:
     cosine ≥ 0.995); greedy decoding through the cache (the one-token path) gives
     llama.cpp's tokens."""
-    from test_parity import _assert_float_match, _assert_quantized_match, _greedy_ids
+    from test_parity import _assert_float_match, _assert_quantized_match, resident_and_streamed
 
     path = tiny_gguf("glm4moe", quant)
     ids = _tokens(32)
-    with efedge.load(path) as m:
-        resident = m.logits(ids)
-        greedy = _greedy_ids(m, ids[:8], 24)
-    with efedge.load(path, cache="50%") as m:
-        streamed = m.logits(ids)
-        greedy_streamed = _greedy_ids(m, ids[:8], 24)
-        s, store = m.stats(), m._tf.store
+    (resident, greedy), (streamed, greedy_streamed), s, store = resident_and_streamed(
+        path, ids, 24)
     assert np.array_equal(streamed, resident)
     assert greedy_streamed == greedy
     assert s["misses"] > 0 and s["bytes_loaded"] > 0  # the cache did load experts

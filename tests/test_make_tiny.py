@@ -215,6 +215,27 @@ def test_llama_cpp_cannot_load_dots1_with_fewer_kv_heads(tiny_gguf, tmp_path):
         llama_logits(path, [1, 2, 3])
 
 
+def test_llama4_layouts(tiny_gguf):
+    """Scout-shaped (16 experts, one used, experts in every layer, rope_freqs) and
+    Maverick-shaped (128 experts, experts every other layer) llama4 files, 4 layers each;
+    both with an ungated shared expert of the experts' width and no window key (llama.cpp
+    fixes the chunks at 8192)."""
+    _, kv, ts = _reader(tiny_gguf("llama4", "F32"))
+    assert kv["general.architecture"] == "llama4" and kv["llama4.block_count"] == 4
+    assert kv["llama4.expert_count"] == 16 and kv["llama4.expert_used_count"] == 1
+    assert kv["llama4.interleave_moe_layer_step"] == 1
+    assert "llama4.attention.sliding_window" not in kv
+    assert _shape(ts["rope_freqs.weight"]) == (HD // 2,)
+    for i in range(4):
+        assert _shape(ts[f"blk.{i}.ffn_gate_exps.weight"]) == (D, F_EXP, 16)
+        assert _shape(ts[f"blk.{i}.ffn_down_shexp.weight"]) == (F_EXP, D)
+        assert f"blk.{i}.ffn_gate_inp_shexp.weight" not in ts  # ungated
+    _, kv, ts = _reader(tiny_gguf("llama4-maverick", "F32"))
+    assert kv["llama4.expert_count"] == 128 and kv["llama4.interleave_moe_layer_step"] == 2
+    assert [f"blk.{i}.ffn_gate_exps.weight" in ts for i in range(4)] == [False, True] * 2
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F) and "rope_freqs.weight" not in ts
+
+
 @pytest.mark.requires_llama_cpp
 def test_llama_cpp_cannot_load_interleaved_ernie(tiny_gguf):
     """llama.cpp 0.3.36 gives every ernie4_5-moe layer past the dense lead expert

@@ -100,6 +100,17 @@ def _greedy_ids(m: efedge.Model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+def resident_and_streamed(path, ids: list[int], n_greedy: int, cache: str = "50%"):
+    """(resident logits, greedy ids), then the same through an expert cache of `cache`,
+    and that model's stats and expert store: a streamed run must repeat the resident one
+    bit for bit."""
+    with efedge.load(path) as m:
+        resident = m.logits(ids), _greedy_ids(m, ids[:8], n_greedy)
+    with efedge.load(path, cache=cache) as m:
+        streamed = m.logits(ids), _greedy_ids(m, ids[:8], n_greedy)
+        return resident, streamed, m.stats(), m._tf.store
+
+
 # -- issue 10: granitemoe, deepseek2, gpt-oss; glm4moe ------------------------------------
 # Each at F32 / F16 and at the quant type its real checkpoints use (Q4_K_M; gpt-oss: MXFP4
 # experts with Q8_0 elsewhere, llama.cpp's MXFP4_MOE). The variants at F32 only: granite

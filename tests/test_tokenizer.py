@@ -221,6 +221,23 @@ def test_gpt_oss_and_deepseek_v3_pre_tokenizers_load(tmp_path):
         assert tok.decode(tok.encode(MIXED)) == MIXED
 
 
+def test_llama4_pre_tokenizer_matches_llama_cpp(tmp_path):
+    """Llama 4 files name their pre-tokenizer "llama4", which llama.cpp splits as o200k
+    (gpt-4o): the same random mixes as test_pre_tokenizer_splits_match_llama_cpp, and no
+    default BOS."""
+    import random
+
+    v = pair_vocab("".join(SPLIT_POOL))
+    path = write_vocab_model(tmp_path / "llama4.gguf", "bpe", "llama4", add_bos=None, bpe=v)
+    tok, llm = _tok(path), _llama(path)
+    assert tok.pre == "llama4" and not tok.add_bos
+    rng = random.Random("llama4")
+    for _ in range(250):
+        text = "".join(rng.choice(SPLIT_POOL) for _ in range(rng.randrange(1, 24)))
+        assert tok.encode(text, True, False) == llm.tokenize(text.encode(), True, False), \
+            ascii(text)
+
+
 @pytest.mark.parametrize("name", list(FILES))
 def test_decode_round_trips(files, name):
     tok = _tok(files[name])

@@ -46,7 +46,8 @@ class ArchSpec:
     # metadata; "topk_softmax": top-k router logits, then softmax over those k (gpt-oss);
     # "softmax_bias": softmax over all experts, the top k chosen by probability + the
     # layer's selection bias (exp_probs_b) where it has one, weights the unbiased
-    # probabilities (norm_topk renormalises; ernie4_5-moe, no routing keys read)
+    # probabilities (norm_topk renormalises; ernie4_5-moe, no routing keys read);
+    # "sigmoid": sigmoid over all experts, top k, the weights as they are (llama4)
     routing: str = "softmax"
     dense_lead: bool = False  # the first "{arch}.leading_dense_block_count" layers are dense
     # past the dense lead, only layers il with (il + 1) % "{arch}.interleave_moe_layer_step"
@@ -76,6 +77,13 @@ class ArchSpec:
     # "{arch}."-relative keys llama.cpp requires for this arch: a file without one is
     # refused by name instead of run with a default
     required_keys: tuple[str, ...] = ()
+    # the routing weight multiplies the expert's input, not its output (llama.cpp's
+    # build_moe_ffn for llama4: silu is not linear, so the two differ)
+    weight_before_ffn: bool = False
+    # llama4's attention: NoPE layers every no-rope step with a per-position query
+    # temperature, chunked attention on the other layers of the swa pattern, an
+    # unweighted per-head q / k RMS norm after rope where the model uses kq norm
+    irope: bool = False
 
 
 def _modules() -> list[str]:

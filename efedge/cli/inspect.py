@@ -78,7 +78,11 @@ def _features(c) -> dict:
     if c.spec.attention == "mla":
         out.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
                    rope_dims=c.rope_dim)
-    if c.sliding_window:
+    if c.swa_chunked:  # llama4: chunked attention, NoPE layers
+        out.update(attention_chunk=c.sliding_window,
+                   chunked_layers=f"{c.swa_pattern - 1} of every {c.swa_pattern}",
+                   nope_layers=f"every {c.nope_step}th", kq_norm=c.kq_norm)
+    elif c.sliding_window:
         out.update(sliding_window=c.sliding_window, swa_layers="every other (even) layer")
     r = c.rope_scaling
     if r.kind != "none" and r.freq_scale != 1.0:
