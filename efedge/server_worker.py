@@ -184,9 +184,11 @@ class ModelWorker:
                       logprobs=lp, format=req.format, **req.sampling)
         sent = released = 0  # characters sent; generated tokens whose records went
         calls = CallStream(req.tools) if req.tools is not None else None
-        # a thinking model's reasoning goes apart ("reasoning" events), the rest on
-        splitter = ReasoningSplitter(prompt_opens_thinking(m.detokenize(ids[-8:]))) \
-            if req.reasoning else None
+        # a thinking model's reasoning goes apart ("reasoning" events), the rest on; a
+        # format (JSON, a schema, a forced call) constrains the reply from its first token,
+        # so what follows a <think> the template opened is the answer, not reasoning
+        splitter = ReasoningSplitter(req.format is None and prompt_opens_thinking(
+            m.detokenize(ids[-8:]))) if req.reasoning else None
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""

@@ -171,3 +171,32 @@ def test_serve_refuses_bad_template_kwargs(model):
                             "--chat-template-kwargs", value], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and "--chat-template-kwargs" in r.stderr
+
+
+def test_a_constrained_reply_is_the_answer(model, monkeypatch):
+    """JSON mode, a schema or a forced call constrains the reply from its first token: what
+    the model writes after the template's <think> is the answer, not reasoning (it was all
+    reasoning_content: the content empty, a forced call lost)."""
+    call = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    with running_server(model) as srv:
+        srv.tools_error = None  # (the test template renders no tools: the parsing is tested)
+        _script(monkeypatch, model, '{"a": 1}')
+        for extra in ({"response_format": {"type": "json_object"}},
+                      {"response_format": {"type": "json_schema", "json_schema": {
+                          "name": "a", "schema": {"type": "object"}}}}):
+            status, got = post_json(srv, "/v1/chat/completions", dict(extra, messages=HI))
+            assert status == 200, got
+            assert got["choices"][0]["message"] == {"role": "assistant",
+                                                    "content": '{"a": 1}'}
+        status, got = post_json(srv, "/api/chat", {"messages": HI, "format": "json",
+                                                   "think": True, "stream": False})
+        assert got["message"] == {"role": "assistant", "content": '{"a": 1}'}, got
+        _script(monkeypatch, model, call)
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "tools": tools, "tool_choice": "required"})
+        assert status == 200, got
+        choice = got["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and "reasoning_content" not in \
+            choice["message"], choice
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["now"]
