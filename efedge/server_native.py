@@ -111,7 +111,10 @@ class NativeReplyMixin:
         n_prompt = ev[1] if ev[0] == "start" else 0
         while ev[0] != "done":
             if ev[0] == "error":
-                self._event(_error_of(ev[1]).body())
+                if stream:
+                    self._event(_error_of(ev[1]).body())
+                else:  # nothing written yet: an HTTP error, not a bare event
+                    self._send_error(_error_of(ev[1]))
                 return
             if ev[0] == "text":
                 t_first = t_first or time.monotonic()

@@ -283,7 +283,10 @@ class OllamaMixin:
         t_first = None
         while ev[0] != "done":
             if ev[0] == "error":
-                self._line({"error": _error_of(ev[1]).message})
+                if req.stream:
+                    self._line({"error": _error_of(ev[1]).message})
+                else:  # nothing written yet: an HTTP error, not a bare line
+                    self._ollama_error(_error_of(ev[1]))
                 return
             if ev[0] in ("text", "reasoning"):
                 t_first = t_first or time.monotonic()

@@ -7,9 +7,10 @@ from __future__ import annotations
 from efedge import api_generation
 
 
-def script_tokens(monkeypatch, ids: list[int]) -> None:
+def script_tokens(monkeypatch, ids: list[int], then: Exception | None = None) -> None:
     """Every generation from now on (for the test's duration) prefills its prompt as usual,
-    then yields `ids` (at most max_tokens of them) and stops."""
+    then yields `ids` (at most max_tokens of them) and stops — or raises `then` after
+    them (a failure mid-generation)."""
     real = api_generation.generate_tokens
 
     def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
@@ -21,6 +22,8 @@ def script_tokens(monkeypatch, ids: list[int]) -> None:
             if result is not None:
                 result.tokens.append(tok)
             yield tok
+        if then is not None:
+            raise then
         if result is not None:
             result.finish_reason = "stop" if max_tokens >= len(ids) else "length"
 

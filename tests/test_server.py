@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from _http import running_server
+from _scripted import script_tokens
 
 import efedge
 from efedge import server_replies
@@ -602,6 +603,27 @@ def test_a_closed_model_or_a_failed_load_is_the_servers_error(model_path):
                 efedge.CacheBudgetError("too small")):
         err = server_replies._error_of(exc)
         assert (err.status, err.type) == (500, "server_error"), exc
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 8}),
+    ("/completion", {"prompt": "hi", "n_predict": 8}),
+    ("/api/generate", {"prompt": "hi", "raw": True, "stream": False}),
+])
+def test_a_failure_after_the_first_piece_is_an_http_error(model, monkeypatch, path, body):
+    """A generation that fails once text has come (a read error of the model file) answers
+    its non-streaming request with an HTTP error in the route's shape — llama.cpp's and
+    Ollama's routes wrote a bare event or line with no status line, which clients read as
+    a broken connection — and a stream with the route's error event."""
+    script_tokens(monkeypatch, model.tokenize(" hello world", False),
+                  then=efedge.TransferError("expert 3 of layer 1: read failed"))
+    with running_server(model) as srv:
+        status, got = call(srv, path, body)
+        assert status == 500, got
+        message = got["error"] if path.startswith("/api/") else got["error"]["message"]
+        assert "read failed" in message
+        status, text = call(srv, path, dict(body, stream=True))
+        assert status == 200 and "read failed" in text.strip().splitlines()[-1]
 
 
 def test_make_server_on_a_taken_port(model):
