@@ -38,7 +38,6 @@ header and OPTIONS is a 405, so no web page can use the model through a visitor'
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import socket
@@ -54,7 +53,7 @@ from typing import Any
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import TemplateError, UnsupportedModelError
-from efedge.server_body import read_body, read_json, readable, set_bind_options
+from efedge.server_body import json_bytes, read_body, read_json, readable, set_bind_options
 from efedge.server_native import ROUTES as NATIVE_ROUTES
 from efedge.server_native import NativeReplyMixin, parse_native
 from efedge.server_ollama import ROUTES as OLLAMA_ROUTES
@@ -92,7 +91,7 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
 
     def _send_json(self, status: int, obj: Any, close: bool = False,
                    headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        body = json_bytes(obj)
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

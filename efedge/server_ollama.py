@@ -30,6 +30,7 @@ from typing import Any
 from gguf import LlamaFileType
 
 from efedge.json_mode import check_format
+from efedge.server_body import json_bytes
 from efedge.server_replies import _error_of
 from efedge.server_requests import (
     APIError,
@@ -317,5 +318,5 @@ class OllamaMixin:
             self._send_json(200, final)
 
     def _line(self, obj: dict) -> None:
-        self.wfile.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+        self.wfile.write(json_bytes(obj) + b"\n")
         self.wfile.flush()

@@ -6,7 +6,6 @@ tool calls included — and which HTTP error an exception becomes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from efedge.errors import (
@@ -19,6 +18,7 @@ from efedge.errors import (
     TemplateError,
     TransferError,
 )
+from efedge.server_body import json_bytes
 from efedge.server_logprobs import as_chat, as_completion
 from efedge.server_requests import APIError
 from efedge.server_worker import Job
@@ -92,8 +92,8 @@ class ReplyMixin:
         self._send_json(200, resp)
 
     def _event(self, obj: Any) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-        self.wfile.write(f"data: {data}\n\n".encode())
+        data = obj.encode() if isinstance(obj, str) else json_bytes(obj)
+        self.wfile.write(b"data: " + data + b"\n\n")
         self.wfile.flush()
 
     def _begin_events(self) -> None:

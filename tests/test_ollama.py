@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from _http import post, post_json, running_server
+from _scripted import script_tokens
 from _vocab_fixtures import write_vocab_model
 
 import efedge
@@ -153,3 +154,22 @@ def test_generate_with_a_suffix_fills_in_the_middle(tmp_path):
         assert status == 200 and got["response"] == want, got
         status, show = post_json(s, "/api/show", {"model": "coder"})
         assert "insert" in show["capabilities"]
+
+
+def test_call_arguments_with_a_lone_surrogate(model, monkeypatch):
+    """A call whose arguments hold half a surrogate pair (the model wrote "\\ud83d"):
+    Ollama's arguments object carries the string, and the answer (one object or JSON
+    lines) is still UTF-8, the character escaped — it died in encode, a traceback in the
+    log and the connection dropped."""
+    call = '<tool_call>\n{"name": "say", "arguments": {"text": "\\ud83d!"}}\n</tool_call>'
+    script_tokens(monkeypatch, model.tokenize(call, add_special=False))
+    tools = [{"type": "function", "function": {"name": "say"}}]
+    with running_server(model) as srv:
+        srv.tools_error = None  # (the tiny template renders no tools: the answer is tested)
+        for stream in (False, True):
+            status, text = post(srv, "/api/chat", {"messages": [{"role": "user", "content":
+                                                                 "hi"}], "tools": tools,
+                                                   "stream": stream})
+            assert status == 200, text
+            (got,) = lines(text)[-1]["message"]["tool_calls"]
+            assert got["function"] == {"name": "say", "arguments": {"text": "\ud83d!"}}
