@@ -5,7 +5,9 @@ editor and note-taking plugins, the `ollama` Python / JS clients):
     POST /api/show                           the model's details, template, capabilities
     POST /api/generate                       prompt → response (raw, or through the chat
                                              template with `system`; `suffix`: fill in
-                                             the middle; `context` continues a reply)
+                                             the middle; `context` continues a reply:
+                                             a templated turn after its ids, or the raw
+                                             text)
     POST /api/chat                           messages → message (tools, format)
 
 Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
@@ -118,20 +120,17 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
             raise APIError(400, "'prompt' and 'system' must be strings", "invalid_type",
                            param="prompt")
         suffix = body.get("suffix") or ""
-        context = body.get("context")
-        if body.get("raw") or suffix or context:
+        context = _context(body.get("context"), model) if not suffix else None
+        if body.get("raw") or suffix:
             req = parse_completion(dict(flat, prompt=prompt, suffix=suffix), defaults)
             req.max_tokens = flat.get("max_tokens")  # (not OpenAI's 16: until the end)
-            if context and not suffix:
-                if not isinstance(context, list) or not all(
-                        isinstance(t, int) and not isinstance(t, bool) for t in context):
-                    raise APIError(400, "'context' must be the array of token ids a reply "
-                                        "gave", "invalid_type", param="context")
-                req.prompt = list(context) + model.tokenize(prompt, add_special=False)
-        else:
+            if context:  # raw: the new text continues the ids as it is
+                req.prompt = context + model.tokenize(prompt, add_special=False)
+        else:  # (with a context, as Ollama: its ids, then this turn through the template)
             msgs = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
             req = parse_chat(dict(flat, messages=msgs), defaults, kwargs=template_kwargs)
+            req.context = context
     req.format = _format(body) if req.format is None else req.format
     req.ollama = path
     think = body.get("think")
@@ -143,6 +142,18 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
     if think is False and req.messages is not None:
         req.template_kwargs = dict(req.template_kwargs or {}, enable_thinking=False)
     return req
+
+
+def _context(context: Any, model) -> list[int] | None:
+    """/api/generate's `context`: the token ids a reply returned (None when absent)."""
+    if context is None or context == []:
+        return None
+    if not isinstance(context, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < model.n_vocab
+            for t in context):
+        raise APIError(400, "'context' must be the array of token ids a reply gave",
+                       "invalid_type", param="context")
+    return list(context)
 
 
 def _name(model: Any) -> Any:

@@ -61,6 +61,8 @@ class GenRequest:
     # reasoning_content / Ollama's thinking
     reasoning: bool = False
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
+    # (Ollama's /api/generate) the ids a reply returned, before the templated turn
+    context: list[int] | None = None
 
 
 _MISSING = object()

@@ -139,6 +139,9 @@ class ModelWorker:
         if req.messages is not None:
             ids = m.chat_prompt(req.messages, tools=req.tools,
                                 template_kwargs=req.template_kwargs)
+            if req.context:  # the conversation so far, then this turn (the context's BOS)
+                bos = m.tokenizer.add_bos and ids[:1] == [m.tokenizer.bos_id]
+                ids = req.context + ids[bos:]
         elif req.infill is not None:
             try:
                 ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)

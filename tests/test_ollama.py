@@ -69,13 +69,34 @@ def test_generate_raw_streamed_and_not(srv, model):
     assert final["total_duration"] >= final["eval_duration"] > 0
     status, one = post_json(srv, "/api/generate", dict(body, stream=False))
     assert status == 200 and one["response"] == want and one["done"] is True
-    # continued from the returned context: its ids, then the new text's (no BOS)
+    # raw, continued from the returned context: its ids, then the new text's (no BOS)
     status, more = post_json(srv, "/api/generate", {
         "model": "tiny", "prompt": " and", "context": final["context"], "stream": False,
-        "options": GREEDY})
+        "raw": True, "options": GREEDY})
     ids = final["context"] + model.tokenize(" and", add_special=False)
     assert status == 200 and more["response"] == model.generate(ids, max_tokens=6,
                                                                 temperature=0)
+
+
+def test_generate_continued_from_context_goes_through_the_template(srv, model):
+    """As Ollama: without raw, the new prompt is a user turn of the chat template after
+    the context's ids (one BOS, the context's) — it was appended as raw text."""
+    body = {"model": "tiny", "prompt": "hi", "system": "Be brief.", "stream": False,
+            "options": GREEDY}
+    status, first = post_json(srv, "/api/generate", body)
+    assert status == 200, first
+    status, more = post_json(srv, "/api/generate", dict(body, prompt="and then?",
+                                                         context=first["context"]))
+    assert status == 200, more
+    turn = model.chat_prompt([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "and then?"}])
+    ids = first["context"] + (turn[1:] if model.tokenizer.add_bos else turn)
+    assert more["prompt_eval_count"] == len(ids)
+    assert more["response"] == model.generate(ids, max_tokens=6, temperature=0)
+    assert more["context"][:len(ids)] == ids
+    for bad in ([model.n_vocab], ["a"], "abc"):
+        status, err = post_json(srv, "/api/generate", dict(body, context=bad))
+        assert status == 400 and "context" in err["error"], err
 
 
 def test_generate_through_the_template_and_chat(srv, model):
