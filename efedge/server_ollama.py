@@ -6,8 +6,7 @@ editor and note-taking plugins, the `ollama` Python / JS clients):
     POST /api/generate                       prompt → response (raw, or through the chat
                                              template with `system`; `suffix`: fill in
                                              the middle; `context` continues a reply:
-                                             a templated turn after its ids, or the raw
-                                             text)
+                                             a templated turn after its ids)
     POST /api/chat                           messages → message (tools, format)
 
 Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
@@ -120,12 +119,13 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
             raise APIError(400, "'prompt' and 'system' must be strings", "invalid_type",
                            param="prompt")
         suffix = body.get("suffix") or ""
+        if body.get("raw") and (system or body.get("template") or body.get("context")):
+            raise APIError(400, "raw mode does not support template, system, or context",
+                           "invalid_value", param="raw")  # (Ollama's words)
         context = _context(body.get("context"), model) if not suffix else None
         if body.get("raw") or suffix:
             req = parse_completion(dict(flat, prompt=prompt, suffix=suffix), defaults)
             req.max_tokens = flat.get("max_tokens")  # (not OpenAI's 16: until the end)
-            if context:  # raw: the new text continues the ids as it is
-                req.prompt = context + model.tokenize(prompt, add_special=False)
         else:  # (with a context, as Ollama: its ids, then this turn through the template)
             msgs = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]

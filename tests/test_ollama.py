@@ -69,13 +69,10 @@ def test_generate_raw_streamed_and_not(srv, model):
     assert final["total_duration"] >= final["eval_duration"] > 0
     status, one = post_json(srv, "/api/generate", dict(body, stream=False))
     assert status == 200 and one["response"] == want and one["done"] is True
-    # raw, continued from the returned context: its ids, then the new text's (no BOS)
-    status, more = post_json(srv, "/api/generate", {
-        "model": "tiny", "prompt": " and", "context": final["context"], "stream": False,
-        "raw": True, "options": GREEDY})
-    ids = final["context"] + model.tokenize(" and", add_special=False)
-    assert status == 200 and more["response"] == model.generate(ids, max_tokens=6,
-                                                                temperature=0)
+    # as Ollama: raw mode takes no context (nor system): a 400, not a guess
+    for extra in ({"context": final["context"]}, {"system": "Be brief."}):
+        status, err = post_json(srv, "/api/generate", dict(body, stream=False, **extra))
+        assert status == 400 and "raw mode does not support" in err["error"], err
 
 
 def test_generate_continued_from_context_goes_through_the_template(srv, model):
