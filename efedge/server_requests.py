@@ -307,6 +307,10 @@ def parse_completion(body: Any, defaults: dict) -> GenRequest:
     if _field(body, "best_of", int, 1) != 1:
         raise APIError(400, "only best_of=1 is supported", "unsupported", param="best_of")
     echo = _field(body, "echo", bool, False)
+    if echo and infill:  # the prompt run is the FIM layout, not the text to echo: its
+        # log probabilities would be those of the markers, the prefix and the suffix
+        raise APIError(400, "echo cannot be combined with a suffix", "unsupported",
+                       param="echo")
     return GenRequest(messages=None, prompt=prompt, echo=echo, logprobs=logprobs,
                       format=_format(body), infill=infill, **kw)
 

@@ -180,7 +180,11 @@ def test_server_routes(files):
                      "input_extra"),
                     ("/completion", {"prompt": "x", "n_probs": 3}, "n_probs"),
                     ("/completion", {"n_predict": 3}, "prompt"),
-                    ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "prompt")]:
+                    ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "prompt"),
+                    # (the prompt run is the FIM layout: the echoed text's log
+                    # probabilities would be the markers' and the suffix's)
+                    ("/v1/completions", {"prompt": "a", "suffix": "b", "echo": True,
+                                         "logprobs": 1}, "echo")]:
                 status, got = post_json(srv, path, bad)
                 assert status == 400 and got["error"]["param"] == param, (path, got)
             assert post(srv, "/infill", [1, 2])[0] == 400  # not an object
