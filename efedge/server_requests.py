@@ -165,6 +165,8 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     raw = body.get("logit_bias")
     if raw is None:
         return None
+    digits = isinstance(raw, dict)  # an object's keys are ids written as strings; a
+    # pair's string is a text to tokenize in llama.cpp ("5" too), which efedge refuses
     if isinstance(raw, dict):
         pairs = list(raw.items())
     elif isinstance(raw, list) and all(isinstance(e, list) and len(e) == 2 for e in raw):
@@ -175,7 +177,7 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     out: dict[int, float] = {}
     for key, val in pairs:
         tok = key if isinstance(key, int) and not isinstance(key, bool) else None
-        if isinstance(key, str) and key.isascii() and key.isdigit():
+        if digits and isinstance(key, str) and key.isascii() and key.isdigit():
             tok = int(key)
         if tok is None or tok < 0:
             raise APIError(400, f"logit_bias: {json.dumps(key)[:40]} is not a token id (give "
