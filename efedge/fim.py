@@ -13,7 +13,8 @@ after the repository-level pattern of the Qwen2.5-Coder report):
     [BOS] [FIM_PRE]prefix prompt [FIM_SUF]suffix [FIM_MID]
 
 (`prompt`, the start of the middle if the editor has one, follows the prefix: where
-llama.cpp's code puts it, whatever its comment says.)
+llama.cpp's code puts it, whatever its comment says. Its special tokens' texts are read
+as the tokens, as llama-server reads them; the other parts are plain text.)
 
 The parts are cut to fit as llama.cpp cuts them: the prefix keeps its last 3/4 of a batch
 of tokens (2048, llama.cpp's default, or less where the context is smaller), the suffix its
@@ -95,7 +96,9 @@ def infill_ids(tokenizer, prefix: str, suffix: str = "", *, prompt: str = "",
     if ids.get("sep") is not None:
         extra_ids += [ids["sep"], *enc("filename\n")]
 
-    prefix_ids, suffix_ids, prompt_ids = enc(prefix), enc(suffix), enc(prompt)
+    # (llama-server reads special tokens in the prompt, not in the parts around it)
+    prefix_ids, suffix_ids = enc(prefix), enc(suffix)
+    prompt_ids = tokenizer.encode(prompt, add_special=False, parse_special=True)
     # a context smaller than a batch and the answer: the batch shrinks so that the prompt
     # (at most a batch + the markers) leaves room for the answer
     n_batch = max(8, min(n_batch, n_ctx - max(0, n_predict) - 4))

@@ -106,6 +106,17 @@ def test_layout_without_a_file_separator_and_with_bos(files):
         assert ids == want
 
 
+def test_the_prompt_reads_special_tokens_the_parts_do_not(files):
+    """llama-server tokenizes /infill's `prompt` with parse_special (a control token's
+    text is the token), the prefix, suffix and extra files without (text is text)."""
+    with efedge.load(files["qwen"], n_ctx=4096) as m:
+        tok, f = m.tokenizer, m.tokenizer.fim_ids
+        ids = m.infill_prompt("<|fim_pad|>", "b", prompt="x<|fim_pad|>")
+        assert ids[ids.index(f["pre"]):] == [
+            f["pre"], *tok.encode("<|fim_pad|>", False), *tok.encode("x", False), f["pad"],
+            f["suf"], *tok.encode("b", False), f["mid"]]
+
+
 def test_parts_are_cut_as_llama_cpp_cuts_them(files):
     with efedge.load(files["qwen"], n_ctx=4096) as m:
         tok, f = m.tokenizer, m.tokenizer.fim_ids
