@@ -14,10 +14,12 @@ Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
 `"done": true`, `done_reason` ("stop" / "length"), counts and durations in nanoseconds
 (wall times seen by the server). `options` take Ollama's names for llama.cpp's sampling
 settings (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-presence_penalty, frequency_penalty, seed, num_predict, stop); `num_ctx`, `keep_alive`,
-`think` and the other runner knobs change nothing (the context is `efedge serve -c`'s,
-the model stays loaded). `images` are refused: efedge runs text models. Errors are
-Ollama's `{"error": "…"}` with the HTTP status of the OpenAI routes.
+presence_penalty, frequency_penalty, seed, num_predict, stop); `num_ctx`, `keep_alive`
+and the other runner knobs change nothing (the context is `efedge serve -c`'s, the model
+stays loaded). `think` (not an option) splits a thinking model's reasoning off into
+`thinking`, or with false asks the template not to think. `images` are refused: efedge
+runs text models. Errors are Ollama's `{"error": "…"}` with the HTTP status of the
+OpenAI routes.
 """
 
 from __future__ import annotations
