@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -286,6 +287,15 @@ class EfedgeServer(ThreadingHTTPServer):
         self.allow_reuse_address = False
         set_bind_options(self.socket)
         super().server_bind()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that reset or dropped its connection (between requests, or while
+        one was read) is no error of ours: logged, not printed as socketserver's
+        traceback per connection; anything else keeps that."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.info("%s: connection reset or closed", client_address[0])
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:

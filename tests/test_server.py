@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -363,6 +364,21 @@ def _send_raw(srv, body: dict, path: str = "/v1/completions") -> socket.socket:
     s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return s
+
+
+def test_a_reset_connection_leaves_no_traceback(server, capfd):
+    """A client that resets its connection (close with SO_LINGER 0, as a killed process
+    or a proxy does) once answered: the handler waiting for its next request gets
+    ECONNRESET, which socketserver printed to stderr as a traceback per connection."""
+    capfd.readouterr()
+    for _ in range(3):
+        s = _send_raw(server, {"content": "hello"}, "/tokenize")
+        assert s.recv(1 << 16).startswith(b"HTTP/1.1 200")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(0.3)
+    assert call(server, "/health")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_client_disconnect_cancels_non_streaming(server, model):
