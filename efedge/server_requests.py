@@ -243,7 +243,9 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
     if reasoning not in REASONING_FORMATS:
         raise APIError(400, f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, "
                             f"got {reasoning!r}", "invalid_value", param="reasoning_format")
-    kwargs = _field(body, "chat_template_kwargs", dict, kwargs)
+    own = _field(body, "chat_template_kwargs", dict)
+    if own is not None:  # as llama-server: the request's variables over the server's
+        kwargs = {**(kwargs or {}), **own}
     try:
         check_template_kwargs(kwargs)
     except ArgumentError as exc:

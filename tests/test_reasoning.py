@@ -129,6 +129,14 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
         assert got["choices"][0]["message"]["content"] == REPLY
         assert got["usage"]["prompt_tokens"] == len(model.chat_prompt(
             HI, template_kwargs={"style": "terse"}))
+        # a request's variables go over the server's name by name, as llama-server
+        # merges them (they replaced the server's whole set)
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "chat_template_kwargs": {"enable_thinking": False}})
+        assert got["usage"]["prompt_tokens"] == len(model.chat_prompt(
+            HI, template_kwargs={"style": "terse", "enable_thinking": False}))
+        assert len(model.chat_prompt(HI, template_kwargs={"style": "terse"})) != len(
+            model.chat_prompt(HI, template_kwargs={"enable_thinking": False}))
 
 
 def test_tool_calls_come_from_the_answer_only(model, monkeypatch):
