@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
@@ -171,6 +172,14 @@ def _loads_only(path: str, body: dict) -> bool:
     return not body.get("prompt") and not body.get("suffix") and not body.get("context")
 
 
+def _unloads(keep_alive: Any) -> bool:
+    """keep_alive 0 ("0", "0s", "0m" …): Ollama's way to unload a model, answered
+    `done_reason: "unload"` (efedge's one model stays loaded)."""
+    if isinstance(keep_alive, str):
+        return re.fullmatch(r"[+-]?0+(\.0*)?([nuµm]?s|m|h)?", keep_alive.strip()) is not None
+    return isinstance(keep_alive, int | float) and keep_alive == 0
+
+
 def model_details(model) -> dict:
     gf, c = model._gf, model.config
     n_params = sum(int(_elements(t.shape)) for t in gf.tensors.values())
@@ -238,7 +247,8 @@ class OllamaMixin:
                 done = {"message": {"role": "assistant", "content": ""}} \
                     if path == "/api/chat" else {"response": ""}
                 self._send_json(200, {"model": s.model_id, "created_at": _now(), **done,
-                                      "done": True, "done_reason": "load"})
+                                      "done": True, "done_reason": "unload"
+                                      if _unloads(body.get("keep_alive")) else "load"})
                 return
             req = parse_ollama(path, body, s.defaults, s.model, s.template_kwargs)
             req.model = _name(req.model)

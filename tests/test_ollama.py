@@ -124,6 +124,11 @@ def test_load_only_calls(srv):
                         ("/api/chat", {"model": "tiny:latest", "messages": []})]:
         status, got = post_json(srv, route, body)
         assert status == 200 and got["done"] is True and got["done_reason"] == "load", got
+        # keep_alive 0 is Ollama's unload call: answered as Ollama answers it
+        for ka in (0, "0", "0s", "0m"):
+            status, got = post_json(srv, route, dict(body, keep_alive=ka))
+            assert status == 200 and got["done_reason"] == "unload", (ka, got)
+        assert post_json(srv, route, dict(body, keep_alive="5m"))[1]["done_reason"] == "load"
 
 
 @pytest.mark.parametrize("route, body, status, words", [
