@@ -19,7 +19,8 @@ as the tokens, as llama-server reads them; the other parts are plain text.)
 The parts are cut to fit as llama.cpp cuts them: the prefix keeps its last 3/4 of a batch
 of tokens (2048, llama.cpp's default, or less where the context is smaller), the suffix its
 first 1/4 less the prompt and two markers, and the extra chunks (their last tokens) what
-the context leaves beside a batch and twice the tokens to generate.
+the context leaves beside a batch and twice the tokens to generate (but never the last
+token of the context: room for the answer's first, at least).
 """
 
 from __future__ import annotations
@@ -104,8 +105,13 @@ def infill_ids(tokenizer, prefix: str, suffix: str = "", *, prompt: str = "",
     n_batch = max(8, min(n_batch, n_ctx - max(0, n_predict) - 4))
     n_prefix = min(len(prefix_ids), 3 * (n_batch // 4))
     n_suffix = min(len(suffix_ids), max(0, n_batch // 4 - (2 + len(prompt_ids))))
-    n_extra = min(max(0, n_ctx - n_batch - 2 * max(0, n_predict)), len(extra_ids))
     head = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    # llama.cpp's budget for the extra files counts neither the markers nor a BOS, so with
+    # no n_predict (0, 1) a full prefix, suffix and extra filled the context: they keep
+    # room for the answer's first token, at least
+    n_fim = n_prefix + len(prompt_ids) + n_suffix + 3 + len(head)
+    n_extra = min(max(0, n_ctx - n_batch - 2 * max(0, n_predict)), len(extra_ids),
+                  max(0, n_ctx - n_fim - max(1, n_predict)))
     return (extra_ids[len(extra_ids) - n_extra:] + head
             + [pre, *prefix_ids[len(prefix_ids) - n_prefix:], *prompt_ids]
             + [suf, *suffix_ids[:n_suffix]] + [mid])

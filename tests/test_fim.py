@@ -135,6 +135,12 @@ def test_parts_are_cut_as_llama_cpp_cuts_them(files):
         # a context smaller than a batch and the answer: the batch shrinks to fit
         small = infill_ids(tok, tok.decode(pre), tok.decode(suf), n_ctx=64, n_predict=16)
         assert len(small) + 16 <= 64 and small[-1] == f["mid"]
+        # full parts and extra files with no n_predict (0) or 1: room for the answer's
+        # first token still (llama.cpp's budget counts no markers: 1 over the context)
+        for n in (0, 1, 2):
+            full = infill_ids(tok, "a b c d " * 300, "e f g h " * 300, n_ctx=256,
+                              n_predict=n, extra=[{"text": "z y " * 500}])
+            assert len(full) + max(1, n) <= 256 and full[-1] == f["mid"], (n, len(full))
 
 
 @pytest.mark.requires_llama_cpp
