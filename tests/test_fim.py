@@ -117,6 +117,15 @@ def test_the_prompt_reads_special_tokens_the_parts_do_not(files):
             f["suf"], *tok.encode("b", False), f["mid"]]
 
 
+def test_bad_max_tokens_are_named(files):
+    """m.infill's max_tokens is checked as generate's is (it sizes the layout first, where
+    None, a string or a float died in a comparison or a slice)."""
+    with efedge.load(files["qwen"]) as m:
+        for bad in (None, -1, "3", 3.5, True):
+            with pytest.raises(efedge.ArgumentError, match="max_tokens"):
+                m.infill("def f(", ")", max_tokens=bad)
+
+
 def test_parts_are_cut_as_llama_cpp_cuts_them(files):
     with efedge.load(files["qwen"], n_ctx=4096) as m:
         tok, f = m.tokenizer, m.tokenizer.fim_ids
