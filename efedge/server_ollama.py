@@ -50,6 +50,7 @@ ROUTES = GET_ROUTES + POST_ROUTES
 # the Ollama API release whose request and response shapes these routes follow (clients
 # check it before using newer fields)
 OLLAMA_API_VERSION = "0.12.0"
+THINK_LEVELS = ("high", "medium", "low")  # think's strings (gpt-oss's reasoning effort)
 _OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
             "min_p": "min_p", "repeat_penalty": "repeat_penalty",
             "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
@@ -139,6 +140,10 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
     think = body.get("think")
     if think is not None and not isinstance(think, bool | str):
         raise APIError(400, "'think' must be true or false", "invalid_type", param="think")
+    if isinstance(think, str) and think not in THINK_LEVELS:  # ("false" is no false)
+        raise APIError(400, f"invalid think value: {json.dumps(think)[:40]} (must be "
+                            "\"high\", \"medium\", \"low\", true, or false)", "invalid_value",
+                       param="think")  # (Ollama's words)
     # think true: the reasoning apart (`thinking`); false: the template asked not to think
     # (Qwen3's enable_thinking); unset: the reply as the model writes it
     req.reasoning = bool(think) and req.messages is not None

@@ -149,6 +149,10 @@ def test_load_only_calls(srv):
                    "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tool_call"),
     ("/api/chat", {"model": "tiny", "messages": "x"}, 400, "messages"),
+    # think's strings are levels, as in Ollama: "false" was taken as thinking on
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "think": "false"}, 400, "invalid think value"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "think": ""}, 400, "think"),
 ])
 def test_refusals_in_ollamas_shape(srv, route, body, status, words):
     got_status, got = post_json(srv, route, body)
