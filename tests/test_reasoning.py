@@ -88,7 +88,8 @@ def test_template_kwargs_in_the_api(model):
                                                                    "enable_thinking": False}))
     assert "[brief]" in text and text.endswith("<think>\n\n</think>\n\n")
     assert model.detokenize(model.chat_prompt(HI)).endswith("<think>\n")
-    for bad in ({"messages": []}, {"bos_token": "x"}, ["style"], {1: 2}):
+    for bad in ({"messages": []}, {"bos_token": "x"}, ["style"], {1: 2},
+                {"enable_thinking": "false"}):  # (a string is true in the template)
         with pytest.raises(ArgumentError, match="template_kwargs"):
             model.chat_prompt(HI, template_kwargs=bad)
 
@@ -120,7 +121,9 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
             HI, template_kwargs={"enable_thinking": False}))
         for bad, param in [({"reasoning_format": "x"}, "reasoning_format"),
                            ({"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs"),
-                           ({"chat_template_kwargs": 3}, "chat_template_kwargs")]:
+                           ({"chat_template_kwargs": 3}, "chat_template_kwargs"),
+                           ({"chat_template_kwargs": {"enable_thinking": "false"}},
+                            "chat_template_kwargs")]:
             status, got = post_json(srv, "/v1/chat/completions", dict(bad, messages=HI))
             assert status == 400 and got["error"]["param"] == param, got
     with running_server(model, reasoning_format="none",
