@@ -165,8 +165,9 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     raw = body.get("logit_bias")
     if raw is None:
         return None
-    digits = isinstance(raw, dict)  # an object's keys are ids written as strings; a
-    # pair's string is a text to tokenize in llama.cpp ("5" too), which efedge refuses
+    # an object's keys are ids written as strings; a pair's string is a text llama.cpp
+    # tokenizes ("5" too), which efedge refuses
+    digits = isinstance(raw, dict)
     if isinstance(raw, dict):
         pairs = list(raw.items())
     elif isinstance(raw, list) and all(isinstance(e, list) and len(e) == 2 for e in raw):

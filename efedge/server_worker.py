@@ -141,7 +141,7 @@ class ModelWorker:
                                 template_kwargs=req.template_kwargs)
             if req.context:  # the conversation so far, then this turn (the context's BOS)
                 bos = m.tokenizer.add_bos and ids[:1] == [m.tokenizer.bos_id]
-                ids = req.context + ids[bos:]
+                ids = req.context + (ids[1:] if bos else ids)
         elif req.infill is not None:
             try:
                 ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)
