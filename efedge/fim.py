@@ -101,7 +101,10 @@ def infill_ids(tokenizer, prefix: str, suffix: str = "", *, prompt: str = "",
     prefix_ids, suffix_ids = enc(prefix), enc(suffix)
     prompt_ids = tokenizer.encode(prompt, add_special=False, parse_special=True)
     # a context smaller than a batch and the answer: the batch shrinks so that the prompt
-    # (at most a batch + the markers) leaves room for the answer
+    # (at most a batch + the markers) leaves room for the answer — unless no context could
+    # hold that answer: then it runs until the context is full, after a full prompt (the
+    # batch shrank to 8 tokens, the prefix cut to 6)
+    n_predict = n_predict if n_predict < n_ctx else 0
     n_batch = max(8, min(n_batch, n_ctx - max(0, n_predict) - 4))
     n_prefix = min(len(prefix_ids), 3 * (n_batch // 4))
     n_suffix = min(len(suffix_ids), max(0, n_batch // 4 - (2 + len(prompt_ids))))

@@ -144,6 +144,12 @@ def test_parts_are_cut_as_llama_cpp_cuts_them(files):
         # a context smaller than a batch and the answer: the batch shrinks to fit
         small = infill_ids(tok, tok.decode(pre), tok.decode(suf), n_ctx=64, n_predict=16)
         assert len(small) + 16 <= 64 and small[-1] == f["mid"]
+        # an answer longer than the context: laid out as one of no given length (the
+        # prefix was cut to 6 tokens to leave room for it)
+        for n in (256, 10**6):
+            assert infill_ids(tok, tok.decode(pre), tok.decode(suf), n_ctx=256,
+                              n_predict=n) == infill_ids(tok, tok.decode(pre), tok.decode(suf),
+                                                         n_ctx=256)
         # full parts and extra files with no n_predict (0) or 1: room for the answer's
         # first token still (llama.cpp's budget counts no markers: 1 over the context)
         for n in (0, 1, 2):
