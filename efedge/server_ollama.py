@@ -34,6 +34,7 @@ from typing import Any
 from gguf import LlamaFileType
 
 from efedge.json_mode import check_format
+from efedge.reasoning import OPEN
 from efedge.server_body import json_bytes
 from efedge.server_replies import _error_of
 from efedge.server_requests import (
@@ -280,6 +281,8 @@ class OllamaMixin:
             template = m.chat_template().source
         except Exception:  # noqa: BLE001 (a broken template: shown as missing)
             template = ""
+        if OPEN in template:  # a thinking model's template (think: true splits it off)
+            caps.append("thinking")
         self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
                               "template": template, "details": model_details(m),
                               "model_info": info, "capabilities": caps,

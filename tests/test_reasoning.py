@@ -158,6 +158,10 @@ def test_tool_calls_come_from_the_answer_only(model, monkeypatch):
 def test_ollama_think(model, monkeypatch):
     _script(monkeypatch, model, REPLY)
     with running_server(model) as srv:
+        # a template that writes <think>: the "thinking" capability Ollama's clients look
+        # for before they offer think (the test_ollama model's chatml has none)
+        status, show = post_json(srv, "/api/show", {"model": srv.model_id})
+        assert status == 200 and "thinking" in show["capabilities"], show
         base = {"model": srv.model_id, "messages": HI, "stream": False}
         status, got = post_json(srv, "/api/chat", dict(base, think=True))
         assert status == 200, got
