@@ -64,6 +64,7 @@ class ReplyMixin:
                 return
             if ev[0] == "reasoning":
                 thought.append(ev[1])
+                recs += ev[2] or []
             elif ev[0] == "start":
                 parts.append(ev[2])  # the echoed prompt, or ""
                 recs += ev[3] or []
@@ -139,7 +140,7 @@ class ReplyMixin:
             if ev[0] == "text":
                 self._event(chunk(ev[1], None, recs=ev[2]))
             elif ev[0] == "reasoning":
-                self._event(chunk(None, None, d={"reasoning_content": ev[1]}))
+                self._event(chunk(None, None, d={"reasoning_content": ev[1]}, recs=ev[2]))
             elif ev[0] == "error":
                 self._event(_error_of(ev[1]).body())
                 return

@@ -142,6 +142,33 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
             model.chat_prompt(HI, template_kwargs={"enable_thinking": False}))
 
 
+def test_streamed_log_probabilities_go_with_their_part(model, monkeypatch):
+    """Streamed with logprobs, the reasoning chunks carry the reasoning tokens' records and
+    the answer's chunks the answer's (the answer's chunks carried the reasoning's, the
+    answer's own came with the finish chunk); unstreamed, every token's, in order."""
+    _script(monkeypatch, model, REPLY)
+    n_tokens = len(model.tokenize(REPLY, add_special=False))
+    with running_server(model) as srv:
+        status, text = post(srv, "/v1/chat/completions", {"messages": HI, "stream": True,
+                                                         "logprobs": True})
+        assert status == 200, text
+        said: dict[str, list[str]] = {"reasoning_content": [], "content": [], "end": []}
+        for c in sse_chunks(text):
+            if not c["choices"] or not (c["choices"][0]["logprobs"] or {}).get("content"):
+                continue
+            d = c["choices"][0]
+            kind = "end" if d["finish_reason"] else next(iter(d["delta"]))
+            said[kind] += [r["token"] for r in d["logprobs"]["content"]]
+        thought, answer = "".join(said["reasoning_content"]), "".join(said["content"])
+        assert "".join(thought + answer + "".join(said["end"])) == REPLY
+        assert "think about" in thought and "Hello" not in thought
+        assert "Hello there" in answer and "about" not in answer, said
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
+                                                              "logprobs": True})
+        recs = got["choices"][0]["logprobs"]["content"]
+        assert len(recs) == n_tokens and "".join(r["token"] for r in recs) == REPLY
+
+
 def test_tool_calls_come_from_the_answer_only(model, monkeypatch):
     tools = [{"type": "function", "function": {"name": "now"}}]
     call = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
