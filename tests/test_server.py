@@ -642,6 +642,14 @@ def test_a_failure_after_the_first_piece_is_an_http_error(model, monkeypatch, pa
         assert status == 200 and "read failed" in text.strip().splitlines()[-1]
 
 
+def test_a_stop_string_with_a_lone_surrogate_is_echoed_escaped(server):
+    """llama.cpp's /completion echoes its stop strings in generation_settings: one holding
+    a lone surrogate died in encode (the connection dropped) before json_bytes."""
+    status, got = call(server, "/completion", {"prompt": "hi", "n_predict": 2,
+                                               "stop": ["\ud800"]})
+    assert status == 200 and got["generation_settings"]["stop"] == ["\ud800"], got
+
+
 def test_make_server_on_a_taken_port(model):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
