@@ -39,7 +39,8 @@ def parse_native(path: str, body: Any, defaults: dict) -> GenRequest:
     if path == "/infill":
         extra = _field(body, "input_extra", list, [])
         for i, chunk in enumerate(extra):
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("text", ""), str) \
+            # (the text is required, as llama-server requires it; the filename is not)
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str) \
                     or not isinstance(chunk.get("filename", "tmp"), str):
                 raise APIError(400, f"input_extra[{i}] must be {{\"text\": string, "
                                     "\"filename\": string}", "invalid_type",

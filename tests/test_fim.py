@@ -210,6 +210,8 @@ def test_server_routes(files):
                     ("/infill", {"input_prefix": 5}, "input_prefix"),
                     ("/infill", {"input_prefix": "x", "input_extra": [{"text": 1}]},
                      "input_extra"),
+                    ("/infill", {"input_prefix": "x", "input_extra": [{"filename": "a"}]},
+                     "input_extra"),
                     ("/completion", {"prompt": "x", "n_probs": 3}, "n_probs"),
                     ("/completion", {"n_predict": 3}, "prompt"),
                     ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "prompt"),
