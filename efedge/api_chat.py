@@ -130,6 +130,9 @@ def check_template_kwargs(kw: dict | None) -> dict:
     if taken:
         raise ArgumentError(f"template_kwargs cannot set {', '.join(taken)}: efedge passes "
                             "those itself")
+    if isinstance(kw.get("enable_thinking"), str):  # "false" is true to a template's test
+        raise ArgumentError("template_kwargs: enable_thinking must be true or false, not a "
+                            "string (as llama-server refuses it)")
     return kw
 
 

@@ -27,6 +27,14 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                  "logit_bias")
 
 
+def _max_tokens(max_tokens) -> int:
+    """max_tokens checked: a non-negative integer (ArgumentError naming it if not)."""
+    if not isinstance(max_tokens, int | np.integer) or isinstance(max_tokens, bool) \
+            or max_tokens < 0:
+        raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+    return int(max_tokens)
+
+
 class GenerationMixin:
     def _token_ids(self, ids, check_range: bool = True) -> list[int]:
         """Validated token ids: integers inside the vocabulary, named when not."""
@@ -75,10 +83,7 @@ class GenerationMixin:
         """Validate now (errors surface at call time, not at the first next()), then
         return the generator. The cancel event is registered now too, so a cancel()
         between the call and the first token is not lost."""
-        if not isinstance(max_tokens, int | np.integer) or isinstance(max_tokens, bool) \
-                or max_tokens < 0:
-            raise ArgumentError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
-        max_tokens = int(max_tokens)
+        max_tokens = _max_tokens(max_tokens)
         sampler = Sampler(self._params(sampling))
         logprobs = check_top(logprobs)
         constraint = constraint_for(format, self.tokenizer)
@@ -204,7 +209,7 @@ class GenerationMixin:
         (efedge.fim: the markers of the model's vocab, the prefix / suffix / extra files
         cut to fit); UnsupportedModelError for a model without FIM tokens."""
         return infill_ids(self.tokenizer, prefix, suffix, prompt=prompt, extra=extra,
-                          n_ctx=self.n_ctx, n_predict=max_tokens)
+                          n_ctx=self.n_ctx, n_predict=_max_tokens(max_tokens))
 
     def infill(self, prefix: str, suffix: str = "", *, prompt: str = "", extra=None,
                max_tokens: int = 128, stream: bool = False, stop=None,

@@ -13,12 +13,14 @@ after the repository-level pattern of the Qwen2.5-Coder report):
     [BOS] [FIM_PRE]prefix prompt [FIM_SUF]suffix [FIM_MID]
 
 (`prompt`, the start of the middle if the editor has one, follows the prefix: where
-llama.cpp's code puts it, whatever its comment says.)
+llama.cpp's code puts it, whatever its comment says. Its special tokens' texts are read
+as the tokens, as llama-server reads them; the other parts are plain text.)
 
 The parts are cut to fit as llama.cpp cuts them: the prefix keeps its last 3/4 of a batch
 of tokens (2048, llama.cpp's default, or less where the context is smaller), the suffix its
 first 1/4 less the prompt and two markers, and the extra chunks (their last tokens) what
-the context leaves beside a batch and twice the tokens to generate.
+the context leaves beside a batch and twice the tokens to generate (but never the last
+token of the context: room for the answer's first, at least).
 """
 
 from __future__ import annotations
@@ -95,14 +97,24 @@ def infill_ids(tokenizer, prefix: str, suffix: str = "", *, prompt: str = "",
     if ids.get("sep") is not None:
         extra_ids += [ids["sep"], *enc("filename\n")]
 
-    prefix_ids, suffix_ids, prompt_ids = enc(prefix), enc(suffix), enc(prompt)
+    # (llama-server reads special tokens in the prompt, not in the parts around it)
+    prefix_ids, suffix_ids = enc(prefix), enc(suffix)
+    prompt_ids = tokenizer.encode(prompt, add_special=False, parse_special=True)
     # a context smaller than a batch and the answer: the batch shrinks so that the prompt
-    # (at most a batch + the markers) leaves room for the answer
+    # (at most a batch + the markers) leaves room for the answer — unless no context could
+    # hold that answer: then it runs until the context is full, after a full prompt (the
+    # batch shrank to 8 tokens, the prefix cut to 6)
+    n_predict = n_predict if n_predict < n_ctx else 0
     n_batch = max(8, min(n_batch, n_ctx - max(0, n_predict) - 4))
     n_prefix = min(len(prefix_ids), 3 * (n_batch // 4))
     n_suffix = min(len(suffix_ids), max(0, n_batch // 4 - (2 + len(prompt_ids))))
-    n_extra = min(max(0, n_ctx - n_batch - 2 * max(0, n_predict)), len(extra_ids))
     head = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    # llama.cpp's budget for the extra files counts neither the markers nor a BOS, so with
+    # no n_predict (0, 1) a full prefix, suffix and extra filled the context: they keep
+    # room for the answer's first token, at least
+    n_fim = n_prefix + len(prompt_ids) + n_suffix + 3 + len(head)
+    n_extra = min(max(0, n_ctx - n_batch - 2 * max(0, n_predict)), len(extra_ids),
+                  max(0, n_ctx - n_fim - max(1, n_predict)))
     return (extra_ids[len(extra_ids) - n_extra:] + head
             + [pre, *prefix_ids[len(prefix_ids) - n_prefix:], *prompt_ids]
             + [suf, *suffix_ids[:n_suffix]] + [mid])

@@ -38,10 +38,10 @@ header and OPTIONS is a 405, so no web page can use the model through a visitor'
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -54,7 +54,7 @@ from typing import Any
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import TemplateError, UnsupportedModelError
-from efedge.server_body import read_body, read_json, readable, set_bind_options
+from efedge.server_body import json_bytes, read_body, read_json, readable, set_bind_options
 from efedge.server_native import ROUTES as NATIVE_ROUTES
 from efedge.server_native import NativeReplyMixin, parse_native
 from efedge.server_ollama import ROUTES as OLLAMA_ROUTES
@@ -92,7 +92,7 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
 
     def _send_json(self, status: int, obj: Any, close: bool = False,
                    headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        body = json_bytes(obj)
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -287,6 +287,15 @@ class EfedgeServer(ThreadingHTTPServer):
         self.allow_reuse_address = False
         set_bind_options(self.socket)
         super().server_bind()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that reset or dropped its connection (between requests, or while
+        one was read) is no error of ours: logged, not printed as socketserver's
+        traceback per connection; anything else keeps that."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.info("%s: connection reset or closed", client_address[0])
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:

@@ -1,8 +1,9 @@
-"""Reading an HTTP request's body for the server (efedge/server.py), and the sockets' two
-helpers (bind options, whether a client has data or has left): Content-Length or
-chunked transfer encoding, a size limit, and JSON — every failure an APIError with the
-status and code OpenAI clients expect, and `close=True` where the rest of the body was not
-read (the connection cannot carry another request).
+"""Reading an HTTP request's body for the server (efedge/server.py), the sockets' two
+helpers (bind options, whether a client has data or has left) and the answers' JSON
+bytes (json_bytes). Bodies: Content-Length or chunked transfer encoding, a size limit,
+and JSON — every failure an APIError with the status and code OpenAI clients expect, and
+`close=True` where the rest of the body was not read (the connection cannot carry
+another request).
 """
 
 from __future__ import annotations
@@ -94,6 +95,17 @@ def read_json(rfile, headers, limit: int) -> Any:
         raise APIError(400, f"the body is not valid JSON: {exc}", "invalid_json") from None
     except RecursionError:  # "[[[[…" a few thousand deep fits in any body limit
         raise APIError(400, "the body's JSON is nested too deeply", "invalid_json") from None
+
+
+def json_bytes(obj: Any) -> bytes:
+    """An answer's JSON as UTF-8, characters unescaped — but for a text holding a lone
+    surrogate (half a pair: JSON and Python strings carry one, UTF-8 cannot), which is
+    written all in ASCII, the surrogate as its \\u escape, instead of failing to encode."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj).encode("ascii")
 
 
 def set_bind_options(sock: socket.socket) -> None:

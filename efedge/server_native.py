@@ -39,7 +39,8 @@ def parse_native(path: str, body: Any, defaults: dict) -> GenRequest:
     if path == "/infill":
         extra = _field(body, "input_extra", list, [])
         for i, chunk in enumerate(extra):
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("text", ""), str) \
+            # (the text is required, as llama-server requires it; the filename is not)
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str) \
                     or not isinstance(chunk.get("filename", "tmp"), str):
                 raise APIError(400, f"input_extra[{i}] must be {{\"text\": string, "
                                     "\"filename\": string}", "invalid_type",
@@ -111,7 +112,10 @@ class NativeReplyMixin:
         n_prompt = ev[1] if ev[0] == "start" else 0
         while ev[0] != "done":
             if ev[0] == "error":
-                self._event(_error_of(ev[1]).body())
+                if stream:
+                    self._event(_error_of(ev[1]).body())
+                else:  # nothing written yet: an HTTP error, not a bare event
+                    self._send_error(_error_of(ev[1]))
                 return
             if ev[0] == "text":
                 t_first = t_first or time.monotonic()

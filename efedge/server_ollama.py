@@ -5,7 +5,8 @@ editor and note-taking plugins, the `ollama` Python / JS clients):
     POST /api/show                           the model's details, template, capabilities
     POST /api/generate                       prompt → response (raw, or through the chat
                                              template with `system`; `suffix`: fill in
-                                             the middle; `context` continues a reply)
+                                             the middle; `context` continues a reply:
+                                             a templated turn after its ids)
     POST /api/chat                           messages → message (tools, format)
 
 Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
@@ -13,10 +14,12 @@ Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
 `"done": true`, `done_reason` ("stop" / "length"), counts and durations in nanoseconds
 (wall times seen by the server). `options` take Ollama's names for llama.cpp's sampling
 settings (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-presence_penalty, frequency_penalty, seed, num_predict, stop); `num_ctx`, `keep_alive`,
-`think` and the other runner knobs change nothing (the context is `efedge serve -c`'s,
-the model stays loaded). `images` are refused: efedge runs text models. Errors are
-Ollama's `{"error": "…"}` with the HTTP status of the OpenAI routes.
+presence_penalty, frequency_penalty, seed, num_predict, stop); `num_ctx`, `keep_alive`
+and the other runner knobs change nothing (the context is `efedge serve -c`'s, the model
+stays loaded). `think` (not an option) splits a thinking model's reasoning off into
+`thinking`, or with false asks the template not to think. `images` are refused: efedge
+runs text models. Errors are Ollama's `{"error": "…"}` with the HTTP status of the
+OpenAI routes.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
 from gguf import LlamaFileType
 
 from efedge.json_mode import check_format
+from efedge.reasoning import OPEN
+from efedge.server_body import json_bytes
 from efedge.server_replies import _error_of
 from efedge.server_requests import (
     APIError,
@@ -45,6 +51,7 @@ ROUTES = GET_ROUTES + POST_ROUTES
 # the Ollama API release whose request and response shapes these routes follow (clients
 # check it before using newer fields)
 OLLAMA_API_VERSION = "0.12.0"
+THINK_LEVELS = ("high", "medium", "low")  # think's strings (gpt-oss's reasoning effort)
 _OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
             "min_p": "min_p", "repeat_penalty": "repeat_penalty",
             "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
@@ -117,31 +124,45 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
             raise APIError(400, "'prompt' and 'system' must be strings", "invalid_type",
                            param="prompt")
         suffix = body.get("suffix") or ""
-        context = body.get("context")
-        if body.get("raw") or suffix or context:
+        if body.get("raw") and (system or body.get("template") or body.get("context")):
+            raise APIError(400, "raw mode does not support template, system, or context",
+                           "invalid_value", param="raw")  # (Ollama's words)
+        context = _context(body.get("context"), model) if not suffix else None
+        if body.get("raw") or suffix:
             req = parse_completion(dict(flat, prompt=prompt, suffix=suffix), defaults)
             req.max_tokens = flat.get("max_tokens")  # (not OpenAI's 16: until the end)
-            if context and not suffix:
-                if not isinstance(context, list) or not all(
-                        isinstance(t, int) and not isinstance(t, bool) for t in context):
-                    raise APIError(400, "'context' must be the array of token ids a reply "
-                                        "gave", "invalid_type", param="context")
-                req.prompt = list(context) + model.tokenize(prompt, add_special=False)
-        else:
+        else:  # (with a context, as Ollama: its ids, then this turn through the template)
             msgs = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": prompt}]
             req = parse_chat(dict(flat, messages=msgs), defaults, kwargs=template_kwargs)
+            req.context = context
     req.format = _format(body) if req.format is None else req.format
     req.ollama = path
     think = body.get("think")
     if think is not None and not isinstance(think, bool | str):
         raise APIError(400, "'think' must be true or false", "invalid_type", param="think")
+    if isinstance(think, str) and think not in THINK_LEVELS:  # ("false" is no false)
+        raise APIError(400, f"invalid think value: {json.dumps(think)[:40]} (must be "
+                            "\"high\", \"medium\", \"low\", true, or false)", "invalid_value",
+                       param="think")  # (Ollama's words)
     # think true: the reasoning apart (`thinking`); false: the template asked not to think
     # (Qwen3's enable_thinking); unset: the reply as the model writes it
     req.reasoning = bool(think) and req.messages is not None
     if think is False and req.messages is not None:
         req.template_kwargs = dict(req.template_kwargs or {}, enable_thinking=False)
     return req
+
+
+def _context(context: Any, model) -> list[int] | None:
+    """/api/generate's `context`: the token ids a reply returned (None when absent)."""
+    if context is None or context == []:
+        return None
+    if not isinstance(context, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < model.n_vocab
+            for t in context):
+        raise APIError(400, "'context' must be the array of token ids a reply gave",
+                       "invalid_type", param="context")
+    return list(context)
 
 
 def _name(model: Any) -> Any:
@@ -155,6 +176,14 @@ def _loads_only(path: str, body: dict) -> bool:
     if path == "/api/chat":
         return body.get("messages") in (None, [])
     return not body.get("prompt") and not body.get("suffix") and not body.get("context")
+
+
+def _unloads(keep_alive: Any) -> bool:
+    """keep_alive 0 ("0", "0s", "0m" …): Ollama's way to unload a model, answered
+    `done_reason: "unload"` (efedge's one model stays loaded)."""
+    if isinstance(keep_alive, str):
+        return re.fullmatch(r"[+-]?0+(\.0*)?([nuµm]?s|m|h)?", keep_alive.strip()) is not None
+    return isinstance(keep_alive, int | float) and keep_alive == 0
 
 
 def model_details(model) -> dict:
@@ -224,7 +253,8 @@ class OllamaMixin:
                 done = {"message": {"role": "assistant", "content": ""}} \
                     if path == "/api/chat" else {"response": ""}
                 self._send_json(200, {"model": s.model_id, "created_at": _now(), **done,
-                                      "done": True, "done_reason": "load"})
+                                      "done": True, "done_reason": "unload"
+                                      if _unloads(body.get("keep_alive")) else "load"})
                 return
             req = parse_ollama(path, body, s.defaults, s.model, s.template_kwargs)
             req.model = _name(req.model)
@@ -251,6 +281,8 @@ class OllamaMixin:
             template = m.chat_template().source
         except Exception:  # noqa: BLE001 (a broken template: shown as missing)
             template = ""
+        if OPEN in template:  # a thinking model's template (think: true splits it off)
+            caps.append("thinking")
         self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
                               "template": template, "details": model_details(m),
                               "model_info": info, "capabilities": caps,
@@ -283,7 +315,10 @@ class OllamaMixin:
         t_first = None
         while ev[0] != "done":
             if ev[0] == "error":
-                self._line({"error": _error_of(ev[1]).message})
+                if req.stream:
+                    self._line({"error": _error_of(ev[1]).message})
+                else:  # nothing written yet: an HTTP error, not a bare line
+                    self._ollama_error(_error_of(ev[1]))
                 return
             if ev[0] in ("text", "reasoning"):
                 t_first = t_first or time.monotonic()
@@ -314,5 +349,5 @@ class OllamaMixin:
             self._send_json(200, final)
 
     def _line(self, obj: dict) -> None:
-        self.wfile.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+        self.wfile.write(json_bytes(obj) + b"\n")
         self.wfile.flush()

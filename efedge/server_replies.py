@@ -6,7 +6,6 @@ tool calls included — and which HTTP error an exception becomes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from efedge.errors import (
@@ -19,6 +18,7 @@ from efedge.errors import (
     TemplateError,
     TransferError,
 )
+from efedge.server_body import json_bytes
 from efedge.server_logprobs import as_chat, as_completion
 from efedge.server_requests import APIError
 from efedge.server_worker import Job
@@ -64,6 +64,7 @@ class ReplyMixin:
                 return
             if ev[0] == "reasoning":
                 thought.append(ev[1])
+                recs += ev[2] or []
             elif ev[0] == "start":
                 parts.append(ev[2])  # the echoed prompt, or ""
                 recs += ev[3] or []
@@ -92,8 +93,8 @@ class ReplyMixin:
         self._send_json(200, resp)
 
     def _event(self, obj: Any) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-        self.wfile.write(f"data: {data}\n\n".encode())
+        data = obj.encode() if isinstance(obj, str) else json_bytes(obj)
+        self.wfile.write(b"data: " + data + b"\n\n")
         self.wfile.flush()
 
     def _begin_events(self) -> None:
@@ -139,7 +140,7 @@ class ReplyMixin:
             if ev[0] == "text":
                 self._event(chunk(ev[1], None, recs=ev[2]))
             elif ev[0] == "reasoning":
-                self._event(chunk(None, None, d={"reasoning_content": ev[1]}))
+                self._event(chunk(None, None, d={"reasoning_content": ev[1]}, recs=ev[2]))
             elif ev[0] == "error":
                 self._event(_error_of(ev[1]).body())
                 return

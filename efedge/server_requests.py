@@ -61,6 +61,8 @@ class GenRequest:
     # reasoning_content / Ollama's thinking
     reasoning: bool = False
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
+    # (Ollama's /api/generate) the ids a reply returned, before the templated turn
+    context: list[int] | None = None
 
 
 _MISSING = object()
@@ -163,6 +165,9 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     raw = body.get("logit_bias")
     if raw is None:
         return None
+    # an object's keys are ids written as strings; a pair's string is a text llama.cpp
+    # tokenizes ("5" too), which efedge refuses
+    digits = isinstance(raw, dict)
     if isinstance(raw, dict):
         pairs = list(raw.items())
     elif isinstance(raw, list) and all(isinstance(e, list) and len(e) == 2 for e in raw):
@@ -173,7 +178,7 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     out: dict[int, float] = {}
     for key, val in pairs:
         tok = key if isinstance(key, int) and not isinstance(key, bool) else None
-        if isinstance(key, str) and key.isascii() and key.isdigit():
+        if digits and isinstance(key, str) and key.isascii() and key.isdigit():
             tok = int(key)
         if tok is None or tok < 0:
             raise APIError(400, f"logit_bias: {json.dumps(key)[:40]} is not a token id (give "
@@ -239,7 +244,9 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
     if reasoning not in REASONING_FORMATS:
         raise APIError(400, f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, "
                             f"got {reasoning!r}", "invalid_value", param="reasoning_format")
-    kwargs = _field(body, "chat_template_kwargs", dict, kwargs)
+    own = _field(body, "chat_template_kwargs", dict)
+    if own is not None:  # as llama-server: the request's variables over the server's
+        kwargs = {**(kwargs or {}), **own}
     try:
         check_template_kwargs(kwargs)
     except ArgumentError as exc:
@@ -305,6 +312,10 @@ def parse_completion(body: Any, defaults: dict) -> GenRequest:
     if _field(body, "best_of", int, 1) != 1:
         raise APIError(400, "only best_of=1 is supported", "unsupported", param="best_of")
     echo = _field(body, "echo", bool, False)
+    if echo and infill:  # the prompt run is the FIM layout, not the text to echo: its
+        # log probabilities would be those of the markers, the prefix and the suffix
+        raise APIError(400, "echo cannot be combined with a suffix", "unsupported",
+                       param="echo")
     return GenRequest(messages=None, prompt=prompt, echo=echo, logprobs=logprobs,
                       format=_format(body), infill=infill, **kw)
 

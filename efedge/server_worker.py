@@ -2,7 +2,8 @@
 in arrival order, while the HTTP threads wait for its events (efedge/server.py).
 
 A request is a `Job`: the worker puts ("start", n_prompt, echo_text, prompt_logprobs),
-("text", piece, logprobs) …, then ("done", usage, finish_reason, logprobs, tool_calls) or
+("text", piece, logprobs) … (and for a thinking model's reasoning ("reasoning", piece,
+logprobs) …, first), then ("done", usage, finish_reason, logprobs, tool_calls) or
 ("error", exception) on its queue. With tools, the text is the reply's content
 (efedge.tool_calls.CallStream holds back a <tool_call> block from its start), tool_calls
 the calls parsed from it (None without tools) and the finish reason "tool_calls" when
@@ -41,8 +42,8 @@ def _shutting_down() -> APIError:
 class Job:
     def __init__(self, req: GenRequest):
         self.req = req
-        # ("start", n_prompt, echo_text, recs) ("text", s, recs) ("done", usage, finish,
-        # recs, tool_calls) ("error", exc): see the module docstring
+        # ("start", n_prompt, echo_text, recs) ("text" / "reasoning", s, recs) ("done",
+        # usage, finish, recs, tool_calls) ("error", exc): see the module docstring
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
@@ -139,6 +140,9 @@ class ModelWorker:
         if req.messages is not None:
             ids = m.chat_prompt(req.messages, tools=req.tools,
                                 template_kwargs=req.template_kwargs)
+            if req.context:  # the conversation so far, then this turn (the context's BOS)
+                bos = m.tokenizer.add_bos and ids[:1] == [m.tokenizer.bos_id]
+                ids = req.context + (ids[1:] if bos else ids)
         elif req.infill is not None:
             try:
                 ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)
@@ -182,11 +186,15 @@ class ModelWorker:
         result = GenerationResult([], "cancelled")
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
                       logprobs=lp, format=req.format, **req.sampling)
-        sent = released = 0  # characters sent; generated tokens whose records went
+        # characters of the generated text written, and of those decided (sent, or dropped
+        # as reasoning tags); generated tokens whose records went
+        written = sent = released = 0
         calls = CallStream(req.tools) if req.tools is not None else None
-        # a thinking model's reasoning goes apart ("reasoning" events), the rest on
-        splitter = ReasoningSplitter(prompt_opens_thinking(m.detokenize(ids[-8:]))) \
-            if req.reasoning else None
+        # a thinking model's reasoning goes apart ("reasoning" events), the rest on; a
+        # format (JSON, a schema, a forced call) constrains the reply from its first token,
+        # so what follows a <think> the template opened is the answer, not reasoning
+        splitter = ReasoningSplitter(req.format is None and prompt_opens_thinking(
+            m.detokenize(ids[-8:]))) if req.reasoning else None
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""
@@ -198,18 +206,20 @@ class ModelWorker:
                 released += 1
             return records(tok, entries[first:released], len(echo))
 
-        def emit(parts: list[tuple[str, str]]) -> None:
+        def emit(parts: list[tuple[str, str]], upto: int) -> None:
+            """Put the parts' events; `upto`: the generated text they end (what the
+            reasoning splitter holds back excluded), whose tokens' records go with them."""
             nonlocal sent
             for kind, piece in parts:
-                if kind == "reasoning":
-                    sent += len(piece)
-                    job.events.put(("reasoning", piece))
+                if kind == "reasoning":  # (its tokens' records with it, not the answer's)
+                    sent = upto
+                    job.events.put(("reasoning", piece, release()))
                     continue
                 if calls is not None:
                     piece = calls.push(piece)
                     if not piece:
                         continue
-                sent += len(piece)
+                sent = upto - (len(calls.held) if calls is not None else 0)
                 job.events.put(("text", piece, release()))
 
         try:
@@ -219,13 +229,17 @@ class ModelWorker:
                     started = True
                 if job.cancelled.is_set():
                     break
-                emit(splitter.push(piece) if splitter is not None else [("content", piece)])
+                written += len(piece)
+                if splitter is not None:
+                    emit(splitter.push(piece), written - len(splitter.buf))
+                else:
+                    emit([("content", piece)], written)
         finally:
             it.close()
         if not started:
             job.events.put(("start", n_prompt, echo, prompt_recs))
         if splitter is not None:
-            emit(splitter.finish())
+            emit(splitter.finish(), written)
         n_gen, job.finish = len(result.tokens), result.finish_reason
         job.tokens = list(result.tokens)
         if job.finish == "stop" and req.stop and not (

@@ -5,11 +5,14 @@ would never write."""
 from __future__ import annotations
 
 from efedge import api_generation
+from efedge.logprobs import TokenLogprob
 
 
-def script_tokens(monkeypatch, ids: list[int]) -> None:
+def script_tokens(monkeypatch, ids: list[int], then: Exception | None = None) -> None:
     """Every generation from now on (for the test's duration) prefills its prompt as usual,
-    then yields `ids` (at most max_tokens of them) and stops."""
+    then yields `ids` (at most max_tokens of them) and stops — or raises `then` after
+    them (a failure mid-generation). Asked for log probabilities, each token gets an
+    entry of -1.0 (the records' shapes and where they go are tested, not the values)."""
     real = api_generation.generate_tokens
 
     def fake(session, prompt, sampler, *, max_tokens, eog, cancel=None, result=None,
@@ -20,7 +23,11 @@ def script_tokens(monkeypatch, ids: list[int]) -> None:
         for tok in ids[:max_tokens]:
             if result is not None:
                 result.tokens.append(tok)
+                if logprobs is not None:
+                    result.logprobs.append(TokenLogprob(tok, -1.0))
             yield tok
+        if then is not None:
+            raise then
         if result is not None:
             result.finish_reason = "stop" if max_tokens >= len(ids) else "length"
 

@@ -106,6 +106,26 @@ def test_layout_without_a_file_separator_and_with_bos(files):
         assert ids == want
 
 
+def test_the_prompt_reads_special_tokens_the_parts_do_not(files):
+    """llama-server tokenizes /infill's `prompt` with parse_special (a control token's
+    text is the token), the prefix, suffix and extra files without (text is text)."""
+    with efedge.load(files["qwen"], n_ctx=4096) as m:
+        tok, f = m.tokenizer, m.tokenizer.fim_ids
+        ids = m.infill_prompt("<|fim_pad|>", "b", prompt="x<|fim_pad|>")
+        assert ids[ids.index(f["pre"]):] == [
+            f["pre"], *tok.encode("<|fim_pad|>", False), *tok.encode("x", False), f["pad"],
+            f["suf"], *tok.encode("b", False), f["mid"]]
+
+
+def test_bad_max_tokens_are_named(files):
+    """m.infill's max_tokens is checked as generate's is (it sizes the layout first, where
+    None, a string or a float died in a comparison or a slice)."""
+    with efedge.load(files["qwen"]) as m:
+        for bad in (None, -1, "3", 3.5, True):
+            with pytest.raises(efedge.ArgumentError, match="max_tokens"):
+                m.infill("def f(", ")", max_tokens=bad)
+
+
 def test_parts_are_cut_as_llama_cpp_cuts_them(files):
     with efedge.load(files["qwen"], n_ctx=4096) as m:
         tok, f = m.tokenizer, m.tokenizer.fim_ids
@@ -124,6 +144,18 @@ def test_parts_are_cut_as_llama_cpp_cuts_them(files):
         # a context smaller than a batch and the answer: the batch shrinks to fit
         small = infill_ids(tok, tok.decode(pre), tok.decode(suf), n_ctx=64, n_predict=16)
         assert len(small) + 16 <= 64 and small[-1] == f["mid"]
+        # an answer longer than the context: laid out as one of no given length (the
+        # prefix was cut to 6 tokens to leave room for it)
+        for n in (256, 10**6):
+            assert infill_ids(tok, tok.decode(pre), tok.decode(suf), n_ctx=256,
+                              n_predict=n) == infill_ids(tok, tok.decode(pre), tok.decode(suf),
+                                                         n_ctx=256)
+        # full parts and extra files with no n_predict (0) or 1: room for the answer's
+        # first token still (llama.cpp's budget counts no markers: 1 over the context)
+        for n in (0, 1, 2):
+            full = infill_ids(tok, "a b c d " * 300, "e f g h " * 300, n_ctx=256,
+                              n_predict=n, extra=[{"text": "z y " * 500}])
+            assert len(full) + max(1, n) <= 256 and full[-1] == f["mid"], (n, len(full))
 
 
 @pytest.mark.requires_llama_cpp
@@ -178,9 +210,15 @@ def test_server_routes(files):
                     ("/infill", {"input_prefix": 5}, "input_prefix"),
                     ("/infill", {"input_prefix": "x", "input_extra": [{"text": 1}]},
                      "input_extra"),
+                    ("/infill", {"input_prefix": "x", "input_extra": [{"filename": "a"}]},
+                     "input_extra"),
                     ("/completion", {"prompt": "x", "n_probs": 3}, "n_probs"),
                     ("/completion", {"n_predict": 3}, "prompt"),
-                    ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "prompt")]:
+                    ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "prompt"),
+                    # (the prompt run is the FIM layout: the echoed text's log
+                    # probabilities would be the markers' and the suffix's)
+                    ("/v1/completions", {"prompt": "a", "suffix": "b", "echo": True,
+                                         "logprobs": 1}, "echo")]:
                 status, got = post_json(srv, path, bad)
                 assert status == 400 and got["error"]["param"] == param, (path, got)
             assert post(srv, "/infill", [1, 2])[0] == 400  # not an object

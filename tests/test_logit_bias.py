@@ -134,6 +134,9 @@ def test_server_takes_both_forms_and_names_bad_ones(model):
         for bad, code in [({"x": 1}, "invalid_value"), ({"5": 101}, "invalid_value"),
                           ({"5": True}, "invalid_value"), ({"-5": 1}, "invalid_value"),
                           ([[1, 2, 3]], "invalid_type"), ("5", "invalid_type"),
+                          # a pair's string is a text in llama.cpp (the ids of "5"), never
+                          # the id 5
+                          ([["5", 1]], "invalid_value"),
                           ({str(model.n_vocab): 1}, "invalid_value")]:
             status, got = call("/v1/chat/completions",
                                {"messages": [{"role": "user", "content": "hi"}],

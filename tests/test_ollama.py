@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from _http import post, post_json, running_server
+from _scripted import script_tokens
 from _vocab_fixtures import write_vocab_model
 
 import efedge
@@ -68,13 +69,31 @@ def test_generate_raw_streamed_and_not(srv, model):
     assert final["total_duration"] >= final["eval_duration"] > 0
     status, one = post_json(srv, "/api/generate", dict(body, stream=False))
     assert status == 200 and one["response"] == want and one["done"] is True
-    # continued from the returned context: its ids, then the new text's (no BOS)
-    status, more = post_json(srv, "/api/generate", {
-        "model": "tiny", "prompt": " and", "context": final["context"], "stream": False,
-        "options": GREEDY})
-    ids = final["context"] + model.tokenize(" and", add_special=False)
-    assert status == 200 and more["response"] == model.generate(ids, max_tokens=6,
-                                                                temperature=0)
+    # as Ollama: raw mode takes no context (nor system): a 400, not a guess
+    for extra in ({"context": final["context"]}, {"system": "Be brief."}):
+        status, err = post_json(srv, "/api/generate", dict(body, stream=False, **extra))
+        assert status == 400 and "raw mode does not support" in err["error"], err
+
+
+def test_generate_continued_from_context_goes_through_the_template(srv, model):
+    """As Ollama: without raw, the new prompt is a user turn of the chat template after
+    the context's ids (one BOS, the context's) — it was appended as raw text."""
+    body = {"model": "tiny", "prompt": "hi", "system": "Be brief.", "stream": False,
+            "options": GREEDY}
+    status, first = post_json(srv, "/api/generate", body)
+    assert status == 200, first
+    status, more = post_json(srv, "/api/generate", dict(body, prompt="and then?",
+                                                         context=first["context"]))
+    assert status == 200, more
+    turn = model.chat_prompt([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "and then?"}])
+    ids = first["context"] + (turn[1:] if model.tokenizer.add_bos else turn)
+    assert more["prompt_eval_count"] == len(ids)
+    assert more["response"] == model.generate(ids, max_tokens=6, temperature=0)
+    assert more["context"][:len(ids)] == ids
+    for bad in ([model.n_vocab], ["a"], "abc"):
+        status, err = post_json(srv, "/api/generate", dict(body, context=bad))
+        assert status == 400 and "context" in err["error"], err
 
 
 def test_generate_through_the_template_and_chat(srv, model):
@@ -105,6 +124,11 @@ def test_load_only_calls(srv):
                         ("/api/chat", {"model": "tiny:latest", "messages": []})]:
         status, got = post_json(srv, route, body)
         assert status == 200 and got["done"] is True and got["done_reason"] == "load", got
+        # keep_alive 0 is Ollama's unload call: answered as Ollama answers it
+        for ka in (0, "0", "0s", "0m"):
+            status, got = post_json(srv, route, dict(body, keep_alive=ka))
+            assert status == 200 and got["done_reason"] == "unload", (ka, got)
+        assert post_json(srv, route, dict(body, keep_alive="5m"))[1]["done_reason"] == "load"
 
 
 @pytest.mark.parametrize("route, body, status, words", [
@@ -125,6 +149,10 @@ def test_load_only_calls(srv):
                    "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tool_call"),
     ("/api/chat", {"model": "tiny", "messages": "x"}, 400, "messages"),
+    # think's strings are levels, as in Ollama: "false" was taken as thinking on
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "think": "false"}, 400, "invalid think value"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "think": ""}, 400, "think"),
 ])
 def test_refusals_in_ollamas_shape(srv, route, body, status, words):
     got_status, got = post_json(srv, route, body)
@@ -153,3 +181,22 @@ def test_generate_with_a_suffix_fills_in_the_middle(tmp_path):
         assert status == 200 and got["response"] == want, got
         status, show = post_json(s, "/api/show", {"model": "coder"})
         assert "insert" in show["capabilities"]
+
+
+def test_call_arguments_with_a_lone_surrogate(model, monkeypatch):
+    """A call whose arguments hold half a surrogate pair (the model wrote "\\ud83d"):
+    Ollama's arguments object carries the string, and the answer (one object or JSON
+    lines) is still UTF-8, the character escaped — it died in encode, a traceback in the
+    log and the connection dropped."""
+    call = '<tool_call>\n{"name": "say", "arguments": {"text": "\\ud83d!"}}\n</tool_call>'
+    script_tokens(monkeypatch, model.tokenize(call, add_special=False))
+    tools = [{"type": "function", "function": {"name": "say"}}]
+    with running_server(model) as srv:
+        srv.tools_error = None  # (the tiny template renders no tools: the answer is tested)
+        for stream in (False, True):
+            status, text = post(srv, "/api/chat", {"messages": [{"role": "user", "content":
+                                                                 "hi"}], "tools": tools,
+                                                   "stream": stream})
+            assert status == 200, text
+            (got,) = lines(text)[-1]["message"]["tool_calls"]
+            assert got["function"] == {"name": "say", "arguments": {"text": "\ud83d!"}}

@@ -88,7 +88,8 @@ def test_template_kwargs_in_the_api(model):
                                                                    "enable_thinking": False}))
     assert "[brief]" in text and text.endswith("<think>\n\n</think>\n\n")
     assert model.detokenize(model.chat_prompt(HI)).endswith("<think>\n")
-    for bad in ({"messages": []}, {"bos_token": "x"}, ["style"], {1: 2}):
+    for bad in ({"messages": []}, {"bos_token": "x"}, ["style"], {1: 2},
+                {"enable_thinking": "false"}):  # (a string is true in the template)
         with pytest.raises(ArgumentError, match="template_kwargs"):
             model.chat_prompt(HI, template_kwargs=bad)
 
@@ -120,7 +121,9 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
             HI, template_kwargs={"enable_thinking": False}))
         for bad, param in [({"reasoning_format": "x"}, "reasoning_format"),
                            ({"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs"),
-                           ({"chat_template_kwargs": 3}, "chat_template_kwargs")]:
+                           ({"chat_template_kwargs": 3}, "chat_template_kwargs"),
+                           ({"chat_template_kwargs": {"enable_thinking": "false"}},
+                            "chat_template_kwargs")]:
             status, got = post_json(srv, "/v1/chat/completions", dict(bad, messages=HI))
             assert status == 400 and got["error"]["param"] == param, got
     with running_server(model, reasoning_format="none",
@@ -129,6 +132,41 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
         assert got["choices"][0]["message"]["content"] == REPLY
         assert got["usage"]["prompt_tokens"] == len(model.chat_prompt(
             HI, template_kwargs={"style": "terse"}))
+        # a request's variables go over the server's name by name, as llama-server
+        # merges them (they replaced the server's whole set)
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "chat_template_kwargs": {"enable_thinking": False}})
+        assert got["usage"]["prompt_tokens"] == len(model.chat_prompt(
+            HI, template_kwargs={"style": "terse", "enable_thinking": False}))
+        assert len(model.chat_prompt(HI, template_kwargs={"style": "terse"})) != len(
+            model.chat_prompt(HI, template_kwargs={"enable_thinking": False}))
+
+
+def test_streamed_log_probabilities_go_with_their_part(model, monkeypatch):
+    """Streamed with logprobs, the reasoning chunks carry the reasoning tokens' records and
+    the answer's chunks the answer's (the answer's chunks carried the reasoning's, the
+    answer's own came with the finish chunk); unstreamed, every token's, in order."""
+    _script(monkeypatch, model, REPLY)
+    n_tokens = len(model.tokenize(REPLY, add_special=False))
+    with running_server(model) as srv:
+        status, text = post(srv, "/v1/chat/completions", {"messages": HI, "stream": True,
+                                                         "logprobs": True})
+        assert status == 200, text
+        said: dict[str, list[str]] = {"reasoning_content": [], "content": [], "end": []}
+        for c in sse_chunks(text):
+            if not c["choices"] or not (c["choices"][0]["logprobs"] or {}).get("content"):
+                continue
+            d = c["choices"][0]
+            kind = "end" if d["finish_reason"] else next(iter(d["delta"]))
+            said[kind] += [r["token"] for r in d["logprobs"]["content"]]
+        thought, answer = "".join(said["reasoning_content"]), "".join(said["content"])
+        assert "".join(thought + answer + "".join(said["end"])) == REPLY
+        assert "think about" in thought and "Hello" not in thought
+        assert "Hello there" in answer and "about" not in answer, said
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
+                                                              "logprobs": True})
+        recs = got["choices"][0]["logprobs"]["content"]
+        assert len(recs) == n_tokens and "".join(r["token"] for r in recs) == REPLY
 
 
 def test_tool_calls_come_from_the_answer_only(model, monkeypatch):
@@ -147,6 +185,10 @@ def test_tool_calls_come_from_the_answer_only(model, monkeypatch):
 def test_ollama_think(model, monkeypatch):
     _script(monkeypatch, model, REPLY)
     with running_server(model) as srv:
+        # a template that writes <think>: the "thinking" capability Ollama's clients look
+        # for before they offer think (the test_ollama model's chatml has none)
+        status, show = post_json(srv, "/api/show", {"model": srv.model_id})
+        assert status == 200 and "thinking" in show["capabilities"], show
         base = {"model": srv.model_id, "messages": HI, "stream": False}
         status, got = post_json(srv, "/api/chat", dict(base, think=True))
         assert status == 200, got
@@ -171,3 +213,32 @@ def test_serve_refuses_bad_template_kwargs(model):
                             "--chat-template-kwargs", value], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and "--chat-template-kwargs" in r.stderr
+
+
+def test_a_constrained_reply_is_the_answer(model, monkeypatch):
+    """JSON mode, a schema or a forced call constrains the reply from its first token: what
+    the model writes after the template's <think> is the answer, not reasoning (it was all
+    reasoning_content: the content empty, a forced call lost)."""
+    call = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    with running_server(model) as srv:
+        srv.tools_error = None  # (the test template renders no tools: the parsing is tested)
+        _script(monkeypatch, model, '{"a": 1}')
+        for extra in ({"response_format": {"type": "json_object"}},
+                      {"response_format": {"type": "json_schema", "json_schema": {
+                          "name": "a", "schema": {"type": "object"}}}}):
+            status, got = post_json(srv, "/v1/chat/completions", dict(extra, messages=HI))
+            assert status == 200, got
+            assert got["choices"][0]["message"] == {"role": "assistant",
+                                                    "content": '{"a": 1}'}
+        status, got = post_json(srv, "/api/chat", {"messages": HI, "format": "json",
+                                                   "think": True, "stream": False})
+        assert got["message"] == {"role": "assistant", "content": '{"a": 1}'}, got
+        _script(monkeypatch, model, call)
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "tools": tools, "tool_choice": "required"})
+        assert status == 200, got
+        choice = got["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and "reasoning_content" not in \
+            choice["message"], choice
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["now"]

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from _http import running_server
+from _scripted import script_tokens
 
 import efedge
 from efedge import server_replies
@@ -364,6 +366,21 @@ def _send_raw(srv, body: dict, path: str = "/v1/completions") -> socket.socket:
     return s
 
 
+def test_a_reset_connection_leaves_no_traceback(server, capfd):
+    """A client that resets its connection (close with SO_LINGER 0, as a killed process
+    or a proxy does) once answered: the handler waiting for its next request gets
+    ECONNRESET, which socketserver printed to stderr as a traceback per connection."""
+    capfd.readouterr()
+    for _ in range(3):
+        s = _send_raw(server, {"content": "hello"}, "/tokenize")
+        assert s.recv(1 << 16).startswith(b"HTTP/1.1 200")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(0.3)
+    assert call(server, "/health")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_client_disconnect_cancels_non_streaming(server, model):
     # greedy on the tiny model runs to the end of the context (no end-of-generation token),
     # so only a cancel can stop it early; tokens arrive far faster than the handler's
@@ -602,6 +619,35 @@ def test_a_closed_model_or_a_failed_load_is_the_servers_error(model_path):
                 efedge.CacheBudgetError("too small")):
         err = server_replies._error_of(exc)
         assert (err.status, err.type) == (500, "server_error"), exc
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 8}),
+    ("/completion", {"prompt": "hi", "n_predict": 8}),
+    ("/api/generate", {"prompt": "hi", "raw": True, "stream": False}),
+])
+def test_a_failure_after_the_first_piece_is_an_http_error(model, monkeypatch, path, body):
+    """A generation that fails once text has come (a read error of the model file) answers
+    its non-streaming request with an HTTP error in the route's shape — llama.cpp's and
+    Ollama's routes wrote a bare event or line with no status line, which clients read as
+    a broken connection — and a stream with the route's error event."""
+    script_tokens(monkeypatch, model.tokenize(" hello world", False),
+                  then=efedge.TransferError("expert 3 of layer 1: read failed"))
+    with running_server(model) as srv:
+        status, got = call(srv, path, body)
+        assert status == 500, got
+        message = got["error"] if path.startswith("/api/") else got["error"]["message"]
+        assert "read failed" in message
+        status, text = call(srv, path, dict(body, stream=True))
+        assert status == 200 and "read failed" in text.strip().splitlines()[-1]
+
+
+def test_a_stop_string_with_a_lone_surrogate_is_echoed_escaped(server):
+    """llama.cpp's /completion echoes its stop strings in generation_settings: one holding
+    a lone surrogate died in encode (the connection dropped) before json_bytes."""
+    status, got = call(server, "/completion", {"prompt": "hi", "n_predict": 2,
+                                               "stop": ["\ud800"]})
+    assert status == 200 and got["generation_settings"]["stop"] == ["\ud800"], got
 
 
 def test_make_server_on_a_taken_port(model):

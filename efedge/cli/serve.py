@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
                         "message.reasoning_content (default), none leaves it in the content")
     p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
                    help="variables for the chat template, e.g. '{\"enable_thinking\": false}' "
-                        "(a request's chat_template_kwargs replaces them)")
+                        "(a request's chat_template_kwargs override them name by name)")
     add_sampling_args(p)
     p.set_defaults(func=main)
 
