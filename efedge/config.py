@@ -175,6 +175,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     n_ff_shexp = 0
     if spec.shared_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
+        if spec.shared_per_count:  # bailingmoe2: the key is one shared expert's width
+            n_ff_shexp = (n_ff_shexp or n_ff_exp) * _int(gf, k + "expert_shared_count")
     elif spec.shared_optional and n_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", 0)
         # deepseek2 and bailingmoe count shared experts of the routed experts' width instead
@@ -297,9 +299,12 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         _validate_ffn(gf, c, i)
         if c.spec.attention != "standard":
             continue  # mla.py / sinks.py check their own tensors
-        _check_shape(gf, b + "attn_q.weight", (d, q_out))
-        _check_shape(gf, b + "attn_k.weight", (d, kv_out))
-        _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
+        if fused_qkv(gf, c, i):
+            _check_fused_qkv(gf, c, i)
+        else:
+            _check_shape(gf, b + "attn_q.weight", (d, q_out))
+            _check_shape(gf, b + "attn_k.weight", (d, kv_out))
+            _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
         _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
         for p, n in (("q", q_out), ("k", kv_out), ("v", c.n_head_kv * c.v_head_dim)):
             if c.spec.attn_bias or b + f"attn_{p}.bias" in gf.tensors:  # optional elsewhere
@@ -311,6 +316,28 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         elif qk_norm == "full":
             _check_shape(gf, b + "attn_q_norm.weight", (q_out,))
             _check_shape(gf, b + "attn_k_norm.weight", (kv_out,))
+
+
+def fused_qkv(gf: GGUFFile, c: ModelConfig, il: int) -> bool:
+    """Whether layer il's q / k / v come from one attn_qkv tensor (ArchSpec.qkv)."""
+    return c.spec.qkv == "fused" or (c.spec.qkv == "either"
+                                     and f"blk.{il}.attn_qkv.weight" in gf.tensors)
+
+
+def qkv_widths(c: ModelConfig) -> tuple[int, int, int]:
+    """The q, k and v rows of an attention layer's projections."""
+    return c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.v_head_dim
+
+
+def _check_fused_qkv(gf: GGUFFile, c: ModelConfig, il: int) -> None:
+    b, d, (q, k, v) = f"blk.{il}.", c.n_embd, qkv_widths(c)
+    if c.spec.qkv == "fused" and q != d:
+        # llama.cpp sizes bailingmoe2's attn_qkv by the width, its output by the heads
+        raise ModelFormatError(f"{gf.path}: tensor {b + 'attn_qkv.weight'!r}: the heads "
+                               f"({c.n_head} × {c.head_dim}) must span the width {d}")
+    _check_shape(gf, b + "attn_qkv.weight", (d, q + k + v))
+    if b + "attn_qkv.bias" in gf.tensors:
+        _check_shape(gf, b + "attn_qkv.bias", (q + k + v,))
 
 
 def qk_norm_of(gf: GGUFFile, c: ModelConfig, il: int) -> str:

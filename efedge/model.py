@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from efedge import kernels, layers, rope
-from efedge.config import ModelConfig, qk_norm_of
+from efedge.config import ModelConfig, fused_qkv, qk_norm_of, qkv_widths
 from efedge.experts.scheduler import cache_aware_reroute
 from efedge.experts.store import ExpertStore, ResidentExperts
 from efedge.ffn import (
@@ -113,15 +113,18 @@ class Block:
 
     def _standard_attention(self, gf: GGUFFile, cfg: ModelConfig, il: int) -> None:
         spec, b = cfg.spec, f"blk.{il}."
-        self.attn_q = _qmatrix(gf, b + "attn_q.weight")
-        self.attn_k = _qmatrix(gf, b + "attn_k.weight")
-        self.attn_v = _qmatrix(gf, b + "attn_v.weight")
-        self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         self.bias = None
+        if fused_qkv(gf, cfg, il):
+            self._fused_qkv(gf, cfg, b)
+        else:
+            self.attn_q = _qmatrix(gf, b + "attn_q.weight")
+            self.attn_k = _qmatrix(gf, b + "attn_k.weight")
+            self.attn_v = _qmatrix(gf, b + "attn_v.weight")
+        self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
         # them); one that is absent adds zeros here
         names = [b + f"attn_{p}.bias" for p in "qkv"]
-        if spec.attn_bias or any(n in gf.tensors for n in names):
+        if self.bias is None and (spec.attn_bias or any(n in gf.tensors for n in names)):
             rows = (self.attn_q, self.attn_k, self.attn_v)
             self.bias = tuple(_vector(gf, n) if n in gf.tensors or spec.attn_bias
                               else np.zeros(m.raw.shape[0], np.float32)
@@ -131,6 +134,19 @@ class Block:
         if self.qk_norm != "none":
             self.q_norm = _vector(gf, b + "attn_q_norm.weight")
             self.k_norm = _vector(gf, b + "attn_k_norm.weight")
+
+    def _fused_qkv(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
+        """q, k and v as row ranges of one attn_qkv tensor (each output row is its own
+        dot product, so a view of the rows computes what llama.cpp's fused product and
+        its split views do)."""
+        qkv = _qmatrix(gf, b + "attn_qkv.weight")
+        ends = np.cumsum((0, *qkv_widths(cfg)))
+        for p, r0, r1 in zip("qkv", ends[:-1], ends[1:], strict=True):
+            setattr(self, "attn_" + p, QMatrix(qkv.raw[r0:r1], qkv.qtype, f"{qkv.name}[{p}]"))
+        if b + "attn_qkv.bias" in gf.tensors:
+            full = _vector(gf, b + "attn_qkv.bias")
+            self.bias = tuple(full[r0:r1].copy() for r0, r1 in zip(ends[:-1], ends[1:],
+                                                                   strict=True))
 
     def _moe_ffn(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
         spec = cfg.spec

@@ -286,3 +286,71 @@ def ernie_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     if a["shared"]:  # as the converter writes them: a count and the width
         w.add_expert_shared_count(1)
         w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
+
+
+# bailingmoe2: Ling-mini-2.0's layout at test size (real: 1 dense layer, 1 shared expert,
+# sigmoid routing with a selection bias, 8 groups of which 4 compete, weights renormalised
+# and scaled by 2.5, half of each head rotated, 1 MTP layer). Two shared experts of half
+# the experts' width here, so llama.cpp's width × count rule shows.
+LING2_DIMS = dict(dense_lead=1, n_shared=2, weights_scale=2.5, rope_frac=0.5, n_group=4,
+                  group_used=2)
+
+
+def bailingmoe2_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    """The trunk's n_layer blocks (one fused attn_qkv each), then a["nextn"] MTP blocks
+    whose tensors llama.cpp loads and its normal pass skips."""
+    T, x = TensorSpec, LING2_DIMS
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    e, f = cfg["n_expert"], cfg["n_ff_exp"]
+    s = f // x["n_shared"] * x["n_shared"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"] + a["nextn"]):
+        b = f"blk.{i}."
+        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "attn_qkv.weight", (d, q_out + 2 * kv_out), "proj", scale=QK_GAIN),
+                T(b + "attn_q_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True),
+                T(b + "attn_k_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True),
+                T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+        if i < x["dense_lead"]:
+            out += [T(b + "ffn_gate.weight", (d, cfg["n_ff"]), "proj"),
+                    T(b + "ffn_up.weight", (d, cfg["n_ff"]), "proj"),
+                    T(b + "ffn_down.weight", (cfg["n_ff"], d), "proj")]
+            continue
+        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
+                T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+                T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+                T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+        if i >= cfg["n_layer"]:  # MTP: [embedding; hidden] → n_embd, its norms and head
+            out += [T(b + "nextn.eh_proj.weight", (2 * d, d), "proj"),
+                    T(b + "nextn.enorm.weight", (d,), "norm", keep_f32=True),
+                    T(b + "nextn.hnorm.weight", (d,), "norm", keep_f32=True),
+                    T(b + "nextn.shared_head_norm.weight", (d,), "norm", keep_f32=True),
+                    T(b + "layer_output_norm.weight", (d,), "norm", keep_f32=True)]
+    return out + _head(cfg, n_vocab)
+
+
+def bailingmoe2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    x, hd = LING2_DIMS, cfg["head_dim"]
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_rope_dimension_count(int(hd * x["rope_frac"]))  # partial rotary
+    w.add_feed_forward_length(cfg["n_ff"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    # as the converter writes them: one shared expert's width and their count
+    w.add_expert_shared_feed_forward_length(cfg["n_ff_exp"] // x["n_shared"])
+    w.add_expert_shared_count(x["n_shared"])
+    w.add_leading_dense_block_count(x["dense_lead"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(x["n_group"])
+    w.add_expert_group_used_count(x["group_used"])
+    w.add_expert_weights_scale(x["weights_scale"])
+    w.add_expert_weights_norm(True)
+    w.add_nextn_predict_layers(a["nextn"])

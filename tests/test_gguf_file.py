@@ -264,3 +264,24 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
         fh.truncate(shards[1].stat().st_size - 100)
     with pytest.raises(efedge.ModelFormatError, match=rf"{shards[1].name}: tensor .* past the end"):
         efedge.load(shards[0])
+
+
+@pytest.mark.parametrize("key", ["expert_gating_func", "expert_shared_count",
+                                 "expert_feed_forward_length"])
+def test_ling2_required_keys_are_named(tiny_gguf, tmp_path, key):
+    """Keys llama.cpp requires for bailingmoe2 (no default: the gating function decides
+    softmax or sigmoid, the count sizes the shared experts) are refused by name."""
+    path = _rewrite(tiny_gguf("bailingmoe2", "F32"), tmp_path / "b.gguf",
+                    drop_key=f"bailingmoe2.{key}")
+    with pytest.raises(efedge.ModelFormatError,
+                       match=f"required metadata key 'bailingmoe2.{key}' is missing"):
+        efedge.load(path)
+
+
+def test_ling2_fused_qkv_shape_is_checked(tiny_gguf, tmp_path):
+    """attn_qkv holds q, k and v rows for the heads the metadata gives: one kv head more
+    and it no longer fits (named, not split at the wrong rows)."""
+    path = _rewrite(tiny_gguf("bailingmoe2", "F32"), tmp_path / "b.gguf",
+                    set_key=("bailingmoe2.attention.head_count_kv", 4))
+    with pytest.raises(efedge.ModelFormatError, match="attn_qkv.weight"):
+        efedge.load(path)

@@ -838,3 +838,10 @@ def test_reset_stats_zeroes_the_device_figures_and_bench_sees_the_policy(tiny_gg
     rows = compare_policies(path, ["expertflow"], "30%", Link("fast", 2e9, 0.0),
                             list(range(5, 29)), 8, device="cuda")
     assert rows[0]["policy_overhead_pct"] > 0
+
+
+def test_ling2_matches_cpu_path(tiny_gguf):
+    """bailingmoe2 on the torch path: q / k / v as row views of the fused attn_qkv, per-head
+    qk norm, partial rope, the dense first layer, grouped sigmoid routing with the
+    selection bias (test_more_architectures_match_cpu_path's checks)."""
+    test_more_architectures_match_cpu_path(tiny_gguf, "bailingmoe2", {})

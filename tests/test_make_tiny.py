@@ -334,3 +334,27 @@ def test_random_block_spec_errors():
     assert parse_spec("iq1_s") == ("IQ1_S", "IQ1_S")
     with pytest.raises(ValueError, match="Q4_K"):
         parse_spec("IQ1_S/Q4_K")
+
+
+def test_ling2_layout(tiny_gguf):
+    """Ling-mini-2.0's layout at test size: one fused attn_qkv per layer, per-head q / k
+    norms, half of each head rotated, a dense first layer, sigmoid routing with a selection
+    bias and expert groups, two shared experts of half the experts' width (the key gives
+    one expert's width: llama.cpp multiplies it by the count), one trailing MTP block."""
+    from gguf_tools.tiny_archs import LING2_DIMS as x
+
+    _, kv, ts = _reader(tiny_gguf("bailingmoe2", "F32"))
+    a = "bailingmoe2."
+    assert kv[a + "block_count"] == L + 1 and kv[a + "nextn_predict_layers"] == 1
+    assert kv[a + "rope.dimension_count"] == HD // 2
+    assert kv[a + "leading_dense_block_count"] == x["dense_lead"] == 1
+    assert kv[a + "expert_gating_func"] == 2 and kv[a + "expert_group_count"] == 4
+    assert kv[a + "expert_shared_count"] == 2
+    assert kv[a + "expert_shared_feed_forward_length"] == F_EXP // 2
+    assert _shape(ts["blk.0.attn_qkv.weight"]) == (D, 4 * HD + 2 * 2 * HD)
+    assert "blk.0.attn_q.weight" not in ts
+    assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F)
+    assert _shape(ts["blk.1.exp_probs_b.bias"]) == (E,)
+    assert _shape(ts["blk.1.ffn_up_shexp.weight"]) == (D, F_EXP)
+    assert _shape(ts[f"blk.{L}.nextn.eh_proj.weight"]) == (2 * D, D)

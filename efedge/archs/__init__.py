@@ -68,6 +68,13 @@ class ArchSpec:
     # "{arch}."-relative keys llama.cpp requires for this arch: a file without one is
     # refused by name instead of run with a default
     required_keys: tuple[str, ...] = ()
+    # q / k / v weights: "split" (attn_q / attn_k / attn_v), "fused" (one attn_qkv, q rows
+    # then k then v: bailingmoe2), "either" (attn_qkv where the file has it, else split:
+    # llama.cpp's create_tensor_qkv)
+    qkv: str = "split"
+    # the shared expert's width is ("{arch}.expert_shared_feed_forward_length" or the
+    # experts' width) × "{arch}.expert_shared_count" (bailingmoe2)
+    shared_per_count: bool = False
 
 
 def _modules() -> list[str]:
