@@ -63,6 +63,11 @@ class ModelConfig:
     # have their own base (rope.freq_base_swa) and scale: (base, scaling), None = the same
     rope_scaling: RopeScaling = RopeScaling()
     rope_swa: tuple[float, RopeScaling] | None = None
+    # smallthinker (ArchSpec.iswa_nope): the window's layers are il % swa_pattern != 0
+    # (the first of each period attends everything), and layers il % nope_step == 0 skip
+    # rope (0: every layer ropes)
+    swa_dense_first: bool = False
+    nope_step: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -77,7 +82,16 @@ class ModelConfig:
                 and (il + 1) % self.moe_layer_step == 0)
 
     def is_swa_layer(self, il: int) -> bool:
+        if self.swa_dense_first:
+            return self.swa_pattern > 0 and il % self.swa_pattern != 0
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
+
+    def uses_rope(self, il: int) -> bool:
+        return self.nope_step == 0 or il % self.nope_step != 0
+
+    def window_of(self, il: int) -> int:
+        """The positions layer il's queries see, their own included (0: all)."""
+        return self.sliding_window if self.is_swa_layer(il) else 0
 
     @property
     def attn_scale(self) -> float:
@@ -231,7 +245,8 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
     arch = k[:-1]
     scaling = rope.scaling_from_gguf(gf, arch, n_ctx_train)
     out: dict = {"rope_scaling": scaling}
-    if spec.attention == "sinks":  # gpt-oss: the sliding-window layers' own base / scale
+    if spec.attention == "sinks" or spec.iswa_nope:  # the sliding-window layers' own
+        # base / scale (gpt-oss, smallthinker)
         base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
         swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
         if (base_swa, swa) != (base, scaling):
@@ -258,12 +273,20 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["kv_lora_rank"] = _positive(gf, k + "attention.kv_lora_rank")
         out["k_head_dim_mla"] = _int(gf, k + "attention.key_length_mla", 0)
         out["v_head_dim_mla"] = _int(gf, k + "attention.value_length_mla", 0)
-    if spec.routing == "deepseek":
+    if spec.routing in ("deepseek", "gating"):
         code = _int(gf, k + "expert_gating_func", 0)
         if code and code not in _GATING:
             raise UnsupportedModelError(f"metadata key {k + 'expert_gating_func'!r}: gating "
                                         f"function {code} is not supported")
+        if not code and spec.routing == "gating":  # llama.cpp aborts in build_moe_ffn
+            raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_gating_func'!r} "
+                                   "is 0 (none)")
         out["gating"] = _GATING[code] if code else spec.default_gating
+    if spec.routing == "gating":  # smallthinker: renormalised, unscaled, groups as for all
+        out["expert_weights_norm"] = True
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
+    if spec.routing == "deepseek":
         out["expert_weights_norm"] = bool(gf.get(k + "expert_weights_norm", False))
         out["expert_weights_scale"] = _float(gf, k + "expert_weights_scale", 0.0)
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
@@ -283,6 +306,11 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
     if spec.attention == "sinks":
         out["sliding_window"] = _int(gf, k + "attention.sliding_window", 0)
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
+    if spec.iswa_nope and _int(gf, k + "attention.sliding_window", 0):
+        # llama.cpp keeps only "on": the window is 4096 whatever the file says, and the
+        # NoPE step its default 4 (no key sets it)
+        out.update(sliding_window=4096, swa_dense_first=True, nope_step=4,
+                   swa_pattern=_positive(gf, k + "attention.sliding_window_pattern", 4))
     return out
 
 

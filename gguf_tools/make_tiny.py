@@ -86,6 +86,13 @@ ARCHS["ernie4_5-moe-interleave"] = dict(gguf_arch="ernie4_5-moe", moe=True, bias
 # bailingmoe2 (tiny_archs.LING2_DIMS): as Ling-mini-2.0, with one trailing MTP layer
 ARCHS["bailingmoe2"] = dict(gguf_arch="bailingmoe2", moe=True, bias=False, qk_norm="head",
                            shared=True, plan="bailingmoe2", nextn=1)
+# smallthinker (tiny_archs.ST_DIMS): as SmallThinker-21B-A3B (sigmoid router on the layer's
+# input, ReLU experts, sliding-window and NoPE layers); -softmax: softmax gating, no
+# sliding window (then llama.cpp ropes every layer), as a file of the 4B model may be
+for _name, _kw in (("smallthinker", {}), ("smallthinker-softmax", dict(softmax=True,
+                                                                       swa=False))):
+    ARCHS[_name] = dict(gguf_arch="smallthinker", moe=True, bias=False, qk_norm=None,
+                        shared=False, plan="smallthinker", **_kw)
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)

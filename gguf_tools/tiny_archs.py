@@ -354,3 +354,53 @@ def bailingmoe2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     w.add_expert_weights_scale(x["weights_scale"])
     w.add_expert_weights_norm(True)
     w.add_nextn_predict_layers(a["nextn"])
+
+
+# smallthinker: SmallThinker-21B-A3B's layout at test size. Its router reads the layer's
+# input (before attention), experts are ReLU-gated (relu(gate) · up), sigmoid gating (the
+# converter writes SOFTMAX when moe_primary_router_apply_softmax), weights renormalised.
+# With attention.sliding_window set, llama.cpp makes layers il % pattern != 0 attend the
+# last 4096 positions (whatever window the file gives: it forces 4096) and skips rope on
+# layers il % 4 == 0 (NoPE). Pattern 2 here, so the window's layers (1, 3) and the NoPE
+# layer (0) are set by different rules, as they are in llama.cpp.
+ST_DIMS = dict(window=8, pattern=2)
+
+
+def smallthinker_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T = TensorSpec
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    e, f = cfg["n_expert"], cfg["n_ff_exp"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+                T(b + "attn_v.weight", (d, kv_out), "proj"),
+                T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True),
+                # the router reads the un-normalised residual (RMS ≈ 1 here as well)
+                T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj")]
+    return out + _head(cfg, n_vocab)
+
+
+def smallthinker_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_rope_dimension_count(cfg["head_dim"])  # llama.cpp asserts n_rot == head size
+    if cfg["head_dim"] != cfg["n_embd"] // cfg["n_head"]:
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    w.add_feed_forward_length(cfg["n_ff_exp"])  # as the converter: the experts' width twice
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if a.get("softmax")
+                             else gguf.ExpertGatingFuncType.SIGMOID)
+    if a.get("swa", True):
+        w.add_sliding_window(ST_DIMS["window"])
+        w.add_sliding_window_pattern(ST_DIMS["pattern"])

@@ -845,3 +845,15 @@ def test_ling2_matches_cpu_path(tiny_gguf):
     qk norm, partial rope, the dense first layer, grouped sigmoid routing with the
     selection bias (test_more_architectures_match_cpu_path's checks)."""
     test_more_architectures_match_cpu_path(tiny_gguf, "bailingmoe2", {})
+
+
+def test_smallthinker_is_refused_by_name(tiny_gguf):
+    """smallthinker's router on the layer's input, ReLU experts, NoPE and window layers
+    have no torch code: device="cuda" (and the torch path on any device) names the
+    architecture instead of computing another model."""
+    path = tiny_gguf("smallthinker", "F32")
+    with pytest.raises(UnsupportedModelError,
+                       match="does not run architecture 'smallthinker'.*device='cpu'"):
+        load_cuda_model(path, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="smallthinker"):
+        efedge.load(path, device="cuda")

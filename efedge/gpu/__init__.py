@@ -447,6 +447,13 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "
                                         f"yet (its {s.attention!r} attention); use "
                                         "device='cpu'")
+        if not s.gpu:
+            from efedge.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(  # smallthinker: router before attention, ReLU
+                f"device='cuda' does not run architecture {cfg.arch!r} yet (its router on "
+                "the layer's input, ReLU experts, NoPE and sliding-window layers are "
+                "CPU-only); use device='cpu'")
         return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
                          hybrid=hybrid, dense=dense, counters=counters, ubatch=ubatch,
