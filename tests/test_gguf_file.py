@@ -285,3 +285,49 @@ def test_ling2_fused_qkv_shape_is_checked(tiny_gguf, tmp_path):
                     set_key=("bailingmoe2.attention.head_count_kv", 4))
     with pytest.raises(efedge.ModelFormatError, match="attn_qkv.weight"):
         efedge.load(path)
+
+
+@pytest.mark.parametrize("key", ["expert_gating_func", "expert_feed_forward_length"])
+def test_smallthinker_required_keys_are_named(tiny_gguf, tmp_path, key):
+    """smallthinker's gating function has no default (llama.cpp aborts in its MoE graph
+    without one), nor the experts' width: refused by name."""
+    path = _rewrite(tiny_gguf("smallthinker", "F32"), tmp_path / "s.gguf",
+                    drop_key=f"smallthinker.{key}")
+    with pytest.raises(efedge.ModelFormatError,
+                       match=f"required metadata key 'smallthinker.{key}' is missing"):
+        efedge.load(path)
+
+
+def test_smallthinker_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path):
+    """llama.cpp's create_tensor_qkv takes one attn_qkv where a file has it: the same
+    weights fused into it give the split file's logits bit for bit (row views)."""
+    import gguf as gg
+
+    src = tiny_gguf("smallthinker", "F32")
+    r = gg.GGUFReader(src)
+    w = gg.GGUFWriter(tmp_path / "fused.gguf", "smallthinker")
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if field.types[0] == gg.GGUFValueType.ARRAY:
+            w.add_array(key, field.contents())
+        else:
+            w.add_key_value(key, field.contents(), field.types[0])
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    for name, data in t.items():
+        if name.endswith(("attn_k.weight", "attn_v.weight")):
+            continue
+        if name.endswith("attn_q.weight"):
+            b = name[:-len("attn_q.weight")]
+            data = np.concatenate([data, t[b + "attn_k.weight"], t[b + "attn_v.weight"]])
+            name = b + "attn_qkv.weight"
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = list(range(1, 17))
+    with efedge.load(src) as m:
+        want = m.logits(ids)
+    with efedge.load(tmp_path / "fused.gguf") as m:
+        assert np.array_equal(m.logits(ids), want)

@@ -358,3 +358,22 @@ def test_ling2_layout(tiny_gguf):
     assert _shape(ts["blk.1.exp_probs_b.bias"]) == (E,)
     assert _shape(ts["blk.1.ffn_up_shexp.weight"]) == (D, F_EXP)
     assert _shape(ts[f"blk.{L}.nextn.eh_proj.weight"]) == (2 * D, D)
+
+
+def test_smallthinker_layout(tiny_gguf):
+    """SmallThinker-21B's layout at test size: the converter's keys (the experts' width as
+    feed_forward_length too, a gating function), a sliding window with pattern 2 (so the
+    window's layers and the NoPE layer come from different rules), no shared expert, no
+    attention output bias (llama.cpp 0.3.36 refuses a file with one)."""
+    from gguf_tools.tiny_archs import ST_DIMS
+
+    _, kv, ts = _reader(tiny_gguf("smallthinker", "F32"))
+    a = "smallthinker."
+    assert kv[a + "expert_gating_func"] == 2 and kv[a + "feed_forward_length"] == F_EXP
+    assert kv[a + "attention.sliding_window"] == ST_DIMS["window"]
+    assert kv[a + "attention.sliding_window_pattern"] == ST_DIMS["pattern"] == 2
+    assert kv[a + "rope.dimension_count"] == HD
+    assert _shape(ts["blk.0.ffn_gate_inp.weight"]) == (D, E)
+    assert "blk.0.attn_output.bias" not in ts and "blk.0.ffn_up_shexp.weight" not in ts
+    _, kv, _ = _reader(tiny_gguf("smallthinker-softmax", "F32"))
+    assert kv[a + "expert_gating_func"] == 1 and a + "attention.sliding_window" not in kv

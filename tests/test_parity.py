@@ -874,8 +874,9 @@ def test_smallthinker_window_matches_llama_cpp_past_4096(tiny_gguf):
     ours = np.stack([np.asarray(r).reshape(-1) for r in steps])
     want = ref[4149:4199]
     rel = np.abs(ours - want).max(-1) / want.std()
-    assert (rel <= 2e-2).mean() >= 0.98, np.round(rel, 3)
-    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.98
+    # measured: 2e-4 at most; without the window the worst row is off by 0.97
+    assert rel.max() <= 2e-2, np.round(rel, 3)
+    assert (ours.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_smallthinker_early_requests_keep_the_bits(tiny_gguf):

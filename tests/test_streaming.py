@@ -27,6 +27,7 @@ from efedge.gguf_file import GGUFFile
 MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "glm4moe", "ernie4_5-moe",
              "ernie4_5-moe-interleave", "bailingmoe"]
 MOE_ARCHS += ["bailingmoe2"]  # fused attn_qkv, dense first layer, grouped sigmoid routing
+MOE_ARCHS += ["smallthinker"]  # routed before attention (early requests), ReLU experts
 
 
 def _ids(n=24, seed=1, vocab=500):
