@@ -93,9 +93,10 @@ def test_absurd_counts_are_refused_before_parsing(moe_path, tmp_path):
 
 
 def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
-             split_max_tensors=0):
+             split_max_tensors=0, tensor_map=None):
     """Copy a GGUF file through GGUFWriter with one change (split_max_tensors: written as
-    llama.cpp's gguf-split shards beside dst instead)."""
+    llama.cpp's gguf-split shards beside dst instead; tensor_map: (name, data) → the
+    [(name, data)] written in its place, float tensors)."""
     r = gguf.GGUFReader(src)
     old_arch = r.get_field("general.architecture").contents()
     w = gguf.GGUFWriter(dst, arch or old_arch, split_max_tensors=split_max_tensors)
@@ -113,6 +114,10 @@ def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
     if set_key:
         w.add_uint32(set_key[0], set_key[1])
     for t in r.tensors:
+        if tensor_map is not None:
+            for name, data in tensor_map(t.name, np.asarray(t.data)):
+                w.add_tensor(name, data)
+            continue
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
                      raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -266,15 +271,17 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
         efedge.load(shards[0])
 
 
-@pytest.mark.parametrize("key", ["expert_gating_func", "expert_shared_count",
-                                 "expert_feed_forward_length"])
-def test_ling2_required_keys_are_named(tiny_gguf, tmp_path, key):
-    """Keys llama.cpp requires for bailingmoe2 (no default: the gating function decides
-    softmax or sigmoid, the count sizes the shared experts) are refused by name."""
-    path = _rewrite(tiny_gguf("bailingmoe2", "F32"), tmp_path / "b.gguf",
-                    drop_key=f"bailingmoe2.{key}")
+@pytest.mark.parametrize("arch, key", [
+    ("bailingmoe2", "expert_gating_func"), ("bailingmoe2", "expert_shared_count"),
+    ("bailingmoe2", "expert_feed_forward_length"), ("smallthinker", "expert_gating_func"),
+    ("smallthinker", "expert_feed_forward_length")])
+def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
+    """Keys llama.cpp requires (no default: the gating function decides softmax or
+    sigmoid — llama.cpp's smallthinker graph aborts without one —, bailingmoe2's count
+    sizes its shared experts) are refused by name."""
+    path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "r.gguf", drop_key=f"{arch}.{key}")
     with pytest.raises(efedge.ModelFormatError,
-                       match=f"required metadata key 'bailingmoe2.{key}' is missing"):
+                       match=f"required metadata key '{arch}.{key}' is missing"):
         efedge.load(path)
 
 
@@ -287,45 +294,20 @@ def test_ling2_fused_qkv_shape_is_checked(tiny_gguf, tmp_path):
         efedge.load(path)
 
 
-@pytest.mark.parametrize("key", ["expert_gating_func", "expert_feed_forward_length"])
-def test_smallthinker_required_keys_are_named(tiny_gguf, tmp_path, key):
-    """smallthinker's gating function has no default (llama.cpp aborts in its MoE graph
-    without one), nor the experts' width: refused by name."""
-    path = _rewrite(tiny_gguf("smallthinker", "F32"), tmp_path / "s.gguf",
-                    drop_key=f"smallthinker.{key}")
-    with pytest.raises(efedge.ModelFormatError,
-                       match=f"required metadata key 'smallthinker.{key}' is missing"):
-        efedge.load(path)
-
-
 def test_smallthinker_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path):
     """llama.cpp's create_tensor_qkv takes one attn_qkv where a file has it: the same
     weights fused into it give the split file's logits bit for bit (row views)."""
-    import gguf as gg
-
     src = tiny_gguf("smallthinker", "F32")
-    r = gg.GGUFReader(src)
-    w = gg.GGUFWriter(tmp_path / "fused.gguf", "smallthinker")
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if field.types[0] == gg.GGUFValueType.ARRAY:
-            w.add_array(key, field.contents())
-        else:
-            w.add_key_value(key, field.contents(), field.types[0])
-    t = {x.name: np.asarray(x.data) for x in r.tensors}
-    for name, data in t.items():
-        if name.endswith(("attn_k.weight", "attn_v.weight")):
-            continue
+    t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(src).tensors}
+
+    def fuse(name, data):  # attn_q → attn_qkv (q, k, v rows); attn_k / attn_v dropped
+        b = name[:-len("attn_q.weight")]
         if name.endswith("attn_q.weight"):
-            b = name[:-len("attn_q.weight")]
-            data = np.concatenate([data, t[b + "attn_k.weight"], t[b + "attn_v.weight"]])
-            name = b + "attn_qkv.weight"
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            return [(b + "attn_qkv.weight", np.concatenate(
+                [data, t[b + "attn_k.weight"], t[b + "attn_v.weight"]]))]
+        return [] if name.endswith(("attn_k.weight", "attn_v.weight")) else [(name, data)]
+
+    _rewrite(src, tmp_path / "fused.gguf", tensor_map=fuse)
     ids = list(range(1, 17))
     with efedge.load(src) as m:
         want = m.logits(ids)

@@ -365,13 +365,14 @@ def test_smallthinker_layout(tiny_gguf):
     feed_forward_length too, a gating function), a sliding window with pattern 2 (so the
     window's layers and the NoPE layer come from different rules), no shared expert, no
     attention output bias (llama.cpp 0.3.36 refuses a file with one)."""
-    from gguf_tools.tiny_archs import ST_DIMS
+    from gguf_tools.make_tiny import ST_SWA
 
     _, kv, ts = _reader(tiny_gguf("smallthinker", "F32"))
     a = "smallthinker."
     assert kv[a + "expert_gating_func"] == 2 and kv[a + "feed_forward_length"] == F_EXP
-    assert kv[a + "attention.sliding_window"] == ST_DIMS["window"]
-    assert kv[a + "attention.sliding_window_pattern"] == ST_DIMS["pattern"] == 2
+    assert kv[a + "expert_feed_forward_length"] == F_EXP
+    assert kv[a + "attention.sliding_window"] == ST_SWA[0]
+    assert kv[a + "attention.sliding_window_pattern"] == ST_SWA[1] == 2
     assert kv[a + "rope.dimension_count"] == HD
     assert _shape(ts["blk.0.ffn_gate_inp.weight"]) == (D, E)
     assert "blk.0.attn_output.bias" not in ts and "blk.0.ffn_up_shexp.weight" not in ts
