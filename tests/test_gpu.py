@@ -857,3 +857,11 @@ def test_smallthinker_is_refused_by_name(tiny_gguf):
         load_cuda_model(path, device="cpu")
     with pytest.raises(UnsupportedModelError, match="smallthinker"):
         efedge.load(path, device="cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_ling2_matches_cpu_path(tiny_gguf):
+    """The CUDA twin of test_ling2_matches_cpu_path (test_cuda_forward_matches_cpu_path's
+    checks: resident, streamed, hybrid misses, greedy tokens)."""
+    test_cuda_forward_matches_cpu_path(tiny_gguf, "bailingmoe2")
