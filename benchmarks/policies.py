@@ -5,6 +5,10 @@ link, one live run per policy (issue: the ExpertFlow scheduler). Not a test — 
         --policies ondemand next-layer fixed:1 fixed:2 fixed:4 expertflow -n 64
     python benchmarks/policies.py --ab OLD_ROOT NEW_ROOT --cache 50% --links 286MB/s \
         -n 128 --rounds 8          # paired: two source trees taking turns
+    python benchmarks/policies.py SMALLTHINKER.gguf --cache 50% --links 720MB/s \
+        --policies ondemand ondemand/late expertflow expertflow/late
+        # POLICY/late: a router before attention (smallthinker) asks for its layer's
+        # experts when the layer runs instead of before its attention (same logits)
 
 The text is the held-out split of the demo model's corpus (gguf_tools/corpus.py): the
 first --prompt tokens are prefilled as one batch, then the next -n tokens are fed one at a

@@ -63,14 +63,19 @@ class ModelConfig:
     # have their own base (rope.freq_base_swa) and scale: (base, scaling), None = the same
     rope_scaling: RopeScaling = RopeScaling()
     rope_swa: tuple[float, RopeScaling] | None = None
-    # llama4 (iRoPE): layers il with (il + 1) % nope_step == 0 have no rope and multiply
-    # their queries by attn_temperature(pos); swa_chunked: the swa layers attend only to
-    # their query's sliding_window-sized chunk; kq_norm: the rope layers take an unweighted
-    # per-head RMS norm of q and k
+    # layers without rope (NoPE): llama4 (iRoPE) those with (il + 1) % nope_step == 0,
+    # smallthinker (nope_first) those with il % nope_step == 0 (0: every layer ropes).
+    # llama4's NoPE layers multiply their queries by attn_temperature(pos); swa_chunked:
+    # the swa layers attend only to their query's sliding_window-sized chunk; kq_norm: the
+    # rope layers take an unweighted per-head RMS norm of q and k
     nope_step: int = 0
+    nope_first: bool = False
     attn_temp: tuple[int, float, float] = (0, 0.0, 0.0)  # floor scale, scale, offset
     swa_chunked: bool = False
     kq_norm: bool = False
+    # smallthinker (ArchSpec.iswa_nope): the window's layers are il % swa_pattern != 0
+    # (the first of each period attends everything)
+    swa_dense_first: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -85,10 +90,17 @@ class ModelConfig:
                 and (il + 1) % self.moe_layer_step == 0)
 
     def is_swa_layer(self, il: int) -> bool:
+        if self.swa_dense_first:
+            return self.swa_pattern > 0 and il % self.swa_pattern != 0
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
 
     def is_nope_layer(self, il: int) -> bool:
-        return self.nope_step > 0 and (il + 1) % self.nope_step == 0
+        return self.nope_step > 0 and (il + (0 if self.nope_first else 1)) % self.nope_step == 0
+
+    def window_of(self, il: int) -> int:
+        """The positions layer il's queries see, their own included (0: all; llama4's
+        chunks are not a window: efedge.model's attention runs)."""
+        return self.sliding_window if self.is_swa_layer(il) and not self.swa_chunked else 0
 
     @property
     def attn_scale(self) -> float:
@@ -191,6 +203,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     n_ff_shexp = 0
     if spec.shared_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", n_ff_exp)
+        if spec.shared_per_count:  # bailingmoe2: the key is one shared expert's width
+            n_ff_shexp = (n_ff_shexp or n_ff_exp) * _int(gf, k + "expert_shared_count")
     elif spec.shared_optional and n_expert:
         n_ff_shexp = _int(gf, k + "expert_shared_feed_forward_length", 0)
         # deepseek2 and bailingmoe count shared experts of the routed experts' width instead
@@ -245,8 +259,8 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
     arch = k[:-1]
     scaling = rope.scaling_from_gguf(gf, arch, n_ctx_train)
     out: dict = {"rope_scaling": scaling}
-    # gpt-oss, llama4: the sliding-window (chunked) layers' own base / scale
-    if spec.attention == "sinks" or spec.irope:
+    # the sliding-window (chunked) layers' own base / scale (gpt-oss, llama4, smallthinker)
+    if spec.attention == "sinks" or spec.irope or spec.iswa_nope:
         base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
         swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
         if (base_swa, swa) != (base, scaling):
@@ -273,15 +287,21 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["kv_lora_rank"] = _positive(gf, k + "attention.kv_lora_rank")
         out["k_head_dim_mla"] = _int(gf, k + "attention.key_length_mla", 0)
         out["v_head_dim_mla"] = _int(gf, k + "attention.value_length_mla", 0)
-    if spec.routing == "deepseek":
+    if spec.routing in ("deepseek", "gating"):
         code = _int(gf, k + "expert_gating_func", 0)
         if code and code not in _GATING:
             raise UnsupportedModelError(f"metadata key {k + 'expert_gating_func'!r}: gating "
                                         f"function {code} is not supported")
-        if not code and not spec.default_gating:
+        if not code and (not spec.default_gating or spec.routing == "gating"):
+            # llama.cpp aborts in build_moe_ffn without a gating function
             raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_gating_func'!r} is "
                                    f"0 (none): {spec.name} has no default gating function")
         out["gating"] = _GATING[code] if code else spec.default_gating
+    if spec.routing == "gating":  # smallthinker: renormalised, unscaled, groups as for all
+        out["expert_weights_norm"] = True
+        out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
+        out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
+    if spec.routing == "deepseek":
         out["expert_weights_norm"] = bool(gf.get(k + "expert_weights_norm", False))
         out["expert_weights_scale"] = _float(gf, k + "expert_weights_scale", 0.0)
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
@@ -307,6 +327,11 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
     if spec.irope:
         out.update(_irope(gf, k))
+    if spec.iswa_nope and _int(gf, k + "attention.sliding_window", 0):
+        # llama.cpp keeps only "on": the window is 4096 whatever the file says, and the
+        # NoPE step its default 4 (no key sets it)
+        out.update(sliding_window=4096, swa_dense_first=True, nope_step=4, nope_first=True,
+                   swa_pattern=_positive(gf, k + "attention.sliding_window_pattern", 4))
     return out
 
 
@@ -358,9 +383,12 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         _validate_ffn(gf, c, i)
         if c.spec.attention != "standard":
             continue  # mla.py / sinks.py check their own tensors
-        _check_shape(gf, b + "attn_q.weight", (d, q_out))
-        _check_shape(gf, b + "attn_k.weight", (d, kv_out))
-        _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
+        if fused_qkv(gf, c, i):
+            _check_fused_qkv(gf, c, i)
+        else:
+            _check_shape(gf, b + "attn_q.weight", (d, q_out))
+            _check_shape(gf, b + "attn_k.weight", (d, kv_out))
+            _check_shape(gf, b + "attn_v.weight", (d, c.n_head_kv * c.v_head_dim))
         _check_shape(gf, b + "attn_output.weight", (c.n_head * c.v_head_dim, d))
         for p, n in (("q", q_out), ("k", kv_out), ("v", c.n_head_kv * c.v_head_dim)):
             if c.spec.attn_bias or b + f"attn_{p}.bias" in gf.tensors:  # optional elsewhere
@@ -372,6 +400,28 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         elif qk_norm == "full":
             _check_shape(gf, b + "attn_q_norm.weight", (q_out,))
             _check_shape(gf, b + "attn_k_norm.weight", (kv_out,))
+
+
+def fused_qkv(gf: GGUFFile, c: ModelConfig, il: int) -> bool:
+    """Whether layer il's q / k / v come from one attn_qkv tensor (ArchSpec.qkv)."""
+    return c.spec.qkv == "fused" or (c.spec.qkv == "either"
+                                     and f"blk.{il}.attn_qkv.weight" in gf.tensors)
+
+
+def qkv_widths(c: ModelConfig) -> tuple[int, int, int]:
+    """The q, k and v rows of an attention layer's projections."""
+    return c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.v_head_dim
+
+
+def _check_fused_qkv(gf: GGUFFile, c: ModelConfig, il: int) -> None:
+    b, d, (q, k, v) = f"blk.{il}.", c.n_embd, qkv_widths(c)
+    if c.spec.qkv == "fused" and q != d:
+        # llama.cpp sizes bailingmoe2's attn_qkv by the width, its output by the heads
+        raise ModelFormatError(f"{gf.path}: tensor {b + 'attn_qkv.weight'!r}: the heads "
+                               f"({c.n_head} × {c.head_dim}) must span the width {d}")
+    _check_shape(gf, b + "attn_qkv.weight", (d, q + k + v))
+    if b + "attn_qkv.bias" in gf.tensors:
+        _check_shape(gf, b + "attn_qkv.bias", (q + k + v,))
 
 
 def qk_norm_of(gf: GGUFFile, c: ModelConfig, il: int) -> str:

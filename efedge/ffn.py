@@ -33,7 +33,7 @@ def swiglu(x: np.ndarray, gate: QMatrix, up: QMatrix, down: QMatrix) -> np.ndarr
 
 def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarray,
                   qt: np.ndarray | None = None, sc: np.ndarray | None = None,
-                  bias: tuple | None = None, e: int = 0) -> None:
+                  bias: tuple | None = None, e: int = 0, act_args: tuple = ()) -> None:
     """out [1, D] = one expert on one token h [D], times its routing weight.
 
     decode_ffn's rows and rounding with K = 1, on this thread alone: the expert cache
@@ -41,7 +41,7 @@ def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarra
     more than they brought (decode is bound by memory bandwidth; measured 436 against
     363 µs per layer of 4 experts). qt / sc: the experts' quant types and rounding
     schemes when the caller has them (they are per layer). bias: gpt-oss's bias tables
-    of the layer, e: this expert's row in them."""
+    of the layer, e: this expert's row in them. act_args: _FFN.act_args of the layer."""
     if qt is None:
         f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
         gate, up, down, qt, sc = f.gate, f.up, f.down, f.qt, f.sc
@@ -49,7 +49,7 @@ def _expert_token(h: np.ndarray, w: ExpertWeights, weight: float, out: np.ndarra
         gate, up, down = w.gate[None], w.up[None], w.down[None]
     wt = np.array([weight], np.float32)
     if bias is None:
-        dk.decode_ffn_serial(h, _ONE_ID, wt, gate, up, down, qt, sc, out)
+        dk.decode_ffn_serial(h, _ONE_ID, wt, gate, up, down, qt, sc, out, *act_args)
     else:
         dk.decode_ffn_oai_serial(h, _ONE_ID, np.array([e], np.int32), wt, gate, up, down, qt,
                                  sc, *bias, out)
@@ -68,7 +68,8 @@ def stream_experts_token(experts, layer: int, h: np.ndarray, ids: np.ndarray, w:
     if pool is None or not hasattr(experts, "acquire_batches"):
         for e, ew in experts.acquire(layer, np.unique(ids)):
             k = int(np.flatnonzero(ids == e)[0])
-            _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc, bias, int(e))
+            _expert_token(h, ew, float(w[k]), y[k:k + 1], f.qt, f.sc, bias, int(e),
+                          f.act_args)
         return
     views, first = pool
     k_of = {int(e): k for k, e in enumerate(ids.tolist())}  # top-k ids are distinct
@@ -89,9 +90,9 @@ def _pool_experts(h, batch, k_of, first, w, views, f: _FFN, y, nt, bias=None) ->
         else:
             dk.decode_ffn_oai(h, slots, bid, w[ks], *views, f.qt, f.sc, *bias, out, nt)
     elif one:
-        dk.decode_ffn_serial(h, slots, w[ks], *views, f.qt, f.sc, out)
+        dk.decode_ffn_serial(h, slots, w[ks], *views, f.qt, f.sc, out, *f.act_args)
     else:
-        dk.decode_ffn(h, slots, w[ks], *views, f.qt, f.sc, out, nt)
+        dk.decode_ffn(h, slots, w[ks], *views, f.qt, f.sc, out, nt, *f.act_args)
     if not one:
         y[ks] = out
 
@@ -114,7 +115,7 @@ def experts_token(experts, layer: int, h: np.ndarray, ids: np.ndarray, w: np.nda
             return
         slots, (gate, up, down) = ready
     if bias is None:
-        dk.decode_ffn(h, slots, w, gate, up, down, f.qt, f.sc, y, nt)
+        dk.decode_ffn(h, slots, w, gate, up, down, f.qt, f.sc, y, nt, *f.act_args)
     else:
         dk.decode_ffn_oai(h, slots, ids, w, gate, up, down, f.qt, f.sc, *bias, y, nt)
 
@@ -143,7 +144,7 @@ def _fused_experts(f: _FFN, x: np.ndarray, ids: np.ndarray, w: np.ndarray,
     args = (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64),
             np.ascontiguousarray(w, np.float32), f.gate, f.up, f.down, f.qt, f.sc)
     if bias is None:
-        kernels.dynamic(moe.moe_ffn, *args, slots, _moe_tile(f))
+        kernels.dynamic(moe.moe_ffn, *args, slots, _moe_tile(f), *f.act_args)
     else:
         kernels.dynamic(moe.moe_ffn_oai, *args, *bias, slots, _moe_tile(f))
 
@@ -169,9 +170,10 @@ def _resident_moe(blk: Block, h: np.ndarray, ids: np.ndarray, w: np.ndarray, exp
     return True
 
 
-def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
-    """One routed expert on the tokens sent to it: x [t, D] → [t, D]."""
-    f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype))
+def expert_ffn(x: np.ndarray, w: ExpertWeights, act: int = 0) -> np.ndarray:
+    """One routed expert on the tokens sent to it: x [t, D] → [t, D] (act: the layer's
+    _FFN.act, SiLU or smallthinker's ReLU)."""
+    f = _FFN(w.gate, w.up, w.down, (w.gate_qtype, w.up_qtype, w.down_qtype), act)
     if _fused_ok(f):  # the resident prefill path's arithmetic (_resident_moe)
         t = x.shape[0]
         slots = np.empty((t, 1, f.down.shape[1]), np.float32)
@@ -179,13 +181,17 @@ def expert_ffn(x: np.ndarray, w: ExpertWeights) -> np.ndarray:
         return slots[:, 0]
     if x.shape[0] == 1:
         out = np.empty((1, w.down.shape[0]), np.float32)
-        _expert_token(np.ascontiguousarray(x[0], dtype=np.float32), w, 1.0, out)
+        _expert_token(np.ascontiguousarray(x[0], dtype=np.float32), w, 1.0, out,
+                      act_args=f.act_args)
         return out
     acts: dict = {}
     g = kernels.qmatmul(w.gate, w.gate_qtype, x, acts)
     u = kernels.qmatmul(w.up, w.up_qtype, x, acts)
     a = np.empty_like(g)
-    pk.silu_mul_rows(g, u, a)
+    if act:  # ReLU (ggml_reglu): g · u where g > 0
+        a[:] = np.where(g > 0, g * u, np.float32(0))
+    else:
+        pk.silu_mul_rows(g, u, a)
     return kernels.qmatmul(w.down, w.down_qtype, a)
 
 
@@ -202,7 +208,7 @@ def _expert(blk: Block, e: int, x: np.ndarray, w: ExpertWeights) -> np.ndarray:
     clamped SwiGLU where the layer has them: moe_ffn_oai on this expert and its bias
     rows, the resident path's arithmetic)."""
     if blk.exp_bias is None:
-        return expert_ffn(x, w)
+        return expert_ffn(x, w, blk.experts.act)
     return expert_ffn_oai(x, w, tuple(b[e:e + 1] for b in blk.exp_bias))
 
 

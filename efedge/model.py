@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from efedge import kernels, layers, rope
-from efedge.config import ModelConfig, qk_norm_of
+from efedge.config import ModelConfig, fused_qkv, qk_norm_of, qkv_widths
 from efedge.experts.scheduler import cache_aware_reroute
 from efedge.experts.store import ExpertStore, ResidentExperts
 from efedge.ffn import (
@@ -46,6 +46,8 @@ from efedge.ffn import (
 from efedge.gguf_file import GGUFFile
 from efedge.kernels import decode as dk
 from efedge.kernels import prefill as pk
+from efedge.kernels.nn import ACT_RELU, ACT_SILU
+from efedge.kernels.prefill_oss import prefill_attend_sinks
 from efedge.kv_cache import KVCache
 from efedge.weights import _FFN, QMatrix, _qmatrix, _vector
 
@@ -114,15 +116,18 @@ class Block:
 
     def _standard_attention(self, gf: GGUFFile, cfg: ModelConfig, il: int) -> None:
         spec, b = cfg.spec, f"blk.{il}."
-        self.attn_q = _qmatrix(gf, b + "attn_q.weight")
-        self.attn_k = _qmatrix(gf, b + "attn_k.weight")
-        self.attn_v = _qmatrix(gf, b + "attn_v.weight")
-        self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         self.bias = None
+        if fused_qkv(gf, cfg, il):
+            self._fused_qkv(gf, cfg, b)
+        else:
+            self.attn_q = _qmatrix(gf, b + "attn_q.weight")
+            self.attn_k = _qmatrix(gf, b + "attn_k.weight")
+            self.attn_v = _qmatrix(gf, b + "attn_v.weight")
+        self.attn_output = _qmatrix(gf, b + "attn_output.weight")
         # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
         # them); one that is absent adds zeros here
         names = [b + f"attn_{p}.bias" for p in "qkv"]
-        if spec.attn_bias or any(n in gf.tensors for n in names):
+        if self.bias is None and (spec.attn_bias or any(n in gf.tensors for n in names)):
             rows = (self.attn_q, self.attn_k, self.attn_v)
             self.bias = tuple(_vector(gf, n) if n in gf.tensors or spec.attn_bias
                               else np.zeros(m.raw.shape[0], np.float32)
@@ -138,6 +143,19 @@ class Block:
             self.qk_norm = "head"
             self.q_norm = self.k_norm = np.ones(cfg.head_dim, np.float32)
 
+    def _fused_qkv(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
+        """q, k and v as row ranges of one attn_qkv tensor (each output row is its own
+        dot product, so a view of the rows computes what llama.cpp's fused product and
+        its split views do)."""
+        qkv = _qmatrix(gf, b + "attn_qkv.weight")
+        ends = np.cumsum((0, *qkv_widths(cfg)))
+        for p, r0, r1 in zip("qkv", ends[:-1], ends[1:], strict=True):
+            setattr(self, "attn_" + p, QMatrix(qkv.raw[r0:r1], qkv.qtype, f"{qkv.name}[{p}]"))
+        if b + "attn_qkv.bias" in gf.tensors:
+            full = _vector(gf, b + "attn_qkv.bias")
+            self.bias = tuple(full[r0:r1].copy() for r0, r1 in zip(ends[:-1], ends[1:],
+                                                                   strict=True))
+
     def _moe_ffn(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
         spec = cfg.spec
         self.ffn_gate_inp = _qmatrix(gf, b + "ffn_gate_inp.weight")
@@ -145,7 +163,8 @@ class Block:
         for name in parts:
             kernels.check_qtype(gf.tensor(name).qtype, f"tensor {name}")
         self.experts = _FFN(*(gf.raw(n) for n in parts),
-                            tuple(gf.tensor(n).qtype for n in parts))
+                            tuple(gf.tensor(n).qtype for n in parts),
+                            ACT_RELU if spec.expert_act == "relu" else ACT_SILU)
         if spec.expert_bias:  # small: resident beside the router, never cache traffic
             self.router_bias = _vector(gf, b + "ffn_gate_inp.bias")
             self.exp_bias = tuple(
@@ -203,8 +222,12 @@ class Transformer:
         # resident is swapped for a resident one whose router probability is within this
         # much of it. 0 = exact routing, identical to llama.cpp.
         self.routing_slack = 0.0
+        # a router that reads the layer's input (smallthinker) asks the expert cache for
+        # its experts before the layer's attention (route_early); False: when the layer
+        # asks for them, as every other arch (for comparing the two: same bits)
+        self.early_requests = True
         # cos / sin by position, per rope (gpt-oss's sliding-window layers may differ)
-        self._rope: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+        self._rope: dict[bool | str, tuple[np.ndarray, np.ndarray]] = {}
         # llama-3 style per-pair frequency divisors (llama, granitemoe) or None
         self.rope_freqs = rope.freq_factors(gf, cfg, _vector)
         self.warmup_s = self.warmup()
@@ -226,11 +249,12 @@ class Transformer:
             self.forward([0], 3, kv, experts)
             if self.store is not None:  # the all-experts decode kernel (resident experts)
                 il = self.store.moe_layers[0]
-                f = _FFN(*experts.parts(il), self.store.qtypes(il))
                 d = self.cfg.n_embd
                 y, nt = np.empty((1, d), np.float32), numba.get_num_threads()
+                f = _FFN(*experts.parts(il), self.store.qtypes(il),
+                         self.blocks[il].experts.act)
                 dk.decode_ffn(np.zeros(d, np.float32), _ONE_ID, np.ones(1, np.float32),
-                              f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                              f.gate, f.up, f.down, f.qt, f.sc, y, nt, *f.act_args)
                 bias = self.blocks[il].exp_bias
                 if bias is not None:  # gpt-oss's
                     dk.decode_ffn_oai(np.zeros(d, np.float32), _ONE_ID, _ONE_ID,
@@ -265,7 +289,7 @@ class Transformer:
         folded in), from a table grown in powers of two (the same values as
         layers.rope_tables)."""
         c = self.cfg
-        if c.is_nope_layer(il):  # llama4's NoPE layers: the identity rotation
+        if c.is_nope_layer(il):  # llama4's and smallthinker's NoPE layers: cos 1, sin 0
             z = np.zeros((t, c.rope_dim // 2), np.float32)
             return z + np.float32(1.0), z
         swa = c.rope_swa is not None and c.is_swa_layer(il)
@@ -273,8 +297,8 @@ class Transformer:
         if tab is None or tab[0].shape[0] < pos + t:
             n = 1 << max(8, (pos + t - 1).bit_length())
             base, scaling = c.rope_of(il)
-            tab = self._rope[swa] = layers.rope_tables(np.arange(n), c.rope_dim, base, scaling,
-                                                       self.rope_freqs)
+            tab = self._rope[swa] = layers.rope_tables(np.arange(n), c.rope_dim, base,
+                                                       scaling, self.rope_freqs)
         return tab[0][pos:pos + t], tab[1][pos:pos + t]
 
     def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache) -> np.ndarray:
@@ -292,6 +316,12 @@ class Transformer:
         kc, vc = kv.k.view(np.uint16)[il], kv.v.view(np.uint16)[il]
         pk.prefill_qk(q, k, v, qn, kn, qk_mode, eps, cos, sin, c.spec.rope_style == "neox",
                       c.n_head, c.n_head_kv, c.head_dim, c.v_head_dim, kc, vc, pos, qh)
+        window = c.window_of(il)
+        if window and pos + t > window:  # smallthinker's window: a sink that takes nothing
+            no_sink = np.full(c.n_head, -np.inf, np.float32)
+            att = prefill_attend_sinks(qh, kc, vc, pos, no_sink, np.float32(c.attn_scale),
+                                       window)
+            return blk.attn_output(att)
         runs = self._attention_runs(il, pos, t)
         if c.v_head_dim % 32 == 0:
             att = np.empty((t, c.n_head * c.v_head_dim), np.float32)
@@ -316,16 +346,21 @@ class Transformer:
         chunk = c.sliding_window if c.swa_chunked and c.is_swa_layer(il) else 0
         return layers.attention_runs(pos, t, chunk, c.attn_temp, c.is_nope_layer(il))
 
-    def _moe(self, blk: Block, il: int, h: np.ndarray, experts) -> np.ndarray:
-        # T tokens, E experts, K active, D width
+    def _moe(self, blk: Block, il: int, h: np.ndarray, experts,
+             routed: tuple | None = None) -> np.ndarray:
+        # T tokens, E experts, K active, D width. routed: (ids, w) of a router that ran
+        # before attention (route_early), else the router runs on h here
         c = self.cfg
         t = h.shape[0]
-        ids, w, probs = self._route(blk, h)
-        if self.routing_slack > 0 and c.spec.routing == "softmax":
-            ids, w = cache_aware_reroute(experts, il, ids, w, probs, self.routing_slack,
-                                         c.spec.norm_topk)
-        if self.on_route is not None:  # the experts this layer will really use
-            self.on_route(il, h, ids)
+        if routed is not None:
+            ids, w = routed
+        else:
+            ids, w, probs = self._route(blk, h)
+            if self.routing_slack > 0 and c.spec.routing == "softmax":
+                ids, w = cache_aware_reroute(experts, il, ids, w, probs, self.routing_slack,
+                                             c.spec.norm_topk)
+            if self.on_route is not None:  # the experts this layer will really use
+                self.on_route(il, h, ids)
         slots = np.zeros((t, c.n_expert_used, c.n_embd), dtype=np.float32)  # [T, K, D]
         before = c.spec.weight_before_ffn  # llama4: the weight scales the expert's input
         if not _resident_moe(blk, h, ids, w, experts, slots, before):
@@ -348,6 +383,19 @@ class Transformer:
                 scale = 1.0 / (1.0 + np.exp(-pk.row_dots(h, blk.ffn_gate_inp_shexp)))
                 out += shared * scale[:, None].astype(np.float32)
         return out
+
+    def route_early(self, blk: Block, il: int, x: np.ndarray, experts) -> tuple[np.ndarray, ...]:
+        """(ids, weights) of a layer whose router reads the layer's input x [T, D]
+        (smallthinker), before its attention runs: the expert cache is asked for the
+        experts at once (early_requests), so their loads overlap the attention, and
+        on_route hears of them then."""
+        ids, w, _ = self._route(blk, x)
+        request = getattr(experts, "prefetch", None) if self.early_requests else None
+        if request is not None:
+            request(il, np.unique(ids))
+        if self.on_route is not None:
+            self.on_route(il, x, ids)
+        return ids, w
 
     def _route(self, blk: Block, h: np.ndarray) -> tuple[np.ndarray, ...]:
         """(ids [T, K], weights [T, K], probs [T, E]) of a MoE layer's router."""
@@ -391,13 +439,20 @@ class Transformer:
         resident = isinstance(experts, ResidentExperts)
         counters = experts.counters if resident else None
         nt = numba.get_num_threads()
+        early = c.spec.router_input == "layer"
+        per_layer = c.nope_step > 0 or c.sliding_window > 0  # smallthinker's layers differ
         for il, blk in enumerate(self.blocks):
+            if early and blk.moe:  # smallthinker: routed on the layer's input
+                r_ids, r_w = self.route_early(blk, il, x[None], experts)
+                ids[:], w[:] = r_ids[0], r_w[0]
             if blk.custom_attn is not None:  # gpt-oss's sinks, deepseek2's MLA: routes too
                 blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
             elif c.spec.irope:  # llama4: the layer's rope, chunk and temperature
                 g, k0 = self._irope_geom(il, pos, geom)
                 dk.decode_attn(x, *blk.decode_args, *g, kc_all[il][k0:], vc_all[il][k0:],
                                pos - k0, k_used, c.spec.norm_topk, x2, h, ids, w, nt)
+            elif per_layer:
+                self._decode_attn_layer(blk, il, x, pos, kv, geom, x2, h, ids, w, nt)
             else:
                 dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
                                k_used, c.spec.norm_topk, x2, h, ids, w, nt)
@@ -407,8 +462,8 @@ class Transformer:
                 dk.decode_ffn(h, _ONE_ID, _ONE_W, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
                 _ffn_sum(x2, y, 1, rs, x)
                 continue
-            if c.spec.routing != "softmax" and blk.custom_attn is None:  # decode_attn had
-                # no router: route here
+            if c.spec.routing != "softmax" and blk.custom_attn is None and not early:
+                # decode_attn had no router: route here
                 r_ids, r_w, _ = self._route(blk, h[None])
                 ids[:], w[:] = r_ids[0], r_w[0]
             if self.routing_slack > 0 and not resident:
@@ -417,7 +472,7 @@ class Transformer:
                 new, nw = cache_aware_reroute(experts, il, ids[None], w[None], probs,
                                               self.routing_slack, c.spec.norm_topk)
                 ids, w = new[0].astype(np.int32), nw[0].astype(np.float32)
-            if self.on_route is not None:
+            if self.on_route is not None and not early:
                 self.on_route(il, h[None], ids[None])
             n = k_used
             f = blk.experts  # quant types and schemes: the same for every expert
@@ -430,12 +485,12 @@ class Transformer:
             elif resident:  # all K in one call
                 counters.expert_requests += k_used
                 counters.hits += k_used
-                dk.decode_ffn(h, ids, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
+                dk.decode_ffn(h, ids, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt, *f.act_args)
             else:
                 # all K already in the cache: one call over the slot pool, as resident
                 ready = getattr(experts, "ready_pool", _none)(il, ids)
                 if ready is not None:
-                    dk.decode_ffn(h, ready[0], w, *ready[1], f.qt, f.sc, y, nt)
+                    dk.decode_ffn(h, ready[0], w, *ready[1], f.qt, f.sc, y, nt, *f.act_args)
                 else:
                     stream_experts_token(experts, il, h, ids, w, f, y, nt)
             if blk.shared is not None:
@@ -459,6 +514,20 @@ class Transformer:
         c = self.cfg
         return (cos[0], sin[0], *geom[2:7], np.float32(c.attn_scale * temp), geom[8]), k0
 
+    def _decode_attn_layer(self, blk: Block, il: int, x, pos: int, kv: KVCache, geom, x2, h,
+                           ids, w, nt) -> None:
+        """decode_attn for a layer with its own rope (NoPE: cos 1, sin 0) or a window
+        (smallthinker): the window's keys are the KV cache's rows pos + 1 − window .. pos,
+        given to the kernel as a view that starts there (row pos − k0 of the view is row
+        pos, where the kernel stores the new key)."""
+        c = self.cfg
+        cos, sin = self._rope_rows(pos, 1, il)
+        window = c.window_of(il)
+        k0 = max(0, pos + 1 - window) if window else 0
+        kc, vc = kv.k.view(np.uint16)[il][k0:], kv.v.view(np.uint16)[il][k0:]
+        dk.decode_attn(x, *blk.decode_args, cos[0], sin[0], *geom[2:], kc, vc, pos - k0,
+                       ids.shape[0], c.spec.norm_topk, x2, h, ids, w, nt)
+
     # -- forward ------------------------------------------------------------------------
     def forward(self, tokens, pos: int, kv: KVCache, experts=None,
                 all_logits: bool = True) -> np.ndarray:
@@ -479,12 +548,14 @@ class Transformer:
             return self._decode(int(tokens[0]), pos, kv, experts)
         x = self.embed(tokens)
         rs = np.float32(c.residual_scale)  # granite; 1 elsewhere
+        early = c.spec.router_input == "layer"
         for il, blk in enumerate(self.blocks):
+            routed = self.route_early(blk, il, x, experts) if early and blk.moe else None
             a = self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
             x = x + (a * rs if rs != 1 else a)
             h = self._norm(x, blk.ffn_norm)
             if blk.moe:
-                f = self._moe(blk, il, h, experts)
+                f = self._moe(blk, il, h, experts, routed)
             else:
                 f = swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
             x = x + (f * rs if rs != 1 else f)

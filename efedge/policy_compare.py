@@ -80,9 +80,14 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
         raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
     rows = []
     for policy in (list(policies)[::-1] if reverse else policies):
-        with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads,
+        # "POLICY/late": a router before attention (smallthinker) asks for its experts
+        # only when its layer runs, not before the attention (Transformer.early_requests)
+        name, _, late = policy.partition("/")
+        with efedge.load(path, cache=cache, policy=name, link=link, threads=threads,
                          device=device, vram=vram, host_cache=host_cache,
                          disk_link=disk_link) as m:
+            if late == "late":
+                m._tf.early_requests = False
             if warmup:  # compile the kernels, so that no run pays for it
                 decode_run(m, prompt_ids[:8], 4)
             t0 = time.perf_counter()

@@ -60,8 +60,13 @@ class _FFN:
     as decode_ffn takes them: read-only [E, rows, row_bytes], quant types, schemes."""
 
     def __init__(self, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
-                 qtypes: tuple[int, int, int]):
+                 qtypes: tuple[int, int, int], act: int = 0):
         mats = [_readonly(m if m.ndim == 3 else m[None]) for m in (gate, up, down)]
         self.gate, self.up, self.down = mats
         self.qt = np.array(qtypes, np.int64)
         self.sc = np.array([_scheme(m, q) for m, q in zip(mats, qtypes, strict=True)], np.int64)
+        # the activation of gate (kernels.nn.ACT_SILU, ACT_RELU: smallthinker) as the
+        # trailing argument of decode_ffn / moe_ffn: none for SiLU, so those archs keep
+        # the kernels' default specialisation
+        self.act = act
+        self.act_args = (act,) if act else ()

@@ -101,6 +101,20 @@ ARCHS["llama4-maverick"] = dict(gguf_arch="llama4", moe=True, bias=False, qk_nor
                                 shared=True, plan="llama4", step=2, window=None,
                                 defaults=dict(n_layer=4, n_expert=128, n_expert_used=2,
                                               n_ff_exp=64))
+# bailingmoe2 (tiny_archs.LING2_DIMS): as Ling-mini-2.0, with one trailing MTP layer
+ARCHS["bailingmoe2"] = dict(gguf_arch="bailingmoe2", moe=True, bias=False, qk_norm="head",
+                           shared=True, plan="bailingmoe2", nextn=1)
+# smallthinker: SmallThinker-21B-A3B's Llama-shaped layout (its router reads the layer's
+# input, its experts are ReLU-gated: the same tensors) with sigmoid gating and a sliding
+# window (ST_SWA); -softmax: softmax gating, no window (llama.cpp then ropes every layer)
+for _name, _kw in (("smallthinker", {}), ("smallthinker-softmax", dict(softmax=True,
+                                                                       swa=False))):
+    ARCHS[_name] = dict(gguf_arch="smallthinker", moe=True, bias=False, qk_norm=None,
+                        shared=False, **_kw)
+# smallthinker's attention.sliding_window and _pattern. llama.cpp keeps of the window only
+# "on" (it attends the last 4096 positions on layers il % pattern != 0) and skips rope on
+# layers il % 4 == 0: pattern 2 makes layer 0 NoPE, layer 1 a window layer, layer 2 neither
+ST_SWA = (8, 2)
 # embedding_scale, residual_scale, attention.scale, logit_scale of the granite files: none
 # of them 1 (or 1/√d), so each one is exercised; real Granite-3 MoE uses 12, 0.22, 1/64, 6.
 GRANITE_SCALES = (2.0, 0.5, 0.1, 0.5)
@@ -337,6 +351,13 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
             w.add_expert_weights_scale(BAILING_ROUTING[1])
         elif a["shared"]:
             w.add_expert_shared_feed_forward_length(cfg["n_ff_shexp"])
+        if arch == "smallthinker":  # as the converter: the experts' width under both keys
+            w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if a.get("softmax")
+                                     else gguf.ExpertGatingFuncType.SIGMOID)
+            if a.get("swa", True):
+                w.add_sliding_window(ST_SWA[0])
+                w.add_sliding_window_pattern(ST_SWA[1])
         if arch == "granitemoe":
             emb, res, att, logit = GRANITE_SCALES
             w.add_embedding_scale(emb)

@@ -61,21 +61,11 @@ def deepseek2_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
         out += [T(b + "attn_output.weight", (h * x["v"], d), "proj"),
                 T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
         if i < x["dense_lead"]:
-            f = cfg["n_ff"]
-            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
-                    T(b + "ffn_up.weight", (d, f), "proj"),
-                    T(b + "ffn_down.weight", (f, d), "proj")]
+            out += _dense_ffn(b, d, cfg["n_ff"])
             continue
         e, f, s = cfg["n_expert"], cfg["n_ff_exp"], cfg["n_ff_exp"] * x["n_shared"]
-        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
-                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
-                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
-                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
-                T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
-                T(b + "ffn_up_shexp.weight", (d, s), "proj"),
-                T(b + "ffn_down_shexp.weight", (s, d), "proj")]
-        if a["v3"]:  # selection bias (DeepSeek-V3): a small nudge to the sigmoid scores
-            out.append(T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True))
+        # DeepSeek-V3's selection bias: a small nudge to the sigmoid scores
+        out += _shared_moe_ffn(b, d, e, f, s, a["v3"])
     return out + _head(cfg, n_vocab)
 
 
@@ -189,27 +179,47 @@ def glm4moe_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
         out += [T(b + "attn_output.weight", (q_out, d), "proj"),
                 T(b + "post_attention_norm.weight", (d,), "norm", keep_f32=True)]
         if i < x["dense_lead"]:
-            out += [T(b + "ffn_gate.weight", (d, cfg["n_ff"]), "proj"),
-                    T(b + "ffn_up.weight", (d, cfg["n_ff"]), "proj"),
-                    T(b + "ffn_down.weight", (cfg["n_ff"], d), "proj")]
+            out += _dense_ffn(b, d, cfg["n_ff"])
             continue
-        out += [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
-                # the selection bias nudges the sigmoid scores (a real one is ~1e-2..1)
-                T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True),
-                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
-                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
-                T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
-                T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
-                T(b + "ffn_up_shexp.weight", (d, s), "proj"),
-                T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+        out += _shared_moe_ffn(b, d, e, f, s, True)
         if i >= cfg["n_layer"]:  # MTP: [embedding; hidden] → n_embd, its norms and head
-            out += [T(b + "nextn.eh_proj.weight", (2 * d, d), "proj"),
-                    T(b + "nextn.enorm.weight", (d,), "norm", keep_f32=True),
-                    T(b + "nextn.hnorm.weight", (d,), "norm", keep_f32=True),
-                    T(b + "nextn.embed_tokens.weight", (d, n_vocab), "embd"),
-                    T(b + "nextn.shared_head_head.weight", (d, n_vocab), "output", scale=2.0),
-                    T(b + "nextn.shared_head_norm.weight", (d,), "norm", keep_f32=True)]
+            out += _nextn(b, d) + [
+                T(b + "nextn.embed_tokens.weight", (d, n_vocab), "embd"),
+                T(b + "nextn.shared_head_head.weight", (d, n_vocab), "output", scale=2.0)]
     return out + _head(cfg, n_vocab)
+
+
+def _dense_ffn(b: str, d: int, n_ff: int) -> list[TensorSpec]:
+    """A dense layer's FFN (the dense lead of glm4moe / bailingmoe2)."""
+    return [TensorSpec(b + "ffn_gate.weight", (d, n_ff), "proj"),
+            TensorSpec(b + "ffn_up.weight", (d, n_ff), "proj"),
+            TensorSpec(b + "ffn_down.weight", (n_ff, d), "proj")]
+
+
+def _shared_moe_ffn(b: str, d: int, e: int, f: int, s: int,
+                    sel_bias: bool) -> list[TensorSpec]:
+    """Router, the selection bias where sel_bias, E routed experts of width f and an
+    ungated shared expert of width s (deepseek2, glm4moe, bailingmoe2)."""
+    T = TensorSpec
+    # the selection bias nudges the sigmoid scores (a real one is ~1e-2..1)
+    bias = [T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True)] if sel_bias else []
+    return [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+            *bias,
+            T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+            T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+            T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
+            T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
+            T(b + "ffn_up_shexp.weight", (d, s), "proj"),
+            T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+
+
+def _nextn(b: str, d: int) -> list[TensorSpec]:
+    """An MTP block's required nextn.* tensors: [embedding; hidden] → n_embd, its norms."""
+    T = TensorSpec
+    return [T(b + "nextn.eh_proj.weight", (2 * d, d), "proj"),
+            T(b + "nextn.enorm.weight", (d,), "norm", keep_f32=True),
+            T(b + "nextn.hnorm.weight", (d,), "norm", keep_f32=True),
+            T(b + "nextn.shared_head_norm.weight", (d,), "norm", keep_f32=True)]
 
 
 def glm4moe_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
@@ -447,3 +457,60 @@ def llama4_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     _interleaved_metadata(w, cfg, a["step"])
     if a["window"] is not None:  # llama.cpp reads 0 only (no chunks); else 8192
         w.add_sliding_window(a["window"])
+
+
+# bailingmoe2: Ling-mini-2.0's layout at test size (real: 1 dense layer, 1 shared expert,
+# sigmoid routing with a selection bias, 8 groups of which 4 compete, weights renormalised
+# and scaled by 2.5, half of each head rotated, 1 MTP layer). Two shared experts of half
+# the experts' width here, so llama.cpp's width × count rule shows.
+LING2_DIMS = dict(dense_lead=1, n_shared=2, weights_scale=2.5, rope_frac=0.5, n_group=4,
+                  group_used=2)
+
+
+def bailingmoe2_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    """The trunk's n_layer blocks (one fused attn_qkv each), then a["nextn"] MTP blocks
+    whose tensors llama.cpp loads and its normal pass skips."""
+    T, x = TensorSpec, LING2_DIMS
+    d, hd = cfg["n_embd"], cfg["head_dim"]
+    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
+    e, f = cfg["n_expert"], cfg["n_ff_exp"]
+    s = f // x["n_shared"] * x["n_shared"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"] + a["nextn"]):
+        b = f"blk.{i}."
+        out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
+                T(b + "attn_qkv.weight", (d, q_out + 2 * kv_out), "proj", scale=QK_GAIN),
+                T(b + "attn_q_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True),
+                T(b + "attn_k_norm.weight", (hd,), "norm", QK_GAIN, keep_f32=True),
+                T(b + "attn_output.weight", (q_out, d), "proj"),
+                T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
+        if i < x["dense_lead"]:
+            out += _dense_ffn(b, d, cfg["n_ff"])
+            continue
+        out += _shared_moe_ffn(b, d, e, f, s, True)
+        if i >= cfg["n_layer"]:  # MTP (llama.cpp's bailingmoe2 wants layer_output_norm too)
+            out += _nextn(b, d) + [T(b + "layer_output_norm.weight", (d,), "norm",
+                                     keep_f32=True)]
+    return out + _head(cfg, n_vocab)
+
+
+def bailingmoe2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    x, hd = LING2_DIMS, cfg["head_dim"]
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_rope_dimension_count(int(hd * x["rope_frac"]))  # partial rotary
+    w.add_feed_forward_length(cfg["n_ff"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    # as the converter writes them: one shared expert's width and their count
+    w.add_expert_shared_feed_forward_length(cfg["n_ff_exp"] // x["n_shared"])
+    w.add_expert_shared_count(x["n_shared"])
+    w.add_leading_dense_block_count(x["dense_lead"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(x["n_group"])
+    w.add_expert_group_used_count(x["group_used"])
+    w.add_expert_weights_scale(x["weights_scale"])
+    w.add_expert_weights_norm(True)
+    w.add_nextn_predict_layers(a["nextn"])
+

@@ -93,9 +93,10 @@ def test_absurd_counts_are_refused_before_parsing(moe_path, tmp_path):
 
 
 def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
-             split_max_tensors=0):
+             split_max_tensors=0, tensor_map=None):
     """Copy a GGUF file through GGUFWriter with one change (split_max_tensors: written as
-    llama.cpp's gguf-split shards beside dst instead)."""
+    llama.cpp's gguf-split shards beside dst instead; tensor_map: (name, data) → the
+    [(name, data)] written in its place, float tensors)."""
     r = gguf.GGUFReader(src)
     old_arch = r.get_field("general.architecture").contents()
     w = gguf.GGUFWriter(dst, arch or old_arch, split_max_tensors=split_max_tensors)
@@ -113,6 +114,10 @@ def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
     if set_key:
         w.add_uint32(set_key[0], set_key[1])
     for t in r.tensors:
+        if tensor_map is not None:
+            for name, data in tensor_map(t.name, np.asarray(t.data)):
+                w.add_tensor(name, data)
+            continue
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
                      raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -311,3 +316,47 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
         fh.truncate(shards[1].stat().st_size - 100)
     with pytest.raises(efedge.ModelFormatError, match=rf"{shards[1].name}: tensor .* past the end"):
         efedge.load(shards[0])
+
+
+@pytest.mark.parametrize("arch, key", [
+    ("bailingmoe2", "expert_gating_func"), ("bailingmoe2", "expert_shared_count"),
+    ("bailingmoe2", "expert_feed_forward_length"), ("smallthinker", "expert_gating_func"),
+    ("smallthinker", "expert_feed_forward_length")])
+def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
+    """Keys llama.cpp requires (no default: the gating function decides softmax or
+    sigmoid — llama.cpp's smallthinker graph aborts without one —, bailingmoe2's count
+    sizes its shared experts) are refused by name."""
+    path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "r.gguf", drop_key=f"{arch}.{key}")
+    with pytest.raises(efedge.ModelFormatError,
+                       match=f"required metadata key '{arch}.{key}' is missing"):
+        efedge.load(path)
+
+
+def test_ling2_fused_qkv_shape_is_checked(tiny_gguf, tmp_path):
+    """attn_qkv holds q, k and v rows for the heads the metadata gives: one kv head more
+    and it no longer fits (named, not split at the wrong rows)."""
+    path = _rewrite(tiny_gguf("bailingmoe2", "F32"), tmp_path / "b.gguf",
+                    set_key=("bailingmoe2.attention.head_count_kv", 4))
+    with pytest.raises(efedge.ModelFormatError, match="attn_qkv.weight"):
+        efedge.load(path)
+
+
+def test_smallthinker_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path):
+    """llama.cpp's create_tensor_qkv takes one attn_qkv where a file has it: the same
+    weights fused into it give the split file's logits bit for bit (row views)."""
+    src = tiny_gguf("smallthinker", "F32")
+    t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(src).tensors}
+
+    def fuse(name, data):  # attn_q → attn_qkv (q, k, v rows); attn_k / attn_v dropped
+        b = name[:-len("attn_q.weight")]
+        if name.endswith("attn_q.weight"):
+            return [(b + "attn_qkv.weight", np.concatenate(
+                [data, t[b + "attn_k.weight"], t[b + "attn_v.weight"]]))]
+        return [] if name.endswith(("attn_k.weight", "attn_v.weight")) else [(name, data)]
+
+    _rewrite(src, tmp_path / "fused.gguf", tensor_map=fuse)
+    ids = list(range(1, 17))
+    with efedge.load(src) as m:
+        want = m.logits(ids)
+    with efedge.load(tmp_path / "fused.gguf") as m:
+        assert np.array_equal(m.logits(ids), want)

@@ -841,3 +841,30 @@ def test_reset_stats_zeroes_the_device_figures_and_bench_sees_the_policy(tiny_gg
     rows = compare_policies(path, ["expertflow"], "30%", Link("fast", 2e9, 0.0),
                             list(range(5, 29)), 8, device="cuda")
     assert rows[0]["policy_overhead_pct"] > 0
+
+
+def test_ling2_matches_cpu_path(tiny_gguf):
+    """bailingmoe2 on the torch path: q / k / v as row views of the fused attn_qkv, per-head
+    qk norm, partial rope, the dense first layer, grouped sigmoid routing with the
+    selection bias (test_more_architectures_match_cpu_path's checks)."""
+    test_more_architectures_match_cpu_path(tiny_gguf, "bailingmoe2", {})
+
+
+def test_smallthinker_is_refused_by_name(tiny_gguf):
+    """smallthinker's router on the layer's input, ReLU experts, NoPE and window layers
+    have no torch code: device="cuda" (and the torch path on any device) names the
+    architecture instead of computing another model."""
+    path = tiny_gguf("smallthinker", "F32")
+    with pytest.raises(UnsupportedModelError,
+                       match="does not run architecture 'smallthinker'.*device='cpu'"):
+        load_cuda_model(path, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="smallthinker"):
+        efedge.load(path, device="cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_ling2_matches_cpu_path(tiny_gguf):
+    """The CUDA twin of test_ling2_matches_cpu_path (test_cuda_forward_matches_cpu_path's
+    checks: resident, streamed, hybrid misses, greedy tokens)."""
+    test_cuda_forward_matches_cpu_path(tiny_gguf, "bailingmoe2")

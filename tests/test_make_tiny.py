@@ -410,3 +410,47 @@ def test_random_block_spec_errors():
     assert parse_spec("iq1_s") == ("IQ1_S", "IQ1_S")
     with pytest.raises(ValueError, match="Q4_K"):
         parse_spec("IQ1_S/Q4_K")
+
+
+def test_ling2_layout(tiny_gguf):
+    """Ling-mini-2.0's layout at test size: one fused attn_qkv per layer, per-head q / k
+    norms, half of each head rotated, a dense first layer, sigmoid routing with a selection
+    bias and expert groups, two shared experts of half the experts' width (the key gives
+    one expert's width: llama.cpp multiplies it by the count), one trailing MTP block."""
+    from gguf_tools.tiny_archs import LING2_DIMS as x
+
+    _, kv, ts = _reader(tiny_gguf("bailingmoe2", "F32"))
+    a = "bailingmoe2."
+    assert kv[a + "block_count"] == L + 1 and kv[a + "nextn_predict_layers"] == 1
+    assert kv[a + "rope.dimension_count"] == HD // 2
+    assert kv[a + "leading_dense_block_count"] == x["dense_lead"] == 1
+    assert kv[a + "expert_gating_func"] == 2 and kv[a + "expert_group_count"] == 4
+    assert kv[a + "expert_shared_count"] == 2
+    assert kv[a + "expert_shared_feed_forward_length"] == F_EXP // 2
+    assert _shape(ts["blk.0.attn_qkv.weight"]) == (D, 4 * HD + 2 * 2 * HD)
+    assert "blk.0.attn_q.weight" not in ts
+    assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
+    assert _shape(ts["blk.0.ffn_gate.weight"]) == (D, F)
+    assert _shape(ts["blk.1.exp_probs_b.bias"]) == (E,)
+    assert _shape(ts["blk.1.ffn_up_shexp.weight"]) == (D, F_EXP)
+    assert _shape(ts[f"blk.{L}.nextn.eh_proj.weight"]) == (2 * D, D)
+
+
+def test_smallthinker_layout(tiny_gguf):
+    """SmallThinker-21B's layout at test size: the converter's keys (the experts' width as
+    feed_forward_length too, a gating function), a sliding window with pattern 2 (so the
+    window's layers and the NoPE layer come from different rules), no shared expert, no
+    attention output bias (llama.cpp 0.3.36 refuses a file with one)."""
+    from gguf_tools.make_tiny import ST_SWA
+
+    _, kv, ts = _reader(tiny_gguf("smallthinker", "F32"))
+    a = "smallthinker."
+    assert kv[a + "expert_gating_func"] == 2 and kv[a + "feed_forward_length"] == F_EXP
+    assert kv[a + "expert_feed_forward_length"] == F_EXP
+    assert kv[a + "attention.sliding_window"] == ST_SWA[0]
+    assert kv[a + "attention.sliding_window_pattern"] == ST_SWA[1] == 2
+    assert kv[a + "rope.dimension_count"] == HD
+    assert _shape(ts["blk.0.ffn_gate_inp.weight"]) == (D, E)
+    assert "blk.0.attn_output.bias" not in ts and "blk.0.ffn_up_shexp.weight" not in ts
+    _, kv, _ = _reader(tiny_gguf("smallthinker-softmax", "F32"))
+    assert kv[a + "expert_gating_func"] == 1 and a + "attention.sliding_window" not in kv

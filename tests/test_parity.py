@@ -771,6 +771,68 @@ def test_dots1_routing_parts_decide(tiny_gguf, part):
     assert np.abs(off - ref).max() / ref.std() > 0.1
 
 
+# -- bailingmoe2 (Ling 2.0: fused attn_qkv, per-head qk norm, partial neox rope, a dense
+# first layer, sigmoid routing with a selection bias and expert groups, weights norm and
+# scale, shared experts sized width × count, one trailing MTP layer) -----------------------
+@pytest.mark.parametrize("quant", FLOAT_QUANTS)
+def test_ling2_float_logits_match_llama_cpp(tiny_gguf, quant):
+    _assert_float_match(tiny_gguf("bailingmoe2", quant))
+
+
+def test_ling2_quantized_logits_match_llama_cpp(tiny_gguf):
+    _assert_quantized_match(tiny_gguf("bailingmoe2", "Q4_K_M"))
+
+
+def test_ling2_greedy_continuation_matches_llama_cpp(tiny_gguf):
+    _assert_greedy_match(tiny_gguf("bailingmoe2", "F32"))
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_ling2_streamed_matches_llama_cpp(tiny_gguf, quant):
+    """Resident and through a 50% expert cache: llama.cpp's logits, the same bits either
+    way, the same greedy tokens (test_streamed_matches_llama_cpp's checks)."""
+    test_streamed_matches_llama_cpp(tiny_gguf, "bailingmoe2", quant)
+
+
+def test_ling2_cache_aware_routing_is_refused(tiny_gguf):
+    test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, "bailingmoe2")
+
+
+def test_ling2_prefill_at_an_offset_matches_llama_cpp(tiny_gguf):
+    test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, "bailingmoe2")
+
+
+@pytest.mark.parametrize("change", ["exp_probs_b", "groups", "scale", "norm", "rope_dim"])
+def test_ling2_quirks_decide(tiny_gguf, change):
+    """Each quirk of the tiny bailingmoe2 file shows in the logits: without the selection
+    bias, the expert groups, the weights scale or norm, or with the whole head rotated,
+    efedge is off from llama.cpp by far more than the tolerance — so the parity tests
+    above see every one of them. (The shared experts' width × count: the file's key
+    says 128, its tensors hold 256, which the shape check refuses unless multiplied.)"""
+    import dataclasses
+
+    path = tiny_gguf("bailingmoe2", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        tf, c = m._tf, m.config
+        assert c.n_layer == 3 and c.n_nextn == 1 and not c.is_moe_layer(0)
+        assert c.rope_dim == c.head_dim // 2 and c.n_ff_shexp == 2 * (c.n_ff_exp // 2)
+        assert (c.gating, c.n_expert_groups, c.expert_weights_scale) == ("sigmoid", 4, 2.5)
+        blocks = [b for b in tf.blocks if b.moe]
+        if change == "exp_probs_b":
+            for b in blocks:
+                b.exp_probs_b = None
+        else:
+            new = {"groups": dict(n_expert_groups=0), "scale": dict(expert_weights_scale=0.0),
+                   "norm": dict(expert_weights_norm=False),
+                   "rope_dim": dict(rope_dim=c.head_dim)}[change]
+            tf.cfg = dataclasses.replace(c, **new)
+            tf._rope.clear()
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
 def test_hunyuan_qk_norm_after_rope_decides(tiny_gguf, monkeypatch):
     """The tiny hunyuan-moe file's q / k norm sits after rope: the same weights with the
     norm before rope (Qwen3's place) are off from llama.cpp by far more than the
@@ -831,3 +893,131 @@ def test_dots_hunyuan_cache_aware_routing(tiny_gguf):
             steps[routing] = np.concatenate([s.decode(t) for t in ids[4:]])
             assert (m.stats()["substitutions"] > 0) == (routing == "cache-aware")
     assert not np.array_equal(steps["exact"], steps["cache-aware"])
+
+
+# -- smallthinker (SmallThinker-21B-A3B: the router on the layer's input, before attention;
+# ReLU experts; sigmoid / softmax gating, weights renormalised; NoPE and sliding-window
+# layers when attention.sliding_window is set; -softmax: softmax gating, no window) -------
+ST_ARCHS = ["smallthinker", "smallthinker-softmax"]
+
+
+@pytest.mark.parametrize("quant", FLOAT_QUANTS)
+@pytest.mark.parametrize("arch", ST_ARCHS)
+def test_smallthinker_float_logits_match_llama_cpp(tiny_gguf, arch, quant):
+    _assert_float_match(tiny_gguf(arch, quant))
+
+
+def test_smallthinker_quantized_logits_match_llama_cpp(tiny_gguf):
+    _assert_quantized_match(tiny_gguf("smallthinker", "Q4_K_M"))
+
+
+@pytest.mark.parametrize("arch", ST_ARCHS)
+def test_smallthinker_greedy_continuation_matches_llama_cpp(tiny_gguf, arch):
+    _assert_greedy_match(tiny_gguf(arch, "F32"))
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_smallthinker_streamed_matches_llama_cpp(tiny_gguf, quant):
+    """Resident and through a 50% expert cache (each layer's experts asked for before its
+    attention): llama.cpp's logits, the same bits either way, the same greedy tokens."""
+    test_streamed_matches_llama_cpp(tiny_gguf, "smallthinker", quant)
+
+
+def test_smallthinker_prefill_at_an_offset_matches_llama_cpp(tiny_gguf):
+    test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, "smallthinker")
+
+
+def test_smallthinker_cache_aware_routing_is_refused(tiny_gguf):
+    test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, "smallthinker")
+
+
+@pytest.mark.parametrize("change", ["relu", "router_input", "nope", "norm"])
+def test_smallthinker_quirks_decide(tiny_gguf, change):
+    """Each quirk of the tiny smallthinker file shows in the logits: SiLU experts instead of
+    ReLU, the router on the FFN's input instead of the layer's, rope on the NoPE layer, or
+    the weights not renormalised: each is off from llama.cpp by far more than the
+    tolerance, so the parity tests above see them all."""
+    import dataclasses
+
+    path = tiny_gguf("smallthinker", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        tf, c = m._tf, m.config
+        assert (c.nope_step, c.swa_pattern, c.sliding_window) == (4, 2, 4096)
+        assert [c.uses_rope(i) for i in range(3)] == [False, True, True]
+        assert [c.is_swa_layer(i) for i in range(3)] == [False, True, False]
+        if change == "relu":
+            for b in tf.blocks:
+                b.experts.act, b.experts.act_args = 0, ()
+        elif change == "router_input":
+            tf.cfg = dataclasses.replace(c, spec=dataclasses.replace(c.spec, router_input="ffn"))
+        elif change == "nope":
+            tf.cfg = dataclasses.replace(c, nope_step=0)
+            tf._rope.clear()
+        else:
+            tf.cfg = dataclasses.replace(c, expert_weights_norm=False)
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+def test_smallthinker_window_prefill_and_decode_agree(tiny_gguf):
+    """The sliding window (4096 in real use) shrunk to 6 positions: a prompt's logits from
+    one prefill and token by token (the fused decode, its KV view starting at the window)
+    agree, and differ from the whole-context ones — the window is applied on both paths."""
+    import dataclasses
+
+    path = tiny_gguf("smallthinker", "F32")
+    ids = _tokens(512, 20, seed=4)
+    with efedge.load(path) as m:
+        full = m.logits(ids)
+        m._tf.cfg = dataclasses.replace(m.config, sliding_window=6)
+        windowed = m.logits(ids)
+        s = m._session
+        s.reset()
+        steps = [s.prefill(ids[:1])] + [s.decode(t) for t in ids[1:]]
+    steps = np.stack([np.asarray(r).reshape(-1) for r in steps])
+    assert np.abs(steps - windowed).max() / windowed.std() <= 1e-3
+    assert np.abs(windowed[:6] - full[:6]).max() / full.std() <= 1e-3  # nothing dropped yet
+    assert np.abs(windowed[6:] - full[6:]).max() / full.std() > 0.1
+
+
+@pytest.mark.slow
+def test_smallthinker_window_matches_llama_cpp_past_4096(tiny_gguf):
+    """Past llama.cpp's forced window of 4096 positions: a 4200-token prompt's last logits
+    and a greedy decode beyond it equal llama.cpp's (the window's layers drop the oldest
+    keys, the others keep them)."""
+    path = tiny_gguf("smallthinker", "F32", n_ctx=8192)
+    ids = _tokens(512, 4200, seed=12)
+    ref = llama_ref.llama_logits(path, ids, n_ctx=4300)
+    with efedge.load(path, n_ctx=4300) as m:
+        s = m._session
+        s.reset()
+        last = s.prefill(ids[:4150])
+        steps = [last] + [s.decode(t) for t in ids[4150:4199]]
+    ours = np.stack([np.asarray(r).reshape(-1) for r in steps])
+    want = ref[4149:4199]
+    rel = np.abs(ours - want).max(-1) / want.std()
+    # measured: 2e-4 at most; without the window the worst row is off by 0.97
+    assert rel.max() <= 2e-2, np.round(rel, 3)
+    assert (ours.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_smallthinker_early_requests_keep_the_bits(tiny_gguf):
+    """Asking the cache for a layer's experts before its attention (the default) and when
+    the layer runs give the same logits bit for bit; asked early, more of them are ready
+    (or loading) when the layer asks."""
+    path = tiny_gguf("smallthinker", "Q4_K_M")
+    ids = _tokens(512, 24, seed=5)
+    prompt = _tokens(512, 6, seed=2)
+    out = {}
+    for early in (True, False):
+        with efedge.load(path, cache="50%", policy="ondemand", link="200MB/s") as m:
+            m._tf.early_requests = early
+            logits = m.logits(ids)
+            greedy = _greedy_ids(m, prompt, 12)
+            out[early] = (logits, greedy, m.stats())
+    assert np.array_equal(out[True][0], out[False][0]) and out[True][1] == out[False][1]
+    on, off = out[True][2], out[False][2]
+    assert off["prefetch_issued"] == 0 < on["prefetch_issued"]
+    assert on["misses"] < off["misses"]

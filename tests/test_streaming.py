@@ -26,6 +26,8 @@ from efedge.gguf_file import GGUFFile
 # quantizer, which reads the layout without loading it)
 MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "glm4moe", "ernie4_5-moe",
              "ernie4_5-moe-interleave", "bailingmoe", "dots1", "hunyuan-moe"]
+MOE_ARCHS += ["bailingmoe2"]  # fused attn_qkv, dense first layer, grouped sigmoid routing
+MOE_ARCHS += ["smallthinker"]  # routed before attention (early requests), ReLU experts
 
 
 def _ids(n=24, seed=1, vocab=500):

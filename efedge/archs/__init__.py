@@ -48,13 +48,16 @@ class ArchSpec:
     # layer's selection bias (exp_probs_b) where it has one, weights the unbiased
     # probabilities (norm_topk renormalises; ernie4_5-moe, no routing keys read);
     # "sigmoid": sigmoid over all experts, top k, the weights as they are (llama4)
+    # "gating": "{arch}.expert_gating_func" (required), the k weights always renormalised,
+    # no scale (smallthinker: llama.cpp reads neither weights key)
     routing: str = "softmax"
     dense_lead: bool = False  # the first "{arch}.leading_dense_block_count" layers are dense
     # past the dense lead, only layers il with (il + 1) % "{arch}.interleave_moe_layer_step"
     # == 0 have experts, the others a dense FFN (ernie4_5-moe; the key is required)
     moe_step: bool = False
     expert_bias: bool = False  # biases on the router and on each expert's gate / up / down
-    expert_act: str = "silu"  # "silu": silu(gate)·up; "swiglu_oai": gpt-oss clamped SwiGLU
+    # "silu": silu(gate)·up; "swiglu_oai": gpt-oss clamped SwiGLU; "relu": relu(gate)·up
+    expert_act: str = "silu"
     ffn_norm: str = "ffn_norm"  # the FFN's norm tensor (gpt-oss: post_attention_norm)
     # llama.cpp divides rope frequencies by the optional rope_freqs.weight (llama-3 files)
     rope_freqs: bool = False
@@ -84,6 +87,23 @@ class ArchSpec:
     # temperature, chunked attention on the other layers of the swa pattern, an
     # unweighted per-head q / k RMS norm after rope where the model uses kq norm
     irope: bool = False
+    # q / k / v weights: "split" (attn_q / attn_k / attn_v), "fused" (one attn_qkv, q rows
+    # then k then v: bailingmoe2), "either" (attn_qkv where the file has it, else split:
+    # llama.cpp's create_tensor_qkv)
+    qkv: str = "split"
+    # the shared expert's width is ("{arch}.expert_shared_feed_forward_length" or the
+    # experts' width) × "{arch}.expert_shared_count" (bailingmoe2)
+    shared_per_count: bool = False
+    # "ffn": the router reads the FFN's normalised input; "layer": the layer's input,
+    # before attention (smallthinker: a layer's experts are known an attention ahead)
+    router_input: str = "ffn"
+    # llama.cpp's smallthinker rule: "{arch}.attention.sliding_window" > 0 makes layers
+    # il % "{arch}.attention.sliding_window_pattern" (default 4) != 0 attend the last
+    # 4096 positions, and layers il % 4 == 0 skip rope (NoPE); without it every layer
+    # attends everything with rope
+    iswa_nope: bool = False
+    # the torch path (efedge/gpu) runs this arch; False: device="cuda" is refused by name
+    gpu: bool = True
 
 
 def _modules() -> list[str]:

@@ -84,6 +84,12 @@ def _features(c) -> dict:
                    nope_layers=f"every {c.nope_step}th", kq_norm=c.kq_norm)
     elif c.sliding_window:
         out.update(sliding_window=c.sliding_window, swa_layers="every other (even) layer")
+    if c.swa_dense_first:  # smallthinker
+        out.update(swa_layers=f"il % {c.swa_pattern} != 0")
+    if c.nope_step and c.nope_first:  # (llama4's are named above)
+        out.update(nope_layers=f"il % {c.nope_step} == 0")
+    if c.spec.router_input != "ffn":  # smallthinker: experts known an attention ahead
+        out.update(router_input="the layer's input, before attention")
     r = c.rope_scaling
     if r.kind != "none" and r.freq_scale != 1.0:
         out["rope_scaling"] = f"{r.kind} x{1.0 / r.freq_scale:g}" + (

@@ -447,12 +447,14 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
             raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "
                                         f"yet (its {s.attention!r} attention); use "
                                         "device='cpu'")
-        if s.irope or s.weight_before_ffn:  # llama4: no chunked / NoPE attention on torch
+        if s.irope or s.weight_before_ffn or not s.gpu:
             from efedge.errors import UnsupportedModelError
 
-            raise UnsupportedModelError(f"device='cuda' does not run architecture {cfg.arch!r} "
-                                        "yet (chunked and NoPE attention layers, routing "
-                                        "weights on the experts' input); use device='cpu'")
+            raise UnsupportedModelError(  # llama4, smallthinker: CPU-only layers
+                f"device='cuda' does not run architecture {cfg.arch!r} yet (its chunked, "
+                "NoPE or sliding-window attention layers, routing weights on the experts' "
+                "input, a router before attention or ReLU experts are CPU-only); use "
+                "device='cpu'")
         return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
                          hybrid=hybrid, dense=dense, counters=counters, ubatch=ubatch,

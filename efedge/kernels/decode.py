@@ -28,10 +28,11 @@ from ._calls import dot_rows
 from ._fp import round_f16
 from ._sync import claim, finish, wait_stage
 from .nn import (
+    ACT_SILU,
+    act_mul_into,
     attend_head,
     rms_norm_into,
     rope_into,
-    silu_mul_into,
     softmax_topk,
     store_f16,
     sum_squares,
@@ -241,9 +242,9 @@ def decode_attn(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, wr, qt, sc,
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd, a, af, aq, ad,
-                as_, y):
+                as_, y, act):
     # bg / bu / bd: gpt-oss's biases [E, F] / [E, F] / [E, D], rows bid[k] for slot k, and
-    # its clamped SwiGLU; no rows: the plain SwiGLU
+    # its clamped SwiGLU; no rows: act(gate) · up (act: nn.ACT_SILU or ACT_RELU)
     k_used = ids.shape[0]
     d_model = h.shape[0]
     n_ff = gate.shape[1]
@@ -276,7 +277,7 @@ def _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd, a, af
             for r in range(r0, r1):
                 a[k, r] = swiglu_oai(tg[r - r0] + bg[b, r], tu[r - r0] + bu[b, r])
         else:
-            silu_mul_into(tg, tu, tz)
+            act_mul_into(act, tg, tu, tz)
             for r in range(r0, r1):
                 a[k, r] = tz[r - r0]
         finish(ctr, 0)
@@ -322,29 +323,30 @@ def _ffn_scratch(k_used, n_ff):
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def decode_ffn(h, ids, wts, gate, up, down, qt, sc, y, nt):
-    """y[k] = down_e(round(silu(gate_e·h) · up_e·h)) · wts[k] for e = ids[k].
+def decode_ffn(h, ids, wts, gate, up, down, qt, sc, y, nt, act=ACT_SILU):
+    """y[k] = down_e(round(act(gate_e·h) · up_e·h)) · wts[k] for e = ids[k].
 
     h [D] (the FFN-normalised hidden state); gate / up [E, F, row_bytes], down
     [E, D, row_bytes] stacked raw experts (E = 1 for one expert or a dense FFN); qt / sc:
-    quant types and rounding schemes of gate, up, down; y [K, D]."""
+    quant types and rounding schemes of gate, up, down; y [K, D]; act: silu
+    (nn.ACT_SILU) or relu (ACT_RELU, smallthinker's experts)."""
     ctr = np.zeros(6, np.int64)
     a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
     nob = np.zeros((0, 0), np.float32)
     for _t in prange(nt):
         _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, ids, nob, nob, nob,
-                    a, af, aq, ad, as_, y)
+                    a, af, aq, ad, as_, y, act)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def decode_ffn_serial(h, ids, wts, gate, up, down, qt, sc, y):
+def decode_ffn_serial(h, ids, wts, gate, up, down, qt, sc, y, act=ACT_SILU):
     """decode_ffn on the calling thread alone (the same rows, so the same bits): for one
     expert at a time, where waking the other threads costs more than they bring."""
     ctr = np.zeros(6, np.int64)
     a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
     nob = np.zeros((0, 0), np.float32)
     _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, ids, nob, nob, nob,
-                a, af, aq, ad, as_, y)
+                a, af, aq, ad, as_, y, act)
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
@@ -356,7 +358,7 @@ def decode_ffn_oai(h, ids, bid, wts, gate, up, down, qt, sc, bg, bu, bd, y, nt):
     a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
     for _t in prange(nt):
         _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd,
-                    a, af, aq, ad, as_, y)
+                    a, af, aq, ad, as_, y, ACT_SILU)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -365,7 +367,7 @@ def decode_ffn_oai_serial(h, ids, bid, wts, gate, up, down, qt, sc, bg, bu, bd, 
     ctr = np.zeros(6, np.int64)
     a, af, aq, ad, as_ = _ffn_scratch(ids.shape[0], gate.shape[1])
     _ffn_worker(ctr, h, ids, wts, gate, up, down, qt, sc, bid, bg, bu, bd,
-                a, af, aq, ad, as_, y)
+                a, af, aq, ad, as_, y, ACT_SILU)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)

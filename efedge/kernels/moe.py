@@ -33,7 +33,7 @@ from numba import njit, prange
 from ._calls import deq_row, gemm_rows
 from .activations import quantize_row, round_row
 from .generic import _gemm_tile
-from .nn import silu_mul, swiglu_oai
+from .nn import ACT_RELU, ACT_SILU, relu_mul, silu_mul, swiglu_oai
 from .prefill import gemm_acts_row
 from .rowdot import has_int
 
@@ -140,13 +140,16 @@ def _up_gate(qt_g, qt_u, gate, up, off, ie, ir, tile, ga, ua, g_out, u_out):
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath=False)
-def _swiglu_prep(qt, scheme, g_in, u_in, se, bg, bu, act, aa):
+def _swiglu_prep(qt, scheme, g_in, u_in, se, bg, bu, act, aa, kind):
     oai = bg.shape[0] > 0
     for i in prange(g_in.shape[0]):
         if oai:  # gpt-oss: biases of the slot's expert, clamped SwiGLU
             e = se[i]
             for j in range(g_in.shape[1]):
                 act[i, j] = swiglu_oai(g_in[i, j] + bg[e, j], u_in[i, j] + bu[e, j])
+        elif kind == ACT_RELU:  # smallthinker's ReLU-gated experts
+            for j in range(g_in.shape[1]):
+                act[i, j] = relu_mul(g_in[i, j], u_in[i, j])
         else:
             for j in range(g_in.shape[1]):
                 act[i, j] = silu_mul(g_in[i, j], u_in[i, j])
@@ -180,13 +183,14 @@ def _scatter(order, k_used, wts, y, se, bd, slots):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def moe_ffn(x, ids, wts, gate, up, down, qt, sc, slots, tile):
+def moe_ffn(x, ids, wts, gate, up, down, qt, sc, slots, tile, act=ACT_SILU):
     """slots[t, k] = wts[t, k] · expert ids[t, k] applied to x[t], for every slot with
     0 <= ids[t, k] < E (others are left alone). x [T, D] float32, ids / wts [T, K],
     gate / up / down [E, rows, row_bytes], qt / sc: their quant types and activation
-    schemes, slots [T, K, D]; tile: rows per work item (a multiple of 8)."""
+    schemes, slots [T, K, D]; tile: rows per work item (a multiple of 8); act: the
+    activation of gate (nn.ACT_SILU, or ACT_RELU for smallthinker's experts)."""
     nob = np.zeros((0, 0), np.float32)
-    _moe_ffn(x, ids, wts, gate, up, down, qt, sc, nob, nob, nob, slots, tile)
+    _moe_ffn(x, ids, wts, gate, up, down, qt, sc, nob, nob, nob, slots, tile, act)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
@@ -194,11 +198,11 @@ def moe_ffn_oai(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile):
     """moe_ffn for gpt-oss's experts: gate / up / down plus expert ids[t, k]'s rows of
     the bias tables bg / bu [E, F], bd [E, D], and the clamped SwiGLU (nn.swiglu_oai):
     slots[t, k] = (down(round(swiglu_oai(gate·x + bg, up·x + bu))) + bd) · wts[t, k]."""
-    _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile)
+    _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile, ACT_SILU)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
-def _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile):
+def _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile, kind):
     n_tok, k_used = ids.shape
     n_exp, f = gate.shape[0], gate.shape[1]
     d = x.shape[1]
@@ -239,10 +243,10 @@ def _moe_ffn(x, ids, wts, gate, up, down, qt, sc, bg, bu, bd, slots, tile):
     g_out = np.empty((n, f), np.float32)
     u_out = np.empty((n, f), np.float32)
     _up_gate(qt[0], qt[1], gate, up, off, ie, ir, tile, ga, ua, g_out, u_out)
-    # 3. SiLU(gate) · up (gpt-oss: biased, clamped), made ready for down
+    # 3. SiLU(gate) · up (gpt-oss: biased, clamped; smallthinker: ReLU), made ready for down
     act = np.empty((n, f), np.float32)
     aa = _acts(qt[2], n, f)
-    _swiglu_prep(qt[2], sc[2], g_out, u_out, se, bg, bu, act, aa)
+    _swiglu_prep(qt[2], sc[2], g_out, u_out, se, bg, bu, act, aa, kind)
     # 4. down
     ie, ir = _items(off, down.shape[1], tile)
     y = np.empty((n, down.shape[1]), np.float32)

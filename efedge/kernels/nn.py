@@ -151,6 +151,26 @@ def silu_mul_into(g, u, out):
         out[i] = silu_mul(g[i], u[i])
 
 
+# the experts' activation of gate and up (decode_ffn's and moe_ffn's ``act``)
+ACT_SILU, ACT_RELU = 0, 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def relu_mul(g, u):
+    """relu(g) · u as ggml_reglu computes it: g · u where g > 0, else 0 (smallthinker)."""
+    return g * u if g > _ZERO else _ZERO
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
+def act_mul_into(act, g, u, out):
+    """out = act(g) · u elementwise: silu (ACT_SILU) or relu (ACT_RELU)."""
+    if act == ACT_RELU:
+        for i in range(out.shape[0]):
+            out[i] = relu_mul(g[i], u[i])
+    else:
+        silu_mul_into(g, u, out)
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def topk_into(x, k, ids):
     """ids [k] = the indices of the k largest x, largest first (ties → lower index)."""
