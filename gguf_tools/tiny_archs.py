@@ -250,20 +250,8 @@ def ernie_moe_layer(i: int, a: dict) -> bool:
 def _llama_block(cfg: dict, b: str, moe: bool) -> list[TensorSpec]:
     """A Llama-layout block's attention and norms, and its dense FFN unless moe (the
     layers of ernie4_5-moe and llama4)."""
-    T, d, hd = TensorSpec, cfg["n_embd"], cfg["head_dim"]
-    q_out, kv_out = cfg["n_head"] * hd, cfg["n_head_kv"] * hd
-    out = [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
-           T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
-           T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
-           T(b + "attn_v.weight", (d, kv_out), "proj"),
-           T(b + "attn_output.weight", (q_out, d), "proj"),
-           T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True)]
-    if not moe:
-        f = cfg["n_ff"]
-        out += [T(b + "ffn_gate.weight", (d, f), "proj"),
-                T(b + "ffn_up.weight", (d, f), "proj"),
-                T(b + "ffn_down.weight", (f, d), "proj")]
-    return out
+    dense = [] if moe else _dense_ffn(b, cfg["n_embd"], cfg["n_ff"])
+    return _attention(b, cfg, qk_norm=False) + dense
 
 
 def _interleaved_metadata(w: gguf.GGUFWriter, cfg: dict, step: int) -> None:
@@ -343,18 +331,9 @@ def _attention(b: str, cfg: dict, qk_norm: bool) -> list[TensorSpec]:
 
 
 def _moe_ffn(b: str, cfg: dict, n_ff_shexp: int, sel_bias: bool) -> list[TensorSpec]:
-    """Router, routed experts, an optional selection bias and an ungated shared expert."""
-    T, d, e, f = TensorSpec, cfg["n_embd"], cfg["n_expert"], cfg["n_ff_exp"]
-    out = [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
-           T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
-           T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
-           T(b + "ffn_down_exps.weight", (f, d, e), "proj")]
-    if sel_bias:
-        out.append(T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True))
-    s = n_ff_shexp
-    return out + [T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
-                  T(b + "ffn_up_shexp.weight", (d, s), "proj"),
-                  T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+    """_shared_moe_ffn with the config's width, experts and routed width."""
+    return _shared_moe_ffn(b, cfg["n_embd"], cfg["n_expert"], cfg["n_ff_exp"], n_ff_shexp,
+                           sel_bias)
 
 
 def dots1_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
@@ -364,10 +343,7 @@ def dots1_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
         b = f"blk.{i}."
         out += _attention(b, cfg, qk_norm=True)
         if i < x["dense_lead"]:
-            f = cfg["n_ff"]
-            out += [T(b + "ffn_gate.weight", (d, f), "proj"),
-                    T(b + "ffn_up.weight", (d, f), "proj"),
-                    T(b + "ffn_down.weight", (f, d), "proj")]
+            out += _dense_ffn(b, d, cfg["n_ff"])
         else:
             out += _moe_ffn(b, cfg, cfg["n_ff_exp"] * x["n_shared"], sel_bias=True)
     return out + _head(cfg, n_vocab)
