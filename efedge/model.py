@@ -12,9 +12,9 @@ Two paths, the same rounding (products as llama.cpp computes them: activations r
 to 8 bits, integer dots where the weight type has a kernel; the paths sum in different
 orders, so they agree to float rounding):
 
-* one token (decode): ``kernels.decode`` runs each half of a layer as one parallel
-  region — attention + router, then the experts (all K at once when resident, one call
-  per expert as the expert cache hands them out);
+* one token (decode, efedge/model_decode.py): ``kernels.decode`` runs each half of a
+  layer as one parallel region — attention + router, then the experts (all K at once
+  when resident, one call per expert as the expert cache hands them out);
 * T tokens (prefill): tiled products (``kernels.qmatmul`` → ``kernels.gemm``), all routed
   experts of a layer in one call (``kernels.moe``; the expert cache runs the same kernel
   per expert) and ``kernels.prefill`` for norms, rope and causal attention.
@@ -26,182 +26,29 @@ import time
 
 import numba
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from efedge import kernels, layers, rope
-from efedge.config import ModelConfig, fused_qkv, qk_norm_of, qkv_widths
+from efedge.config import ModelConfig
 from efedge.experts.scheduler import cache_aware_reroute
-from efedge.experts.store import ExpertStore, ResidentExperts
+from efedge.experts.store import ExpertStore
 from efedge.ffn import (
     _ONE_ID,
     _expert,
-    _ffn_sum,
-    _none,
     _resident_moe,
     _StandInExperts,
-    experts_token,
-    stream_experts_token,
     swiglu,
 )
 from efedge.gguf_file import GGUFFile
 from efedge.kernels import decode as dk
 from efedge.kernels import prefill as pk
-from efedge.kernels.nn import ACT_RELU, ACT_SILU
 from efedge.kernels.prefill_oss import prefill_attend_sinks
 from efedge.kv_cache import KVCache
-from efedge.weights import _FFN, QMatrix, _qmatrix, _vector
-
-_EMPTY = np.zeros(0, np.float32)
-_EMPTY_RAW = np.zeros((0, 1), np.uint8)
-_ONE_W = np.ones(1, np.float32)
-_QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL,
-            "head_post": dk.QK_HEAD_POST}
+from efedge.model_block import Block, embedding_rows  # noqa: F401 (re-exported)
+from efedge.model_decode import DecodeMixin
+from efedge.weights import _FFN, _qmatrix, _vector
 
 
-# token embeddings stored as floats: the dtype to view their raw rows as (BF16 is not here:
-# numpy has no bfloat16)
-_FLOAT_ROWS = {int(GGMLQuantizationType.F32): np.float32,
-               int(GGMLQuantizationType.F16): np.float16}
-
-
-def embedding_rows(rows: np.ndarray, qtype: int) -> np.ndarray:
-    """Raw embedding rows uint8 [T, row_bytes] as float32 [T, n_embd]: kernels.dequantize's
-    values. F32 and F16 rows convert exactly in numpy: a decode step starts here with the
-    caches the previous token's output head left, and the generic dequantizer's dispatch
-    and code, fetched cold, took ~55 µs per token (demo decode 1.05× paired without it)."""
-    view = _FLOAT_ROWS.get(qtype)
-    if view is not None:
-        return rows.view(view).astype(np.float32)
-    return kernels.dequantize(rows, qtype).astype(np.float32)
-
-
-class Block:
-    """One transformer layer's weights; attribute names follow the GGUF tensor names."""
-
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, il: int):
-        b, spec = f"blk.{il}.", cfg.spec
-        self.attn_norm = _vector(gf, b + "attn_norm.weight")
-        self.ffn_norm = _vector(gf, b + spec.ffn_norm + ".weight")
-        # attention the fused kernels do not cover (deepseek2's MLA, gpt-oss's sinks):
-        # an object called as custom_attn(transformer, il, hn, pos, kv) → [T, D]
-        self.custom_attn = None
-        if spec.attention == "mla":
-            from efedge.mla import MLAAttention
-
-            self.custom_attn = MLAAttention(gf, cfg, il)
-        elif spec.attention == "sinks":
-            from efedge.oss import SinkAttention
-
-            self.custom_attn = SinkAttention(gf, cfg, il)
-        else:
-            self._standard_attention(gf, cfg, il)
-        self.moe = cfg.is_moe_layer(il)  # False for dense models and leading dense layers
-        self.shared = None
-        self.exp_bias = None  # gpt-oss: (gate [E, F], up [E, F], down [E, D]) biases
-        self.router_bias = None
-        if self.moe:
-            self._moe_ffn(gf, cfg, b)
-        else:
-            self.ffn_gate = _qmatrix(gf, b + "ffn_gate.weight")
-            self.ffn_up = _qmatrix(gf, b + "ffn_up.weight")
-            self.ffn_down = _qmatrix(gf, b + "ffn_down.weight")
-            m = (self.ffn_gate, self.ffn_up, self.ffn_down)
-            self.dense = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
-            if cfg.is_moe:  # a leading dense layer: a router of zeros stands in for the
-                # expert runtime's per-layer router lists; it is never asked to route
-                z = np.zeros((cfg.n_expert, 4 * cfg.n_embd), np.uint8)
-                self.ffn_gate_inp = QMatrix(z, int(GGMLQuantizationType.F32), "(dense layer)")
-        if self.custom_attn is None:
-            self._decode_args(cfg)
-
-    def _standard_attention(self, gf: GGUFFile, cfg: ModelConfig, il: int) -> None:
-        spec, b = cfg.spec, f"blk.{il}."
-        self.bias = None
-        if fused_qkv(gf, cfg, il):
-            self._fused_qkv(gf, cfg, b)
-        else:
-            self.attn_q = _qmatrix(gf, b + "attn_q.weight")
-            self.attn_k = _qmatrix(gf, b + "attn_k.weight")
-            self.attn_v = _qmatrix(gf, b + "attn_v.weight")
-        self.attn_output = _qmatrix(gf, b + "attn_output.weight")
-        # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
-        # them); one that is absent adds zeros here
-        names = [b + f"attn_{p}.bias" for p in "qkv"]
-        if self.bias is None and (spec.attn_bias or any(n in gf.tensors for n in names)):
-            rows = (self.attn_q, self.attn_k, self.attn_v)
-            self.bias = tuple(_vector(gf, n) if n in gf.tensors or spec.attn_bias
-                              else np.zeros(m.raw.shape[0], np.float32)
-                              for n, m in zip(names, rows, strict=True))
-        self.q_norm = self.k_norm = None
-        self.qk_norm = qk_norm_of(gf, cfg, il)  # the spec's, or "none" where it is optional
-        if self.qk_norm != "none":
-            self.q_norm = _vector(gf, b + "attn_q_norm.weight")
-            self.k_norm = _vector(gf, b + "attn_k_norm.weight")
-        if cfg.kq_norm and not cfg.is_nope_layer(il):
-            # llama4's rope layers: an unweighted RMS norm of each q / k head after rope;
-            # rope rotates every pair of the head, so normed before rope it is the same
-            self.qk_norm = "head"
-            self.q_norm = self.k_norm = np.ones(cfg.head_dim, np.float32)
-
-    def _fused_qkv(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
-        """q, k and v as row ranges of one attn_qkv tensor (each output row is its own
-        dot product, so a view of the rows computes what llama.cpp's fused product and
-        its split views do)."""
-        qkv = _qmatrix(gf, b + "attn_qkv.weight")
-        ends = np.cumsum((0, *qkv_widths(cfg)))
-        for p, r0, r1 in zip("qkv", ends[:-1], ends[1:], strict=True):
-            setattr(self, "attn_" + p, QMatrix(qkv.raw[r0:r1], qkv.qtype, f"{qkv.name}[{p}]"))
-        if b + "attn_qkv.bias" in gf.tensors:
-            full = _vector(gf, b + "attn_qkv.bias")
-            self.bias = tuple(full[r0:r1].copy() for r0, r1 in zip(ends[:-1], ends[1:],
-                                                                   strict=True))
-
-    def _moe_ffn(self, gf: GGUFFile, cfg: ModelConfig, b: str) -> None:
-        spec = cfg.spec
-        self.ffn_gate_inp = _qmatrix(gf, b + "ffn_gate_inp.weight")
-        parts = [f"{b}ffn_{p}_exps.weight" for p in ("gate", "up", "down")]
-        for name in parts:
-            kernels.check_qtype(gf.tensor(name).qtype, f"tensor {name}")
-        self.experts = _FFN(*(gf.raw(n) for n in parts),
-                            tuple(gf.tensor(n).qtype for n in parts),
-                            ACT_RELU if spec.expert_act == "relu" else ACT_SILU)
-        if spec.expert_bias:  # small: resident beside the router, never cache traffic
-            self.router_bias = _vector(gf, b + "ffn_gate_inp.bias")
-            self.exp_bias = tuple(
-                _vector(gf, f"{b}ffn_{p}_exps.bias").reshape(cfg.n_expert, -1)
-                for p in ("gate", "up", "down"))
-        self.exp_probs_b = None  # DeepSeek-V3's selection bias
-        if b + "exp_probs_b.bias" in gf.tensors:
-            self.exp_probs_b = _vector(gf, b + "exp_probs_b.bias")
-        if cfg.has_shared:
-            self.ffn_gate_inp_shexp = None  # ungated (granitemoe, deepseek2)
-            if spec.shared_gate:
-                self.ffn_gate_inp_shexp = _vector(gf, b + "ffn_gate_inp_shexp.weight")
-            self.ffn_gate_shexp = _qmatrix(gf, b + "ffn_gate_shexp.weight")
-            self.ffn_up_shexp = _qmatrix(gf, b + "ffn_up_shexp.weight")
-            self.ffn_down_shexp = _qmatrix(gf, b + "ffn_down_shexp.weight")
-            m = (self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp)
-            self.shared = _FFN(*(x.raw for x in m), tuple(x.qtype for x in m))
-
-    def _decode_args(self, cfg: ModelConfig) -> None:
-        """decode_attn's per-layer arguments, built once."""
-        mats = [self.attn_q, self.attn_k, self.attn_v, self.attn_output]
-        # the kernel routes by softmax top-k; other routings run after it (_decode)
-        routes = self.moe and cfg.spec.routing == "softmax"
-        if routes:
-            mats.append(self.ffn_gate_inp)
-        router = self.ffn_gate_inp.raw if routes else _EMPTY_RAW
-        qt = np.array([m.qtype for m in mats] + [0] * (5 - len(mats)), np.int64)
-        sc = np.array([m.scheme for m in mats] + [0] * (5 - len(mats)), np.int64)
-        bq, bk, bv = self.bias if self.bias is not None else (_EMPTY, _EMPTY, _EMPTY)
-        qn, kn = (self.q_norm, self.k_norm) if self.q_norm is not None else (_EMPTY, _EMPTY)
-        self.decode_args = (self.attn_norm, self.ffn_norm, np.float32(cfg.norm_eps),
-                            self.attn_q.raw, self.attn_k.raw, self.attn_v.raw,
-                            self.attn_output.raw, router, qt, sc, bq, bk, bv, qn, kn,
-                            _QK_MODE[self.qk_norm])
-
-
-class Transformer:
+class Transformer(DecodeMixin):
     """Weights + forward pass. Holds no KV cache and no expert cache of its own."""
 
     def __init__(self, gf: GGUFFile, cfg: ModelConfig):
@@ -417,116 +264,6 @@ class Transformer:
         out = np.empty_like(x)
         pk.rms_norm_rows(x, w, np.float32(self.cfg.norm_eps), out)
         return out
-
-    # -- one token: two parallel regions per layer ------------------------------------------
-    def _decode(self, token: int, pos: int, kv: KVCache, experts) -> np.ndarray:
-        c = self.cfg
-        cos, sin = self._rope_rows(pos, 1)
-        kc_all, vc_all = kv.k.view(np.uint16), kv.v.view(np.uint16)
-        geom = (cos[0], sin[0], c.spec.rope_style == "neox", c.n_head, c.n_head_kv,
-                c.head_dim, c.v_head_dim, np.float32(c.attn_scale),
-                np.float32(c.residual_scale))
-        rs = np.float32(c.residual_scale)
-        k_used = c.n_expert_used if c.is_moe else 1
-        x = self.embed(np.array([token]))[0]
-        x2 = np.empty_like(x)
-        h = np.empty_like(x)
-        ids = np.zeros(k_used, np.int32)
-        w = np.ones(k_used, np.float32)
-        y = np.empty((k_used + 1, c.n_embd), np.float32)  # expert slots (+ shared expert)
-        # every request to resident experts is a hit: count them as acquire() would,
-        # without building K ExpertWeights views per layer
-        resident = isinstance(experts, ResidentExperts)
-        counters = experts.counters if resident else None
-        nt = numba.get_num_threads()
-        early = c.spec.router_input == "layer"
-        per_layer = c.nope_step > 0 or c.sliding_window > 0  # smallthinker's layers differ
-        for il, blk in enumerate(self.blocks):
-            if early and blk.moe:  # smallthinker: routed on the layer's input
-                r_ids, r_w = self.route_early(blk, il, x[None], experts)
-                ids[:], w[:] = r_ids[0], r_w[0]
-            if blk.custom_attn is not None:  # gpt-oss's sinks, deepseek2's MLA: routes too
-                blk.custom_attn.decode(self, blk, il, x, pos, kv, x2, h, ids, w, nt)
-            elif c.spec.irope:  # llama4: the layer's rope, chunk and temperature
-                g, k0 = self._irope_geom(il, pos, geom)
-                dk.decode_attn(x, *blk.decode_args, *g, kc_all[il][k0:], vc_all[il][k0:],
-                               pos - k0, k_used, c.spec.norm_topk, x2, h, ids, w, nt)
-            elif per_layer:
-                self._decode_attn_layer(blk, il, x, pos, kv, geom, x2, h, ids, w, nt)
-            else:
-                dk.decode_attn(x, *blk.decode_args, *geom, kc_all[il], vc_all[il], pos,
-                               k_used, c.spec.norm_topk, x2, h, ids, w, nt)
-            if not blk.moe:  # a dense model, or a dense layer of a MoE one (glm4moe's
-                # leading one, ernie4_5-moe's leading and interleaved ones)
-                f = blk.dense
-                dk.decode_ffn(h, _ONE_ID, _ONE_W, f.gate, f.up, f.down, f.qt, f.sc, y, nt)
-                _ffn_sum(x2, y, 1, rs, x)
-                continue
-            if c.spec.routing != "softmax" and blk.custom_attn is None and not early:
-                # decode_attn had no router: route here
-                r_ids, r_w, _ = self._route(blk, h[None])
-                ids[:], w[:] = r_ids[0], r_w[0]
-            if self.routing_slack > 0 and not resident:
-                _, _, probs = layers.route(blk.ffn_gate_inp(h[None]), k_used,
-                                           c.spec.norm_topk)
-                new, nw = cache_aware_reroute(experts, il, ids[None], w[None], probs,
-                                              self.routing_slack, c.spec.norm_topk)
-                ids, w = new[0].astype(np.int32), nw[0].astype(np.float32)
-            if self.on_route is not None and not early:
-                self.on_route(il, h[None], ids[None])
-            n = k_used
-            f = blk.experts  # quant types and schemes: the same for every expert
-            if c.spec.weight_before_ffn:  # llama4: each expert on its own weighted input
-                for kk in range(k_used):
-                    experts_token(experts, il, h * w[kk], ids[kk:kk + 1], _ONE_W, f,
-                                  y[kk:kk + 1], nt)
-            elif blk.exp_bias is not None:  # gpt-oss
-                experts_token(experts, il, h, ids, w, f, y, nt, blk.exp_bias)
-            elif resident:  # all K in one call
-                counters.expert_requests += k_used
-                counters.hits += k_used
-                dk.decode_ffn(h, ids, w, f.gate, f.up, f.down, f.qt, f.sc, y, nt, *f.act_args)
-            else:
-                # all K already in the cache: one call over the slot pool, as resident
-                ready = getattr(experts, "ready_pool", _none)(il, ids)
-                if ready is not None:
-                    dk.decode_ffn(h, ready[0], w, *ready[1], f.qt, f.sc, y, nt, *f.act_args)
-                else:
-                    stream_experts_token(experts, il, h, ids, w, f, y, nt)
-            if blk.shared is not None:
-                f = blk.shared
-                scale = np.ones(1, np.float32)  # ungated (granitemoe, deepseek2, glm4moe, …)
-                if blk.ffn_gate_inp_shexp is not None:
-                    scale = 1.0 / (1.0 + np.exp(-(h[None] @ blk.ffn_gate_inp_shexp)))
-                dk.decode_ffn(h, _ONE_ID, scale.astype(np.float32), f.gate, f.up, f.down,
-                              f.qt, f.sc, y[n:n + 1], nt)
-                n += 1
-            _ffn_sum(x2, y, n, rs, x)
-        kv.n_past = pos + 1
-        return self._logits(x[None])
-
-    def _irope_geom(self, il: int, pos: int, geom: tuple) -> tuple[tuple, int]:
-        """decode_attn's geometry for llama4's layer il at pos, and the first key the
-        query sees (the kernel is given the cache from there, positions counted from it:
-        rope comes from the cos / sin rows, not from the position)."""
-        ((_, _, k0, temp),) = self._attention_runs(il, pos, 1)
-        cos, sin = self._rope_rows(pos, 1, il)
-        c = self.cfg
-        return (cos[0], sin[0], *geom[2:7], np.float32(c.attn_scale * temp), geom[8]), k0
-
-    def _decode_attn_layer(self, blk: Block, il: int, x, pos: int, kv: KVCache, geom, x2, h,
-                           ids, w, nt) -> None:
-        """decode_attn for a layer with its own rope (NoPE: cos 1, sin 0) or a window
-        (smallthinker): the window's keys are the KV cache's rows pos + 1 − window .. pos,
-        given to the kernel as a view that starts there (row pos − k0 of the view is row
-        pos, where the kernel stores the new key)."""
-        c = self.cfg
-        cos, sin = self._rope_rows(pos, 1, il)
-        window = c.window_of(il)
-        k0 = max(0, pos + 1 - window) if window else 0
-        kc, vc = kv.k.view(np.uint16)[il][k0:], kv.v.view(np.uint16)[il][k0:]
-        dk.decode_attn(x, *blk.decode_args, cos[0], sin[0], *geom[2:], kc, vc, pos - k0,
-                       ids.shape[0], c.spec.norm_topk, x2, h, ids, w, nt)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, tokens, pos: int, kv: KVCache, experts=None,
