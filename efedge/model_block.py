@@ -8,6 +8,7 @@ from gguf import GGMLQuantizationType
 
 from efedge import kernels
 from efedge.config import ModelConfig, fused_qkv, qk_norm_of, qkv_widths
+from efedge.errors import UnsupportedModelError
 from efedge.gguf_file import GGUFFile
 from efedge.kernels import decode as dk
 from efedge.kernels.nn import ACT_RELU, ACT_SILU
@@ -85,6 +86,11 @@ class Block:
             self.attn_k = _qmatrix(gf, b + "attn_k.weight")
             self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
+        if b + "attn_output.bias" in gf.tensors and not spec.output_bias_unused:
+            # llama.cpp adds it (its llama graph's wo_b); efedge's attention kernels have no
+            # output bias, and running the layer without it is silently another model
+            raise UnsupportedModelError(f"tensor {b + 'attn_output.bias'!r}: an attention "
+                                        "output bias is not supported")
         # llama.cpp adds each q / k / v bias a file has, whatever the arch (qwen2 requires
         # them); one that is absent adds zeros here
         names = [b + f"attn_{p}.bias" for p in "qkv"]

@@ -360,3 +360,32 @@ def test_smallthinker_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path):
         want = m.logits(ids)
     with efedge.load(tmp_path / "fused.gguf") as m:
         assert np.array_equal(m.logits(ids), want)
+
+
+@pytest.mark.requires_llama_cpp
+def test_an_attention_output_bias_is_refused_unless_llama_cpp_ignores_it(tiny_gguf, tmp_path):
+    """llama.cpp adds a llama file's attn_output.bias (efedge's attention has none: run
+    without it the logits were ~4 spreads off, silently); ernie4_5-moe's it loads and never
+    adds, so efedge ignores it there too — the same logits as without it."""
+    import llama_ref
+    from test_parity import _copy_with
+
+    for arch, refused in (("mixtral", True), ("ernie4_5-moe", False)):
+        src = tiny_gguf(arch, "F32")
+        with efedge.load(src) as m:
+            d = m.config.n_embd
+            ids = list(range(1, 9))
+            plain = m.logits(ids)
+        dst = tmp_path / f"{arch}-bo.gguf"
+        _copy_with(src, dst, {f"blk.{i}.attn_output.bias": np.full(d, 0.5, np.float32)
+                              for i in range(m.config.n_layer)})
+        if refused:
+            with pytest.raises(efedge.UnsupportedModelError, match="attn_output.bias"):
+                efedge.load(dst)
+            # llama.cpp does add it: the file is another model than the plain one
+            assert not np.allclose(llama_ref.llama_logits(dst, ids), plain, atol=1e-2)
+        else:
+            with efedge.load(dst) as m:
+                np.testing.assert_array_equal(m.logits(ids), plain)
+            np.testing.assert_allclose(llama_ref.llama_logits(dst, ids),
+                                       llama_ref.llama_logits(src, ids), atol=1e-5)

@@ -945,7 +945,7 @@ def test_smallthinker_quirks_decide(tiny_gguf, change):
     with efedge.load(path) as m:
         tf, c = m._tf, m.config
         assert (c.nope_step, c.swa_pattern, c.sliding_window) == (4, 2, 4096)
-        assert [c.uses_rope(i) for i in range(3)] == [False, True, True]
+        assert [c.is_nope_layer(i) for i in range(3)] == [True, False, False]
         assert [c.is_swa_layer(i) for i in range(3)] == [False, True, False]
         if change == "relu":
             for b in tf.blocks:

@@ -70,6 +70,9 @@ class ArchSpec:
     # llama.cpp sizes attn_k / attn_v by head_count (dots1): a file with fewer kv heads is
     # one it cannot load, refused by name
     mha_only: bool = False
+    # llama.cpp loads an attn_output.bias but never adds it (ernie4_5-moe): efedge ignores
+    # it too; False: a file with one is refused (llama.cpp adds it, or cannot load it)
+    output_bias_unused: bool = False
     # routing="deepseek": the gating function when "{arch}.expert_gating_func" is absent
     # or 0 (llama.cpp's per-arch default; glm4moe: "sigmoid"; "": none, such a file is
     # refused — dots1, whose graph llama.cpp aborts without one)

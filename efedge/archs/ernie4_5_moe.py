@@ -14,4 +14,4 @@ from efedge.archs import ArchSpec
 SPEC = ArchSpec(name="ernie4_5-moe", rope_style="normal", moe=True, norm_topk=True,
                 shared_gate=False, shared_optional=True, shared_by_count=False,
                 routing="softmax_bias",
-                dense_lead=True, moe_step=True)
+                dense_lead=True, moe_step=True, output_bias_unused=True)
