@@ -145,6 +145,9 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
         raise APIError(400, f"invalid think value: {json.dumps(think)[:40]} (must be "
                             "\"high\", \"medium\", \"low\", true, or false)", "invalid_value",
                        param="think")  # (Ollama's words)
+    if think and not thinks(model):  # (Ollama's answer for a model that cannot think)
+        raise APIError(400, f"{model.path.stem!r} does not support thinking", "unsupported",
+                       param="think")
     # think true: the reasoning apart (`thinking`); false: the template asked not to think
     # (Qwen3's enable_thinking); unset: the reply as the model writes it
     req.reasoning = bool(think) and req.messages is not None
@@ -184,6 +187,19 @@ def _unloads(keep_alive: Any) -> bool:
     if isinstance(keep_alive, str):
         return re.fullmatch(r"[+-]?0+(\.0*)?([nuµm]?s|m|h)?", keep_alive.strip()) is not None
     return isinstance(keep_alive, int | float) and keep_alive == 0
+
+
+def _template_source(model) -> str:
+    try:
+        return model.chat_template().source
+    except Exception:  # noqa: BLE001 (a broken template: shown as missing)
+        return ""
+
+
+def thinks(model) -> bool:
+    """Whether the model's chat template writes <think> (a thinking model: Ollama's
+    `thinking` capability, and what `think` needs)."""
+    return OPEN in _template_source(model)
 
 
 def model_details(model) -> dict:
@@ -277,11 +293,8 @@ class OllamaMixin:
         info = {k: v for k, v in m._gf.metadata.items()
                 if k.startswith(("general.", f"{m.config.arch}."))
                 and not isinstance(v, list | bytes)}
-        try:
-            template = m.chat_template().source
-        except Exception:  # noqa: BLE001 (a broken template: shown as missing)
-            template = ""
-        if OPEN in template:  # a thinking model's template (think: true splits it off)
+        template = _template_source(m)
+        if thinks(m):  # a thinking model's template (think: true splits it off)
             caps.append("thinking")
         self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
                               "template": template, "details": model_details(m),

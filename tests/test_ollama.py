@@ -132,6 +132,11 @@ def test_load_only_calls(srv):
 
 
 @pytest.mark.parametrize("route, body, status, words", [
+    # the tiny model's chatml template writes no <think>: it cannot think (Ollama's 400)
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "think": True}, 400, "does not support thinking"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "think": "high"}, 400,
+     "does not support thinking"),
     ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404,
      "nope"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x",
