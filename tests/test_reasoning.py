@@ -242,3 +242,33 @@ def test_a_constrained_reply_is_the_answer(model, monkeypatch):
         assert choice["finish_reason"] == "tool_calls" and "reasoning_content" not in \
             choice["message"], choice
         assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["now"]
+
+
+def test_chat_set_think_and_nothink(model, tiny_gguf):
+    """efedge chat's /set think and /set nothink (ollama's commands) set the template's
+    enable_thinking for every reply and for what is counted against the context;
+    --chat-template-kwargs sets it from the start. A template without the switch is said
+    to take no notice."""
+    import io
+
+    from efedge.cli.chat import ChatREPL
+
+    out = io.StringIO()
+    repl = ChatREPL(model, out=out, err=io.StringIO(),
+                    template_kwargs={"enable_thinking": False})
+    repl.messages = list(HI)
+    off = model.chat_prompt(HI, template_kwargs={"enable_thinking": False})
+    assert repl.fit_context() == len(off)
+    repl.set("think")
+    assert "Thinking on." in out.getvalue() and repl.fit_context() == len(
+        model.chat_prompt(HI)) != len(off)
+    repl.set("nothink")
+    assert repl.fit_context() == len(off) and "think=off" in repl.settings()
+    with efedge.load(tiny_gguf("qwen3moe", "F32")) as plain:  # chatml: no switch
+        out = io.StringIO()
+        ChatREPL(plain, out=out, err=io.StringIO()).set("think")
+        assert "no enable_thinking switch" in out.getvalue()
+    r = subprocess.run([sys.executable, "-m", "efedge", "chat", str(model.path),
+                        "--chat-template-kwargs", "[1]"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--chat-template-kwargs" in r.stderr

@@ -21,6 +21,7 @@ from efedge.cli.common import (
     add_chat_template_arg,
     add_model_args,
     add_sampling_args,
+    add_template_kwargs_arg,
     format_stats,
     load_model,
     n_predict,
@@ -39,6 +40,9 @@ Commands:
                        presence_penalty, seed (-1 = random),
                        max_tokens (-1 = until the context is full)
   /set system TEXT     replace the system prompt (clears the conversation)
+  /set think, /set nothink
+                       a thinking model (Qwen3 …) thinks first, or answers at once
+                       (the template's enable_thinking)
   /regen               write the last reply again
   /clear               forget the conversation (keeps the system prompt)
   /stats               every counter of the model, and how full the context is
@@ -76,6 +80,7 @@ def add_parser(sub) -> None:
     p.add_argument("-sys", "--system-prompt", default=None, metavar="TEXT",
                    help="system prompt")
     add_chat_template_arg(p)
+    add_template_kwargs_arg(p, "(/set think and /set nothink change enable_thinking)")
     # -2 and below were taken for -1 silently (`/set max_tokens -2` is refused)
     p.add_argument("-n", "--n-predict", type=n_predict, default=-1, metavar="N",
                    help="most tokens per reply (default -1: until end of turn or a full "
@@ -89,10 +94,13 @@ class ChatREPL:
 
     def __init__(self, m: efedge.Model, *, system: str | None = None,
                  sampling: dict | None = None, max_tokens: int = -1,
+                 template_kwargs: dict | None = None,
                  out: TextIO = sys.stdout, err: TextIO = sys.stderr):
         self.m = m
         self.system = system
         self.sampling = dict(sampling or {})
+        # chat-template variables (--chat-template-kwargs; /set think / nothink)
+        self.template_kwargs = dict(template_kwargs or {})
         self.max_tokens = max_tokens
         self.out, self.err = out, err
         self.messages: list[dict] = []
@@ -128,14 +136,14 @@ class ChatREPL:
         message alone cannot fit (it is then removed, and the history kept)."""
         n_ctx, reserve, dropped = self.m.n_ctx, self._reserve(), 0
         first = self._first_turn()
-        alone = len(self.m.chat_prompt(self.messages[:first] + self.messages[-1:]))
+        alone = len(self._prompt(self.messages[:first] + self.messages[-1:]))
         if alone >= n_ctx:
             self.messages.pop()
             self.note(f"[this message is {alone} tokens with the template; the context holds "
                       f"{n_ctx}: shorten it, or restart with a larger -c]")
             return None
         while True:
-            n = len(self.m.chat_prompt(self.messages))
+            n = len(self._prompt(self.messages))
             if n + reserve <= n_ctx or len(self.messages) - first <= 1:
                 break
             del self.messages[first]  # one turn: a user message and the replies after it
@@ -146,6 +154,9 @@ class ChatREPL:
             self.note(f"[the conversation outgrew the {n_ctx}-token context: dropped the "
                       f"oldest {dropped} turn{'s' * (dropped != 1)}]")
         return n
+
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        return self.m.chat_prompt(messages, template_kwargs=self.template_kwargs)
 
     def reply(self) -> bool:
         """Write the assistant's answer to the conversation; False if Ctrl-C stopped it."""
@@ -184,7 +195,7 @@ class ChatREPL:
         try:
             if not interrupted.is_set():
                 for piece in m.chat(self.messages, stream=True, max_tokens=max_tokens,
-                                    **self.sampling):
+                                    template_kwargs=self.template_kwargs, **self.sampling):
                     if t_first is None:
                         t_first = time.perf_counter()
                     pieces.append(piece)
@@ -232,7 +243,7 @@ class ChatREPL:
         elif cmd == "/set":
             self.set(rest)
         elif cmd == "/stats":
-            n = len(self.m.chat_prompt(self.messages)) if self.messages else 0
+            n = len(self._prompt(self.messages)) if self.messages else 0
             self.say(format_stats(self.m.stats()))
             self.say(f"  {'context':<16} {n} / {self.m.n_ctx} tokens, "
                      f"{len(self.messages)} messages")
@@ -244,6 +255,8 @@ class ChatREPL:
         s = dict(self.sampling, max_tokens=self.max_tokens)
         if s.get("seed") is None:
             s["seed"] = "random"
+        if "enable_thinking" in self.template_kwargs:
+            s["think"] = "on" if self.template_kwargs["enable_thinking"] else "off"
         text = " ".join(f"{k}={v}" for k, v in s.items())
         return text + (f"\nsystem: {self.system}" if self.system else "")
 
@@ -261,8 +274,18 @@ class ChatREPL:
             self.clear()
             self.say("Set the system prompt and cleared the conversation.")
             return
+        if name in ("think", "nothink"):  # ollama's commands
+            self.template_kwargs["enable_thinking"] = name == "think"
+            source = getattr(self.m.chat_template(), "source", "")
+            if "enable_thinking" not in source:
+                self.say(f"Set {name}, but this model's chat template has no "
+                         "enable_thinking switch: it changes nothing here.")
+            else:
+                self.say("Thinking on." if name == "think" else "Thinking off.")
+            return
         if name not in _SETTINGS:
-            self.say(f"Unknown setting {name!r}; one of: system, {', '.join(_SETTINGS)}")
+            self.say(f"Unknown setting {name!r}; one of: system, think, nothink, "
+                     f"{', '.join(_SETTINGS)}")
             return
         key, kind = _SETTINGS[name]
         try:
@@ -372,6 +395,8 @@ def summary_line(s0: dict, s1: dict, t0: float, t_first: float | None, t_end: fl
 
 
 def main(args: argparse.Namespace) -> int:
+    from efedge.api_chat import check_template_kwargs
+
     bad = args.system_prompt and not_utf8(args.system_prompt, "the system prompt")
     if bad:
         raise EfedgeError(bad)
@@ -391,9 +416,10 @@ def main(args: argparse.Namespace) -> int:
         sampling = sampling_kwargs(args)
         SamplingParams(**sampling).validate()
         check_logit_bias(sampling.get("logit_bias"), m.config.n_vocab)  # -l ids
+        kwargs = check_template_kwargs(args.chat_template_kwargs)
         repl = ChatREPL(m, system=args.system_prompt, sampling=sampling,
-                        max_tokens=args.n_predict)
-        m.chat_prompt([{"role": "user", "content": "hi"}])  # a broken template fails now
+                        max_tokens=args.n_predict, template_kwargs=kwargs)
+        repl._prompt([{"role": "user", "content": "hi"}])  # a broken template fails now
         c = m.config
         experts = f", {c.n_expert} experts ({c.n_expert_used} active)" if c.is_moe else ""
         repl.note(f"efedge chat: {m.path.name} ({c.arch}{experts}), context {m.n_ctx} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -190,6 +191,24 @@ def add_chat_template_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="NAME_OR_FILE",
                    help="override the GGUF's chat template: a built-in name (chatml, llama-2, "
                         "llama-3) or a file holding jinja source")
+
+
+def _json_object(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enable_thinking\": "
+                                         "false}'")
+    return value
+
+
+def add_template_kwargs_arg(p: argparse.ArgumentParser, more: str = "") -> None:
+    p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="variables for the chat template, e.g. '{\"enable_thinking\": false}' "
+                        + more)
 
 
 def chat_template_source(value: str | None) -> str | None:

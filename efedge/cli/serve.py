@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import signal
 import socket
 import sys
@@ -14,6 +13,7 @@ from efedge.cli.common import (
     add_chat_template_arg,
     add_model_args,
     add_sampling_args,
+    add_template_kwargs_arg,
     checked_number,
     load_model,
     progress_bar,
@@ -51,22 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--reasoning-format", choices=("auto", "deepseek", "none"), default="auto",
                    help="a thinking model's <think> part: auto / deepseek put it in "
                         "message.reasoning_content (default), none leaves it in the content")
-    p.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
-                   help="variables for the chat template, e.g. '{\"enable_thinking\": false}' "
-                        "(a request's chat_template_kwargs override them name by name)")
+    add_template_kwargs_arg(p, "(a request's chat_template_kwargs override them name by name)")
     add_sampling_args(p)
     p.set_defaults(func=main)
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enable_thinking\": "
-                                         "false}'")
-    return value
 
 
 def bind_error(host: str, port: int, exc: Exception) -> EfedgeError:
