@@ -33,13 +33,13 @@ from typing import Any
 
 from gguf import LlamaFileType
 
-from efedge.json_mode import check_format
 from efedge.reasoning import OPEN
 from efedge.server_body import json_bytes
 from efedge.server_replies import _error_of
 from efedge.server_requests import (
     APIError,
     GenRequest,
+    checked_format,
     object_body,
     parse_chat,
     parse_completion,
@@ -86,12 +86,7 @@ def _format(body: dict) -> Any:
     if not isinstance(fmt, str | dict):
         raise APIError(400, "'format' must be \"json\" or a JSON schema", "invalid_type",
                        param="format")
-    try:
-        check_format(fmt)  # "json" or a schema; a schema keyword efedge lacks: named
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc), "unsupported" if "not supported" in str(exc)
-                       else "invalid_value", param="format") from None
-    return fmt
+    return checked_format(fmt, "format")  # "json" or a schema; a keyword efedge lacks: named
 
 
 def _no_images(obj: dict, where: str) -> None:
@@ -294,7 +289,7 @@ class OllamaMixin:
                 if k.startswith(("general.", f"{m.config.arch}."))
                 and not isinstance(v, list | bytes)}
         template = _template_source(m)
-        if thinks(m):  # a thinking model's template (think: true splits it off)
+        if OPEN in template:  # a thinking model's template (thinks(): think may be asked)
             caps.append("thinking")
         self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
                               "template": template, "details": model_details(m),
@@ -310,11 +305,7 @@ class OllamaMixin:
             self._ollama_error(_error_of(ev[1]))
             return
         if req.stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Connection", "close")
-            self.close_connection = True
-            self.end_headers()
+            self._begin_events("application/x-ndjson")  # (ReplyMixin's: JSON lines here)
 
         def piece(text: str, thinking: str = "") -> dict:
             body = {"message": {"role": "assistant", "content": text}} if chat \

@@ -97,10 +97,11 @@ class ReplyMixin:
         self.wfile.write(b"data: " + data + b"\n\n")
         self.wfile.flush()
 
-    def _begin_events(self) -> None:
-        """A 200 whose body is server-sent events, ended by closing the connection."""
+    def _begin_events(self, content_type: str = "text/event-stream; charset=utf-8") -> None:
+        """A 200 whose body is a stream of events (server-sent events, or Ollama's JSON
+        lines), ended by closing the connection."""
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.close_connection = True

@@ -339,15 +339,20 @@ def _format(body: dict) -> str | dict | None:
             raise APIError(400, "response_format json_schema needs a schema: "
                                 "{\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                            "invalid_value", param="response_format")
-        try:
-            check_format(schema)
-        except ArgumentError as exc:
-            raise APIError(400, str(exc), "unsupported" if "not supported" in str(exc)
-                           else "invalid_value", param="response_format") from None
-        return schema
+        return checked_format(schema, "response_format")
     raise APIError(400, f"response_format type must be \"text\", \"json_object\" or "
                         f"\"json_schema\", got {json.dumps(kind)[:60]}", "invalid_value",
                    param="response_format")
+
+
+def checked_format(value: Any, param: str) -> Any:
+    """check_format(value) (a schema compiled now), its error a 400 naming `param`: a
+    keyword efedge does not take "unsupported", anything else "invalid_value"."""
+    try:
+        return check_format(value)
+    except ArgumentError as exc:
+        raise APIError(400, str(exc), "unsupported" if "not supported" in str(exc)
+                       else "invalid_value", param=param) from None
 
 
 def _top_count(body: dict, name: str) -> int | None:
