@@ -189,7 +189,10 @@ def _assert_streamed_match(path, quant: str) -> None:
             greedy[cache] = _greedy_ids(m, prompt, 24)
             if cache:
                 s = m.stats()
-                assert s["misses"] > 0 and s["bytes_loaded"] > 0
+                # requests that needed a load (what on-demand loading would load): a miss,
+                # or a prefetch that served one — smallthinker asks for every layer's
+                # experts before its attention, so when those land in time none misses
+                assert s["misses"] + s["prefetch_used"] > 0 and s["bytes_loaded"] > 0
     assert np.array_equal(got[None], got["50%"])
     assert greedy[None] == greedy["50%"]
     ours = got[None]
