@@ -193,18 +193,22 @@ def test_late_prefetch_that_fails_is_loaded_synchronously(path, min_budget):
     """The layer asks for an expert whose prefetch is in flight (late); the prefetch then
     fails on every retry; the waiting compute thread loads it itself."""
     gf, source, counters, file_bytes = _components(path, min_budget)
-    go = threading.Event()
+    go, started = threading.Event(), threading.Event()
     layer, e = 1, 5
     target = layer * source.store.n_expert + e
 
     def rule(key, part, on_worker):
         if key == target and on_worker:
+            started.set()
             go.wait(10)
             return OSError(5, "injected EIO")
         return None
 
     faults = Faults(source.engine, rule)
     assert source.prefetch(layer, [e]) == 1
+    # a prefetch no worker has begun would be taken over by the demand (read on the
+    # compute thread, never failing on a worker): wait until a worker is in its read
+    assert started.wait(10), "no worker began the prefetch"
     out: dict = {}
 
     def compute():
