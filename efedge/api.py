@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from efedge import demo, kernels
+from efedge import demo, held, kernels
 from efedge.api_chat import ChatMixin
 from efedge.api_generation import GenerationMixin
 from efedge.api_scoring import ScoringMixin
@@ -34,7 +34,7 @@ from efedge.errors import (
 from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session
-from efedge.gguf_file import GGUFFile
+from efedge.gguf_file import EXPERT_TENSORS, GGUFFile
 from efedge.model import Transformer
 from efedge.tokenizer import Tokenizer
 
@@ -69,6 +69,10 @@ def _check_policy(policy) -> None:
 
     if not isinstance(policy, Policy):
         policy_class(policy)
+
+
+def _not_expert(name: str) -> bool:
+    return not any(f".{t}." in name for t in EXPERT_TENSORS)
 
 
 def _check_workers(workers) -> None:
@@ -109,7 +113,7 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                  transfer_workers: int | None = None, vram: int | str | None = None,
                  hybrid: str = "auto", routing: str = "exact",
                  routing_slack: float = 0.05, host_cache: int | str | None = None,
-                 disk_link: str | None = None):
+                 disk_link: str | None = None, use_mmap: bool = False):
         # "cuda:N" with N an index: anything else after "cuda:" ("cuda:x", "cuda:-1")
         # reached torch.device, whose RuntimeError was a traceback instead of this error
         cuda = isinstance(device, str) and (
@@ -183,6 +187,10 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                         host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
+                if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held);
+                    # with an expert cache the experts stay in the file, read into its slots
+                    held.hold(self._gf, None if cache is None or not self.config.is_moe
+                              else _not_expert)
                 with computing, notice:
                     self._tf = Transformer(self._gf, self.config)
                 self._experts = self._expert_source(cache, policy, link, transfer_workers)
