@@ -31,8 +31,9 @@ def _has(*names: str) -> bool:
 
 VNNI = _has("avx512vnni", "avx512vl") or _has("avxvnni")
 F16C = _has("f16c")
-_VNNI_FN = ("llvm.x86.avx512.vpdpbusd.256" if _has("avx512vnni", "avx512vl")
-            else "llvm.x86.avx2.vpdpbusd.256" if _has("avxvnni") else None)
+# AVX-VNNI's 256-bit forms are the same LLVM intrinsics as AVX512-VNNI + VL's (clang's
+# avxvnniintrin.h calls the same builtins)
+_VNNI_FN = "llvm.x86.avx512.vpdpbusd.256" if VNNI else None
 # 16-entry byte tables (MXFP4, IQ4_NL) are looked up with vpshufb where there is AVX2
 _PSHUFB_FN = "llvm.x86.avx2.pshuf.b" if _has("avx2") else None
 LUT_DECL = (f"declare <32 x i8> @{_PSHUFB_FN}(<32 x i8>, <32 x i8>)\n" if _PSHUFB_FN else "")
