@@ -3,17 +3,22 @@
 Decode reads every weight it uses once per token, so its speed is the speed at which one
 core streams weight rows. On the 2-core test VM (2026-11-30) the row kernels streamed
 7.4 GB/s from the mapped GGUF file (page-cache pages, 4 KiB each) and 11.2 GB/s from
-the same bytes copied into anonymous memory advised for transparent huge pages (10.1
-GB/s without the advice): whole decode steps of the Q4_K_M bench model ran 1.20x faster
-(1 thread). llama.cpp reads most of its weights from copies too: its CPU backend repacks
-the tensors it has interleaved kernels for (the bench model's Q4_K experts, 360 MiB of
-its 491) into buffers of its own, and only the rest from the mapping.
+the same bytes copied into anonymous memory on transparent huge pages: whole decode
+steps of the bench models ran 1.13-1.27x faster (1 thread, paired). The huge pages are
+what matter: the same copy on 4 KiB pages decoded 0.71-0.79x as fast as on huge pages,
+no faster than the mapping (every 4 KiB of a weight stream is a TLB miss, and a page
+walk under a hypervisor is two). llama.cpp reads most of its weights from copies too:
+its CPU backend repacks the tensors it has interleaved kernels for (the bench model's
+Q4_K experts, 360 MiB of its 491) into buffers of its own, and only the rest from the
+mapping.
 
 ``hold(gf, which)`` copies the tensors ``which`` accepts into one such buffer;
 ``GGUFFile.raw`` then hands out views of the copy (the same bytes, so the same logits).
 Only when they fit with room to spare (``fits``): a model larger than that stays on the
 mapping, where the kernel pages it in and out as before. The file's pages the copy
-touched leave this process's mapping (they stay in the page cache, reclaimable).
+touched leave this process's mapping (they stay in the page cache, reclaimable). The
+copy costs load time: 0.2 s for 490 MiB on the test VM, 0.7-1.4 s when the VM had been
+idle (its host backs fresh memory on first touch; two copying threads did not help then).
 """
 
 from __future__ import annotations
