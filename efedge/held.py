@@ -51,11 +51,22 @@ def available_bytes() -> int | None:
     return None
 
 
+def huge_pages() -> bool:
+    """Whether the kernel gives huge pages to memory advised for them (transparent huge
+    pages not "never"): without them a copy streams no faster than the mapping."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 def fits(nbytes: int, available: int | None = None) -> bool:
-    """Whether nbytes of weights may be held: Linux only (elsewhere the mapping stays,
-    as before: macOS's unified memory and Windows' file cache were not measured)."""
+    """Whether nbytes of weights may be held: Linux with transparent huge pages only
+    (elsewhere the mapping stays, as before: macOS's unified memory and Windows' file
+    cache were not measured)."""
     avail = available_bytes() if available is None else available
-    return avail is not None and nbytes <= _SHARE * avail
+    return avail is not None and nbytes <= _SHARE * avail and huge_pages()
 
 
 def _buffer(nbytes: int) -> np.ndarray:
