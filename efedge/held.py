@@ -17,8 +17,9 @@ mapping.
 Only when they fit with room to spare (``fits``): a model larger than that stays on the
 mapping, where the kernel pages it in and out as before. The file's pages the copy
 touched leave this process's mapping (they stay in the page cache, reclaimable). The
-copy costs load time: 0.2 s for 490 MiB on the test VM, 0.7-1.4 s when the VM had been
-idle (its host backs fresh memory on first touch; two copying threads did not help then).
+copy costs load time: on the test VM 0.2 s for 490 MiB when another process had just
+freed as much memory, 1.1-1.4 s otherwise (faulting fresh huge pages in took 1.15 s of it,
+the copy 0.09 s; two copying threads did not help).
 """
 
 from __future__ import annotations
