@@ -300,6 +300,13 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
     def n_vocab(self) -> int:
         return self.config.n_vocab
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens the KV cache holds (llama-cpp-python's `Llama.n_tokens`): the evaluated
+        prompt and reply so far, whose prefix the next prompt reuses; 0 once closed."""
+        session = getattr(self, "_session", None)
+        return len(session.tokens) if session is not None else 0
+
     def tokenize(self, text: str, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)

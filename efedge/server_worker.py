@@ -88,6 +88,11 @@ class ModelWorker:
         with self._lock:
             return sum(1 for j in self._jobs if j is not None and not j.cancelled.is_set())
 
+    def processing(self) -> int:
+        """Requests the model is running now (0 or 1: one at a time)."""
+        with self._lock:
+            return int(self._current is not None)
+
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
         with self._lock:

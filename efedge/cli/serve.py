@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
                    help="port (default 8080; 0 = any free)")
     p.add_argument("-a", "--alias", default=None,
                    help="the model id clients use (default: the file name without .gguf)")
+    p.add_argument("--metrics", action="store_true",
+                   help="answer GET /metrics: Prometheus figures (llama-server's names, and "
+                        "the expert cache's under efedge:)")
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) "
                         "call the server from a browser (CORS); repeatable; default none")
@@ -112,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
                               strict_template=args.chat_template is not None,
                               allow_origins=args.allow_origin or (),
                               reasoning_format=args.reasoning_format,
-                              template_kwargs=args.chat_template_kwargs)
+                              template_kwargs=args.chat_template_kwargs,
+                              metrics=args.metrics)
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
         # SIGTERM (docker stop, systemd, kill) shuts down as Ctrl-C does: the generation in
