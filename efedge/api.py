@@ -242,6 +242,9 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
             log.info("cache='auto': the model does not fit in the memory available; an "
                      "expert cache of %.0f MiB (%.0f%% of the expert bytes)", budget / 2**20,
                      100 * budget / max(expert_bytes, 1))
+        else:
+            log.info("cache='auto': every expert resident (the model fits in the memory "
+                     "available, or this system does not say how much there is)")
         return budget
 
     def _expert_source(self, cache, policy, link, workers, kv_bytes: int = 0):
