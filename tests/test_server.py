@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from _http import running_server
+from _http import running_server, serve_kwargs
 from _scripted import script_tokens
 
 import efedge
@@ -793,29 +793,10 @@ def test_cors_is_opt_in_per_origin(server, model):
 
 
 def test_serve_passes_allow_origin_to_the_server(model_path, monkeypatch, capsys):
-    import efedge.server as server_mod
-    from efedge.cli import main
-
-    seen = {}
-
-    class Stub:
-        model_id, url = "m", "http://127.0.0.1:0"
-
-        def serve_forever(self):
-            raise KeyboardInterrupt
-
-        def server_close(self):
-            pass
-
-    def fake(m, host, port, **kw):
-        seen.update(kw)
-        return Stub()
-
-    monkeypatch.setattr(server_mod, "make_server", fake)
-    assert main(["serve", str(model_path), "--port", "0", "--allow-origin",
-                 "http://localhost:3000", "--allow-origin", "*"]) == 0
+    seen = serve_kwargs(monkeypatch, [str(model_path), "--port", "0", "--allow-origin",
+                                      "http://localhost:3000", "--allow-origin", "*"])
     assert seen["allow_origins"] == ["http://localhost:3000", "*"]
-    assert main(["serve", str(model_path), "--port", "0"]) == 0
+    seen = serve_kwargs(monkeypatch, [str(model_path), "--port", "0"])
     assert tuple(seen["allow_origins"]) == ()
 
 

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from _http import running_server
+from _http import running_server, serve_kwargs
 
 import efedge
 from efedge.server_metrics import ServerMetrics
@@ -128,27 +128,6 @@ def test_throughput_gauges_cover_the_time_since_the_last_scrape():
 
 
 def test_serve_passes_metrics_to_the_server(tiny_gguf, monkeypatch):
-    import efedge.server as server_mod
-    from efedge.cli import main
-
-    seen = {}
-
-    class Stub:
-        model_id, url = "m", "http://127.0.0.1:0"
-
-        def serve_forever(self):
-            raise KeyboardInterrupt
-
-        def server_close(self):
-            pass
-
-    def fake(m, host, port, **kw):
-        seen.update(kw)
-        return Stub()
-
-    monkeypatch.setattr(server_mod, "make_server", fake)
     path = str(tiny_gguf("qwen3moe", "F32"))
-    assert main(["serve", path, "--port", "0", "--metrics"]) == 0
-    assert seen["metrics"] is True
-    assert main(["serve", path, "--port", "0"]) == 0
-    assert seen["metrics"] is False
+    assert serve_kwargs(monkeypatch, [path, "--port", "0", "--metrics"])["metrics"] is True
+    assert serve_kwargs(monkeypatch, [path, "--port", "0"])["metrics"] is False
