@@ -8,8 +8,10 @@ Requests take llama.cpp's names (`n_predict`, `stream`, `stop`, the sampling fie
 `logit_bias`, `return_tokens`); `cache_prompt`, `samplers`, `id_slot`, `t_max_*` and other
 llama-server knobs are accepted and have no effect (efedge's sampler chain is llama.cpp's
 default order; the prompt cache is always on). Streamed, each piece is one `data: {…}`
-event with `"stop": false`, the last one carries `"stop": true` and the totals; there is
-no `[DONE]`, as from llama-server.
+event with `"stop": false` and `tokens_predicted` (the tokens generated so far; with
+`return_tokens` its own ids in `tokens`), the last one carries `"stop": true` and the
+totals (with `return_tokens` the ids no piece gave: a stop string's); there is no
+`[DONE]`, as from llama-server.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class NativeReplyMixin:
     _send_error, and ReplyMixin's _event / _begin_events)."""
 
     def _native_final(self, job, text: str, usage: dict, finish: str, t0: float,
-                      t_first: float | None) -> dict:
+                      t_first: float | None, ids_sent: int = 0) -> dict:
+        """The totals; `ids_sent`: the generated ids already given out in pieces."""
         now = time.monotonic()
         t_first = t_first or now
         n_prompt, n_gen = usage["prompt_tokens"], usage["completion_tokens"]
@@ -87,9 +90,11 @@ class NativeReplyMixin:
         return {
             "index": 0, "content": text, "id_slot": 0, "stop": True,
             "model": self.server.model_id,
-            "tokens": list(job.tokens) if job.req.return_tokens else [],
+            "tokens": list(job.tokens[ids_sent:]) if job.req.return_tokens else [],
             "tokens_predicted": n_gen, "tokens_evaluated": n_prompt,
             "generation_settings": _settings(job.req),
+            # the prompt run, special tokens written out (llama-server's detokenize(…, true))
+            "prompt": self.server.model.detokenize(job.prompt_ids),
             "has_new_line": "\n" in text, "truncated": False, "stop_type": stop_type,
             "stopping_word": job.stopping_word or "", "tokens_cached": n_prompt + n_gen,
             # wall times seen by the server: prompt until the first piece (queue wait
@@ -103,6 +108,7 @@ class NativeReplyMixin:
         stream = job.req.stream
         parts: list[str] = []
         t_first = None
+        ids_sent = 0  # (streamed, return_tokens) generated ids given out in pieces
         ev = self._next_event(job)
         if ev[0] == "error":
             self._send_error(_error_of(ev[1]))
@@ -120,13 +126,17 @@ class NativeReplyMixin:
             if ev[0] == "text":
                 t_first = t_first or time.monotonic()
                 parts.append(ev[1])
-                if stream:
-                    self._event({"index": 0, "content": ev[1], "tokens": [], "stop": False,
-                                 "id_slot": 0, "tokens_evaluated": n_prompt})
+                if stream:  # (llama-server's chunk; tokens_predicted: n_decoded so far)
+                    n_gen = ev[3]
+                    ids = job.tokens[ids_sent:n_gen] if job.req.return_tokens else []
+                    ids_sent += len(ids)
+                    self._event({"index": 0, "content": ev[1], "tokens": ids, "stop": False,
+                                 "id_slot": 0, "tokens_predicted": n_gen,
+                                 "tokens_evaluated": n_prompt})
             ev = self._next_event(job)
         _, usage, finish, _, _ = ev
         final = self._native_final(job, "" if stream else "".join(parts), usage, finish,
-                                   t0, t_first)
+                                   t0, t_first, ids_sent)
         if stream:
             self._event(final)
         else:

@@ -2,8 +2,9 @@
 in arrival order, while the HTTP threads wait for its events (efedge/server.py).
 
 A request is a `Job`: the worker puts ("start", n_prompt, echo_text, prompt_logprobs),
-("text", piece, logprobs) … (and for a thinking model's reasoning ("reasoning", piece,
-logprobs) …, first), then ("done", usage, finish_reason, logprobs, tool_calls) or
+("text", piece, logprobs, n_generated) … (n_generated: the tokens generated when the piece
+went out; and for a thinking model's reasoning ("reasoning", piece, logprobs) …, first),
+then ("done", usage, finish_reason, logprobs, tool_calls) or
 ("error", exception) on its queue. With tools, the text is the reply's content
 (efedge.tool_calls.CallStream holds back a <tool_call> block from its start), tool_calls
 the calls parsed from it (None without tools) and the finish reason "tool_calls" when
@@ -42,12 +43,15 @@ def _shutting_down() -> APIError:
 class Job:
     def __init__(self, req: GenRequest):
         self.req = req
-        # ("start", n_prompt, echo_text, recs) ("text" / "reasoning", s, recs) ("done",
-        # usage, finish, recs, tool_calls) ("error", exc): see the module docstring
+        # ("start", n_prompt, echo_text, recs) ("text", s, recs, n_generated)
+        # ("reasoning", s, recs) ("done", usage, finish, recs, tool_calls) ("error", exc):
+        # see the module docstring
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
-        self.tokens: list[int] = []  # the generated ids, once it has ended
+        # the generated ids: while it runs the growing list (read up to a "text" event's
+        # count), once it has ended a copy
+        self.tokens: list[int] = []
         self.prompt_ids: list[int] = []  # the prompt's ids, once it has run
         self.stopping_word: str | None = None  # the stop string that ended it, if one did
 
@@ -184,6 +188,7 @@ class ModelWorker:
         # the model fills in how the generation really ended ("stop", "length" or
         # "cancelled"); it keeps "cancelled" when we stop reading early (below)
         result = GenerationResult([], "cancelled")
+        job.tokens = result.tokens
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
                       logprobs=lp, format=req.format, **req.sampling)
         # characters of the generated text written, and of those decided (sent, or dropped
@@ -220,7 +225,7 @@ class ModelWorker:
                     if not piece:
                         continue
                 sent = upto - (len(calls.held) if calls is not None else 0)
-                job.events.put(("text", piece, release()))
+                job.events.put(("text", piece, release(), len(result.tokens)))
 
         try:
             for piece in it:
@@ -254,7 +259,8 @@ class ModelWorker:
             tail, found = calls.finish()
             found = found[:1] if not req.parallel_tool_calls else found
             if tail:
-                job.events.put(("text", tail, None))  # its tokens' records go with "done"
+                # (its tokens' records go with "done")
+                job.events.put(("text", tail, None, n_gen))
             if found and job.finish == "stop":  # as llama.cpp: "length" stays "length"
                 job.finish = "tool_calls"
         # what is left: the model has dropped the records of a stop string's tokens

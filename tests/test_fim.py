@@ -232,3 +232,34 @@ def test_server_without_markers_refuses_infill(files):
             assert status == 400 and got["error"]["code"] == "unsupported", got
             assert got["error"]["param"] == param and "fill-in-the-middle" in \
                 got["error"]["message"]
+
+
+def test_streamed_native_chunks_count_their_tokens(files):
+    """As llama-server's: each /completion and /infill chunk carries tokens_predicted (the
+    tokens generated when it went out; it had only tokens_evaluated), with return_tokens
+    its own ids (every chunk's and the last event's, joined, are the reply's ids), and
+    the totals carry the prompt's text."""
+    with efedge.load(files["qwen"], n_ctx=4096) as m, running_server(m) as srv:
+        for path, body, prompt_ids in [
+                ("/completion", {"prompt": "def f(x):"}, m.tokenize("def f(x):")),
+                ("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX},
+                 m.infill_prompt(PREFIX, SUFFIX))]:
+            body = dict(body, n_predict=8, temperature=0, return_tokens=True)
+            status, whole = post_json(srv, path, body)
+            assert status == 200 and len(whole["tokens"]) == whole["tokens_predicted"] == 8
+            assert whole["prompt"] == m.detokenize(prompt_ids)
+            status, text = post(srv, path, dict(body, stream=True))
+            *chunks, last = sse_chunks(text)
+            assert status == 200 and chunks and last["stop"] is True
+            counts = [c["tokens_predicted"] for c in chunks]
+            assert counts == sorted(counts) and 0 < counts[0] and counts[-1] <= 8, counts
+            assert all(c["tokens_evaluated"] == len(prompt_ids) for c in chunks)
+            assert [len(t) for c in chunks for t in [c["tokens"]]] == [
+                b - a for a, b in zip([0, *counts], counts, strict=False)]
+            assert sum((c["tokens"] for c in chunks), []) + last["tokens"] == whole["tokens"]
+            assert last["tokens_predicted"] == 8 and last["content"] == ""
+            assert last["prompt"] == whole["prompt"]
+            # without return_tokens, no ids (as before), the counts all the same
+            status, text = post(srv, path, dict(body, stream=True, return_tokens=False))
+            assert all(c["tokens"] == [] for c in sse_chunks(text))
+            assert [c.get("tokens_predicted") for c in sse_chunks(text)[:-1]] == counts
