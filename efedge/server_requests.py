@@ -60,6 +60,9 @@ class GenRequest:
     # chat: a thinking model's <think> part apart from the answer (efedge.reasoning):
     # reasoning_content / Ollama's thinking
     reasoning: bool = False
+    # reasoning_format deepseek-legacy, streamed: the reasoning stays in the content, in
+    # its <think> tags (llama-server's reasoning_in_content), not in reasoning_content
+    reasoning_in_content: bool = False
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
     # (Ollama's /api/generate) the ids a reply returned, before the templated turn
     context: list[int] | None = None
@@ -195,7 +198,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-REASONING_FORMATS = ("auto", "deepseek", "none")  # llama-server's --reasoning-format
+# llama-server's --reasoning-format: auto and deepseek put the reasoning in
+# reasoning_content; deepseek-legacy too, but streamed it stays in the content, in its
+# tags; none leaves the reply as written
+REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none")
 
 
 def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
@@ -256,7 +262,9 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
                       logprobs=(top or 0) if want else None, format=fmt,
                       tools=tools if mode != "none" else None,
                       parallel_tool_calls=_field(body, "parallel_tool_calls", bool, True),
-                      reasoning=reasoning != "none", template_kwargs=kwargs, **kw)
+                      reasoning=reasoning != "none", template_kwargs=kwargs,
+                      reasoning_in_content=reasoning == "deepseek-legacy" and kw["stream"],
+                      **kw)
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, Any]:

@@ -198,8 +198,11 @@ class ModelWorker:
         # a thinking model's reasoning goes apart ("reasoning" events), the rest on; a
         # format (JSON, a schema, a forced call) constrains the reply from its first token,
         # so what follows a <think> the template opened is the answer, not reasoning
+        # (deepseek-legacy, streamed: the reasoning in its tags goes out as content, around
+        # the tool-call parser all the same: a <tool_call> in it is no call)
         splitter = ReasoningSplitter(req.format is None and prompt_opens_thinking(
-            m.detokenize(ids[-8:]))) if req.reasoning else None
+            m.detokenize(ids[-8:])), tags=req.reasoning_in_content) \
+            if req.reasoning else None
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""
@@ -218,7 +221,9 @@ class ModelWorker:
             for kind, piece in parts:
                 if kind == "reasoning":  # (its tokens' records with it, not the answer's)
                     sent = upto
-                    job.events.put(("reasoning", piece, release()))
+                    job.events.put(("text", piece, release(), len(result.tokens))
+                                   if req.reasoning_in_content
+                                   else ("reasoning", piece, release()))
                     continue
                 if calls is not None:
                     piece = calls.push(piece)

@@ -15,7 +15,13 @@ from _scripted import script_tokens
 
 import efedge
 from efedge.errors import ArgumentError
-from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking, split_reasoning
+from efedge.reasoning import (
+    CLOSE,
+    OPEN,
+    ReasoningSplitter,
+    prompt_opens_thinking,
+    split_reasoning,
+)
 
 CASES = [  # (reply, template opened <think>, reasoning, answer)
     ("<think>\nLet me see.\n</think>\n\nHello.", False, "Let me see.", "Hello."),
@@ -47,6 +53,21 @@ def test_split_whole_and_in_every_two_and_three_pieces(text, opened, reasoning, 
         got_a = "".join(t for k, t in parts if k == "content")
         assert (got_r, got_a) == (reasoning or "", answer), cut
         assert all(t for _, t in parts)  # no empty pieces given out
+
+
+@pytest.mark.parametrize("text, opened, reasoning, answer", CASES)
+def test_split_with_tags_keeps_the_reasoning_in_tags(text, opened, reasoning, answer):
+    """tags=True (llama-server's deepseek-legacy, streamed): the reasoning goes out
+    stripped as before, "<think>" before its first piece and "</think>" after its last
+    (a reply cut short inside it closed too, as llama-server's last parse closes it);
+    none when the reasoning is empty."""
+    want = f"{OPEN}{reasoning}{CLOSE}" if reasoning else ""
+    for cut in range(len(text) + 1):
+        sp = ReasoningSplitter(opened, tags=True)
+        parts = sp.push(text[:cut]) + sp.push(text[cut:]) + sp.finish()
+        assert "".join(t for k, t in parts if k == "reasoning") == want, cut
+        assert "".join(t for k, t in parts if k == "content") == answer, cut
+        assert all(t for _, t in parts)
 
 
 def test_prompt_opens_thinking():
@@ -109,6 +130,19 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
         assert (thought, said) == ("Let me think about it.", "Hello there.")
         first = next(i for i, d in enumerate(deltas) if d.get("content"))
         assert all("reasoning_content" not in d for d in deltas[first:])
+        # deepseek-legacy (llama-server's): as deepseek, but streamed the reasoning stays
+        # in the content, in its tags (the template opened <think>: written out too)
+        legacy = {"messages": HI, "reasoning_format": "deepseek-legacy"}
+        status, got = post_json(srv, "/v1/chat/completions", legacy)
+        assert status == 200, got
+        assert got["choices"][0]["message"] == {
+            "role": "assistant", "content": "Hello there.",
+            "reasoning_content": "Let me think about it."}
+        status, text = post(srv, "/v1/chat/completions", dict(legacy, stream=True))
+        deltas = [c["choices"][0]["delta"] for c in sse_chunks(text) if c["choices"]]
+        assert status == 200 and all("reasoning_content" not in d for d in deltas)
+        assert "".join(d.get("content") or "" for d in deltas) == \
+            "<think>Let me think about it.</think>Hello there."
         # reasoning_format none: the reply as written
         status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
                                                               "reasoning_format": "none"})
