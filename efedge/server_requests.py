@@ -253,6 +253,15 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
     own = _field(body, "chat_template_kwargs", dict)
     if own is not None:  # as llama-server: the request's variables over the server's
         kwargs = {**(kwargs or {}), **own}
+    # OpenAI's reasoning_effort, as llama-server maps it: a level becomes the template's
+    # reasoning_effort variable (gpt-oss's templates read it), over chat_template_kwargs';
+    # "none" asks the template not to think (enable_thinking false), no level given
+    effort = _field(body, "reasoning_effort", str)
+    if effort == "none":
+        kwargs = {k: v for k, v in (kwargs or {}).items() if k != "reasoning_effort"}
+        kwargs["enable_thinking"] = False
+    elif effort:
+        kwargs = {**(kwargs or {}), "reasoning_effort": effort}
     try:
         check_template_kwargs(kwargs)
     except ArgumentError as exc:

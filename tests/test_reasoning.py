@@ -82,6 +82,7 @@ QWEN3ISH = """{%- for m in messages %}<|im_start|>{{ m.role }}
 {{ m.content }}<|im_end|>
 {% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
 {% if style is defined %}[{{ style }}]{% endif %}
+{%- if reasoning_effort is defined %}(effort: {{ reasoning_effort }}){% endif %}
 {%- if enable_thinking is defined and not enable_thinking %}<think>
 
 </think>
@@ -174,6 +175,37 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
             HI, template_kwargs={"style": "terse", "enable_thinking": False}))
         assert len(model.chat_prompt(HI, template_kwargs={"style": "terse"})) != len(
             model.chat_prompt(HI, template_kwargs={"enable_thinking": False}))
+
+
+def test_reasoning_effort_reaches_the_template(model, monkeypatch):
+    """OpenAI's reasoning_effort, as llama-server maps it: a level is the template's
+    `reasoning_effort` variable (gpt-oss's templates read it), over a
+    chat_template_kwargs one; "none" asks the template not to think (enable_thinking
+    false) and drops the variable. It was ignored."""
+    _script(monkeypatch, model, REPLY)
+
+    def prompt_tokens(srv, **body) -> int:
+        status, got = post_json(srv, "/v1/chat/completions", dict(body, messages=HI))
+        assert status == 200, got
+        return got["usage"]["prompt_tokens"]
+
+    def n(**kw) -> int:
+        return len(model.chat_prompt(HI, template_kwargs=kw or None))
+
+    assert n(reasoning_effort="high") != n()
+    with running_server(model, template_kwargs={"reasoning_effort": "low"}) as srv:
+        assert prompt_tokens(srv) == n(reasoning_effort="low")
+        assert prompt_tokens(srv, reasoning_effort="high") == n(reasoning_effort="high")
+        assert prompt_tokens(srv, reasoning_effort="high", chat_template_kwargs={
+            "reasoning_effort": "medium"}) == n(reasoning_effort="high")
+        assert prompt_tokens(srv, reasoning_effort="none") == n(enable_thinking=False)
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "reasoning_effort": "none"})
+        assert got["choices"][0]["message"]["content"] == REPLY  # no <think> opened
+        assert prompt_tokens(srv, reasoning_effort="") == n(reasoning_effort="low")
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
+                                                              "reasoning_effort": 1})
+        assert status == 400 and got["error"]["param"] == "reasoning_effort", got
 
 
 def test_streamed_log_probabilities_go_with_their_part(model, monkeypatch):
