@@ -5,9 +5,12 @@
                        in the same shape (llama.vscode and other editors' code completion)
 
 Requests take llama.cpp's names (`n_predict`, `stream`, `stop`, the sampling fields,
-`logit_bias`, `return_tokens`); `cache_prompt`, `samplers`, `id_slot`, `t_max_*` and other
-llama-server knobs are accepted and have no effect (efedge's sampler chain is llama.cpp's
-default order; the prompt cache is always on). Streamed, each piece is one `data: {…}`
+`logit_bias`, `return_tokens`, and the code-completion stops `n_indent` and
+`t_max_predict_ms`, as llama-server applies them); `cache_prompt`, `samplers`, `id_slot`,
+`t_max_prompt_ms` and other llama-server knobs are accepted and have no effect (efedge's
+sampler chain is llama.cpp's default order; the prompt cache is always on). /infill lays
+its prompt out for the server's n_predict (none), as llama-server does, not the
+request's, which bounds the answer only. Streamed, each piece is one `data: {…}`
 event with `"stop": false` and `tokens_predicted` (the tokens generated so far; with
 `return_tokens` its own ids in `tokens`), the last one carries `"stop": true` and the
 totals (with `return_tokens` the ids no piece gave: a stop string's); there is no
@@ -60,8 +63,15 @@ def parse_native(path: str, body: Any, defaults: dict) -> GenRequest:
             raise APIError(400, "'prompt' must be a string or an array of token ids",
                            "missing_field" if prompt is None else "invalid_type",
                            param="prompt")
+    n_indent = _field(body, "n_indent", int, 0)
+    t_max = _field(body, "t_max_predict_ms", float, 0.0)
+    for name, v in (("n_indent", n_indent), ("t_max_predict_ms", t_max)):
+        if not 0 <= v < math.inf:
+            raise APIError(400, f"{name} must be >= 0 (0: off), got {v}", "invalid_value",
+                           param=name)
     return GenRequest(messages=None, prompt=prompt, echo=False, infill=infill, native=True,
-                      return_tokens=_field(body, "return_tokens", bool, False), **kw)
+                      return_tokens=_field(body, "return_tokens", bool, False),
+                      n_indent=n_indent, t_max_predict_ms=t_max, **kw)
 
 
 def _settings(req: GenRequest) -> dict:

@@ -66,6 +66,11 @@ class GenRequest:
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
     # (Ollama's /api/generate) the ids a reply returned, before the templated turn
     context: list[int] | None = None
+    # (native) llama-server's stops for code completion: a line after the first newline
+    # indented less than n_indent ends the reply (efedge.fim.IndentStop); once the
+    # generation has run t_max_predict_ms, so does the next piece with a newline
+    n_indent: int = 0
+    t_max_predict_ms: float = 0.0
 
 
 _MISSING = object()

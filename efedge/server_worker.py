@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 
 from efedge.api import Model
 from efedge.errors import EfedgeError, UnsupportedModelError
+from efedge.fim import IndentStop
 from efedge.generate import GenerationResult
 from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking
 from efedge.server_logprobs import prompt_records, records
@@ -148,8 +150,9 @@ class ModelWorker:
                 bos = m.tokenizer.add_bos and ids[:1] == [m.tokenizer.bos_id]
                 ids = req.context + (ids[1:] if bos else ids)
         elif req.infill is not None:
-            try:
-                ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)
+            try:  # laid out for the server's n_predict (none), as llama-server lays out
+                # /infill's: the request's bounds the answer only
+                ids = m.infill_prompt(**req.infill)
             except UnsupportedModelError as exc:
                 raise APIError(400, str(exc), "unsupported", param="input_prefix"
                                if req.native else "suffix") from None
@@ -232,6 +235,11 @@ class ModelWorker:
                 sent = upto - (len(calls.held) if calls is not None else 0)
                 job.events.put(("text", piece, release(), len(result.tokens)))
 
+        # (native) llama-server's code-completion stops: an indentation limit, and a time
+        # limit checked at each newline, counted from the first piece
+        indent = IndentStop(req.n_indent) if req.n_indent > 0 else None
+        t_first = None
+        limited = False  # one of them ended the reply ("length": llama-server's "limit")
         try:
             for piece in it:
                 if not started:
@@ -239,18 +247,29 @@ class ModelWorker:
                     started = True
                 if job.cancelled.is_set():
                     break
+                now = time.monotonic()
+                t_first = t_first or now
+                if indent is not None:
+                    piece = indent.push(piece)
+                limited = (indent is not None and indent.stopped) or (
+                    0 < req.t_max_predict_ms < 1e3 * (now - t_first) and "\n" in piece)
                 written += len(piece)
                 if splitter is not None:
                     emit(splitter.push(piece), written - len(splitter.buf))
-                else:
+                elif piece:
                     emit([("content", piece)], written)
+                if limited:
+                    break
         finally:
             it.close()
         if not started:
             job.events.put(("start", n_prompt, echo, prompt_recs))
+        if indent is not None and (tail := indent.finish()):
+            written += len(tail)
+            emit([("content", tail)], written)
         if splitter is not None:
             emit(splitter.finish(), written)
-        n_gen, job.finish = len(result.tokens), result.finish_reason
+        n_gen, job.finish = len(result.tokens), "length" if limited else result.finish_reason
         job.tokens = list(result.tokens)
         if job.finish == "stop" and req.stop and not (
                 result.tokens and result.tokens[-1] in tok.eog_ids):
