@@ -8,7 +8,8 @@ the first `</think>`; when the chat template already opened it (Qwen3's thinking
 templates end the prompt with "<think>\\n"), from the reply's start. Whitespace around the
 reasoning and between it and the answer is dropped. A reply cut short inside the
 reasoning is all reasoning. Streaming, a piece that might be the start of a tag is held
-back until the next one tells.
+back until the next one tells. With `tags` the reasoning keeps its tags around it
+(`--reasoning-format deepseek-legacy`, streamed: llama-server leaves it in the content).
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
 
 
 class ReasoningSplitter:
-    """push(piece) → [(kind, text)], kind "reasoning" or "content"; finish() → the rest."""
+    """push(piece) → [(kind, text)], kind "reasoning" or "content"; finish() → the rest.
+    `tags`: the reasoning's pieces come with "<think>" before the first and "</think>"
+    after the last (whitespace around it dropped all the same; a reply cut short inside
+    it closed too, as llama-server closes it; nothing at all when it is empty)."""
 
-    def __init__(self, opened: bool = False):
+    def __init__(self, opened: bool = False, tags: bool = False):
         self.state = "think" if opened else "start"
         self.buf = ""
+        self.tags = tags
         self.fresh = True  # no reasoning text given out yet: its leading whitespace goes
 
     def push(self, piece: str) -> list[tuple[str, str]]:
@@ -49,7 +54,7 @@ class ReasoningSplitter:
                     self.buf = self.buf.lstrip()
                 i = self.buf.find(CLOSE)
                 if i >= 0:
-                    self._reason(out, self.buf[:i].rstrip())
+                    self._reason(out, self.buf[:i].rstrip(), close=True)
                     self.buf, self.state = self.buf[i + len(CLOSE):], "after"
                     continue
                 # give out all but a tag that may be starting and trailing whitespace
@@ -69,7 +74,11 @@ class ReasoningSplitter:
                     self.buf = ""
                 return out
 
-    def _reason(self, out: list, text: str) -> None:
+    def _reason(self, out: list, text: str, close: bool = False) -> None:
+        """Give out reasoning text; `close`: the reasoning ends with it."""
+        if self.tags:
+            text = (OPEN if self.fresh and text else "") + text + \
+                (CLOSE if close and (text or not self.fresh) else "")
         if text:
             out.append(("reasoning", text))
             self.fresh = False
@@ -78,7 +87,9 @@ class ReasoningSplitter:
         """What is held back, once the reply has ended."""
         rest, self.buf = self.buf, ""
         if self.state == "think":
-            return [("reasoning", rest.rstrip())] if rest.strip() else []
+            out: list[tuple[str, str]] = []
+            self._reason(out, rest.strip() if self.fresh else rest.rstrip(), close=True)
+            return out
         if self.state == "after":
             return []
         return [("content", rest)] if rest else []

@@ -60,9 +60,17 @@ class GenRequest:
     # chat: a thinking model's <think> part apart from the answer (efedge.reasoning):
     # reasoning_content / Ollama's thinking
     reasoning: bool = False
+    # reasoning_format deepseek-legacy, streamed: the reasoning stays in the content, in
+    # its <think> tags (llama-server's reasoning_in_content), not in reasoning_content
+    reasoning_in_content: bool = False
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
     # (Ollama's /api/generate) the ids a reply returned, before the templated turn
     context: list[int] | None = None
+    # (native) llama-server's stops for code completion: a line after the first newline
+    # indented less than n_indent ends the reply (efedge.fim.IndentStop); once the
+    # generation has run t_max_predict_ms, so does the next piece with a newline
+    n_indent: int = 0
+    t_max_predict_ms: float = 0.0
 
 
 _MISSING = object()
@@ -195,7 +203,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-REASONING_FORMATS = ("auto", "deepseek", "none")  # llama-server's --reasoning-format
+# llama-server's --reasoning-format: auto and deepseek put the reasoning in
+# reasoning_content; deepseek-legacy too, but streamed it stays in the content, in its
+# tags; none leaves the reply as written
+REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none")
 
 
 def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
@@ -247,6 +258,15 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
     own = _field(body, "chat_template_kwargs", dict)
     if own is not None:  # as llama-server: the request's variables over the server's
         kwargs = {**(kwargs or {}), **own}
+    # OpenAI's reasoning_effort, as llama-server maps it: a level becomes the template's
+    # reasoning_effort variable (gpt-oss's templates read it), over chat_template_kwargs';
+    # "none" asks the template not to think (enable_thinking false), no level given
+    effort = _field(body, "reasoning_effort", str)
+    if effort == "none":
+        kwargs = {k: v for k, v in (kwargs or {}).items() if k != "reasoning_effort"}
+        kwargs["enable_thinking"] = False
+    elif effort:
+        kwargs = {**(kwargs or {}), "reasoning_effort": effort}
     try:
         check_template_kwargs(kwargs)
     except ArgumentError as exc:
@@ -256,7 +276,9 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
                       logprobs=(top or 0) if want else None, format=fmt,
                       tools=tools if mode != "none" else None,
                       parallel_tool_calls=_field(body, "parallel_tool_calls", bool, True),
-                      reasoning=reasoning != "none", template_kwargs=kwargs, **kw)
+                      reasoning=reasoning != "none", template_kwargs=kwargs,
+                      reasoning_in_content=reasoning == "deepseek-legacy" and kw["stream"],
+                      **kw)
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, Any]:

@@ -15,7 +15,13 @@ from _scripted import script_tokens
 
 import efedge
 from efedge.errors import ArgumentError
-from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking, split_reasoning
+from efedge.reasoning import (
+    CLOSE,
+    OPEN,
+    ReasoningSplitter,
+    prompt_opens_thinking,
+    split_reasoning,
+)
 
 CASES = [  # (reply, template opened <think>, reasoning, answer)
     ("<think>\nLet me see.\n</think>\n\nHello.", False, "Let me see.", "Hello."),
@@ -49,6 +55,21 @@ def test_split_whole_and_in_every_two_and_three_pieces(text, opened, reasoning, 
         assert all(t for _, t in parts)  # no empty pieces given out
 
 
+@pytest.mark.parametrize("text, opened, reasoning, answer", CASES)
+def test_split_with_tags_keeps_the_reasoning_in_tags(text, opened, reasoning, answer):
+    """tags=True (llama-server's deepseek-legacy, streamed): the reasoning goes out
+    stripped as before, "<think>" before its first piece and "</think>" after its last
+    (a reply cut short inside it closed too, as llama-server's last parse closes it);
+    none when the reasoning is empty."""
+    want = f"{OPEN}{reasoning}{CLOSE}" if reasoning else ""
+    for cut in range(len(text) + 1):
+        sp = ReasoningSplitter(opened, tags=True)
+        parts = sp.push(text[:cut]) + sp.push(text[cut:]) + sp.finish()
+        assert "".join(t for k, t in parts if k == "reasoning") == want, cut
+        assert "".join(t for k, t in parts if k == "content") == answer, cut
+        assert all(t for _, t in parts)
+
+
 def test_prompt_opens_thinking():
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
@@ -61,6 +82,7 @@ QWEN3ISH = """{%- for m in messages %}<|im_start|>{{ m.role }}
 {{ m.content }}<|im_end|>
 {% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
 {% if style is defined %}[{{ style }}]{% endif %}
+{%- if reasoning_effort is defined %}(effort: {{ reasoning_effort }}){% endif %}
 {%- if enable_thinking is defined and not enable_thinking %}<think>
 
 </think>
@@ -109,6 +131,19 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
         assert (thought, said) == ("Let me think about it.", "Hello there.")
         first = next(i for i, d in enumerate(deltas) if d.get("content"))
         assert all("reasoning_content" not in d for d in deltas[first:])
+        # deepseek-legacy (llama-server's): as deepseek, but streamed the reasoning stays
+        # in the content, in its tags (the template opened <think>: written out too)
+        legacy = {"messages": HI, "reasoning_format": "deepseek-legacy"}
+        status, got = post_json(srv, "/v1/chat/completions", legacy)
+        assert status == 200, got
+        assert got["choices"][0]["message"] == {
+            "role": "assistant", "content": "Hello there.",
+            "reasoning_content": "Let me think about it."}
+        status, text = post(srv, "/v1/chat/completions", dict(legacy, stream=True))
+        deltas = [c["choices"][0]["delta"] for c in sse_chunks(text) if c["choices"]]
+        assert status == 200 and all("reasoning_content" not in d for d in deltas)
+        assert "".join(d.get("content") or "" for d in deltas) == \
+            "<think>Let me think about it.</think>Hello there."
         # reasoning_format none: the reply as written
         status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
                                                               "reasoning_format": "none"})
@@ -140,6 +175,37 @@ def test_openai_chat_gives_reasoning_content(model, monkeypatch):
             HI, template_kwargs={"style": "terse", "enable_thinking": False}))
         assert len(model.chat_prompt(HI, template_kwargs={"style": "terse"})) != len(
             model.chat_prompt(HI, template_kwargs={"enable_thinking": False}))
+
+
+def test_reasoning_effort_reaches_the_template(model, monkeypatch):
+    """OpenAI's reasoning_effort, as llama-server maps it: a level is the template's
+    `reasoning_effort` variable (gpt-oss's templates read it), over a
+    chat_template_kwargs one; "none" asks the template not to think (enable_thinking
+    false) and drops the variable. It was ignored."""
+    _script(monkeypatch, model, REPLY)
+
+    def prompt_tokens(srv, **body) -> int:
+        status, got = post_json(srv, "/v1/chat/completions", dict(body, messages=HI))
+        assert status == 200, got
+        return got["usage"]["prompt_tokens"]
+
+    def n(**kw) -> int:
+        return len(model.chat_prompt(HI, template_kwargs=kw or None))
+
+    assert n(reasoning_effort="high") != n()
+    with running_server(model, template_kwargs={"reasoning_effort": "low"}) as srv:
+        assert prompt_tokens(srv) == n(reasoning_effort="low")
+        assert prompt_tokens(srv, reasoning_effort="high") == n(reasoning_effort="high")
+        assert prompt_tokens(srv, reasoning_effort="high", chat_template_kwargs={
+            "reasoning_effort": "medium"}) == n(reasoning_effort="high")
+        assert prompt_tokens(srv, reasoning_effort="none") == n(enable_thinking=False)
+        status, got = post_json(srv, "/v1/chat/completions", {
+            "messages": HI, "reasoning_effort": "none"})
+        assert got["choices"][0]["message"]["content"] == REPLY  # no <think> opened
+        assert prompt_tokens(srv, reasoning_effort="") == n(reasoning_effort="low")
+        status, got = post_json(srv, "/v1/chat/completions", {"messages": HI,
+                                                              "reasoning_effort": 1})
+        assert status == 400 and got["error"]["param"] == "reasoning_effort", got
 
 
 def test_streamed_log_probabilities_go_with_their_part(model, monkeypatch):

@@ -51,9 +51,12 @@ def add_parser(sub) -> None:
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) "
                         "call the server from a browser (CORS); repeatable; default none")
     # (efedge.server_requests.REASONING_FORMATS; not imported here: --help stays fast)
-    p.add_argument("--reasoning-format", choices=("auto", "deepseek", "none"), default="auto",
+    p.add_argument("--reasoning-format", choices=("auto", "deepseek", "deepseek-legacy", "none"),
+                   default="auto",
                    help="a thinking model's <think> part: auto / deepseek put it in "
-                        "message.reasoning_content (default), none leaves it in the content")
+                        "message.reasoning_content (default), deepseek-legacy too but "
+                        "streamed leaves it in the content in its tags, none leaves it in "
+                        "the content")
     add_template_kwargs_arg(p, "(a request's chat_template_kwargs override them name by name)")
     add_sampling_args(p)
     p.set_defaults(func=main)
