@@ -35,7 +35,7 @@ from typing import Any
 
 from gguf import LlamaFileType
 
-from efedge.reasoning import OPEN
+from efedge.reasoning import OPEN, is_harmony_template
 from efedge.server_body import json_bytes
 from efedge.server_replies import _error_of
 from efedge.server_requests import (
@@ -152,6 +152,14 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
     req.reasoning = bool(think) and req.messages is not None
     if think is False and req.messages is not None:
         req.template_kwargs = dict(req.template_kwargs or {}, enable_thinking=False)
+    if isinstance(think, str) and req.messages is not None:  # a level: gpt-oss's effort,
+        # the template variable its templates read (as OpenAI's reasoning_effort reaches it)
+        req.template_kwargs = dict(req.template_kwargs or {}, reasoning_effort=think)
+    if req.messages is not None and not req.reasoning and \
+            is_harmony_template(_template_source(model)):
+        # gpt-oss: its harmony reply is always split (as Ollama does), the analysis left
+        # out when not asked for: the raw channels are no answer to show
+        req.reasoning = req.drop_reasoning = True
     return req
 
 
@@ -227,7 +235,8 @@ def _template_source(model) -> str:
 def thinks(model) -> bool:
     """Whether the model's chat template writes <think> (a thinking model: Ollama's
     `thinking` capability, and what `think` needs)."""
-    return OPEN in _template_source(model)
+    template = _template_source(model)
+    return OPEN in template or is_harmony_template(template)
 
 
 def model_details(model) -> dict:
@@ -321,7 +330,7 @@ class OllamaMixin:
                 if k.startswith(("general.", f"{m.config.arch}."))
                 and not isinstance(v, list | bytes)}
         template = _template_source(m)
-        if OPEN in template:  # a thinking model's template (thinks(): think may be asked)
+        if thinks(m):  # a thinking model's template (<think>, or gpt-oss's channels)
             caps.append("thinking")
         self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
                               "template": template, "details": model_details(m),

@@ -63,6 +63,9 @@ class GenRequest:
     # reasoning_format deepseek-legacy, streamed: the reasoning stays in the content, in
     # its <think> tags (llama-server's reasoning_in_content), not in reasoning_content
     reasoning_in_content: bool = False
+    # split as `reasoning`, the reasoning then left out (Ollama's chat without `think` on
+    # gpt-oss, whose harmony reply is always split, as Ollama splits it)
+    drop_reasoning: bool = False
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
     # (Ollama's /api/generate) the ids a reply returned, before the templated turn
     context: list[int] | None = None

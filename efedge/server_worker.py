@@ -229,6 +229,9 @@ class ModelWorker:
             for kind, piece in parts:
                 if kind == "reasoning":  # (its tokens' records with it, not the answer's)
                     sent = upto
+                    if req.drop_reasoning:
+                        release()
+                        continue
                     job.events.put(("text", piece, release(), len(result.tokens))
                                    if req.reasoning_in_content
                                    else ("reasoning", piece, release()))

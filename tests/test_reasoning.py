@@ -338,3 +338,104 @@ def test_chat_set_think_and_nothink(model, tiny_gguf):
                         "--chat-template-kwargs", "[1]"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--chat-template-kwargs" in r.stderr
+
+
+# -- gpt-oss's harmony channels ------------------------------------------------------------
+HARMONY = "<|channel|>analysis<|message|>We need to greet.<|end|><|start|>assistant" \
+          "<|channel|>final<|message|>Hello there."
+H_CASES = [  # (reply, reasoning, answer)
+    (HARMONY, "We need to greet.", "Hello there."),
+    ("<|channel|>final<|message|>Just this.", None, "Just this."),
+    ("<|channel|>analysis<|message|>cut short, still thin", "cut short, still thin", ""),
+    ("<|channel|>analysis<|message|>a<|end|><|start|>assistant<|channel|>analysis"
+     "<|message|>b<|end|><|start|>assistant<|channel|>final<|message|>c", "ab", "c"),
+    ("<|channel|>analysis<|message|>x<|start|>assistant<|channel|>final<|message|>y",
+     "x", "y"),  # no <|end|>: the next header ends the message all the same
+    ("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}", None,
+     "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}"),
+    ("<|chan is not a header", None, "<|chan is not a header"),
+]
+
+
+@pytest.mark.parametrize("text, reasoning, answer", H_CASES)
+def test_harmony_split_whole_and_in_every_two_pieces(text, reasoning, answer):
+    """gpt-oss's reply: the analysis channel is the reasoning, the final channel the
+    answer; a message to a recipient (a tool call) stays as written; whatever the cut."""
+    assert split_reasoning(text) == (reasoning, answer)
+    for cut in range(len(text) + 1):
+        sp = ReasoningSplitter()
+        parts = sp.push(text[:cut]) + sp.push(text[cut:]) + sp.finish()
+        assert "".join(t for k, t in parts if k == "reasoning") == (reasoning or ""), cut
+        assert "".join(t for k, t in parts if k == "content") == answer, cut
+        assert all(t for _, t in parts)
+
+
+HARMONYISH = ("{%- for m in messages %}<|start|>{{ m.role }}<|channel|>final<|message|>"
+              "{{ m.content }}<|end|>{% endfor %}"
+              "{%- if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def test_harmony_replies_on_the_servers_routes(tiny_gguf, monkeypatch):
+    """A gpt-oss-like template: OpenAI's route gives reasoning_content and the final
+    channel as the content (reasoning_format none: as written); Ollama's says "thinking",
+    gives it with think, and without think the final channel alone; think's level reaches
+    the template as reasoning_effort."""
+    with efedge.load(tiny_gguf("qwen3moe", "F32"), chat_template=HARMONYISH) as m:
+        _script(monkeypatch, m, HARMONY)
+        with running_server(m) as srv:
+            base = {"model": srv.model_id, "messages": HI}
+            status, got = post_json(srv, "/v1/chat/completions", base)
+            msg = got["choices"][0]["message"]
+            assert (msg["reasoning_content"], msg["content"]) == \
+                ("We need to greet.", "Hello there.")
+            status, text = post(srv, "/v1/chat/completions", dict(base, stream=True))
+            deltas = [c["choices"][0]["delta"] for c in sse_chunks(text)]
+            assert "".join(d.get("reasoning_content") or "" for d in deltas) == \
+                "We need to greet."
+            assert "".join(d.get("content") or "" for d in deltas) == "Hello there."
+            status, got = post_json(srv, "/v1/chat/completions",
+                                    dict(base, reasoning_format="none"))
+            assert got["choices"][0]["message"]["content"] == HARMONY
+            status, show = post_json(srv, "/api/show", {"model": srv.model_id})
+            assert "thinking" in show["capabilities"]
+            ob = dict(base, stream=False)
+            status, got = post_json(srv, "/api/chat", dict(ob, think=True))
+            assert (got["message"]["thinking"], got["message"]["content"]) == \
+                ("We need to greet.", "Hello there.")
+            for extra in ({}, {"think": False}):
+                status, got = post_json(srv, "/api/chat", dict(ob, **extra))
+                assert got["message"]["content"] == "Hello there."
+                assert "thinking" not in got["message"]
+            seen = []
+            real = type(m).chat_prompt
+            monkeypatch.setattr(type(m), "chat_prompt", lambda self, *a, **k: (
+                seen.append(k.get("template_kwargs")), real(self, *a, **k))[1])
+            status, got = post_json(srv, "/api/chat", dict(ob, think="low"))
+            assert status == 200 and seen[-1]["reasoning_effort"] == "low"
+
+
+def test_chat_shows_harmony_as_ollama_and_keeps_the_answer(tiny_gguf, monkeypatch):
+    """efedge chat on a gpt-oss-like template: the analysis between "Thinking..." and
+    "...done thinking.", then the final channel; the conversation keeps the answer only
+    (the template writes it back into the final channel). A chatml model's reply is
+    written as it comes, as before."""
+    import io
+
+    from efedge.cli.chat import ChatREPL
+
+    with efedge.load(tiny_gguf("qwen3moe", "F32"), chat_template=HARMONYISH) as m:
+        _script(monkeypatch, m, HARMONY)
+        out = io.StringIO()
+        repl = ChatREPL(m, out=out, err=io.StringIO())
+        repl.messages = list(HI)
+        assert repl.reply()
+        assert out.getvalue() == ("Thinking...\nWe need to greet.\n...done thinking.\n\n"
+                                  "Hello there.\n")
+        assert repl.messages[-1] == {"role": "assistant", "content": "Hello there."}
+    with efedge.load(tiny_gguf("qwen3moe", "F32")) as plain:
+        _script(monkeypatch, plain, "plain <|channel|> text")
+        out = io.StringIO()
+        repl = ChatREPL(plain, out=out, err=io.StringIO())
+        repl.messages = list(HI)
+        assert repl.reply() and out.getvalue() == "plain <|channel|> text\n"
+        assert repl.messages[-1]["content"] == "plain <|channel|> text"
