@@ -231,8 +231,13 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
         if c is not None and not isinstance(c, str | list):
             raise APIError(400, f"messages[{i}].content must be a string or an array of "
                                 "text parts", "invalid_type", param=f"messages[{i}].content")
-    # OpenAI's newer "developer" role is what chat templates call "system"
-    messages = [dict(msg, role="system") if msg["role"] == "developer" else msg
+    # OpenAI's newer "developer" role is what chat templates call "system"; an assistant
+    # turn's reasoning_content is what gpt-oss's template reads as "thinking" (llama-server
+    # copies it over too)
+    messages = [dict(msg, role="system") if msg["role"] == "developer" else
+                dict(msg, thinking=msg["reasoning_content"])
+                if msg["role"] == "assistant" and isinstance(msg.get("reasoning_content"), str)
+                and "thinking" not in msg else msg
                 for msg in messages]
     want = _field(body, "logprobs", bool, False)
     top = _top_count(body, "top_logprobs")

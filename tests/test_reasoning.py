@@ -439,3 +439,18 @@ def test_chat_shows_harmony_as_ollama_and_keeps_the_answer(tiny_gguf, monkeypatc
         repl.messages = list(HI)
         assert repl.reply() and out.getvalue() == "plain <|channel|> text\n"
         assert repl.messages[-1]["content"] == "plain <|channel|> text"
+
+
+def test_an_assistant_turns_reasoning_content_reaches_the_template_as_thinking():
+    """What a client sends back of an earlier reply: its reasoning_content is what
+    gpt-oss's template reads as `thinking` (as llama-server copies it); a thinking field
+    of its own is kept."""
+    from efedge.server_requests import parse_chat
+
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
+            {"role": "assistant", "content": "B", "reasoning_content": "x", "thinking": "y"},
+            {"role": "user", "content": "again"}]
+    req = parse_chat({"messages": msgs}, {})
+    assert req.messages[1]["thinking"] == "Greet." and req.messages[2]["thinking"] == "y"
+    assert "thinking" not in req.messages[0] and "thinking" not in req.messages[3]
