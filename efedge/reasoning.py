@@ -41,8 +41,7 @@ def is_harmony_template(template: str) -> bool:
 def _harmony_kind(header: str) -> str:
     """What a harmony message's text is, from its header: "reasoning" (the analysis
     channel), "content" (final, or commentary for the user), or "raw" (a message to a
-    recipient — a tool call — kept as written in the content: efedge parses no harmony
-    tool calls, and nothing is dropped unseen)."""
+    recipient: a tool call, given out whole as a "call" piece)."""
     if re.search(r"\bto=", header):
         return "raw"
     m = re.search(re.escape(H_CHANNEL) + r"\s*(\w+)", header)
@@ -56,7 +55,9 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
 
 
 class ReasoningSplitter:
-    """push(piece) → [(kind, text)], kind "reasoning" or "content"; finish() → the rest.
+    """push(piece) → [(kind, text)], kind "reasoning" or "content" — or "call": a harmony
+    message to a recipient, whole (header, <|message|>, text), for efedge.tool_calls to
+    read (as written, it is content); finish() → the rest.
     `tags`: the reasoning's pieces come with "<think>" before the first and "</think>"
     after the last (whitespace around it dropped all the same; a reply cut short inside
     it closed too, as llama-server closes it; nothing at all when it is empty)."""
@@ -68,7 +69,7 @@ class ReasoningSplitter:
         self.fresh = True  # no reasoning text given out yet: its leading whitespace goes
         self.thought = opened  # the reply opened a reasoning part (<think> or analysis)
         self.h_kind = ""  # the harmony message being read: reasoning / content / raw
-        self.h_header = ""
+        self.h_header = self.h_raw = ""
 
     def push(self, piece: str) -> list[tuple[str, str]]:
         self.buf += piece
@@ -90,10 +91,9 @@ class ReasoningSplitter:
                     return out
                 self.h_header, self.buf = self.buf[:i], self.buf[i + len(H_MESSAGE):]
                 self.h_kind, self.state = _harmony_kind(self.h_header), "h_body"
+                self.h_raw = ""
                 if self.h_kind == "reasoning":
                     self.thought = True
-                elif self.h_kind == "raw":
-                    out.append(("content", self.h_header + H_MESSAGE))
             elif self.state == "h_body":  # its text, up to <|end|> or the next header
                 ends = [(i, t) for t in _H_BODY_ENDS if (i := self.buf.find(t)) >= 0]
                 if ends:
@@ -148,10 +148,12 @@ class ReasoningSplitter:
             self._reason(out, text, close=close)
             if close and self.tags:
                 self.fresh = True
+        elif self.h_kind == "raw":  # whole, at its end: a tool call (efedge.tool_calls)
+            self.h_raw += text
+            if close:
+                out.append(("call", self.h_header + H_MESSAGE + self.h_raw))
         elif text:
             out.append(("content", text))
-        if close and self.h_kind == "raw":
-            out.append(("content", H_END))
 
     def _reason(self, out: list, text: str, close: bool = False) -> None:
         """Give out reasoning text; `close`: the reasoning ends with it."""
@@ -169,10 +171,8 @@ class ReasoningSplitter:
         if self.state == "think":
             self._reason(out, rest.strip() if self.fresh else rest.rstrip(), close=True)
             return out
-        if self.state == "h_body":  # a reply cut short inside a message
-            self._h_text(out, rest, close=True)
-            if self.h_kind == "raw":
-                out.pop()  # (no <|end|> was written)
+        if self.state == "h_body":  # the reply ended inside a message (a call ends at
+            self._h_text(out, rest, close=True)  # <|call|>, which ends the generation)
             return out
         if self.state in ("after", "h_head", "h_next"):
             return []  # (a header cut short says nothing)
@@ -185,5 +185,10 @@ def split_reasoning(text: str, opened: bool = False) -> tuple[str | None, str]:
     sp = ReasoningSplitter(opened)
     parts = sp.push(text) + sp.finish()
     reasoning = "".join(t for k, t in parts if k == "reasoning")
-    content = "".join(t for k, t in parts if k == "content")
+    content = "".join(t for k, t in parts if k != "reasoning")
     return (reasoning if sp.thought else None), content
+
+
+def is_harmony_reply(text: str) -> bool:
+    """Whether a reply starts with a harmony header (gpt-oss)."""
+    return text.lstrip().startswith(_H_OPENERS)

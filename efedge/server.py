@@ -55,6 +55,7 @@ from typing import Any
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import TemplateError, UnsupportedModelError
+from efedge.reasoning import is_harmony_template
 from efedge.server_body import json_bytes, read_body, read_json, readable, set_bind_options
 from efedge.server_metrics import CONTENT_TYPE as METRICS_TYPE
 from efedge.server_metrics import NOT_ENABLED as METRICS_OFF
@@ -68,7 +69,7 @@ from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_routes import POST_ROUTES, CorsMixin, allowed_methods
 from efedge.server_tokens import ROUTES as TOKEN_ROUTES
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
-from efedge.tool_calls import check_template
+from efedge.tool_calls import HARMONY_FORCED, check_template
 
 log = logging.getLogger("efedge.server")
 MAX_BODY = 1 << 20  # bytes
@@ -290,8 +291,10 @@ class EfedgeServer(ThreadingHTTPServer):
                         "(completions still work): %s", exc)
         # tools need a template in a format efedge reads (efedge.tool_calls): why not, or None
         self.tools_error: str | None = None
+        self.harmony_tools = False  # gpt-oss: a forced call has no grammar here
         try:
             check_template(model.chat_template(tools=True))
+            self.harmony_tools = is_harmony_template(model.chat_template(tools=True).source)
         except (UnsupportedModelError, TemplateError) as exc:
             self.tools_error = str(exc)
         # GET /metrics (opt-in, as llama-server's --metrics): efedge/server_metrics.py
@@ -336,6 +339,8 @@ class EfedgeServer(ThreadingHTTPServer):
                            type_="server_error")
         if req.tools is not None and self.tools_error is not None:
             raise APIError(400, self.tools_error, "unsupported", param="tools")
+        if req.forced_call and self.harmony_tools:
+            raise APIError(400, HARMONY_FORCED, "unsupported", param="tool_choice")
 
     def render_metrics(self) -> str:
         """GET /metrics' body; a 501 when the server was started without metrics."""

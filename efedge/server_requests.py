@@ -50,6 +50,7 @@ class GenRequest:
     # chat with tools (not tool_choice "none"): rendered into the prompt, calls parsed
     # from the reply (efedge.tool_calls); parallel_tool_calls false keeps the first call
     tools: list[dict] | None = None
+    forced_call: bool = False  # tool_choice "required" or named: `format` is its grammar
     parallel_tool_calls: bool = True
     # fill in the middle (efedge.fim): {"prefix", "suffix", "prompt", "extra"}, built into
     # the prompt by the worker (a completion's `suffix`, llama.cpp's /infill)
@@ -282,7 +283,7 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
                        "invalid_value", param="chat_template_kwargs") from None
     return GenRequest(messages=messages, prompt=None, echo=False,
                       logprobs=(top or 0) if want else None, format=fmt,
-                      tools=tools if mode != "none" else None,
+                      tools=tools if mode != "none" else None, forced_call=mode == "forced",
                       parallel_tool_calls=_field(body, "parallel_tool_calls", bool, True),
                       reasoning=reasoning != "none", template_kwargs=kwargs,
                       reasoning_in_content=reasoning == "deepseek-legacy" and kw["stream"],

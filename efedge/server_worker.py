@@ -28,10 +28,10 @@ from efedge.api import Model
 from efedge.errors import EfedgeError, UnsupportedModelError
 from efedge.fim import IndentStop
 from efedge.generate import GenerationResult
-from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking
+from efedge.reasoning import ReasoningSplitter, is_harmony_template, prompt_opens_thinking
 from efedge.server_logprobs import prompt_records, records
 from efedge.server_requests import APIError, GenRequest
-from efedge.tool_calls import CallStream
+from efedge.tool_calls import CallStream, harmony_call, tool_names
 
 log = logging.getLogger("efedge.server")
 MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
@@ -211,6 +211,14 @@ class ModelWorker:
         splitter = ReasoningSplitter(req.format is None and prompt_opens_thinking(
             m.detokenize(ids[-8:])), tags=req.reasoning_in_content) \
             if req.reasoning else None
+        # gpt-oss with tools: its calls are harmony messages the splitter finds, so it
+        # reads the reply whatever the reasoning format (none: the analysis left out)
+        drop = req.drop_reasoning
+        if splitter is None and calls is not None and \
+                is_harmony_template(m.chat_template(tools=True).source):
+            splitter, drop = ReasoningSplitter(), True
+        harmony_calls: list[dict] = []
+        names = tool_names(req.tools) if req.tools is not None else []
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""
@@ -227,9 +235,14 @@ class ModelWorker:
             reasoning splitter holds back excluded), whose tokens' records go with them."""
             nonlocal sent
             for kind, piece in parts:
+                if kind == "call":  # a harmony message to a recipient: a call, or content
+                    call = harmony_call(piece, names) if calls is not None else None
+                    if call is not None:
+                        harmony_calls.append(call)
+                        continue
                 if kind == "reasoning":  # (its tokens' records with it, not the answer's)
                     sent = upto
-                    if req.drop_reasoning:
+                    if drop:
                         release()
                         continue
                     job.events.put(("text", piece, release(), len(result.tokens))
@@ -289,6 +302,7 @@ class ModelWorker:
         found = None
         if calls is not None:
             tail, found = calls.finish()
+            found = found + harmony_calls
             found = found[:1] if not req.parallel_tool_calls else found
             if tail:
                 # (its tokens' records go with "done")

@@ -366,7 +366,8 @@ def test_harmony_split_whole_and_in_every_two_pieces(text, reasoning, answer):
         sp = ReasoningSplitter()
         parts = sp.push(text[:cut]) + sp.push(text[cut:]) + sp.finish()
         assert "".join(t for k, t in parts if k == "reasoning") == (reasoning or ""), cut
-        assert "".join(t for k, t in parts if k == "content") == answer, cut
+        # (a message to a recipient comes whole as a "call" piece: content as written)
+        assert "".join(t for k, t in parts if k != "reasoning") == answer, cut
         assert all(t for _, t in parts)
 
 
@@ -454,3 +455,56 @@ def test_an_assistant_turns_reasoning_content_reaches_the_template_as_thinking()
     req = parse_chat({"messages": msgs}, {})
     assert req.messages[1]["thinking"] == "Greet." and req.messages[2]["thinking"] == "y"
     assert "thinking" not in req.messages[0] and "thinking" not in req.messages[3]
+
+
+H_CALL = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant "
+          "to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Paris\"}")
+H_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "the weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_harmony_tool_calls(tiny_gguf, monkeypatch):
+    """gpt-oss calls a tool with a harmony message to functions.NAME (ended by <|call|>,
+    an end-of-generation token): OpenAI's tool_calls (streamed and not, whatever the
+    reasoning format), Ollama's, and the API's result.tool_calls; a forced tool_choice has
+    no harmony grammar and is refused by name."""
+    from efedge.generate import GenerationResult
+    from efedge.tool_calls import parse_tool_calls
+
+    want = {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    content, calls = parse_tool_calls(H_CALL, H_TOOLS)
+    assert content is None and [c["function"] for c in calls] == [want]
+    # not an offered tool: stays in the content as written
+    assert parse_tool_calls(H_CALL.replace("get_weather", "nope"), H_TOOLS)[1] == []
+    with efedge.load(tiny_gguf("qwen3moe", "F32"), chat_template=HARMONYISH) as m:
+        _script(monkeypatch, m, H_CALL)
+        with running_server(m) as srv:
+            base = {"model": srv.model_id, "messages": HI, "tools": H_TOOLS}
+            for extra in ({}, {"reasoning_format": "none"}):
+                status, got = post_json(srv, "/v1/chat/completions", dict(base, **extra))
+                choice = got["choices"][0]
+                assert status == 200 and choice["finish_reason"] == "tool_calls", got
+                assert [c["function"] for c in choice["message"]["tool_calls"]] == [want]
+                assert not choice["message"]["content"]
+                assert choice["message"].get("reasoning_content") == (
+                    None if extra else "Need the weather.")
+            status, text = post(srv, "/v1/chat/completions", dict(base, stream=True))
+            chunks = sse_chunks(text)
+            streamed = [tc["function"] for c in chunks
+                        for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+            assert streamed == [want] and chunks[-1]["choices"][0]["finish_reason"] == \
+                "tool_calls"
+            assert "<|channel|>" not in text
+            status, got = post_json(srv, "/api/chat", dict(base, stream=False))
+            assert status == 200 and got["message"]["tool_calls"][0]["function"] == {
+                "name": "get_weather", "arguments": {"city": "Paris"}}, got
+            status, got = post_json(srv, "/v1/chat/completions",
+                                    dict(base, tool_choice="required"))
+            assert status == 400 and got["error"]["param"] == "tool_choice"
+            assert "harmony" in got["error"]["message"]
+        result = GenerationResult([], "length")
+        m.chat(HI, tools=H_TOOLS, result=result)
+        assert [c["function"] for c in result.tool_calls] == [want]
+        with pytest.raises(efedge.UnsupportedModelError, match="harmony"):
+            m.chat(HI, tools=H_TOOLS, tool_choice="required")
