@@ -1130,3 +1130,21 @@ def test_minimax_m2_keys_llama_cpp_ignores(tiny_gguf, tmp_path):
         c = m.config
         assert (c.n_ff_exp, c.expert_weights_norm, c.expert_weights_scale) == (256, True, 0.0)
         assert np.array_equal(m.logits(ids), want)
+
+
+def test_minimax_m2_expert_groups_match_llama_cpp(tiny_gguf, tmp_path):
+    """llama.cpp reads expert_group_count / _used_count for every arch and masks the
+    selection to the best groups (the released MiniMax-M2 has none): with 4 groups of
+    which 2 compete, efedge's logits still equal llama.cpp's, and differ from the
+    ungrouped file's."""
+    src, path = tiny_gguf("minimax-m2", "F32"), tmp_path / "groups.gguf"
+    _copy_with(src, path, {}, {"minimax-m2.expert_group_count": 4,
+                               "minimax-m2.expert_group_used_count": 2})
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        assert (m.config.n_expert_groups, m.config.n_group_used) == (4, 2)
+        ours = m.logits(ids)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ref - llama_ref.llama_logits(src, ids)).max() / ref.std() > 0.1
