@@ -111,6 +111,12 @@ for _name, _kw in (("smallthinker", {}), ("smallthinker-softmax", dict(softmax=T
                                                                        swa=False))):
     ARCHS[_name] = dict(gguf_arch="smallthinker", moe=True, bias=False, qk_norm=None,
                         shared=False, **_kw)
+# minimax-m2 (tiny_archs.MINIMAX_DIMS): MiniMax-M2's layout at test size — heads of 128
+# (so heads × head size is twice the width, as in the real 48 × 128 over 3072), GQA, the
+# q / k norm over the whole projection, half of each head rotated, sigmoid routing with a
+# selection bias in every layer, no shared expert
+ARCHS["minimax-m2"] = dict(gguf_arch="minimax-m2", moe=True, bias=False, qk_norm="full",
+                          shared=False, plan="minimax_m2", defaults=dict(head_dim=128))
 # smallthinker's attention.sliding_window and _pattern. llama.cpp keeps of the window only
 # "on" (it attends the last 4096 positions on layers il % pattern != 0) and skips rope on
 # layers il % 4 == 0: pattern 2 makes layer 0 NoPE, layer 1 a window layer, layer 2 neither
@@ -193,8 +199,9 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
         cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
     if cfg["norm_eps"] is None:
         cfg["norm_eps"] = 1e-6 if arch.startswith("qwen") else 1e-5
-    if a["qk_norm"] == "full":
-        # llama.cpp checks olmoe's attn_k_norm against n_embd: no GQA, no odd head size.
+    if a["qk_norm"] == "full" and a["gguf_arch"] == "olmoe":
+        # llama.cpp checks olmoe's attn_k_norm against n_embd: no GQA, no odd head size
+        # (minimax-m2 sizes its q / k norms by the heads instead).
         if "n_head_kv" in overrides and overrides["n_head_kv"] not in (None, cfg["n_head"]):
             raise ValueError("olmoe needs n_head_kv == n_head (llama.cpp checks attn_k_norm "
                              "against n_embd)")
@@ -429,9 +436,9 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
-    ernie4_5-moe*, llama4, llama4-maverick). ``quant``: F32 and F16 are written directly,
-    anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source
-    (F16 above 1 GiB).
+    ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, …). ``quant``: F32 and F16 are
+    written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from
+    an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
     n_head_kv, head_dim, n_ff_exp, n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base,
     norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see

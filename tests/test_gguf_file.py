@@ -258,6 +258,27 @@ def test_inspect_names_the_dots_hunyuan_quirks(tiny_gguf):
     assert info["features"]["qk_norm"] == "per head, after rope"
 
 
+def test_minimax_m2_selection_bias_is_required(tiny_gguf, tmp_path):
+    """llama.cpp requires exp_probs_b in every minimax-m2 layer (its loader fails without
+    one): a file without it is refused naming the tensor, not routed without the bias."""
+    src = tiny_gguf("minimax-m2", "F32")
+    path = _rewrite(src, tmp_path / "nobias.gguf", tensor_map=lambda name, data: (
+        [] if name == "blk.1.exp_probs_b.bias" else [(name, data)]))
+    with pytest.raises(efedge.ModelFormatError, match="blk.1.exp_probs_b.bias"):
+        efedge.load(path)
+
+
+def test_inspect_names_the_minimax_m2_quirks(tiny_gguf):
+    from efedge.cli.inspect import describe
+
+    info = describe(tiny_gguf("minimax-m2", "F32"))
+    f = info["features"]
+    assert info["dense_layers"] == [] and f["qk_norm"] == "over the whole q / k projection"
+    assert f["rope"] == "neox" and f["rope_dims"] == "64 of 128"
+    assert f["routing"] == "sigmoid" and f["selection_bias"] and f["expert_weights_norm"]
+    assert "expert_weights_scale" not in f
+
+
 def _split(src, out_dir, max_tensors: int = 12) -> list:
     """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
     _rewrite(src, out_dir / "big.gguf", split_max_tensors=max_tensors)
@@ -321,11 +342,15 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
 @pytest.mark.parametrize("arch, key", [
     ("bailingmoe2", "expert_gating_func"), ("bailingmoe2", "expert_shared_count"),
     ("bailingmoe2", "expert_feed_forward_length"), ("smallthinker", "expert_gating_func"),
-    ("smallthinker", "expert_feed_forward_length")])
+    ("smallthinker", "expert_feed_forward_length"), ("minimax-m2", "expert_gating_func"),
+    ("minimax-m2", "feed_forward_length"), ("minimax-m2", "expert_feed_forward_length"),
+    ("minimax-m2", "attention.layer_norm_rms_epsilon")])
 def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
     """Keys llama.cpp requires (no default: the gating function decides softmax or
-    sigmoid — llama.cpp's smallthinker graph aborts without one —, bailingmoe2's count
-    sizes its shared experts) are refused by name."""
+    sigmoid — llama.cpp's smallthinker and minimax-m2 graphs abort without one —,
+    bailingmoe2's count sizes its shared experts, minimax-m2's feed_forward_length its
+    experts; llama.cpp fails to load a minimax-m2 file without any of these four) are
+    refused by name."""
     path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "r.gguf", drop_key=f"{arch}.{key}")
     with pytest.raises(efedge.ModelFormatError,
                        match=f"required metadata key '{arch}.{key}' is missing"):
@@ -341,10 +366,12 @@ def test_ling2_fused_qkv_shape_is_checked(tiny_gguf, tmp_path):
         efedge.load(path)
 
 
-def test_smallthinker_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path):
+@pytest.mark.parametrize("arch", ["smallthinker", "minimax-m2"])
+def test_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path, arch):
     """llama.cpp's create_tensor_qkv takes one attn_qkv where a file has it: the same
-    weights fused into it give the split file's logits bit for bit (row views)."""
-    src = tiny_gguf("smallthinker", "F32")
+    weights fused into it give the split file's logits bit for bit (row views; llama.cpp's
+    own logits are equal too, checked for minimax-m2 when it was added)."""
+    src = tiny_gguf(arch, "F32")
     t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(src).tensors}
 
     def fuse(name, data):  # attn_q → attn_qkv (q, k, v rows); attn_k / attn_v dropped

@@ -850,6 +850,21 @@ def test_ling2_matches_cpu_path(tiny_gguf):
     test_more_architectures_match_cpu_path(tiny_gguf, "bailingmoe2", {})
 
 
+def test_minimax_m2_matches_cpu_path(tiny_gguf):
+    """minimax-m2 on the torch path: the q / k RMS norm over the whole projection, partial
+    neox rope, GQA with heads wider than the model, sigmoid routing with the selection bias
+    in every layer (test_more_architectures_match_cpu_path's checks)."""
+    test_more_architectures_match_cpu_path(tiny_gguf, "minimax-m2", {})
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_minimax_m2_matches_cpu_path(tiny_gguf):
+    """The CUDA twin of test_minimax_m2_matches_cpu_path (test_cuda_forward_matches_cpu_path's
+    checks: resident, streamed, hybrid misses, greedy tokens)."""
+    test_cuda_forward_matches_cpu_path(tiny_gguf, "minimax-m2")
+
+
 def test_smallthinker_is_refused_by_name(tiny_gguf):
     """smallthinker's router on the layer's input, ReLU experts, NoPE and window layers
     have no torch code: device="cuda" (and the torch path on any device) names the

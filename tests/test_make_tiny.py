@@ -454,3 +454,28 @@ def test_smallthinker_layout(tiny_gguf):
     assert "blk.0.attn_output.bias" not in ts and "blk.0.ffn_up_shexp.weight" not in ts
     _, kv, _ = _reader(tiny_gguf("smallthinker-softmax", "F32"))
     assert kv[a + "expert_gating_func"] == 1 and a + "attention.sliding_window" not in kv
+
+
+def test_minimax_m2_layout(tiny_gguf):
+    """MiniMax-M2's layout at test size: the converter's keys (the experts' width under
+    both feed_forward_length and expert_feed_forward_length, sigmoid gating, half of each
+    head rotated), heads of 128 so that heads × head size is twice the width (as the real
+    48 × 128 over 3072), GQA, the q / k norms as wide as the q / k projections, a selection
+    bias in every layer, no shared expert and no dense layer."""
+    from gguf_tools.tiny_archs import MINIMAX_DIMS
+
+    _, kv, ts = _reader(tiny_gguf("minimax-m2", "F32"))
+    a, hd = "minimax-m2.", 128
+    assert kv[a + "expert_gating_func"] == 2
+    assert kv[a + "feed_forward_length"] == kv[a + "expert_feed_forward_length"] == F_EXP
+    assert kv[a + "attention.key_length"] == kv[a + "attention.value_length"] == hd
+    assert kv[a + "rope.dimension_count"] == int(hd * MINIMAX_DIMS["rope_frac"]) == 64
+    assert kv[a + "attention.head_count"] == 4 and kv[a + "attention.head_count_kv"] == 2
+    for i in range(L):
+        b = f"blk.{i}."
+        assert _shape(ts[b + "attn_q.weight"]) == (D, 4 * hd) and 4 * hd == 2 * D
+        assert _shape(ts[b + "attn_q_norm.weight"]) == (4 * hd,)
+        assert _shape(ts[b + "attn_k_norm.weight"]) == (2 * hd,)
+        assert _shape(ts[b + "exp_probs_b.bias"]) == (E,)
+        assert _shape(ts[b + "ffn_gate_exps.weight"]) == (D, F_EXP, E)
+        assert b + "ffn_up_shexp.weight" not in ts and b + "ffn_gate.weight" not in ts

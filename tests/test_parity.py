@@ -241,7 +241,8 @@ def test_bailing_routing_weights_decide(tiny_gguf, change):
 
 def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
     """Copy a GGUF file, metadata and tensors, adding the float32 tensors in `extra` and
-    the metadata `keys` (uint32, float32 for a float; replacing a key the file has)."""
+    the metadata `keys` (uint32, float32 for a float, bool for a bool; replacing a key the
+    file has)."""
     import gguf
 
     r = gguf.GGUFReader(src)
@@ -257,7 +258,9 @@ def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
                      raw_dtype=t.tensor_type)
     for key, val in (keys or {}).items():
-        (w.add_float32 if isinstance(val, float) else w.add_uint32)(key, val)
+        add = (w.add_bool if isinstance(val, bool) else w.add_float32 if isinstance(val, float)
+               else w.add_uint32)
+        add(key, val)
     for name, data in extra.items():
         w.add_tensor(name, data.astype(np.float32))
     w.write_header_to_file()
@@ -1024,3 +1027,124 @@ def test_smallthinker_early_requests_keep_the_bits(tiny_gguf):
     on, off = out[True][2], out[False][2]
     assert off["prefetch_issued"] == 0 < on["prefetch_issued"]
     assert on["misses"] < off["misses"]
+
+
+# -- minimax-m2 (MiniMax-M2 / M2.1: the q / k RMS norm over the whole projection, not per
+# head; neox rope on half of each head; GQA with heads × head size twice the width; every
+# layer MoE, sigmoid routing with a selection bias in every layer, the k weights always
+# renormalised and never scaled; no shared expert) ---------------------------------------
+@pytest.mark.parametrize("quant", ["F32", "F16", "Q4_K_M"])
+def test_minimax_m2_resident_and_streamed_match_llama_cpp(tiny_gguf, quant):
+    """Logits and greedy tokens against llama.cpp, resident and through an expert cache of
+    half the experts (bitwise the resident logits): _assert_streamed_match."""
+    _assert_streamed_match(tiny_gguf("minimax-m2", quant), quant)
+
+
+def test_minimax_m2_float_logits_every_position(tiny_gguf):
+    """The F16 file position by position at the float tolerance (_assert_float_match)."""
+    _assert_float_match(tiny_gguf("minimax-m2", "F16"))
+
+
+def test_minimax_m2_prefill_at_an_offset_matches_llama_cpp(tiny_gguf):
+    test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, "minimax-m2")
+
+
+def test_minimax_m2_cache_aware_routing_is_refused(tiny_gguf):
+    test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, "minimax-m2")
+
+
+def _per_head_qk(prefill_qk):
+    """prefill_qk whose whole-projection q / k norm (mode 2) is an RMS over each head
+    instead, with the same weights: the per-head reading of minimax-m2's norm."""
+    def per_head(q, k, v, qn, kn, mode, eps, cos, sin, neox, n_head, n_head_kv, hd, *rest):
+        if mode == 2:
+            def norm(x, w, n):
+                x3 = x.reshape(x.shape[0], n, hd)
+                r = 1.0 / np.sqrt((x3 * x3).mean(-1, keepdims=True) + eps)
+                return np.ascontiguousarray((x3 * r).reshape(x.shape) * w, np.float32)
+            q, k, mode = norm(q, qn, n_head), norm(k, kn, n_head_kv), 0
+        return prefill_qk(q, k, v, qn, kn, mode, eps, cos, sin, neox, n_head, n_head_kv, hd,
+                          *rest)
+    return per_head
+
+
+@pytest.mark.parametrize("change", ["per_head_qk_norm", "no_qk_norm", "rope_dim",
+                                    "normal_rope", "exp_probs_b", "gating", "norm"])
+def test_minimax_m2_quirks_decide(tiny_gguf, monkeypatch, change):
+    """Each quirk of the tiny minimax-m2 file shows in the logits: the q / k norm taken per
+    head (the same weights) or left out, the whole head rotated, adjacent pairs rotated
+    instead of the halves, no selection bias, softmax gating, or the k weights not
+    renormalised — each is off from llama.cpp by far more than the tolerance, so the
+    parity tests above see them all."""
+    import dataclasses
+
+    from efedge.kernels import prefill
+
+    path = tiny_gguf("minimax-m2", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        tf, c = m._tf, m.config
+        assert (c.head_dim, c.rope_dim, c.n_head * c.head_dim) == (128, 64, 2 * c.n_embd)
+        assert c.n_head_kv < c.n_head and all(b.moe for b in tf.blocks)
+        assert (c.gating, c.expert_weights_norm, c.expert_weights_scale) == ("sigmoid", True,
+                                                                               0.0)
+        assert all(b.exp_probs_b is not None and b.qk_norm == "full" for b in tf.blocks)
+        spec = c.spec
+        if change == "per_head_qk_norm":
+            monkeypatch.setattr(prefill, "prefill_qk", _per_head_qk(prefill.prefill_qk))
+        elif change == "no_qk_norm":
+            for b in tf.blocks:
+                b.qk_norm = "none"
+                b._decode_args(c)
+        elif change == "exp_probs_b":
+            for b in tf.blocks:
+                b.exp_probs_b = None
+        else:
+            new = {"rope_dim": dict(rope_dim=c.head_dim),
+                   "normal_rope": dict(spec=dataclasses.replace(spec, rope_style="normal")),
+                   "gating": dict(gating="softmax"),
+                   "norm": dict(expert_weights_norm=False)}[change]
+            tf.cfg = dataclasses.replace(c, **new)
+            tf._rope.clear()
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+def test_minimax_m2_keys_llama_cpp_ignores(tiny_gguf, tmp_path):
+    """Keys a minimax-m2 file may carry that llama.cpp 0.3.36 does not read for this arch
+    (llama_model_minimax_m2::load_arch_hparams reads the norm epsilon, the experts' width
+    and the gating function only; its graph renormalises the k weights always, and the
+    weights scale it passes stays 0: none): a weights scale, expert_weights_norm false,
+    and an experts' width unlike the experts (it sizes them by feed_forward_length). Its
+    logits with the keys are the plain file's, and efedge's are bit for bit its own."""
+    src, path = tiny_gguf("minimax-m2", "F32"), tmp_path / "with.gguf"
+    _copy_with(src, path, {}, {"minimax-m2.expert_weights_scale": 2.5,
+                               "minimax-m2.expert_weights_norm": False,
+                               "minimax-m2.expert_feed_forward_length": 512})
+    ids = _tokens(512)
+    assert np.array_equal(llama_ref.llama_logits(path, ids), llama_ref.llama_logits(src, ids))
+    with efedge.load(src) as m:
+        want = m.logits(ids)
+    with efedge.load(path) as m:
+        c = m.config
+        assert (c.n_ff_exp, c.expert_weights_norm, c.expert_weights_scale) == (256, True, 0.0)
+        assert np.array_equal(m.logits(ids), want)
+
+
+def test_minimax_m2_expert_groups_match_llama_cpp(tiny_gguf, tmp_path):
+    """llama.cpp reads expert_group_count / _used_count for every arch and masks the
+    selection to the best groups (the released MiniMax-M2 has none): with 4 groups of
+    which 2 compete, efedge's logits still equal llama.cpp's, and differ from the
+    ungrouped file's."""
+    src, path = tiny_gguf("minimax-m2", "F32"), tmp_path / "groups.gguf"
+    _copy_with(src, path, {}, {"minimax-m2.expert_group_count": 4,
+                               "minimax-m2.expert_group_used_count": 2})
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        assert (m.config.n_expert_groups, m.config.n_group_used) == (4, 2)
+        ours = m.logits(ids)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ref - llama_ref.llama_logits(src, ids)).max() / ref.std() > 0.1

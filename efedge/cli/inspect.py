@@ -73,6 +73,8 @@ def _features(c) -> dict:
                    attention_scale=c.attn_scale, logit_scale=c.logit_scale)
     if c.spec.qk_norm == "head_post":  # hunyuan-moe
         out["qk_norm"] = "per head, after rope"
+    elif c.spec.qk_norm == "full":  # olmoe, minimax-m2: one RMS over all heads
+        out["qk_norm"] = "over the whole q / k projection"
     if c.spec.attention != "mla" and c.rope_dim < c.head_dim:  # glm4moe: half of each head
         out["rope_dims"] = f"{c.rope_dim} of {c.head_dim}"
     if c.spec.attention == "mla":
