@@ -508,3 +508,21 @@ def test_harmony_tool_calls(tiny_gguf, monkeypatch):
         assert [c["function"] for c in result.tool_calls] == [want]
         with pytest.raises(efedge.UnsupportedModelError, match="harmony"):
             m.chat(HI, tools=H_TOOLS, tool_choice="required")
+
+
+def test_run_single_turn_shows_harmony_as_chat_does(tiny_gguf, monkeypatch, tmp_path, capsys):
+    """efedge run -st on a gpt-oss-like template: the analysis apart, as efedge chat shows
+    it; without -st the text as generated."""
+    from efedge.cli import main
+
+    template = tmp_path / "harmony.jinja"
+    template.write_text(HARMONYISH)
+    path = str(tiny_gguf("qwen3moe", "F32"))
+    with efedge.load(path) as m:
+        ids = m.tokenize(HARMONY, add_special=False)
+    script_tokens(monkeypatch, ids)
+    assert main(["run", path, "-p", "hi", "-st", "--chat-template", str(template)]) == 0
+    assert capsys.readouterr().out == ("Thinking...\nWe need to greet.\n...done thinking."
+                                       "\n\nHello there.\n")
+    assert main(["run", path, "-p", "hi", "--chat-template", str(template)]) == 0
+    assert capsys.readouterr().out == HARMONY + "\n"
