@@ -42,7 +42,8 @@ def available_memory(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cg
             return _darwin()
         if sys.platform == "win32":
             return _windows()
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+    except (OSError, ValueError, AttributeError, subprocess.SubprocessError) as exc:
+        # (AttributeError: no ctypes.windll where a test poses as Windows)
         log.info("cannot tell the available memory (%s): experts stay resident", exc)
     return None
 

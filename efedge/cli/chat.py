@@ -139,8 +139,9 @@ class ChatREPL:
         self.interrupted = False  # the last /regen was stopped by Ctrl-C
         try:  # gpt-oss: replies in harmony channels (HarmonyView)
             self._harmony = is_harmony_template(m.chat_template().source)
-        except (TemplateError, EfedgeError):
-            self._harmony = False  # (a broken template fails at the first prompt)
+        except (TemplateError, EfedgeError, AttributeError):
+            # (a broken template fails at the first prompt; a stand-in model has none)
+            self._harmony = False
         self.clear()
 
     # -- output ---------------------------------------------------------------------------
