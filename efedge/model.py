@@ -144,8 +144,10 @@ class Transformer(DecodeMixin):
         if tab is None or tab[0].shape[0] < pos + t:
             n = 1 << max(8, (pos + t - 1).bit_length())
             base, scaling = c.rope_of(il)
+            still = (rope.imrope_fourth_pairs(c.rope_sections, c.rope_dim // 2)
+                     if c.rope_sections else None)  # qwen3vl*: a text token's 4th position
             tab = self._rope[swa] = layers.rope_tables(np.arange(n), c.rope_dim, base,
-                                                       scaling, self.rope_freqs)
+                                                       scaling, self.rope_freqs, still)
         return tab[0][pos:pos + t], tab[1][pos:pos + t]
 
     def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache) -> np.ndarray:

@@ -134,14 +134,32 @@ def corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
     return max(0.0, start), min(float(n_dims - 1), end)
 
 
+def imrope_fourth_pairs(sections: tuple[int, ...], n_pairs: int) -> np.ndarray:
+    """bool [n_pairs]: the pairs ggml's interleaved multi-section rope (IMROPE, qwen3vl*)
+    turns by the 4th position. Pair i's sector is i mod sum(sections); sectors 3j, 3j + 1,
+    3j + 2 take the t, h, w position while below 3 × that section's size, any other the
+    4th. llama.cpp gives a text token the positions (p, p, p, 0): its other pairs turn as
+    plain rope's, these not at all."""
+    t, h, w = sections[:3]
+    sector = np.arange(n_pairs) % sum(sections)
+    rest = sector % 3
+    return ~(((rest == 0) & (sector < 3 * t)) | ((rest == 1) & (sector < 3 * h))
+             | ((rest == 2) & (sector < 3 * w)))
+
+
 def tables(positions: np.ndarray, rope_dim: int, base: float,
            scaling: RopeScaling | None = None,
-           freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           freq_factors: np.ndarray | None = None,
+           still: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos / sin float32 [T, rope_dim/2] of ``positions`` with linear / YaRN scaling and
-    the magnitude folded in (freq_factors: llama-3's ``rope_freqs``, dividing theta)."""
+    the magnitude folded in (freq_factors: llama-3's ``rope_freqs``, dividing theta;
+    still: bool [rope_dim/2], pairs at angle 0 whatever the position — a text token's
+    4th-position pairs under IMROPE: cos is the magnitude, sin 0)."""
     inv = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
     if freq_factors is not None:
         inv = inv / np.asarray(freq_factors, dtype=np.float64)[:rope_dim // 2]
+    if still is not None:
+        inv = np.where(still, 0.0, inv)
     m = 1.0
     if scaling is not None and not scaling.identity:
         fs, ext = scaling.freq_scale, scaling.ext_factor

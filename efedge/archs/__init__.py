@@ -107,6 +107,10 @@ class ArchSpec:
     iswa_nope: bool = False
     # the torch path (efedge/gpu) runs this arch; False: device="cuda" is refused by name
     gpu: bool = True
+    # "imrope": llama.cpp's interleaved multi-section rope (qwen3vl*) from the required
+    # "{arch}.rope.dimension_sections"; text tokens have positions (p, p, p, 0), so the
+    # pairs whose sector falls to the 4th section do not rotate (efedge/rope.py)
+    mrope: str = ""
 
 
 def _modules() -> list[str]:
