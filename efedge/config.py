@@ -401,12 +401,21 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
     """Every tensor the forward pass touches must have the shape the metadata implies."""
     d, q_out, kv_out = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     _check_shape(gf, "output_norm.weight", (d,))
-    if "output.weight" in gf.tensors:
+    if "output.weight" in gf.tensors or c.spec.out_bias:  # phimoe: no tied head
         _check_shape(gf, "output.weight", (d, c.n_vocab))
+    if c.spec.norm_bias:
+        _check_shape(gf, "output_norm.bias", (d,))
+    if c.spec.out_bias:
+        _check_shape(gf, "output.bias", (c.n_vocab,))
     for i in range(c.n_layer):
         b = f"blk.{i}."
         _check_shape(gf, b + "attn_norm.weight", (d,))
         _check_shape(gf, b + c.spec.ffn_norm + ".weight", (d,))
+        if c.spec.norm_bias:
+            _check_shape(gf, b + "attn_norm.bias", (d,))
+            _check_shape(gf, b + c.spec.ffn_norm + ".bias", (d,))
+        if c.spec.out_bias:
+            _check_shape(gf, b + "attn_output.bias", (d,))
         _validate_ffn(gf, c, i)
         if c.spec.attention != "standard":
             continue  # mla.py / sinks.py check their own tensors

@@ -32,6 +32,7 @@ import numpy as np
 from efedge.errors import ModelFormatError, UnsupportedModelError
 
 KINDS = ("none", "linear", "yarn")
+CTX_PAD = 256  # llama.cpp rounds a context's size up to a multiple of this
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 
@@ -187,11 +188,21 @@ def mla_kq_scale(scaling: RopeScaling, head_k: int) -> float:
     return mscale * mscale / math.sqrt(head_k)
 
 
-def freq_factors(gf, cfg, read_vector) -> np.ndarray | None:
-    """The ``rope_freqs.weight`` divisors of theta [rope_dim/2] (llama-3 files) for the
-    architectures llama.cpp reads them for (ArchSpec.rope_freqs), else None."""
+def freq_factors(gf, cfg, read_vector, n_ctx: int = 0) -> np.ndarray | None:
+    """The divisors of theta [rope_dim/2] llama.cpp's get_rope_factors gives: the
+    ``rope_freqs.weight`` of llama-3 files for the architectures it reads them for
+    (ArchSpec.rope_freqs), LongRoPE's ``rope_factors_long.weight`` when the context n_ctx
+    exceeds the original one (``rope.scaling.original_context_length``, else the training
+    context) and ``rope_factors_short.weight`` otherwise (ArchSpec.rope_factors); None
+    without them. llama.cpp compares its context rounded up to a multiple of 256
+    (llama_context pads n_ctx so before cparams.n_ctx_seq is set): so does this."""
     name = "rope_freqs.weight"
-    if not cfg.spec.rope_freqs or name not in gf.tensors:
+    if cfg.spec.rope_factors == "longrope":
+        long = -(-n_ctx // CTX_PAD) * CTX_PAD > cfg.rope_scaling.n_ctx_orig
+        name = "rope_factors_long.weight" if long else "rope_factors_short.weight"
+        if name not in gf.tensors:  # optional in llama.cpp: none, no division
+            return None
+    elif not cfg.spec.rope_freqs or name not in gf.tensors:
         return None
     ff = read_vector(gf, name)
     if ff.shape != (cfg.rope_dim // 2,):

@@ -126,6 +126,10 @@ ARCHS["qwen3vlmoe"] = dict(gguf_arch="qwen3vlmoe", moe=True, bias=False, qk_norm
 # Qwen3-VL (mrope_section [24, 20, 20] padded to 4; 3 deepstack layers): with 64 rotary
 # pairs, llama.cpp's interleaved sectors give pairs 61 and 62 the 4th position, 0 for text
 QWEN3VL_ROPE = ((24, 20, 20, 0), 3)
+# phimoe (Phi-3.5-MoE; gguf_tools.tiny_phimoe): biased norms, q / k / v, attention output
+# and head, LongRoPE factors; 16 experts, top 2 (the real routing)
+ARCHS["phimoe"] = dict(gguf_arch="phimoe", moe=True, bias=True, qk_norm=None, shared=False,
+                       plan="phimoe", defaults=dict(n_expert_used=2))
 # smallthinker's attention.sliding_window and _pattern. llama.cpp keeps of the window only
 # "on" (it attends the last 4096 positions on layers il % pattern != 0) and skips rope on
 # layers il % 4 == 0: pattern 2 makes layer 0 NoPE, layer 1 a window layer, layer 2 neither
@@ -300,6 +304,8 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     shape = spec.np_shape
     if spec.init == "rope_freqs":  # llama-3's shape: 1 for high frequencies … 8 for low
         return np.clip(np.linspace(-1.0, 9.0, shape[0]), 1.0, 8.0).astype(np.float32)
+    if spec.init == "rope_short":  # LongRoPE's short factors: 1 … 1.5
+        return np.linspace(1.0, 1.5, shape[0]).astype(np.float32)
     if spec.init == "norm":
         return spec.scale * (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
     if spec.init == "bias":
@@ -448,9 +454,9 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
-    ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, …). ``quant``: F32 and
-    F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's
-    quantizer from an F32 source (F16 above 1 GiB).
+    ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, phimoe, …). ``quant``:
+    F32 and F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by
+    llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
     n_head_kv, head_dim, n_ff_exp, n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base,
     norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see

@@ -351,7 +351,8 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
     ("minimax-m2", "feed_forward_length"), ("minimax-m2", "expert_feed_forward_length"),
     ("minimax-m2", "attention.layer_norm_rms_epsilon"),
     ("qwen3vlmoe", "rope.dimension_sections"),
-    ("qwen3vlmoe", "attention.layer_norm_rms_epsilon")])
+    ("qwen3vlmoe", "attention.layer_norm_rms_epsilon"),
+    ("phimoe", "attention.layer_norm_rms_epsilon"), ("phimoe", "feed_forward_length")])
 def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
     """Keys llama.cpp requires (no default: the gating function decides softmax or
     sigmoid — llama.cpp's smallthinker and minimax-m2 graphs abort without one —,
@@ -376,6 +377,18 @@ def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
 def test_qwen3vl_rope_sections_are_checked(tiny_gguf, tmp_path, change, match):
     path = _rewrite(tiny_gguf("qwen3vlmoe", "F32"), tmp_path / "q.gguf", **change)
     with pytest.raises(efedge.ModelFormatError, match="qwen3vlmoe.rope.dimension_.*" + match):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("name", ["output.bias", "output.weight", "output_norm.bias",
+                                  "blk.1.attn_norm.bias", "blk.1.ffn_norm.bias",
+                                  "blk.1.attn_output.bias"])
+def test_phimoe_required_tensors_are_named(tiny_gguf, tmp_path, name):
+    """The biases llama.cpp's phimoe loader requires, and its untied head: a file without
+    one is refused naming the tensor, not run without it."""
+    path = _rewrite(tiny_gguf("phimoe", "F32"), tmp_path / "p.gguf",
+                    tensor_map=lambda n, d: [] if n == name else [(n, d)])
+    with pytest.raises(efedge.ModelFormatError, match=name.replace(".", r"\.")):
         efedge.load(path)
 
 

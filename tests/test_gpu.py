@@ -878,6 +878,18 @@ def test_smallthinker_is_refused_by_name(tiny_gguf):
         efedge.load(path, device="cuda")
 
 
+def test_phimoe_is_refused_by_name(tiny_gguf):
+    """phimoe's norm, attention-output and head biases have no torch code: the torch path
+    (on any device) and device="cuda" name the architecture instead of computing another
+    model."""
+    path = tiny_gguf("phimoe", "F32")
+    with pytest.raises(UnsupportedModelError,
+                       match="does not run architecture 'phimoe'.*biases.*device='cpu'"):
+        load_cuda_model(path, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="phimoe"):
+        efedge.load(path, device="cuda")
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_ling2_matches_cpu_path(tiny_gguf):

@@ -484,3 +484,28 @@ def test_minimax_m2_layout(tiny_gguf):
         assert _shape(ts[b + "exp_probs_b.bias"]) == (E,)
         assert _shape(ts[b + "ffn_gate_exps.weight"]) == (D, F_EXP, E)
         assert b + "ffn_up_shexp.weight" not in ts and b + "ffn_gate.weight" not in ts
+
+
+def test_phimoe_layout(tiny_gguf):
+    """phimoe as Phi-3.5-MoE: biases on every norm, on q / k / v, the attention output and
+    the head; 16 experts of feed_forward_length, top 2; LongRoPE's long and short factors
+    with the converter's attn_factor and original context (half the context here)."""
+    from gguf_tools.tiny_phimoe import phimoe_attn_factor
+
+    _, kv, ts = _reader(tiny_gguf("phimoe", "F32"))
+    assert kv["phimoe.feed_forward_length"] == F_EXP and kv["phimoe.expert_used_count"] == 2
+    assert "phimoe.expert_feed_forward_length" not in kv
+    assert kv["phimoe.rope.scaling.original_context_length"] == 256
+    assert abs(kv["phimoe.rope.scaling.attn_factor"] - phimoe_attn_factor(512)) < 1e-6
+    assert "phimoe.rope.scaling.type" not in kv  # as the converter writes it
+    for name, shape in (("output_norm.bias", (D,)), ("output.bias", (512,)),
+                        ("rope_factors_long.weight", (HD // 2,)),
+                        ("rope_factors_short.weight", (HD // 2,))):
+        assert _shape(ts[name]) == shape
+    for i in range(L):
+        b = f"blk.{i}."
+        for n in ("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"):
+            assert _shape(ts[b + n]) == (D,)
+        assert _shape(ts[b + "attn_q.bias"]) == (4 * HD,)
+        assert _shape(ts[b + "attn_k.bias"]) == (2 * HD,)
+        assert _shape(ts[b + "ffn_gate_exps.weight"]) == (D, F_EXP, E)

@@ -1220,3 +1220,81 @@ def test_qwen3vl_weights_scale_is_ignored(tiny_gguf, tmp_path):
         want = m.logits(ids)
     with efedge.load(path) as m:
         assert np.array_equal(m.logits(ids), want)
+
+
+# -- phimoe (Phi-3.5-MoE as llama.cpp's phi3 graph runs it: RMS norms with biases, q / k /
+# v, attention-output and head biases, LongRoPE factors and attn_factor, softmax top-2
+# renormalised; the tiny file's original context is 256 of its 512) -----------------------
+@pytest.mark.parametrize("quant", FLOAT_QUANTS)
+def test_phimoe_float_logits_match_llama_cpp(tiny_gguf, quant):
+    _assert_float_match(tiny_gguf("phimoe", quant))
+
+
+def test_phimoe_quantized_logits_match_llama_cpp(tiny_gguf):
+    _assert_quantized_match(tiny_gguf("phimoe", "Q4_K_M"))
+
+
+def test_phimoe_greedy_continuation_matches_llama_cpp(tiny_gguf):
+    _assert_greedy_match(tiny_gguf("phimoe", "F32"))
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_phimoe_streamed_matches_llama_cpp(tiny_gguf, quant):
+    """Resident and through a 50% expert cache (decode on the T-token path): llama.cpp's
+    logits, the same bits either way, the same greedy tokens."""
+    _assert_streamed_match(tiny_gguf("phimoe", quant), quant)
+
+
+def test_phimoe_short_factors_up_to_the_original_context(tiny_gguf):
+    """llama.cpp divides theta by the short LongRoPE factors when its context, rounded up
+    to a multiple of 256, is at most the original one (256 here), else by the long ones:
+    at n_ctx 256 efedge matches llama.cpp at 256, and at 257 (rounded: 512) it takes the
+    long factors, whose logits are off from the short ones by far more than the
+    tolerance."""
+    path = tiny_gguf("phimoe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids, n_ctx=256)
+    with efedge.load(path, n_ctx=256) as m:
+        short = m.logits(ids)
+        assert np.array_equal(m._tf.rope_freqs, np.linspace(1.0, 1.5, 32, dtype=np.float32))
+    with efedge.load(path, n_ctx=257) as m:
+        long = m.logits(ids)
+        assert m._tf.rope_freqs.max() == 8.0
+    assert np.abs(short - ref).max() / ref.std() <= 2e-2
+    assert (short.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(long - ref).max() / ref.std() > 0.1
+
+
+@pytest.mark.parametrize("change", ["norm_bias", "attn_output_bias", "head_bias",
+                                    "attn_factor", "renormalise"])
+def test_phimoe_quirks_decide(tiny_gguf, change):
+    """Each quirk of the tiny phimoe file shows in the logits: without the norms' biases,
+    the attention output's or the head's bias, rope's attn_factor, or with the top-2
+    weights left unnormalised, efedge is off from llama.cpp by far more than the
+    tolerance, so the parity tests above see them all."""
+    import dataclasses
+
+    path = tiny_gguf("phimoe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        tf, c = m._tf, m.config
+        assert c.n_ff_exp == 256 and c.n_expert_used == 2 and not c.spec.fused_decode
+        if change == "norm_bias":
+            tf.output_norm_b = None
+            for b in tf.blocks:
+                b.attn_norm_b = b.ffn_norm_b = None
+        elif change == "attn_output_bias":
+            for b in tf.blocks:
+                b.attn_output_b = None
+        elif change == "head_bias":
+            tf.output_b = None
+        elif change == "attn_factor":
+            tf.cfg = dataclasses.replace(c, rope_scaling=dataclasses.replace(
+                c.rope_scaling, attn_factor=1.0))
+            tf._rope.clear()
+        else:
+            tf.cfg = dataclasses.replace(c, spec=dataclasses.replace(c.spec, norm_topk=False))
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
