@@ -80,9 +80,9 @@ class Transformer(DecodeMixin):
         # cos / sin by position, per rope (gpt-oss's sliding-window layers may differ)
         self._rope: dict[bool | str, tuple[np.ndarray, np.ndarray]] = {}
         # llama-3 style per-pair frequency divisors (llama, granitemoe), LongRoPE's long or
-        # short ones by the context (phimoe; n_ctx None: the training context), or None
-        self.rope_freqs = rope.freq_factors(gf, cfg, _vector,
-                                            cfg.n_ctx_train if n_ctx is None else n_ctx)
+        # short ones by the context (phimoe; n_ctx None: efedge.load's default), or None
+        ctx = min(cfg.n_ctx_train, 4096) if n_ctx is None else n_ctx
+        self.rope_freqs = rope.freq_factors(gf, cfg, _vector, ctx)
         self.warmup_s = self.warmup()
 
     def warmup(self) -> float:

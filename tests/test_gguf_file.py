@@ -277,11 +277,16 @@ def test_inspect_names_the_minimax_m2_quirks(tiny_gguf):
     assert f["rope"] == "neox" and f["rope_dims"] == "64 of 128"
     assert f["routing"] == "sigmoid" and f["selection_bias"] and f["expert_weights_norm"]
     assert "expert_weights_scale" not in f
-def test_inspect_names_qwen3vl_rope(tiny_gguf):
+
+
+def test_inspect_names_qwen3vl_and_phimoe_quirks(tiny_gguf):
     from efedge.cli.inspect import describe
 
     f = describe(tiny_gguf("qwen3vlmoe", "F32"))["features"]
     assert f["rope"] == "imrope (interleaved M-RoPE) sections [24, 20, 20, 0], text only"
+    f = describe(tiny_gguf("phimoe", "F32"))["features"]
+    assert f["norms"] == "RMS + bias" and f["routing"] == "softmax"
+    assert f["rope_factors"] == "LongRoPE: long above a context of 256, else short"
 
 
 def _split(src, out_dir, max_tensors: int = 12) -> list:
