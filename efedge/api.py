@@ -186,7 +186,7 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
                 with computing, notice:
-                    self._tf = Transformer(self._gf, self.config)
+                    self._tf = Transformer(self._gf, self.config, n_ctx=ctx)
             kv = self._tf.new_kv_cache(ctx)  # (before the expert cache: auto counts it)
             if not cuda:
                 self._experts = self._expert_source(cache, policy, link, transfer_workers,

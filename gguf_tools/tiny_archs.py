@@ -531,3 +531,8 @@ def minimax_m2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     w.add_expert_count(cfg["n_expert"])
     w.add_expert_used_count(cfg["n_expert_used"])
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+# phimoe's layout lives in its own module (this one is long enough); make_tiny finds its
+# plan here
+from gguf_tools.tiny_phimoe import phimoe_metadata, phimoe_plan  # noqa: E402,F401

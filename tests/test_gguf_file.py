@@ -111,8 +111,8 @@ def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
             w.add_array(key, val)
         else:
             w.add_key_value(key, val, vtype)
-    if set_key:
-        w.add_uint32(set_key[0], set_key[1])
+    if set_key:  # a uint32, or an array for a list
+        (w.add_array if isinstance(set_key[1], list) else w.add_uint32)(*set_key)
     for t in r.tensors:
         if tensor_map is not None:
             for name, data in tensor_map(t.name, np.asarray(t.data)):
@@ -279,6 +279,16 @@ def test_inspect_names_the_minimax_m2_quirks(tiny_gguf):
     assert "expert_weights_scale" not in f
 
 
+def test_inspect_names_qwen3vl_and_phimoe_quirks(tiny_gguf):
+    from efedge.cli.inspect import describe
+
+    f = describe(tiny_gguf("qwen3vlmoe", "F32"))["features"]
+    assert f["rope"] == "imrope (interleaved M-RoPE) sections [24, 20, 20, 0], text only"
+    f = describe(tiny_gguf("phimoe", "F32"))["features"]
+    assert f["norms"] == "RMS + bias" and f["routing"] == "softmax"
+    assert f["rope_factors"] == "LongRoPE: long above a context of 256, else short"
+
+
 def _split(src, out_dir, max_tensors: int = 12) -> list:
     """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
     _rewrite(src, out_dir / "big.gguf", split_max_tensors=max_tensors)
@@ -344,7 +354,10 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
     ("bailingmoe2", "expert_feed_forward_length"), ("smallthinker", "expert_gating_func"),
     ("smallthinker", "expert_feed_forward_length"), ("minimax-m2", "expert_gating_func"),
     ("minimax-m2", "feed_forward_length"), ("minimax-m2", "expert_feed_forward_length"),
-    ("minimax-m2", "attention.layer_norm_rms_epsilon")])
+    ("minimax-m2", "attention.layer_norm_rms_epsilon"),
+    ("qwen3vlmoe", "rope.dimension_sections"),
+    ("qwen3vlmoe", "attention.layer_norm_rms_epsilon"),
+    ("phimoe", "attention.layer_norm_rms_epsilon"), ("phimoe", "feed_forward_length")])
 def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
     """Keys llama.cpp requires (no default: the gating function decides softmax or
     sigmoid — llama.cpp's smallthinker and minimax-m2 graphs abort without one —,
@@ -354,6 +367,42 @@ def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
     path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "r.gguf", drop_key=f"{arch}.{key}")
     with pytest.raises(efedge.ModelFormatError,
                        match=f"required metadata key '{arch}.{key}' is missing"):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    # llama.cpp: "wrong array length; expected 4, got 3" (the converter pads to 4)
+    (dict(set_key=("qwen3vlmoe.rope.dimension_sections", [24, 20, 20])), "invalid value"),
+    # ggml takes each pair's sector modulo the sum (llama.cpp aborts on all zeros) and
+    # asserts it fits the head
+    (dict(set_key=("qwen3vlmoe.rope.dimension_sections", [0, 0, 0, 0])), "must sum to"),
+    (dict(set_key=("qwen3vlmoe.rope.dimension_sections", [64, 64, 1, 0])), "must sum to"),
+    # llama.cpp's graph asserts that the whole head turns
+    (dict(set_key=("qwen3vlmoe.rope.dimension_count", 64)), "must equal the head size")])
+def test_qwen3vl_rope_sections_are_checked(tiny_gguf, tmp_path, change, match):
+    path = _rewrite(tiny_gguf("qwen3vlmoe", "F32"), tmp_path / "q.gguf", **change)
+    with pytest.raises(efedge.ModelFormatError, match="qwen3vlmoe.rope.dimension_.*" + match):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("name", ["output.bias", "output.weight", "output_norm.bias",
+                                  "blk.1.attn_norm.bias", "blk.1.ffn_norm.bias",
+                                  "blk.1.attn_output.bias"])
+def test_phimoe_required_tensors_are_named(tiny_gguf, tmp_path, name):
+    """The biases llama.cpp's phimoe loader requires, and its untied head: a file without
+    one is refused naming the tensor, not run without it."""
+    path = _rewrite(tiny_gguf("phimoe", "F32"), tmp_path / "p.gguf",
+                    tensor_map=lambda n, d: [] if n == name else [(n, d)])
+    with pytest.raises(efedge.ModelFormatError, match=name.replace(".", r"\.")):
+        efedge.load(path)
+
+
+def test_mrope_sections_are_refused_for_other_archs(tiny_gguf, tmp_path):
+    """A section key on an arch efedge runs with plain rope (a vision variant under a text
+    arch's name) is refused by name, not run as plain rope."""
+    path = _rewrite(tiny_gguf("qwen3moe", "F32"), tmp_path / "m.gguf",
+                    set_key=("qwen3moe.rope.dimension_sections", [24, 20, 20, 0]))
+    with pytest.raises(efedge.UnsupportedModelError, match="M-RoPE"):
         efedge.load(path)
 
 
