@@ -95,7 +95,7 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     if cuda:
         raise UnsupportedModelError("routing='cache-aware' is implemented for device='cpu' "
                                     "only")
-    if cache is None:
+    if cache is None or cache == "resident":
         log.warning("routing='cache-aware' has no effect without an expert cache (cache=...): "
                     "every expert is resident")
     return float(slack)
@@ -180,24 +180,26 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                 with computing, notice:
                     self._tf = load_cuda_model(
                         self._gf, config=self.config, device=device,
-                        cache=cache, policy=policy, link=link, vram=vram, n_ctx=ctx,
+                        # (auto fits the CPU's memory; the GPU path sizes its own)
+                        cache=None if cache in ("auto", "resident") else cache,
+                        policy=policy, link=link, vram=vram, n_ctx=ctx,
                         counters=self.counters,
                         workers=LINK_WORKERS if transfer_workers is None else transfer_workers,
                         hybrid=hybrid,
                         host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
-                if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held);
-                    # with an expert cache the experts stay in the file, read into its slots
-                    held.hold(self._gf, None if cache is None or not self.config.is_moe
-                              else _not_expert)
+                if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held)
+                    held.hold(self._gf, None if self._all_resident(cache) else _not_expert)
                 with computing, notice:
-                    self._tf = Transformer(self._gf, self.config)
-                self._experts = self._expert_source(cache, policy, link, transfer_workers)
+                    self._tf = Transformer(self._gf, self.config, n_ctx=ctx)
+            kv = self._tf.new_kv_cache(ctx)  # (before the expert cache: auto counts it)
+            if not cuda:
+                self._experts = self._expert_source(cache, policy, link, transfer_workers,
+                                                    kv.nbytes)
                 self._tf.routing_slack = slack
             self._session = Session(self._forward if self._compute is None
-                                    else self._forward_in_turn,
-                                    self._tf.new_kv_cache(ctx), self.counters)
+                                    else self._forward_in_turn, kv, self.counters)
             self._chat_template_name = chat_template
             self._template = None
             self._tool_template = None  # the GGUF's tool_use variant (chat_template())
@@ -229,14 +231,50 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self._progress(1.0, "ready")
 
     # -- internals ----------------------------------------------------------------------
-    def _expert_source(self, cache, policy, link, workers):
-        """Resident experts (cache=None) or the streaming cache within a byte budget."""
+    def _all_resident(self, cache) -> bool:
+        """Whether every expert will be resident, as far as it can be told before the
+        model is built (efedge.held copies the experts then; with an expert cache they
+        stay in the file, read into its slots): a dense model, cache None / "resident",
+        or "auto" where the file takes at most the half of the memory available that
+        held.fits allows (auto keeps every expert resident then, unless the KV cache
+        takes most of the other half)."""
+        if not self.config.is_moe or cache is None or cache == "resident":
+            return True
+        return cache == "auto" and held.fits(self._gf.file_size)
+
+    def _auto_cache(self, store, kv_bytes: int, link) -> int | None:
+        """cache="auto": a budget from the memory available (efedge/memory.py), or None
+        (every expert resident). With an emulated link, or on a machine that does not say
+        how much memory it has, resident."""
+        from efedge.experts.cache import minimum_budget
+        from efedge.memory import auto_budget, available_memory
+
+        if link is not None:
+            raise EfedgeError("link= emulates expert transfers and needs an expert cache "
+                              "budget (cache=... other than 'auto')")
+        expert_bytes = store.total_bytes()
+        budget = auto_budget(available_memory(), self._gf.file_size, expert_bytes, kv_bytes,
+                             minimum_budget(store, self.config.n_expert_used))
+        if budget is not None:
+            log.info("cache='auto': the model does not fit in the memory available; an "
+                     "expert cache of %.0f MiB (%.0f%% of the expert bytes)", budget / 2**20,
+                     100 * budget / max(expert_bytes, 1))
+        else:
+            log.info("cache='auto': every expert resident (the model fits in the memory "
+                     "available, or this system does not say how much there is)")
+        return budget
+
+    def _expert_source(self, cache, policy, link, workers, kv_bytes: int = 0):
+        """Resident experts (cache=None / "resident", or "auto" when the file fits in
+        memory) or the streaming cache within a byte budget."""
         if not self.config.is_moe:
-            if cache is not None or link is not None:
+            if cache not in (None, "auto", "resident") or link is not None:
                 log.info("dense model: cache= and link= have no effect")
             return None
         store = self._tf.store
-        if cache is None:
+        if cache == "auto":
+            cache = self._auto_cache(store, kv_bytes, link)
+        if cache is None or cache == "resident":
             if link is not None:
                 raise EfedgeError("link= emulates expert transfers and needs an expert cache "
                                   "(cache=...)")
@@ -307,6 +345,13 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
     @property
     def n_vocab(self) -> int:
         return self.config.n_vocab
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens the KV cache holds (llama-cpp-python's `Llama.n_tokens`): the evaluated
+        prompt and reply so far, whose prefix the next prompt reuses; 0 once closed."""
+        session = getattr(self, "_session", None)
+        return len(session.tokens) if session is not None else 0
 
     def tokenize(self, text: str, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from efedge.errors import ArgumentError
+from efedge.errors import ArgumentError, UnsupportedModelError
 from efedge.generate import GenerationResult
+from efedge.reasoning import is_harmony_template
 from efedge.tool_calls import (
+    HARMONY_FORCED,
     check_template,
     check_tools,
     forced_call_grammar,
@@ -101,6 +103,8 @@ class ChatMixin:
         shown = tools if mode != "none" else None
         if shown is not None:
             check_template(self.chat_template(tools=True))
+        if mode == "forced" and is_harmony_template(self.chat_template(tools=True).source):
+            raise UnsupportedModelError(HARMONY_FORCED)
         if mode == "forced":
             if format is not None:
                 raise ArgumentError("format= cannot be combined with a forced tool_choice")

@@ -76,6 +76,9 @@ class ModelConfig:
     # smallthinker (ArchSpec.iswa_nope): the window's layers are il % swa_pattern != 0
     # (the first of each period attends everything)
     swa_dense_first: bool = False
+    # qwen3vl* (ArchSpec.mrope): "{arch}.rope.dimension_sections", the pairs of each head
+    # llama.cpp rotates by the t / h / w / 4th position (rope.imrope_fourth_pairs)
+    rope_sections: tuple[int, ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -188,6 +191,10 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
                                f"({head_dim}) and {k + 'rope.dimension_count'!r} ({rope_dim}): "
                                "the head size must be positive and the rope dims even and "
                                "no larger")
+    if spec.mrope and rope_dim != head_dim:  # llama.cpp's qwen3vl* graphs assert it
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'rope.dimension_count'!r} "
+                               f"({rope_dim}) must equal the head size ({head_dim}) for "
+                               f"{arch!r}")
     n_expert = _int(gf, k + "expert_count", 0)
     if spec.moe and n_expert == 0:
         raise ModelFormatError(f"{gf.path}: metadata key {k + 'expert_count'!r} is missing")
@@ -233,6 +240,11 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         **_extras(gf, spec, k, n_layer),
         **_rope(gf, spec, k, n_ctx_train, rope_base),
     )
+    if spec.mrope and not 0 < sum(cfg.rope_sections) <= head_dim:
+        # ggml takes each pair's sector modulo the sum, and asserts it fits the head
+        raise ModelFormatError(f"{gf.path}: metadata key {k + 'rope.dimension_sections'!r} "
+                               f"({list(cfg.rope_sections)}): the sections must sum to 1 .. "
+                               f"the head size ({head_dim})")
     _validate_shapes(gf, cfg)
     return cfg
 
@@ -318,7 +330,9 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
     sections = gf.get(k + "rope.dimension_sections", 0)
-    if any(sections if isinstance(sections, list) else [sections]):
+    if spec.mrope:
+        out["rope_sections"] = _sections(gf, k)
+    elif any(sections if isinstance(sections, list) else [sections]):
         # M-RoPE (vision variants, e.g. GLM-4.5V): llama.cpp rotates by sections
         raise UnsupportedModelError(f"metadata key {k + 'rope.dimension_sections'!r}: "
                                     "multi-section rope (M-RoPE) is not supported")
@@ -333,6 +347,19 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out.update(sliding_window=4096, swa_dense_first=True, nope_step=4, nope_first=True,
                    swa_pattern=_positive(gf, k + "attention.sliding_window_pattern", 4))
     return out
+
+
+def _sections(gf: GGUFFile, k: str) -> tuple[int, ...]:
+    """llama.cpp's get_key_or_arr(rope.dimension_sections, 4): an array of exactly 4, or
+    one number for all 4."""
+    key = k + "rope.dimension_sections"
+    val = gf.get(key)
+    vals = val if isinstance(val, list) else [val] * 4
+    if len(vals) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                 for v in vals):
+        raise ModelFormatError(f"{gf.path}: metadata key {key!r} has invalid value {val!r} "
+                               "(llama.cpp reads 4 section sizes)")
+    return tuple(vals)
 
 
 # llama4's attention as llama.cpp fixes it (the file's window size is not read): chunks of
@@ -374,12 +401,21 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
     """Every tensor the forward pass touches must have the shape the metadata implies."""
     d, q_out, kv_out = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     _check_shape(gf, "output_norm.weight", (d,))
-    if "output.weight" in gf.tensors:
+    if "output.weight" in gf.tensors or c.spec.out_bias:  # phimoe: no tied head
         _check_shape(gf, "output.weight", (d, c.n_vocab))
+    if c.spec.norm_bias:
+        _check_shape(gf, "output_norm.bias", (d,))
+    if c.spec.out_bias:
+        _check_shape(gf, "output.bias", (c.n_vocab,))
     for i in range(c.n_layer):
         b = f"blk.{i}."
         _check_shape(gf, b + "attn_norm.weight", (d,))
         _check_shape(gf, b + c.spec.ffn_norm + ".weight", (d,))
+        if c.spec.norm_bias:
+            _check_shape(gf, b + "attn_norm.bias", (d,))
+            _check_shape(gf, b + c.spec.ffn_norm + ".bias", (d,))
+        if c.spec.out_bias:
+            _check_shape(gf, b + "attn_output.bias", (d,))
         _validate_ffn(gf, c, i)
         if c.spec.attention != "standard":
             continue  # mla.py / sinks.py check their own tensors

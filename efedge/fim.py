@@ -118,3 +118,40 @@ def infill_ids(tokenizer, prefix: str, suffix: str = "", *, prompt: str = "",
     return (extra_ids[len(extra_ids) - n_extra:] + head
             + [pre, *prefix_ids[len(prefix_ids) - n_prefix:], *prompt_ids]
             + [suf, *suffix_ids[:n_suffix]] + [mid])
+
+
+class IndentStop:
+    """llama-server's `n_indent` for code completion: the reply ends at the first line after
+    its first newline that is indented less than `n_indent` (spaces and tabs before its
+    first other character; an empty line counts as 0), from that character on. The
+    first line goes on the cursor's: never checked. push(piece) → the text to give out (a
+    line's leading whitespace held back until its first other character tells);
+    `stopped` once the limit is hit; finish() → what is held back."""
+
+    def __init__(self, n_indent: int):
+        self.n_indent = n_indent
+        self.line_start = False  # at the start of a line after a newline: indentation next
+        self.held = ""  # that line's whitespace so far
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        out = []
+        for ch in piece:
+            if self.stopped:
+                break
+            if self.line_start:
+                if ch in " \t":
+                    self.held += ch
+                    continue
+                out.append(self.held)
+                if len(self.held) < self.n_indent:  # (as llama-server: its indentation kept)
+                    self.stopped = True
+                    break
+                self.held, self.line_start = "", False
+            out.append(ch)
+            self.line_start = ch == "\n"
+        return "".join(out)
+
+    def finish(self) -> str:
+        rest, self.held = ("" if self.stopped else self.held), ""
+        return rest

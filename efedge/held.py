@@ -41,15 +41,10 @@ _SHARE = 0.5
 
 
 def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """What memory.available_memory says (MemAvailable, capped by a container's limit)."""
+    from efedge.memory import available_memory
+
+    return available_memory()
 
 
 def huge_pages() -> bool:

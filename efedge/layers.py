@@ -15,10 +15,12 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope_tables(positions: np.ndarray, rope_dim: int, base: float, scaling=None,
-                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+                freq_factors: np.ndarray | None = None,
+                still: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """cos / sin [T, rope_dim/2] for the given positions (theta_i = pos · base^(-2i/dim)),
-    with linear / YaRN scaling (scaling: a rope.RopeScaling) folded in."""
-    return rope.tables(positions, rope_dim, base, scaling, freq_factors)
+    with linear / YaRN scaling (scaling: a rope.RopeScaling) folded in; still: pairs that
+    do not turn (rope.tables)."""
+    return rope.tables(positions, rope_dim, base, scaling, freq_factors, still)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:

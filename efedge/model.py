@@ -51,10 +51,14 @@ from efedge.weights import _FFN, _qmatrix, _vector
 class Transformer(DecodeMixin):
     """Weights + forward pass. Holds no KV cache and no expert cache of its own."""
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig):
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, n_ctx: int | None = None):
         self.gf, self.cfg = gf, cfg
         self.token_embd = _qmatrix(gf, "token_embd.weight")
         self.output_norm = _vector(gf, "output_norm.weight")
+        # phimoe: the final norm's and the head's biases (None elsewhere)
+        self.output_norm_b = (_vector(gf, "output_norm.bias") if cfg.spec.norm_bias
+                              else None)
+        self.output_b = _vector(gf, "output.bias") if cfg.spec.out_bias else None
         # llama.cpp ties the output head to the embedding when output.weight is absent
         name = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"
         self.output = _qmatrix(gf, name)
@@ -75,8 +79,10 @@ class Transformer(DecodeMixin):
         self.early_requests = True
         # cos / sin by position, per rope (gpt-oss's sliding-window layers may differ)
         self._rope: dict[bool | str, tuple[np.ndarray, np.ndarray]] = {}
-        # llama-3 style per-pair frequency divisors (llama, granitemoe) or None
-        self.rope_freqs = rope.freq_factors(gf, cfg, _vector)
+        # llama-3 style per-pair frequency divisors (llama, granitemoe), LongRoPE's long or
+        # short ones by the context (phimoe; n_ctx None: efedge.load's default), or None
+        ctx = min(cfg.n_ctx_train, 4096) if n_ctx is None else n_ctx
+        self.rope_freqs = rope.freq_factors(gf, cfg, _vector, ctx)
         self.warmup_s = self.warmup()
 
     def warmup(self) -> float:
@@ -126,7 +132,10 @@ class Transformer(DecodeMixin):
     def _logits(self, x: np.ndarray) -> np.ndarray:
         """The output head on the last hidden states x [T, D] (granite divides by
         logit_scale)."""
-        out = self.output(self._norm(np.ascontiguousarray(x), self.output_norm))
+        out = self.output(self._norm(np.ascontiguousarray(x), self.output_norm,
+                                     self.output_norm_b))
+        if self.output_b is not None:  # phimoe
+            out += self.output_b
         if self.cfg.logit_scale != 1.0:
             out *= np.float32(1.0 / self.cfg.logit_scale)
         return out
@@ -144,8 +153,10 @@ class Transformer(DecodeMixin):
         if tab is None or tab[0].shape[0] < pos + t:
             n = 1 << max(8, (pos + t - 1).bit_length())
             base, scaling = c.rope_of(il)
+            still = (rope.imrope_fourth_pairs(c.rope_sections, c.rope_dim // 2)
+                     if c.rope_sections else None)  # qwen3vl*: a text token's 4th position
             tab = self._rope[swa] = layers.rope_tables(np.arange(n), c.rope_dim, base,
-                                                       scaling, self.rope_freqs)
+                                                       scaling, self.rope_freqs, still)
         return tab[0][pos:pos + t], tab[1][pos:pos + t]
 
     def _attention(self, blk: Block, il: int, h: np.ndarray, pos: int, kv: KVCache) -> np.ndarray:
@@ -260,9 +271,12 @@ class Transformer(DecodeMixin):
                                 c.n_expert_groups, c.n_group_used, c.expert_weights_norm,
                                 c.expert_weights_scale)
 
-    def _norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def _norm(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+        """RMS norm of each row times w, plus b where the norm has a bias (phimoe)."""
         out = np.empty_like(x)
         pk.rms_norm_rows(x, w, np.float32(self.cfg.norm_eps), out)
+        if b is not None:
+            out += b
         return out
 
     # -- forward ------------------------------------------------------------------------
@@ -288,9 +302,12 @@ class Transformer(DecodeMixin):
         early = c.spec.router_input == "layer"
         for il, blk in enumerate(self.blocks):
             routed = self.route_early(blk, il, x, experts) if early and blk.moe else None
-            a = self._attention(blk, il, self._norm(x, blk.attn_norm), pos, kv)
+            a = self._attention(blk, il, self._norm(x, blk.attn_norm, blk.attn_norm_b), pos,
+                                kv)
+            if blk.attn_output_b is not None:  # phimoe
+                a += blk.attn_output_b
             x = x + (a * rs if rs != 1 else a)
-            h = self._norm(x, blk.ffn_norm)
+            h = self._norm(x, blk.ffn_norm, blk.ffn_norm_b)
             if blk.moe:
                 f = self._moe(blk, il, h, experts, routed)
             else:

@@ -44,6 +44,12 @@ class Block:
         b, spec = f"blk.{il}.", cfg.spec
         self.attn_norm = _vector(gf, b + "attn_norm.weight")
         self.ffn_norm = _vector(gf, b + spec.ffn_norm + ".weight")
+        # phimoe: the norms' biases, added after the RMS norm (None elsewhere)
+        self.attn_norm_b = self.ffn_norm_b = None
+        if spec.norm_bias:
+            self.attn_norm_b = _vector(gf, b + "attn_norm.bias")
+            self.ffn_norm_b = _vector(gf, b + spec.ffn_norm + ".bias")
+        self.attn_output_b = None  # phimoe: added after attn_output (Transformer.forward)
         # attention the fused kernels do not cover (deepseek2's MLA, gpt-oss's sinks):
         # an object called as custom_attn(transformer, il, hn, pos, kv) → [T, D]
         self.custom_attn = None
@@ -86,7 +92,9 @@ class Block:
             self.attn_k = _qmatrix(gf, b + "attn_k.weight")
             self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
-        if b + "attn_output.bias" in gf.tensors and not spec.output_bias_unused:
+        if spec.out_bias:
+            self.attn_output_b = _vector(gf, b + "attn_output.bias")
+        elif b + "attn_output.bias" in gf.tensors and not spec.output_bias_unused:
             # llama.cpp adds it (its llama graph's wo_b); efedge's attention kernels have no
             # output bias, and running the layer without it is silently another model
             raise UnsupportedModelError(f"tensor {b + 'attn_output.bias'!r}: an attention "

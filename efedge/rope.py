@@ -32,6 +32,7 @@ import numpy as np
 from efedge.errors import ModelFormatError, UnsupportedModelError
 
 KINDS = ("none", "linear", "yarn")
+CTX_PAD = 256  # llama.cpp rounds a context's size up to a multiple of this
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 
@@ -134,14 +135,32 @@ def corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
     return max(0.0, start), min(float(n_dims - 1), end)
 
 
+def imrope_fourth_pairs(sections: tuple[int, ...], n_pairs: int) -> np.ndarray:
+    """bool [n_pairs]: the pairs ggml's interleaved multi-section rope (IMROPE, qwen3vl*)
+    turns by the 4th position. Pair i's sector is i mod sum(sections); sectors 3j, 3j + 1,
+    3j + 2 take the t, h, w position while below 3 × that section's size, any other the
+    4th. llama.cpp gives a text token the positions (p, p, p, 0): its other pairs turn as
+    plain rope's, these not at all."""
+    t, h, w = sections[:3]
+    sector = np.arange(n_pairs) % sum(sections)
+    rest = sector % 3
+    return ~(((rest == 0) & (sector < 3 * t)) | ((rest == 1) & (sector < 3 * h))
+             | ((rest == 2) & (sector < 3 * w)))
+
+
 def tables(positions: np.ndarray, rope_dim: int, base: float,
            scaling: RopeScaling | None = None,
-           freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           freq_factors: np.ndarray | None = None,
+           still: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos / sin float32 [T, rope_dim/2] of ``positions`` with linear / YaRN scaling and
-    the magnitude folded in (freq_factors: llama-3's ``rope_freqs``, dividing theta)."""
+    the magnitude folded in (freq_factors: llama-3's ``rope_freqs``, dividing theta;
+    still: bool [rope_dim/2], pairs at angle 0 whatever the position — a text token's
+    4th-position pairs under IMROPE: cos is the magnitude, sin 0)."""
     inv = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
     if freq_factors is not None:
         inv = inv / np.asarray(freq_factors, dtype=np.float64)[:rope_dim // 2]
+    if still is not None:
+        inv = np.where(still, 0.0, inv)
     m = 1.0
     if scaling is not None and not scaling.identity:
         fs, ext = scaling.freq_scale, scaling.ext_factor
@@ -169,11 +188,21 @@ def mla_kq_scale(scaling: RopeScaling, head_k: int) -> float:
     return mscale * mscale / math.sqrt(head_k)
 
 
-def freq_factors(gf, cfg, read_vector) -> np.ndarray | None:
-    """The ``rope_freqs.weight`` divisors of theta [rope_dim/2] (llama-3 files) for the
-    architectures llama.cpp reads them for (ArchSpec.rope_freqs), else None."""
+def freq_factors(gf, cfg, read_vector, n_ctx: int = 0) -> np.ndarray | None:
+    """The divisors of theta [rope_dim/2] llama.cpp's get_rope_factors gives: the
+    ``rope_freqs.weight`` of llama-3 files for the architectures it reads them for
+    (ArchSpec.rope_freqs), LongRoPE's ``rope_factors_long.weight`` when the context n_ctx
+    exceeds the original one (``rope.scaling.original_context_length``, else the training
+    context) and ``rope_factors_short.weight`` otherwise (ArchSpec.rope_factors); None
+    without them. llama.cpp compares its context rounded up to a multiple of 256
+    (llama_context pads n_ctx so before cparams.n_ctx_seq is set): so does this."""
     name = "rope_freqs.weight"
-    if not cfg.spec.rope_freqs or name not in gf.tensors:
+    if cfg.spec.rope_factors == "longrope":
+        long = -(-n_ctx // CTX_PAD) * CTX_PAD > cfg.rope_scaling.n_ctx_orig
+        name = "rope_factors_long.weight" if long else "rope_factors_short.weight"
+        if name not in gf.tensors:  # optional in llama.cpp: none, no division
+            return None
+    elif not cfg.spec.rope_freqs or name not in gf.tensors:
         return None
     ff = read_vector(gf, name)
     if ff.shape != (cfg.rope_dim // 2,):

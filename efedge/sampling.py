@@ -45,6 +45,19 @@ def _check_real(name: str, v: object, ok: bool, allowed: str) -> None:
         raise SamplingError(f"{name} must be {allowed}, got {v!r}")
 
 
+# llama.cpp keeps the penalties as floats: what one cannot hold (1e308 overflows to inf,
+# 1e-300 rounds to 0) is refused, not applied as inf or as a division by zero
+_F32 = np.finfo(np.float32)
+_F32_MAX, _F32_TINY = float(_F32.max), float(_F32.tiny)
+
+
+def _saturated(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`x` (float64) as `dtype`, values beyond its range ±inf (where float arithmetic in
+    that type would have taken them), without numpy's overflow warning."""
+    big = np.abs(x) > np.finfo(dtype).max
+    return np.where(big, np.copysign(np.inf, x), x).astype(dtype)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings; names and defaults match llama.cpp / llama-cpp-python."""
@@ -73,11 +86,14 @@ class SamplingParams:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         _check_real("top_p", p, _is_real(p) and 0 < p <= 1, "a number in (0, 1] (1 = off)")
         _check_real("min_p", mp, _is_real(mp) and 0 <= mp <= 1, "a number in [0, 1] (0 = off)")
-        _check_real("repeat_penalty", rp, _is_real(rp) and rp > 0,
-                    "a finite number > 0 (1 = off)")
+        _check_real("repeat_penalty", rp, _is_real(rp) and _F32_TINY <= rp <= _F32_MAX,
+                    f"a number in [{_F32_TINY:.4g}, {_F32_MAX:.4g}] (what a float holds "
+                    "above 0; 1 = off)")
         for name in ("frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
-            _check_real(name, v, True, "a finite number (0 = off)")
+            _check_real(name, v, _is_real(v) and abs(v) <= _F32_MAX,
+                        f"a number in [-{_F32_MAX:.4g}, {_F32_MAX:.4g}] (what a float holds; "
+                        "0 = off)")
         n = self.repeat_last_n
         if not _is_int(n) or n < -1:
             raise SamplingError(
@@ -168,11 +184,16 @@ class Sampler:
                 f"history holds token id {int(ids[0] if ids[0] < 0 else ids[-1])} outside "
                 f"the vocabulary [0, {logits.shape[0]})")
         out = logits.copy()
-        vals = out[ids]
+        vals = out[ids].astype(np.float64)
         # llama.cpp: a positive logit is divided, a non-positive one multiplied; then the
-        # frequency penalty per occurrence and the presence penalty once are subtracted
-        vals = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
-        out[ids] = vals - (counts * p.frequency_penalty + p.presence_penalty)
+        # frequency penalty per occurrence and the presence penalty once are subtracted.
+        # Exact in float64 (the penalty as the logits' type holds it), rounded once to that
+        # type: float arithmetic in it, the same bits; an extreme penalty takes a logit to
+        # ±inf as that would, without an overflow warning
+        rp = float(out.dtype.type(p.repeat_penalty))
+        vals = _saturated(np.where(vals > 0, vals / rp, vals * rp), out.dtype)
+        out[ids] = _saturated(vals - (counts * p.frequency_penalty + p.presence_penalty),
+                              out.dtype)
         return out
 
     def distribution(self, logits: np.ndarray,

@@ -7,6 +7,7 @@
     POST /completion, /infill     llama.cpp's own shapes (efedge.server_native)
     /api/…                        Ollama's API (efedge.server_ollama)
     POST /tokenize, /detokenize   llama.cpp's tokenizer routes (efedge.server_tokens)
+    GET  /metrics                 Prometheus figures, opt-in (efedge.server_metrics)
 
 Every request is queued to one worker thread that owns the model, so requests run one at
 a time in arrival order while the HTTP threads wait (the Model serialises calls anyway).
@@ -54,7 +55,11 @@ from typing import Any
 from efedge import __version__
 from efedge.api import Model
 from efedge.errors import TemplateError, UnsupportedModelError
+from efedge.reasoning import is_harmony_template
 from efedge.server_body import json_bytes, read_body, read_json, readable, set_bind_options
+from efedge.server_metrics import CONTENT_TYPE as METRICS_TYPE
+from efedge.server_metrics import NOT_ENABLED as METRICS_OFF
+from efedge.server_metrics import ServerMetrics
 from efedge.server_native import ROUTES as NATIVE_ROUTES
 from efedge.server_native import NativeReplyMixin, parse_native
 from efedge.server_ollama import ROUTES as OLLAMA_ROUTES
@@ -64,7 +69,7 @@ from efedge.server_requests import APIError, parse_chat, parse_completion
 from efedge.server_routes import POST_ROUTES, CorsMixin, allowed_methods
 from efedge.server_tokens import ROUTES as TOKEN_ROUTES
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
-from efedge.tool_calls import check_template
+from efedge.tool_calls import HARMONY_FORCED, check_template
 
 log = logging.getLogger("efedge.server")
 MAX_BODY = 1 << 20  # bytes
@@ -101,6 +106,15 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_text(self, status: int, text: str, content_type: str) -> None:
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -185,6 +199,8 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
             elif path.startswith("/v1/models/"):
                 s.check_model(path[len("/v1/models/"):])
                 self._send_json(200, s.model_card())
+            elif path == "/metrics":
+                self._send_text(200, s.render_metrics(), METRICS_TYPE)
             elif path in POST_ROUTES:
                 raise APIError(405, f"{path} takes POST", "method_not_allowed",
                                headers={"Allow": "POST"})
@@ -250,7 +266,8 @@ class EfedgeServer(ThreadingHTTPServer):
                  model_id: str | None = None, max_body: int = MAX_BODY,
                  max_queue: int = MAX_QUEUE, defaults: dict | None = None,
                  strict_template: bool = False, allow_origins: Sequence[str] = (),
-                 reasoning_format: str = "auto", template_kwargs: dict | None = None):
+                 reasoning_format: str = "auto", template_kwargs: dict | None = None,
+                 metrics: bool = False):
         super().__init__((host, port), Handler)
         self.allow_origins = tuple(allow_origins)  # CORS (module docstring); () = none
         self.model = model
@@ -274,10 +291,14 @@ class EfedgeServer(ThreadingHTTPServer):
                         "(completions still work): %s", exc)
         # tools need a template in a format efedge reads (efedge.tool_calls): why not, or None
         self.tools_error: str | None = None
+        self.harmony_tools = False  # gpt-oss: a forced call has no grammar here
         try:
             check_template(model.chat_template(tools=True))
+            self.harmony_tools = is_harmony_template(model.chat_template(tools=True).source)
         except (UnsupportedModelError, TemplateError) as exc:
             self.tools_error = str(exc)
+        # GET /metrics (opt-in, as llama-server's --metrics): efedge/server_metrics.py
+        self.metrics = ServerMetrics() if metrics else None
         self._busy = 0  # requests between submit and their response's end
         self._idle = threading.Condition()
         self.worker = ModelWorker(model, max_queue)
@@ -318,6 +339,17 @@ class EfedgeServer(ThreadingHTTPServer):
                            type_="server_error")
         if req.tools is not None and self.tools_error is not None:
             raise APIError(400, self.tools_error, "unsupported", param="tools")
+        if req.forced_call and self.harmony_tools:
+            raise APIError(400, HARMONY_FORCED, "unsupported", param="tool_choice")
+
+    def render_metrics(self) -> str:
+        """GET /metrics' body; a 501 when the server was started without metrics."""
+        if self.metrics is None:
+            raise APIError(501, METRICS_OFF, "not_supported", type_="not_supported_error")
+        w = self.worker
+        return self.metrics.render(self.model.stats(), processing=w.processing(),
+                                   deferred=w.waiting(), cancelled=w.n_cancelled,
+                                   kv_tokens=self.model.n_tokens, n_ctx=self.model.n_ctx)
 
     def model_card(self) -> dict:
         c = self.model.config

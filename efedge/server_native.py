@@ -5,11 +5,16 @@
                        in the same shape (llama.vscode and other editors' code completion)
 
 Requests take llama.cpp's names (`n_predict`, `stream`, `stop`, the sampling fields,
-`logit_bias`, `return_tokens`); `cache_prompt`, `samplers`, `id_slot`, `t_max_*` and other
-llama-server knobs are accepted and have no effect (efedge's sampler chain is llama.cpp's
-default order; the prompt cache is always on). Streamed, each piece is one `data: {…}`
-event with `"stop": false`, the last one carries `"stop": true` and the totals; there is
-no `[DONE]`, as from llama-server.
+`logit_bias`, `return_tokens`, and the code-completion stops `n_indent` and
+`t_max_predict_ms`, as llama-server applies them); `cache_prompt`, `samplers`, `id_slot`,
+`t_max_prompt_ms` and other llama-server knobs are accepted and have no effect (efedge's
+sampler chain is llama.cpp's default order; the prompt cache is always on). /infill lays
+its prompt out for the server's n_predict (none), as llama-server does, not the
+request's, which bounds the answer only. Streamed, each piece is one `data: {…}`
+event with `"stop": false` and `tokens_predicted` (the tokens generated so far; with
+`return_tokens` its own ids in `tokens`), the last one carries `"stop": true` and the
+totals (with `return_tokens` the ids no piece gave: a stop string's); there is no
+`[DONE]`, as from llama-server.
 """
 
 from __future__ import annotations
@@ -58,8 +63,15 @@ def parse_native(path: str, body: Any, defaults: dict) -> GenRequest:
             raise APIError(400, "'prompt' must be a string or an array of token ids",
                            "missing_field" if prompt is None else "invalid_type",
                            param="prompt")
+    n_indent = _field(body, "n_indent", int, 0)
+    t_max = _field(body, "t_max_predict_ms", float, 0.0)
+    for name, v in (("n_indent", n_indent), ("t_max_predict_ms", t_max)):
+        if not 0 <= v < math.inf:
+            raise APIError(400, f"{name} must be >= 0 (0: off), got {v}", "invalid_value",
+                           param=name)
     return GenRequest(messages=None, prompt=prompt, echo=False, infill=infill, native=True,
-                      return_tokens=_field(body, "return_tokens", bool, False), **kw)
+                      return_tokens=_field(body, "return_tokens", bool, False),
+                      n_indent=n_indent, t_max_predict_ms=t_max, **kw)
 
 
 def _settings(req: GenRequest) -> dict:
@@ -77,7 +89,8 @@ class NativeReplyMixin:
     _send_error, and ReplyMixin's _event / _begin_events)."""
 
     def _native_final(self, job, text: str, usage: dict, finish: str, t0: float,
-                      t_first: float | None) -> dict:
+                      t_first: float | None, ids_sent: int = 0) -> dict:
+        """The totals; `ids_sent`: the generated ids already given out in pieces."""
         now = time.monotonic()
         t_first = t_first or now
         n_prompt, n_gen = usage["prompt_tokens"], usage["completion_tokens"]
@@ -87,9 +100,11 @@ class NativeReplyMixin:
         return {
             "index": 0, "content": text, "id_slot": 0, "stop": True,
             "model": self.server.model_id,
-            "tokens": list(job.tokens) if job.req.return_tokens else [],
+            "tokens": list(job.tokens[ids_sent:]) if job.req.return_tokens else [],
             "tokens_predicted": n_gen, "tokens_evaluated": n_prompt,
             "generation_settings": _settings(job.req),
+            # the prompt run, special tokens written out (llama-server's detokenize(…, true))
+            "prompt": self.server.model.detokenize(job.prompt_ids),
             "has_new_line": "\n" in text, "truncated": False, "stop_type": stop_type,
             "stopping_word": job.stopping_word or "", "tokens_cached": n_prompt + n_gen,
             # wall times seen by the server: prompt until the first piece (queue wait
@@ -103,6 +118,7 @@ class NativeReplyMixin:
         stream = job.req.stream
         parts: list[str] = []
         t_first = None
+        ids_sent = 0  # (streamed, return_tokens) generated ids given out in pieces
         ev = self._next_event(job)
         if ev[0] == "error":
             self._send_error(_error_of(ev[1]))
@@ -120,13 +136,17 @@ class NativeReplyMixin:
             if ev[0] == "text":
                 t_first = t_first or time.monotonic()
                 parts.append(ev[1])
-                if stream:
-                    self._event({"index": 0, "content": ev[1], "tokens": [], "stop": False,
-                                 "id_slot": 0, "tokens_evaluated": n_prompt})
+                if stream:  # (llama-server's chunk; tokens_predicted: n_decoded so far)
+                    n_gen = ev[3]
+                    ids = job.tokens[ids_sent:n_gen] if job.req.return_tokens else []
+                    ids_sent += len(ids)
+                    self._event({"index": 0, "content": ev[1], "tokens": ids, "stop": False,
+                                 "id_slot": 0, "tokens_predicted": n_gen,
+                                 "tokens_evaluated": n_prompt})
             ev = self._next_event(job)
         _, usage, finish, _, _ = ev
         final = self._native_final(job, "" if stream else "".join(parts), usage, finish,
-                                   t0, t_first)
+                                   t0, t_first, ids_sent)
         if stream:
             self._event(final)
         else:

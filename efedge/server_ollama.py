@@ -6,7 +6,9 @@ editor and note-taking plugins, the `ollama` Python / JS clients):
     POST /api/generate                       prompt → response (raw, or through the chat
                                              template with `system`; `suffix`: fill in
                                              the middle; `context` continues a reply:
-                                             a templated turn after its ids)
+                                             a templated turn after its ids; a
+                                             `template` other than the model's own is a
+                                             400: efedge renders no Go templates)
     POST /api/chat                           messages → message (tools, format)
 
 Streaming is on unless `"stream": false`, as in Ollama: one JSON object per line
@@ -33,7 +35,7 @@ from typing import Any
 
 from gguf import LlamaFileType
 
-from efedge.reasoning import OPEN
+from efedge.reasoning import OPEN, is_harmony_template
 from efedge.server_body import json_bytes
 from efedge.server_replies import _error_of
 from efedge.server_requests import (
@@ -122,6 +124,8 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
         if body.get("raw") and (system or body.get("template") or body.get("context")):
             raise APIError(400, "raw mode does not support template, system, or context",
                            "invalid_value", param="raw")  # (Ollama's words)
+        if not body.get("raw"):
+            _check_template(body.get("template"), model)
         context = _context(body.get("context"), model) if not suffix else None
         if body.get("raw") or suffix:
             req = parse_completion(dict(flat, prompt=prompt, suffix=suffix), defaults)
@@ -148,7 +152,31 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
     req.reasoning = bool(think) and req.messages is not None
     if think is False and req.messages is not None:
         req.template_kwargs = dict(req.template_kwargs or {}, enable_thinking=False)
+    if isinstance(think, str) and req.messages is not None:  # a level: gpt-oss's effort,
+        # the template variable its templates read (as OpenAI's reasoning_effort reaches it)
+        req.template_kwargs = dict(req.template_kwargs or {}, reasoning_effort=think)
+    if req.messages is not None and not req.reasoning and \
+            is_harmony_template(_template_source(model)):
+        # gpt-oss: its harmony reply is always split (as Ollama does), the analysis left
+        # out when not asked for: the raw channels are no answer to show
+        req.reasoning = req.drop_reasoning = True
     return req
+
+
+def _check_template(template: Any, model) -> None:
+    """A non-raw request's `template`: Ollama renders it (a Go template) in place of the
+    model's; efedge renders the model's jinja chat template, so any other is a 400, not
+    ignored. The model's own (the one /api/show gives) changes nothing: taken."""
+    if template is None or template == "":
+        return
+    if not isinstance(template, str):
+        raise APIError(400, f"'template' must be a string, got {type(template).__name__}",
+                       "invalid_type", param="template")
+    if template != _template_source(model):
+        raise APIError(400, "'template' is not supported: efedge renders the model's own "
+                            "chat template (a jinja template, the one /api/show gives); "
+                            "send the prompt with raw: true to lay it out yourself",
+                       "unsupported", param="template")
 
 
 def _context(context: Any, model) -> list[int] | None:
@@ -169,11 +197,24 @@ def _name(model: Any) -> Any:
         else model
 
 
+def _model_name(body: dict, *keys: str) -> str | None:
+    """The model a body names: the first of `keys` set (/api/show also takes the older
+    `name`), ":latest" dropped; None when none is. A 400 naming a field that is no string."""
+    for key in keys:
+        v = body.get(key)
+        if v is not None and not isinstance(v, str):
+            raise APIError(400, f"'{key}' must be a string, got {type(v).__name__}",
+                           "invalid_type", param=key)
+    return _name(next((body[k] for k in keys if body.get(k)), None))
+
+
 def _loads_only(path: str, body: dict) -> bool:
-    """A request with nothing to generate: Ollama's "load the model" call."""
+    """A request with nothing to generate: Ollama's "load the model" call — for
+    /api/generate an empty prompt, whatever else comes with it (a suffix, a context, a
+    system prompt: Ollama answers it so too)."""
     if path == "/api/chat":
         return body.get("messages") in (None, [])
-    return not body.get("prompt") and not body.get("suffix") and not body.get("context")
+    return body.get("prompt") in (None, "")
 
 
 def _unloads(keep_alive: Any) -> bool:
@@ -194,7 +235,8 @@ def _template_source(model) -> str:
 def thinks(model) -> bool:
     """Whether the model's chat template writes <think> (a thinking model: Ollama's
     `thinking` capability, and what `think` needs)."""
-    return OPEN in _template_source(model)
+    template = _template_source(model)
+    return OPEN in template or is_harmony_template(template)
 
 
 def model_details(model) -> dict:
@@ -260,7 +302,7 @@ class OllamaMixin:
                 self._ollama_show(body)
                 return
             if _loads_only(path, body):  # Ollama's way to load a model: nothing to run
-                s.check_model(_name(body.get("model")))
+                s.check_model(_model_name(body, "model"))
                 done = {"message": {"role": "assistant", "content": ""}} \
                     if path == "/api/chat" else {"response": ""}
                 self._send_json(200, {"model": s.model_id, "created_at": _now(), **done,
@@ -277,8 +319,7 @@ class OllamaMixin:
         self._answer(job, self._ollama_reply, job, t0)  # (Handler's: a client gone cancels)
 
     def _ollama_show(self, body: dict) -> None:
-        name = body.get("model", body.get("name"))
-        self.server.check_model(_name(name) if isinstance(name, str) else None)
+        self.server.check_model(_model_name(body, "model", "name"))
         m = self.server.model
         caps = ["completion"]
         if self.server.tools_error is None:
@@ -289,7 +330,7 @@ class OllamaMixin:
                 if k.startswith(("general.", f"{m.config.arch}."))
                 and not isinstance(v, list | bytes)}
         template = _template_source(m)
-        if OPEN in template:  # a thinking model's template (thinks(): think may be asked)
+        if thinks(m):  # a thinking model's template (<think>, or gpt-oss's channels)
             caps.append("thinking")
         self._send_json(200, {"license": "", "modelfile": "", "parameters": "",
                               "template": template, "details": model_details(m),

@@ -50,6 +50,7 @@ class GenRequest:
     # chat with tools (not tool_choice "none"): rendered into the prompt, calls parsed
     # from the reply (efedge.tool_calls); parallel_tool_calls false keeps the first call
     tools: list[dict] | None = None
+    forced_call: bool = False  # tool_choice "required" or named: `format` is its grammar
     parallel_tool_calls: bool = True
     # fill in the middle (efedge.fim): {"prefix", "suffix", "prompt", "extra"}, built into
     # the prompt by the worker (a completion's `suffix`, llama.cpp's /infill)
@@ -60,9 +61,20 @@ class GenRequest:
     # chat: a thinking model's <think> part apart from the answer (efedge.reasoning):
     # reasoning_content / Ollama's thinking
     reasoning: bool = False
+    # reasoning_format deepseek-legacy, streamed: the reasoning stays in the content, in
+    # its <think> tags (llama-server's reasoning_in_content), not in reasoning_content
+    reasoning_in_content: bool = False
+    # split as `reasoning`, the reasoning then left out (Ollama's chat without `think` on
+    # gpt-oss, whose harmony reply is always split, as Ollama splits it)
+    drop_reasoning: bool = False
     template_kwargs: dict | None = None  # chat_template_kwargs: template variables
     # (Ollama's /api/generate) the ids a reply returned, before the templated turn
     context: list[int] | None = None
+    # (native) llama-server's stops for code completion: a line after the first newline
+    # indented less than n_indent ends the reply (efedge.fim.IndentStop); once the
+    # generation has run t_max_predict_ms, so does the next piece with a newline
+    n_indent: int = 0
+    t_max_predict_ms: float = 0.0
 
 
 _MISSING = object()
@@ -195,7 +207,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-REASONING_FORMATS = ("auto", "deepseek", "none")  # llama-server's --reasoning-format
+# llama-server's --reasoning-format: auto and deepseek put the reasoning in
+# reasoning_content; deepseek-legacy too, but streamed it stays in the content, in its
+# tags; none leaves the reply as written
+REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none")
 
 
 def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
@@ -217,8 +232,13 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
         if c is not None and not isinstance(c, str | list):
             raise APIError(400, f"messages[{i}].content must be a string or an array of "
                                 "text parts", "invalid_type", param=f"messages[{i}].content")
-    # OpenAI's newer "developer" role is what chat templates call "system"
-    messages = [dict(msg, role="system") if msg["role"] == "developer" else msg
+    # OpenAI's newer "developer" role is what chat templates call "system"; an assistant
+    # turn's reasoning_content is what gpt-oss's template reads as "thinking" (llama-server
+    # copies it over too)
+    messages = [dict(msg, role="system") if msg["role"] == "developer" else
+                dict(msg, thinking=msg["reasoning_content"])
+                if msg["role"] == "assistant" and isinstance(msg.get("reasoning_content"), str)
+                and "thinking" not in msg else msg
                 for msg in messages]
     want = _field(body, "logprobs", bool, False)
     top = _top_count(body, "top_logprobs")
@@ -247,6 +267,15 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
     own = _field(body, "chat_template_kwargs", dict)
     if own is not None:  # as llama-server: the request's variables over the server's
         kwargs = {**(kwargs or {}), **own}
+    # OpenAI's reasoning_effort, as llama-server maps it: a level becomes the template's
+    # reasoning_effort variable (gpt-oss's templates read it), over chat_template_kwargs';
+    # "none" asks the template not to think (enable_thinking false), no level given
+    effort = _field(body, "reasoning_effort", str)
+    if effort == "none":
+        kwargs = {k: v for k, v in (kwargs or {}).items() if k != "reasoning_effort"}
+        kwargs["enable_thinking"] = False
+    elif effort:
+        kwargs = {**(kwargs or {}), "reasoning_effort": effort}
     try:
         check_template_kwargs(kwargs)
     except ArgumentError as exc:
@@ -254,9 +283,11 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
                        "invalid_value", param="chat_template_kwargs") from None
     return GenRequest(messages=messages, prompt=None, echo=False,
                       logprobs=(top or 0) if want else None, format=fmt,
-                      tools=tools if mode != "none" else None,
+                      tools=tools if mode != "none" else None, forced_call=mode == "forced",
                       parallel_tool_calls=_field(body, "parallel_tool_calls", bool, True),
-                      reasoning=reasoning != "none", template_kwargs=kwargs, **kw)
+                      reasoning=reasoning != "none", template_kwargs=kwargs,
+                      reasoning_in_content=reasoning == "deepseek-legacy" and kw["stream"],
+                      **kw)
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, Any]:

@@ -7,7 +7,7 @@ from efedge.server_native import ROUTES as NATIVE_ROUTES
 from efedge.server_ollama import GET_ROUTES as OLLAMA_GET
 from efedge.server_ollama import POST_ROUTES as OLLAMA_POST
 
-GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models", *OLLAMA_GET)
+GET_ROUTES = ("/health", "/v1/health", "/v1/models", "/models", "/metrics", *OLLAMA_GET)
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions",
                 "/tokenize", "/detokenize", *NATIVE_ROUTES, *OLLAMA_POST)
 

@@ -2,8 +2,9 @@
 in arrival order, while the HTTP threads wait for its events (efedge/server.py).
 
 A request is a `Job`: the worker puts ("start", n_prompt, echo_text, prompt_logprobs),
-("text", piece, logprobs) … (and for a thinking model's reasoning ("reasoning", piece,
-logprobs) …, first), then ("done", usage, finish_reason, logprobs, tool_calls) or
+("text", piece, logprobs, n_generated) … (n_generated: the tokens generated when the piece
+went out; and for a thinking model's reasoning ("reasoning", piece, logprobs) …, first),
+then ("done", usage, finish_reason, logprobs, tool_calls) or
 ("error", exception) on its queue. With tools, the text is the reply's content
 (efedge.tool_calls.CallStream holds back a <tool_call> block from its start), tool_calls
 the calls parsed from it (None without tools) and the finish reason "tool_calls" when
@@ -20,15 +21,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 
 from efedge.api import Model
 from efedge.errors import EfedgeError, UnsupportedModelError
+from efedge.fim import IndentStop
 from efedge.generate import GenerationResult
-from efedge.reasoning import ReasoningSplitter, prompt_opens_thinking
+from efedge.reasoning import ReasoningSplitter, is_harmony_template, prompt_opens_thinking
 from efedge.server_logprobs import prompt_records, records
 from efedge.server_requests import APIError, GenRequest
-from efedge.tool_calls import CallStream
+from efedge.tool_calls import CallStream, harmony_call, tool_names
 
 log = logging.getLogger("efedge.server")
 MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
@@ -42,12 +45,15 @@ def _shutting_down() -> APIError:
 class Job:
     def __init__(self, req: GenRequest):
         self.req = req
-        # ("start", n_prompt, echo_text, recs) ("text" / "reasoning", s, recs) ("done",
-        # usage, finish, recs, tool_calls) ("error", exc): see the module docstring
+        # ("start", n_prompt, echo_text, recs) ("text", s, recs, n_generated)
+        # ("reasoning", s, recs) ("done", usage, finish, recs, tool_calls) ("error", exc):
+        # see the module docstring
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.finish: str | None = None  # the finish reason, once the generation has ended
-        self.tokens: list[int] = []  # the generated ids, once it has ended
+        # the generated ids: while it runs the growing list (read up to a "text" event's
+        # count), once it has ended a copy
+        self.tokens: list[int] = []
         self.prompt_ids: list[int] = []  # the prompt's ids, once it has run
         self.stopping_word: str | None = None  # the stop string that ended it, if one did
 
@@ -87,6 +93,11 @@ class ModelWorker:
         """Requests waiting for the model (not those whose clients have left)."""
         with self._lock:
             return sum(1 for j in self._jobs if j is not None and not j.cancelled.is_set())
+
+    def processing(self) -> int:
+        """Requests the model is running now (0 or 1: one at a time)."""
+        with self._lock:
+            return int(self._current is not None)
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
@@ -144,8 +155,9 @@ class ModelWorker:
                 bos = m.tokenizer.add_bos and ids[:1] == [m.tokenizer.bos_id]
                 ids = req.context + (ids[1:] if bos else ids)
         elif req.infill is not None:
-            try:
-                ids = m.infill_prompt(**req.infill, max_tokens=req.max_tokens or 0)
+            try:  # laid out for the server's n_predict (none), as llama-server lays out
+                # /infill's: the request's bounds the answer only
+                ids = m.infill_prompt(**req.infill)
             except UnsupportedModelError as exc:
                 raise APIError(400, str(exc), "unsupported", param="input_prefix"
                                if req.native else "suffix") from None
@@ -184,6 +196,7 @@ class ModelWorker:
         # the model fills in how the generation really ended ("stop", "length" or
         # "cancelled"); it keeps "cancelled" when we stop reading early (below)
         result = GenerationResult([], "cancelled")
+        job.tokens = result.tokens
         it = m.stream(ids, max_tokens=max_tokens, stop=req.stop, result=result,
                       logprobs=lp, format=req.format, **req.sampling)
         # characters of the generated text written, and of those decided (sent, or dropped
@@ -193,8 +206,19 @@ class ModelWorker:
         # a thinking model's reasoning goes apart ("reasoning" events), the rest on; a
         # format (JSON, a schema, a forced call) constrains the reply from its first token,
         # so what follows a <think> the template opened is the answer, not reasoning
+        # (deepseek-legacy, streamed: the reasoning in its tags goes out as content, around
+        # the tool-call parser all the same: a <tool_call> in it is no call)
         splitter = ReasoningSplitter(req.format is None and prompt_opens_thinking(
-            m.detokenize(ids[-8:]))) if req.reasoning else None
+            m.detokenize(ids[-8:])), tags=req.reasoning_in_content) \
+            if req.reasoning else None
+        # gpt-oss with tools: its calls are harmony messages the splitter finds, so it
+        # reads the reply whatever the reasoning format (none: the analysis left out)
+        drop = req.drop_reasoning
+        if splitter is None and calls is not None and \
+                is_harmony_template(m.chat_template(tools=True).source):
+            splitter, drop = ReasoningSplitter(), True
+        harmony_calls: list[dict] = []
+        names = tool_names(req.tools) if req.tools is not None else []
 
         def release() -> list[dict] | None:
             """The records of the tokens whose text starts in what has been sent."""
@@ -211,17 +235,32 @@ class ModelWorker:
             reasoning splitter holds back excluded), whose tokens' records go with them."""
             nonlocal sent
             for kind, piece in parts:
+                if kind == "call":  # a harmony message to a recipient: a call, or content
+                    call = harmony_call(piece, names) if calls is not None else None
+                    if call is not None:
+                        harmony_calls.append(call)
+                        continue
                 if kind == "reasoning":  # (its tokens' records with it, not the answer's)
                     sent = upto
-                    job.events.put(("reasoning", piece, release()))
+                    if drop:
+                        release()
+                        continue
+                    job.events.put(("text", piece, release(), len(result.tokens))
+                                   if req.reasoning_in_content
+                                   else ("reasoning", piece, release()))
                     continue
                 if calls is not None:
                     piece = calls.push(piece)
                     if not piece:
                         continue
                 sent = upto - (len(calls.held) if calls is not None else 0)
-                job.events.put(("text", piece, release()))
+                job.events.put(("text", piece, release(), len(result.tokens)))
 
+        # (native) llama-server's code-completion stops: an indentation limit, and a time
+        # limit checked at each newline, counted from the first piece
+        indent = IndentStop(req.n_indent) if req.n_indent > 0 else None
+        t_first = None
+        limited = False  # one of them ended the reply ("length": llama-server's "limit")
         try:
             for piece in it:
                 if not started:
@@ -229,18 +268,29 @@ class ModelWorker:
                     started = True
                 if job.cancelled.is_set():
                     break
+                now = time.monotonic()
+                t_first = t_first or now
+                if indent is not None:
+                    piece = indent.push(piece)
+                limited = (indent is not None and indent.stopped) or (
+                    0 < req.t_max_predict_ms < 1e3 * (now - t_first) and "\n" in piece)
                 written += len(piece)
                 if splitter is not None:
                     emit(splitter.push(piece), written - len(splitter.buf))
-                else:
+                elif piece:
                     emit([("content", piece)], written)
+                if limited:
+                    break
         finally:
             it.close()
         if not started:
             job.events.put(("start", n_prompt, echo, prompt_recs))
+        if indent is not None and (tail := indent.finish()):
+            written += len(tail)
+            emit([("content", tail)], written)
         if splitter is not None:
             emit(splitter.finish(), written)
-        n_gen, job.finish = len(result.tokens), result.finish_reason
+        n_gen, job.finish = len(result.tokens), "length" if limited else result.finish_reason
         job.tokens = list(result.tokens)
         if job.finish == "stop" and req.stop and not (
                 result.tokens and result.tokens[-1] in tok.eog_ids):
@@ -252,9 +302,11 @@ class ModelWorker:
         found = None
         if calls is not None:
             tail, found = calls.finish()
+            found = found + harmony_calls
             found = found[:1] if not req.parallel_tool_calls else found
             if tail:
-                job.events.put(("text", tail, None))  # its tokens' records go with "done"
+                # (its tokens' records go with "done")
+                job.events.put(("text", tail, None, n_gen))
             if found and job.finish == "stop":  # as llama.cpp: "length" stays "length"
                 job.finish = "tool_calls"
         # what is left: the model has dropped the records of a stop string's tokens

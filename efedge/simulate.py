@@ -164,10 +164,19 @@ def _charged(fn, clock: VirtualClock, engine, setup: SimSetup):
 def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
              warmup: int = 16, max_tokens: int | None = None) -> dict:
     """Replay the trace; return DESIGN.md counters (per token scaled to the profile) plus
-    tokens_per_s and stall_ms_per_token."""
+    tokens_per_s and stall_ms_per_token. A trace of routers on the layer's input
+    (meta "router_input": "layer", smallthinker) asks for each layer's experts before
+    its compute, as the live engine does; `policy` "NAME/late" asks only after it."""
     experts = arrays["experts"].astype(np.int64)
     pregate = arrays.get("pregate")
     T, L, K = experts.shape
+    # "POLICY/late": a router on the layer's input asks for its experts only when the
+    # layer's experts run, not before its attention (live: Transformer.early_requests)
+    policy, _, late = policy.partition("/")
+    if late not in ("", "late"):
+        raise SimulationError(f"unknown policy variant {late!r} in {policy}/{late}: "
+                              "the only one is /late")
+    early = meta.get("router_input", "ffn") == "layer" and not late
     T = _measured_tokens(T, warmup, max_tokens)
     _check_setup(setup)
     n_expert = int(meta["n_expert"])
@@ -200,11 +209,15 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
         if tokens is not None:  # as the model does before a pass's first layer
             on_pass(tokens[t:t + 1])
         for layer in range(L):
-            clock.advance(setup.layer_compute_s)
-            engine.advance_to(clock.t)
             ids = experts[t, layer]
             hidden.at = (t, layer)
-            on_route(layer, hidden, ids[None, :])
+            if early:  # as Transformer.route_early: asked for, then the attention runs
+                source.prefetch(layer, np.unique(ids))
+                on_route(layer, hidden, ids[None, :])
+            clock.advance(setup.layer_compute_s)
+            engine.advance_to(clock.t)
+            if not early:
+                on_route(layer, hidden, ids[None, :])
             for _e, _w in source.acquire(layer, np.unique(ids)):
                 clock.advance(setup.expert_compute_s)
                 engine.advance_to(clock.t)
@@ -221,7 +234,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
              stall_ms_per_token=1e3 * s["stall_s"] / n,
              hit_rate=counters.hits / max(counters.expert_requests, 1),
              cache_bytes=int(cache.nbytes * 1), cache_slots=int(cache.n_slots),
-             bandwidth_gbps=setup.link_bytes_per_s / 1e9, setup=setup.label, policy=policy)
+             bandwidth_gbps=setup.link_bytes_per_s / 1e9, setup=setup.label,
+             policy=policy + ("/late" if late else ""), early_requests=early)
     return s
 
 

@@ -80,8 +80,9 @@ for _names, _fam, _ign, _bos in (
     ("gpt-4o", "gpt-4o", False, False),
     ("deepseek-v3", "deepseek-v3", False, False),
     ("bailingmoe bailingmoe2 llada-moe", "bailingmoe", False, False),
-    # Llama 4 files (llama4): llama.cpp reads "llama4" as its GPT4O type
-    ("llama4", "gpt-4o", False, False),
+    # Llama 4 files (llama4): llama.cpp reads "llama4" as its GPT4O type; MiniMax-M2 files
+    # (minimax-m2) have a pre type of their own that llama.cpp splits with GPT4O's regex
+    ("llama4 minimax-m2", "gpt-4o", False, False),
 ):
     for _n in _names.split():
         _PRE_NAMES[_n] = (_fam, _ign, _bos)

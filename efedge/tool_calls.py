@@ -22,14 +22,26 @@ model thinking about a call, not making one.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 
 from efedge.errors import ArgumentError, TemplateError, UnsupportedModelError
 from efedge.generate import prefix_tail
+from efedge.reasoning import (
+    H_MESSAGE,
+    ReasoningSplitter,
+    is_harmony_reply,
+    is_harmony_template,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-FORMATS = ("Hermes <tool_call> blocks (Qwen2.5, Qwen3, Hermes 2/3)")
+FORMATS = ("Hermes <tool_call> blocks (Qwen2.5, Qwen3, Hermes 2/3) and gpt-oss's harmony "
+           "calls")
+HARMONY_FORCED = ("tool_choice \"required\" or a named function is not supported for "
+                  "gpt-oss's harmony calls (its grammar is written for <tool_call> blocks); "
+                  "use \"auto\"")
+_H_RECIPIENT = re.compile(r"\bto=functions\.([^\s<]+)")
 _NO_ARGS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -93,8 +105,9 @@ def resolve_choice(tool_choice, tools: list[dict] | None) -> tuple[str, list[str
 
 
 def check_template(template) -> None:
-    """UnsupportedModelError unless the chat template writes Hermes tool calls."""
-    if OPEN not in template.source:
+    """UnsupportedModelError unless the chat template writes Hermes tool calls or is
+    gpt-oss's harmony template (which renders the tools itself)."""
+    if OPEN not in template.source and not is_harmony_template(template.source):
         raise UnsupportedModelError(
             f"tools need a chat template that renders them; efedge reads {FORMATS}, and "
             f"this model's template{'' if not template.name else ' ' + repr(template.name)} "
@@ -194,6 +207,18 @@ def _call(body: str, names: set[str]) -> dict | None:
             "function": {"name": obj["name"], "arguments": text}}
 
 
+def harmony_call(raw: str, names) -> dict | None:
+    """The OpenAI call a harmony message to `functions.NAME` holds (the splitter's "call"
+    piece: header, <|message|>, the arguments' JSON), or None (another recipient, a name
+    not offered, arguments that are no object: then it stays in the content)."""
+    header, _, body = raw.partition(H_MESSAGE)
+    m = _H_RECIPIENT.search(header)
+    if m is None:
+        return None
+    body = body.removesuffix("<|end|>").removesuffix("<|call|>").strip()
+    return _call(json.dumps({"name": m.group(1), "arguments": body}), set(names))
+
+
 def parse_tool_calls(text: str, tools) -> tuple[str | None, list[dict]]:
     """(content, calls) of a generated reply. Each <tool_call> block whose body is a JSON
     object with a "name" among `tools` (OpenAI's list) and an "arguments" object (or a
@@ -201,6 +226,16 @@ def parse_tool_calls(text: str, tools) -> tuple[str | None, list[dict]]:
     {"name", "arguments": compact JSON string}}. With calls, the content is the text
     outside them, stripped (None when empty); without, the text as it is."""
     names = set(tool_names(check_tools(tools)))
+    if is_harmony_reply(text):  # gpt-oss: the final channel, and its messages to functions
+        sp = ReasoningSplitter()
+        content, calls = [], []
+        for kind, piece in sp.push(text) + sp.finish():
+            call = harmony_call(piece, names) if kind == "call" else None
+            if call is not None:
+                calls.append(call)
+            elif kind != "reasoning":
+                content.append(piece)
+        return ("".join(content).strip() or None) if calls else "".join(content), calls
     parts, calls, last = [], [], 0
     for start, end, body in _blocks(text):
         call = _call(body, names)

@@ -13,7 +13,9 @@ Trace file (.npz):
   hidden    float16 [T, L, S]   optional: random projection of h_l to S dims
   tokens    int32   [T]
   meta      json string: model name, arch, layers, experts, top-k, bytes per expert per
-            layer, n_embd, file, text source, horizon H
+            layer, n_embd, file, text source, horizon H, router_input ("ffn", or "layer"
+            for routers on the layer's input: experts asked for before the attention;
+            absent from older traces: "ffn")
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
         "n_expert": tf.cfg.n_expert, "top_k": tf.cfg.n_expert_used, "n_embd": tf.cfg.n_embd,
         "bytes_per_expert": [store.expert_bytes(i) for i in rec.moe_layers],
         "horizon": horizon, "n_tokens": int(arrays["experts"].shape[0]),
+        # "layer": the routers read the layer's input (smallthinker), so each layer's
+        # experts are asked for before its attention (the simulator replays that)
+        "router_input": tf.cfg.spec.router_input,
     }
     arrays["tokens"] = np.asarray(ids, dtype=np.int32)
     arrays["meta"] = np.array(json.dumps(meta))

@@ -111,6 +111,25 @@ for _name, _kw in (("smallthinker", {}), ("smallthinker-softmax", dict(softmax=T
                                                                        swa=False))):
     ARCHS[_name] = dict(gguf_arch="smallthinker", moe=True, bias=False, qk_norm=None,
                         shared=False, **_kw)
+# minimax-m2 (tiny_archs.MINIMAX_DIMS): MiniMax-M2's layout at test size — heads of 128
+# (so heads × head size is twice the width, as in the real 48 × 128 over 3072), GQA, the
+# q / k norm over the whole projection, half of each head rotated, sigmoid routing with a
+# selection bias in every layer, no shared expert
+ARCHS["minimax-m2"] = dict(gguf_arch="minimax-m2", moe=True, bias=False, qk_norm="full",
+                          shared=False, plan="minimax_m2", defaults=dict(head_dim=128))
+# qwen3vlmoe (Qwen3-VL-30B-A3B / 235B-A22B, the text model): qwen3moe's tensors with
+# Qwen3-VL's head size (128) and keys: the interleaved M-RoPE sections and the deepstack
+# layer count of the real files (QWEN3VL_ROPE)
+ARCHS["qwen3vlmoe"] = dict(gguf_arch="qwen3vlmoe", moe=True, bias=False, qk_norm="head",
+                           shared=False, defaults=dict(head_dim=128))
+# rope.dimension_sections and n_deepstack_layers as convert_hf_to_gguf writes them for
+# Qwen3-VL (mrope_section [24, 20, 20] padded to 4; 3 deepstack layers): with 64 rotary
+# pairs, llama.cpp's interleaved sectors give pairs 61 and 62 the 4th position, 0 for text
+QWEN3VL_ROPE = ((24, 20, 20, 0), 3)
+# phimoe (Phi-3.5-MoE; gguf_tools.tiny_phimoe): biased norms, q / k / v, attention output
+# and head, LongRoPE factors; 16 experts, top 2 (the real routing)
+ARCHS["phimoe"] = dict(gguf_arch="phimoe", moe=True, bias=True, qk_norm=None, shared=False,
+                       plan="phimoe", defaults=dict(n_expert_used=2))
 # smallthinker's attention.sliding_window and _pattern. llama.cpp keeps of the window only
 # "on" (it attends the last 4096 positions on layers il % pattern != 0) and skips rope on
 # layers il % 4 == 0: pattern 2 makes layer 0 NoPE, layer 1 a window layer, layer 2 neither
@@ -193,8 +212,9 @@ def resolve_config(arch: str, preset: str = "test", **overrides) -> dict:
         cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
     if cfg["norm_eps"] is None:
         cfg["norm_eps"] = 1e-6 if arch.startswith("qwen") else 1e-5
-    if a["qk_norm"] == "full":
-        # llama.cpp checks olmoe's attn_k_norm against n_embd: no GQA, no odd head size.
+    if a["qk_norm"] == "full" and a["gguf_arch"] == "olmoe":
+        # llama.cpp checks olmoe's attn_k_norm against n_embd: no GQA, no odd head size
+        # (minimax-m2 sizes its q / k norms by the heads instead).
         if "n_head_kv" in overrides and overrides["n_head_kv"] not in (None, cfg["n_head"]):
             raise ValueError("olmoe needs n_head_kv == n_head (llama.cpp checks attn_k_norm "
                              "against n_embd)")
@@ -284,6 +304,8 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray:
     shape = spec.np_shape
     if spec.init == "rope_freqs":  # llama-3's shape: 1 for high frequencies … 8 for low
         return np.clip(np.linspace(-1.0, 9.0, shape[0]), 1.0, 8.0).astype(np.float32)
+    if spec.init == "rope_short":  # LongRoPE's short factors: 1 … 1.5
+        return np.linspace(1.0, 1.5, shape[0]).astype(np.float32)
     if spec.init == "norm":
         return spec.scale * (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32))
     if spec.init == "bias":
@@ -328,7 +350,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
     w.add_head_count(cfg["n_head"])
     w.add_head_count_kv(cfg["n_head_kv"])
     hd = cfg["head_dim"]
-    if hd != cfg["n_embd"] // cfg["n_head"] or arch in ("qwen3", "qwen3moe"):
+    if hd != cfg["n_embd"] // cfg["n_head"] or arch in ("qwen3", "qwen3moe", "qwen3vlmoe"):
         w.add_key_length(hd)
         w.add_value_length(hd)
     w.add_rope_dimension_count(hd)
@@ -338,7 +360,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
     if a["moe"]:
         w.add_expert_count(cfg["n_expert"])
         w.add_expert_used_count(cfg["n_expert_used"])
-        if arch in ("qwen2moe", "qwen3moe", "bailingmoe"):
+        if arch in ("qwen2moe", "qwen3moe", "qwen3vlmoe", "bailingmoe"):
             # like the real files: feed_forward_length is the (unused) dense width,
             # the experts' width has its own key
             w.add_feed_forward_length(cfg["n_ff"])
@@ -358,6 +380,9 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: dict, dtype: str, name: str,
             if a.get("swa", True):
                 w.add_sliding_window(ST_SWA[0])
                 w.add_sliding_window_pattern(ST_SWA[1])
+        if arch == "qwen3vlmoe":
+            w.add_rope_dimension_sections(list(QWEN3VL_ROPE[0]))
+            w.add_num_deepstack_layers(QWEN3VL_ROPE[1])
         if arch == "granitemoe":
             emb, res, att, logit = GRANITE_SCALES
             w.add_embedding_scale(emb)
@@ -429,9 +454,9 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
-    ernie4_5-moe*, llama4, llama4-maverick). ``quant``: F32 and F16 are written directly,
-    anything else (Q8_0, Q4_K_M, IQ4_NL, …) by llama.cpp's quantizer from an F32 source
-    (F16 above 1 GiB).
+    ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, phimoe, …). ``quant``:
+    F32 and F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by
+    llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
     n_head_kv, head_dim, n_ff_exp, n_ff_shexp, n_ff, n_vocab, n_ctx) and rope_base,
     norm_eps, vocab_kind, vocab_pre, tied, rope_scaling ("yarn", "linear", "llama3": see

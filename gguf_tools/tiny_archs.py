@@ -4,10 +4,11 @@ deepseek2 (multi-head latent attention, dense leading layers, shared experts), g
 biases, partial rope, post-attention norm, sigmoid routing with a selection bias, shared
 expert, trailing MTP layers), ernie4_5-moe (dense leading and interleaved layers,
 selection bias, ungated shared expert), dots1 (dense leading layer, qk norm, sigmoid
-routing with a selection bias, shared experts) and hunyuan-moe (qk norm after rope,
-ungated shared expert of its own width). make_tiny calls these
-for the architectures whose ``ARCHS`` entry has ``plan`` set; names, keys and shapes are
-the ones llama.cpp reads (shapes in ggml order, as in make_tiny).
+routing with a selection bias, shared experts), hunyuan-moe (qk norm after rope,
+ungated shared expert of its own width) and minimax-m2 (q / k norm over the whole
+projection, partial rope, sigmoid routing with a selection bias, no shared expert).
+make_tiny calls these for the architectures whose ``ARCHS`` entry has ``plan`` set; names,
+keys and shapes are the ones llama.cpp reads (shapes in ggml order, as in make_tiny).
 """
 
 from __future__ import annotations
@@ -490,3 +491,48 @@ def bailingmoe2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     w.add_expert_weights_norm(True)
     w.add_nextn_predict_layers(a["nextn"])
 
+
+
+# minimax-m2 (MiniMax-M2) at test size: every layer MoE, sigmoid routing with a selection
+# bias in every layer, no shared expert, half of each head rotated (real: 64 of 128), the
+# q / k norms over the whole projections. The experts' width under both keys, as the
+# converter writes it (llama.cpp sizes them by feed_forward_length).
+MINIMAX_DIMS = dict(rope_frac=0.5)
+
+
+def minimax_m2_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
+    T, d, hd = TensorSpec, cfg["n_embd"], cfg["head_dim"]
+    e, f = cfg["n_expert"], cfg["n_ff_exp"]
+    out = [T("token_embd.weight", (d, n_vocab), "embd")]
+    for i in range(cfg["n_layer"]):
+        b = f"blk.{i}."
+        out += _attention(b, cfg, qk_norm=False)
+        out += [T(b + "attn_q_norm.weight", (cfg["n_head"] * hd,), "norm", QK_GAIN,
+                  keep_f32=True),
+                T(b + "attn_k_norm.weight", (cfg["n_head_kv"] * hd,), "norm", QK_GAIN,
+                  keep_f32=True),
+                T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
+                T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True),
+                T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
+                T(b + "ffn_down_exps.weight", (f, d, e), "proj")]
+    return out + _head(cfg, n_vocab)
+
+
+def minimax_m2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
+    hd = cfg["head_dim"]
+    w.add_head_count(cfg["n_head"])
+    w.add_head_count_kv(cfg["n_head_kv"])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(int(hd * MINIMAX_DIMS["rope_frac"]))  # partial rotary
+    w.add_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_feed_forward_length(cfg["n_ff_exp"])
+    w.add_expert_count(cfg["n_expert"])
+    w.add_expert_used_count(cfg["n_expert_used"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+# phimoe's layout lives in its own module (this one is long enough); make_tiny finds its
+# plan here
+from gguf_tools.tiny_phimoe import phimoe_metadata, phimoe_plan  # noqa: E402,F401

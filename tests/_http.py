@@ -48,3 +48,29 @@ def sse_chunks(text: str) -> list[dict]:
     """The JSON payloads of a server-sent-events body, without the final [DONE]."""
     return [json.loads(b[len("data: "):]) for b in text.split("\n\n")
             if b.strip() and b != "data: [DONE]"]
+
+
+def serve_kwargs(monkeypatch, argv: list[str]) -> dict:
+    """The keywords `efedge serve ARGV` gives make_server (a stand-in server that stops
+    at once: nothing listens)."""
+    import efedge.server as server_mod
+    from efedge.cli import main
+
+    seen: dict = {}
+
+    class Stub:
+        model_id, url = "m", "http://127.0.0.1:0"
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    def fake(m, host, port, **kw):
+        seen.update(kw)
+        return Stub()
+
+    monkeypatch.setattr(server_mod, "make_server", fake)
+    assert main(["serve", *argv]) == 0
+    return seen

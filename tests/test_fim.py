@@ -5,11 +5,15 @@ lays it out, greedy infilling equal to llama.cpp's on those ids, and the server'
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from _http import post, post_json, running_server, sse_chunks
+from _scripted import script_tokens
 from _vocab_fixtures import write_vocab_model
 
 import efedge
+from efedge import api_generation
 from efedge.errors import UnsupportedModelError
 from efedge.fim import infill_ids
 from efedge.generate import GenerationResult
@@ -174,8 +178,8 @@ def test_greedy_infill_matches_llama_cpp(files):
 
 def test_server_routes(files):
     with efedge.load(files["qwen"], n_ctx=1024) as m:
-        greedy = dict(temperature=0, max_tokens=6)
-        want = m.infill(PREFIX, SUFFIX, **greedy)
+        # (the server lays the prompt out for no n_predict, as llama-server does)
+        want = m.generate(m.infill_prompt(PREFIX, SUFFIX), temperature=0, max_tokens=6)
         with running_server(m) as srv:
             body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6,
                     "temperature": 0, "cache_prompt": True, "samplers": ["top_k", "infill"]}
@@ -183,7 +187,7 @@ def test_server_routes(files):
             assert status == 200, got
             assert got["content"] == want and got["stop"] is True
             assert got["stop_type"] == "limit" and got["tokens_predicted"] == 6
-            assert got["tokens_evaluated"] == len(m.infill_prompt(PREFIX, SUFFIX, max_tokens=6))
+            assert got["tokens_evaluated"] == len(m.infill_prompt(PREFIX, SUFFIX))
             assert got["generation_settings"]["n_predict"] == 6
             status, text = post(srv, "/infill", dict(body, stream=True))
             chunks = sse_chunks(text)
@@ -232,3 +236,111 @@ def test_server_without_markers_refuses_infill(files):
             assert status == 400 and got["error"]["code"] == "unsupported", got
             assert got["error"]["param"] == param and "fill-in-the-middle" in \
                 got["error"]["message"]
+
+
+def test_streamed_native_chunks_count_their_tokens(files):
+    """As llama-server's: each /completion and /infill chunk carries tokens_predicted (the
+    tokens generated when it went out; it had only tokens_evaluated), with return_tokens
+    its own ids (every chunk's and the last event's, joined, are the reply's ids), and
+    the totals carry the prompt's text."""
+    with efedge.load(files["qwen"], n_ctx=4096) as m, running_server(m) as srv:
+        for path, body, prompt_ids in [
+                ("/completion", {"prompt": "def f(x):"}, m.tokenize("def f(x):")),
+                ("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX},
+                 m.infill_prompt(PREFIX, SUFFIX))]:
+            body = dict(body, n_predict=8, temperature=0, return_tokens=True)
+            status, whole = post_json(srv, path, body)
+            assert status == 200 and len(whole["tokens"]) == whole["tokens_predicted"] == 8
+            assert whole["prompt"] == m.detokenize(prompt_ids)
+            status, text = post(srv, path, dict(body, stream=True))
+            *chunks, last = sse_chunks(text)
+            assert status == 200 and chunks and last["stop"] is True
+            counts = [c["tokens_predicted"] for c in chunks]
+            assert counts == sorted(counts) and 0 < counts[0] and counts[-1] <= 8, counts
+            assert all(c["tokens_evaluated"] == len(prompt_ids) for c in chunks)
+            assert [len(t) for c in chunks for t in [c["tokens"]]] == [
+                b - a for a, b in zip([0, *counts], counts, strict=False)]
+            assert sum((c["tokens"] for c in chunks), []) + last["tokens"] == whole["tokens"]
+            assert last["tokens_predicted"] == 8 and last["content"] == ""
+            assert last["prompt"] == whole["prompt"]
+            # without return_tokens, no ids (as before), the counts all the same
+            status, text = post(srv, path, dict(body, stream=True, return_tokens=False))
+            assert all(c["tokens"] == [] for c in sse_chunks(text))
+            assert [c.get("tokens_predicted") for c in sse_chunks(text)[:-1]] == counts
+
+
+def test_infill_lays_out_the_prompt_whatever_the_requests_n_predict(files, monkeypatch):
+    """As llama-server's /infill: the extra files are cut to the budget of the server's
+    n_predict (none: efedge serve has no -n), not the request's, which bounds the answer
+    only — so a request gets the prompt llama-server would run (a large n_predict cut
+    the extra files short)."""
+    extra = [{"filename": "util.py", "text": "def helper(x):\n    return x + 1\n" * 200}]
+    with efedge.load(files["qwen"], n_ctx=4096) as m, running_server(m) as srv:
+        _script_text(monkeypatch, m, "x")  # (the prompt is tested, not the answer)
+        ids = m.infill_prompt(PREFIX, SUFFIX, extra=extra)
+        assert len(ids) != len(m.infill_prompt(PREFIX, SUFFIX, extra=extra, max_tokens=512))
+        status, got = post_json(srv, "/infill", {
+            "input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": extra,
+            "n_predict": 512})
+        assert status == 200 and got["tokens_evaluated"] == len(ids), got
+        assert got["prompt"] == m.detokenize(ids)
+
+
+def _script_text(monkeypatch, m, text: str, delay: float = 0.0) -> None:
+    """Generations write `text`, one token per character (a `delay` before each)."""
+    ids = [t for ch in text for t in m.tokenize(ch, add_special=False)]
+    assert len(ids) == len(text) and m.detokenize(ids) == text
+    script_tokens(monkeypatch, ids)
+    scripted = api_generation.generate_tokens
+
+    def slow(*a, **kw):
+        for tok in scripted(*a, **kw):
+            time.sleep(delay)
+            yield tok
+
+    monkeypatch.setattr(api_generation, "generate_tokens", slow)
+
+
+REPLY = "x)\n    return 1\n  y = 2\nz"
+
+
+@pytest.mark.parametrize("extra, content", [
+    ({"n_indent": 4}, "x)\n    return 1\n  "),  # the line less indented: cut at its text
+    ({"n_indent": 2}, REPLY[:-1]),
+    ({"n_indent": 1}, REPLY[:-1]),
+    ({"n_indent": 0}, REPLY),
+    ({}, REPLY),
+])
+def test_native_n_indent_ends_the_reply(files, monkeypatch, extra, content):
+    """llama-server's n_indent (llama.vscode sends the cursor line's): the reply stops
+    ("limit") at the first line after its first newline indented less (spaces and tabs;
+    an empty line is indented 0), that line's text dropped — streamed the same. It was
+    ignored."""
+    with efedge.load(files["qwen"]) as m, running_server(m) as srv:
+        _script_text(monkeypatch, m, REPLY)
+        body = dict(extra, input_prefix="def f(", input_suffix="")
+        status, got = post_json(srv, "/infill", body)
+        assert status == 200 and got["content"] == content, got
+        assert got["stop_type"] == ("eos" if content == REPLY else "limit")
+        status, text = post(srv, "/infill", dict(body, stream=True))
+        assert "".join(c["content"] for c in sse_chunks(text)) == content
+        if extra.get("n_indent") == 1:  # an empty line is less indented than 1
+            _script_text(monkeypatch, m, "a\n b\n\n c")
+            assert post_json(srv, "/completion", dict(extra, prompt="x"))[1][
+                "content"] == "a\n b\n"
+
+
+def test_native_t_max_predict_ms_ends_the_reply_at_a_newline(files, monkeypatch):
+    """llama-server's t_max_predict_ms: once the generation has run that long, the next
+    piece with a newline is its last ("limit"). It was accepted and ignored."""
+    with efedge.load(files["qwen"]) as m, running_server(m) as srv:
+        _script_text(monkeypatch, m, "ab\ncd\nef", delay=0.05)
+        body = {"input_prefix": "x", "t_max_predict_ms": 30}
+        status, got = post_json(srv, "/infill", body)
+        assert status == 200 and got["content"] == "ab\n", got
+        assert got["stop_type"] == "limit" and got["tokens_predicted"] == 3
+        status, got = post_json(srv, "/infill", dict(body, t_max_predict_ms=0))
+        assert got["content"] == "ab\ncd\nef" and got["stop_type"] == "eos", got
+        for bad in ({"n_indent": -1}, {"n_indent": 1.5}, {"t_max_predict_ms": "1"}):
+            status, got = post_json(srv, "/completion", dict(bad, prompt="x"))
+            assert status == 400 and got["error"]["param"] == next(iter(bad)), got

@@ -74,6 +74,11 @@ def test_held_tensors_are_the_mapped_bytes(moe_path, monkeypatch):
         assert held.fits(1) is (held.available_bytes() is not None)
         assert (len(a._gf._held) > 0) is held.fits(1) and b._gf._held == {}
         assert np.array_equal(a.logits(ids), b.logits(ids))
+        for cache in ("resident", "auto"):  # every expert resident: all of them held
+            with efedge.load(moe_path, cache=cache) as c:
+                assert set(c._gf._held) == set(a._gf._held)
+        with efedge.load(moe_path, cache="50%") as c:  # the experts stay in the file
+            assert set(c._gf._held) == {n for n in a._gf._held if "_exps." not in n}
 
 
 def _copy(src, dst_dir, name="m.gguf"):
@@ -140,8 +145,8 @@ def _rewrite(src, dst, *, arch=None, drop_key=None, set_key=None, qtype_of=None,
             w.add_array(key, val)
         else:
             w.add_key_value(key, val, vtype)
-    if set_key:
-        w.add_uint32(set_key[0], set_key[1])
+    if set_key:  # a uint32, or an array for a list
+        (w.add_array if isinstance(set_key[1], list) else w.add_uint32)(*set_key)
     for t in r.tensors:
         if tensor_map is not None:
             for name, data in tensor_map(t.name, np.asarray(t.data)):
@@ -287,6 +292,37 @@ def test_inspect_names_the_dots_hunyuan_quirks(tiny_gguf):
     assert info["features"]["qk_norm"] == "per head, after rope"
 
 
+def test_minimax_m2_selection_bias_is_required(tiny_gguf, tmp_path):
+    """llama.cpp requires exp_probs_b in every minimax-m2 layer (its loader fails without
+    one): a file without it is refused naming the tensor, not routed without the bias."""
+    src = tiny_gguf("minimax-m2", "F32")
+    path = _rewrite(src, tmp_path / "nobias.gguf", tensor_map=lambda name, data: (
+        [] if name == "blk.1.exp_probs_b.bias" else [(name, data)]))
+    with pytest.raises(efedge.ModelFormatError, match="blk.1.exp_probs_b.bias"):
+        efedge.load(path)
+
+
+def test_inspect_names_the_minimax_m2_quirks(tiny_gguf):
+    from efedge.cli.inspect import describe
+
+    info = describe(tiny_gguf("minimax-m2", "F32"))
+    f = info["features"]
+    assert info["dense_layers"] == [] and f["qk_norm"] == "over the whole q / k projection"
+    assert f["rope"] == "neox" and f["rope_dims"] == "64 of 128"
+    assert f["routing"] == "sigmoid" and f["selection_bias"] and f["expert_weights_norm"]
+    assert "expert_weights_scale" not in f
+
+
+def test_inspect_names_qwen3vl_and_phimoe_quirks(tiny_gguf):
+    from efedge.cli.inspect import describe
+
+    f = describe(tiny_gguf("qwen3vlmoe", "F32"))["features"]
+    assert f["rope"] == "imrope (interleaved M-RoPE) sections [24, 20, 20, 0], text only"
+    f = describe(tiny_gguf("phimoe", "F32"))["features"]
+    assert f["norms"] == "RMS + bias" and f["routing"] == "softmax"
+    assert f["rope_factors"] == "LongRoPE: long above a context of 256, else short"
+
+
 def _split(src, out_dir, max_tensors: int = 12) -> list:
     """src rewritten by gguf-py as llama.cpp's gguf-split shards; returns their paths."""
     _rewrite(src, out_dir / "big.gguf", split_max_tensors=max_tensors)
@@ -350,14 +386,57 @@ def test_split_gguf_errors_name_the_shard(tiny_gguf, tmp_path):
 @pytest.mark.parametrize("arch, key", [
     ("bailingmoe2", "expert_gating_func"), ("bailingmoe2", "expert_shared_count"),
     ("bailingmoe2", "expert_feed_forward_length"), ("smallthinker", "expert_gating_func"),
-    ("smallthinker", "expert_feed_forward_length")])
+    ("smallthinker", "expert_feed_forward_length"), ("minimax-m2", "expert_gating_func"),
+    ("minimax-m2", "feed_forward_length"), ("minimax-m2", "expert_feed_forward_length"),
+    ("minimax-m2", "attention.layer_norm_rms_epsilon"),
+    ("qwen3vlmoe", "rope.dimension_sections"),
+    ("qwen3vlmoe", "attention.layer_norm_rms_epsilon"),
+    ("phimoe", "attention.layer_norm_rms_epsilon"), ("phimoe", "feed_forward_length")])
 def test_required_keys_are_named(tiny_gguf, tmp_path, arch, key):
     """Keys llama.cpp requires (no default: the gating function decides softmax or
-    sigmoid — llama.cpp's smallthinker graph aborts without one —, bailingmoe2's count
-    sizes its shared experts) are refused by name."""
+    sigmoid — llama.cpp's smallthinker and minimax-m2 graphs abort without one —,
+    bailingmoe2's count sizes its shared experts, minimax-m2's feed_forward_length its
+    experts; llama.cpp fails to load a minimax-m2 file without any of these four) are
+    refused by name."""
     path = _rewrite(tiny_gguf(arch, "F32"), tmp_path / "r.gguf", drop_key=f"{arch}.{key}")
     with pytest.raises(efedge.ModelFormatError,
                        match=f"required metadata key '{arch}.{key}' is missing"):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    # llama.cpp: "wrong array length; expected 4, got 3" (the converter pads to 4)
+    (dict(set_key=("qwen3vlmoe.rope.dimension_sections", [24, 20, 20])), "invalid value"),
+    # ggml takes each pair's sector modulo the sum (llama.cpp aborts on all zeros) and
+    # asserts it fits the head
+    (dict(set_key=("qwen3vlmoe.rope.dimension_sections", [0, 0, 0, 0])), "must sum to"),
+    (dict(set_key=("qwen3vlmoe.rope.dimension_sections", [64, 64, 1, 0])), "must sum to"),
+    # llama.cpp's graph asserts that the whole head turns
+    (dict(set_key=("qwen3vlmoe.rope.dimension_count", 64)), "must equal the head size")])
+def test_qwen3vl_rope_sections_are_checked(tiny_gguf, tmp_path, change, match):
+    path = _rewrite(tiny_gguf("qwen3vlmoe", "F32"), tmp_path / "q.gguf", **change)
+    with pytest.raises(efedge.ModelFormatError, match="qwen3vlmoe.rope.dimension_.*" + match):
+        efedge.load(path)
+
+
+@pytest.mark.parametrize("name", ["output.bias", "output.weight", "output_norm.bias",
+                                  "blk.1.attn_norm.bias", "blk.1.ffn_norm.bias",
+                                  "blk.1.attn_output.bias"])
+def test_phimoe_required_tensors_are_named(tiny_gguf, tmp_path, name):
+    """The biases llama.cpp's phimoe loader requires, and its untied head: a file without
+    one is refused naming the tensor, not run without it."""
+    path = _rewrite(tiny_gguf("phimoe", "F32"), tmp_path / "p.gguf",
+                    tensor_map=lambda n, d: [] if n == name else [(n, d)])
+    with pytest.raises(efedge.ModelFormatError, match=name.replace(".", r"\.")):
+        efedge.load(path)
+
+
+def test_mrope_sections_are_refused_for_other_archs(tiny_gguf, tmp_path):
+    """A section key on an arch efedge runs with plain rope (a vision variant under a text
+    arch's name) is refused by name, not run as plain rope."""
+    path = _rewrite(tiny_gguf("qwen3moe", "F32"), tmp_path / "m.gguf",
+                    set_key=("qwen3moe.rope.dimension_sections", [24, 20, 20, 0]))
+    with pytest.raises(efedge.UnsupportedModelError, match="M-RoPE"):
         efedge.load(path)
 
 
@@ -370,10 +449,12 @@ def test_ling2_fused_qkv_shape_is_checked(tiny_gguf, tmp_path):
         efedge.load(path)
 
 
-def test_smallthinker_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path):
+@pytest.mark.parametrize("arch", ["smallthinker", "minimax-m2"])
+def test_fused_qkv_gives_the_split_logits(tiny_gguf, tmp_path, arch):
     """llama.cpp's create_tensor_qkv takes one attn_qkv where a file has it: the same
-    weights fused into it give the split file's logits bit for bit (row views)."""
-    src = tiny_gguf("smallthinker", "F32")
+    weights fused into it give the split file's logits bit for bit (row views; llama.cpp's
+    own logits are equal too, checked for minimax-m2 when it was added)."""
+    src = tiny_gguf(arch, "F32")
     t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(src).tensors}
 
     def fuse(name, data):  # attn_q → attn_qkv (q, k, v rows); attn_k / attn_v dropped

@@ -188,12 +188,13 @@ def test_forward_matches_cpu_path(tiny_gguf, arch):
 # routing with a selection bias, partial rope, optional qk norm and dense lead layer,
 # ernie4_5-moe's softmax + selection bias and interleaved dense layers, bailingmoe's
 # scaled weights, dots1's sigmoid routing with shared experts by count and hunyuan-moe's
-# q / k norm after rope: routed on the host by the CPU path's own rule
+# q / k norm after rope, qwen3vlmoe's interleaved M-RoPE (at base 10, where its unturned
+# pairs show): routed on the host by the CPU path's own rule
 @pytest.mark.parametrize("arch,kw", [
     ("granitemoe", dict(rope_scaling="llama3")), ("granitemoeshared", {}),
     ("glm4moe", {}), ("glm4moe-qknorm", {}), ("ernie4_5-moe", {}),
     ("ernie4_5-moe-interleave", {}), ("bailingmoe", {}), ("dots1", {}),
-    ("hunyuan-moe", {})])
+    ("hunyuan-moe", {}), ("qwen3vlmoe", dict(rope_base=10.0))])
 def test_more_architectures_match_cpu_path(tiny_gguf, arch, kw):
     path = tiny_gguf(arch, "F32", **kw)
     ids = _ids()
@@ -850,6 +851,21 @@ def test_ling2_matches_cpu_path(tiny_gguf):
     test_more_architectures_match_cpu_path(tiny_gguf, "bailingmoe2", {})
 
 
+def test_minimax_m2_matches_cpu_path(tiny_gguf):
+    """minimax-m2 on the torch path: the q / k RMS norm over the whole projection, partial
+    neox rope, GQA with heads wider than the model, sigmoid routing with the selection bias
+    in every layer (test_more_architectures_match_cpu_path's checks)."""
+    test_more_architectures_match_cpu_path(tiny_gguf, "minimax-m2", {})
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_minimax_m2_matches_cpu_path(tiny_gguf):
+    """The CUDA twin of test_minimax_m2_matches_cpu_path (test_cuda_forward_matches_cpu_path's
+    checks: resident, streamed, hybrid misses, greedy tokens)."""
+    test_cuda_forward_matches_cpu_path(tiny_gguf, "minimax-m2")
+
+
 def test_smallthinker_is_refused_by_name(tiny_gguf):
     """smallthinker's router on the layer's input, ReLU experts, NoPE and window layers
     have no torch code: device="cuda" (and the torch path on any device) names the
@@ -859,6 +875,18 @@ def test_smallthinker_is_refused_by_name(tiny_gguf):
                        match="does not run architecture 'smallthinker'.*device='cpu'"):
         load_cuda_model(path, device="cpu")
     with pytest.raises(UnsupportedModelError, match="smallthinker"):
+        efedge.load(path, device="cuda")
+
+
+def test_phimoe_is_refused_by_name(tiny_gguf):
+    """phimoe's norm, attention-output and head biases have no torch code: the torch path
+    (on any device) and device="cuda" name the architecture instead of computing another
+    model."""
+    path = tiny_gguf("phimoe", "F32")
+    with pytest.raises(UnsupportedModelError,
+                       match="does not run architecture 'phimoe'.*biases.*device='cpu'"):
+        load_cuda_model(path, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="phimoe"):
         efedge.load(path, device="cuda")
 
 

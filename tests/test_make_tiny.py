@@ -36,10 +36,11 @@ def _shape(t) -> tuple[int, ...]:
 def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
     _, kv, ts = _reader(tiny_gguf(arch, "F32"))
     a = ARCHS[arch]["gguf_arch"]
+    hd = ARCHS[arch].get("defaults", {}).get("head_dim", HD)  # qwen3vlmoe: 128
     assert kv["general.architecture"] == a
     n_vocab = len(kv["tokenizer.ggml.tokens"])
     assert kv["tokenizer.ggml.model"] == "gpt2" and n_vocab >= 259
-    n_kv = D // HD if arch == "olmoe" else 2
+    n_kv = D // hd if arch == "olmoe" else 2
     assert kv[f"{a}.embedding_length"] == D and kv[f"{a}.block_count"] == L
     assert kv[f"{a}.attention.head_count"] == 4 and kv[f"{a}.attention.head_count_kv"] == n_kv
     assert _shape(ts["token_embd.weight"]) == (D, n_vocab)
@@ -48,9 +49,9 @@ def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
     moe = ARCHS[arch]["moe"]
     for i in range(L):
         b = f"blk.{i}."
-        assert _shape(ts[b + "attn_q.weight"]) == (D, 4 * HD)
-        assert _shape(ts[b + "attn_k.weight"]) == (D, n_kv * HD)
-        assert _shape(ts[b + "attn_output.weight"]) == (4 * HD, D)
+        assert _shape(ts[b + "attn_q.weight"]) == (D, 4 * hd)
+        assert _shape(ts[b + "attn_k.weight"]) == (D, n_kv * hd)
+        assert _shape(ts[b + "attn_output.weight"]) == (4 * hd, D)
         assert (b + "attn_q.bias" in ts) == arch.startswith("qwen2")
         if moe:
             assert kv[f"{a}.expert_count"] == E and kv[f"{a}.expert_used_count"] == K
@@ -67,13 +68,17 @@ def test_float_file_has_the_expected_keys_and_tensors(tiny_gguf, arch):
         assert kv["qwen2moe.expert_shared_feed_forward_length"] == 256
         assert _shape(ts["blk.0.ffn_gate_inp_shexp.weight"]) == (D,)
         assert _shape(ts["blk.0.ffn_down_shexp.weight"]) == (256, D)
-        assert _shape(ts["blk.0.attn_k.bias"]) == (2 * HD,)
-    if arch in ("qwen3", "qwen3moe"):
-        assert _shape(ts["blk.0.attn_q_norm.weight"]) == (HD,)
-        assert _shape(ts["blk.0.attn_k_norm.weight"]) == (HD,)
-        assert kv[f"{a}.attention.key_length"] == HD
-    if arch == "qwen3moe":
-        assert kv["qwen3moe.expert_feed_forward_length"] == F_EXP
+        assert _shape(ts["blk.0.attn_k.bias"]) == (2 * hd,)
+    if arch in ("qwen3", "qwen3moe", "qwen3vlmoe"):
+        assert _shape(ts["blk.0.attn_q_norm.weight"]) == (hd,)
+        assert _shape(ts["blk.0.attn_k_norm.weight"]) == (hd,)
+        assert kv[f"{a}.attention.key_length"] == hd
+    if arch in ("qwen3moe", "qwen3vlmoe"):
+        assert kv[f"{a}.expert_feed_forward_length"] == F_EXP
+    if arch == "qwen3vlmoe":  # Qwen3-VL's head size, M-RoPE sections and deepstack count
+        assert hd == 128 and kv["qwen3vlmoe.rope.dimension_count"] == 128
+        assert kv["qwen3vlmoe.rope.dimension_sections"] == [24, 20, 20, 0]
+        assert kv["qwen3vlmoe.n_deepstack_layers"] == 3
     if arch == "olmoe":
         assert _shape(ts["blk.0.attn_q_norm.weight"]) == (D,)
         assert _shape(ts["blk.0.attn_k_norm.weight"]) == (D,)
@@ -454,3 +459,53 @@ def test_smallthinker_layout(tiny_gguf):
     assert "blk.0.attn_output.bias" not in ts and "blk.0.ffn_up_shexp.weight" not in ts
     _, kv, _ = _reader(tiny_gguf("smallthinker-softmax", "F32"))
     assert kv[a + "expert_gating_func"] == 1 and a + "attention.sliding_window" not in kv
+
+
+def test_minimax_m2_layout(tiny_gguf):
+    """MiniMax-M2's layout at test size: the converter's keys (the experts' width under
+    both feed_forward_length and expert_feed_forward_length, sigmoid gating, half of each
+    head rotated), heads of 128 so that heads × head size is twice the width (as the real
+    48 × 128 over 3072), GQA, the q / k norms as wide as the q / k projections, a selection
+    bias in every layer, no shared expert and no dense layer."""
+    from gguf_tools.tiny_archs import MINIMAX_DIMS
+
+    _, kv, ts = _reader(tiny_gguf("minimax-m2", "F32"))
+    a, hd = "minimax-m2.", 128
+    assert kv[a + "expert_gating_func"] == 2
+    assert kv[a + "feed_forward_length"] == kv[a + "expert_feed_forward_length"] == F_EXP
+    assert kv[a + "attention.key_length"] == kv[a + "attention.value_length"] == hd
+    assert kv[a + "rope.dimension_count"] == int(hd * MINIMAX_DIMS["rope_frac"]) == 64
+    assert kv[a + "attention.head_count"] == 4 and kv[a + "attention.head_count_kv"] == 2
+    for i in range(L):
+        b = f"blk.{i}."
+        assert _shape(ts[b + "attn_q.weight"]) == (D, 4 * hd) and 4 * hd == 2 * D
+        assert _shape(ts[b + "attn_q_norm.weight"]) == (4 * hd,)
+        assert _shape(ts[b + "attn_k_norm.weight"]) == (2 * hd,)
+        assert _shape(ts[b + "exp_probs_b.bias"]) == (E,)
+        assert _shape(ts[b + "ffn_gate_exps.weight"]) == (D, F_EXP, E)
+        assert b + "ffn_up_shexp.weight" not in ts and b + "ffn_gate.weight" not in ts
+
+
+def test_phimoe_layout(tiny_gguf):
+    """phimoe as Phi-3.5-MoE: biases on every norm, on q / k / v, the attention output and
+    the head; 16 experts of feed_forward_length, top 2; LongRoPE's long and short factors
+    with the converter's attn_factor and original context (half the context here)."""
+    from gguf_tools.tiny_phimoe import phimoe_attn_factor
+
+    _, kv, ts = _reader(tiny_gguf("phimoe", "F32"))
+    assert kv["phimoe.feed_forward_length"] == F_EXP and kv["phimoe.expert_used_count"] == 2
+    assert "phimoe.expert_feed_forward_length" not in kv
+    assert kv["phimoe.rope.scaling.original_context_length"] == 256
+    assert abs(kv["phimoe.rope.scaling.attn_factor"] - phimoe_attn_factor(512)) < 1e-6
+    assert "phimoe.rope.scaling.type" not in kv  # as the converter writes it
+    for name, shape in (("output_norm.bias", (D,)), ("output.bias", (512,)),
+                        ("rope_factors_long.weight", (HD // 2,)),
+                        ("rope_factors_short.weight", (HD // 2,))):
+        assert _shape(ts[name]) == shape
+    for i in range(L):
+        b = f"blk.{i}."
+        for n in ("attn_norm.bias", "ffn_norm.bias", "attn_output.bias"):
+            assert _shape(ts[b + n]) == (D,)
+        assert _shape(ts[b + "attn_q.bias"]) == (4 * HD,)
+        assert _shape(ts[b + "attn_k.bias"]) == (2 * HD,)
+        assert _shape(ts[b + "ffn_gate_exps.weight"]) == (D, F_EXP, E)

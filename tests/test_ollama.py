@@ -120,7 +120,11 @@ def test_generate_through_the_template_and_chat(srv, model):
 
 
 def test_load_only_calls(srv):
+    # as Ollama: an empty prompt is the load call, whatever else comes with it (a suffix
+    # or a context ran a generation from nothing)
     for route, body in [("/api/generate", {"model": "tiny"}),
+                        ("/api/generate", {"model": "tiny", "prompt": "", "suffix": "x"}),
+                        ("/api/generate", {"model": "tiny", "context": [1, 2]}),
                         ("/api/chat", {"model": "tiny:latest", "messages": []})]:
         status, got = post_json(srv, route, body)
         assert status == 200 and got["done"] is True and got["done_reason"] == "load", got
@@ -146,6 +150,17 @@ def test_load_only_calls(srv):
      "fill-in-the-middle"),
     ("/api/generate", {"model": "tiny", "prompt": "x", "context": ["a"]}, 400, "context"),
     ("/api/generate", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    # a prompt that is no string is not the load call (it was answered "load")
+    ("/api/generate", {"model": "tiny", "prompt": 0}, 400, "prompt"),
+    # Ollama renders `template` (a Go template); efedge cannot: refused, not ignored
+    ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, 400,
+     "'template' is not supported"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "template": 5}, 400, "template"),
+    # a model that is no string is a 400 naming the field (/api/show answered 200)
+    ("/api/show", {"model": 5}, 400, "'model' must be a string"),
+    ("/api/show", {"name": ["tiny"]}, 400, "'name' must be a string"),
+    ("/api/generate", {"model": 5}, 400, "'model' must be a string"),
+    ("/api/chat", {"model": 5, "messages": []}, 400, "'model' must be a string"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                    "options": {"temperature": -1}}, 400, "temperature"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
@@ -163,6 +178,16 @@ def test_refusals_in_ollamas_shape(srv, route, body, status, words):
     got_status, got = post_json(srv, route, body)
     assert got_status == status and set(got) == {"error"}, got
     assert words in got["error"]
+
+
+def test_generate_takes_the_models_own_template(srv, model):
+    """`template` naming the model's own template (the one /api/show gives) is what
+    efedge renders anyway: taken."""
+    body = {"model": "tiny", "prompt": "hi", "stream": False, "options": GREEDY}
+    status, want = post_json(srv, "/api/generate", body)
+    status, got = post_json(srv, "/api/generate", dict(
+        body, template=model.chat_template().source))
+    assert status == 200 and got["response"] == want["response"], got
 
 
 def test_methods(srv):

@@ -241,7 +241,8 @@ def test_bailing_routing_weights_decide(tiny_gguf, change):
 
 def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
     """Copy a GGUF file, metadata and tensors, adding the float32 tensors in `extra` and
-    the metadata `keys` (uint32, float32 for a float; replacing a key the file has)."""
+    the metadata `keys` (uint32, float32 for a float, bool for a bool, an array for a
+    list; replacing a key the file has)."""
     import gguf
 
     r = gguf.GGUFReader(src)
@@ -257,7 +258,9 @@ def _copy_with(src, dst, extra: dict, keys: dict | None = None) -> None:
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape,
                      raw_dtype=t.tensor_type)
     for key, val in (keys or {}).items():
-        (w.add_float32 if isinstance(val, float) else w.add_uint32)(key, val)
+        add = (w.add_bool if isinstance(val, bool) else w.add_float32 if isinstance(val, float)
+               else w.add_array if isinstance(val, list) else w.add_uint32)  # list: int32s
+        add(key, val)
     for name, data in extra.items():
         w.add_tensor(name, data.astype(np.float32))
     w.write_header_to_file()
@@ -1024,3 +1027,274 @@ def test_smallthinker_early_requests_keep_the_bits(tiny_gguf):
     on, off = out[True][2], out[False][2]
     assert off["prefetch_issued"] == 0 < on["prefetch_issued"]
     assert on["misses"] < off["misses"]
+
+
+# -- minimax-m2 (MiniMax-M2 / M2.1: the q / k RMS norm over the whole projection, not per
+# head; neox rope on half of each head; GQA with heads × head size twice the width; every
+# layer MoE, sigmoid routing with a selection bias in every layer, the k weights always
+# renormalised and never scaled; no shared expert) ---------------------------------------
+@pytest.mark.parametrize("quant", ["F32", "F16", "Q4_K_M"])
+def test_minimax_m2_resident_and_streamed_match_llama_cpp(tiny_gguf, quant):
+    """Logits and greedy tokens against llama.cpp, resident and through an expert cache of
+    half the experts (bitwise the resident logits): _assert_streamed_match."""
+    _assert_streamed_match(tiny_gguf("minimax-m2", quant), quant)
+
+
+def test_minimax_m2_float_logits_every_position(tiny_gguf):
+    """The F16 file position by position at the float tolerance (_assert_float_match)."""
+    _assert_float_match(tiny_gguf("minimax-m2", "F16"))
+
+
+def test_minimax_m2_prefill_at_an_offset_matches_llama_cpp(tiny_gguf):
+    test_prefill_at_an_offset_matches_llama_cpp(tiny_gguf, "minimax-m2")
+
+
+def test_minimax_m2_cache_aware_routing_is_refused(tiny_gguf):
+    test_cache_aware_routing_is_refused_for_non_softmax_routing(tiny_gguf, "minimax-m2")
+
+
+def _per_head_qk(prefill_qk):
+    """prefill_qk whose whole-projection q / k norm (mode 2) is an RMS over each head
+    instead, with the same weights: the per-head reading of minimax-m2's norm."""
+    def per_head(q, k, v, qn, kn, mode, eps, cos, sin, neox, n_head, n_head_kv, hd, *rest):
+        if mode == 2:
+            def norm(x, w, n):
+                x3 = x.reshape(x.shape[0], n, hd)
+                r = 1.0 / np.sqrt((x3 * x3).mean(-1, keepdims=True) + eps)
+                return np.ascontiguousarray((x3 * r).reshape(x.shape) * w, np.float32)
+            q, k, mode = norm(q, qn, n_head), norm(k, kn, n_head_kv), 0
+        return prefill_qk(q, k, v, qn, kn, mode, eps, cos, sin, neox, n_head, n_head_kv, hd,
+                          *rest)
+    return per_head
+
+
+@pytest.mark.parametrize("change", ["per_head_qk_norm", "no_qk_norm", "rope_dim",
+                                    "normal_rope", "exp_probs_b", "gating", "norm"])
+def test_minimax_m2_quirks_decide(tiny_gguf, monkeypatch, change):
+    """Each quirk of the tiny minimax-m2 file shows in the logits: the q / k norm taken per
+    head (the same weights) or left out, the whole head rotated, adjacent pairs rotated
+    instead of the halves, no selection bias, softmax gating, or the k weights not
+    renormalised — each is off from llama.cpp by far more than the tolerance, so the
+    parity tests above see them all."""
+    import dataclasses
+
+    from efedge.kernels import prefill
+
+    path = tiny_gguf("minimax-m2", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        tf, c = m._tf, m.config
+        assert (c.head_dim, c.rope_dim, c.n_head * c.head_dim) == (128, 64, 2 * c.n_embd)
+        assert c.n_head_kv < c.n_head and all(b.moe for b in tf.blocks)
+        assert (c.gating, c.expert_weights_norm, c.expert_weights_scale) == ("sigmoid", True,
+                                                                               0.0)
+        assert all(b.exp_probs_b is not None and b.qk_norm == "full" for b in tf.blocks)
+        spec = c.spec
+        if change == "per_head_qk_norm":
+            monkeypatch.setattr(prefill, "prefill_qk", _per_head_qk(prefill.prefill_qk))
+        elif change == "no_qk_norm":
+            for b in tf.blocks:
+                b.qk_norm = "none"
+                b._decode_args(c)
+        elif change == "exp_probs_b":
+            for b in tf.blocks:
+                b.exp_probs_b = None
+        else:
+            new = {"rope_dim": dict(rope_dim=c.head_dim),
+                   "normal_rope": dict(spec=dataclasses.replace(spec, rope_style="normal")),
+                   "gating": dict(gating="softmax"),
+                   "norm": dict(expert_weights_norm=False)}[change]
+            tf.cfg = dataclasses.replace(c, **new)
+            tf._rope.clear()
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+
+
+def test_minimax_m2_keys_llama_cpp_ignores(tiny_gguf, tmp_path):
+    """Keys a minimax-m2 file may carry that llama.cpp 0.3.36 does not read for this arch
+    (llama_model_minimax_m2::load_arch_hparams reads the norm epsilon, the experts' width
+    and the gating function only; its graph renormalises the k weights always, and the
+    weights scale it passes stays 0: none): a weights scale, expert_weights_norm false,
+    and an experts' width unlike the experts (it sizes them by feed_forward_length). Its
+    logits with the keys are the plain file's, and efedge's are bit for bit its own."""
+    src, path = tiny_gguf("minimax-m2", "F32"), tmp_path / "with.gguf"
+    _copy_with(src, path, {}, {"minimax-m2.expert_weights_scale": 2.5,
+                               "minimax-m2.expert_weights_norm": False,
+                               "minimax-m2.expert_feed_forward_length": 512})
+    ids = _tokens(512)
+    assert np.array_equal(llama_ref.llama_logits(path, ids), llama_ref.llama_logits(src, ids))
+    with efedge.load(src) as m:
+        want = m.logits(ids)
+    with efedge.load(path) as m:
+        c = m.config
+        assert (c.n_ff_exp, c.expert_weights_norm, c.expert_weights_scale) == (256, True, 0.0)
+        assert np.array_equal(m.logits(ids), want)
+
+
+def test_minimax_m2_expert_groups_match_llama_cpp(tiny_gguf, tmp_path):
+    """llama.cpp reads expert_group_count / _used_count for every arch and masks the
+    selection to the best groups (the released MiniMax-M2 has none): with 4 groups of
+    which 2 compete, efedge's logits still equal llama.cpp's, and differ from the
+    ungrouped file's."""
+    src, path = tiny_gguf("minimax-m2", "F32"), tmp_path / "groups.gguf"
+    _copy_with(src, path, {}, {"minimax-m2.expert_group_count": 4,
+                               "minimax-m2.expert_group_used_count": 2})
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        assert (m.config.n_expert_groups, m.config.n_group_used) == (4, 2)
+        ours = m.logits(ids)
+    assert np.abs(ours - ref).max() / ref.std() <= 2e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ref - llama_ref.llama_logits(src, ids)).max() / ref.std() > 0.1
+
+
+# -- qwen3vlmoe (Qwen3-VL-30B-A3B's text model: qwen3moe with interleaved M-RoPE, head size
+# 128 and the real files' sections [24, 20, 20, 0]) ---------------------------------------
+@pytest.mark.parametrize("quant", FLOAT_QUANTS)
+def test_qwen3vl_float_logits_match_llama_cpp(tiny_gguf, quant):
+    _assert_float_match(tiny_gguf("qwen3vlmoe", quant))
+
+
+def test_qwen3vl_quantized_logits_match_llama_cpp(tiny_gguf):
+    _assert_quantized_match(tiny_gguf("qwen3vlmoe", "Q4_K_M"))
+
+
+def test_qwen3vl_greedy_continuation_matches_llama_cpp(tiny_gguf):
+    _assert_greedy_match(tiny_gguf("qwen3vlmoe", "F32"))
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_qwen3vl_streamed_matches_llama_cpp(tiny_gguf, quant):
+    """Resident and through a 50% expert cache: llama.cpp's logits, the same bits either
+    way, the same greedy tokens (test_streamed_matches_llama_cpp's checks)."""
+    _assert_streamed_match(tiny_gguf("qwen3vlmoe", quant), quant)
+
+
+@pytest.mark.parametrize("sections", [[24, 20, 20, 0], [8, 8, 8, 8]])
+def test_qwen3vl_imrope_decides(tiny_gguf, tmp_path, sections):
+    """llama.cpp's IMROPE on text tokens: the pairs whose sector falls to the 4th section
+    do not turn (pairs 61, 62 of the real sections; with [8, 8, 8, 8] the sector wraps
+    every 32 pairs and 16 of the 64 do not). At rope base 10 those pairs turn fast under
+    plain neox rope: efedge matches llama.cpp, prefill and one-token decode, and the same
+    weights with every pair turned are off by far more than the tolerance. (At the real
+    base, 5e6, the difference is below 1e-5 rad per position.)"""
+    import dataclasses
+
+    from efedge import rope
+
+    path = tmp_path / "s.gguf"
+    _copy_with(tiny_gguf("qwen3vlmoe", "F32", rope_base=10.0), path, {},
+               {"qwen3vlmoe.rope.dimension_sections": sections})
+    still = rope.imrope_fourth_pairs(tuple(sections), 64)
+    assert still.nonzero()[0].tolist() == ([61, 62] if sections[0] == 24 else
+                                           [*range(24, 32), *range(56, 64)])
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    off = {}
+    for plain in (False, True):
+        with efedge.load(path) as m:
+            assert m.config.rope_sections == tuple(sections)
+            if plain:
+                m._tf.cfg = dataclasses.replace(m.config, rope_sections=())
+                m._tf._rope.clear()  # the tables the warm-up built
+            ours = m.logits(ids)
+            s = m._session
+            s.reset()
+            s.prefill(ids[:6])
+            step = np.asarray(s.decode(ids[6])).reshape(-1)
+        off[plain] = (np.abs(ours - ref).max() / ref.std(),
+                      np.abs(step - ref[6]).max() / ref.std())
+    assert max(off[False]) <= 2e-2 and min(off[True]) > 0.1, off
+
+
+def test_qwen3vl_weights_scale_is_ignored(tiny_gguf, tmp_path):
+    """An expert_weights_scale key changes nothing in llama.cpp 0.3.36's qwen3vlmoe (as
+    for qwen3moe) and nothing here."""
+    src, path = tiny_gguf("qwen3vlmoe", "F32"), tmp_path / "w.gguf"
+    _copy_with(src, path, {}, {"qwen3vlmoe.expert_weights_scale": 2.0})
+    ids = _tokens(512, 12)
+    assert np.array_equal(llama_ref.llama_logits(path, ids), llama_ref.llama_logits(src, ids))
+    with efedge.load(src) as m:
+        want = m.logits(ids)
+    with efedge.load(path) as m:
+        assert np.array_equal(m.logits(ids), want)
+
+
+# -- phimoe (Phi-3.5-MoE as llama.cpp's phi3 graph runs it: RMS norms with biases, q / k /
+# v, attention-output and head biases, LongRoPE factors and attn_factor, softmax top-2
+# renormalised; the tiny file's original context is 256 of its 512) -----------------------
+@pytest.mark.parametrize("quant", FLOAT_QUANTS)
+def test_phimoe_float_logits_match_llama_cpp(tiny_gguf, quant):
+    _assert_float_match(tiny_gguf("phimoe", quant))
+
+
+def test_phimoe_quantized_logits_match_llama_cpp(tiny_gguf):
+    _assert_quantized_match(tiny_gguf("phimoe", "Q4_K_M"))
+
+
+def test_phimoe_greedy_continuation_matches_llama_cpp(tiny_gguf):
+    _assert_greedy_match(tiny_gguf("phimoe", "F32"))
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_phimoe_streamed_matches_llama_cpp(tiny_gguf, quant):
+    """Resident and through a 50% expert cache (decode on the T-token path): llama.cpp's
+    logits, the same bits either way, the same greedy tokens."""
+    _assert_streamed_match(tiny_gguf("phimoe", quant), quant)
+
+
+def test_phimoe_short_factors_up_to_the_original_context(tiny_gguf):
+    """llama.cpp divides theta by the short LongRoPE factors when its context, rounded up
+    to a multiple of 256, is at most the original one (256 here), else by the long ones:
+    at n_ctx 256 efedge matches llama.cpp at 256, and at 257 (rounded: 512) it takes the
+    long factors, whose logits are off from the short ones by far more than the
+    tolerance."""
+    path = tiny_gguf("phimoe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids, n_ctx=256)
+    with efedge.load(path, n_ctx=256) as m:
+        short = m.logits(ids)
+        assert np.array_equal(m._tf.rope_freqs, np.linspace(1.0, 1.5, 32, dtype=np.float32))
+    with efedge.load(path, n_ctx=257) as m:
+        long = m.logits(ids)
+        assert m._tf.rope_freqs.max() == 8.0
+    assert np.abs(short - ref).max() / ref.std() <= 2e-2
+    assert (short.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(long - ref).max() / ref.std() > 0.1
+
+
+@pytest.mark.parametrize("change", ["norm_bias", "attn_output_bias", "head_bias",
+                                    "attn_factor", "renormalise"])
+def test_phimoe_quirks_decide(tiny_gguf, change):
+    """Each quirk of the tiny phimoe file shows in the logits: without the norms' biases,
+    the attention output's or the head's bias, rope's attn_factor, or with the top-2
+    weights left unnormalised, efedge is off from llama.cpp by far more than the
+    tolerance, so the parity tests above see them all."""
+    import dataclasses
+
+    path = tiny_gguf("phimoe", "F32")
+    ids = _tokens(512)
+    ref = llama_ref.llama_logits(path, ids)
+    with efedge.load(path) as m:
+        tf, c = m._tf, m.config
+        assert c.n_ff_exp == 256 and c.n_expert_used == 2 and not c.spec.fused_decode
+        if change == "norm_bias":
+            tf.output_norm_b = None
+            for b in tf.blocks:
+                b.attn_norm_b = b.ffn_norm_b = None
+        elif change == "attn_output_bias":
+            for b in tf.blocks:
+                b.attn_output_b = None
+        elif change == "head_bias":
+            tf.output_b = None
+        elif change == "attn_factor":
+            tf.cfg = dataclasses.replace(c, rope_scaling=dataclasses.replace(
+                c.rope_scaling, attn_factor=1.0))
+            tf._rope.clear()
+        else:
+            tf.cfg = dataclasses.replace(c, spec=dataclasses.replace(c.spec, norm_topk=False))
+        off = m.logits(ids)
+    assert np.abs(off - ref).max() / ref.std() > 0.1
+

@@ -1,6 +1,7 @@
 """efedge.sampling: llama.cpp's default sampler chain."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -167,6 +168,28 @@ def test_repeat_penalty_llama_cpp_style():
         assert d[i] == pytest.approx(exp[i], rel=1e-5)
 
 
+def test_extreme_penalties_saturate_without_warnings():
+    """The largest and smallest penalties a float32 holds: a repeated token's logit goes
+    to -inf (banned) or +inf, as llama.cpp's float arithmetic takes it there — no
+    overflow or divide-by-zero warning on the way (numpy warned, and 1e-308 divided by
+    zero)."""
+    x = np.array([2.0, -2.0, 0.5, 3.0], np.float32)
+    big, tiny = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = Sampler(SamplingParams(temperature=0, repeat_penalty=big))
+        pen = s._penalised(x, [0, 1, 3])
+        assert pen[1] == -np.inf and 0 < pen[0] < pen[3] < 1e-37 and pen[2] == 0.5
+        assert s(x, [0, 1, 3]) == 2
+        s = Sampler(SamplingParams(temperature=0, repeat_penalty=tiny, frequency_penalty=big,
+                                   presence_penalty=-big))
+        assert s(x, [1, 3, 3]) == 0  # (3 / tiny - 2 big + big < 0)
+        s = Sampler(SamplingParams(temperature=0, repeat_penalty=tiny))
+        y = np.array([2.0, -1.0, 0.0, 5.0], np.float32)
+        pen = s._penalised(y, [0, 3])
+        assert pen[3] == np.inf and np.isfinite(pen[0]) and s(y, [0, 3]) == 3
+
+
 def test_repeat_penalty_changes_greedy_choice():
     x = np.array([2.0, 1.5, 0.0], np.float32)
     assert Sampler(SamplingParams(temperature=0))(x, [0]) == 0
@@ -256,6 +279,9 @@ def test_bad_logits_shape_raises():
     ("repeat_last_n", -2), ("repeat_last_n", 64.0), ("repeat_last_n", False),
     ("seed", -1), ("seed", 1.5), ("seed", True), ("seed", "42"), ("seed", float("nan")),
     ("frequency_penalty", float("nan")), ("frequency_penalty", "1"),
+    # beyond what llama.cpp's float holds (numpy overflowed, with a RuntimeWarning)
+    ("repeat_penalty", 1e308), ("repeat_penalty", 1e-300), ("frequency_penalty", -1e39),
+    ("presence_penalty", 1e300),
     ("presence_penalty", float("inf")), ("presence_penalty", None),
 ])
 def test_invalid_parameter_raises_naming_it(name, value):

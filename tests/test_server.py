@@ -18,10 +18,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
-from _http import running_server
+from _http import running_server, serve_kwargs
 from _scripted import script_tokens
 
 import efedge
@@ -204,6 +205,8 @@ def test_openai_ranges_and_error_params(server, model):
     assert status == 200, body
     for field, value in [("temperature", 2.01), ("temperature", -1), ("top_p", -0.1),
                          ("top_p", 1.01), ("top_k", -1), ("frequency_penalty", -2.5),
+                         # a penalty llama.cpp's float cannot hold (it overflowed in numpy)
+                         ("repeat_penalty", 1e308), ("repeat_penalty", 1e-300),
                          ("logprobs", 1), ("top_logprobs", -1),
                          ("tool_choice", {"type": "function", "function": {"name": "f"}})]:
         status, body = call(server, "/v1/chat/completions", dict(greedy, **{field: value}))
@@ -224,6 +227,14 @@ def test_openai_ranges_and_error_params(server, model):
         greedy, tools=[], tool_choice="none", function_call="auto", logprobs=False,
         top_logprobs=0, logit_bias={}))
     assert status == 200 and body["choices"][0]["message"] == want["choices"][0]["message"]
+    # the largest penalty a float holds bans the repeated tokens, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the model thread's too)
+        for path, body in [("/v1/chat/completions", dict(greedy, repeat_penalty=3.4e38)),
+                           ("/completion", {"prompt": "hi", "n_predict": 3,
+                                            "repeat_penalty": 1.2e-38})]:
+            status, got = call(server, path, body)
+            assert status == 200, got
     # presence / frequency penalties are applied, as the API applies them
     pen = dict(frequency_penalty=1.5, presence_penalty=0.5)
     status, body = call(server, "/v1/chat/completions", dict(greedy, **pen))
@@ -793,29 +804,10 @@ def test_cors_is_opt_in_per_origin(server, model):
 
 
 def test_serve_passes_allow_origin_to_the_server(model_path, monkeypatch, capsys):
-    import efedge.server as server_mod
-    from efedge.cli import main
-
-    seen = {}
-
-    class Stub:
-        model_id, url = "m", "http://127.0.0.1:0"
-
-        def serve_forever(self):
-            raise KeyboardInterrupt
-
-        def server_close(self):
-            pass
-
-    def fake(m, host, port, **kw):
-        seen.update(kw)
-        return Stub()
-
-    monkeypatch.setattr(server_mod, "make_server", fake)
-    assert main(["serve", str(model_path), "--port", "0", "--allow-origin",
-                 "http://localhost:3000", "--allow-origin", "*"]) == 0
+    seen = serve_kwargs(monkeypatch, [str(model_path), "--port", "0", "--allow-origin",
+                                      "http://localhost:3000", "--allow-origin", "*"])
     assert seen["allow_origins"] == ["http://localhost:3000", "*"]
-    assert main(["serve", str(model_path), "--port", "0"]) == 0
+    seen = serve_kwargs(monkeypatch, [str(model_path), "--port", "0"])
     assert tuple(seen["allow_origins"]) == ()
 
 

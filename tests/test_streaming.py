@@ -28,6 +28,7 @@ MOE_ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "glm4moe", "ernie4_5-mo
              "ernie4_5-moe-interleave", "bailingmoe", "dots1", "hunyuan-moe"]
 MOE_ARCHS += ["bailingmoe2"]  # fused attn_qkv, dense first layer, grouped sigmoid routing
 MOE_ARCHS += ["smallthinker"]  # routed before attention (early requests), ReLU experts
+MOE_ARCHS += ["minimax-m2"]  # whole-projection q / k norm, sigmoid routing + bias
 
 
 def _ids(n=24, seed=1, vocab=500):

@@ -221,17 +221,18 @@ def test_gpt_oss_and_deepseek_v3_pre_tokenizers_load(tmp_path):
         assert tok.decode(tok.encode(MIXED)) == MIXED
 
 
-def test_llama4_pre_tokenizer_matches_llama_cpp(tmp_path):
-    """Llama 4 files name their pre-tokenizer "llama4", which llama.cpp splits as o200k
-    (gpt-4o): the same random mixes as test_pre_tokenizer_splits_match_llama_cpp, and no
-    default BOS."""
+@pytest.mark.parametrize("pre", ["llama4", "minimax-m2"])
+def test_o200k_named_pre_tokenizers_match_llama_cpp(tmp_path, pre):
+    """Llama 4 files name their pre-tokenizer "llama4" and MiniMax-M2 files "minimax-m2",
+    both of which llama.cpp splits as o200k (gpt-4o): the same random mixes as
+    test_pre_tokenizer_splits_match_llama_cpp, and no default BOS."""
     import random
 
     v = pair_vocab("".join(SPLIT_POOL))
-    path = write_vocab_model(tmp_path / "llama4.gguf", "bpe", "llama4", add_bos=None, bpe=v)
+    path = write_vocab_model(tmp_path / f"{pre}.gguf", "bpe", pre, add_bos=None, bpe=v)
     tok, llm = _tok(path), _llama(path)
-    assert tok.pre == "llama4" and not tok.add_bos
-    rng = random.Random("llama4")
+    assert tok.pre == pre and not tok.add_bos
+    rng = random.Random(pre)
     for _ in range(250):
         text = "".join(rng.choice(SPLIT_POOL) for _ in range(rng.randrange(1, 24)))
         assert tok.encode(text, True, False) == llm.tokenize(text.encode(), True, False), \

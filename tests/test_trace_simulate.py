@@ -315,3 +315,43 @@ def test_simulate_refuses_a_trace_no_longer_than_the_warm_up(trace):
     # one token left after the warm-up is enough
     r = simulate(arrays, meta, setup, "ondemand", warmup=T - 1)
     assert r["tokens_generated"] == 1 and r["tokens_per_s"] > 0
+
+
+def test_simulator_replays_early_requests_of_routers_on_the_layer_input(tiny_gguf, tmp_path):
+    """smallthinker's router reads the layer's input: its trace says so, and the simulator
+    asks for each layer's experts before the layer's compute, as the live engine does
+    (Transformer.route_early), so on-demand loads overlap the attention; "/late" replays
+    the requests after it. A trace of an FFN-input router is replayed as before."""
+    path = tiny_gguf("smallthinker", "Q4_K_M")
+    with efedge.load(path) as m:
+        arrays = record_trace(m, TEXT, chunk=32)
+    save_trace(tmp_path / "st.npz", arrays)
+    arrays, meta = load_trace(tmp_path / "st.npz")
+    assert meta["router_input"] == "layer"
+    # a link that moves a layer's worth of missing experts in about a layer's compute
+    setup = _setup(meta, "50%", link=meta["bytes_per_expert"][0] / 1e-4, layer_s=3e-4,
+                   expert_s=1e-5)
+    rows = {p: simulate(arrays, meta, setup, p, warmup=4)
+            for p in ("ondemand", "ondemand/late", "expertflow", "expertflow/late")}
+    for p in ("ondemand", "expertflow"):
+        early, late = rows[p], rows[p + "/late"]
+        assert early["early_requests"] and not late["early_requests"]
+        assert late["policy"] == p + "/late"
+        assert early["stall_s"] < 0.5 * late["stall_s"], (p, early["stall_s"], late["stall_s"])
+        # the same routing either way: the same requests
+        assert early["expert_requests"] == late["expert_requests"]
+    with pytest.raises(SimulationError, match="variant 'soon'"):
+        simulate(arrays, meta, setup, "ondemand/soon", warmup=4)
+    # an FFN-input router's trace: "/late" changes nothing
+    q_arrays, q_meta = load_trace(_qwen_trace(tiny_gguf, tmp_path))
+    assert q_meta["router_input"] == "ffn"
+    a = simulate(q_arrays, q_meta, _setup(q_meta, "50%"), "ondemand", warmup=4)
+    b = simulate(q_arrays, q_meta, _setup(q_meta, "50%"), "ondemand/late", warmup=4)
+    assert not a["early_requests"] and a["stall_s"] == b["stall_s"]
+
+
+def _qwen_trace(tiny_gguf, tmp_path):
+    with efedge.load(tiny_gguf("qwen3moe", "F16")) as m:
+        arrays = record_trace(m, TEXT, chunk=32)
+    save_trace(tmp_path / "q.npz", arrays)
+    return tmp_path / "q.npz"

@@ -107,6 +107,19 @@ class ArchSpec:
     iswa_nope: bool = False
     # the torch path (efedge/gpu) runs this arch; False: device="cuda" is refused by name
     gpu: bool = True
+    # "imrope": llama.cpp's interleaved multi-section rope (qwen3vl*) from the required
+    # "{arch}.rope.dimension_sections"; text tokens have positions (p, p, p, 0), so the
+    # pairs whose sector falls to the 4th section do not rotate (efedge/rope.py)
+    mrope: str = ""
+    # attn_norm / ffn_norm / output_norm each carry a bias added after the RMS norm (phimoe:
+    # llama.cpp's phi3 graph, an RMS norm where Phi-3.5-MoE's own code has a LayerNorm)
+    norm_bias: bool = False
+    # attn_output.bias after the attention's output projection and output.bias after the
+    # head, both required (phimoe)
+    out_bias: bool = False
+    # "longrope": rope_factors_long / _short.weight divide theta, the long ones when the
+    # context exceeds rope.scaling.original_context_length (llama.cpp's get_rope_factors)
+    rope_factors: str = ""
 
 
 def _modules() -> list[str]:

@@ -30,6 +30,7 @@ from efedge.cli.common import (
     sampling_kwargs,
 )
 from efedge.errors import ContextLengthError, EfedgeError, TemplateError
+from efedge.reasoning import ReasoningSplitter, is_harmony_template
 from efedge.sampling import SamplingParams, check_logit_bias
 
 HELP = """\
@@ -89,6 +90,37 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
+class HarmonyView:
+    """A gpt-oss reply on the terminal: its analysis channel between "Thinking..." and
+    "...done thinking." (as Ollama shows it), then the final channel; finish() → the
+    answer alone, what the conversation keeps."""
+
+    def __init__(self, out: TextIO):
+        self.out, self.split = out, ReasoningSplitter()
+        self.kind = ""  # what was written last: "", "reasoning" or "content"
+        self.answer: list[str] = []
+
+    def push(self, piece: str) -> None:
+        self._show(self.split.push(piece))
+
+    def finish(self) -> str:
+        self._show(self.split.finish())
+        if self.kind == "reasoning":
+            self.out.write("\n...done thinking.\n")
+        return "".join(self.answer)
+
+    def _show(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            if kind == "reasoning" and self.kind != "reasoning":
+                self.out.write("Thinking...\n")
+            elif kind == "content" and self.kind == "reasoning":
+                self.out.write("\n...done thinking.\n\n")
+            self.kind = kind
+            self.out.write(text)
+            if kind == "content":
+                self.answer.append(text)
+
+
 class ChatREPL:
     """The conversation and its settings; `run()` is the read-reply loop."""
 
@@ -105,6 +137,11 @@ class ChatREPL:
         self.out, self.err = out, err
         self.messages: list[dict] = []
         self.interrupted = False  # the last /regen was stopped by Ctrl-C
+        try:  # gpt-oss: replies in harmony channels (HarmonyView)
+            self._harmony = is_harmony_template(m.chat_template().source)
+        except (TemplateError, EfedgeError, AttributeError):
+            # (a broken template fails at the first prompt; a stand-in model has none)
+            self._harmony = False
         self.clear()
 
     # -- output ---------------------------------------------------------------------------
@@ -192,6 +229,10 @@ class ChatREPL:
         t0 = time.perf_counter()
         t_first = None
         pieces: list[str] = []
+        # gpt-oss's harmony channels: the analysis shown as Ollama shows it, the final
+        # channel as the answer, and only the answer kept for the next turn (the template
+        # writes it back into the final channel; the raw channels would nest)
+        view = HarmonyView(self.out) if self._harmony else None
         try:
             if not interrupted.is_set():
                 for piece in m.chat(self.messages, stream=True, max_tokens=max_tokens,
@@ -199,7 +240,10 @@ class ChatREPL:
                     if t_first is None:
                         t_first = time.perf_counter()
                     pieces.append(piece)
-                    self.out.write(piece)
+                    if view is not None:
+                        view.push(piece)
+                    else:
+                        self.out.write(piece)
                     self.out.flush()
                     if interrupted.is_set():  # also when Ctrl-C came before the start
                         break
@@ -208,9 +252,10 @@ class ChatREPL:
             self.note(f"[{exc}]")
             return
         t_end = time.perf_counter()
+        reply = "".join(pieces) if view is None else view.finish()
         self.out.write("\n")
         self.out.flush()
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.messages.append({"role": "assistant", "content": reply})
         s1 = m.stats()
         if interrupted.is_set():
             self.note("[interrupted]")
@@ -422,6 +467,9 @@ def main(args: argparse.Namespace) -> int:
         repl._prompt([{"role": "user", "content": "hi"}])  # a broken template fails now
         c = m.config
         experts = f", {c.n_expert} experts ({c.n_expert_used} active)" if c.is_moe else ""
+        cache = m.stats()["cache_bytes"]
+        if cache:  # (an explicit budget, or auto on a model larger than the memory)
+            experts += f", expert cache {cache / 2**20:.0f} MiB"
         repl.note(f"efedge chat: {m.path.name} ({c.arch}{experts}), context {m.n_ctx} "
                   f"tokens. /help for commands, /bye to exit.")
         code = repl.run()

@@ -115,9 +115,10 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
     p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N")
-    p.add_argument("--cache", default=None,
-                   help="expert cache budget: bytes, 512MiB, 25%% of expert bytes "
-                        "(default: all experts resident)")
+    p.add_argument("--cache", default="auto",
+                   help="expert cache budget: auto (default: every expert resident when the "
+                        "model fits in the memory available, else a cache of what is left), "
+                        "resident, bytes, 512MiB, or 25%% of expert bytes")
     p.add_argument("--policy", default="expertflow", help="expert cache policy")
     p.add_argument("--policy-trace", default=None, metavar="TRACE",
                    help="seed the expert predictor (expertflow, fixed:H) with a routing "
@@ -248,9 +249,9 @@ def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
     if getattr(args, "policy_trace", None) is not None:
         from efedge.experts.scheduler import make_policy
 
-        if args.cache is None:
+        if args.cache in (None, "resident", "auto"):
             raise EfedgeError("--policy-trace seeds the expert cache's predictor: it needs "
-                              "--cache")
+                              "an expert cache budget (--cache SIZE)")
         policy = make_policy(policy, trace=str(Path(args.policy_trace).expanduser()))
     return efedge.load(path, device=args.device, cache=args.cache, policy=policy,
                        threads=args.threads, n_ctx=args.ctx_size, link=args.link,

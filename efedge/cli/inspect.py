@@ -73,8 +73,17 @@ def _features(c) -> dict:
                    attention_scale=c.attn_scale, logit_scale=c.logit_scale)
     if c.spec.qk_norm == "head_post":  # hunyuan-moe
         out["qk_norm"] = "per head, after rope"
+    elif c.spec.qk_norm == "full":  # olmoe, minimax-m2: one RMS over all heads
+        out["qk_norm"] = "over the whole q / k projection"
     if c.spec.attention != "mla" and c.rope_dim < c.head_dim:  # glm4moe: half of each head
         out["rope_dims"] = f"{c.rope_dim} of {c.head_dim}"
+    if c.spec.norm_bias:  # phimoe
+        out["norms"] = "RMS + bias"
+    if c.spec.rope_factors == "longrope":  # phimoe: llama.cpp's choice by the context
+        out["rope_factors"] = (f"LongRoPE: long above a context of {c.rope_scaling.n_ctx_orig}"
+                               ", else short")
+    if c.rope_sections:  # qwen3vl*: text only, the 4th section's pairs unturned
+        out["rope"] = f"imrope (interleaved M-RoPE) sections {list(c.rope_sections)}, text only"
     if c.spec.attention == "mla":
         out.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
                    rope_dims=c.rope_dim)

@@ -9,6 +9,7 @@ import sys
 import time
 
 from efedge.cli.common import (
+    add_chat_template_arg,
     add_model_args,
     add_sampling_args,
     format_stats,
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="generate text from a prompt",
                        description="Generate a continuation of a prompt.")
     add_model_args(p)
+    add_chat_template_arg(p)  # (-st / --chat: the prompt through this template)
     src = p.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", default=None,
                      help="prompt text; - reads it from standard input")
@@ -141,11 +143,22 @@ def main(args: argparse.Namespace) -> int:
         _load_prompt_cache(m, args.prompt_cache, ids)
         if args.echo:
             sys.stdout.write(prompt)
+        from efedge.cli.chat import HarmonyView
+        from efedge.reasoning import is_harmony_template
+
         result = GenerationResult([], "")
+        # gpt-oss's harmony channels, as efedge chat shows them (its analysis apart)
+        view = HarmonyView(sys.stdout) if args.chat and fmt is None and \
+            is_harmony_template(m.chat_template().source) else None
         for piece in m.stream(ids, max_tokens=max_tokens, stop=args.stop, result=result,
                               format=fmt, **sampling_kwargs(args)):
-            sys.stdout.write(piece)
+            if view is not None:
+                view.push(piece)
+            else:
+                sys.stdout.write(piece)
             sys.stdout.flush()
+        if view is not None:
+            view.finish()
         sys.stdout.write("\n")
         if args.prompt_cache is not None and not args.prompt_cache_ro:
             # the prompt alone (its last token is evaluated again anyway), or all of it

@@ -44,13 +44,19 @@ def add_parser(sub) -> None:
                    help="port (default 8080; 0 = any free)")
     p.add_argument("-a", "--alias", default=None,
                    help="the model id clients use (default: the file name without .gguf)")
+    p.add_argument("--metrics", action="store_true",
+                   help="answer GET /metrics: Prometheus figures (llama-server's names, and "
+                        "the expert cache's under efedge:)")
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) "
                         "call the server from a browser (CORS); repeatable; default none")
     # (efedge.server_requests.REASONING_FORMATS; not imported here: --help stays fast)
-    p.add_argument("--reasoning-format", choices=("auto", "deepseek", "none"), default="auto",
+    p.add_argument("--reasoning-format", choices=("auto", "deepseek", "deepseek-legacy", "none"),
+                   default="auto",
                    help="a thinking model's <think> part: auto / deepseek put it in "
-                        "message.reasoning_content (default), none leaves it in the content")
+                        "message.reasoning_content (default), deepseek-legacy too but "
+                        "streamed leaves it in the content in its tags, none leaves it in "
+                        "the content")
     add_template_kwargs_arg(p, "(a request's chat_template_kwargs override them name by name)")
     add_sampling_args(p)
     p.set_defaults(func=main)
@@ -112,7 +118,8 @@ def main(args: argparse.Namespace) -> int:
                               strict_template=args.chat_template is not None,
                               allow_origins=args.allow_origin or (),
                               reasoning_format=args.reasoning_format,
-                              template_kwargs=args.chat_template_kwargs)
+                              template_kwargs=args.chat_template_kwargs,
+                              metrics=args.metrics)
         except (OSError, OverflowError) as exc:
             raise bind_error(args.host, args.port, exc) from None
         # SIGTERM (docker stop, systemd, kill) shuts down as Ctrl-C does: the generation in

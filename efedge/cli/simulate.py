@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model-profile", default=None,
                    help="model profile (default: the traced model's own sizes)")
     p.add_argument("--cache", nargs="+", default=["25%"], help="budgets (bytes, MiB, %%)")
-    p.add_argument("--policy", nargs="+", default=["ondemand"], help="policies to compare")
+    p.add_argument("--policy", nargs="+", default=["ondemand"],
+                   help="policies to compare (NAME/late: a trace of routers on the layer's "
+                        "input asks for the experts after the attention, not before)")
     p.add_argument("--link", default=None, help="override the link rate, e.g. 8GB/s")
     p.add_argument("--layer-ms", type=positive_float, default=None,
                    help="override compute per layer (ms) — e.g. measured on this machine")

@@ -69,6 +69,14 @@ def parse_budget(spec: int | float | str, expert_bytes: int) -> int:
     return int(val)
 
 
+def minimum_budget(store, n_active: int) -> int:
+    """The smallest budget ExpertCache takes: one layer's active experts per size class
+    (the bytes of an expert's gate, up and down; layers of equal sizes share slots)."""
+    sizes = {tuple(int(b) for b in store.nbytes[il, 0]) for il in range(store.n_layer)
+             if store.expert_bytes(il)}
+    return n_active * sum(sum(k) for k in sizes)
+
+
 class ExpertCache:
     """Fixed slots within `budget` bytes, sized per class, at least `n_active` per class."""
 

@@ -142,7 +142,7 @@ class CudaModel:
         for name, ref in gf.tensors.items():
             if name != "token_embd.weight" or "output.weight" not in gf.tensors:
                 tk.block_size(ref.qtype)  # UnsupportedModelError names the type
-        host = Transformer(gf, cfg)
+        host = Transformer(gf, cfg, n_ctx=n_ctx)
         self.host = host
 
         # -- the budget --------------------------------------------------------------------
@@ -450,11 +450,11 @@ def load_cuda_model(path=None, *, cache=None, policy: str = "expertflow", link=N
         if s.irope or s.weight_before_ffn or not s.gpu:
             from efedge.errors import UnsupportedModelError
 
-            raise UnsupportedModelError(  # llama4, smallthinker: CPU-only layers
+            raise UnsupportedModelError(  # llama4, smallthinker, phimoe: CPU-only layers
                 f"device='cuda' does not run architecture {cfg.arch!r} yet (its chunked, "
                 "NoPE or sliding-window attention layers, routing weights on the experts' "
-                "input, a router before attention or ReLU experts are CPU-only); use "
-                "device='cpu'")
+                "input, a router before attention, ReLU experts or norm and output biases "
+                "are CPU-only); use device='cpu'")
         return CudaModel(gf, cfg, cache=cache, policy=policy, link=link, vram=vram,
                          reserve=reserve, n_ctx=n_ctx, device=device, workers=workers,
                          hybrid=hybrid, dense=dense, counters=counters, ubatch=ubatch,
