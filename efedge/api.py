@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from efedge import demo, kernels
+from efedge import demo, held, kernels
 from efedge.api_chat import ChatMixin
 from efedge.api_generation import GenerationMixin
 from efedge.api_scoring import ScoringMixin
@@ -34,7 +34,7 @@ from efedge.errors import (
 from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session
-from efedge.gguf_file import GGUFFile
+from efedge.gguf_file import EXPERT_TENSORS, GGUFFile
 from efedge.model import Transformer
 from efedge.tokenizer import Tokenizer
 
@@ -69,6 +69,10 @@ def _check_policy(policy) -> None:
 
     if not isinstance(policy, Policy):
         policy_class(policy)
+
+
+def _not_expert(name: str) -> bool:
+    return not any(f".{t}." in name for t in EXPERT_TENSORS)
 
 
 def _check_workers(workers) -> None:
@@ -109,7 +113,7 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                  transfer_workers: int | None = None, vram: int | str | None = None,
                  hybrid: str = "auto", routing: str = "exact",
                  routing_slack: float = 0.05, host_cache: int | str | None = None,
-                 disk_link: str | None = None):
+                 disk_link: str | None = None, use_mmap: bool = False):
         # "cuda:N" with N an index: anything else after "cuda:" ("cuda:x", "cuda:-1")
         # reached torch.device, whose RuntimeError was a traceback instead of this error
         cuda = isinstance(device, str) and (
@@ -185,6 +189,8 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                         host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
             else:
+                if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held)
+                    held.hold(self._gf, None if self._all_resident(cache) else _not_expert)
                 with computing, notice:
                     self._tf = Transformer(self._gf, self.config, n_ctx=ctx)
             kv = self._tf.new_kv_cache(ctx)  # (before the expert cache: auto counts it)
@@ -225,6 +231,17 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self._progress(1.0, "ready")
 
     # -- internals ----------------------------------------------------------------------
+    def _all_resident(self, cache) -> bool:
+        """Whether every expert will be resident, as far as it can be told before the
+        model is built (efedge.held copies the experts then; with an expert cache they
+        stay in the file, read into its slots): a dense model, cache None / "resident",
+        or "auto" where the file takes at most the half of the memory available that
+        held.fits allows (auto keeps every expert resident then, unless the KV cache
+        takes most of the other half)."""
+        if not self.config.is_moe or cache is None or cache == "resident":
+            return True
+        return cache == "auto" and held.fits(self._gf.file_size)
+
     def _auto_cache(self, store, kv_bytes: int, link) -> int | None:
         """cache="auto": a budget from the memory available (efedge/memory.py), or None
         (every expert resident). With an emulated link, or on a machine that does not say

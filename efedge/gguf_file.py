@@ -268,6 +268,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike[str], *, _shard: bool = False):
         self.path = Path(path)
         self.paths = [self.path]
+        self._held: dict[str, np.ndarray] = {}  # tensors copied into memory (efedge.held)
         self._shards: list[GGUFFile] = []  # the split GGUF's other shards
         self.file_size = _precheck(self.path)
         try:
@@ -394,9 +395,12 @@ class GGUFFile:
         return ref
 
     def raw(self, name: str) -> np.ndarray:
-        """Zero-copy uint8 view of a tensor, shaped [rows, row_bytes] (or [.., rows, bytes])."""
+        """Zero-copy uint8 view of a tensor, shaped [rows, row_bytes] (or [.., rows, bytes]):
+        of the mapping, or of the tensor's copy in memory when efedge.held made one."""
         ref = self.tensor(name)
-        buf = self.file(ref.shard)._mmap[ref.offset: ref.offset + ref.nbytes]
+        buf = self._held.get(name)
+        if buf is None:
+            buf = self.file(ref.shard)._mmap[ref.offset: ref.offset + ref.nbytes]
         dims = tuple(reversed(ref.shape[1:])) + (ref.row_bytes,)
         return buf.reshape(dims)
 
@@ -423,6 +427,7 @@ class GGUFFile:
         GGUF's shards go the same way."""
         for sh in getattr(self, "_shards", ()):
             sh.close()
+        self._held = {}  # the copies go with their last view
         mm = getattr(self, "_mmap", None)
         self._mmap = None
         raw = getattr(mm, "_mmap", None)

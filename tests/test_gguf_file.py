@@ -47,6 +47,40 @@ def test_expert_slices_are_the_per_expert_bytes(moe_path):
     gf.close()
 
 
+def test_held_tensors_are_the_mapped_bytes(moe_path, monkeypatch):
+    """efedge.held copies tensors into memory; raw() then serves the copies (read-only,
+    the same bytes), and a model loads onto them unless use_mmap=True, with the same
+    logits. Where they would not fit, nothing is copied and the mapping serves."""
+    from efedge import held
+
+    gf = GGUFFile(moe_path)
+    mapped = {n: gf.raw(n).copy() for n in gf.tensors}
+    expert = "blk.0.ffn_up_exps.weight"
+    assert held.hold(gf, lambda n: n != expert) > 0
+    assert expert not in gf._held and len(gf._held) == len(gf.tensors) - 1
+    for n, a in mapped.items():
+        v = gf.raw(n)
+        assert v.shape == a.shape and np.array_equal(v, a)
+        assert not v.flags.writeable
+    assert gf.raw("token_embd.weight").ctypes.data % 64 == 0
+    gf.close()
+    monkeypatch.setattr(held, "available_bytes", lambda: 1000)
+    gf = GGUFFile(moe_path)
+    assert held.hold(gf) == 0 and gf._held == {}
+    gf.close()
+    monkeypatch.undo()
+    ids = [1, 2, 3, 4]
+    with efedge.load(moe_path) as a, efedge.load(moe_path, use_mmap=True) as b:
+        assert held.fits(1) is (held.available_bytes() is not None)
+        assert (len(a._gf._held) > 0) is held.fits(1) and b._gf._held == {}
+        assert np.array_equal(a.logits(ids), b.logits(ids))
+        for cache in ("resident", "auto"):  # every expert resident: all of them held
+            with efedge.load(moe_path, cache=cache) as c:
+                assert set(c._gf._held) == set(a._gf._held)
+        with efedge.load(moe_path, cache="50%") as c:  # the experts stay in the file
+            assert set(c._gf._held) == {n for n in a._gf._held if "_exps." not in n}
+
+
 def _copy(src, dst_dir, name="m.gguf"):
     dst = dst_dir / name
     shutil.copy(src, dst)

@@ -6,6 +6,7 @@ import dis
 import importlib
 import os
 import pkgutil
+import platform
 import subprocess
 import sys
 
@@ -161,3 +162,35 @@ def test_import_time_compiles_are_logged_once(caplog):
     src = open(k.__file__, encoding="utf-8").read()
     at = src.index("from . import _callees")
     assert "_announce_compiles" in src[max(0, at - 300):at]  # the import is inside it
+
+
+_LOWERING = """
+import llvmlite.binding as llvm
+from efedge.kernels import _ir, gemm, simd
+llvm.initialize_native_target()
+llvm.initialize_native_asmprinter()
+feats = ",".join(("+" if on else "-") + name for name, on in _ir._FEATS.items())
+tm = llvm.Target.from_default_triple().create_target_machine(
+    cpu=llvm.get_host_cpu_name(), features=feats, opt=2)
+for text in (simd._ir_all(), gemm._ir_all()):
+    mod = llvm.parse_assembly(text)
+    mod.verify()
+    calls = [ln for ln in tm.emit_assembly(mod).splitlines() if "llvm." in ln]
+    assert not calls, calls[:3]
+print("ok", _ir._VNNI_FN)
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="x86 feature sets")
+@pytest.mark.parametrize("features", ["", "-avx512vnni", "-avx512vnni,-avxvnni"])
+def test_vector_kernels_lower_to_instructions_on_x86_feature_sets(features):
+    """Every intrinsic the integer kernels declare lowers to instructions on a CPU with
+    just those features (EFEDGE_CPU_FEATURES builds them as for one): an intrinsic name
+    LLVM does not know compiles into a call of a symbol nobody defines. The AVX-VNNI-only
+    path (Intel's laptop cores) called llvm.x86.avx2.vpdpbusd.256 so until 2026-11-30."""
+    env = dict(os.environ, EFEDGE_CPU_FEATURES=features)
+    r = subprocess.run([sys.executable, "-c", _LOWERING], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ok")

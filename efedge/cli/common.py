@@ -131,6 +131,10 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
                         "probability is within --routing-slack (changes outputs)")
     p.add_argument("--routing-slack", type=probability, default=0.05,
                    help="router-probability slack of --routing cache-aware (default 0.05)")
+    p.add_argument("--mmap", action="store_true",
+                   help="compute from the model file's mapping instead of reading the "
+                        "weights into memory (decode is slower; the default reads them when "
+                        "they take at most half the memory available)")
     p.add_argument("--stats", action="store_true", help="print every counter on stderr")
 
 
@@ -254,7 +258,8 @@ def load_model(args: argparse.Namespace, **kwargs) -> efedge.Model:
                        routing=getattr(args, "routing", "exact"),
                        routing_slack=getattr(args, "routing_slack", 0.05),
                        host_cache=getattr(args, "host_cache", None),
-                       disk_link=getattr(args, "disk_link", None), **kwargs)
+                       disk_link=getattr(args, "disk_link", None),
+                       use_mmap=getattr(args, "mmap", False), **kwargs)
 
 
 def format_stats(stats: dict) -> str:

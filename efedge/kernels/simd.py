@@ -43,6 +43,7 @@ from ._ir import (
     _VNNI_FN,
     LUT_DECL,
     OFFSET,
+    PMADD_DECL,
     _Fn,
     _seq,
     _splat,
@@ -57,7 +58,7 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
 declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
 """ + (f"declare <8 x i32> @{_VNNI_FN}(<8 x i32>, <8 x i32>, <8 x i32>)\n" if _VNNI_FN
-       else "") + LUT_DECL
+       else "") + LUT_DECL + PMADD_DECL
 
 # Every kernel: (ptr row, i64 row stride, i64 nblocks, ptr xq, ptr xd, ptr xs, i64 n,
 # ptr out) -> void; row r starts at row + r·stride, token t's activations at xq + t·n,

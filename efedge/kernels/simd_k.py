@@ -23,7 +23,7 @@ Super-block layouts: see quant_k.
 
 from __future__ import annotations
 
-from ._ir import _Fn, _splat, unsigned_table
+from ._ir import PMADD, _Fn, _splat, unsigned_table
 
 
 def _band(f: _Fn, v: str, m: int) -> str:
@@ -38,16 +38,35 @@ def _shr(f: _Fn, v: str, k: int) -> str:
     return f.v(f"lshr <32 x i8> {v}, {_splat('i8', 32, k)}") if k else v
 
 
+def _pk(f: _Fn, v: str, n: int, signed: bool) -> str:
+    """The scale vector v (<n x i32>) as _sum's small-weight path multiplies with it: each
+    lane's scale in both of its 16-bit halves (the i16 pair vpdpwssd / vpmaddwd read), on
+    hosts with that path (PMADD); v itself elsewhere."""
+    if not PMADD:
+        return v
+    lo = f.v(f"and <{n} x i32> {v}, {_splat('i32', n, 65535)}") if signed else v
+    hi = f.v(f"shl <{n} x i32> {v}, {_splat('i32', n, 16)}")
+    return f.v(f"or <{n} x i32> {lo}, {hi}")
+
+
 def _sum(f: _Fn, tok, ws: list[str], svs: list[str], d: str, coef: str, c: str,
-         off: int) -> list:
+         off: int, small: bool = False) -> list:
     """The per-token step shared by every body (see the module docstring). coef: <16 x
     i32>, the correction's coefficient of each of the super-block's 16 Q8_K sums; returns
-    the new (acc, corr) per token."""
+    the new (acc, corr) per token. small: every weight is at most 127 (all but IQ4_XS's
+    shifted table), so the scaled sums take vpmaddubsw + vpdpwssd (``_Fn.dot32_scaled``,
+    svs from ``_pk``) where the host has them: the same integers as vpdpbusd, vpmulld
+    and vpaddd, so the same bits, at half the vector instructions (llama.cpp's AVX2
+    K-quant dots multiply so too: maddubs, then madd with the scales)."""
     out = []
     for xq, xd, xs, acc, cor in tok:
         iacc = "zeroinitializer"
         for j in range(8):
-            s = f.dot32(ws[j], f.load("<32 x i8>", f.gep(xq, str(32 * j))))
+            xv = f.load("<32 x i8>", f.gep(xq, str(32 * j)))
+            if small and PMADD:
+                iacc = f.dot32_scaled(iacc, ws[j], xv, svs[j])
+                continue
+            s = f.dot32(ws[j], xv)
             iacc = f.v(f"add <8 x i32> {iacc}, {f.v(f'mul <8 x i32> {s}, {svs[j]}')}")
         prod = f.v(f"mul <16 x i32> {f.load('<16 x i32>', xs, 4)}, {coef}")
         csum = f.v(f"call i32 @llvm.vector.reduce.add.v16i32(<16 x i32> {prod})")
@@ -190,8 +209,9 @@ def q4_k(f: _Fn, p: str, tok) -> list:
     for g in range(4):
         q = f.load("<32 x i8>", f.gep(p, str(16 + 32 * g)))
         ws += [_band(f, q, 15), _shr(f, q, 4)]
-    return _sum(f, tok, ws, [_lane(f, sm, 16, j) for j in range(8)], d, _pairs(f, sm, 16, 8),
-                dmin, 1)
+    sp = _pk(f, sm, 16, False)
+    return _sum(f, tok, ws, [_lane(f, sp, 16, j) for j in range(8)], d, _pairs(f, sm, 16, 8),
+                dmin, 1, True)
 
 
 def q5_k(f: _Fn, p: str, tok) -> list:
@@ -205,14 +225,16 @@ def q5_k(f: _Fn, p: str, tok) -> list:
         for j, lo in ((2 * g, _band(f, q, 15)), (2 * g + 1, _shr(f, q, 4))):
             hb = _shl(f, _band(f, _shr(f, qh, j), 1), 4)
             ws.append(f.v(f"or <32 x i8> {lo}, {hb}"))
-    return _sum(f, tok, ws, [_lane(f, sm, 16, j) for j in range(8)], d, _pairs(f, sm, 16, 8),
-                dmin, 1)
+    sp = _pk(f, sm, 16, False)
+    return _sum(f, tok, ws, [_lane(f, sp, 16, j) for j in range(8)], d, _pairs(f, sm, 16, 8),
+                dmin, 1, True)
 
 
 def q6_k(f: _Fn, p: str, tok) -> list:
     # 6-bit q = ql nibble | 2 qh bits, minus 32; int8 scales per 16 elements
     d = f.h2f(f.gep(p, "208"))
     sc = f.v(f"sext <16 x i8> {f.load('<16 x i8>', f.gep(p, '192'))} to <16 x i32>")
+    sp = _pk(f, sc, 16, True)
     ws, svs = [], []
     for h in range(2):
         qa = f.load("<32 x i8>", f.gep(p, str(64 * h)))
@@ -222,8 +244,8 @@ def q6_k(f: _Fn, p: str, tok) -> list:
         ws.append(f.v(f"or <32 x i8> {_band(f, qb, 15)}, {_shl(f, _band(f, qh, 12), 2)}"))
         ws.append(f.v(f"or <32 x i8> {_shr(f, qa, 4)}, {_band(f, qh, 48)}"))
         ws.append(f.v(f"or <32 x i8> {_shr(f, qb, 4)}, {_band(f, _shr(f, qh, 2), 48)}"))
-        svs += [_halves(f, sc, 4 * h + c) for c in range(4)]
-    return _sum(f, tok, ws, svs, d, sc, d, 32)
+        svs += [_halves(f, sp, 4 * h + c) for c in range(4)]
+    return _sum(f, tok, ws, svs, d, sc, d, 32, True)
 
 
 def q3_k(f: _Fn, p: str, tok) -> list:
@@ -238,7 +260,8 @@ def q3_k(f: _Fn, p: str, tok) -> list:
         lo = _band(f, _shr(f, qs[j // 4], 2 * (j % 4)), 3)
         hb = _shl(f, _band(f, _shr(f, hm, j), 1), 2)
         ws.append(f.v(f"or <32 x i8> {lo}, {hb}"))
-    return _sum(f, tok, ws, [_halves(f, sc, j) for j in range(8)], d, sc, d, 4)
+    sp = _pk(f, sc, 16, True)
+    return _sum(f, tok, ws, [_halves(f, sp, j) for j in range(8)], d, sc, d, 4, True)
 
 
 def q2_k(f: _Fn, p: str, tok) -> list:
@@ -250,7 +273,8 @@ def q2_k(f: _Fn, p: str, tok) -> list:
     mn = f.v(f"zext <16 x i8> {_bytes16(f, b, 'lshr', 4)} to <16 x i32>")
     qs = [f.load("<32 x i8>", f.gep(p, str(16 + 32 * h))) for h in range(2)]
     ws = [_band(f, _shr(f, qs[j // 4], 2 * (j % 4)), 3) for j in range(8)]
-    return _sum(f, tok, ws, [_halves(f, sc, j) for j in range(8)], d, mn, dmin, 1)
+    sp = _pk(f, sc, 16, False)
+    return _sum(f, tok, ws, [_halves(f, sp, j) for j in range(8)], d, mn, dmin, 1, True)
 
 
 def iq4_xs(f: _Fn, p: str, tok) -> list:
