@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # efedge / gguf_tools from the checkout, installed or not
     sys.path.insert(0, str(ROOT))
+
+# A shell without job control starts a background command (`.ci/run &`) with SIGINT
+# ignored, and children inherit that: the tests that send a real Ctrl-C — to this
+# process or to an `efedge chat` / `serve` child — would see nothing happen. Python's own
+# handler here gives the children the default disposition back (a handler does not
+# survive exec; an ignored signal does).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @cache

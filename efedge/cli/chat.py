@@ -30,6 +30,7 @@ from efedge.cli.common import (
     sampling_kwargs,
 )
 from efedge.errors import ContextLengthError, EfedgeError, TemplateError
+from efedge.experts.streaming import StreamingExperts
 from efedge.reasoning import ReasoningSplitter, is_harmony_template
 from efedge.sampling import SamplingParams, check_logit_bias
 
@@ -467,9 +468,9 @@ def main(args: argparse.Namespace) -> int:
         repl._prompt([{"role": "user", "content": "hi"}])  # a broken template fails now
         c = m.config
         experts = f", {c.n_expert} experts ({c.n_expert_used} active)" if c.is_moe else ""
-        cache = m.stats()["cache_bytes"]
-        if cache:  # (an explicit budget, or auto on a model larger than the memory)
-            experts += f", expert cache {cache / 2**20:.0f} MiB"
+        if isinstance(m._experts, StreamingExperts):  # (a budget, or auto on a model
+            # larger than the memory; resident experts count as a cache of all of them)
+            experts += f", expert cache {m.stats()['cache_bytes'] / 2**20:.0f} MiB"
         repl.note(f"efedge chat: {m.path.name} ({c.arch}{experts}), context {m.n_ctx} "
                   f"tokens. /help for commands, /bye to exit.")
         code = repl.run()
