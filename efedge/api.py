@@ -35,7 +35,7 @@ from efedge.experts.stats import Counters
 from efedge.experts.store import ResidentExperts
 from efedge.generate import GenerationResult, Session
 from efedge.gguf_file import EXPERT_TENSORS, GGUFFile
-from efedge.model import Transformer
+from efedge.model import Transformer, new_kv_cache
 from efedge.tokenizer import Tokenizer
 
 log = logging.getLogger("efedge")
@@ -95,7 +95,7 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     if cuda:
         raise UnsupportedModelError("routing='cache-aware' is implemented for device='cpu' "
                                     "only")
-    if cache is None or cache == "resident":
+    if cache is None:
         log.warning("routing='cache-aware' has no effect without an expert cache (cache=...): "
                     "every expert is resident")
     return float(slack)
@@ -137,6 +137,8 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
             if not isinstance(threads, int) or threads < 1:
                 raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        if cache == "resident":  # (a name for None: every expert resident)
+            cache = None
         slack = _routing_slack(routing, routing_slack, cache, cuda)
         _check_workers(transfer_workers)
         _check_policy(policy)
@@ -181,22 +183,24 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                     self._tf = load_cuda_model(
                         self._gf, config=self.config, device=device,
                         # (auto fits the CPU's memory; the GPU path sizes its own)
-                        cache=None if cache in ("auto", "resident") else cache,
+                        cache=None if cache == "auto" else cache,
                         policy=policy, link=link, vram=vram, n_ctx=ctx,
                         counters=self.counters,
                         workers=LINK_WORKERS if transfer_workers is None else transfer_workers,
                         hybrid=hybrid,
                         host_cache=host_cache, disk_link=disk_link)
                 self.link = self._tf.link  # the device model owns its expert cache
+                kv = self._tf.new_kv_cache(ctx)
             else:
-                if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held)
-                    held.hold(self._gf, None if self._all_resident(cache) else _not_expert)
+                kv = new_kv_cache(self.config, ctx)  # (auto counts it)
+                if cache == "auto":  # decided before the weights are held or read
+                    cache = self._auto_cache(kv.nbytes, link)
+                if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held);
+                    # with an expert cache the experts stay in the file, read into its slots
+                    held.hold(self._gf, None if cache is None else _not_expert)
                 with computing, notice:
                     self._tf = Transformer(self._gf, self.config, n_ctx=ctx)
-            kv = self._tf.new_kv_cache(ctx)  # (before the expert cache: auto counts it)
-            if not cuda:
-                self._experts = self._expert_source(cache, policy, link, transfer_workers,
-                                                    kv.nbytes)
+                self._experts = self._expert_source(cache, policy, link, transfer_workers)
                 self._tf.routing_slack = slack
             self._session = Session(self._forward if self._compute is None
                                     else self._forward_in_turn, kv, self.counters)
@@ -231,27 +235,21 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self._progress(1.0, "ready")
 
     # -- internals ----------------------------------------------------------------------
-    def _all_resident(self, cache) -> bool:
-        """Whether every expert will be resident, as far as it can be told before the
-        model is built (efedge.held copies the experts then; with an expert cache they
-        stay in the file, read into its slots): a dense model, cache None / "resident",
-        or "auto" where the file takes at most the half of the memory available that
-        held.fits allows (auto keeps every expert resident then, unless the KV cache
-        takes most of the other half)."""
-        if not self.config.is_moe or cache is None or cache == "resident":
-            return True
-        return cache == "auto" and held.fits(self._gf.file_size)
-
-    def _auto_cache(self, store, kv_bytes: int, link) -> int | None:
+    def _auto_cache(self, kv_bytes: int, link) -> int | None:
         """cache="auto": a budget from the memory available (efedge/memory.py), or None
-        (every expert resident). With an emulated link, or on a machine that does not say
-        how much memory it has, resident."""
+        (every expert resident: a dense model, a model that fits, or a machine that does
+        not say how much memory it has). Sized from the file's expert tensors before the
+        model is built, so that efedge.held knows whether to copy the experts too."""
         from efedge.experts.cache import minimum_budget
+        from efedge.experts.store import ExpertStore
         from efedge.memory import auto_budget, available_memory
 
+        if not self.config.is_moe:
+            return None
         if link is not None:
             raise EfedgeError("link= emulates expert transfers and needs an expert cache "
                               "budget (cache=... other than 'auto')")
+        store = ExpertStore(self._gf, self.config.n_layer, self.config.n_expert)
         expert_bytes = store.total_bytes()
         budget = auto_budget(available_memory(), self._gf.file_size, expert_bytes, kv_bytes,
                              minimum_budget(store, self.config.n_expert_used))
@@ -264,17 +262,14 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                      "available, or this system does not say how much there is)")
         return budget
 
-    def _expert_source(self, cache, policy, link, workers, kv_bytes: int = 0):
-        """Resident experts (cache=None / "resident", or "auto" when the file fits in
-        memory) or the streaming cache within a byte budget."""
+    def _expert_source(self, cache, policy, link, workers):
+        """Resident experts (cache=None) or the streaming cache within a byte budget."""
         if not self.config.is_moe:
-            if cache not in (None, "auto", "resident") or link is not None:
+            if cache is not None or link is not None:
                 log.info("dense model: cache= and link= have no effect")
             return None
         store = self._tf.store
-        if cache == "auto":
-            cache = self._auto_cache(store, kv_bytes, link)
-        if cache is None or cache == "resident":
+        if cache is None:
             if link is not None:
                 raise EfedgeError("link= emulates expert transfers and needs an expert cache "
                                   "(cache=...)")

@@ -48,6 +48,12 @@ from efedge.model_decode import DecodeMixin
 from efedge.weights import _FFN, _qmatrix, _vector
 
 
+def new_kv_cache(cfg, n_ctx: int) -> KVCache:
+    """The CPU path's KV cache for a model of this config (before its weights are read:
+    efedge.load sizes the expert cache with it)."""
+    return KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim, cfg.v_head_dim)
+
+
 class Transformer(DecodeMixin):
     """Weights + forward pass. Holds no KV cache and no expert cache of its own."""
 
@@ -118,8 +124,7 @@ class Transformer(DecodeMixin):
         return time.perf_counter() - t0
 
     def new_kv_cache(self, n_ctx: int) -> KVCache:
-        c = self.cfg
-        return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, c.v_head_dim)
+        return new_kv_cache(self.cfg, n_ctx)
 
     # -- pieces -------------------------------------------------------------------------
     def embed(self, tokens: np.ndarray) -> np.ndarray:
