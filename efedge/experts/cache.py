@@ -95,7 +95,7 @@ class ExpertCache:
         self.class_parts = np.array(keys, dtype=np.int64).reshape(-1, 3)
         class_experts = np.array([(self.layer_class == c).sum() * n_expert
                                   for c in range(len(sizes))], dtype=np.int64)
-        minimum = n_active * sum(sizes)
+        minimum = minimum_budget(store, n_active)  # (n_active × the sizes above)
         if budget < minimum:
             raise CacheBudgetError(
                 f"cache budget {budget / 2**20:.1f} MiB cannot hold one layer's {n_active} "
