@@ -414,8 +414,8 @@ def test_bad_api_arguments_are_named_efedge_errors(m, path):
 
 def test_transfer_workers_follow_the_link_unless_given(path):
     """Reading the file itself, loads overlap in the drive's queue: FILE_WORKERS; through
-    an emulated (serial) link, LINK_WORKERS; an explicit count wins (Python threads, or
-    native ones with EFEDGE_NATIVE_WORKERS=1: native_workers.py)."""
+    an emulated (serial) link, LINK_WORKERS; an explicit count wins (native threads reading
+    the file on Linux — native_workers.py — Python ones elsewhere)."""
     from efedge.experts.transfer import FILE_WORKERS, LINK_WORKERS
 
     assert FILE_WORKERS > LINK_WORKERS

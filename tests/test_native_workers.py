@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not nw.available(),
 
 @pytest.fixture(autouse=True)
 def native(monkeypatch):
-    """Native workers are opt-in (EFEDGE_NATIVE_WORKERS=1)."""
+    """Native workers, whatever the environment says (EFEDGE_NATIVE_WORKERS=0 turns them
+    off)."""
     monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "1")
 
 
@@ -156,13 +157,19 @@ def test_native_engine_gives_the_resident_logits(path, policy):
         assert eng.pool.n_threads == 0  # joined by close()
 
 
-@pytest.mark.parametrize("setting", [None, "0"])
-def test_python_workers_unless_asked(path, monkeypatch, setting):
+@pytest.mark.parametrize("setting,want_native", [(None, True), ("1", True), ("0", False)])
+def test_native_workers_unless_told_not_to(path, monkeypatch, setting, want_native):
+    """Reading the file itself on Linux: native workers by default; EFEDGE_NATIVE_WORKERS=0
+    gives Python ones; an emulated link always has Python ones (the link's timing is
+    theirs)."""
     if setting is None:
-        monkeypatch.delenv("EFEDGE_NATIVE_WORKERS")
+        monkeypatch.delenv("EFEDGE_NATIVE_WORKERS", raising=False)
     else:
         monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", setting)
     with efedge.load(path, cache="30%") as m:
+        eng = m._experts.engine
+        assert eng.gil_free is want_native and bool(eng._threads) is not want_native
+    with efedge.load(path, cache="30%", link="720MB/s") as m:
         assert not m._experts.engine.gil_free and m._experts.engine._threads
 
 
