@@ -70,8 +70,16 @@ class ModelWorker:
         self._queued = threading.Condition(self._lock)
         self._stopping = False
         self.n_cancelled = 0  # generations cut short (client gone, shutdown)
+        self._harmony: bool | None = None  # whether the tools template is gpt-oss's
         self._thread = threading.Thread(target=self._loop, name="efedge-model", daemon=True)
         self._thread.start()
+
+    def _harmony_tools(self) -> bool:
+        """Whether the model's tools template writes harmony messages (gpt-oss): asked
+        once, by the first request with tools (the server has checked that template)."""
+        if self._harmony is None:
+            self._harmony = is_harmony_template(self.model.chat_template(tools=True).source)
+        return self._harmony
 
     def submit(self, req: GenRequest) -> Job:
         job = Job(req)
@@ -214,8 +222,7 @@ class ModelWorker:
         # gpt-oss with tools: its calls are harmony messages the splitter finds, so it
         # reads the reply whatever the reasoning format (none: the analysis left out)
         drop = req.drop_reasoning
-        if splitter is None and calls is not None and \
-                is_harmony_template(m.chat_template(tools=True).source):
+        if splitter is None and calls is not None and self._harmony_tools():
             splitter, drop = ReasoningSplitter(), True
         harmony_calls: list[dict] = []
         names = tool_names(req.tools) if req.tools is not None else []
