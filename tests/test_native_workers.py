@@ -159,9 +159,8 @@ def test_native_engine_gives_the_resident_logits(path, policy):
 
 @pytest.mark.parametrize("setting,want_native", [(None, True), ("1", True), ("0", False)])
 def test_native_workers_unless_told_not_to(path, monkeypatch, setting, want_native):
-    """Reading the file itself on Linux: native workers by default; EFEDGE_NATIVE_WORKERS=0
-    gives Python ones; an emulated link always has Python ones (the link's timing is
-    theirs)."""
+    """On Linux, reading the file itself or through an emulated link: native workers by
+    default; EFEDGE_NATIVE_WORKERS=0 gives Python ones."""
     if setting is None:
         monkeypatch.delenv("EFEDGE_NATIVE_WORKERS", raising=False)
     else:
@@ -170,7 +169,8 @@ def test_native_workers_unless_told_not_to(path, monkeypatch, setting, want_nati
         eng = m._experts.engine
         assert eng.gil_free is want_native and bool(eng._threads) is not want_native
     with efedge.load(path, cache="30%", link="720MB/s") as m:
-        assert not m._experts.engine.gil_free and m._experts.engine._threads
+        eng = m._experts.engine
+        assert eng.gil_free is want_native and bool(eng._threads) is not want_native
 
 
 def test_native_reads_that_fail_are_read_again_and_then_given_up(path, monkeypatch):
@@ -245,3 +245,65 @@ def test_a_finished_copy_does_not_make_the_slots_next_expert_ready(path):
                 assert cache.slot_state[s] == LOADING and eng._row_job.get(job.row) is not job
         finally:
             eng.pool.pause(False)
+
+
+def test_link_rows_land_when_the_link_delivers_them(path, store):
+    """LINK rows read through the page cache and are held as the emulated link would hold
+    them: booked one after another from when a worker takes each (two workers, one
+    link), each lands — its landing time written, then DONE — no earlier than the end of
+    its booking; the compute thread's own bookings (book) go behind theirs."""
+    import time
+
+    raw = np.fromfile(path, dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    land = np.full(4, np.inf)
+    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
+    dur = 3_000_000  # 3 ms a copy
+    try:
+        bufs = _buffers(store, 4)
+        pool.pause(True)
+        for row in range(3):
+            pool.queue(row, np.full(3, fd, np.int64),
+                       np.array([b.ctypes.data for b in bufs[row]], np.int64),
+                       store.offsets[1, row], store.nbytes[1, row], 1, row, row,
+                       nw.LINK, dur)
+        pool.publish()
+        t_start = time.perf_counter()
+        pool.pause(False)
+        _wait_all(pool, range(3))
+        ends = sorted(land[:3])
+        # one link: the three copies follow each other, each dur long (from the first take)
+        assert ends[0] >= t_start + dur * 1e-9 - 1e-4
+        for a, b in zip(ends, ends[1:], strict=False):
+            assert b - a >= dur * 1e-9 - 1e-6
+        for row in range(3):
+            j = pool.jobs[row]
+            assert j[nw.F_STATE] == nw.DONE and j[nw.F_RC] == 0
+            # held until (about) its landing: the worker wakes early by its measured
+            # oversleep only, at most a millisecond
+            assert j[nw.F_T2] * 1e-9 >= land[row] - 1e-3
+            for i in range(3):
+                o, n = int(store.offsets[1, row, i]), int(store.nbytes[1, row, i])
+                assert np.array_equal(bufs[row][i][:n], raw[o:o + n])
+        later = pool.book(time.perf_counter() - 1.0, 0.002)  # booked in the past: behind
+        assert later >= ends[-1] + 0.002 - 1e-9
+    finally:
+        pool.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "expertflow"])
+def test_native_workers_through_an_emulated_link(path, monkeypatch, policy):
+    """An emulated link's copies are made by native workers (two, one serial link) from
+    the page cache, the compute thread's demand copies book the same link; the logits are
+    the resident ones and the meter reads the link's rate."""
+    ids = list(range(3, 40))
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    with efedge.load(path, cache="30%", policy=policy, link="200MB/s") as m:
+        eng = m._experts.engine
+        assert eng.gil_free and eng.pool.n_threads == 2 and not eng._threads
+        assert np.array_equal(m.logits(ids), ref)
+        st = m.stats()
+        assert st["bytes_loaded"] > 0 and st["misses"] > 0
+        assert 150e6 < eng.bandwidth_ewma < 210e6  # the link's rate, not the page cache's

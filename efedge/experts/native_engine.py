@@ -1,6 +1,10 @@
 """NativeTransferEngine: the TransferEngine whose copies are made by native threads
 (native_workers.py), for reading the model file itself with O_DIRECT on Linux (the
-default there; EFEDGE_NATIVE_WORKERS=0 keeps Python workers: make_engine says why).
+default there; EFEDGE_NATIVE_WORKERS=0 keeps Python workers: make_engine says why), and
+for an emulated link's copies: read through the page cache, booked on the link as a
+worker takes them and held until it would have delivered them, as the Python workers do,
+but without a GIL hand-over per copy — a copy engine's DMA, which the link stands for,
+costs the compute thread nothing.
 
 The queue lives in the workers' job table instead of a Python heap; everything else —
 slots, the meters, failed reads, cancelling, promoting a prefetch to a demand load, the
@@ -22,40 +26,46 @@ import numpy as np
 
 from efedge.experts import native_workers as nw
 from efedge.experts.cache import LOADING, READY
-from efedge.experts.transfer import DEMAND, FILE_WORKERS, Job, TransferEngine
+from efedge.experts.transfer import DEMAND, FILE_WORKERS, LINK_WORKERS, Job, TransferEngine
 
 log = logging.getLogger("efedge.transfer")
 
 
 def make_engine(path, store, cache, counters, link=None, workers=None) -> TransferEngine:
-    """The transfer engine for a cache: native workers where they can read the file (no
-    emulated link, Linux, O_DIRECT on its file system), else Python workers;
-    EFEDGE_NATIVE_WORKERS=0 asks for Python workers there too. Native by default since the
-    twenty-first session: every policy decodes faster from the drive with them (paired on
-    the test VM: on-demand 1.15-1.16x, expertflow 1.08-1.14x), though expertflow's stall
-    there is higher — the same reads hidden behind less compute, and on 2 cores the workers
-    waiting for one (docs/scheduler.md §6); what users wait for is the decode. Emulated
-    links keep Python workers: the issue's stall figures are measured through them."""
-    if link is None and nw.available() and os.environ.get("EFEDGE_NATIVE_WORKERS") != "0":
+    """The transfer engine for a cache: native workers where they can run (Linux; reading
+    the file itself, a file system with O_DIRECT; or through an emulated link, from the
+    page cache), else Python workers; EFEDGE_NATIVE_WORKERS=0 asks for Python workers.
+    Reading the drive, every policy decodes faster with native workers (paired on the
+    test VM: on-demand 1.15-1.16x, expertflow 1.08-1.14x), though expertflow's stall there
+    is higher — the same reads hidden behind less compute (docs/scheduler.md §6). Through
+    an emulated link (since the twenty-first session), Python workers cost the compute
+    thread ~0.7 ms per token of GIL hand-overs and context switches that a copy engine
+    would not, slowing every prefetching policy's decode and so hiding its copies: native
+    ones measure the scheduler as a DMA link would (docs/scheduler.md §6)."""
+    if nw.available() and os.environ.get("EFEDGE_NATIVE_WORKERS") != "0":
         try:
-            return NativeTransferEngine(path, store, cache, counters, workers)
+            return NativeTransferEngine(path, store, cache, counters, workers, link)
         except RuntimeError as exc:  # no O_DIRECT there, or no thread could start
             log.info("native transfer workers unavailable (%s): Python workers read", exc)
     return TransferEngine(path, store, cache, counters, link, workers)
 
 
 class NativeTransferEngine(TransferEngine):
-    """TransferEngine with native workers (no emulated link; direct reads)."""
+    """TransferEngine with native workers: direct reads of the file, or reads through the
+    page cache held by an emulated link (`link`), as the Python workers make them."""
 
     gil_free = True  # no worker needs the GIL: nothing to hand it over to
 
-    def __init__(self, path, store, cache, counters, workers: int | None = None):
+    def __init__(self, path, store, cache, counters, workers: int | None = None,
+                 link=None):
         # (no Python worker: _spawn is not called while n_workers is 0)
-        super().__init__(path, store, cache, counters, link=None, workers=0)
-        if self._direct_fds is None:
+        super().__init__(path, store, cache, counters, link=link, workers=0)
+        if link is None and self._direct_fds is None:
             self.close()
             raise RuntimeError("native workers read with O_DIRECT, which this file refused")
-        self.n_workers = FILE_WORKERS if workers is None else max(1, int(workers))
+        self._mode = nw.DIRECT if link is None else nw.LINK
+        self.n_workers = (FILE_WORKERS if link is None else LINK_WORKERS) \
+            if workers is None else max(1, int(workers))
         # where each slot's gate, up and down start, and each layer's three descriptors:
         # a job row is filled from these in one kernel call
         self._slot_dst = np.array([[p.ctypes.data for p in cache.slot_parts(s)]
@@ -71,7 +81,7 @@ class NativeTransferEngine(TransferEngine):
         """int64 [L, 3]: the direct descriptor of each layer's gate, up and down. The
         native reads write through raw addresses, so every expert's parts are checked
         here, once, to fit the slots of its layer's size class."""
-        fds = self._direct_fds
+        fds = self._direct_fds if self.link is None else self._fds
         out = np.full((store.n_layer, 3), -1, np.int64)
         for layer in range(store.n_layer):
             c = int(cache.layer_class[layer])
@@ -95,7 +105,14 @@ class NativeTransferEngine(TransferEngine):
     @property
     def native(self) -> bool:
         """Whether copies still go to the native workers (not after _fall_back)."""
-        return self._direct_fds is not None
+        return self._direct_fds is not None or self.link is not None
+
+    def _book_link(self, nbytes: int, now: float) -> float:
+        """As TransferEngine's, on the native workers' own booking (one link: the compute
+        thread's inline copies and the workers' copies take turns on it)."""
+        if self.link is None or getattr(self, "pool", None) is None:
+            return super()._book_link(nbytes, now)
+        return self.pool.book(now, self.link.latency_s + nbytes / self.link.bytes_per_s)
 
     # -- called with cond held ------------------------------------------------------------
     def submit(self, layer: int, expert: int, slot: int, priority: int,
@@ -116,9 +133,13 @@ class NativeTransferEngine(TransferEngine):
         job = Job(priority, next(self._seq), layer, expert, slot, gen=gen)
         r = self.pool.free.pop()
         st = self.store
+        dur = 0
+        if self.link is not None:  # the link's time for it, booked when a worker takes it
+            dur = int(1e9 * (self.link.latency_s + st.expert_bytes(layer, expert)
+                             / self.link.bytes_per_s))
         self.pool.queue(r, self._layer_fds[layer], self._slot_dst[slot],
                         st.offsets[layer, expert], st.nbytes[layer, expert], priority,
-                        job.seq, slot)
+                        job.seq, slot, self._mode, dur)
         job.row = r
         self._row_job[r] = job
         self.jobs_by_key[layer * st.n_expert + expert] = job
@@ -193,22 +214,29 @@ class NativeTransferEngine(TransferEngine):
             if self.jobs_by_key.get(key) is job:
                 del self.jobs_by_key[key]
             t0, t1 = int(jobs[r, nw.F_T0]), int(jobs[r, nw.F_T1])
+            t2 = int(jobs[r, nw.F_T2])  # landed: the read's end, or the link's delivery
             if jobs[r, nw.F_STATE] == nw.DONE:
                 nbytes = int(jobs[r, nw.F_N0:nw.F_N2 + 1].sum())
                 if self._own_load(job):
                     self.cache.slot_state[job.slot] = READY
                 self.counters.bytes_loaded += nbytes
                 self._meter_read((t1 - t0) * 1e-9)
-                # the link's busy time: from this read's start, or the last completion if
-                # it was already under way then
-                self._meter_copy(nbytes, max(1, t1 - max(t0, self._last_end)) * 1e-9)
-                self._last_end = max(self._last_end, t1)
+                if self.link is not None:  # the link's time for it: from its booked
+                    begin = int(jobs[r, nw.F_BEGIN])  # start to its landing (the compute
+                    # thread's own copies book the same link between the workers' ones)
+                    self._meter_copy(nbytes, max(1, t2 - begin) * 1e-9)
+                else:  # the drive's busy time: from this read's start, or the last
+                    # completion if it was already under way then
+                    self._meter_copy(nbytes, max(1, t2 - max(t0, self._last_end)) * 1e-9)
+                self._last_end = max(self._last_end, t2)
             else:
-                job.error = OSError(f"direct read of expert {job.expert} of layer "
+                how = "direct read" if self.link is None else "read"
+                job.error = OSError(f"{how} of expert {job.expert} of layer "
                                     f"{job.layer} failed ({int(jobs[r, nw.F_RC])})")
                 if self.cache.slot_state[job.slot] == LOADING and self._own_load(job):
                     self.cache.release(job.slot)
-                self._direct_failed()
+                if self.link is None:
+                    self._direct_failed()
             self._free(r)
         if not self.native:
             self._fall_back()

@@ -40,10 +40,14 @@ from efedge.kernels.atomics import load as _load
 from efedge.kernels.atomics import store as _store
 
 FREE, QUEUED, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4, 5
-# the columns of a job row
+# the columns of a job row. F_MODE: DIRECT (O_DIRECT reads of the drive) or LINK (reads
+# from the page cache through an emulated link of F_DUR ns per copy: booked as the worker
+# takes the row — from F_BEGIN on —, landed — F_T2 — when the link would have delivered it)
 (F_STATE, F_PRIO, F_SEQ, F_SLOT, F_FD0, F_FD1, F_FD2, F_DST0, F_DST1, F_DST2, F_OFF0,
- F_OFF1, F_OFF2, F_N0, F_N1, F_N2, F_RC, F_T0, F_T1) = range(19)
-N_FIELDS = 19
+ F_OFF1, F_OFF2, F_N0, F_N1, F_N2, F_RC, F_T0, F_T1, F_MODE, F_DUR, F_T2,
+ F_BEGIN) = range(23)
+N_FIELDS = 23
+DIRECT, LINK = 0, 1
 # the control words (int32): STOP and PAUSE are read by the workers; GEN and DONE are the
 # futex words; SLEEP counts the workers waiting on GEN (a publish with none asleep makes
 # no system call)
@@ -54,6 +58,8 @@ _NAP_NS = 10_000_000
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
 _FUTEX_WAIT, _FUTEX_WAKE = 128, 129  # FUTEX_*_PRIVATE: no other process shares the words
 _CTX = 8  # the int64 words of a worker's context
+_PR_SET_TIMERSLACK = 29
+_PAGE = 4096  # (the buffered read kernel's page, for advice it is not given)
 
 
 def _machine() -> str:
@@ -89,6 +95,11 @@ if _AVAILABLE:
         types.int64))
     _clock_gettime = types.ExternalFunction("clock_gettime",
                                             types.intc(types.intc, types.voidptr))
+    # int clock_nanosleep(clockid_t, int flags, const timespec *, timespec *)
+    _clock_nanosleep = types.ExternalFunction("clock_nanosleep", types.intc(
+        types.intc, types.intc, types.voidptr, types.voidptr))
+    _prctl = types.ExternalFunction("prctl", types.intc(
+        types.intc, types.uint64, types.uint64, types.uint64, types.uint64))
     _NR_FUTEX = _SYS_FUTEX[_machine()]
 
     @njit(nogil=True, cache=True, fastmath=False)
@@ -119,10 +130,55 @@ if _AVAILABLE:
         return 0
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def _read_row_buffered(row, land, until):
+        """The row's expert read into its slot's parts through the page cache (an
+        emulated link's copies: the bytes stay cached, as the Python workers leave them);
+        land[slot] = until once all is in. 0, or the kernel's failure."""
+        g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
+        u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
+        d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
+        offs, ns = row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3]
+        if row[F_FD0] == row[F_FD1] == row[F_FD2]:
+            return file_read._read_parts(np.intc(row[F_FD0]), g, u, d, offs, ns, _PAGE,
+                                         np.intc(-1), land, row[F_SLOT], until)
+        only = np.zeros(3, np.int64)  # a split file: each part from its own shard
+        for i in range(3):
+            only[:] = 0
+            only[i] = ns[i]
+            rc = file_read._read_parts(np.intc(row[F_FD0 + i]), g, u, d, offs, only, _PAGE,
+                                       np.intc(-1), land, row[F_SLOT] if i == 2 else -1,
+                                       until)
+            if rc != 0:
+                return rc
+        return 0
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def book_link(lnk, now, dur):
+        """Book the emulated link for a copy of dur ns starting at `now` (ns, CLOCK_MONOTONIC):
+        it begins when the link is free, and lnk[0] — the end of the last booking — moves to
+        its end, which is returned. By compare-and-swap: the native workers and the compute
+        thread (TransferEngine.copy_inline) book the same link."""
+        while True:
+            cur = _load(lnk, 0)
+            end = max(now, cur) + dur
+            if _cas(lnk, 0, cur, end) == cur:
+                return end
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _sleep_until(ns):
+        """Sleep until CLOCK_MONOTONIC reads ns (again after an interruption)."""
+        ts = np.array([ns // 1_000_000_000, ns % 1_000_000_000], np.int64)
+        while _clock_nanosleep(1, 1, ts.ctypes.data, 0) != 0:  # TIMER_ABSTIME
+            pass
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _worker(ctx):
         """A worker's loop: ctx = (table address, rows, control address, landing table
-        address, its length, bounce buffer address, its length)."""
+        address, its length, bounce buffer address, its length, the link word's address)."""
+        # a link's landings end on time: Linux lets a normal thread's timers run 50 µs late
+        _prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
         jobs = carray(_ptr(ctx[0]), (ctx[1], N_FIELDS), np.int64)
+        lnk = carray(_ptr(ctx[7]), (2,), np.int64)
         ctl = carray(_ptr(ctx[2]), (8,), np.int32)
         land = carray(_ptr(ctx[3]), (ctx[4],), np.float64)
         bounce = carray(_ptr(ctx[5]), (ctx[6],), np.uint8)
@@ -147,10 +203,24 @@ if _AVAILABLE:
             row = jobs[best]
             if _cas(row, F_STATE, QUEUED, RUNNING) != QUEUED:
                 continue  # another worker, or the compute thread, took it
-            row[F_T0] = _now_ns(ts)
-            rc = _read_row(row, bounce, land)
+            row[F_T0] = t0 = _now_ns(ts)
+            if row[F_MODE] == LINK:
+                until = book_link(lnk, t0, row[F_DUR])
+                row[F_BEGIN] = until - row[F_DUR]
+                rc = _read_row_buffered(row, land, until * 1e-9)
+                row[F_T1] = _now_ns(ts)
+                if rc == 0:  # held as the link would hold the copy, waking early by
+                    # the measured oversleep (lnk[1], an EWMA): the copy ends at `until`
+                    # on average, and the next one is booked then, not a timer's slack later
+                    wake = until - _load(lnk, 1)
+                    _sleep_until(wake)
+                    late = min(max(_now_ns(ts) - wake, 0), 1_000_000)
+                    _store(lnk, 1, _load(lnk, 1) + (late - _load(lnk, 1)) // 10)
+            else:
+                rc = _read_row(row, bounce, land)
+                row[F_T1] = _now_ns(ts)
             row[F_RC] = rc
-            row[F_T1] = _now_ns(ts)
+            row[F_T2] = _now_ns(ts)
             _store(row, F_STATE, DONE if rc == 0 else FAILED)
             _add32(ctl, C_DONE, 1)
             _syscall(_NR_FUTEX, ctx[2] + 4 * C_DONE, _FUTEX_WAKE, 2147483647, 0, 0, 0)
@@ -162,10 +232,13 @@ if _AVAILABLE:
         return arg
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot):
+    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot, mode, dur):
         """Fill row r (part i: descriptor fds[i], destination address dst[i], file offset
-        offs[i], ns[i] bytes) and make it QUEUED, last."""
+        offs[i], ns[i] bytes; mode DIRECT or LINK, dur: the link's ns for it) and make it
+        QUEUED, last."""
         row = jobs[r]
+        row[F_MODE] = mode
+        row[F_DUR] = dur
         for i in range(3):
             row[F_FD0 + i] = fds[i]
             row[F_DST0 + i] = dst[i]
@@ -224,10 +297,14 @@ class NativeWorkers:
         self._libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
         self.jobs = np.zeros((rows, N_FIELDS), np.int64)
         self.ctl = np.zeros(8, np.int32)
+        # an emulated link: the end of its last booking, and how late the workers' sleeps
+        # end (ns, EWMA)
+        self.link_word = np.zeros(2, np.int64)
         self.land = land  # (kept alive with the pool: the threads write into it)
         self._bounces = [file_read.aligned_buffer(bounce_bytes) for _ in range(n)]
         self._ctx = [np.array([self.jobs.ctypes.data, rows, self.ctl.ctypes.data,
-                               land.ctypes.data, land.shape[0], b.ctypes.data, b.shape[0], 0],
+                               land.ctypes.data, land.shape[0], b.ctypes.data, b.shape[0],
+                               self.link_word.ctypes.data],
                               np.int64) for b in self._bounces]
         self.free = list(range(rows - 1, -1, -1))
         self._threads: list[int] = []
@@ -252,9 +329,17 @@ class NativeWorkers:
                            ctypes.c_void_p(self.ctl.ctypes.data + 4 * word), ctypes.c_long(op),
                            ctypes.c_long(int(val)), timeout, None, None)
 
-    def queue(self, row: int, fds, dst, offs, ns, prio: int, seq: int, slot: int) -> None:
-        """Fill a free row and make it QUEUED (publish() then wakes a worker)."""
-        _queue_row(self.jobs, row, fds, dst, offs, ns, prio, seq, slot)
+    def queue(self, row: int, fds, dst, offs, ns, prio: int, seq: int, slot: int,
+              mode: int = DIRECT, dur: int = 0) -> None:
+        """Fill a free row and make it QUEUED (publish() then wakes a worker): read
+        directly (DIRECT), or through the page cache and an emulated link that holds the
+        copy dur ns (LINK)."""
+        _queue_row(self.jobs, row, fds, dst, offs, ns, prio, seq, slot, mode, dur)
+
+    def book(self, now_s: float, dur_s: float) -> float:
+        """Book the workers' emulated link for a copy of dur_s seconds from now_s (both
+        on time.perf_counter's clock); returns when it lands."""
+        return book_link(self.link_word, int(now_s * 1e9), int(dur_s * 1e9)) * 1e-9
 
     def publish(self) -> None:
         """(one producer) Rows made QUEUED since the last call are there: wake a worker if
