@@ -307,3 +307,31 @@ def test_native_workers_through_an_emulated_link(path, monkeypatch, policy):
         st = m.stats()
         assert st["bytes_loaded"] > 0 and st["misses"] > 0
         assert 150e6 < eng.bandwidth_ewma < 210e6  # the link's rate, not the page cache's
+
+
+def test_a_known_landing_is_spun_for_not_slept_for(path, monkeypatch):
+    """Waiting for an emulated link's copy whose landing time is known, the compute
+    thread spins the last SPIN_S to it instead of a timed wait (those ended 43-80 µs late
+    on the test VM): with SPIN_S covering every wait, the engine is never asked to sleep
+    for a known landing, and the logits are the resident ones; with SPIN_S = 0 it is."""
+    from efedge.experts import demand_wait
+
+    ids = list(range(3, 30))
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    for spin, slept in ((10.0, False), (0.0, True)):
+        monkeypatch.setattr(demand_wait, "SPIN_S", spin)
+        with efedge.load(path, cache="30%", policy="ondemand", link="50MB/s") as m:
+            eng = m._experts.engine
+            assert eng.gil_free
+            timeouts = []
+            wait = eng.wait_progress
+
+            def recorded(mark, timeout, wait=wait, timeouts=timeouts):
+                timeouts.append(timeout)
+                return wait(mark, timeout)
+
+            eng.wait_progress = recorded
+            assert np.array_equal(m.logits(ids), ref)
+            assert m.stats()["stall_s"] > 0
+            assert any(t < 1.0 for t in timeouts) is slept
