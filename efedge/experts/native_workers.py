@@ -108,46 +108,33 @@ if _AVAILABLE:
         return ts[0] * 1_000_000_000 + ts[1]
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _read_row(row, bounce, land):
-        """The row's expert read into its slot's parts (0, or the kernel's failure)."""
-        g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
-        u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
-        d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
-        offs, ns = row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3]
-        if row[F_FD0] == row[F_FD1] == row[F_FD2]:
-            return file_read._read_parts_direct(np.intc(row[F_FD0]), g, u, d, offs, ns,
-                                                bounce, file_read.DIRECT_ALIGN, land,
-                                                row[F_SLOT], 0.0)
-        only = np.zeros(3, np.int64)  # a split file: each part from its own shard
-        for i in range(3):
-            only[:] = 0
-            only[i] = ns[i]
-            rc = file_read._read_parts_direct(np.intc(row[F_FD0 + i]), g, u, d, offs, only,
-                                              bounce, file_read.DIRECT_ALIGN, land,
-                                              row[F_SLOT] if i == 2 else -1, 0.0)
-            if rc != 0:
-                return rc
-        return 0
+    def _read_parts_by_mode(mode, fd, g, u, d, offs, ns, bounce, land, slot, until):
+        """Parts ns of an expert read into g / u / d by the row's mode: DIRECT with
+        O_DIRECT through the bounce buffer, LINK through the page cache (an emulated link's
+        copies: the bytes stay cached, as the Python workers leave them)."""
+        if mode == LINK:
+            return file_read._read_parts(np.intc(fd), g, u, d, offs, ns, _PAGE, np.intc(-1),
+                                         land, slot, until)
+        return file_read._read_parts_direct(np.intc(fd), g, u, d, offs, ns, bounce,
+                                            file_read.DIRECT_ALIGN, land, slot, until)
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _read_row_buffered(row, land, until):
-        """The row's expert read into its slot's parts through the page cache (an
-        emulated link's copies: the bytes stay cached, as the Python workers leave them);
-        land[slot] = until once all is in. 0, or the kernel's failure."""
+    def _read_row(row, bounce, land, until):
+        """The row's expert read into its slot's parts; land[slot] = until once all is in
+        (0, or the kernel's failure)."""
         g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
         u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
         d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
-        offs, ns = row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3]
+        offs, ns, mode = row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3], row[F_MODE]
         if row[F_FD0] == row[F_FD1] == row[F_FD2]:
-            return file_read._read_parts(np.intc(row[F_FD0]), g, u, d, offs, ns, _PAGE,
-                                         np.intc(-1), land, row[F_SLOT], until)
+            return _read_parts_by_mode(mode, row[F_FD0], g, u, d, offs, ns, bounce, land,
+                                       row[F_SLOT], until)
         only = np.zeros(3, np.int64)  # a split file: each part from its own shard
         for i in range(3):
             only[:] = 0
             only[i] = ns[i]
-            rc = file_read._read_parts(np.intc(row[F_FD0 + i]), g, u, d, offs, only, _PAGE,
-                                       np.intc(-1), land, row[F_SLOT] if i == 2 else -1,
-                                       until)
+            rc = _read_parts_by_mode(mode, row[F_FD0 + i], g, u, d, offs, only, bounce, land,
+                                     row[F_SLOT] if i == 2 else -1, until)
             if rc != 0:
                 return rc
         return 0
@@ -207,7 +194,7 @@ if _AVAILABLE:
             if row[F_MODE] == LINK:
                 until = book_link(lnk, t0, row[F_DUR])
                 row[F_BEGIN] = until - row[F_DUR]
-                rc = _read_row_buffered(row, land, until * 1e-9)
+                rc = _read_row(row, bounce, land, until * 1e-9)
                 row[F_T1] = _now_ns(ts)
                 if rc == 0:  # held as the link would hold the copy, waking early by
                     # the measured oversleep (lnk[1], an EWMA): the copy ends at `until`
@@ -215,9 +202,10 @@ if _AVAILABLE:
                     wake = until - _load(lnk, 1)
                     _sleep_until(wake)
                     late = min(max(_now_ns(ts) - wake, 0), 1_000_000)
-                    _store(lnk, 1, _load(lnk, 1) + (late - _load(lnk, 1)) // 10)
+                    est = _load(lnk, 1)  # (the other worker may have moved it meanwhile)
+                    _store(lnk, 1, est + (late - est) // 10)
             else:
-                rc = _read_row(row, bounce, land)
+                rc = _read_row(row, bounce, land, 0.0)
                 row[F_T1] = _now_ns(ts)
             row[F_RC] = rc
             row[F_T2] = _now_ns(ts)
