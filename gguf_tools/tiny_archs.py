@@ -112,6 +112,20 @@ def deepseek2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
 
 
+def biased_attention(b: str, d: int, q_out: int, kv_out: int) -> list[TensorSpec]:
+    """q / k / v / output projections of layer prefix b, each with its bias (gpt-oss,
+    phimoe)."""
+    T = TensorSpec
+    return [T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
+            T(b + "attn_q.bias", (q_out,), "bias", keep_f32=True),
+            T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
+            T(b + "attn_k.bias", (kv_out,), "bias", keep_f32=True),
+            T(b + "attn_v.weight", (d, kv_out), "proj"),
+            T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True),
+            T(b + "attn_output.weight", (q_out, d), "proj"),
+            T(b + "attn_output.bias", (d,), "bias", keep_f32=True)]
+
+
 def gptoss_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
     T = TensorSpec
     d, hd = cfg["n_embd"], cfg["head_dim"]
@@ -121,14 +135,7 @@ def gptoss_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
     for i in range(cfg["n_layer"]):
         b = f"blk.{i}."
         out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
-                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
-                T(b + "attn_q.bias", (q_out,), "bias", keep_f32=True),
-                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
-                T(b + "attn_k.bias", (kv_out,), "bias", keep_f32=True),
-                T(b + "attn_v.weight", (d, kv_out), "proj"),
-                T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True),
-                T(b + "attn_output.weight", (q_out, d), "proj"),
-                T(b + "attn_output.bias", (d,), "bias", keep_f32=True),
+                *biased_attention(b, d, q_out, kv_out),
                 # sink logits ≈ 2: they take a visible share of each head's attention
                 T(b + "attn_sinks.weight", (cfg["n_head"],), "norm", 2.0, keep_f32=True),
                 T(b + "post_attention_norm.weight", (d,), "norm", keep_f32=True),

@@ -13,7 +13,8 @@ import math
 
 import gguf
 
-from gguf_tools.make_tiny import QK_GAIN, ROUTER_GAIN, TensorSpec
+from gguf_tools.make_tiny import ROUTER_GAIN, TensorSpec
+from gguf_tools.tiny_archs import biased_attention
 
 # the original context: half the file's context_length (real: 4096 of 131072), 256 at the
 # test preset, so llama.cpp takes the long factors above it (the tests' default n_ctx 512)
@@ -37,14 +38,7 @@ def phimoe_plan(cfg: dict, n_vocab: int, a: dict) -> list[TensorSpec]:
         b = f"blk.{i}."
         out += [T(b + "attn_norm.weight", (d,), "norm", keep_f32=True),
                 T(b + "attn_norm.bias", (d,), "bias", keep_f32=True),
-                T(b + "attn_q.weight", (d, q_out), "proj", scale=QK_GAIN),
-                T(b + "attn_q.bias", (q_out,), "bias", keep_f32=True),
-                T(b + "attn_k.weight", (d, kv_out), "proj", scale=QK_GAIN),
-                T(b + "attn_k.bias", (kv_out,), "bias", keep_f32=True),
-                T(b + "attn_v.weight", (d, kv_out), "proj"),
-                T(b + "attn_v.bias", (kv_out,), "bias", keep_f32=True),
-                T(b + "attn_output.weight", (q_out, d), "proj"),
-                T(b + "attn_output.bias", (d,), "bias", keep_f32=True),
+                *biased_attention(b, d, q_out, kv_out),
                 T(b + "ffn_norm.weight", (d,), "norm", keep_f32=True),
                 T(b + "ffn_norm.bias", (d,), "bias", keep_f32=True),
                 T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
