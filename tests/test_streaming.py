@@ -258,6 +258,43 @@ def test_an_emulated_link_carries_copies_in_the_order_they_start(tiny_gguf):
     assert done[1] < done[2], done  # the first to start is delivered first
 
 
+def test_an_emulated_link_starts_a_copy_when_it_is_queued(tiny_gguf):
+    """A copy engine starts a queued copy as soon as the link is free, however late a
+    transfer worker gets to it: a job queued 0.3 s before a worker could take it (the
+    engine's lock held) on a link that carries it in 0.2 s is there as soon as it is
+    read — not 0.2 s after the worker took it."""
+    import time
+
+    from efedge.config import config_from_gguf
+    from efedge.experts.link import Link
+    from efedge.experts.transfer import PREFETCH
+
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+    cache = ExpertCache(store, _min_budget(path), cfg.n_expert_used)
+    link = Link("test", store.expert_bytes(0) / 0.2)
+    engine = TransferEngine(path, store, cache, Counters(), link, workers=1)
+    try:
+        with engine.cond:
+            slot = cache.free_or_victim(0, lambda c, cands: int(cands[0]))
+            cache.assign(slot, 0, 1)
+            job = engine.submit(0, 1, slot, PREFETCH)
+            time.sleep(0.3)  # no worker can take it meanwhile
+            released = time.perf_counter()
+        t0 = time.perf_counter()
+        while cache.slot_state[slot] != READY and time.perf_counter() - t0 < 10:
+            time.sleep(0.002)
+        landed = time.perf_counter()
+    finally:
+        engine.close()
+        gf.close()
+    assert cache.slot_state[slot] == READY
+    assert job.link_until <= released  # booked from its queuing: delivered already
+    assert landed - released < 0.15, landed - released
+
+
 @pytest.mark.parametrize("kernel_reads", [True, False])
 def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kernel_reads):
     """Without a link every read expert's file pages are dropped (the budget is honest);

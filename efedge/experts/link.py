@@ -108,7 +108,8 @@ class LinkTiming:
     # -- the emulated link --------------------------------------------------------------
     def _book_link(self, nbytes: int, now: float) -> float:
         """When the emulated link delivers a copy of nbytes that starts now (0: no link).
-        Booked as a worker takes the job, so the link carries copies in the order they
+        Booked as a worker takes the job (from when it was queued, if the link was free
+        then: TransferEngine._book_queued), so the link carries copies in the order they
         start, as a copy engine does: booked after the read instead, a demand load whose
         worker came back from its read late (no core, or no GIL, on a busy machine) went
         behind prefetches that started after it (measured: 500-900 µs for one 137 µs

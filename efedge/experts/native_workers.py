@@ -42,11 +42,12 @@ from efedge.kernels.atomics import store as _store
 FREE, QUEUED, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4, 5
 # the columns of a job row. F_MODE: DIRECT (O_DIRECT reads of the drive) or LINK (reads
 # from the page cache through an emulated link of F_DUR ns per copy: booked as the worker
-# takes the row — from F_BEGIN on —, landed — F_T2 — when the link would have delivered it)
+# takes the row — from F_BEGIN on, no earlier than it was queued, F_QT —, landed — F_T2 —
+# when the link would have delivered it)
 (F_STATE, F_PRIO, F_SEQ, F_SLOT, F_FD0, F_FD1, F_FD2, F_DST0, F_DST1, F_DST2, F_OFF0,
  F_OFF1, F_OFF2, F_N0, F_N1, F_N2, F_RC, F_T0, F_T1, F_MODE, F_DUR, F_T2,
- F_BEGIN) = range(23)
-N_FIELDS = 23
+ F_BEGIN, F_QT) = range(24)
+N_FIELDS = 24
 DIRECT, LINK = 0, 1
 # the control words (int32): STOP and PAUSE are read by the workers; GEN and DONE are the
 # futex words; SLEEP counts the workers waiting on GEN (a publish with none asleep makes
@@ -192,7 +193,11 @@ if _AVAILABLE:
                 continue  # another worker, or the compute thread, took it
             row[F_T0] = t0 = _now_ns(ts)
             if row[F_MODE] == LINK:
-                until = book_link(lnk, t0, row[F_DUR])
+                # a copy engine starts a queued copy as soon as the link is free: from
+                # when it was queued, not when this thread got to it (waking a worker
+                # takes tens of µs on a busy 2-core machine: the emulation's time, not
+                # the link's)
+                until = book_link(lnk, min(t0, row[F_QT]), row[F_DUR])
                 row[F_BEGIN] = until - row[F_DUR]
                 rc = _read_row(row, bounce, land, until * 1e-9)
                 row[F_T1] = _now_ns(ts)
@@ -236,6 +241,7 @@ if _AVAILABLE:
         row[F_SEQ] = seq
         row[F_SLOT] = slot
         row[F_RC] = 0
+        row[F_QT] = _now_ns(np.zeros(2, np.int64))
         _store(row, F_STATE, QUEUED)
 
     @njit(nogil=True, cache=True, fastmath=False)

@@ -53,6 +53,7 @@ class Job:
     metered: bool = field(default=False, compare=False)  # counted in the link's in-flight
     link_until: float = field(default=0.0, compare=False)  # the emulated link's delivery
     gen: int = field(default=0, compare=False)  # its slot's load (ExpertCache.slot_gen)
+    queued_at: float = field(default=0.0, compare=False)  # perf_counter when queued
     error: BaseException | None = field(default=None, compare=False)
 
 
@@ -102,7 +103,7 @@ class TransferEngine(FileReads, LinkTiming):
     # -- called with cond held ------------------------------------------------------------
     def submit(self, layer: int, expert: int, slot: int, priority: int) -> Job:
         job = Job(priority, next(self._seq), layer, expert, slot,
-                  gen=self.cache.begin_load(slot))
+                  gen=self.cache.begin_load(slot), queued_at=time.perf_counter())
         self.submitted += 1
         heapq.heappush(self._queue, job)
         self.jobs_by_key[layer * self.store.n_expert + expert] = job
@@ -120,9 +121,10 @@ class TransferEngine(FileReads, LinkTiming):
         queue, by_key, n_e, seq = self._queue, self.jobs_by_key, self.store.n_expert, self._seq
         if gens is None:
             gens = [self.cache.begin_load(s) for s in slots]
+        now = time.perf_counter()
         for layer, expert, slot, prio, gen in zip(layers, experts, slots, priorities, gens,
                                                   strict=True):
-            job = Job(prio, next(seq), layer, expert, slot, gen=gen)
+            job = Job(prio, next(seq), layer, expert, slot, gen=gen, queued_at=now)
             heapq.heappush(queue, job)
             by_key[layer * n_e + expert] = job
         self.submitted += len(layers)
@@ -140,7 +142,8 @@ class TransferEngine(FileReads, LinkTiming):
         Returns the job that will load it (a new one, or `job` if already under way)."""
         if not job.started and job.priority != DEMAND:
             job.cancelled = True
-            new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot, gen=job.gen)
+            new = Job(DEMAND, next(self._seq), job.layer, job.expert, job.slot, gen=job.gen,
+                      queued_at=job.queued_at)
             heapq.heappush(self._queue, new)
             self.jobs_by_key[job.layer * self.store.n_expert + job.expert] = new
             self.work.notify()
@@ -273,12 +276,26 @@ class TransferEngine(FileReads, LinkTiming):
                     if job.priority == DEMAND:  # the compute thread may wait for it to
                         self.cond.notify_all()  # start (StreamingExperts._start_demand_loads)
                     self._meter_start(job)
-                    job.link_until = self._book_link(
-                        self.store.expert_bytes(job.layer, job.expert), time.perf_counter())
+                    job.link_until = self._book_queued(job)
                 self._run(job)
                 job = None
         except BaseException as exc:  # a bug, not a disk error: never lose the job
             self._worker_died(i, job, exc)
+
+    def _book_queued(self, job: Job) -> float:
+        """(cond held) Book the emulated link for a job a worker takes now: from when it
+        was queued, as a copy engine starts a queued copy once the link is free — a
+        worker's wake-up is the emulation's time, not the link's. The meter's busy time
+        then starts at the booking's start too."""
+        if self.link is None:
+            return 0.0
+        nbytes = self.store.expert_bytes(job.layer, job.expert)
+        now = time.perf_counter()
+        until = self._book_link(nbytes, min(now, job.queued_at) if job.queued_at else now)
+        if self._in_flight == 1:  # (this job began the busy time)
+            begin = until - self.link.latency_s - nbytes / self.link.bytes_per_s
+            self._busy_mark = min(self._busy_mark, begin)
+        return until
 
     def _may_start(self, job: Job) -> bool:
         """(cond held) Whether a worker may take the job at the head of the queue now
