@@ -44,10 +44,12 @@ FREE, QUEUED, RUNNING, DONE, FAILED, CANCELLED = 0, 1, 2, 3, 4, 5
 # from the page cache through an emulated link of F_DUR ns per copy: booked as the worker
 # takes the row — from F_BEGIN on, no earlier than it was queued, F_QT —, landed — F_T2 —
 # when the link would have delivered it)
+# F_GEN: the load of its slot the row is for (ExpertCache.slot_gen; the compute thread's
+# bookkeeping, reap_rows, marks the slot READY only if it is still on that load)
 (F_STATE, F_PRIO, F_SEQ, F_SLOT, F_FD0, F_FD1, F_FD2, F_DST0, F_DST1, F_DST2, F_OFF0,
  F_OFF1, F_OFF2, F_N0, F_N1, F_N2, F_RC, F_T0, F_T1, F_MODE, F_DUR, F_T2,
- F_BEGIN, F_QT) = range(24)
-N_FIELDS = 24
+ F_BEGIN, F_QT, F_GEN) = range(25)
+N_FIELDS = 25
 DIRECT, LINK = 0, 1
 # the control words (int32): STOP and PAUSE are read by the workers; GEN and DONE are the
 # futex words; SLEEP counts the workers waiting on GEN (a publish with none asleep makes
@@ -225,7 +227,7 @@ if _AVAILABLE:
         return arg
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot, mode, dur):
+    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen):
         """Fill row r (part i: descriptor fds[i], destination address dst[i], file offset
         offs[i], ns[i] bytes; mode DIRECT or LINK, dur: the link's ns for it) and make it
         QUEUED, last."""
@@ -240,6 +242,7 @@ if _AVAILABLE:
         row[F_PRIO] = prio
         row[F_SEQ] = seq
         row[F_SLOT] = slot
+        row[F_GEN] = gen
         row[F_RC] = 0
         row[F_QT] = _now_ns(np.zeros(2, np.int64))
         _store(row, F_STATE, QUEUED)
@@ -254,17 +257,59 @@ if _AVAILABLE:
     def _claim(jobs, j, old, new):
         return _cas(jobs[j], F_STATE, old, new) == old
 
-    @njit(nogil=True, cache=True, fastmath=False)
-    def _finished(jobs, rows):
-        """Which of `rows` are DONE or FAILED (one call instead of a Python loop)."""
-        out = np.empty(rows.shape[0], np.int64)
-        k = 0
-        for r in rows:
-            s = _load(jobs[r], F_STATE)
-            if s == DONE or s == FAILED:
-                out[k] = r
-                k += 1
-        return out[:k]
+
+# reap_rows' meter state (float64), as TransferEngine's link meter keeps it (link.py)
+(M_READ, M_READ_DEV, M_BYTES, M_BUSY, M_LATENCY, M_BANDWIDTH, M_LAST_END, M_LOADED,
+ M_LINK) = range(9)
+
+
+@njit(cache=True, fastmath=False)
+def reap_rows(jobs, rows, slot_gen, slot_state, ready, meter):
+    """The compute thread's bookkeeping of the finished ones among `rows` (cache lock
+    held), oldest read first: a DONE row's slot is made `ready` if it is still on the
+    row's load, its bytes added to meter[M_LOADED] and the meters moved as
+    TransferEngine._meter_read / _meter_copy would (the link's time for a copy: from its
+    booked start to its landing with an emulated link, meter[M_LINK] = 1; else the
+    drive's busy time since this read's start or the last completion). Returns the
+    finished rows in that order; the caller frees them and handles FAILED ones."""
+    done = np.empty(rows.shape[0], np.int64)
+    t1 = np.empty(rows.shape[0], np.int64)
+    k = 0
+    for r in rows:
+        s = _load(jobs[r], F_STATE)
+        if s == DONE or s == FAILED:
+            done[k] = r
+            t1[k] = jobs[r, F_T1]
+            k += 1
+    done = done[:k][np.argsort(t1[:k], kind="mergesort")]
+    for r in done:
+        row = jobs[r]
+        if row[F_STATE] != DONE:
+            continue
+        nbytes = row[F_N0] + row[F_N1] + row[F_N2]
+        slot = row[F_SLOT]
+        if slot_gen[slot] == row[F_GEN]:
+            slot_state[slot] = ready
+        meter[M_LOADED] += nbytes
+        secs = (row[F_T1] - row[F_T0]) * 1e-9  # _meter_read
+        if meter[M_READ] == 0.0:
+            meter[M_READ] = secs
+        else:
+            meter[M_READ_DEV] += 0.1 * (abs(secs - meter[M_READ]) - meter[M_READ_DEV])
+            meter[M_READ] += 0.1 * (secs - meter[M_READ])
+        t2 = row[F_T2]
+        if meter[M_LINK] != 0.0:
+            busy = max(1, t2 - row[F_BEGIN]) * 1e-9
+        else:
+            busy = max(1, t2 - max(row[F_T0], np.int64(meter[M_LAST_END]))) * 1e-9
+        meter[M_LAST_END] = max(meter[M_LAST_END], float(t2))
+        a = 0.2 if meter[M_BUSY] != 0.0 else 1.0  # _meter_copy
+        meter[M_BYTES] += a * (nbytes - meter[M_BYTES])
+        meter[M_BUSY] += a * (busy - meter[M_BUSY])
+        meter[M_LATENCY] += a * (busy - meter[M_LATENCY])
+        if meter[M_BUSY] > 0.0:
+            meter[M_BANDWIDTH] = meter[M_BYTES] / meter[M_BUSY]
+    return done
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -324,11 +369,11 @@ class NativeWorkers:
                            ctypes.c_long(int(val)), timeout, None, None)
 
     def queue(self, row: int, fds, dst, offs, ns, prio: int, seq: int, slot: int,
-              mode: int = DIRECT, dur: int = 0) -> None:
+              mode: int = DIRECT, dur: int = 0, gen: int = 0) -> None:
         """Fill a free row and make it QUEUED (publish() then wakes a worker): read
         directly (DIRECT), or through the page cache and an emulated link that holds the
-        copy dur ns (LINK)."""
-        _queue_row(self.jobs, row, fds, dst, offs, ns, prio, seq, slot, mode, dur)
+        copy dur ns (LINK); `gen`: the slot's load it is for."""
+        _queue_row(self.jobs, row, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen)
 
     def book(self, now_s: float, dur_s: float) -> float:
         """Book the workers' emulated link for a copy of dur_s seconds from now_s (both
@@ -351,9 +396,6 @@ class NativeWorkers:
     def claim(self, row: int, old: int, new: int) -> bool:
         """Move the row from state old to new if no thread moved it first."""
         return bool(_claim(self.jobs, row, old, new))
-
-    def finished(self, rows: np.ndarray) -> np.ndarray:
-        return _finished(self.jobs, rows)
 
     def done_mark(self) -> int:
         return int(self.ctl[C_DONE])
