@@ -207,24 +207,29 @@ def test_yield_gil_lets_a_waiting_thread_run():
     assert ran_while_yielding
 
 
-def test_an_emulated_link_carries_copies_in_the_order_they_start(tiny_gguf):
-    """The link is booked when a worker takes the job, so a copy whose read comes back
-    late (no core or no GIL on a busy machine) keeps its place on the link: booked after
-    the read, a demand load went behind prefetches that started after it."""
-    import os
-    import time
-
+def _slow_link_cache(tiny_gguf, s_per_expert: float):
+    """(path, GGUFFile, store, cache at the smallest budget, a link that carries one
+    expert in s_per_expert seconds) of the tiny qwen3moe Q4_K_M file; the caller closes
+    the GGUFFile."""
     from efedge.config import config_from_gguf
     from efedge.experts.link import Link
-    from efedge.experts.transfer import DEMAND, PREFETCH
 
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     gf = GGUFFile(path)
     cfg = config_from_gguf(gf)
     store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
     cache = ExpertCache(store, _min_budget(path), cfg.n_expert_used)
+    return path, gf, store, cache, Link("test", store.expert_bytes(0) / s_per_expert)
+
+
+def test_an_emulated_link_carries_copies_in_the_order_they_start(tiny_gguf):
+    """The link is booked when a worker takes the job, so a copy whose read comes back
+    late (no core or no GIL on a busy machine) keeps its place on the link: booked after
+    the read, a demand load went behind prefetches that started after it."""
+    from efedge.experts.transfer import DEMAND, PREFETCH
+
     # one expert per 0.2 s on the link; the first job's read takes 0.06 s
-    link = Link("test", store.expert_bytes(0) / 0.2)
+    path, gf, store, cache, link = _slow_link_cache(tiny_gguf, 0.2)
     slow_off = int(store.offsets[0, 1, 0])
     fd = os.open(path, os.O_RDONLY)
 
@@ -254,6 +259,7 @@ def test_an_emulated_link_carries_copies_in_the_order_they_start(tiny_gguf):
     finally:
         engine.close()
         os.close(fd)
+        gf.close()
     assert len(done) == 2
     assert done[1] < done[2], done  # the first to start is delivered first
 
@@ -263,18 +269,9 @@ def test_an_emulated_link_starts_a_copy_when_it_is_queued(tiny_gguf):
     transfer worker gets to it: a job queued 0.3 s before a worker could take it (the
     engine's lock held) on a link that carries it in 0.2 s is there as soon as it is
     read — not 0.2 s after the worker took it."""
-    import time
-
-    from efedge.config import config_from_gguf
-    from efedge.experts.link import Link
     from efedge.experts.transfer import PREFETCH
 
-    path = tiny_gguf("qwen3moe", "Q4_K_M")
-    gf = GGUFFile(path)
-    cfg = config_from_gguf(gf)
-    store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
-    cache = ExpertCache(store, _min_budget(path), cfg.n_expert_used)
-    link = Link("test", store.expert_bytes(0) / 0.2)
+    path, gf, store, cache, link = _slow_link_cache(tiny_gguf, 0.2)
     engine = TransferEngine(path, store, cache, Counters(), link, workers=1)
     try:
         with engine.cond:
