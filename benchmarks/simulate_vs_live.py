@@ -142,8 +142,9 @@ def live_run(path, ids, cache, link, policy, warmup, threads=None) -> dict:
         if b > end:
             busy += b - max(a, end)
             end = b
-    # None: no Python worker copied (native transfer workers hold each copy to the
-    # emulated link's own time, so the link achieved is the link)
+    # None: no Python worker copied (native transfer workers, and the compute thread's
+    # own demand copies, hold each copy to the emulated link's own time: the link
+    # achieved is the link)
     out["copy_s"] = busy / len(spans) if spans else None
     return out
 
@@ -281,8 +282,9 @@ def main(argv=None) -> int:
           f"per expert; in the live run {out['layer_ms_live']:.3f} + "
           f"{out['expert_ms_live']:.3f} (sim_matched)")
     if out["copy_ms"] is None:
-        print(f"live copies: made by native transfer workers, each held to the emulated "
-              f"link's time ({out['achieved_link_mb_s']:.0f} MB/s); a blocked thread wakes "
+        print(f"live copies: none timed on a Python worker (native workers, or the compute "
+              f"thread's own), each held to the emulated link's time "
+              f"({out['achieved_link_mb_s']:.0f} MB/s); a blocked thread wakes "
               f"{out['wake_us']:.0f} µs after its load (sim_achieved models it)")
     else:
         print(f"live copies: the link was busy {out['copy_ms']:.3f} ms per expert (file "
