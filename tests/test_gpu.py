@@ -189,12 +189,17 @@ def test_forward_matches_cpu_path(tiny_gguf, arch):
 # ernie4_5-moe's softmax + selection bias and interleaved dense layers, bailingmoe's
 # scaled weights, dots1's sigmoid routing with shared experts by count and hunyuan-moe's
 # q / k norm after rope, qwen3vlmoe's interleaved M-RoPE (at base 10, where its unturned
-# pairs show): routed on the host by the CPU path's own rule
+# pairs show): routed on the host by the CPU path's own rule. The qwen3vlmoe file is seed
+# 2: seed 0's holds a near tie in these prompts (a logit gap of 5e-4 between the 4th and
+# 5th expert of the last token's last layer), which the last bits of the micro-batched
+# computation (7 tokens at a time, against the CPU path's one batch) decide either way
+# (it flipped on an AMD EPYC VM, not on earlier sessions' machines) — a property of that
+# random model, not of the path
 @pytest.mark.parametrize("arch,kw", [
     ("granitemoe", dict(rope_scaling="llama3")), ("granitemoeshared", {}),
     ("glm4moe", {}), ("glm4moe-qknorm", {}), ("ernie4_5-moe", {}),
     ("ernie4_5-moe-interleave", {}), ("bailingmoe", {}), ("dots1", {}),
-    ("hunyuan-moe", {}), ("qwen3vlmoe", dict(rope_base=10.0))])
+    ("hunyuan-moe", {}), ("qwen3vlmoe", dict(rope_base=10.0, seed=2))])
 def test_more_architectures_match_cpu_path(tiny_gguf, arch, kw):
     path = tiny_gguf(arch, "F32", **kw)
     ids = _ids()
