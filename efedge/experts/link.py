@@ -2,7 +2,8 @@
 
 * Link emulation: `link="8GB/s"`, `"pcie4x4"`, `"nvme"` … a shared token bucket makes
   transfers as slow as that link, so laptop-GPU and SSD conditions can be reproduced on
-  any machine. A copy books its link time when a worker takes it, so the link carries
+  any machine. A copy books its link time when a worker takes it — from when it was
+  queued, if the link was free then, as a copy engine starts it —, so the link carries
   copies in the order they start. Output that depends on it says "emulated".
 * An online meter of the link, not of one request: bytes over the time at least one copy
   was under way (ratio of two EWMAs), and each request's service time (from when the link

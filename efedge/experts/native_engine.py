@@ -2,7 +2,8 @@
 (native_workers.py), for reading the model file itself with O_DIRECT on Linux (the
 default there; EFEDGE_NATIVE_WORKERS=0 keeps Python workers: make_engine says why), and
 for an emulated link's copies: read through the page cache, booked on the link as a
-worker takes them and held until it would have delivered them, as the Python workers do,
+worker takes them (from when they were queued, if the link was free then) and held until
+it would have delivered them, as the Python workers do,
 but without a GIL hand-over per copy — a copy engine's DMA, which the link stands for,
 costs the compute thread nothing.
 
@@ -137,7 +138,8 @@ class NativeTransferEngine(TransferEngine):
         r = self.pool.free.pop()
         st = self.store
         dur = 0
-        if self.link is not None:  # the link's time for it, booked when a worker takes it
+        if self.link is not None:  # the link's time for it, booked when a worker takes
+            # it (from the row's queue time, F_QT, if the link was free then)
             dur = int(1e9 * (self.link.latency_s + st.expert_bytes(layer, expert)
                              / self.link.bytes_per_s))
         self.pool.queue(r, self._layer_fds[layer], self._slot_dst[slot],
