@@ -594,6 +594,9 @@ def test_ready_experts_first_while_copies_are_in_flight(tiny_gguf):
         assert got[-1][1] - t0 >= 0.09  # the two copies took the link's time
         assert (c.hits, c.misses, c.late) == (2, 2, 0)
         assert c.stall_s >= 0.05 and c.bytes_loaded == 2 * per
+        # the meter reads the link (its busy time from each copy's start, not from a
+        # booking this engine does not make: its link delays the copy's event instead)
+        assert 0.5 * link.bytes_per_s < src.engine.bandwidth_ewma <= 1.1 * link.bytes_per_s
         # a prefetch still in flight when asked for is "late", and used
         assert src.prefetch(1, [9]) == 1
         got = _drain(src, 1, [9])

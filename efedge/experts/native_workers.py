@@ -229,8 +229,8 @@ if _AVAILABLE:
     @njit(nogil=True, cache=True, fastmath=False)
     def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen):
         """Fill row r (part i: descriptor fds[i], destination address dst[i], file offset
-        offs[i], ns[i] bytes; mode DIRECT or LINK, dur: the link's ns for it) and make it
-        QUEUED, last."""
+        offs[i], ns[i] bytes; mode DIRECT or LINK, dur: the link's ns for it, gen: the
+        slot's load it is for), stamp its queue time and make it QUEUED, last."""
         row = jobs[r]
         row[F_MODE] = mode
         row[F_DUR] = dur

@@ -292,7 +292,8 @@ class TransferEngine(FileReads, LinkTiming):
         nbytes = self.store.expert_bytes(job.layer, job.expert)
         now = time.perf_counter()
         until = self._book_link(nbytes, min(now, job.queued_at) if job.queued_at else now)
-        if self._in_flight == 1:  # (this job began the busy time)
+        if until > 0.0 and self._in_flight == 1:  # (this job began the busy time; 0: an
+            # engine that emulates the link otherwise, efedge/gpu/cache.py)
             begin = until - self.link.latency_s - nbytes / self.link.bytes_per_s
             self._busy_mark = min(self._busy_mark, begin)
         return until
