@@ -251,12 +251,12 @@ def test_a_finished_copy_does_not_make_the_slots_next_expert_ready(path):
 def test_reaping_finished_rows(link):
     """reap_rows, the compute thread's bookkeeping of finished copies in one call: the
     finished rows in the order their reads ended; a DONE row's slot READY only while it
-    is on the row's load; its bytes counted; the meters moved as the engine's own
-    _meter_read / _meter_copy do (an emulated link: its booked start to its landing; the
-    drive: from this read's start, or the last completion); FAILED rows returned with
-    nothing counted; rows still queued or running left alone."""
+    is on the row's load; its bytes counted; the meter moved by each read and copy (an
+    emulated link: its booked start to its landing; the drive: from this read's start,
+    or the last completion), as written out below; FAILED rows returned with nothing
+    counted; rows still queued or running left alone."""
+    from efedge.experts import meter as mt
     from efedge.experts.cache import LOADING, READY
-    from efedge.experts.link import LinkTiming
 
     jobs = np.zeros((6, nw.N_FIELDS), np.int64)
     #        state      slot gen  T0     T1     T2     BEGIN  bytes (3 parts)
@@ -271,37 +271,34 @@ def test_reaping_finished_rows(link):
         jobs[r, nw.F_N0:nw.F_N2 + 1] = ns
     slot_gen = np.array([4, 2, 1, 1, 1], np.int64)  # slot 1 is on a newer load now
     slot_state = np.full(5, LOADING, np.int8)
-    meter = np.zeros(nw.M_LINK + 1)
-    meter[nw.M_LINK] = 1.0 if link else 0.0
-    done = nw.reap_rows(jobs, np.arange(5, dtype=np.int64), slot_gen, slot_state, READY,
-                        meter)
+    meter = np.zeros(mt.N_METER)
+    done, loaded = nw.reap_rows(jobs, np.arange(5, dtype=np.int64), slot_gen, slot_state,
+                                READY, meter, link)
     assert done.tolist() == [2, 1, 0]  # by the end of their reads
     assert slot_state.tolist() == [READY, LOADING, LOADING, LOADING, LOADING]
-    assert meter[nw.M_LOADED] == 600 + 500
-    # the same copies through the engine's Python meter, in the same order
-
-    class Meter(LinkTiming):
-        def __init__(self):
-            self.read_s_ewma = self.read_dev_ewma = 0.0
-            self._ewma_bytes = self._ewma_busy = self.latency_ewma = 0.0
-            self.bandwidth_ewma = 0.0
-
-            class C:
-                bandwidth_gbps = 0.0
-            self.counters = C()
-
-    ref, last_end = Meter(), 0
-    for r in (1, 0):
+    assert loaded == 600 + 500
+    # the same copies by hand, in the same order: reads at rate 0.1 (the first sets the
+    # mean), copies at 0.2 (the first sets bytes and busy time)
+    mean = dev = nbytes = busy = 0.0
+    last_end = 0
+    for i, r in enumerate((1, 0)):
         _, _, _, t0, t1, t2, begin, ns = spec[r]
-        ref._meter_read((t1 - t0) * 1e-9)
-        busy = (t2 - begin) if link else (t2 - max(t0, last_end))
+        secs = (t1 - t0) * 1e-9
+        if i == 0:
+            mean = secs
+        else:
+            dev += 0.1 * (abs(secs - mean) - dev)
+            mean += 0.1 * (secs - mean)
+        b = ((t2 - begin) if link else (t2 - max(t0, last_end))) * 1e-9
         last_end = max(last_end, t2)
-        ref._meter_copy(sum(ns), busy * 1e-9)
-    assert meter[nw.M_READ] == pytest.approx(ref.read_s_ewma)
-    assert meter[nw.M_READ_DEV] == pytest.approx(ref.read_dev_ewma)
-    assert meter[nw.M_LATENCY] == pytest.approx(ref.latency_ewma)
-    assert meter[nw.M_BANDWIDTH] == pytest.approx(ref.bandwidth_ewma)
-    assert meter[nw.M_LAST_END] == 9000
+        a = 1.0 if i == 0 else 0.2
+        nbytes += a * (sum(ns) - nbytes)
+        busy += a * (b - busy)
+    assert meter[mt.M_READ] == pytest.approx(mean)
+    assert meter[mt.M_READ_DEV] == pytest.approx(dev)
+    assert meter[mt.M_LATENCY] == pytest.approx(busy)
+    assert meter[mt.M_BANDWIDTH] == pytest.approx(nbytes / busy)
+    assert meter[mt.M_LAST_END] == 9000
 
 
 def test_link_rows_land_when_the_link_delivers_them(path, store):

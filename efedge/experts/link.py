@@ -25,7 +25,19 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from efedge.errors import EfedgeError
+from efedge.experts.meter import (
+    M_BANDWIDTH,
+    M_BUSY,
+    M_LATENCY,
+    M_READ,
+    M_READ_DEV,
+    N_METER,
+    meter_copy,
+    meter_read,
+)
 
 # Sustained host→device or disk→RAM rates users see, bytes/s (DESIGN/peers.md sources):
 # PCIe payload rates after protocol overhead; NVMe / SATA sequential reads.
@@ -94,17 +106,21 @@ class LinkTiming:
         self._link_lock = threading.Lock()
         self._link_free_at = 0.0
         self._oversleep = 0.0  # EWMA of how late a sleep ends: the emulated link wakes early
-        self.bandwidth_ewma = 0.0  # bytes/s while the link is busy
-        self.latency_ewma = 0.0  # s: one request's service time
         self._in_flight = 0  # copies under way (cond held to change)
         self._busy_mark = 0.0  # when the current busy period began or last completion
-        self._ewma_bytes = self._ewma_busy = 0.0
-        # how long a worker's read of one expert takes (mean and mean absolute deviation,
-        # EWMA): with several reads overlapping in a drive's queue, the link meter above
-        # sees completions closer together than any one read takes (measured on the test
-        # VM, reading the drive: 250-350 µs between completions, reads of 640 µs median,
-        # p90 1 ms), and the look-ahead planned from it left prefetches landing late
-        self.read_s_ewma = self.read_dev_ewma = 0.0
+        # the meter's EWMAs (efedge/experts/meter.py), read through the properties below
+        self.meter = np.zeros(N_METER)
+
+    # bytes/s while the link is busy; s: one request's service time
+    bandwidth_ewma = property(lambda self: float(self.meter[M_BANDWIDTH]))
+    latency_ewma = property(lambda self: float(self.meter[M_LATENCY]))
+    # how long a worker's read of one expert takes (mean and mean absolute deviation,
+    # EWMA): with several reads overlapping in a drive's queue, the link meter above sees
+    # completions closer together than any one read takes (measured on the test VM,
+    # reading the drive: 250-350 µs between completions, reads of 640 µs median, p90
+    # 1 ms), and the look-ahead planned from it left prefetches landing late
+    read_s_ewma = property(lambda self: float(self.meter[M_READ]))
+    read_dev_ewma = property(lambda self: float(self.meter[M_READ_DEV]))
 
     # -- the emulated link --------------------------------------------------------------
     def _book_link(self, nbytes: int, now: float) -> float:
@@ -165,19 +181,14 @@ class LinkTiming:
 
     def _meter_read(self, seconds: float) -> None:
         """(cond held) One worker read took `seconds`."""
-        if self.read_s_ewma == 0.0:
-            self.read_s_ewma = seconds
-            return
-        a = 0.1
-        self.read_dev_ewma += a * (abs(seconds - self.read_s_ewma) - self.read_dev_ewma)
-        self.read_s_ewma += a * (seconds - self.read_s_ewma)
+        meter_read(self.meter, float(seconds))
 
     def _meter_copy(self, nbytes: int, busy: float) -> None:
         """(cond held) nbytes carried in `busy` seconds of link time."""
-        a = 0.2 if self._ewma_busy else 1.0
-        self._ewma_bytes += a * (nbytes - self._ewma_bytes)
-        self._ewma_busy += a * (busy - self._ewma_busy)
-        self.latency_ewma += a * (busy - self.latency_ewma)
-        if self._ewma_busy > 0:
-            self.bandwidth_ewma = self._ewma_bytes / self._ewma_busy
+        meter_copy(self.meter, float(nbytes), float(busy))
+        self._meter_report()
+
+    def _meter_report(self) -> None:
+        """(cond held) The meter's bandwidth into the counters, once it has one."""
+        if self.meter[M_BUSY] > 0.0:
             self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9

@@ -77,9 +77,6 @@ class NativeTransferEngine(TransferEngine):
                                      cache.slot_land_at, self._bounce_size)
         self._row_job: dict[int, Job] = {}
         self._reaped = -1  # the workers' count of finished rows at the last reap
-        # reap_rows' meter state, between calls: M_LAST_END, the latest completion (ns)
-        self._meter = np.zeros(nw.M_LINK + 1, np.float64)
-        self._meter[nw.M_LINK] = 0.0 if link is None else 1.0
 
     def _descriptors(self, store, cache) -> np.ndarray:
         """int64 [L, 3]: the direct descriptor of each layer's gate, up and down. The
@@ -213,23 +210,15 @@ class NativeTransferEngine(TransferEngine):
         if mark == self._reaped:  # nothing finished since the last look
             return
         self._reaped = mark  # (a row finishing from here on moves it again)
-        m = self._meter
-        m[nw.M_READ], m[nw.M_READ_DEV] = self.read_s_ewma, self.read_dev_ewma
-        m[nw.M_BYTES], m[nw.M_BUSY] = self._ewma_bytes, self._ewma_busy
-        m[nw.M_LATENCY], m[nw.M_BANDWIDTH] = self.latency_ewma, self.bandwidth_ewma
-        m[nw.M_LOADED] = 0.0
         jobs, n_e = self.pool.jobs, self.store.n_expert
-        done = nw.reap_rows(jobs, np.fromiter(self._row_job, np.int64, len(self._row_job)),
-                            self.cache.slot_gen, self.cache.slot_state, READY, m)
+        done, loaded = nw.reap_rows(
+            jobs, np.fromiter(self._row_job, np.int64, len(self._row_job)),
+            self.cache.slot_gen, self.cache.slot_state, READY, self.meter,
+            self.link is not None)
         if done.size == 0:
             return
-        self.read_s_ewma, self.read_dev_ewma = float(m[nw.M_READ]), float(m[nw.M_READ_DEV])
-        self._ewma_bytes, self._ewma_busy = float(m[nw.M_BYTES]), float(m[nw.M_BUSY])
-        self.latency_ewma = float(m[nw.M_LATENCY])
-        if m[nw.M_BANDWIDTH] != self.bandwidth_ewma:
-            self.bandwidth_ewma = float(m[nw.M_BANDWIDTH])
-            self.counters.bandwidth_gbps = self.bandwidth_ewma / 1e9
-        self.counters.bytes_loaded += int(m[nw.M_LOADED])
+        self._meter_report()
+        self.counters.bytes_loaded += int(loaded)
         for r in done.tolist():
             job = self._row_job[r]
             job.started = True

@@ -33,6 +33,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from efedge.experts import file_read
+from efedge.experts.meter import M_LAST_END, meter_copy, meter_read
 from efedge.kernels.atomics import add32 as _add32
 from efedge.kernels.atomics import as_ptr as _ptr
 from efedge.kernels.atomics import cas as _cas
@@ -258,20 +259,15 @@ if _AVAILABLE:
         return _cas(jobs[j], F_STATE, old, new) == old
 
 
-# reap_rows' meter state (float64), as TransferEngine's link meter keeps it (link.py)
-(M_READ, M_READ_DEV, M_BYTES, M_BUSY, M_LATENCY, M_BANDWIDTH, M_LAST_END, M_LOADED,
- M_LINK) = range(9)
-
-
 @njit(cache=True, fastmath=False)
-def reap_rows(jobs, rows, slot_gen, slot_state, ready, meter):
+def reap_rows(jobs, rows, slot_gen, slot_state, ready, meter, link):
     """The compute thread's bookkeeping of the finished ones among `rows` (cache lock
     held), oldest read first: a DONE row's slot is made `ready` if it is still on the
-    row's load, its bytes added to meter[M_LOADED] and the meters moved as
-    TransferEngine._meter_read / _meter_copy would (the link's time for a copy: from its
-    booked start to its landing with an emulated link, meter[M_LINK] = 1; else the
-    drive's busy time since this read's start or the last completion). Returns the
-    finished rows in that order; the caller frees them and handles FAILED ones."""
+    row's load and the engine's meter (efedge/experts/meter.py) moves by its read and its
+    copy — the link's time for it: from its booked start to its landing with an emulated
+    `link`, else the drive's busy time since this read's start or the last completion
+    (meter[M_LAST_END]). Returns the finished rows in that order and the bytes of the
+    DONE ones; the caller frees the rows and handles FAILED ones."""
     done = np.empty(rows.shape[0], np.int64)
     t1 = np.empty(rows.shape[0], np.int64)
     k = 0
@@ -282,6 +278,7 @@ def reap_rows(jobs, rows, slot_gen, slot_state, ready, meter):
             t1[k] = jobs[r, F_T1]
             k += 1
     done = done[:k][np.argsort(t1[:k], kind="mergesort")]
+    loaded = 0
     for r in done:
         row = jobs[r]
         if row[F_STATE] != DONE:
@@ -290,26 +287,16 @@ def reap_rows(jobs, rows, slot_gen, slot_state, ready, meter):
         slot = row[F_SLOT]
         if slot_gen[slot] == row[F_GEN]:
             slot_state[slot] = ready
-        meter[M_LOADED] += nbytes
-        secs = (row[F_T1] - row[F_T0]) * 1e-9  # _meter_read
-        if meter[M_READ] == 0.0:
-            meter[M_READ] = secs
-        else:
-            meter[M_READ_DEV] += 0.1 * (abs(secs - meter[M_READ]) - meter[M_READ_DEV])
-            meter[M_READ] += 0.1 * (secs - meter[M_READ])
+        loaded += nbytes
+        meter_read(meter, (row[F_T1] - row[F_T0]) * 1e-9)
         t2 = row[F_T2]
-        if meter[M_LINK] != 0.0:
+        if link:
             busy = max(1, t2 - row[F_BEGIN]) * 1e-9
         else:
             busy = max(1, t2 - max(row[F_T0], np.int64(meter[M_LAST_END]))) * 1e-9
         meter[M_LAST_END] = max(meter[M_LAST_END], float(t2))
-        a = 0.2 if meter[M_BUSY] != 0.0 else 1.0  # _meter_copy
-        meter[M_BYTES] += a * (nbytes - meter[M_BYTES])
-        meter[M_BUSY] += a * (busy - meter[M_BUSY])
-        meter[M_LATENCY] += a * (busy - meter[M_LATENCY])
-        if meter[M_BUSY] > 0.0:
-            meter[M_BANDWIDTH] = meter[M_BYTES] / meter[M_BUSY]
-    return done
+        meter_copy(meter, float(nbytes), busy)
+    return done, loaded
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
