@@ -350,6 +350,38 @@ def test_link_rows_land_when_the_link_delivers_them(path, store):
         os.close(fd)
 
 
+def test_a_link_row_is_taken_when_the_link_comes_free(path, store):
+    """A copy engine chooses its next copy as the link comes free: with the link booked
+    20 ms ahead, a prefetch row queued first stays QUEUED, and a demand row queued 5 ms
+    later goes on the link before it; neither is taken long before the link is free."""
+    import time
+
+    fd = os.open(path, os.O_RDONLY)
+    land = np.full(4, np.inf)
+    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
+    dur = 3_000_000  # 3 ms a copy
+    try:
+        bufs = _buffers(store, 2)
+        free_at = pool.book(time.perf_counter(), 0.02)
+        for row, prio in ((0, 5), (1, 0)):
+            pool.queue(row, np.full(3, fd, np.int64),
+                       np.array([b.ctypes.data for b in bufs[row]], np.int64),
+                       store.offsets[1, row], store.nbytes[1, row], prio, row, row,
+                       nw.LINK, dur)
+            pool.publish()
+            time.sleep(0.005)
+        assert pool.jobs[0, nw.F_STATE] == nw.QUEUED  # not booked behind the 20 ms
+        _wait_all(pool, range(2))
+        pre, dem = pool.jobs[0], pool.jobs[1]
+        assert dem[nw.F_BEGIN] * 1e-9 == pytest.approx(free_at, abs=1e-6)
+        assert pre[nw.F_BEGIN] == dem[nw.F_BEGIN] + dur
+        for j in (pre, dem):
+            assert j[nw.F_STATE] == nw.DONE and j[nw.F_T0] * 1e-9 > free_at - 0.002
+    finally:
+        pool.close()
+        os.close(fd)
+
+
 @pytest.mark.parametrize("policy", ["ondemand", "expertflow"])
 def test_native_workers_through_an_emulated_link(path, monkeypatch, policy):
     """An emulated link's copies are made by native workers (two, one serial link) from

@@ -292,6 +292,39 @@ def test_an_emulated_link_starts_a_copy_when_it_is_queued(tiny_gguf):
     assert landed - released < 0.15, landed - released
 
 
+def test_an_emulated_link_takes_its_next_copy_as_it_comes_free(tiny_gguf):
+    """A copy engine chooses its next copy when the link comes free: a prefetch queued
+    while the link is booked ahead waits in the queue (not on the link), so a demand load
+    queued after it, before the link is free, is carried first."""
+    from efedge.experts.transfer import DEMAND, PREFETCH
+
+    path, gf, store, cache, link = _slow_link_cache(tiny_gguf, 0.2)
+    engine = TransferEngine(path, store, cache, Counters(), link, workers=2)
+    jobs = {}
+    try:
+        busy_until = engine._book_link(store.expert_bytes(0, 0), time.perf_counter())
+        assert engine.take_delay(time.perf_counter()) > 0.1
+        for e, prio in ((2, PREFETCH), (1, DEMAND)):
+            with engine.cond:
+                slot = cache.free_or_victim(0, lambda c, cands: int(cands[0]))
+                cache.assign(slot, 0, e)
+                jobs[e] = (engine.submit(0, e, slot, prio), slot)
+            time.sleep(0.05)  # the prefetch is queued 50 ms before the demand load
+        assert not jobs[2][0].started  # held in the queue while the link is busy
+        t0 = time.perf_counter()
+        while not all(cache.slot_state[s] == READY for _, s in jobs.values()) and \
+                time.perf_counter() - t0 < 10:
+            time.sleep(0.005)
+    finally:
+        engine.close()
+        gf.close()
+    demand, prefetch = jobs[1][0], jobs[2][0]
+    assert all(cache.slot_state[s] == READY for _, s in jobs.values())
+    # the demand load right after the booking ahead, the prefetch after it
+    assert busy_until < demand.link_until < prefetch.link_until
+    assert demand.link_until == pytest.approx(busy_until + 0.2, abs=1e-3)
+
+
 @pytest.mark.parametrize("kernel_reads", [True, False])
 def test_an_emulated_link_reads_from_the_page_cache(tiny_gguf, monkeypatch, kernel_reads):
     """Without a link every read expert's file pages are dropped (the budget is honest);

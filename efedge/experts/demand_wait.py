@@ -50,7 +50,10 @@ class DemandWaits:
         if getattr(self.engine, "gil_free", False):
             return  # native workers need neither the GIL nor a core from this thread
         pending_work = getattr(self.policy, "has_deferred_work", None)
-        if not queued or pending_work is None or not pending_work():
+        if not queued or pending_work is None or not pending_work() or (
+                self._link_paced and self.engine.take_delay(time.perf_counter()) > 0.0):
+            # (through an emulated link booked ahead, no worker takes them before the link
+            # comes free: nothing to wait for)
             self.yield_to_workers()
             return
         first = queued[:getattr(self.engine, "n_workers", 1)]
@@ -167,9 +170,13 @@ class DemandWaits:
         land = self.cache.slot_land_at
         first = min((land[s] for e in remaining if (s := held.get(e, -1)) >= 0),
                     default=np.inf)
+        now = time.perf_counter()
         if first == np.inf:
-            return 1.0
-        return min(1.0, max(0.0, first - time.perf_counter()))
+            # none taken by a worker yet: through an emulated link the workers take the
+            # next copy as the link comes free, and its landing is known soon after
+            free = self.engine.link_free_at() if self._link_paced else 0.0
+            return min(1.0, free - now) if free > now else 1.0
+        return min(1.0, max(0.0, first - now))
 
     def _ready_now(self, layer: int, remaining: set[int], held: dict[int, int],
                    limit: int) -> list[tuple[int, int]]:

@@ -96,6 +96,10 @@ def tight_timer_slack() -> None:
         pass
 
 
+# how long before the emulated link comes free a Python worker takes its next copy
+TAKE_LEAD_S = 50e-6
+
+
 class LinkTiming:
     """The emulated link's clock and the meter of the real or emulated one, for a
     transfer engine with `link` (a Link or None) and `counters` (bandwidth_gbps)."""
@@ -137,6 +141,21 @@ class LinkTiming:
             begin = max(now, self._link_free_at)
             self._link_free_at = begin + self.link.latency_s + nbytes / self.link.bytes_per_s
             return self._link_free_at
+
+    def link_free_at(self) -> float:
+        """When the emulated link's last booked copy ends (0: no link, or none booked)."""
+        return self._link_free_at if self.link is not None else 0.0
+
+    def take_delay(self, now: float) -> float:
+        """How long a worker waits before it takes the next copy: a copy engine chooses
+        its next copy as the link comes free. Taken (and booked) earlier, a prefetch holds
+        its place behind the copies on the wire against a demand load queued or promoted
+        meanwhile. A worker's wake-up and the GIL's hand-over make it late by tens of µs:
+        it looks TAKE_LEAD_S early (the booking starts when the link comes free either
+        way: _book_queued)."""
+        if self.link is None:
+            return 0.0
+        return self.link_free_at() - self._oversleep - TAKE_LEAD_S - now
 
     def _emulate_link(self, nbytes: int, started: float, until: float = 0.0) -> None:
         """Hold the copy until the link would have delivered it: at `until` where it was

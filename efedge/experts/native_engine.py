@@ -115,6 +115,11 @@ class NativeTransferEngine(TransferEngine):
             return super()._book_link(nbytes, now)
         return self.pool.book(now, self.link.latency_s + nbytes / self.link.bytes_per_s)
 
+    def link_free_at(self) -> float:
+        if self.link is None or getattr(self, "pool", None) is None:
+            return super().link_free_at()
+        return int(self.pool.link_word[0]) * 1e-9
+
     # -- called with cond held ------------------------------------------------------------
     def submit(self, layer: int, expert: int, slot: int, priority: int,
                gen: int | None = None) -> Job:

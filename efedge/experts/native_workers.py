@@ -59,6 +59,9 @@ C_STOP, C_PAUSE, C_GEN, C_DONE, C_SLEEP = 0, 1, 2, 3, 4
 # how long a worker sleeps at most without being woken (a lost wake-up would cost this,
 # not a hang)
 _NAP_NS = 10_000_000
+# a copy through the emulated link is taken this long (plus the measured oversleep)
+# before the link comes free, not earlier: see _worker
+_TAKE_LEAD_NS = 5_000
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
 _FUTEX_WAIT, _FUTEX_WAKE = 128, 129  # FUTEX_*_PRIVATE: no other process shares the words
 _CTX = 8  # the int64 words of a worker's context
@@ -192,6 +195,15 @@ if _AVAILABLE:
                 _add32(ctl, C_SLEEP, -1)
                 continue
             row = jobs[best]
+            if row[F_MODE] == LINK:
+                # a copy engine chooses its next copy when the link comes free: taken now,
+                # a prefetch would be booked behind the copies on the wire and hold its
+                # place there against a demand load queued (or promoted) meanwhile
+                wake = _load(lnk, 0) - _load(lnk, 1) - _TAKE_LEAD_NS
+                now = _now_ns(ts)
+                if wake > now:
+                    _sleep_until(min(wake, now + _NAP_NS))
+                    continue
             if _cas(row, F_STATE, QUEUED, RUNNING) != QUEUED:
                 continue  # another worker, or the compute thread, took it
             row[F_T0] = t0 = _now_ns(ts)

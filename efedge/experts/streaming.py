@@ -39,6 +39,10 @@ class StreamingExperts(DemandWaits):
         self.cond = cache.cond
         # demand loads copied by this thread (an emulated link: TransferEngine.copy_inline)
         self._inline = bool(getattr(engine, "copies_inline", False))
+        # copies through an emulated link whose booked end the engine knows (the workers
+        # take a queued copy when the link comes free: _until_landing)
+        self._link_paced = getattr(engine, "link", None) is not None and \
+            hasattr(engine, "link_free_at")
         # a demand load still queued when this thread has nothing left to compute is read
         # by this thread (_take_queued_load): reading the file itself, no emulated link,
         # the CPU engine (the GPU's copies and the simulator's clock work otherwise)

@@ -261,9 +261,14 @@ class TransferEngine(FileReads, LinkTiming):
         try:
             while True:
                 with self.cond:
-                    while not self._closing and (not self._queue or
-                                                 not self._may_start(self._queue[0])):
-                        self.work.wait()
+                    while not self._closing:
+                        if not self._queue or not self._may_start(self._queue[0]):
+                            self.work.wait()
+                            continue
+                        delay = self.take_delay(time.perf_counter())
+                        if delay <= 0.0:
+                            break
+                        self.work.wait(delay)  # (a copy the link comes free for)
                     if self._closing:
                         return
                     job = heapq.heappop(self._queue)
