@@ -67,6 +67,28 @@ def _pool(path, store, workers: int, rows: int):
         os.close(fd)
 
 
+@contextmanager
+def _link_pool(path, store):
+    """(pool of two workers and four rows for an emulated link, buffered descriptor,
+    landing table); closed on the way out."""
+    fd = os.open(path, os.O_RDONLY)
+    land = np.full(4, np.inf)
+    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
+    try:
+        yield pool, fd, land
+    finally:
+        pool.close()
+        os.close(fd)
+
+
+def _queue_link(pool, fd, store, bufs, row, prio, dur):
+    """Queue row `row` as a LINK copy of layer 1's expert `row` into bufs[row], held dur
+    ns on the link."""
+    pool.queue(row, np.full(3, fd, np.int64),
+               np.array([b.ctypes.data for b in bufs[row]], np.int64),
+               store.offsets[1, row], store.nbytes[1, row], prio, row, row, nw.LINK, dur)
+
+
 def _wait_all(pool, rows, timeout=10.0):
     import time
 
@@ -310,19 +332,13 @@ def test_link_rows_land_when_the_link_delivers_them(path, store):
     import time
 
     raw = np.fromfile(path, dtype=np.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    land = np.full(4, np.inf)
-    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
     dur = 3_000_000  # 3 ms a copy
-    try:
+    with _link_pool(path, store) as (pool, fd, land):
         bufs = _buffers(store, 4)
         pool.pause(True)
         t_queued = time.perf_counter()
         for row in range(3):
-            pool.queue(row, np.full(3, fd, np.int64),
-                       np.array([b.ctypes.data for b in bufs[row]], np.int64),
-                       store.offsets[1, row], store.nbytes[1, row], 1, row, row,
-                       nw.LINK, dur)
+            _queue_link(pool, fd, store, bufs, row, 1, dur)
         pool.publish()
         time.sleep(0.005)  # the workers get to the rows 5 ms after they were queued
         t_start = time.perf_counter()
@@ -345,9 +361,6 @@ def test_link_rows_land_when_the_link_delivers_them(path, store):
                 assert np.array_equal(bufs[row][i][:n], raw[o:o + n])
         later = pool.book(time.perf_counter() - 1.0, 0.002)  # booked in the past: behind
         assert later >= ends[-1] + 0.002 - 1e-9
-    finally:
-        pool.close()
-        os.close(fd)
 
 
 def test_a_link_row_is_taken_when_the_link_comes_free(path, store):
@@ -356,18 +369,12 @@ def test_a_link_row_is_taken_when_the_link_comes_free(path, store):
     later goes on the link before it; neither is taken long before the link is free."""
     import time
 
-    fd = os.open(path, os.O_RDONLY)
-    land = np.full(4, np.inf)
-    pool = nw.NativeWorkers(2, 4, land, file_read.bounce_bytes(int(store.nbytes.max())))
     dur = 3_000_000  # 3 ms a copy
-    try:
+    with _link_pool(path, store) as (pool, fd, _land):
         bufs = _buffers(store, 2)
         free_at = pool.book(time.perf_counter(), 0.02)
         for row, prio in ((0, 5), (1, 0)):
-            pool.queue(row, np.full(3, fd, np.int64),
-                       np.array([b.ctypes.data for b in bufs[row]], np.int64),
-                       store.offsets[1, row], store.nbytes[1, row], prio, row, row,
-                       nw.LINK, dur)
+            _queue_link(pool, fd, store, bufs, row, prio, dur)
             pool.publish()
             time.sleep(0.005)
         assert pool.jobs[0, nw.F_STATE] == nw.QUEUED  # not booked behind the 20 ms
@@ -377,9 +384,6 @@ def test_a_link_row_is_taken_when_the_link_comes_free(path, store):
         assert pre[nw.F_BEGIN] == dem[nw.F_BEGIN] + dur
         for j in (pre, dem):
             assert j[nw.F_STATE] == nw.DONE and j[nw.F_T0] * 1e-9 > free_at - 0.002
-    finally:
-        pool.close()
-        os.close(fd)
 
 
 @pytest.mark.parametrize("policy", ["ondemand", "expertflow"])
