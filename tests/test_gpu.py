@@ -717,13 +717,21 @@ def test_cuda_round_activations_bit_exact(name):
     assert _bits_equal(got, round_activations(x, Q[name]))
 
 
+# the dots1 file is seed 3: seed 0's routes token 11 of these ids at a near tie (a gap of
+# 2.8e-5 between the 4th and 5th selection scores of layer 0), which the H200 run of
+# 2026-11-30 decided the other way in the micro-batched config (7 tokens at a time): row
+# 11 at cosine 0.946 and the rows after it drifting. Seed 3's smallest gap over the
+# prompt and the greedy steps is 3.9e-3. A property of that random model, not of the path
+_CUDA_FILE_KW = {"dots1": dict(seed=3)}
+
+
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "olmoe", "mixtral", "glm4moe-qknorm",
                                   "granitemoeshared", "ernie4_5-moe-interleave", "dots1",
                                   "hunyuan-moe"])
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_forward_matches_cpu_path(tiny_gguf, arch):
-    path = tiny_gguf(arch, "F16")
+    path = tiny_gguf(arch, "F16", **_CUDA_FILE_KW.get(arch, {}))
     ids = _ids(24)
     with efedge.load(path) as m:
         ref = m.logits(ids)
