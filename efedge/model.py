@@ -75,6 +75,10 @@ class Transformer(DecodeMixin):
         self.on_route = None
         # and with the token ids [T] before the first layer of every forward pass
         self.on_pass = None
+        # and with (layer, its input normalised as its router's input is [T, D]) before
+        # each MoE layer's attention, where the router reads the attention's output: the
+        # router on it names the layer's experts earlier than routing does
+        self.on_layer_input = None
         # Cache-aware routing (opt-in, changes outputs): a selected expert that is not
         # resident is swapped for a resident one whose router probability is within this
         # much of it. 0 = exact routing, identical to llama.cpp.
@@ -103,6 +107,7 @@ class Transformer(DecodeMixin):
         experts = _StandInExperts(self.store) if self.store is not None else None
         on_route, self.on_route = self.on_route, None
         on_pass, self.on_pass = self.on_pass, None
+        on_input, self.on_layer_input = self.on_layer_input, None
         try:
             self.forward([0, 0, 0], 0, kv, experts, all_logits=False)
             self.forward([0], 3, kv, experts)
@@ -121,6 +126,7 @@ class Transformer(DecodeMixin):
                                       *bias, y, nt)
         finally:
             self.on_route, self.on_pass = on_route, on_pass
+            self.on_layer_input = on_input
         return time.perf_counter() - t0
 
     def new_kv_cache(self, n_ctx: int) -> KVCache:
@@ -307,6 +313,8 @@ class Transformer(DecodeMixin):
         early = c.spec.router_input == "layer"
         for il, blk in enumerate(self.blocks):
             routed = self.route_early(blk, il, x, experts) if early and blk.moe else None
+            if self.on_layer_input is not None and blk.moe and not early:
+                self.on_layer_input(il, self._norm(x, blk.ffn_norm, blk.ffn_norm_b))
             a = self._attention(blk, il, self._norm(x, blk.attn_norm, blk.attn_norm_b), pos,
                                 kv)
             if blk.attn_output_b is not None:  # phimoe

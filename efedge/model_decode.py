@@ -47,7 +47,10 @@ class DecodeMixin:
         nt = numba.get_num_threads()
         early = c.spec.router_input == "layer"
         per_layer = c.nope_step > 0 or c.sliding_window > 0  # smallthinker's layers differ
+        on_input = None if early else self.on_layer_input
         for il, blk in enumerate(self.blocks):
+            if on_input is not None and blk.moe:
+                on_input(il, self._norm(x[None], blk.ffn_norm, blk.ffn_norm_b))
             if early and blk.moe:  # smallthinker: routed on the layer's input
                 r_ids, r_w = self.route_early(blk, il, x[None], experts)
                 ids[:], w[:] = r_ids[0], r_w[0]

@@ -198,9 +198,15 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     hidden = np.zeros((1, 1), dtype=np.float32).view(TraceHidden)
     tokens = arrays.get("tokens")
     on_pass, on_route = source.on_pass, source.on_route
+    # the routers on each layer's input (traces that have them): a policy may refine
+    # its plan for the layer before its attention runs
+    pregate_in = arrays.get("pregate_in")
+    on_input = source.on_layer_input if pregate_in is not None and not early else None
     if setup.policy_time > 0:
         on_pass = _charged(on_pass, clock, engine, setup)
         on_route = _charged(on_route, clock, engine, setup)
+        if on_input is not None:
+            on_input = _charged(on_input, clock, engine, setup)
     t_start = 0.0
     for t in range(T):
         if t == warmup:
@@ -214,6 +220,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
             if early:  # as Transformer.route_early: asked for, then the attention runs
                 source.prefetch(layer, np.unique(ids))
                 on_route(layer, hidden, ids[None, :])
+            elif on_input is not None:
+                on_input(layer, hidden, logits=pregate_in[t, layer][None, :])
             clock.advance(setup.layer_compute_s)
             engine.advance_to(clock.t)
             if not early:

@@ -10,6 +10,10 @@ Trace file (.npz):
                                  selection logits (efedge/experts/selection.py: ranked
                                  as that router selects; its plain logits for a softmax
                                  router) (NaN where l+d is past the last layer)
+  pregate_in float16 [T, L, E]  router logits of layer l applied to layer l's input,
+                                 normalised as the router's input is (known before
+                                 the layer's attention), as selection logits; absent
+                                 from older traces and for routers on the layer's input
   hidden    float16 [T, L, S]   optional: random projection of h_l to S dims
   tokens    int32   [T]
   meta      json string: model name, arch, layers, experts, top-k, bytes per expert per
@@ -52,6 +56,7 @@ class TraceRecorder:
         self.selection = RouterSelection.of_model(tf)
         self.rows: list[dict] = []  # per forward call: layer → arrays
         self._cur: dict[int, tuple] = {}
+        self._cur_in: dict[int, np.ndarray] = {}  # layer → its router on its input
         self.proj = None
         if sketch_dim:
             rng = np.random.default_rng(seed)
@@ -76,10 +81,15 @@ class TraceRecorder:
                 m = self.moe_layers[li + d]
                 pre[:, d - 1] = self.selection.apply(m, self.tf.blocks[m].ffn_gate_inp(h))
         sketch = h @ self.proj if self.proj is not None else None
-        self._cur[li] = (ids.copy(), w, pre, sketch)
+        self._cur[li] = (ids.copy(), w, pre, sketch, self._cur_in.pop(li, None))
         if li == self.n_layer - 1:
             self.rows.append(self._cur)
             self._cur = {}
+
+    def layer_input(self, layer: int, h: np.ndarray) -> None:
+        """The model's on_layer_input hook: layer's router on its normalised input."""
+        self._cur_in[self._index[layer]] = self.selection.apply(
+            layer, self.tf.blocks[layer].ffn_gate_inp(h))
 
     def arrays(self) -> dict[str, np.ndarray]:
         L = self.n_layer
@@ -90,6 +100,10 @@ class TraceRecorder:
         pg = np.concatenate([np.stack([r[il][2] for il in range(L)], axis=1)
                              for r in self.rows]).astype(np.float16)
         out = {"experts": ex, "probs": pr, "pregate": pg}
+        if all(r[il][4] is not None for r in self.rows for il in range(L)):
+            out["pregate_in"] = np.concatenate([np.stack([r[il][4] for il in range(L)],
+                                                         axis=1)
+                                                for r in self.rows]).astype(np.float16)
         if self.proj is not None:
             out["hidden"] = np.concatenate([np.stack([r[il][3] for il in range(L)], axis=1)
                                             for r in self.rows]).astype(np.float16)
@@ -117,8 +131,11 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
     if not ids:  # no rows to stack (and the model adds no BOS token)
         raise TraceError("the text to trace is empty: no tokens to run through the model")
     rec = TraceRecorder(tf, horizon=horizon, sketch_dim=sketch_dim)
-    old = tf.on_route
+    old, old_in = tf.on_route, tf.on_layer_input
     tf.on_route = rec if old is None else _chain(old, rec)
+    if tf.cfg.spec.router_input != "layer":  # (there the router reads the input already)
+        tf.on_layer_input = (rec.layer_input if old_in is None
+                             else _chain_input(old_in, rec.layer_input))
     try:
         kv = tf.new_kv_cache(model.n_ctx)
         pos = 0
@@ -130,7 +147,7 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
             tf.forward(piece, pos, kv, model._experts, all_logits=False)
             pos += len(piece)
     finally:
-        tf.on_route = old
+        tf.on_route, tf.on_layer_input = old, old_in
     arrays = rec.arrays()
     store = tf.store
     meta = {
@@ -151,6 +168,13 @@ def _chain(a, b):
     def both(layer, h, ids):
         a(layer, h, ids)
         b(layer, h, ids)
+    return both
+
+
+def _chain_input(a, b):
+    def both(layer, h):
+        a(layer, h)
+        b(layer, h)
     return both
 
 

@@ -343,3 +343,21 @@ def test_a_models_selection_rule_reproduces_its_routers_choice(tiny_gguf, arch):
         pred = m._experts.policy.predictor
         assert pred.params[pk._P_SELMODE] == sel.mode
         assert (pred.sel_sb == sel.select_bias).all() and (pred.sel_rb == sel.router_bias).all()
+
+
+def test_refine_pick_drops_queued_outside_the_top_and_wants_the_missing_top():
+    """expertflow:refine at a layer's start: the router on the layer's input ranks its
+    experts; queued prefetches (due ≥ 0) outside the top k + margin are dropped, the top k
+    not resident or loading (where < 0) are wanted, likeliest first."""
+    from efedge.experts.predictor_kernels import refine_pick
+
+    z = np.array([0.1, 3.0, -1.0, 2.0, 0.5, 1.0, -2.0, 0.0])  # rank: 1 3 5 4 0 7 2 6
+    due = np.array([-1, -1, 7, 7, -1, -1, 7, 7], dtype=np.int64)  # queued: 2 3 6 7
+    where = np.array([-1, -1, 4, 9, 5, -1, 11, 12], dtype=np.int64)  # 0 1 5 not in
+    drop, want = np.empty(8, np.int64), np.empty(8, np.int64)
+    nd, nw = refine_pick(z, 2, 1, due, where, drop, want)  # top 2: 1 3; keep 1 3 5
+    assert drop[:nd].tolist() == [2, 6, 7] and want[:nw].tolist() == [1]
+    nd, nw = refine_pick(z, 4, 2, due, where, drop, want)  # top 4: 1 3 5 4; keep + 0 7
+    assert drop[:nd].tolist() == [2, 6] and want[:nw].tolist() == [1, 5]
+    nd, nw = refine_pick(z, 8, 0, due, where, drop, want)  # everything kept and wanted
+    assert nd == 0 and want[:nw].tolist() == [1, 5, 0]

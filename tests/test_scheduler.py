@@ -25,7 +25,8 @@ from efedge.experts.scheduler import (
 )
 from efedge.experts.stats import Counters
 
-POLICY_NAMES = ["ondemand", "lfu", "next-layer", "fixed:1", "fixed:3", "expertflow"]
+POLICY_NAMES = ["ondemand", "lfu", "next-layer", "fixed:1", "fixed:3", "expertflow",
+                "expertflow:refine"]
 
 
 # -- the horizon controller ---------------------------------------------------------------
@@ -367,6 +368,9 @@ def test_make_policy_names():
     f = make_policy("FIXED:3")
     assert isinstance(f, FixedHorizon) and f.horizon == 3 and f.name == "fixed:3"
     assert {"ondemand", "lru", "lfu", "next-layer", "expertflow"} <= set(POLICIES)
+    r = make_policy("ExpertFlow:Refine")
+    assert isinstance(r, ExpertFlow) and r.refine and not make_policy("expertflow").refine
+    assert not make_policy("expertflow:refine", refine=False).refine  # options win
     for bad in ("fixed:0", "fixed:x", "nope"):
         with pytest.raises(efedge.EfedgeError):
             make_policy(bad)
@@ -427,6 +431,25 @@ def test_every_policy_gives_the_resident_logits(tiny_gguf, arch):
                 assert s["prefetch_issued"] == 0 and s["horizon_mean"] == 0
             else:
                 assert s["prefetch_issued"] > 0 and s["horizon_mean"] > 0
+
+
+def test_refine_hears_each_layers_input_and_re_ranks_its_queue(tiny_gguf):
+    """expertflow:refine: the model hands each MoE layer's input to the policy before the
+    attention (only then: plain expertflow makes no such call), which, on decode's
+    one-token passes, fetches experts its router names there and cancels queued ones it
+    does not — the same tokens (logits: test_every_policy_gives_the_resident_logits)."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = _ids(8)
+    with efedge.load(path) as m:
+        greedy = m.generate(ids, max_tokens=32, temperature=0)
+    with efedge.load(path, cache="30%", link="2GB/s") as m:
+        assert m._tf.on_layer_input is None
+    with efedge.load(path, cache="30%", policy="expertflow:refine", link="2GB/s") as m:
+        assert m._tf.on_layer_input is not None
+        assert m.generate(ids, max_tokens=32, temperature=0) == greedy
+        pol = m._experts.policy
+        assert pol.refined > 0
+        assert m.stats()["prefetch_issued"] >= pol.refined
 
 
 def test_a_tuned_policy_instance_serves_one_model(tiny_gguf):

@@ -355,3 +355,45 @@ def _qwen_trace(tiny_gguf, tmp_path):
         arrays = record_trace(m, TEXT, chunk=32)
     save_trace(tmp_path / "q.npz", arrays)
     return tmp_path / "q.npz"
+
+
+def test_trace_records_each_layers_router_on_its_input(tiny_gguf):
+    """pregate_in[t, l] is layer l's router on its input (normalised as the router's input
+    is, before the attention): the logits the live hook hands to expertflow:refine."""
+    path = tiny_gguf("qwen3moe", "F16")
+    with efedge.load(path) as m:
+        arrays = record_trace(m, TEXT, chunk=32, max_tokens=40)
+        tf = m._tf
+        seen = {}
+        tf.on_layer_input = lambda il, h: seen.setdefault(il, h.copy())
+        m.logits(m.tokenize(TEXT)[:40])  # one pass of all 40: rows as in the trace's
+        tf.on_layer_input = None
+        pre = arrays["pregate_in"].astype(np.float32)
+        assert pre.shape == arrays["experts"].shape[:2] + (tf.cfg.n_expert,)
+        for il, h in seen.items():
+            want = tf.blocks[il].ffn_gate_inp(h)  # qwen3moe: plain softmax selection
+            assert np.allclose(pre[:32, il], want[:32], atol=2e-2 * np.abs(want).max())
+        # and the input is not the routed state: layer 1's differ from its own routing
+        assert not np.allclose(pre[:, 1], arrays["pregate"].astype(np.float32)[:, 0, 0])
+
+
+def test_simulator_refines_from_the_routers_on_the_layer_input(trace):
+    """expertflow:refine replays pregate_in before each layer's compute: with logits that
+    name each layer's experts exactly it fetches what the layer needs a layer's compute
+    ahead and drops wrong queued prefetches, so it misses less than expertflow; without
+    pregate_in in the trace it is expertflow, figure for figure."""
+    arrays, meta = load_trace(trace[0])
+    setup = _setup(meta, "50%", link=meta["bytes_per_expert"][0] / 1e-4, layer_s=3e-4,
+                   expert_s=1e-5)
+    plain = simulate(dict(arrays), meta, setup, "expertflow", warmup=4)
+    bare = {k: v for k, v in arrays.items() if k != "pregate_in"}
+    same = simulate(bare, meta, setup, "expertflow:refine", warmup=4)
+    assert same["stall_s"] == simulate(bare, meta, setup, "expertflow", warmup=4)["stall_s"]
+    exact = np.full(arrays["experts"].shape[:2] + (meta["n_expert"],), -5.0, np.float32)
+    t, l, k = np.indices(arrays["experts"].shape)
+    exact[t, l, arrays["experts"]] = 5.0 - k  # the true top-k, in order
+    told = dict(arrays, pregate_in=exact.astype(np.float16))
+    refined = simulate(told, meta, setup, "expertflow:refine", warmup=4)
+    assert refined["misses"] < 0.5 * plain["misses"], (refined["misses"], plain["misses"])
+    assert refined["stall_s"] < plain["stall_s"]
+    assert refined["expert_requests"] == plain["expert_requests"]

@@ -8,9 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 from efedge.errors import EfedgeError
-from efedge.experts.horizon import HorizonController, select_prefetch, value_victim
+from efedge.experts.horizon import (
+    HorizonController,
+    select_prefetch,
+    use_value,
+    value_victim,
+    victim_p_limit,
+)
 from efedge.experts.issue import PrefetchPlan
 from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
+from efedge.experts.predictor_kernels import refine_pick, refine_pick_routed
 from efedge.experts.scheduler import POLICIES, Policy
 
 
@@ -195,8 +202,16 @@ class ExpertFlow(_Predictive):
     def __init__(self, max_horizon: int = 8, p_floor: float = 0.2, explore: int = 1,
                  explore_every: int = 2, value_all: bool = False, value_next: bool = False,
                  pass_start: bool = True, victim_aware: bool = True, stage_lead: int = 2,
-                 stage_floor: float | None = None, **kw):
+                 stage_floor: float | None = None, refine: bool = False,
+                 refine_margin: int = 2, refine_p: float = 0.75, **kw):
         super().__init__(**kw)
+        # refine: at each MoE layer's start, its router on the layer's input (known then,
+        # before the attention) re-ranks what is queued for it — the likeliest not yet
+        # loading are fetched at once, queued ones outside the top K + refine_margin are
+        # cancelled; refine_p: the chance of use such a fetch is valued at (its recall)
+        self.refine, self.refine_margin = bool(refine), max(0, int(refine_margin))
+        self.refine_p = float(refine_p)
+        self.refined = self.refine_cancelled = 0
         # a source with a host tier (device="cuda", host_cache=): the layer stage_lead
         # beyond the VRAM horizon gets its likeliest experts staged disk → host, those
         # with p_next ≥ stage_floor (default p_floor)
@@ -218,6 +233,7 @@ class ExpertFlow(_Predictive):
         self._seen = None
         self.horizon = 1
         self.cancelled = 0
+        self._refine_buf = (np.empty(self.n_expert, np.int64), np.empty(self.n_expert, np.int64))
         # an expert's bytes on average over the layers that have experts (a dense layer's
         # 0 would shrink τ, and with it the look-ahead, in proportion to the dense layers)
         sizes = [b for b in map(source.store.expert_bytes, range(self.n_layer)) if b > 0]
@@ -401,6 +417,58 @@ class ExpertFlow(_Predictive):
         self._plan_prefetches(L - 1, self._span(L - 1, min(h_need, L)))
         self._flush_plan()
         self.overhead_s += src.now() - t0
+
+    def on_layer_input(self, layer: int, hidden, logits=None) -> None:
+        """Layer `layer` is about to run its attention on `hidden` [1, D] (its input,
+        normalised as its router's input is): with `refine`, its router on it (`logits`
+        [1, E], its selection logits, from a source without router weights: the
+        simulator) names its experts better than the predictions made a layer or more
+        earlier — its queued prefetches outside the top K + margin are cancelled before
+        they take the link, and those of the top K not yet resident or loading are
+        fetched now, valued at refine_p. One token's pass only (decode)."""
+        if not self.refine or self._all_fit or self.source.cache.layer_class[layer] < 0:
+            return
+        src = self.source
+        t0 = src.now()
+        if self.has_deferred_work():  # (a source without on_demand_issued)
+            self._catch_up()
+        pred, cache, E = self.predictor, src.cache, self.n_expert
+        drop, want = self._refine_buf
+        if logits is not None:
+            z = np.asarray(logits, dtype=np.float64)
+            if z.shape != (1, E) or not np.isfinite(z).all():
+                return
+            nd, nw = refine_pick(z[0], self.n_active, self.refine_margin, self._due[layer],
+                                 cache.where[layer], drop, want)
+        elif (pred.W.shape[0] and type(hidden) is np.ndarray and hidden.shape[0] == 1
+              and hidden.shape[1] == pred.W.shape[2] and hidden.dtype == np.float32):
+            nd, nw = refine_pick_routed(layer, hidden[0], pred.W, pred.W_scale, pred.params,
+                                        pred.sel_rb, pred.sel_sb, self.n_active,
+                                        self.refine_margin, self._due[layer],
+                                        cache.where[layer], drop, want)
+        else:  # no routers known yet (their dense copy comes with the first prediction)
+            return
+        if nd:
+            self.refine_cancelled += self._cancel_counted(layer * E + drop[:nd])
+            self._due[layer, drop[:nd]] = -1
+        if nw:
+            d = (layer - self.cur_layer) % self.n_layer or self.n_layer
+            p = self.refine_p
+            ints = np.zeros((3, 2), np.int64)
+            ints[:, 0] = 0, layer, self._step + d + 1
+            ints[0, 1] = nw
+            floats = np.empty((2, 1), np.float64)
+            floats[:, 0] = (use_value(p, d, self.n_layer),
+                            victim_p_limit(p, self.controller.rho))
+            before = src.counters.prefetch_issued
+            self._issue_entry(PrefetchPlan(1, ints, floats, want[:nw].copy()))
+            self.refined += src.counters.prefetch_issued - before
+        self.overhead_s += src.now() - t0
+
+    def _cancel_counted(self, keys: np.ndarray) -> int:
+        n0 = self.cancelled
+        self._cancel(keys)
+        return self.cancelled - n0
 
     def _cancel(self, keys: np.ndarray) -> None:
         """Cancel queued prefetches whose layer came without needing them: they would keep

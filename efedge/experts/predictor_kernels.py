@@ -508,3 +508,39 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
                  cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
                  recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next,
                  tok_hist, params, sel_rb, sel_sb)
+
+
+@njit(cache=True, fastmath=False)
+def refine_pick(z, k, margin, due_row, where_row, drop, want):
+    """A layer's queue against its router's selection logits z [E] on its input
+    (ExpertFlow's refine): into `drop` the experts with a prefetch queued for it
+    (due_row ≥ 0) outside the top k + margin, into `want` those of the top k neither
+    resident nor loading (where_row < 0), likeliest first. Returns (n_drop, n_want)."""
+    e_n = z.shape[0]
+    order = _rank_desc(z)
+    keep = np.zeros(e_n, dtype=np.bool_)
+    for r in range(min(k + margin, e_n)):
+        keep[order[r]] = True
+    n_drop = 0
+    for e in range(e_n):
+        if due_row[e] >= 0 and not keep[e]:
+            drop[n_drop] = e
+            n_drop += 1
+    n_want = 0
+    for r in range(min(k, e_n)):
+        e = order[r]
+        if where_row[e] < 0:
+            want[n_want] = e
+            n_want += 1
+    return n_drop, n_want
+
+
+@njit(cache=True, fastmath=False)
+def refine_pick_routed(layer, h, W, Ws, params, sel_rb, sel_sb, k, margin, due_row,
+                       where_row, drop, want):
+    """refine_pick with the layer's selection logits computed here from its int8 router
+    (the predictor's copy) on h [D]: one call, no temporaries in Python."""
+    z = _router_logits(W[layer], Ws[layer], h)
+    _selection_logits(z, int(params[_P_SELMODE]), sel_rb[layer], sel_sb[layer],
+                      int(params[_P_NGROUP]), int(params[_P_NGUSED]))
+    return refine_pick(z, k, margin, due_row, where_row, drop, want)

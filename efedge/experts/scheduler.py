@@ -114,6 +114,11 @@ class Policy:
     def on_pass(self, tokens: np.ndarray) -> None:
         """A forward pass over `tokens` is about to start (before its first layer)."""
 
+    def on_layer_input(self, layer: int, hidden, logits=None) -> None:
+        """Layer `layer` is about to run its attention on `hidden` (its input, normalised
+        as its router's input is; `logits`: its router's selection logits on it, from a
+        source without router weights)."""
+
     # -- helpers for prefetching policies ---------------------------------------------------
     def _note_route(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Remember the layer being computed and the experts it still needs; returns the
@@ -286,6 +291,10 @@ class LFU(Policy):
 # efedge/experts/policies.py adds next-layer, fixed (fixed:H) and expertflow when imported
 # (at the end of this module)
 POLICIES: dict[str, type[Policy]] = {"ondemand": OnDemandLRU, "lru": OnDemandLRU, "lfu": LFU}
+# named variants of a registered policy: NAME:VARIANT → its constructor's options
+# (expertflow:refine re-ranks each layer's queue from its router on the layer's input:
+# docs/scheduler.md §6, opt-in as its per-layer cost outweighs its gain on small models)
+VARIANTS: dict[str, dict] = {"expertflow:refine": {"refine": True}}
 
 
 def make_policy(name, **kwargs) -> Policy:
@@ -305,6 +314,7 @@ def make_policy(name, **kwargs) -> Policy:
     if kwargs.get("trace") is not None and not cls.seeds_from_trace:
         raise EfedgeError(f"a routing trace seeds the predictor of expertflow and fixed:H; "
                           f"policy {name!r} has none")
+    kwargs = {**VARIANTS.get(str(name).strip().lower(), {}), **kwargs}
     return cls(**kwargs) if horizon is None else cls(horizon, **kwargs)
 
 
@@ -315,9 +325,12 @@ def policy_class(name: str) -> tuple[type[Policy], int | None]:
     key = str(name).strip().lower()
     fixed = key.startswith("fixed")
     cls = POLICIES["fixed"] if fixed else POLICIES.get(key)
+    if key in VARIANTS:
+        cls = POLICIES[key.partition(":")[0]]
     if cls is None:
         raise ArgumentError(f"unknown cache policy {name!r} (available: "
-                          f"{', '.join(sorted(POLICIES))}, fixed:H)")
+                          f"{', '.join(sorted(POLICIES))}, fixed:H, "
+                          f"{', '.join(sorted(VARIANTS))})")
     if not fixed:
         return cls, None
     _, _, h = key.partition(":")

@@ -387,6 +387,10 @@ class StreamingExperts(DemandWaits):
         self.policy.on_pass(np.asarray(tokens, dtype=np.int64).reshape(-1))
         self.yield_to_workers()
 
+    def on_layer_input(self, layer: int, h, **kw) -> None:
+        """Layer `layer` starts on input `h` (kw, e.g. logits=, go to the policy)."""
+        self.policy.on_layer_input(layer, h, **kw)
+
     def on_route(self, layer: int, h: np.ndarray, ids: np.ndarray, **kw) -> None:
         """The model routed `layer` (kw, e.g. pregate=, go to the policy)."""
         self.policy.on_route(layer, h, ids, **kw)
