@@ -119,7 +119,9 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
                    help="expert cache budget: auto (default: every expert resident when the "
                         "model fits in the memory available, else a cache of what is left), "
                         "resident, bytes, 512MiB, or 25%% of expert bytes")
-    p.add_argument("--policy", default="expertflow", help="expert cache policy")
+    p.add_argument("--policy", default="expertflow",
+                   help="expert cache policy: expertflow (default), ondemand, lfu, next-layer, "
+                        "fixed:H, expertflow:refine")
     p.add_argument("--policy-trace", default=None, metavar="TRACE",
                    help="seed the expert predictor (expertflow, fixed:H) with a routing "
                         "trace of this model (.npz from efedge trace)")

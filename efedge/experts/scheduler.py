@@ -298,7 +298,8 @@ VARIANTS: dict[str, dict] = {"expertflow:refine": {"refine": True}}
 
 
 def make_policy(name, **kwargs) -> Policy:
-    """A policy by name: ondemand | lru | lfu | next-layer | fixed:H | expertflow.
+    """A policy by name: ondemand | lru | lfu | next-layer | fixed:H | expertflow |
+    expertflow:refine (VARIANTS).
     Keyword arguments go to the policy (e.g. expertflow's trace= to seed its predictor).
     A Policy instance not yet serving a model is used as it is (tuned knobs from the
     Python API: `efedge.load(path, cache="25%", policy=ExpertFlow(p_floor=0.3))`)."""
