@@ -201,7 +201,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     # the routers on each layer's input (traces that have them): a policy may refine
     # its plan for the layer before its attention runs
     pregate_in = arrays.get("pregate_in")
-    on_input = source.on_layer_input if pregate_in is not None and not early else None
+    on_input = (source.on_layer_input if pregate_in is not None and not early
+                and getattr(pol, "refine", False) else None)
     if setup.policy_time > 0:
         on_pass = _charged(on_pass, clock, engine, setup)
         on_route = _charged(on_route, clock, engine, setup)
