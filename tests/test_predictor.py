@@ -361,3 +361,50 @@ def test_refine_pick_drops_queued_outside_the_top_and_wants_the_missing_top():
     assert drop[:nd].tolist() == [2, 6] and want[:nw].tolist() == [1, 5]
     nd, nw = refine_pick(z, 8, 0, due, where, drop, want)  # everything kept and wanted
     assert nd == 0 and want[:nw].tolist() == [1, 5, 0]
+
+
+def test_score_sources_counts_top_k_hits_of_the_mixture_and_of_pregating():
+    """_score_sources: one stored prediction scored against the chosen experts — the
+    mixture (today's weights) and pre-gating alone, each a share of K, into the EWMAs."""
+    from efedge.experts.predictor_kernels import N_COMP, SWITCH_RATE, _score_sources
+
+    q = np.zeros((N_COMP, E))
+    q[PREGATE, [2, 3]] = 0.5  # pre-gating: experts 2, 3
+    q[TEMPORAL, [5, 6]] = 0.5  # the recent choices: 5, 6
+    av = np.zeros(N_COMP, dtype=np.bool_)
+    av[[PREGATE, TEMPORAL]] = True
+    w = np.zeros(N_COMP)
+    w[PREGATE], w[TEMPORAL] = 1.0, 3.0  # the mixture ranks 5, 6 first
+    sw = np.zeros(2)
+    _score_sources(q, av, w, np.array([2, 3]), K, sw)  # the router chose 2 and 3
+    assert sw.tolist() == pytest.approx([0.0, SWITCH_RATE])
+    _score_sources(q, av, w, np.array([3, 6]), K, sw)  # one each
+    assert sw.tolist() == pytest.approx([SWITCH_RATE * 0.5,
+                                         SWITCH_RATE + SWITCH_RATE * (0.5 - SWITCH_RATE)])
+    av[PREGATE] = False  # nothing to compare without pre-gating
+    before = sw.copy()
+    _score_sources(q, av, w, np.array([2, 3]), K, sw)
+    assert np.array_equal(sw, before)
+
+
+def test_a_layer_is_ranked_by_pregating_alone_while_it_leads_the_mixture():
+    """Where pre-gating's measured recall leads the mixture's by more than the margin, the
+    layer's experts are ranked by pre-gating alone (the mixture breaks its ties); else by
+    the mixture, as it weighs its sources."""
+    from efedge.experts.predictor_kernels import SWITCH_MARGIN
+
+    def predict(lead: float) -> list[int]:
+        pred = HybridPredictor(L, E, K, max_distance=1, adapt=False)
+        pred.set_router_weights(_eye_routers())
+        pred.weights[:] = 0.0
+        pred.weights[:, :, PREGATE], pred.weights[:, :, TEMPORAL] = 1.0, 3.0
+        pred.recent[:, 1, [6, 7]] = 1.0  # layer 1's recent experts: 6, 7
+        pred.switch[1, 0] = (0.5, 0.5 + lead)  # (mixture, pre-gating) recall@K
+        h = np.zeros((1, D), dtype=np.float32)
+        h[0, 3], h[0, 4] = 1.0, 0.9  # layer 1's router: experts 2, 3
+        pred.step(0, np.array([[0, 1]]), hidden=h, n_pred=1)
+        return pred.order[0, :2].tolist()
+
+    assert predict(0.3) == [2, 3]
+    assert sorted(predict(0.0)) == [6, 7]
+    assert sorted(predict(SWITCH_MARGIN / 2)) == [6, 7]

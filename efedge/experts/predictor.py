@@ -141,6 +141,9 @@ class HybridPredictor:
         # the routers' biases [L, E] (router bias, selection bias), as selection.py reads them
         self.sel_rb = np.zeros((L, E), dtype=np.float32)
         self.sel_sb = np.zeros((L, E), dtype=np.float32)
+        # per (target layer, distance): EWMA recall@K of the mixture and of pre-gating alone
+        # (the kernels rank by pre-gating alone where it leads)
+        self.switch = np.zeros((L, dm, 2), dtype=np.float64)
         self.pass_no = -1
         self.step_no = -1
         self._last_layer = L
@@ -160,7 +163,8 @@ class HybridPredictor:
         self._state = (self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
                        self.weights, self.prec, self.prec_n, self.recall, self.ring_q,
                        self.ring_avail, self.ring_rank, self.ring_made, self.p_use, self.order,
-                       self.p_next, self.tok_hist, self.params, self.sel_rb, self.sel_sb)
+                       self.p_next, self.tok_hist, self.params, self.sel_rb, self.sel_sb,
+                       self.switch)
 
     # -- inputs ---------------------------------------------------------------------------
     def set_router_weights(self, W: np.ndarray, selection=None) -> None:

@@ -17,6 +17,10 @@ N_COMP = 5
 # how a router's logits become its selection order (efedge/experts/selection.py)
 SEL_NONE, SEL_BIAS, SEL_SOFTMAX, SEL_SIGMOID = 0, 1, 2, 3
 LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach
+# per (target layer, distance): recall@K of the mixture's ranking and of pre-gating's alone
+# (EWMA at this rate); the layer is ranked by pre-gating alone while its lead exceeds the
+# margin — the mixture can fall below its own best source (docs/scheduler.md §6)
+SWITCH_RATE, SWITCH_MARGIN = 0.05, 0.01
 REACH_FADE = 4  # passes for the learned reach to shrink by one distance
 
 
@@ -60,7 +64,7 @@ def _rescale(trans, rowsum, params):
 
 @njit(cache=True, fastmath=False)
 def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weights, prec,
-              prec_n, recall, params):
+              prec_n, recall, params, switch):
     """The router of `layer` chose `ids` (one token): score every stored prediction that
     targeted this step, update the fusion weights and the rank calibration."""
     dm = weights.shape[1]
@@ -116,9 +120,45 @@ def _feedback(layer, step, ids, ring_q, ring_avail, ring_rank, ring_made, weight
             if chosen[e] and rk < k:
                 hits += 1
         prec_n[layer, d - 1] = n + 1
+        _score_sources(q, av, w, ids, k, switch[layer, d - 1])
         rr = max(params[_P_RECALL], 1.0 / (recall[d - 1, 1] + 1.0))
         recall[d - 1, 0] += rr * (hits / k - recall[d - 1, 0])
         recall[d - 1, 1] += 1.0
+
+
+@njit(cache=True, fastmath=False)
+def _score_sources(q, av, w, ids, k, sw):
+    """Into sw (EWMA, SWITCH_RATE): the share of the chosen `ids` in the top k of the
+    mixture of the stored components q (with today's weights w) and of pre-gating's q
+    alone — a rank counted as the number of experts scored higher (ties: lower ids)."""
+    if not av[PREGATE]:
+        return
+    e_n = q.shape[1]
+    f = np.zeros(e_n)
+    wsum = 0.0
+    for c in range(N_COMP):
+        if av[c]:
+            wsum += w[c]
+    if wsum <= 0.0:
+        return
+    for c in range(N_COMP):
+        if av[c]:
+            for e in range(e_n):
+                f[e] += w[c] / wsum * q[c, e]
+    pg = q[PREGATE]
+    hit_mix, hit_pg = 0, 0
+    for a in range(k):
+        e = ids[a]
+        r_mix, r_pg = 0, 0
+        for j in range(e_n):
+            if f[j] > f[e] or (f[j] == f[e] and j < e):
+                r_mix += 1
+            if pg[j] > pg[e] or (pg[j] == pg[e] and j < e):
+                r_pg += 1
+        hit_mix += r_mix < k
+        hit_pg += r_pg < k
+    sw[0] += SWITCH_RATE * (hit_mix / k - sw[0])
+    sw[1] += SWITCH_RATE * (hit_pg / k - sw[1])
 
 
 @njit(cache=True, fastmath=False)
@@ -356,7 +396,7 @@ def _isotonic_decreasing(y):
 def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
              cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
              recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
-             params, sel_rb, sel_sb):
+             params, sel_rb, sel_sb, switch):
     """Calibrated probabilities of use for distances 1..n_pred (into p_use / order).
     layer -1: the start of a pass, before its first layer (targets d - 1, this pass)."""
     t_n, k = ids.shape
@@ -453,6 +493,10 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
                         wc = (1.0 - eps) * w[c] / wsum
                         for e in range(e_n):
                             f[e] += wc * q[c, e]
+            sw = switch[m, d - 1]
+            if av[PREGATE] and sw[1] > sw[0] + SWITCH_MARGIN:  # pre-gating ranks better
+                for e in range(e_n):
+                    f[e] = q[PREGATE, e] + 1e-3 * f[e]
             ordt = _rank_desc(f)
             fs += f / (t_n - t0)
             rk = 0
@@ -490,7 +534,7 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
 def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
           cur_ids, cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
           recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
-          params, sel_rb, sel_sb):
+          params, sel_rb, sel_sb, switch):
     """One routed layer: score the predictions that targeted it (feedback), learn from
     its choice, predict. The arguments from last_hist on are the predictor's persistent
     state, in the order of HybridPredictor._state."""
@@ -500,14 +544,14 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
     params[_P_REACHF] = max(float(max(n_pred, extra)), params[_P_REACHF] - fade)
     if feedback:
         _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
-                  prec_n, recall, params)
+                  prec_n, recall, params, switch)
     _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent, p_next,
            tok_hist, cur_tok, params)
     if n_pred > 0 or extra > 0:
         _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
                  cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
                  recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next,
-                 tok_hist, params, sel_rb, sel_sb)
+                 tok_hist, params, sel_rb, sel_sb, switch)
 
 
 @njit(cache=True, fastmath=False)
