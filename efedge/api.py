@@ -300,8 +300,7 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self._tf.on_pass = source.on_pass
         # each MoE layer's input, for a policy that refines its plan from it (expertflow's
         # refine); None otherwise: the decode loop then makes no call
-        self._tf.on_layer_input = (source.on_layer_input if getattr(pol, "refine", False)
-                                   else None)
+        self._tf.on_layer_input = source.on_layer_input if pol.wants_layer_input else None
         self.link = link_obj
         return source
 

@@ -202,7 +202,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     # its plan for the layer before its attention runs
     pregate_in = arrays.get("pregate_in")
     on_input = (source.on_layer_input if pregate_in is not None and not early
-                and getattr(pol, "refine", False) else None)
+                and pol.wants_layer_input else None)
     if setup.policy_time > 0:
         on_pass = _charged(on_pass, clock, engine, setup)
         on_route = _charged(on_route, clock, engine, setup)

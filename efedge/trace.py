@@ -135,7 +135,7 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
     tf.on_route = rec if old is None else _chain(old, rec)
     if tf.cfg.spec.router_input != "layer":  # (there the router reads the input already)
         tf.on_layer_input = (rec.layer_input if old_in is None
-                             else _chain_input(old_in, rec.layer_input))
+                             else _chain(old_in, rec.layer_input))
     try:
         kv = tf.new_kv_cache(model.n_ctx)
         pos = 0
@@ -165,16 +165,11 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
 
 
 def _chain(a, b):
-    def both(layer, h, ids):
-        a(layer, h, ids)
-        b(layer, h, ids)
-    return both
-
-
-def _chain_input(a, b):
-    def both(layer, h):
-        a(layer, h)
-        b(layer, h)
+    """One model hook calling a hook already installed, then b (any of the hooks'
+    arguments: on_route's and on_layer_input's)."""
+    def both(*args):
+        a(*args)
+        b(*args)
     return both
 
 

@@ -187,7 +187,7 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
     per-class budget that keeps room for the current layer's own missing experts.
     Returns (horizon, groups, ints, floats, experts): horizon is the furthest distance
     with any expert above p_min (resident or not), the rest the candidates as prefetches
-    (issue.PrefetchPlan, built by _plan_groups; numpy arrays cost µs each to return)."""
+    (issue.PrefetchPlan, built by plan_groups; numpy arrays cost µs each to return)."""
     n_layer, e_n = where.shape
     budget = np.zeros(class_slots.shape[0], dtype=np.int64)
     for s in range(slot_state.shape[0]):
@@ -222,13 +222,13 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
             budget[c] -= 1
             out_m[n], out_e[n], out_p[n], out_d[n] = m, e, p, d
             n += 1
-    g_n, ints, floats = _plan_groups(n, out_m, out_p, out_d, step, n_layer, rho,
+    g_n, ints, floats = plan_groups(n, out_m, out_p, out_d, step, n_layer, rho,
                                      victim_aware)
     return horizon, g_n, ints, floats, out_e[:n]
 
 
 @njit(cache=True, fastmath=False)
-def _plan_groups(n, ms, ps, ds, step, n_layer, rho, victim_aware):
+def plan_groups(n, ms, ps, ds, step, n_layer, rho, victim_aware):
     """The candidates as prefetches: one per run of equal target layers (nearest first),
     needed at step + d, each evicting only experts worth less than the least valuable one
     it brings (use_value) and, on an over-subscribed link, less likely to be used than its

@@ -10,10 +10,9 @@ import numpy as np
 from efedge.errors import EfedgeError
 from efedge.experts.horizon import (
     HorizonController,
+    plan_groups,
     select_prefetch,
-    use_value,
     value_victim,
-    victim_p_limit,
 )
 from efedge.experts.issue import PrefetchPlan
 from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
@@ -418,6 +417,8 @@ class ExpertFlow(_Predictive):
         self._flush_plan()
         self.overhead_s += src.now() - t0
 
+    wants_layer_input = property(lambda self: self.refine)
+
     def on_layer_input(self, layer: int, hidden, logits=None) -> None:
         """Layer `layer` is about to run its attention on `hidden` [1, D] (its input,
         normalised as its router's input is): with `refine`, its router on it (`logits`
@@ -452,16 +453,14 @@ class ExpertFlow(_Predictive):
             self.refine_cancelled += self._cancel_counted(layer * E + drop[:nd])
             self._due[layer, drop[:nd]] = -1
         if nw:
+            # one group, packed and limited as select_prefetch packs the predicted ones
             d = (layer - self.cur_layer) % self.n_layer or self.n_layer
-            p = self.refine_p
-            ints = np.zeros((3, 2), np.int64)
-            ints[:, 0] = 0, layer, self._step + d + 1
-            ints[0, 1] = nw
-            floats = np.empty((2, 1), np.float64)
-            floats[:, 0] = (use_value(p, d, self.n_layer),
-                            victim_p_limit(p, self.controller.rho))
+            g, ints, floats = plan_groups(
+                nw, np.full(nw, layer, np.int64), np.full(nw, self.refine_p),
+                np.full(nw, d, np.int64), self._step, self.n_layer, self.controller.rho,
+                self.victim_aware)
             before = src.counters.prefetch_issued
-            self._issue_entry(PrefetchPlan(1, ints, floats, want[:nw].copy()))
+            self._issue_entry(PrefetchPlan(g, ints, floats, want[:nw].copy()))
             self.refined += src.counters.prefetch_issued - before
         self.overhead_s += src.now() - t0
 

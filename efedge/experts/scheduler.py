@@ -15,6 +15,9 @@ A policy is a small object with these hooks, all called on the compute thread:
   its prediction to on_demand_issued, so that a demand load never waits for the
   predictor. `pregate` [T, n, E]: router logits of layers layer+1..layer+n on this hidden
   state, for sources without router weights (the trace simulator).
+* `on_layer_input(layer, hidden, logits=None)` — only where `wants_layer_input`: a MoE
+  layer is about to run its attention on `hidden`, its input normalised as its router's
+  input is (expertflow:refine re-ranks the layer's queue from it).
 
 Policies only talk to the source through `prefetch(layer, experts, priority=)`,
 `cancel_prefetch` (where the source has them, ExpertFlow uses their batched forms
@@ -40,6 +43,9 @@ from efedge.experts.horizon import lru_victim, route_prologue
 class Policy:
     name = "base"
     prefetches = False
+    # whether on_layer_input does anything (the model then calls it before each MoE
+    # layer's attention; otherwise the decode loop makes no call)
+    wants_layer_input = False
     seeds_from_trace = False  # trace= seeds a predictor (expertflow, fixed:H)
 
     def attach(self, source) -> None:
