@@ -397,3 +397,54 @@ def test_simulator_refines_from_the_routers_on_the_layer_input(trace):
     assert refined["misses"] < 0.5 * plain["misses"], (refined["misses"], plain["misses"])
     assert refined["stall_s"] < plain["stall_s"]
     assert refined["expert_requests"] == plain["expert_requests"]
+
+
+def _ceiling_module():
+    """benchmarks/prediction_ceiling.py (a script, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prediction_ceiling.py"
+    spec = importlib.util.spec_from_file_location("prediction_ceiling", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prediction_ceiling_replaces_pregating_with_better_information(tiny_gguf, tmp_path):
+    """The ceiling benchmark's variants: distance 1 from the next layer's router on its
+    input, or naming the next layer's (two layers') experts exactly; replayed, exact
+    pre-gating misses less than the recorded one."""
+    ceiling = _ceiling_module()
+    arrays, meta = load_trace(_qwen_trace(tiny_gguf, tmp_path))
+    out = ceiling.variants(arrays)
+    assert set(out) == {"recorded", "router on the next layer's input", "exact next layer",
+                        "exact next two layers"}
+    assert out["recorded"]["pregate"] is arrays["pregate"]
+    ex, L = arrays["experts"].astype(np.int64), arrays["experts"].shape[1]
+    better = out["router on the next layer's input"]["pregate"]
+    for layer in range(L - 1):
+        assert np.array_equal(better[:, layer, 0], arrays["pregate_in"][:, layer + 1])
+        assert np.array_equal(better[:, layer, 1:], arrays["pregate"][:, layer, 1:],
+                              equal_nan=True)
+    for name, depth in (("exact next layer", 1), ("exact next two layers", 2)):
+        pg = out[name]["pregate"]
+        for layer in range(L):
+            for d in range(1, pg.shape[2] + 1):
+                row = pg[:, layer, d - 1]
+                if d > depth or layer + d >= L:  # untouched
+                    assert np.array_equal(row, arrays["pregate"][:, layer, d - 1],
+                                          equal_nan=True)
+                    continue
+                top = np.sort(np.argsort(-row.astype(np.float32), axis=1,
+                                         kind="stable")[:, :ex.shape[2]], axis=1)
+                assert np.array_equal(top, np.sort(ex[:, layer + d], axis=1))
+                assert set(np.unique(row).tolist()) == {0.0, ceiling.EXACT_LOGIT}
+    setup = _setup(meta, "50%", link=meta["bytes_per_expert"][0] / 1e-4, layer_s=3e-4,
+                   expert_s=1e-5)
+    rec = simulate(dict(arrays), meta, setup, "expertflow", warmup=4)
+    exact = simulate(out["exact next layer"], meta, setup, "expertflow", warmup=4)
+    assert exact["misses"] + exact["late"] < rec["misses"] + rec["late"]
+    # a trace without pre-gating is refused by name
+    with pytest.raises(SystemExit, match="pre-gating"):
+        ceiling.variants({k: v for k, v in arrays.items() if k != "pregate"})
