@@ -156,6 +156,38 @@ def test_a_queued_row_is_taken_once(path, store):
     assert pool.jobs[3, nw.F_STATE] == nw.QUEUED and pool.n_threads == 0
 
 
+@pytest.mark.parametrize("link", [None, (2e-6, 1.5e8)])
+def test_a_plans_rows_filled_in_one_call_are_the_rows_filled_one_by_one(path, store, link):
+    """queue_many (a prefetch plan's copies in one kernel call) writes each row as queue()
+    does from the same tables — parts, priority, sequence, slot, load, and the emulated
+    link's time for the expert — except the queue time, stamped once for the batch."""
+    copies = [(0, 3, 2, 5, 11, 7), (2, 1, 0, 6, 12, 8), (1, 5, 3, 7, 13, 9)]  # (layer,
+    # expert, slot, priority, sequence, load)
+    fds = np.arange(3 * store.n_layer, dtype=np.int64).reshape(-1, 3) + 100
+    dst = np.arange(4 * 3, dtype=np.int64).reshape(4, 3) * 4096 + (1 << 20)
+    mode = nw.DIRECT if link is None else nw.LINK
+    with _pool(path, store, 1, 8) as (pool, fd, land):
+        pool.pause(True)
+        for r, (m, e, s, p, q, g) in enumerate(copies):
+            dur = 0 if link is None else int(1e9 * (link[0] + store.expert_bytes(m, e)
+                                                    / link[1]))
+            pool.queue(r, fds[m], dst[s], store.offsets[m, e], store.nbytes[m, e], p, q, s,
+                       mode, dur, g)
+        cols = [np.array(c, np.int64) for c in zip(*copies, strict=True)]
+        pool.queue_many(np.arange(4, 7, dtype=np.int64), *cols, fds, dst, store.offsets,
+                        store.nbytes, mode, *((0.0, 0.0) if link is None else link))
+        one, many = pool.jobs[0:3].copy(), pool.jobs[4:7].copy()
+        for c in (one, many):
+            c[:, nw.F_QT] = 0
+        assert np.array_equal(one, many)
+        assert (many[:, nw.F_STATE] == nw.QUEUED).all()
+        assert many[:, nw.F_DUR].tolist() == one[:, nw.F_DUR].tolist()
+        assert (pool.jobs[4:7, nw.F_QT] > 0).all()
+        for r in (*range(3), *range(4, 7)):  # (fake descriptors: never read)
+            assert pool.claim(r, nw.QUEUED, nw.CANCELLED)
+        pool.pause(False)
+
+
 @pytest.mark.parametrize("policy", ["ondemand", "expertflow"])
 def test_native_engine_gives_the_resident_logits(path, policy):
     """Reading the file itself, the engine's workers are native threads, and any budget

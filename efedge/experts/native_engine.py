@@ -160,9 +160,35 @@ class NativeTransferEngine(TransferEngine):
         if gens is None:
             gens = [self.cache.begin_load(s) for s in slots]
         self.reap()  # (after every load was begun: see submit)
-        for m, e, s, p, g in zip(layers, experts, slots, priorities, gens, strict=True):
-            self._queue_job(m, e, s, p, g)
+        n = len(slots)
+        if n == 1:
+            self._queue_job(layers[0], experts[0], slots[0], priorities[0], gens[0])
+        elif n:
+            self._queue_jobs(layers, experts, slots, priorities, gens)
         self.pool.publish()
+
+    def _queue_jobs(self, layers, experts, slots, priorities, gens) -> None:
+        """_queue_job for each, the rows filled in one kernel call (a plan's copies: ~5 µs
+        of dispatch and array views per copy saved on the compute thread)."""
+        pool, n_e, row_job, by_key = self.pool, self.store.n_expert, self._row_job, \
+            self.jobs_by_key
+        rows, seqs = [], []
+        for m, e, s, p, g in zip(layers, experts, slots, priorities, gens, strict=True):
+            job = Job(p, next(self._seq), m, e, s, gen=g)
+            job.row = r = pool.free.pop()
+            row_job[r] = job
+            by_key[m * n_e + e] = job
+            rows.append(r)
+            seqs.append(job.seq)
+        link = self.link
+        pool.queue_many(np.array(rows, np.int64), np.array(layers, np.int64),
+                        np.array(experts, np.int64), np.array(slots, np.int64),
+                        np.array(priorities, np.int64), np.array(seqs, np.int64),
+                        np.array(gens, np.int64), self._layer_fds, self._slot_dst,
+                        self.store.offsets, self.store.nbytes, self._mode,
+                        0.0 if link is None else float(link.latency_s),
+                        0.0 if link is None else float(link.bytes_per_s))
+        self.submitted += len(rows)
 
     def promote(self, job: Job) -> Job:
         r = getattr(job, "row", None)

@@ -261,6 +261,38 @@ if _AVAILABLE:
         _store(row, F_STATE, QUEUED)
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def _queue_rows(jobs, rows, layers, experts, slots, prios, seqs, gens, layer_fds,
+                    slot_dst, offsets, nbytes, mode, latency_s, bytes_per_s):
+        """_queue_row for each of a plan's copies in one call (copy i: expert experts[i] of
+        layer layers[i] into slot slots[i], row rows[i]): its parts from the layer's
+        descriptors, the slot's part addresses and the store's offsets and sizes; with an
+        emulated link (bytes_per_s > 0) held latency + bytes / rate (ns, as
+        NativeTransferEngine._queue_job rounds it). The stores' checks are the caller's:
+        every index here comes from the cache's own tables."""
+        now = _now_ns(np.zeros(2, np.int64))
+        for i in range(rows.shape[0]):
+            row = jobs[rows[i]]
+            m, e, s = layers[i], experts[i], slots[i]
+            dur = 0
+            if bytes_per_s > 0.0:
+                total = nbytes[m, e, 0] + nbytes[m, e, 1] + nbytes[m, e, 2]
+                dur = np.int64(1e9 * (latency_s + total / bytes_per_s))
+            row[F_MODE] = mode
+            row[F_DUR] = dur
+            for p in range(3):
+                row[F_FD0 + p] = layer_fds[m, p]
+                row[F_DST0 + p] = slot_dst[s, p]
+                row[F_OFF0 + p] = offsets[m, e, p]
+                row[F_N0 + p] = nbytes[m, e, p]
+            row[F_PRIO] = prios[i]
+            row[F_SEQ] = seqs[i]
+            row[F_SLOT] = s
+            row[F_GEN] = gens[i]
+            row[F_RC] = 0
+            row[F_QT] = now
+            _store(row, F_STATE, QUEUED)
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _bump(ctl):
         """GEN += 1 (a full barrier), then how many workers sleep on it."""
         _add32(ctl, C_GEN, 1)
@@ -373,6 +405,14 @@ class NativeWorkers:
         directly (DIRECT), or through the page cache and an emulated link that holds the
         copy dur ns (LINK); `gen`: the slot's load it is for."""
         _queue_row(self.jobs, row, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen)
+
+    def queue_many(self, rows, layers, experts, slots, prios, seqs, gens, layer_fds,
+                   slot_dst, offsets, nbytes, mode: int, latency_s: float,
+                   bytes_per_s: float) -> None:
+        """queue() for several rows in one kernel call (int64 arrays; the parts of each
+        copy from the tables, as _queue_rows reads them)."""
+        _queue_rows(self.jobs, rows, layers, experts, slots, prios, seqs, gens, layer_fds,
+                    slot_dst, offsets, nbytes, mode, latency_s, bytes_per_s)
 
     def book(self, now_s: float, dur_s: float) -> float:
         """Book the workers' emulated link for a copy of dur_s seconds from now_s (both
