@@ -134,23 +134,28 @@ class NativeTransferEngine(TransferEngine):
         self.pool.publish()
         return job
 
+    def _new_job(self, layer: int, expert: int, slot: int, priority: int, gen: int) -> Job:
+        """A job on a free row of the table, known by its row and key (the row still FREE:
+        _queue_job / _queue_jobs fill it and make it QUEUED)."""
+        job = Job(priority, next(self._seq), layer, expert, slot, gen=gen)
+        job.row = r = self.pool.free.pop()
+        self._row_job[r] = job
+        self.jobs_by_key[layer * self.store.n_expert + expert] = job
+        self.submitted += 1
+        return job
+
     def _queue_job(self, layer: int, expert: int, slot: int, priority: int, gen: int) -> Job:
         """A job row filled and QUEUED (publish() lets the workers know)."""
-        job = Job(priority, next(self._seq), layer, expert, slot, gen=gen)
-        r = self.pool.free.pop()
+        job = self._new_job(layer, expert, slot, priority, gen)
         st = self.store
         dur = 0
         if self.link is not None:  # the link's time for it, booked when a worker takes
             # it (from the row's queue time, F_QT, if the link was free then)
             dur = int(1e9 * (self.link.latency_s + st.expert_bytes(layer, expert)
                              / self.link.bytes_per_s))
-        self.pool.queue(r, self._layer_fds[layer], self._slot_dst[slot],
+        self.pool.queue(job.row, self._layer_fds[layer], self._slot_dst[slot],
                         st.offsets[layer, expert], st.nbytes[layer, expert], priority,
                         job.seq, slot, self._mode, dur, gen)
-        job.row = r
-        self._row_job[r] = job
-        self.jobs_by_key[layer * st.n_expert + expert] = job
-        self.submitted += 1
         return job
 
     def submit_many(self, layers, experts, slots, priorities, gens=None) -> None:
@@ -169,26 +174,20 @@ class NativeTransferEngine(TransferEngine):
 
     def _queue_jobs(self, layers, experts, slots, priorities, gens) -> None:
         """_queue_job for each, the rows filled in one kernel call (a plan's copies: ~5 µs
-        of dispatch and array views per copy saved on the compute thread)."""
-        pool, n_e, row_job, by_key = self.pool, self.store.n_expert, self._row_job, \
-            self.jobs_by_key
-        rows, seqs = [], []
-        for m, e, s, p, g in zip(layers, experts, slots, priorities, gens, strict=True):
-            job = Job(p, next(self._seq), m, e, s, gen=g)
-            job.row = r = pool.free.pop()
-            row_job[r] = job
-            by_key[m * n_e + e] = job
-            rows.append(r)
-            seqs.append(job.seq)
+        of dispatch and array views per copy saved on the compute thread; the link's time
+        for each computed there as _queue_job computes it)."""
+        jobs = [self._new_job(m, e, s, p, g)
+                for m, e, s, p, g in zip(layers, experts, slots, priorities, gens,
+                                         strict=True)]
         link = self.link
-        pool.queue_many(np.array(rows, np.int64), np.array(layers, np.int64),
-                        np.array(experts, np.int64), np.array(slots, np.int64),
-                        np.array(priorities, np.int64), np.array(seqs, np.int64),
-                        np.array(gens, np.int64), self._layer_fds, self._slot_dst,
-                        self.store.offsets, self.store.nbytes, self._mode,
-                        0.0 if link is None else float(link.latency_s),
-                        0.0 if link is None else float(link.bytes_per_s))
-        self.submitted += len(rows)
+        self.pool.queue_many(np.array([j.row for j in jobs], np.int64),
+                             np.array(layers, np.int64), np.array(experts, np.int64),
+                             np.array(slots, np.int64), np.array(priorities, np.int64),
+                             np.array([j.seq for j in jobs], np.int64),
+                             np.array(gens, np.int64), self._layer_fds, self._slot_dst,
+                             self.store.offsets, self.store.nbytes, self._mode,
+                             0.0 if link is None else float(link.latency_s),
+                             0.0 if link is None else float(link.bytes_per_s))
 
     def promote(self, job: Job) -> Job:
         r = getattr(job, "row", None)
