@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from functools import cache
@@ -52,6 +53,23 @@ requires_llama_cpp = pytest.mark.skipif(_LazySkip(), reason="llama-cpp-python is
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "requires_llama_cpp: skip when llama-cpp-python cannot be imported")
+    # `-n N` (pytest-xdist) without --dist: whole files per worker rather than single
+    # tests, so a file's module-scoped fixtures (models written and loaded once) and
+    # the kernels its tests compile stay in one process instead of being built in each
+    if getattr(config.option, "numprocesses", None) and not any(
+            a == "--dist" or a.startswith("--dist=") for a in config.invocation_params.args):
+        config.option.dist = "loadfile"
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 4 — each compiles its own kernels on a fresh
+    checkout and holds its own models (about 1 GB), so more workers than that add memory
+    faster than they take time off."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
