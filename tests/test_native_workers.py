@@ -156,6 +156,36 @@ def test_a_queued_row_is_taken_once(path, store):
     assert pool.jobs[3, nw.F_STATE] == nw.QUEUED and pool.n_threads == 0
 
 
+def test_publish_wakes_a_sleeping_worker_and_no_one_else(path, store):
+    """publish() makes its system call only for a worker asleep on GEN: with the one
+    worker asleep it wakes it (and the row is read); with none asleep it makes none."""
+    import time
+
+    with _pool(path, store, 1, 4) as (pool, fd, land):
+        bufs = _buffers(store, 4)
+        # held off the table, the worker sleeps on GEN whether or not it is woken (so its
+        # 10 ms nap running out cannot take the row before publish() looks)
+        pool.pause(True)
+        end = time.monotonic() + 10.0
+        while pool.ctl[nw.C_SLEEP] != 1 and time.monotonic() < end:
+            time.sleep(0.001)
+        assert pool.ctl[nw.C_SLEEP] == 1
+        gen = int(pool.ctl[nw.C_GEN])
+        _queue(pool, fd, store, 0, 0, 0, 0, 1, 0, bufs)
+        assert pool.publish()  # woken
+        assert int(pool.ctl[nw.C_GEN]) == gen + 1
+        pool.pause(False)
+        _wait_all(pool, [0])
+        assert pool.jobs[0, nw.F_STATE] == nw.DONE
+        pool.ctl[nw.C_SLEEP] -= 1  # as if it were awake (the count is all publish reads)
+        try:
+            gen = int(pool.ctl[nw.C_GEN])
+            assert not pool.publish()
+            assert int(pool.ctl[nw.C_GEN]) == gen + 1
+        finally:
+            pool.ctl[nw.C_SLEEP] += 1
+
+
 @pytest.mark.parametrize("link", [None, (2e-6, 1.5e8)])
 def test_a_plans_rows_filled_in_one_call_are_the_rows_filled_one_by_one(path, store, link):
     """queue_many (a prefetch plan's copies in one kernel call) writes each row as queue()
