@@ -179,6 +179,27 @@ def test_policies_refuses_what_it_would_ignore(tiny_gguf, capsys, extra, word):
                         or f"--policies takes one {word} value" in err), err
 
 
+@pytest.mark.parametrize("extra", [["--policies", "ondemand", "expertflow"],
+                                   ["--cache", "25%", "50%"]])
+def test_space_separated_lists_are_named_as_such(tiny_gguf, capsys, extra):
+    """benchmarks/policies.py takes `--cache 25% 50%`; bench takes llama-bench's commas.
+    The second value was "unrecognized arguments: 50%" and no more; the error says how."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(tiny_gguf("qwen3moe", "F32")), *extra])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"unrecognized arguments: {extra[-1]} (efedge bench takes lists " \
+           "comma-separated" in err, err
+
+
+def test_other_commands_keep_argparses_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.rstrip().endswith(
+        "error: unrecognized arguments: --no-such-flag"), err
+
+
 def test_negative_seed_is_a_flag_error(tiny_gguf, capsys):
     """--seed seeds the random token ids: numpy refuses a negative one, which was a
     ValueError traceback after the model had loaded."""

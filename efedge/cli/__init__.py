@@ -76,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C right after the command was typed: no traceback
         print("", file=sys.stderr)
         return 130
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = ""
+        if getattr(args, "command", None) == "bench":
+            # (`--policies ondemand expertflow`, `--cache 25% 50%`: the space-separated
+            # lists of benchmarks/policies.py, where bench takes llama-bench's commas)
+            hint = (" (efedge bench takes lists comma-separated, as llama-bench does: "
+                    "e.g. --cache 25%,50% --policies ondemand,expertflow)")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command is None:
         parser.print_help()
         return 2
