@@ -408,3 +408,37 @@ def test_a_layer_is_ranked_by_pregating_alone_while_it_leads_the_mixture():
     assert predict(0.3) == [2, 3]
     assert sorted(predict(0.0)) == [6, 7]
     assert sorted(predict(SWITCH_MARGIN / 2)) == [6, 7]
+
+
+def test_the_step_benchmark_times_the_predictor_it_is_given(monkeypatch, capsys):
+    """benchmarks/predictor_step.py (a script): it runs the real step at the shape it is
+    asked for — the predictor's state moves — and prints both timings; bad sizes are a
+    usage error."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "predictor_step.py"
+    spec = importlib.util.spec_from_file_location("predictor_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seen = []
+    real_step = HybridPredictor.step
+
+    def step(self, layer, ids, **kw):
+        seen.append((self.n_layer, self.n_expert, self.n_active, layer, ids.shape))
+        return real_step(self, layer, ids, **kw)
+
+    monkeypatch.setattr(HybridPredictor, "step", step)
+    monkeypatch.setattr(sys, "argv", ["predictor_step.py", "--layers", "3", "--experts", "8",
+                                      "--top-k", "2", "--width", "16", "-n", "2",
+                                      "--flush-mb", "0.01"])
+    mod.main()
+    out = capsys.readouterr().out
+    assert "3 layers x 8 experts, top-2, width 16: step" in out and "us warm" in out
+    # warm-up 20 passes, then 2 warm and 1 flushed, 3 layers each
+    assert len(seen) == 3 * (20 + 2 + 1)
+    assert {s[:3] for s in seen} == {(3, 8, 2)} and {s[4] for s in seen} == {(1, 2)}
+    monkeypatch.setattr(sys, "argv", ["predictor_step.py", "--top-k", "40"])
+    with pytest.raises(SystemExit):
+        mod.main()
