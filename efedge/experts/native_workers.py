@@ -240,11 +240,10 @@ if _AVAILABLE:
         return arg
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen):
-        """Fill row r (part i: descriptor fds[i], destination address dst[i], file offset
+    def _fill_row(row, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen, now):
+        """Fill a row (part i: descriptor fds[i], destination address dst[i], file offset
         offs[i], ns[i] bytes; mode DIRECT or LINK, dur: the link's ns for it, gen: the
-        slot's load it is for), stamp its queue time and make it QUEUED, last."""
-        row = jobs[r]
+        slot's load it is for, now: its queue time) and make it QUEUED, last."""
         row[F_MODE] = mode
         row[F_DUR] = dur
         for i in range(3):
@@ -257,8 +256,14 @@ if _AVAILABLE:
         row[F_SLOT] = slot
         row[F_GEN] = gen
         row[F_RC] = 0
-        row[F_QT] = _now_ns(np.zeros(2, np.int64))
+        row[F_QT] = now
         _store(row, F_STATE, QUEUED)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _queue_row(jobs, r, fds, dst, offs, ns, prio, seq, slot, mode, dur, gen):
+        """_fill_row for row r, stamped now."""
+        _fill_row(jobs[r], fds, dst, offs, ns, prio, seq, slot, mode, dur, gen,
+                  _now_ns(np.zeros(2, np.int64)))
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _queue_rows(jobs, rows, layers, experts, slots, prios, seqs, gens, layer_fds,
@@ -271,26 +276,13 @@ if _AVAILABLE:
         every index here comes from the cache's own tables."""
         now = _now_ns(np.zeros(2, np.int64))
         for i in range(rows.shape[0]):
-            row = jobs[rows[i]]
             m, e, s = layers[i], experts[i], slots[i]
             dur = 0
             if bytes_per_s > 0.0:
                 total = nbytes[m, e, 0] + nbytes[m, e, 1] + nbytes[m, e, 2]
                 dur = np.int64(1e9 * (latency_s + total / bytes_per_s))
-            row[F_MODE] = mode
-            row[F_DUR] = dur
-            for p in range(3):
-                row[F_FD0 + p] = layer_fds[m, p]
-                row[F_DST0 + p] = slot_dst[s, p]
-                row[F_OFF0 + p] = offsets[m, e, p]
-                row[F_N0 + p] = nbytes[m, e, p]
-            row[F_PRIO] = prios[i]
-            row[F_SEQ] = seqs[i]
-            row[F_SLOT] = s
-            row[F_GEN] = gens[i]
-            row[F_RC] = 0
-            row[F_QT] = now
-            _store(row, F_STATE, QUEUED)
+            _fill_row(jobs[rows[i]], layer_fds[m], slot_dst[s], offsets[m, e], nbytes[m, e],
+                      prios[i], seqs[i], s, mode, dur, gens[i], now)
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _publish(ctl):
