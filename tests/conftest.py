@@ -30,6 +30,17 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (a script, not a package module), for the tests
+    that run a benchmark's parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @cache
 def llama_cpp_error() -> str | None:
     """Why ``llama_cpp`` cannot be used here, or None when it can."""

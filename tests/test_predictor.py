@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from efedge.experts.predictor import PREGATE, TEMPORAL, TOKEN, TRANSITION, HybridPredictor
 from efedge.experts.predictor_kernels import _rank_desc
@@ -414,14 +415,9 @@ def test_the_step_benchmark_times_the_predictor_it_is_given(monkeypatch, capsys)
     """benchmarks/predictor_step.py (a script): it runs the real step at the shape it is
     asked for — the predictor's state moves — and prints both timings; bad sizes are a
     usage error."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "predictor_step.py"
-    spec = importlib.util.spec_from_file_location("predictor_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("predictor_step")
     seen = []
     real_step = HybridPredictor.step
 

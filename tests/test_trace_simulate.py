@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 import efedge
 from efedge.cli import main as cli_main
@@ -399,23 +400,11 @@ def test_simulator_refines_from_the_routers_on_the_layer_input(trace):
     assert refined["expert_requests"] == plain["expert_requests"]
 
 
-def _ceiling_module():
-    """benchmarks/prediction_ceiling.py (a script, not a package module)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prediction_ceiling.py"
-    spec = importlib.util.spec_from_file_location("prediction_ceiling", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_prediction_ceiling_replaces_pregating_with_better_information(tiny_gguf, tmp_path):
     """The ceiling benchmark's variants: distance 1 from the next layer's router on its
     input, or naming the next layer's (two layers') experts exactly; replayed, exact
     pre-gating misses less than the recorded one."""
-    ceiling = _ceiling_module()
+    ceiling = load_benchmark("prediction_ceiling")
     arrays, meta = load_trace(_qwen_trace(tiny_gguf, tmp_path))
     out = ceiling.variants(arrays)
     assert set(out) == {"recorded", "router on the next layer's input", "exact next layer",
