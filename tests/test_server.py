@@ -513,7 +513,11 @@ def test_requests_whose_clients_left_free_their_place_in_line(model, monkeypatch
 
 def test_shutdown_ends_a_stream_cancelled(model):
     srv = make_server(model, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: at the default 0.5 s the tiny
+    # model's whole 512-token context (~0.25 s unloaded) could be generated first and the
+    # stream end "length" before server_close cancels it
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01},
+                         daemon=True)
     t.start()
     try:
         s = _send_raw(srv, {"prompt": "A long story", "max_tokens": 100_000,
