@@ -57,7 +57,7 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
     each pass's start (before the first layer, from the token memory). `warm_ids`: the
     text of the warm-up (compiling, filling the cache); other text than the measured one,
     or the token memory would have learned the measured text's routing by heart."""
-    spent = {"step": 0.0, "calls": 0, "pass_start": 0.0}
+    spent = {"step": 0.0, "calls": 0, "pass_start": 0.0, "wait": 0.0}
     with efedge.load(path, cache=cache, policy="expertflow", threads=threads,
                      link=link) as m:
         pol = m._experts.policy
@@ -76,15 +76,23 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
             return run
 
         pred.step = timed(pred.step, "step", 1)
+        pred.post_step = timed(pred.post_step, "step", 1)
         pred.predict_pass_start = timed(pred.predict_pass_start, "pass_start", 0)
+        # with a helper thread (EFEDGE_PREDICTOR_THREAD, -t below the cores) a step is
+        # posted and waited for: the compute thread's share is both
+        pred.wait = timed(pred.wait, "wait", 0)
+        posts0 = pred.thread_posts
         s, _, ovh = decode_run(m, prompt_ids, n_tokens)
+        posts = pred.thread_posts - posts0
         n_layer = m.config.n_layer
     n = max(s["tokens_generated"], 1)
     wall = max(s["wall_s"], 1e-9)
-    predictor = spent["step"] + spent["pass_start"]
+    predictor = spent["step"] + spent["pass_start"] + spent["wait"]
     return {"decode_ms_per_token": 1e3 * wall / n,
             "on_route_us_per_layer": 1e6 * ovh / (n * n_layer),
-            "predictor_us_per_layer": 1e6 * spent["step"] / max(spent["calls"], 1),
+            "predictor_us_per_layer": 1e6 * (spent["step"] + spent["wait"])
+            / max(spent["calls"], 1),
+            "helper_steps": posts,
             "pass_start_us_per_token": 1e6 * spent["pass_start"] / n,
             "on_route_pct": 100 * ovh / wall,
             "predictor_pct": 100 * predictor / wall}
@@ -251,7 +259,9 @@ def main(argv=None) -> int:
                   f"{c['on_route_us_per_layer']:.1f} us/layer = {c['on_route_pct']:.2f}% of "
                   f"decode, of which the predictor {c['predictor_us_per_layer']:.1f} us/layer "
                   f"+ {c['pass_start_us_per_token']:.1f} us/token at the pass start "
-                  f"= {c['predictor_pct']:.2f}%")
+                  f"= {c['predictor_pct']:.2f}%"
+                  + (f" ({c['helper_steps']} steps on the helper thread)"
+                     if c["helper_steps"] else ""))
         pct = [c["predictor_pct"] for c in runs]
         print(f"predictor: median {statistics.median(pct):.2f}% of decode "
               f"({min(pct):.2f}–{max(pct):.2f}%, {len(pct)} runs)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from efedge.errors import EfedgeError
+from efedge.experts import predictor_thread
 from efedge.experts.horizon import (
     HorizonController,
     plan_groups,
@@ -154,6 +155,12 @@ class _Predictive(Policy):
         """The pass's tokens: the predictor's token memory serves its layers."""
         self.predictor.begin_pass(tokens)
 
+    def close(self) -> None:
+        """The source closes: stop the predictor's helper thread, if it has one."""
+        pred = getattr(self, "predictor", None)
+        if pred is not None:
+            pred.close()
+
 
 class FixedHorizon(_Predictive):
     """The hybrid predictor's top-k for each of the next H layers, every layer (a fixed
@@ -202,8 +209,12 @@ class ExpertFlow(_Predictive):
                  explore_every: int = 2, value_all: bool = False, value_next: bool = False,
                  pass_start: bool = True, victim_aware: bool = True, stage_lead: int = 2,
                  stage_floor: float | None = None, refine: bool = False,
-                 refine_margin: int = 2, refine_p: float = 0.75, **kw):
+                 refine_margin: int = 2, refine_p: float = 0.75,
+                 predictor_thread: bool | str | None = None, **kw):
         super().__init__(**kw)
+        # the predictor's step on a helper thread where a core is spare (None / "auto":
+        # EFEDGE_PREDICTOR_THREAD, else auto; efedge/experts/predictor_thread.py)
+        self.predictor_thread = predictor_thread
         # refine: at each MoE layer's start, its router on the layer's input (known then,
         # before the attention) re-ranks what is queued for it — the likeliest not yet
         # loading are fetched at once, queued ones outside the top K + refine_margin are
@@ -229,6 +240,7 @@ class ExpertFlow(_Predictive):
 
     def attach(self, source) -> None:
         super().attach(source)
+        self.predictor.use_thread(predictor_thread.wanted(self.predictor_thread))
         self._seen = None
         self.horizon = 1
         self.cancelled = 0
@@ -301,24 +313,35 @@ class ExpertFlow(_Predictive):
         h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
                                         ids2.shape[0], self._mean_bytes,
                                         float(eng.bandwidth_ewma), _latency(eng))
-        # the predictor and the plan run once this layer's demand loads are on the link
-        self._defer(self._predict_and_plan, layer, hidden, ids2, pregate, h_need)
+        # the predictor and the plan run once this layer's demand loads are on the link;
+        # with a helper thread the prediction starts there now, beside those loads
+        # (the first step, synchronous, gives the predictor its router weights)
+        posted = self.predictor.threaded and self._dense_checked and \
+            self.predictor.post_step(layer, ids2, hidden, *self._reach(layer, h_need))
+        self._defer(self._predict_and_plan, layer, hidden, ids2, pregate, h_need, posted)
         self.overhead_s += src.now() - t0
 
-    def _predict_and_plan(self, layer, hidden, ids2, pregate, h_need: int) -> None:
-        # predict as far as the controller looks, and this layer's next turn (eviction
-        # values read p_next; the layers in between were valued on earlier steps)
+    def _reach(self, layer: int, h_need: int) -> tuple[int, int]:
+        """How far this layer's step predicts (a distance), and one more distance whose
+        eviction values it refreshes (0: none)."""
+        # as far as the controller looks, and this layer's next turn (eviction values
+        # read p_next; the layers in between were valued on earlier steps)
         if self.value_all:
-            self._predict(layer, hidden, ids2, pregate, self._span(layer, max(
-                h_need + self.explore, min(self.max_distance, self.n_layer))))
+            return self._span(layer, max(h_need + self.explore,
+                                         min(self.max_distance, self.n_layer))), 0
+        # every layer in turn: by pass + layer, so that with an even number of layers the
+        # same layers do not always explore and the others never
+        turn = self._step // self.n_layer + layer
+        explore = self.explore if turn % self.explore_every == 0 else 0
+        return (self._span(layer, min(h_need + explore, self.max_distance)),
+                self.n_layer if self.value_next else 0)
+
+    def _predict_and_plan(self, layer, hidden, ids2, pregate, h_need: int,
+                          posted: bool = False) -> None:
+        if posted:
+            self.predictor.wait()
         else:
-            # every layer in turn: by pass + layer, so that with an even number of layers
-            # the same layers do not always explore and the others never
-            turn = self._step // self.n_layer + layer
-            explore = self.explore if turn % self.explore_every == 0 else 0
-            self._predict(layer, hidden, ids2, pregate,
-                          self._span(layer, min(h_need + explore, self.max_distance)),
-                          also=self.n_layer if self.value_next else 0)
+            self._predict(layer, hidden, ids2, pregate, *self._reach(layer, h_need))
         self.horizon = self._plan_prefetches(layer, self._span(layer, h_need))
         if self._stager is not None:
             self._plan_stage(layer, self.horizon)

@@ -33,7 +33,9 @@ l + d ≥ L. All hot loops are numba kernels over arrays (predictor_kernels.py);
 class holds the state. The per-layer kernels take microseconds and run on the compute
 thread, so they keep the GIL (`nogil=False`): releasing and re-taking it around each call
 let the transfer threads in and tripled the measured cost of eviction calls on a loaded
-2-core machine.
+2-core machine. Where a core is spare, a decode step runs on a helper thread instead
+(`use_thread`, `post_step` / `wait`: efedge/experts/predictor_thread.py), with the same
+results bit for bit.
 Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max distance.
 """
 
@@ -58,6 +60,13 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     _seed_kernel,
     _step,
 )
+
+try:  # the helper thread's two hand-over kernels, called here directly (fewer Python
+    # calls on the compute thread: predictor_thread.py); absent where futexes are
+    from efedge.experts.predictor_thread import _post as _thread_post
+    from efedge.experts.predictor_thread import _wait as _thread_wait
+except ImportError:
+    _thread_post = _thread_wait = None
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
@@ -160,11 +169,79 @@ class HybridPredictor:
         self._pass_args: tuple = (0, None, None)  # t_n, and predict_pass_start's dummies
         # the kernels' persistent state, in their argument order: one tuple to splat per
         # call instead of 19 attribute lookups (these arrays are only ever changed in place)
+        # p_next as the kernels write it: p_next itself, or with a helper thread its own
+        # copy, published into p_next by wait() (the eviction values the compute thread
+        # reads while a step runs there stay those of the step before, as without one)
+        self._p_next_k = self.p_next
+        self._thread = None  # predictor_thread.PredictorThread, once one is started
+        self._want_thread = False
+        self._posted = False  # a step is on the helper thread
+        self._bind_state()
+
+    def _bind_state(self) -> None:
         self._state = (self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
                        self.weights, self.prec, self.prec_n, self.recall, self.ring_q,
                        self.ring_avail, self.ring_rank, self.ring_made, self.p_use, self.order,
-                       self.p_next, self.tok_hist, self.params, self.sel_rb, self.sel_sb,
+                       self._p_next_k, self.tok_hist, self.params, self.sel_rb, self.sel_sb,
                        self.switch)
+
+    # -- the helper thread (efedge/experts/predictor_thread.py) ---------------------------
+    def use_thread(self, on: bool) -> None:
+        """Run single-token steps posted with step(post=True) on a helper thread (True,
+        where predictor_thread.available()), or on the caller's (False)."""
+        from efedge.experts import predictor_thread
+
+        self.close()
+        self._want_thread = bool(on) and predictor_thread.available()
+        self._p_next_k = self.p_next.copy() if self._want_thread else self.p_next
+        self._bind_state()
+
+    @property
+    def threaded(self) -> bool:
+        """Whether posted steps run on a helper thread."""
+        return self._want_thread
+
+    @property
+    def thread_posts(self) -> int:
+        """Steps the current helper thread has run (0 without one)."""
+        return 0 if self._thread is None else self._thread.posts
+
+    def _join(self) -> None:
+        """Until a posted step is done, then publish its eviction values (p_next). Every
+        read of the predictor's outputs after a post_step() comes after this (`wait`)."""
+        if self._posted:
+            self._posted = False
+            th = self._thread
+            if not _thread_wait(th.ctl, self.p_next, self._p_next_k):
+                th.fail()
+
+    wait = _join  # (the public name; the class's own calls use _join, so that a timer
+    # put on an instance's wait — benchmarks/policies.py --cost — sees the caller's waits)
+
+    def close(self) -> None:
+        """Stop the helper thread, if one runs (a posted step finishes first)."""
+        if self._thread is not None:
+            self._join()
+            self._thread.close()
+            self._thread = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
+
+    def _helper(self, width: int):
+        """A helper thread started on the arrays a step reads now (replacing one bound to
+        others: a longer pass grows cur_ids, router weights arrive with the first hidden
+        state; nothing else is ever replaced while a thread runs — use_thread rebinds the
+        state and closes the thread)."""
+        from efedge.experts.predictor_thread import PredictorThread
+
+        self.close()
+        bound = (self.W, self.W_scale, self._no_pg, self.cur_ids, self._tok1, *self._state)
+        self._thread = PredictorThread(bound, self.n_active, width, self.max_distance)
+        return self._thread
 
     # -- inputs ---------------------------------------------------------------------------
     def set_router_weights(self, W: np.ndarray, selection=None) -> None:
@@ -172,6 +249,7 @@ class HybridPredictor:
         (a selection.RouterSelection): how the routers turn logits into their choice —
         biases, sigmoid gating, expert groups — so that pre-gating ranks experts as the
         router will (None: by the logits, a plain softmax router)."""
+        self._join()
         W = np.asarray(W, dtype=np.float32)
         if W.ndim != 3 or W.shape[:2] != (self.n_layer, self.n_expert):
             raise ValueError(f"router weights must be [{self.n_layer}, {self.n_expert}, D], "
@@ -196,6 +274,7 @@ class HybridPredictor:
                              f"{list(ex.shape)}")
         if ex.min() < 0 or ex.max() >= self.n_expert:
             raise ValueError("trace expert ids are outside 0..n_expert-1")
+        self._join()
         _seed_kernel(self.trans, self.rowsum, ex, float(weight) * self.params[_P_INC])
         if self.params[_P_INC] > 1e20:
             _rescale(self.trans, self.rowsum, self.params)
@@ -214,6 +293,8 @@ class HybridPredictor:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size == 0:
             return
+        if self._posted:  # (the helper reads the token tables)
+            self._join()
         if tokens.size == 1:  # decode: Python scalars, not five numpy calls (cold, ~2 µs each)
             tok = int(tokens[0])
             b1 = tok % self.tok_tags.shape[0]
@@ -242,6 +323,19 @@ class HybridPredictor:
         n = max(0, min(int(n_pred), self.max_distance, self.n_layer))
         if n == 0:
             return
+        if self._posted:
+            self._join()
+        th = self._thread
+        if th is not None and self.cur_tok is self._tok1 and th.bound[0] is self.W and \
+                th.bound[3] is self.cur_ids:
+            # on the helper thread, whose caches hold the tables (the compute thread's
+            # were flushed by the layers): posted and waited for at once, as the plan
+            # for the pass's first layers reads it next
+            th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n,
+                               self.n_sources)
+            self._posted = True
+            self._join()
+            return
         t_n = self.cur_tok.shape[0]
         self._fit_tokens(t_n)
         self.params[_P_REACHF] = max(self.params[_P_REACHF], float(n))
@@ -252,6 +346,8 @@ class HybridPredictor:
         _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources, ids,
                  self._no_h, self.W, self.W_scale, False, pg, self.cur_ids, self.cur_tok,
                  *self._state)
+        if self._p_next_k is not self.p_next:
+            self.p_next[:] = self._p_next_k
 
     # -- the per-layer step -----------------------------------------------------------------
     def step(self, layer: int, ids: np.ndarray, hidden: np.ndarray | None = None,
@@ -262,6 +358,8 @@ class HybridPredictor:
         [T, n, E] for layers layer+1..layer+n (NaN rows: unknown); `also`: one more
         distance to predict (its p_next only, e.g. this layer's next turn). Returns the
         step."""
+        if self._posted:
+            self._join()
         # Runs once per layer right after the layer kernels have flushed the CPU caches:
         # every attribute and numpy call here costs a cache miss or several (measured:
         # this wrapper took 13 µs of a 48 µs step), hence identity checks of dtypes and
@@ -298,11 +396,43 @@ class HybridPredictor:
         _step(layer, step, self.pass_no, n, also, self.n_sources, self.adapt and t_n == 1,
               ids, h, self.W, self.W_scale, has_w, pg, self.cur_ids, self.cur_tok,
               *self._state)
+        if self._p_next_k is not self.p_next:
+            self.p_next[:] = self._p_next_k
         return step
+
+    def post_step(self, layer: int, ids: np.ndarray, hidden: np.ndarray, n_pred: int,
+                  also: int = 0) -> bool:
+        """step(layer, ids, hidden, n_pred=n_pred, also=also) on the helper thread
+        (use_thread(True)) for a single token ([1, K] int32 ids, [1, D] float32 hidden
+        state, D the routers' width) within a pass begun with begin_pass: True once
+        posted — wait() before reading any output. False, with nothing done, for any other
+        step (the caller runs step() then).
+        The compute thread's whole share of a step, so as few Python operations as will
+        do: the kernel checks the shapes and clamps the distances."""
+        if self._posted:
+            self._join()
+        if layer <= self._last_layer or self.cur_tok is not self._tok1 or \
+                not self._want_thread:
+            return False
+        th = self._thread
+        if th is None or th.bound[0] is not self.W or th.bound[3] is not self.cur_ids:
+            if self._w_width <= 0:
+                return False
+            th = self._helper(self._w_width)
+        step = self.pass_no * self.n_layer + layer
+        if not _thread_post(th.ctl, th.job, th.ids, th.h, ids, hidden, layer, step,
+                            self.pass_no, n_pred, also, self.n_sources, self.adapt,
+                            self.max_distance):
+            return False
+        self._last_layer = layer
+        self.step_no = step
+        self._posted = True
+        return True
 
     # -- reporting ---------------------------------------------------------------------------
     def recall_at_k(self) -> np.ndarray:
         """Recall of the top-K predictions per distance 1..Dm (NaN where never scored)."""
+        self._join()
         r = self.recall[:, 0].copy()
         r[self.recall[:, 1] == 0] = np.nan
         return r
@@ -310,5 +440,6 @@ class HybridPredictor:
     def mean_weights(self) -> np.ndarray:
         """Fusion weights per distance, averaged over layers [Dm, 5] (pre-gating,
         transitions, recent, popular, token memory), each row normalised."""
+        self._join()
         w = self.weights.mean(axis=0)
         return w / w.sum(axis=1, keepdims=True)

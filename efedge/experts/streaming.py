@@ -397,6 +397,9 @@ class StreamingExperts(DemandWaits):
 
     def close(self) -> None:
         self.engine.close()
+        stop = getattr(self.policy, "close", None)
+        if stop is not None:  # (a predictor's helper thread)
+            stop()
 
 
 # Re-exported for callers that inspect slot states

@@ -1,0 +1,287 @@
+"""The predictor's step on a core of its own (ExpertFlow's predictor beside the compute).
+
+Why: one predictor step costs the compute thread ~22 µs per routed layer on the demo
+model, 8–9% of its decode, most of it caches the layer kernels left cold (docs/scheduler.md
+§7). Where a core is free — fewer compute threads than cores, as `-t 1` on a 2-core
+machine or `-t N-1` on a laptop — the step can run there: `post()` hands it the layer's
+router choice and hidden state as soon as the layer has routed, the compute thread
+issues that layer's demand loads meanwhile, and `wait()` (before the plan that reads the
+prediction) finds it done. The helper keeps the predictor's tables warm in its own cache.
+
+The thread is a Python thread that enters one numba loop with the GIL released and
+stays in it: it spins (`pause`) for `SPIN_NS` after each step — the next layer's post
+comes within a layer's compute — and then sleeps on a futex until the next post. The
+hand-over is two int32 words: GEN, bumped by `post()` after the job is written, and
+DONE, set to GEN by the helper once the step's results are written (both sequentially
+consistent: what one side wrote before them the other reads after them).
+
+Exactness of decisions: the step's inputs are copied at post time and the compute thread
+reads nothing the step writes before `wait()`, except `p_next` (the eviction values),
+which the demand loads' victims read meanwhile: the helper writes its own copy and
+`wait()` publishes it (HybridPredictor), so every decision is the one the synchronous
+step takes. Linux only (futex); `available()` says whether this process can.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+
+import numpy as np
+from numba import njit
+
+from efedge.experts import native_workers as nw
+from efedge.experts.predictor_kernels import _P_REACHF, _predict, _step
+from efedge.kernels._sync import cpu_relax, sched_yield
+from efedge.kernels.atomics import add32 as _add32
+from efedge.kernels.atomics import load as _load
+from efedge.kernels.atomics import store as _store
+
+# control words (int32): STOP, DEAD (the helper left its loop), GEN, DONE, SLEEP (the
+# helper waits on GEN: a post then wakes it with a system call)
+C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP = range(5)
+# the job (int64): the step's scalar arguments
+# (J_POSTS: jobs posted so far, counted by the posting kernels; J_BUSY_NS: the helper's
+# time in them)
+(J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
+ J_BUSY_NS) = range(10)
+STEP, PASS_START = 0, 1  # J_KIND: a layer's step, or the prediction at a pass's start
+SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
+_NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
+_WAIT_SPINS = 4000  # the compute thread's spins on DONE before it yields its core
+_GIVE_UP_NS = 30_000_000_000  # …and how long it waits at most (then: an error)
+
+
+def available() -> bool:
+    """Whether a predictor thread can run in this process (Linux futexes)."""
+    return nw.available()
+
+
+def spare_cores() -> int:
+    """Cores this process may use beyond numba's compute threads."""
+    import numba
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores - numba.get_num_threads()
+
+
+def wanted(setting=None) -> bool:
+    """Whether to run the predictor on a helper thread: `setting` True / False, or
+    None / "auto" for the environment's EFEDGE_PREDICTOR_THREAD (1 / 0 / auto), auto
+    meaning where a core is spare and the platform has the primitives."""
+    if setting is None or setting == "auto":
+        env = os.environ.get("EFEDGE_PREDICTOR_THREAD", "auto").strip().lower()
+        if env in ("0", "off", "no", "false"):
+            return False
+        if env in ("1", "on", "yes", "true"):
+            return available()
+        return available() and spare_cores() >= 1
+    return bool(setting) and available()
+
+
+if available():
+    _syscall, _NR_FUTEX = nw._syscall, nw._NR_FUTEX
+    _FUTEX_WAIT, _FUTEX_WAKE = nw._FUTEX_WAIT, nw._FUTEX_WAKE
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _serve(ctl, job, ids, h, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
+               rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail, ring_rank,
+               ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb, switch):
+        """The helper's loop: wait for GEN to move, run the posted step, DONE = GEN."""
+        ts = np.zeros(2, np.int64)
+        nap = np.array([0, _NAP_NS], np.int64)  # a timespec
+        # the last job done, not GEN now: a post made before this thread got here (its
+        # start takes a while) is still to be run
+        seen = _load(ctl, C_DONE)
+        while True:
+            t0 = nw._now_ns(ts)
+            spins = 0
+            while _load(ctl, C_GEN) == seen and _load(ctl, C_STOP) == 0:
+                spins += 1
+                if spins & 63 != 0 or nw._now_ns(ts) - t0 < SPIN_NS:
+                    sched_yield()  # a transfer worker woken on this core runs at once
+                else:  # no post for a while (between requests): sleep until one
+                    _add32(ctl, C_SLEEP, 1)
+                    if _load(ctl, C_GEN) == seen:
+                        _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAIT, seen,
+                                 nap.ctypes.data, 0, 0)
+                    _add32(ctl, C_SLEEP, -1)
+            if _load(ctl, C_STOP) != 0:
+                return 0
+            seen = _load(ctl, C_GEN)
+            t0 = nw._now_ns(ts)
+            if job[J_KIND] == STEP:
+                _step(job[J_LAYER], job[J_STEP], job[J_PASS], job[J_NPRED], job[J_ALSO],
+                      job[J_NSRC], job[J_FEEDBACK] != 0, ids, h, W, Ws, True, pg, cur_ids,
+                      cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec,
+                      prec_n, recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order,
+                      p_next, tok_hist, params, sel_rb, sel_sb, switch)
+            else:  # HybridPredictor.predict_pass_start's kernel (ids, h: only shapes read)
+                params[_P_REACHF] = max(params[_P_REACHF], float(job[J_NPRED]))
+                _predict(-1, job[J_STEP], job[J_PASS], job[J_NPRED], 0, job[J_NSRC], ids, h,
+                         W, Ws, False, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
+                         rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
+                         ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb,
+                         sel_sb, switch)
+            job[J_BUSY_NS] += nw._now_ns(ts) - t0
+            _store(ctl, C_DONE, np.int32(seen))
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _post(ctl, job, ids_buf, h_buf, ids, h, layer, step, pass_no, n_pred, also, n_src,
+              feedback, dm):
+        """Write the job and its inputs (distances clamped as HybridPredictor.step clamps
+        them), then GEN += 1 (a full barrier) and wake the helper if it sleeps; False,
+        with nothing done, where ids or h do not have the buffers' shapes. The caller has
+        waited for the previous job."""
+        if ids.shape[0] != 1 or ids.shape[1] != ids_buf.shape[1] or h.shape[0] != 1 or \
+                h.shape[1] != h_buf.shape[1]:
+            return False
+        job[J_LAYER], job[J_STEP], job[J_PASS] = layer, step, pass_no
+        job[J_NPRED] = max(0, min(n_pred, dm))
+        job[J_ALSO] = also if 0 < also <= dm else 0
+        job[J_NSRC] = n_src
+        job[J_FEEDBACK] = 1 if feedback else 0
+        job[J_KIND] = STEP
+        job[J_POSTS] += 1
+        for i in range(ids_buf.shape[1]):
+            ids_buf[0, i] = ids[0, i]
+        for i in range(h_buf.shape[1]):
+            h_buf[0, i] = h[0, i]
+        _add32(ctl, C_GEN, 1)
+        if _load(ctl, C_SLEEP) > 0:
+            _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+        return True
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _post_pass_start(ctl, job, step, pass_no, n_pred, n_src):
+        """The job of a single-token pass's start (n_pred clamped by the caller), then GEN
+        += 1 and a wake-up as _post."""
+        job[J_STEP], job[J_PASS], job[J_NPRED], job[J_NSRC] = step, pass_no, n_pred, n_src
+        job[J_KIND] = PASS_START
+        job[J_POSTS] += 1
+        _add32(ctl, C_GEN, 1)
+        if _load(ctl, C_SLEEP) > 0:
+            _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _stop(ctl):
+        """STOP, then GEN += 1 and a wake-up: the helper leaves its loop."""
+        _store(ctl, C_STOP, np.int32(1))
+        _add32(ctl, C_GEN, 1)
+        _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _wait(ctl, dst, src):
+        """Until DONE reaches GEN (the helper finished the last post); False where it is
+        dead or has not finished within _GIVE_UP_NS (a step takes microseconds: only a
+        fault gets there, and a fault must not hang the caller). Then dst[:] = src (2-D
+        float32: the step's eviction values published, in the same call)."""
+        gen = _load(ctl, C_GEN)
+        spins = 0
+        t0 = 0
+        ts = np.zeros(2, np.int64)
+        while _load(ctl, C_DONE) != gen:
+            if _load(ctl, C_DEAD) != 0:
+                return False
+            spins += 1
+            if spins < _WAIT_SPINS:
+                cpu_relax()
+            else:  # the helper is not running: let it have this core
+                if t0 == 0:
+                    t0 = nw._now_ns(ts)
+                elif spins & 1023 == 0 and nw._now_ns(ts) - t0 > _GIVE_UP_NS:
+                    return False
+                sched_yield()
+        for i in range(dst.shape[0]):
+            for j in range(dst.shape[1]):
+                dst[i, j] = src[i, j]
+        return True
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop every helper before the interpreter frees the arrays it writes."""
+    for t in list(_LIVE):
+        t.close()
+
+
+class PredictorThread:
+    """A helper thread running HybridPredictor steps on the arrays it was started with
+    (`bound`: W, W_scale, the pre-gating placeholder, cur_ids, cur_tok, then the state)."""
+
+    def __init__(self, bound: tuple, n_active: int, width: int, max_distance: int):
+        if not available():
+            raise RuntimeError("a predictor thread needs Linux futexes")
+        self.bound = bound
+        self.ctl = np.zeros(8, np.int32)
+        self.job = np.zeros(16, np.int64)
+        self.ids = np.zeros((1, n_active), np.int32)
+        self.h = np.zeros((1, width), np.float32)
+        self.max_distance = int(max_distance)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="efedge-predictor",
+                                        daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    def _run(self) -> None:
+        try:
+            _serve(self.ctl, self.job, self.ids, self.h, *self.bound)
+        except BaseException as exc:  # noqa: BLE001 (handed to the compute thread)
+            self.error = exc
+        finally:
+            self.ctl[C_DEAD] = 1
+
+    @property
+    def alive(self) -> bool:
+        return self.ctl[C_DEAD] == 0 and self.ctl[C_STOP] == 0
+
+    def post(self, ids: np.ndarray, h: np.ndarray, layer: int, step: int, pass_no: int,
+             n_pred: int, also: int, n_src: int, feedback: bool) -> bool:
+        """Hand the helper one step (ids [1, K] int32, h [1, D] float32, copied now; the
+        caller has waited for the last one): False where their shapes do not fit."""
+        return _post(self.ctl, self.job, self.ids, self.h, ids, h, layer, step, pass_no,
+                     n_pred, also, n_src, feedback, self.max_distance)
+
+    def post_pass_start(self, step: int, pass_no: int, n_pred: int, n_src: int) -> None:
+        """Hand the helper a single-token pass's start prediction (see _serve)."""
+        _post_pass_start(self.ctl, self.job, step, pass_no, n_pred, n_src)
+
+    @property
+    def posts(self) -> int:
+        """Jobs posted to this thread so far."""
+        return int(self.job[J_POSTS])
+
+    @property
+    def busy_s(self) -> float:
+        """The helper's time in its jobs so far (seconds; read after a wait)."""
+        return float(self.job[J_BUSY_NS]) * 1e-9
+
+    def wait(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Until the last posted step is done, then dst[:] = src (float32 [L, E]: what the
+        helper wrote, published); raises what the helper raised, if it did."""
+        if not _wait(self.ctl, dst, src):
+            self.fail()
+
+    def fail(self) -> None:
+        """Raise the error of a helper that stopped before finishing its job."""
+        err = self.error
+        what = "stopped" if self.ctl[C_DEAD] else f"took over {_GIVE_UP_NS / 1e9:.0f} s"
+        raise RuntimeError(f"the predictor thread {what} before finishing a step"
+                           + (f": {err!r}" if err is not None else "")) from err
+
+    def close(self) -> None:
+        """Stop the helper and join it (a step under way ends first)."""
+        if self.ctl[C_STOP]:
+            return
+        _stop(self.ctl)
+        self._thread.join()
+        _LIVE.discard(self)

@@ -1,0 +1,178 @@
+"""The predictor's step on a helper thread (efedge/experts/predictor_thread.py): the same
+state as the step on the caller's thread, bit for bit; steps it cannot take are left to
+the caller; a helper that stops makes the caller fail, not hang; and a model decoding with
+one keeps the resident logits."""
+
+import numpy as np
+import pytest
+from conftest import load_benchmark
+
+import efedge
+from efedge.experts import predictor_thread as pt
+from efedge.experts.policies import ExpertFlow
+from efedge.experts.predictor import HybridPredictor
+
+pytestmark = pytest.mark.skipif(not pt.available(), reason="needs Linux futexes")
+
+L, E, K, D = 5, 32, 4, 48
+
+
+def _pair(seed=0):
+    W = np.random.default_rng(seed).standard_normal((L, E, D)).astype(np.float32)
+    preds = []
+    for threaded in (False, True):
+        p = HybridPredictor(L, E, K)
+        p.set_router_weights(W)
+        p.use_thread(threaded)
+        preds.append(p)
+    return preds
+
+
+def _same_state(a: HybridPredictor, b: HybridPredictor) -> None:
+    for x, y in zip(a._state, b._state, strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.p_next, b.p_next)
+    np.testing.assert_array_equal(a.p_use, b.p_use)
+    np.testing.assert_array_equal(a.order, b.order)
+    assert a.step_no == b.step_no and a.pass_no == b.pass_no
+
+
+def test_posted_steps_leave_the_state_the_callers_steps_leave():
+    """Passes of one token (pass start, five steps at varying reach), with a prefill of
+    several tokens between them (the helper is restarted on the grown tables): every
+    array of the predictor is identical after every step."""
+    a, b = _pair()
+    rng = np.random.default_rng(1)
+    try:
+        for tok in rng.integers(0, 40, 60):
+            if tok % 17 == 0:  # a prefill: steps on the caller's thread in both
+                toks = rng.integers(0, 40, 3)
+                for p in (a, b):
+                    p.begin_pass(toks)
+                for layer in range(L):
+                    ids = np.stack([rng.choice(E, K, replace=False) for _ in toks])
+                    h = rng.standard_normal((3, D)).astype(np.float32)
+                    a.step(layer, ids, hidden=h, n_pred=2)
+                    assert not b.post_step(layer, ids.astype(np.int32), h, 2)
+                    b.step(layer, ids, hidden=h, n_pred=2)
+                _same_state(a, b)
+            for p in (a, b):
+                p.begin_pass([tok])
+                p.predict_pass_start(2)
+            _same_state(a, b)
+            for layer in range(L):
+                ids = rng.choice(E, K, replace=False).astype(np.int32)[None]
+                h = rng.standard_normal((1, D)).astype(np.float32)
+                n, also = 1 + layer % 3, (L if layer % 2 else 0)
+                a.step(layer, ids, hidden=h, n_pred=n, also=also)
+                assert b.post_step(layer, ids, h, n, also)
+                h[:] = np.nan  # the caller's buffers are its own again: the post copied
+                ids[:] = 0
+                b.wait()
+                _same_state(a, b)
+        assert b.thread_posts > 200 and b._thread.busy_s > 0
+    finally:
+        b.close()
+    assert b._thread is None
+
+
+def test_steps_it_cannot_post_are_left_to_the_caller():
+    """post_step does nothing and says False for a step of several tokens, a pass begun
+    without begin_pass, a hidden state of another width, or a predictor without a
+    thread."""
+    a, b = _pair()
+    c = HybridPredictor(L, E, K)  # no thread
+    c.set_router_weights(np.zeros((L, E, D), np.float32))
+    try:
+        ids = np.arange(K, dtype=np.int32)[None]
+        h = np.ones((1, D), np.float32)
+        before = [x.copy() for x in b._state]
+        assert not b.post_step(0, ids, h, 1)  # no begin_pass yet
+        b.begin_pass([3])
+        assert not b.post_step(0, np.tile(ids, (2, 1)), np.tile(h, (2, 1)), 1)
+        assert not b.post_step(0, ids, np.ones((1, D + 1), np.float32), 1)
+        assert all(np.array_equal(x, y) for x, y in zip(before, b._state, strict=True))
+        assert b.step_no == -1 and not b._posted
+        c.begin_pass([3])
+        assert not c.post_step(0, ids, h, 1) and not c.threaded
+        assert b.post_step(0, ids, h, 1)
+        assert not b.post_step(0, ids, h, 1)  # layer 0 again: a new pass, not begun
+    finally:
+        b.close()
+
+
+def test_a_step_posted_before_the_helper_enters_its_loop_is_run(monkeypatch):
+    """The first post reaches a thread that may not have entered its loop yet (here: held
+    back 50 ms; it once read GEN after that post and waited for the next one — a hang
+    under load)."""
+    import time
+
+    run = pt.PredictorThread._run
+
+    def late_run(self):
+        time.sleep(0.05)
+        run(self)
+
+    monkeypatch.setattr(pt.PredictorThread, "_run", late_run)
+    a, b = _pair()
+    ids, h = np.arange(K, dtype=np.int32)[None], np.ones((1, D), np.float32)
+    try:
+        for i in range(3):
+            b.close()  # the next post starts a new thread
+            b.begin_pass([i])
+            assert b.post_step(0, ids, h, 1)
+            b.wait()
+            assert b._thread.posts == 1
+    finally:
+        b.close()
+
+
+def test_a_helper_that_stopped_fails_the_wait_instead_of_hanging():
+    a, b = _pair()
+    b.begin_pass([1])
+    assert b.post_step(0, np.arange(K, dtype=np.int32)[None], np.ones((1, D), np.float32), 1)
+    b.wait()
+    th = b._thread
+    th.close()  # as if the thread had died: DONE will never reach GEN
+    with pytest.raises(RuntimeError, match="predictor thread stopped"):
+        th.wait(b.p_next, b._p_next_k)
+    b._thread = None
+
+
+@pytest.mark.parametrize("env,spare,want", [("0", 3, False), ("off", 3, False),
+                                            ("1", 0, True), ("auto", 1, True),
+                                            ("auto", 0, False), (None, 2, True)])
+def test_a_helper_runs_where_a_core_is_spare_unless_told(monkeypatch, env, spare, want):
+    if env is None:
+        monkeypatch.delenv("EFEDGE_PREDICTOR_THREAD", raising=False)
+    else:
+        monkeypatch.setenv("EFEDGE_PREDICTOR_THREAD", env)
+    monkeypatch.setattr(pt, "spare_cores", lambda: spare)
+    assert pt.wanted() is want and pt.wanted("auto") is want
+    assert pt.wanted(False) is False and pt.wanted(True) is True
+
+
+def test_a_model_decoding_with_a_helper_keeps_the_resident_logits(tiny_gguf):
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = np.random.default_rng(2).integers(0, 500, 24).tolist()
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+        greedy = m.generate(ids[:6], max_tokens=16, temperature=0)
+    pol = ExpertFlow(predictor_thread=True)
+    with efedge.load(path, cache="30%", policy=pol, link="2GB/s") as m:
+        assert np.array_equal(m.logits(ids), ref)
+        assert m.generate(ids[:6], max_tokens=16, temperature=0) == greedy
+        pred = pol.predictor
+        assert pred.threaded and pred.thread_posts >= 15 * 2  # a step per layer per token
+        thread = pred._thread._thread
+        assert thread.is_alive() and m.stats()["prefetch_issued"] > 0
+    assert not thread.is_alive() and pred._thread is None  # stopped by close()
+
+
+def test_the_helper_benchmark_runs_both_arms(capsys):
+    """benchmarks/predictor_thread.py (a script): both arms decode, B on its helper."""
+    mod = load_benchmark("predictor_thread")
+    assert mod.main(["-n", "4", "--rounds", "2", "--link", "2GB/s", "--cache", "40%"]) == 0
+    out = capsys.readouterr().out
+    assert "A (compute thread): decode" in out and "B (helper thread ): decode" in out
+    assert "B / A decode time: median" in out
