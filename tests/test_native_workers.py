@@ -491,3 +491,51 @@ def test_a_known_landing_is_spun_for_not_slept_for(path, monkeypatch):
             assert np.array_equal(m.logits(ids), ref)
             assert m.stats()["stall_s"] > 0
             assert any(t < 1.0 for t in timeouts) is slept
+
+
+def test_a_spinning_predictor_thread_wakes_the_workers_for_publish(path, store):
+    """While expertflow's predictor thread spins on another core (predictor_thread.py)
+    publish() leaves the wake-up of a sleeping worker to it — no system call on the
+    compute thread — and the row is still read; a demand load's publish (direct) and one
+    made once the helper has stopped wake the worker themselves."""
+    import time
+
+    from efedge.experts import predictor_thread as pt
+    from efedge.experts.predictor import HybridPredictor
+
+    def asleep():
+        end = time.monotonic() + 10.0
+        while pool.ctl[nw.C_SLEEP] != 1 and time.monotonic() < end:
+            time.sleep(0.001)
+        assert pool.ctl[nw.C_SLEEP] == 1
+
+    with _pool(path, store, 1, 4) as (pool, fd, land):
+        bufs = _buffers(store, 4)
+        pred = HybridPredictor(2, 8, 2)
+        pred.set_router_weights(np.ones((2, 8, 4), np.float32))
+        pred.use_thread(True, pool.ctl)
+        pred.begin_pass([1])
+        assert pred.post_step(0, np.array([[0, 1]], np.int32), np.ones((1, 4), np.float32), 1)
+        pred._thread.job[pt.J_SPIN_NS] = 60 * 10**9  # (no sleep before this test is done)
+        pred.wait()
+        try:
+            end = time.monotonic() + 10.0
+            while pool.ctl[nw.C_HELPER] != 1 and time.monotonic() < end:
+                time.sleep(0.001)
+            assert pool.ctl[nw.C_HELPER] == 1
+            asleep()
+            _queue(pool, fd, store, 0, 0, 0, 0, 1, 0, bufs)
+            assert not pool.publish()  # left to the helper…
+            _wait_all(pool, [0])  # …which woke the worker
+            asleep()
+            _queue(pool, fd, store, 1, 1, 0, 1, 0, 1, bufs)
+            assert pool.publish(direct=True)
+            _wait_all(pool, [1])
+        finally:
+            pred.close()
+        assert pool.ctl[nw.C_HELPER] == 0
+        asleep()
+        _queue(pool, fd, store, 2, 2, 0, 2, 1, 2, bufs)
+        assert pool.publish()
+        _wait_all(pool, [2])
+        assert all(pool.jobs[r, nw.F_STATE] == nw.DONE for r in range(3))

@@ -54,8 +54,10 @@ N_FIELDS = 25
 DIRECT, LINK = 0, 1
 # the control words (int32): STOP and PAUSE are read by the workers; GEN and DONE are the
 # futex words; SLEEP counts the workers waiting on GEN (a publish with none asleep makes
-# no system call)
-C_STOP, C_PAUSE, C_GEN, C_DONE, C_SLEEP = 0, 1, 2, 3, 4
+# no system call); HELPER: a predictor thread (predictor_thread.py) spinning on another
+# core watches GEN and does the waking instead (a futex wake costs the compute thread
+# 11–42 µs on a VM)
+C_STOP, C_PAUSE, C_GEN, C_DONE, C_SLEEP, C_HELPER = 0, 1, 2, 3, 4, 5
 # how long a worker sleeps at most without being woken (a lost wake-up would cost this,
 # not a hang)
 _NAP_NS = 10_000_000
@@ -285,11 +287,13 @@ if _AVAILABLE:
                       prios[i], seqs[i], s, mode, dur, gens[i], now)
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _publish(ctl):
+    def _publish(ctl, direct):
         """GEN += 1 (a full barrier), then, if a worker sleeps on it, wake one: the system
         call from the kernel, not through ctypes (~0.5 µs of the compute thread's time
         instead of ~2 warm, more cold after the layer kernels). Returns whether it woke."""
         _add32(ctl, C_GEN, 1)
+        if not direct and _load(ctl, C_HELPER) != 0:  # it sees GEN move, wakes a worker
+            return False
         if _load(ctl, C_SLEEP) > 0:
             _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
             return True
@@ -416,10 +420,11 @@ class NativeWorkers:
         on time.perf_counter's clock); returns when it lands."""
         return book_link(self.link_word, int(now_s * 1e9), int(dur_s * 1e9)) * 1e-9
 
-    def publish(self) -> bool:
+    def publish(self, direct: bool = False) -> bool:
         """(one producer) Rows made QUEUED since the last call are there: wake a worker if
-        one sleeps (a busy one finds them when it looks again); whether one was woken."""
-        return bool(_publish(self.ctl))
+        one sleeps (a busy one finds them when it looks again); whether one was woken.
+        A spinning predictor thread (C_HELPER) does the waking instead unless `direct`."""
+        return bool(_publish(self.ctl, direct))
 
     def pause(self, paused: bool) -> None:
         """Hold the workers off the table (tests: to queue several rows at once)."""

@@ -240,7 +240,10 @@ class ExpertFlow(_Predictive):
 
     def attach(self, source) -> None:
         super().attach(source)
-        self.predictor.use_thread(predictor_thread.wanted(self.predictor_thread))
+        eng = getattr(source, "engine", None)
+        pool = getattr(eng, "pool", None) if getattr(eng, "native", False) else None
+        self.predictor.use_thread(predictor_thread.wanted(self.predictor_thread),
+                                  None if pool is None else pool.ctl)
         self._seen = None
         self.horizon = 1
         self.cancelled = 0

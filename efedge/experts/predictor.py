@@ -175,6 +175,7 @@ class HybridPredictor:
         self._p_next_k = self.p_next
         self._thread = None  # predictor_thread.PredictorThread, once one is started
         self._want_thread = False
+        self._workers_ctl = None
         self._posted = False  # a step is on the helper thread
         self._bind_state()
 
@@ -186,12 +187,14 @@ class HybridPredictor:
                        self.switch)
 
     # -- the helper thread (efedge/experts/predictor_thread.py) ---------------------------
-    def use_thread(self, on: bool) -> None:
-        """Run single-token steps posted with step(post=True) on a helper thread (True,
-        where predictor_thread.available()), or on the caller's (False)."""
+    def use_thread(self, on: bool, workers_ctl: np.ndarray | None = None) -> None:
+        """Run single-token steps posted with post_step() on a helper thread (True, where
+        predictor_thread.available()), or on the caller's (False). `workers_ctl`: native
+        transfer workers' control words — the helper wakes them while it spins."""
         from efedge.experts import predictor_thread
 
         self.close()
+        self._workers_ctl = workers_ctl
         self._want_thread = bool(on) and predictor_thread.available()
         self._p_next_k = self.p_next.copy() if self._want_thread else self.p_next
         self._bind_state()
@@ -240,7 +243,8 @@ class HybridPredictor:
 
         self.close()
         bound = (self.W, self.W_scale, self._no_pg, self.cur_ids, self._tok1, *self._state)
-        self._thread = PredictorThread(bound, self.n_active, width, self.max_distance)
+        self._thread = PredictorThread(bound, self.n_active, width, self.max_distance,
+                                       self._workers_ctl)
         return self._thread
 
     # -- inputs ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP = range(5)
 # (J_POSTS: jobs posted so far, counted by the posting kernels; J_BUSY_NS: the helper's
 # time in them)
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
- J_BUSY_NS) = range(10)
+ J_BUSY_NS, J_SPIN_NS) = range(11)
 STEP, PASS_START = 0, 1  # J_KIND: a layer's step, or the prediction at a pass's start
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
@@ -89,28 +89,51 @@ if available():
     _FUTEX_WAIT, _FUTEX_WAKE = nw._FUTEX_WAIT, nw._FUTEX_WAKE
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _serve(ctl, job, ids, h, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
-               rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail, ring_rank,
-               ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb, switch):
-        """The helper's loop: wait for GEN to move, run the posted step, DONE = GEN."""
+    def _wake_workers(wctl, wseen):
+        """The transfer workers' GEN moved since wseen: wake one if one sleeps (what their
+        publish() left to this thread); returns GEN now."""
+        g = _load(wctl, nw.C_GEN)
+        if g != wseen and _load(wctl, nw.C_SLEEP) > 0:
+            _syscall(_NR_FUTEX, wctl.ctypes.data + 4 * nw.C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+        return g
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _serve(ctl, job, ids, h, wctl, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass,
+               trans, rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
+               ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb,
+               switch):
+        """The helper's loop: wait for GEN to move, run the posted step, DONE = GEN. While
+        it spins it also wakes the transfer workers for the copies queued meanwhile
+        (wctl: their control words, native_workers.C_*; HELPER = 1 says so to publish())."""
         ts = np.zeros(2, np.int64)
         nap = np.array([0, _NAP_NS], np.int64)  # a timespec
         # the last job done, not GEN now: a post made before this thread got here (its
         # start takes a while) is still to be run
         seen = _load(ctl, C_DONE)
+        wseen = _load(wctl, nw.C_GEN)
         while True:
             t0 = nw._now_ns(ts)
             spins = 0
+            _store(wctl, nw.C_HELPER, np.int32(1))
             while _load(ctl, C_GEN) == seen and _load(ctl, C_STOP) == 0:
                 spins += 1
-                if spins & 63 != 0 or nw._now_ns(ts) - t0 < SPIN_NS:
+                wseen = _wake_workers(wctl, wseen)
+                if spins & 63 != 0 or nw._now_ns(ts) - t0 < job[J_SPIN_NS]:
                     sched_yield()  # a transfer worker woken on this core runs at once
                 else:  # no post for a while (between requests): sleep until one
+                    # (publish() wakes the workers itself from here on; a GEN it moved
+                    # before it could see that is handled here)
+                    _store(wctl, nw.C_HELPER, np.int32(0))
+                    wseen = _wake_workers(wctl, wseen)
                     _add32(ctl, C_SLEEP, 1)
                     if _load(ctl, C_GEN) == seen:
                         _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAIT, seen,
                                  nap.ctypes.data, 0, 0)
                     _add32(ctl, C_SLEEP, -1)
+                    _store(wctl, nw.C_HELPER, np.int32(1))
+            # running the job (or leaving), it watches nothing: publish() wakes them
+            _store(wctl, nw.C_HELPER, np.int32(0))
+            wseen = _wake_workers(wctl, wseen)
             if _load(ctl, C_STOP) != 0:
                 return 0
             seen = _load(ctl, C_GEN)
@@ -217,12 +240,17 @@ class PredictorThread:
     """A helper thread running HybridPredictor steps on the arrays it was started with
     (`bound`: W, W_scale, the pre-gating placeholder, cur_ids, cur_tok, then the state)."""
 
-    def __init__(self, bound: tuple, n_active: int, width: int, max_distance: int):
+    def __init__(self, bound: tuple, n_active: int, width: int, max_distance: int,
+                 workers_ctl: np.ndarray | None = None):
         if not available():
             raise RuntimeError("a predictor thread needs Linux futexes")
         self.bound = bound
+        # the native transfer workers' control words (their wake-ups are left to this
+        # thread while it spins), or words no one moves
+        self.workers_ctl = np.zeros(8, np.int32) if workers_ctl is None else workers_ctl
         self.ctl = np.zeros(8, np.int32)
         self.job = np.zeros(16, np.int64)
+        self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
         self.ids = np.zeros((1, n_active), np.int32)
         self.h = np.zeros((1, width), np.float32)
         self.max_distance = int(max_distance)
@@ -234,7 +262,7 @@ class PredictorThread:
 
     def _run(self) -> None:
         try:
-            _serve(self.ctl, self.job, self.ids, self.h, *self.bound)
+            _serve(self.ctl, self.job, self.ids, self.h, self.workers_ctl, *self.bound)
         except BaseException as exc:  # noqa: BLE001 (handed to the compute thread)
             self.error = exc
         finally:
