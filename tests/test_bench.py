@@ -132,6 +132,24 @@ def test_policies_table_side_by_side(tiny_gguf, capsys):
     table = _run(capsys, path, "--policies", "ondemand,next-layer", "--cache", "30%",
                  "--link", "500MB/s", "-p", 8, "-n", 6)
     assert "| 30% | 500MB/s | next-layer |" in table and "stall % of ondemand" in table
+    assert "helper thread" not in table
+
+
+def test_policies_table_says_where_the_predictor_ran(tiny_gguf, capsys, monkeypatch):
+    """With EFEDGE_PREDICTOR_THREAD=1 (or a spare core) expertflow's rows say its predictor
+    ran on a helper thread, and the table says so above it; =0 keeps it off."""
+    from efedge.experts import predictor_thread
+
+    if not predictor_thread.available():
+        pytest.skip("no predictor thread on this platform")
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    args = ("--policies", "ondemand,expertflow", "--cache", "30%", "--link", "500MB/s",
+            "-p", 8, "-n", 6)
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("EFEDGE_PREDICTOR_THREAD", env)
+        rows = json.loads(_run(capsys, path, *args, "--json"))["rows"]
+        assert [r["predictor_thread"] for r in rows] == [False, want]
+        assert ("on a helper thread" in _run(capsys, path, *args)) is want
 
 
 def test_policy_comparisons_alternate_the_order_the_policies_run_in(tiny_gguf, monkeypatch):
