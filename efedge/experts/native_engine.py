@@ -131,7 +131,7 @@ class NativeTransferEngine(TransferEngine):
         # must not mark the slot READY for the expert just assigned to it)
         self.reap()
         job = self._queue_job(layer, expert, slot, priority, gen)
-        self.pool.publish(direct=priority == DEMAND)
+        self.pool.publish(priority == DEMAND)  # (a demand load: wake a worker now)
         return job
 
     def _new_job(self, layer: int, expert: int, slot: int, priority: int, gen: int) -> Job:

@@ -174,7 +174,9 @@ class HybridPredictor:
         # reads while a step runs there stay those of the step before, as without one)
         self._p_next_k = self.p_next
         self._thread = None  # predictor_thread.PredictorThread, once one is started
-        self._want_thread = False
+        # whether posted steps run on a helper thread (use_thread; a plain attribute: it is
+        # read once per routed layer, right after the layer kernels)
+        self.threaded = False
         self._workers_ctl = None
         self._posted = False  # a step is on the helper thread
         self._bind_state()
@@ -195,14 +197,9 @@ class HybridPredictor:
 
         self.close()
         self._workers_ctl = workers_ctl
-        self._want_thread = bool(on) and predictor_thread.available()
-        self._p_next_k = self.p_next.copy() if self._want_thread else self.p_next
+        self.threaded = bool(on) and predictor_thread.available()
+        self._p_next_k = self.p_next.copy() if self.threaded else self.p_next
         self._bind_state()
-
-    @property
-    def threaded(self) -> bool:
-        """Whether posted steps run on a helper thread."""
-        return self._want_thread
 
     @property
     def thread_posts(self) -> int:
@@ -416,7 +413,7 @@ class HybridPredictor:
         if self._posted:
             self._join()
         if layer <= self._last_layer or self.cur_tok is not self._tok1 or \
-                not self._want_thread:
+                not self.threaded:
             return False
         th = self._thread
         if th is None or th.bound[0] is not self.W or th.bound[3] is not self.cur_ids:
