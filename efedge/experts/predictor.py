@@ -241,6 +241,7 @@ class HybridPredictor:
         self.close()
         bound = (self.W, self.W_scale, self._no_pg, self.cur_ids, self._tok1, *self._state)
         self._thread = PredictorThread(bound, self.n_active, width, self.max_distance,
+                                       self.n_layer, self.n_sources, self.adapt,
                                        self._workers_ctl)
         return self._thread
 
@@ -332,8 +333,7 @@ class HybridPredictor:
             # on the helper thread, whose caches hold the tables (the compute thread's
             # were flushed by the layers): posted and waited for at once, as the plan
             # for the pass's first layers reads it next
-            th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n,
-                               self.n_sources)
+            th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n)
             self._posted = True
             self._join()
             return
@@ -420,13 +420,11 @@ class HybridPredictor:
             if self._w_width <= 0:
                 return False
             th = self._helper(self._w_width)
-        step = self.pass_no * self.n_layer + layer
-        if not _thread_post(th.ctl, th.job, th.ids, th.h, ids, hidden, layer, step,
-                            self.pass_no, n_pred, also, self.n_sources, self.adapt,
-                            self.max_distance):
+        if not _thread_post(th.ctl, th.job, th.ids, th.h, ids, hidden, layer, self.pass_no,
+                            n_pred, also):
             return False
         self._last_layer = layer
-        self.step_no = step
+        self.step_no = self.pass_no * self.n_layer + layer
         self._posted = True
         return True
 

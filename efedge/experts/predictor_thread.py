@@ -45,8 +45,10 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP = range(5)
 # the job (int64): the step's scalar arguments
 # (J_POSTS: jobs posted so far, counted by the posting kernels; J_BUSY_NS: the helper's
 # time in them)
+# (J_NLAYER, J_DM: the predictor's layers and longest distance, set once; J_NSRC and
+# J_FEEDBACK too for steps — fewer arguments for the post's call)
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
- J_BUSY_NS, J_SPIN_NS) = range(11)
+ J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM) = range(13)
 STEP, PASS_START = 0, 1  # J_KIND: a layer's step, or the prediction at a pass's start
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
@@ -155,20 +157,19 @@ if available():
             _store(ctl, C_DONE, np.int32(seen))
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _post(ctl, job, ids_buf, h_buf, ids, h, layer, step, pass_no, n_pred, also, n_src,
-              feedback, dm):
-        """Write the job and its inputs (distances clamped as HybridPredictor.step clamps
-        them), then GEN += 1 (a full barrier) and wake the helper if it sleeps; False,
-        with nothing done, where ids or h do not have the buffers' shapes. The caller has
-        waited for the previous job."""
+    def _post(ctl, job, ids_buf, h_buf, ids, h, layer, pass_no, n_pred, also):
+        """Write the step's job (its step number, the distances clamped as
+        HybridPredictor.step clamps them) and its inputs, then GEN += 1 (a full barrier)
+        and wake the helper if it sleeps; False, with nothing done, where ids or h do not
+        have the buffers' shapes. The caller has waited for the previous job."""
         if ids.shape[0] != 1 or ids.shape[1] != ids_buf.shape[1] or h.shape[0] != 1 or \
                 h.shape[1] != h_buf.shape[1]:
             return False
-        job[J_LAYER], job[J_STEP], job[J_PASS] = layer, step, pass_no
+        dm = job[J_DM]
+        job[J_LAYER], job[J_PASS] = layer, pass_no
+        job[J_STEP] = pass_no * job[J_NLAYER] + layer
         job[J_NPRED] = max(0, min(n_pred, dm))
         job[J_ALSO] = also if 0 < also <= dm else 0
-        job[J_NSRC] = n_src
-        job[J_FEEDBACK] = 1 if feedback else 0
         job[J_KIND] = STEP
         job[J_POSTS] += 1
         for i in range(ids_buf.shape[1]):
@@ -181,10 +182,10 @@ if available():
         return True
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _post_pass_start(ctl, job, step, pass_no, n_pred, n_src):
+    def _post_pass_start(ctl, job, step, pass_no, n_pred):
         """The job of a single-token pass's start (n_pred clamped by the caller), then GEN
         += 1 and a wake-up as _post."""
-        job[J_STEP], job[J_PASS], job[J_NPRED], job[J_NSRC] = step, pass_no, n_pred, n_src
+        job[J_STEP], job[J_PASS], job[J_NPRED] = step, pass_no, n_pred
         job[J_KIND] = PASS_START
         job[J_POSTS] += 1
         _add32(ctl, C_GEN, 1)
@@ -241,6 +242,7 @@ class PredictorThread:
     (`bound`: W, W_scale, the pre-gating placeholder, cur_ids, cur_tok, then the state)."""
 
     def __init__(self, bound: tuple, n_active: int, width: int, max_distance: int,
+                 n_layer: int, n_sources: int, feedback: bool,
                  workers_ctl: np.ndarray | None = None):
         if not available():
             raise RuntimeError("a predictor thread needs Linux futexes")
@@ -251,9 +253,12 @@ class PredictorThread:
         self.ctl = np.zeros(8, np.int32)
         self.job = np.zeros(16, np.int64)
         self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
+        # the predictor's constants, as HybridPredictor.step passes them (one token:
+        # feedback is the predictor's adapt)
+        self.job[J_NLAYER], self.job[J_DM] = n_layer, max_distance
+        self.job[J_NSRC], self.job[J_FEEDBACK] = n_sources, 1 if feedback else 0
         self.ids = np.zeros((1, n_active), np.int32)
         self.h = np.zeros((1, width), np.float32)
-        self.max_distance = int(max_distance)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="efedge-predictor",
                                         daemon=True)
@@ -272,16 +277,16 @@ class PredictorThread:
     def alive(self) -> bool:
         return self.ctl[C_DEAD] == 0 and self.ctl[C_STOP] == 0
 
-    def post(self, ids: np.ndarray, h: np.ndarray, layer: int, step: int, pass_no: int,
-             n_pred: int, also: int, n_src: int, feedback: bool) -> bool:
+    def post(self, ids: np.ndarray, h: np.ndarray, layer: int, pass_no: int, n_pred: int,
+             also: int) -> bool:
         """Hand the helper one step (ids [1, K] int32, h [1, D] float32, copied now; the
         caller has waited for the last one): False where their shapes do not fit."""
-        return _post(self.ctl, self.job, self.ids, self.h, ids, h, layer, step, pass_no,
-                     n_pred, also, n_src, feedback, self.max_distance)
+        return _post(self.ctl, self.job, self.ids, self.h, ids, h, layer, pass_no, n_pred,
+                     also)
 
-    def post_pass_start(self, step: int, pass_no: int, n_pred: int, n_src: int) -> None:
+    def post_pass_start(self, step: int, pass_no: int, n_pred: int) -> None:
         """Hand the helper a single-token pass's start prediction (see _serve)."""
-        _post_pass_start(self.ctl, self.job, step, pass_no, n_pred, n_src)
+        _post_pass_start(self.ctl, self.job, step, pass_no, n_pred)
 
     @property
     def posts(self) -> int:
