@@ -78,8 +78,8 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
 
 def test_steps_it_cannot_post_are_left_to_the_caller():
     """post_step does nothing and says False for a step of several tokens, a pass begun
-    without begin_pass, a hidden state of another width, or a predictor without a
-    thread."""
+    without begin_pass, a hidden state of another width or dtype (or none), or a
+    predictor without a thread."""
     a, b = _pair()
     c = HybridPredictor(L, E, K)  # no thread
     c.set_router_weights(np.zeros((L, E, D), np.float32))
@@ -91,6 +91,8 @@ def test_steps_it_cannot_post_are_left_to_the_caller():
         b.begin_pass([3])
         assert not b.post_step(0, np.tile(ids, (2, 1)), np.tile(h, (2, 1)), 1)
         assert not b.post_step(0, ids, np.ones((1, D + 1), np.float32), 1)
+        assert not b.post_step(0, ids, np.ones((1, D), np.float16), 1)
+        assert not b.post_step(0, ids, None, 1)
         assert all(np.array_equal(x, y) for x, y in zip(before, b._state, strict=True))
         assert b.step_no == -1 and not b._posted
         c.begin_pass([3])

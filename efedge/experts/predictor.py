@@ -413,8 +413,8 @@ class HybridPredictor:
         if self._posted:
             self._join()
         if layer <= self._last_layer or self.cur_tok is not self._tok1 or \
-                not self.threaded:
-            return False
+                not self.threaded or hidden is None or hidden.dtype is not _FLOAT32:
+            return False  # (a float16 state — the GPU path's — takes step()'s conversion)
         th = self._thread
         if th is None or th.bound[0] is not self.W or th.bound[3] is not self.cur_ids:
             if self._w_width <= 0:
