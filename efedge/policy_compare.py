@@ -93,9 +93,11 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             t0 = time.perf_counter()
             s, prefill_stall, ovh = decode_run(m, prompt_ids, n_tokens)
             wall = time.perf_counter() - t0
-            # expertflow's predictor on a helper thread (a core spare: predictor_thread.py)
+            # expertflow's predictor on a helper thread (a core spare: predictor_thread.py),
+            # for all the run or until waiting for it cost too much (fallbacks)
             pred = getattr(getattr(m._experts, "policy", None), "predictor", None)
-            threaded = bool(getattr(pred, "threaded", False))
+            fallbacks = int(getattr(pred, "thread_fallbacks", 0))
+            threaded = bool(getattr(pred, "threaded", False)) or fallbacks > 0
         n = max(s["tokens_generated"], 1)
         issued = s["prefetch_issued"]
         rows.append({
@@ -109,7 +111,7 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             "horizon_mean": s["horizon_mean"],
             "policy_overhead_pct": 100.0 * ovh / max(s["wall_s"], 1e-9),
             "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
-            "predictor_thread": threaded,
+            "predictor_thread": threaded, "predictor_thread_fallbacks": fallbacks,
         })
         if host_cache is not None:
             rows[-1]["host_hit_rate"] = host_hit_rate(s)

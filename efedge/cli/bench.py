@@ -471,7 +471,10 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
         print(f"auto link: one {info['expert_kib']:.1f} KiB expert loads in one layer's "
               f"resident decode compute ({info['layer_ms']:.3f} ms)")
     if any(r.get("predictor_thread") for r in rows):
+        gave_up = sum(r.get("predictor_thread_fallbacks", 0) for r in rows)
         print("expertflow's predictor: on a helper thread (a core is spare beside the "
-              "compute threads; EFEDGE_PREDICTOR_THREAD=0 keeps it on the compute thread)")
+              "compute threads; EFEDGE_PREDICTOR_THREAD=0 keeps it on the compute thread)"
+              + (f"; taken back {gave_up} time(s), waiting for it cost more than the step"
+                 if gave_up else ""))
     print(format_table(rows))
     return 0

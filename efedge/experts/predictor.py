@@ -69,6 +69,7 @@ except ImportError:
     _thread_post = _thread_wait = None
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
+THREAD_RETRY_PASSES = 256  # after the helper was too slow, passes before it is tried again
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
 
 
@@ -179,6 +180,8 @@ class HybridPredictor:
         self.threaded = False
         self._workers_ctl = None
         self._posted = False  # a step is on the helper thread
+        self._thread_retry = -1  # the pass at which to try a helper again (-1: none)
+        self.thread_fallbacks = 0  # times waiting for the helper cost too much
         self._bind_state()
 
     def _bind_state(self) -> None:
@@ -198,6 +201,7 @@ class HybridPredictor:
         self.close()
         self._workers_ctl = workers_ctl
         self.threaded = bool(on) and predictor_thread.available()
+        self._thread_retry = -1
         self._p_next_k = self.p_next.copy() if self.threaded else self.p_next
         self._bind_state()
 
@@ -212,8 +216,19 @@ class HybridPredictor:
         if self._posted:
             self._posted = False
             th = self._thread
-            if not _thread_wait(th.ctl, self.p_next, self._p_next_k):
-                th.fail()
+            r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
+            if r != 1:  # (predictor_thread.DONE_OK)
+                if r == 0:
+                    th.fail()
+                self._thread_too_slow()
+
+    def _thread_too_slow(self) -> None:
+        """Waiting for the helper costs more than the step would (it shares its core with
+        other busy threads): take the steps back onto this thread, and try the helper
+        again after THREAD_RETRY_PASSES passes."""
+        self.thread_fallbacks += 1
+        self.use_thread(False, self._workers_ctl)
+        self._thread_retry = self.pass_no + THREAD_RETRY_PASSES
 
     wait = _join  # (the public name; the class's own calls use _join, so that a timer
     # put on an instance's wait — benchmarks/policies.py --cost — sees the caller's waits)
@@ -315,6 +330,8 @@ class HybridPredictor:
         self.pass_no += 1
         self._last_layer = -1  # the next step(0) is in this pass
         self._pass_tokens = int(tokens.size)
+        if self._thread_retry >= 0 and self.pass_no >= self._thread_retry:
+            self.use_thread(True, self._workers_ctl)  # the machine may have calmed down
 
     def predict_pass_start(self, n_pred: int) -> None:
         """After begin_pass: predict this pass's layers 0..n_pred-1 (into p_use / order at

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -41,14 +42,25 @@ from efedge.kernels.atomics import store as _store
 
 # control words (int32): STOP, DEAD (the helper left its loop), GEN, DONE, SLEEP (the
 # helper waits on GEN: a post then wakes it with a system call)
-C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP = range(5)
+# READY: the helper has entered its loop (the constructor waits for it, so that the
+# first wait does not count the thread's start, compilation included, against the helper)
+C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 # the job (int64): the step's scalar arguments
 # (J_POSTS: jobs posted so far, counted by the posting kernels; J_BUSY_NS: the helper's
 # time in them)
 # (J_NLAYER, J_DM: the predictor's layers and longest distance, set once; J_NSRC and
 # J_FEEDBACK too for steps — fewer arguments for the post's call)
+# J_WAIT_NS: the caller's waits, an EWMA (ns); J_WAIT_LIMIT_NS: where it gives up on the
+# helper (see _wait)
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
- J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM) = range(13)
+ J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS) = range(15)
+FAILED, DONE_OK, SLOW = 0, 1, 2  # what _wait returns
+# Waiting for a helper that shares its core with other busy threads cost the compute
+# thread milliseconds per step (demo model, -t 1, two busy processes beside it: decode
+# 8x as long); past this average wait — about what the step costs the compute thread
+# itself — the predictor takes its steps back (HybridPredictor._join)
+WAIT_LIMIT_NS = 50_000
+_WAIT_EWMA_N, _WAIT_CLIP_NS = 8, 1_000_000
 STEP, PASS_START = 0, 1  # J_KIND: a layer's step, or the prediction at a pass's start
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
@@ -113,6 +125,7 @@ if available():
         # start takes a while) is still to be run
         seen = _load(ctl, C_DONE)
         wseen = _load(wctl, nw.C_GEN)
+        _store(ctl, C_READY, np.int32(1))
         while True:
             t0 = nw._now_ns(ts)
             spins = 0
@@ -200,31 +213,39 @@ if available():
         _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _wait(ctl, dst, src):
-        """Until DONE reaches GEN (the helper finished the last post); False where it is
-        dead or has not finished within _GIVE_UP_NS (a step takes microseconds: only a
-        fault gets there, and a fault must not hang the caller). Then dst[:] = src (2-D
-        float32: the step's eviction values published, in the same call)."""
+    def _wait(ctl, job, dst, src):
+        """Until DONE reaches GEN (the helper finished the last post), then dst[:] = src
+        (2-D float32: the step's eviction values published, in the same call). Returns
+        FAILED where the helper is dead or has not finished within _GIVE_UP_NS (a step
+        takes microseconds: only a fault gets there, and a fault must not hang the
+        caller); SLOW where the waits, on average (J_WAIT_NS, an EWMA), exceed
+        J_WAIT_LIMIT_NS — the helper does not get a core of its own (a loaded machine)
+        and waiting for it costs more than the step itself; else DONE_OK."""
         gen = _load(ctl, C_GEN)
         spins = 0
         t0 = 0
+        waited = 0
         ts = np.zeros(2, np.int64)
         while _load(ctl, C_DONE) != gen:
             if _load(ctl, C_DEAD) != 0:
-                return False
+                return FAILED
             spins += 1
+            if t0 == 0:
+                t0 = nw._now_ns(ts)
             if spins < _WAIT_SPINS:
                 cpu_relax()
             else:  # the helper is not running: let it have this core
-                if t0 == 0:
-                    t0 = nw._now_ns(ts)
-                elif spins & 1023 == 0 and nw._now_ns(ts) - t0 > _GIVE_UP_NS:
-                    return False
+                if spins & 1023 == 0 and nw._now_ns(ts) - t0 > _GIVE_UP_NS:
+                    return FAILED
                 sched_yield()
+        if t0 != 0:  # (clipped: one wait of 0.4 ms or more is enough to give up)
+            waited = min(nw._now_ns(ts) - t0, _WAIT_CLIP_NS)
         for i in range(dst.shape[0]):
             for j in range(dst.shape[1]):
                 dst[i, j] = src[i, j]
-        return True
+        ew = job[J_WAIT_NS] + (waited - job[J_WAIT_NS]) // _WAIT_EWMA_N
+        job[J_WAIT_NS] = ew
+        return SLOW if ew > job[J_WAIT_LIMIT_NS] else DONE_OK
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -253,6 +274,7 @@ class PredictorThread:
         self.ctl = np.zeros(8, np.int32)
         self.job = np.zeros(16, np.int64)
         self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
+        self.job[J_WAIT_LIMIT_NS] = WAIT_LIMIT_NS
         # the predictor's constants, as HybridPredictor.step passes them (one token:
         # feedback is the predictor's adapt)
         self.job[J_NLAYER], self.job[J_DM] = n_layer, max_distance
@@ -264,6 +286,14 @@ class PredictorThread:
                                         daemon=True)
         self._thread.start()
         _LIVE.add(self)
+        end = time.monotonic() + 120.0  # (its loop may be compiled first)
+        while not self.ctl[C_READY] and not self.ctl[C_DEAD] and time.monotonic() < end:
+            time.sleep(0.0002)
+        if not self.ctl[C_READY]:
+            err = self.error
+            self.close()
+            raise RuntimeError("the predictor thread did not start"
+                               + (f": {err!r}" if err is not None else "")) from err
 
     def _run(self) -> None:
         try:
@@ -298,11 +328,14 @@ class PredictorThread:
         """The helper's time in its jobs so far (seconds; read after a wait)."""
         return float(self.job[J_BUSY_NS]) * 1e-9
 
-    def wait(self, dst: np.ndarray, src: np.ndarray) -> None:
+    def wait(self, dst: np.ndarray, src: np.ndarray) -> bool:
         """Until the last posted step is done, then dst[:] = src (float32 [L, E]: what the
-        helper wrote, published); raises what the helper raised, if it did."""
-        if not _wait(self.ctl, dst, src):
+        helper wrote, published); raises what the helper raised, if it did. False where
+        waiting for it has cost more than it saves (SLOW)."""
+        r = _wait(self.ctl, self.job, dst, src)
+        if r == FAILED:
             self.fail()
+        return r == DONE_OK
 
     def fail(self) -> None:
         """Raise the error of a helper that stopped before finishing its job."""
