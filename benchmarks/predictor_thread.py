@@ -39,7 +39,9 @@ def main(argv=None) -> int:
         text, warm = ids[:args.n_tokens + 32], ids[args.n_tokens + 32:]
         for m in models.values():  # compile, fill the cache, start B's helper
             decode_run(m, warm, args.n_tokens)
-        if not models["B"]._experts.policy.predictor.threaded:
+        from efedge.experts import predictor_thread
+
+        if not predictor_thread.available():
             print("no helper thread on this platform (Linux futexes needed)")
             return 1
         runs = {arm: [] for arm in models}
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
                 n = max(s["tokens_generated"], 1)
                 runs[arm].append((1e3 * s["wall_s"] / n, 1e3 * s["stall_s"] / n,
                                   1e3 * policy_s / n))
+        fallbacks = models["B"]._experts.policy.predictor.thread_fallbacks
     finally:
         for m in models.values():
             m.close()
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
               f"policy {med[2]:.3f}")
     ratios = [b[0] / a[0] for a, b in zip(runs["A"], runs["B"], strict=True)]
     print(f"B / A decode time: median {statistics.median(ratios):.3f} "
-          f"({min(ratios):.2f}-{max(ratios):.2f})")
+          f"({min(ratios):.2f}-{max(ratios):.2f}); B's helper given up {fallbacks} time(s) "
+          "for slow waits")
     return 0
 
 

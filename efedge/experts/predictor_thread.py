@@ -59,8 +59,11 @@ FAILED, DONE_OK, SLOW = 0, 1, 2  # what _wait returns
 # thread milliseconds per step (demo model, -t 1, two busy processes beside it: decode
 # 8x as long); past this average wait — about what the step costs the compute thread
 # itself — the predictor takes its steps back (HybridPredictor._join)
-WAIT_LIMIT_NS = 50_000
-_WAIT_EWMA_N, _WAIT_CLIP_NS = 8, 1_000_000
+# (each wait clipped at 1 ms with weight 1/32: a preemption now and then — one wait in a
+# thousand over 0.4 ms on this VM — is not enough; two close together, or a loaded
+# machine's waits of milliseconds, are)
+WAIT_LIMIT_NS = 60_000
+_WAIT_EWMA_N, _WAIT_CLIP_NS = 32, 1_000_000
 STEP, PASS_START = 0, 1  # J_KIND: a layer's step, or the prediction at a pass's start
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
@@ -238,7 +241,7 @@ if available():
                 if spins & 1023 == 0 and nw._now_ns(ts) - t0 > _GIVE_UP_NS:
                     return FAILED
                 sched_yield()
-        if t0 != 0:  # (clipped: one wait of 0.4 ms or more is enough to give up)
+        if t0 != 0:  # (clipped: a single preemption must not decide)
             waited = min(nw._now_ns(ts) - t0, _WAIT_CLIP_NS)
         for i in range(dst.shape[0]):
             for j in range(dst.shape[1]):
