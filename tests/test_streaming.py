@@ -551,8 +551,11 @@ def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatc
     monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "0")
     monkeypatch.setattr(demand_wait, "HAND_OVER_S", 5.0)  # the mechanism, not the machine
     path = tiny_gguf("qwen3moe", "Q4_K_M")
-    # no emulated link: a link's demand loads are copied by this thread (copy_inline)
-    with efedge.load(path, cache="40%", policy="expertflow") as m:
+    # no emulated link: a link's demand loads are copied by this thread (copy_inline);
+    # the step on this thread (a helper thread's step is posted as the layer routes)
+    from efedge.experts.policies import ExpertFlow
+
+    with efedge.load(path, cache="40%", policy=ExpertFlow(predictor_thread=False)) as m:
         src = m._experts
         pol, cache, eng = src.policy, src.cache, src.engine
         seen = []
@@ -575,22 +578,39 @@ def test_demand_loads_start_before_the_deferred_prediction(tiny_gguf, monkeypatc
 
 def test_expertflow_predicts_once_the_layers_demand_loads_are_queued(tiny_gguf):
     """The predictor step and its plan run in on_demand_issued, after the layer's missing
-    experts got their slots and loads: a demand load never waits for the predictor."""
+    experts got their slots and loads: a demand load never waits for the predictor. (On
+    the compute thread: with a helper thread — where a core is spare, as after an earlier
+    test in this process set one compute thread — the step is posted as the layer routes
+    and only the plan waits: tests/test_predictor_thread.py.)"""
+    from efedge.experts.policies import ExpertFlow
+
     path = tiny_gguf("qwen3moe", "Q4_K_M")
-    with efedge.load(path, cache="40%", policy="expertflow") as m:
+    with efedge.load(path, cache="40%", policy=ExpertFlow(predictor_thread=False)) as m:
         src = m._experts
         pol, cache = src.policy, src.cache
         seen = []
-        real = pol.predictor.step
+        loads_started = []  # since the layer routed: its demand loads were started
+        real, real_route, real_start = pol.predictor.step, pol.on_route, src._start_demand_loads
+
+        def route(*a, **kw):
+            loads_started.clear()
+            return real_route(*a, **kw)
+
+        def start(queued):
+            loads_started.append(len(queued))
+            return real_start(queued)
 
         def spy(layer, ids, **kw):
             if np.shape(ids)[0] == 1:  # decode (a prompt may want more than the cache holds)
                 need = np.flatnonzero(pol.needed)
+                # every expert the layer needs has its slot — or, where a slot could not
+                # be had yet (all pinned or loading: it is issued as one comes free), the
+                # loads that could start had started
                 seen.append((src.counters.misses,
-                             bool((cache.where[layer, need] >= 0).all())))
+                             bool((cache.where[layer, need] >= 0).all()) or bool(loads_started)))
             return real(layer, ids, **kw)
 
-        pol.predictor.step = spy
+        pol.predictor.step, pol.on_route, src._start_demand_loads = spy, route, start
         m.generate(_ids(8), max_tokens=24, temperature=0)
     assert seen and all(ok for _, ok in seen), seen
     assert seen[-1][0] > seen[0][0]  # layers did miss: there were demand loads to queue
