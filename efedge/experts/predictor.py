@@ -182,6 +182,7 @@ class HybridPredictor:
         self._posted = False  # a step is on the helper thread
         self._thread_retry = -1  # the pass at which to try a helper again (-1: none)
         self.thread_fallbacks = 0  # times waiting for the helper cost too much
+        self._posts_closed = 0  # jobs the helper threads closed so far had run
         self._bind_state()
 
     def _bind_state(self) -> None:
@@ -207,8 +208,8 @@ class HybridPredictor:
 
     @property
     def thread_posts(self) -> int:
-        """Steps the current helper thread has run (0 without one)."""
-        return 0 if self._thread is None else self._thread.posts
+        """Jobs posted to helper threads so far (steps and pass starts), all of them."""
+        return self._posts_closed + (0 if self._thread is None else self._thread.posts)
 
     def _join(self) -> None:
         """Until a posted step is done, then publish its eviction values (p_next). Every
@@ -236,8 +237,11 @@ class HybridPredictor:
     def close(self) -> None:
         """Stop the helper thread, if one runs (a posted step finishes first)."""
         if self._thread is not None:
-            self._join()
-            self._thread.close()
+            self._join()  # (which may itself give the helper up and close it)
+        th = self._thread
+        if th is not None:
+            th.close()
+            self._posts_closed += th.posts
             self._thread = None
 
     def __del__(self):
