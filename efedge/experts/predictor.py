@@ -63,10 +63,12 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
 
 try:  # the helper thread's two hand-over kernels, called here directly (fewer Python
     # calls on the compute thread: predictor_thread.py); absent where futexes are
+    from efedge.experts.predictor_thread import DONE_OK, FAILED
     from efedge.experts.predictor_thread import _post as _thread_post
     from efedge.experts.predictor_thread import _wait as _thread_wait
 except ImportError:
     _thread_post = _thread_wait = None
+    DONE_OK, FAILED = 1, 0
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
 THREAD_RETRY_PASSES = 256  # after the helper was too slow, passes before it is tried again
@@ -218,8 +220,8 @@ class HybridPredictor:
             self._posted = False
             th = self._thread
             r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
-            if r != 1:  # (predictor_thread.DONE_OK)
-                if r == 0:
+            if r != DONE_OK:
+                if r == FAILED:
                     th.fail()
                 self._thread_too_slow()
 

@@ -9,8 +9,9 @@ issues that layer's demand loads meanwhile, and `wait()` (before the plan that r
 prediction) finds it done. The helper keeps the predictor's tables warm in its own cache.
 
 The thread is a Python thread that enters one numba loop with the GIL released and
-stays in it: it spins (`pause`) for `SPIN_NS` after each step — the next layer's post
-comes within a layer's compute — and then sleeps on a futex until the next post. The
+stays in it: it spins (`sched_yield`, so that a transfer worker sharing its core runs
+at once) for `SPIN_NS` after each job — the next layer's post comes within a layer's
+compute — and then sleeps on a futex until the next post. The
 hand-over is two int32 words: GEN, bumped by `post()` after the job is written, and
 DONE, set to GEN by the helper once the step's results are written (both sequentially
 consistent: what one side wrote before them the other reads after them).
@@ -58,8 +59,8 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 FAILED, DONE_OK, SLOW = 0, 1, 2  # what _wait returns
 # Waiting for a helper that shares its core with other busy threads cost the compute
 # thread milliseconds per step (demo model, -t 1, two busy processes beside it: decode
-# 8x as long); past this average wait — about what the step costs the compute thread
-# itself — the predictor takes its steps back (HybridPredictor._join)
+# 8x as long); past this average wait — a few times what the step costs the compute
+# thread itself — the predictor takes its steps back (HybridPredictor._join)
 # (each wait clipped at 1 ms with weight 1/32: a preemption now and then — one wait in a
 # thousand over 0.4 ms on this VM — is not enough; two close together, or a loaded
 # machine's waits of milliseconds, are)
@@ -180,11 +181,19 @@ if available():
             _store(ctl, C_DONE, np.int32(seen))
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def _publish_job(ctl):
+        """GEN += 1 (a full barrier: the job written before it is seen with it), then
+        wake the helper if it sleeps."""
+        _add32(ctl, C_GEN, 1)
+        if _load(ctl, C_SLEEP) > 0:
+            _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _post(ctl, job, ids_buf, h_buf, ids, h, layer, pass_no, n_pred, also):
         """Write the step's job (its step number, the distances clamped as
-        HybridPredictor.step clamps them) and its inputs, then GEN += 1 (a full barrier)
-        and wake the helper if it sleeps; False, with nothing done, where ids or h do not
-        have the buffers' shapes. The caller has waited for the previous job."""
+        HybridPredictor.step clamps them) and its inputs, then _publish_job; False, with
+        nothing done, where ids or h do not have the buffers' shapes. The caller has
+        waited for the previous job."""
         if ids.shape[0] != 1 or ids.shape[1] != ids_buf.shape[1] or h.shape[0] != 1 or \
                 h.shape[1] != h_buf.shape[1]:
             return False
@@ -199,21 +208,17 @@ if available():
             ids_buf[0, i] = ids[0, i]
         for i in range(h_buf.shape[1]):
             h_buf[0, i] = h[0, i]
-        _add32(ctl, C_GEN, 1)
-        if _load(ctl, C_SLEEP) > 0:
-            _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+        _publish_job(ctl)
         return True
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _post_pass_start(ctl, job, step, pass_no, n_pred):
-        """The job of a single-token pass's start (n_pred clamped by the caller), then GEN
-        += 1 and a wake-up as _post."""
+        """The job of a single-token pass's start (n_pred clamped by the caller), then
+        _publish_job."""
         job[J_STEP], job[J_PASS], job[J_NPRED] = step, pass_no, n_pred
         job[J_KIND] = PASS_START
         job[J_POSTS] += 1
-        _add32(ctl, C_GEN, 1)
-        if _load(ctl, C_SLEEP) > 0:
-            _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+        _publish_job(ctl)
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _stop(ctl):
@@ -315,17 +320,6 @@ class PredictorThread:
             self.error = exc
         finally:
             self.ctl[C_DEAD] = 1
-
-    @property
-    def alive(self) -> bool:
-        return self.ctl[C_DEAD] == 0 and self.ctl[C_STOP] == 0
-
-    def post(self, ids: np.ndarray, h: np.ndarray, layer: int, pass_no: int, n_pred: int,
-             also: int) -> bool:
-        """Hand the helper one step (ids [1, K] int32, h [1, D] float32, copied now; the
-        caller has waited for the last one): False where their shapes do not fit."""
-        return _post(self.ctl, self.job, self.ids, self.h, ids, h, layer, pass_no, n_pred,
-                     also)
 
     def post_pass_start(self, step: int, pass_no: int, n_pred: int) -> None:
         """Hand the helper a single-token pass's start prediction (see _serve)."""
