@@ -66,17 +66,22 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
         pred = pol.predictor
 
         def timed(fn, key, count):
+            """fn, its time added to spent[key]; a step counted `count` times, or (None)
+            once if it returned True (a post_step that posted: one that did not leaves
+            the step to step(), which counts it)."""
             def run(*a, **kw):
                 t = time.perf_counter()
+                r = None
                 try:
-                    return fn(*a, **kw)
+                    r = fn(*a, **kw)
+                    return r
                 finally:
                     spent[key] += time.perf_counter() - t
-                    spent["calls"] += count
+                    spent["calls"] += bool(r) if count is None else count
             return run
 
         pred.step = timed(pred.step, "step", 1)
-        pred.post_step = timed(pred.post_step, "step", 1)
+        pred.post_step = timed(pred.post_step, "step", None)
         pred.predict_pass_start = timed(pred.predict_pass_start, "pass_start", 0)
         # with a helper thread (EFEDGE_PREDICTOR_THREAD, -t below the cores) a step is
         # posted and waited for: the compute thread's share is both
