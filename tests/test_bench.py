@@ -321,3 +321,31 @@ def test_llama_killed_otherwise_is_an_error_not_a_retry(monkeypatch):
         assert not ref.plain
     finally:
         ref.close()
+
+
+def test_policy_hooks_benchmark_times_every_layers_hooks(capsys):
+    """benchmarks/policy_hooks.py (a script): each policy's hooks are timed in place, one
+    on_route per layer and token, the predictor's steps and the engine's calls with it."""
+    from conftest import load_benchmark
+
+    mod = load_benchmark("policy_hooks")
+    assert mod.main(["-n", "4", "--rounds", "2", "--link", "2GB/s", "--cache", "40%",
+                     "--policy", "expertflow", "ondemand", "--json"]) == 0
+    runs = {r["policy"]: r for r in json.loads(capsys.readouterr().out)}
+    assert runs.keys() == {"expertflow", "ondemand"}
+    n_layer = 5  # the demo model's
+    for policy, cls in (("expertflow", "ExpertFlow"), ("ondemand", "OnDemandLRU")):
+        r = runs[policy]
+        hooks = {h["hook"]: h for h in r["hooks"]}
+        assert r["decode_ms_per_token"] > 0
+        assert hooks[f"{cls}.on_route"]["calls_per_token"] == n_layer
+        assert hooks[f"{cls}.on_pass"]["calls_per_token"] == 1
+        assert all(h["us_per_token"] >= 0 for h in r["hooks"])
+    ef = {h["hook"]: h for h in runs["expertflow"]["hooks"]}
+    # a step per routed layer, on this thread or posted to a helper
+    steps = sum(ef.get(f"HybridPredictor.{k}", {"calls_per_token": 0})["calls_per_token"]
+                for k in ("step", "post_step"))
+    assert steps == n_layer
+    assert ef["StreamingExperts._classify"]["calls_per_token"] > 0
+    mod.main(["-n", "2", "--rounds", "1", "--link", "2GB/s", "--cache", "40%"])
+    assert "ExpertFlow.on_route" in capsys.readouterr().out
