@@ -9,14 +9,15 @@ Times are inclusive: a call counts in every wrapped caller it runs inside too
 (`ExpertFlow._catch_up` holds `_flush_plan`, which holds `prefetch_plan`, which holds
 `submit_many`, which holds `publish`), and each timer adds its own ~1 µs. The model
 warms up on the text that follows the measured one, so the token memory has not learned
-the measured text (as `benchmarks/policies.py --cost`). docs/scheduler.md §7 reads these
-tables.
+the measured text (as `benchmarks/policies.py --cost`). docs/scheduler.md §6
+(twenty-ninth session) reads these tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import time
@@ -77,18 +78,18 @@ def profile(path, policy: str, *, cache="50%", link="1060MB/s", threads=None,
             for name in names if obj is not None else ():
                 if callable(getattr(obj, name, None)):
                     _wrap(obj, name, f"{type(obj).__name__}.{name}", spent, calls, on)
+        @contextlib.contextmanager
+        def timing():
+            on[0] = True
+            try:
+                yield
+            finally:
+                on[0] = False
+
         wall = stall = 0.0
         n = 0
-        sess = m._session
-        for _ in range(rounds):  # (decode_run's steps, the timers on around decode)
-            sess.reset()
-            sess.prefill(text[:-n_tokens])
-            m.reset_stats()
-            on[0] = True
-            for tok in text[-n_tokens:]:
-                sess.decode(tok)
-            on[0] = False
-            s = m.stats()
+        for _ in range(rounds):
+            s, _, _ = decode_run(m, text, n_tokens, decoding=timing())
             wall += s["wall_s"]
             stall += s["stall_s"]
             n += s["tokens_generated"]

@@ -10,6 +10,7 @@ are for the decode part; prefill stall is a separate field.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -38,9 +39,10 @@ def heldout_ids(model, n: int) -> list[int]:
         chars *= 2
 
 
-def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
+def decode_run(m, prompt_ids, n_tokens, decoding=None) -> tuple[dict, float, float]:
     """Prefill prompt_ids[:-n] … feed the rest one token at a time; returns the decode
-    counters, the prefill stall and the policy's own time during decode."""
+    counters, the prefill stall and the policy's own time during decode. `decoding`: a
+    context manager entered around the decode alone (a benchmark's timers)."""
     sess = m._session
     sess.reset()
     m.reset_stats()
@@ -52,8 +54,9 @@ def decode_run(m, prompt_ids, n_tokens) -> tuple[dict, float, float]:
     pol = getattr(m._experts, "policy", None) or getattr(
         getattr(m._tf, "source", None), "policy", None)
     ovh0 = getattr(pol, "overhead_s", 0.0)
-    for tok in prompt_ids[split:]:
-        sess.decode(tok)
+    with decoding or contextlib.nullcontext():
+        for tok in prompt_ids[split:]:
+            sess.decode(tok)
     ovh = getattr(pol, "overhead_s", 0.0) - ovh0
     return m.stats(), prefill_stall, ovh
 
