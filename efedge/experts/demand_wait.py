@@ -183,6 +183,8 @@ class DemandWaits:
         """(cond held) Remaining experts whose held slot is READY and still theirs, lowest
         ids first, at most `limit`."""
         cache, ready = self.cache, []
+        if self.inline_prefetches is not None:  # (as the link comes free while waiting)
+            self.inline_prefetches.pump()
         for e in sorted(remaining):
             s = held.get(e, -1)
             if s >= 0 and cache.where[layer, e] == s and (cache.slot_state[s] == READY
@@ -200,7 +202,9 @@ class DemandWaits:
         cache, eng, n_e = self.cache, self.engine, self.store.n_expert
         for s in np.flatnonzero(cache.slot_state == LOADING):
             owner = int(cache.slot_owner[s])
-            if owner < 0 or owner in eng.jobs_by_key or cache.slot_land_at[s] < np.inf:
+            inline = self.inline_prefetches
+            if owner < 0 or owner in eng.jobs_by_key or cache.slot_land_at[s] < np.inf or (
+                    inline is not None and owner in inline.pending):
                 # (a finite landing time: its bytes are in, copied without a job)
                 continue
             m, e = divmod(owner, n_e)

@@ -16,6 +16,7 @@ import numpy as np
 
 from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
 from efedge.experts.demand_wait import DemandWaits
+from efedge.experts.inline_prefetch import InlinePrefetches
 from efedge.experts.issue import place_prefetches
 from efedge.experts.native_engine import NativeTransferEngine
 from efedge.experts.stats import Counters
@@ -39,6 +40,11 @@ class StreamingExperts(DemandWaits):
         self.cond = cache.cond
         # demand loads copied by this thread (an emulated link: TransferEngine.copy_inline)
         self._inline = bool(getattr(engine, "copies_inline", False))
+        # prefetches copied by this thread too, as the link comes free (InlinePrefetches):
+        # the CPU engines with an emulated link (the simulator's engine is a copy engine
+        # of its own; the GPU's copies go through its streams)
+        self.inline_prefetches = InlinePrefetches(cache, store, engine) if (
+            self._inline and isinstance(engine, TransferEngine)) else None
         # copies through an emulated link whose booked end the engine knows (the workers
         # take a queued copy when the link comes free: _until_landing)
         self._link_paced = getattr(engine, "link", None) is not None and \
@@ -79,7 +85,11 @@ class StreamingExperts(DemandWaits):
                 self._evict_accounting(slot)
                 self.cache.assign(slot, layer, e)
                 self.cache.slot_prefetched[slot] = True
-                self.engine.submit(layer, e, slot, prio)
+                if self.inline_prefetches is not None:
+                    self.cache.begin_load(slot)
+                    self.inline_prefetches.add((layer,), (e,), (slot,), (prio,))
+                else:
+                    self.engine.submit(layer, e, slot, prio)
                 issued += 1
             self.counters.prefetch_issued += issued
         return issued
@@ -91,7 +101,10 @@ class StreamingExperts(DemandWaits):
         needed, tick0 as its victim() reads them), and the policy's own bookkeeping after
         it (`due`, `fetched_at`: Policy._flush_plan). Returns how many were issued."""
         cache = self.cache
+        inline = self.inline_prefetches
         with self.cond:
+            if inline is not None:  # (landed ones become READY: evictable)
+                inline.sweep()
             n, copies, wasted = place_prefetches(
                 plan.n, plan.ints, plan.floats, plan.experts, cache.where, cache.slot_owner,
                 cache.slot_state, cache.slot_pins, cache.slot_last_use, cache.slot_uses,
@@ -101,7 +114,9 @@ class StreamingExperts(DemandWaits):
             if n:
                 lay, exp, slots, prio, gens = copies.tolist()
                 many = getattr(self.engine, "submit_many", None)
-                if many is not None:
+                if inline is not None:
+                    inline.add(lay, exp, slots, prio)
+                elif many is not None:
                     many(lay, exp, slots, prio, gens)
                 else:  # (the simulator's engine)
                     submit = self.engine.submit
@@ -116,8 +131,12 @@ class StreamingExperts(DemandWaits):
         """Drop queued, not yet started prefetches of these experts (their slots are freed);
         returns how many were dropped. Loads already under way or demanded are kept."""
         n = 0
+        inline = self.inline_prefetches
         with self.cond:
             for e in experts:
+                if inline is not None and inline.cancel(layer * self.store.n_expert + int(e)):
+                    n += 1
+                    continue
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + int(e))
                 if job is not None and job.priority != DEMAND and self.engine.cancel(job):
                     n += 1
@@ -130,8 +149,12 @@ class StreamingExperts(DemandWaits):
         n = 0
         eng = self.engine
         jobs = eng.jobs_by_key
+        inline = self.inline_prefetches
         with self.cond:
             for k in keys.tolist():
+                if inline is not None and inline.cancel(k):
+                    n += 1
+                    continue
                 job = jobs.get(k)
                 if job is not None and job.priority != DEMAND and eng.cancel(job):
                     n += 1
@@ -151,6 +174,10 @@ class StreamingExperts(DemandWaits):
         had landed were counted late. A sched_yield hands the GIL over (efedge/gil_yield.py:
         13 µs where sleeping 0 s cost 83); a worker gives it back as soon as it is in a
         file read or the link's wait."""
+        inline = self.inline_prefetches
+        if inline is not None and (inline.pending or inline.booked):
+            with self.cond:
+                inline.pump()
         if self.engine.gil_free:
             return
         n = self.engine.submitted
@@ -325,6 +352,8 @@ class StreamingExperts(DemandWaits):
                 c.hits += 1
             else:
                 c.late += 1
+                if self.inline_prefetches is not None:
+                    self.inline_prefetches.take(layer, e)  # (if still queued: now)
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
                     job = self.engine.promote(job)
@@ -350,10 +379,14 @@ class StreamingExperts(DemandWaits):
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
                     self.engine.promote(job)
+                elif self.inline_prefetches is not None:
+                    self.inline_prefetches.take(layer, e)  # (if still queued: now)
                 if self.cache.slot_prefetched[s]:
                     self.counters.prefetch_used += 1
                     self.cache.slot_prefetched[s] = False
                 continue
+            if self.inline_prefetches is not None:
+                self.inline_prefetches.sweep()  # (landed prefetches: evictable)
             slot = self.cache.free_or_victim(layer, self.policy.victim)
             if slot < 0:
                 return
@@ -373,6 +406,8 @@ class StreamingExperts(DemandWaits):
             job = self.engine.submit(layer, e, slot, DEMAND)
             if queued is not None:
                 queued.append(job)
+        if self.inline_prefetches is not None:  # the link's room after the demand loads
+            self.inline_prefetches.pump()
 
     def reap(self) -> None:
         """Finish the bookkeeping of copies the engine's workers are done with (native

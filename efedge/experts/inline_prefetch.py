@@ -1,0 +1,127 @@
+"""Prefetches through an emulated link, copied by the compute thread as the link comes free.
+
+With an emulated link the engine copies a demand load on the compute thread and lets it
+land when the link would have delivered it (TransferEngine.copy_inline): it stands for a
+copy engine's DMA, which no thread has to wake up for. Prefetches went to the transfer
+workers instead, and where the compute threads hold every core (two on the test VM) a
+worker's wake-up cost the compute thread 27-55 µs per plan (15% of decode at 1.85 GB/s)
+and started the copy late, so the predicted experts landed after their layer had asked
+for them (docs/scheduler.md §6, thirtieth session).
+
+Here a prefetch waits in a queue on the compute thread instead, most urgent first (the
+plan's priority: the step it is needed at), and is copied and booked on the link when
+the link is about to come free. The compute thread looks whenever it passes the cache (a
+plan, a request, a wait, a pass start): as a copy engine takes its next copy when the
+link frees, so a demand load queued meanwhile still goes first, and a prefetch found
+still queued when its layer asks for it becomes a demand load at once. Booked prefetches
+land in booking order (the link is serial); `sweep` marks them READY once their time has
+come, so that they count as hits and can be evicted like any resident expert.
+
+Every method is called with the cache's condition held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import numpy as np
+
+from efedge.errors import TransferError
+from efedge.experts.cache import LOADING, READY
+
+log = logging.getLogger("efedge.transfer")
+
+
+class InlinePrefetches:
+    """The prefetch queue of a StreamingExperts whose engine copies inline."""
+
+    def __init__(self, cache, store, engine):
+        self.cache, self.store, self.engine = cache, store, engine
+        # key (layer · E + expert) → (priority, order of arrival, layer, expert, slot)
+        self.pending: dict[int, tuple[int, int, int, int, int]] = {}
+        # booked prefetches, (landing time, slot, load number), in booking order
+        self.booked: deque[tuple[float, int, int]] = deque()
+        self._arrivals = 0
+        self._bytes_per_s = float(engine.link.bytes_per_s)
+        self.copied = 0  # prefetches copied (the rest were cancelled or evicted first)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, layers, experts, slots, priorities) -> None:
+        """Queue prefetches whose slots are assigned to them and LOADING, their loads begun
+        (ExpertCache.begin_load: no landing time yet), then book what the link has room
+        for."""
+        n_e = self.store.n_expert
+        for m, e, s, p in zip(layers, experts, slots, priorities, strict=True):
+            self._arrivals += 1
+            self.pending[int(m) * n_e + int(e)] = (int(p), self._arrivals, int(m), int(e),
+                                                   int(s))
+        self.pump()
+
+    def take(self, layer: int, expert: int) -> bool:
+        """The layer asks for an expert whose prefetch is still queued: copy it now, as a
+        demand load (first on the link after the copy under way). False if none was."""
+        entry = self.pending.pop(layer * self.store.n_expert + expert, None)
+        if entry is None:
+            return False
+        self._copy(entry)
+        return True
+
+    def cancel(self, key: int) -> bool:
+        """Drop a queued prefetch (its layer came without needing it); its slot is freed
+        if it is still the prefetch's and nobody holds it. False if none was queued."""
+        entry = self.pending.pop(key, None)
+        if entry is None:
+            return False
+        s = entry[4]
+        if self.cache.slot_owner[s] == key and self.cache.slot_pins[s] == 0:
+            self.cache.release(s)
+        return True
+
+    def pump(self) -> None:
+        """Mark landed prefetches READY, then copy queued ones, most urgent first, while
+        the link comes free within one copy's time: on an idle link two are booked (the
+        one it starts and the next), so the link stays busy until the compute thread looks
+        again, and a demand load waits behind at most the copy under way and one more."""
+        self.sweep()
+        pending = self.pending
+        if not pending:
+            return
+        while pending:
+            key = min(pending, key=pending.__getitem__)  # (a plan's few: no heap needed)
+            entry = pending[key]
+            lead = self.store.expert_bytes(entry[2], entry[3]) / self._bytes_per_s
+            if self.engine.link_free_at() - time.perf_counter() >= lead:
+                return
+            del pending[key]
+            self._copy(entry)
+
+    def sweep(self) -> None:
+        """Booked prefetches whose landing time has come are READY (if the slot is still
+        theirs: the same load number)."""
+        booked = self.booked
+        if not booked:
+            return
+        now = time.perf_counter()
+        cache = self.cache
+        while booked and booked[0][0] <= now:
+            _t, s, gen = booked.popleft()
+            if cache.slot_gen[s] == gen and cache.slot_state[s] == LOADING:
+                cache.slot_state[s] = READY
+
+    def _copy(self, entry) -> None:
+        _p, _order, layer, expert, slot = entry
+        cache = self.cache
+        if (cache.slot_owner[slot] != layer * self.store.n_expert + expert
+                or cache.slot_state[slot] != LOADING or cache.slot_land_at[slot] != np.inf):
+            return  # its slot was released meanwhile (an orphan reaped, a failed load)
+        try:
+            self.engine.copy_inline(layer, expert, slot)
+        except TransferError as exc:  # (its slot released) a prefetch is only a guess:
+            log.warning("prefetch dropped: %s", exc)  # the layer loads it if it asks
+            return
+        self.copied += 1
+        self.booked.append((float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot])))

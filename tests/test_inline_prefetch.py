@@ -1,0 +1,118 @@
+"""Prefetches through an emulated link are copied by the compute thread as the link comes
+free (efedge/experts/inline_prefetch.py): no transfer worker is woken for them, the most
+urgent is booked first, a prefetch still queued when its layer asks is copied at once,
+a cancelled one frees its slot, and a booked one becomes READY when it lands."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import efedge
+from efedge.config import config_from_gguf
+from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache, minimum_budget
+from efedge.experts.inline_prefetch import InlinePrefetches
+from efedge.experts.link import Link
+from efedge.experts.stats import Counters
+from efedge.experts.store import ExpertStore
+from efedge.experts.transfer import TransferEngine
+from efedge.gguf_file import GGUFFile
+
+S_PER_EXPERT = 0.2  # the test link carries one expert in this long
+
+
+@pytest.fixture
+def queue(tiny_gguf):
+    """(InlinePrefetches over a cache of the tiny qwen3moe file and an engine whose link
+    carries one expert in S_PER_EXPERT, a function giving layer 0's expert e a slot)"""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    gf = GGUFFile(path)
+    cfg = config_from_gguf(gf)
+    store = ExpertStore(gf, cfg.n_layer, cfg.n_expert)
+    cache = ExpertCache(store, minimum_budget(store, cfg.n_expert_used) * 2,
+                        cfg.n_expert_used)
+    link = Link("test", store.expert_bytes(0) / S_PER_EXPERT)
+    engine = TransferEngine(path, store, cache, Counters(), link, workers=1)
+    assert engine.copies_inline
+
+    def slot_for(e: int) -> int:
+        s = cache.free_or_victim(0, lambda c, cands: int(cands[0]))
+        cache.assign(s, 0, e)
+        cache.begin_load(s)
+        return s
+
+    try:
+        with cache.cond:
+            yield InlinePrefetches(cache, store, engine), slot_for
+    finally:
+        engine.close()
+        gf.close()
+
+
+def test_the_most_urgent_prefetches_are_booked_as_the_link_has_room(queue):
+    q, slot_for = queue
+    cache = q.cache
+    land = cache.slot_land_at
+    slots = {e: slot_for(e) for e in (1, 2, 3)}
+    q.add([0, 0, 0], [1, 2, 3], [slots[1], slots[2], slots[3]], [5, 3, 4])
+    # the link was free: the most urgent (priority 3) starts at once and the next one is
+    # booked behind it; the least urgent waits on the compute thread, not on the link
+    assert list(q.pending) == [1]
+    assert [s for _t, s, _g in q.booked] == [slots[2], slots[3]]
+    assert land[slots[3]] == pytest.approx(land[slots[2]] + S_PER_EXPERT, rel=1e-6)
+    assert np.isinf(land[slots[1]])
+    q.pump()  # two copies booked ahead: no room yet
+    assert list(q.pending) == [1]
+    # expert 1's layer asks for it: copied now (a demand load), behind the booked copies
+    assert q.take(0, 1) and not q.pending
+    assert land[slots[1]] == pytest.approx(land[slots[3]] + S_PER_EXPERT, rel=1e-6)
+    assert not q.take(0, 1)
+    assert q.copied == 3 and q.engine.submitted == 0  # no worker took part
+    assert all(cache.slot_state[s] == LOADING for s in slots.values())
+    # landed ones become READY (evictable, hits), the others stay LOADING
+    time.sleep(max(0.0, land[slots[2]] - time.perf_counter()) + 0.01)
+    q.sweep()
+    assert cache.slot_state[slots[2]] == READY
+    assert cache.slot_state[slots[1]] == LOADING
+
+
+def test_a_cancelled_or_released_prefetch_is_not_copied(queue):
+    q, slot_for = queue
+    cache, n_e = q.cache, q.store.n_expert
+    q.add([0, 0], [1, 2], [slot_for(1), slot_for(2)], [1, 1])  # the link booked ahead
+    s4, s5 = slot_for(4), slot_for(5)
+    q.add([0, 0], [4, 5], [s4, s5], [2, 2])
+    assert set(q.pending) == {4, 5}
+    # cancelled (its layer came without it): dropped, its slot freed
+    assert q.cancel(0 * n_e + 4) and not q.cancel(0 * n_e + 4)
+    assert cache.slot_state[s4] == EMPTY and cache.where[0, 4] == -1
+    # its slot given to another expert meanwhile (an orphan reaped): not copied into
+    cache.release(s5)
+    cache.assign(s5, 0, 6)
+    cache.begin_load(s5)
+    time.sleep(2 * S_PER_EXPERT + 0.02)  # the link comes free
+    q.pump()
+    assert not q.pending and q.copied == 2
+    assert np.isinf(cache.slot_land_at[s5])
+
+
+def test_a_links_prefetches_need_no_transfer_worker(tiny_gguf):
+    """expertflow through an emulated link: its prefetches are copied by the compute
+    thread (none is queued for a worker), they are used, and the logits are the resident
+    run's bit for bit."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = np.random.default_rng(3).integers(0, 500, 24).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="40%", policy="expertflow", link="1GB/s") as m:
+        src = m._experts
+        assert src.inline_prefetches is not None
+        assert np.array_equal(m.logits(ids), want)
+        for t in ids[:8]:  # single-token passes: the policy plans ahead between them
+            m.logits([t])
+        s = m.stats()
+        assert s["prefetch_issued"] > 0 and src.inline_prefetches.copied > 0
+        assert s["prefetch_used"] > 0
+        assert src.engine.submitted == 0
