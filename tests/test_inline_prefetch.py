@@ -5,6 +5,7 @@ a cancelled one frees its slot, and a booked one becomes READY when it lands."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -98,6 +99,28 @@ def test_a_cancelled_or_released_prefetch_is_not_copied(queue):
     assert np.isinf(cache.slot_land_at[s5])
 
 
+def test_a_prefetch_whose_read_fails_is_dropped(queue, monkeypatch, caplog):
+    """A prefetch is a guess: a read that keeps failing drops it (its slot freed, a
+    warning naming the expert), where a demand load's failure is an error."""
+    q, slot_for = queue
+    eng, cache = q.engine, q.cache
+    s = slot_for(7)
+    bad = int(q.store.offsets[0, 7, 1])
+    real_read = eng._read
+
+    def failing(buf, off):
+        if off == bad:
+            raise OSError(5, "injected EIO")
+        real_read(buf, off)
+
+    monkeypatch.setattr(eng, "_read", failing)
+    with caplog.at_level(logging.WARNING, logger="efedge.transfer"):
+        q.add([0], [7], [s], [1])
+    assert not q.pending and q.copied == 0 and not q.booked
+    assert cache.slot_state[s] == EMPTY and cache.where[0, 7] == -1
+    assert "prefetch dropped" in caplog.text and "expert 7 of layer 0" in caplog.text
+
+
 def test_a_links_prefetches_need_no_transfer_worker(tiny_gguf):
     """expertflow through an emulated link: its prefetches are copied by the compute
     thread (none is queued for a worker), they are used, and the logits are the resident
@@ -114,5 +137,6 @@ def test_a_links_prefetches_need_no_transfer_worker(tiny_gguf):
             m.logits([t])
         s = m.stats()
         assert s["prefetch_issued"] > 0 and src.inline_prefetches.copied > 0
+        assert src.inline_prefetches.copy_s > 0
         assert s["prefetch_used"] > 0
         assert src.engine.submitted == 0

@@ -46,6 +46,7 @@ class InlinePrefetches:
         self._arrivals = 0
         self._bytes_per_s = float(engine.link.bytes_per_s)
         self.copied = 0  # prefetches copied (the rest were cancelled or evicted first)
+        self.copy_s = 0.0  # the time their copies took on the calling thread
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -118,10 +119,13 @@ class InlinePrefetches:
         if (cache.slot_owner[slot] != layer * self.store.n_expert + expert
                 or cache.slot_state[slot] != LOADING or cache.slot_land_at[slot] != np.inf):
             return  # its slot was released meanwhile (an orphan reaped, a failed load)
+        t0 = time.perf_counter()
         try:
             self.engine.copy_inline(layer, expert, slot)
         except TransferError as exc:  # (its slot released) a prefetch is only a guess:
             log.warning("prefetch dropped: %s", exc)  # the layer loads it if it asks
             return
+        finally:
+            self.copy_s += time.perf_counter() - t0
         self.copied += 1
         self.booked.append((float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot])))
