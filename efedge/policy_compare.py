@@ -53,17 +53,16 @@ def decode_run(m, prompt_ids, n_tokens, decoding=None) -> tuple[dict, float, flo
     # the CPU path's expert source, or the GPU path's (device="cuda")
     pol = getattr(m._experts, "policy", None) or getattr(
         getattr(m._tf, "source", None), "policy", None)
-    # the prefetches' own copies where the compute thread makes them (an emulated link:
+    # the prefetches' own copies where the policy's calls make them (an emulated link:
     # InlinePrefetches) are bytes moved, not the policy's work: on-demand's copies are
     # not counted either
-    inline = getattr(m._experts, "inline_prefetches", None)
-    copy0 = getattr(inline, "copy_s", 0.0)
+    copy0 = getattr(m._experts, "policy_copy_s", 0.0)
     ovh0 = getattr(pol, "overhead_s", 0.0)
     with decoding or contextlib.nullcontext():
         for tok in prompt_ids[split:]:
             sess.decode(tok)
     ovh = getattr(pol, "overhead_s", 0.0) - ovh0
-    ovh -= getattr(inline, "copy_s", 0.0) - copy0
+    ovh -= getattr(m._experts, "policy_copy_s", 0.0) - copy0
     return m.stats(), prefill_stall, ovh
 
 

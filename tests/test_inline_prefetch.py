@@ -140,3 +140,38 @@ def test_a_links_prefetches_need_no_transfer_worker(tiny_gguf):
         assert src.inline_prefetches.copy_s > 0
         assert s["prefetch_used"] > 0
         assert src.engine.submitted == 0
+
+
+def test_a_policys_cost_leaves_out_the_copies_its_calls_made(tiny_gguf, monkeypatch):
+    """policy cost % (policy_compare.decode_run) is the policy's own work: the copies
+    InlinePrefetches makes inside the policy's calls are bytes moved and come off it —
+    those alone, not the ones made later while a layer waits (outside the policy's time:
+    subtracting them too read a negative cost)."""
+    import contextlib
+
+    from efedge import policy_compare
+
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = np.random.default_rng(5).integers(0, 500, 40).tolist()
+    real_copy = TransferEngine.copy_inline
+
+    def slow_copy(self, layer, expert, slot):  # every copy takes 2 ms more
+        time.sleep(2e-3)
+        return real_copy(self, layer, expert, slot)
+
+    monkeypatch.setattr(TransferEngine, "copy_inline", slow_copy)
+    with efedge.load(path, cache="40%", policy="next-layer", link="1GB/s") as m:
+        src, pol = m._experts, m._experts.policy
+        seen = {}
+
+        @contextlib.contextmanager
+        def decoding():  # the policy's time and its copies' over the decode alone
+            seen["start"] = (pol.overhead_s, src.policy_copy_s)
+            yield
+            seen["end"] = (pol.overhead_s, src.policy_copy_s)
+
+        _s, _p, ovh = policy_compare.decode_run(m, ids, 24, decoding=decoding())
+        (o0, c0), (o1, c1) = seen["start"], seen["end"]
+        assert c1 - c0 >= 2e-3  # copies were made inside the policy's calls
+        assert ovh == pytest.approx(o1 - o0 - (c1 - c0))
+        assert 0 <= ovh < o1 - o0

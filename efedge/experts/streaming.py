@@ -45,6 +45,9 @@ class StreamingExperts(DemandWaits):
         # of its own; the GPU's copies go through its streams)
         self.inline_prefetches = InlinePrefetches(cache, store, engine) if (
             self._inline and isinstance(engine, TransferEngine)) else None
+        # the time those copies took inside the policy's own calls (prefetch,
+        # prefetch_plan): bytes moved, which a policy's cost leaves out (policy_compare)
+        self.policy_copy_s = 0.0
         # copies through an emulated link whose booked end the engine knows (the workers
         # take a queued copy when the link comes free: _until_landing)
         self._link_paced = getattr(engine, "link", None) is not None and \
@@ -87,7 +90,7 @@ class StreamingExperts(DemandWaits):
                 self.cache.slot_prefetched[slot] = True
                 if self.inline_prefetches is not None:
                     self.cache.begin_load(slot)
-                    self.inline_prefetches.add((layer,), (e,), (slot,), (prio,))
+                    self._add_inline((layer,), (e,), (slot,), (prio,))
                 else:
                     self.engine.submit(layer, e, slot, prio)
                 issued += 1
@@ -115,7 +118,7 @@ class StreamingExperts(DemandWaits):
                 lay, exp, slots, prio, gens = copies.tolist()
                 many = getattr(self.engine, "submit_many", None)
                 if inline is not None:
-                    inline.add(lay, exp, slots, prio)
+                    self._add_inline(lay, exp, slots, prio)
                 elif many is not None:
                     many(lay, exp, slots, prio, gens)
                 else:  # (the simulator's engine)
@@ -126,6 +129,14 @@ class StreamingExperts(DemandWaits):
                 c.prefetch_issued += n
                 c.prefetch_wasted += wasted
         return n
+
+    def _add_inline(self, layers, experts, slots, priorities) -> None:
+        """(cond held) Queue prefetches on InlinePrefetches; the copies it makes now are
+        counted in policy_copy_s."""
+        inline = self.inline_prefetches
+        c0 = inline.copy_s
+        inline.add(layers, experts, slots, priorities)
+        self.policy_copy_s += inline.copy_s - c0
 
     def cancel_prefetch(self, layer: int, experts) -> int:
         """Drop queued, not yet started prefetches of these experts (their slots are freed);
