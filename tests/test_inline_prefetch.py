@@ -20,6 +20,7 @@ from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
 from efedge.experts.transfer import TransferEngine
 from efedge.gguf_file import GGUFFile
+from tests._faults import fail_reads_at
 
 S_PER_EXPERT = 0.2  # the test link carries one expert in this long
 
@@ -105,15 +106,7 @@ def test_a_prefetch_whose_read_fails_is_dropped(queue, monkeypatch, caplog):
     q, slot_for = queue
     eng, cache = q.engine, q.cache
     s = slot_for(7)
-    bad = int(q.store.offsets[0, 7, 1])
-    real_read = eng._read
-
-    def failing(buf, off):
-        if off == bad:
-            raise OSError(5, "injected EIO")
-        real_read(buf, off)
-
-    monkeypatch.setattr(eng, "_read", failing)
+    fail_reads_at(monkeypatch, eng, int(q.store.offsets[0, 7, 1]))
     with caplog.at_level(logging.WARNING, logger="efedge.transfer"):
         q.add([0], [7], [s], [1])
     assert not q.pending and q.copied == 0 and not q.booked

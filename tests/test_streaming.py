@@ -21,6 +21,7 @@ from efedge.experts.store import ExpertStore
 from efedge.experts.streaming import StreamingExperts
 from efedge.experts.transfer import TransferEngine
 from efedge.gguf_file import GGUFFile
+from tests._faults import fail_reads_at
 
 # ernie4_5-moe-interleave: a MoE layer between two dense ones (Q4_K_M through llama.cpp's
 # quantizer, which reads the layout without loading it)
@@ -412,15 +413,8 @@ def test_a_links_demand_loads_are_copied_by_the_compute_thread(tiny_gguf, monkey
         assert 0.5e9 < eng.bandwidth_ewma <= 1e9  # the booked link times
         src, cache = m._experts, m._experts.cache
         e = int(np.flatnonzero(cache.where[1] < 0)[0])
-        bad = int(src.store.offsets[1, e, 1])
         real_read = eng._read
-
-        def failing(buf, off):
-            if off == bad:
-                raise OSError(5, "injected EIO")
-            real_read(buf, off)
-
-        monkeypatch.setattr(eng, "_read", failing)
+        fail_reads_at(monkeypatch, eng, int(src.store.offsets[1, e, 1]))
         with pytest.raises(TransferError, match=f"expert {e} of layer 1"):
             for _ in src.acquire_batches(1, [e]):
                 pass
