@@ -9,7 +9,9 @@ while holding a pinned expert), prefetch, cancel prefetches, switch the fault mo
 * a slot holds at most one expert and `where` is exactly its inverse;
 * no slot is pinned between layer calls; a pinned slot is never evicted or rewritten
   while the compute thread holds it;
-* a LOADING slot always has a job behind it;
+* a LOADING slot always has a job behind it — or, through an emulated link (whose copies
+  the compute thread makes: demand loads and the prefetch queue), a queued prefetch or a
+  booked landing time;
 * every yielded expert — and, once idle, every READY slot — equals the file's bytes;
 * hits + late + misses == expert_requests, and once idle bytes_loaded equals the bytes
   of the loads that completed.
@@ -35,6 +37,7 @@ from hypothesis.stateful import (
 
 from efedge.config import config_from_gguf
 from efedge.experts.cache import EMPTY, LOADING, READY, ExpertCache
+from efedge.experts.link import Link
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
 from efedge.experts.store import ExpertStore
@@ -55,8 +58,9 @@ class CacheMachine(RuleBasedStateMachine):
     raw = b""
 
     @initialize(policy=st.sampled_from(["ondemand", "lfu"]), extra=st.integers(0, 6),
-                workers=st.integers(1, 3), seed=st.integers(0, 2**16))
-    def setup(self, policy, extra, workers, seed):
+                workers=st.integers(1, 3), seed=st.integers(0, 2**16),
+                link=st.sampled_from([None, 2e9, 0.2e9]))
+    def setup(self, policy, extra, workers, seed, link):
         self.gf = GGUFFile(self.path)
         cfg = config_from_gguf(self.gf)
         self.store = store = ExpertStore(self.gf, cfg.n_layer, cfg.n_expert)
@@ -65,12 +69,13 @@ class CacheMachine(RuleBasedStateMachine):
         self.counters = Counters()
         self.cache = ExpertCache(store, self.budget, cfg.n_expert_used)
         self.engine = TransferEngine(self.path, store, self.cache, self.counters,
+                                     None if link is None else Link("test", link),
                                      workers=workers)
         self.source = StreamingExperts(store, self.cache, self.engine, make_policy(policy),
                                        self.counters, n_active=cfg.n_expert_used)
         self.fault, self.rng, self.lock = "none", random.Random(seed), threading.Lock()
         self.completed = 0  # bytes of loads whose copy finished
-        read, copy = self.engine._read, self.engine._copy
+        read, copy, inline = self.engine._read, self.engine._copy, self.engine.copy_inline
 
         def faulty_read(buf, offset):
             on_worker = threading.current_thread().name.startswith("efedge-transfer")
@@ -90,8 +95,15 @@ class CacheMachine(RuleBasedStateMachine):
                 self.completed += n
             return n
 
+        def counted_inline(layer, e, slot):
+            n = inline(layer, e, slot)
+            with self.lock:
+                self.completed += n
+            return n
+
         self.engine._read = faulty_read
         self.engine._copy = counted_copy
+        self.engine.copy_inline = counted_inline
 
     def file_bytes(self, layer: int, e: int) -> bytes:
         st_ = self.store
@@ -152,8 +164,13 @@ class CacheMachine(RuleBasedStateMachine):
     # -- checks ---------------------------------------------------------------------------
     def _drain(self) -> None:
         deadline = time.monotonic() + 20
+        queue = self.source.inline_prefetches
         while time.monotonic() < deadline:
             with self.cache.cond:
+                if queue is not None:  # (the compute thread's look at the link)
+                    queue.pump()
+                    for s in np.flatnonzero(self.cache.slot_state == LOADING):
+                        self.source._landed(int(s))  # booked demand loads that landed
                 if not self.engine.jobs_by_key and not (self.cache.slot_state == LOADING).any():
                     return
             time.sleep(0.002)
@@ -187,11 +204,16 @@ class CacheMachine(RuleBasedStateMachine):
             assert ((owner >= 0) == (state != EMPTY)).all()
             # between layer calls nothing is pinned
             assert (cache.slot_pins == 0).all()
-            # a LOADING slot has a job (queued or running) behind it
-            jobs = self.engine.jobs_by_key
+            # a LOADING slot has a job (queued or running) behind it, or, through an
+            # emulated link, a queued prefetch or a booked landing
+            jobs, queue = self.engine.jobs_by_key, self.source.inline_prefetches
             for s in np.flatnonzero(state == LOADING):
                 job = jobs.get(int(owner[s]))
-                assert job is not None and job.slot == s, f"slot {s} LOADING with no job"
+                if job is not None and job.slot == s:
+                    continue
+                queued = queue.pending.get(int(owner[s])) if queue is not None else None
+                assert (queued is not None and queued[4] == s) or \
+                    np.isfinite(cache.slot_land_at[s]), f"slot {s} LOADING with no job"
             assert c.hits + c.late + c.misses == c.expert_requests
             assert c.bytes_loaded <= self.completed
             assert c.prefetch_used <= c.prefetch_issued

@@ -168,3 +168,30 @@ def test_a_policys_cost_leaves_out_the_copies_its_calls_made(tiny_gguf, monkeypa
         assert c1 - c0 >= 2e-3  # copies were made inside the policy's calls
         assert ovh == pytest.approx(o1 - o0 - (c1 - c0))
         assert 0 <= ovh < o1 - o0
+
+
+def test_layers_abandoned_half_way_leave_no_slot_loading_for_good(tiny_gguf, monkeypatch):
+    """Through an emulated link the compute thread copies a layer's demand loads itself;
+    its layer marks each READY as it takes it. A layer abandoned half way (an exception,
+    Ctrl-C) took none of the rest: they stayed LOADING — never evicted — until the cache
+    had no slot left and the next layer waited for 60 s (found by the cache-invariant
+    test). Landed copies are now READY whenever a slot is chosen."""
+    from efedge.experts import demand_wait
+
+    monkeypatch.setattr(demand_wait, "WAIT_TIMEOUT_S", 5.0)  # a regression fails fast
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    with efedge.load(path, cache="25%", policy="ondemand", link="200MB/s") as m:
+        src, cache = m._experts, m._experts.cache
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            gen = src.acquire(int(rng.integers(0, 3)), np.sort(rng.choice(16, 4, replace=False)))
+            next(gen)
+            gen.close()  # abandoned after its first expert
+        for layer in range(3):  # every layer still gets its experts
+            got = [e for e, _w in src.acquire(layer, np.arange(4))]
+            assert sorted(got) == [0, 1, 2, 3]
+        time.sleep(0.05)  # every copy has landed
+        with cache.cond:
+            src.inline_prefetches.sweep()
+            assert not (cache.slot_state == LOADING).any()
+            assert (cache.slot_pins == 0).all()

@@ -216,6 +216,8 @@ class DemandWaits:
     def _load_sync(self, layer: int, e: int) -> int:
         """Load one expert on the compute thread (after the workers failed); returns its
         pinned slot or raises TransferError naming the expert."""
+        if self.inline_prefetches is not None:
+            self.inline_prefetches.sweep()  # (landed copies: evictable)
         slot = self.cache.free_or_victim(layer, self.policy.victim)
         if slot < 0:
             raise TransferError(f"no free slot to reload expert {e} of layer {layer}")

@@ -13,9 +13,10 @@ plan's priority: the step it is needed at), and is copied and booked on the link
 the link is about to come free. The compute thread looks whenever it passes the cache (a
 plan, a request, a wait, a pass start): as a copy engine takes its next copy when the
 link frees, so a demand load queued meanwhile still goes first, and a prefetch found
-still queued when its layer asks for it becomes a demand load at once. Booked prefetches
-land in booking order (the link is serial); `sweep` marks them READY once their time has
-come, so that they count as hits and can be evicted like any resident expert.
+still queued when its layer asks for it becomes a demand load at once. Booked copies —
+these prefetches and the compute thread's demand loads — land in booking order (the link
+is serial); `sweep` marks them READY once their time has come, so that they count as hits
+and can be evicted like any resident expert, even where no layer comes to take them.
 
 Every method is called with the cache's condition held.
 """
@@ -41,7 +42,8 @@ class InlinePrefetches:
         self.cache, self.store, self.engine = cache, store, engine
         # key (layer · E + expert) → (priority, order of arrival, layer, expert, slot)
         self.pending: dict[int, tuple[int, int, int, int, int]] = {}
-        # booked prefetches, (landing time, slot, load number), in booking order
+        # booked copies — these prefetches and the compute thread's demand loads (note) —,
+        # (landing time, slot, load number), in booking order
         self.booked: deque[tuple[float, int, int]] = deque()
         self._arrivals = 0
         self._bytes_per_s = float(engine.link.bytes_per_s)
@@ -100,8 +102,16 @@ class InlinePrefetches:
             del pending[key]
             self._copy(entry)
 
+    def note(self, slot: int) -> None:
+        """A demand load the compute thread copied into `slot` (TransferEngine.copy_inline)
+        is booked too: its layer marks it READY when it takes it (_landed), but a layer
+        abandoned half way (an exception, Ctrl-C) never does, and a LOADING slot is never
+        evicted — found by the cache-invariant test, which starved the cache that way."""
+        cache = self.cache
+        self.booked.append((float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot])))
+
     def sweep(self) -> None:
-        """Booked prefetches whose landing time has come are READY (if the slot is still
+        """Booked copies whose landing time has come are READY (if the slot is still
         theirs: the same load number)."""
         booked = self.booked
         if not booked:
@@ -128,4 +138,4 @@ class InlinePrefetches:
         finally:
             self.copy_s += time.perf_counter() - t0
         self.copied += 1
-        self.booked.append((float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot])))
+        self.note(slot)

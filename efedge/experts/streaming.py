@@ -78,6 +78,8 @@ class StreamingExperts(DemandWaits):
         prio = PREFETCH if priority is None else max(PREFETCH, int(priority))
         issued = 0
         with self.cond:
+            if self.inline_prefetches is not None:
+                self.inline_prefetches.sweep()  # (landed copies: evictable)
             for e in experts:
                 e = int(e)
                 if self.cache.where[layer, e] >= 0:
@@ -409,6 +411,8 @@ class StreamingExperts(DemandWaits):
                 # its ~20-35 µs here are compute time (in tok/s), not stall; waiting for
                 # the landing is stall
                 self.engine.copy_inline(layer, e, slot)
+                if self.inline_prefetches is not None:  # (swept READY once landed)
+                    self.inline_prefetches.note(slot)
                 self.cache.slot_pins[slot] += 1
                 held[e] = slot
                 continue
