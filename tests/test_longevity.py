@@ -31,13 +31,15 @@ def greedy(path):
         return m.generate(PROMPT, max_tokens=N_GEN, temperature=0)
 
 
+@pytest.mark.parametrize("link", [None, "1GB/s"])
 @pytest.mark.parametrize("policy", ["expertflow", "ondemand"])
-def test_ctrl_c_in_the_policy_leaves_no_slot_pinned(path, greedy, policy):
+def test_ctrl_c_in_the_policy_leaves_no_slot_pinned(path, greedy, policy, link):
     """Ctrl-C landing in the policy's on_request (Python code run for every layer call
     with the cache lock held) came after the layer's resident experts were pinned, and
     before acquire's try: the pins stayed, and once every slot was pinned the next
-    generation waited 60 s and failed (TransferError)."""
-    with efedge.load(path, cache="60%", policy=policy) as m:
+    generation waited 60 s and failed (TransferError). Through an emulated link (the
+    compute thread's own copies) the same for slots left LOADING by interrupted layers."""
+    with efedge.load(path, cache="60%", policy=policy, link=link) as m:
         src = m._experts
         orig = src.policy.on_request
         for nth in range(1, 10):
