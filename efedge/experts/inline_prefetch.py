@@ -23,6 +23,7 @@ Every method is called with the cache's condition held.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import deque
@@ -45,8 +46,14 @@ class InlinePrefetches:
         # booked copies — these prefetches and the compute thread's demand loads (note) —,
         # (landing time, slot, load number), in booking order
         self.booked: deque[tuple[float, int, int]] = deque()
+        # (priority, order of arrival, key) of the pending ones, most urgent on top;
+        # entries taken or cancelled meanwhile are skipped when they come up
+        self._heap: list[tuple[int, int, int]] = []
         self._arrivals = 0
-        self._bytes_per_s = float(engine.link.bytes_per_s)
+        rate = float(engine.link.bytes_per_s)
+        # one copy's time on the link, per layer, and the shortest (a quick look first)
+        self._lead = [store.expert_bytes(il) / rate for il in range(store.n_layer)]
+        self._min_lead = min((t for t in self._lead if t > 0), default=0.0)
         self.copied = 0  # prefetches copied (the rest were cancelled or evicted first)
         self.copy_s = 0.0  # the time their copies took on the calling thread
 
@@ -60,8 +67,9 @@ class InlinePrefetches:
         n_e = self.store.n_expert
         for m, e, s, p in zip(layers, experts, slots, priorities, strict=True):
             self._arrivals += 1
-            self.pending[int(m) * n_e + int(e)] = (int(p), self._arrivals, int(m), int(e),
-                                                   int(s))
+            key = int(m) * n_e + int(e)
+            self.pending[key] = (int(p), self._arrivals, int(m), int(e), int(s))
+            heapq.heappush(self._heap, (int(p), self._arrivals, key))
         self.pump()
 
     def take(self, layer: int, expert: int) -> bool:
@@ -90,17 +98,21 @@ class InlinePrefetches:
         one it starts and the next), so the link stays busy until the compute thread looks
         again, and a demand load waits behind at most the copy under way and one more."""
         self.sweep()
-        pending = self.pending
-        if not pending:
-            return
+        pending, heap, free_at = self.pending, self._heap, self.engine.link_free_at
         while pending:
-            key = min(pending, key=pending.__getitem__)  # (a plan's few: no heap needed)
+            room = free_at() - time.perf_counter()
+            if room >= self._min_lead:
+                return  # (no copy fits yet: most looks end here)
+            while heap[0][2] not in pending or pending[heap[0][2]][1] != heap[0][1]:
+                heapq.heappop(heap)  # taken or cancelled since it was queued
+            key = heapq.heappop(heap)[2]
             entry = pending[key]
-            lead = self.store.expert_bytes(entry[2], entry[3]) / self._bytes_per_s
-            if self.engine.link_free_at() - time.perf_counter() >= lead:
+            if room >= self._lead[entry[2]]:
+                heapq.heappush(heap, (entry[0], entry[1], key))
                 return
             del pending[key]
             self._copy(entry)
+        heap.clear()  # (only stale entries were left)
 
     def note(self, slot: int) -> None:
         """A demand load the compute thread copied into `slot` (TransferEngine.copy_inline)
