@@ -62,14 +62,18 @@ def test_the_most_urgent_prefetches_are_booked_as_the_link_has_room(queue):
     # the link was free: the most urgent (priority 3) starts at once and the next one is
     # booked behind it; the least urgent waits on the compute thread, not on the link
     assert list(q.pending) == [1]
-    assert [s for _t, s, _g in q.booked] == [slots[2], slots[3]]
+    assert [s for _t, s, *_ in q.booked] == [slots[2], slots[3]]
     assert land[slots[3]] == pytest.approx(land[slots[2]] + S_PER_EXPERT, rel=1e-6)
     assert np.isinf(land[slots[1]])
     q.pump()  # two copies booked ahead: no room yet
     assert list(q.pending) == [1]
-    # expert 1's layer asks for it: copied now (a demand load), behind the booked copies
+    # expert 1's layer asks for it: copied now, a demand load, which goes ahead of the
+    # booked prefetch that has not started on the link (3), not of the one on the wire (2)
     assert q.take(0, 1) and not q.pending
-    assert land[slots[1]] == pytest.approx(land[slots[3]] + S_PER_EXPERT, rel=1e-6)
+    assert land[slots[1]] == pytest.approx(land[slots[2]] + S_PER_EXPERT, rel=1e-6)
+    assert land[slots[3]] == pytest.approx(land[slots[1]] + S_PER_EXPERT, rel=1e-6)
+    assert q.displaced == 1
+    assert [s for _t, s, *_ in q.booked] == [slots[2], slots[1], slots[3]]
     assert not q.take(0, 1)
     assert q.copied == 3 and q.engine.submitted == 0  # no worker took part
     assert all(cache.slot_state[s] == LOADING for s in slots.values())
@@ -78,6 +82,35 @@ def test_the_most_urgent_prefetches_are_booked_as_the_link_has_room(queue):
     q.sweep()
     assert cache.slot_state[slots[2]] == READY
     assert cache.slot_state[slots[1]] == LOADING
+
+
+def test_a_demand_load_goes_ahead_of_booked_prefetches_not_asked_for(queue):
+    """As on a copy engine, a demand load goes ahead of the prefetches booked behind the
+    copy on the wire; one a layer has asked for meanwhile is a demand load itself and
+    keeps its place."""
+    q, slot_for = queue
+    cache, eng = q.cache, q.engine
+    land = cache.slot_land_at
+    s1, s2 = slot_for(1), slot_for(2)
+    q.add([0, 0], [1, 2], [s1, s2], [1, 2])  # 1 on the wire, 2 booked behind it
+    s5 = slot_for(5)
+    eng.copy_inline(0, 5, s5)  # a layer's demand load, booked behind both
+    q.demand(s5)
+    assert q.displaced == 1
+    assert land[s5] == pytest.approx(land[s1] + S_PER_EXPERT, rel=1e-6)
+    assert land[s2] == pytest.approx(land[s5] + S_PER_EXPERT, rel=1e-6)
+    assert eng.link_free_at() == pytest.approx(land[s2], rel=1e-9)  # the link's end stays
+    q.asked(s2)  # a layer waits for expert 2 now
+    s6 = slot_for(6)
+    eng.copy_inline(0, 6, s6)
+    q.demand(s6)
+    assert q.displaced == 1
+    assert land[s6] == pytest.approx(land[s2] + S_PER_EXPERT, rel=1e-6)
+    assert [s for _t, s, *_ in q.booked] == [s1, s5, s2, s6]
+    time.sleep(max(0.0, land[s6] - time.perf_counter()) + 0.01)
+    q.sweep()
+    assert all(cache.slot_state[s] == READY for s in (s1, s2, s5, s6))
+    assert not q.booked
 
 
 def test_a_cancelled_or_released_prefetch_is_not_copied(queue):

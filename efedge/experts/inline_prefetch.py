@@ -43,14 +43,18 @@ class InlinePrefetches:
         self.cache, self.store, self.engine = cache, store, engine
         # key (layer · E + expert) → (priority, order of arrival, layer, expert, slot)
         self.pending: dict[int, tuple[int, int, int, int, int]] = {}
-        # booked copies — these prefetches and the compute thread's demand loads (note) —,
-        # (landing time, slot, load number), in booking order
-        self.booked: deque[tuple[float, int, int]] = deque()
+        # booked copies — these prefetches and the compute thread's demand loads (demand)
+        # —, [landing time, slot, load number, time on the link, a prefetch not asked for
+        # yet], in booking order (so by landing time: the link is serial)
+        self.booked: deque[list] = deque()
+        self._booked_prefetch: dict[int, list] = {}  # slot → its entry, while it is one
         # (priority, order of arrival, key) of the pending ones, most urgent on top;
         # entries taken or cancelled meanwhile are skipped when they come up
         self._heap: list[tuple[int, int, int]] = []
         self._arrivals = 0
         rate = float(engine.link.bytes_per_s)
+        self._latency = float(engine.link.latency_s)
+        self.displaced = 0  # booked prefetches a demand load went ahead of
         # one copy's time on the link, per layer, and the shortest (a quick look first)
         self._lead = [store.expert_bytes(il) / rate for il in range(store.n_layer)]
         self._min_lead = min((t for t in self._lead if t > 0), default=0.0)
@@ -74,11 +78,12 @@ class InlinePrefetches:
 
     def take(self, layer: int, expert: int) -> bool:
         """The layer asks for an expert whose prefetch is still queued: copy it now, as a
-        demand load (first on the link after the copy under way). False if none was."""
+        demand load (first on the link after the copy under way: demand). False if none
+        was."""
         entry = self.pending.pop(layer * self.store.n_expert + expert, None)
         if entry is None:
             return False
-        self._copy(entry)
+        self._copy(entry, demand=True)
         return True
 
     def cancel(self, key: int) -> bool:
@@ -114,13 +119,45 @@ class InlinePrefetches:
             self._copy(entry)
         heap.clear()  # (only stale entries were left)
 
-    def note(self, slot: int) -> None:
-        """A demand load the compute thread copied into `slot` (TransferEngine.copy_inline)
-        is booked too: its layer marks it READY when it takes it (_landed), but a layer
-        abandoned half way (an exception, Ctrl-C) never does, and a LOADING slot is never
-        evicted — found by the cache-invariant test, which starved the cache that way."""
-        cache = self.cache
-        self.booked.append((float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot])))
+    def demand(self, slot: int) -> None:
+        """A demand load the compute thread has just copied into `slot`
+        (TransferEngine.copy_inline, booked behind everything on the link) goes ahead of
+        the booked prefetches that have not started on the link yet — as a copy engine
+        takes a demand load before the copies still queued; only the one on the wire runs
+        to its end —, and is booked here too: its layer marks it READY when it takes it
+        (_landed), but a layer abandoned half way (an exception, Ctrl-C) never does, and a
+        LOADING slot is never evicted — found by the cache-invariant test, which starved the
+        cache that way."""
+        cache, booked = self.cache, self.booked
+        dur = self._duration(slot)
+        land = float(cache.slot_land_at[slot])
+        now = time.perf_counter()
+        k = len(booked)
+        while k and booked[k - 1][4] and booked[k - 1][0] - booked[k - 1][3] > now:
+            k -= 1  # (a prefetch whose copy has not begun)
+        tail = [booked.pop() for _ in range(len(booked) - k)][::-1]
+        if tail:
+            land = tail[0][0] - tail[0][3] + dur  # where the first of them would begin
+            cache.slot_land_at[slot] = land
+            for entry in tail:  # each starts one demand load later (the link's end stays)
+                entry[0] += dur
+                s = entry[1]
+                if cache.slot_gen[s] == entry[2] and cache.slot_state[s] == LOADING:
+                    cache.slot_land_at[s] = entry[0]
+            self.displaced += len(tail)
+        booked.append([land, slot, int(cache.slot_gen[slot]), dur, False])
+        booked.extend(tail)
+
+    def asked(self, slot: int) -> None:
+        """A layer asks for the expert a booked prefetch brings: from now on it is a
+        demand load, which no later demand load goes ahead of."""
+        entry = self._booked_prefetch.pop(slot, None)
+        if entry is not None:
+            entry[4] = False
+
+    def _duration(self, slot: int) -> float:
+        layer = int(self.cache.slot_owner[slot]) // self.store.n_expert
+        return self._latency + self._lead[layer]
 
     def sweep(self) -> None:
         """Booked copies whose landing time has come are READY (if the slot is still
@@ -131,11 +168,14 @@ class InlinePrefetches:
         now = time.perf_counter()
         cache = self.cache
         while booked and booked[0][0] <= now:
-            _t, s, gen = booked.popleft()
+            _t, s, gen, _d, prefetch = booked.popleft()
+            if prefetch and self._booked_prefetch.get(s) is not None and \
+                    self._booked_prefetch[s][2] == gen:
+                del self._booked_prefetch[s]
             if cache.slot_gen[s] == gen and cache.slot_state[s] == LOADING:
                 cache.slot_state[s] = READY
 
-    def _copy(self, entry) -> None:
+    def _copy(self, entry, demand: bool = False) -> None:
         _p, _order, layer, expert, slot = entry
         cache = self.cache
         if (cache.slot_owner[slot] != layer * self.store.n_expert + expert
@@ -150,4 +190,10 @@ class InlinePrefetches:
         finally:
             self.copy_s += time.perf_counter() - t0
         self.copied += 1
-        self.note(slot)
+        if demand:
+            self.demand(slot)
+            return
+        entry = [float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot]),
+                 self._latency + self._lead[layer], True]
+        self.booked.append(entry)
+        self._booked_prefetch[slot] = entry

@@ -365,8 +365,9 @@ class StreamingExperts(DemandWaits):
                 c.hits += 1
             else:
                 c.late += 1
-                if self.inline_prefetches is not None:
-                    self.inline_prefetches.take(layer, e)  # (if still queued: now)
+                inline = self.inline_prefetches
+                if inline is not None and not inline.take(layer, e):  # (queued: now)
+                    inline.asked(s)  # (booked: a demand load from now on)
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
                     job = self.engine.promote(job)
@@ -392,8 +393,9 @@ class StreamingExperts(DemandWaits):
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
                     self.engine.promote(job)
-                elif self.inline_prefetches is not None:
-                    self.inline_prefetches.take(layer, e)  # (if still queued: now)
+                elif self.inline_prefetches is not None and \
+                        not self.inline_prefetches.take(layer, e):  # (queued: now)
+                    self.inline_prefetches.asked(s)  # (booked: a demand load from now on)
                 if self.cache.slot_prefetched[s]:
                     self.counters.prefetch_used += 1
                     self.cache.slot_prefetched[s] = False
@@ -411,8 +413,8 @@ class StreamingExperts(DemandWaits):
                 # its ~20-35 µs here are compute time (in tok/s), not stall; waiting for
                 # the landing is stall
                 self.engine.copy_inline(layer, e, slot)
-                if self.inline_prefetches is not None:  # (swept READY once landed)
-                    self.inline_prefetches.note(slot)
+                if self.inline_prefetches is not None:  # ahead of booked prefetches
+                    self.inline_prefetches.demand(slot)
                 self.cache.slot_pins[slot] += 1
                 held[e] = slot
                 continue
