@@ -349,3 +349,30 @@ def test_policy_hooks_benchmark_times_every_layers_hooks(capsys):
     assert ef["StreamingExperts._classify"]["calls_per_token"] > 0
     mod.main(["-n", "2", "--rounds", "1", "--link", "2GB/s", "--cache", "40%"])
     assert "ExpertFlow.on_route" in capsys.readouterr().out
+
+
+def test_the_auto_link_takes_the_fastest_resident_run(tiny_gguf, monkeypatch):
+    """--link auto: one expert loads in one layer's resident compute, and 4× slower. The
+    compute is the fastest of the resident runs (noise only slows a run: a slowed one
+    chose a link a third too slow)."""
+    import numpy as np
+
+    import efedge
+    from efedge import policy_compare
+
+    path = tiny_gguf("qwen3moe")
+    walls = iter([9.0, 0.30, 0.10, 0.20])  # the warm-up, then three measured runs
+
+    def fake_run(m, ids, n, decoding=None):
+        return {"wall_s": next(walls), "tokens_generated": n}, 0.0, 0.0
+
+    monkeypatch.setattr(policy_compare, "decode_run", fake_run)
+    links, info = policy_compare.auto_links(path, list(range(5, 40)), 10, runs=3)
+    with efedge.load(path) as m:
+        n_layer = m.config.n_layer
+        per_expert = float(np.mean([m._tf.store.expert_bytes(i) for i in range(n_layer)]))
+    layer_s = 0.10 / 10 / n_layer  # the fastest run
+    assert info["layer_ms"] == pytest.approx(1e3 * layer_s)
+    assert links == [f"{per_expert / layer_s / 1e6:.1f}MB/s",
+                     f"{per_expert / layer_s / 4e6:.1f}MB/s"]
+    assert next(walls, None) is None  # every run was made
