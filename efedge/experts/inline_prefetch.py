@@ -13,7 +13,9 @@ plan's priority: the step it is needed at), and is copied and booked on the link
 the link is about to come free. The compute thread looks whenever it passes the cache (a
 plan, a request, a wait, a pass start): as a copy engine takes its next copy when the
 link frees, so a demand load queued meanwhile still goes first, and a prefetch found
-still queued when its layer asks for it becomes a demand load at once. Booked copies —
+still queued when its layer asks for it becomes a demand load at once. A demand load also
+goes ahead of the booked prefetches that have not started on the link (`demand`): only
+the copy on the wire runs to its end. Booked copies —
 these prefetches and the compute thread's demand loads — land in booking order (the link
 is serial); `sweep` marks them READY once their time has come, so that they count as hits
 and can be evicted like any resident expert, even where no layer comes to take them.
@@ -101,7 +103,7 @@ class InlinePrefetches:
         """Mark landed prefetches READY, then copy queued ones, most urgent first, while
         the link comes free within one copy's time: on an idle link two are booked (the
         one it starts and the next), so the link stays busy until the compute thread looks
-        again, and a demand load waits behind at most the copy under way and one more."""
+        again (a demand load goes ahead of the one not started yet: demand)."""
         self.sweep()
         pending, heap, free_at = self.pending, self._heap, self.engine.link_free_at
         while pending:
