@@ -100,7 +100,7 @@ def test_a_demand_load_goes_ahead_of_booked_prefetches_not_asked_for(queue):
     assert land[s5] == pytest.approx(land[s1] + S_PER_EXPERT, rel=1e-6)
     assert land[s2] == pytest.approx(land[s5] + S_PER_EXPERT, rel=1e-6)
     assert eng.link_free_at() == pytest.approx(land[s2], rel=1e-9)  # the link's end stays
-    q.asked(s2)  # a layer waits for expert 2 now
+    q.asked(0, 2, s2)  # a layer waits for expert 2 now
     s6 = slot_for(6)
     eng.copy_inline(0, 6, s6)
     q.demand(s6)

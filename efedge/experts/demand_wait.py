@@ -200,9 +200,9 @@ class DemandWaits:
         and queuing its copy. A held one gets its copy queued; an unpinned one is freed,
         so neither blocks the cache for good."""
         cache, eng, n_e = self.cache, self.engine, self.store.n_expert
+        inline = self.inline_prefetches
         for s in np.flatnonzero(cache.slot_state == LOADING):
             owner = int(cache.slot_owner[s])
-            inline = self.inline_prefetches
             if owner < 0 or owner in eng.jobs_by_key or cache.slot_land_at[s] < np.inf or (
                     inline is not None and owner in inline.pending):
                 # (a finite landing time: its bytes are in, copied without a job)
@@ -213,12 +213,18 @@ class DemandWaits:
             elif cache.slot_pins[s] == 0:
                 cache.release(int(s))
 
+    def _free_or_victim(self, layer: int) -> int:
+        """(cond held) ExpertCache.free_or_victim with the policy's victim, once the
+        copies this thread booked that have landed are READY (evictable: InlinePrefetches
+        .sweep; a LOADING slot is never a victim)."""
+        if self.inline_prefetches is not None:
+            self.inline_prefetches.sweep()
+        return self.cache.free_or_victim(layer, self.policy.victim)
+
     def _load_sync(self, layer: int, e: int) -> int:
         """Load one expert on the compute thread (after the workers failed); returns its
         pinned slot or raises TransferError naming the expert."""
-        if self.inline_prefetches is not None:
-            self.inline_prefetches.sweep()  # (landed copies: evictable)
-        slot = self.cache.free_or_victim(layer, self.policy.victim)
+        slot = self._free_or_victim(layer)
         if slot < 0:
             raise TransferError(f"no free slot to reload expert {e} of layer {layer}")
         self._evict_accounting(slot)

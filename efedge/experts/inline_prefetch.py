@@ -49,22 +49,19 @@ class InlinePrefetches:
         # —, [landing time, slot, load number, time on the link, a prefetch not asked for
         # yet], in booking order (so by landing time: the link is serial)
         self.booked: deque[list] = deque()
-        self._booked_prefetch: dict[int, list] = {}  # slot → its entry, while it is one
         # (priority, order of arrival, key) of the pending ones, most urgent on top;
         # entries taken or cancelled meanwhile are skipped when they come up
         self._heap: list[tuple[int, int, int]] = []
         self._arrivals = 0
         rate = float(engine.link.bytes_per_s)
-        self._latency = float(engine.link.latency_s)
         self.displaced = 0  # booked prefetches a demand load went ahead of
-        # one copy's time on the link, per layer, and the shortest (a quick look first)
+        # one copy's time on the link, per layer, and the shortest (a quick look first);
+        # with the link's latency, how long a copy holds the link
         self._lead = [store.expert_bytes(il) / rate for il in range(store.n_layer)]
         self._min_lead = min((t for t in self._lead if t > 0), default=0.0)
+        self._hold = [float(engine.link.latency_s) + t for t in self._lead]
         self.copied = 0  # prefetches copied (the rest were cancelled or evicted first)
         self.copy_s = 0.0  # the time their copies took on the calling thread
-
-    def __len__(self) -> int:
-        return len(self.pending)
 
     def add(self, layers, experts, slots, priorities) -> None:
         """Queue prefetches whose slots are assigned to them and LOADING, their loads begun
@@ -77,6 +74,18 @@ class InlinePrefetches:
             self.pending[key] = (int(p), self._arrivals, int(m), int(e), int(s))
             heapq.heappush(self._heap, (int(p), self._arrivals, key))
         self.pump()
+
+    def asked(self, layer: int, expert: int, slot: int) -> None:
+        """A layer asks for the expert whose prefetch holds `slot`: still queued, it is
+        copied now as a demand load (take); booked, it is a demand load from now on, which
+        no later demand load goes ahead of."""
+        if self.take(layer, expert):
+            return
+        gen = int(self.cache.slot_gen[slot])
+        for entry in self.booked:  # (the copies not landed yet: a few)
+            if entry[1] == slot and entry[2] == gen:
+                entry[4] = False
+                return
 
     def take(self, layer: int, expert: int) -> bool:
         """The layer asks for an expert whose prefetch is still queued: copy it now, as a
@@ -131,7 +140,7 @@ class InlinePrefetches:
         LOADING slot is never evicted — found by the cache-invariant test, which starved the
         cache that way."""
         cache, booked = self.cache, self.booked
-        dur = self._duration(slot)
+        dur = self._hold[int(cache.slot_owner[slot]) // self.store.n_expert]
         land = float(cache.slot_land_at[slot])
         now = time.perf_counter()
         k = len(booked)
@@ -150,17 +159,6 @@ class InlinePrefetches:
         booked.append([land, slot, int(cache.slot_gen[slot]), dur, False])
         booked.extend(tail)
 
-    def asked(self, slot: int) -> None:
-        """A layer asks for the expert a booked prefetch brings: from now on it is a
-        demand load, which no later demand load goes ahead of."""
-        entry = self._booked_prefetch.pop(slot, None)
-        if entry is not None:
-            entry[4] = False
-
-    def _duration(self, slot: int) -> float:
-        layer = int(self.cache.slot_owner[slot]) // self.store.n_expert
-        return self._latency + self._lead[layer]
-
     def sweep(self) -> None:
         """Booked copies whose landing time has come are READY (if the slot is still
         theirs: the same load number)."""
@@ -170,10 +168,7 @@ class InlinePrefetches:
         now = time.perf_counter()
         cache = self.cache
         while booked and booked[0][0] <= now:
-            _t, s, gen, _d, prefetch = booked.popleft()
-            if prefetch and self._booked_prefetch.get(s) is not None and \
-                    self._booked_prefetch[s][2] == gen:
-                del self._booked_prefetch[s]
+            _t, s, gen, _d, _prefetch = booked.popleft()
             if cache.slot_gen[s] == gen and cache.slot_state[s] == LOADING:
                 cache.slot_state[s] = READY
 
@@ -195,7 +190,5 @@ class InlinePrefetches:
         if demand:
             self.demand(slot)
             return
-        entry = [float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot]),
-                 self._latency + self._lead[layer], True]
-        self.booked.append(entry)
-        self._booked_prefetch[slot] = entry
+        self.booked.append([float(cache.slot_land_at[slot]), slot, int(cache.slot_gen[slot]),
+                            self._hold[layer], True])

@@ -78,13 +78,11 @@ class StreamingExperts(DemandWaits):
         prio = PREFETCH if priority is None else max(PREFETCH, int(priority))
         issued = 0
         with self.cond:
-            if self.inline_prefetches is not None:
-                self.inline_prefetches.sweep()  # (landed copies: evictable)
             for e in experts:
                 e = int(e)
                 if self.cache.where[layer, e] >= 0:
                     continue
-                slot = self.cache.free_or_victim(layer, self.policy.victim)
+                slot = self._free_or_victim(layer)
                 if slot < 0:
                     break
                 self._evict_accounting(slot)
@@ -365,9 +363,8 @@ class StreamingExperts(DemandWaits):
                 c.hits += 1
             else:
                 c.late += 1
-                inline = self.inline_prefetches
-                if inline is not None and not inline.take(layer, e):  # (queued: now)
-                    inline.asked(s)  # (booked: a demand load from now on)
+                if self.inline_prefetches is not None:
+                    self.inline_prefetches.asked(layer, e, s)
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
                     job = self.engine.promote(job)
@@ -393,16 +390,13 @@ class StreamingExperts(DemandWaits):
                 job = self.engine.jobs_by_key.get(layer * self.store.n_expert + e)
                 if job is not None:
                     self.engine.promote(job)
-                elif self.inline_prefetches is not None and \
-                        not self.inline_prefetches.take(layer, e):  # (queued: now)
-                    self.inline_prefetches.asked(s)  # (booked: a demand load from now on)
+                elif self.inline_prefetches is not None:
+                    self.inline_prefetches.asked(layer, e, s)
                 if self.cache.slot_prefetched[s]:
                     self.counters.prefetch_used += 1
                     self.cache.slot_prefetched[s] = False
                 continue
-            if self.inline_prefetches is not None:
-                self.inline_prefetches.sweep()  # (landed prefetches: evictable)
-            slot = self.cache.free_or_victim(layer, self.policy.victim)
+            slot = self._free_or_victim(layer)
             if slot < 0:
                 return
             e = pending.pop(0)
