@@ -176,23 +176,52 @@ def _live_run(path, ids, cache, link, policy, warmup, threads) -> dict:
         eng = m._experts.engine
         s.reset()
         s.prefill(ids[:1])
-        inline0 = (0, 0.0)
+        # the prefetches the compute thread copies itself through an emulated link
+        pre = getattr(m._experts, "inline_prefetches", None)
+
+        # a demand load's whole cost to the compute thread: its copy and the bookkeeping
+        # around it in _issue (slot, eviction, booking: 25-35 µs a copy where the copy
+        # alone is ~20), less the prefetches _issue copies as the link comes free
+        issue = [0.0]
+        src, orig_issue = m._experts, m._experts._issue
+
+        def timed_issue(*a, **kw):
+            t0, p0 = time.perf_counter(), 0.0 if pre is None else pre.copy_s
+            try:
+                return orig_issue(*a, **kw)
+            finally:
+                issue[0] += time.perf_counter() - t0 - (0.0 if pre is None
+                                                         else pre.copy_s - p0)
+
+        src._issue = timed_issue
+
+        def copies():
+            return (eng.inline_copies, eng.inline_copy_s, 0 if pre is None else pre.copied,
+                    0.0 if pre is None else pre.copy_s, issue[0])
+
+        inline0 = (0, 0.0, 0, 0.0, 0.0)
         for i, tok in enumerate(ids[1:]):
             if i + 1 == warmup:
                 m.reset_stats()
                 spent[:] = [0.0, 0]
-                inline0 = (eng.inline_copies, eng.inline_copy_s)
+                inline0 = copies()
             s.decode(tok)
         st = m.stats()
-        # demand loads the compute thread copied itself (an emulated link): their time
-        n_inline = eng.inline_copies - inline0[0]
-        inline_s = eng.inline_copy_s - inline0[1]
+        # copies the compute thread made itself (an emulated link), demand loads and
+        # prefetches (InlinePrefetches copies through copy_inline too): their time
+        n_inline, inline_s, n_pre, pre_s, issue_s = (
+            a - b for a, b in zip(copies(), inline0, strict=True))
     n = len(ids) - warmup
     return {"stall_ms_per_token": 1e3 * st["stall_s"] / n,
             "hit_rate": st["hits"] / max(st["expert_requests"], 1),
             "tokens_per_s": n / st["wall_s"], "stats": st,
             "expert_s": spent[0] / max(spent[1], 1), "expert_calls": spent[1],
-            "demand_copy_s": inline_s / max(n_inline, 1), "inline_copy_s": inline_s}
+            # (no demand load copied inline: 0, a worker's copy costs this thread nothing)
+            "demand_copy_s": issue_s / (n_inline - n_pre) if n_inline > n_pre else 0.0,
+            "prefetch_copy_s": pre_s / max(n_pre, 1),
+            # the compute thread's time in the copies the simulator charges per copy
+            "inline_copy_s": (issue_s if n_inline > n_pre else 0.0) + pre_s,
+            "inline_copies": n_inline}
 
 
 COLUMNS = ("live", "sim", "sim_achieved", "sim_matched")
@@ -215,18 +244,21 @@ def compare_once(path, ids, arrays, meta, args) -> dict:
     # the live engine copies demand loads on the compute thread: so does the simulator,
     # for as long as they took live (their time is in the live run's compute)
     copy_s = live["demand_copy_s"]
+    pre_s = live["prefetch_copy_s"]  # (and prefetches, as the link comes free)
     setup = SimSetup(meta["bytes_per_expert"], t_layer, t_expert, link.bytes_per_s,
                      link.latency_s, args.cache, 1.0, "this machine (measured)",
-                     policy_time=1.0, demand_copy_s=copy_s)
+                     policy_time=1.0, demand_copy_s=copy_s, prefetch_copy_s=pre_s)
     sim = simulate(arrays, meta, setup, args.policy, warmup=args.warmup)
     # the same, on the link the live run really had: one copy took copy_s on average
     per = float(np.mean(meta["bytes_per_expert"]))
     achieved = link.bytes_per_s if live["copy_s"] is None else \
         min(link.bytes_per_s, per / max(live["copy_s"], 1e-9))
-    wake = measure_wake()
+    # a blocked compute thread's wake-up; none where the compute thread copied its demand
+    # loads itself: it knows their landing and spins the last stretch to it
+    wake = measure_wake() if not live["inline_copies"] else 0.0
     setup2 = SimSetup(meta["bytes_per_expert"], t_layer, t_expert, achieved, 0.0, args.cache,
                       1.0, "this machine (measured, achieved link, wake-up)", wake,
-                      policy_time=1.0, demand_copy_s=copy_s)
+                      policy_time=1.0, demand_copy_s=copy_s, prefetch_copy_s=pre_s)
     sim2 = simulate(arrays, meta, setup2, args.policy, warmup=args.warmup)
     # the same once more with the compute the live run itself had: on a shared machine the
     # separate measuring run can be 30% faster or slower than the live one, and the policy's
@@ -236,19 +268,20 @@ def compare_once(path, ids, arrays, meta, args) -> dict:
     # experts computed in batches (streaming path) were timed in the live run; those of
     # fused all-resident layers are in the layer figure, as in measure_compute
     t_expert_live = live["expert_s"] if live["expert_calls"] else t_expert
-    # (less the demand copies, charged by the simulator after each route)
+    # (less the copies the compute thread made, charged by the simulator per copy)
     per_layer = ((live["stats"]["compute_s"] - live["inline_copy_s"])
                  / max(n_dec * meta["n_layer"], 1))
     t_layer_live = max(per_layer - k * t_expert_live, 0.0)
     setup3 = SimSetup(meta["bytes_per_expert"], t_layer_live, t_expert_live, achieved, 0.0,
                       args.cache, 1.0, "this machine (the live run's compute and link)", wake,
-                      demand_copy_s=copy_s)
+                      demand_copy_s=copy_s, prefetch_copy_s=pre_s)
     sim3 = simulate(arrays, meta, setup3, args.policy, warmup=args.warmup)
     out = {"layer_ms": 1e3 * t_layer, "expert_ms": 1e3 * t_expert,
            "layer_ms_live": 1e3 * t_layer_live, "expert_ms_live": 1e3 * t_expert_live,
            "achieved_link_mb_s": achieved / 1e6,
            "copy_ms": None if live["copy_s"] is None else 1e3 * live["copy_s"],
-           "wake_us": 1e6 * wake}
+           "wake_us": 1e6 * wake, "demand_copy_us": 1e6 * copy_s,
+           "prefetch_copy_us": 1e6 * pre_s}
     for name, r in zip(COLUMNS, (live, sim, sim2, sim3), strict=True):
         out[name] = {key: r[key] for key in KEYS}
     return out
@@ -306,6 +339,9 @@ def main(argv=None) -> int:
     print(f"measured compute: {out['layer_ms']:.3f} ms per layer + {out['expert_ms']:.3f} ms "
           f"per expert; in the live run {out['layer_ms_live']:.3f} + "
           f"{out['expert_ms_live']:.3f} (sim_matched)")
+    print(f"the compute thread's own copies (an emulated link), charged per copy in every "
+          f"simulation: {out['demand_copy_us']:.1f} µs per demand load, "
+          f"{out['prefetch_copy_us']:.1f} µs per prefetch (0: a worker's or DMA copy)")
     if out["copy_ms"] is None:
         print(f"live copies: none timed on a Python worker (native workers, or the compute "
               f"thread's own), each held to the emulated link's time "

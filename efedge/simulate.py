@@ -96,6 +96,9 @@ class SimSetup:
     # the compute thread's own time per demand load, where it copies them itself (the CPU
     # engine with an emulated link: TransferEngine.copy_inline); 0: queued as a DMA copy
     demand_copy_s: float = 0.0
+    # the same per prefetch, where the compute thread copies those too as the link comes
+    # free (the CPU engine with an emulated link: InlinePrefetches); 0: a DMA copy
+    prefetch_copy_s: float = 0.0
 
 
 def setup_from_profiles(meta: dict, hw: HardwareProfile, model: ModelProfile,
@@ -132,7 +135,7 @@ def _measured_tokens(T: int, warmup, max_tokens) -> int:
 def _check_setup(setup: SimSetup) -> None:
     """Negative times run the virtual clock backwards (negative tokens/s)."""
     for name in ("layer_compute_s", "expert_compute_s", "link_latency_s", "wake_s",
-                 "policy_time", "demand_copy_s"):
+                 "policy_time", "demand_copy_s", "prefetch_copy_s"):
         v = getattr(setup, name)
         if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
             raise SimulationError(f"{name} must be a finite number ≥ 0, got {v!r}")
@@ -186,7 +189,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     engine = VirtualTransferEngine(store, cache, counters, clock, setup.link_bytes_per_s,
                                    setup.link_latency_s,
                                    bytes_per_expert=[store.expert_bytes(i) for i in range(L)],
-                                   demand_copy_s=setup.demand_copy_s)
+                                   demand_copy_s=setup.demand_copy_s,
+                                   prefetch_copy_s=setup.prefetch_copy_s)
     routers = [TraceRouter(pregate, j, n_expert) for j in range(L)]
     pol = make_policy(policy)
     if setup.policy_time > 0:  # the flush of planned prefetches runs inside acquire
@@ -215,6 +219,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
             t_start = clock.t
         if tokens is not None:  # as the model does before a pass's first layer
             on_pass(tokens[t:t + 1])
+        engine.pay_copies()  # (prefetch copies the compute thread makes: prefetch_copy_s)
         for layer in range(L):
             ids = experts[t, layer]
             hidden.at = (t, layer)
@@ -227,6 +232,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
             engine.advance_to(clock.t)
             if not early:
                 on_route(layer, hidden, ids[None, :])
+            engine.pay_copies()  # (the request passes the cache, as live)
             for _e, _w in source.acquire(layer, np.unique(ids)):
                 clock.advance(setup.expert_compute_s)
                 engine.advance_to(clock.t)

@@ -192,6 +192,55 @@ def test_simulator_charges_the_compute_threads_demand_copies(trace):
         simulate(arrays, meta, setup, "ondemand", warmup=4)
 
 
+
+def test_virtual_link_charges_the_compute_thread_per_prefetch_it_starts():
+    """prefetch_copy_s: as the live CPU engine's compute thread copies each prefetch as
+    the link comes free (InlinePrefetches), every prefetch the virtual link starts costs
+    the compute clock that much, paid when it next passes the cache (pay_copies); the link
+    itself runs as before, and demand loads (charged by copy_inline) add no debt."""
+    from efedge.experts.cache import ExpertCache
+    from efedge.experts.stats import Counters
+    from efedge.experts.transfer import DEMAND, PREFETCH
+    from efedge.experts.virtual import VirtualClock, VirtualTransferEngine
+    from efedge.simulate import TraceStore
+
+    store = TraceStore(1, 8, [1e6])
+    cache = ExpertCache(store, 8 * 10**6, 2, allocate=False)
+    clock, counters = VirtualClock(), Counters()
+    eng = VirtualTransferEngine(store, cache, counters, clock, 1e9, prefetch_copy_s=2e-4)
+    for e, priority in ((0, PREFETCH), (1, PREFETCH), (2, DEMAND)):
+        cache.assign(e, 0, e)
+        eng.submit(0, e, e, priority)
+    assert eng.copy_debt == pytest.approx(2e-4)  # one prefetch on the link, two queued
+    eng.pay_copies()
+    assert clock.t == pytest.approx(2e-4) and eng.copy_debt == 0.0
+    eng.advance_to(1e-3)  # the demand load goes next: no debt
+    assert eng.copy_debt == 0.0
+    eng.advance_to(2e-3)  # then the second prefetch starts
+    assert eng.copy_debt == pytest.approx(2e-4)
+    eng.pay_copies()
+    assert clock.t == pytest.approx(2.2e-3)
+    assert eng._busy_until == pytest.approx(3e-3)  # the link's own schedule unchanged
+
+
+def test_simulator_charges_the_compute_threads_prefetch_copies(trace):
+    """SimSetup.prefetch_copy_s > 0: each prefetch the link starts costs the compute
+    thread that much (a policy that prefetches nothing runs exactly as before; one that
+    prefetches decodes visibly slower). A negative time is refused."""
+    import dataclasses
+
+    arrays, meta = load_trace(trace[0])
+    setup = _setup(meta, "30%", link=1e11)  # (a fast link: the compute is what waits)
+    charged = dataclasses.replace(setup, prefetch_copy_s=1e-3)
+    free_od = simulate(arrays, meta, setup, "ondemand", warmup=4)
+    assert simulate(arrays, meta, charged, "ondemand", warmup=4) == free_od
+    free = simulate(arrays, meta, setup, "fixed:1", warmup=4)
+    paid = simulate(arrays, meta, charged, "fixed:1", warmup=4)
+    assert free["prefetch_issued"] > 0
+    assert paid["wall_s"] > free["wall_s"] * 1.05, (paid["wall_s"], free["wall_s"])
+    with pytest.raises(SimulationError, match="prefetch_copy_s"):
+        simulate(arrays, meta, dataclasses.replace(setup, prefetch_copy_s=-1.0), "fixed:1")
+
 # -- bad input: one-line errors, never a traceback or a meaningless table -----------------
 def _cli(argv, capsys) -> tuple[int, str]:
     """Exit status and stderr of `efedge ARGV` (argparse's refusals exit with status 2)."""

@@ -31,11 +31,18 @@ class VirtualTransferEngine:
     bandwidth_ewma / latency_ewma / load_now / close), driven by a VirtualClock."""
 
     def __init__(self, store, cache, counters, clock: VirtualClock, bytes_per_s: float,
-                 latency_s: float = 0.0, bytes_per_expert=None, demand_copy_s: float = 0.0):
+                 latency_s: float = 0.0, bytes_per_expert=None, demand_copy_s: float = 0.0,
+                 prefetch_copy_s: float = 0.0):
         self.store, self.cache, self.counters, self.clock = store, cache, counters, clock
         # the compute thread's own time per demand load it copies (TransferEngine.
         # copy_inline, a CPU engine with an emulated link); 0: queued, as a DMA copy
         self.demand_copy_s = float(demand_copy_s)
+        # the same per prefetch the link starts (the live CPU engine's compute thread
+        # copies each as the link comes free: InlinePrefetches). The link starts it at
+        # that moment; the compute thread pays for it the next time it asks the cache
+        # for experts (pay_copies), as it copies them when it passes the cache
+        self.prefetch_copy_s = float(prefetch_copy_s)
+        self.copy_debt = 0.0
         self.bw, self.lat = float(bytes_per_s), float(latency_s)
         # bytes moved per expert of each layer (the profile's, not the traced model's)
         self.bytes_per_expert = bytes_per_expert or [store.expert_bytes(i)
@@ -108,6 +115,8 @@ class VirtualTransferEngine:
                 return
             queued_at, job = nxt
             job.started = True
+            if job.priority != DEMAND:
+                self.copy_debt += self.prefetch_copy_s
             start = max(free_at, queued_at)
             nbytes = self.bytes_per_expert[job.layer]
             self._busy_until = start + self.lat + nbytes / self.bw
@@ -132,6 +141,14 @@ class VirtualTransferEngine:
         if self.cache.slot_state[job.slot] == LOADING:
             self.cache.slot_state[job.slot] = READY
         self.counters.bytes_loaded += self.bytes_per_expert[job.layer]
+
+    def pay_copies(self) -> None:
+        """The compute thread makes the prefetch copies the link has started since it
+        last looked (prefetch_copy_s each): its clock moves, the link runs meanwhile."""
+        if self.copy_debt > 0.0:
+            debt, self.copy_debt = self.copy_debt, 0.0
+            self.clock.advance(debt)
+            self.advance_to(self.clock.t)
 
     def next_event(self) -> float | None:
         return self._busy_until if self._current is not None else None
@@ -171,6 +188,7 @@ class SimulatedExperts(StreamingExperts):
 
     def _ready_batch(self, layer, remaining, pending, held, limit):
         self.engine.advance_to(self.clock.t)
+        self.engine.pay_copies()  # (before it looks: compute, not stall, as live)
         waited = False
         while True:
             if pending:  # a slot may have come free: issue the waiting demand loads
