@@ -66,6 +66,26 @@ def decode_run(m, prompt_ids, n_tokens, decoding=None) -> tuple[dict, float, flo
     return m.stats(), prefill_stall, ovh
 
 
+class _CopyTime(contextlib.AbstractContextManager):
+    """Around a decode: the time the compute thread spent in its own copies (the CPU
+    engine's copy_inline through an emulated link, demand loads and prefetches alike; 0
+    where workers or a copy engine make them)."""
+
+    def __init__(self, engine):
+        self.engine, self.spent = engine, 0.0
+
+    def _now(self) -> float:
+        return float(getattr(self.engine, "inline_copy_s", 0.0))
+
+    def __enter__(self):
+        self._t0 = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        self.spent = self._now() - self._t0
+        return None
+
+
 def host_hit_rate(stats: dict) -> float | None:
     """Of the copies into VRAM, the share the pinned host tier held (None: no copy)."""
     copies = stats["host_hits"] + stats["host_misses"]
@@ -99,7 +119,8 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             if warmup:  # compile the kernels, so that no run pays for it
                 decode_run(m, prompt_ids[:8], 4)
             t0 = time.perf_counter()
-            s, prefill_stall, ovh = decode_run(m, prompt_ids, n_tokens)
+            copies = _CopyTime(getattr(m._experts, "engine", None))
+            s, prefill_stall, ovh = decode_run(m, prompt_ids, n_tokens, decoding=copies)
             wall = time.perf_counter() - t0
             # expertflow's predictor on a helper thread (a core spare: predictor_thread.py),
             # for all the run or until waiting for it cost too much (fallbacks)
@@ -116,6 +137,9 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             "hit_rate": s["hits"] / max(s["expert_requests"], 1),
             "prefetch_precision": (s["prefetch_used"] / issued) if issued else None,
             "mb_per_token": s["bytes_loaded"] / n / 1e6,
+            # the compute thread's own copies (an emulated link on the CPU path): compute
+            # time the link's time overlaps, which a DMA copy would not take
+            "copy_ms_per_token": 1e3 * copies.spent / n,
             "horizon_mean": s["horizon_mean"],
             "policy_overhead_pct": 100.0 * ovh / max(s["wall_s"], 1e-9),
             "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
@@ -168,15 +192,16 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     host = any("host_hit_rate" in r for r in rows)  # a host tier was set (device="cuda")
     head = ("| cache | link | policy | tok/s | stall ms/token | stall % of ondemand | hit rate "
-            "| prefetch precision | MB/token | mean horizon | policy cost % |"
+            "| prefetch precision | MB/token | copies ms/token | mean horizon | policy cost % |"
             + (" host hit rate |" if host else ""))
-    lines = [head, "|" + "---|" * (12 if host else 11)]
+    lines = [head, "|" + "---|" * (13 if host else 12)]
     for r in rows:
         rel = "-" if r["stall_vs_ondemand"] is None else f"{100 * r['stall_vs_ondemand']:.1f}%"
         prec = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.1%}"
         line = (f"| {r['cache']} | {r['link']} | {r['policy']} | {r['tokens_per_s']:.1f} "
                 f"| {r['stall_ms_per_token']:.3f} | {rel} | {r['hit_rate']:.1%} | {prec} "
-                f"| {r['mb_per_token']:.2f} | {r['horizon_mean']:.2f} "
+                f"| {r['mb_per_token']:.2f} | {r.get('copy_ms_per_token', 0.0):.3f} "
+                f"| {r['horizon_mean']:.2f} "
                 f"| {r['policy_overhead_pct']:.2f} |")
         if host:
             h = r.get("host_hit_rate")

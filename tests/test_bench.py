@@ -179,6 +179,29 @@ def test_policy_comparisons_alternate_the_order_the_policies_run_in(tiny_gguf, m
         assert rows[0]["stall_vs_ondemand"] in (None, 1.0)
 
 
+def test_policy_table_shows_the_compute_threads_own_copies(tiny_gguf):
+    """copies ms/token: through an emulated link the CPU engine's compute thread copies
+    the experts itself (compute the link's time overlaps, which a DMA copy would not
+    take), so the table says how long, per decoded token: the engine's copy time during
+    the decode alone, and 0 where the transfer workers read the file (no link)."""
+    from efedge import policy_compare
+
+    path = tiny_gguf("qwen3moe")
+    ids = list(range(5, 25))
+    linked = policy_compare.compare_policies(path, ["ondemand", "expertflow"], "40%",
+                                             "1GB/s", ids, 8)
+    assert all(r["copy_ms_per_token"] > 0 for r in linked)
+    n = linked[0]["stats"]["tokens_generated"]
+    for r in linked:  # at most the decode's own time (not the prefill's copies)
+        assert r["copy_ms_per_token"] * n <= 1e3 * r["stats"]["wall_s"]
+    read = policy_compare.compare_policies(path, ["ondemand"], "40%", None, ids, 8)
+    assert read[0]["copy_ms_per_token"] == 0.0
+    table = policy_compare.format_table(linked)
+    assert "| copies ms/token |" in table.splitlines()[0]
+    assert all(line.count("|") == table.splitlines()[1].count("|")
+               for line in table.splitlines())
+
+
 def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf("qwen3moe")), "--policies", "ondemand,nope"]) != 0
     assert "unknown cache policy 'nope'" in capsys.readouterr().err

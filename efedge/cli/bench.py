@@ -477,4 +477,8 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
               + (f"; taken back {gave_up} time(s), waiting for it cost more than the step"
                  if gave_up else ""))
     print(format_table(rows))
+    if any(r.get("copy_ms_per_token", 0.0) > 0 for r in rows):
+        print("copies ms/token: the compute thread's own copies through the emulated link "
+              "(compute time the link's time overlaps, not stall; a DMA copy engine would "
+              "not spend it: docs/scheduler.md §6)")
     return 0
