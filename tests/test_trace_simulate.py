@@ -192,7 +192,6 @@ def test_simulator_charges_the_compute_threads_demand_copies(trace):
         simulate(arrays, meta, setup, "ondemand", warmup=4)
 
 
-
 def test_virtual_link_charges_the_compute_thread_per_prefetch_it_starts():
     """prefetch_copy_s: as the live CPU engine's compute thread copies each prefetch as
     the link comes free (InlinePrefetches), every prefetch the virtual link starts costs
@@ -240,6 +239,7 @@ def test_simulator_charges_the_compute_threads_prefetch_copies(trace):
     assert paid["wall_s"] > free["wall_s"] * 1.05, (paid["wall_s"], free["wall_s"])
     with pytest.raises(SimulationError, match="prefetch_copy_s"):
         simulate(arrays, meta, dataclasses.replace(setup, prefetch_copy_s=-1.0), "fixed:1")
+
 
 # -- bad input: one-line errors, never a traceback or a meaningless table -----------------
 def _cli(argv, capsys) -> tuple[int, str]:
