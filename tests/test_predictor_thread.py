@@ -151,15 +151,19 @@ def test_a_helper_that_stopped_fails_the_wait_instead_of_hanging():
 def test_a_helper_too_slow_to_wait_for_hands_the_steps_back_and_is_tried_again(monkeypatch):
     """Where waiting for the helper costs more than the step (a loaded machine: its
     core is not its own), the predictor takes its steps back — the same state as the
-    caller's steps throughout — and tries a helper again THREAD_RETRY_PASSES later."""
+    caller's steps throughout — and tries a helper again THREAD_RETRY_FIRST passes later;
+    twice as long each time it is given up again within THREAD_RETRY_PASSES passes of a
+    try (at most THREAD_RETRY_PASSES), and THREAD_RETRY_FIRST again after a longer run."""
     import efedge.experts.predictor as predictor_mod
 
-    monkeypatch.setattr(predictor_mod, "THREAD_RETRY_PASSES", 3)
+    monkeypatch.setattr(predictor_mod, "THREAD_RETRY_FIRST", 2)
+    monkeypatch.setattr(predictor_mod, "THREAD_RETRY_PASSES", 8)
     a, b = _pair()
     rng = np.random.default_rng(4)
+    slow = (1, 4, 9, 17, 34)  # the tokens whose waits are long at layer 2
     modes = []
     try:
-        for tok in range(10):
+        for tok in range(37):
             for p in (a, b):
                 p.begin_pass([tok])
                 p.predict_pass_start(2)
@@ -168,16 +172,19 @@ def test_a_helper_too_slow_to_wait_for_hands_the_steps_back_and_is_tried_again(m
                 h = rng.standard_normal((1, D)).astype(np.float32)
                 a.step(layer, ids, hidden=h, n_pred=2)
                 if b.post_step(layer, ids, h, 2):
-                    if tok in (1, 6) and layer == 2:  # as if its waits had been long
+                    if tok in slow and layer == 2:  # as if its waits had been long
                         b._thread.job[pt.J_WAIT_LIMIT_NS] = -1
                     b.wait()
                 else:
                     b.step(layer, ids, hidden=h, n_pred=2)
                 _same_state(a, b)
             modes.append(b.threaded)
-        assert b.thread_fallbacks == 2
-        # tokens 1 and 6 fell back at layer 2; the pass 3 later has a helper again
-        assert modes == [True, False, False, False, True, True, False, False, False, True]
+        assert b.thread_fallbacks == len(slow)
+        # given up at token 1: tried again 2 passes later (3); given up at 4, soon after
+        # that try: 4 passes (8); at 9: 8 (17, the cap), given up in that pass: 8 more
+        # (25); then a run of 9 passes (25-33), longer than 8: at 34 back to 2 (36)
+        helper = {0, 3, *range(8, 9), *range(25, 34), 36}
+        assert modes == [tok in helper for tok in range(37)]
     finally:
         b.close()
 

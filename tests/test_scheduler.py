@@ -361,6 +361,24 @@ def test_expertflow_explores_past_its_horizon_every_other_pass_of_each_layer():
     assert _distances_past_horizon(ExpertFlow(explore_every=1), 2) == [1] * 8
 
 
+def test_expertflow_predicts_a_pass_start_as_far_as_it_plans():
+    """The start of a pass predicts the layers its plan may prefetch (the controller's
+    look-ahead), not the distance past it that the layers explore: that one cost ~4 µs a
+    token there and moved no simulated stall (docs/scheduler.md §7)."""
+    pol = ExpertFlow()
+    src = _Source(pol, n_slots=16)
+    asked, start = [], pol.predictor.predict_pass_start
+    pol.predictor.predict_pass_start = lambda n: (asked.append((n, pol._h_need())), start(n))
+    for tok in range(6):
+        pol.on_pass(np.array([tok % 3]))
+        for m in range(4):
+            src.t += 1e-3
+            pol.on_route(m, None, np.array([[m, m + 4]]))
+            pol.on_demand_issued(m)
+    assert len(asked) == 6
+    assert all(n == pol._span(3, min(h, pol.max_distance, 4)) for n, h in asked)
+
+
 # -- registry and routing -----------------------------------------------------------------
 def test_make_policy_names():
     assert isinstance(make_policy("expertflow"), ExpertFlow)

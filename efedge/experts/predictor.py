@@ -71,7 +71,12 @@ except ImportError:
     DONE_OK, FAILED = 1, 0
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
-THREAD_RETRY_PASSES = 256  # after the helper was too slow, passes before it is tried again
+# After the helper was too slow, passes before it is tried again: THREAD_RETRY_FIRST,
+# doubled for each time in a row it is given up again within THREAD_RETRY_PASSES
+# passes of being tried, up to THREAD_RETRY_PASSES. A busy moment of the machine (a
+# laptop's browser, another build) costs a few dozen tokens without the helper, not
+# hundreds; a machine that stays busy is not tried more than once in 256 passes.
+THREAD_RETRY_FIRST, THREAD_RETRY_PASSES = 16, 256
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
 
 
@@ -183,6 +188,8 @@ class HybridPredictor:
         self._workers_ctl = None
         self._posted = False  # a step is on the helper thread
         self._thread_retry = -1  # the pass at which to try a helper again (-1: none)
+        self._retry_wait = 0  # passes waited before the last try (0: none yet)
+        self._tried_at = -1  # the pass at which the helper was last tried again
         self.thread_fallbacks = 0  # times waiting for the helper cost too much
         self._posts_closed = 0  # jobs the helper threads closed so far had run
         self._bind_state()
@@ -228,10 +235,16 @@ class HybridPredictor:
     def _thread_too_slow(self) -> None:
         """Waiting for the helper costs more than the step would (it shares its core with
         other busy threads): take the steps back onto this thread, and try the helper
-        again after THREAD_RETRY_PASSES passes."""
+        again THREAD_RETRY_FIRST passes later — twice as long each time it is given up
+        again soon after a try (within THREAD_RETRY_PASSES passes), at most
+        THREAD_RETRY_PASSES."""
         self.thread_fallbacks += 1
+        again_soon = self._tried_at >= 0 and self.pass_no - self._tried_at < THREAD_RETRY_PASSES
+        wait = min(2 * self._retry_wait, THREAD_RETRY_PASSES) if again_soon and \
+            self._retry_wait else THREAD_RETRY_FIRST
+        self._retry_wait = wait
         self.use_thread(False, self._workers_ctl)
-        self._thread_retry = self.pass_no + THREAD_RETRY_PASSES
+        self._thread_retry = self.pass_no + wait
 
     wait = _join  # (the public name; the class's own calls use _join, so that a timer
     # put on an instance's wait — benchmarks/policies.py --cost — sees the caller's waits)
@@ -338,6 +351,7 @@ class HybridPredictor:
         self._pass_tokens = int(tokens.size)
         if self._thread_retry >= 0 and self.pass_no >= self._thread_retry:
             self.use_thread(True, self._workers_ctl)  # the machine may have calmed down
+            self._tried_at = self.pass_no
 
     def predict_pass_start(self, n_pred: int) -> None:
         """After begin_pass: predict this pass's layers 0..n_pred-1 (into p_use / order at
