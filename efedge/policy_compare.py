@@ -92,9 +92,72 @@ def host_hit_rate(stats: dict) -> float | None:
     return stats["host_hits"] / copies if copies else None
 
 
+def run_routing(path, prompt_ids, n_tokens, cache, threads=None):
+    """What a compare_policies run asks the expert cache for: the experts each token
+    chose at each MoE layer, [T, L, K] — the same for every policy (exact routing,
+    teacher-forced tokens) — from an untimed run of its own, and the cache's layout at
+    `cache` (its layers' size classes, slots per class, bytes per expert). None where
+    `cache` holds every expert (no expert cache to bound)."""
+    with efedge.load(path, cache=cache, policy="ondemand", threads=threads) as m:
+        tf, src = m._tf, m._experts
+        if getattr(src, "cache", None) is None:
+            return None
+        moe = [il for il, b in enumerate(tf.blocks) if b.moe]
+        at = {il: i for i, il in enumerate(moe)}
+        rows, cur = [], [None] * len(moe)
+
+        def record(layer, h, ids):  # (model.on_route: ids [T, K] per routed layer)
+            cur[at[layer]] = np.array(ids, dtype=np.int64)
+            if at[layer] == len(moe) - 1:
+                rows.append(np.stack(cur, axis=1))
+
+        old = tf.on_route
+        tf.on_route = record if old is None else _chain(old, record)
+        try:
+            decode_run(m, prompt_ids, n_tokens)
+        finally:
+            tf.on_route = old
+        c = src.cache
+        layout = {"layer_class": c.layer_class[moe].copy(), "class_slots": c.class_slots.copy(),
+                  "n_slots": int(c.n_slots), "n_expert": int(tf.cfg.n_expert),
+                  "bytes_per_expert": [src.store.expert_bytes(il) for il in moe]}
+    return np.concatenate(rows), layout
+
+
+def _chain(first, then):
+    def both(*a):
+        first(*a)
+        then(*a)
+    return both
+
+
+def min_bound(experts, layout: dict, link, n_prompt: int, compute_s: float) -> dict | None:
+    """What no policy can beat on this run (efedge/experts/bound.py): the hit rate of
+    Belady's MIN over the decoded tokens of `experts` [T, L, K] (the first n_prompt
+    tokens warm the cache) and the stall per decoded token its loads force through
+    `link` with `compute_s` of compute to hide behind. None where the cache cannot hold
+    one layer's experts of a token at once (MIN is not defined there)."""
+    from efedge.experts.bound import min_loads, stall_bound
+    from efedge.experts.link import parse_link
+
+    lk = parse_link(link)
+    try:
+        loads = min_loads(experts, layout["layer_class"], layout["class_slots"],
+                          layout["n_expert"], warmup=n_prompt)
+    except ValueError:
+        return None
+    n = experts.shape[0] - n_prompt
+    unique = sum(np.unique(experts[t, j]).size for t in range(n_prompt, experts.shape[0])
+                 for j in range(experts.shape[1]))
+    stall = stall_bound(loads, layout["bytes_per_expert"], lk.bytes_per_s, lk.latency_s,
+                        layout["n_slots"], compute_s)
+    return {"min_hit_rate": 1.0 - float(loads.sum()) / max(unique, 1),
+            "min_stall_ms_per_token": 1e3 * stall / max(n, 1)}
+
+
 def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
                      warmup: bool = True, device: str = "cpu", vram=None, host_cache=None,
-                     disk_link=None, reverse: bool = False) -> list[dict]:
+                     disk_link=None, reverse: bool = False, bound: bool = True) -> list[dict]:
     """One live run per policy on the same model, budget, emulated link and tokens: the
     first len(prompt_ids) - n_tokens ids are the prompt (one batch), the last n_tokens are
     decoded one by one. Returns one dict per policy with the table's columns (see
@@ -102,7 +165,11 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
     host_cache=) also "host_hit_rate": of the copies into VRAM, the share found there.
     `reverse`: run the policies last to first (rows still in `policies` order): repeats
     that alternate it give each policy early and late minutes of a machine whose speed
-    drifts (reading the drive, by tens of per cent over one table)."""
+    drifts (reading the drive, by tens of per cent over one table).
+    `bound` (the CPU path, an emulated link, on-demand among the policies): every row
+    also gets Belady's MIN on the run's routing — "min_hit_rate", and "min_stall_ms_per_token"
+    / "min_vs_ondemand", the stall its loads force with on-demand's compute to hide behind
+    (min_bound; the routing from an untimed run of its own, run_routing)."""
     prompt_ids = [int(i) for i in prompt_ids]
     if not 0 < n_tokens < len(prompt_ids):
         raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
@@ -153,7 +220,33 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
     if base and base[0] > 0:
         for r in rows:
             r["stall_vs_ondemand"] = r["stall_ms_per_token"] / base[0]
+    od = [r for r in rows if r["policy"] in ("ondemand", "lru")]
+    if bound and od and device == "cpu" and link is not None:
+        routed = run_routing(path, prompt_ids, n_tokens, cache, threads)
+        s = od[0]["stats"]
+        b = None if routed is None else min_bound(
+            *routed, link, len(prompt_ids) - n_tokens, s["wall_s"] - s["stall_s"])
+        if b is not None:
+            rel = (b["min_stall_ms_per_token"] / od[0]["stall_ms_per_token"]
+                   if od[0]["stall_ms_per_token"] > 0 else None)
+            for r in rows:
+                r.update(b, min_vs_ondemand=rel)
     return rows
+
+
+def format_bounds(rows: list[dict]) -> str:
+    """One line per setting with a MIN bound (compare_policies' `bound`): what no policy
+    could do better than on that routing and link ("" where none was computed)."""
+    lines = []
+    for r in rows:
+        if r["policy"] in ("ondemand", "lru") and r.get("min_stall_ms_per_token") is not None:
+            rel = r.get("min_vs_ondemand")
+            lines.append(
+                f"MIN at {r['cache']}, {r['link']}: Belady's MIN, knowing the future, hits "
+                f"{r['min_hit_rate']:.1%} and stalls at least {r['min_stall_ms_per_token']:.3f} "
+                f"ms/token" + ("" if rel is None else f" ({100 * rel:.1f}% of on-demand's)")
+                + " with on-demand's compute to hide its loads behind: no policy can do better")
+    return "\n".join(lines)
 
 
 def auto_links(path, prompt_ids, n_tokens, threads=None, runs: int = 3

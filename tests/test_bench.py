@@ -202,6 +202,33 @@ def test_policy_table_shows_the_compute_threads_own_copies(tiny_gguf):
                for line in table.splitlines())
 
 
+def test_policy_table_bounds_each_setting_by_belady_min(tiny_gguf, capsys):
+    """Through an emulated link each setting gets what no policy could beat on the run's
+    own routing: Belady's MIN's hit rate (at least LRU's — on-demand's, live — on the same
+    requests) and the stall its loads force with on-demand's compute to hide behind (at
+    most on-demand's); none without a link. The bench prints it under the table."""
+    from efedge import policy_compare
+
+    path = tiny_gguf("qwen3moe")
+    ids = list(range(5, 45))
+    rows = policy_compare.compare_policies(path, ["ondemand", "expertflow"], "40%",
+                                           "200MB/s", ids, 24)
+    od = rows[0]
+    assert all(r["min_hit_rate"] == od["min_hit_rate"] for r in rows)
+    assert od["hit_rate"] <= od["min_hit_rate"] <= 1.0
+    assert 0.0 < od["min_stall_ms_per_token"] <= od["stall_ms_per_token"]
+    assert od["min_vs_ondemand"] == pytest.approx(
+        od["min_stall_ms_per_token"] / od["stall_ms_per_token"])
+    experts, layout = policy_compare.run_routing(path, ids, 24, "40%")
+    assert experts.shape[0] == len(ids) and layout["n_slots"] == od["stats"]["cache_slots"]
+    assert "MIN at 40%, 200MB/s" in policy_compare.format_bounds(rows)
+    read = policy_compare.compare_policies(path, ["ondemand"], "40%", None, ids, 8)
+    assert "min_hit_rate" not in read[0] and policy_compare.format_bounds(read) == ""
+    assert main(["bench", str(path), "--policies", "ondemand,expertflow", "--cache", "40%",
+                 "--link", "200MB/s", "-n", "8", "-r", "1"]) == 0
+    assert "Belady's MIN, knowing the future" in capsys.readouterr().out
+
+
 def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf("qwen3moe")), "--policies", "ondemand,nope"]) != 0
     assert "unknown cache policy 'nope'" in capsys.readouterr().err

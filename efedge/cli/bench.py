@@ -409,6 +409,7 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     from efedge.policy_compare import (
         auto_links,
         compare_policies,
+        format_bounds,
         format_table,
         heldout_ids,
         median_rows,
@@ -477,6 +478,9 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
               + (f"; taken back {gave_up} time(s), waiting for it cost more than the step"
                  if gave_up else ""))
     print(format_table(rows))
+    bounds = format_bounds(rows)
+    if bounds:
+        print(bounds)
     if any(r.get("copy_ms_per_token", 0.0) > 0 for r in rows):
         print("copies ms/token: the compute thread's own copies through the emulated link "
               "(compute time the link's time overlaps, not stall; a DMA copy engine would "
