@@ -84,6 +84,9 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
         pred.step = timed(pred.step, "step", 1)
         pred.post_step = timed(pred.post_step, "step", None)
         pred.predict_pass_start = timed(pred.predict_pass_start, "pass_start", 0)
+        # and begin_pass: the token memory's tag, the context and its draft (counted since
+        # the thirty-second session, when the draft made it more than a tag)
+        pred.begin_pass = timed(pred.begin_pass, "pass_start", 0)
         # with a helper thread (EFEDGE_PREDICTOR_THREAD, -t below the cores) a step is
         # posted and waited for: the compute thread's share is both
         pred.wait = timed(pred.wait, "wait", 0)

@@ -305,7 +305,7 @@ class Transformer(DecodeMixin):
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
         kv.check_room(pos, t)
         if self.on_pass is not None:
-            self.on_pass(tokens)
+            self.on_pass(tokens, pos)
         if t == 1 and c.spec.fused_decode:
             return self._decode(int(tokens[0]), pos, kv, experts)
         x = self.embed(tokens)

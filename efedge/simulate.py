@@ -218,7 +218,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
             counters.reset()
             t_start = clock.t
         if tokens is not None:  # as the model does before a pass's first layer
-            on_pass(tokens[t:t + 1])
+            on_pass(tokens[t:t + 1], t)
         engine.pay_copies()  # (prefetch copies the compute thread makes: prefetch_copy_s)
         for layer in range(L):
             ids = experts[t, layer]

@@ -181,6 +181,58 @@ def test_token_memory_predicts_a_seen_tokens_experts_before_its_pass():
     assert set(pred.order[1, :K].tolist()) == set(five[2])
 
 
+def _context_pass(pred: HybridPredictor, token: int, pos, per_layer: dict) -> None:
+    pred.begin_pass([token], pos)
+    for m in range(L):
+        pred.step(m, np.array([per_layer[m]]), n_pred=0)
+
+
+def test_the_context_draft_values_what_followed_a_tokens_last_occurrence():
+    """A token seen earlier in the same context: the tokens that followed it there are
+    the draft, and the experts each of them chose the last time it ran are valued
+    DRAFT_P / sqrt(distance) (the highest where drafts overlap) — in `draft` and, where
+    higher, in the eviction values p_next. Not across contexts, not from positions
+    rewound, not for a batch, not with draft_tokens=0."""
+    pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+    five = {0: [1, 2], 1: [3, 4], 2: [5, 6]}
+    six = {0: [0, 7], 1: [0, 1], 2: [2, 3]}
+    seven = {0: [7, 6], 1: [5, 4], 2: [2, 0]}
+    eight = {0: [4, 5], 1: [6, 7], 2: [1, 4]}
+    for pos, (tok, route) in enumerate([(5, five), (6, six), (7, seven), (8, eight)]):
+        _context_pass(pred, tok, pos, route)
+        assert not pred.draft.any()  # no token occurred before in this context
+    pred.begin_pass([5], 4)  # 5 again: 6 then 7 followed it (8 is beyond two tokens)
+    want = np.zeros((L, E), np.float32)
+    for d, route in ((2, seven), (1, six)):
+        for m, ids in route.items():
+            want[m, ids] = np.maximum(want[m, ids], np.float32(0.5 / np.sqrt(d)))
+    assert np.allclose(pred.draft, want)
+    assert (pred.p_next >= pred.draft).all()
+    assert (pred.p_next[want > 0] >= want[want > 0]).all()
+    for m in range(L):  # a layer's eviction values after its step keep the draft's
+        pred.step(m, np.array([five[m]]), n_pred=1)
+        assert (pred.p_next[m] >= pred.draft[m]).all()
+    # a new context: token 5's earlier occurrence is not in it
+    _context_pass(pred, 5, 0, five)
+    assert not pred.draft.any()
+    _context_pass(pred, 6, 1, six)
+    pred.begin_pass([5], 2)
+    assert pred.draft[0, six[0]].tolist() == [0.5, 0.5] and pred.draft.sum() == 0.5 * 6
+    # rewound to position 1: the 5 at position 2 is gone (another token is there now), so
+    # nothing after it is drafted (unchecked, the 9 at position 3 would be)
+    for pos, (tok, route) in enumerate([(7, seven), (8, eight), (9, five)], start=1):
+        _context_pass(pred, tok, pos, route)
+    pred.begin_pass([5], 4)
+    assert not pred.draft.any()
+    # a batch drafts nothing
+    pred.begin_pass([6, 7], 5)
+    assert not pred.draft.any()
+    off = HybridPredictor(L, E, K, draft_tokens=0)
+    for pos, (tok, route) in enumerate([(5, five), (6, six), (5, five)]):
+        _context_pass(off, tok, pos, route)
+        assert not off.draft.any()
+
+
 def test_token_memory_weighs_the_latest_occurrence_and_resets_on_collision():
     pred = _only(HybridPredictor(L, E, K, max_distance=1), TOKEN)
     first = {0: [1, 2], 1: [3, 4], 2: [5, 6]}

@@ -576,7 +576,7 @@ def test_every_forward_pass_reaches_the_policy_with_its_tokens(tiny_gguf):
     with efedge.load(path, cache="30%", policy="expertflow", link="2GB/s") as m:
         pol = m._experts.policy
         seen, orig = [], pol.on_pass
-        pol.on_pass = lambda toks: (seen.append(np.asarray(toks).tolist()), orig(toks))
+        pol.on_pass = lambda toks, *a: (seen.append(np.asarray(toks).tolist()), orig(toks, *a))
         sess = m._session
         sess.reset()
         sess.prefill(ids[:4])

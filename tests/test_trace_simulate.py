@@ -161,6 +161,27 @@ def test_simulator_announces_each_tokens_pass_to_the_policy(trace):
     assert with_tokens["stall_s"] < 0.7 * without["stall_s"], (with_tokens, without)
 
 
+@pytest.mark.parametrize("link", [2e8, 2e9])
+def test_the_context_draft_keeps_what_a_repeated_text_uses_next(trace, monkeypatch, link):
+    """The replay gives each token's position too: on a text that repeats, the tokens
+    that followed the current token's previous occurrence come again, and expertflow's
+    eviction keeps their experts (HybridPredictor's context draft) — more hits and less
+    stall than with the draft off (measured at 30%: hits 1184 / 1090 against 1077 / 1013
+    at 0.2 / 2 GB/s)."""
+    import efedge.simulate as sim
+    from efedge.experts.scheduler import make_policy
+
+    arrays, meta = load_trace(trace[0])
+    setup = _setup(meta, "30%", link=link)
+    runs = {}
+    for n in (8, 0):
+        monkeypatch.setattr(sim, "make_policy", lambda name, n=n: make_policy(
+            name, draft_tokens=n))
+        runs[n] = simulate(arrays, meta, setup, "expertflow", warmup=4)
+    assert runs[8]["hits"] > 1.05 * runs[0]["hits"], runs
+    assert runs[8]["stall_s"] < runs[0]["stall_s"], runs
+
+
 def test_simulator_can_charge_the_policys_own_time(trace):
     """policy_time > 0: what the policy's hooks take here runs on the virtual clock (a
     CPU, where the scheduler shares the cores); 0 leaves it out (a GPU)."""

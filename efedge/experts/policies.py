@@ -151,9 +151,10 @@ class _Predictive(Policy):
             pregate = self._pregate_logits(layer, hidden, n_pred)
         pred.step(layer, ids, hidden=h, pregate=pregate, n_pred=n_pred, also=also)
 
-    def on_pass(self, tokens) -> None:
-        """The pass's tokens: the predictor's token memory serves its layers."""
-        self.predictor.begin_pass(tokens)
+    def on_pass(self, tokens, pos: int | None = None) -> None:
+        """The pass's tokens: the predictor's token memory serves its layers (and, with
+        their position, its context draft values what may follow for eviction)."""
+        self.predictor.begin_pass(tokens, pos)
 
     def close(self) -> None:
         """The source closes: stop the predictor's helper thread, if it has one."""
@@ -167,6 +168,7 @@ class FixedHorizon(_Predictive):
     look-ahead step, as ProMoE / HOBBIT), LRU eviction."""
 
     def __init__(self, horizon: int = 2, **kw):
+        kw.setdefault("draft_tokens", 0)  # (its LRU eviction reads no eviction values)
         super().__init__(**kw)
         self.horizon = max(1, int(horizon))
         self.max_distance = self.horizon
@@ -419,7 +421,7 @@ class ExpertFlow(_Predictive):
         batch(entry, self.predictor.p_next, self.cur_layer, self.needed, self.tick0,
               self._due, self.fetched_at)
 
-    def on_pass(self, tokens) -> None:
+    def on_pass(self, tokens, pos: int | None = None) -> None:
         """Before the pass's first layer: its tokens are known, so the token memory can
         name the experts of its first layers (the prediction made at the previous pass's
         last layer could not). Re-plan from there — the same step in the layer stream —
@@ -428,7 +430,7 @@ class ExpertFlow(_Predictive):
         t0 = src.now()
         if self.has_deferred_work():  # (a source without on_demand_issued)
             self._catch_up()
-        super().on_pass(tokens)
+        super().on_pass(tokens, pos)
         if self._all_fit or not self.pass_start:
             return
         L = self.n_layer

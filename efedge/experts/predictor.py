@@ -55,6 +55,7 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     TEMPORAL,
     TOKEN,
     TRANSITION,
+    _draft_kernel,
     _predict,
     _rescale,
     _seed_kernel,
@@ -78,6 +79,11 @@ _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by iden
 # hundreds; a machine that stays busy is not tried more than once in 256 passes.
 THREAD_RETRY_FIRST, THREAD_RETRY_PASSES = 16, 256
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
+# The context draft (begin_pass): the tokens that followed the current token's previous
+# occurrence in the same context, as far as DRAFT_TOKENS, their experts valued DRAFT_P /
+# sqrt(distance) for eviction. Simulated over the demo trace's 1024 held-out tokens
+# (docs/scheduler.md §6, thirty-second session), 8 and 0.3 did best of 4–16 / 0.3–0.8.
+DRAFT_TOKENS, DRAFT_P = 8, 0.3
 
 
 
@@ -111,7 +117,8 @@ class HybridPredictor:
                  decay: float = 0.998, recent_rate: float = 0.3, eta: float = 0.3,
                  calibration_rate: float = 0.05, eps: float = 0.01,
                  weight_floor: float = 0.02, popularity_rate: float = 0.02,
-                 n_sources: int = 1, adapt: bool = True, token_weight: float = 1.0):
+                 n_sources: int = 1, adapt: bool = True, token_weight: float = 1.0,
+                 draft_tokens: int = DRAFT_TOKENS, draft_p: float = DRAFT_P):
         L, E, K, dm = n_layer, n_expert, n_active, max(1, int(max_distance))
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
@@ -175,6 +182,14 @@ class HybridPredictor:
         self.cur_tok = np.full(1, -1, dtype=np.int64)  # the pass's tokens' buckets (-1: none)
         self._tok1 = np.full(1, -1, dtype=np.int64)  # cur_tok of a one-token pass
         self._pass_args: tuple = (0, None, None)  # t_n, and predict_pass_start's dummies
+        # the context draft (begin_pass, _draft_kernel): the current context's tokens by
+        # position, where each token last occurred in it, and the draft's eviction values
+        self.draft_tokens, self.draft_p = max(0, int(draft_tokens)), float(draft_p)
+        self._ctx = np.full(256, -1, dtype=np.int64)
+        self._ctx_n = 0  # positions known
+        self._last_at: dict[int, int] = {}
+        self.draft = np.zeros((L, E), dtype=np.float32)
+        self._drafted = False  # whether `draft` holds anything (to clear at the next pass)
         # the kernels' persistent state, in their argument order: one tuple to splat per
         # call instead of 19 attribute lookups (these arrays are only ever changed in place)
         # p_next as the kernels write it: p_next itself, or with a helper thread its own
@@ -199,7 +214,7 @@ class HybridPredictor:
                        self.weights, self.prec, self.prec_n, self.recall, self.ring_q,
                        self.ring_avail, self.ring_rank, self.ring_made, self.p_use, self.order,
                        self._p_next_k, self.tok_hist, self.params, self.sel_rb, self.sel_sb,
-                       self.switch)
+                       self.switch, self.draft)
 
     # -- the helper thread (efedge/experts/predictor_thread.py) ---------------------------
     def use_thread(self, on: bool, workers_ctl: np.ndarray | None = None) -> None:
@@ -323,14 +338,20 @@ class HybridPredictor:
             self.cur_ids = grown
 
     # -- the start of a pass (the tokens are known before any layer runs) ----------------
-    def begin_pass(self, tokens) -> None:
+    def begin_pass(self, tokens, pos: int | None = None) -> None:
         """A forward pass over `tokens` begins: token memory can serve its layers. Without
-        this call a pass starts at its first step() and token memory stays unused."""
+        this call a pass starts at its first step() and token memory stays unused.
+        `pos`: the position of its first token in its context (0: a new context; None:
+        right after the last pass's) — for the context draft (_draft_kernel): a one-token
+        pass whose token occurred earlier in the same context values the experts of the
+        tokens that followed it there for eviction (draft, p_next)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size == 0:
             return
         if self._posted:  # (the helper reads the token tables)
             self._join()
+        if self.draft_tokens:
+            self._draft(tokens, pos)
         if tokens.size == 1:  # decode: Python scalars, not five numpy calls (cold, ~2 µs each)
             tok = int(tokens[0])
             b1 = tok % self.tok_tags.shape[0]
@@ -352,6 +373,48 @@ class HybridPredictor:
         if self._thread_retry >= 0 and self.pass_no >= self._thread_retry:
             self.use_thread(True, self._workers_ctl)  # the machine may have calmed down
             self._tried_at = self.pass_no
+
+    def _draft(self, tokens: np.ndarray, pos: int | None) -> None:
+        """(begin_pass) The context's tokens, and the draft of a one-token pass. Decode's
+        path is a dict lookup, two scalar stores and, only where there is a draft to make
+        or to clear, one kernel call."""
+        t_n = tokens.shape[0]
+        if pos is None:
+            pos = self._ctx_n
+        if pos != self._ctx_n or pos + t_n > self._ctx.shape[0]:
+            self._context_moved(pos, t_n)
+        last, ctx = self._last_at, self._ctx
+        self._ctx_n = pos + t_n
+        if t_n > 1:  # a batch (prefill): its tokens are context; nothing is drafted
+            for i, t in enumerate(tokens.tolist()):
+                last[t] = pos + i
+            ctx[pos:pos + t_n] = tokens
+            j = -1
+        else:
+            t = int(tokens[0])
+            j = last.get(t, -1)
+            last[t] = pos
+            if j >= 0 and (j >= pos or ctx[j] != t):
+                j = -1  # (an occurrence rewound away)
+            ctx[pos] = t
+        if j >= 0 or self._drafted:
+            self._drafted = _draft_kernel(ctx, j, pos, self.draft_tokens, self.draft_p,
+                                          self.tok_tags, self.tok_hist, self.draft,
+                                          self.p_next, self._p_next_k)
+
+    def _context_moved(self, pos: int, t_n: int) -> None:
+        """A context begun again (pos 0), rewound, or continued past positions never seen
+        (a restored state); and room for t_n more tokens."""
+        n = self._ctx_n
+        if pos < n:  # (occurrences there no longer count: _last_at is checked against
+            self._ctx[pos:n] = -1  # _ctx before use)
+        if pos == 0:
+            self._last_at.clear()
+        need = pos + t_n
+        if need > self._ctx.shape[0]:
+            ctx = np.full(max(need, 2 * self._ctx.shape[0]), -1, dtype=np.int64)
+            ctx[:self._ctx.shape[0]] = self._ctx
+            self._ctx = ctx
 
     def predict_pass_start(self, n_pred: int) -> None:
         """After begin_pass: predict this pass's layers 0..n_pred-1 (into p_use / order at

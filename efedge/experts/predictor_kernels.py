@@ -163,7 +163,7 @@ def _score_sources(q, av, w, ids, k, sw):
 
 @njit(cache=True, fastmath=False)
 def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent,
-           p_next, tok_hist, cur_tok, params):
+           p_next, tok_hist, cur_tok, params, draft):
     """Transition counts ending at this layer (distances 1 up to how far predictions
     reached lately, params[_P_REACHF], + LEARN_MARGIN), temporal frequency, token
     history, token memory."""
@@ -216,8 +216,8 @@ def _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, re
         keep = (1.0 - params[_P_RECENT if j == 0 else _P_POP]) ** t_n
         for e in range(e_n):
             recent[j, layer, e] = keep * recent[j, layer, e] + (1.0 - keep) * min(freq[e], 1.0)
-    for e in range(e_n):
-        p_next[layer, e] = recent[0, layer, e]  # until a prediction for the next pass comes
+    for e in range(e_n):  # until a prediction for the next pass comes (or the draft's)
+        p_next[layer, e] = max(recent[0, layer, e], draft[layer, e])
 
 
 @njit(cache=True, fastmath=False)
@@ -396,9 +396,10 @@ def _isotonic_decreasing(y):
 def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
              cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
              recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
-             params, sel_rb, sel_sb, switch):
+             params, sel_rb, sel_sb, switch, draft):
     """Calibrated probabilities of use for distances 1..n_pred (into p_use / order).
-    layer -1: the start of a pass, before its first layer (targets d - 1, this pass)."""
+    layer -1: the start of a pass, before its first layer (targets d - 1, this pass).
+    p_next gets each expert's, or the draft's value where that is higher (_draft_kernel)."""
     t_n, k = ids.shape
     dm = trans.shape[1]
     n_layer = recent.shape[1]
@@ -527,14 +528,15 @@ def _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, p
         for e in range(e_n):
             p_use[d - 1, e] = pu[e]
             order[d - 1, e] = ordu[e]
-            p_next[m, e] = pu[e] + 1e-4 * fs[e]  # the mixture orders equal calibrations
+            # (the mixture orders equal calibrations)
+            p_next[m, e] = max(pu[e] + 1e-4 * fs[e], draft[m, e])
 
 
 @njit(cache=True, fastmath=False)
 def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, has_w, pg,
           cur_ids, cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
           recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next, tok_hist,
-          params, sel_rb, sel_sb, switch):
+          params, sel_rb, sel_sb, switch, draft):
     """One routed layer: score the predictions that targeted it (feedback), learn from
     its choice, predict. The arguments from last_hist on are the predictor's persistent
     state, in the order of HybridPredictor._state."""
@@ -546,12 +548,54 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
         _feedback(layer, step, ids[0], ring_q, ring_avail, ring_rank, ring_made, weights, prec,
                   prec_n, recall, params, switch)
     _learn(layer, pass_no, ids, cur_ids, last_hist, hist_pass, trans, rowsum, recent, p_next,
-           tok_hist, cur_tok, params)
+           tok_hist, cur_tok, params, draft)
     if n_pred > 0 or extra > 0:
         _predict(layer, step, pass_no, n_pred, extra, n_src, ids, h, W, Ws, has_w, pg, cur_ids,
                  cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec, prec_n,
                  recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order, p_next,
-                 tok_hist, params, sel_rb, sel_sb, switch)
+                 tok_hist, params, sel_rb, sel_sb, switch, draft)
+
+
+@njit(cache=True, fastmath=False)
+def _draft_kernel(ctx, j, pos, n_draft, p_draft, tok_tags, tok_hist, draft, p_next, p_next_k):
+    """The context draft of a one-token pass at `pos` whose token last occurred at `j`
+    (< pos) in the same context: the tokens that followed it there, ctx[j+1 .. j+n_draft]
+    (before pos), are taken as the likeliest next ones (prompt lookup), and the experts
+    each of them chose the last time it ran (the token memory's newest bit) are valued
+    p_draft / sqrt(d) at draft distance d — the highest over the draft — into draft [L, E]
+    (0 elsewhere; j < 0: no draft). p_next (and the helper thread's copy p_next_k) take
+    the draft's value where it is higher: the eviction values read it. Returns whether
+    anything was drafted."""
+    draft[:] = 0.0
+    any_ = False
+    n_b = tok_tags.shape[0]
+    if j >= 0:
+        for d in range(1, n_draft + 1):
+            if j + d >= pos:
+                break
+            nt = ctx[j + d]
+            if nt < 0:
+                continue
+            b = nt % n_b
+            if tok_tags[b] != nt:
+                continue
+            p = p_draft / np.sqrt(d)
+            row = tok_hist[b]
+            for m in range(row.shape[0]):
+                for e in range(row.shape[1]):
+                    if row[m, e] >= 128 and p > draft[m, e]:
+                        draft[m, e] = p
+                        any_ = True
+    if not any_:
+        return False
+    for m in range(draft.shape[0]):
+        for e in range(draft.shape[1]):
+            v = draft[m, e]
+            if v > p_next[m, e]:
+                p_next[m, e] = v
+            if v > p_next_k[m, e]:
+                p_next_k[m, e] = v
+    return True
 
 
 @njit(cache=True, fastmath=False)

@@ -124,7 +124,7 @@ if available():
     def _serve(ctl, job, ids, h, wctl, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass,
                trans, rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
                ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb,
-               switch):
+               switch, draft):
         """The helper's loop: wait for GEN to move, run the posted step, DONE = GEN. While
         it spins it also wakes the transfer workers for the copies queued meanwhile
         (wctl: their control words, native_workers.C_*; HELPER = 1 says so to publish())."""
@@ -167,14 +167,14 @@ if available():
                       job[J_NSRC], job[J_FEEDBACK] != 0, ids, h, W, Ws, True, pg, cur_ids,
                       cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec,
                       prec_n, recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order,
-                      p_next, tok_hist, params, sel_rb, sel_sb, switch)
+                      p_next, tok_hist, params, sel_rb, sel_sb, switch, draft)
             else:  # HybridPredictor.predict_pass_start's kernel (ids, h: only shapes read)
                 params[_P_REACHF] = max(params[_P_REACHF], float(job[J_NPRED]))
                 _predict(-1, job[J_STEP], job[J_PASS], job[J_NPRED], 0, job[J_NSRC], ids, h,
                          W, Ws, False, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
                          rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
                          ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb,
-                         sel_sb, switch)
+                         sel_sb, switch, draft)
             dt = nw._now_ns(ts) - t0
             job[J_BUSY_NS] += dt
             job[J_BUSY_EW] += (dt - job[J_BUSY_EW]) // _WAIT_EWMA_N

@@ -117,8 +117,9 @@ class Policy:
                  pregate: np.ndarray | None = None) -> None:
         pass
 
-    def on_pass(self, tokens: np.ndarray) -> None:
-        """A forward pass over `tokens` is about to start (before its first layer)."""
+    def on_pass(self, tokens: np.ndarray, pos: int | None = None) -> None:
+        """A forward pass over `tokens` is about to start (before its first layer); `pos`:
+        its first token's position in its context (0: a new one; None: not known)."""
 
     def on_layer_input(self, layer: int, hidden, logits=None) -> None:
         """Layer `layer` is about to run its attention on `hidden` (its input, normalised

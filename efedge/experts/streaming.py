@@ -428,9 +428,10 @@ class StreamingExperts(DemandWaits):
             with self.cond:
                 reap()
 
-    def on_pass(self, tokens) -> None:
-        """A forward pass over `tokens` starts (before its first layer)."""
-        self.policy.on_pass(np.asarray(tokens, dtype=np.int64).reshape(-1))
+    def on_pass(self, tokens, pos: int | None = None) -> None:
+        """A forward pass over `tokens` starts (before its first layer) at position `pos`
+        of its context."""
+        self.policy.on_pass(np.asarray(tokens, dtype=np.int64).reshape(-1), pos)
         self.yield_to_workers()
 
     def on_layer_input(self, layer: int, h, **kw) -> None:

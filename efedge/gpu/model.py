@@ -403,7 +403,7 @@ class GpuTransformer:
         t = tokens.shape[0]
         x = self.up(self.host.embed(tokens))  # granite's embedding_scale included
         if c.is_moe and not self.resident:
-            self.source.on_pass(tokens)
+            self.source.on_pass(tokens, pos)
         rs = c.residual_scale  # granite; 1 elsewhere
         ropes: dict = {}
         for il, blk in enumerate(self.blocks):
