@@ -227,6 +227,15 @@ def test_the_context_draft_values_what_followed_a_tokens_last_occurrence():
     # a batch drafts nothing
     pred.begin_pass([6, 7], 5)
     assert not pred.draft.any()
+    # two earlier occurrences: the one before the latest counts at half the value
+    for pos, (tok, route) in enumerate([(5, five), (6, six), (5, five), (7, seven)]):
+        _context_pass(pred, tok, pos, route)
+    pred.begin_pass([5], 4)  # after 5 at 2: 7 (d 1); after 5 at 0: 6 (d 1), 5 (d 2)
+    want = np.zeros((L, E), np.float32)
+    for p, route in ((0.25 / np.sqrt(2), five), (0.25, six), (0.5, seven)):
+        for m, ids in route.items():
+            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
+    assert np.allclose(pred.draft, want)
     off = HybridPredictor(L, E, K, draft_tokens=0)
     for pos, (tok, route) in enumerate([(5, five), (6, six), (5, five)]):
         _context_pass(off, tok, pos, route)

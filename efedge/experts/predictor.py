@@ -81,9 +81,11 @@ THREAD_RETRY_FIRST, THREAD_RETRY_PASSES = 16, 256
 TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
 # The context draft (begin_pass): the tokens that followed the current token's previous
 # occurrence in the same context, as far as DRAFT_TOKENS, their experts valued DRAFT_P /
-# sqrt(distance) for eviction. Simulated over the demo trace's 1024 held-out tokens
-# (docs/scheduler.md §6, thirty-second session), 8 and 0.3 did best of 4–16 / 0.3–0.8.
-DRAFT_TOKENS, DRAFT_P = 8, 0.3
+# sqrt(distance) for eviction, and after the DRAFT_OCCURRENCES - 1 occurrences before it
+# at half the value each. Simulated over the demo trace's 1024 held-out tokens
+# (docs/scheduler.md §6, thirty-second session), 8 and 0.3 did best of 4–16 / 0.3–0.8;
+# a second occurrence helped in 23 of 48 settings (3 worse by < 0.006), more little.
+DRAFT_TOKENS, DRAFT_P, DRAFT_OCCURRENCES = 8, 0.3, 2
 
 
 
@@ -186,6 +188,7 @@ class HybridPredictor:
         # position, where each token last occurred in it, and the draft's eviction values
         self.draft_tokens, self.draft_p = max(0, int(draft_tokens)), float(draft_p)
         self._ctx = np.full(256, -1, dtype=np.int64)
+        self._prev = np.full(256, -1, dtype=np.int64)  # each position's token's previous one
         self._ctx_n = 0  # positions known
         self._last_at: dict[int, int] = {}
         self.draft = np.zeros((L, E), dtype=np.float32)
@@ -385,10 +388,13 @@ class HybridPredictor:
             self._context_moved(pos, t_n)
         last, ctx = self._last_at, self._ctx
         self._ctx_n = pos + t_n
+        prev = self._prev
         if t_n > 1:  # a batch (prefill): its tokens are context; nothing is drafted
             for i, t in enumerate(tokens.tolist()):
+                j = last.get(t, -1)
+                prev[pos + i] = j if 0 <= j < pos + i and ctx[j] == t else -1
                 last[t] = pos + i
-            ctx[pos:pos + t_n] = tokens
+                ctx[pos + i] = t
             j = -1
         else:
             t = int(tokens[0])
@@ -397,24 +403,27 @@ class HybridPredictor:
             if j >= 0 and (j >= pos or ctx[j] != t):
                 j = -1  # (an occurrence rewound away)
             ctx[pos] = t
+            prev[pos] = j
         if j >= 0 or self._drafted:
-            self._drafted = _draft_kernel(ctx, j, pos, self.draft_tokens, self.draft_p,
-                                          self.tok_tags, self.tok_hist, self.draft,
-                                          self.p_next, self._p_next_k)
+            self._drafted = _draft_kernel(ctx, prev, j, pos, self.draft_tokens,
+                                          DRAFT_OCCURRENCES, self.draft_p, self.tok_tags,
+                                          self.tok_hist, self.draft, self.p_next,
+                                          self._p_next_k)
 
     def _context_moved(self, pos: int, t_n: int) -> None:
         """A context begun again (pos 0), rewound, or continued past positions never seen
         (a restored state); and room for t_n more tokens."""
         n = self._ctx_n
-        if pos < n:  # (occurrences there no longer count: _last_at is checked against
-            self._ctx[pos:n] = -1  # _ctx before use)
+        if pos < n:  # (occurrences there no longer count: _last_at and _prev are checked
+            self._ctx[pos:n] = -1  # against _ctx before use)
+            self._prev[pos:n] = -1
         if pos == 0:
             self._last_at.clear()
         need = pos + t_n
         if need > self._ctx.shape[0]:
-            ctx = np.full(max(need, 2 * self._ctx.shape[0]), -1, dtype=np.int64)
-            ctx[:self._ctx.shape[0]] = self._ctx
-            self._ctx = ctx
+            size = max(need, 2 * self._ctx.shape[0])
+            self._ctx, self._prev = (np.concatenate([a, np.full(size - a.shape[0], -1, a.dtype)])
+                                     for a in (self._ctx, self._prev))
 
     def predict_pass_start(self, n_pred: int) -> None:
         """After begin_pass: predict this pass's layers 0..n_pred-1 (into p_use / order at

@@ -557,19 +557,24 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
 
 
 @njit(cache=True, fastmath=False)
-def _draft_kernel(ctx, j, pos, n_draft, p_draft, tok_tags, tok_hist, draft, p_next, p_next_k):
+def _draft_kernel(ctx, prev, j, pos, n_draft, n_occ, p_draft, tok_tags, tok_hist, draft, p_next,
+                  p_next_k):
     """The context draft of a one-token pass at `pos` whose token last occurred at `j`
     (< pos) in the same context: the tokens that followed it there, ctx[j+1 .. j+n_draft]
     (before pos), are taken as the likeliest next ones (prompt lookup), and the experts
     each of them chose the last time it ran (the token memory's newest bit) are valued
-    p_draft / sqrt(d) at draft distance d — the highest over the draft — into draft [L, E]
-    (0 elsewhere; j < 0: no draft). p_next (and the helper thread's copy p_next_k) take
-    the draft's value where it is higher: the eviction values read it. Returns whether
-    anything was drafted."""
+    p_draft / sqrt(d) at draft distance d; the same for the n_occ - 1 occurrences before
+    it (prev: each position's previous occurrence of its token), each at half the value of
+    the next one; the highest value wins. Into draft [L, E] (0 elsewhere; j < 0: no
+    draft). p_next (and the helper thread's copy p_next_k) take the draft's value where it
+    is higher: the eviction values read it. Returns whether anything was drafted."""
     draft[:] = 0.0
     any_ = False
     n_b = tok_tags.shape[0]
-    if j >= 0:
+    scale = p_draft
+    for _ in range(n_occ):
+        if j < 0:
+            break
         for d in range(1, n_draft + 1):
             if j + d >= pos:
                 break
@@ -579,13 +584,16 @@ def _draft_kernel(ctx, j, pos, n_draft, p_draft, tok_tags, tok_hist, draft, p_ne
             b = nt % n_b
             if tok_tags[b] != nt:
                 continue
-            p = p_draft / np.sqrt(d)
+            p = scale / np.sqrt(d)
             row = tok_hist[b]
             for m in range(row.shape[0]):
                 for e in range(row.shape[1]):
                     if row[m, e] >= 128 and p > draft[m, e]:
                         draft[m, e] = p
                         any_ = True
+        scale *= 0.5
+        i = prev[j]  # the occurrence before (a stale link — rewound — is not followed)
+        j = i if 0 <= i < j and ctx[i] == ctx[j] else -1
     if not any_:
         return False
     for m in range(draft.shape[0]):
