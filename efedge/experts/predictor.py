@@ -112,7 +112,9 @@ class HybridPredictor:
     After `step(layer, ids, …, n_pred=n)`, `p_use[d-1]` holds, for the layer d steps ahead,
     each expert's calibrated probability of being used (by any token of the pass) and
     `order[d-1]` the experts by that probability, for d = 1..n. `p_next[m, e]` is the
-    latest such estimate for the next use of layer m (the eviction score reads it).
+    latest such estimate for the next use of layer m, or the context draft's value where
+    that is higher (begin_pass: what followed the pass's token earlier in its context);
+    the eviction score reads it.
     """
 
     def __init__(self, n_layer: int, n_expert: int, n_active: int, max_distance: int = 8,
