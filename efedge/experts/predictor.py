@@ -381,8 +381,8 @@ class HybridPredictor:
 
     def _draft(self, tokens: np.ndarray, pos: int | None) -> None:
         """(begin_pass) The context's tokens, and the draft of a one-token pass. Decode's
-        path is a dict lookup, two scalar stores and, only where there is a draft to make
-        or to clear, one kernel call."""
+        path is a dict lookup and one kernel call (two scalar stores instead where there
+        is no draft to make or to clear)."""
         t_n = tokens.shape[0]
         if pos is None:
             pos = self._ctx_n
@@ -397,20 +397,21 @@ class HybridPredictor:
                 prev[pos + i] = j if 0 <= j < pos + i and ctx[j] == t else -1
                 last[t] = pos + i
                 ctx[pos + i] = t
-            j = -1
-        else:
-            t = int(tokens[0])
-            j = last.get(t, -1)
-            last[t] = pos
-            if j >= 0 and (j >= pos or ctx[j] != t):
-                j = -1  # (an occurrence rewound away)
-            ctx[pos] = t
-            prev[pos] = j
-        if j >= 0 or self._drafted:
-            self._drafted = _draft_kernel(ctx, prev, j, pos, self.draft_tokens,
+            if self._drafted:  # (the last pass's draft is over)
+                self.draft[:] = 0.0
+                self._drafted = False
+            return
+        t = int(tokens[0])
+        j = last.get(t, -1)
+        last[t] = pos
+        if j >= 0 or self._drafted:  # (the kernel checks j against the context)
+            self._drafted = _draft_kernel(ctx, prev, t, j, pos, self.draft_tokens,
                                           DRAFT_OCCURRENCES, self.draft_p, self.tok_tags,
                                           self.tok_hist, self.draft, self.p_next,
                                           self._p_next_k)
+        else:
+            ctx[pos] = t
+            prev[pos] = -1
 
     def _context_moved(self, pos: int, t_n: int) -> None:
         """A context begun again (pos 0), rewound, or continued past positions never seen

@@ -557,19 +557,25 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
 
 
 @njit(cache=True, fastmath=False)
-def _draft_kernel(ctx, prev, j, pos, n_draft, n_occ, p_draft, tok_tags, tok_hist, draft, p_next,
-                  p_next_k):
-    """The context draft of a one-token pass at `pos` whose token last occurred at `j`
-    (< pos) in the same context: the tokens that followed it there, ctx[j+1 .. j+n_draft]
-    (before pos), are taken as the likeliest next ones (prompt lookup), and the experts
-    each of them chose the last time it ran (the token memory's newest bit) are valued
-    p_draft / sqrt(d) at draft distance d; the same for the n_occ - 1 occurrences before
-    it (prev: each position's previous occurrence of its token), each at half the value of
-    the next one; the highest value wins. Into draft [L, E] (0 elsewhere; j < 0: no
-    draft). p_next (and the helper thread's copy p_next_k) take the draft's value where it
-    is higher: the eviction values read it. Returns whether anything was drafted."""
+def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, p_draft, tok_tags, tok_hist, draft,
+                  p_next, p_next_k):
+    """The context draft of a one-token pass of token `tok` at `pos`, whose last earlier
+    occurrence in the same context was at `j` (the caller's record; checked here against
+    ctx, as positions may have been rewound since — then no draft): ctx[pos] and
+    prev[pos] (each position's previous occurrence of its token) are written, and the
+    tokens that followed `j`, ctx[j+1 .. j+n_draft] (before pos), are taken as the
+    likeliest next ones (prompt lookup); the experts each of them chose the last time it
+    ran (the token memory's newest bit) are valued p_draft / sqrt(d) at draft distance d;
+    the same for the n_occ - 1 occurrences before it, each at half the value of the next
+    one; the highest value wins. Into draft [L, E] (0 elsewhere). p_next (and the helper
+    thread's copy p_next_k) take the draft's value where it is higher: the eviction
+    values read it. Returns whether anything was drafted."""
+    if j >= 0 and (j >= pos or ctx[j] != tok):
+        j = -1  # (an occurrence rewound away)
+    ctx[pos] = tok
+    prev[pos] = j
     draft[:] = 0.0
-    any_ = False
+    n_set = 0
     n_b = tok_tags.shape[0]
     scale = p_draft
     for _ in range(n_occ):
@@ -584,25 +590,23 @@ def _draft_kernel(ctx, prev, j, pos, n_draft, n_occ, p_draft, tok_tags, tok_hist
             b = nt % n_b
             if tok_tags[b] != nt:
                 continue
-            p = scale / np.sqrt(d)
+            p = np.float32(scale / np.sqrt(d))
             row = tok_hist[b]
-            for m in range(row.shape[0]):
+            for m in range(row.shape[0]):  # (branch-free: the compiler vectorises it)
                 for e in range(row.shape[1]):
-                    if row[m, e] >= 128 and p > draft[m, e]:
-                        draft[m, e] = p
-                        any_ = True
+                    hit = row[m, e] >> 7
+                    n_set += hit
+                    draft[m, e] = max(draft[m, e], p * np.float32(hit))
         scale *= 0.5
         i = prev[j]  # the occurrence before (a stale link — rewound — is not followed)
         j = i if 0 <= i < j and ctx[i] == ctx[j] else -1
-    if not any_:
+    if n_set == 0:
         return False
     for m in range(draft.shape[0]):
         for e in range(draft.shape[1]):
             v = draft[m, e]
-            if v > p_next[m, e]:
-                p_next[m, e] = v
-            if v > p_next_k[m, e]:
-                p_next_k[m, e] = v
+            p_next[m, e] = max(p_next[m, e], v)
+            p_next_k[m, e] = max(p_next_k[m, e], v)
     return True
 
 
