@@ -303,8 +303,9 @@ def main(argv=None) -> int:
         print(f"resident decode here: {info['decode_ms_per_token']:.2f} ms/token, "
               f"{info['layer_ms']:.3f} ms/layer; {info['expert_kib']:.1f} KiB per expert")
     print(format_table(all_rows))
-    if format_bounds(all_rows):
-        print(format_bounds(all_rows))
+    bounds = format_bounds(all_rows)
+    if bounds:
+        print(bounds)
     if quality:
         print(f"\ncache-aware routing (expertflow, cache {args.cache[0]}, link {links[0]}):")
         print("| slack | held-out perplexity | top-1 agreement | substitutions/token "

@@ -98,37 +98,24 @@ def run_routing(path, prompt_ids, n_tokens, cache, threads=None):
     teacher-forced tokens) — from an untimed run of its own, and the cache's layout at
     `cache` (its layers' size classes, slots per class, bytes per expert). None where
     `cache` holds every expert (no expert cache to bound)."""
+    from efedge.trace import TraceRecorder, _chain
+
     with efedge.load(path, cache=cache, policy="ondemand", threads=threads) as m:
         tf, src = m._tf, m._experts
         if getattr(src, "cache", None) is None:
             return None
-        moe = [il for il, b in enumerate(tf.blocks) if b.moe]
-        at = {il: i for i, il in enumerate(moe)}
-        rows, cur = [], [None] * len(moe)
-
-        def record(layer, h, ids):  # (model.on_route: ids [T, K] per routed layer)
-            cur[at[layer]] = np.array(ids, dtype=np.int64)
-            if at[layer] == len(moe) - 1:
-                rows.append(np.stack(cur, axis=1))
-
+        rec = TraceRecorder(tf, horizon=0)  # (the routed experts alone: no pre-gating)
         old = tf.on_route
-        tf.on_route = record if old is None else _chain(old, record)
+        tf.on_route = rec if old is None else _chain(old, rec)
         try:
             decode_run(m, prompt_ids, n_tokens)
         finally:
             tf.on_route = old
-        c = src.cache
+        moe, c = rec.moe_layers, src.cache
         layout = {"layer_class": c.layer_class[moe].copy(), "class_slots": c.class_slots.copy(),
                   "n_slots": int(c.n_slots), "n_expert": int(tf.cfg.n_expert),
                   "bytes_per_expert": [src.store.expert_bytes(il) for il in moe]}
-    return np.concatenate(rows), layout
-
-
-def _chain(first, then):
-    def both(*a):
-        first(*a)
-        then(*a)
-    return both
+    return rec.arrays()["experts"].astype(np.int64), layout
 
 
 def min_bound(experts, layout: dict, link, n_prompt: int, compute_s: float) -> dict | None:
@@ -137,7 +124,7 @@ def min_bound(experts, layout: dict, link, n_prompt: int, compute_s: float) -> d
     tokens warm the cache) and the stall per decoded token its loads force through
     `link` with `compute_s` of compute to hide behind. None where the cache cannot hold
     one layer's experts of a token at once (MIN is not defined there)."""
-    from efedge.experts.bound import min_loads, stall_bound
+    from efedge.experts.bound import min_loads, stall_bound, unique_requests
     from efedge.experts.link import parse_link
 
     lk = parse_link(link)
@@ -147,8 +134,7 @@ def min_bound(experts, layout: dict, link, n_prompt: int, compute_s: float) -> d
     except ValueError:
         return None
     n = experts.shape[0] - n_prompt
-    unique = sum(np.unique(experts[t, j]).size for t in range(n_prompt, experts.shape[0])
-                 for j in range(experts.shape[1]))
+    unique = unique_requests(experts, n_prompt)
     stall = stall_bound(loads, layout["bytes_per_expert"], lk.bytes_per_s, lk.latency_s,
                         layout["n_slots"], compute_s)
     return {"min_hit_rate": 1.0 - float(loads.sum()) / max(unique, 1),

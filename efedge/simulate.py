@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from efedge.errors import EfedgeError
-from efedge.experts.bound import min_loads, stall_bound
+from efedge.experts.bound import min_loads, stall_bound, unique_requests
 from efedge.experts.cache import ExpertCache, parse_budget
 from efedge.experts.scheduler import make_policy
 from efedge.experts.stats import Counters
@@ -268,7 +268,7 @@ def lower_bound(arrays: dict, meta: dict, setup: SimSetup, *, warmup: int = 16,
     store, cache = _trace_cache(L, n_expert, K, setup)
     loads = min_loads(experts, cache.layer_class, cache.class_slots, n_expert, warmup)
     n = T - warmup
-    unique = sum(np.unique(experts[t, l]).size for t in range(warmup, T) for l in range(L))
+    unique = unique_requests(experts, warmup)
     compute = n * L * setup.layer_compute_s + unique * setup.expert_compute_s
     stall = stall_bound(loads, [store.expert_bytes(i) for i in range(L)],
                         setup.link_bytes_per_s, setup.link_latency_s, cache.n_slots, compute)

@@ -81,6 +81,13 @@ def min_loads(experts: np.ndarray, layer_class: np.ndarray, class_slots: np.ndar
     return loads
 
 
+def unique_requests(experts: np.ndarray, warmup: int = 0) -> int:
+    """The expert requests of `experts` [T, L, K] from token `warmup` on, an expert
+    counted once per (token, layer): what MIN's hit rate is a share of."""
+    return sum(np.unique(experts[t, j]).size for t in range(warmup, experts.shape[0])
+               for j in range(experts.shape[1]))
+
+
 def stall_bound(loads: np.ndarray, bytes_per_expert, bytes_per_s: float,
                 latency_s: float, slots: int, compute_s: float) -> float:
     """The stall (seconds) that MIN's `loads` [L] force over a window with `compute_s`
