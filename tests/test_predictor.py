@@ -242,6 +242,34 @@ def test_the_context_draft_values_what_followed_a_tokens_last_occurrence():
         assert not off.draft.any()
 
 
+def test_the_context_draft_prefers_what_followed_the_same_two_tokens():
+    """Of a token's earlier occurrences, one preceded by the same token as the current
+    pass's is drafted first, at full value, then the latest at half; without such a
+    match the latest leads (as above)."""
+    pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+    routes = {t: {m: [(t + m) % E, (t + 2 * m + 1) % E] for m in range(L)} for t in range(10)}
+    text = [7, 5, 6, 8, 5, 9, 7]  # then 5 at position 7, after a 7 as at position 1
+    for pos, tok in enumerate(text):
+        _context_pass(pred, tok, pos, routes[tok])
+    pred.begin_pass([5], len(text))
+    want = np.zeros((L, E), np.float32)
+    # after "7 5" at 1: 6 (d 1), 8 (d 2) at 0.5; after the latest 5 (at 4): 9, 7 at 0.25
+    for p, tok in ((0.25 / np.sqrt(2), 7), (0.25, 9), (0.5 / np.sqrt(2), 8), (0.5, 6)):
+        for m, ids in routes[tok].items():
+            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
+    assert np.allclose(pred.draft, want)
+    # "8 5" now: the latest occurrence (at 4) is the match itself, then the one before
+    other = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+    for pos, tok in enumerate(text[:-1] + [8]):
+        _context_pass(other, tok, pos, routes[tok])
+    other.begin_pass([5], len(text))
+    want = np.zeros((L, E), np.float32)
+    for p, tok in ((0.25 / np.sqrt(2), 8), (0.25, 6), (0.5 / np.sqrt(2), 8), (0.5, 9)):
+        for m, ids in routes[tok].items():
+            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
+    assert np.allclose(other.draft, want)
+
+
 def test_token_memory_weighs_the_latest_occurrence_and_resets_on_collision():
     pred = _only(HybridPredictor(L, E, K, max_distance=1), TOKEN)
     first = {0: [1, 2], 1: [3, 4], 2: [5, 6]}

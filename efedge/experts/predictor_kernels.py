@@ -557,8 +557,8 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
 
 
 @njit(cache=True, fastmath=False)
-def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, p_draft, tok_tags, tok_hist, draft,
-                  p_next, p_next_k):
+def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, p_draft, tok_tags, tok_hist,
+                  draft, p_next, p_next_k):
     """The context draft of a one-token pass of token `tok` at `pos`, whose last earlier
     occurrence in the same context was at `j` (the caller's record; checked here against
     ctx, as positions may have been rewound since — then no draft): ctx[pos] and
@@ -567,9 +567,12 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, p_draft, tok_tags, tok
     likeliest next ones (prompt lookup); the experts each of them chose the last time it
     ran (the token memory's newest bit) are valued p_draft / sqrt(d) at draft distance d;
     the same for the n_occ - 1 occurrences before it, each at half the value of the next
-    one; the highest value wins. Into draft [L, E] (0 elsewhere). p_next (and the helper
-    thread's copy p_next_k) take the draft's value where it is higher: the eviction
-    values read it. Returns whether anything was drafted."""
+    one; the highest value wins. An occurrence whose preceding token is also the one
+    before `pos` (a two-token match, searched among the latest n_walk occurrences) is
+    drafted first, at full value, and the latest after it: what followed the same two
+    tokens is the likelier continuation. Into draft [L, E] (0 elsewhere). p_next (and
+    the helper thread's copy p_next_k) take the draft's value where it is higher: the
+    eviction values read it. Returns whether anything was drafted."""
     if j >= 0 and (j >= pos or ctx[j] != tok):
         j = -1  # (an occurrence rewound away)
     ctx[pos] = tok
@@ -578,13 +581,26 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, p_draft, tok_tags, tok
     n_set = 0
     n_b = tok_tags.shape[0]
     scale = p_draft
-    for _ in range(n_occ):
-        if j < 0:
+    first = -1  # the latest two-token match, if any
+    if pos > 0 and ctx[pos - 1] >= 0:
+        i = j
+        for _ in range(n_walk):
+            if i < 1:
+                break
+            if ctx[i - 1] == ctx[pos - 1]:
+                first = i
+                break
+            k = prev[i]
+            i = k if 0 <= k < i and ctx[k] == tok else -1
+    latest = j
+    src = first if first >= 0 else latest
+    for o in range(n_occ):
+        if src < 0:
             break
         for d in range(1, n_draft + 1):
-            if j + d >= pos:
+            if src + d >= pos:
                 break
-            nt = ctx[j + d]
+            nt = ctx[src + d]
             if nt < 0:
                 continue
             b = nt % n_b
@@ -598,8 +614,11 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, p_draft, tok_tags, tok
                     n_set += hit
                     draft[m, e] = max(draft[m, e], p * np.float32(hit))
         scale *= 0.5
-        i = prev[j]  # the occurrence before (a stale link — rewound — is not followed)
-        j = i if 0 <= i < j and ctx[i] == ctx[j] else -1
+        if o == 0 and first >= 0 and first != latest:
+            src = latest  # (after a two-token match, the latest occurrence)
+        else:  # the occurrence before (a stale link — rewound — is not followed)
+            i = prev[src]
+            src = i if 0 <= i < src and ctx[i] == tok else -1
     if n_set == 0:
         return False
     for m in range(draft.shape[0]):
