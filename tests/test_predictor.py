@@ -242,10 +242,10 @@ def test_the_context_draft_values_what_followed_a_tokens_last_occurrence():
         assert not off.draft.any()
 
 
-def test_the_context_draft_prefers_what_followed_the_same_two_tokens():
-    """Of a token's earlier occurrences, one preceded by the same token as the current
-    pass's is drafted first, at full value, then the latest at half; without such a
-    match the latest leads (as above)."""
+def test_the_context_draft_prefers_what_followed_the_same_tokens():
+    """Of a token's earlier occurrences, the one preceded by most of the same tokens as
+    the current pass's (up to DRAFT_MATCH) is drafted first, at full value, then the
+    latest at half; without such a match the latest leads (as above)."""
     pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
     routes = {t: {m: [(t + m) % E, (t + 2 * m + 1) % E] for m in range(L)} for t in range(10)}
     text = [7, 5, 6, 8, 5, 9, 7]  # then 5 at position 7, after a 7 as at position 1
@@ -258,6 +258,17 @@ def test_the_context_draft_prefers_what_followed_the_same_two_tokens():
         for m, ids in routes[tok].items():
             want[m, ids] = np.maximum(want[m, ids], np.float32(p))
     assert np.allclose(pred.draft, want)
+    # "3 7 5" at 0-2 matches three tokens, "7 5" at 5-6 two: the longer match leads
+    longer = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+    text3 = [3, 7, 5, 6, 8, 7, 5, 9, 4, 3, 7]
+    for pos, tok in enumerate(text3):
+        _context_pass(longer, tok, pos, routes[tok])
+    longer.begin_pass([5], len(text3))
+    want = np.zeros((L, E), np.float32)
+    for p, tok in ((0.25 / np.sqrt(2), 4), (0.25, 9), (0.5 / np.sqrt(2), 8), (0.5, 6)):
+        for m, ids in routes[tok].items():
+            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
+    assert np.allclose(longer.draft, want)
     # "8 5" now: the latest occurrence (at 4) is the match itself, then the one before
     other = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
     for pos, tok in enumerate(text[:-1] + [8]):

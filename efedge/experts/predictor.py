@@ -86,10 +86,11 @@ TOKEN_MEMORY_BYTES = 16 << 20  # the token table's budget: [buckets, L, E] uint8
 # (docs/scheduler.md §6, thirty-second session), 8 and 0.3 did best of 4–16 / 0.3–0.8;
 # a second occurrence helped in 23 of 48 settings (3 worse by < 0.006), more little.
 DRAFT_TOKENS, DRAFT_P, DRAFT_OCCURRENCES = 8, 0.3, 2
-# Of the latest DRAFT_WALK occurrences, one preceded by the same token as the current pass
-# (a two-token match) is drafted first, then the latest: simulated, less stall in 30 of
-# the 48 settings, more in 2 by <= 0.003 (§6, thirty-third session); 32 no better than 8.
-DRAFT_WALK = 8
+# Of the latest DRAFT_WALK occurrences, the one preceded by most of the same tokens as the
+# current pass (up to DRAFT_MATCH; the latest on ties) is drafted first, then the latest:
+# simulated, against the latest alone, less stall in 38 of the 48 settings, more in 1 by
+# 0.003 (docs/scheduler.md §6, thirty-third session); walking 32 was no better than 8.
+DRAFT_WALK, DRAFT_MATCH = 8, 4
 
 
 
@@ -410,7 +411,8 @@ class HybridPredictor:
         last[t] = pos
         if j >= 0 or self._drafted:  # (the kernel checks j against the context)
             self._drafted = _draft_kernel(ctx, prev, t, j, pos, self.draft_tokens,
-                                          DRAFT_OCCURRENCES, DRAFT_WALK, self.draft_p,
+                                          DRAFT_OCCURRENCES, DRAFT_WALK, DRAFT_MATCH,
+                                          self.draft_p,
                                           self.tok_tags,
                                           self.tok_hist, self.draft, self.p_next,
                                           self._p_next_k)

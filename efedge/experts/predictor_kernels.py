@@ -557,8 +557,8 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
 
 
 @njit(cache=True, fastmath=False)
-def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, p_draft, tok_tags, tok_hist,
-                  draft, p_next, p_next_k):
+def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_draft, tok_tags,
+                  tok_hist, draft, p_next, p_next_k):
     """The context draft of a one-token pass of token `tok` at `pos`, whose last earlier
     occurrence in the same context was at `j` (the caller's record; checked here against
     ctx, as positions may have been rewound since — then no draft): ctx[pos] and
@@ -581,17 +581,21 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, p_draft, tok_t
     n_set = 0
     n_b = tok_tags.shape[0]
     scale = p_draft
-    first = -1  # the latest two-token match, if any
-    if pos > 0 and ctx[pos - 1] >= 0:
-        i = j
-        for _ in range(n_walk):
-            if i < 1:
+    first = -1  # the occurrence with the longest match of the tokens before it, if any
+    best = 0
+    i = j
+    for _ in range(n_walk):
+        if i < 0:
+            break
+        n = 0
+        while n < n_match and n < i and ctx[i - 1 - n] >= 0 and ctx[i - 1 - n] == ctx[pos - 1 - n]:
+            n += 1
+        if n > best:
+            best, first = n, i
+            if n == n_match:
                 break
-            if ctx[i - 1] == ctx[pos - 1]:
-                first = i
-                break
-            k = prev[i]
-            i = k if 0 <= k < i and ctx[k] == tok else -1
+        k = prev[i]
+        i = k if 0 <= k < i and ctx[k] == tok else -1
     latest = j
     src = first if first >= 0 else latest
     for o in range(n_occ):
