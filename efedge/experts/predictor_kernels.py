@@ -567,9 +567,9 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_dra
     likeliest next ones (prompt lookup); the experts each of them chose the last time it
     ran (the token memory's newest bit) are valued p_draft / sqrt(d) at draft distance d;
     the same for the n_occ - 1 occurrences before it, each at half the value of the next
-    one; the highest value wins. An occurrence whose preceding token is also the one
-    before `pos` (a two-token match, searched among the latest n_walk occurrences) is
-    drafted first, at full value, and the latest after it: what followed the same two
+    one; the highest value wins. Of the latest n_walk occurrences, the one preceded by
+    the most of the same tokens as `pos` (up to n_match; the latest on ties) is drafted
+    first, at full value, and the latest after it at half: what followed the same few
     tokens is the likelier continuation. Into draft [L, E] (0 elsewhere). p_next (and
     the helper thread's copy p_next_k) take the draft's value where it is higher: the
     eviction values read it. Returns whether anything was drafted."""
@@ -619,7 +619,7 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_dra
                     draft[m, e] = max(draft[m, e], p * np.float32(hit))
         scale *= 0.5
         if o == 0 and first >= 0 and first != latest:
-            src = latest  # (after a two-token match, the latest occurrence)
+            src = latest  # (after the longest match, the latest occurrence)
         else:  # the occurrence before (a stale link — rewound — is not followed)
             i = prev[src]
             src = i if 0 <= i < src and ctx[i] == tok else -1
