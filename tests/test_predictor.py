@@ -246,39 +246,33 @@ def test_the_context_draft_prefers_what_followed_the_same_tokens():
     """Of a token's earlier occurrences, the one preceded by most of the same tokens as
     the current pass's (up to DRAFT_MATCH) is drafted first, at full value, then the
     latest at half; without such a match the latest leads (as above)."""
-    pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
     routes = {t: {m: [(t + m) % E, (t + 2 * m + 1) % E] for m in range(L)} for t in range(10)}
-    text = [7, 5, 6, 8, 5, 9, 7]  # then 5 at position 7, after a 7 as at position 1
-    for pos, tok in enumerate(text):
-        _context_pass(pred, tok, pos, routes[tok])
-    pred.begin_pass([5], len(text))
-    want = np.zeros((L, E), np.float32)
-    # after "7 5" at 1: 6 (d 1), 8 (d 2) at 0.5; after the latest 5 (at 4): 9, 7 at 0.25
-    for p, tok in ((0.25 / np.sqrt(2), 7), (0.25, 9), (0.5 / np.sqrt(2), 8), (0.5, 6)):
-        for m, ids in routes[tok].items():
-            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
-    assert np.allclose(pred.draft, want)
+
+    def drafted(text: list[int], tok: int) -> np.ndarray:
+        pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+        for pos, t in enumerate(text):
+            _context_pass(pred, t, pos, routes[t])
+        pred.begin_pass([tok], len(text))
+        return pred.draft
+
+    def valued(*pairs) -> np.ndarray:  # (value, token): that token's experts at that value
+        want = np.zeros((L, E), np.float32)
+        for p, t in pairs:
+            for m, ids in routes[t].items():
+                want[m, ids] = np.maximum(want[m, ids], np.float32(p))
+        return want
+
+    half, d2 = 0.25, 1 / np.sqrt(2)
+    # 5 after a 7, as at position 1: 6 (d 1), 8 (d 2) at 0.5; after the latest 5 (at 4):
+    # 9, 7 at 0.25
+    assert np.allclose(drafted([7, 5, 6, 8, 5, 9, 7], 5),
+                       valued((half * d2, 7), (half, 9), (0.5 * d2, 8), (0.5, 6)))
     # "3 7 5" at 0-2 matches three tokens, "7 5" at 5-6 two: the longer match leads
-    longer = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
-    text3 = [3, 7, 5, 6, 8, 7, 5, 9, 4, 3, 7]
-    for pos, tok in enumerate(text3):
-        _context_pass(longer, tok, pos, routes[tok])
-    longer.begin_pass([5], len(text3))
-    want = np.zeros((L, E), np.float32)
-    for p, tok in ((0.25 / np.sqrt(2), 4), (0.25, 9), (0.5 / np.sqrt(2), 8), (0.5, 6)):
-        for m, ids in routes[tok].items():
-            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
-    assert np.allclose(longer.draft, want)
-    # "8 5" now: the latest occurrence (at 4) is the match itself, then the one before
-    other = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
-    for pos, tok in enumerate(text[:-1] + [8]):
-        _context_pass(other, tok, pos, routes[tok])
-    other.begin_pass([5], len(text))
-    want = np.zeros((L, E), np.float32)
-    for p, tok in ((0.25 / np.sqrt(2), 8), (0.25, 6), (0.5 / np.sqrt(2), 8), (0.5, 9)):
-        for m, ids in routes[tok].items():
-            want[m, ids] = np.maximum(want[m, ids], np.float32(p))
-    assert np.allclose(other.draft, want)
+    assert np.allclose(drafted([3, 7, 5, 6, 8, 7, 5, 9, 4, 3, 7], 5),
+                       valued((half * d2, 4), (half, 9), (0.5 * d2, 8), (0.5, 6)))
+    # "8 5": the latest occurrence (at 4) is the match itself, then the one before
+    assert np.allclose(drafted([7, 5, 6, 8, 5, 9, 8], 5),
+                       valued((half * d2, 8), (half, 6), (0.5 * d2, 8), (0.5, 9)))
 
 
 def test_token_memory_weighs_the_latest_occurrence_and_resets_on_collision():
