@@ -412,10 +412,8 @@ class HybridPredictor:
         if j >= 0 or self._drafted:  # (the kernel checks j against the context)
             self._drafted = _draft_kernel(ctx, prev, t, j, pos, self.draft_tokens,
                                           DRAFT_OCCURRENCES, DRAFT_WALK, DRAFT_MATCH,
-                                          self.draft_p,
-                                          self.tok_tags,
-                                          self.tok_hist, self.draft, self.p_next,
-                                          self._p_next_k)
+                                          self.draft_p, self.tok_tags, self.tok_hist,
+                                          self.draft, self.p_next, self._p_next_k)
         else:
             ctx[pos] = t
             prev[pos] = -1

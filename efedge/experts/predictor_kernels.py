@@ -557,24 +557,30 @@ def _step(layer, step, pass_no, n_pred, extra, n_src, feedback, ids, h, W, Ws, h
 
 
 @njit(cache=True, fastmath=False)
+def _occurrence(ctx, i, before, tok):
+    """i if position i (a recorded occurrence of `tok`) is still one before `before` in
+    the context (positions rewound since no longer hold it), else -1."""
+    return i if 0 <= i < before and ctx[i] == tok else -1
+
+
+@njit(cache=True, fastmath=False)
 def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_draft, tok_tags,
                   tok_hist, draft, p_next, p_next_k):
     """The context draft of a one-token pass of token `tok` at `pos`, whose last earlier
     occurrence in the same context was at `j` (the caller's record; checked here against
     ctx, as positions may have been rewound since — then no draft): ctx[pos] and
-    prev[pos] (each position's previous occurrence of its token) are written, and the
-    tokens that followed `j`, ctx[j+1 .. j+n_draft] (before pos), are taken as the
-    likeliest next ones (prompt lookup); the experts each of them chose the last time it
-    ran (the token memory's newest bit) are valued p_draft / sqrt(d) at draft distance d;
-    the same for the n_occ - 1 occurrences before it, each at half the value of the next
-    one; the highest value wins. Of the latest n_walk occurrences, the one preceded by
-    the most of the same tokens as `pos` (up to n_match; the latest on ties) is drafted
-    first, at full value, and the latest after it at half: what followed the same few
-    tokens is the likelier continuation. Into draft [L, E] (0 elsewhere). p_next (and
+    prev[pos] (each position's previous occurrence of its token) are written. The tokens
+    that followed an earlier occurrence i, ctx[i+1 .. i+n_draft] (before pos), are taken
+    as the likeliest next ones (prompt lookup); the experts each of them chose the last
+    time it ran (the token memory's newest bit) are valued p_draft / sqrt(d) at draft
+    distance d, the highest value winning. First drafted, at full value: of the latest
+    n_walk occurrences, the one preceded by the most of the same tokens as `pos` (up to
+    n_match; the latest on ties) — what followed the same few tokens is the likelier
+    continuation; then the latest, then the ones before it, n_occ in all, each at half
+    the value of the one before. Into draft [L, E] (0 elsewhere). p_next (and
     the helper thread's copy p_next_k) take the draft's value where it is higher: the
     eviction values read it. Returns whether anything was drafted."""
-    if j >= 0 and (j >= pos or ctx[j] != tok):
-        j = -1  # (an occurrence rewound away)
+    j = _occurrence(ctx, j, pos, tok)
     ctx[pos] = tok
     prev[pos] = j
     draft[:] = 0.0
@@ -594,8 +600,7 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_dra
             best, first = n, i
             if n == n_match:
                 break
-        k = prev[i]
-        i = k if 0 <= k < i and ctx[k] == tok else -1
+        i = _occurrence(ctx, prev[i], i, tok)
     latest = j
     src = first if first >= 0 else latest
     for o in range(n_occ):
@@ -621,8 +626,7 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_dra
         if o == 0 and first >= 0 and first != latest:
             src = latest  # (after the longest match, the latest occurrence)
         else:  # the occurrence before (a stale link — rewound — is not followed)
-            i = prev[src]
-            src = i if 0 <= i < src and ctx[i] == tok else -1
+            src = _occurrence(ctx, prev[src], src, tok)
     if n_set == 0:
         return False
     for m in range(draft.shape[0]):
