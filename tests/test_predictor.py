@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_benchmark
 
+from efedge.experts import predictor as predictor_mod
 from efedge.experts.predictor import PREGATE, TEMPORAL, TOKEN, TRANSITION, HybridPredictor
 from efedge.experts.predictor_kernels import _rank_desc
 
@@ -273,6 +274,38 @@ def test_the_context_draft_prefers_what_followed_the_same_tokens():
     # "8 5": the latest occurrence (at 4) is the match itself, then the one before
     assert np.allclose(drafted([7, 5, 6, 8, 5, 9, 8], 5),
                        valued((half * d2, 8), (half, 6), (0.5 * d2, 8), (0.5, 9)))
+
+
+def test_the_context_draft_reads_a_prefill_like_one_token_passes():
+    """A prompt passed as one batch (prefill) is context as the same tokens passed one by
+    one are: a later one-token pass drafts the same from it. Token ids past the table's
+    initial size grow it; ids past _LAST_AT_MAX are not recorded (no draft, no error)."""
+    big = 100_000  # past the initial 256 ids
+    text = [7, big, 6, 8, big, 9]
+    routes = {t: {m: [(t + m) % E, (t + 2 * m + 1) % E] for m in range(L)} for t in text}
+
+    def pred_after(batch: bool) -> HybridPredictor:
+        pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+        if batch:
+            pred.begin_pass(text, 0)
+            for m in range(L):
+                pred.step(m, np.array([routes[t][m] for t in text]), n_pred=0)
+        else:
+            for pos, t in enumerate(text):
+                _context_pass(pred, t, pos, routes[t])
+        pred.begin_pass([big], len(text))
+        return pred
+
+    batch, single = pred_after(True), pred_after(False)
+    assert batch.draft.any()  # after `big` at 4: 9 (d 1); at 1: 6 (d 1), 8 (d 2)
+    assert np.array_equal(batch.draft, single.draft)
+    assert (batch.p_next >= batch.draft).all()  # (the rest of p_next learned differently)
+    huge = predictor_mod._LAST_AT_MAX + 5
+    pred = HybridPredictor(L, E, K, draft_tokens=2, draft_p=0.5)
+    for pos, t in enumerate([huge, 3, huge]):
+        _context_pass(pred, t, pos, routes[7])
+    assert not pred.draft.any()
+    assert pred._last_at.shape[0] <= predictor_mod._LAST_AT_MAX
 
 
 def test_token_memory_weighs_the_latest_occurrence_and_resets_on_collision():

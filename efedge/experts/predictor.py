@@ -55,8 +55,9 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     TEMPORAL,
     TOKEN,
     TRANSITION,
-    _draft_kernel,
+    _begin_one,
     _predict,
+    _record_context,
     _rescale,
     _seed_kernel,
     _step,
@@ -91,6 +92,9 @@ DRAFT_TOKENS, DRAFT_P, DRAFT_OCCURRENCES = 8, 0.3, 2
 # simulated, against the latest alone, less stall in 38 of the 48 settings, more in 1 by
 # 0.003 (docs/scheduler.md §6, thirty-third session); walking 32 was no better than 8.
 DRAFT_WALK, DRAFT_MATCH = 8, 4
+# token ids the context draft records positions for (_last_at: 8 bytes per id up to the
+# largest seen; every GGUF vocabulary is far smaller)
+_LAST_AT_MAX = 1 << 22
 
 
 
@@ -197,7 +201,7 @@ class HybridPredictor:
         self._ctx = np.full(256, -1, dtype=np.int64)
         self._prev = np.full(256, -1, dtype=np.int64)  # each position's token's previous one
         self._ctx_n = 0  # positions known
-        self._last_at: dict[int, int] = {}
+        self._last_at = np.full(256, -1, dtype=np.int64)  # each token id's latest position
         self.draft = np.zeros((L, E), dtype=np.float32)
         self._drafted = False  # whether `draft` holds anything (to clear at the next pass)
         # the kernels' persistent state, in their argument order: one tuple to splat per
@@ -356,27 +360,30 @@ class HybridPredictor:
         pass whose token occurred earlier in the same context values the experts of the
         tokens that followed it there for eviction (draft, p_next)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if tokens.size == 0:
+        t_n = tokens.shape[0]
+        if t_n == 0:
             return
         if self._posted:  # (the helper reads the token tables)
             self._join()
-        if self.draft_tokens:
-            self._draft(tokens, pos)
-        if tokens.size == 1:  # decode: Python scalars, not five numpy calls (cold, ~2 µs each)
+        if t_n == 1 and self.draft_tokens:  # decode: one kernel call (_begin_one)
             tok = int(tokens[0])
-            b1 = tok % self.tok_tags.shape[0]
-            if self.tok_tags[b1] != tok:
-                self.tok_tags[b1] = tok
-                self.tok_hist[b1] = 0
-            self._tok1[0] = b1  # (the kernels only read cur_tok during a call)
+            if pos is None:
+                pos = self._ctx_n
+            if pos != self._ctx_n or pos >= self._ctx.shape[0]:
+                self._context_moved(pos, 1)
+            self._ctx_n = pos + 1
+            if tok >= self._last_at.shape[0]:
+                self._fit_last_at(tok)
+            self._drafted = _begin_one(self._ctx, self._prev, self._last_at, tok, pos,
+                                       self._drafted, self.draft_tokens, DRAFT_OCCURRENCES,
+                                       DRAFT_WALK, DRAFT_MATCH, self.draft_p, self.tok_tags,
+                                       self.tok_hist, self.draft, self.p_next,
+                                       self._p_next_k, self._tok1)
             self.cur_tok = self._tok1
         else:
-            b = tokens % self.tok_tags.shape[0]
-            new = np.flatnonzero(self.tok_tags[b] != tokens)
-            if new.size:
-                self.tok_tags[b[new]] = tokens[new]
-                self.tok_hist[b[new]] = 0
-            self.cur_tok = np.ascontiguousarray(b)
+            if self.draft_tokens:  # (one token without a draft: nothing to record)
+                self._draft_batch(tokens, pos)
+            self._tag_tokens(tokens)
         self.pass_no += 1
         self._last_layer = -1  # the next step(0) is in this pass
         self._pass_tokens = int(tokens.size)
@@ -384,39 +391,52 @@ class HybridPredictor:
             self.use_thread(True, self._workers_ctl)  # the machine may have calmed down
             self._tried_at = self.pass_no
 
-    def _draft(self, tokens: np.ndarray, pos: int | None) -> None:
-        """(begin_pass) The context's tokens, and the draft of a one-token pass. Decode's
-        path is a dict lookup and one kernel call (two scalar stores instead where there
-        is no draft to make or to clear)."""
+    def _tag_tokens(self, tokens: np.ndarray) -> None:
+        """(begin_pass) The token memory's buckets for the pass's tokens into cur_tok; a
+        bucket another token held is reset (a collision resets rather than mixes)."""
+        if tokens.shape[0] == 1:  # Python scalars, not five numpy calls (cold, ~2 µs each)
+            tok = int(tokens[0])
+            b1 = tok % self.tok_tags.shape[0]
+            if self.tok_tags[b1] != tok:
+                self.tok_tags[b1] = tok
+                self.tok_hist[b1] = 0
+            self._tok1[0] = b1  # (the kernels only read cur_tok during a call)
+            self.cur_tok = self._tok1
+            return
+        b = tokens % self.tok_tags.shape[0]
+        new = np.flatnonzero(self.tok_tags[b] != tokens)
+        if new.size:
+            self.tok_tags[b[new]] = tokens[new]
+            self.tok_hist[b[new]] = 0
+        self.cur_tok = np.ascontiguousarray(b)
+
+    def _fit_last_at(self, tok: int) -> None:
+        """Room in _last_at for token id `tok` (ids past _LAST_AT_MAX are not recorded:
+        they find no earlier occurrence, and cost no memory)."""
+        if tok >= _LAST_AT_MAX:
+            return
+        size = min(_LAST_AT_MAX, max(tok + 1, 2 * self._last_at.shape[0]))
+        grown = np.full(size, -1, dtype=np.int64)
+        grown[:self._last_at.shape[0]] = self._last_at
+        self._last_at = grown
+
+    def _draft_batch(self, tokens: np.ndarray, pos: int | None) -> None:
+        """(begin_pass) A batch's tokens (prefill) into the context: each position's
+        token, its previous occurrence, each token's latest position. Nothing is drafted,
+        and the last pass's draft is over."""
         t_n = tokens.shape[0]
         if pos is None:
             pos = self._ctx_n
         if pos != self._ctx_n or pos + t_n > self._ctx.shape[0]:
             self._context_moved(pos, t_n)
-        last, ctx = self._last_at, self._ctx
         self._ctx_n = pos + t_n
-        prev = self._prev
-        if t_n > 1:  # a batch (prefill): its tokens are context; nothing is drafted
-            for i, t in enumerate(tokens.tolist()):
-                j = last.get(t, -1)
-                prev[pos + i] = j if 0 <= j < pos + i and ctx[j] == t else -1
-                last[t] = pos + i
-                ctx[pos + i] = t
-            if self._drafted:  # (the last pass's draft is over)
-                self.draft[:] = 0.0
-                self._drafted = False
-            return
-        t = int(tokens[0])
-        j = last.get(t, -1)
-        last[t] = pos
-        if j >= 0 or self._drafted:  # (the kernel checks j against the context)
-            self._drafted = _draft_kernel(ctx, prev, t, j, pos, self.draft_tokens,
-                                          DRAFT_OCCURRENCES, DRAFT_WALK, DRAFT_MATCH,
-                                          self.draft_p, self.tok_tags, self.tok_hist,
-                                          self.draft, self.p_next, self._p_next_k)
-        else:
-            ctx[pos] = t
-            prev[pos] = -1
+        top = int(tokens.max())
+        if top >= self._last_at.shape[0]:
+            self._fit_last_at(top)
+        _record_context(self._ctx, self._prev, self._last_at, tokens, pos)
+        if self._drafted:
+            self.draft[:] = 0.0
+            self._drafted = False
 
     def _context_moved(self, pos: int, t_n: int) -> None:
         """A context begun again (pos 0), rewound, or continued past positions never seen
@@ -426,7 +446,7 @@ class HybridPredictor:
             self._ctx[pos:n] = -1  # against _ctx before use)
             self._prev[pos:n] = -1
         if pos == 0:
-            self._last_at.clear()
+            self._last_at.fill(-1)
         need = pos + t_n
         if need > self._ctx.shape[0]:
             size = max(need, 2 * self._ctx.shape[0])

@@ -638,6 +638,50 @@ def _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match, p_dra
 
 
 @njit(cache=True, fastmath=False)
+def _record_context(ctx, prev, last_at, tokens, pos):
+    """A batch of tokens (a prefill) at positions pos.. of the context: each position's
+    token (ctx), its previous occurrence there (prev, -1 for none or one rewound since)
+    and each token's latest position (last_at [vocab]; ids past it are not recorded)."""
+    for i in range(tokens.shape[0]):
+        t = tokens[i]
+        p = pos + i
+        j = -1
+        if 0 <= t < last_at.shape[0]:
+            j = last_at[t]
+            last_at[t] = p
+        prev[p] = _occurrence(ctx, j, p, t)
+        ctx[p] = t
+
+
+@njit(cache=True, fastmath=False)
+def _begin_one(ctx, prev, last_at, tok, pos, drafted, n_draft, n_occ, n_walk, n_match,
+               p_draft, tok_tags, tok_hist, draft, p_next, p_next_k, tok1):
+    """A one-token pass of token `tok` at context position `pos` begins (begin_pass on
+    decode, in one call: Python scalars and a dict cost the compute thread more, cold,
+    than the work): the context draft (_draft_kernel) where the token occurred earlier —
+    last_at [vocab] holds each token's latest position, -1 for none — or where the last
+    pass drafted (its draft is cleared), else the position recorded without one; then
+    the token memory's bucket for it (a bucket another token held is reset) into tok1[0].
+    Returns whether anything is drafted now."""
+    j = -1
+    if 0 <= tok < last_at.shape[0]:
+        j = last_at[tok]
+        last_at[tok] = pos
+    if j >= 0 or drafted:  # (the draft kernel checks j against the context)
+        drafted = _draft_kernel(ctx, prev, tok, j, pos, n_draft, n_occ, n_walk, n_match,
+                                p_draft, tok_tags, tok_hist, draft, p_next, p_next_k)
+    else:
+        ctx[pos] = tok
+        prev[pos] = -1
+    b = tok % tok_tags.shape[0]
+    if tok_tags[b] != tok:
+        tok_tags[b] = tok
+        tok_hist[b] = 0
+    tok1[0] = b
+    return drafted
+
+
+@njit(cache=True, fastmath=False)
 def refine_pick(z, k, margin, due_row, where_row, drop, want):
     """A layer's queue against its router's selection logits z [E] on its input
     (ExpertFlow's refine): into `drop` the experts with a prefetch queued for it
