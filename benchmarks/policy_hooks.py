@@ -28,9 +28,11 @@ from efedge.policy_compare import decode_run, heldout_ids
 # (the object's role, its methods); a method an object lacks is skipped, so one list
 # serves every policy, the Python and the native transfer engines
 HOOKS = {
-    "policy": ("on_route", "on_pass", "on_layer_input", "_catch_up", "_predict_and_plan",
+    "policy": ("on_route", "on_pass", "on_layer_input", "_start_pass", "_catch_up",
+               "_predict_and_plan",
                "_plan_prefetches", "_flush_plan"),
-    "predictor": ("step", "post_step", "wait", "predict_pass_start", "begin_pass"),
+    "predictor": ("step", "post_step", "wait", "predict_pass_start", "_gate_first",
+                  "begin_pass"),
     "source": ("prefetch_plan", "reap", "_classify", "_issue", "_start_demand_loads",
                "yield_to_workers", "_ready_batch", "cancel_prefetch_keys"),
     "engine": ("submit", "submit_many", "reap", "promote"),

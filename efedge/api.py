@@ -299,8 +299,13 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self._tf.on_route = source.on_route
         self._tf.on_pass = source.on_pass
         # each MoE layer's input, for a policy that refines its plan from it (expertflow's
-        # refine); None otherwise: the decode loop then makes no call
+        # refine), or layer 0's alone for its pass start (expertflow's first_input); None
+        # otherwise: the decode loop then makes no call
         self._tf.on_layer_input = source.on_layer_input if pol.wants_layer_input else None
+        self._tf.layer_input_all = getattr(pol, "layer_inputs", "all") != "first"
+        # (a model whose routers read the layer's input asks for the experts itself then)
+        pol.layer_input_wired = (self._tf.on_layer_input is not None
+                                 and self._tf.cfg.spec.router_input != "layer")
         self.link = link_obj
         return source
 

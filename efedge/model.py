@@ -79,6 +79,9 @@ class Transformer(DecodeMixin):
         # each MoE layer's attention, where the router reads the attention's output: the
         # router on it names the layer's experts earlier than routing does
         self.on_layer_input = None
+        # False: only layer 0's input, and only in one-token passes (a policy that wants
+        # no more: expertflow's pass start, first_input); True: every MoE layer's
+        self.layer_input_all = True
         # Cache-aware routing (opt-in, changes outputs): a selected expert that is not
         # resident is swapped for a resident one whose router probability is within this
         # much of it. 0 = exact routing, identical to llama.cpp.
@@ -313,7 +316,8 @@ class Transformer(DecodeMixin):
         early = c.spec.router_input == "layer"
         for il, blk in enumerate(self.blocks):
             routed = self.route_early(blk, il, x, experts) if early and blk.moe else None
-            if self.on_layer_input is not None and blk.moe and not early:
+            if self.on_layer_input is not None and blk.moe and not early and \
+                    (self.layer_input_all or (il == 0 and t == 1)):
                 self.on_layer_input(il, self._norm(x, blk.ffn_norm, blk.ffn_norm_b))
             a = self._attention(blk, il, self._norm(x, blk.attn_norm, blk.attn_norm_b), pos,
                                 kv)

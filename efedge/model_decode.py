@@ -48,8 +48,9 @@ class DecodeMixin:
         early = c.spec.router_input == "layer"
         per_layer = c.nope_step > 0 or c.sliding_window > 0  # smallthinker's layers differ
         on_input = None if early else self.on_layer_input
+        input_all = self.layer_input_all
         for il, blk in enumerate(self.blocks):
-            if on_input is not None and blk.moe:
+            if on_input is not None and blk.moe and (input_all or il == 0):
                 on_input(il, self._norm(x[None], blk.ffn_norm, blk.ffn_norm_b))
             if early and blk.moe:  # smallthinker: routed on the layer's input
                 r_ids, r_w = self.route_early(blk, il, x[None], experts)

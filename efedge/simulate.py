@@ -207,6 +207,8 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     pregate_in = arrays.get("pregate_in")
     on_input = (source.on_layer_input if pregate_in is not None and not early
                 and pol.wants_layer_input else None)
+    pol.layer_input_wired = on_input is not None
+    input_all = getattr(pol, "layer_inputs", "all") != "first"  # (as the model calls it)
     if setup.policy_time > 0:
         on_pass = _charged(on_pass, clock, engine, setup)
         on_route = _charged(on_route, clock, engine, setup)
@@ -226,7 +228,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
             if early:  # as Transformer.route_early: asked for, then the attention runs
                 source.prefetch(layer, np.unique(ids))
                 on_route(layer, hidden, ids[None, :])
-            elif on_input is not None:
+            elif on_input is not None and (input_all or layer == 0):
                 on_input(layer, hidden, logits=pregate_in[t, layer][None, :])
             clock.advance(setup.layer_compute_s)
             engine.advance_to(clock.t)

@@ -131,8 +131,9 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
     if not ids:  # no rows to stack (and the model adds no BOS token)
         raise TraceError("the text to trace is empty: no tokens to run through the model")
     rec = TraceRecorder(tf, horizon=horizon, sketch_dim=sketch_dim)
-    old, old_in = tf.on_route, tf.on_layer_input
+    old, old_in, old_all = tf.on_route, tf.on_layer_input, tf.layer_input_all
     tf.on_route = rec if old is None else _chain(old, rec)
+    tf.layer_input_all = True  # (every layer's input is recorded)
     if tf.cfg.spec.router_input != "layer":  # (there the router reads the input already)
         tf.on_layer_input = (rec.layer_input if old_in is None
                              else _chain(old_in, rec.layer_input))
@@ -148,6 +149,7 @@ def record_trace(model, text: str, *, max_tokens: int | None = None, chunk: int 
             pos += len(piece)
     finally:
         tf.on_route, tf.on_layer_input = old, old_in
+        tf.layer_input_all = old_all
     arrays = rec.arrays()
     store = tf.store
     meta = {

@@ -56,6 +56,34 @@ def test_pregating_from_trace_logits_and_unknown_rows():
     assert np.allclose(pred.p_use[1], pred.p_use[1, 0])
 
 
+def test_a_pass_start_pregates_its_first_layer_from_that_layers_input():
+    """With layer 0's input known before its attention (a one-token pass), the pass start
+    ranks layer 0's experts by layer 0's own router on it — from the normalised input
+    (router weights set) or from the router's logits (a trace's) — and only layer 0:
+    without it, or at layer 1, pre-gating has nothing to say."""
+    pred = _only(HybridPredictor(L, E, K, max_distance=2), PREGATE)
+    pred.set_router_weights(_eye_routers())
+    h = np.zeros((1, D), dtype=np.float32)
+    h[0, 5], h[0, 6] = 1.0, 0.8  # layer 0's router: experts 5, 6 (layer 1's: 4, 5)
+    pred.begin_pass([3])
+    pred.predict_pass_start(2, hidden=h)
+    assert pred.order[0, :2].tolist() == [5, 6]
+    assert np.allclose(pred.p_use[1], pred.p_use[1, 0])  # layer 1: no information
+    pred.begin_pass([3])
+    pred.predict_pass_start(2)  # no input: layer 0 is not pre-gated either
+    assert np.allclose(pred.p_use[0], pred.p_use[0, 0])
+    assert np.isnan(pred._pass_pg).all()  # (nothing left for the next pass start)
+    z = np.zeros((1, E), dtype=np.float32)
+    z[0, 7], z[0, 2] = 3.0, 2.0
+    pred.begin_pass([3])
+    pred.predict_pass_start(2, logits=z)
+    assert pred.order[0, :2].tolist() == [7, 2]
+    for bad in (np.full((1, E), np.nan, np.float32), np.zeros((1, E + 1), np.float32)):
+        pred.begin_pass([3])
+        pred.predict_pass_start(2, logits=bad)  # unusable: ignored
+        assert np.allclose(pred.p_use[0], pred.p_use[0, 0])
+
+
 def test_transitions_from_a_seeded_table_cross_the_token_boundary():
     # every token: layer 0 uses {a, a+1}, layer 1 {a+2, a+3}, layer 2 {a+4, a+5}, and the
     # next token starts at a+1: the chain is deterministic at every distance

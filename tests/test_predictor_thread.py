@@ -63,9 +63,11 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
                     assert not b.post_step(layer, ids.astype(np.int32), h, 2)
                     b.step(layer, ids, hidden=h, n_pred=2)
                 _same_state(a, b)
+            # every other pass start with layer 0's input, pre-gating layer 0
+            h0 = rng.standard_normal((1, D)).astype(np.float32) if tok % 2 else None
             for p in (a, b):
                 p.begin_pass([tok])
-                p.predict_pass_start(2)
+                p.predict_pass_start(2, hidden=h0)
             _same_state(a, b)
             for layer in range(L):
                 ids = rng.choice(E, K, replace=False).astype(np.int32)[None]

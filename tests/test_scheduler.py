@@ -368,7 +368,8 @@ def test_expertflow_predicts_a_pass_start_as_far_as_it_plans():
     pol = ExpertFlow()
     src = _Source(pol, n_slots=16)
     asked, start = [], pol.predictor.predict_pass_start
-    pol.predictor.predict_pass_start = lambda n: (asked.append((n, pol._h_need())), start(n))
+    pol.predictor.predict_pass_start = lambda n, *a: (asked.append((n, pol._h_need())),
+                                                      start(n, *a))
     for tok in range(6):
         pol.on_pass(np.array([tok % 3]))
         for m in range(4):
@@ -377,6 +378,47 @@ def test_expertflow_predicts_a_pass_start_as_far_as_it_plans():
             pol.on_demand_issued(m)
     assert len(asked) == 6
     assert all(n == pol._span(3, min(h, pol.max_distance, 4)) for n, h in asked)
+
+
+def test_expertflow_starts_a_pass_on_layer_0s_input_where_the_model_gives_it():
+    """first_input: where the model calls on_layer_input(0) (layer_input_wired), a
+    one-token pass plans its start there, pre-gating layer 0 from that input; without the
+    call it plans at layer 0's route; a batch, an unwired source or first_input=False
+    plan at on_pass as before."""
+    def setup(**kw):
+        pol = ExpertFlow(**kw)
+        src = _Source(pol, n_slots=16)
+        asked = []
+        start = pol.predictor.predict_pass_start
+        pol.predictor.predict_pass_start = lambda n, *a: (asked.append(a), start(n, *a))
+        return pol, src, asked
+
+    z = np.arange(8, dtype=np.float32)[None]  # layer 0's router logits on its input
+    pol, src, asked = setup()
+    assert pol.wants_layer_input and pol.layer_inputs == "first"
+    pol.layer_input_wired = True
+    pol.on_pass(np.array([1]))
+    assert asked == []  # waits for layer 0's input
+    pol.on_layer_input(0, None, logits=z)
+    assert len(asked) == 1 and asked[0][1] is z
+    pol.on_layer_input(1, None, logits=z)  # (not layer 0: nothing more)
+    for m in range(4):
+        pol.on_route(m, None, np.array([[m, m + 4]]))
+        pol.on_demand_issued(m)
+    assert len(asked) == 1
+    pol.on_pass(np.array([2]))  # no input comes: planned at layer 0's route
+    pol.on_route(0, None, np.array([[0, 4]]))
+    assert len(asked) == 2 and asked[1] == (None, None)
+    pol.on_demand_issued(0)
+    pol.on_pass(np.array([1, 2]))  # a batch: at once
+    assert len(asked) == 3
+    for kw, wired in (({}, False), ({"first_input": False}, True)):
+        pol, src, asked = setup(**kw)
+        pol.layer_input_wired = wired
+        pol.on_pass(np.array([1]))
+        assert len(asked) == 1 and asked[0] == (None, None)
+    assert not ExpertFlow(first_input=False).wants_layer_input
+    assert ExpertFlow(refine=True).layer_inputs == "all"
 
 
 # -- registry and routing -----------------------------------------------------------------
@@ -453,17 +495,24 @@ def test_every_policy_gives_the_resident_logits(tiny_gguf, arch):
 
 def test_refine_hears_each_layers_input_and_re_ranks_its_queue(tiny_gguf):
     """expertflow:refine: the model hands each MoE layer's input to the policy before the
-    attention (only then: plain expertflow makes no such call), which, on decode's
-    one-token passes, fetches experts its router names there and cancels queued ones it
-    does not — the same tokens (logits: test_every_policy_gives_the_resident_logits)."""
+    attention (plain expertflow only layer 0's, for its pass start; on-demand none),
+    which, on decode's one-token passes, fetches experts its router names there and
+    cancels queued ones it does not — the same tokens (logits:
+    test_every_policy_gives_the_resident_logits)."""
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     ids = _ids(8)
     with efedge.load(path) as m:
         greedy = m.generate(ids, max_tokens=32, temperature=0)
-    with efedge.load(path, cache="30%", link="2GB/s") as m:
+    with efedge.load(path, cache="30%", policy="ondemand", link="2GB/s") as m:
         assert m._tf.on_layer_input is None
+    with efedge.load(path, cache="30%", link="2GB/s") as m:
+        assert m._tf.on_layer_input is not None and not m._tf.layer_input_all
+        assert m.generate(ids, max_tokens=32, temperature=0) == greedy
+        pol = m._experts.policy
+        # every decoded token's pass start waited for layer 0's input (the prompt: a batch)
+        assert pol.layer_input_wired and pol.first_inputs >= 31 and pol.refined == 0
     with efedge.load(path, cache="30%", policy="expertflow:refine", link="2GB/s") as m:
-        assert m._tf.on_layer_input is not None
+        assert m._tf.on_layer_input is not None and m._tf.layer_input_all
         assert m.generate(ids, max_tokens=32, temperature=0) == greedy
         pol = m._experts.policy
         assert pol.refined > 0

@@ -212,8 +212,17 @@ class ExpertFlow(_Predictive):
                  pass_start: bool = True, victim_aware: bool = True, stage_lead: int = 2,
                  stage_floor: float | None = None, refine: bool = False,
                  refine_margin: int = 2, refine_p: float = 0.75,
-                 predictor_thread: bool | str | None = None, **kw):
+                 predictor_thread: bool | str | None = None, first_input: bool = True,
+                 **kw):
         super().__init__(**kw)
+        # first_input: a one-token pass's start waits for layer 0's input (the embedding,
+        # normalised for its router: known before its attention, right after the pass
+        # begins) and pre-gates layer 0 from it — where the model gives it
+        # (layer_input_wired) and layer 0 has experts; else it plans at on_pass as before
+        self.first_input = bool(first_input)
+        self.layer_input_wired = False
+        self._pass_pending = False
+        self.first_inputs = 0  # pass starts planned on layer 0's input
         # the predictor's step on a helper thread where a core is spare (None / "auto":
         # EFEDGE_PREDICTOR_THREAD, else auto; efedge/experts/predictor_thread.py)
         self.predictor_thread = predictor_thread
@@ -250,6 +259,7 @@ class ExpertFlow(_Predictive):
         self.horizon = 1
         self.cancelled = 0
         self._refine_buf = (np.empty(self.n_expert, np.int64), np.empty(self.n_expert, np.int64))
+        self._pass_pending = False
         # an expert's bytes on average over the layers that have experts (a dense layer's
         # 0 would shrink τ, and with it the look-ahead, in proportion to the dense layers)
         sizes = [b for b in map(source.store.expert_bytes, range(self.n_layer)) if b > 0]
@@ -294,6 +304,8 @@ class ExpertFlow(_Predictive):
         self._all_in = bool((dense[:, None] | (cache.where >= 0)).all()) or not self._plan
 
     def on_route(self, layer, hidden, ids, pregate=None) -> None:
+        if self._pass_pending:  # (layer 0's input never came: plan without it)
+            self._start_pass()
         src = self.source
         t0 = src.now()
         c = src.counters
@@ -425,14 +437,31 @@ class ExpertFlow(_Predictive):
         """Before the pass's first layer: its tokens are known, so the token memory can
         name the experts of its first layers (the prediction made at the previous pass's
         last layer could not). Re-plan from there — the same step in the layer stream —
-        and issue at once: no demand load is queued yet."""
+        and issue at once: no demand load is queued yet. A one-token pass whose model
+        gives layer 0's input (first_input) waits for it: on_layer_input(0) comes before
+        layer 0's attention, with nothing computed in between but the embedding."""
         src = self.source
         t0 = src.now()
         if self.has_deferred_work():  # (a source without on_demand_issued)
             self._catch_up()
         super().on_pass(tokens, pos)
+        self._pass_pending = False
         if self._all_fit or not self.pass_start:
             return
+        if self.first_input and self.layer_input_wired and len(tokens) == 1 and \
+                src.cache.layer_class[0] >= 0:
+            self._pass_pending = True
+            self.overhead_s += src.now() - t0
+            return
+        self._start_pass(t0=t0)
+
+    def _start_pass(self, hidden=None, logits=None, t0: float | None = None) -> None:
+        """(on_pass, or on_layer_input(0) with layer 0's input) The pass start's
+        prediction of its first layers and their plan."""
+        self._pass_pending = False
+        src = self.source
+        if t0 is None:
+            t0 = src.now()
         L = self.n_layer
         h_need = self._h_need()
         # as far as the plan below reaches: the distance past it that on_route explores
@@ -440,14 +469,21 @@ class ExpertFlow(_Predictive):
         # moved no simulated figure by more than 0.01 of on-demand's stall (48 settings:
         # demo trace at 450-2880 MB/s, three compute models, the Mixtral-shaped trace on
         # three hardware profiles); predicting all L layers cost 20 µs more per token
-        self.predictor.predict_pass_start(self._span(L - 1, min(h_need, self.max_distance, L)))
+        self.predictor.predict_pass_start(self._span(L - 1, min(h_need, self.max_distance, L)),
+                                          hidden, logits)
         self.needed[:] = False  # the last layer is done: nothing of it is still to be used
         self.cur_layer = L - 1
         self._plan_prefetches(L - 1, self._span(L - 1, min(h_need, L)))
         self._flush_plan()
         self.overhead_s += src.now() - t0
 
-    wants_layer_input = property(lambda self: self.refine)
+    # the model calls on_layer_input before each MoE layer's attention for refine, and
+    # before layer 0's for a pass start that waits for its input (first_input)
+    wants_layer_input = property(lambda self: self.refine or self.first_input)
+    # which layers' inputs: "all" (refine) or "first" (only layer 0's, one-token passes)
+    layer_inputs = property(lambda self: "all" if self.refine else
+                            "first" if self.first_input else None)
+
 
     def on_layer_input(self, layer: int, hidden, logits=None) -> None:
         """Layer `layer` is about to run its attention on `hidden` [1, D] (its input,
@@ -457,6 +493,11 @@ class ExpertFlow(_Predictive):
         earlier — its queued prefetches outside the top K + margin are cancelled before
         they take the link, and those of the top K not yet resident or loading are
         fetched now, valued at refine_p. One token's pass only (decode)."""
+        if self._pass_pending and layer == 0:
+            h1 = hidden if type(hidden) is np.ndarray and hidden.ndim == 2 and \
+                hidden.shape[0] == 1 else None
+            self.first_inputs += 1
+            self._start_pass(h1, logits)
         if not self.refine or self._all_fit or self.source.cache.layer_class[layer] < 0:
             return
         src = self.source

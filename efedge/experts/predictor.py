@@ -61,6 +61,7 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     _rescale,
     _seed_kernel,
     _step,
+    input_logits,
 )
 
 try:  # the helper thread's two hand-over kernels, called here directly (fewer Python
@@ -187,6 +188,10 @@ class HybridPredictor:
         self._pass_tokens = 1
         self._no_h = np.zeros((1, 1), dtype=np.float32)
         self._no_pg = np.zeros((1, 0, E), dtype=np.float32)
+        # a one-token pass start's pre-gating: row 0 its first layer's router on that
+        # layer's input (predict_pass_start's `hidden` / `logits`), NaN where unknown
+        # (the helper thread reads it for its pass-start jobs; its steps never do)
+        self._pass_pg = np.full((1, dm, E), np.nan, dtype=np.float32)
         # token memory: bucket = token id mod B, the id itself as tag (a collision resets
         # the bucket rather than mixing two tokens' histories)
         n_buckets = int(min(65536, max(256, TOKEN_MEMORY_BYTES // (L * E))))
@@ -302,7 +307,7 @@ class HybridPredictor:
         from efedge.experts.predictor_thread import PredictorThread
 
         self.close()
-        bound = (self.W, self.W_scale, self._no_pg, self.cur_ids, self._tok1, *self._state)
+        bound = (self.W, self.W_scale, self._pass_pg, self.cur_ids, self._tok1, *self._state)
         self._thread = PredictorThread(bound, self.n_active, width, self.max_distance,
                                        self.n_layer, self.n_sources, self.adapt,
                                        self._workers_ctl)
@@ -453,17 +458,23 @@ class HybridPredictor:
             self._ctx, self._prev = (np.concatenate([a, np.full(size - a.shape[0], -1, a.dtype)])
                                      for a in (self._ctx, self._prev))
 
-    def predict_pass_start(self, n_pred: int) -> None:
+    def predict_pass_start(self, n_pred: int, hidden: np.ndarray | None = None,
+                           logits: np.ndarray | None = None) -> None:
         """After begin_pass: predict this pass's layers 0..n_pred-1 (into p_use / order at
         distances 1..n_pred, and p_next) before any has routed: from the token memory,
         the transitions out of the previous pass's last layer and temporal locality. For a
         single token the prediction replaces the one made at the previous pass's last
-        layer for the same steps (feedback scores this one)."""
+        layer for the same steps (feedback scores this one). With layer 0's input known
+        (a one-token pass, its attention not yet run): `hidden` [1, D], normalised as the
+        router's input is (router weights set), or that router's selection logits
+        `logits` [1, E] (a trace's) — layer 0 is pre-gated from it too."""
         n = max(0, min(int(n_pred), self.max_distance, self.n_layer))
         if n == 0:
             return
         if self._posted:
             self._join()
+        t_n = self.cur_tok.shape[0]
+        gated = t_n == 1 and self._gate_first(hidden, logits)
         th = self._thread
         if th is not None and self.cur_tok is self._tok1 and th.bound[0] is self.W and \
                 th.bound[3] is self.cur_ids:
@@ -473,19 +484,40 @@ class HybridPredictor:
             th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n)
             self._posted = True
             self._join()
-            return
-        t_n = self.cur_tok.shape[0]
-        self._fit_tokens(t_n)
-        self.params[_P_REACHF] = max(self.params[_P_REACHF], float(n))
-        if self._pass_args[0] != t_n:  # (kept: two allocations fewer per pass)
-            self._pass_args = (t_n, np.zeros((t_n, self.n_active), dtype=np.int32),
-                               np.zeros((t_n, 0, self.n_expert), dtype=np.float32))
-        _, ids, pg = self._pass_args  # only their shapes are read
-        _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources, ids,
-                 self._no_h, self.W, self.W_scale, False, pg, self.cur_ids, self.cur_tok,
-                 *self._state)
-        if self._p_next_k is not self.p_next:
-            self.p_next[:] = self._p_next_k
+        else:
+            self._fit_tokens(t_n)
+            self.params[_P_REACHF] = max(self.params[_P_REACHF], float(n))
+            if self._pass_args[0] != t_n:  # (kept: two allocations fewer per pass)
+                self._pass_args = (t_n, np.zeros((t_n, self.n_active), dtype=np.int32),
+                                   np.zeros((t_n, 0, self.n_expert), dtype=np.float32))
+            _, ids, pg = self._pass_args  # only their shapes are read
+            _predict(-1, self.pass_no * self.n_layer - 1, self.pass_no, n, 0, self.n_sources,
+                     ids, self._no_h, self.W, self.W_scale, False,
+                     self._pass_pg if gated else pg, self.cur_ids, self.cur_tok,
+                     *self._state)
+            if self._p_next_k is not self.p_next:
+                self.p_next[:] = self._p_next_k
+        if gated:
+            self._pass_pg[0, 0] = np.nan  # (the next pass start may have no input)
+
+    def _gate_first(self, hidden, logits) -> bool:
+        """(predict_pass_start) Layer 0's selection logits from its input into the pass
+        start's pre-gating row; whether there are any."""
+        row = self._pass_pg[0, 0]
+        if logits is not None:
+            z = np.asarray(logits, dtype=np.float32).reshape(-1)
+            if z.shape[0] != self.n_expert or not np.isfinite(z).all():
+                return False
+            row[:] = z
+            return True
+        if hidden is None or self._w_width <= 0 or type(hidden) is not np.ndarray or \
+                hidden.shape != (1, self._w_width):
+            return False
+        h = hidden if hidden.dtype is _FLOAT32 and hidden.flags.c_contiguous else \
+            np.ascontiguousarray(hidden, dtype=np.float32)
+        input_logits(0, h[0], self.W, self.W_scale, self.params, self.sel_rb, self.sel_sb,
+                     row)
+        return True
 
     # -- the per-layer step -----------------------------------------------------------------
     def step(self, layer: int, ids: np.ndarray, hidden: np.ndarray | None = None,

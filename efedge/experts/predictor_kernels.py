@@ -707,6 +707,18 @@ def refine_pick(z, k, margin, due_row, where_row, drop, want):
 
 
 @njit(cache=True, fastmath=False)
+def input_logits(layer, h, W, Ws, params, sel_rb, sel_sb, out):
+    """Into out [E] (float32): layer's selection logits from its int8 router (the
+    predictor's copy) on h [D], its input normalised as the router's input is — what
+    pre-gating from that layer's own input sees (the pass start's first layer)."""
+    z = _router_logits(W[layer], Ws[layer], h)
+    _selection_logits(z, int(params[_P_SELMODE]), sel_rb[layer], sel_sb[layer],
+                      int(params[_P_NGROUP]), int(params[_P_NGUSED]))
+    for e in range(out.shape[0]):
+        out[e] = z[e]
+
+
+@njit(cache=True, fastmath=False)
 def refine_pick_routed(layer, h, W, Ws, params, sel_rb, sel_sb, k, margin, due_row,
                        where_row, drop, want):
     """refine_pick with the layer's selection logits computed here from its int8 router

@@ -46,6 +46,10 @@ class Policy:
     # whether on_layer_input does anything (the model then calls it before each MoE
     # layer's attention; otherwise the decode loop makes no call)
     wants_layer_input = False
+    # which layers' inputs it wants: "all" MoE layers, or "first" (layer 0's, one-token
+    # passes only); and whether the model calls on_layer_input (set where it is wired)
+    layer_inputs = "all"
+    layer_input_wired = False
     seeds_from_trace = False  # trace= seeds a predictor (expertflow, fixed:H)
 
     def attach(self, source) -> None:

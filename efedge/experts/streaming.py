@@ -435,8 +435,11 @@ class StreamingExperts(DemandWaits):
         self.yield_to_workers()
 
     def on_layer_input(self, layer: int, h, **kw) -> None:
-        """Layer `layer` starts on input `h` (kw, e.g. logits=, go to the policy)."""
+        """Layer `layer` starts on input `h` (kw, e.g. logits=, go to the policy); what
+        the policy queued starts now (a pass start planned here: expertflow's
+        first_input), not after the layer's attention."""
         self.policy.on_layer_input(layer, h, **kw)
+        self.yield_to_workers()
 
     def on_route(self, layer: int, h: np.ndarray, ids: np.ndarray, **kw) -> None:
         """The model routed `layer` (kw, e.g. pregate=, go to the policy)."""
