@@ -232,6 +232,10 @@ def test_greedy_tokens_match_cpu_path(tiny_gguf):
         assert g.generate_greedy(prompt, len(res.tokens)) == res.tokens
         c = g.counters
         assert c.tokens_prompt == len(prompt) and c.tokens_generated >= len(res.tokens) - 1
+        # each decoded token's pass start was planned on layer 0's input (the host's
+        # embedding, normalised), as on the CPU path
+        pol = g.source.policy
+        assert pol.layer_input_wired and pol.first_inputs >= len(res.tokens) - 2
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "glm4moe"])

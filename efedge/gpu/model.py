@@ -223,6 +223,15 @@ class GpuTransformer:
     def __init__(self, host, device, dense_names: set[str], source=None, hybrid=None,
                  max_batch: int = 8, ubatch: int = 512, resident: bool = False):
         self.host, self.cfg = host, host.cfg
+        # whether a one-token pass hands layer 0's input to the policy (on_layer_input): its
+        # embedding is computed on the host, so this costs no device copy; the other layers'
+        # inputs live on the device and are never handed over (expertflow:refine's)
+        pol = getattr(source, "policy", None)
+        self.first_input = bool(pol is not None and getattr(pol, "layer_inputs", None)
+                                == "first" and host.blocks[0].moe
+                                and host.cfg.spec.router_input != "layer")
+        if self.first_input:
+            pol.layer_input_wired = True
         self.device = torch.device(device)
         self.source, self.hybrid = source, hybrid
         self.max_batch, self.ubatch = max(1, int(max_batch)), max(1, int(ubatch))
@@ -401,9 +410,13 @@ class GpuTransformer:
     def _forward_ubatch(self, tokens: np.ndarray, pos: int, kv, all_logits) -> np.ndarray | None:
         c = self.cfg
         t = tokens.shape[0]
-        x = self.up(self.host.embed(tokens))  # granite's embedding_scale included
+        e = self.host.embed(tokens)  # granite's embedding_scale included
+        x = self.up(e)
         if c.is_moe and not self.resident:
             self.source.on_pass(tokens, pos)
+            if t == 1 and self.first_input:  # layer 0's input, on the host already: the
+                b0 = self.host.blocks[0]  # policy's pass start pre-gates layer 0 from it
+                self.source.on_layer_input(0, self.host._norm(e, b0.ffn_norm, b0.ffn_norm_b))
         rs = c.residual_scale  # granite; 1 elsewhere
         ropes: dict = {}
         for il, blk in enumerate(self.blocks):
