@@ -302,7 +302,7 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         # refine), or layer 0's alone for its pass start (expertflow's first_input); None
         # otherwise: the decode loop then makes no call
         self._tf.on_layer_input = source.on_layer_input if pol.wants_layer_input else None
-        self._tf.layer_input_all = getattr(pol, "layer_inputs", "all") != "first"
+        self._tf.layer_input_all = pol.layer_inputs != "first"
         # (a model whose routers read the layer's input asks for the experts itself then)
         pol.layer_input_wired = (self._tf.on_layer_input is not None
                                  and self._tf.cfg.spec.router_input != "layer")

@@ -208,7 +208,7 @@ def simulate(arrays: dict, meta: dict, setup: SimSetup, policy: str, *,
     on_input = (source.on_layer_input if pregate_in is not None and not early
                 and pol.wants_layer_input else None)
     pol.layer_input_wired = on_input is not None
-    input_all = getattr(pol, "layer_inputs", "all") != "first"  # (as the model calls it)
+    input_all = pol.layer_inputs != "first"  # (as the model calls it)
     if setup.policy_time > 0:
         on_pass = _charged(on_pass, clock, engine, setup)
         on_route = _charged(on_route, clock, engine, setup)

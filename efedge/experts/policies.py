@@ -259,7 +259,6 @@ class ExpertFlow(_Predictive):
         self.horizon = 1
         self.cancelled = 0
         self._refine_buf = (np.empty(self.n_expert, np.int64), np.empty(self.n_expert, np.int64))
-        self._pass_pending = False
         # an expert's bytes on average over the layers that have experts (a dense layer's
         # 0 would shrink τ, and with it the look-ahead, in proportion to the dense layers)
         sizes = [b for b in map(source.store.expert_bytes, range(self.n_layer)) if b > 0]
@@ -479,8 +478,6 @@ class ExpertFlow(_Predictive):
 
     # the model calls on_layer_input before each MoE layer's attention for refine, and
     # before layer 0's for a pass start that waits for its input (first_input)
-    wants_layer_input = property(lambda self: self.refine or self.first_input)
-    # which layers' inputs: "all" (refine) or "first" (only layer 0's, one-token passes)
     layer_inputs = property(lambda self: "all" if self.refine else
                             "first" if self.first_input else None)
 
@@ -493,11 +490,9 @@ class ExpertFlow(_Predictive):
         earlier — its queued prefetches outside the top K + margin are cancelled before
         they take the link, and those of the top K not yet resident or loading are
         fetched now, valued at refine_p. One token's pass only (decode)."""
-        if self._pass_pending and layer == 0:
-            h1 = hidden if type(hidden) is np.ndarray and hidden.ndim == 2 and \
-                hidden.shape[0] == 1 else None
+        if self._pass_pending and layer == 0:  # (predict_pass_start checks the input)
             self.first_inputs += 1
-            self._start_pass(h1, logits)
+            self._start_pass(hidden, logits)
         if not self.refine or self._all_fit or self.source.cache.layer_class[layer] < 0:
             return
         src = self.source

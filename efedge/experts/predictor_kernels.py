@@ -707,13 +707,20 @@ def refine_pick(z, k, margin, due_row, where_row, drop, want):
 
 
 @njit(cache=True, fastmath=False)
-def input_logits(layer, h, W, Ws, params, sel_rb, sel_sb, out):
-    """Into out [E] (float32): layer's selection logits from its int8 router (the
-    predictor's copy) on h [D], its input normalised as the router's input is — what
-    pre-gating from that layer's own input sees (the pass start's first layer)."""
+def _routed_logits(layer, h, W, Ws, params, sel_rb, sel_sb):
+    """Layer's selection logits [E] (float64) from its int8 router (the predictor's copy)
+    on h [D], normalised as the router's input is."""
     z = _router_logits(W[layer], Ws[layer], h)
     _selection_logits(z, int(params[_P_SELMODE]), sel_rb[layer], sel_sb[layer],
                       int(params[_P_NGROUP]), int(params[_P_NGUSED]))
+    return z
+
+
+@njit(cache=True, fastmath=False)
+def input_logits(layer, h, W, Ws, params, sel_rb, sel_sb, out):
+    """Into out [E] (float32): _routed_logits on layer's own input — what pre-gating from
+    that input sees (the pass start's first layer)."""
+    z = _routed_logits(layer, h, W, Ws, params, sel_rb, sel_sb)
     for e in range(out.shape[0]):
         out[e] = z[e]
 
@@ -723,7 +730,5 @@ def refine_pick_routed(layer, h, W, Ws, params, sel_rb, sel_sb, k, margin, due_r
                        where_row, drop, want):
     """refine_pick with the layer's selection logits computed here from its int8 router
     (the predictor's copy) on h [D]: one call, no temporaries in Python."""
-    z = _router_logits(W[layer], Ws[layer], h)
-    _selection_logits(z, int(params[_P_SELMODE]), sel_rb[layer], sel_sb[layer],
-                      int(params[_P_NGROUP]), int(params[_P_NGUSED]))
-    return refine_pick(z, k, margin, due_row, where_row, drop, want)
+    return refine_pick(_routed_logits(layer, h, W, Ws, params, sel_rb, sel_sb), k, margin,
+                       due_row, where_row, drop, want)

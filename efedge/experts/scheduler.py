@@ -43,13 +43,12 @@ from efedge.experts.horizon import lru_victim, route_prologue
 class Policy:
     name = "base"
     prefetches = False
-    # whether on_layer_input does anything (the model then calls it before each MoE
-    # layer's attention; otherwise the decode loop makes no call)
-    wants_layer_input = False
-    # which layers' inputs it wants: "all" MoE layers, or "first" (layer 0's, one-token
-    # passes only); and whether the model calls on_layer_input (set where it is wired)
-    layer_inputs = "all"
+    # which layers' inputs on_layer_input wants: None (the decode loop makes no call),
+    # "all" (before each MoE layer's attention) or "first" (layer 0's, one-token passes
+    # only); and whether the model calls on_layer_input (set where it is wired)
+    layer_inputs: str | None = None
     layer_input_wired = False
+    wants_layer_input = property(lambda self: self.layer_inputs is not None)
     seeds_from_trace = False  # trace= seeds a predictor (expertflow, fixed:H)
 
     def attach(self, source) -> None:

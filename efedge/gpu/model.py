@@ -227,8 +227,8 @@ class GpuTransformer:
         # embedding is computed on the host, so this costs no device copy; the other layers'
         # inputs live on the device and are never handed over (expertflow:refine's)
         pol = getattr(source, "policy", None)
-        self.first_input = bool(pol is not None and getattr(pol, "layer_inputs", None)
-                                == "first" and host.blocks[0].moe
+        self.first_input = bool(pol is not None and pol.layer_inputs == "first"
+                                and host.blocks[0].moe
                                 and host.cfg.spec.router_input != "layer")
         if self.first_input:
             pol.layer_input_wired = True
