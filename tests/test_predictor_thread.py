@@ -41,21 +41,33 @@ def _same_state(a: HybridPredictor, b: HybridPredictor) -> None:
     np.testing.assert_array_equal(a.p_next, b.p_next)
     np.testing.assert_array_equal(a.p_use, b.p_use)
     np.testing.assert_array_equal(a.order, b.order)
+    for x, y in ((a._ctx, b._ctx), (a._prev, b._prev), (a._last_at, b._last_at),
+                 (a.tok_tags, b.tok_tags), (a._tok1, b._tok1)):
+        np.testing.assert_array_equal(x, y)
     assert a.step_no == b.step_no and a.pass_no == b.pass_no
+    assert a._drafted == b._drafted and a._ctx_n == b._ctx_n
 
 
 def test_posted_steps_leave_the_state_the_callers_steps_leave():
     """Passes of one token (pass start, five steps at varying reach), with a prefill of
-    several tokens between them (the helper is restarted on the grown tables): every
-    array of the predictor is identical after every step."""
+    several tokens between them (the helper is restarted on the grown tables), a new
+    context now and then and one past the context's room (its arrays grow): every array
+    of the predictor is identical after every step, its context draft's too — tokens
+    recur, so drafts are made, and their eviction values reach p_next."""
     a, b = _pair()
     rng = np.random.default_rng(1)
+    pos = drafted = 0
     try:
-        for tok in rng.integers(0, 40, 60):
+        for i, tok in enumerate(rng.integers(0, 40, 60)):
+            if i == 45:
+                pos = 300  # (past the 256 positions the context has room for)
+            elif i % 20 == 19:
+                pos = 0  # a new context
             if tok % 17 == 0:  # a prefill: steps on the caller's thread in both
                 toks = rng.integers(0, 40, 3)
                 for p in (a, b):
-                    p.begin_pass(toks)
+                    p.begin_pass(toks, pos)
+                pos += 3
                 for layer in range(L):
                     ids = np.stack([rng.choice(E, K, replace=False) for _ in toks])
                     h = rng.standard_normal((3, D)).astype(np.float32)
@@ -66,8 +78,10 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
             # every other pass start with layer 0's input, pre-gating layer 0
             h0 = rng.standard_normal((1, D)).astype(np.float32) if tok % 2 else None
             for p in (a, b):
-                p.begin_pass([tok])
+                p.begin_pass([tok], pos)
                 p.predict_pass_start(2, hidden=h0)
+            pos += 1
+            drafted += a._drafted
             _same_state(a, b)
             for layer in range(L):
                 ids = rng.choice(E, K, replace=False).astype(np.int32)[None]
@@ -79,7 +93,7 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
                 ids[:] = 0
                 b.wait()
                 _same_state(a, b)
-        assert b.thread_posts > 200 and b._thread.busy_s > 0
+        assert b.thread_posts > 200 and b._thread.busy_s > 0 and drafted >= 5
     finally:
         b.close()
     assert b._thread is None
