@@ -269,6 +269,8 @@ def test_the_context_draft_values_what_followed_a_tokens_last_occurrence():
     for pos, (tok, route) in enumerate([(5, five), (6, six), (5, five)]):
         _context_pass(off, tok, pos, route)
         assert not off.draft.any()
+        b = tok % off.tok_tags.shape[0]  # (the token memory still learns each pass's)
+        assert off.tok_tags[b] == tok and off._tok1[0] == b and off.tok_hist[b].any()
 
 
 def test_the_context_draft_prefers_what_followed_the_same_tokens():

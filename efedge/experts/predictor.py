@@ -62,6 +62,7 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     _seed_kernel,
     _step,
     input_logits,
+    tag_one,
 )
 
 try:  # the helper thread's two hand-over kernels, called here directly (fewer Python
@@ -399,13 +400,8 @@ class HybridPredictor:
     def _tag_tokens(self, tokens: np.ndarray) -> None:
         """(begin_pass) The token memory's buckets for the pass's tokens into cur_tok; a
         bucket another token held is reset (a collision resets rather than mixes)."""
-        if tokens.shape[0] == 1:  # Python scalars, not five numpy calls (cold, ~2 µs each)
-            tok = int(tokens[0])
-            b1 = tok % self.tok_tags.shape[0]
-            if self.tok_tags[b1] != tok:
-                self.tok_tags[b1] = tok
-                self.tok_hist[b1] = 0
-            self._tok1[0] = b1  # (the kernels only read cur_tok during a call)
+        if tokens.shape[0] == 1:  # (decode without the context draft: one kernel call)
+            tag_one(int(tokens[0]), self.tok_tags, self.tok_hist, self._tok1)
             self.cur_tok = self._tok1
             return
         b = tokens % self.tok_tags.shape[0]

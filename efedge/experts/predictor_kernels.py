@@ -673,12 +673,19 @@ def _begin_one(ctx, prev, last_at, tok, pos, drafted, n_draft, n_occ, n_walk, n_
     else:
         ctx[pos] = tok
         prev[pos] = -1
+    tag_one(tok, tok_tags, tok_hist, tok1)
+    return drafted
+
+
+@njit(cache=True, fastmath=False)
+def tag_one(tok, tok_tags, tok_hist, tok1):
+    """A one-token pass's token memory bucket for token `tok` into tok1[0] (a bucket
+    another token held is reset: a collision resets rather than mixes)."""
     b = tok % tok_tags.shape[0]
     if tok_tags[b] != tok:
         tok_tags[b] = tok
         tok_hist[b] = 0
     tok1[0] = b
-    return drafted
 
 
 @njit(cache=True, fastmath=False)
