@@ -75,11 +75,14 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
                     assert not b.post_step(layer, ids.astype(np.int32), h, 2)
                     b.step(layer, ids, hidden=h, n_pred=2)
                 _same_state(a, b)
-            # every other pass start with layer 0's input, pre-gating layer 0
+            # every other pass start with layer 0's input, pre-gating layer 0 (on the
+            # helper, where it has one), some with its router's logits given instead
             h0 = rng.standard_normal((1, D)).astype(np.float32) if tok % 2 else None
+            z0 = rng.standard_normal((1, E)).astype(np.float32) if tok % 3 == 1 else None
             for p in (a, b):
                 p.begin_pass([tok], pos)
-                p.predict_pass_start(2, hidden=h0)
+                p.predict_pass_start(2, hidden=h0, logits=z0)
+            assert np.isnan(b._pass_pg).all()  # (the row is left unknown for the next)
             pos += 1
             drafted += a._drafted
             _same_state(a, b)

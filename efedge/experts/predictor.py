@@ -470,17 +470,20 @@ class HybridPredictor:
         if self._posted:
             self._join()
         t_n = self.cur_tok.shape[0]
-        gated = t_n == 1 and self._gate_first(hidden, logits)
         th = self._thread
         if th is not None and self.cur_tok is self._tok1 and th.bound[0] is self.W and \
                 th.bound[3] is self.cur_ids:
             # on the helper thread, whose caches hold the tables (the compute thread's
             # were flushed by the layers): posted and waited for at once, as the plan
-            # for the pass's first layers reads it next
-            th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n)
+            # for the pass's first layers reads it next. Layer 0's pre-gating from its
+            # input is computed there too (a trace's logits are copied here)
+            gated = logits is not None and self._gate_first(None, logits)
+            h = None if logits is not None else self._first_input(hidden)
+            th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n, h)
             self._posted = True
             self._join()
         else:
+            gated = t_n == 1 and self._gate_first(hidden, logits)
             self._fit_tokens(t_n)
             self.params[_P_REACHF] = max(self.params[_P_REACHF], float(n))
             if self._pass_args[0] != t_n:  # (kept: two allocations fewer per pass)
@@ -506,14 +509,21 @@ class HybridPredictor:
                 return False
             row[:] = z
             return True
-        if hidden is None or self._w_width <= 0 or type(hidden) is not np.ndarray or \
-                hidden.shape != (1, self._w_width):
+        h = self._first_input(hidden)
+        if h is None:
             return False
-        h = hidden if hidden.dtype is _FLOAT32 and hidden.flags.c_contiguous else \
-            np.ascontiguousarray(hidden, dtype=np.float32)
         input_logits(0, h[0], self.W, self.W_scale, self.params, self.sel_rb, self.sel_sb,
                      row)
         return True
+
+    def _first_input(self, hidden) -> np.ndarray | None:
+        """Layer 0's input as its router takes it ([1, D] float32, contiguous, D the
+        routers' width), or None where there is none to pre-gate from (or no routers)."""
+        if hidden is None or self._w_width <= 0 or type(hidden) is not np.ndarray or \
+                hidden.shape != (1, self._w_width):
+            return None
+        return hidden if hidden.dtype is _FLOAT32 and hidden.flags.c_contiguous else \
+            np.ascontiguousarray(hidden, dtype=np.float32)
 
     # -- the per-layer step -----------------------------------------------------------------
     def step(self, layer: int, ids: np.ndarray, hidden: np.ndarray | None = None,

@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit
 
 from efedge.experts import native_workers as nw
-from efedge.experts.predictor_kernels import _P_REACHF, _predict, _step
+from efedge.experts.predictor_kernels import _P_REACHF, _predict, _step, input_logits
 from efedge.kernels._sync import cpu_relax, sched_yield
 from efedge.kernels.atomics import add32 as _add32
 from efedge.kernels.atomics import load as _load
@@ -70,7 +70,9 @@ _WAIT_EWMA_N, _WAIT_CLIP_NS = 32, 1_000_000
 # model's step takes ~35 µs there: waits of that order still save the step's ~50 µs on
 # the compute thread). A negative limit gives up at once (tests)
 _BUSY_FACTOR = 3
-STEP, PASS_START = 0, 1  # J_KIND: a layer's step, or the prediction at a pass's start
+# J_KIND: a layer's step, or the prediction at a pass's start (J_ALSO 1: layer 0 pre-gated
+# from its input, in the h buffer, first)
+STEP, PASS_START = 0, 1
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
 _WAIT_SPINS = 4000  # the compute thread's spins on DONE before it yields its core
@@ -168,13 +170,18 @@ if available():
                       cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec,
                       prec_n, recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order,
                       p_next, tok_hist, params, sel_rb, sel_sb, switch, draft)
-            else:  # HybridPredictor.predict_pass_start's kernel (ids, h: only shapes read)
+            else:  # HybridPredictor.predict_pass_start's kernel (ids: only its shape read)
+                gate = job[J_ALSO] != 0
+                if gate:  # (into the pass start's pre-gating row, NaN again after)
+                    input_logits(0, h[0], W, Ws, params, sel_rb, sel_sb, pg[0, 0])
                 params[_P_REACHF] = max(params[_P_REACHF], float(job[J_NPRED]))
                 _predict(-1, job[J_STEP], job[J_PASS], job[J_NPRED], 0, job[J_NSRC], ids, h,
                          W, Ws, False, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
                          rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
                          ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb,
                          sel_sb, switch, draft)
+                if gate:
+                    pg[0, 0, :] = np.nan
             dt = nw._now_ns(ts) - t0
             job[J_BUSY_NS] += dt
             job[J_BUSY_EW] += (dt - job[J_BUSY_EW]) // _WAIT_EWMA_N
@@ -212,10 +219,15 @@ if available():
         return True
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _post_pass_start(ctl, job, step, pass_no, n_pred):
-        """The job of a single-token pass's start (n_pred clamped by the caller), then
+    def _post_pass_start(ctl, job, h_buf, h, gate, step, pass_no, n_pred):
+        """The job of a single-token pass's start (n_pred clamped by the caller), layer 0
+        pre-gated from h [1, D] (its input, copied into h_buf) where `gate`, then
         _publish_job."""
+        if gate:
+            for i in range(h_buf.shape[1]):
+                h_buf[0, i] = h[0, i]
         job[J_STEP], job[J_PASS], job[J_NPRED] = step, pass_no, n_pred
+        job[J_ALSO] = 1 if gate else 0
         job[J_KIND] = PASS_START
         job[J_POSTS] += 1
         _publish_job(ctl)
@@ -321,9 +333,13 @@ class PredictorThread:
         finally:
             self.ctl[C_DEAD] = 1
 
-    def post_pass_start(self, step: int, pass_no: int, n_pred: int) -> None:
-        """Hand the helper a single-token pass's start prediction (see _serve)."""
-        _post_pass_start(self.ctl, self.job, step, pass_no, n_pred)
+    def post_pass_start(self, step: int, pass_no: int, n_pred: int,
+                        first_input: np.ndarray | None = None) -> None:
+        """Hand the helper a single-token pass's start prediction (see _serve), layer 0
+        pre-gated from `first_input` ([1, D] float32, D its width) where given."""
+        gate = first_input is not None
+        _post_pass_start(self.ctl, self.job, self.h, first_input if gate else self.h, gate,
+                         step, pass_no, n_pred)
 
     @property
     def posts(self) -> int:
