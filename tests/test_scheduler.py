@@ -703,3 +703,30 @@ def test_policy_trace_seeds_the_predictor_and_bad_traces_are_named(tiny_gguf, tm
         make_policy("ondemand", trace=str(good))
     assert main(["run", path, "-p", "hi", "-n", "1", "--policy-trace", str(good)]) == 1
     assert "--cache" in capsys.readouterr().err
+
+
+def test_the_draft_weighs_more_where_the_link_is_heavily_oversubscribed():
+    """Once the controller reads ρ ≥ busy_rho (prefetching hides little there, and what
+    the cache keeps decides), ExpertFlow values the context draft's experts at
+    draft_p_busy; at the predictor's own draft_p on a link that keeps up."""
+    from efedge.experts.horizon import _RHO
+    from efedge.experts.virtual import SimulatedExperts, VirtualClock, VirtualTransferEngine
+
+    store = _Store(n_layer=4, n_expert=8)
+    cache = ExpertCache(store, 12 * store.expert_bytes(0), 2)
+    counters, clock = Counters(), VirtualClock()
+    engine = VirtualTransferEngine(store, cache, counters, clock, 1e3)
+    pol = ExpertFlow(draft_p_busy=0.6, busy_rho=5.0)
+    SimulatedExperts(store, cache, engine, pol, counters, n_active=2, clock=clock)
+    pred = pol.predictor
+    base = pred.draft_p
+    b8 = 8 % pred.tok_tags.shape[0]  # token 8's past choices: expert 3 at every layer
+    pred.tok_tags[b8] = 8
+    pred.tok_hist[b8, :, 3] = 128
+    for rho, want in ((6.0, 0.6), (1.0, base), (5.0, 0.6), (4.9, base)):
+        for pos, tok in enumerate((7, 8, 7)):  # 7 recurs: what followed it is drafted
+            pol.controller.state[_RHO] = rho  # (as the last layer's or plan's reading left it)
+            pol.on_pass(np.array([tok]), pos)
+        assert pred.draft_p == want
+        np.testing.assert_allclose(pred.draft[:, 3], want)  # (8 at draft distance 1)
+        assert pred.p_next[:, 3].min() >= np.float32(want)

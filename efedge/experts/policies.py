@@ -213,8 +213,15 @@ class ExpertFlow(_Predictive):
                  stage_floor: float | None = None, refine: bool = False,
                  refine_margin: int = 2, refine_p: float = 0.75,
                  predictor_thread: bool | str | None = None, first_input: bool = True,
-                 **kw):
+                 draft_p_busy: float = 0.5, busy_rho: float = 8.0, **kw):
         super().__init__(**kw)
+        # where the link is heavily over-subscribed (ρ ≥ busy_rho: carrying the loads
+        # would take busy_rho times the compute they hide behind) prefetching hides
+        # little and what the cache keeps decides: the context draft's experts are then
+        # valued at draft_p_busy instead of the predictor's draft_p (simulated,
+        # docs/scheduler.md §6, thirty-fifth session: Mixtral-8x7B's experts on three
+        # laptop-class profiles 1.3–1.8 points less stall, the rest unchanged)
+        self.draft_p_busy, self.busy_rho = float(draft_p_busy), float(busy_rho)
         # first_input: a one-token pass's start waits for layer 0's input (the embedding,
         # normalised for its router: known before its attention, right after the pass
         # begins) and pre-gates layer 0 from it — where the model gives it
@@ -255,6 +262,7 @@ class ExpertFlow(_Predictive):
         pool = getattr(eng, "pool", None) if getattr(eng, "native", False) else None
         self.predictor.use_thread(predictor_thread.wanted(self.predictor_thread),
                                   None if pool is None else pool.ctl)
+        self._draft_p = self.predictor.draft_p  # (the value on a link that keeps up)
         self._seen = None
         self.horizon = 1
         self.cancelled = 0
@@ -443,6 +451,8 @@ class ExpertFlow(_Predictive):
         t0 = src.now()
         if self.has_deferred_work():  # (a source without on_demand_issued)
             self._catch_up()
+        self.predictor.draft_p = self.draft_p_busy if \
+            self.controller.rho >= self.busy_rho else self._draft_p
         super().on_pass(tokens, pos)
         self._pass_pending = False
         if self._all_fit or not self.pass_start:
