@@ -491,7 +491,6 @@ class ExpertFlow(_Predictive):
     layer_inputs = property(lambda self: "all" if self.refine else
                             "first" if self.first_input else None)
 
-
     def on_layer_input(self, layer: int, hidden, logits=None) -> None:
         """Layer `layer` is about to run its attention on `hidden` [1, D] (its input,
         normalised as its router's input is): with `refine`, its router on it (`logits`
