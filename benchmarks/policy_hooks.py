@@ -7,10 +7,11 @@ kernels leave them), per decoded token. Not a test — run it:
 
 Times are inclusive: a call counts in every wrapped caller it runs inside too
 (`ExpertFlow._catch_up` holds `_flush_plan`, which holds `prefetch_plan`, which holds
-`submit_many`, which holds `publish`), and each timer adds its own ~1 µs. The model
-warms up on the text that follows the measured one, so the token memory has not learned
-the measured text (as `benchmarks/policies.py --cost`). docs/scheduler.md §6
-(twenty-ninth session) reads these tables.
+`submit_many`, which holds `publish`; through an emulated link `prefetch_plan` holds
+`InlinePrefetches.add`, which holds `pump`, `_copy` and the engine's `copy_inline`), and
+each timer adds its own ~1 µs. The model warms up on the text that follows the measured
+one, so the token memory has not learned the measured text (as `benchmarks/policies.py
+--cost`). docs/scheduler.md §6 (twenty-ninth session) reads these tables.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ HOOKS = {
                   "begin_pass"),
     "source": ("prefetch_plan", "reap", "_classify", "_issue", "_start_demand_loads",
                "yield_to_workers", "_ready_batch", "cancel_prefetch_keys"),
-    "engine": ("submit", "submit_many", "reap", "promote"),
+    "engine": ("submit", "submit_many", "reap", "promote", "copy_inline"),
+    # an emulated link's prefetches, queued and copied on the compute thread
+    "inline": ("add", "pump", "sweep", "take", "asked", "demand", "cancel", "_copy"),
     "workers": ("publish", "queue_many", "queue"),
 }
 
@@ -74,7 +77,8 @@ def profile(path, policy: str, *, cache="50%", link="1060MB/s", threads=None,
             raise SystemExit("the cache holds every expert: give a --cache below 100%")
         eng = src.engine
         objs = {"policy": src.policy, "predictor": getattr(src.policy, "predictor", None),
-                "source": src, "engine": eng, "workers": getattr(eng, "pool", None)}
+                "source": src, "engine": eng, "workers": getattr(eng, "pool", None),
+                "inline": getattr(src, "inline_prefetches", None)}
         for role, names in HOOKS.items():
             obj = objs[role]
             for name in names if obj is not None else ():
