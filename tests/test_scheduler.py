@@ -730,3 +730,33 @@ def test_the_draft_weighs_more_where_the_link_is_heavily_oversubscribed():
         assert pred.draft_p == want
         np.testing.assert_allclose(pred.draft[:, 3], want)  # (8 at draft distance 1)
         assert pred.p_next[:, 3].min() >= np.float32(want)
+
+
+@pytest.mark.parametrize("name, kw, word", [
+    ("expertflow", {"p_floor": 2.0}, "p_floor"),
+    ("expertflow", {"p_floor": float("nan")}, "p_floor"),
+    ("expertflow", {"max_horizon": 0}, "max_horizon"),
+    ("expertflow", {"explore_every": 0}, "explore_every"),
+    ("expertflow", {"busy_rho": 0.0}, "busy_rho"),
+    ("expertflow", {"refine_p": -0.1}, "refine_p"),
+    ("expertflow", {"decay": 0.0}, "decay"),
+    ("expertflow", {"eta": "fast"}, "eta"),
+    ("expertflow", {"n_sources": 1.5}, "n_sources"),
+    ("expertflow", {"draft_tokens": True}, "draft_tokens"),
+    ("expertflow", {"fill_p": 0.1}, "fill_p"),  # (no such option)
+    ("fixed:2", {"token_weight": -1.0}, "token_weight"),
+])
+def test_a_bad_policy_option_is_one_clear_error_before_any_model_loads(name, kw, word):
+    """Out of range, the wrong type or unknown: an ArgumentError naming the option when
+    the policy is made — not a clamp, not a NaN threshold that silently stops
+    prefetching, not a TypeError from deep inside the model's load."""
+    from efedge.errors import ArgumentError
+    from efedge.experts.policies import FixedHorizon
+
+    with pytest.raises(ArgumentError, match=word):
+        make_policy(name, **kw)
+    with pytest.raises(ArgumentError, match="horizon"):
+        FixedHorizon(0)
+    # the edges of each range are taken
+    make_policy("expertflow", p_floor=0.0, explore=0, eta=0.0, busy_rho=float("inf"),
+                draft_p=1.0, decay=1.0)

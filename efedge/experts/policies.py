@@ -16,6 +16,7 @@ from efedge.experts.horizon import (
     value_victim,
 )
 from efedge.experts.issue import PrefetchPlan
+from efedge.experts.options import number, probability
 from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
 from efedge.experts.predictor_kernels import refine_pick, refine_pick_routed
 from efedge.experts.scheduler import POLICIES, Policy
@@ -117,6 +118,7 @@ class _Predictive(Policy):
     max_distance = 8
 
     def __init__(self, trace=None, **predictor_kw):
+        HybridPredictor.check_options(predictor_kw)  # (now, not when a model loads)
         # a routing trace to seed the transitions with: read and checked here, before a
         # model's transfer threads start, so a bad file is one clear error
         self.trace = None if trace is None else read_seed_trace(trace)
@@ -170,7 +172,7 @@ class FixedHorizon(_Predictive):
     def __init__(self, horizon: int = 2, **kw):
         kw.setdefault("draft_tokens", 0)  # (its LRU eviction reads no eviction values)
         super().__init__(**kw)
-        self.horizon = max(1, int(horizon))
+        self.horizon = number("horizon", horizon, 1, integer=True)
         self.max_distance = self.horizon
         self.name = f"fixed:{self.horizon}"
 
@@ -215,6 +217,17 @@ class ExpertFlow(_Predictive):
                  predictor_thread: bool | str | None = None, first_input: bool = True,
                  draft_p_busy: float = 0.5, busy_rho: float = 8.0, **kw):
         super().__init__(**kw)
+        number("max_horizon", max_horizon, 1, integer=True)
+        probability("p_floor", p_floor)
+        number("explore", explore, 0, integer=True)
+        number("explore_every", explore_every, 1, integer=True)
+        number("stage_lead", stage_lead, 1, integer=True)
+        if stage_floor is not None:
+            probability("stage_floor", stage_floor)
+        number("refine_margin", refine_margin, 0, integer=True)
+        probability("refine_p", refine_p)
+        probability("draft_p_busy", draft_p_busy)
+        number("busy_rho", busy_rho, 0.0, lo_open=True, inf=True)
         # where the link is heavily over-subscribed (ρ ≥ busy_rho: carrying the loads
         # would take busy_rho times the compute they hide behind) prefetching hides
         # little and what the cache keeps decides: the context draft's experts are then

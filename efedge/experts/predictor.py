@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from efedge.errors import ArgumentError
+from efedge.experts.options import number
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_INC,
     _P_NGUSED,
@@ -128,12 +130,48 @@ class HybridPredictor:
     the eviction score reads it.
     """
 
+    # the keyword options and their ranges (options.number's arguments); `adapt` is a flag
+    OPTIONS = {
+        "max_distance": dict(lo=1, integer=True),
+        "decay": dict(lo=0.0, hi=1.0, lo_open=True),  # per token, of the transitions
+        "recent_rate": dict(lo=0.0, hi=1.0, lo_open=True),
+        "eta": dict(lo=0.0),  # the fusion weights' learning rate (0: fixed weights)
+        "calibration_rate": dict(lo=0.0, hi=1.0, lo_open=True),
+        "eps": dict(lo=0.0, hi=1.0, hi_open=True),
+        "weight_floor": dict(lo=0.0, hi=1.0, hi_open=True),
+        "popularity_rate": dict(lo=0.0, hi=1.0, lo_open=True),
+        "n_sources": dict(lo=1, integer=True),
+        "token_weight": dict(lo=0.0),
+        "draft_tokens": dict(lo=0, integer=True),
+        "draft_p": dict(lo=0.0, hi=1.0),
+    }
+
+    @classmethod
+    def check_options(cls, kw: dict) -> None:
+        """An ArgumentError for an option the predictor does not take or a value out of
+        its range (a policy checks its predictor's options when it is made, before any
+        model loads)."""
+        for k, v in kw.items():
+            if k == "adapt":
+                continue
+            spec = cls.OPTIONS.get(k)
+            if spec is None:
+                raise ArgumentError(f"unknown option {k!r}: neither the policy's nor its "
+                                    f"predictor's (the predictor takes "
+                                    f"{', '.join(sorted([*cls.OPTIONS, 'adapt']))})")
+            number(k, v, **spec)
+
     def __init__(self, n_layer: int, n_expert: int, n_active: int, max_distance: int = 8,
                  decay: float = 0.998, recent_rate: float = 0.3, eta: float = 0.3,
                  calibration_rate: float = 0.05, eps: float = 0.01,
                  weight_floor: float = 0.02, popularity_rate: float = 0.02,
                  n_sources: int = 1, adapt: bool = True, token_weight: float = 1.0,
                  draft_tokens: int = DRAFT_TOKENS, draft_p: float = DRAFT_P):
+        self.check_options(dict(
+            max_distance=max_distance, decay=decay, recent_rate=recent_rate, eta=eta,
+            calibration_rate=calibration_rate, eps=eps, weight_floor=weight_floor,
+            popularity_rate=popularity_rate, n_sources=n_sources, token_weight=token_weight,
+            draft_tokens=draft_tokens, draft_p=draft_p))
         L, E, K, dm = n_layer, n_expert, n_active, max(1, int(max_distance))
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt

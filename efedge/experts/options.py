@@ -1,0 +1,42 @@
+"""Checks of the options a cache policy and its predictor take from the Python API
+(`ExpertFlow(p_floor=0.3)`, `make_policy("expertflow", eta=0.5)`): a value out of range
+is an ArgumentError naming the option, where it had been clamped or taken as it came — a
+NaN threshold turned prefetching off without a word, a p_floor of 2 the same."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from efedge.errors import ArgumentError
+
+
+def number(name: str, value, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False, integer: bool = False,
+           inf: bool = False):
+    """`value` as an int (integer) or a float within [lo, hi] (an end open where said;
+    `inf`: +inf allowed, an option that a huge value switches off), or an ArgumentError
+    that names the option, the range and the value."""
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
+    if isinstance(value, bool) or not ok_type:
+        what = "an integer" if integer else "a number"
+        raise ArgumentError(f"{name} must be {what}, got {value!r}")
+    v = int(value) if integer else float(value)
+    if not integer and (math.isnan(v) or (math.isinf(v) and not (inf and v > 0))):
+        raise ArgumentError(f"{name} must be a finite number, got {value!r}")
+    below = lo is not None and (v < lo or (lo_open and v == lo))
+    above = hi is not None and (v > hi or (hi_open and v == hi))
+    if below or above:
+        if hi is None:
+            span = f"{'>' if lo_open else '≥'} {lo:g}"
+        elif lo is None:
+            span = f"{'<' if hi_open else '≤'} {hi:g}"
+        else:
+            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ArgumentError(f"{name} must be {span}, got {value!r}")
+    return v
+
+
+def probability(name: str, value, *, lo_open: bool = False):
+    """A probability in [0, 1] ((0, 1] with lo_open)."""
+    return number(name, value, 0.0, 1.0, lo_open=lo_open)
