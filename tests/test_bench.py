@@ -397,6 +397,10 @@ def test_policy_hooks_benchmark_times_every_layers_hooks(capsys):
                 for k in ("step", "post_step"))
     assert steps == n_layer
     assert ef["StreamingExperts._classify"]["calls_per_token"] > 0
+    # through an emulated link the compute thread queues and copies the prefetches itself:
+    # the queue and the engine's copies are timed apart from the policy's own work
+    assert ef["InlinePrefetches.add"]["calls_per_token"] > 0
+    assert any(k.endswith(".copy_inline") and h["calls_per_token"] > 0 for k, h in ef.items())
     mod.main(["-n", "2", "--rounds", "1", "--link", "2GB/s", "--cache", "40%"])
     assert "ExpertFlow.on_route" in capsys.readouterr().out
 
