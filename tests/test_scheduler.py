@@ -745,6 +745,7 @@ def test_the_draft_weighs_more_where_the_link_is_heavily_oversubscribed():
     ("expertflow", {"draft_tokens": True}, "draft_tokens"),
     ("expertflow", {"fill_p": 0.1}, "fill_p"),  # (no such option)
     ("fixed:2", {"token_weight": -1.0}, "token_weight"),
+    ("expertflow", {"max_distance": 3}, "max_horizon"),  # (the policy sets it)
 ])
 def test_a_bad_policy_option_is_one_clear_error_before_any_model_loads(name, kw, word):
     """Out of range, the wrong type or unknown: an ArgumentError naming the option when

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from efedge.errors import EfedgeError
+from efedge.errors import ArgumentError, EfedgeError
 from efedge.experts import predictor_thread
 from efedge.experts.horizon import (
     HorizonController,
@@ -118,6 +118,9 @@ class _Predictive(Policy):
     max_distance = 8
 
     def __init__(self, trace=None, **predictor_kw):
+        if "max_distance" in predictor_kw:  # (attach sets it from the look-ahead)
+            raise ArgumentError("max_distance is the policy's to set: give expertflow "
+                                "max_horizon, or fixed:H its H")
         HybridPredictor.check_options(predictor_kw)  # (now, not when a model loads)
         # a routing trace to seed the transitions with: read and checked here, before a
         # model's transfer threads start, so a bad file is one clear error
