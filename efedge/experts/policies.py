@@ -220,24 +220,16 @@ class ExpertFlow(_Predictive):
                  predictor_thread: bool | str | None = None, first_input: bool = True,
                  draft_p_busy: float = 0.5, busy_rho: float = 8.0, **kw):
         super().__init__(**kw)
-        number("max_horizon", max_horizon, 1, integer=True)
-        probability("p_floor", p_floor)
-        number("explore", explore, 0, integer=True)
-        number("explore_every", explore_every, 1, integer=True)
-        number("stage_lead", stage_lead, 1, integer=True)
-        if stage_floor is not None:
-            probability("stage_floor", stage_floor)
-        number("refine_margin", refine_margin, 0, integer=True)
-        probability("refine_p", refine_p)
-        probability("draft_p_busy", draft_p_busy)
-        number("busy_rho", busy_rho, 0.0, lo_open=True, inf=True)
+        # (each option checked where it is kept: out of range is an ArgumentError naming
+        # it, efedge/experts/options.py)
         # where the link is heavily over-subscribed (ρ ≥ busy_rho: carrying the loads
         # would take busy_rho times the compute they hide behind) prefetching hides
         # little and what the cache keeps decides: the context draft's experts are then
         # valued at draft_p_busy instead of the predictor's draft_p (simulated,
         # docs/scheduler.md §6, thirty-fifth session: Mixtral-8x7B's experts on three
         # laptop-class profiles 1.3–1.8 points less stall, the rest unchanged)
-        self.draft_p_busy, self.busy_rho = float(draft_p_busy), float(busy_rho)
+        self.draft_p_busy = probability("draft_p_busy", draft_p_busy)
+        self.busy_rho = number("busy_rho", busy_rho, 0.0, lo_open=True, inf=True)
         # first_input: a one-token pass's start waits for layer 0's input (the embedding,
         # normalised for its router: known before its attention, right after the pass
         # begins) and pre-gates layer 0 from it — where the model gives it
@@ -253,23 +245,27 @@ class ExpertFlow(_Predictive):
         # before the attention) re-ranks what is queued for it — the likeliest not yet
         # loading are fetched at once, queued ones outside the top K + refine_margin are
         # cancelled; refine_p: the chance of use such a fetch is valued at (its recall)
-        self.refine, self.refine_margin = bool(refine), max(0, int(refine_margin))
-        self.refine_p = float(refine_p)
+        self.refine = bool(refine)
+        self.refine_margin = number("refine_margin", refine_margin, 0, integer=True)
+        self.refine_p = probability("refine_p", refine_p)
         self.refined = self.refine_cancelled = 0
         # a source with a host tier (device="cuda", host_cache=): the layer stage_lead
         # beyond the VRAM horizon gets its likeliest experts staged disk → host, those
         # with p_next ≥ stage_floor (default p_floor)
-        self.stage_lead = max(1, int(stage_lead))
-        self.stage_floor = float(p_floor if stage_floor is None else stage_floor)
+        self.stage_lead = number("stage_lead", stage_lead, 1, integer=True)
+        p_floor = probability("p_floor", p_floor)
+        self.stage_floor = p_floor if stage_floor is None else \
+            probability("stage_floor", stage_floor)
         self.victim_aware = bool(victim_aware)
         self.pass_start = bool(pass_start)
-        self.explore, self.value_all = int(explore), bool(value_all)
+        self.explore = number("explore", explore, 0, integer=True)
+        self.value_all = bool(value_all)
         # the distances past the horizon are predicted (for their calibration and eviction
         # values) on every explore_every-th pass of each layer: each distance costs ~10 µs
         # with the caches as the layer kernels leave them, and these are not prefetched
-        self.explore_every = max(1, int(explore_every))
+        self.explore_every = number("explore_every", explore_every, 1, integer=True)
         self.value_next = bool(value_next)
-        self.max_distance = max(1, int(max_horizon))
+        self.max_distance = number("max_horizon", max_horizon, 1, integer=True)
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
 
     def attach(self, source) -> None:

@@ -172,10 +172,10 @@ class HybridPredictor:
             calibration_rate=calibration_rate, eps=eps, weight_floor=weight_floor,
             popularity_rate=popularity_rate, n_sources=n_sources, token_weight=token_weight,
             draft_tokens=draft_tokens, draft_p=draft_p))
-        L, E, K, dm = n_layer, n_expert, n_active, max(1, int(max_distance))
+        L, E, K, dm = n_layer, n_expert, n_active, int(max_distance)
         self.n_layer, self.n_expert, self.n_active, self.max_distance = L, E, K, dm
         self.adapt = adapt
-        self.n_sources = max(1, int(n_sources))  # routed layers the transitions start from
+        self.n_sources = int(n_sources)  # routed layers the transitions start from
         # _P_REACHF: how far predictions reached lately; transitions are learned that far
         # + LEARN_MARGIN (the step kernel keeps it); the last three: how the routers select
         # (mode, expert groups, groups used: efedge/experts/selection.py)
@@ -241,7 +241,7 @@ class HybridPredictor:
         self._pass_args: tuple = (0, None, None)  # t_n, and predict_pass_start's dummies
         # the context draft (begin_pass, _draft_kernel): the current context's tokens by
         # position, where each token last occurred in it, and the draft's eviction values
-        self.draft_tokens, self.draft_p = max(0, int(draft_tokens)), float(draft_p)
+        self.draft_tokens, self.draft_p = int(draft_tokens), float(draft_p)
         self._ctx = np.full(256, -1, dtype=np.int64)
         self._prev = np.full(256, -1, dtype=np.int64)  # each position's token's previous one
         self._ctx_n = 0  # positions known
