@@ -62,6 +62,42 @@ def _compute_lock() -> threading.RLock | None:
         return None
 
 
+def _compute_threads(threads: int | None) -> int:
+    """A model's compute threads: threads= (at most numba's pool), else the pool's size
+    (NUMBA_NUM_THREADS: every core unless the environment says otherwise)."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    return pool if threads is None else min(threads, pool)
+
+
+class _ThreadCount:
+    """numba's compute threads in this thread set to n for a block, then as they were
+    (numba keeps the count per thread: one model's must not leak into another's, or
+    into the caller's own numba code)."""
+
+    __slots__ = ("n", "prev")
+
+    def __init__(self, n: int):
+        self.n, self.prev = n, None
+
+    def __enter__(self):
+        import numba
+
+        prev = numba.get_num_threads()
+        if prev != self.n:
+            numba.set_num_threads(self.n)
+            self.prev = prev
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.prev is not None:
+            import numba
+
+            numba.set_num_threads(self.prev)
+            self.prev = None
+
+
 def _check_policy(policy) -> None:
     """A policy name that names none is an error even where no expert cache will use it
     (cache=None, a dense model): `--policy expertflw` must not pass unnoticed."""
@@ -131,12 +167,13 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         if disk_link is not None and not cuda:
             raise EfedgeError("disk_link= emulates the disk behind host_cache= of "
                               "device='cuda' (on the CPU, link= emulates the disk)")
-        if threads is not None:
-            import numba
-
-            if not isinstance(threads, int) or threads < 1:
-                raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or threads < 1):
+            raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
+        # the model's compute threads, set in whichever thread runs its compute: numba's
+        # count is per thread (a model used from the server's worker or an app's thread
+        # computed with every core whatever threads= said)
+        self.threads = _compute_threads(threads)
         if cache == "resident":  # (a name for None: every expert resident)
             cache = None
         slack = _routing_slack(routing, routing_slack, cache, cuda)
@@ -152,6 +189,8 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self._gf = GGUFFile(self.path)
         self._compute = _compute_lock()
         computing = self._compute or nullcontext()
+        loading = _ThreadCount(self.threads)
+        loading.__enter__()  # (the warm-up and the policy's helper-thread choice see it)
         try:
             self.config: ModelConfig = config_from_gguf(self._gf)
             if slack > 0 and self.config.spec.routing != "softmax":
@@ -213,6 +252,8 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                     part.close()
             self._gf.close()
             raise
+        finally:
+            loading.__exit__(None, None, None)
         # _lock guards short sections; a generation does not hold it across its yields
         # (a generator abandoned mid-way would keep it, owned by a thread that may be
         # gone, and its finalizer — run by the garbage collector in any thread — could not
@@ -310,7 +351,8 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         return source
 
     def _forward(self, tokens, pos, kv, all_logits=True):
-        return self._tf.forward(tokens, pos, kv, self._experts, all_logits=all_logits)
+        with _ThreadCount(self.threads):
+            return self._tf.forward(tokens, pos, kv, self._experts, all_logits=all_logits)
 
     def _forward_in_turn(self, tokens, pos, kv, all_logits=True):
         """_forward under _WORKQUEUE_LOCK (numba's workqueue layer: see there)."""

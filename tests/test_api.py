@@ -490,3 +490,50 @@ def test_a_reused_result_reports_the_last_call_only(m):
     r.tool_calls = [{"stale": True}]
     m.chat([{"role": "user", "content": "hi"}], max_tokens=2, result=r, **GREEDY)
     assert r.tool_calls is None and len(r.tokens) <= 2
+
+
+def _threads_seen(model, run) -> list[int]:
+    """numba's compute threads at each forward pass of `model` while run() goes."""
+    import numba
+
+    seen: list[int] = []
+    forward = model._tf.forward
+
+    def spy(*a, **kw):
+        seen.append(numba.get_num_threads())
+        return forward(*a, **kw)
+
+    model._tf.forward = spy
+    try:
+        run()
+    finally:
+        model._tf.forward = forward
+    return seen
+
+
+def test_a_models_threads_hold_in_every_thread_that_uses_it(path):
+    """threads= is the model's, not the loading thread's: numba's thread count is per
+    thread, so a model loaded with threads=1 and used from another thread (the server's
+    worker, a desktop app's) computed with every core; and a model loaded with the
+    default after one with threads=1, in the same thread, computed with one."""
+    import numba
+
+    cores = numba.config.NUMBA_NUM_THREADS
+    if cores < 2:
+        pytest.skip("one core: every thread count is the same")
+    with efedge.load(path, threads=1) as m:
+        def generate_elsewhere():
+            t = threading.Thread(target=lambda: m.generate("Hello", max_tokens=3))
+            t.start()
+            t.join()
+
+        seen = _threads_seen(m, generate_elsewhere)
+        assert seen and set(seen) == {1}
+        assert m.threads == 1
+        with efedge.load(path) as m2:  # this thread's count was the other model's
+            assert set(_threads_seen(m2, lambda: m2.generate("Hello", max_tokens=3))) \
+                == {m2.threads} == {cores}
+        seen = _threads_seen(m, lambda: m.generate("Hello", max_tokens=3))
+        assert set(seen) == {1}
+    # the loading thread's own count is as it was: a model's setting does not leak
+    assert numba.get_num_threads() == cores

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from efedge import __version__
@@ -199,7 +198,7 @@ def _run_config(path, info, threads, cache, policy, link, args, tests, rows, lla
     device = getattr(args, "device", "cpu") or "cpu"
     eng = _Efedge(path, threads, cache, policy, link, n_ctx, device, getattr(args, "vram", None),
                   getattr(args, "host_cache", None), getattr(args, "disk_link", None))
-    nt = numba.get_num_threads()  # as efedge.load set it
+    nt = eng.model.threads  # its compute threads (numba's count is per thread)
     rng = np.random.default_rng(args.seed)
     ref = None
     if args.vs_llama_cpp:
