@@ -368,6 +368,11 @@ def test_rank_helper_orders_by_decreasing_score_with_ties_in_index_order():
     assert _rank_desc(np.zeros(4)).tolist() == [0, 1, 2, 3]
     y = np.random.default_rng(3).random(64)
     assert _rank_desc(y).tolist() == np.argsort(-y, kind="stable").tolist()
+    # NaN (a hidden state that overflowed) ranks as -inf: always a permutation — the
+    # order indexes expert tables unchecked
+    z = np.array([0.3, np.nan, 0.3, 1.0, -np.inf, np.nan, 0.2])
+    assert _rank_desc(z).tolist() == [3, 0, 2, 6, 1, 4, 5]
+    assert sorted(_rank_desc(np.full(5, np.nan)).tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_transitions_are_learned_only_as_far_as_predictions_reach():
