@@ -141,6 +141,24 @@ def min_bound(experts, layout: dict, link, n_prompt: int, compute_s: float) -> d
             "min_stall_ms_per_token": 1e3 * stall / max(n, 1)}
 
 
+def comparison_threads(policies, threads=None, device: str = "cpu") -> int | None:
+    """One compute-thread count for every row of a comparison — the same model, budget,
+    link and compute for each policy: `threads` if given; else, on the CPU, the count a
+    policy among them that runs work beside the compute (expertflow's predictor helper)
+    gets by default while experts stream — one core fewer (efedge/api.py) — so that the
+    others run at that count too; else None (numba's, every core)."""
+    if threads is not None or device != "cpu":
+        return threads
+    import numba
+
+    from efedge.experts import predictor_thread
+    from efedge.experts.scheduler import make_policy
+
+    if any(make_policy(p.partition("/")[0]).wants_spare_core() for p in policies):
+        return predictor_thread.threads_beside_helper(numba.config.NUMBA_NUM_THREADS)
+    return None
+
+
 def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threads=None,
                      warmup: bool = True, device: str = "cpu", vram=None, host_cache=None,
                      disk_link=None, reverse: bool = False, bound: bool = True) -> list[dict]:
@@ -159,6 +177,7 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
     prompt_ids = [int(i) for i in prompt_ids]
     if not 0 < n_tokens < len(prompt_ids):
         raise ValueError("need 0 < n_tokens < len(prompt_ids) (at least one prompt token)")
+    threads = comparison_threads(policies, threads, device)
     rows = []
     for policy in (list(policies)[::-1] if reverse else policies):
         # "POLICY/late": a router before attention (smallthinker) asks for its experts
@@ -197,6 +216,7 @@ def compare_policies(path, policies, cache, link, prompt_ids, n_tokens, *, threa
             "policy_overhead_pct": 100.0 * ovh / max(s["wall_s"], 1e-9),
             "prefill_stall_ms": 1e3 * prefill_stall, "run_s": wall, "stats": s,
             "predictor_thread": threaded, "predictor_thread_fallbacks": fallbacks,
+            "threads": m.threads,
         })
         if host_cache is not None:
             rows[-1]["host_hit_rate"] = host_hit_rate(s)

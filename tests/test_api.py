@@ -537,3 +537,29 @@ def test_a_models_threads_hold_in_every_thread_that_uses_it(path):
         assert set(seen) == {1}
     # the loading thread's own count is as it was: a model's setting does not leak
     assert numba.get_num_threads() == cores
+
+
+def test_expertflow_leaves_a_core_while_experts_stream(path, monkeypatch):
+    """With no threads= given, a model whose expertflow streams experts computes with one
+    core fewer than the machine has, so that the predictor's helper gets one; resident,
+    other policies, an explicit count and the helper turned off keep numba's (every
+    core)."""
+    import numba
+
+    from efedge.experts import predictor_thread
+
+    cores, pool = predictor_thread.usable_cores(), numba.config.NUMBA_NUM_THREADS
+    if cores < 2 or pool < 2 or not predictor_thread.available():
+        pytest.skip("one core, or no helper thread on this platform")
+    monkeypatch.delenv("EFEDGE_PREDICTOR_THREAD", raising=False)
+    with efedge.load(path, cache="50%") as m:
+        assert m.threads == min(pool, cores - 1)
+        assert m._experts.policy.predictor.threaded  # the core it was left
+        assert set(_threads_seen(m, lambda: m.generate("Hello", max_tokens=3))) == {m.threads}
+    for kw in (dict(), dict(cache="50%", policy="ondemand"), dict(cache="50%", threads=pool),
+               dict(cache="100%")):
+        with efedge.load(path, **kw) as m:
+            assert m.threads == pool, kw
+    monkeypatch.setenv("EFEDGE_PREDICTOR_THREAD", "0")
+    with efedge.load(path, cache="50%") as m:
+        assert m.threads == pool

@@ -450,3 +450,21 @@ def test_simulate_vs_live_measures_compute_with_every_expert_in(tiny_gguf):
     t_layer, t_expert = mod.measure_compute(path, ids)
     assert t_layer > 0
     assert t_expert == 0.0  # no layer streamed an expert: all were in before the window
+
+
+def test_policies_table_runs_every_policy_at_one_thread_count(tiny_gguf, capsys):
+    """bench --policies compares the policies at one compute-thread count: without -t,
+    the one expertflow takes while experts stream (one core fewer), for on-demand too;
+    with -t, that."""
+    import numba
+
+    from efedge.policy_compare import comparison_threads
+
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    args = ("--policies", "ondemand,expertflow", "--cache", "30%", "--link", "500MB/s",
+            "-p", 8, "-n", 6, "--json")
+    rows = json.loads(_run(capsys, path, *args))["rows"]
+    want = comparison_threads(["ondemand", "expertflow"]) or numba.config.NUMBA_NUM_THREADS
+    assert [r["threads"] for r in rows] == [want, want]
+    rows = json.loads(_run(capsys, path, *args, "-t", 1))["rows"]
+    assert [r["threads"] for r in rows] == [1, 1]

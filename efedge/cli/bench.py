@@ -92,7 +92,8 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=None,
                    help="repetitions (default 5; with --policies 1)")
     p.add_argument("-t", "--threads", type=_positive_ints, default=None,
-                   help="compute threads (default: numba's default)")
+                   help="compute threads (default: every core; one fewer where expertflow "
+                   "streams experts, leaving its predictor's helper a core)")
     p.add_argument("--cache", type=_strs, default=[None],
                    help="expert cache budgets (default: all experts resident)")
     p.add_argument("--policy", type=_strs, default=["expertflow"], help="cache policies")
@@ -408,6 +409,7 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     from efedge.policy_compare import (
         auto_links,
         compare_policies,
+        comparison_threads,
         format_bounds,
         format_table,
         heldout_ids,
@@ -435,14 +437,16 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     if n_prompt < 1 or n_gen < 1:
         raise EfedgeError("--policies needs -p ≥ 1 prompt token and -n ≥ 1 decoded token")
     caches = [c for c in args.cache if c] or ["50%"]
-    threads = (args.threads or [None])[0]
+    device = getattr(args, "device", "cpu") or "cpu"
+    # one count for every row and for the auto link's resident runs: -t, else what
+    # expertflow takes by default while experts stream (one core fewer than the machine's)
+    threads = comparison_threads(policies, (args.threads or [None])[0], device)
     runs = args.repetitions or 1
     with efedge.load(path, threads=threads) as m:
         if not m.config.is_moe:
             raise EfedgeError(f"{path.name} has no routed experts: nothing to compare")
         ids = heldout_ids(m, n_prompt + n_gen)
     links, info = [lk for lk in args.link if lk], {}
-    device = getattr(args, "device", "cpu") or "cpu"
     if (not links or links == ["auto"]) and device != "cpu":
         raise EfedgeError("--policies with --device cuda needs an explicit --link (the auto "
                           "link is measured from the CPU's layer compute)")
@@ -466,7 +470,8 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
                           "auto_link": info, "rows": rows}, indent=2, default=str))
         return 0
     print(f"model: {path.name}   held-out text: {n_prompt} prompt + {n_gen} decoded tokens "
-          f"(teacher-forced)   links emulated; {runs} run(s) per setting, median")
+          f"(teacher-forced)   links emulated; {runs} run(s) per setting, median; "
+          f"{rows[0]['threads'] if rows else '-'} compute thread(s)")
     if info:
         print(f"auto link: one {info['expert_kib']:.1f} KiB expert loads in one layer's "
               f"resident decode compute ({info['layer_ms']:.3f} ms)")

@@ -111,7 +111,9 @@ def add_model_args(p: argparse.ArgumentParser, optional: bool = True) -> None:
     else:
         p.add_argument("model", help="GGUF model file")
     p.add_argument("-m", "--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
-    p.add_argument("-t", "--threads", type=positive_int, default=None, help="compute threads")
+    p.add_argument("-t", "--threads", type=positive_int, default=None,
+                   help="compute threads (default: every core; one fewer where "
+                   "expertflow streams experts, leaving its predictor's helper a core)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
     p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N")

@@ -268,6 +268,9 @@ class ExpertFlow(_Predictive):
         self.max_distance = number("max_horizon", max_horizon, 1, integer=True)
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
 
+    def wants_spare_core(self) -> bool:
+        return predictor_thread.may_run(self.predictor_thread)
+
     def attach(self, source) -> None:
         super().attach(source)
         eng = getattr(source, "engine", None)

@@ -84,15 +84,36 @@ def available() -> bool:
     return nw.available()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def spare_cores() -> int:
     """Cores this process may use beyond numba's compute threads."""
     import numba
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return cores - numba.get_num_threads()
+    return usable_cores() - numba.get_num_threads()
+
+
+def may_run(setting=None) -> bool:
+    """Whether a helper thread could run at all for this `setting` (wanted()'s), given a
+    spare core: the platform has the primitives and neither the setting nor
+    EFEDGE_PREDICTOR_THREAD turns it off."""
+    if setting is None or setting == "auto":
+        env = os.environ.get("EFEDGE_PREDICTOR_THREAD", "auto").strip().lower()
+        return env not in ("0", "off", "no", "false") and available()
+    return bool(setting) and available()
+
+
+def threads_beside_helper(pool: int) -> int | None:
+    """The compute threads that leave the helper a core: one fewer than this process's
+    cores, at most numba's pool; None on a single core (nothing to leave)."""
+    cores = usable_cores()
+    return None if cores < 2 else max(1, min(pool, cores - 1))
 
 
 def wanted(setting=None) -> bool:

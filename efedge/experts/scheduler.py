@@ -51,6 +51,12 @@ class Policy:
     wants_layer_input = property(lambda self: self.layer_inputs is not None)
     seeds_from_trace = False  # trace= seeds a predictor (expertflow, fixed:H)
 
+    def wants_spare_core(self) -> bool:
+        """Whether this policy would run work on a core the compute threads leave free
+        (expertflow's predictor helper): then a model with no threads= given computes
+        with one core fewer while its experts stream (efedge/api.py)."""
+        return False
+
     def attach(self, source) -> None:
         self.source = source
         store = source.store
