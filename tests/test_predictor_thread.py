@@ -208,6 +208,44 @@ def test_a_helper_too_slow_to_wait_for_hands_the_steps_back_and_is_tried_again(m
         b.close()
 
 
+def test_a_wait_that_woke_the_helper_does_not_count_against_it():
+    """A helper that slept (no post for its spin time: a slow link's long stalls between
+    layers) is woken by the next post, and that wait holds the wake-up — it says nothing
+    of whether the helper has a core, so it does not move the waits' average: a helper
+    woken for every step, with a limit any counted wait would pass, is kept."""
+    import time
+
+    a, b = _pair()
+    rng = np.random.default_rng(5)
+    try:
+        b.begin_pass([1])
+        h = rng.standard_normal((1, D)).astype(np.float32)
+        assert b.post_step(0, np.arange(K, dtype=np.int32)[None], h, 1)
+        b.wait()
+        th = b._thread
+        th.job[pt.J_SPIN_NS] = 0  # it sleeps as soon as a job is done
+        th.job[pt.J_WAIT_NS] = 0  # (the first wait's, whatever the machine's load)
+        th.job[pt.J_WAIT_LIMIT_NS] = 1
+        for layer in range(1, L):
+            end = time.monotonic() + 10.0  # until it naps (a loaded machine: a while)
+            while not th.ctl[pt.C_SLEEP] and time.monotonic() < end:
+                time.sleep(0.001)
+            if not th.ctl[pt.C_SLEEP]:
+                pytest.skip("the helper never got as far as its nap (a loaded machine)")
+            ids = rng.choice(E, K, replace=False).astype(np.int32)[None]
+            before = int(th.job[pt.J_WAIT_NS])
+            assert b.post_step(layer, ids, h, 1)
+            if not th.job[pt.J_IDLE]:  # (not idle after all: a counted wait)
+                b.wait()
+                break
+            b.wait()
+            assert th.job[pt.J_WAIT_NS] == before  # not counted
+            assert b.threaded and b.thread_fallbacks == 0
+        assert layer > 1 or b.threaded  # (at least the first was a wake-up)
+    finally:
+        b.close()
+
+
 @pytest.mark.parametrize("env,spare,want", [("0", 3, False), ("off", 3, False),
                                             ("1", 0, True), ("auto", 1, True),
                                             ("auto", 0, False), (None, 2, True)])

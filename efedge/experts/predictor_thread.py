@@ -54,8 +54,12 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 # J_WAIT_NS: the caller's waits, an EWMA (ns); J_WAIT_LIMIT_NS: where it gives up on the
 # helper (see _wait)
 # J_BUSY_EW: the helper's time per job, an EWMA (ns)
+# J_IDLE: the last post came when the helper had stopped spinning for posts — asleep,
+# or past its spin time (a slow link's long stalls between layers): its wait holds a
+# wake-up and is not counted; J_DONE_NS: when the helper finished its last job
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
- J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS, J_BUSY_EW) = range(16)
+ J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS, J_BUSY_EW,
+ J_IDLE, J_DONE_NS) = range(18)
 FAILED, DONE_OK, SLOW = 0, 1, 2  # what _wait returns
 # Waiting for a helper that shares its core with other busy threads cost the compute
 # thread milliseconds per step (demo model, -t 1, two busy processes beside it: decode
@@ -203,18 +207,27 @@ if available():
                          sel_sb, switch, draft)
                 if gate:
                     pg[0, 0, :] = np.nan
-            dt = nw._now_ns(ts) - t0
+            done = nw._now_ns(ts)
+            dt = done - t0
+            job[J_DONE_NS] = done
             job[J_BUSY_NS] += dt
             job[J_BUSY_EW] += (dt - job[J_BUSY_EW]) // _WAIT_EWMA_N
             _store(ctl, C_DONE, np.int32(seen))
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _publish_job(ctl):
+    def _publish_job(ctl, job):
         """GEN += 1 (a full barrier: the job written before it is seen with it), then
-        wake the helper if it sleeps."""
+        wake the helper if it sleeps. J_IDLE: whether it had stopped spinning for posts
+        (asleep, or its last job ended more than its spin time ago: it naps, and between
+        naps it yields its core) — the wait that follows then holds a wake-up, which
+        says nothing of whether the helper has a core of its own."""
+        ts = np.zeros(2, np.int64)
+        idle = nw._now_ns(ts) - job[J_DONE_NS] > job[J_SPIN_NS]
         _add32(ctl, C_GEN, 1)
         if _load(ctl, C_SLEEP) > 0:
+            idle = True
             _syscall(_NR_FUTEX, ctl.ctypes.data + 4 * C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+        job[J_IDLE] = 1 if idle else 0
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _post(ctl, job, ids_buf, h_buf, ids, h, layer, pass_no, n_pred, also):
@@ -236,7 +249,7 @@ if available():
             ids_buf[0, i] = ids[0, i]
         for i in range(h_buf.shape[1]):
             h_buf[0, i] = h[0, i]
-        _publish_job(ctl)
+        _publish_job(ctl, job)
         return True
 
     @njit(nogil=True, cache=True, fastmath=False)
@@ -251,7 +264,7 @@ if available():
         job[J_ALSO] = 1 if gate else 0
         job[J_KIND] = PASS_START
         job[J_POSTS] += 1
-        _publish_job(ctl)
+        _publish_job(ctl, job)
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _stop(ctl):
@@ -291,7 +304,9 @@ if available():
         for i in range(dst.shape[0]):
             for j in range(dst.shape[1]):
                 dst[i, j] = src[i, j]
-        ew = job[J_WAIT_NS] + (waited - job[J_WAIT_NS]) // _WAIT_EWMA_N
+        ew = job[J_WAIT_NS]
+        if job[J_IDLE] == 0:  # (a wait for a wake-up is not counted)
+            ew += (waited - ew) // _WAIT_EWMA_N
         job[J_WAIT_NS] = ew
         limit = job[J_WAIT_LIMIT_NS]
         if limit >= 0:  # (a larger model's step takes longer, and so may its waits)
@@ -323,7 +338,7 @@ class PredictorThread:
         # thread while it spins), or words no one moves
         self.workers_ctl = np.zeros(8, np.int32) if workers_ctl is None else workers_ctl
         self.ctl = np.zeros(8, np.int32)
-        self.job = np.zeros(16, np.int64)
+        self.job = np.zeros(18, np.int64)
         self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
         self.job[J_WAIT_LIMIT_NS] = WAIT_LIMIT_NS
         # the predictor's constants, as HybridPredictor.step passes them (one token:
