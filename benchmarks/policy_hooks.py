@@ -24,7 +24,7 @@ import sys
 import time
 
 import efedge
-from efedge.policy_compare import decode_run, heldout_ids
+from efedge.policy_compare import comparison_threads, decode_run, heldout_ids
 
 # (the object's role, its methods); a method an object lacks is skipped, so one list
 # serves every policy, the Python and the native transfer engines
@@ -69,6 +69,7 @@ def profile(path, policy: str, *, cache="50%", link="1060MB/s", threads=None,
     calls: collections.Counter = collections.Counter()
     on = [False]  # timing: during decode only (a prefill's calls are not per token)
     with efedge.load(path, cache=cache, policy=policy, link=link, threads=threads) as m:
+        threads = m.threads  # (what it computed with: the default resolved)
         ids = heldout_ids(m, 2 * (n_tokens + 32))
         text, warm = ids[:n_tokens + 32], ids[n_tokens + 32:]
         decode_run(m, warm, n_tokens)  # compile, fill the cache, start any helper
@@ -120,7 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     link = None if args.link == "none" else args.link
-    results = [profile(args.model, p, cache=args.cache, link=link, threads=args.threads,
+    # every policy at one count: -t, else expertflow's streaming default where it is
+    # among them (one core fewer than the machine's), as bench --policies does
+    threads = comparison_threads(args.policy, args.threads)
+    results = [profile(args.model, p, cache=args.cache, link=link, threads=threads,
                        n_tokens=args.n_tokens, rounds=args.rounds) for p in args.policy]
     if args.json:
         json.dump(results, sys.stdout, indent=2)

@@ -18,7 +18,7 @@ import sys
 
 import efedge
 from efedge.experts.policies import ExpertFlow
-from efedge.policy_compare import decode_run, heldout_ids
+from efedge.policy_compare import comparison_threads, decode_run, heldout_ids
 
 
 def main(argv=None) -> int:
@@ -31,7 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args(argv)
     link = None if args.link == "none" else args.link
-    models = {arm: efedge.load(args.model, cache=args.cache, threads=args.threads,
+    # both arms at one count: -t, else the one expertflow streams at by default (one core
+    # fewer than the machine's — the helper's), which arm A alone would not take
+    threads = comparison_threads(["expertflow"], args.threads)
+    models = {arm: efedge.load(args.model, cache=args.cache, threads=threads,
                                link=link, policy=ExpertFlow(predictor_thread=threaded))
               for arm, threaded in (("A", False), ("B", True))}
     try:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     finally:
         for m in models.values():
             m.close()
-    print(f"cache {args.cache}, link {link or 'none'}, threads {args.threads or 'default'}, "
+    print(f"cache {args.cache}, link {link or 'none'}, threads {threads or 'default'}, "
           f"{args.n_tokens} decoded tokens x {args.rounds} rounds")
     for arm, label in (("A", "compute thread"), ("B", "helper thread ")):
         med = [statistics.median(x[i] for x in runs[arm]) for i in range(3)]
