@@ -35,6 +35,7 @@ from efedge.demo import demo_model_path
 from efedge.policy_compare import (
     auto_links,
     compare_policies,
+    comparison_threads,
     decode_run,
     format_bounds,
     format_table,
@@ -241,6 +242,10 @@ def main(argv=None) -> int:
                          "process keeps a speed of its own: benchmarks/paired.py)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    # one compute-thread count for every run, the auto link's resident ones too: -t, else
+    # expertflow's streaming default where it is among them (compare_policies' rule)
+    args.threads = comparison_threads(args.policies + ["expertflow"] * args.cost,
+                                      args.threads)
     if args.ab:
         if args.links == ["auto"]:
             ap.error("--ab needs a link rate (or none)")

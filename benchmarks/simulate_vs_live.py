@@ -28,6 +28,7 @@ from efedge import corpus
 from efedge.demo import demo_model_path
 from efedge.experts.cache import READY
 from efedge.experts.link import parse_link
+from efedge.policy_compare import comparison_threads
 from efedge.simulate import SimSetup, simulate
 from efedge.trace import record_trace
 
@@ -308,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    # the resident compute measured at the live run's count: -t, else the one its policy
+    # streams at by default (expertflow: one core fewer than the machine's)
+    args.threads = comparison_threads([args.policy], args.threads)
     path = args.model or demo_model_path()
     with efedge.load(path) as m:
         ids = m.tokenize(heldout_text())[: args.tokens]
