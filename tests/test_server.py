@@ -893,3 +893,27 @@ def test_tokenize_text_the_tokenizer_refuses_is_a_400(server):
         assert body["error"]["param"] == "content" and "surrogate" in body["error"]["message"]
     status, body = call(server, "/health")  # still serving
     assert status == 200
+
+
+def test_the_server_computes_with_the_models_thread_count(model_path):
+    """The server runs requests on its own worker thread: the model's threads= hold there
+    (numba keeps its count per thread; the worker once computed with every core)."""
+    import numba
+    from _http import post_json
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: every thread count is the same")
+    with efedge.load(model_path, threads=1) as m:
+        seen = []
+        forward = m._tf.forward
+
+        def spy(*a, **kw):
+            seen.append((numba.get_num_threads(), threading.current_thread() is not
+                         threading.main_thread()))
+            return forward(*a, **kw)
+
+        m._tf.forward = spy
+        with running_server(m) as srv:
+            status, _ = post_json(srv, "/v1/completions", {"prompt": "Hello", "max_tokens": 3})
+        assert status == 200
+        assert seen and set(seen) == {(1, True)}
