@@ -315,7 +315,7 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
 
         from efedge.experts import predictor_thread
 
-        n = predictor_thread.threads_beside_helper(numba.config.NUMBA_NUM_THREADS)
+        n = predictor_thread.threads_beside_helper()
         if n is not None and n < self.threads:
             self.threads = n
             numba.set_num_threads(n)  # (this thread's: the load restores it at its end)

@@ -149,13 +149,11 @@ def comparison_threads(policies, threads=None, device: str = "cpu") -> int | Non
     others run at that count too; else None (numba's, every core)."""
     if threads is not None or device != "cpu":
         return threads
-    import numba
-
     from efedge.experts import predictor_thread
     from efedge.experts.scheduler import make_policy
 
     if any(make_policy(p.partition("/")[0]).wants_spare_core() for p in policies):
-        return predictor_thread.threads_beside_helper(numba.config.NUMBA_NUM_THREADS)
+        return predictor_thread.threads_beside_helper()
     return None
 
 

@@ -103,35 +103,42 @@ def spare_cores() -> int:
     return usable_cores() - numba.get_num_threads()
 
 
+def _asked(setting=None) -> bool | None:
+    """The helper as asked for: `setting` True / False, or for None / "auto" the
+    environment's EFEDGE_PREDICTOR_THREAD (1 → True, 0 → False, auto → None: where a core
+    is spare)."""
+    if setting is None or setting == "auto":
+        env = os.environ.get("EFEDGE_PREDICTOR_THREAD", "auto").strip().lower()
+        if env in ("0", "off", "no", "false"):
+            return False
+        return True if env in ("1", "on", "yes", "true") else None
+    return bool(setting)
+
+
 def may_run(setting=None) -> bool:
     """Whether a helper thread could run at all for this `setting` (wanted()'s), given a
     spare core: the platform has the primitives and neither the setting nor
     EFEDGE_PREDICTOR_THREAD turns it off."""
-    if setting is None or setting == "auto":
-        env = os.environ.get("EFEDGE_PREDICTOR_THREAD", "auto").strip().lower()
-        return env not in ("0", "off", "no", "false") and available()
-    return bool(setting) and available()
+    return _asked(setting) is not False and available()
 
 
-def threads_beside_helper(pool: int) -> int | None:
+def threads_beside_helper() -> int | None:
     """The compute threads that leave the helper a core: one fewer than this process's
     cores, at most numba's pool; None on a single core (nothing to leave)."""
+    import numba
+
     cores = usable_cores()
-    return None if cores < 2 else max(1, min(pool, cores - 1))
+    return None if cores < 2 else max(1, min(numba.config.NUMBA_NUM_THREADS, cores - 1))
 
 
 def wanted(setting=None) -> bool:
     """Whether to run the predictor on a helper thread: `setting` True / False, or
     None / "auto" for the environment's EFEDGE_PREDICTOR_THREAD (1 / 0 / auto), auto
     meaning where a core is spare and the platform has the primitives."""
-    if setting is None or setting == "auto":
-        env = os.environ.get("EFEDGE_PREDICTOR_THREAD", "auto").strip().lower()
-        if env in ("0", "off", "no", "false"):
-            return False
-        if env in ("1", "on", "yes", "true"):
-            return available()
+    asked = _asked(setting)
+    if asked is None:
         return available() and spare_cores() >= 1
-    return bool(setting) and available()
+    return asked and available()
 
 
 if available():
