@@ -89,11 +89,13 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
         # the thirty-second session, when the draft made it more than a tag)
         pred.begin_pass = timed(pred.begin_pass, "pass_start", 0)
         # with a helper thread (EFEDGE_PREDICTOR_THREAD, -t below the cores) a step is
-        # posted and waited for: the compute thread's share is both
+        # posted and waited for: the compute thread's share is both — the wait in the
+        # plan's kernel call (wait_select: its own clock, the plan's work left out)
         pred.wait = timed(pred.wait, "wait", 0)
-        posts0 = pred.thread_posts
+        posts0, sel0 = pred.thread_posts, pred.select_wait_s
         s, _, ovh = decode_run(m, prompt_ids, n_tokens)
         posts = pred.thread_posts - posts0
+        spent["wait"] += pred.select_wait_s - sel0
         n_layer = m.config.n_layer
     n = max(s["tokens_generated"], 1)
     wall = max(s["wall_s"], 1e-9)
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
                   f"decode, of which the predictor {c['predictor_us_per_layer']:.1f} us/layer "
                   f"+ {c['pass_start_us_per_token']:.1f} us/token at the pass start "
                   f"= {c['predictor_pct']:.2f}%"
-                  + (f" ({c['helper_steps']} steps on the helper thread)"
+                  + (f" ({c['helper_steps']} jobs on the helper thread)"
                      if c["helper_steps"] else ""))
         pct = [c["predictor_pct"] for c in runs]
         print(f"predictor: median {statistics.median(pct):.2f}% of decode "

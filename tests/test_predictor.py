@@ -310,7 +310,7 @@ def test_the_context_draft_reads_a_prefill_like_one_token_passes():
     """A prompt passed as one batch (prefill) is context as the same tokens passed one by
     one are: a later one-token pass drafts the same from it. Token ids past the table's
     initial size grow it; ids past _LAST_AT_MAX are not recorded (no draft, no error)."""
-    big = 100_000  # past the initial 256 ids
+    big = 100_000  # past the initial 64 Ki ids
     text = [7, big, 6, 8, big, 9]
     routes = {t: {m: [(t + m) % E, (t + 2 * m + 1) % E] for m in range(L)} for t in text}
 

@@ -48,12 +48,19 @@ def _same_state(a: HybridPredictor, b: HybridPredictor) -> None:
     assert a._drafted == b._drafted and a._ctx_n == b._ctx_n
 
 
-def test_posted_steps_leave_the_state_the_callers_steps_leave():
+def test_posted_steps_leave_the_state_the_callers_steps_leave(monkeypatch):
     """Passes of one token (pass start, five steps at varying reach), with a prefill of
-    several tokens between them (the helper is restarted on the grown tables), a new
-    context now and then and one past the context's room (its arrays grow): every array
+    several tokens between them (the helper is rebound to the grown tables), a new
+    context now and then and one past the context's room (its arrays grow, and the
+    helper is rebound to them for the passes' beginnings it runs): every array
     of the predictor is identical after every step, its context draft's too — tokens
     recur, so drafts are made, and their eviction values reach p_next."""
+    begun, rebound = [], []
+    post_begin, rebind = pt.PredictorThread.post_begin, pt.PredictorThread.rebind
+    monkeypatch.setattr(pt.PredictorThread, "post_begin",
+                        lambda th, tok, pos: begun.append(th) or post_begin(th, tok, pos))
+    monkeypatch.setattr(pt.PredictorThread, "rebind",
+                        lambda th, bound: rebound.append(th) or rebind(th, bound))
     a, b = _pair()
     rng = np.random.default_rng(1)
     pos = drafted = 0
@@ -79,8 +86,10 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
             # helper, where it has one), some with its router's logits given instead
             h0 = rng.standard_normal((1, D)).astype(np.float32) if tok % 2 else None
             z0 = rng.standard_normal((1, E)).astype(np.float32) if tok % 3 == 1 else None
+            # the pass's beginning on the helper too (its context draft, token memory
+            # bucket), most times: then the pass start waits for it first
             for p in (a, b):
-                p.begin_pass([tok], pos)
+                p.begin_pass([tok], pos, post=p is b and i % 4 != 3)
                 p.predict_pass_start(2, hidden=h0, logits=z0)
             assert np.isnan(b._pass_pg).all()  # (the row is left unknown for the next)
             pos += 1
@@ -97,9 +106,60 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave():
                 b.wait()
                 _same_state(a, b)
         assert b.thread_posts > 200 and b._thread.busy_s > 0 and drafted >= 5
+        # begun on the helper, which was rebound to grown tables (one thread throughout)
+        assert len(begun) > 30 and len(rebound) >= 2 and len(set(map(id, begun))) == 1
     finally:
         b.close()
     assert b._thread is None
+
+
+def _select_args(p, layer, n_dist, cache_rng):
+    """select_prefetch's arguments over predictor p's outputs and a random cache."""
+    where = np.where(cache_rng.random((L, E)) < 0.4, 0, -1).astype(np.int64)
+    needed = cache_rng.random(E) < K / E
+    n_slots = 24
+    return (layer, n_dist, 0.05, p.p_use, p.order, where, needed, np.zeros(L, np.int64),
+            np.full(n_slots, 2, np.int8), np.zeros(n_slots, np.int64),
+            np.zeros(n_slots, np.int32), np.array([n_slots], np.int64), 3, 7, 0.5, True)
+
+
+def test_the_plan_waits_for_a_posted_step_in_its_own_call():
+    """wait_select after a post_step — the helper's wait and horizon.select_prefetch in one
+    kernel call — selects what select_prefetch selects after the caller's own step, and
+    leaves the same state; without a posted step it is select_prefetch."""
+    from efedge.experts.horizon import select_prefetch
+
+    a, b = _pair(3)
+    rng = np.random.default_rng(4)
+    chosen = 0
+    try:
+        for i in range(12):
+            tok = int(rng.integers(0, 9))
+            for p in (a, b):
+                p.begin_pass([tok], i, post=p is b)
+                p.predict_pass_start(2)
+            for layer in range(L):
+                ids = rng.choice(E, K, replace=False).astype(np.int32)[None]
+                h = rng.standard_normal((1, D)).astype(np.float32)
+                a.step(layer, ids, hidden=h, n_pred=3)
+                assert b.post_step(layer, ids, h, 3)
+                seed = int(rng.integers(1 << 30))
+                want = select_prefetch(*_select_args(a, layer, 3, np.random.default_rng(seed)))
+                got = b.wait_select(*_select_args(b, layer, 3, np.random.default_rng(seed)))
+                assert not b._posted and want[:2] == got[:2]
+                g = want[1]  # (the groups' columns: the rest is scratch)
+                np.testing.assert_array_equal(want[2][0, :g + 1], got[2][0, :g + 1])
+                np.testing.assert_array_equal(want[2][1:, :g], got[2][1:, :g])
+                np.testing.assert_array_equal(want[3][:, :g], got[3][:, :g])
+                np.testing.assert_array_equal(want[4], got[4])
+                chosen += g
+                _same_state(a, b)
+        assert b.select_wait_s > 0 and chosen > 20
+        # nothing posted: the selection alone (the predictor's outputs as they are)
+        args = _select_args(b, 0, 2, np.random.default_rng(9))
+        assert b.wait_select(*args)[:2] == select_prefetch(*args)[:2]
+    finally:
+        b.close()
 
 
 def test_steps_it_cannot_post_are_left_to_the_caller():
@@ -164,6 +224,32 @@ def test_a_helper_that_stopped_fails_the_wait_instead_of_hanging():
     th.close()  # as if the thread had died: DONE will never reach GEN
     with pytest.raises(RuntimeError, match="predictor thread stopped"):
         th.wait(b.p_next, b._p_next_k)
+    b._thread = None
+
+
+@pytest.mark.parametrize("after", ["step", "begin"])
+def test_a_helper_that_stopped_fails_the_plan_and_the_pass_start(after):
+    """The calls that wait inside another kernel (the plan's wait_select, the pass
+    start's wait for the pass's beginning) fail too, selecting nothing from outputs a
+    dead helper may have half written."""
+    a, b = _pair()
+    ids, h = np.arange(K, dtype=np.int32)[None], np.ones((1, D), np.float32)
+    b.begin_pass([1])
+    assert b.post_step(0, ids, h, 1)
+    b.wait()
+    th = b._thread
+    if after == "step":
+        assert b.post_step(1, ids, h, 1)
+    else:
+        b.begin_pass([2], post=True)
+        assert b._posted
+    th.close()  # the post may have been run: as if it had not, DONE back behind GEN
+    th.ctl[pt.C_DONE] = th.ctl[pt.C_GEN] - 1
+    with pytest.raises(RuntimeError, match="predictor thread stopped"):
+        if after == "step":
+            b.wait_select(*_select_args(b, 1, 2, np.random.default_rng(0)))
+        else:
+            b.predict_pass_start(2)
     b._thread = None
 
 

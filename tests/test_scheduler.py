@@ -548,12 +548,15 @@ def _decode_stall(m, ids, n_decode) -> float:
 
 def test_expertflow_stalls_less_than_ondemand_on_a_slow_link(tiny_gguf):
     """Same model, tokens, budget and emulated link; totals over 2 × 32 decoded tokens
-    (measured ≈ 0.65 of on-demand here; the margin absorbs a loaded machine)."""
+    (measured 0.77-0.78 of on-demand here; the margin absorbs a loaded machine)."""
     path = tiny_gguf("qwen3moe", "Q4_K_M", preset="small")
     ids = _ids(40)
     stall = {}
     for policy in ("ondemand", "expertflow"):
-        with efedge.load(path, cache="50%", policy=policy, link="200MB/s") as m:
+        # (two compute threads for both, as when this was written: at one, expertflow's
+        # default on 2 cores, the ratio is 0.80-0.84 here, and a machine busy with other
+        # tests moved it to 0.86-0.87; at two 0.77-0.78)
+        with efedge.load(path, cache="50%", policy=policy, link="200MB/s", threads=2) as m:
             _decode_stall(m, ids, 4)  # warm-up (compilation)
             stall[policy] = _decode_stall(m, ids, 32) + _decode_stall(m, ids, 32)
     assert stall["expertflow"] < 0.85 * stall["ondemand"], stall

@@ -12,7 +12,6 @@ from efedge.experts import predictor_thread
 from efedge.experts.horizon import (
     HorizonController,
     plan_groups,
-    select_prefetch,
     value_victim,
 )
 from efedge.experts.issue import PrefetchPlan
@@ -377,9 +376,7 @@ class ExpertFlow(_Predictive):
 
     def _predict_and_plan(self, layer, hidden, ids2, pregate, h_need: int,
                           posted: bool = False) -> None:
-        if posted:
-            self.predictor.wait()
-        else:
+        if not posted:  # (a posted step is waited for in the plan's kernel call)
             self._predict(layer, hidden, ids2, pregate, *self._reach(layer, h_need))
         self.horizon = self._plan_prefetches(layer, self._span(layer, h_need))
         if self._stager is not None:
@@ -429,7 +426,8 @@ class ExpertFlow(_Predictive):
         # (the kernel keeps the GIL: no transfer thread changes the tables meanwhile). One
         # prefetch per target layer, nearest first, needed-at priority, evicting only
         # experts worth less than the least valuable one it brings: the kernel groups them
-        horizon, n, ints, floats, es = select_prefetch(
+        # (after a step posted to the helper thread, its wait in the same kernel call)
+        horizon, n, ints, floats, es = pred.wait_select(
             layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
             cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
             cache.class_slots, self.n_expert, self._step, ctl.rho, self.victim_aware)
@@ -468,9 +466,12 @@ class ExpertFlow(_Predictive):
             self._catch_up()
         self.predictor.draft_p = self.draft_p_busy if \
             self.controller.rho >= self.busy_rho else self._draft_p
-        super().on_pass(tokens, pos)
+        # the pass start below waits for the beginning: with a helper thread it runs
+        # there, beside the embedding of the pass's token
+        starts = self.pass_start and not self._all_fit
+        self.predictor.begin_pass(tokens, pos, post=starts)
         self._pass_pending = False
-        if self._all_fit or not self.pass_start:
+        if not starts:
             return
         if self.first_input and self.layer_input_wired and len(tokens) == 1 and \
                 src.cache.layer_class[0] >= 0:

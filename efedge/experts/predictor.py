@@ -34,8 +34,9 @@ class holds the state. The per-layer kernels take microseconds and run on the co
 thread, so they keep the GIL (`nogil=False`): releasing and re-taking it around each call
 let the transfer threads in and tripled the measured cost of eviction calls on a loaded
 2-core machine. Where a core is spare, a decode step runs on a helper thread instead
-(`use_thread`, `post_step` / `wait`: efedge/experts/predictor_thread.py), with the same
-results bit for bit.
+(`use_thread`, `post_step` / `wait` or `wait_select`, and a one-token pass's
+`begin_pass(post=True)`: efedge/experts/predictor_thread.py), with the same results bit
+for bit.
 Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max distance.
 """
 
@@ -44,8 +45,10 @@ from __future__ import annotations
 import numpy as np
 
 from efedge.errors import ArgumentError
+from efedge.experts.horizon import select_prefetch
 from efedge.experts.options import number
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
+    _P_DRAFTP,
     _P_INC,
     _P_NGUSED,
     _P_REACHF,
@@ -67,13 +70,14 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
     tag_one,
 )
 
-try:  # the helper thread's two hand-over kernels, called here directly (fewer Python
+try:  # the helper thread's hand-over kernels, called here directly (fewer Python
     # calls on the compute thread: predictor_thread.py); absent where futexes are
     from efedge.experts.predictor_thread import DONE_OK, FAILED
     from efedge.experts.predictor_thread import _post as _thread_post
     from efedge.experts.predictor_thread import _wait as _thread_wait
+    from efedge.experts.predictor_thread import _wait_select as _thread_wait_select
 except ImportError:
-    _thread_post = _thread_wait = None
+    _thread_post = _thread_wait = _thread_wait_select = None
     DONE_OK, FAILED = 1, 0
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
@@ -180,8 +184,8 @@ class HybridPredictor:
         # + LEARN_MARGIN (the step kernel keeps it); the last three: how the routers select
         # (mode, expert groups, groups used: efedge/experts/selection.py)
         self.params = np.array([1.0, decay, recent_rate, eta, calibration_rate, eps,
-                                weight_floor, 0.1, popularity_rate, dm, SEL_NONE, 0, 0],
-                               dtype=np.float64)
+                                weight_floor, 0.1, popularity_rate, dm, SEL_NONE, 0, 0,
+                                draft_p], dtype=np.float64)
         self.trans = np.zeros((L, dm, E, E), dtype=np.float32)  # [src layer, d-1, i, j]
         self.rowsum = np.zeros((L, dm, E), dtype=np.float32)
         self.recent = np.zeros((2, L, E), dtype=np.float32)  # fast, slow frequency
@@ -245,9 +249,13 @@ class HybridPredictor:
         self._ctx = np.full(256, -1, dtype=np.int64)
         self._prev = np.full(256, -1, dtype=np.int64)  # each position's token's previous one
         self._ctx_n = 0  # positions known
-        self._last_at = np.full(256, -1, dtype=np.int64)  # each token id's latest position
+        # each token id's latest position: room for 64 Ki ids at once (512 KiB), most
+        # vocabularies — growing it rebinds a helper thread (_helper), ~2 ms the first time
+        self._last_at = np.full(1 << 16, -1, dtype=np.int64)
         self.draft = np.zeros((L, E), dtype=np.float32)
-        self._drafted = False  # whether `draft` holds anything (to clear at the next pass)
+        # whether `draft` holds anything (to clear at the next pass): _drafted; an array,
+        # as the helper thread's begin (post_begin) writes it
+        self._draft_flag = np.zeros(1, dtype=np.int64)
         # the kernels' persistent state, in their argument order: one tuple to splat per
         # call instead of 19 attribute lookups (these arrays are only ever changed in place)
         # p_next as the kernels write it: p_next itself, or with a helper thread its own
@@ -265,7 +273,16 @@ class HybridPredictor:
         self._tried_at = -1  # the pass at which the helper was last tried again
         self.thread_fallbacks = 0  # times waiting for the helper cost too much
         self._posts_closed = 0  # jobs the helper threads closed so far had run
+        self._sel_wait_closed = 0.0  # and their callers' time in wait_select's waits
         self._bind_state()
+
+    @property
+    def _drafted(self) -> bool:
+        return bool(self._draft_flag[0])
+
+    @_drafted.setter
+    def _drafted(self, on: bool) -> None:
+        self._draft_flag[0] = on
 
     def _bind_state(self) -> None:
         self._state = (self.last_hist, self.hist_pass, self.trans, self.rowsum, self.recent,
@@ -319,6 +336,29 @@ class HybridPredictor:
         self.use_thread(False, self._workers_ctl)
         self._thread_retry = self.pass_no + wait
 
+    def wait_select(self, *select_args):
+        """wait(), then horizon.select_prefetch(*select_args) — the plan that reads this
+        step's p_use and order —, returning its outputs: after a post_step() both in one
+        kernel call, a Python call fewer per routed layer on the compute thread (its
+        time waiting is counted in select_wait_s)."""
+        if not self._posted:
+            return select_prefetch(*select_args)
+        self._posted = False
+        th = self._thread
+        r, out = _thread_wait_select(th.ctl, th.job, self.p_next, self._p_next_k,
+                                     *select_args)
+        if r != DONE_OK:
+            if r == FAILED:
+                th.fail()
+            self._thread_too_slow()
+        return out
+
+    @property
+    def select_wait_s(self) -> float:
+        """The compute thread's time in the waits wait_select() made, all helpers'."""
+        th = self._thread
+        return self._sel_wait_closed + (0.0 if th is None else th.select_wait_s)
+
     wait = _join  # (the public name; the class's own calls use _join, so that a timer
     # put on an instance's wait — benchmarks/policies.py --cost — sees the caller's waits)
 
@@ -330,6 +370,7 @@ class HybridPredictor:
         if th is not None:
             th.close()
             self._posts_closed += th.posts
+            self._sel_wait_closed += th.select_wait_s
             self._thread = None
 
     def __del__(self):
@@ -339,18 +380,42 @@ class HybridPredictor:
             pass
 
     def _helper(self, width: int):
-        """A helper thread started on the arrays a step reads now (replacing one bound to
-        others: a longer pass grows cur_ids, router weights arrive with the first hidden
-        state; nothing else is ever replaced while a thread runs — use_thread rebinds the
-        state and closes the thread)."""
+        """A helper thread on the arrays a step reads now: the running one, rebound to
+        them, or a new one (router weights arrive with the first hidden state; a longer
+        pass grows cur_ids, a longer context or a larger token id the context draft's
+        tables; nothing else is ever replaced while a thread runs — use_thread rebinds
+        the state and closes the thread)."""
         from efedge.experts.predictor_thread import PredictorThread
 
+        bound = (self.W, self.W_scale, self._pass_pg, self.cur_ids, self._tok1, *self._state,
+                 self.tok_tags, self._ctx, self._prev, self._last_at, self._draft_flag)
+        th = self._thread
+        if th is not None and th.h.shape[1] == width:  # the same thread, other arrays
+            self._join()
+            if self._thread is th:  # (not given up by that wait)
+                th.rebind(bound)
+                return th
         self.close()
-        bound = (self.W, self.W_scale, self._pass_pg, self.cur_ids, self._tok1, *self._state)
         self._thread = PredictorThread(bound, self.n_active, width, self.max_distance,
                                        self.n_layer, self.n_sources, self.adapt,
-                                       self._workers_ctl)
+                                       self._workers_ctl,
+                                       (self.draft_tokens, DRAFT_OCCURRENCES, DRAFT_WALK,
+                                        DRAFT_MATCH))
         return self._thread
+
+    def _begin_helper(self):
+        """(begin_pass) The helper thread to run a one-token pass's beginning on — the
+        running one where it is bound to the tables as they are now, else that one
+        rebound to them (the context's tables grew: rare, as they double; or a longer
+        pass grew cur_ids) — or None where no helper is to run it (none wanted, or no
+        router weights yet: the first step brings them)."""
+        if not self.threaded or self._w_width <= 0:
+            return None
+        th = self._thread
+        if th is None or th.bound[0] is not self.W or th.bound[3] is not self.cur_ids or \
+                th.bound[-4] is not self._ctx or th.bound[-2] is not self._last_at:
+            th = self._helper(self._w_width)  # (_prev grows with _ctx)
+        return th
 
     # -- inputs ---------------------------------------------------------------------------
     def set_router_weights(self, W: np.ndarray, selection=None) -> None:
@@ -396,13 +461,16 @@ class HybridPredictor:
             self.cur_ids = grown
 
     # -- the start of a pass (the tokens are known before any layer runs) ----------------
-    def begin_pass(self, tokens, pos: int | None = None) -> None:
+    def begin_pass(self, tokens, pos: int | None = None, post: bool = False) -> None:
         """A forward pass over `tokens` begins: token memory can serve its layers. Without
         this call a pass starts at its first step() and token memory stays unused.
         `pos`: the position of its first token in its context (0: a new context; None:
         right after the last pass's) — for the context draft (_draft_kernel): a one-token
         pass whose token occurred earlier in the same context values the experts of the
-        tokens that followed it there for eviction (draft, p_next)."""
+        tokens that followed it there for eviction (draft, p_next).
+        `post`: a one-token pass's kernel may run on the helper thread (use_thread):
+        wait() — or predict_pass_start, which waits — before anything reads p_next,
+        which gets the draft's values only then."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         t_n = tokens.shape[0]
         if t_n == 0:
@@ -418,11 +486,18 @@ class HybridPredictor:
             self._ctx_n = pos + 1
             if tok >= self._last_at.shape[0]:
                 self._fit_last_at(tok)
-            self._drafted = _begin_one(self._ctx, self._prev, self._last_at, tok, pos,
-                                       self._drafted, self.draft_tokens, DRAFT_OCCURRENCES,
-                                       DRAFT_WALK, DRAFT_MATCH, self.draft_p, self.tok_tags,
-                                       self.tok_hist, self.draft, self.p_next,
-                                       self._p_next_k, self._tok1)
+            th = self._begin_helper() if post else None
+            if th is not None:  # the kernel on the helper, beside the pass's first work
+                self.params[_P_DRAFTP] = self.draft_p
+                th.post_begin(tok, pos)
+                self._posted = True
+            else:
+                self._drafted = _begin_one(self._ctx, self._prev, self._last_at, tok, pos,
+                                           self._drafted, self.draft_tokens,
+                                           DRAFT_OCCURRENCES, DRAFT_WALK, DRAFT_MATCH,
+                                           self.draft_p, self.tok_tags, self.tok_hist,
+                                           self.draft, self.p_next, self._p_next_k,
+                                           self._tok1)
             self.cur_tok = self._tok1
         else:
             if self.draft_tokens:  # (one token without a draft: nothing to record)
@@ -503,23 +578,30 @@ class HybridPredictor:
         router's input is (router weights set), or that router's selection logits
         `logits` [1, E] (a trace's) — layer 0 is pre-gated from it too."""
         n = max(0, min(int(n_pred), self.max_distance, self.n_layer))
-        if n == 0:
-            return
-        if self._posted:
-            self._join()
-        t_n = self.cur_tok.shape[0]
         th = self._thread
-        if th is not None and self.cur_tok is self._tok1 and th.bound[0] is self.W and \
-                th.bound[3] is self.cur_ids:
+        if n == 0 or th is None or self.cur_tok is not self._tok1 or \
+                th.bound[0] is not self.W or th.bound[3] is not self.cur_ids:
+            th = None
+            if self._posted:  # (a begin_pass on the helper thread, at least)
+                self._join()
+            if n == 0:
+                return
+        t_n = self.cur_tok.shape[0]
+        if th is not None:
             # on the helper thread, whose caches hold the tables (the compute thread's
-            # were flushed by the layers): posted and waited for at once, as the plan
-            # for the pass's first layers reads it next. Layer 0's pre-gating from its
-            # input is computed there too (a trace's logits are copied here)
+            # were flushed by the layers): posted and waited for at once — after the
+            # pass's beginning, where that is posted there — as the plan for the pass's
+            # first layers reads it next. Layer 0's pre-gating from its input is computed
+            # there too (a trace's logits are copied here)
             gated = logits is not None and self._gate_first(None, logits)
             h = None if logits is not None else self._first_input(hidden)
-            th.post_pass_start(self.pass_no * self.n_layer - 1, self.pass_no, n, h)
-            self._posted = True
-            self._join()
+            after, self._posted = self._posted, False
+            r = th.pass_start(after, self.pass_no * self.n_layer - 1, self.pass_no, n, h,
+                              self.p_next, self._p_next_k)
+            if r != DONE_OK:
+                if r == FAILED:
+                    th.fail()
+                self._thread_too_slow()
         else:
             gated = t_n == 1 and self._gate_first(hidden, logits)
             self._fit_tokens(t_n)

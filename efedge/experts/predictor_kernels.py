@@ -12,8 +12,9 @@ from numba import njit
 PREGATE, TRANSITION, TEMPORAL, POPULAR, TOKEN = 0, 1, 2, 3, 4
 N_COMP = 5
 # params vector (float64), indices
+# (_P_DRAFTP: the context draft's value at distance 1, for the helper thread's begin)
 (_P_INC, _P_DECAY, _P_RECENT, _P_ETA, _P_CAL, _P_EPS, _P_WFLOOR, _P_RECALL, _P_POP,
- _P_REACHF, _P_SELMODE, _P_NGROUP, _P_NGUSED) = range(13)
+ _P_REACHF, _P_SELMODE, _P_NGROUP, _P_NGUSED, _P_DRAFTP) = range(14)
 # how a router's logits become its selection order (efedge/experts/selection.py)
 SEL_NONE, SEL_BIAS, SEL_SOFTMAX, SEL_SIGMOID = 0, 1, 2, 3
 LEARN_MARGIN = 2  # transitions are learned this many distances beyond the predictions' reach

@@ -7,6 +7,14 @@ machine or `-t N-1` on a laptop — the step can run there: `post()` hands it th
 router choice and hidden state as soon as the layer has routed, the compute thread
 issues that layer's demand loads meanwhile, and `wait()` (before the plan that reads the
 prediction) finds it done. The helper keeps the predictor's tables warm in its own cache.
+Each call from the compute thread costs it a microsecond or two cold, so the jobs are
+handed over in as few as will do (thirty-eighth session): a one-token pass's beginning
+(`BEGIN`: its context draft and token memory bucket) is posted as the pass begins and
+runs beside the embedding; the pass start waits for it and posts and waits for its own
+prediction in one call (`_pass_start`); and the plan that reads a layer's step waits for
+it in the plan's own kernel call (`_wait_select`). Arrays that grow (cur_ids, the context
+draft's tables) are rebound without a new thread (`rebind`: the helper leaves its loop
+and enters it again on them).
 
 The thread is a Python thread that enters one numba loop with the GIL released and
 stays in it: it spins (`sched_yield`, so that a transfer worker sharing its core runs
@@ -20,7 +28,10 @@ Exactness of decisions: the step's inputs are copied at post time and the comput
 reads nothing the step writes before `wait()`, except `p_next` (the eviction values),
 which the demand loads' victims read meanwhile: the helper writes its own copy and
 `wait()` publishes it (HybridPredictor), so every decision is the one the synchronous
-step takes. Linux only (futex); `available()` says whether this process can.
+step takes. A pass's beginning writes p_next too (the draft's values), and nothing
+chooses a victim between it and the pass start that waits for it (ExpertFlow.on_pass
+posts it only where a pass start follows). Linux only (futex); `available()` says
+whether this process can.
 """
 
 from __future__ import annotations
@@ -35,7 +46,15 @@ import numpy as np
 from numba import njit
 
 from efedge.experts import native_workers as nw
-from efedge.experts.predictor_kernels import _P_REACHF, _predict, _step, input_logits
+from efedge.experts.horizon import select_prefetch
+from efedge.experts.predictor_kernels import (
+    _P_DRAFTP,
+    _P_REACHF,
+    _begin_one,
+    _predict,
+    _step,
+    input_logits,
+)
 from efedge.kernels._sync import cpu_relax, sched_yield
 from efedge.kernels.atomics import add32 as _add32
 from efedge.kernels.atomics import load as _load
@@ -57,9 +76,13 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 # J_IDLE: the last post came when the helper had stopped spinning for posts — asleep,
 # or past its spin time (a slow link's long stalls between layers): its wait holds a
 # wake-up and is not counted; J_DONE_NS: when the helper finished its last job
+# J_TOK, J_POS: a pass begun (BEGIN) with this one token at this context position;
+# J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH: the context draft's constants, set once
+# J_SEL_WAIT_NS: the caller's time in the waits _wait_select made (ns, all of them)
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
  J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS, J_BUSY_EW,
- J_IDLE, J_DONE_NS) = range(18)
+ J_IDLE, J_DONE_NS, J_TOK, J_POS, J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH,
+ J_SEL_WAIT_NS) = range(25)
 FAILED, DONE_OK, SLOW = 0, 1, 2  # what _wait returns
 # Waiting for a helper that shares its core with other busy threads cost the compute
 # thread milliseconds per step (demo model, -t 1, two busy processes beside it: decode
@@ -74,9 +97,11 @@ _WAIT_EWMA_N, _WAIT_CLIP_NS = 32, 1_000_000
 # model's step takes ~35 µs there: waits of that order still save the step's ~50 µs on
 # the compute thread). A negative limit gives up at once (tests)
 _BUSY_FACTOR = 3
-# J_KIND: a layer's step, or the prediction at a pass's start (J_ALSO 1: layer 0 pre-gated
-# from its input, in the h buffer, first)
-STEP, PASS_START = 0, 1
+# J_KIND: a layer's step, the prediction at a pass's start (J_ALSO 1: layer 0 pre-gated
+# from its input, in the h buffer, first), or the beginning of a one-token pass (its
+# context draft and token memory bucket: HybridPredictor.begin_pass); REBIND: leave the
+# loop to enter it again on other arrays (PredictorThread.rebind)
+STEP, PASS_START, BEGIN, REBIND = 0, 1, 2, 3
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
 _WAIT_SPINS = 4000  # the compute thread's spins on DONE before it yields its core
@@ -158,10 +183,13 @@ if available():
     def _serve(ctl, job, ids, h, wctl, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass,
                trans, rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
                ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb,
-               switch, draft):
-        """The helper's loop: wait for GEN to move, run the posted step, DONE = GEN. While
+               switch, draft, tok_tags, ctx, prev, last_at, drafted):
+        """The helper's loop: wait for GEN to move, run the posted job, DONE = GEN. While
         it spins it also wakes the transfer workers for the copies queued meanwhile
-        (wctl: their control words, native_workers.C_*; HELPER = 1 says so to publish())."""
+        (wctl: their control words, native_workers.C_*; HELPER = 1 says so to publish()).
+        p_next is the helper's own copy (published by _wait); drafted[0]: whether the
+        context draft holds anything. Returns 0 when stopped, 1 for a REBIND (DONE set:
+        the arrays are no longer touched)."""
         ts = np.zeros(2, np.int64)
         nap = np.array([0, _NAP_NS], np.int64)  # a timespec
         # the last job done, not GEN now: a post made before this thread got here (its
@@ -195,6 +223,9 @@ if available():
             if _load(ctl, C_STOP) != 0:
                 return 0
             seen = _load(ctl, C_GEN)
+            if job[J_KIND] == REBIND:
+                _store(ctl, C_DONE, np.int32(seen))
+                return 1
             t0 = nw._now_ns(ts)
             if job[J_KIND] == STEP:
                 _step(job[J_LAYER], job[J_STEP], job[J_PASS], job[J_NPRED], job[J_ALSO],
@@ -202,6 +233,11 @@ if available():
                       cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec,
                       prec_n, recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order,
                       p_next, tok_hist, params, sel_rb, sel_sb, switch, draft)
+            elif job[J_KIND] == BEGIN:  # HybridPredictor.begin_pass's kernel (decode)
+                drafted[0] = _begin_one(ctx, prev, last_at, job[J_TOK], job[J_POS],
+                                        drafted[0] != 0, job[J_NDRAFT], job[J_DOCC],
+                                        job[J_DWALK], job[J_DMATCH], params[_P_DRAFTP],
+                                        tok_tags, tok_hist, draft, p_next, p_next, cur_tok)
             else:  # HybridPredictor.predict_pass_start's kernel (ids: only its shape read)
                 gate = job[J_ALSO] != 0
                 if gate:  # (into the pass start's pre-gating row, NaN again after)
@@ -274,6 +310,37 @@ if available():
         _publish_job(ctl, job)
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def _post_begin(ctl, job, tok, pos):
+        """The job of a one-token pass's beginning: token `tok` at context position
+        `pos` (the caller has made room for both in the bound tables), then
+        _publish_job."""
+        job[J_TOK], job[J_POS] = tok, pos
+        job[J_KIND] = BEGIN
+        job[J_POSTS] += 1
+        _publish_job(ctl, job)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _pass_start(ctl, job, h_buf, h, gate, after, step, pass_no, n_pred, dst, src):
+        """_wait for the job still posted where `after` (a pass's BEGIN), then
+        _post_pass_start and _wait for it: one call from the compute thread for what the
+        plan of a pass's first layers waits for. FAILED where either wait failed (nothing
+        posted after a failure), else SLOW where either was slow, else DONE_OK."""
+        r = DONE_OK
+        if after:
+            r = _wait(ctl, job, dst, src)
+            if r == FAILED:
+                return r
+        _post_pass_start(ctl, job, h_buf, h, gate, step, pass_no, n_pred)
+        r2 = _wait(ctl, job, dst, src)
+        return r2 if r2 != DONE_OK else r
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _post_rebind(ctl, job):
+        """The job that has the helper leave its loop (to enter it on other arrays)."""
+        job[J_KIND] = REBIND
+        _publish_job(ctl, job)
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _stop(ctl):
         """STOP, then GEN += 1 and a wake-up: the helper leaves its loop."""
         _store(ctl, C_STOP, np.int32(1))
@@ -321,7 +388,29 @@ if available():
         return SLOW if ew > limit else DONE_OK
 
 
+    @njit(cache=True, fastmath=False)
+    def _wait_select(ctl, job, dst, src, layer, n_dist, p_min, p_use, order, where, needed,
+                     layer_class, slot_state, slot_class, slot_pins, class_slots,
+                     max_per_layer, step, rho, victim_aware):
+        """_wait(ctl, job, dst, src), then horizon.select_prefetch on the step's outputs
+        (its arguments follow): the wait and the plan that reads the step in one call
+        from the compute thread (ExpertFlow, per routed layer). Returns _wait's answer,
+        then select_prefetch's; where the helper FAILED, nothing is selected (its
+        outputs may be half written). The time to the wait's end is added to
+        J_SEL_WAIT_NS. Keeps the GIL, as select_prefetch does (the wait is the
+        microseconds of a step the helper has mostly done)."""
+        ts = np.zeros(2, np.int64)
+        t0 = nw._now_ns(ts)
+        r = _wait(ctl, job, dst, src)
+        job[J_SEL_WAIT_NS] += nw._now_ns(ts) - t0
+        out = select_prefetch(layer, n_dist if r != FAILED else 0, p_min, p_use, order,
+                              where, needed, layer_class, slot_state, slot_class, slot_pins,
+                              class_slots, max_per_layer, step, rho, victim_aware)
+        return r, out
+
+
 _LIVE: weakref.WeakSet = weakref.WeakSet()
+_NO_P = np.zeros((0, 0), np.float32)  # (a wait with nothing to publish)
 
 
 @atexit.register
@@ -333,11 +422,14 @@ def _stop_all() -> None:
 
 class PredictorThread:
     """A helper thread running HybridPredictor steps on the arrays it was started with
-    (`bound`: W, W_scale, the pre-gating placeholder, cur_ids, cur_tok, then the state)."""
+    (`bound`: W, W_scale, the pre-gating placeholder, cur_ids, cur_tok, the state, then
+    the context draft's tables: tok_tags, ctx, prev, last_at, drafted). `draft`: the
+    context draft's constants (tokens, occurrences, walk, match)."""
 
     def __init__(self, bound: tuple, n_active: int, width: int, max_distance: int,
                  n_layer: int, n_sources: int, feedback: bool,
-                 workers_ctl: np.ndarray | None = None):
+                 workers_ctl: np.ndarray | None = None,
+                 draft: tuple[int, int, int, int] = (0, 0, 0, 0)):
         if not available():
             raise RuntimeError("a predictor thread needs Linux futexes")
         self.bound = bound
@@ -345,7 +437,8 @@ class PredictorThread:
         # thread while it spins), or words no one moves
         self.workers_ctl = np.zeros(8, np.int32) if workers_ctl is None else workers_ctl
         self.ctl = np.zeros(8, np.int32)
-        self.job = np.zeros(18, np.int64)
+        self.job = np.zeros(25, np.int64)
+        self.job[[J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH]] = draft
         self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
         self.job[J_WAIT_LIMIT_NS] = WAIT_LIMIT_NS
         # the predictor's constants, as HybridPredictor.step passes them (one token:
@@ -370,24 +463,47 @@ class PredictorThread:
 
     def _run(self) -> None:
         try:
-            _serve(self.ctl, self.job, self.ids, self.h, self.workers_ctl, *self.bound)
+            bound = self.bound
+            while _serve(self.ctl, self.job, self.ids, self.h, self.workers_ctl, *bound):
+                bound = self._rebound  # (rebind: set before its job was posted)
         except BaseException as exc:  # noqa: BLE001 (handed to the compute thread)
             self.error = exc
         finally:
             self.ctl[C_DEAD] = 1
 
-    def post_pass_start(self, step: int, pass_no: int, n_pred: int,
-                        first_input: np.ndarray | None = None) -> None:
-        """Hand the helper a single-token pass's start prediction (see _serve), layer 0
-        pre-gated from `first_input` ([1, D] float32, D its width) where given."""
+    def pass_start(self, after: bool, step: int, pass_no: int, n_pred: int,
+                   first_input: np.ndarray | None, dst: np.ndarray, src: np.ndarray) -> int:
+        """A single-token pass's start prediction on the helper (see _serve), layer 0
+        pre-gated from `first_input` ([1, D] float32, D its width) where given, posted and
+        waited for — after the job still posted (`after`: the pass's beginning) — in one
+        call (_pass_start); _wait's answer."""
         gate = first_input is not None
-        _post_pass_start(self.ctl, self.job, self.h, first_input if gate else self.h, gate,
-                         step, pass_no, n_pred)
+        return _pass_start(self.ctl, self.job, self.h, first_input if gate else self.h,
+                           gate, after, step, pass_no, n_pred, dst, src)
+
+    def post_begin(self, tok: int, pos: int) -> None:
+        """Hand the helper a one-token pass's beginning (see _serve)."""
+        _post_begin(self.ctl, self.job, tok, pos)
+
+    def rebind(self, bound: tuple) -> None:
+        """Run the jobs from now on over other arrays (`bound`, as the constructor's; the
+        caller has waited for the last job): the helper leaves its loop and enters it
+        again on them — a Python call on the helper thread, ~0.2 ms cheaper than a new
+        thread, and no compilation."""
+        self._rebound = self.bound = bound
+        _post_rebind(self.ctl, self.job)
+        if _wait(self.ctl, self.job, _NO_P, _NO_P) == FAILED:
+            self.fail()
 
     @property
     def posts(self) -> int:
         """Jobs posted to this thread so far."""
         return int(self.job[J_POSTS])
+
+    @property
+    def select_wait_s(self) -> float:
+        """The caller's time in the waits made with the plan's selection (_wait_select)."""
+        return float(self.job[J_SEL_WAIT_NS]) * 1e-9
 
     @property
     def busy_s(self) -> float:
