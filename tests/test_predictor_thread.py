@@ -162,6 +162,54 @@ def test_the_plan_waits_for_a_posted_step_in_its_own_call():
         b.close()
 
 
+def test_a_step_posted_right_after_a_rebind_is_waited_for_in_the_plan():
+    """A longer pass grows cur_ids, and the next posted step rebinds the helper to it (it
+    leaves its loop and enters it again, which takes the GIL); the plan then waits for
+    that step holding the GIL (wait_select). Before either guard — the rebind returns
+    only once the helper is back in its loop; wait_select waits on without the GIL after
+    200 µs — that wait spun out its 30 s and failed (found in review)."""
+    a, b = _pair(5)
+    rng = np.random.default_rng(6)
+    ids, h = np.arange(K, dtype=np.int32)[None], np.ones((1, D), np.float32)
+    try:
+        b.begin_pass([1])
+        assert b.post_step(0, ids, h, 1)
+        b.wait()
+        th = b._thread
+        for n_tok in (3, 5):  # each prefill longer than any before: cur_ids grows
+            toks = rng.integers(0, 40, n_tok)
+            b.begin_pass(toks)
+            for layer in range(L):
+                b.step(layer, rng.integers(0, E, (n_tok, K)), hidden=rng.standard_normal(
+                    (n_tok, D)).astype(np.float32), n_pred=1)
+            b.begin_pass([2])  # (not posted: the step's post is the one that rebinds)
+            assert b.post_step(0, ids, h, 2)
+            out = b.wait_select(*_select_args(b, 0, 2, np.random.default_rng(n_tok)))
+            assert b._thread is th and th.bound[3] is b.cur_ids and b.threaded
+            assert b.thread_fallbacks == 0 and out[1] >= 0
+    finally:
+        b.close()
+
+
+def test_a_wait_handed_back_counts_from_its_start():
+    """_wait_for with a patience answers PENDING once it has passed (nothing published);
+    the wait that follows counts the whole time from the first one's start."""
+    ctl, job = np.zeros(8, np.int32), np.zeros(26, np.int64)
+    ctl[pt.C_GEN] = 1  # posted, not done
+    job[pt.J_WAIT_LIMIT_NS] = 10**15
+    dst, src = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    assert pt._wait_for(ctl, job, dst, src, 200_000) == pt.PENDING
+    t0 = job[pt.J_WAIT_T0]
+    assert t0 > 0 and not dst.any()
+    import time
+    time.sleep(0.01)
+    ctl[pt.C_DONE] = 1
+    assert pt._wait(ctl, job, dst, src) == pt.DONE_OK
+    assert dst.all() and job[pt.J_WAIT_T0] == 0
+    # the EWMA's sample was the whole wait, over 10 ms (clipped at 1 ms), over 32
+    assert job[pt.J_WAIT_NS] == pt._WAIT_CLIP_NS // pt._WAIT_EWMA_N
+
+
 def test_steps_it_cannot_post_are_left_to_the_caller():
     """post_step does nothing and says False for a step of several tokens, a pass begun
     without begin_pass, a hidden state of another width or dtype (or none), or a

@@ -42,6 +42,8 @@ Shapes: L layers, E experts, K active, D width, T tokens in the pass, Dm max dis
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from efedge.errors import ArgumentError
@@ -72,13 +74,13 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
 
 try:  # the helper thread's hand-over kernels, called here directly (fewer Python
     # calls on the compute thread: predictor_thread.py); absent where futexes are
-    from efedge.experts.predictor_thread import DONE_OK, FAILED
+    from efedge.experts.predictor_thread import DONE_OK, FAILED, PENDING
     from efedge.experts.predictor_thread import _post as _thread_post
     from efedge.experts.predictor_thread import _wait as _thread_wait
     from efedge.experts.predictor_thread import _wait_select as _thread_wait_select
 except ImportError:
     _thread_post = _thread_wait = _thread_wait_select = None
-    DONE_OK, FAILED = 1, 0
+    DONE_OK, FAILED, PENDING = 1, 0, 3
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
 # After the helper was too slow, passes before it is tried again: THREAD_RETRY_FIRST,
@@ -347,6 +349,12 @@ class HybridPredictor:
         th = self._thread
         r, out = _thread_wait_select(th.ctl, th.job, self.p_next, self._p_next_k,
                                      *select_args)
+        if r == PENDING:  # (a long wait: on without the GIL, then the selection)
+            t0 = time.perf_counter()
+            r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
+            self._sel_wait_closed += time.perf_counter() - t0
+            if r != FAILED:
+                out = select_prefetch(*select_args)
         if r != DONE_OK:
             if r == FAILED:
                 th.fail()

@@ -79,11 +79,14 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 # J_TOK, J_POS: a pass begun (BEGIN) with this one token at this context position;
 # J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH: the context draft's constants, set once
 # J_SEL_WAIT_NS: the caller's time in the waits _wait_select made (ns, all of them)
+# J_WAIT_T0: when a wait handed back as PENDING began (0: none), counted from there
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
  J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS, J_BUSY_EW,
  J_IDLE, J_DONE_NS, J_TOK, J_POS, J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH,
- J_SEL_WAIT_NS) = range(25)
-FAILED, DONE_OK, SLOW = 0, 1, 2  # what _wait returns
+ J_SEL_WAIT_NS, J_WAIT_T0) = range(26)
+FAILED, DONE_OK, SLOW, PENDING = 0, 1, 2, 3  # what _wait (_wait_for) returns
+# how long _wait_select waits holding the GIL before it hands the wait back (PENDING)
+_SELECT_PATIENCE_NS = 200_000
 # Waiting for a helper that shares its core with other busy threads cost the compute
 # thread milliseconds per step (demo model, -t 1, two busy processes beside it: decode
 # 8x as long); past this average wait — a few times what the step costs the compute
@@ -356,23 +359,37 @@ if available():
         caller); SLOW where the waits, on average (J_WAIT_NS, an EWMA), exceed
         J_WAIT_LIMIT_NS — the helper does not get a core of its own (a loaded machine)
         and waiting for it costs more than the step itself; else DONE_OK."""
+        return _wait_for(ctl, job, dst, src, -1)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _wait_for(ctl, job, dst, src, patience_ns):
+        """_wait, or PENDING, with nothing published, once `patience_ns` (≥ 0) have
+        passed without DONE — for a caller that holds the GIL, which waits on without
+        it (a helper that died needs the GIL to say so); the wait that follows counts
+        from this one's start (J_WAIT_T0)."""
         gen = _load(ctl, C_GEN)
         spins = 0
-        t0 = 0
+        t0 = job[J_WAIT_T0]
         waited = 0
         ts = np.zeros(2, np.int64)
         while _load(ctl, C_DONE) != gen:
             if _load(ctl, C_DEAD) != 0:
+                job[J_WAIT_T0] = 0
                 return FAILED
             spins += 1
             if t0 == 0:
                 t0 = nw._now_ns(ts)
+            if patience_ns >= 0 and spins & 63 == 0 and nw._now_ns(ts) - t0 > patience_ns:
+                job[J_WAIT_T0] = t0
+                return PENDING
             if spins < _WAIT_SPINS:
                 cpu_relax()
             else:  # the helper is not running: let it have this core
                 if spins & 1023 == 0 and nw._now_ns(ts) - t0 > _GIVE_UP_NS:
+                    job[J_WAIT_T0] = 0
                     return FAILED
                 sched_yield()
+        job[J_WAIT_T0] = 0
         if t0 != 0:  # (clipped: a single preemption must not decide)
             waited = min(nw._now_ns(ts) - t0, _WAIT_CLIP_NS)
         for i in range(dst.shape[0]):
@@ -396,16 +413,18 @@ if available():
         (its arguments follow): the wait and the plan that reads the step in one call
         from the compute thread (ExpertFlow, per routed layer). Returns _wait's answer,
         then select_prefetch's; where the helper FAILED, nothing is selected (its
-        outputs may be half written). The time to the wait's end is added to
-        J_SEL_WAIT_NS. Keeps the GIL, as select_prefetch does (the wait is the
-        microseconds of a step the helper has mostly done)."""
+        outputs may be half written). Keeps the GIL, as select_prefetch does, so it
+        waits only _SELECT_PATIENCE_NS (a step takes microseconds): then it answers
+        PENDING, selecting nothing, and the caller waits on without the GIL (_wait).
+        The time to the wait's end is added to J_SEL_WAIT_NS."""
         ts = np.zeros(2, np.int64)
         t0 = nw._now_ns(ts)
-        r = _wait(ctl, job, dst, src)
+        r = _wait_for(ctl, job, dst, src, _SELECT_PATIENCE_NS)
         job[J_SEL_WAIT_NS] += nw._now_ns(ts) - t0
-        out = select_prefetch(layer, n_dist if r != FAILED else 0, p_min, p_use, order,
-                              where, needed, layer_class, slot_state, slot_class, slot_pins,
-                              class_slots, max_per_layer, step, rho, victim_aware)
+        out = select_prefetch(layer, n_dist if r == DONE_OK or r == SLOW else 0, p_min,
+                              p_use, order, where, needed, layer_class, slot_state,
+                              slot_class, slot_pins, class_slots, max_per_layer, step, rho,
+                              victim_aware)
         return r, out
 
 
@@ -437,7 +456,7 @@ class PredictorThread:
         # thread while it spins), or words no one moves
         self.workers_ctl = np.zeros(8, np.int32) if workers_ctl is None else workers_ctl
         self.ctl = np.zeros(8, np.int32)
-        self.job = np.zeros(25, np.int64)
+        self.job = np.zeros(26, np.int64)
         self.job[[J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH]] = draft
         self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
         self.job[J_WAIT_LIMIT_NS] = WAIT_LIMIT_NS
@@ -488,11 +507,18 @@ class PredictorThread:
     def rebind(self, bound: tuple) -> None:
         """Run the jobs from now on over other arrays (`bound`, as the constructor's; the
         caller has waited for the last job): the helper leaves its loop and enters it
-        again on them — a Python call on the helper thread, ~0.2 ms cheaper than a new
-        thread, and no compilation."""
+        again on them — a Python call on the helper thread, cheaper than a new thread.
+        Returns once it is back in its loop: it needs the GIL to get there, and a caller
+        waiting for its next job with the GIL held (_wait_select) would not let it."""
         self._rebound = self.bound = bound
+        self.ctl[C_READY] = 0  # (the loop sets it as it enters)
         _post_rebind(self.ctl, self.job)
         if _wait(self.ctl, self.job, _NO_P, _NO_P) == FAILED:
+            self.fail()
+        end = time.monotonic() + 60.0
+        while not self.ctl[C_READY] and not self.ctl[C_DEAD] and time.monotonic() < end:
+            time.sleep(0.00005)  # (the GIL to the helper)
+        if not self.ctl[C_READY]:
             self.fail()
 
     @property
