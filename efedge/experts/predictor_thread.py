@@ -404,7 +404,6 @@ if available():
             limit = max(limit, _BUSY_FACTOR * job[J_BUSY_EW])
         return SLOW if ew > limit else DONE_OK
 
-
     @njit(cache=True, fastmath=False)
     def _wait_select(ctl, job, dst, src, layer, n_dist, p_min, p_use, order, where, needed,
                      layer_class, slot_state, slot_class, slot_pins, class_slots,
