@@ -135,6 +135,41 @@ def test_controller_kernels_match_the_python_arithmetic_bit_for_bit():
         assert ctl.h_need == h and ctl.loads == ref.loads
 
 
+def test_controller_reads_a_link_meter_as_the_engines_properties_do():
+    """update_meter (the engine's meter array read in the kernel, per routed layer; and
+    plan_meter) moves the controller exactly as update() (plan()) with the engine's
+    bandwidth_ewma and the
+    larger of its latency_ewma and read_tail_s (policies._latency), reads of the file or
+    none, the link's latency or the reads' tail the larger."""
+    from efedge.experts.link import LinkTiming
+    from efedge.experts.meter import M_BANDWIDTH, M_LATENCY, M_READ, M_READ_DEV
+    from efedge.experts.policies import _latency
+
+    eng = LinkTiming()
+    eng._init_link_timing()
+    rng = np.random.default_rng(1)
+    a, b = HorizonController(), HorizonController()
+    t = 0.0
+    tail_larger = 0
+    for i in range(400):
+        t += float(rng.exponential(1e-3))
+        eng.meter[M_BANDWIDTH] = rng.choice([0.0, rng.uniform(1e8, 4e9)])
+        eng.meter[M_LATENCY] = rng.uniform(0.0, 1e-3)
+        eng.meter[M_READ] = rng.choice([0.0, rng.uniform(0.0, 1e-3)])
+        eng.meter[M_READ_DEV] = rng.uniform(0.0, 3e-4)
+        args = (t, float(rng.uniform(0, 1e-3)), float(rng.integers(0, 6)), 1, 98304.0)
+        h = a.update(*args, float(eng.bandwidth_ewma), _latency(eng))
+        assert b.update_meter(*args, eng.meter) == h, i
+        np.testing.assert_array_equal(a.state, b.state)
+        # and plan() alone (a pass start's)
+        bpe = float(rng.uniform(1e4, 1e6))
+        assert a.plan(bpe, float(eng.bandwidth_ewma), _latency(eng)) == \
+            b.plan_meter(bpe, eng.meter), i
+        np.testing.assert_array_equal(a.state, b.state)
+        tail_larger += eng.read_tail_s > eng.latency_ewma
+    assert 50 < tail_larger < 350  # (both sides of the max were taken)
+
+
 # -- eviction order -----------------------------------------------------------------------
 class _Store:
     def __init__(self, n_layer=4, n_expert=8, nbytes=96):

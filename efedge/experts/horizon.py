@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from efedge.experts.cache import EMPTY, LOADING, READY
+from efedge.experts.meter import M_BANDWIDTH, M_LATENCY, M_READ, M_READ_DEV
 
 # The kernels below run for microseconds on the compute thread, with the cache lock held
 # by the caller or not needed: they keep the GIL (no nogil), which also means no transfer
@@ -79,6 +80,19 @@ class HorizonController:
         """observe() then plan() in one kernel call (floats and an int, as given)."""
         return _update(self.state, now, stall_s, loads, batch, bytes_per_expert, bandwidth,
                        latency)
+
+    def update_meter(self, now: float, stall_s: float, loads: float, batch: int,
+                     bytes_per_expert: float, meter: np.ndarray) -> int:
+        """update() with the link's bandwidth and latency read from a transfer engine's
+        meter array (link.LinkTiming.meter: its bandwidth_ewma, and the larger of its
+        latency_ewma and read_tail_s) in the same kernel call: per routed layer, the
+        engine's properties cost the compute thread more than the arithmetic."""
+        return _update_meter(self.state, now, stall_s, loads, batch, bytes_per_expert,
+                             meter)
+
+    def plan_meter(self, bytes_per_expert: float, meter: np.ndarray) -> int:
+        """plan() with the link read from a transfer engine's meter (as update_meter)."""
+        return _plan_meter(self.state, bytes_per_expert, meter)
 
     # -- the state, read as attributes ----------------------------------------------------
     h_need = property(lambda self: int(self.state[_H_NEED]))
@@ -143,6 +157,23 @@ def _plan(st, bytes_per_expert, bandwidth, latency):
 def _update(st, now, stall_s, loads, batch, bytes_per_expert, bandwidth, latency):
     _observe(st, now, stall_s, loads, batch)
     return _plan(st, bytes_per_expert, bandwidth, latency)
+
+
+@njit(cache=True, fastmath=False)
+def _meter_latency(meter):
+    """policies._latency on a link meter: its latency, or a slow read if longer."""
+    return max(meter[M_LATENCY], meter[M_READ] + 2.0 * meter[M_READ_DEV])
+
+
+@njit(cache=True, fastmath=False)
+def _update_meter(st, now, stall_s, loads, batch, bytes_per_expert, meter):
+    return _update(st, now, stall_s, loads, batch, bytes_per_expert, meter[M_BANDWIDTH],
+                   _meter_latency(meter))
+
+
+@njit(cache=True, fastmath=False)
+def _plan_meter(st, bytes_per_expert, meter):
+    return _plan(st, bytes_per_expert, meter[M_BANDWIDTH], _meter_latency(meter))
 
 
 @njit(cache=True, fastmath=False)

@@ -15,6 +15,7 @@ from efedge.experts.horizon import (
     value_victim,
 )
 from efedge.experts.issue import PrefetchPlan
+from efedge.experts.link import LinkTiming
 from efedge.experts.options import number, probability
 from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
 from efedge.experts.predictor_kernels import refine_pick, refine_pick_routed
@@ -276,6 +277,9 @@ class ExpertFlow(_Predictive):
         pool = getattr(eng, "pool", None) if getattr(eng, "native", False) else None
         self.predictor.use_thread(predictor_thread.wanted(self.predictor_thread),
                                   None if pool is None else pool.ctl)
+        # the link meter's array (bandwidth, latency, read times) where the engine keeps
+        # one (link.LinkTiming: the CPU path's engines); else its properties are read
+        self._meter = eng.meter if isinstance(eng, LinkTiming) else None
         self._draft_p = self.predictor.draft_p  # (the value on a link that keeps up)
         self._seen = None
         self.horizon = 1
@@ -345,12 +349,18 @@ class ExpertFlow(_Predictive):
         loads = c.prefetch_used + c.misses  # what on-demand loading would have loaded
         delta = 0 if self._seen is None or loads < self._seen else loads - self._seen
         self._seen = loads
-        eng = src.engine
         # the look-ahead the controller wants from the measured link and compute, in MoE
-        # layers (_span turns a count into a distance)
-        h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
-                                        ids2.shape[0], self._mean_bytes,
-                                        float(eng.bandwidth_ewma), _latency(eng))
+        # layers (_span turns a count into a distance); a transfer engine's meter is read
+        # in the controller's own kernel call
+        if self._meter is not None:
+            h_need = self.controller.update_meter(float(t0), float(c.stall_s),
+                                                  float(delta), ids2.shape[0],
+                                                  self._mean_bytes, self._meter)
+        else:
+            eng = src.engine
+            h_need = self.controller.update(float(t0), float(c.stall_s), float(delta),
+                                            ids2.shape[0], self._mean_bytes,
+                                            float(eng.bandwidth_ewma), _latency(eng))
         # the predictor and the plan run once this layer's demand loads are on the link;
         # with a helper thread the prediction starts there now, beside those loads
         # (the first step, synchronous, gives the predictor its router weights)
@@ -415,6 +425,8 @@ class ExpertFlow(_Predictive):
 
     def _h_need(self) -> int:
         """The look-ahead the controller wants from the measured link and compute."""
+        if self._meter is not None:
+            return self.controller.plan_meter(self._mean_bytes, self._meter)
         eng = self.source.engine
         return self.controller.plan(self._mean_bytes, float(eng.bandwidth_ewma),
                                     _latency(eng))
