@@ -713,3 +713,16 @@ def test_slow_reads_of_the_file_lengthen_expertflows_look_ahead(tiny_gguf, monke
             ctl = m._experts.policy.controller
             horizons[tail] = (ctl.h_need, ctl.max_horizon)
     assert horizons[0.5][0] == horizons[0.5][1] > horizons[0.0][0]
+
+
+def test_expertflow_reads_the_link_meter_in_its_controller_kernel(tiny_gguf, monkeypatch):
+    """The controller reads the engine's meter array in its kernel (update_meter) where
+    the engine's bandwidth and latency are LinkTiming's own properties over it — the file
+    read and an emulated link alike —, and the properties where they are overridden."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    for link in (None, "2GB/s"):
+        with efedge.load(path, cache="50%", policy="expertflow", link=link) as m:
+            assert m._experts.policy._meter is m._experts.engine.meter
+    monkeypatch.setattr(TransferEngine, "read_tail_s", property(lambda self: 0.5))
+    with efedge.load(path, cache="50%", policy="expertflow") as m:
+        assert m._experts.policy._meter is None

@@ -110,6 +110,19 @@ def _latency(engine) -> float:
     return max(float(engine.latency_ewma), float(getattr(engine, "read_tail_s", 0.0)))
 
 
+def _link_meter(engine) -> np.ndarray | None:
+    """The engine's link meter array (bandwidth, latency, read times), read by the horizon
+    controller in its own kernel, where the engine's bandwidth and latency are
+    link.LinkTiming's own properties over it (the CPU path's engines); else None, and
+    the properties are read (the simulator's engine, or one that overrides them)."""
+    cls = type(engine)
+    if isinstance(engine, LinkTiming) and all(
+            getattr(cls, a) is getattr(LinkTiming, a)
+            for a in ("bandwidth_ewma", "latency_ewma", "read_tail_s")):
+        return engine.meter
+    return None
+
+
 class _Predictive(Policy):
     """Shared by fixed:H and expertflow: the hybrid predictor fed once per layer."""
 
@@ -277,9 +290,7 @@ class ExpertFlow(_Predictive):
         pool = getattr(eng, "pool", None) if getattr(eng, "native", False) else None
         self.predictor.use_thread(predictor_thread.wanted(self.predictor_thread),
                                   None if pool is None else pool.ctl)
-        # the link meter's array (bandwidth, latency, read times) where the engine keeps
-        # one (link.LinkTiming: the CPU path's engines); else its properties are read
-        self._meter = eng.meter if isinstance(eng, LinkTiming) else None
+        self._meter = _link_meter(eng)
         self._draft_p = self.predictor.draft_p  # (the value on a link that keeps up)
         self._seen = None
         self.horizon = 1
