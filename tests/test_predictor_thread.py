@@ -410,6 +410,42 @@ def test_a_model_decoding_with_a_helper_keeps_the_resident_logits(tiny_gguf):
     assert not thread.is_alive() and pred._thread is None  # stopped by close()
 
 
+def test_passes_abandoned_after_their_beginning_was_posted_leave_decoding_exact(tiny_gguf):
+    """A one-token pass posts its beginning to the helper, then is abandoned before its
+    pass start (an exception in layer 0's input hook, as Ctrl-C would be): run again, it
+    and the passes after it decode the resident model's logits, on the same helper."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = np.random.default_rng(3).integers(0, 500, 30).tolist()
+    with efedge.load(path) as m:
+        s = m._session
+        s.prefill(ids[:6])
+        ref = [s.decode(t).copy() for t in ids[6:]]
+    pol = ExpertFlow(predictor_thread=True)
+    with efedge.load(path, cache="30%", policy=pol, link="2GB/s") as m:
+        hook, calls, begun = m._tf.on_layer_input, [0], []
+
+        def abandon(layer, h, **kw):
+            calls[0] += 1
+            if calls[0] % 5 == 2 and layer == 0:
+                begun.append(pol.predictor._posted)  # (its beginning still on the helper)
+                raise KeyboardInterrupt
+            return hook(layer, h, **kw)
+
+        m._tf.on_layer_input = abandon
+        s = m._session
+        s.prefill(ids[:6])
+        for want, t in zip(ref, ids[6:], strict=True):
+            while True:
+                try:
+                    got = s.decode(t)
+                    break
+                except KeyboardInterrupt:
+                    pass
+            assert np.array_equal(got, want)
+        assert len(begun) >= 4 and all(begun)
+        assert pol.predictor.threaded
+
+
 def test_the_helper_benchmark_runs_both_arms(capsys):
     """benchmarks/predictor_thread.py (a script): both arms decode, B on its helper."""
     mod = load_benchmark("predictor_thread")
