@@ -275,7 +275,9 @@ class HybridPredictor:
         self._tried_at = -1  # the pass at which the helper was last tried again
         self.thread_fallbacks = 0  # times waiting for the helper cost too much
         self._posts_closed = 0  # jobs the helper threads closed so far had run
-        self._sel_wait_closed = 0.0  # and their callers' time in wait_select's waits
+        # the callers' time in wait_select's waits that the live helper's clock does not
+        # hold: closed helpers' totals, and the waits made on in Python after a hand-back
+        self._sel_wait_other = 0.0
         self._bind_state()
 
     @property
@@ -320,9 +322,14 @@ class HybridPredictor:
             th = self._thread
             r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
             if r != DONE_OK:
-                if r == FAILED:
-                    th.fail()
-                self._thread_too_slow()
+                self._not_done(th, r)
+
+    def _not_done(self, th, r: int) -> None:
+        """A wait for the helper `th` answered `r`, not DONE_OK: raise what a helper that
+        FAILED raised, else (SLOW) give the helper up for a while."""
+        if r == FAILED:
+            th.fail()
+        self._thread_too_slow()
 
     def _thread_too_slow(self) -> None:
         """Waiting for the helper costs more than the step would (it shares its core with
@@ -352,20 +359,18 @@ class HybridPredictor:
         if r == PENDING:  # (a long wait: on without the GIL, then the selection)
             t0 = time.perf_counter()
             r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
-            self._sel_wait_closed += time.perf_counter() - t0
+            self._sel_wait_other += time.perf_counter() - t0
             if r != FAILED:
                 out = select_prefetch(*select_args)
         if r != DONE_OK:
-            if r == FAILED:
-                th.fail()
-            self._thread_too_slow()
+            self._not_done(th, r)
         return out
 
     @property
     def select_wait_s(self) -> float:
         """The compute thread's time in the waits wait_select() made, all helpers'."""
         th = self._thread
-        return self._sel_wait_closed + (0.0 if th is None else th.select_wait_s)
+        return self._sel_wait_other + (0.0 if th is None else th.select_wait_s)
 
     wait = _join  # (the public name; the class's own calls use _join, so that a timer
     # put on an instance's wait — benchmarks/policies.py --cost — sees the caller's waits)
@@ -378,7 +383,7 @@ class HybridPredictor:
         if th is not None:
             th.close()
             self._posts_closed += th.posts
-            self._sel_wait_closed += th.select_wait_s
+            self._sel_wait_other += th.select_wait_s
             self._thread = None
 
     def __del__(self):
@@ -607,9 +612,7 @@ class HybridPredictor:
             r = th.pass_start(after, self.pass_no * self.n_layer - 1, self.pass_no, n, h,
                               self.p_next, self._p_next_k)
             if r != DONE_OK:
-                if r == FAILED:
-                    th.fail()
-                self._thread_too_slow()
+                self._not_done(th, r)
         else:
             gated = t_n == 1 and self._gate_first(hidden, logits)
             self._fit_tokens(t_n)
