@@ -123,16 +123,30 @@ def _select_args(p, layer, n_dist, cache_rng):
             np.zeros(n_slots, np.int32), np.array([n_slots], np.int64), 3, 7, 0.5, True)
 
 
-def test_the_plan_waits_for_a_posted_step_in_its_own_call():
+def _off_its_core(th: pt.PredictorThread) -> None:
+    """A helper that never runs again, yet is not dead: as one preempted for good."""
+    th.close()
+    th.ctl[pt.C_STOP] = th.ctl[pt.C_DEAD] = 0
+
+
+@pytest.mark.parametrize("helper", ["running", "off its core", "raced"])
+def test_the_plan_waits_for_a_posted_step_in_its_own_call(helper, monkeypatch):
     """wait_select after a post_step — the helper's wait and horizon.select_prefetch in one
     kernel call — selects what select_prefetch selects after the caller's own step, and
-    leaves the same state; without a posted step it is select_prefetch."""
+    leaves the same state; without a posted step it is select_prefetch. The same where
+    the helper is off its core (every job — the pass's beginning, its start, each step —
+    is then run by the caller that waits for it: none hangs), and where the caller may
+    take a job over at once (raced: helper and caller claim the same posts)."""
     from efedge.experts.horizon import select_prefetch
 
+    if helper == "raced":
+        monkeypatch.setattr(pt, "STEAL_NS", 0)
     a, b = _pair(3)
     rng = np.random.default_rng(4)
     chosen = 0
     try:
+        if helper == "off its core":
+            _off_its_core(b._helper(D))
         for i in range(12):
             tok = int(rng.integers(0, 9))
             for p in (a, b):
@@ -155,6 +169,11 @@ def test_the_plan_waits_for_a_posted_step_in_its_own_call():
                 chosen += g
                 _same_state(a, b)
         assert b.select_wait_s > 0 and chosen > 20
+        th = b._thread
+        if helper == "off its core":  # (each one's claim waited STEAL_NS past its post)
+            assert th.stolen == th.posts == 12 * (L + 2) and th.busy_s == 0
+        elif helper == "running":
+            assert th.stolen < th.posts
         # nothing posted: the selection alone (the predictor's outputs as they are)
         args = _select_args(b, 0, 2, np.random.default_rng(9))
         assert b.wait_select(*args)[:2] == select_prefetch(*args)[:2]
@@ -194,11 +213,11 @@ def test_a_step_posted_right_after_a_rebind_is_waited_for_in_the_plan():
 def test_a_wait_handed_back_counts_from_its_start():
     """_wait_for with a patience answers PENDING once it has passed (nothing published);
     the wait that follows counts the whole time from the first one's start."""
-    ctl, job = np.zeros(8, np.int32), np.zeros(26, np.int64)
+    ctl, job = np.zeros(8, np.int32), np.zeros(pt.JOB_WORDS, np.int64)
     ctl[pt.C_GEN] = 1  # posted, not done
     job[pt.J_WAIT_LIMIT_NS] = 10**15
     dst, src = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
-    assert pt._wait_for(ctl, job, dst, src, 200_000) == pt.PENDING
+    assert pt._wait_for(ctl, job, dst, src, 200_000, False) == pt.PENDING
     t0 = job[pt.J_WAIT_T0]
     assert t0 > 0 and not dst.any()
     import time
@@ -208,6 +227,17 @@ def test_a_wait_handed_back_counts_from_its_start():
     assert dst.all() and job[pt.J_WAIT_T0] == 0
     # the EWMA's sample was the whole wait, over 10 ms (clipped at 1 ms), over 32
     assert job[pt.J_WAIT_NS] == pt._WAIT_CLIP_NS // pt._WAIT_EWMA_N
+
+
+def test_a_job_is_claimed_once_and_claims_only_move_forward():
+    """_claim: one claimant per GEN; a helper that read an older GEN (preempted while the
+    caller took that job and the next) cannot claim it over the newer; GEN wraps."""
+    job = np.zeros(pt.JOB_WORDS, np.int64)
+    assert pt._claim(job, 1) and not pt._claim(job, 1)
+    assert pt._claim(job, 3) and not pt._claim(job, 2) and job[pt.J_CLAIM] == 3
+    job[pt.J_CLAIM] = 2**31 - 1  # the last int32 GEN; the next post's wraps
+    assert not pt._claim(job, 2**31 - 2) and pt._claim(job, -2**31)
+    assert job[pt.J_CLAIM] == -2**31
 
 
 def test_steps_it_cannot_post_are_left_to_the_caller():

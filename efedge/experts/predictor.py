@@ -74,13 +74,13 @@ from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indi
 
 try:  # the helper thread's hand-over kernels, called here directly (fewer Python
     # calls on the compute thread: predictor_thread.py); absent where futexes are
-    from efedge.experts.predictor_thread import DONE_OK, FAILED, PENDING
+    from efedge.experts.predictor_thread import DONE_OK, FAILED, PENDING, STOLEN
     from efedge.experts.predictor_thread import _post as _thread_post
-    from efedge.experts.predictor_thread import _wait as _thread_wait
     from efedge.experts.predictor_thread import _wait_select as _thread_wait_select
+    from efedge.experts.predictor_thread import _wait_steal as _thread_wait
 except ImportError:
     _thread_post = _thread_wait = _thread_wait_select = None
-    DONE_OK, FAILED, PENDING = 1, 0, 3
+    DONE_OK, FAILED, PENDING, STOLEN = 1, 0, 3, 4
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
 # After the helper was too slow, passes before it is tried again: THREAD_RETRY_FIRST,
@@ -321,6 +321,8 @@ class HybridPredictor:
             self._posted = False
             th = self._thread
             r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
+            if r == STOLEN:  # (the helper was off its core: the job is run here)
+                r = th.finish(r, self.p_next, self._p_next_k)
             if r != DONE_OK:
                 self._not_done(th, r)
 
@@ -356,9 +358,9 @@ class HybridPredictor:
         th = self._thread
         r, out = _thread_wait_select(th.ctl, th.job, self.p_next, self._p_next_k,
                                      *select_args)
-        if r == PENDING:  # (a long wait: on without the GIL, then the selection)
-            t0 = time.perf_counter()
-            r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
+        if r == PENDING or r == STOLEN:  # (a long wait, on without the GIL, or a job
+            t0 = time.perf_counter()  # the helper left unclaimed run here; then the plan)
+            r = th.finish(r, self.p_next, self._p_next_k)
             self._sel_wait_other += time.perf_counter() - t0
             if r != FAILED:
                 out = select_prefetch(*select_args)

@@ -57,6 +57,7 @@ from efedge.experts.predictor_kernels import (
 )
 from efedge.kernels._sync import cpu_relax, sched_yield
 from efedge.kernels.atomics import add32 as _add32
+from efedge.kernels.atomics import cas as _cas
 from efedge.kernels.atomics import load as _load
 from efedge.kernels.atomics import store as _store
 
@@ -79,12 +80,21 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 # J_TOK, J_POS: a pass begun (BEGIN) with this one token at this context position;
 # J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH: the context draft's constants, set once
 # J_SEL_WAIT_NS: the caller's time in the waits _wait_select made (ns, all of them)
-# J_WAIT_T0: when a wait handed back as PENDING began (0: none), counted from there
+# J_WAIT_T0: when a wait handed back as PENDING or STOLEN began (0: none), counted from
+# there
+# J_CLAIM: the GEN of the job last claimed — by the helper, or by a caller that found it
+# unclaimed J_STEAL_NS after its post (J_POST_NS: when it was posted) and runs it itself
+# (a helper preempted off its core; negative J_STEAL_NS: never); J_STOLEN: jobs so taken
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
  J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS, J_BUSY_EW,
  J_IDLE, J_DONE_NS, J_TOK, J_POS, J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH,
- J_SEL_WAIT_NS, J_WAIT_T0) = range(26)
-FAILED, DONE_OK, SLOW, PENDING = 0, 1, 2, 3  # what _wait (_wait_for) returns
+ J_SEL_WAIT_NS, J_WAIT_T0, J_CLAIM, J_POST_NS, J_STEAL_NS, J_STOLEN) = range(30)
+JOB_WORDS = 30
+# what _wait (_wait_for) returns; STOLEN: the caller claimed the job and must run it
+# (PredictorThread.finish); AT_BEGIN, or-ed into _pass_start's answer: about the pass's
+# beginning, the pass start itself not posted yet
+FAILED, DONE_OK, SLOW, PENDING, STOLEN = 0, 1, 2, 3, 4
+AT_BEGIN = 8
 # how long _wait_select waits holding the GIL before it hands the wait back (PENDING)
 _SELECT_PATIENCE_NS = 200_000
 # Waiting for a helper that shares its core with other busy threads cost the compute
@@ -106,6 +116,13 @@ _BUSY_FACTOR = 3
 # loop to enter it again on other arrays (PredictorThread.rebind)
 STEP, PASS_START, BEGIN, REBIND = 0, 1, 2, 3
 SPIN_NS = 2_000_000  # how long the helper spins for the next post before it sleeps
+# A job no one has claimed this long after its post finds its helper off its core: a
+# spinning helper claims a post within a microsecond or two, or within a transfer
+# worker's copy where one runs on its core (its sched_yield hands that the core), while
+# a preempted one came back only 1-4 ms later, and those waits alone took the
+# predictor's cost on the compute thread from ~2.8% to 5-6% of decode in a run in three
+# (thirty-ninth session). The caller then runs the job itself (finish).
+STEAL_NS = 50_000
 _NAP_NS = 10_000_000  # a sleep's longest stretch (a lost wake-up costs this, not a hang)
 _WAIT_SPINS = 4000  # the compute thread's spins on DONE before it yields its core
 _GIVE_UP_NS = 30_000_000_000  # …and how long it waits at most (then: an error)
@@ -183,6 +200,48 @@ if available():
         return g
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def _claim(job, gen):
+        """Claim the job posted as GEN `gen` (one claimant wins: the helper or a caller);
+        whether this one did. Claims only move forward (GEN as int32, wrapping): a helper
+        that read GEN, was preempted, and meanwhile saw the caller take that job and a
+        later one must not claim an older GEN over the newer."""
+        c = _load(job, J_CLAIM)
+        ahead = (gen - c) & 0xFFFFFFFF  # (how far gen is past the last claim)
+        return 0 < ahead < 0x80000000 and _cas(job, J_CLAIM, c, gen) == c
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _run_job(job, ids, h, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
+                 rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
+                 ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb,
+                 switch, draft, tok_tags, ctx, prev, last_at, drafted):
+        """The posted job (J_KIND: STEP, BEGIN or PASS_START; any other: nothing) on the
+        bound arrays — by the helper (_serve), or by a caller that claimed it
+        (PredictorThread.finish)."""
+        if job[J_KIND] == STEP:
+            _step(job[J_LAYER], job[J_STEP], job[J_PASS], job[J_NPRED], job[J_ALSO],
+                  job[J_NSRC], job[J_FEEDBACK] != 0, ids, h, W, Ws, True, pg, cur_ids,
+                  cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec,
+                  prec_n, recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order,
+                  p_next, tok_hist, params, sel_rb, sel_sb, switch, draft)
+        elif job[J_KIND] == BEGIN:  # HybridPredictor.begin_pass's kernel (decode)
+            drafted[0] = _begin_one(ctx, prev, last_at, job[J_TOK], job[J_POS],
+                                    drafted[0] != 0, job[J_NDRAFT], job[J_DOCC],
+                                    job[J_DWALK], job[J_DMATCH], params[_P_DRAFTP],
+                                    tok_tags, tok_hist, draft, p_next, p_next, cur_tok)
+        elif job[J_KIND] == PASS_START:  # HybridPredictor.predict_pass_start's kernel
+            gate = job[J_ALSO] != 0  # (ids: only its shape read)
+            if gate:  # (into the pass start's pre-gating row, NaN again after)
+                input_logits(0, h[0], W, Ws, params, sel_rb, sel_sb, pg[0, 0])
+            params[_P_REACHF] = max(params[_P_REACHF], float(job[J_NPRED]))
+            _predict(-1, job[J_STEP], job[J_PASS], job[J_NPRED], 0, job[J_NSRC], ids, h,
+                     W, Ws, False, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
+                     rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
+                     ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb,
+                     sel_sb, switch, draft)
+            if gate:
+                pg[0, 0, :] = np.nan
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _serve(ctl, job, ids, h, wctl, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass,
                trans, rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
                ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb, sel_sb,
@@ -229,30 +288,13 @@ if available():
             if job[J_KIND] == REBIND:
                 _store(ctl, C_DONE, np.int32(seen))
                 return 1
+            if not _claim(job, seen):
+                continue  # the caller took this job (finish: it sets DONE)
             t0 = nw._now_ns(ts)
-            if job[J_KIND] == STEP:
-                _step(job[J_LAYER], job[J_STEP], job[J_PASS], job[J_NPRED], job[J_ALSO],
-                      job[J_NSRC], job[J_FEEDBACK] != 0, ids, h, W, Ws, True, pg, cur_ids,
-                      cur_tok, last_hist, hist_pass, trans, rowsum, recent, weights, prec,
-                      prec_n, recall, ring_q, ring_avail, ring_rank, ring_made, p_use, order,
-                      p_next, tok_hist, params, sel_rb, sel_sb, switch, draft)
-            elif job[J_KIND] == BEGIN:  # HybridPredictor.begin_pass's kernel (decode)
-                drafted[0] = _begin_one(ctx, prev, last_at, job[J_TOK], job[J_POS],
-                                        drafted[0] != 0, job[J_NDRAFT], job[J_DOCC],
-                                        job[J_DWALK], job[J_DMATCH], params[_P_DRAFTP],
-                                        tok_tags, tok_hist, draft, p_next, p_next, cur_tok)
-            else:  # HybridPredictor.predict_pass_start's kernel (ids: only its shape read)
-                gate = job[J_ALSO] != 0
-                if gate:  # (into the pass start's pre-gating row, NaN again after)
-                    input_logits(0, h[0], W, Ws, params, sel_rb, sel_sb, pg[0, 0])
-                params[_P_REACHF] = max(params[_P_REACHF], float(job[J_NPRED]))
-                _predict(-1, job[J_STEP], job[J_PASS], job[J_NPRED], 0, job[J_NSRC], ids, h,
-                         W, Ws, False, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
-                         rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
-                         ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb,
-                         sel_sb, switch, draft)
-                if gate:
-                    pg[0, 0, :] = np.nan
+            _run_job(job, ids, h, W, Ws, pg, cur_ids, cur_tok, last_hist, hist_pass, trans,
+                     rowsum, recent, weights, prec, prec_n, recall, ring_q, ring_avail,
+                     ring_rank, ring_made, p_use, order, p_next, tok_hist, params, sel_rb,
+                     sel_sb, switch, draft, tok_tags, ctx, prev, last_at, drafted)
             done = nw._now_ns(ts)
             dt = done - t0
             job[J_DONE_NS] = done
@@ -268,7 +310,9 @@ if available():
         naps it yields its core) — the wait that follows then holds a wake-up, which
         says nothing of whether the helper has a core of its own."""
         ts = np.zeros(2, np.int64)
-        idle = nw._now_ns(ts) - job[J_DONE_NS] > job[J_SPIN_NS]
+        now = nw._now_ns(ts)
+        idle = now - job[J_DONE_NS] > job[J_SPIN_NS]
+        job[J_POST_NS] = now
         _add32(ctl, C_GEN, 1)
         if _load(ctl, C_SLEEP) > 0:
             idle = True
@@ -327,14 +371,19 @@ if available():
         """_wait for the job still posted where `after` (a pass's BEGIN), then
         _post_pass_start and _wait for it: one call from the compute thread for what the
         plan of a pass's first layers waits for. FAILED where either wait failed (nothing
-        posted after a failure), else SLOW where either was slow, else DONE_OK."""
+        posted after a failure), else SLOW where either was slow, else DONE_OK. Either
+        wait may take its job over (STOLEN, see _wait_steal): the answer is then STOLEN,
+        with AT_BEGIN where that was the pass's beginning (its start not posted yet), and
+        PredictorThread.pass_start does the rest."""
         r = DONE_OK
         if after:
-            r = _wait(ctl, job, dst, src)
+            r = _wait_steal(ctl, job, dst, src)
             if r == FAILED:
                 return r
+            if r == STOLEN:
+                return STOLEN | AT_BEGIN
         _post_pass_start(ctl, job, h_buf, h, gate, step, pass_no, n_pred)
-        r2 = _wait(ctl, job, dst, src)
+        r2 = _wait_steal(ctl, job, dst, src)
         return r2 if r2 != DONE_OK else r
 
     @njit(nogil=True, cache=True, fastmath=False)
@@ -359,19 +408,28 @@ if available():
         caller); SLOW where the waits, on average (J_WAIT_NS, an EWMA), exceed
         J_WAIT_LIMIT_NS — the helper does not get a core of its own (a loaded machine)
         and waiting for it costs more than the step itself; else DONE_OK."""
-        return _wait_for(ctl, job, dst, src, -1)
+        return _wait_for(ctl, job, dst, src, -1, False)
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _wait_for(ctl, job, dst, src, patience_ns):
+    def _wait_steal(ctl, job, dst, src):
+        """_wait, or STOLEN, with nothing published, where the job was still unclaimed
+        J_STEAL_NS after its post and this caller claimed it: it runs the job itself
+        (PredictorThread.finish)."""
+        return _wait_for(ctl, job, dst, src, -1, True)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _wait_for(ctl, job, dst, src, patience_ns, steal):
         """_wait, or PENDING, with nothing published, once `patience_ns` (≥ 0) have
         passed without DONE — for a caller that holds the GIL, which waits on without
-        it (a helper that died needs the GIL to say so); the wait that follows counts
-        from this one's start (J_WAIT_T0)."""
+        it (a helper that died needs the GIL to say so); or, where `steal`, STOLEN as
+        _wait_steal. The wait that follows either counts from this one's start
+        (J_WAIT_T0)."""
         gen = _load(ctl, C_GEN)
         spins = 0
         t0 = job[J_WAIT_T0]
         waited = 0
         ts = np.zeros(2, np.int64)
+        steal = steal and job[J_STEAL_NS] >= 0 and job[J_KIND] != REBIND
         while _load(ctl, C_DONE) != gen:
             if _load(ctl, C_DEAD) != 0:
                 job[J_WAIT_T0] = 0
@@ -379,6 +437,11 @@ if available():
             spins += 1
             if t0 == 0:
                 t0 = nw._now_ns(ts)
+            if steal and spins & 15 == 1 and _load(job, J_CLAIM) != gen:
+                now = nw._now_ns(ts)
+                if now - job[J_POST_NS] > job[J_STEAL_NS] and _claim(job, gen):
+                    job[J_WAIT_T0] = t0
+                    return STOLEN
             if patience_ns >= 0 and spins & 63 == 0 and nw._now_ns(ts) - t0 > patience_ns:
                 job[J_WAIT_T0] = t0
                 return PENDING
@@ -404,6 +467,15 @@ if available():
             limit = max(limit, _BUSY_FACTOR * job[J_BUSY_EW])
         return SLOW if ew > limit else DONE_OK
 
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _stolen_done(ctl, job):
+        """A job the caller claimed has run: DONE = its GEN (the wait after this finds it
+        done and publishes)."""
+        ts = np.zeros(2, np.int64)
+        job[J_DONE_NS] = nw._now_ns(ts)
+        job[J_STOLEN] += 1
+        _store(ctl, C_DONE, np.int32(_load(job, J_CLAIM)))
+
     @njit(cache=True, fastmath=False)
     def _wait_select(ctl, job, dst, src, layer, n_dist, p_min, p_use, order, where, needed,
                      layer_class, slot_state, slot_class, slot_pins, class_slots,
@@ -414,11 +486,13 @@ if available():
         then select_prefetch's; where the helper FAILED, nothing is selected (its
         outputs may be half written). Keeps the GIL, as select_prefetch does, so it
         waits only _SELECT_PATIENCE_NS (a step takes microseconds): then it answers
-        PENDING, selecting nothing, and the caller waits on without the GIL (_wait).
-        The time to the wait's end is added to J_SEL_WAIT_NS."""
+        PENDING, selecting nothing, and the caller waits on without the GIL (_wait);
+        or it claims a job its helper left unclaimed (STOLEN, as _wait_steal), selecting
+        nothing either (PredictorThread.finish runs it). The time to the wait's end is
+        added to J_SEL_WAIT_NS."""
         ts = np.zeros(2, np.int64)
         t0 = nw._now_ns(ts)
-        r = _wait_for(ctl, job, dst, src, _SELECT_PATIENCE_NS)
+        r = _wait_for(ctl, job, dst, src, _SELECT_PATIENCE_NS, True)
         job[J_SEL_WAIT_NS] += nw._now_ns(ts) - t0
         out = select_prefetch(layer, n_dist if r == DONE_OK or r == SLOW else 0, p_min,
                               p_use, order, where, needed, layer_class, slot_state,
@@ -438,6 +512,32 @@ def _stop_all() -> None:
         t.close()
 
 
+_WARMED = threading.Event()
+
+
+def _warm_finish(th: PredictorThread) -> None:
+    """Load the kernels a caller runs a job with (finish) into this process, off the
+    compute thread (once): the first call of each from Python loads it from numba's
+    cache — ~40 ms for _run_job, ~4 ms for _wait (the waits there call _wait_steal),
+    which the first job taken over cost the compute thread (thirty-ninth session) — so a
+    thread that needs none of them does it beforehand."""
+    if _WARMED.is_set():
+        return
+    _WARMED.set()
+    job, ctl = np.zeros(JOB_WORDS, np.int64), np.zeros(8, np.int32)
+    job[J_KIND] = REBIND  # (no job: _run_job does nothing)
+    job[J_CLAIM] = -1  # (then the claim of GEN 0 is taken, and DONE set to it)
+
+    def load():
+        _run_job(job, th.ids, th.h, *th.bound)
+        _claim(job, 0)
+        _stolen_done(ctl, job)
+        p = np.zeros((1, 1), np.float32)
+        _wait(ctl, job, p, p)  # (DONE is GEN: at once)
+
+    threading.Thread(target=load, name="efedge-predictor-warm", daemon=True).start()
+
+
 class PredictorThread:
     """A helper thread running HybridPredictor steps on the arrays it was started with
     (`bound`: W, W_scale, the pre-gating placeholder, cur_ids, cur_tok, the state, then
@@ -455,9 +555,10 @@ class PredictorThread:
         # thread while it spins), or words no one moves
         self.workers_ctl = np.zeros(8, np.int32) if workers_ctl is None else workers_ctl
         self.ctl = np.zeros(8, np.int32)
-        self.job = np.zeros(26, np.int64)
+        self.job = np.zeros(JOB_WORDS, np.int64)
         self.job[[J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH]] = draft
         self.job[J_SPIN_NS] = SPIN_NS  # (tests hold a helper spinning longer)
+        self.job[J_STEAL_NS] = STEAL_NS
         self.job[J_WAIT_LIMIT_NS] = WAIT_LIMIT_NS
         # the predictor's constants, as HybridPredictor.step passes them (one token:
         # feedback is the predictor's adapt)
@@ -478,6 +579,8 @@ class PredictorThread:
             self.close()
             raise RuntimeError("the predictor thread did not start"
                                + (f": {err!r}" if err is not None else "")) from err
+        _warm_finish(self)
+
 
     def _run(self) -> None:
         try:
@@ -494,10 +597,34 @@ class PredictorThread:
         """A single-token pass's start prediction on the helper (see _serve), layer 0
         pre-gated from `first_input` ([1, D] float32, D its width) where given, posted and
         waited for — after the job still posted (`after`: the pass's beginning) — in one
-        call (_pass_start); _wait's answer."""
+        call (_pass_start); _wait's answer. A job the call took over from a helper off
+        its core is run here (finish), and the pass start posted after it."""
         gate = first_input is not None
-        return _pass_start(self.ctl, self.job, self.h, first_input if gate else self.h,
-                           gate, after, step, pass_no, n_pred, dst, src)
+        h = first_input if gate else self.h
+        r = _pass_start(self.ctl, self.job, self.h, h, gate, after, step, pass_no, n_pred,
+                        dst, src)
+        if r & AT_BEGIN:  # (the beginning taken over: the start is posted after it)
+            r = self.finish(r & ~AT_BEGIN, dst, src)
+            if r == FAILED:
+                return r
+            r2 = _pass_start(self.ctl, self.job, self.h, h, gate, False, step, pass_no,
+                             n_pred, dst, src)
+            r = r2 if r2 != DONE_OK else r
+        return self.finish(r, dst, src) if r == STOLEN else r
+
+    def finish(self, r: int, dst: np.ndarray, src: np.ndarray) -> int:
+        """After a wait answered `r` PENDING or STOLEN: the job run here where this caller
+        claimed it (STOLEN, or PENDING and still unclaimed — the helper is off its core),
+        else waited for (without the GIL); then _wait's answer (its eviction values
+        published into dst)."""
+        if r == PENDING and _claim(self.job, int(self.ctl[C_GEN])):
+            r = STOLEN
+        if r == STOLEN:
+            try:
+                _run_job(self.job, self.ids, self.h, *self.bound)
+            finally:  # (a fault here is raised here; the helper waits on for posts)
+                _stolen_done(self.ctl, self.job)
+        return _wait(self.ctl, self.job, dst, src)
 
     def post_begin(self, tok: int, pos: int) -> None:
         """Hand the helper a one-token pass's beginning (see _serve)."""
@@ -524,6 +651,11 @@ class PredictorThread:
     def posts(self) -> int:
         """Jobs posted to this thread so far."""
         return int(self.job[J_POSTS])
+
+    @property
+    def stolen(self) -> int:
+        """Jobs this thread's callers ran themselves (the helper was off its core)."""
+        return int(self.job[J_STOLEN])
 
     @property
     def select_wait_s(self) -> float:
