@@ -8,6 +8,7 @@ import pytest
 from conftest import load_benchmark
 
 import efedge
+from efedge.experts import native_workers as nw
 from efedge.experts import predictor_thread as pt
 from efedge.experts.policies import ExpertFlow
 from efedge.experts.predictor import HybridPredictor
@@ -146,7 +147,12 @@ def test_the_plan_waits_for_a_posted_step_in_its_own_call(helper, monkeypatch):
     chosen = 0
     try:
         if helper == "off its core":
+            workers = np.zeros(8, np.int32)  # the transfer workers' control words
+            b.use_thread(True, workers)
             _off_its_core(b._helper(D))
+            # as a helper preempted while it spins leaves them: their wake-ups left to
+            # it, and one of them asleep — each caller that takes a job over wakes one
+            workers[nw.C_HELPER] = workers[nw.C_SLEEP] = 1
         for i in range(12):
             tok = int(rng.integers(0, 9))
             for p in (a, b):
@@ -172,6 +178,7 @@ def test_the_plan_waits_for_a_posted_step_in_its_own_call(helper, monkeypatch):
         th = b._thread
         if helper == "off its core":  # (each one's claim waited STEAL_NS past its post)
             assert th.stolen == th.posts == 12 * (L + 2) and th.busy_s == 0
+            assert th.job[pt.J_WOKEN] == th.stolen
         elif helper == "running":
             assert th.stolen < th.posts
         # nothing posted: the selection alone (the predictor's outputs as they are)
@@ -238,6 +245,21 @@ def test_a_job_is_claimed_once_and_claims_only_move_forward():
     job[pt.J_CLAIM] = 2**31 - 1  # the last int32 GEN; the next post's wraps
     assert not pt._claim(job, 2**31 - 2) and pt._claim(job, -2**31)
     assert job[pt.J_CLAIM] == -2**31
+
+
+@pytest.mark.parametrize("helper_wakes,asleep,woken", [(1, 1, True), (0, 1, False),
+                                                       (1, 0, False)])
+def test_a_job_taken_over_wakes_a_worker_only_where_the_helper_was_to(helper_wakes,
+                                                                      asleep, woken):
+    """_stolen_done: DONE = the claimed GEN; a sleeping transfer worker is woken only
+    where publish() left its wake-ups to the (preempted) helper."""
+    ctl, job, workers = (np.zeros(8, np.int32), np.zeros(pt.JOB_WORDS, np.int64),
+                         np.zeros(8, np.int32))
+    ctl[pt.C_GEN] = 7
+    assert pt._claim(job, 7)
+    workers[nw.C_HELPER], workers[nw.C_SLEEP] = helper_wakes, asleep
+    assert pt._stolen_done(ctl, job, workers) == woken
+    assert ctl[pt.C_DONE] == 7 and job[pt.J_STOLEN] == 1 and job[pt.J_WOKEN] == woken
 
 
 def test_steps_it_cannot_post_are_left_to_the_caller():

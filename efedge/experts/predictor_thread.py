@@ -14,7 +14,10 @@ runs beside the embedding; the pass start waits for it and posts and waits for i
 prediction in one call (`_pass_start`); and the plan that reads a layer's step waits for
 it in the plan's own kernel call (`_wait_select`). Arrays that grow (cur_ids, the context
 draft's tables) are rebound without a new thread (`rebind`: the helper leaves its loop
-and enters it again on them).
+and enters it again on them). A job its helper has not begun `STEAL_NS` after its post —
+the helper is off its core, preempted for a scheduler time slice — is claimed and run by
+the caller that waits for it (`finish`): whichever side claims a job first runs it
+(`J_CLAIM`, thirty-ninth session).
 
 The thread is a Python thread that enters one numba loop with the GIL released and
 stays in it: it spins (`sched_yield`, so that a transfer worker sharing its core runs
@@ -30,8 +33,9 @@ which the demand loads' victims read meanwhile: the helper writes its own copy a
 `wait()` publishes it (HybridPredictor), so every decision is the one the synchronous
 step takes. A pass's beginning writes p_next too (the draft's values), and nothing
 chooses a victim between it and the pass start that waits for it (ExpertFlow.on_pass
-posts it only where a pass start follows). Linux only (futex); `available()` says
-whether this process can.
+posts it only where a pass start follows). A job the caller takes over runs the same
+kernel on the same arrays (`_run_job`): the same decisions again. Linux only (futex);
+`available()` says whether this process can.
 """
 
 from __future__ import annotations
@@ -84,12 +88,13 @@ C_STOP, C_DEAD, C_GEN, C_DONE, C_SLEEP, C_READY = range(6)
 # there
 # J_CLAIM: the GEN of the job last claimed — by the helper, or by a caller that found it
 # unclaimed J_STEAL_NS after its post (J_POST_NS: when it was posted) and runs it itself
-# (a helper preempted off its core; negative J_STEAL_NS: never); J_STOLEN: jobs so taken
+# (a helper preempted off its core; negative J_STEAL_NS: never); J_STOLEN: jobs so taken;
+# J_WOKEN: transfer workers those callers woke (_stolen_done)
 (J_LAYER, J_STEP, J_PASS, J_NPRED, J_ALSO, J_NSRC, J_FEEDBACK, J_KIND, J_POSTS,
  J_BUSY_NS, J_SPIN_NS, J_NLAYER, J_DM, J_WAIT_NS, J_WAIT_LIMIT_NS, J_BUSY_EW,
  J_IDLE, J_DONE_NS, J_TOK, J_POS, J_NDRAFT, J_DOCC, J_DWALK, J_DMATCH,
- J_SEL_WAIT_NS, J_WAIT_T0, J_CLAIM, J_POST_NS, J_STEAL_NS, J_STOLEN) = range(30)
-JOB_WORDS = 30
+ J_SEL_WAIT_NS, J_WAIT_T0, J_CLAIM, J_POST_NS, J_STEAL_NS, J_STOLEN, J_WOKEN) = range(31)
+JOB_WORDS = 31
 # what _wait (_wait_for) returns; STOLEN: the caller claimed the job and must run it
 # (PredictorThread.finish); AT_BEGIN, or-ed into _pass_start's answer: about the pass's
 # beginning, the pass start itself not posted yet
@@ -468,13 +473,21 @@ if available():
         return SLOW if ew > limit else DONE_OK
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _stolen_done(ctl, job):
+    def _stolen_done(ctl, job, wctl):
         """A job the caller claimed has run: DONE = its GEN (the wait after this finds it
-        done and publishes)."""
+        done and publishes). The helper that left it is off its core, and may have left
+        the transfer workers' wake-ups to itself (wctl's HELPER: publish() then does not
+        wake them): one sleeping worker is woken here, for copies queued meanwhile (one
+        that finds none sleeps again). Returns whether one was woken (J_WOKEN counts)."""
         ts = np.zeros(2, np.int64)
         job[J_DONE_NS] = nw._now_ns(ts)
         job[J_STOLEN] += 1
         _store(ctl, C_DONE, np.int32(_load(job, J_CLAIM)))
+        if _load(wctl, nw.C_HELPER) != 0 and _load(wctl, nw.C_SLEEP) > 0:
+            _syscall(_NR_FUTEX, wctl.ctypes.data + 4 * nw.C_GEN, _FUTEX_WAKE, 1, 0, 0, 0)
+            job[J_WOKEN] += 1
+            return True
+        return False
 
     @njit(cache=True, fastmath=False)
     def _wait_select(ctl, job, dst, src, layer, n_dist, p_min, p_use, order, where, needed,
@@ -531,7 +544,7 @@ def _warm_finish(th: PredictorThread) -> None:
     def load():
         _run_job(job, th.ids, th.h, *th.bound)
         _claim(job, 0)
-        _stolen_done(ctl, job)
+        _stolen_done(ctl, job, np.zeros(8, np.int32))
         p = np.zeros((1, 1), np.float32)
         _wait(ctl, job, p, p)  # (DONE is GEN: at once)
 
@@ -623,7 +636,7 @@ class PredictorThread:
             try:
                 _run_job(self.job, self.ids, self.h, *self.bound)
             finally:  # (a fault here is raised here; the helper waits on for posts)
-                _stolen_done(self.ctl, self.job)
+                _stolen_done(self.ctl, self.job, self.workers_ctl)
         return _wait(self.ctl, self.job, dst, src)
 
     def post_begin(self, tok: int, pos: int) -> None:
