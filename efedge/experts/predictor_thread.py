@@ -594,7 +594,6 @@ class PredictorThread:
                                + (f": {err!r}" if err is not None else "")) from err
         _warm_finish(self)
 
-
     def _run(self) -> None:
         try:
             bound = self.bound
@@ -630,7 +629,8 @@ class PredictorThread:
         claimed it (STOLEN, or PENDING and still unclaimed — the helper is off its core),
         else waited for (without the GIL); then _wait's answer (its eviction values
         published into dst)."""
-        if r == PENDING and _claim(self.job, int(self.ctl[C_GEN])):
+        if r == PENDING and self.job[J_STEAL_NS] >= 0 and \
+                _claim(self.job, int(self.ctl[C_GEN])):
             r = STOLEN
         if r == STOLEN:
             try:
