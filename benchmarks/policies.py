@@ -92,9 +92,10 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
         # posted and waited for: the compute thread's share is both — the wait in the
         # plan's kernel call (wait_select: its own clock, the plan's work left out)
         pred.wait = timed(pred.wait, "wait", 0)
-        posts0, sel0 = pred.thread_posts, pred.select_wait_s
+        posts0, sel0, stolen0 = pred.thread_posts, pred.select_wait_s, pred.thread_stolen
         s, _, ovh = decode_run(m, prompt_ids, n_tokens)
         posts = pred.thread_posts - posts0
+        stolen = pred.thread_stolen - stolen0
         spent["wait"] += pred.select_wait_s - sel0
         n_layer = m.config.n_layer
     n = max(s["tokens_generated"], 1)
@@ -105,6 +106,7 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
             "predictor_us_per_layer": 1e6 * (spent["step"] + spent["wait"])
             / max(spent["calls"], 1),
             "helper_steps": posts,
+            "helper_jobs_taken_over": stolen,
             "pass_start_us_per_token": 1e6 * spent["pass_start"] / n,
             "on_route_pct": 100 * ovh / wall,
             "predictor_pct": 100 * predictor / wall}
@@ -276,8 +278,9 @@ def main(argv=None) -> int:
                   f"decode, of which the predictor {c['predictor_us_per_layer']:.1f} us/layer "
                   f"+ {c['pass_start_us_per_token']:.1f} us/token at the pass start "
                   f"= {c['predictor_pct']:.2f}%"
-                  + (f" ({c['helper_steps']} jobs on the helper thread)"
-                     if c["helper_steps"] else ""))
+                  + (f" ({c['helper_steps']} jobs posted to the helper thread, "
+                     f"{c['helper_jobs_taken_over']} of them run by the compute thread: "
+                     "the helper off its core)" if c["helper_steps"] else ""))
         pct = [c["predictor_pct"] for c in runs]
         print(f"predictor: median {statistics.median(pct):.2f}% of decode "
               f"({min(pct):.2f}–{max(pct):.2f}%, {len(pct)} runs)")

@@ -462,6 +462,38 @@ def test_a_model_decoding_with_a_helper_keeps_the_resident_logits(tiny_gguf):
     assert not thread.is_alive() and pred._thread is None  # stopped by close()
 
 
+def test_a_model_whose_helper_is_off_its_core_decodes_the_same(tiny_gguf):
+    """Every job the helper leaves is run by the compute thread (finish) — the pass's
+    beginning, its start, each step — and the model's tokens stay the resident run's."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    ids = np.random.default_rng(3).integers(0, 500, 24).tolist()
+    with efedge.load(path) as m:
+        greedy = m.generate(ids[:6], max_tokens=16, temperature=0)
+    pol = ExpertFlow(predictor_thread=True)
+    with efedge.load(path, cache="30%", policy=pol, link="2GB/s") as m:
+        m.logits(ids)  # (the longest pass first: no array grows after the helper stops)
+        assert m.generate(ids[:6], max_tokens=16, temperature=0) == greedy
+        pred = pol.predictor
+        _off_its_core(pred._thread)
+        posts, stolen = pred.thread_posts, pred.thread_stolen
+        assert m.generate(ids[:6], max_tokens=16, temperature=0) == greedy
+        assert pred.threaded and pred.thread_posts - posts >= 15 * 2
+        assert pred.thread_stolen - stolen == pred.thread_posts - posts
+
+
+@pytest.mark.skipif(pt.usable_cores() < 2, reason="a helper needs a spare core")
+def test_the_cost_benchmark_counts_the_jobs_the_helper_left():
+    """benchmarks/policies.py --cost (scheduler_cost) reports the jobs posted to the
+    helper and how many of them the compute thread ran."""
+    from efedge.demo import demo_model_path
+
+    mod = load_benchmark("policies")
+    ids = list(range(3, 40))
+    c = mod.scheduler_cost(demo_model_path(), ids[:20], 8, 1, "50%", mod._link("2GB/s"),
+                           ids[20:])
+    assert c["helper_steps"] >= 8 and 0 <= c["helper_jobs_taken_over"] <= c["helper_steps"]
+
+
 def test_passes_abandoned_after_their_beginning_was_posted_leave_decoding_exact(tiny_gguf):
     """A one-token pass posts its beginning to the helper, then is abandoned before its
     pass start (an exception in layer 0's input hook, as Ctrl-C would be): run again, it

@@ -275,6 +275,7 @@ class HybridPredictor:
         self._tried_at = -1  # the pass at which the helper was last tried again
         self.thread_fallbacks = 0  # times waiting for the helper cost too much
         self._posts_closed = 0  # jobs the helper threads closed so far had run
+        self._stolen_closed = 0  # …and of those, the ones their callers ran (finish)
         # the callers' time in wait_select's waits that the live helper's clock does not
         # hold: closed helpers' totals, and the waits made on in Python after a hand-back
         self._sel_wait_other = 0.0
@@ -313,6 +314,12 @@ class HybridPredictor:
     def thread_posts(self) -> int:
         """Jobs posted to helper threads so far (steps and pass starts), all of them."""
         return self._posts_closed + (0 if self._thread is None else self._thread.posts)
+
+    @property
+    def thread_stolen(self) -> int:
+        """Of thread_posts, the jobs the compute thread ran itself: its helper had not
+        begun them STEAL_NS after their post (off its core)."""
+        return self._stolen_closed + (0 if self._thread is None else self._thread.stolen)
 
     def _join(self) -> None:
         """Until a posted step is done, then publish its eviction values (p_next). Every
@@ -385,6 +392,7 @@ class HybridPredictor:
         if th is not None:
             th.close()
             self._posts_closed += th.posts
+            self._stolen_closed += th.stolen
             self._sel_wait_other += th.select_wait_s
             self._thread = None
 
