@@ -77,9 +77,9 @@ try:  # the helper thread's hand-over kernels, called here directly (fewer Pytho
     from efedge.experts.predictor_thread import DONE_OK, FAILED, PENDING, STOLEN
     from efedge.experts.predictor_thread import _post as _thread_post
     from efedge.experts.predictor_thread import _wait_select as _thread_wait_select
-    from efedge.experts.predictor_thread import _wait_steal as _thread_wait
+    from efedge.experts.predictor_thread import _wait_steal as _thread_wait_steal
 except ImportError:
-    _thread_post = _thread_wait = _thread_wait_select = None
+    _thread_post = _thread_wait_steal = _thread_wait_select = None
     DONE_OK, FAILED, PENDING, STOLEN = 1, 0, 3, 4
 
 _INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)  # (compared by identity)
@@ -327,7 +327,7 @@ class HybridPredictor:
         if self._posted:
             self._posted = False
             th = self._thread
-            r = _thread_wait(th.ctl, th.job, self.p_next, self._p_next_k)
+            r = _thread_wait_steal(th.ctl, th.job, self.p_next, self._p_next_k)
             if r == STOLEN:  # (the helper was off its core: the job is run here)
                 r = th.finish(r, self.p_next, self._p_next_k)
             if r != DONE_OK:
