@@ -465,6 +465,71 @@ def test_native_workers_through_an_emulated_link(path, monkeypatch, policy):
         assert 150e6 < eng.bandwidth_ewma < 210e6  # the link's rate, not the page cache's
 
 
+def test_the_compute_threads_own_copy_through_the_link_in_one_call(path):
+    """NativeTransferEngine.copy_inline (one kernel call: nw.copy_inline_now) does what
+    TransferEngine.copy_inline does: the file's bytes in the slot, the link booked behind
+    what it holds (each copy one expert's time after the last), the slot landing at the
+    end of its booking, the meter fed; a slot of another size class is refused before any
+    byte is written, and a read fault goes the Python way, which names it."""
+    import time
+
+    from efedge.experts.native_engine import NativeTransferEngine
+    from efedge.experts.transfer import TransferEngine
+
+    raw = np.fromfile(path, dtype=np.uint8)
+    # (a link slow enough that the second copy starts while the first still holds it)
+    with efedge.load(path, cache="30%", policy="ondemand", link="2MB/s") as m:
+        eng, cache, store = m._experts.engine, m._experts.cache, m._experts.store
+        assert type(eng) is NativeTransferEngine and eng._kernel_reads()
+        rate = eng.link.bytes_per_s
+        with cache.cond:
+            slots = []
+            for e in (3, 4):
+                s = cache.free_or_victim(1, lambda c, cands: int(cands[0]))
+                cache.assign(s, 1, e)
+                slots.append(s)
+            copies, bytes0 = eng.inline_copies, m.stats()["bytes_loaded"]
+            t0 = time.perf_counter()
+            n = [eng.copy_inline(1, e, s) for e, s in zip((3, 4), slots, strict=True)]
+        assert n == [store.expert_bytes(1, 3), store.expert_bytes(1, 4)]
+        assert eng.inline_copies == copies + 2
+        assert m.stats()["bytes_loaded"] == bytes0 + sum(n)
+        for e, s in zip((3, 4), slots, strict=True):
+            for i, part in enumerate(cache.slot_parts(s)):
+                o, k = int(store.offsets[1, e, i]), int(store.nbytes[1, e, i])
+                assert np.array_equal(part[:k], raw[o:o + k])
+        land = cache.slot_land_at
+        busy = eng.link.latency_s + n[1] / rate
+        assert land[slots[0]] >= t0 + n[0] / rate - 1e-6
+        assert land[slots[1]] == pytest.approx(land[slots[0]] + busy, abs=2e-9)
+        assert eng.link_free_at() == pytest.approx(land[slots[1]], abs=2e-9)
+        assert eng.bandwidth_ewma == pytest.approx(rate, rel=1e-3)
+        # a slot of another size class (layer 2's Q6_K down makes its own): refused,
+        # the link untouched
+        other = np.flatnonzero(cache.slot_class != cache.layer_class[1])
+        assert other.size
+        free_at = eng.link_free_at()
+        with cache.cond, pytest.raises(ValueError, match="cannot hold"):
+            eng.copy_inline(1, 5, int(other[0]))
+        assert eng.link_free_at() == free_at
+        # a failing read: the Python path reads again and names the file's expert
+        def broken(*a, **kw):
+            raise OSError(5, "Input/output error")
+
+        with cache.cond:
+            s = slots[0]
+            cache.assign(s, 1, 6)
+            real = eng._read
+            eng._read = broken  # (an injected read: the kernel path is left to Python)
+            try:
+                assert not eng._kernel_reads()
+                with pytest.raises(Exception, match="expert 6 of layer 1"):
+                    eng.copy_inline(1, 6, s)
+            finally:
+                eng._read = real
+        assert TransferEngine.copy_inline is not NativeTransferEngine.copy_inline
+
+
 def test_a_known_landing_is_spun_for_not_slept_for(path, monkeypatch):
     """Waiting for an emulated link's copy whose landing time is known, the compute
     thread spins the last SPIN_S to it instead of a timed wait (those ended 43-80 µs late

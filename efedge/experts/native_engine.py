@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -114,6 +115,35 @@ class NativeTransferEngine(TransferEngine):
         if self.link is None or getattr(self, "pool", None) is None:
             return super()._book_link(nbytes, now)
         return self.pool.book(now, self.link.latency_s + nbytes / self.link.bytes_per_s)
+
+    def copy_inline(self, layer: int, expert: int, slot: int) -> int:
+        """TransferEngine.copy_inline in one kernel call (nw.copy_inline_now: the link
+        booked, the read, the landing time, the meter) where the engine still books the
+        native workers' link and reads through file_read's kernel: the Python steps around
+        the read cost the compute thread ~15-20 µs per copy on the test VM — more than
+        half the read itself —, time a copy engine would not spend (docs/scheduler.md §6,
+        fortieth session). A failed read goes the Python way, which retries
+        and names the error (the link is booked once more for it)."""
+        pool = getattr(self, "pool", None)
+        if self.link is None or pool is None or not self._kernel_reads():
+            return super().copy_inline(layer, expert, slot)
+        cache, store, link = self.cache, self.store, self.link
+        cache.begin_load(slot)
+        t0 = time.perf_counter()
+        busy = link.latency_s + store.expert_bytes(layer, expert) / link.bytes_per_s
+        n = nw.copy_inline_now(pool.link_word, self.meter, self._slot_dst, self._layer_fds,
+                               cache.slot_class, cache.layer_class, store.offsets,
+                               store.nbytes, layer, expert, slot, cache.slot_land_at,
+                               int(t0 * 1e9), busy)
+        if n < 0:
+            if n == -100:
+                raise ValueError(f"slot {slot} cannot hold an expert of layer {layer}")
+            return super().copy_inline(layer, expert, slot)
+        self.counters.bytes_loaded += n
+        self._meter_report()
+        self.inline_copies += 1
+        self.inline_copy_s += time.perf_counter() - t0
+        return int(n)
 
     def link_free_at(self) -> float:
         if self.link is None or getattr(self, "pool", None) is None:

@@ -161,6 +161,49 @@ if _AVAILABLE:
                 return end
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def copy_inline_now(lnk, meter, slot_dst, layer_fds, slot_class, layer_class, offsets,
+                        nbytes, layer, expert, slot, land, now, busy):
+        """A copy the compute thread makes itself through the emulated link
+        (NativeTransferEngine.copy_inline) in one call: the link booked for `busy`
+        seconds from `now` (ns) — book_link, as NativeWorkers.book books it —, the
+        expert's parts read from the page cache into the slot (its parts' addresses:
+        slot_dst [S, 3]), land[slot] = the landing time (s) once all is in, and the meter
+        fed (meter_copy). Returns the bytes
+        read; -100 where the slot is not of the layer's size class (the descriptors were
+        checked against the class's slots, NativeTransferEngine._descriptors) or either
+        index is out of range, nothing done; else the read kernel's failure (< 0: the link
+        was booked)."""
+        if not (0 <= layer < layer_fds.shape[0] and 0 <= expert < nbytes.shape[1]
+                and 0 <= slot < slot_dst.shape[0] and slot < land.shape[0]
+                and slot < slot_class.shape[0] and layer_class[layer] >= 0
+                and slot_class[slot] == layer_class[layer]):
+            return -100
+        ns = nbytes[layer, expert]
+        until = book_link(lnk, now, np.int64(busy * 1e9)) * 1e-9
+        g = carray(_ptr(slot_dst[slot, 0]), (ns[0],), np.uint8)
+        u = carray(_ptr(slot_dst[slot, 1]), (ns[1],), np.uint8)
+        d = carray(_ptr(slot_dst[slot, 2]), (ns[2],), np.uint8)
+        offs, fds = offsets[layer, expert], layer_fds[layer]
+        if fds[0] == fds[1] == fds[2]:
+            rc = file_read._read_parts(np.intc(fds[0]), g, u, d, offs, ns, _PAGE,
+                                       np.intc(-1), land, slot, until)
+        else:  # a split file: each part from its own shard
+            only = np.zeros(3, np.int64)
+            rc = 0
+            for i in range(3):
+                only[:] = 0
+                only[i] = ns[i]
+                rc = file_read._read_parts(np.intc(fds[i]), g, u, d, offs, only, _PAGE,
+                                           np.intc(-1), land, slot if i == 2 else -1, until)
+                if rc != 0:
+                    break
+        if rc != 0:
+            return rc
+        total = ns[0] + ns[1] + ns[2]
+        meter_copy(meter, float(total), busy)
+        return total
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _sleep_until(ns):
         """Sleep until CLOCK_MONOTONIC reads ns (again after an interruption)."""
         ts = np.array([ns // 1_000_000_000, ns % 1_000_000_000], np.int64)
