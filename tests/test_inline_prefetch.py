@@ -179,13 +179,18 @@ def test_a_policys_cost_leaves_out_the_copies_its_calls_made(tiny_gguf, monkeypa
 
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     ids = np.random.default_rng(5).integers(0, 500, 40).tolist()
-    real_copy = TransferEngine.copy_inline
+    from efedge.experts.native_engine import NativeTransferEngine
 
-    def slow_copy(self, layer, expert, slot):  # every copy takes 2 ms more
-        time.sleep(2e-3)
-        return real_copy(self, layer, expert, slot)
+    def slowed(real):
+        def slow_copy(self, layer, expert, slot):  # every copy takes 2 ms more
+            time.sleep(2e-3)
+            return real(self, layer, expert, slot)
+        return slow_copy
 
-    monkeypatch.setattr(TransferEngine, "copy_inline", slow_copy)
+    # (the native engine makes its copy in one call of its own, Python workers' engine
+    # through TransferEngine's)
+    for cls in (TransferEngine, NativeTransferEngine):
+        monkeypatch.setattr(cls, "copy_inline", slowed(cls.copy_inline))
     with efedge.load(path, cache="40%", policy="next-layer", link="1GB/s") as m:
         src, pol = m._experts, m._experts.policy
         seen = {}

@@ -474,7 +474,6 @@ def test_the_compute_threads_own_copy_through_the_link_in_one_call(path):
     import time
 
     from efedge.experts.native_engine import NativeTransferEngine
-    from efedge.experts.transfer import TransferEngine
 
     raw = np.fromfile(path, dtype=np.uint8)
     # (a link slow enough that the second copy starts while the first still holds it)
@@ -508,10 +507,12 @@ def test_the_compute_threads_own_copy_through_the_link_in_one_call(path):
         # the link untouched
         other = np.flatnonzero(cache.slot_class != cache.layer_class[1])
         assert other.size
-        free_at = eng.link_free_at()
+        o = int(other[0])
+        free_at, before = eng.link_free_at(), (int(cache.slot_gen[o]), cache.slot_land_at[o])
         with cache.cond, pytest.raises(ValueError, match="cannot hold"):
-            eng.copy_inline(1, 5, int(other[0]))
-        assert eng.link_free_at() == free_at
+            eng.copy_inline(1, 5, o)
+        assert eng.link_free_at() == free_at  # nothing booked, the slot's load not begun
+        assert (int(cache.slot_gen[o]), cache.slot_land_at[o]) == before
         # a failing read: the Python path reads again and names the file's expert
         def broken(*a, **kw):
             raise OSError(5, "Input/output error")
@@ -527,7 +528,6 @@ def test_the_compute_threads_own_copy_through_the_link_in_one_call(path):
                     eng.copy_inline(1, 6, s)
             finally:
                 eng._read = real
-        assert TransferEngine.copy_inline is not NativeTransferEngine.copy_inline
 
 
 def test_a_known_landing_is_spun_for_not_slept_for(path, monkeypatch):

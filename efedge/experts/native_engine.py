@@ -122,21 +122,20 @@ class NativeTransferEngine(TransferEngine):
         native workers' link and reads through file_read's kernel: the Python steps around
         the read cost the compute thread ~15-20 µs per copy on the test VM — more than
         half the read itself —, time a copy engine would not spend (docs/scheduler.md §6,
-        fortieth session). A failed read goes the Python way, which retries
-        and names the error (the link is booked once more for it)."""
+        fortieth session). A failed read goes the Python way, which retries and names
+        the error (the link is booked once more for it)."""
         pool = getattr(self, "pool", None)
         if self.link is None or pool is None or not self._kernel_reads():
             return super().copy_inline(layer, expert, slot)
         cache, store, link = self.cache, self.store, self.link
-        cache.begin_load(slot)
         t0 = time.perf_counter()
         busy = link.latency_s + store.expert_bytes(layer, expert) / link.bytes_per_s
         n = nw.copy_inline_now(pool.link_word, self.meter, self._slot_dst, self._layer_fds,
                                cache.slot_class, cache.layer_class, store.offsets,
                                store.nbytes, layer, expert, slot, cache.slot_land_at,
-                               int(t0 * 1e9), busy)
+                               cache.slot_gen, int(t0 * 1e9), busy)
         if n < 0:
-            if n == -100:
+            if n == -100:  # (nothing done: the slot is as it was)
                 raise ValueError(f"slot {slot} cannot hold an expert of layer {layer}")
             return super().copy_inline(layer, expert, slot)
         self.counters.bytes_loaded += n

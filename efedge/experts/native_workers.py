@@ -162,22 +162,25 @@ if _AVAILABLE:
 
     @njit(nogil=True, cache=True, fastmath=False)
     def copy_inline_now(lnk, meter, slot_dst, layer_fds, slot_class, layer_class, offsets,
-                        nbytes, layer, expert, slot, land, now, busy):
+                        nbytes, layer, expert, slot, land, gen, now, busy):
         """A copy the compute thread makes itself through the emulated link
-        (NativeTransferEngine.copy_inline) in one call: the link booked for `busy`
+        (NativeTransferEngine.copy_inline) in one call: the slot's load begun (land[slot]
+        = inf, gen[slot] += 1, as ExpertCache.begin_load), the link booked for `busy`
         seconds from `now` (ns) — book_link, as NativeWorkers.book books it —, the
         expert's parts read from the page cache into the slot (its parts' addresses:
         slot_dst [S, 3]), land[slot] = the landing time (s) once all is in, and the meter
-        fed (meter_copy). Returns the bytes
-        read; -100 where the slot is not of the layer's size class (the descriptors were
-        checked against the class's slots, NativeTransferEngine._descriptors) or either
-        index is out of range, nothing done; else the read kernel's failure (< 0: the link
-        was booked)."""
-        if not (0 <= layer < layer_fds.shape[0] and 0 <= expert < nbytes.shape[1]
-                and 0 <= slot < slot_dst.shape[0] and slot < land.shape[0]
+        fed (meter_copy). Returns the bytes read; -100, with nothing done, where the slot
+        is not of the layer's size class (the descriptors were checked against the
+        class's slots, NativeTransferEngine._descriptors) or an index is out of range;
+        else the read kernel's failure (< 0: the load begun and the link booked)."""
+        if not (0 <= layer < layer_fds.shape[0] and layer < layer_class.shape[0]
+                and 0 <= expert < nbytes.shape[1] and 0 <= slot < slot_dst.shape[0]
+                and slot < land.shape[0] and slot < gen.shape[0]
                 and slot < slot_class.shape[0] and layer_class[layer] >= 0
                 and slot_class[slot] == layer_class[layer]):
             return -100
+        land[slot] = np.inf
+        gen[slot] += 1
         ns = nbytes[layer, expert]
         until = book_link(lnk, now, np.int64(busy * 1e9)) * 1e-9
         g = carray(_ptr(slot_dst[slot, 0]), (ns[0],), np.uint8)
