@@ -91,7 +91,13 @@ def test_posted_steps_leave_the_state_the_callers_steps_leave(monkeypatch):
             # bucket), most times: then the pass start waits for it first
             for p in (a, b):
                 p.begin_pass([tok], pos, post=p is b and i % 4 != 3)
-                p.predict_pass_start(2, hidden=h0, logits=z0)
+            # (b's left posted every third pass, waited for as its reader would: given
+            # logits, it waits anyway)
+            a.predict_pass_start(2, hidden=h0, logits=z0)
+            b.predict_pass_start(2, hidden=h0, logits=z0, wait=i % 3 != 0)
+            if i % 3 == 0:
+                assert b._posted == (z0 is None)
+                b.wait()
             assert np.isnan(b._pass_pg).all()  # (the row is left unknown for the next)
             pos += 1
             drafted += a._drafted
@@ -153,27 +159,36 @@ def test_the_plan_waits_for_a_posted_step_in_its_own_call(helper, monkeypatch):
             # as a helper preempted while it spins leaves them: their wake-ups left to
             # it, and one of them asleep — each caller that takes a job over wakes one
             workers[nw.C_HELPER] = workers[nw.C_SLEEP] = 1
+        def same_plan(layer: int, n_dist: int) -> int:
+            """b's wait_select against select_prefetch after a's own prediction."""
+            seed = int(rng.integers(1 << 30))
+            want = select_prefetch(*_select_args(a, layer, n_dist, np.random.default_rng(seed)))
+            got = b.wait_select(*_select_args(b, layer, n_dist, np.random.default_rng(seed)))
+            assert not b._posted and want[:2] == got[:2]
+            g = want[1]  # (the groups' columns: the rest is scratch)
+            np.testing.assert_array_equal(want[2][0, :g + 1], got[2][0, :g + 1])
+            np.testing.assert_array_equal(want[2][1:, :g], got[2][1:, :g])
+            np.testing.assert_array_equal(want[3][:, :g], got[3][:, :g])
+            np.testing.assert_array_equal(want[4], got[4])
+            _same_state(a, b)
+            return g
+
         for i in range(12):
             tok = int(rng.integers(0, 9))
             for p in (a, b):
                 p.begin_pass([tok], i, post=p is b)
-                p.predict_pass_start(2)
+            # the pass start: waited for at once, or (ExpertFlow's way) left posted for
+            # the plan of the pass's first layers to wait for in its own call
+            a.predict_pass_start(2)
+            b.predict_pass_start(2, wait=i % 2 == 0)
+            assert b._posted == (i % 2 == 1)
+            chosen += same_plan(L - 1, 2)
             for layer in range(L):
                 ids = rng.choice(E, K, replace=False).astype(np.int32)[None]
                 h = rng.standard_normal((1, D)).astype(np.float32)
                 a.step(layer, ids, hidden=h, n_pred=3)
                 assert b.post_step(layer, ids, h, 3)
-                seed = int(rng.integers(1 << 30))
-                want = select_prefetch(*_select_args(a, layer, 3, np.random.default_rng(seed)))
-                got = b.wait_select(*_select_args(b, layer, 3, np.random.default_rng(seed)))
-                assert not b._posted and want[:2] == got[:2]
-                g = want[1]  # (the groups' columns: the rest is scratch)
-                np.testing.assert_array_equal(want[2][0, :g + 1], got[2][0, :g + 1])
-                np.testing.assert_array_equal(want[2][1:, :g], got[2][1:, :g])
-                np.testing.assert_array_equal(want[3][:, :g], got[3][:, :g])
-                np.testing.assert_array_equal(want[4], got[4])
-                chosen += g
-                _same_state(a, b)
+                chosen += same_plan(layer, 3)
         assert b.select_wait_s > 0 and chosen > 20
         th = b._thread
         if helper == "off its core":  # (each one's claim waited STEAL_NS past its post)

@@ -403,8 +403,8 @@ def test_expertflow_predicts_a_pass_start_as_far_as_it_plans():
     pol = ExpertFlow()
     src = _Source(pol, n_slots=16)
     asked, start = [], pol.predictor.predict_pass_start
-    pol.predictor.predict_pass_start = lambda n, *a: (asked.append((n, pol._h_need())),
-                                                      start(n, *a))
+    pol.predictor.predict_pass_start = lambda n, *a, **kw: (
+        asked.append((n, pol._h_need())), start(n, *a, **kw))
     for tok in range(6):
         pol.on_pass(np.array([tok % 3]))
         for m in range(4):
@@ -425,7 +425,8 @@ def test_expertflow_starts_a_pass_on_layer_0s_input_where_the_model_gives_it():
         src = _Source(pol, n_slots=16)
         asked = []
         start = pol.predictor.predict_pass_start
-        pol.predictor.predict_pass_start = lambda n, *a: (asked.append(a), start(n, *a))
+        pol.predictor.predict_pass_start = lambda n, *a, **kw: (asked.append(a),
+                                                                start(n, *a, **kw))
         return pol, src, asked
 
     z = np.arange(8, dtype=np.float32)[None]  # layer 0's router logits on its input

@@ -517,8 +517,9 @@ class ExpertFlow(_Predictive):
         # moved no simulated figure by more than 0.01 of on-demand's stall (48 settings:
         # demo trace at 450-2880 MB/s, three compute models, the Mixtral-shaped trace on
         # three hardware profiles); predicting all L layers cost 20 µs more per token
+        # (on the helper thread it is waited for in the plan's own kernel call below)
         self.predictor.predict_pass_start(self._span(L - 1, min(h_need, self.max_distance, L)),
-                                          hidden, logits)
+                                          hidden, logits, wait=False)
         self.needed[:] = False  # the last layer is done: nothing of it is still to be used
         self.cur_layer = L - 1
         self._plan_prefetches(L - 1, self._span(L - 1, min(h_need, L)))

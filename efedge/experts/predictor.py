@@ -591,7 +591,7 @@ class HybridPredictor:
                                      for a in (self._ctx, self._prev))
 
     def predict_pass_start(self, n_pred: int, hidden: np.ndarray | None = None,
-                           logits: np.ndarray | None = None) -> None:
+                           logits: np.ndarray | None = None, wait: bool = True) -> None:
         """After begin_pass: predict this pass's layers 0..n_pred-1 (into p_use / order at
         distances 1..n_pred, and p_next) before any has routed: from the token memory,
         the transitions out of the previous pass's last layer and temporal locality. For a
@@ -599,7 +599,11 @@ class HybridPredictor:
         layer for the same steps (feedback scores this one). With layer 0's input known
         (a one-token pass, its attention not yet run): `hidden` [1, D], normalised as the
         router's input is (router weights set), or that router's selection logits
-        `logits` [1, E] (a trace's) — layer 0 is pre-gated from it too."""
+        `logits` [1, E] (a trace's) — layer 0 is pre-gated from it too.
+        `wait=False`: on the helper thread the prediction is left posted, as after
+        post_step — the next wait_select() (the pass start's plan) or wait() waits for it
+        in its own call — a hand-over fewer on the compute thread; given `logits`, it
+        waits (their row is reset here after)."""
         n = max(0, min(int(n_pred), self.max_distance, self.n_layer))
         th = self._thread
         if n == 0 or th is None or self.cur_tok is not self._tok1 or \
@@ -619,8 +623,11 @@ class HybridPredictor:
             gated = logits is not None and self._gate_first(None, logits)
             h = None if logits is not None else self._first_input(hidden)
             after, self._posted = self._posted, False
+            wait = wait or gated
             r = th.pass_start(after, self.pass_no * self.n_layer - 1, self.pass_no, n, h,
-                              self.p_next, self._p_next_k)
+                              self.p_next, self._p_next_k, wait)
+            if not wait and r != FAILED:
+                self._posted = True  # (its wait comes with the plan: wait_select)
             if r != DONE_OK:
                 self._not_done(th, r)
         else:

@@ -372,13 +372,14 @@ if available():
         _publish_job(ctl, job)
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _pass_start(ctl, job, h_buf, h, gate, after, step, pass_no, n_pred, dst, src):
+    def _pass_start(ctl, job, h_buf, h, gate, after, step, pass_no, n_pred, dst, src, wait):
         """_wait for the job still posted where `after` (a pass's BEGIN), then
-        _post_pass_start and _wait for it: one call from the compute thread for what the
-        plan of a pass's first layers waits for. FAILED where either wait failed (nothing
-        posted after a failure), else SLOW where either was slow, else DONE_OK. Either
-        wait may take its job over (STOLEN, see _wait_steal): the answer is then STOLEN,
-        with AT_BEGIN where that was the pass's beginning (its start not posted yet), and
+        _post_pass_start and, where `wait`, _wait for it: one call from the compute thread
+        for what the plan of a pass's first layers waits for (without `wait` the plan's
+        own kernel call waits for it: _wait_select). FAILED where a wait failed (nothing
+        posted after a failure), else SLOW where one was slow, else DONE_OK. Either wait
+        may take its job over (STOLEN, see _wait_steal): the answer is then STOLEN, with
+        AT_BEGIN where that was the pass's beginning (its start not posted yet), and
         PredictorThread.pass_start does the rest."""
         r = DONE_OK
         if after:
@@ -388,6 +389,8 @@ if available():
             if r == STOLEN:
                 return STOLEN | AT_BEGIN
         _post_pass_start(ctl, job, h_buf, h, gate, step, pass_no, n_pred)
+        if not wait:
+            return r
         r2 = _wait_steal(ctl, job, dst, src)
         return r2 if r2 != DONE_OK else r
 
@@ -605,22 +608,25 @@ class PredictorThread:
             self.ctl[C_DEAD] = 1
 
     def pass_start(self, after: bool, step: int, pass_no: int, n_pred: int,
-                   first_input: np.ndarray | None, dst: np.ndarray, src: np.ndarray) -> int:
+                   first_input: np.ndarray | None, dst: np.ndarray, src: np.ndarray,
+                   wait: bool = True) -> int:
         """A single-token pass's start prediction on the helper (see _serve), layer 0
         pre-gated from `first_input` ([1, D] float32, D its width) where given, posted and
-        waited for — after the job still posted (`after`: the pass's beginning) — in one
-        call (_pass_start); _wait's answer. A job the call took over from a helper off
-        its core is run here (finish), and the pass start posted after it."""
+        — where `wait` — waited for, after the job still posted (`after`: the pass's
+        beginning), in one call (_pass_start); _wait's answer (without `wait`, the
+        beginning's: the start is left posted, for the caller's next wait). A job the
+        call took over from a helper off its core is run here (finish), and the pass
+        start posted after it."""
         gate = first_input is not None
         h = first_input if gate else self.h
         r = _pass_start(self.ctl, self.job, self.h, h, gate, after, step, pass_no, n_pred,
-                        dst, src)
+                        dst, src, wait)
         if r & AT_BEGIN:  # (the beginning taken over: the start is posted after it)
             r = self.finish(r & ~AT_BEGIN, dst, src)
             if r == FAILED:
                 return r
             r2 = _pass_start(self.ctl, self.job, self.h, h, gate, False, step, pass_no,
-                             n_pred, dst, src)
+                             n_pred, dst, src, wait)
             r = r2 if r2 != DONE_OK else r
         return self.finish(r, dst, src) if r == STOLEN else r
 
