@@ -10,9 +10,10 @@ prediction) finds it done. The helper keeps the predictor's tables warm in its o
 Each call from the compute thread costs it a microsecond or two cold, so the jobs are
 handed over in as few as will do (thirty-eighth session): a one-token pass's beginning
 (`BEGIN`: its context draft and token memory bucket) is posted as the pass begins and
-runs beside the embedding; the pass start waits for it and posts and waits for its own
-prediction in one call (`_pass_start`); and the plan that reads a layer's step waits for
-it in the plan's own kernel call (`_wait_select`). Arrays that grow (cur_ids, the context
+runs beside the embedding; the pass start waits for it and posts its own prediction in
+one call (`_pass_start`); and the plan that reads a layer's step, or the pass start's
+prediction (since the fortieth session), waits for it in the plan's own kernel call
+(`_wait_select`). Arrays that grow (cur_ids, the context
 draft's tables) are rebound without a new thread (`rebind`: the helper leaves its loop
 and enters it again on them). A job its helper has not begun `STEAL_NS` after its post —
 the helper is off its core, preempted for a scheduler time slice — is claimed and run by
