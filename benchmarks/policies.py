@@ -5,6 +5,8 @@ link, one live run per policy (issue: the ExpertFlow scheduler). Not a test — 
         --policies ondemand next-layer fixed:1 fixed:2 fixed:4 expertflow -n 64
     python benchmarks/policies.py --ab OLD_ROOT NEW_ROOT --cache 50% --links 286MB/s \
         -n 128 --rounds 8          # paired: two source trees taking turns
+    python benchmarks/policies.py --ab OLD_ROOT NEW_ROOT --cost --cache 50% \
+        --links 739MB/s -n 128 --rounds 10   # … the predictor's share of decode, paired
     python benchmarks/policies.py SMALLTHINKER.gguf --cache 50% --links 720MB/s \
         --policies ondemand ondemand/late expertflow expertflow/late
         # POLICY/late: a router before attention (smallthinker) asks for its layer's
@@ -49,6 +51,66 @@ def _link(spec: str) -> str | None:
     return None if spec == "none" else spec
 
 
+class PredictorTimer:
+    """Timers on an expertflow predictor's calls on the compute thread: its steps (or
+    their posts to the helper thread), the pass start (its beginning and prediction) and
+    the waits for the helper — in wait() and in the plan's own kernel call (wait_select:
+    its own clock, the plan's work left out). `figures(...)` after a decode gives what
+    they measured since `start()`."""
+
+    def __init__(self, pred):
+        self.pred = pred
+        self.spent = {"step": 0.0, "calls": 0, "pass_start": 0.0, "wait": 0.0}
+        pred.step = self._timed(pred.step, "step", 1)
+        pred.post_step = self._timed(pred.post_step, "step", None)
+        pred.predict_pass_start = self._timed(pred.predict_pass_start, "pass_start", 0)
+        # and begin_pass: the token memory's tag, the context and its draft (counted since
+        # the thirty-second session, when the draft made it more than a tag)
+        pred.begin_pass = self._timed(pred.begin_pass, "pass_start", 0)
+        pred.wait = self._timed(pred.wait, "wait", 0)
+        self.start()
+
+    def _timed(self, fn, key, count):
+        """fn, its time added to spent[key]; a step counted `count` times, or (None)
+        once if it returned True (a post_step that posted: one that did not leaves the
+        step to step(), which counts it)."""
+        spent = self.spent
+
+        def run(*a, **kw):
+            t = time.perf_counter()
+            r = None
+            try:
+                r = fn(*a, **kw)
+                return r
+            finally:
+                spent[key] += time.perf_counter() - t
+                spent["calls"] += bool(r) if count is None else count
+        return run
+
+    def start(self) -> None:
+        """From now on (the counts zeroed)."""
+        for k in self.spent:
+            self.spent[k] = 0 * self.spent[k]
+        pred = self.pred
+        self._base = (pred.thread_posts, pred.select_wait_s, pred.thread_stolen)
+
+    def figures(self, n_tokens: int, wall_s: float) -> dict:
+        """Since start(), over a decode of n_tokens in wall_s: the predictor's share of
+        decode and its parts, and the helper's jobs (those the compute thread ran)."""
+        pred, spent = self.pred, self.spent
+        posts0, sel0, stolen0 = self._base
+        wait = spent["wait"] + pred.select_wait_s - sel0
+        n, wall = max(n_tokens, 1), max(wall_s, 1e-9)
+        predictor = spent["step"] + spent["pass_start"] + wait
+        return {"predictor_us_per_layer": 1e6 * (spent["step"] + wait)
+                / max(spent["calls"], 1),
+                "pass_start_us_per_token": 1e6 * spent["pass_start"] / n,
+                "predictor_us_per_token": 1e6 * predictor / n,
+                "predictor_pct": 100 * predictor / wall,
+                "helper_steps": pred.thread_posts - posts0,
+                "helper_jobs_taken_over": pred.thread_stolen - stolen0}
+
+
 def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=None,
                    warm_ids=None) -> dict:
     """What expertflow's own work costs during decode, with the cache under pressure
@@ -59,57 +121,22 @@ def scheduler_cost(path, prompt_ids, n_tokens, threads=None, cache="50%", link=N
     each pass's start (before the first layer, from the token memory). `warm_ids`: the
     text of the warm-up (compiling, filling the cache); other text than the measured one,
     or the token memory would have learned the measured text's routing by heart."""
-    spent = {"step": 0.0, "calls": 0, "pass_start": 0.0, "wait": 0.0}
     with efedge.load(path, cache=cache, policy="expertflow", threads=threads,
                      link=link) as m:
         pol = m._experts.policy
         warm = prompt_ids if warm_ids is None else warm_ids
         decode_run(m, warm, min(n_tokens, len(warm) - 1))
-        pred = pol.predictor
-
-        def timed(fn, key, count):
-            """fn, its time added to spent[key]; a step counted `count` times, or (None)
-            once if it returned True (a post_step that posted: one that did not leaves
-            the step to step(), which counts it)."""
-            def run(*a, **kw):
-                t = time.perf_counter()
-                r = None
-                try:
-                    r = fn(*a, **kw)
-                    return r
-                finally:
-                    spent[key] += time.perf_counter() - t
-                    spent["calls"] += bool(r) if count is None else count
-            return run
-
-        pred.step = timed(pred.step, "step", 1)
-        pred.post_step = timed(pred.post_step, "step", None)
-        pred.predict_pass_start = timed(pred.predict_pass_start, "pass_start", 0)
-        # and begin_pass: the token memory's tag, the context and its draft (counted since
-        # the thirty-second session, when the draft made it more than a tag)
-        pred.begin_pass = timed(pred.begin_pass, "pass_start", 0)
         # with a helper thread (EFEDGE_PREDICTOR_THREAD, -t below the cores) a step is
-        # posted and waited for: the compute thread's share is both — the wait in the
-        # plan's kernel call (wait_select: its own clock, the plan's work left out)
-        pred.wait = timed(pred.wait, "wait", 0)
-        posts0, sel0, stolen0 = pred.thread_posts, pred.select_wait_s, pred.thread_stolen
+        # posted and waited for: the compute thread's share is both
+        timer = PredictorTimer(pol.predictor)
         s, _, ovh = decode_run(m, prompt_ids, n_tokens)
-        posts = pred.thread_posts - posts0
-        stolen = pred.thread_stolen - stolen0
-        spent["wait"] += pred.select_wait_s - sel0
         n_layer = m.config.n_layer
     n = max(s["tokens_generated"], 1)
     wall = max(s["wall_s"], 1e-9)
-    predictor = spent["step"] + spent["pass_start"] + spent["wait"]
     return {"decode_ms_per_token": 1e3 * wall / n,
             "on_route_us_per_layer": 1e6 * ovh / (n * n_layer),
-            "predictor_us_per_layer": 1e6 * (spent["step"] + spent["wait"])
-            / max(spent["calls"], 1),
-            "helper_steps": posts,
-            "helper_jobs_taken_over": stolen,
-            "pass_start_us_per_token": 1e6 * spent["pass_start"] / n,
             "on_route_pct": 100 * ovh / wall,
-            "predictor_pct": 100 * predictor / wall}
+            **timer.figures(n, wall)}
 
 
 def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> list[dict]:
@@ -145,9 +172,10 @@ def routing_quality(path, slacks, cache, link, policy, prompt_ids, n_tokens) -> 
 
 
 def _ab_worker(root_model: str, cache: str, link: str, n_tokens: int, prompt: int,
-               threads: int | None, policies: list[str]) -> None:
+               threads: int | None, policies: list[str], cost: bool = False) -> None:
     """One side of --ab: warm models (one per policy), a decode run per policy for every
-    "go" line on stdin, one JSON line of figures back."""
+    "go" line on stdin, one JSON line of figures back; with `cost`, expertflow's
+    predictor is timed too (PredictorTimer: its share of decode and its parts)."""
     path = root_model or demo_model_path()
     with efedge.load(path) as m:
         ids = heldout_ids(m, prompt + n_tokens)
@@ -155,6 +183,8 @@ def _ab_worker(root_model: str, cache: str, link: str, n_tokens: int, prompt: in
                              link=_link(link)) for p in policies}
     for m in models.values():
         decode_run(m, ids, n_tokens)  # compile, fill the cache
+    timers = {p: PredictorTimer(m._experts.policy.predictor) for p, m in models.items()
+              if cost and hasattr(m._experts.policy, "predictor")}
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
@@ -166,6 +196,8 @@ def _ab_worker(root_model: str, cache: str, link: str, n_tokens: int, prompt: in
             sess.prefill(ids[:prompt])
             m.reset_stats()
             ovh0, cpu0 = pol.overhead_s, time.thread_time()
+            if p in timers:
+                timers[p].start()
             for tok in ids[prompt:]:
                 sess.decode(tok)
             # the compute thread's CPU time: its own work without the stall, and much
@@ -177,6 +209,11 @@ def _ab_worker(root_model: str, cache: str, link: str, n_tokens: int, prompt: in
                       "compute-thread CPU ms/token": 1e3 * cpu / n,
                       "policy us/layer": 1e6 * ovh / (n * m.config.n_layer),
                       "policy % of decode": 100 * ovh / s["wall_s"]}
+            if p in timers:
+                f = timers[p].figures(n, s["wall_s"])
+                out[p].update({"predictor % of decode": f["predictor_pct"],
+                               "predictor us/token": f["predictor_us_per_token"],
+                               "pass start us/token": f["pass_start_us_per_token"]})
         print(json.dumps(out), flush=True)
     for m in models.values():
         m.close()
@@ -189,6 +226,9 @@ def paired_ab(old: str, new: str, args) -> int:
     each figure's median per tree and the median of the per-round ratios new / old."""
     import os
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # (imported as a module, not run as the script)
+        sys.path.insert(0, here)
     from paired import take_turns
 
     # both trees read one file (each tree's own copy of the demo model lies elsewhere on
@@ -196,7 +236,8 @@ def paired_ab(old: str, new: str, args) -> int:
     model = os.path.abspath(args.model) if args.model else str(demo_model_path())
     res = take_turns(old, new, [os.path.abspath(__file__), "--ab-worker", model,
                                 args.cache[0], args.links[0], str(args.n_tokens),
-                                str(args.prompt), str(args.threads or 0), *args.policies],
+                                str(args.prompt), str(args.threads or 0),
+                                "cost" if args.cost else "plain", *args.policies],
                      args.rounds, json.loads, pairs=args.pairs)
     print(f"paired A/B, {args.rounds} rounds over {min(args.pairs, args.rounds)} pairs of "
           f"processes: cache {args.cache[0]}, link {args.links[0]}, "
@@ -236,7 +277,8 @@ def main(argv=None) -> int:
                          "first cache and link)")
     ap.add_argument("--cost", action="store_true",
                     help="only measure expertflow's own cost during decode (default 50%% "
-                         "cache, no emulated link; else the first --cache and --links)")
+                         "cache, no emulated link; else the first --cache and --links); "
+                         "with --ab, the predictor's share of decode per tree, paired")
     ap.add_argument("--ab", nargs=2, metavar=("OLD_ROOT", "NEW_ROOT"),
                     help="paired A/B of two source trees: decode runs taking turns "
                          "(first --cache and --links; --links none: no emulated link)")
@@ -254,7 +296,7 @@ def main(argv=None) -> int:
         if args.links == ["auto"]:
             ap.error("--ab needs a link rate (or none)")
         if args.policies == ap.get_default("policies"):
-            args.policies = ["ondemand", "expertflow"]
+            args.policies = ["expertflow"] if args.cost else ["ondemand", "expertflow"]
         return paired_ab(*args.ab, args)
     path = args.model or demo_model_path()
     n_text = args.prompt + args.n_tokens
@@ -334,7 +376,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--ab-worker":
-        model, cache, link, n, prompt, threads, *pols = sys.argv[2:]
-        _ab_worker(model, cache, link, int(n), int(prompt), int(threads) or None, pols)
+        model, cache, link, n, prompt, threads, mode, *pols = sys.argv[2:]
+        _ab_worker(model, cache, link, int(n), int(prompt), int(threads) or None, pols,
+                   cost=mode == "cost")
     else:
         raise SystemExit(main())

@@ -552,3 +552,24 @@ def test_the_helper_benchmark_runs_both_arms(capsys):
     out = capsys.readouterr().out
     assert "A (compute thread): decode" in out and "B (helper thread ): decode" in out
     assert "B / A decode time: median" in out
+
+
+@pytest.mark.skipif(pt.usable_cores() < 2, reason="a helper needs a spare core")
+def test_the_paired_cost_benchmark_reports_the_predictors_share_per_tree(capsys):
+    """benchmarks/policies.py --ab OLD NEW --cost: two warm worker processes (here one
+    tree against itself) taking turns, each round's predictor share of decode and its
+    parts per tree, expertflow alone by default."""
+    from pathlib import Path
+
+    mod = load_benchmark("policies")
+    root = str(Path(__file__).resolve().parents[1])
+    assert mod.main(["--ab", root, root, "--cost", "--cache", "50%", "--links", "2GB/s",
+                     "-n", "6", "--prompt", "6", "--rounds", "2", "--pairs", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines()
+            if line.startswith("| expertflow |")}
+    assert {"predictor % of decode", "predictor us/token", "pass start us/token",
+            "tok/s"} <= set(rows)
+    assert "| ondemand |" not in out
+    share = [float(x) for x in rows["predictor % of decode"].split("|")[3:5]]
+    assert all(0 < x < 100 for x in share)
