@@ -51,6 +51,9 @@ def _link(spec: str) -> str | None:
     return None if spec == "none" else spec
 
 
+_ZERO = {"step": 0.0, "calls": 0, "pass_start": 0.0, "wait": 0.0}
+
+
 class PredictorTimer:
     """Timers on an expertflow predictor's calls on the compute thread: its steps (or
     their posts to the helper thread), the pass start (its beginning and prediction) and
@@ -60,7 +63,7 @@ class PredictorTimer:
 
     def __init__(self, pred):
         self.pred = pred
-        self.spent = {"step": 0.0, "calls": 0, "pass_start": 0.0, "wait": 0.0}
+        self.spent = dict(_ZERO)  # (the timers' closures hold this dict: start() zeroes it)
         pred.step = self._timed(pred.step, "step", 1)
         pred.post_step = self._timed(pred.post_step, "step", None)
         pred.predict_pass_start = self._timed(pred.predict_pass_start, "pass_start", 0)
@@ -89,8 +92,7 @@ class PredictorTimer:
 
     def start(self) -> None:
         """From now on (the counts zeroed)."""
-        for k in self.spent:
-            self.spent[k] = 0 * self.spent[k]
+        self.spent.update(_ZERO)
         pred = self.pred
         self._base = (pred.thread_posts, pred.select_wait_s, pred.thread_stolen)
 

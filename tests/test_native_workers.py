@@ -473,6 +473,7 @@ def test_the_compute_threads_own_copy_through_the_link_in_one_call(path):
     byte is written, and a read fault goes the Python way, which names it."""
     import time
 
+    from efedge.errors import TransferError
     from efedge.experts.native_engine import NativeTransferEngine
 
     raw = np.fromfile(path, dtype=np.uint8)
@@ -524,7 +525,7 @@ def test_the_compute_threads_own_copy_through_the_link_in_one_call(path):
             eng._read = broken  # (an injected read: the kernel path is left to Python)
             try:
                 assert not eng._kernel_reads()
-                with pytest.raises(Exception, match="expert 6 of layer 1"):
+                with pytest.raises(TransferError, match="expert 6 of layer 1"):
                     eng.copy_inline(1, 6, s)
             finally:
                 eng._read = real

@@ -134,16 +134,25 @@ if _AVAILABLE:
         g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
         u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
         d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
-        offs, ns, mode = row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3], row[F_MODE]
-        if row[F_FD0] == row[F_FD1] == row[F_FD2]:
-            return _read_parts_by_mode(mode, row[F_FD0], g, u, d, offs, ns, bounce, land,
-                                       row[F_SLOT], until)
+        return _read_expert_parts(row[F_MODE], row[F_FD0:F_FD0 + 3], g, u, d,
+                                  row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3], bounce, land,
+                                  row[F_SLOT], until)
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _read_expert_parts(mode, fds, g, u, d, offs, ns, bounce, land, slot, until):
+        """An expert's three parts (ns bytes at offs, descriptors fds) read into g / u / d
+        by `mode` (_read_parts_by_mode), land[slot] = until once all are in: in one read
+        call where one file holds them, else each from its own shard. 0, or the read
+        kernel's failure."""
+        if fds[0] == fds[1] == fds[2]:
+            return _read_parts_by_mode(mode, fds[0], g, u, d, offs, ns, bounce, land, slot,
+                                       until)
         only = np.zeros(3, np.int64)  # a split file: each part from its own shard
         for i in range(3):
             only[:] = 0
             only[i] = ns[i]
-            rc = _read_parts_by_mode(mode, row[F_FD0 + i], g, u, d, offs, only, bounce, land,
-                                     row[F_SLOT] if i == 2 else -1, until)
+            rc = _read_parts_by_mode(mode, fds[i], g, u, d, offs, only, bounce, land,
+                                     slot if i == 2 else -1, until)
             if rc != 0:
                 return rc
         return 0
@@ -186,20 +195,9 @@ if _AVAILABLE:
         g = carray(_ptr(slot_dst[slot, 0]), (ns[0],), np.uint8)
         u = carray(_ptr(slot_dst[slot, 1]), (ns[1],), np.uint8)
         d = carray(_ptr(slot_dst[slot, 2]), (ns[2],), np.uint8)
-        offs, fds = offsets[layer, expert], layer_fds[layer]
-        if fds[0] == fds[1] == fds[2]:
-            rc = file_read._read_parts(np.intc(fds[0]), g, u, d, offs, ns, _PAGE,
-                                       np.intc(-1), land, slot, until)
-        else:  # a split file: each part from its own shard
-            only = np.zeros(3, np.int64)
-            rc = 0
-            for i in range(3):
-                only[:] = 0
-                only[i] = ns[i]
-                rc = file_read._read_parts(np.intc(fds[i]), g, u, d, offs, only, _PAGE,
-                                           np.intc(-1), land, slot if i == 2 else -1, until)
-                if rc != 0:
-                    break
+        # (through the page cache: a LINK read uses no bounce buffer)
+        rc = _read_expert_parts(LINK, layer_fds[layer], g, u, d, offsets[layer, expert], ns,
+                                np.empty(0, np.uint8), land, slot, until)
         if rc != 0:
             return rc
         total = ns[0] + ns[1] + ns[2]
