@@ -82,13 +82,20 @@ def main(argv=None) -> int:
     ap.add_argument("--link", default="720MB/s")
     ap.add_argument("--layer-ms", type=float, default=0.3)
     ap.add_argument("--expert-ms", type=float, default=None)
+    ap.add_argument("--demand-copy-us", type=float, default=0.0,
+                    help="the compute thread's own time per demand load (µs): efedge's CPU "
+                         "path through an emulated link copies them itself (0: DMA)")
+    ap.add_argument("--prefetch-copy-us", type=float, default=0.0,
+                    help="the same per prefetch (0: DMA)")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--hw", default="rtx4060-laptop", help="profile for what is not overridden")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     arrays, meta = load_trace(args.trace or default_trace())
     opts = SimpleNamespace(hw=args.hw, model_profile=None, link=args.link,
-                           layer_ms=args.layer_ms, expert_ms=args.expert_ms, policy_time=0.0)
+                           layer_ms=args.layer_ms, expert_ms=args.expert_ms, policy_time=0.0,
+                           demand_copy_us=args.demand_copy_us,
+                           prefetch_copy_us=args.prefetch_copy_us)
     rows = []
     for cache in args.cache:
         base = simulate(arrays, meta, build_setup(meta, opts, cache), "ondemand",
@@ -105,8 +112,11 @@ def main(argv=None) -> int:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
+    copies = (f", the compute thread's copies {args.demand_copy_us:g} / "
+              f"{args.prefetch_copy_us:g} µs per demand load / prefetch"
+              if args.demand_copy_us or args.prefetch_copy_us else "")
     print(f"expertflow, simulated: link {args.link}, {args.layer_ms} ms per layer, "
-          f"{args.max_tokens} tokens")
+          f"{args.max_tokens} tokens{copies}")
     print("| cache | pre-gating | stall / on-demand's | hit rate | stall ms/token |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -93,6 +93,38 @@ def test_simulate_cli_profiles_and_json(trace, capsys):
     assert cli_main(["simulate", str(trace[0]), "--hw", "nope"]) == 1
 
 
+def test_simulate_cli_charges_the_compute_threads_own_copies(trace, capsys):
+    """--demand-copy-us / --prefetch-copy-us: the compute thread's time per copy it makes
+    itself (the CPU path through an emulated link) reaches the virtual clock — on-demand
+    pays it per miss: on a link-bound run it overlaps the link's time (less stall, the
+    same tokens/s), on a fast link it is compute (fewer tokens/s); 0 (the default) is a
+    copy engine's DMA, as before."""
+    def run(link, *extra):
+        rc = cli_main(["simulate", str(trace[0]), "--cache", "30%", "--policy", "ondemand",
+                       "--link", link, "--warmup", "4", "--json", *extra])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out)[0]
+    slow = run("500MB/s")
+    assert run("500MB/s", "--demand-copy-us", "0") == slow
+    copied = run("500MB/s", "--demand-copy-us", "300")
+    assert copied["misses"] == slow["misses"] > 0
+    assert copied["stall_ms_per_token"] < slow["stall_ms_per_token"]
+    assert copied["tokens_per_s"] == pytest.approx(slow["tokens_per_s"])
+    fast = run("100GB/s")
+    assert run("100GB/s", "--demand-copy-us", "300")["tokens_per_s"] < fast["tokens_per_s"]
+    # prefetches are charged as such: expertflow's with prefetch copies, not without
+    base = cli_main(["simulate", str(trace[0]), "--cache", "30%", "--policy", "expertflow",
+                     "--link", "100GB/s", "--warmup", "4", "--json"])
+    assert base == 0
+    ef = json.loads(capsys.readouterr().out)[0]
+    assert cli_main(["simulate", str(trace[0]), "--cache", "30%", "--policy", "expertflow",
+                     "--link", "100GB/s", "--warmup", "4", "--json",
+                     "--prefetch-copy-us", "300"]) == 0
+    ef_copied = json.loads(capsys.readouterr().out)[0]
+    assert ef["prefetch_issued"] > 0
+    assert ef_copied["tokens_per_s"] < ef["tokens_per_s"]
+
+
 def test_virtual_link_keeps_busy_between_clock_steps():
     """Queued copies run back to back on the virtual link: each starts when the previous
     one ends (or when it was queued, if later), not when the simulator next looks. (The
@@ -307,6 +339,8 @@ BAD_SIMULATE_CLI = [
     (["{trace}", "--layer-ms", "-1"], r"layer-ms.*got -1"),
     (["{trace}", "--expert-ms", "0"], r"expert-ms.*got 0"),
     (["{trace}", "--layer-ms", "inf"], r"layer-ms"),
+    (["{trace}", "--demand-copy-us", "-1"], r"demand-copy-us.*got -1"),
+    (["{trace}", "--prefetch-copy-us", "nan"], r"prefetch-copy-us.*got nan"),
     (["{missing}"], r"cannot read trace '.*missing.txt': No such file"),
     (["{not_trace}"], r"not_a_trace.npz: not an efedge trace"),
 ]

@@ -52,6 +52,12 @@ def positive_float(text: str) -> float:
                           "a positive number", "a finite positive number", show_text=True)
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number ≥ 0 (a duration that may be nothing)."""
+    return checked_number(text, float, lambda v: math.isfinite(v) and v >= 0,
+                          "a non-negative number", "a finite number ≥ 0", show_text=True)
+
+
 def probability(text: str) -> float:
     """argparse type: a probability strictly between 0 and 1."""
     return checked_number(text, float, lambda v: 0 < v < 1, "a probability in (0, 1)",

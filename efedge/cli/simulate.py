@@ -8,6 +8,7 @@ import json
 import sys
 
 from efedge.cli.common import (
+    non_negative_float,
     non_negative_int,
     os_reason,
     positive_float,
@@ -41,6 +42,14 @@ def add_parser(sub) -> None:
                    help="charge the policy's own run time here to the virtual clock, × this "
                         "(1: the scheduler shares the computing cores, as on a CPU; default "
                         "0: it overlaps the device's compute, as on a GPU)")
+    p.add_argument("--demand-copy-us", type=non_negative_float, default=0.0,
+                   help="the compute thread's own time per demand load (µs), where it "
+                        "copies them itself, as efedge's CPU path through an emulated link "
+                        "does (`efedge bench`'s copies column); default 0: a copy engine "
+                        "(DMA) makes them")
+    p.add_argument("--prefetch-copy-us", type=non_negative_float, default=0.0,
+                   help="the same per prefetch (the CPU path copies those as the link "
+                        "comes free); default 0: DMA")
     p.add_argument("--warmup", type=non_negative_int, default=16,
                    help="tokens before counting (default 16; the trace must be longer)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
@@ -76,6 +85,9 @@ def build_setup(meta, args, budget):
     if not args.policy_time >= 0:
         raise EfedgeError(f"--policy-time must be ≥ 0, got {args.policy_time}")
     setup.policy_time = float(args.policy_time)
+    # (callers that build their own args — benchmarks — may leave the copies out: DMA)
+    setup.demand_copy_s = float(getattr(args, "demand_copy_us", 0.0)) * 1e-6
+    setup.prefetch_copy_s = float(getattr(args, "prefetch_copy_us", 0.0)) * 1e-6
     return setup
 
 
