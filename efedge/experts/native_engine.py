@@ -74,8 +74,10 @@ class NativeTransferEngine(TransferEngine):
                                    for s in range(cache.n_slots)], np.int64).reshape(-1, 3)
         self._layer_fds = self._descriptors(store, cache)
         # at most one job per slot is ever outstanding, plus rows finished but not reaped
+        # reading the drive, an expert's three parts in flight at once (aio_read)
         self.pool = nw.NativeWorkers(self.n_workers, cache.n_slots + 2 * self.n_workers + 8,
-                                     cache.slot_land_at, self._bounce_size)
+                                     cache.slot_land_at, self._bounce_size,
+                                     aio=link is None)
         self._row_job: dict[int, Job] = {}
         self._reaped = -1  # the workers' count of finished rows at the last reap
 

@@ -32,7 +32,7 @@ import weakref
 import numpy as np
 from numba import carray, cfunc, njit, types
 
-from efedge.experts import file_read
+from efedge.experts import aio_read, file_read
 from efedge.experts.meter import M_LAST_END, meter_copy, meter_read
 from efedge.kernels.atomics import add32 as _add32
 from efedge.kernels.atomics import as_ptr as _ptr
@@ -66,7 +66,7 @@ _NAP_NS = 10_000_000
 _TAKE_LEAD_NS = 5_000
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
 _FUTEX_WAIT, _FUTEX_WAKE = 128, 129  # FUTEX_*_PRIVATE: no other process shares the words
-_CTX = 8  # the int64 words of a worker's context
+_CTX = 10  # the int64 words of a worker's context
 _PR_SET_TIMERSLACK = 29
 _PAGE = 4096  # (the buffered read kernel's page, for advice it is not given)
 
@@ -137,6 +137,33 @@ if _AVAILABLE:
         return _read_expert_parts(row[F_MODE], row[F_FD0:F_FD0 + 3], g, u, d,
                                   row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3], bounce, land,
                                   row[F_SLOT], until)
+
+    if aio_read.read_parts is not None:
+        _aio_parts = aio_read.read_parts
+    else:  # (no native AIO here: every direct read part by part)
+        @njit(nogil=True, cache=True, fastmath=False)
+        def _aio_parts(state, work, fds, gate, up, down, offsets, nbytes, bounce, align,
+                       land, slot, until):
+            return aio_read.NOT_HERE
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _read_row_direct(row, bounce, land, aio, work):
+        """A DIRECT row's expert: its three parts' reads in flight together where the
+        worker has an AIO context (aio_read), else — or where that declines — part by
+        part (_read_row)."""
+        if aio[aio_read.CTX] != 0:
+            g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
+            u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
+            d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
+            fds = np.empty(3, np.intc)
+            for i in range(3):
+                fds[i] = row[F_FD0 + i]
+            rc = _aio_parts(aio, work, fds, g, u, d, row[F_OFF0:F_OFF0 + 3],
+                            row[F_N0:F_N0 + 3], bounce, file_read.DIRECT_ALIGN, land,
+                            row[F_SLOT], 0.0)
+            if rc != aio_read.NOT_HERE:
+                return rc
+        return _read_row(row, bounce, land, 0.0)
 
     @njit(nogil=True, cache=True, fastmath=False)
     def _read_expert_parts(mode, fds, g, u, d, offs, ns, bounce, land, slot, until):
@@ -214,7 +241,8 @@ if _AVAILABLE:
     @njit(nogil=True, cache=True, fastmath=False)
     def _worker(ctx):
         """A worker's loop: ctx = (table address, rows, control address, landing table
-        address, its length, bounce buffer address, its length, the link word's address)."""
+        address, its length, bounce buffer address, its length, the link word's address,
+        its AIO words' address — aio_read: context, counts — and its AIO scratch's)."""
         # a link's landings end on time: Linux lets a normal thread's timers run 50 µs late
         _prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
         jobs = carray(_ptr(ctx[0]), (ctx[1], N_FIELDS), np.int64)
@@ -222,6 +250,8 @@ if _AVAILABLE:
         ctl = carray(_ptr(ctx[2]), (8,), np.int32)
         land = carray(_ptr(ctx[3]), (ctx[4],), np.float64)
         bounce = carray(_ptr(ctx[5]), (ctx[6],), np.uint8)
+        aio = carray(_ptr(ctx[8]), (aio_read.STATE_WORDS,), np.int64)
+        work = carray(_ptr(ctx[9]), (aio_read.SCRATCH_WORDS,), np.int64)
         ts = np.zeros(2, np.int64)
         nap = np.array([0, _NAP_NS], np.int64)  # a timespec
         n = ctx[1]
@@ -271,7 +301,7 @@ if _AVAILABLE:
                     est = _load(lnk, 1)  # (the other worker may have moved it meanwhile)
                     _store(lnk, 1, est + (late - est) // 10)
             else:
-                rc = _read_row(row, bounce, land, 0.0)
+                rc = _read_row_direct(row, bounce, land, aio, work)
                 row[F_T1] = _now_ns(ts)
             row[F_RC] = rc
             row[F_T2] = _now_ns(ts)
@@ -402,7 +432,10 @@ class NativeWorkers:
     """`n` native threads reading the rows of a job table of `rows` rows into slots, and
     writing `land[slot] = 0` (landed) once an expert is in."""
 
-    def __init__(self, n: int, rows: int, land: np.ndarray, bounce_bytes: int):
+    def __init__(self, n: int, rows: int, land: np.ndarray, bounce_bytes: int,
+                 aio: bool = False):
+        """`aio`: each worker reads a DIRECT row's three parts at once where the kernel
+        gives it an AIO context (aio_read), its bounce buffer three times as long."""
         if not _AVAILABLE:
             raise RuntimeError("native transfer workers need Linux (futex, pthreads)")
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -416,11 +449,19 @@ class NativeWorkers:
         # end (ns, EWMA)
         self.link_word = np.zeros(2, np.int64)
         self.land = land  # (kept alive with the pool: the threads write into it)
-        self._bounces = [file_read.aligned_buffer(bounce_bytes) for _ in range(n)]
+        # per worker: its AIO words (context, reads, declined) and scratch (aio_read)
+        self._aio = [np.zeros(aio_read.STATE_WORDS, np.int64) for _ in range(n)]
+        self._aio_work = [aio_read.scratch() for _ in range(n)]
+        if aio:
+            for state in self._aio:
+                aio_read.setup(state)
+        self._bounces = [file_read.aligned_buffer(bounce_bytes * (3 if a[0] else 1))
+                         for a in self._aio]
         self._ctx = [np.array([self.jobs.ctypes.data, rows, self.ctl.ctypes.data,
                                land.ctypes.data, land.shape[0], b.ctypes.data, b.shape[0],
-                               self.link_word.ctypes.data],
-                              np.int64) for b in self._bounces]
+                               self.link_word.ctypes.data, a.ctypes.data, w.ctypes.data],
+                              np.int64)
+                     for b, a, w in zip(self._bounces, self._aio, self._aio_work, strict=True)]
         self.free = list(range(rows - 1, -1, -1))
         self._threads: list[int] = []
         self._lock = threading.Lock()
@@ -436,6 +477,18 @@ class NativeWorkers:
     @property
     def n_threads(self) -> int:
         return len(self._threads)
+
+    @property
+    def aio_reads(self) -> tuple[int, int]:
+        """(experts read with their parts at once, direct reads left to the part-by-part
+        kernel by a worker with an AIO context), over all workers."""
+        return (sum(int(a[aio_read.READS]) for a in self._aio),
+                sum(int(a[aio_read.DECLINED]) for a in self._aio))
+
+    @property
+    def aio_contexts(self) -> int:
+        """Workers with an AIO context."""
+        return sum(1 for a in self._aio if a[aio_read.CTX])
 
     def _futex(self, word: int, op: int, val: int, timeout=None) -> None:
         # every argument a full register's worth: syscall() is variadic (ctypes would pass
@@ -494,12 +547,13 @@ class NativeWorkers:
     def close(self) -> None:
         """Stop the threads and join them (a read under way ends first)."""
         with self._lock:
-            if not self._threads:
-                return
-            self.ctl[C_STOP] = 1
-            self.ctl[C_GEN] += 1
-            self._futex(C_GEN, _FUTEX_WAKE, 1 << 30)
-            for t in self._threads:
-                self._libc.pthread_join(t, None)
-            self._threads = []
+            if self._threads:
+                self.ctl[C_STOP] = 1
+                self.ctl[C_GEN] += 1
+                self._futex(C_GEN, _FUTEX_WAKE, 1 << 30)
+                for t in self._threads:
+                    self._libc.pthread_join(t, None)
+                self._threads = []
+            for state in self._aio:  # (their reads ended with their threads)
+                aio_read.destroy(state)
         _LIVE.discard(self)

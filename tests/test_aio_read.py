@@ -1,0 +1,131 @@
+"""aio_read: an expert's three parts read from the drive at once (Linux native AIO with
+O_DIRECT), byte for byte what the file holds, and every case it leaves to the
+part-by-part read named by its answer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import efedge
+from efedge.experts import aio_read, file_read
+
+pytestmark = pytest.mark.skipif(not aio_read.available(),
+                                reason="native AIO needs Linux on x86-64 or arm64")
+
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Two files of random bytes (a split GGUF's shards stand-in), their bytes, and a
+    direct descriptor of each; skipped where the file system takes no O_DIRECT."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2):
+        raw = rng.integers(0, 256, SIZE, dtype=np.uint8)
+        p = tmp_path / f"shard{i}.bin"
+        raw.tofile(p)
+        fd = file_read.direct_open(p)
+        if fd is None:
+            pytest.skip("this file system takes no O_DIRECT reads")
+        out.append((raw, fd))
+    yield out
+    for _raw, fd in out:
+        os.close(fd)
+
+
+@pytest.fixture
+def state():
+    s = np.zeros(aio_read.STATE_WORDS, np.int64)
+    if not aio_read.setup(s):
+        pytest.skip("the kernel gives this process no AIO context")
+    yield s
+    aio_read.destroy(s)
+    assert s[aio_read.CTX] == 0
+
+
+def _read(state, fds, offs, ns, bounce_part=64 << 10, land=None, slot=-1, until=0.0,
+          sizes=None):
+    """read_parts into three fresh buffers (filled with 7: what is not written shows)."""
+    bufs = [np.full(n if sizes is None else sizes[i], 7, np.uint8)
+            for i, n in enumerate(ns)]
+    bounce = file_read.aligned_buffer(3 * bounce_part)
+    land = np.zeros(0) if land is None else land
+    rc = aio_read.read_parts(state, aio_read.scratch(), np.asarray(fds, np.intc), *bufs,
+                             np.asarray(offs, np.int64), np.asarray(ns, np.int64), bounce,
+                             file_read.DIRECT_ALIGN, land, slot, until)
+    return rc, bufs
+
+
+def test_three_parts_at_any_offset_from_one_or_two_files(files, state):
+    (raw0, fd0), (raw1, fd1) = files
+    offs, ns = [1234, 300_001, 700_007], [5000, 40_000, 1]
+    land = np.full(4, np.inf)
+    rc, bufs = _read(state, [fd0] * 3, offs, ns, land=land, slot=2, until=1.5)
+    assert rc == 0 and land[2] == 1.5 and np.isinf(land[[0, 1, 3]]).all()
+    for b, o, n in zip(bufs, offs, ns, strict=True):
+        assert np.array_equal(b, raw0[o:o + n])
+    # each part from its own shard; an empty part is skipped
+    rc, bufs = _read(state, [fd0, fd1, fd1], [4096, 12_345, 0], [8192, 30_000, 0])
+    assert rc == 0
+    assert np.array_equal(bufs[0], raw0[4096:4096 + 8192])
+    assert np.array_equal(bufs[1], raw1[12_345:12_345 + 30_000])
+    assert state[aio_read.READS] == 2 and state[aio_read.DECLINED] == 0
+
+
+def test_what_it_leaves_to_the_part_by_part_read(files, state):
+    (raw0, fd0), _ = files
+    # a part longer than a third of the bounce buffer: nothing read, counted
+    rc, bufs = _read(state, [fd0] * 3, [0, 100, 200], [10, 70_000, 10], bounce_part=64 << 10)
+    assert rc == aio_read.NOT_HERE and state[aio_read.DECLINED] == 1
+    assert all((b == 7).all() for b in bufs)
+    # no context: nothing tried
+    none = np.zeros(aio_read.STATE_WORDS, np.int64)
+    rc, bufs = _read(none, [fd0] * 3, [0, 100, 200], [10, 10, 10])
+    assert rc == aio_read.NOT_HERE and (bufs[0] == 7).all()
+
+
+def test_failures_answer_as_the_part_by_part_kernel_does(files, state):
+    (raw0, fd0), _ = files
+    land = np.full(2, np.inf)
+    # part 1 runs past the end of the file: a short read, named by its part
+    rc, _bufs = _read(state, [fd0] * 3, [0, SIZE - 100, 0], [10, 200, 10], land=land, slot=0)
+    assert rc == -2 and np.isinf(land[0])
+    # a part that does not fit its buffer: nothing read
+    rc, bufs = _read(state, [fd0] * 3, [0, 0, 0], [10, 10, 10], sizes=[10, 10, 5])
+    assert rc == -12 and all((b == 7).all() for b in bufs)
+    # a slot outside the landing table
+    rc, _ = _read(state, [fd0] * 3, [0, 0, 0], [1, 1, 1], land=land, slot=5)
+    assert rc == -20
+    # the context still serves after them
+    rc, bufs = _read(state, [fd0] * 3, [10, 20, 30], [3, 3, 3])
+    assert rc == 0 and np.array_equal(bufs[2], raw0[30:33])
+
+
+def test_native_workers_read_the_drive_with_it_unless_told_not_to(tiny_gguf, monkeypatch):
+    """Reading the file itself, each native worker has a context and reads every expert
+    with its parts at once — the resident logits either way; EFEDGE_AIO=0 keeps the
+    part-by-part read."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    if file_read.direct_open(path) is None:
+        pytest.skip("this file system takes no O_DIRECT reads")
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "1")
+    ids = np.random.default_rng(4).integers(0, 500, 24).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    for setting, used in (("1", True), ("0", False)):
+        monkeypatch.setenv("EFEDGE_AIO", setting)
+        with efedge.load(path, cache="30%", policy="ondemand") as m:
+            pool = m._experts.engine.pool
+            np.testing.assert_array_equal(m.logits(ids), want)
+            reads, declined = pool.aio_reads
+            assert (pool.aio_contexts == pool.n_threads > 0) is used
+            assert (reads > 0) is used and declined == 0
+        assert pool.aio_contexts == 0  # released with the threads
+    # through an emulated link the workers read the page cache: no context
+    monkeypatch.setenv("EFEDGE_AIO", "1")
+    with efedge.load(path, cache="30%", link="720MB/s") as m:
+        assert m._experts.engine.pool.aio_contexts == 0
