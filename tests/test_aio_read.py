@@ -76,16 +76,28 @@ def test_three_parts_at_any_offset_from_one_or_two_files(files, state):
     assert state[aio_read.READS] == 2 and state[aio_read.DECLINED] == 0
 
 
+def test_parts_longer_than_a_third_go_in_chunks(files, state):
+    """A part longer than its third of the bounce buffer is read a chunk at a time, the
+    next chunk submitted as a third comes free, three in flight — byte for byte."""
+    (raw0, fd0), (raw1, fd1) = files
+    offs, ns = [777, 200_003, 600_000], [70_001, 8192, 50_000]
+    rc, bufs = _read(state, [fd0, fd1, fd0], offs, ns, bounce_part=8192)
+    assert rc == 0
+    for b, raw, o, n in zip(bufs, (raw0, raw1, raw0), offs, ns, strict=True):
+        assert np.array_equal(b, raw[o:o + n])
+    assert state[aio_read.READS] == 1 and state[aio_read.DECLINED] == 0
+
+
 def test_what_it_leaves_to_the_part_by_part_read(files, state):
     (raw0, fd0), _ = files
-    # a part longer than a third of the bounce buffer: nothing read, counted
-    rc, bufs = _read(state, [fd0] * 3, [0, 100, 200], [10, 70_000, 10], bounce_part=64 << 10)
-    assert rc == aio_read.NOT_HERE and state[aio_read.DECLINED] == 1
-    assert all((b == 7).all() for b in bufs)
     # no context: nothing tried
     none = np.zeros(aio_read.STATE_WORDS, np.int64)
     rc, bufs = _read(none, [fd0] * 3, [0, 100, 200], [10, 10, 10])
     assert rc == aio_read.NOT_HERE and (bufs[0] == 7).all()
+    # a bounce buffer without a block for each of the three
+    rc, bufs = _read(state, [fd0] * 3, [0, 100, 200], [10, 10, 10], bounce_part=1024)
+    assert rc == aio_read.NOT_HERE and state[aio_read.DECLINED] == 1
+    assert all((b == 7).all() for b in bufs)
 
 
 def test_failures_answer_as_the_part_by_part_kernel_does(files, state):
@@ -93,6 +105,10 @@ def test_failures_answer_as_the_part_by_part_kernel_does(files, state):
     land = np.full(2, np.inf)
     # part 1 runs past the end of the file: a short read, named by its part
     rc, _bufs = _read(state, [fd0] * 3, [0, SIZE - 100, 0], [10, 200, 10], land=land, slot=0)
+    assert rc == -2 and np.isinf(land[0])
+    # the same in its last chunk, with other chunks in flight around it
+    rc, _bufs = _read(state, [fd0] * 3, [0, SIZE - 30_000, 5000], [40_000, 30_100, 40_000],
+                      land=land, slot=0, bounce_part=8192)
     assert rc == -2 and np.isinf(land[0])
     # a part that does not fit its buffer: nothing read
     rc, bufs = _read(state, [fd0] * 3, [0, 0, 0], [10, 10, 10], sizes=[10, 10, 5])
@@ -105,10 +121,22 @@ def test_failures_answer_as_the_part_by_part_kernel_does(files, state):
     assert rc == 0 and np.array_equal(bufs[2], raw0[30:33])
 
 
+def test_it_is_used_where_the_parts_are_small_unless_told(monkeypatch):
+    """By default only a model whose parts are at most SMALL_PART long (reads that wait
+    mostly for the drive's latency) is read this way; EFEDGE_AIO=1 any, 0 none."""
+    monkeypatch.delenv("EFEDGE_AIO", raising=False)
+    assert aio_read.pays(32 << 10) and aio_read.pays(aio_read.SMALL_PART)
+    assert not aio_read.pays(aio_read.SMALL_PART + 1) and not aio_read.pays(0)
+    monkeypatch.setenv("EFEDGE_AIO", "1")
+    assert aio_read.pays(30 << 20)
+    monkeypatch.setenv("EFEDGE_AIO", "0")
+    assert not aio_read.pays(32 << 10) and not aio_read.available()
+
+
 def test_native_workers_read_the_drive_with_it_unless_told_not_to(tiny_gguf, monkeypatch):
     """Reading the file itself, each native worker has a context and reads every expert
     with its parts at once — the resident logits either way; EFEDGE_AIO=0 keeps the
-    part-by-part read."""
+    part-by-part read (the test model's parts are small: the default reads them so)."""
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     if file_read.direct_open(path) is None:
         pytest.skip("this file system takes no O_DIRECT reads")
@@ -116,8 +144,11 @@ def test_native_workers_read_the_drive_with_it_unless_told_not_to(tiny_gguf, mon
     ids = np.random.default_rng(4).integers(0, 500, 24).tolist()
     with efedge.load(path) as m:
         want = m.logits(ids)
-    for setting, used in (("1", True), ("0", False)):
-        monkeypatch.setenv("EFEDGE_AIO", setting)
+    for setting, used in ((None, True), ("0", False)):
+        if setting is None:
+            monkeypatch.delenv("EFEDGE_AIO", raising=False)
+        else:
+            monkeypatch.setenv("EFEDGE_AIO", setting)
         with efedge.load(path, cache="30%", policy="ondemand") as m:
             pool = m._experts.engine.pool
             np.testing.assert_array_equal(m.logits(ids), want)

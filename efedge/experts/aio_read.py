@@ -6,18 +6,19 @@ and a drive serves several reads at a time: on the test VM's virtual disk one 32
 read took ~90 µs alone and three at once ~160 µs each, so an expert took ~270–300 µs
 read part by part and ~185–195 µs with its three parts in flight together (measured,
 docs/scheduler.md §6, forty-first session); an NVMe drive, with many queues, overlaps
-them further. `read_parts` submits the three reads (`io_submit`) and waits for the three
-(`io_getevents`) in one kernel call without the GIL, each part through its own third of
-the worker's bounce buffer (O_DIRECT wants aligned memory, offsets and lengths; an
-expert lies at any offset), then copies the parts into the slot — the bytes the
-part-by-part read gives.
+them further. `read_parts` submits the reads (`io_submit`) and waits for them (`io_getevents`) in
+one kernel call without the GIL, three in flight, each through a third of the worker's
+bounce buffer (O_DIRECT wants aligned memory, offsets and lengths; an expert lies at any
+offset), and copies each into the slot as it lands — the bytes the part-by-part read
+gives. A part longer than a third (a Mixtral-size expert's ~30 MB gate) goes a chunk at
+a time, the next chunk submitted as soon as a third comes free, the parts in turn.
 
 Each worker thread has its own AIO context (`setup`: io_setup; none where the kernel
-refuses one — no AIO, or aio-max-nr used up — and the worker reads part by part). A part
-longer than a third of the bounce buffer, a submission the kernel refuses in part, or
-any other surprise answers NOT_HERE: the caller reads the expert part by part, as
-before. A failed or short read answers -(i+1) for part i, as file_read's kernels do.
-`EFEDGE_AIO=0` keeps every worker on the part-by-part read.
+refuses one — no AIO, or aio-max-nr used up — and the worker reads part by part). A
+submission the kernel refuses, a wait that fails or a bounce buffer too small answers
+NOT_HERE: the caller reads the expert part by part, as before. A failed or short read
+answers -(i+1) for part i, as file_read's kernels do. `EFEDGE_AIO=0` keeps every worker
+on the part-by-part read.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _IOCB_CMD_PREAD = 0
 _EINTR = 4
 # what read_parts answers when it did not read (the caller reads part by part)
 NOT_HERE = 1
+# parts up to this long are read at once by default (pays)
+SMALL_PART = 128 << 10
 # a worker's scratch (int64 words): three iocbs of 8 words, their three addresses, three
 # io_events of 4 words (data, obj, res, res2)
 _IOCB_WORDS, _EVENT_WORDS = 8, 4
@@ -72,6 +75,19 @@ def available() -> bool:
     """Whether this process can read with native AIO (Linux on x86-64 or arm64, glibc or
     musl) and EFEDGE_AIO is not 0."""
     return _AVAILABLE and os.environ.get("EFEDGE_AIO") != "0"
+
+
+def pays(max_part: int) -> bool:
+    """Whether to read a model's experts this way: where its parts are at most
+    SMALL_PART bytes (EFEDGE_AIO=1: any size; 0: none). Small reads wait mostly for the
+    drive's latency, which reads in flight together share; a large one mostly streams,
+    and on the test VM's disk (~0.9 GB/s a read) a 1 MiB expert's parts in flight together
+    took 1140 µs against 1188 one after another, while more reads in flight queued the
+    demand loads behind the prefetches (on-demand 0.87–1.00× tok/s, paired)."""
+    setting = os.environ.get("EFEDGE_AIO")
+    if not available():
+        return False
+    return setting == "1" or 0 < int(max_part) <= SMALL_PART
 
 
 def setup(state: np.ndarray, events: int = 8) -> bool:
@@ -142,13 +158,15 @@ if _AVAILABLE:
     def read_parts(state, work, fds, gate, up, down, offsets, nbytes, bounce, align, land,
                    slot, until):
         """Parts i (nbytes[i] bytes at offsets[i] of descriptor fds[i], opened with
-        O_DIRECT) into gate / up / down, the three reads in flight together through
-        state's AIO context, part i through the i-th third of `bounce` (address and
-        length multiples of `align`); once all are in, land[slot] = until (slot < 0:
-        nothing). Returns 0; NOT_HERE where it read nothing the caller may not read again
-        (no context, a part longer than a third of the bounce buffer, a submission
-        refused: read part by part); -(i+1) where part i's read failed or came back short;
-        -(10+i) / -20 as file_read's kernels (nothing read)."""
+        O_DIRECT) into gate / up / down, with three reads in flight at a time through
+        state's AIO context: the bounce buffer (address and length multiples of `align`)
+        in thirds, each third a chunk of one part — a part longer than a third goes in
+        several, the next chunk submitted as a third comes free, the parts taken in turn.
+        Once all are in, land[slot] = until (slot < 0: nothing). Returns 0; NOT_HERE
+        where the caller is to read the expert part by part (no context; a bounce buffer
+        too short for three blocks; a submission the kernel refused, or a wait that
+        failed — what was read is simply read again); -(i+1) where part i's read failed
+        or came back short; -(10+i) / -20 as file_read's kernels (nothing read)."""
         if state[CTX] == 0:
             return NOT_HERE
         third = bounce.shape[0] // 3 // align * align
@@ -162,48 +180,96 @@ if _AVAILABLE:
         iocb = work[:3 * _IOCB_WORDS].reshape(3, _IOCB_WORDS)
         ptrs = work[3 * _IOCB_WORDS:3 * _IOCB_WORDS + 3]
         ev = work[3 * _IOCB_WORDS + 3:].reshape(3, _EVENT_WORDS)
-        head = np.zeros(3, np.int64)  # bytes before the part in its first block
-        k = 0
+        ev_addr = np.int64(ev.ctypes.data)
+        nxt = np.empty(3, np.int64)  # per part: the file position of its next chunk
+        end = np.empty(3, np.int64)
         for i in range(3):
-            n, off = nbytes[i], offsets[i]
-            if n == 0:
-                continue
-            pos = off - off % align
-            want = off + n - pos
-            span = (want + align - 1) // align * align
-            if span > third:
-                state[DECLINED] += 1
-                return NOT_HERE
-            head[i] = off - pos
-            iocb[k, :] = 0
-            iocb[k, 0] = i  # aio_data: the part, given back in its event
-            # aio_lio_opcode (16 bits), aio_reqprio (16), aio_fildes (32): one word
-            iocb[k, 2] = _IOCB_CMD_PREAD | (np.int64(fds[i]) << 32)
-            iocb[k, 3] = np.int64(bounce.ctypes.data) + i * third  # aio_buf
-            iocb[k, 4] = span  # aio_nbytes
-            iocb[k, 5] = pos  # aio_offset
-            ptrs[k] = np.int64(iocb.ctypes.data) + 8 * _IOCB_WORDS * k
-            k += 1
-        if k:
-            sent = _syscall(_NR_SUBMIT, state[CTX], k, np.int64(ptrs.ctypes.data), 0, 0, 0)
-            if sent < k:  # refused, or in part: wait for what went, then part by part
-                if sent > 0:
-                    _reap(state, np.int64(ev.ctypes.data), sent)
-                state[DECLINED] += 1
-                return NOT_HERE
-            if not _reap(state, np.int64(ev.ctypes.data), k):
-                state[DECLINED] += 1
-                return NOT_HERE
-            for j in range(k):
-                i = ev[j, 0]
-                if ev[j, 2] < head[i] + nbytes[i]:  # (res: bytes read, or -errno)
-                    return -(i + 1)
-            for i in range(3):
-                n = nbytes[i]
-                if n:
-                    dst = file_read._part(gate, up, down, i)
-                    src = i * third + head[i]
-                    dst[:n] = bounce[src:src + n]
+            nxt[i] = offsets[i] - offsets[i] % align  # (a block's start)
+            end[i] = offsets[i] + nbytes[i]
+            if nbytes[i] == 0:
+                nxt[i] = end[i]
+        # per third of the bounce buffer: the part and file position of the chunk it
+        # holds, and the bytes of it wanted (-1: free)
+        t_part = np.full(3, -1, np.int64)
+        t_pos = np.zeros(3, np.int64)
+        t_want = np.zeros(3, np.int64)
+        in_flight = 0
+        turn = 0  # the part whose chunk goes next (in turn, so all three start at once)
+        failed = 0
+        while True:
+            k = 0
+            for t in range(3):  # every free third gets the next chunk
+                if t_part[t] >= 0 or failed:
+                    continue
+                i = -1
+                for j in range(3):
+                    c = (turn + j) % 3
+                    if nxt[c] < end[c]:
+                        i = c
+                        break
+                if i < 0:
+                    break
+                turn = (i + 1) % 3
+                want = min(third, end[i] - nxt[i])
+                iocb[k, :] = 0
+                iocb[k, 0] = t  # aio_data: the third, given back in its event
+                # aio_lio_opcode (16 bits), aio_reqprio (16), aio_fildes (32): one word
+                iocb[k, 2] = _IOCB_CMD_PREAD | (np.int64(fds[i]) << 32)
+                iocb[k, 3] = np.int64(bounce.ctypes.data) + t * third  # aio_buf
+                iocb[k, 4] = (want + align - 1) // align * align  # aio_nbytes: whole blocks
+                iocb[k, 5] = nxt[i]  # aio_offset
+                ptrs[k] = np.int64(iocb.ctypes.data) + 8 * _IOCB_WORDS * k
+                t_part[t], t_pos[t], t_want[t] = i, nxt[i], want
+                nxt[i] += want
+                k += 1
+            if k:
+                sent = _syscall(_NR_SUBMIT, state[CTX], k, np.int64(ptrs.ctypes.data), 0, 0,
+                                0)
+                if sent < k:  # refused, or in part: let what went end, then part by part
+                    if sent > 0:
+                        in_flight += sent
+                    if in_flight:
+                        _reap(state, ev_addr, in_flight)
+                    state[DECLINED] += 1
+                    return NOT_HERE
+                in_flight += k
+            if in_flight == 0:
+                break
+            # one, to give its third the next chunk; all where nothing is left to submit
+            left = nxt[0] < end[0] or nxt[1] < end[1] or nxt[2] < end[2]
+            least = 1 if left and not failed else in_flight
+            got = 0
+            while got < least:
+                r = _syscall(_NR_GETEVENTS, state[CTX], 1, in_flight - got,
+                             ev_addr + 8 * _EVENT_WORDS * got, 0, 0)
+                if r > 0:
+                    got += r
+                elif r < 0 and _errno() == _EINTR:
+                    continue
+                else:  # (the context is gone with the reads under way: see _reap)
+                    _syscall(_NR_DESTROY, state[CTX], 0, 0, 0, 0, 0)
+                    state[CTX] = 0
+                    state[DECLINED] += 1
+                    return NOT_HERE
+            in_flight -= got
+            for j in range(got):
+                t = ev[j, 0]
+                i, pos, want = t_part[t], t_pos[t], t_want[t]
+                t_part[t] = -1
+                if ev[j, 2] < want:  # (res: bytes read, or -errno)
+                    if not failed:
+                        failed = i + 1
+                    continue
+                if failed:
+                    continue
+                head = offsets[i] - pos if pos < offsets[i] else 0
+                cnt = want - head
+                at = pos + head - offsets[i]  # where these bytes go in the part
+                src = t * third + head
+                dst = file_read._part(gate, up, down, i)
+                dst[at:at + cnt] = bounce[src:src + cnt]
+            if failed and in_flight == 0:
+                return -failed
         state[READS] += 1
         if slot >= 0:
             store(land, slot, until)  # after every byte: no copy moves past it

@@ -435,7 +435,8 @@ class NativeWorkers:
     def __init__(self, n: int, rows: int, land: np.ndarray, bounce_bytes: int,
                  aio: bool = False):
         """`aio`: each worker reads a DIRECT row's three parts at once where the kernel
-        gives it an AIO context (aio_read), its bounce buffer three times as long."""
+        gives it an AIO context (aio_read), its bounce buffer three times as long (no
+        longer than file_read.DIRECT_CHUNK where that is more than bounce_bytes)."""
         if not _AVAILABLE:
             raise RuntimeError("native transfer workers need Linux (futex, pthreads)")
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -455,7 +456,10 @@ class NativeWorkers:
         if aio:
             for state in self._aio:
                 aio_read.setup(state)
-        self._bounces = [file_read.aligned_buffer(bounce_bytes * (3 if a[0] else 1))
+        # with a context, room for each part's read at once (in thirds: aio_read), up to
+        # the part-by-part read's own cap (larger parts go in chunks, three at a time)
+        wide = min(3 * bounce_bytes, max(bounce_bytes, file_read.DIRECT_CHUNK))
+        self._bounces = [file_read.aligned_buffer(wide if a[aio_read.CTX] else bounce_bytes)
                          for a in self._aio]
         self._ctx = [np.array([self.jobs.ctypes.data, rows, self.ctl.ctypes.data,
                                land.ctypes.data, land.shape[0], b.ctypes.data, b.shape[0],
