@@ -160,3 +160,34 @@ def test_native_workers_read_the_drive_with_it_unless_told_not_to(tiny_gguf, mon
     monkeypatch.setenv("EFEDGE_AIO", "1")
     with efedge.load(path, cache="30%", link="720MB/s") as m:
         assert m._experts.engine.pool.aio_contexts == 0
+
+
+def test_python_workers_and_the_compute_threads_own_reads_use_it(tiny_gguf, monkeypatch):
+    """The engine's own direct reads — Python workers', and the compute thread's when it
+    reads a queued demand load itself — go through an AIO context of their thread too,
+    released when the model closes; the bytes are the file's."""
+    path = tiny_gguf("qwen3moe", "Q4_K_M")
+    if file_read.direct_open(path) is None:
+        pytest.skip("this file system takes no O_DIRECT reads")
+    monkeypatch.delenv("EFEDGE_AIO", raising=False)
+    monkeypatch.setenv("EFEDGE_NATIVE_WORKERS", "0")
+    ids = np.random.default_rng(6).integers(0, 500, 24).tolist()
+    with efedge.load(path) as m:
+        want = m.logits(ids)
+    with efedge.load(path, cache="30%", policy="ondemand") as m:
+        eng, store = m._experts.engine, m._experts.store
+        assert not eng.gil_free and eng.reads_direct
+        np.testing.assert_array_equal(m.logits(ids), want)
+        states = list(eng._aio_states)
+        assert states and sum(int(s[aio_read.READS]) for s in states) > 0
+        # this thread's own read (as _take_queued_load makes it)
+        raw = np.fromfile(path, dtype=np.uint8)
+        parts = [np.zeros(int(store.nbytes[1, 3, i]), np.uint8) for i in range(3)]
+        before = sum(int(s[aio_read.READS]) for s in eng._aio_states)
+        assert eng._read_direct(eng._direct_fds, parts, 1, 3, None)
+        for i in range(3):
+            o, n = int(store.offsets[1, 3, i]), int(store.nbytes[1, 3, i])
+            assert np.array_equal(parts[i], raw[o:o + n])
+        states = list(eng._aio_states)
+        assert sum(int(s[aio_read.READS]) for s in states) == before + 1
+    assert not eng._aio_states and all(s[aio_read.CTX] == 0 for s in states)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import efedge
-from efedge.experts import file_read
+from efedge.experts import aio_read, file_read
 from efedge.experts.store import ExpertStore
 from efedge.experts.transfer import TransferEngine
 from efedge.gguf_file import GGUFFile
@@ -115,9 +115,12 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
     store.offsets[0, 0, 2] = size - 8
     direct = file_read.direct_open(path)
     try:
-        # through the page cache, and (where the file system allows) first directly: the
-        # direct read comes back short, and the buffered one then names the error
-        for direct_fds in ([None] if direct is None else [None, [direct]]):
+        # through the page cache, and (where the file system allows) first directly — part
+        # by part, or with the parts in flight at once (aio_read) —: the direct read comes
+        # back short, and the buffered one then names the error
+        tries = [(None, False)] if direct is None else \
+            [(None, False), ([direct], False), ([direct], aio_read.pays(16))]
+        for direct_fds, aio in tries:
             engine = TransferEngine.__new__(TransferEngine)  # only _copy's inputs
             engine.store = store
             engine._fd = os.open(path, os.O_RDONLY)
@@ -127,6 +130,8 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
             engine._direct_fds, engine._bounce = direct_fds, threading.local()
             engine._direct_off, engine._direct_failures = None, 0
             engine._bounce_size = file_read.bounce_bytes(int(store.nbytes.max()))
+            engine._aio_pays, engine._aio_states = aio, []
+            engine._aio_lock = threading.Lock()
 
             class Slots:
                 slot_land_at = np.full(1, np.inf)
@@ -143,6 +148,10 @@ def test_a_part_past_the_end_of_the_file_is_reported(path):
                                                 "link_until": 0.0})())
             finally:
                 os.close(engine._fd)
+            # (with the parts in flight at once: this thread's context read the short part)
+            assert len(engine._aio_states) == int(aio)
+            for state in engine._aio_states:
+                aio_read.destroy(state)
     finally:
         if direct is not None:
             os.close(direct)
@@ -259,7 +268,13 @@ def test_direct_reads_that_keep_failing_give_way_to_the_page_cache(path, monkeyp
         calls.append(1)
         return False
 
+    def failing_at_once(*a, **kw):  # (aio_read: the parts in flight at once, part 0 short)
+        calls.append(1)
+        return -1
+
     monkeypatch.setattr(file_read, "read_expert_direct", failing)
+    if aio_read.read_parts is not None:
+        monkeypatch.setattr(aio_read, "read_parts", failing_at_once)
     with efedge.load(path, cache="30%", policy="ondemand") as m:
         eng = m._experts.engine
         assert eng.reads_direct

@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from efedge.experts import file_read
+from efedge.experts import aio_read, file_read
 from efedge.experts.store import drop_spans
 
 log = logging.getLogger("efedge.transfer")
@@ -165,8 +165,17 @@ class FileReads:
             self._direct_fds = _open_direct(paths)
         self._bounce = threading.local()  # each thread's aligned buffer for direct reads
         self._bounce_size = file_read.bounce_bytes(int(store.nbytes.max(initial=0)))
+        # each thread's AIO context for direct reads with an expert's parts in flight at
+        # once, where they pay (aio_read.pays: small parts); released by close()
+        self._aio_pays = aio_read.pays(int(store.nbytes.max(initial=0)))
+        self._aio_states: list[np.ndarray] = []
+        self._aio_lock = threading.Lock()
 
     def _close_files(self) -> None:
+        with self._aio_lock:  # (no thread reads any more: the workers are joined)
+            for state in self._aio_states:
+                aio_read.destroy(state)
+            self._aio_states = []
         if self._fd >= 0:
             for fd in self._fds + (self._direct_fds or []) + (self._direct_off or []):
                 os.close(fd)
@@ -184,11 +193,27 @@ class FileReads:
         """One expert read with O_DIRECT (`fds`: the direct descriptors, one per file) into
         `parts`, through this thread's bounce buffer; False when a read came back short or
         failed (the caller then reads through the page cache and drops it)."""
+        offsets, nbytes = self.store.offsets[layer, expert], self.store.nbytes[layer, expert]
+        shard = self.store.shard[layer] if len(fds) > 1 else (0, 0, 0)
+        aio = self._thread_aio() if self._aio_pays else None
+        if aio is not None:  # the three parts in flight at once (aio_read)
+            state, work, wide = aio
+            arr, slot, until = file_read._landing(land)
+            rc = aio_read.read_parts(state, work, np.array([fds[int(i)] for i in shard],
+                                                           np.intc),
+                                     parts[0], parts[1], parts[2], offsets, nbytes, wide,
+                                     file_read.DIRECT_ALIGN, arr, int(slot), float(until))
+            if rc != aio_read.NOT_HERE:  # (its failures named as read_expert_direct's)
+                file_read._check_slot(rc, land)
+                if rc == -20:
+                    raise ValueError("a direct read needs 3 offsets and sizes")
+                if rc <= -10:
+                    raise ValueError(f"part {-rc - 10} of an expert read does not fit its "
+                                     f"buffer")
+                return rc == 0
         bounce = getattr(self._bounce, "buf", None)
         if bounce is None:
             bounce = self._bounce.buf = file_read.aligned_buffer(self._bounce_size)
-        offsets, nbytes = self.store.offsets[layer, expert], self.store.nbytes[layer, expert]
-        shard = self.store.shard[layer] if len(fds) > 1 else (0, 0, 0)
         if shard[0] == shard[1] == shard[2]:
             return file_read.read_expert_direct(fds[int(shard[0])], parts, offsets, nbytes,
                                                 bounce, land)
@@ -199,6 +224,22 @@ class FileReads:
                                                 bounce, land if ip == 2 else None):
                 return False
         return True
+
+    def _thread_aio(self):
+        """(AIO state, scratch, bounce buffer in thirds) of the calling thread, made on
+        its first direct read; None where the kernel gives it no context (it reads part by
+        part then, and does not ask again)."""
+        aio = getattr(self._bounce, "aio", False)
+        if aio is False:
+            state = np.zeros(aio_read.STATE_WORDS, np.int64)
+            aio = None
+            if aio_read.setup(state):
+                with self._aio_lock:
+                    self._aio_states.append(state)
+                aio = (state, aio_read.scratch(),
+                       file_read.aligned_buffer(3 * self._bounce_size))
+            self._bounce.aio = aio
+        return aio
 
     def _direct_failed(self) -> None:
         """A direct read failed (the read through the page cache follows, and names a real
