@@ -191,8 +191,10 @@ class FileReads:
     def _read_direct(self, fds: list[int], parts, layer: int, expert: int,
                      land: tuple | None) -> bool:
         """One expert read with O_DIRECT (`fds`: the direct descriptors, one per file) into
-        `parts`, through this thread's bounce buffer; False when a read came back short or
-        failed (the caller then reads through the page cache and drops it)."""
+        `parts`, through this thread's bounce buffer — its three parts in flight at once
+        through the thread's AIO context where that pays (aio_read.pays) —; False when a
+        read came back short or failed (the caller then reads through the page cache and
+        drops it)."""
         offsets, nbytes = self.store.offsets[layer, expert], self.store.nbytes[layer, expert]
         shard = self.store.shard[layer] if len(fds) > 1 else (0, 0, 0)
         aio = self._thread_aio() if self._aio_pays else None

@@ -74,9 +74,9 @@ class NativeTransferEngine(TransferEngine):
         self._slot_dst = np.array([[p.ctypes.data for p in cache.slot_parts(s)]
                                    for s in range(cache.n_slots)], np.int64).reshape(-1, 3)
         self._layer_fds = self._descriptors(store, cache)
-        # at most one job per slot is ever outstanding, plus rows finished but not reaped
-        # reading the drive, an expert's three parts in flight at once where its parts
-        # are small (aio_read.pays)
+        # at most one job per slot is ever outstanding, plus rows finished but not reaped;
+        # reading the drive, an expert's three parts go in flight at once where its parts
+        # are small (aio: aio_read.pays)
         self.pool = nw.NativeWorkers(self.n_workers, cache.n_slots + 2 * self.n_workers + 8,
                                      cache.slot_land_at, self._bounce_size,
                                      aio=link is None and aio_read.pays(
