@@ -117,6 +117,14 @@ def destroy(state: np.ndarray) -> None:
         state[CTX] = 0
 
 
+def bounce_bytes(part_bounce: int) -> int:
+    """A thread's bounce buffer for read_parts, from the part-by-part read's
+    (file_read.bounce_bytes): three times as long, so that each part's read has a third,
+    but no longer than file_read.DIRECT_CHUNK where that is more than part_bounce (larger
+    parts go in chunks, three at a time)."""
+    return min(3 * part_bounce, max(part_bounce, file_read.DIRECT_CHUNK))
+
+
 def scratch() -> np.ndarray:
     """A thread's scratch words for read_parts."""
     return np.zeros(SCRATCH_WORDS, np.int64)
@@ -135,14 +143,15 @@ if _AVAILABLE:
         return carray(_errno_location(), (1,), np.int32)[0]
 
     @njit(nogil=True, cache=True, fastmath=False)
-    def _reap(state, ev_addr, n):
-        """Wait for n submitted reads (their events from ev_addr on). False where waiting
-        failed otherwise than by a signal: the context is then destroyed — which waits
-        for the reads still under way, so none writes into the bounce buffer later — and
-        this thread reads part by part from then on."""
+    def _reap(state, ev_addr, least, most):
+        """Wait for at least `least` of the submitted reads, taking up to `most` events
+        (from ev_addr on); how many came. -1 where waiting failed otherwise than by a
+        signal: the context is then destroyed — which waits for the reads still under
+        way, so none writes into the bounce buffer later — and this thread reads part by
+        part from then on."""
         got = 0
-        while got < n:
-            r = _syscall(_NR_GETEVENTS, state[CTX], n - got, n - got,
+        while got < least:
+            r = _syscall(_NR_GETEVENTS, state[CTX], 1, most - got,
                          ev_addr + 8 * _EVENT_WORDS * got, 0, 0)  # (no timeout)
             if r > 0:
                 got += r
@@ -151,8 +160,8 @@ if _AVAILABLE:
             else:
                 _syscall(_NR_DESTROY, state[CTX], 0, 0, 0, 0, 0)
                 state[CTX] = 0
-                return False
-        return True
+                return -1
+        return got
 
     @njit(nogil=True, cache=True, fastmath=False)
     def read_parts(state, work, fds, gate, up, down, offsets, nbytes, bounce, align, land,
@@ -226,10 +235,9 @@ if _AVAILABLE:
                 sent = _syscall(_NR_SUBMIT, state[CTX], k, np.int64(ptrs.ctypes.data), 0, 0,
                                 0)
                 if sent < k:  # refused, or in part: let what went end, then part by part
-                    if sent > 0:
-                        in_flight += sent
+                    in_flight += max(sent, 0)
                     if in_flight:
-                        _reap(state, ev_addr, in_flight)
+                        _reap(state, ev_addr, in_flight, in_flight)
                     state[DECLINED] += 1
                     return NOT_HERE
                 in_flight += k
@@ -238,19 +246,10 @@ if _AVAILABLE:
             # one, to give its third the next chunk; all where nothing is left to submit
             left = nxt[0] < end[0] or nxt[1] < end[1] or nxt[2] < end[2]
             least = 1 if left and not failed else in_flight
-            got = 0
-            while got < least:
-                r = _syscall(_NR_GETEVENTS, state[CTX], 1, in_flight - got,
-                             ev_addr + 8 * _EVENT_WORDS * got, 0, 0)
-                if r > 0:
-                    got += r
-                elif r < 0 and _errno() == _EINTR:
-                    continue
-                else:  # (the context is gone with the reads under way: see _reap)
-                    _syscall(_NR_DESTROY, state[CTX], 0, 0, 0, 0, 0)
-                    state[CTX] = 0
-                    state[DECLINED] += 1
-                    return NOT_HERE
+            got = _reap(state, ev_addr, least, in_flight)
+            if got < 0:
+                state[DECLINED] += 1
+                return NOT_HERE
             in_flight -= got
             for j in range(got):
                 t = ev[j, 0]

@@ -206,13 +206,7 @@ class FileReads:
                                      parts[0], parts[1], parts[2], offsets, nbytes, wide,
                                      file_read.DIRECT_ALIGN, arr, int(slot), float(until))
             if rc != aio_read.NOT_HERE:  # (its failures named as read_expert_direct's)
-                file_read._check_slot(rc, land)
-                if rc == -20:
-                    raise ValueError("a direct read needs 3 offsets and sizes")
-                if rc <= -10:
-                    raise ValueError(f"part {-rc - 10} of an expert read does not fit its "
-                                     f"buffer")
-                return rc == 0
+                return file_read.direct_outcome(rc, land)
         bounce = getattr(self._bounce, "buf", None)
         if bounce is None:
             bounce = self._bounce.buf = file_read.aligned_buffer(self._bounce_size)
@@ -239,7 +233,7 @@ class FileReads:
                 with self._aio_lock:
                     self._aio_states.append(state)
                 aio = (state, aio_read.scratch(),
-                       file_read.aligned_buffer(3 * self._bounce_size))
+                       file_read.aligned_buffer(aio_read.bounce_bytes(self._bounce_size)))
             self._bounce.aio = aio
         return aio
 

@@ -248,6 +248,14 @@ def read_expert_direct(fd: int, parts, offsets: np.ndarray, nbytes: np.ndarray,
     arr, slot, until = _landing(land)
     rc = _read_parts_direct(fd, parts[0], parts[1], parts[2], offsets, nbytes, bounce,
                             int(align), arr, int(slot), float(until))
+    return direct_outcome(rc, land, align)
+
+
+def direct_outcome(rc: int, land: tuple | None, align: int = DIRECT_ALIGN) -> bool:
+    """A direct read kernel's answer (this module's, or aio_read's): True read, False a
+    read that failed or came back short (the caller reads again its own way); misuse —
+    a slot outside the landing table, bad shapes, a part larger than its buffer — a
+    ValueError naming it."""
     _check_slot(rc, land)
     if rc == -20:
         raise ValueError(f"a direct read needs 3 offsets and sizes and a bounce buffer "

@@ -128,12 +128,17 @@ if _AVAILABLE:
                                             file_read.DIRECT_ALIGN, land, slot, until)
 
     @njit(nogil=True, cache=True, fastmath=False)
+    def _row_parts(row):
+        """The row's slot parts (gate, up, down) as byte arrays of the row's sizes."""
+        return (carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8),
+                carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8),
+                carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8))
+
+    @njit(nogil=True, cache=True, fastmath=False)
     def _read_row(row, bounce, land, until):
         """The row's expert read into its slot's parts; land[slot] = until once all is in
         (0, or the kernel's failure)."""
-        g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
-        u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
-        d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
+        g, u, d = _row_parts(row)
         return _read_expert_parts(row[F_MODE], row[F_FD0:F_FD0 + 3], g, u, d,
                                   row[F_OFF0:F_OFF0 + 3], row[F_N0:F_N0 + 3], bounce, land,
                                   row[F_SLOT], until)
@@ -152,13 +157,8 @@ if _AVAILABLE:
         worker has an AIO context (aio_read), else — or where that declines — part by
         part (_read_row)."""
         if aio[aio_read.CTX] != 0:
-            g = carray(_ptr(row[F_DST0]), (row[F_N0],), np.uint8)
-            u = carray(_ptr(row[F_DST1]), (row[F_N1],), np.uint8)
-            d = carray(_ptr(row[F_DST2]), (row[F_N2],), np.uint8)
-            fds = np.empty(3, np.intc)
-            for i in range(3):
-                fds[i] = row[F_FD0 + i]
-            rc = _aio_parts(aio, work, fds, g, u, d, row[F_OFF0:F_OFF0 + 3],
+            g, u, d = _row_parts(row)
+            rc = _aio_parts(aio, work, row[F_FD0:F_FD0 + 3], g, u, d, row[F_OFF0:F_OFF0 + 3],
                             row[F_N0:F_N0 + 3], bounce, file_read.DIRECT_ALIGN, land,
                             row[F_SLOT], 0.0)
             if rc != aio_read.NOT_HERE:
@@ -456,9 +456,8 @@ class NativeWorkers:
         if aio:
             for state in self._aio:
                 aio_read.setup(state)
-        # with a context, room for each part's read at once (in thirds: aio_read), up to
-        # the part-by-part read's own cap (larger parts go in chunks, three at a time)
-        wide = min(3 * bounce_bytes, max(bounce_bytes, file_read.DIRECT_CHUNK))
+        # with a context, room for each part's read at once (aio_read.bounce_bytes)
+        wide = aio_read.bounce_bytes(bounce_bytes)
         self._bounces = [file_read.aligned_buffer(wide if a[aio_read.CTX] else bounce_bytes)
                          for a in self._aio]
         self._ctx = [np.array([self.jobs.ctypes.data, rows, self.ctl.ctypes.data,
