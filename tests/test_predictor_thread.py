@@ -10,6 +10,7 @@ from conftest import load_benchmark
 import efedge
 from efedge.experts import native_workers as nw
 from efedge.experts import predictor_thread as pt
+from efedge.experts.issue import PlanBuffers
 from efedge.experts.policies import ExpertFlow
 from efedge.experts.predictor import HybridPredictor
 
@@ -125,9 +126,11 @@ def _select_args(p, layer, n_dist, cache_rng):
     where = np.where(cache_rng.random((L, E)) < 0.4, 0, -1).astype(np.int64)
     needed = cache_rng.random(E) < K / E
     n_slots = 24
+    bufs = PlanBuffers(p.p_use.shape[0] * E)  # (its own: where the plan is written)
     return (layer, n_dist, 0.05, p.p_use, p.order, where, needed, np.zeros(L, np.int64),
             np.full(n_slots, 2, np.int8), np.zeros(n_slots, np.int64),
-            np.zeros(n_slots, np.int32), np.array([n_slots], np.int64), 3, 7, 0.5, True)
+            np.zeros(n_slots, np.int32), np.array([n_slots], np.int64), 3, 7, 0.5, True,
+            bufs.ints, bufs.floats)
 
 
 def _off_its_core(th: pt.PredictorThread) -> None:
@@ -162,14 +165,19 @@ def test_the_plan_waits_for_a_posted_step_in_its_own_call(helper, monkeypatch):
         def same_plan(layer: int, n_dist: int) -> int:
             """b's wait_select against select_prefetch after a's own prediction."""
             seed = int(rng.integers(1 << 30))
-            want = select_prefetch(*_select_args(a, layer, n_dist, np.random.default_rng(seed)))
-            got = b.wait_select(*_select_args(b, layer, n_dist, np.random.default_rng(seed)))
-            assert not b._posted and want[:2] == got[:2]
-            g = want[1]  # (the groups' columns: the rest is scratch)
-            np.testing.assert_array_equal(want[2][0, :g + 1], got[2][0, :g + 1])
-            np.testing.assert_array_equal(want[2][1:, :g], got[2][1:, :g])
-            np.testing.assert_array_equal(want[3][:, :g], got[3][:, :g])
-            np.testing.assert_array_equal(want[4], got[4])
+            args_a = _select_args(a, layer, n_dist, np.random.default_rng(seed))
+            args_b = _select_args(b, layer, n_dist, np.random.default_rng(seed))
+            want, got = select_prefetch(*args_a), b.wait_select(*args_b)
+            assert not b._posted and want == got
+            g = want[1]  # (the groups' columns and the candidates: the rest is scratch)
+            (ia, fa), (ib, fb) = args_a[-2:], args_b[-2:]
+            n = ia[0, g]
+            assert n == ib[0, g]
+            np.testing.assert_array_equal(ia[0, :g + 1], ib[0, :g + 1])
+            np.testing.assert_array_equal(ia[1:3, :g], ib[1:3, :g])
+            np.testing.assert_array_equal(fa[:2, :g], fb[:2, :g])
+            np.testing.assert_array_equal(ia[3:, :n], ib[3:, :n])
+            np.testing.assert_array_equal(fa[2, :n], fb[2, :n])
             _same_state(a, b)
             return g
 

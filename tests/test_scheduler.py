@@ -271,6 +271,101 @@ def test_a_plan_issued_in_one_kernel_call_decides_as_prefetch_per_group():
     assert issued > 20 and evicted > 5  # the cases placed into empty slots and evicted
 
 
+def test_kernels_writing_into_buffers_refuse_ones_too_short():
+    """numba checks no bounds: a kernel that writes its answer into a caller's buffer
+    (an array it returned cost ~1 µs to box) checks its length first and writes nothing
+    past it — route_prologue and place_prefetches answer -1, the cache's candidate scan
+    -2, select_prefetch plans only the distances its buffers hold."""
+    from efedge.experts.cache import _evictable
+    from efedge.experts.horizon import route_prologue, select_prefetch
+    from efedge.experts.issue import PlanBuffers, place_prefetches
+
+    needed, due = np.zeros(8, np.bool_), np.full((4, 8), -1, np.int64)
+    due[1, 3] = 0
+    assert route_prologue(needed, np.array([[1, 2]]), due, 5, 0, np.empty(31, np.int64)) == -1
+    assert not needed.any() and due[1, 3] == 0  # (nothing done)
+    out = np.empty(32, np.int64)
+    assert route_prologue(needed, np.array([[1, 2]]), due, 5, 0, out) == 1 and out[0] == 11
+
+    state, pins = np.full(6, READY, np.int8), np.zeros(6, np.int32)
+    assert _evictable(0, 6, state, pins, np.empty(5, np.int64)) == (-2, 0)
+    cands = np.empty(6, np.int64)
+    assert _evictable(1, 6, state, pins, cands) == (-1, 5)
+    assert cands[:5].tolist() == [1, 2, 3, 4, 5]
+
+    # every distance has its 8 experts above p_min, none resident: 8 candidates each
+    n_layer, e_n, d_n = 4, 8, 3
+    p_use = np.full((d_n, e_n), 0.9, np.float32)
+    order = np.tile(np.arange(e_n), (d_n, 1))
+    where = np.full((n_layer, e_n), -1, np.int64)
+    n_slots = 64
+    args = (0, d_n, 0.5, p_use, order, where, np.zeros(e_n, np.bool_),
+            np.zeros(n_layer, np.int64), np.full(n_slots, READY, np.int8),
+            np.zeros(n_slots, np.int64), np.zeros(n_slots, np.int32),
+            np.array([n_slots], np.int64), e_n, 10, 0.5, True)
+    full = PlanBuffers(d_n * e_n)
+    assert select_prefetch(*args, full.ints, full.floats) == (3, 3)
+    assert full.ints[0, 3] == 24  # three groups, 24 candidates
+    short = PlanBuffers(2 * e_n + 5)  # two distances' worth
+    ints, floats = short.ints.copy(), short.floats.copy()  # (the same, written)
+    assert select_prefetch(*args, short.ints, short.floats) == (2, 2)
+    assert short.ints[0, 2] == 16
+    np.testing.assert_array_equal(short.ints[:, 17:], ints[:, 17:])  # untouched
+    np.testing.assert_array_equal(short.floats[2, 16:], floats[2, 16:])
+    assert select_prefetch(*args, full.ints[:5], full.floats) == (0, 0)  # not a plan's
+
+    plan = full.plan(3)
+    cache_args = (where, np.full(n_slots, -1, np.int64), np.zeros(n_slots, np.int8),
+                  np.zeros(n_slots, np.int32), np.zeros(n_slots, np.int64),
+                  np.zeros(n_slots, np.int64), np.zeros(n_slots, np.bool_),
+                  np.full(n_slots, np.inf), np.zeros(n_slots, np.int64),
+                  np.zeros(n_layer, np.int64), np.zeros(1, np.int64),
+                  np.array([n_slots], np.int64), np.zeros((n_layer, e_n), np.float32), 0,
+                  np.zeros(e_n, np.bool_), 0, np.full((n_layer, e_n), -1, np.int64),
+                  np.zeros(n_slots, np.int64), 1)
+    short_out = np.empty((5, 23), np.int64)
+    assert place_prefetches(plan.n, plan.ints, plan.floats, plan.experts, *cache_args,
+                            short_out) == (-1, 0)
+    assert (where < 0).all()  # (nothing placed)
+    out = np.empty((5, 24), np.int64)
+    assert place_prefetches(plan.n, plan.ints, plan.floats, plan.experts, *cache_args,
+                            out) == (24, 0)
+    assert out[0].tolist() == [1] * 8 + [2] * 8 + [3] * 8 and (where[1:] >= 0).all()
+
+
+def test_a_pending_plan_keeps_its_buffers_and_an_issued_one_gives_them_back():
+    """ExpertFlow writes each plan into buffers of its own (issue.PlanBuffers): a plan
+    made while another waits to be issued gets other buffers, and issued, both serve
+    the plans after them (no new arrays per layer)."""
+    from efedge.experts.virtual import SimulatedExperts, VirtualClock, VirtualTransferEngine
+
+    store = _Store(n_layer=4, n_expert=8)
+    cache = ExpertCache(store, 16 * store.expert_bytes(0), 2)
+    counters, clock = Counters(), VirtualClock()
+    engine = VirtualTransferEngine(store, cache, counters, clock, 1e3)
+    engine._pump = lambda: None
+    pol = ExpertFlow()
+    SimulatedExperts(store, cache, engine, pol, counters, n_active=2, clock=clock)
+    pred = pol.predictor
+    pred.p_use[:] = 0.0
+    pred.p_use[:, :2] = 0.95  # experts 0 and 1 at every distance
+    pred.order[:] = np.argsort(-pred.p_use, axis=1, kind="stable")
+    pol._note_route(0, np.array([[4, 5]]))
+    pol._plan_prefetches(0, 1)
+    pol._plan_prefetches(0, 2)  # (layer 1's again and layer 2's: not issued yet)
+    first, second = pol._plan
+    assert first.buffers is not second.buffers and not pol._plan_buffers
+    assert first.experts[:first.ints[0, first.n]].tolist() == [0, 1]
+    assert second.experts[:second.ints[0, second.n]].tolist() == [0, 1, 0, 1]
+    with cache.cond:
+        pol._flush_plan()
+    assert {id(b) for b in pol._plan_buffers} == {id(first.buffers), id(second.buffers)}
+    assert counters.prefetch_issued == 4  # (layer 1's pair once: the second found it loading)
+    pol._plan_prefetches(0, 3)
+    assert pol._plan[0].buffers in (first.buffers, second.buffers)
+    assert len(pol._plan_buffers) == 1
+
+
 def _issue_plan(seed: int, batched: bool) -> tuple:
     """A random cache, predictions and plan (the same for a seed); the state after
     issuing the plan in one kernel call (batched) or through prefetch() per group."""
@@ -305,6 +400,8 @@ def _issue_plan(seed: int, batched: bool) -> tuple:
     experts = np.concatenate([r.choice(8, size=k, replace=False) for k in sizes])
     if not batched:
         src.prefetch_plan = None  # the policy falls back to prefetch() per group
+    elif seed % 2:  # room for one copy: the source grows it for the plan (the same copies)
+        src._placed = np.empty((5, 1), dtype=np.int64)
     pol._plan.append(PrefetchPlan(groups, ints, floats, experts.astype(np.int64)))
     with cache.cond:
         pol.on_demand_issued(0)

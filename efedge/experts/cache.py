@@ -27,19 +27,22 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
 
 
 @njit(cache=True, fastmath=False)
-def _evictable(lo, hi, state, pins):
-    """(the first unpinned EMPTY slot in lo..hi or -1, the unpinned READY ones): one
-    kernel call instead of six numpy calls on every load the cache places."""
-    out = np.empty(hi - lo, dtype=np.int64)
+def _evictable(lo, hi, state, pins, out):
+    """(the first unpinned EMPTY slot in lo..hi, or -1 and the number of unpinned READY
+    ones, written to out[:n]): one kernel call instead of six numpy calls on every load
+    the cache places; written, not returned, as an array a kernel returns costs ~1 µs to
+    box. (-2, 0) where `out` is shorter than hi - lo."""
+    if out.shape[0] < hi - lo:
+        return -2, 0
     n = 0
     for s in range(lo, hi):
         if pins[s] == 0:
             if state[s] == EMPTY:
-                return s, out[:0]
+                return s, 0
             if state[s] == READY:
                 out[n] = s
                 n += 1
-    return -1, out[:n]
+    return -1, n
 
 
 def parse_budget(spec: int | float | str, expert_bytes: int) -> int:
@@ -138,6 +141,7 @@ class ExpertCache:
         self.slot_land_at = np.full(n_slots, np.inf, dtype=np.float64)
         self.slot_gen = np.zeros(n_slots, dtype=np.int64)
         self.where = np.full((n_layer, n_expert), -1, dtype=np.int64)
+        self._candidates = np.empty(n_slots, dtype=np.int64)  # free_or_victim's candidates
         self.tick = 0
         # one lock; the compute thread waits on `cond` (a slot became READY), transfer
         # workers on their own condition of the same lock (a job was queued), so neither
@@ -159,12 +163,14 @@ class ExpertCache:
         policy picks among unpinned READY slots. -1 when every slot is busy."""
         c = int(self.layer_class[layer])
         lo, hi = int(self.class_first[c]), int(self.class_first[c] + self.class_slots[c])
-        empty, candidates = _evictable(lo, hi, self.slot_state, self.slot_pins)
+        empty, n = _evictable(lo, hi, self.slot_state, self.slot_pins, self._candidates)
         if empty >= 0:
             return int(empty)
-        if candidates.size == 0:
+        if empty == -2:  # (it holds every slot: never)
+            raise RuntimeError(f"slot scratch of {self._candidates.size} for {hi - lo} slots")
+        if n == 0:
             return -1
-        return int(victim_policy(self, candidates))
+        return int(victim_policy(self, self._candidates[:n]))
 
     def assign(self, slot: int, layer: int, expert: int) -> int:
         """Give `slot` to (layer, expert), evicting its owner. Returns the evicted key or -1

@@ -187,16 +187,20 @@ def use_value(p, dist, n_layer):
 
 
 @njit(cache=True, fastmath=False)
-def route_prologue(needed, ids, due, step, layer):
+def route_prologue(needed, ids, due, step, layer, out):
     """The layer being computed needs `ids` (any shape): set the `needed` mask. Queued
     prefetches that were due by this step (due[m, e] ≤ step) are forgotten; those whose
-    layer came without needing them are returned as keys m * E + e (to cancel)."""
+    layer came without needing them are written to `out` as keys m * E + e (to cancel):
+    returns how many (-1, nothing done, where `out` is shorter than due.size). Written,
+    not returned: an array a kernel returns costs the compute thread ~1 µs to box, cold
+    after the layer kernels."""
     n_layer, e_n = due.shape
+    if out.shape[0] < n_layer * e_n:
+        return -1
     needed[:] = False
     flat = ids.ravel()
     for i in range(flat.shape[0]):
         needed[flat[i]] = True
-    out = np.empty(n_layer * e_n, dtype=np.int64)
     n = 0
     for m in range(n_layer):
         for e in range(e_n):
@@ -206,20 +210,29 @@ def route_prologue(needed, ids, due, step, layer):
                 if not (m == layer and needed[e]):
                     out[n] = m * e_n + e
                     n += 1
-    return out[:n]
+    return n
 
 
 @njit(cache=True, fastmath=False)
 def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_class,
                     slot_state, slot_class, slot_pins, class_slots, max_per_layer, step, rho,
-                    victim_aware):
+                    victim_aware, plan_i, plan_f):
     """Candidates (target layer, expert, probability, distance) for distances 1..n_dist with
     p ≥ p_min that are not resident or loading, best first per distance, within a
     per-class budget that keeps room for the current layer's own missing experts.
-    Returns (horizon, groups, ints, floats, experts): horizon is the furthest distance
-    with any expert above p_min (resident or not), the rest the candidates as prefetches
-    (issue.PrefetchPlan, built by plan_groups; numpy arrays cost µs each to return)."""
+    Returns (horizon, groups): horizon is the furthest distance with any expert above
+    p_min (resident or not); the candidates are written as prefetches into a plan's
+    buffers (issue.PlanBuffers, read as an issue.PrefetchPlan): plan_i rows 0-2 the
+    groups' start, layer and priority and plan_f rows 0-1 their limits (plan_groups),
+    plan_i rows 3-5 and plan_f row 2 the candidates' layer, expert, distance and
+    probability. Written, not returned: each array a kernel returns costs the compute
+    thread ~1 µs to box, cold after the layer kernels. n_dist is clamped to the rows of
+    p_use and to what the buffers hold."""
     n_layer, e_n = where.shape
+    if plan_i.shape[0] < 6 or plan_f.shape[0] < 3 or plan_i.shape[1] < 1:
+        return 0, 0  # (not a plan's buffers: nothing written)
+    cap = min(plan_f.shape[1], plan_i.shape[1] - 1)
+    n_dist = min(n_dist, p_use.shape[0], cap // max(e_n, 1))
     budget = np.zeros(class_slots.shape[0], dtype=np.int64)
     for s in range(slot_state.shape[0]):
         if slot_pins[s] == 0 and (slot_state[s] == READY or slot_state[s] == EMPTY):
@@ -228,11 +241,7 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
     for e in range(e_n):
         if needed[e] and where[layer, e] < 0:
             budget[c_cur] -= 1
-    cap = n_dist * e_n
-    out_m = np.empty(cap, dtype=np.int64)
-    out_e = np.empty(cap, dtype=np.int64)
-    out_p = np.empty(cap, dtype=np.float64)
-    out_d = np.empty(cap, dtype=np.int64)
+    out_m, out_e, out_d, out_p = plan_i[3], plan_i[4], plan_i[5], plan_f[2]
     n = 0
     horizon = 0
     for d in range(1, n_dist + 1):
@@ -253,22 +262,29 @@ def select_prefetch(layer, n_dist, p_min, p_use, order, where, needed, layer_cla
             budget[c] -= 1
             out_m[n], out_e[n], out_p[n], out_d[n] = m, e, p, d
             n += 1
-    g_n, ints, floats = plan_groups(n, out_m, out_p, out_d, step, n_layer, rho,
-                                     victim_aware)
-    return horizon, g_n, ints, floats, out_e[:n]
+    return horizon, _plan_groups_into(n, out_m, out_p, out_d, step, n_layer, rho,
+                                      victim_aware, plan_i, plan_f)
 
 
-@njit(cache=True, fastmath=False)
 def plan_groups(n, ms, ps, ds, step, n_layer, rho, victim_aware):
     """The candidates as prefetches: one per run of equal target layers (nearest first),
     needed at step + d, each evicting only experts worth less than the least valuable one
     it brings (use_value) and, on an over-subscribed link, less likely to be used than its
     saving covers (victim_p_limit). Returns (groups, ints [3, groups + 1]: start, layer,
     priority; floats [2, groups]: limit, p_limit): group g is candidates start[g] …
-    start[g + 1] - 1. (Here, not per group in Python: after the layer kernels every
-    Python call costs µs.)"""
+    start[g + 1] - 1. (For a plan built in Python, refine's; select_prefetch groups its
+    own in its kernel call: _plan_groups_into.)"""
     ints = np.empty((3, n + 1), dtype=np.int64)
     floats = np.empty((2, max(n, 1)), dtype=np.float64)
+    return _plan_groups_into(n, ms, ps, ds, step, n_layer, rho, victim_aware, ints,
+                             floats), ints, floats
+
+
+@njit(cache=True, fastmath=False)
+def _plan_groups_into(n, ms, ps, ds, step, n_layer, rho, victim_aware, ints, floats):
+    """plan_groups into ints [≥ 3, ≥ n + 1] and floats [≥ 2, ≥ n] (its rows); returns
+    the number of groups. (Here, not per group in Python: after the layer kernels every
+    Python call costs µs.)"""
     g = 0
     i = 0
     while i < n:
@@ -281,7 +297,7 @@ def plan_groups(n, ms, ps, ds, step, n_layer, rho, victim_aware):
         g += 1
         i = j
     ints[0, g] = n
-    return g, ints, floats
+    return g
 
 
 @njit(cache=True, fastmath=False)

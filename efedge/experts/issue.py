@@ -29,11 +29,13 @@ class PrefetchPlan(NamedTuple):
     """Prefetches decided at a layer's route, issued behind its demand loads: group g
     brings experts[start[g]:start[g + 1]] of layer[g], needed at step prio[g] - 1,
     evicting only experts valued below limit[g] and less likely to be used than
-    p_limit[g] (horizon.select_prefetch builds it, packed in two arrays)."""
+    p_limit[g] (horizon.select_prefetch writes it into a PlanBuffers, `buffers`, which
+    the policy takes back once the plan is issued; refine's plans own their arrays)."""
     n: int  # groups
-    ints: np.ndarray  # int64 [3, ≥ n + 1]: start, layer, prio
-    floats: np.ndarray  # float64 [2, ≥ n]: limit, p_limit
+    ints: np.ndarray  # int64 [≥ 3, ≥ n + 1]: start, layer, prio
+    floats: np.ndarray  # float64 [≥ 2, ≥ n]: limit, p_limit
     experts: np.ndarray
+    buffers: PlanBuffers | None = None
 
     start = property(lambda self: self.ints[0])
     layer = property(lambda self: self.ints[1])
@@ -42,23 +44,41 @@ class PrefetchPlan(NamedTuple):
     p_limit = property(lambda self: self.floats[1])
 
 
+class PlanBuffers:
+    """Where horizon.select_prefetch writes a plan of up to `cap` candidates: ints [6,
+    cap + 1] — the groups' start, layer and priority, then the candidates' layer, expert
+    and distance —, floats [3, cap] — the groups' limit and p_limit, then the candidates'
+    probabilities. Reused plan after plan: each array a kernel returns costs the compute
+    thread ~1 µs to box."""
+
+    def __init__(self, cap: int):
+        self.ints = np.zeros((6, cap + 1), dtype=np.int64)
+        self.floats = np.zeros((3, max(cap, 1)), dtype=np.float64)
+        self.experts = self.ints[4]
+
+    def plan(self, groups: int) -> PrefetchPlan:
+        return PrefetchPlan(groups, self.ints, self.floats, self.experts, self)
+
+
 @njit(cache=True, fastmath=False)
 def place_prefetches(n_g, ints, floats, experts, where, slot_owner, slot_state, slot_pins,
                      slot_last_use, slot_uses, slot_prefetched, slot_land_at, slot_gen,
                      layer_class, class_first, class_slots, p_next, cur, needed, tick0, due,
-                     fetched_at, tick):
+                     fetched_at, tick, out):
     """(cache lock held) Assign slots to a plan's prefetches as StreamingExperts.prefetch
     would, group by group, with ExpertFlow's value_victim; a group stops at its first
     expert that finds no slot (every slot busy, or no victim worth less). Updates the
     cache tables (ExpertCache.assign and begin_load), `due` and `fetched_at`
-    (Policy._flush_plan). Returns (n, copies [5, n]: layer, expert, slot, priority and
-    load number of each copy to queue, in order; how many evicted experts had been
-    prefetched and never used)."""
+    (Policy._flush_plan). Returns (n, how many evicted experts had been prefetched and
+    never used), the copies to queue in out[:, :n] (int64 [5, ≥ the plan's candidates]:
+    layer, expert, slot, priority and load number, in order; written, not returned: an
+    array a kernel returns costs the caller ~1 µs to box). (-1, 0), nothing done, where
+    `out` is too small."""
     g_start, g_layer, g_prio = ints[0], ints[1], ints[2]
     g_limit, g_plimit = floats[0], floats[1]
     n_expert = where.shape[1]
-    cap = g_start[n_g]
-    out = np.empty((5, cap), dtype=np.int64)  # one array: each returned costs µs
+    if out.shape[0] < 5 or out.shape[1] < g_start[n_g]:
+        return -1, 0
     cands = np.empty(slot_state.shape[0], dtype=np.int64)
     n = 0
     wasted = 0
@@ -111,7 +131,7 @@ def place_prefetches(n_g, ints, floats, experts, where, slot_owner, slot_state, 
                 if s >= 0:
                     due[m, experts[i]] = g_prio[g] - 1  # the step it is needed at
                     fetched_at[s] = tick
-    return n, out[:, :n], wasted
+    return n, wasted
 
 
-__all__ = ["PrefetchPlan", "place_prefetches"]
+__all__ = ["PlanBuffers", "PrefetchPlan", "place_prefetches"]

@@ -14,7 +14,7 @@ from efedge.experts.horizon import (
     plan_groups,
     value_victim,
 )
-from efedge.experts.issue import PrefetchPlan
+from efedge.experts.issue import PlanBuffers, PrefetchPlan
 from efedge.experts.link import LinkTiming
 from efedge.experts.options import number, probability
 from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
@@ -296,6 +296,9 @@ class ExpertFlow(_Predictive):
         self.horizon = 1
         self.cancelled = 0
         self._refine_buf = (np.empty(self.n_expert, np.int64), np.empty(self.n_expert, np.int64))
+        # the buffers select_prefetch writes plans into, free for the next one (a plan holds
+        # its own until it is issued: issue.PlanBuffers)
+        self._plan_buffers: list[PlanBuffers] = []
         # an expert's bytes on average over the layers that have experts (a dense layer's
         # 0 would shrink τ, and with it the look-ahead, in proportion to the dense layers)
         sizes = [b for b in map(source.store.expert_bytes, range(self.n_layer)) if b > 0]
@@ -450,12 +453,17 @@ class ExpertFlow(_Predictive):
         # prefetch per target layer, nearest first, needed-at priority, evicting only
         # experts worth less than the least valuable one it brings: the kernel groups them
         # (after a step posted to the helper thread, its wait in the same kernel call)
-        horizon, n, ints, floats, es = pred.wait_select(
+        bufs = self._plan_buffers.pop() if self._plan_buffers else \
+            PlanBuffers(pred.p_use.shape[0] * self.n_expert)
+        horizon, n = pred.wait_select(
             layer, h_need, ctl.p_min, pred.p_use, pred.order, cache.where, self.needed,
             cache.layer_class, cache.slot_state, cache.slot_class, cache.slot_pins,
-            cache.class_slots, self.n_expert, self._step, ctl.rho, self.victim_aware)
+            cache.class_slots, self.n_expert, self._step, ctl.rho, self.victim_aware,
+            bufs.ints, bufs.floats)
         if n:
-            self._plan.append(PrefetchPlan(n, ints, floats, es))
+            self._plan.append(bufs.plan(n))
+        else:
+            self._plan_buffers.append(bufs)
         return max(1, horizon)
 
     def _issue_entry(self, entry) -> None:
@@ -465,16 +473,18 @@ class ExpertFlow(_Predictive):
             return super()._issue_entry(entry)
         src = self.source
         batch = getattr(src, "prefetch_plan", None)
-        if batch is None:
+        if batch is None:  # (each group's experts copied: a source may keep them)
             for g in range(entry.n):
                 lo, hi = int(entry.start[g]), int(entry.start[g + 1])
-                super()._issue_entry((int(entry.layer[g]), entry.experts[lo:hi],
+                super()._issue_entry((int(entry.layer[g]), entry.experts[lo:hi].copy(),
                                       int(entry.prio[g]), float(entry.limit[g]),
                                       float(entry.p_limit[g])))
-            return
-        self._fit_fetched_at(src.cache.n_slots)
-        batch(entry, self.predictor.p_next, self.cur_layer, self.needed, self.tick0,
-              self._due, self.fetched_at)
+        else:
+            self._fit_fetched_at(src.cache.n_slots)
+            batch(entry, self.predictor.p_next, self.cur_layer, self.needed, self.tick0,
+                  self._due, self.fetched_at)
+        if entry.buffers is not None:  # (issued: its buffers serve the next plan)
+            self._plan_buffers.append(entry.buffers)
 
     def on_pass(self, tokens, pos: int | None = None) -> None:
         """Before the pass's first layer: its tokens are known, so the token memory can

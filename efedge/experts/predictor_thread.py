@@ -496,7 +496,7 @@ if available():
     @njit(cache=True, fastmath=False)
     def _wait_select(ctl, job, dst, src, layer, n_dist, p_min, p_use, order, where, needed,
                      layer_class, slot_state, slot_class, slot_pins, class_slots,
-                     max_per_layer, step, rho, victim_aware):
+                     max_per_layer, step, rho, victim_aware, plan_i, plan_f):
         """_wait(ctl, job, dst, src), then horizon.select_prefetch on the step's outputs
         (its arguments follow): the wait and the plan that reads the step in one call
         from the compute thread (ExpertFlow, per routed layer). Returns _wait's answer,
@@ -514,7 +514,7 @@ if available():
         out = select_prefetch(layer, n_dist if r == DONE_OK or r == SLOW else 0, p_min,
                               p_use, order, where, needed, layer_class, slot_state,
                               slot_class, slot_pins, class_slots, max_per_layer, step, rho,
-                              victim_aware)
+                              victim_aware, plan_i, plan_f)
         return r, out
 
 

@@ -72,6 +72,8 @@ class Policy:
         self.fetched_at = np.zeros(0, dtype=np.int64)  # per slot: cache tick when prefetched
         # per (layer, expert): the step a queued prefetch was fetched for (-1: none)
         self._due = np.full((self.n_layer, self.n_expert), -1, dtype=np.int64)
+        # where route_prologue writes the keys of those that came due unused (_note_route)
+        self._stale = np.empty(self.n_layer * self.n_expert, dtype=np.int64)
         self._plan: list[tuple] = []  # prefetches decided in on_route, issued after demand
         # on_route's prediction, run by on_demand_issued: (function, *arguments) or None
         self._deferred: tuple | None = None
@@ -147,7 +149,9 @@ class Policy:
         self._last_layer = layer
         self.cur_layer = layer
         self.tick0 = self.source.cache.tick
-        return route_prologue(self.needed, np.asarray(ids), self._due, self._step, layer)
+        n = route_prologue(self.needed, np.asarray(ids), self._due, self._step, layer,
+                           self._stale)
+        return self._stale[:n]
 
     def _record_horizon(self, h: float) -> None:
         c = self.source.counters
