@@ -184,6 +184,9 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
         self.policy = policy
         self.routing = routing
         self.link = None
+        if progress is not None and not callable(progress):  # (else a TypeError mid-load)
+            raise ArgumentError(f"progress must be a function (fraction, message), got "
+                                f"{progress!r}")
         self._progress = progress or (lambda frac, msg: None)
         self._progress(0.0, f"mapping {self.path.name}")
         self._gf = GGUFFile(self.path)

@@ -87,9 +87,10 @@ class GenerationMixin:
         sampler = Sampler(self._params(sampling))
         logprobs = check_top(logprobs)
         constraint = constraint_for(format, self.tokenizer)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s_, str) for s_ in stops):
-            raise TypeError("stop must be a string or a list of strings")
+        stops = [stop] if isinstance(stop, str) else \
+            list(stop) if isinstance(stop, list | tuple) else [] if stop is None else None
+        if stops is None or not all(isinstance(s_, str) for s_ in stops):
+            raise ArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
         self._check_open()
         if result is None:
             result = GenerationResult([], "length")

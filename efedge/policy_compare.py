@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import efedge
+from efedge.errors import EfedgeError
 
 COLUMNS = ("policy", "tokens_per_s", "stall_ms_per_token", "stall_vs_ondemand", "hit_rate",
            "prefetch_precision", "mb_per_token", "horizon_mean")
@@ -32,7 +33,8 @@ def heldout_ids(model, n: int) -> list[int]:
         except RuntimeError:
             text = None
         if text is None:
-            raise RuntimeError(f"no held-out document gives {n} tokens")
+            raise EfedgeError(f"the held-out text has no passage of {n} tokens (a shorter "
+                              f"prompt and generation will do)")
         ids = model.tokenize(text)
         if len(ids) >= n:
             return ids[:n]

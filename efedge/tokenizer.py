@@ -23,7 +23,7 @@ from typing import Any
 
 import regex
 
-from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.errors import ArgumentError, ModelFormatError, UnsupportedModelError
 from efedge.tokenizer_tables import (
     _EOG_TEXTS,
     _EOT_TEXTS,
@@ -424,7 +424,7 @@ class Tokenizer:
             raise TypeError(f"token id must be an integer, got {type(tok).__name__} {tok!r}")
         tok = int(tok)
         if not 0 <= tok < self.n_vocab:
-            raise ValueError(f"token id {tok} is out of range [0, {self.n_vocab})")
+            raise ArgumentError(f"token id {tok} is out of range [0, {self.n_vocab})")
         return tok
 
     def token_bytes(self, tok: int) -> bytes:

@@ -234,6 +234,17 @@ def test_policies_rejects_unknown_names(tiny_gguf, capsys):
     assert "unknown cache policy 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n_prompt", ["600", "30000"])
+def test_policies_refuses_a_passage_past_the_context(n_prompt, capsys):
+    """-p and -n past the model's context: one line naming both and the context (it was
+    a held-out text traceback, or advice to raise -c, which bench does not take)."""
+    rc = main(["bench", "--policies", "ondemand", "--cache", "50%", "-p", n_prompt,
+               "-n", "8"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert f"-p {n_prompt} + -n 8 tokens do not fit the model's context of 512" in err, err
+
+
 @pytest.mark.parametrize(("extra", "word"), [
     (["-p", "8,16"], "-p"), (["-n", "4,8"], "-n"), (["-t", "1,2"], "-t"),
     (["--vs-llama-cpp"], "--vs-llama-cpp")])

@@ -271,6 +271,42 @@ def test_a_plan_issued_in_one_kernel_call_decides_as_prefetch_per_group():
     assert issued > 20 and evicted > 5  # the cases placed into empty slots and evicted
 
 
+def test_a_look_ahead_past_the_predictors_reach_is_refused():
+    """fixed:H, ExpertFlow's max_horizon and the predictor's max_distance stop at
+    MAX_HORIZON layers: the predictor's tables grow with it (fixed:999999 asked numpy
+    for 291 TiB, a MemoryError traceback)."""
+    from efedge.errors import ArgumentError
+    from efedge.experts.options import MAX_HORIZON
+    from efedge.experts.predictor import HybridPredictor
+
+    assert make_policy(f"fixed:{MAX_HORIZON}").horizon == MAX_HORIZON
+    assert ExpertFlow(max_horizon=MAX_HORIZON).max_distance == MAX_HORIZON
+    for call in (lambda: make_policy(f"fixed:{MAX_HORIZON + 1}"),
+                 lambda: make_policy("fixed:999999"),
+                 lambda: ExpertFlow(max_horizon=100000),
+                 lambda: FixedHorizon(horizon=MAX_HORIZON + 1),
+                 lambda: HybridPredictor(4, 8, 2, max_distance=MAX_HORIZON + 1)):
+        with pytest.raises(ArgumentError, match=str(MAX_HORIZON)):
+            call()
+
+
+def test_router_weights_with_nan_are_taken_without_a_warning():
+    """A broken file's NaN router weights (the forward pass names the NaN it makes):
+    the predictor's int8 copy has zeros there, not a cast warning on stderr."""
+    import warnings
+
+    from efedge.experts.predictor import HybridPredictor
+
+    p = HybridPredictor(2, 4, 1)
+    W = np.ones((2, 4, 3), np.float32)
+    W[0, 1, 2] = np.nan
+    W[1, 0, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.set_router_weights(W)
+    assert p.W[0, 1, 2] == 0 and p.W[1, 0, 0] == 0 and (p.W[0, 0] == 127).all()
+
+
 def test_kernels_writing_into_buffers_refuse_ones_too_short():
     """numba checks no bounds: a kernel that writes its answer into a caller's buffer
     (an array it returned cost ~1 µs to box) checks its length first and writes nothing

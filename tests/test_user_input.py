@@ -99,7 +99,13 @@ def test_other_bad_arguments_are_named(m, path):
         (lambda: m.generate("hi", tmperature=0.5), TypeError, "tmperature"),
         (lambda: m.generate("hi", max_tokens=-1), ValueError, "max_tokens"),
         (lambda: m.generate("hi", max_tokens="5"), ValueError, "max_tokens"),
-        (lambda: m.generate("hi", stop=[1]), TypeError, "stop"),
+        (lambda: m.generate("hi", stop=[1]), efedge.ArgumentError, "stop"),
+        # (not a list: a TypeError that named no parameter)
+        (lambda: m.generate("hi", stop=5), efedge.ArgumentError, "stop must be"),
+        (lambda: efedge.load(path, progress=5), efedge.ArgumentError, "progress"),
+        # a look-ahead past what the predictor's tables hold (it asked for 291 TiB)
+        (lambda: efedge.load(path, cache="50%", policy="fixed:999999"),
+         efedge.ArgumentError, r"H from 1 to 32"),
         (lambda: efedge.load(path, cache="lots"), efedge.CacheBudgetError, "lots"),
         (lambda: efedge.load(path, cache=math.nan), efedge.CacheBudgetError, "nan"),
         (lambda: efedge.load(path, cache=math.inf), efedge.CacheBudgetError, "inf"),
@@ -121,6 +127,14 @@ def test_other_bad_arguments_are_named(m, path):
     for call, exc, word in cases:
         with pytest.raises(exc, match=word):
             call()
+
+
+@pytest.mark.parametrize("budget", [10**30, "99999999999999999999999999GB"])
+def test_a_budget_past_any_size_holds_every_expert(path, budget):
+    """(the slot count overflowed int64: an OverflowError traceback)"""
+    with efedge.load(path, cache=budget) as m:
+        s = m.stats()
+        assert s["cache_slots"] == m.config.n_layer * m.config.n_expert
 
 
 # -- unknown architecture, tokenizer and quant types ------------------------------------
@@ -221,8 +235,8 @@ def test_token_ids_out_of_range_are_named(m):
     v = m.n_vocab
     for call, bad in [(lambda: m.logits([1, -1]), -1), (lambda: m.logits([v]), v),
                       (lambda: m.generate([1, v + 5], max_tokens=1), v + 5),
-                      (lambda: m.detokenize([v]), v)]:
-        with pytest.raises(ValueError, match=rf"token id {bad}\b.*({v}|{v - 1})"):
+                      (lambda: m.detokenize([v]), v), (lambda: m.detokenize([-1]), -1)]:
+        with pytest.raises(efedge.ArgumentError, match=rf"token id {bad}\b.*({v}|{v - 1})"):
             call()
     for bad in ("a", 1.5, None):
         with pytest.raises(TypeError, match="token id"):
@@ -297,6 +311,10 @@ BAD_CLI = [  # (arguments after the model, what stderr must name)
     # a byte that is not UTF-8 in the argument (Python's surrogateescape): it reached the
     # tokenizer, whose "lone surrogate" ValueError was a traceback
     (["-p", "caf\udce9"], r"the prompt is not UTF-8 text \(byte 0xe9 at offset 3\)"),
+    (["-p", "x", "-st", "-sys", "\udcff"],
+     r"the system prompt is not UTF-8 text \(byte 0xff at offset 0\)"),
+    (["-p", "x", "--stop", "a\udcff"], r"--stop string is not UTF-8 text \(byte 0xff"),
+    (["-p", "x", "--cache", "50%", "--policy", "fixed:33"], r"H from 1 to 32"),
 ]
 
 

@@ -445,6 +445,9 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     with efedge.load(path, threads=threads) as m:
         if not m.config.is_moe:
             raise EfedgeError(f"{path.name} has no routed experts: nothing to compare")
+        if n_prompt + n_gen > m.n_ctx:  # (each run prefills -p, then decodes -n)
+            raise EfedgeError(f"-p {n_prompt} + -n {n_gen} tokens do not fit the model's "
+                              f"context of {m.n_ctx} tokens: use a smaller -p or -n")
         ids = heldout_ids(m, n_prompt + n_gen)
     links, info = [lk for lk in args.link if lk], {}
     if (not links or links == ["auto"]) and device != "cpu":

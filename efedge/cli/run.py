@@ -109,6 +109,13 @@ def main(args: argparse.Namespace) -> int:
     if args.chat and args.echo:
         raise EfedgeError("--echo prints a plain prompt; with --chat the prompt is a turn of "
                           "the template")
+    # the other texts from the command line, as the prompt below (a stop string that is
+    # not UTF-8 could never match what the model writes)
+    for text, what in [(args.system_prompt, "the system prompt"),
+                       *((s, "a --stop string") for s in args.stop or ())]:
+        bad = text is not None and not_utf8(text, what)
+        if bad:
+            raise EfedgeError(bad)
     fmt = output_format(args.format)
     if args.prompt == "-" or args.file == "-":
         prompt = _read_stdin()

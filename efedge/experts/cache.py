@@ -109,8 +109,9 @@ class ExpertCache:
         slots = np.full(len(sizes), n_active, dtype=np.int64)
         spare = budget - minimum
         share = class_experts * np.array(sizes) / float(np.dot(class_experts, sizes))
-        for c, b in enumerate(sizes):
-            slots[c] += int(spare * share[c]) // b
+        for c, b in enumerate(sizes):  # (capped in Python ints first: a budget of 10**30
+            # bytes would not fit the int64 slot count)
+            slots[c] += min(int(spare * share[c]) // b, int(class_experts[c]))
         slots = np.minimum(slots, class_experts)
         if budget >= int(np.dot(class_experts, sizes)):
             slots = class_experts.copy()  # everything fits: no rounding losses

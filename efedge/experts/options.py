@@ -10,6 +10,12 @@ import numbers
 
 from efedge.errors import ArgumentError
 
+# The furthest look-ahead a policy takes, in layers (fixed:H, ExpertFlow's max_horizon,
+# the predictor's max_distance): the predictor's tables grow with it — its transitions
+# [layers, H, E, E], its stored predictions [H + 1, H, 5, E] — and fixed:999999 asked
+# numpy for 291 TiB. No prediction 32 layers ahead is worth a prefetch.
+MAX_HORIZON = 32
+
 
 def number(name: str, value, lo: float | None = None, hi: float | None = None, *,
            lo_open: bool = False, hi_open: bool = False, integer: bool = False,

@@ -16,7 +16,7 @@ from efedge.experts.horizon import (
 )
 from efedge.experts.issue import PlanBuffers, PrefetchPlan
 from efedge.experts.link import LinkTiming
-from efedge.experts.options import number, probability
+from efedge.experts.options import MAX_HORIZON, number, probability
 from efedge.experts.predictor import HybridPredictor, is_path, trace_experts
 from efedge.experts.predictor_kernels import refine_pick, refine_pick_routed
 from efedge.experts.scheduler import POLICIES, Policy
@@ -188,7 +188,7 @@ class FixedHorizon(_Predictive):
     def __init__(self, horizon: int = 2, **kw):
         kw.setdefault("draft_tokens", 0)  # (its LRU eviction reads no eviction values)
         super().__init__(**kw)
-        self.horizon = number("horizon", horizon, 1, integer=True)
+        self.horizon = number("horizon", horizon, 1, MAX_HORIZON, integer=True)
         self.max_distance = self.horizon
         self.name = f"fixed:{self.horizon}"
 
@@ -278,7 +278,8 @@ class ExpertFlow(_Predictive):
         # with the caches as the layer kernels leave them, and these are not prefetched
         self.explore_every = number("explore_every", explore_every, 1, integer=True)
         self.value_next = bool(value_next)
-        self.max_distance = number("max_horizon", max_horizon, 1, integer=True)
+        self.max_distance = number("max_horizon", max_horizon, 1, MAX_HORIZON,
+                                   integer=True)
         self.controller = HorizonController(self.max_distance, p_floor=p_floor)
 
     def wants_spare_core(self) -> bool:

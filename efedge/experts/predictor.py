@@ -48,7 +48,7 @@ import numpy as np
 
 from efedge.errors import ArgumentError
 from efedge.experts.horizon import select_prefetch
-from efedge.experts.options import number
+from efedge.experts.options import MAX_HORIZON, number
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_DRAFTP,
     _P_INC,
@@ -138,7 +138,7 @@ class HybridPredictor:
 
     # the keyword options and their ranges (options.number's arguments); `adapt` is a flag
     OPTIONS = {
-        "max_distance": dict(lo=1, integer=True),
+        "max_distance": dict(lo=1, hi=MAX_HORIZON, integer=True),
         "decay": dict(lo=0.0, hi=1.0, lo_open=True),  # per token, of the transitions
         "recent_rate": dict(lo=0.0, hi=1.0, lo_open=True),
         "eta": dict(lo=0.0),  # the fusion weights' learning rate (0: fixed weights)
@@ -451,6 +451,9 @@ class HybridPredictor:
         if W.ndim != 3 or W.shape[:2] != (self.n_layer, self.n_expert):
             raise ValueError(f"router weights must be [{self.n_layer}, {self.n_expert}, D], "
                              f"got {list(W.shape)}")
+        if not np.isfinite(W).all():  # (a broken file: the forward pass names the NaN;
+            # cast to int8 here it only warned, and pre-gated from garbage)
+            W = np.where(np.isfinite(W), W, np.float32(0.0))
         scale = np.abs(W).max(axis=2) / 127.0
         scale[scale == 0] = 1.0
         self.W = np.ascontiguousarray(np.round(W / scale[:, :, None]), dtype=np.int8)

@@ -38,6 +38,7 @@ import numpy as np
 from efedge.errors import ArgumentError, EfedgeError
 from efedge.experts.cache import EMPTY, READY
 from efedge.experts.horizon import lru_victim, route_prologue
+from efedge.experts.options import MAX_HORIZON
 
 
 class Policy:
@@ -359,8 +360,9 @@ def policy_class(name: str) -> tuple[type[Policy], int | None]:
         horizon = int(h) if h else 2
     except ValueError:
         horizon = 0
-    if horizon < 1:
-        raise ArgumentError(f"bad policy {name!r}: use fixed:H with a look-ahead H ≥ 1")
+    if not 1 <= horizon <= MAX_HORIZON:
+        raise ArgumentError(f"bad policy {name!r}: use fixed:H with a look-ahead H from 1 "
+                            f"to {MAX_HORIZON} layers")
     return cls, horizon
 
 
