@@ -25,13 +25,16 @@ Trace file (.npz):
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from efedge import layers
-from efedge.errors import EfedgeError, UnsupportedModelError
+from efedge.errors import ArgumentError, EfedgeError, UnsupportedModelError
+from efedge.experts.options import number
 from efedge.experts.selection import RouterSelection
 
 PREGATE_HORIZON = 4
@@ -212,7 +215,93 @@ def load_trace(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
                if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise TraceError(f"{path}: the trace's metadata lacks {', '.join(missing)}")
-    if arrays["experts"].ndim != 3 or arrays["experts"].shape[0] == 0:
-        raise TraceError(f"{path}: experts must be [tokens ≥ 1, layers, top-k], got shape "
-                         f"{arrays['experts'].shape}")
+    _check_trace(path, arrays, meta)
     return arrays, meta
+
+
+def expert_ids_problem(experts, n_expert: int) -> str | None:
+    """Why `experts` is not an array of expert ids in 0..n_expert-1, or None. Numpy
+    indexing wraps a negative id round to a real expert, and one too large fails deep
+    in the cache; a float array truncates. (The check --policy-trace's reader makes —
+    policies.read_seed_trace, HybridPredictor.seed — in words that name the range.)"""
+    ex = np.asarray(experts)
+    if ex.dtype.kind not in "iu":
+        return f"expert ids must be integers, got dtype {ex.dtype}"
+    if ex.size and (ex.min() < 0 or ex.max() >= n_expert):
+        return (f"expert ids must lie in 0..{n_expert - 1} (n_expert {n_expert}), got "
+                f"ids from {ex.min()} to {ex.max()}")
+    return None
+
+
+def _check_trace(path, arrays: dict, meta: dict) -> None:
+    """A TraceError naming the first thing in a trace that does not fit the layout
+    record_trace writes (the module docstring). The simulator sizes its tables from the
+    metadata and indexes the arrays with it: a mismatch failed deep inside it (an
+    IndexError, a broadcast error), or read wrapped-round ids into a plausible table."""
+    def bad(what: str) -> TraceError:
+        return TraceError(f"{path}: {what}")
+
+    try:  # (number's message names the field, the range and the value)
+        L, E, K = (number(f"the metadata's {key}", meta[key], 1, integer=True)
+                   for key in ("n_layer", "n_expert", "top_k"))
+        number("the metadata's n_embd", meta["n_embd"], 1, integer=True)
+        H = meta.get("horizon")
+        if H is not None:
+            H = number("the metadata's horizon", H, 0, integer=True)
+    except ArgumentError as exc:
+        raise bad(str(exc)) from None
+    if K > E:
+        raise bad(f"the metadata's top_k ({K}) is more than its n_expert ({E})")
+
+    ex = arrays["experts"]
+    if ex.ndim != 3 or ex.shape[0] == 0:
+        raise bad(f"experts must be [tokens ≥ 1, layers, top-k], got shape {ex.shape}")
+    T = ex.shape[0]
+
+    def shape(name: str, want: tuple, layout: str, kinds: str = "f") -> np.ndarray | None:
+        a = arrays.get(name)
+        if a is not None and (a.shape != want or a.dtype.kind not in kinds):
+            raise bad(f"{name} must be {layout} = {want} (from experts and the metadata), "
+                      f"got shape {a.shape} {a.dtype}")
+        return a
+
+    problem = expert_ids_problem(ex, E)
+    if problem:
+        raise bad(f"experts: {problem}")
+    shape("experts", (T, L, K), "[tokens, n_layer, top_k]", "iu")
+    if meta["n_tokens"] != T:  # (what `efedge simulate` reports as the trace's length)
+        raise bad(f"the metadata's n_tokens ({meta['n_tokens']!r}) is not the number of "
+                  f"tokens in experts ({T})")
+    per = meta["bytes_per_expert"]
+    if not isinstance(per, list) or len(per) != L:
+        raise bad(f"the metadata's bytes_per_expert must list an expert's size for each of "
+                  f"its {L} layers, got {str(per)[:80]}")
+    for i, b in enumerate(per):
+        # a size ≤ 0 gave the cache budget negative sizes (≥ 1: the simulator's
+        # TraceStore counts whole bytes, and a fraction of one was 0)
+        if (isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(b)
+                or b < 1):
+            raise bad(f"the metadata's bytes_per_expert[{i}] must be a size ≥ 1 (bytes), got "
+                      f"{b!r}")
+    if meta.get("router_input", "ffn") not in ("ffn", "layer"):  # (anything else read as ffn)
+        raise bad(f"the metadata's router_input must be 'ffn' or 'layer', got "
+                  f"{meta['router_input']!r}")
+    shape("probs", (T, L, K), "[tokens, n_layer, top_k]")
+    pg = arrays.get("pregate")
+    if pg is not None:
+        horizon = pg.shape[2:3] if H is None else (H,)  # (older traces: no horizon)
+        pg = shape("pregate", (T, L, *horizon, E), "[tokens, n_layer, horizon, n_expert]")
+        # NaN only where layer l + d is past the last layer: elsewhere a NaN row reads as
+        # "no information", and the simulator would silently predict nothing from it
+        for d in range(1, min(pg.shape[2], L - 1) + 1):
+            if not np.isfinite(pg[:, :L - d, d - 1]).all():
+                raise bad(f"pregate holds NaN or infinite logits at distance {d} within the "
+                          f"traced layers (only distances past the last layer are NaN)")
+    pi = shape("pregate_in", (T, L, E), "[tokens, n_layer, n_expert]")
+    if pi is not None and not np.isfinite(pi).all():
+        raise bad("pregate_in holds NaN or infinite logits")
+    if "hidden" in arrays:  # (any sketch width)
+        shape("hidden", (T, L, *arrays["hidden"].shape[2:3]), "[tokens, n_layer, sketch]")
+    tokens = shape("tokens", (T,), "[tokens]", "iu")
+    if tokens is not None and tokens.min() < 0:
+        raise bad(f"tokens must be token ids ≥ 0, got {tokens.min()}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,6 +368,86 @@ def test_trace_writes_the_file_it_names(inputs, capsys, tmp_path):
     assert arrays["experts"].shape[0] == meta["n_tokens"] == 24
     rc, err = _cli(["simulate", out, "--warmup", 4], capsys)
     assert rc == 0, err
+
+
+def _set(key, value):
+    return lambda arrays, meta: arrays.__setitem__(key, value(arrays[key]))
+
+
+def _meta(key, value):
+    return lambda arrays, meta: meta.__setitem__(key, value(meta[key]))
+
+
+def _nan_at(key, index):
+    def corrupt(arrays, meta):
+        arrays[key] = arrays[key].copy()
+        arrays[key][index] = np.nan
+    return corrupt
+
+
+# a trace rewritten with one bad array or metadata field (the trace fixture: 16 experts)
+BAD_TRACE_FILES = [
+    ("ids-too-large", _set("experts", lambda a: np.full_like(a, 999)),
+     r"experts: expert ids must lie in 0\.\.15 \(n_expert 16\), got ids from 999 to 999"),
+    # numpy wrapped -1 round to expert 15: a table, exit status 0
+    ("ids-negative", _set("experts", lambda a: np.full_like(a, -1)),
+     r"experts: expert ids must lie in 0\.\.15 .*from -1"),
+    ("ids-float", _set("experts", lambda a: a.astype(np.float32)),
+     r"experts: expert ids must be integers, got dtype float32"),
+    ("n_layer", _meta("n_layer", lambda v: 99),
+     r"experts must be \[tokens, n_layer, top_k\] = \(\d+, 99, \d+\) .*got shape"),
+    ("n_expert", _meta("n_expert", lambda v: 0), r"metadata's n_expert must be ≥ 1, got 0"),
+    ("top_k", _meta("top_k", lambda v: v + 1), r"experts must be \[tokens, n_layer, top_k\]"),
+    ("n_tokens", _meta("n_tokens", lambda v: v + 1), r"n_tokens \(\d+\) is not the number"),
+    ("pregate-layers", _set("pregate", lambda a: a[:, :2]),
+     r"pregate must be \[tokens, n_layer, horizon, n_expert\] = .*got shape \(\d+, 2, "),
+    ("pregate-nan", _nan_at("pregate", (3, 0, 0, 5)), r"pregate holds NaN .*distance 1"),
+    ("pregate_in-nan", _nan_at("pregate_in", (3, 1, 5)), r"pregate_in holds NaN"),
+    ("probs-shape", _set("probs", lambda a: a[:, :, :1]), r"probs must be \[tokens, n_layer"),
+    ("tokens-negative", _set("tokens", lambda a: -a), r"tokens must be token ids ≥ 0"),
+    ("bytes-negative", _meta("bytes_per_expert", lambda v: [-b for b in v]),
+     r"bytes_per_expert\[0\] must be a size ≥ 1 \(bytes\), got -\d+"),
+    ("bytes-per-layer", _meta("bytes_per_expert", lambda v: v[:1]),
+     r"bytes_per_expert must list an expert's size for each of its \d+ layers"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "word"), [c[1:] for c in BAD_TRACE_FILES],
+                         ids=[c[0] for c in BAD_TRACE_FILES])
+def test_a_trace_that_does_not_fit_its_metadata_is_refused_by_name(trace, capsys, tmp_path,
+                                                                  corrupt, word):
+    """Arrays that do not fit the metadata failed deep in the simulator (an IndexError, a
+    broadcast error, a budget of negative sizes) or, with negative ids, printed a table:
+    load_trace names the array and what it should be, `efedge simulate` in one line."""
+    from efedge.trace import TraceError
+
+    arrays, meta = load_trace(trace[0])
+    corrupt(arrays, meta)
+    path = tmp_path / "bad.npz"
+    save_trace(path, dict(arrays, meta=np.array(json.dumps(meta))))
+    with pytest.raises(TraceError, match=word) as info:
+        load_trace(path)
+    assert str(path) in str(info.value)
+    rc, err = _cli(["simulate", path, "--warmup", 4], capsys)
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"efedge: error: {path}: ") and re.search(word, err), err
+
+
+def test_valid_and_shipped_traces_load(trace, tmp_path):
+    """The checks refuse no trace efedge writes: the fixture's, one with a hidden-state
+    sketch and no pre-gating ahead (horizon 0), and the traces that ship with efedge
+    (older: the Mixtral-shaped one has no pregate_in or router_input)."""
+    arrays, meta = load_trace(trace[0])
+    meta.update(horizon=0)
+    arrays.update(pregate=arrays["pregate"][:, :, :0],
+                  hidden=np.zeros(arrays["experts"].shape[:2] + (3,), np.float16))
+    save_trace(tmp_path / "h0.npz", dict(arrays, meta=np.array(json.dumps(meta))))
+    load_trace(tmp_path / "h0.npz")
+    shipped = sorted((Path(efedge.__file__).parent / "data" / "traces").glob("*.npz"))
+    assert shipped
+    for path in shipped:
+        arrays, meta = load_trace(path)
+        assert arrays["experts"].shape[0] == meta["n_tokens"]
 
 
 def test_simulate_plot_without_matplotlib_fails_before_the_run(inputs, capsys, monkeypatch,
