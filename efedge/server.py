@@ -76,6 +76,8 @@ MAX_BODY = 1 << 20  # bytes
 FINGERPRINT = f"efedge-{__version__}"
 PEER_CHECK_S = 0.2  # how often a handler waiting on the model looks whether its client left
 CLOSE_WAIT_S = 5.0  # how long server_close lets in-flight responses finish writing
+# the least listen backlog (socketserver's default, 5, reset a burst's connections)
+MIN_BACKLOG = 128
 TEMPLATE_PROBE = [{"role": "user", "content": "hi"}]  # every working template renders it
 
 
@@ -268,6 +270,12 @@ class EfedgeServer(ThreadingHTTPServer):
                  strict_template: bool = False, allow_origins: Sequence[str] = (),
                  reasoning_format: str = "auto", template_kwargs: dict | None = None,
                  metrics: bool = False):
+        # the kernel's listen backlog, set before super() listens: connections past it are
+        # dropped before a handler thread could answer them 503 (a burst got TCP resets
+        # with socketserver's 5). It holds the line, the request being served and as many
+        # again as the line, which the handlers then answer 503; Linux caps it at
+        # net.core.somaxconn
+        self.request_queue_size = max(MIN_BACKLOG, 2 * (max_queue + 1))
         super().__init__((host, port), Handler)
         self.allow_origins = tuple(allow_origins)  # CORS (module docstring); () = none
         self.model = model

@@ -21,7 +21,7 @@ and the other runner knobs change nothing (the context is `efedge serve -c`'s, t
 stays loaded). `think` (not an option) splits a thinking model's reasoning off into
 `thinking`, or with false asks the template not to think. `images` are refused: efedge
 runs text models. Errors are Ollama's `{"error": "…"}` with the HTTP status of the
-OpenAI routes.
+OpenAI routes, a bad option named as sent (`options.top_k`, not `top_k`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from efedge.server_replies import _error_of
 from efedge.server_requests import (
     APIError,
     GenRequest,
+    _field,
     checked_format,
     object_body,
     parse_chat,
@@ -58,6 +59,7 @@ _OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
             "min_p": "min_p", "repeat_penalty": "repeat_penalty",
             "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
             "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
+_OPTION_OF = {name: key for key, name in _OPTIONS.items()}  # a mapped field's option
 
 
 def _now() -> str:
@@ -71,9 +73,19 @@ def _flat(body: dict) -> dict:
     if not isinstance(opts, dict):
         raise APIError(400, "'options' must be an object", "invalid_type", param="options")
     flat: dict[str, Any] = {name: opts[key] for key, name in _OPTIONS.items() if key in opts}
+    # checked here, not as max_tokens: Ollama's -2 is no OpenAI value
     n = opts.get("num_predict")
-    if n is not None and not (isinstance(n, int) and n in (-1, -2)):
-        flat["max_tokens"] = n
+    if n is not None:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise APIError(400, f"'options.num_predict' must be an integer, got "
+                                f"{type(n).__name__} {json.dumps(n)[:60]}", "invalid_type",
+                           param="options.num_predict")
+        if n < -2:
+            raise APIError(400, f"'options.num_predict' must be >= 0, or -1 (until the end) "
+                                f"or -2 (until the context is full), got {n}",
+                           "invalid_value", param="options.num_predict")
+        if n >= 0:
+            flat["max_tokens"] = n
     stream = body.get("stream", True)
     flat["stream"] = stream if stream is not None else True
     if "model" in body:
@@ -97,11 +109,35 @@ def _no_images(obj: dict, where: str) -> None:
                        "unsupported", param="images")
 
 
+def _as_option(err: APIError, body: dict) -> APIError:
+    """`err` naming the `options` field the client sent when it is about one that _flat
+    mapped onto the OpenAI routes' fields (`'options.top_k' must be …`, not `'top_k'`)."""
+    opts = body.get("options")
+    key = _OPTION_OF.get(err.param)
+    if key is None or not isinstance(opts, dict) or key not in opts:
+        return err  # a field of the body itself, or a server default's
+    name = f"options.{key}"
+    message, n = re.subn(rf"^'?{re.escape(err.param)}'?(?= )", f"'{name}'", err.message)
+    if not n:
+        message = f"'{name}': {message}"
+    return APIError(err.status, message, err.code, param=name, type_=err.type,
+                    close=err.close, headers=err.headers)
+
+
 def parse_ollama(path: str, body: Any, defaults: dict, model,
                  template_kwargs: dict | None = None) -> GenRequest:
     """A /api/generate or /api/chat body as a GenRequest (`ollama` set);
-    `template_kwargs`: the server's chat_template_kwargs."""
+    `template_kwargs`: the server's chat_template_kwargs. Errors name the fields as the
+    client sent them (see _as_option)."""
     body = object_body(body)
+    try:
+        return _parse_ollama(path, body, defaults, model, template_kwargs)
+    except APIError as err:
+        raise _as_option(err, body) from None
+
+
+def _parse_ollama(path: str, body: dict, defaults: dict, model,
+                  template_kwargs: dict | None) -> GenRequest:
     _no_images(body, "the request")
     flat = _flat(body)
     if path == "/api/chat":
@@ -121,13 +157,14 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
             raise APIError(400, "'prompt' and 'system' must be strings", "invalid_type",
                            param="prompt")
         suffix = body.get("suffix") or ""
-        if body.get("raw") and (system or body.get("template") or body.get("context")):
+        raw = _field(body, "raw", bool, False)  # ("yes" was taken as true)
+        if raw and (system or body.get("template") or body.get("context")):
             raise APIError(400, "raw mode does not support template, system, or context",
                            "invalid_value", param="raw")  # (Ollama's words)
-        if not body.get("raw"):
+        if not raw:
             _check_template(body.get("template"), model)
         context = _context(body.get("context"), model) if not suffix else None
-        if body.get("raw") or suffix:
+        if raw or suffix:
             req = parse_completion(dict(flat, prompt=prompt, suffix=suffix), defaults)
             req.max_tokens = flat.get("max_tokens")  # (not OpenAI's 16: until the end)
         else:  # (with a context, as Ollama: its ids, then this turn through the template)

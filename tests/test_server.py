@@ -296,6 +296,41 @@ def test_bad_json_big_body_routes_and_context(server, model):
     conn.close()
 
 
+# Ollama's routes map `options` onto the OpenAI fields: a bad one was reported by the
+# OpenAI name ('max_tokens' for num_predict), which the client never sent
+OLLAMA_BODIES = [("/api/generate", {"prompt": "hi", "stream": False}),
+                 ("/api/generate", {"prompt": "hi", "raw": True, "stream": False}),
+                 ("/api/chat", {"messages": HI, "stream": False})]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("num_predict", -5), ("num_predict", "5"), ("num_predict", True), ("num_predict", 2.5),
+    ("temperature", "hot"), ("temperature", 3), ("top_p", 1.5), ("top_k", -3),
+    ("top_k", 2.5), ("min_p", 2), ("seed", "x"), ("stop", 5), ("stop", [1]),
+    ("repeat_penalty", "x"), ("repeat_last_n", -5), ("presence_penalty", 3),
+    ("frequency_penalty", "x"),
+])
+def test_ollama_errors_name_the_option_sent(server, option, value):
+    for path, body in OLLAMA_BODIES:
+        status, got = call(server, path, dict(body, options={"temperature": 0, option: value}))
+        assert status == 400 and set(got) == {"error"}, (path, got)
+        assert got["error"].startswith(f"'options.{option}' must be"), (path, got)
+        assert "max_tokens" not in got["error"], (path, got)
+
+
+def test_ollama_boolean_fields_are_type_checked(server):
+    """`raw: "yes"` was taken as true where `stream: "yes"` is a 400: both are now."""
+    base = {"prompt": "hi", "options": {"num_predict": 1}}
+    for field in ("raw", "stream"):
+        for value in ("yes", 1, [True]):
+            status, got = call(server, "/api/generate", dict(base, **{field: value}))
+            assert status == 400 and got["error"].startswith(f"'{field}' must be a boolean"), \
+                (field, value, got)
+    # null is the default (false), as for stream
+    status, got = call(server, "/api/generate", dict(base, raw=None, stream=False))
+    assert status == 200 and got["done"] is True, got
+
+
 # -- concurrency and disconnects --------------------------------------------------------------
 def test_concurrent_clients(server, model):
     prompts = [f"prompt number {i}" for i in range(4)]
@@ -314,6 +349,27 @@ def test_concurrent_clients(server, model):
     for t in threads:
         t.join(timeout=120)
     assert [got.get(i) for i in range(4)] == want
+
+
+def test_a_burst_of_connections_waits_in_the_listen_backlog(model):
+    """A burst's connections wait in the kernel's listen backlog for the server to accept
+    them: with socketserver's backlog of 5 the kernel dropped the rest (a burst of
+    clients got TCP resets, not the queue's 503). The server is not serving yet, so
+    nothing accepts and every connect must complete through the kernel's handshake
+    alone; one the kernel dropped would time out."""
+    srv = make_server(model, "127.0.0.1", 0)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            socks.append(socket.create_connection(srv.server_address[:2], timeout=0.5))
+    finally:
+        for s in socks:
+            s.close()
+        srv.server_close()
+    # the backlog grows with the line the server keeps (its 503 comes past that)
+    big = make_server(model, "127.0.0.1", 0, max_queue=500)
+    big.server_close()
+    assert big.request_queue_size > 500
 
 
 def test_client_disconnect_cancels_generation(server, model):
