@@ -130,7 +130,7 @@ def test_policies_table_side_by_side(tiny_gguf, capsys):
         else:
             assert r["horizon_mean"] > 0
     table = _run(capsys, path, "--policies", "ondemand,next-layer", "--cache", "30%",
-                 "--link", "500MB/s", "-p", 8, "-n", 6)
+                 "--link", "500MB/s", "-p", 8, "-n", 6, "-r", 1)
     assert "| 30% | 500MB/s | next-layer |" in table and "stall % of ondemand" in table
     assert "helper thread" not in table
 
@@ -144,7 +144,7 @@ def test_policies_table_says_where_the_predictor_ran(tiny_gguf, capsys, monkeypa
         pytest.skip("no predictor thread on this platform")
     path = tiny_gguf("qwen3moe", "Q4_K_M")
     args = ("--policies", "ondemand,expertflow", "--cache", "30%", "--link", "500MB/s",
-            "-p", 8, "-n", 6)
+            "-p", 8, "-n", 6, "-r", 1)
     for env, want in (("1", True), ("0", False)):
         monkeypatch.setenv("EFEDGE_PREDICTOR_THREAD", env)
         rows = json.loads(_run(capsys, path, *args, "--json"))["rows"]
@@ -314,7 +314,7 @@ def test_device_rows_report_the_backend_and_device_memory(tiny_gguf, capsys, mon
     heads = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert heads[-1] == "VRAM" and "| CUDA " in table
     doc = json.loads(_run(capsys, path, "--policies", "ondemand,expertflow", "--cache", "50%",
-                          "--link", "500MB/s", "-p", 8, "-n", 6, "--device", "cuda",
+                          "--link", "500MB/s", "-p", 8, "-n", 6, "-r", 1, "--device", "cuda",
                           "--json"))
     assert [r["policy"] for r in doc["rows"]] == ["ondemand", "expertflow"]
 

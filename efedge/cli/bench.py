@@ -87,10 +87,9 @@ def add_parser(sub) -> None:
                    help="prompt lengths (default 512, with --policies 32; 0 skips the pp "
                         "test)")
     p.add_argument("-n", "--n-gen", type=_ints, default=None,
-                   help="tokens to generate (default 128, with --policies 64; 0 skips the "
-                        "tg test)")
+                   help="tokens to generate (default 128; 0 skips the tg test)")
     p.add_argument("-r", "--repetitions", type=int, default=None,
-                   help="repetitions (default 5; with --policies 1)")
+                   help="repetitions (default 5; with --policies 3)")
     p.add_argument("-t", "--threads", type=_positive_ints, default=None,
                    help="compute threads (default: every core; one fewer where expertflow "
                    "streams experts, leaving its predictor's helper a core)")
@@ -103,7 +102,7 @@ def add_parser(sub) -> None:
                         "expertflow): one live run each on the same held-out text, budget "
                         "(--cache, default 50%%) and emulated link (--link; 'auto' = one "
                         "expert loads in one layer's compute); -p prompt tokens (default 32), "
-                        "-n decoded tokens (default 64), -r runs (median)")
+                        "-n decoded tokens (default 128), -r runs (default 3, median)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), or cuda / cuda:N: non-expert weights and the expert "
                         "cache in VRAM (the table adds the device memory used)")
@@ -433,7 +432,7 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
         make_policy(name)  # an unknown name fails here, before any run
     # unless given, a shorter held-out passage than llama-bench's 512 / 128
     n_prompt = (args.n_prompt or [32])[0]
-    n_gen = (args.n_gen or [64])[0]
+    n_gen = (args.n_gen or [128])[0]
     if n_prompt < 1 or n_gen < 1:
         raise EfedgeError("--policies needs -p ≥ 1 prompt token and -n ≥ 1 decoded token")
     caches = [c for c in args.cache if c] or ["50%"]
@@ -441,7 +440,10 @@ def _compare_policies(path: Path, args: argparse.Namespace) -> int:
     # one count for every row and for the auto link's resident runs: -t, else what
     # expertflow takes by default while experts stream (one core fewer than the machine's)
     threads = comparison_threads(policies, (args.threads or [None])[0], device)
-    runs = args.repetitions or 1
+    # the median of three runs of 128 tokens (~8 s for two policies on the demo model): one
+    # run of 64 read expertflow's stall at 30-110% of on-demand's on the same machine and
+    # link, the predictor's first tokens and the machine's noise in every figure
+    runs = args.repetitions or 3
     with efedge.load(path, threads=threads) as m:
         if not m.config.is_moe:
             raise EfedgeError(f"{path.name} has no routed experts: nothing to compare")
