@@ -152,6 +152,8 @@ class Policy:
         self.tick0 = self.source.cache.tick
         n = route_prologue(self.needed, np.asarray(ids), self._due, self._step, layer,
                            self._stale)
+        if n < 0:  # (sized at attach for every layer's experts: never)
+            raise RuntimeError(f"route_prologue's scratch of {self._stale.size} is too short")
         return self._stale[:n]
 
     def _record_horizon(self, h: float) -> None:
