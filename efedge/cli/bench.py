@@ -99,7 +99,7 @@ def add_parser(sub) -> None:
     p.add_argument("--link", type=_strs, default=[None], help="emulated links, e.g. 8GB/s")
     p.add_argument("--policies", type=_strs, default=None, metavar="P1,P2,…",
                    help="compare cache policies instead (e.g. ondemand,next-layer,fixed:2,"
-                        "expertflow): one live run each on the same held-out text, budget "
+                        "expertflow): live runs of each on the same held-out text, budget "
                         "(--cache, default 50%%) and emulated link (--link; 'auto' = one "
                         "expert loads in one layer's compute); -p prompt tokens (default 32), "
                         "-n decoded tokens (default 128), -r runs (default 3, median)")
