@@ -130,10 +130,13 @@ def _routing_slack(routing: str, slack, cache, cuda: bool) -> float:
     if cuda:
         raise UnsupportedModelError("routing='cache-aware' is implemented for device='cpu' "
                                     "only")
-    if cache is None:
-        log.warning("routing='cache-aware' has no effect without an expert cache (cache=...): "
-                    "every expert is resident")
+    if cache is None:  # (cache="auto" is checked once it is decided: Model.__init__)
+        log.warning(_ROUTING_WITHOUT_CACHE)
     return float(slack)
+
+
+_ROUTING_WITHOUT_CACHE = ("routing='cache-aware' has no effect without an expert cache "
+                          "(cache=...): every expert is resident")
 
 
 class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
@@ -237,6 +240,8 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
                 kv = new_kv_cache(self.config, ctx)  # (auto counts it)
                 if cache == "auto":  # decided before the weights are held or read
                     cache = self._auto_cache(kv.nbytes, link)
+                    if cache is None and slack > 0:  # (the CLI's default budget)
+                        log.warning(_ROUTING_WITHOUT_CACHE)
                 if held.wanted(use_mmap):  # weights in memory stream faster (efedge.held);
                     # with an expert cache the experts stay in the file, read into its slots
                     held.hold(self._gf, None if cache is None else _not_expert)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,6 +485,12 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
         else:
             from gguf_tools.quantize import quantize
 
+            a = ARCHS[arch]
+            if a.get("plan") == "deepseek2" and not a["q_lora"] and \
+                    cfg["n_layer"] not in (26, 27):  # (it asks for q_lora_rank otherwise)
+                raise ValueError(f"llama.cpp's quantizer reads {arch} (no q lora) only at 26 "
+                                 f"or 27 layers, as DeepSeek-V2-Lite's: write it as F32 or "
+                                 f"F16, or with --layers 27")
             src_type = "F32" if _float_nbytes(cfg, 4) <= _F32_SOURCE_MAX else "F16"
             _write_float(src, cfg, src_type, seed, name)
             quantize(src, tmp, quant, nthread=nthread)
@@ -533,7 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(ap.parse_args(argv))
     keys = ("arch", "quant", "out", "preset", "seed", "threads")
     arch, quant, out, preset, seed, threads = (args.pop(k) for k in keys)
-    path = write_tiny(out, arch, quant, preset=preset, seed=seed, nthread=threads, **args)
+    try:
+        path = write_tiny(out, arch, quant, preset=preset, seed=seed, nthread=threads, **args)
+    except (ValueError, RuntimeError, OSError) as exc:  # (a bad type, the quantizer's refusal)
+        print(f"make_tiny: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -322,6 +322,20 @@ def test_cli(tmp_path, capsys):
     assert kv["llama.expert_count"] == 4 and kv["llama.block_count"] == 1
 
 
+def test_cli_refuses_what_the_quantizer_cannot_write_in_one_line(tmp_path, capsys):
+    """deepseek2-lite (no q lora) through llama.cpp's quantizer at a layer count it does
+    not take as V2-Lite (26 or 27): a one-line error before anything is written (it was
+    the quantizer's RuntimeError traceback, found by an audit); an unknown type too."""
+    out = tmp_path / "lite.gguf"
+    assert make_tiny.main(["--arch", "deepseek2-lite", "--quant", "Q4_K_M", "--out",
+                           str(out), "--layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "make_tiny: error:" in err and "26 or 27 layers" in err and "Traceback" not in err
+    assert make_tiny.main(["--arch", "mixtral", "--quant", "Q9_Z", "--out", str(out)]) == 2
+    assert "make_tiny: error:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- llama.cpp ---------------------------------------------------------------------------
 
 

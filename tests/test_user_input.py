@@ -315,6 +315,9 @@ BAD_CLI = [  # (arguments after the model, what stderr must name)
      r"the system prompt is not UTF-8 text \(byte 0xff at offset 0\)"),
     (["-p", "x", "--stop", "a\udcff"], r"--stop string is not UTF-8 text \(byte 0xff"),
     (["-p", "x", "--cache", "50%", "--policy", "fixed:33"], r"H from 1 to 32"),
+    # a typo of fixed:H ran as plain fixed (H = 2)
+    (["-p", "x", "--cache", "50%", "--policy", "fixed32"], r"unknown cache policy 'fixed32'"),
+    (["-p", "x", "--cache", "50%", "--policy", "fixedfoo"], r"unknown cache policy 'fixedfoo'"),
 ]
 
 
@@ -450,7 +453,11 @@ def test_a_context_past_training_and_routing_without_a_cache_are_warned(path, ca
         efedge.load(path).close()
         assert caplog.text.count("larger than the 512 tokens") == 1
         efedge.load(path, routing="cache-aware").close()
-    assert "no effect without an expert cache" in caplog.text
+        assert caplog.text.count("no effect without an expert cache") == 1
+        # the CLI's default budget, "auto", that decides every expert is resident (the
+        # demo model fits): warned once decided (it was not, found by an audit)
+        efedge.load(path, routing="cache-aware", cache="auto").close()
+    assert caplog.text.count("no effect without an expert cache") == 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a closed descriptor through sh")

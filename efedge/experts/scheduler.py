@@ -357,9 +357,13 @@ def policy_class(name: str) -> tuple[type[Policy], int | None]:
                           f"{', '.join(sorted(VARIANTS))})")
     if not fixed:
         return cls, None
+    if key != "fixed" and not key.startswith("fixed:"):  # fixedfoo, fixed32: a typo, run
+        # as plain fixed (H = 2) until found by an audit
+        raise ArgumentError(f"unknown cache policy {name!r}: use fixed:H with a look-ahead "
+                            f"H from 1 to {MAX_HORIZON} layers")
     _, _, h = key.partition(":")
     try:
-        horizon = int(h) if h else 2
+        horizon = int(h) if key != "fixed" else 2  # (plain fixed: H = 2)
     except ValueError:
         horizon = 0
     if not 1 <= horizon <= MAX_HORIZON:
