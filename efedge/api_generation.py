@@ -87,9 +87,11 @@ class GenerationMixin:
         sampler = Sampler(self._params(sampling))
         logprobs = check_top(logprobs)
         constraint = constraint_for(format, self.tokenizer)
-        stops = [stop] if isinstance(stop, str) else \
-            list(stop) if isinstance(stop, list | tuple) else [] if stop is None else None
-        if stops is None or not all(isinstance(s_, str) for s_ in stops):
+        if stop is None or isinstance(stop, str):
+            stops = [] if stop is None else [stop]
+        elif isinstance(stop, list | tuple) and all(isinstance(s_, str) for s_ in stop):
+            stops = list(stop)
+        else:
             raise ArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
         self._check_open()
         if result is None:

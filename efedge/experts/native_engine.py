@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from efedge.experts import aio_read
 from efedge.experts import native_workers as nw
 from efedge.experts.cache import LOADING, READY
 from efedge.experts.transfer import DEMAND, FILE_WORKERS, LINK_WORKERS, Job, TransferEngine
@@ -76,11 +75,10 @@ class NativeTransferEngine(TransferEngine):
         self._layer_fds = self._descriptors(store, cache)
         # at most one job per slot is ever outstanding, plus rows finished but not reaped;
         # reading the drive, an expert's three parts go in flight at once where its parts
-        # are small (aio: aio_read.pays)
+        # are small (aio: FileReads._aio_pays, from aio_read.pays)
         self.pool = nw.NativeWorkers(self.n_workers, cache.n_slots + 2 * self.n_workers + 8,
                                      cache.slot_land_at, self._bounce_size,
-                                     aio=link is None and aio_read.pays(
-                                         int(store.nbytes.max(initial=0))))
+                                     aio=link is None and self._aio_pays)
         self._row_job: dict[int, Job] = {}
         self._reaped = -1  # the workers' count of finished rows at the last reap
 
