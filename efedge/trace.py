@@ -34,7 +34,7 @@ import numpy as np
 
 from efedge import layers
 from efedge.errors import ArgumentError, EfedgeError, UnsupportedModelError
-from efedge.experts.options import number
+from efedge.experts.options import expert_ids_problem, number
 from efedge.experts.selection import RouterSelection
 
 PREGATE_HORIZON = 4
@@ -217,20 +217,6 @@ def load_trace(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         raise TraceError(f"{path}: the trace's metadata lacks {', '.join(missing)}")
     _check_trace(path, arrays, meta)
     return arrays, meta
-
-
-def expert_ids_problem(experts, n_expert: int) -> str | None:
-    """Why `experts` is not an array of expert ids in 0..n_expert-1, or None. Numpy
-    indexing wraps a negative id round to a real expert, and one too large fails deep
-    in the cache; a float array truncates. (The check --policy-trace's reader makes —
-    policies.read_seed_trace, HybridPredictor.seed — in words that name the range.)"""
-    ex = np.asarray(experts)
-    if ex.dtype.kind not in "iu":
-        return f"expert ids must be integers, got dtype {ex.dtype}"
-    if ex.size and (ex.min() < 0 or ex.max() >= n_expert):
-        return (f"expert ids must lie in 0..{n_expert - 1} (n_expert {n_expert}), got "
-                f"ids from {ex.min()} to {ex.max()}")
-    return None
 
 
 def _check_trace(path, arrays: dict, meta: dict) -> None:

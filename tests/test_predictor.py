@@ -168,8 +168,12 @@ def test_seed_validation_and_npz(tmp_path):
     pred = HybridPredictor(L, E, K, max_distance=2)
     with pytest.raises(ValueError):
         pred.seed(np.zeros((5, L + 1, K), dtype=np.int64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"0\.\.{E - 1} .*from {E} to {E}"):
         pred.seed(np.full((5, L, K), E, dtype=np.int64))
+    with pytest.raises(ValueError, match="from -1 to 0"):  # numpy would wrap -1 round
+        pred.seed(-np.eye(5, L * K, dtype=np.int64).reshape(5, L, K))
+    with pytest.raises(ValueError, match="integers, got dtype float64"):  # not truncated
+        pred.seed(np.full((5, L, K), 1.5))
     ex = np.random.default_rng(1).integers(0, E, (20, L, K))
     np.savez(tmp_path / "t.npz", experts=ex.astype(np.int16))
     pred.seed(tmp_path / "t.npz")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from efedge.errors import ArgumentError
 
 # The furthest look-ahead a policy takes, in layers (fixed:H, ExpertFlow's max_horizon,
@@ -46,3 +48,17 @@ def number(name: str, value, lo: float | None = None, hi: float | None = None, *
 def probability(name: str, value, *, lo_open: bool = False):
     """A probability in [0, 1] ((0, 1] with lo_open)."""
     return number(name, value, 0.0, 1.0, lo_open=lo_open)
+
+
+def expert_ids_problem(experts, n_expert: int) -> str | None:
+    """Why `experts` is not an array of expert ids in 0..n_expert-1, or None. Numpy
+    indexing wraps a negative id round to a real expert, and one too large fails deep
+    in the cache; a float array truncates. (A trace's reader checks its ids so —
+    trace.load_trace for the simulator, HybridPredictor.seed for --policy-trace.)"""
+    ex = np.asarray(experts)
+    if ex.dtype.kind not in "iu":
+        return f"expert ids must be integers, got dtype {ex.dtype}"
+    if ex.size and (ex.min() < 0 or ex.max() >= n_expert):
+        return (f"expert ids must lie in 0..{n_expert - 1} (n_expert {n_expert}), got "
+                f"ids from {ex.min()} to {ex.max()}")
+    return None

@@ -48,7 +48,7 @@ import numpy as np
 
 from efedge.errors import ArgumentError
 from efedge.experts.horizon import select_prefetch
-from efedge.experts.options import MAX_HORIZON, number
+from efedge.experts.options import MAX_HORIZON, expert_ids_problem, number
 from efedge.experts.predictor_kernels import (  # noqa: F401  (the sources' indices)
     _P_DRAFTP,
     _P_INC,
@@ -468,12 +468,14 @@ class HybridPredictor:
     def seed(self, experts, weight: float = 1.0) -> None:
         """Transition counts from a routing trace: an array [n_tokens, n_layer, K] of
         expert ids, or a path to a .npz holding one under "experts"."""
-        ex = np.ascontiguousarray(trace_experts(experts), dtype=np.int32)
+        ex = np.asarray(trace_experts(experts))
         if ex.ndim != 3 or ex.shape[1] != self.n_layer or ex.size == 0:
             raise ValueError(f"a trace must be [n_tokens, {self.n_layer}, K], got "
                              f"{list(ex.shape)}")
-        if ex.min() < 0 or ex.max() >= self.n_expert:
-            raise ValueError("trace expert ids are outside 0..n_expert-1")
+        problem = expert_ids_problem(ex, self.n_expert)  # (before the cast truncates floats)
+        if problem:
+            raise ValueError(problem)
+        ex = np.ascontiguousarray(ex, dtype=np.int32)
         self._join()
         _seed_kernel(self.trans, self.rowsum, ex, float(weight) * self.params[_P_INC])
         if self.params[_P_INC] > 1e20:
