@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from efedge.errors import ModelFormatError, UnsupportedModelError
+from efedge.errors import ArgumentError, ModelFormatError, UnsupportedModelError
 from efedge.gguf_file import GGUFFile
 from efedge.tokenizer import Tokenizer
 from gguf_tools.vocab import BPE_CONTROL, add_vocab, bpe_vocab, spm_vocab, training_text
@@ -180,6 +180,30 @@ def test_pre_tokenizer_splits_match_llama_cpp(pair_files, pre):
             ascii(text)
 
 
+# Code points assigned in Unicode 16 / 17 (a letter, an emoji, a digit, a mark, a Cyrillic
+# letter, a symbol): the `regex` module knows them, llama.cpp's Unicode 15.1 table does not.
+NEW_UNICODE = ["\U00013460", "\U0001FAE9", "\U00010D40", "\U0001E5EE", "\u1C89", "\u2427",
+               "\U00013460\U00013461", "\uA7CB"]
+
+
+@pytest.mark.parametrize("pre", PRE_FAMILIES)
+def test_characters_newer_than_llama_cpps_unicode_split_as_unassigned(tmp_path, pre):
+    """llama.cpp's pre-tokenizers give a character its table has no category for none,
+    however new the `regex` module is: "a\U00013460" is two words to it, not one."""
+    import random
+
+    pool = SPLIT_POOL + NEW_UNICODE
+    v = pair_vocab("".join(pool))
+    path = write_vocab_model(tmp_path / f"{pre}.gguf", "bpe", pre, add_bos=False, bpe=v)
+    tok, llm = _tok(path), _llama(path)
+    rng = random.Random(pre + "new")
+    texts = ["a\U00013460b", "x\U0001FAE9!", "1\U00010D40 2", "\u1C89Ж", "日\U00013460本"]
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randrange(1, 16))) for _ in range(150)]
+    for text in texts:
+        assert tok.encode(text, False, False) == llm.tokenize(text.encode(), False, False), \
+            ascii(text)
+
+
 @pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder"])
 def test_deepseek_ranges_leave_out_unicode_whitespace(pair_files, pre):
     """llama.cpp matches DeepSeek's explicit ranges (fullwidth punctuation from U+3000,
@@ -287,6 +311,35 @@ def test_spm_leading_space_matches_llama_cpp(files, name):
         assert tok.decode(ids, skip_special=True) == ref
     assert tok.decode([bos, *hello]) == "<s> hello"
     assert tok.decode([bos, *hello], skip_special=True) == tok.decode(hello) == "hello"
+
+
+@pytest.mark.parametrize("name", ["spm", "spm-nobos"])
+def test_spm_hidden_tokens_after_a_hidden_bos_keep_the_space_to_strip(files, name):
+    """After a leading BOS that is not shown, the space goes from the first text, also
+    where other hidden tokens (EOS, UNK) come between (llama-cpp-python's detokenize);
+    a space token there is the one stripped, not the text after it too."""
+    tok, llm = _tok(files[name]), _llama(files[name])
+    hello = tok.encode("hello", add_special=False)
+    bos, eos, unk = tok.bos_id, tok.eos_id, tok.unk_id
+    space = tok.token_to_id["<0x20>"]
+    for ids in ([bos, eos, *hello], [bos, unk, eos, *hello], [bos, eos, space, *hello],
+                [bos, space, *hello], [bos, eos, bos, *hello]):
+        assert tok.decode(ids, skip_special=True) == llm.detokenize(ids).decode(), ids
+    assert tok.decode([bos, eos, *hello], skip_special=True) == "hello"
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_token_offsets_give_one_offset_per_token(files, name):
+    """token_offsets: one offset per id, a hidden BOS included (the server's echoed prompt
+    logprobs pair them with the ids: one short failed with a zip() error)."""
+    tok = _tok(files[name])
+    for text in ("hello world", MIXED):
+        ids = tok.encode(text)
+        for skip in (True, False):
+            offsets = tok.token_offsets(ids, skip)
+            assert len(offsets) == len(ids), (skip, ids[:3])
+            decoded = tok.decode(ids, skip)
+            assert offsets == sorted(offsets) and offsets[-1] <= len(decoded)
 
 
 def test_spm_bos_without_token_types_is_text():
@@ -417,7 +470,8 @@ def test_bad_metadata_is_refused_with_the_key(over, err, key):
 def test_lone_surrogate_is_named(files, name):
     """str can hold a lone surrogate (json.loads('"\\ud800"') makes one); UTF-8 cannot."""
     tok = _tok(files[name])
-    with pytest.raises(ValueError, match=r"lone surrogate '\\udc00' at index 7"):
+    # an ArgumentError: an EfedgeError (what the CLI and apps catch) and a ValueError
+    with pytest.raises(ArgumentError, match=r"lone surrogate '\\udc00' at index 7"):
         tok.encode("hello, \udc00 world")
 
 
