@@ -30,21 +30,24 @@ class ChatMixin:
         from efedge.chat_template import ChatTemplate, get_template
 
         tok = self.tokenizer
+        # every template writes the model's own BOS / EOS text: the tokenizer's ids, the
+        # vocab's defaults where the file names none (SentencePiece: 1 and 2), as llama.cpp
+        # renders them — the ids in the file alone left a Llama-2 template's later turns
+        # without their BOS in a file that relies on the defaults
+        texts = {"bos_token": self._token_text(tok.bos_id),
+                 "eos_token": self._token_text(tok.eos_id)}
         with self._lock:
             if self._template is None:
                 if self._chat_template_name is not None:
-                    # a built-in or given template writes the model's own BOS / EOS text
-                    self._template = get_template(self._chat_template_name,
-                                                  bos_token=self._token_text(tok.bos_id),
-                                                  eos_token=self._token_text(tok.eos_id))
+                    self._template = get_template(self._chat_template_name, **texts)
                 else:
-                    self._template = (ChatTemplate.from_metadata(self._gf.metadata)
+                    self._template = (ChatTemplate.from_metadata(self._gf.metadata, **texts)
                                       or get_template("chatml"))
             if not tools or self._chat_template_name is not None:
                 return self._template
             if self._tool_template is None:
                 self._tool_template = ChatTemplate.from_metadata(
-                    self._gf.metadata, name="tool_use") or self._template
+                    self._gf.metadata, name="tool_use", **texts) or self._template
             return self._tool_template
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -51,6 +51,7 @@ _MAX_CALLS = 200_000  # calls (macros, methods, functions) one render may make
 # a width or precision of 10^7 or more: in a %-format, in a str.format field
 _PCT_WIDE = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(?:\d{8,}|\d*\.\d{8,})")
 _FMT_WIDE = re.compile(r"\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _budget = threading.local()  # range items and calls left to the render on this thread
 
 
@@ -312,6 +313,8 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(role, str) or not role:
             raise TemplateError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
         content = m.get("content")
+        if isinstance(content, str):
+            _check_text(content, f"messages[{i}]['content']")
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list | tuple):
@@ -324,6 +327,17 @@ def _check_messages(messages: Any) -> None:
                 raise TemplateError(
                     f"messages[{i}]['content'][{j}] must be {{'type': 'text', 'text': str}} "
                     f"(only text is supported), got {part!r}")
+            _check_text(part["text"], f"messages[{i}]['content'][{j}]['text']")
+
+
+def _check_text(text: str, where: str) -> None:
+    """A lone surrogate (JSON's "\\ud800" makes one) has no UTF-8: name the message now
+    rather than an offset into the rendered prompt when it is tokenized."""
+    if not text.isascii():
+        bad = _SURROGATE.search(text)
+        if bad:
+            raise TemplateError(f"{where} has a lone surrogate {bad.group()!r} at index "
+                                f"{bad.start()} (not valid Unicode)")
 
 
 def _flatten_content(message: Mapping) -> dict:
@@ -394,12 +408,15 @@ class ChatTemplate:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any],
                       tokenizer_pieces: Callable[[int], str] | None = None,
-                      *, name: str | None = None) -> ChatTemplate | None:
+                      *, name: str | None = None, bos_token: str | None = None,
+                      eos_token: str | None = None) -> ChatTemplate | None:
         """The template stored in GGUF metadata, or None when the file has none.
 
         Reads `tokenizer.chat_template` (or `tokenizer.chat_template.{name}`, e.g.
-        name="tool_use"). The bos/eos texts are `tokenizer.ggml.tokens[id]` for
-        `tokenizer.ggml.bos_token_id` / `eos_token_id`, else `tokenizer_pieces(id)`.
+        name="tool_use"). The bos/eos texts are `bos_token` / `eos_token` where given
+        (the model's tokenizer's: its ids with the vocab's defaults, as llama.cpp renders
+        them), else `tokenizer.ggml.tokens[id]` for `tokenizer.ggml.bos_token_id` /
+        `eos_token_id`, else `tokenizer_pieces(id)`.
         """
         key = "tokenizer.chat_template" + (f".{name}" if name else "")
         source = meta.get(key)
@@ -425,8 +442,11 @@ class ChatTemplate:
                     return ""
             return ""
 
-        return cls(source, bos_token=piece("tokenizer.ggml.bos_token_id"),
-                   eos_token=piece("tokenizer.ggml.eos_token_id"), name=name or "gguf")
+        if bos_token is None:
+            bos_token = piece("tokenizer.ggml.bos_token_id")
+        if eos_token is None:
+            eos_token = piece("tokenizer.ggml.eos_token_id")
+        return cls(source, bos_token=bos_token, eos_token=eos_token, name=name or "gguf")
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None, **kwargs: Any) -> str:

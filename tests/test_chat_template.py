@@ -298,6 +298,20 @@ def test_bad_messages_raise(messages):
         get_template("chatml").render(messages)
 
 
+@pytest.mark.parametrize("messages, where", [
+    ([{"role": "user", "content": "ok"}, {"role": "user", "content": "ab\ud83d"}],
+     r"messages\[1\]\['content'\] has a lone surrogate '\\ud83d' at index 2"),
+    ([{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}],
+     r"messages\[0\]\['content'\]\[0\]\['text'\] has a lone surrogate"),
+])
+def test_a_lone_surrogate_in_a_message_is_named(messages, where):
+    """JSON's "\\ud83d" decodes to half a surrogate pair, which UTF-8 cannot hold: the
+    message is named (not an offset into the rendered prompt at tokenizing)."""
+    with pytest.raises(TemplateError, match=where):
+        get_template("chatml").render(messages)
+    assert get_template("chatml").render([{"role": "user", "content": "\U0001F600"}])
+
+
 def test_text_parts_and_none_reach_templates_that_take_only_strings():
     """OpenAI clients send content as a list of text parts; a model template that only
     takes strings gets them joined by newlines (None as ""), as llama.cpp passes them;
@@ -346,3 +360,25 @@ def test_a_chat_prompt_keeps_the_templates_bos_where_the_vocab_adds_none(tiny_gg
         assert not tok.add_bos and tok.bos_id is not None
         ids = m.chat_prompt([{"role": "user", "content": "hello"}])
         assert ids[0] == tok.bos_id and tok.bos_id not in ids[1:]
+
+
+def test_a_files_template_gets_the_vocabs_default_bos_and_eos(tiny_gguf, tmp_path):
+    """A SentencePiece file that names no BOS / EOS id relies on the vocab's defaults (1 and
+    2), as llama.cpp reads it. Its Llama-2-style template writes bos_token first and
+    eos_token after every reply: they rendered as "" (the template took the texts from the
+    ids in the file only), so the reply lost its EOS."""
+    import efedge
+    from tests.test_gguf_file import _rewrite
+
+    src = tiny_gguf("qwen3moe", "F32", vocab_kind="spm")
+    bare = _rewrite(src, tmp_path / "no-bos.gguf", drop_key="tokenizer.ggml.bos_token_id")
+    bare = _rewrite(bare, tmp_path / "no-ids.gguf", drop_key="tokenizer.ggml.eos_token_id")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "more"}]
+    with efedge.load(src) as m:
+        want = m.chat_prompt(chat)
+        bos, eos = m.tokenizer.bos_id, m.tokenizer.eos_id
+    assert want.count(bos) == 1 and want.count(eos) == 1, want
+    with efedge.load(bare) as m:
+        assert (m.tokenizer.bos_id, m.tokenizer.eos_id) == (bos, eos)  # the defaults
+        assert m.chat_prompt(chat) == want
