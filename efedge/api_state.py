@@ -55,10 +55,14 @@ class StateMixin:
             self._check_open()
             self._wait_idle("save_state")
             s = self._session
-            n = len(s.tokens) if n_tokens is None else int(n_tokens)
-            if not 0 <= n <= len(s.tokens):
-                raise ArgumentError(f"n_tokens must be in 0..{len(s.tokens)} (the tokens "
-                                    f"evaluated), got {n_tokens!r}")
+            # (an integer, not what int() makes of one: "3", 2.5, True or "all" saved
+            # some other count, or raised int()'s bare ValueError)
+            n = len(s.tokens) if n_tokens is None else n_tokens
+            if isinstance(n, bool) or not isinstance(n, int | np.integer) or \
+                    not 0 <= n <= len(s.tokens):
+                raise ArgumentError(f"n_tokens must be an integer in 0..{len(s.tokens)} (the "
+                                    f"tokens evaluated), got {n_tokens!r}")
+            n = int(n)
             k, v = _host(s.kv.k[:, :n]), _host(s.kv.v[:, :n])
             meta = {"format": FORMAT, "version": VERSION, "model": self._identity(),
                     "arch": self.config.arch, "k_shape": list(k.shape),

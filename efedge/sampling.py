@@ -268,8 +268,11 @@ class Sampler:
             cut = int(np.searchsorted(cum, p.top_p * z, side="left")) + 1
             cand, vals = cand[:cut], vals[:cut]
 
-        # temperature last, as llama.cpp does; then renormalise over the survivors
-        probs = np.exp(vals / p.temperature)
+        # temperature last, as llama.cpp does; then renormalise over the survivors. (A
+        # temperature near the smallest double takes the others' logits past -1.8e308:
+        # -inf, probability 0, as intended, without numpy's overflow warning)
+        with np.errstate(over="ignore"):
+            probs = np.exp(vals / p.temperature)
         probs /= probs.sum()
         return cand.astype(np.int64), probs
 

@@ -293,6 +293,29 @@ class CallStream:
 
 
 # -- forcing a call --------------------------------------------------------------------------
+def _objects_only(g, rule: int, made: dict[int, int]) -> int:
+    """A rule reading what `rule` (a JSON value's) reads that starts with "{": its objects.
+    A JSON value never reads nothing, so each alternative starts with a byte set or a
+    rule, and the choice is made there; an alternative that cannot start so is dropped
+    (no alternative left: no object)."""
+    if rule in made:  # (only a rule that reaches itself first: left recursion)
+        return made[rule]
+    r = made[rule] = g.rule()
+    brace = g.byteset(b"{")
+    for alt in list(g.rules[rule]):
+        if not alt:
+            continue
+        first = alt[0]
+        if isinstance(first, bytes):
+            if first[ord("{")]:
+                g.add(r, [brace, *alt[1:]])
+        else:
+            sub = _objects_only(g, first, made)
+            if g.rules[sub]:
+                g.add(r, [sub, *alt[1:]])
+    return r
+
+
 def forced_call_grammar(tools: list[dict], names: list[str]):
     """The grammar (efedge.grammar.Compiled) of exactly one call of one of `names`:
     `<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>`, ARGS an instance of
@@ -318,6 +341,13 @@ def forced_call_grammar(tools: list[dict], names: list[str]):
                                                  f"tool {name!r}: parameters", 1)) from None
         except RecursionError:
             raise ArgumentError(f"tool {name!r}: parameters nest too deeply") from None
+        # a call's arguments are an object: a schema that also takes other values ({},
+        # a type list, an anyOf) gives only its objects, or a forced call whose arguments
+        # were a number would be no call at all (the parser leaves it in the content)
+        args = _objects_only(g, args, {})
+        if not g.rules[args]:
+            raise ArgumentError(f"tool {name!r}: parameters take no object, and a call's "
+                                "arguments are one")
         head = g.literal(b'{"name": ' + _literal(name) + b', "arguments": ')
         alts.append([*head, args, *g.literal(b"}")])
     root = g.rule([*g.literal(f"{OPEN}\n".encode()), g.rule(*alts),

@@ -190,6 +190,17 @@ def test_extreme_penalties_saturate_without_warnings():
         assert pen[3] == np.inf and np.isfinite(pen[0]) and s(y, [0, 3]) == 3
 
 
+def test_tiny_temperature_is_greedy_without_warnings():
+    """A temperature so small that the logits over it overflow: the best token alone, as
+    greedy (numpy warned of the overflow on the way)."""
+    x = np.array([2.0, -2.0, 0.5, 3.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in (1e-300, 5e-324):
+            ids, probs = Sampler(SamplingParams(temperature=t, **PLAIN)).distribution(x)
+            assert probs[0] == 1.0 and ids[0] == 3 and not probs[1:].any()
+
+
 def test_repeat_penalty_changes_greedy_choice():
     x = np.array([2.0, 1.5, 0.0], np.float32)
     assert Sampler(SamplingParams(temperature=0))(x, [0]) == 0

@@ -57,7 +57,7 @@ def test_part_of_a_sequence_and_bad_counts(path, tmp_path):
         m.generate(PROMPT, max_tokens=4, temperature=0)
         assert m.save_state(tmp_path / "p.npz", n_tokens=10) == 10
         assert m.load_state(tmp_path / "p.npz") == PROMPT[:10]
-        for bad in (-1, 10_000):
+        for bad in (-1, 10_000, "3", 2.5, True, "all"):
             with pytest.raises(ArgumentError, match="n_tokens"):
                 m.save_state(tmp_path / "x.npz", n_tokens=bad)
         with pytest.raises(EfedgeError, match="cannot write"):

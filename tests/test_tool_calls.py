@@ -357,6 +357,38 @@ def test_forced_call_refusals(hermes):
         hermes.chat(ASK, tools=TOOLS, tool_choice="required", format="json", max_tokens=2)
 
 
+@pytest.mark.parametrize("params", [
+    {}, {"description": "anything"}, {"type": ["string", "object"]},
+    {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {
+        "a": {"type": "integer"}}, "additionalProperties": False}]}])
+def test_forced_arguments_are_always_an_object(hermes, params):
+    """A parameters schema that also takes other values ({} is common for a tool without
+    arguments) forces an object: a number or a string there was no call at all."""
+    from efedge.grammar import Matcher
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    g = forced_call_grammar(tools, ["f"])
+    for args, ok in [('"hi"', False), ("0", False), ("[]", False), ("{}", True),
+                     ('{"a": 1}', True)]:
+        m = Matcher(g)
+        text = f'<tool_call>\n{{"name": "f", "arguments": {args}}}\n</tool_call>'
+        assert (m.feed(text.encode()) and m.accepting) == ok, (params, args)
+    for kw in (GREEDY, {"temperature": 1.0, "seed": 0, "min_p": 0.0, "top_k": 0}):
+        r = GenerationResult([], "")
+        text = hermes.chat(ASK, tools=tools, tool_choice="required", result=r,
+                           max_tokens=300, **kw)
+        # (sampled, the random model may write one long string till max_tokens)
+        assert r.finish_reason == ("stop" if kw is GREEDY else r.finish_reason), text
+        assert len(r.tool_calls) == (r.finish_reason == "stop"), text
+
+
+def test_forced_call_whose_parameters_take_no_object_is_refused():
+    for params in ({"type": "string"}, {"anyOf": [{"type": "integer"}, {"enum": [1, "a"]}]}):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+        with pytest.raises(ArgumentError, match="'f': parameters take no object"):
+            forced_call_grammar(tools, ["f"])
+
+
 # -- the server -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(hermes):
