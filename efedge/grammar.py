@@ -30,6 +30,19 @@ class GrammarError(ValueError):
     """A grammar the matcher cannot run (left recursion)."""
 
 
+class AmbiguousGrammarError(GrammarError):
+    """More than MAX_STACKS ways to have read the bytes so far (see advance)."""
+
+
+# The most parser stacks a matcher keeps. A grammar whose alternatives can read the same
+# bytes in two ways at every nesting level (a JSON schema's anyOf of two arrays of itself)
+# doubles its stacks at each level: 4.7 million by the nineteenth "[", seconds a byte and
+# growing memory — a generation that never ends. Ordinary ambiguity grows far slower
+# (an array of anything-or-itself: 682 stacks forty levels deep), so past this many the
+# matcher stops with an error instead.
+MAX_STACKS = 8192
+
+
 class Grammar:
     """A grammar under construction: rules are made, then given alternatives."""
 
@@ -147,6 +160,10 @@ def advance(g: Compiled, stacks: list[tuple], data: bytes) -> list[tuple]:
                 base, p = base[:-1], base[-1]
         if not out:
             return []
+        if len(out) > MAX_STACKS:
+            raise AmbiguousGrammarError(
+                f"more than {MAX_STACKS} ways to read the output so far: the grammar's "
+                f"alternatives read the same text in more than one way, nested")
         stacks = list(out)
     return stacks
 

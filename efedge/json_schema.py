@@ -29,7 +29,7 @@ import functools
 import json
 
 from efedge.errors import ArgumentError
-from efedge.grammar import Compiled, GrammarError, Matcher
+from efedge.grammar import AmbiguousGrammarError, Compiled, GrammarError, Matcher
 from efedge.json_grammar import JsonGrammar
 
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$comment", "default",
@@ -58,6 +58,11 @@ def _count(schema: dict, key: str, path: str) -> int | None:
     if v > MAX_COUNT:
         _fail(path, f"{key} above {MAX_COUNT} is not supported, got {v}")
     return v
+
+
+def _canonical(schema) -> str:
+    """One text for equal schemas (keys in any order)."""
+    return json.dumps(schema, sort_keys=True)
 
 
 def _literal(value) -> bytes:
@@ -112,8 +117,13 @@ class _Compiler:
                 subs = s[key]
                 if not isinstance(subs, list) or not subs:
                     _fail(path, f"{key} must be a non-empty array of schemas")
-                return self.g.rule(*([self.schema(sub, f"{path}/{key}/{i}")]
-                                     for i, sub in enumerate(subs)))
+                # a branch equal to an earlier one adds only another way to read the same
+                # text: nested, such twins double the matcher's stacks at every level
+                first: dict[str, int] = {}
+                for i, sub in enumerate(subs):
+                    first.setdefault(_canonical(sub), i)
+                return self.g.rule(*([self.schema(subs[i], f"{path}/{key}/{i}")]
+                                     for i in first.values()))
         types = self.types(s, path)
         if "enum" in s or "const" in s:
             return self.constants(s, types, path)
@@ -317,16 +327,28 @@ class SchemaConstraint:
                 self._first = self.matcher.first_bytes()
             if not data or not (self._first >> data[0]) & 1:
                 return False
-        after = self.matcher.after(data)
+        after = self._after(data)
         if after:
             self._next = (tid, after)  # accept() follows allows() for the drawn token
         return bool(after)
 
+    def _after(self, data: bytes) -> list:
+        try:
+            return self.matcher.after(data)
+        except AmbiguousGrammarError as exc:
+            raise ArgumentError(f"format: the JSON schema is too ambiguous to follow: {exc} "
+                                "(anyOf / oneOf branches that match the same values, "
+                                "recursively): make its branches exclusive") from None
+
     def accept(self, tid: int) -> None:
         if self._next is not None and self._next[0] == tid:
             self.matcher.stacks = self._next[1]
-        elif not self.matcher.feed(self._tok.token_bytes(tid)):
-            raise ValueError(f"token {tid} does not continue the output the schema asks for")
+        else:
+            after = self._after(self._tok.token_bytes(tid))
+            if not after:
+                raise ValueError(f"token {tid} does not continue the output the schema asks "
+                                 "for")
+            self.matcher.stacks = after
         self._next, self._first, self._checks = None, None, 0
 
     @property
