@@ -74,6 +74,24 @@ def test_resident_row_beside_cached_rows_on_an_emulated_link(tiny_gguf, capsys):
         ("50%", "lfu", "8GB/s"), ("50%", "lfu", "4GB/s")]
 
 
+def test_emulated_links_are_labelled_in_the_output(tiny_gguf, capsys):
+    """Speeds through --link are an emulated link's: bench's table says so in its link
+    column, and run (as chat, serve, perplexity and trace: the CLI's one loader) says so on
+    stderr before anything it measures. Neither said "emulated" anywhere."""
+    path = tiny_gguf("qwen3moe", "F32")
+    table = _run(capsys, path, "-p", 0, "-n", 2, "-r", 1, "--cache", "none,50%",
+                 "--link", "8GB/s")
+    rows = [ln for ln in table.splitlines() if ln.startswith("| qwen3moe")]
+    assert len(rows) == 2 and "| 8GB/s (emulated) |" in rows[1], table
+    assert "emulated" not in rows[0]  # the resident row has no link
+    assert main(["run", str(path), "--cache", "50%", "--link", "8GB/s", "-p", "x",
+                 "-n", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "emulated link: 8GB/s (emulated, 8.00 GB/s)" in err, err
+    assert main(["run", str(path), "--cache", "50%", "-p", "x", "-n", "2"]) == 0
+    assert "emulated" not in capsys.readouterr().err
+
+
 def test_nothing_to_run(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf("qwen3moe", "F32")), "-p", "0", "-n", "0"]) == 1
     assert "nothing to run" in capsys.readouterr().err
@@ -272,11 +290,18 @@ def test_space_separated_lists_are_named_as_such(tiny_gguf, capsys, extra):
 
 
 def test_other_commands_keep_argparses_error(capsys):
+    """An unknown flag is named under the command's own usage, as a bad value of one of
+    its flags is (the README's promise): it came under `usage: efedge [-h] … COMMAND`."""
     with pytest.raises(SystemExit) as info:
         main(["run", "--no-such-flag"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.rstrip().endswith(
-        "error: unrecognized arguments: --no-such-flag"), err
+        "efedge run: error: unrecognized arguments: --no-such-flag"), err
+    assert err.startswith("usage: efedge run "), err
+    with pytest.raises(SystemExit) as info:  # before any command: the top usage
+        main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("efedge: error: unrecognized arguments: --no-such-flag")
 
 
 def test_negative_seed_is_a_flag_error(tiny_gguf, capsys):

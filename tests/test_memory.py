@@ -69,6 +69,10 @@ def test_minimum_budget_is_what_the_cache_takes(tiny_gguf):
         ExpertCache(store, low, k)  # takes it
         with pytest.raises(efedge.CacheBudgetError):
             ExpertCache(store, low - 1, k)
+        # a budget below a MiB is named as given, not rounded to "0.0 MiB"
+        for budget, words in ((1024, "1.0 KiB"), (100, "100 bytes")):
+            with pytest.raises(efedge.CacheBudgetError, match=f"cache budget {words} cannot"):
+                ExpertCache(store, budget, k)
 
 
 def test_auto_is_resident_when_the_model_fits_and_streams_when_not(tiny_gguf, monkeypatch):

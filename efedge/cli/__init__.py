@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         # SUPPRESS: absent there, it leaves a -v given before the command as it is
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log what efedge does")
+    parser.commands = sub.choices  # (main names a command's own usage in its errors)
     return parser
 
 
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             # lists of benchmarks/policies.py, where bench takes llama-bench's commas)
             hint = (" (efedge bench takes lists comma-separated, as llama-bench does: "
                     "e.g. --cache 25%,50% --policies ondemand,expertflow)")
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+        # the command's usage and `efedge run: error:`, as for a bad value of its flags
+        # (argparse leaves unknown flags to the top parser, which shows only its own)
+        own = parser.commands.get(getattr(args, "command", None), parser)
+        own.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -302,6 +302,12 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def _link_cell(link: str | None) -> str:
+    """A row's link as the table shows it: the copies' speed there is the emulated link's
+    (the README's promise: emulated links are labelled so wherever they show)."""
+    return "-" if link is None else f"{link} (emulated)"
+
+
 def table(rows: list[dict]) -> str:
     heads = ["model", "size", "params", "backend", "threads", "test", "t/s", "cache", "policy",
              "link", "stall ms/token", "hit rate"]
@@ -322,7 +328,8 @@ def table(rows: list[dict]) -> str:
         cells = [r["model_type"], _fmt_size(r["model_size"]), _fmt_params(r["model_n_params"]),
                  r["backends"], str(r["n_threads"]), r["test"],
                  f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
-                 (r["cache"] or "all") if ours else "-", r["policy"] or "-", r["link"] or "-",
+                 (r["cache"] or "all") if ours else "-", r["policy"] or "-",
+                 _link_cell(r["link"]),
                  f"{r['stall_ms_per_token']:.3f}" if ours else "-",
                  f"{r['hit_rate']:.3f}" if r.get("hit_rate") is not None else "-"]
         if vram:

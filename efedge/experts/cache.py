@@ -80,6 +80,16 @@ def minimum_budget(store, n_active: int) -> int:
     return n_active * sum(sum(k) for k in sizes)
 
 
+
+def _size(nbytes: int) -> str:
+    """A budget in words: bytes below a KiB (a 1 KiB budget read "0.0 MiB"), else KiB or
+    MiB to one decimal."""
+    if nbytes < 1024:
+        return f"{nbytes} bytes"
+    if nbytes < 2**20:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / 2**20:.1f} MiB"
+
 class ExpertCache:
     """Fixed slots within `budget` bytes, sized per class, at least `n_active` per class."""
 
@@ -101,9 +111,9 @@ class ExpertCache:
         minimum = minimum_budget(store, n_active)  # (n_active × the sizes above)
         if budget < minimum:
             raise CacheBudgetError(
-                f"cache budget {budget / 2**20:.1f} MiB cannot hold one layer's {n_active} "
+                f"cache budget {_size(budget)} cannot hold one layer's {n_active} "
                 f"active experts per size class: the minimum is {minimum} bytes "
-                f"({minimum / 2**20:.1f} MiB)")
+                f"({_size(minimum)})")
         # n_active slots per class first; the rest of the budget in proportion to each
         # class's share of all expert bytes; never more slots than the class has experts.
         slots = np.full(len(sizes), n_active, dtype=np.int64)
