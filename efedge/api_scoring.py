@@ -5,6 +5,7 @@ and the server's echoed prompt logprobs read.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -34,10 +35,11 @@ class ScoringMixin:
         sequence, and a generation from the same ids reuses it."""
         top_n = check_top(top_n, "top_n")
         ids = self._sequence_ids(ids, "prompt_logprobs()")
-        if isinstance(first, bool) or not isinstance(first, int) or \
+        if isinstance(first, bool) or not isinstance(first, numbers.Integral) or \
                 not 0 <= first < len(ids):
             raise ArgumentError(f"first must be an integer in [0, {len(ids) - 1}], got "
                                 f"{first!r}")
+        first = int(first)  # (numpy's integers too, as max_tokens takes them)
         out: list[TokenLogprob] = []
         with self._fresh_sequence("prompt_logprobs()") as (session, fwd):
             start = 0

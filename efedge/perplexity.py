@@ -16,6 +16,7 @@ substitutions cost.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,11 +56,12 @@ def perplexity(model, text: str | Sequence[int], *, n_chunks: int | None = None,
         raise ArgumentError(f"the text has {len(ids)} tokens; perplexity with a context of "
                             f"{n_ctx} needs at least {2 * n_ctx} (a longer text, or a "
                             "smaller context: -c / n_ctx)")
-    if n_chunks is not None and (isinstance(n_chunks, bool) or not isinstance(n_chunks, int)
-                                 or n_chunks < 1):
+    if n_chunks is not None and (isinstance(n_chunks, bool)
+                                 or not isinstance(n_chunks, numbers.Integral)
+                                 or n_chunks < 1):  # (numpy's integers too, as max_tokens)
         raise ArgumentError(f"n_chunks must be a positive integer or None, got {n_chunks!r}")
     total = len(ids) // n_ctx
-    n = total if n_chunks is None else min(n_chunks, total)
+    n = total if n_chunks is None else min(int(n_chunks), total)
     tok = model.tokenizer
     bos = tok.bos_id if tok.add_bos else None
     first = n_ctx // 2

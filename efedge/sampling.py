@@ -77,6 +77,13 @@ class SamplingParams:
     # everything else; -inf bans the token
     logit_bias: Mapping[int, float] | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the draw is the argmax: temperature 0, or one that llama.cpp's float
+        holds as 0 (below ~1.4e-45), where it samples greedily too — the division by it
+        would leave exactly tied top logits to chance instead of the first."""
+        return float(np.float32(self.temperature)) == 0.0
+
     def validate(self) -> None:
         """Raise SamplingError naming the first out-of-range parameter and its range."""
         t, p, mp, rp = self.temperature, self.top_p, self.min_p, self.repeat_penalty
@@ -229,7 +236,7 @@ class Sampler:
         if posinf.any():
             # +inf dominates everything finite: share the mass among those tokens.
             ids = np.flatnonzero(posinf)
-            if p.temperature == 0:
+            if p.greedy:
                 ids = ids[:1]
             return ids.astype(np.int64), np.full(ids.size, 1.0 / ids.size)
 
@@ -237,7 +244,7 @@ class Sampler:
         x_max = float(x[top])
         if x_max == -math.inf:
             raise SamplingError("every logit is -inf: no token can be sampled")
-        if p.temperature == 0:
+        if p.greedy:
             return np.array([top], dtype=np.int64), np.ones(1)
 
         # top-k: argpartition keeps exactly k (boundary ties resolved by argpartition).

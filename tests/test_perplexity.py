@@ -65,6 +65,8 @@ def test_perplexity_is_llama_perplexitys_figure(model_path, text, monkeypatch):
         assert r.running[-1] == r.ppl and 0 < r.ppl_err < r.ppl
         monkeypatch.setattr(api_scoring, "PROMPT_CHUNK", 5)  # 24 = 5+5+5+5+4; first = 12
         assert perplexity(m, ids, n_chunks=3).ppl == r.ppl  # token ids as they are
+        # numpy's integers are integers (as max_tokens takes them); they were refused
+        assert perplexity(m, ids, n_chunks=np.int64(3)).ppl == r.ppl
         full = perplexity(m, text)
         assert full.n_chunks == len(ids) // N_CTX
 
@@ -77,6 +79,7 @@ def test_prompt_logprobs_from_first_are_the_tail_of_all(model_path, monkeypatch)
             monkeypatch.setattr(api_scoring, "PROMPT_CHUNK", chunk)
             for first in (0, 1, 5, len(ids) - 2, len(ids) - 1):
                 assert m.prompt_logprobs(ids, 2, first=first) == whole[first:], (chunk, first)
+        assert m.prompt_logprobs(ids, 2, first=np.int32(5)) == whole[5:]
         for bad in (-1, len(ids), 1.0, True):
             with pytest.raises(ArgumentError, match="first"):
                 m.prompt_logprobs(ids, first=bad)

@@ -201,6 +201,16 @@ def test_tiny_temperature_is_greedy_without_warnings():
             assert probs[0] == 1.0 and ids[0] == 3 and not probs[1:].any()
 
 
+def test_a_temperature_a_float_holds_as_zero_is_greedy_on_ties():
+    """llama.cpp keeps the temperature in a float: 1e-50 is 0 there, greedy, the first of
+    exactly tied logits. Dividing by it here left the tie to the draw."""
+    x = np.array([1.0, 3.0, 3.0, 0.5], np.float32)
+    for seed in range(8):
+        s = Sampler(SamplingParams(temperature=1e-50, seed=seed, **PLAIN))
+        assert s(x, []) == 1
+    assert SamplingParams(temperature=1e-50).greedy and not SamplingParams(1e-30).greedy
+
+
 def test_repeat_penalty_changes_greedy_choice():
     x = np.array([2.0, 1.5, 0.0], np.float32)
     assert Sampler(SamplingParams(temperature=0))(x, [0]) == 0
