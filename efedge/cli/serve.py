@@ -32,10 +32,13 @@ def port_number(text: str) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve the model over an OpenAI-compatible HTTP API",
-        description="Serve /v1/models, /v1/completions, /v1/chat/completions (with SSE "
-                    "streaming) and /health. Requests run one at a time, in arrival order. "
-                    "The sampling flags set the defaults for fields a request leaves out.")
+        "serve", help="serve the model over OpenAI's, llama-server's and Ollama's HTTP APIs",
+        description="Serve OpenAI's /v1/models, /v1/completions, /v1/chat/completions (SSE "
+                    "streaming); llama-server's /health, /completion, /infill, /tokenize, "
+                    "/detokenize; Ollama's /api/version, /api/tags, /api/ps, /api/show, "
+                    "/api/generate, /api/chat (and /metrics with --metrics). Requests run "
+                    "one at a time, in arrival order. The sampling flags set the defaults "
+                    "for fields a request leaves out.")
     add_model_args(p)
     add_chat_template_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on "

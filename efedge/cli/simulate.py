@@ -26,13 +26,16 @@ def add_parser(sub) -> None:
                                    "a virtual clock. Hardware: " + ", ".join(HARDWARE) +
                                    ". Models: " + ", ".join(MODELS) + ".")
     p.add_argument("trace", help="trace .npz from `efedge trace`")
-    p.add_argument("--hw", default="rtx4060-laptop", help="hardware profile")
+    p.add_argument("--hw", default="rtx4060-laptop",
+                   help="hardware profile (default rtx4060-laptop)")
     p.add_argument("--model-profile", default=None,
                    help="model profile (default: the traced model's own sizes)")
-    p.add_argument("--cache", nargs="+", default=["25%"], help="budgets (bytes, MiB, %%)")
+    p.add_argument("--cache", nargs="+", default=["25%"],
+                   help="budgets (bytes, MiB, %%; default 25%%)")
     p.add_argument("--policy", nargs="+", default=["ondemand"],
-                   help="policies to compare (NAME/late: a trace of routers on the layer's "
-                        "input asks for the experts after the attention, not before)")
+                   help="policies to compare (default ondemand; NAME/late: a trace of routers "
+                        "on the layer's input asks for the experts after the attention, not "
+                        "before)")
     p.add_argument("--link", default=None, help="override the link rate, e.g. 8GB/s")
     p.add_argument("--layer-ms", type=positive_float, default=None,
                    help="override compute per layer (ms) — e.g. measured on this machine")

@@ -27,9 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="stop after this many tokens")
     p.add_argument("--horizon", type=non_negative_int, default=4,
-                   help="pre-gating distances to record")
+                   help="pre-gating distances to record (default 4)")
     p.add_argument("--sketch", type=non_negative_int, default=0,
-                   help="also store an N-dim random projection of each hidden state")
+                   help="also store an N-dim random projection of each hidden state "
+                        "(default 0: none)")
     p.set_defaults(func=main)
 
 
