@@ -14,9 +14,11 @@ import gc
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+
+import numpy as np
 
 from efedge import demo, held, kernels
 from efedge.api_chat import ChatMixin
@@ -427,9 +429,17 @@ class Model(GenerationMixin, ScoringMixin, ChatMixin, StateMixin):
 
     def tokenize(self, text: str, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        for name, flag in (("add_special", add_special), ("parse_special", parse_special)):
+            if not isinstance(flag, bool | np.bool_):  # ("no" would have been true)
+                raise TypeError(f"tokenize(): {name} must be True or False, got {flag!r}")
+        return self.tokenizer.encode(text, add_special=bool(add_special),
+                                     parse_special=bool(parse_special))
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+            # (a string's characters were taken for ids; None failed in list())
+            raise TypeError(f"detokenize() takes a sequence of token ids, got "
+                            f"{type(ids).__name__}")
         return self.tokenizer.decode(list(ids))
 
     def cancel(self) -> None:

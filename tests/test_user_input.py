@@ -241,6 +241,19 @@ def test_token_ids_out_of_range_are_named(m):
     for bad in ("a", 1.5, None):
         with pytest.raises(TypeError, match="token id"):
             m.detokenize([bad])
+    # not a sequence: None failed inside list(), a string's characters were taken as ids
+    for bad in (None, "ab", 7):
+        with pytest.raises(TypeError, match="sequence of token ids"):
+            m.detokenize(bad)
+
+
+def test_tokenize_flags_must_be_booleans(m):
+    """add_special="no" was true (any non-empty string is): a bool is asked for."""
+    with pytest.raises(TypeError, match="add_special must be True or False, got 'no'"):
+        m.tokenize("x", add_special="no")
+    with pytest.raises(TypeError, match="parse_special"):
+        m.tokenize("x", parse_special=1)
+    assert m.tokenize("x", add_special=np.bool_(False)) == m.tokenize("x", add_special=False)
 
 
 def test_empty_prompts_are_refused(m):
