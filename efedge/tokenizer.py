@@ -67,22 +67,29 @@ _U2LATIN1 = str.maketrans({**{chr(x): "\uffff" for x in range(256)},
 
 # The code points llama.cpp's Unicode table has no category for (it predates the `regex`
 # module's): the pre-tokenizer regexes with \p{..} see each as U+FDD0, a noncharacter,
-# unassigned in every Unicode version, as llama.cpp sees them.
+# unassigned in every Unicode version, as llama.cpp sees them. Those inside the ranges
+# of llama.cpp's unicode_cpt_is_han become U+FDD1 (as unassigned to every regex): Kimi
+# K2's splitter takes them as Han by their code point, and its Han class holds U+FDD1.
 _UNASSIGNED_RANGES = [(int(a, 16), int(b or a, 16)) for a, _, b in
                       (r.partition("-") for r in _LLAMA_UNASSIGNED.split())]
 _UNASSIGNED_STARTS = [a for a, _ in _UNASSIGNED_RANGES]
+_HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
+               (0x2A700, 0x2EBEF), (0x2F800, 0x2FA1F))
 
 
 class _MaskTable(dict):
-    """str.translate table: code point → itself, or U+FDD0 where llama.cpp has no
-    category for it; filled as code points are met (a lookup per character is ~20x
-    faster than a regex class of the 700 ranges)."""
+    """str.translate table: code point → itself, or U+FDD0 (U+FDD1 in a Han range) where
+    llama.cpp has no category for it; filled as code points are met (a lookup per
+    character is ~20x faster than a regex class of the 700 ranges)."""
 
     def __missing__(self, cp: int) -> int:
         if len(self) > 200_000:  # every code point there is would be ~100 MB
             self.clear()
         i = bisect.bisect_right(_UNASSIGNED_STARTS, cp) - 1
-        v = self[cp] = 0xFDD0 if i >= 0 and cp <= _UNASSIGNED_RANGES[i][1] else cp
+        v = cp
+        if i >= 0 and cp <= _UNASSIGNED_RANGES[i][1]:
+            v = 0xFDD1 if any(a <= cp <= b for a, b in _HAN_RANGES) else 0xFDD0
+        self[cp] = v
         return v
 
 
@@ -171,6 +178,8 @@ class Tokenizer:
             glm = pre in ("glm4", "glm5", "chatglm-bpe")  # llama.cpp: no default BOS / EOS
             defaults = {} if glm else {"bos": 11, "eos": 11}
             merges = _get_list(meta, "tokenizer.ggml.merges", str, 0)
+            if merges is None and pre == "kimi-k2":
+                merges = []  # llama.cpp loads a Kimi K2 vocab without merges (no merging)
             if merges is None:
                 raise ModelFormatError("tokenizer metadata key 'tokenizer.ggml.merges' is "
                                        "missing (required for tokenizer model 'gpt2')")

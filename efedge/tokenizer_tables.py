@@ -43,6 +43,29 @@ _DEEPSEEK_LLM = (
     r"(?V1)[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]--\s]+",
     r"\p{N}+",
 )
+# Kimi K2 (llama.cpp's custom splitter behind "\p{Han}+", src/unicode.cpp): runs of Han
+# (unicode_cpt_is_han's ranges, by code point, whatever the category; U+FDD1 is how
+# _masked writes the code points of those ranges that llama.cpp has no category for),
+# then the o200k-like alternatives, except that a word is any run of non-Han letters
+# (llama.cpp drops the regex's upper / lower case split) after an optional lead, with an
+# optional contraction.
+_HAN = (r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef"
+        r"\U0002f800-\U0002fa1f\ufdd1")
+_KIMI_K2 = ("(?V1)[" + _HAN + r"]+|[^\r\n\p{L}\p{N}]?[\p{L}--[" + _HAN + "]]+"
+            r"(?:'[sStTmMdD]|'[rR][eE]|'[vV][eE]|'[lL][lL])?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# AFMoE (Arcee): llama.cpp's custom "\p{AFMoE_digits}" splitter cuts a run of digits into
+# its first len % 3 digits, then threes, and keeps the text before a run with the run's
+# first piece (its pieces end at the digits; \G: one match after another, so that a
+# text without digits is not scanned from every position); then a run of the CJK /
+# Southeast Asian ranges of the tokenizer.json, exactly as the compiled llama.cpp has
+# them (its source writes U+F900, which NFC turns into U+8C48, so the range is
+# U+8C48-U+FAFF; Thai from U+0E40); then DeepSeek-V3's word regex.
+_AFMOE_CJK = ("[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f"
+              "\u2f00-\u2fdf\u0e40-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f\uaa60-\uaa7f"
+              "\ua9e0-\ua9ff\uac00-\ud7af\u1100-\u11ff]+")
+_DEEPSEEK_V3_WORDS = (r"[!-/:-@\[-`{-~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                      r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
     "gpt2": (_GPT2,),
@@ -55,8 +78,9 @@ _PRE_REGEXES: dict[str, tuple[str, ...]] = {
     "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_LLM[4], r"\p{N}"),
     "gpt-4o": (_GPT4O,),
     "deepseek-v3": (r"\p{N}{1,3}", r"[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-                    r"[!-/:-@\[-`{-~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                    _DEEPSEEK_V3_WORDS),
+    "kimi-k2": (_KIMI_K2,),
+    "afmoe": (r"\G\P{N}*+\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))", _AFMOE_CJK, _DEEPSEEK_V3_WORDS),
 }
 # tokenizer.ggml.pre → (regex family, ignore_merges, add_bos default)
 _PRE_NAMES: dict[str, tuple[str, bool, bool]] = {"default": ("default", False, False)}
@@ -78,11 +102,16 @@ for _names, _fam, _ign, _bos in (
     ("deepseek-llm", "deepseek-llm", False, False),
     ("deepseek-coder", "deepseek-coder", False, False),
     ("gpt-4o", "gpt-4o", False, False),
-    ("deepseek-v3", "deepseek-v3", False, False),
+    # JoyAI-LLM-Flash (deepseek2 files): llama.cpp splits "joyai-llm" as DeepSeek-V3
+    ("deepseek-v3 joyai-llm", "deepseek-v3", False, False),
+    # Kimi K2 / K2.5 (deepseek2 files); Arcee's AFM MoE (afmoe files: not run yet)
+    ("kimi-k2", "kimi-k2", False, False),
+    ("afmoe", "afmoe", False, False),
     ("bailingmoe bailingmoe2 llada-moe", "bailingmoe", False, False),
     # Llama 4 files (llama4): llama.cpp reads "llama4" as its GPT4O type; MiniMax-M2 files
-    # (minimax-m2) have a pre type of their own that llama.cpp splits with GPT4O's regex
-    ("llama4 minimax-m2", "gpt-4o", False, False),
+    # (minimax-m2) have a pre type of their own that llama.cpp splits with GPT4O's regex;
+    # so has Kakao's Kanana-2 MoE (deepseek2 files), "kanana2"
+    ("llama4 minimax-m2 kanana2", "gpt-4o", False, False),
 ):
     for _n in _names.split():
         _PRE_NAMES[_n] = (_fam, _ign, _bos)

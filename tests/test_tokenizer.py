@@ -150,7 +150,8 @@ def test_eog_detection_matches_llama_cpp(tmp_path):
 # One tokenizer.ggml.pre name per regex family of efedge.tokenizer_tables (and "hunyuan",
 # Hunyuan-A13B's: llama.cpp gives it a pre type of its own, split as qwen2).
 PRE_FAMILIES = ("gpt-2", "llama-bpe", "dbrx", "qwen2", "starcoder", "falcon", "default",
-                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3", "bailingmoe", "hunyuan")
+                "deepseek-llm", "deepseek-coder", "gpt-4o", "deepseek-v3", "bailingmoe", "hunyuan",
+                "kimi-k2", "afmoe")
 SPLIT_POOL = (list("aZ09 .,!?'\"-_$+<=>^~|`()[]{}@#%*/\\:;\n\t\r") + ["'s", "'LL", "\r\n"]
               + list("日本中文한어アです。、「」！（）①²½→€×µΩЖ١\u0301\u200d🤖🏽")
               + ["Hello", "WORLD", "iPhone", "ÀÉé", "ΓΔγ", "ǅ", "'Re", "/"]
@@ -261,6 +262,75 @@ def test_o200k_named_pre_tokenizers_match_llama_cpp(tmp_path, pre):
         text = "".join(rng.choice(SPLIT_POOL) for _ in range(rng.randrange(1, 24)))
         assert tok.encode(text, True, False) == llm.tokenize(text.encode(), True, False), \
             ascii(text)
+
+
+# Han, CJK and Southeast Asian scripts around the edges of the ranges llama.cpp's Kimi K2
+# and AFMoE splitters use (unicode_cpt_is_han; AFMoE's class, which the compiled llama.cpp
+# has from U+8C48 and with Thai from U+0E40), code points of the Han ranges llama.cpp has no
+# category for (U+2B73A, U+FA6E, …), Han that is not a letter (U+3007 is a number, U+2E80
+# a symbol), digits of every kind next to letters, and contractions.
+CJK_POOL = SPLIT_POOL + (
+    list("〇々〆㐀䶿鿿龥豈﫿豇豈ꀀ가힣힯ힰᄀᇿ⺀⼀⿟⿠ｱ､･ﾟﾠ㈱")
+    + list("กเ฿๏๿຀ກ໿ༀក៿᝿က႟ꩠꩿꧠ꧿١٣５")
+    + ["\U00020000", "\U0002a6df", "\U0002a6e0", "\U0002a700", "\U0002b739", "\U0002b73a",
+       "\U0002ebe0", "\U0002ebe1", "\U0002ebf0", "\U0002f800", "\U0002fa1d", "\U0002fa1e",
+       "\ufa6e", "\ufada", "\ufdd0", "\ufdd1", "\U000323af", "\U00013460"]
+    + ["don't", "I'M", "we'LL", "они'Ve", "x'd", "'t", "日本'S", "1234567", "12", "999",
+       "Hello世界", "中文English混合", "ภาษาไทย", "한국어", "東京タワー", "e\u0301", "\r\n\n"])
+# tokenizer.ggml.pre names of MoE files llama.cpp splits its own way: Kimi K2 / K2.5 and
+# Kimi-Linear, Arcee's AFM MoE, JoyAI-LLM-Flash (as DeepSeek-V3), Kanana-2 (as o200k)
+CJK_PRES = ("kimi-k2", "afmoe", "joyai-llm", "kanana2")
+
+
+@pytest.fixture(scope="module")
+def cjk_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cjk")
+    v = pair_vocab("".join(CJK_POOL))
+    return {pre: write_vocab_model(d / f"{pre}.gguf", "bpe", pre, add_bos=None, bpe=v)
+            for pre in CJK_PRES}
+
+
+@pytest.mark.parametrize("pre", CJK_PRES)
+def test_moe_pre_tokenizers_match_llama_cpp(cjk_files, pre):
+    """Kimi K2's splitter (a Han run is a word of its own; a word is any run of other
+    letters, case aside, after an optional lead, with its contraction; digits in threes),
+    AFMoE's (the text before a run of digits goes with the run's first len % 3 digits,
+    then threes; then its CJK class; then DeepSeek-V3's words) and the names read as an
+    older family, on a vocab whose ids show each word boundary."""
+    import random
+
+    tok, llm = _tok(cjk_files[pre]), _llama(cjk_files[pre])
+    assert tok.pre == pre and not tok.add_bos
+    texts = ["!\U0002ebe1a", "a\U0002b73a日", "\ufa6e\ufada本x", " \U0002ebe1\U0002ebe1 ",
+             "x\ufdd01234567", "\xb2    \u3007", "\x1f\u0661", "ab12345cd6", "日本語abc'sDEF",
+             "中文English混合 I'M 123456", "  \n\n  テスト\u3000한국어  ", "ก12ภาษา\u0e3f"]
+    rng = random.Random(pre)
+    texts += ["".join(rng.choice(CJK_POOL) for _ in range(rng.randrange(1, 24)))
+              for _ in range(300)]
+    for text in texts:
+        add = len(text) % 2 == 0
+        assert tok.encode(text, add, False) == llm.tokenize(text.encode(), add, False), \
+            ascii(text)
+
+
+def test_kimi_k2_vocab_without_merges_matches_llama_cpp(tmp_path):
+    """llama.cpp loads a "kimi-k2" vocab without tokenizer.ggml.merges (an empty list is
+    not written) and merges nothing; it refuses any other BPE vocab without them."""
+    from gguf_tools.vocab import BPEVocab
+
+    v = pair_vocab("ab 日")
+    bare = BPEVocab(tokens=v.tokens, token_types=v.token_types, merges=[], bos_id=v.bos_id,
+                    eos_id=v.eos_id, pad_id=v.pad_id)
+    path = write_vocab_model(tmp_path / "k.gguf", "bpe", "kimi-k2", add_bos=False, bpe=bare)
+    meta = GGUFFile(path).metadata
+    assert "tokenizer.ggml.merges" not in meta
+    tok, llm = _tok(path), _llama(path)
+    for text in ("ab 日", "don't 中文 123", MIXED):
+        assert tok.encode(text, False) == llm.tokenize(text.encode(), False, False), ascii(text)
+    assert len(tok.encode("ab 日", False)) == 6  # no merges: a token per byte
+    for pre in ("gpt-2", "afmoe"):
+        with pytest.raises(ModelFormatError, match="tokenizer.ggml.merges"):
+            Tokenizer.from_metadata({**meta, "tokenizer.ggml.pre": pre})
 
 
 @pytest.mark.parametrize("name", list(FILES))
