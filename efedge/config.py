@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from efedge import archs, rope
 from efedge.archs import ArchSpec
 from efedge.errors import ModelFormatError, UnsupportedModelError
@@ -271,8 +273,9 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
     arch = k[:-1]
     scaling = rope.scaling_from_gguf(gf, arch, n_ctx_train)
     out: dict = {"rope_scaling": scaling}
-    # the sliding-window (chunked) layers' own base / scale (gpt-oss, llama4, smallthinker)
-    if spec.attention == "sinks" or spec.irope or spec.iswa_nope:
+    # the sliding-window (chunked) layers' own base / scale (gpt-oss, llama4, smallthinker,
+    # afmoe)
+    if spec.attention == "sinks" or spec.irope or spec.iswa_nope or spec.iswa_std:
         base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
         swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
         if (base_swa, swa) != (base, scaling):
@@ -324,6 +327,11 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["gating"] = "sigmoid"
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
+    elif spec.routing == "softmax_scale":  # deepseek: the scale is the one key read
+        out.update(gating="softmax", expert_weights_norm=spec.norm_topk,
+                   expert_weights_scale=_float(gf, k + "expert_weights_scale", 0.0),
+                   n_expert_groups=_int(gf, k + "expert_group_count", 0),
+                   n_group_used=_int(gf, k + "expert_group_used_count", 0))
     elif spec.routing == "softmax_bias":  # llama.cpp reads no arch routing keys for these
         out["expert_weights_norm"] = spec.norm_topk
         # … but expert groups, as for every arch (llama_model_base::load_hparams)
@@ -341,12 +349,23 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["swa_pattern"] = 2 if out["sliding_window"] else 0  # llama.cpp: every other layer
     if spec.irope:
         out.update(_irope(gf, k))
+    if spec.iswa_std:
+        out.update(_iswa_std(gf, k))
+    if spec.mup_embd:  # ggml_scale by sqrtf(n_embd): the float32 root
+        out["embd_scale"] = float(np.float32(math.sqrt(_positive(gf, k + "embedding_length"))))
     if spec.iswa_nope and _int(gf, k + "attention.sliding_window", 0):
         # llama.cpp keeps only "on": the window is 4096 whatever the file says, and the
         # NoPE step its default 4 (no key sets it)
         out.update(sliding_window=4096, swa_dense_first=True, nope_step=4, nope_first=True,
                    swa_pattern=_positive(gf, k + "attention.sliding_window_pattern", 4))
     return out
+
+
+def _iswa_std(gf: GGUFFile, k: str) -> dict:
+    """afmoe's window and NoPE layers (ArchSpec.iswa_std)."""
+    window = _positive(gf, k + "attention.sliding_window")  # llama.cpp crashes on 0
+    return dict(sliding_window=window, nope_step=4,
+                swa_pattern=_positive(gf, k + "attention.sliding_window_pattern", 4))
 
 
 def _sections(gf: GGUFFile, k: str) -> tuple[int, ...]:
@@ -417,6 +436,11 @@ def _validate_shapes(gf: GGUFFile, c: ModelConfig) -> None:
         if c.spec.out_bias:
             _check_shape(gf, b + "attn_output.bias", (d,))
         _validate_ffn(gf, c, i)
+        if c.spec.post_norms:  # afmoe
+            _check_shape(gf, b + "post_attention_norm.weight", (d,))
+            _check_shape(gf, b + "post_ffw_norm.weight", (d,))
+        if c.spec.attn_gate:
+            _check_shape(gf, b + "attn_gate.weight", (d, q_out))
         if c.spec.attention != "standard":
             continue  # mla.py / sinks.py check their own tensors
         if fused_qkv(gf, c, i):

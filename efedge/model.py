@@ -193,7 +193,7 @@ class Transformer(DecodeMixin):
             no_sink = np.full(c.n_head, -np.inf, np.float32)
             att = prefill_attend_sinks(qh, kc, vc, pos, no_sink, np.float32(c.attn_scale),
                                        window)
-            return blk.attn_output(att)
+            return self._attn_out(blk, att, h)
         runs = self._attention_runs(il, pos, t)
         if c.v_head_dim % 32 == 0:
             att = np.empty((t, c.n_head * c.v_head_dim), np.float32)
@@ -206,6 +206,16 @@ class Transformer(DecodeMixin):
             att = np.concatenate([
                 layers.attention(qh[a:b], keys[k0:pos + b], values[k0:pos + b], pos + a - k0,
                                  scale=c.attn_scale * temp) for a, b, k0, temp in runs])
+        return self._attn_out(blk, att, h)
+
+    @staticmethod
+    def _attn_out(blk: Block, att: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """attn_output of the heads' output att [T, H·dv]; afmoe first multiplies it by
+        sigmoid(attn_gate · h), h the attention's normalised input."""
+        if blk.attn_gate is not None:
+            g = blk.attn_gate(h)
+            with np.errstate(over="ignore"):  # (a very negative gate: exp → inf, gate 0)
+                att = att * (np.float32(1.0) / (np.float32(1.0) + np.exp(-g)))
         return blk.attn_output(att)
 
     def _attention_runs(self, il: int, pos: int, t: int) -> list[tuple[int, int, int, float]]:
@@ -323,12 +333,16 @@ class Transformer(DecodeMixin):
                                 kv)
             if blk.attn_output_b is not None:  # phimoe
                 a += blk.attn_output_b
+            if blk.attn_post_norm is not None:  # afmoe
+                a = self._norm(a, blk.attn_post_norm)
             x = x + (a * rs if rs != 1 else a)
             h = self._norm(x, blk.ffn_norm, blk.ffn_norm_b)
             if blk.moe:
                 f = self._moe(blk, il, h, experts, routed)
             else:
                 f = swiglu(h, blk.ffn_gate, blk.ffn_up, blk.ffn_down)
+            if blk.ffn_post_norm is not None:  # afmoe
+                f = self._norm(f, blk.ffn_post_norm)
             x = x + (f * rs if rs != 1 else f)
         kv.n_past = pos + t
         if not all_logits:

@@ -50,6 +50,13 @@ class Block:
             self.attn_norm_b = _vector(gf, b + "attn_norm.bias")
             self.ffn_norm_b = _vector(gf, b + spec.ffn_norm + ".bias")
         self.attn_output_b = None  # phimoe: added after attn_output (Transformer.forward)
+        # afmoe: the attention gate (ArchSpec.attn_gate) and the norms of the attention's
+        # and the FFN's outputs (ArchSpec.post_norms); None elsewhere
+        self.attn_gate = None
+        self.attn_post_norm = self.ffn_post_norm = None
+        if spec.post_norms:
+            self.attn_post_norm = _vector(gf, b + "post_attention_norm.weight")
+            self.ffn_post_norm = _vector(gf, b + "post_ffw_norm.weight")
         # attention the fused kernels do not cover (deepseek2's MLA, gpt-oss's sinks):
         # an object called as custom_attn(transformer, il, hn, pos, kv) → [T, D]
         self.custom_attn = None
@@ -92,6 +99,8 @@ class Block:
             self.attn_k = _qmatrix(gf, b + "attn_k.weight")
             self.attn_v = _qmatrix(gf, b + "attn_v.weight")
         self.attn_output = _qmatrix(gf, b + "attn_output.weight")
+        if spec.attn_gate:
+            self.attn_gate = _qmatrix(gf, b + "attn_gate.weight")
         if spec.out_bias:
             self.attn_output_b = _vector(gf, b + "attn_output.bias")
         elif b + "attn_output.bias" in gf.tensors and not spec.output_bias_unused:

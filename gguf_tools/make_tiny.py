@@ -131,6 +131,14 @@ QWEN3VL_ROPE = ((24, 20, 20, 0), 3)
 # and head, LongRoPE factors; 16 experts, top 2 (the real routing)
 ARCHS["phimoe"] = dict(gguf_arch="phimoe", moe=True, bias=True, qk_norm=None, shared=False,
                        plan="phimoe", defaults=dict(n_expert_used=2))
+# afmoe (Arcee Trinity; gguf_tools.tiny_afmoe): a dense first block, then sigmoid routing
+# with a selection bias and a shared expert; attention gate, sandwich norms, window layers
+# and a NoPE full-attention layer (4 blocks). deepseek (DeepSeek-MoE-16B): a dense first
+# block, softmax top-k beside two shared experts
+ARCHS["afmoe"] = dict(gguf_arch="afmoe", moe=True, bias=False, qk_norm="head", shared=True,
+                      plan="afmoe", defaults=dict(n_layer=4))
+ARCHS["deepseek"] = dict(gguf_arch="deepseek", moe=True, bias=False, qk_norm=None,
+                         shared=True, plan="deepseek")
 # smallthinker's attention.sliding_window and _pattern. llama.cpp keeps of the window only
 # "on" (it attends the last 4096 positions on layers il % pattern != 0) and skips rope on
 # layers il % 4 == 0: pattern 2 makes layer 0 NoPE, layer 1 a window layer, layer 2 neither
@@ -455,7 +463,8 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
 
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
-    ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, phimoe, …). ``quant``:
+    ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, phimoe, afmoe, deepseek,
+    …). ``quant``:
     F32 and F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by
     llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,

@@ -540,6 +540,12 @@ def minimax_m2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
-# phimoe's layout lives in its own module (this one is long enough); make_tiny finds its
-# plan here
+# phimoe's, afmoe's and deepseek's layouts live in their own modules (this one is long
+# enough); make_tiny finds their plans here
+from gguf_tools.tiny_afmoe import (  # noqa: E402,F401
+    afmoe_metadata,
+    afmoe_plan,
+    deepseek_metadata,
+    deepseek_plan,
+)
 from gguf_tools.tiny_phimoe import phimoe_metadata, phimoe_plan  # noqa: E402,F401

@@ -49,7 +49,10 @@ class ArchSpec:
     # probabilities (norm_topk renormalises; ernie4_5-moe, no routing keys read);
     # "sigmoid": sigmoid over all experts, top k, the weights as they are (llama4)
     # "gating": "{arch}.expert_gating_func" (required), the k weights always renormalised,
-    # no scale (smallthinker: llama.cpp reads neither weights key)
+    # no scale (smallthinker: llama.cpp reads neither weights key); "softmax_scale":
+    # softmax over all experts, top k, the weights times "{arch}.expert_weights_scale"
+    # (0: none), norm_topk renormalising first, expert groups as for every arch (deepseek:
+    # llama.cpp fixes the gating and the norm, reads the scale)
     routing: str = "softmax"
     dense_lead: bool = False  # the first "{arch}.leading_dense_block_count" layers are dense
     # past the dense lead, only layers il with (il + 1) % "{arch}.interleave_moe_layer_step"
@@ -120,6 +123,19 @@ class ArchSpec:
     # "longrope": rope_factors_long / _short.weight divide theta, the long ones when the
     # context exceeds rope.scaling.original_context_length (llama.cpp's get_rope_factors)
     rope_factors: str = ""
+    # afmoe (llama_model_afmoe): the attention's output times sigmoid(attn_gate · x), per
+    # element, before attn_output (x: the attention's normalised input)
+    attn_gate: bool = False
+    # afmoe: RMS norms of the attention's and the FFN's outputs (post_attention_norm,
+    # post_ffw_norm) before each is added to the residual stream
+    post_norms: bool = False
+    # afmoe: the embeddings times √n_embd (llama.cpp's graph fixes it: Trinity's muP)
+    mup_embd: bool = False
+    # afmoe's layers: "{arch}.attention.sliding_window" (required: llama.cpp's afmoe graph
+    # needs its sliding-window cache) on layers il % "{arch}.attention.sliding_window_pattern"
+    # (default 4) < pattern - 1, with "{arch}.rope.freq_base_swa" where set; layers
+    # (il + 1) % 4 == 0 skip rope (NoPE: llama.cpp's default n_no_rope_layer_step)
+    iswa_std: bool = False
 
 
 def _modules() -> list[str]:

@@ -97,6 +97,10 @@ def _features(c) -> dict:
         out.update(swa_layers=f"il % {c.swa_pattern} != 0")
     if c.nope_step and c.nope_first:  # (llama4's are named above)
         out.update(nope_layers=f"il % {c.nope_step} == 0")
+    if c.spec.iswa_std:  # afmoe
+        out.update(swa_layers=f"il % {c.swa_pattern} < {c.swa_pattern - 1}",
+                   nope_layers=f"(il + 1) % {c.nope_step} == 0",
+                   attention_gate=True, post_norms=True)
     if c.spec.router_input != "ffn":  # smallthinker: experts known an attention ahead
         out.update(router_input="the layer's input, before attention")
     r = c.rope_scaling
