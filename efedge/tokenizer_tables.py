@@ -104,7 +104,7 @@ for _names, _fam, _ign, _bos in (
     ("gpt-4o", "gpt-4o", False, False),
     # JoyAI-LLM-Flash (deepseek2 files): llama.cpp splits "joyai-llm" as DeepSeek-V3
     ("deepseek-v3 joyai-llm", "deepseek-v3", False, False),
-    # Kimi K2 / K2.5 (deepseek2 files); Arcee's AFM MoE (afmoe files: not run yet)
+    # Kimi K2 / K2.5 (deepseek2 files); Arcee's Trinity MoE (afmoe files)
     ("kimi-k2", "kimi-k2", False, False),
     ("afmoe", "afmoe", False, False),
     ("bailingmoe bailingmoe2 llada-moe", "bailingmoe", False, False),
