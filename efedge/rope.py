@@ -2,10 +2,11 @@
 
 llama.cpp reads ``{arch}.rope.scaling.type`` ("linear" when absent), ``.factor`` (or the
 old ``rope.scale_linear``; freq_scale = 1 / factor), ``.original_context_length``
-(n_ctx_orig, default context_length) and ``.attn_factor``; deepseek2 also reads
-``.yarn_log_multiplier`` (stored ×0.1 by the converter). The YaRN constants beta_fast = 32,
-beta_slow = 1 are fixed for every architecture efedge runs (llama.cpp reads the
-``yarn_beta_*`` keys only for grok and mistral3), and ext_factor is 1 for YaRN, else 0.
+(n_ctx_orig, default context_length) and ``.attn_factor``; deepseek2 (and mistral4, its
+loader) also reads ``.yarn_log_multiplier`` (stored ×0.1 by the converter). The YaRN
+constants beta_fast = 32, beta_slow = 1 are fixed for every architecture efedge runs
+(llama.cpp reads the ``yarn_beta_*`` keys only for grok and mistral3), and ext_factor is 1
+for YaRN, else 0.
 
 Per rotary pair i (ggml's ``rope_yarn``), with theta = pos · base^(-2i/n_dims):
 
@@ -83,7 +84,7 @@ def scaling_from_gguf(gf, arch: str, n_ctx_train: int) -> RopeScaling:
                                f"{k + 'scaling.original_context_length'!r} has invalid value "
                                f"{n_ctx_orig!r}")
     log_mul = 0.0
-    if arch == "deepseek2":  # the only one of efedge's archs that reads it
+    if arch in ("deepseek2", "mistral4"):  # llama.cpp's deepseek2 loader reads it
         log_mul = _num(gf, k + "scaling.yarn_log_multiplier", 0.0) / 0.1
     ext_factor = 1.0 if kind == "yarn" else 0.0
     attn = 1.0
@@ -91,6 +92,8 @@ def scaling_from_gguf(gf, arch: str, n_ctx_train: int) -> RopeScaling:
         f = 1.0 / freq_scale
         if log_mul != 0.0:
             # [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: mscale = mscale_all_dims for deepseek2
+            # (llama_context tests LLM_ARCH_DEEPSEEK2 alone: not mistral4, whose loader
+            # and graph are deepseek2's)
             mscale = log_mul if arch == "deepseek2" and log_mul != 1.0 else 1.0
             attn = _get_mscale(f, mscale) / _get_mscale(f, log_mul)
         else:

@@ -68,6 +68,11 @@ for _name, _kw in (("deepseek2", dict(q_lora=True, mla=True, v3=False)),
                    ("deepseek2-lite", dict(q_lora=False, mla=True, v3=False))):
     ARCHS[_name] = dict(gguf_arch="deepseek2", moe=True, bias=False, qk_norm=None,
                         shared=True, plan="deepseek2", **_kw)
+# mistral4 (Mistral Small 4): llama.cpp's deepseek2 loader and graph under its own name, so
+# the DeepSeek-V3 layout (q lora, split MLA, sigmoid routing with a selection bias and
+# expert groups) with the mistral4.* keys
+ARCHS["mistral4"] = dict(gguf_arch="mistral4", moe=True, bias=False, qk_norm=None, shared=True,
+                         plan="deepseek2", q_lora=True, mla=True, v3=True)
 ARCHS["gpt-oss"] = dict(gguf_arch="gpt-oss", moe=True, bias=True, qk_norm=None, shared=False,
                        plan="gptoss")
 # glm4moe as GLM-4.5-Air (no qk norm) and, -qknorm, as GLM-4.5 (per-head q / k norm); both
@@ -410,7 +415,7 @@ def _write_rope_scaling(w: gguf.GGUFWriter, cfg: dict, arch: str) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(YARN_FACTOR)
         w.add_rope_scaling_orig_ctx_len(cfg["n_ctx"])
-        if arch == "deepseek2":
+        if arch in ("deepseek2", "mistral4"):
             w.add_rope_scaling_yarn_log_mul(DS_YARN_LOG_MUL)
     elif kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -464,7 +469,7 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
     ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, phimoe, afmoe, deepseek,
-    …). ``quant``:
+    mistral4, …). ``quant``:
     F32 and F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by
     llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,
