@@ -81,6 +81,15 @@ class ModelConfig:
     # qwen3vl* (ArchSpec.mrope): "{arch}.rope.dimension_sections", the pairs of each head
     # llama.cpp rotates by the t / h / w / 4th position (rope.imrope_fourth_pairs)
     rope_sections: tuple[int, ...] = ()
+    # ArchSpec.per_layer (mimo2): (n_head, n_head_kv) of each layer where the file's
+    # head_count / head_count_kv arrays differ (n_head / n_head_kv then hold the largest,
+    # which size the KV cache), the layers of the window (its sliding_window_pattern array)
+    # and those with routed experts (their ffn_gate_inp); () = uniform / the rules here
+    head_counts: tuple[tuple[int, int], ...] = ()
+    swa_layers: tuple[bool, ...] = ()
+    moe_layers: tuple[bool, ...] = ()
+    # mimo2's attention.value_scale: the attention's output times it (0: none)
+    value_scale: float = 0.0
 
     @property
     def is_moe(self) -> bool:
@@ -91,13 +100,21 @@ class ModelConfig:
         return self.n_ff_shexp > 0
 
     def is_moe_layer(self, il: int) -> bool:
+        if self.moe_layers:
+            return self.is_moe and self.moe_layers[il]
         return (self.is_moe and il >= self.n_dense_lead
                 and (il + 1) % self.moe_layer_step == 0)
 
     def is_swa_layer(self, il: int) -> bool:
+        if self.swa_layers:
+            return self.swa_layers[il]
         if self.swa_dense_first:
             return self.swa_pattern > 0 and il % self.swa_pattern != 0
         return self.swa_pattern > 0 and il % self.swa_pattern < self.swa_pattern - 1
+
+    def heads_of(self, il: int) -> tuple[int, int]:
+        """(n_head, n_head_kv) of layer il."""
+        return self.head_counts[il] if self.head_counts else (self.n_head, self.n_head_kv)
 
     def is_nope_layer(self, il: int) -> bool:
         return self.nope_step > 0 and (il + (0 if self.nope_first else 1)) % self.nope_step == 0
@@ -174,9 +191,13 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
                                f"{k + 'block_count'!r} to run (an MTP-only file?)")
     n_layer = n_blocks - n_nextn
     n_embd = _positive(gf, k + "embedding_length")
-    n_head = _positive(gf, k + "attention.head_count")
-    n_head_kv = _positive(gf, k + "attention.head_count_kv", n_head)
-    if n_head % n_head_kv:
+    heads = _head_counts(gf, k, n_layer, n_blocks) if spec.per_layer else ()
+    if heads:  # the largest counts size the KV cache; head sizes default by layer 0's
+        n_head, n_head_kv = max(h for h, _ in heads), max(h for _, h in heads)
+    else:
+        n_head = _positive(gf, k + "attention.head_count")
+        n_head_kv = _positive(gf, k + "attention.head_count_kv", n_head)
+    if n_head % n_head_kv and not heads:  # (per-layer counts: checked per layer)
         raise ModelFormatError(f"{gf.path}: metadata keys {k + 'attention.head_count'!r} "
                                f"({n_head}) and {k + 'attention.head_count_kv'!r} "
                                f"({n_head_kv}): heads must be a multiple of kv heads")
@@ -185,7 +206,8 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
                                f"({n_head_kv}) and {k + 'attention.head_count'!r} ({n_head}) "
                                f"differ: llama.cpp's {arch} loader sizes attn_k / attn_v by "
                                "head_count and cannot load such a file")
-    head_dim = _int(gf, k + "attention.key_length", n_embd // n_head)
+    head_dim = _int(gf, k + "attention.key_length",
+                    n_embd // (heads[0][0] if heads else n_head))
     v_head_dim = _int(gf, k + "attention.value_length", head_dim)
     rope_dim = _int(gf, k + "rope.dimension_count", head_dim)
     if head_dim == 0 or rope_dim > head_dim or rope_dim % 2:
@@ -238,7 +260,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         n_ctx_train=n_ctx_train, rope_base=rope_base, rope_dim=rope_dim,
         norm_eps=_float(gf, k + "attention.layer_norm_rms_epsilon", 1e-5),
         n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
-        n_ff_shexp=n_ff_shexp, n_nextn=n_nextn, **_scales(gf, spec, k),
+        n_ff_shexp=n_ff_shexp, n_nextn=n_nextn, head_counts=heads, **_scales(gf, spec, k),
         **_extras(gf, spec, k, n_layer),
         **_rope(gf, spec, k, n_ctx_train, rope_base),
     )
@@ -275,7 +297,8 @@ def _rope(gf: GGUFFile, spec: ArchSpec, k: str, n_ctx_train: int, base: float) -
     out: dict = {"rope_scaling": scaling}
     # the sliding-window (chunked) layers' own base / scale (gpt-oss, llama4, smallthinker,
     # afmoe)
-    if spec.attention == "sinks" or spec.irope or spec.iswa_nope or spec.iswa_std:
+    if (spec.attention == "sinks" or spec.irope or spec.iswa_nope or spec.iswa_std
+            or spec.per_layer):
         base_swa = _float(gf, k + "rope.freq_base_swa", base, minimum=1e-30)
         swa = dataclasses.replace(scaling, freq_scale=rope.train_freq_scale(gf, arch))
         if (base_swa, swa) != (base, scaling):
@@ -327,6 +350,10 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out["gating"] = "sigmoid"
         out["n_expert_groups"] = _int(gf, k + "expert_group_count", 0)
         out["n_group_used"] = _int(gf, k + "expert_group_used_count", 0)
+    elif spec.routing == "sigmoid_norm":  # mimo2: llama.cpp reads no weights scale
+        out.update(gating="sigmoid", expert_weights_norm=True,
+                   n_expert_groups=_int(gf, k + "expert_group_count", 0),
+                   n_group_used=_int(gf, k + "expert_group_used_count", 0))
     elif spec.routing == "softmax_scale":  # deepseek: the scale is the one key read
         out.update(gating="softmax", expert_weights_norm=spec.norm_topk,
                    expert_weights_scale=_float(gf, k + "expert_weights_scale", 0.0),
@@ -351,6 +378,8 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out.update(_irope(gf, k))
     if spec.iswa_std:
         out.update(_iswa_std(gf, k))
+    if spec.per_layer:
+        out.update(_per_layer(gf, k, n_layer))
     if spec.mup_embd:  # ggml_scale by sqrtf(n_embd): the float32 root
         out["embd_scale"] = float(np.float32(math.sqrt(_positive(gf, k + "embedding_length"))))
     if spec.iswa_nope and _int(gf, k + "attention.sliding_window", 0):
@@ -359,6 +388,49 @@ def _extras(gf: GGUFFile, spec: ArchSpec, k: str, n_layer: int) -> dict:
         out.update(sliding_window=4096, swa_dense_first=True, nope_step=4, nope_first=True,
                    swa_pattern=_positive(gf, k + "attention.sliding_window_pattern", 4))
     return out
+
+
+def _head_counts(gf: GGUFFile, k: str, n_layer: int,
+                 n_blocks: int) -> tuple[tuple[int, int], ...]:
+    """Per-layer (n_head, n_head_kv) from head_count / head_count_kv, each one number or
+    an array of one per block (llama.cpp's get_key_or_arr; the kv heads default to the
+    heads); () when every layer has the same counts."""
+    out = []
+    for key, default in (("attention.head_count", None), ("attention.head_count_kv", 0)):
+        val = gf.get(k + key, default)
+        if val is None:
+            raise ModelFormatError(f"{gf.path}: required metadata key {k + key!r} is missing")
+        vals = val if isinstance(val, list) else [val] * n_blocks
+        if len(vals) != n_blocks or not all(isinstance(v, int) and not isinstance(v, bool)
+                                            and v >= 0 for v in vals):
+            raise ModelFormatError(f"{gf.path}: metadata key {k + key!r} has invalid value "
+                                   f"{val!r} (one count, or one per block: {n_blocks})")
+        out.append(vals[:n_layer])
+    heads = [(h, kv or h) for h, kv in zip(*out, strict=True)]
+    for il, (h, kv) in enumerate(heads):
+        if h == 0 or h % kv:
+            raise ModelFormatError(f"{gf.path}: metadata keys {k + 'attention.head_count'!r} "
+                                   f"and {k + 'attention.head_count_kv'!r}: layer {il} has "
+                                   f"{h} heads and {kv} kv heads (heads must be a positive "
+                                   "multiple of kv heads)")
+    return tuple(heads) if len(set(heads)) > 1 else ()
+
+
+def _per_layer(gf: GGUFFile, k: str, n_layer: int) -> dict:
+    """mimo2's window layers (sliding_window_pattern: one flag per block), dense or MoE
+    layers by their router tensor, and attention.value_scale (llama.cpp keeps it only
+    where it is not 1)."""
+    key = k + "attention.sliding_window_pattern"
+    flags = gf.get(key)
+    if not isinstance(flags, list) or len(flags) < n_layer:
+        raise ModelFormatError(f"{gf.path}: metadata key {key!r} must be an array of one "
+                               f"flag per block, got {flags!r}")
+    scale = _float(gf, k + "attention.value_scale", 0.0)
+    return dict(sliding_window=_positive(gf, k + "attention.sliding_window"),
+                swa_layers=tuple(bool(f) for f in flags[:n_layer]),
+                moe_layers=tuple(f"blk.{il}.ffn_gate_inp.weight" in gf.tensors
+                                 for il in range(n_layer)),
+                value_scale=0.0 if scale == 1.0 else scale)
 
 
 def _iswa_std(gf: GGUFFile, k: str) -> dict:

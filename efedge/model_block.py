@@ -64,6 +64,10 @@ class Block:
             from efedge.mla import MLAAttention
 
             self.custom_attn = MLAAttention(gf, cfg, il)
+        elif spec.attention == "mimo2":
+            from efedge.mimo2 import MiMo2Attention
+
+            self.custom_attn = MiMo2Attention(gf, cfg, il)
         elif spec.attention == "sinks":
             from efedge.oss import SinkAttention
 

@@ -144,6 +144,13 @@ ARCHS["afmoe"] = dict(gguf_arch="afmoe", moe=True, bias=False, qk_norm="head", s
                       plan="afmoe", defaults=dict(n_layer=4))
 ARCHS["deepseek"] = dict(gguf_arch="deepseek", moe=True, bias=False, qk_norm=None,
                          shared=True, plan="deepseek")
+# mimo2 (Xiaomi MiMo-V2-Flash; gguf_tools.tiny_mimo2): a dense first block, then sigmoid
+# routing with a selection bias; per-layer window pattern and head counts, sinks on the
+# window layers, value heads narrower than the keys, partial rope, a value scale (4
+# blocks); mimo2-fused: q / k / v as one attn_qkv
+for _name, _fused in (("mimo2", False), ("mimo2-fused", True)):
+    ARCHS[_name] = dict(gguf_arch="mimo2", moe=True, bias=False, qk_norm=None, shared=False,
+                        plan="mimo2", fused=_fused, defaults=dict(n_layer=4))
 # smallthinker's attention.sliding_window and _pattern. llama.cpp keeps of the window only
 # "on" (it attends the last 4096 positions on layers il % pattern != 0) and skips rope on
 # layers il % 4 == 0: pattern 2 makes layer 0 NoPE, layer 1 a window layer, layer 2 neither
@@ -469,7 +476,7 @@ def write_tiny(path: str | os.PathLike, arch: str, quant: str = "F32", *,
     ``arch``: a key of ``ARCHS`` (llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, olmoe,
     granitemoe, granitemoeshared, bailingmoe, deepseek2* (-v3, -legacy, -lite), gpt-oss, glm4moe*,
     ernie4_5-moe*, llama4, llama4-maverick, minimax-m2, qwen3vlmoe, phimoe, afmoe, deepseek,
-    mistral4, …). ``quant``:
+    mistral4, mimo2*, …). ``quant``:
     F32 and F16 are written directly, anything else (Q8_0, Q4_K_M, IQ4_NL, …) by
     llama.cpp's quantizer from an F32 source (F16 above 1 GiB).
     ``overrides``: any preset key (n_layer, n_expert, n_expert_used, n_embd, n_head,

@@ -540,7 +540,7 @@ def minimax_m2_metadata(w: gguf.GGUFWriter, cfg: dict, a: dict) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
-# phimoe's, afmoe's and deepseek's layouts live in their own modules (this one is long
+# phimoe's, afmoe's, deepseek's and mimo2's layouts live in their own modules (this one is long
 # enough); make_tiny finds their plans here
 from gguf_tools.tiny_afmoe import (  # noqa: E402,F401
     afmoe_metadata,
@@ -548,4 +548,5 @@ from gguf_tools.tiny_afmoe import (  # noqa: E402,F401
     deepseek_metadata,
     deepseek_plan,
 )
+from gguf_tools.tiny_mimo2 import mimo2_metadata, mimo2_plan  # noqa: E402,F401
 from gguf_tools.tiny_phimoe import phimoe_metadata, phimoe_plan  # noqa: E402,F401

@@ -39,7 +39,8 @@ class ArchSpec:
     # T-token path with T = 1
     fused_decode: bool = True
     # "standard" (q / k / v projections), "mla" (deepseek2 multi-head latent attention),
-    # "sinks" (gpt-oss: biases, a learned sink logit per head, sliding-window layers)
+    # "sinks" (gpt-oss: biases, a learned sink logit per head, sliding-window layers),
+    # "mimo2" (efedge/mimo2.py: per-layer heads, optional sinks, no biases, a value scale)
     attention: str = "standard"
     # "softmax": softmax over all experts, top-k (norm_topk renormalises); "deepseek":
     # gating function, selection bias, expert groups, weights norm and scale from the
@@ -47,7 +48,10 @@ class ArchSpec:
     # "softmax_bias": softmax over all experts, the top k chosen by probability + the
     # layer's selection bias (exp_probs_b) where it has one, weights the unbiased
     # probabilities (norm_topk renormalises; ernie4_5-moe, no routing keys read);
-    # "sigmoid": sigmoid over all experts, top k, the weights as they are (llama4)
+    # "sigmoid": sigmoid over all experts, top k, the weights as they are (llama4);
+    # "sigmoid_norm": sigmoid, top k by probability + the selection bias where a layer has
+    # one, the k weights renormalised, not scaled (mimo2: llama.cpp passes its
+    # expert_weights_scale, which its mimo2 loader never reads)
     # "gating": "{arch}.expert_gating_func" (required), the k weights always renormalised,
     # no scale (smallthinker: llama.cpp reads neither weights key); "softmax_scale":
     # softmax over all experts, top k, the weights times "{arch}.expert_weights_scale"
@@ -136,6 +140,10 @@ class ArchSpec:
     # (default 4) < pattern - 1, with "{arch}.rope.freq_base_swa" where set; layers
     # (il + 1) % 4 == 0 skip rope (NoPE: llama.cpp's default n_no_rope_layer_step)
     iswa_std: bool = False
+    # mimo2: head_count / head_count_kv may be per-layer arrays, the window layers come from
+    # the "{arch}.attention.sliding_window_pattern" array, a layer has experts where it has
+    # ffn_gate_inp (ModelConfig.head_counts / swa_layers / moe_layers)
+    per_layer: bool = False
 
 
 def _modules() -> list[str]:

@@ -93,6 +93,12 @@ def _features(c) -> dict:
                    nope_layers=f"every {c.nope_step}th", kq_norm=c.kq_norm)
     elif c.sliding_window:
         out.update(sliding_window=c.sliding_window, swa_layers="every other (even) layer")
+    if c.swa_layers:  # mimo2: the pattern array, per-layer heads, the value scale
+        out.update(swa_layers=[il for il in range(c.n_layer) if c.is_swa_layer(il)])
+        if c.head_counts:
+            out["heads_per_layer"] = [list(h) for h in c.head_counts]
+        if c.value_scale:
+            out["value_scale"] = round(c.value_scale, 6)
     if c.swa_dense_first:  # smallthinker
         out.update(swa_layers=f"il % {c.swa_pattern} != 0")
     if c.nope_step and c.nope_first:  # (llama4's are named above)
