@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import gguf
 
-from gguf_tools.make_tiny import QK_GAIN, ROUTER_GAIN, TensorSpec
+from gguf_tools.make_tiny import QK_GAIN, TensorSpec
 
 # afmoe: window, window pattern, rope base of the window layers (real Trinity Mini: 2048,
 # 4, the global base), dense lead, shared experts, route_scale
@@ -34,11 +34,9 @@ DS1_DIMS = dict(dense_lead=1, n_shared=2, weights_scale=2.0)
 
 
 def _head(cfg: dict, n_vocab: int) -> list[TensorSpec]:
-    d = cfg["n_embd"]
-    out = [TensorSpec("output_norm.weight", (d,), "norm", keep_f32=True)]
-    if not cfg["tied"]:
-        out.append(TensorSpec("output.weight", (d, n_vocab), "output", scale=2.0))
-    return out
+    from gguf_tools.tiny_archs import _head  # (tiny_archs re-exports this module)
+
+    return _head(cfg, n_vocab)
 
 
 def _ffn(b: str, cfg: dict, moe: bool, n_shared: int, sel_bias: bool) -> list[TensorSpec]:
@@ -48,17 +46,10 @@ def _ffn(b: str, cfg: dict, moe: bool, n_shared: int, sel_bias: bool) -> list[Te
         f = cfg["n_ff"]
         return [T(b + "ffn_gate.weight", (d, f), "proj"), T(b + "ffn_up.weight", (d, f), "proj"),
                 T(b + "ffn_down.weight", (f, d), "proj")]
-    e, f = cfg["n_expert"], cfg["n_ff_exp"]
-    s = f * n_shared
-    bias = [T(b + "exp_probs_b.bias", (e,), "bias", keep_f32=True)] if sel_bias else []
-    return [T(b + "ffn_gate_inp.weight", (d, e), "proj", scale=ROUTER_GAIN, keep_f32=True),
-            *bias,
-            T(b + "ffn_gate_exps.weight", (d, f, e), "proj"),
-            T(b + "ffn_up_exps.weight", (d, f, e), "proj"),
-            T(b + "ffn_down_exps.weight", (f, d, e), "proj"),
-            T(b + "ffn_gate_shexp.weight", (d, s), "proj"),
-            T(b + "ffn_up_shexp.weight", (d, s), "proj"),
-            T(b + "ffn_down_shexp.weight", (s, d), "proj")]
+    from gguf_tools.tiny_archs import _shared_moe_ffn  # (tiny_archs re-exports this module)
+
+    f = cfg["n_ff_exp"]
+    return _shared_moe_ffn(b, d, cfg["n_expert"], f, f * n_shared, sel_bias)
 
 
 def _qkv(b: str, cfg: dict) -> list[TensorSpec]:

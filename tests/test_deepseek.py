@@ -25,6 +25,7 @@ import test_parity  # noqa: E402
 from test_parity import (  # noqa: E402
     _assert_float_match,
     _assert_streamed_match,
+    _assert_torch_path_matches_cpu,
     _tokens,
 )
 
@@ -85,19 +86,4 @@ def test_deepseek_routing_keys(tiny_gguf, tmp_path, monkeypatch):
 def test_deepseek_torch_path_matches_cpu_path(tiny_gguf):
     """device="cuda"'s path on torch's CPU device: resident, and streamed with misses
     computed on the host (hybrid), the CPU path's logits (cosine ≥ 0.99999, same argmax)."""
-    pytest.importorskip("torch")
-    from efedge.gpu import load_cuda_model
-
-    path = tiny_gguf("deepseek", "F32")
-    ids = _tokens(512, 20, seed=3)
-    with efedge.load(path) as m:
-        ref = m.logits(ids)
-    for conf in (dict(), dict(cache="35%", policy="expertflow", hybrid="always", dense=False,
-                               ubatch=7)):
-        with load_cuda_model(path, device="cpu", n_ctx=64, **conf) as g:
-            out = g.forward(ids, 0, g.new_kv_cache(64))
-            cos = (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1)
-                                         * np.linalg.norm(ref, axis=-1))
-            assert cos.min() >= 0.99999 and (out.argmax(-1) == ref.argmax(-1)).all(), conf
-            if conf:
-                assert g.extra_stats()["hybrid_cpu_experts"] > 0
+    _assert_torch_path_matches_cpu(tiny_gguf("deepseek", "F32"), "35%")

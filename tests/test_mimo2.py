@@ -24,15 +24,18 @@ from gguf_tools.tiny_mimo2 import MIMO2_DIMS, MIMO2_LAYERS, MIMO2_SWA
 pytest.importorskip("llama_cpp")
 import llama_ref  # noqa: E402  (tests/ is on sys.path under pytest)
 import test_parity  # noqa: E402
-from test_parity import _assert_streamed_match, _tokens  # noqa: E402
+from test_parity import (  # noqa: E402
+    _assert_decode_steps_match,
+    _assert_streamed_match,
+    _tokens,
+)
 
 
 @pytest.mark.parametrize("quant", ["F32", "Q4_K_M"])
 def test_mimo2_resident_and_streamed_match_llama_cpp(tiny_gguf, quant):
-    """Prefill logits within test_parity's tolerance (F32: max|Δ|/std ≤ 2e-2, the same
-    argmax; Q4_K_M: cosine ≥ 0.995, argmax ≥ 90%), greedy decoding llama.cpp's tokens (F32)
-    or its argmax at ≥ 90% of the steps (Q4_K_M); cache="50%" repeats the resident logits
-    and tokens bit for bit, the dense first block never cache traffic."""
+    """Logits and greedy tokens within test_parity's tolerances of llama.cpp's, resident
+    and (bit for bit) through a 50% cache (_assert_streamed_match); the dense first block
+    never cache traffic."""
     path = tiny_gguf("mimo2", quant)
     _assert_streamed_match(path, quant)
     with efedge.load(path, cache="50%") as m:
@@ -50,18 +53,7 @@ def test_mimo2_resident_and_streamed_match_llama_cpp(tiny_gguf, quant):
 
 def test_mimo2_decode_steps_match_llama_cpp(tiny_gguf):
     """One token at a time past the window: every step's logits are llama.cpp's."""
-    path = tiny_gguf("mimo2", "F32")
-    ids = _tokens(512, MIMO2_SWA[0] + 16, seed=13)
-    ref = llama_ref.llama_logits(path, ids)[3:-1]
-    with efedge.load(path) as m:
-        s = m._session
-        s.reset()
-        rows = [np.asarray(s.prefill(ids[:4])).reshape(-1)]
-        rows += [np.asarray(s.decode(t)).reshape(-1) for t in ids[4:-1]]
-    got = np.stack(rows)
-    rel = np.abs(got - ref).max(-1) / ref.std()
-    assert (rel <= 2e-2).all(), f"steps off: {np.flatnonzero(rel > 2e-2)} {rel.max():.3g}"
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    _assert_decode_steps_match(tiny_gguf("mimo2", "F32"), MIMO2_SWA[0] + 16)
 
 
 def test_mimo2_prefill_at_an_offset_matches_llama_cpp(tiny_gguf):

@@ -683,19 +683,44 @@ def test_one_token_decode_steps_match_llama_cpp(tiny_gguf, arch):
     for the same sequence."""
     from gguf_tools.tiny_archs import OSS_WINDOW
 
-    path = tiny_gguf(arch, "F32")
-    ids = _tokens(512, OSS_WINDOW + 24, seed=13)
-    ref = llama_ref.llama_logits(path, ids)
+    _assert_decode_steps_match(tiny_gguf(arch, "F32"), OSS_WINDOW + 24)
+
+
+def _assert_decode_steps_match(path, n: int) -> None:
+    """n random tokens, the first 4 prefilled, then one decode step each: every step's
+    logits are llama.cpp's for the same sequence (max|Δ|/std ≤ 2e-2, the same argmax)."""
+    ids = _tokens(512, n, seed=13)
+    ref = llama_ref.llama_logits(path, ids)[3:-1]  # the logits after ids[3] .. ids[-2]
     with efedge.load(path) as m:
         s = m._session
         s.reset()
         rows = [np.asarray(s.prefill(ids[:4])).reshape(-1)]
         rows += [np.asarray(s.decode(t)).reshape(-1) for t in ids[4:-1]]
     got = np.stack(rows)
-    ref = ref[3:-1]  # the logits after ids[3] .. ids[-2]
     rel = np.abs(got - ref).max(-1) / ref.std()
     assert (rel <= 2e-2).all(), f"steps off: {np.flatnonzero(rel > 2e-2)} {rel.max():.3g}"
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _assert_torch_path_matches_cpu(path, cache: str) -> None:
+    """device="cuda"'s path on torch's CPU device: resident, and streamed through `cache`
+    with every miss computed on the host (hybrid), the CPU path's logits (cosine ≥
+    0.99999, same argmax)."""
+    pytest.importorskip("torch")
+    from efedge.gpu import load_cuda_model
+
+    ids = _tokens(512, 20, seed=3)
+    with efedge.load(path) as m:
+        ref = m.logits(ids)
+    for conf in (dict(), dict(cache=cache, policy="expertflow", hybrid="always", dense=False,
+                               ubatch=7)):
+        with load_cuda_model(path, device="cpu", n_ctx=64, **conf) as g:
+            out = g.forward(ids, 0, g.new_kv_cache(64))
+            cos = (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1)
+                                         * np.linalg.norm(ref, axis=-1))
+            assert cos.min() >= 0.99999 and (out.argmax(-1) == ref.argmax(-1)).all(), conf
+            if conf:
+                assert g.extra_stats()["hybrid_cpu_experts"] > 0
 
 
 # -- the K-quant mixes with integer kernels (Q5_K_M, Q3_K_M / Q3_K_L, Q2_K, IQ4_XS) -------
