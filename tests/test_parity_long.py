@@ -74,8 +74,9 @@ def _check_long(path, n: int, n_ctx: int) -> None:
 # -- long prompts on the archs test_long_prompt_matches_llama_cpp does not run -----------
 # (700 tokens: llama.cpp's ubatch of 512 crossed; llama4's chunks and NoPE temperature
 # only act past 8191, test_llama4 runs those)
-LONG_ARCHS = ["mixtral", "llama4", "minimax-m2", "qwen3vlmoe"]
-LONG_ARCHS_SLOW = ["qwen2moe", "phimoe", "olmoe", "qwen2", "qwen3", "llama", "granitemoeshared",
+LONG_ARCHS = ["mixtral", "qwen3vlmoe"]
+LONG_ARCHS_SLOW = ["llama4", "minimax-m2", "qwen2moe", "phimoe", "olmoe", "qwen2", "qwen3",
+                   "llama", "granitemoeshared",
                    "bailingmoe", "bailingmoe2", "deepseek2-v3", "deepseek2-legacy", "dots1",
                    "ernie4_5-moe", "glm4moe-qknorm", "hunyuan-moe", "smallthinker",
                    "smallthinker-softmax", "llama4-maverick"]
@@ -121,7 +122,8 @@ def test_gpt_oss_window_of_128_matches_llama_cpp(tiny_gguf, tmp_path):
 
 
 # -- generate(): a second prompt sharing a prefix with the cached sequence ----------------
-@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "deepseek2"])
+@pytest.mark.parametrize("arch", ["gpt-oss", "deepseek2",
+                                  pytest.param("qwen3moe", marks=pytest.mark.slow)])
 def test_generate_reusing_a_prefix_matches_llama_cpp(tiny_gguf, arch):
     """generate() keeps the KV cache of its prompt and output; the next prompt reuses
     the common prefix (grown past it, then cut back inside the first prompt). Each run's
@@ -148,7 +150,8 @@ def test_generate_reusing_a_prefix_matches_llama_cpp(tiny_gguf, arch):
 
 
 # -- greedy decoding, long ----------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "deepseek2",
+@pytest.mark.parametrize("arch", ["gpt-oss", "deepseek2",
+                                  pytest.param("qwen3moe", marks=pytest.mark.slow),
                                   pytest.param("llama4", marks=pytest.mark.slow),
                                   pytest.param("glm4moe", marks=pytest.mark.slow),
                                   pytest.param("minimax-m2", marks=pytest.mark.slow),
