@@ -38,6 +38,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
 
 from efedge.errors import TemplateError
+from efedge.tokenizer import lone_surrogate
 
 __all__ = ["ChatTemplate", "FALLBACK_TEMPLATES", "get_template"]
 
@@ -51,7 +52,6 @@ _MAX_CALLS = 200_000  # calls (macros, methods, functions) one render may make
 # a width or precision of 10^7 or more: in a %-format, in a str.format field
 _PCT_WIDE = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(?:\d{8,}|\d*\.\d{8,})")
 _FMT_WIDE = re.compile(r"\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _budget = threading.local()  # range items and calls left to the render on this thread
 
 
@@ -333,11 +333,10 @@ def _check_messages(messages: Any) -> None:
 def _check_text(text: str, where: str) -> None:
     """A lone surrogate (JSON's "\\ud800" makes one) has no UTF-8: name the message now
     rather than an offset into the rendered prompt when it is tokenized."""
-    if not text.isascii():
-        bad = _SURROGATE.search(text)
-        if bad:
-            raise TemplateError(f"{where} has a lone surrogate {bad.group()!r} at index "
-                                f"{bad.start()} (not valid Unicode)")
+    bad = lone_surrogate(text)
+    if bad:
+        raise TemplateError(f"{where} has a lone surrogate {bad.group()!r} at index "
+                            f"{bad.start()} (not valid Unicode)")
 
 
 def _flatten_content(message: Mapping) -> dict:

@@ -56,6 +56,12 @@ def _bytes_to_unicode() -> list[str]:
 
 
 _SURROGATE = regex.compile(r"[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str):
+    """The first lone surrogate in `text` (a match: .group(), .start()), which has no
+    UTF-8; None where there is none."""
+    return None if text.isascii() else _SURROGATE.search(text)
 _B2U = _bytes_to_unicode()
 _U2B = {c: b for b, c in enumerate(_B2U)}
 _LATIN1_TO_B2U = str.maketrans({chr(b): c for b, c in enumerate(_B2U)})
@@ -287,7 +293,7 @@ class Tokenizer:
             raise TypeError(f"encode() takes str, not {type(text).__name__}")
         # a lone surrogate (JSON's "\ud800" gives one) has no UTF-8: name where it is,
         # not the offset in whichever fragment UnicodeEncodeError would report
-        bad = None if text.isascii() else _SURROGATE.search(text)
+        bad = lone_surrogate(text)
         if bad:
             raise ArgumentError(f"text has a lone surrogate {bad.group()!r} at index "
                                 f"{bad.start()} (not valid Unicode)")
