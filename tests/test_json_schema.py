@@ -246,13 +246,17 @@ SAMPLING = [{"temperature": 0}, {"temperature": 0.9, "seed": 3},
             {"temperature": 1.2, "top_k": 0, "min_p": 0.0, "seed": 11}]
 
 
-def test_generated_outputs_follow_the_schema(demo):
+@pytest.mark.parametrize("every", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["half", "all"])
+def test_generated_outputs_follow_the_schema(demo, every):
     """Greedy and sampled: a finished output is an instance; one cut by max_tokens is the
     beginning of one. Schemas whose instances are short (bounded whitespace, an enum, at most
-    MAX_DIGITS digits) always finish."""
+    MAX_DIGITS digits) always finish. The default run takes one of the two prompts per
+    schema, in turn (the 42 generations of both took ~60 s of a 2-core CI run)."""
     finished = 0
-    for schema in GENERATED:
-        for prompt in ("A JSON record of a user:", "{"):
+    prompts = ("A JSON record of a user:", "{")
+    for i, schema in enumerate(GENERATED):
+        for prompt in prompts if every else prompts[i % 2:i % 2 + 1]:
             for kw in SAMPLING:
                 r = GenerationResult([], "")
                 text = demo.generate(prompt, max_tokens=160, format=schema, result=r, **kw)
@@ -265,7 +269,7 @@ def test_generated_outputs_follow_the_schema(demo):
                     assert feed(schema, data) is not None, (schema, text)
                 if schema in (COLOR, {"type": "integer"}):
                     assert r.finish_reason == "stop", (schema, text)
-    assert finished >= 20
+    assert finished >= (20 if every else 10)
     streamed = "".join(demo.stream("{", max_tokens=160, temperature=0, format=COLOR))
     assert streamed == demo.generate("{", max_tokens=160, temperature=0, format=COLOR)
     reply = demo.chat([{"role": "user", "content": "a color as JSON"}], max_tokens=160,

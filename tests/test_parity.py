@@ -42,7 +42,11 @@ def _assert_float_match(path) -> None:
     float sum decide, and llama.cpp's sums depend on the CPU it was built for (built on
     a CPU with AVX-512, its plain kernels flip one expert of the tiny glm4moe F16 file
     at one position, which moves that position's logits by a whole spread)."""
-    ours, ref = _compare(path)
+    _assert_float_close(*_compare(path))
+
+
+def _assert_float_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    """_assert_float_match's rule on two [positions, vocab] logit arrays."""
     rel = np.abs(ours - ref).max(-1) / ref.std()
     close = rel <= 2e-2
     assert (~close).sum() <= 1, f"max|Δ|/std per position: {np.round(rel, 3)}"
@@ -197,8 +201,9 @@ def _assert_streamed_match(path, quant: str) -> None:
     assert greedy[None] == greedy["50%"]
     ours = got[None]
     if quant in ("F32", "F16"):
-        assert np.abs(ours - ref).max() / ref.std() <= 2e-2
-        assert (ours.argmax(-1) == ref.argmax(-1)).all()
+        # (one position may be a near-tied expert that llama.cpp's sums decide the
+        # other way: this AVX2-only EPYC's build flips one in the bailingmoe F16 file)
+        _assert_float_close(ours, ref)
         assert greedy[None] == llama_ref.llama_greedy(path, prompt, 24)
     else:
         cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1)

@@ -331,7 +331,9 @@ def check_forced(text: str, names: list[str]) -> dict:
 
 @pytest.mark.parametrize("choice,names", [
     ("required", ["get_weather", "now"]),
-    ({"type": "function", "function": {"name": "get_weather"}}, ["get_weather"]),
+    # (slow: "now" below forces one named function too; ~20 s of a 2-core CI run)
+    pytest.param({"type": "function", "function": {"name": "get_weather"}}, ["get_weather"],
+                 marks=pytest.mark.slow),
     ({"type": "function", "function": {"name": "now"}}, ["now"]),
 ])
 def test_forced_calls_follow_the_grammar(hermes, choice, names):
