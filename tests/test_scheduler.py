@@ -751,7 +751,9 @@ def test_horizon_follows_a_link_change(tiny_gguf):
         # further than the fast link's 1 (here 8 on a quiet machine; a CI run on a loaded
         # one read 2: the layer compute it measures, the time between routed layers less
         # the stall, read ~1.9 ms here against 0.2 ms on the fast link, and past 12 ms
-        # there — time the slow link's copies cost the compute thread beyond the stall)
+        # there — the compute itself runs slower after each long wait for an expert: the
+        # attention kernel 116 → 797 µs a call at two threads, 100 → 183 µs at one, with
+        # the wait not counted; docs/scheduler.md §6, forty-fourth session)
         assert m._experts.policy.controller.h_need > 1
     # horizon_mean counts the whole run, the fast half too: +0.5 over it is a slow half
     # that looked ~1 layer further (measured 1.0-1.9 → 1.95-2.96 over both halves on the
