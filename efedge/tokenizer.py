@@ -62,6 +62,8 @@ def lone_surrogate(text: str):
     """The first lone surrogate in `text` (a match: .group(), .start()), which has no
     UTF-8; None where there is none."""
     return None if text.isascii() else _SURROGATE.search(text)
+
+
 _B2U = _bytes_to_unicode()
 _U2B = {c: b for b, c in enumerate(_B2U)}
 _LATIN1_TO_B2U = str.maketrans({chr(b): c for b, c in enumerate(_B2U)})

@@ -256,7 +256,7 @@ def test_generated_outputs_follow_the_schema(demo, every):
     finished = 0
     prompts = ("A JSON record of a user:", "{")
     for i, schema in enumerate(GENERATED):
-        for prompt in prompts if every else prompts[i % 2:i % 2 + 1]:
+        for prompt in prompts if every else (prompts[i % 2],):
             for kw in SAMPLING:
                 r = GenerationResult([], "")
                 text = demo.generate(prompt, max_tokens=160, format=schema, result=r, **kw)
