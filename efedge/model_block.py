@@ -15,7 +15,10 @@ from efedge.kernels.nn import ACT_RELU, ACT_SILU
 from efedge.weights import _FFN, QMatrix, _qmatrix, _vector
 
 _EMPTY = np.zeros(0, np.float32)
+# read-only as every weight is (weights._readonly): a dense layer's empty router would
+# otherwise give decode_attn a second specialisation, compiled anew (~10 s) for it
 _EMPTY_RAW = np.zeros((0, 1), np.uint8)
+_EMPTY_RAW.flags.writeable = False
 _QK_MODE = {"none": dk.QK_NONE, "head": dk.QK_HEAD, "full": dk.QK_FULL,
             "head_post": dk.QK_HEAD_POST}
 

@@ -1328,3 +1328,14 @@ def test_phimoe_quirks_decide(tiny_gguf, change):
         off = m.logits(ids)
     assert np.abs(off - ref).max() / ref.std() > 0.1
 
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3moe", "glm4moe"])
+def test_decode_attention_sees_only_read_only_weights(tiny_gguf, arch):
+    """numba compiles a kernel once per argument types, read-only or not included: a
+    dense layer's empty router (qwen3) or one routed after the kernel (glm4moe's sigmoid)
+    writable where real weights are read-only made decode_attn compile twice."""
+    with efedge.load(tiny_gguf(arch, "F32")) as m:
+        for blk in m._tf.blocks:
+            raw = [a for a in blk.decode_args if isinstance(a, np.ndarray) and a.dtype == np.uint8]
+            assert len(raw) == 5 and not any(a.flags.writeable for a in raw)

@@ -379,11 +379,15 @@ def test_stalls_stall_but_do_not_change_logits(path, min_budget, reference):
     # itself, and how much of the injected delay is waited on depends on the scheduling)
     m._experts._takes_loads = False
     with m:
+        # a pass without faults first: on a fresh install it compiles the kernels this
+        # pass needs, and a compile between a layer's loads and its wait hides the delays
+        assert np.array_equal(m.logits(IDS), ref)
+        stalled = m.stats()["stall_s"]
         faults = Faults(engine, rule)
         assert np.array_equal(m.logits(IDS), ref)
         assert faults.calls[("read", "compute")] == 0
         # ~30% of ~135 reads sleep 10 ms on two workers: ~0.14 s waited here, never < 0.05
-        assert m.stats()["stall_s"] > 0.05
+        assert m.stats()["stall_s"] - stalled > 0.05, (faults.calls, stalled)
         _check_clean(m)
 
 
