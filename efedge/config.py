@@ -99,6 +99,18 @@ class ModelConfig:
     def has_shared(self) -> bool:
         return self.n_ff_shexp > 0
 
+    def token_ids(self, tokens) -> np.ndarray:
+        """tokens as a flat int64 array for a forward pass, checked: at least one, every
+        id inside the vocabulary (the embedding lookup does not bounds-check)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.shape[0] == 0:
+            raise ValueError("forward needs at least one token")
+        bad = ids[(ids < 0) | (ids >= self.n_vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary "
+                             f"(0..{self.n_vocab - 1})")
+        return ids
+
     def is_moe_layer(self, il: int) -> bool:
         if self.moe_layers:
             return self.is_moe and self.moe_layers[il]

@@ -309,13 +309,8 @@ class Transformer(DecodeMixin):
         """Run T tokens at positions pos..pos+T; returns logits [T, n_vocab] (or [1, V]
         for the last token only when all_logits is False). Advances kv.n_past."""
         c = self.cfg
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = c.token_ids(tokens)
         t = tokens.shape[0]
-        if t == 0:
-            raise ValueError("forward needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= c.n_vocab:
-            bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
         kv.check_room(pos, t)
         if self.on_pass is not None:
             self.on_pass(tokens, pos)

@@ -110,17 +110,25 @@ def evaluate(model: MoELM, ids: np.ndarray, byte_len: np.ndarray, *, batch: int 
     }
 
 
+def _llama(path, **kw):
+    """llama_cpp.Llama on ggml's plain CPU kernels (its AMX path crashes on small MoE
+    files: efedge/cli/llama_plain.py), quiet."""
+    from llama_cpp import Llama
+
+    from efedge.cli.llama_plain import plain_cpu_kernels
+
+    with plain_cpu_kernels():
+        return Llama(str(path), verbose=False, **kw)
+
+
 def llama_bits_per_byte(path, text: str, eot_id: int, n_ctx: int) -> tuple[float, int]:
     """Bits per byte of ``text`` under llama.cpp: <|endoftext|> (the document separator)
     then the text's tokens, in windows of ``n_ctx`` + 1 tokens like ``evaluate``; every
     token of the text is predicted once. Returns (bpb, number of text tokens)."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), vocab_only=True, verbose=False)
+    llm = _llama(path, vocab_only=True)
     ids = [eot_id] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     llm.close()
-    llm = Llama(str(path), logits_all=True, n_ctx=n_ctx + 1, n_batch=n_ctx + 1, n_threads=2,
-                verbose=False)
+    llm = _llama(path, logits_all=True, n_ctx=n_ctx + 1, n_batch=n_ctx + 1, n_threads=2)
     nats = 0.0
     try:
         for s in range(0, len(ids) - 1, n_ctx):
@@ -138,9 +146,7 @@ def llama_bits_per_byte(path, text: str, eot_id: int, n_ctx: int) -> tuple[float
 
 def llama_greedy(path, prompt: str, n: int = 64) -> str:
     """Greedy continuation of ``prompt`` by llama.cpp."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
+    llm = _llama(path, n_ctx=256, n_threads=2)
     try:
         out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1,
                                     top_p=1.0, min_p=0.0, repeat_penalty=1.0)

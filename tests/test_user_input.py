@@ -247,6 +247,22 @@ def test_token_ids_out_of_range_are_named(m):
             m.detokenize(bad)
 
 
+def test_the_forward_pass_checks_its_token_ids(m):
+    """Below the API: the embedding lookup does not bounds-check, so Transformer.forward
+    refuses an id outside the vocabulary (and an empty batch) before any kernel runs, and
+    the KV cache is left as it was."""
+    from efedge.model import new_kv_cache
+
+    v, tf = m.n_vocab, m._tf
+    kv = new_kv_cache(m.config, 8)
+    for bad, words in [([1, v], rf"token id {v} is outside the vocabulary \(0..{v - 1}\)"),
+                       ([-3], r"token id -3 is outside"), ([], "at least one token")]:
+        with pytest.raises(ValueError, match=words):
+            tf.forward(bad, 0, kv)
+        assert kv.n_past == 0
+    assert m.config.token_ids((2, 3)).tolist() == [2, 3]
+
+
 def test_tokenize_flags_must_be_booleans(m):
     """add_special="no" was true (any non-empty string is): a bool is asked for."""
     with pytest.raises(TypeError, match="add_special must be True or False, got 'no'"):

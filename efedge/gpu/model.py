@@ -381,13 +381,8 @@ class GpuTransformer:
         float32 numpy [T, n_vocab], or [1, n_vocab] for the last token. `experts` is
         accepted for efedge.model.Transformer's signature; this model uses its own."""
         c = self.cfg
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = c.token_ids(tokens)
         t = tokens.shape[0]
-        if t == 0:
-            raise ValueError("forward needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= c.n_vocab:
-            bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
         kv.check_room(pos, t)
         # float32 products must stay float32 (TF32 keeps 10 mantissa bits): switch it off
         # for this call if the process turned it on
