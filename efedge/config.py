@@ -105,9 +105,9 @@ class ModelConfig:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.shape[0] == 0:
             raise ValueError("forward needs at least one token")
-        bad = ids[(ids < 0) | (ids >= self.n_vocab)]
-        if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary "
+        if ids.min() < 0 or ids.max() >= self.n_vocab:  # (the mask only when one is off)
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary "
                              f"(0..{self.n_vocab - 1})")
         return ids
 

@@ -113,12 +113,9 @@ def evaluate(model: MoELM, ids: np.ndarray, byte_len: np.ndarray, *, batch: int 
 def _llama(path, **kw):
     """llama_cpp.Llama on ggml's plain CPU kernels (its AMX path crashes on small MoE
     files: efedge/cli/llama_plain.py), quiet."""
-    from llama_cpp import Llama
+    from efedge.cli.llama_plain import plain_llama
 
-    from efedge.cli.llama_plain import plain_cpu_kernels
-
-    with plain_cpu_kernels():
-        return Llama(str(path), verbose=False, **kw)
+    return plain_llama(path, verbose=False, **kw)
 
 
 def llama_bits_per_byte(path, text: str, eot_id: int, n_ctx: int) -> tuple[float, int]:

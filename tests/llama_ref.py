@@ -28,12 +28,9 @@ def make_llama(path: str | os.PathLike, **kw):
     where the CPU has AMX; the plain kernels are the products efedge reproduces, and on
     a CPU without AMX, where the tests passed before, what llama.cpp ran anyway for all
     but its Q4_0 / IQ4_NL repacks)."""
-    from llama_cpp import Llama
+    from efedge.cli.llama_plain import plain_llama
 
-    from efedge.cli.llama_plain import plain_cpu_kernels
-
-    with plain_cpu_kernels():
-        return Llama(os.fspath(path), **kw)
+    return plain_llama(path, **kw)
 
 
 @lru_cache(maxsize=4)

@@ -37,3 +37,14 @@ def plain_cpu_kernels():
         yield
     finally:
         lc.llama_model_default_params = default
+
+
+def plain_llama(path, **kw):
+    """``llama_cpp.Llama(path, **kw)`` built within plain_cpu_kernels(): the tests'
+    references and the training tool's evaluations."""
+    import os
+
+    from llama_cpp import Llama
+
+    with plain_cpu_kernels():
+        return Llama(os.fspath(path), **kw)
