@@ -31,6 +31,7 @@ import json
 from efedge.errors import ArgumentError
 from efedge.grammar import AmbiguousGrammarError, Compiled, GrammarError, Matcher
 from efedge.json_grammar import JsonGrammar
+from efedge.tokenizer import lone_surrogate
 
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$comment", "default",
                          "examples"))
@@ -295,6 +296,14 @@ def compile_schema(schema) -> Compiled:
         raise ArgumentError(f"format: the JSON schema is not JSON: {exc}") from None
     except RecursionError:
         raise ArgumentError("format: JSON schema nests too deeply") from None
+    # a lone surrogate (JSON's "\ud800", in a property name, an enum or a pattern) has no
+    # UTF-8, and the grammar's literals are UTF-8 bytes: name it here, not as an encoding
+    # error deep in the compiler
+    if "\\ud" in text:  # (ensure_ascii writes every surrogate so; most schemas have none)
+        bad = lone_surrogate(json.dumps(schema, ensure_ascii=False))
+        if bad is not None:
+            raise ArgumentError(f"format: the JSON schema has a lone surrogate "
+                                f"{bad.group()!r} (half of a UTF-16 pair: not valid Unicode)")
     return _compiled(text)
 
 

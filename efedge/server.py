@@ -65,13 +65,14 @@ from efedge.server_native import NativeReplyMixin, parse_native
 from efedge.server_ollama import ROUTES as OLLAMA_ROUTES
 from efedge.server_ollama import OllamaMixin
 from efedge.server_replies import ReplyMixin
-from efedge.server_requests import APIError, parse_chat, parse_completion
+from efedge.server_requests import APIError, internal_error, parse_chat, parse_completion
 from efedge.server_routes import POST_ROUTES, CorsMixin, allowed_methods
 from efedge.server_tokens import ROUTES as TOKEN_ROUTES
 from efedge.server_worker import MAX_QUEUE, Job, ModelWorker
 from efedge.tool_calls import HARMONY_FORCED, check_template
 
 log = logging.getLogger("efedge.server")
+
 MAX_BODY = 1 << 20  # bytes
 FINGERPRINT = f"efedge-{__version__}"
 PEER_CHECK_S = 0.2  # how often a handler waiting on the model looks whether its client left
@@ -189,11 +190,13 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         s = self.server
-        if path in OLLAMA_ROUTES:
+        if path in OLLAMA_ROUTES or path.startswith("/api/"):
             self._ollama(path)
             return
         try:
-            if path in ("/health", "/v1/health"):
+            if path == "":  # Ollama's liveness answer, which its clients probe
+                self._send_text(200, "Ollama is running", "text/plain; charset=utf-8")
+            elif path in ("/health", "/v1/health"):
                 self._send_json(200, {"status": "ok", "model": s.model_id,
                                       "waiting": s.worker.waiting()})
             elif path in ("/v1/models", "/models"):
@@ -210,13 +213,15 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
                 raise APIError(404, f"unknown route GET {path or '/'}", "unknown_url")
         except APIError as err:
             self._send_error(err)
+        except Exception as exc:  # noqa: BLE001 — answer, rather than drop the connection
+            self._send_error(internal_error(exc))
 
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         chat = path in ("/v1/chat/completions", "/chat/completions")
-        if path in OLLAMA_ROUTES:
+        if path in OLLAMA_ROUTES or path.startswith("/api/"):
             self._ollama(path)
             return
         try:
@@ -240,6 +245,9 @@ class Handler(CorsMixin, ReplyMixin, NativeReplyMixin, OllamaMixin,
             t0, job = time.monotonic(), s.worker.submit(req)
         except APIError as err:
             self._send_error(err)
+            return
+        except Exception as exc:  # noqa: BLE001 — answer, rather than drop the connection
+            self._send_error(internal_error(exc))
             return
         if native:
             self._answer(job, self._native, job, t0)

@@ -22,12 +22,22 @@ def read_body(rfile, headers, limit: int) -> bytes:
     and dropped (so the client still gets the answer, not a reset) up to 16× the limit,
     then the connection closes."""
     te = headers.get("Transfer-Encoding", "").strip().lower()
+    lengths = headers.get_all("Content-Length") or []
+    # framing that two parsers could read two ways (a proxy one, this server another) is
+    # how requests are smuggled: RFC 9112 §6.3 has it answered 400 and the connection shut
+    if te and lengths:
+        raise APIError(400, "a request may not have both Transfer-Encoding and "
+                       "Content-Length", "invalid_request", close=True)
     if te == "chunked":  # Go / Node clients that stream a body of unknown length
         return _read_chunked(rfile, limit)
     if te:
         raise APIError(400, f"Transfer-Encoding {te!r} is not supported (chunked is)",
                        "invalid_request", close=True)
-    length = headers.get("Content-Length")
+    values = {v.strip() for field in lengths for v in field.split(",")}
+    if len(values) > 1:
+        raise APIError(400, f"conflicting Content-Length values {sorted(values)}",
+                       "invalid_request", close=True)
+    length = values.pop() if values else None
     if length is None:
         raise APIError(411, "a JSON body with a Content-Length header is required",
                        "length_required", close=True)

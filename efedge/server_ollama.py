@@ -43,6 +43,7 @@ from efedge.server_requests import (
     GenRequest,
     _field,
     checked_format,
+    internal_error,
     object_body,
     parse_chat,
     parse_completion,
@@ -319,6 +320,10 @@ class OllamaMixin:
     def _ollama(self, path: str) -> None:
         s = self.server
         try:
+            if path not in ROUTES:
+                if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
+                    self._read_body()  # keep the connection in step
+                raise APIError(404, f"unknown route {self.command} {path}", "unknown_url")
             if self.command in ("GET", "HEAD"):
                 if path not in GET_ROUTES:
                     raise APIError(405, f"{path} takes POST", "method_not_allowed",
@@ -352,6 +357,9 @@ class OllamaMixin:
             t0, job = time.monotonic(), s.worker.submit(req)
         except APIError as err:
             self._ollama_error(err)
+            return
+        except Exception as exc:  # noqa: BLE001 — answer, rather than drop the connection
+            self._ollama_error(internal_error(exc))
             return
         self._answer(job, self._ollama_reply, job, t0)  # (Handler's: a client gone cancels)
 

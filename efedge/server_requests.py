@@ -4,6 +4,7 @@ becomes an APIError with the HTTP status and OpenAI error type to answer with.""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,15 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """A request that failed where no check foresaw it: logged with its traceback, and
+    answered 500 (the client gets a reply naming the error, not a dropped connection);
+    the connection closes, as the request may not have been read whole."""
+    logging.getLogger("efedge.server").error("request failed", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error",
+                    type_="server_error", close=True)
 
 
 @dataclass

@@ -973,3 +973,97 @@ def test_the_server_computes_with_the_models_thread_count(model_path):
             status, _ = post_json(srv, "/v1/completions", {"prompt": "Hello", "max_tokens": 3})
         assert status == 200
         assert seen and set(seen) == {(1, True)}
+
+
+def _exchange(srv, request: bytes) -> list[tuple[int, bytes]]:
+    """Every (status, body) the server sends back for raw `request` bytes, until it closes
+    the connection or stays silent for a second."""
+    host, port = srv.server_address[:2]
+    s = socket.create_connection((host, port), timeout=60)
+    s.sendall(request)
+    s.settimeout(1.0)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    s.close()
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        n = int(next(v for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:])
+                     if k.strip().lower() == b"content-length"))
+        out.append((status, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def test_ambiguous_request_framing_is_refused_and_the_connection_closed(server):
+    """RFC 9112 §6.3: two different Content-Length values, or Transfer-Encoding beside a
+    Content-Length, are framing that a proxy and this server could read two ways (request
+    smuggling): a 400, and nothing after it on that connection is answered."""
+    smuggled = b"GET /nope-smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"{}" + smuggled
+    got = _exchange(server, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert [s for s, _ in got] == [400], got
+    assert b"conflicting Content-Length" in got[0][1]
+    chunked = b"2\r\n{}\r\n0\r\n\r\n"
+    got = _exchange(server, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                            b"\r\nContent-Length: %d\r\n\r\n" % len(chunked) + chunked + smuggled)
+    assert [s for s, _ in got] == [400], got
+    # the same value twice is one length (RFC 9112 allows it): answered as usual
+    body = json.dumps({"content": "hi"}).encode()
+    got = _exchange(server, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+                    % (len(body), len(body)) + body)
+    assert [s for s, _ in got] == [200], got
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 2, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"\ud800": {"type": "string"}}}}}}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["a\udc00"]}}}}),
+    ("/api/generate", {"prompt": "hi", "stream": False, "format": {
+        "type": "object", "properties": {"\ud800": {"type": "string"}}}}),
+])
+def test_a_schema_with_a_lone_surrogate_is_a_400(server, path, body):
+    """A lone surrogate in a schema (JSON's "\\ud800" makes one; UTF-8 has none) is the
+    client's error, named as such — it had crashed the handler, and the client got no
+    answer at all."""
+    status, got = call(server, path, raw=json.dumps(body).encode())
+    assert status == 400, got
+    msg = got["error"] if path.startswith("/api/") else got["error"]["message"]
+    assert "lone surrogate" in msg, got
+
+
+def test_a_request_that_fails_unforeseen_gets_a_500(server, monkeypatch):
+    """An error no check foresaw is answered (500, its name and message), not a dropped
+    connection; the server goes on serving."""
+    import efedge.server as srv_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(srv_mod, "parse_completion", boom)
+    status, got = call(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+    assert status == 500 and got["error"]["code"] == "internal_error"
+    assert "RuntimeError: unforeseen" in got["error"]["message"]
+    monkeypatch.undo()
+    status, got = call(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+    assert status == 200, got
+
+
+def test_root_answers_as_ollama_does_and_unknown_api_routes_in_its_shape(server):
+    """`GET /` is Ollama's liveness probe ("Ollama is running"); an unknown /api/ route is
+    a 404 in Ollama's error shape ({"error": "…"}), as its clients parse it."""
+    assert call(server, "/") == (200, "Ollama is running")
+    status, got = call(server, "/api/nope")
+    assert status == 404 and isinstance(got["error"], str) and "/api/nope" in got["error"]
+    status, got = call(server, "/api/pull", {"model": "x"})
+    assert status == 404 and isinstance(got["error"], str)
+    assert call(server, "/health")[0] == 200  # the connection kept in step
