@@ -312,6 +312,7 @@ def _check_messages(messages: Any) -> None:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise TemplateError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
+        _check_text(role, f"messages[{i}]['role']")
         content = m.get("content")
         if isinstance(content, str):
             _check_text(content, f"messages[{i}]['content']")

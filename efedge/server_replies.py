@@ -6,6 +6,7 @@ tool calls included — and which HTTP error an exception becomes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from efedge.errors import (
@@ -23,6 +24,17 @@ from efedge.server_logprobs import as_chat, as_completion
 from efedge.server_requests import APIError
 from efedge.server_worker import Job
 
+_MESSAGE_FIELD = re.compile(r"messages\[\d+\](?:\['\w+'\]|\[\d+\])*")
+
+
+def _message_param(text: str) -> str | None:
+    """`messages[0].content[1]` for a template check's "messages[0]['content'][1] …": the
+    field an error names, as OpenAI's `param` spells it."""
+    m = _MESSAGE_FIELD.match(text)
+    if m is None:
+        return None
+    return re.sub(r"\['(\w+)'\]", r".\1", m.group())
+
 
 def _error_of(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
@@ -32,8 +44,8 @@ def _error_of(exc: BaseException) -> APIError:
     if isinstance(exc, SamplingError):  # (a logit_bias id past the vocabulary: named)
         param = "logit_bias" if str(exc).startswith("logit_bias") else None
         return APIError(400, str(exc), "invalid_value", param=param)
-    if isinstance(exc, TemplateError):
-        return APIError(400, str(exc), "invalid_messages")
+    if isinstance(exc, TemplateError):  # (param: the message's field it names, if any)
+        return APIError(400, str(exc), "invalid_messages", param=_message_param(str(exc)))
     if isinstance(exc, ModelClosedError):  # an embedding app closed the model under us
         return APIError(503, str(exc), "model_unavailable", type_="server_error")
     if isinstance(exc, TransferError | CacheBudgetError | ModelFormatError):

@@ -242,6 +242,14 @@ def parse_chat(body: Any, defaults: dict, reasoning: str = "auto",
         if c is not None and not isinstance(c, str | list):
             raise APIError(400, f"messages[{i}].content must be a string or an array of "
                                 "text parts", "invalid_type", param=f"messages[{i}].content")
+        # llama-server's rule (and OpenAI's, but for the assistant's reasoning): a turn
+        # says something or calls a tool; a message of neither is a client's mistake
+        if c is None and not msg.get("tool_calls") and not msg.get("function_call") and \
+                not (msg["role"] == "assistant" and (msg.get("reasoning_content")
+                                                     or msg.get("thinking"))):
+            raise APIError(400, f"messages[{i}] needs a 'content' (or, for an assistant "
+                                "turn, 'tool_calls')", "missing_field",
+                           param=f"messages[{i}].content")
     # OpenAI's newer "developer" role is what chat templates call "system"; an assistant
     # turn's reasoning_content is what gpt-oss's template reads as "thinking" (llama-server
     # copies it over too)

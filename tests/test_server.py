@@ -1067,3 +1067,34 @@ def test_root_answers_as_ollama_does_and_unknown_api_routes_in_its_shape(server)
     status, got = call(server, "/api/pull", {"model": "x"})
     assert status == 404 and isinstance(got["error"], str)
     assert call(server, "/health")[0] == 200  # the connection kept in step
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "system", "content": "be brief"}, {"role": "user", "content": None}],
+     "messages[1].content"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content[0]"),
+    ([{"role": "us\ud800er", "content": "hi"}], "messages[0].role"),
+])
+def test_a_bad_message_is_a_400_naming_its_field(server, messages, param):
+    """A turn with nothing to say (no content, no tool call: llama-server's rule), a
+    content part that is not text, a role with a lone surrogate: 400s whose `param`
+    names the field, as the README promises."""
+    status, got = call(server, "/v1/chat/completions",
+                       raw=json.dumps({"messages": messages, "max_tokens": 1}).encode())
+    assert status == 400, got
+    assert got["error"]["param"] == param, got
+
+
+def test_an_assistant_turn_may_be_only_a_tool_call(server):
+    """An assistant turn with tool_calls and no content is a turn, not an error (the 400
+    for a message with neither must not catch it)."""
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    status, got = call(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert status != 400 or got["error"]["param"] != "messages[1].content", got
