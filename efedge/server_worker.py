@@ -25,6 +25,7 @@ import time
 from collections import deque
 
 from efedge.api import Model
+from efedge.context_fit import OLLAMA_NUM_KEEP, cut_middle, fit_turns, reply_room
 from efedge.errors import EfedgeError, UnsupportedModelError
 from efedge.fim import IndentStop
 from efedge.generate import GenerationResult
@@ -34,6 +35,35 @@ from efedge.server_requests import APIError, GenRequest
 from efedge.tool_calls import CallStream, harmony_call, tool_names
 
 log = logging.getLogger("efedge.server")
+
+
+def fit_ollama(m: Model, req: GenRequest, ids: list[int]) -> list[int]:
+    """An Ollama request's prompt made to fit the context, as Ollama does rather than
+    refuse it (efedge.context_fit): a chat's oldest turns dropped (never its system prompt
+    or newest message) until the reply has room, as `efedge chat` does; a prompt that does
+    not fit at all even so — one long message, a raw prompt, a `context` — cut to its first
+    tokens and its end, leaving the reply that room. Logged, as Ollama logs it."""
+    n_ctx = m.n_ctx
+    room = reply_room(n_ctx, req.max_tokens)
+    if len(ids) + room <= n_ctx:
+        return ids
+    if req.messages is not None and not req.context:
+        def render(msgs):
+            return m.chat_prompt(msgs, tools=req.tools, template_kwargs=req.template_kwargs)
+        fit = fit_turns(render, req.messages, n_ctx, room)
+        if fit is not None:
+            msgs, fitted, dropped = fit
+            if dropped:
+                log.warning("the conversation outgrew the %d-token context: dropped the "
+                            "oldest %d turn(s), %d -> %d tokens", n_ctx, dropped, len(ids),
+                            len(fitted))
+            req.messages, ids = msgs, fitted
+    if len(ids) < n_ctx:
+        return ids
+    limit = n_ctx - room
+    log.warning("truncating input prompt: limit=%d prompt=%d keep=%d new=%d", limit,
+                len(ids), OLLAMA_NUM_KEEP, limit)
+    return cut_middle(ids, limit)
 MAX_QUEUE = 64  # requests waiting for the model before new ones get 503
 
 
@@ -177,6 +207,8 @@ class ModelWorker:
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
                                     f"[0, {m.n_vocab})", "invalid_value", param="prompt")
+        if req.ollama is not None:
+            ids = fit_ollama(m, req, ids)
         n_prompt, job.prompt_ids = len(ids), list(ids)
         if not n_prompt:  # "" where the vocab adds no BOS: nothing to continue
             raise APIError(400, "the prompt is empty (and the model adds no BOS token)",

@@ -230,3 +230,47 @@ def test_call_arguments_with_a_lone_surrogate(model, monkeypatch):
             assert status == 200, text
             (got,) = lines(text)[-1]["message"]["tool_calls"]
             assert got["function"] == {"name": "say", "arguments": {"text": "\ud83d!"}}
+
+
+def test_a_conversation_past_the_context_drops_its_oldest_turns(srv, model):
+    """Ollama fits a long chat instead of refusing it (Open WebUI and Continue send the
+    whole history): the oldest turns go, the system prompt and the newest message stay,
+    as `efedge chat` fits its own; the reply equals the Python API's on what was kept."""
+    long = "the cat sat on the mat and looked at the dog " * 8
+    sys_ = {"role": "system", "content": "You answer briefly."}
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"{i}: {long}"},
+                    {"role": "assistant", "content": long}]
+    msgs = [sys_] + history + [{"role": "user", "content": "and now?"}]
+    assert len(model.chat_prompt(msgs)) >= model.n_ctx  # past the context (512)
+    status, got = post_json(srv, "/api/chat", {"model": "tiny", "messages": msgs,
+                                              "stream": False, "options": GREEDY})
+    assert status == 200, got
+    # what it kept: the newest whole turns that leave 6 tokens (num_predict) for the reply
+    k = next(k for k in range(len(history), -1, -2)
+             if len(model.chat_prompt([sys_] + history[len(history) - k:] + msgs[-1:]))
+             + 6 <= model.n_ctx)
+    kept = [sys_] + history[len(history) - k:] + msgs[-1:]
+    assert 0 < k < len(history)
+    assert got["prompt_eval_count"] == len(model.chat_prompt(kept))
+    want = model.chat(kept, max_tokens=6, temperature=0)
+    assert got["message"]["content"] == want
+
+
+def test_a_prompt_past_the_context_is_cut_as_ollamas_runner_cuts_it(srv, model):
+    """A raw prompt longer than the context keeps its first 4 tokens and its end, leaving
+    room for the reply (num_predict, or a quarter of the context) — Ollama's runner keeps
+    `num_keep` tokens and the end —, where the OpenAI routes answer 400."""
+    text = "one two three four five six seven eight nine ten " * 80
+    ids = model.tokenize(text)
+    assert len(ids) > model.n_ctx
+    status, got = post_json(srv, "/api/generate", {"model": "tiny", "prompt": text,
+                                                  "raw": True, "stream": False,
+                                                  "options": GREEDY})
+    assert status == 200, got
+    cut = ids[:4] + ids[len(ids) - (model.n_ctx - 6 - 4):]
+    assert got["prompt_eval_count"] == len(cut) == model.n_ctx - 6
+    assert got["response"] == model.generate(cut, max_tokens=6, temperature=0)
+    status, got = post_json(srv, "/v1/completions", {"prompt": text, "max_tokens": 6})
+    assert status == 400 and got["error"]["code"] == "context_length_exceeded"

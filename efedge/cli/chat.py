@@ -29,6 +29,7 @@ from efedge.cli.common import (
     progress_bar,
     sampling_kwargs,
 )
+from efedge.context_fit import fit_turns, reply_room
 from efedge.errors import ContextLengthError, EfedgeError, TemplateError
 from efedge.experts.streaming import StreamingExperts
 from efedge.reasoning import ReasoningSplitter, is_harmony_template
@@ -162,36 +163,24 @@ class ChatREPL:
     def _first_turn(self) -> int:
         return 1 if self.system else 0
 
-    def _reserve(self) -> int:
-        """Tokens kept free for the reply when deciding what fits."""
-        n_ctx = self.m.n_ctx
-        want = self.max_tokens if self.max_tokens > 0 else n_ctx // 4
-        return max(1, min(want, n_ctx // 2))
-
     def fit_context(self) -> int | None:
         """Drop the oldest turns (never the system prompt or the new message) until the
         prompt plus room for a reply fits; the prompt's length, or None if even the new
         message alone cannot fit (it is then removed, and the history kept)."""
-        n_ctx, reserve, dropped = self.m.n_ctx, self._reserve(), 0
-        first = self._first_turn()
-        alone = len(self._prompt(self.messages[:first] + self.messages[-1:]))
-        if alone >= n_ctx:
+        n_ctx = self.m.n_ctx
+        room = reply_room(n_ctx, self.max_tokens)
+        fit = fit_turns(self._prompt, self.messages, n_ctx, room)
+        if fit is None:
+            alone = len(self._prompt(self.messages[:self._first_turn()] + self.messages[-1:]))
             self.messages.pop()
             self.note(f"[this message is {alone} tokens with the template; the context holds "
                       f"{n_ctx}: shorten it, or restart with a larger -c]")
             return None
-        while True:
-            n = len(self._prompt(self.messages))
-            if n + reserve <= n_ctx or len(self.messages) - first <= 1:
-                break
-            del self.messages[first]  # one turn: a user message and the replies after it
-            while len(self.messages) - first > 1 and self.messages[first]["role"] != "user":
-                del self.messages[first]
-            dropped += 1
+        self.messages, ids, dropped = fit
         if dropped:
             self.note(f"[the conversation outgrew the {n_ctx}-token context: dropped the "
                       f"oldest {dropped} turn{'s' * (dropped != 1)}]")
-        return n
+        return len(ids)
 
     def _prompt(self, messages: list[dict]) -> list[int]:
         return self.m.chat_prompt(messages, template_kwargs=self.template_kwargs)
