@@ -104,10 +104,11 @@ def _format(body: dict) -> Any:
     return checked_format(fmt, "format")  # "json" or a schema; a keyword efedge lacks: named
 
 
-def _no_images(obj: dict, where: str) -> None:
+def _no_images(obj: dict, where: str | None) -> None:
     if obj.get("images"):
-        raise APIError(400, f"{where}: images are not supported (efedge runs text models)",
-                       "unsupported", param="images")
+        raise APIError(400, ("" if where is None else f"{where}: ") + "images are not "
+                       "supported (efedge runs text models)", "unsupported",
+                       param="images" if where is None else f"{where}.images")
 
 
 def _as_option(err: APIError, body: dict) -> APIError:
@@ -139,7 +140,7 @@ def parse_ollama(path: str, body: Any, defaults: dict, model,
 
 def _parse_ollama(path: str, body: dict, defaults: dict, model,
                   template_kwargs: dict | None) -> GenRequest:
-    _no_images(body, "the request")
+    _no_images(body, None)
     flat = _flat(body)
     if path == "/api/chat":
         msgs = body.get("messages")
@@ -175,6 +176,7 @@ def _parse_ollama(path: str, body: dict, defaults: dict, model,
             req.context = context
     req.format = _format(body) if req.format is None else req.format
     req.ollama = path
+    req.raw = path == "/api/generate" and _field(body, "raw", bool, False)
     think = body.get("think")
     if think is not None and not isinstance(think, bool | str):
         raise APIError(400, "'think' must be true or false", "invalid_type", param="think")
@@ -431,7 +433,8 @@ class OllamaMixin:
                      prompt_eval_duration=int(1e9 * (t_first - t0)),
                      eval_count=usage["completion_tokens"],
                      eval_duration=int(1e9 * (now - t_first)))
-        if not chat:  # the ids to continue from (Ollama's `context`)
+        if not chat and not req.raw:  # the ids to continue from (Ollama's `context`;
+            # a raw prompt's reply has none, as Ollama's)
             final["context"] = job.prompt_ids + job.tokens
         if req.stream:
             self._line(final)

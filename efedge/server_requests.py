@@ -68,6 +68,7 @@ class GenRequest:
     native: bool = False  # llama.cpp's /completion or /infill: answered in its shape
     return_tokens: bool = False  # (native) the generated ids in the answer
     ollama: str | None = None  # Ollama's route (/api/generate, /api/chat): its shapes
+    raw: bool = False  # Ollama's /api/generate with raw: true (its reply has no context)
     # chat: a thinking model's <think> part apart from the answer (efedge.reasoning):
     # reasoning_content / Ollama's thinking
     reasoning: bool = False
