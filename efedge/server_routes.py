@@ -41,8 +41,10 @@ class CorsMixin:
         origin = self._cors_origin()
         if origin is not None:  # every answer: JSON, SSE and errors alike
             self.send_header("Access-Control-Allow-Origin", origin)
-            if origin != "*":
-                self.send_header("Vary", "Origin")
+        allowed = self.server.allow_origins
+        if allowed and "*" not in allowed:  # the answer depends on the Origin sent, allowed
+            # or not: a shared cache must not give one origin's answer to another
+            self.send_header("Vary", "Origin")
         super().end_headers()
 
     def do_OPTIONS(self) -> None:

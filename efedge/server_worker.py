@@ -122,7 +122,8 @@ class ModelWorker:
                 self._jobs = deque(j for j in self._jobs if not j.cancelled.is_set())
                 if len(self._jobs) >= self._max_queue:
                     raise APIError(503, f"{len(self._jobs)} requests are already waiting; "
-                                        "try again later", "server_busy", type_="server_error")
+                                        "try again later", "server_busy", type_="server_error",
+                                   headers={"Retry-After": "1"})
             self._jobs.append(job)
             self._queued.notify()
         return job

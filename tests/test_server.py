@@ -553,6 +553,7 @@ def test_requests_whose_clients_left_free_their_place_in_line(model, monkeypatch
         with pytest.raises(APIError) as exc:
             worker.submit(req)
         assert (exc.value.status, exc.value.code) == (503, "server_busy")
+        assert exc.value.headers == {"Retry-After": "1"}  # when a client may ask again
         for job in left:  # their clients hang up (the HTTP side cancels them)
             worker.cancel(job)
         assert worker.waiting() == 0
@@ -847,6 +848,8 @@ def test_cors_is_opt_in_per_origin(server, model):
         assert r.status == 400 and r.headers["Access-Control-Allow-Origin"] == ui
         r = ask(srv, "GET", "/v1/models", {"Origin": other})
         assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] is None
+        # the answer depends on the Origin, allowed or not: a shared cache must know
+        assert r.headers["Vary"] == "Origin"
     finally:
         srv.shutdown()
         srv.server_close()
