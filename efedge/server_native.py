@@ -57,10 +57,12 @@ def parse_native(path: str, body: Any, defaults: dict) -> GenRequest:
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            pass
+                isinstance(t, int | str) and not isinstance(t, bool) for t in prompt) and \
+                any(isinstance(t, int) for t in prompt):
+            pass  # token ids, or llama-server's mixed form: ids and text pieces in one prompt
         elif not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string or an array of token ids",
+            raise APIError(400, "'prompt' must be a string, or an array of token ids (with "
+                                "text pieces among them, as llama-server takes)",
                            "missing_field" if prompt is None else "invalid_type",
                            param="prompt")
     n_indent = _field(body, "n_indent", int, 0)

@@ -202,8 +202,10 @@ class ModelWorker:
                                if req.native else "suffix") from None
         elif isinstance(req.prompt, str):
             ids = m.tokenize(req.prompt)
-        else:
-            ids = list(req.prompt)
+        else:  # token ids; a text piece among them (llama-server's mixed prompt) is
+            # tokenized where it stands, the BOS only for a first piece, as llama-server
+            ids = [t for i, piece in enumerate(req.prompt) for t in (
+                m.tokenize(piece, add_special=i == 0) if isinstance(piece, str) else (piece,))]
             bad = [t for t in ids if not 0 <= t < m.n_vocab]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary "

@@ -1101,3 +1101,21 @@ def test_an_assistant_turn_may_be_only_a_tool_call(server):
             {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     status, got = call(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
     assert status != 400 or got["error"]["param"] != "messages[1].content", got
+
+
+def test_native_completion_takes_a_mixed_prompt(server, model):
+    """llama-server's /completion takes token ids and text pieces in one prompt: each
+    piece tokenized where it stands, the BOS only for a first piece; the reply equals the
+    same ids given alone. Text pieces alone are still refused (several prompts)."""
+    head = model.tokenize("def", add_special=True)
+    tail = model.tokenize(" fib(n):", add_special=False)
+    ids = head + [tail[0]] + model.tokenize(" x", add_special=False)
+    status, want = call(server, "/completion", {"prompt": ids, "n_predict": 3,
+                                               "temperature": 0})
+    assert status == 200, want
+    status, got = call(server, "/completion", {"prompt": ["def", tail[0], " x"],
+                                              "n_predict": 3, "temperature": 0})
+    assert status == 200, got
+    assert got["content"] == want["content"] and got["tokens_evaluated"] == len(ids)
+    status, got = call(server, "/completion", {"prompt": ["def", " x"], "n_predict": 1})
+    assert status == 400 and got["error"]["param"] == "prompt"
