@@ -229,8 +229,11 @@ def test_policy_table_bounds_each_setting_by_belady_min(tiny_gguf, capsys):
 
     path = tiny_gguf("qwen3moe")
     ids = list(range(5, 45))
+    # (a link slow enough that MIN's loads outlast the compute even when another process
+    # slows it 2×: at 200 MB/s a loaded machine's compute hid every load, and the bound
+    # read 0 — a CI flake, not a bug)
     rows = policy_compare.compare_policies(path, ["ondemand", "expertflow"], "40%",
-                                           "200MB/s", ids, 24)
+                                           "50MB/s", ids, 24)
     od = rows[0]
     assert all(r["min_hit_rate"] == od["min_hit_rate"] for r in rows)
     assert od["hit_rate"] <= od["min_hit_rate"] <= 1.0
@@ -239,7 +242,7 @@ def test_policy_table_bounds_each_setting_by_belady_min(tiny_gguf, capsys):
         od["min_stall_ms_per_token"] / od["stall_ms_per_token"])
     experts, layout = policy_compare.run_routing(path, ids, 24, "40%")
     assert experts.shape[0] == len(ids) and layout["n_slots"] == od["stats"]["cache_slots"]
-    assert "MIN at 40%, 200MB/s" in policy_compare.format_bounds(rows)
+    assert "MIN at 40%, 50MB/s" in policy_compare.format_bounds(rows)
     read = policy_compare.compare_policies(path, ["ondemand"], "40%", None, ids, 8)
     assert "min_hit_rate" not in read[0] and policy_compare.format_bounds(read) == ""
     assert main(["bench", str(path), "--policies", "ondemand,expertflow", "--cache", "40%",
