@@ -61,6 +61,10 @@ class TraceRecorder:
         self._cur: dict[int, tuple] = {}
         self._cur_in: dict[int, np.ndarray] = {}  # layer → its router on its input
         self.proj = None
+        if sketch_dim > c.n_embd:  # (a projection wider than the state adds nothing; a
+            # huge one asked for an array of hundreds of GiB)
+            raise ArgumentError(f"sketch_dim {sketch_dim} is more than the hidden state's "
+                                f"{c.n_embd} dimensions")
         if sketch_dim:
             rng = np.random.default_rng(seed)
             self.proj = (rng.standard_normal((c.n_embd, sketch_dim)) /

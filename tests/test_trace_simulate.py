@@ -622,3 +622,26 @@ def test_prediction_ceiling_replaces_pregating_with_better_information(tiny_gguf
     # a trace without pre-gating is refused by name
     with pytest.raises(SystemExit, match="pre-gating"):
         ceiling.variants({k: v for k, v in arrays.items() if k != "pregate"})
+
+
+def test_trace_cli_text_that_is_not_utf8_and_a_sketch_past_the_state(tiny_gguf, tmp_path,
+                                                                      capsys):
+    """Damaged text is traced with a warning naming the first bad byte (it was silent);
+    UTF-16 is refused as `run -f` refuses it; a sketch wider than the hidden state is an
+    error naming both (a huge one was a 191 GiB allocation's traceback)."""
+    path = str(tiny_gguf("qwen3moe"))
+    out = str(tmp_path / "t.npz")
+    latin1, utf16, ok = tmp_path / "l.txt", tmp_path / "u.txt", tmp_path / "ok.txt"
+    latin1.write_bytes(b"caf\xe9 na\xefve hello")
+    utf16.write_bytes("hello there".encode("utf-16"))
+    ok.write_text("hello there")
+    assert cli_main(["trace", path, "--text", str(latin1), "-o", out]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "byte 0xe9 at offset 3" in err and "U+FFFD" in err
+    assert cli_main(["trace", path, "--text", str(utf16), "-o", out]) != 0
+    assert "UTF-16" in capsys.readouterr().err
+    assert cli_main(["trace", path, "--text", str(ok), "-o", out, "--sketch",
+                     "99999999"]) != 0
+    err = capsys.readouterr().err
+    assert "sketch_dim 99999999 is more than the hidden state's" in err
+    assert "Traceback" not in err

@@ -37,8 +37,17 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from efedge.trace import record_trace, save_trace
 
-    # undecodable bytes become U+FFFD: a trace of slightly damaged text is still a trace
-    text = read_text_file(args.text, "text file", errors="replace")
+    # undecodable bytes become U+FFFD, said on stderr: a trace of slightly damaged text is
+    # still a trace; UTF-16 (PowerShell's `>`) is refused, as run -f does: it is no text
+    try:
+        text = read_text_file(args.text, "text file")
+    except EfedgeError as exc:
+        if "not UTF-8" not in str(exc) or "UTF-16" in str(exc):
+            raise
+        print(f"efedge: warning: {str(exc).replace('cannot read ', '', 1)}: its "
+              "undecodable bytes are read as U+FFFD",
+              file=sys.stderr)
+        text = read_text_file(args.text, "text file", errors="replace")
     if not text:
         raise EfedgeError(f"text file {args.text!r} is empty: nothing to trace")
     # the model run can take long: a directory that is not there, or an output that is a
