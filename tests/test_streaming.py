@@ -733,3 +733,18 @@ def test_expertflow_reads_the_link_meter_in_its_controller_kernel(tiny_gguf, mon
     monkeypatch.setattr(TransferEngine, "read_tail_s", property(lambda self: 0.5))
     with efedge.load(path, cache="50%", policy="expertflow") as m:
         assert m._experts.policy._meter is None
+
+
+def test_link_rates_read_bits_and_bytes_apart_and_refuse_a_crawl():
+    """B is bytes and b bits (8Gb/s, 8Gbps are 1 GB/s: it read 8 GB/s, a link 8× faster
+    than asked); below 100 KB/s a rate is refused (1B/s seemed to hang for hours)."""
+    from efedge.errors import EfedgeError
+    from efedge.experts.link import parse_link
+
+    assert parse_link("8GB/s").bytes_per_s == parse_link("8GBps").bytes_per_s == 8e9
+    assert parse_link("8Gb/s").bytes_per_s == parse_link("8gbps").bytes_per_s == 1e9
+    assert parse_link("500MB/s").bytes_per_s == 5e8 and parse_link("1GiB/s").bytes_per_s == 2**30
+    for bad, why in (("1B/s", "below 100 KB/s"), ("99KB/s", "below"), ("0MB/s", "positive"),
+                     ("fast", "unknown link")):
+        with pytest.raises(EfedgeError, match=why):
+            parse_link(bad)

@@ -48,6 +48,7 @@ NAMED_LINKS = {
     "nvme": (3.5e9, 80e-6), "nvme4": (7.0e9, 60e-6), "sata": (0.5e9, 100e-6),
 }
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
+MIN_LINK_RATE = 100e3  # bytes/s: the slowest link emulated
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,21 @@ def parse_link(spec: str | Link | None) -> Link | None:
     if text in NAMED_LINKS:
         rate, lat = NAMED_LINKS[text]
         return Link(text, rate, lat)
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(k|m|g|ki|mi|gi)?b(?:/s|ps)", text)
+    # B is bytes, b bits (8Gb/s, 8Gbps: a network's or a bus's gigabits, a byte an eighth)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmg]i?)?(b)(?:/s|ps)", str(spec).strip(),
+                     flags=re.IGNORECASE)
     if not m:
         raise EfedgeError(f"unknown link {spec!r}: use a rate like 8GB/s or 500MB/s, or one "
                           f"of {', '.join(NAMED_LINKS)}")
     mult = {None: 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-    rate = float(m.group(1)) * mult[m.group(2)]
+    rate = float(m.group(1)) * mult[m.group(2) and m.group(2).lower()]
+    if m.group(3) == "b":
+        rate /= 8
     if rate <= 0:
         raise EfedgeError(f"link rate must be positive, got {spec!r}")
+    if rate < MIN_LINK_RATE:  # (1B/s took hours for a few tokens, seemingly hung)
+        raise EfedgeError(f"link rate {spec!r} is below {MIN_LINK_RATE / 1e3:.0f} KB/s: a "
+                          f"token would wait minutes for its experts")
     return Link(str(spec), rate, 0.0)
 
 
